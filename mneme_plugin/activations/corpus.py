@@ -1,0 +1,235 @@
+"""Corpus sources and their packing into fixed-length token windows.
+
+A corpus is any of:
+
+* an iterable of strings (each one document) or of dict records (see below);
+* a path to a local file: ``.txt`` (one document per line; empty lines skipped), ``.jsonl``
+  (one JSON record per line), ``.parquet`` (one record per row);
+* an :class:`HFDataset` (loaded with ``datasets.load_dataset(..., streaming=True)``).
+
+Records are rendered to text from ``text_field``, or, for conversation corpora (LMSYS-Chat-1M
+style), from a ``messages`` / ``conversation`` list of ``{role, content}`` turns through the base
+tokenizer's chat template.
+
+Documents are tokenised with the *base* tokenizer (no special tokens added), separated by EOS and
+packed into windows of ``context_length`` tokens, each starting with BOS when the tokenizer has
+one. The last partial window is right-padded; its pad positions are masked. The order is fully
+deterministic, which is what lets an interrupted harvest skip the windows already stored.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Union
+
+import torch
+
+from mneme_plugin.errors import ConfigError, EmptyCorpusError
+
+
+@dataclass(frozen=True)
+class HFDataset:
+    """A Hugging Face dataset, streamed (never fully downloaded)."""
+
+    name: str
+    config: str | None = None
+    split: str = "train"
+
+    def records(self) -> Iterator[Any]:
+        from datasets import load_dataset
+
+        yield from load_dataset(self.name, self.config, split=self.split, streaming=True)
+
+    def describe(self) -> str:
+        return f"hf:{self.name}" + (f"/{self.config}" if self.config else "") + f":{self.split}"
+
+
+CorpusSource = Union[str, Path, HFDataset, Iterable[Any]]
+
+
+@dataclass
+class TokenWindow:
+    """One packed window: ``tokens`` (context_length,), ``mask`` True on real (non-pad) tokens."""
+
+    index: int
+    tokens: torch.Tensor
+    mask: torch.Tensor
+
+
+def describe_corpus(source: CorpusSource) -> str:
+    """A short human-readable name for the manifest."""
+    if isinstance(source, HFDataset):
+        return source.describe()
+    if isinstance(source, (str, Path)):
+        return str(source)
+    return f"<{type(source).__name__}>"
+
+
+def iter_records(source: CorpusSource) -> Iterator[Any]:
+    """Raw records (strings or dicts) of a corpus source, in a fixed order."""
+    if isinstance(source, HFDataset):
+        yield from source.records()
+        return
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        if not path.is_file():
+            raise ConfigError(
+                f"Corpus path {path} is not a file. Pass a .txt/.jsonl/.parquet file, an iterable of "
+                "strings, or HFDataset(name, config, split) for a Hugging Face dataset."
+            )
+        suffix = path.suffix.lower()
+        if suffix == ".txt":
+            with path.open(encoding="utf-8") as fh:
+                for line in fh:
+                    line = line.rstrip("\n")
+                    if line.strip():
+                        yield line
+        elif suffix == ".jsonl":
+            with path.open(encoding="utf-8") as fh:
+                for lineno, line in enumerate(fh, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        yield json.loads(line)
+                    except json.JSONDecodeError as err:
+                        raise ConfigError(f"{path}:{lineno} is not valid JSON: {err}") from err
+        elif suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            pf = pq.ParquetFile(path)
+            for batch in pf.iter_batches(batch_size=1024):
+                yield from batch.to_pylist()
+        else:
+            raise ConfigError(f"Unsupported corpus file type {suffix!r} ({path}); use .txt, .jsonl or .parquet.")
+        return
+    if isinstance(source, Iterable):
+        yield from source
+        return
+    raise ConfigError(f"Unsupported corpus source of type {type(source).__name__}.")
+
+
+def render_record(
+    record: Any, tokenizer: Any, text_field: str = "text", messages_field: str | None = None
+) -> str | None:
+    """Turn one record into text (None to skip it)."""
+    if isinstance(record, str):
+        return record
+    if not isinstance(record, dict):
+        raise ConfigError(f"Corpus records must be strings or dicts, got {type(record).__name__}.")
+    fields = [messages_field] if messages_field else ["messages", "conversation"]
+    for field in fields:
+        if field in record and record[field] is not None:
+            return render_conversation(record[field], tokenizer)
+    if text_field in record:
+        text = record[text_field]
+        return text if isinstance(text, str) else None
+    raise ConfigError(
+        f"Corpus record has none of the fields {[text_field, *fields]}; its keys are {sorted(record)}. "
+        "Set text_field / messages_field in the HarvestConfig."
+    )
+
+
+def render_conversation(messages: list[dict[str, str]], tokenizer: Any) -> str:
+    """Render a list of ``{role, content}`` turns with the tokenizer's chat template."""
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ConfigError(
+            "The corpus holds conversations but the base tokenizer has no chat template; "
+            "use a chat model's tokenizer or render the conversations to text first."
+        )
+    turns = [{"role": m["role"], "content": m["content"]} for m in messages]
+    return tokenizer.apply_chat_template(turns, tokenize=False)
+
+
+def iter_documents(
+    source: CorpusSource, tokenizer: Any, text_field: str = "text", messages_field: str | None = None
+) -> Iterator[str]:
+    for record in iter_records(source):
+        text = render_record(record, tokenizer, text_field, messages_field)
+        if text:
+            yield text
+
+
+def _chunks(it: Iterator[str], n: int) -> Iterator[list[str]]:
+    chunk: list[str] = []
+    for item in it:
+        chunk.append(item)
+        if len(chunk) == n:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def pad_token_id(tokenizer: Any) -> int:
+    """The id used for padding (pad, else EOS, else 0: pad positions are masked anyway)."""
+    for attr in ("pad_token_id", "eos_token_id"):
+        value = getattr(tokenizer, attr, None)
+        if value is not None:
+            return int(value)
+    return 0
+
+
+def iter_windows(
+    source: CorpusSource,
+    tokenizer: Any,
+    context_length: int,
+    max_tokens: int | None = None,
+    text_field: str = "text",
+    messages_field: str | None = None,
+    append_eos: bool = True,
+) -> Iterator[TokenWindow]:
+    """Pack the corpus into windows (deterministic). Raises EmptyCorpusError if none result."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    eos = getattr(tokenizer, "eos_token_id", None) if append_eos else None
+    pad = pad_token_id(tokenizer)
+    body = context_length - (1 if bos is not None else 0)
+    max_windows = None if max_tokens is None else -(-max_tokens // context_length)
+    buffer: list[int] = []
+    n_windows = 0
+
+    def make(ids: list[int]) -> TokenWindow:
+        prefix = [bos] if bos is not None else []
+        real = prefix + ids
+        tokens = torch.full((context_length,), pad, dtype=torch.long)
+        tokens[: len(real)] = torch.tensor(real, dtype=torch.long)
+        mask = torch.zeros(context_length, dtype=torch.bool)
+        mask[: len(real)] = True
+        return TokenWindow(n_windows, tokens, mask)
+
+    docs = iter_documents(source, tokenizer, text_field, messages_field)
+    for chunk in _chunks(docs, 64):
+        encoded = tokenizer(chunk, add_special_tokens=False)["input_ids"]
+        for ids in encoded:
+            if not ids:
+                continue
+            buffer.extend(ids)
+            if eos is not None:
+                buffer.append(eos)
+            while len(buffer) >= body:
+                if max_windows is not None and n_windows >= max_windows:
+                    return
+                yield make(buffer[:body])
+                n_windows += 1
+                buffer = buffer[body:]
+    if buffer and (max_windows is None or n_windows < max_windows):
+        yield make(buffer)
+        n_windows += 1
+    if n_windows == 0:
+        raise EmptyCorpusError(
+            f"The corpus {describe_corpus(source)} yielded no tokens: check that it is not empty and "
+            "that its records have the configured text/messages field."
+        )
+
+
+def batch_windows(windows: Iterator[TokenWindow], batch_size: int) -> Iterator[list[TokenWindow]]:
+    batch: list[TokenWindow] = []
+    for w in windows:
+        batch.append(w)
+        if len(batch) == batch_size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch

@@ -1,0 +1,319 @@
+"""Harvesting paired activations: both models on the same token batches, one row per token.
+
+Two passes over the start of the corpus: a statistics pass over the first
+``normalization_tokens`` kept tokens (median norms for the outlier filter, mean norms for the
+scale factors), then the harvest proper. Estimating first keeps memory bounded (only norms are
+held) and means every stored row was filtered with the same thresholds; it costs one extra
+forward over ``normalization_tokens`` tokens, negligible next to a real harvest.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from mneme_plugin.activations.config import HarvestConfig
+from mneme_plugin.activations.corpus import CorpusSource, batch_windows, describe_corpus, iter_windows
+from mneme_plugin.activations.models import (
+    forward_to_hook,
+    load_model,
+    model_name,
+    model_tokenizer,
+    validate_pair,
+)
+from mneme_plugin.activations.normalization import (
+    NormalizationStats,
+    estimate_stats,
+    outlier_keep_mask,
+    token_norms,
+)
+from mneme_plugin.activations.store import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    MANIFEST,
+    ActivationStore,
+    read_manifest,
+    write_manifest,
+    write_shard,
+)
+from mneme_plugin.errors import CheckpointError, EmptyCorpusError, NonFiniteActivationError
+
+logger = logging.getLogger("mneme_plugin")
+
+_STORE_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+@dataclass
+class BatchRows:
+    """Kept rows of one forward batch (before outlier filtering)."""
+
+    activations: torch.Tensor  # (n, 2, d), model dtype
+    tokens: torch.Tensor  # (n,) int64
+    positions: torch.Tensor  # (n,) int64
+    windows: torch.Tensor  # (n,) int64
+    windows_end: int  # index one past the last window of this batch
+    special_dropped: int
+    padding_dropped: int
+    n_corpus_tokens: int
+
+
+@dataclass
+class HarvestContext:
+    """A validated model pair with everything the batch loop needs."""
+
+    base: Any
+    edited: Any
+    config: HarvestConfig
+    hook_name: str
+    tokenizer: Any
+    d_model: int
+
+    @classmethod
+    def build(cls, base: Any, edited: Any, config: HarvestConfig) -> "HarvestContext":
+        base = load_model(base, config.device, config.model_dtype)
+        edited = load_model(edited, config.device, config.model_dtype)
+        hook_name = config.resolved_hook_name
+        validate_pair(base, edited, config.layer, hook_name)
+        return cls(base, edited, config, hook_name, model_tokenizer(base), int(base.cfg.d_model))
+
+    def windows(self, corpus: CorpusSource, start_window: int = 0) -> Iterator[list]:
+        cfg = self.config
+        windows = iter_windows(
+            corpus, self.tokenizer, cfg.context_length, cfg.max_tokens, cfg.text_field,
+            cfg.messages_field, cfg.append_eos,
+        )
+        if start_window:
+            windows = itertools.islice(windows, start_window, None)
+        return batch_windows(windows, cfg.batch_size)
+
+    def dropped_ids(self) -> torch.Tensor:
+        cfg, tok = self.config, self.tokenizer
+        ids: set[int] = set()
+        if cfg.drop_special_tokens:
+            ids |= {int(i) for i in getattr(tok, "all_special_ids", []) if i is not None}
+        if cfg.drop_bos and getattr(tok, "bos_token_id", None) is not None:
+            ids.add(int(tok.bos_token_id))
+        return torch.tensor(sorted(ids), dtype=torch.long)
+
+    def run_batch(self, windows: list, batch_index: int, dropped_ids: torch.Tensor) -> BatchRows:
+        """Forward both models on one batch of windows and keep the wanted positions."""
+        tokens = torch.stack([w.tokens for w in windows])
+        mask = torch.stack([w.mask for w in windows])
+        index = torch.tensor([w.index for w in windows], dtype=torch.long)
+        acts_b = forward_to_hook(self.base, tokens, self.hook_name).to("cpu")
+        acts_e = forward_to_hook(self.edited, tokens, self.hook_name).to("cpu")
+        bad_b = int((~torch.isfinite(acts_b[mask])).sum())
+        bad_e = int((~torch.isfinite(acts_e[mask])).sum())
+        if bad_b or bad_e:
+            raise NonFiniteActivationError(
+                f"{bad_b + bad_e} non-finite activation values (base {model_name(self.base)}: {bad_b}, "
+                f"edited {model_name(self.edited)}: {bad_e}) at {self.hook_name} in batch {batch_index} "
+                f"(windows {index[0].item()}..{index[-1].item()}). Check the model weights, or load the "
+                "models in float32 if they overflow in half precision."
+            )
+        keep = mask.clone() if self.config.drop_padding else torch.ones_like(mask)
+        special = torch.isin(tokens, dropped_ids) & mask
+        special_dropped = int((special & keep).sum())
+        keep &= ~special
+        padding_dropped = int((~mask).sum()) if self.config.drop_padding else 0
+        positions = torch.arange(tokens.shape[1]).expand_as(tokens)
+        return BatchRows(
+            activations=torch.stack([acts_b[keep], acts_e[keep]], dim=1),
+            tokens=tokens[keep],
+            positions=positions[keep],
+            windows=index[:, None].expand_as(tokens)[keep],
+            windows_end=int(index[-1]) + 1,
+            special_dropped=special_dropped,
+            padding_dropped=padding_dropped,
+            n_corpus_tokens=int(mask.sum()),
+        )
+
+    def estimate_normalization(self, corpus: CorpusSource) -> NormalizationStats:
+        """Median / mean norms over the first ``normalization_tokens`` kept tokens."""
+        wanted = self.config.normalization_tokens
+        dropped = self.dropped_ids()
+        norms, total = [], 0
+        for i, windows in enumerate(self.windows(corpus)):
+            rows = self.run_batch(windows, i, dropped)
+            norms.append(token_norms(rows.activations))
+            total += rows.activations.shape[0]
+            if total >= wanted:
+                break
+        if total == 0:
+            raise EmptyCorpusError(
+                f"The corpus {describe_corpus(corpus)} has no usable tokens: every position was "
+                "padding, BOS or a special token."
+            )
+        all_norms = torch.cat(norms)[:wanted]
+        if total < wanted:
+            logger.warning(
+                "Normalisation estimated on %d tokens only (normalization_tokens=%d): the corpus is shorter.",
+                total, wanted,
+            )
+        return estimate_stats(all_norms, self.d_model, self.config.outlier_factor)
+
+
+def filter_outliers(rows: BatchRows, stats: NormalizationStats, factor: float | None) -> tuple[BatchRows, int]:
+    """Drop rows whose norm exceeds factor x median in either model; return (rows, n_dropped)."""
+    keep = outlier_keep_mask(token_norms(rows.activations), torch.tensor(stats.median_norms), factor)
+    n_dropped = int((~keep).sum())
+    if n_dropped == 0:
+        return rows, 0
+    rows.activations = rows.activations[keep]
+    rows.tokens = rows.tokens[keep]
+    rows.positions = rows.positions[keep]
+    rows.windows = rows.windows[keep]
+    return rows, n_dropped
+
+
+def _new_manifest(ctx: HarvestContext, corpus: CorpusSource, stats: NormalizationStats) -> dict[str, Any]:
+    cfg = ctx.config
+    return {
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "base_model": model_name(ctx.base),
+        "edited_model": model_name(ctx.edited),
+        "layer": cfg.layer,
+        "hook_name": ctx.hook_name,
+        "d_model": ctx.d_model,
+        "dtype": cfg.dtype,
+        "context_length": cfg.context_length,
+        "corpus": describe_corpus(corpus),
+        "config": cfg.content_dict(),
+        "n_tokens": 0,
+        "n_windows": 0,
+        "n_corpus_tokens": 0,
+        "shards": [],
+        "normalization": stats.to_dict(),
+        "outliers_dropped": 0,
+        "special_tokens_dropped": 0,
+        "padding_dropped": 0,
+        "complete": False,
+    }
+
+
+def _check_resumable(manifest: dict[str, Any], ctx: HarvestContext, path: Path) -> None:
+    old, new = manifest.get("config", {}), ctx.config.content_dict()
+    diffs = [f"{k}: stored {old.get(k)!r} vs now {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    for key, now in (("base_model", model_name(ctx.base)), ("edited_model", model_name(ctx.edited)), ("d_model", ctx.d_model)):
+        if manifest.get(key) != now:
+            diffs.append(f"{key}: stored {manifest.get(key)!r} vs now {now!r}")
+    if diffs:
+        state = "complete" if manifest.get("complete") else "partial"
+        raise CheckpointError(
+            f"{path} already holds a {state} activation store harvested with a different setup ("
+            + "; ".join(diffs)
+            + "). Use another out_dir, pass overwrite=True, or restore the original config to resume."
+        )
+
+
+def harvest(
+    base: Any,
+    edited: Any,
+    corpus: CorpusSource,
+    config: HarvestConfig,
+    out_dir: str | Path | None = None,
+    *,
+    overwrite: bool = False,
+    progress: bool = True,
+    on_shard: Callable[[int], None] | None = None,
+) -> ActivationStore:
+    """Harvest paired activations of ``base`` and ``edited`` on ``corpus`` into a store.
+
+    Models are TransformerLens objects or names / local folders (booted with TransformerBridge).
+    If ``out_dir`` holds an unfinished harvest with the same config, it is resumed; a finished
+    one is returned as is. ``on_shard(i)`` is called after shard i is committed.
+    """
+    ctx = HarvestContext.build(base, edited, config)
+    path = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="mneme-activations-"))
+    if overwrite and path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True, exist_ok=True)
+
+    if (path / MANIFEST).exists():
+        manifest = read_manifest(path)
+        _check_resumable(manifest, ctx, path)
+        if manifest["complete"]:
+            logger.info("Activation store %s is already complete (%d rows); nothing to do.", path, manifest["n_tokens"])
+            return ActivationStore(path)
+        stats = NormalizationStats.from_dict(manifest["normalization"])
+        logger.info("Resuming harvest into %s after %d windows (%d shards).", path, manifest["n_windows"], len(manifest["shards"]))
+    else:
+        if any(path.iterdir()):
+            raise CheckpointError(
+                f"{path} is not empty and has no {MANIFEST}: refusing to harvest into a foreign folder. "
+                "Choose an empty or new out_dir, or pass overwrite=True."
+            )
+        stats = ctx.estimate_normalization(corpus)
+        manifest = _new_manifest(ctx, corpus, stats)
+        write_manifest(path, manifest)
+
+    store_dtype = _STORE_DTYPES[config.dtype]
+    dropped_ids = ctx.dropped_ids()
+    pending: list[BatchRows] = []
+    pending_rows = 0
+    counts = {"outliers_dropped": 0, "special_tokens_dropped": 0, "padding_dropped": 0, "n_corpus_tokens": 0}
+    windows_end = int(manifest["n_windows"])
+
+    def commit(final: bool) -> None:
+        nonlocal pending, pending_rows, counts
+        if pending_rows:
+            index = len(manifest["shards"])
+            tensors = {
+                "activations": torch.cat([r.activations for r in pending]).to(store_dtype),
+                "tokens": torch.cat([r.tokens for r in pending]).to(torch.int32),
+                "positions": torch.cat([r.positions for r in pending]).to(torch.int32),
+                "windows": torch.cat([r.windows for r in pending]).to(torch.int64),
+            }
+            file = write_shard(path, index, tensors)
+            manifest["shards"].append({"file": file, "n_rows": pending_rows, "windows_end": windows_end})
+            manifest["n_tokens"] += pending_rows
+        for key, value in counts.items():
+            manifest[key] += value
+        manifest["n_windows"] = windows_end
+        manifest["complete"] = final
+        write_manifest(path, manifest)
+        committed = pending_rows
+        pending, pending_rows = [], 0
+        counts = dict.fromkeys(counts, 0)
+        if committed and on_shard is not None:
+            on_shard(len(manifest["shards"]) - 1)
+
+    bar = tqdm(
+        total=config.max_tokens, initial=windows_end * config.context_length, unit="tok",
+        desc="harvest", disable=not progress,
+    )
+    try:
+        for i, windows in enumerate(ctx.windows(corpus, start_window=windows_end)):
+            rows = ctx.run_batch(windows, i, dropped_ids)
+            rows, n_out = filter_outliers(rows, stats, config.outlier_factor)
+            counts["outliers_dropped"] += n_out
+            counts["special_tokens_dropped"] += rows.special_dropped
+            counts["padding_dropped"] += rows.padding_dropped
+            counts["n_corpus_tokens"] += rows.n_corpus_tokens
+            windows_end = rows.windows_end
+            pending.append(rows)
+            pending_rows += rows.activations.shape[0]
+            bar.update(len(windows) * config.context_length)
+            if pending_rows >= config.rows_per_shard:
+                commit(final=False)
+        commit(final=True)
+    finally:
+        bar.close()
+    if manifest["n_tokens"] == 0:
+        raise EmptyCorpusError(f"The harvest into {path} kept no rows: every position was filtered out.")
+    logger.info(
+        "Harvested %d paired activations (%s, layer %d) into %s (%d shards; %d outliers, %d special tokens dropped).",
+        manifest["n_tokens"], ctx.hook_name, config.layer, path, len(manifest["shards"]),
+        manifest["outliers_dropped"], manifest["special_tokens_dropped"],
+    )
+    return ActivationStore(path)

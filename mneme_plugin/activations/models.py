@@ -1,0 +1,142 @@
+"""Loading the model pair, validating it, and the stop-early forward pass.
+
+Models are TransformerLens objects: a ``HookedTransformer`` or a ``TransformerBridge``. A string
+is booted with ``TransformerBridge.boot_transformers`` (hub name or local HF folder). We do *not*
+call ``enable_compatibility_mode()``: the bridge already exposes ``blocks.{L}.hook_resid_post``
+as an alias, and compatibility mode folds LayerNorm and centres writing weights, which changes the
+residual stream. Model diffing (like the published crosscoders) wants the raw HF residual.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any
+
+import torch
+
+from mneme_plugin.errors import ConfigError, LayerOutOfRangeError, ModelMismatchError
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class _StopForward(Exception):
+    """Raised from the hook to abandon the forward pass once the activation is captured."""
+
+
+def load_model(model: Any, device: str = "cpu", dtype: str = "float32") -> Any:
+    """Return ``model`` unchanged if it is a model object; boot it with the bridge if a string."""
+    if isinstance(model, str):
+        from transformer_lens.model_bridge import TransformerBridge
+
+        bridge = TransformerBridge.boot_transformers(model, device=device, dtype=_DTYPES[dtype])
+        bridge.eval()
+        bridge._mneme_source_name = model  # remembered for the manifest
+        return bridge
+    if not hasattr(model, "hook_dict") or not hasattr(model, "cfg"):
+        raise ConfigError(
+            f"Expected a TransformerLens HookedTransformer / TransformerBridge or a model name, "
+            f"got {type(model).__name__}."
+        )
+    return model
+
+
+def model_name(model: Any) -> str:
+    """The name recorded in the manifest."""
+    return str(getattr(model, "_mneme_source_name", None) or getattr(model.cfg, "model_name", None) or type(model).__name__)
+
+
+def model_tokenizer(model: Any) -> Any:
+    tok = getattr(model, "tokenizer", None)
+    if tok is None:
+        raise ConfigError(f"Model {model_name(model)} has no tokenizer; attach one (model.set_tokenizer(...)).")
+    return tok
+
+
+def model_device(model: Any) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
+def _vocab_size(model: Any) -> int:
+    return int(getattr(model.cfg, "d_vocab", 0) or 0)
+
+
+def validate_pair(base: Any, edited: Any, layer: int, hook_name: str) -> None:
+    """Raise a clear error if the pair cannot be compared at ``hook_name``."""
+    nb, ne = model_name(base), model_name(edited)
+    db, de = int(base.cfg.d_model), int(edited.cfg.d_model)
+    if db != de:
+        raise ModelMismatchError(
+            f"d_model differs: base {nb} has d_model={db}, edited {ne} has d_model={de}. "
+            "A crosscoder needs two models of the same architecture (the edited model must be a "
+            "fine-tuned / unlearned copy of the base)."
+        )
+    lb, le = int(base.cfg.n_layers), int(edited.cfg.n_layers)
+    if lb != le:
+        raise ModelMismatchError(
+            f"Layer count differs: base {nb} has {lb} layers, edited {ne} has {le}. "
+            "Use an edited model derived from the base model."
+        )
+    vb, ve = _vocab_size(base), _vocab_size(edited)
+    if vb != ve:
+        raise ModelMismatchError(
+            f"Vocabulary size differs: base {nb} has d_vocab={vb}, edited {ne} has d_vocab={ve}. "
+            "Both models must share one tokenizer, since they are run on the same token ids."
+        )
+    tb, te = getattr(base, "tokenizer", None), getattr(edited, "tokenizer", None)
+    if tb is not None and te is not None and tb is not te:
+        if len(tb) != len(te) or tb.get_vocab() != te.get_vocab():
+            vocab_b, vocab_e = tb.get_vocab(), te.get_vocab()
+            diff = sorted(set(vocab_b.items()) ^ set(vocab_e.items()), key=lambda kv: kv[1])[:5]
+            raise ModelMismatchError(
+                f"Tokenizers differ: base {nb} has {len(tb)} tokens, edited {ne} has {len(te)}; "
+                f"first differing (token, id) entries: {diff}. Both models must share one tokenizer."
+            )
+    if not 0 <= layer < lb:
+        raise LayerOutOfRangeError(
+            f"Layer {layer} is out of range for {nb}, which has {lb} layers: valid layers are 0..{lb - 1}."
+        )
+    for model in (base, edited):
+        check_hook(model, hook_name)
+
+
+def check_hook(model: Any, hook_name: str) -> None:
+    names = list(model.hook_dict.keys())
+    if hook_name not in model.hook_dict:
+        close = difflib.get_close_matches(hook_name, names, n=5, cutoff=0.6)
+        raise LayerOutOfRangeError(
+            f"Hook {hook_name!r} does not exist in {model_name(model)}. "
+            + (f"Close names: {close}." if close else f"It has {len(names)} hooks, e.g. {names[:5]}.")
+        )
+
+
+@torch.no_grad()
+def forward_to_hook(model: Any, tokens: torch.Tensor, hook_name: str) -> torch.Tensor:
+    """Activations at ``hook_name`` for ``tokens`` (B, T), without running later layers.
+
+    A temporary hook stores the activation and raises a private exception; the model's own hook
+    context manager removes the hook on the way out, so no hook is left behind.
+    """
+    captured: dict[str, torch.Tensor] = {}
+
+    def grab(activation: torch.Tensor, hook: Any) -> None:
+        captured["x"] = activation.detach()
+        raise _StopForward
+
+    try:
+        with model.hooks(fwd_hooks=[(hook_name, grab)]):
+            model(tokens.to(model_device(model)), return_type=None)
+    except _StopForward:
+        pass
+    finally:
+        # The bridge keeps the last HF KV cache; a truncated run leaves it incomplete.
+        if hasattr(model, "_last_hf_cache"):
+            try:
+                del model._last_hf_cache
+            except AttributeError:
+                pass
+    if "x" not in captured:
+        raise LayerOutOfRangeError(f"Hook {hook_name!r} never fired in {model_name(model)}'s forward pass.")
+    return captured["x"]

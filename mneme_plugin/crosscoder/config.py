@@ -1,0 +1,112 @@
+"""Configs of the crosscoder and of its training run."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from mneme_plugin.config import ConfigMixin, require
+from mneme_plugin.errors import ConfigError
+from mneme_plugin.crosscoder.salience import SALIENCE_MODES
+
+DTYPES = ("float32", "bfloat16", "float16", "float64")
+
+
+@dataclass
+class CrossCoderConfig(ConfigMixin):
+    """Shape and encoding rule of a BatchTopK crosscoder over two models.
+
+    ``salience`` picks the decoder-norm weight w_j used to rank latents in BatchTopK:
+    ``paper`` (||D_j^b||^2 + ||D_j^f||^2, the MNEME paper's), ``crosscoder``
+    (||D_j^b|| + ||D_j^f||), ``sae`` (sqrt of the sum of squares), ``mixed`` and ``none``
+    (the other science-of-finetuning modes, for imported crosscoders).
+    """
+
+    # None = taken from the activations (d_model) / from expansion_factor * activation_dim.
+    activation_dim: int | None = None
+    dict_size: int | None = None
+    expansion_factor: int = 32
+    k: int = 100
+    salience: str = "paper"
+    num_models: int = 2
+    dtype: str = "float32"
+    # Free metadata carried with the weights: models, layer, hook, store it was trained on.
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        require(
+            self.activation_dim is None or self.activation_dim > 0,
+            f"activation_dim must be positive, got {self.activation_dim}.",
+        )
+        require(self.dict_size is None or self.dict_size > 0, f"dict_size must be positive, got {self.dict_size}.")
+        require(self.expansion_factor > 0, f"expansion_factor must be positive, got {self.expansion_factor}.")
+        require(self.k > 0, f"k must be positive, got {self.k}.")
+        require(
+            self.dict_size is None or self.k <= self.dict_size,
+            f"k must be at most dict_size={self.dict_size}, got {self.k}.",
+        )
+        require(
+            self.salience in SALIENCE_MODES,
+            f"salience must be one of {sorted(SALIENCE_MODES)}, got {self.salience!r}.",
+        )
+        require(self.num_models == 2, f"num_models must be 2 (base, edited), got {self.num_models}.")
+        require(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}.")
+
+    @property
+    def is_resolved(self) -> bool:
+        return self.activation_dim is not None and self.dict_size is not None
+
+    def resolve(self, activation_dim: int) -> "CrossCoderConfig":
+        """A copy with activation_dim and dict_size filled in for activations of width ``activation_dim``."""
+        if self.activation_dim is not None and self.activation_dim != activation_dim:
+            raise ConfigError(
+                f"The crosscoder config says activation_dim={self.activation_dim}, but the activations have "
+                f"d_model={activation_dim}; drop activation_dim from the config or use matching activations."
+            )
+        dict_size = self.dict_size if self.dict_size is not None else self.expansion_factor * activation_dim
+        return self.replace(activation_dim=activation_dim, dict_size=dict_size)
+
+
+@dataclass
+class TrainingConfig(ConfigMixin):
+    """Optimisation of a crosscoder: schedule, auxiliary loss, threshold, checkpoints.
+
+    Defaults follow the published BatchTopK crosscoders (REFERENCE.md): Adam(0.9, 0.999),
+    warmup 1000 steps, aux-k with alpha 1/32 on latents dead for 10M tokens, threshold EMA
+    (beta 0.999) from step 1000, gradient clipping at 1.0.
+    """
+
+    steps: int = 10_000
+    batch_size: int = 4096
+    lr: float = 1e-4
+    warmup_steps: int = 1000
+    # Linear decay to zero over the last fraction of steps (0 disables the decay).
+    decay_fraction: float = 0.2
+    aux_alpha: float = 1 / 32
+    dead_after_tokens: int = 10_000_000
+    threshold_start_step: int = 1000
+    threshold_beta: float = 0.999
+    grad_clip: float = 1.0
+    seed: int = 0
+    device: str = "auto"
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 2
+    # Rows held out of training (the first ones of the data order) to report quality on.
+    eval_rows: int = 8192
+
+    def __post_init__(self) -> None:
+        require(self.steps > 0, f"steps must be positive, got {self.steps}.")
+        require(self.batch_size > 0, f"batch_size must be positive, got {self.batch_size}.")
+        require(self.lr > 0, f"lr must be positive, got {self.lr}.")
+        require(self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}.")
+        require(
+            0.0 <= self.decay_fraction <= 1.0,
+            f"decay_fraction must be in [0, 1], got {self.decay_fraction}.",
+        )
+        require(self.aux_alpha >= 0, f"aux_alpha must be >= 0, got {self.aux_alpha}.")
+        require(self.dead_after_tokens > 0, "dead_after_tokens must be positive.")
+        require(0.0 <= self.threshold_beta < 1.0, "threshold_beta must be in [0, 1).")
+        require(self.grad_clip >= 0, "grad_clip must be >= 0 (0 disables clipping).")
+        require(self.checkpoint_every >= 0, "checkpoint_every must be >= 0 (0 disables checkpoints).")
+        require(self.keep_checkpoints >= 1, "keep_checkpoints must be >= 1.")
+        require(self.eval_rows >= 0, "eval_rows must be >= 0.")

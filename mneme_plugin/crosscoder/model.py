@@ -1,0 +1,247 @@
+"""The BatchTopK crosscoder: one shared encoder over both models, one decoder per model."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from dictionary_learning.dictionary import Dictionary
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from mneme_plugin.crosscoder.config import CrossCoderConfig
+from mneme_plugin.crosscoder.salience import SALIENCE_MODES
+from mneme_plugin.crosscoder.sparse import ActiveLatents, batch_topk_indices, gather_active, sparse_decode
+from mneme_plugin.errors import CheckpointError
+
+FORMAT_NAME = "mneme-crosscoder"
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+TENSOR_NAMES = ("W_enc", "b_enc", "W_dec", "b_dec", "threshold", "activation_scale")
+
+
+class BatchTopKCrossCoder(Dictionary, nn.Module):
+    """A sparse crosscoder with BatchTopK sparsity (MNEME; Minder et al. 2025).
+
+    Inputs are stacked activations ``x`` of shape (B, 2, d): index 0 the base model, 1 the edited
+    model. ``encode`` returns unscaled codes f (B, m); ``decode`` maps them back to (B, 2, d).
+    Per-model normalisation (``activation_scale``, so that E||x|| = sqrt(d)) is applied inside
+    ``encode`` and undone in ``decode``: callers always pass and get raw activations.
+    """
+
+    def __init__(self, config: CrossCoderConfig) -> None:
+        super().__init__()
+        if not config.is_resolved:
+            raise ValueError(
+                "CrossCoderConfig needs activation_dim and dict_size to build a crosscoder; "
+                "call config.resolve(d_model) first."
+            )
+        self.cfg = config
+        self.activation_dim = config.activation_dim
+        self.dict_size = config.dict_size
+        self.k = config.k
+        n, d, m = config.num_models, config.activation_dim, config.dict_size
+        dtype = getattr(torch, config.dtype)
+        self.W_enc = nn.Parameter(torch.empty(n, d, m, dtype=dtype))
+        self.b_enc = nn.Parameter(torch.zeros(m, dtype=dtype))
+        self.W_dec = nn.Parameter(torch.empty(n, m, d, dtype=dtype))
+        self.b_dec = nn.Parameter(torch.zeros(n, d, dtype=dtype))
+        # Smallest kept salience, estimated during training; -1 = not estimated yet.
+        self.register_buffer("threshold", torch.tensor(-1.0, dtype=torch.float32))
+        self.register_buffer("activation_scale", torch.ones(n, dtype=torch.float32))
+        self.reset_parameters()
+
+    # ----------------------------------------------------------------------------- set-up
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None, dec_norm: float = 0.1) -> None:
+        """Random decoder rows of norm ``dec_norm`` per model; encoder = decoder transpose."""
+        n, m, d = self.W_dec.shape
+        w = torch.randn(n, m, d, generator=generator, dtype=torch.float32)
+        w = w / w.norm(dim=-1, keepdim=True) * dec_norm
+        self.W_dec.copy_(w)
+        self.W_enc.copy_(w.permute(0, 2, 1))
+        self.b_enc.zero_()
+        self.b_dec.zero_()
+
+    def set_activation_scale(self, scale: torch.Tensor | list[float] | tuple[float, ...]) -> None:
+        scale = torch.as_tensor(scale, dtype=torch.float32).reshape(-1)
+        if scale.numel() != self.cfg.num_models or not torch.isfinite(scale).all() or (scale <= 0).any():
+            raise ValueError(
+                f"activation_scale must be {self.cfg.num_models} positive finite factors, got {scale.tolist()}."
+            )
+        self.activation_scale.copy_(scale.to(self.activation_scale.device))
+
+    # ----------------------------------------------------------------------------- math
+
+    def salience_weights(self) -> torch.Tensor:
+        """w_j, the decoder-norm weight that ranks latents (config ``salience``)."""
+        return SALIENCE_MODES[self.cfg.salience](self.W_dec)
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        return x.to(self.W_enc.dtype) * self.activation_scale.to(self.W_enc.dtype)[None, :, None]
+
+    def denormalize(self, x: torch.Tensor) -> torch.Tensor:
+        return x / self.activation_scale.to(x.dtype)[None, :, None]
+
+    def pre_activations(self, x_norm: torch.Tensor) -> torch.Tensor:
+        """relu(sum_l x_l W_enc^l + b_enc) on normalised inputs: (B, m)."""
+        x_flat = x_norm.reshape(x_norm.shape[0], -1)
+        return torch.relu(x_flat @ self.W_enc.reshape(-1, self.dict_size) + self.b_enc)
+
+    def encode(self, x: torch.Tensor, use_threshold: bool | None = None) -> torch.Tensor:
+        """Unscaled codes f (B, m) of raw activations x (B, 2, d).
+
+        ``use_threshold``: True keeps latents whose salience exceeds the estimated threshold (one
+        token encodes alone); False applies BatchTopK over the batch; None (default) uses the
+        threshold once it has been estimated and BatchTopK before that.
+        """
+        pre = self.pre_activations(self.normalize(x))
+        salience = pre * self.salience_weights()
+        if use_threshold is None:
+            use_threshold = bool(self.threshold >= 0)
+        if use_threshold:
+            if self.threshold < 0:
+                raise ValueError(
+                    "This crosscoder has no inference threshold yet (it is estimated during training "
+                    "after threshold_start_step); encode with use_threshold=False for BatchTopK."
+                )
+            return pre * (salience > self.threshold.to(salience.dtype))
+        top = batch_topk_indices(salience, self.k * x.shape[0])
+        mask = torch.zeros_like(salience).reshape(-1)
+        mask[top] = 1
+        return pre * mask.reshape(salience.shape) * (salience > 0)
+
+    def decode(self, f: torch.Tensor) -> torch.Tensor:
+        """Reconstruction (B, 2, d) in raw activation scale from codes f (B, m)."""
+        x_hat = torch.einsum("bm,lmd->bld", f.to(self.W_dec.dtype), self.W_dec) + self.b_dec
+        return self.denormalize(x_hat)
+
+    def forward(self, x: torch.Tensor, output_features: bool = False):  # type: ignore[override]
+        f = self.encode(x)
+        x_hat = self.decode(f)
+        return (x_hat, f) if output_features else x_hat
+
+    def salience_matrix(self, x_norm: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+        """s = relu(x W_enc + b_enc) * w (B, m), computed as one matmul with w folded in (w > 0)."""
+        weights = self.salience_weights() if weights is None else weights
+        x_flat = x_norm.reshape(x_norm.shape[0], -1)
+        W_scaled = self.W_enc.reshape(-1, self.dict_size) * weights
+        return torch.relu_(torch.addmm(self.b_enc * weights, x_flat, W_scaled))
+
+    def batch_topk_active(self, x_norm: torch.Tensor) -> tuple[ActiveLatents, torch.Tensor, torch.Tensor]:
+        """Training path: active pairs of BatchTopK, with sparse gradients.
+
+        Returns (active, salience, weights); salience (B, m) and weights (m,) are detached.
+        """
+        with torch.no_grad():
+            weights = self.salience_weights().clamp_min(torch.finfo(self.W_dec.dtype).tiny)
+            salience = self.salience_matrix(x_norm, weights)
+            flat_index = batch_topk_indices(salience, self.k * x_norm.shape[0])
+        x_flat = x_norm.reshape(x_norm.shape[0], -1)
+        W_enc_flat = self.W_enc.reshape(-1, self.dict_size)
+        active = gather_active(W_enc_flat, self.b_enc, x_flat, salience, weights, flat_index)
+        return active, salience, weights
+
+    def decode_active(self, active: ActiveLatents, bias: bool = True) -> torch.Tensor:
+        """Normalised reconstruction (B, 2, d) from active pairs (sparse)."""
+        out = sparse_decode(active, self.W_dec)
+        return out + self.b_dec if bias else out
+
+    # ----------------------------------------------------------------------------- checks
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        expected = (self.cfg.num_models, self.activation_dim)
+        if x.ndim != 3 or tuple(x.shape[1:]) != expected:
+            raise ValueError(
+                f"Expected stacked activations of shape (batch, {expected[0]}, {expected[1]}) "
+                f"[index 0 base, 1 edited], got {tuple(x.shape)}."
+            )
+
+    # ----------------------------------------------------------------------------- I/O
+
+    def save_pretrained(self, path: str | os.PathLike[str]) -> Path:
+        """Write ``config.json`` + ``model.safetensors`` into the directory ``path``, atomically per file."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        tensors = {name: getattr(self, name).detach().cpu().contiguous() for name in TENSOR_NAMES}
+        tmp_weights = path / f".{WEIGHTS_FILE}.tmp"
+        save_file(tensors, str(tmp_weights), metadata={"format": FORMAT_NAME})
+        os.replace(tmp_weights, path / WEIGHTS_FILE)
+        meta = {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "class": type(self).__name__,
+            "config": self.cfg.to_dict(),
+        }
+        tmp_cfg = path / f".{CONFIG_FILE}.tmp"
+        tmp_cfg.write_text(json.dumps(meta, indent=2))
+        os.replace(tmp_cfg, path / CONFIG_FILE)
+        return path
+
+    @classmethod
+    def from_pretrained(  # type: ignore[override]
+        cls, path: str | os.PathLike[str], device: str | torch.device | None = None, **kwargs: Any
+    ) -> "BatchTopKCrossCoder":
+        """Load a crosscoder saved by ``save_pretrained`` (this package's own format)."""
+        path = Path(path)
+        config_path, weights_path = path / CONFIG_FILE, path / WEIGHTS_FILE
+        if not path.is_dir():
+            raise CheckpointError(f"{path} is not a directory holding {CONFIG_FILE} and {WEIGHTS_FILE}.")
+        for required in (config_path, weights_path):
+            if not required.is_file():
+                raise CheckpointError(
+                    f"{required} is missing: a mneme crosscoder directory holds {CONFIG_FILE} and {WEIGHTS_FILE}."
+                )
+        meta = read_crosscoder_meta(config_path)
+        config = CrossCoderConfig.from_dict(meta["config"])
+        try:
+            tensors = load_file(str(weights_path))
+        except Exception as err:  # safetensors raises its own error types
+            raise CheckpointError(f"{weights_path} is not a readable safetensors file: {err}") from err
+        model = cls(config)
+        missing = [name for name in TENSOR_NAMES if name not in tensors]
+        if missing:
+            raise CheckpointError(f"{weights_path} lacks tensors {missing}; expected {list(TENSOR_NAMES)}.")
+        for name in TENSOR_NAMES:
+            target = getattr(model, name)
+            if tuple(tensors[name].shape) != tuple(target.shape):
+                raise CheckpointError(
+                    f"{weights_path}: tensor {name} has shape {tuple(tensors[name].shape)}, "
+                    f"but config.json implies {tuple(target.shape)}."
+                )
+        with torch.no_grad():
+            for name in TENSOR_NAMES:
+                getattr(model, name).copy_(tensors[name])
+        if device is not None:
+            model = model.to(device)
+        return model
+
+
+def read_crosscoder_meta(config_path: Path) -> dict[str, Any]:
+    """Parse and check a crosscoder ``config.json`` of this package's format."""
+    try:
+        meta = json.loads(config_path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{config_path} is not valid JSON ({err}); the file may be truncated.") from err
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
+        hint = ""
+        if isinstance(meta, dict) and ("trainer" in meta or "dict_class" in meta or "d_in" in meta):
+            hint = " It looks like a crosscoder from another project (science-of-finetuning, Kissane or SAE-Lens)."
+        raise CheckpointError(
+            f"{config_path} is not a mneme crosscoder config (expected \"format\": \"{FORMAT_NAME}\").{hint}"
+        )
+    if meta.get("format_version", 0) > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{config_path} has format_version {meta['format_version']}, newer than this mneme-plugin "
+            f"understands ({FORMAT_VERSION}); upgrade mneme-plugin."
+        )
+    if "config" not in meta:
+        raise CheckpointError(f"{config_path} has no \"config\" entry.")
+    return meta
+

@@ -1,0 +1,288 @@
+"""BatchTopK crosscoder trainer, a dictionary_learning ``SAETrainer``.
+
+``dictionary_learning.training.trainSAE`` runs it unchanged; ``mneme_plugin.crosscoder.training``
+wraps it with checkpoints, resume, progress and metrics.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from dictionary_learning.trainers.trainer import SAETrainer
+
+from mneme_plugin.crosscoder.config import CrossCoderConfig, TrainingConfig
+from mneme_plugin.crosscoder.model import BatchTopKCrossCoder
+from mneme_plugin.crosscoder.sparse import ActiveLatents, gather_active, sparse_decode
+
+
+@dataclass
+class StepLosses:
+    loss: float
+    mse_loss: float
+    aux_loss: float
+    l0: float
+    dead_fraction: float
+    explained_variance: float
+
+
+def lr_multiplier(step: int, steps: int, warmup_steps: int, decay_fraction: float) -> float:
+    """Linear warmup to 1, constant, then linear decay to 0 over the last ``decay_fraction``."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    decay_start = int(steps * (1 - decay_fraction))
+    if decay_fraction > 0 and step >= decay_start:
+        return max(0.0, (steps - step) / max(1, steps - decay_start))
+    return 1.0
+
+
+@torch.no_grad()
+def geometric_median(points: torch.Tensor, iterations: int = 50, eps: float = 1e-8) -> torch.Tensor:
+    """Weiszfeld's algorithm over the first dimension."""
+    guess = points.mean(dim=0)
+    for _ in range(iterations):
+        dist = (points - guess).flatten(1).norm(dim=1).clamp_min(eps)
+        weights = 1.0 / dist
+        new = (weights.view(-1, *[1] * (points.ndim - 1)) * points).sum(0) / weights.sum()
+        if (new - guess).norm() < eps * max(1.0, guess.norm().item()):
+            return new
+        guess = new
+    return guess
+
+
+class BatchTopKCrossCoderTrainer(SAETrainer):
+    """Trains a ``BatchTopKCrossCoder`` on raw stacked activations (B, 2, d).
+
+    Keyword arguments follow dictionary_learning's trainers so ``trainSAE`` can build it from a
+    config dict: ``{"trainer": BatchTopKCrossCoderTrainer, "steps": ..., "activation_dim": ...,
+    "dict_size": ..., "k": ..., ...}``.
+    """
+
+    def __init__(
+        self,
+        steps: int,
+        activation_dim: int,
+        dict_size: int,
+        k: int = 100,
+        lr: float = 1e-4,
+        warmup_steps: int = 1000,
+        decay_fraction: float = 0.2,
+        aux_alpha: float = 1 / 32,
+        dead_after_tokens: int = 10_000_000,
+        threshold_start_step: int = 1000,
+        threshold_beta: float = 0.999,
+        grad_clip: float = 1.0,
+        salience: str = "paper",
+        activation_scale: list[float] | None = None,
+        seed: int | None = None,
+        device: str | None = None,
+        layer: int | None = None,
+        lm_name: str | None = None,
+        wandb_name: str = "BatchTopKCrossCoder",
+        submodule_name: str | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(seed)
+        self.crosscoder_config = CrossCoderConfig(
+            activation_dim=activation_dim,
+            dict_size=dict_size,
+            k=k,
+            salience=salience,
+            metadata=dict(metadata or {}),
+        )
+        self.training_config = TrainingConfig(
+            steps=steps,
+            lr=lr,
+            warmup_steps=warmup_steps,
+            decay_fraction=decay_fraction,
+            aux_alpha=aux_alpha,
+            dead_after_tokens=dead_after_tokens,
+            threshold_start_step=threshold_start_step,
+            threshold_beta=threshold_beta,
+            grad_clip=grad_clip,
+            seed=0 if seed is None else seed,
+        )
+        self.layer, self.lm_name, self.wandb_name, self.submodule_name = layer, lm_name, wandb_name, submodule_name
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        generator = torch.Generator().manual_seed(self.training_config.seed)
+        self.ae = BatchTopKCrossCoder(self.crosscoder_config)
+        self.ae.reset_parameters(generator=generator)
+        if activation_scale is not None:
+            self.ae.set_activation_scale(activation_scale)
+        self.ae.to(self.device)
+        self.optimizer = torch.optim.Adam(self.ae.parameters(), lr=lr, betas=(0.9, 0.999), fused=True)
+        cfg = self.training_config
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_multiplier(s, cfg.steps, cfg.warmup_steps, cfg.decay_fraction)
+        )
+        self.tokens_since_fired = torch.zeros(dict_size, dtype=torch.long, device=self.device)
+        self.steps_done = 0
+        self.last_losses: StepLosses | None = None
+        self.logging_parameters = ["dead_fraction"]
+
+    @classmethod
+    def from_configs(
+        cls,
+        crosscoder: CrossCoderConfig,
+        training: TrainingConfig,
+        activation_scale: list[float] | None = None,
+        device: str | None = None,
+    ) -> "BatchTopKCrossCoderTrainer":
+        t = training
+        return cls(
+            steps=t.steps,
+            activation_dim=crosscoder.activation_dim,
+            dict_size=crosscoder.dict_size,
+            k=crosscoder.k,
+            lr=t.lr,
+            warmup_steps=t.warmup_steps,
+            decay_fraction=t.decay_fraction,
+            aux_alpha=t.aux_alpha,
+            dead_after_tokens=t.dead_after_tokens,
+            threshold_start_step=t.threshold_start_step,
+            threshold_beta=t.threshold_beta,
+            grad_clip=t.grad_clip,
+            salience=crosscoder.salience,
+            activation_scale=activation_scale,
+            seed=t.seed,
+            device=device,
+            metadata=crosscoder.metadata,
+        )
+
+    # ------------------------------------------------------------------------- state
+
+    @property
+    def dead_mask(self) -> torch.Tensor:
+        return self.tokens_since_fired >= self.training_config.dead_after_tokens
+
+    @property
+    def dead_fraction(self) -> float:
+        return float(self.dead_mask.float().mean())
+
+    @property
+    def config(self) -> dict[str, Any]:  # type: ignore[override]
+        return {
+            "trainer_class": type(self).__name__,
+            "dict_class": type(self.ae).__name__,
+            "activation_dim": self.crosscoder_config.activation_dim,
+            "dict_size": self.crosscoder_config.dict_size,
+            "k": self.crosscoder_config.k,
+            "salience": self.crosscoder_config.salience,
+            **{k: v for k, v in self.training_config.to_dict().items() if k not in ("device",)},
+            "activation_scale": self.ae.activation_scale.tolist(),
+            "layer": self.layer,
+            "lm_name": self.lm_name,
+            "wandb_name": self.wandb_name,
+            "submodule_name": self.submodule_name,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume bit-for-bit: weights, optimizer, schedule, counters."""
+        return {
+            "ae": self.ae.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "tokens_since_fired": self.tokens_since_fired.cpu(),
+            "steps_done": self.steps_done,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.ae.load_state_dict(state["ae"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.tokens_since_fired.copy_(state["tokens_since_fired"].to(self.device))
+        self.steps_done = int(state["steps_done"])
+
+    # ------------------------------------------------------------------------- loss
+
+    def _aux_loss(
+        self, x_norm: torch.Tensor, x_hat: torch.Tensor, salience: torch.Tensor, weights: torch.Tensor
+    ) -> torch.Tensor:
+        """Aux-k loss: dead latents learn to explain the residual (normalised by its variance)."""
+        dead = self.dead_mask
+        n_dead = int(dead.sum())
+        if n_dead == 0 or self.training_config.aux_alpha == 0:
+            return x_norm.new_zeros(())
+        k_aux = min(self.crosscoder_config.activation_dim // 2, n_dead)
+        with torch.no_grad():
+            masked = torch.where(dead[None, :], salience, torch.full_like(salience, -1.0))
+            top = masked.topk(k_aux, dim=1, sorted=False).indices  # (B, k_aux)
+            batch, dict_size = salience.shape
+            row_start = torch.arange(batch, device=salience.device)[:, None] * dict_size
+            flat_index = (top + row_start).reshape(-1)
+        W_enc_flat = self.ae.W_enc.reshape(-1, self.ae.dict_size)
+        x_flat = x_norm.reshape(x_norm.shape[0], -1)
+        active = gather_active(W_enc_flat, self.ae.b_enc, x_flat, salience, weights, flat_index)
+        if active.values.numel() == 0:
+            return x_norm.new_zeros(())
+        residual = (x_norm - x_hat).detach()
+        aux_hat = sparse_decode(active, self.ae.W_dec)
+        err = (residual - aux_hat).pow(2).sum(dim=(1, 2)).mean()
+        denom = (residual - residual.mean(dim=0, keepdim=True)).pow(2).sum(dim=(1, 2)).mean()
+        return err / denom.clamp_min(1e-12)
+
+    def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, ActiveLatents, torch.Tensor, torch.Tensor]:
+        x_norm = self.ae.normalize(x.to(self.device))
+        active, salience, weights = self.ae.batch_topk_active(x_norm)
+        x_hat = self.ae.decode_active(active)
+        return x_norm, x_hat, active, salience, weights
+
+    def loss(self, x: torch.Tensor, step: int | None = None, logging: bool = False, **_: Any):
+        """Eq. 1 (squared error summed over both models, mean over the batch) + alpha * aux-k."""
+        x_norm, x_hat, active, salience, weights = self._forward(x)
+        mse = (x_norm - x_hat).pow(2).sum(dim=(1, 2)).mean()
+        aux = self._aux_loss(x_norm, x_hat, salience, weights)
+        loss = mse + self.training_config.aux_alpha * aux
+        if not logging:
+            return loss
+        losslog = {"loss": loss.item(), "mse_loss": mse.item(), "aux_loss": aux.item()}
+        return x_norm, x_hat.detach(), active.to_dense(), losslog
+
+    # ------------------------------------------------------------------------- update
+
+    def update(self, step: int, activations: torch.Tensor) -> float:
+        """One optimisation step on a raw batch (B, 2, d); returns the loss."""
+        if activations.ndim != 3 or activations.shape[1] != 2:
+            raise ValueError(f"Expected a batch of shape (B, 2, d), got {tuple(activations.shape)}.")
+        cfg = self.training_config
+        if step == 0 and self.steps_done == 0:
+            with torch.no_grad():
+                self.ae.b_dec.copy_(geometric_median(self.ae.normalize(activations.to(self.device))))
+        x_norm, x_hat, active, salience, weights = self._forward(activations)
+        mse = (x_norm - x_hat).pow(2).sum(dim=(1, 2)).mean()
+        aux = self._aux_loss(x_norm, x_hat, salience, weights)
+        loss = mse + cfg.aux_alpha * aux
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.ae.parameters(), cfg.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        with torch.no_grad():
+            self._update_counters(step, active, salience, activations.shape[0])
+            total = (x_norm - x_norm.mean(dim=0, keepdim=True)).pow(2).sum()
+            ev = 1.0 - float((x_norm - x_hat).pow(2).sum() / total.clamp_min(1e-12))
+        self.steps_done += 1
+        self.last_losses = StepLosses(
+            loss=loss.item(), mse_loss=mse.item(), aux_loss=aux.item(),
+            l0=active.values.numel() / activations.shape[0], dead_fraction=self.dead_fraction,
+            explained_variance=ev,
+        )
+        return loss.item()
+
+    def _update_counters(self, step: int, active: ActiveLatents, salience: torch.Tensor, batch_size: int) -> None:
+        self.tokens_since_fired += batch_size
+        self.tokens_since_fired[active.latents] = 0
+        cfg = self.training_config
+        if step >= cfg.threshold_start_step and active.values.numel() > 0:
+            kept = salience[active.rows, active.latents]
+            smallest = kept[kept > 0].min().float()
+            threshold = self.ae.threshold
+            if threshold < 0:
+                threshold.copy_(smallest)
+            else:
+                threshold.mul_(cfg.threshold_beta).add_((1 - cfg.threshold_beta) * smallest)
+
+    def losses_dict(self) -> dict[str, float]:
+        return asdict(self.last_losses) if self.last_losses else {}

@@ -1,0 +1,261 @@
+"""The training loop around ``BatchTopKCrossCoderTrainer``: data, checkpoints, resume, metrics.
+
+Run directory layout::
+
+    run_dir/
+      train_config.json        crosscoder + training configs this run was started with
+      checkpoints/step_XXXXXXXX/   config.json, model.safetensors, trainer_state.pt (atomic, newest kept)
+      crosscoder/              the final crosscoder (config.json + model.safetensors)
+      metrics.json             quality figures of the final crosscoder
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+import shutil
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Union
+
+import torch
+from tqdm.auto import tqdm
+
+from mneme_plugin.activations.store import ActivationStore
+from mneme_plugin.crosscoder.config import CrossCoderConfig, TrainingConfig
+from mneme_plugin.crosscoder.metrics import CrossCoderMetrics, evaluate_crosscoder
+from mneme_plugin.crosscoder.model import BatchTopKCrossCoder
+from mneme_plugin.crosscoder.trainer import BatchTopKCrossCoderTrainer
+from mneme_plugin.errors import CheckpointError, ConfigError, NonFiniteActivationError
+
+logger = logging.getLogger("mneme_plugin")
+
+TrainingData = Union[str, os.PathLike, ActivationStore, Iterable[torch.Tensor]]
+StepCallback = Callable[[int, BatchTopKCrossCoderTrainer], None]
+
+CHECKPOINT_DIR = "checkpoints"
+FINAL_DIR = "crosscoder"
+METRICS_FILE = "metrics.json"
+RUN_CONFIG_FILE = "train_config.json"
+STATE_FILE = "trainer_state.pt"
+
+
+@dataclass
+class TrainResult:
+    crosscoder: BatchTopKCrossCoder
+    metrics: CrossCoderMetrics
+    run_dir: Path
+
+    @property
+    def crosscoder_dir(self) -> Path:
+        return self.run_dir / FINAL_DIR
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class _Data:
+    """Uniform view of a store or a stream: batches from a given step, scale factors, metadata."""
+
+    def __init__(self, data: TrainingData, batch_size: int, seed: int) -> None:
+        if isinstance(data, (str, os.PathLike)):
+            data = ActivationStore(data)
+        self.source = data
+        self.batch_size, self.seed = batch_size, seed
+        self.store = data if isinstance(data, ActivationStore) else None
+        scale = getattr(data, "scale_factors", None)
+        self.scale_factors = None if scale is None else torch.as_tensor(scale, dtype=torch.float32)
+        self.d_model: int | None = getattr(data, "d_model", None)
+
+    def metadata(self) -> dict[str, Any]:
+        if self.store is None:
+            return {"data": "stream"}
+        manifest = self.store.manifest
+        keys = ("base_model", "edited_model", "layer", "hook_name", "context_length", "n_tokens")
+        meta = {key: manifest.get(key) for key in keys if key in manifest}
+        meta["store"] = str(self.store.path)
+        return meta
+
+    def batches(self, start_step: int) -> Iterator[torch.Tensor]:
+        if self.store is not None:
+            return self.store.iter_batches(self.batch_size, seed=self.seed, start_step=start_step)
+        # A stream cannot seek: replay it up to the resume point (deterministic streams only).
+        return itertools.islice(iter(self.source), start_step, None)  # type: ignore[arg-type]
+
+    def eval_batches(self, n_rows: int) -> list[torch.Tensor]:
+        if self.store is None or n_rows == 0:
+            return []
+        n_rows = min(n_rows, self.store.num_rows)
+        batch = min(self.batch_size, n_rows)
+        # A different seed than training: another sample of the store.
+        it = self.store.iter_batches(batch, seed=self.seed + 1_000_003)
+        return [next(it) for _ in range(max(1, n_rows // batch))]
+
+
+def _checkpoint_dirs(run_dir: Path) -> list[Path]:
+    root = run_dir / CHECKPOINT_DIR
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_"))
+
+
+def latest_checkpoint(run_dir: str | os.PathLike[str]) -> Path | None:
+    """The newest complete checkpoint of a run (checkpoints appear by an atomic rename)."""
+    found = _checkpoint_dirs(Path(run_dir))
+    return found[-1] if found else None
+
+
+def save_checkpoint(trainer: BatchTopKCrossCoderTrainer, run_dir: Path, step: int, keep: int) -> Path:
+    root = run_dir / CHECKPOINT_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:08d}"
+    tmp = root / f".tmp_step_{step:08d}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    trainer.ae.save_pretrained(tmp)
+    torch.save(trainer.state_dict(), tmp / STATE_FILE)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in _checkpoint_dirs(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(trainer: BatchTopKCrossCoderTrainer, checkpoint: Path) -> None:
+    state_path = checkpoint / STATE_FILE
+    try:
+        state = torch.load(state_path, map_location=trainer.device, weights_only=True)
+    except FileNotFoundError as err:
+        raise CheckpointError(f"{state_path} is missing: {checkpoint} is not a training checkpoint.") from err
+    except Exception as err:
+        raise CheckpointError(f"{state_path} could not be read ({err}); delete this checkpoint to resume from an older one.") from err
+    trainer.load_state_dict(state)
+
+
+def _check_run_config(run_dir: Path, run_config: dict[str, Any]) -> None:
+    path = run_dir / RUN_CONFIG_FILE
+    if path.exists():
+        previous = json.loads(path.read_text())
+        if previous != run_config:
+            raise ConfigError(
+                f"{run_dir} holds a training run with another config ({path}); "
+                "use a new run directory, or delete the old one to start over."
+            )
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(run_config, indent=2))
+        os.replace(tmp, path)
+
+
+def train(
+    data: TrainingData,
+    run_dir: str | os.PathLike[str],
+    crosscoder: CrossCoderConfig | dict[str, Any] | None = None,
+    training: TrainingConfig | dict[str, Any] | None = None,
+    *,
+    resume: bool = True,
+    progress: bool = True,
+    on_step: StepCallback | None = None,
+) -> TrainResult:
+    """Train a BatchTopK crosscoder on paired activations and write it to ``run_dir``.
+
+    ``data`` is an activation store (or its path) or an iterable of raw (B, 2, d) batches
+    exposing ``scale_factors`` (e.g. ``harvest_stream``). With ``resume`` (default) the newest
+    checkpoint in ``run_dir`` is continued, and a finished run is loaded instead of retrained.
+    ``on_step(step, trainer)`` is called after every step.
+    """
+    cc_cfg = crosscoder if isinstance(crosscoder, CrossCoderConfig) else CrossCoderConfig.from_dict(crosscoder)
+    tr_cfg = training if isinstance(training, TrainingConfig) else TrainingConfig.from_dict(training)
+    run_dir = Path(run_dir)
+    source = _Data(data, tr_cfg.batch_size, tr_cfg.seed)
+
+    d_model = source.d_model or cc_cfg.activation_dim
+    if d_model is None:
+        raise ConfigError("Cannot tell the activation width: set crosscoder.activation_dim for a plain stream.")
+    cc_cfg = cc_cfg.resolve(int(d_model))
+    cc_cfg = cc_cfg.replace(metadata={**source.metadata(), **cc_cfg.metadata})
+    run_config = {"crosscoder": cc_cfg.to_dict(), "training": tr_cfg.to_dict()}
+
+    final_dir, metrics_path = run_dir / FINAL_DIR, run_dir / METRICS_FILE
+    if resume and final_dir.is_dir() and metrics_path.is_file():
+        _check_run_config(run_dir, run_config)
+        logger.info("Training already finished in %s; loading it.", final_dir)
+        metrics = CrossCoderMetrics(**json.loads(metrics_path.read_text()))
+        return TrainResult(BatchTopKCrossCoder.from_pretrained(final_dir), metrics, run_dir)
+    if not resume and run_dir.exists():
+        for stale in (final_dir, run_dir / CHECKPOINT_DIR):
+            shutil.rmtree(stale, ignore_errors=True)
+        for stale_file in (metrics_path, run_dir / RUN_CONFIG_FILE):
+            stale_file.unlink(missing_ok=True)
+    _check_run_config(run_dir, run_config)
+
+    device = resolve_device(tr_cfg.device)
+    scale = source.scale_factors
+    if scale is None:
+        logger.warning("The data carries no normalisation factors; training on unscaled activations.")
+    trainer = BatchTopKCrossCoderTrainer.from_configs(
+        cc_cfg, tr_cfg, activation_scale=None if scale is None else scale.tolist(), device=str(device)
+    )
+    start_step = 0
+    checkpoint = latest_checkpoint(run_dir) if resume else None
+    if checkpoint is not None:
+        load_checkpoint(trainer, checkpoint)
+        start_step = trainer.steps_done
+        logger.info("Resuming from %s (step %d of %d).", checkpoint, start_step, tr_cfg.steps)
+
+    bar = tqdm(total=tr_cfg.steps, initial=start_step, desc="train crosscoder", disable=not progress, unit="step")
+    batches = source.batches(start_step)
+    for step in range(start_step, tr_cfg.steps):
+        try:
+            x = next(batches)
+        except StopIteration:
+            raise ConfigError(
+                f"The data stream ended after {step} batches, before steps={tr_cfg.steps}; "
+                "lower steps or provide more data."
+            ) from None
+        trainer.update(step, x)
+        losses = trainer.last_losses
+        if losses is not None and not torch.isfinite(torch.tensor(losses.loss)):
+            raise NonFiniteActivationError(
+                f"The training loss became {losses.loss} at step {step}; check the activations for NaN/inf "
+                "or lower the learning rate. The last checkpoint is intact."
+            )
+        if on_step is not None:
+            on_step(step, trainer)
+        if losses is not None and (step % 10 == 0 or step == tr_cfg.steps - 1):
+            bar.set_postfix(
+                loss=f"{losses.loss:.4g}", l0=f"{losses.l0:.1f}",
+                dead=f"{losses.dead_fraction:.1%}", ev=f"{losses.explained_variance:.3f}",
+            )
+        bar.update(1)
+        done = step + 1
+        if tr_cfg.checkpoint_every and done % tr_cfg.checkpoint_every == 0 and done < tr_cfg.steps:
+            save_checkpoint(trainer, run_dir, done, tr_cfg.keep_checkpoints)
+    bar.close()
+
+    crosscoder_model = trainer.ae.eval()
+    eval_batches = source.eval_batches(tr_cfg.eval_rows)
+    if not eval_batches:
+        # A stream: evaluate on fresh batches of it (never seen by the optimiser).
+        eval_batches = list(itertools.islice(batches, max(1, tr_cfg.eval_rows // tr_cfg.batch_size)))
+    metrics = evaluate_crosscoder(crosscoder_model, eval_batches, dead_mask=trainer.dead_mask)
+    tmp_final = run_dir / f".tmp_{FINAL_DIR}"
+    if tmp_final.exists():
+        shutil.rmtree(tmp_final)
+    crosscoder_model.save_pretrained(tmp_final)
+    if final_dir.exists():
+        shutil.rmtree(final_dir)
+    os.replace(tmp_final, final_dir)
+    tmp_metrics = metrics_path.with_suffix(".tmp")
+    tmp_metrics.write_text(json.dumps(metrics.to_dict(), indent=2))
+    os.replace(tmp_metrics, metrics_path)
+    logger.info("Crosscoder written to %s, metrics to %s.", final_dir, metrics_path)
+    return TrainResult(crosscoder_model, metrics, run_dir)

@@ -1,0 +1,35 @@
+"""Exceptions raised by mneme-plugin.
+
+Every error says what was wrong and what to do about it. They share one base class so that
+callers (and the CLI) can catch everything the package raises on bad input in one place.
+"""
+
+from __future__ import annotations
+
+
+class MnemeError(Exception):
+    """Base class of all errors raised by mneme-plugin on bad input or state."""
+
+
+class ConfigError(MnemeError, ValueError):
+    """A configuration value or key is invalid."""
+
+
+class ModelMismatchError(MnemeError, ValueError):
+    """The base and edited models cannot be compared (d_model, vocabulary, layer count)."""
+
+
+class LayerOutOfRangeError(MnemeError, ValueError):
+    """A requested layer or hook does not exist in the model."""
+
+
+class NonFiniteActivationError(MnemeError, ValueError):
+    """Activations contain NaN or inf."""
+
+
+class EmptyCorpusError(MnemeError, ValueError):
+    """The corpus yielded no usable tokens."""
+
+
+class CheckpointError(MnemeError, ValueError):
+    """A store, checkpoint or saved crosscoder is missing, corrupt or of a foreign format."""

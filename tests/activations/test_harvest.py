@@ -1,0 +1,191 @@
+"""Harvest: content equals each model's own cache, filtering, resume, errors."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+
+import pytest
+import torch
+
+from mneme_plugin.activations import ActivationStore, HarvestConfig, harvest, iter_windows
+from mneme_plugin.errors import CheckpointError, EmptyCorpusError, NonFiniteActivationError
+
+HOOK = "blocks.1.hook_resid_post"
+
+
+def cfg(**kw) -> HarvestConfig:
+    base = dict(layer=1, context_length=16, batch_size=4, rows_per_shard=100, normalization_tokens=300, dtype="float32")
+    base.update(kw)
+    return HarvestConfig(**base)
+
+
+def store_content(store: ActivationStore) -> list[dict[str, torch.Tensor]]:
+    return [store.load_shard(i) for i in range(store.num_shards)]
+
+
+@pytest.mark.parametrize("pair", ["ht_pair", "bridge_pair"])
+def test_rows_equal_run_with_cache(pair, request, corpus, tmp_path):
+    base, edited = request.getfixturevalue(pair)
+    config = cfg()
+    store = harvest(base, edited, corpus, config, tmp_path / "s", progress=False)
+    m = store.manifest
+    assert m["complete"] and m["n_tokens"] == store.num_rows > 0
+    assert m["hook_name"] == HOOK and m["d_model"] == 32 and m["layer"] == 1
+
+    windows = list(iter_windows(corpus, base.tokenizer, 16))
+    tokens = torch.stack([w.tokens for w in windows])
+    expected = []
+    for model in (base, edited):
+        acts = []
+        for start in range(0, len(tokens), 4):  # the harvest's own batches
+            _, cache = model.run_with_cache(tokens[start : start + 4], names_filter=[HOOK])
+            acts.append(cache[HOOK])
+        expected.append(torch.cat(acts))
+    data = {k: torch.cat([s[k] for s in store_content(store)]) for k in ("activations", "tokens", "positions", "windows")}
+    w, p = data["windows"].long(), data["positions"].long()
+    assert torch.equal(data["tokens"].long(), tokens[w, p])
+    assert torch.equal(data["activations"][:, 0], expected[0][w, p])
+    assert torch.equal(data["activations"][:, 1], expected[1][w, p])
+    # BOS, EOS and padding never become rows; every other position does (no outliers here).
+    tok = base.tokenizer
+    assert not torch.isin(data["tokens"], torch.tensor(tok.all_special_ids)).any()
+    assert (p > 0).all()
+    n_special = int(torch.isin(tokens, torch.tensor(tok.all_special_ids)).sum())
+    n_pad = int(sum((~win.mask).sum() for win in windows))
+    assert n_pad > 0 and m["padding_dropped"] == n_pad
+    assert m["special_tokens_dropped"] == n_special - n_pad
+    assert m["outliers_dropped"] == 0
+    assert store.num_rows == tokens.numel() - n_special
+
+
+def test_normalization_factors(ht_pair, corpus, tmp_path):
+    store = harvest(*ht_pair, corpus, cfg(normalization_tokens=250), tmp_path / "s", progress=False)
+    first = store.all_activations(max_rows=250)
+    assert first.shape == (250, 2, 32)
+    scaled = first * store.scale_factors[None, :, None]
+    assert torch.allclose(scaled.norm(dim=-1).mean(0), torch.full((2,), math.sqrt(32)), rtol=1e-4)
+    norm = store.manifest["normalization"]
+    assert norm["n_tokens"] == 250 and len(norm["median_norms"]) == 2
+
+
+def test_bf16_and_fp32_round_trip(ht_pair, corpus, tmp_path):
+    s32 = harvest(*ht_pair, corpus, cfg(dtype="float32"), tmp_path / "f", progress=False)
+    s16 = harvest(*ht_pair, corpus, cfg(dtype="bfloat16"), tmp_path / "b", progress=False)
+    assert s16.load_shard(0)["activations"].dtype == torch.bfloat16
+    assert s32.load_shard(0)["activations"].dtype == torch.float32
+    assert torch.equal(ActivationStore(tmp_path / "b").all_activations(dtype=torch.bfloat16),
+                       s32.all_activations().to(torch.bfloat16))
+    assert s16.manifest["dtype"] == "bfloat16"
+
+
+class Boom(RuntimeError):
+    pass
+
+
+def test_interrupted_harvest_resumes_identically(ht_pair, corpus, tmp_path):
+    config = cfg()
+    full = harvest(*ht_pair, corpus, config, tmp_path / "full", progress=False)
+    assert full.num_shards >= 4
+
+    def stop_after_two(i: int) -> None:
+        if i == 1:
+            raise Boom("killed")
+
+    with pytest.raises(Boom):
+        harvest(*ht_pair, corpus, config, tmp_path / "cut", progress=False, on_shard=stop_after_two)
+    partial = ActivationStore(tmp_path / "cut")
+    assert not partial.complete and partial.num_shards == 2
+
+    # A second interruption from inside the corpus iterator, mid-way through the next shard.
+    def failing_corpus():
+        for i, doc in enumerate(corpus):
+            if i == 70:
+                raise Boom("corpus died")
+            yield doc
+
+    with pytest.raises(Boom):
+        harvest(*ht_pair, failing_corpus(), config, tmp_path / "cut", progress=False)
+    resumed = harvest(*ht_pair, corpus, config, tmp_path / "cut", progress=False)
+    assert resumed.complete
+    a, b = full.manifest, resumed.manifest
+    for key in ("n_tokens", "n_windows", "shards", "normalization", "outliers_dropped", "special_tokens_dropped", "padding_dropped"):
+        assert a[key] == b[key], key
+    for x, y in zip(store_content(full), store_content(resumed)):
+        assert all(torch.equal(x[k], y[k]) for k in x)
+    assert not list((tmp_path / "cut").glob(".*tmp"))
+
+
+def test_existing_store_same_and_different_config(ht_pair, corpus, tmp_path, caplog):
+    path = tmp_path / "s"
+    with caplog.at_level(logging.INFO, logger="mneme_plugin"):
+        harvest(*ht_pair, corpus, cfg(), path, progress=False)
+    assert str(path) in caplog.text
+    mtime = (path / "manifest.json").stat().st_mtime_ns
+    again = harvest(*ht_pair, corpus, cfg(), path, progress=False)  # complete: nothing redone
+    assert again.complete and (path / "manifest.json").stat().st_mtime_ns == mtime
+    with pytest.raises(CheckpointError, match=r"context_length: stored 16 vs now 32"):
+        harvest(*ht_pair, corpus, cfg(context_length=32), path, progress=False)
+    store = harvest(*ht_pair, corpus, cfg(context_length=32), path, progress=False, overwrite=True)
+    assert store.manifest["context_length"] == 32
+
+
+def test_planted_outlier_is_dropped_and_counted(ht_pair, corpus, tmp_path):
+    base, edited = ht_pair
+    tok = base.tokenizer
+    planted = tok.convert_tokens_to_ids("robot")
+    loud = copy.deepcopy(edited)
+    with torch.no_grad():
+        loud.W_E[planted] *= 1e4  # a "massive activation" token in the edited model only
+    store = harvest(base, loud, corpus, cfg(outlier_factor=50.0), tmp_path / "s", progress=False)
+    windows = list(iter_windows(corpus, tok, 16))
+    n_planted = int(sum((w.tokens == planted).sum() for w in windows))
+    assert n_planted > 0
+    assert store.manifest["outliers_dropped"] == n_planted
+    tokens = torch.cat([s["tokens"] for s in store_content(store)])
+    assert not (tokens == planted).any()
+    kept = harvest(base, loud, corpus, cfg(outlier_factor=None), tmp_path / "k", progress=False)
+    assert kept.manifest["outliers_dropped"] == 0 and kept.num_rows == store.num_rows + n_planted
+
+
+def test_nan_activations_raise(ht_pair, corpus, tmp_path):
+    base, edited = ht_pair
+    broken = copy.deepcopy(edited)
+    with torch.no_grad():
+        broken.W_E[base.tokenizer.convert_tokens_to_ids("tree")] = float("nan")
+    with pytest.raises(NonFiniteActivationError, match=r"non-finite .*edited.*batch \d+"):
+        harvest(base, broken, corpus, cfg(), tmp_path / "s", progress=False)
+
+
+def test_empty_corpus_raises(ht_pair, tmp_path):
+    with pytest.raises(EmptyCorpusError):
+        harvest(*ht_pair, [], cfg(), tmp_path / "s", progress=False)
+    with pytest.raises(EmptyCorpusError, match="special"):
+        harvest(*ht_pair, ["<eos> <eos>"], cfg(), tmp_path / "t", progress=False)
+
+
+def test_foreign_and_corrupt_folders(ht_pair, corpus, tmp_path):
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("hi")
+    with pytest.raises(CheckpointError, match="manifest.json"):
+        ActivationStore(foreign)
+    with pytest.raises(CheckpointError, match="foreign folder"):
+        harvest(*ht_pair, corpus, cfg(), foreign, progress=False)
+
+    store = harvest(*ht_pair, corpus, cfg(), tmp_path / "s", progress=False)
+    (store.path / "shard_00001.safetensors").write_bytes(b"not a safetensors file")
+    fresh = ActivationStore(store.path)
+    with pytest.raises(CheckpointError, match="shard_00001.safetensors is corrupt"):
+        fresh.load_shard(1)
+    (store.path / "shard_00002.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="missing"):
+        fresh.load_shard(2)
+    (store.path / "manifest.json").write_text("{ truncated")
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        ActivationStore(store.path)
+    (store.path / "manifest.json").write_text(json.dumps({"format": "something-else"}))
+    with pytest.raises(CheckpointError, match="something-else"):
+        ActivationStore(store.path)

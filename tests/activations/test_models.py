@@ -1,0 +1,106 @@
+"""Model loading, pair validation and the stop-early forward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mneme_plugin.activations import HarvestConfig, forward_to_hook, harvest, load_model, validate_pair
+from mneme_plugin.errors import ConfigError, LayerOutOfRangeError, ModelMismatchError
+from tests.helpers import make_hooked_transformer, make_tokenizer
+
+HOOK = "blocks.1.hook_resid_post"
+
+
+def _tokens(tok, n=3, t=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(4, len(tok), (n, t), generator=g)
+    x[:, 0] = tok.bos_token_id
+    return x
+
+
+@pytest.mark.parametrize("pair", ["ht_pair", "bridge_pair"])
+@pytest.mark.parametrize("hook", ["blocks.0.hook_resid_post", HOOK, "blocks.1.hook_resid_pre"])
+def test_stop_early_equals_full_forward(pair, hook, request, tiny_tokenizer):
+    for model in request.getfixturevalue(pair):
+        x = _tokens(tiny_tokenizer)
+        _, cache = model.run_with_cache(x, names_filter=[hook])
+        got = forward_to_hook(model, x, hook)
+        assert torch.equal(got, cache[hook])
+        # The temporary hook is gone and the model still runs normally.
+        assert not model.hook_dict[hook].fwd_hooks
+        assert model(x).shape[:2] == x.shape
+
+
+def test_bridge_boots_local_folder_by_name(bridge_pair, llama_dir):
+    base, _ = bridge_pair
+    assert HOOK in base.hook_dict
+    assert base.cfg.d_model == 32 and base.cfg.n_layers == 2
+    assert str(llama_dir) in base._mneme_source_name
+
+
+def test_pair_is_really_different(ht_pair, tiny_tokenizer):
+    base, edited = ht_pair
+    x = _tokens(tiny_tokenizer)
+    assert not torch.allclose(forward_to_hook(base, x, HOOK), forward_to_hook(edited, x, HOOK))
+
+
+def test_d_model_mismatch(ht_pair, tiny_tokenizer):
+    other = make_hooked_transformer(tiny_tokenizer, d_model=48, n_heads=4)
+    with pytest.raises(ModelMismatchError, match=r"d_model=32.*d_model=48"):
+        validate_pair(ht_pair[0], other, 1, HOOK)
+
+
+def test_layer_count_mismatch(ht_pair, tiny_tokenizer):
+    other = make_hooked_transformer(tiny_tokenizer, n_layers=3)
+    with pytest.raises(ModelMismatchError, match=r"2 layers.*3"):
+        validate_pair(ht_pair[0], other, 1, HOOK)
+
+
+def test_vocab_size_mismatch(ht_pair):
+    tok = make_tokenizer(["completely different words only here"] * 3)
+    other = make_hooked_transformer(tok)
+    with pytest.raises(ModelMismatchError, match="d_vocab"):
+        validate_pair(ht_pair[0], other, 1, HOOK)
+
+
+def test_tokenizer_mapping_mismatch(ht_pair, tiny_tokenizer):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = dict(tiny_tokenizer.get_vocab())
+    a, b = "cat", "dog"
+    vocab[a], vocab[b] = vocab[b], vocab[a]  # same size, different mapping
+    raw = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>")
+    tok.init_kwargs.update(name_or_path="swapped", add_bos_token=True)
+    other = make_hooked_transformer(tok)
+    with pytest.raises(ModelMismatchError, match="Tokenizers differ"):
+        validate_pair(ht_pair[0], other, 1, HOOK)
+
+
+def test_layer_out_of_range(ht_pair, corpus):
+    with pytest.raises(LayerOutOfRangeError, match=r"0\.\.1"):
+        harvest(*ht_pair, corpus, HarvestConfig(layer=5), progress=False)
+
+
+def test_unknown_hook_lists_close_names(ht_pair):
+    with pytest.raises(LayerOutOfRangeError, match="hook_resid_post"):
+        validate_pair(*ht_pair, 1, "blocks.1.hook_resid_pots")
+
+
+def test_not_a_model():
+    with pytest.raises(ConfigError, match="HookedTransformer"):
+        load_model(torch.nn.Linear(2, 2))
+
+
+def test_config_validation():
+    with pytest.raises(ConfigError, match="dtype"):
+        HarvestConfig(layer=1, dtype="int8")
+    with pytest.raises(ConfigError, match="outlier_factor"):
+        HarvestConfig(layer=1, outlier_factor=0.5)
+    with pytest.raises(ConfigError, match="layer"):
+        HarvestConfig(layer=-1)
+    assert HarvestConfig(layer=3, hook_name="blocks.{layer}.hook_mlp_out").resolved_hook_name == "blocks.3.hook_mlp_out"
+    assert HarvestConfig.from_dict(HarvestConfig(layer=2).to_dict()) == HarvestConfig(layer=2)

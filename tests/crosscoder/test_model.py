@@ -1,0 +1,109 @@
+import json
+
+import pytest
+import torch
+
+from mneme_plugin.crosscoder import SALIENCE_MODES, BatchTopKCrossCoder, CrossCoderConfig
+from mneme_plugin.errors import CheckpointError, ConfigError
+
+
+def _model(salience: str = "paper", seed: int = 0) -> BatchTopKCrossCoder:
+    torch.manual_seed(seed)
+    model = BatchTopKCrossCoder(CrossCoderConfig(activation_dim=16, dict_size=64, k=4, salience=salience))
+    with torch.no_grad():
+        model.W_dec.mul_(torch.rand(2, 64, 1) * 3)  # unequal norms, so salience modes differ
+        model.b_enc.normal_(0, 0.05)
+        model.b_dec.normal_(0, 0.1)
+        model.threshold.fill_(0.02)
+    model.set_activation_scale([0.5, 2.0])
+    return model
+
+
+def test_salience_modes_follow_their_formulas():
+    W = torch.randn(2, 10, 6)
+    nb, nf = W[0].norm(dim=-1), W[1].norm(dim=-1)
+    torch.testing.assert_close(SALIENCE_MODES["paper"](W), nb**2 + nf**2)
+    torch.testing.assert_close(SALIENCE_MODES["crosscoder"](W), nb + nf)
+    torch.testing.assert_close(SALIENCE_MODES["sae"](W), (nb**2 + nf**2).sqrt())
+    torch.testing.assert_close(SALIENCE_MODES["mixed"](W), (nb**2 + nf**2).sqrt() + 0.1 * (nb + nf))
+    torch.testing.assert_close(SALIENCE_MODES["none"](W), torch.ones(10))
+
+
+def test_encode_matches_definition_with_normalisation_inside():
+    model = _model("crosscoder")
+    x = torch.randn(8, 2, 16) * torch.tensor([3.0, 0.4])[None, :, None]
+    scale = torch.tensor([0.5, 2.0])
+    xs = x * scale[None, :, None]
+    pre = torch.relu(torch.einsum("bld,ldm->bm", xs, model.W_enc) + model.b_enc)
+    w = model.W_dec.norm(dim=-1).sum(0)
+    expected = pre * (pre * w > 0.02)
+    torch.testing.assert_close(model.encode(x), expected)
+    expected_hat = (torch.einsum("bm,lmd->bld", expected, model.W_dec) + model.b_dec) / scale[None, :, None]
+    torch.testing.assert_close(model.decode(model.encode(x)), expected_hat)
+
+
+def test_threshold_encodes_single_tokens_like_the_batch():
+    model = _model()
+    x = torch.randn(32, 2, 16)
+    batch_codes = model.encode(x)
+    single = torch.cat([model.encode(x[i : i + 1]) for i in range(32)])
+    torch.testing.assert_close(single, batch_codes)
+
+
+def test_batch_topk_encoding_keeps_k_per_token_on_average():
+    model = _model()
+    model.threshold.fill_(-1.0)
+    f = model.encode(torch.randn(64, 2, 16))
+    assert (f != 0).sum().item() == 4 * 64
+
+
+def test_save_load_is_bit_identical(tmp_path):
+    model = _model("sae")
+    model.save_pretrained(tmp_path / "cc")
+    loaded = BatchTopKCrossCoder.from_pretrained(tmp_path / "cc")
+    x = torch.randn(50, 2, 16)
+    assert torch.equal(model.encode(x), loaded.encode(x))
+    assert torch.equal(model(x), loaded(x))
+    assert loaded.cfg == model.cfg
+    assert not list((tmp_path / "cc").glob("*.tmp"))
+
+
+def test_load_refuses_missing_corrupt_and_foreign_files(tmp_path):
+    model = _model()
+    path = model.save_pretrained(tmp_path / "cc")
+    with pytest.raises(CheckpointError, match="is not a directory"):
+        BatchTopKCrossCoder.from_pretrained(tmp_path / "nowhere")
+
+    (path / "model.safetensors").write_bytes(b"\x00garbage")
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        BatchTopKCrossCoder.from_pretrained(path)
+
+    model.save_pretrained(path)
+    (path / "config.json").write_text('{"format": "mneme-cross')
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        BatchTopKCrossCoder.from_pretrained(path)
+
+    (path / "config.json").write_text(json.dumps({"trainer": {"dict_class": "BatchTopKCrossCoder"}}))
+    with pytest.raises(CheckpointError, match="another project"):
+        BatchTopKCrossCoder.from_pretrained(path)
+
+    other = BatchTopKCrossCoder(CrossCoderConfig(activation_dim=16, dict_size=32, k=4))
+    other.save_pretrained(path)
+    (path / "model.safetensors").unlink()
+    model.save_pretrained(tmp_path / "big")
+    (tmp_path / "big" / "model.safetensors").rename(path / "model.safetensors")
+    with pytest.raises(CheckpointError, match="shape"):
+        BatchTopKCrossCoder.from_pretrained(path)
+
+
+def test_bad_inputs_and_configs_are_refused():
+    model = _model()
+    with pytest.raises(ValueError, match=r"\(batch, 2, 16\)"):
+        model.encode(torch.randn(4, 16))
+    with pytest.raises(ConfigError, match="salience"):
+        CrossCoderConfig(activation_dim=4, dict_size=8, k=2, salience="l1")
+    with pytest.raises(ConfigError, match="did you mean 'dict_size'"):
+        CrossCoderConfig.from_dict({"activation_dim": 4, "dict_sise": 8})
+    with pytest.raises(ConfigError, match="d_model=32"):
+        CrossCoderConfig(activation_dim=16).resolve(32)
+    assert CrossCoderConfig(expansion_factor=8).resolve(32).dict_size == 256

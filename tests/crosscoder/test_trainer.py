@@ -1,0 +1,86 @@
+"""The trainer: dictionary_learning's trainSAE runs it, and it recovers planted directions."""
+
+import json
+
+import torch
+from dictionary_learning.training import trainSAE
+
+from mneme_plugin.crosscoder import BatchTopKCrossCoder, BatchTopKCrossCoderTrainer, CrossCoderConfig
+from mneme_plugin.crosscoder.trainer import lr_multiplier
+from tests.helpers import planted_pair_data
+
+
+def _batches(x: torch.Tensor, batch_size: int, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    while True:
+        yield x[torch.randint(0, x.shape[0], (batch_size,), generator=gen)]
+
+
+def test_trainsae_runs_our_trainer_and_it_recovers_planted_directions(tmp_path):
+    data = planted_pair_data(d=64, seed=0)
+    steps = 2000
+    trainer_config = {
+        "trainer": BatchTopKCrossCoderTrainer,
+        "steps": steps,
+        "activation_dim": 64,
+        "dict_size": 256,
+        "k": 2,
+        "lr": 1e-3,
+        "warmup_steps": 50,
+        "threshold_start_step": 1000,
+        "dead_after_tokens": 50_000,
+        "device": "cpu",
+        "seed": 0,
+        "layer": 3,
+        "lm_name": "planted",
+    }
+    trainSAE(_batches(data.x, 512, seed=0), [trainer_config], steps=steps, save_dir=str(tmp_path), device="cpu")
+
+    saved = json.loads((tmp_path / "trainer_0" / "config.json").read_text())["trainer"]
+    assert saved["dict_class"] == "BatchTopKCrossCoder" and saved["k"] == 2
+    model = BatchTopKCrossCoder(CrossCoderConfig(activation_dim=64, dict_size=256, k=2, salience=saved["salience"]))
+    model.load_state_dict(torch.load(tmp_path / "trainer_0" / "ae.pt", weights_only=True))
+    assert model.threshold > 0  # estimated during training
+
+    decoder = model.W_dec.detach()  # (2, m, d)
+    latents = torch.cat([decoder[0], decoder[1]], dim=-1)
+    truth = data.directions.reshape(len(data.kind), -1)
+    cos = torch.nn.functional.normalize(truth, dim=-1) @ torch.nn.functional.normalize(latents, dim=-1).T
+    best_cos, best = cos.max(dim=1)
+    recovered = best_cos > 0.9
+    assert recovered.float().mean() >= 0.9, best_cos
+
+    for i, kind in enumerate(data.kind):
+        if kind == "shared" or not recovered[i]:
+            continue
+        base_norm, edited_norm = decoder[0, best[i]].norm(), decoder[1, best[i]].norm()
+        if kind == "base_only":
+            assert edited_norm < 0.05 * base_norm, (i, base_norm, edited_norm)
+        else:
+            assert base_norm < 0.05 * edited_norm, (i, base_norm, edited_norm)
+
+    # The reconstruction is near perfect with the inference threshold.
+    x = data.x[:2000]
+    err = (model(x) - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
+    assert err < 0.02
+
+
+def test_lr_schedule_warms_up_and_decays_to_zero():
+    values = [lr_multiplier(s, 100, 10, 0.2) for s in range(100)]
+    assert values[0] == 0.1 and values[9] == 1.0 and values[50] == 1.0
+    assert values[80] == 1.0 and 0 < values[99] < values[90] < 1.0
+
+
+def test_dead_latents_are_counted_and_get_the_aux_loss():
+    torch.manual_seed(0)
+    trainer = BatchTopKCrossCoderTrainer(
+        steps=10, activation_dim=8, dict_size=64, k=1, dead_after_tokens=64, device="cpu", warmup_steps=0
+    )
+    x = torch.randn(32, 2, 8)
+    for step in range(3):
+        trainer.update(step, x)
+    assert trainer.dead_fraction > 0.5  # at most 64 latents fired, most are dead after 64 tokens
+    aux_before = trainer.last_losses.aux_loss
+    assert aux_before > 0
+    losses = [trainer.update(step, x) for step in range(2, 10)]
+    assert all(torch.isfinite(torch.tensor(losses)))
