@@ -1,1 +1,67 @@
-"""mneme-plugin."""
+"""mneme-plugin: predict what else changed when an LLM was fine-tuned or unlearned (MNEME).
+
+Compare the base and the edited model with a sparse crosscoder on task-agnostic text, find the
+latents the edit amplified or suppressed, and explain them.
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+
+from mneme_plugin.activations import (
+    ActivationStore,
+    HarvestConfig,
+    HarvestStream,
+    HFDataset,
+    harvest,
+    harvest_stream,
+    load_model,
+)
+from mneme_plugin.crosscoder import (
+    BatchTopKCrossCoder,
+    BatchTopKCrossCoderTrainer,
+    CrossCoderConfig,
+    TrainingConfig,
+)
+from mneme_plugin.crosscoder.metrics import CrossCoderMetrics, evaluate_crosscoder
+from mneme_plugin.crosscoder.training import TrainResult, train
+from mneme_plugin.errors import (
+    CheckpointError,
+    ConfigError,
+    EmptyCorpusError,
+    LayerOutOfRangeError,
+    MnemeError,
+    ModelMismatchError,
+    NonFiniteActivationError,
+)
+
+try:
+    __version__ = version("mneme-plugin")
+except PackageNotFoundError:  # running from a source tree that was not installed
+    __version__ = "0.0.0"
+
+__all__ = [
+    "ActivationStore",
+    "BatchTopKCrossCoder",
+    "BatchTopKCrossCoderTrainer",
+    "CheckpointError",
+    "ConfigError",
+    "CrossCoderConfig",
+    "CrossCoderMetrics",
+    "EmptyCorpusError",
+    "HFDataset",
+    "HarvestConfig",
+    "HarvestStream",
+    "LayerOutOfRangeError",
+    "MnemeError",
+    "ModelMismatchError",
+    "NonFiniteActivationError",
+    "TrainResult",
+    "TrainingConfig",
+    "__version__",
+    "evaluate_crosscoder",
+    "harvest",
+    "harvest_stream",
+    "load_model",
+    "train",
+]

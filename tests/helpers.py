@@ -168,6 +168,30 @@ def make_finetuned_copy(
         p.requires_grad_(False)
     return tuned
 
+
+def save_finetuned_llama(src: str | Path, dst: str | Path, texts: Sequence[str], steps: int = 5, lr: float = 3e-3,
+                         seed: int = 1) -> Path:
+    """Load the HF model in ``src``, really train it for a few LM steps, save it with its tokenizer to ``dst``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(src)
+    model = AutoModelForCausalLM.from_pretrained(src)
+    torch.manual_seed(seed)
+    batch = tok(list(texts[:16]), return_tensors="pt", padding=True)
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    model.train()
+    for _ in range(steps):
+        loss = model(**batch, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    dst = Path(dst)
+    model.save_pretrained(dst)
+    tok.save_pretrained(dst)
+    return dst
+
+
 @dataclass
 class PlantedData:
     x: torch.Tensor  # (n, 2, d)

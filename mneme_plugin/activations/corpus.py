@@ -44,7 +44,7 @@ class HFDataset:
         yield from load_dataset(self.name, self.config, split=self.split, streaming=True)
 
     def describe(self) -> str:
-        return f"hf:{self.name}" + (f"/{self.config}" if self.config else "") + f":{self.split}"
+        return f"hf:{self.name}" + (f"@{self.config}" if self.config else "") + f":{self.split}"
 
 
 CorpusSource = Union[str, Path, HFDataset, Iterable[Any]]
@@ -233,3 +233,18 @@ def batch_windows(windows: Iterator[TokenWindow], batch_size: int) -> Iterator[l
             batch = []
     if batch:
         yield batch
+
+
+def corpus_from_spec(spec: str) -> CorpusSource:
+    """Parse a corpus given on the command line: a local file, or ``hf:NAME[@CONFIG][:SPLIT]``.
+
+    The inverse of ``HFDataset.describe``, e.g. ``hf:monology/pile-uncopyrighted:train`` or
+    ``hf:wikitext@wikitext-2-raw-v1:train``.
+    """
+    if not spec.startswith("hf:"):
+        return Path(spec)
+    body, _, split = spec[3:].partition(":")
+    name, _, config = body.partition("@")
+    if not name:
+        raise ConfigError(f"Corpus {spec!r}: expected hf:NAME[@CONFIG][:SPLIT], e.g. hf:monology/pile-uncopyrighted.")
+    return HFDataset(name, config or None, split or "train")

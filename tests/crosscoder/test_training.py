@@ -1,0 +1,91 @@
+"""The training loop: quality on real tiny-model activations, checkpoints, exact resume."""
+
+import json
+
+import pytest
+import torch
+
+from mneme_plugin import ActivationStore, CrossCoderConfig, HarvestConfig, TrainingConfig, harvest, train
+from mneme_plugin.crosscoder import BatchTopKCrossCoder
+from mneme_plugin.crosscoder.training import latest_checkpoint
+from mneme_plugin.errors import ConfigError, NonFiniteActivationError
+from tests.helpers import synthetic_corpus
+
+
+@pytest.fixture(scope="module")
+def tiny_store(ht_pair, tmp_path_factory) -> ActivationStore:
+    base, edited = ht_pair
+    config = HarvestConfig(layer=1, context_length=32, rows_per_shard=2048)
+    return harvest(base, edited, synthetic_corpus(400, seed=0), config, tmp_path_factory.mktemp("store"), progress=False)
+
+
+def _small_training(**overrides) -> TrainingConfig:
+    values = dict(steps=60, batch_size=128, lr=3e-3, warmup_steps=5, threshold_start_step=10,
+                  checkpoint_every=20, eval_rows=512, dead_after_tokens=2000)
+    values.update(overrides)
+    return TrainingConfig(**values)
+
+
+def test_crosscoder_explains_tiny_model_activations(tiny_store, tmp_path):
+    result = train(
+        tiny_store, tmp_path / "run", CrossCoderConfig(expansion_factor=8, k=16),
+        _small_training(steps=1500, batch_size=256, warmup_steps=20, threshold_start_step=100,
+                        checkpoint_every=0, eval_rows=2048, dead_after_tokens=200_000),
+        progress=False,
+    )
+    metrics = result.metrics
+    assert metrics.explained_variance_base > 0.9 and metrics.explained_variance_edited > 0.9, metrics
+    assert 8 < metrics.l0 < 32  # threshold inference keeps about k latents per token
+    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert saved == metrics.to_dict()
+    loaded = BatchTopKCrossCoder.from_pretrained(result.crosscoder_dir)
+    x = tiny_store.all_activations(max_rows=256)
+    assert torch.equal(loaded.encode(x), result.crosscoder.encode(x))
+    assert loaded.cfg.metadata["hook_name"] == "blocks.1.hook_resid_post"
+    torch.testing.assert_close(loaded.activation_scale, tiny_store.scale_factors.float())
+
+
+def test_interrupted_run_resumes_to_the_same_weights(tiny_store, tmp_path):
+    cc = CrossCoderConfig(expansion_factor=4, k=8)
+    reference = train(tiny_store, tmp_path / "a", cc, _small_training(), progress=False).crosscoder
+
+    class Crash(RuntimeError):
+        pass
+
+    def crash_at_45(step, trainer):
+        if step == 45:
+            raise Crash
+
+    with pytest.raises(Crash):
+        train(tiny_store, tmp_path / "b", cc, _small_training(), progress=False, on_step=crash_at_45)
+    assert latest_checkpoint(tmp_path / "b").name == "step_00000040"
+    assert not (tmp_path / "b" / "crosscoder").exists()
+
+    resumed = train(tiny_store, tmp_path / "b", cc, _small_training(), progress=False).crosscoder
+    for name, tensor in reference.state_dict().items():
+        assert torch.equal(tensor, resumed.state_dict()[name]), name
+    assert resumed.threshold > 0
+
+
+def test_finished_run_is_loaded_and_a_changed_config_refused(tiny_store, tmp_path):
+    cc = CrossCoderConfig(expansion_factor=2, k=4)
+    first = train(tiny_store, tmp_path / "run", cc, _small_training(steps=20), progress=False)
+    calls = []
+    again = train(tiny_store, tmp_path / "run", cc, _small_training(steps=20), progress=False,
+                  on_step=lambda step, trainer: calls.append(step))
+    assert calls == [] and torch.equal(again.crosscoder.W_dec, first.crosscoder.W_dec)
+    with pytest.raises(ConfigError, match="another config"):
+        train(tiny_store, tmp_path / "run", cc, _small_training(steps=30), progress=False)
+    # resume=False starts over in the same directory
+    fresh = train(tiny_store, tmp_path / "run", cc, _small_training(steps=30), resume=False, progress=False)
+    assert fresh.metrics.n_tokens > 0
+
+
+def test_non_finite_batches_and_short_streams_are_refused(tmp_path):
+    good = [torch.randn(32, 2, 8) for _ in range(3)]
+    bad = good[:2] + [torch.full((32, 2, 8), float("nan"))]
+    cc = CrossCoderConfig(activation_dim=8, dict_size=32, k=2)
+    with pytest.raises(NonFiniteActivationError, match="step 2"):
+        train(bad, tmp_path / "nan", cc, _small_training(steps=5, batch_size=32), progress=False)
+    with pytest.raises(ConfigError, match="ended after 3 batches"):
+        train(good, tmp_path / "short", cc, _small_training(steps=5, batch_size=32), progress=False)

@@ -1,0 +1,62 @@
+"""The command line end to end on tiny local HF models (no network)."""
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from mneme_plugin.cli import main
+from tests.helpers import save_finetuned_llama, synthetic_corpus
+
+
+@pytest.fixture(scope="module")
+def llama_pair_dirs(llama_dir, tmp_path_factory):
+    edited = save_finetuned_llama(llama_dir, tmp_path_factory.mktemp("edited_llama"), synthetic_corpus(40, seed=3))
+    return llama_dir, edited
+
+
+def _invoke(args):
+    result = CliRunner().invoke(main, args, catch_exceptions=False)
+    return result
+
+
+def test_every_command_has_help():
+    for command in ([], ["harvest"], ["train"], ["info"]):
+        result = _invoke(command + ["--help"])
+        assert result.exit_code == 0 and "Usage:" in result.output
+
+
+def test_harvest_train_info_from_the_command_line(llama_pair_dirs, tmp_path):
+    base, edited = llama_pair_dirs
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(synthetic_corpus(150, seed=5)))
+    store = tmp_path / "store"
+    result = _invoke(["harvest", "--base", str(base), "--edited", str(edited), "--corpus", str(corpus),
+                      "--layer", "1", "--context-length", "32", "--out", str(store)])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((store / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["hook_name"] == "blocks.1.hook_resid_post"
+
+    config = tmp_path / "train.yaml"
+    config.write_text("crosscoder:\n  expansion_factor: 4\n  k: 8\ntraining:\n  steps: 40\n  batch_size: 128\n"
+                      "  warmup_steps: 5\n  threshold_start_step: 10\n  checkpoint_every: 20\n  eval_rows: 256\n")
+    run = tmp_path / "run"
+    result = _invoke(["train", "--store", str(store), "--config", str(config), "--lr", "0.003", "--out", str(run)])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert json.loads(result.output[result.output.index("{"):]) == metrics
+
+    for path, expected in ((store, "Activation store"), (run, "Training run"), (run / "crosscoder", "latents=128")):
+        result = _invoke(["info", str(path)])
+        assert result.exit_code == 0 and expected in result.output, result.output
+
+
+def test_clear_errors_instead_of_tracebacks(tmp_path):
+    config = tmp_path / "bad.yaml"
+    config.write_text("crosscoder:\n  dict_sise: 10\n")
+    result = CliRunner().invoke(main, ["train", "--store", str(tmp_path), "--config", str(config), "--out", str(tmp_path / "r")])
+    assert result.exit_code != 0 and "did you mean 'dict_size'" in result.output
+    result = CliRunner().invoke(main, ["info", str(tmp_path)])
+    assert result.exit_code != 0 and "holds no activation store" in result.output
+    result = CliRunner().invoke(main, ["train", "--out", str(tmp_path / "r")])
+    assert result.exit_code != 0 and "Nothing to train on" in result.output
