@@ -196,6 +196,27 @@ def train(store, stream, config, shuffle_buffer, out, dict_size, expansion_facto
     click.echo(json.dumps(result.metrics.to_dict(), indent=2))
 
 
+# --------------------------------------------------------------------------------- demo
+
+@main.command()
+@click.option("--out", default="runs/demo", show_default=True, type=click.Path(file_okay=False))
+@click.option("--seed", default=0, show_default=True, type=int)
+@_clear_errors
+def demo(out: str, seed: int) -> None:
+    """Run the built-in CPU demo: train a tiny LM, fine-tune a copy on one domain, harvest both,
+    train a crosscoder between them, and print its quality."""
+    from mneme_plugin.organism import run_demo
+
+    result = run_demo(out, seed=seed)
+    metrics = result.training.metrics
+    click.echo(f"\nBase LM vs. its copy fine-tuned on {result.fine_tuned_domain}:")
+    click.echo(f"  activations:  {result.store.path} ({result.store.num_rows:,} paired tokens)")
+    click.echo(f"  crosscoder:   {result.training.crosscoder_dir}")
+    click.echo(f"  explained variance base {metrics.explained_variance_base:.3f}, "
+               f"edited {metrics.explained_variance_edited:.3f}; L0 {metrics.l0:.1f}; "
+               f"dead {metrics.dead_fraction:.1%}")
+
+
 # --------------------------------------------------------------------------------- info
 
 @main.command()
@@ -206,6 +227,31 @@ def info(path: str) -> None:
     from mneme_plugin.inspect import describe_path
 
     click.echo(describe_path(path))
+
+
+# --------------------------------------------------------------------------------- attribute
+
+@main.command()
+@click.option("--crosscoder", "crosscoder_dir", required=True, type=click.Path(exists=True, file_okay=False),
+              help="Crosscoder directory (or a training run directory holding crosscoder/).")
+@click.option("--store", required=True, type=click.Path(exists=True, file_okay=False),
+              help="Activation store to stream over (every row once).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory for the attribution table.")
+@click.option("--config", type=click.Path(dir_okay=False), help="YAML with section attribution.")
+@click.option("--batch-size", type=int, help="Rows encoded at a time.")
+@click.option("--device", help="Device (auto, cpu, cuda).")
+@_clear_errors
+def attribute(crosscoder_dir, store, out, config, batch_size, device) -> None:
+    """Decoder norms, latent scaling and a class (suppressed .. amplified) for every latent."""
+    from mneme_plugin.attribution import AttributionConfig, format_counts, format_delta_histogram
+    from mneme_plugin.attribution import attribute as run_attribute
+
+    sections = _sections(_read_yaml(config), ("attribution",), config)
+    attr_cfg = AttributionConfig.from_dict(_override(sections["attribution"], batch_size=batch_size, device=device))
+    result = run_attribute(crosscoder_dir, store, attr_cfg, out_dir=out)
+    click.echo(format_counts(result.summary))
+    click.echo(format_delta_histogram(result.summary))
+    click.echo(f"Table: {Path(out) / 'attribution.parquet'} (+ .csv), summary: {Path(out) / 'attribution_summary.json'}")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -6,7 +6,6 @@ once and every test sees the same weights.
 
 from __future__ import annotations
 
-import copy
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +13,7 @@ from typing import Any, Sequence
 
 import torch
 
-SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>", "<unk>"]
+from mneme_plugin.organism.models import finetuned_copy, tiny_hooked_transformer, train_tokenizer
 
 _SUBJECTS = ["the cat", "a dog", "the bird", "my friend", "the teacher", "a robot", "the river", "our team"]
 _VERBS = ["sees", "likes", "follows", "builds", "paints", "finds", "counts", "moves"]
@@ -38,65 +37,13 @@ def synthetic_corpus(n: int = 200, seed: int = 0) -> list[str]:
 
 
 def make_tokenizer(texts: Sequence[str] | None = None, chat_template: bool = True) -> Any:
-    """A WordLevel tokenizer trained locally, wrapped as ``PreTrainedTokenizerFast``.
-
-    Ids: <pad>=0, <bos>=1, <eos>=2, <unk>=3. A minimal chat template is attached so that
-    conversation corpora can be rendered.
-    """
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    texts = list(texts) if texts is not None else synthetic_corpus(400, seed=123)
-    # Role words of the chat template must be in-vocabulary too.
-    texts = texts + ["user assistant system : hello how are you fine thanks"]
-    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.train_from_iterator(texts, trainers.WordLevelTrainer(special_tokens=SPECIAL_TOKENS))
-    hf = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
-    )
-    # TransformerLens rebuilds tokenizers from init_kwargs (by name, which would mean a hub lookup)
-    # unless they already claim add_bos_token; ours is local, so mark it (BOS is added by callers).
-    hf.init_kwargs["name_or_path"] = "tiny-local-wordlevel"
-    hf.init_kwargs["add_bos_token"] = True
-    if chat_template:
-        hf.chat_template = (
-            "{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} <eos> {% endfor %}"
-        )
-    return hf
+    """The package's local WordLevel tokenizer, trained on ``texts`` or a default synthetic corpus."""
+    return train_tokenizer(list(texts) if texts is not None else synthetic_corpus(400, seed=123), chat_template)
 
 
-def make_hooked_transformer(
-    tokenizer: Any = None,
-    n_layers: int = 2,
-    d_model: int = 32,
-    n_heads: int = 4,
-    d_mlp: int | None = None,
-    n_ctx: int = 64,
-    seed: int = 0,
-    d_vocab: int | None = None,
-) -> Any:
+def make_hooked_transformer(tokenizer: Any = None, **kwargs: Any) -> Any:
     """A tiny randomly initialised HookedTransformer with a local tokenizer attached."""
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
-
-    tokenizer = tokenizer if tokenizer is not None else make_tokenizer()
-    cfg = HookedTransformerConfig(
-        n_layers=n_layers,
-        d_model=d_model,
-        n_heads=n_heads,
-        d_head=d_model // n_heads,
-        d_mlp=d_mlp or 4 * d_model,
-        n_ctx=n_ctx,
-        d_vocab=d_vocab or len(tokenizer),
-        act_fn="gelu",
-        normalization_type="LN",
-        seed=seed,
-        device="cpu",
-        model_name=f"tiny-ht-L{n_layers}-d{d_model}-s{seed}",
-    )
-    model = HookedTransformer(cfg, tokenizer=tokenizer, default_padding_side="right")
-    model.eval()
-    return model
+    return tiny_hooked_transformer(tokenizer if tokenizer is not None else make_tokenizer(), **kwargs)
 
 
 def save_tiny_llama(
@@ -132,41 +79,10 @@ def save_tiny_llama(
     return folder
 
 
-def make_finetuned_copy(
-    model: Any,
-    texts: Sequence[str],
-    steps: int = 5,
-    lr: float = 1e-2,
-    seed: int = 0,
-    context_length: int = 32,
-    batch_size: int = 4,
-) -> Any:
-    """Deep-copy ``model`` and really train the copy for ``steps`` of next-token loss on ``texts``.
-
-    Works for HookedTransformer and TransformerBridge (both accept ``return_type="loss"``).
-    """
-    torch.manual_seed(seed)
-    tuned = copy.deepcopy(model)
-    tuned.train()
-    tok = model.tokenizer
-    ids: list[int] = []
-    for t in texts:
-        ids.extend([tok.bos_token_id] + tok(t, add_special_tokens=False)["input_ids"])
-    n = len(ids) // context_length
-    data = torch.tensor(ids[: n * context_length]).view(n, context_length)
-    params = [p for p in tuned.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=lr)
-    gen = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        idx = torch.randint(0, n, (batch_size,), generator=gen)
-        loss = tuned(data[idx], return_type="loss")
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    tuned.eval()
-    for p in tuned.parameters():
-        p.requires_grad_(False)
-    return tuned
+def make_finetuned_copy(model: Any, texts: Sequence[str], steps: int = 5, lr: float = 1e-2, seed: int = 0,
+                        **kwargs: Any) -> Any:
+    """Deep-copy ``model`` and really train the copy for ``steps`` of next-token loss on ``texts``."""
+    return finetuned_copy(model, texts, steps=steps, lr=lr, seed=seed, **kwargs)
 
 
 def save_finetuned_llama(src: str | Path, dst: str | Path, texts: Sequence[str], steps: int = 5, lr: float = 3e-3,
@@ -225,3 +141,75 @@ def planted_pair_data(
     codes = active * magnitude
     x = torch.einsum("nf,fld->nld", codes, dirs)
     return PlantedData(x=x, directions=dirs, kind=kind)
+
+
+# ------------------------------------------------------------------------------ attribution helpers
+
+
+def write_activation_store(folder: str | Path, x: torch.Tensor, rows_per_shard: int, scale_factors: Sequence[float] | None = None) -> Path:
+    """Write (n, 2, d) activations as a complete activation store (no models involved)."""
+    from mneme_plugin.activations.store import FORMAT_NAME, FORMAT_VERSION, write_manifest, write_shard
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    n, _, d = x.shape
+    norms = x.float().norm(dim=-1)
+    scale = list(scale_factors) if scale_factors is not None else (d**0.5 / norms.mean(0).clamp_min(1e-12)).tolist()
+    shards = []
+    for index, start in enumerate(range(0, n, rows_per_shard)):
+        acts = x[start : start + rows_per_shard].contiguous()
+        rows = acts.shape[0]
+        file = write_shard(folder, index, {
+            "activations": acts,
+            "tokens": torch.zeros(rows, dtype=torch.int64),
+            "positions": torch.arange(rows, dtype=torch.int64),
+            "windows": torch.full((rows,), index, dtype=torch.int64),
+        })
+        shards.append({"file": file, "n_rows": rows, "windows_end": index + 1})
+    write_manifest(folder, {
+        "format": FORMAT_NAME, "version": FORMAT_VERSION, "d_model": d,
+        "dtype": str(x.dtype).replace("torch.", ""), "n_tokens": n, "shards": shards,
+        "normalization": {"median_norms": norms.median(0).values.tolist(), "mean_norms": norms.mean(0).tolist(),
+                          "scale_factors": scale, "n_tokens": n},
+        "complete": True,
+    })
+    return folder
+
+
+@dataclass
+class PlantedScaling:
+    f: torch.Tensor  # (n, m) codes
+    x_norm: torch.Tensor  # (n, 2, d) normalised activations
+    W_dec: torch.Tensor  # (2, m, d)
+    b_dec: torch.Tensor  # (2, d)
+    beta: dict[str, torch.Tensor]  # planted betas per target (edited row as latent vector)
+
+
+def planted_scaling_problem(n: int = 3000, m: int = 12, d: int = 32, seed: int = 0) -> PlantedScaling:
+    """Codes, activations and a decoder whose latent-scaling betas are known exactly (float64).
+
+    Edited rows are orthogonal; base rows are beta^r_j * (edited row) + a component orthogonal to
+    all edited rows; the base activations are sum_j beta^e_j f_j d_j + noise orthogonal to every
+    edited row, the edited ones sum_j gamma_j f_j d_j + orthogonal noise; biases are orthogonal too.
+    Then beta_r_base = beta^r, beta_r_edited = 1, beta_e_base = beta^e, beta_e_edited = gamma.
+    """
+    assert 2 * m + 4 <= d
+    gen = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=torch.float64))
+    basis, ortho = q[:, :m].T, q[:, m:].T  # (m, d) and (d - m, d), mutually orthogonal
+    norms = 0.5 + torch.rand(m, 1, generator=gen, dtype=torch.float64)
+    edited_rows = basis * norms
+    beta_r = torch.randn(m, generator=gen, dtype=torch.float64)
+    beta_e = torch.randn(m, generator=gen, dtype=torch.float64)
+    gamma = 1 + 0.3 * torch.randn(m, generator=gen, dtype=torch.float64)
+    base_rows = beta_r[:, None] * edited_rows + torch.randn(m, d - m, generator=gen, dtype=torch.float64) @ ortho
+    W_dec = torch.stack([base_rows, edited_rows])
+    b_dec = torch.randn(2, d - m, generator=gen, dtype=torch.float64) @ ortho
+    active = torch.rand(n, m, generator=gen) < 0.3
+    f = (active * (0.5 + torch.rand(n, m, generator=gen, dtype=torch.float64))).double()
+    noise = torch.randn(n, 2, d - m, generator=gen, dtype=torch.float64) @ ortho
+    x_base = (f * beta_e) @ edited_rows + noise[:, 0]
+    x_edited = (f * gamma) @ edited_rows + noise[:, 1]
+    x_norm = torch.stack([x_base, x_edited], dim=1)
+    beta = {"r_base": beta_r, "r_edited": torch.ones(m, dtype=torch.float64), "e_base": beta_e, "e_edited": gamma}
+    return PlantedScaling(f=f, x_norm=x_norm, W_dec=W_dec, b_dec=b_dec, beta=beta)

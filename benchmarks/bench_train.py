@@ -1,0 +1,160 @@
+"""Crosscoder training throughput: our sparse BatchTopK step against a dense reference.
+
+Prints tokens/s and peak memory of one optimisation step (forward, backward, Adam) for
+``BatchTopKCrossCoderTrainer.update`` and for a straightforward dense implementation of the same
+step (decoder over all m latents, dense backward through the masked codes), run in the same
+process on the same data, and their ratio. Peak memory is measured in a fresh child process per
+variant: on CPU the peak RSS above the resident size before a steady-state step (Linux VmHWM),
+on GPU ``torch.cuda.max_memory_allocated``.
+
+    python benchmarks/bench_train.py            # CPU: d=256, m=8192, k=32, batch 1024
+    python benchmarks/bench_train.py --gpu      # also d=4096, m=131072, k=100, batch 4096, bf16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+
+import torch
+
+from mneme_plugin.crosscoder.trainer import BatchTopKCrossCoderTrainer
+
+
+class DenseReference:
+    """The textbook step: dense codes, dense decoder matmul, autograd through everything."""
+
+    def __init__(self, d: int, m: int, k: int, device: str, dtype: torch.dtype, lr: float = 1e-4) -> None:
+        gen = torch.Generator().manual_seed(0)
+        w = torch.randn(2, m, d, generator=gen)
+        w = w / w.norm(dim=-1, keepdim=True) * 0.1
+        self.W_dec = w.to(device, dtype).detach().requires_grad_()
+        self.W_enc = w.permute(0, 2, 1).contiguous().to(device, dtype).detach().requires_grad_()
+        self.b_enc = torch.zeros(m, device=device, dtype=dtype, requires_grad=True)
+        self.b_dec = torch.zeros(2, d, device=device, dtype=dtype, requires_grad=True)
+        self.k, self.m = k, m
+        params = [self.W_enc, self.b_enc, self.W_dec, self.b_dec]
+        self.optimizer = torch.optim.Adam(params, lr=lr, fused=True)
+
+    def update(self, step: int, x: torch.Tensor) -> float:
+        batch = x.shape[0]
+        pre = torch.relu(x.reshape(batch, -1) @ self.W_enc.reshape(-1, self.m) + self.b_enc)
+        with torch.no_grad():
+            salience = pre * self.W_dec.pow(2).sum(dim=(0, 2))
+            mask = torch.zeros_like(salience).reshape(-1)
+            mask[salience.reshape(-1).topk(self.k * batch, sorted=False).indices] = 1
+        f = pre * mask.reshape(pre.shape)
+        x_hat = torch.einsum("bm,lmd->bld", f, self.W_dec) + self.b_dec
+        loss = (x - x_hat).pow(2).sum(dim=(1, 2)).mean()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([self.W_enc, self.b_enc, self.W_dec, self.b_dec], 1.0)
+        self.optimizer.step()
+        return loss.item()
+
+
+def build(kind: str, d: int, m: int, k: int, device: str, dtype: torch.dtype):
+    if kind == "dense":
+        return DenseReference(d, m, k, device, dtype)
+    dtype_name = str(dtype).replace("torch.", "")
+    trainer = BatchTopKCrossCoderTrainer(
+        steps=10_000, activation_dim=d, dict_size=m, k=k, device=device, seed=0, warmup_steps=0
+    )
+    if dtype_name != "float32":
+        trainer.ae.to(dtype)
+        trainer.optimizer = torch.optim.Adam(trainer.ae.parameters(), lr=1e-4, fused=True)
+    return trainer
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_steps(model, x: torch.Tensor, steps: int, device: str) -> float:
+    model.update(0, x)  # warm-up (and our trainer's decoder-bias initialisation)
+    synchronize(device)
+    start = time.perf_counter()
+    for step in range(1, steps + 1):
+        model.update(step, x)
+    synchronize(device)
+    return (time.perf_counter() - start) / steps
+
+
+def child_peak_memory(kind: str, d: int, m: int, k: int, batch: int, device: str, dtype: str) -> float:
+    """Peak memory (MiB) of a few steps of one variant in a fresh process."""
+    out = subprocess.run(
+        [sys.executable, __file__, "--child", kind, str(d), str(m), str(k), str(batch), device, dtype],
+        capture_output=True, text=True, check=True,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])["peak_mib"]
+
+
+def run_child(kind: str, d: int, m: int, k: int, batch: int, device: str, dtype_name: str) -> None:
+    dtype = getattr(torch, dtype_name)
+    x = torch.randn(batch, 2, d, generator=torch.Generator().manual_seed(1)).to(device, dtype)
+    model = build(kind, d, m, k, device, dtype)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+        for step in range(3):
+            model.update(step, x)
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        model.update(0, x)  # first step allocates the optimizer state: count only steady-state steps
+        before = _proc_status_kib("VmRSS")
+        with open("/proc/self/clear_refs", "w") as f:  # resets VmHWM, the peak RSS (Linux)
+            f.write("5")
+        for step in range(1, 4):
+            model.update(step, x)
+        peak = (_proc_status_kib("VmHWM") - before) / 1024
+    print(json.dumps({"peak_mib": peak}))
+
+
+def _proc_status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def bench(d: int, m: int, k: int, batch: int, device: str, dtype_name: str, steps: int) -> None:
+    dtype = getattr(torch, dtype_name)
+    x = torch.randn(batch, 2, d, generator=torch.Generator().manual_seed(1)).to(device, dtype)
+    print(f"\n== d={d}, m={m}, k={k}, batch={batch}, {dtype_name} on {device} "
+          f"({torch.get_num_threads()} threads), {steps} timed steps each")
+    results = {}
+    for kind in ("sparse", "dense"):
+        seconds = time_steps(build(kind, d, m, k, device, dtype), x, steps, device)
+        peak = child_peak_memory(kind, d, m, k, batch, device, dtype_name)
+        results[kind] = seconds
+        label = "ours (sparse BatchTopK)" if kind == "sparse" else "dense reference"
+        print(f"{label:>24}: {seconds * 1e3:8.1f} ms/step  {batch / seconds:10.0f} tokens/s  "
+              f"peak {'step memory ' if device == 'cpu' else ''}{peak:8.1f} MiB")
+    print(f"{'speed-up':>24}: {results['dense'] / results['sparse']:.2f}x (dense time / ours)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--child", nargs=7, help=argparse.SUPPRESS)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--gpu", action="store_true", help="Also run the large bf16 configuration on CUDA.")
+    args = parser.parse_args()
+    if args.child:
+        kind, d, m, k, batch, device, dtype = args.child
+        run_child(kind, int(d), int(m), int(k), int(batch), device, dtype)
+        return
+    bench(256, 8192, 32, 1024, "cpu", "float32", args.steps)
+    if torch.cuda.is_available():
+        bench(256, 8192, 32, 1024, "cuda", "float32", args.steps * 5)
+        if args.gpu:
+            bench(4096, 131072, 100, 4096, "cuda", "bfloat16", args.steps)
+    else:
+        print("\n(no GPU here: the d=4096, m=131072, k=100, batch 4096 bf16 figures need --gpu on a CUDA machine)")
+
+
+if __name__ == "__main__":
+    main()
