@@ -60,3 +60,20 @@ def test_clear_errors_instead_of_tracebacks(tmp_path):
     assert result.exit_code != 0 and "holds no activation store" in result.output
     result = CliRunner().invoke(main, ["train", "--out", str(tmp_path / "r")])
     assert result.exit_code != 0 and "Nothing to train on" in result.output
+
+
+def test_train_streaming_from_a_config_file(llama_pair_dirs, tmp_path):
+    base, edited = llama_pair_dirs
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("\n".join(json.dumps({"text": t}) for t in synthetic_corpus(300, seed=6)))
+    config = tmp_path / "stream.yaml"
+    config.write_text(
+        f"models: {{base: {base}, edited: {edited}}}\ncorpus: {{source: {corpus}}}\n"
+        "harvest: {layer: 0, context_length: 32}\n"
+        "crosscoder: {expansion_factor: 2, k: 4}\n"
+        "training: {steps: 10, batch_size: 64, checkpoint_every: 0, eval_rows: 64}\n"
+    )
+    result = _invoke(["train", "--stream", "--config", str(config), "--shuffle-buffer", "512", "--out", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    info = _invoke(["info", str(tmp_path / "run")]).output
+    assert "latents=64" in info and "data: stream" in info

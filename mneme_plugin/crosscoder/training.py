@@ -213,6 +213,7 @@ def train(
 
     bar = tqdm(total=tr_cfg.steps, initial=start_step, desc="train crosscoder", disable=not progress, unit="step")
     batches = source.batches(start_step)
+    x: torch.Tensor | None = None
     for step in range(start_step, tr_cfg.steps):
         try:
             x = next(batches)
@@ -244,8 +245,12 @@ def train(
     crosscoder_model = trainer.ae.eval()
     eval_batches = source.eval_batches(tr_cfg.eval_rows)
     if not eval_batches:
-        # A stream: evaluate on fresh batches of it (never seen by the optimiser).
+        # A stream: evaluate on fresh batches of it (never seen by the optimiser); if it is
+        # exhausted, on the last training batch.
         eval_batches = list(itertools.islice(batches, max(1, tr_cfg.eval_rows // tr_cfg.batch_size)))
+        if not eval_batches and x is not None:
+            logger.warning("The data stream has no rows left for evaluation; reporting on the last training batch.")
+            eval_batches = [x]
     metrics = evaluate_crosscoder(crosscoder_model, eval_batches, dead_mask=trainer.dead_mask)
     tmp_final = run_dir / f".tmp_{FINAL_DIR}"
     if tmp_final.exists():

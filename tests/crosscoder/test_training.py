@@ -89,3 +89,16 @@ def test_non_finite_batches_and_short_streams_are_refused(tmp_path):
         train(bad, tmp_path / "nan", cc, _small_training(steps=5, batch_size=32), progress=False)
     with pytest.raises(ConfigError, match="ended after 3 batches"):
         train(good, tmp_path / "short", cc, _small_training(steps=5, batch_size=32), progress=False)
+
+
+def test_training_from_a_harvest_stream(ht_pair, tmp_path):
+    from mneme_plugin import harvest_stream
+
+    base, edited = ht_pair
+    stream = harvest_stream(base, edited, synthetic_corpus(1200, seed=1), HarvestConfig(layer=1, context_length=32),
+                            batch_size=128, shuffle_buffer_rows=1024, seed=0)
+    result = train(stream, tmp_path / "run", CrossCoderConfig(expansion_factor=4, k=8),
+                   _small_training(steps=100, checkpoint_every=0, eval_rows=256, threshold_beta=0.9), progress=False)
+    assert result.crosscoder.cfg.metadata == {"data": "stream"}
+    torch.testing.assert_close(result.crosscoder.activation_scale, stream.scale_factors.float())
+    assert 0 < result.metrics.n_tokens <= 256 and result.metrics.explained_variance_base > 0.3
