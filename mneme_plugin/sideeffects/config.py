@@ -1,0 +1,72 @@
+"""Configs of prediction and evaluation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mneme_plugin.config import ConfigMixin, require
+
+RULES = ("relative", "top_k", "min_score")
+
+
+@dataclass
+class PredictConfig(ConfigMixin):
+    """How category scores are built from latents, and which categories are predicted affected.
+
+    Every latent of a class in ``suppressed_classes`` (``amplified_classes``) adds
+    ``|attribution score| * similarity`` to the suppressed (amplified) score of each of its
+    ``categories_per_latent`` nearest taxonomy entries (similarity from the mapping stage, only
+    entries with similarity >= ``min_similarity``). ``max_latents`` keeps the strongest latents
+    per side (by |score|).
+
+    Prediction ``rule`` on the suppressed score (``side``):
+    ``relative``: categories scoring >= ``relative_threshold`` x the best category's score;
+    ``top_k``: the ``k`` best; ``min_score``: score >= ``min_score``. Categories need at least
+    ``min_latents`` supporting latents either way.
+    """
+
+    suppressed_classes: tuple[str, ...] = ("base_only", "suppressed")
+    amplified_classes: tuple[str, ...] = ("edited_only", "amplified")
+    categories_per_latent: int = 1
+    min_similarity: float = 0.0
+    max_latents: int | None = 200
+    side: str = "suppressed"
+    rule: str = "relative"
+    relative_threshold: float = 0.5
+    k: int = 3
+    min_score: float = 0.0
+    min_latents: int = 1
+
+    def __post_init__(self) -> None:
+        self.suppressed_classes = tuple(self.suppressed_classes)
+        self.amplified_classes = tuple(self.amplified_classes)
+        require(self.rule in RULES, f"rule must be one of {RULES}, got {self.rule!r}.")
+        require(self.side in ("suppressed", "amplified", "both"), f"side must be suppressed, amplified or both, got {self.side!r}.")
+        require(self.categories_per_latent >= 1, "categories_per_latent must be >= 1.")
+        require(0.0 < self.relative_threshold <= 1.0, "relative_threshold must be in (0, 1].")
+        require(self.k >= 1, "k must be >= 1.")
+        require(self.min_latents >= 1, "min_latents must be >= 1.")
+        require(self.max_latents is None or self.max_latents >= 1, "max_latents must be None or >= 1.")
+
+
+@dataclass
+class EvaluateConfig(ConfigMixin):
+    """Which categories count as degraded, and the baselines' settings.
+
+    A category is degraded when its score drops by more than ``drop_threshold`` (absolute, in
+    accuracy points: 0.02 = 2 points); with ``significance`` set, the drop must also be
+    significant at that level in a one-sided two-proportion z-test given the category's number of
+    questions (when known).
+    """
+
+    drop_threshold: float = 0.02
+    significance: float | None = None
+    random_p: float = 0.5
+    random_seeds: int = 1000
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        require(self.drop_threshold >= 0, "drop_threshold must be >= 0.")
+        require(self.significance is None or 0 < self.significance < 1, "significance must be in (0, 1).")
+        require(0.0 <= self.random_p <= 1.0, "random_p must be in [0, 1].")
+        require(self.random_seeds >= 1, "random_seeds must be >= 1.")

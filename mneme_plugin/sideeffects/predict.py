@@ -1,0 +1,138 @@
+"""From attributed latents and their categories to predicted affected categories, with evidence."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from mneme_plugin.errors import ConfigError
+from mneme_plugin.sideeffects.config import PredictConfig
+
+logger = logging.getLogger("mneme_plugin")
+
+SCORES_CSV = "category_scores.csv"
+PREDICTIONS_JSON = "predictions.json"
+LINK_COLUMNS = ("latent", "category", "similarity")
+
+
+@dataclass
+class Prediction:
+    """Per-category scores (``scores``: one row per taxonomy category) and the predicted set."""
+
+    scores: pd.DataFrame
+    predicted: list[str]
+    evidence: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    config: PredictConfig = field(default_factory=PredictConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "predicted": self.predicted,
+            "config": self.config.to_dict(),
+            "scores": self.scores.to_dict(orient="records"),
+            "evidence": self.evidence,
+        }
+
+
+def _check_columns(frame: pd.DataFrame, needed: Iterable[str], what: str) -> None:
+    missing = [c for c in needed if c not in frame.columns]
+    if missing:
+        raise ConfigError(f"The {what} lacks columns {missing}; it has {list(frame.columns)}.")
+
+
+def predict(
+    attribution: pd.DataFrame,
+    links: pd.DataFrame,
+    categories: Iterable[str],
+    config: PredictConfig | None = None,
+    descriptions: Mapping[int, str] | None = None,
+) -> Prediction:
+    """Score every category of the taxonomy and predict the affected ones.
+
+    ``attribution``: the attribution table (``latent``, ``latent_class``, ``score``).
+    ``links``: latent-to-category links in long form (``latent``, ``category``, ``similarity``),
+    as the mapping stage writes them, several per latent, any order.
+    ``categories``: every category of the taxonomy (categories without evidence score 0).
+    """
+    cfg = config or PredictConfig()
+    _check_columns(attribution, ("latent", "latent_class", "score"), "attribution table")
+    _check_columns(links, LINK_COLUMNS, "category links table")
+    all_categories = list(dict.fromkeys(categories))
+    unknown = sorted(set(links["category"]) - set(all_categories))
+    if unknown:
+        raise ConfigError(f"Links name categories outside the taxonomy: {unknown[:5]}.")
+
+    sides = {"suppressed": cfg.suppressed_classes, "amplified": cfg.amplified_classes}
+    top_links = (
+        links[links["similarity"] >= cfg.min_similarity]
+        .sort_values(["latent", "similarity"], ascending=[True, False], kind="stable")
+        .groupby("latent", sort=False)
+        .head(cfg.categories_per_latent)
+    )
+    scores = pd.DataFrame({"category": all_categories}).set_index("category")
+    evidence: dict[str, list[dict[str, Any]]] = {c: [] for c in all_categories}
+    for side, classes in sides.items():
+        latents = attribution[attribution["latent_class"].isin(classes)].copy()
+        latents["weight"] = latents["score"].abs()
+        latents = latents.sort_values("weight", ascending=False, kind="stable")
+        if cfg.max_latents is not None:
+            latents = latents.head(cfg.max_latents)
+        joined = latents.merge(top_links, on="latent", how="inner")
+        joined["contribution"] = joined["weight"] * joined["similarity"]
+        grouped = joined.groupby("category")
+        scores[f"{side}_score"] = grouped["contribution"].sum().reindex(scores.index).fillna(0.0)
+        scores[f"n_{side}_latents"] = grouped["latent"].nunique().reindex(scores.index).fillna(0).astype(int)
+        for row in joined.itertuples(index=False):
+            evidence[row.category].append({
+                "side": side, "latent": int(row.latent), "class": row.latent_class,
+                "attribution_score": float(row.score), "similarity": float(row.similarity),
+                "description": (descriptions or {}).get(int(row.latent), ""),
+            })
+    if cfg.side == "both":
+        scores["score"] = scores["suppressed_score"] + scores["amplified_score"]
+        support = scores["n_suppressed_latents"] + scores["n_amplified_latents"]
+    else:
+        scores["score"] = scores[f"{cfg.side}_score"]
+        support = scores[f"n_{cfg.side}_latents"]
+    eligible = (support >= cfg.min_latents) & (scores["score"] > 0)
+    if cfg.rule == "relative":
+        best = scores.loc[eligible, "score"].max() if eligible.any() else 0.0
+        chosen = eligible & (scores["score"] >= cfg.relative_threshold * best)
+    elif cfg.rule == "top_k":
+        ranked = scores[eligible].sort_values("score", ascending=False, kind="stable")
+        chosen = scores.index.isin(ranked.index[: cfg.k])
+    else:
+        chosen = eligible & (scores["score"] >= cfg.min_score)
+    scores["predicted"] = chosen
+    scores = scores.reset_index().sort_values("score", ascending=False, kind="stable").reset_index(drop=True)
+    predicted = scores.loc[scores["predicted"], "category"].tolist()
+    for items in evidence.values():
+        items.sort(key=lambda e: -abs(e["attribution_score"]) * e["similarity"])
+    return Prediction(scores=scores, predicted=predicted, evidence=evidence, config=cfg)
+
+
+def save_prediction(prediction: Prediction, out_dir: str | os.PathLike[str]) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / f".{SCORES_CSV}.tmp"
+    prediction.scores.to_csv(tmp, index=False)
+    os.replace(tmp, out / SCORES_CSV)
+    tmp = out / f".{PREDICTIONS_JSON}.tmp"
+    tmp.write_text(json.dumps(prediction.to_dict(), indent=2))
+    os.replace(tmp, out / PREDICTIONS_JSON)
+    logger.info("Predictions written to %s (%d categories predicted).", out / PREDICTIONS_JSON, len(prediction.predicted))
+    return out
+
+
+def load_prediction(out_dir: str | os.PathLike[str]) -> Prediction:
+    data = json.loads((Path(out_dir) / PREDICTIONS_JSON).read_text())
+    return Prediction(
+        scores=pd.DataFrame(data["scores"]), predicted=list(data["predicted"]),
+        evidence=data["evidence"], config=PredictConfig.from_dict(data["config"]),
+    )

@@ -1,0 +1,70 @@
+import json
+import math
+
+import pandas as pd
+import pytest
+
+from mneme_plugin.sideeffects import (
+    EvaluateConfig,
+    degraded_categories,
+    evaluate,
+    random_baseline,
+    read_lm_eval_results,
+    scores_from_lm_eval,
+    set_metrics,
+)
+
+
+def test_set_metrics_hand_computed():
+    m = set_metrics(["a", "b", "c", "d"], ["a", "b", "x"])
+    assert m.accuracy == 0.5 and m.recall == 0.5  # Eq. 4: 2 of 4 true predicted
+    assert m.precision == pytest.approx(2 / 3)
+    assert m.f1 == pytest.approx(2 * (2 / 3) * 0.5 / (2 / 3 + 0.5))
+    assert (m.n_true, m.n_predicted, m.n_hit) == (4, 3, 2)
+    assert set_metrics(["a"], ["b"]).f1 == 0.0
+    none = set_metrics(["a"], [])
+    assert none.accuracy == 0.0 and math.isnan(none.precision)
+    assert math.isnan(set_metrics([], ["a"]).accuracy)
+
+
+def test_random_baseline_expected_accuracy_is_p():
+    cats = [f"c{i}" for i in range(20)]
+    m = random_baseline(["c1", "c5", "c7"], cats, p=0.5, seeds=4000, seed=1)
+    assert m.accuracy == pytest.approx(0.5, abs=0.02)
+    assert m.precision == pytest.approx(3 / 20, abs=0.02)
+    assert random_baseline(["c1"], cats, p=0.2, seeds=4000).accuracy == pytest.approx(0.2, abs=0.02)
+
+
+def test_degraded_by_threshold_and_significance():
+    scores = pd.DataFrame({"category": ["a", "b", "c"], "before": [0.8, 0.8, 0.5],
+                           "after": [0.5, 0.77, 0.5], "n": [1000, 20, 100]})
+    out = degraded_categories(scores, EvaluateConfig(drop_threshold=0.02))
+    assert out["degraded"].tolist() == [True, True, False]
+    out = degraded_categories(scores, EvaluateConfig(drop_threshold=0.02, significance=0.05))
+    assert out["degraded"].tolist() == [True, False, False]  # 3 points on 20 questions is noise
+    assert out.loc[0, "p_value"] < 1e-10
+
+
+def test_evaluation_table_has_all_methods(tmp_path):
+    scores = pd.DataFrame({"category": list("abcdef"), "before": [0.9] * 6, "after": [0.5, 0.5, 0.9, 0.9, 0.9, 0.9]})
+    ev = evaluate(["a", "c"], scores, naive_predicted=["c"], config=EvaluateConfig(random_seeds=200))
+    table = ev.table().set_index("method")
+    assert list(table.index) == ["MNEME", "random", "naive", "oracle"]
+    assert table.loc["MNEME", "accuracy"] == 0.5 and table.loc["naive", "accuracy"] == 0.0
+    assert table.loc["oracle", "f1"] == 1.0
+    assert "| MNEME | 0.500 |" in ev.markdown()
+
+
+def test_lm_eval_results_are_read(tmp_path):
+    def write(name, accs):
+        data = {"results": {f"mmlu_{k}": {"alias": k, "acc,none": v, "acc_stderr,none": 0.01} for k, v in accs.items()},
+                "n-samples": {f"mmlu_{k}": {"original": 100, "effective": 100} for k in accs}}
+        (tmp_path / name).write_text(json.dumps(data))
+        return tmp_path / name
+
+    before = write("b.json", {"virology": 0.6, "anatomy": 0.5})
+    after = write("a.json", {"virology": 0.3, "anatomy": 0.5})
+    frame = read_lm_eval_results(before)
+    assert set(frame["category"]) == {"virology", "anatomy"} and set(frame["n"]) == {100}
+    scores = scores_from_lm_eval(before, after).set_index("category")
+    assert scores.loc["virology", "after"] == 0.3

@@ -1,0 +1,56 @@
+import pandas as pd
+import pytest
+
+from mneme_plugin.errors import ConfigError
+from mneme_plugin.sideeffects import PredictConfig, load_prediction, predict, save_prediction
+
+CATEGORIES = ["biology", "medicine", "law", "cooking"]
+
+
+def _attribution():
+    return pd.DataFrame({
+        "latent": [0, 1, 2, 3, 4, 5],
+        "latent_class": ["base_only", "suppressed", "shared", "edited_only", "suppressed", "dead"],
+        "score": [0.9, 0.6, 0.0, -0.8, 0.1, float("nan")],
+    })
+
+
+def _links():
+    return pd.DataFrame({
+        "latent": [0, 0, 1, 1, 2, 3, 4],
+        "category": ["biology", "medicine", "medicine", "biology", "law", "cooking", "law"],
+        "similarity": [0.9, 0.5, 0.8, 0.3, 1.0, 0.9, 0.7],
+    })
+
+
+def test_scores_are_weighted_sums_over_supporting_latents():
+    p = predict(_attribution(), _links(), CATEGORIES, PredictConfig(categories_per_latent=1, rule="relative",
+                                                                       relative_threshold=0.5))
+    s = p.scores.set_index("category")
+    assert s.loc["biology", "suppressed_score"] == pytest.approx(0.9 * 0.9)
+    assert s.loc["medicine", "suppressed_score"] == pytest.approx(0.6 * 0.8)
+    assert s.loc["law", "suppressed_score"] == pytest.approx(0.1 * 0.7)  # the shared latent 2 does not count
+    assert s.loc["cooking", "amplified_score"] == pytest.approx(0.8 * 0.9) and s.loc["cooking", "suppressed_score"] == 0
+    assert p.predicted == ["biology", "medicine"]  # law is below half of the best
+    assert [e["latent"] for e in p.evidence["biology"]] == [0]
+
+
+def test_rules_and_min_latents():
+    p = predict(_attribution(), _links(), CATEGORIES, PredictConfig(categories_per_latent=2, rule="top_k", k=1))
+    assert p.predicted == ["biology"]
+    p = predict(_attribution(), _links(), CATEGORIES, PredictConfig(categories_per_latent=2, rule="min_score",
+                                                                       min_score=0.0, min_latents=2))
+    assert set(p.predicted) == {"biology", "medicine"}
+    p = predict(_attribution(), _links(), CATEGORIES, PredictConfig(side="amplified", rule="top_k", k=3))
+    assert p.predicted == ["cooking"]
+
+
+def test_round_trip_and_bad_links(tmp_path):
+    p = predict(_attribution(), _links(), CATEGORIES)
+    save_prediction(p, tmp_path)
+    loaded = load_prediction(tmp_path)
+    assert loaded.predicted == p.predicted and loaded.config == p.config
+    with pytest.raises(ConfigError, match="outside the taxonomy"):
+        predict(_attribution(), _links(), ["biology"])
+    with pytest.raises(ConfigError, match="lacks columns"):
+        predict(_attribution(), _links().rename(columns={"similarity": "sim"}), CATEGORIES)
