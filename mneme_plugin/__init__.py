@@ -17,6 +17,7 @@ from mneme_plugin.activations import (
     harvest_stream,
     load_model,
 )
+from mneme_plugin.attribution import AttributionConfig, AttributionResult, attribute, load_attribution
 from mneme_plugin.crosscoder import (
     BatchTopKCrossCoder,
     BatchTopKCrossCoderTrainer,
@@ -25,6 +26,7 @@ from mneme_plugin.crosscoder import (
 )
 from mneme_plugin.crosscoder.metrics import CrossCoderMetrics, evaluate_crosscoder
 from mneme_plugin.crosscoder.training import TrainResult, train
+from mneme_plugin.formats import export_saelens, import_crosscoder, load_crosscoder
 from mneme_plugin.errors import (
     CheckpointError,
     ConfigError,
@@ -42,6 +44,8 @@ except PackageNotFoundError:  # running from a source tree that was not installe
 
 __all__ = [
     "ActivationStore",
+    "AttributionConfig",
+    "AttributionResult",
     "BatchTopKCrossCoder",
     "BatchTopKCrossCoderTrainer",
     "CheckpointError",
@@ -59,9 +63,14 @@ __all__ = [
     "TrainResult",
     "TrainingConfig",
     "__version__",
+    "attribute",
     "evaluate_crosscoder",
+    "export_saelens",
     "harvest",
     "harvest_stream",
+    "import_crosscoder",
+    "load_attribution",
+    "load_crosscoder",
     "load_model",
     "train",
 ]

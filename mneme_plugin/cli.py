@@ -254,5 +254,74 @@ def attribute(crosscoder_dir, store, out, config, batch_size, device) -> None:
     click.echo(f"Table: {Path(out) / 'attribution.parquet'} (+ .csv), summary: {Path(out) / 'attribution_summary.json'}")
 
 
+# --------------------------------------------------------------------------------- formats
+
+_source_options = [
+    click.option("--subfolder", help="Folder inside SOURCE (or the hub repo) holding the crosscoder."),
+    click.option("--revision", help="Hub revision (branch, tag or commit) for hub ids."),
+    click.option("--scale-factors", help="Kissane crosscoders only: per-model input scale factors 'BASE,EDITED'."),
+]
+
+
+def _parse_scale_factors(text: str | None) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError as err:
+        raise ConfigError(f"--scale-factors must be two numbers 'BASE,EDITED', got {text!r}.") from err
+    if len(values) != 2:
+        raise ConfigError(f"--scale-factors must be two numbers 'BASE,EDITED', got {text!r}.")
+    return values
+
+
+@main.command("import")
+@click.argument("source")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory for the crosscoder (own format).")
+@_add_options(_source_options)
+@_clear_errors
+def import_(source, out, subfolder, revision, scale_factors) -> None:
+    """Import a crosscoder (science-of-finetuning, Kissane, a mneme SAE-Lens export; folder or hub id)."""
+    from mneme_plugin.formats import load_crosscoder
+
+    cc = load_crosscoder(source, subfolder=subfolder, revision=revision,
+                         scale_factors=_parse_scale_factors(scale_factors))
+    path = cc.save_pretrained(out)
+    cfg = cc.cfg
+    click.echo(
+        f"Imported {cfg.metadata.get('source_format', 'mneme')} crosscoder: d={cfg.activation_dim}, "
+        f"latents={cfg.dict_size}, sparsity={cfg.sparsity}, salience={cfg.salience}, "
+        f"normalization={cfg.normalization} -> {path}"
+    )
+
+
+@main.group()
+def export() -> None:
+    """Export a crosscoder to other tools' formats."""
+
+
+@export.command("saelens")
+@click.argument("source")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory (one folder per hook inside).")
+@click.option("--folder", help="Folder name inside --out (default: the hook name).")
+@click.option("--hook", "hook_name", help="Hook name written to the metadata (default: the crosscoder's).")
+@click.option("--base", "base_model", help="Base model name for the metadata (default: the crosscoder's).")
+@click.option("--edited", "edited_model", help="Edited model name for the metadata (default: the crosscoder's).")
+@click.option("--views", is_flag=True, help="Also write per-model views (d_in = d; partial: one model's input only).")
+@_add_options(_source_options)
+@_clear_errors
+def export_saelens_command(source, out, folder, hook_name, base_model, edited_model, views, subfolder, revision,
+                           scale_factors) -> None:
+    """Write SOURCE (any crosscoder mneme reads) as SAE-Lens jumprelu SAEs over concat(base, edited)."""
+    from mneme_plugin.formats import export_saelens, load_crosscoder
+
+    cc = load_crosscoder(source, subfolder=subfolder, revision=revision,
+                         scale_factors=_parse_scale_factors(scale_factors))
+    written = export_saelens(cc, out, folder=folder, hook_name=hook_name, base_model=base_model,
+                             edited_model=edited_model, views=views)
+    for view, path in written.items():
+        click.echo(f"{view}: {path}")
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -213,3 +213,109 @@ def planted_scaling_problem(n: int = 3000, m: int = 12, d: int = 32, seed: int =
     x_norm = torch.stack([x_base, x_edited], dim=1)
     beta = {"r_base": beta_r, "r_edited": torch.ones(m, dtype=torch.float64), "e_base": beta_e, "e_edited": gamma}
     return PlantedScaling(f=f, x_norm=x_norm, W_dec=W_dec, b_dec=b_dec, beta=beta)
+
+
+# ------------------------------------------------------------------------------ formats helpers
+# Writers of the published crosscoder layouts (key names, shapes, dtypes and config fields as the
+# science-of-finetuning and Kissane code writes them; see REFERENCE.md), built from random tensors.
+
+SOF_CODE_NORMALIZATION_IDS = {"CROSSCODER": 1, "SAE": 2, "MIXED": 3, "NONE": 4, "DECOUPLED": 5}
+
+
+def sof_state_dict(d: int = 16, m: int = 48, k: int = 4, code_normalization: str = "CROSSCODER",
+                   batch_topk: bool = True, normalizer: bool = True, threshold: Any = None,
+                   seed: int = 0) -> dict[str, torch.Tensor]:
+    """A science-of-finetuning crosscoder state dict (L = 2 models)."""
+    gen = torch.Generator().manual_seed(seed)
+    L = 2
+    sd: dict[str, torch.Tensor] = {
+        "encoder.weight": torch.randn(L, d, m, generator=gen) / d**0.5,
+        "encoder.bias": 0.1 * torch.randn(m, generator=gen),
+        "decoder.weight": torch.randn(L, m, d, generator=gen) * (0.2 + torch.rand(L, m, 1, generator=gen)),
+        "decoder.bias": 0.1 * torch.randn(L, d, generator=gen),
+        "code_normalization_id": torch.tensor(SOF_CODE_NORMALIZATION_IDS[code_normalization]),
+        "target_rms": torch.tensor(1.0),
+    }
+    if normalizer:
+        sd["activation_mean"] = torch.randn(L, d, generator=gen)
+        sd["activation_std"] = 0.5 + torch.rand(L, d, generator=gen)
+        sd["activation_global_scale"] = sd["target_rms"] / torch.sqrt((sd["activation_std"] ** 2).sum(-1) + 1e-8)
+    else:
+        sd["activation_mean"] = torch.full((L, d), float("nan"))
+        sd["activation_std"] = torch.full((L, d), float("nan"))
+        sd["activation_global_scale"] = torch.ones(L)
+    if batch_topk:
+        sd["k"] = torch.tensor(k, dtype=torch.int32)
+        if threshold is None:
+            threshold = [-1.0] * L if code_normalization == "DECOUPLED" else -1.0
+        sd["threshold"] = torch.tensor(threshold, dtype=torch.float32)
+    return sd
+
+
+def write_sof_crosscoder(folder: str | Path, sd: dict[str, torch.Tensor], layout: str = "hub",
+                         dict_class: str = "BatchTopKCrossCoder", code_normalization: str = "CROSSCODER",
+                         k: int = 4, compiled: bool = False, step: int = 500) -> Path:
+    """Write ``sd`` as ``layout``: "hub" (model.safetensors + config.json + trainer_config.json),
+    "local" (model_final.pt + config.json {"trainer": ...}) or "checkpoint" (checkpoint_{step}.pt)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    L, d, m = sd["encoder.weight"].shape
+    trainer = {"trainer_class": "BatchTopKCrossCoderTrainer" if dict_class == "BatchTopKCrossCoder" else "CrossCoderTrainer",
+               "dict_class": dict_class, "activation_dim": d, "dict_size": m, "lr": 1e-4, "layer": 13,
+               "lm_name": "google/gemma-2-2b", "code_normalization": code_normalization, "wandb_name": "test"}
+    if dict_class == "BatchTopKCrossCoder":
+        trainer["k"] = k
+    state = {(f"_orig_mod.{key}" if compiled else key): value for key, value in sd.items()}
+    if layout == "hub":
+        save_file({key: v.contiguous() for key, v in state.items()}, str(folder / "model.safetensors"))
+        init = {"activation_dim": d, "dict_size": m, "num_layers": L, "code_normalization": code_normalization,
+                "norm_init_scale": 1.0, "target_rms": 1.0, "dict_class": dict_class}
+        if dict_class == "BatchTopKCrossCoder":
+            init["k"] = k
+        (folder / "config.json").write_text(json.dumps(init))
+        (folder / "trainer_config.json").write_text(json.dumps({"trainer": trainer}))
+    else:
+        name = "model_final.pt" if layout == "local" else f"checkpoint_{step}.pt"
+        torch.save(state, folder / name)
+        (folder / "config.json").write_text(json.dumps({"trainer": trainer}))
+    return folder
+
+
+def kissane_state_dict(d: int = 16, m: int = 48, seed: int = 0) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return {
+        "W_enc": torch.randn(2, d, m, generator=gen) / d**0.5,
+        "W_dec": torch.randn(m, 2, d, generator=gen) * 0.1,
+        "b_enc": 0.1 * torch.randn(m, generator=gen) - 0.05,
+        "b_dec": 0.1 * torch.randn(2, d, generator=gen),
+    }
+
+
+def write_kissane_crosscoder(folder: str | Path, sd: dict[str, torch.Tensor],
+                             hook_point: str = "blocks.14.hook_resid_pre") -> Path:
+    """Kissane's hub layout: <hook_point>/cfg.json + cc_weights.pt (fp32)."""
+    import json
+
+    folder = Path(folder) / hook_point
+    folder.mkdir(parents=True, exist_ok=True)
+    _, d, m = sd["W_enc"].shape
+    cfg = {"seed": 49, "batch_size": 4096, "buffer_mult": 128, "lr": 5e-5, "num_tokens": 400_000_000,
+           "l1_coeff": 2, "beta1": 0.9, "beta2": 0.999, "d_in": d, "dict_size": m, "seq_len": 1024,
+           "enc_dtype": "fp32", "model_name": "gemma-2-2b", "site": "resid_pre", "device": "cuda",
+           "model_batch_size": 4, "log_every": 100, "save_every": 30000, "dec_init_norm": 0.08,
+           "hook_point": hook_point, "wandb_project": "crosscoder", "wandb_entity": "ckkissane"}
+    (folder / "cfg.json").write_text(json.dumps(cfg))
+    torch.save(sd, folder / "cc_weights.pt")
+    return folder
+
+
+def random_activation_pairs(n: int, d: int, seed: int) -> torch.Tensor:
+    """Correlated random (n, 2, d) activations with different scales per model."""
+    gen = torch.Generator().manual_seed(seed)
+    base = torch.randn(n, d, generator=gen) * 2.0
+    edited = 0.6 * base + 0.4 * torch.randn(n, d, generator=gen)
+    return torch.stack([base, edited * 0.5], dim=1)

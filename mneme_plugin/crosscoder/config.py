@@ -10,6 +10,14 @@ from mneme_plugin.errors import ConfigError
 from mneme_plugin.crosscoder.salience import SALIENCE_MODES
 
 DTYPES = ("float32", "bfloat16", "float16", "float64")
+# Sparsity rules: BatchTopK / threshold (trained here), plain ReLU (L1 crosscoders: Kissane, the
+# science-of-finetuning ``CrossCoder``), per-latent JumpReLU thresholds (imported SAE-Lens exports).
+SPARSITY_MODES = ("batchtopk", "relu", "jumprelu")
+# Input normalisation: ``scale`` x * s_l (ours, Kissane); ``mean_scale`` (x - mu_l) * s_l, undone
+# as y / (s_l + 1e-8) + mu_l (the science-of-finetuning normaliser, keep_relative_variance=True).
+NORMALIZATIONS = ("scale", "mean_scale")
+# science-of-finetuning DECOUPLED code normalisation: one weight, top-k and threshold per model.
+DECOUPLED = "decoupled"
 
 
 @dataclass
@@ -19,7 +27,11 @@ class CrossCoderConfig(ConfigMixin):
     ``salience`` picks the decoder-norm weight w_j used to rank latents in BatchTopK:
     ``paper`` (||D_j^b||^2 + ||D_j^f||^2, the MNEME paper's), ``crosscoder``
     (||D_j^b|| + ||D_j^f||), ``sae`` (sqrt of the sum of squares), ``mixed`` and ``none``
-    (the other science-of-finetuning modes, for imported crosscoders).
+    (the other science-of-finetuning modes, for imported crosscoders); ``decoupled`` (imported
+    science-of-finetuning DECOUPLED crosscoders: per-model weights ||D_j^l||, thresholds and top-k).
+
+    ``sparsity`` and ``normalization`` describe imported crosscoders (see ``mneme_plugin.formats``);
+    the defaults (``batchtopk``, ``scale``) are the ones this package trains.
     """
 
     # None = taken from the activations (d_model) / from expansion_factor * activation_dim.
@@ -30,6 +42,8 @@ class CrossCoderConfig(ConfigMixin):
     salience: str = "paper"
     num_models: int = 2
     dtype: str = "float32"
+    sparsity: str = "batchtopk"
+    normalization: str = "scale"
     # Free metadata carried with the weights: models, layer, hook, store it was trained on.
     metadata: dict[str, Any] = field(default_factory=dict)
 
@@ -46,11 +60,25 @@ class CrossCoderConfig(ConfigMixin):
             f"k must be at most dict_size={self.dict_size}, got {self.k}.",
         )
         require(
-            self.salience in SALIENCE_MODES,
-            f"salience must be one of {sorted(SALIENCE_MODES)}, got {self.salience!r}.",
+            self.salience in SALIENCE_MODES or self.salience == DECOUPLED,
+            f"salience must be one of {sorted(SALIENCE_MODES) + [DECOUPLED]}, got {self.salience!r}.",
+        )
+        require(self.sparsity in SPARSITY_MODES, f"sparsity must be one of {SPARSITY_MODES}, got {self.sparsity!r}.")
+        require(
+            self.normalization in NORMALIZATIONS,
+            f"normalization must be one of {NORMALIZATIONS}, got {self.normalization!r}.",
+        )
+        require(
+            self.salience != DECOUPLED or self.sparsity == "batchtopk",
+            "salience 'decoupled' needs sparsity 'batchtopk'.",
         )
         require(self.num_models == 2, f"num_models must be 2 (base, edited), got {self.num_models}.")
         require(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}.")
+
+    @property
+    def is_default_variant(self) -> bool:
+        """True for the crosscoders this package trains (no imported-format extension in use)."""
+        return self.sparsity == "batchtopk" and self.normalization == "scale" and self.salience != DECOUPLED
 
     @property
     def is_resolved(self) -> bool:

@@ -12,7 +12,7 @@ from dictionary_learning.dictionary import Dictionary
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from mneme_plugin.crosscoder.config import CrossCoderConfig
+from mneme_plugin.crosscoder.config import DECOUPLED, CrossCoderConfig
 from mneme_plugin.crosscoder.salience import SALIENCE_MODES
 from mneme_plugin.crosscoder.sparse import ActiveLatents, batch_topk_indices, gather_active, sparse_decode
 from mneme_plugin.errors import CheckpointError
@@ -22,6 +22,8 @@ FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 TENSOR_NAMES = ("W_enc", "b_enc", "W_dec", "b_dec", "threshold", "activation_scale")
+# science-of-finetuning's denormaliser divides by (scale + 1e-8).
+_MEAN_SCALE_EPS = 1e-8
 
 
 class BatchTopKCrossCoder(Dictionary, nn.Module):
@@ -31,6 +33,19 @@ class BatchTopKCrossCoder(Dictionary, nn.Module):
     model. ``encode`` returns unscaled codes f (B, m); ``decode`` maps them back to (B, 2, d).
     Per-model normalisation (``activation_scale``, so that E||x|| = sqrt(d)) is applied inside
     ``encode`` and undone in ``decode``: callers always pass and get raw activations.
+
+    Imported variants (``mneme_plugin.formats``) are the same class, configured by the config:
+
+    * ``sparsity="relu"``: codes are the ReLU pre-activations, no selection (L1 crosscoders);
+    * ``sparsity="jumprelu"``: f_j = pre_j * (pre_j > latent_threshold_j) (SAE-Lens exports);
+    * ``normalization="mean_scale"``: x' = (x - activation_mean_l) * activation_scale_l, undone as
+      y / (activation_scale_l + 1e-8) + activation_mean_l (science-of-finetuning normaliser);
+    * ``salience="decoupled"``: per-model weights w_j^l = ||D_j^l||, per-model thresholds
+      ``model_thresholds`` (2,) (or per-model BatchTopK). Their codes are (B, 2, m)
+      (``encode_per_model``); ``encode`` returns the (B, m) union ``max_l f_lj`` (each code is
+      either pre_j or 0, so this is pre_j where any model keeps latent j) and ``decode`` re-applies
+      the per-model rule to those codes, so ``decode(encode(x))`` is the original reconstruction.
+      The scalar ``threshold`` then only says whether thresholds exist (its max over models).
     """
 
     def __init__(self, config: CrossCoderConfig) -> None:
@@ -53,6 +68,13 @@ class BatchTopKCrossCoder(Dictionary, nn.Module):
         # Smallest kept salience, estimated during training; -1 = not estimated yet.
         self.register_buffer("threshold", torch.tensor(-1.0, dtype=torch.float32))
         self.register_buffer("activation_scale", torch.ones(n, dtype=torch.float32))
+        self._decoupled = config.salience == DECOUPLED
+        if self._decoupled:
+            self.register_buffer("model_thresholds", torch.full((n,), -1.0, dtype=torch.float32))
+        if config.normalization == "mean_scale":
+            self.register_buffer("activation_mean", torch.zeros(n, d, dtype=torch.float32))
+        if config.sparsity == "jumprelu":
+            self.register_buffer("latent_threshold", torch.zeros(m, dtype=torch.float32))
         self.reset_parameters()
 
     # ----------------------------------------------------------------------------- set-up
@@ -76,17 +98,44 @@ class BatchTopKCrossCoder(Dictionary, nn.Module):
             )
         self.activation_scale.copy_(scale.to(self.activation_scale.device))
 
+    def tensor_names(self) -> tuple[str, ...]:
+        """Names of the tensors saved with this crosscoder (``TENSOR_NAMES`` plus its variant's)."""
+        extra = tuple(
+            name for name in ("model_thresholds", "activation_mean", "latent_threshold") if hasattr(self, name)
+        )
+        return TENSOR_NAMES + extra
+
+    @torch.no_grad()
+    def set_model_thresholds(self, thresholds: torch.Tensor | list[float]) -> None:
+        """Per-model thresholds of a DECOUPLED crosscoder (-1 = not estimated for that model)."""
+        if not self._decoupled:
+            raise ValueError("Per-model thresholds exist only for salience 'decoupled' crosscoders.")
+        t = torch.as_tensor(thresholds, dtype=torch.float32).reshape(-1)
+        self.model_thresholds.copy_(t.to(self.model_thresholds.device))
+        self.threshold.fill_(float(t.max()))
+
     # ----------------------------------------------------------------------------- math
 
     def salience_weights(self) -> torch.Tensor:
-        """w_j, the decoder-norm weight that ranks latents (config ``salience``)."""
+        """w_j, the decoder-norm weight that ranks latents (config ``salience``).
+
+        (m,), or (2, m) for ``decoupled`` (w_j^l = ||D_j^l||).
+        """
+        if self._decoupled:
+            return self.W_dec.norm(dim=-1)
         return SALIENCE_MODES[self.cfg.salience](self.W_dec)
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
+        if self.cfg.normalization == "mean_scale":
+            dtype = self.W_enc.dtype
+            return (x.to(dtype) - self.activation_mean.to(dtype)) * self.activation_scale.to(dtype)[None, :, None]
         return x.to(self.W_enc.dtype) * self.activation_scale.to(self.W_enc.dtype)[None, :, None]
 
     def denormalize(self, x: torch.Tensor) -> torch.Tensor:
+        if self.cfg.normalization == "mean_scale":
+            scale = self.activation_scale.to(x.dtype)[None, :, None]
+            return x / (scale + _MEAN_SCALE_EPS) + self.activation_mean.to(x.dtype)
         return x / self.activation_scale.to(x.dtype)[None, :, None]
 
     def pre_activations(self, x_norm: torch.Tensor) -> torch.Tensor:
@@ -102,6 +151,13 @@ class BatchTopKCrossCoder(Dictionary, nn.Module):
         threshold once it has been estimated and BatchTopK before that.
         """
         pre = self.pre_activations(self.normalize(x))
+        if not self.cfg.is_default_variant:
+            if self.cfg.sparsity == "relu":
+                return pre
+            if self.cfg.sparsity == "jumprelu":
+                return pre * (pre > self.latent_threshold.to(pre.dtype))
+            if self._decoupled:
+                return self._decoupled_codes(pre, use_threshold).amax(dim=1)
         salience = pre * self.salience_weights()
         if use_threshold is None:
             use_threshold = bool(self.threshold >= 0)
@@ -117,8 +173,47 @@ class BatchTopKCrossCoder(Dictionary, nn.Module):
         mask[top] = 1
         return pre * mask.reshape(salience.shape) * (salience > 0)
 
+    def encode_per_model(self, x: torch.Tensor, use_threshold: bool | None = None) -> torch.Tensor:
+        """Codes per model (B, 2, m): a DECOUPLED crosscoder's own codes; else ``encode`` on both."""
+        if self._decoupled:
+            return self._decoupled_codes(self.pre_activations(self.normalize(x)), use_threshold)
+        f = self.encode(x, use_threshold)
+        return f[:, None, :].expand(f.shape[0], self.cfg.num_models, f.shape[1])
+
+    def _decoupled_codes(self, values: torch.Tensor, use_threshold: bool | None) -> torch.Tensor:
+        """Per-model codes (B, 2, m) of a DECOUPLED crosscoder from pre-activations (or union codes)."""
+        weights = self.salience_weights().to(values.dtype)  # (2, m)
+        scaled = values[:, None, :] * weights[None]
+        has_threshold = bool((self.model_thresholds >= 0).any())
+        if use_threshold is None:
+            use_threshold = has_threshold
+        if use_threshold:
+            if not has_threshold:
+                raise ValueError(
+                    "This DECOUPLED crosscoder has no inference thresholds; encode with use_threshold=False."
+                )
+            mask = scaled > self.model_thresholds.to(scaled.dtype)[None, :, None]
+        else:
+            mask = torch.zeros_like(scaled, dtype=torch.bool)
+            for layer in range(scaled.shape[1]):
+                top = batch_topk_indices(scaled[:, layer], self.k * values.shape[0])
+                layer_mask = torch.zeros(scaled[:, layer].numel(), dtype=torch.bool, device=values.device)
+                layer_mask[top] = True
+                mask[:, layer] = layer_mask.reshape(values.shape)
+            mask &= scaled > 0
+        return values[:, None, :] * mask
+
     def decode(self, f: torch.Tensor) -> torch.Tensor:
-        """Reconstruction (B, 2, d) in raw activation scale from codes f (B, m)."""
+        """Reconstruction (B, 2, d) in raw activation scale from codes f (B, m).
+
+        A DECOUPLED crosscoder also takes per-model codes (B, 2, m); (B, m) codes are gated per
+        model by its rule first (see the class docstring).
+        """
+        if self._decoupled:
+            f = f.to(self.W_dec.dtype)
+            f3 = f if f.ndim == 3 else self._decoupled_codes(f, None)
+            x_hat = torch.einsum("blm,lmd->bld", f3, self.W_dec) + self.b_dec
+            return self.denormalize(x_hat)
         x_hat = torch.einsum("bm,lmd->bld", f.to(self.W_dec.dtype), self.W_dec) + self.b_dec
         return self.denormalize(x_hat)
 
@@ -139,6 +234,12 @@ class BatchTopKCrossCoder(Dictionary, nn.Module):
 
         Returns (active, salience, weights); salience (B, m) and weights (m,) are detached.
         """
+        if not self.cfg.is_default_variant:
+            raise ValueError(
+                f"Training is only implemented for BatchTopK crosscoders with sparsity 'batchtopk', normalization "
+                f"'scale' and a shared salience; this one has sparsity {self.cfg.sparsity!r}, normalization "
+                f"{self.cfg.normalization!r}, salience {self.cfg.salience!r} (an imported crosscoder)."
+            )
         with torch.no_grad():
             weights = self.salience_weights().clamp_min(torch.finfo(self.W_dec.dtype).tiny)
             salience = self.salience_matrix(x_norm, weights)
@@ -169,7 +270,7 @@ class BatchTopKCrossCoder(Dictionary, nn.Module):
         """Write ``config.json`` + ``model.safetensors`` into the directory ``path``, atomically per file."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        tensors = {name: getattr(self, name).detach().cpu().contiguous() for name in TENSOR_NAMES}
+        tensors = {name: getattr(self, name).detach().cpu().contiguous() for name in self.tensor_names()}
         tmp_weights = path / f".{WEIGHTS_FILE}.tmp"
         save_file(tensors, str(tmp_weights), metadata={"format": FORMAT_NAME})
         os.replace(tmp_weights, path / WEIGHTS_FILE)
@@ -205,10 +306,11 @@ class BatchTopKCrossCoder(Dictionary, nn.Module):
         except Exception as err:  # safetensors raises its own error types
             raise CheckpointError(f"{weights_path} is not a readable safetensors file: {err}") from err
         model = cls(config)
-        missing = [name for name in TENSOR_NAMES if name not in tensors]
+        names = model.tensor_names()
+        missing = [name for name in names if name not in tensors]
         if missing:
-            raise CheckpointError(f"{weights_path} lacks tensors {missing}; expected {list(TENSOR_NAMES)}.")
-        for name in TENSOR_NAMES:
+            raise CheckpointError(f"{weights_path} lacks tensors {missing}; expected {list(names)}.")
+        for name in names:
             target = getattr(model, name)
             if tuple(tensors[name].shape) != tuple(target.shape):
                 raise CheckpointError(
@@ -216,7 +318,7 @@ class BatchTopKCrossCoder(Dictionary, nn.Module):
                     f"but config.json implies {tuple(target.shape)}."
                 )
         with torch.no_grad():
-            for name in TENSOR_NAMES:
+            for name in names:
                 getattr(model, name).copy_(tensors[name])
         if device is not None:
             model = model.to(device)

@@ -1,0 +1,99 @@
+"""Shared helpers of the format readers: checked JSON / tensor reading and hub resolution."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mneme_plugin.errors import CheckpointError
+
+TORCH_DTYPES = {
+    torch.float32: "float32",
+    torch.bfloat16: "bfloat16",
+    torch.float16: "float16",
+    torch.float64: "float64",
+}
+
+
+def read_json(path: Path, what: str) -> dict[str, Any]:
+    """A JSON object from ``path``; CheckpointError naming the file otherwise."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError as err:
+        raise CheckpointError(f"{path} is missing: expected {what}.") from err
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path} is not valid JSON ({err}); expected {what}.") from err
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} holds a JSON {type(data).__name__}, expected {what} (a JSON object).")
+    return data
+
+
+def load_tensors(path: Path, what: str) -> dict[str, torch.Tensor]:
+    """Tensors of a ``.safetensors`` file or a ``torch.save``'d state dict (loaded with weights_only)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing: expected {what}.")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            data: Any = load_file(str(path))
+        else:
+            data = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as err:  # torch / safetensors raise many error types on corrupt files
+        raise CheckpointError(f"{path} is not a readable tensor file ({type(err).__name__}: {err}); expected {what}.") from err
+    if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
+        raise CheckpointError(f"{path} does not hold a mapping of names to tensors; expected {what}.")
+    return dict(data)
+
+
+def require_tensor(tensors: dict[str, torch.Tensor], name: str, shape: tuple[int, ...] | None, path: Path,
+                   what: str) -> torch.Tensor:
+    if name not in tensors:
+        raise CheckpointError(f"{path} lacks tensor {name!r}; expected {what} (found {sorted(tensors)[:12]}).")
+    t = tensors[name]
+    if shape is not None and tuple(t.shape) != tuple(shape):
+        raise CheckpointError(f"{path}: tensor {name!r} has shape {tuple(t.shape)}, expected {tuple(shape)} ({what}).")
+    return t
+
+
+def dtype_name(t: torch.Tensor, path: Path) -> str:
+    if t.dtype not in TORCH_DTYPES:
+        raise CheckpointError(f"{path}: weights have dtype {t.dtype}, expected one of {sorted(TORCH_DTYPES.values())}.")
+    return TORCH_DTYPES[t.dtype]
+
+
+def looks_like_hub_id(source: str) -> bool:
+    return (
+        not os.path.exists(source)
+        and not source.startswith((".", "/", "~"))
+        and source.count("/") >= 1
+        and all(part for part in source.split("/"))
+    )
+
+
+def download_from_hub(source: str, subfolder: str | None = None, revision: str | None = None) -> Path:
+    """Local folder of a hub repo ``org/name`` (``org/name/sub/folder`` selects a subfolder)."""
+    parts = source.split("/")
+    repo_id = "/".join(parts[:2])
+    if len(parts) > 2:
+        extra = "/".join(parts[2:])
+        subfolder = f"{extra}/{subfolder}" if subfolder else extra
+    try:
+        from huggingface_hub import snapshot_download
+
+        allow = [f"{subfolder.strip('/')}/*"] if subfolder else None
+        root = Path(snapshot_download(repo_id=repo_id, revision=revision, allow_patterns=allow))
+    except Exception as err:  # offline, missing repo, auth...
+        raise CheckpointError(
+            f"{source}: not a local path, and downloading the hub repo {repo_id!r} failed "
+            f"({type(err).__name__}: {err}). Pass a local folder, or go online / log in to the hub."
+        ) from err
+    path = root / subfolder if subfolder else root
+    if not path.exists():
+        raise CheckpointError(f"The hub repo {repo_id!r} has no folder {subfolder!r}.")
+    return path

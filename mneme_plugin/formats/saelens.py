@@ -1,0 +1,277 @@
+"""Export a crosscoder as SAE-Lens ``jumprelu`` SAEs, and read those exports back.
+
+The main export is one SAE with ``d_in = 2 d`` over ``concat(base, edited)`` raw activations
+(``x.reshape(B, 2 d)`` of our stacked (B, 2, d) input). Everything our ``encode`` does is folded in:
+
+* normalisation: W_enc'^l = s_l W_enc^l, b_enc' = b_enc - sum_l s_l mu_l W_enc^l (mu = 0 unless
+  normalization ``mean_scale``); decoder W_dec'^l = W_dec^l / s_l, b_dec'^l = b_dec^l / s_l + mu_l
+  (s_l + 1e-8 for ``mean_scale``), so SAE-Lens reconstructs raw activations;
+* salience and threshold: f_j = pre_j (pre_j w_j > t) = pre_j (pre_j > t / w_j), so the jumprelu
+  threshold is t / w_j (+inf where w_j = 0); ``relu`` crosscoders get 0, ``jumprelu`` their own.
+
+SAE-Lens computes ``relu(x W_enc + b_enc) * (x W_enc + b_enc > threshold)`` with
+``apply_b_dec_to_input`` false: the same codes as our ``encode``. A DECOUPLED crosscoder exports
+2 m latents: latent ``l * m + j`` is latent j as gated for model l, decoding into model l only.
+
+Optional per-model views (``d_in = d``, one model's half) are marked ``partial``: their encoder sees
+one model only (the other's normalised input is taken as 0, i.e. its mean), so their codes differ.
+
+Layout (folder per hook, what ``SAE.from_pretrained("org/repo", "<folder>")`` loads once pushed)::
+
+    OUT/<folder>/            cfg.json + sae_weights.safetensors   (concat, the exact one)
+    OUT/<folder>__base/      per-model view (partial), with views=True
+    OUT/<folder>__edited/
+
+Writing needs only JSON and safetensors; sae_lens is never imported.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from mneme_plugin.crosscoder.config import CrossCoderConfig
+from mneme_plugin.crosscoder.model import _MEAN_SCALE_EPS, BatchTopKCrossCoder
+from mneme_plugin.errors import CheckpointError, ConfigError
+from mneme_plugin.formats.common import load_tensors, read_json, require_tensor
+
+FORMAT = "mneme-crosscoder-saelens"
+CFG_FILE = "cfg.json"
+WEIGHTS_FILE = "sae_weights.safetensors"
+VIEW_SUFFIX = {"base": "__base", "edited": "__edited"}
+MODEL_ORDER = ("base", "edited")
+
+
+def _sae_lens_version() -> str:
+    """The installed SAE-Lens version if >= 6 (read from package metadata, no import), else 6.0.0."""
+    try:
+        installed = version("sae-lens")
+    except PackageNotFoundError:
+        return "6.0.0"
+    try:
+        return installed if int(installed.split(".")[0]) >= 6 else "6.0.0"
+    except ValueError:
+        return "6.0.0"
+
+
+@torch.no_grad()
+def folded_weights(cc: BatchTopKCrossCoder) -> dict[str, torch.Tensor]:
+    """Float64 folded tensors of the concat SAE: W_enc (2d, m'), b_enc, W_dec (m', 2d), b_dec (2d,), threshold."""
+    cfg = cc.cfg
+    n, d, m = cc.W_enc.shape
+    f64 = torch.float64
+    s = cc.activation_scale.detach().cpu().to(f64)
+    mu = cc.activation_mean.detach().cpu().to(f64) if cfg.normalization == "mean_scale" else torch.zeros(n, d, dtype=f64)
+    denorm = s + _MEAN_SCALE_EPS if cfg.normalization == "mean_scale" else s
+    W_enc = cc.W_enc.detach().cpu().to(f64) * s[:, None, None]  # (2, d, m)
+    b_enc = cc.b_enc.detach().cpu().to(f64) - torch.einsum("ld,ldm->m", mu, W_enc)
+    W_dec = cc.W_dec.detach().cpu().to(f64) / denorm[:, None, None]  # (2, m, d)
+    b_dec = cc.b_dec.detach().cpu().to(f64) / denorm[:, None] + mu  # (2, d)
+
+    def ratio(t: float, w: torch.Tensor) -> torch.Tensor:
+        if t < 0:  # DECOUPLED model without a threshold: their mask keeps every positive code
+            return torch.zeros_like(w)
+        return torch.where(w > 0, t / torch.where(w > 0, w, torch.ones_like(w)), torch.full_like(w, float("inf")))
+
+    if cfg.sparsity == "relu":
+        threshold = torch.zeros(m, dtype=f64)
+    elif cfg.sparsity == "jumprelu":
+        threshold = cc.latent_threshold.detach().cpu().to(f64)
+    elif cfg.salience == "decoupled":
+        t = cc.model_thresholds.detach().cpu().tolist()
+        if max(t) < 0:
+            raise ConfigError("This DECOUPLED crosscoder has no inference thresholds; SAE-Lens needs them.")
+        w = cc.salience_weights().detach().cpu().to(f64)  # (2, m)
+        zero = torch.zeros(m, d, dtype=f64)
+        return {
+            "W_enc": torch.cat([W_enc.reshape(n * d, m)] * 2, dim=1),
+            "b_enc": torch.cat([b_enc, b_enc]),
+            "W_dec": torch.cat([torch.cat([W_dec[0], zero], dim=1), torch.cat([zero, W_dec[1]], dim=1)], dim=0),
+            "b_dec": b_dec.reshape(n * d),
+            "threshold": torch.cat([ratio(t[0], w[0]), ratio(t[1], w[1])]),
+        }
+    else:
+        t = float(cc.threshold)
+        if t < 0:
+            raise ConfigError(
+                "This crosscoder has no inference threshold yet (BatchTopK only); SAE-Lens's jumprelu needs one. "
+                "Train past threshold_start_step first."
+            )
+        threshold = ratio(t, cc.salience_weights().detach().cpu().to(f64))
+    return {
+        "W_enc": W_enc.reshape(n * d, m),
+        "b_enc": b_enc,
+        "W_dec": W_dec.permute(1, 0, 2).reshape(m, n * d),
+        "b_dec": b_dec.reshape(n * d),
+        "threshold": threshold,
+    }
+
+
+def _view(full: dict[str, torch.Tensor], layer: int, d: int, decoupled: bool) -> dict[str, torch.Tensor]:
+    """One model's half: encoder rows and decoder columns of that model (other input at its mean)."""
+    cols = slice(layer * d, (layer + 1) * d)
+    if decoupled:  # keep the latents gated for this model: (m,) of the 2m
+        m = full["b_enc"].numel() // 2
+        lat = slice(layer * m, (layer + 1) * m)
+        return {"W_enc": full["W_enc"][cols, lat], "b_enc": full["b_enc"][lat], "W_dec": full["W_dec"][lat, cols],
+                "b_dec": full["b_dec"][cols], "threshold": full["threshold"][lat]}
+    return {"W_enc": full["W_enc"][cols], "b_enc": full["b_enc"], "W_dec": full["W_dec"][:, cols],
+            "b_dec": full["b_dec"][cols], "threshold": full["threshold"]}
+
+
+def _write(folder: Path, tensors: dict[str, torch.Tensor], cfg: dict[str, Any], dtype: torch.dtype) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    out = {k: v.to(dtype).contiguous() for k, v in tensors.items()}
+    tmp = folder / f".{WEIGHTS_FILE}.tmp"
+    save_file(out, str(tmp))
+    os.replace(tmp, folder / WEIGHTS_FILE)
+    tmp = folder / f".{CFG_FILE}.tmp"
+    tmp.write_text(json.dumps(cfg, indent=2))
+    os.replace(tmp, folder / CFG_FILE)
+
+
+def export_saelens(
+    crosscoder: BatchTopKCrossCoder,
+    out_dir: str | os.PathLike[str],
+    *,
+    folder: str | None = None,
+    hook_name: str | None = None,
+    base_model: str | None = None,
+    edited_model: str | None = None,
+    views: bool = False,
+) -> dict[str, Path]:
+    """Write the crosscoder as SAE-Lens jumprelu SAE folders under ``out_dir``; returns {view: folder}.
+
+    ``folder`` defaults to the hook name (from the crosscoder's metadata, else ``crosscoder``).
+    ``views`` adds the per-model (partial) views.
+    """
+    cfg: CrossCoderConfig = crosscoder.cfg
+    meta = dict(cfg.metadata)
+    hook_name = hook_name or meta.get("hook_name")
+    base_model = base_model or meta.get("base_model") or meta.get("lm_name") or meta.get("model_name")
+    edited_model = edited_model or meta.get("edited_model") or meta.get("chat_model")
+    folder = folder or hook_name or "crosscoder"
+    if "/" in folder or folder in ("", ".", ".."):
+        raise ConfigError(f"The export folder name must be one path component, got {folder!r}.")
+    d, m = crosscoder.activation_dim, crosscoder.dict_size
+    decoupled = cfg.salience == "decoupled"
+    full = folded_weights(crosscoder)
+    dtype = getattr(torch, cfg.dtype)
+    sae_version = _sae_lens_version()
+    mneme_meta = {
+        "format": FORMAT,
+        "crosscoder_config": {k: v for k, v in cfg.to_dict().items() if k != "metadata"},
+        "crosscoder_metadata": meta,
+        "latent_layout": (
+            f"decoupled: latent l*{m}+j is latent j as gated for model l (0 base, 1 edited)" if decoupled
+            else "one latent per crosscoder latent"
+        ),
+    }
+    out_dir = Path(out_dir)
+    written: dict[str, Path] = {}
+    for view in ("concat",) + (MODEL_ORDER if views else ()):
+        if view == "concat":
+            tensors, d_in, name = full, 2 * d, folder
+            layout = "concat(base, edited): x[..., :d] base activations, x[..., d:] edited activations (raw)"
+            partial = False
+        else:
+            layer = MODEL_ORDER.index(view)
+            tensors, d_in, name = _view(full, layer, d, decoupled), d, folder + VIEW_SUFFIX[view]
+            layout = f"{view} activations only (raw)"
+            partial = True
+        model_name = edited_model if view == "edited" else base_model
+        metadata: dict[str, Any] = {
+            "sae_lens_version": sae_version,
+            "sae_lens_training_version": None,
+            "model_name": model_name,
+            "hook_name": hook_name,
+            "hook_head_index": None,
+            "prepend_bos": True,
+            "context_size": meta.get("context_length"),
+            "model_names": {"base": base_model, "edited": edited_model},
+            "model_order": list(MODEL_ORDER),
+            "layout": layout,
+            "view": view,
+            "partial": partial,
+            "salience": cfg.salience,
+            "mneme": mneme_meta,
+        }
+        if partial:
+            metadata["partial_note"] = (
+                f"Encoder sees the {view} model only (the other model's normalised input is taken as 0): its codes "
+                "differ from the crosscoder's; use the concat SAE for exact codes."
+            )
+        sae_cfg = {
+            "architecture": "jumprelu",
+            "d_in": d_in,
+            "d_sae": int(tensors["b_enc"].numel()),
+            "dtype": cfg.dtype,
+            "device": "cpu",
+            "apply_b_dec_to_input": False,
+            "normalize_activations": "none",
+            "reshape_activations": "none",
+            "metadata": metadata,
+        }
+        _write(out_dir / name, tensors, sae_cfg, dtype)
+        written[view] = out_dir / name
+    return written
+
+
+def is_saelens_folder(path: Path) -> bool:
+    return (path / CFG_FILE).is_file() and (path / WEIGHTS_FILE).is_file()
+
+
+def load_saelens_export(path: str | Path) -> BatchTopKCrossCoder:
+    """A crosscoder (sparsity ``jumprelu``, in raw space) from a concat SAE-Lens folder written by ``export_saelens``."""
+    path = Path(path)
+    cfg_path = path / CFG_FILE
+    cfg = read_json(cfg_path, "an SAE-Lens cfg.json")
+    meta = cfg.get("metadata") or {}
+    mneme = meta.get("mneme") if isinstance(meta, dict) else None
+    if not isinstance(mneme, dict) or mneme.get("format") != FORMAT:
+        raise CheckpointError(
+            f"{cfg_path} is an SAE-Lens SAE config but not a crosscoder exported by mneme (no metadata.mneme.format "
+            f"== {FORMAT!r}); plain SAEs cannot be read as crosscoders."
+        )
+    if meta.get("partial"):
+        raise CheckpointError(
+            f"{path} is a per-model ({meta.get('view')}) view, which sees one model only; import the concat export."
+        )
+    if cfg.get("architecture") != "jumprelu" or cfg.get("apply_b_dec_to_input", True):
+        raise CheckpointError(f"{cfg_path}: expected architecture 'jumprelu' with apply_b_dec_to_input false.")
+    d_in, m = int(cfg["d_in"]), int(cfg["d_sae"])
+    if d_in % 2:
+        raise CheckpointError(f"{cfg_path}: d_in={d_in} is not 2 d for a concat(base, edited) export.")
+    d = d_in // 2
+    weights = path / WEIGHTS_FILE
+    expected = f"a jumprelu SAE (W_enc ({d_in}, {m}), b_enc, W_dec ({m}, {d_in}), b_dec, threshold)"
+    tensors = load_tensors(weights, expected)
+    W_enc = require_tensor(tensors, "W_enc", (d_in, m), weights, expected)
+    W_dec = require_tensor(tensors, "W_dec", (m, d_in), weights, expected)
+    b_enc = require_tensor(tensors, "b_enc", (m,), weights, expected)
+    b_dec = require_tensor(tensors, "b_dec", (d_in,), weights, expected)
+    thr = require_tensor(tensors, "threshold", (m,), weights, expected)
+    original = dict(mneme.get("crosscoder_config") or {})
+    salience = original.get("salience", "paper")
+    k = min(int(original.get("k", 100)), m)
+    config = CrossCoderConfig(
+        activation_dim=d, dict_size=m, k=k, salience="paper" if salience == "decoupled" else salience,
+        sparsity="jumprelu", dtype=str(cfg.get("dtype", "float32")),
+        metadata={**(mneme.get("crosscoder_metadata") or {}), "source_format": FORMAT, "source": str(path),
+                  "exported_salience": salience},
+    )
+    model = BatchTopKCrossCoder(config)
+    with torch.no_grad():
+        model.W_enc.copy_(W_enc.reshape(2, d, m))
+        model.b_enc.copy_(b_enc)
+        model.W_dec.copy_(W_dec.reshape(m, 2, d).permute(1, 0, 2))
+        model.b_dec.copy_(b_dec.reshape(2, d))
+        model.latent_threshold.copy_(thr)
+        model.threshold.fill_(0.0)  # per-latent thresholds: no batch dependence
+    return model

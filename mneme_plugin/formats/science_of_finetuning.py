@@ -1,0 +1,202 @@
+"""Import science-of-finetuning crosscoders (their ``dictionary_learning`` fork).
+
+Layouts: the hub layout (``model.safetensors`` + ``config.json`` with the init kwargs +
+``trainer_config.json`` = ``{"trainer": {...}}``) and local training output (``model_final.pt`` or
+``checkpoint_{step}.pt`` + ``config.json`` = ``{"trainer": {...}}``), possibly with ``_orig_mod.``
+prefixes (torch.compile). Classes: ``BatchTopKCrossCoder`` (-> sparsity ``batchtopk``, their
+``k`` and ``threshold``) and the L1 ``CrossCoder`` (-> sparsity ``relu``: its ``encode`` is the ReLU
+pre-activation, with no selection). Code normalisation CROSSCODER / SAE / MIXED / NONE map to the
+salience modes of the same name, DECOUPLED to ``decoupled`` (per-model thresholds). Their activation
+normaliser (``activation_mean`` / ``activation_global_scale``) maps to normalization ``mean_scale``.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mneme_plugin.crosscoder.config import CrossCoderConfig
+from mneme_plugin.crosscoder.model import BatchTopKCrossCoder
+from mneme_plugin.errors import CheckpointError
+from mneme_plugin.formats.common import dtype_name, load_tensors, read_json, require_tensor
+
+logger = logging.getLogger("mneme_plugin")
+
+FORMAT = "science-of-finetuning"
+CODE_NORMALIZATIONS = {1: "CROSSCODER", 2: "SAE", 3: "MIXED", 4: "NONE", 5: "DECOUPLED"}
+SALIENCE_OF = {"CROSSCODER": "crosscoder", "SAE": "sae", "MIXED": "mixed", "NONE": "none", "DECOUPLED": "decoupled"}
+CLASSES = ("BatchTopKCrossCoder", "CrossCoder")
+WEIGHT_FILES = ("model.safetensors", "model_final.pt")
+EXPECTED = (
+    "a science-of-finetuning crosscoder state dict (encoder.weight (2, d, m), encoder.bias (m), "
+    "decoder.weight (2, m, d), decoder.bias (2, d))"
+)
+
+
+def find_weights(folder: Path) -> Path | None:
+    """The weights file of a science-of-finetuning folder (model.safetensors, model_final.pt, newest checkpoint)."""
+    for name in WEIGHT_FILES:
+        if (folder / name).is_file():
+            return folder / name
+    checkpoints = []
+    for p in folder.glob("checkpoint_*.pt"):
+        m = re.fullmatch(r"checkpoint_(\d+)\.pt", p.name)
+        if m:
+            checkpoints.append((int(m.group(1)), p))
+    return max(checkpoints)[1] if checkpoints else None
+
+
+def _strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, value in state.items():
+        while key.startswith("_orig_mod."):
+            key = key[len("_orig_mod."):]
+        key = key.replace("._orig_mod.", ".")
+        out[key] = value
+    return out
+
+
+def _configs(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(init kwargs, trainer config) from config.json / trainer_config.json, where present."""
+    init: dict[str, Any] = {}
+    trainer: dict[str, Any] = {}
+    if (folder / "config.json").is_file():
+        cfg = read_json(folder / "config.json", "a science-of-finetuning config")
+        if isinstance(cfg.get("trainer"), dict):
+            trainer = dict(cfg["trainer"])  # local training output: config.json = {"trainer": ...}
+        else:
+            init = cfg
+    if (folder / "trainer_config.json").is_file():
+        tcfg = read_json(folder / "trainer_config.json", 'a trainer config {"trainer": {...}}')
+        trainer = dict(tcfg.get("trainer", tcfg))
+    return init, trainer
+
+
+def _code_normalization(state: dict[str, torch.Tensor], init: dict[str, Any], trainer: dict[str, Any],
+                        path: Path) -> str:
+    if "code_normalization_id" in state:
+        value = int(state["code_normalization_id"].item())
+        if value not in CODE_NORMALIZATIONS:
+            raise CheckpointError(
+                f"{path}: code_normalization_id {value} is unknown; expected one of {CODE_NORMALIZATIONS}."
+            )
+        return CODE_NORMALIZATIONS[value]
+    for source in (init, trainer):
+        value = source.get("code_normalization")
+        if value is not None:
+            name = CODE_NORMALIZATIONS.get(value, None) if isinstance(value, int) else str(value).split(".")[-1].upper()
+            if name not in SALIENCE_OF:
+                raise CheckpointError(f"{path}: code_normalization {value!r} is unknown; expected {sorted(SALIENCE_OF)}.")
+            return name
+    logger.warning("%s has no code normalisation id (an older checkpoint): assuming CROSSCODER, as their code does.", path)
+    return "CROSSCODER"
+
+
+def load_science_of_finetuning(path: str | Path, dict_class: str | None = None) -> BatchTopKCrossCoder:
+    """A science-of-finetuning crosscoder from its folder or weights file, as a ``BatchTopKCrossCoder``."""
+    path = Path(path)
+    if path.is_dir():
+        folder, weights = path, find_weights(path)
+        if weights is None:
+            raise CheckpointError(
+                f"{path} holds no science-of-finetuning weights: expected model.safetensors, model_final.pt "
+                "or checkpoint_<step>.pt."
+            )
+    else:
+        folder, weights = path.parent, path
+    init, trainer = _configs(folder)
+    state = _strip_prefixes(load_tensors(weights, EXPECTED))
+    enc = require_tensor(state, "encoder.weight", None, weights, EXPECTED)
+    if enc.ndim != 3:
+        raise CheckpointError(f"{weights}: encoder.weight has shape {tuple(enc.shape)}, expected (2, d, m). {EXPECTED}")
+    n, d, m = enc.shape
+    if n != 2:
+        raise CheckpointError(
+            f"{weights}: the crosscoder reads {n} models/layers; mneme handles crosscoders over exactly 2 (base, edited)."
+        )
+    b_enc = require_tensor(state, "encoder.bias", (m,), weights, EXPECTED)
+    W_dec = require_tensor(state, "decoder.weight", (n, m, d), weights, EXPECTED)
+    b_dec = require_tensor(state, "decoder.bias", (n, d), weights, EXPECTED)
+
+    cls_name = dict_class or init.get("dict_class") or trainer.get("dict_class")
+    if cls_name is None:
+        cls_name = "BatchTopKCrossCoder" if "k" in state else "CrossCoder"
+    if cls_name not in CLASSES:
+        raise CheckpointError(f"{folder}: dict_class {cls_name!r} is not supported; expected one of {CLASSES}.")
+    batch_topk = cls_name == "BatchTopKCrossCoder"
+    code_norm = _code_normalization(state, init, trainer, weights)
+    alphas = (init.get("code_normalization_alpha_sae", 1.0), init.get("code_normalization_alpha_cc", 0.1))
+    if code_norm == "MIXED" and tuple(float(a) for a in alphas) != (1.0, 0.1):
+        raise CheckpointError(
+            f"{folder}: MIXED code normalisation with alphas {alphas} is not supported (only 1.0 * SAE + 0.1 * CROSSCODER)."
+        )
+    salience = SALIENCE_OF[code_norm]
+    if batch_topk:
+        if "k" in state:
+            k = int(state["k"].item())
+        elif init.get("k") is not None or trainer.get("k") is not None:
+            k = int(init.get("k") or trainer.get("k"))
+        else:
+            raise CheckpointError(f"{weights} is a BatchTopKCrossCoder without k (no 'k' tensor, no k in the configs).")
+        sparsity = "batchtopk"
+    else:
+        k = min(int(init.get("k") or trainer.get("k") or 100), m)
+        sparsity = "relu"
+        if salience == "decoupled":
+            salience = "crosscoder"  # encoding of an L1 crosscoder does not use the weights
+
+    mean, std = state.get("activation_mean"), state.get("activation_std")
+    has_normalizer = (
+        mean is not None and std is not None and not torch.isnan(mean).any() and not torch.isnan(std).any()
+    )
+    if has_normalizer:
+        if tuple(mean.shape) != (n, d) or tuple(std.shape) != (n, d):
+            raise CheckpointError(
+                f"{weights}: activation_mean / activation_std have shapes {tuple(mean.shape)} / {tuple(std.shape)}, "
+                f"expected ({n}, {d})."
+            )
+        if "activation_global_scale" in state:
+            scale = require_tensor(state, "activation_global_scale", (n,), weights, "per-model normaliser scales")
+        else:
+            target = state.get("target_rms", torch.tensor(float(init.get("target_rms") or 1.0)))
+            scale = target / torch.sqrt((std.double() ** 2).sum(-1) + 1e-8)
+
+    metadata: dict[str, Any] = {
+        "source_format": FORMAT,
+        "source": str(path),
+        "dict_class": cls_name,
+        "code_normalization": code_norm,
+    }
+    for key in ("lm_name", "layer", "base_model", "chat_model", "wandb_name"):
+        if key in trainer and isinstance(trainer[key], (str, int, float)):
+            metadata[key] = trainer[key]
+    config = CrossCoderConfig(
+        activation_dim=d, dict_size=m, k=k, salience=salience, sparsity=sparsity,
+        normalization="mean_scale" if has_normalizer else "scale", dtype=dtype_name(enc, weights), metadata=metadata,
+    )
+    model = BatchTopKCrossCoder(config)
+    with torch.no_grad():
+        model.W_enc.copy_(enc)
+        model.b_enc.copy_(b_enc)
+        model.W_dec.copy_(W_dec)
+        model.b_dec.copy_(b_dec)
+        if has_normalizer:
+            model.activation_mean.copy_(mean)
+            model.activation_scale.copy_(scale)
+        threshold = state.get("threshold")
+        if not batch_topk:
+            model.threshold.fill_(0.0)  # no batch dependence: codes never need a batch
+        elif salience == "decoupled":
+            t = threshold if threshold is not None else torch.full((n,), -1.0)
+            if t.numel() != n:
+                raise CheckpointError(f"{weights}: a DECOUPLED crosscoder needs a threshold per model ({n}), got shape {tuple(t.shape)}.")
+            model.set_model_thresholds(t.float().reshape(-1))
+        elif threshold is not None:
+            if threshold.numel() != 1:
+                raise CheckpointError(f"{weights}: threshold has shape {tuple(threshold.shape)}, expected a scalar.")
+            model.threshold.fill_(float(threshold.item()))
+    return model

@@ -1,0 +1,39 @@
+import json
+
+import torch
+from click.testing import CliRunner
+
+from mneme_plugin.cli import main
+from mneme_plugin.formats import load_crosscoder
+from tests.helpers import kissane_state_dict, sof_state_dict, write_kissane_crosscoder, write_sof_crosscoder
+
+
+def _run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_import_then_export_from_the_command_line(tmp_path):
+    sd = sof_state_dict(seed=2, threshold=0.05)
+    src = write_sof_crosscoder(tmp_path / "sof", sd, "hub", code_normalization="SAE")
+    result = _run("import", src, "--out", tmp_path / "ours")
+    assert result.exit_code == 0, result.output
+    assert "science-of-finetuning" in result.output and "mean_scale" in result.output
+    x = torch.randn(8, 2, 16)
+    assert torch.equal(load_crosscoder(tmp_path / "ours")(x), load_crosscoder(src)(x))
+
+    result = _run("export", "saelens", tmp_path / "ours", "--out", tmp_path / "sl", "--hook", "blocks.13.hook_resid_post",
+                  "--views")
+    assert result.exit_code == 0, result.output
+    cfg = json.loads((tmp_path / "sl" / "blocks.13.hook_resid_post" / "cfg.json").read_text())
+    assert cfg["metadata"]["model_name"] == "google/gemma-2-2b"
+    assert (tmp_path / "sl" / "blocks.13.hook_resid_post__edited" / "sae_weights.safetensors").is_file()
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    folder = write_kissane_crosscoder(tmp_path / "k", kissane_state_dict())
+    result = CliRunner().invoke(main, ["import", str(folder), "--out", str(tmp_path / "o"), "--scale-factors", "1"])
+    assert result.exit_code != 0 and "--scale-factors must be two numbers" in result.output
+    (tmp_path / "junk").mkdir()
+    result = CliRunner().invoke(main, ["import", str(tmp_path / "junk"), "--out", str(tmp_path / "o")])
+    assert result.exit_code != 0 and "is not a crosscoder this package can read" in result.output
+    assert "Traceback" not in result.output

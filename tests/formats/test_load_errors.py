@@ -1,0 +1,103 @@
+"""Unknown, corrupt and foreign files give a CheckpointError naming the file; hub ids download."""
+
+import json
+
+import pytest
+import torch
+
+from mneme_plugin.errors import CheckpointError
+from mneme_plugin.formats import load_crosscoder
+from tests.helpers import kissane_state_dict, sof_state_dict, write_kissane_crosscoder, write_sof_crosscoder
+
+
+def test_unknown_folder_and_missing_path(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match=r"empty is not a crosscoder.*cc_weights.pt"):
+        load_crosscoder(tmp_path / "empty")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_crosscoder(tmp_path / "nowhere")
+
+
+def test_corrupt_weight_files_name_the_file(tmp_path):
+    folder = write_sof_crosscoder(tmp_path / "hub", sof_state_dict(), "hub")
+    (folder / "model.safetensors").write_bytes(b"\x00not safetensors")
+    with pytest.raises(CheckpointError, match=r"model.safetensors is not a readable tensor file"):
+        load_crosscoder(folder)
+
+    folder = write_sof_crosscoder(tmp_path / "local", sof_state_dict(), "local")
+    (folder / "model_final.pt").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="model_final.pt"):
+        load_crosscoder(folder)
+
+    folder = write_kissane_crosscoder(tmp_path / "k", kissane_state_dict())
+    (folder / "cfg.json").write_text("{broken")
+    with pytest.raises(CheckpointError, match=r"cfg.json is not valid JSON"):
+        load_crosscoder(folder)
+
+
+def test_foreign_or_wrong_shaped_tensors(tmp_path):
+    sd = sof_state_dict()
+    del sd["decoder.bias"]
+    folder = write_sof_crosscoder(tmp_path / "a", sd, "hub")
+    with pytest.raises(CheckpointError, match=r"model.safetensors lacks tensor 'decoder.bias'"):
+        load_crosscoder(folder)
+
+    sd = sof_state_dict()
+    sd["encoder.weight"] = torch.randn(3, 16, 48)
+    with pytest.raises(CheckpointError, match="exactly 2"):
+        load_crosscoder(write_sof_crosscoder(tmp_path / "b", sd, "local"))
+
+    sd = kissane_state_dict()
+    sd["W_dec"] = sd["W_dec"].permute(1, 0, 2).contiguous()  # (2, m, d): not Kissane's layout
+    with pytest.raises(CheckpointError, match=r"cc_weights.pt: tensor 'W_dec' has shape"):
+        load_crosscoder(write_kissane_crosscoder(tmp_path / "c", sd))
+
+    sd = sof_state_dict()
+    sd["code_normalization_id"] = torch.tensor(9)
+    with pytest.raises(CheckpointError, match="code_normalization_id 9"):
+        load_crosscoder(write_sof_crosscoder(tmp_path / "d", sd, "hub"))
+
+    folder = write_sof_crosscoder(tmp_path / "e", sof_state_dict(), "hub", dict_class="MatryoshkaCrossCoder")
+    with pytest.raises(CheckpointError, match="dict_class 'MatryoshkaCrossCoder'"):
+        load_crosscoder(folder)
+
+    torch.save([1, 2, 3], tmp_path / "list.pt")
+    with pytest.raises(CheckpointError, match="list.pt"):
+        load_crosscoder(tmp_path / "list.pt")
+
+
+def test_several_crosscoders_need_a_subfolder(tmp_path):
+    write_kissane_crosscoder(tmp_path / "repo", kissane_state_dict(), hook_point="blocks.3.hook_resid_pre")
+    write_kissane_crosscoder(tmp_path / "repo", kissane_state_dict(), hook_point="blocks.4.hook_resid_pre")
+    with pytest.raises(CheckpointError, match="several crosscoders"):
+        load_crosscoder(tmp_path / "repo")
+    cc = load_crosscoder(tmp_path / "repo", subfolder="blocks.4.hook_resid_pre")
+    assert cc.cfg.metadata["hook_name"] == "blocks.4.hook_resid_pre"
+
+
+def test_hub_ids_download_through_huggingface_hub(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    write_kissane_crosscoder(tmp_path / "snapshot", kissane_state_dict())
+    calls = []
+
+    def fake_snapshot_download(repo_id, revision=None, allow_patterns=None, **kwargs):
+        calls.append((repo_id, revision, allow_patterns))
+        return str(tmp_path / "snapshot")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    cc = load_crosscoder("ckkissane/crosscoder-gemma-2-2b-model-diff/blocks.14.hook_resid_pre", scale_factors=[1, 1])
+    assert calls == [("ckkissane/crosscoder-gemma-2-2b-model-diff", None, ["blocks.14.hook_resid_pre/*"])]
+    assert cc.cfg.sparsity == "relu"
+
+
+def test_offline_hub_id_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(CheckpointError, match="downloading the hub repo 'nobody/nothing-here' failed"):
+        load_crosscoder("nobody/nothing-here")
+
+
+def test_scale_factors_only_for_kissane(tmp_path):
+    folder = write_sof_crosscoder(tmp_path / "hub", sof_state_dict(), "hub")
+    with pytest.raises(CheckpointError, match="only for Kissane"):
+        load_crosscoder(folder, scale_factors=[1.0, 1.0])

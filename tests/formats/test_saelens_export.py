@@ -1,0 +1,156 @@
+"""Export to SAE-Lens: stock ``sae_lens.SAE`` loads it and encodes / decodes exactly like the crosscoder."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mneme_plugin.crosscoder import BatchTopKCrossCoder, CrossCoderConfig
+from mneme_plugin.errors import CheckpointError, ConfigError
+from mneme_plugin.formats import export_saelens, load_crosscoder
+from tests.formats.test_import_published import _median_threshold
+from tests.helpers import kissane_state_dict, sof_state_dict, write_kissane_crosscoder, write_sof_crosscoder
+
+sae_lens = pytest.importorskip("sae_lens")
+D, M, K = 16, 48, 4
+
+
+def _ours(salience="paper"):
+    torch.manual_seed(0)
+    cc = BatchTopKCrossCoder(CrossCoderConfig(activation_dim=D, dict_size=M, k=K, salience=salience, metadata={
+        "base_model": "org/base", "edited_model": "org/edited", "hook_name": "blocks.1.hook_resid_post",
+        "context_length": 64}))
+    with torch.no_grad():
+        cc.W_dec.mul_(torch.rand(2, M, 1) * 3)
+        cc.W_dec[:, 5] = 0.0  # a dead latent: threshold +inf
+        cc.b_enc.normal_(0, 0.05)
+        cc.b_dec.normal_(0, 0.1)
+        cc.threshold.fill_(0.05)
+    cc.set_activation_scale([0.5, 2.0])
+    return cc
+
+
+def _x(n=128):
+    return 2.0 * torch.randn(n, 2, D, generator=torch.Generator().manual_seed(3)) + 0.3
+
+
+def _variants(tmp_path):
+    x = _x()
+    yield "paper", _ours("paper")
+    yield "crosscoder", _ours("crosscoder")
+    for code_norm in ("SAE", "DECOUPLED"):
+        sd = sof_state_dict(D, M, K, code_norm, seed=4)
+        sd["threshold"] = torch.tensor(_median_threshold(sd, code_norm, x), dtype=torch.float32)
+        yield f"sof-{code_norm}", load_crosscoder(
+            write_sof_crosscoder(tmp_path / code_norm, sd, "hub", code_normalization=code_norm, k=K))
+    yield "kissane", load_crosscoder(write_kissane_crosscoder(tmp_path / "k", kissane_state_dict(D, M)),
+                                     scale_factors=[0.8, 1.3])
+
+
+def _check_concat(sae, cc, x):
+    B = x.shape[0]
+    x_cat = x.reshape(B, 2 * D)
+    feats = sae.encode(x_cat)
+    if cc.cfg.salience == "decoupled":
+        per_model = cc.encode_per_model(x)
+        torch.testing.assert_close(feats, per_model.reshape(B, 2 * M), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(feats.reshape(B, 2, M).amax(1), cc.encode(x), rtol=1e-5, atol=1e-5)
+    else:
+        f = cc.encode(x)
+        torch.testing.assert_close(feats, f, rtol=1e-5, atol=1e-5)
+        assert (f > 0).any()
+        torch.testing.assert_close(sae.decode(feats), cc.decode(f).reshape(B, 2 * D), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(sae(x_cat), cc(x).reshape(B, 2 * D), rtol=1e-4, atol=1e-4)
+
+
+def test_export_loads_in_stock_saelens_and_matches(tmp_path):
+    x = _x()
+    for name, cc in _variants(tmp_path):
+        written = export_saelens(cc, tmp_path / "export" / name, views=True)
+        sae = sae_lens.SAE.load_from_disk(str(written["concat"]))
+        assert type(sae).__name__ == "JumpReLUSAE"
+        assert sae.cfg.d_in == 2 * D and not sae.cfg.apply_b_dec_to_input
+        assert int(sae.cfg.metadata.sae_lens_version.split(".")[0]) >= 6
+        _check_concat(sae, cc, x)
+        # Per-model views: d_in = d, marked partial, decoders are the matching half.
+        for layer, view in enumerate(("base", "edited")):
+            v = sae_lens.SAE.load_from_disk(str(written[view]))
+            assert v.cfg.d_in == D and v.cfg.metadata.partial and v.cfg.metadata.view == view
+            full = sae_lens.SAE.load_from_disk(str(written["concat"]))
+            cols = slice(layer * D, (layer + 1) * D)
+            if cc.cfg.salience != "decoupled":
+                torch.testing.assert_close(v.W_dec, full.W_dec[:, cols])
+        # Our own reader gets the exported crosscoder back (jumprelu, raw space), same codes.
+        if cc.cfg.salience != "decoupled":
+            back = load_crosscoder(written["concat"])
+            assert back.cfg.sparsity == "jumprelu"
+            torch.testing.assert_close(back.encode(x), cc.encode(x), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(back(x), cc(x), rtol=1e-4, atol=1e-4)
+
+
+def test_metadata_and_folder_per_hook_layout(tmp_path):
+    cc = _ours()
+    written = export_saelens(cc, tmp_path / "repo", views=True)
+    hook = "blocks.1.hook_resid_post"
+    assert sorted(p.name for p in (tmp_path / "repo").iterdir()) == [hook, f"{hook}__base", f"{hook}__edited"]
+    for folder in written.values():
+        assert sorted(p.name for p in folder.iterdir()) == ["cfg.json", "sae_weights.safetensors"]
+    cfg = json.loads((written["concat"] / "cfg.json").read_text())
+    meta = cfg["metadata"]
+    assert cfg["architecture"] == "jumprelu" and cfg["d_in"] == 2 * D and cfg["d_sae"] == M
+    assert meta["model_names"] == {"base": "org/base", "edited": "org/edited"}
+    assert meta["hook_name"] == hook and meta["model_order"] == ["base", "edited"] and meta["salience"] == "paper"
+    assert "concat(base, edited)" in meta["layout"] and meta["partial"] is False
+    assert json.loads((written["base"] / "cfg.json").read_text())["metadata"]["partial"] is True
+
+
+def test_from_pretrained_reads_the_layout_from_a_hub_repo(tmp_path, monkeypatch):
+    """SAE.from_pretrained("org/repo", "<folder>") with the hub download served from the export folder."""
+    from huggingface_hub.utils import EntryNotFoundError
+
+    from sae_lens.loading import pretrained_sae_loaders
+
+    cc = _ours()
+    written = export_saelens(cc, tmp_path / "repo")
+
+    def fake_download(repo_id, filename, **kwargs):
+        assert repo_id == "someone/my-crosscoder"
+        path = tmp_path / "repo" / filename
+        if not path.is_file():
+            raise EntryNotFoundError(f"{filename} not found")
+        return str(path)
+
+    monkeypatch.setattr(pretrained_sae_loaders, "hf_hub_download", fake_download)
+    sae = sae_lens.SAE.from_pretrained("someone/my-crosscoder", written["concat"].name)
+    _check_concat(sae, cc, _x())
+
+
+def test_export_does_not_import_sae_lens(tmp_path):
+    code = (
+        "import sys, torch\n"
+        "from mneme_plugin.crosscoder import BatchTopKCrossCoder, CrossCoderConfig\n"
+        "from mneme_plugin.formats import export_saelens\n"
+        "cc = BatchTopKCrossCoder(CrossCoderConfig(activation_dim=4, dict_size=8, k=2))\n"
+        "cc.threshold.fill_(0.1)\n"
+        f"export_saelens(cc, {str(tmp_path / 'e')!r})\n"
+        "assert 'sae_lens' not in sys.modules, 'sae_lens was imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[2])
+
+
+def test_export_refusals(tmp_path):
+    cc = _ours()
+    cc.threshold.fill_(-1.0)
+    with pytest.raises(ConfigError, match="no inference threshold"):
+        export_saelens(cc, tmp_path / "e")
+    written = export_saelens(_ours(), tmp_path / "f", views=True)
+    with pytest.raises(CheckpointError, match="per-model"):
+        load_crosscoder(written["base"])
+    cfg = json.loads((written["concat"] / "cfg.json").read_text())
+    del cfg["metadata"]["mneme"]
+    (written["concat"] / "cfg.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="not a crosscoder exported by mneme"):
+        load_crosscoder(written["concat"])
