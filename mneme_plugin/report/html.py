@@ -1,0 +1,178 @@
+"""The report: one self-contained HTML page (inline SVG charts, no external assets)."""
+
+from __future__ import annotations
+
+import html
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from mneme_plugin.report import svg
+
+logger = logging.getLogger("mneme_plugin")
+
+SECTIONS = ("overview", "quality", "classes", "delta", "scaling", "latents", "categories", "metrics", "config")
+
+CSS = """
+body{font-family:system-ui,sans-serif;max-width:1100px;margin:24px auto;padding:0 16px;color:#222}
+h1{font-size:1.6em}h2{border-bottom:1px solid #ddd;padding-bottom:4px;margin-top:2em}
+table{border-collapse:collapse;margin:8px 0}td,th{border:1px solid #ddd;padding:4px 8px;font-size:.9em;text-align:left}
+th{background:#f5f5f5}.ctx{font-family:monospace;font-size:.85em;margin:2px 0;white-space:pre-wrap}
+.tok{border-radius:2px}.muted{color:#777}.grid{display:flex;flex-wrap:wrap;gap:16px}
+pre{background:#f7f7f7;padding:8px;overflow:auto;font-size:.85em}.latent{margin:10px 0;padding:6px 10px;border-left:3px solid #4269d0}
+"""
+
+
+@dataclass
+class Context:
+    """One top-activating context: its tokens and the latent's activation on each."""
+
+    tokens: list[str]
+    activations: list[float]
+
+
+@dataclass
+class ReportData:
+    """Everything the report shows; every part is optional (a missing stage shows as not run)."""
+
+    title: str = "MNEME run"
+    overview: dict[str, Any] = field(default_factory=dict)
+    crosscoder_metrics: dict[str, Any] | None = None
+    attribution: pd.DataFrame | None = None
+    explanations: dict[int, str] = field(default_factory=dict)
+    labels: dict[int, str] = field(default_factory=dict)
+    contexts: dict[int, list[Context]] = field(default_factory=dict)
+    category_scores: pd.DataFrame | None = None  # category, score, predicted
+    truth: pd.DataFrame | None = None  # category, before, after, drop, degraded
+    metrics_table: pd.DataFrame | None = None  # method, accuracy, precision, recall, f1, ...
+    config: dict[str, Any] | None = None
+    latents_per_class: int = 5
+
+
+def _table(frame: pd.DataFrame, floats: str = "{:.3f}") -> str:
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in frame.columns)
+    rows = []
+    for _, row in frame.iterrows():
+        cells = []
+        for value in row:
+            if isinstance(value, float):
+                text = "" if math.isnan(value) else floats.format(value)
+            else:
+                text = str(value)
+            cells.append(f"<td>{html.escape(text)}</td>")
+        rows.append("<tr>" + "".join(cells) + "</tr>")
+    return f"<table><tr>{head}</tr>{''.join(rows)}</table>"
+
+
+def _not_run(stage: str) -> str:
+    return f'<p class="muted">Not available: the {html.escape(stage)} stage has not run for this report.</p>'
+
+
+def _highlight(context: Context) -> str:
+    top = max((a for a in context.activations if math.isfinite(a)), default=0.0) or 1.0
+    spans = []
+    for token, act in zip(context.tokens, context.activations):
+        alpha = max(0.0, min(1.0, act / top)) if math.isfinite(act) else 0.0
+        title = f' title="{act:.3g}"' if act else ""
+        spans.append(f'<span class="tok" style="background:rgba(255,114,92,{alpha:.2f})"{title}>{html.escape(token)}</span>')
+    return '<div class="ctx">' + " ".join(spans) + "</div>"
+
+
+def _section(anchor: str, title: str, body: str) -> str:
+    return f'<section id="{anchor}"><h2>{html.escape(title)}</h2>\n{body}\n</section>'
+
+
+def render_report(data: ReportData) -> str:
+    """The report page as a string."""
+    parts = [f"<h1>{html.escape(data.title)}</h1>"]
+    overview = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>" for k, v in data.overview.items())
+    parts.append(_section("overview", "Overview", f"<table>{overview}</table>" if overview else _not_run("harvest")))
+
+    if data.crosscoder_metrics:
+        parts.append(_section("quality", "Crosscoder quality", _table(pd.DataFrame([data.crosscoder_metrics]))
+                              + '<p class="muted">Paper targets: under 15% dead latents, over 95% explained variance.</p>'))
+    else:
+        parts.append(_section("quality", "Crosscoder quality", _not_run("train")))
+
+    attr = data.attribution
+    if attr is not None and len(attr):
+        counts = attr["latent_class"].value_counts()
+        order = [c for c in ("base_only", "suppressed", "shared", "amplified", "edited_only", "dead") if c in counts]
+        chart = svg.bars(order, {"latents": [float(counts[c]) for c in order]}, "Latents per class", "latents")
+        parts.append(_section("classes", "Latents per class", chart + _table(
+            pd.DataFrame({"class": order, "latents": [int(counts[c]) for c in order]}))))
+        alive = attr[attr["latent_class"] != "dead"]
+        parts.append(_section("delta", "Relative decoder norm", svg.histogram(
+            alive["delta"].tolist(), 40, "Relative decoder norm Delta (1 = base only, 0 = edited only)", "Delta",
+            lo=0.0, hi=1.0, log_y=True)))
+        parts.append(_section("scaling", "Latent scaling", svg.scatter(
+            alive["nu_r"].tolist(), alive["nu_e"].tolist(), alive["latent_class"].tolist(),
+            "Latent-scaling ratios", "nu_r = beta_r base / edited", "nu_e = beta_e base / edited")))
+        blocks = []
+        for cls in ("base_only", "suppressed", "amplified", "edited_only"):
+            chosen = attr[attr["latent_class"] == cls]
+            chosen = chosen.sort_values("score", ascending=cls in ("amplified", "edited_only"), kind="stable")
+            chosen = chosen.head(data.latents_per_class)
+            if chosen.empty:
+                continue
+            blocks.append(f"<h3>{html.escape(cls)}</h3>")
+            for row in chosen.itertuples(index=False):
+                latent = int(row.latent)
+                desc = data.explanations.get(latent, "(no explanation yet)")
+                label = data.labels.get(latent)
+                contexts = "".join(_highlight(c) for c in data.contexts.get(latent, [])[:4])
+                blocks.append(
+                    f'<div class="latent"><b>latent {latent}</b> score {row.score:.3f}, Delta {row.delta:.3f}'
+                    + (f", category <b>{html.escape(label)}</b>" if label else "")
+                    + f"<br>{html.escape(desc)}{contexts}</div>"
+                )
+        parts.append(_section("latents", "Top latents per class", "".join(blocks) or "<p>No latent outside the shared class.</p>"))
+    else:
+        for anchor, title in (("classes", "Latents per class"), ("delta", "Relative decoder norm"),
+                              ("scaling", "Latent scaling"), ("latents", "Top latents per class")):
+            parts.append(_section(anchor, title, _not_run("attribute")))
+
+    scores = data.category_scores
+    if scores is not None and len(scores):
+        merged = scores.copy()
+        if data.truth is not None:
+            merged = merged.merge(data.truth[["category", "drop", "degraded"]], on="category", how="left")
+        merged = merged.sort_values("score", ascending=False, kind="stable")
+        top = max(float(merged["score"].max()), 1e-12)
+        series = {"predicted score (scaled to 1)": (merged["score"] / top).tolist()}
+        if "drop" in merged:
+            drop = merged["drop"].fillna(0.0)
+            series["observed drop (scaled to 1)"] = (drop / max(float(drop.abs().max()), 1e-12)).tolist()
+        chart = svg.bars(merged["category"].astype(str).tolist(), series, "Predicted vs. observed per category", "")
+        columns = [c for c in ("category", "score", "predicted", "drop", "degraded") if c in merged]
+        parts.append(_section("categories", "Predicted and observed side effects", chart + _table(merged[columns])))
+    else:
+        parts.append(_section("categories", "Predicted and observed side effects", _not_run("predict")))
+
+    if data.metrics_table is not None and len(data.metrics_table):
+        parts.append(_section("metrics", "Metrics (paper Table 1)", _table(data.metrics_table)
+                              + '<p class="muted">Acc is Eq. 4: |true ∩ predicted| / |true|.</p>'))
+    else:
+        parts.append(_section("metrics", "Metrics (paper Table 1)", _not_run("evaluate")))
+
+    config_text = json.dumps(data.config, indent=2, default=str) if data.config else ""
+    parts.append(_section("config", "Run configuration", f"<pre>{html.escape(config_text)}</pre>" if config_text else _not_run("run")))
+    body = "\n".join(parts)
+    return (f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(data.title)}</title>"
+            f"<style>{CSS}</style></head><body>\n{body}\n</body></html>\n")
+
+
+def write_report(data: ReportData, path: str | os.PathLike[str]) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(render_report(data), encoding="utf-8")
+    os.replace(tmp, path)
+    logger.info("Report written to %s.", path)
+    return path

@@ -1,0 +1,75 @@
+"""The report renders every section, and opens in headless Chromium without console errors."""
+
+import math
+import shutil
+import subprocess
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from mneme_plugin.report import SECTIONS, Context, ReportData, render_report, write_report
+
+
+def _data() -> ReportData:
+    rng = np.random.default_rng(0)
+    n = 200
+    classes = rng.choice(["base_only", "suppressed", "shared", "amplified", "edited_only", "dead"], size=n)
+    attribution = pd.DataFrame({
+        "latent": np.arange(n), "latent_class": classes, "delta": rng.uniform(0, 1, n),
+        "nu_r": rng.normal(0.5, 0.5, n), "nu_e": rng.normal(0.5, 0.5, n), "score": rng.uniform(-1, 1, n),
+    })
+    base_only = int(attribution.loc[attribution["latent_class"] == "base_only"].sort_values("score").iloc[-1]["latent"])
+    return ReportData(
+        title="Test run <script>",
+        overview={"base model": "tiny-base", "edited model": "tiny-rmu", "hook": "blocks.1.hook_resid_post"},
+        crosscoder_metrics={"explained_variance_base": 0.97, "explained_variance_edited": 0.96, "l0": 16.2,
+                            "dead_fraction": 0.03},
+        attribution=attribution,
+        explanations={base_only: "tokens about genes & <enzymes>"},
+        labels={base_only: "biology"},
+        contexts={base_only: [Context(["the", "gene", "encodes", "rna"], [0.0, 2.5, 0.5, math.nan])]},
+        category_scores=pd.DataFrame({"category": ["biology", "law", "cooking"], "score": [1.2, 0.1, 0.0],
+                                      "predicted": [True, False, False]}),
+        truth=pd.DataFrame({"category": ["biology", "law", "cooking"], "before": [0.9, 0.8, 0.7],
+                            "after": [0.3, 0.79, 0.7], "drop": [0.6, 0.01, 0.0], "degraded": [True, False, False]}),
+        metrics_table=pd.DataFrame({"method": ["MNEME", "random"], "accuracy": [1.0, 0.5], "f1": [1.0, 0.4]}),
+        config={"harvest": {"layer": 1}},
+    ), base_only
+
+
+def test_every_section_is_rendered_and_text_is_escaped():
+    data, base_only = _data()
+    page = render_report(data)
+    for section in SECTIONS:
+        assert f'<section id="{section}">' in page
+    assert "Not available" not in page
+    assert "<script>" not in page and "&lt;enzymes&gt;" in page
+    assert f"latent {base_only}</b>" in page and page.count("<svg") >= 4
+    assert "http://" not in page.replace("http://www.w3.org/2000/svg", "")  # self-contained
+
+
+def test_missing_stages_are_marked_not_run():
+    page = render_report(ReportData())
+    assert page.count("Not available") == len(SECTIONS)
+
+
+def test_report_opens_in_headless_chromium(tmp_path):
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("Debian's chromium is not installed (.ci/run installs it)")
+    data, _ = _data()
+    path = write_report(data, tmp_path / "report.html")
+    flags = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp_path / 'profile'}", "--enable-logging=stderr", "--v=0"]
+    dom = subprocess.run(flags + ["--dump-dom", path.as_uri()], capture_output=True, text=True, timeout=120)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    for section in SECTIONS:
+        assert f'id="{section}"' in dom.stdout
+    console = [line for line in dom.stderr.splitlines() if "CONSOLE" in line or "Uncaught" in line]
+    assert console == []
+    shot = tmp_path / "report.png"
+    run = subprocess.run(flags + [f"--screenshot={shot}", "--window-size=1200,5000", path.as_uri()],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and shot.stat().st_size > 10_000
