@@ -319,3 +319,23 @@ def random_activation_pairs(n: int, d: int, seed: int) -> torch.Tensor:
     base = torch.randn(n, d, generator=gen) * 2.0
     edited = 0.6 * base + 0.4 * torch.randn(n, d, generator=gen)
     return torch.stack([base, edited * 0.5], dim=1)
+
+
+# ------------------------------------------------------------------------------ organism helpers
+
+
+def make_fact_lm(domains: Sequence[str] = ("biology", "cooking", "sports"), steps: int = 350, seed: int = 0) -> tuple[Any, list, list]:
+    """A 2-layer, d_model 48 HookedTransformer that knows the facts of ``domains`` (~10 s on one core).
+
+    Returns (model, cloze questions of those domains, 300 fresh (domain, text) documents for edits).
+    """
+    from mneme_plugin.organism import generate_corpus, question_set, train_lm
+
+    docs = generate_corpus(300 * len(domains), seed=seed, domains=list(domains), cross_domain=0.0)
+    tok = train_tokenizer([t for _, t in docs])
+    model = tiny_hooked_transformer(tok, n_layers=2, d_model=48, n_ctx=32, seed=seed)
+    train_lm(model, [t for _, t in docs], steps=steps, lr=5e-3, batch_size=32, context_length=32, seed=seed)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    edit = generate_corpus(300, seed=seed + 1, fact_seed=seed, domains=list(domains), cross_domain=0.0)
+    return model, question_set(seed, list(domains)), edit

@@ -1,7 +1,25 @@
+import re
+
 import pytest
 import torch
 
-from mneme_plugin.organism import DOMAINS, generate_corpus, run_demo, tiny_hooked_transformer, train_lm, train_tokenizer
+from mneme_plugin.errors import ConfigError
+from mneme_plugin.organism import (
+    DOMAINS,
+    RELATED,
+    build_organism,
+    domain_facts,
+    generate_corpus,
+    generate_generic_corpus,
+    question_set,
+    run_demo,
+    tiny_hooked_transformer,
+    train_lm,
+    train_tokenizer,
+)
+from mneme_plugin.organism.corpus import TEMPLATES
+
+TEMPLATE_WORDS = {w for t in TEMPLATES for w in t.replace("{s}", "").split()} | {"the", "."}
 
 
 def test_corpus_is_deterministic_balanced_and_shares_vocabulary_between_related_domains():
@@ -12,9 +30,37 @@ def test_corpus_is_deterministic_balanced_and_shares_vocabulary_between_related_
     words = {name: {w for d, t in docs if d == name for w in t.split()} for name in DOMAINS}
     assert "protein" in words["biology"] & words["medicine"] & words["chemistry"]
     assert "court" in words["law"] & words["history"]
-    assert not (words["cooking"] - {"the", "."}) & (words["security"] - {"the", "."})
+    assert not (words["cooking"] - TEMPLATE_WORDS) & (words["security"] - TEMPLATE_WORDS)
+    generic = {w for t in generate_generic_corpus(200) for w in t.split()}
+    assert not generic & {w for name in DOMAINS for w in words[name]} - {"the", ".", "a"}
     with pytest.raises(ValueError, match="Unknown domain"):
         generate_corpus(10, domains=["astrology"])
+
+
+def test_facts_are_functional_and_every_question_is_stated_in_the_corpus():
+    facts = domain_facts(5)
+    assert facts == domain_facts(5) and facts != domain_facts(6)
+    keys = [(f.entity, f.relation) for f in facts]
+    assert len(keys) == len(set(keys)), "an (entity, relation) pair must have one value across all domains"
+    questions = question_set(5)
+    assert {q.domain for q in questions} == set(DOMAINS)
+    assert all(q.answer in q.candidates and q.answer in DOMAINS[q.domain].values for q in questions)
+    docs = generate_corpus(4000, seed=11, fact_seed=5)
+    text = " ".join(t for _, t in docs)
+    for q in questions:
+        assert f"{q.prompt} {q.answer} ." in text
+        # ... and never with another value.
+        others = set(re.findall(rf"{q.prompt} (\w+) \.", text)) - {q.answer}
+        assert not others, (q, others)
+
+
+def test_cross_domain_sentences_come_only_from_related_domains():
+    facts = {f.sentence: f.domain for f in domain_facts(0)}
+    for domain, text in generate_corpus(400, seed=0, cross_domain=0.5):
+        sources = {facts[m] for m in re.findall(r"the \w+ \w+ \w+ \.", text)}
+        assert sources <= {domain, *RELATED.get(domain, ())}
+    pure = generate_corpus(200, seed=0, cross_domain=0.0)
+    assert all({facts[m] for m in re.findall(r"the \w+ \w+ \w+ \.", t)} == {d} for d, t in pure)
 
 
 def test_training_the_tiny_lm_lowers_its_loss():
@@ -25,6 +71,26 @@ def test_training_the_tiny_lm_lowers_its_loss():
     before = model(batch, return_type="loss").item()
     train_lm(model, texts, steps=60, lr=3e-3, batch_size=8)
     assert model(batch, return_type="loss").item() < before - 0.5
+
+
+def test_build_organism_rejects_bad_arguments():
+    with pytest.raises(ConfigError, match="Unknown intervention"):
+        build_organism(intervention="lobotomy")
+    with pytest.raises(ConfigError, match="target_domain"):
+        build_organism(intervention="rmu", target_domain="astrology")
+
+
+@pytest.mark.slow
+def test_build_organism_rmu_unlearns_the_target_and_caches(tmp_path):
+    org = build_organism(0, "rmu", "biology", out_dir=tmp_path, progress=False)
+    assert min(org.accuracy_before.values()) >= 0.8
+    assert org.drop["biology"] >= 0.5
+    assert not set(org.agnostic_corpus) & set(org.edit_texts)
+    assert set(org.agnostic_labels) == set(DOMAINS) | {"generic"}
+    assert (tmp_path / "groundtruth-rmu-biology.csv").exists()
+    again = build_organism(0, "rmu", "biology", out_dir=tmp_path, progress=False)
+    assert again.timings["base"] + again.timings["edit"] < 10
+    assert again.accuracy_after == org.accuracy_after
 
 
 @pytest.mark.slow

@@ -1,0 +1,271 @@
+"""LLM clients for explaining and labelling latents.
+
+A client is anything with ``async generate(prompt, **kwargs) -> Response`` where ``prompt`` is a
+string or a list of chat messages ``{"role", "content"}``: the interface of Delphi's ``Client``.
+Ours does not need Delphi; :func:`as_delphi_client` adapts any of ours into a real
+``delphi.clients.Client`` subclass (returning Delphi's ``Response``), so Delphi's explainers and
+scorers accept it.
+
+* :class:`OpenAICompatibleClient`: any ``/v1/chat/completions`` endpoint (``vllm serve``, a hosted
+  API). Concurrency limit, retries with exponential backoff (429, 5xx, timeouts, connection
+  errors; ``Retry-After`` honoured), a request timeout, and an on-disk cache keyed by a hash of
+  (model, messages, generation parameters) so a re-run pays nothing twice.
+* :class:`VLLMOfflineClient`: Delphi's in-process vLLM client (``delphi.clients.Offline``) for a
+  local model on a GPU; needs vllm and Delphi.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import os
+import random
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Union
+
+from mneme_plugin.errors import ConfigError, MnemeError
+
+logger = logging.getLogger("mneme_plugin")
+
+Prompt = Union[str, list[dict[str, str]]]
+_PASSED_KWARGS = ("temperature", "max_tokens", "top_p", "logprobs", "top_logprobs", "stop", "seed")
+
+
+class ClientError(MnemeError, RuntimeError):
+    """The LLM endpoint failed (after retries) or answered something unusable."""
+
+
+@dataclass
+class Response:
+    """Mirrors ``delphi.clients.client.Response``."""
+
+    text: str
+    logprobs: list[float] | None = None
+    prompt_logprobs: list[float] | None = None
+
+
+class Client(ABC):
+    """Mirrors Delphi's ``Client``: ``async generate(prompt, **kwargs) -> Response``."""
+
+    def __init__(self, model: str) -> None:
+        self.model = model
+
+    @abstractmethod
+    async def generate(self, prompt: Prompt, **kwargs: Any) -> Response:
+        """Generate a completion of ``prompt`` (a string or chat messages)."""
+
+    def generate_sync(self, prompt: Prompt, **kwargs: Any) -> Response:
+        return asyncio.run(self.generate(prompt, **kwargs))
+
+
+def as_messages(prompt: Prompt) -> list[dict[str, str]]:
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": prompt}]
+    return [{"role": m["role"], "content": m["content"]} for m in prompt]
+
+
+class DiskCache:
+    """JSON files under ``folder`` keyed by sha256 of (model, messages, generation parameters)."""
+
+    def __init__(self, folder: str | os.PathLike[str]) -> None:
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.hits = 0
+
+    @staticmethod
+    def key(model: str, messages: list[dict[str, str]], params: dict[str, Any]) -> str:
+        blob = json.dumps({"model": model, "messages": messages, "params": params}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    def _path(self, key: str) -> Path:
+        return self.folder / key[:2] / f"{key}.json"
+
+    def get(self, key: str) -> Response | None:
+        path = self._path(key)
+        if not path.is_file():
+            return None
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+        self.hits += 1
+        return Response(data["text"], data.get("logprobs"), data.get("prompt_logprobs"))
+
+    def put(self, key: str, response: Response) -> None:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{random.getrandbits(32):08x}.tmp")
+        tmp.write_text(json.dumps({"text": response.text, "logprobs": response.logprobs,
+                                   "prompt_logprobs": response.prompt_logprobs}))
+        os.replace(tmp, path)
+
+
+def resolve_api_key(value: str | None) -> str | None:
+    """``env:NAME`` reads the environment variable NAME (None if unset); other values are literal."""
+    if value and value.startswith("env:"):
+        return os.environ.get(value[4:]) or None
+    return value
+
+
+class OpenAICompatibleClient(Client):
+    """A chat-completions client for any OpenAI-compatible endpoint (see module docstring)."""
+
+    RETRY_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
+
+    def __init__(self, model: str, base_url: str = "http://127.0.0.1:8000/v1", api_key: str | None = None,
+                 concurrency: int = 8, max_retries: int = 5, backoff_base: float = 1.0, backoff_max: float = 30.0,
+                 timeout: float = 120.0, max_tokens: int = 512, cache_dir: str | os.PathLike[str] | None = None,
+                 extra: dict[str, Any] | None = None) -> None:
+        super().__init__(model)
+        if not model:
+            raise ConfigError("The OpenAI-compatible client needs a model name (client.model).")
+        self.base_url = base_url.rstrip("/")
+        self.api_key = api_key
+        self.concurrency, self.max_retries = concurrency, max_retries
+        self.backoff_base, self.backoff_max, self.timeout = backoff_base, backoff_max, timeout
+        self.max_tokens = max_tokens
+        self.extra = dict(extra or {})
+        self.cache = DiskCache(cache_dir) if cache_dir else None
+        self.n_requests = 0
+        self._semaphores: dict[int, asyncio.Semaphore] = {}
+
+    def _semaphore(self) -> asyncio.Semaphore:
+        loop = asyncio.get_running_loop()  # one per event loop (Delphi runs its own loops)
+        sem = self._semaphores.get(id(loop))
+        if sem is None:
+            sem = self._semaphores[id(loop)] = asyncio.Semaphore(self.concurrency)
+        return sem
+
+    def _delay(self, attempt: int, retry_after: str | None) -> float:
+        if retry_after:
+            try:
+                return min(self.backoff_max, max(0.0, float(retry_after)))
+            except ValueError:
+                pass
+        return min(self.backoff_max, self.backoff_base * 2**attempt) * (0.5 + random.random() / 2)
+
+    async def generate(self, prompt: Prompt, **kwargs: Any) -> Response:
+        import httpx
+
+        messages = as_messages(prompt)
+        params = {"max_tokens": self.max_tokens, **self.extra,
+                  **{k: v for k, v in kwargs.items() if k in _PASSED_KWARGS and v is not None}}
+        key = DiskCache.key(self.model, messages, params) if self.cache else ""
+        if self.cache and (hit := self.cache.get(key)) is not None:
+            return hit
+        body = {"model": self.model, "messages": messages, **params}
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        url = f"{self.base_url}/chat/completions"
+        last = "no attempt"
+        async with self._semaphore():
+            async with httpx.AsyncClient(timeout=self.timeout) as http:
+                for attempt in range(self.max_retries + 1):
+                    retry_after = None
+                    try:
+                        self.n_requests += 1
+                        resp = await http.post(url, json=body, headers=headers)
+                    except (httpx.TimeoutException, httpx.TransportError) as err:
+                        last = f"{type(err).__name__}: {err}"
+                    else:
+                        if resp.status_code == 200:
+                            response = self._parse(resp)
+                            if self.cache:
+                                self.cache.put(key, response)
+                            return response
+                        last = f"HTTP {resp.status_code}: {resp.text[:200]}"
+                        if resp.status_code not in self.RETRY_STATUS:
+                            raise ClientError(f"{url} refused the request ({last}); not retried.")
+                        retry_after = resp.headers.get("retry-after")
+                    if attempt < self.max_retries:
+                        delay = self._delay(attempt, retry_after)
+                        logger.debug("LLM request failed (%s); retry %d in %.2fs", last, attempt + 1, delay)
+                        await asyncio.sleep(delay)
+        raise ClientError(f"{url} failed after {self.max_retries + 1} attempts; last error: {last}")
+
+    @staticmethod
+    def _parse(resp: Any) -> Response:
+        try:
+            data = resp.json()
+            choice = data["choices"][0]
+            text = choice["message"]["content"] or ""
+        except (ValueError, KeyError, IndexError, TypeError) as err:
+            raise ClientError(f"Unexpected chat-completions answer: {resp.text[:200]!r} ({err!r}).") from err
+        logprobs = None
+        if isinstance(choice.get("logprobs"), dict) and choice["logprobs"].get("content"):
+            logprobs = [t.get("logprob") for t in choice["logprobs"]["content"]]
+        return Response(text=text, logprobs=logprobs)
+
+
+class VLLMOfflineClient(Client):
+    """Delphi's in-process vLLM client (``delphi.clients.Offline``): a local model on a GPU.
+
+    Needs ``vllm`` and Delphi; without vllm this raises :class:`DelphiUnavailableError` at
+    construction. ``kwargs`` go to ``Offline`` (e.g. ``max_memory``, ``max_model_len``,
+    ``num_gpus``, ``batch_size``).
+    """
+
+    def __init__(self, model: str, **kwargs: Any) -> None:
+        super().__init__(model)
+        from mneme_plugin.interpret.delphi_compat import VLLM_HINT, DelphiUnavailableError, import_delphi, vllm_installed
+
+        if not vllm_installed():
+            raise DelphiUnavailableError(VLLM_HINT)
+        clients = import_delphi("delphi.clients")
+        self.delphi_client = clients.Offline(model, **kwargs)
+
+    async def generate(self, prompt: Prompt, **kwargs: Any) -> Response:
+        out = await self.delphi_client.generate(prompt, **kwargs)
+        return Response(out.text, getattr(out, "logprobs", None), getattr(out, "prompt_logprobs", None))
+
+
+_ADAPTER: Any = None
+
+
+def as_delphi_client(client: Client) -> Any:
+    """A ``delphi.clients.Client`` that forwards to ``client`` and returns Delphi's ``Response``."""
+    global _ADAPTER
+    if isinstance(client, VLLMOfflineClient):
+        return client.delphi_client
+    from mneme_plugin.interpret.delphi_compat import import_delphi
+
+    import_delphi("delphi.clients")
+    from delphi.clients.client import Client as DelphiClient
+    from delphi.clients.client import Response as DelphiResponse
+
+    if isinstance(client, DelphiClient):
+        return client
+    if _ADAPTER is None:
+        class MnemeDelphiClient(DelphiClient):
+            """Delphi ``Client`` forwarding to a mneme_plugin client."""
+
+            def __init__(self, inner: Client) -> None:
+                super().__init__(inner.model)
+                self.inner = inner
+
+            async def generate(self, prompt, **kwargs):  # type: ignore[override]
+                out = await self.inner.generate(prompt, **kwargs)
+                return DelphiResponse(text=out.text, logprobs=out.logprobs, prompt_logprobs=out.prompt_logprobs)
+
+        _ADAPTER = MnemeDelphiClient
+    return _ADAPTER(client)
+
+
+def make_client(config: Any, default_cache_dir: str | os.PathLike[str] | None = None) -> Client | None:
+    """The client described by a ``ClientConfig`` (None for kind "none")."""
+    if config.kind == "none":
+        return None
+    if config.kind == "openai":
+        return OpenAICompatibleClient(
+            config.model, config.base_url, resolve_api_key(config.api_key), config.concurrency, config.max_retries,
+            config.backoff_base, config.backoff_max, config.timeout, config.max_tokens,
+            config.cache_dir or default_cache_dir, config.extra,
+        )
+    if config.kind == "vllm":
+        return VLLMOfflineClient(config.model, **config.extra)
+    raise ConfigError(f"Unknown client kind {config.kind!r}.")

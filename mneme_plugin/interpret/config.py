@@ -1,0 +1,178 @@
+"""Dataclass configs of the interpretation stages: ``collect``, ``explain``, ``map``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from mneme_plugin.config import ConfigMixin, require
+
+VALUE_MODES = ("code", "weighted")
+EXPLAINERS = ("offline", "default", "contrastive")
+CLIENTS = ("none", "openai", "vllm")
+MAPPERS = ("lexical", "embedding", "llm")
+LABELERS = ("offline", "llm")
+
+
+@dataclass
+class CollectConfig(ConfigMixin):
+    """Which latents to collect contexts for, and how many of each kind to keep.
+
+    Attributes:
+        latents: Explicit latent ids; None selects from the attribution table (or all latents).
+        classes: Attribution classes to select from (e.g. ["base_only", "suppressed"]).
+        per_class: Latents taken per class, most specific first (base-leaning classes by
+            descending score, edited-leaning ones by ascending score, shared by |score|).
+        n_top: Top-activating contexts kept per latent (the Delphi "examples" head).
+        n_random: Uniform sample of activating contexts per latent (for Delphi's quantiles).
+        n_non_activating: Uniform sample of contexts where the latent never fires.
+        example_ctx_len: Tokens per context (Delphi's example window; the cache rows).
+        context_length: Tokens per forward window; a multiple of example_ctx_len.
+        value: Per-token activation value: "code" (the crosscoder code f_j, default) or
+            "weighted" (f_j * w_j, w_j the crosscoder's salience weight, as dashboards show).
+        layer / hook_name / batch_size / max_tokens / device / model_dtype / text_field /
+            messages_field: as in HarvestConfig (use the harvest's values).
+        encode_batch: Tokens encoded by the crosscoder at a time.
+        n_splits: Latent-range splits of the Delphi cache (files per hookpoint).
+        seed: Seed of the random samples.
+    """
+
+    layer: int = 0
+    hook_name: str | None = None
+    latents: list[int] | None = None
+    classes: list[str] | None = None
+    per_class: int | None = 50
+    n_top: int = 50
+    n_random: int = 50
+    n_non_activating: int = 50
+    example_ctx_len: int = 32
+    context_length: int = 128
+    value: str = "code"
+    batch_size: int = 8
+    max_tokens: int | None = None
+    device: str = "cpu"
+    model_dtype: str = "float32"
+    text_field: str = "text"
+    messages_field: str | None = None
+    encode_batch: int = 4096
+    n_splits: int = 1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        require(self.n_top >= 1, f"n_top must be >= 1, got {self.n_top}.")
+        require(self.n_random >= 0 and self.n_non_activating >= 0, "n_random and n_non_activating must be >= 0.")
+        require(self.example_ctx_len >= 2, f"example_ctx_len must be >= 2, got {self.example_ctx_len}.")
+        require(
+            self.context_length % self.example_ctx_len == 0,
+            f"context_length ({self.context_length}) must be a multiple of example_ctx_len ({self.example_ctx_len}).",
+        )
+        require(self.value in VALUE_MODES, f"value must be one of {VALUE_MODES}, got {self.value!r}.")
+        require(self.n_splits >= 1, f"n_splits must be >= 1, got {self.n_splits}.")
+        require(self.per_class is None or self.per_class >= 1, "per_class must be None or >= 1.")
+
+
+@dataclass
+class ClientConfig(ConfigMixin):
+    """An LLM client. ``kind``: "openai" (any OpenAI-compatible chat endpoint: `vllm serve`, a hosted
+    API), "vllm" (Delphi's in-process vLLM client, GPU), or "none" (offline methods only).
+
+    ``api_key`` may be given as ``env:VARNAME`` to read it from the environment at run time.
+    """
+
+    kind: str = "none"
+    model: str = ""
+    base_url: str = "http://127.0.0.1:8000/v1"
+    api_key: str | None = "env:OPENAI_API_KEY"
+    concurrency: int = 8
+    max_retries: int = 5
+    backoff_base: float = 1.0
+    backoff_max: float = 30.0
+    timeout: float = 120.0
+    max_tokens: int = 512
+    cache_dir: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        require(self.kind in CLIENTS, f"client kind must be one of {CLIENTS}, got {self.kind!r}.")
+        require(self.concurrency >= 1, "concurrency must be >= 1.")
+        require(self.max_retries >= 0, "max_retries must be >= 0.")
+        require(self.timeout > 0, "timeout must be > 0.")
+
+
+@dataclass
+class ExplainConfig(ConfigMixin):
+    """How latents are explained.
+
+    Attributes:
+        explainer: "offline" (no LLM: characteristic tokens and n-grams by log-odds against the
+            corpus background), "default" (Delphi's DefaultExplainer) or "contrastive".
+        client: the LLM client for Delphi explainers / scorers.
+        n_examples: Top contexts shown to the explainer (Delphi's n_examples_train).
+        train_type: Delphi's sampler train_type ("top", "random", "quantiles", "mix").
+        min_examples: Latents with fewer activating contexts are skipped.
+        scorers: Delphi scorers to run on each explanation ("detection", "fuzz").
+        n_terms: Tokens / n-grams listed by the offline explainer.
+        threshold: Fraction of a context's max activation above which a token counts as activating.
+    """
+
+    explainer: str = "offline"
+    client: ClientConfig = field(default_factory=ClientConfig)
+    n_examples: int = 20
+    train_type: str = "top"
+    n_examples_test: int = 20
+    n_quantiles: int = 5
+    min_examples: int = 5
+    n_non_activating: int = 20
+    scorers: list[str] = field(default_factory=list)
+    n_terms: int = 5
+    threshold: float = 0.3
+    temperature: float = 0.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.client, dict):
+            self.client = ClientConfig.from_dict(self.client)
+        require(self.explainer in EXPLAINERS, f"explainer must be one of {EXPLAINERS}, got {self.explainer!r}.")
+        require(self.train_type in ("top", "random", "quantiles", "mix"), f"bad train_type {self.train_type!r}.")
+        unknown = sorted(set(self.scorers) - {"detection", "fuzz"})
+        require(not unknown, f"Unknown scorer(s) {unknown}; known: detection, fuzz.")
+        require(
+            self.explainer == "offline" and not self.scorers or self.client.kind != "none",
+            f"explainer {self.explainer!r} / scorers need an LLM client: set client.kind to 'openai' or 'vllm'.",
+        )
+        require(0 < self.threshold < 1, "threshold must be in (0, 1).")
+
+
+@dataclass
+class MapConfig(ConfigMixin):
+    """How descriptions are mapped to categories.
+
+    Attributes:
+        taxonomies: Built-in names (mmlu, mmlu_pro, emergent_misalignment, organism) or YAML/JSON paths.
+        method: "lexical" (TF-IDF + keyword overlap, offline), "embedding" (sentence-transformers
+            from ``embedding_model``, a local path) or "llm" (the client picks the entry).
+        labeler: "offline" (label from the description's top terms) or "llm".
+        top_k: Taxonomy entries kept per latent and taxonomy.
+    """
+
+    taxonomies: list[str] = field(default_factory=lambda: ["mmlu"])
+    method: str = "lexical"
+    labeler: str = "offline"
+    top_k: int = 3
+    embedding_model: str | None = None
+    client: ClientConfig = field(default_factory=ClientConfig)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.client, dict):
+            self.client = ClientConfig.from_dict(self.client)
+        require(self.method in MAPPERS, f"method must be one of {MAPPERS}, got {self.method!r}.")
+        require(self.labeler in LABELERS, f"labeler must be one of {LABELERS}, got {self.labeler!r}.")
+        require(self.top_k >= 1, "top_k must be >= 1.")
+        require(bool(self.taxonomies), "taxonomies must name at least one taxonomy.")
+        require(
+            self.method != "embedding" or bool(self.embedding_model),
+            "method 'embedding' needs embedding_model (a local sentence-transformers folder).",
+        )
+        require(
+            (self.method != "llm" and self.labeler != "llm") or self.client.kind != "none",
+            "method/labeler 'llm' need an LLM client: set client.kind to 'openai' or 'vllm'.",
+        )

@@ -1,0 +1,186 @@
+"""Map latent descriptions to categories: a short free label, and the nearest taxonomy entries.
+
+Methods (``MapConfig.method``); none ever sees ground truth:
+
+* ``lexical`` (offline): TF-IDF cosine between the description (+ label) and each entry's
+  name + description + keywords (keywords counted twice), IDF over the taxonomy's entries.
+* ``embedding``: cosine of sentence-transformers embeddings from a *local* model folder
+  (``embedding_model``); raises a clear error if sentence-transformers or the folder is missing.
+* ``llm``: the client ranks the entries (prompted with their ids and names); score 1/rank.
+
+Labels (``MapConfig.labeler``): ``offline`` (the description's most characteristic terms: quoted
+terms first, else the most frequent content words) or ``llm`` (a 1-4 word label, as in the paper).
+
+Output: ``categories.parquet`` + ``categories.csv``: one row per (latent, taxonomy) with
+``latent, description, label, taxonomy, category, score, top_k`` (JSON list of [id, score]),
+written atomically.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import os
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from mneme_plugin.errors import ConfigError
+from mneme_plugin.interpret.taxonomy import Taxonomy, load_taxonomy
+
+_WORD = re.compile(r"[a-z0-9]+")
+STOPWORDS = frozenset(
+    "a an the of and or to in on at for with by from as is are was were be been it its this that these those "
+    "tokens token phrases phrase fires fire activates activating on words word text about such e g eg like "
+    "related mentions mention context contexts latent feature".split()
+)
+
+
+def words(text: str) -> list[str]:
+    out = []
+    for w in _WORD.findall(text.lower()):
+        if w in STOPWORDS or len(w) < 2:
+            continue
+        out.append(w[:-1] if len(w) > 4 and w.endswith("s") and not w.endswith("ss") else w)
+    return out
+
+
+def offline_label(description: str, n: int = 3) -> str:
+    quoted = re.findall(r'"([^"]+)"', description)
+    terms: list[str] = []
+    for q in quoted:
+        for w in words(q):
+            if w not in terms:
+                terms.append(w)
+    if not terms:
+        terms = [w for w, _ in Counter(words(description)).most_common()]
+    return " / ".join(terms[:n]) if terms else "unlabelled"
+
+
+class LexicalMapper:
+    """TF-IDF cosine between descriptions and taxonomy entries (see module docstring)."""
+
+    def __init__(self, taxonomy: Taxonomy) -> None:
+        self.taxonomy = taxonomy
+        docs = [words(" ".join([e.name, e.description, *e.keywords, *e.keywords])) for e in taxonomy.entries]
+        self.vocab = {w: i for i, w in enumerate(sorted({w for d in docs for w in d}))}
+        df = np.zeros(len(self.vocab))
+        for d in docs:
+            for w in set(d):
+                df[self.vocab[w]] += 1
+        self.idf = np.log((1 + len(docs)) / (1 + df)) + 1.0
+        self.matrix = np.stack([self._vec(d) for d in docs])
+
+    def _vec(self, toks: list[str]) -> np.ndarray:
+        v = np.zeros(len(self.vocab))
+        for w, c in Counter(toks).items():
+            if w in self.vocab:
+                v[self.vocab[w]] = (1 + math.log(c)) * self.idf[self.vocab[w]]
+        n = np.linalg.norm(v)
+        return v / n if n > 0 else v
+
+    def scores(self, text: str) -> np.ndarray:
+        return self.matrix @ self._vec(words(text))
+
+
+class EmbeddingMapper:
+    """Cosine similarity of sentence-transformers embeddings (local model folder only)."""
+
+    def __init__(self, taxonomy: Taxonomy, model_path: str) -> None:
+        try:
+            from sentence_transformers import SentenceTransformer
+        except ImportError as err:
+            raise ConfigError("method 'embedding' needs sentence-transformers (`pip install sentence-transformers`).") from err
+        if not Path(model_path).is_dir():
+            raise ConfigError(f"embedding_model {model_path} is not a local folder (no downloads are made).")
+        self.taxonomy = taxonomy
+        self.model = SentenceTransformer(model_path, device="cpu", local_files_only=True)
+        self.matrix = self.model.encode([e.text for e in taxonomy.entries], normalize_embeddings=True)
+
+    def scores(self, text: str) -> np.ndarray:
+        return self.matrix @ self.model.encode([text], normalize_embeddings=True)[0]
+
+
+LABEL_PROMPT = (
+    "Here is a description of when a feature of a language model activates:\n\n{description}\n\n"
+    "Give a short label (1 to 4 words) naming the topic or behaviour. Answer with the label only."
+)
+MAP_PROMPT = (
+    "A feature of a language model is described as:\n\n{description}\n\nWhich of these categories does it "
+    "belong to?\n{entries}\n\nAnswer with the ids of the {k} best matching categories, best first, "
+    "separated by commas, and nothing else."
+)
+
+
+async def _llm_label(client: Any, description: str) -> str:
+    out = await client.generate(LABEL_PROMPT.format(description=description), temperature=0.0)
+    return out.text.strip().strip('"').splitlines()[0][:80] if out.text.strip() else "unlabelled"
+
+
+async def _llm_rank(client: Any, taxonomy: Taxonomy, description: str, k: int) -> list[tuple[str, float]]:
+    entries = "\n".join(f"- {e.id}: {e.name}" + (f" ({e.description})" if e.description else "") for e in taxonomy.entries)
+    out = await client.generate(MAP_PROMPT.format(description=description, entries=entries, k=k), temperature=0.0)
+    found: list[str] = []
+    for token in re.split(r"[,\n]", out.text):
+        token = token.strip().strip("-*. `'\"")
+        if token in taxonomy.by_id and token not in found:
+            found.append(token)
+    return [(eid, 1.0 / (r + 1)) for r, eid in enumerate(found[:k])]
+
+
+def map_descriptions(
+    explanations: pd.DataFrame | str | os.PathLike[str],
+    config: Any,
+    out_dir: str | os.PathLike[str] | None = None,
+    client: Any = None,
+) -> pd.DataFrame:
+    """Label each description and rank the entries of each taxonomy; write ``categories.*``."""
+    from mneme_plugin.interpret.clients import make_client
+    from mneme_plugin.interpret.explain import load_explanations, write_table
+
+    table = explanations if isinstance(explanations, pd.DataFrame) else load_explanations(explanations)
+    if not {"latent", "explanation"} <= set(table.columns):
+        raise ConfigError(f"The explanations need columns latent and explanation; got {list(table.columns)}.")
+    taxonomies = [load_taxonomy(t) for t in config.taxonomies]
+    needs_llm = config.method == "llm" or config.labeler == "llm"
+    if needs_llm and client is None:
+        cache = Path(out_dir) / "llm_cache" if out_dir is not None else None
+        client = make_client(config.client, default_cache_dir=cache)
+    if needs_llm and client is None:
+        raise ConfigError("method/labeler 'llm' need an LLM client.")
+    descriptions = [str(d) for d in table["explanation"]]
+    latents = [int(v) for v in table["latent"]]
+
+    if config.labeler == "llm":
+        async def all_labels() -> list[str]:
+            return list(await asyncio.gather(*(_llm_label(client, d) for d in descriptions)))
+        labels = asyncio.run(all_labels())
+    else:
+        labels = [offline_label(d) for d in descriptions]
+
+    rows = []
+    for tax in taxonomies:
+        if config.method == "llm":
+            async def all_ranks(tax: Taxonomy = tax) -> list[list[tuple[str, float]]]:
+                return list(await asyncio.gather(*(_llm_rank(client, tax, d, config.top_k) for d in descriptions)))
+            ranked = asyncio.run(all_ranks())
+        else:
+            mapper = EmbeddingMapper(tax, config.embedding_model) if config.method == "embedding" else LexicalMapper(tax)
+            ranked = []
+            for d, label in zip(descriptions, labels):
+                s = mapper.scores(f"{d} {label}")
+                order = np.argsort(-s, kind="stable")[: config.top_k]
+                ranked.append([(tax.entries[i].id, float(s[i])) for i in order])
+        for latent, d, label, top in zip(latents, descriptions, labels, ranked):
+            best = top[0] if top and top[0][1] > 0 else (None, 0.0)
+            rows.append({"latent": latent, "description": d, "label": label, "taxonomy": tax.name,
+                         "category": best[0], "score": best[1], "top_k": json.dumps(top)})
+    out = pd.DataFrame(rows, columns=["latent", "description", "label", "taxonomy", "category", "score", "top_k"])
+    if out_dir is not None:
+        write_table(out, out_dir, "categories")
+    return out

@@ -1,0 +1,202 @@
+"""``build_organism``: the CPU model organism end to end, cached on disk.
+
+A tiny HookedTransformer is pretrained on the fact-based multi-domain corpus (plus generic filler),
+one intervention edits a copy (RMU unlearning of a domain, narrow fine-tuning on a domain, or benign
+fine-tuning on mixed generic text), and the ground truth is the per-domain accuracy drop on the cloze
+question set. Models are saved as ``torch.save({"state_dict", "model_kwargs", ...})`` under
+``out_dir`` and reloaded when the same configuration is asked for again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mneme_plugin.errors import ConfigError
+from mneme_plugin.groundtruth import accuracy_drop, domain_accuracy, save_scores
+from mneme_plugin.organism.corpus import DOMAINS, Question, generate_corpus, generate_generic_corpus, question_set
+from mneme_plugin.organism.models import tiny_hooked_transformer, train_lm, train_tokenizer
+
+logger = logging.getLogger("mneme_plugin")
+
+INTERVENTIONS = ("rmu", "narrow", "benign")
+
+
+@dataclass
+class OrganismConfig:
+    """The base LM and its pretraining (defaults: ~1 min on one CPU core, >= 0.9 accuracy per domain)."""
+
+    n_layers: int = 4
+    d_model: int = 64
+    n_heads: int = 4
+    n_ctx: int = 64
+    pretrain_docs: int = 4000
+    generic_docs: int = 800
+    cross_domain: float = 0.25
+    pretrain_steps: int = 600
+    lr: float = 3e-3
+    batch_size: int = 32
+    context_length: int = 64
+    edit_docs: int = 1600  # documents (all domains) from which forget / retain / fine-tuning sets are drawn
+    agnostic_docs: int = 2000  # task-agnostic slice: fresh documents of all domains + generic filler
+    accuracy_mode: str = "top1"
+
+    def __post_init__(self) -> None:
+        if self.accuracy_mode not in ("top1", "choice"):
+            raise ConfigError(f"accuracy_mode must be 'top1' or 'choice', got {self.accuracy_mode!r}.")
+        if self.d_model % self.n_heads:
+            raise ConfigError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads}).")
+
+
+def default_intervention_config(intervention: str, organism: OrganismConfig, seed: int = 0) -> Any:
+    """The organism's default config of each intervention (RMU at layer n_layers // 2)."""
+    from mneme_plugin.interventions import FineTuneConfig, RMUConfig
+
+    if intervention == "rmu":
+        return RMUConfig(layer=organism.n_layers // 2, steering_coef=40.0, alpha=3.0, lr=3e-3, steps=300,
+                         batch_size=8, context_length=32, seed=seed)
+    if intervention == "narrow":
+        return FineTuneConfig(steps=150, lr=1e-3, batch_size=16, context_length=organism.context_length, seed=seed)
+    if intervention == "benign":
+        return FineTuneConfig(steps=200, lr=1e-3, batch_size=16, context_length=organism.context_length, seed=seed)
+    raise ConfigError(f"Unknown intervention {intervention!r}; known: {INTERVENTIONS}.")
+
+
+@dataclass
+class Organism:
+    tokenizer: Any
+    base: Any
+    edited: Any
+    questions: list[Question]
+    accuracy_before: dict[str, float]
+    accuracy_after: dict[str, float]
+    drop: dict[str, float]
+    intervention: str
+    intervention_config: dict[str, Any]
+    target_domain: str | None
+    agnostic_corpus: list[str]  # task-agnostic slice; never contains the edit's (forget / fine-tuning) texts
+    agnostic_labels: list[str]  # domain (or "generic") of each agnostic document
+    edit_texts: list[str] = field(default_factory=list)  # the data the intervention used (forget set / FT data)
+    timings: dict[str, float] = field(default_factory=dict)
+    config: OrganismConfig = field(default_factory=OrganismConfig)
+
+
+def _key(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def _save(path: Path, model: Any, model_kwargs: dict[str, Any], meta: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save({"state_dict": model.state_dict(), "model_kwargs": model_kwargs, "meta": meta}, tmp)
+    tmp.replace(path)
+
+
+def _load(path: Path, tokenizer: Any) -> Any | None:
+    if not path.exists():
+        return None
+    blob = torch.load(path, map_location="cpu", weights_only=False)
+    model = tiny_hooked_transformer(tokenizer, **blob["model_kwargs"])
+    model.load_state_dict(blob["state_dict"])
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def build_organism(seed: int = 0, intervention: str = "rmu", target_domain: str | None = "biology",
+                   out_dir: str | Path | None = None, progress: bool = True,
+                   config: OrganismConfig | None = None, intervention_config: Any = None) -> Organism:
+    """Pretrain (or reload) the base LM, apply ``intervention`` and measure the per-domain ground truth.
+
+    ``intervention``: ``"rmu"`` (unlearn ``target_domain``: forget set = its documents, retain set = the
+    other domains' documents), ``"narrow"`` (fine-tune on ``target_domain``'s documents only) or
+    ``"benign"`` (fine-tune on generic filler mixed 1:1 with documents of all domains; no target).
+    With ``out_dir`` the models and the ground truth (``groundtruth.json`` / ``.csv``) are cached there.
+    """
+    from mneme_plugin.interventions import fine_tune, rmu_unlearn
+
+    if intervention not in INTERVENTIONS:
+        raise ConfigError(f"Unknown intervention {intervention!r}; known: {INTERVENTIONS}.")
+    if intervention == "benign":
+        target_domain = None
+    elif target_domain not in DOMAINS:
+        raise ConfigError(f"target_domain must be one of {sorted(DOMAINS)} for {intervention!r}, got {target_domain!r}.")
+    cfg = config or OrganismConfig()
+    icfg = intervention_config or default_intervention_config(intervention, cfg, seed)
+    out = Path(out_dir) if out_dir is not None else None
+    timings: dict[str, float] = {}
+
+    t0 = time.perf_counter()
+    pretraining = [t for _, t in generate_corpus(cfg.pretrain_docs, seed=seed, cross_domain=cfg.cross_domain)]
+    pretraining += generate_generic_corpus(cfg.generic_docs, seed=seed)
+    tokenizer = train_tokenizer(pretraining)
+    questions = question_set(seed)
+    model_kwargs = dict(n_layers=cfg.n_layers, d_model=cfg.d_model, n_heads=cfg.n_heads, n_ctx=cfg.n_ctx, seed=seed)
+    base_key = _key({"seed": seed, "cfg": asdict(cfg), "vocab": len(tokenizer)})
+    base_path = out / f"base-{base_key}.pt" if out else None
+    base = _load(base_path, tokenizer) if base_path else None
+    if base is None:
+        logger.info("Pretraining the organism's base LM (%d documents).", len(pretraining))
+        base = tiny_hooked_transformer(tokenizer, **model_kwargs)
+        train_lm(base, pretraining, steps=cfg.pretrain_steps, lr=cfg.lr, seed=seed, batch_size=cfg.batch_size,
+                 context_length=cfg.context_length, progress=progress)
+        for p in base.parameters():
+            p.requires_grad_(False)
+        if base_path:
+            _save(base_path, base, model_kwargs, {"seed": seed, "config": asdict(cfg)})
+    timings["base"] = time.perf_counter() - t0
+
+    # Edit data: fresh documents about the same facts (not the pretraining texts).
+    edit_docs = generate_corpus(cfg.edit_docs, seed=seed + 101, fact_seed=seed, cross_domain=cfg.cross_domain)
+    if intervention == "benign":
+        edit_texts = [t for _, t in edit_docs][: cfg.edit_docs // 2] + generate_generic_corpus(cfg.edit_docs // 2, seed=seed + 101)
+        other_texts: list[str] = []
+    else:
+        edit_texts = [t for d, t in edit_docs if d == target_domain]
+        other_texts = [t for d, t in edit_docs if d != target_domain]
+
+    t0 = time.perf_counter()
+    icfg_dict = icfg.to_dict()
+    edit_key = _key({"base": base_key, "intervention": intervention, "target": target_domain, "cfg": icfg_dict})
+    edit_path = out / f"edited-{intervention}-{target_domain or 'mixed'}-{edit_key}.pt" if out else None
+    edited = _load(edit_path, tokenizer) if edit_path else None
+    if edited is None:
+        logger.info("Applying %s%s.", intervention, f" to {target_domain}" if target_domain else "")
+        if intervention == "rmu":
+            edited = rmu_unlearn(base, edit_texts, other_texts, icfg, progress=progress).model
+        else:
+            edited = fine_tune(base, edit_texts, icfg, progress=progress).model
+        if edit_path:
+            _save(edit_path, edited, model_kwargs, {"intervention": intervention, "target_domain": target_domain,
+                                                    "config": icfg_dict})
+    timings["edit"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    before = domain_accuracy(base, questions, cfg.accuracy_mode)
+    after = domain_accuracy(edited, questions, cfg.accuracy_mode)
+    drop = accuracy_drop(before, after)
+    timings["groundtruth"] = time.perf_counter() - t0
+    if out:
+        save_scores(out / f"groundtruth-{intervention}-{target_domain or 'mixed'}.json", before, after)
+        save_scores(out / f"groundtruth-{intervention}-{target_domain or 'mixed'}.csv", before, after)
+
+    # Task-agnostic slice: fresh documents of every domain plus generic filler, minus any edit text.
+    excluded = set(edit_texts)
+    n_generic = cfg.agnostic_docs // 5
+    agnostic = [(d, t) for d, t in generate_corpus(cfg.agnostic_docs - n_generic, seed=seed + 202, fact_seed=seed,
+                                                   cross_domain=cfg.cross_domain) if t not in excluded]
+    agnostic += [("generic", t) for t in generate_generic_corpus(n_generic, seed=seed + 202) if t not in excluded]
+    return Organism(
+        tokenizer=tokenizer, base=base, edited=edited, questions=questions, accuracy_before=before,
+        accuracy_after=after, drop=drop, intervention=intervention, intervention_config=icfg_dict,
+        target_domain=target_domain, agnostic_corpus=[t for _, t in agnostic], agnostic_labels=[d for d, _ in agnostic],
+        edit_texts=edit_texts, timings=timings, config=cfg,
+    )

@@ -1,0 +1,29 @@
+"""`mneme collect / explain / map` on tiny local models."""
+
+from __future__ import annotations
+
+import pandas as pd
+from click.testing import CliRunner
+
+from mneme_plugin.cli import main
+
+
+def test_collect_explain_map_cli(tmp_path, llama_dir, thresholded_crosscoder):
+    cc_dir = tmp_path / "cc"
+    thresholded_crosscoder.save_pretrained(cc_dir)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(["the cat sees the house today", "a dog likes the road at night"] * 20))
+    out = tmp_path / "ctx"
+    runner = CliRunner()
+    r = runner.invoke(main, ["collect", "--crosscoder", str(cc_dir), "--base", str(llama_dir), "--edited",
+                             str(llama_dir), "--corpus", str(corpus), "--layer", "1", "--latents", "0,1,2,3",
+                             "--n-top", "5", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(main, ["explain", str(out), "--explainer", "offline"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(main, ["map", str(out), "--taxonomy", "mmlu", "--taxonomy", "organism", "--top-k", "2"])
+    assert r.exit_code == 0, r.output
+    table = pd.read_csv(out / "categories.csv")
+    assert set(table["taxonomy"]) <= {"mmlu", "organism"}
+    r = runner.invoke(main, ["explain", str(out), "--explainer", "default"])
+    assert r.exit_code != 0 and "need an LLM client" in r.output

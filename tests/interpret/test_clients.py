@@ -1,0 +1,139 @@
+"""The OpenAI-compatible client against a local HTTP server: retries, timeout, disk cache, and
+Delphi's DefaultExplainer end to end through it."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from mneme_plugin.interpret import (
+    ClientConfig, ClientError, ExplainConfig, OpenAICompatibleClient, delphi_installed, explain,
+)
+
+
+class FakeLLM:
+    """A /v1/chat/completions server; ``script`` is a list of actions consumed per request:
+    an int status (429/500), "stall" (sleeps past the client timeout) or "ok"."""
+
+    def __init__(self) -> None:
+        self.script: list = []
+        self.requests: list[dict] = []
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):  # quiet
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                owner.requests.append(body)
+                action = owner.script.pop(0) if owner.script else "ok"
+                if action == "stall":
+                    time.sleep(1.0)
+                if isinstance(action, int):
+                    self.send_response(action)
+                    self.end_headers()
+                    self.wfile.write(b'{"error": "try again"}')
+                    return
+                everything = " ".join(m["content"] for m in body["messages"])
+                if "[EXPLANATION]" in everything:
+                    text = "[EXPLANATION]: mentions of gene and dna"
+                else:  # Delphi's detection scorer: one 0/1 per example shown
+                    text = "[" + ", ".join(["1"] * 5) + "]"
+                data = json.dumps({"choices": [{"message": {"role": "assistant", "content": text}}]}).encode()
+                try:
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def fake_llm():
+    server = FakeLLM()
+    yield server
+    server.close()
+
+
+def client(fake_llm, tmp_path, **kw):
+    opts = dict(base_url=fake_llm.url, api_key="k", max_retries=3, backoff_base=0.01, backoff_max=0.05,
+                timeout=0.3, cache_dir=tmp_path / "cache")
+    opts.update(kw)
+    return OpenAICompatibleClient("fake-model", **opts)
+
+
+def test_retries_on_429_500_and_timeout_then_caches(fake_llm, tmp_path):
+    fake_llm.script = [429, 500, "stall"]
+    c = client(fake_llm, tmp_path)
+    out = c.generate_sync([{"role": "user", "content": "[EXPLANATION]: <<x>>"}], temperature=0.0)
+    assert out.text.startswith("[EXPLANATION]:")
+    assert len(fake_llm.requests) == 4 and c.n_requests == 4
+    assert fake_llm.requests[-1]["model"] == "fake-model" and fake_llm.requests[-1]["temperature"] == 0.0
+    again = client(fake_llm, tmp_path).generate_sync([{"role": "user", "content": "[EXPLANATION]: <<x>>"}], temperature=0.0)
+    assert again.text == out.text and len(fake_llm.requests) == 4  # served from the disk cache
+
+
+def test_gives_up_after_retries_and_does_not_retry_400(fake_llm, tmp_path):
+    fake_llm.script = [500, 500, 500]
+    with pytest.raises(ClientError, match="after 3 attempts"):
+        client(fake_llm, tmp_path, max_retries=2, cache_dir=None).generate_sync("hi")
+    fake_llm.script = [400]
+    n = len(fake_llm.requests)
+    with pytest.raises(ClientError, match="not retried"):
+        client(fake_llm, tmp_path, cache_dir=None).generate_sync("hi")
+    assert len(fake_llm.requests) == n + 1
+
+
+@pytest.mark.skipif(not delphi_installed(), reason="Delphi (eai-delphi) is not installed: pip install --no-deps eai-delphi")
+def test_delphi_default_explainer_through_our_client(collected, fake_llm, tmp_path, tiny_tokenizer):
+    out, cfg, result = collected
+    fake_llm.script = [429]
+    ccfg = ClientConfig(kind="openai", model="fake-model", base_url=fake_llm.url, api_key=None,
+                        backoff_base=0.01, timeout=5.0, cache_dir=str(tmp_path / "cache"))
+    ecfg = ExplainConfig(explainer="default", client=ccfg, n_examples=4, min_examples=1, scorers=["detection"])
+    table = explain(out, ecfg, out_dir=tmp_path, tokenizer=tiny_tokenizer)
+    fired = [p["latent"] for p in result.per_latent if p["top_rows"]]
+    assert list(table["latent"]) == sorted(fired)
+    assert (table["explanation"] == "mentions of gene and dna").all()
+    assert table["explainer"].eq("default").all()
+    assert table["detection"].between(0, 1).all()  # scored by Delphi's DetectionScorer through our client
+    n = len(fake_llm.requests)
+    # Re-run without scorers (Delphi shuffles the detection prompts): explainer prompts all hit the cache.
+    again = explain(out, ecfg.replace(scorers=[]), out_dir=tmp_path, tokenizer=tiny_tokenizer)
+    assert len(fake_llm.requests) == n
+    assert list(again["explanation"]) == list(table["explanation"])
+
+
+@pytest.mark.skipif(not delphi_installed(), reason="Delphi (eai-delphi) is not installed: pip install --no-deps eai-delphi")
+def test_delphi_imports_without_vllm_and_leaves_no_stub():
+    import importlib.util
+    import sys
+
+    from mneme_plugin.interpret import DelphiUnavailableError, import_delphi
+    from mneme_plugin.interpret.delphi_compat import vllm_installed
+
+    explainers = import_delphi("delphi.explainers")
+    assert hasattr(explainers, "DefaultExplainer")
+    if vllm_installed():
+        pytest.skip("vllm is installed: nothing is stubbed")
+    assert "vllm" not in sys.modules and importlib.util.find_spec("vllm") is None
+    from delphi.clients import Offline
+
+    with pytest.raises(DelphiUnavailableError, match="vLLM is not installed"):
+        Offline("some/model")

@@ -1,0 +1,112 @@
+"""collect: exact top contexts vs brute force, bounded memory, the Delphi cache read by Delphi."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from mneme_plugin.activations import forward_to_hook, iter_windows
+from mneme_plugin.interpret import TopContextCollector, delphi_installed, load_contexts
+
+
+def brute_force(ht_pair, cc, corpus, cfg):
+    """Every context's per-token values of the chosen latents, computed without the collector."""
+    base, edited = ht_pair
+    tok = base.tokenizer
+    hook = f"blocks.{cfg.layer}.hook_resid_post"
+    special = torch.tensor(sorted({int(i) for i in tok.all_special_ids} | {tok.bos_token_id}))
+    all_tokens, all_vals = [], []
+    for w in iter_windows(corpus, tok, cfg.context_length):
+        t = w.tokens[None]
+        x = torch.stack([forward_to_hook(base, t, hook)[0], forward_to_hook(edited, t, hook)[0]], dim=1)
+        f = cc.encode(x)[:, cfg.latents]
+        valid = w.mask & ~torch.isin(w.tokens, special)
+        f = f * valid[:, None]
+        all_tokens.append(w.tokens.reshape(-1, cfg.example_ctx_len))
+        all_vals.append(f.reshape(-1, cfg.example_ctx_len, len(cfg.latents)))
+    return torch.cat(all_tokens), torch.cat(all_vals)
+
+
+def test_top_contexts_equal_brute_force(collected, ht_pair, thresholded_crosscoder, collect_corpus):
+    out, cfg, result = collected
+    tokens, vals = brute_force(ht_pair, thresholded_crosscoder, collect_corpus, cfg)
+    assert result.n_contexts == tokens.shape[0]
+    ctx_max = vals.amax(dim=1)  # (C, L)
+    assert (ctx_max > 0).any(dim=0).sum() >= 4, "the test crosscoder must make most chosen latents fire"
+    assert ((ctx_max > 0).sum(dim=0) > cfg.n_top).any(), "some latent must fire in more contexts than n_top"
+    for j, latent in enumerate(cfg.latents):
+        expected = torch.sort(ctx_max[:, j], descending=True).values
+        expected = expected[expected > 0][: cfg.n_top]
+        info = result.per_latent[j]
+        assert info["latent"] == latent
+        assert info["fire_contexts"] == int((ctx_max[:, j] > 0).sum())
+        assert info["fire_tokens"] == int((vals[:, :, j] > 0).sum())
+        got = torch.tensor(info["top_values"])
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+        # The stored rows hold the right tokens and per-token activations.
+        top_tokens, top_acts, _ = result.top_examples(latent)
+        for r in range(len(got)):
+            matches = [c for c in range(tokens.shape[0]) if torch.equal(tokens[c], top_tokens[r])
+                       and torch.allclose(vals[c, :, j], top_acts[r], atol=1e-6)]
+            assert matches, f"latent {latent}: kept context {r} matches no real context"
+        for r in info["non_activating_rows"]:
+            assert float(result.dense(latent, [r]).max()) == 0.0
+
+
+def test_collector_memory_is_bounded():
+    L, ctx, n_top, n_rand, n_non = 4, 8, 3, 2, 2
+    col = TopContextCollector(list(range(L)), ctx, n_top, n_rand, n_non, seed=0, vocab_size=50)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(60):
+        toks = torch.randint(0, 50, (16, ctx), generator=gen)
+        acts = torch.relu(torch.randn(16, ctx, L, generator=gen) - 1.5)
+        col.update(toks, acts, torch.ones(16, ctx, dtype=torch.bool))
+        assert len(col.contexts) <= L * (n_top + n_rand + n_non)
+    res = col.result()
+    assert res.tokens.shape[0] <= L * (n_top + n_rand + n_non)
+    assert all(len(p["top_rows"]) <= n_top and len(p["random_rows"]) <= n_rand for p in res.per_latent)
+    assert res.n_contexts == 960 and int(res.background.sum()) == 960 * ctx
+
+
+def test_cache_layout_and_round_trip(collected):
+    out, cfg, result = collected
+    module = out / "latents" / "blocks.1.hook_resid_post"
+    cfg_json = json.loads((module / "config.json").read_text())
+    for key in ("dataset_repo", "dataset_split", "dataset_name", "dataset_column", "batch_size", "cache_ctx_len",
+                "n_tokens", "n_splits", "model_name"):
+        assert key in cfg_json
+    from safetensors.numpy import load_file
+
+    data = load_file(str(module / "0_47.safetensors"))
+    assert data["locations"].shape[1] == 3 and data["activations"].dtype == np.float16
+    assert data["tokens"].shape == tuple(result.tokens.shape)
+    back = load_contexts(out)
+    assert back.latents == result.latents and torch.equal(back.tokens, result.tokens)
+    torch.testing.assert_close(back.values, result.values.half().float())
+
+
+@pytest.mark.skipif(not delphi_installed(), reason="Delphi (eai-delphi) is not installed: pip install --no-deps eai-delphi")
+def test_delphi_latent_dataset_reads_our_cache(collected, tiny_tokenizer):
+    from mneme_plugin.interpret import iter_records_delphi
+
+    out, cfg, result = collected
+    records = {r.latent.latent_index: r for r in iter_records_delphi(out, tiny_tokenizer)}
+    assert len(records) >= 4
+    assert set(records) == {p["latent"] for p in result.per_latent if p["top_rows"]}
+    for info in result.per_latent:
+        if not info["top_rows"]:
+            continue
+        rec = records[info["latent"]]
+        delphi_max = [float(e.max_activation) for e in rec.examples[: len(info["top_values"])]]
+        expected = [float(np.float16(v)) for v in info["top_values"]]
+        assert delphi_max == pytest.approx(expected, rel=1e-3)
+        top_tokens, _, _ = result.top_examples(info["latent"])
+        # Same contexts, except where fp16 rounding ties a kept context with the Nth one.
+        cut = min(expected)
+        ours = {tuple(t.tolist()) for t in top_tokens}
+        for e in rec.examples[: len(delphi_max)]:
+            if float(e.max_activation) > cut:
+                assert tuple(e.tokens.tolist()) in ours

@@ -1,0 +1,109 @@
+"""Offline explainer + lexical mapper on planted latents: latent i fires on domain i's words."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pandas as pd
+import pytest
+import torch
+
+from mneme_plugin.errors import ConfigError
+from mneme_plugin.interpret import (
+    ExplainConfig, MapConfig, OfflineExplainer, TopContextCollector, explain, load_taxonomy, map_descriptions,
+)
+from mneme_plugin.organism.corpus import DOMAINS
+from tests.helpers import make_tokenizer
+
+NAMES = list(DOMAINS)
+GENERIC = "the cat a dog sees likes house tree road today slowly friend".split()
+
+
+def domain_words(name):
+    d = DOMAINS[name]
+    return list(d.entities + d.relations + d.values)
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    vocab_texts = [" ".join(domain_words(n)) for n in NAMES] + [" ".join(GENERIC)]
+    tok = make_tokenizer(vocab_texts * 3)
+    rng = random.Random(0)
+    all_words = [w for n in NAMES for w in domain_words(n)] + GENERIC * 4
+    ctx, n_ctx = 16, 400
+    col = TopContextCollector(list(range(len(NAMES))), ctx, n_top=20, n_random=5, n_non_activating=5,
+                              seed=0, vocab_size=len(tok))
+    owner = {}
+    for i, n in enumerate(NAMES):
+        d = DOMAINS[n]
+        for w in d.relations + d.values:  # words unique to a domain
+            owner[tok.convert_tokens_to_ids(w)] = i
+    for _ in range(n_ctx // 50):
+        toks = torch.tensor([[tok.convert_tokens_to_ids(rng.choice(all_words)) for _ in range(ctx)] for _ in range(50)])
+        acts = torch.zeros(50, ctx, len(NAMES))
+        for c in range(50):
+            for p in range(ctx):
+                i = owner.get(int(toks[c, p]))
+                if i is not None:
+                    acts[c, p, i] = 1.0 + rng.random()
+        col.update(toks, acts, torch.ones(50, ctx, dtype=torch.bool))
+    out = tmp_path_factory.mktemp("planted")
+    contexts = col.result()
+    contexts.save(out, "blocks.0.hook_resid_post", width=len(NAMES), tokenizer=tok)
+    return out, tok, contexts
+
+
+def test_offline_explainer_names_the_planted_words(planted):
+    out, tok, contexts = planted
+    ex = OfflineExplainer(tok, n_examples=20, n_terms=5)
+    for i, name in enumerate(NAMES):
+        e = ex.explain(contexts, i)
+        unique = set(DOMAINS[name].relations + DOMAINS[name].values)
+        assert e.terms and set(e.terms) <= unique, (name, e.terms)
+
+
+def test_explain_and_map_pick_the_planted_domain(planted, tmp_path):
+    out, tok, contexts = planted
+    table = explain(out, ExplainConfig(explainer="offline"), out_dir=tmp_path)
+    assert list(table["latent"]) == list(range(len(NAMES)))
+    assert (tmp_path / "explanations.parquet").is_file() and (tmp_path / "explanations.csv").is_file()
+    cats = map_descriptions(tmp_path, MapConfig(taxonomies=["organism", "mmlu"], top_k=3), out_dir=tmp_path)
+    org = cats[cats["taxonomy"] == "organism"].set_index("latent")
+    for i, name in enumerate(NAMES):
+        assert org.loc[i, "category"] == name, (name, org.loc[i, "description"], org.loc[i, "top_k"])
+        assert org.loc[i, "label"] != "unlabelled"
+        assert len(json.loads(org.loc[i, "top_k"])) == 3
+    back = pd.read_parquet(tmp_path / "categories.parquet")
+    assert len(back) == 2 * len(NAMES) and set(back["taxonomy"]) == {"organism", "mmlu"}
+    assert (tmp_path / "categories.csv").is_file()
+    mmlu = cats[cats["taxonomy"] == "mmlu"].set_index("latent")
+    assert mmlu.loc[NAMES.index("security"), "category"] == "computer_security"
+
+
+def test_taxonomies_and_user_file(tmp_path):
+    assert len(load_taxonomy("mmlu").entries) == 57
+    assert load_taxonomy("mmlu_pro").ids() == ["biology", "business", "chemistry", "computer_science", "economics",
+                                               "engineering", "health", "history", "law", "math", "other",
+                                               "philosophy", "physics", "psychology"]
+    assert "power_seeking" in load_taxonomy("emergent_misalignment").ids()
+    assert load_taxonomy("organism").ids() == NAMES
+    user = tmp_path / "mine.yaml"
+    user.write_text("name: mine\nentries:\n  - id: pets\n    keywords: [cat, dog]\n  - id: roads\n    keywords: road\n")
+    tax = load_taxonomy(user)
+    assert tax.ids() == ["pets", "roads"]
+    cats = map_descriptions(pd.DataFrame({"latent": [1], "explanation": ['Tokens "dog", "cat"']}),
+                            MapConfig(taxonomies=[str(user)], top_k=1))
+    assert cats.loc[0, "category"] == "pets"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("entries: [{name: x}]\n")
+    with pytest.raises(ConfigError, match="needs an 'id'"):
+        load_taxonomy(bad)
+    with pytest.raises(ConfigError, match="Unknown taxonomy"):
+        load_taxonomy("nope")
+
+
+def test_organism_taxonomy_matches_the_corpus_vocabulary():
+    tax = load_taxonomy("organism")
+    for name in NAMES:
+        assert set(domain_words(name)) <= set(tax.by_id[name].keywords), f"regenerate organism.yaml for {name}"
