@@ -323,5 +323,258 @@ def export_saelens_command(source, out, folder, hook_name, base_model, edited_mo
         click.echo(f"{view}: {path}")
 
 
+# --------------------------------------------------------------------------------- collect / explain / map
+
+@main.command()
+@click.option("--config", type=click.Path(dir_okay=False), help="YAML with sections models, corpus, collect.")
+@click.option("--crosscoder", "crosscoder_dir", required=True, type=click.Path(exists=True, file_okay=False),
+              help="Crosscoder directory (or a training run directory holding crosscoder/).")
+@click.option("--attribution", type=click.Path(exists=True, file_okay=False),
+              help="Attribution directory: choose latents by --classes and rank.")
+@click.option("--base", help="Base model: HF name or local folder.")
+@click.option("--edited", help="Edited model: HF name or local folder.")
+@click.option("--corpus", help="Local .txt/.jsonl/.parquet file, or hf:NAME[@CONFIG][:SPLIT].")
+@click.option("--layer", type=int, help="Block index (as harvested).")
+@click.option("--hook", "hook_name", help="Hook point name (as harvested).")
+@click.option("--latents", help="Comma-separated latent ids (instead of --attribution).")
+@click.option("--classes", help="Comma-separated attribution classes, e.g. base_only,suppressed.")
+@click.option("--per-class", type=int, help="Latents per class, most specific first.")
+@click.option("--n-top", type=int, help="Top contexts kept per latent.")
+@click.option("--max-tokens", type=int, help="Stop after this many corpus tokens.")
+@click.option("--device", help="Device for the models.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory for the contexts (Delphi cache).")
+@_clear_errors
+def collect(config, crosscoder_dir, attribution, base, edited, corpus, layer, hook_name, latents, classes, per_class,
+            n_top, max_tokens, device, out) -> None:
+    """Top-activating contexts per latent, written in Delphi's cache layout."""
+    from mneme_plugin.activations.corpus import corpus_from_spec
+    from mneme_plugin.interpret import CollectConfig
+    from mneme_plugin.interpret import collect as run_collect
+
+    sections = _sections(_read_yaml(config), ("models", "corpus", "collect"), config)
+    models = _override(sections["models"], base=base, edited=edited)
+    for key in ("base", "edited"):
+        if not models.get(key):
+            raise ConfigError(f"No {key} model: pass --{key} or set models.{key} in the config.")
+    corpus_spec = corpus or sections["corpus"].get("source")
+    if not corpus_spec:
+        raise ConfigError("No corpus: pass --corpus or set corpus.source in the config.")
+
+    def ids(text: str | None) -> list[int] | None:
+        if text is None:
+            return None
+        try:
+            return [int(v) for v in text.split(",") if v.strip()]
+        except ValueError as err:
+            raise ConfigError(f"--latents must be comma-separated integers, got {text!r}.") from err
+
+    cfg = CollectConfig.from_dict(_override(
+        sections["collect"], layer=layer, hook_name=hook_name, latents=ids(latents),
+        classes=classes.split(",") if classes else None, per_class=per_class, n_top=n_top,
+        max_tokens=max_tokens, device=device,
+    ))
+    result = run_collect(models["base"], models["edited"], crosscoder_dir, corpus_from_spec(str(corpus_spec)), cfg,
+                         out_dir=out, attribution=attribution)
+    fired = sum(1 for p in result.per_latent if p["top_rows"])
+    click.echo(f"Contexts of {len(result.latents)} latents ({fired} fired) over {result.n_tokens:,} tokens -> {out}")
+
+
+@main.command()
+@click.argument("contexts_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--config", type=click.Path(dir_okay=False), help="YAML with section explain (client as a sub-mapping).")
+@click.option("--explainer", type=click.Choice(["offline", "default", "contrastive"]))
+@click.option("--client", "client_kind", type=click.Choice(["none", "openai", "vllm"]))
+@click.option("--model", help="LLM name (client model).")
+@click.option("--base-url", help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1.")
+@click.option("--api-key", help="API key, or env:VARNAME.")
+@click.option("--concurrency", type=int, help="Concurrent LLM requests.")
+@click.option("--scorer", "scorers", multiple=True, type=click.Choice(["detection", "fuzz"]), help="Delphi scorer (repeatable).")
+@click.option("--tokenizer", help="Tokenizer folder (default: the one saved by collect).")
+@click.option("--out", type=click.Path(file_okay=False), help="Output directory (default: CONTEXTS_DIR).")
+@_clear_errors
+def explain(contexts_dir, config, explainer, client_kind, model, base_url, api_key, concurrency, scorers, tokenizer,
+            out) -> None:
+    """Describe each collected latent (offline log-odds explainer, or Delphi's explainers via an LLM)."""
+    from mneme_plugin.interpret import ExplainConfig
+    from mneme_plugin.interpret import explain as run_explain
+
+    sections = _sections(_read_yaml(config), ("explain",), config)
+    section = dict(sections["explain"])
+    client = _override(dict(section.pop("client", None) or {}), kind=client_kind, model=model, base_url=base_url,
+                       api_key=api_key, concurrency=concurrency)
+    cfg = ExplainConfig.from_dict(_override(section, explainer=explainer, scorers=list(scorers) or None, client=client))
+    table = run_explain(contexts_dir, cfg, out_dir=out, tokenizer=tokenizer)
+    for row in table.head(20).itertuples():
+        click.echo(f"{row.latent:>8}  {row.explanation}")
+    click.echo(f"{len(table)} explanations -> {Path(out or contexts_dir) / 'explanations.parquet'} (+ .csv)")
+
+
+@main.command("map")
+@click.argument("explanations", type=click.Path(exists=True))
+@click.option("--config", type=click.Path(dir_okay=False), help="YAML with section map (client as a sub-mapping).")
+@click.option("--taxonomy", "taxonomies", multiple=True,
+              help="Built-in (mmlu, mmlu_pro, emergent_misalignment, organism) or a YAML/JSON file; repeatable.")
+@click.option("--method", type=click.Choice(["lexical", "embedding", "llm"]))
+@click.option("--labeler", type=click.Choice(["offline", "llm"]))
+@click.option("--top-k", type=int)
+@click.option("--embedding-model", help="Local sentence-transformers folder (method embedding).")
+@click.option("--client", "client_kind", type=click.Choice(["none", "openai", "vllm"]))
+@click.option("--model", help="LLM name (client model).")
+@click.option("--base-url", help="OpenAI-compatible base URL.")
+@click.option("--api-key", help="API key, or env:VARNAME.")
+@click.option("--out", type=click.Path(file_okay=False), help="Output directory (default: next to the explanations).")
+@_clear_errors
+def map_(explanations, config, taxonomies, method, labeler, top_k, embedding_model, client_kind, model, base_url,
+         api_key, out) -> None:
+    """Label each explanation and map it to the nearest taxonomy entries (categories.parquet + .csv)."""
+    from mneme_plugin.interpret import MapConfig, map_descriptions
+
+    sections = _sections(_read_yaml(config), ("map",), config)
+    section = dict(sections["map"])
+    client = _override(dict(section.pop("client", None) or {}), kind=client_kind, model=model, base_url=base_url,
+                       api_key=api_key)
+    cfg = MapConfig.from_dict(_override(section, taxonomies=list(taxonomies) or None, method=method, labeler=labeler,
+                                        top_k=top_k, embedding_model=embedding_model, client=client))
+    src = Path(explanations)
+    out_dir = Path(out) if out else (src if src.is_dir() else src.parent)
+    table = map_descriptions(src, cfg, out_dir=out_dir)
+    for row in table.head(20).itertuples():
+        click.echo(f"{row.latent:>8}  [{row.taxonomy}] {row.category}  ({row.score:.2f})  {row.label}")
+    click.echo(f"{len(table)} rows -> {out_dir / 'categories.parquet'} (+ .csv)")
+
+
+# --------------------------------------------------------------------------------- predict / evaluate / report / run
+
+@main.command()
+@click.option("--run-dir", required=True, type=click.Path(exists=True, file_okay=False),
+              help="Run directory holding attribution/ and mapping/.")
+@click.option("--config", type=click.Path(dir_okay=False), help="YAML with sections predict and map.")
+@click.option("--taxonomy", help="Taxonomy to predict over (default: the first of map.taxonomies).")
+@click.option("--rule", type=click.Choice(["relative", "top_k", "min_score"]))
+@click.option("-k", "--k", type=int, help="Categories predicted by the top_k rule.")
+@_clear_errors
+def predict(run_dir, config, taxonomy, rule, k) -> None:
+    """Score every category from the attributed latents and their categories; predict the affected ones."""
+    from mneme_plugin.attribution import load_attribution
+    from mneme_plugin.interpret import MapConfig
+    from mneme_plugin.interpret.taxonomy import load_taxonomy
+    from mneme_plugin.layout import RunLayout
+    from mneme_plugin.pipeline.stages import category_links, load_mapping
+    from mneme_plugin.sideeffects import PredictConfig, predict as run_predict, save_prediction
+
+    sections = _sections(_read_yaml(config), ("predict", "map"), config)
+    cfg = PredictConfig.from_dict(_override(sections["predict"], rule=rule, k=k))
+    layout = RunLayout(Path(run_dir))
+    tax = load_taxonomy(taxonomy or MapConfig.from_dict(sections["map"]).taxonomies[0])
+    mapping = load_mapping(layout)
+    descriptions = {int(r.latent): str(r.description) for r in mapping.itertuples(index=False)}
+    result = run_predict(load_attribution(layout.attribution).table, category_links(mapping, tax.name), tax.ids(),
+                         cfg, descriptions)
+    save_prediction(result, layout.prediction)
+    for row in result.scores.head(15).itertuples(index=False):
+        click.echo(f"{'*' if row.predicted else ' '} {row.category:<40} {row.score:8.4f}")
+    click.echo(f"Predicted: {', '.join(result.predicted) or '(none)'}")
+
+
+@main.command()
+@click.option("--run-dir", required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--scores-csv", type=click.Path(exists=True, dir_okay=False), help="category, before, after[, n].")
+@click.option("--lm-eval-before", type=click.Path(exists=True, dir_okay=False))
+@click.option("--lm-eval-after", type=click.Path(exists=True, dir_okay=False))
+@click.option("--intervention", help="Plain-text description of the edit, for the naive baseline.")
+@click.option("--drop-threshold", type=float)
+@click.option("--significance", type=float)
+@click.option("--config", type=click.Path(dir_okay=False), help="YAML with sections evaluate, ground_truth, map.")
+@_clear_errors
+def evaluate(run_dir, scores_csv, lm_eval_before, lm_eval_after, intervention, drop_threshold, significance,
+             config) -> None:
+    """Compare the prediction with the observed per-category drops: Eq. 4 accuracy, precision, recall, F1."""
+    from mneme_plugin.interpret import MapConfig
+    from mneme_plugin.layout import RunLayout
+    from mneme_plugin.pipeline.config import GroundTruthConfig
+    from mneme_plugin.pipeline.stages import naive_prediction, read_ground_truth
+    from mneme_plugin.sideeffects import EvaluateConfig, evaluate as run_evaluate, load_prediction, save_evaluation
+
+    sections = _sections(_read_yaml(config), ("evaluate", "ground_truth", "map"), config)
+    cfg = EvaluateConfig.from_dict(_override(sections["evaluate"], drop_threshold=drop_threshold,
+                                             significance=significance))
+    truth = GroundTruthConfig.from_dict(_override(sections["ground_truth"], scores_csv=scores_csv,
+                                                  lm_eval_before=lm_eval_before, lm_eval_after=lm_eval_after))
+    if not truth.available:
+        raise ConfigError("No ground truth: pass --scores-csv or --lm-eval-before/--lm-eval-after.")
+    layout = RunLayout(Path(run_dir))
+    prediction = load_prediction(layout.prediction)
+    naive = (naive_prediction(intervention, MapConfig.from_dict(sections["map"]), max(1, len(prediction.predicted)))
+             if intervention else None)
+    result = run_evaluate(prediction.predicted, read_ground_truth(truth), prediction.scores["category"].tolist(),
+                          naive_predicted=naive, config=cfg)
+    save_evaluation(result, layout.evaluation)
+    click.echo(f"Degraded: {', '.join(result.true_set) or '(none)'}")
+    click.echo(result.markdown())
+
+
+@main.command()
+@click.option("--run-dir", required=True, type=click.Path(exists=True, file_okay=False),
+              help="Run directory holding attribution/ and contexts/ (collected for the suppressed latents).")
+@click.option("--edited", required=True, help="The edited model: HF name or local folder.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Where the retrained model goes.")
+@click.option("--config", type=click.Path(dir_okay=False), help="YAML with section remediate.")
+@click.option("--steps", type=int)
+@click.option("--lr", type=float)
+@click.option("--lora/--no-lora", default=None, help="LoRA through peft (when installed).")
+@_clear_errors
+def remediate(run_dir, edited, out, config, steps, lr, lora) -> None:
+    """Retrain the edited model on the corpus samples that most activate the suppressed latents."""
+    from transformers import AutoModelForCausalLM
+
+    from mneme_plugin.attribution import load_attribution
+    from mneme_plugin.interpret.contexts import load_contexts
+    from mneme_plugin.layout import RunLayout
+    from mneme_plugin.sideeffects import RemediateConfig, remediate as run_remediate, save_remediation, select_samples
+
+    sections = _sections(_read_yaml(config), ("remediate",), config)
+    cfg = RemediateConfig.from_dict(_override(sections["remediate"], steps=steps, lr=lr, lora=lora))
+    layout = RunLayout(Path(run_dir))
+    samples, latents = select_samples(load_contexts(layout.contexts), load_attribution(layout.attribution).table, cfg)
+    click.echo(f"{len(samples)} samples from the top contexts of {len(latents)} suppressed latents.")
+    model = AutoModelForCausalLM.from_pretrained(edited)
+    result = run_remediate(model, samples, cfg, latents=latents)
+    click.echo(f"Retrained model: {save_remediation(result, out) / 'model'}")
+
+
+@main.command()
+@click.option("--run-dir", required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--out", type=click.Path(dir_okay=False), help="HTML file (default RUN_DIR/report.html).")
+@_clear_errors
+def report(run_dir, out) -> None:
+    """Write the run's self-contained HTML report (plots, top latents, predictions, metrics)."""
+    from mneme_plugin.report.build import build_report
+
+    click.echo(f"Report: {build_report(run_dir, out)}")
+
+
+@main.command()
+@click.argument("config", type=click.Path(exists=True, dir_okay=False))
+@click.option("--dry-run", is_flag=True, help="Check the config and print the plan; run nothing.")
+@click.option("--only", multiple=True, help="Run only these stages (repeatable).")
+@_clear_errors
+def run(config, dry_run, only) -> None:
+    """Run the whole pipeline from one YAML file: harvest, train, attribute, collect, explain, map,
+    predict, evaluate, report. Finished stages with the same config are skipped; interrupted ones resume."""
+    from mneme_plugin.pipeline import RunConfig, check_config, format_plan, run_pipeline
+
+    cfg = RunConfig.from_yaml(config)
+    if dry_run:
+        click.echo(format_plan(cfg, check_config(cfg)))
+        return
+    layout = run_pipeline(cfg, only=list(only) or None)
+    click.echo(f"Run directory: {layout.root}")
+    if layout.report.is_file():
+        click.echo(f"Report: {layout.report}")
+    metrics = layout.evaluation / "metrics_table.csv"
+    if metrics.is_file():
+        click.echo(metrics.read_text())
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

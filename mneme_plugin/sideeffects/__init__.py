@@ -12,12 +12,21 @@ from mneme_plugin.sideeffects.evaluate import (
 )
 from mneme_plugin.sideeffects.metrics import SetMetrics, oracle_baseline, random_baseline, set_metrics
 from mneme_plugin.sideeffects.predict import Prediction, load_prediction, predict, save_prediction
+from mneme_plugin.sideeffects.remediate import (
+    RemediateConfig,
+    RemediationResult,
+    remediate,
+    save_remediation,
+    select_samples,
+)
 
 __all__ = [
     "EvaluateConfig",
     "Evaluation",
     "PredictConfig",
     "Prediction",
+    "RemediateConfig",
+    "RemediationResult",
     "SetMetrics",
     "degraded_categories",
     "evaluate",
@@ -28,7 +37,10 @@ __all__ = [
     "read_lm_eval_results",
     "read_scores_csv",
     "save_evaluation",
+    "remediate",
     "save_prediction",
+    "save_remediation",
+    "select_samples",
     "scores_from_lm_eval",
     "set_metrics",
 ]

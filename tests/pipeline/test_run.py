@@ -1,0 +1,151 @@
+"""``mneme run``: the whole pipeline on tiny local models; skip, resume after a kill, dry run."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+
+from mneme_plugin.cli import main
+from mneme_plugin.crosscoder import BatchTopKCrossCoder
+from mneme_plugin.errors import ConfigError
+from mneme_plugin.pipeline import RunConfig
+from tests.helpers import save_finetuned_llama, synthetic_corpus
+
+
+@pytest.fixture(scope="module")
+def pair_and_corpus(llama_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipeline")
+    edited = save_finetuned_llama(llama_dir, root / "edited", synthetic_corpus(40, seed=3))
+    corpus = root / "corpus.jsonl"
+    corpus.write_text("\n".join(json.dumps({"text": t}) for t in synthetic_corpus(300, seed=5)))
+    truth = root / "truth.csv"
+    pd.DataFrame({"category": ["biology", "cooking", "law"], "before": [0.9, 0.8, 0.7],
+                  "after": [0.5, 0.8, 0.7]}).to_csv(truth, index=False)
+    return llama_dir, edited, corpus, truth
+
+
+def _config(run_dir, base, edited, corpus, truth, steps=120) -> dict:
+    return {
+        "run_dir": str(run_dir),
+        "models": {"base": str(base), "edited": str(edited), "intervention": "unlearning of biology and genes"},
+        "corpus": {"source": str(corpus)},
+        "harvest": {"layer": 1, "context_length": 32, "dtype": "float32"},
+        "crosscoder": {"expansion_factor": 4, "k": 8},
+        "training": {"steps": steps, "batch_size": 128, "lr": 3e-3, "warmup_steps": 5, "threshold_start_step": 20,
+                     "checkpoint_every": 20, "eval_rows": 256, "dead_after_tokens": 20_000},
+        "attribution": {"batch_size": 512, "device": "cpu"},
+        "collect": {"per_class": 4, "n_top": 8, "n_random": 4, "n_non_activating": 4, "example_ctx_len": 16,
+                    "context_length": 32},
+        "explain": {"explainer": "offline", "min_examples": 1},
+        "map": {"taxonomies": ["organism"]},
+        "predict": {"rule": "top_k", "k": 2},
+        "ground_truth": {"scores_csv": str(truth)},
+    }
+
+
+def _write(tmp_path, name, cfg) -> str:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+def test_run_skips_done_stages_and_resumes_after_a_kill(pair_and_corpus, tmp_path):
+    base, edited, corpus, truth = pair_and_corpus
+    reference = _config(tmp_path / "ref", base, edited, corpus, truth)
+    result = CliRunner().invoke(main, ["run", _write(tmp_path, "ref.yaml", reference)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    ref = tmp_path / "ref"
+    for part in ("activations/manifest.json", "crosscoder_run/metrics.json", "attribution/attribution.parquet",
+                 "contexts/contexts.json", "explanations/explanations.parquet", "mapping/categories.parquet",
+                 "prediction/predictions.json", "evaluation/evaluation.json", "report.html"):
+        assert (ref / part).exists(), part
+    assert "| MNEME |" in result.output or "MNEME" in result.output
+
+    # Every stage is done: a second run skips them all.
+    marker_times = {p.name: p.stat().st_mtime_ns for p in (ref / ".stages").iterdir()}
+    result = CliRunner().invoke(main, ["run", _write(tmp_path, "ref.yaml", reference)], catch_exceptions=False)
+    assert result.exit_code == 0
+    assert {p.name: p.stat().st_mtime_ns for p in (ref / ".stages").iterdir()} == marker_times
+
+    # A run killed during training resumes and ends with the same outputs.
+    killed = _config(tmp_path / "killed", base, edited, corpus, truth)
+    path = _write(tmp_path, "killed.yaml", killed)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "mneme_plugin.cli", "run", path], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoints = tmp_path / "killed" / "crosscoder_run" / "checkpoints"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not any(checkpoints.glob("step_*")):
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed during training"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "killed" / "crosscoder_run" / "crosscoder").exists()
+    result = CliRunner().invoke(main, ["run", path], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+
+    a = BatchTopKCrossCoder.from_pretrained(ref / "crosscoder_run" / "crosscoder")
+    b = BatchTopKCrossCoder.from_pretrained(tmp_path / "killed" / "crosscoder_run" / "crosscoder")
+    for name, tensor in a.state_dict().items():
+        assert torch.equal(tensor, b.state_dict()[name]), name
+    for table in ("attribution/attribution.parquet", "mapping/categories.parquet"):
+        pd.testing.assert_frame_equal(pd.read_parquet(ref / table), pd.read_parquet(tmp_path / "killed" / table))
+    assert (json.loads((ref / "prediction/predictions.json").read_text())["predicted"]
+            == json.loads((tmp_path / "killed/prediction/predictions.json").read_text())["predicted"])
+
+
+def test_a_changed_section_reruns_that_stage_and_those_after(pair_and_corpus, tmp_path):
+    from mneme_plugin.pipeline import plan
+    from mneme_plugin.pipeline.stages import STAGES
+
+    base, edited, corpus, truth = pair_and_corpus
+    cfg = _config(tmp_path / "run", base, edited, corpus, truth, steps=30)
+    assert CliRunner().invoke(main, ["run", _write(tmp_path, "a.yaml", cfg)]).exit_code == 0
+    cfg["predict"]["k"] = 1
+    statuses = {s.name: status for s, _, status in plan(RunConfig.from_dict(cfg), STAGES)}
+    assert statuses["train"] == "skip (done)" and statuses["map"] == "skip (done)"
+    assert statuses["predict"].startswith("rerun") and statuses["report"].startswith("rerun")
+
+
+def test_dry_run_checks_the_config(pair_and_corpus, tmp_path):
+    base, edited, corpus, truth = pair_and_corpus
+    cfg = _config(tmp_path / "dry", base, edited, corpus, truth)
+    cfg["harvest"]["layer"] = 7
+    cfg["harvest"]["max_tokens"] = 100_000
+    result = CliRunner().invoke(main, ["run", "--dry-run", _write(tmp_path, "dry.yaml", cfg)])
+    assert result.exit_code == 0, result.output
+    assert "harvest.layer 7 is out of range: the models have 2 layers" in result.output
+    assert "d_model 32" in result.output and "GiB of activations" in result.output
+    assert "harvest    run" in result.output
+    assert not (tmp_path / "dry").exists()
+    cfg["harvest"]["layr"] = 1
+    with pytest.raises(ConfigError, match="did you mean 'layer'"):
+        RunConfig.from_dict(cfg)
+    with pytest.raises(ConfigError, match="Unknown section"):
+        RunConfig.from_dict({**_config(tmp_path, base, edited, corpus, truth), "harvset": {}})
+
+
+def test_remediate_command_retrains_a_hf_model_on_suppressed_contexts(pair_and_corpus, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    base, edited, corpus, truth = pair_and_corpus
+    cfg = _config(tmp_path / "run", base, edited, corpus, truth, steps=30)
+    cfg["collect"]["classes"] = ["base_only", "suppressed", "shared"]
+    assert CliRunner().invoke(main, ["run", _write(tmp_path, "r.yaml", cfg)]).exit_code == 0
+    result = CliRunner().invoke(main, ["remediate", "--run-dir", str(tmp_path / "run"), "--edited", str(edited),
+                                       "--out", str(tmp_path / "remediated"), "--steps", "3"])
+    if "No collected latent" in result.output:
+        pytest.skip("the tiny pair has no suppressed latent to remediate")
+    assert result.exit_code == 0, result.output
+    retrained = AutoModelForCausalLM.from_pretrained(tmp_path / "remediated" / "model")
+    original = AutoModelForCausalLM.from_pretrained(edited)
+    changed = [n for (n, p), (_, q) in zip(retrained.named_parameters(), original.named_parameters()) if not torch.equal(p, q)]
+    assert changed
