@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import click
-import yaml
 
+from mneme_plugin.config import read_yaml_mapping
 from mneme_plugin.errors import ConfigError, MnemeError
 
 
@@ -41,17 +41,7 @@ def _clear_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _read_yaml(path: str | None) -> dict[str, Any]:
-    if path is None:
-        return {}
-    try:
-        data = yaml.safe_load(Path(path).read_text()) or {}
-    except FileNotFoundError as err:
-        raise ConfigError(f"Config file {path} does not exist.") from err
-    except yaml.YAMLError as err:
-        raise ConfigError(f"Config file {path} is not valid YAML: {err}") from err
-    if not isinstance(data, dict):
-        raise ConfigError(f"Config file {path} must hold a mapping, got {type(data).__name__}.")
-    return data
+    return {} if path is None else read_yaml_mapping(path)
 
 
 def _sections(data: dict[str, Any], allowed: tuple[str, ...], path: str | None) -> dict[str, dict[str, Any]]:
@@ -201,20 +191,32 @@ def train(store, stream, config, shuffle_buffer, out, dict_size, expansion_facto
 @main.command()
 @click.option("--out", default="runs/demo", show_default=True, type=click.Path(file_okay=False))
 @click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--target", "target_domain", default="law", show_default=True,
+              help="Domain unlearned (RMU) or fine-tuned on (narrow).")
+@click.option("--intervention", "interventions", multiple=True, type=click.Choice(["rmu", "narrow", "benign"]),
+              help="Run only these interventions (default: all three).")
 @_clear_errors
-def demo(out: str, seed: int) -> None:
-    """Run the built-in CPU demo: train a tiny LM, fine-tune a copy on one domain, harvest both,
-    train a crosscoder between them, and print its quality."""
-    from mneme_plugin.organism import run_demo
+def demo(out: str, seed: int, target_domain: str, interventions: tuple[str, ...]) -> None:
+    """The whole MNEME method on the CPU model organism, with known ground truth.
 
-    result = run_demo(out, seed=seed)
-    metrics = result.training.metrics
-    click.echo(f"\nBase LM vs. its copy fine-tuned on {result.fine_tuned_domain}:")
-    click.echo(f"  activations:  {result.store.path} ({result.store.num_rows:,} paired tokens)")
-    click.echo(f"  crosscoder:   {result.training.crosscoder_dir}")
-    click.echo(f"  explained variance base {metrics.explained_variance_base:.3f}, "
-               f"edited {metrics.explained_variance_edited:.3f}; L0 {metrics.l0:.1f}; "
-               f"dead {metrics.dead_fraction:.1%}")
+    Trains a tiny LM on a generated 8-domain corpus, applies RMU unlearning, narrow fine-tuning and
+    benign fine-tuning, and runs every stage of `mneme run` on a task-agnostic slice of the corpus:
+    harvest, train, attribute, collect, explain, map, predict, evaluate (against the measured
+    per-domain accuracy drops, with random, naive and oracle baselines) and report.
+    """
+    from mneme_plugin.organism import INTERVENTIONS, run_demo
+
+    result = run_demo(out, seed=seed, interventions=interventions or INTERVENTIONS, target_domain=target_domain)
+    for case in result.cases:
+        drops = ", ".join(f"{k} {v:+.2f}" for k, v in sorted(case.drop.items(), key=lambda kv: -kv[1]))
+        click.echo(f"\n== {case.intervention}" + (f" ({case.target_domain})" if case.target_domain else ""))
+        click.echo(f"accuracy drop per domain: {drops}")
+        click.echo(f"degraded (drop > 0.1): {', '.join(case.degraded) or '(none)'}; "
+                   f"MNEME predicted: {', '.join(case.predicted) or '(none)'}")
+        if case.metrics is not None:
+            click.echo(case.metrics[["method", "accuracy", "precision", "recall", "f1"]].to_string(
+                index=False, float_format=lambda v: f"{v:.3f}"))
+        click.echo(f"report: {case.run_dir / 'report.html'}")
 
 
 # --------------------------------------------------------------------------------- info

@@ -59,16 +59,23 @@ class ConfigMixin:
 
     @classmethod
     def from_yaml(cls: type[T], path: str | Path) -> T:
-        path = Path(path)
-        try:
-            data = yaml.safe_load(path.read_text())
-        except FileNotFoundError as err:
-            raise ConfigError(f"Config file {path} does not exist.") from err
-        except yaml.YAMLError as err:
-            raise ConfigError(f"Config file {path} is not valid YAML: {err}") from err
-        if data is not None and not isinstance(data, dict):
-            raise ConfigError(f"Config file {path} must hold a mapping, got {type(data).__name__}.")
-        return cls.from_dict(data)
+        return cls.from_dict(read_yaml_mapping(path))
+
+
+def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
+    """A YAML file holding a mapping (an empty file is an empty mapping), with clear errors."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError as err:
+        raise ConfigError(f"Config file {path} does not exist.") from err
+    except yaml.YAMLError as err:
+        raise ConfigError(f"Config file {path} is not valid YAML: {err}") from err
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"Config file {path} must hold a mapping, got {type(data).__name__}.")
+    return data
 
 
 def require(condition: bool, message: str) -> None:

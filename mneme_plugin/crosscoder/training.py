@@ -251,7 +251,11 @@ def train(
         if not eval_batches and x is not None:
             logger.warning("The data stream has no rows left for evaluation; reporting on the last training batch.")
             eval_batches = [x]
-    metrics = evaluate_crosscoder(crosscoder_model, eval_batches, dead_mask=trainer.dead_mask)
+    # The training counter only says "dead" after dead_after_tokens; shorter runs report latents
+    # that never fired on the evaluation tokens instead.
+    seen = tr_cfg.steps * tr_cfg.batch_size
+    dead_mask = trainer.dead_mask if seen >= tr_cfg.dead_after_tokens else None
+    metrics = evaluate_crosscoder(crosscoder_model, eval_batches, dead_mask=dead_mask)
     tmp_final = run_dir / f".tmp_{FINAL_DIR}"
     if tmp_final.exists():
         shutil.rmtree(tmp_final)

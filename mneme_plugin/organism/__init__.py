@@ -1,7 +1,14 @@
 """The CPU model organism: a generated fact-based multi-domain corpus, tiny LMs trained on it,
 interventions with a measured ground truth (``build_organism``), and the demo."""
 
-from mneme_plugin.organism.build import INTERVENTIONS, Organism, OrganismConfig, build_organism, default_intervention_config
+from mneme_plugin.organism.build import (
+    INTERVENTIONS,
+    Organism,
+    OrganismConfig,
+    build_organism,
+    default_intervention_config,
+    load_organism_model,
+)
 from mneme_plugin.organism.corpus import (
     DOMAINS,
     RELATED,
@@ -32,6 +39,7 @@ __all__ = [
     "finetuned_copy",
     "generate_corpus",
     "generate_generic_corpus",
+    "load_organism_model",
     "question_set",
     "run_demo",
     "tiny_hooked_transformer",

@@ -22,7 +22,7 @@ import torch
 from mneme_plugin.errors import ConfigError
 from mneme_plugin.groundtruth import accuracy_drop, domain_accuracy, save_scores
 from mneme_plugin.organism.corpus import DOMAINS, Question, generate_corpus, generate_generic_corpus, question_set
-from mneme_plugin.organism.models import tiny_hooked_transformer, train_lm, train_tokenizer
+from mneme_plugin.organism.models import deterministic, tiny_hooked_transformer, train_lm, train_tokenizer
 
 logger = logging.getLogger("mneme_plugin")
 
@@ -86,6 +86,7 @@ class Organism:
     edit_texts: list[str] = field(default_factory=list)  # the data the intervention used (forget set / FT data)
     timings: dict[str, float] = field(default_factory=dict)
     config: OrganismConfig = field(default_factory=OrganismConfig)
+    model_paths: dict[str, str] = field(default_factory=dict)  # saved base / edited (``organism:PATH`` specs)
 
 
 def _key(obj: Any) -> str:
@@ -111,7 +112,13 @@ def _load(path: Path, tokenizer: Any) -> Any | None:
     return model
 
 
-def build_organism(seed: int = 0, intervention: str = "rmu", target_domain: str | None = "biology",
+def build_organism(*args: Any, **kwargs: Any) -> Organism:
+    """Build the organism (see ``_build_organism``) with deterministic kernels, so a seed names one organism."""
+    with deterministic():
+        return _build_organism(*args, **kwargs)
+
+
+def _build_organism(seed: int = 0, intervention: str = "rmu", target_domain: str | None = "biology",
                    out_dir: str | Path | None = None, progress: bool = True,
                    config: OrganismConfig | None = None, intervention_config: Any = None) -> Organism:
     """Pretrain (or reload) the base LM, apply ``intervention`` and measure the per-domain ground truth.
@@ -135,8 +142,7 @@ def build_organism(seed: int = 0, intervention: str = "rmu", target_domain: str 
     timings: dict[str, float] = {}
 
     t0 = time.perf_counter()
-    pretraining = [t for _, t in generate_corpus(cfg.pretrain_docs, seed=seed, cross_domain=cfg.cross_domain)]
-    pretraining += generate_generic_corpus(cfg.generic_docs, seed=seed)
+    pretraining = pretraining_texts(seed, cfg)
     tokenizer = train_tokenizer(pretraining)
     questions = question_set(seed)
     model_kwargs = dict(n_layers=cfg.n_layers, d_model=cfg.d_model, n_heads=cfg.n_heads, n_ctx=cfg.n_ctx, seed=seed)
@@ -151,7 +157,7 @@ def build_organism(seed: int = 0, intervention: str = "rmu", target_domain: str 
         for p in base.parameters():
             p.requires_grad_(False)
         if base_path:
-            _save(base_path, base, model_kwargs, {"seed": seed, "config": asdict(cfg)})
+            _save(base_path, base, model_kwargs, {"seed": seed, "organism": asdict(cfg)})
     timings["base"] = time.perf_counter() - t0
 
     # Edit data: fresh documents about the same facts (not the pretraining texts).
@@ -176,7 +182,7 @@ def build_organism(seed: int = 0, intervention: str = "rmu", target_domain: str 
             edited = fine_tune(base, edit_texts, icfg, progress=progress).model
         if edit_path:
             _save(edit_path, edited, model_kwargs, {"intervention": intervention, "target_domain": target_domain,
-                                                    "config": icfg_dict})
+                                                    "config": icfg_dict, "seed": seed, "organism": asdict(cfg)})
     timings["edit"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -199,4 +205,25 @@ def build_organism(seed: int = 0, intervention: str = "rmu", target_domain: str 
         accuracy_after=after, drop=drop, intervention=intervention, intervention_config=icfg_dict,
         target_domain=target_domain, agnostic_corpus=[t for _, t in agnostic], agnostic_labels=[d for d, _ in agnostic],
         edit_texts=edit_texts, timings=timings, config=cfg,
+        model_paths={"base": str(base_path), "edited": str(edit_path)} if out else {},
     )
+
+
+def pretraining_texts(seed: int, cfg: OrganismConfig) -> list[str]:
+    """The base LM's pretraining corpus (its tokenizer is trained on it, so it is rebuilt from the seed)."""
+    texts = [t for _, t in generate_corpus(cfg.pretrain_docs, seed=seed, cross_domain=cfg.cross_domain)]
+    return texts + generate_generic_corpus(cfg.generic_docs, seed=seed)
+
+
+def load_organism_model(path: str | Path) -> Any:
+    """A model saved by ``build_organism`` (the ``organism:PATH`` model spec of run configs)."""
+    from mneme_plugin.errors import CheckpointError
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path} does not exist: build the organism first (mneme demo or build_organism).")
+    meta = torch.load(path, map_location="cpu", weights_only=False).get("meta", {})
+    if "seed" not in meta or "organism" not in meta:
+        raise CheckpointError(f"{path} is not an organism model saved by build_organism (no seed / organism meta).")
+    tokenizer = train_tokenizer(pretraining_texts(int(meta["seed"]), OrganismConfig(**meta["organism"])))
+    return _load(path, tokenizer)

@@ -1,50 +1,127 @@
-"""The built-in CPU demo: a tiny base LM, a narrowly fine-tuned copy, and a crosscoder between them.
+"""``mneme demo``: the whole MNEME method on the CPU model organism, with known ground truth.
 
-Everything is generated and trained locally from a seed, so it runs on a laptop with no network.
+For each intervention (RMU unlearning of biology, narrow fine-tuning on biology, benign
+fine-tuning on mixed text) the organism is built (``build_organism``: base LM, edited copy,
+per-domain accuracy drop on the cloze question set), then ``mneme run`` goes through every stage
+on the task-agnostic slice of the corpus, which excludes the forget / fine-tuning set: harvest,
+train, attribute, collect, explain (offline), map (to the organism's domain taxonomy), predict,
+evaluate against the measured drops (with random, naive and oracle baselines), report.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from mneme_plugin.activations import ActivationStore, HarvestConfig, harvest
-from mneme_plugin.crosscoder import CrossCoderConfig, TrainingConfig
-from mneme_plugin.crosscoder.training import TrainResult, train
-from mneme_plugin.organism.corpus import generate_corpus
-from mneme_plugin.organism.models import finetuned_copy, tiny_hooked_transformer, train_lm, train_tokenizer
+import pandas as pd
+import yaml
+
+from mneme_plugin.organism.build import INTERVENTIONS, Organism, build_organism
 
 logger = logging.getLogger("mneme_plugin")
+
+DESCRIPTIONS = {
+    "rmu": "RMU unlearning of {target} knowledge",
+    "narrow": "fine-tuning on {target} documents",
+    "benign": "benign fine-tuning on generic mixed text",
+}
+
+
+def organism_run_config(run_dir: Path, organism: Organism, corpus: Path, truth: Path, seed: int = 0) -> dict[str, Any]:
+    """The ``mneme run`` config of one organism case (also written as a recipe next to the run)."""
+    target = organism.target_domain or "mixed"
+    return {
+        "run_dir": str(run_dir),
+        "models": {
+            "base": f"organism:{organism.model_paths.get('base', '')}",
+            "edited": f"organism:{organism.model_paths.get('edited', '')}",
+            "intervention": DESCRIPTIONS[organism.intervention].format(target=target),
+        },
+        "corpus": {"source": str(corpus)},
+        "harvest": {"layer": organism.config.n_layers // 2, "context_length": 64, "batch_size": 32,
+                    "dtype": "float32"},
+        "crosscoder": {"expansion_factor": 4, "k": 32},
+        "training": {"steps": 1500, "batch_size": 512, "lr": 3e-3, "warmup_steps": 50, "threshold_start_step": 300,
+                     "checkpoint_every": 500, "eval_rows": 8192, "dead_after_tokens": 100_000, "seed": seed},
+        "attribution": {"device": "cpu"},
+        "collect": {"classes": ["base_only", "suppressed", "amplified", "edited_only"], "per_class": 40,
+                    "n_top": 20, "n_random": 10, "n_non_activating": 10, "example_ctx_len": 16,
+                    "context_length": 64, "batch_size": 32},
+        "explain": {"explainer": "offline", "min_examples": 3},
+        "map": {"taxonomies": ["organism"]},
+        "predict": {"rule": "outlier", "outlier_z": 3.0},
+        "ground_truth": {"scores_csv": str(truth)},
+        "evaluate": {"drop_threshold": 0.1, "seed": seed},
+    }
+
+
+@dataclass
+class DemoCase:
+    intervention: str
+    target_domain: str | None
+    run_dir: Path
+    drop: dict[str, float]
+    metrics: pd.DataFrame | None
+    predicted: list[str] = field(default_factory=list)
+    degraded: list[str] = field(default_factory=list)
 
 
 @dataclass
 class DemoResult:
-    store: ActivationStore
-    training: TrainResult
-    fine_tuned_domain: str
+    cases: list[DemoCase]
+    out_dir: Path
+
+    def table(self) -> pd.DataFrame:
+        rows = []
+        for case in self.cases:
+            if case.metrics is None:
+                continue
+            for row in case.metrics.itertuples(index=False):
+                rows.append({"intervention": case.intervention, "method": row.method, "accuracy": row.accuracy,
+                             "precision": row.precision, "recall": row.recall, "f1": row.f1})
+        return pd.DataFrame(rows)
 
 
-def run_demo(out_dir: str | Path, seed: int = 0, fine_tune_domain: str = "cooking", progress: bool = True) -> DemoResult:
-    """Train the organism's base LM, fine-tune a copy on one domain, harvest both on mixed text,
-    and train a crosscoder on the pair. Outputs go to ``out_dir`` (activations/, crosscoder_run/)."""
-    out_dir = Path(out_dir)
-    pretraining = [text for _, text in generate_corpus(4000, seed=seed)]
-    tokenizer = train_tokenizer(pretraining)
-    logger.info("Training the base LM on %d documents of 8 domains.", len(pretraining))
-    base = tiny_hooked_transformer(tokenizer, n_layers=2, d_model=64, n_ctx=64, seed=seed)
-    train_lm(base, pretraining, steps=300, lr=3e-3, batch_size=16, seed=seed, progress=progress)
-    narrow = [text for domain, text in generate_corpus(800, seed=seed + 1, domains=[fine_tune_domain])]
-    logger.info("Fine-tuning a copy on %s only.", fine_tune_domain)
-    edited = finetuned_copy(base, narrow, steps=150, lr=3e-3, seed=seed + 1, batch_size=16, progress=progress)
+def run_demo(out_dir: str | Path, seed: int = 0, interventions: tuple[str, ...] = INTERVENTIONS,
+             target_domain: str = "law", progress: bool = True) -> DemoResult:
+    """Build the organism, apply each intervention and run the whole pipeline on it (see module doc)."""
+    from mneme_plugin.pipeline import RunConfig, run_pipeline
 
-    agnostic = [text for _, text in generate_corpus(3000, seed=seed + 2)]
-    store = harvest(base, edited, agnostic, HarvestConfig(layer=1, context_length=32, dtype="float32"),
-                    out_dir / "activations", progress=progress)
-    result = train(
-        store, out_dir / "crosscoder_run", CrossCoderConfig(expansion_factor=8, k=16),
-        TrainingConfig(steps=1500, batch_size=256, lr=3e-3, warmup_steps=20, threshold_start_step=200,
-                       checkpoint_every=500, eval_rows=4096, dead_after_tokens=500_000, seed=seed),
-        progress=progress,
-    )
-    return DemoResult(store=store, training=result, fine_tuned_domain=fine_tune_domain)
+    out = Path(out_dir)
+    cases = []
+    for intervention in interventions:
+        organism = build_organism(seed, intervention, target_domain, out / "organism", progress=progress)
+        case_dir = out / intervention
+        case_dir.mkdir(parents=True, exist_ok=True)
+        corpus = case_dir / "agnostic_corpus.txt"
+        _atomic_text(corpus, "\n".join(organism.agnostic_corpus) + "\n")
+        truth = case_dir / "ground_truth.csv"
+        pd.DataFrame({"category": list(organism.accuracy_before),
+                      "before": list(organism.accuracy_before.values()),
+                      "after": [organism.accuracy_after[c] for c in organism.accuracy_before]}).to_csv(truth, index=False)
+        config = organism_run_config(case_dir / "run", organism, corpus, truth, seed)
+        _atomic_text(case_dir / "recipe.yaml", yaml.safe_dump(config, sort_keys=False))
+        logger.info("[demo] %s: running the pipeline (recipe %s).", intervention, case_dir / "recipe.yaml")
+        layout = run_pipeline(RunConfig.from_dict(config), models={"base": organism.base, "edited": organism.edited},
+                              progress=progress)
+        metrics_csv = layout.evaluation / "metrics_table.csv"
+        metrics = pd.read_csv(metrics_csv) if metrics_csv.is_file() else None
+        evaluation = layout.evaluation / "evaluation.json"
+        predicted, degraded = [], []
+        if evaluation.is_file():
+            import json
+
+            data = json.loads(evaluation.read_text())
+            predicted, degraded = data["predicted"].get("MNEME", []), data["true"]
+        cases.append(DemoCase(intervention, organism.target_domain, layout.root, organism.drop, metrics,
+                              predicted, degraded))
+    return DemoResult(cases=cases, out_dir=out)
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

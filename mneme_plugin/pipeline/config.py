@@ -6,11 +6,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from mneme_plugin.activations import HarvestConfig
 from mneme_plugin.attribution import AttributionConfig
-from mneme_plugin.config import ConfigMixin, require
+from mneme_plugin.config import ConfigMixin, read_yaml_mapping, require
 from mneme_plugin.crosscoder import CrossCoderConfig, TrainingConfig
 from mneme_plugin.errors import ConfigError
 from mneme_plugin.interpret.config import CollectConfig, ExplainConfig, MapConfig
@@ -114,16 +112,7 @@ class RunConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "RunConfig":
-        path = Path(path)
-        try:
-            data = yaml.safe_load(path.read_text())
-        except FileNotFoundError as err:
-            raise ConfigError(f"Config file {path} does not exist.") from err
-        except yaml.YAMLError as err:
-            raise ConfigError(f"Config file {path} is not valid YAML: {err}") from err
-        if not isinstance(data, dict):
-            raise ConfigError(f"Config file {path} must hold a mapping.")
-        return cls.from_dict(data)
+        return cls.from_dict(read_yaml_mapping(path))
 
     def to_dict(self) -> dict[str, Any]:
         return {"run_dir": self.run_dir, **{k: v.to_dict() for k, v in self.sections.items()}}

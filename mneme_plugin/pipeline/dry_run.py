@@ -13,6 +13,15 @@ from mneme_plugin.pipeline.run import plan
 
 BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "float64": 8}
 
+# (layers, d_model) of common architectures, for checking configs offline when the model's
+# config.json is not cached. Matched on a lower-case substring of the model name.
+KNOWN_ARCHITECTURES: dict[str, tuple[int, int]] = {
+    "zephyr-7b": (32, 4096), "zephyr_rmu": (32, 4096), "mistral-7b": (32, 4096),
+    "llama-3-8b": (32, 4096), "llama-3.1-8b": (32, 4096), "llama-3.2-1b": (16, 2048), "llama-3.2-3b": (28, 3072),
+    "gemma-2-2b": (26, 2304), "gemma-2-9b": (42, 3584),
+    "qwen2.5-0.5b": (24, 896), "qwen2.5-1.5b": (28, 1536), "qwen2.5-3b": (36, 2048), "qwen2.5-7b": (28, 3584),
+}
+
 
 @dataclass
 class ConfigCheck:
@@ -51,8 +60,11 @@ def _describe_model(which: str, spec: str, check: ConfigCheck) -> None:
     if hf is None:
         hf, where = _hub_hf_config(spec), "hub (cached)"
     if hf is None:
-        check.notes.append(f"models.{which}: {spec}: hub name, not in the local cache; its size is unknown until download.")
-        return
+        known = next((v for k, v in KNOWN_ARCHITECTURES.items() if k in spec.lower()), None)
+        if known is None:
+            check.notes.append(f"models.{which}: {spec}: hub name, not in the local cache; its size is unknown until download.")
+            return
+        hf, where = {"num_hidden_layers": known[0], "hidden_size": known[1], "model_type": "known architecture"}, "hub"
     d = hf.get("hidden_size") or hf.get("d_model") or hf.get("n_embd")
     layers = hf.get("num_hidden_layers") or hf.get("n_layer") or hf.get("n_layers")
     check.notes.append(f"models.{which}: {spec} ({where}): {hf.get('model_type', '?')}, d_model {d}, {layers} layers.")

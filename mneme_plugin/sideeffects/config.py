@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from mneme_plugin.config import ConfigMixin, require
 
-RULES = ("relative", "top_k", "min_score")
+RULES = ("outlier", "relative", "top_k", "min_score")
 
 
 @dataclass
@@ -19,7 +19,12 @@ class PredictConfig(ConfigMixin):
     entries with similarity >= ``min_similarity``). ``max_latents`` keeps the strongest latents
     per side (by |score|).
 
-    Prediction ``rule`` on the suppressed score (``side``):
+    Prediction ``rule`` on the score of ``side``: ``suppressed``, ``amplified``, or ``both`` (their
+    sum; the default: a capability moved when the edit weakened its latents or pushed new
+    directions into its text, as RMU does by steering the forget domain towards a random vector):
+    ``outlier`` (default): categories whose score stands out of the taxonomy's score distribution,
+    robust z = (score - median) / (1.4826 MAD) >= ``outlier_z`` (most categories are unaffected by
+    an edit, so their scores are the noise floor; scale-free, no fixed number of predictions);
     ``relative``: categories scoring >= ``relative_threshold`` x the best category's score;
     ``top_k``: the ``k`` best; ``min_score``: score >= ``min_score``. Categories need at least
     ``min_latents`` supporting latents either way.
@@ -30,8 +35,9 @@ class PredictConfig(ConfigMixin):
     categories_per_latent: int = 1
     min_similarity: float = 0.0
     max_latents: int | None = 200
-    side: str = "suppressed"
-    rule: str = "relative"
+    side: str = "both"
+    rule: str = "outlier"
+    outlier_z: float = 3.0
     relative_threshold: float = 0.5
     k: int = 3
     min_score: float = 0.0

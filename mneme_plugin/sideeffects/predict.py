@@ -101,7 +101,14 @@ def predict(
         scores["score"] = scores[f"{cfg.side}_score"]
         support = scores[f"n_{cfg.side}_latents"]
     eligible = (support >= cfg.min_latents) & (scores["score"] > 0)
-    if cfg.rule == "relative":
+    if cfg.rule == "outlier":
+        median = float(scores["score"].median())
+        mad = float((scores["score"] - median).abs().median())
+        # A floor on the spread: when most categories score exactly the same (e.g. 0), MAD is 0.
+        spread = max(1.4826 * mad, 1e-3 * max(float(scores["score"].abs().max()), 1e-12))
+        scores["robust_z"] = (scores["score"] - median) / spread
+        chosen = eligible & (scores["robust_z"] >= cfg.outlier_z)
+    elif cfg.rule == "relative":
         best = scores.loc[eligible, "score"].max() if eligible.any() else 0.0
         chosen = eligible & (scores["score"] >= cfg.relative_threshold * best)
     elif cfg.rule == "top_k":

@@ -1,3 +1,4 @@
+import json
 import re
 
 import pytest
@@ -94,9 +95,21 @@ def test_build_organism_rmu_unlearns_the_target_and_caches(tmp_path):
 
 
 @pytest.mark.slow
-def test_demo_trains_a_good_crosscoder_between_base_and_fine_tuned(tmp_path):
+def test_demo_predicts_the_rmu_side_effects_better_than_the_baselines(tmp_path):
+    """Issue 7's check: on the RMU case MNEME's Eq. 4 accuracy is >= 0.8 and above random and naive.
+
+    The other interventions' figures are printed (they are reported, not asserted).
+    """
     result = run_demo(tmp_path, progress=False)
-    metrics = result.training.metrics
-    assert result.store.num_rows > 10_000
-    assert metrics.explained_variance_base > 0.9 and metrics.explained_variance_edited > 0.9
-    assert metrics.dead_fraction < 0.15
+    by_case = {case.intervention: case for case in result.cases}
+    print(result.table().to_string())
+    rmu = by_case["rmu"]
+    assert rmu.degraded, "the RMU organism must have degraded domains to predict"
+    metrics = rmu.metrics.set_index("method")
+    assert metrics.loc["MNEME", "accuracy"] >= 0.8
+    assert metrics.loc["MNEME", "accuracy"] > metrics.loc["random", "accuracy"]
+    assert metrics.loc["MNEME", "accuracy"] > metrics.loc["naive", "accuracy"]
+    quality = json.loads((rmu.run_dir / "crosscoder_run" / "metrics.json").read_text())
+    assert quality["explained_variance_base"] > 0.9 and quality["explained_variance_edited"] > 0.9
+    for case in result.cases:
+        assert (case.run_dir / "report.html").is_file()

@@ -25,7 +25,7 @@ def _links():
 
 def test_scores_are_weighted_sums_over_supporting_latents():
     p = predict(_attribution(), _links(), CATEGORIES, PredictConfig(categories_per_latent=1, rule="relative",
-                                                                       relative_threshold=0.5))
+                                                                       relative_threshold=0.5, side="suppressed"))
     s = p.scores.set_index("category")
     assert s.loc["biology", "suppressed_score"] == pytest.approx(0.9 * 0.9)
     assert s.loc["medicine", "suppressed_score"] == pytest.approx(0.6 * 0.8)
@@ -36,10 +36,13 @@ def test_scores_are_weighted_sums_over_supporting_latents():
 
 
 def test_rules_and_min_latents():
-    p = predict(_attribution(), _links(), CATEGORIES, PredictConfig(categories_per_latent=2, rule="top_k", k=1))
+    p = predict(_attribution(), _links(), CATEGORIES, PredictConfig(categories_per_latent=2, rule="top_k", k=1,
+                                                                       side="suppressed"))
     assert p.predicted == ["biology"]
+    both = predict(_attribution(), _links(), CATEGORIES, PredictConfig(rule="relative", relative_threshold=0.5))
+    assert both.predicted == ["biology", "cooking", "medicine"]  # cooking on its amplified evidence (0.72)
     p = predict(_attribution(), _links(), CATEGORIES, PredictConfig(categories_per_latent=2, rule="min_score",
-                                                                       min_score=0.0, min_latents=2))
+                                                                       min_score=0.0, min_latents=2, side="suppressed"))
     assert set(p.predicted) == {"biology", "medicine"}
     p = predict(_attribution(), _links(), CATEGORIES, PredictConfig(side="amplified", rule="top_k", k=3))
     assert p.predicted == ["cooking"]
@@ -54,3 +57,14 @@ def test_round_trip_and_bad_links(tmp_path):
         predict(_attribution(), _links(), ["biology"])
     with pytest.raises(ConfigError, match="lacks columns"):
         predict(_attribution(), _links().rename(columns={"similarity": "sim"}), CATEGORIES)
+
+
+def test_outlier_rule_predicts_categories_that_stand_out_of_the_noise_floor():
+    categories = [f"c{i}" for i in range(10)]
+    attribution = pd.DataFrame({"latent": range(10), "latent_class": ["suppressed"] * 10,
+                                "score": [0.9, 0.5, 0.05, 0.06, 0.04, 0.05, 0.07, 0.05, 0.06, 0.04]})
+    links = pd.DataFrame({"latent": range(10), "category": categories, "similarity": [1.0] * 10})
+    p = predict(attribution, links, categories, PredictConfig(rule="outlier", outlier_z=3.0))
+    assert p.predicted == ["c0", "c1"]
+    flat = attribution.assign(score=[0.05] * 10)
+    assert predict(flat, links, categories, PredictConfig(rule="outlier")).predicted == []
