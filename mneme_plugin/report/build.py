@@ -38,7 +38,10 @@ def _contexts(layout: RunLayout, latents: list[int], per_latent: int = 4) -> dic
 def gather(run_dir: str | os.PathLike[str]) -> ReportData:
     """Everything available in ``run_dir``; stages that did not run are left empty."""
     layout = RunLayout(Path(run_dir))
-    data = ReportData(title=f"MNEME run: {layout.root.name}")
+    name = layout.root.resolve().name
+    if name == "run":  # e.g. runs/demo/rmu/run: the case's name is the parent's
+        name = layout.root.resolve().parent.name
+    data = ReportData(title=f"MNEME run: {name}")
     if (layout.activations / "manifest.json").is_file():
         m = json.loads((layout.activations / "manifest.json").read_text())
         data.overview = {"base model": m.get("base_model"), "edited model": m.get("edited_model"),
@@ -51,7 +54,8 @@ def gather(run_dir: str | os.PathLike[str]) -> ReportData:
         mapping = pd.read_parquet(layout.mapping / "categories.parquet")
         first = mapping.drop_duplicates("latent")
         data.explanations = {int(r.latent): str(r.description) for r in first.itertuples(index=False)}
-        data.labels = {int(r.latent): f"{r.label} -> {r.category}" for r in first.itertuples(index=False)}
+        data.labels = {int(r.latent): f"{r.label} -> {r.category if isinstance(r.category, str) else 'no category'}"
+                       for r in first.itertuples(index=False)}
     elif (layout.explanations / "explanations.parquet").is_file():
         table = pd.read_parquet(layout.explanations / "explanations.parquet")
         data.explanations = {int(r.latent): str(r.explanation) for r in table.itertuples(index=False)}
