@@ -93,10 +93,8 @@ def _add_options(options: list[Callable[..., Any]]) -> Callable[..., Any]:
     return decorator
 
 
-def _harvest_inputs(sections: dict[str, dict[str, Any]], base, edited, corpus, layer, hook_name, max_tokens,
-                    context_length, harvest_batch_size, dtype, model_dtype, device):
-    """(base, edited, corpus, HarvestConfig) from the YAML sections models / corpus / harvest and options."""
-    from mneme_plugin.activations import HarvestConfig
+def _models_and_corpus(sections: dict[str, dict[str, Any]], base, edited, corpus) -> tuple[str, str, Any]:
+    """(base, edited, corpus source) from the YAML sections models / corpus, overridden by options."""
     from mneme_plugin.activations.corpus import corpus_from_spec
 
     models = _override(sections["models"], base=base, edited=edited)
@@ -106,6 +104,15 @@ def _harvest_inputs(sections: dict[str, dict[str, Any]], base, edited, corpus, l
     corpus_spec = corpus or sections["corpus"].get("source")
     if not corpus_spec:
         raise ConfigError("No corpus: pass --corpus or set corpus.source in the config.")
+    return models["base"], models["edited"], corpus_from_spec(str(corpus_spec))
+
+
+def _harvest_inputs(sections: dict[str, dict[str, Any]], base, edited, corpus, layer, hook_name, max_tokens,
+                    context_length, harvest_batch_size, dtype, model_dtype, device):
+    """(base, edited, corpus, HarvestConfig) from the YAML sections models / corpus / harvest and options."""
+    from mneme_plugin.activations import HarvestConfig
+
+    base, edited, source = _models_and_corpus(sections, base, edited, corpus)
     harvest_cfg = HarvestConfig.from_dict(
         _override(
             sections["harvest"], layer=layer, hook_name=hook_name, max_tokens=max_tokens,
@@ -113,7 +120,7 @@ def _harvest_inputs(sections: dict[str, dict[str, Any]], base, edited, corpus, l
             model_dtype=model_dtype, device=device,
         )
     )
-    return models["base"], models["edited"], corpus_from_spec(str(corpus_spec)), harvest_cfg
+    return base, edited, source, harvest_cfg
 
 
 @main.command()
@@ -349,18 +356,11 @@ def export_saelens_command(source, out, folder, hook_name, base_model, edited_mo
 def collect(config, crosscoder_dir, attribution, base, edited, corpus, layer, hook_name, latents, classes, per_class,
             n_top, max_tokens, device, out) -> None:
     """Top-activating contexts per latent, written in Delphi's cache layout."""
-    from mneme_plugin.activations.corpus import corpus_from_spec
     from mneme_plugin.interpret import CollectConfig
     from mneme_plugin.interpret import collect as run_collect
 
     sections = _sections(_read_yaml(config), ("models", "corpus", "collect"), config)
-    models = _override(sections["models"], base=base, edited=edited)
-    for key in ("base", "edited"):
-        if not models.get(key):
-            raise ConfigError(f"No {key} model: pass --{key} or set models.{key} in the config.")
-    corpus_spec = corpus or sections["corpus"].get("source")
-    if not corpus_spec:
-        raise ConfigError("No corpus: pass --corpus or set corpus.source in the config.")
+    base, edited, source = _models_and_corpus(sections, base, edited, corpus)
 
     def ids(text: str | None) -> list[int] | None:
         if text is None:
@@ -375,7 +375,7 @@ def collect(config, crosscoder_dir, attribution, base, edited, corpus, layer, ho
         classes=classes.split(",") if classes else None, per_class=per_class, n_top=n_top,
         max_tokens=max_tokens, device=device,
     ))
-    result = run_collect(models["base"], models["edited"], crosscoder_dir, corpus_from_spec(str(corpus_spec)), cfg,
+    result = run_collect(base, edited, crosscoder_dir, source, cfg,
                          out_dir=out, attribution=attribution)
     fired = sum(1 for p in result.per_latent if p["top_rows"])
     click.echo(f"Contexts of {len(result.latents)} latents ({fired} fired) over {result.n_tokens:,} tokens -> {out}")
