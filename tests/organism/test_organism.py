@@ -92,6 +92,12 @@ def test_build_organism_rmu_unlearns_the_target_and_caches(tmp_path):
     again = build_organism(0, "rmu", "biology", out_dir=tmp_path, progress=False)
     assert again.timings["base"] + again.timings["edit"] < 10
     assert again.accuracy_after == org.accuracy_after
+    # The organism:PATH model spec of run configs reloads the same model (tokenizer rebuilt from the seed).
+    from mneme_plugin.groundtruth import domain_accuracy
+    from mneme_plugin.organism import load_organism_model
+
+    reloaded = load_organism_model(org.model_paths["edited"])
+    assert domain_accuracy(reloaded, org.questions) == org.accuracy_after
 
 
 @pytest.mark.slow
