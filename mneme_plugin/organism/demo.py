@@ -42,7 +42,7 @@ def organism_run_config(run_dir: Path, organism: Organism, corpus: Path, truth: 
         },
         "corpus": {"source": str(corpus)},
         "harvest": {"layer": organism.config.n_layers // 2, "context_length": 64, "batch_size": 32,
-                    "dtype": "float32", "normalization_tokens": 20_000},
+                    "dtype": "float32"},
         "crosscoder": {"expansion_factor": 4, "k": 32},
         "training": {"steps": 1500, "batch_size": 512, "lr": 3e-3, "warmup_steps": 50, "threshold_start_step": 300,
                      "checkpoint_every": 500, "eval_rows": 8192, "dead_after_tokens": 100_000, "seed": seed},
