@@ -53,9 +53,30 @@ def _crosscoder_summary(path: Path) -> list[str]:
     return lines
 
 
+def _pipeline_summary(path: Path) -> list[str]:
+    from mneme_plugin.layout import RunLayout
+
+    layout = RunLayout(path)
+    lines = [f"MNEME run {path}"]
+    for marker in sorted((path / ".stages").glob("*.json"), key=lambda p: p.stat().st_mtime):
+        info = json.loads(marker.read_text())
+        lines.append(f"  stage {info['stage']:<10} done in {info.get('seconds', 0):.1f} s (config {info['fingerprint']})")
+    if (layout.evaluation / "evaluation.json").is_file():
+        evaluation = json.loads((layout.evaluation / "evaluation.json").read_text())
+        lines.append(f"  degraded: {', '.join(evaluation['true']) or '(none)'}; "
+                     f"predicted: {', '.join(evaluation['predicted'].get('MNEME', [])) or '(none)'}")
+        for method, m in evaluation["metrics"].items():
+            lines.append(f"  {method:<7} Acc {m['accuracy']:.3f}  P {m['precision']:.3f}  R {m['recall']:.3f}  F1 {m['f1']:.3f}")
+    if layout.report.is_file():
+        lines.append(f"  report: {layout.report}")
+    return lines
+
+
 def describe_path(path: str | Path) -> str:
-    """A human-readable summary of a store, a crosscoder directory or a training run directory."""
+    """A human-readable summary of a store, a crosscoder, a training run or a ``mneme run`` directory."""
     path = Path(path)
+    if (path / ".stages").is_dir():
+        return "\n".join(_pipeline_summary(path))
     if (path / "manifest.json").is_file():
         return "\n".join(_store_summary(path))
     if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
@@ -76,6 +97,6 @@ def describe_path(path: str | Path) -> str:
             ))
         return "\n".join(lines)
     raise CheckpointError(
-        f"{path} holds no activation store (manifest.json), crosscoder (config.json + model.safetensors) "
-        "or training run (crosscoder/, checkpoints/)."
+        f"{path} holds no activation store (manifest.json), crosscoder (config.json + model.safetensors), "
+        "training run (crosscoder/, checkpoints/) or mneme run directory (.stages/)."
     )
