@@ -8,7 +8,6 @@ shards that were completely written.
 from __future__ import annotations
 
 import json
-import os
 from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from mneme_plugin.errors import CheckpointError
+from mneme_plugin.io import atomic_write, atomic_write_text
 
 FORMAT_NAME = "mneme-activations"
 FORMAT_VERSION = 1
@@ -34,39 +34,16 @@ def shard_name(index: int) -> str:
     return f"shard_{index:05d}.safetensors"
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _atomic_replace(tmp: Path, final: Path) -> None:
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, final)
-    _fsync_dir(final.parent)
-
-
 def write_shard(folder: Path, index: int, tensors: dict[str, torch.Tensor]) -> str:
     """Write one shard atomically; return its file name."""
     name = shard_name(index)
-    tmp = folder / f".{name}.tmp"
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-    _atomic_replace(tmp, folder / name)
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    atomic_write(folder / name, lambda tmp: save_file(tensors, str(tmp)), durable=True)
     return name
 
 
 def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
-    tmp = folder / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2))
-    _atomic_replace(tmp, folder / MANIFEST)
+    atomic_write_text(folder / MANIFEST, json.dumps(manifest, indent=2), durable=True)
 
 
 def read_manifest(folder: str | Path) -> dict[str, Any]:

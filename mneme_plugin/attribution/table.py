@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from mneme_plugin.errors import CheckpointError
+from mneme_plugin.io import atomic_write
 
 TABLE_PARQUET = "attribution.parquet"
 TABLE_CSV = "attribution.csv"
@@ -59,12 +60,6 @@ class AttributionResult:
         return self.table[self.table["latent_class"] == name]
 
 
-def _atomic_write_bytes_via(path: Path, writer) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    writer(tmp)
-    os.replace(tmp, path)
-
-
 def _json_default(value: Any) -> Any:
     if isinstance(value, (np.integer,)):
         return int(value)
@@ -80,10 +75,10 @@ def save_attribution(result: AttributionResult, out_dir: str | os.PathLike[str])
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     table = result.table
-    _atomic_write_bytes_via(out_dir / TABLE_PARQUET, lambda p: table.to_parquet(p, index=False))
-    _atomic_write_bytes_via(out_dir / TABLE_CSV, lambda p: table.to_csv(p, index=False))
+    atomic_write(out_dir / TABLE_PARQUET, lambda p: table.to_parquet(p, index=False))
+    atomic_write(out_dir / TABLE_CSV, lambda p: table.to_csv(p, index=False))
     text = json.dumps(result.summary, indent=2, default=_json_default)
-    _atomic_write_bytes_via(out_dir / SUMMARY_FILE, lambda p: p.write_text(text))
+    atomic_write(out_dir / SUMMARY_FILE, lambda p: p.write_text(text))
     result.out_dir = out_dir
     return out_dir
 

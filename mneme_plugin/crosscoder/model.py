@@ -16,6 +16,7 @@ from mneme_plugin.crosscoder.config import DECOUPLED, CrossCoderConfig
 from mneme_plugin.crosscoder.salience import SALIENCE_MODES
 from mneme_plugin.crosscoder.sparse import ActiveLatents, batch_topk_indices, gather_active, sparse_decode
 from mneme_plugin.errors import CheckpointError
+from mneme_plugin.io import atomic_write, atomic_write_text
 
 FORMAT_NAME = "mneme-crosscoder"
 FORMAT_VERSION = 1
@@ -271,18 +272,14 @@ class BatchTopKCrossCoder(Dictionary, nn.Module):
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         tensors = {name: getattr(self, name).detach().cpu().contiguous() for name in self.tensor_names()}
-        tmp_weights = path / f".{WEIGHTS_FILE}.tmp"
-        save_file(tensors, str(tmp_weights), metadata={"format": FORMAT_NAME})
-        os.replace(tmp_weights, path / WEIGHTS_FILE)
+        atomic_write(path / WEIGHTS_FILE, lambda tmp: save_file(tensors, str(tmp), metadata={"format": FORMAT_NAME}))
         meta = {
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,
             "class": type(self).__name__,
             "config": self.cfg.to_dict(),
         }
-        tmp_cfg = path / f".{CONFIG_FILE}.tmp"
-        tmp_cfg.write_text(json.dumps(meta, indent=2))
-        os.replace(tmp_cfg, path / CONFIG_FILE)
+        atomic_write_text(path / CONFIG_FILE, json.dumps(meta, indent=2))
         return path
 
     @classmethod

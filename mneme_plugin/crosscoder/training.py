@@ -30,6 +30,7 @@ from mneme_plugin.crosscoder.metrics import CrossCoderMetrics, evaluate_crosscod
 from mneme_plugin.crosscoder.model import BatchTopKCrossCoder
 from mneme_plugin.crosscoder.trainer import BatchTopKCrossCoderTrainer
 from mneme_plugin.errors import CheckpointError, ConfigError, NonFiniteActivationError
+from mneme_plugin.io import atomic_write_text
 
 logger = logging.getLogger("mneme_plugin")
 
@@ -149,10 +150,7 @@ def _check_run_config(run_dir: Path, run_config: dict[str, Any]) -> None:
                 "use a new run directory, or delete the old one to start over."
             )
     else:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(run_config, indent=2))
-        os.replace(tmp, path)
+        atomic_write_text(path, json.dumps(run_config, indent=2))
 
 
 def train(
@@ -263,8 +261,6 @@ def train(
     if final_dir.exists():
         shutil.rmtree(final_dir)
     os.replace(tmp_final, final_dir)
-    tmp_metrics = metrics_path.with_suffix(".tmp")
-    tmp_metrics.write_text(json.dumps(metrics.to_dict(), indent=2))
-    os.replace(tmp_metrics, metrics_path)
+    atomic_write_text(metrics_path, json.dumps(metrics.to_dict(), indent=2))
     logger.info("Crosscoder written to %s, metrics to %s.", final_dir, metrics_path)
     return TrainResult(crosscoder_model, metrics, run_dir)

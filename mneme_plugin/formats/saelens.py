@@ -40,6 +40,7 @@ from mneme_plugin.crosscoder.config import CrossCoderConfig
 from mneme_plugin.crosscoder.model import _MEAN_SCALE_EPS, BatchTopKCrossCoder
 from mneme_plugin.errors import CheckpointError, ConfigError
 from mneme_plugin.formats.common import load_tensors, read_json, require_tensor
+from mneme_plugin.io import atomic_write, atomic_write_text
 
 FORMAT = "mneme-crosscoder-saelens"
 CFG_FILE = "cfg.json"
@@ -128,12 +129,8 @@ def _view(full: dict[str, torch.Tensor], layer: int, d: int, decoupled: bool) ->
 def _write(folder: Path, tensors: dict[str, torch.Tensor], cfg: dict[str, Any], dtype: torch.dtype) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     out = {k: v.to(dtype).contiguous() for k, v in tensors.items()}
-    tmp = folder / f".{WEIGHTS_FILE}.tmp"
-    save_file(out, str(tmp))
-    os.replace(tmp, folder / WEIGHTS_FILE)
-    tmp = folder / f".{CFG_FILE}.tmp"
-    tmp.write_text(json.dumps(cfg, indent=2))
-    os.replace(tmp, folder / CFG_FILE)
+    atomic_write(folder / WEIGHTS_FILE, lambda tmp: save_file(out, str(tmp)))
+    atomic_write_text(folder / CFG_FILE, json.dumps(cfg, indent=2))
 
 
 def export_saelens(

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Union
 
 from mneme_plugin.errors import ConfigError, MnemeError
+from mneme_plugin.io import atomic_write_text
 
 logger = logging.getLogger("mneme_plugin")
 
@@ -96,12 +97,8 @@ class DiskCache:
         return Response(data["text"], data.get("logprobs"), data.get("prompt_logprobs"))
 
     def put(self, key: str, response: Response) -> None:
-        path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{random.getrandbits(32):08x}.tmp")
-        tmp.write_text(json.dumps({"text": response.text, "logprobs": response.logprobs,
-                                   "prompt_logprobs": response.prompt_logprobs}))
-        os.replace(tmp, path)
+        atomic_write_text(self._path(key), json.dumps({"text": response.text, "logprobs": response.logprobs,
+                                                       "prompt_logprobs": response.prompt_logprobs}))
 
 
 def resolve_api_key(value: str | None) -> str | None:

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from mneme_plugin.errors import CheckpointError, ConfigError, EmptyCorpusError
+from mneme_plugin.io import atomic_write
 
 logger = logging.getLogger("mneme_plugin")
 
@@ -219,21 +220,15 @@ class LatentContexts:
         write_delphi_cache(self, out_dir / CACHE_DIR, hookpoint, width, n_splits=n_splits, model_name=model_name)
         if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
             tokenizer.save_pretrained(str(out_dir / TOKENIZER_DIR))
-        _atomic(out_dir / BACKGROUND_FILE, lambda p: np.save(p, self.background, allow_pickle=False), suffix=".npy")
+        atomic_write(out_dir / BACKGROUND_FILE, lambda p: np.save(p, self.background, allow_pickle=False))
         summary = {
             "format": "mneme-contexts", "version": 1, "hookpoint": hookpoint, "width": width,
             "ctx_len": self.ctx_len, "n_tokens": self.n_tokens, "n_contexts": self.n_contexts,
             "latents": self.latents, "per_latent": self.per_latent, "meta": self.meta,
         }
-        _atomic(out_dir / CONTEXTS_FILE, lambda p: p.write_text(json.dumps(summary, indent=1)))
+        atomic_write(out_dir / CONTEXTS_FILE, lambda p: p.write_text(json.dumps(summary, indent=1)))
         self.out_dir = out_dir
         return out_dir
-
-
-def _atomic(path: Path, writer, suffix: str = "") -> None:
-    tmp = path.with_name(f".{path.stem}.tmp{suffix or path.suffix}")
-    writer(tmp)
-    os.replace(tmp, path)
 
 
 def delphi_cache_config(ctx_len: int, n_tokens: int, n_splits: int, model_name: str, **extra: Any) -> dict[str, Any]:
@@ -282,9 +277,9 @@ def write_delphi_cache(contexts: LatentContexts, cache_dir: str | os.PathLike[st
             "tokens": tokens,
         }
         final = module_dir / f"{start}_{end}.safetensors"
-        _atomic(final, lambda p: save_file(data, str(p)), suffix=".safetensors")
+        atomic_write(final, lambda p: save_file(data, str(p)))
     cfg = delphi_cache_config(contexts.ctx_len, contexts.n_tokens, n_splits, model_name)
-    _atomic(module_dir / "config.json", lambda p: p.write_text(json.dumps(cfg, indent=4)))
+    atomic_write(module_dir / "config.json", lambda p: p.write_text(json.dumps(cfg, indent=4)))
     return module_dir
 
 

@@ -22,6 +22,7 @@ import pandas as pd
 import torch
 
 from mneme_plugin.errors import CheckpointError, ConfigError
+from mneme_plugin.io import atomic_write
 from mneme_plugin.interpret.contexts import TOKENIZER_DIR, LatentContexts, iter_records_delphi, load_contexts
 
 logger = logging.getLogger("mneme_plugin")
@@ -33,14 +34,8 @@ EXPLANATIONS_CSV = "explanations.csv"
 def write_table(table: pd.DataFrame, out_dir: str | os.PathLike[str], stem: str) -> Path:
     """``<stem>.parquet`` and ``<stem>.csv`` in ``out_dir``, each atomically (tmp file + rename)."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for suffix, writer in ((".parquet", lambda p: table.to_parquet(p, index=False)),
-                           (".csv", lambda p: table.to_csv(p, index=False))):
-        final = out_dir / f"{stem}{suffix}"
-        tmp = final.with_name(f".{final.stem}.tmp{suffix}")
-        writer(tmp)
-        os.replace(tmp, final)
-    return out_dir / f"{stem}.parquet"
+    atomic_write(out_dir / f"{stem}.csv", lambda p: table.to_csv(p, index=False))
+    return atomic_write(out_dir / f"{stem}.parquet", lambda p: table.to_parquet(p, index=False))
 
 
 def load_tokenizer(contexts_dir: str | os.PathLike[str], tokenizer: Any = None) -> Any:

@@ -21,6 +21,7 @@ import torch
 
 from mneme_plugin.errors import ConfigError
 from mneme_plugin.groundtruth import accuracy_drop, domain_accuracy, save_scores
+from mneme_plugin.io import atomic_write
 from mneme_plugin.organism.corpus import DOMAINS, Question, generate_corpus, generate_generic_corpus, question_set
 from mneme_plugin.organism.models import deterministic, tiny_hooked_transformer, train_lm, train_tokenizer
 
@@ -94,10 +95,8 @@ def _key(obj: Any) -> str:
 
 
 def _save(path: Path, model: Any, model_kwargs: dict[str, Any], meta: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save({"state_dict": model.state_dict(), "model_kwargs": model_kwargs, "meta": meta}, tmp)
-    tmp.replace(path)
+    blob = {"state_dict": model.state_dict(), "model_kwargs": model_kwargs, "meta": meta}
+    atomic_write(path, lambda tmp: torch.save(blob, tmp))
 
 
 def _load(path: Path, tokenizer: Any) -> Any | None:

@@ -11,7 +11,6 @@ evaluate against the measured drops (with random, naive and oracle baselines), r
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ import pandas as pd
 import yaml
 
 from mneme_plugin.organism.build import INTERVENTIONS, Organism, build_organism
+from mneme_plugin.io import atomic_write, atomic_write_text
 
 logger = logging.getLogger("mneme_plugin")
 
@@ -97,13 +97,14 @@ def run_demo(out_dir: str | Path, seed: int = 0, interventions: tuple[str, ...] 
         case_dir = out / intervention
         case_dir.mkdir(parents=True, exist_ok=True)
         corpus = case_dir / "agnostic_corpus.txt"
-        _atomic_text(corpus, "\n".join(organism.agnostic_corpus) + "\n")
+        atomic_write_text(corpus, "\n".join(organism.agnostic_corpus) + "\n")
         truth = case_dir / "ground_truth.csv"
-        pd.DataFrame({"category": list(organism.accuracy_before),
-                      "before": list(organism.accuracy_before.values()),
-                      "after": [organism.accuracy_after[c] for c in organism.accuracy_before]}).to_csv(truth, index=False)
+        scores = pd.DataFrame({"category": list(organism.accuracy_before),
+                               "before": list(organism.accuracy_before.values()),
+                               "after": [organism.accuracy_after[c] for c in organism.accuracy_before]})
+        atomic_write(truth, lambda tmp: scores.to_csv(tmp, index=False))
         config = organism_run_config(case_dir / "run", organism, corpus, truth, seed)
-        _atomic_text(case_dir / "recipe.yaml", yaml.safe_dump(config, sort_keys=False))
+        atomic_write_text(case_dir / "recipe.yaml", yaml.safe_dump(config, sort_keys=False))
         logger.info("[demo] %s: running the pipeline (recipe %s).", intervention, case_dir / "recipe.yaml")
         layout = run_pipeline(RunConfig.from_dict(config), models={"base": organism.base, "edited": organism.edited},
                               progress=progress)
@@ -120,8 +121,3 @@ def run_demo(out_dir: str | Path, seed: int = 0, interventions: tuple[str, ...] 
                               predicted, degraded))
     return DemoResult(cases=cases, out_dir=out)
 
-
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 import time
 from collections.abc import Callable
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from mneme_plugin.layout import RunLayout
+from mneme_plugin.io import atomic_write_text
 from mneme_plugin.pipeline.config import RunConfig
 
 logger = logging.getLogger("mneme_plugin")
@@ -87,11 +87,8 @@ def _is_done(layout: RunLayout, stage: Stage, fingerprint: str) -> bool:
 
 
 def _mark_done(layout: RunLayout, stage: Stage, fingerprint: str, seconds: float) -> None:
-    marker = _marker(layout, stage)
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    tmp = marker.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"stage": stage.name, "fingerprint": fingerprint, "seconds": round(seconds, 2)}))
-    os.replace(tmp, marker)
+    info = {"stage": stage.name, "fingerprint": fingerprint, "seconds": round(seconds, 2)}
+    atomic_write_text(_marker(layout, stage), json.dumps(info), durable=True)
 
 
 def _stale_config(layout: RunLayout, stage: Stage, fingerprint: str) -> bool:
@@ -162,6 +159,4 @@ def run_pipeline(
 def _write_config(config: RunConfig, layout: RunLayout) -> None:
     import yaml
 
-    tmp = layout.config.with_suffix(".tmp")
-    tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-    os.replace(tmp, layout.config)
+    atomic_write_text(layout.config, yaml.safe_dump(config.to_dict(), sort_keys=False))

@@ -14,6 +14,7 @@ from typing import Any
 import pandas as pd
 
 from mneme_plugin.report import svg
+from mneme_plugin.io import atomic_write_text
 
 logger = logging.getLogger("mneme_plugin")
 
@@ -169,10 +170,6 @@ def render_report(data: ReportData) -> str:
 
 
 def write_report(data: ReportData, path: str | os.PathLike[str]) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(render_report(data), encoding="utf-8")
-    os.replace(tmp, path)
+    path = atomic_write_text(path, render_report(data))
     logger.info("Report written to %s.", path)
     return path

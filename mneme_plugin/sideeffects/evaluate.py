@@ -18,6 +18,7 @@ from typing import Any
 import pandas as pd
 
 from mneme_plugin.errors import ConfigError
+from mneme_plugin.io import atomic_write, atomic_write_text
 from mneme_plugin.sideeffects.config import EvaluateConfig
 from mneme_plugin.sideeffects.metrics import SetMetrics, oracle_baseline, random_baseline, set_metrics
 
@@ -165,13 +166,9 @@ def evaluate(
 
 def save_evaluation(evaluation: Evaluation, out_dir: str | os.PathLike[str]) -> Path:
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / f".{METRICS_CSV}.tmp"
-    evaluation.table().to_csv(tmp, index=False)
-    os.replace(tmp, out / METRICS_CSV)
-    tmp = out / f".{EVALUATION_JSON}.tmp"
-    tmp.write_text(json.dumps(evaluation.to_dict(), indent=2, default=float))
-    os.replace(tmp, out / EVALUATION_JSON)
+    table = evaluation.table()
+    atomic_write(out / METRICS_CSV, lambda tmp: table.to_csv(tmp, index=False))
+    atomic_write_text(out / EVALUATION_JSON, json.dumps(evaluation.to_dict(), indent=2, default=float))
     logger.info("Evaluation written to %s.", out / EVALUATION_JSON)
     return out
 

@@ -13,6 +13,7 @@ from typing import Any
 import pandas as pd
 
 from mneme_plugin.errors import ConfigError
+from mneme_plugin.io import atomic_write, atomic_write_text
 from mneme_plugin.sideeffects.config import PredictConfig
 
 logger = logging.getLogger("mneme_plugin")
@@ -126,13 +127,8 @@ def predict(
 
 def save_prediction(prediction: Prediction, out_dir: str | os.PathLike[str]) -> Path:
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / f".{SCORES_CSV}.tmp"
-    prediction.scores.to_csv(tmp, index=False)
-    os.replace(tmp, out / SCORES_CSV)
-    tmp = out / f".{PREDICTIONS_JSON}.tmp"
-    tmp.write_text(json.dumps(prediction.to_dict(), indent=2))
-    os.replace(tmp, out / PREDICTIONS_JSON)
+    atomic_write(out / SCORES_CSV, lambda tmp: prediction.scores.to_csv(tmp, index=False))
+    atomic_write_text(out / PREDICTIONS_JSON, json.dumps(prediction.to_dict(), indent=2))
     logger.info("Predictions written to %s (%d categories predicted).", out / PREDICTIONS_JSON, len(prediction.predicted))
     return out
 

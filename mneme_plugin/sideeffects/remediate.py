@@ -19,6 +19,7 @@ import torch
 
 from mneme_plugin.config import ConfigMixin, require
 from mneme_plugin.errors import ConfigError
+from mneme_plugin.io import atomic_write
 
 logger = logging.getLogger("mneme_plugin")
 
@@ -133,10 +134,8 @@ def remediate(edited: Any, samples: torch.Tensor, config: RemediateConfig | None
 def save_remediation(result: RemediationResult, out_dir: str | os.PathLike[str], save_model: Callable[[Any, Path], None] | None = None) -> Path:
     """The before / after table (``remediation.csv``) and the model (HF ``save_pretrained`` or ``save_model``)."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / ".remediation.csv.tmp"
-    result.table().to_csv(tmp, index=False)
-    os.replace(tmp, out / "remediation.csv")
+    table = result.table()
+    atomic_write(out / "remediation.csv", lambda tmp: table.to_csv(tmp, index=False))
     model_dir = out / "model"
     if save_model is not None:
         save_model(result.model, model_dir)

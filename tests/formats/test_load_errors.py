@@ -1,6 +1,5 @@
 """Unknown, corrupt and foreign files give a CheckpointError naming the file; hub ids download."""
 
-import json
 
 import pytest
 import torch
