@@ -21,6 +21,7 @@ from mneme_plugin.attribution.decoder_norms import decoder_stats
 from mneme_plugin.attribution.latent_scaling import LatentScalingAccumulator
 from mneme_plugin.attribution.table import COLUMNS, AttributionResult, save_attribution
 from mneme_plugin.crosscoder.model import BatchTopKCrossCoder
+from mneme_plugin.devices import resolve_device
 from mneme_plugin.errors import EmptyCorpusError, ModelMismatchError, NonFiniteActivationError
 
 logger = logging.getLogger("mneme_plugin")
@@ -33,12 +34,6 @@ SPACE_NOTE = (
     "the space its decoder rows live in; decoder norms are of the stored rows"
 )
 HISTOGRAM_BINS = 20
-
-
-def _resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def resolve_crosscoder(crosscoder: CrossCoderLike) -> BatchTopKCrossCoder:
@@ -166,7 +161,7 @@ def attribute(
     """
     cfg = config if isinstance(config, AttributionConfig) else AttributionConfig.from_dict(config)
     cc = resolve_crosscoder(crosscoder)
-    device = _resolve_device(cfg.device)
+    device = resolve_device(cfg.device)
     if cc.W_dec.device != device:
         cc = copy.deepcopy(cc).to(device)
     was_training = cc.training

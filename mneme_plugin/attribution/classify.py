@@ -26,10 +26,24 @@ the most base-specific latent (descending score, dead latents last).
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 
 from mneme_plugin.attribution.config import AttributionConfig
 
 CLASSES = ("base_only", "suppressed", "shared", "amplified", "edited_only", "dead")
+BASE_LEANING = ("base_only", "suppressed")
+EDITED_LEANING = ("amplified", "edited_only")
+
+
+def most_specific_first(table: pd.DataFrame, latent_class: str) -> pd.DataFrame:
+    """The latents of one class, most specific first: base-leaning classes by descending score,
+    edited-leaning ones by ascending score, shared ones by ascending |score| (most shared first)."""
+    rows = table[table["latent_class"] == latent_class]
+    if latent_class in BASE_LEANING:
+        return rows.sort_values("score", ascending=False, kind="stable")
+    if latent_class in EDITED_LEANING:
+        return rows.sort_values("score", ascending=True, kind="stable")
+    return rows.reindex(rows["score"].abs().sort_values(kind="stable").index)
 
 
 def _abs_below(values: np.ndarray, limit: float) -> np.ndarray:

@@ -15,6 +15,7 @@ from dictionary_learning.trainers.trainer import SAETrainer
 from mneme_plugin.crosscoder.config import CrossCoderConfig, TrainingConfig
 from mneme_plugin.crosscoder.model import BatchTopKCrossCoder
 from mneme_plugin.crosscoder.sparse import ActiveLatents, gather_active, sparse_decode
+from mneme_plugin.devices import resolve_device
 
 
 @dataclass
@@ -104,7 +105,7 @@ class BatchTopKCrossCoderTrainer(SAETrainer):
             seed=0 if seed is None else seed,
         )
         self.layer, self.lm_name, self.wandb_name, self.submodule_name = layer, lm_name, wandb_name, submodule_name
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = resolve_device(device or "auto")
         generator = torch.Generator().manual_seed(self.training_config.seed)
         self.ae = BatchTopKCrossCoder(self.crosscoder_config)
         self.ae.reset_parameters(generator=generator)

@@ -29,6 +29,7 @@ from mneme_plugin.crosscoder.config import CrossCoderConfig, TrainingConfig
 from mneme_plugin.crosscoder.metrics import CrossCoderMetrics, evaluate_crosscoder
 from mneme_plugin.crosscoder.model import BatchTopKCrossCoder
 from mneme_plugin.crosscoder.trainer import BatchTopKCrossCoderTrainer
+from mneme_plugin.devices import resolve_device
 from mneme_plugin.errors import CheckpointError, ConfigError, NonFiniteActivationError
 from mneme_plugin.io import atomic_write_text
 
@@ -53,12 +54,6 @@ class TrainResult:
     @property
     def crosscoder_dir(self) -> Path:
         return self.run_dir / FINAL_DIR
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 class _Data:

@@ -346,14 +346,10 @@ def select_latents(attribution: Any = None, config: Any = None, width: int | Non
     if unknown:
         raise ConfigError(f"Unknown attribution class(es) {unknown}; known: {sorted(known)}.")
     out: list[int] = []
+    from mneme_plugin.attribution.classify import most_specific_first
+
     for name in classes:
-        rows = alive[alive["latent_class"] == name]
-        if name in ("base_only", "suppressed"):
-            rows = rows.sort_values("score", ascending=False, kind="stable")
-        elif name in ("amplified", "edited_only"):
-            rows = rows.sort_values("score", ascending=True, kind="stable")
-        else:
-            rows = rows.reindex(rows["score"].abs().sort_values(kind="stable").index)
+        rows = most_specific_first(alive, name)
         out.extend(int(v) for v in (rows if per_class is None else rows.head(per_class))["latent"])
     return sorted(set(out))
 

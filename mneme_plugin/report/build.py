@@ -77,11 +77,11 @@ def gather(run_dir: str | os.PathLike[str]) -> ReportData:
 
 
 def _shown_latents(attribution: pd.DataFrame, per_class: int) -> list[int]:
+    from mneme_plugin.attribution.classify import BASE_LEANING, EDITED_LEANING, most_specific_first
+
     shown: list[int] = []
-    for cls in ("base_only", "suppressed", "amplified", "edited_only"):
-        chosen = attribution[attribution["latent_class"] == cls]
-        chosen = chosen.sort_values("score", ascending=cls in ("amplified", "edited_only"), kind="stable")
-        shown += chosen["latent"].head(per_class).astype(int).tolist()
+    for cls in BASE_LEANING + EDITED_LEANING:
+        shown += most_specific_first(attribution, cls)["latent"].head(per_class).astype(int).tolist()
     return shown
 
 

@@ -13,8 +13,9 @@ from typing import Any
 
 import pandas as pd
 
-from mneme_plugin.report import svg
+from mneme_plugin.attribution.classify import BASE_LEANING, EDITED_LEANING, most_specific_first
 from mneme_plugin.io import atomic_write_text
+from mneme_plugin.report import svg
 
 logger = logging.getLogger("mneme_plugin")
 
@@ -116,10 +117,8 @@ def render_report(data: ReportData) -> str:
             alive["nu_r"].tolist(), alive["nu_e"].tolist(), alive["latent_class"].tolist(),
             "Latent-scaling ratios", "nu_r = beta_r base / edited", "nu_e = beta_e base / edited")))
         blocks = []
-        for cls in ("base_only", "suppressed", "amplified", "edited_only"):
-            chosen = attr[attr["latent_class"] == cls]
-            chosen = chosen.sort_values("score", ascending=cls in ("amplified", "edited_only"), kind="stable")
-            chosen = chosen.head(data.latents_per_class)
+        for cls in BASE_LEANING + EDITED_LEANING:
+            chosen = most_specific_first(attr, cls).head(data.latents_per_class)
             if chosen.empty:
                 continue
             blocks.append(f"<h3>{html.escape(cls)}</h3>")
