@@ -19,6 +19,17 @@ from mneme_plugin.devices import resolve_device
 
 
 @dataclass
+class _StepOutput:
+    loss: torch.Tensor
+    mse: torch.Tensor
+    aux: torch.Tensor
+    x_norm: torch.Tensor
+    x_hat: torch.Tensor
+    active: ActiveLatents
+    salience: torch.Tensor
+
+
+@dataclass
 class StepLosses:
     loss: float
     mse_loss: float
@@ -223,22 +234,23 @@ class BatchTopKCrossCoderTrainer(SAETrainer):
         denom = (residual - residual.mean(dim=0, keepdim=True)).pow(2).sum(dim=(1, 2)).mean()
         return err / denom.clamp_min(1e-12)
 
-    def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, ActiveLatents, torch.Tensor, torch.Tensor]:
+    def _forward(self, x: torch.Tensor) -> _StepOutput:
+        """Eq. 1 (squared error summed over both models, mean over the batch) + alpha * aux-k."""
         x_norm = self.ae.normalize(x.to(self.device))
         active, salience, weights = self.ae.batch_topk_active(x_norm)
         x_hat = self.ae.decode_active(active)
-        return x_norm, x_hat, active, salience, weights
-
-    def loss(self, x: torch.Tensor, step: int | None = None, logging: bool = False, **_: Any):
-        """Eq. 1 (squared error summed over both models, mean over the batch) + alpha * aux-k."""
-        x_norm, x_hat, active, salience, weights = self._forward(x)
         mse = (x_norm - x_hat).pow(2).sum(dim=(1, 2)).mean()
         aux = self._aux_loss(x_norm, x_hat, salience, weights)
         loss = mse + self.training_config.aux_alpha * aux
+        return _StepOutput(loss, mse, aux, x_norm, x_hat, active, salience)
+
+    def loss(self, x: torch.Tensor, step: int | None = None, logging: bool = False, **_: Any):
+        """The training loss of a raw batch (dictionary_learning's trainer interface)."""
+        out = self._forward(x)
         if not logging:
-            return loss
-        losslog = {"loss": loss.item(), "mse_loss": mse.item(), "aux_loss": aux.item()}
-        return x_norm, x_hat.detach(), active.to_dense(), losslog
+            return out.loss
+        losslog = {"loss": out.loss.item(), "mse_loss": out.mse.item(), "aux_loss": out.aux.item()}
+        return out.x_norm, out.x_hat.detach(), out.active.to_dense(), losslog
 
     # ------------------------------------------------------------------------- update
 
@@ -250,10 +262,9 @@ class BatchTopKCrossCoderTrainer(SAETrainer):
         if step == 0 and self.steps_done == 0:
             with torch.no_grad():
                 self.ae.b_dec.copy_(geometric_median(self.ae.normalize(activations.to(self.device))))
-        x_norm, x_hat, active, salience, weights = self._forward(activations)
-        mse = (x_norm - x_hat).pow(2).sum(dim=(1, 2)).mean()
-        aux = self._aux_loss(x_norm, x_hat, salience, weights)
-        loss = mse + cfg.aux_alpha * aux
+        out = self._forward(activations)
+        loss, mse, aux, x_norm, x_hat, active, salience = (
+            out.loss, out.mse, out.aux, out.x_norm, out.x_hat, out.active, out.salience)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip > 0:
