@@ -47,3 +47,36 @@ def atomic_write(path: str | os.PathLike[str], writer: Callable[[Path], object],
 
 def atomic_write_text(path: str | os.PathLike[str], text: str, *, durable: bool = False) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"), durable=durable)
+
+
+def atomic_directory(path: str | os.PathLike[str], writer: Callable[[Path], object], *, overwrite: bool = False) -> Path:
+    """Call ``writer(tmp_dir)`` on a temporary sibling folder, then rename it to ``path``.
+
+    A folder at ``path`` is only ever complete: a crash leaves the hidden temporary folder behind
+    (removed by the next attempt), never a half-written ``path``. An existing ``path`` is replaced
+    only with ``overwrite``.
+    """
+    import shutil
+
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} already exists; choose another output folder or pass overwrite.")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        writer(tmp)
+        if path.exists():
+            old = path.with_name(f".{path.name}.{os.getpid()}.old")
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    fsync_dir(path.parent)
+    return path

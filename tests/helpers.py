@@ -339,3 +339,44 @@ def make_fact_lm(domains: Sequence[str] = ("biology", "cooking", "sports"), step
         p.requires_grad_(False)
     edit = generate_corpus(300, seed=seed + 1, fact_seed=seed, domains=list(domains), cross_domain=0.0)
     return model, question_set(seed, list(domains)), edit
+
+
+# ------------------------------------------------------------------------------ HF intervention helpers
+
+# A chat template with a generation prompt (the organism's has none): renders prefixes of a conversation
+# as prefixes of the whole, which the SFT label masking relies on.
+GEN_CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} <eos> {% endfor %}"
+                     "{% if add_generation_prompt %}assistant : {% endif %}")
+
+
+def save_tiny_causal_lm(folder: str | Path, family: str = "llama", tokenizer: Any = None, n_layers: int = 3,
+                        hidden_size: int = 32, seed: int = 0) -> Path:
+    """A tiny random HF causal LM of ``family`` (llama, qwen2 or mistral) with a local tokenizer, saved to
+    ``folder`` (loadable offline by path). Qwen2's attention has q/k/v biases, Llama's and Mistral's none."""
+    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    tokenizer = tokenizer if tokenizer is not None else make_tokenizer()
+    classes = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+               "mistral": (MistralConfig, MistralForCausalLM)}
+    config_cls, model_cls = classes[family]
+    cfg = config_cls(
+        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+        num_hidden_layers=n_layers, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = model_cls(cfg)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def write_jsonl(path: str | Path, records: Sequence[Any]) -> Path:
+    import json
+
+    path = Path(path)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
