@@ -1,0 +1,233 @@
+"""Ground truth from lm-evaluation-harness: per-category benchmark accuracy before and after an edit.
+
+``lm_eval.simple_evaluate`` runs in process on the base and the edited model for a task list
+(``mmlu_<subject>``, ``mmlu_pro_<category>``, ``wmdp_bio|chem|cyber``, any registered task, or a
+user's task YAML found through ``include_path``). Each model's results are saved as soon as they
+exist (a rerun skips them) and lm-eval's request cache (``use_cache``, one SQLite file per model)
+keeps every answered model call, so an interrupted run resumes. Results JSON files produced
+elsewhere (``lm_eval --output_path``) are read by :func:`table_from_results`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+
+from mneme_plugin.config import ConfigMixin, require
+from mneme_plugin.errors import ConfigError
+from mneme_plugin.groundtruth.table import GROUND_TRUTH_CSV, make_table, mcnemar_p, save_table, z_test_p
+from mneme_plugin.io import atomic_write_text
+
+logger = logging.getLogger("mneme_plugin")
+
+RESULTS_JSON = {"before": "lm_eval_before.json", "after": "lm_eval_after.json"}
+CACHE_DIR = "cache"
+CONFIG_FILE = "lm_eval_config.yaml"
+# First metric present wins (MMLU / WMDP: acc; MMLU-Pro: exact_match with its custom extraction).
+PREFERRED_METRICS = ("acc,none", "exact_match,custom-extract", "exact_match,strict-match",
+                     "exact_match,flexible-extract", "exact_match,none")
+PER_SAMPLE_KEY = "mneme_per_sample"
+RUN_KEY = "mneme_run"
+
+
+@dataclass
+class LMEvalConfig(ConfigMixin):
+    """lm-eval ground truth.
+
+    Attributes:
+        base / edited: HF model names or folders (lm-eval's ``hf`` model).
+        tasks: lm-eval task (or group) names.
+        include_path: folder(s) of extra task YAMLs (lm-eval's ``--include_path``).
+        include_defaults: also index lm-eval's own tasks (False is faster when every task is local).
+        metric: the lm-eval metric key (e.g. ``acc,none``); None picks per task from PREFERRED_METRICS.
+        model_args: extra lm-eval ``hf`` model arguments (e.g. ``{trust_remote_code: true}``).
+    """
+
+    base: str = ""
+    edited: str = ""
+    tasks: list[str] = field(default_factory=list)
+    include_path: list[str] = field(default_factory=list)
+    include_defaults: bool = True
+    num_fewshot: int | None = None
+    batch_size: int | str = 8
+    limit: int | float | None = None
+    metric: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    apply_chat_template: bool = False
+    model_args: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.tasks = [self.tasks] if isinstance(self.tasks, str) else [str(t) for t in self.tasks]
+        self.include_path = ([self.include_path] if isinstance(self.include_path, str)
+                             else [str(p) for p in self.include_path])
+        require(self.num_fewshot is None or self.num_fewshot >= 0, "num_fewshot must be None or >= 0.")
+        require(self.limit is None or self.limit > 0, "limit must be None or > 0.")
+
+    def check_ready(self) -> None:
+        require(bool(self.base) and bool(self.edited), "lm-eval ground truth needs `base` and `edited` models.")
+        require(bool(self.tasks), "lm-eval ground truth needs `tasks` (e.g. [mmlu_anatomy, wmdp_bio]).")
+
+
+def run_key(config: LMEvalConfig, model: str) -> dict[str, Any]:
+    """What a saved result depends on: a rerun reuses it only when this is unchanged."""
+    key = {k: v for k, v in config.to_dict().items() if k not in ("base", "edited", "batch_size", "device")}
+    return json.loads(json.dumps({**key, "model": model}))
+
+
+def task_manager(config: LMEvalConfig) -> Any:
+    """lm-eval's TaskManager, after checking that every requested task exists."""
+    import difflib
+
+    from lm_eval.tasks import TaskManager
+
+    for folder in config.include_path:
+        if not Path(folder).is_dir():
+            raise ConfigError(f"include_path {folder} is not a folder of lm-eval task YAMLs.")
+    manager = TaskManager(include_path=config.include_path or None, include_defaults=config.include_defaults)
+    known = set(manager.all_tasks)
+    unknown = [t for t in config.tasks if t not in known]
+    if unknown:
+        hints = {t: difflib.get_close_matches(t, list(known), n=3) for t in unknown}
+        raise ConfigError(f"lm-eval does not know task(s) {unknown}"
+                          + "".join(f"; close to {t}: {h}" for t, h in hints.items() if h)
+                          + ". Check the names (`lm_eval ls tasks`) or add the folder of your task YAML to include_path.")
+    return manager
+
+
+def _model_args(config: LMEvalConfig, model: str) -> dict[str, Any]:
+    from mneme_plugin.devices import resolve_device
+
+    device = resolve_device(config.device)
+    dtype = config.dtype if config.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
+    return {"pretrained": model, "dtype": dtype, "device": str(device), **config.model_args}
+
+
+def run_lm_eval(config: LMEvalConfig, model: str, cache: Path, manager: Any) -> dict[str, Any]:
+    """lm-eval's results for one model: its results dict (JSON-safe) plus per-sample scores."""
+    try:
+        import lm_eval
+    except ImportError as err:
+        raise ConfigError("lm-eval ground truth needs lm-evaluation-harness: pip install 'mneme-plugin[eval]'.") from err
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    out = lm_eval.simple_evaluate(
+        model="hf", model_args=_model_args(config, model), tasks=list(config.tasks), num_fewshot=config.num_fewshot,
+        batch_size=config.batch_size, limit=config.limit, use_cache=str(cache), log_samples=True,
+        apply_chat_template=config.apply_chat_template, task_manager=manager, random_seed=config.seed,
+        numpy_random_seed=config.seed, torch_random_seed=config.seed, fewshot_random_seed=config.seed,
+    )
+    if out is None:
+        raise ConfigError("lm-eval returned no results (a non-zero rank of a distributed run?).")
+    samples = out.pop("samples", {}) or {}
+    per_sample: dict[str, dict[str, float]] = {}
+    for task, records in samples.items():
+        metric = _metric_for(out["results"].get(task, {}), config.metric)
+        name = metric.split(",")[0] if metric else None
+        if name and records and name in records[0]:
+            per_sample[task] = {str(r["doc_id"]): float(r[name]) for r in records}
+    safe = json.loads(json.dumps(out, default=str))
+    safe[PER_SAMPLE_KEY] = per_sample
+    return safe
+
+
+def _metric_for(values: dict[str, Any], metric: str | None) -> str | None:
+    if metric is not None:
+        return metric if metric in values else None
+    return next((m for m in PREFERRED_METRICS if m in values), None)
+
+
+def table_from_results(before: dict[str, Any], after: dict[str, Any], metric: str | None = None) -> pd.DataFrame:
+    """The ground-truth table from two lm-eval results dicts (in process or read from JSON).
+
+    One row per task scored in both (group aggregates skipped when sample counts are known); the
+    drop's p-value is the paired exact McNemar test when both hold per-sample scores (ours do), else
+    a z test on lm-eval's standard errors.
+    """
+    from mneme_plugin.sideeffects.evaluate import category_from_task
+
+    for name, data in (("before", before), ("after", after)):
+        if not isinstance(data.get("results"), dict):
+            raise ConfigError(f"The {name} lm-eval results have no 'results' mapping; is it an lm-eval results file?")
+    counts_b = before.get("n-samples") or {}
+    rows = []
+    for task, values in before["results"].items():
+        if task not in after["results"] or (counts_b and task not in counts_b):
+            continue
+        chosen = _metric_for(values, metric)
+        if chosen is None or chosen not in after["results"][task]:
+            continue
+        name, _, filt = chosen.partition(",")
+        stderr_key = f"{name}_stderr,{filt}"
+        b, a = float(values[chosen]), float(after["results"][task][chosen])
+        se_b, se_a = values.get(stderr_key), after["results"][task].get(stderr_key)
+        se_b = float(se_b) if isinstance(se_b, (int, float)) else None
+        se_a = float(se_a) if isinstance(se_a, (int, float)) else None
+        n = (counts_b.get(task) or {}).get("effective")
+        paired_b = (before.get(PER_SAMPLE_KEY) or {}).get(task)
+        paired_a = (after.get(PER_SAMPLE_KEY) or {}).get(task)
+        if paired_b and paired_a and set(paired_b) == set(paired_a):
+            ids = sorted(paired_b)
+            p, test = mcnemar_p([paired_b[i] for i in ids], [paired_a[i] for i in ids]), "mcnemar"
+        else:
+            p, test = z_test_p(b, a, se_b, se_a, n), "z"
+        rows.append({"category": category_from_task(task), "before": b, "after": a, "n": n, "stderr_before": se_b,
+                     "stderr_after": se_a, "p_value": p, "test": test if p is not None else None, "task": task,
+                     "metric": chosen})
+    if not rows:
+        raise ConfigError("The before and after lm-eval results share no task with a usable metric"
+                          + (f" ({metric})." if metric else f" (tried {', '.join(PREFERRED_METRICS)})."))
+    table = make_table(rows)
+    if table["category"].duplicated().any():
+        raise ConfigError(f"Two tasks map to one category: {table.loc[table['category'].duplicated(), 'task'].tolist()}.")
+    return table
+
+
+def read_results_json(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ConfigError(f"{path} is not a readable lm-eval results JSON: {err}") from err
+
+
+def lm_eval_ground_truth(config: LMEvalConfig, out_dir: str | Path) -> pd.DataFrame:
+    """Evaluate base and edited with lm-eval (each skipped when its results are already in ``out_dir``)
+    and write ``ground_truth.csv``; returns the table."""
+    config.check_ready()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / CONFIG_FILE, yaml.safe_dump(config.to_dict(), sort_keys=False))
+    results: dict[str, dict[str, Any]] = {}
+    manager = None
+    for side, model in (("before", config.base), ("after", config.edited)):
+        path = out / RESULTS_JSON[side]
+        if path.is_file():
+            cached = read_results_json(path)
+            if cached.get(RUN_KEY) == run_key(config, model):
+                logger.info("lm-eval: %s results found in %s; not re-run.", side, path)
+                results[side] = cached
+                continue
+        manager = manager or task_manager(config)
+        logger.info("lm-eval: evaluating %s model %s on %d task(s).", side, model, len(config.tasks))
+        data = run_lm_eval(config, model, out / CACHE_DIR / f"lm_eval_{side}", manager)
+        data[RUN_KEY] = run_key(config, model)
+        atomic_write_text(path, json.dumps(data, indent=1), durable=True)
+        results[side] = data
+    table = table_from_results(results["before"], results["after"], config.metric)
+    save_table(table, out / GROUND_TRUTH_CSV)
+    return table
+
+
+def lm_eval_table_from_files(before: str | Path, after: str | Path, out_dir: str | Path,
+                             metric: str | None = None) -> pd.DataFrame:
+    """``ground_truth.csv`` from lm-eval results JSON files produced elsewhere."""
+    table = table_from_results(read_results_json(before), read_results_json(after), metric)
+    save_table(table, Path(out_dir) / GROUND_TRUTH_CSV)
+    return table

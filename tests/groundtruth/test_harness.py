@@ -1,0 +1,99 @@
+"""lm-eval ground truth with the real lm-evaluation-harness on a local multiple-choice task and tiny models."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from mneme_plugin.errors import ConfigError
+from mneme_plugin.groundtruth.harness import (
+    RESULTS_JSON, LMEvalConfig, lm_eval_ground_truth, lm_eval_table_from_files, table_from_results,
+)
+from mneme_plugin.groundtruth.table import GROUND_TRUTH_CSV, mcnemar_p, z_test_p
+from mneme_plugin.sideeffects.evaluate import read_scores_csv
+from tests.helpers import save_finetuned_llama, save_tiny_llama, synthetic_corpus
+
+
+WORDS = ["house", "tree", "bread", "music", "box", "road", "river", "team"]
+
+
+def write_task(folder, name, n, seed):
+    """A local multiple-choice task: YAML + JSON-lines data (lm-eval's `json` dataset builder)."""
+    import random
+
+    rng = random.Random(seed)
+    rows = [{"q": f"{rng.choice(['the cat', 'a dog'])} {rng.choice(['sees', 'likes'])} the",
+             "choices": rng.sample(WORDS, 4), "answer": rng.randrange(4)} for _ in range(n)]
+    data = folder / f"{name}.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / f"{name}.yaml").write_text(
+        f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\ntest_split: test\n"
+        "output_type: multiple_choice\ndoc_to_text: \"{{q}}\"\ndoc_to_choice: \"{{choices}}\"\n"
+        "doc_to_target: answer\nmetric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n")
+
+
+def test_mcnemar_and_z_against_hand_computations():
+    # 3 questions lost, 1 gained: P(X >= 3 | Bin(4, 1/2)) = (4 + 1) / 16.
+    assert mcnemar_p([1, 1, 1, 0, 1, 0], [0, 0, 0, 1, 1, 0]) == pytest.approx(5 / 16)
+    assert mcnemar_p([1, 0], [1, 0]) == 1.0
+    assert z_test_p(0.8, 0.5, 0.1, 0.1) == pytest.approx(0.5 * __import__("math").erfc(0.3 / 2**0.5 / 2**0.5 / 0.1))
+
+
+def test_lm_eval_on_two_tiny_models_gives_the_table(tmp_path, tiny_tokenizer):
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    write_task(tasks, "toy_animals", 16, seed=0)
+    write_task(tasks, "toy_roads", 12, seed=1)
+    base = save_tiny_llama(tmp_path / "base", tiny_tokenizer, n_layers=2, hidden_size=32)
+    edited = save_finetuned_llama(base, tmp_path / "edited", synthetic_corpus(40, seed=5), steps=30, lr=1e-2)
+    cfg = LMEvalConfig(base=str(base), edited=str(edited), tasks=["toy_animals", "toy_roads"],
+                       include_path=[str(tasks)], include_defaults=False, batch_size=8, device="cpu")
+    out = tmp_path / "gt"
+    table = lm_eval_ground_truth(cfg, out)
+
+    assert sorted(table["category"]) == ["toy_animals", "toy_roads"]
+    for side, column in (("before", "before"), ("after", "after")):
+        data = json.loads((out / RESULTS_JSON[side]).read_text())
+        for task, n in (("toy_animals", 16), ("toy_roads", 12)):
+            row = table.set_index("task").loc[task]
+            per_sample = data["mneme_per_sample"][task]
+            assert len(per_sample) == n and row["n"] == n
+            assert row[column] == pytest.approx(sum(per_sample.values()) / n)  # accuracy = mean per-question score
+            assert row[column] == pytest.approx(data["results"][task]["acc,none"])
+    assert (table["test"] == "mcnemar").all() and table["p_value"].between(0, 1).all()
+    assert (table["drop"] == table["before"] - table["after"]).all()
+    # The file mneme evaluate reads.
+    read = read_scores_csv(out / GROUND_TRUTH_CSV)
+    assert list(read["category"]) == list(table["category"]) and list(read["n"]) == list(table["n"])
+
+    # A rerun with the same config reuses both results; results JSON files also make the table.
+    stamp = {s: (out / f).stat().st_mtime_ns for s, f in RESULTS_JSON.items()}
+    again = lm_eval_ground_truth(cfg, out)
+    assert {s: (out / f).stat().st_mtime_ns for s, f in RESULTS_JSON.items()} == stamp
+    pd.testing.assert_frame_equal(again, table)
+    from_files = lm_eval_table_from_files(out / RESULTS_JSON["before"], out / RESULTS_JSON["after"], tmp_path / "f")
+    pd.testing.assert_frame_equal(from_files, table)
+
+
+def test_lm_eval_bad_input(tmp_path, tiny_tokenizer):
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    write_task(tasks, "toy_animals", 4, seed=0)
+    cfg = LMEvalConfig(base="b", edited="e", tasks=["toy_animls"], include_path=[str(tasks)], include_defaults=False)
+    with pytest.raises(ConfigError, match="does not know task.*toy_animals"):
+        lm_eval_ground_truth(cfg, tmp_path / "gt")
+    assert not (tmp_path / "gt" / GROUND_TRUTH_CSV).exists()
+    with pytest.raises(ConfigError, match="needs `tasks`"):
+        lm_eval_ground_truth(LMEvalConfig(base="b", edited="e"), tmp_path / "gt")
+    # Results produced elsewhere: only the group rows of an MMLU-Pro-like file lack sample counts.
+    before = {"results": {"mmlu_pro": {"exact_match,custom-extract": 0.5},
+                          "mmlu_pro_law": {"exact_match,custom-extract": 0.4, "exact_match_stderr,custom-extract": 0.05}},
+              "n-samples": {"mmlu_pro_law": {"effective": 100}}}
+    after = json.loads(json.dumps(before))
+    after["results"]["mmlu_pro_law"]["exact_match,custom-extract"] = 0.2
+    table = table_from_results(before, after)
+    assert table[["category", "before", "after", "n", "test"]].values.tolist() == [["law", 0.4, 0.2, 100, "z"]]
+    with pytest.raises(ConfigError, match="share no task"):
+        table_from_results(before, {"results": {"other": {"acc,none": 1.0}}})
