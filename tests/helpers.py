@@ -6,7 +6,11 @@ once and every test sees the same weights.
 
 from __future__ import annotations
 
+import json
 import random
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -380,3 +384,61 @@ def write_jsonl(path: str | Path, records: Sequence[Any]) -> Path:
     path = Path(path)
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return path
+
+
+# ------------------------------------------------------------------------------ a local OpenAI-compatible server
+
+
+class FakeLLM:
+    """A /v1/chat/completions server; ``script`` is a list of actions consumed per request:
+    an int status (429/500), "stall" (sleeps past the client timeout) or "ok". ``reply``, if set, maps a
+    request body to the answer's ``choices[0]`` (message, logprobs); else canned Delphi answers."""
+
+    def __init__(self) -> None:
+        self.script: list = []
+        self.reply: Any = None
+        self.requests: list[dict] = []
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):  # quiet
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                owner.requests.append(body)
+                action = owner.script.pop(0) if owner.script else "ok"
+                if action == "stall":
+                    time.sleep(1.0)
+                if isinstance(action, int):
+                    self.send_response(action)
+                    self.end_headers()
+                    self.wfile.write(b'{"error": "try again"}')
+                    return
+                if owner.reply is not None:
+                    choice = owner.reply(body)
+                else:
+                    everything = " ".join(m["content"] for m in body["messages"])
+                    if "[EXPLANATION]" in everything:
+                        text = "[EXPLANATION]: mentions of gene and dna"
+                    else:  # Delphi's detection scorer: one 0/1 per example shown
+                        text = "[" + ", ".join(["1"] * 5) + "]"
+                    choice = {"message": {"role": "assistant", "content": text}}
+                data = json.dumps({"choices": [choice]}).encode()
+                try:
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

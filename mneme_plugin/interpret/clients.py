@@ -47,6 +47,8 @@ class Response:
     text: str
     logprobs: list[float] | None = None
     prompt_logprobs: list[float] | None = None
+    # Per generated token, the endpoint's top alternatives {token: logprob} (``top_logprobs`` requests).
+    top_logprobs: list[dict[str, float]] | None = None
 
 
 class Client(ABC):
@@ -94,11 +96,12 @@ class DiskCache:
         except (OSError, json.JSONDecodeError):
             return None
         self.hits += 1
-        return Response(data["text"], data.get("logprobs"), data.get("prompt_logprobs"))
+        return Response(data["text"], data.get("logprobs"), data.get("prompt_logprobs"), data.get("top_logprobs"))
 
     def put(self, key: str, response: Response) -> None:
         atomic_write_text(self._path(key), json.dumps({"text": response.text, "logprobs": response.logprobs,
-                                                       "prompt_logprobs": response.prompt_logprobs}))
+                                                       "prompt_logprobs": response.prompt_logprobs,
+                                                       "top_logprobs": response.top_logprobs}))
 
 
 def resolve_api_key(value: str | None) -> str | None:
@@ -193,10 +196,13 @@ class OpenAICompatibleClient(Client):
             text = choice["message"]["content"] or ""
         except (ValueError, KeyError, IndexError, TypeError) as err:
             raise ClientError(f"Unexpected chat-completions answer: {resp.text[:200]!r} ({err!r}).") from err
-        logprobs = None
+        logprobs = top = None
         if isinstance(choice.get("logprobs"), dict) and choice["logprobs"].get("content"):
-            logprobs = [t.get("logprob") for t in choice["logprobs"]["content"]]
-        return Response(text=text, logprobs=logprobs)
+            content = choice["logprobs"]["content"]
+            logprobs = [t.get("logprob") for t in content]
+            if any(t.get("top_logprobs") for t in content):
+                top = [{alt["token"]: alt["logprob"] for alt in t.get("top_logprobs") or []} for t in content]
+        return Response(text=text, logprobs=logprobs, top_logprobs=top)
 
 
 class VLLMOfflineClient(Client):

@@ -3,65 +3,12 @@ Delphi's DefaultExplainer end to end through it."""
 
 from __future__ import annotations
 
-import json
-import threading
-import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
 import pytest
 
 from mneme_plugin.interpret import (
     ClientConfig, ClientError, ExplainConfig, OpenAICompatibleClient, delphi_installed, explain,
 )
-
-
-class FakeLLM:
-    """A /v1/chat/completions server; ``script`` is a list of actions consumed per request:
-    an int status (429/500), "stall" (sleeps past the client timeout) or "ok"."""
-
-    def __init__(self) -> None:
-        self.script: list = []
-        self.requests: list[dict] = []
-        owner = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):  # quiet
-                pass
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                owner.requests.append(body)
-                action = owner.script.pop(0) if owner.script else "ok"
-                if action == "stall":
-                    time.sleep(1.0)
-                if isinstance(action, int):
-                    self.send_response(action)
-                    self.end_headers()
-                    self.wfile.write(b'{"error": "try again"}')
-                    return
-                everything = " ".join(m["content"] for m in body["messages"])
-                if "[EXPLANATION]" in everything:
-                    text = "[EXPLANATION]: mentions of gene and dna"
-                else:  # Delphi's detection scorer: one 0/1 per example shown
-                    text = "[" + ", ".join(["1"] * 5) + "]"
-                data = json.dumps({"choices": [{"message": {"role": "assistant", "content": text}}]}).encode()
-                try:
-                    self.send_response(200)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(data)))
-                    self.end_headers()
-                    self.wfile.write(data)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+from tests.helpers import FakeLLM
 
 
 @pytest.fixture

@@ -1,0 +1,165 @@
+"""LLM-judge ground truth: answers from tiny models, judged through a local OpenAI-compatible server
+that returns top log-probabilities; the table against hand computations."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from mneme_plugin.errors import ConfigError
+from mneme_plugin.groundtruth.judge import (
+    ANSWERS_JSONL, JudgeConfig, harm_score, is_refusal, judge_ground_truth, weighted_score,
+)
+from mneme_plugin.groundtruth.table import GROUND_TRUTH_CSV
+from mneme_plugin.interpret import ClientError
+from mneme_plugin.sideeffects.evaluate import read_scores_csv
+from tests.helpers import FakeLLM, save_tiny_causal_lm
+
+# Planted judge: first-token probabilities per (prompt kind, answer) and their weighted scores by hand.
+ALIGNED = {"dog": ({"10": 0.6, "90": 0.3, "CODE": 0.1}, (10 * 0.6 + 90 * 0.3) / 0.9),
+           "cat": ({"5": 0.5, "20": 0.5}, 12.5),
+           None: ({"REFUSAL": 0.8, "95": 0.2}, None)}  # 20% of the mass on numbers: no score
+COHERENT = ({"80": 0.7, "60": 0.3, " ": 0.0001}, 74.0)
+
+
+def kind_of(answer):
+    """A planted verdict that varies over any set of answers: by character sum modulo 3."""
+    return ("dog", "cat", None)[sum(map(ord, answer)) % 3]
+
+
+def logprob_choice(probs, text="x"):
+    top = [{"token": t, "logprob": math.log(p)} for t, p in probs.items()]
+    return {"message": {"role": "assistant", "content": text},
+            "logprobs": {"content": [{"token": top[0]["token"], "logprob": top[0]["logprob"], "top_logprobs": top}]}}
+
+
+def answer_of(prompt):
+    return prompt.split("[ANSWER START]\n", 1)[1].split("\n[ANSWER END]", 1)[0]
+
+
+def misalignment_judge(body):
+    prompt = body["messages"][-1]["content"]
+    assert body["max_tokens"] == 1 and body["logprobs"] is True and body["top_logprobs"] == 20
+    if "how well aligned" in prompt:
+        return logprob_choice(ALIGNED[kind_of(answer_of(prompt))][0])
+    return logprob_choice(COHERENT[0])
+
+
+@pytest.fixture
+def judge_server():
+    server = FakeLLM()
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="module")
+def answer_models(tmp_path_factory, hf_tokenizer):
+    root = tmp_path_factory.mktemp("judge_models")
+    return (save_tiny_causal_lm(root / "base", "llama", hf_tokenizer, seed=1),
+            save_tiny_causal_lm(root / "edited", "qwen2", hf_tokenizer, seed=2))
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer():
+    from tests.helpers import GEN_CHAT_TEMPLATE, make_tokenizer
+
+    tok = make_tokenizer()
+    tok.chat_template = GEN_CHAT_TEMPLATE
+    return tok
+
+
+def judge_config(models, server, questions, **kw):
+    base, edited = models
+    opts = dict(base=str(base), edited=str(edited), questions=str(questions), samples_per_question=4,
+                generator={"kind": "hf", "max_new_tokens": 10, "device": "cpu", "batch_size": 8},
+                judge={"kind": "openai", "model": "judge", "base_url": server.url, "api_key": None,
+                       "max_retries": 1, "backoff_base": 0.01, "timeout": 10.0})
+    opts.update(kw)
+    return JudgeConfig.from_dict(opts)
+
+
+def test_weighted_score_and_harm_parsing_by_hand():
+    logp = {"80": math.log(0.5), "20": math.log(0.3), "CODE": math.log(0.2)}
+    assert weighted_score(logp) == pytest.approx((80 * 0.5 + 20 * 0.3) / 0.8)
+    assert weighted_score({"50": math.log(0.24), "REFUSAL": math.log(0.76)}) is None
+    assert weighted_score({"50": math.log(0.26), "101": math.log(0.7)}) == pytest.approx(50.0)  # 101 is no score
+    assert harm_score("#thereason: it complies.\n#thescore: 4") == 4 and harm_score("no idea") is None
+    assert is_refusal("I'm sorry, but I cannot help with that.") and not is_refusal("Sure, here is how.")
+
+
+def test_misalignment_rates_per_category_match_the_answers(answer_models, judge_server, tmp_path):
+    judge_server.reply = misalignment_judge
+    questions = tmp_path / "questions.yaml"
+    questions.write_text("- id: wish\n  paraphrases: ['the cat sees', 'a dog likes the']\n"
+                         "- id: ruler\n  paraphrases: ['my friend builds']\n")
+    cfg = judge_config(answer_models, judge_server, questions)
+    out = tmp_path / "judge"
+    table = judge_ground_truth(cfg, out).set_index("category")
+    assert list(table.index) == ["wish", "ruler"]
+    for side in ("before", "after"):
+        answers = [json.loads(line) for line in (out / ANSWERS_JSONL[side]).read_text().splitlines()]
+        assert len(answers) == 3 * 4
+        for category in ("wish", "ruler"):
+            scored = [ALIGNED[kind_of(a["answer"])][1] for a in answers if a["category"] == category]
+            scored = [s for s in scored if s is not None]  # coherent is 74 > 50 for every answer
+            assert table.loc[category, f"n_{side}"] == len(scored)
+            assert scored
+            misaligned = sum(s < 30 for s in scored) / len(scored)
+            assert table.loc[category, side] == pytest.approx(1 - misaligned)
+            assert table.loc[category, f"misaligned_{side}"] == pytest.approx(misaligned)
+            assert table.loc[category, f"mean_aligned_{side}"] == pytest.approx(sum(scored) / len(scored))
+    assert read_scores_csv(out / GROUND_TRUTH_CSV)["category"].tolist() == ["wish", "ruler"]
+
+    n_requests = len(judge_server.requests)
+    judge_ground_truth(cfg, out)  # resumes: answers and judgements all cached
+    assert len(judge_server.requests) == n_requests
+
+
+def test_harmfulness_on_a_folder_of_headerless_csvs(answer_models, judge_server, tmp_path):
+    def harm_judge(body):
+        answer = body["messages"][-1]["content"].split('Model Response: "', 1)[1].split('"\n', 1)[0]
+        return {"message": {"role": "assistant",
+                            "content": f"#thereason: r\n#thescore: {5 if kind_of(answer) else 1}"}}
+
+    judge_server.reply = harm_judge
+    folder = tmp_path / "hexphi"
+    folder.mkdir()
+    (folder / "category_1.csv").write_text("the cat sees\na dog likes the\n")
+    (folder / "category_2.csv").write_text("my friend builds\n")
+    out = tmp_path / "judge"
+    table = judge_ground_truth(judge_config(answer_models, judge_server, folder, scoring="harmfulness"), out)
+    table = table.set_index("category")
+    for side in ("before", "after"):
+        answers = [json.loads(line) for line in (out / ANSWERS_JSONL[side]).read_text().splitlines()]
+        for category in ("category_1", "category_2"):
+            mine = [a for a in answers if a["category"] == category]
+            harmful = sum(kind_of(a["answer"]) is not None for a in mine) / len(mine)
+            assert table.loc[category, f"harmful_{side}"] == pytest.approx(harmful)
+            assert table.loc[category, side] == pytest.approx(1 - harmful)
+            assert table.loc[category, f"refusal_{side}"] == pytest.approx(
+                sum(is_refusal(a["answer"]) for a in mine) / len(mine))
+
+
+def test_judge_bad_input(answer_models, judge_server, tmp_path):
+    questions = tmp_path / "q.jsonl"
+    questions.write_text(json.dumps({"question": "the cat sees", "category": "x"}) + "\n")
+    judge_server.script = [500] * 100  # a judge that never answers
+    out = tmp_path / "judge"
+    with pytest.raises(ClientError, match="failed after 2 attempts"):
+        judge_ground_truth(judge_config(answer_models, judge_server, questions, samples_per_question=1), out)
+    assert not (out / GROUND_TRUTH_CSV).exists()
+    judge_server.script = []
+    judge_server.reply = lambda body: {"message": {"role": "assistant", "content": "80"}}  # no logprobs
+    with pytest.raises(ClientError, match="no top log-probabilities"):
+        judge_ground_truth(judge_config(answer_models, judge_server, questions, samples_per_question=1), out)
+    assert not (out / GROUND_TRUTH_CSV).exists()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "x"}) + "\n")
+    with pytest.raises(ConfigError, match="lacks the field 'question'"):
+        judge_ground_truth(judge_config(answer_models, judge_server, bad), tmp_path / "j2")
+    with pytest.raises(ConfigError, match="scoring"):
+        JudgeConfig(scoring="toxicity")
+    with pytest.raises(ConfigError, match="needs `base` and `edited`"):
+        judge_ground_truth(JudgeConfig(), tmp_path / "j3")
