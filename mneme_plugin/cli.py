@@ -578,5 +578,11 @@ def run(config, dry_run, only) -> None:
         click.echo(metrics.read_text())
 
 
+from mneme_plugin.commands.groundtruth import groundtruth  # noqa: E402
+from mneme_plugin.commands.intervene import intervene  # noqa: E402
+
+main.add_command(intervene)
+main.add_command(groundtruth)
+
 if __name__ == "__main__":  # pragma: no cover
     main()

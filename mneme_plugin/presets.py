@@ -40,3 +40,11 @@ def load_preset(name: str) -> dict[str, Any]:
 def merged_config(preset: str | None, overrides: dict[str, Any]) -> dict[str, Any]:
     """A preset's mapping (or {}) with ``overrides`` applied key by key."""
     return {**(load_preset(preset) if preset else {}), **overrides}
+
+
+def preset_description(name: str) -> str:
+    """A preset's ``description``, cut to one line (empty if none)."""
+    text = (_folder() / f"{name}.yaml").read_text(encoding="utf-8")
+    description = (yaml.safe_load(text) or {}).get("description") or ""
+    description = " ".join(description.split())
+    return description if len(description) <= 100 else description[:97] + "..."

@@ -118,19 +118,3 @@ def test_sft_bad_input(tiny_lm_dirs, tmp_path):
         SFTConfig(lr_scheduler="cyclic")
     assert SFTConfig.from_dict({"lora": {"r": 4}}).lora == LoRASettings(r=4)
 
-
-def test_shipped_presets_are_valid_configs():
-    from mneme_plugin.interventions.hf_rmu import HFRMUConfig
-    from mneme_plugin.presets import list_presets, load_preset
-
-    kinds = {"zephyr_rmu": HFRMUConfig, "llama3_rmu": HFRMUConfig, "emergent_misalignment_sft": SFTConfig,
-             "aoa_sft": SFTConfig, "alpaca_sft": SFTConfig}
-    assert set(kinds) <= set(list_presets())
-    for name, cls in kinds.items():
-        cls.from_dict(load_preset(name))
-    zephyr = HFRMUConfig.from_dict(load_preset("zephyr_rmu"))
-    assert (zephyr.alpha, zephyr.steering_coeff, zephyr.forget_max_length) == ([1200.0] * 2, [6.5] * 2, [512, 768])
-    em = SFTConfig.from_dict(load_preset("emergent_misalignment_sft"))
-    assert em.lora.r == 32 and em.lora.use_rslora and em.batch_size * em.grad_accum == 16
-    with pytest.raises(ConfigError, match="Unknown preset"):
-        load_preset("zephyr_rmuu")
