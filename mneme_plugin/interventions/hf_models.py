@@ -34,6 +34,15 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return getattr(torch, dtype)
 
 
+def _dtype_keyword() -> str:
+    """``from_pretrained``'s dtype argument: ``dtype`` since transformers 4.56, ``torch_dtype`` before
+    (older versions would silently ignore an unknown ``dtype``)."""
+    import transformers
+    from packaging.version import Version
+
+    return "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
+
+
 def load_causal_lm(name_or_path: str, device: str = "auto", dtype: str = "auto") -> tuple[Any, Any]:
     """(model, tokenizer) of a HF causal LM (hub name or local folder), in eval mode on ``device``.
 
@@ -55,7 +64,7 @@ def load_causal_lm(name_or_path: str, device: str = "auto", dtype: str = "auto")
             "interventions need a decoder-only LM (Llama, Mistral, Qwen2, ...)."
         ) from err
     dev = resolve_device(device)
-    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=resolve_dtype(dtype, dev)).to(dev)
+    model = AutoModelForCausalLM.from_pretrained(name_or_path, **{_dtype_keyword(): resolve_dtype(dtype, dev)}).to(dev)
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     if tokenizer.pad_token_id is None:

@@ -87,7 +87,7 @@ def test_lora_changes_target_weights_by_a_low_rank_update_and_the_merged_folder_
 
     src = tiny_lm_dirs["qwen2"]
     cfg = SFTConfig(model=str(src), data=str(chat_data(tmp_path)), lr=1e-2, batch_size=4, grad_accum=1,
-                    warmup_steps=2, device="cpu",
+                    warmup_steps=2, device="cpu", gradient_checkpointing=True,
                     lora=LoRASettings(r=2, alpha=4, use_rslora=True, target_modules=["q_proj", "down_proj"]))
     result = supervised_fine_tune(cfg, progress=False)
     assert [r["lr"] for r in result.log[:3]] == pytest.approx([1e-2 / 3, 2e-2 / 3, 1e-2])  # warm-up, then linear
