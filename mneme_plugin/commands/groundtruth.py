@@ -72,8 +72,8 @@ def judge(base, edited, config, preset, out, questions, samples_per_question) ->
 def _echo_table(table, out) -> None:
     from pathlib import Path
 
-    from mneme_plugin.groundtruth.table import GROUND_TRUTH_CSV
+    from mneme_plugin.groundtruth.table import SCORES_CSV
 
     shown = table[["category", "before", "after", "drop", "n", "p_value"]]
     click.echo(shown.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
-    click.echo(f"Ground truth: {Path(out) / GROUND_TRUTH_CSV}")
+    click.echo(f"Ground truth: {Path(out) / SCORES_CSV}")

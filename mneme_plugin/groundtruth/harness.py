@@ -21,8 +21,8 @@ import yaml
 
 from mneme_plugin.config import ConfigMixin, require
 from mneme_plugin.errors import ConfigError
-from mneme_plugin.groundtruth.table import GROUND_TRUTH_CSV, make_table, mcnemar_p, save_table, z_test_p
-from mneme_plugin.io import atomic_write_text
+from mneme_plugin.groundtruth.table import SCORES_CSV, category_from_task, make_table, mcnemar_p, save_scores, z_test_p
+from mneme_plugin.files import atomic_write_text
 
 logger = logging.getLogger("mneme_plugin")
 
@@ -150,8 +150,6 @@ def table_from_results(before: dict[str, Any], after: dict[str, Any], metric: st
     drop's p-value is the paired exact McNemar test when both hold per-sample scores (ours do), else
     a z test on lm-eval's standard errors.
     """
-    from mneme_plugin.sideeffects.evaluate import category_from_task
-
     for name, data in (("before", before), ("after", after)):
         if not isinstance(data.get("results"), dict):
             raise ConfigError(f"The {name} lm-eval results have no 'results' mapping; is it an lm-eval results file?")
@@ -221,7 +219,7 @@ def lm_eval_ground_truth(config: LMEvalConfig, out_dir: str | Path) -> pd.DataFr
         atomic_write_text(path, json.dumps(data, indent=1), durable=True)
         results[side] = data
     table = table_from_results(results["before"], results["after"], config.metric)
-    save_table(table, out / GROUND_TRUTH_CSV)
+    save_scores(table, out / SCORES_CSV)
     return table
 
 
@@ -229,5 +227,5 @@ def lm_eval_table_from_files(before: str | Path, after: str | Path, out_dir: str
                              metric: str | None = None) -> pd.DataFrame:
     """``ground_truth.csv`` from lm-eval results JSON files produced elsewhere."""
     table = table_from_results(read_results_json(before), read_results_json(after), metric)
-    save_table(table, Path(out_dir) / GROUND_TRUTH_CSV)
+    save_scores(table, Path(out_dir) / SCORES_CSV)
     return table

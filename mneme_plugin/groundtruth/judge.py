@@ -39,10 +39,10 @@ import yaml
 
 from mneme_plugin.config import ConfigMixin, require
 from mneme_plugin.errors import ConfigError, EmptyCorpusError
-from mneme_plugin.groundtruth.table import GROUND_TRUTH_CSV, make_table, save_table, z_test_p
+from mneme_plugin.groundtruth.table import SCORES_CSV, make_table, save_scores, z_test_p
 from mneme_plugin.interpret.clients import ClientError
 from mneme_plugin.interpret.config import ClientConfig
-from mneme_plugin.io import atomic_write, atomic_write_text
+from mneme_plugin.files import atomic_write, atomic_write_text
 
 logger = logging.getLogger("mneme_plugin")
 
@@ -504,5 +504,5 @@ def judge_ground_truth(config: JudgeConfig, out_dir: str | Path) -> pd.DataFrame
         atomic_write(out / JUDGEMENTS_CSV[side], lambda tmp, j=judged: j.to_csv(tmp, index=False))
         rates[side] = category_rates(config, judged)
     table = judge_table(config, rates["before"], rates["after"])
-    save_table(table, out / GROUND_TRUTH_CSV)
+    save_scores(table, out / SCORES_CSV)
     return table

@@ -5,23 +5,15 @@
   :func:`supervised_fine_tune` (full or LoRA SFT); :func:`save_intervention` writes the model folder.
 """
 
-from mneme_plugin.interventions.finetune import FineTuneConfig, FineTuneResult, fine_tune
-from mneme_plugin.interventions.hf_models import (
-    INTERVENTION_CONFIG,
-    TRAINING_LOG,
-    InterventionResult,
-    load_causal_lm,
-    load_training_log,
-    parameters_by_name,
-    save_intervention,
-)
-from mneme_plugin.interventions.hf_rmu import HFRMUConfig, rmu_activation_distances, rmu_unlearn_hf
-from mneme_plugin.interventions.rmu import RMUConfig, RMUResult, rmu_losses, rmu_unlearn
-from mneme_plugin.interventions.sft import LoRASettings, SFTConfig, supervised_fine_tune
+from mneme_plugin._lazy import lazy_exports
 
-__all__ = [
-    "FineTuneConfig", "FineTuneResult", "HFRMUConfig", "INTERVENTION_CONFIG", "InterventionResult", "LoRASettings",
-    "RMUConfig", "RMUResult", "SFTConfig", "TRAINING_LOG", "fine_tune", "load_causal_lm", "load_training_log",
-    "parameters_by_name", "rmu_activation_distances", "rmu_losses", "rmu_unlearn", "rmu_unlearn_hf",
-    "save_intervention", "supervised_fine_tune",
-]
+__getattr__, __dir__, __all__ = lazy_exports(__name__, {
+    "mneme_plugin.interventions.finetune": ("FineTuneConfig", "FineTuneResult", "fine_tune"),
+    "mneme_plugin.interventions.rmu": ("RMUConfig", "RMUResult", "rmu_losses", "rmu_unlearn"),
+    "mneme_plugin.interventions.hf_models": (
+        "INTERVENTION_CONFIG", "TRAINING_LOG", "InterventionResult", "load_causal_lm", "load_training_log",
+        "parameters_by_name", "save_intervention",
+    ),
+    "mneme_plugin.interventions.hf_rmu": ("HFRMUConfig", "rmu_activation_distances", "rmu_unlearn_hf"),
+    "mneme_plugin.interventions.sft": ("LoRASettings", "SFTConfig", "supervised_fine_tune"),
+})

@@ -18,7 +18,7 @@ import yaml
 
 from mneme_plugin.devices import resolve_device
 from mneme_plugin.errors import ConfigError
-from mneme_plugin.io import atomic_directory
+from mneme_plugin.files import atomic_directory
 
 INTERVENTION_CONFIG = "mneme_intervention.yaml"
 TRAINING_LOG = "training_log.jsonl"

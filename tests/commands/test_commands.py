@@ -8,9 +8,9 @@ import yaml
 from click.testing import CliRunner
 
 from mneme_plugin.cli import main
-from mneme_plugin.groundtruth.table import GROUND_TRUTH_CSV
+from mneme_plugin.groundtruth.table import SCORES_CSV
 from mneme_plugin.interventions.hf_models import INTERVENTION_CONFIG, load_training_log
-from mneme_plugin.sideeffects.evaluate import read_scores_csv
+from mneme_plugin.groundtruth.table import read_scores_csv
 from tests.helpers import synthetic_corpus, write_jsonl
 
 
@@ -68,5 +68,6 @@ def test_groundtruth_lm_eval_reads_results_json_files(tmp_path):
     result = CliRunner().invoke(main, ["groundtruth", "lm-eval", "--before-json", str(before), "--after-json",
                                        str(after), "--out", str(tmp_path / "gt")])
     assert result.exit_code == 0, result.output
-    table = read_scores_csv(tmp_path / "gt" / GROUND_TRUTH_CSV)
-    assert table.values.tolist() == [["anatomy", 0.6, 0.58, 200], ["virology", 0.7, 0.3, 200]]
+    table = read_scores_csv(tmp_path / "gt" / SCORES_CSV)
+    assert table[["category", "before", "after", "n"]].values.tolist() == [["anatomy", 0.6, 0.58, 200], ["virology", 0.7, 0.3, 200]]
+    assert (table["test"] == "z").all() and table.loc[1, "p_value"] < 1e-6 < table.loc[0, "p_value"]

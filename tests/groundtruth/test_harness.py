@@ -11,8 +11,8 @@ from mneme_plugin.errors import ConfigError
 from mneme_plugin.groundtruth.harness import (
     RESULTS_JSON, LMEvalConfig, lm_eval_ground_truth, lm_eval_table_from_files, table_from_results,
 )
-from mneme_plugin.groundtruth.table import GROUND_TRUTH_CSV, mcnemar_p, z_test_p
-from mneme_plugin.sideeffects.evaluate import read_scores_csv
+from mneme_plugin.groundtruth.table import SCORES_CSV, mcnemar_p, z_test_p
+from mneme_plugin.groundtruth.table import read_scores_csv
 from tests.helpers import save_finetuned_llama, save_tiny_llama, synthetic_corpus
 
 
@@ -65,7 +65,7 @@ def test_lm_eval_on_two_tiny_models_gives_the_table(tmp_path, tiny_tokenizer):
     assert (table["test"] == "mcnemar").all() and table["p_value"].between(0, 1).all()
     assert (table["drop"] == table["before"] - table["after"]).all()
     # The file mneme evaluate reads.
-    read = read_scores_csv(out / GROUND_TRUTH_CSV)
+    read = read_scores_csv(out / SCORES_CSV)
     assert list(read["category"]) == list(table["category"]) and list(read["n"]) == list(table["n"])
 
     # A rerun with the same config reuses both results; results JSON files also make the table.
@@ -84,7 +84,7 @@ def test_lm_eval_bad_input(tmp_path, tiny_tokenizer):
     cfg = LMEvalConfig(base="b", edited="e", tasks=["toy_animls"], include_path=[str(tasks)], include_defaults=False)
     with pytest.raises(ConfigError, match="does not know task.*toy_animals"):
         lm_eval_ground_truth(cfg, tmp_path / "gt")
-    assert not (tmp_path / "gt" / GROUND_TRUTH_CSV).exists()
+    assert not (tmp_path / "gt" / SCORES_CSV).exists()
     with pytest.raises(ConfigError, match="needs `tasks`"):
         lm_eval_ground_truth(LMEvalConfig(base="b", edited="e"), tmp_path / "gt")
     # Results produced elsewhere: only the group rows of an MMLU-Pro-like file lack sample counts.

@@ -12,9 +12,9 @@ from mneme_plugin.errors import ConfigError
 from mneme_plugin.groundtruth.judge import (
     ANSWERS_JSONL, JudgeConfig, harm_score, is_refusal, judge_ground_truth, weighted_score,
 )
-from mneme_plugin.groundtruth.table import GROUND_TRUTH_CSV
+from mneme_plugin.groundtruth.table import SCORES_CSV
 from mneme_plugin.interpret import ClientError
-from mneme_plugin.sideeffects.evaluate import read_scores_csv
+from mneme_plugin.groundtruth.table import read_scores_csv
 from tests.helpers import FakeLLM, save_tiny_causal_lm
 
 # Planted judge: first-token probabilities per (prompt kind, answer) and their weighted scores by hand.
@@ -110,7 +110,7 @@ def test_misalignment_rates_per_category_match_the_answers(answer_models, judge_
             assert table.loc[category, side] == pytest.approx(1 - misaligned)
             assert table.loc[category, f"misaligned_{side}"] == pytest.approx(misaligned)
             assert table.loc[category, f"mean_aligned_{side}"] == pytest.approx(sum(scored) / len(scored))
-    assert read_scores_csv(out / GROUND_TRUTH_CSV)["category"].tolist() == ["wish", "ruler"]
+    assert read_scores_csv(out / SCORES_CSV)["category"].tolist() == ["wish", "ruler"]
 
     n_requests = len(judge_server.requests)
     judge_ground_truth(cfg, out)  # resumes: answers and judgements all cached
@@ -149,12 +149,12 @@ def test_judge_bad_input(answer_models, judge_server, tmp_path):
     out = tmp_path / "judge"
     with pytest.raises(ClientError, match="failed after 2 attempts"):
         judge_ground_truth(judge_config(answer_models, judge_server, questions, samples_per_question=1), out)
-    assert not (out / GROUND_TRUTH_CSV).exists()
+    assert not (out / SCORES_CSV).exists()
     judge_server.script = []
     judge_server.reply = lambda body: {"message": {"role": "assistant", "content": "80"}}  # no logprobs
     with pytest.raises(ClientError, match="no top log-probabilities"):
         judge_ground_truth(judge_config(answer_models, judge_server, questions, samples_per_question=1), out)
-    assert not (out / GROUND_TRUTH_CSV).exists()
+    assert not (out / SCORES_CSV).exists()
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": "x"}) + "\n")
     with pytest.raises(ConfigError, match="lacks the field 'question'"):
