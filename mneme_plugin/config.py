@@ -98,6 +98,9 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise _Mismatch
+        args = typing.get_args(tp)
+        if len(args) == 2:  # values checked like fields (a mapping of nested configs is read recursively)
+            return {k: _coerce(v, args[1], f"{where}.{k}") for k, v in value.items()}
         return dict(value)
     if isinstance(tp, type) and issubclass(tp, ConfigMixin):
         if isinstance(value, tp):
@@ -178,8 +181,7 @@ class ConfigMixin:
         for field in dataclasses.fields(self):  # type: ignore[arg-type]
             if field.name in self.runtime_fields:
                 continue
-            value = getattr(self, field.name)
-            out[field.name] = value.result_dict() if isinstance(value, ConfigMixin) else _plain(value)
+            out[field.name] = _result(getattr(self, field.name))
         return out
 
     @classmethod
@@ -231,6 +233,15 @@ class ConfigMixin:
     @classmethod
     def from_yaml(cls: type[T], path: str | Path) -> T:
         return cls.from_dict(read_yaml_mapping(path))
+
+
+def _result(value: Any) -> Any:
+    """A value as ``result_dict`` sees it: nested configs (also inside mappings) without their runtime fields."""
+    if isinstance(value, ConfigMixin):
+        return value.result_dict()
+    if isinstance(value, dict):
+        return {k: _result(v) for k, v in value.items()}
+    return _plain(value)
 
 
 def _plain(value: Any) -> Any:

@@ -6,6 +6,8 @@ stage's folder are named and read only by the module that owns the stage (see AR
 | path | written by |
 |---|---|
 | ``config.yaml`` | ``mneme_plugin.pipeline.config`` (``save_run_config``) |
+| ``edited_model/`` | ``mneme_plugin.interventions.step`` (the edited model, HF folder) |
+| ``ground_truth/`` | ``mneme_plugin.groundtruth.sources`` (``<name>.csv`` tables, measurements in ``<name>/``) |
 | ``.stages/<stage>.json`` | ``mneme_plugin.pipeline.run`` (stage markers: config fingerprint, time) |
 | ``activations/`` | ``mneme_plugin.activations`` (store: manifest + shards) |
 | ``crosscoder_run/`` | ``mneme_plugin.crosscoder.training`` (checkpoints, final crosscoder, metrics) |
@@ -28,7 +30,7 @@ from pathlib import Path
 CONFIG_FILE = "config.yaml"
 STAGES_DIR = ".stages"
 REPORT_FILE = "report.html"
-STAGE_FOLDERS = ("activations", "crosscoder_run", "attribution", "contexts", "explanations", "mapping",
+STAGE_FOLDERS = ("edited_model", "ground_truth", "activations", "crosscoder_run", "attribution", "contexts", "explanations", "mapping",
                  "prediction", "evaluation")
 
 
@@ -40,6 +42,14 @@ class RunLayout:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "root", Path(self.root))
+
+    @property
+    def edited_model(self) -> Path:
+        return self.root / "edited_model"
+
+    @property
+    def ground_truth(self) -> Path:
+        return self.root / "ground_truth"
 
     @property
     def activations(self) -> Path:

@@ -17,15 +17,17 @@ from mneme_plugin.config import ConfigMixin, read_yaml_mapping, require
 from mneme_plugin.crosscoder.config import CrossCoderConfig, TrainingConfig
 from mneme_plugin.errors import ConfigError
 from mneme_plugin.files import atomic_write_text
-from mneme_plugin.groundtruth.table import GroundTruthConfig
+from mneme_plugin.groundtruth.sources import RunGroundTruthConfig
 from mneme_plugin.interpret.config import CollectConfig, ExplainConfig, MapConfig
+from mneme_plugin.interventions.step import EDITED_BY_RUN, InterventionConfig
 from mneme_plugin.layout import RunLayout
 from mneme_plugin.sideeffects.config import EvaluateConfig, PredictConfig
 
 
 @dataclass
 class ModelsConfig(ConfigMixin):
-    """The two models: HF names, local HF folders, or ``organism:PATH`` (a saved CPU organism model)."""
+    """The two models: HF names, local HF folders, or ``organism:PATH`` (a saved CPU organism model).
+    ``edited: intervention`` means the model the run's ``intervention`` stage writes (``edited_model/``)."""
 
     base: str = ""
     edited: str = ""
@@ -62,11 +64,29 @@ class RunConfig(ConfigMixin):
     explain: ExplainConfig = field(default_factory=ExplainConfig)
     map: MapConfig = field(default_factory=MapConfig)
     predict: PredictConfig = field(default_factory=PredictConfig)
-    ground_truth: GroundTruthConfig = field(default_factory=GroundTruthConfig)
+    ground_truth: RunGroundTruthConfig = field(default_factory=RunGroundTruthConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    intervention: InterventionConfig | None = None
 
     def __post_init__(self) -> None:
         require(bool(self.run_dir), "The run config needs run_dir: the directory for every stage's outputs.")
+        require(self.intervention is None or self.models.edited == EDITED_BY_RUN,
+                f"The run has an intervention section: set models.edited to {EDITED_BY_RUN!r} (its edited model).")
+        require(self.intervention is not None or self.models.edited != EDITED_BY_RUN,
+                f"models.edited is {EDITED_BY_RUN!r} but the run has no intervention section.")
+        missing = [t for t in self.taxonomies() if t not in self.map.taxonomies]
+        require(not missing, f"ground_truth.tables use taxonomies {missing} that map.taxonomies lacks: add them there "
+                "so latents are mapped to their categories.")
+
+    def model_spec(self, which: str) -> str:
+        """The spec of model ``which`` (base / edited) to load: ``edited: intervention`` is the run's edited_model/."""
+        spec = getattr(self.models, which)
+        return str(self.layout.edited_model) if which == "edited" and spec == EDITED_BY_RUN else spec
+
+    def taxonomies(self) -> list[str]:
+        """Every taxonomy the run predicts for: the map section's first, then those of the ground-truth tables."""
+        names = [self.map.taxonomies[0]] + [t.taxonomy for t in self.ground_truth.tables.values() if t.taxonomy]
+        return list(dict.fromkeys(names))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None, *, section: str | None = None) -> "RunConfig":

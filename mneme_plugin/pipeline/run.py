@@ -65,9 +65,20 @@ def _read_marker(path: Path) -> StageMarker | None:
         return None
 
 
+def _section_value(config: RunConfig, name: str, legacy: bool) -> Any:
+    """A section's fingerprinted value; ``models.base`` names one field of a section."""
+    from mneme_plugin.config import ConfigMixin
+
+    value: Any = config
+    for part in name.split("."):
+        value = getattr(value, part)
+    if isinstance(value, ConfigMixin):
+        return value.to_dict() if legacy else value.result_dict()
+    return value
+
+
 def _fingerprint(config: RunConfig, stage: Stage, upstream: str, *, legacy: bool = False) -> str:
-    payload = {name: (getattr(config, name).to_dict() if legacy else getattr(config, name).result_dict())
-               for name in stage.sections_of(config)}
+    payload = {name: _section_value(config, name, legacy) for name in stage.sections_of(config)}
     text = json.dumps({"stage": stage.name, "config": payload, "upstream": upstream}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -87,7 +98,13 @@ def plan(config: RunConfig, stages: list[Stage]) -> list[tuple[Stage, str, str]]
     """(stage, fingerprint, status) for every stage: status is run, skip (done), rerun or disabled."""
     layout = config.layout
     out, upstream, legacy_upstream = [], "", ""
+    done: dict[str, tuple[str, str]] = {}  # enabled stage -> (fingerprint, legacy fingerprint)
     for stage in stages:
+        if not stage.present(config):
+            continue
+        if stage.after is not None:  # the fingerprints of the stages it reads (enabled ones), not the one before
+            upstream = "+".join(done[name][0] for name in stage.after if name in done)
+            legacy_upstream = "+".join(done[name][1] for name in stage.after if name in done)
         fingerprint = _fingerprint(config, stage, upstream)
         legacy = _fingerprint(config, stage, legacy_upstream, legacy=True)
         if not stage.enabled(config):
@@ -95,6 +112,7 @@ def plan(config: RunConfig, stages: list[Stage]) -> list[tuple[Stage, str, str]]
             continue
         out.append((stage, fingerprint, _status(layout, stage, fingerprint, legacy)))
         upstream, legacy_upstream = fingerprint, legacy
+        done[stage.name] = (fingerprint, legacy)
     return out
 
 

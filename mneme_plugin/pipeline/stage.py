@@ -21,6 +21,10 @@ class Stage:
     outputs: Callable[[RunLayout], Path]
     run: Callable[["PipelineContext"], None]
     enabled: Callable[[RunConfig], bool] = lambda config: True
+    # Whether the run has the stage at all (stages of optional sections): absent ones are not planned or listed.
+    present: Callable[[RunConfig], bool] = lambda config: True
+    # The stages whose results this one reads; None: the stage before it (a chain, as most stages are).
+    after: tuple[str, ...] | None = None
 
     def sections_of(self, config: RunConfig) -> tuple[str, ...]:
         return self.sections(config) if callable(self.sections) else self.sections
@@ -40,7 +44,7 @@ class PipelineContext:
             from mneme_plugin.activations.models import load_model
 
             h = self.config.harvest
-            self.models[which] = load_model(getattr(self.config.models, which), device=h.device, dtype=h.model_dtype)
+            self.models[which] = load_model(self.config.model_spec(which), device=h.device, dtype=h.model_dtype)
         return self.models[which]
 
     def corpus(self) -> Any:

@@ -14,6 +14,20 @@ from mneme_plugin.pipeline.stage import PipelineContext, Stage
 logger = logging.getLogger("mneme_plugin")
 
 
+def _intervention(ctx: PipelineContext) -> None:
+    from mneme_plugin.interventions.step import run_intervention
+
+    assert ctx.config.intervention is not None
+    run_intervention(ctx.config.intervention, ctx.config.models.base, ctx.layout.edited_model)
+
+
+def _ground_truth(ctx: PipelineContext) -> None:
+    from mneme_plugin.groundtruth.sources import measure_tables
+
+    measure_tables(ctx.config.ground_truth, ctx.config.model_spec("base"), ctx.config.model_spec("edited"),
+                   ctx.layout.ground_truth)
+
+
 def _harvest(ctx: PipelineContext) -> None:
     from mneme_plugin.activations import harvest
 
@@ -82,15 +96,26 @@ def _map(ctx: PipelineContext) -> None:
 def _predict(ctx: PipelineContext) -> None:
     from mneme_plugin.sideeffects import predict_run
 
-    predict_run(ctx.layout.root, ctx.config.predict, ctx.config.map.taxonomies[0])
+    taxonomies = ctx.config.taxonomies()
+    if len(taxonomies) == 1:  # one taxonomy: prediction/ itself, as always
+        predict_run(ctx.layout.root, ctx.config.predict, taxonomies[0])
+        return
+    for taxonomy in taxonomies:
+        predict_run(ctx.layout.root, ctx.config.predict, taxonomy, out_dir=ctx.layout.prediction / taxonomy)
 
 
 def _evaluate(ctx: PipelineContext) -> None:
-    from mneme_plugin.sideeffects import evaluate_run
+    from mneme_plugin.sideeffects import evaluate_run, evaluate_tables
 
-    evaluation = evaluate_run(ctx.layout.root, ctx.config.evaluate, ctx.config.ground_truth, ctx.config.map,
-                              intervention=ctx.config.models.intervention)
-    logger.info("\n%s", evaluation.markdown())
+    if not ctx.config.ground_truth.tables:
+        evaluation = evaluate_run(ctx.layout.root, ctx.config.evaluate, ctx.config.ground_truth, ctx.config.map,
+                                  intervention=ctx.config.models.intervention)
+        logger.info("\n%s", evaluation.markdown())
+        return
+    for name, evaluation in evaluate_tables(ctx.layout.root, ctx.config.evaluate, ctx.config.ground_truth,
+                                            ctx.config.map, ctx.config.taxonomies(),
+                                            intervention=ctx.config.models.intervention).items():
+        logger.info("\n[%s]\n%s", name, evaluation.markdown())
 
 
 def _report(ctx: PipelineContext) -> None:
@@ -100,17 +125,24 @@ def _report(ctx: PipelineContext) -> None:
 
 
 # With `training.stream` the harvest writes no store: training and attribution harvest on the fly.
+# The intervention and the measured ground truth (optional sections) come first: edit, ground truth,
+# MNEME, evaluation, report. Each stage's fingerprint chains to the ones it reads (`after`), so a
+# changed ground truth does not redo the crosscoder and a changed crosscoder does not redo lm-eval.
 STAGES: list[Stage] = [
+    Stage("intervention", ("models.base", "intervention"), lambda l: l.edited_model, _intervention,
+          present=lambda c: c.intervention is not None, after=()),
+    Stage("ground_truth", ("models.base", "models.edited", "ground_truth"), lambda l: l.ground_truth, _ground_truth,
+          present=lambda c: c.ground_truth.measured or bool(c.ground_truth.tables), after=("intervention",)),
     Stage("harvest", ("models", "corpus", "harvest"), lambda l: l.activations, _harvest,
-          enabled=lambda c: not c.training.stream),
-    Stage("train", _train_sections, lambda l: l.crosscoder_run, _train),
+          enabled=lambda c: not c.training.stream, after=("intervention",)),
+    Stage("train", _train_sections, lambda l: l.crosscoder_run, _train, after=("harvest", "intervention")),
     Stage("attribute", ("attribution",), lambda l: l.attribution, _attribute),
     Stage("collect", ("collect", "harvest", "corpus"), lambda l: l.contexts, _collect),
     Stage("explain", ("explain",), lambda l: l.explanations, _explain),
     Stage("map", ("map",), lambda l: l.mapping, _map),
     Stage("predict", ("predict", "map"), lambda l: l.prediction, _predict),
     Stage("evaluate", ("evaluate", "ground_truth", "models"), lambda l: l.evaluation, _evaluate,
-          enabled=lambda c: c.ground_truth.available),
+          enabled=lambda c: c.ground_truth.available, after=("predict", "ground_truth")),
     Stage("report", (), lambda l: l.report, _report),
 ]
 
@@ -124,7 +156,7 @@ def config_problems(config: RunConfig, models: dict[str, Any] | None = None) -> 
 
     problems = []
     for which in ("base", "edited"):
-        if models is None or which not in models:
+        if (models is None or which not in models) and not (which == "edited" and config.intervention is not None):
             problems += check_model_spec(getattr(config.models, which), f"models.{which}")
     source = config.corpus.source
     if not source.startswith("hf:") and not Path(source).is_file():
@@ -132,12 +164,25 @@ def config_problems(config: RunConfig, models: dict[str, Any] | None = None) -> 
     for path in config.ground_truth.files():
         if not Path(path).is_file():
             problems.append(f"ground_truth: {path} does not exist.")
+    for name, table in config.ground_truth.tables.items():
+        for key, spec in _measured_inputs(table):
+            if not spec.startswith("hf:") and not Path(spec).exists():
+                problems.append(f"ground_truth.tables.{name}.{key}: {spec} does not exist.")
     for name in config.map.taxonomies:
         try:
             load_taxonomy(name)
         except ConfigError as err:
             problems.append(f"map.taxonomies: {err}")
     return problems
+
+
+def _measured_inputs(table: Any) -> list[tuple[str, str]]:
+    """The local inputs a measured table reads: the judge's questions, lm-eval's task folders."""
+    if table.judge is not None:
+        return [("judge.questions", table.judge.questions)] if table.judge.questions else []
+    if table.lm_eval is not None:
+        return [("lm_eval.include_path", p) for p in table.lm_eval.include_path]
+    return []
 
 
 def validate_for_run(config: RunConfig, stages: list[Stage], models: dict[str, Any] | None = None) -> None:

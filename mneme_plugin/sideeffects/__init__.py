@@ -9,6 +9,7 @@ __getattr__, __dir__, __all__ = lazy_exports(__name__, {
         "degraded_categories",
         "evaluate",
         "load_evaluation",
+        "load_evaluations",
         "save_evaluation",
     ),
     "mneme_plugin.sideeffects.metrics": ("SetMetrics", "oracle_baseline", "random_baseline", "set_metrics"),
@@ -20,5 +21,7 @@ __getattr__, __dir__, __all__ = lazy_exports(__name__, {
         "save_remediation",
         "select_samples",
     ),
-    "mneme_plugin.sideeffects.steps": ("evaluate_run", "naive_prediction", "predict_run"),
+    "mneme_plugin.sideeffects.steps": (
+        "evaluate_run", "evaluate_tables", "naive_prediction", "predict_run", "prediction_folder",
+    ),
 })

@@ -57,6 +57,8 @@ class Evaluation:
     truth: pd.DataFrame
     rows: dict[str, SetMetrics]
     predicted: dict[str, list[str]] = field(default_factory=dict)
+    taxonomy: str | None = None  # the taxonomy the prediction was made in (runs with several ground truths)
+    outside: list[dict[str, Any]] = field(default_factory=list)  # ground-truth rows outside that taxonomy
 
     @property
     def true_set(self) -> list[str]:
@@ -79,6 +81,8 @@ class Evaluation:
             "predicted": self.predicted,
             "metrics": {name: m.to_dict() for name, m in self.rows.items()},
             "truth": self.truth.to_dict(orient="records"),
+            **({"taxonomy": self.taxonomy} if self.taxonomy else {}),
+            **({"outside": self.outside} if self.outside else {}),
         }
 
 
@@ -129,4 +133,15 @@ def load_evaluation(out_dir: str | os.PathLike[str]) -> Evaluation:
         raise CheckpointError(f"{path} does not exist: run the evaluate stage (`mneme evaluate`) first.")
     data = json.loads(path.read_text())
     rows = {name: SetMetrics(**values) for name, values in data["metrics"].items()}
-    return Evaluation(truth=pd.DataFrame(data["truth"]), rows=rows, predicted=data["predicted"])
+    return Evaluation(truth=pd.DataFrame(data["truth"]), rows=rows, predicted=data["predicted"],
+                      taxonomy=data.get("taxonomy"), outside=data.get("outside", []))
+
+
+def load_evaluations(out_dir: str | os.PathLike[str]) -> dict[str, Evaluation]:
+    """Every evaluation of a run's ``evaluation/`` folder: ``{"": ...}`` for a run with one ground truth,
+    ``{table: ...}`` for one evaluated per named table (``evaluation/<table>/``)."""
+    folder = Path(out_dir)
+    if (folder / EVALUATION_JSON).is_file():
+        return {"": load_evaluation(folder)}
+    return {p.name: load_evaluation(p) for p in sorted(folder.iterdir()) if (p / EVALUATION_JSON).is_file()} \
+        if folder.is_dir() else {}

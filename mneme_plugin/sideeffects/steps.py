@@ -18,8 +18,10 @@ from mneme_plugin.sideeffects.evaluate import Evaluation, evaluate, save_evaluat
 from mneme_plugin.sideeffects.predict import Prediction, load_prediction, predict, save_prediction
 
 
-def predict_run(run_dir: str | os.PathLike[str], config: PredictConfig, taxonomy: str) -> Prediction:
-    """Predict the affected categories of ``taxonomy`` from the run's attribution and mapping; save them."""
+def predict_run(run_dir: str | os.PathLike[str], config: PredictConfig, taxonomy: str,
+                out_dir: str | os.PathLike[str] | None = None) -> Prediction:
+    """Predict the affected categories of ``taxonomy`` from the run's attribution and mapping; save
+    them to ``out_dir`` (default the run's ``prediction/``)."""
     from mneme_plugin.attribution import load_attribution
     from mneme_plugin.interpret.mapping import category_links, latent_descriptions, load_mapping
     from mneme_plugin.interpret.taxonomy import load_taxonomy
@@ -29,19 +31,19 @@ def predict_run(run_dir: str | os.PathLike[str], config: PredictConfig, taxonomy
     mapping = load_mapping(layout.mapping)
     prediction = predict(load_attribution(layout.attribution).table, category_links(mapping, tax.name), tax.ids(),
                          config, latent_descriptions(mapping))
-    save_prediction(prediction, layout.prediction)
+    save_prediction(prediction, out_dir if out_dir is not None else layout.prediction)
     return prediction
 
 
-def naive_prediction(intervention: str, map_config: MapConfig, n: int) -> list[str]:
+def naive_prediction(intervention: str, map_config: MapConfig, n: int, taxonomy: str | None = None) -> list[str]:
     """The naive baseline: the ``n`` categories the run's mapper puts closest to a plain-text
-    description of the intervention (the first taxonomy of ``map_config``)."""
+    description of the intervention (in ``taxonomy``, default the first of ``map_config``)."""
     import numpy as np
 
     from mneme_plugin.interpret.mapping import EmbeddingMapper, LexicalMapper
     from mneme_plugin.interpret.taxonomy import load_taxonomy
 
-    taxonomy = load_taxonomy(map_config.taxonomies[0])
+    taxonomy = load_taxonomy(taxonomy or map_config.taxonomies[0])
     if map_config.method == "embedding":
         mapper: LexicalMapper | EmbeddingMapper = EmbeddingMapper(taxonomy, str(map_config.embedding_model))
     else:
@@ -65,3 +67,40 @@ def evaluate_run(run_dir: str | os.PathLike[str], config: EvaluateConfig, ground
                           naive_predicted=naive, config=config)
     save_evaluation(evaluation, layout.evaluation)
     return evaluation
+
+
+def prediction_folder(run_dir: str | os.PathLike[str], taxonomy: str, taxonomies: list[str]) -> Path:
+    """Where the predict stage saved ``taxonomy``'s prediction: ``prediction/`` when the run has one
+    taxonomy, ``prediction/<taxonomy>/`` when it has several."""
+    layout = RunLayout(Path(run_dir))
+    return layout.prediction if len(taxonomies) == 1 else layout.prediction / taxonomy
+
+
+def evaluate_tables(run_dir: str | os.PathLike[str], config: EvaluateConfig, ground_truth: GroundTruthConfig,
+                    map_config: MapConfig, taxonomies: list[str], intervention: str = "") -> dict[str, Evaluation]:
+    """One evaluation per ground-truth table of the run (``ground_truth.tables``), each against the
+    prediction for the table's taxonomy; saved to ``evaluation/<table>/``. Table rows outside the
+    taxonomy (e.g. WMDP beside the MMLU subjects) are kept in the evaluation as ``outside``, not scored."""
+    from mneme_plugin.errors import ConfigError
+    from mneme_plugin.groundtruth.sources import load_tables
+    from mneme_plugin.interpret.taxonomy import load_taxonomy
+
+    layout = RunLayout(Path(run_dir))
+    out = {}
+    for name, (taxonomy, truth) in load_tables(ground_truth, layout.ground_truth, taxonomies[0]).items():
+        prediction = load_prediction(prediction_folder(run_dir, taxonomy, taxonomies))
+        ids = set(load_taxonomy(taxonomy).ids())
+        inside = truth["category"].isin(ids)
+        if not inside.any():
+            raise ConfigError(f"Ground-truth table {name!r} shares no category with taxonomy {taxonomy!r} "
+                              f"(it has {truth['category'].head(5).tolist()}...); rename them with the table's "
+                              "`categories` mapping or pick its taxonomy.")
+        naive = (naive_prediction(intervention, map_config, max(1, len(prediction.predicted)), taxonomy)
+                 if intervention else None)
+        evaluation = evaluate(prediction.predicted, truth[inside].reset_index(drop=True),
+                              prediction.scores["category"].tolist(), naive_predicted=naive, config=config)
+        evaluation.taxonomy = taxonomy
+        evaluation.outside = truth[~inside].to_dict(orient="records")
+        save_evaluation(evaluation, layout.evaluation / name)
+        out[name] = evaluation
+    return out

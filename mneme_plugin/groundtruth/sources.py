@@ -1,0 +1,156 @@
+"""The ``ground_truth`` section of ``mneme run`` and its stage: named ground-truth tables, each read
+from files or measured by running lm-eval or the LLM judge on the run's base and edited models.
+
+A run evaluates MNEME once per table, against the taxonomy the table's categories belong to (the
+EM case: an MMLU-Pro table and an EM-judge table at once). The stage writes every table, in the
+one table format (``groundtruth.table``), to ``ground_truth/<name>.csv`` of the run directory, with
+each measurement's own files (results JSON, answers, judgements) in ``ground_truth/<name>/`` so an
+interrupted measurement resumes. ``scores_csv`` / ``lm_eval_before`` / ``lm_eval_after`` at the top
+level remain the single table of earlier configs (read by ``evaluate`` directly, no stage).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from mneme_plugin.config import ConfigMixin, require
+from mneme_plugin.errors import ConfigError
+from mneme_plugin.groundtruth.harness import LMEvalConfig
+from mneme_plugin.groundtruth.judge import JudgeConfig
+from mneme_plugin.groundtruth.table import GroundTruthConfig, load_ground_truth, read_scores_csv, save_scores
+
+
+def _with_preset(value: Any) -> Any:
+    """A nested mapping with a ``preset`` key: the shipped preset's keys, overridden by the others."""
+    if isinstance(value, dict) and "preset" in value:
+        from mneme_plugin.presets import merged_config
+
+        rest = dict(value)
+        return merged_config(rest.pop("preset"), rest)
+    return value
+
+
+@dataclass
+class GroundTruthTable(ConfigMixin):
+    """One ground-truth table: exactly one source (``scores_csv``, the lm-eval JSON pair, ``lm_eval``
+    or ``judge``) and the ``taxonomy`` its categories belong to (default: the run's first).
+
+    ``lm_eval`` / ``judge`` take the keys of ``mneme groundtruth lm-eval`` / ``judge`` configs (and
+    ``preset: NAME``); their ``base`` / ``edited`` default to the run's models. ``categories``
+    renames table categories to taxonomy ids (e.g. HEx-PHI's ``category_1`` to ``illegal_activity``).
+    """
+
+    taxonomy: str | None = None
+    scores_csv: str | None = None
+    lm_eval_before: str | None = None
+    lm_eval_after: str | None = None
+    lm_eval: LMEvalConfig | None = None
+    judge: JudgeConfig | None = None
+    categories: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None, *, section: str | None = None) -> "GroundTruthTable":
+        if isinstance(data, dict):
+            data = {k: (_with_preset(v) if k in ("lm_eval", "judge") else v) for k, v in data.items()}
+        return super().from_dict(data, section=section)
+
+    def __post_init__(self) -> None:
+        require((self.lm_eval_before is None) == (self.lm_eval_after is None),
+                "lm_eval_before and lm_eval_after go together.")
+        sources = [self.scores_csv is not None, self.lm_eval_before is not None, self.lm_eval is not None,
+                   self.judge is not None]
+        require(sum(sources) == 1, "A ground-truth table needs exactly one source: scores_csv, "
+                "lm_eval_before + lm_eval_after, lm_eval or judge.")
+
+    @property
+    def measured(self) -> bool:
+        """Whether the run measures it (lm-eval or judge) rather than reading files."""
+        return self.lm_eval is not None or self.judge is not None
+
+    def files(self) -> list[str]:
+        return [p for p in (self.scores_csv, self.lm_eval_before, self.lm_eval_after) if p]
+
+
+@dataclass
+class RunGroundTruthConfig(GroundTruthConfig):
+    """``GroundTruthConfig`` (one table read from files) plus ``tables``: named tables, measured or read."""
+
+    tables: dict[str, GroundTruthTable] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(not (self.tables and super().available),
+                "Give ground_truth.tables or the single scores_csv / lm-eval pair, not both.")
+        for name in self.tables:
+            require(bool(name) and "/" not in name and not name.startswith("."),
+                    f"ground_truth.tables: {name!r} is not usable as a file name.")
+
+    @property
+    def available(self) -> bool:
+        return bool(self.tables) or super().available
+
+    @property
+    def measured(self) -> bool:
+        return any(t.measured for t in self.tables.values())
+
+    def files(self) -> list[str]:
+        return super().files() + [p for t in self.tables.values() for p in t.files()]
+
+    def result_dict(self) -> dict[str, Any]:
+        out = super().result_dict()
+        if not self.tables:  # runs made before named tables existed keep their evaluate fingerprint
+            out.pop("tables")
+        return out
+
+
+def table_path(folder: str | os.PathLike[str], name: str) -> Path:
+    """Where the stage writes table ``name`` (``ground_truth/<name>.csv``)."""
+    return Path(folder) / f"{name}.csv"
+
+
+def measure_tables(config: RunGroundTruthConfig, base: str, edited: str, out_dir: str | os.PathLike[str]) -> list[Path]:
+    """Build every table of ``config.tables`` into ``out_dir`` (``<name>.csv``; measurements in
+    ``<name>/``, resumed from what is there). ``base`` / ``edited``: the run's models."""
+    from mneme_plugin.groundtruth.harness import lm_eval_ground_truth
+    from mneme_plugin.groundtruth.judge import judge_ground_truth
+    from mneme_plugin.groundtruth.table import scores_from_lm_eval
+
+    out = Path(out_dir)
+    written = []
+    for name, table in config.tables.items():
+        work = out / name
+        if table.lm_eval is not None:
+            cfg = table.lm_eval.replace(base=table.lm_eval.base or base, edited=table.lm_eval.edited or edited)
+            scores = lm_eval_ground_truth(cfg, work)
+        elif table.judge is not None:
+            cfg = table.judge.replace(base=table.judge.base or base, edited=table.judge.edited or edited)
+            scores = judge_ground_truth(cfg, work)
+        elif table.scores_csv:
+            scores = read_scores_csv(table.scores_csv)
+        else:
+            scores = scores_from_lm_eval(str(table.lm_eval_before), str(table.lm_eval_after))
+        if table.categories:
+            scores = scores.assign(category=scores["category"].map(lambda c: table.categories.get(c, c)))
+        written.append(save_scores(scores, table_path(out, name)))
+    return written
+
+
+def load_tables(config: GroundTruthConfig, folder: str | os.PathLike[str],
+                default_taxonomy: str) -> dict[str, tuple[str, pd.DataFrame]]:
+    """name -> (taxonomy, table) for every ground truth of a run: the named tables as the stage wrote
+    them into ``folder``; the single table of earlier configs as ``ground_truth`` with the default taxonomy."""
+    tables = getattr(config, "tables", None) or {}
+    if not tables:
+        return {"ground_truth": (default_taxonomy, load_ground_truth(config))}
+    out = {}
+    for name, table in tables.items():
+        path = table_path(folder, name)
+        if not path.is_file():
+            raise ConfigError(f"{path} does not exist: run the ground_truth stage first (`mneme run --only ground_truth`).")
+        out[name] = (table.taxonomy or default_taxonomy, read_scores_csv(path))
+    return out
