@@ -596,10 +596,10 @@ def report(run_dir, out) -> None:
 @click.option("--only", multiple=True, help="Run only these stages (repeatable).")
 @_clear_errors
 def run(config, dry_run, only) -> None:
-    """Run the whole pipeline from one YAML file: harvest, train, attribute, collect, explain, map,
-    predict, evaluate, report. Finished stages with the same config are skipped; interrupted ones resume."""
+    """Run the whole pipeline from one YAML file: [intervention, ground_truth,] harvest, train, attribute,
+    collect, explain, map, predict, evaluate, report. Finished stages with the same config are skipped; interrupted ones resume."""
     from mneme_plugin.pipeline import RunConfig, check_config, format_plan, run_pipeline
-    from mneme_plugin.sideeffects import load_evaluation
+    from mneme_plugin.sideeffects import load_evaluations
 
     cfg = RunConfig.from_yaml(config)
     if dry_run:
@@ -613,7 +613,8 @@ def run(config, dry_run, only) -> None:
     if layout.report.is_file():
         click.echo(f"Report: {layout.report}")
     if layout.evaluation.is_dir():
-        click.echo(load_evaluation(layout.evaluation).markdown())
+        for name, evaluation in load_evaluations(layout.evaluation).items():
+            click.echo((f"{name} (taxonomy {evaluation.taxonomy}):\n" if name else "") + evaluation.markdown())
 
 
 from mneme_plugin.commands.groundtruth import groundtruth  # noqa: E402

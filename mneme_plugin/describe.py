@@ -56,7 +56,7 @@ def _pipeline_summary(path: Path) -> list[str]:
     from mneme_plugin.errors import MnemeError
     from mneme_plugin.layout import RunLayout
     from mneme_plugin.pipeline import read_stage_markers
-    from mneme_plugin.sideeffects import load_evaluation
+    from mneme_plugin.sideeffects import load_evaluations
 
     layout = RunLayout(path)
     lines = [f"MNEME run {path}"]
@@ -64,10 +64,13 @@ def _pipeline_summary(path: Path) -> list[str]:
         lines.append(f"  stage {marker.stage:<10} done in {marker.seconds:.1f} s (config {marker.fingerprint})")
     if layout.evaluation.is_dir():
         try:
-            evaluation = load_evaluation(layout.evaluation)
+            evaluations = load_evaluations(layout.evaluation)
         except MnemeError as err:
             lines.append(f"  evaluation: unreadable ({err})")
-        else:
+            evaluations = {}
+        for name, evaluation in evaluations.items():
+            if name:
+                lines.append(f"  ground truth {name} (taxonomy {evaluation.taxonomy}):")
             lines.append(f"  degraded: {', '.join(evaluation.true_set) or '(none)'}; "
                          f"predicted: {', '.join(evaluation.predicted.get('MNEME', [])) or '(none)'}")
             for method, m in evaluation.rows.items():

@@ -47,6 +47,10 @@ class CorpusConfig(ConfigMixin):
         require(bool(self.source), "corpus.source is required (a local file or hf:NAME[@CONFIG][:SPLIT]).")
 
 
+# Sections whose stage runs only when the section is given (null or absent: no such stage).
+OPTIONAL_SECTIONS = ("intervention",)
+
+
 @dataclass
 class RunConfig(ConfigMixin):
     """A whole MNEME run: ``run_dir`` holds every stage's outputs (``mneme_plugin.layout``); each
@@ -106,9 +110,9 @@ class RunConfig(ConfigMixin):
         missing = [name for name in ("models", "corpus", "harvest") if name not in data]
         if missing:
             raise ConfigError(f"The run config lacks section(s) {', '.join(missing)}.")
-        # An empty section (`training:` with nothing under it) means the defaults.
-        return super().from_dict({k: ({} if v is None and k != "run_dir" else v) for k, v in data.items()},
-                                 section=section)
+        # An empty section (`training:` with nothing under it) means the defaults; an optional one, none.
+        return super().from_dict({k: ({} if v is None and k not in ("run_dir", *OPTIONAL_SECTIONS) else v)
+                                  for k, v in data.items()}, section=section)
 
     @property
     def layout(self) -> RunLayout:

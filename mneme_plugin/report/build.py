@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 from mneme_plugin.errors import CheckpointError, MnemeError
 from mneme_plugin.layout import RunLayout
-from mneme_plugin.report.html import Context, ReportData, write_report
+from mneme_plugin.report.html import Context, ReportData, TableView, write_report
 
 logger = logging.getLogger("mneme_plugin")
 
@@ -59,7 +59,9 @@ def gather(run_dir: str | os.PathLike[str]) -> ReportData:
     from mneme_plugin.interpret.explain import load_explanations
     from mneme_plugin.interpret.mapping import latent_descriptions, load_mapping
     from mneme_plugin.pipeline.config import load_run_config
-    from mneme_plugin.sideeffects import load_evaluation, load_prediction
+    import pandas as pd
+
+    from mneme_plugin.sideeffects import load_evaluations, load_prediction, prediction_folder
 
     layout = RunLayout(Path(run_dir))
     if not layout.root.is_dir() or not layout.looks_like_run():
@@ -96,13 +98,23 @@ def gather(run_dir: str | os.PathLike[str]) -> ReportData:
             data.contexts = _contexts(layout, shown)
         except Exception as err:  # the report must not fail because contexts cannot be decoded
             logger.warning("Contexts left out of the report: %s", err)
-    prediction = _optional("prediction", layout.prediction, lambda: load_prediction(layout.prediction))
+    prediction = (_optional("prediction", layout.prediction, lambda: load_prediction(layout.prediction))
+                  if (layout.prediction / "predictions.json").is_file() else None)
     if prediction is not None:
         data.category_scores = prediction.scores
-    evaluation = _optional("evaluation", layout.evaluation, lambda: load_evaluation(layout.evaluation))
-    if evaluation is not None:
-        data.truth = evaluation.truth
-        data.metrics_table = evaluation.table()
+    evaluations = _optional("evaluation", layout.evaluation, lambda: load_evaluations(layout.evaluation)) or {}
+    if set(evaluations) == {""}:
+        data.truth = evaluations[""].truth
+        data.metrics_table = evaluations[""].table()
+    for name, evaluation in evaluations.items():
+        if not name:
+            continue
+        taxonomy = evaluation.taxonomy or "?"
+        taxonomies = config.taxonomies() if config is not None else [taxonomy]
+        folder = prediction_folder(layout.root, taxonomy, taxonomies)
+        scores = _optional(f"prediction for {taxonomy}", folder, lambda f=folder: load_prediction(f).scores)
+        data.tables.append(TableView(name, taxonomy, scores, evaluation.truth, evaluation.table(),
+                                     pd.DataFrame(evaluation.outside) if evaluation.outside else None))
     if config is not None:
         data.config = config.to_dict()
     return data

@@ -55,6 +55,19 @@ class ReportData:
     metrics_table: pd.DataFrame | None = None  # method, accuracy, precision, recall, f1, ...
     config: dict[str, Any] | None = None
     latents_per_class: int = 5
+    tables: list["TableView"] = field(default_factory=list)  # runs with several ground truths: one view each
+
+
+@dataclass
+class TableView:
+    """One ground truth of a run: its prediction (in its taxonomy), measured drops and metrics."""
+
+    name: str
+    taxonomy: str
+    category_scores: pd.DataFrame | None
+    truth: pd.DataFrame | None
+    metrics_table: pd.DataFrame | None
+    outside: pd.DataFrame | None = None
 
 
 def _table(frame: pd.DataFrame, floats: str = "{:.3f}") -> str:
@@ -88,6 +101,38 @@ def _highlight(context: Context) -> str:
 
 def _section(anchor: str, title: str, body: str) -> str:
     return f'<section id="{anchor}"><h2>{html.escape(title)}</h2>\n{body}\n</section>'
+
+
+def _evaluation_sections(scores: pd.DataFrame | None, truth: pd.DataFrame | None, metrics: pd.DataFrame | None,
+                         suffix: str, anchor: str, outside: pd.DataFrame | None) -> list[str]:
+    """Predicted vs. measured per category, and the metrics table, for one ground truth."""
+    parts = []
+    if scores is not None and len(scores):
+        merged = scores.copy()
+        if truth is not None:
+            kept = [c for c in ("category", "before", "after", "drop", "degraded") if c in truth]
+            merged = merged.merge(truth[kept], on="category", how="left")
+        merged = merged.sort_values("score", ascending=False, kind="stable")
+        top = max(float(merged["score"].max()), 1e-12)
+        series = {"predicted score (scaled to 1)": (merged["score"] / top).tolist()}
+        if "drop" in merged:
+            drop = merged["drop"].fillna(0.0)
+            series["observed drop (scaled to 1)"] = (drop / max(float(drop.abs().max()), 1e-12)).tolist()
+        chart = svg.bars(merged["category"].astype(str).tolist(), series, "Predicted vs. observed per category", "")
+        columns = [c for c in ("category", "score", "predicted", "before", "after", "drop", "degraded") if c in merged]
+        parts.append(_section("categories" + anchor, "Predicted and observed side effects" + suffix, chart + _table(merged[columns])))
+    else:
+        parts.append(_section("categories" + anchor, "Predicted and observed side effects" + suffix, _not_run("predict")))
+
+    if metrics is not None and len(metrics):
+        parts.append(_section("metrics" + anchor, "Metrics (paper Table 1)" + suffix, _table(metrics)
+                              + '<p class="muted">Acc is Eq. 4: |true ∩ predicted| / |true|.</p>'
+                              + (f'<p class="muted">Not scored (outside the taxonomy):</p>{_table(outside)}'
+                                 if outside is not None and len(outside) else "")))
+    else:
+        parts.append(_section("metrics" + anchor, "Metrics (paper Table 1)" + suffix, _not_run("evaluate")))
+
+    return parts
 
 
 def render_report(data: ReportData) -> str:
@@ -138,28 +183,13 @@ def render_report(data: ReportData) -> str:
                               ("scaling", "Latent scaling"), ("latents", "Top latents per class")):
             parts.append(_section(anchor, title, _not_run("attribute")))
 
-    scores = data.category_scores
-    if scores is not None and len(scores):
-        merged = scores.copy()
-        if data.truth is not None:
-            merged = merged.merge(data.truth[["category", "drop", "degraded"]], on="category", how="left")
-        merged = merged.sort_values("score", ascending=False, kind="stable")
-        top = max(float(merged["score"].max()), 1e-12)
-        series = {"predicted score (scaled to 1)": (merged["score"] / top).tolist()}
-        if "drop" in merged:
-            drop = merged["drop"].fillna(0.0)
-            series["observed drop (scaled to 1)"] = (drop / max(float(drop.abs().max()), 1e-12)).tolist()
-        chart = svg.bars(merged["category"].astype(str).tolist(), series, "Predicted vs. observed per category", "")
-        columns = [c for c in ("category", "score", "predicted", "drop", "degraded") if c in merged]
-        parts.append(_section("categories", "Predicted and observed side effects", chart + _table(merged[columns])))
+    if data.tables:
+        for view in data.tables:
+            suffix = f" — {view.name} (taxonomy {view.taxonomy})"
+            parts += _evaluation_sections(view.category_scores, view.truth, view.metrics_table, suffix,
+                                          f"-{view.name}", view.outside)
     else:
-        parts.append(_section("categories", "Predicted and observed side effects", _not_run("predict")))
-
-    if data.metrics_table is not None and len(data.metrics_table):
-        parts.append(_section("metrics", "Metrics (paper Table 1)", _table(data.metrics_table)
-                              + '<p class="muted">Acc is Eq. 4: |true ∩ predicted| / |true|.</p>'))
-    else:
-        parts.append(_section("metrics", "Metrics (paper Table 1)", _not_run("evaluate")))
+        parts += _evaluation_sections(data.category_scores, data.truth, data.metrics_table, "", "", None)
 
     config_text = json.dumps(data.config, indent=2, default=str) if data.config else ""
     parts.append(_section("config", "Run configuration", f"<pre>{html.escape(config_text)}</pre>" if config_text else _not_run("run")))
