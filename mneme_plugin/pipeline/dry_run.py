@@ -11,7 +11,7 @@ from typing import Any
 from mneme_plugin.activations.models import ModelSpec, check_model_spec
 from mneme_plugin.pipeline.config import RunConfig
 from mneme_plugin.pipeline.run import plan
-from mneme_plugin.pipeline.stages import STAGES, config_problems
+from mneme_plugin.pipeline.stages import STAGES, config_problems, missing_inputs
 
 BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "float64": 8}
 
@@ -22,7 +22,23 @@ KNOWN_ARCHITECTURES: dict[str, tuple[int, int]] = {
     "llama-3-8b": (32, 4096), "llama-3.1-8b": (32, 4096), "llama-3.2-1b": (16, 2048), "llama-3.2-3b": (28, 3072),
     "gemma-2-2b": (26, 2304), "gemma-2-9b": (42, 3584),
     "qwen2.5-0.5b": (24, 896), "qwen2.5-1.5b": (28, 1536), "qwen2.5-3b": (36, 2048), "qwen2.5-7b": (28, 3584),
+    "qwen2.5-coder-7b": (28, 3584), "qwen2.5-coder-32b": (64, 5120), "llama-2-7b": (32, 4096),
+    "llama-2-13b": (40, 5120),
 }
+
+# Hub models and data sets that need an access request (or a manual download) before a run can use them.
+GATED: dict[str, str] = {
+    "meta-llama/": "request access on the model's Hugging Face page and `huggingface-cli login`",
+    "cais/wmdp-bio-forget-corpus": "request access at https://huggingface.co/datasets/cais/wmdp-bio-forget-corpus",
+    "lmsys/lmsys-chat-1m": "accept the licence at https://huggingface.co/datasets/lmsys/lmsys-chat-1m",
+    "LLM-Tuning-Safety/HEx-PHI": "request access at https://huggingface.co/datasets/LLM-Tuning-Safety/HEx-PHI",
+}
+
+# Rough throughput of one H100-class GPU in bf16 (sustained FLOP/s) and questions per lm-eval group,
+# for the dry run's time estimates (orders of magnitude, not promises).
+GPU_FLOPS = 3e14
+LM_EVAL_QUESTIONS = {"mmlu": 14_042, "mmlu_pro": 12_032, "wmdp": 3_668, "wmdp_bio": 1_273, "wmdp_chem": 408,
+                     "wmdp_cyber": 1_987}
 
 
 @dataclass
@@ -31,6 +47,9 @@ class ConfigCheck:
     problems: list[str] = field(default_factory=list)
     d_model: int | None = None
     n_layers: int | None = None
+    estimates: list[str] = field(default_factory=list)
+    to_fetch: list[str] = field(default_factory=list)
+    gated: list[str] = field(default_factory=list)
 
 
 def _local_hf_config(spec: str) -> dict[str, Any] | None:
@@ -48,7 +67,13 @@ def _hub_hf_config(spec: str) -> dict[str, Any] | None:
         return None
 
 
-def _describe_model(which: str, spec: str, check: ConfigCheck) -> None:
+def _describe_model(which: str, spec: str, check: ConfigCheck, config: RunConfig | None = None) -> None:
+    if config is not None and which == "edited" and config.intervention is not None:
+        iv = config.intervention
+        check.notes.append(f"models.edited: written by the intervention stage ({iv.kind}"
+                           + (f", preset {iv.preset}" if iv.preset else "") + f") from models.base into "
+                           f"{config.layout.edited_model}.")
+        return
     parsed = ModelSpec.parse(spec)
     if check_model_spec(spec, f"models.{which}"):
         return  # reported by config_problems
@@ -81,7 +106,7 @@ def check_config(config: RunConfig) -> ConfigCheck:
     disk and memory estimates."""
     check = ConfigCheck()
     for which in ("base", "edited"):
-        _describe_model(which, getattr(config.models, which), check)
+        _describe_model(which, getattr(config.models, which), check, config)
     check.problems += config_problems(config)
     source = config.corpus.source
     if source.startswith("hf:"):
@@ -101,6 +126,9 @@ def check_config(config: RunConfig) -> ConfigCheck:
             disk = h.max_tokens * 2 * d * BYTES[h.dtype]
             check.notes.append(f"disk: about {disk / 2**30:.2f} GiB of activations for {h.max_tokens:,} tokens ({h.dtype}).")
             free = shutil.disk_usage(Path(config.run_dir).resolve().anchor).free
+            if disk > 0.5 * free:
+                check.notes.append("disk: the store would take over half of the free disk: consider "
+                                   "training.stream: true (train while harvesting, no store on disk).")
             if disk > free:
                 check.problems.append(f"disk: the store needs {disk / 2**30:.1f} GiB but only {free / 2**30:.1f} GiB are free; "
                                       "lower harvest.max_tokens or set training.stream: true (train while harvesting, "
@@ -111,13 +139,86 @@ def check_config(config: RunConfig) -> ConfigCheck:
         memory = params * BYTES[cc.dtype] * 4 + config.training.batch_size * cc.dict_size * 4 * 3
         check.notes.append(f"training memory: about {memory / 2**30:.2f} GiB (crosscoder {params / 1e6:.1f}M parameters, "
                            f"Adam state, batch {config.training.batch_size}).")
+    check.gated = gated_inputs(config)
+    check.to_fetch = missing_inputs(config)
+    check.estimates = estimates(config, check)
     return check
+
+
+def gated_inputs(config: RunConfig) -> list[str]:
+    """The gated models and data sets the config names, with how to get access."""
+    text = json.dumps(config.to_dict(), default=str)
+    return [f"{name}: {how}" for name, how in GATED.items() if name.lower() in text.lower()]
+
+
+def _params(check: ConfigCheck) -> float | None:
+    """Approximate transformer parameters from (layers, d_model): 12 L d^2 plus a 128k x d embedding."""
+    if check.d_model is None or check.n_layers is None:
+        return None
+    return 12 * check.n_layers * check.d_model**2 + 2 * 128_000 * check.d_model
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{max(seconds, 1) / 60:.0f} min"
+
+
+def estimates(config: RunConfig, check: ConfigCheck) -> list[str]:
+    """Rough time and disk per step on one H100-class GPU (from the architecture; none when it is unknown)."""
+    params = _params(check)
+    if params is None:
+        return []
+    out = []
+    forward = 2 * params  # FLOPs per token of one forward pass
+    iv = config.intervention
+    if iv is not None:
+        settings = iv.resolved("")
+        if iv.kind == "rmu":
+            tokens = settings.max_num_batches * settings.batch_size * 2 * max(settings.per_topic("forget_max_length", 1))
+            seconds = tokens * forward * 4 / GPU_FLOPS  # updated + frozen forwards, backward
+        else:
+            examples = settings.max_examples or 10_000
+            seconds = settings.epochs * examples * settings.max_length / 2 * forward * 3 / GPU_FLOPS
+        out.append(f"intervention ({iv.kind}): ~{_duration(seconds)}; edited model {params * 2 / 2**30:.0f} GiB (bf16)"
+                   + ("" if iv.kind == "rmu" or settings.max_examples else " (SFT time assumes 10k examples)"))
+    for name, table in config.ground_truth.tables.items():
+        if table.lm_eval is not None:
+            questions = sum(LM_EVAL_QUESTIONS.get(t, 1000) for t in table.lm_eval.tasks)
+            limit = table.lm_eval.limit
+            if limit is not None:
+                questions = min(questions, int(limit * len(table.lm_eval.tasks) if limit >= 1 else questions * limit))
+            generative = any(t.startswith("mmlu_pro") for t in table.lm_eval.tasks)
+            tokens = questions * (2_500 if generative else 700)  # 5-shot CoT prompt + generation vs. 0-shot choices
+            out.append(f"ground_truth {name} (lm-eval, {questions:,} questions x 2 models): "
+                       f"~{_duration(2 * tokens * forward / GPU_FLOPS * (20 if generative else 1))}")
+        elif table.judge is not None:
+            answers = table.judge.samples_per_question * 2
+            out.append(f"ground_truth {name} (judge): {answers} answers per question (both models) of up to "
+                       f"{table.judge.generator.max_new_tokens} tokens, plus judge API calls; minutes with vLLM")
+    h = config.harvest
+    if h.max_tokens:
+        out.append(f"harvest: ~{_duration(2 * h.max_tokens * forward / GPU_FLOPS * 3)} for {h.max_tokens:,} tokens "
+                   "through both models" + (" (repeated per training pass when streaming)" if config.training.stream else ""))
+    cc = config.crosscoder.resolve(int(check.d_model or 0))
+    t = config.training
+    train_flops = t.steps * t.batch_size * 6 * 2 * 2 * int(check.d_model or 0) * cc.dict_size
+    out.append(f"train: ~{_duration(train_flops / GPU_FLOPS * 3)} ({t.steps:,} steps of {t.batch_size:,} rows, "
+               f"{cc.dict_size:,} latents)")
+    out.append(f"collect / explain / map: collect reads {config.collect.harvest.max_tokens if config.collect.harvest and config.collect.harvest.max_tokens else 'the corpus'} "
+               "tokens; explain and map call the explainer LLM once per collected latent")
+    return out
 
 
 def format_plan(config: RunConfig, check: ConfigCheck) -> str:
     lines = [f"Run directory: {config.run_dir}", "", "Checks:"]
     lines += [f"  ok   {n}" for n in check.notes]
     lines += [f"  FAIL {p}" for p in check.problems]
+    if check.to_fetch:
+        lines += ["", "Data to fetch before running (`mneme run` refuses to start without it):"]
+        lines += [f"  {m}" for m in check.to_fetch]
+    if check.gated:
+        lines += ["", "Gated models / data sets (get access before running):"] + [f"  {g}" for g in check.gated]
+    if check.estimates:
+        lines += ["", "Estimates (one H100-class GPU, rough):"] + [f"  {e}" for e in check.estimates]
     lines += ["", "Plan:"]
     for stage, fingerprint, status in plan(config, STAGES):
         lines.append(f"  {stage.name:<10} {status:<24} config {fingerprint}")

@@ -164,10 +164,6 @@ def config_problems(config: RunConfig, models: dict[str, Any] | None = None) -> 
     for path in config.ground_truth.files():
         if not Path(path).is_file():
             problems.append(f"ground_truth: {path} does not exist.")
-    for name, table in config.ground_truth.tables.items():
-        for key, spec in _measured_inputs(table):
-            if not spec.startswith("hf:") and not Path(spec).exists():
-                problems.append(f"ground_truth.tables.{name}.{key}: {spec} does not exist.")
     for name in config.map.taxonomies:
         try:
             load_taxonomy(name)
@@ -176,17 +172,27 @@ def config_problems(config: RunConfig, models: dict[str, Any] | None = None) -> 
     return problems
 
 
-def _measured_inputs(table: Any) -> list[tuple[str, str]]:
-    """The local inputs a measured table reads: the judge's questions, lm-eval's task folders."""
-    if table.judge is not None:
-        return [("judge.questions", table.judge.questions)] if table.judge.questions else []
-    if table.lm_eval is not None:
-        return [("lm_eval.include_path", p) for p in table.lm_eval.include_path]
-    return []
+def missing_inputs(config: RunConfig) -> list[str]:
+    """Local data files the intervention and the measured ground truth read that do not exist (yet):
+    a run refuses to start; a dry run lists them as data to fetch (the recipes' READMEs say how)."""
+    wanted: list[tuple[str, str]] = []
+    if config.intervention is not None:
+        settings = config.intervention.resolved("")
+        for key in ("data", "forget_corpora", "retain_corpora"):
+            value = getattr(settings, key, None)
+            for spec in ([value] if isinstance(value, str) else value or []):
+                wanted.append((f"intervention.settings.{key}", spec))
+    for name, table in config.ground_truth.tables.items():
+        if table.judge is not None:
+            wanted.append((f"ground_truth.tables.{name}.judge.questions", table.judge.questions))
+        if table.lm_eval is not None:
+            wanted += [(f"ground_truth.tables.{name}.lm_eval.include_path", p) for p in table.lm_eval.include_path]
+    return [f"{key}: {spec} does not exist." for key, spec in wanted
+            if spec and not spec.startswith("hf:") and not Path(spec).exists()]
 
 
 def validate_for_run(config: RunConfig, stages: list[Stage], models: dict[str, Any] | None = None) -> None:
     """Refuse to start a run whose config has problems (``config_problems``)."""
-    problems = config_problems(config, models)
+    problems = config_problems(config, models) + missing_inputs(config)
     if problems:
         raise ConfigError("The run config has problems; nothing was run:\n  " + "\n  ".join(problems))
