@@ -198,8 +198,8 @@ class JudgeConfig(ConfigMixin):
     def check_ready(self) -> None:
         require(bool(self.base) and bool(self.edited), "Judge ground truth needs `base` and `edited` models.")
         require(bool(self.questions), "Judge ground truth needs `questions` (a file, folder or hf: spec).")
-        require(self.judge.kind == "openai", "The judge needs an OpenAI-compatible client (judge.kind: openai) "
-                "that returns log-probabilities.")
+        require(self.judge.kind in ("openai", "stub"), "The judge needs an OpenAI-compatible client (judge.kind: "
+                "openai) that returns log-probabilities (or judge.kind: stub, the offline stand-in of smoke runs).")
 
     def prompt(self, name: str) -> str:
         default = {"aligned": ALIGNED_PROMPT, "coherent": COHERENT_PROMPT, "harmfulness": HARMFULNESS_PROMPT}[name]

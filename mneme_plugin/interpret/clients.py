@@ -104,6 +104,19 @@ class DiskCache:
                                                        "top_logprobs": response.top_logprobs}))
 
 
+class StubClient(Client):
+    """An offline stand-in for a judge or explainer, for smoke runs without any LLM: its answer is a
+    hash of the prompt (a number 0-100 with its log-probability when asked for ``top_logprobs``,
+    else ``#thescore: N`` with N in 1..5). It proves that the plumbing works, never anything about a model."""
+
+    async def generate(self, prompt: Prompt, **kwargs: Any) -> Response:
+        digest = int(hashlib.sha256(json.dumps(as_messages(prompt)).encode()).hexdigest(), 16)
+        if kwargs.get("top_logprobs"):
+            number = str(digest % 101)
+            return Response(number, top_logprobs=[{number: 0.0}])
+        return Response(f"#thereason: stub judge.\n#thescore: {1 + digest % 5}")
+
+
 def resolve_api_key(value: str | None) -> str | None:
     """``env:NAME`` reads the environment variable NAME (None if unset); other values are literal."""
     if value and value.startswith("env:"):
@@ -271,4 +284,6 @@ def make_client(config: Any, default_cache_dir: str | os.PathLike[str] | None = 
         )
     if config.kind == "vllm":
         return VLLMOfflineClient(config.model, **config.extra)
+    if config.kind == "stub":
+        return StubClient(config.model or "stub")
     raise ConfigError(f"Unknown client kind {config.kind!r}.")

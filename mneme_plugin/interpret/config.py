@@ -10,7 +10,7 @@ from mneme_plugin.config import ConfigMixin, require
 
 VALUE_MODES = ("code", "weighted")
 EXPLAINERS = ("offline", "default", "contrastive")
-CLIENTS = ("none", "openai", "vllm")
+CLIENTS = ("none", "openai", "vllm", "stub")
 MAPPERS = ("lexical", "embedding", "llm")
 LABELERS = ("offline", "llm")
 SCORERS = ("detection", "fuzz")
