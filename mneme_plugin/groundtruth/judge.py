@@ -481,6 +481,10 @@ def judge_table(config: JudgeConfig, before: pd.DataFrame, after: pd.DataFrame) 
     rows = []
     for r in merged.to_dict(orient="records"):
         n = min(r["n_before"], r["n_after"])
+        if not n:  # no scorable answer on one side (all incoherent or unparsed): no rate to compare
+            logger.warning("Judge: category %s has no scorable answer before or after the edit; left out.",
+                           r["category"])
+            continue
         row = {"category": r["category"], "before": r["good_before"], "after": r["good_after"], "n": n,
                "p_value": z_test_p(r["good_before"], r["good_after"], None, None, n) if n else None,
                "test": "z" if n else None, "n_before": r["n_before"], "n_after": r["n_after"]}
