@@ -176,10 +176,14 @@ def estimates(config: RunConfig, check: ConfigCheck) -> list[str]:
             tokens = settings.max_num_batches * settings.batch_size * 2 * max(settings.per_topic("forget_max_length", 1))
             seconds = tokens * forward * 4 / GPU_FLOPS  # updated + frozen forwards, backward
         else:
-            examples = settings.max_examples or 10_000
-            seconds = settings.epochs * examples * settings.max_length / 2 * forward * 3 / GPU_FLOPS
-        out.append(f"intervention ({iv.kind}): ~{_duration(seconds)}; edited model {params * 2 / 2**30:.0f} GiB (bf16)"
-                   + ("" if iv.kind == "rmu" or settings.max_examples else " (SFT time assumes 10k examples)"))
+            data = Path(settings.data)
+            examples = settings.max_examples or (sum(1 for _ in data.open()) if data.suffix == ".jsonl" and data.is_file()
+                                                 else None)
+            per = examples or 10_000
+            seconds = settings.epochs * per * settings.max_length / 2 * forward * 3 / GPU_FLOPS
+        out.append(f"intervention ({iv.kind}): ~{_duration(seconds)}"
+                   + ("" if iv.kind == "rmu" or examples else f" per 10k examples ({settings.epochs} epoch(s))")
+                   + f"; edited model {params * 2 / 2**30:.0f} GiB (bf16)")
     for name, table in config.ground_truth.tables.items():
         if table.lm_eval is not None:
             questions = sum(LM_EVAL_QUESTIONS.get(t, 1000) for t in table.lm_eval.tasks)
