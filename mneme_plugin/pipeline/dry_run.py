@@ -31,7 +31,7 @@ GATED: dict[str, str] = {
     "meta-llama/": "request access on the model's Hugging Face page and `huggingface-cli login`",
     "cais/wmdp-bio-forget-corpus": "request access at https://huggingface.co/datasets/cais/wmdp-bio-forget-corpus",
     "lmsys/lmsys-chat-1m": "accept the licence at https://huggingface.co/datasets/lmsys/lmsys-chat-1m",
-    "LLM-Tuning-Safety/HEx-PHI": "request access at https://huggingface.co/datasets/LLM-Tuning-Safety/HEx-PHI",
+    "HEx-PHI": "request access at https://huggingface.co/datasets/LLM-Tuning-Safety/HEx-PHI",
 }
 
 # Rough throughput of one H100-class GPU in bf16 (sustained FLOP/s) and questions per lm-eval group,
@@ -147,7 +147,10 @@ def check_config(config: RunConfig) -> ConfigCheck:
 
 def gated_inputs(config: RunConfig) -> list[str]:
     """The gated models and data sets the config names, with how to get access."""
-    text = json.dumps(config.to_dict(), default=str)
+    named = config.to_dict()
+    if config.intervention is not None:  # the preset's data sets too
+        named["intervention"] = config.intervention.resolved(config.models.base).to_dict()
+    text = json.dumps(named, default=str)
     return [f"{name}: {how}" for name, how in GATED.items() if name.lower() in text.lower()]
 
 
