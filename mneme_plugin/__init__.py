@@ -21,12 +21,13 @@ from mneme_plugin.attribution import AttributionConfig, AttributionResult, attri
 from mneme_plugin.crosscoder import (
     BatchTopKCrossCoder,
     BatchTopKCrossCoderTrainer,
+    CrossCoder,
     CrossCoderConfig,
     TrainingConfig,
 )
 from mneme_plugin.crosscoder.metrics import CrossCoderMetrics, evaluate_crosscoder
 from mneme_plugin.crosscoder.training import TrainResult, train
-from mneme_plugin.formats import export_saelens, import_crosscoder, load_crosscoder
+from mneme_plugin.formats import export_saelens, import_crosscoder, load_crosscoder, register_format
 from mneme_plugin.errors import (
     CheckpointError,
     ConfigError,
@@ -50,6 +51,7 @@ __all__ = [
     "BatchTopKCrossCoderTrainer",
     "CheckpointError",
     "ConfigError",
+    "CrossCoder",
     "CrossCoderConfig",
     "CrossCoderMetrics",
     "EmptyCorpusError",
@@ -72,5 +74,6 @@ __all__ = [
     "load_attribution",
     "load_crosscoder",
     "load_model",
+    "register_format",
     "train",
 ]

@@ -358,14 +358,11 @@ def select_latents(attribution: Any = None, config: Any = None, width: int | Non
 
 
 def _load_crosscoder(crosscoder: Any) -> Any:
-    """A crosscoder object, its directory, or a training run directory (holding ``crosscoder/``)."""
+    """A crosscoder object as is; a path (any format ``load_crosscoder`` reads, or a run directory) loaded."""
     if isinstance(crosscoder, (str, os.PathLike)):
-        from mneme_plugin.crosscoder import BatchTopKCrossCoder
+        from mneme_plugin.formats import load_crosscoder
 
-        path = Path(crosscoder)
-        if (path / "crosscoder" / "config.json").is_file() and not (path / "config.json").is_file():
-            path = path / "crosscoder"
-        return BatchTopKCrossCoder.from_pretrained(path)
+        return load_crosscoder(crosscoder)
     return crosscoder
 
 
