@@ -16,9 +16,8 @@ from mneme_plugin.crosscoder.base import (  # noqa: F401  (file-format names, re
     read_crosscoder_meta,
 )
 from mneme_plugin.crosscoder.config import DECOUPLED, CrossCoderConfig
-from mneme_plugin.crosscoder.normalizers import MEAN_SCALE_EPS as _MEAN_SCALE_EPS  # noqa: F401
-from mneme_plugin.errors import ConfigError
 from mneme_plugin.crosscoder.sparse import ActiveLatents, batch_topk_indices, gather_active, sparse_decode
+from mneme_plugin.errors import ConfigError
 
 
 def _jumprelu_ratio(t: float, w: torch.Tensor) -> torch.Tensor:
