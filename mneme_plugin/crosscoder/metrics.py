@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from mneme_plugin.crosscoder.base import CrossCoder
+from mneme_plugin.crosscoder.model import BatchTopKCrossCoder
 
 
 @dataclass
@@ -31,7 +31,7 @@ class CrossCoderMetrics:
 
 @torch.no_grad()
 def evaluate_crosscoder(
-    crosscoder: CrossCoder,
+    crosscoder: BatchTopKCrossCoder,
     batches: Iterable[torch.Tensor],
     dead_mask: torch.Tensor | None = None,
 ) -> CrossCoderMetrics:
