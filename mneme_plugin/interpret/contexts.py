@@ -358,7 +358,11 @@ def select_latents(attribution: Any = None, config: Any = None, width: int | Non
 
 
 def _load_crosscoder(crosscoder: Any) -> Any:
-    """A crosscoder object as is; a path (any format ``load_crosscoder`` reads, or a run directory) loaded."""
+    """A crosscoder object as is; a path (any format ``load_crosscoder`` reads, or a run directory) loaded.
+
+    Every architecture works here: collect needs only ``encode``; a DECOUPLED crosscoder's value is its
+    union code (latent j's pre-activation where either model keeps it).
+    """
     if isinstance(crosscoder, (str, os.PathLike)):
         from mneme_plugin.formats import load_crosscoder
 
