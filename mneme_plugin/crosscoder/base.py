@@ -27,7 +27,7 @@ from mneme_plugin.crosscoder.config import CrossCoderConfig
 from mneme_plugin.crosscoder.normalizers import NORMALIZERS
 from mneme_plugin.crosscoder.salience import SALIENCE_MODES
 from mneme_plugin.errors import CheckpointError, ConfigError
-from mneme_plugin.io import atomic_write, atomic_write_text
+from mneme_plugin.files import atomic_write, atomic_write_text
 
 FORMAT_NAME = "mneme-crosscoder"
 FORMAT_VERSION = 1

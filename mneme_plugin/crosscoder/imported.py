@@ -12,6 +12,7 @@ import torch
 
 from mneme_plugin.crosscoder.base import CrossCoder
 from mneme_plugin.crosscoder.config import CrossCoderConfig
+from mneme_plugin.crosscoder.registry import register_crosscoder_class
 
 
 class ReLUCrossCoder(CrossCoder):
@@ -52,3 +53,7 @@ class JumpReLUCrossCoder(CrossCoder):
 
     def jumprelu_thresholds(self) -> torch.Tensor:
         return self.latent_threshold.detach().cpu().to(torch.float64)
+
+
+register_crosscoder_class("relu", ReLUCrossCoder)
+register_crosscoder_class("jumprelu", JumpReLUCrossCoder)

@@ -16,6 +16,7 @@ from mneme_plugin.crosscoder.base import (  # noqa: F401  (file-format names, re
     read_crosscoder_meta,
 )
 from mneme_plugin.crosscoder.config import DECOUPLED, CrossCoderConfig
+from mneme_plugin.crosscoder.registry import register_crosscoder_class
 from mneme_plugin.crosscoder.sparse import ActiveLatents, batch_topk_indices, gather_active, sparse_decode
 from mneme_plugin.errors import ConfigError
 
@@ -205,3 +206,7 @@ class DecoupledBatchTopKCrossCoder(BatchTopKCrossCoder):
             raise ConfigError("This DECOUPLED crosscoder has no inference thresholds; SAE-Lens needs them.")
         w = self.salience_weights().detach().cpu().to(torch.float64)
         return torch.stack([_jumprelu_ratio(t[layer], w[layer]) for layer in range(len(t))])
+
+
+register_crosscoder_class("batchtopk", BatchTopKCrossCoder)
+register_crosscoder_class("batchtopk_decoupled", DecoupledBatchTopKCrossCoder)

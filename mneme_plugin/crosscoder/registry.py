@@ -1,7 +1,8 @@
 """Registry of crosscoder classes by ``architecture`` (the key of a saved ``config.json``), SAE-Lens style.
 
-The built-in classes are registered in ``mneme_plugin.crosscoder``'s ``__init__``; register your own
-``CrossCoder`` subclass with ``register_crosscoder_class(architecture, cls)``.
+The built-in classes register themselves at the end of their modules (``model``, ``imported``), which
+``get_crosscoder_class`` imports first; register your own ``CrossCoder`` subclass with
+``register_crosscoder_class(architecture, cls)``.
 """
 
 from __future__ import annotations
@@ -27,7 +28,13 @@ def register_crosscoder_class(architecture: str, crosscoder_class: "type[CrossCo
     CROSSCODER_CLASS_REGISTRY[architecture] = crosscoder_class
 
 
+def _import_builtins() -> None:
+    import mneme_plugin.crosscoder.imported  # noqa: F401
+    import mneme_plugin.crosscoder.model  # noqa: F401
+
+
 def get_crosscoder_class(architecture: str) -> "type[CrossCoder]":
+    _import_builtins()
     try:
         return CROSSCODER_CLASS_REGISTRY[architecture]
     except KeyError:

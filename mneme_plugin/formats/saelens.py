@@ -41,7 +41,7 @@ from mneme_plugin.crosscoder.base import CrossCoder
 from mneme_plugin.crosscoder.imported import JumpReLUCrossCoder
 from mneme_plugin.errors import CheckpointError, ConfigError
 from mneme_plugin.formats.common import load_tensors, read_json, require_tensor
-from mneme_plugin.io import atomic_write, atomic_write_text
+from mneme_plugin.files import atomic_write, atomic_write_text
 
 FORMAT = "mneme-crosscoder-saelens"
 CFG_FILE = "cfg.json"
