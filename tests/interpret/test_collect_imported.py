@@ -36,13 +36,15 @@ def _threshold_on_real_activations(sd, ht_pair, corpus, layer):
 
 
 def test_collect_on_a_science_of_finetuning_folder(tmp_path, ht_pair, collect_corpus):
+    from mneme_plugin.activations import HarvestConfig
     from mneme_plugin.interpret import CollectConfig, collect
 
     sd = sof_state_dict(d=32, m=40, k=4, code_normalization=CODE_NORM, seed=21)
     sd["threshold"] = torch.tensor(_threshold_on_real_activations(sd, ht_pair, collect_corpus, 1))
     folder = write_sof_crosscoder(tmp_path / "sof", sd, "hub", code_normalization=CODE_NORM, k=4)
-    cfg = CollectConfig(layer=1, latents=[1, 4, 9, 17, 30], n_top=5, n_random=2, n_non_activating=2,
-                        example_ctx_len=16, context_length=32, batch_size=4)
+    # The helper records layer 13 (a published gemma crosscoder) in its trainer config; the tiny models have 2.
+    cfg = CollectConfig(latents=[1, 4, 9, 17, 30], n_top=5, n_random=2, n_non_activating=2, allow_hook_mismatch=True,
+                        example_ctx_len=16, harvest=HarvestConfig(layer=1, context_length=32, batch_size=4))
     base, edited = ht_pair
     result = collect(base, edited, folder, collect_corpus, cfg, out_dir=tmp_path / "out", progress=False)
 
