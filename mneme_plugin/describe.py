@@ -35,9 +35,9 @@ def _store_summary(path: Path) -> list[str]:
 
 
 def _crosscoder_summary(path: Path) -> list[str]:
-    from mneme_plugin.crosscoder import BatchTopKCrossCoder
+    from mneme_plugin.crosscoder import CrossCoder
 
-    model = BatchTopKCrossCoder.from_pretrained(path)
+    model = CrossCoder.from_pretrained(path)
     cfg = model.cfg
     threshold = float(model.threshold)
     lines = [

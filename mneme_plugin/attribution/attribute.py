@@ -20,7 +20,7 @@ from mneme_plugin.attribution.config import AttributionConfig
 from mneme_plugin.attribution.decoder_norms import decoder_stats
 from mneme_plugin.attribution.latent_scaling import LatentScalingAccumulator
 from mneme_plugin.attribution.table import COLUMNS, AttributionResult, save_attribution
-from mneme_plugin.crosscoder.model import BatchTopKCrossCoder
+from mneme_plugin.crosscoder.base import CrossCoder
 from mneme_plugin.crosscoder.provenance import check_same_source
 from mneme_plugin.devices import resolve_device
 from mneme_plugin.errors import EmptyCorpusError, ModelMismatchError, NonFiniteActivationError
@@ -28,7 +28,7 @@ from mneme_plugin.errors import EmptyCorpusError, ModelMismatchError, NonFiniteA
 logger = logging.getLogger("mneme_plugin")
 
 AttributionData = Union[str, os.PathLike, ActivationStore, torch.Tensor, Iterable[torch.Tensor]]
-CrossCoderLike = Union[BatchTopKCrossCoder, str, os.PathLike]
+CrossCoderLike = Union[CrossCoder, str, os.PathLike]
 
 SPACE_NOTE = (
     "normalised: activations multiplied by the crosscoder's activation_scale (E||x|| = sqrt(d) per model), "
@@ -37,7 +37,7 @@ SPACE_NOTE = (
 HISTOGRAM_BINS = 20
 
 
-def resolve_crosscoder(crosscoder: CrossCoderLike) -> BatchTopKCrossCoder:
+def resolve_crosscoder(crosscoder: CrossCoderLike) -> CrossCoder:
     """A crosscoder object as is; a path (any format ``load_crosscoder`` reads, or a run directory) loaded."""
     if isinstance(crosscoder, (str, os.PathLike)):
         from mneme_plugin.formats import load_crosscoder
@@ -91,7 +91,7 @@ def _iter_batches(data: AttributionData, d: int, batch_size: int, progress: bool
     return from_iterable(), "stream"
 
 
-def _check_scales(crosscoder: BatchTopKCrossCoder, data: Any) -> None:
+def _check_scales(crosscoder: CrossCoder, data: Any) -> None:
     scale = getattr(data, "scale_factors", None)
     if scale is None:
         return

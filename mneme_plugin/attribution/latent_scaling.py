@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from mneme_plugin.crosscoder.base import require_capability
 from mneme_plugin.errors import ConfigError
 
 TARGETS = ("r_base", "r_edited", "e_base", "e_edited")
@@ -83,11 +84,9 @@ class LatentScalingAccumulator:
 
     @classmethod
     def from_crosscoder(cls, crosscoder: Any, device: str | torch.device | None = None) -> "LatentScalingAccumulator":
-        if getattr(crosscoder.cfg, "salience", None) == "decoupled":
-            raise ConfigError(
-                "Latent scaling is not implemented for DECOUPLED crosscoders (per-model codes): their "
-                "reconstruction uses a different code per model. Use a crosscoder with a shared code."
-            )
+        # Betas regress each model's activations on one code per latent: per-model codes (DECOUPLED)
+        # would need a beta per model and code, which is not designed yet.
+        require_capability(crosscoder, "shared_code", "Latent scaling")
         acc = cls(crosscoder.W_dec, crosscoder.b_dec, device=device)
         acc.crosscoder = crosscoder
         return acc

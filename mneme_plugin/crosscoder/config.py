@@ -7,15 +7,16 @@ from typing import Any
 
 from mneme_plugin.config import ConfigMixin, require
 from mneme_plugin.errors import ConfigError
+from mneme_plugin.crosscoder.normalizers import NORMALIZERS
 from mneme_plugin.crosscoder.salience import SALIENCE_MODES
 
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 # Sparsity rules: BatchTopK / threshold (trained here), plain ReLU (L1 crosscoders: Kissane, the
 # science-of-finetuning ``CrossCoder``), per-latent JumpReLU thresholds (imported SAE-Lens exports).
 SPARSITY_MODES = ("batchtopk", "relu", "jumprelu")
-# Input normalisation: ``scale`` x * s_l (ours, Kissane); ``mean_scale`` (x - mu_l) * s_l, undone
-# as y / (s_l + 1e-8) + mu_l (the science-of-finetuning normaliser, keep_relative_variance=True).
-NORMALIZATIONS = ("scale", "mean_scale")
+# Input normalisations (``normalizers.NORMALIZERS``): ``scale`` x * s_l (ours, Kissane); ``mean_scale``
+# (x - mu_l) * s_l, undone as y / (s_l + 1e-8) + mu_l (the science-of-finetuning normaliser).
+NORMALIZATIONS = tuple(NORMALIZERS)
 # science-of-finetuning DECOUPLED code normalisation: one weight, top-k and threshold per model.
 DECOUPLED = "decoupled"
 

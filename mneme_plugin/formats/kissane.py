@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import torch
 
 from mneme_plugin.crosscoder.config import CrossCoderConfig
-from mneme_plugin.crosscoder.model import BatchTopKCrossCoder
+from mneme_plugin.crosscoder.imported import ReLUCrossCoder
 from mneme_plugin.errors import CheckpointError
 from mneme_plugin.formats.common import dtype_name, load_tensors, read_json, require_tensor
 
@@ -28,7 +28,7 @@ CONFIG_FILE = "cfg.json"
 EXPECTED = "a Kissane crosscoder state dict (W_enc (2, d, m), W_dec (m, 2, d), b_enc (m), b_dec (2, d))"
 
 
-def load_kissane(path: str | Path, scale_factors: Sequence[float] | None = None) -> BatchTopKCrossCoder:
+def load_kissane(path: str | Path, scale_factors: Sequence[float] | None = None) -> ReLUCrossCoder:
     path = Path(path)
     folder, weights = (path, path / WEIGHTS_FILE) if path.is_dir() else (path.parent, path)
     cfg: dict[str, Any] = read_json(folder / CONFIG_FILE, "a Kissane crosscoder cfg.json") if (folder / CONFIG_FILE).is_file() else {}
@@ -59,13 +59,12 @@ def load_kissane(path: str | Path, scale_factors: Sequence[float] | None = None)
         activation_dim=d, dict_size=m, k=min(100, m), salience="crosscoder", sparsity="relu",
         dtype=dtype_name(W_enc, weights), metadata=metadata,
     )
-    model = BatchTopKCrossCoder(config)
+    model = ReLUCrossCoder(config)
     with torch.no_grad():
         model.W_enc.copy_(W_enc)
         model.b_enc.copy_(b_enc)
         model.W_dec.copy_(W_dec.permute(1, 0, 2))
         model.b_dec.copy_(b_dec)
-        model.threshold.fill_(0.0)  # ReLU codes: no batch dependence
     if scale_factors is not None:
         model.set_activation_scale(scale_factors)
     return model

@@ -1,23 +1,73 @@
-"""``load_crosscoder``: any supported crosscoder, local or on the hub, as a ``BatchTopKCrossCoder``."""
+"""``load_crosscoder``: any registered crosscoder format, local or on the hub, as a ``CrossCoder``.
+
+Formats live in ``FORMAT_REGISTRY``; ``register_format(name, detect, load)`` adds one without editing
+this module.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 from pathlib import Path
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
-from mneme_plugin.crosscoder.model import CONFIG_FILE, FORMAT_NAME, BatchTopKCrossCoder
+from mneme_plugin.crosscoder.base import CONFIG_FILE, FORMAT_NAME, WEIGHTS_FILE, CrossCoder
 from mneme_plugin.errors import CheckpointError
 from mneme_plugin.formats import kissane, saelens, science_of_finetuning
 from mneme_plugin.formats.common import download_from_hub, load_tensors, looks_like_hub_id
 
-FORMATS = ("mneme", "saelens", "kissane", "science-of-finetuning")
-EXPECTED_FILES = (
-    "config.json + model.safetensors (mneme, or science-of-finetuning hub layout with trainer_config.json), "
-    "model_final.pt / checkpoint_<step>.pt (science-of-finetuning training output), cfg.json + cc_weights.pt "
-    "(Kissane), cfg.json + sae_weights.safetensors (a mneme SAE-Lens export)"
-)
+Detector = Callable[[Path], bool]
+Loader = Callable[..., CrossCoder]
+
+
+@dataclass(frozen=True)
+class CrossCoderFormat:
+    """An import format: ``detect(path)`` says whether a local folder or file is one; ``load(path, **options)``
+    reads it as a ``CrossCoder``. ``options``: the keyword options of ``load_crosscoder`` it takes (the
+    others are refused); ``expected``: the files it reads, and ``title`` its name in prose, for errors."""
+
+    name: str
+    detect: Detector
+    load: Loader
+    options: tuple[str, ...] = ()
+    expected: str = ""
+    title: str = ""
+
+
+# Tried in registration order: the built-ins first (registered at the end of this module), then yours.
+FORMAT_REGISTRY: dict[str, CrossCoderFormat] = {}
+
+
+def register_format(name: str, detect: Detector, load: Loader, *, options: Sequence[str] = (),
+                    expected: str = "", title: str = "") -> CrossCoderFormat:
+    """Make ``load_crosscoder`` (and every stage that loads through it) read a new crosscoder format.
+
+    ``detect(path: Path) -> bool`` must be cheap and must not raise on foreign files; ``load(path, **options)``
+    returns a ``CrossCoder`` (any registered architecture). ``options`` names the ``load_crosscoder``
+    keywords it accepts (e.g. ``("scale_factors",)``).
+    """
+    if name in FORMAT_REGISTRY:
+        raise ValueError(f"A crosscoder format named {name!r} is already registered.")
+    fmt = CrossCoderFormat(name, detect, load, tuple(options), expected or name, title or name)
+    FORMAT_REGISTRY[name] = fmt
+    return fmt
+
+
+def expected_files() -> str:
+    return ", ".join(fmt.expected for fmt in FORMAT_REGISTRY.values())
+
+
+def detect_format(path: str | os.PathLike[str]) -> str | None:
+    """The name of the first registered format that recognises a local folder or weights file, or None."""
+    path = Path(path)
+    for fmt in FORMAT_REGISTRY.values():
+        if fmt.detect(path):
+            return fmt.name
+    return None
+
+
+# ------------------------------------------------------------------------------- built-in formats
 
 
 def _is_mneme(folder: Path) -> bool:
@@ -28,33 +78,60 @@ def _is_mneme(folder: Path) -> bool:
     return isinstance(meta, dict) and meta.get("format") == FORMAT_NAME
 
 
-def detect_format(path: str | os.PathLike[str]) -> str | None:
-    """The format of a local folder or weights file (one of ``FORMATS``), or None if unrecognised."""
-    path = Path(path)
+def _folder_of(path: Path) -> Path:
+    return path if path.is_dir() else path.parent
+
+
+def _detect_mneme(path: Path) -> bool:
     if path.is_dir():
-        if (path / CONFIG_FILE).is_file() and _is_mneme(path):
-            return "mneme"
-        if saelens.is_saelens_folder(path):
-            return "saelens"
-        if (path / kissane.WEIGHTS_FILE).is_file():
-            return "kissane"
-        if science_of_finetuning.find_weights(path) is not None:
-            return "science-of-finetuning"
-        return None
-    if path.is_file():
-        if path.name == saelens.WEIGHTS_FILE:
-            return "saelens"
-        if path.name == kissane.WEIGHTS_FILE:
-            return "kissane"
-        if path.name == "model.safetensors" and _is_mneme(path.parent):
-            return "mneme"
-        if path.suffix in (".pt", ".pth", ".safetensors"):
-            keys = load_tensors(path, "crosscoder weights").keys()
-            if any(k.endswith("encoder.weight") for k in keys):
-                return "science-of-finetuning"
-            if {"W_enc", "W_dec", "b_enc", "b_dec"} <= set(keys):
-                return "kissane"
-    return None
+        return (path / CONFIG_FILE).is_file() and _is_mneme(path)
+    return path.is_file() and path.name == WEIGHTS_FILE and _is_mneme(path.parent)
+
+
+def _detect_saelens(path: Path) -> bool:
+    return saelens.is_saelens_folder(path) if path.is_dir() else path.is_file() and path.name == saelens.WEIGHTS_FILE
+
+
+def _tensor_keys(path: Path) -> set[str]:
+    if not (path.is_file() and path.suffix in (".pt", ".pth", ".safetensors")):
+        return set()
+    return set(load_tensors(path, "crosscoder weights").keys())
+
+
+def _detect_kissane(path: Path) -> bool:
+    if path.is_dir():
+        return (path / kissane.WEIGHTS_FILE).is_file()
+    if path.is_file() and path.name == kissane.WEIGHTS_FILE:
+        return True
+    keys = _tensor_keys(path)
+    return not any(k.endswith("encoder.weight") for k in keys) and {"W_enc", "W_dec", "b_enc", "b_dec"} <= keys
+
+
+def _detect_science_of_finetuning(path: Path) -> bool:
+    if path.is_dir():
+        return science_of_finetuning.find_weights(path) is not None
+    return any(k.endswith("encoder.weight") for k in _tensor_keys(path))
+
+
+register_format(
+    "mneme", _detect_mneme, lambda path: CrossCoder.from_pretrained(_folder_of(path)),
+    expected="config.json + model.safetensors (mneme)",
+)
+register_format(
+    "saelens", _detect_saelens, lambda path: saelens.load_saelens_export(_folder_of(path)),
+    expected="cfg.json + sae_weights.safetensors (a mneme SAE-Lens export)", title="mneme SAE-Lens export",
+)
+register_format(
+    "kissane", _detect_kissane, kissane.load_kissane, options=("scale_factors",),
+    expected="cfg.json + cc_weights.pt (Kissane)", title="Kissane",
+)
+register_format(
+    "science-of-finetuning", _detect_science_of_finetuning, science_of_finetuning.load_science_of_finetuning,
+    expected=("model.safetensors + config.json + trainer_config.json (science-of-finetuning hub layout), "
+              "model_final.pt / checkpoint_<step>.pt (their training output)"),
+)
+# The built-in format names (FORMAT_REGISTRY also holds the ones registered later).
+FORMATS = tuple(FORMAT_REGISTRY)
 
 
 def _candidates(folder: Path) -> list[Path]:
@@ -69,17 +146,17 @@ def load_crosscoder(
     revision: str | None = None,
     scale_factors: Sequence[float] | None = None,
     device: str | None = None,
-) -> BatchTopKCrossCoder:
-    """Load a crosscoder of any supported format, from a local path or a hub id, as a ``BatchTopKCrossCoder``.
+) -> CrossCoder:
+    """Load a crosscoder of any registered format, from a local path or a hub id, as a ``CrossCoder``.
 
     ``source``: a folder or weights file (a training run directory means its ``crosscoder/``); or a hub id ``org/name`` (``org/name/sub/folder`` or
     ``subfolder=`` for repos with one folder per hook), downloaded with huggingface_hub.
-    ``format``: force one of ``FORMATS`` instead of detecting it. ``scale_factors``: the per-model
+    ``format``: force one of ``FORMAT_REGISTRY`` instead of detecting it. ``scale_factors``: the per-model
     input scale factors (base, edited) of a Kissane crosscoder, which that format does not store.
     The result encodes (B, 2, d) raw activations as the original code does; see ``formats`` docs.
     """
-    if format is not None and format not in FORMATS:
-        raise CheckpointError(f"Unknown crosscoder format {format!r}; expected one of {FORMATS}.")
+    if format is not None and format not in FORMAT_REGISTRY:
+        raise CheckpointError(f"Unknown crosscoder format {format!r}; expected one of {tuple(FORMAT_REGISTRY)}.")
     path = Path(source).expanduser()
     if not path.exists():
         if looks_like_hub_id(str(source)):
@@ -105,19 +182,19 @@ def load_crosscoder(
                 f"{path} holds several crosscoders ({names}); pick one with subfolder= (CLI: --subfolder)."
             )
     if fmt is None:
-        raise CheckpointError(f"{path} is not a crosscoder this package can read; expected {EXPECTED_FILES}.")
-    if scale_factors is not None and fmt != "kissane":
-        raise CheckpointError(
-            f"scale_factors are only for Kissane crosscoders (which do not store them); {path} is {fmt}."
-        )
-    if fmt == "mneme":
-        model = BatchTopKCrossCoder.from_pretrained(path if path.is_dir() else path.parent)
-    elif fmt == "saelens":
-        model = saelens.load_saelens_export(path if path.is_dir() else path.parent)
-    elif fmt == "kissane":
-        model = kissane.load_kissane(path, scale_factors=scale_factors)
-    else:
-        model = science_of_finetuning.load_science_of_finetuning(path)
+        raise CheckpointError(f"{path} is not a crosscoder this package can read; expected {expected_files()}.")
+    chosen = FORMAT_REGISTRY[fmt]
+    given = {"scale_factors": scale_factors}
+    options = {name: value for name, value in given.items() if value is not None}
+    for name in options:
+        if name not in chosen.options:
+            takers = [f.title for f in FORMAT_REGISTRY.values() if name in f.options]
+            raise CheckpointError(
+                f"{name} is only for {' / '.join(takers)} crosscoders (which do not store it); {path} is {fmt}."
+            )
+    model = chosen.load(path, **options)
+    if not isinstance(model, CrossCoder):
+        raise CheckpointError(f"The {fmt!r} format's loader returned a {type(model).__name__}, not a CrossCoder.")
     if device is not None:
         model = model.to(device)
     return model.eval()

@@ -37,7 +37,8 @@ import torch
 from safetensors.torch import save_file
 
 from mneme_plugin.crosscoder.config import CrossCoderConfig
-from mneme_plugin.crosscoder.model import _MEAN_SCALE_EPS, BatchTopKCrossCoder
+from mneme_plugin.crosscoder.base import CrossCoder
+from mneme_plugin.crosscoder.imported import JumpReLUCrossCoder
 from mneme_plugin.errors import CheckpointError, ConfigError
 from mneme_plugin.formats.common import load_tensors, read_json, require_tensor
 from mneme_plugin.files import atomic_write, atomic_write_text
@@ -62,49 +63,30 @@ def _sae_lens_version() -> str:
 
 
 @torch.no_grad()
-def folded_weights(cc: BatchTopKCrossCoder) -> dict[str, torch.Tensor]:
-    """Float64 folded tensors of the concat SAE: W_enc (2d, m'), b_enc, W_dec (m', 2d), b_dec (2d,), threshold."""
-    cfg = cc.cfg
+def folded_weights(cc: CrossCoder) -> dict[str, torch.Tensor]:
+    """Float64 folded tensors of the concat SAE: W_enc (2d, m'), b_enc, W_dec (m', 2d), b_dec (2d,), threshold.
+
+    Generic over architectures: the normaliser's affine map (``normalizer.affine``) is folded into the
+    weights and the sparsity rule becomes the crosscoder's ``jumprelu_thresholds``; an architecture with
+    a code per model (no ``shared_code``) gets 2 m latents, latent ``l * m + j`` decoding into model l only.
+    """
     n, d, m = cc.W_enc.shape
     f64 = torch.float64
-    s = cc.activation_scale.detach().cpu().to(f64)
-    mu = cc.activation_mean.detach().cpu().to(f64) if cfg.normalization == "mean_scale" else torch.zeros(n, d, dtype=f64)
-    denorm = s + _MEAN_SCALE_EPS if cfg.normalization == "mean_scale" else s
+    mu, s, denorm = cc.normalizer.affine(cc)
     W_enc = cc.W_enc.detach().cpu().to(f64) * s[:, None, None]  # (2, d, m)
     b_enc = cc.b_enc.detach().cpu().to(f64) - torch.einsum("ld,ldm->m", mu, W_enc)
     W_dec = cc.W_dec.detach().cpu().to(f64) / denorm[:, None, None]  # (2, m, d)
     b_dec = cc.b_dec.detach().cpu().to(f64) / denorm[:, None] + mu  # (2, d)
-
-    def ratio(t: float, w: torch.Tensor) -> torch.Tensor:
-        if t < 0:  # DECOUPLED model without a threshold: their mask keeps every positive code
-            return torch.zeros_like(w)
-        return torch.where(w > 0, t / torch.where(w > 0, w, torch.ones_like(w)), torch.full_like(w, float("inf")))
-
-    if cfg.sparsity == "relu":
-        threshold = torch.zeros(m, dtype=f64)
-    elif cfg.sparsity == "jumprelu":
-        threshold = cc.latent_threshold.detach().cpu().to(f64)
-    elif cfg.salience == "decoupled":
-        t = cc.model_thresholds.detach().cpu().tolist()
-        if max(t) < 0:
-            raise ConfigError("This DECOUPLED crosscoder has no inference thresholds; SAE-Lens needs them.")
-        w = cc.salience_weights().detach().cpu().to(f64)  # (2, m)
+    threshold = cc.jumprelu_thresholds()
+    if not cc.shared_code:
         zero = torch.zeros(m, d, dtype=f64)
         return {
             "W_enc": torch.cat([W_enc.reshape(n * d, m)] * 2, dim=1),
             "b_enc": torch.cat([b_enc, b_enc]),
             "W_dec": torch.cat([torch.cat([W_dec[0], zero], dim=1), torch.cat([zero, W_dec[1]], dim=1)], dim=0),
             "b_dec": b_dec.reshape(n * d),
-            "threshold": torch.cat([ratio(t[0], w[0]), ratio(t[1], w[1])]),
+            "threshold": threshold.reshape(n * m),
         }
-    else:
-        t = float(cc.threshold)
-        if t < 0:
-            raise ConfigError(
-                "This crosscoder has no inference threshold yet (BatchTopK only); SAE-Lens's jumprelu needs one. "
-                "Train past threshold_start_step first."
-            )
-        threshold = ratio(t, cc.salience_weights().detach().cpu().to(f64))
     return {
         "W_enc": W_enc.reshape(n * d, m),
         "b_enc": b_enc,
@@ -134,7 +116,7 @@ def _write(folder: Path, tensors: dict[str, torch.Tensor], cfg: dict[str, Any], 
 
 
 def export_saelens(
-    crosscoder: BatchTopKCrossCoder,
+    crosscoder: CrossCoder,
     out_dir: str | os.PathLike[str],
     *,
     folder: str | None = None,
@@ -157,7 +139,7 @@ def export_saelens(
     if "/" in folder or folder in ("", ".", ".."):
         raise ConfigError(f"The export folder name must be one path component, got {folder!r}.")
     d, m = crosscoder.activation_dim, crosscoder.dict_size
-    decoupled = cfg.salience == "decoupled"
+    decoupled = not crosscoder.shared_code
     full = folded_weights(crosscoder)
     dtype = getattr(torch, cfg.dtype)
     sae_version = _sae_lens_version()
@@ -224,7 +206,7 @@ def is_saelens_folder(path: Path) -> bool:
     return (path / CFG_FILE).is_file() and (path / WEIGHTS_FILE).is_file()
 
 
-def load_saelens_export(path: str | Path) -> BatchTopKCrossCoder:
+def load_saelens_export(path: str | Path) -> JumpReLUCrossCoder:
     """A crosscoder (sparsity ``jumprelu``, in raw space) from a concat SAE-Lens folder written by ``export_saelens``."""
     path = Path(path)
     cfg_path = path / CFG_FILE
@@ -263,12 +245,11 @@ def load_saelens_export(path: str | Path) -> BatchTopKCrossCoder:
         metadata={**(mneme.get("crosscoder_metadata") or {}), "source_format": FORMAT, "source": str(path),
                   "exported_salience": salience},
     )
-    model = BatchTopKCrossCoder(config)
+    model = JumpReLUCrossCoder(config)
     with torch.no_grad():
         model.W_enc.copy_(W_enc.reshape(2, d, m))
         model.b_enc.copy_(b_enc)
         model.W_dec.copy_(W_dec.reshape(m, 2, d).permute(1, 0, 2))
         model.b_dec.copy_(b_dec.reshape(2, d))
         model.latent_threshold.copy_(thr)
-        model.threshold.fill_(0.0)  # per-latent thresholds: no batch dependence
     return model

@@ -20,7 +20,8 @@ from typing import Any
 import torch
 
 from mneme_plugin.crosscoder.config import CrossCoderConfig
-from mneme_plugin.crosscoder.model import BatchTopKCrossCoder
+from mneme_plugin.crosscoder.base import CrossCoder
+from mneme_plugin.crosscoder.registry import build_crosscoder
 from mneme_plugin.errors import CheckpointError
 from mneme_plugin.formats.common import dtype_name, load_tensors, read_json, require_tensor
 
@@ -96,8 +97,9 @@ def _code_normalization(state: dict[str, torch.Tensor], init: dict[str, Any], tr
     return "CROSSCODER"
 
 
-def load_science_of_finetuning(path: str | Path, dict_class: str | None = None) -> BatchTopKCrossCoder:
-    """A science-of-finetuning crosscoder from its folder or weights file, as a ``BatchTopKCrossCoder``."""
+def load_science_of_finetuning(path: str | Path, dict_class: str | None = None) -> CrossCoder:
+    """A science-of-finetuning crosscoder from its folder or weights file: a ``BatchTopKCrossCoder``
+    (``DecoupledBatchTopKCrossCoder`` for DECOUPLED) or, for their L1 ``CrossCoder``, a ``ReLUCrossCoder``."""
     path = Path(path)
     if path.is_dir():
         folder, weights = path, find_weights(path)
@@ -178,7 +180,7 @@ def load_science_of_finetuning(path: str | Path, dict_class: str | None = None) 
         activation_dim=d, dict_size=m, k=k, salience=salience, sparsity=sparsity,
         normalization="mean_scale" if has_normalizer else "scale", dtype=dtype_name(enc, weights), metadata=metadata,
     )
-    model = BatchTopKCrossCoder(config)
+    model = build_crosscoder(config)
     with torch.no_grad():
         model.W_enc.copy_(enc)
         model.b_enc.copy_(b_enc)
@@ -188,14 +190,13 @@ def load_science_of_finetuning(path: str | Path, dict_class: str | None = None) 
             model.activation_mean.copy_(mean)
             model.activation_scale.copy_(scale)
         threshold = state.get("threshold")
-        if not batch_topk:
-            model.threshold.fill_(0.0)  # no batch dependence: codes never need a batch
-        elif salience == "decoupled":
+        # (L1 crosscoders: no threshold, their ReLUCrossCoder has 0.)
+        if batch_topk and salience == "decoupled":
             t = threshold if threshold is not None else torch.full((n,), -1.0)
             if t.numel() != n:
                 raise CheckpointError(f"{weights}: a DECOUPLED crosscoder needs a threshold per model ({n}), got shape {tuple(t.shape)}.")
             model.set_model_thresholds(t.float().reshape(-1))
-        elif threshold is not None:
+        elif batch_topk and threshold is not None:
             if threshold.numel() != 1:
                 raise CheckpointError(f"{weights}: threshold has shape {tuple(threshold.shape)}, expected a scalar.")
             model.threshold.fill_(float(threshold.item()))

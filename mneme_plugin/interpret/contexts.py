@@ -354,14 +354,15 @@ def select_latents(attribution: Any = None, config: Any = None, width: int | Non
 
 
 def _load_crosscoder(crosscoder: Any) -> Any:
-    """A crosscoder object, its directory, or a training run directory (holding ``crosscoder/``)."""
-    if isinstance(crosscoder, (str, os.PathLike)):
-        from mneme_plugin.crosscoder import BatchTopKCrossCoder
+    """A crosscoder object as is; a path (any format ``load_crosscoder`` reads, or a run directory) loaded.
 
-        path = Path(crosscoder)
-        if (path / "crosscoder" / "config.json").is_file() and not (path / "config.json").is_file():
-            path = path / "crosscoder"
-        return BatchTopKCrossCoder.from_pretrained(path)
+    Every architecture works here: collect needs only ``encode``; a DECOUPLED crosscoder's value is its
+    union code (latent j's pre-activation where either model keeps it).
+    """
+    if isinstance(crosscoder, (str, os.PathLike)):
+        from mneme_plugin.formats import load_crosscoder
+
+        return load_crosscoder(crosscoder)
     return crosscoder
 
 

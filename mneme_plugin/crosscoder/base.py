@@ -1,0 +1,299 @@
+"""``CrossCoder``: what every crosscoder over (base, edited) shares, and its own file format.
+
+A crosscoder reads stacked raw activations x (B, 2, d) (index 0 base, 1 edited) through one
+encoder, ``pre = relu(sum_l norm(x)_l W_enc^l + b_enc)``, keeps some codes by its sparsity rule
+(``sparsify``, one per subclass) and decodes them per model, ``W_dec^l f + b_dec^l``, back to raw
+activations. Subclasses (``mneme_plugin.crosscoder.registry``) are chosen by the ``architecture``
+key of ``config.json``; normalisation is a strategy (``normalizers.NORMALIZERS``).
+
+Capabilities are class attributes that the stages check with ``require_capability``, so that a
+crosscoder a stage cannot use is refused with an error that names what it lacks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from abc import abstractmethod
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from dictionary_learning.dictionary import Dictionary
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from mneme_plugin.crosscoder.config import CrossCoderConfig
+from mneme_plugin.crosscoder.normalizers import NORMALIZERS
+from mneme_plugin.crosscoder.salience import SALIENCE_MODES
+from mneme_plugin.errors import CheckpointError, ConfigError
+from mneme_plugin.files import atomic_write, atomic_write_text
+
+FORMAT_NAME = "mneme-crosscoder"
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+TENSOR_NAMES = ("W_enc", "b_enc", "W_dec", "b_dec", "threshold", "activation_scale")
+
+# What each capability a stage may require means (for the error that names a missing one).
+CAPABILITIES = {
+    "shared_code": "one code per latent shared by both models",
+}
+
+
+class CrossCoder(Dictionary, nn.Module):
+    """Base class of the crosscoders: shared encoder, per-model decoders, normalisation and I/O.
+
+    ``encode`` returns unscaled codes f (B, m) of raw activations; ``decode`` maps codes back to raw
+    (B, 2, d). Subclasses set ``architecture`` (the registry key), ``sparsity`` (the config value they
+    implement), ``description`` and their capabilities, and implement ``sparsify``.
+    """
+
+    architecture: ClassVar[str] = ""
+    sparsity: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    # Capabilities (see CAPABILITIES).
+    shared_code: ClassVar[bool] = True
+    # Tensors this architecture saves besides TENSOR_NAMES and its normaliser's buffers.
+    variant_tensors: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, config: CrossCoderConfig) -> None:
+        super().__init__()
+        if not config.is_resolved:
+            raise ValueError(
+                "CrossCoderConfig needs activation_dim and dict_size to build a crosscoder; "
+                "call config.resolve(d_model) first."
+            )
+        mismatch = self.config_mismatch(config)
+        if mismatch:
+            raise ConfigError(f"{type(self).__name__} (architecture {self.architecture!r}) cannot take this config: "
+                              f"{mismatch}.")
+        self.cfg = config
+        self.activation_dim = config.activation_dim
+        self.dict_size = config.dict_size
+        self.k = config.k
+        n, d, m = config.num_models, config.activation_dim, config.dict_size
+        dtype = getattr(torch, config.dtype)
+        self.W_enc = nn.Parameter(torch.empty(n, d, m, dtype=dtype))
+        self.b_enc = nn.Parameter(torch.zeros(m, dtype=dtype))
+        self.W_dec = nn.Parameter(torch.empty(n, m, d, dtype=dtype))
+        self.b_dec = nn.Parameter(torch.zeros(n, d, dtype=dtype))
+        # Smallest kept salience of BatchTopK (-1 = not estimated yet); 0 for rules without batch dependence.
+        self.register_buffer("threshold", torch.tensor(-1.0, dtype=torch.float32))
+        self.register_buffer("activation_scale", torch.ones(n, dtype=torch.float32))
+        self.normalizer = NORMALIZERS[config.normalization]
+        for name, tensor in self.normalizer.make_buffers(n, d).items():
+            self.register_buffer(name, tensor)
+        for name, tensor in self.make_variant_tensors(config).items():
+            self.register_buffer(name, tensor)
+        self.reset_parameters()
+
+    # ----------------------------------------------------------------------------- set-up
+
+    @classmethod
+    def config_mismatch(cls, config: CrossCoderConfig) -> str | None:
+        """Why ``config`` does not describe this architecture (None if it does)."""
+        if cls.sparsity and config.sparsity != cls.sparsity:
+            return f"sparsity is {config.sparsity!r}, expected {cls.sparsity!r}"
+        if config.salience == "decoupled" and cls.shared_code:
+            return "salience 'decoupled' needs per-model codes (DecoupledBatchTopKCrossCoder)"
+        return None
+
+    def make_variant_tensors(self, config: CrossCoderConfig) -> dict[str, torch.Tensor]:
+        """Buffers of this architecture (named in ``variant_tensors``)."""
+        return {}
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Zero weights: an imported crosscoder gets its weights from its loader."""
+        for p in (self.W_enc, self.b_enc, self.W_dec, self.b_dec):
+            p.zero_()
+
+    def set_activation_scale(self, scale: torch.Tensor | list[float] | tuple[float, ...]) -> None:
+        scale = torch.as_tensor(scale, dtype=torch.float32).reshape(-1)
+        if scale.numel() != self.cfg.num_models or not torch.isfinite(scale).all() or (scale <= 0).any():
+            raise ValueError(
+                f"activation_scale must be {self.cfg.num_models} positive finite factors, got {scale.tolist()}."
+            )
+        self.activation_scale.copy_(scale.to(self.activation_scale.device))
+
+    def tensor_names(self) -> tuple[str, ...]:
+        """Names of the tensors saved with this crosscoder (``TENSOR_NAMES`` plus its variant's)."""
+        return TENSOR_NAMES + self.variant_tensors + self.normalizer.buffers
+
+    # ----------------------------------------------------------------------------- math
+
+    def salience_weights(self) -> torch.Tensor:
+        """w_j (m,), the decoder-norm weight of latent j (config ``salience``)."""
+        return SALIENCE_MODES[self.cfg.salience](self.W_dec)
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        return self.normalizer.normalize(self, x)
+
+    def denormalize(self, x: torch.Tensor) -> torch.Tensor:
+        return self.normalizer.denormalize(self, x)
+
+    def pre_activations(self, x_norm: torch.Tensor) -> torch.Tensor:
+        """relu(sum_l x_l W_enc^l + b_enc) on normalised inputs: (B, m)."""
+        x_flat = x_norm.reshape(x_norm.shape[0], -1)
+        return torch.relu(x_flat @ self.W_enc.reshape(-1, self.dict_size) + self.b_enc)
+
+    @abstractmethod
+    def sparsify(self, pre: torch.Tensor, use_threshold: bool | None = None) -> torch.Tensor:
+        """Codes (B, m) from pre-activations (B, m) by this architecture's sparsity rule."""
+
+    def encode(self, x: torch.Tensor, use_threshold: bool | None = None) -> torch.Tensor:
+        """Unscaled codes f (B, m) of raw activations x (B, 2, d)."""
+        return self.sparsify(self.pre_activations(self.normalize(x)), use_threshold)
+
+    def encode_per_model(self, x: torch.Tensor, use_threshold: bool | None = None) -> torch.Tensor:
+        """Codes per model (B, 2, m): the shared code for both models unless the architecture has its own."""
+        f = self.encode(x, use_threshold)
+        return f[:, None, :].expand(f.shape[0], self.cfg.num_models, f.shape[1])
+
+    def decode(self, f: torch.Tensor) -> torch.Tensor:
+        """Reconstruction (B, 2, d) in raw activation scale from codes f (B, m)."""
+        x_hat = torch.einsum("bm,lmd->bld", f.to(self.W_dec.dtype), self.W_dec) + self.b_dec
+        return self.denormalize(x_hat)
+
+    def forward(self, x: torch.Tensor, output_features: bool = False):  # type: ignore[override]
+        f = self.encode(x)
+        x_hat = self.decode(f)
+        return (x_hat, f) if output_features else x_hat
+
+    def jumprelu_thresholds(self) -> torch.Tensor:
+        """Per-latent thresholds t_j (float64, CPU) with codes = pre_j * (pre_j > t_j), as SAE-Lens's jumprelu.
+
+        (m,), or (2, m) for architectures with a code per model. Used by the SAE-Lens export.
+        """
+        raise ConfigError(
+            f"{type(self).__name__} (architecture {self.architecture!r}) does not define per-latent thresholds on "
+            "its pre-activations (jumprelu_thresholds), which the SAE-Lens export needs."
+        )
+
+    # ----------------------------------------------------------------------------- checks
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        expected = (self.cfg.num_models, self.activation_dim)
+        if x.ndim != 3 or tuple(x.shape[1:]) != expected:
+            raise ValueError(
+                f"Expected stacked activations of shape (batch, {expected[0]}, {expected[1]}) "
+                f"[index 0 base, 1 edited], got {tuple(x.shape)}."
+            )
+
+    # ----------------------------------------------------------------------------- I/O
+
+    def save_pretrained(self, path: str | os.PathLike[str]) -> Path:
+        """Write ``config.json`` + ``model.safetensors`` into the directory ``path``, atomically per file."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        tensors = {name: getattr(self, name).detach().cpu().contiguous() for name in self.tensor_names()}
+        atomic_write(path / WEIGHTS_FILE, lambda tmp: save_file(tensors, str(tmp), metadata={"format": FORMAT_NAME}))
+        meta = {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "architecture": self.architecture,
+            "class": type(self).__name__,
+            "config": self.cfg.to_dict(),
+        }
+        atomic_write_text(path / CONFIG_FILE, json.dumps(meta, indent=2))
+        return path
+
+    @classmethod
+    def from_pretrained(  # type: ignore[override]
+        cls, path: str | os.PathLike[str], device: str | torch.device | None = None, **kwargs: Any
+    ) -> "CrossCoder":
+        """Load a crosscoder saved by ``save_pretrained``, as the class its ``architecture`` names.
+
+        Files written before the ``architecture`` key get the class their config's flags describe.
+        Called on a subclass, the file must hold that class (or one of its subclasses).
+        """
+        from mneme_plugin.crosscoder.registry import architecture_of, get_crosscoder_class
+
+        path = Path(path)
+        config_path, weights_path = path / CONFIG_FILE, path / WEIGHTS_FILE
+        if not path.is_dir():
+            raise CheckpointError(f"{path} is not a directory holding {CONFIG_FILE} and {WEIGHTS_FILE}.")
+        for required in (config_path, weights_path):
+            if not required.is_file():
+                raise CheckpointError(
+                    f"{required} is missing: a mneme crosscoder directory holds {CONFIG_FILE} and {WEIGHTS_FILE}."
+                )
+        meta = read_crosscoder_meta(config_path)
+        config = CrossCoderConfig.from_dict(meta["config"])
+        architecture = meta.get("architecture") or architecture_of(config)
+        try:
+            klass = get_crosscoder_class(architecture)
+        except ConfigError as err:
+            raise CheckpointError(f"{config_path}: {err}") from err
+        if not issubclass(klass, cls):
+            raise CheckpointError(
+                f"{path} holds a {klass.__name__} (architecture {architecture!r}), not a {cls.__name__}; "
+                "load it with CrossCoder.from_pretrained or mneme_plugin.formats.load_crosscoder."
+            )
+        try:
+            model = klass(config)
+        except ConfigError as err:
+            raise CheckpointError(f"{config_path}: {err}") from err
+        try:
+            tensors = load_file(str(weights_path))
+        except Exception as err:  # safetensors raises its own error types
+            raise CheckpointError(f"{weights_path} is not a readable safetensors file: {err}") from err
+        names = model.tensor_names()
+        missing = [name for name in names if name not in tensors]
+        if missing:
+            raise CheckpointError(f"{weights_path} lacks tensors {missing}; expected {list(names)}.")
+        for name in names:
+            target = getattr(model, name)
+            if tuple(tensors[name].shape) != tuple(target.shape):
+                raise CheckpointError(
+                    f"{weights_path}: tensor {name} has shape {tuple(tensors[name].shape)}, "
+                    f"but config.json implies {tuple(target.shape)}."
+                )
+        with torch.no_grad():
+            for name in names:
+                getattr(model, name).copy_(tensors[name])
+        if device is not None:
+            model = model.to(device)
+        return model
+
+
+def require_capability(crosscoder: Any, capability: str, stage: str) -> None:
+    """ConfigError naming what is missing unless ``crosscoder`` has ``capability`` (see ``CAPABILITIES``).
+
+    An object that is not a ``CrossCoder`` is judged by the class its config describes.
+    """
+    from mneme_plugin.crosscoder.registry import architecture_of, get_crosscoder_class
+
+    klass = type(crosscoder) if isinstance(crosscoder, CrossCoder) else get_crosscoder_class(
+        architecture_of(crosscoder.cfg))
+    if not getattr(klass, capability):
+        raise ConfigError(
+            f"{stage} needs a crosscoder with {CAPABILITIES[capability]} (capability {capability!r}); "
+            f"{klass.__name__} (architecture {klass.architecture!r}: {klass.description}) lacks it. "
+            "Use a crosscoder with that capability."
+        )
+
+
+def read_crosscoder_meta(config_path: Path) -> dict[str, Any]:
+    """Parse and check a crosscoder ``config.json`` of this package's format."""
+    try:
+        meta = json.loads(config_path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{config_path} is not valid JSON ({err}); the file may be truncated.") from err
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
+        hint = ""
+        if isinstance(meta, dict) and ("trainer" in meta or "dict_class" in meta or "d_in" in meta):
+            hint = " It looks like a crosscoder from another project (science-of-finetuning, Kissane or SAE-Lens)."
+        raise CheckpointError(
+            f"{config_path} is not a mneme crosscoder config (expected \"format\": \"{FORMAT_NAME}\").{hint}"
+        )
+    if meta.get("format_version", 0) > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{config_path} has format_version {meta['format_version']}, newer than this mneme-plugin "
+            f"understands ({FORMAT_VERSION}); upgrade mneme-plugin."
+        )
+    if "config" not in meta:
+        raise CheckpointError(f"{config_path} has no \"config\" entry.")
+    return meta
