@@ -126,6 +126,8 @@ class TrainingConfig(ConfigMixin):
       never be reached by a run of under 10M tokens, so no latent would ever be revived).
     """
 
+    runtime_fields = ("device", "checkpoint_every", "keep_checkpoints")
+
     steps: int = 10_000
     batch_size: int = 4096
     lr: float | None = None
@@ -145,6 +147,10 @@ class TrainingConfig(ConfigMixin):
     # rows of every shard (whole contexts, never seen by the optimiser); with a stream, the batches
     # that follow the training ones.
     eval_rows: int = 8192
+    # `mneme run` only: train from a harvest stream (no activation store on disk); attribution
+    # then streams over the corpus too. The stream shuffles rows in a buffer of this many rows.
+    stream: bool = False
+    shuffle_buffer_rows: int = 262_144
 
     def __post_init__(self) -> None:
         require(self.steps > 0, f"steps must be positive, got {self.steps}.")
@@ -171,6 +177,8 @@ class TrainingConfig(ConfigMixin):
         require(self.checkpoint_every >= 0, "checkpoint_every must be >= 0 (0 disables checkpoints).")
         require(self.keep_checkpoints >= 1, "keep_checkpoints must be >= 1.")
         require(self.eval_rows >= 0, "eval_rows must be >= 0.")
+        require(self.shuffle_buffer_rows >= 2 * self.batch_size,
+                f"shuffle_buffer_rows ({self.shuffle_buffer_rows}) must be at least 2 x batch_size ({self.batch_size}).")
 
     @property
     def is_resolved(self) -> bool:
