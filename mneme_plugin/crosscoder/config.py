@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,7 +41,7 @@ class CrossCoderConfig(ConfigMixin):
     dict_size: int | None = None
     expansion_factor: int = 32
     k: int = 100
-    salience: str = "paper"
+    salience: str = "crosscoder"
     num_models: int = 2
     dtype: str = "float32"
     sparsity: str = "batchtopk"
@@ -92,37 +93,60 @@ class CrossCoderConfig(ConfigMixin):
                 f"The crosscoder config says activation_dim={self.activation_dim}, but the activations have "
                 f"d_model={activation_dim}; drop activation_dim from the config or use matching activations."
             )
-        dict_size = self.dict_size if self.dict_size is not None else self.expansion_factor * activation_dim
-        return self.replace(activation_dim=activation_dim, dict_size=dict_size)
+        if self.dict_size is None:
+            return self.replace(activation_dim=activation_dim, dict_size=self.expansion_factor * activation_dim)
+        # An explicit dict_size wins; the factor then reports what it amounts to.
+        return self.replace(activation_dim=activation_dim, expansion_factor=max(1, self.dict_size // activation_dim))
+
+
+# The BatchTopK paper's learning-rate scaling (Bussmann et al. 2024, Fig. 3; the science-of-finetuning
+# trainer's default): 2e-4 at 2^14 latents, times 1 / sqrt(dict_size / 2^14).
+REFERENCE_LR, REFERENCE_DICT_SIZE = 2e-4, 2**14
+# Published schedule constants (REFERENCE.md), reached by runs long enough to afford them.
+PUBLISHED_WARMUP_STEPS, PUBLISHED_THRESHOLD_START, PUBLISHED_DEAD_AFTER = 1000, 1000, 10_000_000
+
+
+def default_lr(dict_size: int) -> float:
+    """The learning rate for a dictionary of ``dict_size`` latents: 2e-4 / sqrt(dict_size / 2^14)."""
+    return REFERENCE_LR / math.sqrt(dict_size / REFERENCE_DICT_SIZE)
 
 
 @dataclass
 class TrainingConfig(ConfigMixin):
     """Optimisation of a crosscoder: schedule, auxiliary loss, threshold, checkpoints.
 
-    Defaults follow the published BatchTopK crosscoders (REFERENCE.md): Adam(0.9, 0.999),
-    warmup 1000 steps, aux-k with alpha 1/32 on latents dead for 10M tokens, threshold EMA
-    (beta 0.999) from step 1000, gradient clipping at 1.0.
+    Defaults follow the published BatchTopK crosscoders (REFERENCE.md): Adam(0.9, 0.999), aux-k with
+    alpha 1/32, threshold EMA (beta 0.999), gradient clipping at 1.0. Fields left at None scale with
+    the run (``resolve``), so a short run gets a schedule that fits it:
+
+    - ``lr``: 2e-4 / sqrt(dict_size / 2^14) (the BatchTopK paper's scaling with dictionary size);
+    - ``warmup_steps``: min(1000, steps // 10);
+    - ``threshold_start_step``: min(1000, steps // 2) (the inference threshold is estimated after it);
+    - ``dead_after_tokens``: min(10M, steps * batch_size // 10): a latent that has not fired for a
+      tenth of the run is dead and gets the aux-k gradient (10M tokens, the published window, would
+      never be reached by a run of under 10M tokens, so no latent would ever be revived).
     """
 
     runtime_fields = ("device", "checkpoint_every", "keep_checkpoints")
 
     steps: int = 10_000
     batch_size: int = 4096
-    lr: float = 1e-4
-    warmup_steps: int = 1000
+    lr: float | None = None
+    warmup_steps: int | None = None
     # Linear decay to zero over the last fraction of steps (0 disables the decay).
     decay_fraction: float = 0.2
     aux_alpha: float = 1 / 32
-    dead_after_tokens: int = 10_000_000
-    threshold_start_step: int = 1000
+    dead_after_tokens: int | None = None
+    threshold_start_step: int | None = None
     threshold_beta: float = 0.999
     grad_clip: float = 1.0
     seed: int = 0
     device: str = "auto"
     checkpoint_every: int = 1000
     keep_checkpoints: int = 2
-    # Rows held out of training (the first ones of the data order) to report quality on.
+    # Rows held out of training to report quality on (metrics.json): with an activation store, the last
+    # rows of every shard (whole contexts, never seen by the optimiser); with a stream, the batches
+    # that follow the training ones.
     eval_rows: int = 8192
     # `mneme run` only: train from a harvest stream (no activation store on disk); attribution
     # then streams over the corpus too. The stream shuffles rows in a buffer of this many rows.
@@ -132,14 +156,23 @@ class TrainingConfig(ConfigMixin):
     def __post_init__(self) -> None:
         require(self.steps > 0, f"steps must be positive, got {self.steps}.")
         require(self.batch_size > 0, f"batch_size must be positive, got {self.batch_size}.")
-        require(self.lr > 0, f"lr must be positive, got {self.lr}.")
-        require(self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}.")
+        require(self.lr is None or self.lr > 0, f"lr must be positive (or null for the default), got {self.lr}.")
+        require(
+            self.warmup_steps is None or self.warmup_steps >= 0,
+            f"warmup_steps must be >= 0, got {self.warmup_steps}.",
+        )
         require(
             0.0 <= self.decay_fraction <= 1.0,
             f"decay_fraction must be in [0, 1], got {self.decay_fraction}.",
         )
         require(self.aux_alpha >= 0, f"aux_alpha must be >= 0, got {self.aux_alpha}.")
-        require(self.dead_after_tokens > 0, "dead_after_tokens must be positive.")
+        require(
+            self.dead_after_tokens is None or self.dead_after_tokens > 0, "dead_after_tokens must be positive."
+        )
+        require(
+            self.threshold_start_step is None or self.threshold_start_step >= 0,
+            "threshold_start_step must be >= 0.",
+        )
         require(0.0 <= self.threshold_beta < 1.0, "threshold_beta must be in [0, 1).")
         require(self.grad_clip >= 0, "grad_clip must be >= 0 (0 disables clipping).")
         require(self.checkpoint_every >= 0, "checkpoint_every must be >= 0 (0 disables checkpoints).")
@@ -147,3 +180,49 @@ class TrainingConfig(ConfigMixin):
         require(self.eval_rows >= 0, "eval_rows must be >= 0.")
         require(self.shuffle_buffer_rows >= 2 * self.batch_size,
                 f"shuffle_buffer_rows ({self.shuffle_buffer_rows}) must be at least 2 x batch_size ({self.batch_size}).")
+
+    @property
+    def is_resolved(self) -> bool:
+        return None not in (self.lr, self.warmup_steps, self.threshold_start_step, self.dead_after_tokens)
+
+    def resolve(self, dict_size: int) -> "TrainingConfig":
+        """A copy with every None field replaced by its run-scaled default (see the class docstring)."""
+        return self.replace(
+            lr=self.lr if self.lr is not None else default_lr(dict_size),
+            warmup_steps=(
+                self.warmup_steps if self.warmup_steps is not None else min(PUBLISHED_WARMUP_STEPS, self.steps // 10)
+            ),
+            threshold_start_step=(
+                self.threshold_start_step
+                if self.threshold_start_step is not None
+                else min(PUBLISHED_THRESHOLD_START, self.steps // 2)
+            ),
+            dead_after_tokens=(
+                self.dead_after_tokens
+                if self.dead_after_tokens is not None
+                else max(1, min(PUBLISHED_DEAD_AFTER, self.steps * self.batch_size // 10))
+            ),
+        )
+
+    def schedule_warnings(self) -> list[str]:
+        """Ways an explicitly set schedule does not fit the run length (empty when it fits)."""
+        found = []
+        if self.warmup_steps is not None and self.warmup_steps >= self.steps:
+            found.append(
+                f"warmup_steps={self.warmup_steps} >= steps={self.steps}: the learning rate never reaches its "
+                "value and the crosscoder is barely trained; lower warmup_steps (or leave it unset to scale "
+                "with the run)."
+            )
+        if self.threshold_start_step is not None and self.threshold_start_step >= self.steps:
+            found.append(
+                f"threshold_start_step={self.threshold_start_step} >= steps={self.steps}: no inference threshold "
+                "is estimated, so encoding falls back to BatchTopK over each batch; lower threshold_start_step "
+                "(or leave it unset)."
+            )
+        if self.dead_after_tokens is not None and self.dead_after_tokens >= self.steps * self.batch_size:
+            found.append(
+                f"dead_after_tokens={self.dead_after_tokens} >= the run's {self.steps * self.batch_size} tokens: "
+                "no latent can count as dead, so the aux-k loss never revives one (leave it unset to scale "
+                "with the run)."
+            )
+        return found

@@ -10,6 +10,13 @@ import torch
 from mneme_plugin.crosscoder.model import BatchTopKCrossCoder
 
 
+# Where metrics.json's tokens come from (``CrossCoderMetrics.eval_data``).
+EVAL_HELD_OUT = "held_out"  # store rows held out of training (TrainingConfig.eval_rows)
+EVAL_STREAM = "stream_after_training"  # the stream's batches after the training ones
+EVAL_TRAINING_BATCH = "training_batch"  # last resort: the last training batch (an exhausted stream)
+EVAL_GIVEN = "given"  # batches passed by the caller
+
+
 @dataclass
 class CrossCoderMetrics:
     """Reconstruction quality on a set of tokens (paper targets: <15% dead, >95% explained)."""
@@ -20,12 +27,18 @@ class CrossCoderMetrics:
     # (activations scaled so that E||x|| = sqrt(d)).
     mse: float
     l0: float
+    # Share of latents that never fired on the evaluation tokens.
     dead_fraction: float
-    # "training": dead for dead_after_tokens during training; "evaluation": never fired on these tokens.
+    # "evaluation": dead_fraction above; kept for files written before dead_fraction_training existed.
     dead_fraction_source: str
     n_tokens: int
+    # The training counter: share of latents that had not fired for dead_after_tokens when training
+    # ended (None where not measured, e.g. an evaluation outside training).
+    dead_fraction_training: float | None = None
+    # Which tokens were evaluated (EVAL_* above); only "held_out" and "stream_after_training" are unseen.
+    eval_data: str = EVAL_GIVEN
 
-    def to_dict(self) -> dict[str, float | int | str]:
+    def to_dict(self) -> dict[str, float | int | str | None]:
         return asdict(self)
 
 
@@ -33,7 +46,8 @@ class CrossCoderMetrics:
 def evaluate_crosscoder(
     crosscoder: BatchTopKCrossCoder,
     batches: Iterable[torch.Tensor],
-    dead_mask: torch.Tensor | None = None,
+    training_dead_mask: torch.Tensor | None = None,
+    eval_data: str = EVAL_GIVEN,
 ) -> CrossCoderMetrics:
     """Evaluate with the inference encoding (threshold once estimated, else BatchTopK)."""
     device = crosscoder.W_enc.device
@@ -59,16 +73,15 @@ def evaluate_crosscoder(
         raise ValueError("No tokens to evaluate the crosscoder on.")
     total_var = sum_x2 - sum_x.pow(2).sum(-1) / n_tokens
     explained = (1 - sum_err / total_var.clamp_min(1e-12)).tolist()
-    if dead_mask is not None:
-        dead_fraction, source = float(dead_mask.float().mean()), "training"
-    else:
-        dead_fraction, source = float((~fired).float().mean()), "evaluation"
+    training_dead = None if training_dead_mask is None else float(training_dead_mask.float().mean())
     return CrossCoderMetrics(
         explained_variance_base=explained[0],
         explained_variance_edited=explained[1],
         mse=float(sum_err.sum() / n_tokens),
         l0=n_active / n_tokens,
-        dead_fraction=dead_fraction,
-        dead_fraction_source=source,
+        dead_fraction=float((~fired).float().mean()),
+        dead_fraction_source="evaluation",
         n_tokens=n_tokens,
+        dead_fraction_training=training_dead,
+        eval_data=eval_data,
     )

@@ -77,15 +77,17 @@ class BatchTopKCrossCoderTrainer(SAETrainer):
         activation_dim: int,
         dict_size: int,
         k: int = 100,
-        lr: float = 1e-4,
-        warmup_steps: int = 1000,
+        lr: float | None = None,
+        warmup_steps: int | None = None,
         decay_fraction: float = 0.2,
         aux_alpha: float = 1 / 32,
-        dead_after_tokens: int = 10_000_000,
-        threshold_start_step: int = 1000,
+        dead_after_tokens: int | None = None,
+        threshold_start_step: int | None = None,
         threshold_beta: float = 0.999,
         grad_clip: float = 1.0,
-        salience: str = "paper",
+        salience: str = CrossCoderConfig.salience,
+        batch_size: int = TrainingConfig.batch_size,
+        expansion_factor: int | None = None,
         activation_scale: list[float] | None = None,
         seed: int | None = None,
         device: str | None = None,
@@ -99,12 +101,15 @@ class BatchTopKCrossCoderTrainer(SAETrainer):
         self.crosscoder_config = CrossCoderConfig(
             activation_dim=activation_dim,
             dict_size=dict_size,
+            # The factor the dictionary was sized by (config.json reports it); dict_size is what counts.
+            expansion_factor=expansion_factor or max(1, dict_size // activation_dim),
             k=k,
             salience=salience,
             metadata=dict(metadata or {}),
         )
         self.training_config = TrainingConfig(
             steps=steps,
+            batch_size=batch_size,
             lr=lr,
             warmup_steps=warmup_steps,
             decay_fraction=decay_fraction,
@@ -114,7 +119,7 @@ class BatchTopKCrossCoderTrainer(SAETrainer):
             threshold_beta=threshold_beta,
             grad_clip=grad_clip,
             seed=0 if seed is None else seed,
-        )
+        ).resolve(dict_size)
         self.layer, self.lm_name, self.wandb_name, self.submodule_name = layer, lm_name, wandb_name, submodule_name
         self.device = resolve_device(device or "auto")
         generator = torch.Generator().manual_seed(self.training_config.seed)
@@ -123,8 +128,8 @@ class BatchTopKCrossCoderTrainer(SAETrainer):
         if activation_scale is not None:
             self.ae.set_activation_scale(activation_scale)
         self.ae.to(self.device)
-        self.optimizer = torch.optim.Adam(self.ae.parameters(), lr=lr, betas=(0.9, 0.999), fused=True)
         cfg = self.training_config
+        self.optimizer = torch.optim.Adam(self.ae.parameters(), lr=cfg.lr, betas=(0.9, 0.999), fused=True)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_multiplier(s, cfg.steps, cfg.warmup_steps, cfg.decay_fraction)
         )
@@ -146,6 +151,8 @@ class BatchTopKCrossCoderTrainer(SAETrainer):
             steps=t.steps,
             activation_dim=crosscoder.activation_dim,
             dict_size=crosscoder.dict_size,
+            expansion_factor=crosscoder.expansion_factor,
+            batch_size=t.batch_size,
             k=crosscoder.k,
             lr=t.lr,
             warmup_steps=t.warmup_steps,

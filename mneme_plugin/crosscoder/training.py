@@ -21,12 +21,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from mneme_plugin.activations.store import ActivationStore
 from mneme_plugin.crosscoder.config import CrossCoderConfig, TrainingConfig
-from mneme_plugin.crosscoder.metrics import CrossCoderMetrics, evaluate_crosscoder
+from mneme_plugin.crosscoder.metrics import (
+    EVAL_HELD_OUT,
+    EVAL_STREAM,
+    EVAL_TRAINING_BATCH,
+    CrossCoderMetrics,
+    evaluate_crosscoder,
+)
 from mneme_plugin.crosscoder.model import BatchTopKCrossCoder
 from mneme_plugin.crosscoder.trainer import BatchTopKCrossCoderTrainer
 from mneme_plugin.devices import resolve_device
@@ -57,9 +64,14 @@ class TrainResult:
 
 
 class _Data:
-    """Uniform view of a store or a stream: batches from a given step, scale factors, metadata."""
+    """Uniform view of a store or a stream: training batches from a given step, held-out rows, scale factors.
 
-    def __init__(self, data: TrainingData, batch_size: int, seed: int) -> None:
+    With a store, the last rows of every shard (in proportion to its size; whole contexts, as rows
+    are stored context by context) are held out of training and evaluated on; training batches are
+    the store's batches with those rows removed, so a batch can be a few rows short of batch_size.
+    """
+
+    def __init__(self, data: TrainingData, batch_size: int, seed: int, eval_rows: int = 0) -> None:
         if isinstance(data, (str, os.PathLike)):
             data = ActivationStore(data)
         self.source = data
@@ -68,6 +80,17 @@ class _Data:
         scale = getattr(data, "scale_factors", None)
         self.scale_factors = None if scale is None else torch.as_tensor(scale, dtype=torch.float32)
         self.d_model: int | None = getattr(data, "d_model", None)
+        self.train_rows_per_shard: np.ndarray | None = None
+        if self.store is not None and eval_rows > 0:
+            shard_rows = np.array([int(s["n_rows"]) for s in self.store.manifest["shards"]], dtype=np.int64)
+            total = int(shard_rows.sum())
+            if eval_rows > total // 2:
+                raise ConfigError(
+                    f"eval_rows={eval_rows} would hold out more than half of the store's {total} rows; "
+                    "lower eval_rows (or harvest more tokens)."
+                )
+            held = np.ceil(shard_rows * eval_rows / max(1, total)).astype(np.int64)
+            self.train_rows_per_shard = shard_rows - held
 
     def metadata(self) -> dict[str, Any]:
         if self.store is None:
@@ -80,18 +103,34 @@ class _Data:
 
     def batches(self, start_step: int) -> Iterator[torch.Tensor]:
         if self.store is not None:
-            return self.store.iter_batches(self.batch_size, seed=self.seed, start_step=start_step)
+            if self.train_rows_per_shard is None:
+                return self.store.iter_batches(self.batch_size, seed=self.seed, start_step=start_step)
+            return self._training_batches(start_step)
         # A stream cannot seek: replay it up to the resume point (deterministic streams only).
         return itertools.islice(iter(self.source), start_step, None)  # type: ignore[arg-type]
 
-    def eval_batches(self, n_rows: int) -> list[torch.Tensor]:
-        if self.store is None or n_rows == 0:
-            return []
-        n_rows = min(n_rows, self.store.num_rows)
-        batch = min(self.batch_size, n_rows)
-        # A different seed than training: another sample of the store.
-        it = self.store.iter_batches(batch, seed=self.seed + 1_000_003)
-        return [next(it) for _ in range(max(1, n_rows // batch))]
+    def _training_batches(self, start_step: int) -> Iterator[torch.Tensor]:
+        store, keep_below = self.store, self.train_rows_per_shard
+        assert store is not None and keep_below is not None
+        for step in itertools.count(start_step):
+            pairs = store.batch_rows(step, self.batch_size, seed=self.seed)
+            pairs = pairs[pairs[:, 1] < keep_below[pairs[:, 0]]]
+            yield store.gather(pairs)
+
+    def held_out_batches(self) -> Iterator[torch.Tensor]:
+        """The held-out rows of the store, batch_size at a time, in store order."""
+        store, keep_below = self.store, self.train_rows_per_shard
+        if store is None or keep_below is None:
+            return
+        shard_rows = [int(entry["n_rows"]) for entry in store.manifest["shards"]]
+        parts = [
+            np.stack([np.full(n - start, shard), np.arange(start, n)], axis=1)
+            for shard, (start, n) in enumerate(zip(keep_below.tolist(), shard_rows))
+            if n > start
+        ]
+        pairs = np.concatenate(parts)
+        for begin in range(0, len(pairs), self.batch_size):
+            yield store.gather(pairs[begin : begin + self.batch_size])
 
 
 def _checkpoint_dirs(run_dir: Path) -> list[Path]:
@@ -179,7 +218,7 @@ def train(
     cc_cfg = crosscoder if isinstance(crosscoder, CrossCoderConfig) else CrossCoderConfig.from_dict(crosscoder)
     tr_cfg = training if isinstance(training, TrainingConfig) else TrainingConfig.from_dict(training)
     run_dir = Path(run_dir)
-    source = _Data(data, tr_cfg.batch_size, tr_cfg.seed)
+    source = _Data(data, tr_cfg.batch_size, tr_cfg.seed, tr_cfg.eval_rows)
 
     d_model = source.d_model or cc_cfg.activation_dim
     if d_model is None:
@@ -201,6 +240,8 @@ def train(
             stale_file.unlink(missing_ok=True)
     _check_run_config(run_dir, run_config)
 
+    for warning in tr_cfg.schedule_warnings():
+        logger.warning(warning)
     device = resolve_device(tr_cfg.device)
     scale = source.scale_factors
     if scale is None:
@@ -247,19 +288,22 @@ def train(
     bar.close()
 
     crosscoder_model = trainer.ae.eval()
-    eval_batches = source.eval_batches(tr_cfg.eval_rows)
-    if not eval_batches:
-        # A stream: evaluate on fresh batches of it (never seen by the optimiser); if it is
-        # exhausted, on the last training batch.
+    eval_data = EVAL_HELD_OUT
+    eval_batches: Iterable[torch.Tensor] = source.held_out_batches()
+    if source.store is None:
+        # A stream: evaluate on the batches that follow the training ones (never seen by the
+        # optimiser); if it is exhausted, on the last training batch.
+        eval_data = EVAL_STREAM
         eval_batches = list(itertools.islice(batches, max(1, tr_cfg.eval_rows // tr_cfg.batch_size)))
         if not eval_batches and x is not None:
             logger.warning("The data stream has no rows left for evaluation; reporting on the last training batch.")
-            eval_batches = [x]
-    # The training counter only says "dead" after dead_after_tokens; shorter runs report latents
-    # that never fired on the evaluation tokens instead.
-    seen = tr_cfg.steps * tr_cfg.batch_size
-    dead_mask = trainer.dead_mask if seen >= tr_cfg.dead_after_tokens else None
-    metrics = evaluate_crosscoder(crosscoder_model, eval_batches, dead_mask=dead_mask)
+            eval_data, eval_batches = EVAL_TRAINING_BATCH, [x]
+    elif tr_cfg.eval_rows == 0:
+        logger.warning("eval_rows is 0: metrics.json reports on the last training batch, not on unseen rows.")
+        eval_data, eval_batches = EVAL_TRAINING_BATCH, [x] if x is not None else []
+    metrics = evaluate_crosscoder(
+        crosscoder_model, eval_batches, training_dead_mask=trainer.dead_mask, eval_data=eval_data
+    )
     tmp_final = run_dir / f".tmp_{FINAL_DIR}"
     if tmp_final.exists():
         shutil.rmtree(tmp_final)

@@ -102,3 +102,48 @@ def test_training_from_a_harvest_stream(ht_pair, tmp_path):
     assert result.crosscoder.cfg.metadata == {"data": "stream"}
     torch.testing.assert_close(result.crosscoder.activation_scale, stream.scale_factors.float())
     assert 0 < result.metrics.n_tokens <= 256 and result.metrics.explained_variance_base > 0.3
+
+
+def test_metrics_are_measured_on_rows_held_out_of_training(tiny_store, tmp_path):
+    """Issue 11 item 4: the evaluated rows never reach the optimiser, and metrics.json says so."""
+    from mneme_plugin.crosscoder.training import _Data
+
+    source = _Data(tiny_store, 128, 0, eval_rows=512)
+    held = torch.cat(list(source.held_out_batches()))
+    assert 512 <= held.shape[0] < 512 + tiny_store.num_shards
+    train_rows = torch.cat([b for b, _ in zip(source.batches(0), range(200))])
+    # No held-out row appears among the training rows. Rows are compared by value; vectors that
+    # occur more than once in the store (e.g. the first position of every context) are left out.
+    from collections import Counter
+
+    counts = Counter(tuple(r.flatten().tolist()) for r in tiny_store.all_activations())
+    held_keys = {key for key in (tuple(r.flatten().tolist()) for r in held) if counts[key] == 1}
+    assert len(held_keys) > 400
+    assert not any(tuple(r.flatten().tolist()) in held_keys for r in train_rows)
+    result = train(tiny_store, tmp_path / "run", CrossCoderConfig(expansion_factor=4, k=8),
+                   _small_training(steps=30, checkpoint_every=0, eval_rows=512), progress=False)
+    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert saved["eval_data"] == "held_out" and saved["n_tokens"] == held.shape[0]
+    assert saved["dead_fraction_training"] is not None
+    assert result.metrics.n_tokens == held.shape[0]
+
+
+def test_saved_config_reports_the_expansion_factor_it_was_trained_with(tiny_store, tmp_path):
+    result = train(tiny_store, tmp_path / "run", CrossCoderConfig(expansion_factor=4, k=8),
+                   _small_training(steps=10, checkpoint_every=0, eval_rows=256), progress=False)
+    meta = json.loads((result.crosscoder_dir / "config.json").read_text())
+    assert meta["config"]["expansion_factor"] == 4
+    assert meta["config"]["dict_size"] == 4 * tiny_store.d_model
+
+
+def test_schedule_longer_than_the_run_warns_and_defaults_scale_with_it(tiny_store, tmp_path, caplog):
+    config = TrainingConfig(steps=40, batch_size=64, warmup_steps=1000, checkpoint_every=0, eval_rows=256)
+    assert any("warmup_steps=1000" in w for w in config.schedule_warnings())
+    with caplog.at_level("WARNING", logger="mneme_plugin"):
+        train(tiny_store, tmp_path / "run", CrossCoderConfig(expansion_factor=2, k=4), config, progress=False)
+    assert "warmup_steps=1000 >= steps=40" in caplog.text
+    resolved = TrainingConfig(steps=40, batch_size=64).resolve(dict_size=1024)
+    assert resolved.warmup_steps == 4 and resolved.threshold_start_step == 20
+    assert resolved.dead_after_tokens == 40 * 64 // 10
+    assert resolved.lr == pytest.approx(2e-4 / (1024 / 2**14) ** 0.5)
+    assert TrainingConfig().schedule_warnings() == []
