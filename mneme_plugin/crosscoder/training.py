@@ -26,10 +26,11 @@ from tqdm.auto import tqdm
 
 from mneme_plugin.activations.store import ActivationStore
 from mneme_plugin.crosscoder.config import CrossCoderConfig, TrainingConfig
+from mneme_plugin.crosscoder.distributed import DistributedBatchTopKCrossCoderTrainer, check_divisible, rank_slices
 from mneme_plugin.crosscoder.metrics import CrossCoderMetrics, evaluate_crosscoder
 from mneme_plugin.crosscoder.model import BatchTopKCrossCoder
 from mneme_plugin.crosscoder.trainer import BatchTopKCrossCoderTrainer
-from mneme_plugin.devices import resolve_device
+from mneme_plugin.distributed import SINGLE_PROCESS, DistributedContext, distributed_context
 from mneme_plugin.errors import CheckpointError, ConfigError, NonFiniteActivationError
 from mneme_plugin.io import atomic_write_text
 
@@ -59,11 +60,13 @@ class TrainResult:
 class _Data:
     """Uniform view of a store or a stream: batches from a given step, scale factors, metadata."""
 
-    def __init__(self, data: TrainingData, batch_size: int, seed: int) -> None:
+    def __init__(self, data: TrainingData, batch_size: int, seed: int,
+                 ctx: DistributedContext = SINGLE_PROCESS) -> None:
         if isinstance(data, (str, os.PathLike)):
             data = ActivationStore(data)
         self.source = data
         self.batch_size, self.seed = batch_size, seed
+        self.ctx = ctx
         self.store = data if isinstance(data, ActivationStore) else None
         scale = getattr(data, "scale_factors", None)
         self.scale_factors = None if scale is None else torch.as_tensor(scale, dtype=torch.float32)
@@ -80,9 +83,11 @@ class _Data:
 
     def batches(self, start_step: int) -> Iterator[torch.Tensor]:
         if self.store is not None:
-            return self.store.iter_batches(self.batch_size, seed=self.seed, start_step=start_step)
+            return self.store.iter_batches(self.batch_size, seed=self.seed, start_step=start_step,
+                                           rank=self.ctx.rank, world_size=self.ctx.world_size)
         # A stream cannot seek: replay it up to the resume point (deterministic streams only).
-        return itertools.islice(iter(self.source), start_step, None)  # type: ignore[arg-type]
+        stream = itertools.islice(iter(self.source), start_step, None)  # type: ignore[arg-type]
+        return rank_slices(stream, self.ctx) if self.ctx.is_distributed else stream
 
     def eval_batches(self, n_rows: int) -> list[torch.Tensor]:
         if self.store is None or n_rows == 0:
@@ -168,7 +173,11 @@ def train(
     cc_cfg = crosscoder if isinstance(crosscoder, CrossCoderConfig) else CrossCoderConfig.from_dict(crosscoder)
     tr_cfg = training if isinstance(training, TrainingConfig) else TrainingConfig.from_dict(training)
     run_dir = Path(run_dir)
-    source = _Data(data, tr_cfg.batch_size, tr_cfg.seed)
+    # Under torchrun: one rank of a data-parallel job (crosscoder/distributed.py); rank 0 writes.
+    ctx = distributed_context(tr_cfg.device)
+    check_divisible(tr_cfg.batch_size, ctx)
+    progress = progress and ctx.is_main
+    source = _Data(data, tr_cfg.batch_size, tr_cfg.seed, ctx)
 
     d_model = source.d_model or cc_cfg.activation_dim
     if d_model is None:
@@ -183,18 +192,21 @@ def train(
         logger.info("Training already finished in %s; loading it.", final_dir)
         metrics = CrossCoderMetrics(**json.loads(metrics_path.read_text()))
         return TrainResult(BatchTopKCrossCoder.from_pretrained(final_dir), metrics, run_dir)
-    if not resume and run_dir.exists():
+    if not resume and run_dir.exists() and ctx.is_main:
         for stale in (final_dir, run_dir / CHECKPOINT_DIR):
             shutil.rmtree(stale, ignore_errors=True)
         for stale_file in (metrics_path, run_dir / RUN_CONFIG_FILE):
             stale_file.unlink(missing_ok=True)
-    _check_run_config(run_dir, run_config)
+    if ctx.is_main:
+        _check_run_config(run_dir, run_config)
+    ctx.barrier()
 
-    device = resolve_device(tr_cfg.device)
+    device = ctx.device(tr_cfg.device)
     scale = source.scale_factors
     if scale is None:
         logger.warning("The data carries no normalisation factors; training on unscaled activations.")
-    trainer = BatchTopKCrossCoderTrainer.from_configs(
+    trainer_class = DistributedBatchTopKCrossCoderTrainer if ctx.is_distributed else BatchTopKCrossCoderTrainer
+    trainer = trainer_class.from_configs(
         cc_cfg, tr_cfg, activation_scale=None if scale is None else scale.tolist(), device=str(device)
     )
     start_step = 0
@@ -232,7 +244,9 @@ def train(
         bar.update(1)
         done = step + 1
         if tr_cfg.checkpoint_every and done % tr_cfg.checkpoint_every == 0 and done < tr_cfg.steps:
-            save_checkpoint(trainer, run_dir, done, tr_cfg.keep_checkpoints)
+            if ctx.is_main:
+                save_checkpoint(trainer, run_dir, done, tr_cfg.keep_checkpoints)
+            ctx.barrier()
     bar.close()
 
     crosscoder_model = trainer.ae.eval()
@@ -249,6 +263,9 @@ def train(
     seen = tr_cfg.steps * tr_cfg.batch_size
     dead_mask = trainer.dead_mask if seen >= tr_cfg.dead_after_tokens else None
     metrics = evaluate_crosscoder(crosscoder_model, eval_batches, dead_mask=dead_mask)
+    if not ctx.is_main:
+        ctx.barrier()  # rank 0 writes the crosscoder and its metrics
+        return TrainResult(crosscoder_model, metrics, run_dir)
     tmp_final = run_dir / f".tmp_{FINAL_DIR}"
     if tmp_final.exists():
         shutil.rmtree(tmp_final)
@@ -258,4 +275,5 @@ def train(
     os.replace(tmp_final, final_dir)
     atomic_write_text(metrics_path, json.dumps(metrics.to_dict(), indent=2))
     logger.info("Crosscoder written to %s, metrics to %s.", final_dir, metrics_path)
+    ctx.barrier()
     return TrainResult(crosscoder_model, metrics, run_dir)
