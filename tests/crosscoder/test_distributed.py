@@ -42,10 +42,6 @@ def torchrun(nproc: int, store: Path, run_dir: Path, crash_step: int | None = No
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
 
 
-def one_process(store: Path, run_dir: Path) -> BatchTopKCrossCoder:
-    return train(store, run_dir, CONFIG["crosscoder"], CONFIG["training"], progress=False).crosscoder
-
-
 def assert_same_state(a: dict, b: dict) -> None:
     for name, tensor in a.items():
         torch.testing.assert_close(b[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
@@ -84,40 +80,58 @@ def test_global_topk_of_rank_slices_is_the_topk_of_the_whole_batch():
     assert sorted(flat[list(picked)].tolist()) == sorted(flat[list(whole)].tolist())
 
 
-def test_two_gloo_ranks_train_the_same_crosscoder_as_one_process(store, tmp_path):
-    reference_dir = tmp_path / "one"
-    reference = one_process(store, reference_dir)
-    done = torchrun(2, store, tmp_path / "two")
-    assert done.returncode == 0, done.stderr[-3000:]
-    two = BatchTopKCrossCoder.from_pretrained(tmp_path / "two" / "crosscoder")
-    assert_same_state(reference.state_dict(), two.state_dict())
-    assert float(two.threshold) > 0
-    # Dead counters and optimizer state of the last checkpoint (step 40) too.
-    ref_state = torch.load(latest_checkpoint(reference_dir) / STATE_FILE, weights_only=True)
-    two_state = torch.load(latest_checkpoint(tmp_path / "two") / STATE_FILE, weights_only=True)
+@pytest.fixture(scope="module")
+def reference(store, tmp_path_factory) -> Path:
+    """The run of one process (no torchrun)."""
+    run_dir = tmp_path_factory.mktemp("one") / "run"
+    train(store, run_dir, CONFIG["crosscoder"], CONFIG["training"], progress=False)
+    return run_dir
+
+
+def final_state(run_dir: Path) -> dict:
+    return BatchTopKCrossCoder.from_pretrained(run_dir / "crosscoder").state_dict()
+
+
+def test_two_gloo_ranks_match_one_process_and_a_killed_rank_resumes(store, reference, tmp_path):
+    run_dir = tmp_path / "two"
+    crashed = torchrun(2, store, run_dir, crash_step=45)
+    assert crashed.returncode != 0
+    assert latest_checkpoint(run_dir).name == "step_00000040"
+    assert not (run_dir / "crosscoder").exists()
+    # The checkpoint the two ranks wrote at step 40: weights, dead counters, threshold, Adam state.
+    ref_state = torch.load(reference / "checkpoints" / "step_00000040" / STATE_FILE, weights_only=True)
+    two_state = torch.load(latest_checkpoint(run_dir) / STATE_FILE, weights_only=True)
     assert torch.equal(ref_state["tokens_since_fired"], two_state["tokens_since_fired"])
     assert (ref_state["tokens_since_fired"] >= 640).any(), "no dead latent: the aux loss was not exercised"
     assert_same_state(ref_state["ae"], two_state["ae"])
+    assert float(two_state["ae"]["threshold"]) > 0
     for ref_slot, two_slot in zip(ref_state["optimizer"]["state"].values(), two_state["optimizer"]["state"].values()):
         assert_same_state(ref_slot, two_slot)
-    metrics = json.loads((tmp_path / "two" / "metrics.json").read_text())
-    expected = json.loads((reference_dir / "metrics.json").read_text())
+
+    done = torchrun(2, store, run_dir)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_same_state(final_state(reference), final_state(run_dir))
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    expected = json.loads((reference / "metrics.json").read_text())
     assert metrics.pop("dead_fraction_source") == expected.pop("dead_fraction_source")
     assert metrics == pytest.approx(expected, rel=1e-3)
 
 
-def test_killed_rank_resumes_with_the_same_or_another_number_of_ranks(store, tmp_path):
-    reference = one_process(store, tmp_path / "one")
-    for name, resume_ranks in (("again_two", 2), ("then_one", 1)):
-        run_dir = tmp_path / name
-        crashed = torchrun(2, store, run_dir, crash_step=45)
-        assert crashed.returncode != 0
-        assert latest_checkpoint(run_dir).name == "step_00000040"
-        assert not (run_dir / "crosscoder").exists()
-        if resume_ranks == 2:
-            done = torchrun(2, store, run_dir)
-            assert done.returncode == 0, done.stderr[-3000:]
-            resumed = BatchTopKCrossCoder.from_pretrained(run_dir / "crosscoder")
-        else:
-            resumed = one_process(store, run_dir)
-        assert_same_state(reference.state_dict(), resumed.state_dict())
+def test_a_one_process_run_resumes_on_two_ranks(store, reference, tmp_path):
+    run_dir = tmp_path / "one_then_two"
+
+    class Killed(RuntimeError):
+        pass
+
+    def kill_at_45(step, trainer):
+        if step == 45:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train(store, run_dir, CONFIG["crosscoder"], CONFIG["training"], progress=False, on_step=kill_at_45)
+    done = torchrun(2, store, run_dir)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_same_state(final_state(reference), final_state(run_dir))
+    # And back: a finished two-rank run is loaded, not retrained, by one process.
+    again = train(store, run_dir, CONFIG["crosscoder"], CONFIG["training"], progress=False).crosscoder
+    assert_same_state(final_state(run_dir), again.state_dict())
