@@ -34,9 +34,9 @@ def shard_name(index: int) -> str:
     return f"shard_{index:05d}.safetensors"
 
 
-def write_shard(folder: Path, index: int, tensors: dict[str, torch.Tensor]) -> str:
-    """Write one shard atomically; return its file name."""
-    name = shard_name(index)
+def write_shard(folder: Path, index: int, tensors: dict[str, torch.Tensor], name: str | None = None) -> str:
+    """Write one shard atomically (as ``name``, default ``shard_name(index)``); return its file name."""
+    name = name or shard_name(index)
     tensors = {k: v.contiguous() for k, v in tensors.items()}
     atomic_write(folder / name, lambda tmp: save_file(tensors, str(tmp)), durable=True)
     return name
