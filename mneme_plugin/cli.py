@@ -14,8 +14,16 @@ from typing import Any, Callable
 
 import click
 
+# Only light modules at import time (no torch): `mneme --help` must answer at once. The choices of
+# the options come from these registries.
+from mneme_plugin.activations.config import MODEL_DTYPES, STORAGE_DTYPES
 from mneme_plugin.config import read_yaml_mapping
+from mneme_plugin.crosscoder.salience import SALIENCE_MODES
 from mneme_plugin.errors import ConfigError, MnemeError
+from mneme_plugin.interpret.config import CLIENTS, EXPLAINERS, LABELERS, MAPPERS, SCORERS
+from mneme_plugin.layout import RunLayout
+from mneme_plugin.organism.catalog import INTERVENTIONS
+from mneme_plugin.sideeffects.config import RULES
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -45,10 +53,18 @@ def _read_yaml(path: str | None) -> dict[str, Any]:
 
 
 def _sections(data: dict[str, Any], allowed: tuple[str, ...], path: str | None) -> dict[str, dict[str, Any]]:
-    unknown = sorted(set(data) - set(allowed))
+    """The config file's sections this command reads, each a mapping (an empty one when absent)."""
+    unknown = sorted(set(data) - set(allowed), key=str)
     if unknown:
-        raise ConfigError(f"Unknown section(s) {unknown} in {path}; expected {list(allowed)}.")
-    return {name: dict(data.get(name) or {}) for name in allowed}
+        raise ConfigError(f"Unknown section(s) {unknown} in {path}; this command reads {list(allowed)}.")
+    out = {}
+    for name in allowed:
+        value = data.get(name)
+        if value is not None and not isinstance(value, dict):
+            raise ConfigError(f"{name} must be a mapping of keys to values, got {type(value).__name__} {value!r} "
+                              f"(in {path}).")
+        out[name] = dict(value or {})
+    return out
 
 
 def _override(section: dict[str, Any], **values: Any) -> dict[str, Any]:
@@ -78,8 +94,8 @@ _harvest_options = [
     click.option("--max-tokens", type=int, help="Stop after this many corpus tokens."),
     click.option("--context-length", type=int, help="Tokens per window."),
     click.option("--batch-size", "harvest_batch_size", type=int, help="Windows per forward pass."),
-    click.option("--dtype", type=click.Choice(["bfloat16", "float32"]), help="Storage dtype."),
-    click.option("--model-dtype", type=click.Choice(["float32", "bfloat16", "float16"])),
+    click.option("--dtype", type=click.Choice(STORAGE_DTYPES), help="Storage dtype."),
+    click.option("--model-dtype", type=click.Choice(MODEL_DTYPES)),
     click.option("--device", help="Device for the models (cpu, cuda, cuda:1...)."),
 ]
 
@@ -118,7 +134,8 @@ def _harvest_inputs(sections: dict[str, dict[str, Any]], base, edited, corpus, l
             sections["harvest"], layer=layer, hook_name=hook_name, max_tokens=max_tokens,
             context_length=context_length, batch_size=harvest_batch_size, dtype=dtype,
             model_dtype=model_dtype, device=device,
-        )
+        ),
+        section="harvest",
     )
     return base, edited, source, harvest_cfg
 
@@ -155,7 +172,7 @@ def harvest(config, out, overwrite, **options) -> None:
 @click.option("--dict-size", type=int, help="Number of latents (default expansion_factor * d_model).")
 @click.option("--expansion-factor", type=int)
 @click.option("-k", "--k", type=int, help="Average active latents per token (BatchTopK).")
-@click.option("--salience", type=click.Choice(["paper", "crosscoder", "sae", "mixed", "none"]))
+@click.option("--salience", type=click.Choice(sorted(SALIENCE_MODES)))
 @click.option("--steps", type=int)
 @click.option("--train-batch-size", type=int, help="Tokens per optimisation step.")
 @click.option("--lr", type=float)
@@ -179,10 +196,12 @@ def train(store, stream, config, shuffle_buffer, out, dict_size, expansion_facto
 
     sections = _sections(_read_yaml(config), ("crosscoder", "training", "models", "corpus", "harvest"), config)
     cc_cfg = CrossCoderConfig.from_dict(
-        _override(sections["crosscoder"], dict_size=dict_size, expansion_factor=expansion_factor, k=k, salience=salience)
+        _override(sections["crosscoder"], dict_size=dict_size, expansion_factor=expansion_factor, k=k, salience=salience),
+        section="crosscoder",
     )
     tr_cfg = TrainingConfig.from_dict(
-        _override(sections["training"], steps=steps, batch_size=train_batch_size, lr=lr, seed=seed, device=train_device)
+        _override(sections["training"], steps=steps, batch_size=train_batch_size, lr=lr, seed=seed, device=train_device),
+        section="training",
     )
     if store and stream:
         raise ConfigError("Pass either --store or --stream, not both.")
@@ -208,7 +227,7 @@ def train(store, stream, config, shuffle_buffer, out, dict_size, expansion_facto
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--target", "target_domain", default="law", show_default=True,
               help="Domain unlearned (RMU) or fine-tuned on (narrow).")
-@click.option("--intervention", "interventions", multiple=True, type=click.Choice(["rmu", "narrow", "benign"]),
+@click.option("--intervention", "interventions", multiple=True, type=click.Choice(INTERVENTIONS),
               help="Run only these interventions (default: all three).")
 @_clear_errors
 def demo(out: str, seed: int, target_domain: str, interventions: tuple[str, ...]) -> None:
@@ -219,19 +238,18 @@ def demo(out: str, seed: int, target_domain: str, interventions: tuple[str, ...]
     harvest, train, attribute, collect, explain, map, predict, evaluate (against the measured
     per-domain accuracy drops, with random, naive and oracle baselines) and report.
     """
-    from mneme_plugin.organism import INTERVENTIONS, run_demo
+    from mneme_plugin.organism import run_demo
 
     result = run_demo(out, seed=seed, interventions=interventions or INTERVENTIONS, target_domain=target_domain)
     for case in result.cases:
         drops = ", ".join(f"{k} {v:+.2f}" for k, v in sorted(case.drop.items(), key=lambda kv: -kv[1]))
         click.echo(f"\n== {case.intervention}" + (f" ({case.target_domain})" if case.target_domain else ""))
         click.echo(f"accuracy drop per domain: {drops}")
-        click.echo(f"degraded (drop > 0.1): {', '.join(case.degraded) or '(none)'}; "
+        click.echo(f"degraded (drop > {case.drop_threshold:g}): {', '.join(case.degraded) or '(none)'}; "
                    f"MNEME predicted: {', '.join(case.predicted) or '(none)'}")
-        if case.metrics is not None:
-            click.echo(case.metrics[["method", "accuracy", "precision", "recall", "f1"]].to_string(
-                index=False, float_format=lambda v: f"{v:.3f}"))
-        click.echo(f"report: {case.run_dir / 'report.html'}")
+        click.echo(case.metrics[["method", "accuracy", "precision", "recall", "f1"]].to_string(
+            index=False, float_format=lambda v: f"{v:.3f}"))
+        click.echo(f"report: {RunLayout(case.run_dir).report}")
 
 
 # --------------------------------------------------------------------------------- info
@@ -241,7 +259,7 @@ def demo(out: str, seed: int, target_domain: str, interventions: tuple[str, ...]
 @_clear_errors
 def info(path: str) -> None:
     """Describe what PATH holds: an activation store, a crosscoder, or a training run."""
-    from mneme_plugin.inspect import describe_path
+    from mneme_plugin.describe import describe_path
 
     click.echo(describe_path(path))
 
@@ -257,18 +275,24 @@ def info(path: str) -> None:
 @click.option("--config", type=click.Path(dir_okay=False), help="YAML with section attribution.")
 @click.option("--batch-size", type=int, help="Rows encoded at a time.")
 @click.option("--device", help="Device (auto, cpu, cuda).")
+@click.option("--allow-store-mismatch", is_flag=True,
+              help="Attribute over a store of another layer, hook or model pair than the crosscoder records.")
 @_clear_errors
-def attribute(crosscoder_dir, store, out, config, batch_size, device) -> None:
+def attribute(crosscoder_dir, store, out, config, batch_size, device, allow_store_mismatch) -> None:
     """Decoder norms, latent scaling and a class (suppressed .. amplified) for every latent."""
     from mneme_plugin.attribution import AttributionConfig, format_counts, format_delta_histogram
     from mneme_plugin.attribution import attribute as run_attribute
 
+    from mneme_plugin.attribution.table import SUMMARY_FILE, TABLE_PARQUET
+
     sections = _sections(_read_yaml(config), ("attribution",), config)
-    attr_cfg = AttributionConfig.from_dict(_override(sections["attribution"], batch_size=batch_size, device=device))
+    attr_cfg = AttributionConfig.from_dict(_override(sections["attribution"], batch_size=batch_size, device=device,
+                                                     allow_store_mismatch=allow_store_mismatch or None),
+                                           section="attribution")
     result = run_attribute(crosscoder_dir, store, attr_cfg, out_dir=out)
     click.echo(format_counts(result.summary))
     click.echo(format_delta_histogram(result.summary))
-    click.echo(f"Table: {Path(out) / 'attribution.parquet'} (+ .csv), summary: {Path(out) / 'attribution_summary.json'}")
+    click.echo(f"Table: {Path(out) / TABLE_PARQUET} (+ .csv), summary: {Path(out) / SUMMARY_FILE}")
 
 
 # --------------------------------------------------------------------------------- formats
@@ -351,19 +375,25 @@ def export_saelens_command(source, out, folder, hook_name, base_model, edited_mo
 @click.option("--base", help="Base model: HF name or local folder.")
 @click.option("--edited", help="Edited model: HF name or local folder.")
 @click.option("--corpus", help="Local .txt/.jsonl/.parquet file, or hf:NAME[@CONFIG][:SPLIT].")
-@click.option("--layer", type=int, help="Block index (as harvested).")
-@click.option("--hook", "hook_name", help="Hook point name (as harvested).")
+@click.option("--layer", type=int, help="Block index (default: the layer the crosscoder records).")
+@click.option("--hook", "hook_name", help="Hook point name (default: the hook the crosscoder records).")
+@click.option("--allow-hook-mismatch", is_flag=True, help="Read at another layer / hook than the crosscoder records.")
 @click.option("--latents", help="Comma-separated latent ids (instead of --attribution).")
 @click.option("--classes", help="Comma-separated attribution classes, e.g. base_only,suppressed.")
 @click.option("--per-class", type=int, help="Latents per class, most specific first.")
 @click.option("--n-top", type=int, help="Top contexts kept per latent.")
+@click.option("--context-length", type=int, help="Tokens per forward window.")
+@click.option("--batch-size", "harvest_batch_size", type=int, help="Windows per forward pass.")
 @click.option("--max-tokens", type=int, help="Stop after this many corpus tokens.")
 @click.option("--device", help="Device for the models.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory for the contexts (Delphi cache).")
 @_clear_errors
-def collect(config, crosscoder_dir, attribution, base, edited, corpus, layer, hook_name, latents, classes, per_class,
-            n_top, max_tokens, device, out) -> None:
-    """Top-activating contexts per latent, written in Delphi's cache layout."""
+def collect(config, crosscoder_dir, attribution, base, edited, corpus, layer, hook_name, allow_hook_mismatch, latents,
+            classes, per_class, n_top, context_length, harvest_batch_size, max_tokens, device, out) -> None:
+    """Top-activating contexts per latent, written in Delphi's cache layout.
+
+    The corpus is read at the layer and hook the crosscoder records unless --layer / --hook (or
+    collect.harvest in the config) say otherwise."""
     from mneme_plugin.interpret import CollectConfig
     from mneme_plugin.interpret import collect as run_collect
 
@@ -378,13 +408,23 @@ def collect(config, crosscoder_dir, attribution, base, edited, corpus, layer, ho
         except ValueError as err:
             raise ConfigError(f"--latents must be comma-separated integers, got {text!r}.") from err
 
+    section = dict(sections["collect"])
+    reading = _override(dict(section.pop("harvest", None) or {}), layer=layer, hook_name=hook_name,
+                        context_length=context_length, batch_size=harvest_batch_size, max_tokens=max_tokens,
+                        device=device)
+    if reading and "layer" not in reading:
+        from mneme_plugin.crosscoder.provenance import recorded_source
+        from mneme_plugin.formats import load_crosscoder
+
+        recorded = recorded_source(load_crosscoder(crosscoder_dir))
+        if "layer" not in recorded:
+            raise ConfigError("The crosscoder does not record its layer: pass --layer.")
+        reading = {"layer": recorded["layer"], "hook_name": recorded.get("hook_name"), **reading}
     cfg = CollectConfig.from_dict(_override(
-        sections["collect"], layer=layer, hook_name=hook_name, latents=ids(latents),
-        classes=classes.split(",") if classes else None, per_class=per_class, n_top=n_top,
-        max_tokens=max_tokens, device=device,
-    ))
-    result = run_collect(base, edited, crosscoder_dir, source, cfg,
-                         out_dir=out, attribution=attribution)
+        section, latents=ids(latents), classes=classes.split(",") if classes else None, per_class=per_class,
+        n_top=n_top, harvest=reading or None, allow_hook_mismatch=allow_hook_mismatch or None,
+    ), section="collect")
+    result = run_collect(base, edited, crosscoder_dir, source, cfg, out_dir=out, attribution=attribution)
     fired = sum(1 for p in result.per_latent if p["top_rows"])
     click.echo(f"Contexts of {len(result.latents)} latents ({fired} fired) over {result.n_tokens:,} tokens -> {out}")
 
@@ -392,13 +432,13 @@ def collect(config, crosscoder_dir, attribution, base, edited, corpus, layer, ho
 @main.command()
 @click.argument("contexts_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--config", type=click.Path(dir_okay=False), help="YAML with section explain (client as a sub-mapping).")
-@click.option("--explainer", type=click.Choice(["offline", "default", "contrastive"]))
-@click.option("--client", "client_kind", type=click.Choice(["none", "openai", "vllm"]))
+@click.option("--explainer", type=click.Choice(EXPLAINERS))
+@click.option("--client", "client_kind", type=click.Choice(CLIENTS))
 @click.option("--model", help="LLM name (client model).")
 @click.option("--base-url", help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1.")
 @click.option("--api-key", help="API key, or env:VARNAME.")
 @click.option("--concurrency", type=int, help="Concurrent LLM requests.")
-@click.option("--scorer", "scorers", multiple=True, type=click.Choice(["detection", "fuzz"]), help="Delphi scorer (repeatable).")
+@click.option("--scorer", "scorers", multiple=True, type=click.Choice(SCORERS), help="Delphi scorer (repeatable).")
 @click.option("--tokenizer", help="Tokenizer folder (default: the one saved by collect).")
 @click.option("--out", type=click.Path(file_okay=False), help="Output directory (default: CONTEXTS_DIR).")
 @_clear_errors
@@ -407,28 +447,30 @@ def explain(contexts_dir, config, explainer, client_kind, model, base_url, api_k
     """Describe each collected latent (offline log-odds explainer, or Delphi's explainers via an LLM)."""
     from mneme_plugin.interpret import ExplainConfig
     from mneme_plugin.interpret import explain as run_explain
+    from mneme_plugin.interpret.explain import EXPLANATIONS_PARQUET
 
     sections = _sections(_read_yaml(config), ("explain",), config)
     section = dict(sections["explain"])
     client = _override(dict(section.pop("client", None) or {}), kind=client_kind, model=model, base_url=base_url,
                        api_key=api_key, concurrency=concurrency)
-    cfg = ExplainConfig.from_dict(_override(section, explainer=explainer, scorers=list(scorers) or None, client=client))
+    cfg = ExplainConfig.from_dict(_override(section, explainer=explainer, scorers=list(scorers) or None, client=client),
+                                  section="explain")
     table = run_explain(contexts_dir, cfg, out_dir=out, tokenizer=tokenizer)
     for row in table.head(20).itertuples():
         click.echo(f"{row.latent:>8}  {row.explanation}")
-    click.echo(f"{len(table)} explanations -> {Path(out or contexts_dir) / 'explanations.parquet'} (+ .csv)")
+    click.echo(f"{len(table)} explanations -> {Path(out or contexts_dir) / EXPLANATIONS_PARQUET} (+ .csv)")
 
 
 @main.command("map")
 @click.argument("explanations", type=click.Path(exists=True))
 @click.option("--config", type=click.Path(dir_okay=False), help="YAML with section map (client as a sub-mapping).")
 @click.option("--taxonomy", "taxonomies", multiple=True,
-              help="Built-in (mmlu, mmlu_pro, emergent_misalignment, organism) or a YAML/JSON file; repeatable.")
-@click.option("--method", type=click.Choice(["lexical", "embedding", "llm"]))
-@click.option("--labeler", type=click.Choice(["offline", "llm"]))
+              help="A built-in taxonomy (see `mneme taxonomies`) or a YAML/JSON file; repeatable.")
+@click.option("--method", type=click.Choice(MAPPERS))
+@click.option("--labeler", type=click.Choice(LABELERS))
 @click.option("--top-k", type=int)
 @click.option("--embedding-model", help="Local sentence-transformers folder (method embedding).")
-@click.option("--client", "client_kind", type=click.Choice(["none", "openai", "vllm"]))
+@click.option("--client", "client_kind", type=click.Choice(CLIENTS))
 @click.option("--model", help="LLM name (client model).")
 @click.option("--base-url", help="OpenAI-compatible base URL.")
 @click.option("--api-key", help="API key, or env:VARNAME.")
@@ -438,19 +480,29 @@ def map_(explanations, config, taxonomies, method, labeler, top_k, embedding_mod
          api_key, out) -> None:
     """Label each explanation and map it to the nearest taxonomy entries (categories.parquet + .csv)."""
     from mneme_plugin.interpret import MapConfig, map_descriptions
+    from mneme_plugin.interpret.mapping import CATEGORIES_PARQUET
 
     sections = _sections(_read_yaml(config), ("map",), config)
     section = dict(sections["map"])
     client = _override(dict(section.pop("client", None) or {}), kind=client_kind, model=model, base_url=base_url,
                        api_key=api_key)
     cfg = MapConfig.from_dict(_override(section, taxonomies=list(taxonomies) or None, method=method, labeler=labeler,
-                                        top_k=top_k, embedding_model=embedding_model, client=client))
+                                        top_k=top_k, embedding_model=embedding_model, client=client), section="map")
     src = Path(explanations)
     out_dir = Path(out) if out else (src if src.is_dir() else src.parent)
     table = map_descriptions(src, cfg, out_dir=out_dir)
     for row in table.head(20).itertuples():
         click.echo(f"{row.latent:>8}  [{row.taxonomy}] {row.category}  ({row.score:.2f})  {row.label}")
-    click.echo(f"{len(table)} rows -> {out_dir / 'categories.parquet'} (+ .csv)")
+    click.echo(f"{len(table)} rows -> {out_dir / CATEGORIES_PARQUET} (+ .csv)")
+
+
+@main.command()
+def taxonomies() -> None:
+    """List the built-in taxonomies (for `mneme map --taxonomy` and map.taxonomies)."""
+    from mneme_plugin.interpret.taxonomy import builtin_taxonomies, load_taxonomy
+
+    for name in builtin_taxonomies():
+        click.echo(f"{name:<24} {len(load_taxonomy(name).entries)} categories")
 
 
 # --------------------------------------------------------------------------------- predict / evaluate / report / run
@@ -460,27 +512,17 @@ def map_(explanations, config, taxonomies, method, labeler, top_k, embedding_mod
               help="Run directory holding attribution/ and mapping/.")
 @click.option("--config", type=click.Path(dir_okay=False), help="YAML with sections predict and map.")
 @click.option("--taxonomy", help="Taxonomy to predict over (default: the first of map.taxonomies).")
-@click.option("--rule", type=click.Choice(["relative", "top_k", "min_score"]))
+@click.option("--rule", type=click.Choice(RULES))
 @click.option("-k", "--k", type=int, help="Categories predicted by the top_k rule.")
 @_clear_errors
 def predict(run_dir, config, taxonomy, rule, k) -> None:
     """Score every category from the attributed latents and their categories; predict the affected ones."""
-    from mneme_plugin.attribution import load_attribution
     from mneme_plugin.interpret import MapConfig
-    from mneme_plugin.interpret.taxonomy import load_taxonomy
-    from mneme_plugin.layout import RunLayout
-    from mneme_plugin.pipeline.stages import category_links, load_mapping
-    from mneme_plugin.sideeffects import PredictConfig, predict as run_predict, save_prediction
+    from mneme_plugin.sideeffects import PredictConfig, predict_run
 
     sections = _sections(_read_yaml(config), ("predict", "map"), config)
-    cfg = PredictConfig.from_dict(_override(sections["predict"], rule=rule, k=k))
-    layout = RunLayout(Path(run_dir))
-    tax = load_taxonomy(taxonomy or MapConfig.from_dict(sections["map"]).taxonomies[0])
-    mapping = load_mapping(layout)
-    descriptions = {int(r.latent): str(r.description) for r in mapping.itertuples(index=False)}
-    result = run_predict(load_attribution(layout.attribution).table, category_links(mapping, tax.name), tax.ids(),
-                         cfg, descriptions)
-    save_prediction(result, layout.prediction)
+    cfg = PredictConfig.from_dict(_override(sections["predict"], rule=rule, k=k), section="predict")
+    result = predict_run(run_dir, cfg, taxonomy or MapConfig.from_dict(sections["map"], section="map").taxonomies[0])
     for row in result.scores.head(15).itertuples(index=False):
         click.echo(f"{'*' if row.predicted else ' '} {row.category:<40} {row.score:8.4f}")
     click.echo(f"Predicted: {', '.join(result.predicted) or '(none)'}")
@@ -499,26 +541,20 @@ def predict(run_dir, config, taxonomy, rule, k) -> None:
 def evaluate(run_dir, scores_csv, lm_eval_before, lm_eval_after, intervention, drop_threshold, significance,
              config) -> None:
     """Compare the prediction with the observed per-category drops: Eq. 4 accuracy, precision, recall, F1."""
+    from mneme_plugin.groundtruth import GroundTruthConfig
     from mneme_plugin.interpret import MapConfig
-    from mneme_plugin.layout import RunLayout
-    from mneme_plugin.pipeline.config import GroundTruthConfig
-    from mneme_plugin.pipeline.stages import naive_prediction, read_ground_truth
-    from mneme_plugin.sideeffects import EvaluateConfig, evaluate as run_evaluate, load_prediction, save_evaluation
+    from mneme_plugin.sideeffects import EvaluateConfig, evaluate_run
 
     sections = _sections(_read_yaml(config), ("evaluate", "ground_truth", "map"), config)
     cfg = EvaluateConfig.from_dict(_override(sections["evaluate"], drop_threshold=drop_threshold,
-                                             significance=significance))
+                                             significance=significance), section="evaluate")
     truth = GroundTruthConfig.from_dict(_override(sections["ground_truth"], scores_csv=scores_csv,
-                                                  lm_eval_before=lm_eval_before, lm_eval_after=lm_eval_after))
+                                                  lm_eval_before=lm_eval_before, lm_eval_after=lm_eval_after),
+                                        section="ground_truth")
     if not truth.available:
         raise ConfigError("No ground truth: pass --scores-csv or --lm-eval-before/--lm-eval-after.")
-    layout = RunLayout(Path(run_dir))
-    prediction = load_prediction(layout.prediction)
-    naive = (naive_prediction(intervention, MapConfig.from_dict(sections["map"]), max(1, len(prediction.predicted)))
-             if intervention else None)
-    result = run_evaluate(prediction.predicted, read_ground_truth(truth), prediction.scores["category"].tolist(),
-                          naive_predicted=naive, config=cfg)
-    save_evaluation(result, layout.evaluation)
+    result = evaluate_run(run_dir, cfg, truth, MapConfig.from_dict(sections["map"], section="map"),
+                          intervention=intervention or "")
     click.echo(f"Degraded: {', '.join(result.true_set) or '(none)'}")
     click.echo(result.markdown())
 
@@ -539,11 +575,10 @@ def remediate(run_dir, edited, out, config, steps, lr, lora) -> None:
 
     from mneme_plugin.attribution import load_attribution
     from mneme_plugin.interpret.contexts import load_contexts
-    from mneme_plugin.layout import RunLayout
     from mneme_plugin.sideeffects import RemediateConfig, remediate as run_remediate, save_remediation, select_samples
 
     sections = _sections(_read_yaml(config), ("remediate",), config)
-    cfg = RemediateConfig.from_dict(_override(sections["remediate"], steps=steps, lr=lr, lora=lora))
+    cfg = RemediateConfig.from_dict(_override(sections["remediate"], steps=steps, lr=lr, lora=lora), section="remediate")
     layout = RunLayout(Path(run_dir))
     samples, latents = select_samples(load_contexts(layout.contexts), load_attribution(layout.attribution).table, cfg)
     click.echo(f"{len(samples)} samples from the top contexts of {len(latents)} suppressed latents.")
@@ -572,18 +607,21 @@ def run(config, dry_run, only) -> None:
     """Run the whole pipeline from one YAML file: harvest, train, attribute, collect, explain, map,
     predict, evaluate, report. Finished stages with the same config are skipped; interrupted ones resume."""
     from mneme_plugin.pipeline import RunConfig, check_config, format_plan, run_pipeline
+    from mneme_plugin.sideeffects import load_evaluation
 
     cfg = RunConfig.from_yaml(config)
     if dry_run:
-        click.echo(format_plan(cfg, check_config(cfg)))
+        check = check_config(cfg)
+        click.echo(format_plan(cfg, check))
+        if check.problems:
+            raise SystemExit(1)
         return
     layout = run_pipeline(cfg, only=list(only) or None)
     click.echo(f"Run directory: {layout.root}")
     if layout.report.is_file():
         click.echo(f"Report: {layout.report}")
-    metrics = layout.evaluation / "metrics_table.csv"
-    if metrics.is_file():
-        click.echo(metrics.read_text())
+    if layout.evaluation.is_dir():
+        click.echo(load_evaluation(layout.evaluation).markdown())
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,16 +1,45 @@
-"""Where each stage of a run writes its outputs inside the run directory."""
+"""The run directory of ``mneme run``: one folder per stage, so any stage can be re-run alone.
+
+This module names every folder and top-level file of a run directory. The files *inside* a
+stage's folder are named and read only by the module that owns the stage (see ARCHITECTURE.md):
+
+| path | written by |
+|---|---|
+| ``config.yaml`` | ``mneme_plugin.pipeline.config`` (``save_run_config``) |
+| ``.stages/<stage>.json`` | ``mneme_plugin.pipeline.run`` (stage markers: config fingerprint, time) |
+| ``activations/`` | ``mneme_plugin.activations`` (store: manifest + shards) |
+| ``crosscoder_run/`` | ``mneme_plugin.crosscoder.training`` (checkpoints, final crosscoder, metrics) |
+| ``attribution/`` | ``mneme_plugin.attribution`` |
+| ``contexts/`` | ``mneme_plugin.interpret.contexts`` (Delphi cache) |
+| ``explanations/`` | ``mneme_plugin.interpret.explain`` |
+| ``mapping/`` | ``mneme_plugin.interpret.mapping`` |
+| ``prediction/`` | ``mneme_plugin.sideeffects.predict`` |
+| ``evaluation/`` | ``mneme_plugin.sideeffects.evaluate`` |
+| ``report.html`` | ``mneme_plugin.report`` |
+
+Every path is relative to the run directory, so a run directory can be moved or renamed.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 
+CONFIG_FILE = "config.yaml"
+STAGES_DIR = ".stages"
+REPORT_FILE = "report.html"
+STAGE_FOLDERS = ("activations", "crosscoder_run", "attribution", "contexts", "explanations", "mapping",
+                 "prediction", "evaluation")
+
 
 @dataclass(frozen=True)
 class RunLayout:
-    """The run directory of ``mneme run``: one sub-directory per stage, so any stage can be re-run alone."""
+    """The paths of one run directory."""
 
     root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
 
     @property
     def activations(self) -> Path:
@@ -46,8 +75,20 @@ class RunLayout:
 
     @property
     def report(self) -> Path:
-        return self.root / "report.html"
+        return self.root / REPORT_FILE
 
     @property
     def config(self) -> Path:
-        return self.root / "config.yaml"
+        return self.root / CONFIG_FILE
+
+    @property
+    def stages(self) -> Path:
+        return self.root / STAGES_DIR
+
+    def stage_marker(self, stage: str) -> Path:
+        return self.stages / f"{stage}.json"
+
+    def looks_like_run(self) -> bool:
+        """Whether the folder holds anything a run writes (its config, stage markers or a stage folder)."""
+        return (self.config.is_file() or self.stages.is_dir()
+                or any((self.root / name).is_dir() for name in STAGE_FOLDERS))

@@ -44,6 +44,8 @@ class HarvestConfig(ConfigMixin):
         append_eos: Append EOS after each document when packing (document separator).
     """
 
+    runtime_fields = ("device", "batch_size")
+
     layer: int
     hook_name: str | None = None
     context_length: int = 128

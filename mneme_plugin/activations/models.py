@@ -10,6 +10,8 @@ residual stream. Model diffing (like the published crosscoders) wants the raw HF
 from __future__ import annotations
 
 import difflib
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,9 +25,50 @@ class _StopForward(Exception):
     """Raised from the hook to abandon the forward pass once the activation is captured."""
 
 
+ORGANISM_PREFIX = "organism:"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Where a model named in a config comes from: ``kind`` is "organism" (``organism:PATH``, a
+    saved CPU organism model), "local" (an existing HF model folder) or "hub" (a hub name)."""
+
+    kind: str
+    location: str
+
+    @classmethod
+    def parse(cls, spec: str) -> "ModelSpec":
+        if spec.startswith(ORGANISM_PREFIX):
+            return cls("organism", spec[len(ORGANISM_PREFIX):])
+        if Path(spec).expanduser().exists():
+            return cls("local", str(Path(spec).expanduser()))
+        return cls("hub", spec)
+
+
+def check_model_spec(spec: str, where: str) -> list[str]:
+    """Problems with a model spec that can be seen without loading it (missing folders and files)."""
+    parsed = ModelSpec.parse(spec)
+    if parsed.kind == "organism" and not Path(parsed.location).exists():
+        return [f"{where}: organism model {parsed.location} does not exist (build it with `mneme demo` or build_organism)."]
+    if parsed.kind == "local" and not (Path(parsed.location) / "config.json").is_file():
+        return [f"{where}: {parsed.location} exists but holds no config.json: it is not a Hugging Face model folder."]
+    return []
+
+
 def load_model(model: Any, device: str = "cpu", dtype: str = "float32") -> Any:
-    """Return ``model`` unchanged if it is a model object; boot it with the bridge if a string."""
+    """The model object for ``model``: an object is returned unchanged; a string is a model spec
+    (``ModelSpec``): ``organism:PATH`` loads a saved organism model, a hub name or local HF folder
+    is booted with the TransformerBridge."""
     if isinstance(model, str):
+        spec = ModelSpec.parse(model)
+        problems = check_model_spec(model, "model")
+        if problems:
+            raise ConfigError(problems[0])
+        if spec.kind == "organism":
+            # Imported here: the organism builds on this package, not the reverse.
+            from mneme_plugin.organism.build import load_organism_model
+
+            return load_organism_model(spec.location)
         from transformer_lens.model_bridge import TransformerBridge
 
         bridge = TransformerBridge.boot_transformers(model, device=device, dtype=_DTYPES[dtype])

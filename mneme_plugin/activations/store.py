@@ -19,7 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from mneme_plugin.errors import CheckpointError
-from mneme_plugin.io import atomic_write, atomic_write_text
+from mneme_plugin.files import atomic_write, atomic_write_text
 
 FORMAT_NAME = "mneme-activations"
 FORMAT_VERSION = 1

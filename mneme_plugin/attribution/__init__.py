@@ -1,34 +1,19 @@
 """Latent attribution: decoder norms, latent scaling and a class for every latent, in one pass."""
 
-from mneme_plugin.attribution.attribute import attribute, delta_histogram, resolve_crosscoder
-from mneme_plugin.attribution.classify import CLASSES, classify
-from mneme_plugin.attribution.config import AttributionConfig
-from mneme_plugin.attribution.decoder_norms import decoder_stats, relative_norm
-from mneme_plugin.attribution.latent_scaling import LatentScalingAccumulator, closed_form_betas
-from mneme_plugin.attribution.table import (
-    COLUMNS,
-    AttributionResult,
-    format_counts,
-    format_delta_histogram,
-    load_attribution,
-    save_attribution,
-)
+from mneme_plugin._lazy import lazy_exports
 
-__all__ = [
-    "CLASSES",
-    "COLUMNS",
-    "AttributionConfig",
-    "AttributionResult",
-    "LatentScalingAccumulator",
-    "attribute",
-    "classify",
-    "closed_form_betas",
-    "decoder_stats",
-    "delta_histogram",
-    "format_counts",
-    "format_delta_histogram",
-    "load_attribution",
-    "resolve_crosscoder",
-    "relative_norm",
-    "save_attribution",
-]
+__getattr__, __dir__, __all__ = lazy_exports(__name__, {
+    "mneme_plugin.attribution.attribute": ("attribute", "delta_histogram", "resolve_crosscoder"),
+    "mneme_plugin.attribution.classify": ("CLASSES", "classify"),
+    "mneme_plugin.attribution.config": ("AttributionConfig",),
+    "mneme_plugin.attribution.decoder_norms": ("decoder_stats", "relative_norm"),
+    "mneme_plugin.attribution.latent_scaling": ("LatentScalingAccumulator", "closed_form_betas"),
+    "mneme_plugin.attribution.table": (
+        "COLUMNS",
+        "AttributionResult",
+        "format_counts",
+        "format_delta_histogram",
+        "load_attribution",
+        "save_attribution",
+    ),
+})

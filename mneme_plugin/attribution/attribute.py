@@ -21,6 +21,7 @@ from mneme_plugin.attribution.decoder_norms import decoder_stats
 from mneme_plugin.attribution.latent_scaling import LatentScalingAccumulator
 from mneme_plugin.attribution.table import COLUMNS, AttributionResult, save_attribution
 from mneme_plugin.crosscoder.model import BatchTopKCrossCoder
+from mneme_plugin.crosscoder.provenance import check_same_source
 from mneme_plugin.devices import resolve_device
 from mneme_plugin.errors import EmptyCorpusError, ModelMismatchError, NonFiniteActivationError
 
@@ -173,8 +174,12 @@ def attribute(
             "The crosscoder has no inference threshold: codes come from BatchTopK over each batch of %d rows, "
             "so they depend on batch composition.", cfg.batch_size,
         )
+    store = ActivationStore(data, cache_shards=1) if isinstance(data, (str, os.PathLike)) else data
+    if isinstance(store, ActivationStore):
+        check_same_source(cc, store.manifest, what=f"the store {store.path}", allow=cfg.allow_store_mismatch,
+                          override="--allow-store-mismatch (attribution.allow_store_mismatch: true)")
     batches, data_desc = _iter_batches(data, d, cfg.batch_size, progress)
-    _check_scales(cc, data if not isinstance(data, (str, os.PathLike)) else ActivationStore(data, cache_shards=1))
+    _check_scales(cc, store)
 
     acc = LatentScalingAccumulator.from_crosscoder(cc, device=device)
     try:

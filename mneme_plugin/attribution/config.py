@@ -30,7 +30,11 @@ class AttributionConfig(ConfigMixin):
             ratios nu' = beta'_edited / beta'_base. "edited": 1 / nu with the edited row as
             latent vector for every target (ill-conditioned when the edited row is near zero,
             which is exactly the case for base-only latents).
+        allow_store_mismatch: Attribute over a store whose layer, hook or models differ from the
+            ones the crosscoder records (refused otherwise).
     """
+
+    runtime_fields = ("batch_size", "device")
 
     batch_size: int = 4096
     device: str = "auto"
@@ -41,6 +45,7 @@ class AttributionConfig(ConfigMixin):
     nu_reconstruction_max: float = 0.5
     use_betas: bool = True
     base_specific_vector: str = "base"
+    allow_store_mismatch: bool = False
 
     def __post_init__(self) -> None:
         require(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}.")

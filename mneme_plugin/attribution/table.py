@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from mneme_plugin.errors import CheckpointError
-from mneme_plugin.io import atomic_write
+from mneme_plugin.files import atomic_write
 
 TABLE_PARQUET = "attribution.parquet"
 TABLE_CSV = "attribution.csv"
@@ -55,9 +55,6 @@ class AttributionResult:
         alive = self.table[self.table["latent_class"] != "dead"]
         out = alive.sort_values("score", ascending=(side == "edited"), kind="stable")
         return out if n is None else out.head(n)
-
-    def of_class(self, name: str) -> pd.DataFrame:
-        return self.table[self.table["latent_class"] == name]
 
 
 def _json_default(value: Any) -> Any:

@@ -1,14 +1,10 @@
 """The BatchTopK crosscoder, its trainer and training loop."""
 
-from mneme_plugin.crosscoder.config import CrossCoderConfig, TrainingConfig
-from mneme_plugin.crosscoder.model import BatchTopKCrossCoder
-from mneme_plugin.crosscoder.salience import SALIENCE_MODES
-from mneme_plugin.crosscoder.trainer import BatchTopKCrossCoderTrainer
+from mneme_plugin._lazy import lazy_exports
 
-__all__ = [
-    "SALIENCE_MODES",
-    "BatchTopKCrossCoder",
-    "BatchTopKCrossCoderTrainer",
-    "CrossCoderConfig",
-    "TrainingConfig",
-]
+__getattr__, __dir__, __all__ = lazy_exports(__name__, {
+    "mneme_plugin.crosscoder.config": ("CrossCoderConfig", "TrainingConfig"),
+    "mneme_plugin.crosscoder.model": ("BatchTopKCrossCoder",),
+    "mneme_plugin.crosscoder.salience": ("SALIENCE_MODES",),
+    "mneme_plugin.crosscoder.trainer": ("BatchTopKCrossCoderTrainer",),
+})

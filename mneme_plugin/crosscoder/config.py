@@ -104,6 +104,8 @@ class TrainingConfig(ConfigMixin):
     (beta 0.999) from step 1000, gradient clipping at 1.0.
     """
 
+    runtime_fields = ("device", "checkpoint_every", "keep_checkpoints")
+
     steps: int = 10_000
     batch_size: int = 4096
     lr: float = 1e-4
@@ -121,6 +123,10 @@ class TrainingConfig(ConfigMixin):
     keep_checkpoints: int = 2
     # Rows held out of training (the first ones of the data order) to report quality on.
     eval_rows: int = 8192
+    # `mneme run` only: train from a harvest stream (no activation store on disk); attribution
+    # then streams over the corpus too. The stream shuffles rows in a buffer of this many rows.
+    stream: bool = False
+    shuffle_buffer_rows: int = 262_144
 
     def __post_init__(self) -> None:
         require(self.steps > 0, f"steps must be positive, got {self.steps}.")
@@ -138,3 +144,5 @@ class TrainingConfig(ConfigMixin):
         require(self.checkpoint_every >= 0, "checkpoint_every must be >= 0 (0 disables checkpoints).")
         require(self.keep_checkpoints >= 1, "keep_checkpoints must be >= 1.")
         require(self.eval_rows >= 0, "eval_rows must be >= 0.")
+        require(self.shuffle_buffer_rows >= 2 * self.batch_size,
+                f"shuffle_buffer_rows ({self.shuffle_buffer_rows}) must be at least 2 x batch_size ({self.batch_size}).")

@@ -16,7 +16,7 @@ from mneme_plugin.crosscoder.config import DECOUPLED, CrossCoderConfig
 from mneme_plugin.crosscoder.salience import SALIENCE_MODES
 from mneme_plugin.crosscoder.sparse import ActiveLatents, batch_topk_indices, gather_active, sparse_decode
 from mneme_plugin.errors import CheckpointError
-from mneme_plugin.io import atomic_write, atomic_write_text
+from mneme_plugin.files import atomic_write, atomic_write_text
 
 FORMAT_NAME = "mneme-crosscoder"
 FORMAT_VERSION = 1

@@ -5,11 +5,12 @@ Each function takes the decoder (num_models, dict_size, d) and returns w (dict_s
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-import torch
+if TYPE_CHECKING:  # torch is imported by whoever calls these; the registry's names load without it
+    import torch
 
-SalienceFn = Callable[[torch.Tensor], torch.Tensor]
+SalienceFn = Callable[["torch.Tensor"], "torch.Tensor"]
 
 
 def _norms(W_dec: torch.Tensor) -> torch.Tensor:
@@ -38,7 +39,7 @@ def mixed_salience(W_dec: torch.Tensor) -> torch.Tensor:
 
 def no_salience(W_dec: torch.Tensor) -> torch.Tensor:
     """science-of-finetuning NONE: every latent weighted 1."""
-    return torch.ones(W_dec.shape[1], dtype=W_dec.dtype, device=W_dec.device)
+    return W_dec.new_ones(W_dec.shape[1])
 
 
 SALIENCE_MODES: dict[str, SalienceFn] = {

@@ -6,7 +6,7 @@ wraps it with checkpoints, resume, progress and metrics.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -295,6 +295,3 @@ class BatchTopKCrossCoderTrainer(SAETrainer):
                 threshold.copy_(smallest)
             else:
                 threshold.mul_(cfg.threshold_beta).add_((1 - cfg.threshold_beta) * smallest)
-
-    def losses_dict(self) -> dict[str, float]:
-        return asdict(self.last_losses) if self.last_losses else {}

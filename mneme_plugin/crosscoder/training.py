@@ -32,7 +32,7 @@ from mneme_plugin.crosscoder.model import BatchTopKCrossCoder
 from mneme_plugin.crosscoder.trainer import BatchTopKCrossCoderTrainer
 from mneme_plugin.distributed import SINGLE_PROCESS, DistributedContext, distributed_context
 from mneme_plugin.errors import CheckpointError, ConfigError, NonFiniteActivationError
-from mneme_plugin.io import atomic_write_text
+from mneme_plugin.files import atomic_write_text
 
 logger = logging.getLogger("mneme_plugin")
 
@@ -140,11 +140,22 @@ def load_checkpoint(trainer: BatchTopKCrossCoderTrainer, checkpoint: Path) -> No
     trainer.load_state_dict(state)
 
 
+def _results_part(run_config: dict[str, Any]) -> dict[str, Any]:
+    """What decides a run's results, from its ``train_config.json``: fields added to the configs
+    since the file was written take their defaults; training fields that do not change results
+    (device, checkpoint cadence) are left out."""
+    try:
+        return {"crosscoder": CrossCoderConfig.from_dict(run_config.get("crosscoder")).to_dict(),
+                "training": TrainingConfig.from_dict(run_config.get("training")).result_dict()}
+    except ConfigError:  # written by a version with other fields: compare as written
+        return run_config
+
+
 def _check_run_config(run_dir: Path, run_config: dict[str, Any]) -> None:
     path = run_dir / RUN_CONFIG_FILE
     if path.exists():
         previous = json.loads(path.read_text())
-        if previous != run_config:
+        if _results_part(previous) != _results_part(run_config):
             raise ConfigError(
                 f"{run_dir} holds a training run with another config ({path}); "
                 "use a new run directory, or delete the old one to start over."
@@ -277,3 +288,11 @@ def train(
     logger.info("Crosscoder written to %s, metrics to %s.", final_dir, metrics_path)
     ctx.barrier()
     return TrainResult(crosscoder_model, metrics, run_dir)
+
+
+def load_training_metrics(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """The quality figures a finished training run wrote (``metrics.json``)."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{path} does not exist: the training run in {run_dir} has not finished.")
+    return json.loads(path.read_text())

@@ -4,21 +4,13 @@
 * ``load_crosscoder(path_or_hub_id)``: our format, our SAE-Lens exports, science-of-finetuning
   (hub layout and training output, BatchTopK and L1, every code normalisation) and Kissane
   crosscoders, each as a ``BatchTopKCrossCoder`` that encodes as the original code does.
-* ``import_crosscoder(source, out_dir)``: the same, saved in our own format.
-"""
+* ``import_crosscoder(source, out_dir)``: the same, saved in our own format."""
 
-from mneme_plugin.formats.kissane import load_kissane
-from mneme_plugin.formats.load import FORMATS, detect_format, import_crosscoder, load_crosscoder
-from mneme_plugin.formats.saelens import export_saelens, load_saelens_export
-from mneme_plugin.formats.science_of_finetuning import load_science_of_finetuning
+from mneme_plugin._lazy import lazy_exports
 
-__all__ = [
-    "FORMATS",
-    "detect_format",
-    "export_saelens",
-    "import_crosscoder",
-    "load_crosscoder",
-    "load_kissane",
-    "load_saelens_export",
-    "load_science_of_finetuning",
-]
+__getattr__, __dir__, __all__ = lazy_exports(__name__, {
+    "mneme_plugin.formats.kissane": ("load_kissane",),
+    "mneme_plugin.formats.load": ("FORMATS", "detect_format", "import_crosscoder", "load_crosscoder"),
+    "mneme_plugin.formats.saelens": ("export_saelens", "load_saelens_export"),
+    "mneme_plugin.formats.science_of_finetuning": ("load_science_of_finetuning",),
+})

@@ -40,7 +40,7 @@ from mneme_plugin.crosscoder.config import CrossCoderConfig
 from mneme_plugin.crosscoder.model import _MEAN_SCALE_EPS, BatchTopKCrossCoder
 from mneme_plugin.errors import CheckpointError, ConfigError
 from mneme_plugin.formats.common import load_tensors, read_json, require_tensor
-from mneme_plugin.io import atomic_write, atomic_write_text
+from mneme_plugin.files import atomic_write, atomic_write_text
 
 FORMAT = "mneme-crosscoder-saelens"
 CFG_FILE = "cfg.json"

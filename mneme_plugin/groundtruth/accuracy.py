@@ -11,11 +11,8 @@ prompt ``the {entity} {relation}``, answer one word ``{value}``. Two scorings:
 
 from __future__ import annotations
 
-import csv
-import json
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -82,45 +79,3 @@ def accuracy_drop(before: Mapping[str, float], after: Mapping[str, float]) -> di
     if set(before) != set(after):
         raise ConfigError(f"before and after cover different categories: {sorted(set(before) ^ set(after))}.")
     return {c: before[c] - after[c] for c in before}
-
-
-def degraded(drop: Mapping[str, float], threshold: float = 0.1) -> list[str]:
-    """Categories whose accuracy dropped by more than ``threshold`` (absolute)."""
-    return [c for c, v in drop.items() if v > threshold]
-
-
-def save_scores(path: str | Path, before: Mapping[str, float], after: Mapping[str, float]) -> Path:
-    """Write ``category,before,after,drop`` (CSV if the suffix is .csv, else JSON)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    drop = accuracy_drop(before, after)
-    if path.suffix == ".csv":
-        with path.open("w", newline="") as fh:
-            w = csv.writer(fh)
-            w.writerow(["category", "before", "after", "drop"])
-            for c in before:
-                w.writerow([c, before[c], after[c], drop[c]])
-    else:
-        path.write_text(json.dumps({"before": dict(before), "after": dict(after), "drop": drop}, indent=2))
-    return path
-
-
-def read_scores(path: str | Path) -> tuple[dict[str, float], dict[str, float]]:
-    """Read per-category scores ``(before, after)`` from a CSV with columns ``category, before, after``
-    (extra columns ignored; e.g. an lm-eval summary reshaped per subject) or from ``save_scores``' JSON."""
-    path = Path(path)
-    if path.suffix == ".json":
-        data = json.loads(path.read_text())
-        return {k: float(v) for k, v in data["before"].items()}, {k: float(v) for k, v in data["after"].items()}
-    before, after = {}, {}
-    with path.open(newline="") as fh:
-        reader = csv.DictReader(fh)
-        missing = {"category", "before", "after"} - set(reader.fieldnames or [])
-        if missing:
-            raise ConfigError(f"{path}: missing column(s) {sorted(missing)}; need category, before, after.")
-        for row in reader:
-            c = row["category"].strip()
-            if c in before:
-                raise ConfigError(f"{path}: category {c!r} appears twice.")
-            before[c], after[c] = float(row["before"]), float(row["after"])
-    return before, after

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Union
 
 from mneme_plugin.errors import ConfigError, MnemeError
-from mneme_plugin.io import atomic_write_text
+from mneme_plugin.files import atomic_write_text
 
 logger = logging.getLogger("mneme_plugin")
 

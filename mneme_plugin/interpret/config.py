@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from mneme_plugin.activations.config import HarvestConfig
 from mneme_plugin.config import ConfigMixin, require
 
 VALUE_MODES = ("code", "weighted")
@@ -12,11 +13,12 @@ EXPLAINERS = ("offline", "default", "contrastive")
 CLIENTS = ("none", "openai", "vllm")
 MAPPERS = ("lexical", "embedding", "llm")
 LABELERS = ("offline", "llm")
+SCORERS = ("detection", "fuzz")
 
 
 @dataclass
 class CollectConfig(ConfigMixin):
-    """Which latents to collect contexts for, and how many of each kind to keep.
+    """Which latents to collect contexts for, how many of each kind to keep, and how the corpus is read.
 
     Attributes:
         latents: Explicit latent ids; None selects from the attribution table (or all latents).
@@ -26,19 +28,22 @@ class CollectConfig(ConfigMixin):
         n_top: Top-activating contexts kept per latent (the Delphi "examples" head).
         n_random: Uniform sample of activating contexts per latent (for Delphi's quantiles).
         n_non_activating: Uniform sample of contexts where the latent never fires.
-        example_ctx_len: Tokens per context (Delphi's example window; the cache rows).
-        context_length: Tokens per forward window; a multiple of example_ctx_len.
+        example_ctx_len: Tokens per context (Delphi's example window; the cache rows); the
+            windows' context_length must be a multiple of it.
         value: Per-token activation value: "code" (the crosscoder code f_j, default) or
             "weighted" (f_j * w_j, w_j the crosscoder's salience weight, as dashboards show).
-        layer / hook_name / batch_size / max_tokens / device / model_dtype / text_field /
-            messages_field: as in HarvestConfig (use the harvest's values).
+        harvest: How the corpus is read (hook, windows, forward batch, token budget, device): a
+            harvest config. None reads at the layer and hook the crosscoder records, with the
+            harvest defaults (``mneme run`` passes its own harvest section).
+        allow_hook_mismatch: Read at a layer / hook other than the one the crosscoder records
+            (refused otherwise: its latents mean nothing elsewhere).
         encode_batch: Tokens encoded by the crosscoder at a time.
         n_splits: Latent-range splits of the Delphi cache (files per hookpoint).
         seed: Seed of the random samples.
     """
 
-    layer: int = 0
-    hook_name: str | None = None
+    runtime_fields = ("encode_batch",)
+
     latents: list[int] | None = None
     classes: list[str] | None = None
     per_class: int | None = 50
@@ -46,29 +51,33 @@ class CollectConfig(ConfigMixin):
     n_random: int = 50
     n_non_activating: int = 50
     example_ctx_len: int = 32
-    context_length: int = 128
     value: str = "code"
-    batch_size: int = 8
-    max_tokens: int | None = None
-    device: str = "cpu"
-    model_dtype: str = "float32"
-    text_field: str = "text"
-    messages_field: str | None = None
+    harvest: HarvestConfig | None = None
+    allow_hook_mismatch: bool = False
     encode_batch: int = 4096
     n_splits: int = 1
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if isinstance(self.harvest, dict):
+            self.harvest = HarvestConfig.from_dict(self.harvest, section="collect.harvest")
         require(self.n_top >= 1, f"n_top must be >= 1, got {self.n_top}.")
         require(self.n_random >= 0 and self.n_non_activating >= 0, "n_random and n_non_activating must be >= 0.")
         require(self.example_ctx_len >= 2, f"example_ctx_len must be >= 2, got {self.example_ctx_len}.")
-        require(
-            self.context_length % self.example_ctx_len == 0,
-            f"context_length ({self.context_length}) must be a multiple of example_ctx_len ({self.example_ctx_len}).",
-        )
+        if self.harvest is not None:
+            check_windows(self.harvest.context_length, self.example_ctx_len)
         require(self.value in VALUE_MODES, f"value must be one of {VALUE_MODES}, got {self.value!r}.")
         require(self.n_splits >= 1, f"n_splits must be >= 1, got {self.n_splits}.")
         require(self.per_class is None or self.per_class >= 1, "per_class must be None or >= 1.")
+
+
+def check_windows(context_length: int, example_ctx_len: int) -> None:
+    """Contexts are cut from the forward windows, so a window must hold whole contexts."""
+    require(
+        context_length % example_ctx_len == 0,
+        f"The windows' context_length ({context_length}) must be a multiple of collect.example_ctx_len "
+        f"({example_ctx_len}).",
+    )
 
 
 @dataclass
@@ -78,6 +87,8 @@ class ClientConfig(ConfigMixin):
 
     ``api_key`` may be given as ``env:VARNAME`` to read it from the environment at run time.
     """
+
+    runtime_fields = ("api_key", "concurrency", "max_retries", "backoff_base", "backoff_max", "timeout", "cache_dir")
 
     kind: str = "none"
     model: str = ""
@@ -133,8 +144,8 @@ class ExplainConfig(ConfigMixin):
             self.client = ClientConfig.from_dict(self.client)
         require(self.explainer in EXPLAINERS, f"explainer must be one of {EXPLAINERS}, got {self.explainer!r}.")
         require(self.train_type in ("top", "random", "quantiles", "mix"), f"bad train_type {self.train_type!r}.")
-        unknown = sorted(set(self.scorers) - {"detection", "fuzz"})
-        require(not unknown, f"Unknown scorer(s) {unknown}; known: detection, fuzz.")
+        unknown = sorted(set(self.scorers) - set(SCORERS))
+        require(not unknown, f"Unknown scorer(s) {unknown}; known: {', '.join(SCORERS)}.")
         require(
             self.explainer == "offline" and not self.scorers or self.client.kind != "none",
             f"explainer {self.explainer!r} / scorers need an LLM client: set client.kind to 'openai' or 'vllm'.",

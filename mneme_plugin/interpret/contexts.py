@@ -32,8 +32,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from mneme_plugin.activations.config import HarvestConfig
 from mneme_plugin.errors import CheckpointError, ConfigError, EmptyCorpusError
-from mneme_plugin.io import atomic_write
+from mneme_plugin.files import atomic_write
+from mneme_plugin.interpret.config import CollectConfig, check_windows
 
 logger = logging.getLogger("mneme_plugin")
 
@@ -51,12 +53,6 @@ class KeptContext:
     positions: torch.Tensor  # (nnz,) int64
     latent_index: torch.Tensor  # (nnz,) int64, index into the chosen latents
     values: torch.Tensor  # (nnz,) float32
-
-    def activations_of(self, j: int, ctx_len: int) -> torch.Tensor:
-        out = torch.zeros(ctx_len)
-        sel = self.latent_index == j
-        out[self.positions[sel]] = self.values[sel]
-        return out
 
 
 class TopContextCollector:
@@ -385,30 +381,51 @@ def latent_values(crosscoder: Any, x: torch.Tensor, latents: torch.Tensor, value
     return torch.cat(out) if out else torch.zeros(0, len(latents))
 
 
+def reading_config(config: CollectConfig, crosscoder: Any) -> HarvestConfig:
+    """How ``collect`` reads the corpus: ``config.harvest``, checked against the layer and hook the
+    crosscoder records, or (None) a harvest config at the recorded layer and hook."""
+    from mneme_plugin.crosscoder.provenance import HOOK_KEYS, check_same_source, recorded_source
+
+    recorded = recorded_source(crosscoder)
+    if config.harvest is None:
+        if "layer" not in recorded:
+            raise ConfigError(
+                "The crosscoder does not record the layer it was trained at (an imported crosscoder?): "
+                "give the layer to read (collect.harvest.layer, CLI --layer)."
+            )
+        reading = HarvestConfig(layer=int(recorded["layer"]), hook_name=recorded.get("hook_name"))
+    else:
+        reading = config.harvest
+        actual = {"layer": reading.layer, "hook_name": reading.resolved_hook_name}
+        check_same_source(crosscoder, actual, what="the collect's hook", override="--allow-hook-mismatch "
+                          "(collect.allow_hook_mismatch: true)", keys=HOOK_KEYS, allow=config.allow_hook_mismatch)
+    check_windows(reading.context_length, config.example_ctx_len)
+    return reading
+
+
 def collect(
     base: Any,
     edited: Any,
     crosscoder: Any,
     corpus: Any,
-    config: Any,
+    config: CollectConfig,
     out_dir: str | os.PathLike[str] | None = None,
     attribution: Any = None,
     progress: bool = True,
 ) -> LatentContexts:
     """Stream ``corpus`` through both models and the crosscoder; keep the contexts of each chosen
-    latent (see module docstring). Writes the Delphi cache and ``contexts.json`` to ``out_dir``."""
+    latent (see module docstring). Writes the Delphi cache and ``contexts.json`` to ``out_dir``.
+
+    The corpus is read in the harvest's windows (``HarvestContext.windows``) at the hook of
+    ``reading_config(config, crosscoder)``."""
     from tqdm.auto import tqdm
 
-    from mneme_plugin.activations.config import HarvestConfig
-    from mneme_plugin.activations.corpus import batch_windows, describe_corpus, iter_windows
+    from mneme_plugin.activations.corpus import describe_corpus
     from mneme_plugin.activations.harvest import HarvestContext
     from mneme_plugin.activations.models import forward_to_hook, model_name
     cc = _load_crosscoder(crosscoder)
     cc.eval()
-    hcfg = HarvestConfig(layer=config.layer, hook_name=config.hook_name, context_length=config.context_length,
-                         batch_size=config.batch_size, max_tokens=config.max_tokens, device=config.device,
-                         model_dtype=config.model_dtype, text_field=config.text_field,
-                         messages_field=config.messages_field)
+    hcfg = reading_config(config, cc)
     ctx = HarvestContext.build(base, edited, hcfg)
     if int(cc.cfg.activation_dim) != ctx.d_model:
         raise ConfigError(f"The crosscoder expects d={cc.cfg.activation_dim} but the models have d_model={ctx.d_model}.")
@@ -422,9 +439,7 @@ def collect(
                                     config.n_non_activating, config.seed, vocab_size=len(tok))
     dropped = ctx.dropped_ids()
     E = config.example_ctx_len
-    windows = iter_windows(corpus, tok, hcfg.context_length, hcfg.max_tokens, hcfg.text_field,
-                           hcfg.messages_field, hcfg.append_eos)
-    for batch in tqdm(batch_windows(windows, hcfg.batch_size), desc="collect", disable=not progress):
+    for batch in tqdm(ctx.windows(corpus), desc="collect", disable=not progress):
         tokens = torch.stack([w.tokens for w in batch])
         mask = torch.stack([w.mask for w in batch])
         valid = mask & ~torch.isin(tokens, dropped)
@@ -441,7 +456,7 @@ def collect(
         raise EmptyCorpusError(f"The corpus {describe_corpus(corpus)} gave no usable tokens.")
     result = collector.result(meta={
         "base_model": model_name(ctx.base), "edited_model": model_name(ctx.edited), "corpus": describe_corpus(corpus),
-        "value": config.value, "config": config.to_dict(), "max_contexts_held": collector.max_kept,
+        "value": config.value, "config": config.replace(harvest=hcfg).to_dict(), "max_contexts_held": collector.max_kept,
     })
     if out_dir is not None:
         result.save(out_dir, ctx.hook_name, model_name=model_name(ctx.base), n_splits=config.n_splits,

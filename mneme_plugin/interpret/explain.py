@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 
 from mneme_plugin.errors import CheckpointError, ConfigError
-from mneme_plugin.io import atomic_write
+from mneme_plugin.files import atomic_write
 from mneme_plugin.interpret.contexts import TOKENIZER_DIR, LatentContexts, iter_records_delphi, load_contexts
 
 logger = logging.getLogger("mneme_plugin")

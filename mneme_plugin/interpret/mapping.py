@@ -30,8 +30,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mneme_plugin.errors import ConfigError
+from mneme_plugin.errors import CheckpointError, ConfigError
 from mneme_plugin.interpret.taxonomy import Taxonomy, load_taxonomy
+
+CATEGORIES_STEM = "categories"
+CATEGORIES_PARQUET = f"{CATEGORIES_STEM}.parquet"
+MAPPING_COLUMNS = ("latent", "description", "label", "taxonomy", "category", "score", "top_k")
+LINK_COLUMNS = ("latent", "category", "similarity")
 
 _WORD = re.compile(r"[a-z0-9]+")
 STOPWORDS = frozenset(
@@ -141,7 +146,7 @@ def map_descriptions(
 ) -> pd.DataFrame:
     """Label each description and rank the entries of each taxonomy; write ``categories.*``."""
     from mneme_plugin.interpret.clients import make_client
-    from mneme_plugin.interpret.explain import load_explanations, write_table
+    from mneme_plugin.interpret.explain import load_explanations
 
     table = explanations if isinstance(explanations, pd.DataFrame) else load_explanations(explanations)
     if not {"latent", "explanation"} <= set(table.columns):
@@ -180,7 +185,40 @@ def map_descriptions(
             best = top[0] if top and top[0][1] > 0 else (None, 0.0)
             rows.append({"latent": latent, "description": d, "label": label, "taxonomy": tax.name,
                          "category": best[0], "score": best[1], "top_k": json.dumps(top)})
-    out = pd.DataFrame(rows, columns=["latent", "description", "label", "taxonomy", "category", "score", "top_k"])
+    out = pd.DataFrame(rows, columns=list(MAPPING_COLUMNS))
     if out_dir is not None:
-        write_table(out, out_dir, "categories")
+        save_mapping(out, out_dir)
     return out
+
+
+def save_mapping(table: pd.DataFrame, out_dir: str | os.PathLike[str]) -> Path:
+    """``categories.parquet`` + ``categories.csv`` in ``out_dir``."""
+    from mneme_plugin.interpret.explain import write_table
+
+    return write_table(table, out_dir, CATEGORIES_STEM)
+
+
+def load_mapping(out_dir: str | os.PathLike[str]) -> pd.DataFrame:
+    """The mapping table written by ``map_descriptions`` (one row per latent and taxonomy)."""
+    path = Path(out_dir) / CATEGORIES_PARQUET
+    if not path.is_file():
+        raise CheckpointError(f"{path} does not exist: run the map stage (`mneme map`) first.")
+    return pd.read_parquet(path)
+
+
+def category_links(mapping: pd.DataFrame, taxonomy: str | None = None) -> pd.DataFrame:
+    """The mapping's ranked entries in long form: (latent, category, similarity), one row per entry
+    of each latent's ``top_k`` (only ``taxonomy``'s rows when given)."""
+    rows = []
+    for row in mapping.itertuples(index=False):
+        if taxonomy is not None and row.taxonomy != taxonomy:
+            continue
+        for category, similarity in json.loads(row.top_k):
+            rows.append({"latent": int(row.latent), "category": category, "similarity": float(similarity)})
+    return pd.DataFrame(rows, columns=list(LINK_COLUMNS))
+
+
+def latent_descriptions(mapping: pd.DataFrame) -> dict[int, str]:
+    """Latent id -> its description (first row per latent)."""
+    first = mapping.drop_duplicates("latent")
+    return {int(r.latent): str(r.description) for r in first.itertuples(index=False)}

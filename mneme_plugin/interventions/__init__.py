@@ -1,6 +1,8 @@
 """Interventions that edit a model: RMU unlearning and supervised fine-tuning (narrow or benign)."""
 
-from mneme_plugin.interventions.finetune import FineTuneConfig, FineTuneResult, fine_tune
-from mneme_plugin.interventions.rmu import RMUConfig, RMUResult, rmu_losses, rmu_unlearn
+from mneme_plugin._lazy import lazy_exports
 
-__all__ = ["FineTuneConfig", "FineTuneResult", "RMUConfig", "RMUResult", "fine_tune", "rmu_losses", "rmu_unlearn"]
+__getattr__, __dir__, __all__ = lazy_exports(__name__, {
+    "mneme_plugin.interventions.finetune": ("FineTuneConfig", "FineTuneResult", "fine_tune"),
+    "mneme_plugin.interventions.rmu": ("RMUConfig", "RMUResult", "rmu_losses", "rmu_unlearn"),
+})

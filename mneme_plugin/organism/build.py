@@ -20,14 +20,13 @@ from typing import Any
 import torch
 
 from mneme_plugin.errors import ConfigError
-from mneme_plugin.groundtruth import accuracy_drop, domain_accuracy, save_scores
-from mneme_plugin.io import atomic_write
+from mneme_plugin.groundtruth import accuracy_drop, domain_accuracy, save_scores, scores_table
+from mneme_plugin.files import atomic_write
+from mneme_plugin.organism.catalog import INTERVENTIONS
 from mneme_plugin.organism.corpus import DOMAINS, Question, generate_corpus, generate_generic_corpus, question_set
 from mneme_plugin.organism.models import deterministic, tiny_hooked_transformer, train_lm, train_tokenizer
 
 logger = logging.getLogger("mneme_plugin")
-
-INTERVENTIONS = ("rmu", "narrow", "benign")
 
 
 @dataclass
@@ -125,7 +124,7 @@ def _build_organism(seed: int = 0, intervention: str = "rmu", target_domain: str
     ``intervention``: ``"rmu"`` (unlearn ``target_domain``: forget set = its documents, retain set = the
     other domains' documents), ``"narrow"`` (fine-tune on ``target_domain``'s documents only) or
     ``"benign"`` (fine-tune on generic filler mixed 1:1 with documents of all domains; no target).
-    With ``out_dir`` the models and the ground truth (``groundtruth.json`` / ``.csv``) are cached there.
+    With ``out_dir`` the models and the ground truth (``groundtruth-*.csv``) are cached there.
     """
     from mneme_plugin.interventions import fine_tune, rmu_unlearn
 
@@ -190,8 +189,7 @@ def _build_organism(seed: int = 0, intervention: str = "rmu", target_domain: str
     drop = accuracy_drop(before, after)
     timings["groundtruth"] = time.perf_counter() - t0
     if out:
-        save_scores(out / f"groundtruth-{intervention}-{target_domain or 'mixed'}.json", before, after)
-        save_scores(out / f"groundtruth-{intervention}-{target_domain or 'mixed'}.csv", before, after)
+        save_scores(scores_table(before, after), out / f"groundtruth-{intervention}-{target_domain or 'mixed'}.csv")
 
     # Task-agnostic slice: fresh documents of every domain plus generic filler, minus any edit text.
     excluded = set(edit_texts)

@@ -18,8 +18,11 @@ from typing import Any
 import pandas as pd
 import yaml
 
+from mneme_plugin.files import atomic_write_text
+from mneme_plugin.groundtruth.table import SCORES_CSV, save_scores, scores_table
 from mneme_plugin.organism.build import INTERVENTIONS, Organism, build_organism
-from mneme_plugin.io import atomic_write, atomic_write_text
+from mneme_plugin.pipeline import RunConfig, run_pipeline
+from mneme_plugin.sideeffects import load_evaluation
 
 logger = logging.getLogger("mneme_plugin")
 
@@ -64,9 +67,10 @@ class DemoCase:
     target_domain: str | None
     run_dir: Path
     drop: dict[str, float]
-    metrics: pd.DataFrame | None
+    metrics: pd.DataFrame
     predicted: list[str] = field(default_factory=list)
     degraded: list[str] = field(default_factory=list)
+    drop_threshold: float = 0.1  # the accuracy drop above which a domain counts as degraded
 
 
 @dataclass
@@ -77,8 +81,6 @@ class DemoResult:
     def table(self) -> pd.DataFrame:
         rows = []
         for case in self.cases:
-            if case.metrics is None:
-                continue
             for row in case.metrics.itertuples(index=False):
                 rows.append({"intervention": case.intervention, "method": row.method, "accuracy": row.accuracy,
                              "precision": row.precision, "recall": row.recall, "f1": row.f1})
@@ -88,8 +90,6 @@ class DemoResult:
 def run_demo(out_dir: str | Path, seed: int = 0, interventions: tuple[str, ...] = INTERVENTIONS,
              target_domain: str = "law", progress: bool = True) -> DemoResult:
     """Build the organism, apply each intervention and run the whole pipeline on it (see module doc)."""
-    from mneme_plugin.pipeline import RunConfig, run_pipeline
-
     out = Path(out_dir)
     cases = []
     for intervention in interventions:
@@ -98,26 +98,16 @@ def run_demo(out_dir: str | Path, seed: int = 0, interventions: tuple[str, ...] 
         case_dir.mkdir(parents=True, exist_ok=True)
         corpus = case_dir / "agnostic_corpus.txt"
         atomic_write_text(corpus, "\n".join(organism.agnostic_corpus) + "\n")
-        truth = case_dir / "ground_truth.csv"
-        scores = pd.DataFrame({"category": list(organism.accuracy_before),
-                               "before": list(organism.accuracy_before.values()),
-                               "after": [organism.accuracy_after[c] for c in organism.accuracy_before]})
-        atomic_write(truth, lambda tmp: scores.to_csv(tmp, index=False))
+        truth = save_scores(scores_table(organism.accuracy_before, organism.accuracy_after), case_dir / SCORES_CSV)
         config = organism_run_config(case_dir / "run", organism, corpus, truth, seed)
         atomic_write_text(case_dir / "recipe.yaml", yaml.safe_dump(config, sort_keys=False))
         logger.info("[demo] %s: running the pipeline (recipe %s).", intervention, case_dir / "recipe.yaml")
-        layout = run_pipeline(RunConfig.from_dict(config), models={"base": organism.base, "edited": organism.edited},
+        run_config = RunConfig.from_dict(config)
+        layout = run_pipeline(run_config, models={"base": organism.base, "edited": organism.edited},
                               progress=progress)
-        metrics_csv = layout.evaluation / "metrics_table.csv"
-        metrics = pd.read_csv(metrics_csv) if metrics_csv.is_file() else None
-        evaluation = layout.evaluation / "evaluation.json"
-        predicted, degraded = [], []
-        if evaluation.is_file():
-            import json
-
-            data = json.loads(evaluation.read_text())
-            predicted, degraded = data["predicted"].get("MNEME", []), data["true"]
-        cases.append(DemoCase(intervention, organism.target_domain, layout.root, organism.drop, metrics,
-                              predicted, degraded))
+        evaluation = load_evaluation(layout.evaluation)
+        cases.append(DemoCase(intervention, organism.target_domain, layout.root, organism.drop, evaluation.table(),
+                              evaluation.predicted.get("MNEME", []), evaluation.true_set,
+                              run_config.evaluate.drop_threshold))
     return DemoResult(cases=cases, out_dir=out)
 

@@ -1,20 +1,17 @@
 """``mneme run``: the whole MNEME pipeline from one YAML config."""
 
-from mneme_plugin.pipeline.config import SECTIONS, CorpusConfig, GroundTruthConfig, ModelsConfig, RunConfig
-from mneme_plugin.pipeline.dry_run import ConfigCheck, check_config, format_plan
-from mneme_plugin.pipeline.run import PipelineContext, Stage, plan, run_pipeline
+from mneme_plugin._lazy import lazy_exports
 
-__all__ = [
-    "SECTIONS",
-    "ConfigCheck",
-    "CorpusConfig",
-    "GroundTruthConfig",
-    "ModelsConfig",
-    "PipelineContext",
-    "RunConfig",
-    "Stage",
-    "check_config",
-    "format_plan",
-    "plan",
-    "run_pipeline",
-]
+__getattr__, __dir__, __all__ = lazy_exports(__name__, {
+    "mneme_plugin.pipeline.config": (
+        "CorpusConfig",
+        "ModelsConfig",
+        "RunConfig",
+        "load_run_config",
+        "save_run_config",
+    ),
+    "mneme_plugin.pipeline.dry_run": ("ConfigCheck", "check_config", "format_plan"),
+    "mneme_plugin.pipeline.run": ("StageMarker", "plan", "read_stage_markers", "run_pipeline"),
+    "mneme_plugin.pipeline.stage": ("PipelineContext", "Stage"),
+    "mneme_plugin.pipeline.stages": ("STAGES", "config_problems"),
+})

@@ -8,8 +8,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mneme_plugin.activations.models import ModelSpec, check_model_spec
 from mneme_plugin.pipeline.config import RunConfig
 from mneme_plugin.pipeline.run import plan
+from mneme_plugin.pipeline.stages import STAGES, config_problems
 
 BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "float64": 8}
 
@@ -47,16 +49,14 @@ def _hub_hf_config(spec: str) -> dict[str, Any] | None:
 
 
 def _describe_model(which: str, spec: str, check: ConfigCheck) -> None:
-    if spec.startswith("organism:"):
-        path = Path(spec[len("organism:"):])
-        (check.notes if path.exists() else check.problems).append(
-            f"models.{which}: organism model {path} " + ("found." if path.exists() else "does not exist."))
+    parsed = ModelSpec.parse(spec)
+    if check_model_spec(spec, f"models.{which}"):
+        return  # reported by config_problems
+    if parsed.kind == "organism":
+        check.notes.append(f"models.{which}: organism model {parsed.location} found.")
         return
-    hf = _local_hf_config(spec)
+    hf = _local_hf_config(parsed.location) if parsed.kind == "local" else None
     where = "local folder"
-    if hf is None and Path(spec).exists():
-        check.problems.append(f"models.{which}: {spec} exists but holds no config.json (not a HF model folder).")
-        return
     if hf is None:
         hf, where = _hub_hf_config(spec), "hub (cached)"
     if hf is None:
@@ -82,13 +82,12 @@ def check_config(config: RunConfig) -> ConfigCheck:
     check = ConfigCheck()
     for which in ("base", "edited"):
         _describe_model(which, getattr(config.models, which), check)
+    check.problems += config_problems(config)
     source = config.corpus.source
     if source.startswith("hf:"):
         check.notes.append(f"corpus: Hugging Face dataset {source[3:]} (streamed).")
     elif Path(source).is_file():
         check.notes.append(f"corpus: local file {source} ({Path(source).stat().st_size / 2**20:.1f} MiB).")
-    else:
-        check.problems.append(f"corpus.source: {source} is neither an existing file nor hf:NAME[@CONFIG][:SPLIT].")
     h = config.harvest
     if check.n_layers is not None and h.layer >= check.n_layers:
         check.problems.append(f"harvest.layer {h.layer} is out of range: the models have {check.n_layers} layers "
@@ -96,13 +95,16 @@ def check_config(config: RunConfig) -> ConfigCheck:
     if check.d_model is not None:
         d = check.d_model
         cc = config.crosscoder.resolve(d)
-        if h.max_tokens:
+        if config.training.stream:
+            check.notes.append("disk: training.stream is set: activations are harvested on the fly, no store is written.")
+        elif h.max_tokens:
             disk = h.max_tokens * 2 * d * BYTES[h.dtype]
             check.notes.append(f"disk: about {disk / 2**30:.2f} GiB of activations for {h.max_tokens:,} tokens ({h.dtype}).")
             free = shutil.disk_usage(Path(config.run_dir).resolve().anchor).free
             if disk > free:
                 check.problems.append(f"disk: the store needs {disk / 2**30:.1f} GiB but only {free / 2**30:.1f} GiB are free; "
-                                      "lower harvest.max_tokens or train from a stream (mneme train --stream).")
+                                      "lower harvest.max_tokens or set training.stream: true (train while harvesting, "
+                                      "no store on disk).")
         else:
             check.notes.append("disk: harvest.max_tokens is not set: the whole corpus is harvested.")
         params = 2 * (2 * d * cc.dict_size) + cc.dict_size + 2 * d
@@ -113,8 +115,6 @@ def check_config(config: RunConfig) -> ConfigCheck:
 
 
 def format_plan(config: RunConfig, check: ConfigCheck) -> str:
-    from mneme_plugin.pipeline.stages import STAGES
-
     lines = [f"Run directory: {config.run_dir}", "", "Checks:"]
     lines += [f"  ok   {n}" for n in check.notes]
     lines += [f"  FAIL {p}" for p in check.problems]

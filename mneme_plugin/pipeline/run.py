@@ -1,10 +1,11 @@
 """``mneme run``: every stage from one config, skipping stages already done with the same config.
 
 Each stage writes into its own folder of the run directory (``mneme_plugin.layout``) and, once
-finished, a marker ``.stages/<stage>.json`` holding a fingerprint of the config sections it read
-and of the stages before it. A stage whose marker matches is skipped; one whose config changed is
-re-run from scratch; one that was interrupted (no marker) runs again and resumes where the stage
-itself can (harvest and training continue from their last shard / checkpoint).
+finished, a marker ``.stages/<stage>.json`` holding a fingerprint of the config it read (only the
+fields that change results: ``ConfigMixin.result_dict``) and of the stages before it. A stage whose
+marker matches is skipped; one whose config changed is re-run from scratch; one that was
+interrupted (no marker) runs again and resumes where the stage itself can (harvest and training
+continue from their last shard / checkpoint).
 """
 
 from __future__ import annotations
@@ -12,109 +13,88 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mneme_plugin.errors import ConfigError
+from mneme_plugin.files import atomic_write_text
 from mneme_plugin.layout import RunLayout
-from mneme_plugin.io import atomic_write_text
-from mneme_plugin.pipeline.config import RunConfig
+from mneme_plugin.pipeline.config import RunConfig, save_run_config
+from mneme_plugin.pipeline.stage import PipelineContext, Stage
+from mneme_plugin.pipeline.stages import STAGES, validate_for_run
 
 logger = logging.getLogger("mneme_plugin")
 
 
-@dataclass
-class Stage:
-    name: str
-    sections: tuple[str, ...]  # config sections the stage reads
-    outputs: Callable[[RunLayout], Path]
-    run: Callable[["PipelineContext"], None]
-    enabled: Callable[[RunConfig], bool] = lambda config: True
+# Markers written before fingerprints left out the runtime fields carry no version; they are
+# compared with the old fingerprint (every field), so such runs resume instead of starting over.
+MARKER_VERSION = 2
 
 
-@dataclass
-class PipelineContext:
-    config: RunConfig
-    layout: RunLayout
-    progress: bool = True
-    models: dict[str, Any] = field(default_factory=dict)  # objects given by the caller, or loaded lazily
+@dataclass(frozen=True)
+class StageMarker:
+    """What ``.stages/<stage>.json`` records about a finished stage."""
 
-    def model(self, which: str) -> Any:
-        if which not in self.models:
-            from mneme_plugin.activations import load_model
-
-            spec = getattr(self.config.models, which)
-            h = self.config.harvest
-            self.models[which] = load_model(resolve_model_spec(spec), device=h.device, dtype=h.model_dtype)
-        return self.models[which]
-
-    def corpus(self) -> Any:
-        from mneme_plugin.activations.corpus import corpus_from_spec
-
-        return corpus_from_spec(self.config.corpus.source)
+    stage: str
+    fingerprint: str
+    seconds: float
+    version: int = 1
 
 
-def resolve_model_spec(spec: str) -> Any:
-    """A model name / folder as is; ``organism:DIR/NAME`` as the saved organism model object."""
-    if spec.startswith("organism:"):
-        from mneme_plugin.organism import load_organism_model
+def read_stage_markers(run_dir: str | os.PathLike[str]) -> list[StageMarker]:
+    """The finished stages of a run directory, in the order they finished."""
+    layout = RunLayout(Path(run_dir))
+    markers = []
+    for path in sorted(layout.stages.glob("*.json"), key=lambda p: p.stat().st_mtime):
+        marker = _read_marker(path)
+        if marker is not None:
+            markers.append(marker)
+    return markers
 
-        return load_organism_model(spec[len("organism:"):])
-    return spec
+
+def _read_marker(path: Path) -> StageMarker | None:
+    try:
+        info = json.loads(path.read_text())
+        return StageMarker(str(info["stage"]), str(info["fingerprint"]), float(info.get("seconds", 0.0)),
+                           int(info.get("version", 1)))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
-def _fingerprint(config: RunConfig, stage: Stage, upstream: str) -> str:
-    payload = {name: config.section_dict(name) for name in stage.sections if name in config.sections}
+def _fingerprint(config: RunConfig, stage: Stage, upstream: str, *, legacy: bool = False) -> str:
+    payload = {name: (getattr(config, name).to_dict() if legacy else getattr(config, name).result_dict())
+               for name in stage.sections_of(config)}
     text = json.dumps({"stage": stage.name, "config": payload, "upstream": upstream}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _marker(layout: RunLayout, stage: Stage) -> Path:
-    return layout.root / ".stages" / f"{stage.name}.json"
-
-
-def _is_done(layout: RunLayout, stage: Stage, fingerprint: str) -> bool:
-    marker = _marker(layout, stage)
-    if not marker.is_file() or not stage.outputs(layout).exists():
-        return False
-    try:
-        return json.loads(marker.read_text()).get("fingerprint") == fingerprint
-    except json.JSONDecodeError:
-        return False
-
-
-def _mark_done(layout: RunLayout, stage: Stage, fingerprint: str, seconds: float) -> None:
-    info = {"stage": stage.name, "fingerprint": fingerprint, "seconds": round(seconds, 2)}
-    atomic_write_text(_marker(layout, stage), json.dumps(info), durable=True)
-
-
-def _stale_config(layout: RunLayout, stage: Stage, fingerprint: str) -> bool:
-    """The stage finished before with another config: its outputs must be redone."""
-    marker = _marker(layout, stage)
-    if not marker.is_file():
-        return False
-    try:
-        return json.loads(marker.read_text()).get("fingerprint") != fingerprint
-    except json.JSONDecodeError:
-        return True
+def _status(layout: RunLayout, stage: Stage, fingerprint: str, legacy_fingerprint: str) -> str:
+    path = layout.stage_marker(stage.name)
+    marker = _read_marker(path) if path.is_file() else None
+    if marker is None:
+        return "run"
+    expected = fingerprint if marker.version >= MARKER_VERSION else legacy_fingerprint
+    if marker.fingerprint != expected:
+        return "rerun (config changed)"
+    return "skip (done)" if stage.outputs(layout).exists() else "run"
 
 
 def plan(config: RunConfig, stages: list[Stage]) -> list[tuple[Stage, str, str]]:
-    """(stage, fingerprint, status) for every stage: status is run, skip (done) or disabled."""
-    layout = RunLayout(Path(config.run_dir))
-    out, upstream = [], ""
+    """(stage, fingerprint, status) for every stage: status is run, skip (done), rerun or disabled."""
+    layout = config.layout
+    out, upstream, legacy_upstream = [], "", ""
     for stage in stages:
         fingerprint = _fingerprint(config, stage, upstream)
+        legacy = _fingerprint(config, stage, legacy_upstream, legacy=True)
         if not stage.enabled(config):
             out.append((stage, fingerprint, "disabled"))
             continue
-        status = "skip (done)" if _is_done(layout, stage, fingerprint) else (
-            "rerun (config changed)" if _stale_config(layout, stage, fingerprint) else "run")
-        out.append((stage, fingerprint, status))
-        upstream = fingerprint
+        out.append((stage, fingerprint, _status(layout, stage, fingerprint, legacy)))
+        upstream, legacy_upstream = fingerprint, legacy
     return out
 
 
@@ -128,12 +108,15 @@ def run_pipeline(
 ) -> RunLayout:
     """Run (or resume) every enabled stage of ``config``; ``models`` may pass model objects
     (``{"base": ..., "edited": ...}``) instead of the names in ``config.models``."""
-    from mneme_plugin.pipeline.stages import STAGES
-
     stages = STAGES if stages is None else stages
-    layout = RunLayout(Path(config.run_dir))
+    if only is not None:
+        unknown = sorted(set(only) - {s.name for s in stages})
+        if unknown:
+            raise ConfigError(f"Unknown stage(s) {unknown}; the stages are {', '.join(s.name for s in stages)}.")
+    validate_for_run(config, stages, models=models)
+    layout = config.layout
     layout.root.mkdir(parents=True, exist_ok=True)
-    _write_config(config, layout)
+    save_run_config(config)
     ctx = PipelineContext(config=config, layout=layout, progress=progress, models=dict(models or {}))
     for stage, fingerprint, status in plan(config, stages):
         if status == "disabled" or (only is not None and stage.name not in only):
@@ -151,12 +134,9 @@ def run_pipeline(
         logger.info("[%s] running.", stage.name)
         start = time.perf_counter()
         stage.run(ctx)
-        _mark_done(layout, stage, fingerprint, time.perf_counter() - start)
-        logger.info("[%s] finished in %.1f s -> %s", stage.name, time.perf_counter() - start, stage.outputs(layout))
+        seconds = time.perf_counter() - start
+        info = {"stage": stage.name, "fingerprint": fingerprint, "seconds": round(seconds, 2),
+                "version": MARKER_VERSION}
+        atomic_write_text(layout.stage_marker(stage.name), json.dumps(info), durable=True)
+        logger.info("[%s] finished in %.1f s -> %s", stage.name, seconds, stage.outputs(layout))
     return layout
-
-
-def _write_config(config: RunConfig, layout: RunLayout) -> None:
-    import yaml
-
-    atomic_write_text(layout.config, yaml.safe_dump(config.to_dict(), sort_keys=False))

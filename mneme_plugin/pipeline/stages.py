@@ -1,15 +1,15 @@
-"""The stages of ``mneme run``, in order. Each is a thin call of the stage's public function."""
+"""The stages of ``mneme run``, in order. Each is a thin call of the stage's public function,
+reading the earlier stages' outputs only through their loaders."""
 
 from __future__ import annotations
 
-import json
 import logging
+from pathlib import Path
 from typing import Any
 
-import pandas as pd
-
-from mneme_plugin.layout import RunLayout
-from mneme_plugin.pipeline.run import PipelineContext, Stage
+from mneme_plugin.errors import ConfigError
+from mneme_plugin.pipeline.config import RunConfig
+from mneme_plugin.pipeline.stage import PipelineContext, Stage
 
 logger = logging.getLogger("mneme_plugin")
 
@@ -21,33 +21,48 @@ def _harvest(ctx: PipelineContext) -> None:
             progress=ctx.progress)
 
 
+def _stream(ctx: PipelineContext, batch_size: int, shuffle_buffer_rows: int) -> Any:
+    """Paired activations harvested on the fly with the run's harvest section (no store)."""
+    from mneme_plugin.activations import harvest_stream
+
+    return harvest_stream(ctx.model("base"), ctx.model("edited"), ctx.corpus(), ctx.config.harvest,
+                          batch_size=batch_size, shuffle_buffer_rows=shuffle_buffer_rows,
+                          seed=ctx.config.training.seed)
+
+
 def _train(ctx: PipelineContext) -> None:
     from mneme_plugin.crosscoder.training import train
 
-    train(ctx.layout.activations, ctx.layout.crosscoder_run, ctx.config.crosscoder, ctx.config.training,
-          progress=ctx.progress)
+    training = ctx.config.training
+    data = (_stream(ctx, training.batch_size, training.shuffle_buffer_rows) if training.stream
+            else ctx.layout.activations)
+    train(data, ctx.layout.crosscoder_run, ctx.config.crosscoder, training, progress=ctx.progress)
 
 
 def _attribute(ctx: PipelineContext) -> None:
     from mneme_plugin.attribution import attribute
 
-    attribute(ctx.layout.crosscoder_run, ctx.layout.activations, ctx.config.attribution, ctx.layout.attribution,
-              progress=ctx.progress)
+    batch = ctx.config.attribution.batch_size
+    # Streaming: every row once, in any order, through the smallest buffer the stream allows.
+    data = _stream(ctx, batch, 2 * batch) if ctx.config.training.stream else ctx.layout.activations
+    attribute(ctx.layout.crosscoder_run, data, ctx.config.attribution, ctx.layout.attribution, progress=ctx.progress)
 
 
-def collect_config(ctx: PipelineContext) -> Any:
-    """The collect section, reading the same hook and windows as the harvest."""
-    h = ctx.config.harvest
-    return ctx.config.collect.replace(layer=h.layer, hook_name=h.hook_name, device=h.device,
-                                      model_dtype=h.model_dtype, text_field=h.text_field,
-                                      messages_field=h.messages_field)
+def _train_sections(config: RunConfig) -> tuple[str, ...]:
+    # Streaming, the harvest stage does not run: training reads what it would have read.
+    return ("models", "corpus", "harvest", "crosscoder", "training") if config.training.stream \
+        else ("crosscoder", "training")
 
 
 def _collect(ctx: PipelineContext) -> None:
     from mneme_plugin.attribution import load_attribution
     from mneme_plugin.interpret.contexts import collect
 
-    collect(ctx.model("base"), ctx.model("edited"), ctx.layout.crosscoder_run, ctx.corpus(), collect_config(ctx),
+    # The contexts are read with the run's own harvest settings unless the collect section names others.
+    config = ctx.config.collect
+    if config.harvest is None:
+        config = config.replace(harvest=ctx.config.harvest)
+    collect(ctx.model("base"), ctx.model("edited"), ctx.layout.crosscoder_run, ctx.corpus(), config,
             ctx.layout.contexts, attribution=load_attribution(ctx.layout.attribution), progress=ctx.progress)
 
 
@@ -64,82 +79,17 @@ def _map(ctx: PipelineContext) -> None:
     map_descriptions(ctx.layout.explanations, ctx.config.map, ctx.layout.mapping)
 
 
-def category_links(mapping: pd.DataFrame, taxonomy: str | None = None) -> pd.DataFrame:
-    """The mapping table's ranked entries in long form: (latent, category, similarity)."""
-    rows = []
-    for row in mapping.itertuples(index=False):
-        if taxonomy is not None and row.taxonomy != taxonomy:
-            continue
-        for category, similarity in json.loads(row.top_k):
-            rows.append({"latent": int(row.latent), "category": category, "similarity": float(similarity)})
-    return pd.DataFrame(rows, columns=["latent", "category", "similarity"])
-
-
-def load_mapping(layout: RunLayout) -> pd.DataFrame:
-    """The mapping stage's table (latent, description, label, taxonomy, category, score, top_k)."""
-    from mneme_plugin.errors import CheckpointError
-
-    path = layout.mapping / "categories.parquet"
-    if not path.is_file():
-        raise CheckpointError(f"{path} does not exist: run the map stage (`mneme map`) first.")
-    return pd.read_parquet(path)
-
-
-def _prediction_inputs(layout: RunLayout, map_config: Any) -> tuple[Any, pd.DataFrame, pd.DataFrame]:
-    from mneme_plugin.interpret.taxonomy import load_taxonomy
-
-    taxonomy = load_taxonomy(map_config.taxonomies[0])
-    mapping = load_mapping(layout)
-    return taxonomy, mapping, category_links(mapping, taxonomy.name)
-
-
 def _predict(ctx: PipelineContext) -> None:
-    from mneme_plugin.attribution import load_attribution
-    from mneme_plugin.sideeffects import predict, save_prediction
+    from mneme_plugin.sideeffects import predict_run
 
-    taxonomy, mapping, links = _prediction_inputs(ctx.layout, ctx.config.map)
-    descriptions = {int(r.latent): str(r.description) for r in mapping.itertuples(index=False)}
-    prediction = predict(load_attribution(ctx.layout.attribution).table, links, taxonomy.ids(), ctx.config.predict,
-                         descriptions)
-    save_prediction(prediction, ctx.layout.prediction)
-
-
-def naive_prediction(intervention: str, map_config: Any, n: int) -> list[str]:
-    """The naive baseline: the n categories the same mapper puts closest to the intervention's description."""
-    import numpy as np
-
-    from mneme_plugin.interpret.mapping import EmbeddingMapper, LexicalMapper
-    from mneme_plugin.interpret.taxonomy import load_taxonomy
-
-    taxonomy = load_taxonomy(map_config.taxonomies[0])
-    if map_config.method == "embedding":
-        mapper: Any = EmbeddingMapper(taxonomy, map_config.embedding_model)
-    else:
-        mapper = LexicalMapper(taxonomy)
-    scores = mapper.scores(intervention)
-    order = np.argsort(-scores, kind="stable")[:n]
-    return [taxonomy.entries[i].id for i in order if scores[i] > 0]
-
-
-def read_ground_truth(gt: Any) -> pd.DataFrame:
-    """(category, before, after, n) from a ``GroundTruthConfig``."""
-    from mneme_plugin.sideeffects import read_scores_csv, scores_from_lm_eval
-
-    if gt.scores_csv:
-        return read_scores_csv(gt.scores_csv)
-    return scores_from_lm_eval(gt.lm_eval_before, gt.lm_eval_after)
+    predict_run(ctx.layout.root, ctx.config.predict, ctx.config.map.taxonomies[0])
 
 
 def _evaluate(ctx: PipelineContext) -> None:
-    from mneme_plugin.sideeffects import evaluate, load_prediction, save_evaluation
+    from mneme_plugin.sideeffects import evaluate_run
 
-    prediction = load_prediction(ctx.layout.prediction)
-    intervention = ctx.config.models.intervention
-    naive = (naive_prediction(intervention, ctx.config.map, max(1, len(prediction.predicted)))
-             if intervention else None)
-    evaluation = evaluate(prediction.predicted, read_ground_truth(ctx.config.ground_truth), prediction.scores["category"].tolist(),
-                          naive_predicted=naive, config=ctx.config.evaluate)
-    save_evaluation(evaluation, ctx.layout.evaluation)
+    evaluation = evaluate_run(ctx.layout.root, ctx.config.evaluate, ctx.config.ground_truth, ctx.config.map,
+                              intervention=ctx.config.models.intervention)
     logger.info("\n%s", evaluation.markdown())
 
 
@@ -149,9 +99,11 @@ def _report(ctx: PipelineContext) -> None:
     build_report(ctx.layout.root)
 
 
+# With `training.stream` the harvest writes no store: training and attribution harvest on the fly.
 STAGES: list[Stage] = [
-    Stage("harvest", ("models", "corpus", "harvest"), lambda l: l.activations, _harvest),
-    Stage("train", ("crosscoder", "training"), lambda l: l.crosscoder_run, _train),
+    Stage("harvest", ("models", "corpus", "harvest"), lambda l: l.activations, _harvest,
+          enabled=lambda c: not c.training.stream),
+    Stage("train", _train_sections, lambda l: l.crosscoder_run, _train),
     Stage("attribute", ("attribution",), lambda l: l.attribution, _attribute),
     Stage("collect", ("collect", "harvest", "corpus"), lambda l: l.contexts, _collect),
     Stage("explain", ("explain",), lambda l: l.explanations, _explain),
@@ -161,3 +113,35 @@ STAGES: list[Stage] = [
           enabled=lambda c: c.ground_truth.available),
     Stage("report", (), lambda l: l.report, _report),
 ]
+
+
+def config_problems(config: RunConfig, models: dict[str, Any] | None = None) -> list[str]:
+    """What can be checked before the first stage runs, so a run does not fail hours in: the
+    files the config names exist and the taxonomies load. (Types and values were checked when
+    the config was read.) ``models``: model objects given instead of the config's names."""
+    from mneme_plugin.activations.models import check_model_spec
+    from mneme_plugin.interpret.taxonomy import load_taxonomy
+
+    problems = []
+    for which in ("base", "edited"):
+        if models is None or which not in models:
+            problems += check_model_spec(getattr(config.models, which), f"models.{which}")
+    source = config.corpus.source
+    if not source.startswith("hf:") and not Path(source).is_file():
+        problems.append(f"corpus.source: {source} is neither an existing file nor hf:NAME[@CONFIG][:SPLIT].")
+    for path in config.ground_truth.files():
+        if not Path(path).is_file():
+            problems.append(f"ground_truth: {path} does not exist.")
+    for name in config.map.taxonomies:
+        try:
+            load_taxonomy(name)
+        except ConfigError as err:
+            problems.append(f"map.taxonomies: {err}")
+    return problems
+
+
+def validate_for_run(config: RunConfig, stages: list[Stage], models: dict[str, Any] | None = None) -> None:
+    """Refuse to start a run whose config has problems (``config_problems``)."""
+    problems = config_problems(config, models)
+    if problems:
+        raise ConfigError("The run config has problems; nothing was run:\n  " + "\n  ".join(problems))

@@ -1,20 +1,36 @@
-"""Gather a run directory's outputs into ``ReportData`` and write ``report.html``."""
+"""Gather a run directory's outputs into ``ReportData`` and write ``report.html``.
+
+Each stage's outputs are read through that stage's own loader; a stage that has not run is left
+out of the report (shown as not available), one whose files cannot be read is left out with a
+warning.
+"""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-import pandas as pd
-import yaml
-
+from mneme_plugin.errors import CheckpointError, MnemeError
 from mneme_plugin.layout import RunLayout
 from mneme_plugin.report.html import Context, ReportData, write_report
 
 logger = logging.getLogger("mneme_plugin")
+
+T = TypeVar("T")
+
+
+def _optional(what: str, folder: Path, loader: Callable[[], T]) -> T | None:
+    """``loader()``, or None when the stage has not run (its folder is absent) or cannot be read."""
+    if not folder.exists():
+        return None
+    try:
+        return loader()
+    except MnemeError as err:
+        logger.warning("The %s is left out of the report: %s", what, err)
+        return None
 
 
 def _contexts(layout: RunLayout, latents: list[int], per_latent: int = 4) -> dict[int, list[Context]]:
@@ -37,46 +53,62 @@ def _contexts(layout: RunLayout, latents: list[int], per_latent: int = 4) -> dic
 
 def gather(run_dir: str | os.PathLike[str]) -> ReportData:
     """Everything available in ``run_dir``; stages that did not run are left empty."""
+    from mneme_plugin.activations.store import read_manifest
+    from mneme_plugin.attribution import load_attribution
+    from mneme_plugin.crosscoder.training import load_training_metrics
+    from mneme_plugin.interpret.explain import load_explanations
+    from mneme_plugin.interpret.mapping import latent_descriptions, load_mapping
+    from mneme_plugin.pipeline.config import load_run_config
+    from mneme_plugin.sideeffects import load_evaluation, load_prediction
+
     layout = RunLayout(Path(run_dir))
-    name = layout.root.resolve().name
-    if name == "run":  # e.g. runs/demo/rmu/run: the case's name is the parent's
-        name = layout.root.resolve().parent.name
-    data = ReportData(title=f"MNEME run: {name}")
-    if (layout.activations / "manifest.json").is_file():
-        m = json.loads((layout.activations / "manifest.json").read_text())
-        data.overview = {"base model": m.get("base_model"), "edited model": m.get("edited_model"),
-                         "hook": m.get("hook_name"), "corpus": m.get("corpus"), "paired tokens": m.get("n_tokens")}
-    if (layout.crosscoder_run / "metrics.json").is_file():
-        data.crosscoder_metrics = json.loads((layout.crosscoder_run / "metrics.json").read_text())
-    if (layout.attribution / "attribution.parquet").is_file():
-        data.attribution = pd.read_parquet(layout.attribution / "attribution.parquet")
-    if (layout.mapping / "categories.parquet").is_file():
-        mapping = pd.read_parquet(layout.mapping / "categories.parquet")
+    if not layout.root.is_dir() or not layout.looks_like_run():
+        raise CheckpointError(
+            f"{layout.root} is not a MNEME run directory: it holds no {layout.config.name}, no stage markers and "
+            "no stage folder. Give the run_dir of a `mneme run` config (or a folder the stage commands wrote into)."
+        )
+    config = _optional("run config", layout.config, lambda: load_run_config(layout.root))
+    title = (config.models.intervention if config is not None and config.models.intervention
+             else layout.root.resolve().name)
+    data = ReportData(title=f"MNEME run: {title}")
+    manifest = _optional("activation store", layout.activations, lambda: read_manifest(layout.activations))
+    if manifest is not None:
+        data.overview = {"base model": manifest.get("base_model"), "edited model": manifest.get("edited_model"),
+                         "hook": manifest.get("hook_name"), "corpus": manifest.get("corpus"),
+                         "paired tokens": manifest.get("n_tokens")}
+    data.crosscoder_metrics = _optional("crosscoder quality", layout.crosscoder_run,
+                                        lambda: load_training_metrics(layout.crosscoder_run))
+    attribution = _optional("attribution", layout.attribution, lambda: load_attribution(layout.attribution))
+    data.attribution = attribution.table if attribution is not None else None
+    mapping = _optional("mapping", layout.mapping, lambda: load_mapping(layout.mapping))
+    if mapping is not None:
         first = mapping.drop_duplicates("latent")
-        data.explanations = {int(r.latent): str(r.description) for r in first.itertuples(index=False)}
+        data.explanations = latent_descriptions(mapping)
         data.labels = {int(r.latent): f"{r.label} -> {r.category if isinstance(r.category, str) else 'no category'}"
                        for r in first.itertuples(index=False)}
-    elif (layout.explanations / "explanations.parquet").is_file():
-        table = pd.read_parquet(layout.explanations / "explanations.parquet")
-        data.explanations = {int(r.latent): str(r.explanation) for r in table.itertuples(index=False)}
-    if data.attribution is not None and (layout.contexts / "contexts.json").is_file():
+    else:
+        table = _optional("explanations", layout.explanations, lambda: load_explanations(layout.explanations))
+        if table is not None:
+            data.explanations = {int(r.latent): str(r.explanation) for r in table.itertuples(index=False)}
+    if data.attribution is not None and layout.contexts.exists():
         shown = _shown_latents(data.attribution, data.latents_per_class)
         try:
             data.contexts = _contexts(layout, shown)
         except Exception as err:  # the report must not fail because contexts cannot be decoded
             logger.warning("Contexts left out of the report: %s", err)
-    if (layout.prediction / "predictions.json").is_file():
-        data.category_scores = pd.DataFrame(json.loads((layout.prediction / "predictions.json").read_text())["scores"])
-    if (layout.evaluation / "evaluation.json").is_file():
-        evaluation = json.loads((layout.evaluation / "evaluation.json").read_text())
-        data.truth = pd.DataFrame(evaluation["truth"])
-        data.metrics_table = pd.DataFrame([{"method": k, **v} for k, v in evaluation["metrics"].items()])
-    if layout.config.is_file():
-        data.config = yaml.safe_load(layout.config.read_text())
+    prediction = _optional("prediction", layout.prediction, lambda: load_prediction(layout.prediction))
+    if prediction is not None:
+        data.category_scores = prediction.scores
+    evaluation = _optional("evaluation", layout.evaluation, lambda: load_evaluation(layout.evaluation))
+    if evaluation is not None:
+        data.truth = evaluation.truth
+        data.metrics_table = evaluation.table()
+    if config is not None:
+        data.config = config.to_dict()
     return data
 
 
-def _shown_latents(attribution: pd.DataFrame, per_class: int) -> list[int]:
+def _shown_latents(attribution: Any, per_class: int) -> list[int]:
     from mneme_plugin.attribution.classify import BASE_LEANING, EDITED_LEANING, most_specific_first
 
     shown: list[int] = []
@@ -89,15 +121,3 @@ def build_report(run_dir: str | os.PathLike[str], out: str | os.PathLike[str] | 
     """Write the report of ``run_dir`` (default ``run_dir/report.html``)."""
     layout = RunLayout(Path(run_dir))
     return write_report(gather(run_dir), out or layout.report)
-
-
-def report_sections_present(data: ReportData) -> dict[str, Any]:
-    """Which parts a report will show (for ``mneme report`` output)."""
-    return {
-        "crosscoder quality": data.crosscoder_metrics is not None,
-        "attribution": data.attribution is not None,
-        "explanations": bool(data.explanations),
-        "contexts": bool(data.contexts),
-        "prediction": data.category_scores is not None,
-        "evaluation": data.metrics_table is not None,
-    }

@@ -14,7 +14,7 @@ from typing import Any
 import pandas as pd
 
 from mneme_plugin.attribution.classify import BASE_LEANING, EDITED_LEANING, most_specific_first
-from mneme_plugin.io import atomic_write_text
+from mneme_plugin.files import atomic_write_text
 from mneme_plugin.report import svg
 
 logger = logging.getLogger("mneme_plugin")

@@ -1,4 +1,4 @@
-"""Ground truth (per-category scores before / after the edit) and the evaluation table.
+"""The evaluation of a prediction against the ground truth (``mneme_plugin.groundtruth``).
 
 The table has the shape of the paper's Table 1: one row per method (MNEME, random, naive, oracle)
 with Eq. 4 accuracy, precision, recall and F1.
@@ -17,8 +17,7 @@ from typing import Any
 
 import pandas as pd
 
-from mneme_plugin.errors import ConfigError
-from mneme_plugin.io import atomic_write, atomic_write_text
+from mneme_plugin.files import atomic_write, atomic_write_text
 from mneme_plugin.sideeffects.config import EvaluateConfig
 from mneme_plugin.sideeffects.metrics import SetMetrics, oracle_baseline, random_baseline, set_metrics
 
@@ -26,59 +25,6 @@ logger = logging.getLogger("mneme_plugin")
 
 EVALUATION_JSON = "evaluation.json"
 METRICS_CSV = "metrics_table.csv"
-TASK_PREFIXES = ("mmlu_pro_", "mmlu_", "wmdp_")
-
-
-def category_from_task(task: str) -> str:
-    """lm-eval task name to category: ``mmlu_high_school_biology`` -> ``high_school_biology``."""
-    for prefix in TASK_PREFIXES:
-        if task.startswith(prefix):
-            return task[len(prefix):]
-    return task
-
-
-def read_lm_eval_results(path: str | os.PathLike[str], metric: str = "acc,none") -> pd.DataFrame:
-    """Per-task accuracy and sample count from an lm-eval results JSON: (category, score, n)."""
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise ConfigError(f"{path} is not a readable lm-eval results JSON: {err}") from err
-    results = data.get("results")
-    if not isinstance(results, dict):
-        raise ConfigError(f"{path} has no 'results' mapping; is it an lm-eval results file?")
-    samples = data.get("n-samples", {})
-    rows = []
-    for task, values in results.items():
-        if metric not in values:
-            continue
-        n = samples.get(task, {}).get("effective")
-        rows.append({"category": category_from_task(task), "score": float(values[metric]), "n": n})
-    if not rows:
-        raise ConfigError(f"{path} has no task with metric {metric!r}.")
-    return pd.DataFrame(rows)
-
-
-def read_scores_csv(path: str | os.PathLike[str]) -> pd.DataFrame:
-    """A CSV with columns ``category``, ``before``, ``after`` and optionally ``n`` (questions)."""
-    frame = pd.read_csv(path)
-    missing = [c for c in ("category", "before", "after") if c not in frame.columns]
-    if missing:
-        raise ConfigError(f"{path} lacks columns {missing}; expected category, before, after[, n].")
-    if "n" not in frame.columns:
-        frame["n"] = None
-    return frame[["category", "before", "after", "n"]]
-
-
-def scores_from_lm_eval(before: str | os.PathLike[str], after: str | os.PathLike[str]) -> pd.DataFrame:
-    b, a = read_lm_eval_results(before), read_lm_eval_results(after)
-    merged = b.merge(a, on="category", suffixes=("_before", "_after"))
-    if merged.empty:
-        raise ConfigError(f"{before} and {after} share no task.")
-    return pd.DataFrame({
-        "category": merged["category"], "before": merged["score_before"], "after": merged["score_after"],
-        "n": merged["n_before"],
-    })
 
 
 def _one_sided_p(before: float, after: float, n: float) -> float:
@@ -172,3 +118,15 @@ def save_evaluation(evaluation: Evaluation, out_dir: str | os.PathLike[str]) -> 
     logger.info("Evaluation written to %s.", out / EVALUATION_JSON)
     return out
 
+
+
+def load_evaluation(out_dir: str | os.PathLike[str]) -> Evaluation:
+    """The evaluation written by ``save_evaluation``."""
+    from mneme_plugin.errors import CheckpointError
+
+    path = Path(out_dir) / EVALUATION_JSON
+    if not path.is_file():
+        raise CheckpointError(f"{path} does not exist: run the evaluate stage (`mneme evaluate`) first.")
+    data = json.loads(path.read_text())
+    rows = {name: SetMetrics(**values) for name, values in data["metrics"].items()}
+    return Evaluation(truth=pd.DataFrame(data["truth"]), rows=rows, predicted=data["predicted"])

@@ -13,14 +13,14 @@ from typing import Any
 import pandas as pd
 
 from mneme_plugin.errors import ConfigError
-from mneme_plugin.io import atomic_write, atomic_write_text
+from mneme_plugin.files import atomic_write, atomic_write_text
+from mneme_plugin.interpret.mapping import LINK_COLUMNS
 from mneme_plugin.sideeffects.config import PredictConfig
 
 logger = logging.getLogger("mneme_plugin")
 
 SCORES_CSV = "category_scores.csv"
 PREDICTIONS_JSON = "predictions.json"
-LINK_COLUMNS = ("latent", "category", "similarity")
 
 
 @dataclass
@@ -134,7 +134,13 @@ def save_prediction(prediction: Prediction, out_dir: str | os.PathLike[str]) -> 
 
 
 def load_prediction(out_dir: str | os.PathLike[str]) -> Prediction:
-    data = json.loads((Path(out_dir) / PREDICTIONS_JSON).read_text())
+    """The prediction written by ``save_prediction``."""
+    from mneme_plugin.errors import CheckpointError
+
+    path = Path(out_dir) / PREDICTIONS_JSON
+    if not path.is_file():
+        raise CheckpointError(f"{path} does not exist: run the predict stage (`mneme predict`) first.")
+    data = json.loads(path.read_text())
     return Prediction(
         scores=pd.DataFrame(data["scores"]), predicted=list(data["predicted"]),
         evidence=data["evidence"], config=PredictConfig.from_dict(data["config"]),

@@ -19,7 +19,7 @@ import torch
 
 from mneme_plugin.config import ConfigMixin, require
 from mneme_plugin.errors import ConfigError
-from mneme_plugin.io import atomic_write
+from mneme_plugin.files import atomic_write
 
 logger = logging.getLogger("mneme_plugin")
 

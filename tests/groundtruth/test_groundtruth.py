@@ -2,7 +2,16 @@ import pytest
 import torch
 
 from mneme_plugin.errors import ConfigError
-from mneme_plugin.groundtruth import accuracy_drop, degraded, domain_accuracy, question_correct, read_scores, save_scores
+from mneme_plugin.groundtruth import (
+    accuracy_drop,
+    domain_accuracy,
+    question_correct,
+    read_scores_csv,
+    save_scores,
+    scores_dict,
+    scores_table,
+)
+from mneme_plugin.sideeffects import EvaluateConfig, degraded_categories
 from mneme_plugin.organism import generate_corpus, question_set, tiny_hooked_transformer, train_tokenizer
 
 
@@ -63,19 +72,32 @@ def test_accuracy_is_one_for_a_model_that_knows_the_answers(tiny):
         domain_accuracy(model, questions, "exact")
 
 
-def test_drop_threshold_and_round_trip_through_csv_and_json(tmp_path):
+def test_drop_threshold_and_round_trip_through_the_table(tmp_path):
     before = {"biology": 0.9, "law": 0.8, "cooking": 0.7}
     after = {"biology": 0.2, "law": 0.75, "cooking": 0.8}
     drop = accuracy_drop(before, after)
     assert drop == pytest.approx({"biology": 0.7, "law": 0.05, "cooking": -0.1})
-    assert degraded(drop, 0.1) == ["biology"]
-    for name in ("gt.csv", "gt.json"):
-        path = save_scores(tmp_path / name, before, after)
-        assert read_scores(path) == (before, after)
+    truth = degraded_categories(scores_table(before, after), EvaluateConfig(drop_threshold=0.1))
+    assert truth.loc[truth["degraded"], "category"].tolist() == ["biology"]
+    path = save_scores(scores_table(before, after), tmp_path / "gt.csv")
+    assert scores_dict(read_scores_csv(path)) == (before, after)
     with pytest.raises(ConfigError, match="different categories"):
         accuracy_drop(before, {"biology": 0.1})
+    with pytest.raises(ConfigError, match="different categories"):
+        scores_table(before, {"biology": 0.1})
     (tmp_path / "bad.csv").write_text("category,score\nx,1\n")
-    with pytest.raises(ConfigError, match="missing column"):
-        read_scores(tmp_path / "bad.csv")
+    with pytest.raises(ConfigError, match="lacks column"):
+        read_scores_csv(tmp_path / "bad.csv")
     (tmp_path / "extra.csv").write_text("category,before,after,n\nmmlu_virology,0.5,0.3,166\n")
-    assert read_scores(tmp_path / "extra.csv") == ({"mmlu_virology": 0.5}, {"mmlu_virology": 0.3})
+    assert scores_dict(read_scores_csv(tmp_path / "extra.csv")) == ({"mmlu_virology": 0.5}, {"mmlu_virology": 0.3})
+
+
+def test_ground_truth_csv_errors_name_the_problem(tmp_path):
+    (tmp_path / "text.csv").write_text("category,before,after\nlaw,0.9,high\nhistory,0.8,0.7\n")
+    with pytest.raises(ConfigError, match=r"'after' must hold numbers.*law"):
+        read_scores_csv(tmp_path / "text.csv")
+    (tmp_path / "twice.csv").write_text("category,before,after\nlaw,0.9,0.1\nlaw,0.8,0.7\n")
+    with pytest.raises(ConfigError, match="more than once"):
+        read_scores_csv(tmp_path / "twice.csv")
+    with pytest.raises(ConfigError, match="does not exist"):
+        read_scores_csv(tmp_path / "missing.csv")

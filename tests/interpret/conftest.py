@@ -26,11 +26,12 @@ def collect_corpus():
 
 @pytest.fixture(scope="session")
 def collected(tmp_path_factory, ht_pair, thresholded_crosscoder, collect_corpus):
+    from mneme_plugin.activations import HarvestConfig
     from mneme_plugin.interpret import CollectConfig, collect
 
     out = tmp_path_factory.mktemp("collect")
-    cfg = CollectConfig(layer=1, latents=[0, 3, 5, 7, 11, 20], n_top=6, n_random=4, n_non_activating=5,
-                        example_ctx_len=16, context_length=32, batch_size=4)
+    cfg = CollectConfig(latents=[0, 3, 5, 7, 11, 20], n_top=6, n_random=4, n_non_activating=5,
+                        example_ctx_len=16, harvest=HarvestConfig(layer=1, context_length=32, batch_size=4))
     base, edited = ht_pair
     result = collect(base, edited, thresholded_crosscoder, collect_corpus, cfg, out_dir=out, progress=False)
     return out, cfg, result

@@ -16,10 +16,10 @@ def brute_force(ht_pair, cc, corpus, cfg):
     """Every context's per-token values of the chosen latents, computed without the collector."""
     base, edited = ht_pair
     tok = base.tokenizer
-    hook = f"blocks.{cfg.layer}.hook_resid_post"
+    hook = f"blocks.{cfg.harvest.layer}.hook_resid_post"
     special = torch.tensor(sorted({int(i) for i in tok.all_special_ids} | {tok.bos_token_id}))
     all_tokens, all_vals = [], []
-    for w in iter_windows(corpus, tok, cfg.context_length):
+    for w in iter_windows(corpus, tok, cfg.harvest.context_length):
         t = w.tokens[None]
         x = torch.stack([forward_to_hook(base, t, hook)[0], forward_to_hook(edited, t, hook)[0]], dim=1)
         f = cc.encode(x)[:, cfg.latents]

@@ -42,8 +42,7 @@ def _config(run_dir, base, edited, corpus, truth, steps=120) -> dict:
         "training": {"steps": steps, "batch_size": 128, "lr": 3e-3, "warmup_steps": 5, "threshold_start_step": 20,
                      "checkpoint_every": 20, "eval_rows": 256, "dead_after_tokens": 20_000},
         "attribution": {"batch_size": 512, "device": "cpu"},
-        "collect": {"per_class": 4, "n_top": 8, "n_random": 4, "n_non_activating": 4, "example_ctx_len": 16,
-                    "context_length": 32},
+        "collect": {"per_class": 4, "n_top": 8, "n_random": 4, "n_non_activating": 4, "example_ctx_len": 16},
         "explain": {"explainer": "offline", "min_examples": 1},
         "map": {"taxonomies": ["organism"]},
         "predict": {"rule": "top_k", "k": 2},
@@ -123,7 +122,7 @@ def test_dry_run_checks_the_config(pair_and_corpus, tmp_path):
     cfg["harvest"]["layer"] = 7
     cfg["harvest"]["max_tokens"] = 100_000
     result = CliRunner().invoke(main, ["run", "--dry-run", _write(tmp_path, "dry.yaml", cfg)])
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 1, result.output  # problems found: a failing exit status for scripts
     assert "harvest.layer 7 is out of range: the models have 2 layers" in result.output
     assert "d_model 32" in result.output and "GiB of activations" in result.output
     assert "harvest    run" in result.output
@@ -151,3 +150,115 @@ def test_remediate_command_retrains_a_hf_model_on_suppressed_contexts(pair_and_c
     original = AutoModelForCausalLM.from_pretrained(edited)
     changed = [n for (n, p), (_, q) in zip(retrained.named_parameters(), original.named_parameters()) if not torch.equal(p, q)]
     assert changed
+
+
+def test_a_moved_run_directory_reports_describes_and_resumes(pair_and_corpus, tmp_path):
+    import shutil
+
+    base, edited, corpus, truth = pair_and_corpus
+    cfg = _config(tmp_path / "first", base, edited, corpus, truth, steps=30)
+    assert CliRunner().invoke(main, ["run", _write(tmp_path, "a.yaml", cfg)]).exit_code == 0
+    moved = tmp_path / "elsewhere" / "renamed"
+    moved.parent.mkdir()
+    shutil.move(str(tmp_path / "first"), moved)
+    (moved / "report.html").unlink()
+    result = CliRunner().invoke(main, ["report", "--run-dir", str(moved)])
+    assert result.exit_code == 0, result.output
+    page = (moved / "report.html").read_text()
+    assert "Metrics (paper Table 1)" in page and "unlearning of biology and genes" in page
+    summary = CliRunner().invoke(main, ["info", str(moved)])
+    assert summary.exit_code == 0 and "stage report" in summary.output and "MNEME   Acc" in summary.output
+    # The same config pointed at the new place finds every stage done.
+    from mneme_plugin.pipeline import plan
+    from mneme_plugin.pipeline.stages import STAGES
+
+    statuses = {s.name: st for s, _, st in plan(RunConfig.from_dict({**cfg, "run_dir": str(moved)}), STAGES)}
+    assert set(statuses.values()) == {"skip (done)"}, statuses
+
+
+def test_runtime_only_edits_keep_finished_work(pair_and_corpus, tmp_path):
+    from mneme_plugin.pipeline import plan
+    from mneme_plugin.pipeline.stages import STAGES
+
+    base, edited, corpus, truth = pair_and_corpus
+    cfg = _config(tmp_path / "run", base, edited, corpus, truth, steps=30)
+    assert CliRunner().invoke(main, ["run", _write(tmp_path, "a.yaml", cfg)]).exit_code == 0
+    for section, key, value in (("harvest", "device", "cpu:0"), ("harvest", "batch_size", 3),
+                                ("training", "checkpoint_every", 7), ("attribution", "batch_size", 64)):
+        edited_cfg = json.loads(json.dumps(cfg))
+        edited_cfg[section][key] = value
+        statuses = {s.name: st for s, _, st in plan(RunConfig.from_dict(edited_cfg), STAGES)}
+        assert set(statuses.values()) == {"skip (done)"}, (section, key, statuses)
+    edited_cfg = json.loads(json.dumps(cfg))
+    edited_cfg["harvest"]["context_length"] = 16  # changes what is stored: everything is redone
+    statuses = {s.name: st for s, _, st in plan(RunConfig.from_dict(edited_cfg), STAGES)}
+    assert statuses["harvest"].startswith("rerun") and statuses["train"].startswith("rerun")
+
+
+def test_markers_written_before_runtime_fields_still_count(pair_and_corpus, tmp_path):
+    """Stage markers of the earlier format (no version; fingerprint of every field) are honoured."""
+    import hashlib
+
+    from mneme_plugin.pipeline import plan
+    from mneme_plugin.pipeline.stages import STAGES
+
+    base, edited, corpus, truth = pair_and_corpus
+    cfg = _config(tmp_path / "run", base, edited, corpus, truth, steps=30)
+    assert CliRunner().invoke(main, ["run", "--only", "harvest", _write(tmp_path, "a.yaml", cfg)]).exit_code == 0
+    run_config = RunConfig.from_dict(cfg)
+    # The earlier formula, written out independently: sha256 of the stage's full sections.
+    payload = {name: getattr(run_config, name).to_dict() for name in ("models", "corpus", "harvest")}
+    text = json.dumps({"stage": "harvest", "config": payload, "upstream": ""}, sort_keys=True, default=str)
+    old = {"stage": "harvest", "fingerprint": hashlib.sha256(text.encode()).hexdigest()[:16], "seconds": 1.0}
+    (tmp_path / "run" / ".stages" / "harvest.json").write_text(json.dumps(old))
+    statuses = {s.name: st for s, _, st in plan(run_config, STAGES)}
+    assert statuses["harvest"] == "skip (done)" and statuses["train"] == "run"
+    old["fingerprint"] = "0" * 16
+    (tmp_path / "run" / ".stages" / "harvest.json").write_text(json.dumps(old))
+    assert {s.name: st for s, _, st in plan(run_config, STAGES)}["harvest"].startswith("rerun")
+
+
+def test_a_run_checks_its_whole_config_before_the_first_stage(pair_and_corpus, tmp_path):
+    base, edited, corpus, truth = pair_and_corpus
+    cfg = _config(tmp_path / "run", base, edited, corpus, truth, steps=30)
+    cfg["ground_truth"]["scores_csv"] = str(tmp_path / "missing.csv")
+    cfg["map"]["taxonomies"] = ["no_such_taxonomy"]
+    result = CliRunner().invoke(main, ["run", _write(tmp_path, "a.yaml", cfg)])
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    assert "missing.csv does not exist" in result.output and "no_such_taxonomy" in result.output
+    assert not (tmp_path / "run" / "activations").exists()
+    dry = CliRunner().invoke(main, ["run", "--dry-run", _write(tmp_path, "a.yaml", cfg)])
+    assert dry.exit_code == 1 and "missing.csv does not exist" in dry.output
+
+
+def test_report_refuses_a_folder_that_is_no_run(tmp_path):
+    (tmp_path / "notes.txt").write_text("hello")
+    result = CliRunner().invoke(main, ["report", "--run-dir", str(tmp_path)])
+    assert result.exit_code != 0 and "is not a MNEME run directory" in result.output
+    assert not (tmp_path / "report.html").exists()
+
+
+def test_streaming_run_writes_no_store_and_matches_the_stored_run(pair_and_corpus, tmp_path):
+    base, edited, corpus, truth = pair_and_corpus
+    stored = _config(tmp_path / "stored", base, edited, corpus, truth, steps=40)
+    stored["harvest"]["max_tokens"] = 8000  # one streamed pass covers 40 steps of 128 rows
+    streamed = json.loads(json.dumps(stored))
+    streamed["run_dir"] = str(tmp_path / "streamed")
+    # A buffer larger than the harvest: the stream yields the same rows, in its own shuffled order.
+    streamed["training"].update(stream=True, shuffle_buffer_rows=1 << 16)
+    for cfg, name in ((stored, "stored.yaml"), (streamed, "streamed.yaml")):
+        result = CliRunner().invoke(main, ["run", _write(tmp_path, name, cfg)])
+        assert result.exit_code == 0, result.output
+    assert not (tmp_path / "streamed" / "activations").exists()
+    assert (tmp_path / "stored" / "activations").is_dir()
+    a = pd.read_parquet(tmp_path / "stored" / "attribution" / "attribution.parquet")
+    b = pd.read_parquet(tmp_path / "streamed" / "attribution" / "attribution.parquet")
+    # Same data, another row order: close crosscoders; same latents alive and a similar split of classes.
+    ev = [json.loads((tmp_path / d / "crosscoder_run" / "metrics.json").read_text()) for d in ("stored", "streamed")]
+    for key in ev[0]:
+        if key.startswith("explained_variance"):
+            assert abs(ev[0][key] - ev[1][key]) < 0.1, (key, ev)
+    assert len(a) == len(b)
+    shared = lambda t: (t["latent_class"] == "shared").mean()  # noqa: E731
+    assert abs(shared(a) - shared(b)) < 0.25
+    assert (tmp_path / "streamed" / "report.html").is_file()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from mneme_plugin.errors import CheckpointError
@@ -54,49 +53,65 @@ def _crosscoder_summary(path: Path) -> list[str]:
 
 
 def _pipeline_summary(path: Path) -> list[str]:
+    from mneme_plugin.errors import MnemeError
     from mneme_plugin.layout import RunLayout
+    from mneme_plugin.pipeline import read_stage_markers
+    from mneme_plugin.sideeffects import load_evaluation
 
     layout = RunLayout(path)
     lines = [f"MNEME run {path}"]
-    for marker in sorted((path / ".stages").glob("*.json"), key=lambda p: p.stat().st_mtime):
-        info = json.loads(marker.read_text())
-        lines.append(f"  stage {info['stage']:<10} done in {info.get('seconds', 0):.1f} s (config {info['fingerprint']})")
-    if (layout.evaluation / "evaluation.json").is_file():
-        evaluation = json.loads((layout.evaluation / "evaluation.json").read_text())
-        lines.append(f"  degraded: {', '.join(evaluation['true']) or '(none)'}; "
-                     f"predicted: {', '.join(evaluation['predicted'].get('MNEME', [])) or '(none)'}")
-        for method, m in evaluation["metrics"].items():
-            lines.append(f"  {method:<7} Acc {m['accuracy']:.3f}  P {m['precision']:.3f}  R {m['recall']:.3f}  F1 {m['f1']:.3f}")
+    for marker in read_stage_markers(path):
+        lines.append(f"  stage {marker.stage:<10} done in {marker.seconds:.1f} s (config {marker.fingerprint})")
+    if layout.evaluation.is_dir():
+        try:
+            evaluation = load_evaluation(layout.evaluation)
+        except MnemeError as err:
+            lines.append(f"  evaluation: unreadable ({err})")
+        else:
+            lines.append(f"  degraded: {', '.join(evaluation.true_set) or '(none)'}; "
+                         f"predicted: {', '.join(evaluation.predicted.get('MNEME', [])) or '(none)'}")
+            for method, m in evaluation.rows.items():
+                lines.append(f"  {method:<7} Acc {m.accuracy:.3f}  P {m.precision:.3f}  R {m.recall:.3f}  F1 {m.f1:.3f}")
     if layout.report.is_file():
         lines.append(f"  report: {layout.report}")
     return lines
 
 
+def _training_run_summary(path: Path) -> list[str]:
+    from mneme_plugin.crosscoder.training import CHECKPOINT_DIR, FINAL_DIR, load_training_metrics
+
+    lines = [f"Training run {path}"]
+    if (path / FINAL_DIR).is_dir():
+        lines += ["  " + line for line in _crosscoder_summary(path / FINAL_DIR)]
+        metrics = load_training_metrics(path)
+        lines.append("  metrics: " + ", ".join(
+            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()
+        ))
+    else:
+        lines.append("  not finished: no final crosscoder yet")
+    checkpoints = sorted((path / CHECKPOINT_DIR).glob("step_*"))
+    if checkpoints:
+        lines.append(f"  checkpoints: {', '.join(p.name for p in checkpoints)}")
+    return lines
+
+
 def describe_path(path: str | Path) -> str:
     """A human-readable summary of a store, a crosscoder, a training run or a ``mneme run`` directory."""
+    from mneme_plugin.activations.store import MANIFEST
+    from mneme_plugin.crosscoder.model import CONFIG_FILE, WEIGHTS_FILE
+    from mneme_plugin.crosscoder.training import CHECKPOINT_DIR, FINAL_DIR
+    from mneme_plugin.layout import RunLayout
+
     path = Path(path)
-    if (path / ".stages").is_dir():
+    if RunLayout(path).stages.is_dir():
         return "\n".join(_pipeline_summary(path))
-    if (path / "manifest.json").is_file():
+    if (path / MANIFEST).is_file():
         return "\n".join(_store_summary(path))
-    if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
+    if (path / CONFIG_FILE).is_file() and (path / WEIGHTS_FILE).is_file():
         return "\n".join(_crosscoder_summary(path))
-    if (path / "crosscoder").is_dir() or (path / "checkpoints").is_dir():
-        lines = [f"Training run {path}"]
-        if (path / "crosscoder").is_dir():
-            lines += ["  " + line for line in _crosscoder_summary(path / "crosscoder")]
-        else:
-            lines.append("  not finished: no final crosscoder yet")
-        checkpoints = sorted((path / "checkpoints").glob("step_*")) if (path / "checkpoints").is_dir() else []
-        if checkpoints:
-            lines.append(f"  checkpoints: {', '.join(p.name for p in checkpoints)}")
-        if (path / "metrics.json").is_file():
-            metrics = json.loads((path / "metrics.json").read_text())
-            lines.append("  metrics: " + ", ".join(
-                f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()
-            ))
-        return "\n".join(lines)
+    if (path / FINAL_DIR).is_dir() or (path / CHECKPOINT_DIR).is_dir():
+        return "\n".join(_training_run_summary(path))
     raise CheckpointError(
-        f"{path} holds no activation store (manifest.json), crosscoder (config.json + model.safetensors), "
-        "training run (crosscoder/, checkpoints/) or mneme run directory (.stages/)."
+        f"{path} holds no activation store ({MANIFEST}), crosscoder ({CONFIG_FILE} + {WEIGHTS_FILE}), "
+        f"training run ({FINAL_DIR}/, {CHECKPOINT_DIR}/) or mneme run directory (.stages/)."
     )

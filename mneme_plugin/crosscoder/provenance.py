@@ -1,0 +1,43 @@
+"""What a crosscoder records about the activations it was trained on, and the check that a later
+stage reads the same ones.
+
+A trained crosscoder's ``config.metadata`` names the layer, the hook and both models of its
+activation store. Its latents mean nothing at another hook, so ``collect`` reads at the recorded
+hook by default and ``attribute`` refuses a store of another hook or model pair, unless the user
+overrides that explicitly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from mneme_plugin.errors import ConfigError
+
+HOOK_KEYS = ("layer", "hook_name")
+SOURCE_KEYS = HOOK_KEYS + ("base_model", "edited_model")
+
+
+def recorded_source(crosscoder: Any) -> dict[str, Any]:
+    """The recorded layer / hook / models of ``crosscoder`` (only the keys it has)."""
+    meta = getattr(getattr(crosscoder, "cfg", None), "metadata", None) or {}
+    return {key: meta[key] for key in SOURCE_KEYS if meta.get(key) is not None}
+
+
+def source_mismatches(recorded: Mapping[str, Any], actual: Mapping[str, Any],
+                      keys: tuple[str, ...] = SOURCE_KEYS) -> list[str]:
+    """``key: recorded vs actual`` for every key both sides know and that differs."""
+    return [f"{key} {recorded[key]!r} (crosscoder) vs {actual[key]!r}" for key in keys
+            if recorded.get(key) is not None and actual.get(key) is not None and recorded[key] != actual[key]]
+
+
+def check_same_source(crosscoder: Any, actual: Mapping[str, Any], *, what: str, override: str,
+                      keys: tuple[str, ...] = SOURCE_KEYS, allow: bool = False) -> None:
+    """Refuse ``actual`` (a store manifest, a reading config) when it differs from what the
+    crosscoder records, unless ``allow``; ``override`` names the option that allows it."""
+    differences = source_mismatches(recorded_source(crosscoder), actual, keys)
+    if differences and not allow:
+        raise ConfigError(
+            f"The crosscoder was trained on other activations than {what}: {'; '.join(differences)}. "
+            f"Use the activations it was trained on, or pass {override} if this is intended."
+        )

@@ -1,0 +1,49 @@
+"""What a stage of ``mneme run`` is, and what it gets when it runs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mneme_plugin.layout import RunLayout
+from mneme_plugin.pipeline.config import RunConfig
+
+
+@dataclass
+class Stage:
+    """One stage of a run: the config sections it reads, its output in the run directory, its call."""
+
+    name: str
+    # The config sections the stage reads: a tuple, or a function of the config when that depends on it.
+    sections: tuple[str, ...] | Callable[[RunConfig], tuple[str, ...]]
+    outputs: Callable[[RunLayout], Path]
+    run: Callable[["PipelineContext"], None]
+    enabled: Callable[[RunConfig], bool] = lambda config: True
+
+    def sections_of(self, config: RunConfig) -> tuple[str, ...]:
+        return self.sections(config) if callable(self.sections) else self.sections
+
+
+@dataclass
+class PipelineContext:
+    """What a stage gets: the run's config and layout, and the models (given objects or loaded once)."""
+
+    config: RunConfig
+    layout: RunLayout
+    progress: bool = True
+    models: dict[str, Any] = field(default_factory=dict)
+
+    def model(self, which: str) -> Any:
+        if which not in self.models:
+            from mneme_plugin.activations.models import load_model
+
+            h = self.config.harvest
+            self.models[which] = load_model(getattr(self.config.models, which), device=h.device, dtype=h.model_dtype)
+        return self.models[which]
+
+    def corpus(self) -> Any:
+        from mneme_plugin.activations.corpus import corpus_from_spec
+
+        return corpus_from_spec(self.config.corpus.source)

@@ -1,0 +1,69 @@
+"""Bad config files through the CLI: a non-zero exit, no traceback, a message naming what is wrong."""
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from mneme_plugin.cli import main
+
+RUN_BASE = {"models": {"base": "b", "edited": "e"}, "corpus": {"source": "c.txt"}, "harvest": {"layer": 1}}
+
+TRAIN_CASES = [
+    ({"training": {"steps": 20.5}}, "training.steps = 20.5 (float): expected an integer"),
+    ({"training": {"batch_size": "big"}}, "training.batch_size = 'big' (str): expected an integer"),
+    ({"training": {"seed": None}}, "training.seed = None (NoneType): expected an integer"),
+    ({"crosscoder": {"k": True}}, "crosscoder.k = True (bool): expected an integer"),
+    ({"crosscoder": {"k": "4x"}}, "crosscoder.k = '4x' (str): expected an integer"),
+    ({"training": 3}, "training must be a mapping"),
+    ({"training": ["steps", 3]}, "training must be a mapping"),
+    ({"training": {"stesp": 3}}, "did you mean 'steps'"),
+    ({"crosscoder": {"salience": "squared"}}, "salience"),
+    ({"trianing": {}}, "Unknown section(s) ['trianing']"),
+]
+
+RUN_CASES = [
+    ({"harvest": {"layer": "two"}}, "harvest.layer = 'two' (str): expected an integer"),
+    ({"harvest": None}, "harvest lacks the required key(s) layer"),
+    ({"training": {"lr": "fast"}}, "training.lr = 'fast' (str): expected a number"),
+    ({"explain": {"client": "openai"}}, "explain.client must be a mapping"),
+    ({"collect": {"harvest": {"layer": 1, "context_length": 100}, "example_ctx_len": 32}},
+     "must be a multiple of collect.example_ctx_len"),
+    ({"predict": {"rule": "most"}}, "rule must be one of"),
+    ({"run_dir": None}, "needs run_dir"),
+]
+
+
+def _assert_clear_failure(result, expected):
+    assert result.exit_code != 0, result.output
+    assert "Traceback" not in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    assert expected in result.output, result.output
+
+
+@pytest.mark.parametrize(("section", "expected"), TRAIN_CASES)
+def test_train_config_errors(tmp_path, section, expected):
+    (tmp_path / "store").mkdir()
+    config = tmp_path / "train.yaml"
+    config.write_text(yaml.safe_dump(section))
+    result = CliRunner().invoke(main, ["train", "--store", str(tmp_path / "store"), "--config", str(config),
+                                       "--out", str(tmp_path / "out")])
+    _assert_clear_failure(result, expected)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("change", "expected"), RUN_CASES)
+def test_run_config_errors(tmp_path, change, expected):
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({"run_dir": str(tmp_path / "run"), **RUN_BASE, **change}))
+    for argv in (["run", str(config)], ["run", "--dry-run", str(config)]):
+        _assert_clear_failure(CliRunner().invoke(main, argv), expected)
+    assert not (tmp_path / "run").exists()
+
+
+def test_not_yaml_and_not_a_mapping(tmp_path):
+    (tmp_path / "bad.yaml").write_text("training: [unclosed\n")
+    _assert_clear_failure(CliRunner().invoke(main, ["run", str(tmp_path / "bad.yaml")]), "is not valid YAML")
+    (tmp_path / "list.yaml").write_text("- a\n- b\n")
+    _assert_clear_failure(CliRunner().invoke(main, ["run", str(tmp_path / "list.yaml")]), "must hold a mapping")
+    (tmp_path / "bytes.yaml").write_bytes(b"\xff\xfe\x00bad")
+    _assert_clear_failure(CliRunner().invoke(main, ["run", str(tmp_path / "bytes.yaml")]), "not UTF-8")

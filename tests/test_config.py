@@ -1,0 +1,73 @@
+"""ConfigMixin.from_dict: every value checked against its field's annotation, with clear errors."""
+
+import pytest
+import yaml
+
+from mneme_plugin.activations import HarvestConfig
+from mneme_plugin.crosscoder import CrossCoderConfig, TrainingConfig
+from mneme_plugin.errors import ConfigError
+from mneme_plugin.interpret import ExplainConfig
+from mneme_plugin.pipeline import RunConfig
+from mneme_plugin.sideeffects import PredictConfig
+
+
+def test_values_are_coerced_where_the_intent_is_clear():
+    # PyYAML reads `lr: 1e-4` as the string "1e-4": the way everyone writes it must work.
+    raw = yaml.safe_load("lr: 1e-4\nbatch_size: 64.0\nsteps: '20'\n")
+    assert isinstance(raw["lr"], str)
+    cfg = TrainingConfig.from_dict(raw, section="training")
+    assert cfg.lr == pytest.approx(1e-4) and cfg.batch_size == 64 and cfg.steps == 20
+    assert isinstance(cfg.batch_size, int)
+    assert PredictConfig.from_dict({"suppressed_classes": ["base_only"]}).suppressed_classes == ("base_only",)
+    assert HarvestConfig.from_dict({"layer": 2, "outlier_factor": None}).outlier_factor is None
+
+
+@pytest.mark.parametrize(("section", "klass", "data", "expected"), [
+    ("training", TrainingConfig, {"steps": 20.5}, r"training\.steps = 20\.5 \(float\): expected an integer"),
+    ("training", TrainingConfig, {"seed": None}, r"training\.seed = None .*expected an integer"),
+    ("training", TrainingConfig, {"lr": "fast"}, r"training\.lr = 'fast' .*expected a number"),
+    ("crosscoder", CrossCoderConfig, {"k": True}, r"crosscoder\.k = True \(bool\): expected an integer"),
+    ("harvest", HarvestConfig, {"layer": 1, "drop_bos": "yes"}, r"harvest\.drop_bos = 'yes' .*true or false"),
+    ("harvest", HarvestConfig, [1, 2], r"harvest must be a mapping"),
+    ("harvest", HarvestConfig, "layer 3", r"harvest must be a mapping"),
+    ("harvest", HarvestConfig, {}, r"harvest lacks the required key\(s\) layer"),
+    ("harvest", HarvestConfig, {"layer": -1}, r"\[harvest\] layer must be an int >= 0"),
+    ("explain", ExplainConfig, {"client": {"concurrency": "many"}}, r"explain\.client\.concurrency = 'many'"),
+    ("explain", ExplainConfig, {"client": "openai"}, r"explain\.client must be a mapping"),
+    ("predict", PredictConfig, {"suppressed_classes": "base_only"}, r"predict\.suppressed_classes .*a list"),
+])
+def test_bad_values_name_section_key_value_and_type(section, klass, data, expected):
+    with pytest.raises(ConfigError, match=expected):
+        klass.from_dict(data, section=section)
+
+
+def test_unknown_keys_get_a_suggestion():
+    with pytest.raises(ConfigError, match=r"'stpes' \(did you mean 'steps'\?\)"):
+        TrainingConfig.from_dict({"stpes": 3}, section="training")
+
+
+def test_run_config_sections_are_typed_and_checked(tmp_path):
+    base = {"run_dir": str(tmp_path), "models": {"base": "a", "edited": "b"}, "corpus": {"source": "c.txt"},
+            "harvest": {"layer": 1}}
+    cfg = RunConfig.from_dict({**base, "training": {"lr": "3e-3"}, "explain": None})
+    assert isinstance(cfg.harvest, HarvestConfig) and cfg.training.lr == pytest.approx(3e-3)
+    assert cfg.explain == ExplainConfig()
+    assert RunConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ConfigError, match=r"training\.steps = 1\.5"):
+        RunConfig.from_dict({**base, "training": {"steps": 1.5}})
+    with pytest.raises(ConfigError, match=r"training must be a mapping"):
+        RunConfig.from_dict({**base, "training": [1]})
+    with pytest.raises(ConfigError, match=r"lacks section\(s\) harvest"):
+        RunConfig.from_dict({k: v for k, v in base.items() if k != "harvest"})
+    with pytest.raises(ConfigError, match=r"'traning' \(did you mean 'training'\?\)"):
+        RunConfig.from_dict({**base, "traning": {}})
+
+
+def test_result_dict_leaves_out_runtime_fields():
+    a = HarvestConfig(layer=1, device="cpu", batch_size=8)
+    b = HarvestConfig(layer=1, device="cuda", batch_size=64)
+    assert a.result_dict() == b.result_dict() and a.to_dict() != b.to_dict()
+    assert HarvestConfig(layer=2).result_dict() != a.result_dict()
+    explain_a = ExplainConfig.from_dict({"client": {"kind": "openai", "model": "m", "concurrency": 2}})
+    explain_b = ExplainConfig.from_dict({"client": {"kind": "openai", "model": "m", "concurrency": 32}})
+    assert explain_a.result_dict() == explain_b.result_dict()
