@@ -29,7 +29,7 @@ from mneme_plugin.activations.normalization import NormalizationStats
 from mneme_plugin.activations.store import MANIFEST, ActivationStore, read_manifest, write_manifest, write_shard
 from mneme_plugin.distributed import DistributedContext
 from mneme_plugin.errors import CheckpointError, EmptyCorpusError, MnemeError
-from mneme_plugin.io import atomic_write_text
+from mneme_plugin.files import atomic_write_text
 
 COUNT_KEYS = ("outliers_dropped", "special_tokens_dropped", "padding_dropped", "n_corpus_tokens")
 
