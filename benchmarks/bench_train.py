@@ -8,7 +8,13 @@ variant: on CPU the peak RSS above the resident size before a steady-state step 
 on GPU ``torch.cuda.max_memory_allocated``.
 
     python benchmarks/bench_train.py            # CPU: d=256, m=8192, k=32, batch 1024
-    python benchmarks/bench_train.py --gpu      # also d=4096, m=131072, k=100, batch 4096, bf16
+    python benchmarks/bench_train.py --gpu      # also the paper's sizes (below) in bf16 on CUDA, TF32 on
+    python benchmarks/bench_train.py --gpu --device cpu --small   # the same --gpu path, reduced, on CPU
+
+The --gpu path runs d=3584 and d=4096 (m=32*d, k=100, batch 4096) and prints, besides tokens/s and
+the dense reference, the share of the device's dense-matmul peak that our step reaches: the
+step's dense FLOPs (the encoder matmul, 2*B*2d*m) per second over the FLOP/s of a large square
+matmul of the same dtype measured in the same run.
 """
 
 from __future__ import annotations
@@ -137,23 +143,69 @@ def bench(d: int, m: int, k: int, batch: int, device: str, dtype_name: str, step
     print(f"{'speed-up':>24}: {results['dense'] / results['sparse']:.2f}x (dense time / ours)")
 
 
+def matmul_peak_flops(device: str, dtype: torch.dtype, n: int, repeats: int = 10) -> float:
+    """FLOP/s of an n x n x n matmul on ``device`` (the dense-matmul peak, measured here)."""
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    a @ b
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    synchronize(device)
+    return 2 * n**3 * repeats / (time.perf_counter() - start)
+
+
+def bench_peak_share(d: int, m: int, k: int, batch: int, device: str, dtype_name: str, steps: int,
+                     peak_n: int) -> None:
+    """Tokens/s, dense reference and the share of the measured dense-matmul peak."""
+    dtype = getattr(torch, dtype_name)
+    peak = matmul_peak_flops(device, dtype, peak_n)
+    x = torch.randn(batch, 2, d, generator=torch.Generator().manual_seed(1)).to(device, dtype)
+    print(f"\n== d={d}, m={m}, k={k}, batch={batch}, {dtype_name} on {_device_name(device)}, {steps} timed steps; "
+          f"dense-matmul peak measured {peak / 1e9:.1f} GFLOP/s")
+    seconds = {}
+    for kind in ("sparse", "dense"):
+        seconds[kind] = time_steps(build(kind, d, m, k, device, dtype), x, steps, device)
+    encoder_flops = 2 * batch * 2 * d * m
+    share = encoder_flops / seconds["sparse"] / peak
+    print(f"{'ours (sparse BatchTopK)':>24}: {seconds['sparse'] * 1e3:8.1f} ms/step  {batch / seconds['sparse']:10.0f} "
+          f"tokens/s  {share:.1%} of the dense-matmul peak (encoder FLOPs)")
+    print(f"{'dense reference':>24}: {seconds['dense'] * 1e3:8.1f} ms/step  {batch / seconds['dense']:10.0f} tokens/s")
+    print(f"{'speed-up':>24}: {seconds['dense'] / seconds['sparse']:.2f}x (dense time / ours)")
+
+
+def _device_name(device: str) -> str:
+    return torch.cuda.get_device_name(device) if device.startswith("cuda") else f"cpu ({torch.get_num_threads()} threads)"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--child", nargs=7, help=argparse.SUPPRESS)
     parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--gpu", action="store_true", help="Also run the large bf16 configuration on CUDA.")
+    parser.add_argument("--gpu", action="store_true", help="Run the paper's sizes in bf16 (TF32 on).")
+    parser.add_argument("--device", default="cuda", help="Device of the --gpu path (cpu for a dry run).")
+    parser.add_argument("--small", action="store_true", help="Reduced --gpu sizes (d=64, 128), for a dry run.")
     args = parser.parse_args()
     if args.child:
         kind, d, m, k, batch, device, dtype = args.child
         run_child(kind, int(d), int(m), int(k), int(batch), device, dtype)
         return
+    if args.gpu:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        if args.device.startswith("cuda") and not torch.cuda.is_available():
+            raise SystemExit("--gpu needs CUDA; use --device cpu --small for a dry run of this path.")
+        sizes = (64, 128) if args.small else (3584, 4096)
+        batch, k = (256, 8) if args.small else (4096, 100)
+        for d in sizes:
+            bench_peak_share(d, 32 * d, k, batch, args.device, "bfloat16", args.steps, 512 if args.small else 8192)
+        return
     bench(256, 8192, 32, 1024, "cpu", "float32", args.steps)
     if torch.cuda.is_available():
         bench(256, 8192, 32, 1024, "cuda", "float32", args.steps * 5)
-        if args.gpu:
-            bench(4096, 131072, 100, 4096, "cuda", "bfloat16", args.steps)
     else:
-        print("\n(no GPU here: the d=4096, m=131072, k=100, batch 4096 bf16 figures need --gpu on a CUDA machine)")
+        print("\n(no GPU here: the paper-size bf16 figures need --gpu on a CUDA machine)")
 
 
 if __name__ == "__main__":

@@ -179,10 +179,18 @@ def harvest(config, out, overwrite, **options) -> None:
 @click.option("--seed", type=int)
 @click.option("--train-device", help="Device for training (auto, cpu, cuda).")
 @click.option("--no-resume", is_flag=True, help="Start over even if the run directory has checkpoints.")
+@click.option("--nproc", type=int, default=1, show_default=True,
+              help="Data-parallel ranks on this node: relaunches this command under torchrun.")
 @_clear_errors
 def train(store, stream, config, shuffle_buffer, out, dict_size, expansion_factor, k, salience, steps,
-          train_batch_size, lr, seed, train_device, no_resume, **harvest_options) -> None:
+          train_batch_size, lr, seed, train_device, no_resume, nproc, **harvest_options) -> None:
     """Train a BatchTopK crosscoder, from a store or streaming; resumes from the newest checkpoint."""
+    if nproc > 1:
+        import sys
+
+        from mneme_plugin.distributed import relaunch_under_torchrun, strip_option
+
+        sys.exit(relaunch_under_torchrun(nproc, "mneme_plugin.cli", strip_option(sys.argv[1:], "--nproc")))
     from mneme_plugin.crosscoder import CrossCoderConfig, TrainingConfig
     from mneme_plugin.crosscoder.training import train as run_train
 

@@ -45,7 +45,9 @@ from mneme_plugin.activations.store import (
     write_manifest,
     write_shard,
 )
-from mneme_plugin.errors import CheckpointError, EmptyCorpusError, NonFiniteActivationError
+from mneme_plugin.activations.sharded import harvest_sharded
+from mneme_plugin.distributed import distributed_context
+from mneme_plugin.errors import CheckpointError, ConfigError, EmptyCorpusError, NonFiniteActivationError
 
 logger = logging.getLogger("mneme_plugin")
 
@@ -233,7 +235,15 @@ def harvest(
     If ``out_dir`` holds an unfinished harvest with the same config, it is resumed; a finished
     one is returned as is. ``on_shard(i)`` is called after shard i is committed.
     """
+    dist_ctx = distributed_context(config.device)
+    if dist_ctx.is_distributed:  # under torchrun: this rank's share, see activations/sharded.py
+        config = config.replace(device=str(dist_ctx.device(config.device)))
     ctx = HarvestContext.build(base, edited, config)
+    if dist_ctx.is_distributed:
+        if out_dir is None:
+            raise ConfigError("A harvest under torchrun needs out_dir: one folder that every rank writes into.")
+        return harvest_sharded(ctx, corpus, config, Path(out_dir), dist_ctx, overwrite=overwrite,
+                               progress=progress, on_shard=on_shard)
     path = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="mneme-activations-"))
     if overwrite and path.exists():
         shutil.rmtree(path)

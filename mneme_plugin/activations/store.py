@@ -34,9 +34,9 @@ def shard_name(index: int) -> str:
     return f"shard_{index:05d}.safetensors"
 
 
-def write_shard(folder: Path, index: int, tensors: dict[str, torch.Tensor]) -> str:
-    """Write one shard atomically; return its file name."""
-    name = shard_name(index)
+def write_shard(folder: Path, index: int, tensors: dict[str, torch.Tensor], name: str | None = None) -> str:
+    """Write one shard atomically (as ``name``, default ``shard_name(index)``); return its file name."""
+    name = name or shard_name(index)
     tensors = {k: v.contiguous() for k, v in tensors.items()}
     atomic_write(folder / name, lambda tmp: save_file(tensors, str(tmp)), durable=True)
     return name
@@ -222,15 +222,24 @@ class ActivationStore:
         dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
         shuffle_shards: int = 4,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> Iterator[torch.Tensor]:
         """Yield (B, 2, d) batches forever (epochs follow each other), deterministic given seed.
 
         The batch at step s is the same whether iteration started at 0 or at ``start_step=s``.
+        With ``world_size`` > 1 (data-parallel training), only rank ``rank``'s slice of each global
+        batch is read: rows [rank*B/W, (rank+1)*B/W); the ranks' slices make up the global batch.
         """
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+        if batch_size % world_size or not 0 <= rank < world_size:
+            raise ValueError(f"batch_size {batch_size} must split evenly over {world_size} ranks (rank {rank}).")
+        local = batch_size // world_size
         step = start_step
         while True:
             pairs = self.batch_rows(step, batch_size, seed, shuffle, shuffle_shards)
+            if world_size > 1:
+                pairs = pairs[rank * local : (rank + 1) * local]
             yield self.gather(pairs, dtype).to(device)
             step += 1

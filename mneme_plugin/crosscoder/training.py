@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from mneme_plugin.activations.store import ActivationStore
 from mneme_plugin.crosscoder.config import CrossCoderConfig, TrainingConfig
+from mneme_plugin.crosscoder.distributed import DistributedBatchTopKCrossCoderTrainer, check_divisible, rank_slices
 from mneme_plugin.crosscoder.metrics import (
     EVAL_HELD_OUT,
     EVAL_STREAM,
@@ -36,7 +37,7 @@ from mneme_plugin.crosscoder.metrics import (
 )
 from mneme_plugin.crosscoder.model import BatchTopKCrossCoder
 from mneme_plugin.crosscoder.trainer import BatchTopKCrossCoderTrainer
-from mneme_plugin.devices import resolve_device
+from mneme_plugin.distributed import SINGLE_PROCESS, DistributedContext, distributed_context
 from mneme_plugin.errors import CheckpointError, ConfigError, NonFiniteActivationError
 from mneme_plugin.files import atomic_write_text
 
@@ -69,13 +70,16 @@ class _Data:
     With a store, the last rows of every shard (in proportion to its size; whole contexts, as rows
     are stored context by context) are held out of training and evaluated on; training batches are
     the store's batches with those rows removed, so a batch can be a few rows short of batch_size.
+    Under torchrun each rank keeps its share of every global batch (``rank_slices``).
     """
 
-    def __init__(self, data: TrainingData, batch_size: int, seed: int, eval_rows: int = 0) -> None:
+    def __init__(self, data: TrainingData, batch_size: int, seed: int, eval_rows: int = 0,
+                 ctx: DistributedContext = SINGLE_PROCESS) -> None:
         if isinstance(data, (str, os.PathLike)):
             data = ActivationStore(data)
         self.source = data
         self.batch_size, self.seed = batch_size, seed
+        self.ctx = ctx
         self.store = data if isinstance(data, ActivationStore) else None
         scale = getattr(data, "scale_factors", None)
         self.scale_factors = None if scale is None else torch.as_tensor(scale, dtype=torch.float32)
@@ -104,10 +108,13 @@ class _Data:
     def batches(self, start_step: int) -> Iterator[torch.Tensor]:
         if self.store is not None:
             if self.train_rows_per_shard is None:
-                return self.store.iter_batches(self.batch_size, seed=self.seed, start_step=start_step)
-            return self._training_batches(start_step)
+                return self.store.iter_batches(self.batch_size, seed=self.seed, start_step=start_step,
+                                               rank=self.ctx.rank, world_size=self.ctx.world_size)
+            batches = self._training_batches(start_step)
+            return rank_slices(batches, self.ctx) if self.ctx.is_distributed else batches
         # A stream cannot seek: replay it up to the resume point (deterministic streams only).
-        return itertools.islice(iter(self.source), start_step, None)  # type: ignore[arg-type]
+        stream = itertools.islice(iter(self.source), start_step, None)  # type: ignore[arg-type]
+        return rank_slices(stream, self.ctx) if self.ctx.is_distributed else stream
 
     def _training_batches(self, start_step: int) -> Iterator[torch.Tensor]:
         store, keep_below = self.store, self.train_rows_per_shard
@@ -218,7 +225,11 @@ def train(
     cc_cfg = crosscoder if isinstance(crosscoder, CrossCoderConfig) else CrossCoderConfig.from_dict(crosscoder)
     tr_cfg = training if isinstance(training, TrainingConfig) else TrainingConfig.from_dict(training)
     run_dir = Path(run_dir)
-    source = _Data(data, tr_cfg.batch_size, tr_cfg.seed, tr_cfg.eval_rows)
+    # Under torchrun: one rank of a data-parallel job (crosscoder/distributed.py); rank 0 writes.
+    ctx = distributed_context(tr_cfg.device)
+    check_divisible(tr_cfg.batch_size, ctx)
+    progress = progress and ctx.is_main
+    source = _Data(data, tr_cfg.batch_size, tr_cfg.seed, tr_cfg.eval_rows, ctx)
 
     d_model = source.d_model or cc_cfg.activation_dim
     if d_model is None:
@@ -233,20 +244,23 @@ def train(
         logger.info("Training already finished in %s; loading it.", final_dir)
         metrics = CrossCoderMetrics(**json.loads(metrics_path.read_text()))
         return TrainResult(BatchTopKCrossCoder.from_pretrained(final_dir), metrics, run_dir)
-    if not resume and run_dir.exists():
+    if not resume and run_dir.exists() and ctx.is_main:
         for stale in (final_dir, run_dir / CHECKPOINT_DIR):
             shutil.rmtree(stale, ignore_errors=True)
         for stale_file in (metrics_path, run_dir / RUN_CONFIG_FILE):
             stale_file.unlink(missing_ok=True)
-    _check_run_config(run_dir, run_config)
+    if ctx.is_main:
+        _check_run_config(run_dir, run_config)
+    ctx.barrier()
 
     for warning in tr_cfg.schedule_warnings():
         logger.warning(warning)
-    device = resolve_device(tr_cfg.device)
+    device = ctx.device(tr_cfg.device)
     scale = source.scale_factors
     if scale is None:
         logger.warning("The data carries no normalisation factors; training on unscaled activations.")
-    trainer = BatchTopKCrossCoderTrainer.from_configs(
+    trainer_class = DistributedBatchTopKCrossCoderTrainer if ctx.is_distributed else BatchTopKCrossCoderTrainer
+    trainer = trainer_class.from_configs(
         cc_cfg, tr_cfg, activation_scale=None if scale is None else scale.tolist(), device=str(device)
     )
     start_step = 0
@@ -284,7 +298,9 @@ def train(
         bar.update(1)
         done = step + 1
         if tr_cfg.checkpoint_every and done % tr_cfg.checkpoint_every == 0 and done < tr_cfg.steps:
-            save_checkpoint(trainer, run_dir, done, tr_cfg.keep_checkpoints)
+            if ctx.is_main:
+                save_checkpoint(trainer, run_dir, done, tr_cfg.keep_checkpoints)
+            ctx.barrier()
     bar.close()
 
     crosscoder_model = trainer.ae.eval()
@@ -304,6 +320,9 @@ def train(
     metrics = evaluate_crosscoder(
         crosscoder_model, eval_batches, training_dead_mask=trainer.dead_mask, eval_data=eval_data
     )
+    if not ctx.is_main:
+        ctx.barrier()  # rank 0 writes the crosscoder and its metrics
+        return TrainResult(crosscoder_model, metrics, run_dir)
     tmp_final = run_dir / f".tmp_{FINAL_DIR}"
     if tmp_final.exists():
         shutil.rmtree(tmp_final)
@@ -313,6 +332,7 @@ def train(
     os.replace(tmp_final, final_dir)
     atomic_write_text(metrics_path, json.dumps(metrics.to_dict(), indent=2))
     logger.info("Crosscoder written to %s, metrics to %s.", final_dir, metrics_path)
+    ctx.barrier()
     return TrainResult(crosscoder_model, metrics, run_dir)
 
 

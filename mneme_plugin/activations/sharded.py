@@ -1,0 +1,198 @@
+"""Sharded harvesting under torchrun: each rank harvests a disjoint share of the corpus into one store.
+
+Forward batch i (``batch_size`` windows, the same batches as one process) belongs to rank
+i mod W. Rank 0 estimates the normalisation (so every rank filters with the same thresholds as one
+process would) and writes the store's manifest, marked incomplete with the world size. Each rank
+writes its own shards (``rank003_shard_00012.safetensors``) and its own progress file
+(``manifest.rank003.json``, rewritten atomically after each shard), so a killed rank resumes where
+it stopped. When every rank is done, rank 0 merges the shard lists into the manifest (one atomic
+write, shards ordered by their first window) and removes the progress files.
+
+The rows are the rows one process harvests (same batches, same filters); only how they are cut into
+shards differs. A partial store resumes with the same number of ranks.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from mneme_plugin.activations.config import HarvestConfig
+from mneme_plugin.activations.corpus import CorpusSource
+from mneme_plugin.activations.normalization import NormalizationStats
+from mneme_plugin.activations.store import MANIFEST, ActivationStore, read_manifest, write_manifest, write_shard
+from mneme_plugin.distributed import DistributedContext
+from mneme_plugin.errors import CheckpointError, EmptyCorpusError, MnemeError
+from mneme_plugin.files import atomic_write_text
+
+COUNT_KEYS = ("outliers_dropped", "special_tokens_dropped", "padding_dropped", "n_corpus_tokens")
+
+
+def rank_manifest_name(rank: int) -> str:
+    return f"manifest.rank{rank:03d}.json"
+
+
+def rank_shard_name(rank: int, index: int) -> str:
+    return f"rank{rank:03d}_shard_{index:05d}.safetensors"
+
+
+def _prepare(ctx: Any, corpus: CorpusSource, config: HarvestConfig, path: Path, world_size: int,
+             overwrite: bool) -> dict[str, Any]:
+    """Rank 0: the store's manifest (new, or the partial one to resume); never touches shards."""
+    from mneme_plugin.activations.harvest import _check_resumable, _new_manifest
+
+    if overwrite and path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True, exist_ok=True)
+    if (path / MANIFEST).exists():
+        manifest = read_manifest(path)
+        _check_resumable(manifest, ctx, path)
+        if not manifest["complete"] and manifest.get("world_size") != world_size:
+            raise CheckpointError(
+                f"{path} holds a partial harvest by {manifest.get('world_size', 1)} process(es); resume it with "
+                f"the same number (now {world_size}), or pass overwrite=True to start over."
+            )
+        return manifest
+    if any(path.iterdir()):
+        raise CheckpointError(
+            f"{path} is not empty and has no {MANIFEST}: refusing to harvest into a foreign folder. "
+            "Choose an empty or new out_dir, or pass overwrite=True."
+        )
+    manifest = _new_manifest(ctx, corpus, ctx.estimate_normalization(corpus))
+    manifest["world_size"] = world_size
+    write_manifest(path, manifest)
+    return manifest
+
+
+def _rank_progress(path: Path, rank: int) -> dict[str, Any]:
+    file = path / rank_manifest_name(rank)
+    if not file.is_file():
+        return {"rank": rank, "shards": [], "next_batch": 0, "done": False, **dict.fromkeys(COUNT_KEYS, 0)}
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{file} is corrupt ({err}); delete the store to start over.") from err
+
+
+def harvest_sharded(
+    ctx: Any,
+    corpus: CorpusSource,
+    config: HarvestConfig,
+    path: Path,
+    dist_ctx: DistributedContext,
+    *,
+    overwrite: bool = False,
+    progress: bool = True,
+    on_shard: Callable[[int], None] | None = None,
+) -> ActivationStore:
+    """This rank's share of a harvest into ``path`` (``ctx`` is the rank's ``HarvestContext``)."""
+    from mneme_plugin.activations.harvest import _STORE_DTYPES, filter_outliers
+
+    rank, world = dist_ctx.rank, dist_ctx.world_size
+    # Rank 0 prepares; an error there is raised on every rank instead of leaving them waiting.
+    prepared: Any = None
+    if dist_ctx.is_main:
+        try:
+            prepared = _prepare(ctx, corpus, config, path, world, overwrite)
+        except MnemeError as err:
+            prepared = err
+    prepared = dist_ctx.broadcast_object(prepared)
+    if isinstance(prepared, MnemeError):
+        raise prepared
+    manifest: dict[str, Any] = prepared
+    if manifest["complete"]:
+        return ActivationStore(path)
+    stats = NormalizationStats.from_dict(manifest["normalization"])
+
+    state = _rank_progress(path, rank)
+    store_dtype = _STORE_DTYPES[config.dtype]
+    dropped_ids = ctx.dropped_ids()
+    pending: list[Any] = []
+    pending_first_window: int | None = None
+    counts = dict.fromkeys(COUNT_KEYS, 0)
+    own_end = 0  # one past the last window of this rank's batches so far
+
+    def commit(next_batch: int, done: bool) -> None:
+        nonlocal pending, counts, pending_first_window
+        n_rows = sum(r.activations.shape[0] for r in pending)
+        if n_rows:
+            index = len(state["shards"])
+            tensors = {
+                "activations": torch.cat([r.activations for r in pending]).to(store_dtype),
+                "tokens": torch.cat([r.tokens for r in pending]).to(torch.int32),
+                "positions": torch.cat([r.positions for r in pending]).to(torch.int32),
+                "windows": torch.cat([r.windows for r in pending]).to(torch.int64),
+            }
+            file = rank_shard_name(rank, index)
+            write_shard(path, index, tensors, name=file)
+            state["shards"].append({"file": file, "n_rows": n_rows, "windows_end": own_end,
+                                    "windows_start": pending_first_window})
+        for key, value in counts.items():
+            state[key] += value
+        state["next_batch"], state["done"] = next_batch, done
+        atomic_write_text(path / rank_manifest_name(rank), json.dumps(state, indent=2), durable=True)
+        pending, counts, pending_first_window = [], dict.fromkeys(COUNT_KEYS, 0), None
+        if n_rows and on_shard is not None:
+            on_shard(len(state["shards"]) - 1)
+
+    if not state["done"]:
+        bar = tqdm(total=config.max_tokens, unit="tok", desc=f"harvest (rank {rank}/{world})",
+                   disable=not (progress and dist_ctx.is_main))
+        pending_rows, next_batch = 0, state["next_batch"]
+        try:
+            for i, windows in enumerate(ctx.windows(corpus)):
+                state["windows_end"] = windows[-1].index + 1  # the corpus's windows, for n_windows
+                if i % world != rank or i < state["next_batch"]:
+                    continue
+                own_end, next_batch = windows[-1].index + 1, i + 1
+                rows = ctx.run_batch(windows, i, dropped_ids)
+                rows, n_out = filter_outliers(rows, stats, config.outlier_factor)
+                counts["outliers_dropped"] += n_out
+                counts["special_tokens_dropped"] += rows.special_dropped
+                counts["padding_dropped"] += rows.padding_dropped
+                counts["n_corpus_tokens"] += rows.n_corpus_tokens
+                if pending_first_window is None:
+                    pending_first_window = windows[0].index
+                pending.append(rows)
+                pending_rows += rows.activations.shape[0]
+                bar.update(world * len(windows) * config.context_length)
+                if pending_rows >= config.rows_per_shard:
+                    commit(next_batch, done=False)
+                    pending_rows = 0
+            commit(next_batch, done=True)
+        finally:
+            bar.close()
+
+    dist_ctx.barrier()
+    if dist_ctx.is_main:
+        _merge(path, manifest, world)
+    dist_ctx.barrier()
+    store = ActivationStore(path)
+    if store.num_rows == 0:
+        raise EmptyCorpusError(f"The harvest into {path} kept no rows: every position was filtered out.")
+    return store
+
+
+def _merge(path: Path, manifest: dict[str, Any], world: int) -> None:
+    """Rank 0, once every rank is done: one manifest listing every rank's shards (atomic)."""
+    states = [_rank_progress(path, rank) for rank in range(world)]
+    unfinished = [s["rank"] for s in states if not s["done"]]
+    if unfinished:
+        raise CheckpointError(f"Ranks {unfinished} of the harvest into {path} did not finish; run it again to resume.")
+    shards = sorted((s for state in states for s in state["shards"]), key=lambda s: s["windows_start"])
+    manifest["shards"] = [{"file": s["file"], "n_rows": s["n_rows"], "windows_end": s["windows_end"]} for s in shards]
+    manifest["n_tokens"] = sum(s["n_rows"] for s in shards)
+    manifest["n_windows"] = max((state.get("windows_end", 0) for state in states), default=0)
+    for key in COUNT_KEYS:
+        manifest[key] = sum(state[key] for state in states)
+    manifest["complete"] = True
+    manifest.pop("world_size", None)
+    write_manifest(path, manifest)
+    for rank in range(world):
+        (path / rank_manifest_name(rank)).unlink(missing_ok=True)

@@ -1,0 +1,157 @@
+"""Data parallelism through PyTorch's own engine (``torch.distributed``, launched by ``torchrun``).
+
+Nothing here is a launcher or a communication layer of its own: under ``torchrun`` the usual
+environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT) is read, the default process group
+is initialised once (NCCL for CUDA devices, gloo otherwise), and the stages use a few collectives
+through :class:`DistributedContext`. Outside ``torchrun`` the context is a single process and every
+collective is the identity, so the same code runs unchanged in both cases.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from mneme_plugin.devices import resolve_device
+from mneme_plugin.errors import ConfigError
+
+# torchrun's environment; WORLD_SIZE > 1 means "we are one rank of several".
+_ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+
+
+@dataclass(frozen=True)
+class DistributedContext:
+    """This process's place in the job and the collectives the stages need."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the one process that writes run files (checkpoints, metrics, manifests)."""
+        return self.rank == 0
+
+    def device(self, device: str) -> torch.device:
+        """``device`` resolved for this rank: CUDA ranks use their local GPU (``cuda:LOCAL_RANK``)."""
+        resolved = resolve_device(device)
+        if self.is_distributed and resolved.type == "cuda" and resolved.index is None:
+            return torch.device("cuda", self.local_rank)
+        return resolved
+
+    # -- collectives (identity in a single process) ------------------------------------------
+
+    def barrier(self) -> None:
+        if self.is_distributed:
+            dist.barrier()
+
+    def all_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum over ranks, in place (returns ``tensor``)."""
+        if self.is_distributed:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
+    def all_max(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.is_distributed:
+            dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return tensor
+
+    def all_min(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.is_distributed:
+            dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+        return tensor
+
+    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Stack of every rank's ``tensor`` (same shape on all ranks): (world_size, *shape)."""
+        if not self.is_distributed:
+            return tensor[None]
+        out = tensor.new_empty(self.world_size * tensor.numel())
+        _all_gather_flat(out, tensor.reshape(-1).contiguous())
+        return out.view(self.world_size, *tensor.shape)
+
+    def broadcast_(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
+        if self.is_distributed:
+            dist.broadcast(tensor, src=src)
+        return tensor
+
+    def broadcast_object(self, obj: Any, src: int = 0) -> Any:
+        """A picklable object of rank ``src`` on every rank (small control data only)."""
+        if not self.is_distributed:
+            return obj
+        box = [obj if self.rank == src else None]
+        dist.broadcast_object_list(box, src=src)
+        return box[0]
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        if not self.is_distributed:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+
+SINGLE_PROCESS = DistributedContext()
+# ``all_gather_into_tensor`` was renamed ``all_gather_single`` (torch 2.10+ warns on the old name).
+_all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+def launched_by_torchrun() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and all(key in os.environ for key in _ENV_KEYS)
+
+
+def distributed_context(device: str = "auto") -> DistributedContext:
+    """The job this process belongs to; initialises the default process group under torchrun.
+
+    ``device`` picks the backend when the group is created here: NCCL when it resolves to CUDA,
+    gloo otherwise (CPU runs, tests). An already initialised group is used as it is.
+    """
+    if dist.is_available() and dist.is_initialized():
+        return DistributedContext(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+    if not launched_by_torchrun():
+        return SINGLE_PROCESS
+    local_rank = int(os.environ["LOCAL_RANK"])
+    backend = "nccl" if resolve_device(device).type == "cuda" else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group(backend=backend)
+    return DistributedContext(dist.get_rank(), dist.get_world_size(), local_rank)
+
+
+def torchrun_command(nproc: int, module: str, args: Sequence[str]) -> list[str]:
+    """``torchrun --standalone --nproc_per_node N -m module args...`` (single node), as an argv."""
+    if nproc < 1:
+        raise ConfigError(f"--nproc must be >= 1, got {nproc}.")
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            "-m", module, *args]
+
+
+def relaunch_under_torchrun(nproc: int, module: str, args: Sequence[str]) -> int:
+    """Run ``python -m module args`` as ``nproc`` ranks on this node; returns torchrun's exit code."""
+    if launched_by_torchrun():
+        raise ConfigError("--nproc is for launching: this process already runs under torchrun.")
+    return subprocess.call(torchrun_command(nproc, module, args))
+
+
+def strip_option(argv: Sequence[str], option: str) -> list[str]:
+    """``argv`` without ``option VALUE`` / ``option=VALUE`` (to relaunch a command without it)."""
+    out: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == option:
+            skip = True
+        elif not arg.startswith(option + "="):
+            out.append(arg)
+    return out

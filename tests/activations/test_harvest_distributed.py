@@ -1,0 +1,73 @@
+"""Sharded harvest under torchrun (2 gloo ranks on CPU): the rows of one process, resumable per rank."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from mneme_plugin.activations import ActivationStore, HarvestConfig, harvest
+from mneme_plugin.activations.sharded import rank_manifest_name
+from tests.helpers import make_hooked_transformer, make_tokenizer, synthetic_corpus
+
+ROOT = Path(__file__).resolve().parents[2]
+WORKER = Path(__file__).with_name("distributed_worker.py")
+COUNTS = ("n_tokens", "n_windows", "n_corpus_tokens", "outliers_dropped", "special_tokens_dropped", "padding_dropped")
+
+
+def harvest_inputs():
+    """Models, corpus and config, built the same way in every process (seeded, local)."""
+    tokenizer = make_tokenizer()
+    base = make_hooked_transformer(tokenizer, n_layers=2, d_model=32, seed=0)
+    edited = make_hooked_transformer(tokenizer, n_layers=2, d_model=32, seed=1)
+    config = HarvestConfig(layer=1, context_length=16, batch_size=4, rows_per_shard=100,
+                           normalization_tokens=300, dtype="float32", outlier_factor=1.2)
+    return base, edited, synthetic_corpus(120, seed=0), config
+
+
+def torchrun(out_dir: Path, crash_after_shards: int | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    if crash_after_shards is not None:
+        env["MNEME_TEST_CRASH_SHARD"] = str(crash_after_shards)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(WORKER), str(out_dir)]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def rows_by_position(store: ActivationStore) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    shards = [store.load_shard(i) for i in range(store.num_shards)]
+    windows = torch.cat([s["windows"] for s in shards]).long()
+    positions = torch.cat([s["positions"] for s in shards]).long()
+    key = windows * 10_000 + positions
+    order = key.argsort()
+    tokens = torch.cat([s["tokens"] for s in shards]).long()
+    acts = torch.cat([s["activations"] for s in shards])
+    return key[order], tokens[order], acts[order]
+
+
+def test_two_ranks_harvest_the_rows_of_one_process_and_a_killed_rank_resumes(tmp_path):
+    base, edited, corpus, config = harvest_inputs()
+    one = harvest(base, edited, corpus, config, tmp_path / "one", progress=False)
+
+    out = tmp_path / "two"
+    crashed = torchrun(out, crash_after_shards=2)
+    assert crashed.returncode != 0
+    partial = ActivationStore(out)
+    assert not partial.complete and partial.num_shards == 0  # shards are listed only once all ranks are done
+    assert (out / rank_manifest_name(1)).is_file()
+    assert any(out.glob("rank001_shard_*.safetensors"))
+
+    done = torchrun(out)
+    assert done.returncode == 0, done.stderr[-3000:]
+    two = ActivationStore(out)
+    assert two.complete and not list(out.glob("manifest.rank*"))
+    assert {entry["file"][:7] for entry in two.manifest["shards"]} == {"rank000", "rank001"}
+    for key in COUNTS:
+        assert two.manifest[key] == one.manifest[key], key
+    assert one.manifest["outliers_dropped"] > 0  # the shared normalisation thresholds are exercised
+    assert two.manifest["normalization"] == one.manifest["normalization"]
+    key_1, tokens_1, acts_1 = rows_by_position(one)
+    key_2, tokens_2, acts_2 = rows_by_position(two)
+    assert torch.equal(key_1, key_2) and torch.equal(tokens_1, tokens_2)
+    torch.testing.assert_close(acts_2, acts_1, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,137 @@
+"""Data-parallel training under torchrun (2 gloo ranks on CPU) against one process."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mneme_plugin.crosscoder import BatchTopKCrossCoder
+from mneme_plugin.crosscoder.distributed import global_batch_topk_indices
+from mneme_plugin.crosscoder.sparse import batch_topk_indices
+from mneme_plugin.crosscoder.training import STATE_FILE, latest_checkpoint, train
+from mneme_plugin.distributed import DistributedContext
+from tests.helpers import planted_pair_data, write_activation_store
+
+ROOT = Path(__file__).resolve().parents[2]
+WORKER = Path(__file__).with_name("distributed_worker.py")
+# Dead after 10 steps and a threshold from step 10: the aux loss, the counters and the threshold
+# EMA all take part within the 60 steps.
+CONFIG = {
+    "crosscoder": {"expansion_factor": 4, "k": 4},
+    "training": {"steps": 60, "batch_size": 64, "lr": 3e-3, "warmup_steps": 5, "threshold_start_step": 10,
+                 "dead_after_tokens": 640, "checkpoint_every": 20, "eval_rows": 256, "device": "cpu"},
+}
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Path:
+    x = planted_pair_data(n=3000, d=16, seed=3).x
+    return write_activation_store(tmp_path_factory.mktemp("store"), x, rows_per_shard=700)
+
+
+def torchrun(nproc: int, store: Path, run_dir: Path, crash_step: int | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    if crash_step is not None:
+        env.update(MNEME_TEST_CRASH_STEP=str(crash_step), MNEME_TEST_CRASH_RANK="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(WORKER), str(store), str(run_dir), json.dumps(CONFIG)]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    for name, tensor in a.items():
+        torch.testing.assert_close(b[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_global_topk_of_rank_slices_is_the_topk_of_the_whole_batch():
+    gen = torch.Generator().manual_seed(0)
+    salience = torch.relu(torch.randn(12, 50, generator=gen))
+    salience[3, 7] = salience[8, 2] = salience[0, 1] = 5.0  # a tie at the cut-off, across ranks
+    keep = int((salience > 5.0).sum()) + 2  # the cut-off falls inside the three tied 5.0 entries
+    whole = set(batch_topk_indices(salience, keep).tolist())
+    assert len(whole) == keep
+    world = 3
+    rows = 12 // world
+    # Simulated ranks: the all-gather a real group would do, over fixed candidate lists.
+    candidates = []
+    for rank in range(world):
+        part = salience[rank * rows : (rank + 1) * rows]
+        local = batch_topk_indices(part, keep)
+        values = torch.full((keep,), float("-inf"))
+        values[: local.numel()] = part.reshape(-1)[local]
+        candidates.append(values)
+
+    class FakeGroup(DistributedContext):
+        def all_gather(self, tensor):
+            return torch.stack(candidates)
+
+    picked = set()
+    for rank in range(world):
+        part = salience[rank * rows : (rank + 1) * rows]
+        local = global_batch_topk_indices(part, keep, FakeGroup(rank=rank, world_size=world))
+        picked |= {int(i) + rank * rows * 50 for i in local}
+    assert len(picked) == keep
+    # Same set up to which of the tied 5.0 entries were taken.
+    flat = salience.reshape(-1)
+    assert sorted(flat[list(picked)].tolist()) == sorted(flat[list(whole)].tolist())
+
+
+@pytest.fixture(scope="module")
+def reference(store, tmp_path_factory) -> Path:
+    """The run of one process (no torchrun)."""
+    run_dir = tmp_path_factory.mktemp("one") / "run"
+    train(store, run_dir, CONFIG["crosscoder"], CONFIG["training"], progress=False)
+    return run_dir
+
+
+def final_state(run_dir: Path) -> dict:
+    return BatchTopKCrossCoder.from_pretrained(run_dir / "crosscoder").state_dict()
+
+
+def test_two_gloo_ranks_match_one_process_and_a_killed_rank_resumes(store, reference, tmp_path):
+    run_dir = tmp_path / "two"
+    crashed = torchrun(2, store, run_dir, crash_step=45)
+    assert crashed.returncode != 0
+    assert latest_checkpoint(run_dir).name == "step_00000040"
+    assert not (run_dir / "crosscoder").exists()
+    # The checkpoint the two ranks wrote at step 40: weights, dead counters, threshold, Adam state.
+    ref_state = torch.load(reference / "checkpoints" / "step_00000040" / STATE_FILE, weights_only=True)
+    two_state = torch.load(latest_checkpoint(run_dir) / STATE_FILE, weights_only=True)
+    assert torch.equal(ref_state["tokens_since_fired"], two_state["tokens_since_fired"])
+    assert (ref_state["tokens_since_fired"] >= 640).any(), "no dead latent: the aux loss was not exercised"
+    assert_same_state(ref_state["ae"], two_state["ae"])
+    assert float(two_state["ae"]["threshold"]) > 0
+    for ref_slot, two_slot in zip(ref_state["optimizer"]["state"].values(), two_state["optimizer"]["state"].values()):
+        assert_same_state(ref_slot, two_slot)
+
+    done = torchrun(2, store, run_dir)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_same_state(final_state(reference), final_state(run_dir))
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    expected = json.loads((reference / "metrics.json").read_text())
+    assert metrics.pop("dead_fraction_source") == expected.pop("dead_fraction_source")
+    assert metrics == pytest.approx(expected, rel=1e-3)
+
+
+def test_a_one_process_run_resumes_on_two_ranks(store, reference, tmp_path):
+    run_dir = tmp_path / "one_then_two"
+
+    class Killed(RuntimeError):
+        pass
+
+    def kill_at_45(step, trainer):
+        if step == 45:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train(store, run_dir, CONFIG["crosscoder"], CONFIG["training"], progress=False, on_step=kill_at_45)
+    done = torchrun(2, store, run_dir)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_same_state(final_state(reference), final_state(run_dir))
+    # And back: a finished two-rank run is loaded, not retrained, by one process.
+    again = train(store, run_dir, CONFIG["crosscoder"], CONFIG["training"], progress=False).crosscoder
+    assert_same_state(final_state(run_dir), again.state_dict())
