@@ -11,6 +11,7 @@ __getattr__, __dir__, __all__ = lazy_exports(__name__, {
         "build_organism",
         "default_intervention_config",
         "load_organism_model",
+        "save_organism_model",
     ),
     "mneme_plugin.organism.corpus": (
         "DOMAINS",

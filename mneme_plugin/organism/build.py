@@ -3,8 +3,9 @@
 A tiny HookedTransformer is pretrained on the fact-based multi-domain corpus (plus generic filler),
 one intervention edits a copy (RMU unlearning of a domain, narrow fine-tuning on a domain, or benign
 fine-tuning on mixed generic text), and the ground truth is the per-domain accuracy drop on the cloze
-question set. Models are saved as ``torch.save({"state_dict", "model_kwargs", ...})`` under
-``out_dir`` and reloaded when the same configuration is asked for again.
+question set. Each model is saved under ``out_dir`` as ``NAME.safetensors`` (weights) + ``NAME.json``
+(model kwargs and the seed / organism config its tokenizer is rebuilt from) and reloaded when the same
+configuration is asked for again. Nothing is ever unpickled: a model file is data, never code.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 
 from mneme_plugin.errors import ConfigError
 from mneme_plugin.groundtruth import accuracy_drop, domain_accuracy, save_scores, scores_table
-from mneme_plugin.files import atomic_write
+from mneme_plugin.files import atomic_write, atomic_write_text
 from mneme_plugin.organism.catalog import INTERVENTIONS
 from mneme_plugin.organism.corpus import DOMAINS, Question, generate_corpus, generate_generic_corpus, question_set
 from mneme_plugin.organism.models import deterministic, tiny_hooked_transformer, train_lm, train_tokenizer
@@ -93,21 +94,77 @@ def _key(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
-def _save(path: Path, model: Any, model_kwargs: dict[str, Any], meta: dict[str, Any]) -> None:
-    blob = {"state_dict": model.state_dict(), "model_kwargs": model_kwargs, "meta": meta}
-    atomic_write(path, lambda tmp: torch.save(blob, tmp))
+MODEL_FORMAT = "mneme-organism-model"
+MODEL_FORMAT_VERSION = 1
+WEIGHTS_SUFFIX = ".safetensors"
+META_SUFFIX = ".json"
+_MODEL_KWARGS = ("n_layers", "d_model", "n_heads", "d_mlp", "n_ctx", "seed", "d_vocab")
 
 
-def _load(path: Path, tokenizer: Any) -> Any | None:
-    if not path.exists():
-        return None
-    blob = torch.load(path, map_location="cpu", weights_only=False)
-    model = tiny_hooked_transformer(tokenizer, **blob["model_kwargs"])
-    model.load_state_dict(blob["state_dict"])
+def save_organism_model(path: str | Path, model: Any, model_kwargs: dict[str, Any], meta: dict[str, Any]) -> Path:
+    """Write ``model`` as ``PATH.safetensors`` + ``PATH.json`` (the JSON first: the weights file marks it complete)."""
+    from safetensors.torch import save_model
+
+    weights = Path(path).with_suffix(WEIGHTS_SUFFIX)
+    blob = {"format": MODEL_FORMAT, "version": MODEL_FORMAT_VERSION, "model_kwargs": model_kwargs, "meta": meta}
+    atomic_write_text(weights.with_suffix(META_SUFFIX), json.dumps(blob, indent=2))
+    atomic_write(weights, lambda tmp: save_model(model, str(tmp)))
+    return weights
+
+
+def _read_model_meta(weights: Path) -> dict[str, Any]:
+    from mneme_plugin.errors import CheckpointError
+
+    meta_path = weights.with_suffix(META_SUFFIX)
+    if not meta_path.is_file():
+        raise CheckpointError(f"{meta_path} is missing: an organism model is {weights.name} + {meta_path.name}.")
+    try:
+        blob = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{meta_path} is corrupt: not valid JSON ({err}).") from err
+    if not isinstance(blob, dict) or blob.get("format") != MODEL_FORMAT:
+        raise CheckpointError(f"{meta_path} is not an organism model config (format {MODEL_FORMAT!r} expected).")
+    kwargs, meta = blob.get("model_kwargs"), blob.get("meta")
+    if (not isinstance(kwargs, dict) or set(kwargs) - set(_MODEL_KWARGS)
+            or not all(v is None or type(v) is int for v in kwargs.values())):
+        raise CheckpointError(f"{meta_path}: model_kwargs must map {list(_MODEL_KWARGS)} to integers, got {kwargs!r}.")
+    if not isinstance(meta, dict) or type(meta.get("seed")) is not int or not isinstance(meta.get("organism"), dict):
+        raise CheckpointError(f"{meta_path} is not an organism model saved by build_organism (no seed / organism meta).")
+    return blob
+
+
+def _read_model(weights: Path, tokenizer: Any, model_kwargs: dict[str, Any]) -> Any:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_model
+
+    from mneme_plugin.errors import CheckpointError
+
+    model = tiny_hooked_transformer(tokenizer, **model_kwargs)
+    try:
+        load_model(model, str(weights), strict=True, device="cpu")
+    except (SafetensorError, OSError, RuntimeError, ValueError) as err:
+        raise CheckpointError(f"{weights} is not a readable organism model ({err}); rebuild it.") from err
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
     return model
+
+
+def _load_cached(weights: Path, tokenizer: Any, model_kwargs: dict[str, Any]) -> Any | None:
+    """The cached model at ``weights``, or None (missing or unreadable: it is rebuilt)."""
+    from mneme_plugin.errors import CheckpointError
+
+    if not weights.is_file():
+        if weights.with_suffix(".pt").is_file():
+            logger.info("Ignoring %s (pickle of an older version, never loaded): rebuilding it as %s.",
+                        weights.with_suffix(".pt"), weights.name)
+        return None
+    try:
+        _read_model_meta(weights)
+        return _read_model(weights, tokenizer, model_kwargs)
+    except CheckpointError as err:
+        logger.warning("Ignoring the cached organism model: %s", err)
+        return None
 
 
 def build_organism(*args: Any, **kwargs: Any) -> Organism:
@@ -145,8 +202,8 @@ def _build_organism(seed: int = 0, intervention: str = "rmu", target_domain: str
     questions = question_set(seed)
     model_kwargs = dict(n_layers=cfg.n_layers, d_model=cfg.d_model, n_heads=cfg.n_heads, n_ctx=cfg.n_ctx, seed=seed)
     base_key = _key({"seed": seed, "cfg": asdict(cfg), "vocab": len(tokenizer)})
-    base_path = out / f"base-{base_key}.pt" if out else None
-    base = _load(base_path, tokenizer) if base_path else None
+    base_path = out / f"base-{base_key}{WEIGHTS_SUFFIX}" if out else None
+    base = _load_cached(base_path, tokenizer, model_kwargs) if base_path else None
     if base is None:
         logger.info("Pretraining the organism's base LM (%d documents).", len(pretraining))
         base = tiny_hooked_transformer(tokenizer, **model_kwargs)
@@ -155,7 +212,7 @@ def _build_organism(seed: int = 0, intervention: str = "rmu", target_domain: str
         for p in base.parameters():
             p.requires_grad_(False)
         if base_path:
-            _save(base_path, base, model_kwargs, {"seed": seed, "organism": asdict(cfg)})
+            save_organism_model(base_path, base, model_kwargs, {"seed": seed, "organism": asdict(cfg)})
     timings["base"] = time.perf_counter() - t0
 
     # Edit data: fresh documents about the same facts (not the pretraining texts).
@@ -170,8 +227,8 @@ def _build_organism(seed: int = 0, intervention: str = "rmu", target_domain: str
     t0 = time.perf_counter()
     icfg_dict = icfg.to_dict()
     edit_key = _key({"base": base_key, "intervention": intervention, "target": target_domain, "cfg": icfg_dict})
-    edit_path = out / f"edited-{intervention}-{target_domain or 'mixed'}-{edit_key}.pt" if out else None
-    edited = _load(edit_path, tokenizer) if edit_path else None
+    edit_path = out / f"edited-{intervention}-{target_domain or 'mixed'}-{edit_key}{WEIGHTS_SUFFIX}" if out else None
+    edited = _load_cached(edit_path, tokenizer, model_kwargs) if edit_path else None
     if edited is None:
         logger.info("Applying %s%s.", intervention, f" to {target_domain}" if target_domain else "")
         if intervention == "rmu":
@@ -179,7 +236,7 @@ def _build_organism(seed: int = 0, intervention: str = "rmu", target_domain: str
         else:
             edited = fine_tune(base, edit_texts, icfg, progress=progress).model
         if edit_path:
-            _save(edit_path, edited, model_kwargs, {"intervention": intervention, "target_domain": target_domain,
+            save_organism_model(edit_path, edited, model_kwargs, {"intervention": intervention, "target_domain": target_domain,
                                                     "config": icfg_dict, "seed": seed, "organism": asdict(cfg)})
     timings["edit"] = time.perf_counter() - t0
 
@@ -213,14 +270,31 @@ def pretraining_texts(seed: int, cfg: OrganismConfig) -> list[str]:
 
 
 def load_organism_model(path: str | Path) -> Any:
-    """A model saved by ``build_organism`` (the ``organism:PATH`` model spec of run configs)."""
+    """A model saved by ``build_organism`` (the ``organism:PATH`` model spec of run configs).
+
+    ``PATH`` is the ``.safetensors`` file (or its ``.json`` sibling). Older versions saved pickled
+    ``.pt`` files: those are refused, never unpickled (a pickle can run any code).
+    """
     from mneme_plugin.errors import CheckpointError
 
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path} does not exist: build the organism first (mneme demo or build_organism).")
-    meta = torch.load(path, map_location="cpu", weights_only=False).get("meta", {})
-    if "seed" not in meta or "organism" not in meta:
-        raise CheckpointError(f"{path} is not an organism model saved by build_organism (no seed / organism meta).")
-    tokenizer = train_tokenizer(pretraining_texts(int(meta["seed"]), OrganismConfig(**meta["organism"])))
-    return _load(path, tokenizer)
+    if path.suffix not in (WEIGHTS_SUFFIX, META_SUFFIX):
+        newer = path.with_suffix(WEIGHTS_SUFFIX)
+        hint = (f"Use {newer} instead." if newer.is_file() else
+                "Rebuild the organism (mneme demo, or build_organism with out_dir), which saves NAME.safetensors + "
+                "NAME.json, and point organism: at the .safetensors file.")
+        raise CheckpointError(
+            f"{path} is not an organism model file: organism models are NAME.safetensors + NAME.json "
+            f"(older .pt files are pickles and are never loaded, since unpickling can run code). {hint}"
+        )
+    weights = path.with_suffix(WEIGHTS_SUFFIX)
+    if not weights.is_file():
+        raise CheckpointError(f"{weights} does not exist: build the organism first (mneme demo or build_organism).")
+    blob = _read_model_meta(weights)
+    meta = blob["meta"]
+    try:
+        organism_cfg = OrganismConfig(**meta["organism"])
+    except TypeError as err:
+        raise CheckpointError(f"{weights.with_suffix(META_SUFFIX)}: invalid organism config ({err}).") from err
+    tokenizer = train_tokenizer(pretraining_texts(meta["seed"], organism_cfg))
+    return _read_model(weights, tokenizer, blob["model_kwargs"])
