@@ -111,7 +111,12 @@ class _Data:
                 return self.store.iter_batches(self.batch_size, seed=self.seed, start_step=start_step,
                                                rank=self.ctx.rank, world_size=self.ctx.world_size)
             batches = self._training_batches(start_step)
-            return rank_slices(batches, self.ctx) if self.ctx.is_distributed else batches
+            if not self.ctx.is_distributed:
+                return batches
+            # Held-out rows leave a global batch a few rows short: ranks need equal shares, so the
+            # last rows beyond a multiple of the rank count are dropped (a 1-process run keeps them).
+            world = self.ctx.world_size
+            return rank_slices((b[: b.shape[0] - b.shape[0] % world] for b in batches), self.ctx)
         # A stream cannot seek: replay it up to the resume point (deterministic streams only).
         stream = itertools.islice(iter(self.source), start_step, None)  # type: ignore[arg-type]
         return rank_slices(stream, self.ctx) if self.ctx.is_distributed else stream
