@@ -6,7 +6,6 @@ the stage's YAML config (``--config``), whose keys are the fields of the stage's
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 from pathlib import Path
@@ -19,7 +18,8 @@ import click
 from mneme_plugin.activations.config import MODEL_DTYPES, STORAGE_DTYPES
 from mneme_plugin.config import read_yaml_mapping
 from mneme_plugin.crosscoder.salience import SALIENCE_MODES
-from mneme_plugin.errors import ConfigError, MnemeError
+from mneme_plugin.commands.common import clear_errors
+from mneme_plugin.errors import ConfigError
 from mneme_plugin.interpret.config import CLIENTS, EXPLAINERS, LABELERS, MAPPERS, SCORERS
 from mneme_plugin.layout import RunLayout
 from mneme_plugin.organism.catalog import INTERVENTIONS
@@ -33,19 +33,6 @@ def _setup_logging(verbose: bool) -> None:
     logger.handlers[:] = [handler]
     logger.setLevel(logging.DEBUG if verbose else logging.INFO)
     logger.propagate = False
-
-
-def _clear_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Print the package's errors as one clear line instead of a traceback."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except MnemeError as err:
-            raise click.ClickException(str(err)) from err
-
-    return wrapper
 
 
 def _read_yaml(path: str | None) -> dict[str, Any]:
@@ -145,7 +132,7 @@ def _harvest_inputs(sections: dict[str, dict[str, Any]], base, edited, corpus, l
 @_add_options(_harvest_options)
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Activation store directory.")
 @click.option("--overwrite", is_flag=True, help="Delete an existing store at --out first.")
-@_clear_errors
+@clear_errors
 def harvest(config, out, overwrite, **options) -> None:
     """Harvest paired (base, edited) activations into an on-disk store.
 
@@ -181,7 +168,7 @@ def harvest(config, out, overwrite, **options) -> None:
 @click.option("--no-resume", is_flag=True, help="Start over even if the run directory has checkpoints.")
 @click.option("--nproc", type=int, default=1, show_default=True,
               help="Data-parallel ranks on this node: relaunches this command under torchrun.")
-@_clear_errors
+@clear_errors
 def train(store, stream, config, shuffle_buffer, out, dict_size, expansion_factor, k, salience, steps,
           train_batch_size, lr, seed, train_device, no_resume, nproc, **harvest_options) -> None:
     """Train a BatchTopK crosscoder, from a store or streaming; resumes from the newest checkpoint."""
@@ -229,7 +216,7 @@ def train(store, stream, config, shuffle_buffer, out, dict_size, expansion_facto
               help="Domain unlearned (RMU) or fine-tuned on (narrow).")
 @click.option("--intervention", "interventions", multiple=True, type=click.Choice(INTERVENTIONS),
               help="Run only these interventions (default: all three).")
-@_clear_errors
+@clear_errors
 def demo(out: str, seed: int, target_domain: str, interventions: tuple[str, ...]) -> None:
     """The whole MNEME method on the CPU model organism, with known ground truth.
 
@@ -256,7 +243,7 @@ def demo(out: str, seed: int, target_domain: str, interventions: tuple[str, ...]
 
 @main.command()
 @click.argument("path", type=click.Path(exists=True))
-@_clear_errors
+@clear_errors
 def info(path: str) -> None:
     """Describe what PATH holds: an activation store, a crosscoder, or a training run."""
     from mneme_plugin.describe import describe_path
@@ -277,7 +264,7 @@ def info(path: str) -> None:
 @click.option("--device", help="Device (auto, cpu, cuda).")
 @click.option("--allow-store-mismatch", is_flag=True,
               help="Attribute over a store of another layer, hook or model pair than the crosscoder records.")
-@_clear_errors
+@clear_errors
 def attribute(crosscoder_dir, store, out, config, batch_size, device, allow_store_mismatch) -> None:
     """Decoder norms, latent scaling and a class (suppressed .. amplified) for every latent."""
     from mneme_plugin.attribution import AttributionConfig, format_counts, format_delta_histogram
@@ -320,7 +307,7 @@ def _parse_scale_factors(text: str | None) -> list[float] | None:
 @click.argument("source")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory for the crosscoder (own format).")
 @_add_options(_source_options)
-@_clear_errors
+@clear_errors
 def import_(source, out, subfolder, revision, scale_factors) -> None:
     """Import a crosscoder (science-of-finetuning, Kissane, a mneme SAE-Lens export; folder or hub id)."""
     from mneme_plugin.formats import load_crosscoder
@@ -350,7 +337,7 @@ def export() -> None:
 @click.option("--edited", "edited_model", help="Edited model name for the metadata (default: the crosscoder's).")
 @click.option("--views", is_flag=True, help="Also write per-model views (d_in = d; partial: one model's input only).")
 @_add_options(_source_options)
-@_clear_errors
+@clear_errors
 def export_saelens_command(source, out, folder, hook_name, base_model, edited_model, views, subfolder, revision,
                            scale_factors) -> None:
     """Write SOURCE (any crosscoder mneme reads) as SAE-Lens jumprelu SAEs over concat(base, edited)."""
@@ -387,7 +374,7 @@ def export_saelens_command(source, out, folder, hook_name, base_model, edited_mo
 @click.option("--max-tokens", type=int, help="Stop after this many corpus tokens.")
 @click.option("--device", help="Device for the models.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory for the contexts (Delphi cache).")
-@_clear_errors
+@clear_errors
 def collect(config, crosscoder_dir, attribution, base, edited, corpus, layer, hook_name, allow_hook_mismatch, latents,
             classes, per_class, n_top, context_length, harvest_batch_size, max_tokens, device, out) -> None:
     """Top-activating contexts per latent, written in Delphi's cache layout.
@@ -441,7 +428,7 @@ def collect(config, crosscoder_dir, attribution, base, edited, corpus, layer, ho
 @click.option("--scorer", "scorers", multiple=True, type=click.Choice(SCORERS), help="Delphi scorer (repeatable).")
 @click.option("--tokenizer", help="Tokenizer folder (default: the one saved by collect).")
 @click.option("--out", type=click.Path(file_okay=False), help="Output directory (default: CONTEXTS_DIR).")
-@_clear_errors
+@clear_errors
 def explain(contexts_dir, config, explainer, client_kind, model, base_url, api_key, concurrency, scorers, tokenizer,
             out) -> None:
     """Describe each collected latent (offline log-odds explainer, or Delphi's explainers via an LLM)."""
@@ -475,7 +462,7 @@ def explain(contexts_dir, config, explainer, client_kind, model, base_url, api_k
 @click.option("--base-url", help="OpenAI-compatible base URL.")
 @click.option("--api-key", help="API key, or env:VARNAME.")
 @click.option("--out", type=click.Path(file_okay=False), help="Output directory (default: next to the explanations).")
-@_clear_errors
+@clear_errors
 def map_(explanations, config, taxonomies, method, labeler, top_k, embedding_model, client_kind, model, base_url,
          api_key, out) -> None:
     """Label each explanation and map it to the nearest taxonomy entries (categories.parquet + .csv)."""
@@ -514,7 +501,7 @@ def taxonomies() -> None:
 @click.option("--taxonomy", help="Taxonomy to predict over (default: the first of map.taxonomies).")
 @click.option("--rule", type=click.Choice(RULES))
 @click.option("-k", "--k", type=int, help="Categories predicted by the top_k rule.")
-@_clear_errors
+@clear_errors
 def predict(run_dir, config, taxonomy, rule, k) -> None:
     """Score every category from the attributed latents and their categories; predict the affected ones."""
     from mneme_plugin.interpret import MapConfig
@@ -537,7 +524,7 @@ def predict(run_dir, config, taxonomy, rule, k) -> None:
 @click.option("--drop-threshold", type=float)
 @click.option("--significance", type=float)
 @click.option("--config", type=click.Path(dir_okay=False), help="YAML with sections evaluate, ground_truth, map.")
-@_clear_errors
+@clear_errors
 def evaluate(run_dir, scores_csv, lm_eval_before, lm_eval_after, intervention, drop_threshold, significance,
              config) -> None:
     """Compare the prediction with the observed per-category drops: Eq. 4 accuracy, precision, recall, F1."""
@@ -568,7 +555,7 @@ def evaluate(run_dir, scores_csv, lm_eval_before, lm_eval_after, intervention, d
 @click.option("--steps", type=int)
 @click.option("--lr", type=float)
 @click.option("--lora/--no-lora", default=None, help="LoRA through peft (when installed).")
-@_clear_errors
+@clear_errors
 def remediate(run_dir, edited, out, config, steps, lr, lora) -> None:
     """Retrain the edited model on the corpus samples that most activate the suppressed latents."""
     from transformers import AutoModelForCausalLM
@@ -590,7 +577,7 @@ def remediate(run_dir, edited, out, config, steps, lr, lora) -> None:
 @main.command()
 @click.option("--run-dir", required=True, type=click.Path(exists=True, file_okay=False))
 @click.option("--out", type=click.Path(dir_okay=False), help="HTML file (default RUN_DIR/report.html).")
-@_clear_errors
+@clear_errors
 def report(run_dir, out) -> None:
     """Write the run's self-contained HTML report (plots, top latents, predictions, metrics)."""
     from mneme_plugin.report.build import build_report
@@ -602,7 +589,7 @@ def report(run_dir, out) -> None:
 @click.argument("config", type=click.Path(exists=True, dir_okay=False))
 @click.option("--dry-run", is_flag=True, help="Check the config and print the plan; run nothing.")
 @click.option("--only", multiple=True, help="Run only these stages (repeatable).")
-@_clear_errors
+@clear_errors
 def run(config, dry_run, only) -> None:
     """Run the whole pipeline from one YAML file: [intervention, ground_truth,] harvest, train, attribute,
     collect, explain, map, predict, evaluate, report. Finished stages with the same config are skipped; interrupted ones resume."""
