@@ -164,6 +164,16 @@ class HarvestContext:
         return estimate_stats(all_norms, self.d_model, self.config.outlier_factor)
 
 
+def shard_tensors(batches: list[BatchRows], store_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The tensors of one store shard, from the batches buffered for it."""
+    return {
+        "activations": torch.cat([r.activations for r in batches]).to(store_dtype),
+        "tokens": torch.cat([r.tokens for r in batches]).to(torch.int32),
+        "positions": torch.cat([r.positions for r in batches]).to(torch.int32),
+        "windows": torch.cat([r.windows for r in batches]).to(torch.int64),
+    }
+
+
 def filter_outliers(rows: BatchRows, stats: NormalizationStats, factor: float | None) -> tuple[BatchRows, int]:
     """Drop rows whose norm exceeds factor x median in either model; return (rows, n_dropped)."""
     keep = outlier_keep_mask(token_norms(rows.activations), torch.tensor(stats.median_norms), factor)
@@ -278,12 +288,7 @@ def harvest(
         nonlocal pending, pending_rows, counts
         if pending_rows:
             index = len(manifest["shards"])
-            tensors = {
-                "activations": torch.cat([r.activations for r in pending]).to(store_dtype),
-                "tokens": torch.cat([r.tokens for r in pending]).to(torch.int32),
-                "positions": torch.cat([r.positions for r in pending]).to(torch.int32),
-                "windows": torch.cat([r.windows for r in pending]).to(torch.int64),
-            }
+            tensors = shard_tensors(pending, store_dtype)
             file = write_shard(path, index, tensors)
             manifest["shards"].append({"file": file, "n_rows": pending_rows, "windows_end": windows_end})
             manifest["n_tokens"] += pending_rows

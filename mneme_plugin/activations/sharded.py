@@ -92,7 +92,7 @@ def harvest_sharded(
     on_shard: Callable[[int], None] | None = None,
 ) -> ActivationStore:
     """This rank's share of a harvest into ``path`` (``ctx`` is the rank's ``HarvestContext``)."""
-    from mneme_plugin.activations.harvest import _STORE_DTYPES, filter_outliers
+    from mneme_plugin.activations.harvest import _STORE_DTYPES, filter_outliers, shard_tensors
 
     rank, world = dist_ctx.rank, dist_ctx.world_size
     # Rank 0 prepares; an error there is raised on every rank instead of leaving them waiting.
@@ -123,12 +123,7 @@ def harvest_sharded(
         n_rows = sum(r.activations.shape[0] for r in pending)
         if n_rows:
             index = len(state["shards"])
-            tensors = {
-                "activations": torch.cat([r.activations for r in pending]).to(store_dtype),
-                "tokens": torch.cat([r.tokens for r in pending]).to(torch.int32),
-                "positions": torch.cat([r.positions for r in pending]).to(torch.int32),
-                "windows": torch.cat([r.windows for r in pending]).to(torch.int64),
-            }
+            tensors = shard_tensors(pending, store_dtype)
             file = rank_shard_name(rank, index)
             write_shard(path, index, tensors, name=file)
             state["shards"].append({"file": file, "n_rows": n_rows, "windows_end": own_end,
