@@ -12,6 +12,9 @@ from mneme_plugin.crosscoder.normalizers import NORMALIZERS
 from mneme_plugin.crosscoder.salience import SALIENCE_MODES
 
 DTYPES = ("float32", "bfloat16", "float16", "float64")
+# Mixed precision of the training step (``TrainingConfig.autocast``): ``auto`` is bfloat16 on CUDA
+# (the encoder matmul, the step's dense FLOPs, in bf16 with fp32 weights and Adam) and off elsewhere.
+AUTOCAST_MODES = ("auto", "off", "bfloat16")
 # Sparsity rules: BatchTopK / threshold (trained here), plain ReLU (L1 crosscoders: Kissane, the
 # science-of-finetuning ``CrossCoder``), per-latent JumpReLU thresholds (imported SAE-Lens exports).
 SPARSITY_MODES = ("batchtopk", "relu", "jumprelu")
@@ -152,6 +155,9 @@ class TrainingConfig(ConfigMixin):
     # then streams over the corpus too. The stream shuffles rows in a buffer of this many rows.
     stream: bool = False
     shuffle_buffer_rows: int = 262_144
+    # Mixed precision (AUTOCAST_MODES) and TF32 matmuls (CUDA only: fp32 matmuls on tensor cores).
+    autocast: str = "auto"
+    tf32: bool = True
 
     def __post_init__(self) -> None:
         require(self.steps > 0, f"steps must be positive, got {self.steps}.")
@@ -180,6 +186,18 @@ class TrainingConfig(ConfigMixin):
         require(self.eval_rows >= 0, "eval_rows must be >= 0.")
         require(self.shuffle_buffer_rows >= 2 * self.batch_size,
                 f"shuffle_buffer_rows ({self.shuffle_buffer_rows}) must be at least 2 x batch_size ({self.batch_size}).")
+        require(self.autocast in AUTOCAST_MODES,
+                f"autocast must be one of {AUTOCAST_MODES}, got {self.autocast!r}.")
+
+    def autocast_dtype(self, device_type: str) -> "torch.dtype | None":
+        """The autocast dtype of the step on ``device_type`` (None: full precision)."""
+        import torch
+
+        if self.autocast == "off":
+            return None
+        if self.autocast == "auto" and (device_type != "cuda" or not torch.cuda.is_bf16_supported()):
+            return None
+        return torch.bfloat16
 
     @property
     def is_resolved(self) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import ClassVar
 
 import torch
@@ -107,10 +108,14 @@ class BatchTopKCrossCoder(CrossCoder):
         W_scaled = self.W_enc.reshape(-1, self.dict_size) * weights
         return torch.relu_(torch.addmm(self.b_enc * weights, x_flat, W_scaled))
 
-    def batch_topk_active(self, x_norm: torch.Tensor) -> tuple[ActiveLatents, torch.Tensor, torch.Tensor]:
+    def batch_topk_active(
+        self, x_norm: torch.Tensor, select: Callable[[torch.Tensor, int], torch.Tensor] = batch_topk_indices
+    ) -> tuple[ActiveLatents, torch.Tensor, torch.Tensor]:
         """Training path: active pairs of BatchTopK, with sparse gradients.
 
-        Returns (active, salience, weights); salience (B, m) and weights (m,) are detached.
+        ``select(salience, k * B)`` picks the flat indices kept (the data-parallel trainer passes
+        a selection over the global batch). Returns (active, salience, weights); salience (B, m)
+        and weights (m,) are detached.
         """
         if not self.cfg.is_default_variant:
             raise ValueError(
@@ -121,7 +126,7 @@ class BatchTopKCrossCoder(CrossCoder):
         with torch.no_grad():
             weights = self.salience_weights().clamp_min(torch.finfo(self.W_dec.dtype).tiny)
             salience = self.salience_matrix(x_norm, weights)
-            flat_index = batch_topk_indices(salience, self.k * x_norm.shape[0])
+            flat_index = select(salience, self.k * x_norm.shape[0])
         x_flat = x_norm.reshape(x_norm.shape[0], -1)
         W_enc_flat = self.W_enc.reshape(-1, self.dict_size)
         active = gather_active(W_enc_flat, self.b_enc, x_flat, salience, weights, flat_index)

@@ -10,9 +10,13 @@ backward, so the step is one dense encoder matmul plus O(k*B*d) work:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from mneme_plugin.distributed import DistributedContext
 
 
 @dataclass
@@ -94,6 +98,37 @@ def batch_topk_indices(salience: torch.Tensor, keep: int) -> torch.Tensor:
         return flat.topk(keep, sorted=False).indices
     top = flat.index_select(0, candidates).topk(keep, sorted=False).indices
     return candidates.index_select(0, top)
+
+
+def global_batch_topk_indices(salience: torch.Tensor, keep: int, ctx: "DistributedContext") -> torch.Tensor:
+    """Flat indices into this rank's ``salience`` of its share of the global top ``keep`` entries.
+
+    ``keep`` counts over all ranks' salience matrices together (k times the global batch). Each
+    rank offers its local top ``keep`` (a superset of its share), all ranks all-gather those
+    candidates and find the same cut-off; ties at the cut-off go to ranks in rank order. So the
+    selection is exactly the one a single process makes over the whole batch.
+    """
+    if not ctx.is_distributed:
+        return batch_topk_indices(salience, keep)
+    flat = salience.reshape(-1)
+    local_keep = min(keep, flat.numel())
+    local_index = batch_topk_indices(salience, local_keep)
+    local_values = flat.index_select(0, local_index)
+    padded = torch.full((keep,), float("-inf"), dtype=flat.dtype, device=flat.device)
+    padded[:local_keep] = local_values
+    candidates = ctx.all_gather(padded)  # (W, keep)
+    cutoff = candidates.reshape(-1).topk(keep, sorted=False).values.min()
+    above = (candidates > cutoff).sum(dim=1)
+    ties = (candidates == cutoff).sum(dim=1)
+    # Ties at the cut-off: as many as are still missing, taken in rank order.
+    missing = keep - int(above.sum())
+    before = int(ties[: ctx.rank].sum())
+    my_ties = max(0, min(int(ties[ctx.rank]), missing - before))
+    keep_mask = local_values > cutoff
+    if my_ties:
+        tie_positions = (local_values == cutoff).nonzero().squeeze(1)[:my_ties]
+        keep_mask[tie_positions] = True
+    return local_index[keep_mask]
 
 
 def gather_active(

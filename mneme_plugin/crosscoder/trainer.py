@@ -2,6 +2,12 @@
 
 ``dictionary_learning.training.trainSAE`` runs it unchanged; ``mneme_plugin.crosscoder.training``
 wraps it with checkpoints, resume, progress and metrics.
+
+The step is written once for one process and for data-parallel ranks: every quantity that spans
+the batch (the BatchTopK selection, the aux-k normaliser, the decoder-bias initialisation, the
+dead-latent counters, the threshold, the reported figures) goes through ``self.dist``, whose
+collectives are the identity in one process (``crosscoder/distributed.py`` gives it a process
+group and documents the semantics).
 """
 
 from __future__ import annotations
@@ -14,8 +20,9 @@ from dictionary_learning.trainers.trainer import SAETrainer
 
 from mneme_plugin.crosscoder.config import CrossCoderConfig, TrainingConfig
 from mneme_plugin.crosscoder.model import BatchTopKCrossCoder
-from mneme_plugin.crosscoder.sparse import ActiveLatents, gather_active, sparse_decode
+from mneme_plugin.crosscoder.sparse import ActiveLatents, gather_active, global_batch_topk_indices, sparse_decode
 from mneme_plugin.devices import resolve_device
+from mneme_plugin.distributed import SINGLE_PROCESS, DistributedContext
 
 
 @dataclass
@@ -96,6 +103,8 @@ class BatchTopKCrossCoderTrainer(SAETrainer):
         wandb_name: str = "BatchTopKCrossCoder",
         submodule_name: str | None = None,
         metadata: dict[str, Any] | None = None,
+        autocast: str = TrainingConfig.autocast,
+        tf32: bool = TrainingConfig.tf32,
     ) -> None:
         super().__init__(seed)
         self.crosscoder_config = CrossCoderConfig(
@@ -119,9 +128,17 @@ class BatchTopKCrossCoderTrainer(SAETrainer):
             threshold_beta=threshold_beta,
             grad_clip=grad_clip,
             seed=0 if seed is None else seed,
+            autocast=autocast,
+            tf32=tf32,
         ).resolve(dict_size)
         self.layer, self.lm_name, self.wandb_name, self.submodule_name = layer, lm_name, wandb_name, submodule_name
+        # The data-parallel group this trainer's batches are slices of (one process: no group).
+        self.dist: DistributedContext = SINGLE_PROCESS
         self.device = resolve_device(device or "auto")
+        self.autocast_dtype = self.training_config.autocast_dtype(self.device.type)
+        if self.device.type == "cuda":
+            # A process-wide switch: fp32 matmuls (evaluation, an autocast-off step) on tensor cores.
+            torch.backends.cuda.matmul.allow_tf32 = tf32
         generator = torch.Generator().manual_seed(self.training_config.seed)
         self.ae = BatchTopKCrossCoder(self.crosscoder_config)
         self.ae.reset_parameters(generator=generator)
@@ -167,6 +184,8 @@ class BatchTopKCrossCoderTrainer(SAETrainer):
             seed=t.seed,
             device=device,
             metadata=crosscoder.metadata,
+            autocast=t.autocast,
+            tf32=t.tf32,
         )
 
     # ------------------------------------------------------------------------- state
@@ -230,26 +249,33 @@ class BatchTopKCrossCoderTrainer(SAETrainer):
             batch, dict_size = salience.shape
             row_start = torch.arange(batch, device=salience.device)[:, None] * dict_size
             flat_index = (top + row_start).reshape(-1)
+            residual = (x_norm - x_hat).detach()
+            # Variance of the global batch's residual (before any early return: every rank joins).
+            global_batch = batch * self.dist.world_size
+            mean = self.dist.all_sum(residual.sum(dim=0)) / global_batch
+            denom = self.dist.all_sum((residual - mean).pow(2).sum()) / global_batch
         W_enc_flat = self.ae.W_enc.reshape(-1, self.ae.dict_size)
         x_flat = x_norm.reshape(x_norm.shape[0], -1)
         active = gather_active(W_enc_flat, self.ae.b_enc, x_flat, salience, weights, flat_index)
         if active.values.numel() == 0:
             return x_norm.new_zeros(())
-        residual = (x_norm - x_hat).detach()
         aux_hat = sparse_decode(active, self.ae.W_dec)
         err = (residual - aux_hat).pow(2).sum(dim=(1, 2)).mean()
-        denom = (residual - residual.mean(dim=0, keepdim=True)).pow(2).sum(dim=(1, 2)).mean()
         return err / denom.clamp_min(1e-12)
 
     def _forward(self, x: torch.Tensor) -> _StepOutput:
         """Eq. 1 (squared error summed over both models, mean over the batch) + alpha * aux-k."""
         x_norm = self.ae.normalize(x.to(self.device))
-        active, salience, weights = self.ae.batch_topk_active(x_norm)
+        active, salience, weights = self.ae.batch_topk_active(x_norm, self._select_global)
         x_hat = self.ae.decode_active(active)
         mse = (x_norm - x_hat).pow(2).sum(dim=(1, 2)).mean()
         aux = self._aux_loss(x_norm, x_hat, salience, weights)
         loss = mse + self.training_config.aux_alpha * aux
         return _StepOutput(loss, mse, aux, x_norm, x_hat, active, salience)
+
+    def _select_global(self, salience: torch.Tensor, keep: int) -> torch.Tensor:
+        """BatchTopK over the global batch: ``keep`` (k x local rows) times the number of ranks."""
+        return global_batch_topk_indices(salience, keep * self.dist.world_size, self.dist)
 
     def loss(self, x: torch.Tensor, step: int | None = None, logging: bool = False, **_: Any):
         """The training loss of a raw batch (dictionary_learning's trainer interface)."""
@@ -262,43 +288,79 @@ class BatchTopKCrossCoderTrainer(SAETrainer):
     # ------------------------------------------------------------------------- update
 
     def update(self, step: int, activations: torch.Tensor) -> float:
-        """One optimisation step on a raw batch (B, 2, d); returns the loss."""
+        """One optimisation step on a raw batch (B, 2, d) (this rank's slice of it); returns the loss."""
         if activations.ndim != 3 or activations.shape[1] != 2:
             raise ValueError(f"Expected a batch of shape (B, 2, d), got {tuple(activations.shape)}.")
         cfg = self.training_config
         if step == 0 and self.steps_done == 0:
             with torch.no_grad():
-                self.ae.b_dec.copy_(geometric_median(self.ae.normalize(activations.to(self.device))))
-        out = self._forward(activations)
-        loss, mse, aux, x_norm, x_hat, active, salience = (
-            out.loss, out.mse, out.aux, out.x_norm, out.x_hat, out.active, out.salience)
+                whole = self.dist.all_gather(self.ae.normalize(activations.to(self.device)))
+                self.ae.b_dec.copy_(geometric_median(whole.flatten(0, 1)))
+        # Forward under autocast (weights and Adam stay fp32); backward outside it, as torch advises.
+        with torch.autocast(self.device.type, self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            out = self._forward(activations)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        out.loss.backward()
+        self.reduce_gradients()
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.ae.parameters(), cfg.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
         with torch.no_grad():
-            self._update_counters(step, active, salience, activations.shape[0])
-            total = (x_norm - x_norm.mean(dim=0, keepdim=True)).pow(2).sum()
-            ev = 1.0 - float((x_norm - x_hat).pow(2).sum() / total.clamp_min(1e-12))
+            self._update_counters(step, out.active, out.salience, activations.shape[0])
+            self.last_losses = self._step_losses(out, activations.shape[0])
         self.steps_done += 1
-        self.last_losses = StepLosses(
-            loss=loss.item(), mse_loss=mse.item(), aux_loss=aux.item(),
-            l0=active.values.numel() / activations.shape[0], dead_fraction=self.dead_fraction,
-            explained_variance=ev,
+        return self.last_losses.loss
+
+    @torch.no_grad()
+    def reduce_gradients(self) -> None:
+        """Mean of every rank's gradients (one coalesced all-reduce; nothing in one process).
+
+        Each rank's loss is a mean over its rows, so the mean gradient is the global batch's."""
+        if not self.dist.is_distributed:
+            return
+        params = list(self.ae.parameters())
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = self.dist.all_sum(torch.cat([g.reshape(-1) for g in grads])).div_(self.dist.world_size)
+        offset = 0
+        for p, g in zip(params, grads):
+            p.grad = flat[offset : offset + g.numel()].view_as(p)
+            offset += g.numel()
+
+    def _step_losses(self, out: _StepOutput, local_batch: int) -> StepLosses:
+        """The global batch's figures for the progress bar: one all-reduce of a few sums."""
+        x_norm, x_hat, world = out.x_norm, out.x_hat, self.dist.world_size
+        sums = torch.cat([
+            torch.stack([out.loss.detach(), out.mse.detach(), out.aux.detach()]).double() / world,
+            torch.stack([torch.tensor(float(out.active.values.numel()), device=x_norm.device),
+                         (x_norm - x_hat).pow(2).sum(), x_norm.pow(2).sum()]).double(),
+            x_norm.sum(dim=0).reshape(-1).double(),
+        ])
+        sums = self.dist.all_sum(sums).tolist()
+        global_batch = local_batch * world
+        total = sums[5] - sum(v * v for v in sums[6:]) / global_batch
+        return StepLosses(
+            loss=sums[0], mse_loss=sums[1], aux_loss=sums[2], l0=sums[3] / global_batch,
+            dead_fraction=self.dead_fraction, explained_variance=1.0 - sums[4] / max(total, 1e-12),
         )
-        return loss.item()
 
     def _update_counters(self, step: int, active: ActiveLatents, salience: torch.Tensor, batch_size: int) -> None:
-        self.tokens_since_fired += batch_size
-        self.tokens_since_fired[active.latents] = 0
+        """A latent fired if it fired on any rank; the threshold EMA follows the smallest kept
+        salience over all ranks. Both stay identical on every rank."""
+        fired = torch.zeros(self.ae.dict_size, dtype=torch.int32, device=self.device)
+        fired[active.latents] = 1
+        fired = self.dist.all_max(fired).bool()
+        self.tokens_since_fired += batch_size * self.dist.world_size
+        self.tokens_since_fired[fired] = 0
         cfg = self.training_config
-        if step >= cfg.threshold_start_step and active.values.numel() > 0:
+        if step >= cfg.threshold_start_step:
             kept = salience[active.rows, active.latents]
-            smallest = kept[kept > 0].min().float()
-            threshold = self.ae.threshold
-            if threshold < 0:
-                threshold.copy_(smallest)
-            else:
-                threshold.mul_(cfg.threshold_beta).add_((1 - cfg.threshold_beta) * smallest)
+            kept = kept[kept > 0]
+            smallest = kept.min().float() if kept.numel() else torch.tensor(float("inf"), device=self.device)
+            smallest = self.dist.all_min(smallest.reshape(1))[0]
+            if torch.isfinite(smallest):
+                threshold = self.ae.threshold
+                if threshold < 0:
+                    threshold.copy_(smallest)
+                else:
+                    threshold.mul_(cfg.threshold_beta).add_((1 - cfg.threshold_beta) * smallest)

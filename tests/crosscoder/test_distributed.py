@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from mneme_plugin.crosscoder import BatchTopKCrossCoder
-from mneme_plugin.crosscoder.distributed import global_batch_topk_indices
+from mneme_plugin.crosscoder.sparse import global_batch_topk_indices
 from mneme_plugin.crosscoder.sparse import batch_topk_indices
 from mneme_plugin.crosscoder.training import STATE_FILE, latest_checkpoint, train
 from mneme_plugin.distributed import DistributedContext

@@ -147,3 +147,30 @@ def test_schedule_longer_than_the_run_warns_and_defaults_scale_with_it(tiny_stor
     assert resolved.dead_after_tokens == 40 * 64 // 10
     assert resolved.lr == pytest.approx(2e-4 / (1024 / 2**14) ** 0.5)
     assert TrainingConfig().schedule_warnings() == []
+
+
+def test_bf16_autocast_run_trains_saves_and_loads(tiny_store, tmp_path):
+    runs = {
+        mode: train(tiny_store, tmp_path / mode, CrossCoderConfig(expansion_factor=4, k=16),
+                    _small_training(steps=150, autocast=mode, checkpoint_every=0), progress=False)
+        for mode in ("off", "bfloat16")
+    }
+    half, full = runs["bfloat16"], runs["off"]
+    # Weights (and Adam) stay float32; only the step's matmuls ran in bf16, so the runs differ a little.
+    assert half.crosscoder.W_enc.dtype == torch.float32
+    assert not torch.equal(half.crosscoder.W_enc, full.crosscoder.W_enc)
+    for side in ("explained_variance_base", "explained_variance_edited"):
+        assert getattr(half.metrics, side) > 0.5
+        assert abs(getattr(half.metrics, side) - getattr(full.metrics, side)) < 0.05, (half.metrics, full.metrics)
+    loaded = BatchTopKCrossCoder.from_pretrained(half.crosscoder_dir)
+    x = tiny_store.all_activations(max_rows=256)
+    assert torch.equal(loaded.encode(x), half.crosscoder.encode(x))
+    assert json.loads((tmp_path / "bfloat16" / "train_config.json").read_text())["training"]["autocast"] == "bfloat16"
+
+
+def test_autocast_is_validated_and_defaults_to_bf16_on_cuda_only():
+    with pytest.raises(ConfigError, match="autocast must be one of"):
+        TrainingConfig(autocast="fp8")
+    assert TrainingConfig().autocast_dtype("cpu") is None
+    assert TrainingConfig(autocast="bfloat16").autocast_dtype("cpu") is torch.bfloat16
+    assert TrainingConfig(autocast="off").autocast_dtype("cuda") is None
