@@ -8,13 +8,15 @@ variant: on CPU the peak RSS above the resident size before a steady-state step 
 on GPU ``torch.cuda.max_memory_allocated``.
 
     python benchmarks/bench_train.py            # CPU: d=256, m=8192, k=32, batch 1024
-    python benchmarks/bench_train.py --gpu      # also the paper's sizes (below) in bf16 on CUDA, TF32 on
+    python benchmarks/bench_train.py --gpu      # the paper's sizes (below), bf16 autocast on CUDA, TF32 on
     python benchmarks/bench_train.py --gpu --device cpu --small   # the same --gpu path, reduced, on CPU
 
-The --gpu path runs d=3584 and d=4096 (m=32*d, k=100, batch 4096) and prints, besides tokens/s and
-the dense reference, the share of the device's dense-matmul peak that our step reaches: the
-step's dense FLOPs (the encoder matmul, 2*B*2d*m) per second over the FLOP/s of a large square
-matmul of the same dtype measured in the same run.
+The --gpu path runs d=3584 and d=4096 (m=32*d, k=100, batch 4096) the way training runs on a GPU
+(``training.autocast: auto``: fp32 weights and Adam, the step under bf16 autocast; the dense
+reference under the same autocast) and prints, besides tokens/s and the dense reference, the share
+of the device's dense-matmul peak that our step reaches: the step's dense FLOPs (the encoder
+matmul, 2*B*2d*m) per second over the FLOP/s of a bf16 matmul of that very shape, (B x 2d) @
+(2d x m), timed in the same run.
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ from mneme_plugin.crosscoder.trainer import BatchTopKCrossCoderTrainer
 class DenseReference:
     """The textbook step: dense codes, dense decoder matmul, autograd through everything."""
 
-    def __init__(self, d: int, m: int, k: int, device: str, dtype: torch.dtype, lr: float = 1e-4) -> None:
+    def __init__(self, d: int, m: int, k: int, device: str, dtype: torch.dtype, lr: float = 1e-4,
+                 autocast: bool = False) -> None:
         gen = torch.Generator().manual_seed(0)
         w = torch.randn(2, m, d, generator=gen)
         w = w / w.norm(dim=-1, keepdim=True) * 0.1
@@ -42,19 +45,21 @@ class DenseReference:
         self.b_enc = torch.zeros(m, device=device, dtype=dtype, requires_grad=True)
         self.b_dec = torch.zeros(2, d, device=device, dtype=dtype, requires_grad=True)
         self.k, self.m = k, m
+        self.device_type, self.autocast = torch.device(device).type, autocast
         params = [self.W_enc, self.b_enc, self.W_dec, self.b_dec]
         self.optimizer = torch.optim.Adam(params, lr=lr, fused=True)
 
     def update(self, step: int, x: torch.Tensor) -> float:
         batch = x.shape[0]
-        pre = torch.relu(x.reshape(batch, -1) @ self.W_enc.reshape(-1, self.m) + self.b_enc)
-        with torch.no_grad():
-            salience = pre * self.W_dec.pow(2).sum(dim=(0, 2))
-            mask = torch.zeros_like(salience).reshape(-1)
-            mask[salience.reshape(-1).topk(self.k * batch, sorted=False).indices] = 1
-        f = pre * mask.reshape(pre.shape)
-        x_hat = torch.einsum("bm,lmd->bld", f, self.W_dec) + self.b_dec
-        loss = (x - x_hat).pow(2).sum(dim=(1, 2)).mean()
+        with torch.autocast(self.device_type, torch.bfloat16, enabled=self.autocast):
+            pre = torch.relu(x.reshape(batch, -1) @ self.W_enc.reshape(-1, self.m) + self.b_enc)
+            with torch.no_grad():
+                salience = pre * self.W_dec.pow(2).sum(dim=(0, 2))
+                mask = torch.zeros_like(salience).reshape(-1)
+                mask[salience.reshape(-1).topk(self.k * batch, sorted=False).indices] = 1
+            f = pre * mask.reshape(pre.shape)
+            x_hat = torch.einsum("bm,lmd->bld", f, self.W_dec) + self.b_dec
+            loss = (x - x_hat).float().pow(2).sum(dim=(1, 2)).mean()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([self.W_enc, self.b_enc, self.W_dec, self.b_dec], 1.0)
@@ -62,12 +67,16 @@ class DenseReference:
         return loss.item()
 
 
-def build(kind: str, d: int, m: int, k: int, device: str, dtype: torch.dtype):
+def build(kind: str, d: int, m: int, k: int, device: str, dtype: torch.dtype, autocast: bool = False):
+    """A variant's model; ``autocast``: fp32 weights, step under bf16 autocast (the GPU training path)."""
+    if autocast:
+        dtype = torch.float32
     if kind == "dense":
-        return DenseReference(d, m, k, device, dtype)
+        return DenseReference(d, m, k, device, dtype, autocast=autocast)
     dtype_name = str(dtype).replace("torch.", "")
     trainer = BatchTopKCrossCoderTrainer(
-        steps=10_000, activation_dim=d, dict_size=m, k=k, device=device, seed=0, warmup_steps=0
+        steps=10_000, activation_dim=d, dict_size=m, k=k, device=device, seed=0, warmup_steps=0,
+        autocast="bfloat16" if autocast else "off",
     )
     if dtype_name != "float32":
         trainer.ae.to(dtype)
@@ -143,30 +152,33 @@ def bench(d: int, m: int, k: int, batch: int, device: str, dtype_name: str, step
     print(f"{'speed-up':>24}: {results['dense'] / results['sparse']:.2f}x (dense time / ours)")
 
 
-def matmul_peak_flops(device: str, dtype: torch.dtype, n: int, repeats: int = 10) -> float:
-    """FLOP/s of an n x n x n matmul on ``device`` (the dense-matmul peak, measured here)."""
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
+def matmul_peak_flops(device: str, dtype: torch.dtype, rows: int, inner: int, cols: int, repeats: int = 10) -> float:
+    """FLOP/s of a (rows x inner) @ (inner x cols) matmul on ``device`` (the dense-matmul peak, measured here)."""
+    a = torch.randn(rows, inner, device=device).to(dtype)
+    b = torch.randn(inner, cols, device=device).to(dtype)
     a @ b
     synchronize(device)
     start = time.perf_counter()
     for _ in range(repeats):
         a @ b
     synchronize(device)
-    return 2 * n**3 * repeats / (time.perf_counter() - start)
+    return 2 * rows * inner * cols * repeats / (time.perf_counter() - start)
 
 
-def bench_peak_share(d: int, m: int, k: int, batch: int, device: str, dtype_name: str, steps: int,
-                     peak_n: int) -> None:
-    """Tokens/s, dense reference and the share of the measured dense-matmul peak."""
-    dtype = getattr(torch, dtype_name)
-    peak = matmul_peak_flops(device, dtype, peak_n)
-    x = torch.randn(batch, 2, d, generator=torch.Generator().manual_seed(1)).to(device, dtype)
-    print(f"\n== d={d}, m={m}, k={k}, batch={batch}, {dtype_name} on {_device_name(device)}, {steps} timed steps; "
-          f"dense-matmul peak measured {peak / 1e9:.1f} GFLOP/s")
+def bench_peak_share(d: int, m: int, k: int, batch: int, device: str, steps: int) -> None:
+    """Tokens/s under bf16 autocast, dense reference and the share of the measured dense-matmul peak."""
+    peak = matmul_peak_flops(device, torch.bfloat16, batch, 2 * d, m)
+    # Activations as a store holds them (bf16); weights fp32, the step under bf16 autocast.
+    x = torch.randn(batch, 2, d, generator=torch.Generator().manual_seed(1)).to(device, torch.bfloat16)
+    print(f"\n== d={d}, m={m}, k={k}, batch={batch}, bf16 autocast on {_device_name(device)}, {steps} timed steps; "
+          f"bf16 matmul ({batch}x{2 * d}) @ ({2 * d}x{m}) measured at {peak / 1e9:.1f} GFLOP/s")
     seconds = {}
     for kind in ("sparse", "dense"):
-        seconds[kind] = time_steps(build(kind, d, m, k, device, dtype), x, steps, device)
+        model = build(kind, d, m, k, device, torch.float32, autocast=True)
+        seconds[kind] = time_steps(model, x, steps, device)
+        del model
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
     encoder_flops = 2 * batch * 2 * d * m
     share = encoder_flops / seconds["sparse"] / peak
     print(f"{'ours (sparse BatchTopK)':>24}: {seconds['sparse'] * 1e3:8.1f} ms/step  {batch / seconds['sparse']:10.0f} "
@@ -199,7 +211,7 @@ def main() -> None:
         sizes = (64, 128) if args.small else (3584, 4096)
         batch, k = (256, 8) if args.small else (4096, 100)
         for d in sizes:
-            bench_peak_share(d, 32 * d, k, batch, args.device, "bfloat16", args.steps, 512 if args.small else 8192)
+            bench_peak_share(d, 32 * d, k, batch, args.device, args.steps)
         return
     bench(256, 8192, 32, 1024, "cpu", "float32", args.steps)
     if torch.cuda.is_available():
