@@ -312,20 +312,9 @@ class BatchTopKCrossCoderTrainer(SAETrainer):
         self.steps_done += 1
         return self.last_losses.loss
 
-    @torch.no_grad()
     def reduce_gradients(self) -> None:
-        """Mean of every rank's gradients (one coalesced all-reduce; nothing in one process).
-
-        Each rank's loss is a mean over its rows, so the mean gradient is the global batch's."""
-        if not self.dist.is_distributed:
-            return
-        params = list(self.ae.parameters())
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = self.dist.all_sum(torch.cat([g.reshape(-1) for g in grads])).div_(self.dist.world_size)
-        offset = 0
-        for p, g in zip(params, grads):
-            p.grad = flat[offset : offset + g.numel()].view_as(p)
-            offset += g.numel()
+        """Between backward and the optimiser step. One process: the gradients are the batch's
+        already; the data-parallel trainer's DDP averages them over ranks during backward."""
 
     def _step_losses(self, out: _StepOutput, local_batch: int) -> StepLosses:
         """The global batch's figures for the progress bar: one all-reduce of a few sums."""
