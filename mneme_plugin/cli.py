@@ -194,10 +194,13 @@ def train(store, stream, config, shuffle_buffer, out, dict_size, expansion_facto
         raise ConfigError("Pass either --store or --stream, not both.")
     if stream:
         from mneme_plugin.activations import harvest_stream
+        from mneme_plugin.distributed import distributed_context
 
         base, edited, corpus, harvest_cfg = _harvest_inputs(sections, **harvest_options)
+        # Under torchrun each rank harvests its own part of the stream.
         data: Any = harvest_stream(base, edited, corpus, harvest_cfg, batch_size=tr_cfg.batch_size,
-                                   shuffle_buffer_rows=shuffle_buffer, seed=tr_cfg.seed)
+                                   shuffle_buffer_rows=shuffle_buffer, seed=tr_cfg.seed,
+                                   dist=distributed_context(tr_cfg.device))
     elif store:
         data = store
     else:

@@ -80,6 +80,14 @@ class DistributedContext:
         _all_gather_flat(out, tensor.reshape(-1).contiguous())
         return out.view(self.world_size, *tensor.shape)
 
+    def all_agree(self, flag: bool) -> bool:
+        """True when ``flag`` is true on every rank (one one-element all-reduce)."""
+        if not self.is_distributed:
+            return flag
+        on_gpu = dist.get_backend() == "nccl"
+        device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
+        return bool(self.all_min(torch.tensor([int(flag)], device=device)).item())
+
     def broadcast_(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
         if self.is_distributed:
             dist.broadcast(tensor, src=src)

@@ -11,6 +11,7 @@ from mneme_plugin.activations.config import HarvestConfig
 from mneme_plugin.activations.corpus import CorpusSource
 from mneme_plugin.activations.harvest import HarvestContext, filter_outliers
 from mneme_plugin.activations.normalization import NormalizationStats
+from mneme_plugin.distributed import SINGLE_PROCESS, DistributedContext
 from mneme_plugin.errors import ConfigError
 
 
@@ -22,6 +23,13 @@ class HarvestStream:
     the corpus per iteration; the final partial batch is dropped. Deterministic given ``seed``.
     ``scale_factors`` are estimated from the first ``normalization_tokens`` tokens before the
     first batch is yielded (on first access).
+
+    With ``dist`` (a data-parallel job) each rank reads a disjoint part of the stream: forward
+    batch i of the corpus is harvested by rank i mod W (the split of the sharded harvest), into the
+    rank's own shuffle buffer (seeded by seed and rank), and batches have ``batch_size / W`` rows,
+    this rank's share of each global batch. Rank 0 estimates the scale factors for all ranks. The
+    global batches are then not the ones one process would draw (each rank shuffles its own share);
+    a streamed run resumes with the same data only with the same number of ranks.
     """
 
     def __init__(
@@ -33,9 +41,13 @@ class HarvestStream:
         batch_size: int,
         shuffle_buffer_rows: int = 65_536,
         seed: int = 0,
+        dist: DistributedContext = SINGLE_PROCESS,
     ) -> None:
         if batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}.")
+        if batch_size % dist.world_size:
+            raise ConfigError(f"batch_size={batch_size} is the global batch; it must be a multiple of the "
+                              f"number of ranks ({dist.world_size}).")
         if shuffle_buffer_rows < 2 * batch_size:
             raise ConfigError(
                 f"shuffle_buffer_rows ({shuffle_buffer_rows}) must be at least 2 x batch_size ({batch_size})."
@@ -46,6 +58,7 @@ class HarvestStream:
         self.batch_size = batch_size
         self.shuffle_buffer_rows = shuffle_buffer_rows
         self.seed = seed
+        self.dist = dist
         self._stats: NormalizationStats | None = None
         self.outliers_dropped = 0
 
@@ -56,7 +69,8 @@ class HarvestStream:
     @property
     def stats(self) -> NormalizationStats:
         if self._stats is None:
-            self._stats = self.ctx.estimate_normalization(self.corpus)
+            stats = self.ctx.estimate_normalization(self.corpus) if self.dist.is_main else None
+            self._stats = self.dist.broadcast_object(stats)
         return self._stats
 
     @property
@@ -66,24 +80,28 @@ class HarvestStream:
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         stats = self.stats
-        gen = torch.Generator().manual_seed(self.seed)
+        rank, world = self.dist.rank, self.dist.world_size
+        gen = torch.Generator().manual_seed(self.seed + 7919 * rank)
         dropped_ids = self.ctx.dropped_ids()
         buffer = torch.empty(0, 2, self.d_model)
         half = self.shuffle_buffer_rows // 2
+        batch_size = self.batch_size // world
         self.outliers_dropped = 0
         for i, windows in enumerate(self.ctx.windows(self.corpus)):
+            if i % world != rank:
+                continue
             rows = self.ctx.run_batch(windows, i, dropped_ids)
             rows, n_out = filter_outliers(rows, stats, self.config.outlier_factor)
             self.outliers_dropped += n_out
             buffer = torch.cat([buffer, rows.activations.float()])
             while buffer.shape[0] >= self.shuffle_buffer_rows:
                 buffer = buffer[torch.randperm(buffer.shape[0], generator=gen)]
-                n_out_rows = (half // self.batch_size) * self.batch_size
+                n_out_rows = (half // batch_size) * batch_size
                 out, buffer = buffer[:n_out_rows], buffer[n_out_rows:]
-                yield from out.split(self.batch_size)
+                yield from out.split(batch_size)
         buffer = buffer[torch.randperm(buffer.shape[0], generator=gen)]
-        for start in range(0, buffer.shape[0] - self.batch_size + 1, self.batch_size):
-            yield buffer[start : start + self.batch_size]
+        for start in range(0, buffer.shape[0] - batch_size + 1, batch_size):
+            yield buffer[start : start + batch_size]
 
 
 def harvest_stream(
@@ -94,6 +112,8 @@ def harvest_stream(
     batch_size: int,
     shuffle_buffer_rows: int = 65_536,
     seed: int = 0,
+    dist: DistributedContext = SINGLE_PROCESS,
 ) -> HarvestStream:
-    """Shuffled (B, 2, d) batches harvested on the fly; see :class:`HarvestStream`."""
-    return HarvestStream(base, edited, corpus, config, batch_size, shuffle_buffer_rows, seed)
+    """Shuffled (B, 2, d) batches harvested on the fly (this rank's share under ``dist``); see
+    :class:`HarvestStream`."""
+    return HarvestStream(base, edited, corpus, config, batch_size, shuffle_buffer_rows, seed, dist)

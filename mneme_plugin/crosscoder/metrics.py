@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from mneme_plugin.crosscoder.model import BatchTopKCrossCoder
+from mneme_plugin.distributed import SINGLE_PROCESS, DistributedContext
 
 
 # Where metrics.json's tokens come from (``CrossCoderMetrics.eval_data``).
@@ -48,8 +49,13 @@ def evaluate_crosscoder(
     batches: Iterable[torch.Tensor],
     training_dead_mask: torch.Tensor | None = None,
     eval_data: str = EVAL_GIVEN,
+    dist: DistributedContext = SINGLE_PROCESS,
 ) -> CrossCoderMetrics:
-    """Evaluate with the inference encoding (threshold once estimated, else BatchTopK)."""
+    """Evaluate with the inference encoding (threshold once estimated, else BatchTopK).
+
+    Under data parallelism each rank passes its share of the tokens; the sums are all-reduced, so
+    every rank returns the figures of all the tokens together (one process's figures).
+    """
     device = crosscoder.W_enc.device
     n_models, d = crosscoder.cfg.num_models, crosscoder.activation_dim
     sum_x = torch.zeros(n_models, d, dtype=torch.float64, device=device)
@@ -69,6 +75,11 @@ def evaluate_crosscoder(
         fired |= active.any(0)
         n_active += int(active.sum())
         n_tokens += x.shape[0]
+    counts = dist.all_sum(torch.tensor([n_tokens, n_active], dtype=torch.float64, device=device))
+    n_tokens, n_active = int(counts[0]), int(counts[1])
+    for total in (sum_x, sum_x2, sum_err):
+        dist.all_sum(total)
+    fired = dist.all_max(fired.to(torch.int32)).bool()
     if n_tokens == 0:
         raise ValueError("No tokens to evaluate the crosscoder on.")
     total_var = sum_x2 - sum_x.pow(2).sum(-1) / n_tokens

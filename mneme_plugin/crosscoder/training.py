@@ -70,7 +70,9 @@ class _Data:
     With a store, the last rows of every shard (in proportion to its size; whole contexts, as rows
     are stored context by context) are held out of training and evaluated on; training batches are
     the store's batches with those rows removed, so a batch can be a few rows short of batch_size.
-    Under torchrun each rank keeps its share of every global batch (``rank_slices``).
+    Under torchrun each rank keeps its share of every global batch (``rank_slices``); a stream
+    that is already sharded by rank (``harvest_stream(dist=...)``) gives each rank its own part,
+    and all ranks stop when the first one runs out. Held-out batches are dealt out to ranks in turn.
     """
 
     def __init__(self, data: TrainingData, batch_size: int, seed: int, eval_rows: int = 0,
@@ -119,7 +121,11 @@ class _Data:
             return rank_slices((b[: b.shape[0] - b.shape[0] % world] for b in batches), self.ctx)
         # A stream cannot seek: replay it up to the resume point (deterministic streams only).
         stream = itertools.islice(iter(self.source), start_step, None)  # type: ignore[arg-type]
-        return rank_slices(stream, self.ctx) if self.ctx.is_distributed else stream
+        if not self.ctx.is_distributed:
+            return stream
+        if getattr(self.source, "dist", SINGLE_PROCESS).is_distributed:  # this rank's part already
+            return _stop_together(stream, self.ctx)
+        return rank_slices(stream, self.ctx)
 
     def _training_batches(self, start_step: int) -> Iterator[torch.Tensor]:
         store, keep_below = self.store, self.train_rows_per_shard
@@ -130,7 +136,8 @@ class _Data:
             yield store.gather(pairs)
 
     def held_out_batches(self) -> Iterator[torch.Tensor]:
-        """The held-out rows of the store, batch_size at a time, in store order."""
+        """The held-out rows of the store, batch_size at a time, in store order (under torchrun,
+        batch i goes to rank i mod W)."""
         store, keep_below = self.store, self.train_rows_per_shard
         if store is None or keep_below is None:
             return
@@ -141,8 +148,17 @@ class _Data:
             if n > start
         ]
         pairs = np.concatenate(parts)
-        for begin in range(0, len(pairs), self.batch_size):
+        step = self.batch_size * self.ctx.world_size
+        for begin in range(self.ctx.rank * self.batch_size, len(pairs), step):
             yield store.gather(pairs[begin : begin + self.batch_size])
+
+
+def _stop_together(batches: Iterator[torch.Tensor], ctx: DistributedContext) -> Iterator[torch.Tensor]:
+    """Rank-local batches until any rank's run out (ranks' parts of a stream differ by a few rows)."""
+    for batch in itertools.chain(batches, [None]):
+        if not ctx.all_agree(batch is not None):
+            return
+        yield batch
 
 
 def _checkpoint_dirs(run_dir: Path) -> list[Path]:
@@ -322,8 +338,9 @@ def train(
     elif tr_cfg.eval_rows == 0:
         logger.warning("eval_rows is 0: metrics.json reports on the last training batch, not on unseen rows.")
         eval_data, eval_batches = EVAL_TRAINING_BATCH, [x] if x is not None else []
+    # Each rank evaluates its share; the figures are reduced over ranks (one process's figures).
     metrics = evaluate_crosscoder(
-        crosscoder_model, eval_batches, training_dead_mask=trainer.dead_mask, eval_data=eval_data
+        crosscoder_model, eval_batches, training_dead_mask=trainer.dead_mask, eval_data=eval_data, dist=ctx
     )
     if not ctx.is_main:
         ctx.barrier()  # rank 0 writes the crosscoder and its metrics

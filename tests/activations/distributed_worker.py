@@ -1,7 +1,8 @@
 """One rank of a sharded harvest (launched by torchrun from test_harvest_distributed.py).
 
-Usage: distributed_worker.py OUT_DIR. With MNEME_TEST_CRASH_SHARD set, rank 1 dies (os._exit)
-after committing that many shards, like a killed process.
+Usage: distributed_worker.py OUT_DIR [stream]. With MNEME_TEST_CRASH_SHARD set, rank 1 dies
+(os._exit) after committing that many shards, like a killed process. With ``stream`` each rank
+reads its part of a harvest stream instead and saves its rows to OUT_DIR/rankR.pt.
 """
 
 import os
@@ -9,8 +10,9 @@ import sys
 
 import torch
 
-from mneme_plugin.activations import harvest
-from tests.activations.test_harvest_distributed import harvest_inputs
+from mneme_plugin.activations import harvest, harvest_stream
+from mneme_plugin.distributed import distributed_context
+from tests.activations.test_harvest_distributed import STREAM_BATCH, harvest_inputs
 
 
 def main() -> None:
@@ -22,6 +24,14 @@ def main() -> None:
             os._exit(17)
 
     base, edited, corpus, config = harvest_inputs()
+    if sys.argv[2:] == ["stream"]:
+        dist = distributed_context("cpu")
+        stream = harvest_stream(base, edited, corpus, config, batch_size=STREAM_BATCH, shuffle_buffer_rows=64,
+                                dist=dist)
+        batches = list(stream)
+        torch.save({"rows": torch.cat(batches), "batch_rows": {b.shape[0] for b in batches},
+                    "scale_factors": stream.scale_factors}, f"{sys.argv[1]}/rank{dist.rank}.pt")
+        return
     harvest(base, edited, corpus, config, sys.argv[1], progress=False, on_shard=on_shard)
 
 

@@ -1,13 +1,14 @@
 """Sharded harvest under torchrun (2 gloo ranks on CPU): the rows of one process, resumable per rank."""
 
 import os
+from collections import Counter
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
 
-from mneme_plugin.activations import ActivationStore, HarvestConfig, harvest
+from mneme_plugin.activations import ActivationStore, HarvestConfig, harvest, harvest_stream
 from mneme_plugin.activations.sharded import rank_manifest_name
 from tests.helpers import make_hooked_transformer, make_tokenizer, synthetic_corpus
 
@@ -26,12 +27,15 @@ def harvest_inputs():
     return base, edited, synthetic_corpus(120, seed=0), config
 
 
-def torchrun(out_dir: Path, crash_after_shards: int | None = None) -> subprocess.CompletedProcess:
+STREAM_BATCH = 8  # the global batch of the streamed test
+
+
+def torchrun(out_dir: Path, crash_after_shards: int | None = None, *mode: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     if crash_after_shards is not None:
         env["MNEME_TEST_CRASH_SHARD"] = str(crash_after_shards)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(WORKER), str(out_dir)]
+           str(WORKER), str(out_dir), *mode]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -71,3 +75,24 @@ def test_two_ranks_harvest_the_rows_of_one_process_and_a_killed_rank_resumes(tmp
     key_2, tokens_2, acts_2 = rows_by_position(two)
     assert torch.equal(key_1, key_2) and torch.equal(tokens_1, tokens_2)
     torch.testing.assert_close(acts_2, acts_1, rtol=1e-5, atol=1e-5)
+
+
+def test_two_ranks_stream_disjoint_parts_of_the_corpus(tmp_path):
+    base, edited, corpus, config = harvest_inputs()
+    stored = harvest(base, edited, corpus, config, tmp_path / "store", progress=False)
+    every_row = rows_by_position(stored)[2].flatten(1)  # every row one process harvests
+    done = torchrun(tmp_path, None, "stream")
+    assert done.returncode == 0, done.stderr[-3000:]
+    parts = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in range(2)]
+    for part in parts:
+        assert part["batch_rows"] == {STREAM_BATCH // 2}  # each rank's share of a global batch
+        torch.testing.assert_close(part["scale_factors"], stored.scale_factors.float())
+    # Every row a rank read is a harvested row, and no row was read by both ranks (as multisets:
+    # some rows repeat, e.g. the same token at a window's start).
+    def counts(rows: torch.Tensor) -> Counter:
+        return Counter(tuple(row) for row in rows.flatten(1).double().round(decimals=4).tolist())
+
+    every, read = counts(every_row), counts(parts[0]["rows"]) + counts(parts[1]["rows"])
+    assert not read - every
+    # Together they read them all, less what is left over in each rank's last partial batch.
+    assert every_row.shape[0] - STREAM_BATCH < read.total() <= every_row.shape[0]

@@ -117,9 +117,12 @@ def test_two_gloo_ranks_match_one_process_and_a_killed_rank_resumes(store, refer
     assert_same_state(final_state(reference), final_state(run_dir))
     metrics = json.loads((run_dir / "metrics.json").read_text())
     expected = json.loads((reference / "metrics.json").read_text())
-    # Same crosscoder (above); the figures differ because with eval_rows 0 each rank reports on
-    # its own slice of the last batch (a known gap: distributed evaluation is not reduced yet).
-    assert set(metrics) == set(expected) and metrics["eval_data"] == expected["eval_data"]
+    # Each rank evaluated its slice of the last batch; the reduced figures are one process's.
+    assert metrics["n_tokens"] == expected["n_tokens"] == CONFIG["training"]["batch_size"]
+    assert metrics.keys() == expected.keys() and metrics["eval_data"] == expected["eval_data"]
+    for name, value in expected.items():
+        if isinstance(value, float):
+            assert metrics[name] == pytest.approx(value, rel=1e-4, abs=1e-6), name
 
 
 def test_a_one_process_run_resumes_on_two_ranks(store, reference, tmp_path):
