@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from mneme_plugin.activations import ActivationStore, HarvestConfig, harvest, harvest_stream
@@ -50,6 +51,7 @@ def rows_by_position(store: ActivationStore) -> tuple[torch.Tensor, torch.Tensor
     return key[order], tokens[order], acts[order]
 
 
+@pytest.mark.slow  # torchrun: a minute or more on 2 cores
 def test_two_ranks_harvest_the_rows_of_one_process_and_a_killed_rank_resumes(tmp_path):
     base, edited, corpus, config = harvest_inputs()
     one = harvest(base, edited, corpus, config, tmp_path / "one", progress=False)
@@ -77,6 +79,7 @@ def test_two_ranks_harvest_the_rows_of_one_process_and_a_killed_rank_resumes(tmp
     torch.testing.assert_close(acts_2, acts_1, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow  # torchrun: a minute or more on 2 cores
 def test_two_ranks_stream_disjoint_parts_of_the_corpus(tmp_path):
     base, edited, corpus, config = harvest_inputs()
     stored = harvest(base, edited, corpus, config, tmp_path / "store", progress=False)

@@ -96,6 +96,7 @@ def final_state(run_dir: Path) -> dict:
     return BatchTopKCrossCoder.from_pretrained(run_dir / "crosscoder").state_dict()
 
 
+@pytest.mark.slow  # torchrun: a minute or more on 2 cores
 def test_two_gloo_ranks_match_one_process_and_a_killed_rank_resumes(store, reference, tmp_path):
     run_dir = tmp_path / "two"
     crashed = torchrun(2, store, run_dir, crash_step=45)
@@ -125,6 +126,7 @@ def test_two_gloo_ranks_match_one_process_and_a_killed_rank_resumes(store, refer
             assert metrics[name] == pytest.approx(value, rel=1e-4, abs=1e-6), name
 
 
+@pytest.mark.slow  # torchrun: a minute or more on 2 cores
 def test_a_one_process_run_resumes_on_two_ranks(store, reference, tmp_path):
     run_dir = tmp_path / "one_then_two"
 

@@ -238,6 +238,7 @@ def test_report_refuses_a_folder_that_is_no_run(tmp_path):
     assert not (tmp_path / "report.html").exists()
 
 
+@pytest.mark.slow  # two end-to-end runs: minutes on 2 cores
 def test_streaming_run_writes_no_store_and_matches_the_stored_run(pair_and_corpus, tmp_path):
     base, edited, corpus, truth = pair_and_corpus
     stored = _config(tmp_path / "stored", base, edited, corpus, truth, steps=40)
