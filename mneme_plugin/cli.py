@@ -236,7 +236,22 @@ def demo(out: str, seed: int, target_domain: str, interventions: tuple[str, ...]
                    f"MNEME predicted: {', '.join(case.predicted) or '(none)'}")
         click.echo(case.metrics[["method", "accuracy", "precision", "recall", "f1"]].to_string(
             index=False, float_format=lambda v: f"{v:.3f}"))
+        if case.remediation is not None:
+            _echo_remediation(case.remediation)
         click.echo(f"report: {RunLayout(case.run_dir).report}")
+
+
+def _echo_remediation(result) -> None:
+    """The demo's remediation section: recovered share of the lost accuracy, remediation vs control."""
+    cfg = result.config
+    click.echo(f"remediation ({result.steps} steps, lr {cfg.get('lr'):g}, batch {cfg.get('batch_size')}, "
+               f"{result.n_samples} samples per arm): share of the lost accuracy recovered")
+    table = result.table()
+    table = table[table["degraded"]][["category", "base", "edited", "remediated", "control",
+                                      "recovered_remediated", "recovered_control"]]
+    click.echo(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    click.echo(f"mean recovered: remediation {result.mean_recovered('remediated'):.3f}, "
+               f"control {result.mean_recovered('control'):.3f}")
 
 
 # --------------------------------------------------------------------------------- info
