@@ -134,9 +134,9 @@ class DistributedBatchTopKCrossCoderTrainer(BatchTopKCrossCoderTrainer):
         x_norm = self.ae.normalize(x.to(self.device))
         active, salience, weights = self._batch_topk_active(x_norm)
         x_hat = self.ae.decode_active(active)
-        mse = (x_norm - x_hat).pow(2).sum(dim=(1, 2)).mean()
+        mse, loss = self.reconstruction_losses(x_norm, x_hat)
         aux = self._aux_loss(x_norm, x_hat, salience, weights)
-        loss = mse + self.training_config.aux_alpha * aux
+        loss = loss + self.training_config.aux_alpha * aux
         return _StepOutput(loss, mse, aux, x_norm, x_hat, active, salience)
 
     # ------------------------------------------------------------------------- update
