@@ -86,6 +86,7 @@ def output_lock(folder: str | os.PathLike[str], what: str = "output folder") -> 
     same folder (a run's stage locking its own folder again) is granted.
     """
     folder = Path(folder)
+    created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     key = str(folder.resolve())
     if key in _HELD:  # this process already holds it (e.g. `mneme run` around its stages)
@@ -114,6 +115,11 @@ def output_lock(folder: str | os.PathLike[str], what: str = "output folder") -> 
             yield folder
         finally:
             _HELD.discard(key)
+            if created and [p.name for p in folder.iterdir()] == [LOCK_FILE]:
+                # The job failed before writing anything: leave no empty output folder behind.
+                lock_path.unlink(missing_ok=True)
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
     finally:
         os.close(fd)  # releases the flock
 
