@@ -371,6 +371,8 @@ def export_saelens_command(source, out, folder, hook_name, base_model, edited_mo
 @click.option("--latents", help="Comma-separated latent ids (instead of --attribution).")
 @click.option("--classes", help="Comma-separated attribution classes, e.g. base_only,suppressed.")
 @click.option("--per-class", type=int, help="Latents per class, most specific first.")
+@click.option("--reference-latents", type=int,
+              help="Also collect a uniform sample of this many live latents (the enrichment rule's reference).")
 @click.option("--n-top", type=int, help="Top contexts kept per latent.")
 @click.option("--context-length", type=int, help="Tokens per forward window.")
 @click.option("--batch-size", "harvest_batch_size", type=int, help="Windows per forward pass.")
@@ -379,7 +381,8 @@ def export_saelens_command(source, out, folder, hook_name, base_model, edited_mo
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory for the contexts (Delphi cache).")
 @clear_errors
 def collect(config, crosscoder_dir, attribution, base, edited, corpus, layer, hook_name, allow_hook_mismatch, latents,
-            classes, per_class, n_top, context_length, harvest_batch_size, max_tokens, device, out) -> None:
+            classes, per_class, reference_latents, n_top, context_length, harvest_batch_size, max_tokens, device,
+            out) -> None:
     """Top-activating contexts per latent, written in Delphi's cache layout.
 
     The corpus is read at the layer and hook the crosscoder records unless --layer / --hook (or
@@ -412,7 +415,8 @@ def collect(config, crosscoder_dir, attribution, base, edited, corpus, layer, ho
         reading = {"layer": recorded["layer"], "hook_name": recorded.get("hook_name"), **reading}
     cfg = CollectConfig.from_dict(_override(
         section, latents=ids(latents), classes=classes.split(",") if classes else None, per_class=per_class,
-        n_top=n_top, harvest=reading or None, allow_hook_mismatch=allow_hook_mismatch or None,
+        reference_latents=reference_latents, n_top=n_top, harvest=reading or None,
+        allow_hook_mismatch=allow_hook_mismatch or None,
     ), section="collect")
     result = run_collect(base, edited, crosscoder_dir, source, cfg, out_dir=out, attribution=attribution)
     fired = sum(1 for p in result.per_latent if p["top_rows"])
@@ -504,17 +508,20 @@ def taxonomies() -> None:
 @click.option("--taxonomy", help="Taxonomy to predict over (default: the first of map.taxonomies).")
 @click.option("--rule", type=click.Choice(RULES))
 @click.option("-k", "--k", type=int, help="Categories predicted by the top_k rule.")
+@click.option("--alpha", type=float, help="False discovery rate of the enrichment rule.")
 @clear_errors
-def predict(run_dir, config, taxonomy, rule, k) -> None:
+def predict(run_dir, config, taxonomy, rule, k, alpha) -> None:
     """Score every category from the attributed latents and their categories; predict the affected ones."""
     from mneme_plugin.interpret import MapConfig
     from mneme_plugin.sideeffects import PredictConfig, predict_run
 
     sections = _sections(_read_yaml(config), ("predict", "map"), config)
-    cfg = PredictConfig.from_dict(_override(sections["predict"], rule=rule, k=k), section="predict")
+    cfg = PredictConfig.from_dict(_override(sections["predict"], rule=rule, k=k, alpha=alpha), section="predict")
     result = predict_run(run_dir, cfg, taxonomy or MapConfig.from_dict(sections["map"], section="map").taxonomies[0])
-    for row in result.scores.head(15).itertuples(index=False):
-        click.echo(f"{'*' if row.predicted else ' '} {row.category:<40} {row.score:8.4f}")
+    q_columns = [c for c in result.scores.columns if c.startswith("q_")]
+    for _, row in result.scores.head(15).iterrows():
+        q = f"  q {min(row[c] for c in q_columns):.3g}" if q_columns else ""
+        click.echo(f"{'*' if row['predicted'] else ' '} {row['category']:<40} {row['score']:8.4f}{q}")
     click.echo(f"Predicted: {', '.join(result.predicted) or '(none)'}")
 
 

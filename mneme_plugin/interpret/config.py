@@ -25,6 +25,10 @@ class CollectConfig(ConfigMixin):
         classes: Attribution classes to select from (e.g. ["base_only", "suppressed"]).
         per_class: Latents taken per class, most specific first (base-leaning classes by
             descending score, edited-leaning ones by ascending score, shared by |score|).
+        reference_latents: Also collect a uniform random sample of this many live latents (any
+            class, seeded by ``seed``; all live latents when there are fewer). Once explained and
+            mapped, they are the reference the ``enrichment`` prediction rule compares against:
+            each category's share among all live latents. 0: no reference sample.
         n_top: Top-activating contexts kept per latent (the Delphi "examples" head).
         n_random: Uniform sample of activating contexts per latent (for Delphi's quantiles).
         n_non_activating: Uniform sample of contexts where the latent never fires.
@@ -47,6 +51,7 @@ class CollectConfig(ConfigMixin):
     latents: list[int] | None = None
     classes: list[str] | None = None
     per_class: int | None = 50
+    reference_latents: int = 0
     n_top: int = 50
     n_random: int = 50
     n_non_activating: int = 50
@@ -69,6 +74,7 @@ class CollectConfig(ConfigMixin):
         require(self.value in VALUE_MODES, f"value must be one of {VALUE_MODES}, got {self.value!r}.")
         require(self.n_splits >= 1, f"n_splits must be >= 1, got {self.n_splits}.")
         require(self.per_class is None or self.per_class >= 1, "per_class must be None or >= 1.")
+        require(self.reference_latents >= 0, f"reference_latents must be >= 0, got {self.reference_latents}.")
 
 
 def check_windows(context_length: int, example_ctx_len: int) -> None:

@@ -350,6 +350,32 @@ def select_latents(attribution: Any = None, config: Any = None, width: int | Non
     return sorted(set(out))
 
 
+def reference_sample(attribution: Any, n: int, seed: int = 0) -> list[int]:
+    """A uniform random sample of ``n`` live latents of any class (all of them when fewer are live):
+    the reference against which a category's share among changed latents is judged."""
+    if n <= 0 or attribution is None:
+        return []
+    if isinstance(attribution, (str, os.PathLike)):
+        from mneme_plugin.attribution import load_attribution
+
+        attribution = load_attribution(attribution)
+    alive = attribution.table.loc[attribution.table["latent_class"] != "dead", "latent"].to_numpy()
+    if n >= len(alive):
+        return sorted(int(v) for v in alive)
+    rng = np.random.default_rng(seed)
+    return sorted(int(v) for v in rng.choice(alive, size=n, replace=False))
+
+
+def load_reference_latents(contexts_dir: str | os.PathLike[str]) -> list[int]:
+    """The uniform reference sample ``collect`` drew (``CollectConfig.reference_latents``); empty when
+    it drew none. Reads only ``contexts.json``."""
+    summary_file = Path(contexts_dir) / CONTEXTS_FILE
+    if not summary_file.is_file():
+        raise CheckpointError(f"{summary_file} does not exist: run the collect stage (`mneme collect`) first.")
+    meta = json.loads(summary_file.read_text()).get("meta", {})
+    return [int(v) for v in meta.get("reference_latents", [])]
+
+
 # --------------------------------------------------------------------------------- collect
 
 
@@ -431,7 +457,10 @@ def collect(
     ctx = HarvestContext.build(base, edited, hcfg)
     if int(cc.cfg.activation_dim) != ctx.d_model:
         raise ConfigError(f"The crosscoder expects d={cc.cfg.activation_dim} but the models have d_model={ctx.d_model}.")
-    latents = select_latents(attribution, config, width=int(cc.dict_size))
+    reference = reference_sample(attribution, config.reference_latents, config.seed)
+    if config.reference_latents and attribution is None:
+        logger.warning("collect.reference_latents needs the attribution table: no reference sample drawn.")
+    latents = sorted(set(select_latents(attribution, config, width=int(cc.dict_size))) | set(reference))
     bad = [v for v in latents if not 0 <= v < cc.dict_size]
     if bad:
         raise ConfigError(f"Latent ids {bad[:10]} are out of range for a crosscoder with {cc.dict_size} latents.")
@@ -459,6 +488,7 @@ def collect(
     result = collector.result(meta={
         "base_model": model_name(ctx.base), "edited_model": model_name(ctx.edited), "corpus": describe_corpus(corpus),
         "value": config.value, "config": config.replace(harvest=hcfg).to_dict(), "max_contexts_held": collector.max_kept,
+        "reference_latents": reference,
     })
     if out_dir is not None:
         result.save(out_dir, ctx.hook_name, model_name=model_name(ctx.base), n_splits=config.n_splits,

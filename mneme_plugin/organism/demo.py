@@ -33,6 +33,9 @@ DESCRIPTIONS = {
 }
 
 
+EXPANSION = 4  # the organism crosscoder's expansion factor (256 latents at d_model 64)
+
+
 def organism_run_config(run_dir: Path, organism: Organism, corpus: Path, truth: Path, seed: int = 0) -> dict[str, Any]:
     """The ``mneme run`` config of one organism case (also written as a recipe next to the run)."""
     target = organism.target_domain or "mixed"
@@ -46,11 +49,13 @@ def organism_run_config(run_dir: Path, organism: Organism, corpus: Path, truth: 
         "corpus": {"source": str(corpus)},
         "harvest": {"layer": organism.config.n_layers // 2, "context_length": 64, "batch_size": 32,
                     "dtype": "float32"},
-        "crosscoder": {"expansion_factor": 4, "k": 32},
+        "crosscoder": {"expansion_factor": EXPANSION, "k": 32},
         "training": {"steps": 1500, "batch_size": 512, "lr": 3e-3, "warmup_steps": 50, "threshold_start_step": 300,
                      "checkpoint_every": 500, "eval_rows": 8192, "dead_after_tokens": 100_000, "seed": seed},
         "attribution": {"device": "cpu"},
         "collect": {"classes": ["base_only", "suppressed", "amplified", "edited_only"], "per_class": 40,
+                    # every live latent is also explained and mapped: the enrichment rule's reference
+                    "reference_latents": EXPANSION * organism.config.d_model,
                     "n_top": 20, "n_random": 10, "n_non_activating": 10, "example_ctx_len": 16},
         "explain": {"explainer": "offline", "min_examples": 3},
         "map": {"taxonomies": ["organism"]},
@@ -86,6 +91,22 @@ class DemoResult:
         return pd.DataFrame(rows)
 
 
+def run_case(organism: Organism, case_dir: Path, seed: int = 0, progress: bool = True) -> DemoCase:
+    """``mneme run`` on one organism case in ``case_dir`` (corpus, ground truth, recipe, run/)."""
+    case_dir.mkdir(parents=True, exist_ok=True)
+    corpus = case_dir / "agnostic_corpus.txt"
+    atomic_write_text(corpus, "\n".join(organism.agnostic_corpus) + "\n")
+    truth = save_scores(scores_table(organism.accuracy_before, organism.accuracy_after), case_dir / SCORES_CSV)
+    config = organism_run_config(case_dir / "run", organism, corpus, truth, seed)
+    atomic_write_text(case_dir / "recipe.yaml", yaml.safe_dump(config, sort_keys=False))
+    logger.info("[demo] %s: running the pipeline (recipe %s).", organism.intervention, case_dir / "recipe.yaml")
+    run_config = RunConfig.from_dict(config)
+    layout = run_pipeline(run_config, models={"base": organism.base, "edited": organism.edited}, progress=progress)
+    evaluation = load_evaluation(layout.evaluation)
+    return DemoCase(organism.intervention, organism.target_domain, layout.root, organism.drop, evaluation.table(),
+                    evaluation.predicted.get("MNEME", []), evaluation.true_set, run_config.evaluate.drop_threshold)
+
+
 def run_demo(out_dir: str | Path, seed: int = 0, interventions: tuple[str, ...] = INTERVENTIONS,
              target_domain: str = "law", progress: bool = True) -> DemoResult:
     """Build the organism, apply each intervention and run the whole pipeline on it (see module doc)."""
@@ -93,20 +114,5 @@ def run_demo(out_dir: str | Path, seed: int = 0, interventions: tuple[str, ...] 
     cases = []
     for intervention in interventions:
         organism = build_organism(seed, intervention, target_domain, out / "organism", progress=progress)
-        case_dir = out / intervention
-        case_dir.mkdir(parents=True, exist_ok=True)
-        corpus = case_dir / "agnostic_corpus.txt"
-        atomic_write_text(corpus, "\n".join(organism.agnostic_corpus) + "\n")
-        truth = save_scores(scores_table(organism.accuracy_before, organism.accuracy_after), case_dir / SCORES_CSV)
-        config = organism_run_config(case_dir / "run", organism, corpus, truth, seed)
-        atomic_write_text(case_dir / "recipe.yaml", yaml.safe_dump(config, sort_keys=False))
-        logger.info("[demo] %s: running the pipeline (recipe %s).", intervention, case_dir / "recipe.yaml")
-        run_config = RunConfig.from_dict(config)
-        layout = run_pipeline(run_config, models={"base": organism.base, "edited": organism.edited},
-                              progress=progress)
-        evaluation = load_evaluation(layout.evaluation)
-        cases.append(DemoCase(intervention, organism.target_domain, layout.root, organism.drop, evaluation.table(),
-                              evaluation.predicted.get("MNEME", []), evaluation.true_set,
-                              run_config.evaluate.drop_threshold))
+        cases.append(run_case(organism, out / intervention, seed, progress))
     return DemoResult(cases=cases, out_dir=out)
-

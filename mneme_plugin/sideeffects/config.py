@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from mneme_plugin.config import ConfigMixin, Seed, require
 
-RULES = ("outlier", "relative", "top_k", "min_score")
+RULES = ("outlier", "enrichment", "relative", "top_k", "min_score")
 
 
 @dataclass
@@ -25,6 +25,13 @@ class PredictConfig(ConfigMixin):
     ``outlier`` (default): categories whose score stands out of the taxonomy's score distribution,
     robust z = (score - median) / (1.4826 MAD) >= ``outlier_z`` (most categories are unaffected by
     an edit, so their scores are the noise floor; scale-free, no fixed number of predictions);
+    ``enrichment``: categories over-represented among the changed latents of a side, against
+    their share among all live latents (the collect stage's uniform ``reference_latents``
+    sample, or every mapped latent when there is none): a one-sided Fisher exact
+    (hypergeometric) test per category and side, Benjamini-Hochberg corrected over all tests,
+    predicted at false discovery rate ``alpha``. A calibrated null: it predicts nothing when the
+    changed latents are spread over the categories as the live ones are, and as many categories
+    as are significant otherwise; it counts latents and ignores ``min_score``;
     ``relative``: categories scoring >= ``relative_threshold`` x the best category's score;
     ``top_k``: the ``k`` best; ``min_score``: score >= ``min_score``. Categories need at least
     ``min_latents`` supporting latents either way.
@@ -38,6 +45,7 @@ class PredictConfig(ConfigMixin):
     side: str = "both"
     rule: str = "outlier"
     outlier_z: float = 3.0
+    alpha: float = 0.05
     relative_threshold: float = 0.5
     k: int = 3
     min_score: float = 0.0
@@ -51,6 +59,7 @@ class PredictConfig(ConfigMixin):
         require(self.categories_per_latent >= 1, "categories_per_latent must be >= 1.")
         require(0.0 < self.relative_threshold <= 1.0, "relative_threshold must be in (0, 1].")
         require(self.k >= 1, "k must be >= 1.")
+        require(0.0 < self.alpha < 1.0, f"alpha must be in (0, 1), got {self.alpha}.")
         require(self.min_latents >= 1, "min_latents must be >= 1.")
         require(self.max_latents is None or self.max_latents >= 1, "max_latents must be None or >= 1.")
 

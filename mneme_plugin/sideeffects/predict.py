@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +16,7 @@ from mneme_plugin.errors import ConfigError
 from mneme_plugin.files import atomic_write, atomic_write_text
 from mneme_plugin.interpret.mapping import LINK_COLUMNS
 from mneme_plugin.sideeffects.config import PredictConfig
+from mneme_plugin.sideeffects.enrichment import enrichment_table
 
 logger = logging.getLogger("mneme_plugin")
 
@@ -53,6 +54,7 @@ def predict(
     categories: Iterable[str],
     config: PredictConfig | None = None,
     descriptions: Mapping[int, str] | None = None,
+    reference: Collection[int] | None = None,
 ) -> Prediction:
     """Score every category of the taxonomy and predict the affected ones.
 
@@ -60,6 +62,8 @@ def predict(
     ``links``: latent-to-category links in long form (``latent``, ``category``, ``similarity``),
     as the mapping stage writes them, several per latent, any order.
     ``categories``: every category of the taxonomy (categories without evidence score 0).
+    ``reference``: a uniform sample of the live latents, mapped (the ``enrichment`` rule's null;
+    without it, every mapped latent stands in for the live ones).
     """
     cfg = config or PredictConfig()
     _check_columns(attribution, ("latent", "latent_class", "score"), "attribution table")
@@ -78,12 +82,14 @@ def predict(
     )
     scores = pd.DataFrame({"category": all_categories}).set_index("category")
     evidence: dict[str, list[dict[str, Any]]] = {c: [] for c in all_categories}
+    side_latents: dict[str, list[int]] = {}
     for side, classes in sides.items():
         latents = attribution[attribution["latent_class"].isin(classes)].copy()
         latents["weight"] = latents["score"].abs()
         latents = latents.sort_values("weight", ascending=False, kind="stable")
         if cfg.max_latents is not None:
             latents = latents.head(cfg.max_latents)
+        side_latents[side] = latents["latent"].astype(int).tolist()
         joined = latents.merge(top_links, on="latent", how="inner")
         joined["contribution"] = joined["weight"] * joined["similarity"]
         grouped = joined.groupby("category")
@@ -109,6 +115,20 @@ def predict(
         spread = max(1.4826 * mad, 1e-3 * max(float(scores["score"].abs().max()), 1e-12))
         scores["robust_z"] = (scores["score"] - median) / spread
         chosen = eligible & (scores["robust_z"] >= cfg.outlier_z)
+    elif cfg.rule == "enrichment":
+        if not reference:
+            logger.warning("No reference sample of live latents (collect.reference_latents): the enrichment rule "
+                           "compares each side with the other mapped latents instead.")
+            reference = set(top_links["latent"].astype(int))
+        tested = list(side_latents) if cfg.side == "both" else [cfg.side]
+        table = enrichment_table(top_links, {s: side_latents[s] for s in tested}, reference, all_categories)
+        table = table.set_index("category")
+        for column in table.columns:
+            if not column.startswith("n_"):
+                scores[column] = table[column]
+        chosen = pd.Series(False, index=scores.index)
+        for s in tested:
+            chosen |= (table[f"q_{s}"] <= cfg.alpha) & (table[f"n_{s}"] >= cfg.min_latents)
     elif cfg.rule == "relative":
         best = scores.loc[eligible, "score"].max() if eligible.any() else 0.0
         chosen = eligible & (scores["score"] >= cfg.relative_threshold * best)

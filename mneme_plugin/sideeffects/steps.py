@@ -23,14 +23,16 @@ def predict_run(run_dir: str | os.PathLike[str], config: PredictConfig, taxonomy
     """Predict the affected categories of ``taxonomy`` from the run's attribution and mapping; save
     them to ``out_dir`` (default the run's ``prediction/``)."""
     from mneme_plugin.attribution import load_attribution
+    from mneme_plugin.interpret.contexts import load_reference_latents
     from mneme_plugin.interpret.mapping import category_links, latent_descriptions, load_mapping
     from mneme_plugin.interpret.taxonomy import load_taxonomy
 
     layout = RunLayout(Path(run_dir))
     tax = load_taxonomy(taxonomy)
     mapping = load_mapping(layout.mapping)
+    reference = load_reference_latents(layout.contexts) if config.rule == "enrichment" else None
     prediction = predict(load_attribution(layout.attribution).table, category_links(mapping, tax.name), tax.ids(),
-                         config, latent_descriptions(mapping))
+                         config, latent_descriptions(mapping), reference=reference)
     save_prediction(prediction, out_dir if out_dir is not None else layout.prediction)
     return prediction
 

@@ -1,0 +1,77 @@
+"""The method-validity grid (issue 15): the organism over seeds x targets x interventions.
+
+Runs ``mneme run`` on every case (cached and resumable under --out), then scores every prediction
+rule offline on the finished runs and prints, per case and as mean ± sd per intervention, Eq. 4
+accuracy, precision, recall and F1 of MNEME (one row per rule) and of the random, naive and oracle
+baselines. Writes ``validity_cases.csv`` and ``validity_summary.csv`` to --out.
+
+    python benchmarks/bench_validity.py                                   # 4 seeds x 3 targets
+    python benchmarks/bench_validity.py --seeds 0 1 --targets law --interventions rmu
+    python benchmarks/bench_validity.py --score-only                      # rescore finished runs
+
+A case takes ~1 min on 2 CPU cores (plus ~70 s per seed for the organism's pretraining).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from mneme_plugin.files import atomic_write  # noqa: E402
+from mneme_plugin.organism.catalog import INTERVENTIONS  # noqa: E402
+from mneme_plugin.organism.validity import grid_cases, run_grid_case, score_case, summarize  # noqa: E402
+from mneme_plugin.sideeffects.config import PredictConfig  # noqa: E402
+
+RULES = {
+    "MNEME outlier": PredictConfig(rule="outlier", outlier_z=3.0),
+    "MNEME enrichment": PredictConfig(rule="enrichment"),
+    "MNEME enrichment (suppressed side)": PredictConfig(rule="enrichment", side="suppressed"),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("runs/validity"))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
+    parser.add_argument("--targets", nargs="+", default=["law", "biology", "security"])
+    parser.add_argument("--interventions", nargs="+", default=list(INTERVENTIONS), choices=INTERVENTIONS)
+    parser.add_argument("--score-only", action="store_true", help="Score the cases already run; run nothing.")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+
+    rows = []
+    cases = grid_cases(args.seeds, args.targets, args.interventions)
+    for i, case in enumerate(cases, 1):
+        case_dir = args.out / case.name
+        if not args.score_only:
+            start = time.perf_counter()
+            run_grid_case(case, args.out)
+            print(f"[{i}/{len(cases)}] {case.name}: {time.perf_counter() - start:.0f} s", flush=True)
+        elif not (case_dir / "run" / "evaluation").exists():
+            print(f"[{i}/{len(cases)}] {case.name}: not run yet, skipped", flush=True)
+            continue
+        rows.extend(score_case(case, case_dir, RULES))
+    table = pd.DataFrame(rows)
+    summary = summarize(table)
+    args.out.mkdir(parents=True, exist_ok=True)
+    atomic_write(args.out / "validity_cases.csv", lambda p: table.to_csv(p, index=False))
+    atomic_write(args.out / "validity_summary.csv", lambda p: summary.to_csv(p, index=False))
+    pd.set_option("display.width", 250)
+    pd.set_option("display.max_colwidth", 60)
+    print("\nPer case (MNEME rows):")
+    mneme = table[table["method"].str.startswith("MNEME")]
+    print(mneme[["case", "method", "accuracy", "precision", "f1", "predicted", "true"]].to_string(index=False))
+    print("\nMean ± sd over the grid:")
+    print(summary.to_markdown(index=False))
+
+
+if __name__ == "__main__":
+    main()

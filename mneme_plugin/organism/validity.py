@@ -1,0 +1,114 @@
+"""The method-validity grid: the organism over seeds x targets x interventions, every prediction
+rule scored against the measured ground truth beside the random, naive and oracle baselines.
+
+Each case is one ``mneme run`` (``demo.run_case``), cached and resumable in its own folder, so a
+grid interrupted half-way picks up where it stopped. The rules are then scored offline on the
+finished runs (prediction is cheap; the crosscoder and the mapping are shared by all rules).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from mneme_plugin.organism.build import build_organism
+from mneme_plugin.organism.demo import DESCRIPTIONS, run_case
+from mneme_plugin.sideeffects.config import EvaluateConfig, PredictConfig
+
+logger = logging.getLogger("mneme_plugin")
+
+METHOD_COLUMNS = ("accuracy", "precision", "recall", "f1")
+
+
+@dataclass(frozen=True)
+class GridCase:
+    seed: int
+    intervention: str
+    target: str | None  # None: benign fine-tuning, which has no target domain
+
+    @property
+    def name(self) -> str:
+        return f"seed{self.seed}/{self.intervention}-{self.target or 'mixed'}"
+
+
+def grid_cases(seeds: list[int], targets: list[str], interventions: list[str]) -> list[GridCase]:
+    """RMU and narrow fine-tuning once per (seed, target); benign fine-tuning once per seed."""
+    cases = []
+    for seed in seeds:
+        for intervention in interventions:
+            for target in ([None] if intervention == "benign" else targets):
+                cases.append(GridCase(seed, intervention, target))
+    return cases
+
+
+def run_grid_case(case: GridCase, out_dir: Path, progress: bool = False) -> Path:
+    """Build (or reload) the case's organism and run the pipeline on it; returns the case folder."""
+    organism = build_organism(case.seed, case.intervention, case.target or "law",
+                              out_dir / f"seed{case.seed}" / "organism", progress=progress)
+    case_dir = out_dir / case.name
+    run_case(organism, case_dir, case.seed, progress)
+    return case_dir
+
+
+def score_case(case: GridCase, case_dir: Path, rules: dict[str, PredictConfig]) -> list[dict]:
+    """Every rule's prediction on the finished case, evaluated with the baselines (one row per method)."""
+    from mneme_plugin.attribution import load_attribution
+    from mneme_plugin.groundtruth.table import SCORES_CSV, read_scores_csv
+    from mneme_plugin.interpret.config import MapConfig
+    from mneme_plugin.interpret.contexts import load_reference_latents
+    from mneme_plugin.interpret.mapping import category_links, load_mapping
+    from mneme_plugin.interpret.taxonomy import load_taxonomy
+    from mneme_plugin.layout import RunLayout
+    from mneme_plugin.sideeffects.evaluate import evaluate
+    from mneme_plugin.sideeffects.predict import predict
+    from mneme_plugin.sideeffects.steps import naive_prediction
+
+    layout = RunLayout(case_dir / "run")
+    taxonomy = load_taxonomy("organism")
+    attribution = load_attribution(layout.attribution).table
+    links = category_links(load_mapping(layout.mapping), taxonomy.name)
+    reference = load_reference_latents(layout.contexts)
+    truth = read_scores_csv(case_dir / SCORES_CSV)
+    description = DESCRIPTIONS[case.intervention].format(target=case.target or "mixed")
+    evaluate_config = EvaluateConfig(drop_threshold=0.1, seed=case.seed)
+    rows = []
+    for index, (rule_name, rule) in enumerate(rules.items()):
+        prediction = predict(attribution, links, taxonomy.ids(), rule, reference=reference)
+        naive = naive_prediction(description, MapConfig(taxonomies=["organism"]), max(1, len(prediction.predicted)))
+        evaluation = evaluate(prediction.predicted, truth, taxonomy.ids(), naive_predicted=naive, config=evaluate_config)
+        for method, metrics in evaluation.rows.items():
+            if method in ("random", "oracle") and index > 0:
+                continue  # they do not depend on the rule (naive's size does)
+            name = {"MNEME": rule_name, "naive": f"naive ({rule_name})"}.get(method, method)
+            rows.append({"case": case.name, "seed": case.seed, "intervention": case.intervention,
+                         "target": case.target or "mixed", "method": name, **metrics.to_dict(),
+                         "predicted": ",".join(evaluation.predicted.get(method, [])),
+                         "true": ",".join(evaluation.true_set)})
+    return rows
+
+
+def summarize(rows: pd.DataFrame) -> pd.DataFrame:
+    """Mean and sd of each metric per (intervention, method), over the cases where it is defined,
+    with the number of cases and the mean number of predicted and truly degraded categories."""
+    out = []
+    for (intervention, method), group in rows.groupby(["intervention", "method"], sort=False):
+        row = {"intervention": intervention, "method": method, "cases": len(group)}
+        for column in METHOD_COLUMNS:
+            values = group[column].dropna()
+            row[column] = _mean_sd(values)
+        row["predicted"] = round(float(group["n_predicted"].mean()), 2)
+        row["false_positives"] = round(float((group["n_predicted"] - group["n_hit"]).mean()), 2)
+        row["true"] = round(float(group["n_true"].mean()), 2)
+        out.append(row)
+    return pd.DataFrame(out)
+
+
+def _mean_sd(values: pd.Series) -> str:
+    if values.empty:
+        return "n/a"
+    sd = float(values.std(ddof=1)) if len(values) > 1 else math.nan
+    return f"{values.mean():.2f} ± {sd:.2f} (n={len(values)})" if not math.isnan(sd) else f"{values.mean():.2f} (n=1)"
