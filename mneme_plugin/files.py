@@ -7,7 +7,8 @@ Temporary names carry the pid and a random token, so two writers never share one
 
 ``output_lock`` gives a job exclusive use of its output folder (``fcntl.flock`` on a lock file in
 it, released by the kernel when the process ends, even on SIGKILL): a second job on the same
-folder fails at once instead of interleaving its files with the first one's.
+folder fails at once instead of interleaving its files with the first one's. The lock file is
+removed on release (a killed job leaves it behind, harmlessly: nobody holds its flock).
 """
 
 from __future__ import annotations
@@ -98,16 +99,24 @@ def output_lock(folder: str | os.PathLike[str], what: str = "output folder") -> 
         yield folder
         return
     lock_path = folder / LOCK_FILE
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
+    while True:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
             raise OutputLockedError(
                 f"{folder} is in use by another mneme process (pid {holder}, lock {lock_path}): wait for it to "
                 f"finish or choose another {what}."
             ) from None
+        try:  # the holder we waited on may have removed the file meanwhile: lock the one on disk
+            if os.stat(lock_path).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         _HELD.add(key)
@@ -115,11 +124,12 @@ def output_lock(folder: str | os.PathLike[str], what: str = "output folder") -> 
             yield folder
         finally:
             _HELD.discard(key)
-            if created and [p.name for p in folder.iterdir()] == [LOCK_FILE]:
-                # The job failed before writing anything: leave no empty output folder behind.
-                lock_path.unlink(missing_ok=True)
+            # The lock file goes with the lock (outputs hold only what the job wrote); a folder the
+            # job created and left empty (it failed before writing) goes too.
+            lock_path.unlink(missing_ok=True)
+            if created:
                 with contextlib.suppress(OSError):
-                    folder.rmdir()
+                    folder.rmdir()  # only succeeds when empty
     finally:
         os.close(fd)  # releases the flock
 
