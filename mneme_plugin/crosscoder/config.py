@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from mneme_plugin.config import ConfigMixin, require
+from mneme_plugin.config import ConfigMixin, Seed, require
 from mneme_plugin.errors import ConfigError
 from mneme_plugin.crosscoder.losses import RECONSTRUCTION_LOSSES
 from mneme_plugin.crosscoder.normalizers import NORMALIZERS
@@ -144,7 +144,7 @@ class TrainingConfig(ConfigMixin):
     threshold_start_step: int | None = None
     threshold_beta: float = 0.999
     grad_clip: float = 1.0
-    seed: int = 0
+    seed: Seed = 0
     device: str = "auto"
     checkpoint_every: int = 1000
     keep_checkpoints: int = 2

@@ -25,7 +25,7 @@ from typing import Any
 import pandas as pd
 import torch
 
-from mneme_plugin.config import ConfigMixin, require
+from mneme_plugin.config import ConfigMixin, Seed, require
 from mneme_plugin.errors import ConfigError
 from mneme_plugin.files import atomic_write, atomic_write_text
 
@@ -50,7 +50,7 @@ class RemediateConfig(ConfigMixin):
     batch_size: int = 8
     lora: bool = False
     lora_rank: int = 8
-    seed: int = 0
+    seed: Seed = 0
 
     def __post_init__(self) -> None:
         self.classes = tuple(self.classes)
