@@ -166,11 +166,12 @@ def harvest(config, out, overwrite, **options) -> None:
 @click.option("--seed", type=int)
 @click.option("--train-device", help="Device for training (auto, cpu, cuda).")
 @click.option("--no-resume", is_flag=True, help="Start over even if the run directory has checkpoints.")
+@click.option("--allow-partial", is_flag=True, help="Train on a store whose harvest did not finish.")
 @click.option("--nproc", type=int, default=1, show_default=True,
               help="Data-parallel ranks on this node: relaunches this command under torchrun.")
 @clear_errors
 def train(store, stream, config, shuffle_buffer, out, dict_size, expansion_factor, k, salience, steps,
-          train_batch_size, lr, seed, train_device, no_resume, nproc, **harvest_options) -> None:
+          train_batch_size, lr, seed, train_device, no_resume, allow_partial, nproc, **harvest_options) -> None:
     """Train a BatchTopK crosscoder, from a store or streaming; resumes from the newest checkpoint."""
     if nproc > 1:
         import sys
@@ -205,7 +206,7 @@ def train(store, stream, config, shuffle_buffer, out, dict_size, expansion_facto
         data = store
     else:
         raise ConfigError("Nothing to train on: pass --store DIR, or --stream with --base/--edited/--corpus/--layer.")
-    result = run_train(data, out, cc_cfg, tr_cfg, resume=not no_resume)
+    result = run_train(data, out, cc_cfg, tr_cfg, resume=not no_resume, allow_partial=allow_partial)
     click.echo(f"Crosscoder: {result.crosscoder_dir}")
     click.echo(json.dumps(result.metrics.to_dict(), indent=2))
 
@@ -214,7 +215,7 @@ def train(store, stream, config, shuffle_buffer, out, dict_size, expansion_facto
 
 @main.command()
 @click.option("--out", default="runs/demo", show_default=True, type=click.Path(file_okay=False))
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0))
 @click.option("--target", "target_domain", default="law", show_default=True,
               help="Domain unlearned (RMU) or fine-tuned on (narrow).")
 @click.option("--intervention", "interventions", multiple=True, type=click.Choice(INTERVENTIONS),
@@ -239,7 +240,22 @@ def demo(out: str, seed: int, target_domain: str, interventions: tuple[str, ...]
                    f"MNEME predicted: {', '.join(case.predicted) or '(none)'}")
         click.echo(case.metrics[["method", "accuracy", "precision", "recall", "f1"]].to_string(
             index=False, float_format=lambda v: f"{v:.3f}"))
+        if case.remediation is not None:
+            _echo_remediation(case.remediation)
         click.echo(f"report: {RunLayout(case.run_dir).report}")
+
+
+def _echo_remediation(result) -> None:
+    """The demo's remediation section: recovered share of the lost accuracy, remediation vs control."""
+    cfg = result.config
+    click.echo(f"remediation ({result.steps} steps, lr {cfg.get('lr'):g}, batch {cfg.get('batch_size')}, "
+               f"{result.n_samples} samples per arm): share of the lost accuracy recovered")
+    table = result.table()
+    table = table[table["degraded"]][["category", "base", "edited", "remediated", "control",
+                                      "recovered_remediated", "recovered_control"]]
+    click.echo(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    click.echo(f"mean recovered: remediation {result.mean_recovered('remediated'):.3f}, "
+               f"control {result.mean_recovered('control'):.3f}")
 
 
 # --------------------------------------------------------------------------------- info
@@ -267,8 +283,9 @@ def info(path: str) -> None:
 @click.option("--device", help="Device (auto, cpu, cuda).")
 @click.option("--allow-store-mismatch", is_flag=True,
               help="Attribute over a store of another layer, hook or model pair than the crosscoder records.")
+@click.option("--allow-partial", is_flag=True, help="Attribute over a store whose harvest did not finish.")
 @clear_errors
-def attribute(crosscoder_dir, store, out, config, batch_size, device, allow_store_mismatch) -> None:
+def attribute(crosscoder_dir, store, out, config, batch_size, device, allow_store_mismatch, allow_partial) -> None:
     """Decoder norms, latent scaling and a class (suppressed .. amplified) for every latent."""
     from mneme_plugin.attribution import AttributionConfig, format_counts, format_delta_histogram
     from mneme_plugin.attribution import attribute as run_attribute
@@ -279,7 +296,7 @@ def attribute(crosscoder_dir, store, out, config, batch_size, device, allow_stor
     attr_cfg = AttributionConfig.from_dict(_override(sections["attribution"], batch_size=batch_size, device=device,
                                                      allow_store_mismatch=allow_store_mismatch or None),
                                            section="attribution")
-    result = run_attribute(crosscoder_dir, store, attr_cfg, out_dir=out)
+    result = run_attribute(crosscoder_dir, store, attr_cfg, out_dir=out, allow_partial=allow_partial)
     click.echo(format_counts(result.summary))
     click.echo(format_delta_histogram(result.summary))
     click.echo(f"Table: {Path(out) / TABLE_PARQUET} (+ .csv), summary: {Path(out) / SUMMARY_FILE}")
@@ -310,15 +327,15 @@ def _parse_scale_factors(text: str | None) -> list[float] | None:
 @click.argument("source")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory for the crosscoder (own format).")
 @_add_options(_source_options)
+@click.option("--force", is_flag=True, help="Overwrite a crosscoder already in --out.")
 @clear_errors
-def import_(source, out, subfolder, revision, scale_factors) -> None:
+def import_(source, out, subfolder, revision, scale_factors, force) -> None:
     """Import a crosscoder (science-of-finetuning, Kissane, a mneme SAE-Lens export; folder or hub id)."""
-    from mneme_plugin.formats import load_crosscoder
+    from mneme_plugin.formats import import_crosscoder, load_crosscoder
 
-    cc = load_crosscoder(source, subfolder=subfolder, revision=revision,
-                         scale_factors=_parse_scale_factors(scale_factors))
-    path = cc.save_pretrained(out)
-    cfg = cc.cfg
+    path = import_crosscoder(source, out, force=force, subfolder=subfolder, revision=revision,
+                             scale_factors=_parse_scale_factors(scale_factors))
+    cfg = load_crosscoder(path).cfg
     click.echo(
         f"Imported {cfg.metadata.get('source_format', 'mneme')} crosscoder: d={cfg.activation_dim}, "
         f"latents={cfg.dict_size}, sparsity={cfg.sparsity}, salience={cfg.salience}, "
@@ -340,16 +357,17 @@ def export() -> None:
 @click.option("--edited", "edited_model", help="Edited model name for the metadata (default: the crosscoder's).")
 @click.option("--views", is_flag=True, help="Also write per-model views (d_in = d; partial: one model's input only).")
 @_add_options(_source_options)
+@click.option("--force", is_flag=True, help="Overwrite an existing export in --out.")
 @clear_errors
 def export_saelens_command(source, out, folder, hook_name, base_model, edited_model, views, subfolder, revision,
-                           scale_factors) -> None:
+                           scale_factors, force) -> None:
     """Write SOURCE (any crosscoder mneme reads) as SAE-Lens jumprelu SAEs over concat(base, edited)."""
     from mneme_plugin.formats import export_saelens, load_crosscoder
 
     cc = load_crosscoder(source, subfolder=subfolder, revision=revision,
                          scale_factors=_parse_scale_factors(scale_factors))
     written = export_saelens(cc, out, folder=folder, hook_name=hook_name, base_model=base_model,
-                             edited_model=edited_model, views=views)
+                             edited_model=edited_model, views=views, force=force)
     for view, path in written.items():
         click.echo(f"{view}: {path}")
 
@@ -568,9 +586,9 @@ def evaluate(run_dir, scores_csv, lm_eval_before, lm_eval_after, intervention, d
 @clear_errors
 def remediate(run_dir, edited, out, config, steps, lr, lora) -> None:
     """Retrain the edited model on the corpus samples that most activate the suppressed latents."""
-    from transformers import AutoModelForCausalLM
-
+    from mneme_plugin.activations.models import check_model_spec
     from mneme_plugin.attribution import load_attribution
+    from mneme_plugin.interventions.hf_models import load_causal_lm
     from mneme_plugin.interpret.contexts import load_contexts
     from mneme_plugin.sideeffects import RemediateConfig, remediate as run_remediate, save_remediation, select_samples
 
@@ -579,7 +597,10 @@ def remediate(run_dir, edited, out, config, steps, lr, lora) -> None:
     layout = RunLayout(Path(run_dir))
     samples, latents = select_samples(load_contexts(layout.contexts), load_attribution(layout.attribution).table, cfg)
     click.echo(f"{len(samples)} samples from the top contexts of {len(latents)} suppressed latents.")
-    model = AutoModelForCausalLM.from_pretrained(edited)
+    problems = check_model_spec(edited, "--edited")
+    if problems:
+        raise ConfigError(problems[0])
+    model, _ = load_causal_lm(edited, device="cpu", dtype="float32")
     result = run_remediate(model, samples, cfg, latents=latents)
     click.echo(f"Retrained model: {save_remediation(result, out) / 'model'}")
 

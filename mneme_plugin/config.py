@@ -16,7 +16,7 @@ import math
 import types
 import typing
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar, Union
+from typing import Annotated, Any, ClassVar, TypeVar, Union
 
 import yaml
 
@@ -27,16 +27,32 @@ T = TypeVar("T", bound="ConfigMixin")
 _HINTS: dict[type, dict[str, Any]] = {}
 
 
+@dataclasses.dataclass(frozen=True)
+class AtLeast:
+    """A lower bound on a number field, as ``Annotated`` metadata (checked by ``from_dict``)."""
+
+    minimum: float
+    why: str = ""
+
+
+# Random generators (numpy, torch) refuse negative seeds: refused here, with the key named, instead.
+Seed = Annotated[int, AtLeast(0, "random generators refuse negative seeds")]
+
+
 def _field_types(cls: type) -> dict[str, Any]:
-    """The resolved annotation of each dataclass field (cached per class)."""
+    """The resolved annotation of each dataclass field (cached per class), ``Annotated`` bounds kept."""
     if cls not in _HINTS:
-        _HINTS[cls] = typing.get_type_hints(cls)
+        _HINTS[cls] = typing.get_type_hints(cls, include_extras=True)
     return _HINTS[cls]
 
 
 def _type_name(tp: Any) -> str:
     if tp is type(None):
         return "null"
+    if typing.get_origin(tp) is Annotated:
+        inner, *extras = typing.get_args(tp)
+        bounds = [f" >= {e.minimum:g}" + (f" ({e.why})" if e.why else "") for e in extras if isinstance(e, AtLeast)]
+        return _type_name(inner) + "".join(bounds)
     if isinstance(tp, type) and issubclass(tp, ConfigMixin):
         return "a mapping"
     origin = typing.get_origin(tp)
@@ -62,6 +78,13 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if tp is Any or tp is object:
         return value
     origin = typing.get_origin(tp)
+    if origin is Annotated:
+        inner, *extras = typing.get_args(tp)
+        value = _coerce(value, inner, where)
+        for extra in extras:
+            if isinstance(extra, AtLeast) and value is not None and value < extra.minimum:
+                raise _Mismatch
+        return value
     if origin in (Union, types.UnionType):
         options = typing.get_args(tp)
         if value is None:

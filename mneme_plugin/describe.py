@@ -13,14 +13,19 @@ def _store_summary(path: Path) -> list[str]:
     store = ActivationStore(path)
     m = store.manifest
     norm = m.get("normalization", {})
+    problems = store.shard_problems()
+    if problems:
+        state = "DAMAGED: " + "; ".join(problems) + " (harvest again with --overwrite)"
+    else:
+        state = "complete" if m.get("complete") else "PARTIAL: resume the harvest"
     lines = [
-        f"Activation store {path} ({'complete' if m.get('complete') else 'PARTIAL: resume the harvest'})",
+        f"Activation store {path} ({state})",
         f"  base model:    {m.get('base_model')}",
         f"  edited model:  {m.get('edited_model')}",
         f"  hook:          {m.get('hook_name')} (layer {m.get('layer')}), d_model {m.get('d_model')}",
         f"  corpus:        {m.get('corpus')}",
-        f"  rows:          {m.get('n_tokens'):,} in {len(m.get('shards', []))} shards ({m.get('dtype')}), "
-        f"{m.get('n_windows'):,} windows of {m.get('context_length')} tokens",
+        f"  rows:          {m.get('n_tokens') or 0:,} in {len(m.get('shards', []))} shards ({m.get('dtype')}), "
+        f"{m.get('n_windows') or 0:,} windows of {m.get('context_length')} tokens",
         f"  dropped:       {m.get('outliers_dropped', 0):,} outliers, {m.get('special_tokens_dropped', 0):,} special, "
         f"{m.get('padding_dropped', 0):,} padding",
     ]

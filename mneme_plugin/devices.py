@@ -1,11 +1,35 @@
-"""Device names in configs: ``auto`` means CUDA when available, else CPU."""
+"""Device names in configs: ``auto`` means CUDA when available, else CPU.
+
+Any other name is checked here, once, so that a device this machine lacks is a clear error
+before a model is loaded rather than a torch traceback in the middle of a stage.
+"""
 
 from __future__ import annotations
 
 import torch
 
+from mneme_plugin.errors import ConfigError
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """The torch device for ``device`` ("auto", "cpu", "cuda", "cuda:1", "mps"); ConfigError if unusable here."""
+    if isinstance(device, str) and device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ConfigError(f"Unknown device {device!r}: use auto, cpu, cuda, cuda:N or mps.") from err
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                f"Device {device!r} asked for, but CUDA is not available on this machine (no GPU, driver or CUDA "
+                "build of torch): use --device cpu, or auto to take a GPU only when there is one."
+            )
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise ConfigError(
+                f"Device {device!r} asked for, but this machine has {torch.cuda.device_count()} CUDA device(s) "
+                f"(cuda:0..cuda:{torch.cuda.device_count() - 1})."
+            )
+    elif resolved.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ConfigError(f"Device {device!r} asked for, but MPS is not available on this machine: use cpu.")
+    return resolved

@@ -33,3 +33,11 @@ class EmptyCorpusError(MnemeError, ValueError):
 
 class CheckpointError(MnemeError, ValueError):
     """A store, checkpoint or saved crosscoder is missing, corrupt or of a foreign format."""
+
+
+class OutputLockedError(MnemeError, RuntimeError):
+    """Another process is writing into the same output folder."""
+
+
+class OutputExistsError(MnemeError, FileExistsError):
+    """Writing would overwrite existing files and overwriting was not asked for."""

@@ -3,13 +3,33 @@
 Every file the package writes goes through ``atomic_write``: the content is written to a
 temporary sibling, then renamed over the target (``os.replace`` is atomic on one filesystem).
 ``durable=True`` also fsyncs the file and its folder, for files a resumed job relies on.
+Temporary names carry the pid and a random token, so two writers never share one.
+
+``output_lock`` gives a job exclusive use of its output folder (``fcntl.flock`` on a lock file in
+it, released by the kernel when the process ends, even on SIGKILL): a second job on the same
+folder fails at once instead of interleaving its files with the first one's. The lock file is
+removed on release (a killed job leaves it behind, harmlessly: nobody holds its flock).
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import inspect
 import os
-from collections.abc import Callable
+import re
+import secrets
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any, TypeVar
+
+from mneme_plugin.errors import OutputExistsError, OutputLockedError
+
+LOCK_FILE = ".mneme.lock"
+# .<stem>.<pid>.<token>.tmp<suffix> (files) and .<name>.<pid>.<token>.tmp (folders)
+_TMP_PATTERN = re.compile(r"^\..+\.(\d+)\.[0-9a-f]{8}\.tmp(\.[^.]*)?$")
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 def fsync_dir(path: Path) -> None:
@@ -26,11 +46,132 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def temporary_sibling(path: Path, suffix: str | None = None) -> Path:
+    """A hidden, unique temporary name next to ``path`` (same suffix by default, so writers keyed on it still work)."""
+    suffix = path.suffix if suffix is None else suffix
+    stem = path.stem if suffix == path.suffix else path.name
+    return path.with_name(f".{stem}.{os.getpid()}.{secrets.token_hex(4)}.tmp{suffix}")
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: str | os.PathLike[str]) -> int:
+    """Delete temporaries left in ``folder`` by killed writers; call it only while holding its ``output_lock``."""
+    import shutil
+
+    removed = 0
+    folder = Path(folder)
+    for p in folder.iterdir() if folder.is_dir() else ():
+        m = _TMP_PATTERN.match(p.name)
+        if m and not _pid_alive(int(m.group(1))):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
+@contextlib.contextmanager
+def output_lock(folder: str | os.PathLike[str], what: str = "output folder") -> Iterator[Path]:
+    """Hold an exclusive lock on ``folder`` (created if needed); OutputLockedError at once if another process has it.
+
+    The lock is per process and not re-entrant across processes; within one process a nested lock on the
+    same folder (a run's stage locking its own folder again) is granted.
+    """
+    folder = Path(folder)
+    created = not folder.exists()
+    folder.mkdir(parents=True, exist_ok=True)
+    key = str(folder.resolve())
+    if key in _HELD:  # this process already holds it (e.g. `mneme run` around its stages)
+        yield folder
+        return
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no advisory locks, run unguarded
+        yield folder
+        return
+    lock_path = folder / LOCK_FILE
+    while True:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise OutputLockedError(
+                f"{folder} is in use by another mneme process (pid {holder}, lock {lock_path}): wait for it to "
+                f"finish or choose another {what}."
+            ) from None
+        try:  # the holder we waited on may have removed the file meanwhile: lock the one on disk
+            if os.stat(lock_path).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        _HELD.add(key)
+        try:
+            yield folder
+        finally:
+            _HELD.discard(key)
+            # The lock file goes with the lock (outputs hold only what the job wrote); a folder the
+            # job created and left empty (it failed before writing) goes too.
+            lock_path.unlink(missing_ok=True)
+            if created:
+                with contextlib.suppress(OSError):
+                    folder.rmdir()  # only succeeds when empty
+    finally:
+        os.close(fd)  # releases the flock
+
+
+_HELD: set[str] = set()
+
+
+def holds_output_lock(parameter: str, what: str = "output folder") -> Callable[[F], F]:
+    """Decorate a function so that it runs under ``output_lock`` of its argument ``parameter`` (if not None)."""
+
+    def decorator(fn: F) -> F:
+        signature = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            folder = signature.bind(*args, **kwargs).arguments.get(parameter)
+            if folder is None:
+                return fn(*args, **kwargs)
+            with output_lock(folder, what):
+                return fn(*args, **kwargs)
+
+        return wrapper  # type: ignore[return-value]
+
+    return decorator
+
+
+def refuse_overwrite(paths: Iterable[str | os.PathLike[str]], force: bool, how: str = "pass --force (force=True)") -> None:
+    """OutputExistsError naming the existing files among ``paths``, unless ``force``."""
+    existing = [str(p) for p in paths if Path(p).exists()]
+    if existing and not force:
+        one = len(existing) == 1
+        raise OutputExistsError(
+            f"{', '.join(existing)} already exist{'s' if one else ''}: refusing to overwrite. "
+            f"Choose another output folder, or {how} to replace {'it' if one else 'them'}."
+        )
+
+
 def atomic_write(path: str | os.PathLike[str], writer: Callable[[Path], object], *, durable: bool = False) -> Path:
     """Call ``writer(tmp)`` on a temporary sibling of ``path`` (same suffix), then rename it to ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    tmp = temporary_sibling(path)
     try:
         writer(tmp)
         if durable:
@@ -60,16 +201,15 @@ def atomic_directory(path: str | os.PathLike[str], writer: Callable[[Path], obje
 
     path = Path(path)
     if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} already exists; choose another output folder or pass overwrite.")
+        raise OutputExistsError(f"{path} already exists; choose another output folder or pass overwrite.")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    remove_stale_temporaries(path.parent)  # what a killed earlier attempt left (dead pids only)
+    tmp = temporary_sibling(path, suffix="")
     tmp.mkdir()
     try:
         writer(tmp)
         if path.exists():
-            old = path.with_name(f".{path.name}.{os.getpid()}.old")
+            old = temporary_sibling(path, suffix=".old")
             os.replace(path, old)
             os.replace(tmp, path)
             shutil.rmtree(old, ignore_errors=True)

@@ -1,14 +1,19 @@
 """ConfigMixin.from_dict: every value checked against its field's annotation, with clear errors."""
 
+import dataclasses
+import typing
+
 import pytest
 import yaml
 
 from mneme_plugin.activations import HarvestConfig
+from mneme_plugin.config import ConfigMixin, Seed
 from mneme_plugin.crosscoder import CrossCoderConfig, TrainingConfig
 from mneme_plugin.errors import ConfigError
-from mneme_plugin.interpret import ExplainConfig
+from mneme_plugin.groundtruth.harness import LMEvalConfig
+from mneme_plugin.interpret import CollectConfig, ExplainConfig
 from mneme_plugin.pipeline import RunConfig
-from mneme_plugin.sideeffects import PredictConfig
+from mneme_plugin.sideeffects import EvaluateConfig, PredictConfig, RemediateConfig
 
 
 def test_values_are_coerced_where_the_intent_is_clear():
@@ -71,3 +76,43 @@ def test_result_dict_leaves_out_runtime_fields():
     explain_a = ExplainConfig.from_dict({"client": {"kind": "openai", "model": "m", "concurrency": 2}})
     explain_b = ExplainConfig.from_dict({"client": {"kind": "openai", "model": "m", "concurrency": 32}})
     assert explain_a.result_dict() == explain_b.result_dict()
+
+
+# ---------------------------------------------------------------- seeds (issue 11 item 6)
+# A negative seed is refused by every config that takes one, before any work: the bound lives on
+# the ``Seed`` annotation, checked by ``ConfigMixin.from_dict``.
+
+
+@pytest.mark.parametrize("config", [TrainingConfig, CollectConfig, EvaluateConfig, RemediateConfig, LMEvalConfig])
+def test_negative_seed_is_a_config_error(config):
+    with pytest.raises(ConfigError, match=r"sec\.seed = -1 \(int\): expected an integer >= 0 \(random generators"):
+        config.from_dict({"seed": -1}, section="sec")
+    assert config.from_dict({"seed": 0}).seed == 0
+    assert config.from_dict({"seed": "7"}).seed == 7  # coerced like any integer field
+
+
+def test_every_config_seed_field_carries_the_bound():
+    """A new config with a plain ``seed: int`` would silently lose the check."""
+    import mneme_plugin.crosscoder.config as cc
+    import mneme_plugin.groundtruth.harness as harness
+    import mneme_plugin.groundtruth.judge as judge
+    import mneme_plugin.interpret.config as interpret
+    import mneme_plugin.interventions.hf_rmu as hf_rmu
+    import mneme_plugin.interventions.sft as sft
+    import mneme_plugin.sideeffects.config as side
+    import mneme_plugin.sideeffects.remediate as remediate
+
+    configs = [obj for module in (cc, harness, judge, interpret, hf_rmu, sft, side, remediate)
+               for obj in vars(module).values()
+               if isinstance(obj, type) and issubclass(obj, ConfigMixin) and dataclasses.is_dataclass(obj)]
+    seeded = [c for c in configs if "seed" in {f.name for f in dataclasses.fields(c)}]
+    assert len(seeded) >= 6
+    for c in seeded:
+        assert typing.get_type_hints(c, include_extras=True)["seed"] == Seed, c.__name__
+
+
+def test_build_organism_refuses_a_negative_seed_before_training():
+    from mneme_plugin.organism import build_organism
+
+    with pytest.raises(ConfigError, match="seed must be an integer >= 0 .*got -2"):
+        build_organism(seed=-2, progress=False)

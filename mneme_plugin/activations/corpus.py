@@ -19,6 +19,7 @@ deterministic, which is what lets an interrupted harvest skip the windows alread
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -68,6 +69,61 @@ def describe_corpus(source: CorpusSource) -> str:
     return f"<{type(source).__name__}>"
 
 
+_SAMPLE_EDGE = 1 << 20  # bytes hashed at each end of a local corpus file
+_SAMPLE_BLOCK, _SAMPLE_BLOCKS = 1 << 16, 16  # and this many evenly spaced blocks in between
+
+
+def corpus_fingerprint(source: CorpusSource) -> str | None:
+    """What identifies the corpus's content (None when it cannot be known: a generator, a missing file).
+
+    Local files: their size and a SHA-256 of the first and last MiB plus 16 evenly spaced 64 KiB blocks
+    (the whole file below ~3 MiB). That reads ~3 MiB whatever the size, so checking a store against a
+    100 GB corpus stays instant, and it tells apart another file, a truncated or extended one and most
+    edits; it is a guard against a mix-up, not against tampering. The modification time is left out on
+    purpose: a copied or touched corpus is still the same corpus. Hugging Face datasets: their name,
+    config and split. Lists and tuples of records: a SHA-256 of their JSON.
+    """
+    if isinstance(source, HFDataset):
+        return source.describe()
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        if not path.is_file():
+            return None
+        size = path.stat().st_size
+        digest = hashlib.sha256(str(size).encode())
+        with path.open("rb") as fh:
+            if size <= 2 * _SAMPLE_EDGE + _SAMPLE_BLOCKS * _SAMPLE_BLOCK:
+                digest.update(fh.read())
+            else:
+                offsets = [0] + [_SAMPLE_EDGE + i * (size - 2 * _SAMPLE_EDGE) // _SAMPLE_BLOCKS
+                                 for i in range(_SAMPLE_BLOCKS)] + [size - _SAMPLE_EDGE]
+                for offset in offsets:
+                    fh.seek(offset)
+                    digest.update(fh.read(_SAMPLE_EDGE if offset in (0, size - _SAMPLE_EDGE) else _SAMPLE_BLOCK))
+        return f"file:{size}:{digest.hexdigest()[:32]}"
+    if isinstance(source, (list, tuple)):
+        text = json.dumps(list(source), sort_keys=True, default=str)
+        return f"records:{len(source)}:{hashlib.sha256(text.encode()).hexdigest()[:32]}"
+    return None
+
+
+def _first_bad_utf8_line(path: Path) -> int:
+    with path.open("rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError:
+                return lineno
+    return 0
+
+
+def _not_utf8(path: Path, err: UnicodeDecodeError) -> ConfigError:
+    return ConfigError(
+        f"{path} is not UTF-8 text: line {_first_bad_utf8_line(path)} holds bytes that are not UTF-8 ({err.reason}). "
+        f"Convert the file to UTF-8 (e.g. iconv -f latin1 -t utf-8 {path.name} > fixed{path.suffix})."
+    )
+
+
 def iter_records(source: CorpusSource) -> Iterator[Any]:
     """Raw records (strings or dicts) of a corpus source, in a fixed order."""
     if isinstance(source, HFDataset):
@@ -83,25 +139,36 @@ def iter_records(source: CorpusSource) -> Iterator[Any]:
         suffix = path.suffix.lower()
         if suffix == ".txt":
             with path.open(encoding="utf-8") as fh:
-                for line in fh:
-                    line = line.rstrip("\n")
-                    if line.strip():
-                        yield line
+                try:
+                    for line in fh:
+                        line = line.rstrip("\n")
+                        if line.strip():
+                            yield line
+                except UnicodeDecodeError as err:
+                    raise _not_utf8(path, err) from err
         elif suffix == ".jsonl":
             with path.open(encoding="utf-8") as fh:
-                for lineno, line in enumerate(fh, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        yield json.loads(line)
-                    except json.JSONDecodeError as err:
-                        raise ConfigError(f"{path}:{lineno} is not valid JSON: {err}") from err
+                try:
+                    for lineno, line in enumerate(fh, 1):
+                        if not line.strip():
+                            continue
+                        try:
+                            yield json.loads(line)
+                        except json.JSONDecodeError as err:
+                            raise ConfigError(f"{path}:{lineno} is not valid JSON: {err}") from err
+                except UnicodeDecodeError as err:
+                    raise _not_utf8(path, err) from err
         elif suffix == ".parquet":
+            import pyarrow as pa
             import pyarrow.parquet as pq
 
-            pf = pq.ParquetFile(path)
-            for batch in pf.iter_batches(batch_size=1024):
-                yield from batch.to_pylist()
+            try:
+                pf = pq.ParquetFile(path)
+                batches = pf.iter_batches(batch_size=1024)
+                for batch in batches:
+                    yield from batch.to_pylist()
+            except (pa.ArrowException, OSError) as err:
+                raise ConfigError(f"{path} is not a readable parquet file ({err}); check that it is complete.") from err
         else:
             raise ConfigError(f"Unsupported corpus file type {suffix!r} ({path}); use .txt, .jsonl or .parquet.")
         return

@@ -22,7 +22,13 @@ import torch
 from tqdm.auto import tqdm
 
 from mneme_plugin.activations.config import HarvestConfig
-from mneme_plugin.activations.corpus import CorpusSource, batch_windows, describe_corpus, iter_windows
+from mneme_plugin.activations.corpus import (
+    CorpusSource,
+    batch_windows,
+    corpus_fingerprint,
+    describe_corpus,
+    iter_windows,
+)
 from mneme_plugin.activations.models import (
     forward_to_hook,
     load_model,
@@ -48,6 +54,7 @@ from mneme_plugin.activations.store import (
 from mneme_plugin.activations.sharded import harvest_sharded
 from mneme_plugin.distributed import distributed_context
 from mneme_plugin.errors import CheckpointError, ConfigError, EmptyCorpusError, NonFiniteActivationError
+from mneme_plugin.files import LOCK_FILE, output_lock, remove_stale_temporaries
 
 logger = logging.getLogger("mneme_plugin")
 
@@ -200,6 +207,7 @@ def _new_manifest(ctx: HarvestContext, corpus: CorpusSource, stats: Normalizatio
         "dtype": cfg.dtype,
         "context_length": cfg.context_length,
         "corpus": describe_corpus(corpus),
+        "corpus_fingerprint": corpus_fingerprint(corpus),
         "config": cfg.content_dict(),
         "n_tokens": 0,
         "n_windows": 0,
@@ -228,6 +236,40 @@ def _check_resumable(manifest: dict[str, Any], ctx: HarvestContext, path: Path) 
         )
 
 
+def check_same_corpus(manifest: dict[str, Any], corpus: CorpusSource, path: Path) -> None:
+    """A store is tied to its corpus: refuse to reuse or resume it with another one."""
+    stored, now = manifest.get("corpus_fingerprint"), corpus_fingerprint(corpus)
+    stored_name, now_name = manifest.get("corpus"), describe_corpus(corpus)
+    if stored is not None and now is not None:
+        same = stored == now
+    elif now is None:  # an in-memory iterable: its content cannot be known without consuming it
+        logger.warning("Cannot check that the corpus %s is the one %s was harvested from (%s).", now_name, path,
+                       stored_name)
+        same = True
+    else:  # a store of an older version, which recorded the corpus's name only
+        same = stored_name == now_name or str(stored_name).startswith("<")
+    if not same:
+        state = "complete" if manifest.get("complete") else "partial"
+        raise CheckpointError(
+            f"{path} holds a {state} activation store harvested from corpus {stored_name} (fingerprint {stored}), "
+            f"but the corpus is now {now_name} (fingerprint {now}). A store belongs to one corpus: use another "
+            "out_dir, pass overwrite=True (--overwrite) to start over, or give the original corpus"
+            + (" to resume." if state == "partial" else ".")
+        )
+
+
+def clear_store_folder(path: Path) -> None:
+    """Delete what ``path`` holds for ``overwrite``, except the lock this process holds on it."""
+    for entry in path.iterdir() if path.is_dir() else ():
+        if entry.name != LOCK_FILE:
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+
+
+def store_folder_entries(path: Path) -> list[Path]:
+    """What ``path`` holds besides the lock file (a folder with nothing else counts as empty)."""
+    return [p for p in path.iterdir() if p.name != LOCK_FILE]
+
+
 def harvest(
     base: Any,
     edited: Any,
@@ -243,7 +285,9 @@ def harvest(
 
     Models are TransformerLens objects or names / local folders (booted with TransformerBridge).
     If ``out_dir`` holds an unfinished harvest with the same config, it is resumed; a finished
-    one is returned as is. ``on_shard(i)`` is called after shard i is committed.
+    one is returned as is. ``on_shard(i)`` is called after shard i is committed. A store belongs to
+    one corpus: reusing or resuming it with another is refused (CheckpointError). ``out_dir`` is locked
+    while harvesting: a second harvest into it fails at once (OutputLockedError).
     """
     dist_ctx = distributed_context(config.device)
     if dist_ctx.is_distributed:  # under torchrun: this rank's share, see activations/sharded.py
@@ -255,20 +299,27 @@ def harvest(
         return harvest_sharded(ctx, corpus, config, Path(out_dir), dist_ctx, overwrite=overwrite,
                                progress=progress, on_shard=on_shard)
     path = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="mneme-activations-"))
-    if overwrite and path.exists():
-        shutil.rmtree(path)
-    path.mkdir(parents=True, exist_ok=True)
+    with output_lock(path, "out_dir (--out)"):
+        return _harvest_locked(ctx, corpus, config, path, overwrite=overwrite, progress=progress, on_shard=on_shard)
+
+
+def _harvest_locked(ctx: HarvestContext, corpus: CorpusSource, config: HarvestConfig, path: Path, *,
+                    overwrite: bool, progress: bool, on_shard: Callable[[int], None] | None) -> ActivationStore:
+    if overwrite:
+        clear_store_folder(path)
+    remove_stale_temporaries(path)
 
     if (path / MANIFEST).exists():
         manifest = read_manifest(path)
         _check_resumable(manifest, ctx, path)
+        check_same_corpus(manifest, corpus, path)
         if manifest["complete"]:
             logger.info("Activation store %s is already complete (%d rows); nothing to do.", path, manifest["n_tokens"])
             return ActivationStore(path)
         stats = NormalizationStats.from_dict(manifest["normalization"])
         logger.info("Resuming harvest into %s after %d windows (%d shards).", path, manifest["n_windows"], len(manifest["shards"]))
     else:
-        if any(path.iterdir()):
+        if store_folder_entries(path):
             raise CheckpointError(
                 f"{path} is not empty and has no {MANIFEST}: refusing to harvest into a foreign folder. "
                 "Choose an empty or new out_dir, or pass overwrite=True."

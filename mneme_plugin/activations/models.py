@@ -40,18 +40,36 @@ class ModelSpec:
     def parse(cls, spec: str) -> "ModelSpec":
         if spec.startswith(ORGANISM_PREFIX):
             return cls("organism", spec[len(ORGANISM_PREFIX):])
-        if Path(spec).expanduser().exists():
-            return cls("local", str(Path(spec).expanduser()))
+        path = Path(spec).expanduser()
+        # A spec that can only be a path (not a hub org/name) is a local folder, existing or not.
+        if path.exists() or spec.startswith(("/", ".", "~")) or spec.count("/") > 1 or "\\" in spec:
+            return cls("local", str(path))
         return cls("hub", spec)
 
 
 def check_model_spec(spec: str, where: str) -> list[str]:
-    """Problems with a model spec that can be seen without loading it (missing folders and files)."""
+    """Problems with a model spec that can be seen without loading it (missing folders and files,
+    an organism model not in the current safetensors + JSON format)."""
     parsed = ModelSpec.parse(spec)
-    if parsed.kind == "organism" and not Path(parsed.location).exists():
-        return [f"{where}: organism model {parsed.location} does not exist (build it with `mneme demo` or build_organism)."]
-    if parsed.kind == "local" and not (Path(parsed.location) / "config.json").is_file():
-        return [f"{where}: {parsed.location} exists but holds no config.json: it is not a Hugging Face model folder."]
+    if parsed.kind == "organism":
+        from mneme_plugin.errors import CheckpointError
+        from mneme_plugin.organism.build import organism_model_files
+
+        try:
+            organism_model_files(parsed.location)
+        except CheckpointError as err:
+            return [f"{where}: {err}"]
+        return []
+    if parsed.kind == "local":
+        path = Path(parsed.location)
+        if not path.exists():
+            return [f"{where}: the model folder {spec} does not exist (and it is no hub name of the form org/name)."]
+        if not path.is_dir():
+            return [f"{where}: the model {spec} is a file: give a Hugging Face model folder or a hub name."]
+        if not (path / "config.json").is_file():
+            content = "is empty" if not any(path.iterdir()) else "holds no config.json"
+            return [f"{where}: the model folder {spec} {content}: expected a Hugging Face model folder "
+                    "(config.json, weights, tokenizer), e.g. one written by save_pretrained."]
     return []
 
 
@@ -69,9 +87,17 @@ def load_model(model: Any, device: str = "cpu", dtype: str = "float32") -> Any:
             from mneme_plugin.organism.build import load_organism_model
 
             return load_organism_model(spec.location)
+        from huggingface_hub.errors import HFValidationError
         from transformer_lens.model_bridge import TransformerBridge
 
-        bridge = TransformerBridge.boot_transformers(model, device=device, dtype=_DTYPES[dtype])
+        from mneme_plugin.devices import resolve_device
+
+        device = str(resolve_device(device))
+        try:
+            bridge = TransformerBridge.boot_transformers(model, device=device, dtype=_DTYPES[dtype])
+        except (OSError, HFValidationError) as err:
+            where = "the model folder" if spec.kind == "local" else "the hub model"
+            raise ConfigError(f"Cannot load {where} {model!r}: {str(err).splitlines()[0]}") from err
         bridge.eval()
         bridge._mneme_source_name = model  # remembered for the manifest
         return bridge

@@ -15,7 +15,6 @@ shards differs. A partial store resumes with the same number of ranks.
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -45,21 +44,28 @@ def rank_shard_name(rank: int, index: int) -> str:
 def _prepare(ctx: Any, corpus: CorpusSource, config: HarvestConfig, path: Path, world_size: int,
              overwrite: bool) -> dict[str, Any]:
     """Rank 0: the store's manifest (new, or the partial one to resume); never touches shards."""
-    from mneme_plugin.activations.harvest import _check_resumable, _new_manifest
+    from mneme_plugin.activations.harvest import (
+        _check_resumable,
+        _new_manifest,
+        check_same_corpus,
+        clear_store_folder,
+        store_folder_entries,
+    )
 
-    if overwrite and path.exists():
-        shutil.rmtree(path)
+    if overwrite:
+        clear_store_folder(path)
     path.mkdir(parents=True, exist_ok=True)
     if (path / MANIFEST).exists():
         manifest = read_manifest(path)
         _check_resumable(manifest, ctx, path)
+        check_same_corpus(manifest, corpus, path)
         if not manifest["complete"] and manifest.get("world_size") != world_size:
             raise CheckpointError(
                 f"{path} holds a partial harvest by {manifest.get('world_size', 1)} process(es); resume it with "
                 f"the same number (now {world_size}), or pass overwrite=True to start over."
             )
         return manifest
-    if any(path.iterdir()):
+    if store_folder_entries(path):
         raise CheckpointError(
             f"{path} is not empty and has no {MANIFEST}: refusing to harvest into a foreign folder. "
             "Choose an empty or new out_dir, or pass overwrite=True."

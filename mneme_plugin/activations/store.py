@@ -8,6 +8,8 @@ shards that were completely written.
 from __future__ import annotations
 
 import json
+import logging
+import struct
 from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +22,8 @@ from safetensors.torch import load_file, save_file
 
 from mneme_plugin.errors import CheckpointError
 from mneme_plugin.files import atomic_write, atomic_write_text
+
+logger = logging.getLogger("mneme_plugin")
 
 FORMAT_NAME = "mneme-activations"
 FORMAT_VERSION = 1
@@ -71,6 +75,35 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
     return manifest
 
 
+def shard_problem(file: Path, n_rows: int) -> str | None:
+    """What is wrong with a shard file, from its safetensors header only (None if it looks whole).
+
+    The header states every tensor's byte range, so a truncated file is caught without reading the data.
+    """
+    if not file.is_file():
+        return f"{file.name} is missing"
+    size = file.stat().st_size
+    try:
+        with file.open("rb") as fh:
+            (header_len,) = struct.unpack("<Q", fh.read(8))
+            if header_len > size:
+                raise ValueError("header longer than the file")
+            header = json.loads(fh.read(header_len))
+        tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+        data_end = max((int(v["data_offsets"][1]) for v in tensors.values()), default=0)
+        shapes = {k: v["shape"] for k, v in tensors.items()}
+    except (struct.error, ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as err:
+        return f"{file.name} is not a readable safetensors file ({err})"
+    if size < 8 + header_len + data_end:
+        return f"{file.name} is truncated ({size:,} of {8 + header_len + data_end:,} bytes)"
+    missing = [k for k in SHARD_KEYS if k not in shapes]
+    if missing:
+        return f"{file.name} lacks tensors {missing}"
+    if any(not shapes[k] or shapes[k][0] != n_rows for k in SHARD_KEYS):
+        return f"{file.name} does not hold the {n_rows:,} rows the manifest lists"
+    return None
+
+
 class ActivationStore:
     """Read access to a harvested store of paired activations (rows of shape (2, d))."""
 
@@ -103,6 +136,31 @@ class ActivationStore:
     @property
     def complete(self) -> bool:
         return bool(self.manifest["complete"])
+
+    def shard_problems(self) -> list[str]:
+        """Shards that are missing, truncated or do not match the manifest (reads their headers only)."""
+        problems = (shard_problem(self.path / s["file"], int(s["n_rows"])) for s in self.manifest["shards"])
+        return [p for p in problems if p is not None]
+
+    def require_complete(self, allow_partial: bool = False, use: str = "this") -> None:
+        """CheckpointError if a shard is damaged, or if the harvest did not finish unless ``allow_partial``
+        (then a warning). Checked up front, so a long job does not fail at its first damaged shard."""
+        problems = self.shard_problems()
+        if problems:
+            raise CheckpointError(
+                f"The activation store {self.path} is damaged: {'; '.join(problems)}. Harvest it again "
+                "(--overwrite), or restore the files."
+            )
+        if self.complete:
+            return
+        what = (f"{self.path} is a partial activation store: its harvest stopped after {self.num_rows:,} rows "
+                f"({self.manifest.get('n_windows', 0):,} windows)")
+        if not allow_partial:
+            raise CheckpointError(
+                f"{what}. Resume the harvest (run it again with the same options) before {use}, or pass "
+                "allow_partial=True (--allow-partial) to use the rows it has."
+            )
+        logger.warning("%s; using it as asked (allow_partial).", what)
 
     @property
     def scale_factors(self) -> torch.Tensor:

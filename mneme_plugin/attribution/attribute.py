@@ -24,6 +24,7 @@ from mneme_plugin.crosscoder.base import CrossCoder
 from mneme_plugin.crosscoder.provenance import check_same_source
 from mneme_plugin.devices import resolve_device
 from mneme_plugin.errors import EmptyCorpusError, ModelMismatchError, NonFiniteActivationError
+from mneme_plugin.files import holds_output_lock
 
 logger = logging.getLogger("mneme_plugin")
 
@@ -146,6 +147,7 @@ def summarize(table: pd.DataFrame, config: AttributionConfig, n_tokens: int, ext
 
 
 @torch.no_grad()
+@holds_output_lock("out_dir", "attribution folder (--out)")
 def attribute(
     crosscoder: CrossCoderLike,
     data: AttributionData,
@@ -153,12 +155,15 @@ def attribute(
     out_dir: str | os.PathLike[str] | None = None,
     *,
     progress: bool = True,
+    allow_partial: bool = False,
 ) -> AttributionResult:
     """Decoder norms, latent-scaling betas and a class for every latent of ``crosscoder``.
 
     ``data``: an activation store (or its path), a (n, 2, d) tensor, or an iterable of raw
     (B, 2, d) batches; every row is used once, in one pass, with memory O(m d). Betas are computed
-    in the crosscoder's normalised space. With ``out_dir`` the table and summary are written there.
+    in the crosscoder's normalised space. With ``out_dir`` the table and summary are written there
+    (the folder is locked meanwhile: a second attribution into it fails, OutputLockedError). A store
+    whose harvest did not finish (or with damaged shards) is refused unless ``allow_partial``.
     """
     cfg = config if isinstance(config, AttributionConfig) else AttributionConfig.from_dict(config)
     cc = resolve_crosscoder(crosscoder)
@@ -176,9 +181,10 @@ def attribute(
         )
     store = ActivationStore(data, cache_shards=1) if isinstance(data, (str, os.PathLike)) else data
     if isinstance(store, ActivationStore):
+        store.require_complete(allow_partial, use="attribution")
         check_same_source(cc, store.manifest, what=f"the store {store.path}", allow=cfg.allow_store_mismatch,
                           override="--allow-store-mismatch (attribution.allow_store_mismatch: true)")
-    batches, data_desc = _iter_batches(data, d, cfg.batch_size, progress)
+    batches, data_desc = _iter_batches(store, d, cfg.batch_size, progress)
     _check_scales(cc, store)
 
     acc = LatentScalingAccumulator.from_crosscoder(cc, device=device)

@@ -221,7 +221,13 @@ class CrossCoder(Dictionary, nn.Module):
                     f"{required} is missing: a mneme crosscoder directory holds {CONFIG_FILE} and {WEIGHTS_FILE}."
                 )
         meta = read_crosscoder_meta(config_path)
-        config = CrossCoderConfig.from_dict(meta["config"])
+        try:  # ConfigMixin checks every field's type; name the file, which the user did not write by hand
+            config = CrossCoderConfig.from_dict(meta["config"], section="config")
+        except ConfigError as err:
+            raise CheckpointError(
+                f"{config_path} holds an invalid crosscoder config: {err} The file was edited or damaged; "
+                "restore it from the training run."
+            ) from err
         architecture = meta.get("architecture") or architecture_of(config)
         try:
             klass = get_crosscoder_class(architecture)

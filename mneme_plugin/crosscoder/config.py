@@ -6,8 +6,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from mneme_plugin.config import ConfigMixin, require
+from mneme_plugin.config import ConfigMixin, Seed, require
 from mneme_plugin.errors import ConfigError
+from mneme_plugin.crosscoder.losses import RECONSTRUCTION_LOSSES
 from mneme_plugin.crosscoder.normalizers import NORMALIZERS
 from mneme_plugin.crosscoder.salience import SALIENCE_MODES
 
@@ -138,12 +139,15 @@ class TrainingConfig(ConfigMixin):
     warmup_steps: int | None = None
     # Linear decay to zero over the last fraction of steps (0 disables the decay).
     decay_fraction: float = 0.2
+    # Reconstruction loss (``losses.RECONSTRUCTION_LOSSES``): ``squared`` (the paper's Eq. 1) or
+    # ``norm`` (the science-of-finetuning trainer's mean error norm per model).
+    loss: str = "squared"
     aux_alpha: float = 1 / 32
     dead_after_tokens: int | None = None
     threshold_start_step: int | None = None
     threshold_beta: float = 0.999
     grad_clip: float = 1.0
-    seed: int = 0
+    seed: Seed = 0
     device: str = "auto"
     checkpoint_every: int = 1000
     keep_checkpoints: int = 2
@@ -170,6 +174,10 @@ class TrainingConfig(ConfigMixin):
         require(
             0.0 <= self.decay_fraction <= 1.0,
             f"decay_fraction must be in [0, 1], got {self.decay_fraction}.",
+        )
+        require(
+            self.loss in RECONSTRUCTION_LOSSES,
+            f"loss must be one of {sorted(RECONSTRUCTION_LOSSES)}, got {self.loss!r}.",
         )
         require(self.aux_alpha >= 0, f"aux_alpha must be >= 0, got {self.aux_alpha}.")
         require(

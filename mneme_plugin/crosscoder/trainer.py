@@ -19,6 +19,7 @@ import torch
 from dictionary_learning.trainers.trainer import SAETrainer
 
 from mneme_plugin.crosscoder.config import CrossCoderConfig, TrainingConfig
+from mneme_plugin.crosscoder.losses import RECONSTRUCTION_LOSSES, squared_error
 from mneme_plugin.crosscoder.model import BatchTopKCrossCoder
 from mneme_plugin.crosscoder.sparse import ActiveLatents, gather_active, global_batch_topk_indices, sparse_decode
 from mneme_plugin.devices import resolve_device
@@ -87,6 +88,7 @@ class BatchTopKCrossCoderTrainer(SAETrainer):
         lr: float | None = None,
         warmup_steps: int | None = None,
         decay_fraction: float = 0.2,
+        loss: str = TrainingConfig.loss,
         aux_alpha: float = 1 / 32,
         dead_after_tokens: int | None = None,
         threshold_start_step: int | None = None,
@@ -122,6 +124,7 @@ class BatchTopKCrossCoderTrainer(SAETrainer):
             lr=lr,
             warmup_steps=warmup_steps,
             decay_fraction=decay_fraction,
+            loss=loss,
             aux_alpha=aux_alpha,
             dead_after_tokens=dead_after_tokens,
             threshold_start_step=threshold_start_step,
@@ -174,6 +177,7 @@ class BatchTopKCrossCoderTrainer(SAETrainer):
             lr=t.lr,
             warmup_steps=t.warmup_steps,
             decay_fraction=t.decay_fraction,
+            loss=t.loss,
             aux_alpha=t.aux_alpha,
             dead_after_tokens=t.dead_after_tokens,
             threshold_start_step=t.threshold_start_step,
@@ -263,14 +267,20 @@ class BatchTopKCrossCoderTrainer(SAETrainer):
         err = (residual - aux_hat).pow(2).sum(dim=(1, 2)).mean()
         return err / denom.clamp_min(1e-12)
 
+    def reconstruction_losses(self, x_norm: torch.Tensor, x_hat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(squared error, the loss minimised): the squared error is reported whatever the loss."""
+        mse = squared_error(x_norm, x_hat)
+        kind = self.training_config.loss
+        return mse, mse if kind == "squared" else RECONSTRUCTION_LOSSES[kind](x_norm, x_hat)
+
     def _forward(self, x: torch.Tensor) -> _StepOutput:
-        """Eq. 1 (squared error summed over both models, mean over the batch) + alpha * aux-k."""
+        """The reconstruction loss (``TrainingConfig.loss``) + alpha * aux-k."""
         x_norm = self.ae.normalize(x.to(self.device))
         active, salience, weights = self.ae.batch_topk_active(x_norm, self._select_global)
         x_hat = self.ae.decode_active(active)
-        mse = (x_norm - x_hat).pow(2).sum(dim=(1, 2)).mean()
+        mse, loss = self.reconstruction_losses(x_norm, x_hat)
         aux = self._aux_loss(x_norm, x_hat, salience, weights)
-        loss = mse + self.training_config.aux_alpha * aux
+        loss = loss + self.training_config.aux_alpha * aux
         return _StepOutput(loss, mse, aux, x_norm, x_hat, active, salience)
 
     def _select_global(self, salience: torch.Tensor, keep: int) -> torch.Tensor:

@@ -11,6 +11,7 @@ Run directory layout::
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
@@ -39,7 +40,7 @@ from mneme_plugin.crosscoder.model import BatchTopKCrossCoder
 from mneme_plugin.crosscoder.trainer import BatchTopKCrossCoderTrainer
 from mneme_plugin.distributed import SINGLE_PROCESS, DistributedContext, distributed_context
 from mneme_plugin.errors import CheckpointError, ConfigError, NonFiniteActivationError
-from mneme_plugin.files import atomic_write_text
+from mneme_plugin.files import atomic_directory, atomic_write_text, output_lock
 
 logger = logging.getLogger("mneme_plugin")
 
@@ -178,14 +179,12 @@ def save_checkpoint(trainer: BatchTopKCrossCoderTrainer, run_dir: Path, step: in
     root = run_dir / CHECKPOINT_DIR
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:08d}"
-    tmp = root / f".tmp_step_{step:08d}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    trainer.ae.save_pretrained(tmp)
-    torch.save(trainer.state_dict(), tmp / STATE_FILE)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+
+    def write(tmp: Path) -> None:
+        trainer.ae.save_pretrained(tmp)
+        torch.save(trainer.state_dict(), tmp / STATE_FILE)
+
+    atomic_directory(final, write, overwrite=True)
     for old in _checkpoint_dirs(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -235,19 +234,32 @@ def train(
     resume: bool = True,
     progress: bool = True,
     on_step: StepCallback | None = None,
+    allow_partial: bool = False,
 ) -> TrainResult:
     """Train a BatchTopK crosscoder on paired activations and write it to ``run_dir``.
 
     ``data`` is an activation store (or its path) or an iterable of raw (B, 2, d) batches
     exposing ``scale_factors`` (e.g. ``harvest_stream``). With ``resume`` (default) the newest
     checkpoint in ``run_dir`` is continued, and a finished run is loaded instead of retrained.
-    ``on_step(step, trainer)`` is called after every step.
+    ``on_step(step, trainer)`` is called after every step. A store whose harvest did not finish
+    (or with damaged shards) is refused unless ``allow_partial`` (CheckpointError). ``run_dir``
+    is locked while training: a second ``train`` on it fails at once (OutputLockedError).
     """
     cc_cfg = crosscoder if isinstance(crosscoder, CrossCoderConfig) else CrossCoderConfig.from_dict(crosscoder)
     tr_cfg = training if isinstance(training, TrainingConfig) else TrainingConfig.from_dict(training)
     run_dir = Path(run_dir)
-    # Under torchrun: one rank of a data-parallel job (crosscoder/distributed.py); rank 0 writes.
+    # Under torchrun: one rank of a data-parallel job (crosscoder/distributed.py); rank 0 writes and locks.
     ctx = distributed_context(tr_cfg.device)
+    if isinstance(data, (str, os.PathLike)):
+        data = ActivationStore(data)
+    if isinstance(data, ActivationStore):  # before the lock: a bad store leaves no run directory behind
+        data.require_complete(allow_partial, use="training")
+    with output_lock(run_dir, "run directory (--out)") if ctx.is_main else contextlib.nullcontext():
+        return _train(data, run_dir, cc_cfg, tr_cfg, ctx, resume=resume, progress=progress, on_step=on_step)
+
+
+def _train(data: TrainingData, run_dir: Path, cc_cfg: CrossCoderConfig, tr_cfg: TrainingConfig,
+           ctx: DistributedContext, *, resume: bool, progress: bool, on_step: StepCallback | None) -> TrainResult:
     check_divisible(tr_cfg.batch_size, ctx)
     progress = progress and ctx.is_main
     source = _Data(data, tr_cfg.batch_size, tr_cfg.seed, tr_cfg.eval_rows, ctx)
@@ -345,13 +357,7 @@ def train(
     if not ctx.is_main:
         ctx.barrier()  # rank 0 writes the crosscoder and its metrics
         return TrainResult(crosscoder_model, metrics, run_dir)
-    tmp_final = run_dir / f".tmp_{FINAL_DIR}"
-    if tmp_final.exists():
-        shutil.rmtree(tmp_final)
-    crosscoder_model.save_pretrained(tmp_final)
-    if final_dir.exists():
-        shutil.rmtree(final_dir)
-    os.replace(tmp_final, final_dir)
+    atomic_directory(final_dir, crosscoder_model.save_pretrained, overwrite=True)
     atomic_write_text(metrics_path, json.dumps(metrics.to_dict(), indent=2))
     logger.info("Crosscoder written to %s, metrics to %s.", final_dir, metrics_path)
     ctx.barrier()

@@ -14,6 +14,7 @@ from typing import Callable, Sequence
 
 from mneme_plugin.crosscoder.base import CONFIG_FILE, FORMAT_NAME, WEIGHTS_FILE, CrossCoder
 from mneme_plugin.errors import CheckpointError
+from mneme_plugin.files import refuse_overwrite
 from mneme_plugin.formats import kissane, saelens, science_of_finetuning
 from mneme_plugin.formats.common import download_from_hub, load_tensors, looks_like_hub_id
 
@@ -200,6 +201,12 @@ def load_crosscoder(
     return model.eval()
 
 
-def import_crosscoder(source: str | os.PathLike[str], out_dir: str | os.PathLike[str], **kwargs) -> Path:
-    """Load ``source`` (see ``load_crosscoder``) and save it in this package's own format to ``out_dir``."""
+def import_crosscoder(source: str | os.PathLike[str], out_dir: str | os.PathLike[str], *, force: bool = False,
+                      **kwargs) -> Path:
+    """Load ``source`` (see ``load_crosscoder``) and save it in this package's own format to ``out_dir``.
+
+    A crosscoder already in ``out_dir`` is refused (OutputExistsError) unless ``force``; it is
+    checked before ``source`` is read, so a refusal costs nothing.
+    """
+    refuse_overwrite([Path(out_dir) / CONFIG_FILE, Path(out_dir) / WEIGHTS_FILE], force)
     return load_crosscoder(source, **kwargs).save_pretrained(out_dir)

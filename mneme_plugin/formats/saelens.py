@@ -41,7 +41,7 @@ from mneme_plugin.crosscoder.base import CrossCoder
 from mneme_plugin.crosscoder.imported import JumpReLUCrossCoder
 from mneme_plugin.errors import CheckpointError, ConfigError
 from mneme_plugin.formats.common import load_tensors, read_json, require_tensor
-from mneme_plugin.files import atomic_write, atomic_write_text
+from mneme_plugin.files import atomic_write, atomic_write_text, refuse_overwrite
 
 FORMAT = "mneme-crosscoder-saelens"
 CFG_FILE = "cfg.json"
@@ -124,11 +124,13 @@ def export_saelens(
     base_model: str | None = None,
     edited_model: str | None = None,
     views: bool = False,
+    force: bool = False,
 ) -> dict[str, Path]:
     """Write the crosscoder as SAE-Lens jumprelu SAE folders under ``out_dir``; returns {view: folder}.
 
     ``folder`` defaults to the hook name (from the crosscoder's metadata, else ``crosscoder``).
-    ``views`` adds the per-model (partial) views.
+    ``views`` adds the per-model (partial) views. Existing files are refused (OutputExistsError)
+    unless ``force``.
     """
     cfg: CrossCoderConfig = crosscoder.cfg
     meta = dict(cfg.metadata)
@@ -138,6 +140,8 @@ def export_saelens(
     folder = folder or hook_name or "crosscoder"
     if "/" in folder or folder in ("", ".", ".."):
         raise ConfigError(f"The export folder name must be one path component, got {folder!r}.")
+    names = [folder] + ([folder + VIEW_SUFFIX[v] for v in MODEL_ORDER] if views else [])
+    refuse_overwrite([Path(out_dir) / n / f for n in names for f in (CFG_FILE, WEIGHTS_FILE)], force)
     d, m = crosscoder.activation_dim, crosscoder.dict_size
     decoupled = not crosscoder.shared_code
     full = folded_weights(crosscoder)

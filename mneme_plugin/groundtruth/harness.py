@@ -19,7 +19,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from mneme_plugin.config import ConfigMixin, require
+from mneme_plugin.config import ConfigMixin, Seed, require
 from mneme_plugin.errors import ConfigError
 from mneme_plugin.groundtruth.table import SCORES_CSV, category_from_task, make_table, mcnemar_p, save_scores, z_test_p
 from mneme_plugin.files import atomic_write_text
@@ -62,7 +62,7 @@ class LMEvalConfig(ConfigMixin):
     dtype: str = "auto"
     apply_chat_template: bool = False
     model_args: dict[str, Any] = field(default_factory=dict)
-    seed: int = 0
+    seed: Seed = 0
 
     def __post_init__(self) -> None:
         self.tasks = [self.tasks] if isinstance(self.tasks, str) else [str(t) for t in self.tasks]

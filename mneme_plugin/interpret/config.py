@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mneme_plugin.activations.config import HarvestConfig
-from mneme_plugin.config import ConfigMixin, require
+from mneme_plugin.config import ConfigMixin, Seed, require
 
 VALUE_MODES = ("code", "weighted")
 EXPLAINERS = ("offline", "default", "contrastive")
@@ -61,7 +61,7 @@ class CollectConfig(ConfigMixin):
     allow_hook_mismatch: bool = False
     encode_batch: int = 4096
     n_splits: int = 1
-    seed: int = 0
+    seed: Seed = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.harvest, dict):

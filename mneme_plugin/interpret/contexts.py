@@ -34,7 +34,7 @@ import torch
 
 from mneme_plugin.activations.config import HarvestConfig
 from mneme_plugin.errors import CheckpointError, ConfigError, EmptyCorpusError
-from mneme_plugin.files import atomic_write
+from mneme_plugin.files import atomic_write, holds_output_lock
 from mneme_plugin.interpret.config import CollectConfig, check_windows
 
 logger = logging.getLogger("mneme_plugin")
@@ -430,6 +430,7 @@ def reading_config(config: CollectConfig, crosscoder: Any) -> HarvestConfig:
     return reading
 
 
+@holds_output_lock("out_dir", "contexts folder (--out)")
 def collect(
     base: Any,
     edited: Any,

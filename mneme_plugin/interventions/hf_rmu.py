@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from mneme_plugin.config import ConfigMixin, require
+from mneme_plugin.config import ConfigMixin, Seed, require
 from mneme_plugin.errors import EmptyCorpusError, LayerOutOfRangeError
 from mneme_plugin.interventions.hf_models import (
     DTYPES,
@@ -70,7 +70,7 @@ class HFRMUConfig(ConfigMixin):
     min_chars: int = 50
     max_chars: int = 2000
     text_field: str = "text"
-    seed: int = 42
+    seed: Seed = 42
     device: str = "auto"
     dtype: str = "auto"
 

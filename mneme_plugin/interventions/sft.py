@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from mneme_plugin.config import ConfigMixin, require
+from mneme_plugin.config import ConfigMixin, Seed, require
 from mneme_plugin.errors import ConfigError, EmptyCorpusError
 from mneme_plugin.interventions.hf_models import DTYPES, InterventionResult, load_causal_lm
 
@@ -101,7 +101,7 @@ class SFTConfig(ConfigMixin):
     gradient_checkpointing: bool = False
     lora: LoRASettings | None = None
     shuffle: bool = True
-    seed: int = 0
+    seed: Seed = 0
     device: str = "auto"
     dtype: str = "auto"
 

@@ -187,6 +187,8 @@ def _build_organism(seed: int = 0, intervention: str = "rmu", target_domain: str
 
     if intervention not in INTERVENTIONS:
         raise ConfigError(f"Unknown intervention {intervention!r}; known: {INTERVENTIONS}.")
+    if type(seed) is not int or seed < 0:
+        raise ConfigError(f"seed must be an integer >= 0 (random generators refuse negative seeds), got {seed!r}.")
     if intervention == "benign":
         target_domain = None
     elif target_domain not in DOMAINS:
@@ -269,11 +271,12 @@ def pretraining_texts(seed: int, cfg: OrganismConfig) -> list[str]:
     return texts + generate_generic_corpus(cfg.generic_docs, seed=seed)
 
 
-def load_organism_model(path: str | Path) -> Any:
-    """A model saved by ``build_organism`` (the ``organism:PATH`` model spec of run configs).
+def organism_model_files(path: str | Path) -> tuple[Path, dict[str, Any]]:
+    """(weights file, parsed JSON) of an organism model at ``path``, checked without reading the weights.
 
-    ``PATH`` is the ``.safetensors`` file (or its ``.json`` sibling). Older versions saved pickled
-    ``.pt`` files: those are refused, never unpickled (a pickle can run any code).
+    CheckpointError when ``path`` is not in the current format (a pickled ``.pt`` of an older
+    version included: it is refused, never unpickled), is missing, or its JSON or safetensors
+    header is damaged. ``mneme run --dry-run`` uses it to check ``organism:PATH`` models.
     """
     from mneme_plugin.errors import CheckpointError
 
@@ -291,6 +294,25 @@ def load_organism_model(path: str | Path) -> Any:
     if not weights.is_file():
         raise CheckpointError(f"{weights} does not exist: build the organism first (mneme demo or build_organism).")
     blob = _read_model_meta(weights)
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(weights), framework="pt") as fh:
+            fh.keys()
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{weights} is not a readable safetensors file ({err}); rebuild the organism.") from err
+    return weights, blob
+
+
+def load_organism_model(path: str | Path) -> Any:
+    """A model saved by ``build_organism`` (the ``organism:PATH`` model spec of run configs).
+
+    ``PATH`` is the ``.safetensors`` file (or its ``.json`` sibling). Older versions saved pickled
+    ``.pt`` files: those are refused, never unpickled (a pickle can run any code).
+    """
+    from mneme_plugin.errors import CheckpointError
+
+    weights, blob = organism_model_files(path)
     meta = blob["meta"]
     try:
         organism_cfg = OrganismConfig(**meta["organism"])

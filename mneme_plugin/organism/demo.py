@@ -5,7 +5,11 @@ fine-tuning on mixed text) the organism is built (``build_organism``: base LM, e
 per-domain accuracy drop on the cloze question set), then ``mneme run`` goes through every stage
 on the task-agnostic slice of the corpus, which excludes the forget / fine-tuning set: harvest,
 train, attribute, collect, explain (offline), map (to the organism's domain taxonomy), predict,
-evaluate against the measured drops (with random, naive and oracle baselines), report.
+evaluate against the measured drops (with random, naive and oracle baselines), report. Where the
+edit degraded domains, the edited model is then retrained on the top contexts of the suppressed
+latents and, as a control, for the same steps on as many random task-agnostic windows
+(``remediate_run_with_control``); the recovered share of the lost accuracy of each arm is written
+to the case folder (``remediation_vs_control.json`` / ``.csv``).
 """
 
 from __future__ import annotations
@@ -18,11 +22,20 @@ from typing import Any
 import pandas as pd
 import yaml
 
+from mneme_plugin.errors import ConfigError
 from mneme_plugin.files import atomic_write_text
+from mneme_plugin.groundtruth import domain_accuracy
 from mneme_plugin.groundtruth.table import SCORES_CSV, save_scores, scores_table
-from mneme_plugin.organism.build import INTERVENTIONS, Organism, build_organism
+from mneme_plugin.organism.build import INTERVENTIONS, Organism, build_organism, default_intervention_config
+from mneme_plugin.organism.models import deterministic
 from mneme_plugin.pipeline import RunConfig, run_pipeline
 from mneme_plugin.sideeffects import load_evaluation
+from mneme_plugin.sideeffects.remediate import (
+    ControlledRemediation,
+    RemediateConfig,
+    remediate_run_with_control,
+    save_controlled_remediation,
+)
 
 logger = logging.getLogger("mneme_plugin")
 
@@ -75,6 +88,7 @@ class DemoCase:
     predicted: list[str] = field(default_factory=list)
     degraded: list[str] = field(default_factory=list)
     drop_threshold: float = 0.1  # the accuracy drop above which a domain counts as degraded
+    remediation: ControlledRemediation | None = None  # None when nothing degraded (or nothing to retrain on)
 
 
 @dataclass
@@ -90,6 +104,40 @@ class DemoResult:
                              "precision": row.precision, "recall": row.recall, "f1": row.f1})
         return pd.DataFrame(rows)
 
+    def remediation_table(self) -> pd.DataFrame:
+        """Per case and degraded domain: accuracies and the recovered share of remediation vs the control."""
+        frames = []
+        for case in self.cases:
+            if case.remediation is not None:
+                table = case.remediation.table()
+                table = table[table["degraded"]].drop(columns="degraded")
+                frames.append(table.assign(intervention=case.intervention, target=case.target_domain))
+        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def remediation_config(organism: Organism, seed: int = 0) -> RemediateConfig:
+    """Remediation at the organism's own fine-tuning scale: the steps, lr and batch size of its narrow
+    fine-tuning (fixed before any remediation figure was measured; samples as ``RemediateConfig``'s defaults)."""
+    fine_tuning = default_intervention_config("narrow", organism.config, seed)
+    return RemediateConfig(steps=fine_tuning.steps, lr=fine_tuning.lr, batch_size=fine_tuning.batch_size, seed=seed)
+
+
+def remediate_case(organism: Organism, run_dir: Path, corpus: Path, degraded: list[str], out_dir: Path,
+                   seed: int = 0, progress: bool = True) -> ControlledRemediation | None:
+    """Remediation vs the random-window control on one demo case, saved to ``out_dir``."""
+    def evaluator(model: Any) -> dict[str, float]:
+        return domain_accuracy(model, organism.questions, organism.config.accuracy_mode)
+
+    try:
+        with deterministic():
+            result = remediate_run_with_control(run_dir, organism.edited, corpus, evaluator, organism.accuracy_before,
+                                                degraded, remediation_config(organism, seed), progress=progress)
+    except ConfigError as err:  # e.g. no suppressed latent was collected
+        logger.warning("[demo] %s: no remediation (%s)", organism.intervention, err)
+        return None
+    save_controlled_remediation(result, out_dir)
+    return result
+
 
 def run_case(organism: Organism, case_dir: Path, seed: int = 0, progress: bool = True) -> DemoCase:
     """``mneme run`` on one organism case in ``case_dir`` (corpus, ground truth, recipe, run/)."""
@@ -103,8 +151,13 @@ def run_case(organism: Organism, case_dir: Path, seed: int = 0, progress: bool =
     run_config = RunConfig.from_dict(config)
     layout = run_pipeline(run_config, models={"base": organism.base, "edited": organism.edited}, progress=progress)
     evaluation = load_evaluation(layout.evaluation)
+    remediation = None
+    if evaluation.true_set:
+        logger.info("[demo] %s: remediation vs the random-window control.", organism.intervention)
+        remediation = remediate_case(organism, layout.root, corpus, list(evaluation.true_set), case_dir, seed, progress)
     return DemoCase(organism.intervention, organism.target_domain, layout.root, organism.drop, evaluation.table(),
-                    evaluation.predicted.get("MNEME", []), evaluation.true_set, run_config.evaluate.drop_threshold)
+                    evaluation.predicted.get("MNEME", []), evaluation.true_set, run_config.evaluate.drop_threshold,
+                    remediation)
 
 
 def run_demo(out_dir: str | Path, seed: int = 0, interventions: tuple[str, ...] = INTERVENTIONS,

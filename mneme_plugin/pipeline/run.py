@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from mneme_plugin.errors import ConfigError
-from mneme_plugin.files import atomic_write_text
+from mneme_plugin.files import atomic_write_text, output_lock
 from mneme_plugin.layout import RunLayout
 from mneme_plugin.pipeline.config import RunConfig, save_run_config
 from mneme_plugin.pipeline.stage import PipelineContext, Stage
@@ -133,7 +133,14 @@ def run_pipeline(
             raise ConfigError(f"Unknown stage(s) {unknown}; the stages are {', '.join(s.name for s in stages)}.")
     validate_for_run(config, stages, models=models)
     layout = config.layout
-    layout.root.mkdir(parents=True, exist_ok=True)
+    # One `mneme run` per run directory at a time: a second one fails at once (OutputLockedError).
+    with output_lock(layout.root, "run directory (out_dir)"):
+        _run_stages(config, stages, layout, models=models, only=only, progress=progress)
+    return layout
+
+
+def _run_stages(config: RunConfig, stages: list[Stage], layout: RunLayout, *, models: dict[str, Any] | None,
+                only: list[str] | None, progress: bool) -> None:
     save_run_config(config)
     ctx = PipelineContext(config=config, layout=layout, progress=progress, models=dict(models or {}))
     for stage, fingerprint, status in plan(config, stages):
@@ -157,4 +164,3 @@ def run_pipeline(
                 "version": MARKER_VERSION}
         atomic_write_text(layout.stage_marker(stage.name), json.dumps(info), durable=True)
         logger.info("[%s] finished in %.1f s -> %s", stage.name, seconds, stage.outputs(layout))
-    return layout

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mneme_plugin.config import ConfigMixin, require
+from mneme_plugin.config import ConfigMixin, Seed, require
 
 RULES = ("outlier", "enrichment", "relative", "top_k", "min_score")
 
@@ -78,7 +78,7 @@ class EvaluateConfig(ConfigMixin):
     significance: float | None = None
     random_p: float = 0.5
     random_seeds: int = 1000
-    seed: int = 0
+    seed: Seed = 0
 
     def __post_init__(self) -> None:
         require(self.drop_threshold >= 0, "drop_threshold must be >= 0.")

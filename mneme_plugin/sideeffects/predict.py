@@ -160,7 +160,10 @@ def load_prediction(out_dir: str | os.PathLike[str]) -> Prediction:
     path = Path(out_dir) / PREDICTIONS_JSON
     if not path.is_file():
         raise CheckpointError(f"{path} does not exist: run the predict stage (`mneme predict`) first.")
-    data = json.loads(path.read_text())
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path} is corrupt: not valid JSON ({err}); predict again.") from err
     return Prediction(
         scores=pd.DataFrame(data["scores"]), predicted=list(data["predicted"]),
         evidence=data["evidence"], config=PredictConfig.from_dict(data["config"]),

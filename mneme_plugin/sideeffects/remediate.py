@@ -3,11 +3,19 @@
 The paper reports that this partly reverses the side effects. Samples are the collected top
 contexts (``mneme collect``) of the most suppressed latents; training is plain next-token loss
 with a small learning rate, through LoRA when ``peft`` is installed and the model is a HF model.
+
+``remediate_with_control`` measures it: the same training (steps, lr, batch size, number of
+samples) once on those top contexts and once on random windows of the run's task-agnostic corpus,
+each on its own copy of the edited model, and reports per degraded category the share of the lost
+accuracy each arm recovered.
 """
 
 from __future__ import annotations
 
+import copy
+import json
 import logging
+import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -17,13 +25,17 @@ from typing import Any
 import pandas as pd
 import torch
 
-from mneme_plugin.config import ConfigMixin, require
+from mneme_plugin.config import ConfigMixin, Seed, require
 from mneme_plugin.errors import ConfigError
-from mneme_plugin.files import atomic_write
+from mneme_plugin.files import atomic_write, atomic_write_text
 
 logger = logging.getLogger("mneme_plugin")
 
 Evaluator = Callable[[Any], Mapping[str, float]]
+
+CONTROLLED_JSON = "remediation_vs_control.json"
+CONTROLLED_CSV = "remediation_vs_control.csv"
+CONTROLLED_FORMAT = "mneme-remediation-vs-control"
 
 
 @dataclass
@@ -38,7 +50,7 @@ class RemediateConfig(ConfigMixin):
     batch_size: int = 8
     lora: bool = False
     lora_rank: int = 8
-    seed: int = 0
+    seed: Seed = 0
 
     def __post_init__(self) -> None:
         self.classes = tuple(self.classes)
@@ -146,3 +158,162 @@ def save_remediation(result: RemediationResult, out_dir: str | os.PathLike[str],
     logger.info("Remediated model written to %s, before/after scores to %s.", model_dir, out / "remediation.csv")
     result.out_dir = out
     return out
+
+
+# ----------------------------------------------------------------------------- remediation vs control
+
+
+def corpus_windows(corpus: Any, tokenizer: Any, harvest: Any, ctx_len: int) -> torch.Tensor:
+    """Every ``ctx_len``-token piece (rows, ctx_len) of the corpus windows as ``collect`` read them.
+
+    ``harvest`` is the reading ``HarvestConfig`` (the collected contexts record it in their meta);
+    pieces holding padding are left out, so every row is real corpus text.
+    """
+    from mneme_plugin.activations.corpus import iter_windows
+
+    if harvest.context_length % ctx_len:
+        raise ConfigError(f"The windows' context_length ({harvest.context_length}) is not a multiple of {ctx_len}.")
+    pieces = []
+    for window in iter_windows(corpus, tokenizer, harvest.context_length, harvest.max_tokens, harvest.text_field,
+                               harvest.messages_field, harvest.append_eos):
+        tokens, mask = window.tokens.view(-1, ctx_len), window.mask.view(-1, ctx_len)
+        pieces.append(tokens[mask.all(dim=1)])
+    return torch.cat(pieces)
+
+
+@dataclass
+class ControlledRemediation:
+    """Per-category accuracy of the base, the edited model, the edited model retrained on the suppressed
+    latents' top contexts (``remediated``) and retrained the same way on random corpus windows (``control``)."""
+
+    base: dict[str, float]
+    edited: dict[str, float]
+    remediated: dict[str, float]
+    control: dict[str, float]
+    degraded: list[str]
+    n_samples: int  # rows each arm trained on
+    steps: int  # optimizer steps of each arm
+    latents: list[int] = field(default_factory=list)
+    control_rows: list[int] = field(default_factory=list)  # rows of the corpus-window pool the control drew
+    config: dict[str, Any] = field(default_factory=dict)
+    remediated_model: Any = None  # in memory only (never saved)
+    control_model: Any = None
+
+    ARMS = ("remediated", "control")
+
+    def recovered(self, arm: str) -> dict[str, float]:
+        """Per degraded category: (arm - edited) / (base - edited), the share of the lost accuracy won back."""
+        if arm not in self.ARMS:
+            raise ConfigError(f"arm must be one of {self.ARMS}, got {arm!r}.")
+        scores = getattr(self, arm)
+        out = {}
+        for c in self.degraded:
+            lost = self.base[c] - self.edited[c]
+            out[c] = (scores[c] - self.edited[c]) / lost if lost > 0 else math.nan
+        return out
+
+    def mean_recovered(self, arm: str) -> float:
+        values = [v for v in self.recovered(arm).values() if not math.isnan(v)]
+        return sum(values) / len(values) if values else math.nan
+
+    def table(self) -> pd.DataFrame:
+        cats = list(self.base)
+        rem, ctl = self.recovered("remediated"), self.recovered("control")
+        return pd.DataFrame({
+            "category": cats, "base": [self.base[c] for c in cats], "edited": [self.edited[c] for c in cats],
+            "remediated": [self.remediated[c] for c in cats], "control": [self.control[c] for c in cats],
+            "degraded": [c in self.degraded for c in cats],
+            "recovered_remediated": [rem.get(c, math.nan) for c in cats],
+            "recovered_control": [ctl.get(c, math.nan) for c in cats],
+        })
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": CONTROLLED_FORMAT, "version": 1, "base": self.base, "edited": self.edited,
+                "remediated": self.remediated, "control": self.control, "degraded": self.degraded,
+                "n_samples": self.n_samples, "steps": self.steps, "latents": self.latents,
+                "control_rows": self.control_rows, "config": self.config,
+                "mean_recovered": {arm: self.mean_recovered(arm) for arm in self.ARMS}}
+
+
+def remediate_with_control(edited: Any, samples: torch.Tensor, pool: torch.Tensor, evaluator: Evaluator,
+                           base_scores: Mapping[str, float], degraded: list[str],
+                           config: RemediateConfig | None = None, latents: list[int] | None = None,
+                           progress: bool = True) -> ControlledRemediation:
+    """Retrain two copies of ``edited`` with the same ``config``: one on ``samples`` (the top contexts of the
+    suppressed latents), one on as many rows drawn uniformly (seeded, without replacement) from ``pool`` (the
+    task-agnostic corpus windows, ``corpus_windows``); evaluate both. ``edited`` itself is left untouched."""
+    cfg = config or RemediateConfig()
+    if pool.ndim != 2 or pool.shape[1] != samples.shape[1]:
+        raise ConfigError(f"The control pool must hold rows of {samples.shape[1]} tokens like the samples, "
+                          f"got shape {tuple(pool.shape)}.")
+    if len(pool) < len(samples):
+        raise ConfigError(f"The corpus gives {len(pool)} windows, fewer than the {len(samples)} samples to match: "
+                          "use a larger task-agnostic corpus or fewer samples (max_latents / samples_per_latent).")
+    unknown = sorted(set(degraded) - set(base_scores))
+    if unknown:
+        raise ConfigError(f"Degraded categories {unknown} have no base score.")
+    rows = torch.randperm(len(pool), generator=torch.Generator().manual_seed(cfg.seed))[: len(samples)]
+    before = dict(evaluator(edited))
+    if set(before) - set(base_scores):
+        raise ConfigError(f"Categories {sorted(set(before) - set(base_scores))} of the evaluator have no base score.")
+    arms = {}
+    for arm, data in (("remediated", samples), ("control", pool[rows])):
+        result = remediate(copy.deepcopy(edited), data, cfg, evaluator=evaluator, latents=latents, progress=progress)
+        for p in result.model.parameters():
+            p.requires_grad_(False)
+        arms[arm] = result
+    return ControlledRemediation(
+        base={c: float(base_scores[c]) for c in before}, edited=before,
+        remediated=arms["remediated"].after, control=arms["control"].after, degraded=list(degraded),
+        n_samples=len(samples), steps=cfg.steps, latents=list(latents or []), control_rows=rows.tolist(),
+        config=cfg.to_dict(), remediated_model=arms["remediated"].model, control_model=arms["control"].model)
+
+
+def remediate_run_with_control(run_dir: str | os.PathLike[str], edited: Any, corpus: Any, evaluator: Evaluator,
+                               base_scores: Mapping[str, float], degraded: list[str],
+                               config: RemediateConfig | None = None, progress: bool = True) -> ControlledRemediation:
+    """``remediate_with_control`` on a run: samples from its contexts + attribution, the control from
+    ``corpus`` (the run's task-agnostic corpus) read in the windows the contexts were collected from."""
+    from mneme_plugin.activations.config import HarvestConfig
+    from mneme_plugin.attribution import load_attribution
+    from mneme_plugin.interpret.contexts import load_contexts
+    from mneme_plugin.layout import RunLayout
+
+    cfg = config or RemediateConfig()
+    layout = RunLayout(Path(run_dir))
+    contexts = load_contexts(layout.contexts)
+    samples, latents = select_samples(contexts, load_attribution(layout.attribution).table, cfg)
+    harvest = HarvestConfig.from_dict(contexts.meta["config"]["harvest"])
+    pool = corpus_windows(corpus, edited.tokenizer, harvest, contexts.ctx_len)
+    return remediate_with_control(edited, samples, pool, evaluator, base_scores, degraded, cfg, latents, progress)
+
+
+def save_controlled_remediation(result: ControlledRemediation, out_dir: str | os.PathLike[str]) -> Path:
+    """``remediation_vs_control.json`` (the record ``load_controlled_remediation`` reads) and ``.csv`` (the table)."""
+    out = Path(out_dir)
+    table = result.table()
+    atomic_write(out / CONTROLLED_CSV, lambda tmp: table.to_csv(tmp, index=False))
+    atomic_write_text(out / CONTROLLED_JSON, json.dumps(result.to_dict(), indent=2))
+    return out / CONTROLLED_JSON
+
+
+def load_controlled_remediation(path: str | os.PathLike[str]) -> ControlledRemediation:
+    """Read what ``save_controlled_remediation`` wrote (``path``: the folder or the JSON file)."""
+    from mneme_plugin.errors import CheckpointError
+
+    path = Path(path)
+    path = path / CONTROLLED_JSON if path.is_dir() else path
+    try:
+        blob = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} does not exist: run the remediation first.") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path} is corrupt: not valid JSON ({err}).") from err
+    if not isinstance(blob, dict) or blob.get("format") != CONTROLLED_FORMAT:
+        raise CheckpointError(f"{path} is not a remediation-vs-control record (format {CONTROLLED_FORMAT!r}).")
+    keys = ("base", "edited", "remediated", "control", "degraded", "n_samples", "steps", "latents", "control_rows",
+            "config")
+    missing = [k for k in keys if k not in blob]
+    if missing:
+        raise CheckpointError(f"{path} lacks {missing}: rerun the remediation.")
+    return ControlledRemediation(**{k: blob[k] for k in keys})

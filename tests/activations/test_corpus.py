@@ -60,3 +60,57 @@ def test_conversations_use_chat_template(tiny_tokenizer):
 def test_empty_corpus(tiny_tokenizer, docs):
     with pytest.raises(EmptyCorpusError, match="no tokens"):
         list(iter_windows(docs, tiny_tokenizer, 8))
+
+
+@pytest.mark.parametrize("suffix", [".txt", ".jsonl"])
+def test_a_file_of_non_utf8_bytes_names_the_line(tmp_path, tiny_tokenizer, suffix):
+    good = "the cat sees a tree" if suffix == ".txt" else json.dumps({"text": "the cat sees a tree"})
+    path = tmp_path / f"latin1{suffix}"
+    path.write_bytes((good + "\n").encode() * 3 + "caf\xe9 cr\xe8me\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=rf"latin1{suffix} is not UTF-8 text: line 4 .*iconv"):
+        list(iter_documents(path, tiny_tokenizer))
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_a_corrupt_parquet_is_a_config_error(tmp_path, tiny_tokenizer, damage):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "c.parquet"
+    pq.write_table(pa.table({"text": [f"doc {i}" for i in range(500)]}), path)
+    data = path.read_bytes()
+    path.write_bytes(b"not a parquet file at all" if damage == "garbage" else data[: len(data) // 2])
+    with pytest.raises(ConfigError, match=r"c\.parquet is not a readable parquet file"):
+        list(iter_documents(path, tiny_tokenizer))
+
+
+def test_corpus_fingerprint_tells_files_apart_by_content_not_name_or_mtime(tmp_path):
+    import os
+    import shutil
+
+    from mneme_plugin.activations.corpus import HFDataset, corpus_fingerprint
+
+    big = tmp_path / "big.txt"
+    lines = [f"document number {i} about nothing in particular" for i in range(120_000)]  # ~5.6 MB: sampled
+    big.write_text("\n".join(lines) + "\n")
+    copy = tmp_path / "copy.txt"
+    shutil.copyfile(big, copy)
+    os.utime(copy, (1, 1))
+    assert corpus_fingerprint(big) == corpus_fingerprint(copy) == corpus_fingerprint(str(big))
+    fingerprints = {corpus_fingerprint(big)}
+    for edit in ("append", "truncate", "first_mib", "last_mib"):
+        changed = tmp_path / f"{edit}.txt"
+        data = bytearray(big.read_bytes())
+        if edit == "append":
+            data += b"one more line\n"
+        elif edit == "truncate":
+            data = data[:-100]
+        else:
+            at = 10 if edit == "first_mib" else len(data) - 10
+            data[at] = ord("X")
+        changed.write_bytes(bytes(data))
+        fingerprints.add(corpus_fingerprint(changed))
+    assert len(fingerprints) == 5
+    assert corpus_fingerprint(["a", "b"]) == corpus_fingerprint(["a", "b"]) != corpus_fingerprint(["a", "c"])
+    assert corpus_fingerprint(HFDataset("x/y", None, "train")) == "hf:x/y:train"
+    assert corpus_fingerprint(iter(["a"])) is None and corpus_fingerprint(tmp_path / "missing.txt") is None

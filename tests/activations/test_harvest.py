@@ -189,3 +189,31 @@ def test_foreign_and_corrupt_folders(ht_pair, corpus, tmp_path):
     (store.path / "manifest.json").write_text(json.dumps({"format": "something-else"}))
     with pytest.raises(CheckpointError, match="something-else"):
         ActivationStore(store.path)
+
+
+def test_a_store_belongs_to_its_corpus(ht_pair, corpus, tmp_path):
+    """Issue 11 item 2: another corpus is refused on reuse and on resume, naming both."""
+    first, second = tmp_path / "first.txt", tmp_path / "second.txt"
+    first.write_text("\n".join(corpus) + "\n")
+    second.write_text("\n".join(reversed(corpus)) + "\n")
+    path = tmp_path / "s"
+    store = harvest(*ht_pair, first, cfg(), path, progress=False)
+    assert store.manifest["corpus"] == str(first) and store.manifest["corpus_fingerprint"].startswith("file:")
+    with pytest.raises(CheckpointError, match=rf"complete activation store harvested from corpus {first} .*now {second}"):
+        harvest(*ht_pair, second, cfg(), path, progress=False)
+    moved = tmp_path / "moved.txt"  # the same content elsewhere is the same corpus
+    moved.write_bytes(first.read_bytes())
+    assert harvest(*ht_pair, moved, cfg(), path, progress=False).complete
+
+    def stop(i: int) -> None:
+        raise Boom("killed")
+
+    with pytest.raises(Boom):
+        harvest(*ht_pair, first, cfg(), tmp_path / "cut", progress=False, on_shard=stop)
+    with pytest.raises(CheckpointError, match=r"partial activation store .* give the original corpus to resume"):
+        harvest(*ht_pair, second, cfg(), tmp_path / "cut", progress=False)
+    assert ActivationStore(tmp_path / "cut").num_shards == 1  # nothing of the second corpus was mixed in
+    resumed = harvest(*ht_pair, first, cfg(), tmp_path / "cut", progress=False)
+    assert resumed.manifest["shards"] == store.manifest["shards"]
+    other = harvest(*ht_pair, second, cfg(), path, progress=False, overwrite=True)
+    assert other.manifest["corpus"] == str(second)

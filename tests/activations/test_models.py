@@ -104,3 +104,24 @@ def test_config_validation():
         HarvestConfig(layer=-1)
     assert HarvestConfig(layer=3, hook_name="blocks.{layer}.hook_mlp_out").resolved_hook_name == "blocks.3.hook_mlp_out"
     assert HarvestConfig.from_dict(HarvestConfig(layer=2).to_dict()) == HarvestConfig(layer=2)
+
+
+def test_a_missing_or_empty_model_folder_is_a_config_error(tmp_path, llama_dir):
+    """Issue 11 item 6: no hub lookup and no traceback for a folder that is not a model."""
+    from mneme_plugin.activations import load_model
+    from mneme_plugin.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=rf"model: the model folder {tmp_path / 'nope'} does not exist"):
+        load_model(str(tmp_path / "nope"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match=rf"model: the model folder {tmp_path / 'empty'} is empty"):
+        load_model(str(tmp_path / "empty"))
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("x")
+    with pytest.raises(ConfigError, match="holds no config.json"):
+        load_model(str(tmp_path / "other"))
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text((llama_dir / "config.json").read_text())  # no weights, no tokenizer
+    with pytest.raises(ConfigError, match=rf"Cannot load the model folder '{broken}'"):
+        load_model(str(broken))

@@ -16,7 +16,7 @@ x_base = sum_i a_i b_i + noise, x_edited = sum_i a_i e_i + noise, then model l i
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -150,4 +150,16 @@ def leak(W_dec: torch.Tensor, data: PlantedData, best: torch.Tensor) -> dict[str
         if idx:
             latents = best[idx]
             out[kind] = float((norms[absent, latents] / norms[present, latents].clamp_min(1e-12)).mean())
+    return out
+
+
+def attribution_sides(latent_class: Sequence[str], data: PlantedData, best: torch.Tensor) -> dict[str, tuple[int, int]]:
+    """{kind: (features whose best latent's attribution class is one ``EXPECTED_CLASSES`` allows, features)}
+    from the per-latent classes of an attribution table."""
+    out = {}
+    for kind in KINDS:
+        idx = [i for i, k in enumerate(data.kinds) if k == kind]
+        if idx:
+            ok = sum(latent_class[int(best[i])] in EXPECTED_CLASSES[kind] for i in idx)
+            out[kind] = (int(ok), len(idx))
     return out

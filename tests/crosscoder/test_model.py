@@ -107,3 +107,20 @@ def test_bad_inputs_and_configs_are_refused():
     with pytest.raises(ConfigError, match="d_model=32"):
         CrossCoderConfig(activation_dim=16).resolve(32)
     assert CrossCoderConfig(expansion_factor=8).resolve(32).dict_size == 256
+
+
+@pytest.mark.parametrize("field,value,expected", [
+    ("k", "four", r"config\.k = 'four' \(str\): expected an integer"),
+    ("dict_size", 12.5, r"config\.dict_size = 12\.5 \(float\): expected an integer or null"),
+    ("salience", 3, r"config\.salience = 3 \(int\): expected a string"),
+    ("expansion_factor", True, r"config\.expansion_factor = True \(bool\): expected an integer"),
+    ("metadata", [], r"config\.metadata = \[\] \(list\): expected a mapping"),
+])
+def test_a_wrongly_typed_config_json_field_is_a_checkpoint_error_naming_it(tmp_path, field, value, expected):
+    """Issue 11 item 6: an edited / damaged config.json says which field is wrong, no TypeError."""
+    path = _model().save_pretrained(tmp_path / "cc")
+    meta = json.loads((path / "config.json").read_text())
+    meta["config"][field] = value
+    (path / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=rf"{path / 'config.json'} holds an invalid crosscoder config: {expected}"):
+        BatchTopKCrossCoder.from_pretrained(path)

@@ -2,11 +2,13 @@
 
 import json
 
+import pytest
 import torch
 from dictionary_learning.training import trainSAE
 
-from mneme_plugin.crosscoder import BatchTopKCrossCoder, BatchTopKCrossCoderTrainer, CrossCoderConfig
+from mneme_plugin.crosscoder import BatchTopKCrossCoder, BatchTopKCrossCoderTrainer, CrossCoderConfig, TrainingConfig
 from mneme_plugin.crosscoder.trainer import lr_multiplier
+from mneme_plugin.errors import ConfigError
 from tests.helpers import planted_pair_data
 
 
@@ -84,3 +86,24 @@ def test_dead_latents_are_counted_and_get_the_aux_loss():
     assert aux_before > 0
     losses = [trainer.update(step, x) for step in range(2, 10)]
     assert all(torch.isfinite(torch.tensor(losses)))
+
+
+def test_training_losses_are_the_squared_error_or_the_mean_error_norm_per_row_and_model():
+    torch.manual_seed(0)
+    x = torch.randn(16, 2, 8)
+    for kind in ("squared", "norm"):
+        trainer = BatchTopKCrossCoderTrainer(steps=10, activation_dim=8, dict_size=32, k=2, loss=kind, aux_alpha=0.0,
+                                             device="cpu")
+        with torch.no_grad():
+            error = x - trainer.ae(x)  # unit activation scale: raw and normalised space coincide
+        per_row_model = [[float(error[b, m].pow(2).sum()) for m in range(2)] for b in range(16)]
+        if kind == "squared":
+            expected = sum(sum(r) for r in per_row_model) / 16
+        else:
+            expected = sum(v**0.5 for r in per_row_model for v in r) / 32
+        assert float(trainer.loss(x)) == pytest.approx(expected, rel=1e-5)
+
+
+def test_unknown_training_loss_is_refused():
+    with pytest.raises(ConfigError, match="loss must be one of"):
+        TrainingConfig(loss="l1")

@@ -37,3 +37,26 @@ def test_cli_errors_are_one_line(tmp_path):
     result = CliRunner().invoke(main, ["import", str(tmp_path / "junk"), "--out", str(tmp_path / "o")])
     assert result.exit_code != 0 and "is not a crosscoder this package can read" in result.output
     assert "Traceback" not in result.output
+
+
+def test_import_and_export_refuse_to_overwrite_without_force(tmp_path):
+    """Issue 11 item 8: an existing config.json / cfg.json is never silently replaced."""
+    first = write_sof_crosscoder(tmp_path / "a", sof_state_dict(seed=2, threshold=0.05), "hub")
+    second = write_kissane_crosscoder(tmp_path / "b", kissane_state_dict(seed=3))
+    assert _run("import", first, "--out", tmp_path / "ours").exit_code == 0
+    before = (tmp_path / "ours" / "config.json").read_bytes()
+    result = CliRunner().invoke(main, ["import", str(second), "--out", str(tmp_path / "ours")])
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    assert f"{tmp_path / 'ours' / 'config.json'}" in result.output and "--force" in result.output
+    assert (tmp_path / "ours" / "config.json").read_bytes() == before
+    assert _run("import", second, "--out", tmp_path / "ours", "--force").exit_code == 0
+    x = torch.randn(4, 2, 16)
+    assert torch.equal(load_crosscoder(tmp_path / "ours")(x), load_crosscoder(second)(x))
+
+    assert _run("export", "saelens", tmp_path / "ours", "--out", tmp_path / "sl", "--folder", "f").exit_code == 0
+    cfg_before = (tmp_path / "sl" / "f" / "cfg.json").read_bytes()
+    result = CliRunner().invoke(main, ["export", "saelens", str(first), "--out", str(tmp_path / "sl"), "--folder", "f"])
+    assert result.exit_code != 0 and "cfg.json" in result.output and "refusing to overwrite" in result.output
+    assert (tmp_path / "sl" / "f" / "cfg.json").read_bytes() == cfg_before
+    assert _run("export", "saelens", first, "--out", tmp_path / "sl", "--folder", "f", "--force").exit_code == 0
+    assert (tmp_path / "sl" / "f" / "cfg.json").read_bytes() != cfg_before

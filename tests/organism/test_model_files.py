@@ -110,3 +110,37 @@ def test_mneme_run_with_a_pickled_organism_model_refuses_it_and_runs_nothing(tmp
     assert result.exit_code != 0
     assert "never loaded" in result.output and "Traceback" not in result.output
     assert not marker.exists()
+
+
+def test_dry_run_checks_that_an_organism_model_is_in_the_current_format(tmp_path):
+    """`mneme run --dry-run` used to call any existing organism:PATH "found", a pickled .pt included."""
+    import yaml
+    from click.testing import CliRunner
+
+    from mneme_plugin.cli import main
+
+    model, kwargs, meta = _small_model()
+    good = save_organism_model(tmp_path / "good", model, kwargs, meta)
+    _crafted_pickle(tmp_path / "old.pt", tmp_path / "PWNED")
+    (tmp_path / "bad.safetensors").write_bytes(b"not safetensors")
+    (tmp_path / "bad.json").write_text((tmp_path / "good.json").read_text())
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the cat sat on the mat\n" * 20)
+
+    def dry_run(base, edited):
+        config = tmp_path / "run.yaml"
+        config.write_text(yaml.safe_dump({
+            "run_dir": str(tmp_path / "run"), "models": {"base": f"organism:{base}", "edited": f"organism:{edited}"},
+            "corpus": {"source": str(corpus)}, "harvest": {"layer": 0, "context_length": 8},
+        }))
+        return CliRunner().invoke(main, ["run", "--dry-run", str(config)])
+
+    result = dry_run(good, good)
+    assert result.exit_code == 0, result.output
+    assert f"organism model {good} found" in result.output
+    result = dry_run(good, tmp_path / "old.pt")
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    assert "old.pt is not an organism model file" in result.output and "found" not in result.output.split("old.pt")[1]
+    result = dry_run(tmp_path / "bad.safetensors", good)
+    assert result.exit_code != 0 and "bad.safetensors is not a readable safetensors file" in result.output
+    assert not (tmp_path / "PWNED").exists() and not (tmp_path / "run").exists()

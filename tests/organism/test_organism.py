@@ -119,3 +119,10 @@ def test_demo_predicts_the_rmu_side_effects_better_than_the_baselines(tmp_path):
     assert quality["explained_variance_base"] > 0.9 and quality["explained_variance_edited"] > 0.9
     for case in result.cases:
         assert (case.run_dir / "report.html").is_file()
+    # Remediation vs the random-window control ran on the degraded domains (figures reported, not asserted).
+    from mneme_plugin.sideeffects import load_controlled_remediation
+
+    remediation = load_controlled_remediation(rmu.run_dir.parent)
+    assert remediation.degraded == rmu.degraded and remediation.edited == rmu.remediation.edited
+    assert len(remediation.control_rows) == remediation.n_samples > 0
+    print(result.remediation_table().to_string())

@@ -1,0 +1,180 @@
+"""files.py: atomic writers with unique temporary names, per-folder output locks, refusal to overwrite
+(issue 11 item 8)."""
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from mneme_plugin.errors import OutputExistsError, OutputLockedError
+from mneme_plugin.files import (
+    LOCK_FILE,
+    atomic_directory,
+    atomic_write,
+    output_lock,
+    refuse_overwrite,
+    remove_stale_temporaries,
+)
+from tests.helpers import random_activation_pairs, write_activation_store
+
+ROOT = Path(__file__).resolve().parents[1]
+HOLDER = (
+    "import sys, time\n"
+    "from mneme_plugin.files import output_lock\n"
+    "with output_lock(sys.argv[1]):\n"
+    "    print('locked', flush=True)\n"
+    "    time.sleep(600)\n"
+)
+TRAIN_CONFIGS = ({"expansion_factor": 2, "k": 2}, {"steps": 3, "batch_size": 32, "warmup_steps": 1, "eval_rows": 64})
+
+
+@pytest.fixture
+def held_lock(tmp_path):
+    """A folder locked by another process (as by a running `mneme train --out` on it)."""
+    folder = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(folder)], stdout=subprocess.PIPE, text=True, env=env)
+    assert proc.stdout.readline().strip() == "locked"
+    yield folder, proc
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()
+
+
+def _store(tmp_path: Path) -> Path:
+    return write_activation_store(tmp_path / "store", random_activation_pairs(256, 8, seed=0), rows_per_shard=128)
+
+
+def test_concurrent_writers_of_one_file_never_share_a_temporary(tmp_path):
+    """All writers have their temporary open before any renames: shared names made all but one fail."""
+    n = 4
+    barrier = threading.Barrier(n)
+    errors: list[BaseException] = []
+
+    def writer(i):
+        def write(tmp):
+            tmp.write_text(f"writer {i}")
+            barrier.wait(timeout=30)
+
+        try:
+            atomic_write(tmp_path / "metrics.json", write)
+        except BaseException as err:  # noqa: BLE001 - collected for the assertion
+            errors.append(err)
+
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert (tmp_path / "metrics.json").read_text() in {f"writer {i}" for i in range(n)}
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
+
+
+def test_stale_temporaries_of_dead_writers_are_removed_live_ones_kept(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f".shard_00001.{dead.pid}.0123abcd.tmp.safetensors"
+    stale_dir = tmp_path / f".crosscoder.{dead.pid}.0123abcd.tmp"
+    live = tmp_path / f".shard_00002.{os.getpid()}.0123abcd.tmp.safetensors"
+    keep = tmp_path / "shard_00000.safetensors"
+    for p in (stale, live, keep):
+        p.write_bytes(b"x")
+    stale_dir.mkdir()
+    (stale_dir / "config.json").write_text("{}")
+    assert remove_stale_temporaries(tmp_path) == 2
+    assert not stale.exists() and not stale_dir.exists() and live.exists() and keep.exists()
+
+
+def test_atomic_directory_replaces_only_with_overwrite(tmp_path):
+    target = tmp_path / "model"
+    atomic_directory(target, lambda tmp: (tmp / "a.txt").write_text("1"))
+    with pytest.raises(OutputExistsError, match="already exists"):
+        atomic_directory(target, lambda tmp: (tmp / "a.txt").write_text("2"))
+    atomic_directory(target, lambda tmp: (tmp / "b.txt").write_text("2"), overwrite=True)
+    assert sorted(p.name for p in target.iterdir()) == ["b.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no temporary or old copy left
+
+
+def test_a_locked_folder_is_refused_at_once_and_freed_when_its_holder_dies(tmp_path, held_lock):
+    from mneme_plugin.crosscoder.training import train
+
+    folder, holder = held_lock
+    store = _store(tmp_path)
+    with pytest.raises(OutputLockedError, match=rf"{folder} is in use by another mneme process \(pid {holder.pid}"):
+        train(store, folder, *TRAIN_CONFIGS, progress=False)
+    assert not (folder / "train_config.json").exists()
+    holder.send_signal(signal.SIGKILL)  # the kernel releases a flock with its process, however it ends
+    holder.wait()
+    result = train(store, folder, *TRAIN_CONFIGS, progress=False)
+    assert result.crosscoder_dir.is_dir() and not (folder / LOCK_FILE).exists()  # removed on release
+
+
+@pytest.mark.parametrize("command", ["train", "attribute", "run"])
+def test_cli_on_a_locked_output_fails_with_one_line(tmp_path, held_lock, command):
+    """train --out, attribute --out and run's run_dir are locked (a second job on one folder is refused)."""
+    import yaml
+
+    from mneme_plugin.cli import main
+    from mneme_plugin.crosscoder.training import train
+
+    folder, holder = held_lock
+    store = _store(tmp_path)
+    if command == "train":
+        args = ["train", "--store", str(store), "--out", str(folder), "--steps", "3", "--expansion-factor", "2",
+                "-k", "2"]
+    elif command == "attribute":
+        cc = train(store, tmp_path / "cc", *TRAIN_CONFIGS, progress=False).crosscoder_dir
+        args = ["attribute", "--crosscoder", str(cc), "--store", str(store), "--out", str(folder)]
+    else:
+        config = {"run_dir": str(folder), "models": {"base": "org/base", "edited": "org/edited"},
+                  "corpus": {"source": str(tmp_path / "c.txt")}, "harvest": {"layer": 0}}
+        (tmp_path / "c.txt").write_text("some text\n")
+        (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
+        args = ["run", str(tmp_path / "run.yaml")]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    assert isinstance(result.exception, SystemExit), repr(result.exception)
+    assert f"in use by another mneme process (pid {holder.pid}" in result.output
+
+
+def test_harvest_and_collect_into_a_locked_folder_are_refused(tmp_path, held_lock, ht_pair, corpus):
+    from mneme_plugin.activations import HarvestConfig, harvest
+    from mneme_plugin.crosscoder.training import train
+    from mneme_plugin.interpret import CollectConfig, collect
+
+    folder, _ = held_lock
+    cfg = HarvestConfig(layer=0, context_length=16, max_tokens=256)
+    with pytest.raises(OutputLockedError, match="in use by another mneme process"):
+        harvest(*ht_pair, corpus, cfg, folder, progress=False)
+    assert not (folder / "manifest.json").exists()
+    store = harvest(*ht_pair, corpus, cfg, tmp_path / "store", progress=False)
+    cc = train(store, tmp_path / "cc", *TRAIN_CONFIGS, progress=False).crosscoder
+    with pytest.raises(OutputLockedError, match="in use by another mneme process"):
+        collect(*ht_pair, cc, corpus, CollectConfig(latents=[0, 1], example_ctx_len=16, harvest=cfg), out_dir=folder,
+                progress=False)
+    assert sorted(p.name for p in folder.iterdir()) == [LOCK_FILE]
+
+
+def test_one_process_may_nest_locks_on_one_folder(tmp_path):
+    """`mneme run` holds its run directory while its stages lock their own folders (and may lock it again)."""
+    with output_lock(tmp_path):
+        with output_lock(tmp_path):
+            pass
+        with output_lock(tmp_path / "stage"):
+            pass
+    with output_lock(tmp_path):  # released on exit
+        pass
+
+
+def test_refuse_overwrite_names_the_existing_files(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    refuse_overwrite([tmp_path / "other.json"], force=False)
+    refuse_overwrite([tmp_path / "config.json"], force=True)
+    with pytest.raises(OutputExistsError, match=r"config\.json already exists: refusing to overwrite.*--force"):
+        refuse_overwrite([tmp_path / "config.json", tmp_path / "model.safetensors"], force=False)
