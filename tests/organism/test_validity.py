@@ -1,0 +1,39 @@
+"""The validity grid on two organisms (slow): cases run through the real pipeline, every rule scored
+offline against the measured ground truth, and the summary's means agree with the per-case rows."""
+
+import pytest
+
+from mneme_plugin.organism.validity import grid_cases, run_grid_case, score_case, summarize
+from mneme_plugin.sideeffects.config import PredictConfig
+
+RULES = {"MNEME outlier": PredictConfig(), "MNEME enrichment": PredictConfig(rule="enrichment")}
+
+
+def test_grid_cases_cover_targets_once_and_benign_once_per_seed():
+    cases = grid_cases([0, 1], ["law", "biology"], ["rmu", "narrow", "benign"])
+    assert len(cases) == 2 * (2 + 2 + 1)
+    assert len({c.name for c in cases}) == len(cases)
+    assert [c.target for c in cases if c.intervention == "benign"] == [None, None]
+
+
+@pytest.mark.slow
+def test_grid_on_two_organisms(tmp_path):
+    import pandas as pd
+
+    rows = []
+    for case in grid_cases([1], ["law"], ["rmu", "benign"]):
+        rows.extend(score_case(case, run_grid_case(case, tmp_path), RULES))
+    table = pd.DataFrame(rows)
+    print(table[["case", "method", "accuracy", "precision", "f1", "predicted", "true"]].to_string())
+    rmu = table[table["intervention"] == "rmu"].set_index("method")
+    benign = table[table["intervention"] == "benign"].set_index("method")
+    assert rmu.loc["oracle", "accuracy"] == 1.0 and rmu.loc["oracle", "n_true"] >= 1
+    # RMU: when the default rule predicts, it is mostly right, and more precise than chance.
+    assert rmu.loc["MNEME outlier", "n_predicted"] >= 1
+    assert rmu.loc["MNEME outlier", "precision"] >= 0.5 > rmu.loc["random", "precision"]
+    # Benign fine-tuning: the calibrated rule raises no false alarm, the default at most one.
+    fp = benign["n_predicted"] - benign["n_hit"]
+    assert fp["MNEME enrichment"] == 0 and fp["MNEME outlier"] <= 1
+    summary = summarize(table).set_index(["intervention", "method"])
+    assert summary.loc[("rmu", "MNEME outlier"), "cases"] == 1
+    assert summary.loc[("rmu", "MNEME outlier"), "predicted"] == rmu.loc["MNEME outlier", "n_predicted"]
