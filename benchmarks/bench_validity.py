@@ -3,7 +3,8 @@
 Runs ``mneme run`` on every case (cached and resumable under --out), then scores every prediction
 rule offline on the finished runs and prints, per case and as mean ± sd per intervention, Eq. 4
 accuracy, precision, recall and F1 of MNEME (one row per rule) and of the random, naive and oracle
-baselines. Writes ``validity_cases.csv`` and ``validity_summary.csv`` to --out.
+baselines, and the recovered share of remediation vs its random-sample control. Writes
+``validity_cases.csv``, ``validity_summary.csv`` and ``remediation_cases.csv`` to --out.
 
     python benchmarks/bench_validity.py                                   # 4 seeds x 3 targets
     python benchmarks/bench_validity.py --seeds 0 1 --targets law --interventions rmu
@@ -27,7 +28,9 @@ sys.path.insert(0, str(ROOT))
 
 from mneme_plugin.files import atomic_write  # noqa: E402
 from mneme_plugin.organism.catalog import INTERVENTIONS  # noqa: E402
-from mneme_plugin.organism.validity import grid_cases, run_grid_case, score_case, summarize  # noqa: E402
+from mneme_plugin.organism.validity import (  # noqa: E402
+    grid_cases, remediation_rows, run_grid_case, score_case, summarize, summarize_remediation,
+)
 from mneme_plugin.sideeffects.config import PredictConfig  # noqa: E402
 
 RULES = {
@@ -47,7 +50,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
-    rows = []
+    rows, remediation = [], []
     cases = grid_cases(args.seeds, args.targets, args.interventions)
     for i, case in enumerate(cases, 1):
         case_dir = args.out / case.name
@@ -59,6 +62,7 @@ def main() -> None:
             print(f"[{i}/{len(cases)}] {case.name}: not run yet, skipped", flush=True)
             continue
         rows.extend(score_case(case, case_dir, RULES))
+        remediation.extend(remediation_rows(case, case_dir))
     table = pd.DataFrame(rows)
     summary = summarize(table)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -71,6 +75,11 @@ def main() -> None:
     print(mneme[["case", "method", "accuracy", "precision", "f1", "predicted", "true"]].to_string(index=False))
     print("\nMean ± sd over the grid:")
     print(summary.to_markdown(index=False))
+    if remediation:
+        remediated = pd.DataFrame(remediation)
+        atomic_write(args.out / "remediation_cases.csv", lambda p: remediated.to_csv(p, index=False))
+        print("\nRemediation vs the random-sample control (share of the lost accuracy recovered, mean ± sd over cases):")
+        print(summarize_remediation(remediated).to_markdown(index=False))
 
 
 if __name__ == "__main__":

@@ -91,6 +91,33 @@ def score_case(case: GridCase, case_dir: Path, rules: dict[str, PredictConfig]) 
     return rows
 
 
+def remediation_rows(case: GridCase, case_dir: Path) -> list[dict]:
+    """Per degraded domain of a finished case: the share of the lost accuracy that remediation and the
+    random-sample control won back (none when the case wrote no remediation record)."""
+    from mneme_plugin.sideeffects.remediate import CONTROLLED_JSON, load_controlled_remediation
+
+    if not (case_dir / CONTROLLED_JSON).is_file():
+        return []
+    result = load_controlled_remediation(case_dir)
+    remediated, control = result.recovered("remediated"), result.recovered("control")
+    return [{"case": case.name, "intervention": case.intervention, "category": c,
+             "recovered_remediated": remediated[c], "recovered_control": control[c]} for c in result.degraded]
+
+
+def summarize_remediation(rows: pd.DataFrame) -> pd.DataFrame:
+    """Per intervention: the mean ± sd over cases of each case's mean recovered share, for both arms,
+    and the share of cases where remediation beat the control."""
+    per_case = rows.groupby(["intervention", "case"], sort=False)[["recovered_remediated", "recovered_control"]].mean()
+    out = []
+    for intervention, group in per_case.groupby(level="intervention", sort=False):
+        out.append({"intervention": intervention, "cases": len(group),
+                    "remediation": _mean_sd(group["recovered_remediated"].dropna()),
+                    "control": _mean_sd(group["recovered_control"].dropna()),
+                    "remediation ahead": f"{int((group['recovered_remediated'] > group['recovered_control']).sum())}"
+                                         f" of {len(group)}"})
+    return pd.DataFrame(out)
+
+
 def summarize(rows: pd.DataFrame) -> pd.DataFrame:
     """Mean and sd of each metric per (intervention, method), over the cases where it is defined,
     with the number of cases and the mean number of predicted and truly degraded categories."""

@@ -37,3 +37,27 @@ def test_grid_on_two_organisms(tmp_path):
     summary = summarize(table).set_index(["intervention", "method"])
     assert summary.loc[("rmu", "MNEME outlier"), "cases"] == 1
     assert summary.loc[("rmu", "MNEME outlier"), "predicted"] == rmu.loc["MNEME outlier", "n_predicted"]
+
+
+def test_remediation_summary_is_the_mean_of_per_case_means(tmp_path):
+    import pandas as pd
+
+    from mneme_plugin.organism.validity import GridCase, remediation_rows, summarize_remediation
+    from mneme_plugin.sideeffects.remediate import ControlledRemediation, save_controlled_remediation
+
+    rows = []
+    for seed, (rem, ctl) in enumerate([((1.0, 0.5), (0.5, 0.5)), ((0.2,), (0.6,))]):
+        degraded = ["law", "history"][: len(rem)]
+        base = dict.fromkeys(degraded, 1.0)
+        edited = dict.fromkeys(degraded, 0.0)
+        result = ControlledRemediation(base=base, edited=edited, remediated=dict(zip(degraded, rem)),
+                                       control=dict(zip(degraded, ctl)), degraded=degraded, n_samples=4, steps=2)
+        case = GridCase(seed, "rmu", "law")
+        save_controlled_remediation(result, tmp_path / case.name)
+        rows.extend(remediation_rows(case, tmp_path / case.name))
+    assert remediation_rows(GridCase(9, "rmu", "law"), tmp_path / "missing") == []
+    summary = summarize_remediation(pd.DataFrame(rows)).set_index("intervention")
+    # Case means: remediation 0.75 and 0.2, control 0.5 and 0.6.
+    assert summary.loc["rmu", "remediation"].startswith("0.47 ± 0.39")
+    assert summary.loc["rmu", "control"].startswith("0.55 ± 0.07")
+    assert summary.loc["rmu", "remediation ahead"] == "1 of 2"
