@@ -33,7 +33,7 @@ from mneme_plugin.organism.validity import (  # noqa: E402
 )
 from mneme_plugin.sideeffects.config import PredictConfig  # noqa: E402
 
-RULES = {
+PREDICTION_RULES = {
     "MNEME outlier": PredictConfig(rule="outlier", outlier_z=3.0),
     "MNEME enrichment": PredictConfig(rule="enrichment"),
     "MNEME enrichment (suppressed side)": PredictConfig(rule="enrichment", side="suppressed"),
@@ -61,7 +61,7 @@ def main() -> None:
         elif not (case_dir / "run" / "evaluation").exists():
             print(f"[{i}/{len(cases)}] {case.name}: not run yet, skipped", flush=True)
             continue
-        rows.extend(score_case(case, case_dir, RULES))
+        rows.extend(score_case(case, case_dir, PREDICTION_RULES))
         remediation.extend(remediation_rows(case, case_dir))
     table = pd.DataFrame(rows)
     summary = summarize(table)

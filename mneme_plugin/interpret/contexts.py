@@ -317,6 +317,15 @@ def load_contexts(path: str | os.PathLike[str]) -> LatentContexts:
 # --------------------------------------------------------------------------------- selection
 
 
+def as_attribution(attribution: Any) -> Any:
+    """An ``AttributionResult`` as is; an attribution directory loaded."""
+    if isinstance(attribution, (str, os.PathLike)):
+        from mneme_plugin.attribution import load_attribution
+
+        return load_attribution(attribution)
+    return attribution
+
+
 def select_latents(attribution: Any = None, config: Any = None, width: int | None = None) -> list[int]:
     """Latent ids to collect: ``config.latents``, else by class and rank from the attribution
     (a directory or ``AttributionResult``), else all ``width`` latents."""
@@ -326,11 +335,7 @@ def select_latents(attribution: Any = None, config: Any = None, width: int | Non
         if width is None:
             raise ConfigError("No latents chosen: pass latents, an attribution table, or collect all (width).")
         return list(range(width))
-    if isinstance(attribution, (str, os.PathLike)):
-        from mneme_plugin.attribution import load_attribution
-
-        attribution = load_attribution(attribution)
-    table = attribution.table
+    table = as_attribution(attribution).table
     classes = list(config.classes) if config is not None and config.classes else None
     per_class = config.per_class if config is not None else None
     alive = table[table["latent_class"] != "dead"]
@@ -355,11 +360,8 @@ def reference_sample(attribution: Any, n: int, seed: int = 0) -> list[int]:
     the reference against which a category's share among changed latents is judged."""
     if n <= 0 or attribution is None:
         return []
-    if isinstance(attribution, (str, os.PathLike)):
-        from mneme_plugin.attribution import load_attribution
-
-        attribution = load_attribution(attribution)
-    alive = attribution.table.loc[attribution.table["latent_class"] != "dead", "latent"].to_numpy()
+    table = as_attribution(attribution).table
+    alive = table.loc[table["latent_class"] != "dead", "latent"].to_numpy()
     if n >= len(alive):
         return sorted(int(v) for v in alive)
     rng = np.random.default_rng(seed)
@@ -457,6 +459,8 @@ def collect(
     ctx = HarvestContext.build(base, edited, hcfg)
     if int(cc.cfg.activation_dim) != ctx.d_model:
         raise ConfigError(f"The crosscoder expects d={cc.cfg.activation_dim} but the models have d_model={ctx.d_model}.")
+    if attribution is not None:
+        attribution = as_attribution(attribution)  # read once: the selection and the reference sample use it
     reference = reference_sample(attribution, config.reference_latents, config.seed)
     if config.reference_latents and attribution is None:
         logger.warning("collect.reference_latents needs the attribution table: no reference sample drawn.")
