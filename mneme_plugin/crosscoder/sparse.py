@@ -4,12 +4,22 @@ BatchTopK keeps k*B of the B*m pre-activations. Only those need the decoder and 
 backward, so the step is one dense encoder matmul plus O(k*B*d) work:
 - the decoder is an ``embedding_bag`` over the active latents of each row;
 - the encoder's gradient is scattered from the active (row, latent) pairs only, through a custom
-  autograd function, instead of the dense (B, m) gradient a masked matmul would back-propagate.
+  autograd function, instead of the dense (B, m) gradient a masked matmul would back-propagate;
+- the decoder's gradient is an ``embedding_bag`` too, over the pairs grouped by latent (one sort,
+  shared with the encoder's backward).
+
+Index sorts run on one CPU thread (``_sorted_indices``): torch sorts a 1-D integer tensor of at
+least 32,768 entries with fbgemm's OpenMP radix sort, which takes 1.2 ms for k*B = 32,768 indices
+on one thread but 250-340 ms on two threads when the cores are shared with other processes (its
+passes end in barriers that wait for a descheduled thread). That one kernel made the whole step
+4x slower on two threads than on one; ``embedding_bag``'s own backward sorts the same way, hence
+the custom decoder backward.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -17,6 +27,52 @@ import torch.nn.functional as F
 
 if TYPE_CHECKING:
     from mneme_plugin.distributed import DistributedContext
+
+
+@contextmanager
+def _one_cpu_thread(device: torch.device):
+    """Intra-op threads set to 1 on CPU for the block (restored after); other devices unchanged."""
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _sorted_indices(indices: torch.Tensor, stable: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``indices.sort()`` of a 1-D int64 tensor on one thread (the module docstring says why)."""
+    with _one_cpu_thread(indices.device):
+        return indices.sort(stable=stable)
+
+
+@dataclass
+class LatentOrder:
+    """The active pairs grouped by latent: ``order`` permutes pair positions so latents ascend;
+    ``offsets[j]`` is where latent j's pairs start (``embedding_bag`` bags, one per latent)."""
+
+    order: torch.Tensor
+    offsets: torch.Tensor
+
+
+@dataclass
+class _LatentOrderCache:
+    """Computed once per batch on first use, by whichever backward needs it first."""
+
+    rows: torch.Tensor
+    latents: torch.Tensor
+    dict_size: int
+    value: LatentOrder | None = field(default=None)
+
+    def get(self) -> LatentOrder:
+        if self.value is None:
+            by_latent, order = _sorted_indices(self.latents, stable=True)
+            arange = torch.arange(self.dict_size, device=self.latents.device)
+            self.value = LatentOrder(order, torch.searchsorted(by_latent, arange))
+        return self.value
 
 
 @dataclass
@@ -28,6 +84,7 @@ class ActiveLatents:
     values: torch.Tensor  # (nnz,) pre-activations (differentiable w.r.t. encoder)
     batch_size: int
     dict_size: int
+    by_latent: _LatentOrderCache | None = None
 
     def offsets(self) -> torch.Tensor:
         """Start of each row's entries, as ``embedding_bag`` wants them."""
@@ -46,9 +103,9 @@ class _GatheredEncoder(torch.autograd.Function):
     """Returns pre-activations already computed densely; back-propagates to the encoder sparsely."""
 
     @staticmethod
-    def forward(ctx, W_enc_flat, b_enc, x_flat, rows, latents, values):  # type: ignore[override]
+    def forward(ctx, W_enc_flat, b_enc, x_flat, rows, latents, values, by_latent):  # type: ignore[override]
         ctx.save_for_backward(x_flat, rows, latents)
-        ctx.dict_size = W_enc_flat.shape[1]
+        ctx.dict_size, ctx.by_latent = W_enc_flat.shape[1], by_latent
         return values.clone()
 
     @staticmethod
@@ -59,21 +116,56 @@ class _GatheredEncoder(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             # dL/dW[:, j] = sum over active rows i of g_ij x_i: an embedding_bag of x's rows,
             # one bag per latent, with no (nnz, in_dim) intermediate.
-            order = latents.argsort(stable=True)
-            by_latent = latents.index_select(0, order)
-            offsets = torch.searchsorted(by_latent, torch.arange(dict_size, device=latents.device))
-            grad_W_t = F.embedding_bag(
-                rows.index_select(0, order),
-                x_flat,
-                offsets,
-                mode="sum",
-                per_sample_weights=grad_values.index_select(0, order).to(x_flat.dtype),
-            )
-            grad_W = grad_W_t.t()
+            grad_W = _sum_rows_by_latent(ctx.by_latent.get(), rows, x_flat, grad_values).t()
         if ctx.needs_input_grad[1]:
             grad_b = torch.zeros(dict_size, dtype=grad_values.dtype, device=grad_values.device)
             grad_b.index_add_(0, latents, grad_values)
-        return grad_W, grad_b, None, None, None, None
+        return grad_W, grad_b, None, None, None, None, None
+
+
+def _sum_rows_by_latent(order: LatentOrder, rows: torch.Tensor, table: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """(m, width): for each latent j, sum over its active pairs i of weights_i * table[rows_i]."""
+    return F.embedding_bag(
+        rows.index_select(0, order.order),
+        table,
+        order.offsets,
+        mode="sum",
+        per_sample_weights=weights.index_select(0, order.order).to(table.dtype),
+    )
+
+
+class _SparseDecoder(torch.autograd.Function):
+    """sum_j f_ij W_dec[l, j] per model l, (B, num_models, d); backward without embedding_bag's own
+    (which sorts the indices with the multi-threaded radix sort)."""
+
+    @staticmethod
+    def forward(ctx, W_dec, values, rows, latents, row_offsets, by_latent):  # type: ignore[override]
+        ctx.save_for_backward(W_dec, values, rows, latents, row_offsets)
+        ctx.by_latent = by_latent
+        weights = values.to(W_dec.dtype)
+        outs = [F.embedding_bag(latents, W_dec[model], row_offsets, mode="sum", per_sample_weights=weights)
+                for model in range(W_dec.shape[0])]
+        return torch.stack(outs, dim=1)
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        W_dec, values, rows, latents, row_offsets = ctx.saved_tensors
+        grad_W = grad_values = None
+        grad_out = grad_out.to(W_dec.dtype)
+        if ctx.needs_input_grad[0]:
+            order = ctx.by_latent.get()
+            grad_W = torch.stack([_sum_rows_by_latent(order, rows, grad_out[:, model].contiguous(), values)
+                                  for model in range(W_dec.shape[0])])
+        if ctx.needs_input_grad[1]:
+            # d/df_ij = sum_l <g_il, W_dec[l, j]>: the kernel embedding_bag's own backward uses for
+            # per-sample weights (rows are each pair's bag, mode 0 = sum, no padding index).
+            grad_values = sum(
+                torch.ops.aten._embedding_bag_per_sample_weights_backward(
+                    grad_out[:, model].contiguous(), W_dec[model], latents, row_offsets, rows, 0, -1
+                )
+                for model in range(W_dec.shape[0])
+            ).to(values.dtype)
+        return grad_W, grad_values, None, None, None, None
 
 
 def batch_topk_indices(salience: torch.Tensor, keep: int) -> torch.Tensor:
@@ -147,7 +239,7 @@ def gather_active(
     contribute nothing).
     """
     batch_size, dict_size = salience.shape
-    flat_index, _ = flat_index.sort()
+    flat_index, _ = _sorted_indices(flat_index)
     kept = salience.reshape(-1).index_select(0, flat_index)
     positive = kept > 0
     if not bool(positive.all()):
@@ -155,21 +247,12 @@ def gather_active(
     rows = torch.div(flat_index, dict_size, rounding_mode="floor")
     latents = flat_index - rows * dict_size
     values = kept / weights.index_select(0, latents)
-    values = _GatheredEncoder.apply(W_enc_flat, b_enc, x_flat, rows, latents, values)
-    return ActiveLatents(rows, latents, values, batch_size, dict_size)
+    by_latent = _LatentOrderCache(rows, latents, dict_size)
+    values = _GatheredEncoder.apply(W_enc_flat, b_enc, x_flat, rows, latents, values, by_latent)
+    return ActiveLatents(rows, latents, values, batch_size, dict_size, by_latent)
 
 
 def sparse_decode(active: ActiveLatents, W_dec: torch.Tensor) -> torch.Tensor:
     """sum_j f_ij W_dec[l, j] for each model l, without bias: (B, num_models, d)."""
-    offsets = active.offsets()
-    outs = [
-        F.embedding_bag(
-            active.latents,
-            W_dec[model],
-            offsets,
-            mode="sum",
-            per_sample_weights=active.values.to(W_dec.dtype),
-        )
-        for model in range(W_dec.shape[0])
-    ]
-    return torch.stack(outs, dim=1)
+    by_latent = active.by_latent or _LatentOrderCache(active.rows, active.latents, active.dict_size)
+    return _SparseDecoder.apply(W_dec, active.values, active.rows, active.latents, active.offsets(), by_latent)
