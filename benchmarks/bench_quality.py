@@ -1,6 +1,6 @@
 """Planted-feature recovery of the crosscoder trainer, beside the science-of-finetuning trainer.
 
-Trains on paired activations built from known directions (``tests/crosscoder/planted.py``) at
+Trains on paired activations built from known directions (``mneme_plugin/crosscoder/planted.py``) at
 k = 1x, 2x and 4x the planted data's true L0, and prints one row per (set, trainer, k):
 
 - rec: recovered share (best latent cosine > 0.9 with the concatenated (base, edited) direction, in
@@ -37,7 +37,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from tests.crosscoder.planted import KINDS, PlantedData, PlantedSpec, attribution_sides, leak, recovery  # noqa: E402
+from mneme_plugin.crosscoder.planted import KINDS, PlantedData, PlantedSpec, attribution_sides, leak, recovery  # noqa: E402
 
 SETS = {
     "simple": PlantedSpec(),

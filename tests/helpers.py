@@ -112,41 +112,6 @@ def save_finetuned_llama(src: str | Path, dst: str | Path, texts: Sequence[str],
     return dst
 
 
-@dataclass
-class PlantedData:
-    x: torch.Tensor  # (n, 2, d)
-    directions: torch.Tensor  # (n_features, 2, d): [base side, edited side]; zero where absent
-    kind: list[str]  # "shared" | "base_only" | "edited_only" per feature
-
-
-def planted_pair_data(
-    n: int = 60_000,
-    d: int = 32,
-    n_shared: int = 16,
-    n_base_only: int = 6,
-    n_edited_only: int = 6,
-    # Expected active features per token = n_features * p_active ~ 2: at least the crosscoder's k.
-    # With k above the true L0, spare budget lets latents mix exclusive features (measured).
-    p_active: float = 0.075,
-    seed: int = 0,
-) -> PlantedData:
-    gen = torch.Generator().manual_seed(seed)
-    n_features = n_shared + n_base_only + n_edited_only
-    dirs = torch.randn(n_features, 2, d, generator=gen)
-    dirs = dirs / dirs.norm(dim=-1, keepdim=True)
-    # Shared features point the same way in both models up to a small change.
-    dirs[:n_shared, 1] = dirs[:n_shared, 0] + 0.1 * dirs[:n_shared, 1]
-    dirs[:n_shared, 1] /= dirs[:n_shared, 1].norm(dim=-1, keepdim=True)
-    dirs[n_shared : n_shared + n_base_only, 1] = 0.0
-    dirs[n_shared + n_base_only :, 0] = 0.0
-    kind = ["shared"] * n_shared + ["base_only"] * n_base_only + ["edited_only"] * n_edited_only
-    active = torch.rand(n, n_features, generator=gen) < p_active
-    magnitude = 1.0 + 2.0 * torch.rand(n, n_features, generator=gen)
-    codes = active * magnitude
-    x = torch.einsum("nf,fld->nld", codes, dirs)
-    return PlantedData(x=x, directions=dirs, kind=kind)
-
-
 # ------------------------------------------------------------------------------ attribution helpers
 
 

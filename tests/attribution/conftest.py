@@ -7,7 +7,8 @@ import torch
 
 from mneme_plugin.crosscoder import CrossCoderConfig, TrainingConfig
 from mneme_plugin.crosscoder.training import train
-from tests.helpers import planted_pair_data, random_activation_pairs
+from mneme_plugin.crosscoder.planted import planted_pair_data
+from tests.helpers import random_activation_pairs
 
 
 class _Stream:

@@ -14,7 +14,8 @@ from mneme_plugin.crosscoder.sparse import global_batch_topk_indices
 from mneme_plugin.crosscoder.sparse import batch_topk_indices
 from mneme_plugin.crosscoder.training import STATE_FILE, latest_checkpoint, train
 from mneme_plugin.distributed import DistributedContext
-from tests.helpers import planted_pair_data, write_activation_store
+from mneme_plugin.crosscoder.planted import planted_pair_data
+from tests.helpers import write_activation_store
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("distributed_worker.py")

@@ -13,7 +13,7 @@ import torch
 
 from mneme_plugin.attribution import attribute
 from mneme_plugin.crosscoder.training import train
-from tests.crosscoder.planted import PlantedData, PlantedSpec, PlantedStream, attribution_sides, leak, recovery
+from mneme_plugin.crosscoder.planted import PlantedData, PlantedSpec, PlantedStream, attribution_sides, leak, recovery
 
 SPEC = PlantedSpec(
     counts={"shared": 24, "amplified": 8, "suppressed": 8, "base_only": 8, "edited_only": 8},

@@ -9,7 +9,7 @@ from dictionary_learning.training import trainSAE
 from mneme_plugin.crosscoder import BatchTopKCrossCoder, BatchTopKCrossCoderTrainer, CrossCoderConfig, TrainingConfig
 from mneme_plugin.crosscoder.trainer import lr_multiplier
 from mneme_plugin.errors import ConfigError
-from tests.helpers import planted_pair_data
+from mneme_plugin.crosscoder.planted import planted_pair_data
 
 
 def _batches(x: torch.Tensor, batch_size: int, seed: int):

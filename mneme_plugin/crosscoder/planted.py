@@ -1,7 +1,10 @@
 """Planted ground truth for crosscoders: paired (base, edited) activations built from known directions.
 
-Only torch (no mneme_plugin import): ``benchmarks/bench_quality.py`` also loads it in a child process
-next to the science-of-finetuning trainer, whose package has the same name as the one we depend on.
+The one home of planted crosscoder data, for the tests and ``benchmarks/bench_quality.py`` alike (a
+benchmark cannot import ``tests/``, and the package is what both import without path tricks). Only
+torch: the benchmark also imports it in a child process next to the science-of-finetuning trainer,
+whose package has the same name as the dictionary_learning we depend on (``mneme_plugin``'s imports
+are lazy, so importing this module loads neither).
 
 A planted feature i has a base direction b_i and an edited direction e_i (either may be zero) and
 fires independently with probability ``p_active`` at strength a ~ U(strength_range) in both models:
@@ -103,6 +106,38 @@ class PlantedData:
         """Per-model factors s_l with E||s_l x_l|| = sqrt(d), as an activation store computes them."""
         x = self.sample(rows, torch.Generator().manual_seed(seed))
         return math.sqrt(self.spec.d) / x.norm(dim=-1).mean(dim=0)
+
+
+@dataclass
+class PlantedSample:
+    """A fixed sample of planted rows: ``x`` (n, 2, d), ``directions`` (n_features, 2, d) (zero on the
+    absent side) and each feature's ``kind``."""
+
+    x: torch.Tensor
+    directions: torch.Tensor
+    kind: list[str]
+
+
+def planted_pair_data(
+    n: int = 60_000,
+    d: int = 32,
+    n_shared: int = 16,
+    n_base_only: int = 6,
+    n_edited_only: int = 6,
+    # Expected active features per token = n_features * p_active ~ 2: at least the crosscoder's k.
+    # With k above the true L0, spare budget lets latents mix exclusive features (measured).
+    p_active: float = 0.075,
+    seed: int = 0,
+) -> PlantedSample:
+    """``n`` rows of a small noiseless planted set (shared, base-only, edited-only features at strength
+    U(1, 3), shared directions moved by 0.1 between the models, equal scales): the tests' quick set."""
+    spec = PlantedSpec(
+        d=d, counts={"shared": n_shared, "base_only": n_base_only, "edited_only": n_edited_only},
+        p_active=p_active, strength_range=(1.0, 3.0), noise=0.0, edit_noise=0.1, seed=seed,
+    )
+    data = PlantedData(spec)
+    x = data.sample(n, torch.Generator().manual_seed(seed + 1))
+    return PlantedSample(x=x, directions=data.directions, kind=list(data.kinds))
 
 
 class PlantedStream:
