@@ -173,12 +173,7 @@ def harvest(config, out, overwrite, **options) -> None:
 def train(store, stream, config, shuffle_buffer, out, dict_size, expansion_factor, k, salience, steps,
           train_batch_size, lr, seed, train_device, no_resume, allow_partial, nproc, **harvest_options) -> None:
     """Train a BatchTopK crosscoder, from a store or streaming; resumes from the newest checkpoint."""
-    if nproc > 1:
-        import sys
-
-        from mneme_plugin.distributed import relaunch_under_torchrun, strip_option
-
-        sys.exit(relaunch_under_torchrun(nproc, "mneme_plugin.cli", strip_option(sys.argv[1:], "--nproc")))
+    _relaunch_if_asked(nproc)
     from mneme_plugin.crosscoder import CrossCoderConfig, TrainingConfig
     from mneme_plugin.crosscoder.training import train as run_train
 
@@ -616,12 +611,25 @@ def report(run_dir, out) -> None:
     click.echo(f"Report: {build_report(run_dir, out)}")
 
 
+def _relaunch_if_asked(nproc: int) -> None:
+    """``--nproc N`` (N > 1): run this very command as N ranks under ``torchrun --standalone``."""
+    if nproc == 1:
+        return
+    import sys
+
+    from mneme_plugin.distributed import relaunch_under_torchrun, strip_option
+
+    sys.exit(relaunch_under_torchrun(nproc, "mneme_plugin.cli", strip_option(sys.argv[1:], "--nproc")))
+
+
 @main.command()
 @click.argument("config", type=click.Path(exists=True, dir_okay=False))
 @click.option("--dry-run", is_flag=True, help="Check the config and print the plan; run nothing.")
 @click.option("--only", multiple=True, help="Run only these stages (repeatable).")
+@click.option("--nproc", type=int, default=1, show_default=True,
+              help="Ranks on this node for harvest and training: relaunches this command under torchrun.")
 @clear_errors
-def run(config, dry_run, only) -> None:
+def run(config, dry_run, only, nproc) -> None:
     """Run the whole pipeline from one YAML file: [intervention, ground_truth,] harvest, train, attribute,
     collect, explain, map, predict, evaluate, report. Finished stages with the same config are skipped; interrupted ones resume."""
     from mneme_plugin.pipeline import RunConfig, check_config, format_plan, run_pipeline
@@ -634,7 +642,12 @@ def run(config, dry_run, only) -> None:
         if check.problems:
             raise SystemExit(1)
         return
+    _relaunch_if_asked(nproc)
     layout = run_pipeline(cfg, only=list(only) or None)
+    from mneme_plugin.distributed import distributed_context
+
+    if not distributed_context().is_main:  # under torchrun rank 0 ran the last stages and reports
+        return
     click.echo(f"Run directory: {layout.root}")
     if layout.report.is_file():
         click.echo(f"Report: {layout.report}")

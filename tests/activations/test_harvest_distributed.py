@@ -1,7 +1,6 @@
 """Sharded harvest under torchrun (2 gloo ranks on CPU): the rows of one process, resumable per rank."""
 
 import os
-from collections import Counter
 import subprocess
 import sys
 from pathlib import Path
@@ -80,22 +79,58 @@ def test_two_ranks_harvest_the_rows_of_one_process_and_a_killed_rank_resumes(tmp
 
 
 @pytest.mark.slow  # torchrun: a minute or more on 2 cores
-def test_two_ranks_stream_disjoint_parts_of_the_corpus(tmp_path):
+def test_two_ranks_stream_their_shares_of_the_one_process_stream(tmp_path):
     base, edited, corpus, config = harvest_inputs()
-    stored = harvest(base, edited, corpus, config, tmp_path / "store", progress=False)
-    every_row = rows_by_position(stored)[2].flatten(1)  # every row one process harvests
+    one = harvest_stream(base, edited, corpus, config, batch_size=STREAM_BATCH, shuffle_buffer_rows=64)
+    expected = list(one)
     done = torchrun(tmp_path, None, "stream")
     assert done.returncode == 0, done.stderr[-3000:]
     parts = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in range(2)]
-    for part in parts:
-        assert part["batch_rows"] == {STREAM_BATCH // 2}  # each rank's share of a global batch
-        torch.testing.assert_close(part["scale_factors"], stored.scale_factors.float())
-    # Every row a rank read is a harvested row, and no row was read by both ranks (as multisets:
-    # some rows repeat, e.g. the same token at a window's start).
-    def counts(rows: torch.Tensor) -> Counter:
-        return Counter(tuple(row) for row in rows.flatten(1).double().round(decimals=4).tolist())
+    assert one.outliers_dropped > 0  # the shared normalisation thresholds are exercised
+    half = STREAM_BATCH // 2
+    for rank, part in enumerate(parts):
+        torch.testing.assert_close(part["scale_factors"], one.scale_factors)
+        assert part["outliers_dropped"] == one.outliers_dropped
+        # Rank r's batch j is the r-th half of one process's global batch j, for every batch.
+        assert len(part["batches"]) == len(expected)
+        for got, whole in zip(part["batches"], expected):
+            torch.testing.assert_close(got, whole[rank * half : (rank + 1) * half], rtol=1e-5, atol=1e-5)
 
-    every, read = counts(every_row), counts(parts[0]["rows"]) + counts(parts[1]["rows"])
-    assert not read - every
-    # Together they read them all, less what is left over in each rank's last partial batch.
-    assert every_row.shape[0] - STREAM_BATCH < read.total() <= every_row.shape[0]
+
+STREAM_TRAINING = {"steps": 12, "batch_size": STREAM_BATCH, "lr": 3e-3, "warmup_steps": 2, "threshold_start_step": 2,
+                   "dead_after_tokens": 40, "checkpoint_every": 4, "eval_rows": 16, "device": "cpu"}
+
+
+def train_on_stream(run_dir, dist, on_step=None):
+    """A crosscoder trained on the harvest stream of ``harvest_inputs`` (this rank's share under ``dist``)."""
+    from mneme_plugin.crosscoder.training import train
+
+    base, edited, corpus, config = harvest_inputs()
+    stream = harvest_stream(base, edited, corpus, config, batch_size=STREAM_BATCH, shuffle_buffer_rows=64,
+                            dist=dist)
+    return train(stream, run_dir, {"expansion_factor": 2, "k": 4}, STREAM_TRAINING, progress=False,
+                 on_step=on_step)
+
+
+@pytest.mark.slow  # torchrun: a minute or more on 2 cores
+def test_a_streamed_run_resumes_on_another_number_of_ranks(tmp_path):
+    from mneme_plugin.distributed import SINGLE_PROCESS
+
+    reference = train_on_stream(tmp_path / "one", SINGLE_PROCESS).crosscoder.state_dict()
+
+    class Killed(RuntimeError):
+        pass
+
+    def kill_at_6(step, trainer):
+        if step == 6:
+            raise Killed
+
+    with pytest.raises(Killed):  # one process, stopped after its checkpoint at step 4
+        train_on_stream(tmp_path / "resumed", SINGLE_PROCESS, on_step=kill_at_6)
+    done = torchrun(tmp_path / "resumed", None, "train-stream")  # two ranks replay the stream to step 4
+    assert done.returncode == 0, done.stderr[-3000:]
+    from mneme_plugin.crosscoder import BatchTopKCrossCoder
+
+    resumed = BatchTopKCrossCoder.from_pretrained(tmp_path / "resumed" / "crosscoder").state_dict()
+    for name, tensor in reference.items():
+        torch.testing.assert_close(resumed[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
