@@ -132,18 +132,23 @@ def _harvest_inputs(sections: dict[str, dict[str, Any]], base, edited, corpus, l
 @_add_options(_harvest_options)
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Activation store directory.")
 @click.option("--overwrite", is_flag=True, help="Delete an existing store at --out first.")
+@click.option("--nproc", type=int, default=1, show_default=True,
+              help="Ranks on this node, each harvesting a share: relaunches this command under torchrun.")
 @clear_errors
-def harvest(config, out, overwrite, **options) -> None:
+def harvest(config, out, overwrite, nproc, **options) -> None:
     """Harvest paired (base, edited) activations into an on-disk store.
 
     An interrupted harvest resumes when run again with the same options.
     """
+    _relaunch_if_asked(nproc)
     from mneme_plugin.activations import harvest as run_harvest
+    from mneme_plugin.distributed import distributed_context
 
     sections = _sections(_read_yaml(config), ("models", "corpus", "harvest"), config)
     base, edited, corpus, harvest_cfg = _harvest_inputs(sections, **options)
     store = run_harvest(base, edited, corpus, harvest_cfg, out, overwrite=overwrite)
-    click.echo(f"{store.num_rows} paired rows of width {store.d_model} in {store.path}")
+    if distributed_context().is_main:  # under torchrun rank 0 reports
+        click.echo(f"{store.num_rows} paired rows of width {store.d_model} in {store.path}")
 
 
 # --------------------------------------------------------------------------------- train
@@ -202,6 +207,10 @@ def train(store, stream, config, shuffle_buffer, out, dict_size, expansion_facto
     else:
         raise ConfigError("Nothing to train on: pass --store DIR, or --stream with --base/--edited/--corpus/--layer.")
     result = run_train(data, out, cc_cfg, tr_cfg, resume=not no_resume, allow_partial=allow_partial)
+    from mneme_plugin.distributed import distributed_context
+
+    if not distributed_context().is_main:  # under torchrun rank 0 reports
+        return
     click.echo(f"Crosscoder: {result.crosscoder_dir}")
     click.echo(json.dumps(result.metrics.to_dict(), indent=2))
 

@@ -324,3 +324,26 @@ def test_a_waiting_rank_takes_only_this_run_s_marker_or_failure(tmp_path):
     failed.write_text(json.dumps({"token": "now", "error": "CheckpointError: disk full"}))
     with pytest.raises(RankFailedError, match="disk full"):
         _wait_for_main(layout, stage, "f2", "now", 0.01)
+
+
+@pytest.mark.slow  # a 2-rank end-to-end run: a minute or more on 2 cores
+def test_a_stored_run_on_two_gloo_ranks_harvests_shards_and_resumes_in_one_process(pair_and_corpus, tmp_path):
+    base, edited, corpus, truth = pair_and_corpus
+    cfg = _config(tmp_path / "two", base, edited, corpus, truth, steps=40)
+    cfg["harvest"]["max_tokens"] = 8000
+    path = _write(tmp_path, "two.yaml", cfg)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    two = subprocess.run([sys.executable, "-m", "mneme_plugin.cli", "run", path, "--nproc", "2"],
+                         env=env, capture_output=True, text=True, timeout=900)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("Run directory:") == 1
+    run_dir = tmp_path / "two"
+    manifest = json.loads((run_dir / "activations" / "manifest.json").read_text())
+    assert manifest["complete"] and {s["file"][:7] for s in manifest["shards"]} == {"rank000", "rank001"}
+    assert (run_dir / "report.html").is_file() and not list(run_dir.rglob(".mneme.lock"))
+    marker_times = {p.name: p.stat().st_mtime_ns for p in (run_dir / ".stages").iterdir()}
+    assert "harvest.json" in marker_times and "report.json" in marker_times
+    # One process takes over the run: every stage the two ranks finished is skipped.
+    result = CliRunner().invoke(main, ["run", path], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert {p.name: p.stat().st_mtime_ns for p in (run_dir / ".stages").iterdir()} == marker_times
