@@ -237,7 +237,8 @@ def demo(out: str, seed: int, target_domain: str, interventions: tuple[str, ...]
         click.echo(f"\n== {case.intervention}" + (f" ({case.target_domain})" if case.target_domain else ""))
         click.echo(f"accuracy drop per domain: {drops}")
         click.echo(f"degraded (drop > {case.drop_threshold:g}): {', '.join(case.degraded) or '(none)'}; "
-                   f"MNEME predicted: {', '.join(case.predicted) or '(none)'}")
+                   f"MNEME predicted: {', '.join(case.predicted) or '(none)'}"
+                   + (f" (change: {case.change})" if case.change else ""))
         click.echo(case.metrics[["method", "accuracy", "precision", "recall", "f1"]].to_string(
             index=False, float_format=lambda v: f"{v:.3f}"))
         if case.remediation is not None:

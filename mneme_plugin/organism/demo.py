@@ -36,7 +36,7 @@ from mneme_plugin.organism.build import (
 )
 from mneme_plugin.organism.models import deterministic
 from mneme_plugin.pipeline import RunConfig, run_pipeline
-from mneme_plugin.sideeffects import load_evaluation
+from mneme_plugin.sideeffects import load_evaluation, load_prediction
 from mneme_plugin.sideeffects.remediate import (
     ControlledRemediation,
     RemediateConfig,
@@ -99,6 +99,7 @@ class DemoCase:
     degraded: list[str] = field(default_factory=list)
     drop_threshold: float = 0.1  # the accuracy drop above which a domain counts as degraded
     remediation: ControlledRemediation | None = None  # None when nothing degraded (or nothing to retrain on)
+    change: str = ""  # the prediction rule's verdict (outlier_or_broad: concentrated, broad, ...)
 
 
 @dataclass
@@ -192,7 +193,7 @@ def run_case(organism: Organism, case_dir: Path, seed: int = 0, progress: bool =
         remediation = remediate_case(organism, layout.root, corpus, list(evaluation.true_set), case_dir, seed, progress)
     return DemoCase(organism.intervention, organism.target_domain, layout.root, organism.drop, evaluation.table(),
                     evaluation.predicted.get("MNEME", []), evaluation.true_set, run_config.evaluate.drop_threshold,
-                    remediation)
+                    remediation, load_prediction(layout.prediction).tests.get("verdict", ""))
 
 
 def run_demo(out_dir: str | Path, seed: int = 0, interventions: tuple[str, ...] = INTERVENTIONS,
