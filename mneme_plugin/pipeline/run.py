@@ -19,7 +19,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mneme_plugin.errors import ConfigError, RankFailedError
 from mneme_plugin.files import atomic_write_text
@@ -27,6 +27,9 @@ from mneme_plugin.layout import RunLayout
 from mneme_plugin.pipeline.config import RunConfig, save_run_config
 from mneme_plugin.pipeline.stage import PipelineContext, Stage
 from mneme_plugin.pipeline.stages import STAGES, validate_for_run
+
+if TYPE_CHECKING:  # torch: imported when a run starts, not with the package
+    from mneme_plugin.distributed import DistributedContext
 
 logger = logging.getLogger("mneme_plugin")
 
@@ -149,7 +152,7 @@ def run_pipeline(
     return layout
 
 
-def _run_stages(config: RunConfig, stages: list[Stage], layout: RunLayout, dist: Any, *,
+def _run_stages(config: RunConfig, stages: list[Stage], layout: RunLayout, dist: DistributedContext, *,
                 models: dict[str, Any] | None, only: list[str] | None, progress: bool) -> None:
     from mneme_plugin.distributed import local_only
 
@@ -193,7 +196,7 @@ def _run_stages(config: RunConfig, stages: list[Stage], layout: RunLayout, dist:
                     _finish_stage(stage, layout, fingerprint, token, start_time)
             except BaseException as err:
                 if others_wait:  # tell the ranks waiting for this stage, instead of leaving them waiting
-                    atomic_write_text(_failure_file(layout, stage.name),
+                    atomic_write_text(layout.stage_failure(stage.name),
                                       json.dumps({"token": token, "error": f"{type(err).__name__}: {err}"}))
                 raise
 
@@ -215,17 +218,14 @@ def _finish_stage(stage: Stage, layout: RunLayout, fingerprint: str, token: str,
     info = {"stage": stage.name, "fingerprint": fingerprint, "seconds": round(seconds, 2),
             "version": MARKER_VERSION, "token": token}
     atomic_write_text(layout.stage_marker(stage.name), json.dumps(info), durable=True)
+    layout.stage_failure(stage.name).unlink(missing_ok=True)
     logger.info("[%s] finished in %.1f s -> %s", stage.name, seconds, stage.outputs(layout))
-
-
-def _failure_file(layout: RunLayout, stage: str) -> Path:
-    return layout.stages / f"{stage}.failed"
 
 
 def _wait_for_main(layout: RunLayout, stage: Stage, fingerprint: str, token: str, poll_seconds: float = 1.0) -> None:
     """A rank other than 0: wait (by reading files, no collective that could time out: stages such
     as an intervention run for hours) until rank 0 has finished ``stage`` in this run, or failed."""
-    marker, failed = layout.stage_marker(stage.name), _failure_file(layout, stage.name)
+    marker, failed = layout.stage_marker(stage.name), layout.stage_failure(stage.name)
     while True:
         for path in (marker, failed):
             try:

@@ -306,12 +306,12 @@ def test_a_waiting_rank_takes_only_this_run_s_marker_or_failure(tmp_path):
 
     from mneme_plugin.errors import RankFailedError
     from mneme_plugin.layout import RunLayout
-    from mneme_plugin.pipeline.run import _failure_file, _wait_for_main
+    from mneme_plugin.pipeline.run import _wait_for_main
     from mneme_plugin.pipeline.stages import STAGES
 
     layout, stage = RunLayout(tmp_path), STAGES[0]
     layout.stages.mkdir()
-    marker, failed = layout.stage_marker(stage.name), _failure_file(layout, stage.name)
+    marker, failed = layout.stage_marker(stage.name), layout.stage_failure(stage.name)
     marker.write_text(json.dumps({"fingerprint": "f1", "token": "earlier"}))
     failed.write_text(json.dumps({"token": "earlier", "error": "old"}))
     done = threading.Event()
