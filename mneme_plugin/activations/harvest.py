@@ -302,7 +302,17 @@ def harvest(
                                    progress=progress, on_shard=on_shard)
     path = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="mneme-activations-"))
     with output_lock(path, "out_dir (--out)"):
+        if not overwrite and _partial_sharded(path):  # several ranks' unfinished harvest: finish it alone
+            return harvest_sharded(ctx, corpus, config, path, dist_ctx, progress=progress, on_shard=on_shard)
         return _harvest_locked(ctx, corpus, config, path, overwrite=overwrite, progress=progress, on_shard=on_shard)
+
+
+def _partial_sharded(path: Path) -> bool:
+    """Whether ``path`` holds an unfinished harvest of several ranks (activations/sharded.py)."""
+    if not (path / MANIFEST).is_file():
+        return False
+    manifest = read_manifest(path)
+    return not manifest["complete"] and "world_size" in manifest
 
 
 def _harvest_locked(ctx: HarvestContext, corpus: CorpusSource, config: HarvestConfig, path: Path, *,

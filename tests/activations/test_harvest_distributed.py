@@ -68,14 +68,52 @@ def test_two_ranks_harvest_the_rows_of_one_process_and_a_killed_rank_resumes(tmp
     two = ActivationStore(out)
     assert two.complete and not list(out.glob("manifest.rank*"))
     assert {entry["file"][:7] for entry in two.manifest["shards"]} == {"rank000", "rank001"}
-    for key in COUNTS:
-        assert two.manifest[key] == one.manifest[key], key
+    assert_same_rows(two, one)
     assert one.manifest["outliers_dropped"] > 0  # the shared normalisation thresholds are exercised
-    assert two.manifest["normalization"] == one.manifest["normalization"]
-    key_1, tokens_1, acts_1 = rows_by_position(one)
-    key_2, tokens_2, acts_2 = rows_by_position(two)
+
+
+def assert_same_rows(got: ActivationStore, expected: ActivationStore) -> None:
+    """The same rows (by window and position), counts and normalisation, however they are sharded."""
+    assert got.complete
+    for key in COUNTS:
+        assert got.manifest[key] == expected.manifest[key], key
+    assert got.manifest["normalization"] == expected.manifest["normalization"]
+    key_1, tokens_1, acts_1 = rows_by_position(expected)
+    key_2, tokens_2, acts_2 = rows_by_position(got)
     assert torch.equal(key_1, key_2) and torch.equal(tokens_1, tokens_2)
     torch.testing.assert_close(acts_2, acts_1, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow  # torchrun twice: a minute or more on 2 cores
+def test_a_partial_harvest_resumes_on_another_number_of_processes(tmp_path):
+    base, edited, corpus, config = harvest_inputs()
+    one = harvest(base, edited, corpus, config, tmp_path / "one", progress=False)
+
+    two_then_one = tmp_path / "two_then_one"
+    assert torchrun(two_then_one, crash_after_shards=2).returncode != 0  # rank 1 killed after 2 shards
+    done = harvest(base, edited, corpus, config, two_then_one, progress=False)  # one process finishes
+    assert_same_rows(done, one)
+    assert not list(two_then_one.glob("manifest.rank*"))
+    files = {entry["file"] for entry in done.manifest["shards"]}
+    assert any(f.startswith("rank001_") for f in files) and any(f.startswith("g01_rank000_") for f in files)
+
+    class Stopped(RuntimeError):
+        pass
+
+    def stop_after_two(index):
+        if index == 1:
+            raise Stopped
+
+    one_then_two = tmp_path / "one_then_two"
+    with pytest.raises(Stopped):  # one process, stopped after 2 shards
+        harvest(base, edited, corpus, config, one_then_two, progress=False, on_shard=stop_after_two)
+    resumed = torchrun(one_then_two)  # two ranks share the batches still to do
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    done = ActivationStore(one_then_two)
+    assert_same_rows(done, one)
+    files = [entry["file"] for entry in done.manifest["shards"]]
+    assert files[:2] == ["shard_00000.safetensors", "shard_00001.safetensors"]
+    assert {f[:11] for f in files[2:]} == {"g01_rank000", "g01_rank001"}
 
 
 @pytest.mark.slow  # torchrun: a minute or more on 2 cores
