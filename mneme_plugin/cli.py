@@ -198,7 +198,7 @@ def train(store, stream, config, shuffle_buffer, out, dict_size, expansion_facto
         from mneme_plugin.distributed import distributed_context
 
         base, edited, corpus, harvest_cfg = _harvest_inputs(sections, **harvest_options)
-        # Under torchrun each rank harvests its own part of the stream.
+        # Under torchrun each rank harvests a share of the stream and trains on its slice of each global batch.
         data: Any = harvest_stream(base, edited, corpus, harvest_cfg, batch_size=tr_cfg.batch_size,
                                    shuffle_buffer_rows=shuffle_buffer, seed=tr_cfg.seed,
                                    dist=distributed_context(tr_cfg.device))
