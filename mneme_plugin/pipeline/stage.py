@@ -25,6 +25,8 @@ class Stage:
     present: Callable[[RunConfig], bool] = lambda config: True
     # The stages whose results this one reads; None: the stage before it (a chain, as most stages are).
     after: tuple[str, ...] | None = None
+    # Under torchrun: every rank runs it (its function splits the work); otherwise rank 0 alone.
+    all_ranks: bool = False
 
     def sections_of(self, config: RunConfig) -> tuple[str, ...]:
         return self.sections(config) if callable(self.sections) else self.sections
@@ -44,7 +46,7 @@ class PipelineContext:
             from mneme_plugin.activations.models import load_model
 
             h = self.config.harvest
-            self.models[which] = load_model(self.config.model_spec(which), device=h.device, dtype=h.model_dtype)
+            self.models[which] = load_model(self.config.model_spec(which), device=h.device, dtype=h.model_dtype, role=which)
         return self.models[which]
 
     def corpus(self) -> Any:
