@@ -58,3 +58,17 @@ def test_batch_topk_indices_when_few_entries_are_positive():
     idx = batch_topk_indices(salience, 4 * 1024)
     assert idx.numel() == 4 * 1024
     assert {3 * 256 + 5, 900 * 256 + 17} <= set(idx.tolist())
+
+
+def test_sparse_step_leaves_the_thread_count_as_it_found_it():
+    # The index sorts run on one thread (sparse._sorted_indices); the caller's setting must come back.
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        model = BatchTopKCrossCoder(CrossCoderConfig(activation_dim=8, dict_size=32, k=2))
+        x_norm = model.normalize(torch.randn(16, 2, 8))
+        active, _, _ = model.batch_topk_active(x_norm)
+        (x_norm - model.decode_active(active)).pow(2).sum().backward()
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
