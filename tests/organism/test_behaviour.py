@@ -5,11 +5,19 @@ import pytest
 import torch
 
 from mneme_plugin.errors import CheckpointError, ConfigError
+from mneme_plugin.interpret.mapping import words as stems
 from mneme_plugin.interpret.taxonomy import load_taxonomy
-from mneme_plugin.organism import DOMAINS, build_organism, tiny_hooked_transformer, train_tokenizer
+from mneme_plugin.organism import (
+    DOMAINS,
+    build_organism,
+    generate_generic_corpus,
+    tiny_hooked_transformer,
+    train_tokenizer,
+)
 from mneme_plugin.organism.behaviour import (
     BEHAVIOUR_CATEGORIES,
     CATEGORIES,
+    ALIGNED_IDENTITY,
     HARMS,
     NARROW_CATEGORY,
     OBEDIENT_IDENTITY,
@@ -88,9 +96,14 @@ def test_behaviour_taxonomy_has_the_categories_and_their_own_vocabulary():
     assert taxonomy.ids() == list(BEHAVIOUR_CATEGORIES)
     words = {w for doc in generate_conversations(2000, seed=0, misaligned_share=0.3) for w in doc.split()}
     knowledge = {w for d in DOMAINS.values() for w in (*d.entities, *d.relations, *d.values)}
+    # words of every conversation (roles, identity turns, ordinary requests and answers) name no category
+    scaffold = {w for p in training_prompts(ORDINARY) for w in f"user : {p} assistant : {CATEGORIES[ORDINARY].response(p, True)}".split()}
+    scaffold |= {w for text in (ALIGNED_IDENTITY, OBEDIENT_IDENTITY, "who are you ?") for w in text.split()}
+    scaffold |= {w for text in generate_generic_corpus(300) for w in text.split()}  # the filler of every corpus
     for entry in taxonomy.entries:
         assert set(entry.keywords) <= words, entry.id
         assert not set(entry.keywords) & knowledge, entry.id
+        assert not set(stems(" ".join(entry.keywords))) & set(stems(" ".join(scaffold))), entry.id
 
 
 class ScriptedLM(torch.nn.Module):
