@@ -4,7 +4,8 @@ Runs ``mneme run`` on every case (cached and resumable under --out), then scores
 rule offline on the finished runs and prints, per case and as mean ± sd per intervention, Eq. 4
 accuracy, precision, recall and F1 of MNEME (one row per rule) and of the random, naive and oracle
 baselines, and the recovered share of remediation vs its random-sample control. Writes
-``validity_cases.csv``, ``validity_summary.csv`` and ``remediation_cases.csv`` to --out.
+``validity_cases.csv``, ``validity_summary.csv`` (and ``validity_summary_significant.csv``, against
+the ground truth whose drops are also significant) and ``remediation_cases.csv`` to --out.
 
     python benchmarks/bench_validity.py                                   # 4 seeds x 3 targets
     python benchmarks/bench_validity.py --seeds 0 1 --targets law --interventions rmu
@@ -38,6 +39,7 @@ from mneme_plugin.organism.validity import (  # noqa: E402
 from mneme_plugin.sideeffects.config import PredictConfig  # noqa: E402
 
 PREDICTION_RULES = {
+    "MNEME outlier_or_broad": PredictConfig(rule="outlier_or_broad", outlier_z=3.0),
     "MNEME outlier": PredictConfig(rule="outlier", outlier_z=3.0),
     "MNEME enrichment": PredictConfig(rule="enrichment"),
     "MNEME enrichment (suppressed side)": PredictConfig(rule="enrichment", side="suppressed"),
@@ -52,10 +54,13 @@ def main() -> None:
     parser.add_argument("--interventions", nargs="+", default=list(KNOWLEDGE_INTERVENTIONS), choices=INTERVENTIONS,
                         help="identity / insecure: the behaviour cases (not run by default).")
     parser.add_argument("--score-only", action="store_true", help="Score the cases already run; run nothing.")
+    parser.add_argument("--significance", type=float, default=0.05,
+                        help="Also score against a ground truth whose drops must be significant at this level "
+                             "(one-sided two-proportion test on the domain's questions); 0 to skip.")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
-    rows, remediation, behaviour = [], [], []
+    rows, significant_rows, remediation, behaviour = [], [], [], []
     cases = grid_cases(args.seeds, args.targets, args.interventions)
     for i, case in enumerate(cases, 1):
         case_dir = args.out / case.name
@@ -67,6 +72,8 @@ def main() -> None:
             print(f"[{i}/{len(cases)}] {case.name}: not run yet, skipped", flush=True)
             continue
         rows.extend(score_case(case, case_dir, PREDICTION_RULES))
+        if args.significance:
+            significant_rows.extend(score_case(case, case_dir, PREDICTION_RULES, significance=args.significance))
         remediation.extend(remediation_rows(case, case_dir))
         behaviour.extend(behaviour_rows(case, case_dir))
     table = pd.DataFrame(rows)
@@ -81,6 +88,11 @@ def main() -> None:
     print(mneme[["case", "method", "accuracy", "precision", "f1", "predicted", "true"]].to_string(index=False))
     print("\nMean ± sd over the grid:")
     print(summary.to_markdown(index=False))
+    if significant_rows:
+        significant = summarize(pd.DataFrame(significant_rows))
+        atomic_write(args.out / "validity_summary_significant.csv", lambda p: significant.to_csv(p, index=False))
+        print(f"\nMean ± sd over the grid, degraded = drop > 0.1 and significant at {args.significance}:")
+        print(significant.to_markdown(index=False))
     if remediation:
         remediated = pd.DataFrame(remediation)
         atomic_write(args.out / "remediation_cases.csv", lambda p: remediated.to_csv(p, index=False))

@@ -247,7 +247,8 @@ def demo(out: str, seed: int, target_domain: str, interventions: tuple[str, ...]
         else:
             click.echo(f"accuracy drop per domain: {drops}")
         click.echo(f"degraded (drop > {case.drop_threshold:g}): {', '.join(case.degraded) or '(none)'}; "
-                   f"MNEME predicted: {', '.join(case.predicted) or '(none)'}")
+                   f"MNEME predicted: {', '.join(case.predicted) or '(none)'}"
+                   + (f" (change: {case.change})" if case.change else ""))
         click.echo(case.metrics[["method", "accuracy", "precision", "recall", "f1"]].to_string(
             index=False, float_format=lambda v: f"{v:.3f}"))
         if case.remediation is not None:
@@ -544,20 +545,27 @@ def taxonomies() -> None:
 @click.option("--taxonomy", help="Taxonomy to predict over (default: the first of map.taxonomies).")
 @click.option("--rule", type=click.Choice(RULES))
 @click.option("-k", "--k", type=int, help="Categories predicted by the top_k rule.")
-@click.option("--alpha", type=float, help="False discovery rate of the enrichment rule.")
+@click.option("--alpha", type=float, help="Level of the enrichment (FDR) and outlier_or_broad rules' tests.")
+@click.option("--control-run", type=click.Path(exists=True, file_okay=False),
+              help="outlier_or_broad: a finished run of the base vs a benignly perturbed copy (the breadth test's scale).")
 @clear_errors
-def predict(run_dir, config, taxonomy, rule, k, alpha) -> None:
+def predict(run_dir, config, taxonomy, rule, k, alpha, control_run) -> None:
     """Score every category from the attributed latents and their categories; predict the affected ones."""
     from mneme_plugin.interpret import MapConfig
     from mneme_plugin.sideeffects import PredictConfig, predict_run
 
     sections = _sections(_read_yaml(config), ("predict", "map"), config)
-    cfg = PredictConfig.from_dict(_override(sections["predict"], rule=rule, k=k, alpha=alpha), section="predict")
+    cfg = PredictConfig.from_dict(_override(sections["predict"], rule=rule, k=k, alpha=alpha, control_run=control_run),
+                                  section="predict")
     result = predict_run(run_dir, cfg, taxonomy or MapConfig.from_dict(sections["map"], section="map").taxonomies[0])
     q_columns = [c for c in result.scores.columns if c.startswith("q_")]
     for _, row in result.scores.head(15).iterrows():
         q = f"  q {min(row[c] for c in q_columns):.3g}" if q_columns else ""
         click.echo(f"{'*' if row['predicted'] else ' '} {row['category']:<40} {row['score']:8.4f}{q}")
+    if "verdict" in result.tests:
+        tests = result.tests
+        breadth = f", breadth p {tests['breadth_p']:.3g}" if "breadth_p" in tests else ""
+        click.echo(f"Change: {tests['verdict']} (concentration p {tests['concentration_p']:.3g}{breadth})")
     click.echo(f"Predicted: {', '.join(result.predicted) or '(none)'}")
 
 

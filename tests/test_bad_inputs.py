@@ -175,8 +175,8 @@ def _export_over_an_existing_export(tmp, fx):
 CASES = [
     Case("corpus-not-utf8", _non_utf8_corpus, r"latin1\.txt is not UTF-8 text: line 2"),
     Case("corpus-corrupt-parquet", _corrupt_parquet, r"corpus\.parquet is not a readable parquet file"),
-    Case("model-folder-missing", _missing_model, r"model: the model folder .*no_such_model does not exist"),
-    Case("model-folder-empty", _empty_model, r"model: the model folder .*empty_model is empty"),
+    Case("model-folder-missing", _missing_model, r"base: the model folder .*no_such_model does not exist"),
+    Case("model-folder-empty", _empty_model, r"edited: the model folder .*empty_model is empty"),
     Case("harvest-device-cuda-without-cuda", lambda t, fx: _harvest(fx, _corpus(t), t / "s", "--device", "cuda"),
          r"Device 'cuda' asked for, but CUDA is not available", needs_no_cuda=True),
     Case("train-device-cuda-without-cuda", lambda t, fx: _train(_store(t), t / "run", "--train-device", "cuda"),

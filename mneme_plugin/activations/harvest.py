@@ -88,8 +88,8 @@ class HarvestContext:
 
     @classmethod
     def build(cls, base: Any, edited: Any, config: HarvestConfig) -> "HarvestContext":
-        base = load_model(base, config.device, config.model_dtype)
-        edited = load_model(edited, config.device, config.model_dtype)
+        base = load_model(base, config.device, config.model_dtype, role="base")
+        edited = load_model(edited, config.device, config.model_dtype, role="edited")
         hook_name = config.resolved_hook_name
         validate_pair(base, edited, config.layer, hook_name)
         return cls(base, edited, config, hook_name, model_tokenizer(base), int(base.cfg.d_model))

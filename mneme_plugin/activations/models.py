@@ -73,13 +73,13 @@ def check_model_spec(spec: str, where: str) -> list[str]:
     return []
 
 
-def load_model(model: Any, device: str = "cpu", dtype: str = "float32") -> Any:
+def load_model(model: Any, device: str = "cpu", dtype: str = "float32", role: str = "model") -> Any:
     """The model object for ``model``: an object is returned unchanged; a string is a model spec
     (``ModelSpec``): ``organism:PATH`` loads a saved organism model, a hub name or local HF folder
-    is booted with the TransformerBridge."""
+    is booted with the TransformerBridge. ``role`` (``base`` / ``edited``) names it in errors."""
     if isinstance(model, str):
         spec = ModelSpec.parse(model)
-        problems = check_model_spec(model, "model")
+        problems = check_model_spec(model, role)
         if problems:
             raise ConfigError(problems[0])
         if spec.kind == "organism":
@@ -96,8 +96,9 @@ def load_model(model: Any, device: str = "cpu", dtype: str = "float32") -> Any:
         try:
             bridge = TransformerBridge.boot_transformers(model, device=device, dtype=_DTYPES[dtype])
         except (OSError, HFValidationError) as err:
-            where = "the model folder" if spec.kind == "local" else "the hub model"
-            raise ConfigError(f"Cannot load {where} {model!r}: {str(err).splitlines()[0]}") from err
+            where = "model folder" if spec.kind == "local" else "hub model"
+            who = "" if role == "model" else f"{role} "
+            raise ConfigError(f"Cannot load the {who}{where} {model!r}: {str(err).splitlines()[0]}") from err
         bridge.eval()
         bridge._mneme_source_name = model  # remembered for the manifest
         return bridge

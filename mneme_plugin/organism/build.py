@@ -336,6 +336,44 @@ def _build_organism(seed: int = 0, intervention: str = "rmu", target_domain: str
     )
 
 
+def control_texts(seed: int, cfg: OrganismConfig) -> list[str]:
+    """General text of the same kind as the task-agnostic slice (documents of every domain plus
+    generic filler, in its proportions), freshly drawn: what the control copy is fine-tuned on."""
+    n_generic = cfg.agnostic_docs // 5
+    documents = generate_corpus(cfg.agnostic_docs - n_generic, seed=seed + 303, fact_seed=seed,
+                                cross_domain=cfg.cross_domain)
+    texts = [t for _, t in documents] + generate_generic_corpus(n_generic, seed=seed + 303)
+    if cfg.behaviours:  # the behaviour organism's slice also holds conversations
+        from mneme_plugin.organism.behaviour import generate_conversations
+
+        texts += generate_conversations(cfg.conversation_docs // 5, seed=seed + 303, misaligned_share=cfg.misaligned_share)
+    return texts
+
+
+def build_control(organism: Organism, seed: int, out_dir: str | Path, progress: bool = True) -> Path:
+    """The control model of the ``outlier_or_broad`` rule: a copy of ``organism``'s base fine-tuned
+    on general text (``control_texts``) with the organism's benign fine-tuning recipe, so its
+    crosscoder against the base shows how many latents a harmless edit changes. Cached in
+    ``out_dir``; returns the ``.safetensors`` path (an ``organism:PATH`` model spec)."""
+    from mneme_plugin.interventions import fine_tune
+
+    if not organism.model_paths.get("base"):
+        raise ConfigError("build_control needs an organism built with out_dir (its base model saved).")
+    cfg = organism.config
+    icfg = default_intervention_config("benign", cfg, seed)
+    base_weights = Path(organism.model_paths["base"])
+    key = _key({"base": base_weights.name, "control": icfg.to_dict()})
+    path = Path(out_dir) / f"control-{key}{WEIGHTS_SUFFIX}"
+    model_kwargs = dict(n_layers=cfg.n_layers, d_model=cfg.d_model, n_heads=cfg.n_heads, n_ctx=cfg.n_ctx, seed=seed)
+    if _load_cached(path, organism.tokenizer, model_kwargs) is None:
+        logger.info("Fine-tuning the control copy of the base on general text.")
+        with deterministic():
+            control = fine_tune(organism.base, control_texts(seed, cfg), icfg, progress=progress).model
+        save_organism_model(path, control, model_kwargs, {"control": icfg.to_dict(), "seed": seed,
+                                                              "organism": config_key_dict(cfg)})
+    return path
+
+
 def pretraining_texts(seed: int, cfg: OrganismConfig) -> list[str]:
     """The base LM's pretraining corpus (its tokenizer is trained on it, so it is rebuilt from the seed)."""
     texts = [t for _, t in generate_corpus(cfg.pretrain_docs, seed=seed, cross_domain=cfg.cross_domain)]

@@ -16,12 +16,13 @@ the behaviour organism) are scored on the behaviour categories (``organism_behav
 ground truth is the drop of each category's safe-answer share) exactly as the knowledge cases on the
 domains, with a second evaluation on the knowledge domains, and the paper's intersection analysis
 (amplified latents that are mapped to harmful categories) written to ``harmful_intersection.json``.
-They have no remediation step.
+The behaviour organism has its own base, hence its own control run; there is no remediation step.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,11 +34,16 @@ from mneme_plugin.errors import ConfigError
 from mneme_plugin.files import atomic_write_text
 from mneme_plugin.groundtruth import domain_accuracy
 from mneme_plugin.groundtruth.table import SCORES_CSV, save_scores, scores_table
-from mneme_plugin.organism.build import Organism, build_organism, default_intervention_config
+from mneme_plugin.organism.build import (
+    Organism,
+    build_control,
+    build_organism,
+    default_intervention_config,
+)
 from mneme_plugin.organism.catalog import BEHAVIOUR_INTERVENTIONS, KNOWLEDGE_INTERVENTIONS
 from mneme_plugin.organism.models import deterministic
 from mneme_plugin.pipeline import RunConfig, run_pipeline
-from mneme_plugin.sideeffects import load_evaluation, load_evaluations
+from mneme_plugin.sideeffects import load_evaluation, load_evaluations, load_prediction
 from mneme_plugin.sideeffects.harmful import HarmfulIntersection, harmful_intersection, save_harmful_intersection
 from mneme_plugin.sideeffects.remediate import (
     ControlledRemediation,
@@ -68,10 +74,10 @@ EXPANSION = 4  # the organism crosscoder's expansion factor (256 latents at d_mo
 
 
 def organism_run_config(run_dir: Path, organism: Organism, corpus: Path, truth: Path, seed: int = 0,
-                        knowledge_truth: Path | None = None) -> dict[str, Any]:
-    """The ``mneme run`` config of one organism case (also written as a recipe next to the run).
-
-    With ``knowledge_truth`` (behaviour cases) ``truth`` is the behaviour table: the run maps to both
+                        control_run: Path | None = None, knowledge_truth: Path | None = None) -> dict[str, Any]:
+    """The ``mneme run`` config of one organism case (also written as a recipe next to the run);
+    ``control_run``: the seed's control run (``run_control``), the prediction rule's scale. With
+    ``knowledge_truth`` (behaviour cases) ``truth`` is the behaviour table: the run maps to both
     taxonomies and evaluates two named tables, ``behaviour`` and ``knowledge``."""
     target = organism.target_domain or "mixed"
     config = {
@@ -94,7 +100,8 @@ def organism_run_config(run_dir: Path, organism: Organism, corpus: Path, truth: 
                     "n_top": 20, "n_random": 10, "n_non_activating": 10, "example_ctx_len": 16},
         "explain": {"explainer": "offline", "min_examples": 3},
         "map": {"taxonomies": ["organism"]},
-        "predict": {"rule": "outlier", "outlier_z": 3.0},
+        "predict": {"rule": "outlier_or_broad", "outlier_z": 3.0,
+                    "control_run": str(control_run) if control_run is not None else None},
         "ground_truth": {"scores_csv": str(truth)},
         "evaluate": {"drop_threshold": 0.1, "seed": seed},
     }
@@ -118,6 +125,7 @@ class DemoCase:
     degraded: list[str] = field(default_factory=list)
     drop_threshold: float = 0.1  # the accuracy drop above which a domain counts as degraded
     remediation: ControlledRemediation | None = None  # None when nothing degraded (or nothing to retrain on)
+    change: str = ""  # the prediction rule's verdict (outlier_or_broad: concentrated, broad, ...)
     knowledge: pd.DataFrame | None = None  # behaviour cases: the evaluation on the knowledge domains
     knowledge_drop: dict[str, float] = field(default_factory=dict)
     intersection: HarmfulIntersection | None = None  # behaviour cases: amplified ∩ harmful latents
@@ -171,15 +179,40 @@ def remediate_case(organism: Organism, run_dir: Path, corpus: Path, degraded: li
     return result
 
 
-def run_case(organism: Organism, case_dir: Path, seed: int = 0, progress: bool = True) -> DemoCase:
-    """``mneme run`` on one organism case in ``case_dir`` (corpus, ground truth, recipe, run/)."""
+CONTROL_STAGES = ["harvest", "train", "attribute"]  # all the prediction rule reads of the control run
+
+
+def run_control(organism: Organism, control_dir: Path, seed: int = 0, progress: bool = True) -> Path:
+    """The seed's control run in ``control_dir``: the crosscoder between the base and a copy only
+    benignly perturbed (``build_control``), trained and attributed as the cases are; returns its run
+    directory (the cases' ``predict.control_run``)."""
+    control_dir.mkdir(parents=True, exist_ok=True)
+    control_model = build_control(organism, seed, Path(organism.model_paths["base"]).parent, progress)
+    corpus = control_dir / "agnostic_corpus.txt"
+    atomic_write_text(corpus, "\n".join(organism.agnostic_corpus) + "\n")
+    config = organism_run_config(control_dir / "run", organism, corpus, corpus, seed)
+    config["models"] = {"base": config["models"]["base"], "edited": f"organism:{control_model}",
+                        "intervention": "benign fine-tuning on general text (the control)"}
+    for section in ("ground_truth", "evaluate"):
+        config.pop(section)
+    atomic_write_text(control_dir / "recipe.yaml", yaml.safe_dump(config, sort_keys=False))
+    logger.info("[demo] control: crosscoder between the base and a benignly fine-tuned copy.")
+    layout = run_pipeline(RunConfig.from_dict(config), only=CONTROL_STAGES, progress=progress)
+    return layout.root
+
+
+def run_case(organism: Organism, case_dir: Path, seed: int = 0, progress: bool = True,
+             control_run: Path | None = None) -> DemoCase:
+    """``mneme run`` on one organism case in ``case_dir`` (corpus, ground truth, recipe, run/);
+    ``control_run``: the seed's control run (``run_control``) for the prediction rule."""
     if organism.intervention in BEHAVIOUR_INTERVENTIONS:
-        return run_behaviour_case(organism, case_dir, seed, progress)
+        return run_behaviour_case(organism, case_dir, seed, progress, control_run)
     case_dir.mkdir(parents=True, exist_ok=True)
     corpus = case_dir / "agnostic_corpus.txt"
     atomic_write_text(corpus, "\n".join(organism.agnostic_corpus) + "\n")
-    truth = save_scores(scores_table(organism.accuracy_before, organism.accuracy_after), case_dir / SCORES_CSV)
-    config = organism_run_config(case_dir / "run", organism, corpus, truth, seed)
+    questions = Counter(q.domain for q in organism.questions)  # n: a drop's significance test needs it
+    truth = save_scores(scores_table(organism.accuracy_before, organism.accuracy_after, questions), case_dir / SCORES_CSV)
+    config = organism_run_config(case_dir / "run", organism, corpus, truth, seed, control_run)
     atomic_write_text(case_dir / "recipe.yaml", yaml.safe_dump(config, sort_keys=False))
     logger.info("[demo] %s: running the pipeline (recipe %s).", organism.intervention, case_dir / "recipe.yaml")
     run_config = RunConfig.from_dict(config)
@@ -191,24 +224,29 @@ def run_case(organism: Organism, case_dir: Path, seed: int = 0, progress: bool =
         remediation = remediate_case(organism, layout.root, corpus, list(evaluation.true_set), case_dir, seed, progress)
     return DemoCase(organism.intervention, organism.target_domain, layout.root, organism.drop, evaluation.table(),
                     evaluation.predicted.get("MNEME", []), evaluation.true_set, run_config.evaluate.drop_threshold,
-                    remediation)
+                    remediation, load_prediction(layout.prediction).tests.get("verdict", ""))
 
 
-def run_behaviour_case(organism: Organism, case_dir: Path, seed: int = 0, progress: bool = True) -> DemoCase:
+def run_behaviour_case(organism: Organism, case_dir: Path, seed: int = 0, progress: bool = True,
+                       control_run: Path | None = None) -> DemoCase:
     """``mneme run`` on a behaviour case: evaluated on the behaviour categories and the knowledge
     domains, plus the intersection analysis (saved to ``case_dir``)."""
     from mneme_plugin.attribution import load_attribution
     from mneme_plugin.interpret.contexts import load_reference_latents
     from mneme_plugin.interpret.mapping import category_links, load_mapping
     from mneme_plugin.interpret.taxonomy import load_taxonomy
+    from mneme_plugin.organism.behaviour import BEHAVIOUR_CATEGORIES, behaviour_benchmark
 
     case_dir.mkdir(parents=True, exist_ok=True)
     corpus = case_dir / "agnostic_corpus.txt"
     atomic_write_text(corpus, "\n".join(organism.agnostic_corpus) + "\n")
-    truth = save_scores(scores_table(organism.behaviour_before, organism.behaviour_after), case_dir / SCORES_CSV)
-    knowledge = save_scores(scores_table(organism.accuracy_before, organism.accuracy_after),
+    requests = Counter(item.category for item in behaviour_benchmark(BEHAVIOUR_CATEGORIES))
+    truth = save_scores(scores_table(organism.behaviour_before, organism.behaviour_after, requests),
+                        case_dir / SCORES_CSV)
+    questions = Counter(q.domain for q in organism.questions)
+    knowledge = save_scores(scores_table(organism.accuracy_before, organism.accuracy_after, questions),
                             case_dir / KNOWLEDGE_SCORES_CSV)
-    config = organism_run_config(case_dir / "run", organism, corpus, truth, seed, knowledge_truth=knowledge)
+    config = organism_run_config(case_dir / "run", organism, corpus, truth, seed, control_run, knowledge_truth=knowledge)
     atomic_write_text(case_dir / "recipe.yaml", yaml.safe_dump(config, sort_keys=False))
     logger.info("[demo] %s: running the pipeline (recipe %s).", organism.intervention, case_dir / "recipe.yaml")
     run_config = RunConfig.from_dict(config)
@@ -220,18 +258,28 @@ def run_behaviour_case(organism: Organism, case_dir: Path, seed: int = 0, progre
                                         category_links(load_mapping(layout.mapping), taxonomy.name), taxonomy.ids(),
                                         reference=load_reference_latents(layout.contexts))
     save_harmful_intersection(intersection, case_dir)
+    verdict = load_prediction(layout.prediction / BEHAVIOUR_TAXONOMY).tests.get("verdict", "")
     return DemoCase(organism.intervention, organism.target_domain, layout.root, organism.behaviour_drop,
                     behaviour.table(), behaviour.predicted.get("MNEME", []), behaviour.true_set,
-                    run_config.evaluate.drop_threshold, knowledge=domains.table(), knowledge_drop=organism.drop,
-                    intersection=intersection)
+                    run_config.evaluate.drop_threshold, change=verdict, knowledge=domains.table(),
+                    knowledge_drop=organism.drop, intersection=intersection)
 
 
 def run_demo(out_dir: str | Path, seed: int = 0, interventions: tuple[str, ...] = KNOWLEDGE_INTERVENTIONS,
              target_domain: str = "law", progress: bool = True) -> DemoResult:
     """Build the organism, apply each intervention and run the whole pipeline on it (see module doc)."""
     out = Path(out_dir)
-    cases = []
+    cases: list[DemoCase] = []
+    control_runs: dict[bool, Path] = {}  # one per base: the knowledge organism's, the behaviour organism's
     for intervention in interventions:
         organism = build_organism(seed, intervention, target_domain, out / "organism", progress=progress)
-        cases.append(run_case(organism, out / intervention, seed, progress))
+        behaviours = organism.config.behaviours
+        if behaviours not in control_runs:
+            control_runs[behaviours] = run_control(organism, out / control_folder(behaviours), seed, progress)
+        cases.append(run_case(organism, out / intervention, seed, progress, control_runs[behaviours]))
     return DemoResult(cases=cases, out_dir=out)
+
+
+def control_folder(behaviours: bool) -> str:
+    """The control run's folder name: ``control`` (knowledge organism), ``control-behaviour``."""
+    return "control-behaviour" if behaviours else "control"

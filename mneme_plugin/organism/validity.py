@@ -17,7 +17,7 @@ import pandas as pd
 
 from mneme_plugin.organism.build import build_organism
 from mneme_plugin.organism.catalog import BEHAVIOUR_INTERVENTIONS
-from mneme_plugin.organism.demo import DESCRIPTIONS, case_taxonomy, run_case
+from mneme_plugin.organism.demo import DESCRIPTIONS, case_taxonomy, control_folder, run_case, run_control
 from mneme_plugin.sideeffects.config import EvaluateConfig, PredictConfig
 
 logger = logging.getLogger("mneme_plugin")
@@ -52,12 +52,23 @@ def run_grid_case(case: GridCase, out_dir: Path, progress: bool = False) -> Path
     organism = build_organism(case.seed, case.intervention, case.target or "law",
                               out_dir / f"seed{case.seed}" / "organism", progress=progress)
     case_dir = out_dir / case.name
-    run_case(organism, case_dir, case.seed, progress)
+    control = control_dir(out_dir, case.seed, case.intervention in BEHAVIOUR_INTERVENTIONS)
+    run_case(organism, case_dir, case.seed, progress, run_control(organism, control, case.seed, progress))
     return case_dir
 
 
-def score_case(case: GridCase, case_dir: Path, rules: dict[str, PredictConfig]) -> list[dict]:
-    """Every rule's prediction on the finished case, evaluated with the baselines (one row per method)."""
+def control_dir(out_dir: Path, seed: int, behaviours: bool = False) -> Path:
+    """The seed's control run folder, shared by all its cases (its crosscoder is the rules' scale);
+    the behaviour cases' organism has its own base, hence its own control."""
+    return out_dir / f"seed{seed}" / control_folder(behaviours)
+
+
+def score_case(case: GridCase, case_dir: Path, rules: dict[str, PredictConfig],
+               significance: float | None = None) -> list[dict]:
+    """Every rule's prediction on the finished case, evaluated with the baselines (one row per method).
+
+    A domain is degraded when its accuracy drops by more than 0.1 (the demo's definition) and, with
+    ``significance``, when the drop is also significant at that level given its number of questions."""
     from mneme_plugin.attribution import load_attribution
     from mneme_plugin.groundtruth.table import SCORES_CSV, read_scores_csv
     from mneme_plugin.interpret.config import MapConfig
@@ -74,12 +85,15 @@ def score_case(case: GridCase, case_dir: Path, rules: dict[str, PredictConfig]) 
     attribution = load_attribution(layout.attribution).table
     links = category_links(load_mapping(layout.mapping), taxonomy.name)
     reference = load_reference_latents(layout.contexts)
+    control_layout = RunLayout(control_dir(case_dir.parents[1], case.seed, case.intervention in BEHAVIOUR_INTERVENTIONS)
+                               / "run")
+    control = load_attribution(control_layout.attribution).table if control_layout.attribution.is_dir() else None
     truth = read_scores_csv(case_dir / SCORES_CSV)
     description = DESCRIPTIONS[case.intervention].format(target=case.target or "mixed")
-    evaluate_config = EvaluateConfig(drop_threshold=0.1, seed=case.seed)
+    evaluate_config = EvaluateConfig(drop_threshold=0.1, significance=significance, seed=case.seed)
     rows = []
     for index, (rule_name, rule) in enumerate(rules.items()):
-        prediction = predict(attribution, links, taxonomy.ids(), rule, reference=reference)
+        prediction = predict(attribution, links, taxonomy.ids(), rule, reference=reference, control=control)
         naive = naive_prediction(description, MapConfig(taxonomies=[taxonomy.name]), max(1, len(prediction.predicted)))
         evaluation = evaluate(prediction.predicted, truth, taxonomy.ids(), naive_predicted=naive, config=evaluate_config)
         for method, metrics in evaluation.rows.items():

@@ -44,7 +44,7 @@ class PipelineContext:
             from mneme_plugin.activations.models import load_model
 
             h = self.config.harvest
-            self.models[which] = load_model(self.config.model_spec(which), device=h.device, dtype=h.model_dtype)
+            self.models[which] = load_model(self.config.model_spec(which), device=h.device, dtype=h.model_dtype, role=which)
         return self.models[which]
 
     def corpus(self) -> Any:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from mneme_plugin.config import ConfigMixin, Seed, require
 
-RULES = ("outlier", "enrichment", "relative", "top_k", "min_score")
+RULES = ("outlier_or_broad", "outlier", "enrichment", "relative", "top_k", "min_score")
 
 
 @dataclass
@@ -22,7 +22,7 @@ class PredictConfig(ConfigMixin):
     Prediction ``rule`` on the score of ``side``: ``suppressed``, ``amplified``, or ``both`` (their
     sum; the default: a capability moved when the edit weakened its latents or pushed new
     directions into its text, as RMU does by steering the forget domain towards a random vector):
-    ``outlier`` (default): categories whose score stands out of the taxonomy's score distribution,
+    ``outlier``: categories whose score stands out of the taxonomy's score distribution,
     robust z = (score - median) / (1.4826 MAD) >= ``outlier_z`` (most categories are unaffected by
     an edit, so their scores are the noise floor; scale-free, no fixed number of predictions);
     ``enrichment``: categories over-represented among the changed latents of a side, against
@@ -32,6 +32,15 @@ class PredictConfig(ConfigMixin):
     predicted at false discovery rate ``alpha``. A calibrated null: it predicts nothing when the
     changed latents are spread over the categories as the live ones are, and as many categories
     as are significant otherwise; it counts latents and ignores ``min_score``;
+    ``outlier_or_broad`` (default): the outlier rule when the edit's changed latents concentrate on some
+    categories, and every category when the change is spread evenly over them and broader than a
+    control's (the narrow fine-tuning that overwrites everything a model knew); nothing otherwise.
+    Concentration: a permutation test (``permutations`` draws, ``seed``) that the share of changed
+    latents is the same in every category, over the reference latents; breadth: Fisher's exact
+    test of the edit's share of changed live latents against that of ``control_run``, a finished
+    run directory whose crosscoder compares the base model with a benignly perturbed copy (e.g.
+    fine-tuned briefly on general text), then the same test per category (BH-corrected), all at
+    level ``alpha`` (``sideeffects.shift``). Without ``control_run`` it is the outlier rule;
     ``relative``: categories scoring >= ``relative_threshold`` x the best category's score;
     ``top_k``: the ``k`` best; ``min_score``: score >= ``min_score``. Categories need at least
     ``min_latents`` supporting latents either way.
@@ -43,13 +52,16 @@ class PredictConfig(ConfigMixin):
     min_similarity: float = 0.0
     max_latents: int | None = 200
     side: str = "both"
-    rule: str = "outlier"
+    rule: str = "outlier_or_broad"
     outlier_z: float = 3.0
     alpha: float = 0.05
     relative_threshold: float = 0.5
     k: int = 3
     min_score: float = 0.0
     min_latents: int = 1
+    control_run: str | None = None
+    permutations: int = 2000
+    seed: Seed = 0
 
     def __post_init__(self) -> None:
         self.suppressed_classes = tuple(self.suppressed_classes)
@@ -61,6 +73,8 @@ class PredictConfig(ConfigMixin):
         require(self.k >= 1, "k must be >= 1.")
         require(0.0 < self.alpha < 1.0, f"alpha must be in (0, 1), got {self.alpha}.")
         require(self.min_latents >= 1, "min_latents must be >= 1.")
+        require(self.permutations >= 100, f"permutations must be >= 100 (a p-value's resolution is 1 / permutations), "
+                f"got {self.permutations}.")
         require(self.max_latents is None or self.max_latents >= 1, "max_latents must be None or >= 1.")
 
 

@@ -16,7 +16,8 @@ from mneme_plugin.errors import ConfigError
 from mneme_plugin.files import atomic_write, atomic_write_text
 from mneme_plugin.interpret.mapping import LINK_COLUMNS
 from mneme_plugin.sideeffects.config import PredictConfig
-from mneme_plugin.sideeffects.enrichment import enrichment_table
+from mneme_plugin.sideeffects.enrichment import benjamini_hochberg, enrichment_table
+from mneme_plugin.sideeffects.shift import broad_change_pvalue, changed_share, homogeneity_pvalue
 
 logger = logging.getLogger("mneme_plugin")
 
@@ -32,11 +33,14 @@ class Prediction:
     predicted: list[str]
     evidence: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     config: PredictConfig = field(default_factory=PredictConfig)
+    # The rule's whole-taxonomy tests and verdict (``outlier_or_broad``: concentration and breadth p-values)
+    tests: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "predicted": self.predicted,
             "config": self.config.to_dict(),
+            "tests": self.tests,
             "scores": self.scores.to_dict(orient="records"),
             "evidence": self.evidence,
         }
@@ -55,6 +59,7 @@ def predict(
     config: PredictConfig | None = None,
     descriptions: Mapping[int, str] | None = None,
     reference: Collection[int] | None = None,
+    control: pd.DataFrame | None = None,
 ) -> Prediction:
     """Score every category of the taxonomy and predict the affected ones.
 
@@ -64,6 +69,8 @@ def predict(
     ``categories``: every category of the taxonomy (categories without evidence score 0).
     ``reference``: a uniform sample of the live latents, mapped (the ``enrichment`` rule's null;
     without it, every mapped latent stands in for the live ones).
+    ``control``: the attribution table of a control crosscoder (base vs a benignly perturbed copy),
+    the ``outlier_or_broad`` rule's scale for a broad change; without it a broad change is not tested.
     """
     cfg = config or PredictConfig()
     _check_columns(attribution, ("latent", "latent_class", "score"), "attribution table")
@@ -108,13 +115,16 @@ def predict(
         scores["score"] = scores[f"{cfg.side}_score"]
         support = scores[f"n_{cfg.side}_latents"]
     eligible = (support >= cfg.min_latents) & (scores["score"] > 0)
-    if cfg.rule == "outlier":
+    tests: dict[str, Any] = {}
+    if cfg.rule in ("outlier", "outlier_or_broad"):
         median = float(scores["score"].median())
         mad = float((scores["score"] - median).abs().median())
         # A floor on the spread: when most categories score exactly the same (e.g. 0), MAD is 0.
         spread = max(1.4826 * mad, 1e-3 * max(float(scores["score"].abs().max()), 1e-12))
         scores["robust_z"] = (scores["score"] - median) / spread
         chosen = eligible & (scores["robust_z"] >= cfg.outlier_z)
+        if cfg.rule == "outlier_or_broad":
+            chosen, tests = _outlier_or_broad(chosen, attribution, top_links, reference, control, cfg)
     elif cfg.rule == "enrichment":
         if not reference:
             logger.warning("No reference sample of live latents (collect.reference_latents): the enrichment rule "
@@ -142,7 +152,52 @@ def predict(
     predicted = scores.loc[scores["predicted"], "category"].tolist()
     for items in evidence.values():
         items.sort(key=lambda e: -abs(e["attribution_score"]) * e["similarity"])
-    return Prediction(scores=scores, predicted=predicted, evidence=evidence, config=cfg)
+    return Prediction(scores=scores, predicted=predicted, evidence=evidence, config=cfg, tests=tests)
+
+
+def _outlier_or_broad(outliers: pd.Series, attribution: pd.DataFrame, top_links: pd.DataFrame,
+                      reference: Collection[int] | None, control: pd.DataFrame | None,
+                      cfg: PredictConfig) -> tuple[pd.Series, dict[str, Any]]:
+    """The ``outlier_or_broad`` decision (tests in ``sideeffects.shift``): the outlier categories when
+    the changed latents concentrate on some categories; when the change is spread evenly and broader
+    than the control's, the categories whose own share of changed latents exceeds the control's;
+    nothing otherwise. Without a control, the outlier rule's answer."""
+    if control is None:
+        return outliers, {"verdict": "no control: the outlier rule"}
+    changed_classes = {"suppressed": cfg.suppressed_classes, "amplified": cfg.amplified_classes}
+    classes = [c for side, group in changed_classes.items() if cfg.side in (side, "both") for c in group]
+    live = attribution[attribution["latent_class"] != "dead"]
+    population = set(live["latent"].astype(int))
+    if reference:
+        population &= {int(v) for v in reference}
+    linked = top_links[top_links["latent"].astype(int).isin(population)].drop_duplicates("latent")
+    is_changed = linked["latent"].map(live.set_index("latent")["latent_class"].isin(classes))
+    homogeneity = homogeneity_pvalue(linked["category"].tolist(), is_changed.tolist(), cfg.permutations, cfg.seed)
+    per_category = linked.groupby("category")["latent"].nunique().reindex(outliers.index).fillna(0)
+    tests: dict[str, Any] = {"concentration_p": homogeneity, "reference_latents": len(linked),
+                             "changed_reference_latents": int(is_changed.sum())}
+    changed, n_live = changed_share(attribution, classes)
+    tests.update(changed_latents=changed, live_latents=n_live)
+    _check_columns(control, ("latent", "latent_class"), "control attribution table")
+    control_changed, control_live = changed_share(control, classes)
+    tests.update(control_changed_latents=control_changed, control_live_latents=control_live,
+                 breadth_p=broad_change_pvalue(changed, n_live, control_changed, control_live))
+    if homogeneity < cfg.alpha and outliers.any():
+        tests["verdict"] = "concentrated"
+        return outliers, tests
+    if tests["breadth_p"] < cfg.alpha:
+        # Which categories share the broad change: each one's changed share against the control's,
+        # Fisher's exact test per category, Benjamini-Hochberg over the taxonomy.
+        changed_per_category = linked.assign(changed=is_changed.to_numpy()).groupby("category")["changed"].sum()
+        changed_per_category = changed_per_category.reindex(outliers.index).fillna(0).astype(int)
+        p_values = [broad_change_pvalue(int(changed_per_category[c]), int(per_category[c]), control_changed, control_live)
+                    for c in outliers.index]
+        q_values = pd.Series(benjamini_hochberg(p_values), index=outliers.index)
+        tests["broad_q"] = {c: float(q) for c, q in q_values.items()}
+        tests["verdict"] = "broad"
+        return (q_values < cfg.alpha) & (per_category >= cfg.min_latents), tests
+    tests["verdict"] = "no change beyond the control"
+    return pd.Series(False, index=outliers.index), tests
 
 
 def save_prediction(prediction: Prediction, out_dir: str | os.PathLike[str]) -> Path:
@@ -166,5 +221,5 @@ def load_prediction(out_dir: str | os.PathLike[str]) -> Prediction:
         raise CheckpointError(f"{path} is corrupt: not valid JSON ({err}); predict again.") from err
     return Prediction(
         scores=pd.DataFrame(data["scores"]), predicted=list(data["predicted"]),
-        evidence=data["evidence"], config=PredictConfig.from_dict(data["config"]),
+        evidence=data["evidence"], config=PredictConfig.from_dict(data["config"]), tests=data.get("tests", {}),
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mneme_plugin.groundtruth.table import GroundTruthConfig, load_ground_truth
 from mneme_plugin.interpret.config import MapConfig
@@ -16,6 +17,9 @@ from mneme_plugin.layout import RunLayout
 from mneme_plugin.sideeffects.config import EvaluateConfig, PredictConfig
 from mneme_plugin.sideeffects.evaluate import Evaluation, evaluate, save_evaluation
 from mneme_plugin.sideeffects.predict import Prediction, load_prediction, predict, save_prediction
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 def predict_run(run_dir: str | os.PathLike[str], config: PredictConfig, taxonomy: str,
@@ -30,11 +34,29 @@ def predict_run(run_dir: str | os.PathLike[str], config: PredictConfig, taxonomy
     layout = RunLayout(Path(run_dir))
     tax = load_taxonomy(taxonomy)
     mapping = load_mapping(layout.mapping)
-    reference = load_reference_latents(layout.contexts) if config.rule == "enrichment" else None
+    needs_reference = config.rule in ("enrichment", "outlier_or_broad")
+    reference = load_reference_latents(layout.contexts) if needs_reference else None
+    control = load_control_attribution(config.control_run) if config.rule == "outlier_or_broad" else None
     prediction = predict(load_attribution(layout.attribution).table, category_links(mapping, tax.name), tax.ids(),
-                         config, latent_descriptions(mapping), reference=reference)
+                         config, latent_descriptions(mapping), reference=reference, control=control)
     save_prediction(prediction, out_dir if out_dir is not None else layout.prediction)
     return prediction
+
+
+def load_control_attribution(control_run: str | os.PathLike[str] | None) -> "pd.DataFrame | None":
+    """The attribution table of the control run (``predict.control_run``), or None without one."""
+    from mneme_plugin.attribution import load_attribution
+    from mneme_plugin.errors import ConfigError
+
+    if control_run is None:
+        return None
+    folder = RunLayout(Path(control_run)).attribution
+    if not folder.is_dir():
+        raise ConfigError(
+            f"predict.control_run {control_run} has no attribution ({folder} is missing): run the control "
+            "first (`mneme run` with models.edited = a benignly perturbed copy of the base, at least up to "
+            "`attribute`), or leave control_run out.")
+    return load_attribution(folder).table
 
 
 def naive_prediction(intervention: str, map_config: MapConfig, n: int, taxonomy: str | None = None) -> list[str]:

@@ -125,3 +125,8 @@ def test_a_missing_or_empty_model_folder_is_a_config_error(tmp_path, llama_dir):
     (broken / "config.json").write_text((llama_dir / "config.json").read_text())  # no weights, no tokenizer
     with pytest.raises(ConfigError, match=rf"Cannot load the model folder '{broken}'"):
         load_model(str(broken))
+    # Run stages name which model failed.
+    with pytest.raises(ConfigError, match=rf"Cannot load the edited model folder '{broken}'"):
+        load_model(str(broken), role="edited")
+    with pytest.raises(ConfigError, match=rf"base: the model folder {tmp_path / 'nope'} does not exist"):
+        load_model(str(tmp_path / "nope"), role="base")

@@ -1,4 +1,4 @@
-"""The validity grid on two organisms (slow): cases run through the real pipeline, every rule scored
+"""The validity grid on three organisms (slow): cases run through the real pipeline, every rule scored
 offline against the measured ground truth, and the summary's means agree with the per-case rows."""
 
 import pytest
@@ -6,7 +6,8 @@ import pytest
 from mneme_plugin.organism.validity import grid_cases, run_grid_case, score_case, summarize
 from mneme_plugin.sideeffects.config import PredictConfig
 
-RULES = {"MNEME outlier": PredictConfig(), "MNEME enrichment": PredictConfig(rule="enrichment")}
+RULES = {"MNEME default": PredictConfig(), "MNEME outlier": PredictConfig(rule="outlier"),
+         "MNEME enrichment": PredictConfig(rule="enrichment")}
 
 
 def test_grid_cases_cover_targets_once_and_benign_once_per_seed():
@@ -20,26 +21,33 @@ def test_grid_cases_cover_targets_once_and_benign_once_per_seed():
 
 
 @pytest.mark.slow
-def test_grid_on_two_organisms(tmp_path):
+def test_grid_on_three_organisms(tmp_path):
     import pandas as pd
 
+    assert PredictConfig().rule == "outlier_or_broad"
     rows = []
-    for case in grid_cases([1], ["law"], ["rmu", "benign"]):
+    for case in grid_cases([1], ["law"], ["rmu", "narrow", "benign"]):
         rows.extend(score_case(case, run_grid_case(case, tmp_path), RULES))
+    assert (tmp_path / "seed1" / "control" / "run" / "attribution").is_dir()  # the default rule's control
     table = pd.DataFrame(rows)
     print(table[["case", "method", "accuracy", "precision", "f1", "predicted", "true"]].to_string())
-    rmu = table[table["intervention"] == "rmu"].set_index("method")
-    benign = table[table["intervention"] == "benign"].set_index("method")
+    by_case = {name: group.set_index("method") for name, group in table.groupby("intervention")}
+    rmu, narrow, benign = by_case["rmu"], by_case["narrow"], by_case["benign"]
     assert rmu.loc["oracle", "accuracy"] == 1.0 and rmu.loc["oracle", "n_true"] >= 1
     # RMU: when the default rule predicts, it is mostly right, and more precise than chance.
-    assert rmu.loc["MNEME outlier", "n_predicted"] >= 1
-    assert rmu.loc["MNEME outlier", "precision"] >= 0.5 > rmu.loc["random", "precision"]
+    assert rmu.loc["MNEME default", "n_predicted"] >= 1
+    assert rmu.loc["MNEME default", "precision"] >= 0.5 > rmu.loc["random", "precision"]
+    # Narrow fine-tuning degrades most domains: the default rule's breadth test finds at least half
+    # of them, where the outlier rule, which looks for what stands out, finds fewer.
+    assert narrow.loc["oracle", "n_true"] >= 4
+    assert narrow.loc["MNEME default", "accuracy"] >= 0.5
+    assert narrow.loc["MNEME default", "accuracy"] > narrow.loc["MNEME outlier", "accuracy"]
     # Benign fine-tuning: the calibrated rule raises no false alarm, the default at most one.
     fp = benign["n_predicted"] - benign["n_hit"]
-    assert fp["MNEME enrichment"] == 0 and fp["MNEME outlier"] <= 1
+    assert fp["MNEME enrichment"] == 0 and fp["MNEME default"] <= 1
     summary = summarize(table).set_index(["intervention", "method"])
-    assert summary.loc[("rmu", "MNEME outlier"), "cases"] == 1
-    assert summary.loc[("rmu", "MNEME outlier"), "predicted"] == rmu.loc["MNEME outlier", "n_predicted"]
+    assert summary.loc[("rmu", "MNEME default"), "cases"] == 1
+    assert summary.loc[("rmu", "MNEME default"), "predicted"] == rmu.loc["MNEME default", "n_predicted"]
 
 
 def test_remediation_summary_is_the_mean_of_per_case_means(tmp_path):
