@@ -132,18 +132,23 @@ def _harvest_inputs(sections: dict[str, dict[str, Any]], base, edited, corpus, l
 @_add_options(_harvest_options)
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Activation store directory.")
 @click.option("--overwrite", is_flag=True, help="Delete an existing store at --out first.")
+@click.option("--nproc", type=int, default=1, show_default=True,
+              help="Ranks on this node, each harvesting a share: relaunches this command under torchrun.")
 @clear_errors
-def harvest(config, out, overwrite, **options) -> None:
+def harvest(config, out, overwrite, nproc, **options) -> None:
     """Harvest paired (base, edited) activations into an on-disk store.
 
     An interrupted harvest resumes when run again with the same options.
     """
+    _relaunch_if_asked(nproc)
     from mneme_plugin.activations import harvest as run_harvest
+    from mneme_plugin.distributed import distributed_context
 
     sections = _sections(_read_yaml(config), ("models", "corpus", "harvest"), config)
     base, edited, corpus, harvest_cfg = _harvest_inputs(sections, **options)
     store = run_harvest(base, edited, corpus, harvest_cfg, out, overwrite=overwrite)
-    click.echo(f"{store.num_rows} paired rows of width {store.d_model} in {store.path}")
+    if distributed_context().is_main:  # under torchrun rank 0 reports
+        click.echo(f"{store.num_rows} paired rows of width {store.d_model} in {store.path}")
 
 
 # --------------------------------------------------------------------------------- train
@@ -173,12 +178,7 @@ def harvest(config, out, overwrite, **options) -> None:
 def train(store, stream, config, shuffle_buffer, out, dict_size, expansion_factor, k, salience, steps,
           train_batch_size, lr, seed, train_device, no_resume, allow_partial, nproc, **harvest_options) -> None:
     """Train a BatchTopK crosscoder, from a store or streaming; resumes from the newest checkpoint."""
-    if nproc > 1:
-        import sys
-
-        from mneme_plugin.distributed import relaunch_under_torchrun, strip_option
-
-        sys.exit(relaunch_under_torchrun(nproc, "mneme_plugin.cli", strip_option(sys.argv[1:], "--nproc")))
+    _relaunch_if_asked(nproc)
     from mneme_plugin.crosscoder import CrossCoderConfig, TrainingConfig
     from mneme_plugin.crosscoder.training import train as run_train
 
@@ -198,7 +198,7 @@ def train(store, stream, config, shuffle_buffer, out, dict_size, expansion_facto
         from mneme_plugin.distributed import distributed_context
 
         base, edited, corpus, harvest_cfg = _harvest_inputs(sections, **harvest_options)
-        # Under torchrun each rank harvests its own part of the stream.
+        # Under torchrun each rank harvests a share of the stream and trains on its slice of each global batch.
         data: Any = harvest_stream(base, edited, corpus, harvest_cfg, batch_size=tr_cfg.batch_size,
                                    shuffle_buffer_rows=shuffle_buffer, seed=tr_cfg.seed,
                                    dist=distributed_context(tr_cfg.device))
@@ -207,6 +207,10 @@ def train(store, stream, config, shuffle_buffer, out, dict_size, expansion_facto
     else:
         raise ConfigError("Nothing to train on: pass --store DIR, or --stream with --base/--edited/--corpus/--layer.")
     result = run_train(data, out, cc_cfg, tr_cfg, resume=not no_resume, allow_partial=allow_partial)
+    from mneme_plugin.distributed import distributed_context
+
+    if not distributed_context().is_main:  # under torchrun rank 0 reports
+        return
     click.echo(f"Crosscoder: {result.crosscoder_dir}")
     click.echo(json.dumps(result.metrics.to_dict(), indent=2))
 
@@ -642,12 +646,25 @@ def report(run_dir, out) -> None:
     click.echo(f"Report: {build_report(run_dir, out)}")
 
 
+def _relaunch_if_asked(nproc: int) -> None:
+    """``--nproc N`` (N > 1): run this very command as N ranks under ``torchrun --standalone``."""
+    if nproc == 1:
+        return
+    import sys
+
+    from mneme_plugin.distributed import relaunch_under_torchrun, strip_option
+
+    sys.exit(relaunch_under_torchrun(nproc, "mneme_plugin.cli", strip_option(sys.argv[1:], "--nproc")))
+
+
 @main.command()
 @click.argument("config", type=click.Path(exists=True, dir_okay=False))
 @click.option("--dry-run", is_flag=True, help="Check the config and print the plan; run nothing.")
 @click.option("--only", multiple=True, help="Run only these stages (repeatable).")
+@click.option("--nproc", type=int, default=1, show_default=True,
+              help="Ranks on this node for harvest and training: relaunches this command under torchrun.")
 @clear_errors
-def run(config, dry_run, only) -> None:
+def run(config, dry_run, only, nproc) -> None:
     """Run the whole pipeline from one YAML file: [intervention, ground_truth,] harvest, train, attribute,
     collect, explain, map, predict, evaluate, report. Finished stages with the same config are skipped; interrupted ones resume."""
     from mneme_plugin.pipeline import RunConfig, check_config, format_plan, run_pipeline
@@ -660,7 +677,12 @@ def run(config, dry_run, only) -> None:
         if check.problems:
             raise SystemExit(1)
         return
+    _relaunch_if_asked(nproc)
     layout = run_pipeline(cfg, only=list(only) or None)
+    from mneme_plugin.distributed import distributed_context
+
+    if not distributed_context().is_main:  # under torchrun rank 0 ran the last stages and reports
+        return
     click.echo(f"Run directory: {layout.root}")
     if layout.report.is_file():
         click.echo(f"Report: {layout.report}")

@@ -9,18 +9,23 @@ collective is the identity, so the same code runs unchanged in both cases.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 
 from mneme_plugin.devices import resolve_device
-from mneme_plugin.errors import ConfigError
+from mneme_plugin.errors import ConfigError, MnemeError, RankFailedError
+from mneme_plugin.files import output_lock
+
+T = TypeVar("T")
 
 # torchrun's environment; WORLD_SIZE > 1 means "we are one rank of several".
 _ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
@@ -49,6 +54,13 @@ class DistributedContext:
         if self.is_distributed and resolved.type == "cuda" and resolved.index is None:
             return torch.device("cuda", self.local_rank)
         return resolved
+
+    @property
+    def comm_device(self) -> torch.device:
+        """Where collectives' tensors must live: this rank's GPU under NCCL, the CPU under gloo."""
+        if self.is_distributed and dist.get_backend() == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
 
     # -- collectives (identity in a single process) ------------------------------------------
 
@@ -84,9 +96,7 @@ class DistributedContext:
         """True when ``flag`` is true on every rank (one one-element all-reduce)."""
         if not self.is_distributed:
             return flag
-        on_gpu = dist.get_backend() == "nccl"
-        device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
-        return bool(self.all_min(torch.tensor([int(flag)], device=device)).item())
+        return bool(self.all_min(torch.tensor([int(flag)], device=self.comm_device)).item())
 
     def broadcast_(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
         if self.is_distributed:
@@ -109,6 +119,34 @@ class DistributedContext:
         return out
 
 
+    def on_main(self, fn: Callable[[], T]) -> T:
+        """``fn()`` run by rank 0 alone, its result on every rank. If it raises, every rank raises:
+        rank 0 its own error, the others the same ``MnemeError`` (or a ``RankFailedError`` naming
+        it), instead of waiting for a rank that will never come."""
+        if not self.is_distributed:
+            return fn()
+        outcome: tuple[bool, Any] = (True, None)
+        error: BaseException | None = None
+        if self.is_main:
+            try:
+                outcome = (True, fn())
+            except Exception as err:  # noqa: BLE001 - re-raised below, after telling the others
+                error = err
+                sent = err if isinstance(err, MnemeError) else RankFailedError(
+                    f"Rank 0 failed: {type(err).__name__}: {err}")
+                outcome = (False, sent)
+        try:
+            outcome = self.broadcast_object(outcome)
+        except Exception:  # unpicklable result or error: say so in words
+            outcome = self.broadcast_object((False, RankFailedError(f"Rank 0 failed: {error!r}")))
+        if error is not None:
+            raise error
+        ok, value = outcome
+        if not ok:
+            raise value
+        return value
+
+
 SINGLE_PROCESS = DistributedContext()
 # ``all_gather_into_tensor`` was renamed ``all_gather_single`` (torch 2.10+ warns on the old name).
 _all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -118,12 +156,29 @@ def launched_by_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and all(key in os.environ for key in _ENV_KEYS)
 
 
+# Set while this process works alone (``local_only``): rank 0 running the stages after training.
+_LOCAL_ONLY: list[bool] = []
+
+
+@contextlib.contextmanager
+def local_only() -> Iterator[None]:
+    """Within it ``distributed_context()`` is one process, even under torchrun: for work that rank 0
+    does alone (the stages of ``mneme run`` after training) while the other ranks have left."""
+    _LOCAL_ONLY.append(True)
+    try:
+        yield
+    finally:
+        _LOCAL_ONLY.pop()
+
+
 def distributed_context(device: str = "auto") -> DistributedContext:
     """The job this process belongs to; initialises the default process group under torchrun.
 
     ``device`` picks the backend when the group is created here: NCCL when it resolves to CUDA,
     gloo otherwise (CPU runs, tests). An already initialised group is used as it is.
     """
+    if _LOCAL_ONLY:
+        return SINGLE_PROCESS
     if dist.is_available() and dist.is_initialized():
         return DistributedContext(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
     if not launched_by_torchrun():
@@ -134,6 +189,16 @@ def distributed_context(device: str = "auto") -> DistributedContext:
         torch.cuda.set_device(local_rank)
     dist.init_process_group(backend=backend)
     return DistributedContext(dist.get_rank(), dist.get_world_size(), local_rank)
+
+
+@contextlib.contextmanager
+def main_rank_lock(ctx: DistributedContext, folder: str | os.PathLike[str], what: str) -> Iterator[Path]:
+    """``files.output_lock`` for a job: rank 0 takes the lock on ``folder`` and holds it while the
+    block runs; if it cannot (another job has the folder), every rank raises ``OutputLockedError``
+    before any of them writes. One process: the lock itself."""
+    with contextlib.ExitStack() as stack:
+        ctx.on_main(lambda: stack.enter_context(output_lock(folder, what)) and None)
+        yield Path(folder)
 
 
 def torchrun_command(nproc: int, module: str, args: Sequence[str]) -> list[str]:

@@ -41,3 +41,7 @@ class OutputLockedError(MnemeError, RuntimeError):
 
 class OutputExistsError(MnemeError, FileExistsError):
     """Writing would overwrite existing files and overwriting was not asked for."""
+
+
+class RankFailedError(MnemeError, RuntimeError):
+    """Another rank of a torchrun job failed at a step every rank waits on."""

@@ -9,6 +9,7 @@ stage's folder are named and read only by the module that owns the stage (see AR
 | ``edited_model/`` | ``mneme_plugin.interventions.step`` (the edited model, HF folder) |
 | ``ground_truth/`` | ``mneme_plugin.groundtruth.sources`` (``<name>.csv`` tables, measurements in ``<name>/``) |
 | ``.stages/<stage>.json`` | ``mneme_plugin.pipeline.run`` (stage markers: config fingerprint, time) |
+| ``.stages/<stage>.failed`` | ``mneme_plugin.pipeline.run`` (under torchrun: a failed stage other ranks waited for) |
 | ``activations/`` | ``mneme_plugin.activations`` (store: manifest + shards) |
 | ``crosscoder_run/`` | ``mneme_plugin.crosscoder.training`` (checkpoints, final crosscoder, metrics) |
 | ``attribution/`` | ``mneme_plugin.attribution`` |
@@ -97,6 +98,10 @@ class RunLayout:
 
     def stage_marker(self, stage: str) -> Path:
         return self.stages / f"{stage}.json"
+
+    def stage_failure(self, stage: str) -> Path:
+        """Under torchrun: rank 0's notice that a stage the other ranks wait for failed."""
+        return self.stages / f"{stage}.failed"
 
     def looks_like_run(self) -> bool:
         """Whether the folder holds anything a run writes (its config, stage markers or a stage folder)."""

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -51,3 +54,26 @@ def bridge_pair(llama_dir):
     base = load_model(str(llama_dir))
     edited = make_finetuned_copy(base, synthetic_corpus(60, seed=7), steps=5, lr=3e-3, seed=1)
     return base, edited
+
+
+ROOT = Path(__file__).resolve().parents[1]
+HOLDER = (
+    "import sys, time\n"
+    "from mneme_plugin.files import output_lock\n"
+    "with output_lock(sys.argv[1]):\n"
+    "    print('locked', flush=True)\n"
+    "    time.sleep(600)\n"
+)
+
+
+@pytest.fixture
+def held_lock(tmp_path):
+    """A folder locked by another process (as by a running `mneme train --out` on it)."""
+    folder = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(folder)], stdout=subprocess.PIPE, text=True, env=env)
+    assert proc.stdout.readline().strip() == "locked"
+    yield folder, proc
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()

@@ -19,3 +19,71 @@ def test_single_process_collectives_are_the_identity():
     t = torch.arange(3.0)
     assert SINGLE_PROCESS.all_sum(t) is t and torch.equal(SINGLE_PROCESS.all_gather(t), t[None])
     assert SINGLE_PROCESS.broadcast_object({"a": 1}) == {"a": 1} and SINGLE_PROCESS.is_main
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _rank_outcomes(rank: int, world: int, port: int, locked: str, free: str, out: str) -> None:
+    """One gloo rank: what main_rank_lock and on_main give it, written to OUT/rankR.json."""
+    import json
+    import os
+
+    import torch.distributed as dist
+
+    from mneme_plugin.distributed import DistributedContext, main_rank_lock
+    from mneme_plugin.errors import MnemeError
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    ctx = DistributedContext(rank, world)
+    seen = {}
+
+    def attempt(name, fn):
+        try:
+            seen[name] = ["ok", fn()]
+        except (MnemeError, ZeroDivisionError) as err:
+            seen[name] = [type(err).__name__, str(err)]
+
+    def hold(folder):
+        with main_rank_lock(ctx, folder, "test folder"):
+            ctx.barrier()  # every rank looks while rank 0 holds it
+            held = os.path.exists(os.path.join(folder, ".mneme.lock"))
+            ctx.barrier()
+            return held
+
+    attempt("locked", lambda: hold(locked))
+    attempt("free", lambda: hold(free))
+    attempt("fails", lambda: ctx.on_main(lambda: 1 / 0))
+    attempt("value", lambda: ctx.on_main(lambda: {"from": rank}))
+    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+        json.dump(seen, f)
+    dist.destroy_process_group()
+
+
+def test_rank_zero_decides_for_every_rank_under_two_gloo_ranks(tmp_path, held_lock):
+    """A folder another process has locked stops both ranks; an error on rank 0 reaches rank 1."""
+    import json
+
+    import torch.multiprocessing as mp
+
+    from mneme_plugin.files import LOCK_FILE
+
+    assert LOCK_FILE == ".mneme.lock"
+    locked, free = held_lock[0], tmp_path / "free"
+    # fork: the ranks start from this process (torch imported once), in well under a second
+    mp.start_processes(_rank_outcomes, args=(2, _free_port(), str(locked), str(free), str(tmp_path)),
+                       nprocs=2, start_method="fork")
+    rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2))
+    assert rank0["locked"][0] == rank1["locked"][0] == "OutputLockedError"
+    assert rank1["locked"][1] == rank0["locked"][1] and "in use by another mneme process" in rank1["locked"][1]
+    assert rank0["free"] == rank1["free"] == ["ok", True]  # held (by rank 0) for every rank's block
+    assert not (free / LOCK_FILE).exists()  # released at the end of the block
+    assert rank0["fails"][0] == "ZeroDivisionError" and rank1["fails"][0] == "RankFailedError"
+    assert "ZeroDivisionError" in rank1["fails"][1]
+    assert rank0["value"] == rank1["value"] == ["ok", {"from": 0}]

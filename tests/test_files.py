@@ -23,27 +23,7 @@ from mneme_plugin.files import (
 from tests.helpers import random_activation_pairs, write_activation_store
 
 ROOT = Path(__file__).resolve().parents[1]
-HOLDER = (
-    "import sys, time\n"
-    "from mneme_plugin.files import output_lock\n"
-    "with output_lock(sys.argv[1]):\n"
-    "    print('locked', flush=True)\n"
-    "    time.sleep(600)\n"
-)
 TRAIN_CONFIGS = ({"expansion_factor": 2, "k": 2}, {"steps": 3, "batch_size": 32, "warmup_steps": 1, "eval_rows": 64})
-
-
-@pytest.fixture
-def held_lock(tmp_path):
-    """A folder locked by another process (as by a running `mneme train --out` on it)."""
-    folder = tmp_path / "out"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(folder)], stdout=subprocess.PIPE, text=True, env=env)
-    assert proc.stdout.readline().strip() == "locked"
-    yield folder, proc
-    if proc.poll() is None:
-        proc.kill()
-    proc.wait()
 
 
 def _store(tmp_path: Path) -> Path:

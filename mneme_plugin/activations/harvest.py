@@ -52,7 +52,7 @@ from mneme_plugin.activations.store import (
     write_shard,
 )
 from mneme_plugin.activations.sharded import harvest_sharded
-from mneme_plugin.distributed import distributed_context
+from mneme_plugin.distributed import distributed_context, main_rank_lock
 from mneme_plugin.errors import CheckpointError, ConfigError, EmptyCorpusError, NonFiniteActivationError
 from mneme_plugin.files import LOCK_FILE, output_lock, remove_stale_temporaries
 
@@ -296,11 +296,23 @@ def harvest(
     if dist_ctx.is_distributed:
         if out_dir is None:
             raise ConfigError("A harvest under torchrun needs out_dir: one folder that every rank writes into.")
-        return harvest_sharded(ctx, corpus, config, Path(out_dir), dist_ctx, overwrite=overwrite,
-                               progress=progress, on_shard=on_shard)
+        # Rank 0 holds the store's lock for the job; if another job has it, every rank stops.
+        with main_rank_lock(dist_ctx, out_dir, "out_dir (--out)"):
+            return harvest_sharded(ctx, corpus, config, Path(out_dir), dist_ctx, overwrite=overwrite,
+                                   progress=progress, on_shard=on_shard)
     path = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="mneme-activations-"))
     with output_lock(path, "out_dir (--out)"):
+        if not overwrite and _partial_sharded(path):  # several ranks' unfinished harvest: finish it alone
+            return harvest_sharded(ctx, corpus, config, path, dist_ctx, progress=progress, on_shard=on_shard)
         return _harvest_locked(ctx, corpus, config, path, overwrite=overwrite, progress=progress, on_shard=on_shard)
+
+
+def _partial_sharded(path: Path) -> bool:
+    """Whether ``path`` holds an unfinished harvest of several ranks (activations/sharded.py)."""
+    if not (path / MANIFEST).is_file():
+        return False
+    manifest = read_manifest(path)
+    return not manifest["complete"] and "world_size" in manifest
 
 
 def _harvest_locked(ctx: HarvestContext, corpus: CorpusSource, config: HarvestConfig, path: Path, *,

@@ -9,7 +9,12 @@ it stopped. When every rank is done, rank 0 merges the shard lists into the mani
 write, shards ordered by their first window) and removes the progress files.
 
 The rows are the rows one process harvests (same batches, same filters); only how they are cut into
-shards differs. A partial store resumes with the same number of ranks.
+shards differs. A partial store resumes with any number of processes: with the same number, each
+rank continues from its progress file; with another (or a partial store of one process resumed
+under torchrun, or a partial sharded store resumed by one process), rank 0 first folds what was
+harvested into the manifest's ``carried`` part (its shards kept, their forward batches marked
+done) and the new ranks share the batches still to do, writing shards of a new generation
+(``g01_rank000_shard_00000.safetensors``).
 """
 
 from __future__ import annotations
@@ -37,8 +42,9 @@ def rank_manifest_name(rank: int) -> str:
     return f"manifest.rank{rank:03d}.json"
 
 
-def rank_shard_name(rank: int, index: int) -> str:
-    return f"rank{rank:03d}_shard_{index:05d}.safetensors"
+def rank_shard_name(rank: int, index: int, generation: int = 0) -> str:
+    prefix = f"g{generation:02d}_" if generation else ""  # a resume with another number of ranks
+    return f"{prefix}rank{rank:03d}_shard_{index:05d}.safetensors"
 
 
 def _prepare(ctx: Any, corpus: CorpusSource, config: HarvestConfig, path: Path, world_size: int,
@@ -60,10 +66,7 @@ def _prepare(ctx: Any, corpus: CorpusSource, config: HarvestConfig, path: Path, 
         _check_resumable(manifest, ctx, path)
         check_same_corpus(manifest, corpus, path)
         if not manifest["complete"] and manifest.get("world_size") != world_size:
-            raise CheckpointError(
-                f"{path} holds a partial harvest by {manifest.get('world_size', 1)} process(es); resume it with "
-                f"the same number (now {world_size}), or pass overwrite=True to start over."
-            )
+            _fold(path, manifest, world_size)
         return manifest
     if store_folder_entries(path):
         raise CheckpointError(
@@ -74,6 +77,41 @@ def _prepare(ctx: Any, corpus: CorpusSource, config: HarvestConfig, path: Path, 
     manifest["world_size"] = world_size
     write_manifest(path, manifest)
     return manifest
+
+
+def _fold(path: Path, manifest: dict[str, Any], world_size: int) -> None:
+    """Rank 0, resuming a partial store with another number of processes: what was harvested so far
+    becomes the manifest's ``carried`` part (shards with their first window, the forward batches
+    done, the counts), the old progress files go, and the new ranks start a new generation."""
+    batch_size = int(manifest["config"]["batch_size"])
+    carried = manifest.get("carried") or {"shards": [], "done_batches": [], "windows_end": 0,
+                                          **dict.fromkeys(COUNT_KEYS, 0)}
+    done = set(carried["done_batches"])
+    if "world_size" not in manifest:  # one process's partial store: contiguous windows, listed shards
+        start = 0
+        for shard in manifest["shards"]:
+            carried["shards"].append({**shard, "windows_start": start})
+            start = shard["windows_end"]
+        n_windows = int(manifest["n_windows"])
+        done |= set(range(-(-n_windows // batch_size)))
+        carried["windows_end"] = max(carried["windows_end"], n_windows)
+        for key in COUNT_KEYS:
+            carried[key] += int(manifest.get(key, 0))
+        manifest["shards"], manifest["n_tokens"], manifest["n_windows"] = [], 0, 0
+    else:
+        old_world = int(manifest["world_size"])
+        for rank in range(old_world):
+            state = _rank_progress(path, rank)
+            carried["shards"] += state["shards"]
+            done |= set(range(rank, int(state["next_batch"]), old_world))
+            carried["windows_end"] = max(carried["windows_end"], int(state.get("windows_end", 0)))
+            for key in COUNT_KEYS:
+                carried[key] += int(state[key])
+    carried["done_batches"] = sorted(done)
+    manifest.update(carried=carried, world_size=world_size, generation=int(manifest.get("generation", 0)) + 1)
+    write_manifest(path, manifest)  # before the old progress files go: a crash here loses nothing
+    for stale in path.glob("manifest.rank*.json"):
+        stale.unlink()
 
 
 def _rank_progress(path: Path, rank: int) -> dict[str, Any]:
@@ -115,6 +153,8 @@ def harvest_sharded(
     if manifest["complete"]:
         return ActivationStore(path)
     stats = NormalizationStats.from_dict(manifest["normalization"])
+    done_before = set(manifest.get("carried", {}).get("done_batches", []))  # by an earlier number of ranks
+    generation = int(manifest.get("generation", 0))
 
     state = _rank_progress(path, rank)
     store_dtype = _STORE_DTYPES[config.dtype]
@@ -130,7 +170,7 @@ def harvest_sharded(
         if n_rows:
             index = len(state["shards"])
             tensors = shard_tensors(pending, store_dtype)
-            file = rank_shard_name(rank, index)
+            file = rank_shard_name(rank, index, generation)
             write_shard(path, index, tensors, name=file)
             state["shards"].append({"file": file, "n_rows": n_rows, "windows_end": own_end,
                                     "windows_start": pending_first_window})
@@ -149,7 +189,7 @@ def harvest_sharded(
         try:
             for i, windows in enumerate(ctx.windows(corpus)):
                 state["windows_end"] = windows[-1].index + 1  # the corpus's windows, for n_windows
-                if i % world != rank or i < state["next_batch"]:
+                if i % world != rank or i < state["next_batch"] or i in done_before:
                     continue
                 own_end, next_batch = windows[-1].index + 1, i + 1
                 rows = ctx.run_batch(windows, i, dropped_ids)
@@ -186,14 +226,17 @@ def _merge(path: Path, manifest: dict[str, Any], world: int) -> None:
     unfinished = [s["rank"] for s in states if not s["done"]]
     if unfinished:
         raise CheckpointError(f"Ranks {unfinished} of the harvest into {path} did not finish; run it again to resume.")
-    shards = sorted((s for state in states for s in state["shards"]), key=lambda s: s["windows_start"])
+    carried = manifest.pop("carried", None) or {"shards": [], "windows_end": 0, **dict.fromkeys(COUNT_KEYS, 0)}
+    shards = sorted(carried["shards"] + [s for state in states for s in state["shards"]],
+                    key=lambda s: s["windows_start"])
     manifest["shards"] = [{"file": s["file"], "n_rows": s["n_rows"], "windows_end": s["windows_end"]} for s in shards]
     manifest["n_tokens"] = sum(s["n_rows"] for s in shards)
-    manifest["n_windows"] = max((state.get("windows_end", 0) for state in states), default=0)
+    manifest["n_windows"] = max([carried["windows_end"]] + [state.get("windows_end", 0) for state in states])
     for key in COUNT_KEYS:
-        manifest[key] = sum(state[key] for state in states)
+        manifest[key] = carried[key] + sum(state[key] for state in states)
     manifest["complete"] = True
     manifest.pop("world_size", None)
+    manifest.pop("generation", None)
     write_manifest(path, manifest)
     for rank in range(world):
         (path / rank_manifest_name(rank)).unlink(missing_ok=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from typing import Any
 
@@ -24,12 +25,13 @@ class HarvestStream:
     ``scale_factors`` are estimated from the first ``normalization_tokens`` tokens before the
     first batch is yielded (on first access).
 
-    With ``dist`` (a data-parallel job) each rank reads a disjoint part of the stream: forward
-    batch i of the corpus is harvested by rank i mod W (the split of the sharded harvest), into the
-    rank's own shuffle buffer (seeded by seed and rank), and batches have ``batch_size / W`` rows,
-    this rank's share of each global batch. Rank 0 estimates the scale factors for all ranks. The
-    global batches are then not the ones one process would draw (each rank shuffles its own share);
-    a streamed run resumes with the same data only with the same number of ranks.
+    With ``dist`` (a data-parallel job) the stream is the one of one process, dealt out: forward
+    batch i of the corpus is harvested by rank i mod W (the split of the sharded harvest), every
+    rank receives every harvested row (an all-gather per round of W forward batches), keeps the same
+    shuffle buffer and yields its share of each global batch (``batch_size / W`` rows, rank r the
+    r-th slice). So W ranks train on one process's global batches, and a streamed run resumes on the
+    same data with any number of ranks. The price: each rank holds the whole shuffle buffer and
+    receives every row (float32, 8*d bytes a token). Rank 0 estimates the scale factors for all.
     """
 
     def __init__(
@@ -80,28 +82,54 @@ class HarvestStream:
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         stats = self.stats
-        rank, world = self.dist.rank, self.dist.world_size
-        gen = torch.Generator().manual_seed(self.seed + 7919 * rank)
+        world = self.dist.world_size
+        gen = torch.Generator().manual_seed(self.seed)
         dropped_ids = self.ctx.dropped_ids()
         buffer = torch.empty(0, 2, self.d_model)
         half = self.shuffle_buffer_rows // 2
-        batch_size = self.batch_size // world
+        share = slice(self.dist.rank * self.batch_size // world, (self.dist.rank + 1) * self.batch_size // world)
         self.outliers_dropped = 0
-        for i, windows in enumerate(self.ctx.windows(self.corpus)):
-            if i % world != rank:
-                continue
-            rows = self.ctx.run_batch(windows, i, dropped_ids)
-            rows, n_out = filter_outliers(rows, stats, self.config.outlier_factor)
-            self.outliers_dropped += n_out
-            buffer = torch.cat([buffer, rows.activations.float()])
+        for rows in self._rows(stats, dropped_ids):
+            buffer = torch.cat([buffer, rows])
             while buffer.shape[0] >= self.shuffle_buffer_rows:
                 buffer = buffer[torch.randperm(buffer.shape[0], generator=gen)]
-                n_out_rows = (half // batch_size) * batch_size
+                n_out_rows = (half // self.batch_size) * self.batch_size
                 out, buffer = buffer[:n_out_rows], buffer[n_out_rows:]
-                yield from out.split(batch_size)
+                yield from (batch[share] for batch in out.split(self.batch_size))
         buffer = buffer[torch.randperm(buffer.shape[0], generator=gen)]
-        for start in range(0, buffer.shape[0] - batch_size + 1, batch_size):
-            yield buffer[start : start + batch_size]
+        for start in range(0, buffer.shape[0] - self.batch_size + 1, self.batch_size):
+            yield buffer[start : start + self.batch_size][share]
+
+    def _rows(self, stats: NormalizationStats, dropped_ids: torch.Tensor) -> Iterator[torch.Tensor]:
+        """The kept float32 rows of each forward batch, in corpus order. With W ranks, forward batches
+        go round by round: rank r harvests batch i*W + r and every rank receives the round's rows."""
+        rank, world = self.dist.rank, self.dist.world_size
+        batches = self.ctx.windows(self.corpus)
+        for first in itertools.count(0, world):
+            round_ = list(itertools.islice(batches, world))
+            if not round_:
+                return
+            mine, n_out = torch.empty(0, 2, self.d_model), 0
+            if rank < len(round_):
+                rows = self.ctx.run_batch(round_[rank], first + rank, dropped_ids)
+                rows, n_out = filter_outliers(rows, stats, self.config.outlier_factor)
+                mine = rows.activations.float()
+            if world == 1:
+                self.outliers_dropped += n_out
+                yield mine
+                continue
+            parts, n_out = self._all_gather_rows(mine, n_out)
+            self.outliers_dropped += n_out
+            yield from parts[: len(round_)]
+
+    def _all_gather_rows(self, rows: torch.Tensor, n_out: int) -> tuple[list[torch.Tensor], int]:
+        """Every rank's rows (ranks harvest different numbers), and the outliers dropped over ranks."""
+        device = self.dist.comm_device
+        counts = self.dist.all_gather(torch.tensor([rows.shape[0], n_out], device=device)).cpu()
+        padded = torch.zeros(int(counts[:, 0].max()), 2, self.d_model, device=device)
+        padded[: rows.shape[0]] = rows.to(device)
+        gathered = self.dist.all_gather(padded).cpu()
+        return [gathered[r, : int(counts[r, 0])] for r in range(self.dist.world_size)], int(counts[:, 1].sum())
 
 
 def harvest_stream(

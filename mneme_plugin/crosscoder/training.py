@@ -11,7 +11,6 @@ Run directory layout::
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
 import logging
@@ -38,9 +37,9 @@ from mneme_plugin.crosscoder.metrics import (
 )
 from mneme_plugin.crosscoder.model import BatchTopKCrossCoder
 from mneme_plugin.crosscoder.trainer import BatchTopKCrossCoderTrainer
-from mneme_plugin.distributed import SINGLE_PROCESS, DistributedContext, distributed_context
+from mneme_plugin.distributed import SINGLE_PROCESS, DistributedContext, distributed_context, main_rank_lock
 from mneme_plugin.errors import CheckpointError, ConfigError, NonFiniteActivationError
-from mneme_plugin.files import atomic_directory, atomic_write_text, output_lock
+from mneme_plugin.files import atomic_directory, atomic_write_text
 
 logger = logging.getLogger("mneme_plugin")
 
@@ -72,8 +71,8 @@ class _Data:
     are stored context by context) are held out of training and evaluated on; training batches are
     the store's batches with those rows removed, so a batch can be a few rows short of batch_size.
     Under torchrun each rank keeps its share of every global batch (``rank_slices``); a stream
-    that is already sharded by rank (``harvest_stream(dist=...)``) gives each rank its own part,
-    and all ranks stop when the first one runs out. Held-out batches are dealt out to ranks in turn.
+    built for the job (``harvest_stream(dist=...)``) yields each rank's share itself (the same
+    global batches, so ranks run out together). Held-out batches are dealt out to ranks in turn.
     """
 
     def __init__(self, data: TrainingData, batch_size: int, seed: int, eval_rows: int = 0,
@@ -124,8 +123,8 @@ class _Data:
         stream = itertools.islice(iter(self.source), start_step, None)  # type: ignore[arg-type]
         if not self.ctx.is_distributed:
             return stream
-        if getattr(self.source, "dist", SINGLE_PROCESS).is_distributed:  # this rank's part already
-            return _stop_together(stream, self.ctx)
+        if getattr(self.source, "dist", SINGLE_PROCESS).is_distributed:  # this rank's share already
+            return stream
         return rank_slices(stream, self.ctx)
 
     def _training_batches(self, start_step: int) -> Iterator[torch.Tensor]:
@@ -152,14 +151,6 @@ class _Data:
         step = self.batch_size * self.ctx.world_size
         for begin in range(self.ctx.rank * self.batch_size, len(pairs), step):
             yield store.gather(pairs[begin : begin + self.batch_size])
-
-
-def _stop_together(batches: Iterator[torch.Tensor], ctx: DistributedContext) -> Iterator[torch.Tensor]:
-    """Rank-local batches until any rank's run out (ranks' parts of a stream differ by a few rows)."""
-    for batch in itertools.chain(batches, [None]):
-        if not ctx.all_agree(batch is not None):
-            return
-        yield batch
 
 
 def _checkpoint_dirs(run_dir: Path) -> list[Path]:
@@ -254,7 +245,7 @@ def train(
         data = ActivationStore(data)
     if isinstance(data, ActivationStore):  # before the lock: a bad store leaves no run directory behind
         data.require_complete(allow_partial, use="training")
-    with output_lock(run_dir, "run directory (--out)") if ctx.is_main else contextlib.nullcontext():
+    with main_rank_lock(ctx, run_dir, "run directory (--out)"):  # rank 0 holds it for the job
         return _train(data, run_dir, cc_cfg, tr_cfg, ctx, resume=resume, progress=progress, on_step=on_step)
 
 
@@ -277,14 +268,16 @@ def _train(data: TrainingData, run_dir: Path, cc_cfg: CrossCoderConfig, tr_cfg: 
         logger.info("Training already finished in %s; loading it.", final_dir)
         metrics = CrossCoderMetrics(**json.loads(metrics_path.read_text()))
         return TrainResult(BatchTopKCrossCoder.from_pretrained(final_dir), metrics, run_dir)
-    if not resume and run_dir.exists() and ctx.is_main:
-        for stale in (final_dir, run_dir / CHECKPOINT_DIR):
-            shutil.rmtree(stale, ignore_errors=True)
-        for stale_file in (metrics_path, run_dir / RUN_CONFIG_FILE):
-            stale_file.unlink(missing_ok=True)
-    if ctx.is_main:
+
+    def prepare() -> None:  # rank 0; a refused config stops every rank
+        if not resume and run_dir.exists():
+            for stale in (final_dir, run_dir / CHECKPOINT_DIR):
+                shutil.rmtree(stale, ignore_errors=True)
+            for stale_file in (metrics_path, run_dir / RUN_CONFIG_FILE):
+                stale_file.unlink(missing_ok=True)
         _check_run_config(run_dir, run_config)
-    ctx.barrier()
+
+    ctx.on_main(prepare)
 
     for warning in tr_cfg.schedule_warnings():
         logger.warning(warning)
@@ -331,9 +324,8 @@ def _train(data: TrainingData, run_dir: Path, cc_cfg: CrossCoderConfig, tr_cfg: 
         bar.update(1)
         done = step + 1
         if tr_cfg.checkpoint_every and done % tr_cfg.checkpoint_every == 0 and done < tr_cfg.steps:
-            if ctx.is_main:
-                save_checkpoint(trainer, run_dir, done, tr_cfg.keep_checkpoints)
-            ctx.barrier()
+            # Rank 0 writes; a failed write stops every rank (none waits on a barrier for it).
+            ctx.on_main(lambda: save_checkpoint(trainer, run_dir, done, tr_cfg.keep_checkpoints) and None)
     bar.close()
 
     crosscoder_model = trainer.ae.eval()
@@ -354,13 +346,13 @@ def _train(data: TrainingData, run_dir: Path, cc_cfg: CrossCoderConfig, tr_cfg: 
     metrics = evaluate_crosscoder(
         crosscoder_model, eval_batches, training_dead_mask=trainer.dead_mask, eval_data=eval_data, dist=ctx
     )
-    if not ctx.is_main:
-        ctx.barrier()  # rank 0 writes the crosscoder and its metrics
-        return TrainResult(crosscoder_model, metrics, run_dir)
-    atomic_directory(final_dir, crosscoder_model.save_pretrained, overwrite=True)
-    atomic_write_text(metrics_path, json.dumps(metrics.to_dict(), indent=2))
-    logger.info("Crosscoder written to %s, metrics to %s.", final_dir, metrics_path)
-    ctx.barrier()
+
+    def write_final() -> None:  # rank 0 writes the crosscoder and its metrics
+        atomic_directory(final_dir, crosscoder_model.save_pretrained, overwrite=True)
+        atomic_write_text(metrics_path, json.dumps(metrics.to_dict(), indent=2))
+        logger.info("Crosscoder written to %s, metrics to %s.", final_dir, metrics_path)
+
+    ctx.on_main(write_final)
     return TrainResult(crosscoder_model, metrics, run_dir)
 
 

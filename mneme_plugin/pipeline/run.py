@@ -14,18 +14,22 @@ import hashlib
 import json
 import logging
 import os
+import secrets
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from mneme_plugin.errors import ConfigError
-from mneme_plugin.files import atomic_write_text, output_lock
+from mneme_plugin.errors import ConfigError, RankFailedError
+from mneme_plugin.files import atomic_write_text
 from mneme_plugin.layout import RunLayout
 from mneme_plugin.pipeline.config import RunConfig, save_run_config
 from mneme_plugin.pipeline.stage import PipelineContext, Stage
 from mneme_plugin.pipeline.stages import STAGES, validate_for_run
+
+if TYPE_CHECKING:  # torch: imported when a run starts, not with the package
+    from mneme_plugin.distributed import DistributedContext
 
 logger = logging.getLogger("mneme_plugin")
 
@@ -125,7 +129,14 @@ def run_pipeline(
     progress: bool = True,
 ) -> RunLayout:
     """Run (or resume) every enabled stage of ``config``; ``models`` may pass model objects
-    (``{"base": ..., "edited": ...}``) instead of the names in ``config.models``."""
+    (``{"base": ..., "edited": ...}``) instead of the names in ``config.models``.
+
+    Under torchrun, the stages marked ``all_ranks`` (harvest, train) split their work over the
+    ranks; rank 0 runs every other stage alone (the others wait for the stages before the last
+    shared one and leave after it) and writes the run's own files (config, markers).
+    """
+    from mneme_plugin.distributed import distributed_context, main_rank_lock
+
     stages = STAGES if stages is None else stages
     if only is not None:
         unknown = sorted(set(only) - {s.name for s in stages})
@@ -133,34 +144,98 @@ def run_pipeline(
             raise ConfigError(f"Unknown stage(s) {unknown}; the stages are {', '.join(s.name for s in stages)}.")
     validate_for_run(config, stages, models=models)
     layout = config.layout
-    # One `mneme run` per run directory at a time: a second one fails at once (OutputLockedError).
-    with output_lock(layout.root, "run directory (out_dir)"):
-        _run_stages(config, stages, layout, models=models, only=only, progress=progress)
+    dist = distributed_context(config.training.device)
+    # One `mneme run` per run directory at a time: a second one fails at once (OutputLockedError);
+    # under torchrun rank 0 holds the lock for the job.
+    with main_rank_lock(dist, layout.root, "run directory (out_dir)"):
+        _run_stages(config, stages, layout, dist, models=models, only=only, progress=progress)
     return layout
 
 
-def _run_stages(config: RunConfig, stages: list[Stage], layout: RunLayout, *, models: dict[str, Any] | None,
-                only: list[str] | None, progress: bool) -> None:
-    save_run_config(config)
-    ctx = PipelineContext(config=config, layout=layout, progress=progress, models=dict(models or {}))
-    for stage, fingerprint, status in plan(config, stages):
-        if status == "disabled" or (only is not None and stage.name not in only):
+def _run_stages(config: RunConfig, stages: list[Stage], layout: RunLayout, dist: DistributedContext, *,
+                models: dict[str, Any] | None, only: list[str] | None, progress: bool) -> None:
+    from mneme_plugin.distributed import local_only
+
+    def start() -> tuple[list[tuple[str, str, str]], str]:  # rank 0: the plan every rank follows
+        save_run_config(config)
+        return [(stage.name, fp, status) for stage, fp, status in plan(config, stages)], secrets.token_hex(8)
+
+    steps, token = dist.on_main(start)
+    by_name = {stage.name: stage for stage in stages}
+    todo = []
+    for name, fingerprint, status in steps:
+        if status == "disabled" or (only is not None and name not in only):
             continue
         if status.startswith("skip"):
-            logger.info("[%s] done before with the same config: skipped (%s).", stage.name, stage.outputs(layout))
+            if dist.is_main:
+                logger.info("[%s] done before with the same config: skipped (%s).", name,
+                            by_name[name].outputs(layout))
             continue
-        if status.startswith("rerun"):
-            logger.info("[%s] config changed since it ran: redoing it.", stage.name)
-            target = stage.outputs(layout)
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
-        logger.info("[%s] running.", stage.name)
-        start = time.perf_counter()
-        stage.run(ctx)
-        seconds = time.perf_counter() - start
-        info = {"stage": stage.name, "fingerprint": fingerprint, "seconds": round(seconds, 2),
-                "version": MARKER_VERSION}
-        atomic_write_text(layout.stage_marker(stage.name), json.dumps(info), durable=True)
-        logger.info("[%s] finished in %.1f s -> %s", stage.name, seconds, stage.outputs(layout))
+        todo.append((by_name[name], fingerprint, status))
+    last_shared = max((i for i, (stage, _, _) in enumerate(todo) if stage.all_ranks), default=-1)
+    ctx = PipelineContext(config=config, layout=layout, progress=progress and dist.is_main,
+                          models=dict(models or {}))
+    for i, (stage, fingerprint, status) in enumerate(todo):
+        if stage.all_ranks:  # every rank does its share (the stage's own function splits the work)
+            dist.on_main(lambda: _start_stage(stage, layout, status))
+            start_time = time.perf_counter()
+            stage.run(ctx)
+            dist.on_main(lambda: _finish_stage(stage, layout, fingerprint, token, start_time))
+        elif not dist.is_main:
+            if i > last_shared:
+                logger.debug("Rank %d: no stage left for several ranks; rank 0 runs the rest.", dist.rank)
+                return
+            _wait_for_main(layout, stage, fingerprint, token)
+        else:
+            others_wait = dist.is_distributed and i < last_shared
+            try:
+                with local_only():  # rank 0 alone: its stages see one process
+                    _start_stage(stage, layout, status)
+                    start_time = time.perf_counter()
+                    stage.run(ctx)
+                    _finish_stage(stage, layout, fingerprint, token, start_time)
+            except BaseException as err:
+                if others_wait:  # tell the ranks waiting for this stage, instead of leaving them waiting
+                    atomic_write_text(layout.stage_failure(stage.name),
+                                      json.dumps({"token": token, "error": f"{type(err).__name__}: {err}"}))
+                raise
+
+
+def _start_stage(stage: Stage, layout: RunLayout, status: str) -> None:
+    if status.startswith("rerun"):
+        logger.info("[%s] config changed since it ran: redoing it.", stage.name)
+        target = stage.outputs(layout)
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
+    logger.info("[%s] running.", stage.name)
+
+
+def _finish_stage(stage: Stage, layout: RunLayout, fingerprint: str, token: str, start_time: float) -> None:
+    seconds = time.perf_counter() - start_time
+    # ``token`` names this run of the pipeline: ranks waiting for the stage know the marker is new.
+    info = {"stage": stage.name, "fingerprint": fingerprint, "seconds": round(seconds, 2),
+            "version": MARKER_VERSION, "token": token}
+    atomic_write_text(layout.stage_marker(stage.name), json.dumps(info), durable=True)
+    layout.stage_failure(stage.name).unlink(missing_ok=True)
+    logger.info("[%s] finished in %.1f s -> %s", stage.name, seconds, stage.outputs(layout))
+
+
+def _wait_for_main(layout: RunLayout, stage: Stage, fingerprint: str, token: str, poll_seconds: float = 1.0) -> None:
+    """A rank other than 0: wait (by reading files, no collective that could time out: stages such
+    as an intervention run for hours) until rank 0 has finished ``stage`` in this run, or failed."""
+    marker, failed = layout.stage_marker(stage.name), layout.stage_failure(stage.name)
+    while True:
+        for path in (marker, failed):
+            try:
+                info = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue
+            if info.get("token") != token:
+                continue
+            if path == failed:
+                raise RankFailedError(f"Rank 0 failed in stage {stage.name}: {info.get('error')}")
+            if info.get("fingerprint") == fingerprint:
+                return
+        time.sleep(poll_seconds)

@@ -25,6 +25,8 @@ class Stage:
     present: Callable[[RunConfig], bool] = lambda config: True
     # The stages whose results this one reads; None: the stage before it (a chain, as most stages are).
     after: tuple[str, ...] | None = None
+    # Under torchrun: every rank runs it (its function splits the work); otherwise rank 0 alone.
+    all_ranks: bool = False
 
     def sections_of(self, config: RunConfig) -> tuple[str, ...]:
         return self.sections(config) if callable(self.sections) else self.sections

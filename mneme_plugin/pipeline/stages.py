@@ -35,23 +35,22 @@ def _harvest(ctx: PipelineContext) -> None:
             progress=ctx.progress)
 
 
-def _stream(ctx: PipelineContext, batch_size: int, shuffle_buffer_rows: int, per_rank: bool = False) -> Any:
-    """Paired activations harvested on the fly with the run's harvest section (no store);
-    ``per_rank``: under torchrun, this rank's part of the stream."""
+def _stream(ctx: PipelineContext, batch_size: int, shuffle_buffer_rows: int) -> Any:
+    """Paired activations harvested on the fly with the run's harvest section (no store); under
+    torchrun (training), this rank's share of each global batch; rank 0's lone stages see one process."""
     from mneme_plugin.activations import harvest_stream
-    from mneme_plugin.distributed import SINGLE_PROCESS, distributed_context
+    from mneme_plugin.distributed import distributed_context
 
-    dist = distributed_context(ctx.config.training.device) if per_rank else SINGLE_PROCESS
     return harvest_stream(ctx.model("base"), ctx.model("edited"), ctx.corpus(), ctx.config.harvest,
                           batch_size=batch_size, shuffle_buffer_rows=shuffle_buffer_rows,
-                          seed=ctx.config.training.seed, dist=dist)
+                          seed=ctx.config.training.seed, dist=distributed_context(ctx.config.training.device))
 
 
 def _train(ctx: PipelineContext) -> None:
     from mneme_plugin.crosscoder.training import train
 
     training = ctx.config.training
-    data = (_stream(ctx, training.batch_size, training.shuffle_buffer_rows, per_rank=True) if training.stream
+    data = (_stream(ctx, training.batch_size, training.shuffle_buffer_rows) if training.stream
             else ctx.layout.activations)
     train(data, ctx.layout.crosscoder_run, ctx.config.crosscoder, training, progress=ctx.progress)
 
@@ -137,8 +136,9 @@ STAGES: list[Stage] = [
     Stage("ground_truth", ("models.base", "models.edited", "ground_truth"), lambda l: l.ground_truth, _ground_truth,
           present=lambda c: c.ground_truth.measured or bool(c.ground_truth.tables), after=("intervention",)),
     Stage("harvest", ("models", "corpus", "harvest"), lambda l: l.activations, _harvest,
-          enabled=lambda c: not c.training.stream, after=("intervention",)),
-    Stage("train", _train_sections, lambda l: l.crosscoder_run, _train, after=("harvest", "intervention")),
+          enabled=lambda c: not c.training.stream, after=("intervention",), all_ranks=True),
+    Stage("train", _train_sections, lambda l: l.crosscoder_run, _train, after=("harvest", "intervention"),
+          all_ranks=True),
     Stage("attribute", ("attribution",), lambda l: l.attribution, _attribute),
     Stage("collect", ("collect", "harvest", "corpus"), lambda l: l.contexts, _collect),
     Stage("explain", ("explain",), lambda l: l.explanations, _explain),

@@ -1,7 +1,6 @@
 """Sharded harvest under torchrun (2 gloo ranks on CPU): the rows of one process, resumable per rank."""
 
 import os
-from collections import Counter
 import subprocess
 import sys
 from pathlib import Path
@@ -69,33 +68,107 @@ def test_two_ranks_harvest_the_rows_of_one_process_and_a_killed_rank_resumes(tmp
     two = ActivationStore(out)
     assert two.complete and not list(out.glob("manifest.rank*"))
     assert {entry["file"][:7] for entry in two.manifest["shards"]} == {"rank000", "rank001"}
-    for key in COUNTS:
-        assert two.manifest[key] == one.manifest[key], key
+    assert_same_rows(two, one)
     assert one.manifest["outliers_dropped"] > 0  # the shared normalisation thresholds are exercised
-    assert two.manifest["normalization"] == one.manifest["normalization"]
-    key_1, tokens_1, acts_1 = rows_by_position(one)
-    key_2, tokens_2, acts_2 = rows_by_position(two)
+
+
+def assert_same_rows(got: ActivationStore, expected: ActivationStore) -> None:
+    """The same rows (by window and position), counts and normalisation, however they are sharded."""
+    assert got.complete
+    for key in COUNTS:
+        assert got.manifest[key] == expected.manifest[key], key
+    assert got.manifest["normalization"] == expected.manifest["normalization"]
+    key_1, tokens_1, acts_1 = rows_by_position(expected)
+    key_2, tokens_2, acts_2 = rows_by_position(got)
     assert torch.equal(key_1, key_2) and torch.equal(tokens_1, tokens_2)
     torch.testing.assert_close(acts_2, acts_1, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.slow  # torchrun: a minute or more on 2 cores
-def test_two_ranks_stream_disjoint_parts_of_the_corpus(tmp_path):
+@pytest.mark.slow  # torchrun twice: a minute or more on 2 cores
+def test_a_partial_harvest_resumes_on_another_number_of_processes(tmp_path):
     base, edited, corpus, config = harvest_inputs()
-    stored = harvest(base, edited, corpus, config, tmp_path / "store", progress=False)
-    every_row = rows_by_position(stored)[2].flatten(1)  # every row one process harvests
+    one = harvest(base, edited, corpus, config, tmp_path / "one", progress=False)
+
+    two_then_one = tmp_path / "two_then_one"
+    assert torchrun(two_then_one, crash_after_shards=2).returncode != 0  # rank 1 killed after 2 shards
+    done = harvest(base, edited, corpus, config, two_then_one, progress=False)  # one process finishes
+    assert_same_rows(done, one)
+    assert not list(two_then_one.glob("manifest.rank*"))
+    files = {entry["file"] for entry in done.manifest["shards"]}
+    assert any(f.startswith("rank001_") for f in files) and any(f.startswith("g01_rank000_") for f in files)
+
+    class Stopped(RuntimeError):
+        pass
+
+    def stop_after_two(index):
+        if index == 1:
+            raise Stopped
+
+    one_then_two = tmp_path / "one_then_two"
+    with pytest.raises(Stopped):  # one process, stopped after 2 shards
+        harvest(base, edited, corpus, config, one_then_two, progress=False, on_shard=stop_after_two)
+    resumed = torchrun(one_then_two)  # two ranks share the batches still to do
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    done = ActivationStore(one_then_two)
+    assert_same_rows(done, one)
+    files = [entry["file"] for entry in done.manifest["shards"]]
+    assert files[:2] == ["shard_00000.safetensors", "shard_00001.safetensors"]
+    assert {f[:11] for f in files[2:]} == {"g01_rank000", "g01_rank001"}
+
+
+@pytest.mark.slow  # torchrun: a minute or more on 2 cores
+def test_two_ranks_stream_their_shares_of_the_one_process_stream(tmp_path):
+    base, edited, corpus, config = harvest_inputs()
+    one = harvest_stream(base, edited, corpus, config, batch_size=STREAM_BATCH, shuffle_buffer_rows=64)
+    expected = list(one)
     done = torchrun(tmp_path, None, "stream")
     assert done.returncode == 0, done.stderr[-3000:]
     parts = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in range(2)]
-    for part in parts:
-        assert part["batch_rows"] == {STREAM_BATCH // 2}  # each rank's share of a global batch
-        torch.testing.assert_close(part["scale_factors"], stored.scale_factors.float())
-    # Every row a rank read is a harvested row, and no row was read by both ranks (as multisets:
-    # some rows repeat, e.g. the same token at a window's start).
-    def counts(rows: torch.Tensor) -> Counter:
-        return Counter(tuple(row) for row in rows.flatten(1).double().round(decimals=4).tolist())
+    assert one.outliers_dropped > 0  # the shared normalisation thresholds are exercised
+    half = STREAM_BATCH // 2
+    for rank, part in enumerate(parts):
+        torch.testing.assert_close(part["scale_factors"], one.scale_factors)
+        assert part["outliers_dropped"] == one.outliers_dropped
+        # Rank r's batch j is the r-th half of one process's global batch j, for every batch.
+        assert len(part["batches"]) == len(expected)
+        for got, whole in zip(part["batches"], expected):
+            torch.testing.assert_close(got, whole[rank * half : (rank + 1) * half], rtol=1e-5, atol=1e-5)
 
-    every, read = counts(every_row), counts(parts[0]["rows"]) + counts(parts[1]["rows"])
-    assert not read - every
-    # Together they read them all, less what is left over in each rank's last partial batch.
-    assert every_row.shape[0] - STREAM_BATCH < read.total() <= every_row.shape[0]
+
+STREAM_TRAINING = {"steps": 12, "batch_size": STREAM_BATCH, "lr": 3e-3, "warmup_steps": 2, "threshold_start_step": 2,
+                   "dead_after_tokens": 40, "checkpoint_every": 4, "eval_rows": 16, "device": "cpu"}
+
+
+def train_on_stream(run_dir, dist, on_step=None):
+    """A crosscoder trained on the harvest stream of ``harvest_inputs`` (this rank's share under ``dist``)."""
+    from mneme_plugin.crosscoder.training import train
+
+    base, edited, corpus, config = harvest_inputs()
+    stream = harvest_stream(base, edited, corpus, config, batch_size=STREAM_BATCH, shuffle_buffer_rows=64,
+                            dist=dist)
+    return train(stream, run_dir, {"expansion_factor": 2, "k": 4}, STREAM_TRAINING, progress=False,
+                 on_step=on_step)
+
+
+@pytest.mark.slow  # torchrun: a minute or more on 2 cores
+def test_a_streamed_run_resumes_on_another_number_of_ranks(tmp_path):
+    from mneme_plugin.distributed import SINGLE_PROCESS
+
+    reference = train_on_stream(tmp_path / "one", SINGLE_PROCESS).crosscoder.state_dict()
+
+    class Killed(RuntimeError):
+        pass
+
+    def kill_at_6(step, trainer):
+        if step == 6:
+            raise Killed
+
+    with pytest.raises(Killed):  # one process, stopped after its checkpoint at step 4
+        train_on_stream(tmp_path / "resumed", SINGLE_PROCESS, on_step=kill_at_6)
+    done = torchrun(tmp_path / "resumed", None, "train-stream")  # two ranks replay the stream to step 4
+    assert done.returncode == 0, done.stderr[-3000:]
+    from mneme_plugin.crosscoder import BatchTopKCrossCoder
+
+    resumed = BatchTopKCrossCoder.from_pretrained(tmp_path / "resumed" / "crosscoder").state_dict()
+    for name, tensor in reference.items():
+        torch.testing.assert_close(resumed[name], tensor, rtol=1e-4, atol=1e-5, msg=name)

@@ -37,12 +37,17 @@ def store(tmp_path_factory) -> Path:
     return write_activation_store(tmp_path_factory.mktemp("store"), x, rows_per_shard=700)
 
 
-def torchrun(nproc: int, store: Path, run_dir: Path, crash_step: int | None = None) -> subprocess.CompletedProcess:
+# The science-of-finetuning loss (mean norm of the error): its own 1-process reference.
+NORM_CONFIG = {**CONFIG, "training": {**CONFIG["training"], "loss": "norm"}}
+
+
+def torchrun(nproc: int, store: Path, run_dir: Path, crash_step: int | None = None,
+             config: dict = CONFIG) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     if crash_step is not None:
         env.update(MNEME_TEST_CRASH_STEP=str(crash_step), MNEME_TEST_CRASH_RANK="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(WORKER), str(store), str(run_dir), json.dumps(CONFIG)]
+           str(WORKER), str(store), str(run_dir), json.dumps(config)]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -127,21 +132,29 @@ def test_two_gloo_ranks_match_one_process_and_a_killed_rank_resumes(store, refer
 
 
 @pytest.mark.slow  # torchrun: a minute or more on 2 cores
-def test_a_one_process_run_resumes_on_two_ranks(store, reference, tmp_path):
-    run_dir = tmp_path / "one_then_two"
+def test_norm_loss_run_moves_from_one_process_to_two_ranks_and_back(store, tmp_path):
+    reference = tmp_path / "reference"
+    train(store, reference, NORM_CONFIG["crosscoder"], NORM_CONFIG["training"], progress=False)
+    run_dir = tmp_path / "one_two_one"
 
     class Killed(RuntimeError):
         pass
 
-    def kill_at_45(step, trainer):
-        if step == 45:
+    def kill_at_25(step, trainer):
+        if step == 25:
             raise Killed
 
-    with pytest.raises(Killed):
-        train(store, run_dir, CONFIG["crosscoder"], CONFIG["training"], progress=False, on_step=kill_at_45)
-    done = torchrun(2, store, run_dir)
-    assert done.returncode == 0, done.stderr[-3000:]
+    with pytest.raises(Killed):  # one process to its checkpoint at step 20
+        train(store, run_dir, NORM_CONFIG["crosscoder"], NORM_CONFIG["training"], progress=False, on_step=kill_at_25)
+    crashed = torchrun(2, store, run_dir, crash_step=45, config=NORM_CONFIG)  # two ranks, from 20 to 40
+    assert crashed.returncode != 0 and latest_checkpoint(run_dir).name == "step_00000040"
+    ref_state = torch.load(reference / "checkpoints" / "step_00000040" / STATE_FILE, weights_only=True)
+    two_state = torch.load(latest_checkpoint(run_dir) / STATE_FILE, weights_only=True)
+    assert torch.equal(ref_state["tokens_since_fired"], two_state["tokens_since_fired"])
+    assert (ref_state["tokens_since_fired"] >= 640).any(), "no dead latent: the aux loss was not exercised"
+    assert float(two_state["ae"]["threshold"]) > 0
+    assert_same_state(ref_state["ae"], two_state["ae"])
+    # One process finishes what two ranks left: the crosscoder of the uninterrupted run.
+    done = train(store, run_dir, NORM_CONFIG["crosscoder"], NORM_CONFIG["training"], progress=False).crosscoder
+    assert_same_state(final_state(reference), done.state_dict())
     assert_same_state(final_state(reference), final_state(run_dir))
-    # And back: a finished two-rank run is loaded, not retrained, by one process.
-    again = train(store, run_dir, CONFIG["crosscoder"], CONFIG["training"], progress=False).crosscoder
-    assert_same_state(final_state(run_dir), again.state_dict())

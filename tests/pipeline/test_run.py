@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -18,6 +19,8 @@ from mneme_plugin.crosscoder import BatchTopKCrossCoder
 from mneme_plugin.errors import ConfigError
 from mneme_plugin.pipeline import RunConfig
 from tests.helpers import save_finetuned_llama, synthetic_corpus
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -263,3 +266,84 @@ def test_streaming_run_writes_no_store_and_matches_the_stored_run(pair_and_corpu
     shared = lambda t: (t["latent_class"] == "shared").mean()  # noqa: E731
     assert abs(shared(a) - shared(b)) < 0.25
     assert (tmp_path / "streamed" / "report.html").is_file()
+
+
+@pytest.mark.slow  # a 1-process and a 2-rank end-to-end run: minutes on 2 cores
+def test_a_streamed_run_on_two_gloo_ranks_gives_the_one_process_run(pair_and_corpus, tmp_path):
+    """`mneme run --nproc 2`: both ranks train on their shares of the one-process stream, rank 0 alone
+    runs the stages after training; the outputs are the 1-process run's."""
+    base, edited, corpus, truth = pair_and_corpus
+    configs = {}
+    for name in ("one", "two"):
+        cfg = _config(tmp_path / name, base, edited, corpus, truth, steps=40)
+        cfg["harvest"]["max_tokens"] = 8000
+        cfg["training"].update(stream=True, shuffle_buffer_rows=2048)
+        configs[name] = _write(tmp_path, f"{name}.yaml", cfg)
+    result = CliRunner().invoke(main, ["run", configs["one"]], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    two = subprocess.run([sys.executable, "-m", "mneme_plugin.cli", "run", configs["two"], "--nproc", "2"],
+                         env=env, capture_output=True, text=True, timeout=900)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("Run directory:") == 1  # rank 0 reports, rank 1 left after training
+
+    one_dir, two_dir = tmp_path / "one", tmp_path / "two"
+    assert not (two_dir / "activations").exists() and (two_dir / "report.html").is_file()
+    assert sorted(p.name for p in (two_dir / ".stages").iterdir()) == sorted(p.name for p in (one_dir / ".stages").iterdir())
+    assert not list(two_dir.rglob(".mneme.lock"))  # every lock released
+    a = BatchTopKCrossCoder.from_pretrained(one_dir / "crosscoder_run" / "crosscoder").state_dict()
+    b = BatchTopKCrossCoder.from_pretrained(two_dir / "crosscoder_run" / "crosscoder").state_dict()
+    for name, tensor in a.items():
+        torch.testing.assert_close(b[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+    attribution = [pd.read_parquet(d / "attribution" / "attribution.parquet") for d in (one_dir, two_dir)]
+    pd.testing.assert_frame_equal(attribution[1], attribution[0], check_exact=False, rtol=1e-3, atol=1e-5)
+
+
+def test_a_waiting_rank_takes_only_this_run_s_marker_or_failure(tmp_path):
+    """Ranks other than 0 wait for rank 0's stages by reading the run's files: a marker or a failure
+    notice counts only with this run's token (stale ones from an earlier run are ignored)."""
+    import threading
+
+    from mneme_plugin.errors import RankFailedError
+    from mneme_plugin.layout import RunLayout
+    from mneme_plugin.pipeline.run import _wait_for_main
+    from mneme_plugin.pipeline.stages import STAGES
+
+    layout, stage = RunLayout(tmp_path), STAGES[0]
+    layout.stages.mkdir()
+    marker, failed = layout.stage_marker(stage.name), layout.stage_failure(stage.name)
+    marker.write_text(json.dumps({"fingerprint": "f1", "token": "earlier"}))
+    failed.write_text(json.dumps({"token": "earlier", "error": "old"}))
+    done = threading.Event()
+    waiter = threading.Thread(target=lambda: (_wait_for_main(layout, stage, "f1", "now", 0.01), done.set()))
+    waiter.start()
+    assert not done.wait(0.3)  # stale files: still waiting
+    marker.write_text(json.dumps({"fingerprint": "f1", "token": "now"}))
+    waiter.join(10)
+    assert done.is_set()
+    failed.write_text(json.dumps({"token": "now", "error": "CheckpointError: disk full"}))
+    with pytest.raises(RankFailedError, match="disk full"):
+        _wait_for_main(layout, stage, "f2", "now", 0.01)
+
+
+@pytest.mark.slow  # a 2-rank end-to-end run: a minute or more on 2 cores
+def test_a_stored_run_on_two_gloo_ranks_harvests_shards_and_resumes_in_one_process(pair_and_corpus, tmp_path):
+    base, edited, corpus, truth = pair_and_corpus
+    cfg = _config(tmp_path / "two", base, edited, corpus, truth, steps=40)
+    cfg["harvest"]["max_tokens"] = 8000
+    path = _write(tmp_path, "two.yaml", cfg)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    two = subprocess.run([sys.executable, "-m", "mneme_plugin.cli", "run", path, "--nproc", "2"],
+                         env=env, capture_output=True, text=True, timeout=900)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("Run directory:") == 1
+    run_dir = tmp_path / "two"
+    manifest = json.loads((run_dir / "activations" / "manifest.json").read_text())
+    assert manifest["complete"] and {s["file"][:7] for s in manifest["shards"]} == {"rank000", "rank001"}
+    assert (run_dir / "report.html").is_file() and not list(run_dir.rglob(".mneme.lock"))
+    marker_times = {p.name: p.stat().st_mtime_ns for p in (run_dir / ".stages").iterdir()}
+    assert "harvest.json" in marker_times and "report.json" in marker_times
+    # One process takes over the run: every stage the two ranks finished is skipped.
+    result = CliRunner().invoke(main, ["run", path], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert {p.name: p.stat().st_mtime_ns for p in (run_dir / ".stages").iterdir()} == marker_times
