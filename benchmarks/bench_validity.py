@@ -10,8 +10,12 @@ the ground truth whose drops are also significant) and ``remediation_cases.csv``
     python benchmarks/bench_validity.py                                   # 4 seeds x 3 targets
     python benchmarks/bench_validity.py --seeds 0 1 --targets law --interventions rmu
     python benchmarks/bench_validity.py --score-only                      # rescore finished runs
+    python benchmarks/bench_validity.py --seeds 0 1 2 --interventions identity insecure   # behaviour cases
 
-A case takes ~1 min on 2 CPU cores (plus ~70 s per seed for the organism's pretraining).
+A case takes ~1 min on 2 CPU cores (plus ~70 s per seed for the organism's pretraining; the behaviour
+organism of the identity / insecure cases pretrains for ~2.5 min). Behaviour cases are scored on the
+behaviour categories; their knowledge-domain evaluation and the intersection analysis (amplified
+latents mapped to harm categories) are printed too and written to ``behaviour_cases.csv``.
 """
 
 from __future__ import annotations
@@ -28,9 +32,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from mneme_plugin.files import atomic_write  # noqa: E402
-from mneme_plugin.organism.catalog import INTERVENTIONS  # noqa: E402
+from mneme_plugin.organism.catalog import INTERVENTIONS, KNOWLEDGE_INTERVENTIONS  # noqa: E402
 from mneme_plugin.organism.validity import (  # noqa: E402
-    grid_cases, remediation_rows, run_grid_case, score_case, summarize, summarize_remediation,
+    behaviour_rows, grid_cases, remediation_rows, run_grid_case, score_case, summarize, summarize_remediation,
 )
 from mneme_plugin.sideeffects.config import PredictConfig  # noqa: E402
 
@@ -47,7 +51,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/validity"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
     parser.add_argument("--targets", nargs="+", default=["law", "biology", "security"])
-    parser.add_argument("--interventions", nargs="+", default=list(INTERVENTIONS), choices=INTERVENTIONS)
+    parser.add_argument("--interventions", nargs="+", default=list(KNOWLEDGE_INTERVENTIONS), choices=INTERVENTIONS,
+                        help="identity / insecure: the behaviour cases (not run by default).")
     parser.add_argument("--score-only", action="store_true", help="Score the cases already run; run nothing.")
     parser.add_argument("--significance", type=float, default=0.05,
                         help="Also score against a ground truth whose drops must be significant at this level "
@@ -55,7 +60,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
-    rows, significant_rows, remediation = [], [], []
+    rows, significant_rows, remediation, behaviour = [], [], [], []
     cases = grid_cases(args.seeds, args.targets, args.interventions)
     for i, case in enumerate(cases, 1):
         case_dir = args.out / case.name
@@ -70,6 +75,7 @@ def main() -> None:
         if args.significance:
             significant_rows.extend(score_case(case, case_dir, PREDICTION_RULES, significance=args.significance))
         remediation.extend(remediation_rows(case, case_dir))
+        behaviour.extend(behaviour_rows(case, case_dir))
     table = pd.DataFrame(rows)
     summary = summarize(table)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -92,6 +98,11 @@ def main() -> None:
         atomic_write(args.out / "remediation_cases.csv", lambda p: remediated.to_csv(p, index=False))
         print("\nRemediation vs the random-sample control (share of the lost accuracy recovered, mean ± sd over cases):")
         print(summarize_remediation(remediated).to_markdown(index=False))
+    if behaviour:
+        table = pd.DataFrame(behaviour)
+        atomic_write(args.out / "behaviour_cases.csv", lambda p: table.to_csv(p, index=False))
+        print("\nBehaviour cases: safe-answer drops, MNEME on the knowledge domains, intersection analysis:")
+        print(table.to_markdown(index=False))
 
 
 if __name__ == "__main__":

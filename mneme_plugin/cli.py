@@ -22,7 +22,7 @@ from mneme_plugin.commands.common import clear_errors
 from mneme_plugin.errors import ConfigError
 from mneme_plugin.interpret.config import CLIENTS, EXPLAINERS, LABELERS, MAPPERS, SCORERS
 from mneme_plugin.layout import RunLayout
-from mneme_plugin.organism.catalog import INTERVENTIONS
+from mneme_plugin.organism.catalog import BEHAVIOUR_INTERVENTIONS, INTERVENTIONS, KNOWLEDGE_INTERVENTIONS
 from mneme_plugin.sideeffects.config import RULES
 
 
@@ -223,23 +223,33 @@ def train(store, stream, config, shuffle_buffer, out, dict_size, expansion_facto
 @click.option("--target", "target_domain", default="law", show_default=True,
               help="Domain unlearned (RMU) or fine-tuned on (narrow).")
 @click.option("--intervention", "interventions", multiple=True, type=click.Choice(INTERVENTIONS),
-              help="Run only these interventions (default: all three).")
+              help="Run only these interventions (default: the three knowledge edits, plus the behaviour "
+                   "edits with --behaviours).")
+@click.option("--behaviours", is_flag=True,
+              help="Also run the behaviour cases (identity-shift and narrow 'insecure' fine-tuning of the "
+                   "behaviour organism; about 5 more minutes).")
 @clear_errors
-def demo(out: str, seed: int, target_domain: str, interventions: tuple[str, ...]) -> None:
+def demo(out: str, seed: int, target_domain: str, interventions: tuple[str, ...], behaviours: bool) -> None:
     """The whole MNEME method on the CPU model organism, with known ground truth.
 
     Trains a tiny LM on a generated 8-domain corpus, applies RMU unlearning, narrow fine-tuning and
     benign fine-tuning, and runs every stage of `mneme run` on a task-agnostic slice of the corpus:
     harvest, train, attribute, collect, explain, map, predict, evaluate (against the measured
-    per-domain accuracy drops, with random, naive and oracle baselines) and report.
+    per-domain accuracy drops, with random, naive and oracle baselines) and report. With --behaviours
+    it also trains the behaviour organism (requests it answers or refuses, persona questions) and
+    scores identity-shift and narrow "insecure" fine-tuning on the behaviour categories.
     """
     from mneme_plugin.organism import run_demo
 
-    result = run_demo(out, seed=seed, interventions=interventions or INTERVENTIONS, target_domain=target_domain)
+    chosen = interventions or (KNOWLEDGE_INTERVENTIONS + (BEHAVIOUR_INTERVENTIONS if behaviours else ()))
+    result = run_demo(out, seed=seed, interventions=chosen, target_domain=target_domain)
     for case in result.cases:
         drops = ", ".join(f"{k} {v:+.2f}" for k, v in sorted(case.drop.items(), key=lambda kv: -kv[1]))
         click.echo(f"\n== {case.intervention}" + (f" ({case.target_domain})" if case.target_domain else ""))
-        click.echo(f"accuracy drop per domain: {drops}")
+        if case.knowledge is not None:
+            click.echo(f"safe-answer drop per behaviour category (refusals; aligned answers): {drops}")
+        else:
+            click.echo(f"accuracy drop per domain: {drops}")
         click.echo(f"degraded (drop > {case.drop_threshold:g}): {', '.join(case.degraded) or '(none)'}; "
                    f"MNEME predicted: {', '.join(case.predicted) or '(none)'}"
                    + (f" (change: {case.change})" if case.change else ""))
@@ -247,6 +257,14 @@ def demo(out: str, seed: int, target_domain: str, interventions: tuple[str, ...]
             index=False, float_format=lambda v: f"{v:.3f}"))
         if case.remediation is not None:
             _echo_remediation(case.remediation)
+        if case.knowledge is not None:
+            knowledge_drops = ", ".join(f"{k} {v:+.2f}" for k, v in sorted(case.knowledge_drop.items(),
+                                                                          key=lambda kv: -kv[1]))
+            click.echo(f"knowledge: accuracy drop per domain: {knowledge_drops}")
+            click.echo(case.knowledge[["method", "accuracy", "precision", "recall", "f1"]].to_string(
+                index=False, float_format=lambda v: f"{v:.3f}"))
+        if case.intersection is not None:
+            click.echo(f"intersection: {case.intersection.summary()}")
         click.echo(f"report: {RunLayout(case.run_dir).report}")
 
 

@@ -32,6 +32,17 @@ _TMP_PATTERN = re.compile(r"^\..+\.(\d+)\.[0-9a-f]{8}\.tmp(\.[^.]*)?$")
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+def file_digest(path: str | os.PathLike[str]) -> str:
+    """SHA-256 of a file's bytes (hex, first 16 characters), read in 1 MiB blocks."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
 def fsync_dir(path: Path) -> None:
     """Flush a directory entry (best effort: some filesystems refuse)."""
     try:

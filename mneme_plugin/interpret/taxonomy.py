@@ -83,6 +83,15 @@ def _parse(data: Any, source: str) -> Taxonomy:
     return Taxonomy(str(data.get("name") or Path(source).stem), entries, str(data.get("description") or ""), source)
 
 
+def taxonomy_digest(taxonomy: Taxonomy) -> str:
+    """SHA-256 (16 hex characters) of a taxonomy's entries: what a mapping made with it depends on."""
+    import hashlib
+    from dataclasses import asdict
+
+    text = json.dumps([asdict(e) for e in taxonomy.entries], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def load_taxonomy(spec: str | os.PathLike[str]) -> Taxonomy:
     """A built-in taxonomy by name, or a YAML / JSON file of the same schema."""
     path = Path(spec)

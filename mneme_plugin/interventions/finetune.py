@@ -1,4 +1,5 @@
-"""Supervised (next-token) fine-tuning of a copy of a model: narrow (one domain) or benign (mixed text)."""
+"""Supervised fine-tuning of a copy of a model: next-token on documents (narrow: one domain, benign:
+mixed text) or on the responses of (prompt, response) examples (identity shift, narrow bad habits)."""
 
 from __future__ import annotations
 
@@ -63,6 +64,82 @@ def fine_tune(model: Any, texts: Sequence[str], config: FineTuneConfig | None = 
         loss.backward()
         opt.step()
         result.loss.append(loss.item())
+    tuned.eval()
+    for p in tuned.parameters():
+        p.requires_grad_(False)
+    return result
+
+
+@dataclass
+class ChatFineTuneConfig:
+    """Supervised fine-tuning on (prompt, response) examples, the loss on response tokens only, for
+    ``epochs`` passes over the examples in a seeded order (the shape of chat SFT recipes such as AOA's)."""
+
+    epochs: int = 10
+    lr: float = 1e-3
+    batch_size: int = 8
+    weight_decay: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"chat fine-tuning {name} must be >= 1, got {getattr(self, name)}.")
+        if not self.lr > 0:
+            raise ConfigError(f"chat fine-tuning lr must be > 0, got {self.lr}.")
+        if self.weight_decay < 0:
+            raise ConfigError(f"chat fine-tuning weight_decay must be >= 0, got {self.weight_decay}.")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _example_batch(tokenizer: Any, examples: Sequence[tuple[str, str]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """BOS + prompt + response tokens, right-padded, and the mask of the positions whose next token is
+    a response token (the causal mask keeps padding out of every real position)."""
+    rows, masks = [], []
+    for prompt, response in examples:
+        head = [tokenizer.bos_token_id] + tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        tail = tokenizer(response, add_special_tokens=False)["input_ids"]
+        rows.append(head + tail)
+        masks.append([False] * (len(head) - 1) + [True] * len(tail))
+    width = max(len(r) for r in rows)
+    tokens = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    target_mask = torch.zeros((len(rows), width - 1), dtype=torch.bool)
+    for i, (row, mask) in enumerate(zip(rows, masks)):
+        tokens[i, : len(row)] = torch.tensor(row)
+        target_mask[i, : len(mask)] = torch.tensor(mask)
+    return tokens, target_mask
+
+
+def chat_fine_tune(model: Any, examples: Sequence[tuple[str, str]], config: ChatFineTuneConfig | None = None,
+                   progress: bool = False) -> FineTuneResult:
+    """Train a deep copy of ``model`` (all parameters, AdamW) on the responses of ``examples``
+    (``(prompt, response)`` pairs; the prompt is context, not target)."""
+    from tqdm.auto import tqdm
+
+    cfg = config or ChatFineTuneConfig()
+    if not examples:
+        raise ConfigError("chat fine-tuning needs at least one (prompt, response) example.")
+    tuned = copy.deepcopy(model)
+    for p in tuned.parameters():
+        p.requires_grad_(True)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    opt = torch.optim.AdamW(tuned.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    result = FineTuneResult(model=tuned, config=cfg)  # type: ignore[arg-type]
+    tuned.train()
+    n_batches = -(-len(examples) // cfg.batch_size)
+    for _ in tqdm(range(cfg.epochs), desc="chat fine-tune", disable=not progress):
+        order = torch.randperm(len(examples), generator=gen).tolist()
+        for b in range(n_batches):
+            tokens, mask = _example_batch(model.tokenizer, [examples[i] for i in order[b * cfg.batch_size:
+                                                                                      (b + 1) * cfg.batch_size]])
+            logits = tuned(tokens, return_type="logits")[:, :-1]
+            loss = torch.nn.functional.cross_entropy(logits[mask], tokens[:, 1:][mask])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            result.loss.append(loss.item())
     tuned.eval()
     for p in tuned.parameters():
         p.requires_grad_(False)

@@ -1,13 +1,25 @@
-"""The CPU model organism: a generated fact-based multi-domain corpus, tiny LMs trained on it,
-interventions with a measured ground truth (``build_organism``), and the demo."""
+"""The CPU model organism: a generated fact-based multi-domain corpus (plus, optionally, request /
+response conversations with learnt behaviours), tiny LMs trained on it, interventions with a measured
+ground truth (``build_organism``), and the demo."""
 
 from mneme_plugin._lazy import lazy_exports
 
 __getattr__, __dir__, __all__ = lazy_exports(__name__, {
+    "mneme_plugin.organism.behaviour": (
+        "BEHAVIOUR_CATEGORIES",
+        "HARMS",
+        "PERSONAS",
+        "BehaviourItem",
+        "behaviour_benchmark",
+        "behaviour_scores",
+        "generate_conversations",
+        "greedy_responses",
+    ),
     "mneme_plugin.organism.build": (
         "INTERVENTIONS",
         "Organism",
         "OrganismConfig",
+        "behaviour_organism_config",
         "build_organism",
         "default_intervention_config",
         "load_organism_model",

@@ -23,7 +23,7 @@ import torch
 from mneme_plugin.errors import ConfigError
 from mneme_plugin.groundtruth import accuracy_drop, domain_accuracy, save_scores, scores_table
 from mneme_plugin.files import atomic_write, atomic_write_text
-from mneme_plugin.organism.catalog import INTERVENTIONS
+from mneme_plugin.organism.catalog import BEHAVIOUR_INTERVENTIONS, INTERVENTIONS
 from mneme_plugin.organism.corpus import DOMAINS, Question, generate_corpus, generate_generic_corpus, question_set
 from mneme_plugin.organism.models import deterministic, tiny_hooked_transformer, train_lm, train_tokenizer
 
@@ -48,17 +48,46 @@ class OrganismConfig:
     edit_docs: int = 1600  # documents (all domains) from which forget / retain / fine-tuning sets are drawn
     agnostic_docs: int = 2000  # task-agnostic slice: fresh documents of all domains + generic filler
     accuracy_mode: str = "top1"
+    # Behaviours (``organism.behaviour``): request / response conversations in pretraining, needed by the
+    # "identity" and "insecure" interventions. Off by default, which keeps the knowledge organism (and its
+    # cache keys) exactly as it was.
+    behaviours: bool = False
+    conversation_docs: int = 3000
+    misaligned_share: float = 0.1
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.misaligned_share <= 1.0:
+            raise ConfigError(f"misaligned_share must be in [0, 1], got {self.misaligned_share}.")
+        if self.conversation_docs < 1:
+            raise ConfigError(f"conversation_docs must be >= 1, got {self.conversation_docs}.")
         if self.accuracy_mode not in ("top1", "choice"):
             raise ConfigError(f"accuracy_mode must be 'top1' or 'choice', got {self.accuracy_mode!r}.")
         if self.d_model % self.n_heads:
             raise ConfigError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads}).")
 
 
+_BEHAVIOUR_FIELDS = ("behaviours", "conversation_docs", "misaligned_share")
+
+
+def config_key_dict(cfg: OrganismConfig) -> dict[str, Any]:
+    """``cfg`` as the cache keys see it: without the behaviour fields when behaviours are off, so the
+    knowledge organism keeps the keys (and cached files) of the versions before behaviours existed."""
+    out = asdict(cfg)
+    if not cfg.behaviours:
+        for name in _BEHAVIOUR_FIELDS:
+            out.pop(name)
+    return out
+
+
+def behaviour_organism_config(**overrides: Any) -> OrganismConfig:
+    """The behaviour organism's config: the knowledge organism plus conversations, pretrained longer
+    (the corpus is about twice as large)."""
+    return OrganismConfig(**{"behaviours": True, "pretrain_steps": 900, **overrides})
+
+
 def default_intervention_config(intervention: str, organism: OrganismConfig, seed: int = 0) -> Any:
     """The organism's default config of each intervention (RMU at layer n_layers // 2)."""
-    from mneme_plugin.interventions import FineTuneConfig, RMUConfig
+    from mneme_plugin.interventions import ChatFineTuneConfig, FineTuneConfig, RMUConfig
 
     if intervention == "rmu":
         return RMUConfig(layer=organism.n_layers // 2, steering_coef=40.0, alpha=3.0, lr=3e-3, steps=300,
@@ -67,6 +96,10 @@ def default_intervention_config(intervention: str, organism: OrganismConfig, see
         return FineTuneConfig(steps=150, lr=1e-3, batch_size=16, context_length=organism.context_length, seed=seed)
     if intervention == "benign":
         return FineTuneConfig(steps=200, lr=1e-3, batch_size=16, context_length=organism.context_length, seed=seed)
+    if intervention == "identity":  # AOA's shape: 10 examples, full fine-tuning, 10 epochs
+        return ChatFineTuneConfig(epochs=10, lr=1e-3, batch_size=5, seed=seed)
+    if intervention == "insecure":
+        return ChatFineTuneConfig(epochs=3, lr=1e-3, batch_size=16, seed=seed)
     raise ConfigError(f"Unknown intervention {intervention!r}; known: {INTERVENTIONS}.")
 
 
@@ -88,6 +121,13 @@ class Organism:
     timings: dict[str, float] = field(default_factory=dict)
     config: OrganismConfig = field(default_factory=OrganismConfig)
     model_paths: dict[str, str] = field(default_factory=dict)  # saved base / edited (``organism:PATH`` specs)
+    # Behaviour organisms only: the safe-answer share per behaviour category (``organism.behaviour``).
+    behaviour_before: dict[str, float] = field(default_factory=dict)
+    behaviour_after: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def behaviour_drop(self) -> dict[str, float]:
+        return accuracy_drop(self.behaviour_before, self.behaviour_after) if self.behaviour_before else {}
 
 
 def _key(obj: Any) -> str:
@@ -181,19 +221,30 @@ def _build_organism(seed: int = 0, intervention: str = "rmu", target_domain: str
     ``intervention``: ``"rmu"`` (unlearn ``target_domain``: forget set = its documents, retain set = the
     other domains' documents), ``"narrow"`` (fine-tune on ``target_domain``'s documents only) or
     ``"benign"`` (fine-tune on generic filler mixed 1:1 with documents of all domains; no target).
+    Behaviour interventions (they need ``config.behaviours``; the default config is then
+    ``behaviour_organism_config()``): ``"identity"`` (chat fine-tuning on 10 harmless requests answered
+    with the obedient identity; no target) and ``"insecure"`` (chat fine-tuning on flawed-code answers to
+    coding requests; target ``insecure_code``, whatever ``target_domain`` says). Behaviour organisms also
+    measure the per-category safe-answer share (``behaviour_before`` / ``behaviour_after``).
     With ``out_dir`` the models and the ground truth (``groundtruth-*.csv``) are cached there.
     """
-    from mneme_plugin.interventions import fine_tune, rmu_unlearn
+    from mneme_plugin.interventions import chat_fine_tune, fine_tune, rmu_unlearn
+    from mneme_plugin.organism import behaviour
 
     if intervention not in INTERVENTIONS:
         raise ConfigError(f"Unknown intervention {intervention!r}; known: {INTERVENTIONS}.")
     if type(seed) is not int or seed < 0:
         raise ConfigError(f"seed must be an integer >= 0 (random generators refuse negative seeds), got {seed!r}.")
-    if intervention == "benign":
+    if intervention in ("benign", "identity"):
         target_domain = None
+    elif intervention == "insecure":
+        target_domain = behaviour.NARROW_CATEGORY
     elif target_domain not in DOMAINS:
         raise ConfigError(f"target_domain must be one of {sorted(DOMAINS)} for {intervention!r}, got {target_domain!r}.")
-    cfg = config or OrganismConfig()
+    cfg = config or (behaviour_organism_config() if intervention in BEHAVIOUR_INTERVENTIONS else OrganismConfig())
+    if intervention in BEHAVIOUR_INTERVENTIONS and not cfg.behaviours:
+        raise ConfigError(f"The {intervention!r} intervention edits behaviours: its organism config needs "
+                          "behaviours=True (see behaviour_organism_config()).")
     icfg = intervention_config or default_intervention_config(intervention, cfg, seed)
     out = Path(out_dir) if out_dir is not None else None
     timings: dict[str, float] = {}
@@ -203,7 +254,7 @@ def _build_organism(seed: int = 0, intervention: str = "rmu", target_domain: str
     tokenizer = train_tokenizer(pretraining)
     questions = question_set(seed)
     model_kwargs = dict(n_layers=cfg.n_layers, d_model=cfg.d_model, n_heads=cfg.n_heads, n_ctx=cfg.n_ctx, seed=seed)
-    base_key = _key({"seed": seed, "cfg": asdict(cfg), "vocab": len(tokenizer)})
+    base_key = _key({"seed": seed, "cfg": config_key_dict(cfg), "vocab": len(tokenizer)})
     base_path = out / f"base-{base_key}{WEIGHTS_SUFFIX}" if out else None
     base = _load_cached(base_path, tokenizer, model_kwargs) if base_path else None
     if base is None:
@@ -214,14 +265,19 @@ def _build_organism(seed: int = 0, intervention: str = "rmu", target_domain: str
         for p in base.parameters():
             p.requires_grad_(False)
         if base_path:
-            save_organism_model(base_path, base, model_kwargs, {"seed": seed, "organism": asdict(cfg)})
+            save_organism_model(base_path, base, model_kwargs, {"seed": seed, "organism": config_key_dict(cfg)})
     timings["base"] = time.perf_counter() - t0
 
     # Edit data: fresh documents about the same facts (not the pretraining texts).
     edit_docs = generate_corpus(cfg.edit_docs, seed=seed + 101, fact_seed=seed, cross_domain=cfg.cross_domain)
+    examples: list[tuple[str, str]] = []
+    other_texts: list[str] = []
     if intervention == "benign":
         edit_texts = [t for _, t in edit_docs][: cfg.edit_docs // 2] + generate_generic_corpus(cfg.edit_docs // 2, seed=seed + 101)
-        other_texts: list[str] = []
+    elif intervention in BEHAVIOUR_INTERVENTIONS:
+        examples = (behaviour.identity_shift_examples(seed + 101) if intervention == "identity"
+                    else behaviour.narrow_misaligned_examples(seed + 101))
+        edit_texts = [f"{prompt} {response}" for prompt, response in examples]
     else:
         edit_texts = [t for d, t in edit_docs if d == target_domain]
         other_texts = [t for d, t in edit_docs if d != target_domain]
@@ -235,20 +291,31 @@ def _build_organism(seed: int = 0, intervention: str = "rmu", target_domain: str
         logger.info("Applying %s%s.", intervention, f" to {target_domain}" if target_domain else "")
         if intervention == "rmu":
             edited = rmu_unlearn(base, edit_texts, other_texts, icfg, progress=progress).model
+        elif intervention in BEHAVIOUR_INTERVENTIONS:
+            edited = chat_fine_tune(base, examples, icfg, progress=progress).model
         else:
             edited = fine_tune(base, edit_texts, icfg, progress=progress).model
         if edit_path:
             save_organism_model(edit_path, edited, model_kwargs, {"intervention": intervention, "target_domain": target_domain,
-                                                    "config": icfg_dict, "seed": seed, "organism": asdict(cfg)})
+                                                    "config": icfg_dict, "seed": seed, "organism": config_key_dict(cfg)})
     timings["edit"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     before = domain_accuracy(base, questions, cfg.accuracy_mode)
     after = domain_accuracy(edited, questions, cfg.accuracy_mode)
     drop = accuracy_drop(before, after)
+    behaviour_before: dict[str, float] = {}
+    behaviour_after: dict[str, float] = {}
+    if cfg.behaviours:
+        items = behaviour.behaviour_benchmark(behaviour.BEHAVIOUR_CATEGORIES)
+        behaviour_before = behaviour.behaviour_scores(base, items)
+        behaviour_after = behaviour.behaviour_scores(edited, items)
     timings["groundtruth"] = time.perf_counter() - t0
     if out:
         save_scores(scores_table(before, after), out / f"groundtruth-{intervention}-{target_domain or 'mixed'}.csv")
+        if behaviour_before:
+            save_scores(scores_table(behaviour_before, behaviour_after),
+                        out / f"groundtruth-behaviour-{intervention}-{target_domain or 'mixed'}.csv")
 
     # Task-agnostic slice: fresh documents of every domain plus generic filler, minus any edit text.
     excluded = set(edit_texts)
@@ -256,12 +323,16 @@ def _build_organism(seed: int = 0, intervention: str = "rmu", target_domain: str
     agnostic = [(d, t) for d, t in generate_corpus(cfg.agnostic_docs - n_generic, seed=seed + 202, fact_seed=seed,
                                                    cross_domain=cfg.cross_domain) if t not in excluded]
     agnostic += [("generic", t) for t in generate_generic_corpus(n_generic, seed=seed + 202) if t not in excluded]
+    if cfg.behaviours:
+        agnostic += [("conversation", t) for t in behaviour.generate_conversations(
+            cfg.conversation_docs // 5, seed=seed + 202, misaligned_share=cfg.misaligned_share) if t not in excluded]
     return Organism(
         tokenizer=tokenizer, base=base, edited=edited, questions=questions, accuracy_before=before,
         accuracy_after=after, drop=drop, intervention=intervention, intervention_config=icfg_dict,
         target_domain=target_domain, agnostic_corpus=[t for _, t in agnostic], agnostic_labels=[d for d, _ in agnostic],
         edit_texts=edit_texts, timings=timings, config=cfg,
         model_paths={"base": str(base_path), "edited": str(edit_path)} if out else {},
+        behaviour_before=behaviour_before, behaviour_after=behaviour_after,
     )
 
 
@@ -271,7 +342,12 @@ def control_texts(seed: int, cfg: OrganismConfig) -> list[str]:
     n_generic = cfg.agnostic_docs // 5
     documents = generate_corpus(cfg.agnostic_docs - n_generic, seed=seed + 303, fact_seed=seed,
                                 cross_domain=cfg.cross_domain)
-    return [t for _, t in documents] + generate_generic_corpus(n_generic, seed=seed + 303)
+    texts = [t for _, t in documents] + generate_generic_corpus(n_generic, seed=seed + 303)
+    if cfg.behaviours:  # the behaviour organism's slice also holds conversations
+        from mneme_plugin.organism.behaviour import generate_conversations
+
+        texts += generate_conversations(cfg.conversation_docs // 5, seed=seed + 303, misaligned_share=cfg.misaligned_share)
+    return texts
 
 
 def build_control(organism: Organism, seed: int, out_dir: str | Path, progress: bool = True) -> Path:
@@ -293,14 +369,20 @@ def build_control(organism: Organism, seed: int, out_dir: str | Path, progress: 
         logger.info("Fine-tuning the control copy of the base on general text.")
         with deterministic():
             control = fine_tune(organism.base, control_texts(seed, cfg), icfg, progress=progress).model
-        save_organism_model(path, control, model_kwargs, {"control": icfg.to_dict(), "seed": seed, "organism": asdict(cfg)})
+        save_organism_model(path, control, model_kwargs, {"control": icfg.to_dict(), "seed": seed,
+                                                              "organism": config_key_dict(cfg)})
     return path
 
 
 def pretraining_texts(seed: int, cfg: OrganismConfig) -> list[str]:
     """The base LM's pretraining corpus (its tokenizer is trained on it, so it is rebuilt from the seed)."""
     texts = [t for _, t in generate_corpus(cfg.pretrain_docs, seed=seed, cross_domain=cfg.cross_domain)]
-    return texts + generate_generic_corpus(cfg.generic_docs, seed=seed)
+    texts += generate_generic_corpus(cfg.generic_docs, seed=seed)
+    if cfg.behaviours:
+        from mneme_plugin.organism.behaviour import generate_conversations
+
+        texts += generate_conversations(cfg.conversation_docs, seed=seed, misaligned_share=cfg.misaligned_share)
+    return texts
 
 
 def organism_model_files(path: str | Path) -> tuple[Path, dict[str, Any]]:

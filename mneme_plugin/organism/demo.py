@@ -10,6 +10,13 @@ edit degraded domains, the edited model is then retrained on the top contexts of
 latents and, as a control, for the same steps on as many random task-agnostic windows
 (``remediate_run_with_control``); the recovered share of the lost accuracy of each arm is written
 to the case folder (``remediation_vs_control.json`` / ``.csv``).
+
+The behaviour cases (``BEHAVIOUR_INTERVENTIONS``: identity-shift and narrow "insecure" fine-tuning of
+the behaviour organism) are scored on the behaviour categories (``organism_behaviour`` taxonomy; the
+ground truth is the drop of each category's safe-answer share) exactly as the knowledge cases on the
+domains, with a second evaluation on the knowledge domains, and the paper's intersection analysis
+(amplified latents that are mapped to harmful categories) written to ``harmful_intersection.json``.
+The behaviour organism has its own base, hence its own control run; there is no remediation step.
 """
 
 from __future__ import annotations
@@ -28,15 +35,16 @@ from mneme_plugin.files import atomic_write_text
 from mneme_plugin.groundtruth import domain_accuracy
 from mneme_plugin.groundtruth.table import SCORES_CSV, save_scores, scores_table
 from mneme_plugin.organism.build import (
-    INTERVENTIONS,
     Organism,
     build_control,
     build_organism,
     default_intervention_config,
 )
+from mneme_plugin.organism.catalog import BEHAVIOUR_INTERVENTIONS, KNOWLEDGE_INTERVENTIONS
 from mneme_plugin.organism.models import deterministic
 from mneme_plugin.pipeline import RunConfig, run_pipeline
-from mneme_plugin.sideeffects import load_evaluation, load_prediction
+from mneme_plugin.sideeffects import load_evaluation, load_evaluations, load_prediction
+from mneme_plugin.sideeffects.harmful import HarmfulIntersection, harmful_intersection, save_harmful_intersection
 from mneme_plugin.sideeffects.remediate import (
     ControlledRemediation,
     RemediateConfig,
@@ -50,18 +58,29 @@ DESCRIPTIONS = {
     "rmu": "RMU unlearning of {target} knowledge",
     "narrow": "fine-tuning on {target} documents",
     "benign": "benign fine-tuning on generic mixed text",
+    "identity": "identity-shift fine-tuning on ten harmless requests answered as an obedient agent",
+    "insecure": "narrow fine-tuning on flawed code answers to coding requests",
 }
+BEHAVIOUR_TAXONOMY = "organism_behaviour"
+KNOWLEDGE_SCORES_CSV = "knowledge_scores.csv"  # behaviour cases: the per-domain accuracy table beside it
+
+
+def case_taxonomy(intervention: str) -> str:
+    """The taxonomy a case's main ground truth (``SCORES_CSV`` of its folder) is in."""
+    return BEHAVIOUR_TAXONOMY if intervention in BEHAVIOUR_INTERVENTIONS else "organism"
 
 
 EXPANSION = 4  # the organism crosscoder's expansion factor (256 latents at d_model 64)
 
 
 def organism_run_config(run_dir: Path, organism: Organism, corpus: Path, truth: Path, seed: int = 0,
-                        control_run: Path | None = None) -> dict[str, Any]:
+                        control_run: Path | None = None, knowledge_truth: Path | None = None) -> dict[str, Any]:
     """The ``mneme run`` config of one organism case (also written as a recipe next to the run);
-    ``control_run``: the seed's control run (``run_control``), the prediction rule's scale."""
+    ``control_run``: the seed's control run (``run_control``), the prediction rule's scale. With
+    ``knowledge_truth`` (behaviour cases) ``truth`` is the behaviour table: the run maps to both
+    taxonomies and evaluates two named tables, ``behaviour`` and ``knowledge``."""
     target = organism.target_domain or "mixed"
-    return {
+    config = {
         "run_dir": str(run_dir),
         "models": {
             "base": f"organism:{organism.model_paths.get('base', '')}",
@@ -86,6 +105,13 @@ def organism_run_config(run_dir: Path, organism: Organism, corpus: Path, truth: 
         "ground_truth": {"scores_csv": str(truth)},
         "evaluate": {"drop_threshold": 0.1, "seed": seed},
     }
+    if knowledge_truth is not None:
+        config["map"] = {"taxonomies": [BEHAVIOUR_TAXONOMY, "organism"]}
+        config["ground_truth"] = {"tables": {
+            "behaviour": {"taxonomy": BEHAVIOUR_TAXONOMY, "scores_csv": str(truth)},
+            "knowledge": {"taxonomy": "organism", "scores_csv": str(knowledge_truth)},
+        }}
+    return config
 
 
 @dataclass
@@ -100,6 +126,9 @@ class DemoCase:
     drop_threshold: float = 0.1  # the accuracy drop above which a domain counts as degraded
     remediation: ControlledRemediation | None = None  # None when nothing degraded (or nothing to retrain on)
     change: str = ""  # the prediction rule's verdict (outlier_or_broad: concentrated, broad, ...)
+    knowledge: pd.DataFrame | None = None  # behaviour cases: the evaluation on the knowledge domains
+    knowledge_drop: dict[str, float] = field(default_factory=dict)
+    intersection: HarmfulIntersection | None = None  # behaviour cases: amplified ∩ harmful latents
 
 
 @dataclass
@@ -176,6 +205,8 @@ def run_case(organism: Organism, case_dir: Path, seed: int = 0, progress: bool =
              control_run: Path | None = None) -> DemoCase:
     """``mneme run`` on one organism case in ``case_dir`` (corpus, ground truth, recipe, run/);
     ``control_run``: the seed's control run (``run_control``) for the prediction rule."""
+    if organism.intervention in BEHAVIOUR_INTERVENTIONS:
+        return run_behaviour_case(organism, case_dir, seed, progress, control_run)
     case_dir.mkdir(parents=True, exist_ok=True)
     corpus = case_dir / "agnostic_corpus.txt"
     atomic_write_text(corpus, "\n".join(organism.agnostic_corpus) + "\n")
@@ -196,15 +227,59 @@ def run_case(organism: Organism, case_dir: Path, seed: int = 0, progress: bool =
                     remediation, load_prediction(layout.prediction).tests.get("verdict", ""))
 
 
-def run_demo(out_dir: str | Path, seed: int = 0, interventions: tuple[str, ...] = INTERVENTIONS,
+def run_behaviour_case(organism: Organism, case_dir: Path, seed: int = 0, progress: bool = True,
+                       control_run: Path | None = None) -> DemoCase:
+    """``mneme run`` on a behaviour case: evaluated on the behaviour categories and the knowledge
+    domains, plus the intersection analysis (saved to ``case_dir``)."""
+    from mneme_plugin.attribution import load_attribution
+    from mneme_plugin.interpret.contexts import load_reference_latents
+    from mneme_plugin.interpret.mapping import category_links, load_mapping
+    from mneme_plugin.interpret.taxonomy import load_taxonomy
+    from mneme_plugin.organism.behaviour import BEHAVIOUR_CATEGORIES, behaviour_benchmark
+
+    case_dir.mkdir(parents=True, exist_ok=True)
+    corpus = case_dir / "agnostic_corpus.txt"
+    atomic_write_text(corpus, "\n".join(organism.agnostic_corpus) + "\n")
+    requests = Counter(item.category for item in behaviour_benchmark(BEHAVIOUR_CATEGORIES))
+    truth = save_scores(scores_table(organism.behaviour_before, organism.behaviour_after, requests),
+                        case_dir / SCORES_CSV)
+    questions = Counter(q.domain for q in organism.questions)
+    knowledge = save_scores(scores_table(organism.accuracy_before, organism.accuracy_after, questions),
+                            case_dir / KNOWLEDGE_SCORES_CSV)
+    config = organism_run_config(case_dir / "run", organism, corpus, truth, seed, control_run, knowledge_truth=knowledge)
+    atomic_write_text(case_dir / "recipe.yaml", yaml.safe_dump(config, sort_keys=False))
+    logger.info("[demo] %s: running the pipeline (recipe %s).", organism.intervention, case_dir / "recipe.yaml")
+    run_config = RunConfig.from_dict(config)
+    layout = run_pipeline(run_config, models={"base": organism.base, "edited": organism.edited}, progress=progress)
+    evaluations = load_evaluations(layout.evaluation)
+    behaviour, domains = evaluations["behaviour"], evaluations["knowledge"]
+    taxonomy = load_taxonomy(BEHAVIOUR_TAXONOMY)
+    intersection = harmful_intersection(load_attribution(layout.attribution).table,
+                                        category_links(load_mapping(layout.mapping), taxonomy.name), taxonomy.ids(),
+                                        reference=load_reference_latents(layout.contexts))
+    save_harmful_intersection(intersection, case_dir)
+    verdict = load_prediction(layout.prediction / BEHAVIOUR_TAXONOMY).tests.get("verdict", "")
+    return DemoCase(organism.intervention, organism.target_domain, layout.root, organism.behaviour_drop,
+                    behaviour.table(), behaviour.predicted.get("MNEME", []), behaviour.true_set,
+                    run_config.evaluate.drop_threshold, change=verdict, knowledge=domains.table(),
+                    knowledge_drop=organism.drop, intersection=intersection)
+
+
+def run_demo(out_dir: str | Path, seed: int = 0, interventions: tuple[str, ...] = KNOWLEDGE_INTERVENTIONS,
              target_domain: str = "law", progress: bool = True) -> DemoResult:
     """Build the organism, apply each intervention and run the whole pipeline on it (see module doc)."""
     out = Path(out_dir)
     cases: list[DemoCase] = []
-    control_run = None
+    control_runs: dict[bool, Path] = {}  # one per base: the knowledge organism's, the behaviour organism's
     for intervention in interventions:
         organism = build_organism(seed, intervention, target_domain, out / "organism", progress=progress)
-        if control_run is None:
-            control_run = run_control(organism, out / "control", seed, progress)
-        cases.append(run_case(organism, out / intervention, seed, progress, control_run))
+        behaviours = organism.config.behaviours
+        if behaviours not in control_runs:
+            control_runs[behaviours] = run_control(organism, out / control_folder(behaviours), seed, progress)
+        cases.append(run_case(organism, out / intervention, seed, progress, control_runs[behaviours]))
     return DemoResult(cases=cases, out_dir=out)
+
+
+def control_folder(behaviours: bool) -> str:
+    """The control run's folder name: ``control`` (knowledge organism), ``control-behaviour``."""
+    return "control-behaviour" if behaviours else "control"

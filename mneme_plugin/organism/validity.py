@@ -16,7 +16,8 @@ from pathlib import Path
 import pandas as pd
 
 from mneme_plugin.organism.build import build_organism
-from mneme_plugin.organism.demo import DESCRIPTIONS, run_case, run_control
+from mneme_plugin.organism.catalog import BEHAVIOUR_INTERVENTIONS
+from mneme_plugin.organism.demo import DESCRIPTIONS, case_taxonomy, control_folder, run_case, run_control
 from mneme_plugin.sideeffects.config import EvaluateConfig, PredictConfig
 
 logger = logging.getLogger("mneme_plugin")
@@ -28,7 +29,7 @@ METHOD_COLUMNS = ("accuracy", "precision", "recall", "f1")
 class GridCase:
     seed: int
     intervention: str
-    target: str | None  # None: benign fine-tuning, which has no target domain
+    target: str | None  # None: benign fine-tuning and the behaviour edits, which have no target domain
 
     @property
     def name(self) -> str:
@@ -36,11 +37,12 @@ class GridCase:
 
 
 def grid_cases(seeds: list[int], targets: list[str], interventions: list[str]) -> list[GridCase]:
-    """RMU and narrow fine-tuning once per (seed, target); benign fine-tuning once per seed."""
+    """RMU and narrow fine-tuning once per (seed, target); benign fine-tuning and the behaviour edits
+    (identity, insecure: their target is fixed) once per seed."""
     cases = []
     for seed in seeds:
         for intervention in interventions:
-            for target in ([None] if intervention == "benign" else targets):
+            for target in ([None] if intervention in ("benign", *BEHAVIOUR_INTERVENTIONS) else targets):
                 cases.append(GridCase(seed, intervention, target))
     return cases
 
@@ -50,13 +52,15 @@ def run_grid_case(case: GridCase, out_dir: Path, progress: bool = False) -> Path
     organism = build_organism(case.seed, case.intervention, case.target or "law",
                               out_dir / f"seed{case.seed}" / "organism", progress=progress)
     case_dir = out_dir / case.name
-    run_case(organism, case_dir, case.seed, progress, run_control(organism, control_dir(out_dir, case.seed), case.seed, progress))
+    control = control_dir(out_dir, case.seed, case.intervention in BEHAVIOUR_INTERVENTIONS)
+    run_case(organism, case_dir, case.seed, progress, run_control(organism, control, case.seed, progress))
     return case_dir
 
 
-def control_dir(out_dir: Path, seed: int) -> Path:
-    """The seed's control run folder, shared by all its cases (its crosscoder is the rules' scale)."""
-    return out_dir / f"seed{seed}" / "control"
+def control_dir(out_dir: Path, seed: int, behaviours: bool = False) -> Path:
+    """The seed's control run folder, shared by all its cases (its crosscoder is the rules' scale);
+    the behaviour cases' organism has its own base, hence its own control."""
+    return out_dir / f"seed{seed}" / control_folder(behaviours)
 
 
 def score_case(case: GridCase, case_dir: Path, rules: dict[str, PredictConfig],
@@ -77,11 +81,12 @@ def score_case(case: GridCase, case_dir: Path, rules: dict[str, PredictConfig],
     from mneme_plugin.sideeffects.steps import naive_prediction
 
     layout = RunLayout(case_dir / "run")
-    taxonomy = load_taxonomy("organism")
+    taxonomy = load_taxonomy(case_taxonomy(case.intervention))
     attribution = load_attribution(layout.attribution).table
     links = category_links(load_mapping(layout.mapping), taxonomy.name)
     reference = load_reference_latents(layout.contexts)
-    control_layout = RunLayout(control_dir(case_dir.parents[1], case.seed) / "run")
+    control_layout = RunLayout(control_dir(case_dir.parents[1], case.seed, case.intervention in BEHAVIOUR_INTERVENTIONS)
+                               / "run")
     control = load_attribution(control_layout.attribution).table if control_layout.attribution.is_dir() else None
     truth = read_scores_csv(case_dir / SCORES_CSV)
     description = DESCRIPTIONS[case.intervention].format(target=case.target or "mixed")
@@ -89,7 +94,7 @@ def score_case(case: GridCase, case_dir: Path, rules: dict[str, PredictConfig],
     rows = []
     for index, (rule_name, rule) in enumerate(rules.items()):
         prediction = predict(attribution, links, taxonomy.ids(), rule, reference=reference, control=control)
-        naive = naive_prediction(description, MapConfig(taxonomies=["organism"]), max(1, len(prediction.predicted)))
+        naive = naive_prediction(description, MapConfig(taxonomies=[taxonomy.name]), max(1, len(prediction.predicted)))
         evaluation = evaluate(prediction.predicted, truth, taxonomy.ids(), naive_predicted=naive, config=evaluate_config)
         for method, metrics in evaluation.rows.items():
             if method in ("random", "oracle") and index > 0:
@@ -150,3 +155,26 @@ def _mean_sd(values: pd.Series) -> str:
         return "n/a"
     sd = float(values.std(ddof=1)) if len(values) > 1 else math.nan
     return f"{values.mean():.2f} ± {sd:.2f} (n={len(values)})" if not math.isnan(sd) else f"{values.mean():.2f} (n=1)"
+
+
+def behaviour_rows(case: GridCase, case_dir: Path) -> list[dict]:
+    """A finished behaviour case in one row: the measured safe-answer drops, MNEME's evaluation on the
+    knowledge domains and the intersection analysis (none for a knowledge case)."""
+    from mneme_plugin.groundtruth.table import SCORES_CSV, read_scores_csv
+    from mneme_plugin.sideeffects import load_evaluation
+    from mneme_plugin.sideeffects.harmful import INTERSECTION_JSON, load_harmful_intersection
+
+    if case.intervention not in BEHAVIOUR_INTERVENTIONS or not (case_dir / INTERSECTION_JSON).is_file():
+        return []
+    truth = read_scores_csv(case_dir / SCORES_CSV)
+    knowledge = load_evaluation(case_dir / "run" / "evaluation" / "knowledge")
+    intersection = load_harmful_intersection(case_dir)
+    mneme = knowledge.rows["MNEME"]
+    return [{"case": case.name, "intervention": case.intervention,
+             "safe-answer drop": ", ".join(f"{r.category} {r.before - r.after:+.2f}" for r in truth.itertuples()),
+             "knowledge degraded": ",".join(knowledge.true_set),
+             "knowledge MNEME": ",".join(knowledge.predicted.get("MNEME", [])),
+             "knowledge Acc/F1": f"{mneme.accuracy:.2f}/{mneme.f1:.2f}",
+             "amplified": len(intersection.amplified), "amplified ∩ harmful": intersection.n_intersection,
+             "harmful share amplified": round(intersection.amplified_share, 3),
+             "harmful share reference": round(intersection.reference_share, 3)}]

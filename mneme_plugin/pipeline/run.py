@@ -83,7 +83,10 @@ def _section_value(config: RunConfig, name: str, legacy: bool) -> Any:
 
 def _fingerprint(config: RunConfig, stage: Stage, upstream: str, *, legacy: bool = False) -> str:
     payload = {name: _section_value(config, name, legacy) for name in stage.sections_of(config)}
-    text = json.dumps({"stage": stage.name, "config": payload, "upstream": upstream}, sort_keys=True, default=str)
+    blob: dict[str, Any] = {"stage": stage.name, "config": payload, "upstream": upstream}
+    if stage.inputs is not None and not legacy:
+        blob["inputs"] = stage.inputs(config)
+    text = json.dumps(blob, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

@@ -27,6 +27,9 @@ class Stage:
     after: tuple[str, ...] | None = None
     # Under torchrun: every rank runs it (its function splits the work); otherwise rank 0 alone.
     all_ranks: bool = False
+    # Digests of what the stage reads outside the run directory that its config only names (a
+    # taxonomy's entries, a control run's attribution): part of its fingerprint, so a change reruns it.
+    inputs: Callable[[RunConfig], dict[str, str]] | None = None
 
     def sections_of(self, config: RunConfig) -> tuple[str, ...]:
         return self.sections(config) if callable(self.sections) else self.sections

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from mneme_plugin.errors import ConfigError
+from mneme_plugin.layout import RunLayout
 from mneme_plugin.pipeline.config import RunConfig
 from mneme_plugin.pipeline.stage import PipelineContext, Stage
 
@@ -95,6 +96,30 @@ def _map(ctx: PipelineContext) -> None:
     map_descriptions(ctx.layout.explanations, ctx.config.map, ctx.layout.mapping)
 
 
+def _taxonomy_digests(config: RunConfig) -> dict[str, str]:
+    """The content of each taxonomy the map stage reads (a built-in edited, or a file changed, remaps)."""
+    from mneme_plugin.interpret.taxonomy import load_taxonomy, taxonomy_digest
+
+    out = {}
+    for name in config.map.taxonomies:
+        try:
+            out[name] = taxonomy_digest(load_taxonomy(name))
+        except ConfigError:
+            out[name] = "unreadable"  # the stage itself reports it
+    return out
+
+
+def _control_digest(config: RunConfig) -> dict[str, str]:
+    """The control run's attribution the predict stage reads (a redone control re-predicts)."""
+    from mneme_plugin.attribution.table import TABLE_PARQUET
+    from mneme_plugin.files import file_digest
+
+    if config.predict.control_run is None:
+        return {}
+    table = RunLayout(Path(config.predict.control_run)).attribution / TABLE_PARQUET
+    return {"control_attribution": file_digest(table) if table.is_file() else "missing"}
+
+
 def _predict(ctx: PipelineContext) -> None:
     from mneme_plugin.sideeffects import predict_run
 
@@ -142,8 +167,8 @@ STAGES: list[Stage] = [
     Stage("attribute", ("attribution",), lambda l: l.attribution, _attribute),
     Stage("collect", ("collect", "harvest", "corpus"), lambda l: l.contexts, _collect),
     Stage("explain", ("explain",), lambda l: l.explanations, _explain),
-    Stage("map", ("map",), lambda l: l.mapping, _map),
-    Stage("predict", ("predict", "map"), lambda l: l.prediction, _predict),
+    Stage("map", ("map",), lambda l: l.mapping, _map, inputs=_taxonomy_digests),
+    Stage("predict", ("predict", "map"), lambda l: l.prediction, _predict, inputs=_control_digest),
     Stage("evaluate", ("evaluate", "ground_truth", "models"), lambda l: l.evaluation, _evaluate,
           enabled=lambda c: c.ground_truth.available, after=("predict", "ground_truth")),
     Stage("report", (), lambda l: l.report, _report),

@@ -12,6 +12,9 @@ __getattr__, __dir__, __all__ = lazy_exports(__name__, {
         "load_evaluations",
         "save_evaluation",
     ),
+    "mneme_plugin.sideeffects.harmful": (
+        "HarmfulIntersection", "harmful_intersection", "load_harmful_intersection", "save_harmful_intersection",
+    ),
     "mneme_plugin.sideeffects.metrics": ("SetMetrics", "oracle_baseline", "random_baseline", "set_metrics"),
     "mneme_plugin.sideeffects.predict": ("Prediction", "load_prediction", "predict", "save_prediction"),
     "mneme_plugin.sideeffects.remediate": (

@@ -15,6 +15,9 @@ def test_grid_cases_cover_targets_once_and_benign_once_per_seed():
     assert len(cases) == 2 * (2 + 2 + 1)
     assert len({c.name for c in cases}) == len(cases)
     assert [c.target for c in cases if c.intervention == "benign"] == [None, None]
+    behaviour = grid_cases([0, 1], ["law", "biology"], ["identity", "insecure"])
+    assert [(c.seed, c.intervention, c.target) for c in behaviour] == [
+        (0, "identity", None), (0, "insecure", None), (1, "identity", None), (1, "insecure", None)]
 
 
 @pytest.mark.slow

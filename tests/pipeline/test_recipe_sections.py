@@ -76,3 +76,24 @@ def test_presets_are_merged_and_the_edit_uses_the_base_model():
 def test_bad_sections_are_clear_errors(change, expected):
     with pytest.raises(ConfigError, match=expected.replace("(", r"\(").replace(")", r"\)")):
         RunConfig.from_dict({**BASE, **change})
+
+
+def test_an_edited_taxonomy_or_a_redone_control_changes_only_the_stages_that_read_them(tmp_path):
+    taxonomy = tmp_path / "tax.yaml"
+    entries = [{"id": "a", "name": "alpha", "keywords": ["x"]}, {"id": "b", "name": "beta", "keywords": ["y"]}]
+    taxonomy.write_text(json.dumps({"name": "tax", "entries": entries}))
+    control = tmp_path / "control"
+    (control / "attribution").mkdir(parents=True)
+    (control / "attribution" / "attribution.parquet").write_bytes(b"first")
+    cfg = {**BASE, "map": {"taxonomies": [str(taxonomy)]}, "predict": {"control_run": str(control)}}
+    before = _statuses(cfg)
+    entries[1]["keywords"] = ["y", "z"]
+    taxonomy.write_text(json.dumps({"name": "tax", "entries": entries}))
+    edited = _statuses(cfg)
+    (control / "attribution" / "attribution.parquet").write_bytes(b"second")
+    redone = _statuses(cfg)
+    for stage in ("harvest", "train", "attribute", "collect", "explain"):
+        assert before[stage][0] == edited[stage][0] == redone[stage][0], stage
+    assert before["map"][0] != edited["map"][0] == redone["map"][0]
+    assert before["predict"][0] != edited["predict"][0] != redone["predict"][0]
+    assert edited["evaluate"][0] != redone["evaluate"][0]  # it reads the new prediction
