@@ -10,6 +10,12 @@ on GPU ``torch.cuda.max_memory_allocated``.
     python benchmarks/bench_train.py            # CPU: d=256, m=8192, k=32, batch 1024
     python benchmarks/bench_train.py --gpu      # the paper's sizes (below), bf16 autocast on CUDA, TF32 on
     python benchmarks/bench_train.py --gpu --device cpu --small   # the same --gpu path, reduced, on CPU
+    python benchmarks/bench_train.py --fork /tmp/sof   # also the published (science-of-finetuning) trainer
+
+``--fork DIR`` (a checkout of science-of-finetuning/dictionary_learning) times the fork's
+``BatchTopKCrossCoderTrainer.update`` beside ours at the CPU size, in one child process (ours on the
+installed dictionary_learning, the fork on its own package), on the same batch, the two variants
+interleaved step by step.
 
 The --gpu path runs d=3584 and d=4096 (m=32*d, k=100, batch 4096) the way training runs on a GPU
 (``training.autocast: auto``: fp32 weights and Adam, the step under bf16 autocast; the dense
@@ -152,6 +158,45 @@ def bench(d: int, m: int, k: int, batch: int, device: str, dtype_name: str, step
     print(f"{'speed-up':>24}: {results['dense'] / results['sparse']:.2f}x (dense time / ours)")
 
 
+def bench_fork(d: int, m: int, k: int, batch: int, steps: int, fork: str) -> None:
+    out = subprocess.run([sys.executable, __file__, "--fork-child", fork, "--steps", str(steps)],
+                         capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"The fork's trainer failed to run from {fork}:\n{out.stderr[-2000:]}")
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    print(f"\n== side by side with the published trainer (science-of-finetuning fork at {fork}), d={d}, m={m}, "
+          f"k={k}, batch={batch}, {result['threads']} threads, {steps} interleaved steps each")
+    for name, label in (("ours", "ours"), ("fork", "fork BatchTopKCrossCoderTrainer")):
+        seconds = result[name]
+        print(f"{label:>32}: {seconds * 1e3:8.1f} ms/step  {batch / seconds:10.0f} tokens/s")
+    print(f"{'speed-up':>32}: {result['fork'] / result['ours']:.2f}x (fork time / ours)")
+
+
+def run_fork_child(fork: str, d: int, m: int, k: int, batch: int, steps: int) -> None:
+    """Both trainers in this process; prints seconds per step. Ours is built first on the installed
+    dictionary_learning, then that package is dropped from ``sys.modules`` so the fork's own package
+    (same name) imports from ``fork``: each trainer runs on its own code."""
+    x = torch.randn(batch, 2, d, generator=torch.Generator().manual_seed(1))
+    ours = build("sparse", d, m, k, "cpu", torch.float32)
+    for name in [n for n in sys.modules if n == "dictionary_learning" or n.startswith("dictionary_learning.")]:
+        del sys.modules[name]
+    sys.path.insert(0, fork)
+    from dictionary_learning.trainers.crosscoder import BatchTopKCrossCoderTrainer as Fork
+
+    fork_trainer = Fork(steps=10_000, activation_dim=d, dict_size=m, k=k, layer=0, lm_name="bench", lr=1e-4,
+                        warmup_steps=0, seed=0, device="cpu")
+    trainers = {"ours": ours, "fork": fork_trainer}
+    for trainer in trainers.values():
+        trainer.update(0, x)  # warm-up
+    totals = dict.fromkeys(trainers, 0.0)
+    for step in range(1, steps + 1):
+        for name, trainer in trainers.items():
+            start = time.perf_counter()
+            trainer.update(step, x)
+            totals[name] += time.perf_counter() - start
+    print(json.dumps({"threads": torch.get_num_threads(), **{n: t / steps for n, t in totals.items()}}))
+
+
 def matmul_peak_flops(device: str, dtype: torch.dtype, rows: int, inner: int, cols: int, repeats: int = 10) -> float:
     """FLOP/s of a (rows x inner) @ (inner x cols) matmul on ``device`` (the dense-matmul peak, measured here)."""
     a = torch.randn(rows, inner, device=device).to(dtype)
@@ -198,7 +243,12 @@ def main() -> None:
     parser.add_argument("--gpu", action="store_true", help="Run the paper's sizes in bf16 (TF32 on).")
     parser.add_argument("--device", default="cuda", help="Device of the --gpu path (cpu for a dry run).")
     parser.add_argument("--small", action="store_true", help="Reduced --gpu sizes (d=64, 128), for a dry run.")
+    parser.add_argument("--fork", help="Folder of a science-of-finetuning/dictionary_learning checkout: also time its trainer.")
+    parser.add_argument("--fork-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.fork_child:
+        run_fork_child(args.fork_child, 256, 8192, 32, 1024, args.steps)
+        return
     if args.child:
         kind, d, m, k, batch, device, dtype = args.child
         run_child(kind, int(d), int(m), int(k), int(batch), device, dtype)
@@ -214,6 +264,8 @@ def main() -> None:
             bench_peak_share(d, 32 * d, k, batch, args.device, args.steps)
         return
     bench(256, 8192, 32, 1024, "cpu", "float32", args.steps)
+    if args.fork:
+        bench_fork(256, 8192, 32, 1024, args.steps, args.fork)
     if torch.cuda.is_available():
         bench(256, 8192, 32, 1024, "cuda", "float32", args.steps * 5)
     else:
