@@ -14,6 +14,32 @@ from mneme_plugin.errors import ConfigError
 from mneme_plugin.organism.models import pack_tokens
 
 
+def _check_training_config(config: Any, what: str, counts: tuple[str, ...]) -> None:
+    """The checks every fine-tuning config shares: ``counts`` >= 1, lr > 0, weight_decay >= 0."""
+    for name in counts:
+        if getattr(config, name) < 1:
+            raise ConfigError(f"{what} {name} must be >= 1, got {getattr(config, name)}.")
+    if not config.lr > 0:
+        raise ConfigError(f"{what} lr must be > 0, got {config.lr}.")
+    if config.weight_decay < 0:
+        raise ConfigError(f"{what} weight_decay must be >= 0, got {config.weight_decay}.")
+
+
+def _trainable_copy(model: Any) -> Any:
+    """A deep copy of ``model`` with every parameter trainable (the original is left untouched)."""
+    tuned = copy.deepcopy(model)
+    for p in tuned.parameters():
+        p.requires_grad_(True)
+    return tuned
+
+
+def _freeze(model: Any) -> None:
+    """Back to inference: eval mode, no parameter requires a gradient."""
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+
 @dataclass
 class FineTuneConfig:
     steps: int = 200
@@ -24,13 +50,7 @@ class FineTuneConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "context_length"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"fine-tuning {name} must be >= 1, got {getattr(self, name)}.")
-        if not self.lr > 0:
-            raise ConfigError(f"fine-tuning lr must be > 0, got {self.lr}.")
-        if self.weight_decay < 0:
-            raise ConfigError(f"fine-tuning weight_decay must be >= 0, got {self.weight_decay}.")
+        _check_training_config(self, "fine-tuning", ("steps", "batch_size", "context_length"))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -49,9 +69,7 @@ def fine_tune(model: Any, texts: Sequence[str], config: FineTuneConfig | None = 
     from tqdm.auto import tqdm
 
     cfg = config or FineTuneConfig()
-    tuned = copy.deepcopy(model)
-    for p in tuned.parameters():
-        p.requires_grad_(True)
+    tuned = _trainable_copy(model)
     data = pack_tokens(model.tokenizer, texts, cfg.context_length)
     gen = torch.Generator().manual_seed(cfg.seed)
     opt = torch.optim.AdamW(tuned.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -64,9 +82,7 @@ def fine_tune(model: Any, texts: Sequence[str], config: FineTuneConfig | None = 
         loss.backward()
         opt.step()
         result.loss.append(loss.item())
-    tuned.eval()
-    for p in tuned.parameters():
-        p.requires_grad_(False)
+    _freeze(tuned)
     return result
 
 
@@ -82,13 +98,7 @@ class ChatFineTuneConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"chat fine-tuning {name} must be >= 1, got {getattr(self, name)}.")
-        if not self.lr > 0:
-            raise ConfigError(f"chat fine-tuning lr must be > 0, got {self.lr}.")
-        if self.weight_decay < 0:
-            raise ConfigError(f"chat fine-tuning weight_decay must be >= 0, got {self.weight_decay}.")
+        _check_training_config(self, "chat fine-tuning", ("epochs", "batch_size"))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -121,9 +131,7 @@ def chat_fine_tune(model: Any, examples: Sequence[tuple[str, str]], config: Chat
     cfg = config or ChatFineTuneConfig()
     if not examples:
         raise ConfigError("chat fine-tuning needs at least one (prompt, response) example.")
-    tuned = copy.deepcopy(model)
-    for p in tuned.parameters():
-        p.requires_grad_(True)
+    tuned = _trainable_copy(model)
     gen = torch.Generator().manual_seed(cfg.seed)
     opt = torch.optim.AdamW(tuned.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     result = FineTuneResult(model=tuned, config=cfg)  # type: ignore[arg-type]
@@ -140,7 +148,5 @@ def chat_fine_tune(model: Any, examples: Sequence[tuple[str, str]], config: Chat
             loss.backward()
             opt.step()
             result.loss.append(loss.item())
-    tuned.eval()
-    for p in tuned.parameters():
-        p.requires_grad_(False)
+    _freeze(tuned)
     return result
