@@ -16,7 +16,7 @@ class PredictConfig(ConfigMixin):
     Every latent of a class in ``suppressed_classes`` (``amplified_classes``) adds
     ``|attribution score| * similarity`` to the suppressed (amplified) score of each of its
     ``categories_per_latent`` nearest taxonomy entries (similarity from the mapping stage, only
-    entries with similarity >= ``min_similarity``). ``max_latents`` keeps the strongest latents
+    entries with similarity > 0 and >= ``min_similarity``). ``max_latents`` keeps the strongest latents
     per side (by |score|).
 
     Prediction ``rule`` on the score of ``side``: ``suppressed``, ``amplified``, or ``both`` (their

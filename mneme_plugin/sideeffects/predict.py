@@ -82,7 +82,9 @@ def predict(
 
     sides = {"suppressed": cfg.suppressed_classes, "amplified": cfg.amplified_classes}
     top_links = (
-        links[links["similarity"] >= cfg.min_similarity]
+        # A link of similarity 0 is no link: the lexical mapper scores 0 for a description sharing no
+        # word with any category, and its "nearest" category is then just the taxonomy's first.
+        links[(links["similarity"] > 0) & (links["similarity"] >= cfg.min_similarity)]
         .sort_values(["latent", "similarity"], ascending=[True, False], kind="stable")
         .groupby("latent", sort=False)
         .head(cfg.categories_per_latent)

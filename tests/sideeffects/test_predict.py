@@ -68,3 +68,19 @@ def test_outlier_rule_predicts_categories_that_stand_out_of_the_noise_floor():
     assert p.predicted == ["c0", "c1"]
     flat = attribution.assign(score=[0.05] * 10)
     assert predict(flat, links, categories, PredictConfig(rule="outlier")).predicted == []
+
+
+def test_a_zero_similarity_link_is_no_evidence_for_its_category():
+    # The lexical mapper gives similarity 0 to a description that shares no word with any category;
+    # its top link then names the taxonomy's first category. Such latents must not count for it.
+    categories = ["biology", "law", "cooking"]
+    attribution = pd.DataFrame({"latent": range(8), "latent_class": ["suppressed"] * 6 + ["shared"] * 2,
+                                "score": [0.5] * 8})
+    unmapped = pd.DataFrame({"latent": range(6), "category": ["biology"] * 6, "similarity": [0.0] * 6})
+    mapped = pd.DataFrame({"latent": [6, 7], "category": ["law", "cooking"], "similarity": [0.8, 0.8]})
+    links = pd.concat([unmapped, mapped], ignore_index=True)
+    for rule in ("min_score", "enrichment"):
+        p = predict(attribution, links, categories, PredictConfig(rule=rule, min_score=0.0), reference=range(8))
+        scores = p.scores.set_index("category")
+        assert scores.loc["biology", "n_suppressed_latents"] == 0
+        assert p.predicted == [] and p.evidence["biology"] == []
