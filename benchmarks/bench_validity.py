@@ -11,6 +11,7 @@ the ground truth whose drops are also significant) and ``remediation_cases.csv``
     python benchmarks/bench_validity.py --seeds 0 1 --targets law --interventions rmu
     python benchmarks/bench_validity.py --score-only                      # rescore finished runs
     python benchmarks/bench_validity.py --seeds 0 1 2 --interventions identity insecure   # behaviour cases
+    python benchmarks/bench_validity.py --crosscoders 3    # + 2 crosscoders per case, predictions pooled by vote
 
 A case takes ~1 min on 2 CPU cores (plus ~70 s per seed for the organism's pretraining; the behaviour
 organism of the identity / insecure cases pretrains for ~2.5 min). Behaviour cases are scored on the
@@ -34,7 +35,8 @@ sys.path.insert(0, str(ROOT))
 from mneme_plugin.files import atomic_write  # noqa: E402
 from mneme_plugin.organism.catalog import INTERVENTIONS, KNOWLEDGE_INTERVENTIONS  # noqa: E402
 from mneme_plugin.organism.validity import (  # noqa: E402
-    behaviour_rows, grid_cases, remediation_rows, run_grid_case, score_case, summarize, summarize_remediation,
+    behaviour_rows, grid_cases, remediation_rows, run_extra_crosscoders, run_grid_case, score_case, summarize,
+    summarize_remediation,
 )
 from mneme_plugin.sideeffects.config import PredictConfig  # noqa: E402
 
@@ -54,6 +56,9 @@ def main() -> None:
     parser.add_argument("--interventions", nargs="+", default=list(KNOWLEDGE_INTERVENTIONS), choices=INTERVENTIONS,
                         help="identity / insecure: the behaviour cases (not run by default).")
     parser.add_argument("--score-only", action="store_true", help="Score the cases already run; run nothing.")
+    parser.add_argument("--crosscoders", type=int, default=1,
+                        help="Crosscoders per case: N > 1 trains N - 1 more (training seeds seed + 100, + 200, ...) "
+                             "and also scores the default rule's predictions pooled by majority vote.")
     parser.add_argument("--significance", type=float, default=0.05,
                         help="Also score against a ground truth whose drops must be significant at this level "
                              "(one-sided two-proportion test on the domain's questions); 0 to skip.")
@@ -67,13 +72,16 @@ def main() -> None:
         if not args.score_only:
             start = time.perf_counter()
             run_grid_case(case, args.out)
+            if args.crosscoders > 1:
+                run_extra_crosscoders(case, args.out, args.crosscoders)
             print(f"[{i}/{len(cases)}] {case.name}: {time.perf_counter() - start:.0f} s", flush=True)
         elif not (case_dir / "run" / "evaluation").exists():
             print(f"[{i}/{len(cases)}] {case.name}: not run yet, skipped", flush=True)
             continue
-        rows.extend(score_case(case, case_dir, PREDICTION_RULES))
+        rows.extend(score_case(case, case_dir, PREDICTION_RULES, n_crosscoders=args.crosscoders))
         if args.significance:
-            significant_rows.extend(score_case(case, case_dir, PREDICTION_RULES, significance=args.significance))
+            significant_rows.extend(score_case(case, case_dir, PREDICTION_RULES, significance=args.significance,
+                                               n_crosscoders=args.crosscoders))
         remediation.extend(remediation_rows(case, case_dir))
         behaviour.extend(behaviour_rows(case, case_dir))
     table = pd.DataFrame(rows)

@@ -574,6 +574,23 @@ def predict(run_dir, config, taxonomy, rule, k, alpha, control_run) -> None:
 
 
 @main.command()
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Where the pooled prediction goes (OUT/prediction/; `mneme evaluate --run-dir OUT` scores it).")
+@click.option("--min-votes", type=int, help="Runs that must predict a category (default: a majority).")
+@click.option("--taxonomy", help="Which taxonomy's prediction, for runs that predict several (default: the first).")
+@clear_errors
+def pool(run_dirs, out, min_votes, taxonomy) -> None:
+    """Pool the predictions of runs on the same edit whose crosscoders differ (e.g. training seeds) by vote."""
+    from mneme_plugin.sideeffects.steps import pool_runs
+
+    result = pool_runs(list(run_dirs), out, taxonomy=taxonomy, min_votes=min_votes)
+    for _, row in result.scores.iterrows():
+        click.echo(f"{'*' if row['predicted'] else ' '} {row['category']:<40} {int(row['votes'])} of {len(run_dirs)}")
+    click.echo(f"Predicted: {', '.join(result.predicted) or '(none)'}")
+
+
+@main.command()
 @click.option("--run-dir", required=True, type=click.Path(exists=True, file_okay=False))
 @click.option("--scores-csv", type=click.Path(exists=True, dir_okay=False), help="category, before, after[, n].")
 @click.option("--lm-eval-before", type=click.Path(exists=True, dir_okay=False))

@@ -57,6 +57,41 @@ def run_grid_case(case: GridCase, out_dir: Path, progress: bool = False) -> Path
     return case_dir
 
 
+CROSSCODER_SEED_STEP = 100  # extra crosscoders of a case train with seeds case.seed + 100, + 200, ...
+PREDICT_STAGES = ["harvest", "train", "attribute", "collect", "explain", "map", "predict"]
+
+
+def crosscoder_seeds(case: GridCase, n_crosscoders: int) -> list[int]:
+    """Training seeds of the case's extra crosscoders (the stored run trains with ``case.seed``)."""
+    return [case.seed + CROSSCODER_SEED_STEP * i for i in range(1, n_crosscoders)]
+
+
+def extra_crosscoder_dir(case_dir: Path, training_seed: int) -> Path:
+    return case_dir / f"crosscoder-seed{training_seed}" / "run"
+
+
+def run_extra_crosscoders(case: GridCase, out_dir: Path, n_crosscoders: int, progress: bool = False) -> list[Path]:
+    """The finished case's pipeline again, up to ``predict``, with other crosscoder training seeds
+    (same models, corpus and settings): the runs whose predictions ``score_case`` pools."""
+    import yaml
+
+    from mneme_plugin.pipeline import run_pipeline
+    from mneme_plugin.pipeline.config import RunConfig
+
+    case_dir = out_dir / case.name
+    recipe = yaml.safe_load((case_dir / "recipe.yaml").read_text())
+    runs = []
+    for training_seed in crosscoder_seeds(case, n_crosscoders):
+        config = {key: value for key, value in recipe.items() if key not in ("ground_truth", "evaluate")}
+        config["run_dir"] = str(extra_crosscoder_dir(case_dir, training_seed))
+        config["training"] = {**recipe["training"], "seed": training_seed}
+        config["predict"] = {**recipe.get("predict", {}),
+                             "control_run": str(control_dir(out_dir, case.seed, case.intervention in BEHAVIOUR_INTERVENTIONS)
+                                                / "run")}
+        runs.append(run_pipeline(RunConfig.from_dict(config), only=PREDICT_STAGES, progress=progress).root)
+    return runs
+
+
 def control_dir(out_dir: Path, seed: int, behaviours: bool = False) -> Path:
     """The seed's control run folder, shared by all its cases (its crosscoder is the rules' scale);
     the behaviour cases' organism has its own base, hence its own control."""
@@ -64,11 +99,13 @@ def control_dir(out_dir: Path, seed: int, behaviours: bool = False) -> Path:
 
 
 def score_case(case: GridCase, case_dir: Path, rules: dict[str, PredictConfig],
-               significance: float | None = None) -> list[dict]:
+               significance: float | None = None, n_crosscoders: int = 1) -> list[dict]:
     """Every rule's prediction on the finished case, evaluated with the baselines (one row per method).
 
     A domain is degraded when its accuracy drops by more than 0.1 (the demo's definition) and, with
-    ``significance``, when the drop is also significant at that level given its number of questions."""
+    ``significance``, when the drop is also significant at that level given its number of questions.
+    With ``n_crosscoders`` > 1, also the first rule's predictions of the case's extra crosscoders
+    (``run_extra_crosscoders``) pooled with the stored run's by majority vote (``sideeffects.pool``)."""
     from mneme_plugin.attribution import load_attribution
     from mneme_plugin.groundtruth.table import SCORES_CSV, read_scores_csv
     from mneme_plugin.interpret.config import MapConfig
@@ -77,14 +114,19 @@ def score_case(case: GridCase, case_dir: Path, rules: dict[str, PredictConfig],
     from mneme_plugin.interpret.taxonomy import load_taxonomy
     from mneme_plugin.layout import RunLayout
     from mneme_plugin.sideeffects.evaluate import evaluate
-    from mneme_plugin.sideeffects.predict import predict
+    from mneme_plugin.errors import ConfigError
+    from mneme_plugin.sideeffects.pool import pool_predictions
+    from mneme_plugin.sideeffects.predict import Prediction, predict
     from mneme_plugin.sideeffects.steps import naive_prediction
 
-    layout = RunLayout(case_dir / "run")
     taxonomy = load_taxonomy(case_taxonomy(case.intervention))
-    attribution = load_attribution(layout.attribution).table
-    links = category_links(load_mapping(layout.mapping), taxonomy.name)
-    reference = load_reference_latents(layout.contexts)
+
+    def run_prediction(run_dir: Path, rule: PredictConfig) -> "Prediction":
+        layout = RunLayout(run_dir)
+        return predict(load_attribution(layout.attribution).table,
+                       category_links(load_mapping(layout.mapping), taxonomy.name), taxonomy.ids(), rule,
+                       reference=load_reference_latents(layout.contexts), control=control)
+
     control_layout = RunLayout(control_dir(case_dir.parents[1], case.seed, case.intervention in BEHAVIOUR_INTERVENTIONS)
                                / "run")
     control = load_attribution(control_layout.attribution).table if control_layout.attribution.is_dir() else None
@@ -93,7 +135,7 @@ def score_case(case: GridCase, case_dir: Path, rules: dict[str, PredictConfig],
     evaluate_config = EvaluateConfig(drop_threshold=0.1, significance=significance, seed=case.seed)
     rows = []
     for index, (rule_name, rule) in enumerate(rules.items()):
-        prediction = predict(attribution, links, taxonomy.ids(), rule, reference=reference, control=control)
+        prediction = run_prediction(case_dir / "run", rule)
         naive = naive_prediction(description, MapConfig(taxonomies=[taxonomy.name]), max(1, len(prediction.predicted)))
         evaluation = evaluate(prediction.predicted, truth, taxonomy.ids(), naive_predicted=naive, config=evaluate_config)
         for method, metrics in evaluation.rows.items():
@@ -104,6 +146,19 @@ def score_case(case: GridCase, case_dir: Path, rules: dict[str, PredictConfig],
                          "target": case.target or "mixed", "method": name, **metrics.to_dict(),
                          "predicted": ",".join(evaluation.predicted.get(method, [])),
                          "true": ",".join(evaluation.true_set)})
+    if n_crosscoders > 1:
+        rule_name, rule = next(iter(rules.items()))
+        runs = [case_dir / "run"] + [extra_crosscoder_dir(case_dir, s) for s in crosscoder_seeds(case, n_crosscoders)]
+        missing = [str(r) for r in runs if not (r / "mapping").is_dir()]
+        if missing:
+            raise ConfigError(f"Extra crosscoder runs not finished: {missing[:2]}; run the grid with --crosscoders "
+                              f"{n_crosscoders} (without --score-only) first.")
+        pooled = pool_predictions([run_prediction(r, rule) for r in runs], names=[str(r) for r in runs])
+        evaluation = evaluate(pooled.predicted, truth, taxonomy.ids(), config=evaluate_config)
+        metrics = evaluation.rows["MNEME"]
+        rows.append({"case": case.name, "seed": case.seed, "intervention": case.intervention,
+                     "target": case.target or "mixed", "method": f"{rule_name}, pooled over {n_crosscoders} crosscoders",
+                     **metrics.to_dict(), "predicted": ",".join(pooled.predicted), "true": ",".join(evaluation.true_set)})
     return rows
 
 

@@ -17,6 +17,7 @@ __getattr__, __dir__, __all__ = lazy_exports(__name__, {
     ),
     "mneme_plugin.sideeffects.metrics": ("SetMetrics", "oracle_baseline", "random_baseline", "set_metrics"),
     "mneme_plugin.sideeffects.predict": ("Prediction", "load_prediction", "predict", "save_prediction"),
+    "mneme_plugin.sideeffects.pool": ("pool_predictions",),
     "mneme_plugin.sideeffects.remediate": (
         "ControlledRemediation",
         "RemediateConfig",

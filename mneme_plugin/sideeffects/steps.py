@@ -43,6 +43,31 @@ def predict_run(run_dir: str | os.PathLike[str], config: PredictConfig, taxonomy
     return prediction
 
 
+def pool_runs(run_dirs: list[str | os.PathLike[str]], out_dir: str | os.PathLike[str], taxonomy: str | None = None,
+              min_votes: int | None = None) -> Prediction:
+    """Pool the predictions of finished runs on the same model pair (crosscoders of different seeds)
+    by vote (``sideeffects.pool``); saved to ``out_dir``'s ``prediction/``, where ``mneme evaluate
+    --run-dir out_dir`` reads it. ``taxonomy``: which prediction of runs that predict several."""
+    from mneme_plugin.errors import ConfigError
+    from mneme_plugin.pipeline.config import load_run_config
+    from mneme_plugin.sideeffects.pool import pool_predictions
+
+    predictions, models = [], {}
+    for run_dir in run_dirs:
+        config = load_run_config(run_dir)
+        models[str(run_dir)] = (config.models.base, config.models.edited)
+        taxonomies = list(config.map.taxonomies)
+        if taxonomy is not None and taxonomy not in taxonomies:
+            raise ConfigError(f"Run {run_dir} predicts over {taxonomies}, not {taxonomy!r}.")
+        predictions.append(load_prediction(prediction_folder(run_dir, taxonomy or taxonomies[0], taxonomies)))
+    if len(set(models.values())) > 1:
+        listing = "; ".join(f"{run}: {base} -> {edited}" for run, (base, edited) in models.items())
+        raise ConfigError(f"The runs compare different models ({listing}): pool runs of one edit only.")
+    pooled = pool_predictions(predictions, min_votes, names=[str(r) for r in run_dirs])
+    save_prediction(pooled, RunLayout(Path(out_dir)).prediction)
+    return pooled
+
+
 def load_control_attribution(control_run: str | os.PathLike[str] | None) -> "pd.DataFrame | None":
     """The attribution table of the control run (``predict.control_run``), or None without one."""
     from mneme_plugin.attribution import load_attribution

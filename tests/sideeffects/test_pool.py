@@ -1,0 +1,86 @@
+import pandas as pd
+import pytest
+
+from mneme_plugin.errors import ConfigError
+from mneme_plugin.sideeffects import PredictConfig, load_prediction, predict
+from mneme_plugin.sideeffects.pool import pool_predictions
+from mneme_plugin.sideeffects.steps import pool_runs
+
+CATEGORIES = ["biology", "law", "history", "cooking"]
+
+
+def _prediction(suppressed_categories):
+    """A prediction of the min_score rule whose predicted set is exactly ``suppressed_categories``."""
+    attribution = pd.DataFrame({"latent": range(len(CATEGORIES)), "score": [0.5] * len(CATEGORIES),
+                                "latent_class": ["suppressed" if c in suppressed_categories else "shared"
+                                                 for c in CATEGORIES]})
+    links = pd.DataFrame({"latent": range(len(CATEGORIES)), "category": CATEGORIES, "similarity": [0.9] * 4})
+    return predict(attribution, links, CATEGORIES, PredictConfig(rule="min_score", min_score=0.0))
+
+
+def test_majority_vote_keeps_what_most_crosscoders_name():
+    runs = [_prediction({"law", "history"}), _prediction({"law"}), _prediction({"law", "cooking"})]
+    assert [sorted(r.predicted) for r in runs] == [["history", "law"], ["law"], ["cooking", "law"]]
+    pooled = pool_predictions(runs)
+    assert pooled.predicted == ["law"]
+    votes = pooled.scores.set_index("category")["votes"].to_dict()
+    assert votes == {"law": 3, "history": 1, "cooking": 1, "biology": 0}
+    assert sorted(pool_predictions(runs, min_votes=1).predicted) == ["cooking", "history", "law"]
+    assert pooled.tests["min_votes"] == 2
+    with pytest.raises(ConfigError, match="min_votes"):
+        pool_predictions(runs, min_votes=4)
+    with pytest.raises(ConfigError, match="at least 2"):
+        pool_predictions(runs[:1])
+
+
+def test_pool_runs_refuses_runs_of_different_edits(tmp_path):
+    import yaml
+
+    from mneme_plugin.layout import RunLayout
+    from mneme_plugin.sideeffects.predict import save_prediction
+
+    dirs = []
+    for i, (edited, predicted) in enumerate([("e1", {"law"}), ("e1", {"law", "history"}), ("e2", {"law"})]):
+        run = tmp_path / f"run{i}"
+        layout = RunLayout(run)
+        run.mkdir()
+        layout.config.write_text(yaml.safe_dump({"run_dir": str(run), "models": {"base": "b", "edited": edited},
+                                                 "corpus": {"source": "corpus.txt"}, "harvest": {"layer": 0},
+                                                 "map": {"taxonomies": ["organism"]}}))
+        save_prediction(_prediction(predicted), layout.prediction)
+        dirs.append(run)
+    pooled = pool_runs(dirs[:2], tmp_path / "pooled")
+    assert pooled.predicted == ["law"]  # history: 1 of 2, not a majority
+    assert load_prediction(RunLayout(tmp_path / "pooled").prediction).predicted == ["law"]
+    with pytest.raises(ConfigError, match="different models"):
+        pool_runs(dirs, tmp_path / "bad")
+
+
+def test_mneme_pool_then_evaluate_on_the_command_line(tmp_path):
+    import yaml
+    from click.testing import CliRunner
+
+    from mneme_plugin.cli import main
+    from mneme_plugin.layout import RunLayout
+    from mneme_plugin.sideeffects.predict import save_prediction
+
+    dirs = []
+    for i, predicted in enumerate([{"law", "history"}, {"law"}, {"law", "history", "cooking"}]):
+        run = tmp_path / f"run{i}"
+        run.mkdir()
+        layout = RunLayout(run)
+        layout.config.write_text(yaml.safe_dump({"run_dir": str(run), "models": {"base": "b", "edited": "e"},
+                                                 "corpus": {"source": "corpus.txt"}, "harvest": {"layer": 0},
+                                                 "map": {"taxonomies": ["organism"]}}))
+        save_prediction(_prediction(predicted), layout.prediction)
+        dirs.append(str(run))
+    result = CliRunner().invoke(main, ["pool", *dirs, "--out", str(tmp_path / "pooled")])
+    assert result.exit_code == 0, result.output
+    assert "Predicted: law, history" in result.output and "cooking" in result.output
+    truth = tmp_path / "truth.csv"
+    truth.write_text("category,before,after\nbiology,0.9,0.9\nlaw,0.9,0.1\nhistory,0.9,0.9\ncooking,0.9,0.5\n")
+    result = CliRunner().invoke(main, ["evaluate", "--run-dir", str(tmp_path / "pooled"), "--scores-csv", str(truth)])
+    assert result.exit_code == 0, result.output
+    assert "Degraded: law, cooking" in result.output or "Degraded: cooking, law" in result.output
+    result = CliRunner().invoke(main, ["pool", dirs[0], "--out", str(tmp_path / "one")])
+    assert result.exit_code != 0 and "at least 2" in result.output
