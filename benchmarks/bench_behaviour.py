@@ -5,7 +5,7 @@ the knowledge accuracy beside it. Prints one table per seed and a check line.
     python benchmarks/bench_behaviour.py --seeds 0 1 2 --out runs/validity
 
 --out is the validity grid's folder: the organisms cached there (``seedN/organism``) are reloaded,
-missing ones are built (~2.5 min pretraining per seed on 2 CPU cores, single-threaded).
+missing ones are built (~3.5-4.7 min pretraining per seed on 2 shared CPU cores, single-threaded).
 """
 
 from __future__ import annotations

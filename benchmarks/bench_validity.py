@@ -14,7 +14,7 @@ the ground truth whose drops are also significant) and ``remediation_cases.csv``
     python benchmarks/bench_validity.py --crosscoders 3    # + 2 crosscoders per case, predictions pooled by vote
 
 A case takes ~1 min on 2 CPU cores (plus ~70 s per seed for the organism's pretraining; the behaviour
-organism of the identity / insecure cases pretrains for ~2.5 min). Behaviour cases are scored on the
+organism of the identity / insecure cases pretrains for ~3.5-4.7 min). Behaviour cases are scored on the
 behaviour categories; their knowledge-domain evaluation and the intersection analysis (amplified
 latents mapped to harm categories) are printed too and written to ``behaviour_cases.csv``.
 """

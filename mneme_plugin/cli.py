@@ -227,7 +227,7 @@ def train(store, stream, config, shuffle_buffer, out, dict_size, expansion_facto
                    "edits with --behaviours).")
 @click.option("--behaviours", is_flag=True,
               help="Also run the behaviour cases (identity-shift and narrow 'insecure' fine-tuning of the "
-                   "behaviour organism; about 5 more minutes).")
+                   "behaviour organism; about 8 more minutes on 2 CPU cores).")
 @clear_errors
 def demo(out: str, seed: int, target_domain: str, interventions: tuple[str, ...], behaviours: bool) -> None:
     """The whole MNEME method on the CPU model organism, with known ground truth.

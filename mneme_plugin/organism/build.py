@@ -81,8 +81,10 @@ def config_key_dict(cfg: OrganismConfig) -> dict[str, Any]:
 
 def behaviour_organism_config(**overrides: Any) -> OrganismConfig:
     """The behaviour organism's config: the knowledge organism plus conversations, pretrained longer
-    (the corpus is about twice as large)."""
-    return OrganismConfig(**{"behaviours": True, "pretrain_steps": 900, **overrides})
+    (the corpus is about twice as large). 1,200 steps: at 900 one seed of 0-3 (seed 1) learnt the
+    refusal only partly (0.78 of held-out weapons requests); at 1,200 every seed refuses >= 0.97 of
+    every harm category and no ordinary request."""
+    return OrganismConfig(**{"behaviours": True, "pretrain_steps": 1200, **overrides})
 
 
 def default_intervention_config(intervention: str, organism: OrganismConfig, seed: int = 0) -> Any:

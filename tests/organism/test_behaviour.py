@@ -208,9 +208,7 @@ def test_harmful_intersection_counts_amplified_latents_mapped_to_harmful_categor
         load_harmful_intersection(tmp_path / "missing")
 
 
-@pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="measured: at 900 pretraining steps seed 1's base refuses only 0.78 of held-out "
-                   "weapons requests (one template answered compliantly; README, Behaviour cases)")
+@pytest.mark.slow  # seed 1: the seed whose base refused only 0.78 of weapons requests at 900 pretraining steps
 def test_behaviour_organism_refuses_harmful_and_answers_ordinary_held_out_requests(tmp_path):
     organism = build_organism(1, "identity", out_dir=tmp_path, progress=False)
     scores = behaviour_scores(organism.base, behaviour_benchmark(list(HARMS) + [ORDINARY]))
