@@ -130,6 +130,8 @@ class ExplainConfig(ConfigMixin):
         scorers: Delphi scorers to run on each explanation ("detection", "fuzz").
         n_terms: Tokens / n-grams listed by the offline explainer.
         threshold: Fraction of a context's max activation above which a token counts as activating.
+        n_context_terms: The offline explainer also lists up to this many words characteristic of
+            the top contexts around the activations (0: only the activating tokens and phrases).
     """
 
     explainer: str = "offline"
@@ -144,6 +146,7 @@ class ExplainConfig(ConfigMixin):
     n_terms: int = 5
     threshold: float = 0.3
     temperature: float = 0.0
+    n_context_terms: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.client, dict):
@@ -157,6 +160,7 @@ class ExplainConfig(ConfigMixin):
             f"explainer {self.explainer!r} / scorers need an LLM client: set client.kind to 'openai' or 'vllm'.",
         )
         require(0 < self.threshold < 1, "threshold must be in (0, 1).")
+        require(self.n_context_terms >= 0, f"n_context_terms must be >= 0, got {self.n_context_terms}.")
 
 
 @dataclass

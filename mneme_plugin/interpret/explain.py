@@ -13,7 +13,7 @@ import logging
 import math
 import os
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +63,7 @@ class OfflineExplanation:
     explanation: str
     terms: list[str]
     phrases: list[str]
+    context_terms: list[str] = field(default_factory=list)
 
 
 class OfflineExplainer:
@@ -74,12 +75,19 @@ class OfflineExplainer:
     (Monroe, Colaresi & Quinn 2008), z-scored; bigrams (previous token + activating token, and
     activating token + next token) seen in at least two contexts and containing a top token are
     listed as phrases.
+
+    With ``n_context_terms`` > 0 it also lists the words that characterise the top contexts around
+    the activations (every non-activating token of a context, counted once per context, ranked the
+    same way, kept when seen in at least a ``min_context_share`` of the contexts): what an LLM
+    explainer reads from the whole context. A latent that fires on a neutral token (``sorry``,
+    ``.``) in contexts about one subject is then described by that subject as well.
     """
 
     def __init__(self, tokenizer: Any, n_examples: int = 20, n_terms: int = 5, threshold: float = 0.3,
-                 prior: float = 100.0) -> None:
+                 prior: float = 100.0, n_context_terms: int = 0, min_context_share: float = 0.2) -> None:
         self.tokenizer, self.n_examples, self.n_terms = tokenizer, n_examples, n_terms
         self.threshold, self.prior = threshold, prior
+        self.n_context_terms, self.min_context_share = n_context_terms, min_context_share
         self.skip = {int(i) for i in getattr(tokenizer, "all_special_ids", []) or [] if i is not None}
 
     def _word(self, token_id: int) -> str:
@@ -89,12 +97,16 @@ class OfflineExplainer:
                          background: np.ndarray) -> OfflineExplanation:
         tokens, acts = tokens[: self.n_examples], acts[: self.n_examples]
         fg: Counter[int] = Counter()
+        around: Counter[int] = Counter()
         bigrams: dict[tuple[int, int], set[int]] = {}
+        n_contexts = 0
         for r in range(tokens.shape[0]):
             peak = float(acts[r].max())
             if peak <= 0:
                 continue
+            n_contexts += 1
             positions = (acts[r] > self.threshold * peak).nonzero().flatten().tolist()
+            around.update(set(tokens[r].tolist()) - {int(tokens[r, p]) for p in positions} - self.skip)
             for p in positions:
                 t = int(tokens[r, p])
                 if t in self.skip:
@@ -107,19 +119,12 @@ class OfflineExplainer:
                             bigrams.setdefault(pair, set()).add(r)
         if not fg:
             return OfflineExplanation(latent, "No activating tokens in the collected contexts.", [], [])
-        vocab = max(max(fg) + 1, len(background))
+        vocab = max(max(fg) + 1, max(around, default=0) + 1, len(background))
         bg = np.zeros(vocab, dtype=np.float64)
         bg[: len(background)] = background
         if bg.sum() == 0:
             bg[: tokens.max() + 1] += np.bincount(tokens.flatten().numpy(), minlength=int(tokens.max()) + 1)
-        alpha = self.prior * (bg + 1.0) / (bg + 1.0).sum()
-        a0 = alpha.sum()
-        n_fg, n_bg = sum(fg.values()), bg.sum()
-        scores = {}
-        for t, y in fg.items():
-            d = math.log((y + alpha[t]) / (n_fg + a0 - y - alpha[t])) - math.log(
-                (bg[t] + alpha[t]) / (n_bg + a0 - bg[t] - alpha[t]))
-            scores[t] = d / math.sqrt(1.0 / (y + alpha[t]) + 1.0 / (bg[t] + alpha[t]))
+        scores = self._log_odds(fg, bg)
         ranked = sorted(scores, key=lambda t: (-scores[t], -fg[t], t))
         top = [t for t in ranked if self._word(t)][: self.n_terms]
         terms = [self._word(t) for t in top]
@@ -130,7 +135,30 @@ class OfflineExplainer:
         text = "Tokens " + ", ".join(f'"{w}"' for w in terms)
         if phrases:
             text += "; phrases " + ", ".join(f'"{p}"' for p in phrases)
-        return OfflineExplanation(latent, text, terms, phrases)
+        context_terms: list[str] = []
+        if self.n_context_terms > 0:
+            common = Counter({t: c for t, c in around.items() if c >= self.min_context_share * n_contexts
+                              and t not in top_set})
+            context_scores = self._log_odds(common, bg)
+            ranked = sorted((t for t in context_scores if context_scores[t] > 0),
+                            key=lambda t: (-context_scores[t], -common[t], t))
+            context_terms = [w for w in (self._word(t) for t in ranked) if w][: self.n_context_terms]
+            if context_terms:
+                text += "; in contexts with " + ", ".join(f'"{w}"' for w in context_terms)
+        return OfflineExplanation(latent, text, terms, phrases, context_terms)
+
+    def _log_odds(self, counts: Counter[int], background: np.ndarray) -> dict[int, float]:
+        """Z-scored log-odds ratio of each token's share of ``counts`` against its share of the
+        corpus ``background``, with the informative Dirichlet prior (Monroe et al. 2008)."""
+        alpha = self.prior * (background + 1.0) / (background + 1.0).sum()
+        a0 = alpha.sum()
+        n_fg, n_bg = sum(counts.values()), background.sum()
+        scores = {}
+        for t, y in counts.items():
+            d = math.log((y + alpha[t]) / (n_fg + a0 - y - alpha[t])) - math.log(
+                (background[t] + alpha[t]) / (n_bg + a0 - background[t] - alpha[t]))
+            scores[t] = d / math.sqrt(1.0 / (y + alpha[t]) + 1.0 / (background[t] + alpha[t]))
+        return scores
 
     def explain(self, contexts: LatentContexts, latent: int) -> OfflineExplanation:
         tokens, acts, _ = contexts.top_examples(latent)
@@ -188,13 +216,15 @@ def explain(
     info = {p["latent"]: p for p in contexts.per_latent}
     rows: list[dict[str, Any]] = []
     if config.explainer == "offline":
-        ex = OfflineExplainer(tok, config.n_examples, config.n_terms, config.threshold)
+        ex = OfflineExplainer(tok, config.n_examples, config.n_terms, config.threshold,
+                              n_context_terms=config.n_context_terms)
         for latent in chosen:
             n_top = len(info[latent]["top_rows"])
             if n_top < config.min_examples:
                 continue
             e = ex.explain(contexts, latent)
-            rows.append({"latent": latent, "explanation": e.explanation, "terms": json.dumps(e.terms + e.phrases)})
+            rows.append({"latent": latent, "explanation": e.explanation,
+                         "terms": json.dumps(e.terms + e.phrases + e.context_terms)})
         model = "offline"
     else:
         client = client if client is not None else make_client(config.client, default_cache_dir=out_dir / "llm_cache")

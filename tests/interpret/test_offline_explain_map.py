@@ -81,6 +81,49 @@ def test_explain_and_map_pick_the_planted_domain(planted, tmp_path):
     assert mmlu.loc[NAMES.index("security"), "category"] == "computer_security"
 
 
+@pytest.fixture(scope="module")
+def neutral_firing(tmp_path_factory):
+    """Latent i fires only on the neutral word "slowly", and only in contexts that also hold words
+    of domain i elsewhere: its activating token names no domain, its contexts do."""
+    vocab_texts = [" ".join(domain_words(n)) for n in NAMES] + [" ".join(GENERIC)]
+    tok = make_tokenizer(vocab_texts * 3)
+    rng = random.Random(1)
+    ctx, n_rows = 16, 50
+    neutral = tok.convert_tokens_to_ids("slowly")
+    col = TopContextCollector(list(range(len(NAMES))), ctx, n_top=20, n_random=5, n_non_activating=5,
+                              seed=0, vocab_size=len(tok))
+    filler = [w for w in GENERIC if w != "slowly"]
+    for batch in range(16):
+        toks = torch.tensor([[tok.convert_tokens_to_ids(rng.choice(filler)) for _ in range(ctx)] for _ in range(n_rows)])
+        acts = torch.zeros(n_rows, ctx, len(NAMES))
+        for c in range(n_rows):
+            i = rng.randrange(len(NAMES))
+            positions = rng.sample(range(ctx), 4)
+            for p in positions[:3]:  # three words of domain i somewhere in the context
+                toks[c, p] = tok.convert_tokens_to_ids(rng.choice(DOMAINS[NAMES[i]].relations + DOMAINS[NAMES[i]].values))
+            toks[c, positions[3]] = neutral
+            if batch % 2 == 0:  # half of the contexts with "slowly" activate their domain's latent
+                acts[c, positions[3], i] = 1.0 + rng.random()
+        col.update(toks, acts, torch.ones(n_rows, ctx, dtype=torch.bool))
+    out = tmp_path_factory.mktemp("neutral")
+    col.result().save(out, "blocks.0.hook_resid_post", width=len(NAMES), tokenizer=tok)
+    return out
+
+
+def test_context_terms_name_the_subject_of_a_neutral_latent(neutral_firing, tmp_path):
+    plain = explain(neutral_firing, ExplainConfig(explainer="offline"), out_dir=tmp_path / "plain")
+    assert all(json.loads(t)[0] == "slowly" for t in plain["terms"])
+    mapped = map_descriptions(plain, MapConfig(taxonomies=["organism"]), out_dir=tmp_path / "plain")
+    assert mapped["category"].isna().all()  # "slowly" names no domain
+    table = explain(neutral_firing, ExplainConfig(explainer="offline", n_context_terms=5), out_dir=tmp_path / "ctx")
+    cats = map_descriptions(table, MapConfig(taxonomies=["organism"]), out_dir=tmp_path / "ctx").set_index("latent")
+    for i, name in enumerate(NAMES):
+        assert cats.loc[i, "category"] == name, (name, cats.loc[i, "description"])
+        assert "in contexts with" in cats.loc[i, "description"]
+    with pytest.raises(ConfigError, match="n_context_terms"):
+        ExplainConfig(n_context_terms=-1)
+
+
 def test_taxonomies_and_user_file(tmp_path):
     assert len(load_taxonomy("mmlu").entries) == 57
     assert load_taxonomy("mmlu_pro").ids() == ["biology", "business", "chemistry", "computer_science", "economics",
