@@ -15,9 +15,23 @@ k = 1x, 2x and 4x the planted data's true L0, and prints one row per (set, train
   base_only/suppressed, amplified -> amplified/edited_only, edited-only -> edited_only/amplified,
   shared -> shared).
 
+``--seeds`` varies the training seed (the crosscoder's initialisation); the planted directions
+(``--data-seed``), the training stream and the held-out rows stay fixed. ``--oracle`` adds two rows
+per (set, k) that show what a crosscoder can reach on that data:
+
+- ``codes``: the true codes and directions, the batch's k * B largest contributions kept (the
+  BatchTopK budget): only the planted noise and the budget are lost;
+- ``enc``: a crosscoder whose decoder is fixed at the true directions (one latent per planted
+  feature) and whose encoder, biases and threshold are trained with our defaults (deterministic:
+  one run): what a linear encoder loses reading superposed features (``n_features`` directions in
+  2d dimensions): the EV of a crosscoder that found every direction exactly (a learned one can
+  do a little better by spending its spare latents on mixtures of features).
+
     python benchmarks/bench_quality.py                       # ours, defaults, both planted sets
     python benchmarks/bench_quality.py --salience paper      # the MNEME paper's squared-norm weight
     python benchmarks/bench_quality.py --loss norm           # the fork's training loss
+    python benchmarks/bench_quality.py --salience crosscoder,paper --seeds 0 1 2 3 4   # per-seed rows, then mean ± sd
+    python benchmarks/bench_quality.py --oracle              # also the oracle rows above
     python benchmarks/bench_quality.py --fork /tmp/sof       # also the fork's BatchTopKCrossCoderTrainer,
         # from `git --git-dir=<mirror of science-of-finetuning/dictionary_learning> archive HEAD dictionary_learning | tar x -C /tmp/sof`
         # (trained in a child process: its package is named like the dictionary_learning we depend on;
@@ -31,6 +45,7 @@ import json
 import subprocess
 import sys
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -57,24 +72,69 @@ def k_grid(spec: PlantedSpec) -> list[int]:
     return [max(1, round(mult * spec.true_l0)) for mult in K_MULTIPLES]
 
 
-def train_ours(data: PlantedData, k: int, salience: str, loss: str, seed: int):
+def train_ours(data: PlantedData, k: int, salience: str, loss: str, seed: int, dict_size: int = DICT_SIZE,
+               decoder: torch.Tensor | None = None):
+    """Our trainer with its defaults; ``decoder`` (2, m, d) in normalised space: fixed, only the rest trains."""
     from mneme_plugin.crosscoder.trainer import BatchTopKCrossCoderTrainer
 
-    trainer = BatchTopKCrossCoderTrainer(steps=STEPS, activation_dim=data.spec.d, dict_size=DICT_SIZE, k=k,
+    trainer = BatchTopKCrossCoderTrainer(steps=STEPS, activation_dim=data.spec.d, dict_size=dict_size, k=k,
                                          batch_size=BATCH, salience=salience, loss=loss, seed=seed, device="cpu",
                                          activation_scale=data.scale_factors().tolist())
+    if decoder is not None:
+        with torch.no_grad():
+            trainer.ae.W_dec.copy_(decoder)
+            trainer.ae.W_enc.copy_(decoder.permute(0, 2, 1) / decoder.pow(2).sum(dim=(0, 2)))
+        trainer.ae.W_dec.requires_grad_(False)  # Adam skips a parameter without a gradient
     batches = data.batches(BATCH, seed=1)
     for step in range(STEPS):
         trainer.update(step, next(batches))
     return trainer.ae.eval()
 
 
-def train_fork(set_name: str, k: int, salience: str, seed: int, fork: str, out_dir: str) -> None:
+def explained_variance(x: torch.Tensor, x_hat: torch.Tensor) -> list[float]:
+    """Per model, as ``evaluate_crosscoder`` computes it (the same in raw and normalised units)."""
+    x, x_hat = x.double(), x_hat.double()
+    total = (x - x.mean(dim=0)).pow(2).sum(dim=(0, 2))
+    return (1 - (x - x_hat).pow(2).sum(dim=(0, 2)) / total).tolist()
+
+
+def oracle_codes(data: PlantedData, k: int) -> dict:
+    """EV of the true codes and directions with BatchTopK's budget: the k * B largest contributions
+    (code times the normalised direction's norm summed over models, the ``crosscoder`` salience) per batch."""
+    scale = data.scale_factors()
+    x, codes = data.sample_with_codes(EVAL_ROWS, torch.Generator().manual_seed(999))
+    directions = data.scaled_directions()
+    weight = (directions * scale[None, :, None]).norm(dim=-1).sum(dim=1)  # (n,)
+    kept = torch.zeros_like(codes)
+    for rows in torch.arange(EVAL_ROWS).split(BATCH):
+        salience = (codes[rows] * weight).reshape(-1)
+        top = salience.topk(k * len(rows)).indices
+        mask = torch.zeros_like(salience)
+        mask[top] = 1
+        kept[rows] = codes[rows] * mask.reshape(len(rows), -1) * (codes[rows] > 0)
+    x_hat = torch.einsum("bn,nld->bld", kept, directions)
+    return {"ev": [round(v, 3) for v in explained_variance(x, x_hat)]}
+
+
+def oracle_encoder(data: PlantedData, k: int, salience: str, loss: str, seed: int) -> dict:
+    """Figures of a crosscoder whose decoder is the true directions, the rest trained by our defaults."""
+    from mneme_plugin.crosscoder.metrics import evaluate_crosscoder
+
+    scale = data.scale_factors()
+    decoder = (data.scaled_directions() * scale[None, :, None]).permute(1, 0, 2).contiguous()  # (2, n, d)
+    crosscoder = train_ours(data, k, salience, loss, seed, dict_size=data.spec.n_features, decoder=decoder)
+    x = data.sample(EVAL_ROWS, torch.Generator().manual_seed(999))
+    metrics = evaluate_crosscoder(crosscoder, x.split(BATCH))
+    return {"ev": [round(metrics.explained_variance_base, 3), round(metrics.explained_variance_edited, 3)],
+            "dead": round(metrics.dead_fraction, 3)}
+
+
+def train_fork(set_name: str, k: int, salience: str, seed: int, fork: str, out_dir: str, data_seed: int = 0) -> None:
     """In a child process: train the fork's trainer on pre-scaled batches, save what its format reader reads."""
     sys.path.insert(0, fork)
     from dictionary_learning.trainers.crosscoder import BatchTopKCrossCoderTrainer as Fork
 
-    data = PlantedData(SETS[set_name])
+    data = planted(set_name, data_seed)
     scale = data.scale_factors()
     kw = {} if salience == "crosscoder" else {"dict_class_kwargs": {"code_normalization": salience.upper()}}
     trainer = Fork(steps=STEPS, activation_dim=data.spec.d, dict_size=DICT_SIZE, k=k, layer=0, lm_name="planted",
@@ -107,60 +167,119 @@ def measure(crosscoder, data: PlantedData, input_scale: torch.Tensor) -> dict:
     }
 
 
-def run(set_name: str, impl: str, k: int, args: argparse.Namespace) -> dict:
-    data = PlantedData(SETS[set_name])
+def planted(set_name: str, data_seed: int) -> PlantedData:
+    return PlantedData(replace(SETS[set_name], seed=data_seed))
+
+
+def run(set_name: str, impl: str, salience: str, k: int, seed: int, args: argparse.Namespace) -> dict:
+    data = planted(set_name, args.data_seed)
+    head = {"set": set_name, "impl": impl, "k": k, "salience": salience, "loss": args.loss, "seed": seed}
     if impl == "ours":
-        crosscoder = train_ours(data, k, args.salience, args.loss, args.seed)
+        crosscoder = train_ours(data, k, salience, args.loss, seed)
         figures = measure(crosscoder, data, torch.ones(2))
+    elif impl == "codes":
+        figures = oracle_codes(data, k)
+    elif impl == "enc":
+        figures = oracle_encoder(data, k, salience, args.loss, seed)
     else:
         from mneme_plugin.formats import load_crosscoder
 
-        salience = args.salience if args.salience != "paper" else "crosscoder"  # the fork has no squared weight
         with tempfile.TemporaryDirectory() as out_dir:
             subprocess.run([sys.executable, __file__, "--child", set_name, "--k", str(k), "--fork", args.fork,
-                            "--salience", salience, "--seed", str(args.seed), "--out", out_dir],
+                            "--salience", salience, "--seed", str(seed), "--data-seed", str(args.data_seed),
+                            "--out", out_dir],
                            check=True, capture_output=True, text=True)
             crosscoder = load_crosscoder(out_dir)
         figures = measure(crosscoder, data, data.scale_factors())
-    return {"set": set_name, "impl": impl, "k": k, "salience": args.salience, "loss": args.loss, **figures}
+    return {**head, **figures}
+
+
+def label(r: dict) -> str:
+    name = r["impl"] if r["impl"] in ("codes", "enc") else f"{r['impl']}:{r['salience']}"
+    return f"{r['set']:<9} {name:<15} {r['k']:>2}"
 
 
 def row(r: dict) -> str:
+    ev = f"EV {r['ev'][0]:.3f}/{r['ev'][1]:.3f}"
+    if "recovered" not in r:  # an oracle row
+        dead = f"  dead {r['dead']:.2f}" if "dead" in r else ""
+        return f"{label(r)} s{r['seed']}  oracle {ev}{dead}"
     kinds = [kind for kind in KINDS if kind in r["by_kind"]]
     by_kind = " ".join(f"{SHORT[kind]} {r['by_kind'][kind]:.2f}" for kind in kinds)
     sides = " ".join(f"{SHORT[kind]} {r['on_side'][kind][0]}/{r['on_side'][kind][1]}" for kind in kinds)
-    return (f"{r['set']:<9} {r['impl']:<4} {r['k']:>2}  rec {r['recovered']:.2f} ({by_kind})  "
+    return (f"{label(r)} s{r['seed']}  rec {r['recovered']:.2f} ({by_kind})  "
             f"leak {r['leak']['base_only']:.3f}/{r['leak']['edited_only']:.3f}  "
-            f"EV {r['ev'][0]:.3f}/{r['ev'][1]:.3f}  dead {r['dead']:.2f}  side {sides}")
+            f"{ev}  dead {r['dead']:.2f}  side {sides}")
+
+
+def summary(rows: list[dict]) -> str:
+    """Mean ± sd over the seeds of one (set, trainer, k); the sd is the sample sd (n - 1)."""
+    def stat(values: list[float], digits: int = 2) -> str:
+        t = torch.tensor(values, dtype=torch.float64)
+        sd = float(t.std()) if len(values) > 1 else 0.0
+        return f"{float(t.mean()):.{digits}f}±{sd:.{digits}f}"
+
+    r0 = rows[0]
+    seeds = f"seeds {min(r['seed'] for r in rows)}-{max(r['seed'] for r in rows)} (n={len(rows)})"
+    ev = f"EV {stat([r['ev'][0] for r in rows], 3)}/{stat([r['ev'][1] for r in rows], 3)}"
+    if "recovered" not in r0:
+        dead = f"  dead {stat([r['dead'] for r in rows])}" if "dead" in r0 else ""
+        return f"{label(r0)} mean  oracle {ev}{dead}  {seeds}"
+    kinds = [kind for kind in KINDS if kind in r0["by_kind"]]
+    by_kind = " ".join(f"{SHORT[kind]} {stat([r['by_kind'][kind] for r in rows])}" for kind in kinds)
+    leaks = "/".join(stat([r["leak"][kind] for r in rows], 3) for kind in ("base_only", "edited_only"))
+    worst = "/".join(f"{max(r['leak'][kind] for r in rows):.3f}" for kind in ("base_only", "edited_only"))
+    return (f"{label(r0)} mean  rec {stat([r['recovered'] for r in rows])} (min {min(r['recovered'] for r in rows):.2f}; "
+            f"{by_kind})  leak {leaks} (max {worst})  {ev}  dead {stat([r['dead'] for r in rows])}  {seeds}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--salience", default="crosscoder")
+    parser.add_argument("--salience", default="crosscoder",
+                        help="ours: comma-separated salience modes, one row each (crosscoder = our default)")
     parser.add_argument("--loss", default="squared", help="ours: training loss (squared / norm)")
     parser.add_argument("--sets", default=",".join(SETS))
     parser.add_argument("--k", default=None, help="comma-separated k values (default: 1x, 2x, 4x true L0)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="training seed (one run; see --seeds)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None,
+                        help="training seeds: one row per seed, then mean ± sd per (set, trainer, k)")
+    parser.add_argument("--data-seed", type=int, default=0, help="seed of the planted directions")
     parser.add_argument("--fork", default=None, help="folder holding the fork's dictionary_learning package")
+    parser.add_argument("--oracle", action="store_true", help="also the ceilings `codes` and `enc` (docstring)")
     parser.add_argument("--json", action="store_true", help="print JSON lines instead of the table")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        train_fork(args.child, int(args.k), args.salience, args.seed, args.fork, args.out)
+        train_fork(args.child, int(args.k), args.salience, args.seed, args.fork, args.out, args.data_seed)
         return
-    impls = ["ours"] + (["fork"] if args.fork else [])
-    print(f"salience {args.salience}, loss {args.loss}, seed {args.seed}; m={DICT_SIZE}, batch {BATCH}, "
-          f"{STEPS} steps; fork: lr {FORK_LR}, warmup {FORK_WARMUP}", flush=True)
+    saliences = args.salience.split(",")
+    variants = [("ours", salience) for salience in saliences]
+    if args.fork:  # the fork has no squared weight: `paper` runs it with its CROSSCODER weight, once
+        fork_saliences = dict.fromkeys("crosscoder" if s == "paper" else s for s in saliences)
+        variants += [("fork", salience) for salience in fork_saliences]
+    if args.oracle:
+        variants = [("codes", saliences[0]), ("enc", saliences[0])] + variants
+    seeds = args.seeds if args.seeds is not None else [args.seed]
+    print(f"salience {args.salience}, loss {args.loss}, training seeds {seeds}, data seed {args.data_seed}; "
+          f"m={DICT_SIZE}, batch {BATCH}, {STEPS} steps; fork: lr {FORK_LR}, warmup {FORK_WARMUP}", flush=True)
+    results: dict[tuple, list[dict]] = {}
     for set_name in args.sets.split(","):
         spec = SETS[set_name]
         ks = [int(k) for k in args.k.split(",")] if args.k else k_grid(spec)
         if not args.json:
             print(f"-- {set_name}: {spec.n_features} features, true L0 {spec.true_l0:.2f}, k {ks}", flush=True)
         for k in ks:
-            for impl in impls:
-                result = run(set_name, impl, k, args)
-                print(json.dumps(result) if args.json else row(result), flush=True)
+            for impl, salience in variants:
+                for seed in seeds if impl not in ("codes", "enc") else seeds[:1]:  # deterministic
+                    result = run(set_name, impl, salience, k, seed, args)
+                    results.setdefault((set_name, k, impl, salience), []).append(result)
+                    print(json.dumps(result) if args.json else row(result), flush=True)
+    if len(seeds) > 1 and not args.json:
+        print("-- mean ± sd over training seeds", flush=True)
+        for rows in results.values():
+            if len(rows) > 1:
+                print(summary(rows), flush=True)
 
 
 if __name__ == "__main__":

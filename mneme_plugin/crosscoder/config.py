@@ -156,6 +156,9 @@ class TrainingConfig(ConfigMixin):
     dead_after_tokens: int | None = None
     threshold_start_step: int | None = None
     threshold_beta: float = 0.999
+    # BatchTopK keeps k_anneal_factor * k latents per row at step 0, linearly down to k at
+    # threshold_start_step (1 disables; the science-of-finetuning trainer's k_max / k_annealing_steps).
+    k_anneal_factor: float = 1.0
     grad_clip: float = 1.0
     seed: Seed = 0
     device: str = "auto"
@@ -198,6 +201,7 @@ class TrainingConfig(ConfigMixin):
             "threshold_start_step must be >= 0.",
         )
         require(0.0 <= self.threshold_beta < 1.0, "threshold_beta must be in [0, 1).")
+        require(self.k_anneal_factor >= 1.0, f"k_anneal_factor must be >= 1 (1 disables), got {self.k_anneal_factor}.")
         require(self.grad_clip >= 0, "grad_clip must be >= 0 (0 disables clipping).")
         require(self.checkpoint_every >= 0, "checkpoint_every must be >= 0 (0 disables checkpoints).")
         require(self.keep_checkpoints >= 1, "keep_checkpoints must be >= 1.")

@@ -87,6 +87,10 @@ class PlantedData:
         self.model_scales = torch.tensor(spec.model_scales, dtype=torch.float32)
 
     def sample(self, rows: int, generator: torch.Generator) -> torch.Tensor:
+        return self.sample_with_codes(rows, generator)[0]
+
+    def sample_with_codes(self, rows: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x (rows, 2, d), the true codes (rows, n_features)): x = codes @ directions + noise, scaled per model."""
         spec = self.spec
         n = spec.n_features
         fires = torch.rand(rows, n, generator=generator) < spec.p_active
@@ -95,7 +99,11 @@ class PlantedData:
         codes = fires * strength
         x = torch.einsum("bn,nld->bld", codes, self.directions)
         x = x + spec.noise * torch.randn(rows, 2, spec.d, generator=generator)
-        return x * self.model_scales[None, :, None]
+        return x * self.model_scales[None, :, None], codes
+
+    def scaled_directions(self) -> torch.Tensor:
+        """The directions (n, 2, d) as they appear in x (times ``model_scales``): codes @ them + noise = x."""
+        return self.directions * self.model_scales[None, :, None]
 
     def batches(self, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
         generator = torch.Generator().manual_seed(seed)

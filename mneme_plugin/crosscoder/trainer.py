@@ -93,6 +93,7 @@ class BatchTopKCrossCoderTrainer(SAETrainer):
         dead_after_tokens: int | None = None,
         threshold_start_step: int | None = None,
         threshold_beta: float = 0.999,
+        k_anneal_factor: float = TrainingConfig.k_anneal_factor,
         grad_clip: float = 1.0,
         salience: str = CrossCoderConfig.salience,
         batch_size: int = TrainingConfig.batch_size,
@@ -129,6 +130,7 @@ class BatchTopKCrossCoderTrainer(SAETrainer):
             dead_after_tokens=dead_after_tokens,
             threshold_start_step=threshold_start_step,
             threshold_beta=threshold_beta,
+            k_anneal_factor=k_anneal_factor,
             grad_clip=grad_clip,
             seed=0 if seed is None else seed,
             autocast=autocast,
@@ -155,6 +157,7 @@ class BatchTopKCrossCoderTrainer(SAETrainer):
         )
         self.tokens_since_fired = torch.zeros(dict_size, dtype=torch.long, device=self.device)
         self.steps_done = 0
+        self.current_k = self.k_at(0)
         self.last_losses: StepLosses | None = None
         self.logging_parameters = ["dead_fraction"]
 
@@ -182,6 +185,7 @@ class BatchTopKCrossCoderTrainer(SAETrainer):
             dead_after_tokens=t.dead_after_tokens,
             threshold_start_step=t.threshold_start_step,
             threshold_beta=t.threshold_beta,
+            k_anneal_factor=t.k_anneal_factor,
             grad_clip=t.grad_clip,
             salience=crosscoder.salience,
             activation_scale=activation_scale,
@@ -193,6 +197,15 @@ class BatchTopKCrossCoderTrainer(SAETrainer):
         )
 
     # ------------------------------------------------------------------------- state
+
+    def k_at(self, step: int) -> float:
+        """Latents kept per row by BatchTopK at ``step``: k_anneal_factor * k at step 0, linearly down
+        to k at threshold_start_step (so the inference threshold is estimated at k)."""
+        k, cfg = self.crosscoder_config.k, self.training_config
+        end = cfg.threshold_start_step
+        if cfg.k_anneal_factor == 1.0 or step >= end:
+            return float(k)
+        return k * (cfg.k_anneal_factor - (cfg.k_anneal_factor - 1.0) * step / end)
 
     @property
     def dead_mask(self) -> torch.Tensor:
@@ -284,7 +297,10 @@ class BatchTopKCrossCoderTrainer(SAETrainer):
         return _StepOutput(loss, mse, aux, x_norm, x_hat, active, salience)
 
     def _select_global(self, salience: torch.Tensor, keep: int) -> torch.Tensor:
-        """BatchTopK over the global batch: ``keep`` (k x local rows) times the number of ranks."""
+        """BatchTopK over the global batch: the step's k (``k_at``) x local rows x the number of ranks
+        (``keep``, k x local rows, is the crosscoder's own budget, kept once annealing is over)."""
+        if self.current_k != self.crosscoder_config.k:
+            keep = min(salience.numel(), round(self.current_k * salience.shape[0]))
         return global_batch_topk_indices(salience, keep * self.dist.world_size, self.dist)
 
     def loss(self, x: torch.Tensor, step: int | None = None, logging: bool = False, **_: Any):
@@ -302,6 +318,7 @@ class BatchTopKCrossCoderTrainer(SAETrainer):
         if activations.ndim != 3 or activations.shape[1] != 2:
             raise ValueError(f"Expected a batch of shape (B, 2, d), got {tuple(activations.shape)}.")
         cfg = self.training_config
+        self.current_k = self.k_at(step)
         if step == 0 and self.steps_done == 0:
             with torch.no_grad():
                 whole = self.dist.all_gather(self.ae.normalize(activations.to(self.device)))

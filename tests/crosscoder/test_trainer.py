@@ -107,3 +107,23 @@ def test_training_losses_are_the_squared_error_or_the_mean_error_norm_per_row_an
 def test_unknown_training_loss_is_refused():
     with pytest.raises(ConfigError, match="loss must be one of"):
         TrainingConfig(loss="l1")
+
+
+def test_k_annealing_keeps_more_latents_early_and_k_from_the_threshold_start_on():
+    torch.manual_seed(0)
+    trainer = BatchTopKCrossCoderTrainer(steps=20, activation_dim=8, dict_size=64, k=2, k_anneal_factor=2.0,
+                                         threshold_start_step=10, warmup_steps=0, device="cpu")
+    x = torch.randn(16, 2, 8)
+    l0 = {}
+    for step in range(12):
+        trainer.update(step, x)
+        l0[step] = trainer.last_losses.l0
+    # 2k at step 0, 1.5k halfway to the threshold start, k from it on (by hand: 4, 3, 2 per row).
+    assert l0[0] == 4.0 and l0[5] == 3.0 and l0[10] == 2.0 and l0[11] == 2.0
+    assert float(trainer.ae.threshold) > 0  # estimated from step 10, at k
+    assert BatchTopKCrossCoderTrainer(steps=20, activation_dim=8, dict_size=64, k=2).k_at(0) == 2.0  # off by default
+
+
+def test_k_anneal_factor_below_one_is_refused():
+    with pytest.raises(ConfigError, match="k_anneal_factor"):
+        TrainingConfig(k_anneal_factor=0.5)
