@@ -116,7 +116,9 @@ class _GatheredEncoder(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             # dL/dW[:, j] = sum over active rows i of g_ij x_i: an embedding_bag of x's rows,
             # one bag per latent, with no (nnz, in_dim) intermediate.
-            grad_W = _sum_rows_by_latent(ctx.by_latent.get(), rows, x_flat, grad_values).t()
+            # Transposed here, as a 2-D copy: left as a (in_dim, m) view, autograd would copy it into
+            # W_enc's (2, d, m) layout through a 3-D strided copy, several times slower on CPU.
+            grad_W = _sum_rows_by_latent(ctx.by_latent.get(), rows, x_flat, grad_values).t().contiguous()
         if ctx.needs_input_grad[1]:
             grad_b = torch.zeros(dict_size, dtype=grad_values.dtype, device=grad_values.device)
             grad_b.index_add_(0, latents, grad_values)

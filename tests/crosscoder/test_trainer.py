@@ -127,3 +127,25 @@ def test_k_annealing_keeps_more_latents_early_and_k_from_the_threshold_start_on(
 def test_k_anneal_factor_below_one_is_refused():
     with pytest.raises(ConfigError, match="k_anneal_factor"):
         TrainingConfig(k_anneal_factor=0.5)
+
+
+def test_the_reused_salience_buffer_trains_exactly_as_fresh_tensors(monkeypatch):
+    # The training step writes its (B, m) salience into a buffer kept from step to step on CPU; a
+    # step must not read anything a previous step left there (same weights as fresh tensors).
+    x = torch.randn(64, 2, 8, generator=torch.Generator().manual_seed(1))
+
+    def train():
+        torch.manual_seed(0)
+        trainer = BatchTopKCrossCoderTrainer(steps=20, activation_dim=8, dict_size=32, k=2, device="cpu",
+                                             dead_after_tokens=64, warmup_steps=0)
+        for step in range(20):
+            trainer.update(step, x[(step % 2) * 32:(step % 2 + 1) * 32] if step % 3 else x)
+        return {name: p.detach().clone() for name, p in trainer.ae.named_parameters()}, trainer
+
+    with_buffer, trainer = train()
+    assert trainer.ae.__dict__.get("_salience_scratch") is not None  # the buffer was used
+    assert "_salience_scratch" not in trainer.ae.state_dict()
+    monkeypatch.setattr(BatchTopKCrossCoder, "_salience_buffer", lambda self, x_norm: None)
+    fresh, _ = train()
+    for name, value in fresh.items():
+        assert torch.equal(with_buffer[name], value), name
