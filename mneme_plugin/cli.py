@@ -54,6 +54,19 @@ def _sections(data: dict[str, Any], allowed: tuple[str, ...], path: str | None) 
     return out
 
 
+def _run_sections(run_dir: str, config: str | None, allowed: tuple[str, ...],
+                  from_run: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+    """``_sections`` of ``--config``; without one, the ``from_run`` sections come from the run
+    directory's own ``config.yaml`` when it has one (a run predicts over its own taxonomies)."""
+    sections = _sections(_read_yaml(config), allowed, config)
+    if config is None and RunLayout(Path(run_dir)).config.is_file():
+        from mneme_plugin.pipeline.config import load_run_config
+
+        run_config = load_run_config(run_dir).to_dict()
+        sections.update({name: dict(run_config.get(name) or {}) for name in from_run})
+    return sections
+
+
 def _override(section: dict[str, Any], **values: Any) -> dict[str, Any]:
     """Command-line values (not None) override the YAML's."""
     return {**section, **{k: v for k, v in values.items() if v is not None}}
@@ -545,7 +558,8 @@ def taxonomies() -> None:
 @main.command()
 @click.option("--run-dir", required=True, type=click.Path(exists=True, file_okay=False),
               help="Run directory holding attribution/ and mapping/.")
-@click.option("--config", type=click.Path(dir_okay=False), help="YAML with sections predict and map.")
+@click.option("--config", type=click.Path(dir_okay=False),
+              help="YAML with sections predict and map (default: those of RUN_DIR/config.yaml, if any).")
 @click.option("--taxonomy", help="Taxonomy to predict over (default: the first of map.taxonomies).")
 @click.option("--rule", type=click.Choice(RULES))
 @click.option("-k", "--k", type=int, help="Categories predicted by the top_k rule.")
@@ -558,7 +572,7 @@ def predict(run_dir, config, taxonomy, rule, k, alpha, control_run) -> None:
     from mneme_plugin.interpret import MapConfig
     from mneme_plugin.sideeffects import PredictConfig, predict_run
 
-    sections = _sections(_read_yaml(config), ("predict", "map"), config)
+    sections = _run_sections(run_dir, config, ("predict", "map"), from_run=("predict", "map"))
     cfg = PredictConfig.from_dict(_override(sections["predict"], rule=rule, k=k, alpha=alpha, control_run=control_run),
                                   section="predict")
     result = predict_run(run_dir, cfg, taxonomy or MapConfig.from_dict(sections["map"], section="map").taxonomies[0])
@@ -598,7 +612,8 @@ def pool(run_dirs, out, min_votes, taxonomy) -> None:
 @click.option("--intervention", help="Plain-text description of the edit, for the naive baseline.")
 @click.option("--drop-threshold", type=float)
 @click.option("--significance", type=float)
-@click.option("--config", type=click.Path(dir_okay=False), help="YAML with sections evaluate, ground_truth, map.")
+@click.option("--config", type=click.Path(dir_okay=False),
+              help="YAML with sections evaluate, ground_truth, map (default: evaluate and map of RUN_DIR/config.yaml).")
 @clear_errors
 def evaluate(run_dir, scores_csv, lm_eval_before, lm_eval_after, intervention, drop_threshold, significance,
              config) -> None:
@@ -607,7 +622,7 @@ def evaluate(run_dir, scores_csv, lm_eval_before, lm_eval_after, intervention, d
     from mneme_plugin.interpret import MapConfig
     from mneme_plugin.sideeffects import EvaluateConfig, evaluate_run
 
-    sections = _sections(_read_yaml(config), ("evaluate", "ground_truth", "map"), config)
+    sections = _run_sections(run_dir, config, ("evaluate", "ground_truth", "map"), from_run=("evaluate", "map"))
     cfg = EvaluateConfig.from_dict(_override(sections["evaluate"], drop_threshold=drop_threshold,
                                              significance=significance), section="evaluate")
     truth = GroundTruthConfig.from_dict(_override(sections["ground_truth"], scores_csv=scores_csv,

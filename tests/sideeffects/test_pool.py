@@ -84,3 +84,31 @@ def test_mneme_pool_then_evaluate_on_the_command_line(tmp_path):
     assert "Degraded: law, cooking" in result.output or "Degraded: cooking, law" in result.output
     result = CliRunner().invoke(main, ["pool", dirs[0], "--out", str(tmp_path / "one")])
     assert result.exit_code != 0 and "at least 2" in result.output
+
+
+def test_evaluate_without_config_reads_the_run_directorys_own_sections(tmp_path):
+    # A run over the organism taxonomy with drop_threshold 0.2: `mneme evaluate --run-dir` uses both
+    # (the naive baseline maps the description onto the run's taxonomy, not the default MMLU).
+    import yaml
+    from click.testing import CliRunner
+
+    from mneme_plugin.cli import main
+    from mneme_plugin.layout import RunLayout
+    from mneme_plugin.sideeffects.predict import save_prediction
+
+    run = tmp_path / "run"
+    run.mkdir()
+    layout = RunLayout(run)
+    layout.config.write_text(yaml.safe_dump({"run_dir": str(run), "models": {"base": "b", "edited": "e"},
+                                             "corpus": {"source": "corpus.txt"}, "harvest": {"layer": 0},
+                                             "map": {"taxonomies": ["organism"]},
+                                             "evaluate": {"drop_threshold": 0.2}}))
+    save_prediction(_prediction({"law"}), layout.prediction)
+    truth = tmp_path / "truth.csv"
+    truth.write_text("category,before,after\nbiology,0.9,0.9\nlaw,0.9,0.1\nhistory,0.9,0.75\ncooking,0.9,0.9\n")
+    result = CliRunner().invoke(main, ["evaluate", "--run-dir", str(run), "--scores-csv", str(truth),
+                                       "--intervention", "RMU unlearning of law knowledge"])
+    assert result.exit_code == 0, result.output
+    assert "Degraded: law\n" in result.output  # history's 0.15 is below the run's threshold
+    naive = [line for line in result.output.splitlines() if line.startswith("| naive")][0]
+    assert naive.split("|")[2].strip() == "1.000"  # naive names law, in the organism taxonomy
