@@ -108,8 +108,6 @@ class BatchTopKCrossCoder(CrossCoder):
         weights = self.salience_weights() if weights is None else weights
         x_flat = x_norm.reshape(x_norm.shape[0], -1)
         W_scaled = self.W_enc.reshape(-1, self.dict_size) * weights
-        if out is None:
-            return torch.relu_(torch.addmm(self.b_enc * weights, x_flat, W_scaled))
         return torch.relu_(torch.addmm(self.b_enc * weights, x_flat, W_scaled, out=out))
 
     def _salience_buffer(self, x_norm: torch.Tensor) -> torch.Tensor | None:

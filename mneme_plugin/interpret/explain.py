@@ -106,7 +106,8 @@ class OfflineExplainer:
                 continue
             n_contexts += 1
             positions = (acts[r] > self.threshold * peak).nonzero().flatten().tolist()
-            around.update(set(tokens[r].tolist()) - {int(tokens[r, p]) for p in positions} - self.skip)
+            if self.n_context_terms > 0:
+                around.update(set(tokens[r].tolist()) - {int(tokens[r, p]) for p in positions} - self.skip)
             for p in positions:
                 t = int(tokens[r, p])
                 if t in self.skip:

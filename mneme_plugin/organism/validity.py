@@ -121,11 +121,15 @@ def score_case(case: GridCase, case_dir: Path, rules: dict[str, PredictConfig],
 
     taxonomy = load_taxonomy(case_taxonomy(case.intervention))
 
-    def run_prediction(run_dir: Path, rule: PredictConfig) -> "Prediction":
+    def run_inputs(run_dir: Path) -> tuple["pd.DataFrame", "pd.DataFrame", list[int]]:
+        """What a prediction reads from a finished run: attribution table, category links, reference latents."""
         layout = RunLayout(run_dir)
-        return predict(load_attribution(layout.attribution).table,
-                       category_links(load_mapping(layout.mapping), taxonomy.name), taxonomy.ids(), rule,
-                       reference=load_reference_latents(layout.contexts), control=control)
+        return (load_attribution(layout.attribution).table, category_links(load_mapping(layout.mapping), taxonomy.name),
+                load_reference_latents(layout.contexts))
+
+    def run_prediction(inputs: tuple["pd.DataFrame", "pd.DataFrame", list[int]], rule: PredictConfig) -> "Prediction":
+        attribution, links, reference = inputs
+        return predict(attribution, links, taxonomy.ids(), rule, reference=reference, control=control)
 
     control_layout = RunLayout(control_dir(case_dir.parents[1], case.seed, case.intervention in BEHAVIOUR_INTERVENTIONS)
                                / "run")
@@ -134,8 +138,9 @@ def score_case(case: GridCase, case_dir: Path, rules: dict[str, PredictConfig],
     description = DESCRIPTIONS[case.intervention].format(target=case.target or "mixed")
     evaluate_config = EvaluateConfig(drop_threshold=0.1, significance=significance, seed=case.seed)
     rows = []
+    stored = run_inputs(case_dir / "run")
     for index, (rule_name, rule) in enumerate(rules.items()):
-        prediction = run_prediction(case_dir / "run", rule)
+        prediction = run_prediction(stored, rule)
         naive = naive_prediction(description, MapConfig(taxonomies=[taxonomy.name]), max(1, len(prediction.predicted)))
         evaluation = evaluate(prediction.predicted, truth, taxonomy.ids(), naive_predicted=naive, config=evaluate_config)
         for method, metrics in evaluation.rows.items():
@@ -153,7 +158,8 @@ def score_case(case: GridCase, case_dir: Path, rules: dict[str, PredictConfig],
         if missing:
             raise ConfigError(f"Extra crosscoder runs not finished: {missing[:2]}; run the grid with --crosscoders "
                               f"{n_crosscoders} (without --score-only) first.")
-        pooled = pool_predictions([run_prediction(r, rule) for r in runs], names=[str(r) for r in runs])
+        inputs = [stored] + [run_inputs(r) for r in runs[1:]]
+        pooled = pool_predictions([run_prediction(i, rule) for i in inputs], names=[str(r) for r in runs])
         evaluation = evaluate(pooled.predicted, truth, taxonomy.ids(), config=evaluate_config)
         metrics = evaluation.rows["MNEME"]
         rows.append({"case": case.name, "seed": case.seed, "intervention": case.intervention,
