@@ -32,6 +32,7 @@ per (set, k) that show what a crosscoder can reach on that data:
     python benchmarks/bench_quality.py --loss norm           # the fork's training loss
     python benchmarks/bench_quality.py --salience crosscoder,paper --seeds 0 1 2 3 4   # per-seed rows, then mean ± sd
     python benchmarks/bench_quality.py --oracle              # also the oracle rows above
+    python benchmarks/bench_quality.py --device cuda         # ours trained on a GPU (bf16 autocast)
     python benchmarks/bench_quality.py --fork /tmp/sof       # also the fork's BatchTopKCrossCoderTrainer,
         # from `git --git-dir=<mirror of science-of-finetuning/dictionary_learning> archive HEAD dictionary_learning | tar x -C /tmp/sof`
         # (trained in a child process: its package is named like the dictionary_learning we depend on;
@@ -73,22 +74,23 @@ def k_grid(spec: PlantedSpec) -> list[int]:
 
 
 def train_ours(data: PlantedData, k: int, salience: str, loss: str, seed: int, dict_size: int = DICT_SIZE,
-               decoder: torch.Tensor | None = None):
-    """Our trainer with its defaults; ``decoder`` (2, m, d) in normalised space: fixed, only the rest trains."""
+               decoder: torch.Tensor | None = None, device: str = "cpu"):
+    """Our trainer with its defaults (on CUDA: bf16 autocast); ``decoder`` (2, m, d) in normalised space:
+    fixed, only the rest trains. Returns the crosscoder on the CPU, where it is measured."""
     from mneme_plugin.crosscoder.trainer import BatchTopKCrossCoderTrainer
 
     trainer = BatchTopKCrossCoderTrainer(steps=STEPS, activation_dim=data.spec.d, dict_size=dict_size, k=k,
-                                         batch_size=BATCH, salience=salience, loss=loss, seed=seed, device="cpu",
+                                         batch_size=BATCH, salience=salience, loss=loss, seed=seed, device=device,
                                          activation_scale=data.scale_factors().tolist())
     if decoder is not None:
         with torch.no_grad():
-            trainer.ae.W_dec.copy_(decoder)
-            trainer.ae.W_enc.copy_(decoder.permute(0, 2, 1) / decoder.pow(2).sum(dim=(0, 2)))
+            trainer.ae.W_dec.copy_(decoder.to(device))
+            trainer.ae.W_enc.copy_((decoder.permute(0, 2, 1) / decoder.pow(2).sum(dim=(0, 2))).to(device))
         trainer.ae.W_dec.requires_grad_(False)  # Adam skips a parameter without a gradient
     batches = data.batches(BATCH, seed=1)
     for step in range(STEPS):
-        trainer.update(step, next(batches))
-    return trainer.ae.eval()
+        trainer.update(step, next(batches).to(device))
+    return trainer.ae.eval().cpu()
 
 
 def explained_variance(x: torch.Tensor, x_hat: torch.Tensor) -> list[float]:
@@ -116,13 +118,14 @@ def oracle_codes(data: PlantedData, k: int) -> dict:
     return {"ev": [round(v, 3) for v in explained_variance(x, x_hat)]}
 
 
-def oracle_encoder(data: PlantedData, k: int, salience: str, loss: str, seed: int) -> dict:
+def oracle_encoder(data: PlantedData, k: int, salience: str, loss: str, seed: int, device: str = "cpu") -> dict:
     """Figures of a crosscoder whose decoder is the true directions, the rest trained by our defaults."""
     from mneme_plugin.crosscoder.metrics import evaluate_crosscoder
 
     scale = data.scale_factors()
     decoder = (data.scaled_directions() * scale[None, :, None]).permute(1, 0, 2).contiguous()  # (2, n, d)
-    crosscoder = train_ours(data, k, salience, loss, seed, dict_size=data.spec.n_features, decoder=decoder)
+    crosscoder = train_ours(data, k, salience, loss, seed, dict_size=data.spec.n_features, decoder=decoder,
+                            device=device)
     x = data.sample(EVAL_ROWS, torch.Generator().manual_seed(999))
     metrics = evaluate_crosscoder(crosscoder, x.split(BATCH))
     return {"ev": [round(metrics.explained_variance_base, 3), round(metrics.explained_variance_edited, 3)],
@@ -175,12 +178,12 @@ def run(set_name: str, impl: str, salience: str, k: int, seed: int, args: argpar
     data = planted(set_name, args.data_seed)
     head = {"set": set_name, "impl": impl, "k": k, "salience": salience, "loss": args.loss, "seed": seed}
     if impl == "ours":
-        crosscoder = train_ours(data, k, salience, args.loss, seed)
+        crosscoder = train_ours(data, k, salience, args.loss, seed, device=args.device)
         figures = measure(crosscoder, data, torch.ones(2))
     elif impl == "codes":
         figures = oracle_codes(data, k)
     elif impl == "enc":
-        figures = oracle_encoder(data, k, salience, args.loss, seed)
+        figures = oracle_encoder(data, k, salience, args.loss, seed, device=args.device)
     else:
         from mneme_plugin.formats import load_crosscoder
 
@@ -246,6 +249,9 @@ def main() -> None:
     parser.add_argument("--data-seed", type=int, default=0, help="seed of the planted directions")
     parser.add_argument("--fork", default=None, help="folder holding the fork's dictionary_learning package")
     parser.add_argument("--oracle", action="store_true", help="also the ceilings `codes` and `enc` (docstring)")
+    parser.add_argument("--device", default="cpu",
+                        help="ours: training device (cuda trains under bf16 autocast, training.autocast auto); "
+                             "measured on the CPU either way")
     parser.add_argument("--json", action="store_true", help="print JSON lines instead of the table")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", default=None, help=argparse.SUPPRESS)
@@ -261,7 +267,8 @@ def main() -> None:
     if args.oracle:
         variants = [("codes", saliences[0]), ("enc", saliences[0])] + variants
     seeds = args.seeds if args.seeds is not None else [args.seed]
-    print(f"salience {args.salience}, loss {args.loss}, training seeds {seeds}, data seed {args.data_seed}; "
+    print(f"salience {args.salience}, loss {args.loss}, training seeds {seeds}, data seed {args.data_seed}, "
+          f"ours trained on {args.device}; "
           f"m={DICT_SIZE}, batch {BATCH}, {STEPS} steps; fork: lr {FORK_LR}, warmup {FORK_WARMUP}", flush=True)
     results: dict[tuple, list[dict]] = {}
     for set_name in args.sets.split(","):

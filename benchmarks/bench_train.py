@@ -15,7 +15,8 @@ on GPU ``torch.cuda.max_memory_allocated``.
 ``--fork DIR`` (a checkout of science-of-finetuning/dictionary_learning) times the fork's
 ``BatchTopKCrossCoderTrainer.update`` beside ours at the CPU size, in one child process (ours on the
 installed dictionary_learning, the fork on its own package), on the same batch, the two variants
-interleaved step by step.
+interleaved step by step. With ``--gpu`` it runs at the paper's sizes on the GPU: ours in fp32 (TF32
+matmuls, like the fork) and under bf16 autocast, then the fork in fp32, one after the other.
 
 The --gpu path runs d=3584 and d=4096 (m=32*d, k=100, batch 4096) the way training runs on a GPU
 (``training.autocast: auto``: fp32 weights and Adam, the step under bf16 autocast; the dense
@@ -158,43 +159,64 @@ def bench(d: int, m: int, k: int, batch: int, device: str, dtype_name: str, step
     print(f"{'speed-up':>24}: {results['dense'] / results['sparse']:.2f}x (dense time / ours)")
 
 
-def bench_fork(d: int, m: int, k: int, batch: int, steps: int, fork: str) -> None:
-    out = subprocess.run([sys.executable, __file__, "--fork-child", fork, "--steps", str(steps)],
+def bench_fork(d: int, m: int, k: int, batch: int, steps: int, fork: str, device: str = "cpu") -> None:
+    out = subprocess.run([sys.executable, __file__, "--fork-child", fork, "--steps", str(steps),
+                          "--fork-size", str(d), str(m), str(k), str(batch), device],
                          capture_output=True, text=True)
     if out.returncode != 0:
         raise SystemExit(f"The fork's trainer failed to run from {fork}:\n{out.stderr[-2000:]}")
     result = json.loads(out.stdout.strip().splitlines()[-1])
+    order = "interleaved" if device == "cpu" else "one after the other"
     print(f"\n== side by side with the published trainer (science-of-finetuning fork at {fork}), d={d}, m={m}, "
-          f"k={k}, batch={batch}, {result['threads']} threads, {steps} interleaved steps each")
-    for name, label in (("ours", "ours"), ("fork", "fork BatchTopKCrossCoderTrainer")):
-        seconds = result[name]
-        print(f"{label:>32}: {seconds * 1e3:8.1f} ms/step  {batch / seconds:10.0f} tokens/s")
-    print(f"{'speed-up':>32}: {result['fork'] / result['ours']:.2f}x (fork time / ours)")
+          f"k={k}, batch={batch}, on {result['device']}, {steps} steps each ({order})")
+    labels = {"ours": "ours", "ours_bf16": "ours (bf16 autocast)", "fork": "fork BatchTopKCrossCoderTrainer"}
+    for name, label in labels.items():
+        if name in result:
+            seconds = result[name]
+            print(f"{label:>32}: {seconds * 1e3:8.1f} ms/step  {batch / seconds:10.0f} tokens/s")
+    print(f"{'speed-up':>32}: {result['fork'] / result['ours']:.2f}x (fork time / ours, both fp32"
+          f"{' with TF32 matmuls' if device != 'cpu' else ''})")
+    if "ours_bf16" in result:
+        print(f"{'':>32}  {result['fork'] / result['ours_bf16']:.2f}x (fork time / ours under bf16 autocast, "
+              f"our default on GPUs; the fork has no autocast)")
 
 
-def run_fork_child(fork: str, d: int, m: int, k: int, batch: int, steps: int) -> None:
+def run_fork_child(fork: str, d: int, m: int, k: int, batch: int, steps: int, device: str = "cpu") -> None:
     """Both trainers in this process; prints seconds per step. Ours is built first on the installed
     dictionary_learning, then that package is dropped from ``sys.modules`` so the fork's own package
-    (same name) imports from ``fork``: each trainer runs on its own code."""
-    x = torch.randn(batch, 2, d, generator=torch.Generator().manual_seed(1))
-    ours = build("sparse", d, m, k, "cpu", torch.float32)
+    (same name) imports from ``fork``: each trainer runs on its own code. On CPU the two are timed
+    interleaved step by step; on a GPU one after the other, since two paper-size models need not fit."""
+    if device != "cpu":  # as the --gpu path: TF32 matmuls for both fp32 trainers
+        torch.backends.cuda.matmul.allow_tf32 = True
+    x = torch.randn(batch, 2, d, generator=torch.Generator().manual_seed(1)).to(device)
+    ours = {"ours": build("sparse", d, m, k, device, torch.float32)}
+    totals = {}
+    if device != "cpu":
+        totals["ours"] = time_steps(ours.pop("ours"), x, steps, device)
+        totals["ours_bf16"] = time_steps(build("sparse", d, m, k, device, torch.float32, autocast=True),
+                                         x.bfloat16(), steps, device)
+        torch.cuda.empty_cache()
     for name in [n for n in sys.modules if n == "dictionary_learning" or n.startswith("dictionary_learning.")]:
         del sys.modules[name]
     sys.path.insert(0, fork)
     from dictionary_learning.trainers.crosscoder import BatchTopKCrossCoderTrainer as Fork
 
     fork_trainer = Fork(steps=10_000, activation_dim=d, dict_size=m, k=k, layer=0, lm_name="bench", lr=1e-4,
-                        warmup_steps=0, seed=0, device="cpu")
-    trainers = {"ours": ours, "fork": fork_trainer}
-    for trainer in trainers.values():
-        trainer.update(0, x)  # warm-up
-    totals = dict.fromkeys(trainers, 0.0)
-    for step in range(1, steps + 1):
-        for name, trainer in trainers.items():
-            start = time.perf_counter()
-            trainer.update(step, x)
-            totals[name] += time.perf_counter() - start
-    print(json.dumps({"threads": torch.get_num_threads(), **{n: t / steps for n, t in totals.items()}}))
+                        warmup_steps=0, seed=0, device=device)
+    if device != "cpu":
+        totals["fork"] = time_steps(fork_trainer, x, steps, device)
+    else:
+        trainers = {**ours, "fork": fork_trainer}
+        for trainer in trainers.values():
+            trainer.update(0, x)  # warm-up
+        totals = dict.fromkeys(trainers, 0.0)
+        for step in range(1, steps + 1):
+            for name, trainer in trainers.items():
+                start = time.perf_counter()
+                trainer.update(step, x)
+                totals[name] += time.perf_counter() - start
+        totals = {n: t / steps for n, t in totals.items()}
+    print(json.dumps({"device": _device_name(device), **totals}))
 
 
 def matmul_peak_flops(device: str, dtype: torch.dtype, rows: int, inner: int, cols: int, repeats: int = 10) -> float:
@@ -243,11 +265,15 @@ def main() -> None:
     parser.add_argument("--gpu", action="store_true", help="Run the paper's sizes in bf16 (TF32 on).")
     parser.add_argument("--device", default="cuda", help="Device of the --gpu path (cpu for a dry run).")
     parser.add_argument("--small", action="store_true", help="Reduced --gpu sizes (d=64, 128), for a dry run.")
+    parser.add_argument("--sizes", type=int, nargs="+", default=None,
+                        help="The --gpu path's activation sizes d (default 3584 4096; m=32*d).")
     parser.add_argument("--fork", help="Folder of a science-of-finetuning/dictionary_learning checkout: also time its trainer.")
     parser.add_argument("--fork-child", help=argparse.SUPPRESS)
+    parser.add_argument("--fork-size", nargs=5, default=["256", "8192", "32", "1024", "cpu"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.fork_child:
-        run_fork_child(args.fork_child, 256, 8192, 32, 1024, args.steps)
+        d, m, k, batch = map(int, args.fork_size[:4])
+        run_fork_child(args.fork_child, d, m, k, batch, args.steps, args.fork_size[4])
         return
     if args.child:
         kind, d, m, k, batch, device, dtype = args.child
@@ -258,10 +284,12 @@ def main() -> None:
         torch.backends.cudnn.allow_tf32 = True
         if args.device.startswith("cuda") and not torch.cuda.is_available():
             raise SystemExit("--gpu needs CUDA; use --device cpu --small for a dry run of this path.")
-        sizes = (64, 128) if args.small else (3584, 4096)
+        sizes = (64, 128) if args.small else tuple(args.sizes or (3584, 4096))
         batch, k = (256, 8) if args.small else (4096, 100)
         for d in sizes:
             bench_peak_share(d, 32 * d, k, batch, args.device, args.steps)
+            if args.fork:
+                bench_fork(d, 32 * d, k, batch, args.steps, args.fork, args.device)
         return
     bench(256, 8192, 32, 1024, "cpu", "float32", args.steps)
     if args.fork:
