@@ -32,6 +32,15 @@ _TMP_PATTERN = re.compile(r"^\..+\.(\d+)\.[0-9a-f]{8}\.tmp(\.[^.]*)?$")
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+def json_digest(obj: Any, length: int = 16) -> str:
+    """SHA-256 (hex, first ``length`` characters) of ``obj`` as sorted-key JSON (``str`` for the rest):
+    the key of everything cached or compared by content (run stages, taxonomies, organisms, judge answers)."""
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:length]
+
+
 def file_digest(path: str | os.PathLike[str]) -> str:
     """SHA-256 of a file's bytes (hex, first 16 characters), read in 1 MiB blocks."""
     import hashlib

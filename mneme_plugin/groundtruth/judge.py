@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import csv
-import hashlib
 import json
 import logging
 import math
@@ -42,7 +41,7 @@ from mneme_plugin.errors import ConfigError, EmptyCorpusError
 from mneme_plugin.groundtruth.table import SCORES_CSV, make_table, save_scores, z_test_p
 from mneme_plugin.interpret.clients import ClientError
 from mneme_plugin.interpret.config import ClientConfig
-from mneme_plugin.files import atomic_write, atomic_write_text
+from mneme_plugin.files import atomic_write, atomic_write_text, json_digest
 
 logger = logging.getLogger("mneme_plugin")
 
@@ -271,7 +270,7 @@ def read_questions(config: JudgeConfig) -> list[Question]:
 
 
 def _key(*parts: Any) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
+    return json_digest(parts, length=32)
 
 
 def _read_jsonl(path: Path) -> dict[str, dict[str, Any]]:

@@ -27,6 +27,7 @@ from typing import Any
 import yaml
 
 from mneme_plugin.errors import ConfigError
+from mneme_plugin.files import json_digest
 
 
 @dataclass(frozen=True)
@@ -85,11 +86,9 @@ def _parse(data: Any, source: str) -> Taxonomy:
 
 def taxonomy_digest(taxonomy: Taxonomy) -> str:
     """SHA-256 (16 hex characters) of a taxonomy's entries: what a mapping made with it depends on."""
-    import hashlib
     from dataclasses import asdict
 
-    text = json.dumps([asdict(e) for e in taxonomy.entries], sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    return json_digest([asdict(e) for e in taxonomy.entries])
 
 
 def load_taxonomy(spec: str | os.PathLike[str]) -> Taxonomy:

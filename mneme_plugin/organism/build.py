@@ -10,7 +10,6 @@ configuration is asked for again. Nothing is ever unpickled: a model file is dat
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -22,7 +21,7 @@ import torch
 
 from mneme_plugin.errors import ConfigError
 from mneme_plugin.groundtruth import accuracy_drop, domain_accuracy, save_scores, scores_table
-from mneme_plugin.files import atomic_write, atomic_write_text
+from mneme_plugin.files import atomic_write, atomic_write_text, json_digest
 from mneme_plugin.organism.catalog import BEHAVIOUR_INTERVENTIONS, INTERVENTIONS
 from mneme_plugin.organism.corpus import DOMAINS, Question, generate_corpus, generate_generic_corpus, question_set
 from mneme_plugin.organism.models import deterministic, tiny_hooked_transformer, train_lm, train_tokenizer
@@ -133,7 +132,7 @@ class Organism:
 
 
 def _key(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    return json_digest(obj, length=10)
 
 
 MODEL_FORMAT = "mneme-organism-model"

@@ -10,7 +10,6 @@ continue from their last shard / checkpoint).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -22,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mneme_plugin.errors import ConfigError, RankFailedError
-from mneme_plugin.files import atomic_write_text
+from mneme_plugin.files import atomic_write_text, json_digest
 from mneme_plugin.layout import RunLayout
 from mneme_plugin.pipeline.config import RunConfig, save_run_config
 from mneme_plugin.pipeline.stage import PipelineContext, Stage
@@ -86,8 +85,7 @@ def _fingerprint(config: RunConfig, stage: Stage, upstream: str, *, legacy: bool
     blob: dict[str, Any] = {"stage": stage.name, "config": payload, "upstream": upstream}
     if stage.inputs is not None and not legacy:
         blob["inputs"] = stage.inputs(config)
-    text = json.dumps(blob, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    return json_digest(blob)
 
 
 def _status(layout: RunLayout, stage: Stage, fingerprint: str, legacy_fingerprint: str) -> str:
