@@ -3,9 +3,9 @@
 Prints tokens/s and peak memory of one optimisation step (forward, backward, Adam) for
 ``BatchTopKCrossCoderTrainer.update`` and for a straightforward dense implementation of the same
 step (decoder over all m latents, dense backward through the masked codes), run in the same
-process on the same data, and their ratio. Peak memory is measured in a fresh child process per
-variant: on CPU the peak RSS above the resident size before a steady-state step (Linux VmHWM),
-on GPU ``torch.cuda.max_memory_allocated``.
+process on the same data, interleaved step by step, and their ratio. Peak memory is measured in a
+fresh child process per variant: on CPU the peak RSS above the resident size before a
+steady-state step (Linux VmHWM), on GPU ``torch.cuda.max_memory_allocated``.
 
     python benchmarks/bench_train.py            # CPU: d=256, m=8192, k=32, batch 1024
     python benchmarks/bench_train.py --gpu      # the paper's sizes (below), bf16 autocast on CUDA, TF32 on
@@ -144,19 +144,33 @@ def _proc_status_kib(field: str) -> int:
 
 
 def bench(d: int, m: int, k: int, batch: int, device: str, dtype_name: str, steps: int) -> None:
+    """Ours and the dense reference interleaved step by step (each after a warm-up step), so that a
+    change of load on a shared machine falls on both alike; the ratio is of the total times, with
+    the range of the per-step ratios beside it."""
     dtype = getattr(torch, dtype_name)
     x = torch.randn(batch, 2, d, generator=torch.Generator().manual_seed(1)).to(device, dtype)
     print(f"\n== d={d}, m={m}, k={k}, batch={batch}, {dtype_name} on {device} "
-          f"({torch.get_num_threads()} threads), {steps} timed steps each")
-    results = {}
-    for kind in ("sparse", "dense"):
-        seconds = time_steps(build(kind, d, m, k, device, dtype), x, steps, device)
+          f"({torch.get_num_threads()} threads), {steps} interleaved steps each")
+    models = {kind: build(kind, d, m, k, device, dtype) for kind in ("sparse", "dense")}
+    for model in models.values():
+        model.update(0, x)  # warm-up (and our trainer's decoder-bias initialisation)
+    times: dict[str, list[float]] = {kind: [] for kind in models}
+    for step in range(1, steps + 1):
+        for kind, model in models.items():
+            synchronize(device)
+            start = time.perf_counter()
+            model.update(step, x)
+            synchronize(device)
+            times[kind].append(time.perf_counter() - start)
+    del models
+    for kind, label in (("sparse", "ours (sparse BatchTopK)"), ("dense", "dense reference")):
+        seconds = sum(times[kind]) / steps
         peak = child_peak_memory(kind, d, m, k, batch, device, dtype_name)
-        results[kind] = seconds
-        label = "ours (sparse BatchTopK)" if kind == "sparse" else "dense reference"
         print(f"{label:>24}: {seconds * 1e3:8.1f} ms/step  {batch / seconds:10.0f} tokens/s  "
               f"peak {'step memory ' if device == 'cpu' else ''}{peak:8.1f} MiB")
-    print(f"{'speed-up':>24}: {results['dense'] / results['sparse']:.2f}x (dense time / ours)")
+    per_step = sorted(dense / ours for ours, dense in zip(times["sparse"], times["dense"]))
+    print(f"{'speed-up':>24}: {sum(times['dense']) / sum(times['sparse']):.2f}x (dense time / ours; "
+          f"per step {per_step[0]:.2f}x to {per_step[-1]:.2f}x)")
 
 
 def bench_fork(d: int, m: int, k: int, batch: int, steps: int, fork: str, device: str = "cpu") -> None:
