@@ -131,10 +131,12 @@ class _GatheredEncoder(torch.autograd.Function):
 
 
 def _kernel_for(table: torch.Tensor, kernel: str | None) -> str:
-    """``embedding_bag`` (tuned on CPU, see the module docstring) except on CUDA, where a CSR
-    sparse-dense matmul (cuSPARSE) replaces it: see ``benchmarks/bench_train.py --gpu``."""
+    """``embedding_bag`` (tuned on CPU, see the module docstring) except for fp32 / fp64 tables on
+    CUDA, where a CSR sparse-dense matmul (cuSPARSE) replaces it (``benchmarks/bench_train.py
+    --gpu``; the only dtypes measured there: a bf16 crosscoder keeps ``embedding_bag``)."""
     if kernel is None:
-        return "csr" if table.device.type == "cuda" else "embedding_bag"
+        on_gpu = table.device.type == "cuda" and table.dtype in (torch.float32, torch.float64)
+        return "csr" if on_gpu else "embedding_bag"
     if kernel not in SPARSE_KERNELS:
         raise ValueError(f"Unknown sparse kernel {kernel!r}: use one of {SPARSE_KERNELS}.")
     return kernel
