@@ -253,18 +253,24 @@ def bench_peak_share(d: int, m: int, k: int, batch: int, device: str, steps: int
     x = torch.randn(batch, 2, d, generator=torch.Generator().manual_seed(1)).to(device, torch.bfloat16)
     print(f"\n== d={d}, m={m}, k={k}, batch={batch}, bf16 autocast on {_device_name(device)}, {steps} timed steps; "
           f"bf16 matmul ({batch}x{2 * d}) @ ({2 * d}x{m}) measured at {peak / 1e9:.1f} GFLOP/s")
-    seconds = {}
+    seconds, memory = {}, {}
+    cuda = device.startswith("cuda")
     for kind in ("sparse", "dense"):
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
         model = build(kind, d, m, k, device, torch.float32, autocast=True)
         seconds[kind] = time_steps(model, x, steps, device)
+        # Weights, gradients, Adam state and the step's activations (the batch x included).
+        memory[kind] = f"  peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if cuda else ""
         del model
-        if device.startswith("cuda"):
+        if cuda:
             torch.cuda.empty_cache()
     encoder_flops = 2 * batch * 2 * d * m
     share = encoder_flops / seconds["sparse"] / peak
     print(f"{'ours (sparse BatchTopK)':>24}: {seconds['sparse'] * 1e3:8.1f} ms/step  {batch / seconds['sparse']:10.0f} "
-          f"tokens/s  {share:.1%} of the dense-matmul peak (encoder FLOPs)")
-    print(f"{'dense reference':>24}: {seconds['dense'] * 1e3:8.1f} ms/step  {batch / seconds['dense']:10.0f} tokens/s")
+          f"tokens/s  {share:.1%} of the dense-matmul peak (encoder FLOPs){memory['sparse']}")
+    print(f"{'dense reference':>24}: {seconds['dense'] * 1e3:8.1f} ms/step  {batch / seconds['dense']:10.0f} "
+          f"tokens/s{memory['dense']}")
     print(f"{'speed-up':>24}: {seconds['dense'] / seconds['sparse']:.2f}x (dense time / ours)")
 
 
