@@ -77,6 +77,14 @@ class PredictConfig(ConfigMixin):
                 f"got {self.permutations}.")
         require(self.max_latents is None or self.max_latents >= 1, "max_latents must be None or >= 1.")
 
+    def side_classes(self) -> dict[str, tuple[str, ...]]:
+        """The latent classes of each side, ``suppressed`` and ``amplified``."""
+        return {"suppressed": self.suppressed_classes, "amplified": self.amplified_classes}
+
+    def changed_classes(self) -> list[str]:
+        """The latent classes the prediction reads: those of ``side`` (both sides' for ``both``)."""
+        return [c for side, group in self.side_classes().items() if self.side in (side, "both") for c in group]
+
 
 @dataclass
 class EvaluateConfig(ConfigMixin):

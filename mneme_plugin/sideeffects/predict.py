@@ -80,7 +80,7 @@ def predict(
     if unknown:
         raise ConfigError(f"Links name categories outside the taxonomy: {unknown[:5]}.")
 
-    sides = {"suppressed": cfg.suppressed_classes, "amplified": cfg.amplified_classes}
+    sides = cfg.side_classes()
     top_links = (
         # A link of similarity 0 is no link: the lexical mapper scores 0 for a description sharing no
         # word with any category, and its "nearest" category is then just the taxonomy's first.
@@ -166,8 +166,7 @@ def _outlier_or_broad(outliers: pd.Series, attribution: pd.DataFrame, top_links:
     nothing otherwise. Without a control, the outlier rule's answer."""
     if control is None:
         return outliers, {"verdict": "no control: the outlier rule"}
-    changed_classes = {"suppressed": cfg.suppressed_classes, "amplified": cfg.amplified_classes}
-    classes = [c for side, group in changed_classes.items() if cfg.side in (side, "both") for c in group]
+    classes = cfg.changed_classes()
     live = attribution[attribution["latent_class"] != "dead"]
     population = set(live["latent"].astype(int))
     if reference:
