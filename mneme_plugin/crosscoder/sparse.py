@@ -57,10 +57,12 @@ def _sorted_indices(indices: torch.Tensor, stable: bool = False) -> tuple[torch.
 @dataclass
 class LatentOrder:
     """The active pairs grouped by latent: ``order`` permutes pair positions so latents ascend;
-    ``offsets[j]`` is where latent j's pairs start (``embedding_bag`` bags, one per latent)."""
+    ``offsets[j]`` is where latent j's pairs start (bags, one per latent); ``rows`` is each pair's
+    row in that order (shared by the encoder's and the decoder's gradient sums)."""
 
     order: torch.Tensor
     offsets: torch.Tensor
+    rows: torch.Tensor
 
 
 @dataclass
@@ -76,7 +78,7 @@ class _LatentOrderCache:
         if self.value is None:
             by_latent, order = _sorted_indices(self.latents, stable=True)
             arange = torch.arange(self.dict_size, device=self.latents.device)
-            self.value = LatentOrder(order, torch.searchsorted(by_latent, arange))
+            self.value = LatentOrder(order, torch.searchsorted(by_latent, arange), self.rows.index_select(0, order))
         return self.value
 
 
@@ -108,14 +110,14 @@ class _GatheredEncoder(torch.autograd.Function):
     """Returns pre-activations already computed densely; back-propagates to the encoder sparsely."""
 
     @staticmethod
-    def forward(ctx, W_enc_flat, b_enc, x_flat, rows, latents, values, by_latent):  # type: ignore[override]
-        ctx.save_for_backward(x_flat, rows, latents)
+    def forward(ctx, W_enc_flat, b_enc, x_flat, latents, values, by_latent):  # type: ignore[override]
+        ctx.save_for_backward(x_flat, latents)
         ctx.dict_size, ctx.by_latent = W_enc_flat.shape[1], by_latent
         return values.clone()
 
     @staticmethod
     def backward(ctx, grad_values):  # type: ignore[override]
-        x_flat, rows, latents = ctx.saved_tensors
+        x_flat, latents = ctx.saved_tensors
         dict_size = ctx.dict_size
         grad_W = grad_b = None
         if ctx.needs_input_grad[0]:
@@ -123,11 +125,11 @@ class _GatheredEncoder(torch.autograd.Function):
             # one bag per latent, with no (nnz, in_dim) intermediate.
             # Transposed here, as a 2-D copy: left as a (in_dim, m) view, autograd would copy it into
             # W_enc's (2, d, m) layout through a 3-D strided copy, several times slower on CPU.
-            grad_W = _sum_rows_by_latent(ctx.by_latent.get(), rows, x_flat, grad_values).t().contiguous()
+            grad_W = _sum_rows_by_latent(ctx.by_latent.get(), x_flat, grad_values).t().contiguous()
         if ctx.needs_input_grad[1]:
             grad_b = torch.zeros(dict_size, dtype=grad_values.dtype, device=grad_values.device)
             grad_b.index_add_(0, latents, grad_values)
-        return grad_W, grad_b, None, None, None, None, None
+        return grad_W, grad_b, None, None, None, None
 
 
 def _kernel_for(table: torch.Tensor, kernel: str | None) -> str:
@@ -160,11 +162,10 @@ def _bag_sum(indices: torch.Tensor, starts: torch.Tensor, table: torch.Tensor, w
         return matrix @ table
 
 
-def _sum_rows_by_latent(order: LatentOrder, rows: torch.Tensor, table: torch.Tensor, weights: torch.Tensor,
+def _sum_rows_by_latent(order: LatentOrder, table: torch.Tensor, weights: torch.Tensor,
                         kernel: str | None = None) -> torch.Tensor:
     """(m, width): for each latent j, sum over its active pairs i of weights_i * table[rows_i]."""
-    return _bag_sum(rows.index_select(0, order.order), order.offsets, table,
-                    weights.index_select(0, order.order), kernel)
+    return _bag_sum(order.rows, order.offsets, table, weights.index_select(0, order.order), kernel)
 
 
 def _sum_latents_by_row(latents: torch.Tensor, row_offsets: torch.Tensor, table: torch.Tensor,
@@ -192,7 +193,7 @@ class _SparseDecoder(torch.autograd.Function):
         grad_out = grad_out.to(W_dec.dtype)
         if ctx.needs_input_grad[0]:
             order = ctx.by_latent.get()
-            grad_W = torch.stack([_sum_rows_by_latent(order, rows, grad_out[:, model].contiguous(), values)
+            grad_W = torch.stack([_sum_rows_by_latent(order, grad_out[:, model].contiguous(), values)
                                   for model in range(W_dec.shape[0])])
         if ctx.needs_input_grad[1]:
             # d/df_ij = sum_l <g_il, W_dec[l, j]>: the kernel embedding_bag's own backward uses for
@@ -286,7 +287,7 @@ def gather_active(
     latents = flat_index - rows * dict_size
     values = kept / weights.index_select(0, latents)
     by_latent = _LatentOrderCache(rows, latents, dict_size)
-    values = _GatheredEncoder.apply(W_enc_flat, b_enc, x_flat, rows, latents, values, by_latent)
+    values = _GatheredEncoder.apply(W_enc_flat, b_enc, x_flat, latents, values, by_latent)
     return ActiveLatents(rows, latents, values, batch_size, dict_size, by_latent)
 
 
