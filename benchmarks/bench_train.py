@@ -106,6 +106,22 @@ def time_steps(model, x: torch.Tensor, steps: int, device: str) -> float:
     return (time.perf_counter() - start) / steps
 
 
+def time_interleaved(models: dict, x: torch.Tensor, steps: int, device: str) -> dict[str, list[float]]:
+    """Seconds of each step of each model, the models taking turns step by step (each after a
+    warm-up step), so that a change of load on a shared machine falls on all of them alike."""
+    for model in models.values():
+        model.update(0, x)  # warm-up (and our trainer's decoder-bias initialisation)
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for step in range(1, steps + 1):
+        for name, model in models.items():
+            synchronize(device)
+            start = time.perf_counter()
+            model.update(step, x)
+            synchronize(device)
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
 def child_peak_memory(kind: str, d: int, m: int, k: int, batch: int, device: str, dtype: str) -> float:
     """Peak memory (MiB) of a few steps of one variant in a fresh process."""
     out = subprocess.run(
@@ -144,25 +160,14 @@ def _proc_status_kib(field: str) -> int:
 
 
 def bench(d: int, m: int, k: int, batch: int, device: str, dtype_name: str, steps: int) -> None:
-    """Ours and the dense reference interleaved step by step (each after a warm-up step), so that a
-    change of load on a shared machine falls on both alike; the ratio is of the total times, with
-    the range of the per-step ratios beside it."""
+    """Ours and the dense reference interleaved step by step (``time_interleaved``); the ratio is of
+    the total times, with the range of the per-step ratios beside it."""
     dtype = getattr(torch, dtype_name)
     x = torch.randn(batch, 2, d, generator=torch.Generator().manual_seed(1)).to(device, dtype)
     print(f"\n== d={d}, m={m}, k={k}, batch={batch}, {dtype_name} on {device} "
           f"({torch.get_num_threads()} threads), {steps} interleaved steps each")
-    models = {kind: build(kind, d, m, k, device, dtype) for kind in ("sparse", "dense")}
-    for model in models.values():
-        model.update(0, x)  # warm-up (and our trainer's decoder-bias initialisation)
-    times: dict[str, list[float]] = {kind: [] for kind in models}
-    for step in range(1, steps + 1):
-        for kind, model in models.items():
-            synchronize(device)
-            start = time.perf_counter()
-            model.update(step, x)
-            synchronize(device)
-            times[kind].append(time.perf_counter() - start)
-    del models
+    times = time_interleaved({kind: build(kind, d, m, k, device, dtype) for kind in ("sparse", "dense")},
+                             x, steps, device)
     for kind, label in (("sparse", "ours (sparse BatchTopK)"), ("dense", "dense reference")):
         seconds = sum(times[kind]) / steps
         peak = child_peak_memory(kind, d, m, k, batch, device, dtype_name)
@@ -220,16 +225,8 @@ def run_fork_child(fork: str, d: int, m: int, k: int, batch: int, steps: int, de
     if device != "cpu":
         totals["fork"] = time_steps(fork_trainer, x, steps, device)
     else:
-        trainers = {**ours, "fork": fork_trainer}
-        for trainer in trainers.values():
-            trainer.update(0, x)  # warm-up
-        totals = dict.fromkeys(trainers, 0.0)
-        for step in range(1, steps + 1):
-            for name, trainer in trainers.items():
-                start = time.perf_counter()
-                trainer.update(step, x)
-                totals[name] += time.perf_counter() - start
-        totals = {n: t / steps for n, t in totals.items()}
+        times = time_interleaved({**ours, "fork": fork_trainer}, x, steps, device)
+        totals = {name: sum(seconds) / steps for name, seconds in times.items()}
     print(json.dumps({"device": _device_name(device), **totals}))
 
 
