@@ -21,8 +21,9 @@ ROOT = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("distributed_worker.py")
 # Dead after 10 steps and a threshold from step 10: the aux loss, the counters and the threshold
 # EMA all take part within the 60 steps (an EMA of beta 0.9 follows the 50 steps; the default 0.999
-# would keep step 10's value, above every salience of the last batch: l0 0 in the final metrics). The paper's squared-norm salience lets some of the 16x
-# latents starve here (the `crosscoder` default keeps them all alive), so dead latents exist.
+# would keep step 10's value, above every salience of the last batch: l0 0 in the final metrics).
+# The paper's squared-norm salience lets some of the 16x latents starve here (the `crosscoder`
+# default keeps them all alive), so dead latents exist.
 CONFIG = {
     "crosscoder": {"expansion_factor": 16, "k": 4, "salience": "paper"},
     "training": {"steps": 60, "batch_size": 64, "lr": 3e-3, "warmup_steps": 5, "threshold_start_step": 10,
