@@ -183,10 +183,14 @@ def remediation_rows(case: GridCase, case_dir: Path) -> list[dict]:
 
 def summarize_remediation(rows: pd.DataFrame) -> pd.DataFrame:
     """Per intervention: the mean ± sd over cases of each case's mean recovered share, for both arms,
-    and the share of cases where remediation beat the control."""
+    and the share of cases where remediation beat the control; with several interventions, a last row
+    ``all`` over every case of the grid."""
     per_case = rows.groupby(["intervention", "case"], sort=False)[["recovered_remediated", "recovered_control"]].mean()
+    groups = list(per_case.groupby(level="intervention", sort=False))
+    if len(groups) > 1:
+        groups.append(("all", per_case))
     out = []
-    for intervention, group in per_case.groupby(level="intervention", sort=False):
+    for intervention, group in groups:
         out.append({"intervention": intervention, "cases": len(group),
                     "remediation": _mean_sd(group["recovered_remediated"].dropna()),
                     "control": _mean_sd(group["recovered_control"].dropna()),

@@ -1,8 +1,9 @@
 """Remediation: retrain the edited model on the corpus samples that most activate the lost latents.
 
 The paper reports that this partly reverses the side effects. Samples are the collected top
-contexts (``mneme collect``) of the most suppressed latents; training is plain next-token loss
-with a small learning rate, through LoRA when ``peft`` is installed and the model is a HF model.
+contexts (``mneme collect``) of the latents the edit changed most (by default every changed class,
+base- and edited-leaning, ranked by |score|: see ``RemediateConfig``); training is plain next-token
+loss with a small learning rate, through LoRA when ``peft`` is installed and the model is a HF model.
 
 ``remediate_with_control`` measures it: the same training (steps, lr, batch size, number of
 samples) once on those top contexts and once on random windows of the run's task-agnostic corpus,
@@ -25,6 +26,7 @@ from typing import Any
 import pandas as pd
 import torch
 
+from mneme_plugin.attribution.classify import BASE_LEANING, EDITED_LEANING
 from mneme_plugin.config import ConfigMixin, Seed, require
 from mneme_plugin.errors import ConfigError
 from mneme_plugin.files import atomic_write, atomic_write_text
@@ -40,9 +42,16 @@ CONTROLLED_FORMAT = "mneme-remediation-vs-control"
 
 @dataclass
 class RemediateConfig(ConfigMixin):
-    """Which samples, and how the edited model is retrained on them."""
+    """Which samples, and how the edited model is retrained on them.
 
-    classes: tuple[str, ...] = ("base_only", "suppressed")
+    ``classes``: whose top contexts to retrain on. The default takes every changed class, not only
+    the lost (base-leaning) ones: after broad fine-tuning most changed latents are amplified or
+    redirected, and the suppressed ones alone cover only part of the damaged material (on the
+    organism's narrow fine-tuning the suppressed latents' contexts hold 5 of the 23 sports facts a
+    random sample of the same size holds; README, "Remediation").
+    """
+
+    classes: tuple[str, ...] = BASE_LEANING + EDITED_LEANING
     max_latents: int = 50
     samples_per_latent: int = 8
     steps: int = 100
@@ -75,15 +84,16 @@ class RemediationResult:
 
 
 def select_samples(contexts: Any, attribution: pd.DataFrame, config: RemediateConfig) -> tuple[torch.Tensor, list[int]]:
-    """Token rows (n, ctx) of the top contexts of the most suppressed collected latents."""
+    """Token rows (n, ctx) of the top contexts of the collected latents of ``config.classes`` that
+    changed most (largest |score|: base-leaning latents score > 0, edited-leaning ones < 0)."""
     chosen = attribution[attribution["latent_class"].isin(config.classes)]
     chosen = chosen[chosen["latent"].isin(contexts.latents)]
-    chosen = chosen.sort_values("score", ascending=False, kind="stable").head(config.max_latents)
+    chosen = chosen.loc[chosen["score"].abs().sort_values(ascending=False, kind="stable").index].head(config.max_latents)
     latents = chosen["latent"].astype(int).tolist()
     if not latents:
         raise ConfigError(
             f"No collected latent of class {list(config.classes)}: collect contexts for the suppressed latents first "
-            "(mneme collect with classes [base_only, suppressed])."
+            "(mneme collect with those classes)."
         )
     rows: list[int] = []
     for latent in latents:

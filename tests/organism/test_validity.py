@@ -72,3 +72,16 @@ def test_remediation_summary_is_the_mean_of_per_case_means(tmp_path):
     assert summary.loc["rmu", "remediation"].startswith("0.47 ± 0.39")
     assert summary.loc["rmu", "control"].startswith("0.55 ± 0.07")
     assert summary.loc["rmu", "remediation ahead"] == "1 of 2"
+    assert "all" not in summary.index  # one intervention: no pooled row
+    # A second intervention adds a row over every case: case means 0.75, 0.2, 0.9 against 0.5, 0.6, 0.3.
+    narrow = GridCase(0, "narrow", "law")
+    save_controlled_remediation(ControlledRemediation(base={"law": 1.0}, edited={"law": 0.0}, remediated={"law": 0.9},
+                                                      control={"law": 0.3}, degraded=["law"], n_samples=4, steps=2),
+                                tmp_path / narrow.name)
+    rows.extend(remediation_rows(narrow, tmp_path / narrow.name))
+    summary = summarize_remediation(pd.DataFrame(rows)).set_index("intervention")
+    assert list(summary.index) == ["rmu", "narrow", "all"]
+    assert summary.loc["all", "cases"] == 3
+    assert summary.loc["all", "remediation"].startswith("0.62 ± 0.37")
+    assert summary.loc["all", "control"].startswith("0.47 ± 0.15")
+    assert summary.loc["all", "remediation ahead"] == "2 of 3"

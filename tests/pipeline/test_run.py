@@ -137,17 +137,21 @@ def test_dry_run_checks_the_config(pair_and_corpus, tmp_path):
         RunConfig.from_dict({**_config(tmp_path, base, edited, corpus, truth), "harvset": {}})
 
 
-def test_remediate_command_retrains_a_hf_model_on_suppressed_contexts(pair_and_corpus, tmp_path):
+def test_remediate_command_retrains_a_hf_model_on_collected_contexts(pair_and_corpus, tmp_path):
     from transformers import AutoModelForCausalLM
 
     base, edited, corpus, truth = pair_and_corpus
     cfg = _config(tmp_path / "run", base, edited, corpus, truth, steps=30)
-    cfg["collect"]["classes"] = ["base_only", "suppressed", "shared"]
+    cfg["collect"]["classes"] = ["base_only", "suppressed", "amplified", "edited_only", "shared"]
     assert CliRunner().invoke(main, ["run", _write(tmp_path, "r.yaml", cfg)]).exit_code == 0
+    # The tiny pair's 30-step crosscoder may classify every latent shared: the section's classes
+    # (read from --config) take those too, so the command always has samples to retrain on.
+    remediate_cfg = _write(tmp_path, "remediate.yaml",
+                           {"remediate": {"classes": ["base_only", "suppressed", "amplified", "edited_only", "shared"],
+                                          "batch_size": 2}})
     result = CliRunner().invoke(main, ["remediate", "--run-dir", str(tmp_path / "run"), "--edited", str(edited),
-                                       "--out", str(tmp_path / "remediated"), "--steps", "3"])
-    if "No collected latent" in result.output:
-        pytest.skip("the tiny pair has no suppressed latent to remediate")
+                                       "--out", str(tmp_path / "remediated"), "--steps", "3",
+                                       "--config", remediate_cfg])
     assert result.exit_code == 0, result.output
     retrained = AutoModelForCausalLM.from_pretrained(tmp_path / "remediated" / "model")
     original = AutoModelForCausalLM.from_pretrained(edited)

@@ -20,15 +20,22 @@ def _contexts(tokens: torch.Tensor) -> LatentContexts:
     )
 
 
-def test_samples_come_from_the_most_suppressed_collected_latents():
+def test_samples_come_from_the_most_changed_collected_latents():
     tokens = torch.arange(60).view(6, 10)
-    attribution = pd.DataFrame({"latent": [3, 7, 9, 11], "latent_class": ["suppressed", "amplified", "base_only", "base_only"],
-                                "score": [0.4, -0.9, 0.8, 0.99]})
-    rows, latents = select_samples(_contexts(tokens), attribution, RemediateConfig(samples_per_latent=2))
-    assert latents == [9, 3]  # 11 was not collected, 7 is amplified
-    assert torch.equal(rows, tokens[[2, 3, 0, 1]])
+    attribution = pd.DataFrame({"latent": [3, 7, 9, 11, 12],
+                                "latent_class": ["suppressed", "amplified", "base_only", "base_only", "shared"],
+                                "score": [0.4, -0.9, 0.8, 0.99, 0.01]})
+    contexts = _contexts(tokens)
+    # default: every changed class, largest |score| first; 11 was not collected, 12 is shared
+    rows, latents = select_samples(contexts, attribution, RemediateConfig(samples_per_latent=2))
+    assert latents == [7, 9, 3]
+    assert torch.equal(rows, tokens[[4, 5, 2, 3, 0, 1]])  # row 2 (latent 9 and 3) once
+    # only the lost latents, and a cap on how many
+    rows, latents = select_samples(contexts, attribution, RemediateConfig(classes=("base_only", "suppressed"),
+                                                                          samples_per_latent=2, max_latents=1))
+    assert latents == [9] and torch.equal(rows, tokens[[2, 3]])
     with pytest.raises(ConfigError, match="No collected latent"):
-        select_samples(_contexts(tokens), attribution, RemediateConfig(classes=("edited_only",)))
+        select_samples(contexts, attribution, RemediateConfig(classes=("edited_only",)))
 
 
 def test_remediation_lowers_the_loss_on_the_lost_material():
