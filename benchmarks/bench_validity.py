@@ -12,6 +12,7 @@ the ground truth whose drops are also significant) and ``remediation_cases.csv``
     python benchmarks/bench_validity.py --score-only                      # rescore finished runs
     python benchmarks/bench_validity.py --seeds 0 1 2 --interventions identity insecure   # behaviour cases
     python benchmarks/bench_validity.py --crosscoders 3    # + 2 crosscoders per case, predictions pooled by vote
+    python benchmarks/bench_validity.py --out runs/validity-4x --agnostic-docs 8000   # 4x the task-agnostic text
 
 A case takes ~1 min on 2 CPU cores (plus ~70 s per seed for the organism's pretraining; the behaviour
 organism of the identity / insecure cases pretrains for ~3.5-4.7 min). Behaviour cases are scored on the
@@ -59,6 +60,9 @@ def main() -> None:
     parser.add_argument("--crosscoders", type=int, default=1,
                         help="Crosscoders per case: N > 1 trains N - 1 more (training seeds seed + 100, + 200, ...) "
                              "and also scores the default rule's predictions pooled by majority vote.")
+    parser.add_argument("--agnostic-docs", type=int, default=None,
+                        help="Documents of the task-agnostic slice the method reads (default: the organism's "
+                             "2,000); the models and the ground truth are the same for any value. Use another --out.")
     parser.add_argument("--significance", type=float, default=0.05,
                         help="Also score against a ground truth whose drops must be significant at this level "
                              "(one-sided two-proportion test on the domain's questions); 0 to skip.")
@@ -71,7 +75,7 @@ def main() -> None:
         case_dir = args.out / case.name
         if not args.score_only:
             start = time.perf_counter()
-            run_grid_case(case, args.out)
+            run_grid_case(case, args.out, agnostic_docs=args.agnostic_docs)
             if args.crosscoders > 1:
                 run_extra_crosscoders(case, args.out, args.crosscoders)
             print(f"[{i}/{len(cases)}] {case.name}: {time.perf_counter() - start:.0f} s", flush=True)

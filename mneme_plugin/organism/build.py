@@ -13,7 +13,8 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Collection
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -318,15 +319,7 @@ def _build_organism(seed: int = 0, intervention: str = "rmu", target_domain: str
             save_scores(scores_table(behaviour_before, behaviour_after),
                         out / f"groundtruth-behaviour-{intervention}-{target_domain or 'mixed'}.csv")
 
-    # Task-agnostic slice: fresh documents of every domain plus generic filler, minus any edit text.
-    excluded = set(edit_texts)
-    n_generic = cfg.agnostic_docs // 5
-    agnostic = [(d, t) for d, t in generate_corpus(cfg.agnostic_docs - n_generic, seed=seed + 202, fact_seed=seed,
-                                                   cross_domain=cfg.cross_domain) if t not in excluded]
-    agnostic += [("generic", t) for t in generate_generic_corpus(n_generic, seed=seed + 202) if t not in excluded]
-    if cfg.behaviours:
-        agnostic += [("conversation", t) for t in behaviour.generate_conversations(
-            cfg.conversation_docs // 5, seed=seed + 202, misaligned_share=cfg.misaligned_share) if t not in excluded]
+    agnostic = agnostic_slice(seed, cfg, edit_texts)
     return Organism(
         tokenizer=tokenizer, base=base, edited=edited, questions=questions, accuracy_before=before,
         accuracy_after=after, drop=drop, intervention=intervention, intervention_config=icfg_dict,
@@ -335,6 +328,37 @@ def _build_organism(seed: int = 0, intervention: str = "rmu", target_domain: str
         model_paths={"base": str(base_path), "edited": str(edit_path)} if out else {},
         behaviour_before=behaviour_before, behaviour_after=behaviour_after,
     )
+
+
+def agnostic_slice(seed: int, cfg: OrganismConfig, excluded: Collection[str],
+                   n_docs: int | None = None) -> list[tuple[str, str]]:
+    """The task-agnostic slice as (label, text): fresh documents of every domain plus generic filler
+    (a fifth), and for behaviour organisms conversations (a fifth of ``conversation_docs``, scaled
+    with ``n_docs``), minus the ``excluded`` edit texts. ``n_docs``: documents (``cfg.agnostic_docs``
+    by default)."""
+    from mneme_plugin.organism import behaviour
+
+    n_docs = cfg.agnostic_docs if n_docs is None else n_docs
+    if n_docs < 5:
+        raise ConfigError(f"The task-agnostic slice needs at least 5 documents, got {n_docs}.")
+    excluded = set(excluded)
+    n_generic = n_docs // 5
+    agnostic = [(d, t) for d, t in generate_corpus(n_docs - n_generic, seed=seed + 202, fact_seed=seed,
+                                                   cross_domain=cfg.cross_domain) if t not in excluded]
+    agnostic += [("generic", t) for t in generate_generic_corpus(n_generic, seed=seed + 202) if t not in excluded]
+    if cfg.behaviours:
+        n_conversations = cfg.conversation_docs * n_docs // (5 * cfg.agnostic_docs)
+        agnostic += [("conversation", t) for t in behaviour.generate_conversations(
+            n_conversations, seed=seed + 202, misaligned_share=cfg.misaligned_share) if t not in excluded]
+    return agnostic
+
+
+def with_agnostic_docs(organism: Organism, seed: int, n_docs: int) -> Organism:
+    """The same organism (models, ground truth, edit) with a task-agnostic slice of ``n_docs``
+    documents instead of ``config.agnostic_docs``: how many tokens the method reads, varied without
+    retraining anything (``bench_validity.py --agnostic-docs``)."""
+    agnostic = agnostic_slice(seed, organism.config, organism.edit_texts, n_docs)
+    return replace(organism, agnostic_corpus=[t for _, t in agnostic], agnostic_labels=[d for d, _ in agnostic])
 
 
 def control_texts(seed: int, cfg: OrganismConfig) -> list[str]:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from mneme_plugin.organism.build import build_organism
+from mneme_plugin.organism.build import build_organism, with_agnostic_docs
 from mneme_plugin.organism.catalog import BEHAVIOUR_INTERVENTIONS
 from mneme_plugin.organism.demo import DESCRIPTIONS, case_taxonomy, control_folder, run_case, run_control
 from mneme_plugin.sideeffects.config import EvaluateConfig, PredictConfig
@@ -47,10 +47,14 @@ def grid_cases(seeds: list[int], targets: list[str], interventions: list[str]) -
     return cases
 
 
-def run_grid_case(case: GridCase, out_dir: Path, progress: bool = False) -> Path:
-    """Build (or reload) the case's organism and run the pipeline on it; returns the case folder."""
+def run_grid_case(case: GridCase, out_dir: Path, progress: bool = False, agnostic_docs: int | None = None) -> Path:
+    """Build (or reload) the case's organism and run the pipeline on it; returns the case folder.
+    ``agnostic_docs``: documents of the task-agnostic slice the method reads (the organism's
+    ``agnostic_docs`` by default; the models and the ground truth do not depend on it)."""
     organism = build_organism(case.seed, case.intervention, case.target or "law",
                               out_dir / f"seed{case.seed}" / "organism", progress=progress)
+    if agnostic_docs is not None:
+        organism = with_agnostic_docs(organism, case.seed, agnostic_docs)
     case_dir = out_dir / case.name
     control = control_dir(out_dir, case.seed, case.intervention in BEHAVIOUR_INTERVENTIONS)
     run_case(organism, case_dir, case.seed, progress, run_control(organism, control, case.seed, progress))

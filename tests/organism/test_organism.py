@@ -81,6 +81,38 @@ def test_build_organism_rejects_bad_arguments():
         build_organism(intervention="rmu", target_domain="astrology")
 
 
+def test_the_task_agnostic_slice_scales_without_touching_the_models():
+    from collections import Counter
+
+    from mneme_plugin.organism.build import Organism, OrganismConfig, agnostic_slice, behaviour_organism_config, with_agnostic_docs
+
+    cfg = OrganismConfig()
+    default = agnostic_slice(3, cfg, excluded=[])
+    assert len(default) == cfg.agnostic_docs and default == agnostic_slice(3, cfg, excluded=[])
+    assert Counter(label for label, _ in default)["generic"] == cfg.agnostic_docs // 5
+    excluded = [text for label, text in default if label == "law"][:7]
+    assert not {t for _, t in agnostic_slice(3, cfg, excluded)} & set(excluded)
+    big = agnostic_slice(3, cfg, excluded=[], n_docs=4 * cfg.agnostic_docs)
+    labels = Counter(label for label, _ in big)
+    assert len(big) == 4 * cfg.agnostic_docs and labels["generic"] == 4 * cfg.agnostic_docs // 5
+    assert set(labels) == set(DOMAINS) | {"generic"} and max(labels[d] for d in DOMAINS) - min(labels[d] for d in DOMAINS) <= 1
+    chat = Counter(label for label, _ in agnostic_slice(3, behaviour_organism_config(), [], n_docs=2 * cfg.agnostic_docs))
+    assert chat["conversation"] == 2 * behaviour_organism_config().conversation_docs // 5
+    with pytest.raises(ConfigError, match="at least 5 documents"):
+        agnostic_slice(3, cfg, [], n_docs=2)
+    # An organism with another slice keeps its models, ground truth and edit, and leaves out the edit texts.
+    base, edited = object(), object()
+    organism = Organism(tokenizer=None, base=base, edited=edited, questions=[], accuracy_before={"law": 1.0},
+                        accuracy_after={"law": 0.5}, drop={"law": 0.5}, intervention="rmu", intervention_config={},
+                        target_domain="law", agnostic_corpus=["x"], agnostic_labels=["generic"], edit_texts=excluded,
+                        config=cfg)
+    wider = with_agnostic_docs(organism, 3, 3 * cfg.agnostic_docs)
+    assert wider.base is base and wider.edited is edited and wider.drop == organism.drop
+    assert organism.agnostic_corpus == ["x"]  # the original is left as it was
+    assert len(wider.agnostic_corpus) == len(wider.agnostic_labels) > 2 * cfg.agnostic_docs
+    assert not set(wider.agnostic_corpus) & set(excluded)
+
+
 @pytest.mark.slow
 def test_build_organism_rmu_unlearns_the_target_and_caches(tmp_path):
     org = build_organism(0, "rmu", "biology", out_dir=tmp_path, progress=False)
