@@ -638,16 +638,18 @@ def evaluate(run_dir, scores_csv, lm_eval_before, lm_eval_after, intervention, d
 
 @main.command()
 @click.option("--run-dir", required=True, type=click.Path(exists=True, file_okay=False),
-              help="Run directory holding attribution/ and contexts/ (collected for the suppressed latents).")
+              help="Run directory holding attribution/ and contexts/ (collected for the changed latents).")
 @click.option("--edited", required=True, help="The edited model: HF name or local folder.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Where the retrained model goes.")
 @click.option("--config", type=click.Path(dir_okay=False), help="YAML with section remediate.")
+@click.option("--classes", help="Comma-separated attribution classes whose top contexts to retrain on "
+                                "(default: every changed class; base_only,suppressed for the lost latents only).")
 @click.option("--steps", type=int)
 @click.option("--lr", type=float)
 @click.option("--lora/--no-lora", default=None, help="LoRA through peft (when installed).")
 @clear_errors
-def remediate(run_dir, edited, out, config, steps, lr, lora) -> None:
-    """Retrain the edited model on the corpus samples that most activate the suppressed latents."""
+def remediate(run_dir, edited, out, config, classes, steps, lr, lora) -> None:
+    """Retrain the edited model on the corpus samples that most activate the latents the edit changed."""
     from mneme_plugin.activations.models import check_model_spec
     from mneme_plugin.attribution import load_attribution
     from mneme_plugin.interventions.hf_models import load_causal_lm
@@ -655,10 +657,11 @@ def remediate(run_dir, edited, out, config, steps, lr, lora) -> None:
     from mneme_plugin.sideeffects import RemediateConfig, remediate as run_remediate, save_remediation, select_samples
 
     sections = _sections(_read_yaml(config), ("remediate",), config)
-    cfg = RemediateConfig.from_dict(_override(sections["remediate"], steps=steps, lr=lr, lora=lora), section="remediate")
+    cfg = RemediateConfig.from_dict(_override(sections["remediate"], steps=steps, lr=lr, lora=lora,
+                                              classes=classes.split(",") if classes else None), section="remediate")
     layout = RunLayout(Path(run_dir))
     samples, latents = select_samples(load_contexts(layout.contexts), load_attribution(layout.attribution).table, cfg)
-    click.echo(f"{len(samples)} samples from the top contexts of {len(latents)} suppressed latents.")
+    click.echo(f"{len(samples)} samples from the top contexts of {len(latents)} latents ({', '.join(cfg.classes)}).")
     problems = check_model_spec(edited, "--edited")
     if problems:
         raise ConfigError(problems[0])

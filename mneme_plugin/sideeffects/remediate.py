@@ -26,7 +26,7 @@ from typing import Any
 import pandas as pd
 import torch
 
-from mneme_plugin.attribution.classify import BASE_LEANING, EDITED_LEANING
+from mneme_plugin.attribution.classify import BASE_LEANING, CLASSES, EDITED_LEANING
 from mneme_plugin.config import ConfigMixin, Seed, require
 from mneme_plugin.errors import ConfigError
 from mneme_plugin.files import atomic_write, atomic_write_text
@@ -63,6 +63,9 @@ class RemediateConfig(ConfigMixin):
 
     def __post_init__(self) -> None:
         self.classes = tuple(self.classes)
+        unknown = sorted(set(self.classes) - set(CLASSES))
+        require(not unknown and self.classes, f"classes must be attribution classes among {list(CLASSES)}, "
+                                              f"got {list(self.classes)} (unknown: {unknown}).")
         require(self.max_latents >= 1 and self.samples_per_latent >= 1, "max_latents and samples_per_latent must be >= 1.")
         require(self.steps >= 1 and self.batch_size >= 1, "steps and batch_size must be >= 1.")
         require(self.lr > 0, "lr must be > 0.")

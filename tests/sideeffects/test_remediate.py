@@ -36,6 +36,8 @@ def test_samples_come_from_the_most_changed_collected_latents():
     assert latents == [9] and torch.equal(rows, tokens[[2, 3]])
     with pytest.raises(ConfigError, match="No collected latent"):
         select_samples(contexts, attribution, RemediateConfig(classes=("edited_only",)))
+    with pytest.raises(ConfigError, match=r"classes must be attribution classes .*unknown: \['lost'\]"):
+        RemediateConfig(classes=("suppressed", "lost"))
 
 
 def test_remediation_lowers_the_loss_on_the_lost_material():
