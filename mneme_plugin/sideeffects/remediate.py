@@ -1,4 +1,4 @@
-"""Remediation: retrain the edited model on the corpus samples that most activate the lost latents.
+"""Remediation: retrain the edited model on the corpus samples that most activate the changed latents.
 
 The paper reports that this partly reverses the side effects. Samples are the collected top
 contexts (``mneme collect``) of the latents the edit changed most (by default every changed class,
@@ -64,8 +64,9 @@ class RemediateConfig(ConfigMixin):
     def __post_init__(self) -> None:
         self.classes = tuple(self.classes)
         unknown = sorted(set(self.classes) - set(CLASSES))
-        require(not unknown and self.classes, f"classes must be attribution classes among {list(CLASSES)}, "
-                                              f"got {list(self.classes)} (unknown: {unknown}).")
+        require(bool(self.classes), f"classes is empty: name attribution classes among {list(CLASSES)}.")
+        require(not unknown, f"classes must be attribution classes among {list(CLASSES)}, "
+                             f"got {list(self.classes)} (unknown: {unknown}).")
         require(self.max_latents >= 1 and self.samples_per_latent >= 1, "max_latents and samples_per_latent must be >= 1.")
         require(self.steps >= 1 and self.batch_size >= 1, "steps and batch_size must be >= 1.")
         require(self.lr > 0, "lr must be > 0.")
@@ -95,8 +96,8 @@ def select_samples(contexts: Any, attribution: pd.DataFrame, config: RemediateCo
     latents = chosen["latent"].astype(int).tolist()
     if not latents:
         raise ConfigError(
-            f"No collected latent of class {list(config.classes)}: collect contexts for the suppressed latents first "
-            "(mneme collect with those classes)."
+            f"No collected latent of class {list(config.classes)}: collect contexts for latents of those classes "
+            f"first (mneme collect --classes {','.join(config.classes)})."
         )
     rows: list[int] = []
     for latent in latents:
