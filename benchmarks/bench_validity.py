@@ -62,11 +62,16 @@ def main() -> None:
                              "and also scores the default rule's predictions pooled by majority vote.")
     parser.add_argument("--agnostic-docs", type=int, default=None,
                         help="Documents of the task-agnostic slice the method reads (default: the organism's "
-                             "2,000); the models and the ground truth are the same for any value. Use another --out.")
+                             "2,000; at least 800, since each crosscoder holds 8,192 of the slice's ~22 tokens per "
+                             "document out for evaluation); the models and the ground truth are the same for any "
+                             "value. Use another --out.")
     parser.add_argument("--significance", type=float, default=0.05,
                         help="Also score against a ground truth whose drops must be significant at this level "
                              "(one-sided two-proportion test on the domain's questions); 0 to skip.")
     args = parser.parse_args()
+    if args.agnostic_docs is not None and args.agnostic_docs < 800:
+        parser.error(f"--agnostic-docs {args.agnostic_docs} is too few: each crosscoder holds 8,192 token rows out for "
+                     "evaluation, which needs at least 800 documents (~17,600 tokens).")
     logging.basicConfig(level=logging.WARNING)
 
     rows, significant_rows, remediation, behaviour = [], [], [], []
