@@ -158,3 +158,26 @@ def test_refuse_overwrite_names_the_existing_files(tmp_path):
     refuse_overwrite([tmp_path / "config.json"], force=True)
     with pytest.raises(OutputExistsError, match=r"config\.json already exists: refusing to overwrite.*--force"):
         refuse_overwrite([tmp_path / "config.json", tmp_path / "model.safetensors"], force=False)
+
+
+def test_content_digest_reads_small_files_whole_and_large_ones_by_size_and_ends(tmp_path):
+    import hashlib
+
+    from mneme_plugin.files import content_digest, file_digest
+
+    small = tmp_path / "small.txt"
+    small.write_bytes(b"abc" * 100)
+    assert content_digest(small) == file_digest(small) == hashlib.sha256(b"abc" * 100).hexdigest()[:16]
+    big = tmp_path / "big.bin"
+    data = bytearray(range(256)) * 64  # 16 KiB; "large" here is anything from 4 KiB, sampled 1 KiB at each end
+    big.write_bytes(bytes(data))
+    digest = lambda: content_digest(big, full_below=4096, sample=1024)
+    expected = hashlib.sha256(str(len(data)).encode() + bytes(data[:1024]) + bytes(data[-1024:])).hexdigest()[:16]
+    assert digest() == expected
+    middle = bytearray(data)
+    middle[8000] ^= 1
+    big.write_bytes(bytes(middle))
+    assert digest() == expected  # the middle is not read: the documented cost of staying cheap
+    for changed in (bytes(data[:-1]), bytes(data[:-1]) + b"\x00", b"\x01" + bytes(data[1:])):
+        big.write_bytes(changed)
+        assert digest() != expected

@@ -123,6 +123,7 @@ class Organism:
     timings: dict[str, float] = field(default_factory=dict)
     config: OrganismConfig = field(default_factory=OrganismConfig)
     model_paths: dict[str, str] = field(default_factory=dict)  # saved base / edited (``organism:PATH`` specs)
+    agnostic_docs: int | None = None  # documents the slice is drawn from (None: config.agnostic_docs)
     # Behaviour organisms only: the safe-answer share per behaviour category (``organism.behaviour``).
     behaviour_before: dict[str, float] = field(default_factory=dict)
     behaviour_after: dict[str, float] = field(default_factory=dict)
@@ -358,7 +359,8 @@ def with_agnostic_docs(organism: Organism, seed: int, n_docs: int) -> Organism:
     documents instead of ``config.agnostic_docs``: how many tokens the method reads, varied without
     retraining anything (``bench_validity.py --agnostic-docs``)."""
     agnostic = agnostic_slice(seed, organism.config, organism.edit_texts, n_docs)
-    return replace(organism, agnostic_corpus=[t for _, t in agnostic], agnostic_labels=[d for d, _ in agnostic])
+    return replace(organism, agnostic_corpus=[t for _, t in agnostic], agnostic_labels=[d for d, _ in agnostic],
+                   agnostic_docs=n_docs)
 
 
 def control_texts(seed: int, cfg: OrganismConfig) -> list[str]:

@@ -36,6 +36,7 @@ from mneme_plugin.groundtruth import domain_accuracy
 from mneme_plugin.groundtruth.table import SCORES_CSV, save_scores, scores_table
 from mneme_plugin.organism.build import (
     Organism,
+    agnostic_slice,
     build_control,
     build_organism,
     default_intervention_config,
@@ -188,8 +189,11 @@ def run_control(organism: Organism, control_dir: Path, seed: int = 0, progress: 
     directory (the cases' ``predict.control_run``)."""
     control_dir.mkdir(parents=True, exist_ok=True)
     control_model = build_control(organism, seed, Path(organism.model_paths["base"]).parent, progress)
+    # The seed's slice with no edit's texts left out: every case of the seed shares this run, and its
+    # corpus must be one file content (cases leave out their own edit texts, a document or two).
     corpus = control_dir / "agnostic_corpus.txt"
-    atomic_write_text(corpus, "\n".join(organism.agnostic_corpus) + "\n")
+    slice_ = agnostic_slice(seed, organism.config, excluded=(), n_docs=organism.agnostic_docs)
+    atomic_write_text(corpus, "\n".join(text for _, text in slice_) + "\n")
     config = organism_run_config(control_dir / "run", organism, corpus, corpus, seed)
     config["models"] = {"base": config["models"]["base"], "edited": f"organism:{control_model}",
                         "intervention": "benign fine-tuning on general text (the control)"}

@@ -25,7 +25,7 @@ from mneme_plugin.files import atomic_write_text, json_digest
 from mneme_plugin.layout import RunLayout
 from mneme_plugin.pipeline.config import RunConfig, save_run_config
 from mneme_plugin.pipeline.stage import PipelineContext, Stage
-from mneme_plugin.pipeline.stages import STAGES, validate_for_run
+from mneme_plugin.pipeline.stages import STAGES, corpus_digest, reads_corpus, validate_for_run
 
 if TYPE_CHECKING:  # torch: imported when a run starts, not with the package
     from mneme_plugin.distributed import DistributedContext
@@ -46,6 +46,9 @@ class StageMarker:
     fingerprint: str
     seconds: float
     version: int = 1
+    # Stages that read the corpus: the content digest of the local corpus file they read (the
+    # fingerprint names the corpus by its source only); None when not recorded (older markers).
+    corpus_digest: str | None = None
 
 
 def read_stage_markers(run_dir: str | os.PathLike[str]) -> list[StageMarker]:
@@ -62,8 +65,9 @@ def read_stage_markers(run_dir: str | os.PathLike[str]) -> list[StageMarker]:
 def _read_marker(path: Path) -> StageMarker | None:
     try:
         info = json.loads(path.read_text())
+        digest = info.get("corpus_digest")
         return StageMarker(str(info["stage"]), str(info["fingerprint"]), float(info.get("seconds", 0.0)),
-                           int(info.get("version", 1)))
+                           int(info.get("version", 1)), str(digest) if digest is not None else None)
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -88,7 +92,13 @@ def _fingerprint(config: RunConfig, stage: Stage, upstream: str, *, legacy: bool
     return json_digest(blob)
 
 
-def _status(layout: RunLayout, stage: Stage, fingerprint: str, legacy_fingerprint: str) -> str:
+CORPUS_CHANGED = "rerun (corpus changed)"
+UPSTREAM_REDONE = "rerun (input redone)"
+
+
+def _status(layout: RunLayout, stage: Stage, fingerprint: str, legacy_fingerprint: str,
+            corpus: str | None = None) -> str:
+    """``corpus``: the corpus file's content digest now, for stages that read it (None: not checked)."""
     path = layout.stage_marker(stage.name)
     marker = _read_marker(path) if path.is_file() else None
     if marker is None:
@@ -96,6 +106,8 @@ def _status(layout: RunLayout, stage: Stage, fingerprint: str, legacy_fingerprin
     expected = fingerprint if marker.version >= MARKER_VERSION else legacy_fingerprint
     if marker.fingerprint != expected:
         return "rerun (config changed)"
+    if corpus is not None and marker.corpus_digest is not None and marker.corpus_digest != corpus:
+        return CORPUS_CHANGED
     return "skip (done)" if stage.outputs(layout).exists() else "run"
 
 
@@ -104,19 +116,29 @@ def plan(config: RunConfig, stages: list[Stage]) -> list[tuple[Stage, str, str]]
     layout = config.layout
     out, upstream, legacy_upstream = [], "", ""
     done: dict[str, tuple[str, str]] = {}  # enabled stage -> (fingerprint, legacy fingerprint)
+    redone: set[str] = set()  # stages rerun because their corpus, or a stage they read, changed
+    previous: tuple[str, ...] = ()
+    corpus = corpus_digest(config) if any(reads_corpus(stage, config) for stage in stages) else None
     for stage in stages:
         if not stage.present(config):
             continue
         if stage.after is not None:  # the fingerprints of the stages it reads (enabled ones), not the one before
             upstream = "+".join(done[name][0] for name in stage.after if name in done)
             legacy_upstream = "+".join(done[name][1] for name in stage.after if name in done)
+            previous = stage.after
         fingerprint = _fingerprint(config, stage, upstream)
         legacy = _fingerprint(config, stage, legacy_upstream, legacy=True)
         if not stage.enabled(config):
             out.append((stage, fingerprint, "disabled"))
             continue
-        out.append((stage, fingerprint, _status(layout, stage, fingerprint, legacy)))
-        upstream, legacy_upstream = fingerprint, legacy
+        status = _status(layout, stage, fingerprint, legacy, corpus if reads_corpus(stage, config) else None)
+        # Same config, but what it read is redone: its fingerprint cannot tell, so it is redone too.
+        if status == "skip (done)" and redone & set(previous):
+            status = UPSTREAM_REDONE
+        if status in (CORPUS_CHANGED, UPSTREAM_REDONE):
+            redone.add(stage.name)
+        out.append((stage, fingerprint, status))
+        upstream, legacy_upstream, previous = fingerprint, legacy, (stage.name,)
         done[stage.name] = (fingerprint, legacy)
     return out
 
@@ -181,7 +203,7 @@ def _run_stages(config: RunConfig, stages: list[Stage], layout: RunLayout, dist:
             dist.on_main(lambda: _start_stage(stage, layout, status))
             start_time = time.perf_counter()
             stage.run(ctx)
-            dist.on_main(lambda: _finish_stage(stage, layout, fingerprint, token, start_time))
+            dist.on_main(lambda: _finish_stage(stage, layout, fingerprint, token, start_time, config))
         elif not dist.is_main:
             if i > last_shared:
                 logger.debug("Rank %d: no stage left for several ranks; rank 0 runs the rest.", dist.rank)
@@ -194,7 +216,7 @@ def _run_stages(config: RunConfig, stages: list[Stage], layout: RunLayout, dist:
                     _start_stage(stage, layout, status)
                     start_time = time.perf_counter()
                     stage.run(ctx)
-                    _finish_stage(stage, layout, fingerprint, token, start_time)
+                    _finish_stage(stage, layout, fingerprint, token, start_time, config)
             except BaseException as err:
                 if others_wait:  # tell the ranks waiting for this stage, instead of leaving them waiting
                     atomic_write_text(layout.stage_failure(stage.name),
@@ -213,11 +235,14 @@ def _start_stage(stage: Stage, layout: RunLayout, status: str) -> None:
     logger.info("[%s] running.", stage.name)
 
 
-def _finish_stage(stage: Stage, layout: RunLayout, fingerprint: str, token: str, start_time: float) -> None:
+def _finish_stage(stage: Stage, layout: RunLayout, fingerprint: str, token: str, start_time: float,
+                  config: RunConfig | None = None) -> None:
     seconds = time.perf_counter() - start_time
     # ``token`` names this run of the pipeline: ranks waiting for the stage know the marker is new.
     info = {"stage": stage.name, "fingerprint": fingerprint, "seconds": round(seconds, 2),
             "version": MARKER_VERSION, "token": token}
+    if config is not None and reads_corpus(stage, config):
+        info["corpus_digest"] = corpus_digest(config)
     atomic_write_text(layout.stage_marker(stage.name), json.dumps(info), durable=True)
     layout.stage_failure(stage.name).unlink(missing_ok=True)
     logger.info("[%s] finished in %.1f s -> %s", stage.name, seconds, stage.outputs(layout))

@@ -109,6 +109,19 @@ def _taxonomy_digests(config: RunConfig) -> dict[str, str]:
     return out
 
 
+def corpus_digest(config: RunConfig) -> str | None:
+    """The content digest of a local corpus file (``files.content_digest``); None for hub datasets
+    and for a file that is not there now, whose content cannot be checked."""
+    from mneme_plugin.files import content_digest
+
+    path = Path(config.corpus.source)
+    return content_digest(path) if path.is_file() else None
+
+
+def reads_corpus(stage: Stage, config: RunConfig) -> bool:
+    return "corpus" in stage.sections_of(config)
+
+
 def _control_digest(config: RunConfig) -> dict[str, str]:
     """The control run's attribution the predict stage reads (a redone control re-predicts)."""
     from mneme_plugin.attribution.table import TABLE_PARQUET

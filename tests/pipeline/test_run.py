@@ -119,6 +119,47 @@ def test_a_changed_section_reruns_that_stage_and_those_after(pair_and_corpus, tm
     assert statuses["predict"].startswith("rerun") and statuses["report"].startswith("rerun")
 
 
+def test_a_corpus_rewritten_in_place_is_read_again(pair_and_corpus, tmp_path):
+    """The fingerprint names the corpus by its path; the markers of the stages that read it also
+    record its content, so a file rewritten in place redoes them and every stage after them."""
+    import shutil
+
+    from mneme_plugin.activations.store import read_manifest
+    from mneme_plugin.pipeline import plan
+    from mneme_plugin.pipeline.stages import STAGES
+
+    base, edited, corpus, truth = pair_and_corpus
+    own = tmp_path / "corpus.jsonl"
+    shutil.copy(corpus, own)
+    cfg = _config(tmp_path / "run", base, edited, own, truth, steps=30)
+    path = _write(tmp_path, "a.yaml", cfg)
+    assert CliRunner().invoke(main, ["run", path, "--only", "harvest", "--only", "train", "--only", "attribute"]).exit_code == 0
+    tokens = read_manifest(tmp_path / "run" / "activations")["n_tokens"]
+    statuses = lambda: {s.name: st for s, _, st in plan(RunConfig.from_dict(cfg), STAGES)}
+    assert statuses()["harvest"] == "skip (done)" and statuses()["attribute"] == "skip (done)"
+    marker = json.loads((tmp_path / "run" / ".stages" / "harvest.json").read_text())
+    assert "corpus_digest" in marker and "corpus_digest" not in json.loads(
+        (tmp_path / "run" / ".stages" / "train.json").read_text())  # training read the store, not the corpus
+    # The same file name, half the documents.
+    lines = own.read_text().splitlines()
+    own.write_text("\n".join(lines[: len(lines) // 2]))
+    now = statuses()
+    assert now["harvest"] == "rerun (corpus changed)"
+    assert now["train"] == now["attribute"] == "rerun (input redone)"
+    assert now["collect"] == "run"  # never ran: nothing to redo
+    assert CliRunner().invoke(main, ["run", path, "--only", "harvest", "--only", "train", "--only", "attribute"]).exit_code == 0
+    assert 0 < read_manifest(tmp_path / "run" / "activations")["n_tokens"] < tokens
+    assert statuses()["harvest"] == "skip (done)" and statuses()["attribute"] == "skip (done)"
+    # Markers written before content digests existed are not second-guessed; nor is a corpus that is gone.
+    del marker["corpus_digest"]
+    marker["fingerprint"] = json.loads((tmp_path / "run" / ".stages" / "harvest.json").read_text())["fingerprint"]
+    (tmp_path / "run" / ".stages" / "harvest.json").write_text(json.dumps(marker))
+    own.write_text("\n".join(lines))
+    assert statuses()["harvest"] == "skip (done)"
+    own.unlink()
+    assert statuses()["harvest"] == "skip (done)"
+
+
 def test_dry_run_checks_the_config(pair_and_corpus, tmp_path):
     base, edited, corpus, truth = pair_and_corpus
     cfg = _config(tmp_path / "dry", base, edited, corpus, truth)
