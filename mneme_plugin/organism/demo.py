@@ -180,6 +180,13 @@ def remediate_case(organism: Organism, run_dir: Path, corpus: Path, degraded: li
     return result
 
 
+def write_corpus(folder: Path, texts: list[str]) -> Path:
+    """A run's task-agnostic corpus file (one document per line) in ``folder``."""
+    corpus = folder / "agnostic_corpus.txt"
+    atomic_write_text(corpus, "\n".join(texts) + "\n")
+    return corpus
+
+
 CONTROL_STAGES = ["harvest", "train", "attribute"]  # all the prediction rule reads of the control run
 
 
@@ -191,9 +198,8 @@ def run_control(organism: Organism, control_dir: Path, seed: int = 0, progress: 
     control_model = build_control(organism, seed, Path(organism.model_paths["base"]).parent, progress)
     # The seed's slice with no edit's texts left out: every case of the seed shares this run, and its
     # corpus must be one file content (cases leave out their own edit texts, a document or two).
-    corpus = control_dir / "agnostic_corpus.txt"
     slice_ = agnostic_slice(seed, organism.config, excluded=(), n_docs=organism.agnostic_docs)
-    atomic_write_text(corpus, "\n".join(text for _, text in slice_) + "\n")
+    corpus = write_corpus(control_dir, [text for _, text in slice_])
     config = organism_run_config(control_dir / "run", organism, corpus, corpus, seed)
     config["models"] = {"base": config["models"]["base"], "edited": f"organism:{control_model}",
                         "intervention": "benign fine-tuning on general text (the control)"}
@@ -212,8 +218,7 @@ def run_case(organism: Organism, case_dir: Path, seed: int = 0, progress: bool =
     if organism.intervention in BEHAVIOUR_INTERVENTIONS:
         return run_behaviour_case(organism, case_dir, seed, progress, control_run)
     case_dir.mkdir(parents=True, exist_ok=True)
-    corpus = case_dir / "agnostic_corpus.txt"
-    atomic_write_text(corpus, "\n".join(organism.agnostic_corpus) + "\n")
+    corpus = write_corpus(case_dir, organism.agnostic_corpus)
     questions = Counter(q.domain for q in organism.questions)  # n: a drop's significance test needs it
     truth = save_scores(scores_table(organism.accuracy_before, organism.accuracy_after, questions), case_dir / SCORES_CSV)
     config = organism_run_config(case_dir / "run", organism, corpus, truth, seed, control_run)
@@ -242,8 +247,7 @@ def run_behaviour_case(organism: Organism, case_dir: Path, seed: int = 0, progre
     from mneme_plugin.organism.behaviour import BEHAVIOUR_CATEGORIES, behaviour_benchmark
 
     case_dir.mkdir(parents=True, exist_ok=True)
-    corpus = case_dir / "agnostic_corpus.txt"
-    atomic_write_text(corpus, "\n".join(organism.agnostic_corpus) + "\n")
+    corpus = write_corpus(case_dir, organism.agnostic_corpus)
     requests = Counter(item.category for item in behaviour_benchmark(BEHAVIOUR_CATEGORIES))
     truth = save_scores(scores_table(organism.behaviour_before, organism.behaviour_after, requests),
                         case_dir / SCORES_CSV)

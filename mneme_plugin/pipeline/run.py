@@ -111,14 +111,20 @@ def _status(layout: RunLayout, stage: Stage, fingerprint: str, legacy_fingerprin
     return "skip (done)" if stage.outputs(layout).exists() else "run"
 
 
-def plan(config: RunConfig, stages: list[Stage]) -> list[tuple[Stage, str, str]]:
-    """(stage, fingerprint, status) for every stage: status is run, skip (done), rerun or disabled."""
+def _corpus_now(config: RunConfig, stages: list[Stage]) -> str | None:
+    """The corpus file's content digest, read once per plan (None when no stage reads the corpus)."""
+    return corpus_digest(config) if any(reads_corpus(stage, config) for stage in stages) else None
+
+
+def plan(config: RunConfig, stages: list[Stage], corpus: str | None = None) -> list[tuple[Stage, str, str]]:
+    """(stage, fingerprint, status) for every stage: status is run, skip (done), rerun or disabled.
+    ``corpus``: the corpus digest when the caller has read it already (``_corpus_now``)."""
     layout = config.layout
     out, upstream, legacy_upstream = [], "", ""
     done: dict[str, tuple[str, str]] = {}  # enabled stage -> (fingerprint, legacy fingerprint)
     redone: set[str] = set()  # stages rerun because their corpus, or a stage they read, changed
     previous: tuple[str, ...] = ()
-    corpus = corpus_digest(config) if any(reads_corpus(stage, config) for stage in stages) else None
+    corpus = corpus if corpus is not None else _corpus_now(config, stages)
     for stage in stages:
         if not stage.present(config):
             continue
@@ -179,11 +185,13 @@ def _run_stages(config: RunConfig, stages: list[Stage], layout: RunLayout, dist:
                 models: dict[str, Any] | None, only: list[str] | None, progress: bool) -> None:
     from mneme_plugin.distributed import local_only
 
-    def start() -> tuple[list[tuple[str, str, str]], str]:  # rank 0: the plan every rank follows
+    def start() -> tuple[list[tuple[str, str, str]], str, str | None]:  # rank 0: the plan every rank follows
         save_run_config(config)
-        return [(stage.name, fp, status) for stage, fp, status in plan(config, stages)], secrets.token_hex(8)
+        corpus = _corpus_now(config, stages)  # what the plan checked is what the markers record
+        steps = [(stage.name, fp, status) for stage, fp, status in plan(config, stages, corpus)]
+        return steps, secrets.token_hex(8), corpus
 
-    steps, token = dist.on_main(start)
+    steps, token, corpus = dist.on_main(start)
     by_name = {stage.name: stage for stage in stages}
     todo = []
     for name, fingerprint, status in steps:
@@ -203,7 +211,8 @@ def _run_stages(config: RunConfig, stages: list[Stage], layout: RunLayout, dist:
             dist.on_main(lambda: _start_stage(stage, layout, status))
             start_time = time.perf_counter()
             stage.run(ctx)
-            dist.on_main(lambda: _finish_stage(stage, layout, fingerprint, token, start_time, config))
+            dist.on_main(lambda: _finish_stage(stage, layout, fingerprint, token, start_time,
+                                               corpus if reads_corpus(stage, config) else None))
         elif not dist.is_main:
             if i > last_shared:
                 logger.debug("Rank %d: no stage left for several ranks; rank 0 runs the rest.", dist.rank)
@@ -216,7 +225,8 @@ def _run_stages(config: RunConfig, stages: list[Stage], layout: RunLayout, dist:
                     _start_stage(stage, layout, status)
                     start_time = time.perf_counter()
                     stage.run(ctx)
-                    _finish_stage(stage, layout, fingerprint, token, start_time, config)
+                    _finish_stage(stage, layout, fingerprint, token, start_time,
+                                  corpus if reads_corpus(stage, config) else None)
             except BaseException as err:
                 if others_wait:  # tell the ranks waiting for this stage, instead of leaving them waiting
                     atomic_write_text(layout.stage_failure(stage.name),
@@ -236,13 +246,14 @@ def _start_stage(stage: Stage, layout: RunLayout, status: str) -> None:
 
 
 def _finish_stage(stage: Stage, layout: RunLayout, fingerprint: str, token: str, start_time: float,
-                  config: RunConfig | None = None) -> None:
+                  corpus: str | None) -> None:
+    """``corpus``: the digest of the corpus file the stage read (the plan's), None if it reads none."""
     seconds = time.perf_counter() - start_time
     # ``token`` names this run of the pipeline: ranks waiting for the stage know the marker is new.
     info = {"stage": stage.name, "fingerprint": fingerprint, "seconds": round(seconds, 2),
             "version": MARKER_VERSION, "token": token}
-    if config is not None and reads_corpus(stage, config):
-        info["corpus_digest"] = corpus_digest(config)
+    if corpus is not None:
+        info["corpus_digest"] = corpus
     atomic_write_text(layout.stage_marker(stage.name), json.dumps(info), durable=True)
     layout.stage_failure(stage.name).unlink(missing_ok=True)
     logger.info("[%s] finished in %.1f s -> %s", stage.name, seconds, stage.outputs(layout))
