@@ -29,7 +29,7 @@ per (set, k) that show what a crosscoder can reach on that data:
 
     python benchmarks/bench_quality.py                       # ours, defaults, both planted sets
     python benchmarks/bench_quality.py --salience paper      # the MNEME paper's squared-norm weight
-    python benchmarks/bench_quality.py --loss norm           # the fork's training loss
+    python benchmarks/bench_quality.py --loss squared        # the paper's Eq. 1 (default: the fork's norm loss)
     python benchmarks/bench_quality.py --salience crosscoder,paper --seeds 0 1 2 3 4   # per-seed rows, then mean ± sd
     python benchmarks/bench_quality.py --oracle              # also the oracle rows above
     python benchmarks/bench_quality.py --device cuda         # ours trained on a GPU (bf16 autocast)
@@ -240,7 +240,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--salience", default="crosscoder",
                         help="ours: comma-separated salience modes, one row each (crosscoder = our default)")
-    parser.add_argument("--loss", default="squared", help="ours: training loss (squared / norm)")
+    parser.add_argument("--loss", default=None, help="ours: training loss (norm / squared; default: the trainer's)")
     parser.add_argument("--sets", default=",".join(SETS))
     parser.add_argument("--k", default=None, help="comma-separated k values (default: 1x, 2x, 4x true L0)")
     parser.add_argument("--seed", type=int, default=0, help="training seed (one run; see --seeds)")
@@ -259,6 +259,10 @@ def main() -> None:
     if args.child:
         train_fork(args.child, int(args.k), args.salience, args.seed, args.fork, args.out, args.data_seed)
         return
+    if args.loss is None:
+        from mneme_plugin.crosscoder.config import TrainingConfig
+
+        args.loss = TrainingConfig.loss
     saliences = args.salience.split(",")
     variants = [("ours", salience) for salience in saliences]
     if args.fork:  # the fork has no squared weight: `paper` runs it with its CROSSCODER weight, once

@@ -17,6 +17,7 @@ import click
 # the options come from these registries.
 from mneme_plugin.activations.config import MODEL_DTYPES, STORAGE_DTYPES
 from mneme_plugin.config import read_yaml_mapping
+from mneme_plugin.crosscoder.losses import RECONSTRUCTION_LOSSES
 from mneme_plugin.crosscoder.salience import SALIENCE_MODES
 from mneme_plugin.commands.common import clear_errors
 from mneme_plugin.errors import ConfigError
@@ -178,6 +179,8 @@ def harvest(config, out, overwrite, nproc, **options) -> None:
 @click.option("--expansion-factor", type=int)
 @click.option("-k", "--k", type=int, help="Average active latents per token (BatchTopK).")
 @click.option("--salience", type=click.Choice(sorted(SALIENCE_MODES)))
+@click.option("--loss", type=click.Choice(sorted(RECONSTRUCTION_LOSSES)),
+              help="Reconstruction loss (default norm, the published trainer's; squared: the paper's Eq. 1).")
 @click.option("--steps", type=int)
 @click.option("--train-batch-size", type=int, help="Tokens per optimisation step.")
 @click.option("--lr", type=float)
@@ -188,7 +191,7 @@ def harvest(config, out, overwrite, nproc, **options) -> None:
 @click.option("--nproc", type=int, default=1, show_default=True,
               help="Data-parallel ranks on this node: relaunches this command under torchrun.")
 @clear_errors
-def train(store, stream, config, shuffle_buffer, out, dict_size, expansion_factor, k, salience, steps,
+def train(store, stream, config, shuffle_buffer, out, dict_size, expansion_factor, k, salience, loss, steps,
           train_batch_size, lr, seed, train_device, no_resume, allow_partial, nproc, **harvest_options) -> None:
     """Train a BatchTopK crosscoder, from a store or streaming; resumes from the newest checkpoint."""
     _relaunch_if_asked(nproc)
@@ -201,7 +204,8 @@ def train(store, stream, config, shuffle_buffer, out, dict_size, expansion_facto
         section="crosscoder",
     )
     tr_cfg = TrainingConfig.from_dict(
-        _override(sections["training"], steps=steps, batch_size=train_batch_size, lr=lr, seed=seed, device=train_device),
+        _override(sections["training"], steps=steps, batch_size=train_batch_size, lr=lr, loss=loss, seed=seed,
+                  device=train_device),
         section="training",
     )
     if store and stream:

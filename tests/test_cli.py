@@ -41,10 +41,15 @@ def test_harvest_train_info_from_the_command_line(llama_pair_dirs, tmp_path):
     config.write_text("crosscoder:\n  expansion_factor: 4\n  k: 8\ntraining:\n  steps: 40\n  batch_size: 128\n"
                       "  warmup_steps: 5\n  threshold_start_step: 10\n  checkpoint_every: 20\n  eval_rows: 256\n")
     run = tmp_path / "run"
-    result = _invoke(["train", "--store", str(store), "--config", str(config), "--lr", "0.003", "--out", str(run)])
+    result = _invoke(["train", "--store", str(store), "--config", str(config), "--lr", "0.003", "--loss", "squared",
+                      "--out", str(run)])
     assert result.exit_code == 0, result.output
     metrics = json.loads((run / "metrics.json").read_text())
     assert json.loads(result.output[result.output.index("{"):]) == metrics
+    assert json.loads((run / "train_config.json").read_text())["training"]["loss"] == "squared"
+    # The same run directory under the default loss (norm) is another run: refused, with what to do.
+    result = _invoke(["train", "--store", str(store), "--config", str(config), "--lr", "0.003", "--out", str(run)])
+    assert result.exit_code != 0 and "another config" in result.output, result.output
 
     for path, expected in ((store, "Activation store"), (run, "Training run"), (run / "crosscoder", "latents=128")):
         result = _invoke(["info", str(path)])

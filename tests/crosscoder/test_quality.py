@@ -22,7 +22,10 @@ SPEC = PlantedSpec(
 )
 
 
-SEED = 0  # seeds 0-4 checked when written; the run is too long to repeat in the fast suite
+# The run is too long to repeat in the fast suite. Seeds 0-9 with the norm loss (the default): recovery
+# 0.95-1.00, EV >= 0.99, leak < 0.05 on 9 of 10 (seed 1: edited-only 0.065); with the squared loss
+# recovery 0.89-1.00, leak < 0.05 on 8 of 10.
+SEED = 0
 
 
 @pytest.fixture
