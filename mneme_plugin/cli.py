@@ -180,7 +180,8 @@ def harvest(config, out, overwrite, nproc, **options) -> None:
 @click.option("-k", "--k", type=int, help="Average active latents per token (BatchTopK).")
 @click.option("--salience", type=click.Choice(sorted(SALIENCE_MODES)))
 @click.option("--loss", type=click.Choice(sorted(RECONSTRUCTION_LOSSES)),
-              help="Reconstruction loss (default norm, the published trainer's; squared: the paper's Eq. 1).")
+              help="Reconstruction loss (default: TrainingConfig.loss): norm is the published trainer's, "
+                   "squared the paper's Eq. 1.")
 @click.option("--steps", type=int)
 @click.option("--train-batch-size", type=int, help="Tokens per optimisation step.")
 @click.option("--lr", type=float)
