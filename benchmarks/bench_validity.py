@@ -67,7 +67,7 @@ def main() -> None:
                              "value. Use another --out.")
     parser.add_argument("--significance", type=float, default=0.05,
                         help="Also score against a ground truth whose drops must be significant at this level "
-                             "(one-sided two-proportion test on the domain's questions); 0 to skip.")
+                             "(Fisher's one-sided exact test on the domain's questions); 0 to skip.")
     args = parser.parse_args()
     if args.agnostic_docs is not None and args.agnostic_docs < 800:
         parser.error(f"--agnostic-docs {args.agnostic_docs} is too few: each crosscoder holds 8,192 token rows out for "

@@ -13,6 +13,8 @@ __getattr__, __dir__, __all__ = lazy_exports(__name__, {
         "SCORES_CSV",
         "GroundTruthConfig",
         "category_from_task",
+        "drop_test",
+        "fisher_drop_p",
         "load_ground_truth",
         "make_table",
         "mcnemar_p",

@@ -21,7 +21,7 @@ import yaml
 
 from mneme_plugin.config import ConfigMixin, Seed, require
 from mneme_plugin.errors import ConfigError
-from mneme_plugin.groundtruth.table import SCORES_CSV, category_from_task, make_table, mcnemar_p, save_scores, z_test_p
+from mneme_plugin.groundtruth.table import SCORES_CSV, category_from_task, drop_test, make_table, mcnemar_p, save_scores
 from mneme_plugin.files import atomic_write_text
 
 logger = logging.getLogger("mneme_plugin")
@@ -148,7 +148,7 @@ def table_from_results(before: dict[str, Any], after: dict[str, Any], metric: st
 
     One row per task scored in both (group aggregates skipped when sample counts are known); the
     drop's p-value is the paired exact McNemar test when both hold per-sample scores (ours do), else
-    a z test on lm-eval's standard errors.
+    a z test on lm-eval's standard errors, else Fisher's exact test on the sample count (``drop_test``).
     """
     for name, data in (("before", before), ("after", after)):
         if not isinstance(data.get("results"), dict):
@@ -174,7 +174,7 @@ def table_from_results(before: dict[str, Any], after: dict[str, Any], metric: st
             ids = sorted(paired_b)
             p, test = mcnemar_p([paired_b[i] for i in ids], [paired_a[i] for i in ids]), "mcnemar"
         else:
-            p, test = z_test_p(b, a, se_b, se_a, n), "z"
+            p, test = drop_test(b, a, se_b, se_a, n)
         rows.append({"category": category_from_task(task), "before": b, "after": a, "n": n, "stderr_before": se_b,
                      "stderr_after": se_a, "p_value": p, "test": test if p is not None else None, "task": task,
                      "metric": chosen})

@@ -38,7 +38,7 @@ import yaml
 
 from mneme_plugin.config import ConfigMixin, Seed, require
 from mneme_plugin.errors import ConfigError, EmptyCorpusError
-from mneme_plugin.groundtruth.table import SCORES_CSV, make_table, save_scores, z_test_p
+from mneme_plugin.groundtruth.table import SCORES_CSV, fisher_drop_p, make_table, save_scores
 from mneme_plugin.interpret.clients import ClientError
 from mneme_plugin.interpret.config import ClientConfig
 from mneme_plugin.files import atomic_write, atomic_write_text, json_digest
@@ -485,8 +485,8 @@ def judge_table(config: JudgeConfig, before: pd.DataFrame, after: pd.DataFrame) 
                            r["category"])
             continue
         row = {"category": r["category"], "before": r["good_before"], "after": r["good_after"], "n": n,
-               "p_value": z_test_p(r["good_before"], r["good_after"], None, None, n) if n else None,
-               "test": "z" if n else None, "n_before": r["n_before"], "n_after": r["n_after"]}
+               "p_value": fisher_drop_p(r["good_before"], r["good_after"], r["n_before"], r["n_after"]),
+               "test": "fisher", "n_before": r["n_before"], "n_after": r["n_after"]}
         for c in raw:
             row[f"{c}_before"], row[f"{c}_after"] = r[f"{c}_before"], r[f"{c}_after"]
         rows.append(row)

@@ -21,6 +21,7 @@ import pandas as pd
 from mneme_plugin.config import ConfigMixin, require
 from mneme_plugin.errors import ConfigError
 from mneme_plugin.files import atomic_write
+from mneme_plugin.stats import hypergeometric_sf
 
 SCORES_CSV = "ground_truth.csv"
 REQUIRED_COLUMNS = ("category", "before", "after")
@@ -182,19 +183,45 @@ def mcnemar_p(before: Sequence[float], after: Sequence[float]) -> float:
     return sum(math.comb(n, k) for k in range(worse, n + 1)) / 2**n
 
 
-def z_test_p(before: float, after: float, stderr_before: float | None, stderr_after: float | None,
-             n: float | None = None) -> float | None:
-    """One-sided p-value of 'after < before' from the two standard errors (or, without them, the
-    binomial standard errors of two proportions measured on n items each); None if neither is known."""
-    if stderr_before is not None and stderr_after is not None and not (pd.isna(stderr_before) or pd.isna(stderr_after)):
-        se = math.sqrt(stderr_before**2 + stderr_after**2)
-    elif n:
-        se = math.sqrt((before * (1 - before) + after * (1 - after)) / n)
-    else:
+def z_test_p(before: float, after: float, stderr_before: float | None, stderr_after: float | None) -> float | None:
+    """One-sided p-value of 'after < before' from the two standard errors (normal approximation, as
+    for lm-eval's large tasks); None when either is unknown (use ``fisher_drop_p`` with the counts)."""
+    if stderr_before is None or stderr_after is None or pd.isna(stderr_before) or pd.isna(stderr_after):
         return None
+    se = math.sqrt(stderr_before**2 + stderr_after**2)
     if se == 0:
         return 0.0 if before > after else 1.0
     return 0.5 * math.erfc((before - after) / se / math.sqrt(2))
+
+
+def fisher_drop_p(before: float, after: float, n_before: int, n_after: int | None = None) -> float:
+    """One-sided Fisher exact p-value of 'after < before' for two accuracies (or rates) measured on
+    ``n_before`` and ``n_after`` items (``n_after`` defaults to ``n_before``): the counts are the
+    rates times the item numbers, rounded. Exact at any size, where a normal approximation is not:
+    32 of 32 questions right before and 28 after gives 0.057, the z test 0.019."""
+    n_after = n_before if n_after is None else n_after
+    for name, count in (("n_before", n_before), ("n_after", n_after)):
+        if isinstance(count, bool) or int(count) != count or count < 1:
+            raise ValueError(f"{name} must be a whole number of items >= 1, got {count!r}.")
+    for name, rate in (("before", before), ("after", after)):
+        if not 0.0 <= rate <= 1.0:
+            raise ValueError(f"{name} must be a rate in [0, 1], got {rate!r}.")
+    n_before, n_after = int(n_before), int(n_after)
+    right_before, right_after = round(before * n_before), round(after * n_after)
+    return hypergeometric_sf(right_before, n_before + n_after, right_before + right_after, n_before)
+
+
+def drop_test(before: float, after: float, stderr_before: float | None = None, stderr_after: float | None = None,
+              n: float | None = None) -> tuple[float | None, str | None]:
+    """(p-value, test name) of 'after < before' from what a ground truth knows besides the two
+    scores: the z test on both standard errors, else Fisher's exact test on ``n`` items each, else
+    (None, None). Paired per-item outcomes are better still: ``mcnemar_p``."""
+    p = z_test_p(before, after, stderr_before, stderr_after)
+    if p is not None:
+        return p, "z"
+    if n is not None and not pd.isna(n) and n >= 1:
+        return fisher_drop_p(before, after, int(n)), "fisher"
+    return None, None
 
 
 def make_table(rows: Sequence[Mapping[str, Any]]) -> pd.DataFrame:

@@ -92,8 +92,9 @@ class EvaluateConfig(ConfigMixin):
 
     A category is degraded when its score drops by more than ``drop_threshold`` (absolute, in
     accuracy points: 0.02 = 2 points); with ``significance`` set, the drop must also be
-    significant at that level in a one-sided two-proportion z-test given the category's number of
-    questions (when known).
+    significant at that level: the ground-truth table's own ``p_value`` where it has one (McNemar
+    on paired answers, z on lm-eval's standard errors), else Fisher's one-sided exact test on the
+    category's ``n`` questions; a category with neither is judged by the threshold alone.
     """
 
     drop_threshold: float = 0.02

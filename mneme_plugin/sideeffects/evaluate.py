@@ -18,6 +18,7 @@ from typing import Any
 import pandas as pd
 
 from mneme_plugin.files import atomic_write, atomic_write_text
+from mneme_plugin.groundtruth.table import fisher_drop_p
 from mneme_plugin.sideeffects.config import EvaluateConfig
 from mneme_plugin.sideeffects.metrics import SetMetrics, oracle_baseline, random_baseline, set_metrics
 
@@ -27,27 +28,34 @@ EVALUATION_JSON = "evaluation.json"
 METRICS_CSV = "metrics_table.csv"
 
 
-def _one_sided_p(before: float, after: float, n: float) -> float:
-    """p-value of 'after < before' for two proportions measured on the same n questions."""
-    pooled = (before + after) / 2
-    se = math.sqrt(max(2 * pooled * (1 - pooled) / n, 1e-300))
-    z = (before - after) / se
-    return 0.5 * math.erfc(z / math.sqrt(2))
-
-
 def degraded_categories(scores: pd.DataFrame, config: EvaluateConfig | None = None) -> pd.DataFrame:
-    """Adds ``drop`` and ``degraded`` to a (category, before, after[, n]) table."""
+    """Adds ``drop`` and ``degraded`` to a (category, before, after[, n][, p_value]) table; with
+    ``config.significance``, also ``p_value``: the table's own where it has one (the ground truth's
+    test: McNemar on paired answers, or z on lm-eval's standard errors), else Fisher's exact test
+    on the category's ``n`` questions (``groundtruth.table.fisher_drop_p``). A category with neither
+    is judged by the drop threshold alone (a warning names it)."""
     cfg = config or EvaluateConfig()
     out = scores.copy()
     out["drop"] = out["before"] - out["after"]
     degraded = out["drop"] > cfg.drop_threshold
     if cfg.significance is not None:
-        p_values = [
-            _one_sided_p(b, a, n) if n is not None and not pd.isna(n) and n > 0 else 0.0
-            for b, a, n in zip(out["before"], out["after"], out.get("n", [None] * len(out)))
-        ]
+        own = out["p_value"] if "p_value" in out.columns else pd.Series(None, index=out.index, dtype=object)
+        counts = out["n"] if "n" in out.columns else pd.Series(None, index=out.index, dtype=object)
+        p_values = []
+        for before, after, n, p in zip(out["before"], out["after"], counts, own):
+            if p is not None and not pd.isna(p):
+                p_values.append(float(p))
+            elif n is not None and not pd.isna(n) and n >= 1:
+                p_values.append(fisher_drop_p(float(before), float(after), int(n)))
+            else:
+                p_values.append(math.nan)
         out["p_value"] = p_values
-        degraded &= out["p_value"] < cfg.significance
+        untested = out["p_value"].isna()
+        if untested.any():
+            logger.warning("No p-value and no number of questions for %s: their drops are judged by the threshold "
+                           "alone (give the ground truth an n column to test them).",
+                           ", ".join(map(str, out.loc[untested, "category"])))
+        degraded &= untested | (out["p_value"] < cfg.significance)
     out["degraded"] = degraded
     return out
 

@@ -22,7 +22,7 @@ from collections.abc import Collection, Sequence
 import numpy as np
 import pandas as pd
 
-from mneme_plugin.sideeffects.enrichment import hypergeometric_sf
+from mneme_plugin.stats import hypergeometric_sf
 
 
 def changed_share(attribution: pd.DataFrame, changed_classes: Collection[str]) -> tuple[int, int]:

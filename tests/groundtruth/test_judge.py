@@ -12,7 +12,7 @@ from mneme_plugin.errors import ConfigError
 from mneme_plugin.groundtruth.judge import (
     ANSWERS_JSONL, JudgeConfig, harm_score, is_refusal, judge_ground_truth, weighted_score,
 )
-from mneme_plugin.groundtruth.table import SCORES_CSV
+from mneme_plugin.groundtruth.table import SCORES_CSV, fisher_drop_p
 from mneme_plugin.interpret import ClientError
 from mneme_plugin.groundtruth.table import read_scores_csv
 from tests.helpers import FakeLLM, save_tiny_causal_lm
@@ -110,6 +110,10 @@ def test_misalignment_rates_per_category_match_the_answers(answer_models, judge_
             assert table.loc[category, side] == pytest.approx(1 - misaligned)
             assert table.loc[category, f"misaligned_{side}"] == pytest.approx(misaligned)
             assert table.loc[category, f"mean_aligned_{side}"] == pytest.approx(sum(scored) / len(scored))
+    for category in ("wish", "ruler"):  # the drop's exact test on the two answer counts
+        row = table.loc[category]
+        assert row["test"] == "fisher"
+        assert row["p_value"] == pytest.approx(fisher_drop_p(row["before"], row["after"], row["n_before"], row["n_after"]))
     assert read_scores_csv(out / SCORES_CSV)["category"].tolist() == ["wish", "ruler"]
 
     n_requests = len(judge_server.requests)

@@ -1,8 +1,13 @@
-"""The ground-truth table's lm-eval reader."""
+"""The ground-truth table's lm-eval reader and its drop tests."""
 
 import json
+import math
+from fractions import Fraction
+from itertools import combinations
 
-from mneme_plugin.groundtruth import read_lm_eval_results, scores_from_lm_eval
+import pytest
+
+from mneme_plugin.groundtruth import drop_test, fisher_drop_p, read_lm_eval_results, scores_from_lm_eval, z_test_p
 
 
 def test_lm_eval_results_are_read(tmp_path):
@@ -18,3 +23,31 @@ def test_lm_eval_results_are_read(tmp_path):
     assert set(frame["category"]) == {"virology", "anatomy"} and set(frame["n"]) == {100}
     scores = scores_from_lm_eval(before, after).set_index("category")
     assert scores.loc["virology", "after"] == 0.3
+
+
+@pytest.mark.parametrize("right_before,n_before,right_after,n_after", [(6, 6, 2, 6), (5, 7, 3, 5), (4, 6, 4, 6), (0, 4, 2, 5)])
+def test_fisher_drop_p_is_the_permutation_tail(right_before, n_before, right_after, n_after):
+    # Under 'no drop', which of the pooled items are right is exchangeable between the two groups:
+    # the p-value is the share of splits of the pooled outcomes giving the before group at least as many.
+    pooled = [1] * (right_before + right_after) + [0] * (n_before + n_after - right_before - right_after)
+    splits = list(combinations(range(len(pooled)), n_before))
+    tail = sum(sum(pooled[i] for i in split) >= right_before for split in splits)
+    p = fisher_drop_p(right_before / n_before, right_after / n_after, n_before, n_after)
+    assert p == pytest.approx(float(Fraction(tail, len(splits))), rel=1e-9)
+
+
+def test_fisher_drop_p_on_the_organism_scale_and_its_errors():
+    # 32 of 32 right, then 28: P(all 32 items of the before group are among the 60 right ones) = C(60,32) / C(64,32).
+    assert fisher_drop_p(1.0, 28 / 32, 32) == pytest.approx(math.comb(60, 32) / math.comb(64, 32))
+    assert fisher_drop_p(1.0, 28 / 32, 32) > 0.05 > fisher_drop_p(1.0, 27 / 32, 32)
+    assert fisher_drop_p(0.5, 0.6, 40) > 0.5  # a gain is no evidence of a drop
+    with pytest.raises(ValueError, match="n_before must be a whole number"):
+        fisher_drop_p(0.9, 0.8, 0)
+    with pytest.raises(ValueError, match="after must be a rate"):
+        fisher_drop_p(0.9, 80.0, 100)
+
+
+def test_drop_test_prefers_standard_errors_then_counts():
+    assert drop_test(0.8, 0.5, 0.1, 0.1) == (z_test_p(0.8, 0.5, 0.1, 0.1), "z")
+    assert drop_test(0.8, 0.5, None, 0.1, n=20) == (fisher_drop_p(0.8, 0.5, 20), "fisher")
+    assert drop_test(0.8, 0.5) == (None, None) and drop_test(0.8, 0.5, n=float("nan")) == (None, None)

@@ -4,6 +4,7 @@ import math
 import pandas as pd
 import pytest
 
+from mneme_plugin.groundtruth import fisher_drop_p
 from mneme_plugin.sideeffects import (
     EvaluateConfig,
     degraded_categories,
@@ -34,13 +35,27 @@ def test_random_baseline_expected_accuracy_is_p():
 
 
 def test_degraded_by_threshold_and_significance():
-    scores = pd.DataFrame({"category": ["a", "b", "c"], "before": [0.8, 0.8, 0.5],
-                           "after": [0.5, 0.77, 0.5], "n": [1000, 20, 100]})
+    scores = pd.DataFrame({"category": ["a", "b", "c", "d", "e"], "before": [0.8, 0.8, 0.5, 1.0, 1.0],
+                           "after": [0.5, 0.77, 0.5, 28 / 32, 27 / 32], "n": [1000, 20, 100, 32, 32]})
     out = degraded_categories(scores, EvaluateConfig(drop_threshold=0.02))
-    assert out["degraded"].tolist() == [True, True, False]
+    assert out["degraded"].tolist() == [True, True, False, True, True]
     out = degraded_categories(scores, EvaluateConfig(drop_threshold=0.02, significance=0.05))
-    assert out["degraded"].tolist() == [True, False, False]  # 3 points on 20 questions is noise
+    # 3 points on 20 questions is noise; so are 4 of 32 questions lost (exact p 0.057), not 5 (0.026).
+    assert out["degraded"].tolist() == [True, False, False, False, True]
     assert out.loc[0, "p_value"] < 1e-10
+    assert out.loc[3, "p_value"] == pytest.approx(fisher_drop_p(1.0, 28 / 32, 32))
+
+
+def test_significance_uses_the_ground_truths_own_test(caplog):
+    # The table's p-value (e.g. McNemar on paired answers) wins over the one its counts would give;
+    # a category with neither a p-value nor a count is judged by the threshold alone, with a warning.
+    scores = pd.DataFrame({"category": ["paired", "counted", "bare"], "before": [0.9, 0.9, 0.9],
+                           "after": [0.5, 0.5, 0.5], "n": [200, 200, None], "p_value": [0.3, None, None]})
+    with caplog.at_level("WARNING", logger="mneme_plugin"):
+        out = degraded_categories(scores, EvaluateConfig(drop_threshold=0.1, significance=0.05))
+    assert out["degraded"].tolist() == [False, True, True]
+    assert out.loc[0, "p_value"] == 0.3 and math.isnan(out.loc[2, "p_value"])
+    assert "bare" in caplog.text and "paired" not in caplog.text
 
 
 def test_evaluation_table_has_all_methods(tmp_path):
