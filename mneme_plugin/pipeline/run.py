@@ -25,7 +25,7 @@ from mneme_plugin.files import atomic_write_text, json_digest
 from mneme_plugin.layout import RunLayout
 from mneme_plugin.pipeline.config import RunConfig, save_run_config
 from mneme_plugin.pipeline.stage import PipelineContext, Stage
-from mneme_plugin.pipeline.stages import STAGES, corpus_digest, reads_corpus, validate_for_run
+from mneme_plugin.pipeline.stages import STAGES, corpus_digest, reads_corpus, stage_corpus_digest, validate_for_run
 
 if TYPE_CHECKING:  # torch: imported when a run starts, not with the package
     from mneme_plugin.distributed import DistributedContext
@@ -137,7 +137,7 @@ def plan(config: RunConfig, stages: list[Stage], corpus: str | None = None) -> l
         if not stage.enabled(config):
             out.append((stage, fingerprint, "disabled"))
             continue
-        status = _status(layout, stage, fingerprint, legacy, corpus if reads_corpus(stage, config) else None)
+        status = _status(layout, stage, fingerprint, legacy, stage_corpus_digest(stage, config, corpus))
         # Same config, but what it read is redone: its fingerprint cannot tell, so it is redone too.
         if status == "skip (done)" and redone & set(previous):
             status = UPSTREAM_REDONE
@@ -212,7 +212,7 @@ def _run_stages(config: RunConfig, stages: list[Stage], layout: RunLayout, dist:
             start_time = time.perf_counter()
             stage.run(ctx)
             dist.on_main(lambda: _finish_stage(stage, layout, fingerprint, token, start_time,
-                                               corpus if reads_corpus(stage, config) else None))
+                                               stage_corpus_digest(stage, config, corpus)))
         elif not dist.is_main:
             if i > last_shared:
                 logger.debug("Rank %d: no stage left for several ranks; rank 0 runs the rest.", dist.rank)
@@ -226,7 +226,7 @@ def _run_stages(config: RunConfig, stages: list[Stage], layout: RunLayout, dist:
                     start_time = time.perf_counter()
                     stage.run(ctx)
                     _finish_stage(stage, layout, fingerprint, token, start_time,
-                                  corpus if reads_corpus(stage, config) else None)
+                                  stage_corpus_digest(stage, config, corpus))
             except BaseException as err:
                 if others_wait:  # tell the ranks waiting for this stage, instead of leaving them waiting
                     atomic_write_text(layout.stage_failure(stage.name),

@@ -122,6 +122,12 @@ def reads_corpus(stage: Stage, config: RunConfig) -> bool:
     return "corpus" in stage.sections_of(config)
 
 
+def stage_corpus_digest(stage: Stage, config: RunConfig, corpus: str | None) -> str | None:
+    """The corpus digest that ``stage``'s marker records and its status checks: ``corpus`` (the plan's
+    ``corpus_digest``) for a stage that reads the corpus, None for the others."""
+    return corpus if reads_corpus(stage, config) else None
+
+
 def _control_digest(config: RunConfig) -> dict[str, str]:
     """The control run's attribution the predict stage reads (a redone control re-predicts)."""
     from mneme_plugin.attribution.table import TABLE_PARQUET
