@@ -3,7 +3,9 @@
 Runs ``mneme run`` on every case (cached and resumable under --out), then scores every prediction
 rule offline on the finished runs and prints, per case and as mean ± sd per intervention, Eq. 4
 accuracy, precision, recall and F1 of MNEME (one row per rule) and of the random, naive and oracle
-baselines, and the recovered share of remediation vs its random-sample control. Writes
+baselines, the recovered share of remediation vs its random-sample control, and the threshold
+ceiling of RMU (the best accuracy any one threshold on the stored predictions' robust z reaches at
+mean precision >= 0.8, picked with hindsight). Writes
 ``validity_cases.csv``, ``validity_summary.csv`` (and ``validity_summary_significant.csv``, against
 the ground truth whose drops are also significant) and ``remediation_cases.csv`` to --out.
 
@@ -36,8 +38,8 @@ sys.path.insert(0, str(ROOT))
 from mneme_plugin.files import atomic_write  # noqa: E402
 from mneme_plugin.organism.catalog import INTERVENTIONS, KNOWLEDGE_INTERVENTIONS  # noqa: E402
 from mneme_plugin.organism.validity import (  # noqa: E402
-    behaviour_rows, grid_cases, remediation_rows, run_extra_crosscoders, run_grid_case, score_case, summarize,
-    summarize_remediation,
+    behaviour_rows, case_evidence, grid_cases, remediation_rows, run_extra_crosscoders, run_grid_case, score_case,
+    summarize, summarize_remediation, threshold_ceiling,
 )
 from mneme_plugin.sideeffects.config import PredictConfig  # noqa: E402
 
@@ -75,6 +77,8 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
 
     rows, significant_rows, remediation, behaviour = [], [], [], []
+    evidence: dict[tuple[str, str], list] = {}  # (intervention, truth) -> per case (robust z, degraded set)
+    truths = {"drop > 0.1": None} | ({f"and significant at {args.significance}": args.significance} if args.significance else {})
     cases = grid_cases(args.seeds, args.targets, args.interventions)
     for i, case in enumerate(cases, 1):
         case_dir = args.out / case.name
@@ -91,6 +95,9 @@ def main() -> None:
         if args.significance:
             significant_rows.extend(score_case(case, case_dir, PREDICTION_RULES, significance=args.significance,
                                                n_crosscoders=args.crosscoders))
+        if case.intervention == "rmu":  # a concentrated edit: the robust z is what its rule reads
+            for truth, significance in truths.items():
+                evidence.setdefault((case.intervention, truth), []).append(case_evidence(case, case_dir, significance))
         remediation.extend(remediation_rows(case, case_dir))
         behaviour.extend(behaviour_rows(case, case_dir))
     table = pd.DataFrame(rows)
@@ -110,6 +117,14 @@ def main() -> None:
         atomic_write(args.out / "validity_summary_significant.csv", lambda p: significant.to_csv(p, index=False))
         print(f"\nMean ± sd over the grid, degraded = drop > 0.1 and significant at {args.significance}:")
         print(significant.to_markdown(index=False))
+    if evidence:
+        ceiling = pd.DataFrame([{"intervention": intervention, "truth": truth, "cases": len(cases),
+                                 **threshold_ceiling(cases, min_precision=0.8)}
+                                for (intervention, truth), cases in evidence.items()])
+        print("\nThreshold ceiling: the best mean Eq. 4 accuracy one threshold on the stored predictions' robust z "
+              "reaches at mean precision >= 0.8, the threshold picked with hindsight (a bound for any rule that "
+              "thresholds this evidence):")
+        print(ceiling.round(3).to_markdown(index=False))
     if remediation:
         remediated = pd.DataFrame(remediation)
         atomic_write(args.out / "remediation_cases.csv", lambda p: remediated.to_csv(p, index=False))

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from mneme_plugin.errors import ConfigError
 from mneme_plugin.organism.build import build_organism, with_agnostic_docs
 from mneme_plugin.organism.catalog import BEHAVIOUR_INTERVENTIONS
 from mneme_plugin.organism.demo import DESCRIPTIONS, case_taxonomy, control_folder, run_case, run_control
@@ -23,6 +24,7 @@ from mneme_plugin.sideeffects.config import EvaluateConfig, PredictConfig
 logger = logging.getLogger("mneme_plugin")
 
 METHOD_COLUMNS = ("accuracy", "precision", "recall", "f1")
+DROP_THRESHOLD = 0.1  # a domain is degraded when its accuracy drops by more than this (the demo's definition)
 
 
 @dataclass(frozen=True)
@@ -118,7 +120,6 @@ def score_case(case: GridCase, case_dir: Path, rules: dict[str, PredictConfig],
     from mneme_plugin.interpret.taxonomy import load_taxonomy
     from mneme_plugin.layout import RunLayout
     from mneme_plugin.sideeffects.evaluate import evaluate
-    from mneme_plugin.errors import ConfigError
     from mneme_plugin.sideeffects.pool import pool_predictions
     from mneme_plugin.sideeffects.predict import Prediction, predict
     from mneme_plugin.sideeffects.steps import naive_prediction
@@ -140,7 +141,7 @@ def score_case(case: GridCase, case_dir: Path, rules: dict[str, PredictConfig],
     control = load_attribution(control_layout.attribution).table if control_layout.attribution.is_dir() else None
     truth = read_scores_csv(case_dir / SCORES_CSV)
     description = DESCRIPTIONS[case.intervention].format(target=case.target or "mixed")
-    evaluate_config = EvaluateConfig(drop_threshold=0.1, significance=significance, seed=case.seed)
+    evaluate_config = EvaluateConfig(drop_threshold=DROP_THRESHOLD, significance=significance, seed=case.seed)
     rows = []
     stored = run_inputs(case_dir / "run")
     for index, (rule_name, rule) in enumerate(rules.items()):
@@ -217,6 +218,52 @@ def summarize(rows: pd.DataFrame) -> pd.DataFrame:
         row["true"] = round(float(group["n_true"].mean()), 2)
         out.append(row)
     return pd.DataFrame(out)
+
+
+def case_evidence(case: GridCase, case_dir: Path, significance: float | None = None) -> tuple[pd.Series, set[str]]:
+    """The finished case's stored prediction as evidence per category (the robust z of its category
+    scores, which the outlier rules threshold) and the set of truly degraded categories (as in
+    ``score_case``): what ``threshold_ceiling`` reads."""
+    from mneme_plugin.groundtruth.table import SCORES_CSV, read_scores_csv
+    from mneme_plugin.layout import RunLayout
+    from mneme_plugin.sideeffects.evaluate import degraded_categories
+    from mneme_plugin.sideeffects.predict import load_prediction
+
+    scores = load_prediction(RunLayout(case_dir / "run").prediction).scores
+    if "robust_z" not in scores.columns:
+        raise ConfigError(f"{case.name}'s stored prediction has no robust z (its rule is not an outlier rule).")
+    truth = degraded_categories(read_scores_csv(case_dir / SCORES_CSV),
+                                EvaluateConfig(drop_threshold=DROP_THRESHOLD, significance=significance))
+    evidence = scores.set_index("category")["robust_z"].where(scores.set_index("category")["score"] > 0)
+    return evidence.astype(float), set(truth.loc[truth["degraded"], "category"])
+
+
+def threshold_ceiling(cases: list[tuple[pd.Series, set[str]]], min_precision: float = 0.8) -> dict[str, float]:
+    """The best mean Eq. 4 accuracy that one threshold on a per-category evidence score reaches over
+    ``cases`` while their mean precision stays >= ``min_precision``, the threshold picked with
+    hindsight from the truth: an upper bound for every rule that thresholds that score, not a rule.
+
+    ``cases``: per case, the evidence of each category (index; NaN: no evidence, never predicted)
+    and the truly degraded set. A threshold t predicts the categories with evidence >= t; accuracy
+    is averaged over the cases with a degraded category, precision over those with a prediction (as
+    ``summarize`` does). Returns ``accuracy``, ``precision`` and ``threshold`` (NaN when no threshold
+    keeps the precision)."""
+    thresholds = sorted({float(v) for evidence, _ in cases for v in evidence.dropna()}, reverse=True)
+    best = {"accuracy": math.nan, "precision": math.nan, "threshold": math.nan}
+    for threshold in thresholds:
+        accuracies, precisions = [], []
+        for evidence, truth in cases:
+            predicted = set(evidence.index[evidence >= threshold])
+            if truth:
+                accuracies.append(len(predicted & truth) / len(truth))
+            if predicted:
+                precisions.append(len(predicted & truth) / len(predicted))
+        if not accuracies or not precisions:
+            continue
+        accuracy, precision = sum(accuracies) / len(accuracies), sum(precisions) / len(precisions)
+        if precision >= min_precision and not accuracy <= best["accuracy"]:
+            best = {"accuracy": accuracy, "precision": precision, "threshold": threshold}
+    return best
 
 
 def _mean_sd(values: pd.Series) -> str:

@@ -3,7 +3,10 @@ offline against the measured ground truth, and the summary's means agree with th
 
 import pytest
 
-from mneme_plugin.organism.validity import grid_cases, run_grid_case, score_case, summarize
+from mneme_plugin.organism.corpus import DOMAINS
+from mneme_plugin.organism.validity import (
+    case_evidence, grid_cases, run_grid_case, score_case, summarize, threshold_ceiling,
+)
 from mneme_plugin.sideeffects.config import PredictConfig
 
 RULES = {"MNEME default": PredictConfig(), "MNEME outlier": PredictConfig(rule="outlier"),
@@ -25,9 +28,10 @@ def test_grid_on_three_organisms(tmp_path):
     import pandas as pd
 
     assert PredictConfig().rule == "outlier_or_broad"
-    rows = []
+    rows, dirs = [], {}
     for case in grid_cases([1], ["law"], ["rmu", "narrow", "benign"]):
-        rows.extend(score_case(case, run_grid_case(case, tmp_path), RULES))
+        dirs[case.intervention] = (case, run_grid_case(case, tmp_path))
+        rows.extend(score_case(case, dirs[case.intervention][1], RULES))
     assert (tmp_path / "seed1" / "control" / "run" / "attribution").is_dir()  # the default rule's control
     table = pd.DataFrame(rows)
     print(table[["case", "method", "accuracy", "precision", "f1", "predicted", "true"]].to_string())
@@ -45,6 +49,10 @@ def test_grid_on_three_organisms(tmp_path):
     # Benign fine-tuning: the calibrated rule raises no false alarm, the default at most one.
     fp = benign["n_predicted"] - benign["n_hit"]
     assert fp["MNEME enrichment"] == 0 and fp["MNEME default"] <= 1
+    # The threshold ceiling's evidence is the stored prediction's, its truth the evaluation's.
+    evidence, truth = case_evidence(*dirs["rmu"])
+    assert truth == set(rmu.loc["oracle", "true"].split(",")) and set(evidence.index) == set(DOMAINS)
+    assert set(evidence.index[evidence >= 3.0]) == set(filter(None, rmu.loc["MNEME outlier", "predicted"].split(",")))
     summary = summarize(table).set_index(["intervention", "method"])
     assert summary.loc[("rmu", "MNEME default"), "cases"] == 1
     assert summary.loc[("rmu", "MNEME default"), "predicted"] == rmu.loc["MNEME default", "n_predicted"]
@@ -85,3 +93,31 @@ def test_remediation_summary_is_the_mean_of_per_case_means(tmp_path):
     assert summary.loc["all", "remediation"].startswith("0.62 ± 0.37")
     assert summary.loc["all", "control"].startswith("0.47 ± 0.15")
     assert summary.loc["all", "remediation ahead"] == "2 of 3"
+
+
+def test_threshold_ceiling_is_the_best_threshold_of_a_dense_sweep():
+    import numpy as np
+    import pandas as pd
+
+    rng = np.random.default_rng(0)
+    categories = [f"c{i}" for i in range(8)]
+    cases = []
+    for _ in range(12):
+        truth = set(rng.choice(categories, size=int(rng.integers(0, 4)), replace=False))
+        # Evidence: higher on degraded categories on average, with overlap; some categories have none.
+        z = pd.Series([rng.normal(2.0 if c in truth else 0.0) for c in categories], index=categories)
+        cases.append((z.where(rng.uniform(size=8) > 0.2), truth))
+    best = threshold_ceiling(cases, min_precision=0.6)
+
+    def metrics(threshold):
+        acc = [len(set(z.index[z >= threshold]) & t) / len(t) for z, t in cases if t]
+        prec = [len(set(z.index[z >= threshold]) & t) / (z >= threshold).sum() for z, t in cases if (z >= threshold).any()]
+        return np.mean(acc), np.mean(prec) if prec else np.nan
+
+    sweep = [(threshold, *metrics(threshold)) for threshold in np.linspace(-4, 6, 4001)]
+    feasible = [(a, p) for _, a, p in sweep if p >= 0.6]
+    assert best["accuracy"] == pytest.approx(max(a for a, _ in feasible))
+    assert best["precision"] >= 0.6
+    assert metrics(best["threshold"]) == pytest.approx((best["accuracy"], best["precision"]))
+    # Nothing keeps a precision above 1: no threshold.
+    assert np.isnan(threshold_ceiling(cases, min_precision=1.01)["accuracy"])
