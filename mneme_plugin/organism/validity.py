@@ -229,13 +229,13 @@ def case_evidence(case: GridCase, case_dir: Path, significance: float | None = N
     from mneme_plugin.sideeffects.evaluate import degraded_categories
     from mneme_plugin.sideeffects.predict import load_prediction
 
-    scores = load_prediction(RunLayout(case_dir / "run").prediction).scores
+    scores = load_prediction(RunLayout(case_dir / "run").prediction).scores.set_index("category")
     if "robust_z" not in scores.columns:
         raise ConfigError(f"{case.name}'s stored prediction has no robust z (its rule is not an outlier rule).")
     truth = degraded_categories(read_scores_csv(case_dir / SCORES_CSV),
                                 EvaluateConfig(drop_threshold=DROP_THRESHOLD, significance=significance))
-    evidence = scores.set_index("category")["robust_z"].where(scores.set_index("category")["score"] > 0)
-    return evidence.astype(float), set(truth.loc[truth["degraded"], "category"])
+    evidence = scores["robust_z"].where(scores["score"] > 0).astype(float)  # no score: no evidence
+    return evidence, set(truth.loc[truth["degraded"], "category"])
 
 
 def threshold_ceiling(cases: list[tuple[pd.Series, set[str]]], min_precision: float = 0.8) -> dict[str, float]:

@@ -18,7 +18,7 @@ from typing import Any
 import pandas as pd
 
 from mneme_plugin.files import atomic_write, atomic_write_text
-from mneme_plugin.groundtruth.table import fisher_drop_p
+from mneme_plugin.groundtruth.table import drop_test
 from mneme_plugin.sideeffects.config import EvaluateConfig
 from mneme_plugin.sideeffects.metrics import SetMetrics, oracle_baseline, random_baseline, set_metrics
 
@@ -32,7 +32,7 @@ def degraded_categories(scores: pd.DataFrame, config: EvaluateConfig | None = No
     """Adds ``drop`` and ``degraded`` to a (category, before, after[, n][, p_value]) table; with
     ``config.significance``, also ``p_value``: the table's own where it has one (the ground truth's
     test: McNemar on paired answers, or z on lm-eval's standard errors), else Fisher's exact test
-    on the category's ``n`` questions (``groundtruth.table.fisher_drop_p``). A category with neither
+    on the category's ``n`` questions (``groundtruth.table.drop_test``). A category with neither
     is judged by the drop threshold alone (a warning names it)."""
     cfg = config or EvaluateConfig()
     out = scores.copy()
@@ -43,12 +43,9 @@ def degraded_categories(scores: pd.DataFrame, config: EvaluateConfig | None = No
         counts = out["n"] if "n" in out.columns else pd.Series(None, index=out.index, dtype=object)
         p_values = []
         for before, after, n, p in zip(out["before"], out["after"], counts, own):
-            if p is not None and not pd.isna(p):
-                p_values.append(float(p))
-            elif n is not None and not pd.isna(n) and n >= 1:
-                p_values.append(fisher_drop_p(float(before), float(after), int(n)))
-            else:
-                p_values.append(math.nan)
+            if p is None or pd.isna(p):
+                p, _ = drop_test(float(before), float(after), n=n)  # Fisher's exact test when n is known
+            p_values.append(math.nan if p is None else float(p))
         out["p_value"] = p_values
         untested = out["p_value"].isna()
         if untested.any():
