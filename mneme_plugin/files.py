@@ -69,6 +69,24 @@ def content_digest(path: str | os.PathLike[str], full_below: int = 256 << 20, sa
     return digest.hexdigest()[:16]
 
 
+def stat_digest(path: str | os.PathLike[str]) -> str | None:
+    """A digest of what a file or folder holds, from metadata alone: SHA-256 of every file's path
+    (relative to ``path``), size and modification time, recursively; None when ``path`` does not
+    exist. Model folders hold gigabytes, so their bytes are not read: weights saved over old ones
+    change the times (a copy that does not keep them only costs a rerun)."""
+    import hashlib
+
+    root = Path(path)
+    if not root.exists():
+        return None
+    files = [root] if root.is_file() else sorted(f for f in root.rglob("*") if f.is_file())
+    digest = hashlib.sha256()
+    for f in files:
+        info = f.stat()
+        digest.update(f"{f.relative_to(root) if f != root else f.name}\0{info.st_size}\0{info.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
+
+
 def fsync_dir(path: Path) -> None:
     """Flush a directory entry (best effort: some filesystems refuse)."""
     try:

@@ -19,6 +19,7 @@ from mneme_plugin.files import (
     output_lock,
     refuse_overwrite,
     remove_stale_temporaries,
+    stat_digest,
 )
 from tests.helpers import random_activation_pairs, write_activation_store
 
@@ -181,3 +182,23 @@ def test_content_digest_reads_small_files_whole_and_large_ones_by_size_and_ends(
     for changed in (bytes(data[:-1]), bytes(data[:-1]) + b"\x00", b"\x01" + bytes(data[1:])):
         big.write_bytes(changed)
         assert digest() != expected
+
+
+def test_stat_digest_changes_when_a_file_is_saved_over_and_not_when_read(tmp_path):
+    folder = tmp_path / "model"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "model.safetensors").write_bytes(b"\0" * 64)
+    (folder / "sub" / "config.json").write_text("{}")
+    first = stat_digest(folder)
+    (folder / "model.safetensors").read_bytes()
+    assert stat_digest(folder) == first and stat_digest(tmp_path / "absent") is None
+    # The same size saved over it a second later: only the time tells, and it does.
+    stamp = os.stat(folder / "model.safetensors").st_mtime_ns
+    (folder / "model.safetensors").write_bytes(b"\1" * 64)
+    os.utime(folder / "model.safetensors", ns=(stamp + 1_000_000_000, stamp + 1_000_000_000))
+    assert stat_digest(folder) != first
+    # A new file in a subfolder counts too; a lone file has its own digest.
+    second = stat_digest(folder)
+    (folder / "sub" / "tokenizer.json").write_text("{}")
+    assert stat_digest(folder) != second
+    assert stat_digest(folder / "sub" / "config.json") is not None

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from mneme_plugin.errors import ConfigError
+from mneme_plugin.interventions.step import EDITED_BY_RUN
 from mneme_plugin.layout import RunLayout
 from mneme_plugin.pipeline.config import RunConfig
 from mneme_plugin.pipeline.stage import PipelineContext, Stage
@@ -120,6 +121,28 @@ def corpus_digest(config: RunConfig) -> str | None:
 
 def reads_corpus(stage: Stage, config: RunConfig) -> bool:
     return "corpus" in stage.sections_of(config)
+
+
+def model_digests(stage: Stage, config: RunConfig) -> dict[str, str]:
+    """The metadata digests (``files.stat_digest``) of the local model folders ``stage`` reads, by
+    role (base, edited): its marker records them, so weights saved over a folder in place redo the
+    stage (the fingerprint names a model by its spec only). Hub models have none, nor has the edited
+    model the run's own intervention writes (a redone intervention redoes what follows it)."""
+    from mneme_plugin.activations.models import ModelSpec
+    from mneme_plugin.files import stat_digest
+
+    sections = stage.sections_of(config)
+    out = {}
+    for role in ("base", "edited"):
+        spec = getattr(config.models, role)
+        if not ("models" in sections or f"models.{role}" in sections) or not isinstance(spec, str) \
+                or (role == "edited" and spec == EDITED_BY_RUN):
+            continue
+        parsed = ModelSpec.parse(spec)
+        digest = stat_digest(parsed.location) if parsed.kind != "hub" else None
+        if digest is not None:
+            out[role] = digest
+    return out
 
 
 def stage_corpus_digest(stage: Stage, config: RunConfig, corpus: str | None) -> str | None:

@@ -160,6 +160,46 @@ def test_a_corpus_rewritten_in_place_is_read_again(pair_and_corpus, tmp_path):
     assert statuses()["harvest"] == "skip (done)"
 
 
+def test_a_model_folder_saved_over_in_place_is_read_again(pair_and_corpus, tmp_path):
+    """The fingerprint names a model by its spec; the markers of the stages that read a local model
+    folder also record its files' sizes and times, so new weights saved over it redo those stages
+    (and those after them), while rereading the same folder redoes nothing."""
+    import shutil
+
+    from mneme_plugin.activations.store import ActivationStore
+    from mneme_plugin.pipeline import plan
+    from mneme_plugin.pipeline.stages import STAGES
+
+    base, edited, corpus, truth = pair_and_corpus
+    own = tmp_path / "edited"
+    shutil.copytree(edited, own)
+    cfg = _config(tmp_path / "run", base, own, corpus, truth, steps=30)
+    path = _write(tmp_path, "a.yaml", cfg)
+    only = ["--only", "harvest", "--only", "train", "--only", "attribute"]
+    assert CliRunner().invoke(main, ["run", path, *only]).exit_code == 0
+    statuses = lambda: {s.name: st for s, _, st in plan(RunConfig.from_dict(cfg), STAGES)}
+    assert statuses()["harvest"] == "skip (done)" and statuses()["attribute"] == "skip (done)"
+    harvest_marker = json.loads((tmp_path / "run" / ".stages" / "harvest.json").read_text())
+    assert set(harvest_marker["model_digests"]) == {"base", "edited"}
+    assert "model_digests" not in json.loads((tmp_path / "run" / ".stages" / "train.json").read_text())
+    first = ActivationStore(tmp_path / "run" / "activations").all_activations(max_rows=64)
+    # Other weights under the same folder name.
+    save_finetuned_llama(base, own, synthetic_corpus(40, seed=11), steps=8, seed=4)
+    now = statuses()
+    assert now["harvest"] == "rerun (model files changed)"
+    assert now["train"] == now["attribute"] == "rerun (input redone)"
+    assert CliRunner().invoke(main, ["run", path, *only]).exit_code == 0
+    again = ActivationStore(tmp_path / "run" / "activations").all_activations(max_rows=64)
+    assert torch.allclose(again[:, 0], first[:, 0]) and not torch.allclose(again[:, 1], first[:, 1])  # new edited rows
+    assert statuses()["harvest"] == "skip (done)" and statuses()["attribute"] == "skip (done)"
+    # Markers written before model digests existed are not second-guessed.
+    marker = json.loads((tmp_path / "run" / ".stages" / "harvest.json").read_text())
+    del marker["model_digests"]
+    (tmp_path / "run" / ".stages" / "harvest.json").write_text(json.dumps(marker))
+    save_finetuned_llama(base, own, synthetic_corpus(40, seed=12), steps=8, seed=5)
+    assert statuses()["harvest"] == "skip (done)"
+
+
 def test_dry_run_checks_the_config(pair_and_corpus, tmp_path):
     base, edited, corpus, truth = pair_and_corpus
     cfg = _config(tmp_path / "dry", base, edited, corpus, truth)
