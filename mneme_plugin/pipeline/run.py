@@ -26,7 +26,7 @@ from mneme_plugin.layout import RunLayout
 from mneme_plugin.pipeline.config import RunConfig, save_run_config
 from mneme_plugin.pipeline.stage import PipelineContext, Stage
 from mneme_plugin.pipeline.stages import (
-    STAGES, corpus_digest, model_digests, reads_corpus, stage_corpus_digest, validate_for_run,
+    STAGES, corpus_digest, input_digests, reads_corpus, stage_corpus_digest, validate_for_run,
 )
 
 if TYPE_CHECKING:  # torch: imported when a run starts, not with the package
@@ -51,9 +51,9 @@ class StageMarker:
     # Stages that read the corpus: the content digest of the local corpus file they read (the
     # fingerprint names the corpus by its source only); None when not recorded (older markers).
     corpus_digest: str | None = None
-    # Stages that read local model folders: their metadata digests by role (``stages.model_digests``);
+    # Digests of the model folders and ground-truth files the stage read (``stages.input_digests``);
     # None when not recorded (older markers).
-    model_digests: dict[str, str] | None = None
+    input_digests: dict[str, str] | None = None
 
 
 def read_stage_markers(run_dir: str | os.PathLike[str]) -> list[StageMarker]:
@@ -70,10 +70,10 @@ def read_stage_markers(run_dir: str | os.PathLike[str]) -> list[StageMarker]:
 def _read_marker(path: Path) -> StageMarker | None:
     try:
         info = json.loads(path.read_text())
-        digest, models = info.get("corpus_digest"), info.get("model_digests")
+        digest, inputs = info.get("corpus_digest"), info.get("input_digests")
         return StageMarker(str(info["stage"]), str(info["fingerprint"]), float(info.get("seconds", 0.0)),
                            int(info.get("version", 1)), str(digest) if digest is not None else None,
-                           {str(k): str(v) for k, v in models.items()} if isinstance(models, dict) else None)
+                           {str(k): str(v) for k, v in inputs.items()} if isinstance(inputs, dict) else None)
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -99,12 +99,12 @@ def _fingerprint(config: RunConfig, stage: Stage, upstream: str, *, legacy: bool
 
 
 CORPUS_CHANGED = "rerun (corpus changed)"
-MODELS_CHANGED = "rerun (model files changed)"
+INPUTS_CHANGED = "rerun (model or ground-truth files changed)"
 UPSTREAM_REDONE = "rerun (input redone)"
 
 
 def _status(layout: RunLayout, stage: Stage, fingerprint: str, legacy_fingerprint: str,
-            corpus: str | None = None, models: dict[str, str] | None = None) -> str:
+            corpus: str | None = None, inputs: dict[str, str] | None = None) -> str:
     """``corpus``: the corpus file's content digest now, for stages that read it (None: not checked)."""
     path = layout.stage_marker(stage.name)
     marker = _read_marker(path) if path.is_file() else None
@@ -115,10 +115,10 @@ def _status(layout: RunLayout, stage: Stage, fingerprint: str, legacy_fingerprin
         return "rerun (config changed)"
     if corpus is not None and marker.corpus_digest is not None and marker.corpus_digest != corpus:
         return CORPUS_CHANGED
-    # A role the marker did not record (older markers), or whose folder is gone now, is not second-guessed.
-    if models and marker.model_digests and any(marker.model_digests.get(role, digest) != digest
-                                               for role, digest in models.items()):
-        return MODELS_CHANGED
+    # An input the marker did not record (older markers), or that is gone now, is not second-guessed.
+    if inputs and marker.input_digests and any(marker.input_digests.get(key, digest) != digest
+                                               for key, digest in inputs.items()):
+        return INPUTS_CHANGED
     return "skip (done)" if stage.outputs(layout).exists() else "run"
 
 
@@ -127,23 +127,23 @@ def _corpus_now(config: RunConfig, stages: list[Stage]) -> str | None:
     return corpus_digest(config) if any(reads_corpus(stage, config) for stage in stages) else None
 
 
-def _model_digests_now(config: RunConfig, stages: list[Stage]) -> dict[str, dict[str, str]]:
-    """Per stage, the digests of the local model folders it reads (read once per plan)."""
-    return {stage.name: model_digests(stage, config) for stage in stages if stage.present(config)}
+def _input_digests_now(config: RunConfig, stages: list[Stage]) -> dict[str, dict[str, str]]:
+    """Per stage, the digests of the model folders and ground-truth files it reads (once per plan)."""
+    return {stage.name: input_digests(stage, config) for stage in stages if stage.present(config)}
 
 
 def plan(config: RunConfig, stages: list[Stage], corpus: str | None = None,
-         models: dict[str, dict[str, str]] | None = None) -> list[tuple[Stage, str, str]]:
+         inputs: dict[str, dict[str, str]] | None = None) -> list[tuple[Stage, str, str]]:
     """(stage, fingerprint, status) for every stage: status is run, skip (done), rerun or disabled.
-    ``corpus``: the corpus digest when the caller has read it already (``_corpus_now``); ``models``:
-    each stage's model digests likewise (``_model_digests_now``)."""
+    ``corpus``: the corpus digest when the caller has read it already (``_corpus_now``); ``inputs``:
+    each stage's input digests likewise (``_input_digests_now``)."""
     layout = config.layout
     out, upstream, legacy_upstream = [], "", ""
     done: dict[str, tuple[str, str]] = {}  # enabled stage -> (fingerprint, legacy fingerprint)
     redone: set[str] = set()  # stages rerun because their corpus, or a stage they read, changed
     previous: tuple[str, ...] = ()
     corpus = corpus if corpus is not None else _corpus_now(config, stages)
-    models = models if models is not None else _model_digests_now(config, stages)
+    inputs = inputs if inputs is not None else _input_digests_now(config, stages)
     for stage in stages:
         if not stage.present(config):
             continue
@@ -157,11 +157,11 @@ def plan(config: RunConfig, stages: list[Stage], corpus: str | None = None,
             out.append((stage, fingerprint, "disabled"))
             continue
         status = _status(layout, stage, fingerprint, legacy, stage_corpus_digest(stage, config, corpus),
-                         models.get(stage.name))
+                         inputs.get(stage.name))
         # Same config, but what it read is redone: its fingerprint cannot tell, so it is redone too.
         if status == "skip (done)" and redone & set(previous):
             status = UPSTREAM_REDONE
-        if status in (CORPUS_CHANGED, MODELS_CHANGED, UPSTREAM_REDONE):
+        if status in (CORPUS_CHANGED, INPUTS_CHANGED, UPSTREAM_REDONE):
             redone.add(stage.name)
         out.append((stage, fingerprint, status))
         upstream, legacy_upstream, previous = fingerprint, legacy, (stage.name,)
@@ -208,11 +208,11 @@ def _run_stages(config: RunConfig, stages: list[Stage], layout: RunLayout, dist:
     def start() -> tuple[list[tuple[str, str, str]], str, str | None]:  # rank 0: the plan every rank follows
         save_run_config(config)
         # What the plan checked is what the markers record.
-        corpus, models = _corpus_now(config, stages), _model_digests_now(config, stages)
-        steps = [(stage.name, fp, status) for stage, fp, status in plan(config, stages, corpus, models)]
-        return steps, secrets.token_hex(8), corpus, models
+        corpus, inputs = _corpus_now(config, stages), _input_digests_now(config, stages)
+        steps = [(stage.name, fp, status) for stage, fp, status in plan(config, stages, corpus, inputs)]
+        return steps, secrets.token_hex(8), corpus, inputs
 
-    steps, token, corpus, models = dist.on_main(start)
+    steps, token, corpus, inputs = dist.on_main(start)
     by_name = {stage.name: stage for stage in stages}
     todo = []
     for name, fingerprint, status in steps:
@@ -233,7 +233,7 @@ def _run_stages(config: RunConfig, stages: list[Stage], layout: RunLayout, dist:
             start_time = time.perf_counter()
             stage.run(ctx)
             dist.on_main(lambda: _finish_stage(stage, layout, fingerprint, token, start_time,
-                                               stage_corpus_digest(stage, config, corpus), models.get(stage.name)))
+                                               stage_corpus_digest(stage, config, corpus), inputs.get(stage.name)))
         elif not dist.is_main:
             if i > last_shared:
                 logger.debug("Rank %d: no stage left for several ranks; rank 0 runs the rest.", dist.rank)
@@ -247,7 +247,7 @@ def _run_stages(config: RunConfig, stages: list[Stage], layout: RunLayout, dist:
                     start_time = time.perf_counter()
                     stage.run(ctx)
                     _finish_stage(stage, layout, fingerprint, token, start_time,
-                                  stage_corpus_digest(stage, config, corpus), models.get(stage.name))
+                                  stage_corpus_digest(stage, config, corpus), inputs.get(stage.name))
             except BaseException as err:
                 if others_wait:  # tell the ranks waiting for this stage, instead of leaving them waiting
                     atomic_write_text(layout.stage_failure(stage.name),
@@ -267,17 +267,17 @@ def _start_stage(stage: Stage, layout: RunLayout, status: str) -> None:
 
 
 def _finish_stage(stage: Stage, layout: RunLayout, fingerprint: str, token: str, start_time: float,
-                  corpus: str | None, models: dict[str, str] | None = None) -> None:
+                  corpus: str | None, inputs: dict[str, str] | None = None) -> None:
     """``corpus``: the digest of the corpus file the stage read (the plan's), None if it reads none;
-    ``models``: those of the local model folders it read (the plan's)."""
+    ``inputs``: those of the model folders and ground-truth files it read (the plan's)."""
     seconds = time.perf_counter() - start_time
     # ``token`` names this run of the pipeline: ranks waiting for the stage know the marker is new.
     info = {"stage": stage.name, "fingerprint": fingerprint, "seconds": round(seconds, 2),
             "version": MARKER_VERSION, "token": token}
     if corpus is not None:
         info["corpus_digest"] = corpus
-    if models:
-        info["model_digests"] = models
+    if inputs:
+        info["input_digests"] = inputs
     atomic_write_text(layout.stage_marker(stage.name), json.dumps(info), durable=True)
     layout.stage_failure(stage.name).unlink(missing_ok=True)
     logger.info("[%s] finished in %.1f s -> %s", stage.name, seconds, stage.outputs(layout))

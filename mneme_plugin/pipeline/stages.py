@@ -123,13 +123,15 @@ def reads_corpus(stage: Stage, config: RunConfig) -> bool:
     return "corpus" in stage.sections_of(config)
 
 
-def model_digests(stage: Stage, config: RunConfig) -> dict[str, str]:
-    """The metadata digests (``files.stat_digest``) of the local model folders ``stage`` reads, by
-    role (base, edited): its marker records them, so weights saved over a folder in place redo the
-    stage (the fingerprint names a model by its spec only). Hub models have none, nor has the edited
+def input_digests(stage: Stage, config: RunConfig) -> dict[str, str]:
+    """Digests of the files outside the run directory that ``stage`` reads but its fingerprint only
+    names, for its marker: ``model:base`` / ``model:edited``, the local model folders' metadata
+    (``files.stat_digest``: paths, sizes, times; their gigabytes are not read), and ``file:PATH``,
+    the ground-truth files' content (``files.content_digest``). Weights saved over a model folder or a
+    ground-truth CSV rewritten in place then redo the stage. Hub models have none, nor has the edited
     model the run's own intervention writes (a redone intervention redoes what follows it)."""
     from mneme_plugin.activations.models import ModelSpec
-    from mneme_plugin.files import stat_digest
+    from mneme_plugin.files import content_digest, stat_digest
 
     sections = stage.sections_of(config)
     out = {}
@@ -141,7 +143,11 @@ def model_digests(stage: Stage, config: RunConfig) -> dict[str, str]:
         parsed = ModelSpec.parse(spec)
         digest = stat_digest(parsed.location) if parsed.kind != "hub" else None
         if digest is not None:
-            out[role] = digest
+            out[f"model:{role}"] = digest
+    if "ground_truth" in sections:
+        for path in config.ground_truth.files():
+            if Path(path).is_file():
+                out[f"file:{path}"] = content_digest(path)
     return out
 
 

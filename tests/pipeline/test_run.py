@@ -180,13 +180,13 @@ def test_a_model_folder_saved_over_in_place_is_read_again(pair_and_corpus, tmp_p
     statuses = lambda: {s.name: st for s, _, st in plan(RunConfig.from_dict(cfg), STAGES)}
     assert statuses()["harvest"] == "skip (done)" and statuses()["attribute"] == "skip (done)"
     harvest_marker = json.loads((tmp_path / "run" / ".stages" / "harvest.json").read_text())
-    assert set(harvest_marker["model_digests"]) == {"base", "edited"}
-    assert "model_digests" not in json.loads((tmp_path / "run" / ".stages" / "train.json").read_text())
+    assert set(harvest_marker["input_digests"]) == {"model:base", "model:edited"}
+    assert "input_digests" not in json.loads((tmp_path / "run" / ".stages" / "train.json").read_text())
     first = ActivationStore(tmp_path / "run" / "activations").all_activations(max_rows=64)
     # Other weights under the same folder name.
     save_finetuned_llama(base, own, synthetic_corpus(40, seed=11), steps=8, seed=4)
     now = statuses()
-    assert now["harvest"] == "rerun (model files changed)"
+    assert now["harvest"] == "rerun (model or ground-truth files changed)"
     assert now["train"] == now["attribute"] == "rerun (input redone)"
     assert CliRunner().invoke(main, ["run", path, *only]).exit_code == 0
     again = ActivationStore(tmp_path / "run" / "activations").all_activations(max_rows=64)
@@ -194,10 +194,34 @@ def test_a_model_folder_saved_over_in_place_is_read_again(pair_and_corpus, tmp_p
     assert statuses()["harvest"] == "skip (done)" and statuses()["attribute"] == "skip (done)"
     # Markers written before model digests existed are not second-guessed.
     marker = json.loads((tmp_path / "run" / ".stages" / "harvest.json").read_text())
-    del marker["model_digests"]
+    del marker["input_digests"]
     (tmp_path / "run" / ".stages" / "harvest.json").write_text(json.dumps(marker))
     save_finetuned_llama(base, own, synthetic_corpus(40, seed=12), steps=8, seed=5)
     assert statuses()["harvest"] == "skip (done)"
+
+
+def test_a_ground_truth_csv_rewritten_in_place_is_evaluated_again(pair_and_corpus, tmp_path):
+    from mneme_plugin.pipeline import plan
+    from mneme_plugin.pipeline.stages import STAGES
+    from mneme_plugin.sideeffects import load_evaluation
+
+    base, edited, corpus, truth = pair_and_corpus
+    own = tmp_path / "truth.csv"
+    own.write_text(truth.read_text())
+    cfg = _config(tmp_path / "run", base, edited, corpus, own, steps=30)
+    path = _write(tmp_path, "a.yaml", cfg)
+    assert CliRunner().invoke(main, ["run", path]).exit_code == 0
+    assert load_evaluation(tmp_path / "run" / "evaluation").true_set == ["biology"]
+    statuses = lambda: {s.name: st for s, _, st in plan(RunConfig.from_dict(cfg), STAGES)}
+    assert statuses()["evaluate"] == "skip (done)"
+    # The corrected table under the same name: law degraded too.
+    pd.DataFrame({"category": ["biology", "cooking", "law"], "before": [0.9, 0.8, 0.7],
+                  "after": [0.5, 0.8, 0.3]}).to_csv(own, index=False)
+    now = statuses()
+    assert now["evaluate"] == "rerun (model or ground-truth files changed)" and now["report"] == "rerun (input redone)"
+    assert now["train"] == now["predict"] == "skip (done)"
+    assert CliRunner().invoke(main, ["run", path]).exit_code == 0
+    assert load_evaluation(tmp_path / "run" / "evaluation").true_set == ["biology", "law"]
 
 
 def test_dry_run_checks_the_config(pair_and_corpus, tmp_path):
