@@ -611,12 +611,15 @@ def pool(run_dirs, out, min_votes, taxonomy) -> None:
 
 @main.command()
 @click.option("--run-dir", required=True, type=click.Path(exists=True, file_okay=False))
-@click.option("--scores-csv", type=click.Path(exists=True, dir_okay=False), help="category, before, after[, n].")
+@click.option("--scores-csv", type=click.Path(exists=True, dir_okay=False), help="category, before, after[, n][, p_value].")
 @click.option("--lm-eval-before", type=click.Path(exists=True, dir_okay=False))
 @click.option("--lm-eval-after", type=click.Path(exists=True, dir_okay=False))
 @click.option("--intervention", help="Plain-text description of the edit, for the naive baseline.")
-@click.option("--drop-threshold", type=float)
-@click.option("--significance", type=float)
+@click.option("--drop-threshold", type=float,
+              help="A category is degraded when its score drops by more than this (see EvaluateConfig).")
+@click.option("--significance", type=float,
+              help="Also require the drop to be significant at this level: the table's own p_value, else "
+                   "Fisher's exact test on its n (see EvaluateConfig).")
 @click.option("--config", type=click.Path(dir_okay=False),
               help="YAML with sections evaluate, ground_truth, map (default: evaluate and map of RUN_DIR/config.yaml).")
 @clear_errors
