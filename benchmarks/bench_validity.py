@@ -79,7 +79,7 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
 
     rows, significant_rows, remediation, behaviour = [], [], [], []
-    evidence: dict[tuple[str, str], list] = {}  # (intervention, truth) -> per case (robust z, degraded set)
+    evidence: dict[str, list] = {}  # truth -> per RMU case (robust z, degraded set)
     truths = {"drop > 0.1": None} | ({f"and significant at {args.significance}": args.significance} if args.significance else {})
     cases = grid_cases(args.seeds, args.targets, args.interventions)
     for i, case in enumerate(cases, 1):
@@ -99,7 +99,7 @@ def main() -> None:
                                                n_crosscoders=args.crosscoders))
         if case.intervention == "rmu":  # a concentrated edit: the robust z is what its rule reads
             for truth, significance in truths.items():
-                evidence.setdefault((case.intervention, truth), []).append(case_evidence(case, case_dir, significance))
+                evidence.setdefault(truth, []).append(case_evidence(case, case_dir, significance))
         remediation.extend(remediation_rows(case, case_dir))
         behaviour.extend(behaviour_rows(case, case_dir))
     table = pd.DataFrame(rows)
@@ -120,9 +120,8 @@ def main() -> None:
         print(f"\nMean ± sd over the grid, degraded = drop > 0.1 and significant at {args.significance}:")
         print(significant.to_markdown(index=False))
     if evidence:
-        ceiling = pd.DataFrame([{"intervention": intervention, "truth": truth, "cases": len(cases),
-                                 **threshold_ceiling(cases, min_precision=0.8)}
-                                for (intervention, truth), cases in evidence.items()])
+        ceiling = pd.DataFrame([{"intervention": "rmu", "truth": truth, "cases": len(cases),
+                                 **threshold_ceiling(cases, min_precision=0.8)} for truth, cases in evidence.items()])
         print("\nThreshold ceiling: the best mean Eq. 4 accuracy one threshold on the stored predictions' robust z "
               "reaches at mean precision >= 0.8, the threshold picked with hindsight (a bound for any rule that "
               "thresholds this evidence):")

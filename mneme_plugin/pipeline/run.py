@@ -26,7 +26,7 @@ from mneme_plugin.layout import RunLayout
 from mneme_plugin.pipeline.config import RunConfig, save_run_config
 from mneme_plugin.pipeline.stage import PipelineContext, Stage
 from mneme_plugin.pipeline.stages import (
-    STAGES, corpus_digest, input_digests, reads_corpus, stage_corpus_digest, validate_for_run,
+    STAGES, corpus_digest, input_digests, reads_corpus, validate_for_run,
 )
 
 if TYPE_CHECKING:  # torch: imported when a run starts, not with the package
@@ -54,6 +54,11 @@ class StageMarker:
     # Digests of the model folders and ground-truth files the stage read (``stages.input_digests``);
     # None when not recorded (older markers).
     input_digests: dict[str, str] | None = None
+
+    def recorded_digests(self) -> dict[str, str]:
+        """Every input digest the marker holds, keyed as ``stages.input_digests`` keys them."""
+        return {**({"corpus": self.corpus_digest} if self.corpus_digest is not None else {}),
+                **(self.input_digests or {})}
 
 
 def read_stage_markers(run_dir: str | os.PathLike[str]) -> list[StageMarker]:
@@ -104,8 +109,8 @@ UPSTREAM_REDONE = "rerun (input redone)"
 
 
 def _status(layout: RunLayout, stage: Stage, fingerprint: str, legacy_fingerprint: str,
-            corpus: str | None = None, inputs: dict[str, str] | None = None) -> str:
-    """``corpus``: the corpus file's content digest now, for stages that read it (None: not checked)."""
+            inputs: dict[str, str] | None = None) -> str:
+    """``inputs``: the digests of what the stage reads outside the run directory now (``stages.input_digests``)."""
     path = layout.stage_marker(stage.name)
     marker = _read_marker(path) if path.is_file() else None
     if marker is None:
@@ -113,36 +118,30 @@ def _status(layout: RunLayout, stage: Stage, fingerprint: str, legacy_fingerprin
     expected = fingerprint if marker.version >= MARKER_VERSION else legacy_fingerprint
     if marker.fingerprint != expected:
         return "rerun (config changed)"
-    if corpus is not None and marker.corpus_digest is not None and marker.corpus_digest != corpus:
-        return CORPUS_CHANGED
     # An input the marker did not record (older markers), or that is gone now, is not second-guessed.
-    if inputs and marker.input_digests and any(marker.input_digests.get(key, digest) != digest
-                                               for key, digest in inputs.items()):
-        return INPUTS_CHANGED
+    recorded = marker.recorded_digests()
+    changed = {key for key, digest in (inputs or {}).items() if recorded.get(key, digest) != digest}
+    if changed:
+        return CORPUS_CHANGED if "corpus" in changed else INPUTS_CHANGED
     return "skip (done)" if stage.outputs(layout).exists() else "run"
 
 
-def _corpus_now(config: RunConfig, stages: list[Stage]) -> str | None:
-    """The corpus file's content digest, read once per plan (None when no stage reads the corpus)."""
-    return corpus_digest(config) if any(reads_corpus(stage, config) for stage in stages) else None
-
-
 def _input_digests_now(config: RunConfig, stages: list[Stage]) -> dict[str, dict[str, str]]:
-    """Per stage, the digests of the model folders and ground-truth files it reads (once per plan)."""
-    return {stage.name: input_digests(stage, config) for stage in stages if stage.present(config)}
+    """Per stage, the digests of the corpus, model folders and ground-truth files it reads, taken
+    once per plan (the corpus file is digested once for all the stages that read it)."""
+    corpus = corpus_digest(config) if any(reads_corpus(stage, config) for stage in stages) else None
+    return {stage.name: input_digests(stage, config, corpus) for stage in stages if stage.present(config)}
 
 
-def plan(config: RunConfig, stages: list[Stage], corpus: str | None = None,
+def plan(config: RunConfig, stages: list[Stage],
          inputs: dict[str, dict[str, str]] | None = None) -> list[tuple[Stage, str, str]]:
     """(stage, fingerprint, status) for every stage: status is run, skip (done), rerun or disabled.
-    ``corpus``: the corpus digest when the caller has read it already (``_corpus_now``); ``inputs``:
-    each stage's input digests likewise (``_input_digests_now``)."""
+    ``inputs``: each stage's input digests when the caller has taken them already (``_input_digests_now``)."""
     layout = config.layout
     out, upstream, legacy_upstream = [], "", ""
     done: dict[str, tuple[str, str]] = {}  # enabled stage -> (fingerprint, legacy fingerprint)
-    redone: set[str] = set()  # stages rerun because their corpus, or a stage they read, changed
+    redone: set[str] = set()  # stages rerun because their inputs, or a stage they read, changed
     previous: tuple[str, ...] = ()
-    corpus = corpus if corpus is not None else _corpus_now(config, stages)
     inputs = inputs if inputs is not None else _input_digests_now(config, stages)
     for stage in stages:
         if not stage.present(config):
@@ -156,8 +155,7 @@ def plan(config: RunConfig, stages: list[Stage], corpus: str | None = None,
         if not stage.enabled(config):
             out.append((stage, fingerprint, "disabled"))
             continue
-        status = _status(layout, stage, fingerprint, legacy, stage_corpus_digest(stage, config, corpus),
-                         inputs.get(stage.name))
+        status = _status(layout, stage, fingerprint, legacy, inputs.get(stage.name))
         # Same config, but what it read is redone: its fingerprint cannot tell, so it is redone too.
         if status == "skip (done)" and redone & set(previous):
             status = UPSTREAM_REDONE
@@ -205,14 +203,14 @@ def _run_stages(config: RunConfig, stages: list[Stage], layout: RunLayout, dist:
                 models: dict[str, Any] | None, only: list[str] | None, progress: bool) -> None:
     from mneme_plugin.distributed import local_only
 
-    def start() -> tuple[list[tuple[str, str, str]], str, str | None]:  # rank 0: the plan every rank follows
+    # rank 0: the plan every rank follows, the run's token, and the input digests the markers will record
+    def start() -> tuple[list[tuple[str, str, str]], str, dict[str, dict[str, str]]]:
         save_run_config(config)
-        # What the plan checked is what the markers record.
-        corpus, inputs = _corpus_now(config, stages), _input_digests_now(config, stages)
-        steps = [(stage.name, fp, status) for stage, fp, status in plan(config, stages, corpus, inputs)]
-        return steps, secrets.token_hex(8), corpus, inputs
+        inputs = _input_digests_now(config, stages)  # what the plan checked is what the markers record
+        steps = [(stage.name, fp, status) for stage, fp, status in plan(config, stages, inputs)]
+        return steps, secrets.token_hex(8), inputs
 
-    steps, token, corpus, inputs = dist.on_main(start)
+    steps, token, inputs = dist.on_main(start)
     by_name = {stage.name: stage for stage in stages}
     todo = []
     for name, fingerprint, status in steps:
@@ -232,8 +230,7 @@ def _run_stages(config: RunConfig, stages: list[Stage], layout: RunLayout, dist:
             dist.on_main(lambda: _start_stage(stage, layout, status))
             start_time = time.perf_counter()
             stage.run(ctx)
-            dist.on_main(lambda: _finish_stage(stage, layout, fingerprint, token, start_time,
-                                               stage_corpus_digest(stage, config, corpus), inputs.get(stage.name)))
+            dist.on_main(lambda: _finish_stage(stage, layout, fingerprint, token, start_time, inputs.get(stage.name)))
         elif not dist.is_main:
             if i > last_shared:
                 logger.debug("Rank %d: no stage left for several ranks; rank 0 runs the rest.", dist.rank)
@@ -246,8 +243,7 @@ def _run_stages(config: RunConfig, stages: list[Stage], layout: RunLayout, dist:
                     _start_stage(stage, layout, status)
                     start_time = time.perf_counter()
                     stage.run(ctx)
-                    _finish_stage(stage, layout, fingerprint, token, start_time,
-                                  stage_corpus_digest(stage, config, corpus), inputs.get(stage.name))
+                    _finish_stage(stage, layout, fingerprint, token, start_time, inputs.get(stage.name))
             except BaseException as err:
                 if others_wait:  # tell the ranks waiting for this stage, instead of leaving them waiting
                     atomic_write_text(layout.stage_failure(stage.name),
@@ -267,17 +263,17 @@ def _start_stage(stage: Stage, layout: RunLayout, status: str) -> None:
 
 
 def _finish_stage(stage: Stage, layout: RunLayout, fingerprint: str, token: str, start_time: float,
-                  corpus: str | None, inputs: dict[str, str] | None = None) -> None:
-    """``corpus``: the digest of the corpus file the stage read (the plan's), None if it reads none;
-    ``inputs``: those of the model folders and ground-truth files it read (the plan's)."""
+                  inputs: dict[str, str] | None = None) -> None:
+    """``inputs``: the digests of what the stage read outside the run directory (the plan's)."""
     seconds = time.perf_counter() - start_time
     # ``token`` names this run of the pipeline: ranks waiting for the stage know the marker is new.
     info = {"stage": stage.name, "fingerprint": fingerprint, "seconds": round(seconds, 2),
             "version": MARKER_VERSION, "token": token}
-    if corpus is not None:
-        info["corpus_digest"] = corpus
-    if inputs:
-        info["input_digests"] = inputs
+    others = dict(inputs or {})
+    if "corpus" in others:  # its own field, as markers have recorded it since corpus digests began
+        info["corpus_digest"] = others.pop("corpus")
+    if others:
+        info["input_digests"] = others
     atomic_write_text(layout.stage_marker(stage.name), json.dumps(info), durable=True)
     layout.stage_failure(stage.name).unlink(missing_ok=True)
     logger.info("[%s] finished in %.1f s -> %s", stage.name, seconds, stage.outputs(layout))

@@ -123,21 +123,26 @@ def reads_corpus(stage: Stage, config: RunConfig) -> bool:
     return "corpus" in stage.sections_of(config)
 
 
-def input_digests(stage: Stage, config: RunConfig) -> dict[str, str]:
+def input_digests(stage: Stage, config: RunConfig, corpus: str | None) -> dict[str, str]:
     """Digests of the files outside the run directory that ``stage`` reads but its fingerprint only
-    names, for its marker: ``model:base`` / ``model:edited``, the local model folders' metadata
-    (``files.stat_digest``: paths, sizes, times; their gigabytes are not read), and ``file:PATH``,
-    the ground-truth files' content (``files.content_digest``). Weights saved over a model folder or a
-    ground-truth CSV rewritten in place then redo the stage. Hub models have none, nor has the edited
-    model the run's own intervention writes (a redone intervention redoes what follows it)."""
+    names, for its marker: ``corpus``, the local corpus file's content (``corpus``, the plan's
+    ``corpus_digest``, read once for all stages); ``model:base`` / ``model:edited``, the local model
+    folders' metadata (``files.stat_digest``: paths, sizes, times; their gigabytes are not read); and
+    ``file:PATH``, the ground-truth files' content (``files.content_digest``). A corpus, model folder
+    or ground-truth CSV rewritten in place then redoes the stage. Hub datasets and models have none,
+    nor has the edited model the run's own intervention writes (a redone intervention redoes what
+    follows it)."""
     from mneme_plugin.activations.models import ModelSpec
     from mneme_plugin.files import content_digest, stat_digest
 
     sections = stage.sections_of(config)
     out = {}
+    if corpus is not None and reads_corpus(stage, config):
+        out["corpus"] = corpus
     for role in ("base", "edited"):
         spec = getattr(config.models, role)
-        if not ("models" in sections or f"models.{role}" in sections) or not isinstance(spec, str) \
+        # An empty spec: the models are passed as objects (run_pipeline(models=...)), no folder to check.
+        if not spec or not ("models" in sections or f"models.{role}" in sections) \
                 or (role == "edited" and spec == EDITED_BY_RUN):
             continue
         parsed = ModelSpec.parse(spec)
@@ -149,12 +154,6 @@ def input_digests(stage: Stage, config: RunConfig) -> dict[str, str]:
             if Path(path).is_file():
                 out[f"file:{path}"] = content_digest(path)
     return out
-
-
-def stage_corpus_digest(stage: Stage, config: RunConfig, corpus: str | None) -> str | None:
-    """The corpus digest that ``stage``'s marker records and its status checks: ``corpus`` (the plan's
-    ``corpus_digest``) for a stage that reads the corpus, None for the others."""
-    return corpus if reads_corpus(stage, config) else None
 
 
 def _control_digest(config: RunConfig) -> dict[str, str]:
