@@ -30,6 +30,8 @@ per (set, k) that show what a crosscoder can reach on that data:
     python benchmarks/bench_quality.py                       # ours, defaults, both planted sets
     python benchmarks/bench_quality.py --salience paper      # the MNEME paper's squared-norm weight
     python benchmarks/bench_quality.py --loss squared        # the paper's Eq. 1 (default: the fork's norm loss)
+    python benchmarks/bench_quality.py --salience paper --decoder-init-norm 2   # decoder rows start at norm 2
+    python benchmarks/bench_quality.py --width 2             # d=64, twice the features, m=512, the same true L0
     python benchmarks/bench_quality.py --salience crosscoder,paper --seeds 0 1 2 3 4   # per-seed rows, then mean ± sd
     python benchmarks/bench_quality.py --oracle              # also the oracle rows above
     python benchmarks/bench_quality.py --device cuda         # ours trained on a GPU (bf16 autocast)
@@ -74,14 +76,15 @@ def k_grid(spec: PlantedSpec) -> list[int]:
 
 
 def train_ours(data: PlantedData, k: int, salience: str, loss: str, seed: int, dict_size: int = DICT_SIZE,
-               decoder: torch.Tensor | None = None, device: str = "cpu"):
+               decoder: torch.Tensor | None = None, device: str = "cpu", decoder_init_norm: float = 1.0):
     """Our trainer with its defaults (on CUDA: bf16 autocast); ``decoder`` (2, m, d) in normalised space:
     fixed, only the rest trains. Returns the crosscoder on the CPU, where it is measured."""
     from mneme_plugin.crosscoder.trainer import BatchTopKCrossCoderTrainer
 
     trainer = BatchTopKCrossCoderTrainer(steps=STEPS, activation_dim=data.spec.d, dict_size=dict_size, k=k,
                                          batch_size=BATCH, salience=salience, loss=loss, seed=seed, device=device,
-                                         activation_scale=data.scale_factors().tolist())
+                                         activation_scale=data.scale_factors().tolist(),
+                                         decoder_init_norm=decoder_init_norm)
     if decoder is not None:
         with torch.no_grad():
             trainer.ae.W_dec.copy_(decoder.to(device))
@@ -132,15 +135,17 @@ def oracle_encoder(data: PlantedData, k: int, salience: str, loss: str, seed: in
             "dead": round(metrics.dead_fraction, 3)}
 
 
-def train_fork(set_name: str, k: int, salience: str, seed: int, fork: str, out_dir: str, data_seed: int = 0) -> None:
+def train_fork(set_name: str, k: int, salience: str, seed: int, fork: str, out_dir: str, data_seed: int = 0,
+               width: int = 1) -> None:
     """In a child process: train the fork's trainer on pre-scaled batches, save what its format reader reads."""
     sys.path.insert(0, fork)
     from dictionary_learning.trainers.crosscoder import BatchTopKCrossCoderTrainer as Fork
 
-    data = planted(set_name, data_seed)
+    data = planted(set_name, data_seed, width)
     scale = data.scale_factors()
     kw = {} if salience == "crosscoder" else {"dict_class_kwargs": {"code_normalization": salience.upper()}}
-    trainer = Fork(steps=STEPS, activation_dim=data.spec.d, dict_size=DICT_SIZE, k=k, layer=0, lm_name="planted",
+    trainer = Fork(steps=STEPS, activation_dim=data.spec.d, dict_size=DICT_SIZE * width, k=k, layer=0,
+                   lm_name="planted",
                    lr=FORK_LR, warmup_steps=FORK_WARMUP, seed=seed, device="cpu", **kw)
     batches = data.batches(BATCH, seed=1)
     for step in range(STEPS):
@@ -170,15 +175,22 @@ def measure(crosscoder, data: PlantedData, input_scale: torch.Tensor) -> dict:
     }
 
 
-def planted(set_name: str, data_seed: int) -> PlantedData:
-    return PlantedData(replace(SETS[set_name], seed=data_seed))
+def planted(set_name: str, data_seed: int, width: int = 1) -> PlantedData:
+    """A planted set; ``width`` scales its dimension and feature counts (the dictionary with them) and
+    divides the activation probability, so the true L0 stays the same."""
+    spec = SETS[set_name]
+    if width != 1:
+        spec = replace(spec, d=spec.d * width, counts={kind: n * width for kind, n in spec.counts.items()},
+                       p_active=spec.p_active / width)
+    return PlantedData(replace(spec, seed=data_seed))
 
 
 def run(set_name: str, impl: str, salience: str, k: int, seed: int, args: argparse.Namespace) -> dict:
-    data = planted(set_name, args.data_seed)
+    data = planted(set_name, args.data_seed, args.width)
     head = {"set": set_name, "impl": impl, "k": k, "salience": salience, "loss": args.loss, "seed": seed}
     if impl == "ours":
-        crosscoder = train_ours(data, k, salience, args.loss, seed, device=args.device)
+        crosscoder = train_ours(data, k, salience, args.loss, seed, dict_size=DICT_SIZE * args.width,
+                                device=args.device, decoder_init_norm=args.decoder_init_norm)
         figures = measure(crosscoder, data, torch.ones(2))
     elif impl == "codes":
         figures = oracle_codes(data, k)
@@ -190,6 +202,7 @@ def run(set_name: str, impl: str, salience: str, k: int, seed: int, args: argpar
         with tempfile.TemporaryDirectory() as out_dir:
             subprocess.run([sys.executable, __file__, "--child", set_name, "--k", str(k), "--fork", args.fork,
                             "--salience", salience, "--seed", str(seed), "--data-seed", str(args.data_seed),
+                            "--width", str(args.width),
                             "--out", out_dir],
                            check=True, capture_output=True, text=True)
             crosscoder = load_crosscoder(out_dir)
@@ -252,12 +265,16 @@ def main() -> None:
     parser.add_argument("--device", default="cpu",
                         help="ours: training device (cuda trains under bf16 autocast, training.autocast auto); "
                              "measured on the CPU either way")
+    parser.add_argument("--width", type=int, default=1,
+                        help="scale the sets' dimension, feature counts and dictionary by this factor (same true L0)")
+    parser.add_argument("--decoder-init-norm", type=float, default=1.0,
+                        help="ours: initial decoder row norm (training.decoder_init_norm; the fork's norm_init_scale)")
     parser.add_argument("--json", action="store_true", help="print JSON lines instead of the table")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        train_fork(args.child, int(args.k), args.salience, args.seed, args.fork, args.out, args.data_seed)
+        train_fork(args.child, int(args.k), args.salience, args.seed, args.fork, args.out, args.data_seed, args.width)
         return
     if args.loss is None:
         from mneme_plugin.crosscoder.config import TrainingConfig
@@ -272,11 +289,11 @@ def main() -> None:
         variants = [("codes", saliences[0]), ("enc", saliences[0])] + variants
     seeds = args.seeds if args.seeds is not None else [args.seed]
     print(f"salience {args.salience}, loss {args.loss}, training seeds {seeds}, data seed {args.data_seed}, "
-          f"ours trained on {args.device}; "
-          f"m={DICT_SIZE}, batch {BATCH}, {STEPS} steps; fork: lr {FORK_LR}, warmup {FORK_WARMUP}", flush=True)
+          f"ours trained on {args.device}, decoder rows at norm {args.decoder_init_norm}; "
+          f"m={DICT_SIZE * args.width}, batch {BATCH}, {STEPS} steps; fork: lr {FORK_LR}, warmup {FORK_WARMUP}", flush=True)
     results: dict[tuple, list[dict]] = {}
     for set_name in args.sets.split(","):
-        spec = SETS[set_name]
+        spec = planted(set_name, args.data_seed, args.width).spec
         ks = [int(k) for k in args.k.split(",")] if args.k else k_grid(spec)
         if not args.json:
             print(f"-- {set_name}: {spec.n_features} features, true L0 {spec.true_l0:.2f}, k {ks}", flush=True)

@@ -160,6 +160,10 @@ class TrainingConfig(ConfigMixin):
     # BatchTopK keeps k_anneal_factor * k latents per row at step 0, linearly down to k at
     # threshold_start_step (1 disables; the science-of-finetuning trainer's k_max / k_annealing_steps).
     k_anneal_factor: float = 1.0
+    # Initial norm of every decoder row, per model (the encoder starts as the decoder's transpose): the
+    # science-of-finetuning trainer's ``norm_init_scale``, 1 there and here. Its best value depends on
+    # the data and the salience (README "Crosscoder quality"), so it stays at the published value.
+    decoder_init_norm: float = 1.0
     grad_clip: float = 1.0
     seed: Seed = 0
     device: str = "auto"
@@ -203,6 +207,7 @@ class TrainingConfig(ConfigMixin):
         )
         require(0.0 <= self.threshold_beta < 1.0, "threshold_beta must be in [0, 1).")
         require(self.k_anneal_factor >= 1.0, f"k_anneal_factor must be >= 1 (1 disables), got {self.k_anneal_factor}.")
+        require(self.decoder_init_norm > 0, f"decoder_init_norm must be positive, got {self.decoder_init_norm}.")
         require(self.grad_clip >= 0, "grad_clip must be >= 0 (0 disables clipping).")
         require(self.checkpoint_every >= 0, "checkpoint_every must be >= 0 (0 disables checkpoints).")
         require(self.keep_checkpoints >= 1, "keep_checkpoints must be >= 1.")
@@ -211,6 +216,12 @@ class TrainingConfig(ConfigMixin):
                 f"shuffle_buffer_rows ({self.shuffle_buffer_rows}) must be at least 2 x batch_size ({self.batch_size}).")
         require(self.autocast in AUTOCAST_MODES,
                 f"autocast must be one of {AUTOCAST_MODES}, got {self.autocast!r}.")
+
+    def result_dict(self) -> dict[str, Any]:
+        out = super().result_dict()
+        if self.decoder_init_norm == 1.0:  # every run made before the field started there: keep their fingerprint
+            out.pop("decoder_init_norm")
+        return out
 
     def autocast_dtype(self, device_type: str) -> "torch.dtype | None":
         """The autocast dtype of the step on ``device_type`` (None: full precision)."""

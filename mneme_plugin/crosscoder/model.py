@@ -56,7 +56,8 @@ class BatchTopKCrossCoder(CrossCoder):
         Norm 1 (the science-of-finetuning ``norm_init_scale``) starts pre-activations at the scale of
         the normalised inputs (E||x_l|| = sqrt(d)). Rows of norm 0.1 made every latent start 100x too
         weak; the few that grew first took the BatchTopK budget and most of the others never fired
-        (planted recovery 0.61 -> 0.89, dead 71% -> 20% on the same run).
+        (planted recovery 0.61 -> 0.89, dead 71% -> 20% on the same run). The trainer passes
+        ``training.decoder_init_norm``.
         """
         n, m, d = self.W_dec.shape
         w = torch.randn(n, m, d, generator=generator, dtype=torch.float32)

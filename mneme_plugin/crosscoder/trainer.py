@@ -94,6 +94,7 @@ class BatchTopKCrossCoderTrainer(SAETrainer):
         threshold_start_step: int | None = None,
         threshold_beta: float = 0.999,
         k_anneal_factor: float = TrainingConfig.k_anneal_factor,
+        decoder_init_norm: float = TrainingConfig.decoder_init_norm,
         grad_clip: float = 1.0,
         salience: str = CrossCoderConfig.salience,
         batch_size: int = TrainingConfig.batch_size,
@@ -131,6 +132,7 @@ class BatchTopKCrossCoderTrainer(SAETrainer):
             threshold_start_step=threshold_start_step,
             threshold_beta=threshold_beta,
             k_anneal_factor=k_anneal_factor,
+            decoder_init_norm=decoder_init_norm,
             grad_clip=grad_clip,
             seed=0 if seed is None else seed,
             autocast=autocast,
@@ -146,7 +148,7 @@ class BatchTopKCrossCoderTrainer(SAETrainer):
             torch.backends.cuda.matmul.allow_tf32 = tf32
         generator = torch.Generator().manual_seed(self.training_config.seed)
         self.ae = BatchTopKCrossCoder(self.crosscoder_config)
-        self.ae.reset_parameters(generator=generator)
+        self.ae.reset_parameters(generator=generator, dec_norm=self.training_config.decoder_init_norm)
         if activation_scale is not None:
             self.ae.set_activation_scale(activation_scale)
         self.ae.to(self.device)
@@ -186,6 +188,7 @@ class BatchTopKCrossCoderTrainer(SAETrainer):
             threshold_start_step=t.threshold_start_step,
             threshold_beta=t.threshold_beta,
             k_anneal_factor=t.k_anneal_factor,
+            decoder_init_norm=t.decoder_init_norm,
             grad_clip=t.grad_clip,
             salience=crosscoder.salience,
             activation_scale=activation_scale,

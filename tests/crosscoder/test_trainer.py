@@ -149,3 +149,36 @@ def test_the_reused_salience_buffer_trains_exactly_as_fresh_tensors(monkeypatch)
     fresh, _ = train()
     for name, value in fresh.items():
         assert torch.equal(with_buffer[name], value), name
+
+
+@pytest.mark.parametrize(("salience", "given", "expected"), [
+    ("crosscoder", None, 1.0),  # the published norm_init_scale, whatever the salience
+    ("paper", None, 1.0),
+    ("paper", 2.0, 2.0),
+    ("crosscoder", 0.5, 0.5),
+])
+def test_decoder_rows_start_at_the_published_norm_unless_one_is_given(salience, given, expected):
+    chosen = {} if given is None else {"decoder_init_norm": given}
+    trainer = BatchTopKCrossCoderTrainer(steps=20, activation_dim=8, dict_size=64, k=2, salience=salience, seed=3,
+                                         **chosen)
+    norms = trainer.ae.W_dec.detach().norm(dim=-1)  # (models, latents): every row, per model
+    torch.testing.assert_close(norms, torch.full_like(norms, expected))
+    torch.testing.assert_close(trainer.ae.W_enc.detach(), trainer.ae.W_dec.detach().permute(0, 2, 1))
+    assert trainer.training_config.decoder_init_norm == expected
+    # The directions are the seed's whatever the norm: only the scale differs.
+    unit = BatchTopKCrossCoderTrainer(steps=20, activation_dim=8, dict_size=64, k=2, salience=salience,
+                                      seed=3).ae.W_dec.detach()
+    torch.testing.assert_close(trainer.ae.W_dec.detach(), unit * expected)
+
+
+def test_decoder_init_norm_reaches_the_trainer_from_the_yaml_config():
+    training = TrainingConfig.from_dict({"steps": 20, "batch_size": 16, "decoder_init_norm": 1.5})
+    crosscoder = CrossCoderConfig(activation_dim=8, dict_size=64, k=2, salience="paper")
+    trainer = BatchTopKCrossCoderTrainer.from_configs(crosscoder, training)
+    torch.testing.assert_close(trainer.ae.W_dec.detach().norm(dim=-1), torch.full((2, 64), 1.5))
+
+
+@pytest.mark.parametrize("norm", [0.0, -1.0])
+def test_a_non_positive_decoder_init_norm_is_refused(norm):
+    with pytest.raises(ConfigError, match="decoder_init_norm must be positive"):
+        TrainingConfig(decoder_init_norm=norm)

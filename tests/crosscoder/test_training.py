@@ -177,3 +177,9 @@ def test_autocast_is_validated_and_defaults_to_bf16_on_cuda_only():
     assert TrainingConfig().autocast_dtype("cpu") is None
     assert TrainingConfig(autocast="bfloat16").autocast_dtype("cpu") is torch.bfloat16
     assert TrainingConfig(autocast="off").autocast_dtype("cuda") is None
+
+
+def test_the_published_decoder_init_norm_leaves_the_stage_fingerprint_of_earlier_runs_alone():
+    # Runs made before the field existed started at norm 1 and fingerprint their training section without it.
+    assert "decoder_init_norm" not in TrainingConfig().result_dict()
+    assert TrainingConfig(decoder_init_norm=2.0).result_dict()["decoder_init_norm"] == 2.0
