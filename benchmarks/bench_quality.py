@@ -144,9 +144,8 @@ def train_fork(set_name: str, k: int, salience: str, seed: int, fork: str, out_d
     data = planted(set_name, data_seed, width)
     scale = data.scale_factors()
     kw = {} if salience == "crosscoder" else {"dict_class_kwargs": {"code_normalization": salience.upper()}}
-    trainer = Fork(steps=STEPS, activation_dim=data.spec.d, dict_size=DICT_SIZE * width, k=k, layer=0,
-                   lm_name="planted",
-                   lr=FORK_LR, warmup_steps=FORK_WARMUP, seed=seed, device="cpu", **kw)
+    trainer = Fork(steps=STEPS, activation_dim=data.spec.d, dict_size=width_dict_size(width), k=k, layer=0,
+                   lm_name="planted", lr=FORK_LR, warmup_steps=FORK_WARMUP, seed=seed, device="cpu", **kw)
     batches = data.batches(BATCH, seed=1)
     for step in range(STEPS):
         trainer.update(step, next(batches) * scale[None, :, None])
@@ -175,21 +174,30 @@ def measure(crosscoder, data: PlantedData, input_scale: torch.Tensor) -> dict:
     }
 
 
+def planted_spec(set_name: str, data_seed: int, width: int = 1) -> PlantedSpec:
+    """A planted set's spec; ``width`` scales its dimension and feature counts (and ``width_dict_size`` the
+    dictionary) and divides the activation probability, so the true L0 stays the same."""
+    spec = replace(SETS[set_name], seed=data_seed)
+    if width == 1:
+        return spec
+    return replace(spec, d=spec.d * width, counts={kind: n * width for kind, n in spec.counts.items()},
+                   p_active=spec.p_active / width)
+
+
 def planted(set_name: str, data_seed: int, width: int = 1) -> PlantedData:
-    """A planted set; ``width`` scales its dimension and feature counts (the dictionary with them) and
-    divides the activation probability, so the true L0 stays the same."""
-    spec = SETS[set_name]
-    if width != 1:
-        spec = replace(spec, d=spec.d * width, counts={kind: n * width for kind, n in spec.counts.items()},
-                       p_active=spec.p_active / width)
-    return PlantedData(replace(spec, seed=data_seed))
+    return PlantedData(planted_spec(set_name, data_seed, width))
+
+
+def width_dict_size(width: int) -> int:
+    """The dictionary of a set ``width`` times as wide."""
+    return DICT_SIZE * width
 
 
 def run(set_name: str, impl: str, salience: str, k: int, seed: int, args: argparse.Namespace) -> dict:
     data = planted(set_name, args.data_seed, args.width)
     head = {"set": set_name, "impl": impl, "k": k, "salience": salience, "loss": args.loss, "seed": seed}
     if impl == "ours":
-        crosscoder = train_ours(data, k, salience, args.loss, seed, dict_size=DICT_SIZE * args.width,
+        crosscoder = train_ours(data, k, salience, args.loss, seed, dict_size=width_dict_size(args.width),
                                 device=args.device, decoder_init_norm=args.decoder_init_norm)
         figures = measure(crosscoder, data, torch.ones(2))
     elif impl == "codes":
@@ -290,10 +298,10 @@ def main() -> None:
     seeds = args.seeds if args.seeds is not None else [args.seed]
     print(f"salience {args.salience}, loss {args.loss}, training seeds {seeds}, data seed {args.data_seed}, "
           f"ours trained on {args.device}, decoder rows at norm {args.decoder_init_norm}; "
-          f"m={DICT_SIZE * args.width}, batch {BATCH}, {STEPS} steps; fork: lr {FORK_LR}, warmup {FORK_WARMUP}", flush=True)
+          f"m={width_dict_size(args.width)}, batch {BATCH}, {STEPS} steps; fork: lr {FORK_LR}, warmup {FORK_WARMUP}", flush=True)
     results: dict[tuple, list[dict]] = {}
     for set_name in args.sets.split(","):
-        spec = planted(set_name, args.data_seed, args.width).spec
+        spec = planted_spec(set_name, args.data_seed, args.width)
         ks = [int(k) for k in args.k.split(",")] if args.k else k_grid(spec)
         if not args.json:
             print(f"-- {set_name}: {spec.n_features} features, true L0 {spec.true_l0:.2f}, k {ks}", flush=True)

@@ -185,26 +185,37 @@ def _missing_required(cls: type, given: set[str]) -> list[str]:
     ]
 
 
+def _default(field: dataclasses.Field) -> Any:  # type: ignore[type-arg]
+    if field.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return field.default_factory()  # type: ignore[misc]
+    return field.default
+
+
 class ConfigMixin:
     """Mixin for dataclass configs: strict, type-checked dict / YAML round-trips.
 
     ``runtime_fields`` names the fields that say where or how fast a stage runs (device, batch
     sizes of forward passes, concurrency) but not what it computes: ``result_dict`` leaves them
-    out, so ``mneme run`` does not redo finished work when only they change.
+    out, so ``mneme run`` does not redo finished work when only they change. ``later_fields`` names
+    fields added after runs were fingerprinted: ``result_dict`` leaves them out while they hold their
+    default (what every earlier run did), so those runs are not redone either.
     """
 
     runtime_fields: ClassVar[tuple[str, ...]] = ()
+    later_fields: ClassVar[tuple[str, ...]] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return {field.name: _plain(getattr(self, field.name)) for field in dataclasses.fields(self)}  # type: ignore[arg-type]
 
     def result_dict(self) -> dict[str, Any]:
-        """``to_dict`` without the runtime fields (recursively): what decides the stage's results."""
+        """``to_dict`` without the runtime fields, nor the later fields at their default (recursively):
+        what decides the stage's results."""
         out = {}
         for field in dataclasses.fields(self):  # type: ignore[arg-type]
-            if field.name in self.runtime_fields:
+            value = getattr(self, field.name)
+            if field.name in self.runtime_fields or (field.name in self.later_fields and value == _default(field)):
                 continue
-            out[field.name] = _result(getattr(self, field.name))
+            out[field.name] = _result(value)
         return out
 
     @classmethod

@@ -142,6 +142,7 @@ class TrainingConfig(ConfigMixin):
     """
 
     runtime_fields = ("device", "checkpoint_every", "keep_checkpoints")
+    later_fields = ("decoder_init_norm",)
 
     steps: int = 10_000
     batch_size: int = 4096
@@ -216,12 +217,6 @@ class TrainingConfig(ConfigMixin):
                 f"shuffle_buffer_rows ({self.shuffle_buffer_rows}) must be at least 2 x batch_size ({self.batch_size}).")
         require(self.autocast in AUTOCAST_MODES,
                 f"autocast must be one of {AUTOCAST_MODES}, got {self.autocast!r}.")
-
-    def result_dict(self) -> dict[str, Any]:
-        out = super().result_dict()
-        if self.decoder_init_norm == 1.0:  # every run made before the field started there: keep their fingerprint
-            out.pop("decoder_init_norm")
-        return out
 
     def autocast_dtype(self, device_type: str) -> "torch.dtype | None":
         """The autocast dtype of the step on ``device_type`` (None: full precision)."""

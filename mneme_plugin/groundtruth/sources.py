@@ -81,6 +81,8 @@ class RunGroundTruthConfig(GroundTruthConfig):
     """``GroundTruthConfig`` (one table read from files) plus ``tables``: named tables, measured or read."""
 
     tables: dict[str, GroundTruthTable] = field(default_factory=dict)
+    # Runs made before named tables existed keep their evaluate fingerprint.
+    later_fields = ("tables",)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -100,12 +102,6 @@ class RunGroundTruthConfig(GroundTruthConfig):
 
     def files(self) -> list[str]:
         return super().files() + [p for t in self.tables.values() for p in t.files()]
-
-    def result_dict(self) -> dict[str, Any]:
-        out = super().result_dict()
-        if not self.tables:  # runs made before named tables existed keep their evaluate fingerprint
-            out.pop("tables")
-        return out
 
 
 def table_path(folder: str | os.PathLike[str], name: str) -> Path:
