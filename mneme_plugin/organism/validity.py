@@ -173,17 +173,26 @@ def score_case(case: GridCase, case_dir: Path, rules: dict[str, PredictConfig],
     return rows
 
 
-def remediation_rows(case: GridCase, case_dir: Path) -> list[dict]:
+def remediation_rows(case: GridCase, case_dir: Path, significance: float | None = None) -> list[dict]:
     """Per degraded domain of a finished case: the share of the lost accuracy that remediation and the
-    random-sample control won back (none when the case wrote no remediation record)."""
+    random-sample control won back (none when the case wrote no remediation record). With
+    ``significance``, only the domains whose drop is also significant at that level (the evaluation's
+    test on the case's ground truth, as ``score_case`` applies it)."""
+    from mneme_plugin.groundtruth.table import SCORES_CSV, read_scores_csv
+    from mneme_plugin.sideeffects.evaluate import degraded_categories
     from mneme_plugin.sideeffects.remediate import CONTROLLED_JSON, load_controlled_remediation
 
     if not (case_dir / CONTROLLED_JSON).is_file():
         return []
     result = load_controlled_remediation(case_dir)
     remediated, control = result.recovered("remediated"), result.recovered("control")
+    degraded = result.degraded
+    if significance is not None:
+        truth = degraded_categories(read_scores_csv(case_dir / SCORES_CSV),
+                                    EvaluateConfig(drop_threshold=DROP_THRESHOLD, significance=significance))
+        degraded = [c for c in degraded if c in set(truth.loc[truth["degraded"], "category"])]
     return [{"case": case.name, "intervention": case.intervention, "category": c,
-             "recovered_remediated": remediated[c], "recovered_control": control[c]} for c in result.degraded]
+             "recovered_remediated": remediated[c], "recovered_control": control[c]} for c in degraded]
 
 
 def summarize_remediation(rows: pd.DataFrame) -> pd.DataFrame:

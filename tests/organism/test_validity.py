@@ -95,6 +95,29 @@ def test_remediation_summary_is_the_mean_of_per_case_means(tmp_path):
     assert summary.loc["all", "remediation ahead"] == "2 of 3"
 
 
+def test_remediation_rows_with_significance_keep_only_significant_drops(tmp_path):
+    import pandas as pd
+
+    from mneme_plugin.groundtruth.table import SCORES_CSV
+    from mneme_plugin.organism.validity import GridCase, remediation_rows
+    from mneme_plugin.sideeffects.remediate import ControlledRemediation, save_controlled_remediation
+
+    case = GridCase(0, "benign", None)
+    case_dir = tmp_path / case.name
+    # law: 32 -> 20 of 32 right (Fisher p < 0.001); cooking: 32 -> 28 (p 0.057), over 0.1 but within chance.
+    base, edited = {"law": 1.0, "cooking": 1.0}, {"law": 20 / 32, "cooking": 28 / 32}
+    save_controlled_remediation(ControlledRemediation(base=base, edited=edited, remediated=dict(base),
+                                                      control=dict(edited), degraded=["law", "cooking"],
+                                                      n_samples=4, steps=2), case_dir)
+    pd.DataFrame({"category": ["law", "cooking"], "before": [1.0, 1.0], "after": [20 / 32, 28 / 32],
+                  "n": [32, 32]}).to_csv(case_dir / SCORES_CSV, index=False)
+    assert [r["category"] for r in remediation_rows(case, case_dir)] == ["law", "cooking"]
+    significant = remediation_rows(case, case_dir, significance=0.05)
+    assert [r["category"] for r in significant] == ["law"]
+    assert significant[0]["recovered_remediated"] == 1.0 and significant[0]["recovered_control"] == 0.0
+    assert remediation_rows(case, case_dir, significance=0.1) == remediation_rows(case, case_dir)  # p 0.057 < 0.1
+
+
 def test_threshold_ceiling_is_the_best_threshold_of_a_dense_sweep():
     import numpy as np
     import pandas as pd
