@@ -22,9 +22,10 @@ SPEC = PlantedSpec(
 )
 
 
-# The run is too long to repeat in the fast suite. Seeds 0-9 with the norm loss (the default): recovery
-# 0.95-1.00, EV >= 0.99, leak < 0.05 on 9 of 10 (seed 1: edited-only 0.065); with the squared loss
-# recovery 0.89-1.00, leak < 0.05 on 8 of 10.
+# The run is too long to repeat in the fast suite. Seeds 0-9 with the default norm loss and short-run
+# learning rate (min(4, 5000 / steps) times the paper's: 6.4e-3 here): recovery 0.96-1.00, EV >= 0.995,
+# leak < 0.05 on 9 of 10 (seed 9: edited-only 0.053); with the earlier sqrt boost (3.2e-3) 0.95-1.00,
+# leak < 0.05 on 9 of 10 (seed 1: 0.065); with the squared loss 0.89-1.00, leak < 0.05 on 8 of 10.
 SEED = 0
 
 

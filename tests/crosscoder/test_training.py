@@ -145,10 +145,12 @@ def test_schedule_longer_than_the_run_warns_and_defaults_scale_with_it(tiny_stor
     resolved = TrainingConfig(steps=40, batch_size=64).resolve(dict_size=1024)
     assert resolved.warmup_steps == 4 and resolved.threshold_start_step == 20
     assert resolved.dead_after_tokens == 40 * 64 // 10
-    # The BatchTopK paper's rate for the dictionary size; a run this short gets twice it, a long one none.
-    assert resolved.lr == pytest.approx(2 * 2e-4 / (1024 / 2**14) ** 0.5)
+    # The BatchTopK paper's rate for the dictionary size; a run this short gets four times it (the cap), a
+    # long one none, one in between 5000 / steps times it.
+    assert resolved.lr == pytest.approx(4 * 2e-4 / (1024 / 2**14) ** 0.5)
     assert TrainingConfig(steps=20_000).resolve(dict_size=1024).lr == pytest.approx(2e-4 / (1024 / 2**14) ** 0.5)
-    assert TrainingConfig(steps=2_000).resolve(dict_size=256).lr == pytest.approx(1.6e-3 * (5000 / 2000) ** 0.5)
+    assert TrainingConfig(steps=2_000).resolve(dict_size=256).lr == pytest.approx(1.6e-3 * 5000 / 2000)
+    assert TrainingConfig(steps=4_999).resolve(dict_size=256).lr == pytest.approx(1.6e-3 * 5000 / 4999)
     assert TrainingConfig().schedule_warnings() == []
 
 
