@@ -178,8 +178,6 @@ def remediation_rows(case: GridCase, case_dir: Path, significance: float | None 
     random-sample control won back (none when the case wrote no remediation record). With
     ``significance``, only the domains whose drop is also significant at that level (the evaluation's
     test on the case's ground truth, as ``score_case`` applies it)."""
-    from mneme_plugin.groundtruth.table import SCORES_CSV, read_scores_csv
-    from mneme_plugin.sideeffects.evaluate import degraded_categories
     from mneme_plugin.sideeffects.remediate import CONTROLLED_JSON, load_controlled_remediation
 
     if not (case_dir / CONTROLLED_JSON).is_file():
@@ -188,9 +186,8 @@ def remediation_rows(case: GridCase, case_dir: Path, significance: float | None 
     remediated, control = result.recovered("remediated"), result.recovered("control")
     degraded = result.degraded
     if significance is not None:
-        truth = degraded_categories(read_scores_csv(case_dir / SCORES_CSV),
-                                    EvaluateConfig(drop_threshold=DROP_THRESHOLD, significance=significance))
-        degraded = [c for c in degraded if c in set(truth.loc[truth["degraded"], "category"])]
+        significant = truly_degraded(case_dir, significance)
+        degraded = [c for c in degraded if c in significant]
     return [{"case": case.name, "intervention": case.intervention, "category": c,
              "recovered_remediated": remediated[c], "recovered_control": control[c]} for c in degraded]
 
@@ -233,18 +230,25 @@ def case_evidence(case: GridCase, case_dir: Path, significance: float | None = N
     """The finished case's stored prediction as evidence per category (the robust z of its category
     scores, which the outlier rules threshold) and the set of truly degraded categories (as in
     ``score_case``): what ``threshold_ceiling`` reads."""
-    from mneme_plugin.groundtruth.table import SCORES_CSV, read_scores_csv
     from mneme_plugin.layout import RunLayout
-    from mneme_plugin.sideeffects.evaluate import degraded_categories
     from mneme_plugin.sideeffects.predict import load_prediction
 
     scores = load_prediction(RunLayout(case_dir / "run").prediction).scores.set_index("category")
     if "robust_z" not in scores.columns:
         raise ConfigError(f"{case.name}'s stored prediction has no robust z (its rule is not an outlier rule).")
+    evidence = scores["robust_z"].where(scores["score"] > 0).astype(float)  # no score: no evidence
+    return evidence, truly_degraded(case_dir, significance)
+
+
+def truly_degraded(case_dir: Path, significance: float | None = None) -> set[str]:
+    """The finished case's truly degraded categories, as ``score_case`` judges them: drop > 0.1 in its
+    ground truth and, with ``significance``, a drop also significant at that level."""
+    from mneme_plugin.groundtruth.table import SCORES_CSV, read_scores_csv
+    from mneme_plugin.sideeffects.evaluate import degraded_categories
+
     truth = degraded_categories(read_scores_csv(case_dir / SCORES_CSV),
                                 EvaluateConfig(drop_threshold=DROP_THRESHOLD, significance=significance))
-    evidence = scores["robust_z"].where(scores["score"] > 0).astype(float)  # no score: no evidence
-    return evidence, set(truth.loc[truth["degraded"], "category"])
+    return set(truth.loc[truth["degraded"], "category"])
 
 
 def threshold_ceiling(cases: list[tuple[pd.Series, set[str]]], min_precision: float = 0.8) -> dict[str, float]:
