@@ -16,16 +16,19 @@ k = 1x, 2x and 4x the planted data's true L0, and prints one row per (set, train
   shared -> shared).
 
 ``--seeds`` varies the training seed (the crosscoder's initialisation); the planted directions
-(``--data-seed``), the training stream and the held-out rows stay fixed. ``--oracle`` adds two rows
+(``--data-seed``), the training stream and the held-out rows stay fixed. ``--oracle`` adds three rows
 per (set, k) that show what a crosscoder can reach on that data:
 
 - ``codes``: the true codes and directions, the batch's k * B largest contributions kept (the
   BatchTopK budget): only the planted noise and the budget are lost;
+- ``lin``: the same support and directions, each feature's amplitude read by the best linear
+  function of the input (least squares of its true code over training rows where it fires): what a
+  linear encoder that selects the right latents could read;
 - ``enc``: a crosscoder whose decoder is fixed at the true directions (one latent per planted
   feature) and whose encoder, biases and threshold are trained with our defaults (deterministic:
-  one run): what a linear encoder loses reading superposed features (``n_features`` directions in
-  2d dimensions): the EV of a crosscoder that found every direction exactly (a learned one can
-  do a little better by spending its spare latents on mixtures of features).
+  one run): the EV our training reaches with every direction given (a learned decoder can do a
+  little better by spending its spare latents on mixtures of features). Between ``enc`` and ``lin``
+  lies what the encoder's training leaves on the table at this many steps.
 
     python benchmarks/bench_quality.py                       # ours, defaults, both planted sets
     python benchmarks/bench_quality.py --salience paper      # the MNEME paper's squared-norm weight
@@ -67,6 +70,7 @@ SETS = {
 K_MULTIPLES = (1, 2, 4)
 DICT_SIZE, BATCH, STEPS, EVAL_ROWS = 256, 512, 1500, 8192
 FORK_LR, FORK_WARMUP = 1e-3, 50  # the fork has no run-scaled schedule: the settings of issue 12's comparison
+ORACLES = ("codes", "lin", "enc")  # the --oracle rows (docstring)
 SHORT = {"shared": "sh", "amplified": "am", "suppressed": "su", "base_only": "bo", "edited_only": "eo"}
 
 
@@ -110,15 +114,44 @@ def oracle_codes(data: PlantedData, k: int) -> dict:
     x, codes = data.sample_with_codes(EVAL_ROWS, torch.Generator().manual_seed(999))
     directions = data.scaled_directions()
     weight = (directions * scale[None, :, None]).norm(dim=-1).sum(dim=1)  # (n,)
-    kept = torch.zeros_like(codes)
-    for rows in torch.arange(EVAL_ROWS).split(BATCH):
-        salience = (codes[rows] * weight).reshape(-1)
-        top = salience.topk(k * len(rows)).indices
-        mask = torch.zeros_like(salience)
-        mask[top] = 1
-        kept[rows] = codes[rows] * mask.reshape(len(rows), -1) * (codes[rows] > 0)
+    kept = codes * budget_mask(codes, weight, k)
     x_hat = torch.einsum("bn,nld->bld", kept, directions)
     return {"ev": [round(v, 3) for v in explained_variance(x, x_hat)]}
+
+
+def budget_mask(codes: torch.Tensor, weight: torch.Tensor, k: int) -> torch.Tensor:
+    """The true codes' support under BatchTopK's budget: per batch, the k * B largest code x ``weight``."""
+    kept = torch.zeros_like(codes, dtype=torch.bool)
+    for rows in torch.arange(len(codes)).split(BATCH):
+        salience = (codes[rows] * weight).reshape(-1)
+        mask = torch.zeros_like(salience, dtype=torch.bool)
+        mask[salience.topk(k * len(rows)).indices] = True
+        kept[rows] = mask.reshape(len(rows), -1) & (codes[rows] > 0)
+    return kept
+
+
+def oracle_linear(data: PlantedData, k: int, fit_rows: int = 200_000) -> dict:
+    """EV of the true support (``oracle_codes``' mask) and directions with each feature's amplitude read by
+    the best linear function of the normalised input: per feature, least squares of its true code on
+    (x, 1) over ``fit_rows`` training rows where it fires. What a linear encoder that selected the right
+    latents could read; ``enc`` below it is the training's shortfall, not the architecture's."""
+    scale = data.scale_factors()
+    directions = data.scaled_directions() * scale[None, :, None]  # normalised space
+    weight = directions.norm(dim=-1).sum(dim=1)
+
+    def inputs(x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([(x * scale[None, :, None]).flatten(1), torch.ones(len(x), 1)], dim=1).double()
+
+    x_fit, codes_fit = data.sample_with_codes(fit_rows, torch.Generator().manual_seed(1234))
+    design = inputs(x_fit)
+    readers = torch.zeros(design.shape[1], codes_fit.shape[1], dtype=torch.float64)
+    for j in range(codes_fit.shape[1]):
+        fires = codes_fit[:, j] > 0
+        readers[:, j] = torch.linalg.lstsq(design[fires], codes_fit[fires, j, None].double()).solution[:, 0]
+    x, codes = data.sample_with_codes(EVAL_ROWS, torch.Generator().manual_seed(999))
+    read = budget_mask(codes, weight, k) * (inputs(x) @ readers).float()
+    x_hat = torch.einsum("bn,nld->bld", read, directions)
+    return {"ev": [round(v, 3) for v in explained_variance(x * scale[None, :, None], x_hat)]}
 
 
 def oracle_encoder(data: PlantedData, k: int, salience: str, loss: str, seed: int, device: str = "cpu") -> dict:
@@ -202,6 +235,8 @@ def run(set_name: str, impl: str, salience: str, k: int, seed: int, args: argpar
         figures = measure(crosscoder, data, torch.ones(2))
     elif impl == "codes":
         figures = oracle_codes(data, k)
+    elif impl == "lin":
+        figures = oracle_linear(data, k)
     elif impl == "enc":
         figures = oracle_encoder(data, k, salience, args.loss, seed, device=args.device)
     else:
@@ -219,7 +254,7 @@ def run(set_name: str, impl: str, salience: str, k: int, seed: int, args: argpar
 
 
 def label(r: dict) -> str:
-    name = r["impl"] if r["impl"] in ("codes", "enc") else f"{r['impl']}:{r['salience']}"
+    name = r["impl"] if r["impl"] in ORACLES else f"{r['impl']}:{r['salience']}"
     return f"{r['set']:<9} {name:<15} {r['k']:>2}"
 
 
@@ -269,7 +304,7 @@ def main() -> None:
                         help="training seeds: one row per seed, then mean ± sd per (set, trainer, k)")
     parser.add_argument("--data-seed", type=int, default=0, help="seed of the planted directions")
     parser.add_argument("--fork", default=None, help="folder holding the fork's dictionary_learning package")
-    parser.add_argument("--oracle", action="store_true", help="also the ceilings `codes` and `enc` (docstring)")
+    parser.add_argument("--oracle", action="store_true", help="also the oracle rows `codes`, `lin` and `enc` (docstring)")
     parser.add_argument("--device", default="cpu",
                         help="ours: training device (cuda trains under bf16 autocast, training.autocast auto); "
                              "measured on the CPU either way")
@@ -294,7 +329,7 @@ def main() -> None:
         fork_saliences = dict.fromkeys("crosscoder" if s == "paper" else s for s in saliences)
         variants += [("fork", salience) for salience in fork_saliences]
     if args.oracle:
-        variants = [("codes", saliences[0]), ("enc", saliences[0])] + variants
+        variants = [(oracle, saliences[0]) for oracle in ORACLES] + variants
     seeds = args.seeds if args.seeds is not None else [args.seed]
     print(f"salience {args.salience}, loss {args.loss}, training seeds {seeds}, data seed {args.data_seed}, "
           f"ours trained on {args.device}, decoder rows at norm {args.decoder_init_norm}; "
@@ -307,7 +342,7 @@ def main() -> None:
             print(f"-- {set_name}: {spec.n_features} features, true L0 {spec.true_l0:.2f}, k {ks}", flush=True)
         for k in ks:
             for impl, salience in variants:
-                for seed in seeds if impl not in ("codes", "enc") else seeds[:1]:  # deterministic
+                for seed in seeds if impl not in ORACLES else seeds[:1]:  # deterministic
                     result = run(set_name, impl, salience, k, seed, args)
                     results.setdefault((set_name, k, impl, salience), []).append(result)
                     print(json.dumps(result) if args.json else row(result), flush=True)
