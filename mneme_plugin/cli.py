@@ -24,7 +24,7 @@ from mneme_plugin.errors import ConfigError
 from mneme_plugin.interpret.config import CLIENTS, EXPLAINERS, LABELERS, MAPPERS, SCORERS
 from mneme_plugin.layout import RunLayout
 from mneme_plugin.organism.catalog import BEHAVIOUR_INTERVENTIONS, INTERVENTIONS, KNOWLEDGE_INTERVENTIONS
-from mneme_plugin.sideeffects.config import RULES
+from mneme_plugin.sideeffects.config import REMEDIATION_TARGETS, RULES
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -275,6 +275,9 @@ def demo(out: str, seed: int, target_domain: str, interventions: tuple[str, ...]
             index=False, float_format=lambda v: f"{v:.3f}"))
         if case.remediation is not None:
             _echo_remediation(case.remediation)
+        elif case.degraded and case.knowledge is None:  # the behaviour cases have no remediation step
+            click.echo("remediation: not run (" + ("MNEME predicted no affected category, so nothing to retrain on"
+                                                   if not case.predicted else "no collected latent to retrain on") + ")")
         if case.knowledge is not None:
             knowledge_drops = ", ".join(f"{k} {v:+.2f}" for k, v in sorted(case.knowledge_drop.items(),
                                                                           key=lambda kv: -kv[1]))
@@ -646,30 +649,38 @@ def evaluate(run_dir, scores_csv, lm_eval_before, lm_eval_after, intervention, d
 
 @main.command()
 @click.option("--run-dir", required=True, type=click.Path(exists=True, file_okay=False),
-              help="Run directory holding attribution/ and contexts/ (collected for the changed latents).")
+              help="Run directory holding attribution/, contexts/ (collected for the changed latents) and prediction/ (for --target predicted).")
 @click.option("--edited", required=True, help="The edited model: HF name or local folder.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Where the retrained model goes.")
 @click.option("--config", type=click.Path(dir_okay=False), help="YAML with section remediate.")
+@click.option("--target", type=click.Choice(list(REMEDIATION_TARGETS)),
+              help="Which changed latents: " + "; ".join(f"{k}: {v}" for k, v in REMEDIATION_TARGETS.items())
+                   + " (default: predicted).")
 @click.option("--classes", help="Comma-separated attribution classes whose top contexts to retrain on "
                                 "(default: every changed class; base_only,suppressed for the lost latents only).")
 @click.option("--steps", type=int)
 @click.option("--lr", type=float)
 @click.option("--lora/--no-lora", default=None, help="LoRA through peft (when installed).")
 @clear_errors
-def remediate(run_dir, edited, out, config, classes, steps, lr, lora) -> None:
-    """Retrain the edited model on the corpus samples that most activate the latents the edit changed."""
+def remediate(run_dir, edited, out, config, target, classes, steps, lr, lora) -> None:
+    """Retrain the edited model on the corpus samples that most activate the changed latents behind the
+    predicted side effects (--target changed: behind every change)."""
     from mneme_plugin.activations.models import check_model_spec
     from mneme_plugin.attribution import load_attribution
     from mneme_plugin.interventions.hf_models import load_causal_lm
     from mneme_plugin.interpret.contexts import load_contexts
-    from mneme_plugin.sideeffects import RemediateConfig, remediate as run_remediate, save_remediation, select_samples
+    from mneme_plugin.sideeffects import (
+        RemediateConfig, remediate as run_remediate, remediation_latents, save_remediation, select_samples,
+    )
 
     sections = _sections(_read_yaml(config), ("remediate",), config)
-    cfg = RemediateConfig.from_dict(_override(sections["remediate"], steps=steps, lr=lr, lora=lora,
+    cfg = RemediateConfig.from_dict(_override(sections["remediate"], target=target, steps=steps, lr=lr, lora=lora,
                                               classes=classes.split(",") if classes else None), section="remediate")
     layout = RunLayout(Path(run_dir))
-    samples, latents = select_samples(load_contexts(layout.contexts), load_attribution(layout.attribution).table, cfg)
-    click.echo(f"{len(samples)} samples from the top contexts of {len(latents)} latents ({', '.join(cfg.classes)}).")
+    samples, latents = select_samples(load_contexts(layout.contexts), load_attribution(layout.attribution).table, cfg,
+                                      remediation_latents(run_dir, cfg))
+    click.echo(f"{len(samples)} samples from the top contexts of {len(latents)} latents ({', '.join(cfg.classes)}; "
+               f"target {cfg.target}).")
     problems = check_model_spec(edited, "--edited")
     if problems:
         raise ConfigError(problems[0])

@@ -6,8 +6,9 @@ per-domain accuracy drop on the cloze question set), then ``mneme run`` goes thr
 on the task-agnostic slice of the corpus, which excludes the forget / fine-tuning set: harvest,
 train, attribute, collect, explain (offline), map (to the organism's domain taxonomy), predict,
 evaluate against the measured drops (with random, naive and oracle baselines), report. Where the
-edit degraded domains, the edited model is then retrained on the top contexts of the suppressed
-latents and, as a control, for the same steps on as many random task-agnostic windows
+edit degraded domains, the edited model is then retrained on the top contexts of the changed latents
+behind the predicted side effects (none when nothing was predicted) and, as a control, for the same
+steps on as many random task-agnostic windows
 (``remediate_run_with_control``); the recovered share of the lost accuracy of each arm is written
 to the case folder (``remediation_vs_control.json`` / ``.csv``).
 
@@ -48,6 +49,7 @@ from mneme_plugin.sideeffects import load_evaluation, load_evaluations, load_pre
 from mneme_plugin.sideeffects.harmful import HarmfulIntersection, harmful_intersection, save_harmful_intersection
 from mneme_plugin.sideeffects.remediate import (
     ControlledRemediation,
+    NothingToRemediate,
     RemediateConfig,
     remediate_run_with_control,
     save_controlled_remediation,
@@ -173,7 +175,10 @@ def remediate_case(organism: Organism, run_dir: Path, corpus: Path, degraded: li
         with deterministic():
             result = remediate_run_with_control(run_dir, organism.edited, corpus, evaluator, organism.accuracy_before,
                                                 degraded, remediation_config(organism, seed), progress=progress)
-    except ConfigError as err:  # e.g. no suppressed latent was collected
+    except NothingToRemediate as err:  # the prediction named nothing: no side effect to reverse
+        logger.info("[demo] %s: no remediation (%s)", organism.intervention, err)
+        return None
+    except ConfigError as err:  # e.g. no changed latent was collected
         logger.warning("[demo] %s: no remediation (%s)", organism.intervention, err)
         return None
     save_controlled_remediation(result, out_dir)

@@ -174,39 +174,57 @@ def score_case(case: GridCase, case_dir: Path, rules: dict[str, PredictConfig],
 
 
 def remediation_rows(case: GridCase, case_dir: Path, significance: float | None = None) -> list[dict]:
-    """Per degraded domain of a finished case: the share of the lost accuracy that remediation and the
-    random-sample control won back (none when the case wrote no remediation record). With
-    ``significance``, only the domains whose drop is also significant at that level (the evaluation's
-    test on the case's ground truth, as ``score_case`` applies it)."""
+    """Per degraded domain of a finished knowledge case: the share of the lost accuracy that remediation
+    and the random-sample control won back. A case whose ground truth has degraded domains but that
+    wrote no remediation record (its prediction named nothing, so ``target: predicted`` had nothing to
+    retrain on) gives rows with ``remediated`` False and no recovered share; a case with neither gives
+    none. With ``significance``, only the domains whose drop is also significant at that level (the
+    evaluation's test on the case's ground truth, as ``score_case`` applies it)."""
+    from mneme_plugin.groundtruth.table import SCORES_CSV
     from mneme_plugin.sideeffects.remediate import CONTROLLED_JSON, load_controlled_remediation
 
-    if not (case_dir / CONTROLLED_JSON).is_file():
+    if case.intervention in BEHAVIOUR_INTERVENTIONS:  # the behaviour cases have no remediation step
         return []
+    if not (case_dir / CONTROLLED_JSON).is_file():
+        if not (case_dir / SCORES_CSV).is_file():
+            return []
+        return [{"case": case.name, "intervention": case.intervention, "category": c, "remediated": False,
+                 "recovered_remediated": float("nan"), "recovered_control": float("nan")}
+                for c in sorted(truly_degraded(case_dir, significance))]
     result = load_controlled_remediation(case_dir)
     remediated, control = result.recovered("remediated"), result.recovered("control")
     degraded = result.degraded
     if significance is not None:
         significant = truly_degraded(case_dir, significance)
         degraded = [c for c in degraded if c in significant]
-    return [{"case": case.name, "intervention": case.intervention, "category": c,
+    return [{"case": case.name, "intervention": case.intervention, "category": c, "remediated": True,
              "recovered_remediated": remediated[c], "recovered_control": control[c]} for c in degraded]
 
 
 def summarize_remediation(rows: pd.DataFrame) -> pd.DataFrame:
-    """Per intervention: the mean ± sd over cases of each case's mean recovered share, for both arms,
-    and the share of cases where remediation beat the control; with several interventions, a last row
+    """Per intervention, over its cases with a degraded domain: how many were remediated, the mean ±
+    sd over the remediated cases of each case's mean recovered share for both arms, the share of them
+    where remediation beat the control, and both arms' means over every case with a case that was not
+    remediated counted as 0 for both (nothing was retrained); with several interventions, a last row
     ``all`` over every case of the grid."""
-    per_case = rows.groupby(["intervention", "case"], sort=False)[["recovered_remediated", "recovered_control"]].mean()
+    if "remediated" not in rows.columns:  # rows of records only
+        rows = rows.assign(remediated=True)
+    per_case = rows.groupby(["intervention", "case"], sort=False).agg(
+        recovered_remediated=("recovered_remediated", "mean"), recovered_control=("recovered_control", "mean"),
+        remediated=("remediated", "all"))
     groups = list(per_case.groupby(level="intervention", sort=False))
     if len(groups) > 1:
         groups.append(("all", per_case))
     out = []
     for intervention, group in groups:
-        out.append({"intervention": intervention, "cases": len(group),
-                    "remediation": _mean_sd(group["recovered_remediated"].dropna()),
-                    "control": _mean_sd(group["recovered_control"].dropna()),
-                    "remediation ahead": f"{int((group['recovered_remediated'] > group['recovered_control']).sum())}"
-                                         f" of {len(group)}"})
+        done = group[group["remediated"]]
+        out.append({"intervention": intervention, "cases": len(group), "remediated": len(done),
+                    "remediation": _mean_sd(done["recovered_remediated"].dropna()),
+                    "control": _mean_sd(done["recovered_control"].dropna()),
+                    "remediation ahead": f"{int((done['recovered_remediated'] > done['recovered_control']).sum())}"
+                                         f" of {len(done)}",
+                    "all cases (not remediated = 0)": f"{group['recovered_remediated'].fillna(0).mean():.2f} vs "
+                                                      f"{group['recovered_control'].fillna(0).mean():.2f}"})
     return pd.DataFrame(out)
 
 

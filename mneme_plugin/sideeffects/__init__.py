@@ -3,7 +3,7 @@
 from mneme_plugin._lazy import lazy_exports
 
 __getattr__, __dir__, __all__ = lazy_exports(__name__, {
-    "mneme_plugin.sideeffects.config": ("RULES", "EvaluateConfig", "PredictConfig"),
+    "mneme_plugin.sideeffects.config": ("REMEDIATION_TARGETS", "RULES", "EvaluateConfig", "PredictConfig"),
     "mneme_plugin.sideeffects.evaluate": (
         "Evaluation",
         "degraded_categories",
@@ -20,12 +20,14 @@ __getattr__, __dir__, __all__ = lazy_exports(__name__, {
     "mneme_plugin.sideeffects.pool": ("pool_predictions",),
     "mneme_plugin.sideeffects.remediate": (
         "ControlledRemediation",
+        "NothingToRemediate",
         "RemediateConfig",
         "RemediationResult",
         "corpus_windows",
         "load_controlled_remediation",
         "remediate",
         "remediate_run_with_control",
+        "remediation_latents",
         "remediate_with_control",
         "save_controlled_remediation",
         "save_remediation",

@@ -7,6 +7,11 @@ from dataclasses import dataclass
 from mneme_plugin.config import ConfigMixin, Seed, require
 
 RULES = ("outlier_or_broad", "outlier", "enrichment", "relative", "top_k", "min_score")
+# Which changed latents remediation retrains on (``sideeffects.remediate.RemediateConfig.target``).
+REMEDIATION_TARGETS = {
+    "predicted": "the latents behind the categories the predict stage named (nothing predicted: nothing to do)",
+    "changed": "every changed latent of the chosen classes, whatever the prediction",
+}
 
 
 @dataclass

@@ -36,6 +36,14 @@ class Prediction:
     # The rule's whole-taxonomy tests and verdict (``outlier_or_broad``: concentration and breadth p-values)
     tests: dict[str, Any] = field(default_factory=dict)
 
+    def latents_behind(self, categories: Collection[str] | None = None) -> list[int]:
+        """The latents whose evidence supports ``categories`` (default: the predicted ones), strongest
+        contribution first, each once: what remediation retrains on (``RemediateConfig.target``)."""
+        wanted = self.predicted if categories is None else list(categories)
+        items = [e for c in wanted for e in self.evidence.get(c, [])]
+        items.sort(key=lambda e: -abs(e["attribution_score"]) * e["similarity"])
+        return list(dict.fromkeys(int(e["latent"]) for e in items))
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "predicted": self.predicted,

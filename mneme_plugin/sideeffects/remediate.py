@@ -1,8 +1,9 @@
 """Remediation: retrain the edited model on the corpus samples that most activate the changed latents.
 
 The paper reports that this partly reverses the side effects. Samples are the collected top
-contexts (``mneme collect``) of the latents the edit changed most (by default every changed class,
-base- and edited-leaning, ranked by |score|: see ``RemediateConfig``); training is plain next-token
+contexts (``mneme collect``) of the changed latents behind the predicted side effects (by default:
+the latents whose evidence supports a category the predict stage named, of every changed class,
+ranked by |score|; or every changed latent: see ``RemediateConfig``); training is plain next-token
 loss with a small learning rate, through LoRA when ``peft`` is installed and the model is a HF model.
 
 ``remediate_with_control`` measures it: the same training (steps, lr, batch size, number of
@@ -18,7 +19,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,11 +30,16 @@ import torch
 from mneme_plugin.attribution.classify import BASE_LEANING, CLASSES, EDITED_LEANING
 from mneme_plugin.config import ConfigMixin, Seed, require
 from mneme_plugin.errors import ConfigError
+from mneme_plugin.sideeffects.config import REMEDIATION_TARGETS
 from mneme_plugin.files import atomic_write, atomic_write_text
 
 logger = logging.getLogger("mneme_plugin")
 
 Evaluator = Callable[[Any], Mapping[str, float]]
+
+
+class NothingToRemediate(ConfigError):
+    """The run predicted no side effect, so ``target: predicted`` has no latent to retrain on."""
 
 CONTROLLED_JSON = "remediation_vs_control.json"
 CONTROLLED_CSV = "remediation_vs_control.csv"
@@ -44,16 +50,27 @@ CONTROLLED_FORMAT = "mneme-remediation-vs-control"
 class RemediateConfig(ConfigMixin):
     """Which samples, and how the edited model is retrained on them.
 
+    ``target``: ``predicted`` (default) retrains on the top contexts of the latents whose evidence
+    supports the categories the predict stage named (``Prediction.latents_behind``), so a run that
+    predicts nothing has nothing to remediate; ``changed`` on those of every changed latent (the
+    earlier behaviour). On the organism's validity grid the predicted latents' contexts recover more
+    than as many random windows, all changed latents' less (README, "Remediation").
     ``classes``: whose top contexts to retrain on. The default takes every changed class, not only
     the lost (base-leaning) ones: after broad fine-tuning most changed latents are amplified or
     redirected, and the suppressed ones alone cover only part of the damaged material (on the
     organism's narrow fine-tuning the suppressed latents' contexts hold 5 of the 23 sports facts a
     random sample of the same size holds; README, "Remediation").
+    ``max_latents`` (strongest |score| first) give at least ``samples_per_latent`` top contexts each;
+    ``max_samples``: the sample budget, spread over the chosen latents (each gives up to
+    ceil(max_samples / latents) of its top contexts, in rank order, as many as were collected) and
+    never exceeded; None takes exactly ``samples_per_latent`` per latent.
     """
 
+    target: str = "predicted"
     classes: tuple[str, ...] = BASE_LEANING + EDITED_LEANING
     max_latents: int = 50
     samples_per_latent: int = 8
+    max_samples: int | None = 400
     steps: int = 100
     lr: float = 1e-4
     batch_size: int = 8
@@ -67,7 +84,11 @@ class RemediateConfig(ConfigMixin):
         require(bool(self.classes), f"classes is empty: name attribution classes among {list(CLASSES)}.")
         require(not unknown, f"classes must be attribution classes among {list(CLASSES)}, "
                              f"got {list(self.classes)} (unknown: {unknown}).")
+        require(self.target in REMEDIATION_TARGETS,
+                f"target must be one of {list(REMEDIATION_TARGETS)}, got {self.target!r}.")
         require(self.max_latents >= 1 and self.samples_per_latent >= 1, "max_latents and samples_per_latent must be >= 1.")
+        require(self.max_samples is None or self.max_samples >= self.samples_per_latent,
+                f"max_samples must be None or >= samples_per_latent ({self.samples_per_latent}), got {self.max_samples}.")
         require(self.steps >= 1 and self.batch_size >= 1, "steps and batch_size must be >= 1.")
         require(self.lr > 0, "lr must be > 0.")
 
@@ -87,23 +108,50 @@ class RemediationResult:
                              "after_remediation": [self.after.get(c) for c in cats]})
 
 
-def select_samples(contexts: Any, attribution: pd.DataFrame, config: RemediateConfig) -> tuple[torch.Tensor, list[int]]:
+def select_samples(contexts: Any, attribution: pd.DataFrame, config: RemediateConfig,
+                   latents: Collection[int] | None = None) -> tuple[torch.Tensor, list[int]]:
     """Token rows (n, ctx) of the top contexts of the collected latents of ``config.classes`` that
-    changed most (largest |score|: base-leaning latents score > 0, edited-leaning ones < 0)."""
+    changed most (largest |score|: base-leaning latents score > 0, edited-leaning ones < 0), among
+    ``latents`` when given (``remediation_latents``); each row once, at most ``config.max_samples``."""
     chosen = attribution[attribution["latent_class"].isin(config.classes)]
     chosen = chosen[chosen["latent"].isin(contexts.latents)]
+    if latents is not None:
+        chosen = chosen[chosen["latent"].isin(set(latents))]
     chosen = chosen.loc[chosen["score"].abs().sort_values(ascending=False, kind="stable").index].head(config.max_latents)
-    latents = chosen["latent"].astype(int).tolist()
-    if not latents:
+    picked = chosen["latent"].astype(int).tolist()
+    if not picked:
+        among = "" if latents is None else f" among the {len(latents)} latents behind the prediction"
         raise ConfigError(
-            f"No collected latent of class {list(config.classes)}: collect contexts for latents of those classes "
-            f"first (mneme collect --classes {','.join(config.classes)})."
+            f"No collected latent of class {list(config.classes)}{among}: collect contexts for latents of those "
+            f"classes first (mneme collect --classes {','.join(config.classes)})."
         )
+    per_latent = config.samples_per_latent
+    if config.max_samples is not None:
+        per_latent = max(per_latent, math.ceil(config.max_samples / len(picked)))
     rows: list[int] = []
-    for latent in latents:
-        rows += [r for r in contexts.per_latent[contexts.index_of(latent)]["top_rows"][: config.samples_per_latent]
-                 if r not in rows]
-    return contexts.tokens[rows], latents
+    for latent in picked:
+        rows += [r for r in contexts.per_latent[contexts.index_of(latent)]["top_rows"][:per_latent] if r not in rows]
+    if config.max_samples is not None:
+        rows = rows[: config.max_samples]
+    return contexts.tokens[rows], picked
+
+
+def remediation_latents(run_dir: str | os.PathLike[str], config: RemediateConfig) -> list[int] | None:
+    """The latents ``config.target`` allows in a finished run: those behind its prediction
+    (``predicted``; read through the predict stage's loader) or None for every changed one.
+    Raises ``NothingToRemediate`` when the prediction named no category."""
+    if config.target == "changed":
+        return None
+    from mneme_plugin.layout import RunLayout
+    from mneme_plugin.sideeffects.predict import load_prediction
+
+    prediction = load_prediction(RunLayout(Path(run_dir)).prediction)
+    if not prediction.predicted:
+        raise NothingToRemediate(
+            f"The prediction in {run_dir} names no affected category, so there is nothing to remediate "
+            "(remediate.target: changed retrains on the top contexts of every changed latent instead)."
+        )
+    return prediction.latents_behind()
 
 
 def _lm_loss(model: Any, tokens: torch.Tensor) -> torch.Tensor:
@@ -254,7 +302,7 @@ def remediate_with_control(edited: Any, samples: torch.Tensor, pool: torch.Tenso
                            config: RemediateConfig | None = None, latents: list[int] | None = None,
                            progress: bool = True) -> ControlledRemediation:
     """Retrain two copies of ``edited`` with the same ``config``: one on ``samples`` (the top contexts of the
-    suppressed latents), one on as many rows drawn uniformly (seeded, without replacement) from ``pool`` (the
+    chosen latents, ``select_samples``), one on as many rows drawn uniformly (seeded, without replacement) from ``pool`` (the
     task-agnostic corpus windows, ``corpus_windows``); evaluate both. ``edited`` itself is left untouched."""
     cfg = config or RemediateConfig()
     if pool.ndim != 2 or pool.shape[1] != samples.shape[1]:
@@ -296,7 +344,8 @@ def remediate_run_with_control(run_dir: str | os.PathLike[str], edited: Any, cor
     cfg = config or RemediateConfig()
     layout = RunLayout(Path(run_dir))
     contexts = load_contexts(layout.contexts)
-    samples, latents = select_samples(contexts, load_attribution(layout.attribution).table, cfg)
+    samples, latents = select_samples(contexts, load_attribution(layout.attribution).table, cfg,
+                                      remediation_latents(run_dir, cfg))
     harvest = HarvestConfig.from_dict(contexts.meta["config"]["harvest"])
     pool = corpus_windows(corpus, edited.tokenizer, harvest, contexts.ctx_len)
     return remediate_with_control(edited, samples, pool, evaluator, base_scores, degraded, cfg, latents, progress)

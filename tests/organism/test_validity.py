@@ -95,6 +95,37 @@ def test_remediation_summary_is_the_mean_of_per_case_means(tmp_path):
     assert summary.loc["all", "remediation ahead"] == "2 of 3"
 
 
+def test_cases_not_remediated_are_counted_apart_and_as_zero_in_the_all_cases_mean(tmp_path):
+    import math
+
+    import pandas as pd
+
+    from mneme_plugin.groundtruth.table import SCORES_CSV
+    from mneme_plugin.organism.validity import GridCase, remediation_rows, summarize_remediation
+    from mneme_plugin.sideeffects.remediate import ControlledRemediation, save_controlled_remediation
+
+    done = GridCase(0, "rmu", "law")
+    save_controlled_remediation(ControlledRemediation(base={"law": 1.0}, edited={"law": 0.0}, remediated={"law": 0.8},
+                                                      control={"law": 0.4}, degraded=["law"], n_samples=4, steps=2),
+                                tmp_path / done.name)
+    # A benign case whose prediction named nothing: degraded in its ground truth (law 1.0 -> 0.5), no record.
+    skipped = GridCase(1, "benign", None)
+    (tmp_path / skipped.name).mkdir(parents=True)
+    pd.DataFrame({"category": ["law", "cooking"], "before": [1.0, 1.0], "after": [0.5, 0.97],
+                  "n": [32, 32]}).to_csv(tmp_path / skipped.name / SCORES_CSV, index=False)
+    rows = remediation_rows(done, tmp_path / done.name) + remediation_rows(skipped, tmp_path / skipped.name)
+    assert [(r["case"], r["category"], r["remediated"]) for r in rows] == [
+        (done.name, "law", True), (skipped.name, "law", False)]
+    assert math.isnan(rows[1]["recovered_remediated"])
+    assert remediation_rows(GridCase(2, "identity", None), tmp_path / skipped.name) == []  # no remediation step
+    summary = summarize_remediation(pd.DataFrame(rows)).set_index("intervention")
+    assert summary.loc["all", "cases"] == 2 and summary.loc["all", "remediated"] == 1
+    assert summary.loc["all", "remediation"].startswith("0.80") and summary.loc["all", "control"].startswith("0.40")
+    assert summary.loc["all", "remediation ahead"] == "1 of 1"
+    assert summary.loc["all", "all cases (not remediated = 0)"] == "0.40 vs 0.20"
+    assert summary.loc["benign", "remediation"] == "n/a" and summary.loc["benign", "remediated"] == 0
+
+
 def test_remediation_rows_with_significance_keep_only_significant_drops(tmp_path):
     import pandas as pd
 

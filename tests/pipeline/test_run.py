@@ -249,13 +249,14 @@ def test_remediate_command_retrains_a_hf_model_on_collected_contexts(pair_and_co
     cfg = _config(tmp_path / "run", base, edited, corpus, truth, steps=30)
     cfg["collect"]["classes"] = ["base_only", "suppressed", "amplified", "edited_only", "shared"]
     assert CliRunner().invoke(main, ["run", _write(tmp_path, "r.yaml", cfg)]).exit_code == 0
-    # The tiny pair's 30-step crosscoder may classify every latent shared: the section's classes
-    # (read from --config) take those too, so the command always has samples to retrain on.
+    # The tiny pair's 30-step crosscoder may classify every latent shared and predict nothing: the
+    # section's classes (read from --config) take shared latents too and --target changed ignores the
+    # prediction, so the command always has samples to retrain on.
     remediate_cfg = _write(tmp_path, "remediate.yaml",
                            {"remediate": {"classes": ["base_only", "suppressed", "amplified", "edited_only", "shared"],
                                           "batch_size": 2}})
     result = CliRunner().invoke(main, ["remediate", "--run-dir", str(tmp_path / "run"), "--edited", str(edited),
-                                       "--out", str(tmp_path / "remediated"), "--steps", "3",
+                                       "--out", str(tmp_path / "remediated"), "--steps", "3", "--target", "changed",
                                        "--config", remediate_cfg])
     assert result.exit_code == 0, result.output
     retrained = AutoModelForCausalLM.from_pretrained(tmp_path / "remediated" / "model")

@@ -40,6 +40,60 @@ def test_samples_come_from_the_most_changed_collected_latents():
         RemediateConfig(classes=("suppressed", "lost"))
 
 
+def test_sample_budget_is_spread_over_the_chosen_latents_and_never_exceeded():
+    tokens = torch.arange(150).view(15, 10)
+    contexts = LatentContexts(
+        latents=[3, 7, 9], tokens=tokens, locations=torch.zeros(0, 3, dtype=torch.long), values=torch.zeros(0),
+        per_latent=[{"latent": 3, "top_rows": [0, 1, 2, 3, 4]}, {"latent": 7, "top_rows": [5, 6, 7, 8, 9]},
+                    {"latent": 9, "top_rows": [10, 11, 12, 13, 14]}],
+        n_tokens=int(tokens.numel()), n_contexts=len(tokens), background=np.zeros(0, dtype=np.int64),
+    )
+    attribution = pd.DataFrame({"latent": [3, 7, 9], "latent_class": ["suppressed", "amplified", "base_only"],
+                                "score": [0.4, -0.9, 0.8]})
+    # 7 samples over 3 latents: up to ceil(7 / 3) = 3 each, strongest first, cut at 7.
+    rows, latents = select_samples(contexts, attribution, RemediateConfig(samples_per_latent=1, max_samples=7))
+    assert latents == [7, 9, 3] and torch.equal(rows, tokens[[5, 6, 7, 10, 11, 12, 0]])
+    # Without a budget: exactly samples_per_latent each.
+    rows, _ = select_samples(contexts, attribution, RemediateConfig(samples_per_latent=1, max_samples=None))
+    assert torch.equal(rows, tokens[[5, 10, 0]])
+    # Restricted to the latents behind a prediction: the whole budget goes to them.
+    rows, latents = select_samples(contexts, attribution, RemediateConfig(samples_per_latent=1, max_samples=7),
+                                   latents=[3, 9])
+    assert latents == [9, 3] and torch.equal(rows, tokens[[10, 11, 12, 13, 0, 1, 2]])
+    with pytest.raises(ConfigError, match="among the 1 latents behind the prediction"):
+        select_samples(contexts, attribution, RemediateConfig(), latents=[42])
+    with pytest.raises(ConfigError, match="max_samples must be None or >= samples_per_latent"):
+        RemediateConfig(samples_per_latent=8, max_samples=4)
+    with pytest.raises(ConfigError, match="target must be one of"):
+        RemediateConfig(target="everything")
+
+
+def test_the_predicted_target_retrains_on_the_latents_behind_the_prediction(tmp_path):
+    from mneme_plugin.layout import RunLayout
+    from mneme_plugin.sideeffects import NothingToRemediate, remediation_latents
+    from mneme_plugin.sideeffects.config import PredictConfig
+    from mneme_plugin.sideeffects.predict import predict, save_prediction
+
+    # Latents 1, 2 are mapped to law, 3 to cooking, 4 (shared: unchanged) to law.
+    attribution = pd.DataFrame({"latent": [1, 2, 3, 4], "latent_class": ["suppressed", "amplified", "base_only", "shared"],
+                                "score": [0.3, -0.6, 0.5, 0.0]})
+    links = pd.DataFrame({"latent": [1, 2, 3, 4], "category": ["law", "law", "cooking", "law"],
+                          "similarity": [1.0, 0.8, 0.2, 1.0]})
+    prediction = predict(attribution, links, ["law", "cooking", "sports"], PredictConfig(rule="top_k", k=1))
+    assert prediction.predicted == ["law"]  # 0.3 * 1.0 + 0.6 * 0.8 against 0.5 * 0.2
+    # strongest contribution |score| x similarity first (0.48, then 0.3); the shared latent 4 is no evidence
+    assert prediction.latents_behind() == [2, 1]
+    assert prediction.latents_behind(["cooking"]) == [3]
+    run = tmp_path / "run"
+    save_prediction(prediction, RunLayout(run).prediction)
+    assert remediation_latents(run, RemediateConfig()) == [2, 1]
+    assert remediation_latents(run, RemediateConfig(target="changed")) is None
+    nothing = predict(attribution, links, ["law", "cooking", "sports"], PredictConfig(rule="min_score", min_score=5.0))
+    save_prediction(nothing, RunLayout(run).prediction)
+    with pytest.raises(NothingToRemediate, match="names no affected category"):
+        remediation_latents(run, RemediateConfig())
+
+
 def test_remediation_lowers_the_loss_on_the_lost_material():
     tok = make_tokenizer()
     model = make_hooked_transformer(tok, n_layers=1, d_model=32, seed=0)
