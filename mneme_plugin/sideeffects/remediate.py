@@ -149,7 +149,8 @@ def remediation_latents(run_dir: str | os.PathLike[str], config: RemediateConfig
     if not prediction.predicted:
         raise NothingToRemediate(
             f"The prediction in {run_dir} names no affected category, so there is nothing to remediate "
-            "(remediate.target: changed retrains on the top contexts of every changed latent instead)."
+            "(`--target changed`, or remediate.target: changed, retrains on the top contexts of every changed latent "
+            "instead)."
         )
     return prediction.latents_behind()
 
