@@ -207,8 +207,6 @@ def summarize_remediation(rows: pd.DataFrame) -> pd.DataFrame:
     where remediation beat the control, and both arms' means over every case with a case that was not
     remediated counted as 0 for both (nothing was retrained); with several interventions, a last row
     ``all`` over every case of the grid."""
-    if "remediated" not in rows.columns:  # rows of records only
-        rows = rows.assign(remediated=True)
     per_case = rows.groupby(["intervention", "case"], sort=False).agg(
         recovered_remediated=("recovered_remediated", "mean"), recovered_control=("recovered_control", "mean"),
         remediated=("remediated", "all"))

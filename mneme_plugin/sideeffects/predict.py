@@ -25,6 +25,11 @@ SCORES_CSV = "category_scores.csv"
 PREDICTIONS_JSON = "predictions.json"
 
 
+def evidence_contribution(item: Mapping[str, Any]) -> float:
+    """What one evidence item (a latent's link to a category) adds to that category's score."""
+    return abs(item["attribution_score"]) * item["similarity"]
+
+
 @dataclass
 class Prediction:
     """Per-category scores (``scores``: one row per taxonomy category) and the predicted set."""
@@ -41,7 +46,7 @@ class Prediction:
         contribution first, each once: what remediation retrains on (``RemediateConfig.target``)."""
         wanted = self.predicted if categories is None else list(categories)
         items = [e for c in wanted for e in self.evidence.get(c, [])]
-        items.sort(key=lambda e: -abs(e["attribution_score"]) * e["similarity"])
+        items.sort(key=evidence_contribution, reverse=True)
         return list(dict.fromkeys(int(e["latent"]) for e in items))
 
     def to_dict(self) -> dict[str, Any]:
@@ -161,7 +166,7 @@ def predict(
     scores = scores.reset_index().sort_values("score", ascending=False, kind="stable").reset_index(drop=True)
     predicted = scores.loc[scores["predicted"], "category"].tolist()
     for items in evidence.values():
-        items.sort(key=lambda e: -abs(e["attribution_score"]) * e["similarity"])
+        items.sort(key=evidence_contribution, reverse=True)
     return Prediction(scores=scores, predicted=predicted, evidence=evidence, config=cfg, tests=tests)
 
 

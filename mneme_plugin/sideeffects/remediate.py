@@ -30,8 +30,8 @@ import torch
 from mneme_plugin.attribution.classify import BASE_LEANING, CLASSES, EDITED_LEANING
 from mneme_plugin.config import ConfigMixin, Seed, require
 from mneme_plugin.errors import ConfigError
-from mneme_plugin.sideeffects.config import REMEDIATION_TARGETS
 from mneme_plugin.files import atomic_write, atomic_write_text
+from mneme_plugin.sideeffects.config import REMEDIATION_TARGETS
 
 logger = logging.getLogger("mneme_plugin")
 
@@ -40,6 +40,7 @@ Evaluator = Callable[[Any], Mapping[str, float]]
 
 class NothingToRemediate(ConfigError):
     """The run predicted no side effect, so ``target: predicted`` has no latent to retrain on."""
+
 
 CONTROLLED_JSON = "remediation_vs_control.json"
 CONTROLLED_CSV = "remediation_vs_control.csv"
