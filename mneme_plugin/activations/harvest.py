@@ -57,6 +57,8 @@ from mneme_plugin.errors import CheckpointError, ConfigError, EmptyCorpusError, 
 from mneme_plugin.files import LOCK_FILE, output_lock, remove_stale_temporaries
 
 logger = logging.getLogger("mneme_plugin")
+# Below this many tokens a median norm moves by several percent between corpora: worth a warning.
+FEW_NORMALIZATION_TOKENS = 1_000
 
 _STORE_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -163,11 +165,16 @@ class HarvestContext:
                 "padding, BOS or a special token."
             )
         all_norms = torch.cat(norms)[:wanted]
-        if total < wanted:
+        if total < min(wanted, FEW_NORMALIZATION_TOKENS):
             logger.warning(
-                "Normalisation estimated on %d tokens only (normalization_tokens=%d): the corpus is shorter.",
-                total, wanted,
+                "Normalisation estimated on %d tokens only (normalization_tokens=%d): the corpus is too short for a "
+                "stable norm estimate; give a longer corpus.", total, wanted,
             )
+        elif total < wanted:
+            # Every token the corpus has, and enough of them: a note, not a warning (the organism's
+            # ~45k-token slice printed a warning on every case of the default demo).
+            logger.info("Normalisation estimated on all %d tokens of the corpus (normalization_tokens=%d).",
+                        total, wanted)
         return estimate_stats(all_norms, self.d_model, self.config.outlier_factor)
 
 

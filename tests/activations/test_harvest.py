@@ -71,6 +71,23 @@ def test_normalization_factors(ht_pair, corpus, tmp_path):
     assert norm["n_tokens"] == 250 and len(norm["median_norms"]) == 2
 
 
+def test_short_corpus_norms_use_every_token_and_warn_only_when_few(ht_pair, corpus, tmp_path, caplog):
+    # A corpus shorter than normalization_tokens: the estimate uses all of it. Thousands of tokens
+    # are a note (the organism's slice is such a corpus); a few hundred are a warning.
+    caplog.set_level(logging.INFO, logger="mneme_plugin")
+    store = harvest(*ht_pair, corpus, cfg(normalization_tokens=10**6), tmp_path / "long", progress=False)
+    assert store.num_rows >= 1_000, "the fixture corpus must be long enough for this test"
+    assert store.manifest["normalization"]["n_tokens"] == store.num_rows
+    notes = [r for r in caplog.records if "Normalisation estimated" in r.getMessage()]
+    assert [r.levelno for r in notes] == [logging.INFO] and str(store.num_rows) in notes[0].getMessage()
+
+    caplog.clear()
+    short = harvest(*ht_pair, corpus[:5], cfg(normalization_tokens=10**6), tmp_path / "short", progress=False)
+    assert short.num_rows < 1_000
+    notes = [r for r in caplog.records if "Normalisation estimated" in r.getMessage()]
+    assert [r.levelno for r in notes] == [logging.WARNING] and "longer corpus" in notes[0].getMessage()
+
+
 def test_bf16_and_fp32_round_trip(ht_pair, corpus, tmp_path):
     s32 = harvest(*ht_pair, corpus, cfg(dtype="float32"), tmp_path / "f", progress=False)
     s16 = harvest(*ht_pair, corpus, cfg(dtype="bfloat16"), tmp_path / "b", progress=False)
