@@ -47,6 +47,8 @@ PREDICTION_RULES = {
     "MNEME outlier_or_broad": PredictConfig(rule="outlier_or_broad", outlier_z=3.0),
     # The default's sensitivity to its outlier threshold (a lower one only adds false positives on fresh seeds).
     "MNEME outlier_or_broad, z >= 2.5": PredictConfig(rule="outlier_or_broad", outlier_z=2.5),
+    # Recall-leaning: a concentrated edit's outliers plus the categories changed beyond the control.
+    "MNEME outlier_plus_broad": PredictConfig(rule="outlier_plus_broad", outlier_z=3.0),
     "MNEME outlier": PredictConfig(rule="outlier", outlier_z=3.0),
     "MNEME enrichment": PredictConfig(rule="enrichment"),
     "MNEME enrichment (suppressed side)": PredictConfig(rule="enrichment", side="suppressed"),

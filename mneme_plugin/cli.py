@@ -571,9 +571,11 @@ def taxonomies() -> None:
 @click.option("--taxonomy", help="Taxonomy to predict over (default: the first of map.taxonomies).")
 @click.option("--rule", type=click.Choice(RULES))
 @click.option("-k", "--k", type=int, help="Categories predicted by the top_k rule.")
-@click.option("--alpha", type=float, help="Level of the enrichment (FDR) and outlier_or_broad rules' tests.")
+@click.option("--alpha", type=float, help="Level of the enrichment (FDR) and outlier_or_broad / outlier_plus_broad "
+              "rules' tests.")
 @click.option("--control-run", type=click.Path(exists=True, file_okay=False),
-              help="outlier_or_broad: a finished run of the base vs a benignly perturbed copy (the breadth test's scale).")
+              help="outlier_or_broad / outlier_plus_broad: a finished run of the base vs a benignly perturbed copy "
+              "(the breadth test's scale).")
 @clear_errors
 def predict(run_dir, config, taxonomy, rule, k, alpha, control_run) -> None:
     """Score every category from the attributed latents and their categories; predict the affected ones."""

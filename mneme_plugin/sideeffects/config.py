@@ -6,7 +6,10 @@ from dataclasses import dataclass
 
 from mneme_plugin.config import ConfigMixin, Seed, require
 
-RULES = ("outlier_or_broad", "outlier", "enrichment", "relative", "top_k", "min_score")
+RULES = ("outlier_or_broad", "outlier_plus_broad", "outlier", "enrichment", "relative", "top_k", "min_score")
+# The rules that test the edit against a control run (``PredictConfig.control_run``) over the
+# reference latents (``sideeffects.shift``).
+CONTROL_RULES = ("outlier_or_broad", "outlier_plus_broad")
 # Which changed latents remediation retrains on (``sideeffects.remediate.RemediateConfig.target``).
 REMEDIATION_TARGETS = {
     "predicted": "the latents behind the categories the predict stage named (nothing predicted: nothing to do)",
@@ -46,6 +49,10 @@ class PredictConfig(ConfigMixin):
     run directory whose crosscoder compares the base model with a benignly perturbed copy (e.g.
     fine-tuned briefly on general text), then the same test per category (BH-corrected), all at
     level ``alpha`` (``sideeffects.shift``). Without ``control_run`` it is the outlier rule;
+    ``outlier_plus_broad``: the same, except that a concentrated edit that is also broader than the
+    control gets, beside its outliers, every category that per-category test names (recall-leaning:
+    on the organism's 56 RMU cases Eq. 4 accuracy 0.72 -> 0.82 at precision 0.93 -> 0.80, F1 0.77
+    either way);
     ``relative``: categories scoring >= ``relative_threshold`` x the best category's score;
     ``top_k``: the ``k`` best; ``min_score``: score >= ``min_score``. Categories need at least
     ``min_latents`` supporting latents either way.

@@ -15,7 +15,7 @@ import pandas as pd
 from mneme_plugin.errors import ConfigError
 from mneme_plugin.files import atomic_write, atomic_write_text
 from mneme_plugin.interpret.mapping import LINK_COLUMNS
-from mneme_plugin.sideeffects.config import PredictConfig
+from mneme_plugin.sideeffects.config import CONTROL_RULES, PredictConfig
 from mneme_plugin.sideeffects.enrichment import benjamini_hochberg, enrichment_table
 from mneme_plugin.sideeffects.shift import broad_change_pvalue, changed_share, homogeneity_pvalue
 
@@ -131,14 +131,14 @@ def predict(
         support = scores[f"n_{cfg.side}_latents"]
     eligible = (support >= cfg.min_latents) & (scores["score"] > 0)
     tests: dict[str, Any] = {}
-    if cfg.rule in ("outlier", "outlier_or_broad"):
+    if cfg.rule == "outlier" or cfg.rule in CONTROL_RULES:
         median = float(scores["score"].median())
         mad = float((scores["score"] - median).abs().median())
         # A floor on the spread: when most categories score exactly the same (e.g. 0), MAD is 0.
         spread = max(1.4826 * mad, 1e-3 * max(float(scores["score"].abs().max()), 1e-12))
         scores["robust_z"] = (scores["score"] - median) / spread
         chosen = eligible & (scores["robust_z"] >= cfg.outlier_z)
-        if cfg.rule == "outlier_or_broad":
+        if cfg.rule in CONTROL_RULES:
             chosen, tests = _outlier_or_broad(chosen, attribution, top_links, reference, control, cfg)
     elif cfg.rule == "enrichment":
         if not reference:
@@ -176,7 +176,8 @@ def _outlier_or_broad(outliers: pd.Series, attribution: pd.DataFrame, top_links:
     """The ``outlier_or_broad`` decision (tests in ``sideeffects.shift``): the outlier categories when
     the changed latents concentrate on some categories; when the change is spread evenly and broader
     than the control's, the categories whose own share of changed latents exceeds the control's;
-    nothing otherwise. Without a control, the outlier rule's answer."""
+    nothing otherwise. ``outlier_plus_broad`` adds the latter to the former when a concentrated change
+    is also broader than the control's. Without a control, the outlier rule's answer."""
     if control is None:
         return outliers, {"verdict": "no control: the outlier rule"}
     classes = cfg.changed_classes()
@@ -196,10 +197,9 @@ def _outlier_or_broad(outliers: pd.Series, attribution: pd.DataFrame, top_links:
     control_changed, control_live = changed_share(control, classes)
     tests.update(control_changed_latents=control_changed, control_live_latents=control_live,
                  breadth_p=broad_change_pvalue(changed, n_live, control_changed, control_live))
-    if homogeneity < cfg.alpha and outliers.any():
-        tests["verdict"] = "concentrated"
-        return outliers, tests
-    if tests["breadth_p"] < cfg.alpha:
+    broader = tests["breadth_p"] < cfg.alpha
+
+    def broad_categories() -> pd.Series:
         # Which categories share the broad change: each one's changed share against the control's,
         # Fisher's exact test per category, Benjamini-Hochberg over the taxonomy.
         changed_per_category = linked.assign(changed=is_changed.to_numpy()).groupby("category")["changed"].sum()
@@ -208,8 +208,19 @@ def _outlier_or_broad(outliers: pd.Series, attribution: pd.DataFrame, top_links:
                     for c in outliers.index]
         q_values = pd.Series(benjamini_hochberg(p_values), index=outliers.index)
         tests["broad_q"] = {c: float(q) for c, q in q_values.items()}
+        return (q_values < cfg.alpha) & (per_category >= cfg.min_latents)
+
+    if homogeneity < cfg.alpha and outliers.any():
+        if cfg.rule == "outlier_plus_broad" and broader:
+            chosen = outliers | broad_categories()
+            tests["verdict"] = "concentrated and broad"
+            return chosen, tests
+        tests["verdict"] = "concentrated"
+        return outliers, tests
+    if broader:
+        chosen = broad_categories()
         tests["verdict"] = "broad"
-        return (q_values < cfg.alpha) & (per_category >= cfg.min_latents), tests
+        return chosen, tests
     tests["verdict"] = "no change beyond the control"
     return pd.Series(False, index=outliers.index), tests
 

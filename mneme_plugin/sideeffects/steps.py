@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from mneme_plugin.groundtruth.table import GroundTruthConfig, load_ground_truth
 from mneme_plugin.interpret.config import MapConfig
 from mneme_plugin.layout import RunLayout
-from mneme_plugin.sideeffects.config import EvaluateConfig, PredictConfig
+from mneme_plugin.sideeffects.config import CONTROL_RULES, EvaluateConfig, PredictConfig
 from mneme_plugin.sideeffects.evaluate import Evaluation, evaluate, save_evaluation
 from mneme_plugin.sideeffects.predict import Prediction, load_prediction, predict, save_prediction
 
@@ -34,9 +34,9 @@ def predict_run(run_dir: str | os.PathLike[str], config: PredictConfig, taxonomy
     layout = RunLayout(Path(run_dir))
     tax = load_taxonomy(taxonomy)
     mapping = load_mapping(layout.mapping)
-    needs_reference = config.rule in ("enrichment", "outlier_or_broad")
+    needs_reference = config.rule == "enrichment" or config.rule in CONTROL_RULES
     reference = load_reference_latents(layout.contexts) if needs_reference else None
-    control = load_control_attribution(config.control_run) if config.rule == "outlier_or_broad" else None
+    control = load_control_attribution(config.control_run) if config.rule in CONTROL_RULES else None
     prediction = predict(load_attribution(layout.attribution).table, category_links(mapping, tax.name), tax.ids(),
                          config, latent_descriptions(mapping), reference=reference, control=control)
     save_prediction(prediction, out_dir if out_dir is not None else layout.prediction)

@@ -1,4 +1,4 @@
-"""The outlier_or_broad rule: its two tests against exact definitions, its calibration under the null
+"""The outlier_or_broad rule (and outlier_plus_broad): its two tests against exact definitions, its calibration under the null
 (a control-sized change spread evenly predicts nothing), and planted concentrated / broad / absent
 changes, each answered as the rule promises."""
 
@@ -86,7 +86,7 @@ def _control(rng, n_live=256, rate=0.1):
 
 
 def _predict(attribution, links, control, **overrides):
-    cfg = PredictConfig(rule="outlier_or_broad", max_latents=None, **overrides)
+    cfg = PredictConfig(**({"rule": "outlier_or_broad", "max_latents": None} | overrides))
     return predict(attribution, links, CATEGORIES, cfg, reference=links["latent"].tolist(), control=control)
 
 
@@ -140,6 +140,40 @@ def test_a_broad_change_spares_the_categories_it_does_not_reach(seed):
     assert prediction.tests["verdict"] == "broad"
     assert prediction.tests["concentration_p"] < 0.05
     assert sorted(prediction.predicted) == CATEGORIES[1:]
+
+
+# RMU of one subject that also costs its neighbours a little: one category far above the others, one
+# clearly above the control's rate but inside the noise floor's spread, the rest at or below it.
+NEIGHBOURED = {"c0": 0.02, "c1": 0.15, "c2": 0.05, "c3": 0.8, "c4": 0.10, "c5": 0.3, "c6": 0.2, "c7": 0.08}
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_outlier_plus_broad_adds_the_categories_changed_beyond_the_control(seed):
+    rng = np.random.default_rng(seed)
+    attribution, links = _table(rng, 800, NEIGHBOURED)
+    control = _control(rng, n_live=800)
+    concentrated = _predict(attribution, links, control)
+    plus = _predict(attribution, links, control, rule="outlier_plus_broad")
+    assert concentrated.tests["verdict"] == "concentrated" and concentrated.predicted == ["c3"]
+    assert plus.tests["verdict"] == "concentrated and broad"
+    assert plus.tests["concentration_p"] < 0.05 and plus.tests["breadth_p"] < 0.05
+    # Exactly the outliers plus the per-category test's categories, which hold the neighbour and
+    # none of the categories changed less than the control.
+    named_by_test = {c for c, q in plus.tests["broad_q"].items() if q < 0.05}
+    assert set(plus.predicted) == {"c3"} | named_by_test
+    assert "c5" in plus.predicted
+    assert not {"c0", "c2", "c7"} & set(plus.predicted)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_outlier_plus_broad_is_the_outlier_answer_when_the_edit_is_no_broader_than_the_control(seed):
+    rng = np.random.default_rng(seed)
+    attribution, links = _table(rng, 400, dict.fromkeys(CATEGORIES, 0.05) | {"c3": 0.7})
+    control = _control(rng, rate=0.25)  # changes a larger share of latents than the edit
+    plus = _predict(attribution, links, control, rule="outlier_plus_broad")
+    assert plus.tests["breadth_p"] >= 0.05
+    assert plus.predicted == ["c3"] and plus.tests["verdict"] == "concentrated"
+    assert "broad_q" not in plus.tests
 
 
 def test_changed_share_counts_live_latents_only():
