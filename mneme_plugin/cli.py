@@ -591,9 +591,11 @@ def predict(run_dir, config, taxonomy, rule, k, alpha, control_run) -> None:
         q = f"  q {min(row[c] for c in q_columns):.3g}" if q_columns else ""
         click.echo(f"{'*' if row['predicted'] else ' '} {row['category']:<40} {row['score']:8.4f}{q}")
     if "verdict" in result.tests:
+        # Without a control run the verdict comes alone ("no control: the outlier rule").
         tests = result.tests
-        breadth = f", breadth p {tests['breadth_p']:.3g}" if "breadth_p" in tests else ""
-        click.echo(f"Change: {tests['verdict']} (concentration p {tests['concentration_p']:.3g}{breadth})")
+        p_values = ", ".join(f"{name} p {tests[f'{name}_p']:.3g}" for name in ("concentration", "breadth")
+                             if f"{name}_p" in tests)
+        click.echo(f"Change: {tests['verdict']}" + (f" ({p_values})" if p_values else ""))
     click.echo(f"Predicted: {', '.join(result.predicted) or '(none)'}")
 
 

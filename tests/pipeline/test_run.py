@@ -265,6 +265,25 @@ def test_remediate_command_retrains_a_hf_model_on_collected_contexts(pair_and_co
     assert changed
 
 
+def test_predict_command_with_and_without_a_control_run(pair_and_corpus, tmp_path):
+    base, edited, corpus, truth = pair_and_corpus
+    run = tmp_path / "run"
+    assert CliRunner().invoke(main, ["run", _write(tmp_path, "r.yaml", _config(run, base, edited, corpus, truth, steps=30))]).exit_code == 0
+    # The default rule without a control is the outlier rule, and says so (this used to crash after
+    # writing the prediction: the verdict came without the concentration test's p-value).
+    alone = CliRunner().invoke(main, ["predict", "--run-dir", str(run), "--rule", "outlier_or_broad"])
+    assert alone.exit_code == 0, alone.output
+    assert "Change: no control: the outlier rule\n" in alone.output
+    assert json.loads((run / "prediction" / "predictions.json").read_text())["tests"]["verdict"] == "no control: the outlier rule"
+    # A finished run as the control (here the run itself: an edit no broader than its control).
+    for rule in ("outlier_or_broad", "outlier_plus_broad"):
+        controlled = CliRunner().invoke(main, ["predict", "--run-dir", str(run), "--rule", rule, "--control-run", str(run)])
+        assert controlled.exit_code == 0, controlled.output
+        tests = json.loads((run / "prediction" / "predictions.json").read_text())["tests"]
+        assert tests["breadth_p"] >= 0.05 and tests["control_changed_latents"] == tests["changed_latents"]
+        assert f"concentration p {tests['concentration_p']:.3g}, breadth p {tests['breadth_p']:.3g})" in controlled.output
+
+
 def test_a_moved_run_directory_reports_describes_and_resumes(pair_and_corpus, tmp_path):
     import shutil
 
