@@ -52,6 +52,12 @@ def pool_runs(run_dirs: list[str | os.PathLike[str]], out_dir: str | os.PathLike
     from mneme_plugin.pipeline.config import load_run_config
     from mneme_plugin.sideeffects.pool import pool_predictions
 
+    resolved = [Path(r).resolve() for r in run_dirs]
+    repeated = sorted({str(r) for r in resolved if resolved.count(r) > 1})
+    if repeated:
+        # One run counted twice would outvote the others with the same crosscoder.
+        raise ConfigError(f"Run(s) given more than once: {repeated}. Pool runs of different crosscoders "
+                          "(e.g. other training.seed values), each once.")
     predictions, models = [], {}
     for run_dir in run_dirs:
         config = load_run_config(run_dir)

@@ -54,6 +54,10 @@ def test_pool_runs_refuses_runs_of_different_edits(tmp_path):
     assert load_prediction(RunLayout(tmp_path / "pooled").prediction).predicted == ["law"]
     with pytest.raises(ConfigError, match="different models"):
         pool_runs(dirs, tmp_path / "bad")
+    # The same run twice (also spelled differently) would outvote the other: refused before anything is read.
+    with pytest.raises(ConfigError, match="more than once"):
+        pool_runs([dirs[1], dirs[0], tmp_path / "." / "run1"], tmp_path / "twice")
+    assert not (tmp_path / "twice").exists()
 
 
 def test_mneme_pool_then_evaluate_on_the_command_line(tmp_path):
