@@ -275,7 +275,7 @@ def demo(out: str, seed: int, target_domain: str, interventions: tuple[str, ...]
             index=False, float_format=lambda v: f"{v:.3f}"))
         if case.remediation is not None:
             _echo_remediation(case.remediation)
-        elif case.degraded and case.knowledge is None:  # the behaviour cases have no remediation step
+        elif case.degraded and case.knowledge is None:  # a knowledge case (behaviour cases have no remediation step)
             click.echo("remediation: not run (" + ("MNEME predicted no affected category, so nothing to retrain on"
                                                    if not case.predicted else "no collected latent to retrain on") + ")")
         if case.knowledge is not None:
