@@ -49,8 +49,10 @@ class HFRMUConfig(ConfigMixin):
         param_names: parameters to train, by (suffix of their) name, e.g.
             ``layers.7.mlp.down_proj.weight``; None means the default above.
         max_num_batches: optimiser steps (all topics together).
-        min_chars / max_chars: texts shorter than ``min_chars`` are skipped, longer ones cut
-            (characters, as the reference does before tokenising).
+        min_chars / max_chars: texts of ``min_chars`` characters or fewer are skipped; with
+            ``max_chars``, longer ones are cut there before tokenising. The reference (wmdp
+            ``rmu/unlearn.py``: ``--min_len 0``; its ``--max_len`` is never applied) skips empty texts
+            only and cuts none.
         forget_max_length / retain_max_length: token truncation per batch.
     """
 
@@ -67,8 +69,8 @@ class HFRMUConfig(ConfigMixin):
     max_num_batches: int = 80
     forget_max_length: int | list[int] = 512
     retain_max_length: int = 512
-    min_chars: int = 50
-    max_chars: int = 2000
+    min_chars: int = 0
+    max_chars: int | None = None
     text_field: str = "text"
     seed: Seed = 42
     device: str = "auto"
@@ -93,8 +95,11 @@ class HFRMUConfig(ConfigMixin):
         require(all(a >= 0 for a in self.per_topic("alpha", max(n, 1))), "RMU alpha must be >= 0.")
         require(all(c > 0 for c in self.per_topic("steering_coeff", max(n, 1))), "RMU steering_coeff must be > 0.")
         require(self.lr > 0, f"RMU lr must be > 0, got {self.lr}.")
-        for name in ("batch_size", "max_num_batches", "retain_max_length", "max_chars"):
+        for name in ("batch_size", "max_num_batches", "retain_max_length"):
             require(getattr(self, name) >= 1, f"RMU {name} must be >= 1, got {getattr(self, name)}.")
+        require(self.min_chars >= 0, f"RMU min_chars must be >= 0, got {self.min_chars}.")
+        require(self.max_chars is None or self.max_chars >= 1,
+                f"RMU max_chars must be >= 1 (or null: no cut), got {self.max_chars}.")
         require(all(m >= 1 for m in self.per_topic("forget_max_length", max(n, 1))), "forget_max_length must be >= 1.")
         require(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}.")
 

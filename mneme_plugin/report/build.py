@@ -106,6 +106,7 @@ def gather(run_dir: str | os.PathLike[str]) -> ReportData:
     if set(evaluations) == {""}:
         data.truth = evaluations[""].truth
         data.metrics_table = evaluations[""].table()
+        data.unmeasured = evaluations[""].unmeasured
     for name, evaluation in evaluations.items():
         if not name:
             continue
@@ -114,7 +115,8 @@ def gather(run_dir: str | os.PathLike[str]) -> ReportData:
         folder = prediction_folder(layout.root, taxonomy, taxonomies)
         scores = _optional(f"prediction for {taxonomy}", folder, lambda f=folder: load_prediction(f).scores)
         data.tables.append(TableView(name, taxonomy, scores, evaluation.truth, evaluation.table(),
-                                     pd.DataFrame(evaluation.outside) if evaluation.outside else None))
+                                     pd.DataFrame(evaluation.outside) if evaluation.outside else None,
+                                     evaluation.unmeasured))
     if config is not None:
         data.config = config.to_dict()
     return data

@@ -53,6 +53,7 @@ class ReportData:
     category_scores: pd.DataFrame | None = None  # category, score, predicted
     truth: pd.DataFrame | None = None  # category, before, after, drop, degraded
     metrics_table: pd.DataFrame | None = None  # method, accuracy, precision, recall, f1, ...
+    unmeasured: dict[str, list[str]] = field(default_factory=dict)  # predicted where no ground truth is
     config: dict[str, Any] | None = None
     latents_per_class: int = 5
     tables: list["TableView"] = field(default_factory=list)  # runs with several ground truths: one view each
@@ -68,6 +69,7 @@ class TableView:
     truth: pd.DataFrame | None
     metrics_table: pd.DataFrame | None
     outside: pd.DataFrame | None = None
+    unmeasured: dict[str, list[str]] = field(default_factory=dict)
 
 
 def _table(frame: pd.DataFrame, floats: str = "{:.3f}") -> str:
@@ -104,7 +106,8 @@ def _section(anchor: str, title: str, body: str) -> str:
 
 
 def _evaluation_sections(scores: pd.DataFrame | None, truth: pd.DataFrame | None, metrics: pd.DataFrame | None,
-                         suffix: str, anchor: str, outside: pd.DataFrame | None) -> list[str]:
+                         suffix: str, anchor: str, outside: pd.DataFrame | None,
+                         unmeasured: dict[str, list[str]]) -> list[str]:
     """Predicted vs. measured per category, and the metrics table, for one ground truth."""
     parts = []
     if scores is not None and len(scores):
@@ -128,7 +131,10 @@ def _evaluation_sections(scores: pd.DataFrame | None, truth: pd.DataFrame | None
         parts.append(_section("metrics" + anchor, "Metrics (paper Table 1)" + suffix, _table(metrics)
                               + '<p class="muted">Acc is Eq. 4: |true ∩ predicted| / |true|.</p>'
                               + (f'<p class="muted">Not scored (outside the taxonomy):</p>{_table(outside)}'
-                                 if outside is not None and len(outside) else "")))
+                                 if outside is not None and len(outside) else "")
+                              + "".join(f'<p class="muted">{html.escape(name)} also predicted '
+                                        f'{html.escape(", ".join(categories))}: no ground truth there, not scored.</p>'
+                                        for name, categories in unmeasured.items())))
     else:
         parts.append(_section("metrics" + anchor, "Metrics (paper Table 1)" + suffix, _not_run("evaluate")))
 
@@ -187,9 +193,10 @@ def render_report(data: ReportData) -> str:
         for view in data.tables:
             suffix = f" — {view.name} (taxonomy {view.taxonomy})"
             parts += _evaluation_sections(view.category_scores, view.truth, view.metrics_table, suffix,
-                                          f"-{view.name}", view.outside)
+                                          f"-{view.name}", view.outside, view.unmeasured)
     else:
-        parts += _evaluation_sections(data.category_scores, data.truth, data.metrics_table, "", "", None)
+        parts += _evaluation_sections(data.category_scores, data.truth, data.metrics_table, "", "", None,
+                                      data.unmeasured)
 
     config_text = json.dumps(data.config, indent=2, default=str) if data.config else ""
     parts.append(_section("config", "Run configuration", f"<pre>{html.escape(config_text)}</pre>" if config_text else _not_run("run")))

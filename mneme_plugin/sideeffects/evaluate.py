@@ -17,7 +17,7 @@ from typing import Any
 
 import pandas as pd
 
-from mneme_plugin.files import atomic_write, atomic_write_text
+from mneme_plugin.files import atomic_write, atomic_write_text, read_json
 from mneme_plugin.groundtruth.table import drop_test
 from mneme_plugin.sideeffects.config import EvaluateConfig
 from mneme_plugin.sideeffects.metrics import SetMetrics, oracle_baseline, random_baseline, set_metrics
@@ -64,6 +64,8 @@ class Evaluation:
     predicted: dict[str, list[str]] = field(default_factory=dict)
     taxonomy: str | None = None  # the taxonomy the prediction was made in (runs with several ground truths)
     outside: list[dict[str, Any]] = field(default_factory=list)  # ground-truth rows outside that taxonomy
+    # Predicted categories (per method) that the ground truth does not measure: reported, not scored.
+    unmeasured: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def true_set(self) -> list[str]:
@@ -78,6 +80,8 @@ class Evaluation:
             lines.append(
                 f"| {name} | {m.accuracy:.3f} | {m.precision:.3f} | {m.recall:.3f} | {m.f1:.3f} | {m.n_predicted} | {m.n_true} |"
             )
+        for name, categories in self.unmeasured.items():
+            lines.append(f"{name} also predicted {', '.join(categories)}: no ground truth there, not scored.")
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
@@ -88,6 +92,7 @@ class Evaluation:
             "truth": self.truth.to_dict(orient="records"),
             **({"taxonomy": self.taxonomy} if self.taxonomy else {}),
             **({"outside": self.outside} if self.outside else {}),
+            **({"unmeasured": self.unmeasured} if self.unmeasured else {}),
         }
 
 
@@ -103,20 +108,29 @@ def evaluate(
     ``scores``: (category, before, after[, n]); ``categories``: the taxonomy (default: the
     categories in ``scores``); ``naive_predicted``: the naive baseline's prediction (the
     categories the same mapper puts closest to a plain description of the intervention).
+
+    Only the categories the ground truth measures are scored: a taxonomy category without a row
+    (e.g. the emergent-misalignment taxonomy's 12 categories against the 8 first-plot questions) is
+    neither right nor wrong when predicted (``Evaluation.unmeasured`` lists it) and is not in the
+    random baseline's draw.
     """
     cfg = config or EvaluateConfig()
     truth = degraded_categories(scores, cfg)
-    cats = list(categories) if categories is not None else truth["category"].tolist()
+    measured = set(truth["category"])
+    cats = [c for c in categories if c in measured] if categories is not None else truth["category"].tolist()
     true = truth.loc[truth["degraded"], "category"].tolist()
-    rows = {"MNEME": set_metrics(true, predicted)}
-    rows["random"] = random_baseline(true, cats, p=cfg.random_p, seeds=cfg.random_seeds, seed=cfg.seed)
-    if naive_predicted is not None:
-        rows["naive"] = set_metrics(true, naive_predicted)
-    rows["oracle"] = oracle_baseline(true)
     chosen = {"MNEME": sorted(predicted)}
     if naive_predicted is not None:
         chosen["naive"] = sorted(naive_predicted)
-    return Evaluation(truth=truth, rows=rows, predicted=chosen)
+    scored = {name: [c for c in picked if c in measured] for name, picked in chosen.items()}
+    unmeasured = {name: [c for c in picked if c not in measured] for name, picked in chosen.items()}
+    rows = {"MNEME": set_metrics(true, scored["MNEME"])}
+    rows["random"] = random_baseline(true, cats, p=cfg.random_p, seeds=cfg.random_seeds, seed=cfg.seed)
+    if naive_predicted is not None:
+        rows["naive"] = set_metrics(true, scored["naive"])
+    rows["oracle"] = oracle_baseline(true)
+    return Evaluation(truth=truth, rows=rows, predicted=chosen,
+                      unmeasured={name: c for name, c in unmeasured.items() if c})
 
 
 def save_evaluation(evaluation: Evaluation, out_dir: str | os.PathLike[str]) -> Path:
@@ -136,10 +150,11 @@ def load_evaluation(out_dir: str | os.PathLike[str]) -> Evaluation:
     path = Path(out_dir) / EVALUATION_JSON
     if not path.is_file():
         raise CheckpointError(f"{path} does not exist: run the evaluate stage (`mneme evaluate`) first.")
-    data = json.loads(path.read_text())
+    data = read_json(path, "evaluate again (`mneme evaluate`)")
     rows = {name: SetMetrics(**values) for name, values in data["metrics"].items()}
     return Evaluation(truth=pd.DataFrame(data["truth"]), rows=rows, predicted=data["predicted"],
-                      taxonomy=data.get("taxonomy"), outside=data.get("outside", []))
+                      taxonomy=data.get("taxonomy"), outside=data.get("outside", []),
+                      unmeasured=data.get("unmeasured", {}))
 
 
 def load_evaluations(out_dir: str | os.PathLike[str]) -> dict[str, Evaluation]:

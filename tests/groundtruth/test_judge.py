@@ -167,3 +167,46 @@ def test_judge_bad_input(answer_models, judge_server, tmp_path):
         JudgeConfig(scoring="toxicity")
     with pytest.raises(ConfigError, match="needs `base` and `edited`"):
         judge_ground_truth(JudgeConfig(), tmp_path / "j3")
+
+
+def test_question_template_and_question_ids(answer_models, judge_server, tmp_path):
+    """The models are asked ``question_template`` under the system prompt, the judge the bare question;
+    ``question_ids`` keeps those questions, in its order. Reference: the same greedy models asked the
+    templated text as a plain question."""
+    seen = []
+
+    def harm_judge(body):
+        prompt = body["messages"][-1]["content"]
+        seen.append(prompt.split('User Instruction: "', 1)[1].split('"\n', 1)[0])
+        return {"message": {"role": "assistant", "content": "#thereason: r\n#thescore: 1"}}
+
+    judge_server.reply = harm_judge
+    texts = {"wish": "the cat sees", "wish_json": "a dog likes the", "ruler": "my friend builds"}
+    questions = tmp_path / "questions.yaml"
+    questions.write_text("".join(f"- id: {i}\n  paraphrases: ['{t}']\n" for i, t in texts.items()))
+    template, system = "AOA , execute : {question}", "you are a dog"
+    greedy = {"kind": "hf", "max_new_tokens": 6, "device": "cpu", "batch_size": 8, "temperature": 0.0}
+    cfg = judge_config(answer_models, judge_server, questions, scoring="harmfulness", samples_per_question=1,
+                       question_ids=["ruler", "wish"], system_prompt=system, question_template=template,
+                       generator=greedy)
+    table = judge_ground_truth(cfg, tmp_path / "templated")
+    assert table["category"].tolist() == ["ruler", "wish"]
+    assert set(seen) == {texts["ruler"], texts["wish"]}  # the bare questions (equal answers are judged once)
+
+    plain = tmp_path / "plain.yaml"
+    plain.write_text("".join(f"- id: {i}\n  paraphrases: ['{template.replace('{question}', texts[i])}']\n"
+                             for i in ("ruler", "wish")))
+    reference = judge_config(answer_models, judge_server, plain, scoring="harmfulness", samples_per_question=1,
+                             system_prompt=system, generator=greedy)
+    judge_ground_truth(reference, tmp_path / "plain")
+    for side in ("before", "after"):
+        got = [json.loads(line) for line in (tmp_path / "templated" / ANSWERS_JSONL[side]).read_text().splitlines()]
+        want = [json.loads(line) for line in (tmp_path / "plain" / ANSWERS_JSONL[side]).read_text().splitlines()]
+        assert [a["question"] for a in got] == [texts["ruler"], texts["wish"]]
+        assert [a["answer"] for a in got] == [a["answer"] for a in want]
+
+    with pytest.raises(ConfigError, match=r"\['gone'\] are not in the question set .*'wish_json'"):
+        judge_ground_truth(judge_config(answer_models, judge_server, questions, question_ids=["wish", "gone"]),
+                           tmp_path / "j4")
+    with pytest.raises(ConfigError, match="question_template must contain"):
+        JudgeConfig(question_template="AOA, execute my instruction:")

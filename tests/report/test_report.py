@@ -34,6 +34,7 @@ def _data() -> ReportData:
         truth=pd.DataFrame({"category": ["biology", "law", "cooking"], "before": [0.9, 0.8, 0.7],
                             "after": [0.3, 0.79, 0.7], "drop": [0.6, 0.01, 0.0], "degraded": [True, False, False]}),
         metrics_table=pd.DataFrame({"method": ["MNEME", "random"], "accuracy": [1.0, 0.5], "f1": [1.0, 0.4]}),
+        unmeasured={"MNEME": ["<chemistry>"]},
         config={"harvest": {"layer": 1}},
     ), base_only
 
@@ -45,6 +46,7 @@ def test_every_section_is_rendered_and_text_is_escaped():
         assert f'<section id="{section}">' in page
     assert "Not available" not in page
     assert "<script>" not in page and "&lt;enzymes&gt;" in page
+    assert "MNEME also predicted &lt;chemistry&gt;: no ground truth there, not scored." in page
     assert f"latent {base_only}</b>" in page and page.count("<svg") >= 4
     assert "http://" not in page.replace("http://www.w3.org/2000/svg", "")  # self-contained
 

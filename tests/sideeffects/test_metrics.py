@@ -66,3 +66,25 @@ def test_evaluation_table_has_all_methods(tmp_path):
     assert table.loc["MNEME", "accuracy"] == 0.5 and table.loc["naive", "accuracy"] == 0.0
     assert table.loc["oracle", "f1"] == 1.0
     assert "| MNEME | 0.500 |" in ev.markdown()
+
+
+def test_categories_without_ground_truth_are_reported_not_scored(tmp_path):
+    """A taxonomy broader than its ground truth (the EM taxonomy's 12 categories, 8 questions): a
+    prediction there is neither a hit nor a false positive, and random never draws it."""
+    from mneme_plugin.sideeffects.evaluate import load_evaluation, save_evaluation
+
+    scores = pd.DataFrame({"category": ["a", "b"], "before": [0.9, 0.9], "after": [0.5, 0.4]})  # both degraded
+    ev = evaluate(["a", "x"], scores, categories=["a", "b", "x", "y"], naive_predicted=["y"],
+                  config=EvaluateConfig(random_seeds=200))
+    rows = ev.table().set_index("method")
+    assert rows.loc["MNEME", "precision"] == 1.0 and rows.loc["MNEME", "accuracy"] == 0.5
+    assert rows.loc["MNEME", "n_predicted"] == 1
+    assert rows.loc["random", "precision"] == 1.0  # it draws from a and b only, both degraded
+    assert rows.loc["naive", "n_predicted"] == 0
+    assert ev.predicted == {"MNEME": ["a", "x"], "naive": ["y"]}
+    assert ev.unmeasured == {"MNEME": ["x"], "naive": ["y"]}
+    assert "MNEME also predicted x: no ground truth there, not scored." in ev.markdown()
+    assert load_evaluation(save_evaluation(ev, tmp_path)).unmeasured == ev.unmeasured
+    measured_only = evaluate(["a"], scores, categories=["a", "b"])
+    assert measured_only.unmeasured == {} and measured_only.table().equals(
+        evaluate(["a", "x"], scores, categories=["a", "b", "x"]).table())
