@@ -57,14 +57,18 @@ def _sections(data: dict[str, Any], allowed: tuple[str, ...], path: str | None) 
 
 def _run_sections(run_dir: str, config: str | None, allowed: tuple[str, ...],
                   from_run: tuple[str, ...]) -> dict[str, dict[str, Any]]:
-    """``_sections`` of ``--config``; without one, the ``from_run`` sections come from the run
-    directory's own ``config.yaml`` when it has one (a run predicts over its own taxonomies)."""
+    """``_sections`` of ``--config`` over the ``from_run`` sections of the run directory's own
+    ``config.yaml`` (a pooled folder's: its first run's; ``sideeffects.steps.settings_run``), so a run
+    predicts over its own taxonomies: a key of ``--config`` replaces the run's, the others stay."""
+    from mneme_plugin.sideeffects.steps import settings_run
+
     sections = _sections(_read_yaml(config), allowed, config)
-    if config is None and RunLayout(Path(run_dir)).config.is_file():
+    source = settings_run(run_dir)
+    if source is not None:
         from mneme_plugin.pipeline.config import load_run_config
 
-        run_config = load_run_config(run_dir).to_dict()
-        sections.update({name: dict(run_config.get(name) or {}) for name in from_run})
+        run_config = load_run_config(source).to_dict()
+        sections.update({name: {**dict(run_config.get(name) or {}), **sections.get(name, {})} for name in from_run})
     return sections
 
 
@@ -468,13 +472,16 @@ def collect(config, crosscoder_dir, attribution, base, edited, corpus, layer, ho
                         context_length=context_length, batch_size=harvest_batch_size, max_tokens=max_tokens,
                         device=device)
     if reading and "layer" not in reading:
-        from mneme_plugin.crosscoder.provenance import recorded_source
+        from mneme_plugin.crosscoder.provenance import recorded_context_length, recorded_source
         from mneme_plugin.formats import load_crosscoder
 
-        recorded = recorded_source(load_crosscoder(crosscoder_dir))
+        loaded = load_crosscoder(crosscoder_dir)
+        recorded = recorded_source(loaded)
         if "layer" not in recorded:
             raise ConfigError("The crosscoder does not record its layer: pass --layer.")
-        reading = {"layer": recorded["layer"], "hook_name": recorded.get("hook_name"), **reading}
+        length = recorded_context_length(loaded)
+        reading = {"layer": recorded["layer"], "hook_name": recorded.get("hook_name"),
+                   **({"context_length": length} if length else {}), **reading}
     cfg = CollectConfig.from_dict(_override(
         section, latents=ids(latents), classes=classes.split(",") if classes else None, per_class=per_class,
         reference_latents=reference_latents, n_top=n_top, harvest=reading or None,
@@ -621,7 +628,8 @@ def pool(run_dirs, out, min_votes, taxonomy) -> None:
 @click.option("--scores-csv", type=click.Path(exists=True, dir_okay=False), help="category, before, after[, n][, p_value].")
 @click.option("--lm-eval-before", type=click.Path(exists=True, dir_okay=False))
 @click.option("--lm-eval-after", type=click.Path(exists=True, dir_okay=False))
-@click.option("--intervention", help="Plain-text description of the edit, for the naive baseline.")
+@click.option("--intervention", help="Plain-text description of the edit, for the naive baseline (default: the "
+              "run's models.intervention).")
 @click.option("--drop-threshold", type=float,
               help="A category is degraded when its score drops by more than this (see EvaluateConfig).")
 @click.option("--significance", type=float,
@@ -637,7 +645,8 @@ def evaluate(run_dir, scores_csv, lm_eval_before, lm_eval_after, intervention, d
     from mneme_plugin.interpret import MapConfig
     from mneme_plugin.sideeffects import EvaluateConfig, evaluate_run
 
-    sections = _run_sections(run_dir, config, ("evaluate", "ground_truth", "map"), from_run=("evaluate", "map"))
+    sections = _run_sections(run_dir, config, ("evaluate", "ground_truth", "map"),
+                             from_run=("evaluate", "map", "models"))
     cfg = EvaluateConfig.from_dict(_override(sections["evaluate"], drop_threshold=drop_threshold,
                                              significance=significance), section="evaluate")
     truth = GroundTruthConfig.from_dict(_override(sections["ground_truth"], scores_csv=scores_csv,
@@ -645,8 +654,9 @@ def evaluate(run_dir, scores_csv, lm_eval_before, lm_eval_after, intervention, d
                                         section="ground_truth")
     if not truth.available:
         raise ConfigError("No ground truth: pass --scores-csv or --lm-eval-before/--lm-eval-after.")
+    # The naive baseline reads the edit's description: --intervention, else the run's models.intervention.
     result = evaluate_run(run_dir, cfg, truth, MapConfig.from_dict(sections["map"], section="map"),
-                          intervention=intervention or "")
+                          intervention=intervention or sections.get("models", {}).get("intervention") or "")
     click.echo(f"Degraded: {', '.join(result.true_set) or '(none)'}")
     click.echo(result.markdown())
 
@@ -731,7 +741,7 @@ def run(config, dry_run, only, nproc) -> None:
     cfg = RunConfig.from_yaml(config)
     if dry_run:
         check = check_config(cfg)
-        click.echo(format_plan(cfg, check))
+        click.echo(format_plan(cfg, check, list(only) or None))
         if check.problems:
             raise SystemExit(1)
         return

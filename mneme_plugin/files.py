@@ -23,13 +23,25 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
-from mneme_plugin.errors import OutputExistsError, OutputLockedError
+from mneme_plugin.errors import CheckpointError, OutputExistsError, OutputLockedError
 
 LOCK_FILE = ".mneme.lock"
 # .<stem>.<pid>.<token>.tmp<suffix> (files) and .<name>.<pid>.<token>.tmp (folders)
 _TMP_PATTERN = re.compile(r"^\..+\.(\d+)\.[0-9a-f]{8}\.tmp(\.[^.]*)?$")
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+def read_json(path: str | os.PathLike[str], remedy: str) -> Any:
+    """A JSON file a stage wrote; a corrupt one (cut by a crash, edited by hand) is a CheckpointError
+    that says which file and ``remedy`` (what to run again)."""
+    import json
+
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path} is corrupt: not valid JSON ({err}); {remedy}.") from err
 
 
 def json_digest(obj: Any, length: int = 16) -> str:

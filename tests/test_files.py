@@ -202,3 +202,28 @@ def test_stat_digest_changes_when_a_file_is_saved_over_and_not_when_read(tmp_pat
     (folder / "sub" / "tokenizer.json").write_text("{}")
     assert stat_digest(folder) != second
     assert stat_digest(folder / "sub" / "config.json") is not None
+
+
+def test_corrupt_stage_json_is_a_one_line_error_that_says_what_to_redo(tmp_path):
+    """A JSON file cut by a crash: every reader says which file and what to run again (no traceback)."""
+    import json
+
+    from mneme_plugin.errors import CheckpointError
+    from mneme_plugin.files import read_json
+    from mneme_plugin.interpret.contexts import load_reference_latents
+    from mneme_plugin.sideeffects.evaluate import load_evaluation
+
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps({"a": [1, 2]}))
+    assert read_json(good, "redo") == {"a": [1, 2]}
+    for folder, name, load, remedy in ((tmp_path / "evaluation", "evaluation.json", load_evaluation, "evaluate again"),
+                                       (tmp_path / "contexts", "contexts.json", load_reference_latents, "collect again")):
+        folder.mkdir()
+        (folder / name).write_text('{"x":')
+        with pytest.raises(CheckpointError, match=rf"{name} is corrupt: not valid JSON .*{remedy}"):
+            load(folder)
+    from mneme_plugin.crosscoder.training import load_training_metrics
+
+    (tmp_path / "metrics.json").write_text('{"x":')
+    with pytest.raises(CheckpointError, match=r"metrics.json is corrupt: not valid JSON .*train again"):
+        load_training_metrics(tmp_path)

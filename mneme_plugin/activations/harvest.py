@@ -93,7 +93,7 @@ class HarvestContext:
         base = load_model(base, config.device, config.model_dtype, role="base")
         edited = load_model(edited, config.device, config.model_dtype, role="edited")
         hook_name = config.resolved_hook_name
-        validate_pair(base, edited, config.layer, hook_name)
+        validate_pair(base, edited, config.layer, hook_name, config.context_length)
         return cls(base, edited, config, hook_name, model_tokenizer(base), int(base.cfg.d_model))
 
     def windows(self, corpus: CorpusSource, start_window: int = 0) -> Iterator[list]:

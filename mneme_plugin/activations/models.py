@@ -133,8 +133,9 @@ def _vocab_size(model: Any) -> int:
     return int(getattr(model.cfg, "d_vocab", 0) or 0)
 
 
-def validate_pair(base: Any, edited: Any, layer: int, hook_name: str) -> None:
-    """Raise a clear error if the pair cannot be compared at ``hook_name``."""
+def validate_pair(base: Any, edited: Any, layer: int, hook_name: str, context_length: int | None = None) -> None:
+    """Raise a clear error if the pair cannot be compared at ``hook_name`` over windows of
+    ``context_length`` tokens."""
     nb, ne = model_name(base), model_name(edited)
     db, de = int(base.cfg.d_model), int(edited.cfg.d_model)
     if db != de:
@@ -170,6 +171,12 @@ def validate_pair(base: Any, edited: Any, layer: int, hook_name: str) -> None:
         )
     for model in (base, edited):
         check_hook(model, hook_name)
+        n_ctx = getattr(model.cfg, "n_ctx", None)
+        if context_length is not None and isinstance(n_ctx, int) and 0 < n_ctx < context_length:
+            raise ConfigError(
+                f"context_length {context_length} is longer than {model_name(model)} reads ({n_ctx} positions): "
+                f"use windows of at most {n_ctx} tokens (--context-length, harvest.context_length)."
+            )
 
 
 def check_hook(model: Any, hook_name: str) -> None:

@@ -24,6 +24,12 @@ def recorded_source(crosscoder: Any) -> dict[str, Any]:
     return {key: meta[key] for key in SOURCE_KEYS if meta.get(key) is not None}
 
 
+def recorded_context_length(crosscoder: Any) -> int | None:
+    """The window length (tokens) of the activations the crosscoder was trained on, if it records it."""
+    meta = getattr(getattr(crosscoder, "cfg", None), "metadata", None) or {}
+    return int(meta["context_length"]) if meta.get("context_length") else None
+
+
 def source_mismatches(recorded: Mapping[str, Any], actual: Mapping[str, Any],
                       keys: tuple[str, ...] = SOURCE_KEYS) -> list[str]:
     """``key: recorded vs actual`` for every key both sides know and that differs."""

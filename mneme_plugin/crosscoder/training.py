@@ -39,7 +39,7 @@ from mneme_plugin.crosscoder.model import BatchTopKCrossCoder
 from mneme_plugin.crosscoder.trainer import BatchTopKCrossCoderTrainer
 from mneme_plugin.distributed import SINGLE_PROCESS, DistributedContext, distributed_context, main_rank_lock
 from mneme_plugin.errors import CheckpointError, ConfigError, NonFiniteActivationError
-from mneme_plugin.files import atomic_directory, atomic_write_text
+from mneme_plugin.files import atomic_directory, atomic_write_text, read_json
 
 logger = logging.getLogger("mneme_plugin")
 
@@ -203,17 +203,37 @@ def _results_part(run_config: dict[str, Any]) -> dict[str, Any]:
         return run_config
 
 
+def _config_differences(previous: dict[str, Any], now: dict[str, Any], prefix: str = "") -> list[str]:
+    """``section.field: stored vs now`` for every field that differs."""
+    out = []
+    for key in sorted(set(previous) | set(now), key=str):
+        a, b = previous.get(key), now.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _config_differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: stored {a!r} vs now {b!r}")
+    return out
+
+
 def _check_run_config(run_dir: Path, run_config: dict[str, Any]) -> None:
     path = run_dir / RUN_CONFIG_FILE
     if path.exists():
-        previous = json.loads(path.read_text())
-        if _results_part(previous) != _results_part(run_config):
+        try:
+            previous = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            previous = None  # cut by a crash while it was written: it pins nothing
+        trained = latest_checkpoint(run_dir) is not None or (run_dir / FINAL_DIR).is_dir()
+        if previous is not None and trained and _results_part(previous) != _results_part(run_config):
+            differences = _config_differences(_results_part(previous), _results_part(run_config))
             raise ConfigError(
-                f"{run_dir} holds a training run with another config ({path}); "
-                "use a new run directory, or delete the old one to start over."
+                f"{run_dir} holds a training run with another config ({path}: "
+                f"{'; '.join(differences[:5]) or 'other fields'}); use a new run directory, or start over "
+                "here with --no-resume (train(..., resume=False))."
             )
-    else:
-        atomic_write_text(path, json.dumps(run_config, indent=2))
+        if trained and previous is not None:
+            return
+    # A new run, or a start that never saved a step (it may have failed on its device): this config now.
+    atomic_write_text(path, json.dumps(run_config, indent=2))
 
 
 def train(
@@ -266,7 +286,7 @@ def _train(data: TrainingData, run_dir: Path, cc_cfg: CrossCoderConfig, tr_cfg: 
     if resume and final_dir.is_dir() and metrics_path.is_file():
         _check_run_config(run_dir, run_config)
         logger.info("Training already finished in %s; loading it.", final_dir)
-        metrics = CrossCoderMetrics(**json.loads(metrics_path.read_text()))
+        metrics = CrossCoderMetrics(**read_json(metrics_path, "delete it and train again (--no-resume)"))
         return TrainResult(BatchTopKCrossCoder.from_pretrained(final_dir), metrics, run_dir)
 
     def prepare() -> None:  # rank 0; a refused config stops every rank
@@ -361,4 +381,4 @@ def load_training_metrics(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
     path = Path(run_dir) / METRICS_FILE
     if not path.is_file():
         raise CheckpointError(f"{path} does not exist: the training run in {run_dir} has not finished.")
-    return json.loads(path.read_text())
+    return read_json(path, "train again (--no-resume)")

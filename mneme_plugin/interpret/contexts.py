@@ -34,7 +34,7 @@ import torch
 
 from mneme_plugin.activations.config import HarvestConfig
 from mneme_plugin.errors import CheckpointError, ConfigError, EmptyCorpusError
-from mneme_plugin.files import atomic_write, holds_output_lock
+from mneme_plugin.files import atomic_write, holds_output_lock, read_json
 from mneme_plugin.interpret.config import CollectConfig, check_windows
 
 logger = logging.getLogger("mneme_plugin")
@@ -287,7 +287,7 @@ def load_contexts(path: str | os.PathLike[str]) -> LatentContexts:
     summary_file = path / CONTEXTS_FILE
     if not summary_file.is_file():
         raise CheckpointError(f"{path} holds no collected contexts: {summary_file} does not exist (run `mneme collect`).")
-    summary = json.loads(summary_file.read_text())
+    summary = read_json(summary_file, "collect again (`mneme collect`)")
     module_dir = path / CACHE_DIR / summary["hookpoint"]
     files = sorted(module_dir.glob("*.safetensors"), key=lambda f: int(f.stem.split("_")[0]))
     if not files:
@@ -374,7 +374,7 @@ def load_reference_latents(contexts_dir: str | os.PathLike[str]) -> list[int]:
     summary_file = Path(contexts_dir) / CONTEXTS_FILE
     if not summary_file.is_file():
         raise CheckpointError(f"{summary_file} does not exist: run the collect stage (`mneme collect`) first.")
-    meta = json.loads(summary_file.read_text()).get("meta", {})
+    meta = read_json(summary_file, "collect again (`mneme collect`)").get("meta", {})
     return [int(v) for v in meta.get("reference_latents", [])]
 
 
@@ -413,7 +413,9 @@ def latent_values(crosscoder: Any, x: torch.Tensor, latents: torch.Tensor, value
 def reading_config(config: CollectConfig, crosscoder: Any) -> HarvestConfig:
     """How ``collect`` reads the corpus: ``config.harvest``, checked against the layer and hook the
     crosscoder records, or (None) a harvest config at the recorded layer and hook."""
-    from mneme_plugin.crosscoder.provenance import HOOK_KEYS, check_same_source, recorded_source
+    from mneme_plugin.crosscoder.provenance import (
+        HOOK_KEYS, check_same_source, recorded_context_length, recorded_source,
+    )
 
     recorded = recorded_source(crosscoder)
     if config.harvest is None:
@@ -422,7 +424,10 @@ def reading_config(config: CollectConfig, crosscoder: Any) -> HarvestConfig:
                 "The crosscoder does not record the layer it was trained at (an imported crosscoder?): "
                 "give the layer to read (collect.harvest.layer, CLI --layer)."
             )
-        reading = HarvestConfig(layer=int(recorded["layer"]), hook_name=recorded.get("hook_name"))
+        # The windows the crosscoder was trained on, where it records them (the default is for real models).
+        length = recorded_context_length(crosscoder)
+        reading = HarvestConfig(layer=int(recorded["layer"]), hook_name=recorded.get("hook_name"),
+                                **({"context_length": length} if length else {}))
     else:
         reading = config.harvest
         actual = {"layer": reading.layer, "hook_name": reading.resolved_hook_name}
@@ -512,7 +517,7 @@ def iter_records_delphi(contexts_dir: str | os.PathLike[str], tokenizer: Any, co
     from delphi.latents import LatentDataset
 
     contexts_dir = Path(contexts_dir)
-    summary = json.loads((contexts_dir / CONTEXTS_FILE).read_text())
+    summary = read_json(contexts_dir / CONTEXTS_FILE, "collect again (`mneme collect`)")
     hook = summary["hookpoint"]
     ccfg = ConstructorConfig(**{"example_ctx_len": summary["ctx_len"], "min_examples": 1,
                                 "n_non_activating": 20, "center_examples": True,

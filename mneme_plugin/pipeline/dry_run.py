@@ -10,7 +10,7 @@ from typing import Any
 
 from mneme_plugin.activations.models import ModelSpec, check_model_spec
 from mneme_plugin.pipeline.config import RunConfig
-from mneme_plugin.pipeline.run import plan
+from mneme_plugin.pipeline.run import check_only, plan
 from mneme_plugin.pipeline.stages import STAGES, config_problems, missing_inputs
 
 BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "float64": 8}
@@ -215,7 +215,9 @@ def estimates(config: RunConfig, check: ConfigCheck) -> list[str]:
     return out
 
 
-def format_plan(config: RunConfig, check: ConfigCheck) -> str:
+def format_plan(config: RunConfig, check: ConfigCheck, only: list[str] | None = None) -> str:
+    """The checks and the plan; with ``only`` (``mneme run --only``), the other stages read "not selected"."""
+    check_only(only, STAGES)
     lines = [f"Run directory: {config.run_dir}", "", "Checks:"]
     lines += [f"  ok   {n}" for n in check.notes]
     lines += [f"  FAIL {p}" for p in check.problems]
@@ -228,6 +230,8 @@ def format_plan(config: RunConfig, check: ConfigCheck) -> str:
         lines += ["", "Estimates (one H100-class GPU, rough):"] + [f"  {e}" for e in check.estimates]
     lines += ["", "Plan:"]
     for stage, fingerprint, status in plan(config, STAGES):
+        if only and stage.name not in only and status != "disabled":
+            status = "not selected (--only)"
         lines.append(f"  {stage.name:<10} {status:<24} config {fingerprint}")
     lines.append("")
     lines.append("The config has problems (FAIL above)." if check.problems else "The config looks runnable.")

@@ -159,12 +159,21 @@ def plan(config: RunConfig, stages: list[Stage],
         # Same config, but what it read is redone: its fingerprint cannot tell, so it is redone too.
         if status == "skip (done)" and redone & set(previous):
             status = UPSTREAM_REDONE
-        if status in (CORPUS_CHANGED, INPUTS_CHANGED, UPSTREAM_REDONE):
+        # A stage that runs again without a config change (its marker or outputs are gone, or it never
+        # ran although a later stage did, e.g. after `--only report`) changes what the stages after it read.
+        if status in (CORPUS_CHANGED, INPUTS_CHANGED, UPSTREAM_REDONE, "run"):
             redone.add(stage.name)
         out.append((stage, fingerprint, status))
         upstream, legacy_upstream, previous = fingerprint, legacy, (stage.name,)
         done[stage.name] = (fingerprint, legacy)
     return out
+
+
+def check_only(only: list[str] | None, stages: list[Stage]) -> None:
+    """``--only``'s stage names must be stages."""
+    unknown = sorted(set(only or ()) - {s.name for s in stages})
+    if unknown:
+        raise ConfigError(f"Unknown stage(s) {unknown}; the stages are {', '.join(s.name for s in stages)}.")
 
 
 def run_pipeline(
@@ -185,10 +194,7 @@ def run_pipeline(
     from mneme_plugin.distributed import distributed_context, main_rank_lock
 
     stages = STAGES if stages is None else stages
-    if only is not None:
-        unknown = sorted(set(only) - {s.name for s in stages})
-        if unknown:
-            raise ConfigError(f"Unknown stage(s) {unknown}; the stages are {', '.join(s.name for s in stages)}.")
+    check_only(only, stages)
     validate_for_run(config, stages, models=models)
     layout = config.layout
     dist = distributed_context(config.training.device)

@@ -20,7 +20,7 @@ from typing import Any
 import pandas as pd
 
 from mneme_plugin.errors import CheckpointError
-from mneme_plugin.files import atomic_write_text
+from mneme_plugin.files import atomic_write_text, read_json
 
 INTERSECTION_JSON = "harmful_intersection.json"
 AMPLIFIED_CLASSES = ("amplified", "edited_only")
@@ -87,6 +87,6 @@ def load_harmful_intersection(out_dir: str | os.PathLike[str]) -> HarmfulInterse
     path = Path(out_dir) / INTERSECTION_JSON
     if not path.is_file():
         raise CheckpointError(f"{path} does not exist: run the intersection analysis first.")
-    data = json.loads(path.read_text())
+    data = read_json(path, "run the intersection analysis again")
     data["harmful"] = {int(k): v for k, v in data["harmful"].items()}
     return HarmfulIntersection(**data)

@@ -44,7 +44,8 @@ def pool_predictions(predictions: Sequence[Prediction], min_votes: int | None = 
     votes = pd.Series(0, index=categories, dtype=int)
     for prediction in predictions:
         votes[list(prediction.predicted)] += 1
-    scores = pd.DataFrame({"category": categories, "votes": votes.to_numpy()})
+    # ``score``, the share of runs naming the category, is what every prediction's scores have (the report ranks by it).
+    scores = pd.DataFrame({"category": categories, "votes": votes.to_numpy(), "score": votes.to_numpy() / len(predictions)})
     scores["predicted"] = scores["votes"] >= needed
     scores = scores.sort_values(["votes"], ascending=False, kind="stable").reset_index(drop=True)
     tests = {"verdict": f"pooled: {needed} of {len(predictions)} runs", "min_votes": needed,

@@ -16,7 +16,7 @@ from mneme_plugin.interpret.config import MapConfig
 from mneme_plugin.layout import RunLayout
 from mneme_plugin.sideeffects.config import CONTROL_RULES, EvaluateConfig, PredictConfig
 from mneme_plugin.sideeffects.evaluate import Evaluation, evaluate, save_evaluation
-from mneme_plugin.sideeffects.predict import Prediction, load_prediction, predict, save_prediction
+from mneme_plugin.sideeffects.predict import PREDICTIONS_JSON, Prediction, load_prediction, predict, save_prediction
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -34,6 +34,13 @@ def predict_run(run_dir: str | os.PathLike[str], config: PredictConfig, taxonomy
     layout = RunLayout(Path(run_dir))
     tax = load_taxonomy(taxonomy)
     mapping = load_mapping(layout.mapping)
+    mapped = sorted(set(mapping["taxonomy"].astype(str))) if "taxonomy" in mapping else []
+    if tax.name not in mapped:
+        from mneme_plugin.errors import ConfigError
+
+        raise ConfigError(f"The run's latents were not mapped to taxonomy {tax.name!r} (mapped: {mapped}); predict "
+                          f"over one of those, or map to it first (`mneme map --taxonomy {taxonomy}`, or add it to "
+                          "map.taxonomies and run again).")
     needs_reference = config.rule == "enrichment" or config.rule in CONTROL_RULES
     reference = load_reference_latents(layout.contexts) if needs_reference else None
     control = load_control_attribution(config.control_run) if config.rule in CONTROL_RULES else None
@@ -69,9 +76,23 @@ def pool_runs(run_dirs: list[str | os.PathLike[str]], out_dir: str | os.PathLike
     if len(set(models.values())) > 1:
         listing = "; ".join(f"{run}: {base} -> {edited}" for run, (base, edited) in models.items())
         raise ConfigError(f"The runs compare different models ({listing}): pool runs of one edit only.")
-    pooled = pool_predictions(predictions, min_votes, names=[str(r) for r in run_dirs])
+    pooled = pool_predictions(predictions, min_votes, names=[str(r) for r in resolved])
     save_prediction(pooled, RunLayout(Path(out_dir)).prediction)
     return pooled
+
+
+def settings_run(run_dir: str | os.PathLike[str]) -> Path | None:
+    """The run whose ``config.yaml`` holds ``run_dir``'s settings (taxonomies, evaluation, the edit's
+    description): ``run_dir`` itself, or for a folder written by ``mneme pool``, the first pooled run;
+    None for neither."""
+    layout = RunLayout(Path(run_dir))
+    if layout.config.is_file():
+        return layout.root
+    if (layout.prediction / PREDICTIONS_JSON).is_file():
+        runs = load_prediction(layout.prediction).tests.get("runs") or []
+        if runs and RunLayout(Path(runs[0])).config.is_file():
+            return Path(runs[0])
+    return None
 
 
 def load_control_attribution(control_run: str | os.PathLike[str] | None) -> "pd.DataFrame | None":

@@ -130,3 +130,9 @@ def test_a_missing_or_empty_model_folder_is_a_config_error(tmp_path, llama_dir):
         load_model(str(broken), role="edited")
     with pytest.raises(ConfigError, match=rf"base: the model folder {tmp_path / 'nope'} does not exist"):
         load_model(str(tmp_path / "nope"), role="base")
+
+
+def test_windows_longer_than_the_models_read(ht_pair, corpus):
+    n_ctx = ht_pair[0].cfg.n_ctx
+    with pytest.raises(ConfigError, match=rf"context_length {2 * n_ctx} is longer than .* \({n_ctx} positions\)"):
+        harvest(*ht_pair, corpus, HarvestConfig(layer=1, context_length=2 * n_ctx), progress=False)

@@ -74,8 +74,14 @@ def test_finished_run_is_loaded_and_a_changed_config_refused(tiny_store, tmp_pat
     again = train(tiny_store, tmp_path / "run", cc, _small_training(steps=20), progress=False,
                   on_step=lambda step, trainer: calls.append(step))
     assert calls == [] and torch.equal(again.crosscoder.W_dec, first.crosscoder.W_dec)
-    with pytest.raises(ConfigError, match="another config"):
+    with pytest.raises(ConfigError, match=r"another config .*training\.steps: stored 20 vs now 30.*--no-resume"):
         train(tiny_store, tmp_path / "run", cc, _small_training(steps=30), progress=False)
+    # A start that saved no step (e.g. it failed on its device) pins nothing: another config trains there.
+    failed = tmp_path / "failed"
+    failed.mkdir()
+    (failed / "train_config.json").write_text((tmp_path / "run" / "train_config.json").read_text())
+    assert train(tiny_store, failed, cc, _small_training(steps=30), progress=False).metrics.n_tokens > 0
+    assert json.loads((failed / "train_config.json").read_text())["training"]["steps"] == 30
     # resume=False starts over in the same directory
     fresh = train(tiny_store, tmp_path / "run", cc, _small_training(steps=30), resume=False, progress=False)
     assert fresh.metrics.n_tokens > 0

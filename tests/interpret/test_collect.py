@@ -110,3 +110,20 @@ def test_delphi_latent_dataset_reads_our_cache(collected, tiny_tokenizer):
         for e in rec.examples[: len(delphi_max)]:
             if float(e.max_activation) > cut:
                 assert tuple(e.tokens.tolist()) in ours
+
+
+def test_collect_reads_the_windows_the_crosscoder_records(thresholded_crosscoder):
+    """Without a reading config, collect reads the recorded layer, hook and window length (the demo's
+    crosscoders record 64 tokens, where the harvest default of 128 is longer than its models read)."""
+    import copy
+
+    from mneme_plugin.activations import HarvestConfig
+    from mneme_plugin.interpret import CollectConfig
+    from mneme_plugin.interpret.contexts import reading_config
+
+    cc = copy.deepcopy(thresholded_crosscoder)
+    cc.cfg.metadata = {"layer": 1, "hook_name": "blocks.1.hook_resid_post", "context_length": 64}
+    reading = reading_config(CollectConfig(latents=[0]), cc)
+    assert (reading.layer, reading.context_length) == (1, 64)
+    cc.cfg.metadata = {"layer": 1}  # nothing recorded: the harvest default
+    assert reading_config(CollectConfig(latents=[0]), cc).context_length == HarvestConfig(layer=1).context_length != 64

@@ -117,6 +117,13 @@ def test_a_changed_section_reruns_that_stage_and_those_after(pair_and_corpus, tm
     statuses = {s.name: status for s, _, status in plan(RunConfig.from_dict(cfg), STAGES)}
     assert statuses["train"] == "skip (done)" and statuses["map"] == "skip (done)"
     assert statuses["predict"].startswith("rerun") and statuses["report"].startswith("rerun")
+    # A stage whose marker is gone runs again, and so does every stage that reads it, though their
+    # configs are unchanged (a report made by `--only report` before the stages it shows is redone).
+    cfg["predict"]["k"] = 2
+    (tmp_path / "run" / ".stages" / "attribute.json").unlink()
+    statuses = {s.name: status for s, _, status in plan(RunConfig.from_dict(cfg), STAGES)}
+    assert statuses["train"] == "skip (done)" and statuses["attribute"] == "run"
+    assert all(statuses[name] == "rerun (input redone)" for name in ("collect", "predict", "evaluate", "report"))
 
 
 def test_a_corpus_rewritten_in_place_is_read_again(pair_and_corpus, tmp_path):
@@ -235,6 +242,10 @@ def test_dry_run_checks_the_config(pair_and_corpus, tmp_path):
     assert "d_model 32" in result.output and "GiB of activations" in result.output
     assert "harvest    run" in result.output
     assert not (tmp_path / "dry").exists()
+    only = CliRunner().invoke(main, ["run", "--dry-run", "--only", "train", _write(tmp_path, "dry.yaml", cfg)])
+    assert "train      run" in only.output and "harvest    not selected (--only)" in only.output
+    unknown = CliRunner().invoke(main, ["run", "--dry-run", "--only", "trian", _write(tmp_path, "dry.yaml", cfg)])
+    assert unknown.exit_code != 0 and "Unknown stage(s) ['trian']" in unknown.output
     cfg["harvest"]["layr"] = 1
     with pytest.raises(ConfigError, match="did you mean 'layer'"):
         RunConfig.from_dict(cfg)
@@ -282,6 +293,21 @@ def test_predict_command_with_and_without_a_control_run(pair_and_corpus, tmp_pat
         tests = json.loads((run / "prediction" / "predictions.json").read_text())["tests"]
         assert tests["breadth_p"] >= 0.05 and tests["control_changed_latents"] == tests["changed_latents"]
         assert f"concentration p {tests['concentration_p']:.3g}, breadth p {tests['breadth_p']:.3g})" in controlled.output
+    # A --config with only a rule keeps the run's other settings (its taxonomy, organism, not MMLU's).
+    rule_only = tmp_path / "rule.yaml"
+    rule_only.write_text("predict: {rule: outlier}\n")
+    own = CliRunner().invoke(main, ["predict", "--run-dir", str(run), "--config", str(rule_only)])
+    assert own.exit_code == 0, own.output
+    scored = json.loads((run / "prediction" / "predictions.json").read_text())
+    assert scored["config"]["rule"] == "outlier" and "clinical_knowledge" not in own.output
+    from mneme_plugin.sideeffects import load_prediction
+    assert set(load_prediction(run / "prediction").scores["category"]) == {
+        "biology", "chemistry", "medicine", "law", "history", "security", "cooking", "sports"}
+    # A taxonomy the run never mapped to is refused, and the prediction is left as it was.
+    before = (run / "prediction" / "predictions.json").read_text()
+    other = CliRunner().invoke(main, ["predict", "--run-dir", str(run), "--taxonomy", "mmlu"])
+    assert other.exit_code != 0 and "not mapped to taxonomy 'mmlu' (mapped: ['organism'])" in other.output
+    assert (run / "prediction" / "predictions.json").read_text() == before
 
 
 def test_a_moved_run_directory_reports_describes_and_resumes(pair_and_corpus, tmp_path):

@@ -73,19 +73,30 @@ def test_mneme_pool_then_evaluate_on_the_command_line(tmp_path):
         run = tmp_path / f"run{i}"
         run.mkdir()
         layout = RunLayout(run)
-        layout.config.write_text(yaml.safe_dump({"run_dir": str(run), "models": {"base": "b", "edited": "e"},
+        layout.config.write_text(yaml.safe_dump({"run_dir": str(run),
+                                                 "models": {"base": "b", "edited": "e",
+                                                            "intervention": "RMU unlearning of law knowledge"},
                                                  "corpus": {"source": "corpus.txt"}, "harvest": {"layer": 0},
-                                                 "map": {"taxonomies": ["organism"]}}))
+                                                 "map": {"taxonomies": ["organism"]},
+                                                 "evaluate": {"drop_threshold": 0.2}}))
         save_prediction(_prediction(predicted), layout.prediction)
         dirs.append(str(run))
     result = CliRunner().invoke(main, ["pool", *dirs, "--out", str(tmp_path / "pooled")])
     assert result.exit_code == 0, result.output
     assert "Predicted: law, history" in result.output and "cooking" in result.output
     truth = tmp_path / "truth.csv"
-    truth.write_text("category,before,after\nbiology,0.9,0.9\nlaw,0.9,0.1\nhistory,0.9,0.9\ncooking,0.9,0.5\n")
+    truth.write_text("category,before,after\nbiology,0.9,0.9\nlaw,0.9,0.1\nhistory,0.9,0.9\ncooking,0.9,0.75\n")
     result = CliRunner().invoke(main, ["evaluate", "--run-dir", str(tmp_path / "pooled"), "--scores-csv", str(truth)])
     assert result.exit_code == 0, result.output
-    assert "Degraded: law, cooking" in result.output or "Degraded: cooking, law" in result.output
+    # The pooled folder is scored with its runs' settings: their drop threshold 0.2 (cooking's 0.15 is
+    # not degraded; the default 0.02 would count it) and the naive baseline from their edit's
+    # description in their taxonomy (it names law).
+    assert "Degraded: law\n" in result.output
+    naive = [line for line in result.output.splitlines() if line.startswith("| naive")][0]
+    assert naive.split("|")[2].strip() == "1.000"
+    report = CliRunner().invoke(main, ["report", "--run-dir", str(tmp_path / "pooled")])
+    assert report.exit_code == 0, report.output
+    assert "law" in (tmp_path / "pooled" / "report.html").read_text()
     result = CliRunner().invoke(main, ["pool", dirs[0], "--out", str(tmp_path / "one")])
     assert result.exit_code != 0 and "at least 2" in result.output
 
