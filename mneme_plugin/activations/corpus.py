@@ -42,7 +42,16 @@ class HFDataset:
     def records(self) -> Iterator[Any]:
         from datasets import load_dataset
 
-        yield from load_dataset(self.name, self.config, split=self.split, streaming=True)
+        try:
+            dataset = load_dataset(self.name, self.config, split=self.split, streaming=True)
+        except (ConnectionError, OSError, ValueError) as err:  # unreachable hub, unknown / gated name, bad split
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ConfigError(
+                f"Cannot read the Hugging Face dataset {self.describe()}: {first}. Check the name, config and "
+                "split, the network, and access (gated sets need `huggingface-cli login`), or give a local "
+                ".txt / .jsonl / .parquet file."
+            ) from err
+        yield from dataset
 
     def describe(self) -> str:
         return f"hf:{self.name}" + (f"@{self.config}" if self.config else "") + f":{self.split}"

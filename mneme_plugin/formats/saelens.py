@@ -151,6 +151,11 @@ def export_saelens(
         "format": FORMAT,
         "crosscoder_config": {k: v for k, v in cfg.to_dict().items() if k != "metadata"},
         "crosscoder_metadata": meta,
+        # What the folding used, so our reader can undo it: the crosscoder back in its normalised space
+        # (decoder norms per model, hence attribution, as before the export).
+        "normalization": {"activation_scale": crosscoder.activation_scale.detach().cpu().tolist(),
+                          **{name: getattr(crosscoder, name).detach().cpu().tolist()
+                             for name in crosscoder.normalizer.buffers}},
         "latent_layout": (
             f"decoupled: latent l*{m}+j is latent j as gated for model l (0 base, 1 edited)" if decoupled
             else "one latent per crosscoder latent"
@@ -211,7 +216,9 @@ def is_saelens_folder(path: Path) -> bool:
 
 
 def load_saelens_export(path: str | Path) -> JumpReLUCrossCoder:
-    """A crosscoder (sparsity ``jumprelu``, in raw space) from a concat SAE-Lens folder written by ``export_saelens``."""
+    """A crosscoder (sparsity ``jumprelu``) from a concat SAE-Lens folder written by ``export_saelens``: back in
+    its normalised space with its scale factors where the export records them (exports of earlier
+    versions: in raw space, scale 1; the same codes, but per-model decoder norms scaled by 1 / s_l)."""
     path = Path(path)
     cfg_path = path / CFG_FILE
     cfg = read_json(cfg_path, "an SAE-Lens cfg.json")
@@ -243,17 +250,32 @@ def load_saelens_export(path: str | Path) -> JumpReLUCrossCoder:
     original = dict(mneme.get("crosscoder_config") or {})
     salience = original.get("salience", "paper")
     k = min(int(original.get("k", 100)), m)
+    folding = mneme.get("normalization")  # exports before this field stay in raw space (scale 1)
+    normalization = original.get("normalization", "scale") if isinstance(folding, dict) else "scale"
     config = CrossCoderConfig(
         activation_dim=d, dict_size=m, k=k, salience="paper" if salience == "decoupled" else salience,
-        sparsity="jumprelu", dtype=str(cfg.get("dtype", "float32")),
+        sparsity="jumprelu", dtype=str(cfg.get("dtype", "float32")), normalization=normalization,
         metadata={**(mneme.get("crosscoder_metadata") or {}), "source_format": FORMAT, "source": str(path),
                   "exported_salience": salience},
     )
     model = JumpReLUCrossCoder(config)
+    W_enc, W_dec = W_enc.double().reshape(2, d, m), W_dec.double().reshape(m, 2, d).permute(1, 0, 2)
+    b_enc, b_dec = b_enc.double(), b_dec.double().reshape(2, d)
     with torch.no_grad():
-        model.W_enc.copy_(W_enc.reshape(2, d, m))
+        if isinstance(folding, dict):
+            # Undo ``folded_weights``: W_enc' = s W_enc, b_enc' = b_enc - mu.W_enc', W_dec' = W_dec / s',
+            # b_dec' = b_dec / s' + mu (the normaliser's affine map, from the recorded buffers).
+            model.set_activation_scale(folding["activation_scale"])
+            for name in model.normalizer.buffers:
+                getattr(model, name).copy_(torch.tensor(folding[name]))
+            mu, scale, denorm = model.normalizer.affine(model)
+            b_enc = b_enc + torch.einsum("ld,ldm->m", mu, W_enc)
+            W_enc = W_enc / scale[:, None, None]
+            W_dec = W_dec * denorm[:, None, None]
+            b_dec = (b_dec - mu) * denorm[:, None]
+        model.W_enc.copy_(W_enc)
         model.b_enc.copy_(b_enc)
-        model.W_dec.copy_(W_dec.reshape(m, 2, d).permute(1, 0, 2))
-        model.b_dec.copy_(b_dec.reshape(2, d))
+        model.W_dec.copy_(W_dec)
+        model.b_dec.copy_(b_dec)
         model.latent_threshold.copy_(thr)
     return model

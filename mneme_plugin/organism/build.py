@@ -460,4 +460,8 @@ def load_organism_model(path: str | Path) -> Any:
     except TypeError as err:
         raise CheckpointError(f"{weights.with_suffix(META_SUFFIX)}: invalid organism config ({err}).") from err
     tokenizer = train_tokenizer(pretraining_texts(meta["seed"], organism_cfg))
-    return _read_model(weights, tokenizer, blob["model_kwargs"])
+    model = _read_model(weights, tokenizer, blob["model_kwargs"])
+    # Named by its file (base-…, edited-rmu-law-…): stores and crosscoders record the two models'
+    # names, and the check that a store belongs to a crosscoder needs base and edit to differ.
+    model.cfg.model_name = weights.stem
+    return model

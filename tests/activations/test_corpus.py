@@ -114,3 +114,20 @@ def test_corpus_fingerprint_tells_files_apart_by_content_not_name_or_mtime(tmp_p
     assert corpus_fingerprint(["a", "b"]) == corpus_fingerprint(["a", "b"]) != corpus_fingerprint(["a", "c"])
     assert corpus_fingerprint(HFDataset("x/y", None, "train")) == "hf:x/y:train"
     assert corpus_fingerprint(iter(["a"])) is None and corpus_fingerprint(tmp_path / "missing.txt") is None
+
+
+def test_an_unreadable_hub_dataset_is_a_clear_error():
+    """A dataset the hub cannot give (offline here, as on a machine without network) is a ConfigError
+    that names the spec and what to check, not the datasets library's traceback."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("from mneme_plugin.activations.corpus import HFDataset\n"
+            "from mneme_plugin.errors import ConfigError\n"
+            "try:\n    next(iter(HFDataset('nosuch-owner/nosuch-ds').records()))\n"
+            "except ConfigError as err:\n    print('CONFIG ERROR:', err)\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300).stdout
+    assert "CONFIG ERROR: Cannot read the Hugging Face dataset hf:nosuch-owner/nosuch-ds:train" in out
+    assert "huggingface-cli login" in out

@@ -89,6 +89,10 @@ def test_export_loads_in_stock_saelens_and_matches(tmp_path):
             assert back.cfg.sparsity == "jumprelu"
             torch.testing.assert_close(back.encode(x), cc.encode(x), rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(back(x), cc(x), rtol=1e-4, atol=1e-4)
+            # ... in its normalised space: the same scale factors and decoder, so the same attribution.
+            torch.testing.assert_close(back.activation_scale, cc.activation_scale)
+            torch.testing.assert_close(back.W_dec, cc.W_dec.to(back.W_dec.dtype), rtol=1e-5, atol=1e-6)
+            assert back.cfg.normalization == cc.cfg.normalization
 
 
 def test_metadata_and_folder_per_hook_layout(tmp_path):

@@ -50,6 +50,7 @@ def test_organism_model_round_trips_through_safetensors_and_json(tmp_path):
     for spec in (weights, tmp_path / "base-abc.json"):
         reloaded = load_organism_model(spec)
         assert torch.equal(reloaded(tokens), model(tokens))
+        assert reloaded.cfg.model_name == "base-abc"  # by its file, so a base and its edit differ
 
 
 @pytest.mark.parametrize("name", ["base-abc.pt", "base-abc.safetensors", "base-abc.json", "base-abc"])
