@@ -65,7 +65,7 @@ def main() -> None:
     parser.add_argument("--score-only", action="store_true", help="Score the cases already run; run nothing.")
     parser.add_argument("--crosscoders", type=int, default=1,
                         help="Crosscoders per case: N > 1 trains N - 1 more (training seeds seed + 100, + 200, ...) "
-                             "and also scores the default rule's predictions pooled by majority vote.")
+                             "and also scores each rule's predictions pooled by majority vote.")
     parser.add_argument("--agnostic-docs", type=int, default=None,
                         help="Documents of the task-agnostic slice the method reads (default: the organism's "
                              "2,000; at least 800, since each crosscoder holds 8,192 of the slice's ~22 tokens per "

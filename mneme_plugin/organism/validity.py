@@ -110,7 +110,7 @@ def score_case(case: GridCase, case_dir: Path, rules: dict[str, PredictConfig],
 
     A domain is degraded when its accuracy drops by more than 0.1 (the demo's definition) and, with
     ``significance``, when the drop is also significant at that level given its number of questions.
-    With ``n_crosscoders`` > 1, also the first rule's predictions of the case's extra crosscoders
+    With ``n_crosscoders`` > 1, also each rule's predictions of the case's extra crosscoders
     (``run_extra_crosscoders``) pooled with the stored run's by majority vote (``sideeffects.pool``)."""
     from mneme_plugin.attribution import load_attribution
     from mneme_plugin.groundtruth.table import SCORES_CSV, read_scores_csv
@@ -157,19 +157,20 @@ def score_case(case: GridCase, case_dir: Path, rules: dict[str, PredictConfig],
                          "predicted": ",".join(evaluation.predicted.get(method, [])),
                          "true": ",".join(evaluation.true_set)})
     if n_crosscoders > 1:
-        rule_name, rule = next(iter(rules.items()))
         runs = [case_dir / "run"] + [extra_crosscoder_dir(case_dir, s) for s in crosscoder_seeds(case, n_crosscoders)]
         missing = [str(r) for r in runs if not (r / "mapping").is_dir()]
         if missing:
             raise ConfigError(f"Extra crosscoder runs not finished: {missing[:2]}; run the grid with --crosscoders "
                               f"{n_crosscoders} (without --score-only) first.")
         inputs = [stored] + [run_inputs(r) for r in runs[1:]]
-        pooled = pool_predictions([run_prediction(i, rule) for i in inputs], names=[str(r) for r in runs])
-        evaluation = evaluate(pooled.predicted, truth, taxonomy.ids(), config=evaluate_config)
-        metrics = evaluation.rows["MNEME"]
-        rows.append({"case": case.name, "seed": case.seed, "intervention": case.intervention,
-                     "target": case.target or "mixed", "method": f"{rule_name}, pooled over {n_crosscoders} crosscoders",
-                     **metrics.to_dict(), "predicted": ",".join(pooled.predicted), "true": ",".join(evaluation.true_set)})
+        for rule_name, rule in rules.items():
+            pooled = pool_predictions([run_prediction(i, rule) for i in inputs], names=[str(r) for r in runs])
+            evaluation = evaluate(pooled.predicted, truth, taxonomy.ids(), config=evaluate_config)
+            metrics = evaluation.rows["MNEME"]
+            rows.append({"case": case.name, "seed": case.seed, "intervention": case.intervention,
+                         "target": case.target or "mixed",
+                         "method": f"{rule_name}, pooled over {n_crosscoders} crosscoders", **metrics.to_dict(),
+                         "predicted": ",".join(pooled.predicted), "true": ",".join(evaluation.true_set)})
     return rows
 
 

@@ -57,6 +57,31 @@ def test_grid_on_three_organisms(tmp_path):
     assert summary.loc[("rmu", "MNEME default"), "cases"] == 1
     assert summary.loc[("rmu", "MNEME default"), "predicted"] == rmu.loc["MNEME default", "n_predicted"]
 
+    # Pooling over crosscoder seeds: every rule's three predictions, a category kept by 2 of 3 votes.
+    from collections import Counter
+
+    from mneme_plugin.attribution import load_attribution
+    from mneme_plugin.interpret.contexts import load_reference_latents
+    from mneme_plugin.interpret.mapping import category_links, load_mapping
+    from mneme_plugin.layout import RunLayout
+    from mneme_plugin.organism.validity import run_extra_crosscoders
+    from mneme_plugin.sideeffects.predict import predict
+
+    case, case_dir = dirs["rmu"]
+    runs = [case_dir / "run", *run_extra_crosscoders(case, tmp_path, 3)]
+    pooled = {r["method"]: r for r in score_case(case, case_dir, RULES, n_crosscoders=3) if "pooled" in r["method"]}
+    assert list(pooled) == [f"{name}, pooled over 3 crosscoders" for name in RULES]
+    control = load_attribution(RunLayout(tmp_path / "seed1" / "control" / "run").attribution).table
+    for name, rule in RULES.items():
+        votes = Counter()
+        for run in runs:
+            layout = RunLayout(run)
+            votes.update(predict(load_attribution(layout.attribution).table,
+                                 category_links(load_mapping(layout.mapping), "organism"), list(DOMAINS), rule,
+                                 reference=load_reference_latents(layout.contexts), control=control).predicted)
+        by_hand = sorted(c for c, n in votes.items() if n >= 2)
+        assert sorted(filter(None, pooled[f"{name}, pooled over 3 crosscoders"]["predicted"].split(","))) == by_hand
+
 
 def test_remediation_summary_is_the_mean_of_per_case_means(tmp_path):
     import pandas as pd
