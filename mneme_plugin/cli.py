@@ -24,7 +24,7 @@ from mneme_plugin.errors import ConfigError
 from mneme_plugin.interpret.config import CLIENTS, EXPLAINERS, LABELERS, MAPPERS, SCORERS
 from mneme_plugin.layout import RunLayout
 from mneme_plugin.organism.catalog import BEHAVIOUR_INTERVENTIONS, INTERVENTIONS, KNOWLEDGE_INTERVENTIONS
-from mneme_plugin.sideeffects.config import REMEDIATION_TARGETS, RULES
+from mneme_plugin.sideeffects.config import REMEDIATION_TARGETS, RULE_SUMMARIES, RULES
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -83,7 +83,8 @@ def _override(section: dict[str, Any], **values: Any) -> dict[str, Any]:
 def main(verbose: bool) -> None:
     """MNEME: find what else changed when a model was fine-tuned or unlearned.
 
-    Stages: harvest paired activations, train a crosscoder, inspect outputs with info.
+    `mneme run CONFIG` runs the whole pipeline (harvest, train, attribute, collect, explain, map, predict,
+    evaluate, report); each stage is also a command. `mneme demo` runs it on the CPU model organism.
     """
     _setup_logging(verbose)
 
@@ -100,7 +101,7 @@ _harvest_options = [
     click.option("--context-length", type=int, help="Tokens per window."),
     click.option("--batch-size", "harvest_batch_size", type=int, help="Windows per forward pass."),
     click.option("--dtype", type=click.Choice(STORAGE_DTYPES), help="Storage dtype."),
-    click.option("--model-dtype", type=click.Choice(MODEL_DTYPES)),
+    click.option("--model-dtype", type=click.Choice(MODEL_DTYPES), help="Dtype the models run in (auto: their own)."),
     click.option("--device", help="Device for the models (cpu, cuda, cuda:1...)."),
 ]
 
@@ -125,7 +126,11 @@ def _models_and_corpus(sections: dict[str, dict[str, Any]], base, edited, corpus
     corpus_spec = corpus or sections["corpus"].get("source")
     if not corpus_spec:
         raise ConfigError("No corpus: pass --corpus or set corpus.source in the config.")
-    return models["base"], models["edited"], corpus_from_spec(str(corpus_spec))
+    source = corpus_from_spec(str(corpus_spec))
+    if isinstance(source, Path) and not source.exists():  # before loading any model (a hub model may take minutes)
+        raise ConfigError(f"Corpus {source} does not exist: give a .txt / .jsonl / .parquet file or "
+                          "hf:NAME[@CONFIG][:SPLIT].")
+    return models["base"], models["edited"], source
 
 
 def _harvest_inputs(sections: dict[str, dict[str, Any]], base, edited, corpus, layer, hook_name, max_tokens,
@@ -180,16 +185,18 @@ def harvest(config, out, overwrite, nproc, **options) -> None:
 @click.option("--shuffle-buffer", type=int, default=262_144, show_default=True, help="Rows in the stream's buffer.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory.")
 @click.option("--dict-size", type=int, help="Number of latents (default expansion_factor * d_model).")
-@click.option("--expansion-factor", type=int)
+@click.option("--expansion-factor", type=int, help="Latents per model dimension (used when --dict-size is not given).")
 @click.option("-k", "--k", type=int, help="Average active latents per token (BatchTopK).")
-@click.option("--salience", type=click.Choice(sorted(SALIENCE_MODES)))
+@click.option("--salience", type=click.Choice(sorted(SALIENCE_MODES)),
+              help="Decoder-norm weight of the BatchTopK selection (crosscoder: the published trainer's, the default; "
+                   "paper: the MNEME paper's squared norms).")
 @click.option("--loss", type=click.Choice(sorted(RECONSTRUCTION_LOSSES)),
               help="Reconstruction loss (default: TrainingConfig.loss): norm is the published trainer's, "
                    "squared the paper's Eq. 1.")
-@click.option("--steps", type=int)
+@click.option("--steps", type=int, help="Optimisation steps.")
 @click.option("--train-batch-size", type=int, help="Tokens per optimisation step.")
-@click.option("--lr", type=float)
-@click.option("--seed", type=int)
+@click.option("--lr", type=float, help="Learning rate (default: scaled with the dictionary size and run length).")
+@click.option("--seed", type=int, help="Training seed (initialisation and batch order).")
 @click.option("--train-device", help="Device for training (auto, cpu, cuda).")
 @click.option("--no-resume", is_flag=True, help="Start over even if the run directory has checkpoints.")
 @click.option("--allow-partial", is_flag=True, help="Train on a store whose harvest did not finish.")
@@ -312,7 +319,7 @@ def _echo_remediation(result) -> None:
 @click.argument("path", type=click.Path(exists=True))
 @clear_errors
 def info(path: str) -> None:
-    """Describe what PATH holds: an activation store, a crosscoder, or a training run."""
+    """Describe what PATH holds: an activation store, a crosscoder, a training run, or a run directory."""
     from mneme_plugin.describe import describe_path
 
     click.echo(describe_path(path))
@@ -574,9 +581,10 @@ def taxonomies() -> None:
 @click.option("--run-dir", required=True, type=click.Path(exists=True, file_okay=False),
               help="Run directory holding attribution/ and mapping/.")
 @click.option("--config", type=click.Path(dir_okay=False),
-              help="YAML with sections predict and map (default: those of RUN_DIR/config.yaml, if any).")
+              help="YAML with sections predict and map; its keys replace those of RUN_DIR/config.yaml (a pooled folder: its first run's), the others stay.")
 @click.option("--taxonomy", help="Taxonomy to predict over (default: the first of map.taxonomies).")
-@click.option("--rule", type=click.Choice(RULES))
+@click.option("--rule", type=click.Choice(RULES),
+              help="Prediction rule: " + "; ".join(f"{k}: {v}" for k, v in RULE_SUMMARIES.items()) + ".")
 @click.option("-k", "--k", type=int, help="Categories predicted by the top_k rule.")
 @click.option("--alpha", type=float, help="Level of the enrichment (FDR) and outlier_or_broad / outlier_plus_broad "
               "rules' tests.")
@@ -624,7 +632,8 @@ def pool(run_dirs, out, min_votes, taxonomy) -> None:
 
 
 @main.command()
-@click.option("--run-dir", required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--run-dir", required=True, type=click.Path(exists=True, file_okay=False),
+              help="A run directory with a prediction, or a folder written by `mneme pool`.")
 @click.option("--scores-csv", type=click.Path(exists=True, dir_okay=False), help="category, before, after[, n][, p_value].")
 @click.option("--lm-eval-before", type=click.Path(exists=True, dir_okay=False))
 @click.option("--lm-eval-after", type=click.Path(exists=True, dir_okay=False))
@@ -636,7 +645,7 @@ def pool(run_dirs, out, min_votes, taxonomy) -> None:
               help="Also require the drop to be significant at this level: the table's own p_value, else "
                    "Fisher's exact test on its n (see EvaluateConfig).")
 @click.option("--config", type=click.Path(dir_okay=False),
-              help="YAML with sections evaluate, ground_truth, map (default: evaluate and map of RUN_DIR/config.yaml).")
+              help="YAML with sections evaluate, ground_truth, map; its keys replace those of RUN_DIR/config.yaml (a pooled folder: its first run's), the others stay.")
 @clear_errors
 def evaluate(run_dir, scores_csv, lm_eval_before, lm_eval_after, intervention, drop_threshold, significance,
              config) -> None:
@@ -672,8 +681,8 @@ def evaluate(run_dir, scores_csv, lm_eval_before, lm_eval_after, intervention, d
                    + " (default: predicted).")
 @click.option("--classes", help="Comma-separated attribution classes whose top contexts to retrain on "
                                 "(default: every changed class; base_only,suppressed for the lost latents only).")
-@click.option("--steps", type=int)
-@click.option("--lr", type=float)
+@click.option("--steps", type=int, help="Retraining steps.")
+@click.option("--lr", type=float, help="Retraining learning rate.")
 @click.option("--lora/--no-lora", default=None, help="LoRA through peft (when installed).")
 @clear_errors
 def remediate(run_dir, edited, out, config, target, classes, steps, lr, lora) -> None:

@@ -23,7 +23,8 @@ def resolve_device(device: str | torch.device) -> torch.device:
         if not torch.cuda.is_available():
             raise ConfigError(
                 f"Device {device!r} asked for, but CUDA is not available on this machine (no GPU, driver or CUDA "
-                "build of torch): use --device cpu, or auto to take a GPU only when there is one."
+                "build of torch): set that device to cpu (--device, --train-device or the config's device field), or to auto "
+                "to take a GPU only when there is one."
             )
         if resolved.index is not None and resolved.index >= torch.cuda.device_count():
             raise ConfigError(

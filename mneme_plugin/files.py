@@ -234,6 +234,17 @@ def refuse_overwrite(paths: Iterable[str | os.PathLike[str]], force: bool, how: 
         )
 
 
+def _process_umask() -> int:
+    mask = os.umask(0o022)  # read it (set and restored at import, before any thread writes)
+    os.umask(mask)
+    return mask
+
+
+# safetensors creates its files 0600; ours get what open() would give them (0644 under umask 022),
+# so a team's shared disk can read activation shards, crosscoders and checkpoints.
+FILE_MODE = 0o666 & ~_process_umask()
+
+
 def atomic_write(path: str | os.PathLike[str], writer: Callable[[Path], object], *, durable: bool = False) -> Path:
     """Call ``writer(tmp)`` on a temporary sibling of ``path`` (same suffix), then rename it to ``path``."""
     path = Path(path)
@@ -241,6 +252,8 @@ def atomic_write(path: str | os.PathLike[str], writer: Callable[[Path], object],
     tmp = temporary_sibling(path)
     try:
         writer(tmp)
+        if tmp.is_file():
+            os.chmod(tmp, FILE_MODE)
         if durable:
             with open(tmp, "rb") as fh:
                 os.fsync(fh.fileno())

@@ -65,6 +65,10 @@ def test_clear_errors_instead_of_tracebacks(tmp_path):
     assert result.exit_code != 0 and "holds no activation store" in result.output
     result = CliRunner().invoke(main, ["train", "--out", str(tmp_path / "r")])
     assert result.exit_code != 0 and "Nothing to train on" in result.output
+    # A missing corpus is named before any model loads (a hub name here would be fetched first).
+    result = CliRunner().invoke(main, ["harvest", "--base", "org/not-loaded", "--edited", "org/not-loaded",
+                                       "--corpus", str(tmp_path / "nosuch.txt"), "--layer", "1", "--out", str(tmp_path / "h")])
+    assert result.exit_code != 0 and f"Corpus {tmp_path / 'nosuch.txt'} does not exist" in result.output
 
 
 def test_train_streaming_from_a_config_file(llama_pair_dirs, tmp_path):

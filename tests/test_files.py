@@ -227,3 +227,16 @@ def test_corrupt_stage_json_is_a_one_line_error_that_says_what_to_redo(tmp_path)
     (tmp_path / "metrics.json").write_text('{"x":')
     with pytest.raises(CheckpointError, match=r"metrics.json is corrupt: not valid JSON .*train again"):
         load_training_metrics(tmp_path)
+
+
+def test_atomic_writes_get_the_mode_open_would_give(tmp_path):
+    """safetensors creates 0600 files; ours are readable as any file the process creates (shared disks)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from mneme_plugin.files import atomic_write
+
+    reference = tmp_path / "plain.txt"
+    reference.write_text("x")
+    written = atomic_write(tmp_path / "w.safetensors", lambda tmp: save_file({"a": torch.zeros(2)}, str(tmp)))
+    assert (written.stat().st_mode & 0o777) == (reference.stat().st_mode & 0o777)

@@ -7,6 +7,19 @@ from dataclasses import dataclass
 from mneme_plugin.config import ConfigMixin, Seed, require
 
 RULES = ("outlier_or_broad", "outlier_plus_broad", "outlier", "enrichment", "relative", "top_k", "min_score")
+# One line per rule, for the CLI's help (``sideeffects.predict`` and ``sideeffects.shift`` hold the math).
+RULE_SUMMARIES = {
+    "outlier_or_broad": "the default: the outlier categories of a concentrated change, or every category changed "
+                        "beyond a control run's share when the change is broad",
+    "outlier_plus_broad": "as outlier_or_broad, and a concentrated change also names the categories changed "
+                          "beyond the control's share (more recall, less precision)",
+    "outlier": "categories whose score is a robust-z outlier (z >= outlier_z)",
+    "enrichment": "categories whose share of changed latents beats their share of live latents (Fisher, BH)",
+    "relative": "categories scoring at least relative_threshold x the top score",
+    "top_k": "the k top-scoring categories",
+    "min_score": "categories scoring at least min_score",
+}
+assert tuple(RULE_SUMMARIES) == RULES
 # The rules that test the edit against a control run (``PredictConfig.control_run``) over the
 # reference latents (``sideeffects.shift``).
 CONTROL_RULES = ("outlier_or_broad", "outlier_plus_broad")

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from mneme_plugin.groundtruth.table import GroundTruthConfig, load_ground_truth
 from mneme_plugin.interpret.config import MapConfig
+from mneme_plugin.files import json_digest
 from mneme_plugin.layout import RunLayout
 from mneme_plugin.sideeffects.config import CONTROL_RULES, EvaluateConfig, PredictConfig
 from mneme_plugin.sideeffects.evaluate import Evaluation, evaluate, save_evaluation
@@ -65,10 +66,17 @@ def pool_runs(run_dirs: list[str | os.PathLike[str]], out_dir: str | os.PathLike
         # One run counted twice would outvote the others with the same crosscoder.
         raise ConfigError(f"Run(s) given more than once: {repeated}. Pool runs of different crosscoders "
                           "(e.g. other training.seed values), each once.")
-    predictions, models = [], {}
+    predictions, models, crosscoders = [], {}, {}
     for run_dir in run_dirs:
         config = load_run_config(run_dir)
         models[str(run_dir)] = (config.models.base, config.models.edited)
+        # Same crosscoder settings and training seed: the same crosscoder, which would vote twice.
+        trained = json_digest([config.models.result_dict(), config.corpus.result_dict(), config.harvest.result_dict(),
+                               config.crosscoder.result_dict(), config.training.result_dict()])
+        if trained in crosscoders:
+            raise ConfigError(f"Runs {crosscoders[trained]} and {run_dir} train the same crosscoder (same settings "
+                              f"and training.seed {config.training.seed}): pool runs whose crosscoders differ.")
+        crosscoders[trained] = str(run_dir)
         taxonomies = list(config.map.taxonomies)
         if taxonomy is not None and taxonomy not in taxonomies:
             raise ConfigError(f"Run {run_dir} predicts over {taxonomies}, not {taxonomy!r}.")

@@ -46,7 +46,7 @@ def test_pool_runs_refuses_runs_of_different_edits(tmp_path):
         run.mkdir()
         layout.config.write_text(yaml.safe_dump({"run_dir": str(run), "models": {"base": "b", "edited": edited},
                                                  "corpus": {"source": "corpus.txt"}, "harvest": {"layer": 0},
-                                                 "map": {"taxonomies": ["organism"]}}))
+                                                 "map": {"taxonomies": ["organism"]}, "training": {"seed": i}}))
         save_prediction(_prediction(predicted), layout.prediction)
         dirs.append(run)
     pooled = pool_runs(dirs[:2], tmp_path / "pooled")
@@ -58,6 +58,12 @@ def test_pool_runs_refuses_runs_of_different_edits(tmp_path):
     with pytest.raises(ConfigError, match="more than once"):
         pool_runs([dirs[1], dirs[0], tmp_path / "." / "run1"], tmp_path / "twice")
     assert not (tmp_path / "twice").exists()
+    # Two folders of one crosscoder (same settings and training seed) would vote twice as well.
+    (tmp_path / "copy").mkdir()
+    RunLayout(tmp_path / "copy").config.write_text(RunLayout(dirs[0]).config.read_text())
+    save_prediction(_prediction({"law"}), RunLayout(tmp_path / "copy").prediction)
+    with pytest.raises(ConfigError, match="train the same crosscoder"):
+        pool_runs([dirs[0], tmp_path / "copy"], tmp_path / "same")
 
 
 def test_mneme_pool_then_evaluate_on_the_command_line(tmp_path):
@@ -78,7 +84,7 @@ def test_mneme_pool_then_evaluate_on_the_command_line(tmp_path):
                                                             "intervention": "RMU unlearning of law knowledge"},
                                                  "corpus": {"source": "corpus.txt"}, "harvest": {"layer": 0},
                                                  "map": {"taxonomies": ["organism"]},
-                                                 "evaluate": {"drop_threshold": 0.2}}))
+                                                 "evaluate": {"drop_threshold": 0.2}, "training": {"seed": i}}))
         save_prediction(_prediction(predicted), layout.prediction)
         dirs.append(str(run))
     result = CliRunner().invoke(main, ["pool", *dirs, "--out", str(tmp_path / "pooled")])
