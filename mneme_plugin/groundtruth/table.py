@@ -85,6 +85,12 @@ def _check_table(table: pd.DataFrame, path: Path) -> pd.DataFrame:
             shown = bad or table.loc[values.isna(), "category"].astype(str).tolist()
             raise ConfigError(f"{path}: column {column!r} must hold numbers; categories {shown[:5]} do not.")
         table[column] = values
+    if "n" in table.columns:
+        counts = pd.to_numeric(table["n"], errors="coerce")
+        bad = table.loc[counts.notna() & ((counts < 1) | (counts % 1 != 0)), "category"].astype(str).tolist()
+        if bad:
+            raise ConfigError(f"{path}: column 'n' (questions per category) must hold positive whole numbers; "
+                              f"categories {bad[:5]} do not.")
     duplicated = table["category"][table["category"].duplicated()].astype(str).tolist()
     if duplicated:
         raise ConfigError(f"{path}: categories {duplicated[:5]} appear more than once.")

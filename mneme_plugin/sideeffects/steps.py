@@ -11,9 +11,9 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from mneme_plugin.files import json_digest
 from mneme_plugin.groundtruth.table import GroundTruthConfig, load_ground_truth
 from mneme_plugin.interpret.config import MapConfig
-from mneme_plugin.files import json_digest
 from mneme_plugin.layout import RunLayout
 from mneme_plugin.sideeffects.config import CONTROL_RULES, EvaluateConfig, PredictConfig
 from mneme_plugin.sideeffects.evaluate import Evaluation, evaluate, save_evaluation
@@ -146,11 +146,29 @@ def evaluate_run(run_dir: str | os.PathLike[str], config: EvaluateConfig, ground
     layout = RunLayout(Path(run_dir))
     truth = load_ground_truth(ground_truth)
     prediction = load_prediction(layout.prediction)
+    _check_shared_categories(truth, prediction.scores["category"].tolist())
     naive = naive_prediction(intervention, map_config, max(1, len(prediction.predicted))) if intervention else None
     evaluation = evaluate(prediction.predicted, truth, prediction.scores["category"].tolist(),
                           naive_predicted=naive, config=config)
     save_evaluation(evaluation, layout.evaluation)
     return evaluation
+
+
+def _check_shared_categories(truth: "pd.DataFrame", categories: list[str]) -> None:
+    """A ground truth that names none of the prediction's categories scores nothing: refuse it, with
+    the near misses (case, spaces, underscores) it probably meant."""
+    from mneme_plugin.errors import ConfigError
+
+    measured = [str(c) for c in truth["category"]]
+    if set(measured) & set(categories):
+        return
+    key = {c.lower().replace(" ", "_").replace("-", "_"): c for c in categories}
+    near = {m: key[m.lower().replace(" ", "_").replace("-", "_")] for m in measured
+            if m.lower().replace(" ", "_").replace("-", "_") in key}
+    hint = f" Did you mean {', '.join(f'{v!r} for {k!r}' for k, v in list(near.items())[:5])}?" if near else ""
+    raise ConfigError(f"The ground truth's categories ({measured[:5]}{'...' if len(measured) > 5 else ''}) share none "
+                      f"with the prediction's taxonomy ({categories[:5]}...).{hint} Rename them, or predict over "
+                      "the taxonomy they belong to.")
 
 
 def prediction_folder(run_dir: str | os.PathLike[str], taxonomy: str, taxonomies: list[str]) -> Path:

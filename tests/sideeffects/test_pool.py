@@ -133,3 +133,29 @@ def test_evaluate_without_config_reads_the_run_directorys_own_sections(tmp_path)
     assert "Degraded: law\n" in result.output  # history's 0.15 is below the run's threshold
     naive = [line for line in result.output.splitlines() if line.startswith("| naive")][0]
     assert naive.split("|")[2].strip() == "1.000"  # naive names law, in the organism taxonomy
+
+
+def test_a_ground_truth_that_misses_the_taxonomy_is_refused(tmp_path):
+    """Categories spelt otherwise than the taxonomy ('Law') would score nothing: refused with the near
+    miss; a negative question count is refused too."""
+    import yaml
+    from click.testing import CliRunner
+
+    from mneme_plugin.cli import main
+    from mneme_plugin.layout import RunLayout
+    from mneme_plugin.sideeffects.predict import save_prediction
+
+    run = tmp_path / "run"
+    run.mkdir()
+    RunLayout(run).config.write_text(yaml.safe_dump({"run_dir": str(run), "models": {"base": "b", "edited": "e"},
+                                                     "corpus": {"source": "corpus.txt"}, "harvest": {"layer": 0},
+                                                     "map": {"taxonomies": ["organism"]}}))
+    save_prediction(_prediction({"law"}), RunLayout(run).prediction)
+    truth = tmp_path / "truth.csv"
+    truth.write_text("category,before,after\nLaw,0.9,0.1\nHistory,0.9,0.9\n")
+    result = CliRunner().invoke(main, ["evaluate", "--run-dir", str(run), "--scores-csv", str(truth)])
+    assert result.exit_code != 0 and "share none with the prediction's taxonomy" in result.output
+    assert "Did you mean 'law' for 'Law', 'history' for 'History'?" in result.output
+    truth.write_text("category,before,after,n\nlaw,0.9,0.1,-3\n")
+    result = CliRunner().invoke(main, ["evaluate", "--run-dir", str(run), "--scores-csv", str(truth)])
+    assert result.exit_code != 0 and "must hold positive whole numbers; categories ['law']" in result.output
