@@ -688,6 +688,9 @@ def evaluate(run_dir, scores_csv, lm_eval_before, lm_eval_after, intervention, d
 def remediate(run_dir, edited, out, config, target, classes, steps, lr, lora) -> None:
     """Retrain the edited model on the corpus samples that most activate the changed latents behind the
     predicted side effects (--target changed: behind every change)."""
+    if edited.startswith("organism:"):
+        raise ConfigError("mneme remediate retrains Hugging Face models (a hub name or a local folder); the CPU "
+                          "organism's cases are remediated by `mneme demo` (`organism.demo`), which trains them itself.")
     from mneme_plugin.activations.models import check_model_spec
     from mneme_plugin.attribution import load_attribution
     from mneme_plugin.interventions.hf_models import load_causal_lm

@@ -79,7 +79,9 @@ def _read_marker(path: Path) -> StageMarker | None:
         return StageMarker(str(info["stage"]), str(info["fingerprint"]), float(info.get("seconds", 0.0)),
                            int(info.get("version", 1)), str(digest) if digest is not None else None,
                            {str(k): str(v) for k, v in inputs.items()} if isinstance(inputs, dict) else None)
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        # An unreadable marker is no proof the stage finished: it runs again, and the stages after it.
+        logger.warning("Stage marker %s is unreadable (%s): that stage runs again.", path, type(err).__name__)
         return None
 
 

@@ -162,9 +162,11 @@ def _check_shared_categories(truth: "pd.DataFrame", categories: list[str]) -> No
     measured = [str(c) for c in truth["category"]]
     if set(measured) & set(categories):
         return
-    key = {c.lower().replace(" ", "_").replace("-", "_"): c for c in categories}
-    near = {m: key[m.lower().replace(" ", "_").replace("-", "_")] for m in measured
-            if m.lower().replace(" ", "_").replace("-", "_") in key}
+    def folded(name: str) -> str:
+        return name.lower().replace(" ", "_").replace("-", "_")
+
+    key = {folded(c): c for c in categories}
+    near = {m: key[folded(m)] for m in measured if folded(m) in key}
     hint = f" Did you mean {', '.join(f'{v!r} for {k!r}' for k, v in list(near.items())[:5])}?" if near else ""
     raise ConfigError(f"The ground truth's categories ({measured[:5]}{'...' if len(measured) > 5 else ''}) share none "
                       f"with the prediction's taxonomy ({categories[:5]}...).{hint} Rename them, or predict over "

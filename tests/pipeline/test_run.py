@@ -106,7 +106,7 @@ def test_run_skips_done_stages_and_resumes_after_a_kill(pair_and_corpus, tmp_pat
             == json.loads((tmp_path / "killed/prediction/predictions.json").read_text())["predicted"])
 
 
-def test_a_changed_section_reruns_that_stage_and_those_after(pair_and_corpus, tmp_path):
+def test_a_changed_section_reruns_that_stage_and_those_after(pair_and_corpus, tmp_path, caplog):
     from mneme_plugin.pipeline import plan
     from mneme_plugin.pipeline.stages import STAGES
 
@@ -124,6 +124,16 @@ def test_a_changed_section_reruns_that_stage_and_those_after(pair_and_corpus, tm
     statuses = {s.name: status for s, _, status in plan(RunConfig.from_dict(cfg), STAGES)}
     assert statuses["train"] == "skip (done)" and statuses["attribute"] == "run"
     assert all(statuses[name] == "rerun (input redone)" for name in ("collect", "predict", "evaluate", "report"))
+    # An unreadable marker is no proof either: a warning names it, and it runs again.
+    (tmp_path / "run" / ".stages" / "train.json").write_text('{"stage": "tra')
+    import logging
+
+    logging.getLogger("mneme_plugin").addHandler(caplog.handler)  # the CLI above stopped its propagation
+    try:
+        statuses = {s.name: status for s, _, status in plan(RunConfig.from_dict(cfg), STAGES)}
+    finally:
+        logging.getLogger("mneme_plugin").removeHandler(caplog.handler)
+    assert statuses["train"] == "run" and "train.json is unreadable" in caplog.text
 
 
 def test_a_corpus_rewritten_in_place_is_read_again(pair_and_corpus, tmp_path):
