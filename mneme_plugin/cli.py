@@ -139,15 +139,12 @@ def _harvest_inputs(sections: dict[str, dict[str, Any]], base, edited, corpus, l
     from mneme_plugin.activations import HarvestConfig
 
     base, edited, source = _models_and_corpus(sections, base, edited, corpus)
-    harvest_cfg = HarvestConfig.from_dict(
-        _override(
-            sections["harvest"], layer=layer, hook_name=hook_name, max_tokens=max_tokens,
-            context_length=context_length, batch_size=harvest_batch_size, dtype=dtype,
-            model_dtype=model_dtype, device=device,
-        ),
-        section="harvest",
-    )
-    return base, edited, source, harvest_cfg
+    values = _override(sections["harvest"], layer=layer, hook_name=hook_name, max_tokens=max_tokens,
+                       context_length=context_length, batch_size=harvest_batch_size, dtype=dtype,
+                       model_dtype=model_dtype, device=device)
+    if "layer" not in values:
+        raise ConfigError("No layer to read: pass --layer (or set harvest.layer in the config).")
+    return base, edited, source, HarvestConfig.from_dict(values, section="harvest")
 
 
 @main.command()

@@ -69,6 +69,11 @@ def test_clear_errors_instead_of_tracebacks(tmp_path):
     result = CliRunner().invoke(main, ["harvest", "--base", "org/not-loaded", "--edited", "org/not-loaded",
                                        "--corpus", str(tmp_path / "nosuch.txt"), "--layer", "1", "--out", str(tmp_path / "h")])
     assert result.exit_code != 0 and f"Corpus {tmp_path / 'nosuch.txt'} does not exist" in result.output
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the cat sees\n")
+    result = CliRunner().invoke(main, ["harvest", "--base", "org/not-loaded", "--edited", "org/not-loaded",
+                                       "--corpus", str(corpus), "--out", str(tmp_path / "h")])
+    assert result.exit_code != 0 and "No layer to read: pass --layer" in result.output
     result = CliRunner().invoke(main, ["remediate", "--run-dir", str(tmp_path), "--edited", "organism:edited-x.safetensors",
                                        "--out", str(tmp_path / "rem")])
     assert result.exit_code != 0 and "retrains Hugging Face models" in result.output and "mneme demo" in result.output
