@@ -593,11 +593,22 @@ def predict(run_dir, config, taxonomy, rule, k, alpha, control_run) -> None:
     """Score every category from the attributed latents and their categories; predict the affected ones."""
     from mneme_plugin.interpret import MapConfig
     from mneme_plugin.sideeffects import PredictConfig, predict_run
+    from mneme_plugin.pipeline.config import load_run_config
+    from mneme_plugin.sideeffects.steps import prediction_folder, settings_run
 
     sections = _run_sections(run_dir, config, ("predict", "map"), from_run=("predict", "map"))
     cfg = PredictConfig.from_dict(_override(sections["predict"], rule=rule, k=k, alpha=alpha, control_run=control_run),
                                   section="predict")
-    result = predict_run(run_dir, cfg, taxonomy or MapConfig.from_dict(sections["map"], section="map").taxonomies[0])
+    source = settings_run(run_dir)
+    # The taxonomies the run predicts for (the map's first and the ground-truth tables'), each where the
+    # run's stages keep it (prediction/, or prediction/<taxonomy>/ beside others); another mapped
+    # taxonomy goes to prediction/<taxonomy>/, never over the run's own prediction.
+    taxonomies = (load_run_config(source).taxonomies() if source is not None
+                  else MapConfig.from_dict(sections["map"], section="map").taxonomies[:1])
+    taxonomy = taxonomy or taxonomies[0]
+    out = (prediction_folder(run_dir, taxonomy, taxonomies) if taxonomy in taxonomies
+           else RunLayout(Path(run_dir)).prediction / taxonomy)
+    result = predict_run(run_dir, cfg, taxonomy, out_dir=out)
     q_columns = [c for c in result.scores.columns if c.startswith("q_")]
     for _, row in result.scores.head(15).iterrows():
         q = f"  q {min(row[c] for c in q_columns):.3g}" if q_columns else ""

@@ -313,6 +313,17 @@ def test_predict_command_with_and_without_a_control_run(pair_and_corpus, tmp_pat
     from mneme_plugin.sideeffects import load_prediction
     assert set(load_prediction(run / "prediction").scores["category"]) == {
         "biology", "chemistry", "medicine", "law", "history", "security", "cooking", "sports"}
+    # A run mapped to a second taxonomy it does not predict for: predicting over that one goes to
+    # prediction/<taxonomy>/ and leaves the run's own prediction (the one its evaluation reads) alone.
+    two = tmp_path / "two"
+    cfg2 = _config(two, base, edited, corpus, truth, steps=30)
+    cfg2["map"]["taxonomies"] = ["organism", "mmlu"]
+    assert CliRunner().invoke(main, ["run", _write(tmp_path, "two.yaml", cfg2)]).exit_code == 0
+    own = (two / "prediction" / "predictions.json").read_text()
+    again = CliRunner().invoke(main, ["predict", "--run-dir", str(two), "--taxonomy", "mmlu", "--rule", "outlier"])
+    assert again.exit_code == 0, again.output
+    assert json.loads((two / "prediction" / "mmlu" / "predictions.json").read_text())["config"]["rule"] == "outlier"
+    assert (two / "prediction" / "predictions.json").read_text() == own
     # A taxonomy the run never mapped to is refused, and the prediction is left as it was.
     before = (run / "prediction" / "predictions.json").read_text()
     other = CliRunner().invoke(main, ["predict", "--run-dir", str(run), "--taxonomy", "mmlu"])
