@@ -288,6 +288,9 @@ def atomic_directory(path: str | os.PathLike[str], writer: Callable[[Path], obje
     tmp.mkdir()
     try:
         writer(tmp)
+        for written in tmp.rglob("*"):  # what libraries wrote 0600 (safetensors) gets open()'s mode
+            if written.is_file() and not written.is_symlink():
+                os.chmod(written, FILE_MODE)
         if path.exists():
             old = temporary_sibling(path, suffix=".old")
             os.replace(path, old)

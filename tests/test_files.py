@@ -234,9 +234,12 @@ def test_atomic_writes_get_the_mode_open_would_give(tmp_path):
     import torch
     from safetensors.torch import save_file
 
-    from mneme_plugin.files import atomic_write
+    from mneme_plugin.files import atomic_directory, atomic_write
 
     reference = tmp_path / "plain.txt"
     reference.write_text("x")
     written = atomic_write(tmp_path / "w.safetensors", lambda tmp: save_file({"a": torch.zeros(2)}, str(tmp)))
     assert (written.stat().st_mode & 0o777) == (reference.stat().st_mode & 0o777)
+    # A folder written by a library (HF save_pretrained goes through safetensors too).
+    folder = atomic_directory(tmp_path / "model", lambda tmp: save_file({"a": torch.zeros(2)}, str(tmp / "m.safetensors")))
+    assert ((folder / "m.safetensors").stat().st_mode & 0o777) == (reference.stat().st_mode & 0o777)

@@ -30,7 +30,7 @@ import torch
 from mneme_plugin.attribution.classify import BASE_LEANING, CLASSES, EDITED_LEANING
 from mneme_plugin.config import ConfigMixin, Seed, require
 from mneme_plugin.errors import ConfigError
-from mneme_plugin.files import atomic_write, atomic_write_text
+from mneme_plugin.files import atomic_directory, atomic_write, atomic_write_text
 from mneme_plugin.sideeffects.config import REMEDIATION_TARGETS
 
 logger = logging.getLogger("mneme_plugin")
@@ -213,12 +213,11 @@ def save_remediation(result: RemediationResult, out_dir: str | os.PathLike[str],
     table = result.table()
     atomic_write(out / "remediation.csv", lambda tmp: table.to_csv(tmp, index=False))
     model_dir = out / "model"
-    if save_model is not None:
-        save_model(result.model, model_dir)
-    elif hasattr(result.model, "save_pretrained"):
-        result.model.save_pretrained(model_dir)
-    else:
+    if save_model is None and not hasattr(result.model, "save_pretrained"):
         raise ConfigError("Pass save_model to save a TransformerLens model.")
+    # Whole or not at all: a crash while saving leaves no model folder that looks complete.
+    atomic_directory(model_dir, lambda tmp: save_model(result.model, tmp) if save_model is not None
+                     else result.model.save_pretrained(tmp), overwrite=True)
     logger.info("Remediated model written to %s, before/after scores to %s.", model_dir, out / "remediation.csv")
     result.out_dir = out
     return out
