@@ -21,7 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from mneme_plugin.errors import CheckpointError
-from mneme_plugin.files import atomic_write, atomic_write_text
+from mneme_plugin.files import atomic_write, atomic_write_text, read_json
 
 logger = logging.getLogger("mneme_plugin")
 
@@ -58,10 +58,7 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
             f"{Path(folder)} is not an activation store: {path} does not exist "
             f"(expected a folder written by mneme_plugin.activations.harvest)."
         )
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{path} is corrupt: not valid JSON ({err}).") from err
+    manifest = read_json(path, "harvest again into a new folder")
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
         raise CheckpointError(f"{path} is not a {FORMAT_NAME!r} manifest (format field: {found!r}).")

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from mneme_plugin.errors import CheckpointError
-from mneme_plugin.files import atomic_write
+from mneme_plugin.files import atomic_write, read_json
 
 TABLE_PARQUET = "attribution.parquet"
 TABLE_CSV = "attribution.csv"
@@ -86,10 +86,7 @@ def load_attribution(path: str | os.PathLike[str]) -> AttributionResult:
     summary_path = path / SUMMARY_FILE
     if not summary_path.is_file():
         raise CheckpointError(f"{path} holds no attribution: {summary_path} does not exist.")
-    try:
-        summary = json.loads(summary_path.read_text())
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{summary_path} is not valid JSON ({err}).") from err
+    summary = read_json(summary_path, "attribute again")
     parquet, csv = path / TABLE_PARQUET, path / TABLE_CSV
     try:
         if parquet.is_file():

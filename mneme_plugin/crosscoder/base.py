@@ -27,7 +27,7 @@ from mneme_plugin.crosscoder.config import CrossCoderConfig
 from mneme_plugin.crosscoder.normalizers import NORMALIZERS
 from mneme_plugin.crosscoder.salience import SALIENCE_MODES
 from mneme_plugin.errors import CheckpointError, ConfigError
-from mneme_plugin.files import atomic_write, atomic_write_text
+from mneme_plugin.files import atomic_write, atomic_write_text, read_json
 
 FORMAT_NAME = "mneme-crosscoder"
 FORMAT_VERSION = 1
@@ -284,10 +284,7 @@ def require_capability(crosscoder: Any, capability: str, stage: str) -> None:
 
 def read_crosscoder_meta(config_path: Path) -> dict[str, Any]:
     """Parse and check a crosscoder ``config.json`` of this package's format."""
-    try:
-        meta = json.loads(config_path.read_text())
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{config_path} is not valid JSON ({err}); the file may be truncated.") from err
+    meta = read_json(config_path, "the file may be truncated")
     if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
         hint = ""
         if isinstance(meta, dict) and ("trainer" in meta or "dict_class" in meta or "d_in" in meta):

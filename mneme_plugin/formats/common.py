@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -10,6 +9,7 @@ from typing import Any
 import torch
 
 from mneme_plugin.errors import CheckpointError
+from mneme_plugin.files import read_json as read_stage_json
 
 TORCH_DTYPES = {
     torch.float32: "float32",
@@ -21,12 +21,9 @@ TORCH_DTYPES = {
 
 def read_json(path: Path, what: str) -> dict[str, Any]:
     """A JSON object from ``path``; CheckpointError naming the file otherwise."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except FileNotFoundError as err:
-        raise CheckpointError(f"{path} is missing: expected {what}.") from err
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{path} is not valid JSON ({err}); expected {what}.") from err
+    if not Path(path).is_file():
+        raise CheckpointError(f"{path} is missing: expected {what}.")
+    data = read_stage_json(path, f"expected {what}")
     if not isinstance(data, dict):
         raise CheckpointError(f"{path} holds a JSON {type(data).__name__}, expected {what} (a JSON object).")
     return data

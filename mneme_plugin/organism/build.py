@@ -22,7 +22,7 @@ import torch
 
 from mneme_plugin.errors import ConfigError
 from mneme_plugin.groundtruth import accuracy_drop, domain_accuracy, save_scores, scores_table
-from mneme_plugin.files import atomic_write, atomic_write_text, json_digest
+from mneme_plugin.files import atomic_write, atomic_write_text, json_digest, read_json
 from mneme_plugin.organism.catalog import BEHAVIOUR_INTERVENTIONS, INTERVENTIONS
 from mneme_plugin.organism.corpus import DOMAINS, Question, generate_corpus, generate_generic_corpus, question_set
 from mneme_plugin.organism.models import deterministic, tiny_hooked_transformer, train_lm, train_tokenizer
@@ -161,10 +161,7 @@ def _read_model_meta(weights: Path) -> dict[str, Any]:
     meta_path = weights.with_suffix(META_SUFFIX)
     if not meta_path.is_file():
         raise CheckpointError(f"{meta_path} is missing: an organism model is {weights.name} + {meta_path.name}.")
-    try:
-        blob = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{meta_path} is corrupt: not valid JSON ({err}).") from err
+    blob = read_json(meta_path, "rebuild the organism")
     if not isinstance(blob, dict) or blob.get("format") != MODEL_FORMAT:
         raise CheckpointError(f"{meta_path} is not an organism model config (format {MODEL_FORMAT!r} expected).")
     kwargs, meta = blob.get("model_kwargs"), blob.get("meta")

@@ -13,7 +13,7 @@ from typing import Any
 import pandas as pd
 
 from mneme_plugin.errors import ConfigError
-from mneme_plugin.files import atomic_write, atomic_write_text
+from mneme_plugin.files import atomic_write, atomic_write_text, read_json
 from mneme_plugin.interpret.mapping import LINK_COLUMNS
 from mneme_plugin.sideeffects.config import CONTROL_RULES, PredictConfig
 from mneme_plugin.sideeffects.enrichment import benjamini_hochberg, enrichment_table
@@ -240,10 +240,7 @@ def load_prediction(out_dir: str | os.PathLike[str]) -> Prediction:
     path = Path(out_dir) / PREDICTIONS_JSON
     if not path.is_file():
         raise CheckpointError(f"{path} does not exist: run the predict stage (`mneme predict`) first.")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{path} is corrupt: not valid JSON ({err}); predict again.") from err
+    data = read_json(path, "predict again")
     return Prediction(
         scores=pd.DataFrame(data["scores"]), predicted=list(data["predicted"]),
         evidence=data["evidence"], config=PredictConfig.from_dict(data["config"]), tests=data.get("tests", {}),

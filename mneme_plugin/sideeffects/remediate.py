@@ -30,7 +30,7 @@ import torch
 from mneme_plugin.attribution.classify import BASE_LEANING, CLASSES, EDITED_LEANING
 from mneme_plugin.config import ConfigMixin, Seed, require
 from mneme_plugin.errors import ConfigError
-from mneme_plugin.files import atomic_directory, atomic_write, atomic_write_text
+from mneme_plugin.files import atomic_directory, atomic_write, atomic_write_text, read_json
 from mneme_plugin.sideeffects.config import REMEDIATION_TARGETS
 
 logger = logging.getLogger("mneme_plugin")
@@ -367,12 +367,9 @@ def load_controlled_remediation(path: str | os.PathLike[str]) -> ControlledRemed
 
     path = Path(path)
     path = path / CONTROLLED_JSON if path.is_dir() else path
-    try:
-        blob = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CheckpointError(f"{path} does not exist: run the remediation first.") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{path} is corrupt: not valid JSON ({err}).") from err
+    if not path.is_file():
+        raise CheckpointError(f"{path} does not exist: run the remediation first.")
+    blob = read_json(path, "run the remediation again")
     if not isinstance(blob, dict) or blob.get("format") != CONTROLLED_FORMAT:
         raise CheckpointError(f"{path} is not a remediation-vs-control record (format {CONTROLLED_FORMAT!r}).")
     keys = ("base", "edited", "remediated", "control", "degraded", "n_samples", "steps", "latents", "control_rows",

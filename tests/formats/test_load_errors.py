@@ -30,7 +30,7 @@ def test_corrupt_weight_files_name_the_file(tmp_path):
 
     folder = write_kissane_crosscoder(tmp_path / "k", kissane_state_dict())
     (folder / "cfg.json").write_text("{broken")
-    with pytest.raises(CheckpointError, match=r"cfg.json is not valid JSON"):
+    with pytest.raises(CheckpointError, match=r"cfg.json is corrupt: not valid JSON"):
         load_crosscoder(folder)
 
 
