@@ -476,16 +476,10 @@ def collect(config, crosscoder_dir, attribution, base, edited, corpus, layer, ho
                         context_length=context_length, batch_size=harvest_batch_size, max_tokens=max_tokens,
                         device=device)
     if reading and "layer" not in reading:
-        from mneme_plugin.crosscoder.provenance import recorded_context_length, recorded_source
+        from mneme_plugin.crosscoder.provenance import recorded_reading
         from mneme_plugin.formats import load_crosscoder
 
-        loaded = load_crosscoder(crosscoder_dir)
-        recorded = recorded_source(loaded)
-        if "layer" not in recorded:
-            raise ConfigError("The crosscoder does not record its layer: pass --layer.")
-        length = recorded_context_length(loaded)
-        reading = {"layer": recorded["layer"], "hook_name": recorded.get("hook_name"),
-                   **({"context_length": length} if length else {}), **reading}
+        reading = {**recorded_reading(load_crosscoder(crosscoder_dir)), **reading}
     cfg = CollectConfig.from_dict(_override(
         section, latents=ids(latents), classes=classes.split(",") if classes else None, per_class=per_class,
         reference_latents=reference_latents, n_top=n_top, harvest=reading or None,

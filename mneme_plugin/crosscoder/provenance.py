@@ -24,10 +24,18 @@ def recorded_source(crosscoder: Any) -> dict[str, Any]:
     return {key: meta[key] for key in SOURCE_KEYS if meta.get(key) is not None}
 
 
-def recorded_context_length(crosscoder: Any) -> int | None:
-    """The window length (tokens) of the activations the crosscoder was trained on, if it records it."""
+def recorded_reading(crosscoder: Any) -> dict[str, Any]:
+    """How to read a corpus the way the crosscoder's activations were read: its recorded layer, and its
+    hook and window length (tokens) where it records them (``HarvestConfig`` fields). ConfigError when
+    it records no layer (an imported crosscoder, say)."""
     meta = getattr(getattr(crosscoder, "cfg", None), "metadata", None) or {}
-    return int(meta["context_length"]) if meta.get("context_length") else None
+    if meta.get("layer") is None:
+        raise ConfigError("The crosscoder does not record the layer it was trained at (an imported crosscoder?): "
+                          "give the layer to read (collect.harvest.layer, CLI --layer).")
+    reading: dict[str, Any] = {"layer": int(meta["layer"]), "hook_name": meta.get("hook_name")}
+    if meta.get("context_length"):
+        reading["context_length"] = int(meta["context_length"])
+    return reading
 
 
 def source_mismatches(recorded: Mapping[str, Any], actual: Mapping[str, Any],

@@ -413,21 +413,11 @@ def latent_values(crosscoder: Any, x: torch.Tensor, latents: torch.Tensor, value
 def reading_config(config: CollectConfig, crosscoder: Any) -> HarvestConfig:
     """How ``collect`` reads the corpus: ``config.harvest``, checked against the layer and hook the
     crosscoder records, or (None) a harvest config at the recorded layer and hook."""
-    from mneme_plugin.crosscoder.provenance import (
-        HOOK_KEYS, check_same_source, recorded_context_length, recorded_source,
-    )
+    from mneme_plugin.crosscoder.provenance import HOOK_KEYS, check_same_source, recorded_reading
 
-    recorded = recorded_source(crosscoder)
     if config.harvest is None:
-        if "layer" not in recorded:
-            raise ConfigError(
-                "The crosscoder does not record the layer it was trained at (an imported crosscoder?): "
-                "give the layer to read (collect.harvest.layer, CLI --layer)."
-            )
-        # The windows the crosscoder was trained on, where it records them (the default is for real models).
-        length = recorded_context_length(crosscoder)
-        reading = HarvestConfig(layer=int(recorded["layer"]), hook_name=recorded.get("hook_name"),
-                                **({"context_length": length} if length else {}))
+        # The recorded layer, hook and windows (the harvest default window is for real models).
+        reading = HarvestConfig(**recorded_reading(crosscoder))
     else:
         reading = config.harvest
         actual = {"layer": reading.layer, "hook_name": reading.resolved_hook_name}

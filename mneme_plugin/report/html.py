@@ -16,6 +16,7 @@ import pandas as pd
 from mneme_plugin.attribution.classify import BASE_LEANING, EDITED_LEANING, most_specific_first
 from mneme_plugin.files import atomic_write_text
 from mneme_plugin.report import svg
+from mneme_plugin.sideeffects.evaluate import unmeasured_note
 
 logger = logging.getLogger("mneme_plugin")
 
@@ -132,8 +133,7 @@ def _evaluation_sections(scores: pd.DataFrame | None, truth: pd.DataFrame | None
                               + '<p class="muted">Acc is Eq. 4: |true ∩ predicted| / |true|.</p>'
                               + (f'<p class="muted">Not scored (outside the taxonomy):</p>{_table(outside)}'
                                  if outside is not None and len(outside) else "")
-                              + "".join(f'<p class="muted">{html.escape(name)} also predicted '
-                                        f'{html.escape(", ".join(categories))}: no ground truth there, not scored.</p>'
+                              + "".join(f'<p class="muted">{html.escape(unmeasured_note(name, categories))}</p>'
                                         for name, categories in unmeasured.items())))
     else:
         parts.append(_section("metrics" + anchor, "Metrics (paper Table 1)" + suffix, _not_run("evaluate")))

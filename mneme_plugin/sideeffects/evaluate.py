@@ -57,6 +57,11 @@ def degraded_categories(scores: pd.DataFrame, config: EvaluateConfig | None = No
     return out
 
 
+def unmeasured_note(method: str, categories: list[str]) -> str:
+    """The line the metrics text and the report give predictions the ground truth does not measure."""
+    return f"{method} also predicted {', '.join(categories)}: no ground truth there, not scored."
+
+
 @dataclass
 class Evaluation:
     truth: pd.DataFrame
@@ -80,8 +85,7 @@ class Evaluation:
             lines.append(
                 f"| {name} | {m.accuracy:.3f} | {m.precision:.3f} | {m.recall:.3f} | {m.f1:.3f} | {m.n_predicted} | {m.n_true} |"
             )
-        for name, categories in self.unmeasured.items():
-            lines.append(f"{name} also predicted {', '.join(categories)}: no ground truth there, not scored.")
+        lines += [unmeasured_note(name, categories) for name, categories in self.unmeasured.items()]
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
