@@ -179,7 +179,8 @@ def harvest(config, out, overwrite, nproc, **options) -> None:
 @click.option("--config", type=click.Path(dir_okay=False),
               help="YAML with sections crosscoder, training (and models, corpus, harvest for --stream).")
 @_add_options(_harvest_options)
-@click.option("--shuffle-buffer", type=int, default=262_144, show_default=True, help="Rows in the stream's buffer.")
+@click.option("--shuffle-buffer", type=int,
+              help="Rows in the stream's shuffle buffer (default: training.shuffle_buffer_rows, 262,144).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory.")
 @click.option("--dict-size", type=int, help="Number of latents (default expansion_factor * d_model).")
 @click.option("--expansion-factor", type=int, help="Latents per model dimension (used when --dict-size is not given).")
@@ -214,7 +215,7 @@ def train(store, stream, config, shuffle_buffer, out, dict_size, expansion_facto
     )
     tr_cfg = TrainingConfig.from_dict(
         _override(sections["training"], steps=steps, batch_size=train_batch_size, lr=lr, loss=loss, seed=seed,
-                  device=train_device),
+                  device=train_device, shuffle_buffer_rows=shuffle_buffer),
         section="training",
     )
     if store and stream:
@@ -226,7 +227,7 @@ def train(store, stream, config, shuffle_buffer, out, dict_size, expansion_facto
         base, edited, corpus, harvest_cfg = _harvest_inputs(sections, **harvest_options)
         # Under torchrun each rank harvests a share of the stream and trains on its slice of each global batch.
         data: Any = harvest_stream(base, edited, corpus, harvest_cfg, batch_size=tr_cfg.batch_size,
-                                   shuffle_buffer_rows=shuffle_buffer, seed=tr_cfg.seed,
+                                   shuffle_buffer_rows=tr_cfg.shuffle_buffer_rows, seed=tr_cfg.seed,
                                    dist=distributed_context(tr_cfg.device))
     elif store:
         data = store

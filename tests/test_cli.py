@@ -88,8 +88,13 @@ def test_train_streaming_from_a_config_file(llama_pair_dirs, tmp_path):
         f"models: {{base: {base}, edited: {edited}}}\ncorpus: {{source: {corpus}}}\n"
         "harvest: {layer: 0, context_length: 32}\n"
         "crosscoder: {expansion_factor: 2, k: 4}\n"
-        "training: {steps: 10, batch_size: 64, checkpoint_every: 0, eval_rows: 64}\n"
+        "training: {steps: 10, batch_size: 64, checkpoint_every: 0, eval_rows: 64, shuffle_buffer_rows: 100}\n"
     )
+    # The YAML's buffer is read (too small for the batch: the message names the options) ...
+    result = _invoke(["train", "--stream", "--config", str(config), "--out", str(tmp_path / "run")])
+    assert result.exit_code != 0 and "shuffle_buffer_rows (100)" in result.output
+    assert "--shuffle-buffer" in result.output and "--train-batch-size" in result.output
+    # ... and the command line overrides it.
     result = _invoke(["train", "--stream", "--config", str(config), "--shuffle-buffer", "512", "--out", str(tmp_path / "run")])
     assert result.exit_code == 0, result.output
     info = _invoke(["info", str(tmp_path / "run")]).output

@@ -215,7 +215,8 @@ class TrainingConfig(ConfigMixin):
         require(self.keep_checkpoints >= 1, "keep_checkpoints must be >= 1.")
         require(self.eval_rows >= 0, "eval_rows must be >= 0.")
         require(self.shuffle_buffer_rows >= 2 * self.batch_size,
-                f"shuffle_buffer_rows ({self.shuffle_buffer_rows}) must be at least 2 x batch_size ({self.batch_size}).")
+                f"shuffle_buffer_rows ({self.shuffle_buffer_rows}) must be at least 2 x batch_size ({self.batch_size}): "
+                "raise shuffle_buffer_rows (`mneme train --shuffle-buffer`) or lower batch_size (`--train-batch-size`).")
         require(self.autocast in AUTOCAST_MODES,
                 f"autocast must be one of {AUTOCAST_MODES}, got {self.autocast!r}.")
 

@@ -157,7 +157,8 @@ class ExplainConfig(ConfigMixin):
         require(not unknown, f"Unknown scorer(s) {unknown}; known: {', '.join(SCORERS)}.")
         require(
             self.explainer == "offline" and not self.scorers or self.client.kind != "none",
-            f"explainer {self.explainer!r} / scorers need an LLM client: set client.kind to 'openai' or 'vllm'.",
+            f"explainer {self.explainer!r} / scorers need an LLM client: set client.kind to 'openai' or 'vllm' "
+            "(`--client` on the command line).",
         )
         require(0 < self.threshold < 1, "threshold must be in (0, 1).")
         require(self.n_context_terms >= 0, f"n_context_terms must be >= 0, got {self.n_context_terms}.")
@@ -195,5 +196,6 @@ class MapConfig(ConfigMixin):
         )
         require(
             (self.method != "llm" and self.labeler != "llm") or self.client.kind != "none",
-            "method/labeler 'llm' need an LLM client: set client.kind to 'openai' or 'vllm'.",
+            "method/labeler 'llm' need an LLM client: set client.kind to 'openai' or 'vllm' "
+            "(`--client` on the command line).",
         )
