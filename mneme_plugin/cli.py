@@ -101,7 +101,7 @@ _harvest_options = [
     click.option("--context-length", type=int, help="Tokens per window."),
     click.option("--batch-size", "harvest_batch_size", type=int, help="Windows per forward pass."),
     click.option("--dtype", type=click.Choice(STORAGE_DTYPES), help="Storage dtype."),
-    click.option("--model-dtype", type=click.Choice(MODEL_DTYPES), help="Dtype the models run in (auto: their own)."),
+    click.option("--model-dtype", type=click.Choice(MODEL_DTYPES), help="Dtype the models are loaded in (default float32)."),
     click.option("--device", help="Device for the models (cpu, cuda, cuda:1...)."),
 ]
 
