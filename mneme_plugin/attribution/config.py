@@ -20,7 +20,7 @@ class AttributionConfig(ConfigMixin):
         delta_edited_only: Relative decoder norm below which a latent is edited-only
             (Delta < 0.1; Minder et al. "chat-only").
         delta_base_only: Relative decoder norm above which a latent is base-only (Delta > 0.9).
-        shared_band: |Delta - 0.5| < shared_band is shared (0.1, REFERENCE.md).
+        shared_band: |Delta - 0.5| < shared_band is shared (0.1).
         nu_error_max / nu_reconstruction_max: Latent-scaling thresholds of Minder et al.: an
             edited-only latent is confirmed when |nu^e| < 0.2 and |nu^r| < 0.5; a base-only one
             when the mirrored ratios are below the same thresholds.

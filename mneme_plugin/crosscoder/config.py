@@ -112,7 +112,7 @@ REFERENCE_LR, REFERENCE_DICT_SIZE = 2e-4, 2**14
 # quality": at 1,500 steps, m=256 and 512, it recovers more planted features with either salience
 # than the earlier sqrt(5000 / steps) boost, most with the paper's).
 SHORT_RUN_STEPS, SHORT_RUN_MAX_BOOST = 5000, 4.0
-# Published schedule constants (REFERENCE.md), reached by runs long enough to afford them.
+# Published schedule constants, reached by runs long enough to afford them.
 PUBLISHED_WARMUP_STEPS, PUBLISHED_THRESHOLD_START, PUBLISHED_DEAD_AFTER = 1000, 1000, 10_000_000
 
 
@@ -129,7 +129,7 @@ def default_lr(dict_size: int, steps: int | None = None) -> float:
 class TrainingConfig(ConfigMixin):
     """Optimisation of a crosscoder: schedule, auxiliary loss, threshold, checkpoints.
 
-    Defaults follow the published BatchTopK crosscoders (REFERENCE.md): Adam(0.9, 0.999), aux-k with
+    Defaults follow the published BatchTopK crosscoders: Adam(0.9, 0.999), aux-k with
     alpha 1/32, threshold EMA (beta 0.999), gradient clipping at 1.0. Fields left at None scale with
     the run (``resolve``), so a short run gets a schedule that fits it:
 
