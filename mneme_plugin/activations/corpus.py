@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
@@ -246,6 +246,18 @@ def pad_token_id(tokenizer: Any) -> int:
         if value is not None:
             return int(value)
     return 0
+
+
+def pack_tokens(tokenizer: Any, texts: Sequence[str], context_length: int) -> torch.Tensor:
+    """Documents as BOS-prefixed token streams, packed into (n, context_length) rows (the training
+    data of the organism and of the interventions that fine-tune it)."""
+    ids: list[int] = []
+    for text in texts:
+        ids.extend([tokenizer.bos_token_id] + tokenizer(text, add_special_tokens=False)["input_ids"])
+    n = len(ids) // context_length
+    if n == 0:
+        raise ValueError(f"{len(ids)} tokens do not fill one window of {context_length}.")
+    return torch.tensor(ids[: n * context_length]).view(n, context_length)
 
 
 def iter_windows(

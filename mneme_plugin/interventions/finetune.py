@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from mneme_plugin.errors import ConfigError
-from mneme_plugin.organism.models import pack_tokens
+from mneme_plugin.activations.corpus import pack_tokens
 
 
 def _check_training_config(config: Any, what: str, counts: tuple[str, ...]) -> None:

@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from mneme_plugin.activations.corpus import pack_tokens
+
 SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>", "<unk>"]
 CHAT_TEMPLATE = "{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} <eos> {% endfor %}"
 
@@ -82,17 +84,6 @@ def tiny_hooked_transformer(
     model = HookedTransformer(cfg, tokenizer=tokenizer, default_padding_side="right")
     model.eval()
     return model
-
-
-def pack_tokens(tokenizer: Any, texts: Sequence[str], context_length: int) -> torch.Tensor:
-    """Documents as BOS-prefixed token streams, packed into (n, context_length) rows."""
-    ids: list[int] = []
-    for text in texts:
-        ids.extend([tokenizer.bos_token_id] + tokenizer(text, add_special_tokens=False)["input_ids"])
-    n = len(ids) // context_length
-    if n == 0:
-        raise ValueError(f"{len(ids)} tokens do not fill one window of {context_length}.")
-    return torch.tensor(ids[: n * context_length]).view(n, context_length)
 
 
 def train_lm(

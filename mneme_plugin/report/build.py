@@ -62,6 +62,7 @@ def gather(run_dir: str | os.PathLike[str]) -> ReportData:
     import pandas as pd
 
     from mneme_plugin.sideeffects import load_evaluations, load_prediction, prediction_folder
+    from mneme_plugin.sideeffects.predict import PREDICTIONS_JSON
 
     layout = RunLayout(Path(run_dir))
     if not layout.root.is_dir() or not layout.looks_like_run():
@@ -99,7 +100,7 @@ def gather(run_dir: str | os.PathLike[str]) -> ReportData:
         except Exception as err:  # the report must not fail because contexts cannot be decoded
             logger.warning("Contexts left out of the report: %s", err)
     prediction = (_optional("prediction", layout.prediction, lambda: load_prediction(layout.prediction))
-                  if (layout.prediction / "predictions.json").is_file() else None)
+                  if (layout.prediction / PREDICTIONS_JSON).is_file() else None)
     if prediction is not None:
         data.category_scores = prediction.scores
     evaluations = _optional("evaluation", layout.evaluation, lambda: load_evaluations(layout.evaluation)) or {}
