@@ -107,14 +107,17 @@ class DiskCache:
 class StubClient(Client):
     """An offline stand-in for a judge or explainer, for smoke runs without any LLM: its answer is a
     hash of the prompt (a number 0-100 with its log-probability when asked for ``top_logprobs``,
-    else ``#thescore: N`` with N in 1..5). It proves that the plumbing works, never anything about a model."""
+    else ``#thescore: N`` with N in 1..5 followed by a Delphi ``[EXPLANATION]:`` line, so both the
+    judge and Delphi's explainers parse it). It proves that the plumbing works, never anything about a model."""
 
     async def generate(self, prompt: Prompt, **kwargs: Any) -> Response:
         digest = int(hashlib.sha256(json.dumps(as_messages(prompt)).encode()).hexdigest(), 16)
         if kwargs.get("top_logprobs"):
             number = str(digest % 101)
             return Response(number, top_logprobs=[{number: 0.0}])
-        return Response(f"#thereason: stub judge.\n#thescore: {1 + digest % 5}")
+        # Delphi's explainers read everything after "[EXPLANATION]:", so that line comes last.
+        return Response(f"#thereason: stub judge.\n#thescore: {1 + digest % 5}\n"
+                        f"[EXPLANATION]: stub explanation {digest % 1000}")
 
 
 def resolve_api_key(value: str | None) -> str | None:

@@ -199,3 +199,8 @@ class MapConfig(ConfigMixin):
             "method/labeler 'llm' need an LLM client: set client.kind to 'openai' or 'vllm' "
             "(`--client` on the command line).",
         )
+        require(
+            self.client.kind != "stub",
+            "client kind 'stub' (the offline stand-in of smoke runs) cannot label or rank categories: use "
+            "method 'lexical' / labeler 'offline' without an LLM, or client kind 'openai' or 'vllm'.",
+        )
