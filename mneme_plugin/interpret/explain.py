@@ -27,6 +27,30 @@ from mneme_plugin.interpret.contexts import TOKENIZER_DIR, LatentContexts, iter_
 
 logger = logging.getLogger("mneme_plugin")
 
+
+class _OncePerMessage(logging.Filter):
+    """While active on ``target``, each distinct message passes once; the repeats are counted and
+    summed up in one line at the end (Delphi logs the same warning for every latent it concerns)."""
+
+    def __init__(self, target: logging.Logger) -> None:
+        super().__init__()
+        self.target, self.counts = target, Counter()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        self.counts[message] += 1
+        return self.counts[message] == 1
+
+    def __enter__(self) -> "_OncePerMessage":
+        self.target.addFilter(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.target.removeFilter(self)
+        for message, count in self.counts.items():
+            if count > 1:
+                self.target.warning("(%d times in all) %s", count, message)
+
 EXPLANATIONS_PARQUET = "explanations.parquet"
 EXPLANATIONS_CSV = "explanations.csv"
 
@@ -250,9 +274,10 @@ def explain(
             sampler={"n_examples_train": config.n_examples, "n_examples_test": config.n_examples_test,
                      "n_quantiles": config.n_quantiles, "train_type": config.train_type},
         )
-        records = sorted(dataset, key=lambda r: r.latent.latent_index)
         concurrency = getattr(client, "concurrency", 8)
-        rows = asyncio.run(_run_delphi(records, explainer, scorers, concurrency))
+        with _OncePerMessage(logging.getLogger("delphi")):  # Delphi warns once per latent
+            records = sorted(dataset, key=lambda r: r.latent.latent_index)
+            rows = asyncio.run(_run_delphi(records, explainer, scorers, concurrency))
         model = getattr(client, "model", "")
     for row in rows:
         row.setdefault("terms", "[]")

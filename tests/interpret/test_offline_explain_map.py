@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import random
 
 import pandas as pd
@@ -150,3 +151,18 @@ def test_organism_taxonomy_matches_the_corpus_vocabulary():
     tax = load_taxonomy("organism")
     for name in NAMES:
         assert set(domain_words(name)) <= set(tax.by_id[name].keywords), f"regenerate organism.yaml for {name}"
+
+
+def test_repeated_delphi_warnings_collapse_into_one_line(caplog):
+    from mneme_plugin.interpret.explain import _OncePerMessage
+
+    delphi_logger = logging.getLogger("delphi.test_collapse")
+    with caplog.at_level(logging.WARNING), _OncePerMessage(delphi_logger):
+        for _ in range(3):
+            delphi_logger.warning("No available randomly sampled non-activating sequences")
+        delphi_logger.warning("another message")
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages == ["No available randomly sampled non-activating sequences", "another message",
+                        "(3 times in all) No available randomly sampled non-activating sequences"]
+    delphi_logger.warning("after")  # the filter is gone once the block ends
+    assert caplog.records[-1].getMessage() == "after"
