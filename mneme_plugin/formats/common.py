@@ -58,6 +58,43 @@ def require_tensor(tensors: dict[str, torch.Tensor], name: str, shape: tuple[int
     return t
 
 
+def config_int(cfg: dict[str, Any], key: str, path: Path, what: str, default: Any = None) -> int:
+    """``cfg[key]`` as an int (``default`` when absent and given); CheckpointError naming ``path`` otherwise."""
+    value = cfg.get(key, default)
+    if key not in cfg and default is None:
+        raise CheckpointError(f"{path} lacks {key!r}; expected {what}.")
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        value_ok = False
+    else:
+        try:
+            value_ok = float(value) == int(float(value))
+        except (ValueError, OverflowError):
+            value_ok = False
+    if not value_ok:
+        raise CheckpointError(f"{path}: {key} = {value!r} is not a whole number; expected {what}. "
+                              "The file was edited or damaged; restore it from where it came from.")
+    return int(float(value))
+
+
+def config_number(cfg: dict[str, Any], key: str, path: Path, what: str, default: float) -> float:
+    """``cfg[key]`` as a float (``default`` when absent); CheckpointError naming ``path`` otherwise."""
+    value = cfg.get(key, default)
+    try:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ValueError
+        return float(value)
+    except ValueError:
+        raise CheckpointError(f"{path}: {key} = {value!r} is not a number; expected {what}.") from None
+
+
+def scalar_tensor(tensors: dict[str, torch.Tensor], name: str, path: Path, what: str) -> torch.Tensor:
+    """A one-element tensor of a state dict; CheckpointError naming ``path`` if it holds several."""
+    t = tensors[name]
+    if t.numel() != 1:
+        raise CheckpointError(f"{path}: tensor {name!r} has shape {tuple(t.shape)}, expected a scalar ({what}).")
+    return t
+
+
 def dtype_name(t: torch.Tensor, path: Path) -> str:
     if t.dtype not in TORCH_DTYPES:
         raise CheckpointError(f"{path}: weights have dtype {t.dtype}, expected one of {sorted(TORCH_DTYPES.values())}.")

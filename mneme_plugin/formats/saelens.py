@@ -40,7 +40,7 @@ from mneme_plugin.crosscoder.config import CrossCoderConfig
 from mneme_plugin.crosscoder.base import CrossCoder
 from mneme_plugin.crosscoder.imported import JumpReLUCrossCoder
 from mneme_plugin.errors import CheckpointError, ConfigError
-from mneme_plugin.formats.common import load_tensors, read_json, require_tensor
+from mneme_plugin.formats.common import config_int, load_tensors, read_json, require_tensor
 from mneme_plugin.files import atomic_write, atomic_write_text, refuse_overwrite
 
 FORMAT = "mneme-crosscoder-saelens"
@@ -235,7 +235,12 @@ def load_saelens_export(path: str | Path) -> JumpReLUCrossCoder:
         )
     if cfg.get("architecture") != "jumprelu" or cfg.get("apply_b_dec_to_input", True):
         raise CheckpointError(f"{cfg_path}: expected architecture 'jumprelu' with apply_b_dec_to_input false.")
-    d_in, m = int(cfg["d_in"]), int(cfg["d_sae"])
+    d_in = config_int(cfg, "d_in", cfg_path, "the SAE's input width (2 d for a concat export)")
+    m = config_int(cfg, "d_sae", cfg_path, "the number of SAE latents")
+    for key in ("crosscoder_config", "crosscoder_metadata", "normalization"):
+        if mneme.get(key) is not None and not isinstance(mneme[key], dict):
+            raise CheckpointError(f"{cfg_path}: metadata.mneme.{key} is a {type(mneme[key]).__name__}, expected a "
+                                  "mapping. The file was edited or damaged; export the crosscoder again.")
     if d_in % 2:
         raise CheckpointError(f"{cfg_path}: d_in={d_in} is not 2 d for a concat(base, edited) export.")
     d = d_in // 2
@@ -249,25 +254,38 @@ def load_saelens_export(path: str | Path) -> JumpReLUCrossCoder:
     thr = require_tensor(tensors, "threshold", (m,), weights, expected)
     original = dict(mneme.get("crosscoder_config") or {})
     salience = original.get("salience", "paper")
-    k = min(int(original.get("k", 100)), m)
+    k = min(config_int(original, "k", cfg_path, "metadata.mneme.crosscoder_config.k, the crosscoder's k", 100), m)
     folding = mneme.get("normalization")  # exports before this field stay in raw space (scale 1)
     normalization = original.get("normalization", "scale") if isinstance(folding, dict) else "scale"
-    config = CrossCoderConfig(
-        activation_dim=d, dict_size=m, k=k, salience="paper" if salience == "decoupled" else salience,
-        sparsity="jumprelu", dtype=str(cfg.get("dtype", "float32")), normalization=normalization,
-        metadata={**(mneme.get("crosscoder_metadata") or {}), "source_format": FORMAT, "source": str(path),
-                  "exported_salience": salience},
-    )
+    try:
+        config = CrossCoderConfig(
+            activation_dim=d, dict_size=m, k=k, salience="paper" if salience == "decoupled" else salience,
+            sparsity="jumprelu", dtype=str(cfg.get("dtype", "float32")), normalization=normalization,
+            metadata={**(mneme.get("crosscoder_metadata") or {}), "source_format": FORMAT, "source": str(path),
+                      "exported_salience": salience},
+        )
+    except ConfigError as err:
+        raise CheckpointError(f"{cfg_path} describes no valid crosscoder: {err} Export the crosscoder again.") from err
     model = JumpReLUCrossCoder(config)
+    if isinstance(folding, dict):
+        missing = [name for name in ("activation_scale", *model.normalizer.buffers) if name not in folding]
+        if missing:
+            raise CheckpointError(f"{cfg_path}: metadata.mneme.normalization lacks {missing}, which the export "
+                                  "folded into the weights. The file was edited or damaged; export the crosscoder again.")
     W_enc, W_dec = W_enc.double().reshape(2, d, m), W_dec.double().reshape(m, 2, d).permute(1, 0, 2)
     b_enc, b_dec = b_enc.double(), b_dec.double().reshape(2, d)
     with torch.no_grad():
         if isinstance(folding, dict):
             # Undo ``folded_weights``: W_enc' = s W_enc, b_enc' = b_enc - mu.W_enc', W_dec' = W_dec / s',
             # b_dec' = b_dec / s' + mu (the normaliser's affine map, from the recorded buffers).
-            model.set_activation_scale(folding["activation_scale"])
-            for name in model.normalizer.buffers:
-                getattr(model, name).copy_(torch.tensor(folding[name]))
+            try:
+                model.set_activation_scale(folding["activation_scale"])
+                for name in model.normalizer.buffers:
+                    getattr(model, name).copy_(torch.tensor(folding[name]))
+            except (ValueError, TypeError, RuntimeError) as err:
+                raise CheckpointError(f"{cfg_path}: metadata.mneme.normalization does not fit a crosscoder over 2 "
+                                      f"models of width {d} ({err}). The file was edited or damaged; export the "
+                                      "crosscoder again.") from err
             mu, scale, denorm = model.normalizer.affine(model)
             b_enc = b_enc + torch.einsum("ld,ldm->m", mu, W_enc)
             W_enc = W_enc / scale[:, None, None]

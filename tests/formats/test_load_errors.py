@@ -100,3 +100,34 @@ def test_scale_factors_only_for_kissane(tmp_path):
     folder = write_sof_crosscoder(tmp_path / "hub", sof_state_dict(), "hub")
     with pytest.raises(CheckpointError, match="only for Kissane"):
         load_crosscoder(folder, scale_factors=[1.0, 1.0])
+
+
+def _edited_saelens_export(tmp_path, edit):
+    import json
+
+    from mneme_plugin.formats import export_saelens
+
+    cc = load_crosscoder(write_sof_crosscoder(tmp_path / "src", sof_state_dict(seed=2, threshold=0.05), "hub"))
+    folder = export_saelens(cc, tmp_path / "exports", folder="f")["concat"]
+    cfg = json.loads((folder / "cfg.json").read_text())
+    edit(cfg)
+    (folder / "cfg.json").write_text(json.dumps(cfg))
+    return folder
+
+
+@pytest.mark.parametrize("edit, expected", [
+    (lambda c: c.pop("d_in"), r"cfg\.json lacks 'd_in'"),
+    (lambda c: c.update(d_sae="many"), r"cfg\.json: d_sae = 'many' is not a whole number"),
+    (lambda c: c["metadata"]["mneme"]["crosscoder_config"].update(k=None), r"cfg\.json: k = None is not a whole number"),
+    (lambda c: c["metadata"]["mneme"].update(crosscoder_config=[1]), r"metadata\.mneme\.crosscoder_config is a list"),
+    (lambda c: c["metadata"]["mneme"]["normalization"].pop("activation_scale"),
+     r"normalization lacks \['activation_scale'\]"),
+    (lambda c: c["metadata"]["mneme"]["normalization"].update(activation_scale=[1.0]),
+     r"cfg\.json: metadata\.mneme\.normalization does not fit"),
+    (lambda c: c["metadata"]["mneme"]["crosscoder_config"].update(salience="bogus"),
+     r"cfg\.json describes no valid crosscoder: salience must be one of"),
+])
+def test_damaged_saelens_export_config_names_the_file(tmp_path, edit, expected):
+    folder = _edited_saelens_export(tmp_path, edit)
+    with pytest.raises(CheckpointError, match=expected):
+        load_crosscoder(folder)
