@@ -212,6 +212,10 @@ CASES = [
     Case("import-overwrite", _import_over_an_existing_crosscoder,
          r"ours/config\.json.* already exist.*refusing to overwrite.*--force"),
     Case("export-overwrite", _export_over_an_existing_export, r"sl/f/cfg\.json.* already exist.*--force"),
+    Case("import-kissane-negative-scale-factors",
+         lambda t, fx: ["import", str(write_kissane_crosscoder(t / "k", kissane_state_dict())), "--out", str(t / "o"),
+                        "--scale-factors=-1,0"],
+         r"scale_factors for .*hook_resid_pre: activation_scale must be 2 positive finite factors"),
 ]
 
 

@@ -17,8 +17,8 @@ import torch
 
 from mneme_plugin.crosscoder.config import CrossCoderConfig
 from mneme_plugin.crosscoder.imported import ReLUCrossCoder
-from mneme_plugin.errors import CheckpointError
-from mneme_plugin.formats.common import dtype_name, load_tensors, read_json, require_tensor
+from mneme_plugin.errors import CheckpointError, ConfigError
+from mneme_plugin.formats.common import config_int, dtype_name, load_tensors, read_json, require_tensor
 
 logger = logging.getLogger("mneme_plugin")
 
@@ -41,7 +41,7 @@ def load_kissane(path: str | Path, scale_factors: Sequence[float] | None = None)
     b_enc = require_tensor(state, "b_enc", (m,), weights, EXPECTED)
     b_dec = require_tensor(state, "b_dec", (2, d), weights, EXPECTED)
     for key, expected in (("d_in", d), ("dict_size", m)):
-        if key in cfg and int(cfg[key]) != expected:
+        if key in cfg and config_int(cfg, key, folder / CONFIG_FILE, f"{expected} ({weights})") != expected:
             raise CheckpointError(f"{folder / CONFIG_FILE}: {key}={cfg[key]} but {weights} implies {expected}.")
     metadata: dict[str, Any] = {"source_format": FORMAT, "source": str(path)}
     for key in ("model_name", "hook_point", "l1_coeff", "dec_init_norm", "enc_dtype"):
@@ -66,5 +66,9 @@ def load_kissane(path: str | Path, scale_factors: Sequence[float] | None = None)
         model.W_dec.copy_(W_dec.permute(1, 0, 2))
         model.b_dec.copy_(b_dec)
     if scale_factors is not None:
-        model.set_activation_scale(scale_factors)
+        try:
+            model.set_activation_scale(scale_factors)
+        except (ValueError, TypeError) as err:
+            raise ConfigError(f"scale_factors for {path}: {err} Give the (base, edited) factors "
+                              "sqrt(d_model) / E||x|| the crosscoder was trained with (CLI: --scale-factors BASE,EDITED).") from err
     return model

@@ -131,3 +131,23 @@ def test_damaged_saelens_export_config_names_the_file(tmp_path, edit, expected):
     folder = _edited_saelens_export(tmp_path, edit)
     with pytest.raises(CheckpointError, match=expected):
         load_crosscoder(folder)
+
+
+def test_kissane_cfg_with_non_numeric_sizes_names_the_file(tmp_path):
+    import json
+
+    folder = write_kissane_crosscoder(tmp_path / "k", kissane_state_dict())
+    cfg = json.loads((folder / "cfg.json").read_text())
+    cfg["d_in"] = "sixteen"
+    (folder / "cfg.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"cfg\.json: d_in = 'sixteen' is not a whole number"):
+        load_crosscoder(folder, scale_factors=[1.0, 1.0])
+
+
+@pytest.mark.parametrize("factors", [[-1.0, 0.0], [float("nan"), 1.0], [1.0, 1.0, 1.0]])
+def test_kissane_invalid_scale_factors_are_a_config_error(tmp_path, factors):
+    from mneme_plugin.errors import ConfigError
+
+    folder = write_kissane_crosscoder(tmp_path / "k", kissane_state_dict())
+    with pytest.raises(ConfigError, match=r"scale_factors for .*hook_resid_pre: activation_scale must be 2 positive"):
+        load_crosscoder(folder, scale_factors=factors)
