@@ -22,8 +22,10 @@ import torch
 from mneme_plugin.crosscoder.config import CrossCoderConfig
 from mneme_plugin.crosscoder.base import CrossCoder
 from mneme_plugin.crosscoder.registry import build_crosscoder
-from mneme_plugin.errors import CheckpointError
-from mneme_plugin.formats.common import dtype_name, load_tensors, read_json, require_tensor
+from mneme_plugin.errors import CheckpointError, ConfigError
+from mneme_plugin.formats.common import (
+    config_int, config_number, dtype_name, load_tensors, read_json, require_tensor, scalar_tensor,
+)
 
 logger = logging.getLogger("mneme_plugin")
 
@@ -73,14 +75,18 @@ def _configs(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
             init = cfg
     if (folder / "trainer_config.json").is_file():
         tcfg = read_json(folder / "trainer_config.json", 'a trainer config {"trainer": {...}}')
-        trainer = dict(tcfg.get("trainer", tcfg))
+        trainer = tcfg.get("trainer", tcfg)
+        if not isinstance(trainer, dict):
+            raise CheckpointError(f"{folder / 'trainer_config.json'}: \"trainer\" is a {type(trainer).__name__}, "
+                                  'expected a mapping {"trainer": {...}} of the training settings.')
+        trainer = dict(trainer)
     return init, trainer
 
 
 def _code_normalization(state: dict[str, torch.Tensor], init: dict[str, Any], trainer: dict[str, Any],
                         path: Path) -> str:
     if "code_normalization_id" in state:
-        value = int(state["code_normalization_id"].item())
+        value = int(scalar_tensor(state, "code_normalization_id", path, "the code normalisation id").item())
         if value not in CODE_NORMALIZATIONS:
             raise CheckpointError(
                 f"{path}: code_normalization_id {value} is unknown; expected one of {CODE_NORMALIZATIONS}."
@@ -131,22 +137,26 @@ def load_science_of_finetuning(path: str | Path, dict_class: str | None = None) 
         raise CheckpointError(f"{folder}: dict_class {cls_name!r} is not supported; expected one of {CLASSES}.")
     batch_topk = cls_name == "BatchTopKCrossCoder"
     code_norm = _code_normalization(state, init, trainer, weights)
-    alphas = (init.get("code_normalization_alpha_sae", 1.0), init.get("code_normalization_alpha_cc", 0.1))
-    if code_norm == "MIXED" and tuple(float(a) for a in alphas) != (1.0, 0.1):
+    alphas = tuple(config_number(init, key, folder / "config.json", "a number", default)
+                   for key, default in (("code_normalization_alpha_sae", 1.0), ("code_normalization_alpha_cc", 0.1)))
+    if code_norm == "MIXED" and alphas != (1.0, 0.1):
         raise CheckpointError(
             f"{folder}: MIXED code normalisation with alphas {alphas} is not supported (only 1.0 * SAE + 0.1 * CROSSCODER)."
         )
     salience = SALIENCE_OF[code_norm]
     if batch_topk:
         if "k" in state:
-            k = int(state["k"].item())
-        elif init.get("k") is not None or trainer.get("k") is not None:
-            k = int(init.get("k") or trainer.get("k"))
+            k = int(scalar_tensor(state, "k", weights, "the BatchTopK k").item())
+        elif init.get("k") is not None:
+            k = config_int(init, "k", folder / "config.json", "the BatchTopK k")
+        elif trainer.get("k") is not None:
+            k = config_int(trainer, "k", folder, "the BatchTopK k (trainer config)")
         else:
             raise CheckpointError(f"{weights} is a BatchTopKCrossCoder without k (no 'k' tensor, no k in the configs).")
         sparsity = "batchtopk"
     else:
-        k = min(int(init.get("k") or trainer.get("k") or 100), m)
+        source = init if init.get("k") is not None else trainer
+        k = min(config_int(source, "k", folder, "k (a whole number)", 100) if source.get("k") is not None else 100, m)
         sparsity = "relu"
         if salience == "decoupled":
             salience = "crosscoder"  # encoding of an L1 crosscoder does not use the weights
@@ -176,10 +186,13 @@ def load_science_of_finetuning(path: str | Path, dict_class: str | None = None) 
     for key in ("lm_name", "layer", "base_model", "chat_model", "wandb_name"):
         if key in trainer and isinstance(trainer[key], (str, int, float)):
             metadata[key] = trainer[key]
-    config = CrossCoderConfig(
-        activation_dim=d, dict_size=m, k=k, salience=salience, sparsity=sparsity,
-        normalization="mean_scale" if has_normalizer else "scale", dtype=dtype_name(enc, weights), metadata=metadata,
-    )
+    try:
+        config = CrossCoderConfig(
+            activation_dim=d, dict_size=m, k=k, salience=salience, sparsity=sparsity,
+            normalization="mean_scale" if has_normalizer else "scale", dtype=dtype_name(enc, weights), metadata=metadata,
+        )
+    except ConfigError as err:
+        raise CheckpointError(f"{weights} describes no valid crosscoder: {err}") from err
     model = build_crosscoder(config)
     with torch.no_grad():
         model.W_enc.copy_(enc)

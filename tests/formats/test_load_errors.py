@@ -151,3 +151,38 @@ def test_kissane_invalid_scale_factors_are_a_config_error(tmp_path, factors):
     folder = write_kissane_crosscoder(tmp_path / "k", kissane_state_dict())
     with pytest.raises(ConfigError, match=r"scale_factors for .*hook_resid_pre: activation_scale must be 2 positive"):
         load_crosscoder(folder, scale_factors=factors)
+
+
+def _sof_with_configs(tmp_path, sd, init=None, trainer=None):
+    import json
+
+    folder = write_sof_crosscoder(tmp_path / "s", sd, "hub")
+    for name, edit in (("config.json", init), ("trainer_config.json", trainer)):
+        if edit is not None:
+            cfg = json.loads((folder / name).read_text())
+            edit(cfg)
+            (folder / name).write_text(json.dumps(cfg))
+    return folder
+
+
+def _without(*keys):
+    sd = sof_state_dict()
+    for key in keys:
+        del sd[key]
+    return sd
+
+
+@pytest.mark.parametrize("sd, init, trainer, expected", [
+    ({**sof_state_dict(), "k": torch.tensor([4, 4])}, None, None, r"model\.safetensors: tensor 'k' has shape \(2,\), expected a scalar"),
+    ({**sof_state_dict(), "code_normalization_id": torch.tensor([1, 1])}, None, None,
+     r"tensor 'code_normalization_id' has shape \(2,\), expected a scalar"),
+    (_without("k"), lambda c: c.update(k="four"), None, r"config\.json: k = 'four' is not a whole number"),
+    (sof_state_dict(), None, lambda c: c.update(trainer="x"), r"trainer_config\.json: \"trainer\" is a str"),
+    (sof_state_dict(code_normalization="MIXED"), lambda c: c.update(code_normalization_alpha_sae="x"), None,
+     r"config\.json: code_normalization_alpha_sae = 'x' is not a number"),
+    ({**sof_state_dict(), "k": torch.tensor(1000)}, None, None,
+     r"model\.safetensors describes no valid crosscoder: k must be at most dict_size=48"),
+])
+def test_damaged_science_of_finetuning_configs_name_the_file(tmp_path, sd, init, trainer, expected):
+    with pytest.raises(CheckpointError, match=expected):
+        load_crosscoder(_sof_with_configs(tmp_path, sd, init, trainer))
