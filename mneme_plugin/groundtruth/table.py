@@ -76,6 +76,11 @@ def _check_table(table: pd.DataFrame, path: Path) -> pd.DataFrame:
     missing = [c for c in REQUIRED_COLUMNS if c not in table.columns]
     if missing:
         raise ConfigError(f"{path} lacks column(s) {missing}; a ground-truth table needs category, before, after[, n].")
+    blank = table["category"].isna() | (table["category"].astype(str).str.strip() == "")
+    if blank.any():
+        rows = [int(i) + 2 for i in table.index[blank][:5]]  # file lines (after the header)
+        raise ConfigError(f"{path}: line(s) {rows} have no category; give every row one.")
+    table["category"] = table["category"].astype(str).str.strip()
     for column in ("before", "after", "n", "stderr"):
         if column not in table.columns:
             continue
@@ -85,6 +90,11 @@ def _check_table(table: pd.DataFrame, path: Path) -> pd.DataFrame:
             shown = bad or table.loc[values.isna(), "category"].astype(str).tolist()
             raise ConfigError(f"{path}: column {column!r} must hold numbers; categories {shown[:5]} do not.")
         table[column] = values
+    for column in ("before", "after"):
+        outside = table.loc[~table[column].between(0.0, 1.0), "category"].astype(str).tolist()
+        if outside:
+            raise ConfigError(f"{path}: column {column!r} must hold scores in [0, 1] (accuracies or rates: 0.9, not "
+                              f"90); categories {outside[:5]} do not.")
     if "n" in table.columns:
         counts = pd.to_numeric(table["n"], errors="coerce")
         bad = table.loc[counts.notna() & ((counts < 1) | (counts % 1 != 0)), "category"].astype(str).tolist()
@@ -107,7 +117,6 @@ def read_scores_csv(path: str | os.PathLike[str]) -> pd.DataFrame:
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
         raise ConfigError(f"{path} is not a readable CSV file: {err}") from err
     table = _check_table(table, path)
-    table["category"] = table["category"].astype(str).str.strip()
     if "n" not in table.columns:
         table["n"] = None
     return table

@@ -51,3 +51,28 @@ def test_drop_test_prefers_standard_errors_then_counts():
     assert drop_test(0.8, 0.5, 0.1, 0.1) == (z_test_p(0.8, 0.5, 0.1, 0.1), "z")
     assert drop_test(0.8, 0.5, None, 0.1, n=20) == (fisher_drop_p(0.8, 0.5, 20), "fisher")
     assert drop_test(0.8, 0.5) == (None, None) and drop_test(0.8, 0.5, n=float("nan")) == (None, None)
+
+
+@pytest.mark.parametrize("rows, expected", [
+    ("biology,0.9,0.4\n biology,0.9,0.9\n", r"categories \['biology'\] appear more than once"),
+    (",0.9,0.4\nlaw,0.9,0.8\n", r"line\(s\) \[2\] have no category"),
+    ("biology,90,40\nlaw,90,88\n", r"column 'before' must hold scores in \[0, 1\] .*0\.9, not 90.*\['biology', 'law'\]"),
+    ("biology,inf,0.4\n", r"column 'before' must hold scores in \[0, 1\]"),
+    ("biology,0.9,-0.1\n", r"column 'after' must hold scores in \[0, 1\]"),
+])
+def test_scores_csv_rows_that_would_give_a_wrong_evaluation_are_refused(tmp_path, rows, expected):
+    from mneme_plugin.errors import ConfigError
+    from mneme_plugin.groundtruth.table import read_scores_csv
+
+    path = tmp_path / "truth.csv"
+    path.write_text("category,before,after\n" + rows)
+    with pytest.raises(ConfigError, match=expected):
+        read_scores_csv(path)
+
+
+def test_scores_csv_categories_are_stripped(tmp_path):
+    from mneme_plugin.groundtruth.table import read_scores_csv
+
+    path = tmp_path / "truth.csv"
+    path.write_text("category,before,after\n biology ,0.9,0.4\n")
+    assert read_scores_csv(path)["category"].tolist() == ["biology"]
