@@ -140,7 +140,10 @@ def read_lm_eval_results(path: str | os.PathLike[str], metric: str = "acc,none")
     results = data.get("results") if isinstance(data, dict) else None
     if not isinstance(results, dict):
         raise ConfigError(f"{path} has no 'results' mapping; is it an lm-eval results file?")
-    samples = data.get("n-samples", {})
+    samples = data.get("n-samples") or {}
+    if not isinstance(samples, dict):
+        raise ConfigError(f"{path}: 'n-samples' is a {type(samples).__name__}, expected a mapping task -> counts; "
+                          "is it an lm-eval results file?")
     stderr_key = metric.replace(",", "_stderr,", 1) if "," in metric else f"{metric}_stderr"
     rows = []
     for task, values in results.items():
@@ -148,11 +151,22 @@ def read_lm_eval_results(path: str | os.PathLike[str], metric: str = "acc,none")
             continue
         n = samples.get(task, {}).get("effective") if isinstance(samples.get(task), dict) else None
         stderr = values.get(stderr_key)
-        rows.append({"category": category_from_task(task), "score": float(values[metric]),
+        score = values[metric]
+        if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
+            raise ConfigError(f"{path}: task {task!r} has {metric} = {score!r}, not a finite number; re-run lm-eval "
+                              "for that task or leave it out of the file.")
+        rows.append({"category": category_from_task(task), "score": float(score),
                      "stderr": float(stderr) if isinstance(stderr, (int, float)) else None, "n": n})
     if not rows:
         raise ConfigError(f"{path} has no task with metric {metric!r}.")
-    return pd.DataFrame(rows)
+    frame = pd.DataFrame(rows)
+    tasks = [task for task, values in results.items() if isinstance(values, dict) and metric in values]
+    repeated = frame["category"].duplicated(keep=False)
+    if repeated.any():
+        clash = [t for t, r in zip(tasks, repeated) if r]
+        raise ConfigError(f"{path}: tasks {clash[:6]} map to one category; give lm-eval results of one benchmark "
+                          "(e.g. MMLU or MMLU-Pro) per file.")
+    return frame
 
 
 def scores_from_lm_eval(before: str | os.PathLike[str], after: str | os.PathLike[str]) -> pd.DataFrame:

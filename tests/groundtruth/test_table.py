@@ -76,3 +76,19 @@ def test_scores_csv_categories_are_stripped(tmp_path):
     path = tmp_path / "truth.csv"
     path.write_text("category,before,after\n biology ,0.9,0.4\n")
     assert read_scores_csv(path)["category"].tolist() == ["biology"]
+
+
+@pytest.mark.parametrize("data, expected", [
+    ({"results": {"mmlu_law": {"acc,none": "N/A"}}}, r"task 'mmlu_law' has acc,none = 'N/A', not a finite number"),
+    ({"results": {"mmlu_law": {"acc,none": None}}}, r"task 'mmlu_law' has acc,none = None"),
+    ({"results": {"mmlu_law": {"acc,none": 0.5}}, "n-samples": [1]}, r"'n-samples' is a list"),
+    ({"results": {"mmlu_other": {"acc,none": 0.5}, "mmlu_pro_other": {"acc,none": 0.4}}},
+     r"tasks \['mmlu_other', 'mmlu_pro_other'\] map to one category"),
+])
+def test_malformed_lm_eval_results_name_the_file(tmp_path, data, expected):
+    from mneme_plugin.errors import ConfigError
+
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(ConfigError, match=r"results\.json: " + expected):
+        read_lm_eval_results(path)
