@@ -79,6 +79,9 @@ def _parse(data: Any, source: str) -> Taxonomy:
         keywords = raw.get("keywords") or []
         if isinstance(keywords, str):
             keywords = keywords.split()
+        if not isinstance(keywords, list):
+            raise ConfigError(f"Taxonomy {source}: entry {eid!r} has keywords {keywords!r}; give a list of words "
+                              "(or one string of words separated by spaces).")
         entries.append(TaxonomyEntry(eid, str(raw.get("name") or eid.replace("_", " ")),
                                      str(raw.get("description") or ""), tuple(str(k) for k in keywords)))
     return Taxonomy(str(data.get("name") or Path(source).stem), entries, str(data.get("description") or ""), source)
@@ -97,7 +100,10 @@ def load_taxonomy(spec: str | os.PathLike[str]) -> Taxonomy:
     if path.suffix.lower() in (".yaml", ".yml", ".json") or path.is_file():
         if not path.is_file():
             raise ConfigError(f"Taxonomy file {path} does not exist.")
-        text = path.read_text()
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"Taxonomy file {path} is not UTF-8 text ({err}); save it as UTF-8.") from err
         try:
             data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
         except (json.JSONDecodeError, yaml.YAMLError) as err:
