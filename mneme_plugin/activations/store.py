@@ -69,7 +69,32 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
     missing = [k for k in _REQUIRED_MANIFEST_KEYS if k not in manifest]
     if missing:
         raise CheckpointError(f"{path} is corrupt: missing keys {missing}.")
+    problem = _manifest_problem(manifest)
+    if problem:
+        raise CheckpointError(f"{path} is corrupt: {problem}. Harvest again into a new folder, or restore the file.")
     return manifest
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _manifest_problem(manifest: dict[str, Any]) -> str | None:
+    """What is wrong with the types of a manifest's entries that readers rely on (None if nothing)."""
+    if not _whole(manifest["d_model"]) or manifest["d_model"] == 0:
+        return f"d_model is {manifest['d_model']!r}, expected a positive whole number"
+    shards = manifest["shards"]
+    if not isinstance(shards, list):
+        return f"shards is a {type(shards).__name__}, expected a list"
+    for i, entry in enumerate(shards):
+        if not isinstance(entry, dict) or not isinstance(entry.get("file"), str) or not _whole(entry.get("n_rows")):
+            return f"shards[{i}] is {entry!r}, expected {{\"file\": NAME, \"n_rows\": WHOLE NUMBER}}"
+    norm = manifest["normalization"]
+    factors = norm.get("scale_factors") if isinstance(norm, dict) else None
+    if not (isinstance(factors, list) and len(factors) == 2
+            and all(isinstance(f, (int, float)) and not isinstance(f, bool) for f in factors)):
+        return "normalization.scale_factors is missing or not two numbers"
+    return None
 
 
 def shard_problem(file: Path, n_rows: int) -> str | None:

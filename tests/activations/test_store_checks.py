@@ -81,3 +81,26 @@ def test_a_damaged_store_is_refused_up_front_even_when_partial_use_is_allowed(tm
     with pytest.raises(CheckpointError, match=r"store .* is damaged: shard_00000\.safetensors is truncated"):
         train(path, tmp_path / "run", *TRAIN, progress=False, allow_partial=True)
     assert not (tmp_path / "run").exists()  # checked before the run directory is locked / created
+
+
+@pytest.mark.parametrize("edit, expected", [
+    (lambda m: m["shards"][0].pop("n_rows"), r"shards\[0\] is .*expected"),
+    (lambda m: m["shards"][1].update(n_rows="many"), r"shards\[1\] is .*'many'"),
+    (lambda m: m.update(shards={"x": 1}), r"shards is a dict, expected a list"),
+    (lambda m: m.update(d_model="eight"), r"d_model is 'eight'"),
+    (lambda m: m["normalization"].pop("scale_factors"), r"normalization\.scale_factors is missing"),
+    (lambda m: m.update(normalization=None), r"normalization\.scale_factors is missing"),
+])
+def test_manifest_entries_of_the_wrong_type_name_the_file(tmp_path, edit, expected):
+    import json
+
+    from mneme_plugin.activations.store import ActivationStore
+    from mneme_plugin.errors import CheckpointError
+    from tests.helpers import random_activation_pairs, write_activation_store
+
+    store = write_activation_store(tmp_path / "store", random_activation_pairs(64, 4, seed=0), rows_per_shard=32)
+    manifest = json.loads((store / "manifest.json").read_text())
+    edit(manifest)
+    (store / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match=r"manifest\.json is corrupt: " + expected):
+        ActivationStore(store).scale_factors
