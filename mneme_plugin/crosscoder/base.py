@@ -229,6 +229,9 @@ class CrossCoder(Dictionary, nn.Module):
                 "restore it from the training run."
             ) from err
         architecture = meta.get("architecture") or architecture_of(config)
+        if not isinstance(architecture, str):
+            raise CheckpointError(f"{config_path}: architecture is {architecture!r}, expected a name (a string). "
+                                  "The file was edited or damaged; restore it from the training run.")
         try:
             klass = get_crosscoder_class(architecture)
         except ConfigError as err:
@@ -238,6 +241,9 @@ class CrossCoder(Dictionary, nn.Module):
                 f"{path} holds a {klass.__name__} (architecture {architecture!r}), not a {cls.__name__}; "
                 "load it with CrossCoder.from_pretrained or mneme_plugin.formats.load_crosscoder."
             )
+        if config.activation_dim is None or config.dict_size is None:
+            raise CheckpointError(f"{config_path} lacks config.activation_dim or config.dict_size. The file was "
+                                  "edited or damaged; restore it from the training run.")
         try:
             model = klass(config)
         except ConfigError as err:

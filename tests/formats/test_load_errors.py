@@ -186,3 +186,20 @@ def _without(*keys):
 def test_damaged_science_of_finetuning_configs_name_the_file(tmp_path, sd, init, trainer, expected):
     with pytest.raises(CheckpointError, match=expected):
         load_crosscoder(_sof_with_configs(tmp_path, sd, init, trainer))
+
+
+@pytest.mark.parametrize("edit, expected", [
+    (lambda m: m["config"].pop("activation_dim"), r"config\.json lacks config\.activation_dim or config\.dict_size"),
+    (lambda m: m.update(architecture=["batchtopk"]), r"config\.json: architecture is \['batchtopk'\], expected a name"),
+])
+def test_damaged_mneme_crosscoder_config_names_the_file(tmp_path, edit, expected):
+    import json
+
+    from mneme_plugin.crosscoder import BatchTopKCrossCoder, CrossCoderConfig
+
+    path = BatchTopKCrossCoder(CrossCoderConfig(activation_dim=8, dict_size=16, k=2)).save_pretrained(tmp_path / "cc")
+    meta = json.loads((path / "config.json").read_text())
+    edit(meta)
+    (path / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=expected):
+        load_crosscoder(path)
