@@ -5,7 +5,7 @@
 user's task YAML found through ``include_path``). Each model's results are saved as soon as they
 exist (a rerun skips them) and lm-eval's request cache (``use_cache``, one SQLite file per model)
 keeps every answered model call, so an interrupted run resumes. Results JSON files produced
-elsewhere (``lm_eval --output_path``) are read by :func:`table_from_results`.
+elsewhere (``lm_eval --output_path``) are read by ``table.read_results_json`` / ``table_from_results``.
 """
 
 from __future__ import annotations
@@ -21,7 +21,9 @@ import yaml
 
 from mneme_plugin.config import ConfigMixin, Seed, require
 from mneme_plugin.errors import ConfigError
-from mneme_plugin.groundtruth.table import SCORES_CSV, category_from_task, drop_test, make_table, mcnemar_p, save_scores
+from mneme_plugin.groundtruth.table import (  # the results readers live with the table format
+    PER_SAMPLE_KEY, SCORES_CSV, metric_for, read_results_json, save_scores, scores_from_lm_eval, table_from_results,
+)
 from mneme_plugin.files import atomic_write_text
 
 logger = logging.getLogger("mneme_plugin")
@@ -29,10 +31,6 @@ logger = logging.getLogger("mneme_plugin")
 RESULTS_JSON = {"before": "lm_eval_before.json", "after": "lm_eval_after.json"}
 CACHE_DIR = "cache"
 CONFIG_FILE = "lm_eval_config.yaml"
-# First metric present wins (MMLU / WMDP: acc; MMLU-Pro: exact_match with its custom extraction).
-PREFERRED_METRICS = ("acc,none", "exact_match,custom-extract", "exact_match,strict-match",
-                     "exact_match,flexible-extract", "exact_match,none")
-PER_SAMPLE_KEY = "mneme_per_sample"
 RUN_KEY = "mneme_run"
 
 
@@ -128,71 +126,13 @@ def run_lm_eval(config: LMEvalConfig, model: str, cache: Path, manager: Any) -> 
     samples = out.pop("samples", {}) or {}
     per_sample: dict[str, dict[str, float]] = {}
     for task, records in samples.items():
-        metric = _metric_for(out["results"].get(task, {}), config.metric)
+        metric = metric_for(out["results"].get(task, {}), config.metric)
         name = metric.split(",")[0] if metric else None
         if name and records and name in records[0]:
             per_sample[task] = {str(r["doc_id"]): float(r[name]) for r in records}
     safe = json.loads(json.dumps(out, default=str))
     safe[PER_SAMPLE_KEY] = per_sample
     return safe
-
-
-def _metric_for(values: dict[str, Any], metric: str | None) -> str | None:
-    if metric is not None:
-        return metric if metric in values else None
-    return next((m for m in PREFERRED_METRICS if m in values), None)
-
-
-def table_from_results(before: dict[str, Any], after: dict[str, Any], metric: str | None = None) -> pd.DataFrame:
-    """The ground-truth table from two lm-eval results dicts (in process or read from JSON).
-
-    One row per task scored in both (group aggregates skipped when sample counts are known); the
-    drop's p-value is the paired exact McNemar test when both hold per-sample scores (ours do), else
-    a z test on lm-eval's standard errors, else Fisher's exact test on the sample count (``drop_test``).
-    """
-    for name, data in (("before", before), ("after", after)):
-        if not isinstance(data.get("results"), dict):
-            raise ConfigError(f"The {name} lm-eval results have no 'results' mapping; is it an lm-eval results file?")
-    counts_b = before.get("n-samples") or {}
-    rows = []
-    for task, values in before["results"].items():
-        if task not in after["results"] or (counts_b and task not in counts_b):
-            continue
-        chosen = _metric_for(values, metric)
-        if chosen is None or chosen not in after["results"][task]:
-            continue
-        name, _, filt = chosen.partition(",")
-        stderr_key = f"{name}_stderr,{filt}"
-        b, a = float(values[chosen]), float(after["results"][task][chosen])
-        se_b, se_a = values.get(stderr_key), after["results"][task].get(stderr_key)
-        se_b = float(se_b) if isinstance(se_b, (int, float)) else None
-        se_a = float(se_a) if isinstance(se_a, (int, float)) else None
-        n = (counts_b.get(task) or {}).get("effective")
-        paired_b = (before.get(PER_SAMPLE_KEY) or {}).get(task)
-        paired_a = (after.get(PER_SAMPLE_KEY) or {}).get(task)
-        if paired_b and paired_a and set(paired_b) == set(paired_a):
-            ids = sorted(paired_b)
-            p, test = mcnemar_p([paired_b[i] for i in ids], [paired_a[i] for i in ids]), "mcnemar"
-        else:
-            p, test = drop_test(b, a, se_b, se_a, n)
-        rows.append({"category": category_from_task(task), "before": b, "after": a, "n": n, "stderr_before": se_b,
-                     "stderr_after": se_a, "p_value": p, "test": test if p is not None else None, "task": task,
-                     "metric": chosen})
-    if not rows:
-        raise ConfigError("The before and after lm-eval results share no task with a usable metric"
-                          + (f" ({metric})." if metric else f" (tried {', '.join(PREFERRED_METRICS)})."))
-    table = make_table(rows)
-    if table["category"].duplicated().any():
-        raise ConfigError(f"Two tasks map to one category: {table.loc[table['category'].duplicated(), 'task'].tolist()}.")
-    return table
-
-
-def read_results_json(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise ConfigError(f"{path} is not a readable lm-eval results JSON: {err}") from err
 
 
 def lm_eval_ground_truth(config: LMEvalConfig, out_dir: str | Path) -> pd.DataFrame:
@@ -226,6 +166,6 @@ def lm_eval_ground_truth(config: LMEvalConfig, out_dir: str | Path) -> pd.DataFr
 def lm_eval_table_from_files(before: str | Path, after: str | Path, out_dir: str | Path,
                              metric: str | None = None) -> pd.DataFrame:
     """``ground_truth.csv`` from lm-eval results JSON files produced elsewhere."""
-    table = table_from_results(read_results_json(before), read_results_json(after), metric)
+    table = scores_from_lm_eval(before, after, metric)
     save_scores(table, Path(out_dir) / SCORES_CSV)
     return table

@@ -28,6 +28,10 @@ REQUIRED_COLUMNS = ("category", "before", "after")
 TASK_PREFIXES = ("mmlu_pro_", "mmlu_", "wmdp_")
 # The columns lm-eval and judge ground truths write (the first four plus n are what evaluate reads).
 TABLE_COLUMNS = ["category", "before", "after", "drop", "n", "stderr_before", "stderr_after", "p_value", "test"]
+# First metric present wins (MMLU / WMDP: acc; MMLU-Pro: exact_match with its custom extraction).
+PREFERRED_METRICS = ("acc,none", "exact_match,custom-extract", "exact_match,strict-match",
+                     "exact_match,flexible-extract", "exact_match,none")
+PER_SAMPLE_KEY = "mneme_per_sample"  # per-sample scores our lm-eval runs add to the results (McNemar's test)
 
 
 @dataclass
@@ -130,55 +134,121 @@ def category_from_task(task: str) -> str:
     return task
 
 
-def read_lm_eval_results(path: str | os.PathLike[str], metric: str = "acc,none") -> pd.DataFrame:
-    """Per-task score, standard error and sample count from an lm-eval results JSON: (category, score, stderr, n)."""
+def read_results_json(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """An lm-eval results JSON file (``lm_eval --output_path``), checked to be one."""
     path = Path(path)
     try:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ConfigError(f"{path} is not a readable lm-eval results JSON: {err}") from err
-    results = data.get("results") if isinstance(data, dict) else None
-    if not isinstance(results, dict):
-        raise ConfigError(f"{path} has no 'results' mapping; is it an lm-eval results file?")
-    samples = data.get("n-samples") or {}
-    if not isinstance(samples, dict):
-        raise ConfigError(f"{path}: 'n-samples' is a {type(samples).__name__}, expected a mapping task -> counts; "
+    _check_results(data, str(path))
+    return data
+
+
+def _check_results(data: Any, where: str) -> None:
+    if not isinstance(data, dict) or not isinstance(data.get("results"), dict):
+        raise ConfigError(f"{where} has no 'results' mapping; is it an lm-eval results file?")
+    samples = data.get("n-samples")
+    if samples is not None and not isinstance(samples, dict):
+        raise ConfigError(f"{where}: 'n-samples' is a {type(samples).__name__}, expected a mapping task -> counts; "
                           "is it an lm-eval results file?")
-    stderr_key = metric.replace(",", "_stderr,", 1) if "," in metric else f"{metric}_stderr"
-    rows = []
-    for task, values in results.items():
-        if not isinstance(values, dict) or metric not in values:
-            continue
-        n = samples.get(task, {}).get("effective") if isinstance(samples.get(task), dict) else None
-        stderr = values.get(stderr_key)
-        score = values[metric]
-        if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
-            raise ConfigError(f"{path}: task {task!r} has {metric} = {score!r}, not a finite number; re-run lm-eval "
-                              "for that task or leave it out of the file.")
-        rows.append({"category": category_from_task(task), "score": float(score),
-                     "stderr": float(stderr) if isinstance(stderr, (int, float)) else None, "n": n})
-    if not rows:
-        raise ConfigError(f"{path} has no task with metric {metric!r}.")
-    frame = pd.DataFrame(rows)
-    tasks = [task for task, values in results.items() if isinstance(values, dict) and metric in values]
-    repeated = frame["category"].duplicated(keep=False)
-    if repeated.any():
-        clash = [t for t, r in zip(tasks, repeated) if r]
-        raise ConfigError(f"{path}: tasks {clash[:6]} map to one category; give lm-eval results of one benchmark "
+
+
+def metric_for(values: dict[str, Any], metric: str | None) -> str | None:
+    """The metric to read from one task's results: ``metric`` if it has it, else the first of PREFERRED_METRICS."""
+    if metric is not None:
+        return metric if metric in values else None
+    return next((m for m in PREFERRED_METRICS if m in values), None)
+
+
+def _score(values: dict[str, Any], metric: str, task: str, where: str) -> float:
+    score = values[metric]
+    if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
+        raise ConfigError(f"{where}: task {task!r} has {metric} = {score!r}, not a finite number; re-run lm-eval "
+                          "for that task or leave it out of the file.")
+    return float(score)
+
+
+def _stderr(values: dict[str, Any], metric: str) -> float | None:
+    """lm-eval's standard error of ``metric`` (``acc,none`` -> ``acc_stderr,none``); None when absent or "N/A"."""
+    name, _, filt = metric.partition(",")
+    value = values.get(f"{name}_stderr,{filt}" if filt else f"{name}_stderr")
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return float(value) if ok else None
+
+
+def _sample_count(data: dict[str, Any], task: str) -> int | None:
+    counts = (data.get("n-samples") or {}).get(task)
+    return counts.get("effective") if isinstance(counts, dict) else None
+
+
+def _refuse_shared_categories(tasks: Sequence[str], where: str) -> None:
+    categories = [category_from_task(t) for t in tasks]
+    clash = [t for t, c in zip(tasks, categories) if categories.count(c) > 1]
+    if clash:
+        raise ConfigError(f"{where}: tasks {clash[:6]} map to one category; give lm-eval results of one benchmark "
                           "(e.g. MMLU or MMLU-Pro) per file.")
-    return frame
 
 
-def scores_from_lm_eval(before: str | os.PathLike[str], after: str | os.PathLike[str]) -> pd.DataFrame:
-    """The ground-truth table from two lm-eval results JSON files (tasks in both)."""
-    b, a = read_lm_eval_results(before), read_lm_eval_results(after)
-    merged = b.merge(a, on="category", suffixes=("_before", "_after"))
-    if merged.empty:
-        raise ConfigError(f"{before} and {after} share no task.")
-    return pd.DataFrame({
-        "category": merged["category"], "before": merged["score_before"], "after": merged["score_after"],
-        "n": merged["n_before"],
-    })
+def read_lm_eval_results(path: str | os.PathLike[str], metric: str = "acc,none") -> pd.DataFrame:
+    """Per-task score, standard error and sample count from an lm-eval results JSON: (category, score, stderr, n)."""
+    data = read_results_json(path)
+    tasks = [task for task, values in data["results"].items() if isinstance(values, dict) and metric in values]
+    if not tasks:
+        raise ConfigError(f"{path} has no task with metric {metric!r}.")
+    _refuse_shared_categories(tasks, str(path))
+    return pd.DataFrame([
+        {"category": category_from_task(task), "score": _score(data["results"][task], metric, task, str(path)),
+         "stderr": _stderr(data["results"][task], metric), "n": _sample_count(data, task)}
+        for task in tasks
+    ])
+
+
+def table_from_results(before: dict[str, Any], after: dict[str, Any], metric: str | None = None,
+                       names: tuple[str, str] = ("The before lm-eval results", "The after lm-eval results")) -> pd.DataFrame:
+    """The ground-truth table from two lm-eval results (in process, or read by ``read_results_json``);
+    ``names`` say where each came from in error messages.
+
+    One row per task scored in both (group aggregates skipped when sample counts are known); the
+    metric is ``metric``, or per task the first of PREFERRED_METRICS it has. The drop's p-value is the
+    paired exact McNemar test when both hold per-sample scores (our lm-eval runs do), else a z test on
+    lm-eval's standard errors, else Fisher's exact test on the sample count (``drop_test``).
+    """
+    for name, data in zip(names, (before, after)):
+        _check_results(data, name)
+    counts_b = before.get("n-samples") or {}
+    rows = []
+    for task, values in before["results"].items():
+        other = after["results"].get(task)
+        if not isinstance(values, dict) or not isinstance(other, dict) or (counts_b and task not in counts_b):
+            continue
+        chosen = metric_for(values, metric)
+        if chosen is None or chosen not in other:
+            continue
+        b, a = _score(values, chosen, task, names[0]), _score(other, chosen, task, names[1])
+        se_b, se_a = _stderr(values, chosen), _stderr(other, chosen)
+        n = _sample_count(before, task)
+        paired_b = (before.get(PER_SAMPLE_KEY) or {}).get(task)
+        paired_a = (after.get(PER_SAMPLE_KEY) or {}).get(task)
+        if paired_b and paired_a and set(paired_b) == set(paired_a):
+            ids = sorted(paired_b)
+            p, test = mcnemar_p([paired_b[i] for i in ids], [paired_a[i] for i in ids]), "mcnemar"
+        else:
+            p, test = drop_test(b, a, se_b, se_a, n)
+        rows.append({"category": category_from_task(task), "before": b, "after": a, "n": n, "stderr_before": se_b,
+                     "stderr_after": se_a, "p_value": p, "test": test if p is not None else None, "task": task,
+                     "metric": chosen})
+    if not rows:
+        raise ConfigError(f"{names[0]} and {names[1]} share no task with a usable metric"
+                          + (f" ({metric})." if metric else f" (tried {', '.join(PREFERRED_METRICS)})."))
+    _refuse_shared_categories([row["task"] for row in rows], f"{names[0]} and {names[1]}")
+    return make_table(rows)
+
+
+def scores_from_lm_eval(before: str | os.PathLike[str], after: str | os.PathLike[str],
+                        metric: str | None = None) -> pd.DataFrame:
+    """The ground-truth table from two lm-eval results JSON files (``table_from_results``)."""
+    return table_from_results(read_results_json(before), read_results_json(after), metric, names=(str(before), str(after)))
 
 
 def load_ground_truth(config: GroundTruthConfig) -> pd.DataFrame:

@@ -23,6 +23,16 @@ def test_lm_eval_results_are_read(tmp_path):
     assert set(frame["category"]) == {"virology", "anatomy"} and set(frame["n"]) == {100}
     scores = scores_from_lm_eval(before, after).set_index("category")
     assert scores.loc["virology", "after"] == 0.3
+    # The same reader as `mneme groundtruth lm-eval` (table_from_results): the drop's test from lm-eval's
+    # standard errors (z = 0.3 / (0.01 * sqrt 2), far out), and a group aggregate without sample
+    # counts ("mmlu", lm-eval's mean over subjects) is no category.
+    assert scores.loc["virology", "test"] == "z" and scores.loc["virology", "p_value"] < 1e-6
+    assert scores.loc["anatomy", "p_value"] == 0.5
+    for path in (before, after):
+        data = json.loads(path.read_text())
+        data["results"]["mmlu"] = {"acc,none": 0.55}
+        path.write_text(json.dumps(data))
+    assert set(scores_from_lm_eval(before, after)["category"]) == {"virology", "anatomy"}
 
 
 @pytest.mark.parametrize("right_before,n_before,right_after,n_after", [(6, 6, 2, 6), (5, 7, 3, 5), (4, 6, 4, 6), (0, 4, 2, 5)])
@@ -92,3 +102,14 @@ def test_malformed_lm_eval_results_name_the_file(tmp_path, data, expected):
     path.write_text(json.dumps(data))
     with pytest.raises(ConfigError, match=r"results\.json: " + expected):
         read_lm_eval_results(path)
+    with pytest.raises(ConfigError, match=r"results\.json: " + expected):  # `mneme evaluate --lm-eval-before/after`
+        scores_from_lm_eval(path, path)
+
+
+def test_an_lm_eval_file_that_is_not_a_results_mapping_is_refused(tmp_path):
+    from mneme_plugin.errors import ConfigError
+
+    path = tmp_path / "results.json"
+    path.write_text("[]")
+    with pytest.raises(ConfigError, match=r"results\.json has no 'results' mapping"):
+        scores_from_lm_eval(path, path)
