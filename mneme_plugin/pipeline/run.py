@@ -158,12 +158,14 @@ def plan(config: RunConfig, stages: list[Stage],
             out.append((stage, fingerprint, "disabled"))
             continue
         status = _status(layout, stage, fingerprint, legacy, inputs.get(stage.name))
-        # Same config, but what it read is redone: its fingerprint cannot tell, so it is redone too.
-        if status == "skip (done)" and redone & set(previous):
+        # Same config, but what it read is redone: its fingerprint cannot tell, so it is redone too; so is
+        # an interrupted one, whose partial outputs (training checkpoints) were made from the old inputs.
+        if redone & set(previous) and (status == "skip (done)"
+                                       or (status == "run" and stage.outputs(layout).exists())):
             status = UPSTREAM_REDONE
-        # A stage that runs again without a config change (its marker or outputs are gone, or it never
-        # ran although a later stage did, e.g. after `--only report`) changes what the stages after it read.
-        if status in (CORPUS_CHANGED, INPUTS_CHANGED, UPSTREAM_REDONE, "run"):
+        # A stage that runs again changes what the stages after it read: without a config change too (its
+        # marker or outputs are gone, or it never ran although a later stage did, e.g. after `--only report`).
+        if status == "run" or status.startswith("rerun"):
             redone.add(stage.name)
         out.append((stage, fingerprint, status))
         upstream, legacy_upstream, previous = fingerprint, legacy, (stage.name,)
@@ -261,7 +263,8 @@ def _run_stages(config: RunConfig, stages: list[Stage], layout: RunLayout, dist:
 
 def _start_stage(stage: Stage, layout: RunLayout, status: str) -> None:
     if status.startswith("rerun"):
-        logger.info("[%s] config changed since it ran: redoing it.", stage.name)
+        # "rerun (config changed)" -> "config changed since it ran"
+        logger.info("[%s] %s since it ran: redoing it.", stage.name, status[len("rerun ("):].rstrip(")"))
         target = stage.outputs(layout)
         if target.is_dir():
             shutil.rmtree(target)

@@ -136,6 +136,35 @@ def test_a_changed_section_reruns_that_stage_and_those_after(pair_and_corpus, tm
     assert statuses["train"] == "run" and "train.json is unreadable" in caplog.text
 
 
+def test_an_interrupted_stage_starts_over_when_what_it_read_is_redone(tmp_path):
+    """Training killed after a checkpoint, then the harvest's config changed: the harvest is redone,
+    and training must not resume from checkpoints made on the old activations."""
+    from mneme_plugin.pipeline import plan
+    from mneme_plugin.pipeline.run import UPSTREAM_REDONE, _start_stage
+    from mneme_plugin.pipeline.stages import STAGES
+
+    cfg = {"run_dir": str(tmp_path / "run"), "models": {"base": "b", "edited": "e"},
+           "corpus": {"source": "hf:c"}, "harvest": {"layer": 1}}
+    done = {s.name: fp for s, fp, _ in plan(RunConfig.from_dict(cfg), STAGES)}
+    run = tmp_path / "run"
+    (run / "activations").mkdir(parents=True)
+    (run / ".stages").mkdir()
+    (run / ".stages" / "harvest.json").write_text(json.dumps(
+        {"stage": "harvest", "fingerprint": done["harvest"], "seconds": 1.0, "version": 2}))
+    checkpoint = run / "crosscoder_run" / "checkpoints" / "step_00000020"
+    checkpoint.mkdir(parents=True)  # training killed: a checkpoint, no marker
+    assert {s.name: st for s, _, st in plan(RunConfig.from_dict(cfg), STAGES)}["train"] == "run"  # resumes
+
+    cfg["harvest"]["normalization_tokens"] = 5_000
+    statuses = {s.name: (s, st) for s, _, st in plan(RunConfig.from_dict(cfg), STAGES)}
+    assert statuses["harvest"][1] == "rerun (config changed)"
+    stage, status = statuses["train"]
+    assert status == UPSTREAM_REDONE
+    _start_stage(stage, RunConfig.from_dict(cfg).layout, status)
+    assert not checkpoint.exists()
+    assert statuses["attribute"][1] == "run"  # nothing of it on disk: nothing to throw away
+
+
 def test_a_corpus_rewritten_in_place_is_read_again(pair_and_corpus, tmp_path):
     """The fingerprint names the corpus by its path; the markers of the stages that read it also
     record its content, so a file rewritten in place redoes them and every stage after them."""
