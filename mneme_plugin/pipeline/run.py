@@ -215,13 +215,18 @@ def _run_stages(config: RunConfig, stages: list[Stage], layout: RunLayout, dist:
 
     # rank 0: the plan every rank follows, the run's token, and the input digests the markers will record
     def start() -> tuple[list[tuple[str, str, str]], str, dict[str, dict[str, str]]]:
-        save_run_config(config)
         inputs = _input_digests_now(config, stages)  # what the plan checked is what the markers record
         steps = [(stage.name, fp, status) for stage, fp, status in plan(config, stages, inputs)]
+        # What the stages to redo made before goes before the new config is written: a run that stops
+        # early leaves no output of the old config next to it, marked done, for later commands to read.
+        for name, _, status in steps:
+            if status.startswith("rerun") and (only is None or name in only):
+                _discard_stage(by_name[name], layout)
+        save_run_config(config)
         return steps, secrets.token_hex(8), inputs
 
-    steps, token, inputs = dist.on_main(start)
     by_name = {stage.name: stage for stage in stages}
+    steps, token, inputs = dist.on_main(start)
     todo = []
     for name, fingerprint, status in steps:
         if status == "disabled" or (only is not None and name not in only):
@@ -261,15 +266,21 @@ def _run_stages(config: RunConfig, stages: list[Stage], layout: RunLayout, dist:
                 raise
 
 
+def _discard_stage(stage: Stage, layout: RunLayout) -> None:
+    """Remove a stage's outputs and marker (it is redone)."""
+    target = stage.outputs(layout)
+    if target.is_dir():
+        shutil.rmtree(target)
+    elif target.exists():
+        target.unlink()
+    layout.stage_marker(stage.name).unlink(missing_ok=True)
+
+
 def _start_stage(stage: Stage, layout: RunLayout, status: str) -> None:
     if status.startswith("rerun"):
         # "rerun (config changed)" -> "config changed since it ran"
         logger.info("[%s] %s since it ran: redoing it.", stage.name, status[len("rerun ("):].rstrip(")"))
-        target = stage.outputs(layout)
-        if target.is_dir():
-            shutil.rmtree(target)
-        elif target.exists():
-            target.unlink()
+        _discard_stage(stage, layout)  # done when the run started (`_run_stages`): a no-op there
     logger.info("[%s] running.", stage.name)
 
 

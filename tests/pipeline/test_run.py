@@ -165,6 +165,41 @@ def test_an_interrupted_stage_starts_over_when_what_it_read_is_redone(tmp_path):
     assert statuses["attribute"][1] == "run"  # nothing of it on disk: nothing to throw away
 
 
+def test_a_run_that_stops_early_leaves_no_outputs_of_the_old_config(tmp_path):
+    """A changed config redoes explain and the stages after it; the run stops (killed, or failed) in
+    explain. The old prediction must not stay next to the new config.yaml, marked done: `mneme info`,
+    `evaluate --run-dir`, `pool` and `report` would read it as the new config's."""
+    from mneme_plugin.pipeline import read_stage_markers, run_pipeline
+    from mneme_plugin.pipeline.config import load_run_config
+    from mneme_plugin.pipeline.stage import Stage
+
+    def write(name):
+        def run(ctx):
+            if ctx.config.explain.n_terms == 3:
+                raise RuntimeError("stopped in explain")
+            folder = getattr(ctx.layout, name)
+            folder.mkdir()
+            (folder / "out.txt").write_text(str(ctx.config.explain.n_terms))
+        return run
+
+    stages = [Stage("explain", ("explain",), lambda l: l.explanations, write("explanations")),
+              Stage("predict", ("predict",), lambda l: l.prediction, write("prediction"))]
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("text\n")
+    cfg = {"run_dir": str(tmp_path / "run"), "models": {"base": "b", "edited": "e"},
+           "corpus": {"source": str(corpus)}, "harvest": {"layer": 1}}
+    objects = {"base": object(), "edited": object()}
+    run_pipeline(RunConfig.from_dict(cfg), stages, models=objects, progress=False)
+    assert [m.stage for m in read_stage_markers(tmp_path / "run")] == ["explain", "predict"]
+
+    cfg["explain"] = {"n_terms": 3}
+    with pytest.raises(RuntimeError, match="stopped in explain"):
+        run_pipeline(RunConfig.from_dict(cfg), stages, models=objects, progress=False)
+    assert load_run_config(tmp_path / "run").explain.n_terms == 3
+    assert not (tmp_path / "run" / "prediction").exists()
+    assert read_stage_markers(tmp_path / "run") == []
+
+
 def test_a_corpus_rewritten_in_place_is_read_again(pair_and_corpus, tmp_path):
     """The fingerprint names the corpus by its path; the markers of the stages that read it also
     record its content, so a file rewritten in place redoes them and every stage after them."""
