@@ -120,6 +120,18 @@ class StubClient(Client):
                         f"[EXPLANATION]: stub explanation {digest % 1000}")
 
 
+async def gather_with_progress(awaitables: list[Any], desc: str, progress: bool = True) -> list[Any]:
+    """``asyncio.gather`` of one awaitable per latent (results in order) with a progress bar that moves
+    as each finishes: a stage of LLM calls per latent runs for hours on a real model."""
+    from tqdm.auto import tqdm
+
+    tasks = [asyncio.ensure_future(a) for a in awaitables]
+    with tqdm(total=len(tasks), desc=desc, unit="latent", disable=not progress) as bar:
+        for task in tasks:
+            task.add_done_callback(lambda _: bar.update(1))
+        return list(await asyncio.gather(*tasks))
+
+
 def resolve_api_key(value: str | None) -> str | None:
     """``env:NAME`` reads the environment variable NAME (None if unset); other values are literal."""
     if value and value.startswith("env:"):

@@ -202,7 +202,10 @@ def _accuracy(score: Any) -> float:
         return float("nan")
 
 
-async def _run_delphi(records: list[Any], explainer: Any, scorers: dict[str, Any], concurrency: int) -> list[dict[str, Any]]:
+async def _run_delphi(records: list[Any], explainer: Any, scorers: dict[str, Any], concurrency: int,
+                     progress: bool = True) -> list[dict[str, Any]]:
+    from mneme_plugin.interpret.clients import gather_with_progress
+
     sem = asyncio.Semaphore(concurrency)
 
     async def one(record: Any) -> dict[str, Any]:
@@ -215,7 +218,7 @@ async def _run_delphi(records: list[Any], explainer: Any, scorers: dict[str, Any
                 row[name] = _accuracy(scored.score)
             return row
 
-    return list(await asyncio.gather(*(one(r) for r in records)))
+    return await gather_with_progress([one(r) for r in records], "explain", progress)
 
 
 def explain(
@@ -225,11 +228,13 @@ def explain(
     tokenizer: Any = None,
     client: Any = None,
     latents: list[int] | None = None,
+    progress: bool = True,
 ) -> pd.DataFrame:
     """Explain the collected latents of ``contexts_dir`` (see module docstring); returns the table.
 
     ``client`` overrides ``config.client`` (any :class:`~mneme_plugin.interpret.clients.Client`
-    or a Delphi client). Delphi explainers need Delphi installed (``pip install eai-delphi``).
+    or a Delphi client). Delphi explainers need Delphi installed (``pip install eai-delphi``);
+    ``progress``: a bar over their latents.
     """
     from mneme_plugin.interpret.clients import as_delphi_client, make_client
 
@@ -277,7 +282,7 @@ def explain(
         concurrency = getattr(client, "concurrency", 8)
         with _OncePerMessage(logging.getLogger("delphi")):  # Delphi warns once per latent
             records = sorted(dataset, key=lambda r: r.latent.latent_index)
-            rows = asyncio.run(_run_delphi(records, explainer, scorers, concurrency))
+            rows = asyncio.run(_run_delphi(records, explainer, scorers, concurrency, progress))
         model = getattr(client, "model", "")
     for row in rows:
         row.setdefault("terms", "[]")

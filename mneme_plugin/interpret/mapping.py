@@ -143,9 +143,11 @@ def map_descriptions(
     config: Any,
     out_dir: str | os.PathLike[str] | None = None,
     client: Any = None,
+    progress: bool = True,
 ) -> pd.DataFrame:
-    """Label each description and rank the entries of each taxonomy; write ``categories.*``."""
-    from mneme_plugin.interpret.clients import make_client
+    """Label each description and rank the entries of each taxonomy; write ``categories.*``.
+    ``progress``: a bar over the LLM calls (``llm`` method or labeler)."""
+    from mneme_plugin.interpret.clients import gather_with_progress, make_client
     from mneme_plugin.interpret.explain import load_explanations
 
     table = explanations if isinstance(explanations, pd.DataFrame) else load_explanations(explanations)
@@ -163,7 +165,7 @@ def map_descriptions(
 
     if config.labeler == "llm":
         async def all_labels() -> list[str]:
-            return list(await asyncio.gather(*(_llm_label(client, d) for d in descriptions)))
+            return await gather_with_progress([_llm_label(client, d) for d in descriptions], "label", progress)
         labels = asyncio.run(all_labels())
     else:
         labels = [offline_label(d) for d in descriptions]
@@ -172,7 +174,8 @@ def map_descriptions(
     for tax in taxonomies:
         if config.method == "llm":
             async def all_ranks(tax: Taxonomy = tax) -> list[list[tuple[str, float]]]:
-                return list(await asyncio.gather(*(_llm_rank(client, tax, d, config.top_k) for d in descriptions)))
+                return await gather_with_progress([_llm_rank(client, tax, d, config.top_k) for d in descriptions],
+                                                  f"map ({tax.name})", progress)
             ranked = asyncio.run(all_ranks())
         else:
             mapper = EmbeddingMapper(tax, config.embedding_model) if config.method == "embedding" else LexicalMapper(tax)

@@ -84,3 +84,22 @@ def test_delphi_imports_without_vllm_and_leaves_no_stub():
 
     with pytest.raises(DelphiUnavailableError, match="vLLM is not installed"):
         Offline("some/model")
+
+
+@pytest.mark.skipif(not delphi_installed(), reason="Delphi (eai-delphi) is not installed: pip install --no-deps eai-delphi")
+def test_llm_explain_and_map_show_progress(collected, fake_llm, tmp_path, tiny_tokenizer, capsys):
+    """One LLM call per latent (and per taxonomy), for hours on a real run: each stage shows a bar."""
+    from mneme_plugin.interpret import MapConfig, map_descriptions
+
+    out, cfg, result = collected
+    ccfg = ClientConfig(kind="openai", model="fake-model", base_url=fake_llm.url, api_key=None, timeout=5.0)
+    table = explain(out, ExplainConfig(explainer="default", client=ccfg, n_examples=4, min_examples=1),
+                    out_dir=tmp_path, tokenizer=tiny_tokenizer)
+    n = len(table)
+    assert n > 1 and "explain: 100%" in capsys.readouterr().err.replace("\r", "\n")
+    map_descriptions(table, MapConfig(taxonomies=["organism"], method="llm", labeler="llm", client=ccfg))
+    err = capsys.readouterr().err.replace("\r", "\n")
+    assert f"{n}/{n}" in err and "label" in err and "map (organism)" in err
+    explain(out, ExplainConfig(explainer="default", client=ccfg, n_examples=4, min_examples=1),
+            out_dir=tmp_path, tokenizer=tiny_tokenizer, progress=False)
+    assert "explain" not in capsys.readouterr().err
