@@ -3,7 +3,7 @@
 Run directory layout::
 
     run_dir/
-      train_config.json        crosscoder + training configs this run was started with
+      train_config.json        crosscoder + training configs this run was started with (+ the store's digest)
       checkpoints/step_XXXXXXXX/   config.json, model.safetensors, trainer_state.pt (atomic, newest kept)
       crosscoder/              the final crosscoder (config.json + model.safetensors)
       metrics.json             quality figures of the final crosscoder
@@ -39,7 +39,7 @@ from mneme_plugin.crosscoder.model import BatchTopKCrossCoder
 from mneme_plugin.crosscoder.trainer import BatchTopKCrossCoderTrainer
 from mneme_plugin.distributed import SINGLE_PROCESS, DistributedContext, distributed_context, main_rank_lock
 from mneme_plugin.errors import CheckpointError, ConfigError, NonFiniteActivationError
-from mneme_plugin.files import atomic_directory, atomic_write_text, read_json
+from mneme_plugin.files import atomic_directory, atomic_write_text, json_digest, read_json
 
 logger = logging.getLogger("mneme_plugin")
 
@@ -106,6 +106,11 @@ class _Data:
         meta = {key: manifest.get(key) for key in keys if key in manifest}
         meta["store"] = str(self.store.path)
         return meta
+
+    def identity(self) -> dict[str, Any]:
+        """What pins the rows a store gives (its manifest, digested): the same path harvested again
+        (``--overwrite``, another dtype or corpus) holds other activations. Nothing for a stream."""
+        return {} if self.store is None else {"store_manifest": json_digest(self.store.manifest)}
 
     def batches(self, start_step: int) -> Iterator[torch.Tensor]:
         if self.store is not None:
@@ -230,6 +235,15 @@ def _check_run_config(run_dir: Path, run_config: dict[str, Any]) -> None:
                 f"{'; '.join(differences[:5]) or 'other fields'}); use a new run directory, or start over "
                 "here with --no-resume (train(..., resume=False))."
             )
+        # Recorded since stores are pinned by their manifest (older runs compare their config alone).
+        stored_data = previous.get("data") if isinstance(previous, dict) else None
+        if trained and stored_data is not None and stored_data != run_config.get("data"):
+            store = run_config["crosscoder"].get("metadata", {}).get("store", "the store")
+            raise ConfigError(
+                f"{run_dir} holds a training run on other activations ({path}: data {stored_data} vs now "
+                f"{run_config.get('data')}: {store} was harvested again, or is another store); use a new run "
+                "directory, or start over here with --no-resume (train(..., resume=False))."
+            )
         if trained and previous is not None:
             return
     # A new run, or a start that never saved a step (it may have failed on its device): this config now.
@@ -281,6 +295,8 @@ def _train(data: TrainingData, run_dir: Path, cc_cfg: CrossCoderConfig, tr_cfg: 
     cc_cfg = cc_cfg.resolve(int(d_model))
     cc_cfg = cc_cfg.replace(metadata={**source.metadata(), **cc_cfg.metadata})
     run_config = {"crosscoder": cc_cfg.to_dict(), "training": tr_cfg.to_dict()}
+    if source.identity():
+        run_config["data"] = source.identity()
 
     final_dir, metrics_path = run_dir / FINAL_DIR, run_dir / METRICS_FILE
     if resume and final_dir.is_dir() and metrics_path.is_file():

@@ -87,6 +87,32 @@ def test_finished_run_is_loaded_and_a_changed_config_refused(tiny_store, tmp_pat
     assert fresh.metrics.n_tokens > 0
 
 
+def test_a_checkpoint_of_a_store_harvested_again_is_not_resumed(ht_pair, tmp_path):
+    """Training killed after a checkpoint; the store is harvested again into its folder (--overwrite,
+    float32 now): the checkpoint was made on other rows and the same metadata, so resuming would mix them."""
+    base, edited = ht_pair
+    config = HarvestConfig(layer=1, context_length=32, rows_per_shard=2048)
+    store = tmp_path / "store"
+    harvest(base, edited, synthetic_corpus(400, seed=0), config, store, progress=False)
+    cc = CrossCoderConfig(expansion_factor=2, k=4)
+
+    def crash_at_25(step, trainer):
+        if step == 25:
+            raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError, match="killed"):
+        train(store, tmp_path / "run", cc, _small_training(), progress=False, on_step=crash_at_25)
+    harvest(base, edited, synthetic_corpus(400, seed=0), config.replace(dtype="float32"), store, overwrite=True,
+            progress=False)
+    with pytest.raises(ConfigError, match=r"other activations .*harvested again.*--no-resume"):
+        train(store, tmp_path / "run", cc, _small_training(), progress=False)
+    assert train(store, tmp_path / "run", cc, _small_training(), resume=False, progress=False).metrics.n_tokens > 0
+    # The same store again: the finished run is loaded, as before.
+    calls = []
+    train(store, tmp_path / "run", cc, _small_training(), progress=False, on_step=lambda s, t: calls.append(s))
+    assert calls == []
+
+
 def test_non_finite_batches_and_short_streams_are_refused(tmp_path):
     good = [torch.randn(32, 2, 8) for _ in range(3)]
     bad = good[:2] + [torch.full((32, 2, 8), float("nan"))]
