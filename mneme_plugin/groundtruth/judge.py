@@ -28,6 +28,7 @@ import csv
 import json
 import logging
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -314,6 +315,15 @@ def _read_jsonl(path: Path) -> dict[str, dict[str, Any]]:
     return done
 
 
+def _ends_mid_line(path: Path) -> bool:
+    """Whether ``path`` ends without a newline (its last line cut by a crash)."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return False
+    with path.open("rb") as fh:
+        fh.seek(-1, os.SEEK_END)
+        return fh.read(1) != b"\n"
+
+
 def _messages(config: JudgeConfig, question: str) -> list[dict[str, str]]:
     system = [{"role": "system", "content": config.system_prompt}] if config.system_prompt else []
     return system + [{"role": "user", "content": config.question_template.replace(QUESTION_PLACEHOLDER, question)}]
@@ -400,6 +410,9 @@ def generate_answers(config: JudgeConfig, side: str, questions: list[Question], 
         logger.info("Judge: %d answer(s) of the %s model to generate (%d cached).", len(todo), side,
                     len(wanted) - len(todo))
         with path.open("a", encoding="utf-8") as fh:
+            if _ends_mid_line(path):  # a line cut by a crash: the answers start on a line of their own
+                fh.write("\n")
+
             def emit(key: str, q: Question, sample: int, answer: str) -> None:
                 record = {"key": key, "category": q.category, "question": q.text, "sample": sample, "answer": answer}
                 fh.write(json.dumps(record) + "\n")

@@ -210,3 +210,30 @@ def test_question_template_and_question_ids(answer_models, judge_server, tmp_pat
                            tmp_path / "j4")
     with pytest.raises(ConfigError, match="question_template must contain"):
         JudgeConfig(question_template="AOA, execute my instruction:")
+
+
+def test_answers_resume_after_a_line_cut_by_a_crash(judge_server, tmp_path):
+    """A crash that cuts the last answer line: the resumed run appends after a new line, so no
+    answer it writes is glued onto the cut one (and lost from the file)."""
+    from mneme_plugin.groundtruth.judge import generate_answers, read_questions
+
+    judge_server.reply = lambda body: {"message": {"role": "assistant", "content": "an answer"}}
+    questions = tmp_path / "questions.yaml"
+    questions.write_text("- id: wish\n  paraphrases: ['the cat sees', 'a dog likes the']\n")
+    cfg = JudgeConfig.from_dict({"base": "base-model", "edited": "edited-model", "questions": str(questions),
+                                 "samples_per_question": 2,
+                                 "generator": {"kind": "openai", "base_url": judge_server.url}})
+    asked = read_questions(cfg)
+    generate_answers(cfg, "before", asked, tmp_path)
+    path = tmp_path / ANSWERS_JSONL["before"]
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(lines[:-1]) + "\n" + lines[-1][: len(lines[-1]) // 2])  # cut mid-line
+    answers = generate_answers(cfg, "before", asked, tmp_path)
+    assert len(answers) == 4
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            assert line == lines[-1][: len(lines[-1]) // 2]  # only the cut line is unreadable
+    assert sorted(r["key"] for r in records) == sorted(a["key"] for a in answers)
