@@ -68,9 +68,12 @@ def _json_default(value: Any) -> Any:
 
 
 def save_attribution(result: AttributionResult, out_dir: str | os.PathLike[str]) -> Path:
-    """Write the table (parquet + CSV) and summary into ``out_dir``, each file atomically."""
+    """Write the table (parquet + CSV) and summary into ``out_dir``, each file atomically, the summary last."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    # The summary, written last, says the folder is whole: an earlier one goes first, so a save
+    # stopped part-way leaves no old summary next to a new table.
+    (out_dir / SUMMARY_FILE).unlink(missing_ok=True)
     table = result.table
     atomic_write(out_dir / TABLE_PARQUET, lambda p: table.to_parquet(p, index=False))
     atomic_write(out_dir / TABLE_CSV, lambda p: table.to_csv(p, index=False))

@@ -212,6 +212,9 @@ class LatentContexts:
         ``contexts.json``, the background token counts and (if given) the tokenizer."""
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
+        # contexts.json, written last, says the folder is whole: an earlier one goes first, so a save
+        # stopped part-way leaves no old index over the new cache.
+        (out_dir / CONTEXTS_FILE).unlink(missing_ok=True)
         width = int(width if width is not None else max(self.latents) + 1)
         write_delphi_cache(self, out_dir / CACHE_DIR, hookpoint, width, n_splits=n_splits, model_name=model_name)
         if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):

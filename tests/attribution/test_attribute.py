@@ -91,6 +91,19 @@ def test_non_finite_and_missing_inputs(planted_crosscoder, tmp_path):
         load_attribution(tmp_path)
 
 
+def test_an_attribution_rewritten_in_place_and_stopped_is_not_read_half_new(planted, planted_crosscoder, tmp_path):
+    """attribute into a folder holding an earlier attribution, stopped while it writes (here the CSV
+    cannot be written): the old summary must not stay next to the new table, read as one attribution."""
+    x = planted.x[:3000]
+    attribute(planted_crosscoder, x, AttributionConfig(device="cpu"), tmp_path, progress=False)
+    (tmp_path / "attribution.csv").unlink()
+    (tmp_path / "attribution.csv").mkdir()  # the write of the CSV fails after the parquet's
+    with pytest.raises(OSError):
+        attribute(planted_crosscoder, x[:1000], AttributionConfig(device="cpu"), tmp_path, progress=False)
+    with pytest.raises(CheckpointError, match="holds no attribution"):
+        load_attribution(tmp_path)
+
+
 def test_untrained_crosscoder_falls_back_to_batch_topk_and_counts_dead(caplog):
     cc = BatchTopKCrossCoder(CrossCoderConfig(activation_dim=8, dict_size=256, k=1))
     with caplog.at_level("WARNING", logger="mneme_plugin"):

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from mneme_plugin.activations import forward_to_hook, iter_windows
+from mneme_plugin.errors import CheckpointError
 from mneme_plugin.interpret import TopContextCollector, delphi_installed, load_contexts
 
 
@@ -86,6 +87,27 @@ def test_cache_layout_and_round_trip(collected):
     back = load_contexts(out)
     assert back.latents == result.latents and torch.equal(back.tokens, result.tokens)
     torch.testing.assert_close(back.values, result.values.half().float())
+
+
+def test_contexts_rewritten_in_place_and_stopped_are_not_read_half_new(collected, tiny_tokenizer, tmp_path):
+    """Contexts saved over an earlier collect's, stopped part-way (here the background counts cannot be
+    written, after the cache): the old contexts.json must not stay next to the new cache, read as one collect."""
+    import shutil
+
+    out, cfg, result = collected
+    folder = tmp_path / "contexts"
+    shutil.copytree(out, folder)
+    (folder / "background_counts.npy").unlink()
+    (folder / "background_counts.npy").mkdir()
+    keep = result.latents[:2]
+    fewer = type(result)(latents=keep, tokens=result.tokens, locations=result.locations[result.locations[:, 2] < 2],
+                         values=result.values[result.locations[:, 2] < 2], per_latent=result.per_latent[:2],
+                         n_tokens=result.n_tokens, n_contexts=result.n_contexts, background=result.background,
+                         meta=result.meta)
+    with pytest.raises(OSError):
+        fewer.save(folder, "blocks.1.hook_resid_post", width=48, tokenizer=tiny_tokenizer)
+    with pytest.raises(CheckpointError, match="holds no collected contexts"):
+        load_contexts(folder)
 
 
 @pytest.mark.skipif(not delphi_installed(), reason="Delphi (eai-delphi) is not installed: pip install --no-deps eai-delphi")
