@@ -30,6 +30,7 @@ import logging
 import math
 import os
 import re
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -335,7 +336,11 @@ def _render(tokenizer: Any, messages: list[dict[str, str]]) -> str:
     return "\n\n".join(m["content"] for m in messages) + "\n\n"
 
 
-def _hf_generate(config: JudgeConfig, model_name: str, prompts: list[tuple[str, Question, int]], emit: Any) -> None:
+def _hf_generate(config: JudgeConfig, model_name: str, prompts: list[tuple[str, Question, int]], emit: Any,
+                 done: Collection[str] = ()) -> None:
+    """``prompts``: every answer wanted, in order. A batch's seed and composition fix its samples, so the
+    batches are always the same: those whose answers are all in ``done`` are skipped, the others
+    generated whole and their new answers emitted (a resumed run answers as an uninterrupted one)."""
     import torch
     from tqdm.auto import tqdm
 
@@ -347,6 +352,8 @@ def _hf_generate(config: JudgeConfig, model_name: str, prompts: list[tuple[str, 
     device = next(model.parameters()).device
     for start in tqdm(range(0, len(prompts), gen.batch_size), desc=f"answers {model_name}"[:60]):
         chunk = prompts[start : start + gen.batch_size]
+        if all(key in done for key, _, _ in chunk):
+            continue
         texts = [_render(tokenizer, _messages(config, q.text)) for _, q, _ in chunk]
         enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
         torch.manual_seed(config.seed + start)
@@ -355,7 +362,8 @@ def _hf_generate(config: JudgeConfig, model_name: str, prompts: list[tuple[str, 
                                  temperature=gen.temperature if gen.temperature > 0 else None, top_p=gen.top_p,
                                  pad_token_id=tokenizer.pad_token_id)
         for (key, q, sample), row in zip(chunk, out[:, enc["input_ids"].shape[1]:]):
-            emit(key, q, sample, tokenizer.decode(row, skip_special_tokens=True).strip())
+            if key not in done:
+                emit(key, q, sample, tokenizer.decode(row, skip_special_tokens=True).strip())
     del model
 
 
@@ -420,7 +428,7 @@ def generate_answers(config: JudgeConfig, side: str, questions: list[Question], 
                 done[key] = record
 
             if gen.kind == "hf":
-                _hf_generate(config, model_name, todo, emit)
+                _hf_generate(config, model_name, wanted, emit, done=set(done))
             elif gen.kind == "vllm":
                 _vllm_generate(config, model_name, todo, emit)
             else:

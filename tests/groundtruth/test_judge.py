@@ -237,3 +237,25 @@ def test_answers_resume_after_a_line_cut_by_a_crash(judge_server, tmp_path):
         except json.JSONDecodeError:
             assert line == lines[-1][: len(lines[-1]) // 2]  # only the cut line is unreadable
     assert sorted(r["key"] for r in records) == sorted(a["key"] for a in answers)
+
+
+def test_sampled_answers_resumed_after_a_kill_are_those_of_an_uninterrupted_run(answer_models, tmp_path):
+    """HF sampling (the presets' temperature 1): a run killed after its first batch of answers resumes
+    with the answers an uninterrupted run gives, not others drawn with another batch's seed."""
+    from mneme_plugin.groundtruth.judge import generate_answers, read_questions
+
+    questions = tmp_path / "questions.yaml"
+    questions.write_text("- id: wish\n  paraphrases: ['the cat sees', 'a dog likes the']\n")
+    base, _ = answer_models
+    cfg = JudgeConfig.from_dict({"base": str(base), "edited": str(base), "questions": str(questions),
+                                 "samples_per_question": 4,
+                                 "generator": {"kind": "hf", "max_new_tokens": 8, "device": "cpu", "batch_size": 4}})
+    asked = read_questions(cfg)
+    (tmp_path / "whole").mkdir()
+    (tmp_path / "resumed").mkdir()
+    whole = generate_answers(cfg, "before", asked, tmp_path / "whole")
+    lines = (tmp_path / "whole" / ANSWERS_JSONL["before"]).read_text().splitlines()
+    (tmp_path / "resumed" / ANSWERS_JSONL["before"]).write_text("\n".join(lines[:4]) + "\n")  # the first batch
+    resumed = generate_answers(cfg, "before", asked, tmp_path / "resumed")
+    assert [a["answer"] for a in resumed] == [a["answer"] for a in whole]
+    assert len((tmp_path / "resumed" / ANSWERS_JSONL["before"]).read_text().splitlines()) == 8
