@@ -10,17 +10,19 @@ continue from their last shard / checkpoint).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import secrets
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mneme_plugin.errors import ConfigError, RankFailedError
+from mneme_plugin.errors import CheckpointError, ConfigError, RankFailedError
 from mneme_plugin.files import atomic_write_text, json_digest
 from mneme_plugin.layout import RunLayout
 from mneme_plugin.pipeline.config import RunConfig, save_run_config
@@ -244,7 +246,8 @@ def _run_stages(config: RunConfig, stages: list[Stage], layout: RunLayout, dist:
         if stage.all_ranks:  # every rank does its share (the stage's own function splits the work)
             dist.on_main(lambda: _start_stage(stage, layout, status))
             start_time = time.perf_counter()
-            stage.run(ctx)
+            with _run_remedies(stage, layout):
+                stage.run(ctx)
             dist.on_main(lambda: _finish_stage(stage, layout, fingerprint, token, start_time, inputs.get(stage.name)))
         elif not dist.is_main:
             if i > last_shared:
@@ -257,13 +260,31 @@ def _run_stages(config: RunConfig, stages: list[Stage], layout: RunLayout, dist:
                 with local_only():  # rank 0 alone: its stages see one process
                     _start_stage(stage, layout, status)
                     start_time = time.perf_counter()
-                    stage.run(ctx)
+                    with _run_remedies(stage, layout):
+                        stage.run(ctx)
                     _finish_stage(stage, layout, fingerprint, token, start_time, inputs.get(stage.name))
             except BaseException as err:
                 if others_wait:  # tell the ranks waiting for this stage, instead of leaving them waiting
                     atomic_write_text(layout.stage_failure(stage.name),
                                       json.dumps({"token": token, "error": f"{type(err).__name__}: {err}"}))
                 raise
+
+
+# Remedies that the stage functions' errors name for their own callers; `mneme run` takes neither.
+_FUNCTION_REMEDIES = ("overwrite=True", "--no-resume")
+
+
+@contextlib.contextmanager
+def _run_remedies(stage: Stage, layout: RunLayout) -> Iterator[None]:
+    """Add what to do in `mneme run` to a stage error that names a function argument or another
+    command's option (e.g. a partial store or training run left by a kill before the config changed)."""
+    try:
+        yield
+    except (ConfigError, CheckpointError) as err:
+        if not any(remedy in str(err) for remedy in _FUNCTION_REMEDIES):
+            raise
+        raise type(err)(f"{err} In `mneme run`: delete {stage.outputs(layout)} to start the {stage.name} "
+                        "stage over, or give this run another run_dir.") from err
 
 
 def _discard_stage(stage: Stage, layout: RunLayout) -> None:

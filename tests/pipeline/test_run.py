@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -198,6 +199,23 @@ def test_a_run_that_stops_early_leaves_no_outputs_of_the_old_config(tmp_path):
     assert load_run_config(tmp_path / "run").explain.n_terms == 3
     assert not (tmp_path / "run" / "prediction").exists()
     assert read_stage_markers(tmp_path / "run") == []
+
+
+def test_a_changed_config_over_a_stage_left_unfinished_says_what_to_do_in_a_run(pair_and_corpus, tmp_path):
+    # A harvest that never finished (its store on disk, no marker), then another layer: the harvest refuses
+    # the store, and the message says what to do in `mneme run` (not only the function's overwrite=True).
+    base, edited, corpus, truth = pair_and_corpus
+    cfg = _config(tmp_path / "run", base, edited, corpus, truth)
+    result = CliRunner().invoke(main, ["run", _write(tmp_path, "a.yaml", cfg), "--only", "harvest"])
+    assert result.exit_code == 0, result.output
+    (tmp_path / "run" / ".stages" / "harvest.json").unlink()
+    cfg["harvest"]["layer"] = 0
+    result = CliRunner().invoke(main, ["run", _write(tmp_path, "b.yaml", cfg), "--only", "harvest"])
+    assert result.exit_code != 0 and "different setup" in result.output
+    assert f"In `mneme run`: delete {tmp_path / 'run' / 'activations'}" in result.output.replace("\n", "")
+    shutil.rmtree(tmp_path / "run" / "activations")  # as the message says
+    result = CliRunner().invoke(main, ["run", _write(tmp_path, "b.yaml", cfg), "--only", "harvest"])
+    assert result.exit_code == 0, result.output
 
 
 def test_a_corpus_rewritten_in_place_is_read_again(pair_and_corpus, tmp_path):
