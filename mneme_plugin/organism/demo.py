@@ -48,6 +48,7 @@ from mneme_plugin.pipeline import RunConfig, run_pipeline
 from mneme_plugin.sideeffects import load_evaluation, load_evaluations, load_prediction
 from mneme_plugin.sideeffects.harmful import HarmfulIntersection, harmful_intersection, save_harmful_intersection
 from mneme_plugin.sideeffects.remediate import (
+    CONTROLLED_JSON,
     ControlledRemediation,
     NothingToRemediate,
     RemediateConfig,
@@ -171,6 +172,8 @@ def remediate_case(organism: Organism, run_dir: Path, corpus: Path, degraded: li
     def evaluator(model: Any) -> dict[str, float]:
         return domain_accuracy(model, organism.questions, organism.config.accuracy_mode)
 
+    # An earlier run's record must not stand for this one if this one stops or remediates nothing.
+    (out_dir / CONTROLLED_JSON).unlink(missing_ok=True)
     try:
         with deterministic():
             result = remediate_run_with_control(run_dir, organism.edited, corpus, evaluator, organism.accuracy_before,

@@ -179,7 +179,8 @@ def remediation_rows(case: GridCase, case_dir: Path, significance: float | None 
     and the random-sample control won back. A case whose ground truth has degraded domains but that
     wrote no remediation record (its prediction named nothing, so ``target: predicted`` had nothing to
     retrain on) gives rows with ``remediated`` False and no recovered share; a case with neither gives
-    none. With ``significance``, only the domains whose drop is also significant at that level (the
+    none; a case whose prediction named something and that has no record (its remediation was
+    stopped, or could not run) gives none, with a warning. With ``significance``, only the domains whose drop is also significant at that level (the
     evaluation's test on the case's ground truth, as ``score_case`` applies it)."""
     from mneme_plugin.groundtruth.table import SCORES_CSV
     from mneme_plugin.sideeffects.remediate import CONTROLLED_JSON, load_controlled_remediation
@@ -188,6 +189,16 @@ def remediation_rows(case: GridCase, case_dir: Path, significance: float | None 
         return []
     if not (case_dir / CONTROLLED_JSON).is_file():
         if not (case_dir / SCORES_CSV).is_file():
+            return []
+        from mneme_plugin.sideeffects import load_prediction
+        from mneme_plugin.sideeffects.predict import PREDICTIONS_JSON
+
+        prediction = case_dir / "run" / "prediction"
+        predicted = load_prediction(prediction).predicted if (prediction / PREDICTIONS_JSON).is_file() else []
+        if predicted and truly_degraded(case_dir, None):
+            logger.warning("%s: the prediction names %s but there is no remediation record (stopped before it "
+                           "finished?): left out of the remediation figures; run the case again.", case.name,
+                           ", ".join(predicted))
             return []
         return [{"case": case.name, "intervention": case.intervention, "category": c, "remediated": False,
                  "recovered_remediated": float("nan"), "recovered_control": float("nan")}

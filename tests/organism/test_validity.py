@@ -120,7 +120,8 @@ def test_remediation_summary_is_the_mean_of_per_case_means(tmp_path):
     assert summary.loc["all", "remediation ahead"] == "2 of 3"
 
 
-def test_cases_not_remediated_are_counted_apart_and_as_zero_in_the_all_cases_mean(tmp_path):
+def test_cases_not_remediated_are_counted_apart_and_as_zero_in_the_all_cases_mean(tmp_path, caplog):
+    import logging
     import math
 
     import pandas as pd
@@ -143,6 +144,18 @@ def test_cases_not_remediated_are_counted_apart_and_as_zero_in_the_all_cases_mea
         (done.name, "law", True), (skipped.name, "law", False)]
     assert math.isnan(rows[1]["recovered_remediated"])
     assert remediation_rows(GridCase(2, "identity", None), tmp_path / skipped.name) == []  # no remediation step
+    # A case whose prediction named a domain but that has no record was stopped during its remediation:
+    # it is left out (with a warning), not counted as a case with nothing to remediate.
+    from mneme_plugin.sideeffects.predict import Prediction, save_prediction
+
+    stopped = GridCase(3, "rmu", "law")
+    (tmp_path / stopped.name).mkdir(parents=True)
+    (tmp_path / skipped.name / SCORES_CSV).rename(tmp_path / stopped.name / SCORES_CSV)
+    save_prediction(Prediction(pd.DataFrame({"category": ["law"], "score": [1.0], "predicted": [True]}), ["law"]),
+                    tmp_path / stopped.name / "run" / "prediction")
+    with caplog.at_level(logging.WARNING):
+        assert remediation_rows(stopped, tmp_path / stopped.name) == []
+    assert "no remediation record" in caplog.text
     summary = summarize_remediation(pd.DataFrame(rows)).set_index("intervention")
     assert summary.loc["all", "cases"] == 2 and summary.loc["all", "remediated"] == 1
     assert summary.loc["all", "remediation"].startswith("0.80") and summary.loc["all", "control"].startswith("0.40")
