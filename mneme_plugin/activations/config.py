@@ -15,6 +15,10 @@ MODEL_DTYPES = ("float32", "bfloat16", "float16")
 RESUME_IGNORED_FIELDS = ("device",)
 
 
+# The residual stream after block {layer}: what a harvest reads unless told otherwise.
+DEFAULT_HOOK_TEMPLATE = "blocks.{layer}.hook_resid_post"
+
+
 @dataclass
 class HarvestConfig(ConfigMixin):
     """Configuration of a paired (base, edited) activation harvest.
@@ -99,7 +103,7 @@ class HarvestConfig(ConfigMixin):
     @property
     def resolved_hook_name(self) -> str:
         """The hook point name with ``{layer}`` filled in."""
-        template = self.hook_name if self.hook_name is not None else "blocks.{layer}.hook_resid_post"
+        template = self.hook_name if self.hook_name is not None else DEFAULT_HOOK_TEMPLATE
         return template.format(layer=self.layer)
 
     def content_dict(self) -> dict[str, Any]:

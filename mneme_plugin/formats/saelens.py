@@ -28,6 +28,7 @@ Writing needs only JSON and safetensors; sae_lens is never imported.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -36,12 +37,15 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from mneme_plugin.activations.config import DEFAULT_HOOK_TEMPLATE
 from mneme_plugin.crosscoder.config import CrossCoderConfig
 from mneme_plugin.crosscoder.base import CrossCoder
 from mneme_plugin.crosscoder.imported import JumpReLUCrossCoder
 from mneme_plugin.errors import CheckpointError, ConfigError
 from mneme_plugin.formats.common import config_int, load_tensors, read_json, require_tensor
 from mneme_plugin.files import atomic_write, atomic_write_text, refuse_overwrite
+
+logger = logging.getLogger("mneme_plugin")
 
 FORMAT = "mneme-crosscoder-saelens"
 CFG_FILE = "cfg.json"
@@ -128,13 +132,19 @@ def export_saelens(
 ) -> dict[str, Path]:
     """Write the crosscoder as SAE-Lens jumprelu SAE folders under ``out_dir``; returns {view: folder}.
 
-    ``folder`` defaults to the hook name (from the crosscoder's metadata, else ``crosscoder``).
+    ``folder`` defaults to the hook name: ``hook_name``, else the crosscoder's recorded hook, else
+    ``blocks.{layer}.hook_resid_post`` of its recorded layer, else ``crosscoder``.
     ``views`` adds the per-model (partial) views. Existing files are refused (OutputExistsError)
     unless ``force``.
     """
     cfg: CrossCoderConfig = crosscoder.cfg
     meta = dict(cfg.metadata)
     hook_name = hook_name or meta.get("hook_name")
+    if hook_name is None and meta.get("layer") is not None:
+        # An imported crosscoder records its layer only (science-of-finetuning: the residual stream after it).
+        hook_name = DEFAULT_HOOK_TEMPLATE.format(layer=int(meta["layer"]))
+        logger.info("The crosscoder records layer %s and no hook: exported as %s (pass hook_name= otherwise).",
+                    meta["layer"], hook_name)
     base_model = base_model or meta.get("base_model") or meta.get("lm_name") or meta.get("model_name")
     edited_model = edited_model or meta.get("edited_model") or meta.get("chat_model")
     folder = folder or hook_name or "crosscoder"

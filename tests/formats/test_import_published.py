@@ -96,6 +96,11 @@ def test_sof_local_training_output_with_compile_prefixes(tmp_path, layout):
     cc = load_crosscoder(folder)
     assert cc.cfg.metadata["lm_name"] == "google/gemma-2-2b" and cc.cfg.metadata["layer"] == 13
     torch.testing.assert_close(cc.encode(x), ref.sof_encode(sd, x, "CROSSCODER"), rtol=1e-5, atol=1e-5)
+    # It records its layer, not a hook: the SAE-Lens export is named after the residual stream after it.
+    from mneme_plugin.formats import export_saelens
+
+    written = export_saelens(cc, tmp_path / "export" / layout)
+    assert written["concat"].name == "blocks.13.hook_resid_post"
 
 
 def test_sof_l1_crosscoder_old_checkpoint(tmp_path):
