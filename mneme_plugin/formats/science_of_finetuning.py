@@ -83,6 +83,15 @@ def _configs(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     return init, trainer
 
 
+def _configured_k(init: dict[str, Any], trainer: dict[str, Any], folder: Path, what: str) -> int | None:
+    """k from ``config.json``, else from the trainer config; None when neither gives one."""
+    if init.get("k") is not None:
+        return config_int(init, "k", folder / "config.json", what)
+    if trainer.get("k") is not None:
+        return config_int(trainer, "k", folder, f"{what} (trainer config)")
+    return None
+
+
 def _code_normalization(state: dict[str, torch.Tensor], init: dict[str, Any], trainer: dict[str, Any],
                         path: Path) -> str:
     if "code_normalization_id" in state:
@@ -145,18 +154,13 @@ def load_science_of_finetuning(path: str | Path, dict_class: str | None = None) 
         )
     salience = SALIENCE_OF[code_norm]
     if batch_topk:
-        if "k" in state:
-            k = int(scalar_tensor(state, "k", weights, "the BatchTopK k").item())
-        elif init.get("k") is not None:
-            k = config_int(init, "k", folder / "config.json", "the BatchTopK k")
-        elif trainer.get("k") is not None:
-            k = config_int(trainer, "k", folder, "the BatchTopK k (trainer config)")
-        else:
+        k = (int(scalar_tensor(state, "k", weights, "the BatchTopK k").item()) if "k" in state
+             else _configured_k(init, trainer, folder, "the BatchTopK k"))
+        if k is None:
             raise CheckpointError(f"{weights} is a BatchTopKCrossCoder without k (no 'k' tensor, no k in the configs).")
         sparsity = "batchtopk"
     else:
-        source = init if init.get("k") is not None else trainer
-        k = min(config_int(source, "k", folder, "k (a whole number)", 100) if source.get("k") is not None else 100, m)
+        k = min(_configured_k(init, trainer, folder, "k (a whole number)") or 100, m)
         sparsity = "relu"
         if salience == "decoupled":
             salience = "crosscoder"  # encoding of an L1 crosscoder does not use the weights
