@@ -218,17 +218,16 @@ def _run_stages(config: RunConfig, stages: list[Stage], layout: RunLayout, dist:
     # rank 0: the plan every rank follows, the run's token, and the input digests the markers will record
     def start() -> tuple[list[tuple[str, str, str]], str, dict[str, dict[str, str]]]:
         inputs = _input_digests_now(config, stages)  # what the plan checked is what the markers record
-        steps = [(stage.name, fp, status) for stage, fp, status in plan(config, stages, inputs)]
-        # What the stages to redo made before goes before the new config is written: a run that stops
-        # early leaves no output of the old config next to it, marked done, for later commands to read.
-        for name, _, status in steps:
-            if status.startswith("rerun") and (only is None or name in only):
-                _discard_stage(by_name[name], layout)
+        planned = plan(config, stages, inputs)
+        # Before the new config is written: a run that stops early leaves no output of the old config
+        # next to it, marked done, for later commands to read.
+        discard_redone(planned, layout, only)
         save_run_config(config)
+        steps = [(stage.name, fp, status) for stage, fp, status in planned]
         return steps, secrets.token_hex(8), inputs
 
-    by_name = {stage.name: stage for stage in stages}
     steps, token, inputs = dist.on_main(start)
+    by_name = {stage.name: stage for stage in stages}
     todo = []
     for name, fingerprint, status in steps:
         if status == "disabled" or (only is not None and name not in only):
@@ -244,7 +243,7 @@ def _run_stages(config: RunConfig, stages: list[Stage], layout: RunLayout, dist:
                           models=dict(models or {}))
     for i, (stage, fingerprint, status) in enumerate(todo):
         if stage.all_ranks:  # every rank does its share (the stage's own function splits the work)
-            dist.on_main(lambda: _start_stage(stage, layout, status))
+            dist.on_main(lambda: _start_stage(stage, status))
             start_time = time.perf_counter()
             with _run_remedies(stage, layout):
                 stage.run(ctx)
@@ -258,7 +257,7 @@ def _run_stages(config: RunConfig, stages: list[Stage], layout: RunLayout, dist:
             others_wait = dist.is_distributed and i < last_shared
             try:
                 with local_only():  # rank 0 alone: its stages see one process
-                    _start_stage(stage, layout, status)
+                    _start_stage(stage, status)
                     start_time = time.perf_counter()
                     with _run_remedies(stage, layout):
                         stage.run(ctx)
@@ -287,21 +286,23 @@ def _run_remedies(stage: Stage, layout: RunLayout) -> Iterator[None]:
                         "stage over, or give this run another run_dir.") from err
 
 
-def _discard_stage(stage: Stage, layout: RunLayout) -> None:
-    """Remove a stage's outputs and marker (it is redone)."""
-    target = stage.outputs(layout)
-    if target.is_dir():
-        shutil.rmtree(target)
-    elif target.exists():
-        target.unlink()
-    layout.stage_marker(stage.name).unlink(missing_ok=True)
+def discard_redone(planned: list[tuple[Stage, str, str]], layout: RunLayout, only: list[str] | None = None) -> None:
+    """Remove the outputs and markers of the stages ``plan`` redoes (``rerun ...``; those in ``only``)."""
+    for stage, _, status in planned:
+        if not status.startswith("rerun") or (only is not None and stage.name not in only):
+            continue
+        target = stage.outputs(layout)
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
+        layout.stage_marker(stage.name).unlink(missing_ok=True)
 
 
-def _start_stage(stage: Stage, layout: RunLayout, status: str) -> None:
+def _start_stage(stage: Stage, status: str) -> None:
     if status.startswith("rerun"):
-        # "rerun (config changed)" -> "config changed since it ran"
+        # "rerun (config changed)" -> "config changed since it ran"; its old outputs went at the run's start.
         logger.info("[%s] %s since it ran: redoing it.", stage.name, status[len("rerun ("):].rstrip(")"))
-        _discard_stage(stage, layout)  # done when the run started (`_run_stages`): a no-op there
     logger.info("[%s] running.", stage.name)
 
 

@@ -141,7 +141,7 @@ def test_an_interrupted_stage_starts_over_when_what_it_read_is_redone(tmp_path):
     """Training killed after a checkpoint, then the harvest's config changed: the harvest is redone,
     and training must not resume from checkpoints made on the old activations."""
     from mneme_plugin.pipeline import plan
-    from mneme_plugin.pipeline.run import UPSTREAM_REDONE, _start_stage
+    from mneme_plugin.pipeline.run import UPSTREAM_REDONE, discard_redone
     from mneme_plugin.pipeline.stages import STAGES
 
     cfg = {"run_dir": str(tmp_path / "run"), "models": {"base": "b", "edited": "e"},
@@ -157,11 +157,12 @@ def test_an_interrupted_stage_starts_over_when_what_it_read_is_redone(tmp_path):
     assert {s.name: st for s, _, st in plan(RunConfig.from_dict(cfg), STAGES)}["train"] == "run"  # resumes
 
     cfg["harvest"]["normalization_tokens"] = 5_000
-    statuses = {s.name: (s, st) for s, _, st in plan(RunConfig.from_dict(cfg), STAGES)}
+    planned = plan(RunConfig.from_dict(cfg), STAGES)
+    statuses = {s.name: (s, st) for s, _, st in planned}
     assert statuses["harvest"][1] == "rerun (config changed)"
-    stage, status = statuses["train"]
+    status = statuses["train"][1]
     assert status == UPSTREAM_REDONE
-    _start_stage(stage, RunConfig.from_dict(cfg).layout, status)
+    discard_redone(planned, RunConfig.from_dict(cfg).layout)  # what a run does before its first stage
     assert not checkpoint.exists()
     assert statuses["attribute"][1] == "run"  # nothing of it on disk: nothing to throw away
 
