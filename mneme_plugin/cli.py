@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import click
 
@@ -25,6 +25,9 @@ from mneme_plugin.interpret.config import CLIENTS, EXPLAINERS, LABELERS, MAPPERS
 from mneme_plugin.layout import RunLayout
 from mneme_plugin.organism.catalog import BEHAVIOUR_INTERVENTIONS, INTERVENTIONS, KNOWLEDGE_INTERVENTIONS
 from mneme_plugin.sideeffects.config import REMEDIATION_TARGETS, RULE_SUMMARIES, RULES
+
+if TYPE_CHECKING:
+    from mneme_plugin.pipeline.config import RunConfig
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -55,20 +58,27 @@ def _sections(data: dict[str, Any], allowed: tuple[str, ...], path: str | None) 
     return out
 
 
-def _run_sections(run_dir: str, config: str | None, allowed: tuple[str, ...],
-                  from_run: tuple[str, ...]) -> dict[str, dict[str, Any]]:
-    """``_sections`` of ``--config`` over the ``from_run`` sections of the run directory's own
-    ``config.yaml`` (a pooled folder's: its first run's; ``sideeffects.steps.settings_run``), so a run
-    predicts over its own taxonomies: a key of ``--config`` replaces the run's, the others stay."""
+def _run_config(run_dir: str) -> RunConfig | None:
+    """The run directory's own config (a pooled folder's: its first run's; ``sideeffects.steps.settings_run``)."""
     from mneme_plugin.sideeffects.steps import settings_run
 
-    sections = _sections(_read_yaml(config), allowed, config)
     source = settings_run(run_dir)
-    if source is not None:
-        from mneme_plugin.pipeline.config import load_run_config
+    if source is None:
+        return None
+    from mneme_plugin.pipeline.config import load_run_config
 
-        run_config = load_run_config(source).to_dict()
-        sections.update({name: {**dict(run_config.get(name) or {}), **sections.get(name, {})} for name in from_run})
+    return load_run_config(source)
+
+
+def _run_sections(run_config: RunConfig | None, config: str | None, allowed: tuple[str, ...],
+                  from_run: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+    """``_sections`` of ``--config`` over the ``from_run`` sections of the run's own config
+    (``_run_config``), so a run predicts over its own taxonomies: a key of ``--config`` replaces the
+    run's, the others stay."""
+    sections = _sections(_read_yaml(config), allowed, config)
+    if run_config is not None:
+        own = run_config.to_dict()
+        sections.update({name: {**dict(own.get(name) or {}), **sections.get(name, {})} for name in from_run})
     return sections
 
 
@@ -588,17 +598,16 @@ def predict(run_dir, config, taxonomy, rule, k, alpha, control_run) -> None:
     """Score every category from the attributed latents and their categories; predict the affected ones."""
     from mneme_plugin.interpret import MapConfig
     from mneme_plugin.sideeffects import PredictConfig, predict_run
-    from mneme_plugin.pipeline.config import load_run_config
-    from mneme_plugin.sideeffects.steps import prediction_folder, settings_run
+    from mneme_plugin.sideeffects.steps import prediction_folder
 
-    sections = _run_sections(run_dir, config, ("predict", "map"), from_run=("predict", "map"))
+    run_config = _run_config(run_dir)
+    sections = _run_sections(run_config, config, ("predict", "map"), from_run=("predict", "map"))
     cfg = PredictConfig.from_dict(_override(sections["predict"], rule=rule, k=k, alpha=alpha, control_run=control_run),
                                   section="predict")
-    source = settings_run(run_dir)
     # The taxonomies the run predicts for (the map's first and the ground-truth tables'), each where the
     # run's stages keep it (prediction/, or prediction/<taxonomy>/ beside others); another mapped
     # taxonomy goes to prediction/<taxonomy>/, never over the run's own prediction.
-    taxonomies = (load_run_config(source).taxonomies() if source is not None
+    taxonomies = (run_config.taxonomies() if run_config is not None
                   else MapConfig.from_dict(sections["map"], section="map").taxonomies[:1])
     taxonomy = taxonomy or taxonomies[0]
     out = (prediction_folder(run_dir, taxonomy, taxonomies) if taxonomy in taxonomies
@@ -657,7 +666,7 @@ def evaluate(run_dir, scores_csv, lm_eval_before, lm_eval_after, intervention, d
     from mneme_plugin.interpret import MapConfig
     from mneme_plugin.sideeffects import EvaluateConfig, evaluate_run
 
-    sections = _run_sections(run_dir, config, ("evaluate", "ground_truth", "map"),
+    sections = _run_sections(_run_config(run_dir), config, ("evaluate", "ground_truth", "map"),
                              from_run=("evaluate", "map", "models"))
     cfg = EvaluateConfig.from_dict(_override(sections["evaluate"], drop_threshold=drop_threshold,
                                              significance=significance), section="evaluate")
