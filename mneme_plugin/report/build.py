@@ -103,6 +103,7 @@ def gather(run_dir: str | os.PathLike[str]) -> ReportData:
                   if (layout.prediction / PREDICTIONS_JSON).is_file() else None)
     if prediction is not None:
         data.category_scores = prediction.scores
+        data.verdict = prediction.tests.get("verdict")
     evaluations = _optional("evaluation", layout.evaluation, lambda: load_evaluations(layout.evaluation)) or {}
     if set(evaluations) == {""}:
         data.truth = evaluations[""].truth
@@ -114,10 +115,13 @@ def gather(run_dir: str | os.PathLike[str]) -> ReportData:
         taxonomy = evaluation.taxonomy or "?"
         taxonomies = config.taxonomies() if config is not None else [taxonomy]
         folder = prediction_folder(layout.root, taxonomy, taxonomies)
-        scores = _optional(f"prediction for {taxonomy}", folder, lambda f=folder: load_prediction(f).scores)
-        data.tables.append(TableView(name, taxonomy, scores, evaluation.truth, evaluation.table(),
+        view_prediction = _optional(f"prediction for {taxonomy}", folder, lambda f=folder: load_prediction(f))
+        data.tables.append(TableView(name, taxonomy,
+                                     view_prediction.scores if view_prediction is not None else None,
+                                     evaluation.truth, evaluation.table(),
                                      pd.DataFrame(evaluation.outside) if evaluation.outside else None,
-                                     evaluation.unmeasured))
+                                     evaluation.unmeasured,
+                                     view_prediction.tests.get("verdict") if view_prediction is not None else None))
     if config is not None:
         data.config = config.to_dict()
     return data

@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from mneme_plugin.sideeffects.evaluate import unmeasured_note
 
 logger = logging.getLogger("mneme_plugin")
 
-SECTIONS = ("overview", "quality", "classes", "delta", "scaling", "latents", "categories", "metrics", "config")
+SECTIONS = ("summary", "overview", "quality", "classes", "delta", "scaling", "latents", "categories", "metrics", "config")
 
 CSS = """
 body{font-family:system-ui,sans-serif;max-width:1100px;margin:24px auto;padding:0 16px;color:#222}
@@ -58,6 +59,7 @@ class ReportData:
     config: dict[str, Any] | None = None
     latents_per_class: int = 5
     tables: list["TableView"] = field(default_factory=list)  # runs with several ground truths: one view each
+    verdict: str | None = None  # the prediction rule's verdict (``outlier_or_broad``: concentrated, broad, ...)
 
 
 @dataclass
@@ -71,6 +73,7 @@ class TableView:
     metrics_table: pd.DataFrame | None
     outside: pd.DataFrame | None = None
     unmeasured: dict[str, list[str]] = field(default_factory=dict)
+    verdict: str | None = None
 
 
 def _table(frame: pd.DataFrame, floats: str = "{:.3f}") -> str:
@@ -86,6 +89,12 @@ def _table(frame: pd.DataFrame, floats: str = "{:.3f}") -> str:
             cells.append(f"<td>{html.escape(text)}</td>")
         rows.append("<tr>" + "".join(cells) + "</tr>")
     return f"<table><tr>{head}</tr>{''.join(rows)}</table>"
+
+
+def _metric_text(value: Any) -> str:
+    if isinstance(value, float):
+        return "" if math.isnan(value) else f"{value:.3f}"
+    return str(value)
 
 
 def _not_run(stage: str) -> str:
@@ -104,6 +113,56 @@ def _highlight(context: Context) -> str:
 
 def _section(anchor: str, title: str, body: str) -> str:
     return f'<section id="{anchor}"><h2>{html.escape(title)}</h2>\n{body}\n</section>'
+
+
+def _names(categories: list[str]) -> str:
+    return html.escape(", ".join(categories)) if categories else "none"
+
+
+def _rate(value: Any) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{float(value):.2f}"
+
+
+def _summary_items(scores: pd.DataFrame | None, truth: pd.DataFrame | None, metrics: pd.DataFrame | None,
+                   verdict: str | None, suffix: str = "") -> list[str]:
+    """What a reader wants first: what MNEME predicted, what was measured, and how the two compare."""
+    items = []
+    if scores is not None and "predicted" in scores:
+        predicted = scores.loc[scores["predicted"].astype(bool), "category"].astype(str).tolist()
+        items.append(f"<li><b>Predicted{html.escape(suffix)}</b>: {_names(predicted)}"
+                     + (f" (verdict: {html.escape(verdict)})" if verdict else "") + "</li>")
+    if truth is not None and "degraded" in truth:
+        degraded = truth.loc[truth["degraded"].fillna(False).astype(bool), "category"].astype(str).tolist()
+        items.append(f"<li><b>Degraded, measured{html.escape(suffix)}</b>: {_names(degraded)}</li>")
+    if metrics is not None and "method" in metrics and "accuracy" in metrics:
+        rows = {str(r["method"]): r for _, r in metrics.iterrows()}
+        if "MNEME" in rows:
+            mneme = rows.pop("MNEME")
+            figures = ", ".join(f"{name} {_rate(mneme.get(column))}" for name, column in
+                                (("Acc", "accuracy"), ("precision", "precision"), ("recall", "recall"), ("F1", "f1"))
+                                if column in metrics)
+            others = "; ".join(f"{html.escape(name)} {_rate(row.get('accuracy'))}" for name, row in rows.items())
+            items.append(f"<li><b>MNEME{html.escape(suffix)}</b>: {figures}"
+                         + (f" (Acc of the baselines: {others})" if others else "") + "</li>")
+    return items
+
+
+def _summary_section(data: ReportData) -> str:
+    items: list[str] = []
+    if data.tables:
+        for view in data.tables:
+            items += _summary_items(view.category_scores, view.truth, view.metrics_table, view.verdict,
+                                    f" ({view.name})")
+    else:
+        items = _summary_items(data.category_scores, data.truth, data.metrics_table, data.verdict)
+    return _section("summary", "Summary", f"<ul>{''.join(items)}</ul>" if items else _not_run("predict"))
+
+
+def _contents(sections: list[str]) -> str:
+    """Links to the sections of the page (their ids and titles as rendered)."""
+    found = [re.search(r'<section id="([^"]+)"><h2>(.*?)</h2>', part) for part in sections]
+    links = " · ".join(f'<a href="#{m.group(1)}">{m.group(2)}</a>' for m in found if m)
+    return f'<p class="muted">Contents: {links}</p>'
 
 
 def _evaluation_sections(scores: pd.DataFrame | None, truth: pd.DataFrame | None, metrics: pd.DataFrame | None,
@@ -143,12 +202,14 @@ def _evaluation_sections(scores: pd.DataFrame | None, truth: pd.DataFrame | None
 
 def render_report(data: ReportData) -> str:
     """The report page as a string."""
-    parts = [f"<h1>{html.escape(data.title)}</h1>"]
+    parts = [_summary_section(data)]
     overview = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>" for k, v in data.overview.items())
     parts.append(_section("overview", "Overview", f"<table>{overview}</table>" if overview else _not_run("harvest")))
 
     if data.crosscoder_metrics:
-        parts.append(_section("quality", "Crosscoder quality", _table(pd.DataFrame([data.crosscoder_metrics]))
+        quality = pd.DataFrame({"metric": list(data.crosscoder_metrics),
+                                "value": [_metric_text(v) for v in data.crosscoder_metrics.values()]})
+        parts.append(_section("quality", "Crosscoder quality", _table(quality)
                               + '<p class="muted">Paper targets: under 15% dead latents, over 95% explained variance.</p>'))
     else:
         parts.append(_section("quality", "Crosscoder quality", _not_run("train")))
@@ -200,7 +261,7 @@ def render_report(data: ReportData) -> str:
 
     config_text = json.dumps(data.config, indent=2, default=str) if data.config else ""
     parts.append(_section("config", "Run configuration", f"<pre>{html.escape(config_text)}</pre>" if config_text else _not_run("run")))
-    body = "\n".join(parts)
+    body = "\n".join([f"<h1>{html.escape(data.title)}</h1>", _contents(parts), *parts])
     return (f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(data.title)}</title>"
             f"<style>{CSS}</style></head><body>\n{body}\n</body></html>\n")
 

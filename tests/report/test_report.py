@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 
 from mneme_plugin.report import SECTIONS, Context, ReportData, render_report, write_report
+from mneme_plugin.report.html import TableView
 
 
 def _data() -> ReportData:
@@ -49,6 +50,38 @@ def test_every_section_is_rendered_and_text_is_escaped():
     assert "MNEME also predicted &lt;chemistry&gt;: no ground truth there, not scored." in page
     assert f"latent {base_only}</b>" in page and page.count("<svg") >= 4
     assert "http://" not in page.replace("http://www.w3.org/2000/svg", "")  # self-contained
+
+
+def test_summary_states_prediction_truth_and_metrics_first():
+    data, _ = _data()
+    data.verdict = "concentrated"
+    data.category_scores = pd.DataFrame({"category": ["biology", "law", "cooking"], "score": [1.2, 0.9, 0.0],
+                                         "predicted": [True, True, False]})
+    data.metrics_table = pd.DataFrame({"method": ["MNEME", "random"], "accuracy": [1.0, 0.5],
+                                       "precision": [0.5, math.nan], "f1": [2 / 3, 0.4]})
+    page = render_report(data)
+    summary = page[page.index('<section id="summary">'):page.index('<section id="overview">')]
+    assert "<b>Predicted</b>: biology, law (verdict: concentrated)" in summary
+    assert "<b>Degraded, measured</b>: biology<" in summary
+    assert "<b>MNEME</b>: Acc 1.00, precision 0.50, F1 0.67 (Acc of the baselines: random 0.50)" in summary
+    assert page.index('<section id="summary">') < page.index('<section id="overview">')
+    # the contents links every section the page has, by its id
+    contents = page[page.index("Contents:"):page.index('<section id="summary">')]
+    assert [f'href="#{s}"' in contents for s in SECTIONS] == [True] * len(SECTIONS)
+
+
+def test_summary_of_a_run_with_several_ground_truths_names_each():
+    data, _ = _data()
+    scores = pd.DataFrame({"category": ["weapons", "fraud"], "score": [2.0, 0.1], "predicted": [True, False]})
+    truth = pd.DataFrame({"category": ["weapons", "fraud"], "before": [1.0, 1.0], "after": [0.9, 0.2],
+                          "drop": [0.1, 0.8], "degraded": [False, True]})
+    metrics = pd.DataFrame({"method": ["MNEME"], "accuracy": [0.0], "recall": [0.0]})
+    data.tables = [TableView("judge", "harm", scores, truth, metrics, verdict="broad")]
+    page = render_report(data)
+    assert "<b>Predicted (judge)</b>: weapons (verdict: broad)" in page
+    assert "<b>Degraded, measured (judge)</b>: fraud<" in page
+    assert "<b>MNEME (judge)</b>: Acc 0.00, recall 0.00<" in page
+    assert 'href="#categories-judge"' in page and '<section id="categories-judge">' in page
 
 
 def test_missing_stages_are_marked_not_run():
