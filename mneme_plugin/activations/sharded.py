@@ -30,7 +30,14 @@ from tqdm.auto import tqdm
 from mneme_plugin.activations.config import HarvestConfig
 from mneme_plugin.activations.corpus import CorpusSource
 from mneme_plugin.activations.normalization import NormalizationStats
-from mneme_plugin.activations.store import MANIFEST, ActivationStore, read_manifest, write_manifest, write_shard
+from mneme_plugin.activations.store import (
+    MANIFEST,
+    ActivationStore,
+    read_manifest,
+    shard_entries_problem,
+    write_manifest,
+    write_shard,
+)
 from mneme_plugin.distributed import DistributedContext
 from mneme_plugin.errors import CheckpointError, EmptyCorpusError, MnemeError
 from mneme_plugin.files import atomic_write_text
@@ -119,9 +126,13 @@ def _rank_progress(path: Path, rank: int) -> dict[str, Any]:
     if not file.is_file():
         return {"rank": rank, "shards": [], "next_batch": 0, "done": False, **dict.fromkeys(COUNT_KEYS, 0)}
     try:
-        return json.loads(file.read_text())
+        state = json.loads(file.read_text())
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{file} is corrupt ({err}); delete the store to start over.") from err
+    problem = shard_entries_problem(state.get("shards")) if isinstance(state, dict) else "not a JSON object"
+    if problem:
+        raise CheckpointError(f"{file} is corrupt: {problem}. Delete the store to start over, or restore the file.")
+    return state
 
 
 def harvest_sharded(

@@ -12,7 +12,7 @@ import logging
 import struct
 from collections import OrderedDict
 from collections.abc import Iterator
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 import numpy as np
@@ -79,16 +79,39 @@ def _whole(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
-def _manifest_problem(manifest: dict[str, Any]) -> str | None:
-    """What is wrong with the types of a manifest's entries that readers rely on (None if nothing)."""
-    if not _whole(manifest["d_model"]) or manifest["d_model"] == 0:
-        return f"d_model is {manifest['d_model']!r}, expected a positive whole number"
-    shards = manifest["shards"]
+def inside_store(name: str) -> bool:
+    """Whether a shard entry's ``file`` names a file inside the store folder: a relative path without
+    ``..`` (read as a POSIX and as a Windows path), so a manifest cannot point a reader at files elsewhere."""
+    if name in ("", "."):
+        return False
+    return not any(p.anchor or ".." in p.parts for p in (PurePosixPath(name), PureWindowsPath(name)))
+
+
+def shard_entries_problem(shards: Any) -> str | None:
+    """What is wrong with a list of shard entries (``{"file": NAME, "n_rows": N}``), None if nothing."""
     if not isinstance(shards, list):
         return f"shards is a {type(shards).__name__}, expected a list"
     for i, entry in enumerate(shards):
         if not isinstance(entry, dict) or not isinstance(entry.get("file"), str) or not _whole(entry.get("n_rows")):
             return f"shards[{i}] is {entry!r}, expected {{\"file\": NAME, \"n_rows\": WHOLE NUMBER}}"
+        if not inside_store(entry["file"]):
+            return (f"shards[{i}] names {entry['file']!r}, outside the store (a shard is a file in the store's "
+                    "folder, named relative to it)")
+    return None
+
+
+def _manifest_problem(manifest: dict[str, Any]) -> str | None:
+    """What is wrong with the types of a manifest's entries that readers rely on (None if nothing)."""
+    if not _whole(manifest["d_model"]) or manifest["d_model"] == 0:
+        return f"d_model is {manifest['d_model']!r}, expected a positive whole number"
+    problem = shard_entries_problem(manifest["shards"])
+    if problem:
+        return problem
+    carried = manifest.get("carried")  # a partial sharded harvest's shards of earlier ranks
+    if isinstance(carried, dict) and "shards" in carried:
+        problem = shard_entries_problem(carried["shards"])
+        if problem:
+            return f"carried.{problem}"
     norm = manifest["normalization"]
     factors = norm.get("scale_factors") if isinstance(norm, dict) else None
     if not (isinstance(factors, list) and len(factors) == 2

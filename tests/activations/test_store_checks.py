@@ -104,3 +104,34 @@ def test_manifest_entries_of_the_wrong_type_name_the_file(tmp_path, edit, expect
     (store / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(CheckpointError, match=r"manifest\.json is corrupt: " + expected):
         ActivationStore(store).scale_factors
+
+
+@pytest.mark.parametrize("name", ["../outside.safetensors", "sub/../../outside.safetensors", "ABSOLUTE"])
+def test_a_manifest_naming_a_shard_outside_the_store_is_refused(tmp_path, name):
+    """A shard entry is a file inside the store: a manifest pointing at ``../x`` or an absolute path
+    (a hand-edited or foreign manifest) would read (and `info` would stat) files anywhere."""
+    outside = write_activation_store(tmp_path / "other", random_activation_pairs(32, 4, seed=1), rows_per_shard=32)
+    store = write_activation_store(tmp_path / "store", random_activation_pairs(64, 4, seed=0), rows_per_shard=32)
+    (tmp_path / "outside.safetensors").write_bytes((outside / "shard_00000.safetensors").read_bytes())
+    manifest = json.loads((store / "manifest.json").read_text())
+    manifest["shards"][1]["file"] = str(tmp_path / "outside.safetensors") if name == "ABSOLUTE" else name
+    (store / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match=r"manifest\.json is corrupt: shards\[1\] names .*outside\.safetensors"
+                                              r".*outside the store"):
+        ActivationStore(store)
+    result = CliRunner().invoke(main, ["info", str(store)])
+    assert "outside the store" in result.output and "Traceback" not in result.output
+
+
+def test_a_rank_progress_file_naming_a_shard_outside_the_store_is_refused(tmp_path):
+    from mneme_plugin.activations.sharded import _rank_progress, rank_manifest_name
+
+    store = tmp_path / "store"
+    store.mkdir()
+    (store / rank_manifest_name(1)).write_text(json.dumps({
+        "rank": 1, "shards": [{"file": "../x.safetensors", "n_rows": 4, "windows_end": 1, "windows_start": 0}],
+        "next_batch": 1, "done": False, "outliers_dropped": 0, "special_tokens_dropped": 0, "padding_dropped": 0,
+        "n_corpus_tokens": 4}))
+    with pytest.raises(CheckpointError, match=r"manifest\.rank001\.json is corrupt: shards\[0\] names "
+                                              r"'\.\./x\.safetensors', outside the store"):
+        _rank_progress(store, 1)
