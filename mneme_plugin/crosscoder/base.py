@@ -34,6 +34,9 @@ FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 TENSOR_NAMES = ("W_enc", "b_enc", "W_dec", "b_dec", "threshold", "activation_scale")
+# Tensors that may hold +inf: a threshold no code reaches (an SAE-Lens export gives a latent whose
+# decoder is zero the threshold +inf, and its import keeps it).
+MAY_BE_INFINITE = ("threshold", "latent_threshold", "model_thresholds")
 
 # What each capability a stage may require means (for the error that names a missing one).
 CAPABILITIES = {
@@ -263,12 +266,36 @@ class CrossCoder(Dictionary, nn.Module):
                     f"{weights_path}: tensor {name} has shape {tuple(tensors[name].shape)}, "
                     f"but config.json implies {tuple(target.shape)}."
                 )
+        check_weights(weights_path, {name: tensors[name] for name in names})
         with torch.no_grad():
             for name in names:
                 getattr(model, name).copy_(tensors[name])
         if device is not None:
             model = model.to(device)
         return model
+
+
+def weights_problem(name: str, tensor: torch.Tensor, may_be_infinite: bool = False) -> str | None:
+    """What is wrong with the weight tensor ``name`` (None if nothing): not floating point, or holding
+    NaN / infinite values (``may_be_infinite``: +inf is allowed, as a threshold no code reaches)."""
+    if not tensor.is_floating_point():
+        return f"tensor {name!r} has dtype {tensor.dtype}, expected floating-point weights"
+    bad = torch.isnan(tensor) | (tensor == float("-inf") if may_be_infinite else torch.isinf(tensor))
+    n = int(bad.sum())
+    if n:
+        kind = "NaN or -inf" if may_be_infinite else "NaN or inf"
+        return f"tensor {name!r} holds {n:,} non-finite value{'s' if n > 1 else ''} ({kind}) of {tensor.numel():,}"
+    return None
+
+
+def check_weights(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """CheckpointError naming ``path`` and the tensor unless every tensor is floating point and finite
+    (thresholds, ``MAY_BE_INFINITE``, may be +inf)."""
+    for name, tensor in tensors.items():
+        problem = weights_problem(name, tensor, may_be_infinite=name in MAY_BE_INFINITE)
+        if problem:
+            raise CheckpointError(f"{path}: {problem}. The file is damaged, or the training that wrote it "
+                                  "diverged: restore the file, or train the crosscoder again.")
 
 
 def require_capability(crosscoder: Any, capability: str, stage: str) -> None:

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from mneme_plugin.crosscoder.base import check_weights
 from mneme_plugin.errors import CheckpointError
 from mneme_plugin.files import read_json as read_stage_json
 
@@ -50,11 +51,14 @@ def load_tensors(path: Path, what: str) -> dict[str, torch.Tensor]:
 
 def require_tensor(tensors: dict[str, torch.Tensor], name: str, shape: tuple[int, ...] | None, path: Path,
                    what: str) -> torch.Tensor:
+    """The weight tensor ``name`` of a state dict: present, of ``shape`` (if given), floating point and finite
+    (a threshold may be +inf); CheckpointError naming ``path`` and the tensor otherwise."""
     if name not in tensors:
         raise CheckpointError(f"{path} lacks tensor {name!r}; expected {what} (found {sorted(tensors)[:12]}).")
     t = tensors[name]
     if shape is not None and tuple(t.shape) != tuple(shape):
         raise CheckpointError(f"{path}: tensor {name!r} has shape {tuple(t.shape)}, expected {tuple(shape)} ({what}).")
+    check_weights(path, {name: t})
     return t
 
 

@@ -39,7 +39,7 @@ from safetensors.torch import save_file
 
 from mneme_plugin.activations.config import DEFAULT_HOOK_TEMPLATE
 from mneme_plugin.crosscoder.config import CrossCoderConfig
-from mneme_plugin.crosscoder.base import CrossCoder
+from mneme_plugin.crosscoder.base import CrossCoder, weights_problem
 from mneme_plugin.crosscoder.imported import JumpReLUCrossCoder
 from mneme_plugin.errors import CheckpointError, ConfigError
 from mneme_plugin.formats.common import config_int, load_tensors, read_json, require_tensor
@@ -296,6 +296,11 @@ def load_saelens_export(path: str | Path) -> JumpReLUCrossCoder:
                 raise CheckpointError(f"{cfg_path}: metadata.mneme.normalization does not fit a crosscoder over 2 "
                                       f"models of width {d} ({err}). The file was edited or damaged; export the "
                                       "crosscoder again.") from err
+            for name in model.normalizer.buffers:
+                problem = weights_problem(name, getattr(model, name))
+                if problem:
+                    raise CheckpointError(f"{cfg_path}: metadata.mneme.normalization: {problem}. The file was edited "
+                                          "or damaged; export the crosscoder again.")
             mu, scale, denorm = model.normalizer.affine(model)
             b_enc = b_enc + torch.einsum("ld,ldm->m", mu, W_enc)
             W_enc = W_enc / scale[:, None, None]

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from mneme_plugin.crosscoder.config import CrossCoderConfig
-from mneme_plugin.crosscoder.base import CrossCoder
+from mneme_plugin.crosscoder.base import CrossCoder, check_weights
 from mneme_plugin.crosscoder.registry import build_crosscoder
 from mneme_plugin.errors import CheckpointError, ConfigError
 from mneme_plugin.formats.common import (
@@ -166,6 +166,9 @@ def load_science_of_finetuning(path: str | Path, dict_class: str | None = None) 
             salience = "crosscoder"  # encoding of an L1 crosscoder does not use the weights
 
     mean, std = state.get("activation_mean"), state.get("activation_std")
+    for name, t in (("activation_mean", mean), ("activation_std", std)):
+        if t is not None and not (t.is_floating_point() and torch.isnan(t).all()):  # all NaN: "no normaliser"
+            check_weights(weights, {name: t})
     has_normalizer = (
         mean is not None and std is not None and not torch.isnan(mean).any() and not torch.isnan(std).any()
     )
@@ -179,6 +182,7 @@ def load_science_of_finetuning(path: str | Path, dict_class: str | None = None) 
             scale = require_tensor(state, "activation_global_scale", (n,), weights, "per-model normaliser scales")
         else:
             target = state.get("target_rms", torch.tensor(float(init.get("target_rms") or 1.0)))
+            check_weights(weights, {"target_rms": target})
             scale = target / torch.sqrt((std.double() ** 2).sum(-1) + 1e-8)
 
     metadata: dict[str, Any] = {
@@ -207,6 +211,8 @@ def load_science_of_finetuning(path: str | Path, dict_class: str | None = None) 
             model.activation_mean.copy_(mean)
             model.activation_scale.copy_(scale)
         threshold = state.get("threshold")
+        if threshold is not None:
+            check_weights(weights, {"threshold": threshold})
         # (L1 crosscoders: no threshold, their ReLUCrossCoder has 0.)
         if batch_topk and salience == "decoupled":
             t = threshold if threshold is not None else torch.full((n,), -1.0)

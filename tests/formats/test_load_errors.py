@@ -124,6 +124,8 @@ def _edited_saelens_export(tmp_path, edit):
      r"normalization lacks \['activation_scale'\]"),
     (lambda c: c["metadata"]["mneme"]["normalization"].update(activation_scale=[1.0]),
      r"cfg\.json: metadata\.mneme\.normalization does not fit"),
+    (lambda c: c["metadata"]["mneme"]["normalization"]["activation_mean"][1].__setitem__(0, float("nan")),
+     r"cfg\.json: metadata\.mneme\.normalization: tensor 'activation_mean' holds 1 non-finite value"),
     (lambda c: c["metadata"]["mneme"]["crosscoder_config"].update(salience="bogus"),
      r"cfg\.json describes no valid crosscoder: salience must be one of"),
 ])
@@ -203,3 +205,103 @@ def test_damaged_mneme_crosscoder_config_names_the_file(tmp_path, edit, expected
     (path / "config.json").write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match=expected):
         load_crosscoder(path)
+
+
+# ------------------------------------------------------------------ weights that are not finite floats
+
+
+def _mneme_crosscoder(folder):
+    from mneme_plugin.crosscoder import BatchTopKCrossCoder, CrossCoderConfig
+
+    cc = BatchTopKCrossCoder(CrossCoderConfig(activation_dim=8, dict_size=16, k=2))
+    cc.reset_parameters(torch.Generator().manual_seed(0))
+    return cc.save_pretrained(folder)
+
+
+def _rewrite_safetensors(path, name, edit):
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(path))
+    tensors[name] = edit(tensors[name])
+    save_file(tensors, str(path))
+
+
+def _nan(t):
+    t = t.clone().float()
+    t.view(-1)[-1] = float("nan")
+    return t
+
+
+def _inf(t):
+    t = t.clone().float()
+    t.view(-1)[0] = float("-inf")
+    return t
+
+
+def _integer(t):
+    return (t * 100).to(torch.int64)
+
+
+def _mneme_with(tmp_path, name, edit):
+    folder = _mneme_crosscoder(tmp_path / "cc")
+    _rewrite_safetensors(folder / "model.safetensors", name, edit)
+    return folder
+
+
+def _saelens_with(tmp_path, name, edit):
+    from mneme_plugin.formats import export_saelens
+
+    cc = load_crosscoder(write_sof_crosscoder(tmp_path / "src", sof_state_dict(seed=2, threshold=0.05), "hub"))
+    folder = export_saelens(cc, tmp_path / "exports", folder="f")["concat"]
+    _rewrite_safetensors(folder / "sae_weights.safetensors", name, edit)
+    return folder
+
+
+def _kissane_with(tmp_path, name, edit):
+    sd = kissane_state_dict()
+    sd[name] = edit(sd[name])
+    return write_kissane_crosscoder(tmp_path / "k", sd)
+
+
+def _sof_with(tmp_path, name, edit, layout="hub"):
+    sd = sof_state_dict()
+    sd[name] = edit(sd[name])
+    return write_sof_crosscoder(tmp_path / "s", sd, layout)
+
+
+@pytest.mark.parametrize("build, name, file", [
+    (_mneme_with, "W_enc", "model.safetensors"),
+    (_mneme_with, "b_dec", "model.safetensors"),
+    (_mneme_with, "activation_scale", "model.safetensors"),
+    (_saelens_with, "W_dec", "sae_weights.safetensors"),
+    (_saelens_with, "threshold", "sae_weights.safetensors"),
+    (_kissane_with, "b_enc", "cc_weights.pt"),
+    (_sof_with, "encoder.weight", "model.safetensors"),
+    (_sof_with, "decoder.bias", "model.safetensors"),
+    (_sof_with, "activation_mean", "model.safetensors"),
+    (_sof_with, "threshold", "model.safetensors"),
+])
+@pytest.mark.parametrize("edit, problem", [
+    (_nan, r"holds 1 non-finite value \(NaN or -?inf\)"),
+    (_inf, r"holds 1 non-finite value"),
+    (_integer, r"has dtype torch\.int64, expected floating-point weights"),
+])
+def test_weights_that_are_not_finite_floats_are_refused_naming_tensor_and_file(tmp_path, build, name, file, edit,
+                                                                                problem):
+    folder = build(tmp_path, name, edit)
+    with pytest.raises(CheckpointError, match=rf"{file}: tensor '{name}' " + problem):
+        load_crosscoder(folder, **({"scale_factors": [1.0, 1.0]} if build is _kissane_with else {}))
+
+
+def test_an_infinite_threshold_of_a_dead_latent_still_loads(tmp_path):
+    """SAE-Lens exports give a latent whose decoder is zero the threshold +inf (it never fires): not damage."""
+    from mneme_plugin.formats import export_saelens
+
+    sd = sof_state_dict(seed=2, threshold=0.05)
+    sd["decoder.weight"][:, 5] = 0.0
+    cc = load_crosscoder(write_sof_crosscoder(tmp_path / "src", sd, "hub"))
+    folder = export_saelens(cc, tmp_path / "exports", folder="f")["concat"]
+    imported = load_crosscoder(folder)
+    assert torch.isinf(imported.latent_threshold[5]) and torch.isfinite(imported.latent_threshold[:5]).all()
+    again = load_crosscoder(imported.save_pretrained(tmp_path / "mneme"))
+    assert torch.equal(again.latent_threshold, imported.latent_threshold)
