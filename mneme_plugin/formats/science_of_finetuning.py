@@ -112,6 +112,25 @@ def _code_normalization(state: dict[str, torch.Tensor], init: dict[str, Any], tr
     return "CROSSCODER"
 
 
+def _check_normaliser_pair(mean: torch.Tensor | None, std: torch.Tensor | None, path: Path) -> None:
+    """Their normaliser is ``activation_mean`` and ``activation_std`` together, or neither (both absent,
+    as in checkpoints older than it, or both NaN): ``NormalizableMixin`` sets both or fills both with NaN,
+    normalises only when neither holds NaN, and their loader refuses a file holding part of the
+    normaliser. A file with one of them only cannot be read as they would: CheckpointError."""
+    def state(t: torch.Tensor | None) -> str:
+        return "missing" if t is None else "NaN" if bool(torch.isnan(t).all()) else "recorded"
+
+    states = {"activation_mean": state(mean), "activation_std": state(std)}
+    recorded = [name for name, s in states.items() if s == "recorded"]
+    if len(recorded) == 1:
+        other = next(name for name in states if name != recorded[0])
+        raise CheckpointError(
+            f"{path} records {recorded[0]} but {other} is {states[other]}: a science-of-finetuning crosscoder "
+            "normalises its inputs with both (mean and std) or with neither (both NaN), so this one cannot be "
+            "read as its code would. The file was edited or damaged: restore the file from where it came from."
+        )
+
+
 def load_science_of_finetuning(path: str | Path, dict_class: str | None = None) -> CrossCoder:
     """A science-of-finetuning crosscoder from its folder or weights file: a ``BatchTopKCrossCoder``
     (``DecoupledBatchTopKCrossCoder`` for DECOUPLED) or, for their L1 ``CrossCoder``, a ``ReLUCrossCoder``."""
@@ -169,6 +188,7 @@ def load_science_of_finetuning(path: str | Path, dict_class: str | None = None) 
     for name, t in (("activation_mean", mean), ("activation_std", std)):
         if t is not None and not (t.is_floating_point() and torch.isnan(t).all()):  # all NaN: "no normaliser"
             check_weights(weights, {name: t})
+    _check_normaliser_pair(mean, std, weights)
     has_normalizer = (
         mean is not None and std is not None and not torch.isnan(mean).any() and not torch.isnan(std).any()
     )

@@ -305,3 +305,39 @@ def test_an_infinite_threshold_of_a_dead_latent_still_loads(tmp_path):
     assert torch.isinf(imported.latent_threshold[5]) and torch.isfinite(imported.latent_threshold[:5]).all()
     again = load_crosscoder(imported.save_pretrained(tmp_path / "mneme"))
     assert torch.equal(again.latent_threshold, imported.latent_threshold)
+
+
+# --------------------------------------------- a science-of-finetuning normaliser recorded in part
+
+
+def _half_normaliser(recorded, other):
+    """A state dict whose normaliser records ``recorded`` but leaves the other tensor ``other``."""
+    sd = sof_state_dict()
+    gone = "activation_std" if recorded == "activation_mean" else "activation_mean"
+    if other == "missing":
+        del sd[gone]
+    else:
+        sd[gone] = torch.full_like(sd[gone], float("nan"))
+    return sd
+
+
+@pytest.mark.parametrize("recorded", ["activation_mean", "activation_std"])
+@pytest.mark.parametrize("other", ["missing", "NaN"])
+def test_a_science_of_finetuning_normaliser_recorded_in_part_is_refused(tmp_path, recorded, other):
+    """Their code normalises with mean and std together or not at all (``NormalizableMixin``: both NaN
+    means no normaliser, and its loader refuses a file with some of the normaliser's tensors only), so a
+    mean without a std cannot be read either way: it was edited or damaged. (Before: silently no normaliser.)"""
+    gone = "activation_std" if recorded == "activation_mean" else "activation_mean"
+    state = "missing" if other == "missing" else "NaN"
+    folder = write_sof_crosscoder(tmp_path / "s", _half_normaliser(recorded, other), "hub")
+    with pytest.raises(CheckpointError, match=rf"model\.safetensors records {recorded} but {gone} is {state}"
+                                              r".*restore the file"):
+        load_crosscoder(folder)
+
+
+@pytest.mark.parametrize("edit", ["both NaN", "both missing"])
+def test_a_science_of_finetuning_crosscoder_without_a_normaliser_still_loads(tmp_path, edit):
+    sd = sof_state_dict(normalizer=False)
+    if edit == "both missing":  # checkpoints older than the normaliser
+        del sd["activation_mean"], sd["activation_std"], sd["activation_global_scale"]
+    assert load_crosscoder(write_sof_crosscoder(tmp_path / "s", sd, "hub")).cfg.normalization == "scale"
