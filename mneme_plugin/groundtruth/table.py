@@ -8,6 +8,7 @@ lm-eval results JSON files are read into the same table.
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
@@ -111,14 +112,30 @@ def _check_table(table: pd.DataFrame, path: Path) -> pd.DataFrame:
     return table
 
 
+def _refuse_extra_fields(path: Path) -> None:
+    """ConfigError naming the lines with more fields than the header: pandas reads a file whose rows all
+    have one more as indexed by its first column (every value shifted one column left), others not at all."""
+    with path.open(newline="", encoding="utf-8") as fh:
+        reader = csv.reader(fh)
+        header = next(reader, None) or []
+        lines = [reader.line_num for row in reader if len(row) > len(header)]
+    if lines:
+        shown = ", ".join(header)
+        raise ConfigError(
+            f"{path}: line(s) {lines[:10]} have more fields than the header ({len(header)}: {shown}). Remove the "
+            "extra fields, name their columns in the header, or quote a value holding a comma (\"a, b\")."
+        )
+
+
 def read_scores_csv(path: str | os.PathLike[str]) -> pd.DataFrame:
     """A ground-truth CSV: ``category``, ``before``, ``after`` and optionally ``n`` (and more columns)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"Ground-truth file {path} does not exist.")
     try:
+        _refuse_extra_fields(path)
         table = pd.read_csv(path)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, csv.Error) as err:
         raise ConfigError(f"{path} is not a readable CSV file: {err}") from err
     table = _check_table(table, path)
     if "n" not in table.columns:

@@ -80,6 +80,25 @@ def test_scores_csv_rows_that_would_give_a_wrong_evaluation_are_refused(tmp_path
         read_scores_csv(path)
 
 
+@pytest.mark.parametrize("rows, lines", [
+    ("biology,0.9,0.4,0.5\nlaw,0.7,0.6,0.4\n", r"\[2, 3\]"),  # pandas took the categories as an index: shifted
+    ("biology,0.9,0.4,0.5\nlaw,0.7,0.6\n", r"\[2\]"),
+    ("biology,0.9,0.4\nlaw,0.7,0.6,\n", r"\[3\]"),
+    ("biology,0.9,0.4\nscience, technology,0.7,0.6\n", r"\[3\]"),  # an unquoted comma in a category
+])
+def test_scores_csv_rows_with_more_fields_than_the_header_are_refused(tmp_path, rows, lines):
+    from mneme_plugin.errors import ConfigError
+    from mneme_plugin.groundtruth.table import read_scores_csv
+
+    path = tmp_path / "truth.csv"
+    path.write_text("category,before,after\n" + rows)
+    with pytest.raises(ConfigError, match=r"truth\.csv: line\(s\) " + lines + r" have more fields than the header "
+                                          r"\(3: category, before, after\).*quote"):
+        read_scores_csv(path)
+    path.write_text('category,before,after\n"science, technology",0.7,0.6\n')  # quoted: one field
+    assert read_scores_csv(path)["category"].tolist() == ["science, technology"]
+
+
 def test_scores_csv_categories_are_stripped(tmp_path):
     from mneme_plugin.groundtruth.table import read_scores_csv
 
