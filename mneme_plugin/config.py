@@ -291,11 +291,48 @@ def _plain(value: Any) -> Any:
     return value
 
 
+class DuplicateKeyError(yaml.YAMLError):
+    """A YAML mapping holding one key twice (PyYAML alone keeps the last value without a word)."""
+
+    def __init__(self, key: Any, first: yaml.Mark, second: yaml.Mark) -> None:
+        super().__init__(f"key {key!r} appears twice in one mapping (lines {first.line + 1} and {second.line + 1}); "
+                         "YAML would keep only the last: give it once")
+        self.key = key
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (``DuplicateKeyError``).
+
+    A key set by a merge (``<<: *anchor``) may still be overridden in the mapping, as YAML intends."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, yaml.Mark] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.get(key)
+            except TypeError:  # an unhashable key: the constructor below says so
+                continue
+            if first is not None:
+                raise DuplicateKeyError(key, first, key_node.start_mark)
+            seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep)
+
+
+def load_yaml(text: str) -> Any:
+    """``yaml.safe_load`` that refuses keys given twice in one mapping (``DuplicateKeyError``)."""
+    return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
     """A YAML file holding a mapping (an empty file is an empty mapping), with clear errors."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
+        data = load_yaml(path.read_text())
+    except DuplicateKeyError as err:
+        raise ConfigError(f"Config file {path}: {err}.") from err
     except FileNotFoundError as err:
         raise ConfigError(f"Config file {path} does not exist.") from err
     except IsADirectoryError as err:

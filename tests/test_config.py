@@ -133,3 +133,37 @@ def test_build_organism_refuses_a_negative_seed_before_training():
 
     with pytest.raises(ConfigError, match="seed must be an integer >= 0 .*got -2"):
         build_organism(seed=-2, progress=False)
+
+
+@pytest.mark.parametrize("text, key, lines", [
+    ("training:\n  steps: 10\nharvest:\n  layer: 1\ntraining:\n  lr: 0.001\n", "training", "1 and 5"),
+    ("training:\n  steps: 10\n  lr: 0.001\n  steps: 20\n", "steps", "2 and 4"),
+    ("models: {base: a, edited: b, base: c}\n", "base", "1 and 1"),
+])
+def test_a_key_given_twice_in_a_config_file_is_refused(tmp_path, text, key, lines):
+    """PyYAML keeps the last of two equal keys without a word: a whole section (or a setting) the
+    user wrote would be dropped."""
+    from mneme_plugin.config import read_yaml_mapping
+
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=rf"Config file .*run\.yaml: key '{key}' appears twice in one mapping "
+                                          rf"\(lines {lines}\)"):
+        read_yaml_mapping(path)
+
+
+def test_yaml_merge_keys_may_still_be_overridden(tmp_path):
+    from mneme_plugin.config import read_yaml_mapping
+
+    path = tmp_path / "run.yaml"
+    path.write_text("defaults: &d\n  steps: 10\n  lr: 0.1\ntraining:\n  <<: *d\n  lr: 0.2\n")
+    assert read_yaml_mapping(path)["training"] == {"steps": 10, "lr": 0.2}
+
+
+def test_a_key_given_twice_in_a_taxonomy_file_is_refused(tmp_path):
+    from mneme_plugin.interpret.taxonomy import load_taxonomy
+
+    path = tmp_path / "tax.yaml"
+    path.write_text("entries:\n- id: a\n  keywords: [x]\n  keywords: [y]\n")
+    with pytest.raises(ConfigError, match=r"tax\.yaml.*key 'keywords' appears twice in one mapping \(lines 3 and 4\)"):
+        load_taxonomy(path)

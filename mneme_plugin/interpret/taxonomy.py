@@ -26,6 +26,7 @@ from typing import Any
 
 import yaml
 
+from mneme_plugin.config import load_yaml
 from mneme_plugin.errors import ConfigError
 from mneme_plugin.files import json_digest
 
@@ -105,7 +106,7 @@ def load_taxonomy(spec: str | os.PathLike[str]) -> Taxonomy:
         except UnicodeDecodeError as err:
             raise ConfigError(f"Taxonomy file {path} is not UTF-8 text ({err}); save it as UTF-8.") from err
         try:
-            data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+            data = json.loads(text) if path.suffix.lower() == ".json" else load_yaml(text)
         except (json.JSONDecodeError, yaml.YAMLError) as err:
             raise ConfigError(f"Taxonomy file {path} is not valid: {err}") from err
         return _parse(data, str(path))

@@ -67,3 +67,10 @@ def test_not_yaml_and_not_a_mapping(tmp_path):
     _assert_clear_failure(CliRunner().invoke(main, ["run", str(tmp_path / "list.yaml")]), "must hold a mapping")
     (tmp_path / "bytes.yaml").write_bytes(b"\xff\xfe\x00bad")
     _assert_clear_failure(CliRunner().invoke(main, ["run", str(tmp_path / "bytes.yaml")]), "not UTF-8")
+
+
+def test_a_section_given_twice(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({"run_dir": str(tmp_path / "run"), **RUN_BASE}) + "harvest:\n  layer: 2\n")
+    _assert_clear_failure(CliRunner().invoke(main, ["run", "--dry-run", str(config)]),
+                          "key 'harvest' appears twice in one mapping")
