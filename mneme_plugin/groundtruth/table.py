@@ -165,10 +165,21 @@ def read_results_json(path: str | os.PathLike[str]) -> dict[str, Any]:
 def _check_results(data: Any, where: str) -> None:
     if not isinstance(data, dict) or not isinstance(data.get("results"), dict):
         raise ConfigError(f"{where} has no 'results' mapping; is it an lm-eval results file?")
-    samples = data.get("n-samples")
-    if samples is not None and not isinstance(samples, dict):
-        raise ConfigError(f"{where}: 'n-samples' is a {type(samples).__name__}, expected a mapping task -> counts; "
-                          "is it an lm-eval results file?")
+    for key, what in (("n-samples", "task -> counts"), ("group_subtasks", "group -> subtasks"),
+                      ("groups", "group -> metrics")):
+        value = data.get(key)
+        if value is not None and not isinstance(value, dict):
+            raise ConfigError(f"{where}: {key!r} is a {type(value).__name__}, expected a mapping {what}; "
+                              "is it an lm-eval results file?")
+
+
+def group_names(data: dict[str, Any]) -> set[str]:
+    """The groups of an lm-eval results file (``mmlu``, ``mmlu_stem``): their rows in ``results`` are
+    lm-eval's aggregates over their subtasks, not categories. lm-eval lists them in ``groups`` (those
+    with an aggregate) and ``group_subtasks`` (each group with its children; before 0.4.2 every task,
+    a task with no children); only tasks have ``n-samples``."""
+    children = data.get("group_subtasks") or {}
+    return set(data.get("groups") or {}) | {name for name, subtasks in children.items() if subtasks}
 
 
 def metric_for(values: dict[str, Any], metric: str | None) -> str | None:
@@ -210,7 +221,9 @@ def _refuse_shared_categories(tasks: Sequence[str], where: str) -> None:
 def read_lm_eval_results(path: str | os.PathLike[str], metric: str = "acc,none") -> pd.DataFrame:
     """Per-task score, standard error and sample count from an lm-eval results JSON: (category, score, stderr, n)."""
     data = read_results_json(path)
-    tasks = [task for task, values in data["results"].items() if isinstance(values, dict) and metric in values]
+    groups = group_names(data)
+    tasks = [task for task, values in data["results"].items()
+             if isinstance(values, dict) and metric in values and task not in groups]
     if not tasks:
         raise ConfigError(f"{path} has no task with metric {metric!r}.")
     _refuse_shared_categories(tasks, str(path))
@@ -226,18 +239,21 @@ def table_from_results(before: dict[str, Any], after: dict[str, Any], metric: st
     """The ground-truth table from two lm-eval results (in process, or read by ``read_results_json``);
     ``names`` say where each came from in error messages.
 
-    One row per task scored in both (group aggregates skipped when sample counts are known); the
-    metric is ``metric``, or per task the first of PREFERRED_METRICS it has. The drop's p-value is the
-    paired exact McNemar test when both hold per-sample scores (our lm-eval runs do), else a z test on
-    lm-eval's standard errors, else Fisher's exact test on the sample count (``drop_test``).
+    One row per task scored in both (group aggregates skipped: ``group_names``, and rows without
+    sample counts in a file that has them); the metric is ``metric``, or per task the first of
+    PREFERRED_METRICS it has. The drop's p-value is the paired exact McNemar test when both hold
+    per-sample scores (our lm-eval runs do), else a z test on lm-eval's standard errors, else Fisher's
+    exact test on the sample count (``drop_test``).
     """
     for name, data in zip(names, (before, after)):
         _check_results(data, name)
     counts_b = before.get("n-samples") or {}
+    groups = group_names(before) | group_names(after)
     rows = []
     for task, values in before["results"].items():
         other = after["results"].get(task)
-        if not isinstance(values, dict) or not isinstance(other, dict) or (counts_b and task not in counts_b):
+        if (not isinstance(values, dict) or not isinstance(other, dict) or task in groups
+                or (counts_b and task not in counts_b)):
             continue
         chosen = metric_for(values, metric)
         if chosen is None or chosen not in other:

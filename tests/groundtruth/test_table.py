@@ -35,6 +35,53 @@ def test_lm_eval_results_are_read(tmp_path):
     assert set(scores_from_lm_eval(before, after)["category"]) == {"virology", "anatomy"}
 
 
+def _mmlu_results(accs, layout):
+    """lm-eval results of a run of the ``mmlu`` group cut to two subjects, as lm-eval writes them:
+    ``results`` holds the subjects and the groups above them (``mmlu``, ``mmlu_stem``, ``mmlu_other``,
+    each lm-eval's mean of its subtasks), ``groups`` the groups' rows again and ``group_subtasks`` each
+    group's children. lm-eval 0.4.0 / 0.4.1 write no ``n-samples`` and list every task in
+    ``group_subtasks`` (a subject with []); later versions add ``n-samples`` (subjects only) and list
+    the groups only."""
+    subjects = {"mmlu_anatomy": "mmlu_stem", "mmlu_virology": "mmlu_other"}
+    results = {task: {"alias": f"  - {task[5:]}", "acc,none": accs[task[5:]], "acc_stderr,none": 0.05}
+               for task in subjects}
+    mean = sum(accs.values()) / len(accs)
+    groups = {"mmlu": {"alias": "mmlu", "acc,none": mean, "acc_stderr,none": 0.03},
+              **{group: {"alias": f" - {group[5:]}", "acc,none": accs[task[5:]], "acc_stderr,none": 0.05}
+                 for task, group in subjects.items()}}
+    tree = {"mmlu": ["mmlu_stem", "mmlu_other"], "mmlu_stem": ["mmlu_anatomy"], "mmlu_other": ["mmlu_virology"]}
+    data = {"results": {**groups, **results}, "groups": groups, "configs": {}, "versions": {}}
+    if layout == "0.4.0":
+        data["group_subtasks"] = {**tree, **dict.fromkeys(subjects, [])}
+    else:
+        data["group_subtasks"] = tree
+        data["n-samples"] = {task: {"original": 100, "effective": 100} for task in subjects}
+    return data
+
+
+@pytest.mark.parametrize("layout", ["0.4.0", "0.4.13"])
+def test_lm_eval_group_rows_are_no_categories(tmp_path, layout):
+    """A group (``mmlu``, ``mmlu_stem``) is lm-eval's mean over its subtasks, not a category beside
+    them: it is skipped whether or not the file has sample counts (it was counted when it had none)."""
+    from mneme_plugin.groundtruth.table import table_from_results
+
+    before = _mmlu_results({"anatomy": 0.6, "virology": 0.7}, layout)
+    after = _mmlu_results({"anatomy": 0.5, "virology": 0.2}, layout)
+    table = table_from_results(before, after)
+    assert sorted(table["category"]) == ["anatomy", "virology"]
+    (tmp_path / "b.json").write_text(json.dumps(before))
+    assert sorted(read_lm_eval_results(tmp_path / "b.json")["category"]) == ["anatomy", "virology"]
+
+
+def test_a_malformed_group_subtasks_is_refused(tmp_path):
+    from mneme_plugin.errors import ConfigError
+
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps({"results": {"mmlu_law": {"acc,none": 0.5}}, "group_subtasks": ["mmlu"]}))
+    with pytest.raises(ConfigError, match=r"results\.json: 'group_subtasks' is a list, expected a mapping"):
+        read_lm_eval_results(path)
+
+
 @pytest.mark.parametrize("right_before,n_before,right_after,n_after", [(6, 6, 2, 6), (5, 7, 3, 5), (4, 6, 4, 6), (0, 4, 2, 5)])
 def test_fisher_drop_p_is_the_permutation_tail(right_before, n_before, right_after, n_after):
     # Under 'no drop', which of the pooled items are right is exchangeable between the two groups:
