@@ -407,3 +407,16 @@ class FakeLLM:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+def last_progress(stderr: str, desc: str) -> tuple[int, int | None]:
+    """(count, total) of the last state tqdm printed for the bar ``desc`` (total None: the bar had none)."""
+    import re
+
+    states = [line for line in re.split(r"[\r\n]", stderr) if line.startswith(f"{desc}:")]
+    if not states:
+        raise AssertionError(f"no progress bar {desc!r} in {stderr!r}")
+    with_total = re.search(r"\| *(\d+)/(\d+) \[", states[-1])
+    if with_total:
+        return int(with_total.group(1)), int(with_total.group(2))
+    return int(re.search(r": *(\d+)[a-z]* \[", states[-1]).group(1)), None

@@ -101,6 +101,18 @@ class HarvestConfig(ConfigMixin):
                 )
 
     @property
+    def window_budget(self) -> int | None:
+        """Windows read at most: ``max_tokens`` rounded up to whole windows, where ``iter_windows``
+        stops; None reads the whole corpus (its length is not known before). For progress bars."""
+        return None if self.max_tokens is None else -(-self.max_tokens // self.context_length)
+
+    @property
+    def token_budget(self) -> int | None:
+        """Corpus tokens read at most (``window_budget`` whole windows); None for the whole corpus."""
+        windows = self.window_budget
+        return None if windows is None else windows * self.context_length
+
+    @property
     def resolved_hook_name(self) -> str:
         """The hook point name with ``{layer}`` filled in."""
         template = self.hook_name if self.hook_name is not None else DEFAULT_HOOK_TEMPLATE

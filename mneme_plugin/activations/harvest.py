@@ -374,7 +374,7 @@ def _harvest_locked(ctx: HarvestContext, corpus: CorpusSource, config: HarvestCo
             on_shard(len(manifest["shards"]) - 1)
 
     bar = tqdm(
-        total=config.max_tokens, initial=windows_end * config.context_length, unit="tok",
+        total=config.token_budget, initial=windows_end * config.context_length, unit="tok",
         desc="harvest", disable=not progress,
     )
     try:

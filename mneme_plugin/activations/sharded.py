@@ -194,13 +194,16 @@ def harvest_sharded(
             on_shard(len(state["shards"]) - 1)
 
     if not state["done"]:
-        bar = tqdm(total=config.max_tokens, unit="tok", desc=f"harvest (rank {rank}/{world})",
+        # Rank 0's place in the corpus: every batch counts once as the loop passes it (other ranks'
+        # batches, and those done before a resume, are skipped at once; the ranks keep about level).
+        bar = tqdm(total=config.token_budget, unit="tok", desc=f"harvest (rank {rank}/{world})",
                    disable=not (progress and dist_ctx.is_main))
         pending_rows, next_batch = 0, state["next_batch"]
         try:
             for i, windows in enumerate(ctx.windows(corpus)):
                 state["windows_end"] = windows[-1].index + 1  # the corpus's windows, for n_windows
                 if i % world != rank or i < state["next_batch"] or i in done_before:
+                    bar.update(len(windows) * config.context_length)
                     continue
                 own_end, next_batch = windows[-1].index + 1, i + 1
                 rows = ctx.run_batch(windows, i, dropped_ids)
@@ -213,7 +216,7 @@ def harvest_sharded(
                     pending_first_window = windows[0].index
                 pending.append(rows)
                 pending_rows += rows.activations.shape[0]
-                bar.update(world * len(windows) * config.context_length)
+                bar.update(len(windows) * config.context_length)
                 if pending_rows >= config.rows_per_shard:
                     commit(next_batch, done=False)
                     pending_rows = 0

@@ -472,7 +472,9 @@ def collect(
                                     config.n_non_activating, config.seed, vocab_size=len(tok))
     dropped = ctx.dropped_ids()
     E = config.example_ctx_len
-    for batch in tqdm(ctx.windows(corpus), desc="collect", disable=not progress):
+    n_windows = hcfg.window_budget
+    n_batches = None if n_windows is None else -(-n_windows // hcfg.batch_size)
+    for batch in tqdm(ctx.windows(corpus), total=n_batches, desc="collect", unit="batch", disable=not progress):
         tokens = torch.stack([w.tokens for w in batch])
         mask = torch.stack([w.mask for w in batch])
         valid = mask & ~torch.isin(tokens, dropped)

@@ -234,3 +234,44 @@ def test_a_store_belongs_to_its_corpus(ht_pair, corpus, tmp_path):
     assert resumed.manifest["shards"] == store.manifest["shards"]
     other = harvest(*ht_pair, second, cfg(), path, progress=False, overwrite=True)
     assert other.manifest["corpus"] == str(second)
+
+
+def test_the_harvest_bar_ends_at_its_total(ht_pair, corpus, tmp_path, capsys):
+    """The bar counts whole windows: its total is max_tokens rounded up to whole windows (it was
+    max_tokens, which the count overshot), and a resumed harvest starts where it stopped."""
+    from tests.helpers import last_progress
+
+    config = cfg(max_tokens=300)  # 19 windows of 16 tokens: 304
+    harvest(*ht_pair, corpus, config, tmp_path / "s", progress=True)
+    assert last_progress(capsys.readouterr().err, "harvest") == (304, 304)
+
+    def stop(i: int) -> None:
+        if i == 0:
+            raise Boom("killed")
+
+    with pytest.raises(Boom):
+        harvest(*ht_pair, corpus, config.replace(rows_per_shard=50), tmp_path / "cut", progress=False, on_shard=stop)
+    capsys.readouterr()
+    harvest(*ht_pair, corpus, config.replace(rows_per_shard=50), tmp_path / "cut", progress=True)
+    assert last_progress(capsys.readouterr().err, "harvest") == (304, 304)
+
+
+def test_a_resumed_sharded_harvest_bar_ends_at_its_total(ht_pair, corpus, tmp_path, capsys):
+    """The sharded harvest's bar (rank 0's) counts the batches done before a kill too."""
+    from mneme_plugin.activations.harvest import HarvestContext
+    from mneme_plugin.activations.sharded import harvest_sharded
+    from mneme_plugin.distributed import SINGLE_PROCESS
+    from tests.helpers import last_progress
+
+    config = cfg(max_tokens=300, rows_per_shard=50)
+    ctx = HarvestContext.build(*ht_pair, config)
+
+    def stop(i: int) -> None:
+        if i == 1:
+            raise Boom("killed")
+
+    with pytest.raises(Boom):
+        harvest_sharded(ctx, corpus, config, tmp_path / "s", SINGLE_PROCESS, progress=False, on_shard=stop)
+    store = harvest_sharded(ctx, corpus, config, tmp_path / "s", SINGLE_PROCESS, progress=True)
+    assert store.complete
+    assert last_progress(capsys.readouterr().err, "harvest (rank 0/1)") == (304, 304)

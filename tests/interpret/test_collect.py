@@ -149,3 +149,17 @@ def test_collect_reads_the_windows_the_crosscoder_records(thresholded_crosscoder
     assert (reading.layer, reading.context_length) == (1, 64)
     cc.cfg.metadata = {"layer": 1}  # nothing recorded: the harvest default
     assert reading_config(CollectConfig(latents=[0]), cc).context_length == HarvestConfig(layer=1).context_length != 64
+
+
+def test_the_collect_bar_has_a_total_when_the_budget_is_known(ht_pair, thresholded_crosscoder, collect_corpus,
+                                                              tmp_path, capsys):
+    """collect reads the corpus in the harvest's windows, up to its max_tokens (rounded up to whole windows):
+    its bar has the number of forward batches as its total (it had none)."""
+    from mneme_plugin.activations import HarvestConfig
+    from mneme_plugin.interpret import CollectConfig, collect
+    from tests.helpers import last_progress
+
+    cfg = CollectConfig(latents=[0, 3], n_top=2, n_random=1, n_non_activating=1, example_ctx_len=16,
+                        harvest=HarvestConfig(layer=1, context_length=32, batch_size=4, max_tokens=300))
+    collect(*ht_pair, thresholded_crosscoder, collect_corpus, cfg, out_dir=tmp_path / "out", progress=True)
+    assert last_progress(capsys.readouterr().err, "collect") == (3, 3)  # 10 windows of 32 tokens, 4 a batch
