@@ -6,6 +6,9 @@ callers (and the CLI) can catch everything the package raises on bad input in on
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 
 class MnemeError(Exception):
     """Base class of all errors raised by mneme-plugin on bad input or state."""
@@ -33,6 +36,23 @@ class EmptyCorpusError(MnemeError, ValueError):
 
 class CheckpointError(MnemeError, ValueError):
     """A store, checkpoint or saved crosscoder is missing, corrupt or of a foreign format."""
+
+
+class ForeignOutputError(ConfigError, CheckpointError):
+    """An output folder holds other work: a partial (or complete) activation store harvested with
+    another setup or corpus, files that are no store, or a training run of another config or on other
+    activations. ``folder`` is that folder. The function's own remedy (another folder,
+    ``overwrite=True`` / ``resume=False``) is in the message; ``mneme run`` adds its own.
+
+    A ConfigError and a CheckpointError both, as harvest (CheckpointError) and training (ConfigError)
+    raised before it existed."""
+
+    def __init__(self, message: str, folder: str | os.PathLike[str]) -> None:
+        super().__init__(message)
+        self.folder = Path(folder)
+
+    def __reduce__(self) -> tuple[type, tuple[str, Path]]:  # pickled between torchrun ranks
+        return type(self), (str(self), self.folder)
 
 
 class OutputLockedError(MnemeError, RuntimeError):

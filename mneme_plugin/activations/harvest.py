@@ -53,7 +53,7 @@ from mneme_plugin.activations.store import (
 )
 from mneme_plugin.activations.sharded import harvest_sharded
 from mneme_plugin.distributed import distributed_context, main_rank_lock
-from mneme_plugin.errors import CheckpointError, ConfigError, EmptyCorpusError, NonFiniteActivationError
+from mneme_plugin.errors import ConfigError, EmptyCorpusError, ForeignOutputError, NonFiniteActivationError
 from mneme_plugin.files import LOCK_FILE, output_lock, remove_stale_temporaries
 
 logger = logging.getLogger("mneme_plugin")
@@ -236,10 +236,11 @@ def _check_resumable(manifest: dict[str, Any], ctx: HarvestContext, path: Path) 
             diffs.append(f"{key}: stored {manifest.get(key)!r} vs now {now!r}")
     if diffs:
         state = "complete" if manifest.get("complete") else "partial"
-        raise CheckpointError(
+        raise ForeignOutputError(
             f"{path} already holds a {state} activation store harvested with a different setup ("
             + "; ".join(diffs)
-            + "). Use another out_dir, pass overwrite=True, or restore the original config to resume."
+            + "). Use another out_dir, pass overwrite=True, or restore the original config to resume.",
+            path,
         )
 
 
@@ -257,11 +258,12 @@ def check_same_corpus(manifest: dict[str, Any], corpus: CorpusSource, path: Path
         same = stored_name == now_name or str(stored_name).startswith("<")
     if not same:
         state = "complete" if manifest.get("complete") else "partial"
-        raise CheckpointError(
+        raise ForeignOutputError(
             f"{path} holds a {state} activation store harvested from corpus {stored_name} (fingerprint {stored}), "
             f"but the corpus is now {now_name} (fingerprint {now}). A store belongs to one corpus: use another "
             "out_dir, pass overwrite=True (--overwrite) to start over, or give the original corpus"
-            + (" to resume." if state == "partial" else ".")
+            + (" to resume." if state == "partial" else "."),
+            path,
         )
 
 
@@ -293,8 +295,8 @@ def harvest(
     Models are TransformerLens objects or names / local folders (booted with TransformerBridge).
     If ``out_dir`` holds an unfinished harvest with the same config, it is resumed; a finished
     one is returned as is. ``on_shard(i)`` is called after shard i is committed. A store belongs to
-    one corpus: reusing or resuming it with another is refused (CheckpointError). ``out_dir`` is locked
-    while harvesting: a second harvest into it fails at once (OutputLockedError).
+    one corpus: reusing or resuming it with another is refused (ForeignOutputError, a CheckpointError).
+    ``out_dir`` is locked while harvesting: a second harvest into it fails at once (OutputLockedError).
     """
     dist_ctx = distributed_context(config.device)
     if dist_ctx.is_distributed:  # under torchrun: this rank's share, see activations/sharded.py
@@ -339,9 +341,10 @@ def _harvest_locked(ctx: HarvestContext, corpus: CorpusSource, config: HarvestCo
         logger.info("Resuming harvest into %s after %d windows (%d shards).", path, manifest["n_windows"], len(manifest["shards"]))
     else:
         if store_folder_entries(path):
-            raise CheckpointError(
+            raise ForeignOutputError(
                 f"{path} is not empty and has no {MANIFEST}: refusing to harvest into a foreign folder. "
-                "Choose an empty or new out_dir, or pass overwrite=True."
+                "Choose an empty or new out_dir, or pass overwrite=True.",
+                path,
             )
         stats = ctx.estimate_normalization(corpus)
         manifest = _new_manifest(ctx, corpus, stats)

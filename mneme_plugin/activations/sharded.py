@@ -39,7 +39,7 @@ from mneme_plugin.activations.store import (
     write_shard,
 )
 from mneme_plugin.distributed import DistributedContext
-from mneme_plugin.errors import CheckpointError, EmptyCorpusError, MnemeError
+from mneme_plugin.errors import CheckpointError, EmptyCorpusError, ForeignOutputError, MnemeError
 from mneme_plugin.files import atomic_write_text
 
 COUNT_KEYS = ("outliers_dropped", "special_tokens_dropped", "padding_dropped", "n_corpus_tokens")
@@ -76,9 +76,10 @@ def _prepare(ctx: Any, corpus: CorpusSource, config: HarvestConfig, path: Path, 
             _fold(path, manifest, world_size)
         return manifest
     if store_folder_entries(path):
-        raise CheckpointError(
+        raise ForeignOutputError(
             f"{path} is not empty and has no {MANIFEST}: refusing to harvest into a foreign folder. "
-            "Choose an empty or new out_dir, or pass overwrite=True."
+            "Choose an empty or new out_dir, or pass overwrite=True.",
+            path,
         )
     manifest = _new_manifest(ctx, corpus, ctx.estimate_normalization(corpus))
     manifest["world_size"] = world_size

@@ -38,7 +38,7 @@ from mneme_plugin.crosscoder.metrics import (
 from mneme_plugin.crosscoder.model import BatchTopKCrossCoder
 from mneme_plugin.crosscoder.trainer import BatchTopKCrossCoderTrainer
 from mneme_plugin.distributed import SINGLE_PROCESS, DistributedContext, distributed_context, main_rank_lock
-from mneme_plugin.errors import CheckpointError, ConfigError, NonFiniteActivationError
+from mneme_plugin.errors import CheckpointError, ConfigError, ForeignOutputError, NonFiniteActivationError
 from mneme_plugin.files import atomic_directory, atomic_write_text, json_digest, read_json
 
 logger = logging.getLogger("mneme_plugin")
@@ -230,19 +230,21 @@ def _check_run_config(run_dir: Path, run_config: dict[str, Any]) -> None:
         trained = latest_checkpoint(run_dir) is not None or (run_dir / FINAL_DIR).is_dir()
         if previous is not None and trained and _results_part(previous) != _results_part(run_config):
             differences = _config_differences(_results_part(previous), _results_part(run_config))
-            raise ConfigError(
+            raise ForeignOutputError(
                 f"{run_dir} holds a training run with another config ({path}: "
                 f"{'; '.join(differences[:5]) or 'other fields'}); use a new run directory, or start over "
-                "here with --no-resume (train(..., resume=False))."
+                "here with --no-resume (train(..., resume=False)).",
+                run_dir,
             )
         # Recorded since stores are pinned by their manifest (older runs compare their config alone).
         stored_data = previous.get("data") if isinstance(previous, dict) else None
         if trained and stored_data is not None and stored_data != run_config.get("data"):
             store = run_config["crosscoder"].get("metadata", {}).get("store", "the store")
-            raise ConfigError(
+            raise ForeignOutputError(
                 f"{run_dir} holds a training run on other activations ({path}: data {stored_data} vs now "
                 f"{run_config.get('data')}: {store} was harvested again, or is another store); use a new run "
-                "directory, or start over here with --no-resume (train(..., resume=False))."
+                "directory, or start over here with --no-resume (train(..., resume=False)).",
+                run_dir,
             )
         if trained and previous is not None:
             return
@@ -268,7 +270,8 @@ def train(
     checkpoint in ``run_dir`` is continued, and a finished run is loaded instead of retrained.
     ``on_step(step, trainer)`` is called after every step. A store whose harvest did not finish
     (or with damaged shards) is refused unless ``allow_partial`` (CheckpointError). ``run_dir``
-    is locked while training: a second ``train`` on it fails at once (OutputLockedError).
+    is locked while training: a second ``train`` on it fails at once (OutputLockedError); one holding a
+    run of another config, or on other activations, is refused (ForeignOutputError, a ConfigError).
     """
     cc_cfg = crosscoder if isinstance(crosscoder, CrossCoderConfig) else CrossCoderConfig.from_dict(crosscoder)
     tr_cfg = training if isinstance(training, TrainingConfig) else TrainingConfig.from_dict(training)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mneme_plugin.errors import CheckpointError, ConfigError, RankFailedError
+from mneme_plugin.errors import ConfigError, ForeignOutputError, RankFailedError
 from mneme_plugin.files import atomic_write_text, json_digest
 from mneme_plugin.layout import RunLayout
 from mneme_plugin.pipeline.config import RunConfig, save_run_config
@@ -245,7 +245,7 @@ def _run_stages(config: RunConfig, stages: list[Stage], layout: RunLayout, dist:
         if stage.all_ranks:  # every rank does its share (the stage's own function splits the work)
             dist.on_main(lambda: _start_stage(stage, status))
             start_time = time.perf_counter()
-            with _run_remedies(stage, layout):
+            with _run_remedies(stage):
                 stage.run(ctx)
             dist.on_main(lambda: _finish_stage(stage, layout, fingerprint, token, start_time, inputs.get(stage.name)))
         elif not dist.is_main:
@@ -259,7 +259,7 @@ def _run_stages(config: RunConfig, stages: list[Stage], layout: RunLayout, dist:
                 with local_only():  # rank 0 alone: its stages see one process
                     _start_stage(stage, status)
                     start_time = time.perf_counter()
-                    with _run_remedies(stage, layout):
+                    with _run_remedies(stage):
                         stage.run(ctx)
                     _finish_stage(stage, layout, fingerprint, token, start_time, inputs.get(stage.name))
             except BaseException as err:
@@ -269,21 +269,16 @@ def _run_stages(config: RunConfig, stages: list[Stage], layout: RunLayout, dist:
                 raise
 
 
-# Remedies that the stage functions' errors name for their own callers; `mneme run` takes neither.
-_FUNCTION_REMEDIES = ("overwrite=True", "--no-resume")
-
-
 @contextlib.contextmanager
-def _run_remedies(stage: Stage, layout: RunLayout) -> Iterator[None]:
-    """Add what to do in `mneme run` to a stage error that names a function argument or another
-    command's option (e.g. a partial store or training run left by a kill before the config changed)."""
+def _run_remedies(stage: Stage) -> Iterator[None]:
+    """Add what to do in `mneme run` to a stage's ForeignOutputError (e.g. a partial store or training
+    run left by a kill before the config changed), whose message names the function's remedies
+    (``overwrite=True``, ``--no-resume``), which `mneme run` does not take."""
     try:
         yield
-    except (ConfigError, CheckpointError) as err:
-        if not any(remedy in str(err) for remedy in _FUNCTION_REMEDIES):
-            raise
-        raise type(err)(f"{err} In `mneme run`: delete {stage.outputs(layout)} to start the {stage.name} "
-                        "stage over, or give this run another run_dir.") from err
+    except ForeignOutputError as err:
+        raise ForeignOutputError(f"{err} In `mneme run`: delete {err.folder} to start the {stage.name} "
+                                 "stage over, or give this run another run_dir.", err.folder) from err
 
 
 def discard_redone(planned: list[tuple[Stage, str, str]], layout: RunLayout, only: list[str] | None = None) -> None:

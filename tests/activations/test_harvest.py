@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from mneme_plugin.activations import ActivationStore, HarvestConfig, harvest, iter_windows
-from mneme_plugin.errors import CheckpointError, EmptyCorpusError, NonFiniteActivationError
+from mneme_plugin.errors import CheckpointError, EmptyCorpusError, ForeignOutputError, NonFiniteActivationError
 
 HOOK = "blocks.1.hook_resid_post"
 
@@ -143,8 +143,10 @@ def test_existing_store_same_and_different_config(ht_pair, corpus, tmp_path, cap
     mtime = (path / "manifest.json").stat().st_mtime_ns
     again = harvest(*ht_pair, corpus, cfg(), path, progress=False)  # complete: nothing redone
     assert again.complete and (path / "manifest.json").stat().st_mtime_ns == mtime
-    with pytest.raises(CheckpointError, match=r"context_length: stored 16 vs now 32"):
+    with pytest.raises(CheckpointError, match=r"context_length: stored 16 vs now 32") as refused:
         harvest(*ht_pair, corpus, cfg(context_length=32), path, progress=False)
+    # Its own type, naming the folder (`mneme run` adds its remedy by this type).
+    assert isinstance(refused.value, ForeignOutputError) and refused.value.folder == path
     store = harvest(*ht_pair, corpus, cfg(context_length=32), path, progress=False, overwrite=True)
     assert store.manifest["context_length"] == 32
 
@@ -189,8 +191,9 @@ def test_foreign_and_corrupt_folders(ht_pair, corpus, tmp_path):
     (foreign / "notes.txt").write_text("hi")
     with pytest.raises(CheckpointError, match="manifest.json"):
         ActivationStore(foreign)
-    with pytest.raises(CheckpointError, match="foreign folder"):
+    with pytest.raises(ForeignOutputError, match="foreign folder") as refused:
         harvest(*ht_pair, corpus, cfg(), foreign, progress=False)
+    assert isinstance(refused.value, CheckpointError) and refused.value.folder == foreign
 
     store = harvest(*ht_pair, corpus, cfg(), tmp_path / "s", progress=False)
     (store.path / "shard_00001.safetensors").write_bytes(b"not a safetensors file")
@@ -216,7 +219,7 @@ def test_a_store_belongs_to_its_corpus(ht_pair, corpus, tmp_path):
     path = tmp_path / "s"
     store = harvest(*ht_pair, first, cfg(), path, progress=False)
     assert store.manifest["corpus"] == str(first) and store.manifest["corpus_fingerprint"].startswith("file:")
-    with pytest.raises(CheckpointError, match=rf"complete activation store harvested from corpus {first} .*now {second}"):
+    with pytest.raises(ForeignOutputError, match=rf"complete activation store harvested from corpus {first} .*now {second}"):
         harvest(*ht_pair, second, cfg(), path, progress=False)
     moved = tmp_path / "moved.txt"  # the same content elsewhere is the same corpus
     moved.write_bytes(first.read_bytes())
@@ -227,7 +230,7 @@ def test_a_store_belongs_to_its_corpus(ht_pair, corpus, tmp_path):
 
     with pytest.raises(Boom):
         harvest(*ht_pair, first, cfg(), tmp_path / "cut", progress=False, on_shard=stop)
-    with pytest.raises(CheckpointError, match=r"partial activation store .* give the original corpus to resume"):
+    with pytest.raises(ForeignOutputError, match=r"partial activation store .* give the original corpus to resume"):
         harvest(*ht_pair, second, cfg(), tmp_path / "cut", progress=False)
     assert ActivationStore(tmp_path / "cut").num_shards == 1  # nothing of the second corpus was mixed in
     resumed = harvest(*ht_pair, first, cfg(), tmp_path / "cut", progress=False)

@@ -172,3 +172,21 @@ def test_a_streamed_run_resumes_on_another_number_of_ranks(tmp_path):
     resumed = BatchTopKCrossCoder.from_pretrained(tmp_path / "resumed" / "crosscoder").state_dict()
     for name, tensor in reference.items():
         torch.testing.assert_close(resumed[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_rank_0_refuses_a_foreign_folder_with_an_error_every_rank_can_raise(tmp_path):
+    """Rank 0 prepares the store and broadcasts its error (pickled) to the other ranks: the type and
+    the folder `mneme run` matches must survive the trip."""
+    import pickle
+
+    from mneme_plugin.activations.sharded import _prepare
+    from mneme_plugin.errors import CheckpointError, ForeignOutputError
+
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("hi")
+    with pytest.raises(ForeignOutputError, match="foreign folder") as refused:
+        _prepare(None, [], HarvestConfig(layer=1), foreign, world_size=2, overwrite=False)
+    received = pickle.loads(pickle.dumps(refused.value))
+    assert type(received) is ForeignOutputError and isinstance(received, CheckpointError)
+    assert received.folder == foreign and str(received) == str(refused.value)

@@ -8,7 +8,7 @@ import torch
 from mneme_plugin import ActivationStore, CrossCoderConfig, HarvestConfig, TrainingConfig, harvest, train
 from mneme_plugin.crosscoder import BatchTopKCrossCoder
 from mneme_plugin.crosscoder.training import latest_checkpoint
-from mneme_plugin.errors import ConfigError, NonFiniteActivationError
+from mneme_plugin.errors import ConfigError, ForeignOutputError, NonFiniteActivationError
 from tests.helpers import synthetic_corpus
 
 
@@ -74,8 +74,11 @@ def test_finished_run_is_loaded_and_a_changed_config_refused(tiny_store, tmp_pat
     again = train(tiny_store, tmp_path / "run", cc, _small_training(steps=20), progress=False,
                   on_step=lambda step, trainer: calls.append(step))
     assert calls == [] and torch.equal(again.crosscoder.W_dec, first.crosscoder.W_dec)
-    with pytest.raises(ConfigError, match=r"another config .*training\.steps: stored 20 vs now 30.*--no-resume"):
+    refusal = r"another config .*training\.steps: stored 20 vs now 30.*--no-resume"
+    with pytest.raises(ConfigError, match=refusal) as refused:
         train(tiny_store, tmp_path / "run", cc, _small_training(steps=30), progress=False)
+    # Its own type, naming the folder (`mneme run` adds its remedy by this type).
+    assert isinstance(refused.value, ForeignOutputError) and refused.value.folder == tmp_path / "run"
     # A start that saved no step (e.g. it failed on its device) pins nothing: another config trains there.
     failed = tmp_path / "failed"
     failed.mkdir()
@@ -104,8 +107,9 @@ def test_a_checkpoint_of_a_store_harvested_again_is_not_resumed(ht_pair, tmp_pat
         train(store, tmp_path / "run", cc, _small_training(), progress=False, on_step=crash_at_25)
     harvest(base, edited, synthetic_corpus(400, seed=0), config.replace(dtype="float32"), store, overwrite=True,
             progress=False)
-    with pytest.raises(ConfigError, match=r"other activations .*harvested again.*--no-resume"):
+    with pytest.raises(ForeignOutputError, match=r"other activations .*harvested again.*--no-resume") as refused:
         train(store, tmp_path / "run", cc, _small_training(), progress=False)
+    assert isinstance(refused.value, ConfigError) and refused.value.folder == tmp_path / "run"
     assert train(store, tmp_path / "run", cc, _small_training(), resume=False, progress=False).metrics.n_tokens > 0
     # The same store again: the finished run is loaded, as before.
     calls = []

@@ -219,6 +219,38 @@ def test_a_changed_config_over_a_stage_left_unfinished_says_what_to_do_in_a_run(
     assert result.exit_code == 0, result.output
 
 
+def test_the_run_remedy_goes_to_foreign_outputs_only(tmp_path):
+    """`mneme run` adds its remedy to a ForeignOutputError by its type, whatever its text, and to no
+    other error, even one whose text names `--no-resume` (a corrupt metrics.json: the file to delete)."""
+    from mneme_plugin.errors import CheckpointError, ForeignOutputError
+    from mneme_plugin.pipeline import run_pipeline
+    from mneme_plugin.pipeline.stage import Stage
+
+    def fail(error):
+        def run(ctx):
+            raise error
+        return run
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("text\n")
+    cfg = RunConfig.from_dict({"run_dir": str(tmp_path / "run"), "models": {"base": "b", "edited": "e"},
+                               "corpus": {"source": str(corpus)}, "harvest": {"layer": 1}})
+    objects = {"base": object(), "edited": object()}
+    other_work = tmp_path / "elsewhere"
+    stages = [Stage("train", ("training",), lambda l: l.crosscoder_run,
+                    fail(ForeignOutputError(f"{other_work} holds other work.", other_work)))]
+    with pytest.raises(ForeignOutputError) as refused:
+        run_pipeline(cfg, stages, models=objects, progress=False)
+    assert str(refused.value) == (f"{other_work} holds other work. In `mneme run`: delete {other_work} to start "
+                                  "the train stage over, or give this run another run_dir.")
+    assert refused.value.folder == other_work
+    corrupt = CheckpointError("run/crosscoder_run/metrics.json is corrupt; delete it and train again (--no-resume).")
+    stages = [Stage("train", ("training",), lambda l: l.crosscoder_run, fail(corrupt))]
+    with pytest.raises(CheckpointError) as raised:
+        run_pipeline(cfg, stages, models=objects, progress=False)
+    assert raised.value is corrupt
+
+
 def test_a_corpus_rewritten_in_place_is_read_again(pair_and_corpus, tmp_path):
     """The fingerprint names the corpus by its path; the markers of the stages that read it also
     record its content, so a file rewritten in place redoes them and every stage after them."""
