@@ -10,6 +10,7 @@ stage's folder are named and read only by the module that owns the stage (see AR
 | ``ground_truth/`` | ``mneme_plugin.groundtruth.sources`` (``<name>.csv`` tables, measurements in ``<name>/``) |
 | ``.stages/<stage>.json`` | ``mneme_plugin.pipeline.run`` (stage markers: config fingerprint, time) |
 | ``.stages/<stage>.failed`` | ``mneme_plugin.pipeline.run`` (under torchrun: a failed stage other ranks waited for) |
+| ``cache/<stage>/`` | the stage's owner: what it keeps by content across reruns (``explain`` / ``map``: LLM answers) |
 | ``activations/`` | ``mneme_plugin.activations`` (store: manifest + shards) |
 | ``crosscoder_run/`` | ``mneme_plugin.crosscoder.training`` (checkpoints, final crosscoder, metrics) |
 | ``attribution/`` | ``mneme_plugin.attribution`` |
@@ -21,6 +22,11 @@ stage's folder are named and read only by the module that owns the stage (see AR
 | ``report.html`` | ``mneme_plugin.report`` |
 
 Every path is relative to the run directory, so a run directory can be moved or renamed.
+
+A stage that is redone (its config or a stage it reads changed) loses its folder; ``cache/`` is no
+stage's output and stays: each entry in it is keyed by everything that decides its content, so a
+redone stage takes from it only what it would compute again. Deleting ``cache/`` costs time, never
+results.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from pathlib import Path
 
 CONFIG_FILE = "config.yaml"
 STAGES_DIR = ".stages"
+CACHE_DIR = "cache"
 REPORT_FILE = "report.html"
 STAGE_FOLDERS = ("edited_model", "ground_truth", "activations", "crosscoder_run", "attribution", "contexts", "explanations", "mapping",
                  "prediction", "evaluation")
@@ -95,6 +102,10 @@ class RunLayout:
     @property
     def stages(self) -> Path:
         return self.root / STAGES_DIR
+
+    def cache(self, stage: str) -> Path:
+        """The folder where ``stage`` keeps what it computed by content (kept when the stage is redone)."""
+        return self.root / CACHE_DIR / stage
 
     def stage_marker(self, stage: str) -> Path:
         return self.stages / f"{stage}.json"

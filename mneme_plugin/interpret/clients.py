@@ -9,7 +9,7 @@ scorers accept it.
 * :class:`OpenAICompatibleClient`: any ``/v1/chat/completions`` endpoint (``vllm serve``, a hosted
   API). Concurrency limit, retries with exponential backoff (429, 5xx, timeouts, connection
   errors; ``Retry-After`` honoured), a request timeout, and an on-disk cache keyed by a hash of
-  (model, messages, generation parameters) so a re-run pays nothing twice.
+  (endpoint, model, messages, generation parameters) so a re-run pays nothing twice.
 * :class:`VLLMOfflineClient`: Delphi's in-process vLLM client (``delphi.clients.Offline``) for a
   local model on a GPU; needs vllm and Delphi.
 """
@@ -34,6 +34,8 @@ logger = logging.getLogger("mneme_plugin")
 
 Prompt = Union[str, list[dict[str, str]]]
 _PASSED_KWARGS = ("temperature", "max_tokens", "top_p", "logprobs", "top_logprobs", "stop", "seed")
+# The folder of a stage's LLM answers (a DiskCache) inside the folder it is given for its caches.
+LLM_CACHE_DIR = "llm_cache"
 
 
 class ClientError(MnemeError, RuntimeError):
@@ -72,7 +74,7 @@ def as_messages(prompt: Prompt) -> list[dict[str, str]]:
 
 
 class DiskCache:
-    """JSON files under ``folder`` keyed by sha256 of (model, messages, generation parameters)."""
+    """JSON files under ``folder`` keyed by sha256 of (endpoint, model, messages, generation parameters)."""
 
     def __init__(self, folder: str | os.PathLike[str]) -> None:
         self.folder = Path(folder)
@@ -80,9 +82,13 @@ class DiskCache:
         self.hits = 0
 
     @staticmethod
-    def key(model: str, messages: list[dict[str, str]], params: dict[str, Any]) -> str:
-        blob = json.dumps({"model": model, "messages": messages, "params": params}, sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()
+    def key(model: str, messages: list[dict[str, str]], params: dict[str, Any], endpoint: str | None = None) -> str:
+        """``endpoint``: the server's URL, as a model name alone does not say which model answers (two
+        servers can serve different weights under one name: ``vllm serve --served-model-name``)."""
+        parts: dict[str, Any] = {"model": model, "messages": messages, "params": params}
+        if endpoint is not None:
+            parts["endpoint"] = endpoint
+        return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
     def _path(self, key: str) -> Path:
         return self.folder / key[:2] / f"{key}.json"
@@ -182,7 +188,7 @@ class OpenAICompatibleClient(Client):
         messages = as_messages(prompt)
         params = {"max_tokens": self.max_tokens, **self.extra,
                   **{k: v for k, v in kwargs.items() if k in _PASSED_KWARGS and v is not None}}
-        key = DiskCache.key(self.model, messages, params) if self.cache else ""
+        key = DiskCache.key(self.model, messages, params, endpoint=self.base_url) if self.cache else ""
         if self.cache and (hit := self.cache.get(key)) is not None:
             return hit
         body = {"model": self.model, "messages": messages, **params}

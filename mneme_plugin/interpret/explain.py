@@ -2,7 +2,9 @@
 
 Output, in the run directory: ``explanations.parquet`` + ``explanations.csv`` (one row per latent:
 ``latent``, ``explanation``, ``explainer``, ``model``, ``terms``, ``n_top``, ``fire_tokens``, and a
-column per Delphi scorer run: ``detection`` / ``fuzz`` accuracy), each written atomically.
+column per Delphi scorer run: ``detection`` / ``fuzz`` accuracy), each written atomically. An LLM
+client's answers are cached in ``<cache_dir>/llm_cache/`` (``mneme run``: the run's ``cache/explain/``,
+kept when the stage is redone; ``mneme explain``: the output folder).
 """
 
 from __future__ import annotations
@@ -229,14 +231,16 @@ def explain(
     client: Any = None,
     latents: list[int] | None = None,
     progress: bool = True,
+    cache_dir: str | os.PathLike[str] | None = None,
 ) -> pd.DataFrame:
     """Explain the collected latents of ``contexts_dir`` (see module docstring); returns the table.
 
     ``client`` overrides ``config.client`` (any :class:`~mneme_plugin.interpret.clients.Client`
     or a Delphi client). Delphi explainers need Delphi installed (``pip install eai-delphi``);
-    ``progress``: a bar over their latents.
+    ``progress``: a bar over their latents. ``cache_dir``: where the client made from ``config.client``
+    caches its answers (in ``llm_cache/``; default ``out_dir``; ``client.cache_dir`` wins).
     """
-    from mneme_plugin.interpret.clients import as_delphi_client, make_client
+    from mneme_plugin.interpret.clients import LLM_CACHE_DIR, as_delphi_client, make_client
 
     contexts_dir = Path(contexts_dir)
     out_dir = Path(out_dir) if out_dir is not None else contexts_dir
@@ -257,7 +261,9 @@ def explain(
                          "terms": json.dumps(e.terms + e.phrases + e.context_terms)})
         model = "offline"
     else:
-        client = client if client is not None else make_client(config.client, default_cache_dir=out_dir / "llm_cache")
+        if client is None:
+            cache = Path(cache_dir) if cache_dir is not None else out_dir
+            client = make_client(config.client, default_cache_dir=cache / LLM_CACHE_DIR)
         if client is None:
             raise ConfigError(f"explainer {config.explainer!r} needs an LLM client (client.kind openai or vllm).")
         from mneme_plugin.interpret.delphi_compat import import_delphi

@@ -144,10 +144,13 @@ def map_descriptions(
     out_dir: str | os.PathLike[str] | None = None,
     client: Any = None,
     progress: bool = True,
+    cache_dir: str | os.PathLike[str] | None = None,
 ) -> pd.DataFrame:
     """Label each description and rank the entries of each taxonomy; write ``categories.*``.
-    ``progress``: a bar over the LLM calls (``llm`` method or labeler)."""
-    from mneme_plugin.interpret.clients import gather_with_progress, make_client
+    ``progress``: a bar over the LLM calls (``llm`` method or labeler). ``cache_dir``: where the client
+    made from ``config.client`` caches its answers (in ``llm_cache/``; default ``out_dir``, none without
+    one; ``client.cache_dir`` wins; ``mneme run``: the run's ``cache/map/``, kept when the stage is redone)."""
+    from mneme_plugin.interpret.clients import LLM_CACHE_DIR, gather_with_progress, make_client
     from mneme_plugin.interpret.explain import load_explanations
 
     table = explanations if isinstance(explanations, pd.DataFrame) else load_explanations(explanations)
@@ -156,7 +159,8 @@ def map_descriptions(
     taxonomies = [load_taxonomy(t) for t in config.taxonomies]
     needs_llm = config.method == "llm" or config.labeler == "llm"
     if needs_llm and client is None:
-        cache = Path(out_dir) / "llm_cache" if out_dir is not None else None
+        folder = cache_dir if cache_dir is not None else out_dir
+        cache = Path(folder) / LLM_CACHE_DIR if folder is not None else None
         client = make_client(config.client, default_cache_dir=cache)
     if needs_llm and client is None:
         raise ConfigError("method/labeler 'llm' need an LLM client.")

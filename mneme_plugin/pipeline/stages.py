@@ -88,13 +88,15 @@ def _explain(ctx: PipelineContext) -> None:
     from mneme_plugin.interpret.explain import explain
 
     tokenizer = ctx.models["base"].tokenizer if "base" in ctx.models else None
-    explain(ctx.layout.contexts, ctx.config.explain, ctx.layout.explanations, tokenizer=tokenizer, progress=ctx.progress)
+    explain(ctx.layout.contexts, ctx.config.explain, ctx.layout.explanations, tokenizer=tokenizer,
+            progress=ctx.progress, cache_dir=ctx.layout.cache("explain"))
 
 
 def _map(ctx: PipelineContext) -> None:
     from mneme_plugin.interpret.mapping import map_descriptions
 
-    map_descriptions(ctx.layout.explanations, ctx.config.map, ctx.layout.mapping, progress=ctx.progress)
+    map_descriptions(ctx.layout.explanations, ctx.config.map, ctx.layout.mapping, progress=ctx.progress,
+                     cache_dir=ctx.layout.cache("map"))
 
 
 def _taxonomy_digests(config: RunConfig) -> dict[str, str]:

@@ -36,6 +36,24 @@ def test_retries_on_429_500_and_timeout_then_caches(fake_llm, tmp_path):
     assert again.text == out.text and len(fake_llm.requests) == 4  # served from the disk cache
 
 
+def test_the_cache_keys_answers_by_endpoint(fake_llm, tmp_path):
+    """One model name served by two servers (`vllm serve --served-model-name`) may be two models: an
+    answer cached from one is not the other's."""
+    other = FakeLLM()
+    try:
+        other.reply = lambda body: {"message": {"role": "assistant", "content": "another model"}}
+        prompt = [{"role": "user", "content": "[EXPLANATION]: <<x>>"}]
+        first = client(fake_llm, tmp_path).generate_sync(prompt, temperature=0.0)
+        second = OpenAICompatibleClient("fake-model", base_url=other.url, cache_dir=tmp_path / "cache").generate_sync(
+            prompt, temperature=0.0)
+        assert (first.text, second.text) == ("[EXPLANATION]: mentions of gene and dna", "another model")
+        assert len(fake_llm.requests) == len(other.requests) == 1
+        assert client(fake_llm, tmp_path).generate_sync(prompt, temperature=0.0).text == first.text
+        assert len(fake_llm.requests) == 1  # each server's answer is cached under its own key
+    finally:
+        other.close()
+
+
 def test_gives_up_after_retries_and_does_not_retry_400(fake_llm, tmp_path):
     fake_llm.script = [500, 500, 500]
     with pytest.raises(ClientError, match="after 3 attempts"):

@@ -18,8 +18,9 @@ from click.testing import CliRunner
 from mneme_plugin.cli import main
 from mneme_plugin.crosscoder import BatchTopKCrossCoder
 from mneme_plugin.errors import ConfigError
+from mneme_plugin.interpret import delphi_installed
 from mneme_plugin.pipeline import RunConfig
-from tests.helpers import save_finetuned_llama, synthetic_corpus
+from tests.helpers import FakeLLM, save_finetuned_llama, synthetic_corpus
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -249,6 +250,52 @@ def test_the_run_remedy_goes_to_foreign_outputs_only(tmp_path):
     with pytest.raises(CheckpointError) as raised:
         run_pipeline(cfg, stages, models=objects, progress=False)
     assert raised.value is corrupt
+
+
+@pytest.mark.skipif(not delphi_installed(), reason="Delphi (eai-delphi) is not installed: pip install --no-deps eai-delphi")
+def test_redone_explain_and_map_stages_take_the_llm_answers_from_the_run_cache(pair_and_corpus, tmp_path):
+    """The LLM answers are kept in the run's cache/, not in the stage folders a redone stage loses: a
+    change upstream of explain that leaves the prompts as they were pays for no call again; another
+    model's answers are asked for, and only those."""
+    from mneme_plugin.interpret.explain import load_explanations
+    from mneme_plugin.interpret.mapping import load_mapping
+    from mneme_plugin.layout import RunLayout
+    from mneme_plugin.pipeline import plan, run_pipeline
+    from mneme_plugin.pipeline.stages import STAGES
+
+    base, edited, corpus, truth = pair_and_corpus
+    server = FakeLLM()
+    try:
+        client = {"kind": "openai", "model": "fake-model", "base_url": server.url, "api_key": None, "timeout": 10.0}
+        cfg = _config(tmp_path / "run", base, edited, corpus, truth, steps=30)
+        cfg["explain"] = {"explainer": "default", "min_examples": 1, "n_examples": 4, "client": client}
+        cfg["map"] = {"taxonomies": ["organism"], "method": "llm", "labeler": "llm", "client": client}
+        only = ["harvest", "train", "attribute", "collect", "explain", "map"]
+        layout = RunLayout(tmp_path / "run")
+        run_pipeline(RunConfig.from_dict(cfg), only=only, progress=False)
+        explained, mapped = load_explanations(layout.explanations), load_mapping(layout.mapping)
+        n_explained = len(explained)
+        calls = len(server.requests)
+        assert n_explained > 1 and calls == 3 * n_explained  # per latent: explain, label, rank
+        for stage, folder in (("explain", layout.explanations), ("map", layout.mapping)):
+            assert any((layout.cache(stage) / "llm_cache").rglob("*.json")) and not (folder / "llm_cache").exists()
+
+        # Collect's Delphi cache in two files instead of one: collect, explain and map are redone.
+        cfg["collect"]["n_splits"] = 2
+        statuses = {s.name: st for s, _, st in plan(RunConfig.from_dict(cfg), STAGES)}
+        assert all(statuses[name].startswith("rerun") for name in ("collect", "explain", "map"))
+        run_pipeline(RunConfig.from_dict(cfg), only=only, progress=False)
+        assert len(server.requests) == calls
+        pd.testing.assert_frame_equal(load_explanations(layout.explanations), explained)
+        pd.testing.assert_frame_equal(load_mapping(layout.mapping), mapped)
+
+        # Another explainer model: its answers are asked for; map's prompts (the same explanations) are not.
+        cfg["explain"]["client"] = {**client, "model": "other-model"}
+        run_pipeline(RunConfig.from_dict(cfg), only=only, progress=False)
+        assert len(server.requests) == calls + n_explained
+        assert {r["model"] for r in server.requests[calls:]} == {"other-model"}
+    finally:
+        server.close()
 
 
 def test_a_corpus_rewritten_in_place_is_read_again(pair_and_corpus, tmp_path):
