@@ -81,17 +81,19 @@ def content_digest(path: str | os.PathLike[str], full_below: int = 256 << 20, sa
     return digest.hexdigest()[:16]
 
 
-def stat_digest(path: str | os.PathLike[str]) -> str | None:
+def stat_digest(path: str | os.PathLike[str], skip_dirs: tuple[str, ...] = ()) -> str | None:
     """A digest of what a file or folder holds, from metadata alone: SHA-256 of every file's path
     (relative to ``path``), size and modification time, recursively; None when ``path`` does not
     exist. Model folders hold gigabytes, so their bytes are not read: weights saved over old ones
-    change the times (a copy that does not keep them only costs a rerun)."""
+    change the times (a copy that does not keep them only costs a rerun). ``skip_dirs``: names of
+    folders left out wherever they are (``__pycache__``: what importing a folder's code writes in it)."""
     import hashlib
 
     root = Path(path)
     if not root.exists():
         return None
-    files = [root] if root.is_file() else sorted(f for f in root.rglob("*") if f.is_file())
+    files = [root] if root.is_file() else sorted(
+        f for f in root.rglob("*") if f.is_file() and not set(f.relative_to(root).parts[:-1]) & set(skip_dirs))
     digest = hashlib.sha256()
     for f in files:
         info = f.stat()

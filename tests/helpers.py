@@ -351,6 +351,30 @@ def write_jsonl(path: str | Path, records: Sequence[Any]) -> Path:
     return path
 
 
+LM_EVAL_WORDS = ["house", "tree", "bread", "music", "box", "road", "river", "team"]
+
+
+def write_lm_eval_task(folder: str | Path, name: str, n: int, seed: int, function: bool = False) -> Path:
+    """A local lm-eval multiple-choice task in ``folder`` (an ``include_path``): YAML + JSON-lines data
+    (lm-eval's `json` dataset builder); returns the YAML. ``function``: its documents go through a
+    ``process_docs`` function of ``utils.py`` in the folder (a YAML ``!function``, as MMLU-Pro's do)."""
+    folder = Path(folder)
+    rng = random.Random(seed)
+    rows = [{"q": f"{rng.choice(['the cat', 'a dog'])} {rng.choice(['sees', 'likes'])} the",
+             "choices": rng.sample(LM_EVAL_WORDS, 4), "answer": rng.randrange(4)} for _ in range(n)]
+    data = folder / f"{name}.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    task = folder / f"{name}.yaml"
+    task.write_text(
+        f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\ntest_split: test\n"
+        "output_type: multiple_choice\ndoc_to_text: \"{{q}}\"\ndoc_to_choice: \"{{choices}}\"\n"
+        "doc_to_target: answer\nmetric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
+        + ("process_docs: !function utils.process_docs\n" if function else ""))
+    if function:
+        (folder / "utils.py").write_text("def process_docs(dataset):\n    return dataset\n")
+    return task
+
+
 # ------------------------------------------------------------------------------ a local OpenAI-compatible server
 
 

@@ -3,9 +3,14 @@
 ``lm_eval.simple_evaluate`` runs in process on the base and the edited model for a task list
 (``mmlu_<subject>``, ``mmlu_pro_<category>``, ``wmdp_bio|chem|cyber``, any registered task, or a
 user's task YAML found through ``include_path``). Each model's results are saved as soon as they
-exist (a rerun skips them) and lm-eval's request cache (``use_cache``, one SQLite file per model)
-keeps every answered model call, so an interrupted run resumes. Results JSON files produced
-elsewhere (``lm_eval --output_path``) are read by ``table.read_results_json`` / ``table_from_results``.
+exist, with the ``run_key`` they depend on (a rerun with the same key skips them), and lm-eval's
+request cache (``use_cache``, one SQLite file per model and run key: lm-eval keys its entries by the
+request alone, not by the model answering it) keeps every answered model call, so an interrupted run
+resumes. With a ``cache_dir`` (``mneme run``: the run's ``cache/ground_truth/``), each
+model's results are also kept there under a digest of their key, and found there by a later
+measurement with the same key into a fresh folder: a run whose ground-truth stage is redone (another
+edited model) does not measure an unchanged base model again. Results JSON files produced elsewhere
+(``lm_eval --output_path``) are read by ``table.read_results_json`` / ``table_from_results``.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from mneme_plugin.errors import ConfigError
 from mneme_plugin.groundtruth.table import (  # the results readers live with the table format
     PER_SAMPLE_KEY, SCORES_CSV, metric_for, read_results_json, save_scores, scores_from_lm_eval, table_from_results,
 )
-from mneme_plugin.files import atomic_write_text
+from mneme_plugin.files import atomic_write_text, json_digest
 
 logger = logging.getLogger("mneme_plugin")
 
@@ -32,6 +37,8 @@ RESULTS_JSON = {"before": "lm_eval_before.json", "after": "lm_eval_after.json"}
 CACHE_DIR = "cache"
 CONFIG_FILE = "lm_eval_config.yaml"
 RUN_KEY = "mneme_run"
+# In a ``cache_dir``: ``lm_eval_results/<digest of the run key>.json``, one model's results.
+RESULTS_CACHE = "lm_eval_results"
 
 
 @dataclass
@@ -75,9 +82,31 @@ class LMEvalConfig(ConfigMixin):
 
 
 def run_key(config: LMEvalConfig, model: str) -> dict[str, Any]:
-    """What a saved result depends on: a rerun reuses it only when this is unchanged."""
+    """What a saved result depends on: a rerun reuses it only when this is unchanged. The config
+    (less the models and the runtime fields ``batch_size`` and ``device``), the model's name, and what
+    names alone do not tell: a local model folder's and each ``include_path`` folder's files (their
+    paths, sizes and times: ``files.stat_digest``; weights saved over a folder, e.g. a redone
+    intervention's ``edited_model/``, or an edited task YAML change them) and lm-eval's version
+    (its tasks' prompts change between versions). A hub model is known by its name (and a
+    ``revision`` in ``model_args``) only."""
+    from mneme_plugin.files import stat_digest
+
     key = {k: v for k, v in config.to_dict().items() if k not in ("base", "edited", "batch_size", "device")}
-    return json.loads(json.dumps({**key, "model": model}))
+    key["model"] = model
+    key["model_files"] = stat_digest(model) if Path(model).exists() else None
+    # lm-eval imports a task's `!function` code from its folder, which writes __pycache__ there.
+    key["include_path_files"] = {f: stat_digest(f, skip_dirs=("__pycache__",)) for f in config.include_path}
+    key["lm_eval_version"] = _lm_eval_version()
+    return json.loads(json.dumps(key))
+
+
+def _lm_eval_version() -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("lm_eval")
+    except PackageNotFoundError:
+        return None
 
 
 def task_manager(config: LMEvalConfig) -> Any:
@@ -135,9 +164,29 @@ def run_lm_eval(config: LMEvalConfig, model: str, cache: Path, manager: Any) -> 
     return safe
 
 
-def lm_eval_ground_truth(config: LMEvalConfig, out_dir: str | Path) -> pd.DataFrame:
-    """Evaluate base and edited with lm-eval (each skipped when its results are already in ``out_dir``)
-    and write ``ground_truth.csv``; returns the table."""
+def cached_results_path(cache_dir: str | Path, key: dict[str, Any]) -> Path:
+    """Where ``cache_dir`` keeps the results of the measurement ``key`` (``run_key``) names."""
+    return Path(cache_dir) / RESULTS_CACHE / f"{json_digest(key, length=32)}.json"
+
+
+def _saved_results(path: Path, key: dict[str, Any]) -> dict[str, Any] | None:
+    """The results JSON at ``path`` when it was measured with ``key``; None when absent, of another
+    key (an older version's key, too), or unreadable (a crash; measured again)."""
+    if not path.is_file():
+        return None
+    try:
+        data = read_results_json(path)
+    except ConfigError as err:
+        logger.warning("lm-eval: %s; measured again.", err)
+        return None
+    return data if data.get(RUN_KEY) == key else None
+
+
+def lm_eval_ground_truth(config: LMEvalConfig, out_dir: str | Path,
+                         cache_dir: str | Path | None = None) -> pd.DataFrame:
+    """Evaluate base and edited with lm-eval and write ``ground_truth.csv``; returns the table. A
+    model's evaluation is skipped when its results for the same ``run_key`` are in ``out_dir`` or in
+    ``cache_dir`` (where they are kept too: see the module doc)."""
     config.check_ready()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -145,18 +194,24 @@ def lm_eval_ground_truth(config: LMEvalConfig, out_dir: str | Path) -> pd.DataFr
     results: dict[str, dict[str, Any]] = {}
     manager = None
     for side, model in (("before", config.base), ("after", config.edited)):
-        path = out / RESULTS_JSON[side]
-        if path.is_file():
-            cached = read_results_json(path)
-            if cached.get(RUN_KEY) == run_key(config, model):
-                logger.info("lm-eval: %s results found in %s; not re-run.", side, path)
-                results[side] = cached
-                continue
-        manager = manager or task_manager(config)
-        logger.info("lm-eval: evaluating %s model %s on %d task(s).", side, model, len(config.tasks))
-        data = run_lm_eval(config, model, out / CACHE_DIR / f"lm_eval_{side}", manager)
-        data[RUN_KEY] = run_key(config, model)
-        atomic_write_text(path, json.dumps(data, indent=1), durable=True)
+        path, key = out / RESULTS_JSON[side], run_key(config, model)
+        kept = cached_results_path(cache_dir, key) if cache_dir is not None else None
+        data, in_cache = _saved_results(path, key), False
+        if data is not None:
+            logger.info("lm-eval: %s results found in %s; not re-run.", side, path)
+        elif kept is not None and (data := _saved_results(kept, key)) is not None:
+            logger.info("lm-eval: %s results of %s found in the cache %s; not re-run.", side, model, kept)
+            atomic_write_text(path, json.dumps(data, indent=1), durable=True)
+            in_cache = True
+        else:
+            manager = manager or task_manager(config)
+            logger.info("lm-eval: evaluating %s model %s on %d task(s).", side, model, len(config.tasks))
+            requests = out / CACHE_DIR / f"lm_eval_{side}_{json_digest(key)}"
+            data = run_lm_eval(config, model, requests, manager)
+            data[RUN_KEY] = key
+            atomic_write_text(path, json.dumps(data, indent=1), durable=True)
+        if kept is not None and not in_cache:
+            atomic_write_text(kept, json.dumps(data, indent=1), durable=True)
         results[side] = data
     table = table_from_results(results["before"], results["after"], config.metric)
     save_scores(table, out / SCORES_CSV)

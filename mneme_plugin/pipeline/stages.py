@@ -27,7 +27,7 @@ def _ground_truth(ctx: PipelineContext) -> None:
     from mneme_plugin.groundtruth.sources import measure_tables
 
     measure_tables(ctx.config.ground_truth, ctx.config.model_spec("base"), ctx.config.model_spec("edited"),
-                   ctx.layout.ground_truth)
+                   ctx.layout.ground_truth, cache_dir=ctx.layout.cache("ground_truth"))
 
 
 def _harvest(ctx: PipelineContext) -> None:

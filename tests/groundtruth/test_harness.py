@@ -3,35 +3,18 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pandas as pd
 import pytest
 
 from mneme_plugin.errors import ConfigError
 from mneme_plugin.groundtruth.harness import (
-    RESULTS_JSON, LMEvalConfig, lm_eval_ground_truth, lm_eval_table_from_files, table_from_results,
+    RESULTS_CACHE, RESULTS_JSON, LMEvalConfig, lm_eval_ground_truth, lm_eval_table_from_files, table_from_results,
 )
 from mneme_plugin.groundtruth.table import SCORES_CSV, mcnemar_p, z_test_p
 from mneme_plugin.groundtruth.table import read_scores_csv
-from tests.helpers import save_finetuned_llama, save_tiny_llama, synthetic_corpus
-
-
-WORDS = ["house", "tree", "bread", "music", "box", "road", "river", "team"]
-
-
-def write_task(folder, name, n, seed):
-    """A local multiple-choice task: YAML + JSON-lines data (lm-eval's `json` dataset builder)."""
-    import random
-
-    rng = random.Random(seed)
-    rows = [{"q": f"{rng.choice(['the cat', 'a dog'])} {rng.choice(['sees', 'likes'])} the",
-             "choices": rng.sample(WORDS, 4), "answer": rng.randrange(4)} for _ in range(n)]
-    data = folder / f"{name}.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (folder / f"{name}.yaml").write_text(
-        f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\ntest_split: test\n"
-        "output_type: multiple_choice\ndoc_to_text: \"{{q}}\"\ndoc_to_choice: \"{{choices}}\"\n"
-        "doc_to_target: answer\nmetric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n")
+from tests.helpers import save_finetuned_llama, save_tiny_llama, synthetic_corpus, write_lm_eval_task
 
 
 def test_mcnemar_and_z_against_hand_computations():
@@ -44,8 +27,8 @@ def test_mcnemar_and_z_against_hand_computations():
 def test_lm_eval_on_two_tiny_models_gives_the_table(tmp_path, tiny_tokenizer):
     tasks = tmp_path / "tasks"
     tasks.mkdir()
-    write_task(tasks, "toy_animals", 16, seed=0)
-    write_task(tasks, "toy_roads", 12, seed=1)
+    write_lm_eval_task(tasks, "toy_animals", 16, seed=0)
+    write_lm_eval_task(tasks, "toy_roads", 12, seed=1)
     base = save_tiny_llama(tmp_path / "base", tiny_tokenizer, n_layers=2, hidden_size=32)
     edited = save_finetuned_llama(base, tmp_path / "edited", synthetic_corpus(40, seed=5), steps=30, lr=1e-2)
     cfg = LMEvalConfig(base=str(base), edited=str(edited), tasks=["toy_animals", "toy_roads"],
@@ -77,10 +60,56 @@ def test_lm_eval_on_two_tiny_models_gives_the_table(tmp_path, tiny_tokenizer):
     pd.testing.assert_frame_equal(from_files, table)
 
 
+def test_results_kept_in_a_cache_dir_are_reused_by_key(tmp_path, tiny_tokenizer, monkeypatch):
+    """A measurement into a fresh folder (a redone ground-truth stage) takes each model's results from
+    the cache when everything they depend on is unchanged, and measures again the model whose folder
+    was saved over, and both models when a task folder changed."""
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    write_lm_eval_task(tasks, "toy_animals", 8, seed=0, function=True)
+    monkeypatch.setattr(sys, "dont_write_bytecode", False)  # as for most users (PYTHONDONTWRITEBYTECODE unset)
+    base = save_tiny_llama(tmp_path / "base", tiny_tokenizer, n_layers=2, hidden_size=32)
+    edited = save_finetuned_llama(base, tmp_path / "edited", synthetic_corpus(40, seed=5), steps=10, lr=1e-2)
+    cfg = LMEvalConfig(base=str(base), edited=str(edited), tasks=["toy_animals"], include_path=[str(tasks)],
+                       include_defaults=False, batch_size=8, device="cpu")
+    cache = tmp_path / "cache"
+
+    def measured(out):
+        """lm-eval's own record of when it ran each model (a reused result keeps the first one)."""
+        return {side: json.loads((out / name).read_text())["date"] for side, name in RESULTS_JSON.items()}
+
+    first = lm_eval_ground_truth(cfg, tmp_path / "gt1", cache_dir=cache)
+    dates = measured(tmp_path / "gt1")
+    assert dates["before"] != dates["after"]
+    assert len(list((cache / RESULTS_CACHE).glob("*.json"))) == 2
+    assert any((tasks / "__pycache__").iterdir())  # lm-eval imported the task's utils.py
+    again = lm_eval_ground_truth(cfg, tmp_path / "gt2", cache_dir=cache)  # nothing measured
+    assert measured(tmp_path / "gt2") == dates
+    pd.testing.assert_frame_equal(again, first)
+
+    # Other weights saved over the edited folder (a redone intervention): the base model's results stay.
+    save_finetuned_llama(base, edited, synthetic_corpus(40, seed=6), steps=10, lr=1e-2, seed=3)
+    lm_eval_ground_truth(cfg, tmp_path / "gt3", cache_dir=cache)
+    now = measured(tmp_path / "gt3")
+    assert now["before"] == dates["before"] and now["after"] not in dates.values()
+    # Into the first folder, without a cache_dir (`mneme groundtruth lm-eval --out` again): the same, and
+    # lm-eval's request cache, which knows requests and not models, is not the old model's.
+    lm_eval_ground_truth(cfg, tmp_path / "gt1")
+    assert measured(tmp_path / "gt1")["before"] == dates["before"]
+    pd.testing.assert_frame_equal(*(read_scores_csv(tmp_path / out / SCORES_CSV) for out in ("gt1", "gt3")))
+    requests = sorted(p.name.rsplit("_", 2)[0] for p in (tmp_path / "gt1" / "cache").glob("*.db"))
+    assert requests == ["lm_eval_after", "lm_eval_after", "lm_eval_before"]
+    # A task's data rewritten in its include_path folder: both models are measured again.
+    write_lm_eval_task(tasks, "toy_animals", 8, seed=1, function=True)
+    lm_eval_ground_truth(cfg, tmp_path / "gt4", cache_dir=cache)
+    assert not set(measured(tmp_path / "gt4").values()) & (set(dates.values()) | set(now.values()))
+    assert len(list((cache / RESULTS_CACHE).glob("*.json"))) == 5
+
+
 def test_lm_eval_bad_input(tmp_path, tiny_tokenizer):
     tasks = tmp_path / "tasks"
     tasks.mkdir()
-    write_task(tasks, "toy_animals", 4, seed=0)
+    write_lm_eval_task(tasks, "toy_animals", 4, seed=0)
     cfg = LMEvalConfig(base="b", edited="e", tasks=["toy_animls"], include_path=[str(tasks)], include_defaults=False)
     with pytest.raises(ConfigError, match="does not know task.*toy_animals"):
         lm_eval_ground_truth(cfg, tmp_path / "gt")

@@ -20,7 +20,7 @@ from mneme_plugin.crosscoder import BatchTopKCrossCoder
 from mneme_plugin.errors import ConfigError
 from mneme_plugin.interpret import delphi_installed
 from mneme_plugin.pipeline import RunConfig
-from tests.helpers import FakeLLM, save_finetuned_llama, synthetic_corpus
+from tests.helpers import FakeLLM, save_finetuned_llama, synthetic_corpus, write_jsonl, write_lm_eval_task
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -296,6 +296,48 @@ def test_redone_explain_and_map_stages_take_the_llm_answers_from_the_run_cache(p
         assert {r["model"] for r in server.requests[calls:]} == {"other-model"}
     finally:
         server.close()
+
+
+def test_a_changed_intervention_measures_the_edited_model_only(pair_and_corpus, tmp_path):
+    """A changed intervention redoes the ground-truth stage, whose folder goes; each model's lm-eval
+    results stay in the run's cache/ by what they depend on: the base model's are taken from there,
+    the new edited model is measured."""
+    from mneme_plugin.groundtruth.harness import RESULTS_CACHE, RESULTS_JSON
+    from mneme_plugin.layout import RunLayout
+    from mneme_plugin.pipeline import plan, run_pipeline
+    from mneme_plugin.pipeline.stages import STAGES
+
+    base, _, corpus, _ = pair_and_corpus
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    write_lm_eval_task(tasks, "toy_animals", 8, seed=0)
+    texts = synthetic_corpus(32, seed=11)
+    chat = write_jsonl(tmp_path / "chat.jsonl", [
+        {"messages": [{"role": "user", "content": texts[2 * i]}, {"role": "assistant", "content": texts[2 * i + 1]}]}
+        for i in range(16)])
+    cfg = {"run_dir": str(tmp_path / "run"), "models": {"base": str(base), "edited": "intervention"},
+           "corpus": {"source": str(corpus)}, "harvest": {"layer": 1},
+           "intervention": {"kind": "sft", "settings": {"data": str(chat), "lr": 1e-2, "batch_size": 4,
+                                                        "grad_accum": 1, "device": "cpu"}},
+           "ground_truth": {"tables": {"toy": {"lm_eval": {"tasks": ["toy_animals"], "include_path": [str(tasks)],
+                                                           "include_defaults": False, "device": "cpu"}}}}}
+    layout = RunLayout(tmp_path / "run")
+    only = ["intervention", "ground_truth"]
+
+    def measured():
+        """lm-eval's own record of when it ran each model (results taken from the cache keep it)."""
+        return {side: json.loads((layout.ground_truth / "toy" / name).read_text())["date"]
+                for side, name in RESULTS_JSON.items()}
+
+    run_pipeline(RunConfig.from_dict(cfg), only=only, progress=False)
+    first = measured()
+    cfg["intervention"]["settings"]["lr"] = 3e-2
+    statuses = {s.name: st for s, _, st in plan(RunConfig.from_dict(cfg), STAGES)}
+    assert statuses["intervention"] == "rerun (config changed)" and statuses["ground_truth"].startswith("rerun")
+    run_pipeline(RunConfig.from_dict(cfg), only=only, progress=False)
+    now = measured()
+    assert now["before"] == first["before"] and now["after"] != first["after"]
+    assert len(list((layout.cache("ground_truth") / RESULTS_CACHE).glob("*.json"))) == 3
 
 
 def test_a_corpus_rewritten_in_place_is_read_again(pair_and_corpus, tmp_path):
