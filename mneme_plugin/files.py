@@ -272,12 +272,14 @@ def atomic_write_text(path: str | os.PathLike[str], text: str, *, durable: bool 
     return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"), durable=durable)
 
 
-def atomic_directory(path: str | os.PathLike[str], writer: Callable[[Path], object], *, overwrite: bool = False) -> Path:
+def atomic_directory(path: str | os.PathLike[str], writer: Callable[[Path], object], *, overwrite: bool = False,
+                     durable: bool = False) -> Path:
     """Call ``writer(tmp_dir)`` on a temporary sibling folder, then rename it to ``path``.
 
     A folder at ``path`` is only ever complete: a crash leaves the hidden temporary folder behind
     (removed by the next attempt), never a half-written ``path``. An existing ``path`` is replaced
-    only with ``overwrite``.
+    only with ``overwrite``. ``durable=True`` also fsyncs every file before the rename (checkpoints
+    a resume relies on).
     """
     import shutil
 
@@ -293,6 +295,11 @@ def atomic_directory(path: str | os.PathLike[str], writer: Callable[[Path], obje
         for written in tmp.rglob("*"):  # what libraries wrote 0600 (safetensors) gets open()'s mode
             if written.is_file() and not written.is_symlink():
                 os.chmod(written, FILE_MODE)
+                if durable:
+                    with open(written, "rb") as fh:
+                        os.fsync(fh.fileno())
+        if durable:
+            fsync_dir(tmp)
         if path.exists():
             old = temporary_sibling(path, suffix=".old")
             os.replace(path, old)

@@ -38,6 +38,8 @@ from mneme_plugin.crosscoder.metrics import (
 from mneme_plugin.crosscoder.model import BatchTopKCrossCoder
 from mneme_plugin.crosscoder.trainer import BatchTopKCrossCoderTrainer
 from mneme_plugin.distributed import SINGLE_PROCESS, DistributedContext, distributed_context, main_rank_lock
+from mneme_plugin import checkpoints
+from mneme_plugin.checkpoints import CHECKPOINT_DIR, STATE_FILE
 from mneme_plugin.errors import CheckpointError, ConfigError, ForeignOutputError, NonFiniteActivationError
 from mneme_plugin.files import atomic_directory, atomic_write_text, json_digest, read_json
 
@@ -46,11 +48,9 @@ logger = logging.getLogger("mneme_plugin")
 TrainingData = Union[str, os.PathLike, ActivationStore, Iterable[torch.Tensor]]
 StepCallback = Callable[[int, BatchTopKCrossCoderTrainer], None]
 
-CHECKPOINT_DIR = "checkpoints"
 FINAL_DIR = "crosscoder"
 METRICS_FILE = "metrics.json"
 RUN_CONFIG_FILE = "train_config.json"
-STATE_FILE = "trainer_state.pt"
 
 
 @dataclass
@@ -158,42 +158,22 @@ class _Data:
             yield store.gather(pairs[begin : begin + self.batch_size])
 
 
-def _checkpoint_dirs(run_dir: Path) -> list[Path]:
-    root = run_dir / CHECKPOINT_DIR
-    if not root.is_dir():
-        return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_"))
-
-
 def latest_checkpoint(run_dir: str | os.PathLike[str]) -> Path | None:
     """The newest complete checkpoint of a run (checkpoints appear by an atomic rename)."""
-    found = _checkpoint_dirs(Path(run_dir))
-    return found[-1] if found else None
+    return checkpoints.latest_checkpoint(run_dir)
 
 
 def save_checkpoint(trainer: BatchTopKCrossCoderTrainer, run_dir: Path, step: int, keep: int) -> Path:
-    root = run_dir / CHECKPOINT_DIR
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step_{step:08d}"
-
     def write(tmp: Path) -> None:
         trainer.ae.save_pretrained(tmp)
         torch.save(trainer.state_dict(), tmp / STATE_FILE)
 
-    atomic_directory(final, write, overwrite=True)
-    for old in _checkpoint_dirs(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
+    return checkpoints.write_checkpoint(run_dir, step, write, keep)
 
 
 def load_checkpoint(trainer: BatchTopKCrossCoderTrainer, checkpoint: Path) -> None:
-    state_path = checkpoint / STATE_FILE
-    try:
-        state = torch.load(state_path, map_location=trainer.device, weights_only=True)
-    except FileNotFoundError as err:
-        raise CheckpointError(f"{state_path} is missing: {checkpoint} is not a training checkpoint.") from err
-    except Exception as err:
-        raise CheckpointError(f"{state_path} could not be read ({err}); delete this checkpoint to resume from an older one.") from err
+    state = checkpoints.load_state(checkpoint / STATE_FILE, "delete this checkpoint to resume from an older one",
+                                   map_location=trainer.device)
     trainer.load_state_dict(state)
 
 
@@ -208,18 +188,6 @@ def _results_part(run_config: dict[str, Any]) -> dict[str, Any]:
         return run_config
 
 
-def _config_differences(previous: dict[str, Any], now: dict[str, Any], prefix: str = "") -> list[str]:
-    """``section.field: stored vs now`` for every field that differs."""
-    out = []
-    for key in sorted(set(previous) | set(now), key=str):
-        a, b = previous.get(key), now.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _config_differences(a, b, f"{prefix}{key}.")
-        elif a != b:
-            out.append(f"{prefix}{key}: stored {a!r} vs now {b!r}")
-    return out
-
-
 def _check_run_config(run_dir: Path, run_config: dict[str, Any]) -> None:
     path = run_dir / RUN_CONFIG_FILE
     if path.exists():
@@ -229,7 +197,7 @@ def _check_run_config(run_dir: Path, run_config: dict[str, Any]) -> None:
             previous = None  # cut by a crash while it was written: it pins nothing
         trained = latest_checkpoint(run_dir) is not None or (run_dir / FINAL_DIR).is_dir()
         if previous is not None and trained and _results_part(previous) != _results_part(run_config):
-            differences = _config_differences(_results_part(previous), _results_part(run_config))
+            differences = checkpoints.config_differences(_results_part(previous), _results_part(run_config))
             raise ForeignOutputError(
                 f"{run_dir} holds a training run with another config ({path}: "
                 f"{'; '.join(differences[:5]) or 'other fields'}); use a new run directory, or start over "
