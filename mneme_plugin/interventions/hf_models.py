@@ -52,6 +52,11 @@ def load_causal_lm(name_or_path: str, device: str = "auto", dtype: str = "auto")
 
     if not name_or_path:
         raise ConfigError("No model given: set `model` to a Hugging Face model name or a local model folder.")
+    from mneme_plugin.interventions.checkpoints import unfinished
+
+    if unfinished(name_or_path):
+        raise ConfigError(f"{name_or_path} holds an unfinished intervention (checkpoints only, no model yet): run the "
+                          "intervention again to resume and finish it.")
     try:
         hf_config = AutoConfig.from_pretrained(name_or_path)
     except (OSError, ValueError) as err:

@@ -17,13 +17,17 @@ also averages over right-padding).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from mneme_plugin.config import ConfigMixin, Seed, require
 from mneme_plugin.errors import EmptyCorpusError, LayerOutOfRangeError
+from mneme_plugin.files import holds_output_lock
+from mneme_plugin.interventions.checkpoints import TrainingCheckpoints
 from mneme_plugin.interventions.hf_models import (
     DTYPES,
     InterventionResult,
@@ -33,6 +37,8 @@ from mneme_plugin.interventions.hf_models import (
 )
 
 logger = logging.getLogger("mneme_plugin")
+
+StepCallback = Callable[[int, dict[str, Any]], None]
 
 
 @dataclass
@@ -54,7 +60,12 @@ class HFRMUConfig(ConfigMixin):
             ``rmu/unlearn.py``: ``--min_len 0``; its ``--max_len`` is never applied) skips empty texts
             only and cuts none.
         forget_max_length / retain_max_length: token truncation per batch.
+        checkpoint_every: optimiser steps between checkpoints in the output folder (0: none); a run
+            given the same folder again resumes from the newest (``interventions.checkpoints``).
     """
+
+    # Where and how often it saves, not what it computes (left out of `mneme run`'s fingerprint).
+    runtime_fields = ("checkpoint_every",)
 
     model: str = ""
     forget_corpora: list[str] = field(default_factory=list)
@@ -75,6 +86,7 @@ class HFRMUConfig(ConfigMixin):
     seed: Seed = 42
     device: str = "auto"
     dtype: str = "auto"
+    checkpoint_every: int = 50
 
     def __post_init__(self) -> None:
         self.forget_corpora = [str(c) for c in ([self.forget_corpora] if isinstance(self.forget_corpora, str)
@@ -102,6 +114,8 @@ class HFRMUConfig(ConfigMixin):
                 f"RMU max_chars must be >= 1 (or null: no cut), got {self.max_chars}.")
         require(all(m >= 1 for m in self.per_topic("forget_max_length", max(n, 1))), "forget_max_length must be >= 1.")
         require(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}.")
+        require(self.checkpoint_every >= 0,
+                f"RMU checkpoint_every must be >= 0 (0 disables checkpoints), got {self.checkpoint_every}.")
 
     def per_topic(self, name: str, n_topics: int | None = None) -> list[Any]:
         """``name``'s value for each forget corpus."""
@@ -176,9 +190,17 @@ def control_vectors(hidden_size: int, coeffs: list[float], seed: int) -> list[to
     return out
 
 
-def rmu_unlearn_hf(config: HFRMUConfig, progress: bool = True) -> InterventionResult:
+@holds_output_lock("out_dir", "output folder (--out)")
+def rmu_unlearn_hf(config: HFRMUConfig, progress: bool = True, *, out_dir: str | Path | None = None,
+                   resume: bool = True, on_step: StepCallback | None = None) -> InterventionResult:
     """Run RMU on ``config.model``; the returned result holds the updated model (save it with
-    :func:`~mneme_plugin.interventions.hf_models.save_intervention`) and its control vectors."""
+    :func:`~mneme_plugin.interventions.hf_models.save_intervention`) and its control vectors.
+
+    ``out_dir``: the output folder the model is to be written to; the run keeps its checkpoints there
+    (every ``config.checkpoint_every`` steps) and resumes from them unless ``resume`` is False
+    (``interventions.checkpoints.train_and_save`` does both). ``on_step(step, record)`` is called
+    after every step with its log record.
+    """
     from tqdm.auto import tqdm
 
     config.check_ready()
@@ -226,16 +248,21 @@ def rmu_unlearn_hf(config: HFRMUConfig, progress: bool = True) -> InterventionRe
     updated_layer = layers[config.layer_id]
     optimizer = torch.optim.AdamW(list(trained.values()), lr=config.lr)
     tokenizer.padding_side = "right"
+    checkpoints = TrainingCheckpoints(out_dir, config, [config.model, *config.forget_corpora, *retain_specs],
+                                      config.checkpoint_every, resume=resume, label="RMU")
+    start, log = checkpoints.restore(trained, optimizer, total_steps=n_steps, device=device)
 
     def encode(texts: list[str], max_length: int) -> dict[str, torch.Tensor]:
         enc = tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=max_length)
         return {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
 
-    result = InterventionResult(model=updated, tokenizer=tokenizer, config=config,
+    result = InterventionResult(model=updated, tokenizer=tokenizer, config=config, log=log,
                                 extra={"control_vectors": [c.cpu() for c in controls],
                                        "trained_parameters": list(trained)})
     updated.train()
-    bar = tqdm(range(n_steps), desc="RMU", disable=not progress)
+    bar = tqdm(range(start, n_steps), desc="RMU", disable=not progress, total=n_steps, initial=start)
+    if start:
+        bar.set_description(f"RMU (resumed at step {start})")
     for step in bar:
         topic, index = step % n_topics, step // n_topics
         sl = slice(index * config.batch_size, (index + 1) * config.batch_size)
@@ -255,6 +282,10 @@ def rmu_unlearn_hf(config: HFRMUConfig, progress: bool = True) -> InterventionRe
                   "retain_loss": retain_loss.item()}
         result.log.append(record)
         bar.set_postfix(forget=f"{record['forget_loss']:.3g}", retain=f"{record['retain_loss']:.3g}")
+        if on_step is not None:
+            on_step(step, record)
+        checkpoints.save(step + 1, n_steps, trained, optimizer, None, result.log, device)
+    bar.close()
     updated.eval()
     updated.requires_grad_(False)
     del frozen

@@ -16,16 +16,22 @@ from __future__ import annotations
 import logging
 import math
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from mneme_plugin.config import ConfigMixin, Seed, require
 from mneme_plugin.errors import ConfigError, EmptyCorpusError
+from mneme_plugin.files import holds_output_lock
+from mneme_plugin.interventions.checkpoints import TrainingCheckpoints
 from mneme_plugin.interventions.hf_models import DTYPES, InterventionResult, load_causal_lm
 
 logger = logging.getLogger("mneme_plugin")
+
+StepCallback = Callable[[int, dict[str, Any]], None]
 
 DATA_FORMATS = ("auto", "messages", "alpaca")
 PROMPT_FORMATS = ("auto", "chat_template", "alpaca")
@@ -80,7 +86,12 @@ class SFTConfig(ConfigMixin):
             each epoch); all after ``warmup_steps`` linear warm-up steps.
         gradient_checkpointing: recompute activations in the backward pass (less memory, ~30% slower).
         lora: None for full fine-tuning, else the LoRA settings.
+        checkpoint_every: optimiser steps between checkpoints in the output folder (0: none); a run
+            given the same folder again resumes from the newest (``interventions.checkpoints``).
     """
+
+    # Where and how often it saves, not what it computes (left out of `mneme run`'s fingerprint).
+    runtime_fields = ("checkpoint_every",)
 
     model: str = ""
     data: str = ""
@@ -104,6 +115,7 @@ class SFTConfig(ConfigMixin):
     seed: Seed = 0
     device: str = "auto"
     dtype: str = "auto"
+    checkpoint_every: int = 100
 
     def __post_init__(self) -> None:
         if isinstance(self.lora, dict):
@@ -120,6 +132,8 @@ class SFTConfig(ConfigMixin):
         require(0 < self.step_decay <= 1, f"step_decay must be in (0, 1], got {self.step_decay}.")
         require(self.max_examples is None or self.max_examples >= 1, "max_examples must be None or >= 1.")
         require(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}.")
+        require(self.checkpoint_every >= 0,
+                f"SFT checkpoint_every must be >= 0 (0 disables checkpoints), got {self.checkpoint_every}.")
 
     def check_ready(self) -> None:
         require(bool(self.model), "SFT needs `model` (a HF model name or folder).")
@@ -288,8 +302,17 @@ def apply_lora(model: Any, settings: LoRASettings) -> Any:
     return get_peft_model(model, lora)
 
 
-def supervised_fine_tune(config: SFTConfig, progress: bool = True) -> InterventionResult:
-    """Fine-tune ``config.model`` on ``config.data``; returns the (merged) model and the training log."""
+@holds_output_lock("out_dir", "output folder (--out)")
+def supervised_fine_tune(config: SFTConfig, progress: bool = True, *, out_dir: str | Path | None = None,
+                         resume: bool = True, on_step: StepCallback | None = None) -> InterventionResult:
+    """Fine-tune ``config.model`` on ``config.data``; returns the (merged) model and the training log.
+
+    ``out_dir``: the output folder the model is to be written to; the run keeps its checkpoints there
+    (every ``config.checkpoint_every`` optimiser steps: the trained parameters, for LoRA the adapters,
+    with the optimizer, the schedule and the RNG) and resumes from them unless ``resume`` is False
+    (``interventions.checkpoints.train_and_save`` does both). ``on_step(step, record)`` is called
+    after every optimiser step with its log record.
+    """
     from tqdm.auto import tqdm
 
     config.check_ready()
@@ -301,7 +324,8 @@ def supervised_fine_tune(config: SFTConfig, progress: bool = True) -> Interventi
         model.enable_input_require_grads()  # LoRA: the frozen embeddings' output must carry gradients
     if config.lora is not None:
         model = apply_lora(model, config.lora)
-    params = [p for p in model.parameters() if p.requires_grad]
+    trained = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    params = list(trained.values())
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     n_batches = -(-len(examples) // config.batch_size)
     steps_per_epoch = -(-n_batches // config.grad_accum)
@@ -311,17 +335,25 @@ def supervised_fine_tune(config: SFTConfig, progress: bool = True) -> Interventi
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id
     rng = random.Random(config.seed)
-    result = InterventionResult(model=model, tokenizer=tokenizer, config=config,
+    checkpoints = TrainingCheckpoints(out_dir, config, [config.model, config.data], config.checkpoint_every,
+                                      resume=resume, label="SFT")
+    start_step, log = checkpoints.restore(trained, optimizer, scheduler, total_steps=total_steps, device=device)
+    result = InterventionResult(model=model, tokenizer=tokenizer, config=config, log=log,
                                 extra={"n_examples": len(examples), "trainable_parameters": sum(p.numel() for p in params)})
     model.train()
-    bar = tqdm(total=total_steps, desc="SFT", disable=not progress)
+    bar = tqdm(total=total_steps, initial=start_step, desc="SFT", disable=not progress)
+    if start_step:
+        bar.set_description(f"SFT (resumed at step {start_step})")
     step = 0
     for epoch in range(config.epochs):
         order = list(range(len(examples)))
         if config.shuffle:
-            rng.shuffle(order)
+            rng.shuffle(order)  # every epoch's, done ones too: the order is a function of the seed and the epoch
         batches = [order[i : i + config.batch_size] for i in range(0, len(order), config.batch_size)]
         for start in range(0, len(batches), config.grad_accum):
+            if step < start_step:  # done before the checkpoint this run resumed from
+                step += 1
+                continue
             group = [collate([examples[i] for i in b], pad) for b in batches[start : start + config.grad_accum]]
             n_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in group)
             total = 0.0
@@ -339,7 +371,10 @@ def supervised_fine_tune(config: SFTConfig, progress: bool = True) -> Interventi
             result.log.append(record)
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.4g}")
+            if on_step is not None:
+                on_step(step, record)
             step += 1
+            checkpoints.save(step, total_steps, trained, optimizer, scheduler, result.log, device)
     bar.close()
     model.eval()
     if config.lora is not None:

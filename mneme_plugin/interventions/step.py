@@ -62,13 +62,14 @@ class InterventionConfig(ConfigMixin):
         return {"kind": self.kind, "config": self.resolved("").result_dict()}
 
 
-def run_intervention(config: InterventionConfig, base_model: str, out_dir: str | Path) -> Path:
-    """Edit ``base_model`` as ``config`` says and save the edited model folder to ``out_dir``."""
-    from mneme_plugin.interventions.hf_models import save_intervention
+def run_intervention(config: InterventionConfig, base_model: str, out_dir: str | Path, progress: bool = True) -> Path:
+    """Edit ``base_model`` as ``config`` says and save the edited model folder to ``out_dir``; an
+    interrupted edit resumes from its checkpoints there (``interventions.checkpoints``)."""
+    from mneme_plugin.interventions.checkpoints import train_and_save
 
     if base_model.startswith("organism:"):
         raise ConfigError("The intervention stage edits Hugging Face causal LMs; models.base is an organism model.")
     settings = config.resolved(base_model)
     settings.check_ready()
     _, function = _kind(config.kind)
-    return save_intervention(function(settings), out_dir, overwrite=True)
+    return train_and_save(function, settings, out_dir, overwrite=True, progress=progress)

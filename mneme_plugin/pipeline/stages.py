@@ -20,7 +20,7 @@ def _intervention(ctx: PipelineContext) -> None:
     from mneme_plugin.interventions.step import run_intervention
 
     assert ctx.config.intervention is not None
-    run_intervention(ctx.config.intervention, ctx.config.models.base, ctx.layout.edited_model)
+    run_intervention(ctx.config.intervention, ctx.config.models.base, ctx.layout.edited_model, progress=ctx.progress)
 
 
 def _ground_truth(ctx: PipelineContext) -> None:
