@@ -103,6 +103,18 @@ def _training_run_summary(path: Path) -> list[str]:
     return lines
 
 
+def _unfinished_intervention_summary(path: Path) -> list[str]:
+    """An interrupted `mneme intervene` / intervention stage: its output folder holds checkpoints only."""
+    from mneme_plugin.interventions.checkpoints import read_checkpoint_info, unfinished
+
+    info = read_checkpoint_info(path) if unfinished(path) else None
+    if info is None:
+        return []
+    return [f"Unfinished intervention {path} ({info.get('kind')})",
+            f"  checkpoint at step {info.get('step')} of {info.get('total_steps')}; run the intervention again "
+            "(same config) to resume it, or pass --no-resume to start over"]
+
+
 def describe_path(path: str | Path) -> str:
     """A human-readable summary of a store, a crosscoder, a training run or a ``mneme run`` directory."""
     from mneme_plugin.activations.store import MANIFEST
@@ -117,6 +129,9 @@ def describe_path(path: str | Path) -> str:
         return "\n".join(_store_summary(path))
     if (path / CONFIG_FILE).is_file() and (path / WEIGHTS_FILE).is_file():
         return "\n".join(_crosscoder_summary(path))
+    intervention = _unfinished_intervention_summary(path)
+    if intervention:
+        return "\n".join(intervention)
     if (path / FINAL_DIR).is_dir() or (path / CHECKPOINT_DIR).is_dir():
         return "\n".join(_training_run_summary(path))
     raise CheckpointError(

@@ -10,6 +10,8 @@ _model_options = [
     click.option("--model", help="HF model name or local folder (overrides the config's `model`)."),
     click.option("--device", help="cpu, cuda, cuda:1, auto (bf16 on GPU)."),
     click.option("--overwrite", is_flag=True, help="Replace an existing output folder."),
+    click.option("--no-resume", is_flag=True,
+                 help="Start over even if the output folder holds an interrupted run's checkpoints."),
 ]
 
 
@@ -24,17 +26,19 @@ def intervene() -> None:
 @click.option("--retain", "retain_corpora", multiple=True, help="Retain corpus spec (repeatable).")
 @click.option("--max-num-batches", type=int)
 @clear_errors
-def rmu(config, preset, out, model, device, overwrite, forget_corpora, retain_corpora, max_num_batches) -> None:
-    """RMU unlearning (the WMDP algorithm); presets zephyr_rmu, llama3_rmu."""
-    from mneme_plugin.interventions.hf_models import save_intervention
+def rmu(config, preset, out, model, device, overwrite, no_resume, forget_corpora, retain_corpora,
+        max_num_batches) -> None:
+    """RMU unlearning (the WMDP algorithm); presets zephyr_rmu, llama3_rmu.
+
+    Checkpoints every checkpoint_every steps in --out; run again to resume an interrupted run."""
+    from mneme_plugin.interventions.checkpoints import train_and_save
     from mneme_plugin.interventions.hf_rmu import HFRMUConfig, rmu_unlearn_hf
 
     cfg = build_config(HFRMUConfig, preset, config, model=model, device=device,
                        forget_corpora=list(forget_corpora) or None, retain_corpora=list(retain_corpora) or None,
                        max_num_batches=max_num_batches)
-    _refuse_existing(out, overwrite)
-    result = rmu_unlearn_hf(cfg)
-    click.echo(f"Unlearned model: {save_intervention(result, out, overwrite=overwrite)}")
+    out_dir = train_and_save(rmu_unlearn_hf, cfg, out, overwrite=overwrite, resume=not no_resume)
+    click.echo(f"Unlearned model: {out_dir}")
 
 
 @intervene.command()
@@ -43,17 +47,17 @@ def rmu(config, preset, out, model, device, overwrite, forget_corpora, retain_co
 @click.option("--epochs", type=int)
 @click.option("--lr", type=float)
 @clear_errors
-def sft(config, preset, out, model, device, overwrite, data, epochs, lr) -> None:
+def sft(config, preset, out, model, device, overwrite, no_resume, data, epochs, lr) -> None:
     """Supervised fine-tuning on chat or Alpaca data, loss on responses only (full or LoRA).
 
-    Presets: emergent_misalignment_sft, aoa_sft, alpaca_sft."""
-    from mneme_plugin.interventions.hf_models import save_intervention
+    Presets: emergent_misalignment_sft, aoa_sft, alpaca_sft. Checkpoints every checkpoint_every
+    optimiser steps in --out; run again to resume an interrupted run."""
+    from mneme_plugin.interventions.checkpoints import train_and_save
     from mneme_plugin.interventions.sft import SFTConfig, supervised_fine_tune
 
     cfg = build_config(SFTConfig, preset, config, model=model, device=device, data=data, epochs=epochs, lr=lr)
-    _refuse_existing(out, overwrite)
-    result = supervised_fine_tune(cfg)
-    click.echo(f"Fine-tuned model: {save_intervention(result, out, overwrite=overwrite)}")
+    out_dir = train_and_save(supervised_fine_tune, cfg, out, overwrite=overwrite, resume=not no_resume)
+    click.echo(f"Fine-tuned model: {out_dir}")
 
 
 @click.command("presets")
@@ -67,12 +71,3 @@ def presets() -> None:
 
 intervene.add_command(presets)
 
-
-def _refuse_existing(out: str, overwrite: bool) -> None:
-    """Fail before training, not after it, when the output folder exists."""
-    from pathlib import Path
-
-    from mneme_plugin.errors import ConfigError
-
-    if Path(out).exists() and not overwrite:
-        raise ConfigError(f"{out} already exists; choose another --out or pass --overwrite.")

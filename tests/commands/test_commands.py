@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import yaml
 from click.testing import CliRunner
 
@@ -44,6 +45,45 @@ def test_intervene_sft_and_rmu_write_model_folders(tiny_lm_dirs, rmu_corpora, tm
     saved = yaml.safe_load((tmp_path / "rmu_model" / INTERVENTION_CONFIG).read_text())["config"]
     assert (saved["alpha"], saved["steering_coeff"], saved["max_num_batches"]) == (100.0, 20.0, 3)
     assert saved["forget_corpora"] == [str(forget)]
+
+
+def test_intervene_resumes_an_interrupted_run_and_refuses_another_config(tiny_lm_dirs, rmu_corpora, tmp_path):
+    from mneme_plugin.commands.common import build_config
+    from mneme_plugin.interventions.hf_rmu import HFRMUConfig, rmu_unlearn_hf
+
+    forget, retain, _, _ = rmu_corpora
+    cfg_file = tmp_path / "rmu.yaml"
+    cfg_file.write_text(yaml.safe_dump({"layer_id": 1, "layer_ids": [1], "batch_size": 4, "max_num_batches": 6,
+                                        "checkpoint_every": 2, "forget_corpora": [str(forget)],
+                                        "retain_corpora": [str(retain)]}))
+    model, out = str(tiny_lm_dirs["llama"]), tmp_path / "rmu_model"
+    args = ["intervene", "rmu", "--config", str(cfg_file), "--model", model, "--device", "cpu", "--out", str(out)]
+
+    def killed_at_4(step, record):
+        if step == 4:
+            raise RuntimeError("killed")
+
+    # The command killed after step 4: the same config it builds, its checkpoint at step 4 in --out.
+    with pytest.raises(RuntimeError, match="killed"):
+        rmu_unlearn_hf(build_config(HFRMUConfig, None, str(cfg_file), model=model, device="cpu"), progress=False,
+                       out_dir=out, on_step=killed_at_4)
+    runner = CliRunner()
+    info = runner.invoke(main, ["info", str(out)])
+    assert info.exit_code == 0 and "Unfinished intervention" in info.output and "step 4 of 6" in info.output
+    refused = runner.invoke(main, args + ["--max-num-batches", "8"])
+    assert refused.exit_code != 0 and "Traceback" not in refused.output
+    assert "another config" in refused.output and "max_num_batches: stored 6 vs now 8" in refused.output
+    assert "--no-resume" in refused.output and (out / "checkpoints").is_dir()
+    resumed = runner.invoke(main, args)
+    assert resumed.exit_code == 0, resumed.output
+    assert "resumed from" in resumed.output and "at step 4 of 6" in resumed.output
+    assert [r["step"] for r in load_training_log(out)] == list(range(6)) and not (out / "checkpoints").exists()
+    # --no-resume on a finished folder still needs --overwrite; with it, the run starts over.
+    again = runner.invoke(main, args + ["--no-resume", "--max-num-batches", "3"])
+    assert again.exit_code != 0 and "already exists" in again.output
+    fresh = runner.invoke(main, args + ["--no-resume", "--overwrite", "--max-num-batches", "3"])
+    assert fresh.exit_code == 0, fresh.output
+    assert "resumed" not in fresh.output and len(load_training_log(out)) == 3
 
 
 def test_command_errors_are_one_line(tmp_path):
