@@ -40,8 +40,8 @@ class CheckpointError(MnemeError, ValueError):
 
 class ForeignOutputError(ConfigError, CheckpointError):
     """An output folder holds other work: a partial (or complete) activation store harvested with
-    another setup or corpus, files that are no store, or a training run of another config or on other
-    activations. ``folder`` is that folder. The function's own remedy (another folder,
+    another setup or corpus, files that are no store, a training run of another config or on other
+    activations, or an unfinished intervention's checkpoints of another config. ``folder`` is that folder. The function's own remedy (another folder,
     ``overwrite=True`` / ``resume=False``) is in the message; ``mneme run`` adds its own.
 
     A ConfigError and a CheckpointError both, as harvest (CheckpointError) and training (ConfigError)

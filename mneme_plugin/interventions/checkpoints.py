@@ -41,7 +41,7 @@ from mneme_plugin.checkpoints import (
     write_checkpoint,
 )
 from mneme_plugin.config import ConfigMixin
-from mneme_plugin.errors import CheckpointError, ConfigError
+from mneme_plugin.errors import CheckpointError, ConfigError, ForeignOutputError
 from mneme_plugin.files import LOCK_FILE, content_digest, output_lock, read_json, stat_digest
 
 if TYPE_CHECKING:
@@ -51,7 +51,8 @@ logger = logging.getLogger("mneme_plugin")
 
 CHECKPOINT_INFO = "intervention.json"
 KEEP = 1  # checkpoints appear whole (atomic rename): the newest is enough, and each is as large as the model's trained part x 3
-# Remedy named by every refusal; `mneme run` adds which folder to delete (pipeline.run._run_remedies).
+# Remedy named by every refusal; `mneme run` adds which folder to delete to a ForeignOutputError
+# (pipeline.run._run_remedies).
 START_OVER = "pass --no-resume (resume=False) to start over"
 
 
@@ -137,10 +138,11 @@ class TrainingCheckpoints:
         previous = self._comparable({k: stored.get(k) for k in ("kind", "config", "inputs")})
         differences = config_differences(previous, self._comparable(self.identity))
         if differences:
-            raise ConfigError(
+            raise ForeignOutputError(
                 f"{self.folder} holds checkpoints of an unfinished intervention with another config or other "
                 f"inputs ({checkpoint / CHECKPOINT_INFO}: {'; '.join(differences[:5])}); to start over, delete "
-                f"{self.folder / CHECKPOINT_DIR} or {START_OVER}; or choose another output folder."
+                f"{self.folder / CHECKPOINT_DIR} or {START_OVER}; or choose another output folder.",
+                self.folder,
             )
 
     def restore(self, parameters: dict[str, torch.Tensor], optimizer: Any, scheduler: Any = None, *,

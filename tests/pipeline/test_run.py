@@ -339,6 +339,37 @@ def test_a_changed_intervention_measures_the_edited_model_only(pair_and_corpus, 
     assert now["before"] == first["before"] and now["after"] != first["after"]
     assert len(list((layout.cache("ground_truth") / RESULTS_CACHE).glob("*.json"))) == 3
 
+def test_an_intervention_stage_left_unfinished_resumes_or_says_what_to_do(pair_and_corpus, tmp_path):
+    from mneme_plugin.interventions.hf_rmu import rmu_unlearn_hf
+
+    base, _, corpus, truth = pair_and_corpus
+    forget = write_jsonl(tmp_path / "forget.jsonl", [{"text": t} for t in synthetic_corpus(40, seed=8)])
+    retain = write_jsonl(tmp_path / "retain.jsonl", [{"text": t} for t in synthetic_corpus(40, seed=9)])
+    cfg = _config(tmp_path / "run", base, "intervention", corpus, truth)
+    settings = {"forget_corpora": [str(forget)], "retain_corpora": [str(retain)], "layer_id": 1, "layer_ids": [0, 1],
+                "batch_size": 4, "max_num_batches": 6, "checkpoint_every": 2, "device": "cpu"}
+    cfg["intervention"] = {"kind": "rmu", "settings": settings}
+    edited_model = tmp_path / "run" / "edited_model"
+
+    def killed_at_3(step, record):
+        if step == 3:
+            raise RuntimeError("killed")
+
+    # The stage killed after step 3 (its checkpoint after step 2), then its settings changed: refused.
+    with pytest.raises(RuntimeError, match="killed"):
+        rmu_unlearn_hf(RunConfig.from_dict(cfg).intervention.resolved(str(base)), progress=False,
+                       out_dir=edited_model, on_step=killed_at_3)
+    changed = {**cfg, "intervention": {"kind": "rmu", "settings": {**settings, "lr": 1e-4}}}
+    result = CliRunner().invoke(main, ["run", _write(tmp_path, "b.yaml", changed), "--only", "intervention"])
+    assert result.exit_code != 0 and "another config" in result.output and "lr: stored 5e-05 vs now 0.0001" in result.output
+    assert f"In `mneme run`: delete {edited_model}" in result.output.replace("\n", "")
+    # The same settings again: the stage resumes at step 2 and writes the model over its checkpoints.
+    result = CliRunner().invoke(main, ["run", _write(tmp_path, "a.yaml", cfg), "--only", "intervention"])
+    assert result.exit_code == 0, result.output
+    assert "RMU: resumed from" in result.output and "at step 2 of 6" in result.output
+    assert (edited_model / "config.json").is_file() and not (edited_model / "checkpoints").exists()
+    assert (tmp_path / "run" / ".stages" / "intervention.json").is_file()
+
 
 def test_a_corpus_rewritten_in_place_is_read_again(pair_and_corpus, tmp_path):
     """The fingerprint names the corpus by its path; the markers of the stages that read it also
