@@ -6,7 +6,7 @@ stage's folder are named and read only by the module that owns the stage (see AR
 | path | written by |
 |---|---|
 | ``config.yaml`` | ``mneme_plugin.pipeline.config`` (``save_run_config``) |
-| ``edited_model/`` | ``mneme_plugin.interventions.step`` (the edited model, HF folder) |
+| ``edited_model/`` | ``mneme_plugin.interventions.step`` (the edited model, HF folder; while it trains, its checkpoints only) |
 | ``ground_truth/`` | ``mneme_plugin.groundtruth.sources`` (``<name>.csv`` tables, measurements in ``<name>/``) |
 | ``.stages/<stage>.json`` | ``mneme_plugin.pipeline.run`` (stage markers: config fingerprint, time) |
 | ``.stages/<stage>.failed`` | ``mneme_plugin.pipeline.run`` (under torchrun: a failed stage other ranks waited for) |
