@@ -49,6 +49,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("mneme_plugin")
 
+# Called after every optimiser step of an intervention with the step and its log record.
+StepCallback = Callable[[int, dict[str, Any]], None]
+
 CHECKPOINT_INFO = "intervention.json"
 KEEP = 1  # checkpoints appear whole (atomic rename): the newest is enough, and each is as large as the model's trained part x 3
 # Remedy named by every refusal; `mneme run` adds which folder to delete to a ForeignOutputError

@@ -17,7 +17,6 @@ also averages over right-padding).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ import torch
 from mneme_plugin.config import ConfigMixin, Seed, require
 from mneme_plugin.errors import EmptyCorpusError, LayerOutOfRangeError
 from mneme_plugin.files import holds_output_lock
-from mneme_plugin.interventions.checkpoints import TrainingCheckpoints
+from mneme_plugin.interventions.checkpoints import StepCallback, TrainingCheckpoints
 from mneme_plugin.interventions.hf_models import (
     DTYPES,
     InterventionResult,
@@ -37,8 +36,6 @@ from mneme_plugin.interventions.hf_models import (
 )
 
 logger = logging.getLogger("mneme_plugin")
-
-StepCallback = Callable[[int, dict[str, Any]], None]
 
 
 @dataclass

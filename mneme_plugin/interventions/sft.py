@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 import math
 import random
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,12 +25,10 @@ import torch
 from mneme_plugin.config import ConfigMixin, Seed, require
 from mneme_plugin.errors import ConfigError, EmptyCorpusError
 from mneme_plugin.files import holds_output_lock
-from mneme_plugin.interventions.checkpoints import TrainingCheckpoints
+from mneme_plugin.interventions.checkpoints import StepCallback, TrainingCheckpoints
 from mneme_plugin.interventions.hf_models import DTYPES, InterventionResult, load_causal_lm
 
 logger = logging.getLogger("mneme_plugin")
-
-StepCallback = Callable[[int, dict[str, Any]], None]
 
 DATA_FORMATS = ("auto", "messages", "alpaca")
 PROMPT_FORMATS = ("auto", "chat_template", "alpaca")
