@@ -83,15 +83,18 @@ class LMEvalConfig(ConfigMixin):
 
 def run_key(config: LMEvalConfig, model: str) -> dict[str, Any]:
     """What a saved result depends on: a rerun reuses it only when this is unchanged. The config
-    (less the models and the runtime fields ``batch_size`` and ``device``), the model's name, and what
-    names alone do not tell: a local model folder's and each ``include_path`` folder's files (their
-    paths, sizes and times: ``files.stat_digest``; weights saved over a folder, e.g. a redone
-    intervention's ``edited_model/``, or an edited task YAML change them) and lm-eval's version
-    (its tasks' prompts change between versions). A hub model is known by its name (and a
-    ``revision`` in ``model_args``) only."""
+    (less the models and the runtime fields ``batch_size`` and ``device``), with ``dtype`` as the
+    models are loaded in (``auto`` is bfloat16 on a GPU and float32 elsewhere: a result measured on
+    one is not the other's), the model's name, and what names alone do not tell: a local model
+    folder's and each ``include_path`` folder's files (their paths, sizes and times:
+    ``files.stat_digest``; weights saved over a folder, e.g. a redone intervention's
+    ``edited_model/``, or an edited task YAML change them) and lm-eval's version (its tasks' prompts
+    change between versions). A hub model is known by its name (and a ``revision`` in
+    ``model_args``) only."""
     from mneme_plugin.files import stat_digest
 
     key = {k: v for k, v in config.to_dict().items() if k not in ("base", "edited", "batch_size", "device")}
+    key["dtype"] = _model_args(config, model)["dtype"]
     key["model"] = model
     key["model_files"] = stat_digest(model) if Path(model).exists() else None
     # lm-eval imports a task's `!function` code from its folder, which writes __pycache__ there.
@@ -130,6 +133,8 @@ def task_manager(config: LMEvalConfig) -> Any:
 
 
 def _model_args(config: LMEvalConfig, model: str) -> dict[str, Any]:
+    """lm-eval's ``hf`` model arguments: ``dtype`` resolved (``auto``: bfloat16 on CUDA, float32
+    elsewhere), ``model_args`` over them."""
     from mneme_plugin.devices import resolve_device
 
     device = resolve_device(config.device)

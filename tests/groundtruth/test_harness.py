@@ -106,6 +106,26 @@ def test_results_kept_in_a_cache_dir_are_reused_by_key(tmp_path, tiny_tokenizer,
     assert len(list((cache / RESULTS_CACHE).glob("*.json"))) == 5
 
 
+def test_the_run_key_holds_the_dtype_the_models_are_loaded_in(tmp_path):
+    """``dtype: auto`` is float32 on a CPU and bfloat16 on a GPU: the key holds the resolved dtype, so
+    a result measured on one device class is not reused on the other (``device`` itself is runtime)."""
+    import torch
+
+    from mneme_plugin.groundtruth.harness import run_key
+
+    cfg = LMEvalConfig(base="b", edited="e", tasks=["toy"], device="cpu")
+    key = run_key(cfg, "b")
+    assert key["dtype"] == "float32"
+    assert run_key(cfg.replace(dtype="float32"), "b") == key
+    assert run_key(cfg.replace(dtype="bfloat16"), "b") != key
+    assert run_key(cfg.replace(model_args={"dtype": "bfloat16"}), "b")["dtype"] == "bfloat16"
+    if torch.cuda.is_available():
+        on_gpu = run_key(cfg.replace(device="cuda"), "b")
+        assert on_gpu != key and on_gpu == run_key(cfg.replace(device="cuda:0", dtype="bfloat16"), "b")
+    else:
+        assert run_key(cfg.replace(device="auto"), "b") == key
+
+
 def test_lm_eval_bad_input(tmp_path, tiny_tokenizer):
     tasks = tmp_path / "tasks"
     tasks.mkdir()
