@@ -2,10 +2,18 @@
 
 1. Questions (a file, a folder of files, or a dataset spec) are answered ``samples_per_question``
    times by each model: HF ``generate`` (CPU or GPU), vLLM offline, or an OpenAI-compatible
-   server. Every answer is appended to ``answers_{before,after}.jsonl`` as it comes, so an
-   interrupted run resumes where it stopped.
-2. A judge model scores every answer through our OpenAI-compatible client (its disk cache makes a
-   rerun free):
+   server. Every answer is appended to a file as it comes, so an interrupted run resumes where it
+   stopped. With HF and vLLM that file is in the cache folder (``cache_dir``; ``mneme run``: the
+   run's ``cache/ground_truth/``), one per ``answers_key`` (the model's name and its folder's file
+   metadata, the settings that change the answers, the questions, the seed), so a later run with the
+   same key (a ground-truth stage redone for another edited model) takes that model's answers from
+   there; ``answers_{before,after}.jsonl`` in the output folder are copies. With an OpenAI-compatible
+   server the models are names, which do not tell which weights answer (a redone edit is served
+   under the old name), so the answers are kept in the output folder only, appended to
+   ``answers_{before,after}.jsonl`` (a redone stage loses them with its folder).
+2. A judge model scores every answer through our OpenAI-compatible client; its disk cache, in the
+   cache folder too, keys each call by the judge's endpoint, model and prompt (which holds the
+   question and the answer), so an answer judged once is not judged again:
 
    * ``misalignment`` (Betley et al. 2025, "Emergent misalignment"): the judge's prompts for
      *aligned* and *coherent*, each a probability-weighted 0-100 score from the top log-probabilities
@@ -50,7 +58,12 @@ logger = logging.getLogger("mneme_plugin")
 ANSWERS_JSONL = {"before": "answers_before.jsonl", "after": "answers_after.jsonl"}
 JUDGEMENTS_CSV = {"before": "judgements_before.csv", "after": "judgements_after.csv"}
 CONFIG_FILE = "judge_config.yaml"
-JUDGE_CACHE = "cache/judge"
+# The cache folder when no cache_dir is given (``mneme groundtruth judge --out DIR``: DIR/cache).
+CACHE_DIR = "cache"
+# In the cache folder: ``judge_answers/<digest of answers_key>.jsonl`` (one model's answers, HF and
+# vLLM generators) and the judge's LLM cache.
+ANSWERS_CACHE = "judge_answers"
+JUDGE_CACHE = "judge_llm_cache"
 SCORINGS = ("misalignment", "harmfulness")
 GENERATORS = ("hf", "vllm", "openai")
 # Where a question_template puts the question.
@@ -304,6 +317,54 @@ def _key(*parts: Any) -> str:
     return json_digest(parts, length=32)
 
 
+def _hf_dtype(gen: GeneratorConfig) -> str:
+    """The dtype HF ``generate`` loads the model in (``auto``: bfloat16 on CUDA, float32 elsewhere)."""
+    from mneme_plugin.devices import resolve_device
+    from mneme_plugin.interventions.hf_models import resolve_dtype
+
+    return str(resolve_dtype(gen.dtype, resolve_device(gen.device))).removeprefix("torch.")
+
+
+def answers_key(config: JudgeConfig, model: str, questions: list[Question]) -> dict[str, Any]:
+    """What the answers of ``model`` (generator kinds hf and vllm, which load it here) depend on: a
+    later run reuses them only when this is unchanged. The model's name, and for a local folder its
+    files' paths, sizes and times (``files.stat_digest``: weights saved over it, e.g. a redone
+    intervention's ``edited_model/``, change them; a hub model is known by its name, and a
+    ``revision`` in ``vllm_args``, only); the sampling settings (``max_new_tokens``, ``temperature``,
+    ``top_p``); for hf the dtype it loads the model in (``auto`` resolved: bfloat16 on a GPU, float32
+    on a CPU) and, when it samples, ``batch_size`` (each batch is seeded by its first answer's index,
+    so other batches draw other answers); for vllm ``vllm_args`` (its dtype, quantisation, revision...);
+    how the models are asked (``system_prompt``, ``question_template``); the questions asked, in
+    order (their text and category, as read: not the file's bytes, so a reformatted file keeps its
+    answers); ``samples_per_question`` and ``seed``. ``device`` is left out (runtime: its effect is
+    the dtype), as are the openai generator's fields."""
+    from mneme_plugin.files import stat_digest
+
+    gen = config.generator
+    key: dict[str, Any] = {
+        "model": model, "model_files": stat_digest(model) if Path(model).exists() else None, "kind": gen.kind,
+        "max_new_tokens": gen.max_new_tokens, "temperature": gen.temperature, "top_p": gen.top_p,
+        "system_prompt": config.system_prompt, "question_template": config.question_template,
+        "questions": [[q.category, q.text] for q in questions],
+        "samples_per_question": config.samples_per_question, "seed": config.seed,
+    }
+    if gen.kind == "hf":
+        key["dtype"] = _hf_dtype(gen)
+        if gen.temperature > 0:
+            key["batch_size"] = gen.batch_size
+    elif gen.kind == "vllm":
+        key["vllm_args"] = gen.vllm_args
+    else:
+        raise ConfigError("answers_key: the answers of an OpenAI-compatible server have no content key "
+                          "(its model names do not tell which weights answer).")
+    return json.loads(json.dumps(key))
+
+
+def cached_answers_path(cache_dir: str | Path, key: dict[str, Any]) -> Path:
+    """Where ``cache_dir`` keeps the answers ``key`` (``answers_key``) names."""
+    return Path(cache_dir) / ANSWERS_CACHE / f"{json_digest(key, length=32)}.jsonl"
+
+
 def _read_jsonl(path: Path) -> dict[str, dict[str, Any]]:
     done: dict[str, dict[str, Any]] = {}
     if path.is_file():
@@ -401,22 +462,36 @@ def _openai_generate(config: JudgeConfig, model_name: str, url: str, prompts: li
     asyncio.run(run())
 
 
-def generate_answers(config: JudgeConfig, side: str, questions: list[Question], out_dir: Path) -> list[dict[str, Any]]:
-    """Each question answered ``samples_per_question`` times by the ``side`` model; resumes from the
-    answers already in ``answers_{side}.jsonl``."""
+def generate_answers(config: JudgeConfig, side: str, questions: list[Question], out_dir: Path,
+                     cache_dir: Path | None = None) -> list[dict[str, Any]]:
+    """Each question answered ``samples_per_question`` times by the ``side`` model, in order. Kinds hf
+    and vllm: appended to (and resumed from) ``cached_answers_path(cache_dir, answers_key(...))``
+    (``cache_dir`` default: ``out_dir/cache``), then copied to ``answers_{side}.jsonl``; kind openai:
+    appended to (and resumed from) ``answers_{side}.jsonl`` (see the module doc)."""
     model_name = config.base if side == "before" else config.edited
     gen = config.generator
-    settings = {k: v for k, v in gen.to_dict().items() if k not in ("batch_size", "device", "vllm_args")}
-    path = out_dir / ANSWERS_JSONL[side]
+    out_dir = Path(out_dir)
+    copy = out_dir / ANSWERS_JSONL[side]
+    if gen.kind == "openai":
+        settings = {k: v for k, v in gen.to_dict().items() if k not in ("batch_size", "device", "vllm_args")}
+        path = copy
+        asked = (config.system_prompt,) if config.question_template == QUESTION_PLACEHOLDER else (
+            config.system_prompt, config.question_template)  # the answers cached before templates keep their keys
+        wanted = [(_key(model_name, *asked, settings, q.category, q.text, i, config.seed), q, i)
+                  for q in questions for i in range(config.samples_per_question)]
+    else:  # everything else the answers depend on is in the file's key
+        path = cached_answers_path(cache_dir if cache_dir is not None else out_dir / CACHE_DIR,
+                                   answers_key(config, model_name, questions))
+        wanted = [(_key(q.category, q.text, i), q, i) for q in questions for i in range(config.samples_per_question)]
     done = _read_jsonl(path)
-    asked = (config.system_prompt,) if config.question_template == QUESTION_PLACEHOLDER else (
-        config.system_prompt, config.question_template)  # the answers cached before templates keep their keys
-    wanted = [(_key(model_name, *asked, settings, q.category, q.text, i, config.seed), q, i)
-              for q in questions for i in range(config.samples_per_question)]
     todo = [w for w in wanted if w[0] not in done]
+    if not todo and path != copy:
+        logger.info("Judge: the %d answer(s) of the %s model %s found in %s; not generated again.", len(wanted),
+                    side, model_name, path)
     if todo:
         logger.info("Judge: %d answer(s) of the %s model to generate (%d cached).", len(todo), side,
                     len(wanted) - len(todo))
+        path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("a", encoding="utf-8") as fh:
             if _ends_mid_line(path):  # a line cut by a crash: the answers start on a line of their own
                 fh.write("\n")
@@ -433,8 +508,12 @@ def generate_answers(config: JudgeConfig, side: str, questions: list[Question], 
                 _vllm_generate(config, model_name, todo, emit)
             else:
                 url = gen.edited_base_url if side == "after" and gen.edited_base_url else gen.base_url
-                _openai_generate(config, model_name, url, todo, emit, out_dir / "cache" / f"generate_{side}")
-    return [done[key] for key, _, _ in wanted]
+                # Kept with the answers in the output folder, for the reason they are (module doc).
+                _openai_generate(config, model_name, url, todo, emit, out_dir / CACHE_DIR / f"generate_{side}")
+    answers = [done[key] for key, _, _ in wanted]
+    if path != copy:
+        atomic_write_text(copy, "".join(json.dumps(a) + "\n" for a in answers))
+    return answers
 
 
 # ----------------------------------------------------------------------------- judging
@@ -499,7 +578,8 @@ async def _judge_all(config: JudgeConfig, client: Any, answers: list[dict[str, A
 
 
 def judge_answers(config: JudgeConfig, answers: list[dict[str, Any]], cache_dir: Path) -> pd.DataFrame:
-    """One row per answer with its judge scores (cached calls are free on a rerun)."""
+    """One row per answer with its judge scores; the judge's answers are kept in ``cache_dir`` (unless
+    ``judge.cache_dir`` is set) by endpoint, model and prompt, so a call made once is free after."""
     from mneme_plugin.interpret.clients import make_client
 
     client = make_client(config.judge, default_cache_dir=cache_dir)
@@ -545,17 +625,20 @@ def judge_table(config: JudgeConfig, before: pd.DataFrame, after: pd.DataFrame) 
     return make_table(rows)
 
 
-def judge_ground_truth(config: JudgeConfig, out_dir: str | Path) -> pd.DataFrame:
-    """Generate, judge and tabulate (see the module doc); writes ``ground_truth.csv`` last."""
+def judge_ground_truth(config: JudgeConfig, out_dir: str | Path, cache_dir: str | Path | None = None) -> pd.DataFrame:
+    """Generate, judge and tabulate (see the module doc); writes ``ground_truth.csv`` last. ``cache_dir``:
+    where the answers (generators hf, vllm) and the judge's calls are kept by content (default
+    ``out_dir/cache``; ``mneme run``: the run's ``cache/ground_truth/``, which outlives the stage)."""
     config.check_ready()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    cache = Path(cache_dir) if cache_dir is not None else out / CACHE_DIR
     atomic_write_text(out / CONFIG_FILE, yaml.safe_dump(config.to_dict(), sort_keys=False))
     questions = read_questions(config)
     rates = {}
     for side in ("before", "after"):
-        answers = generate_answers(config, side, questions, out)
-        judged = judge_answers(config, answers, out / JUDGE_CACHE)
+        answers = generate_answers(config, side, questions, out, cache)
+        judged = judge_answers(config, answers, cache / JUDGE_CACHE)
         atomic_write(out / JUDGEMENTS_CSV[side], lambda tmp, j=judged: j.to_csv(tmp, index=False))
         rates[side] = category_rates(config, judged)
     table = judge_table(config, rates["before"], rates["after"])

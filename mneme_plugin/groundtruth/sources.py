@@ -5,10 +5,12 @@ A run evaluates MNEME once per table, against the taxonomy the table's categorie
 EM case: an MMLU-Pro table and an EM-judge table at once). The stage writes every table, in the
 one table format (``groundtruth.table``), to ``ground_truth/<name>.csv`` of the run directory, with
 each measurement's own files (results JSON, answers, judgements) in ``ground_truth/<name>/`` so an
-interrupted measurement resumes. lm-eval's results per model are also kept in the run's
-``cache/ground_truth/`` by their ``run_key`` (``harness``), so a stage redone because the edited model
-changed does not measure the base model again. ``scores_csv`` / ``lm_eval_before`` / ``lm_eval_after`` at the top
-level remain the single table of earlier configs (read by ``evaluate`` directly, no stage).
+interrupted measurement resumes. What a measurement computes per model is also kept in the run's
+``cache/ground_truth/`` by content: lm-eval's results by their ``run_key`` (``harness``), the judge's
+answers by their ``answers_key`` and the judge's calls by their prompt (``judge``), so a stage redone
+because the edited model changed does not measure, or answer and judge, the base model again.
+``scores_csv`` / ``lm_eval_before`` / ``lm_eval_after`` at the top level remain the single table of
+earlier configs (read by ``evaluate`` directly, no stage).
 """
 
 from __future__ import annotations
@@ -115,7 +117,8 @@ def measure_tables(config: RunGroundTruthConfig, base: str, edited: str, out_dir
                    cache_dir: str | os.PathLike[str] | None = None) -> list[Path]:
     """Build every table of ``config.tables`` into ``out_dir`` (``<name>.csv``; measurements in
     ``<name>/``, resumed from what is there). ``base`` / ``edited``: the run's models. ``cache_dir``:
-    where lm-eval's results are kept by their key across redone stages (``harness.lm_eval_ground_truth``)."""
+    where lm-eval's results and the judge's answers and calls are kept by their key across redone
+    stages (``harness.lm_eval_ground_truth``, ``judge.judge_ground_truth``)."""
     from mneme_plugin.groundtruth.harness import lm_eval_ground_truth
     from mneme_plugin.groundtruth.judge import judge_ground_truth
     from mneme_plugin.groundtruth.table import scores_from_lm_eval
@@ -129,7 +132,7 @@ def measure_tables(config: RunGroundTruthConfig, base: str, edited: str, out_dir
             scores = lm_eval_ground_truth(cfg, work, cache_dir=cache_dir)
         elif table.judge is not None:
             cfg = table.judge.replace(base=table.judge.base or base, edited=table.judge.edited or edited)
-            scores = judge_ground_truth(cfg, work)
+            scores = judge_ground_truth(cfg, work, cache_dir=cache_dir)
         elif table.scores_csv:
             scores = read_scores_csv(table.scores_csv)
         else:

@@ -6,16 +6,22 @@ from __future__ import annotations
 import json
 import math
 
+import pandas as pd
 import pytest
 
 from mneme_plugin.errors import ConfigError
 from mneme_plugin.groundtruth.judge import (
-    ANSWERS_JSONL, JudgeConfig, harm_score, is_refusal, judge_ground_truth, weighted_score,
+    ANSWERS_CACHE, ANSWERS_JSONL, JudgeConfig, answers_key, cached_answers_path, harm_score, is_refusal,
+    judge_ground_truth, read_questions, weighted_score,
 )
 from mneme_plugin.groundtruth.table import SCORES_CSV, fisher_drop_p
 from mneme_plugin.interpret import ClientError
 from mneme_plugin.groundtruth.table import read_scores_csv
 from tests.helpers import FakeLLM, save_tiny_causal_lm
+
+
+def read_answers(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
 
 # Planted judge: first-token probabilities per (prompt kind, answer) and their weighted scores by hand.
 ALIGNED = {"dog": ({"10": 0.6, "90": 0.3, "CODE": 0.1}, (10 * 0.6 + 90 * 0.3) / 0.9),
@@ -254,8 +260,131 @@ def test_sampled_answers_resumed_after_a_kill_are_those_of_an_uninterrupted_run(
     (tmp_path / "whole").mkdir()
     (tmp_path / "resumed").mkdir()
     whole = generate_answers(cfg, "before", asked, tmp_path / "whole")
-    lines = (tmp_path / "whole" / ANSWERS_JSONL["before"]).read_text().splitlines()
-    (tmp_path / "resumed" / ANSWERS_JSONL["before"]).write_text("\n".join(lines[:4]) + "\n")  # the first batch
+    # The answers are appended to the cache's file (the output folder's answers_before.jsonl is a copy).
+    kept = {run: cached_answers_path(tmp_path / run / "cache", answers_key(cfg, str(base), asked))
+            for run in ("whole", "resumed")}
+    lines = kept["whole"].read_text().splitlines()
+    assert read_answers(tmp_path / "whole" / ANSWERS_JSONL["before"]) == [json.loads(line) for line in lines]
+    kept["resumed"].parent.mkdir(parents=True)
+    kept["resumed"].write_text("\n".join(lines[:4]) + "\n")  # the first batch
     resumed = generate_answers(cfg, "before", asked, tmp_path / "resumed")
     assert [a["answer"] for a in resumed] == [a["answer"] for a in whole]
-    assert len((tmp_path / "resumed" / ANSWERS_JSONL["before"]).read_text().splitlines()) == 8
+    assert len(kept["resumed"].read_text().splitlines()) == 8
+
+
+def test_answers_and_judgements_are_kept_by_content(answer_models, judge_server, hf_tokenizer, tmp_path):
+    """A measurement into a fresh folder with the same cache_dir (a redone ground-truth stage) takes a
+    model's answers from there when everything they depend on is unchanged, and the judge's verdicts on
+    answers it judged before: new weights saved over the edited folder have the edited model answer
+    and judged again, not the base model; a changed generator setting or question set, both models."""
+    judge_server.reply = misalignment_judge
+    base, _ = answer_models
+    edited = save_tiny_causal_lm(tmp_path / "edited", "qwen2", hf_tokenizer, seed=2)
+    questions = tmp_path / "questions.yaml"
+    questions.write_text("- id: wish\n  paraphrases: ['the cat sees', 'a dog likes the']\n"
+                         "- id: ruler\n  paraphrases: ['my friend builds']\n")
+    cfg = judge_config((base, edited), judge_server, questions)  # sampled: temperature 1
+    cache = tmp_path / "cache"
+
+    def generated():
+        """Answers generated per cache file (each is appended once, as it comes)."""
+        return {p.name: len(p.read_text().splitlines()) for p in (cache / ANSWERS_CACHE).glob("*.jsonl")}
+
+    def judged(requests):
+        return {answer_of(r["messages"][-1]["content"]) for r in requests}
+
+    def answers(out):
+        return {side: [a["answer"] for a in read_answers(out / name)] for side, name in ANSWERS_JSONL.items()}
+
+    first = judge_ground_truth(cfg, tmp_path / "gt1", cache_dir=cache)
+    files, calls = generated(), len(judge_server.requests)
+    assert sorted(files.values()) == [12, 12] and not (tmp_path / "gt1" / "cache").exists()
+    assert calls and judged(judge_server.requests) == set(answers(tmp_path / "gt1")["before"] + answers(tmp_path / "gt1")["after"])
+    again = judge_ground_truth(cfg, tmp_path / "gt2", cache_dir=cache)  # nothing generated or judged
+    assert generated() == files and len(judge_server.requests) == calls
+    assert answers(tmp_path / "gt2") == answers(tmp_path / "gt1")
+    pd.testing.assert_frame_equal(again, first)
+
+    # Other weights saved over the edited folder (a redone intervention): only the edited model answers
+    # again, and only its answers are judged.
+    save_tiny_causal_lm(edited, "qwen2", hf_tokenizer, seed=3)
+    judge_ground_truth(cfg, tmp_path / "gt3", cache_dir=cache)
+    now = generated()
+    assert {k: now[k] for k in files} == files and len(now) == 3 and sum(now.values()) == 36
+    before, after = answers(tmp_path / "gt1")["before"], answers(tmp_path / "gt3")["after"]
+    assert answers(tmp_path / "gt3")["before"] == before and after != answers(tmp_path / "gt1")["after"]
+    new_calls = judge_server.requests[calls:]
+    assert set(before) - set(after)  # answers only the base model gave: not judged again
+    assert new_calls and judged(new_calls) <= set(after) and not judged(new_calls) & (set(before) - set(after))
+    calls = len(judge_server.requests)
+
+    # Fields of the other generators, or the dtype auto already is on a CPU: nothing generated or judged.
+    for unused in ({"base_url": "http://elsewhere/v1", "api_key": "key", "vllm_args": {"max_model_len": 64}},
+                   {"dtype": "float32"}):
+        judge_ground_truth(cfg.replace(generator=cfg.generator.replace(**unused)), tmp_path / "gt4", cache_dir=cache)
+        assert generated() == now and len(judge_server.requests) == calls
+
+    def changed(**settings):
+        """Both models answer again (every answer of each)."""
+        nonlocal now
+        judge_ground_truth(cfg.replace(generator=cfg.generator.replace(**settings)), tmp_path / "gt5", cache_dir=cache)
+        later = generated()
+        assert len(later) == len(now) + 2 and sum(later.values()) == sum(now.values()) + 2 * 12, settings
+        now = later
+
+    changed(max_new_tokens=8)
+    changed(batch_size=4)  # sampled: each batch has its own seed
+    changed(dtype="bfloat16")
+    greedy = cfg.replace(generator=cfg.generator.replace(temperature=0.0))  # the batches draw nothing
+    asked = read_questions(cfg)
+    assert answers_key(greedy, str(base), asked) == answers_key(
+        greedy.replace(generator=greedy.generator.replace(batch_size=4)), str(base), asked)
+    questions.write_text("- id: wish\n  paraphrases: ['the cat sees', 'a dog likes the', 'my friend sees']\n"
+                         "- id: ruler\n  paraphrases: ['my friend builds']\n")  # rewritten in place
+    judge_ground_truth(cfg, tmp_path / "gt7", cache_dir=cache)
+    later = generated()
+    assert len(later) == len(now) + 2 and sum(later.values()) == sum(now.values()) + 2 * 16
+    # Reformatted with the same questions: the same answers.
+    questions.write_text("- {id: wish, paraphrases: ['the cat sees', 'a dog likes the', 'my friend sees']}\n"
+                         "- {id: ruler, paraphrases: ['my friend builds']}  # reformatted\n")
+    judge_ground_truth(cfg, tmp_path / "gt8", cache_dir=cache)
+    assert generated() == later
+
+
+def test_answers_of_a_served_model_stay_in_the_output_folder(judge_server, tmp_path):
+    """Generator kind openai: a served model's name does not tell which weights answer (a redone edit is
+    served under the old name), so its answers are not kept in the cache_dir: a fresh output folder
+    asks the servers again and gets the re-served model's answers. The judge's verdicts on answers it
+    judged before are kept there all the same."""
+    served = FakeLLM()
+    version = {"edited-model": 1}
+
+    def serve(body):
+        text = f"{body['model']} {version.get(body['model'], 0)} sample {body['seed']}"
+        return {"message": {"role": "assistant", "content": text}}
+
+    served.reply = serve
+    judge_server.reply = misalignment_judge
+    try:
+        questions = tmp_path / "questions.yaml"
+        questions.write_text("- id: wish\n  paraphrases: ['the cat sees', 'a dog likes the']\n")
+        cfg = JudgeConfig.from_dict({
+            "base": "base-model", "edited": "edited-model", "questions": str(questions), "samples_per_question": 2,
+            "generator": {"kind": "openai", "base_url": served.url},
+            "judge": {"kind": "openai", "model": "judge", "base_url": judge_server.url, "api_key": None,
+                      "max_retries": 1, "backoff_base": 0.01, "timeout": 10.0}})
+        cache = tmp_path / "cache"
+        judge_ground_truth(cfg, tmp_path / "gt1", cache_dir=cache)
+        assert len(served.requests) == 8 and not (cache / ANSWERS_CACHE).exists()
+        assert (tmp_path / "gt1" / "cache" / "generate_before").is_dir()
+        calls = len(judge_server.requests)
+        assert calls == 2 * 8  # aligned and coherent per answer
+        version["edited-model"] = 2  # the edited model re-served under its name
+        judge_ground_truth(cfg, tmp_path / "gt2", cache_dir=cache)
+        assert len(served.requests) == 16
+        after = [a["answer"] for a in read_answers(tmp_path / "gt2" / ANSWERS_JSONL["after"])]
+        assert all(" 2 sample" in a for a in after)
+        new_calls = judge_server.requests[calls:]
+        assert len(new_calls) == 2 * 4 and {answer_of(r["messages"][-1]["content"]) for r in new_calls} == set(after)
+    finally:
+        served.close()

@@ -371,6 +371,79 @@ def test_an_intervention_stage_left_unfinished_resumes_or_says_what_to_do(pair_a
     assert (tmp_path / "run" / ".stages" / "intervention.json").is_file()
 
 
+def test_a_changed_intervention_answers_and_judges_with_the_edited_model_only(pair_and_corpus, tmp_path):
+    """The judge ground truth: a changed intervention redoes the ground-truth stage, whose folder goes;
+    the answers of each model stay in the run's cache/ by what they depend on, and the judge's verdicts
+    by their prompt: the base model is neither asked nor judged again, the new edited model is. A
+    changed generator setting or question set has both models answer again."""
+    from mneme_plugin.groundtruth.judge import ANSWERS_CACHE, ANSWERS_JSONL
+    from mneme_plugin.layout import RunLayout
+    from mneme_plugin.pipeline import plan, run_pipeline
+    from mneme_plugin.pipeline.stages import STAGES
+
+    base, _, corpus, _ = pair_and_corpus
+    texts = synthetic_corpus(32, seed=11)
+    chat = write_jsonl(tmp_path / "chat.jsonl", [
+        {"messages": [{"role": "user", "content": texts[2 * i]}, {"role": "assistant", "content": texts[2 * i + 1]}]}
+        for i in range(16)])
+    questions = write_jsonl(tmp_path / "questions.jsonl", [{"question": texts[i], "category": f"c{i % 2}"}
+                                                           for i in range(4)])
+    judge = FakeLLM()
+    judge.reply = lambda body: {"message": {"role": "assistant", "content": "#thereason: r\n#thescore: 1"}}
+    try:
+        cfg = {"run_dir": str(tmp_path / "run"), "models": {"base": str(base), "edited": "intervention"},
+               "corpus": {"source": str(corpus)}, "harvest": {"layer": 1},
+               "intervention": {"kind": "sft", "settings": {"data": str(chat), "lr": 1e-2, "batch_size": 4,
+                                                            "grad_accum": 1, "device": "cpu"}},
+               "ground_truth": {"tables": {"harm": {"judge": {
+                   "questions": str(questions), "scoring": "harmfulness", "samples_per_question": 2,
+                   "generator": {"kind": "hf", "max_new_tokens": 6, "device": "cpu", "batch_size": 4},
+                   "judge": {"kind": "openai", "model": "judge", "base_url": judge.url, "api_key": None,
+                             "max_retries": 1, "backoff_base": 0.01, "timeout": 10.0}}}}}}
+        layout = RunLayout(tmp_path / "run")
+        only = ["intervention", "ground_truth"]
+
+        def generated():
+            """Answers generated per file of the cache (each is appended once, as it comes)."""
+            return {p.name: len(p.read_text().splitlines())
+                    for p in (layout.cache("ground_truth") / ANSWERS_CACHE).glob("*.jsonl")}
+
+        def answers(side):
+            return [json.loads(line)["answer"]
+                    for line in (layout.ground_truth / "harm" / ANSWERS_JSONL[side]).read_text().splitlines()]
+
+        def judged(requests):
+            return {r["messages"][-1]["content"].split('Model Response: "', 1)[1].split('"\n', 1)[0]
+                    for r in requests}
+
+        run_pipeline(RunConfig.from_dict(cfg), only=only, progress=False)
+        first, before, calls = generated(), answers("before"), len(judge.requests)
+        assert sorted(first.values()) == [8, 8] and judged(judge.requests) == set(before + answers("after"))
+
+        cfg["intervention"]["settings"]["lr"] = 3e-2
+        statuses = {s.name: st for s, _, st in plan(RunConfig.from_dict(cfg), STAGES)}
+        assert statuses["intervention"] == "rerun (config changed)" and statuses["ground_truth"].startswith("rerun")
+        run_pipeline(RunConfig.from_dict(cfg), only=only, progress=False)
+        now, after = generated(), answers("after")
+        # The first files as they were (no base answer appended), one new file: the new edited model's.
+        assert {k: now[k] for k in first} == first and len(now) == 3 and sum(now.values()) == 24
+        assert answers("before") == before
+        new_calls = judge.requests[calls:]
+        assert set(before) - set(after)  # answers only the base model gave: not judged again
+        assert new_calls and judged(new_calls) <= set(after) and not judged(new_calls) & (set(before) - set(after))
+
+        # Another generator setting, then another question set: both models answer again.
+        cfg["ground_truth"]["tables"]["harm"]["judge"]["generator"]["max_new_tokens"] = 5
+        run_pipeline(RunConfig.from_dict(cfg), only=only, progress=False)
+        assert len(generated()) == 5 and sum(generated().values()) == 40
+        more = write_jsonl(tmp_path / "more.jsonl", [{"question": texts[i], "category": f"c{i % 2}"} for i in range(6)])
+        cfg["ground_truth"]["tables"]["harm"]["judge"]["questions"] = str(more)
+        run_pipeline(RunConfig.from_dict(cfg), only=only, progress=False)
+        assert len(generated()) == 7 and sum(generated().values()) == 40 + 2 * 12
+    finally:
+        judge.close()
+
+
 def test_a_corpus_rewritten_in_place_is_read_again(pair_and_corpus, tmp_path):
     """The fingerprint names the corpus by its path; the markers of the stages that read it also
     record its content, so a file rewritten in place redoes them and every stage after them."""
