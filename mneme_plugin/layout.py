@@ -10,7 +10,7 @@ stage's folder are named and read only by the module that owns the stage (see AR
 | ``ground_truth/`` | ``mneme_plugin.groundtruth.sources`` (``<name>.csv`` tables, measurements in ``<name>/``) |
 | ``.stages/<stage>.json`` | ``mneme_plugin.pipeline.run`` (stage markers: config fingerprint, time) |
 | ``.stages/<stage>.failed`` | ``mneme_plugin.pipeline.run`` (under torchrun: a failed stage other ranks waited for) |
-| ``cache/<stage>/`` | the stage's module: what it keeps by content (explain / map: LLM answers; ground_truth: lm-eval results) |
+| ``cache/<stage>/`` | the stage's module: what it keeps by content (explain / map: LLM answers; ground_truth: lm-eval results, judge answers and verdicts) |
 | ``activations/`` | ``mneme_plugin.activations`` (store: manifest + shards) |
 | ``crosscoder_run/`` | ``mneme_plugin.crosscoder.training`` (checkpoints, final crosscoder, metrics) |
 | ``attribution/`` | ``mneme_plugin.attribution`` |
