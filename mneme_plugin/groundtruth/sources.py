@@ -79,6 +79,14 @@ class GroundTruthTable(ConfigMixin):
     def files(self) -> list[str]:
         return [p for p in (self.scores_csv, self.lm_eval_before, self.lm_eval_after) if p]
 
+    def measurement_inputs(self) -> list[str]:
+        """The local files and folders a measured table reads besides the models: the judge's
+        questions file, lm-eval's ``include_path`` task folders."""
+        found = list(self.lm_eval.include_path) if self.lm_eval is not None else []
+        if self.judge is not None and self.judge.questions:
+            found.append(self.judge.questions)
+        return found
+
 
 @dataclass
 class RunGroundTruthConfig(GroundTruthConfig):
@@ -106,6 +114,10 @@ class RunGroundTruthConfig(GroundTruthConfig):
 
     def files(self) -> list[str]:
         return super().files() + [p for t in self.tables.values() for p in t.files()]
+
+    def measurement_inputs(self) -> list[str]:
+        """Every table's ``GroundTruthTable.measurement_inputs``."""
+        return [p for t in self.tables.values() for p in t.measurement_inputs()]
 
 
 def table_path(folder: str | os.PathLike[str], name: str) -> Path:

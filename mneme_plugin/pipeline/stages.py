@@ -130,8 +130,9 @@ def input_digests(stage: Stage, config: RunConfig, corpus: str | None) -> dict[s
     names, for its marker: ``corpus``, the local corpus file's content (``corpus``, the plan's
     ``corpus_digest``, read once for all stages); ``model:base`` / ``model:edited``, the local model
     folders' metadata (``files.stat_digest``: paths, sizes, times; their gigabytes are not read); and
-    ``file:PATH``, the ground-truth files' content (``files.content_digest``). A corpus, model folder
-    or ground-truth CSV rewritten in place then redoes the stage. Hub datasets and models have none,
+    ``file:PATH``, the ground-truth files' content (``files.content_digest``: CSV / lm-eval JSON files,
+    a judge's questions), ``folder:PATH``, lm-eval's ``include_path`` task folders (metadata). A
+    corpus, model folder, ground-truth file or task folder rewritten in place then redoes the stage. Hub datasets and models have none,
     nor has the edited model the run's own intervention writes (a redone intervention redoes what
     follows it)."""
     from mneme_plugin.activations.models import ModelSpec
@@ -155,6 +156,11 @@ def input_digests(stage: Stage, config: RunConfig, corpus: str | None) -> dict[s
         for path in config.ground_truth.files():
             if Path(path).is_file():
                 out[f"file:{path}"] = content_digest(path)
+        for path in config.ground_truth.measurement_inputs():
+            if Path(path).is_file():
+                out[f"file:{path}"] = content_digest(path)
+            elif Path(path).is_dir():  # lm-eval task folders: importing their code writes __pycache__
+                out[f"folder:{path}"] = stat_digest(path, skip_dirs=("__pycache__",))
     return out
 
 

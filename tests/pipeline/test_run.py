@@ -440,8 +440,39 @@ def test_a_changed_intervention_answers_and_judges_with_the_edited_model_only(pa
         cfg["ground_truth"]["tables"]["harm"]["judge"]["questions"] = str(more)
         run_pipeline(RunConfig.from_dict(cfg), only=only, progress=False)
         assert len(generated()) == 7 and sum(generated().values()) == 40 + 2 * 12
+        # The same questions file rewritten in place: the stage is redone (the marker holds its content).
+        assert {s.name: st for s, _, st in plan(RunConfig.from_dict(cfg), STAGES)}["ground_truth"] == "skip (done)"
+        write_jsonl(more, [{"question": texts[i], "category": f"c{i % 2}"} for i in range(6, 10)])
+        statuses = {s.name: st for s, _, st in plan(RunConfig.from_dict(cfg), STAGES)}
+        assert statuses["ground_truth"] == "rerun (model or ground-truth files changed)"
+        run_pipeline(RunConfig.from_dict(cfg), only=only, progress=False)
+        assert len(generated()) == 9 and sum(generated().values()) == 64 + 2 * 8
     finally:
         judge.close()
+
+
+def test_lm_eval_task_folders_are_inputs_of_the_ground_truth_stage(tmp_path):
+    """A task YAML edited in place in an lm-eval include_path changes the ground-truth stage's input
+    digests (so its marker no longer matches); what importing the tasks writes (__pycache__) does not."""
+    from mneme_plugin.pipeline.stages import STAGES, input_digests
+
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "t.yaml").write_text("task: t\n")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("text\n")
+    cfg = RunConfig.from_dict({
+        "run_dir": str(tmp_path / "run"), "models": {"base": "b", "edited": "e"}, "corpus": {"source": str(corpus)},
+        "harvest": {"layer": 1},
+        "ground_truth": {"tables": {"bench": {"lm_eval": {"tasks": ["t"], "include_path": [str(tasks)]}}}}})
+    stage = next(s for s in STAGES if s.name == "ground_truth")
+    first = input_digests(stage, cfg, None)
+    assert set(first) == {f"folder:{tasks}"}
+    (tasks / "__pycache__").mkdir()
+    (tasks / "__pycache__" / "utils.cpython-312.pyc").write_bytes(b"\0")
+    assert input_digests(stage, cfg, None) == first
+    (tasks / "t.yaml").write_text("task: t\nnum_fewshot: 5\n")
+    assert input_digests(stage, cfg, None) != first
 
 
 def test_a_corpus_rewritten_in_place_is_read_again(pair_and_corpus, tmp_path):
