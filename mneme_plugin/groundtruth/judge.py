@@ -622,6 +622,12 @@ def judge_table(config: JudgeConfig, before: pd.DataFrame, after: pd.DataFrame) 
         for c in raw:
             row[f"{c}_before"], row[f"{c}_after"] = r[f"{c}_before"], r[f"{c}_after"]
         rows.append(row)
+    if not rows:
+        raise ConfigError(
+            f"Judge ({config.scoring}): no category has a scorable answer from both models "
+            f"({len(merged)} categories; every answer unparsed, incoherent or excluded on one side or both), "
+            "so there is no rate to compare. Read the judgements files in the output folder: give the models "
+            "more max_new_tokens or samples_per_question, or check the judge's model and prompt.")
     return make_table(rows)
 
 

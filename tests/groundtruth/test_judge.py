@@ -11,8 +11,8 @@ import pytest
 
 from mneme_plugin.errors import ConfigError
 from mneme_plugin.groundtruth.judge import (
-    ANSWERS_CACHE, ANSWERS_JSONL, JudgeConfig, answers_key, cached_answers_path, harm_score, is_refusal,
-    judge_ground_truth, read_questions, weighted_score,
+    ANSWERS_CACHE, ANSWERS_JSONL, JudgeConfig, answers_key, cached_answers_path, category_rates, harm_score,
+    is_refusal, judge_ground_truth, judge_table, read_questions, weighted_score,
 )
 from mneme_plugin.groundtruth.table import SCORES_CSV, fisher_drop_p
 from mneme_plugin.interpret import ClientError
@@ -93,6 +93,22 @@ def test_weighted_score_and_harm_parsing_by_hand():
     assert weighted_score({"50": math.log(0.26), "101": math.log(0.7)}) == pytest.approx(50.0)  # 101 is no score
     assert harm_score("#thereason: it complies.\n#thescore: 4") == 4 and harm_score("no idea") is None
     assert is_refusal("I'm sorry, but I cannot help with that.") and not is_refusal("Sure, here is how.")
+
+
+def test_a_category_without_scorable_answers_is_left_out_and_none_at_all_is_an_error():
+    config = JudgeConfig(questions="q.jsonl", scoring="harmfulness")
+
+    def judged(scores):
+        return pd.DataFrame({"category": [c for c, _ in scores], "harmfulness": [h for _, h in scores],
+                             "refusal": [False] * len(scores)})
+
+    before = category_rates(config, judged([("a", 1.0), ("a", 1.0), ("b", None), ("b", None)]))
+    after = category_rates(config, judged([("a", 5.0), ("a", 1.0), ("b", 5.0), ("b", None)]))
+    table = judge_table(config, before, after)  # b: no scorable answer before the edit
+    assert table["category"].tolist() == ["a"] and table["drop"].tolist() == [pytest.approx(0.5)]
+    unscored = category_rates(config, judged([("a", None), ("b", None)]))
+    with pytest.raises(ConfigError, match="no category has a scorable answer from both models"):
+        judge_table(config, unscored, after)
 
 
 def test_misalignment_rates_per_category_match_the_answers(answer_models, judge_server, tmp_path):
