@@ -114,6 +114,10 @@ class HFRMUConfig(ConfigMixin):
         require(self.checkpoint_every >= 0,
                 f"RMU checkpoint_every must be >= 0 (0 disables checkpoints), got {self.checkpoint_every}.")
 
+    def data_sources(self) -> list[str]:
+        """The corpora the edit reads (local files or ``hf:`` specs): forget, then retain."""
+        return [*self.forget_corpora, *self.retain_corpora]
+
     def per_topic(self, name: str, n_topics: int | None = None) -> list[Any]:
         """``name``'s value for each forget corpus."""
         n = n_topics if n_topics is not None else len(self.forget_corpora)
@@ -245,7 +249,7 @@ def rmu_unlearn_hf(config: HFRMUConfig, progress: bool = True, *, out_dir: str |
     updated_layer = layers[config.layer_id]
     optimizer = torch.optim.AdamW(list(trained.values()), lr=config.lr)
     tokenizer.padding_side = "right"
-    checkpoints = TrainingCheckpoints(out_dir, config, [config.model, *config.forget_corpora, *retain_specs],
+    checkpoints = TrainingCheckpoints(out_dir, config, [config.model, *config.data_sources()],
                                       config.checkpoint_every, resume=resume, label="RMU")
     start, log = checkpoints.restore(trained, optimizer, total_steps=n_steps, device=device)
 

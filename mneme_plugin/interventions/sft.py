@@ -132,6 +132,10 @@ class SFTConfig(ConfigMixin):
         require(self.checkpoint_every >= 0,
                 f"SFT checkpoint_every must be >= 0 (0 disables checkpoints), got {self.checkpoint_every}.")
 
+    def data_sources(self) -> list[str]:
+        """The training data the edit reads (a local file or folder, or an ``hf:`` spec)."""
+        return [self.data] if self.data else []
+
     def check_ready(self) -> None:
         require(bool(self.model), "SFT needs `model` (a HF model name or folder).")
         require(bool(self.data), "SFT needs `data` (a .jsonl/.parquet file or hf:NAME spec).")
@@ -332,7 +336,7 @@ def supervised_fine_tune(config: SFTConfig, progress: bool = True, *, out_dir: s
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id
     rng = random.Random(config.seed)
-    checkpoints = TrainingCheckpoints(out_dir, config, [config.model, config.data], config.checkpoint_every,
+    checkpoints = TrainingCheckpoints(out_dir, config, [config.model, *config.data_sources()], config.checkpoint_every,
                                       resume=resume, label="SFT")
     start_step, log = checkpoints.restore(trained, optimizer, scheduler, total_steps=total_steps, device=device)
     result = InterventionResult(model=model, tokenizer=tokenizer, config=config, log=log,

@@ -108,7 +108,7 @@ def _fingerprint(config: RunConfig, stage: Stage, upstream: str, *, legacy: bool
 
 
 CORPUS_CHANGED = "rerun (corpus changed)"
-INPUTS_CHANGED = "rerun (model or ground-truth files changed)"
+INPUTS_CHANGED = "rerun (model or input files changed)"
 UPSTREAM_REDONE = "rerun (input redone)"
 
 

@@ -130,9 +130,11 @@ def input_digests(stage: Stage, config: RunConfig, corpus: str | None) -> dict[s
     names, for its marker: ``corpus``, the local corpus file's content (``corpus``, the plan's
     ``corpus_digest``, read once for all stages); ``model:base`` / ``model:edited``, the local model
     folders' metadata (``files.stat_digest``: paths, sizes, times; their gigabytes are not read); and
-    ``file:PATH``, the ground-truth files' content (``files.content_digest``: CSV / lm-eval JSON files,
-    a judge's questions), ``folder:PATH``, lm-eval's ``include_path`` task folders (metadata). A
-    corpus, model folder, ground-truth file or task folder rewritten in place then redoes the stage. Hub datasets and models have none,
+    ``data:SPEC``, the intervention's local training data (SFT data, RMU corpora: a file's content, a
+    folder's metadata); ``file:PATH``, the ground-truth files' content (``files.content_digest``: CSV /
+    lm-eval JSON files, a judge's questions), ``folder:PATH``, lm-eval's ``include_path`` task folders
+    (metadata). A corpus, model folder, data or ground-truth file or task folder rewritten in place
+    then redoes the stage. Hub datasets and models have none,
     nor has the edited model the run's own intervention writes (a redone intervention redoes what
     follows it)."""
     from mneme_plugin.activations.models import ModelSpec
@@ -152,6 +154,11 @@ def input_digests(stage: Stage, config: RunConfig, corpus: str | None) -> dict[s
         digest = stat_digest(parsed.location) if parsed.kind != "hub" else None
         if digest is not None:
             out[f"model:{role}"] = digest
+    if "intervention" in sections and config.intervention is not None:
+        from mneme_plugin.interventions.checkpoints import input_digests as data_digests
+
+        for spec, digest in data_digests(config.intervention.resolved("").data_sources()).items():
+            out[f"data:{spec}"] = digest
     if "ground_truth" in sections:
         for path in config.ground_truth.files():
             if Path(path).is_file():

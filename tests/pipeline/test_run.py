@@ -444,7 +444,7 @@ def test_a_changed_intervention_answers_and_judges_with_the_edited_model_only(pa
         assert {s.name: st for s, _, st in plan(RunConfig.from_dict(cfg), STAGES)}["ground_truth"] == "skip (done)"
         write_jsonl(more, [{"question": texts[i], "category": f"c{i % 2}"} for i in range(6, 10)])
         statuses = {s.name: st for s, _, st in plan(RunConfig.from_dict(cfg), STAGES)}
-        assert statuses["ground_truth"] == "rerun (model or ground-truth files changed)"
+        assert statuses["ground_truth"] == "rerun (model or input files changed)"
         run_pipeline(RunConfig.from_dict(cfg), only=only, progress=False)
         assert len(generated()) == 9 and sum(generated().values()) == 64 + 2 * 8
     finally:
@@ -473,6 +473,34 @@ def test_lm_eval_task_folders_are_inputs_of_the_ground_truth_stage(tmp_path):
     assert input_digests(stage, cfg, None) == first
     (tasks / "t.yaml").write_text("task: t\nnum_fewshot: 5\n")
     assert input_digests(stage, cfg, None) != first
+
+
+def test_intervention_data_files_are_inputs_of_the_intervention_stage(tmp_path):
+    """SFT data and RMU corpora edited in place change the intervention stage's input digests (a
+    finished edit is then redone); hub data sets have none."""
+    from mneme_plugin.pipeline.stages import STAGES, input_digests
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("text\n")
+    chat = write_jsonl(tmp_path / "chat.jsonl", [{"messages": [{"role": "user", "content": "hi"},
+                                                               {"role": "assistant", "content": "hello"}]}])
+    stage = next(s for s in STAGES if s.name == "intervention")
+
+    def digests(intervention):
+        cfg = RunConfig.from_dict({"run_dir": str(tmp_path / "run"), "models": {"base": "b", "edited": "intervention"},
+                                   "corpus": {"source": str(corpus)}, "harvest": {"layer": 1},
+                                   "intervention": intervention})
+        return input_digests(stage, cfg, None)
+
+    sft = {"kind": "sft", "settings": {"data": str(chat)}}
+    first = digests(sft)
+    assert set(first) == {f"data:{chat}"}
+    write_jsonl(chat, [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "bye"}]}])
+    assert digests(sft)[f"data:{chat}"] != first[f"data:{chat}"]
+    forget = tmp_path / "forget.jsonl"
+    forget.write_text('{"text": "secret"}\n')
+    rmu = {"kind": "rmu", "settings": {"forget_corpora": [str(forget)], "retain_corpora": ["hf:wikitext"]}}
+    assert set(digests(rmu)) == {f"data:{forget}"}
 
 
 def test_a_corpus_rewritten_in_place_is_read_again(pair_and_corpus, tmp_path):
@@ -542,7 +570,7 @@ def test_a_model_folder_saved_over_in_place_is_read_again(pair_and_corpus, tmp_p
     # Other weights under the same folder name.
     save_finetuned_llama(base, own, synthetic_corpus(40, seed=11), steps=8, seed=4)
     now = statuses()
-    assert now["harvest"] == "rerun (model or ground-truth files changed)"
+    assert now["harvest"] == "rerun (model or input files changed)"
     assert now["train"] == now["attribute"] == "rerun (input redone)"
     assert CliRunner().invoke(main, ["run", path, *only]).exit_code == 0
     again = ActivationStore(tmp_path / "run" / "activations").all_activations(max_rows=64)
@@ -574,7 +602,7 @@ def test_a_ground_truth_csv_rewritten_in_place_is_evaluated_again(pair_and_corpu
     pd.DataFrame({"category": ["biology", "cooking", "law"], "before": [0.9, 0.8, 0.7],
                   "after": [0.5, 0.8, 0.3]}).to_csv(own, index=False)
     now = statuses()
-    assert now["evaluate"] == "rerun (model or ground-truth files changed)" and now["report"] == "rerun (input redone)"
+    assert now["evaluate"] == "rerun (model or input files changed)" and now["report"] == "rerun (input redone)"
     assert now["train"] == now["predict"] == "skip (done)"
     assert CliRunner().invoke(main, ["run", path]).exit_code == 0
     assert load_evaluation(tmp_path / "run" / "evaluation").true_set == ["biology", "law"]
