@@ -1,4 +1,5 @@
-"""What a path on disk holds: an activation store, a crosscoder, or a training run (``mneme info``)."""
+"""What a path on disk holds: an activation store, a crosscoder, a training run, an edited model or a
+run directory (``mneme info``)."""
 
 from __future__ import annotations
 
@@ -115,11 +116,40 @@ def _unfinished_intervention_summary(path: Path) -> list[str]:
             "(same config) to resume it, or pass --no-resume to start over"]
 
 
+def _edited_model_summary(path: Path) -> list[str]:
+    """A model folder written by `mneme intervene` / the intervention stage (``mneme_intervention.yaml``)."""
+    import json
+
+    import yaml
+
+    from mneme_plugin.interventions.hf_models import INTERVENTION_CONFIG, TRAINING_LOG
+
+    try:
+        record = yaml.safe_load((path / INTERVENTION_CONFIG).read_text()) or {}
+        hf = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError, yaml.YAMLError) as err:
+        raise CheckpointError(f"{path} looks like an edited model folder but cannot be read ({err}).") from err
+    config = record.get("config") or {}
+    log = path / TRAINING_LOG
+    steps = sum(1 for line in log.read_text().splitlines() if line.strip()) if log.is_file() else 0
+    architecture = ", ".join(hf.get("architectures") or []) or hf.get("model_type", "?")
+    lines = [f"Edited model {path} ({record.get('kind', '?')})",
+             f"  from:          {config.get('model', '?')}",
+             f"  architecture:  {architecture}: d_model {hf.get('hidden_size', '?')}, "
+             f"{hf.get('num_hidden_layers', '?')} layers",
+             f"  training log:  {steps} steps ({TRAINING_LOG})"]
+    data = config.get("data") or config.get("forget_corpora")
+    if data:
+        lines.append(f"  data:          {data}")
+    return lines
+
+
 def describe_path(path: str | Path) -> str:
     """A human-readable summary of a store, a crosscoder, a training run or a ``mneme run`` directory."""
     from mneme_plugin.activations.store import MANIFEST
     from mneme_plugin.crosscoder.model import CONFIG_FILE, WEIGHTS_FILE
     from mneme_plugin.crosscoder.training import CHECKPOINT_DIR, FINAL_DIR
+    from mneme_plugin.interventions.hf_models import INTERVENTION_CONFIG
     from mneme_plugin.layout import RunLayout
 
     path = Path(path)
@@ -127,6 +157,8 @@ def describe_path(path: str | Path) -> str:
         return "\n".join(_pipeline_summary(path))
     if (path / MANIFEST).is_file():
         return "\n".join(_store_summary(path))
+    if (path / INTERVENTION_CONFIG).is_file():  # an HF folder: its config.json is no crosscoder's
+        return "\n".join(_edited_model_summary(path))
     if (path / CONFIG_FILE).is_file() and (path / WEIGHTS_FILE).is_file():
         return "\n".join(_crosscoder_summary(path))
     intervention = _unfinished_intervention_summary(path)

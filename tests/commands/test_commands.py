@@ -78,6 +78,10 @@ def test_intervene_resumes_an_interrupted_run_and_refuses_another_config(tiny_lm
     assert resumed.exit_code == 0, resumed.output
     assert "resumed from" in resumed.output and "at step 4 of 6" in resumed.output
     assert [r["step"] for r in load_training_log(out)] == list(range(6)) and not (out / "checkpoints").exists()
+    info = runner.invoke(main, ["info", str(out)])  # the finished folder: an edited model, not a crosscoder
+    assert info.exit_code == 0, info.output
+    assert f"Edited model {out} (HFRMUConfig)" in info.output and f"from:          {model}" in info.output
+    assert "training log:  6 steps" in info.output and str(forget) in info.output
     # --no-resume on a finished folder still needs --overwrite; with it, the run starts over.
     again = runner.invoke(main, args + ["--no-resume", "--max-num-batches", "3"])
     assert again.exit_code != 0 and "already exists" in again.output
