@@ -327,7 +327,8 @@ def _echo_remediation(result) -> None:
 @click.argument("path", type=click.Path(exists=True))
 @clear_errors
 def info(path: str) -> None:
-    """Describe what PATH holds: an activation store, a crosscoder, a training run, or a run directory."""
+    """Describe what PATH holds: an activation store, a crosscoder, a training run, an edited model or a
+    run directory."""
     from mneme_plugin.describe import describe_path
 
     click.echo(describe_path(path))
