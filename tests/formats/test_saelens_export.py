@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import sae_lens  # a core dependency: never skipped
 import torch
 
 from mneme_plugin.crosscoder import BatchTopKCrossCoder, CrossCoderConfig
@@ -14,7 +15,6 @@ from mneme_plugin.formats import export_saelens, load_crosscoder
 from tests.formats.test_import_published import _median_threshold
 from tests.helpers import kissane_state_dict, sof_state_dict, write_kissane_crosscoder, write_sof_crosscoder
 
-sae_lens = pytest.importorskip("sae_lens")
 D, M, K = 16, 48, 4
 
 

@@ -6,7 +6,6 @@ import pandas as pd
 from click.testing import CliRunner
 
 from mneme_plugin.cli import main
-from mneme_plugin.interpret import delphi_installed
 
 
 def test_collect_explain_map_cli(tmp_path, llama_dir, thresholded_crosscoder):
@@ -30,9 +29,9 @@ def test_collect_explain_map_cli(tmp_path, llama_dir, thresholded_crosscoder):
     assert r.exit_code != 0 and "need an LLM client" in r.output
     r = runner.invoke(main, ["map", str(out), "--taxonomy", "mmlu", "--method", "llm", "--client", "stub"])
     assert r.exit_code != 0 and "cannot label or rank" in r.output
-    if delphi_installed():  # Delphi's explainer parses the offline stub's answer (a smoke run of that path)
-        r = runner.invoke(main, ["explain", str(out), "--explainer", "default", "--client", "stub",
-                                 "--out", str(tmp_path / "stub")])
-        assert r.exit_code == 0, r.output
-        explained = pd.read_csv(tmp_path / "stub" / "explanations.csv")
-        assert len(explained) > 0 and explained["explanation"].str.startswith("stub explanation ").all()
+    # Delphi's explainer parses the offline stub's answer (a smoke run of that path; .ci/run installs Delphi).
+    r = runner.invoke(main, ["explain", str(out), "--explainer", "default", "--client", "stub",
+                             "--out", str(tmp_path / "stub")])
+    assert r.exit_code == 0, r.output
+    explained = pd.read_csv(tmp_path / "stub" / "explanations.csv")
+    assert len(explained) > 0 and explained["explanation"].str.startswith("stub explanation ").all()

@@ -10,7 +10,7 @@ import torch
 
 from mneme_plugin.activations import forward_to_hook, iter_windows
 from mneme_plugin.errors import CheckpointError
-from mneme_plugin.interpret import TopContextCollector, delphi_installed, load_contexts
+from mneme_plugin.interpret import TopContextCollector, load_contexts
 
 
 def brute_force(ht_pair, cc, corpus, cfg):
@@ -110,7 +110,6 @@ def test_contexts_rewritten_in_place_and_stopped_are_not_read_half_new(collected
         load_contexts(folder)
 
 
-@pytest.mark.skipif(not delphi_installed(), reason="Delphi (eai-delphi) is not installed: pip install --no-deps eai-delphi")
 def test_delphi_latent_dataset_reads_our_cache(collected, tiny_tokenizer):
     from mneme_plugin.interpret import iter_records_delphi
 

