@@ -56,6 +56,19 @@ def bridge_pair(llama_dir):
     return base, edited
 
 
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+    """An empty huggingface_hub cache of this test's own, read by the real (offline) hub client; a test lays
+    out the repos it needs there with ``tests.helpers.hub_cache_repo``."""
+    from huggingface_hub import constants
+
+    assert constants.HF_HUB_OFFLINE, "the tests must never reach the hub"
+    cache = tmp_path / "hub-cache"
+    cache.mkdir()
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))  # where the client looks, as HF_HUB_CACHE= would say
+    return cache
+
+
 ROOT = Path(__file__).resolve().parents[1]
 HOLDER = (
     "import sys, time\n"

@@ -282,6 +282,21 @@ def write_kissane_crosscoder(folder: str | Path, sd: dict[str, torch.Tensor],
     return folder
 
 
+def hub_cache_repo(cache: str | Path, repo_id: str, files: str | Path,
+                   commit: str = "0123456789abcdef0123456789abcdef01234567") -> Path:
+    """Lay ``files`` (a folder) out as huggingface_hub's cache holds a downloaded model repo: ``refs/main``
+    names a commit whose snapshot folder holds the files. The real hub client, offline as in every test,
+    serves the repo from there (no stand-in for it). Returns the snapshot folder."""
+    import shutil
+
+    storage = Path(cache) / ("models--" + repo_id.replace("/", "--"))
+    (storage / "refs").mkdir(parents=True, exist_ok=True)
+    (storage / "refs" / "main").write_text(commit)
+    snapshot = storage / "snapshots" / commit
+    shutil.copytree(files, snapshot)
+    return snapshot
+
+
 def random_activation_pairs(n: int, d: int, seed: int) -> torch.Tensor:
     """Correlated random (n, 2, d) activations with different scales per model."""
     gen = torch.Generator().manual_seed(seed)

@@ -6,7 +6,13 @@ import torch
 
 from mneme_plugin.errors import CheckpointError
 from mneme_plugin.formats import load_crosscoder
-from tests.helpers import kissane_state_dict, sof_state_dict, write_kissane_crosscoder, write_sof_crosscoder
+from tests.helpers import (
+    hub_cache_repo,
+    kissane_state_dict,
+    sof_state_dict,
+    write_kissane_crosscoder,
+    write_sof_crosscoder,
+)
 
 
 def test_unknown_folder_and_missing_path(tmp_path):
@@ -74,24 +80,31 @@ def test_several_crosscoders_need_a_subfolder(tmp_path):
     assert cc.cfg.metadata["hook_name"] == "blocks.4.hook_resid_pre"
 
 
-def test_hub_ids_download_through_huggingface_hub(tmp_path, monkeypatch):
+def test_hub_ids_download_through_huggingface_hub(tmp_path, hub_cache, monkeypatch):
+    """A hub id 'org/repo/<subfolder>' goes through huggingface_hub's snapshot_download (the real one, served
+    offline from a cache laid out as a download leaves it), asks for that subfolder only and loads it."""
     import huggingface_hub
 
-    write_kissane_crosscoder(tmp_path / "snapshot", kissane_state_dict())
+    wanted, other = kissane_state_dict(seed=0), kissane_state_dict(seed=1)
+    write_kissane_crosscoder(tmp_path / "repo", wanted, hook_point="blocks.14.hook_resid_pre")
+    write_kissane_crosscoder(tmp_path / "repo", other, hook_point="blocks.4.hook_resid_pre")
+    hub_cache_repo(hub_cache, "ckkissane/crosscoder-gemma-2-2b-model-diff", tmp_path / "repo")
     calls = []
+    real = huggingface_hub.snapshot_download
 
-    def fake_snapshot_download(repo_id, revision=None, allow_patterns=None, **kwargs):
-        calls.append((repo_id, revision, allow_patterns))
-        return str(tmp_path / "snapshot")
+    def recording_snapshot_download(repo_id, revision=None, allow_patterns=None, **kwargs):
+        calls.append((repo_id, revision, allow_patterns))  # recorded, then the real client does the work
+        return real(repo_id=repo_id, revision=revision, allow_patterns=allow_patterns, **kwargs)
 
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", recording_snapshot_download)
     cc = load_crosscoder("ckkissane/crosscoder-gemma-2-2b-model-diff/blocks.14.hook_resid_pre", scale_factors=[1, 1])
     assert calls == [("ckkissane/crosscoder-gemma-2-2b-model-diff", None, ["blocks.14.hook_resid_pre/*"])]
     assert cc.cfg.sparsity == "relu"
+    assert torch.equal(cc.W_enc.detach(), wanted["W_enc"]) and not torch.equal(cc.W_enc.detach(), other["W_enc"])
+    assert cc.cfg.metadata["hook_name"] == "blocks.14.hook_resid_pre"
 
 
-def test_offline_hub_id_is_a_clear_error(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+def test_offline_hub_id_is_a_clear_error(hub_cache):
     with pytest.raises(CheckpointError, match="downloading the hub repo 'nobody/nothing-here' failed"):
         load_crosscoder("nobody/nothing-here")
 

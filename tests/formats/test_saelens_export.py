@@ -13,7 +13,13 @@ from mneme_plugin.crosscoder import BatchTopKCrossCoder, CrossCoderConfig
 from mneme_plugin.errors import CheckpointError, ConfigError
 from mneme_plugin.formats import export_saelens, load_crosscoder
 from tests.formats.test_import_published import _median_threshold
-from tests.helpers import kissane_state_dict, sof_state_dict, write_kissane_crosscoder, write_sof_crosscoder
+from tests.helpers import (
+    hub_cache_repo,
+    kissane_state_dict,
+    sof_state_dict,
+    write_kissane_crosscoder,
+    write_sof_crosscoder,
+)
 
 D, M, K = 16, 48, 4
 
@@ -111,25 +117,16 @@ def test_metadata_and_folder_per_hook_layout(tmp_path):
     assert json.loads((written["base"] / "cfg.json").read_text())["metadata"]["partial"] is True
 
 
-def test_from_pretrained_reads_the_layout_from_a_hub_repo(tmp_path, monkeypatch):
-    """SAE.from_pretrained("org/repo", "<folder>") with the hub download served from the export folder."""
-    from huggingface_hub.utils import EntryNotFoundError
-
-    from sae_lens.loading import pretrained_sae_loaders
-
+def test_from_pretrained_reads_the_layout_from_a_hub_repo(tmp_path, hub_cache):
+    """SAE.from_pretrained("org/repo", "<folder>") on the export pushed as a repo: stock SAE-Lens and the real
+    huggingface_hub client, served offline from a cache laid out as a download leaves it."""
     cc = _ours()
-    written = export_saelens(cc, tmp_path / "repo")
-
-    def fake_download(repo_id, filename, **kwargs):
-        assert repo_id == "someone/my-crosscoder"
-        path = tmp_path / "repo" / filename
-        if not path.is_file():
-            raise EntryNotFoundError(f"{filename} not found")
-        return str(path)
-
-    monkeypatch.setattr(pretrained_sae_loaders, "hf_hub_download", fake_download)
+    written = export_saelens(cc, tmp_path / "repo", views=True)
+    hub_cache_repo(hub_cache, "someone/my-crosscoder", tmp_path / "repo")
     sae = sae_lens.SAE.from_pretrained("someone/my-crosscoder", written["concat"].name)
     _check_concat(sae, cc, _x())
+    edited = sae_lens.SAE.from_pretrained("someone/my-crosscoder", written["edited"].name)
+    assert edited.cfg.d_in == D and edited.cfg.metadata.view == "edited"
 
 
 def test_export_does_not_import_sae_lens(tmp_path):
