@@ -64,6 +64,21 @@ def test_score_ranks_base_specific_first_and_dead_last():
     assert list(out["rank"]) == [2, 1, 3, 4, 5, 6]
 
 
+def test_score_confidence_takes_the_ratios_magnitude():
+    # c = 1 - min(1, |nu|): a negative error ratio (the other model carries the direction with the opposite
+    # sign) lowers the confidence as much as a positive one of the same size, and the score stays in [-1, 1].
+    cols = _columns([0.05, 0.05, 0.95, 0.95, 0.3], nu_e=[-0.5, 0.5, 0.0, 0.0, -3.0],
+                    nu_e_mirror=[0.0, 0.0, -0.25, 0.25, 0.0])
+    score = classify(cols)["score"]
+    # By hand: (2 Delta - 1) * c = -0.9 * 0.5, -0.9 * 0.5, 0.9 * 0.75, 0.9 * 0.75, -0.4 * 0.
+    np.testing.assert_allclose(score, [-0.45, -0.45, 0.675, 0.675, 0.0], atol=1e-12)
+    rng = np.random.default_rng(0)
+    n = 200
+    wild = _columns(rng.uniform(0, 1, n), nu_e=rng.normal(0, 3, n), nu_r=rng.normal(0, 3, n),
+                    nu_e_mirror=rng.normal(0, 3, n), nu_r_mirror=rng.normal(0, 3, n))
+    assert np.all(np.abs(classify(wild)["score"]) <= 1.0)
+
+
 def test_decoder_stats_and_relative_norm():
     W = torch.zeros(2, 4, 3, dtype=torch.float64)
     W[0, 0] = torch.tensor([1.0, 0, 0]); W[1, 0] = torch.tensor([0.5, 0, 0])  # base 2x longer
