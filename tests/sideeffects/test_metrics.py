@@ -26,6 +26,17 @@ def test_set_metrics_hand_computed():
     assert math.isnan(set_metrics([], ["a"]).accuracy)
 
 
+def test_set_metrics_with_an_empty_side():
+    # Nothing degraded but something predicted (a benign edit): every prediction is wrong, so precision and
+    # F1 are 0; Eq. 4 accuracy (recall) has no denominator. Nothing predicted: accuracy 0, no precision, F1 0.
+    wrong = set_metrics([], ["a", "b"])
+    assert math.isnan(wrong.accuracy) and wrong.precision == 0.0 and wrong.f1 == 0.0
+    missed = set_metrics(["a"], [])
+    assert missed.accuracy == 0.0 and math.isnan(missed.precision) and missed.f1 == 0.0
+    empty = set_metrics([], [])
+    assert all(math.isnan(v) for v in (empty.accuracy, empty.precision, empty.recall, empty.f1))
+
+
 def test_random_baseline_expected_accuracy_is_p():
     cats = [f"c{i}" for i in range(20)]
     m = random_baseline(["c1", "c5", "c7"], cats, p=0.5, seeds=4000, seed=1)
@@ -44,6 +55,16 @@ def test_degraded_by_threshold_and_significance():
     assert out["degraded"].tolist() == [True, False, False, False, True]
     assert out.loc[0, "p_value"] < 1e-10
     assert out.loc[3, "p_value"] == pytest.approx(fisher_drop_p(1.0, 28 / 32, 32))
+
+
+def test_a_drop_equal_to_the_threshold_is_not_degraded():
+    # "drops by more than drop_threshold" (EvaluateConfig; the demo's "drop > 0.1"); binary fractions, so the
+    # drops are exact: 0.25, 0.25 + 2**-10 and 0.25 - 2**-10 against a threshold of 0.25.
+    scores = pd.DataFrame({"category": ["equal", "above", "below"], "before": [0.75, 0.75, 0.75],
+                           "after": [0.5, 0.5 - 2**-10, 0.5 + 2**-10]})
+    out = degraded_categories(scores, EvaluateConfig(drop_threshold=0.25))
+    assert out["drop"].tolist() == [0.25, 0.25 + 2**-10, 0.25 - 2**-10]
+    assert out["degraded"].tolist() == [False, True, False]
 
 
 def test_significance_uses_the_ground_truths_own_test(caplog):
