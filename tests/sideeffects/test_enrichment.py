@@ -26,6 +26,50 @@ def test_benjamini_hochberg_matches_its_definition():
     assert np.allclose(benjamini_hochberg(p), brute)
 
 
+def _exact_tail(population, members, side):
+    """P(a uniformly drawn set of len(side) latents of the population holds at least as many members as the
+    side does), by enumerating every such set."""
+    k = len(members & side)
+    draws = list(combinations(sorted(population), len(side)))
+    return Fraction(sum(len(members & set(d)) >= k for d in draws), len(draws))
+
+
+def test_enrichment_table_equals_exact_enumeration():
+    # Latents 0-13 linked (latent 3 to two categories), 14-15 unlinked; the reference sample leaves out
+    # some linked latents, and a changed latent outside it joins the population of its side.
+    links = pd.DataFrame({
+        "latent": [0, 1, 2, 3, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13],
+        "category": ["a", "a", "a", "a", "b", "b", "b", "b", "c", "c", "c", "c", "a", "b", "c"],
+        "similarity": 0.5,
+    })
+    reference = [0, 1, 2, 3, 4, 5, 6, 8, 9, 10, 11, 14, 15]
+    changed = {"suppressed": [0, 1, 3, 12, 15], "amplified": [5, 6, 13]}
+    table = enrichment_table(links, changed, reference, ["a", "b", "c", "d"]).set_index("category")
+    linked = set(links["latent"])
+    members = {c: set(links.loc[links["category"] == c, "latent"]) for c in ["a", "b", "c", "d"]}
+    p_values = []
+    for side, latents in changed.items():
+        side_set = set(latents) & linked
+        population = (set(reference) & linked) | side_set
+        for category, group in members.items():
+            inside = group & population
+            k = len(inside & side_set)
+            assert table.loc[category, f"n_{side}"] == k, (side, category)
+            assert table.loc[category, f"expected_{side}"] == pytest.approx(len(side_set) * len(inside) / len(population))
+            exact = float(_exact_tail(population, inside, side_set)) if k else 1.0
+            assert table.loc[category, f"p_{side}"] == pytest.approx(exact, rel=1e-9), (side, category)
+            p_values.append((side, category, exact))
+    # q: Benjamini-Hochberg over all (side, category) tests, from its definition.
+    m = len(p_values)
+    ordered = sorted(p for _, _, p in p_values)
+    for side, category, p in p_values:
+        q = min(1.0, min(ordered[j] * m / (j + 1) for j in range(m) if ordered[j] >= p))
+        assert table.loc[category, f"q_{side}"] == pytest.approx(q, rel=1e-9), (side, category)
+    # By hand: b's suppressed latents are 3 (also in a) and 12 (outside the reference); 15 has no link.
+    assert table.loc["b", "n_suppressed"] == 2 and table.loc["a", "n_suppressed"] == 3
+    assert table.loc["d", "n_suppressed"] == 0 and table.loc["d", "p_suppressed"] == 1.0
+
+
 def _population(rng, n_live=600):
     """Live latents, each linked to one category drawn with SHARES (some categories are bigger)."""
     cats = rng.choice(len(CATEGORIES), size=n_live, p=SHARES)
