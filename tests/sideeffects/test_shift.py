@@ -49,6 +49,18 @@ def test_homogeneity_pvalue_converges_to_the_exact_permutation_pvalue(changed):
     assert estimate == pytest.approx(exact, abs=0.012)
 
 
+@pytest.mark.parametrize("permutations", [1, 7, 50])
+def test_homogeneity_pvalue_counts_the_observed_table_among_the_permutations(permutations):
+    # p = (1 + #{permuted stat >= observed}) / (1 + permutations): a multiple of 1 / (1 + permutations),
+    # never 0, even for the most extreme table (every changed latent in one category).
+    categories = ["a"] * 6 + ["b"] * 6 + ["c"] * 6
+    for changed in ([1] * 6 + [0] * 12, [1, 0] * 9, [1, 1, 0, 0, 0, 0] * 3):
+        for seed in range(5):
+            p = homogeneity_pvalue(categories, [bool(c) for c in changed], permutations=permutations, seed=seed)
+            scaled = p * (1 + permutations)
+            assert 1 <= round(scaled) <= 1 + permutations and scaled == pytest.approx(round(scaled), abs=1e-9)
+
+
 def test_homogeneity_pvalue_has_nothing_to_test_without_variation():
     assert homogeneity_pvalue(["a", "b", "a"], [False, False, False]) == 1.0
     assert homogeneity_pvalue(["a", "b", "a"], [True, True, True]) == 1.0
