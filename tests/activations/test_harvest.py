@@ -158,15 +158,23 @@ def test_planted_outlier_is_dropped_and_counted(ht_pair, corpus, tmp_path):
     loud = copy.deepcopy(edited)
     with torch.no_grad():
         loud.W_E[planted] *= 1e4  # a "massive activation" token in the edited model only
-    store = harvest(base, loud, corpus, cfg(outlier_factor=50.0), tmp_path / "s", progress=False)
+    # Norm statistics over every token of the corpus, so the stored rows are exactly the ones the scale is fit to.
+    store = harvest(base, loud, corpus, cfg(outlier_factor=50.0, normalization_tokens=10**6), tmp_path / "s",
+                    progress=False)
     windows = list(iter_windows(corpus, tok, 16))
     n_planted = int(sum((w.tokens == planted).sum() for w in windows))
     assert n_planted > 0
     assert store.manifest["outliers_dropped"] == n_planted
     tokens = torch.cat([s["tokens"] for s in store_content(store)])
     assert not (tokens == planted).any()
-    kept = harvest(base, loud, corpus, cfg(outlier_factor=None), tmp_path / "k", progress=False)
+    # The scale fits the data the crosscoder sees (the outliers are never stored): E||s_l x_l|| = sqrt(d).
+    stored_norms = store.all_activations().norm(dim=-1)
+    torch.testing.assert_close((stored_norms * store.scale_factors[None]).mean(0), torch.full((2,), math.sqrt(32)),
+                               rtol=1e-5, atol=0)
+    kept = harvest(base, loud, corpus, cfg(outlier_factor=None, normalization_tokens=10**6), tmp_path / "k",
+                   progress=False)
     assert kept.manifest["outliers_dropped"] == 0 and kept.num_rows == store.num_rows + n_planted
+    assert kept.scale_factors[1] < store.scale_factors[1] / 5  # kept in, the planted tokens swamp the edited mean
 
 
 def test_nan_activations_raise(ht_pair, corpus, tmp_path):
