@@ -81,14 +81,20 @@ def test_export_loads_in_stock_saelens_and_matches(tmp_path):
         assert sae.cfg.d_in == 2 * D and not sae.cfg.apply_b_dec_to_input
         assert int(sae.cfg.metadata.sae_lens_version.split(".")[0]) >= 6
         _check_concat(sae, cc, x)
-        # Per-model views: d_in = d, marked partial, decoders are the matching half.
+        # Per-model views: d_in = d, marked partial, decoders are the matching half: a view decodes the
+        # concat SAE's codes into that model's half of the concat reconstruction.
+        full = sae_lens.SAE.load_from_disk(str(written["concat"]))
+        feats = full.encode(x.reshape(x.shape[0], 2 * D))
         for layer, view in enumerate(("base", "edited")):
             v = sae_lens.SAE.load_from_disk(str(written[view]))
             assert v.cfg.d_in == D and v.cfg.metadata.partial and v.cfg.metadata.view == view
-            full = sae_lens.SAE.load_from_disk(str(written["concat"]))
             cols = slice(layer * D, (layer + 1) * D)
             if cc.cfg.salience != "decoupled":
                 torch.testing.assert_close(v.W_dec, full.W_dec[:, cols])
+                own = feats
+            else:  # the view keeps the latents gated for its model
+                own = feats[:, layer * M:(layer + 1) * M]
+            torch.testing.assert_close(v.decode(own), full.decode(feats)[:, cols], rtol=1e-5, atol=1e-5)
         # Our own reader gets the exported crosscoder back (jumprelu, raw space), same codes.
         if cc.cfg.salience != "decoupled":
             back = load_crosscoder(written["concat"])
