@@ -57,6 +57,31 @@ def test_concurrent_writers_of_one_file_never_share_a_temporary(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
 
 
+def test_a_writer_that_fails_leaves_the_old_file_whole_and_no_temporary(tmp_path):
+    """A crash while writing (here an exception half-way) must leave what a reader saw before, and nothing else."""
+    target = tmp_path / "manifest.json"
+    atomic_write(target, lambda tmp: tmp.write_text('{"complete": true}'), durable=True)
+
+    class Stopped(RuntimeError):
+        pass
+
+    def half_then_fail(tmp):
+        tmp.write_text('{"compl')
+        raise Stopped
+
+    for durable in (False, True):
+        with pytest.raises(Stopped):
+            atomic_write(target, half_then_fail, durable=durable)
+        assert target.read_text() == '{"complete": true}'
+        assert [p.name for p in tmp_path.iterdir()] == ["manifest.json"]
+    with pytest.raises(Stopped):
+        atomic_write(tmp_path / "new.json", half_then_fail)
+    assert [p.name for p in tmp_path.iterdir()] == ["manifest.json"]  # a new file: nothing at all
+    with pytest.raises(Stopped):
+        atomic_directory(tmp_path / "model", lambda folder: half_then_fail(folder / "config.json"))
+    assert [p.name for p in tmp_path.iterdir()] == ["manifest.json"]
+
+
 def test_stale_temporaries_of_dead_writers_are_removed_live_ones_kept(tmp_path):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
