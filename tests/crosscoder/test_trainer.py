@@ -124,6 +124,33 @@ def test_k_annealing_keeps_more_latents_early_and_k_from_the_threshold_start_on(
     assert BatchTopKCrossCoderTrainer(steps=20, activation_dim=8, dict_size=64, k=2).k_at(0) == 2.0  # off by default
 
 
+def test_inference_threshold_is_the_ema_of_the_smallest_kept_salience():
+    # From threshold_start_step on, each step's smallest salience BatchTopK keeps (recomputed here by brute
+    # force: a full sort of the batch's saliences with the step's weights) feeds the threshold: the first one
+    # sets it, then theta <- beta * theta + (1 - beta) * smallest.
+    torch.manual_seed(0)
+    beta, start, k = 0.9, 3, 2
+    trainer = BatchTopKCrossCoderTrainer(steps=20, activation_dim=8, dict_size=32, k=k, threshold_start_step=start,
+                                         threshold_beta=beta, warmup_steps=0, device="cpu")
+    gen = torch.Generator().manual_seed(1)
+    expected = None
+    for step in range(9):
+        x = torch.randn(16, 2, 8, generator=gen) * (1 + step % 3)  # batches of different scales
+        ae = trainer.ae
+        with torch.no_grad():
+            x_norm = ae.normalize(x).double()
+            pre = torch.relu(torch.einsum("bld,ldm->bm", x_norm, ae.W_enc.double()) + ae.b_enc.double())
+            salience = (pre * ae.salience_weights().double()).flatten()
+        kept = salience.sort(descending=True).values[: k * x.shape[0]]
+        smallest = float(kept[kept > 0].min())
+        trainer.update(step, x)
+        if step < start:
+            assert float(trainer.ae.threshold) < 0  # not estimated yet
+            continue
+        expected = smallest if expected is None else beta * expected + (1 - beta) * smallest
+        assert float(trainer.ae.threshold) == pytest.approx(expected, rel=1e-5), step
+
+
 def test_k_anneal_factor_below_one_is_refused():
     with pytest.raises(ConfigError, match="k_anneal_factor"):
         TrainingConfig(k_anneal_factor=0.5)
