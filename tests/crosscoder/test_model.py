@@ -53,8 +53,18 @@ def test_threshold_encodes_single_tokens_like_the_batch():
 def test_batch_topk_encoding_keeps_k_per_token_on_average():
     model = _model()
     model.threshold.fill_(-1.0)
-    f = model.encode(torch.randn(64, 2, 16))
+    x = torch.randn(64, 2, 16)
+    f = model.encode(x)
     assert (f != 0).sum().item() == 4 * 64
+    # Which ones: the k * B largest saliences pre_j * w_j of the batch (brute force: a full sort), each
+    # kept at its pre-activation (unscaled), not the largest pre-activations.
+    with torch.no_grad():
+        pre = torch.relu(torch.einsum("bld,ldm->bm", x * torch.tensor([0.5, 2.0])[None, :, None], model.W_enc)
+                         + model.b_enc)
+        salience = pre * (model.W_dec.norm(dim=-1) ** 2).sum(0)  # "paper": ||d_base||^2 + ||d_edited||^2
+    cut = salience.flatten().sort(descending=True).values[4 * 64 - 1]
+    torch.testing.assert_close(f, pre * (salience >= cut))
+    assert not torch.equal(f != 0, pre >= pre.flatten().sort(descending=True).values[4 * 64 - 1])
 
 
 def test_save_load_is_bit_identical(tmp_path):
