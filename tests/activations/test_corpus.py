@@ -30,6 +30,7 @@ def test_deterministic_and_max_tokens(tiny_tokenizer, corpus):
     assert all(torch.equal(x, y) for x, y in zip(a, b)) and len(a) == len(b)
     limited = list(iter_windows(corpus, tiny_tokenizer, 16, max_tokens=40))
     assert len(limited) == 3  # ceil(40 / 16) whole windows
+    assert all(torch.equal(w.tokens, x) for w, x in zip(limited, a[:3]))  # the first three, unchanged
 
 
 def test_file_sources(tmp_path, tiny_tokenizer):

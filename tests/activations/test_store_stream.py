@@ -39,6 +39,8 @@ def test_each_epoch_is_a_permutation(store):
 def test_dtype_and_device(store):
     b = next(store.iter_batches(8, dtype=torch.bfloat16, device="cpu"))
     assert b.dtype == torch.bfloat16 and b.shape == (8, 2, 32)
+    # The same rows as the float32 batch of that seed and step, rounded to bfloat16.
+    assert torch.equal(b, next(store.iter_batches(8, device="cpu")).to(torch.bfloat16))
 
 
 def test_stream_is_deterministic_and_matches_store(ht_pair, corpus, store):
