@@ -114,11 +114,10 @@ def test_dense_path_equals_sparse_path(random_crosscoder, monkeypatch):
         torch.testing.assert_close(a[key], b[key], rtol=1e-10, atol=1e-10, equal_nan=True)
 
 
-def test_decoupled_crosscoders_are_refused_clearly(random_crosscoder):
-    from types import SimpleNamespace
-
+def test_decoupled_crosscoders_are_refused_clearly():
+    from mneme_plugin.crosscoder import CrossCoderConfig, DecoupledBatchTopKCrossCoder
     from mneme_plugin.errors import ConfigError
 
-    fake = SimpleNamespace(cfg=SimpleNamespace(salience="decoupled"), W_dec=random_crosscoder.W_dec, b_dec=random_crosscoder.b_dec)
+    decoupled = DecoupledBatchTopKCrossCoder(CrossCoderConfig(activation_dim=16, dict_size=64, k=4, salience="decoupled"))
     with pytest.raises(ConfigError, match="DECOUPLED"):
-        LatentScalingAccumulator.from_crosscoder(fake)
+        LatentScalingAccumulator.from_crosscoder(decoupled)
