@@ -18,7 +18,6 @@ from click.testing import CliRunner
 from mneme_plugin.cli import main
 from mneme_plugin.crosscoder import BatchTopKCrossCoder
 from mneme_plugin.errors import ConfigError
-from mneme_plugin.interpret import delphi_installed
 from mneme_plugin.pipeline import RunConfig
 from tests.helpers import FakeLLM, save_finetuned_llama, synthetic_corpus, write_jsonl, write_lm_eval_task
 
@@ -252,7 +251,6 @@ def test_the_run_remedy_goes_to_foreign_outputs_only(tmp_path):
     assert raised.value is corrupt
 
 
-@pytest.mark.skipif(not delphi_installed(), reason="Delphi (eai-delphi) is not installed: pip install --no-deps eai-delphi")
 def test_redone_explain_and_map_stages_take_the_llm_answers_from_the_run_cache(pair_and_corpus, tmp_path):
     """The LLM answers are kept in the run's cache/, not in the stage folders a redone stage loses: a
     change upstream of explain that leaves the prompts as they were pays for no call again; another
