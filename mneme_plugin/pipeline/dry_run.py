@@ -165,6 +165,21 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{max(seconds, 1) / 60:.0f} min"
 
 
+def _checkpoint_note(kind: str, settings: Any, params: float, d_model: int | None) -> str:
+    """The size of the intervention's checkpoint while it trains: the trained parameters and their two
+    AdamW moments (bf16), or nothing where the trained part is small (LoRA) or unknown."""
+    if not getattr(settings, "checkpoint_every", 0):
+        return ""
+    if kind == "rmu" and settings.param_names is None and d_model is not None:
+        trained = len(settings.layer_ids) * 8 / 3 * d_model**2  # one MLP projection (d x ~8d/3) per layer
+    elif kind == "sft" and settings.lora is None:
+        trained = params
+    else:
+        return ""
+    return (f"; while it trains, a checkpoint of ~{max(trained * 3 * 2 / 2**30, 0.1):.1f} GiB in edited_model/ "
+            "(removed when the model is written)")
+
+
 def estimates(config: RunConfig, check: ConfigCheck) -> list[str]:
     """Rough time and disk per step on one H100-class GPU (from the architecture; none when it is unknown)."""
     params = _params(check)
@@ -186,7 +201,8 @@ def estimates(config: RunConfig, check: ConfigCheck) -> list[str]:
             seconds = settings.epochs * per * settings.max_length / 2 * forward * 3 / GPU_FLOPS
         out.append(f"intervention ({iv.kind}): ~{_duration(seconds)}"
                    + ("" if iv.kind == "rmu" or examples else f" per 10k examples ({settings.epochs} epoch(s))")
-                   + f"; edited model {params * 2 / 2**30:.0f} GiB (bf16)")
+                   + f"; edited model {params * 2 / 2**30:.0f} GiB (bf16)"
+                   + _checkpoint_note(iv.kind, settings, params, check.d_model))
     for name, table in config.ground_truth.tables.items():
         if table.lm_eval is not None:
             questions = sum(LM_EVAL_QUESTIONS.get(t, 1000) for t in table.lm_eval.tasks)

@@ -1,0 +1,34 @@
+"""`mneme run --dry-run`'s estimates for the case-study recipes (offline: known architectures)."""
+
+import re
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from mneme_plugin.cli import main
+
+RECIPES = Path(__file__).resolve().parents[2] / "recipes"
+
+
+def _intervention_line(recipe: str) -> str:
+    result = CliRunner().invoke(main, ["run", "--dry-run", str(RECIPES / recipe)])
+    lines = [line for line in result.output.splitlines() if line.strip().startswith("intervention (")]
+    assert len(lines) == 1, result.output
+    return lines[0]
+
+
+def _checkpoint_gib(line: str) -> float | None:
+    found = re.search(r"a checkpoint of ~([\d.]+) GiB", line)
+    return float(found.group(1)) if found else None
+
+
+def test_the_intervention_estimate_names_the_checkpoint_size_where_it_is_large():
+    # Full fine-tuning of a 7B (d 4096, 32 layers): the weights and two AdamW moments in bf16.
+    params = 12 * 32 * 4096**2 + 2 * 128_000 * 4096
+    full = _checkpoint_gib(_intervention_line("benign_finetuning/llama2_7b_alpaca.yaml"))
+    assert full is not None and abs(full - params * 6 / 2**30) < 0.1
+    # RMU trains one MLP projection in each of three layers: about a GiB.
+    rmu = _checkpoint_gib(_intervention_line("wmdp_rmu/llama_3_8b.yaml"))
+    assert rmu is not None and 0.5 < rmu < 1.5
+    # LoRA adapters are small: no checkpoint size is worth a line.
+    assert _checkpoint_gib(_intervention_line("emergent_misalignment/qwen2_5_coder_7b.yaml")) is None
