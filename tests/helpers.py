@@ -459,3 +459,15 @@ def last_progress(stderr: str, desc: str) -> tuple[int, int | None]:
     if with_total:
         return int(with_total.group(1)), int(with_total.group(2))
     return int(re.search(r": *(\d+)[a-z]* \[", states[-1]).group(1)), None
+
+
+def tiny_rmu_config(model_dir: str | Path, rmu_corpora: tuple, **overrides: Any):
+    """An RMU config for the tiny test models on the ``rmu_corpora`` fixture's forget / retain files
+    (layer 2 steered, layers 0-2 trained, on CPU); ``overrides`` set the rest."""
+    from mneme_plugin.interventions.hf_rmu import HFRMUConfig
+
+    forget_path, retain_path, _, _ = rmu_corpora
+    opts = dict(model=str(model_dir), forget_corpora=[str(forget_path)], retain_corpora=[str(retain_path)],
+                layer_id=2, layer_ids=[0, 1, 2], alpha=10.0, steering_coeff=5.0, lr=5e-2, device="cpu")
+    opts.update(overrides)
+    return HFRMUConfig(**opts)

@@ -17,7 +17,7 @@ from mneme_plugin.interventions.hf_models import load_causal_lm, load_training_l
 from mneme_plugin.interventions.hf_rmu import HFRMUConfig, rmu_unlearn_hf
 from mneme_plugin.interventions.sft import LoRASettings, SFTConfig, supervised_fine_tune
 from mneme_plugin.interventions.step import InterventionConfig, run_intervention
-from tests.helpers import synthetic_corpus, write_jsonl
+from tests.helpers import synthetic_corpus, tiny_rmu_config, write_jsonl
 
 
 class Killed(RuntimeError):
@@ -33,12 +33,7 @@ def crash_at(step_to_crash: int):
 
 
 def rmu_config(model_dir, rmu_corpora, **kw) -> HFRMUConfig:
-    forget_path, retain_path, _, _ = rmu_corpora
-    opts = dict(model=str(model_dir), forget_corpora=[str(forget_path)], retain_corpora=[str(retain_path)],
-                layer_id=2, layer_ids=[0, 1, 2], alpha=10.0, steering_coeff=5.0, lr=5e-2, batch_size=4,
-                max_num_batches=8, checkpoint_every=3, device="cpu")
-    opts.update(kw)
-    return HFRMUConfig(**opts)
+    return tiny_rmu_config(model_dir, rmu_corpora, **{"batch_size": 4, "max_num_batches": 8, "checkpoint_every": 3, **kw})
 
 
 def chat_data(folder, n=20):

@@ -13,15 +13,11 @@ from mneme_plugin.interventions.hf_models import (
     INTERVENTION_CONFIG, TRAINING_LOG, load_causal_lm, load_training_log, save_intervention,
 )
 from mneme_plugin.interventions.hf_rmu import HFRMUConfig, control_vectors, rmu_activation_distances, rmu_unlearn_hf
+from tests.helpers import tiny_rmu_config
 
 
 def rmu_config(model_dir, rmu_corpora, **kw):
-    forget_path, retain_path, _, _ = rmu_corpora
-    opts = dict(model=str(model_dir), forget_corpora=[str(forget_path)], retain_corpora=[str(retain_path)],
-                layer_id=2, layer_ids=[0, 1, 2], alpha=10.0, steering_coeff=5.0, lr=5e-2, batch_size=8,
-                max_num_batches=36, min_chars=0, device="cpu")
-    opts.update(kw)
-    return HFRMUConfig(**opts)
+    return tiny_rmu_config(model_dir, rmu_corpora, **{"batch_size": 8, "max_num_batches": 36, "min_chars": 0, **kw})
 
 
 def weights(folder):
