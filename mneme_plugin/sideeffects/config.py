@@ -68,7 +68,8 @@ class PredictConfig(ConfigMixin):
     either way);
     ``relative``: categories scoring >= ``relative_threshold`` x the best category's score;
     ``top_k``: the ``k`` best; ``min_score``: score >= ``min_score``. Categories need at least
-    ``min_latents`` supporting latents either way.
+    ``min_latents`` supporting latents either way. Every test rejects its null when its p-value (or
+    BH q-value) is at most ``alpha``.
     """
 
     suppressed_classes: tuple[str, ...] = ("base_only", "suppressed")
@@ -117,9 +118,10 @@ class EvaluateConfig(ConfigMixin):
 
     A category is degraded when its score drops by more than ``drop_threshold`` (absolute, in
     accuracy points: 0.02 = 2 points); with ``significance`` set, the drop must also be
-    significant at that level: the ground-truth table's own ``p_value`` where it has one (McNemar
-    on paired answers, z on lm-eval's standard errors), else Fisher's one-sided exact test on the
-    category's ``n`` questions; a category with neither is judged by the threshold alone.
+    significant at that level (p-value at most ``significance``): the ground-truth table's own
+    ``p_value`` where it has one (McNemar on paired answers, z on lm-eval's standard errors), else
+    Fisher's one-sided exact test on the category's ``n`` questions; a category with neither is
+    judged by the threshold alone.
     """
 
     drop_threshold: float = 0.02

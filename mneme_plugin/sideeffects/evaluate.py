@@ -52,7 +52,7 @@ def degraded_categories(scores: pd.DataFrame, config: EvaluateConfig | None = No
             logger.warning("No p-value and no number of questions for %s: their drops are judged by the threshold "
                            "alone (give the ground truth an n column to test them).",
                            ", ".join(map(str, out.loc[untested, "category"])))
-        degraded &= untested | (out["p_value"] < cfg.significance)
+        degraded &= untested | (out["p_value"] <= cfg.significance)
     out["degraded"] = degraded
     return out
 

@@ -197,7 +197,7 @@ def _outlier_or_broad(outliers: pd.Series, attribution: pd.DataFrame, top_links:
     control_changed, control_live = changed_share(control, classes)
     tests.update(control_changed_latents=control_changed, control_live_latents=control_live,
                  breadth_p=broad_change_pvalue(changed, n_live, control_changed, control_live))
-    broader = tests["breadth_p"] < cfg.alpha
+    broader = tests["breadth_p"] <= cfg.alpha
 
     def broad_categories() -> pd.Series:
         # Which categories share the broad change: each one's changed share against the control's,
@@ -208,9 +208,9 @@ def _outlier_or_broad(outliers: pd.Series, attribution: pd.DataFrame, top_links:
                     for c in outliers.index]
         q_values = pd.Series(benjamini_hochberg(p_values), index=outliers.index)
         tests["broad_q"] = {c: float(q) for c, q in q_values.items()}
-        return (q_values < cfg.alpha) & (per_category >= cfg.min_latents)
+        return (q_values <= cfg.alpha) & (per_category >= cfg.min_latents)
 
-    if homogeneity < cfg.alpha and outliers.any():
+    if homogeneity <= cfg.alpha and outliers.any():
         if cfg.rule == "outlier_plus_broad" and broader:
             chosen = outliers | broad_categories()
             tests["verdict"] = "concentrated and broad"

@@ -67,6 +67,15 @@ def test_a_drop_equal_to_the_threshold_is_not_degraded():
     assert out["degraded"].tolist() == [False, True, False]
 
 
+def test_a_p_value_equal_to_the_significance_level_is_significant():
+    # "significant at that level": p <= significance (as the prediction rules' p <= alpha, and as
+    # Benjamini-Hochberg defines its q-values); 2**-5 and its neighbours are exact binary fractions.
+    scores = pd.DataFrame({"category": ["equal", "above", "below"], "before": [0.9] * 3, "after": [0.5] * 3,
+                           "p_value": [2**-5, 2**-5 + 2**-12, 2**-5 - 2**-12]})
+    out = degraded_categories(scores, EvaluateConfig(drop_threshold=0.1, significance=2**-5))
+    assert out["degraded"].tolist() == [True, False, True]
+
+
 def test_significance_uses_the_ground_truths_own_test(caplog):
     # The table's p-value (e.g. McNemar on paired answers) wins over the one its counts would give;
     # a category with neither a p-value nor a count is judged by the threshold alone, with a warning.

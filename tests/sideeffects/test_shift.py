@@ -122,6 +122,16 @@ def test_a_concentrated_change_predicts_its_categories(seed):
     assert prediction.tests["verdict"] == "concentrated"
 
 
+def test_a_permutation_p_value_equal_to_alpha_rejects():
+    # With 199 permutations, a change that no permutation matches has p = (1 + 0) / (1 + 199) = 0.005:
+    # at alpha = 0.005 it is concentrated (every test of the rules rejects at p <= alpha).
+    rng = np.random.default_rng(1)
+    attribution, links = _table(rng, 400, dict.fromkeys(CATEGORIES, 0.05) | {"c3": 0.7})
+    prediction = _predict(attribution, links, _control(rng), permutations=199, alpha=0.005)
+    assert prediction.tests["concentration_p"] == 0.005
+    assert prediction.tests["verdict"] == "concentrated" and prediction.predicted == ["c3"]
+
+
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_a_broad_even_change_predicts_every_category(seed):
     rng = np.random.default_rng(seed)
