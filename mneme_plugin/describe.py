@@ -60,7 +60,7 @@ def _crosscoder_summary(path: Path) -> list[str]:
 
 def _pipeline_summary(path: Path) -> list[str]:
     from mneme_plugin.errors import MnemeError
-    from mneme_plugin.layout import RunLayout
+    from mneme_plugin.layout import CACHE_DIR, RunLayout
     from mneme_plugin.pipeline import read_stage_markers
     from mneme_plugin.sideeffects import load_evaluations
 
@@ -83,7 +83,18 @@ def _pipeline_summary(path: Path) -> list[str]:
                 lines.append(f"  {method:<7} Acc {m.accuracy:.3f}  P {m.precision:.3f}  R {m.recall:.3f}  F1 {m.f1:.3f}")
     if layout.report.is_file():
         lines.append(f"  report: {layout.report}")
+    cache = layout.root / CACHE_DIR
+    if cache.is_dir():
+        sizes = {stage.name: sum(f.stat().st_size for f in stage.rglob("*") if f.is_file())
+                 for stage in sorted(cache.iterdir()) if stage.is_dir()}
+        if sizes:
+            lines.append(f"  cache: {cache} ({', '.join(f'{name} {_mib(size)}' for name, size in sizes.items())}; "
+                         "kept when stages are redone; deleting it costs only time)")
     return lines
+
+
+def _mib(size: int) -> str:
+    return f"{size / 2**20:.1f} MiB"
 
 
 def _training_run_summary(path: Path) -> list[str]:
