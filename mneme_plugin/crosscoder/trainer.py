@@ -300,11 +300,15 @@ class BatchTopKCrossCoderTrainer(SAETrainer):
         return _StepOutput(loss, mse, aux, x_norm, x_hat, active, salience)
 
     def _select_global(self, salience: torch.Tensor, keep: int) -> torch.Tensor:
-        """BatchTopK over the global batch: the step's k (``k_at``) x local rows x the number of ranks
-        (``keep``, k x local rows, is the crosscoder's own budget, kept once annealing is over)."""
+        """BatchTopK over the global batch: the step's k (``k_at``) x the global batch's rows
+        (``keep``, k x local rows, is the crosscoder's own budget, kept once annealing is over). A
+        fractional k is rounded once over the global batch, as one process rounds it (not per rank)."""
+        rows = salience.shape[0] * self.dist.world_size
         if self.current_k != self.crosscoder_config.k:
-            keep = min(salience.numel(), round(self.current_k * salience.shape[0]))
-        return global_batch_topk_indices(salience, keep * self.dist.world_size, self.dist)
+            budget = min(rows * salience.shape[1], round(self.current_k * rows))
+        else:
+            budget = keep * self.dist.world_size
+        return global_batch_topk_indices(salience, budget, self.dist)
 
     def loss(self, x: torch.Tensor, step: int | None = None, logging: bool = False, **_: Any):
         """The training loss of a raw batch (dictionary_learning's trainer interface)."""

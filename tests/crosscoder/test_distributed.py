@@ -162,3 +162,58 @@ def test_norm_loss_run_moves_from_one_process_to_two_ranks_and_back(store, tmp_p
     done = train(store, run_dir, NORM_CONFIG["crosscoder"], NORM_CONFIG["training"], progress=False).crosscoder
     assert_same_state(final_state(reference), done.state_dict())
     assert_same_state(final_state(reference), final_state(run_dir))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _train_rank(rank: int, world: int, port: int, store: str, run_dir: str, config: dict) -> None:
+    """One gloo rank of a data-parallel `train` (forked; the environment torchrun would give it)."""
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    try:
+        train(store, run_dir, config["crosscoder"], config["training"], progress=False)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def train_on_forked_ranks(world: int, store: Path, run_dir: Path, config: dict) -> None:
+    import torch.multiprocessing as mp
+
+    # fork: the ranks start from this process (torch imported once), in well under a second
+    mp.start_processes(_train_rank, args=(world, _free_port(), str(store), str(run_dir), config),
+                       nprocs=world, start_method="fork")
+
+
+# A short run: the threshold from step 10, dead latents from step 10 (so every reduced quantity takes part).
+SHORT = {"crosscoder": CONFIG["crosscoder"],
+         "training": {**CONFIG["training"], "steps": 24, "checkpoint_every": 0}}
+
+
+def assert_same_run(reference: Path, run_dir: Path) -> None:
+    assert_same_state(final_state(reference), final_state(run_dir))
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    expected = json.loads((reference / "metrics.json").read_text())
+    assert metrics["n_tokens"] == expected["n_tokens"] and metrics["eval_data"] == expected["eval_data"]
+    for name, value in expected.items():
+        if isinstance(value, float):
+            assert metrics[name] == pytest.approx(value, rel=1e-4, abs=1e-6), name
+
+
+def test_ranks_anneal_k_with_the_budget_of_one_process(store, tmp_path):
+    """With training.k_anneal_factor, BatchTopK keeps round(k_t * B) entries of the global batch, as
+    one process does (not the rank count times each rank's rounded share)."""
+    config = {**SHORT, "training": {**SHORT["training"], "k_anneal_factor": 2.0}}
+    train(store, tmp_path / "one", config["crosscoder"], config["training"], progress=False)
+    train_on_forked_ranks(2, store, tmp_path / "two", config)
+    assert_same_run(tmp_path / "one", tmp_path / "two")
+
