@@ -92,6 +92,17 @@ class DistributedContext:
         _all_gather_flat(out, tensor.reshape(-1).contiguous())
         return out.view(self.world_size, *tensor.shape)
 
+    def all_gather_rows(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Every rank's rows (dim 0) of ``tensor`` in rank order, concatenated; ranks may hold different
+        numbers of rows (the other dimensions are the same). One process: ``tensor``."""
+        if not self.is_distributed:
+            return tensor
+        counts = self.all_gather(torch.tensor([tensor.shape[0]], device=tensor.device))[:, 0].tolist()
+        padded = tensor.new_zeros(max(counts), *tensor.shape[1:])
+        padded[: tensor.shape[0]] = tensor
+        gathered = self.all_gather(padded)
+        return torch.cat([gathered[rank, :count] for rank, count in enumerate(counts)])
+
     def all_agree(self, flag: bool) -> bool:
         """True when ``flag`` is true on every rank (one one-element all-reduce)."""
         if not self.is_distributed:

@@ -8,7 +8,10 @@ Semantics (the same crosscoder as one process on the same global batch, up to fl
 order):
 
 * Batch: step s's global batch is the one a single process would draw; rank r holds its rows
-  [r*B/W, (r+1)*B/W) (``batch_size`` must be a multiple of the world size W).
+  [r*B/W, (r+1)*B/W) (``batch_size`` must be a multiple of the world size W). A batch that a
+  store's held-out rows leave N < B rows long is split as evenly as it goes, rows
+  [r*N//W, (r+1)*N//W); every quantity below counts the global batch's N rows (one all-reduce of
+  the row count per step), and each rank's loss is weighted by its rows.
 * BatchTopK is global-exact: each rank takes its local top k*B (never fewer than it contributes to
   the global top k*B), all ranks all-gather those candidate saliences (W*k*B floats), every rank
   finds the same global cut-off (the k*B-th largest) and keeps its own entries above it; ties at
@@ -16,7 +19,7 @@ order):
   the selection is exactly one process's selection.
 * Losses are means over the local rows; gradients are averaged over ranks by PyTorch's
   ``DistributedDataParallel`` (bucketed all-reduces overlapped with backward), which is the
-  gradient of the global mean. DDP was measured against one coalesced all-reduce after backward
+  gradient of the global mean (shares of unequal size: each rank's loss times local*W/N first). DDP was measured against one coalesced all-reduce after backward
   (``benchmarks/bench_allreduce.py``, README): the same weights, DDP 25% faster per step. The aux-k loss is
   normalised by the variance of the global residual (all-reduced sums).
   Those are ``sparse.global_batch_topk_indices`` and ``BatchTopKCrossCoderTrainer._aux_loss``.

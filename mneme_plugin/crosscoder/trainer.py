@@ -35,6 +35,7 @@ class _StepOutput:
     x_hat: torch.Tensor
     active: ActiveLatents
     salience: torch.Tensor
+    rows: int  # rows of the global batch (this rank's and the other ranks' together)
 
 
 @dataclass
@@ -160,6 +161,7 @@ class BatchTopKCrossCoderTrainer(SAETrainer):
         self.tokens_since_fired = torch.zeros(dict_size, dtype=torch.long, device=self.device)
         self.steps_done = 0
         self.current_k = self.k_at(0)
+        self._batch_rows = 0  # rows of the global batch of the step under way (``_forward``)
         self.last_losses: StepLosses | None = None
         self.logging_parameters = ["dead_fraction"]
 
@@ -255,7 +257,8 @@ class BatchTopKCrossCoderTrainer(SAETrainer):
     # ------------------------------------------------------------------------- loss
 
     def _aux_loss(
-        self, x_norm: torch.Tensor, x_hat: torch.Tensor, salience: torch.Tensor, weights: torch.Tensor
+        self, x_norm: torch.Tensor, x_hat: torch.Tensor, salience: torch.Tensor, weights: torch.Tensor,
+        rows: int | None = None,
     ) -> torch.Tensor:
         """Aux-k loss: dead latents learn to explain the residual (normalised by its variance)."""
         dead = self.dead_mask
@@ -271,7 +274,7 @@ class BatchTopKCrossCoderTrainer(SAETrainer):
             flat_index = (top + row_start).reshape(-1)
             residual = (x_norm - x_hat).detach()
             # Variance of the global batch's residual (before any early return: every rank joins).
-            global_batch = batch * self.dist.world_size
+            global_batch = batch * self.dist.world_size if rows is None else rows
             mean = self.dist.all_sum(residual.sum(dim=0)) / global_batch
             denom = self.dist.all_sum((residual - mean).pow(2).sum()) / global_batch
         W_enc_flat = self.ae.W_enc.reshape(-1, self.ae.dict_size)
@@ -290,24 +293,29 @@ class BatchTopKCrossCoderTrainer(SAETrainer):
         return mse, mse if kind == "squared" else RECONSTRUCTION_LOSSES[kind](x_norm, x_hat)
 
     def _forward(self, x: torch.Tensor) -> _StepOutput:
-        """The reconstruction loss (``TrainingConfig.loss``) + alpha * aux-k."""
+        """The reconstruction loss (``TrainingConfig.loss``) + alpha * aux-k (means over this rank's rows)."""
         x_norm = self.ae.normalize(x.to(self.device))
+        self._batch_rows = self.global_rows(x_norm)
         active, salience, weights = self.ae.batch_topk_active(x_norm, self._select_global)
         x_hat = self.ae.decode_active(active)
         mse, loss = self.reconstruction_losses(x_norm, x_hat)
-        aux = self._aux_loss(x_norm, x_hat, salience, weights)
+        aux = self._aux_loss(x_norm, x_hat, salience, weights, self._batch_rows)
         loss = loss + self.training_config.aux_alpha * aux
-        return _StepOutput(loss, mse, aux, x_norm, x_hat, active, salience)
+        return _StepOutput(loss, mse, aux, x_norm, x_hat, active, salience, self._batch_rows)
+
+    def global_rows(self, x: torch.Tensor) -> int:
+        """Rows of the global batch ``x`` is this rank's share of. Ranks' shares may differ by a row or
+        more (a store's held-out rows leave global batches short of batch_size): one all-reduce."""
+        if not self.dist.is_distributed:
+            return x.shape[0]
+        return int(self.dist.all_sum(torch.tensor([x.shape[0]], dtype=torch.long, device=x.device)).item())
 
     def _select_global(self, salience: torch.Tensor, keep: int) -> torch.Tensor:
-        """BatchTopK over the global batch: the step's k (``k_at``) x the global batch's rows
-        (``keep``, k x local rows, is the crosscoder's own budget, kept once annealing is over). A
-        fractional k is rounded once over the global batch, as one process rounds it (not per rank)."""
-        rows = salience.shape[0] * self.dist.world_size
-        if self.current_k != self.crosscoder_config.k:
-            budget = min(rows * salience.shape[1], round(self.current_k * rows))
-        else:
-            budget = keep * self.dist.world_size
+        """BatchTopK over the global batch: the step's k (``k_at``) x the global batch's rows (``keep``,
+        k x this rank's rows, is the crosscoder's own budget for one process). A fractional k is rounded
+        once over the global batch, as one process rounds it (not per rank)."""
+        rows, k = self._batch_rows, self.crosscoder_config.k
+        budget = k * rows if self.current_k == k else min(rows * salience.shape[1], round(self.current_k * rows))
         return global_batch_topk_indices(salience, budget, self.dist)
 
     def loss(self, x: torch.Tensor, step: int | None = None, logging: bool = False, **_: Any):
@@ -328,21 +336,25 @@ class BatchTopKCrossCoderTrainer(SAETrainer):
         self.current_k = self.k_at(step)
         if step == 0 and self.steps_done == 0:
             with torch.no_grad():
-                whole = self.dist.all_gather(self.ae.normalize(activations.to(self.device)))
-                self.ae.b_dec.copy_(geometric_median(whole.flatten(0, 1)))
+                whole = self.dist.all_gather_rows(self.ae.normalize(activations.to(self.device)))
+                self.ae.b_dec.copy_(geometric_median(whole))
         # Forward under autocast (weights and Adam stay fp32); backward outside it, as torch advises.
         with torch.autocast(self.device.type, self.autocast_dtype, enabled=self.autocast_dtype is not None):
             out = self._forward(activations)
         self.optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
+        # Gradients are averaged over ranks (DDP); a rank's loss is a mean over its rows, so shares of
+        # unequal size weigh in by their rows: the gradient of the global batch's mean, as one process.
+        local, world = activations.shape[0], self.dist.world_size
+        loss = out.loss if local * world == out.rows else out.loss * (local * world / out.rows)
+        loss.backward()
         self.reduce_gradients()
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.ae.parameters(), cfg.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
         with torch.no_grad():
-            self._update_counters(step, out.active, out.salience, activations.shape[0])
-            self.last_losses = self._step_losses(out, activations.shape[0])
+            self._update_counters(step, out.active, out.salience, out.rows)
+            self.last_losses = self._step_losses(out, local)
         self.steps_done += 1
         return self.last_losses.loss
 
@@ -353,27 +365,28 @@ class BatchTopKCrossCoderTrainer(SAETrainer):
     def _step_losses(self, out: _StepOutput, local_batch: int) -> StepLosses:
         """The global batch's figures for the progress bar: one all-reduce of a few sums."""
         x_norm, x_hat, world = out.x_norm, out.x_hat, self.dist.world_size
+        share = 1 / world if local_batch * world == out.rows else local_batch / out.rows  # of the global means
         sums = torch.cat([
-            torch.stack([out.loss.detach(), out.mse.detach(), out.aux.detach()]).double() / world,
+            torch.stack([out.loss.detach(), out.mse.detach(), out.aux.detach()]).double() * share,
             torch.stack([torch.tensor(float(out.active.values.numel()), device=x_norm.device),
                          (x_norm - x_hat).pow(2).sum(), x_norm.pow(2).sum()]).double(),
             x_norm.sum(dim=0).reshape(-1).double(),
         ])
         sums = self.dist.all_sum(sums).tolist()
-        global_batch = local_batch * world
+        global_batch = out.rows
         total = sums[5] - sum(v * v for v in sums[6:]) / global_batch
         return StepLosses(
             loss=sums[0], mse_loss=sums[1], aux_loss=sums[2], l0=sums[3] / global_batch,
             dead_fraction=self.dead_fraction, explained_variance=1.0 - sums[4] / max(total, 1e-12),
         )
 
-    def _update_counters(self, step: int, active: ActiveLatents, salience: torch.Tensor, batch_size: int) -> None:
-        """A latent fired if it fired on any rank; the threshold EMA follows the smallest kept
-        salience over all ranks. Both stay identical on every rank."""
+    def _update_counters(self, step: int, active: ActiveLatents, salience: torch.Tensor, global_batch: int) -> None:
+        """A latent fired if it fired on any rank (every latent ages by the global batch's rows); the
+        threshold EMA follows the smallest kept salience over all ranks. Both stay identical on every rank."""
         fired = torch.zeros(self.ae.dict_size, dtype=torch.int32, device=self.device)
         fired[active.latents] = 1
         fired = self.dist.all_max(fired).bool()
-        self.tokens_since_fired += batch_size * self.dist.world_size
+        self.tokens_since_fired += global_batch
         self.tokens_since_fired[fired] = 0
         cfg = self.training_config
         if step >= cfg.threshold_start_step:

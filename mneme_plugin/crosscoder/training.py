@@ -70,7 +70,8 @@ class _Data:
     With a store, the last rows of every shard (in proportion to its size; whole contexts, as rows
     are stored context by context) are held out of training and evaluated on; training batches are
     the store's batches with those rows removed, so a batch can be a few rows short of batch_size.
-    Under torchrun each rank keeps its share of every global batch (``rank_slices``); a stream
+    Under torchrun each rank reads its share of every global batch (a short one's rows split as
+    evenly as they go, ``_training_batches``; a plain stream's with ``rank_slices``); a stream
     built for the job (``harvest_stream(dist=...)``) yields each rank's share itself (the same
     global batches, so ranks run out together). Held-out batches are dealt out to ranks in turn.
     """
@@ -117,13 +118,7 @@ class _Data:
             if self.train_rows_per_shard is None:
                 return self.store.iter_batches(self.batch_size, seed=self.seed, start_step=start_step,
                                                rank=self.ctx.rank, world_size=self.ctx.world_size)
-            batches = self._training_batches(start_step)
-            if not self.ctx.is_distributed:
-                return batches
-            # Held-out rows leave a global batch a few rows short: ranks need equal shares, so the
-            # last rows beyond a multiple of the rank count are dropped (a 1-process run keeps them).
-            world = self.ctx.world_size
-            return rank_slices((b[: b.shape[0] - b.shape[0] % world] for b in batches), self.ctx)
+            return self._training_batches(start_step)
         # A stream cannot seek: replay it up to the resume point (deterministic streams only).
         stream = itertools.islice(iter(self.source), start_step, None)  # type: ignore[arg-type]
         if not self.ctx.is_distributed:
@@ -133,12 +128,20 @@ class _Data:
         return rank_slices(stream, self.ctx)
 
     def _training_batches(self, start_step: int) -> Iterator[torch.Tensor]:
+        """The store's batches without the held-out rows (this rank's share of each under torchrun).
+
+        Held-out rows leave a global batch of N rows a few short of batch_size, N not always a multiple
+        of the rank count W: rank r reads rows [r*N//W, (r+1)*N//W) (shares differ by a row at most;
+        the trainer weighs each rank's loss by its rows), so W ranks train on every row of one
+        process's batches."""
         store, keep_below = self.store, self.train_rows_per_shard
         assert store is not None and keep_below is not None
+        rank, world = self.ctx.rank, self.ctx.world_size
         for step in itertools.count(start_step):
             pairs = store.batch_rows(step, self.batch_size, seed=self.seed)
             pairs = pairs[pairs[:, 1] < keep_below[pairs[:, 0]]]
-            yield store.gather(pairs)
+            n = len(pairs)
+            yield store.gather(pairs[rank * n // world : (rank + 1) * n // world])
 
     def held_out_batches(self) -> Iterator[torch.Tensor]:
         """The held-out rows of the store, batch_size at a time, in store order (under torchrun,

@@ -217,3 +217,13 @@ def test_ranks_anneal_k_with_the_budget_of_one_process(store, tmp_path):
     train_on_forked_ranks(2, store, tmp_path / "two", config)
     assert_same_run(tmp_path / "one", tmp_path / "two")
 
+
+
+def test_ranks_train_on_held_out_stores_as_one_process_does(store, tmp_path):
+    """eval_rows > 0 (the default) leaves global batches a few rows short of batch_size: the ranks
+    share every row of each batch (uneven shares, weighted as one process's mean), not a cut batch."""
+    config = {**SHORT, "training": {**SHORT["training"], "batch_size": 96, "dead_after_tokens": 960,
+                                    "eval_rows": 256}}
+    train(store, tmp_path / "one", config["crosscoder"], config["training"], progress=False)
+    train_on_forked_ranks(3, store, tmp_path / "three", config)
+    assert_same_run(tmp_path / "one", tmp_path / "three")
