@@ -114,6 +114,11 @@ class RunLayout:
         """Under torchrun: rank 0's notice that a stage the other ranks wait for failed."""
         return self.stages / f"{stage}.failed"
 
+    def stage_heartbeat(self, stage: str) -> Path:
+        """Under torchrun: rewritten by rank 0 while it runs a stage the other ranks wait for (they
+        stop when it no longer changes: rank 0 or its node has died)."""
+        return self.stages / f"{stage}.alive"
+
     def looks_like_run(self) -> bool:
         """Whether the folder holds anything a run writes (its config, stage markers or a stage folder)."""
         return (self.config.is_file() or self.stages.is_dir()

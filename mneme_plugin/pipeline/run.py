@@ -16,6 +16,7 @@ import logging
 import os
 import secrets
 import shutil
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -40,6 +41,13 @@ logger = logging.getLogger("mneme_plugin")
 # Markers written before fingerprints left out the runtime fields carry no version; they are
 # compared with the old fingerprint (every field), so such runs resume instead of starting over.
 MARKER_VERSION = 2
+
+# Under torchrun, rank 0 rewrites a stage's heartbeat file every HEARTBEAT_SECONDS while it runs a
+# stage the other ranks wait for; a waiting rank that sees no new beat for HEARTBEAT_TIMEOUT seconds
+# (by its own clock) stops with an error. On one node torchrun stops the others when a rank dies; on
+# several nodes it does not stop the ranks of the other nodes, which would wait for the marker forever.
+HEARTBEAT_SECONDS = 10.0
+HEARTBEAT_TIMEOUT = 600.0
 
 
 @dataclass(frozen=True)
@@ -255,8 +263,9 @@ def _run_stages(config: RunConfig, stages: list[Stage], layout: RunLayout, dist:
             _wait_for_main(layout, stage, fingerprint, token)
         else:
             others_wait = dist.is_distributed and i < last_shared
+            beating = _heartbeat(layout.stage_heartbeat(stage.name), token) if others_wait else contextlib.nullcontext()
             try:
-                with local_only():  # rank 0 alone: its stages see one process
+                with local_only(), beating:  # rank 0 alone: its stages see one process
                     _start_stage(stage, status)
                     start_time = time.perf_counter()
                     with _run_remedies(stage):
@@ -318,10 +327,40 @@ def _finish_stage(stage: Stage, layout: RunLayout, fingerprint: str, token: str,
     logger.info("[%s] finished in %.1f s -> %s", stage.name, seconds, stage.outputs(layout))
 
 
+@contextlib.contextmanager
+def _heartbeat(path: Path, token: str) -> Iterator[None]:
+    """Rank 0, while it runs a stage the other ranks wait for: ``path`` rewritten every
+    ``HEARTBEAT_SECONDS`` with this run's token and a beat count (removed at the end)."""
+    stop = threading.Event()
+
+    def beat() -> None:
+        count = 0
+        while True:
+            count += 1
+            try:
+                atomic_write_text(path, json.dumps({"token": token, "beat": count}))
+            except OSError:  # a full disk: the stage will say so itself
+                pass
+            if stop.wait(HEARTBEAT_SECONDS):
+                return
+
+    thread = threading.Thread(target=beat, name="mneme-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        path.unlink(missing_ok=True)
+
+
 def _wait_for_main(layout: RunLayout, stage: Stage, fingerprint: str, token: str, poll_seconds: float = 1.0) -> None:
     """A rank other than 0: wait (by reading files, no collective that could time out: stages such
-    as an intervention run for hours) until rank 0 has finished ``stage`` in this run, or failed."""
+    as an intervention run for hours) until rank 0 has finished ``stage`` in this run, or failed, or
+    stopped beating (``HEARTBEAT_TIMEOUT`` without a new beat: its process or node is gone)."""
     marker, failed = layout.stage_marker(stage.name), layout.stage_failure(stage.name)
+    alive = layout.stage_heartbeat(stage.name)
+    last_beat, since = None, time.monotonic()
     while True:
         for path in (marker, failed):
             try:
@@ -334,4 +373,21 @@ def _wait_for_main(layout: RunLayout, stage: Stage, fingerprint: str, token: str
                 raise RankFailedError(f"Rank 0 failed in stage {stage.name}: {info.get('error')}")
             if info.get("fingerprint") == fingerprint:
                 return
+        beat = _read_beat(alive, token)
+        if beat is not None and beat != last_beat:
+            last_beat, since = beat, time.monotonic()
+        elif time.monotonic() - since > HEARTBEAT_TIMEOUT:
+            raise RankFailedError(
+                f"Rank 0 gave no sign of life for {HEARTBEAT_TIMEOUT:.0f} s while this rank waited for its stage "
+                f"{stage.name} ({alive} did not change): rank 0's process or node has died. Its log says why; "
+                "run the same command again to resume.")
         time.sleep(poll_seconds)
+
+
+def _read_beat(path: Path, token: str) -> int | None:
+    """The beat count of this run's heartbeat file, None when there is none (yet) or it is another run's."""
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return info.get("beat") if isinstance(info, dict) and info.get("token") == token else None

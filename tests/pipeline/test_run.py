@@ -872,6 +872,32 @@ def test_a_waiting_rank_takes_only_this_run_s_marker_or_failure(tmp_path):
         _wait_for_main(layout, stage, "f2", "now", 0.01)
 
 
+def test_a_waiting_rank_waits_while_rank_0_beats_and_stops_when_it_stops(tmp_path, monkeypatch):
+    """Rank 0's heartbeat (``.stages/<stage>.alive``) keeps the waiting ranks waiting through a long
+    stage; once it stops changing for HEARTBEAT_TIMEOUT, they raise instead of waiting forever."""
+    import threading
+
+    from mneme_plugin.errors import RankFailedError
+    from mneme_plugin.layout import RunLayout
+    from mneme_plugin.pipeline import run as run_module
+    from mneme_plugin.pipeline.stages import STAGES
+
+    monkeypatch.setattr(run_module, "HEARTBEAT_SECONDS", 0.05)
+    monkeypatch.setattr(run_module, "HEARTBEAT_TIMEOUT", 0.5)
+    layout, stage = RunLayout(tmp_path), STAGES[0]
+    layout.stages.mkdir()
+    outcome = []
+    waiter = threading.Thread(target=lambda: outcome.append(
+        pytest.raises(RankFailedError, run_module._wait_for_main, layout, stage, "f1", "now", 0.01)))
+    with run_module._heartbeat(layout.stage_heartbeat(stage.name), "now"):
+        waiter.start()
+        time.sleep(1.5)  # three timeouts long: the beats keep it waiting
+        assert waiter.is_alive()
+    assert not layout.stage_heartbeat(stage.name).exists()  # removed with the stage
+    waiter.join(10)
+    assert outcome and "gave no sign of life" in str(outcome[0].value) and stage.name in str(outcome[0].value)
+
+
 @pytest.mark.slow  # a 2-rank end-to-end run: a minute or more on 2 cores
 def test_a_stored_run_on_two_gloo_ranks_harvests_shards_and_resumes_in_one_process(pair_and_corpus, tmp_path):
     base, edited, corpus, truth = pair_and_corpus
@@ -893,3 +919,41 @@ def test_a_stored_run_on_two_gloo_ranks_harvests_shards_and_resumes_in_one_proce
     result = CliRunner().invoke(main, ["run", path], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert {p.name: p.stat().st_mtime_ns for p in (run_dir / ".stages").iterdir()} == marker_times
+
+
+@pytest.mark.slow  # two torchrun agents: half a minute on 2 cores
+def test_a_rank_on_another_node_stops_when_rank_0_dies_in_a_stage_it_runs_alone(tmp_path):
+    """Two nodes (two torchrun agents on this machine): rank 0 is killed in a stage it runs alone. Its agent stops, but torchrun does not stop the other node's rank, which waits for rank
+    0's stage marker by reading files: it must give up (no heartbeat from rank 0) with an error naming
+    the stage, not wait forever."""
+    import socket
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("a few words\n")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    # torchrun's static rendezvous: node 0 holds the store and rank 0, node 1 rank 1.
+    def node(i):
+        return [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", f"--node_rank={i}",
+                "--master_addr=127.0.0.1", f"--master_port={port}", str(Path(__file__).with_name("rank0_dies_worker.py")),
+                str(tmp_path / "run"), str(corpus)]
+
+    logs = [tmp_path / f"node{i}.log" for i in range(2)]
+    nodes = [subprocess.Popen(node(i), env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+             for i, log in enumerate(logs)]
+    try:
+        for node in nodes:
+            node.wait(timeout=120)
+    finally:
+        for node in nodes:
+            if node.poll() is None:
+                node.terminate()  # torchrun stops its workers on SIGTERM
+                try:
+                    node.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    os.killpg(node.pid, signal.SIGKILL)
+    output = "".join(log.read_text() for log in logs)
+    assert all(node.returncode != 0 for node in nodes), output[-3000:]
+    assert "RankFailedError" in output and "stage alone" in output, output[-3000:]
