@@ -31,12 +31,22 @@ if TYPE_CHECKING:
 
 
 def _setup_logging(verbose: bool) -> None:
+    import os
+
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(message)s"))
     logger = logging.getLogger("mneme_plugin")
     logger.handlers[:] = [handler]
     logger.setLevel(logging.DEBUG if verbose else logging.INFO)
     logger.propagate = False
+    rank = os.environ.get("RANK", "0") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "0"
+    if rank != "0":  # under torchrun the ranks would repeat rank 0's lines: rank 0 speaks for the job
+        # (a rank's own error still reaches its stderr; with -v every rank logs, its lines marked)
+        if verbose:
+            handler.setFormatter(logging.Formatter(f"[rank {rank}] %(message)s"))
+        else:
+            handler.setLevel(logging.ERROR)
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' loading bars too
 
 
 def _read_yaml(path: str | None) -> dict[str, Any]:

@@ -227,3 +227,22 @@ def test_ranks_train_on_held_out_stores_as_one_process_does(store, tmp_path):
     train(store, tmp_path / "one", config["crosscoder"], config["training"], progress=False)
     train_on_forked_ranks(3, store, tmp_path / "three", config)
     assert_same_run(tmp_path / "one", tmp_path / "three")
+
+
+@pytest.mark.slow  # torchrun twice: a minute on 2 cores
+def test_under_the_cli_only_rank_0_logs(store, tmp_path):
+    """`mneme train --nproc 2`: the log lines (info and warnings) come once, from rank 0, not once a rank."""
+    import yaml
+
+    config = tmp_path / "train.yaml"
+    config.write_text(yaml.safe_dump(CONFIG))  # eval_rows 0: a warning that every rank would give
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "mneme_plugin.cli", "train", "--store", str(store), "--out", str(tmp_path / "run"),
+           "--config", str(config), "--nproc", "2"]
+    first = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert first.stderr.count("eval_rows is 0") == 1, first.stderr[-3000:]
+    assert first.stderr.count("Crosscoder written to") == 1
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stderr.count("Training already finished") == 1, again.stderr[-3000:]
