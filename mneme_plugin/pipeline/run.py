@@ -227,6 +227,12 @@ def _run_stages(config: RunConfig, stages: list[Stage], layout: RunLayout, dist:
     def start() -> tuple[list[tuple[str, str, str]], str, dict[str, dict[str, str]]]:
         inputs = _input_digests_now(config, stages)  # what the plan checked is what the markers record
         planned = plan(config, stages, inputs)
+        if dist.is_distributed and any(stage.name == "train" and status != "disabled" and not status.startswith("skip")
+                                       and (only is None or stage.name in only) for stage, _, status in planned):
+            from mneme_plugin.crosscoder.distributed import check_divisible
+
+            # The ranks split each global batch: refused now, not after hours of intervention and harvest.
+            check_divisible(config.training.batch_size, dist)
         # Before the new config is written: a run that stops early leaves no output of the old config
         # next to it, marked done, for later commands to read.
         discard_redone(planned, layout, only)

@@ -957,3 +957,17 @@ def test_a_rank_on_another_node_stops_when_rank_0_dies_in_a_stage_it_runs_alone(
     output = "".join(log.read_text() for log in logs)
     assert all(node.returncode != 0 for node in nodes), output[-3000:]
     assert "RankFailedError" in output and "stage alone" in output, output[-3000:]
+
+
+@pytest.mark.slow  # torchrun with 3 ranks: half a minute on 2 cores
+def test_a_batch_the_ranks_cannot_share_is_refused_before_the_first_stage(pair_and_corpus, tmp_path):
+    """`mneme run --nproc 3` with training.batch_size 128: refused before harvest (and any intervention)
+    runs, not at the train stage hours later."""
+    base, edited, corpus, truth = pair_and_corpus
+    cfg = _config(tmp_path / "three", base, edited, corpus, truth, steps=40)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    three = subprocess.run([sys.executable, "-m", "mneme_plugin.cli", "run", _write(tmp_path, "three.yaml", cfg),
+                            "--nproc", "3"], env=env, capture_output=True, text=True, timeout=600)
+    assert three.returncode != 0
+    assert "training.batch_size=128 is the global batch" in three.stderr and "(3)" in three.stderr, three.stderr[-3000:]
+    assert not (tmp_path / "three" / "activations").exists()  # nothing harvested
