@@ -143,6 +143,12 @@ def _models_and_corpus(sections: dict[str, dict[str, Any]], base, edited, corpus
     for key in ("base", "edited"):
         if not models.get(key):
             raise ConfigError(f"No {key} model: pass --{key} or set models.{key} in the config.")
+    from mneme_plugin.activations.models import check_model_spec
+
+    for key in ("base", "edited"):  # both, before either loads (a model may take minutes)
+        problems = check_model_spec(str(models[key]), key)
+        if problems:
+            raise ConfigError(problems[0])
     corpus_spec = corpus or sections["corpus"].get("source")
     if not corpus_spec:
         raise ConfigError("No corpus: pass --corpus or set corpus.source in the config.")

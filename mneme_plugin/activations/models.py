@@ -70,7 +70,38 @@ def check_model_spec(spec: str, where: str) -> list[str]:
             content = "is empty" if not any(path.iterdir()) else "holds no config.json"
             return [f"{where}: the model folder {spec} {content}: expected a Hugging Face model folder "
                     "(config.json, weights, tokenizer), e.g. one written by save_pretrained."]
+    if parsed.kind == "hub":
+        typo = _mistyped_local_folder(spec)
+        if typo:
+            return [f"{where}: {typo}"]
     return []
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    """Whether the local huggingface_hub cache holds ``repo_id``'s config.json (no network)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:  # an id the hub client refuses is in no cache
+        return False
+
+
+def _mistyped_local_folder(spec: str) -> str | None:
+    """What is wrong with a hub-shaped name ``org/name`` whose ``org`` is a folder here while ``org/name``
+    is not (and no downloaded hub model of that name is cached): almost always a mistyped local model
+    folder, which would otherwise be looked up on the hub (retries, then a network error) and, in
+    ``mneme run``, only fail after the stages of the previous config were discarded. None when fine."""
+    parent, name = Path(spec).parent, Path(spec).name
+    if not parent.is_dir() or _in_hub_cache(spec):
+        return None
+    held = sorted(p.name for p in parent.iterdir() if p.is_dir() and not p.name.startswith("."))
+    close = difflib.get_close_matches(name, held, n=1)
+    hint = f" (did you mean {parent / close[0]}?)" if close else ""
+    listing = ", ".join(held[:12]) + (", ..." if len(held) > 12 else "") if held else "no folder"
+    return (f"there is no model folder {spec}{hint}: {parent}/ holds {listing}. Read as a hub name, {spec} is "
+            f"not in the local hub cache either; to use a hub model whose organisation is also the name of a "
+            f"folder here, download it first (`huggingface-cli download {spec}`).")
 
 
 def load_model(model: Any, device: str = "cpu", dtype: str = "float32", role: str = "model") -> Any:

@@ -136,3 +136,28 @@ def test_windows_longer_than_the_models_read(ht_pair, corpus):
     n_ctx = ht_pair[0].cfg.n_ctx
     with pytest.raises(ConfigError, match=rf"context_length {2 * n_ctx} is longer than .* \({n_ctx} positions\)"):
         harvest(*ht_pair, corpus, HarvestConfig(layer=1, context_length=2 * n_ctx), progress=False)
+
+
+def test_a_mistyped_local_model_folder_is_not_taken_for_a_hub_name(tmp_path, monkeypatch, hub_cache, llama_dir):
+    """`models/edtied` beside a local `models/` folder is a typo, refused at once with the folder's
+    contents, not looked up on the hub; a hub model of that name in the local cache is still accepted."""
+    import shutil
+
+    from mneme_plugin.activations import load_model
+    from mneme_plugin.activations.models import check_model_spec
+    from mneme_plugin.errors import ConfigError
+    from tests.helpers import hub_cache_repo
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    shutil.copytree(llama_dir, tmp_path / "models" / "edited")
+    problems = check_model_spec("models/edtied", "models.edited")
+    assert len(problems) == 1
+    assert problems[0].startswith("models.edited: there is no model folder models/edtied "
+                                  "(did you mean models/edited?): models/ holds edited.")
+    with pytest.raises(ConfigError, match="there is no model folder models/edtied"):
+        load_model("models/edtied", role="edited")
+    # An organisation that is no local folder stays a hub name; a cached hub model is accepted.
+    assert check_model_spec("other-org/edtied", "models.edited") == []
+    hub_cache_repo(hub_cache, "models/edtied", llama_dir)
+    assert check_model_spec("models/edtied", "models.edited") == []

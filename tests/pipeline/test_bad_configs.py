@@ -74,3 +74,20 @@ def test_a_section_given_twice(tmp_path):
     config.write_text(yaml.safe_dump({"run_dir": str(tmp_path / "run"), **RUN_BASE}) + "harvest:\n  layer: 2\n")
     _assert_clear_failure(CliRunner().invoke(main, ["run", "--dry-run", str(config)]),
                           "key 'harvest' appears twice in one mapping")
+
+
+def test_a_mistyped_model_folder_stops_the_run_before_it_discards_anything(tmp_path, llama_dir, monkeypatch):
+    """`models/edtied` (a typo of the local models/edited) read as a hub name passed the checks; the run then
+    discarded the previous config's finished stages and failed at the harvest, after the hub's retries."""
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(llama_dir, tmp_path / "models" / "edited")
+    (tmp_path / "corpus.txt").write_text("the cat sees the dog\n")
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({"run_dir": "run", **RUN_BASE, "corpus": {"source": "corpus.txt"},
+                                      "models": {"base": "models/edited", "edited": "models/edtied"}}))
+    expected = "models.edited: there is no model folder models/edtied (did you mean models/edited?)"
+    _assert_clear_failure(CliRunner().invoke(main, ["run", "--dry-run", str(config)]), f"FAIL {expected}")
+    _assert_clear_failure(CliRunner().invoke(main, ["run", str(config)]), expected)
+    assert not (tmp_path / "run").exists()
