@@ -156,6 +156,12 @@ def _models_and_corpus(sections: dict[str, dict[str, Any]], base, edited, corpus
     if isinstance(source, Path) and not source.exists():  # before loading any model (a hub model may take minutes)
         raise ConfigError(f"Corpus {source} does not exist: give a .txt / .jsonl / .parquet file or "
                           "hf:NAME[@CONFIG][:SPLIT].")
+    if isinstance(source, Path):
+        from mneme_plugin.activations.corpus import local_corpus_problem
+
+        problem = local_corpus_problem(source)
+        if problem:
+            raise ConfigError(f"Corpus {problem}")
     return models["base"], models["edited"], source
 
 

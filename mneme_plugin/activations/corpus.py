@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -321,6 +322,27 @@ def batch_windows(windows: Iterator[TokenWindow], batch_size: int) -> Iterator[l
             batch = []
     if batch:
         yield batch
+
+
+CORPUS_SUFFIXES = (".txt", ".jsonl", ".parquet")
+
+
+def local_corpus_problem(path: str | os.PathLike[str]) -> str | None:
+    """What makes a local corpus file unusable, seen without reading it through (None when fine): it
+    is missing or no file, its type is not one ``iter_records`` reads, or it is empty (no byte but
+    whitespace). Checked before a run starts, so a run does not fail at the harvest, after an
+    intervention of hours."""
+    path = Path(path)
+    if not path.is_file():
+        what = "a folder" if path.is_dir() else "missing"
+        return f"{path} is {what}: give a .txt / .jsonl / .parquet file or hf:NAME[@CONFIG][:SPLIT]."
+    if path.suffix.lower() not in CORPUS_SUFFIXES:
+        return (f"{path} has the unsupported file type {path.suffix or '(none)'!r}: a corpus is a .txt (one "
+                "document a line), .jsonl (a record a line, with a text or messages field) or .parquet file.")
+    size = path.stat().st_size
+    if size == 0 or (size < 2**20 and not path.read_bytes().strip()):
+        return f"{path} is empty: the corpus needs text to read activations from."
+    return None
 
 
 def corpus_from_spec(spec: str) -> CorpusSource:

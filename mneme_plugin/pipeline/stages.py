@@ -251,6 +251,12 @@ def config_problems(config: RunConfig, models: dict[str, Any] | None = None) -> 
     source = config.corpus.source
     if not source.startswith("hf:") and not Path(source).is_file():
         problems.append(f"corpus.source: {source} is neither an existing file nor hf:NAME[@CONFIG][:SPLIT].")
+    elif not source.startswith("hf:"):
+        from mneme_plugin.activations.corpus import local_corpus_problem
+
+        problem = local_corpus_problem(source)
+        if problem:
+            problems.append(f"corpus.source: {problem}")
     for path in config.ground_truth.files():
         if not Path(path).is_file():
             problems.append(f"ground_truth: {path} does not exist.")

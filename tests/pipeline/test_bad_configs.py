@@ -76,6 +76,29 @@ def test_a_section_given_twice(tmp_path):
                           "key 'harvest' appears twice in one mapping")
 
 
+@pytest.mark.parametrize(("name", "content", "expected"), [
+    ("corpus.csv", "text\nthe cat sees the dog\n", "has the unsupported file type '.csv'"),
+    ("corpus.jsonl", "", "is empty"),
+    ("corpus.txt", "\n  \n", "is empty"),
+])
+def test_an_unreadable_corpus_file_is_refused_before_any_stage(tmp_path, llama_dir, name, content, expected):
+    """The harvest would refuse these corpus files, but only after the stages before it (an intervention
+    can take hours): the dry run and the run's own checks name them first; so does `mneme harvest`."""
+    corpus = tmp_path / name
+    corpus.write_text(content)
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({"run_dir": str(tmp_path / "run"), **RUN_BASE,
+                                      "models": {"base": str(llama_dir), "edited": str(llama_dir)},
+                                      "corpus": {"source": str(corpus)}}))
+    dry = CliRunner().invoke(main, ["run", "--dry-run", str(config)])
+    _assert_clear_failure(dry, f"FAIL corpus.source: {corpus} {expected}")
+    _assert_clear_failure(CliRunner().invoke(main, ["run", str(config)]), "nothing was run")
+    assert not (tmp_path / "run").exists()
+    harvest = CliRunner().invoke(main, ["harvest", "--base", str(llama_dir), "--edited", str(llama_dir), "--corpus",
+                                        str(corpus), "--layer", "1", "--out", str(tmp_path / "store")])
+    _assert_clear_failure(harvest, f"Corpus {corpus} {expected}")
+
+
 def test_a_mistyped_model_folder_stops_the_run_before_it_discards_anything(tmp_path, llama_dir, monkeypatch):
     """`models/edtied` (a typo of the local models/edited) read as a hub name passed the checks; the run then
     discarded the previous config's finished stages and failed at the harvest, after the hub's retries."""
