@@ -228,13 +228,17 @@ def harvest(config, out, overwrite, nproc, **options) -> None:
 @click.option("--lr", type=float, help="Learning rate (default: scaled with the dictionary size and run length).")
 @click.option("--seed", type=int, help="Training seed (initialisation and batch order).")
 @click.option("--train-device", help="Device for training (auto, cpu, cuda).")
+@click.option("--eval-rows", type=click.IntRange(min=0),
+              help="Rows held out of training to measure the crosscoder on (metrics.json; default "
+                   "training.eval_rows, 8192; at most half the store).")
 @click.option("--no-resume", is_flag=True, help="Start over even if the run directory has checkpoints.")
 @click.option("--allow-partial", is_flag=True, help="Train on a store whose harvest did not finish.")
 @click.option("--nproc", type=int, default=1, show_default=True,
               help="Data-parallel ranks on this node: relaunches this command under torchrun.")
 @clear_errors
 def train(store, stream, config, shuffle_buffer, out, dict_size, expansion_factor, k, salience, loss, steps,
-          train_batch_size, lr, seed, train_device, no_resume, allow_partial, nproc, **harvest_options) -> None:
+          train_batch_size, lr, seed, train_device, eval_rows, no_resume, allow_partial, nproc,
+          **harvest_options) -> None:
     """Train a BatchTopK crosscoder, from a store or streaming; resumes from the newest checkpoint."""
     _relaunch_if_asked(nproc)
     from mneme_plugin.crosscoder import CrossCoderConfig, TrainingConfig
@@ -247,7 +251,7 @@ def train(store, stream, config, shuffle_buffer, out, dict_size, expansion_facto
     )
     tr_cfg = TrainingConfig.from_dict(
         _override(sections["training"], steps=steps, batch_size=train_batch_size, lr=lr, loss=loss, seed=seed,
-                  device=train_device, shuffle_buffer_rows=shuffle_buffer),
+                  device=train_device, shuffle_buffer_rows=shuffle_buffer, eval_rows=eval_rows),
         section="training",
     )
     if store and stream:

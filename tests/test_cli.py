@@ -99,3 +99,20 @@ def test_train_streaming_from_a_config_file(llama_pair_dirs, tmp_path):
     assert result.exit_code == 0, result.output
     info = _invoke(["info", str(tmp_path / "run")]).output
     assert "latents=64" in info and "data: stream" in info
+
+
+def test_train_on_a_small_store_names_the_option_that_fits_it(tmp_path):
+    """The default 8,192 held-out rows are more than half of a small store; the command line had no way
+    to lower them (only a config file), and the message did not say how."""
+    from tests.helpers import random_activation_pairs, write_activation_store
+
+    store = write_activation_store(tmp_path / "store", random_activation_pairs(600, 16, seed=0), rows_per_shard=300)
+    args = ["train", "--store", str(store), "--expansion-factor", "2", "-k", "4", "--steps", "5",
+            "--train-batch-size", "64", "--out", str(tmp_path / "run")]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    assert "lower it to at most 300 (`mneme train --eval-rows N`" in result.output, result.output
+    result = CliRunner().invoke(main, args + ["--eval-rows", "128"])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["n_tokens"] == 128 and metrics["eval_data"] == "held_out"

@@ -93,8 +93,9 @@ class _Data:
             total = int(shard_rows.sum())
             if eval_rows > total // 2:
                 raise ConfigError(
-                    f"eval_rows={eval_rows} would hold out more than half of the store's {total} rows; "
-                    "lower eval_rows (or harvest more tokens)."
+                    f"training.eval_rows={eval_rows} (rows held out to measure the crosscoder on) would hold "
+                    f"out more than half of the store's {total} rows: lower it to at most {total // 2} "
+                    f"(`mneme train --eval-rows N`, training.eval_rows in a config), or harvest more tokens."
                 )
             held = np.ceil(shard_rows * eval_rows / max(1, total)).astype(np.int64)
             self.train_rows_per_shard = shard_rows - held
