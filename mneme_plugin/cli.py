@@ -353,8 +353,8 @@ def _echo_remediation(result) -> None:
 @click.argument("path", type=click.Path(exists=True))
 @clear_errors
 def info(path: str) -> None:
-    """Describe what PATH holds: an activation store, a crosscoder, a training run, an edited model or a
-    run directory."""
+    """Describe what PATH holds: an activation store, a crosscoder, a training run, a model folder, a run
+    directory (where an interrupted one stopped) or a stage's output (attribution .. evaluation)."""
     from mneme_plugin.describe import describe_path
 
     click.echo(describe_path(path))
@@ -364,7 +364,7 @@ def info(path: str) -> None:
 
 @main.command()
 @click.option("--crosscoder", "crosscoder_dir", required=True, type=click.Path(exists=True, file_okay=False),
-              help="Crosscoder directory (or a training run directory holding crosscoder/).")
+              help="Crosscoder directory (or a training run directory holding crosscoder/, or a run directory).")
 @click.option("--store", required=True, type=click.Path(exists=True, file_okay=False),
               help="Activation store to stream over (every row once).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory for the attribution table.")
@@ -467,7 +467,7 @@ def export_saelens_command(source, out, folder, hook_name, base_model, edited_mo
 @main.command()
 @click.option("--config", type=click.Path(dir_okay=False), help="YAML with sections models, corpus, collect.")
 @click.option("--crosscoder", "crosscoder_dir", required=True, type=click.Path(exists=True, file_okay=False),
-              help="Crosscoder directory (or a training run directory holding crosscoder/).")
+              help="Crosscoder directory (or a training run directory holding crosscoder/, or a run directory).")
 @click.option("--attribution", type=click.Path(exists=True, file_okay=False),
               help="Attribution directory: choose latents by --classes and rank.")
 @click.option("--base", help="Base model: HF name or local folder.")

@@ -1,5 +1,9 @@
-"""What a path on disk holds: an activation store, a crosscoder, a training run, an edited model or a
-run directory (``mneme info``)."""
+"""What a path on disk holds (``mneme info``): an activation store, a crosscoder, a training run, a
+model folder, a run directory (of ``mneme run``, or assembled by the stage commands or ``mneme pool``)
+or one stage's output (attribution, contexts, explanations, mapping, prediction, evaluation).
+
+``folder_kind`` names what a folder is in a few words, for the errors of a command given the wrong
+folder (a run directory where a store or a crosscoder was wanted, say)."""
 
 from __future__ import annotations
 
@@ -66,21 +70,12 @@ def _pipeline_summary(path: Path) -> list[str]:
 
     layout = RunLayout(path)
     lines = [f"MNEME run {path}"]
-    for marker in read_stage_markers(path):
+    markers = read_stage_markers(path)
+    for marker in markers:
         lines.append(f"  stage {marker.stage:<10} done in {marker.seconds:.1f} s (config {marker.fingerprint})")
+    lines += _unfinished_stages(layout, {marker.stage for marker in markers})
     if layout.evaluation.is_dir():
-        try:
-            evaluations = load_evaluations(layout.evaluation)
-        except MnemeError as err:
-            lines.append(f"  evaluation: unreadable ({err})")
-            evaluations = {}
-        for name, evaluation in evaluations.items():
-            if name:
-                lines.append(f"  ground truth {name} (taxonomy {evaluation.taxonomy}):")
-            lines.append(f"  degraded: {', '.join(evaluation.true_set) or '(none)'}; "
-                         f"predicted: {', '.join(evaluation.predicted.get('MNEME', [])) or '(none)'}")
-            for method, m in evaluation.rows.items():
-                lines.append(f"  {method:<7} Acc {m.accuracy:.3f}  P {m.precision:.3f}  R {m.recall:.3f}  F1 {m.f1:.3f}")
+        lines += _evaluation_lines(layout.evaluation, load_evaluations, MnemeError)
     if layout.report.is_file():
         lines.append(f"  report: {layout.report}")
     cache = layout.root / CACHE_DIR
@@ -95,6 +90,45 @@ def _pipeline_summary(path: Path) -> list[str]:
 
 def _mib(size: int) -> str:
     return f"{size / 2**20:.1f} MiB"
+
+def _evaluation_lines(folder: Path, load_evaluations, error_type) -> list[str]:  # noqa: ANN001
+    try:
+        evaluations = load_evaluations(folder)
+    except error_type as err:
+        return [f"  evaluation: unreadable ({err})"]
+    lines = []
+    for name, evaluation in evaluations.items():
+        if name:
+            lines.append(f"  ground truth {name} (taxonomy {evaluation.taxonomy}):")
+        lines.append(f"  degraded: {', '.join(evaluation.true_set) or '(none)'}; "
+                     f"predicted: {', '.join(evaluation.predicted.get('MNEME', [])) or '(none)'}")
+        for method, m in evaluation.rows.items():
+            lines.append(f"  {method:<7} Acc {m.accuracy:.3f}  P {m.precision:.3f}  R {m.recall:.3f}  F1 {m.f1:.3f}")
+    return lines
+
+
+def _unfinished_stages(layout, done: set[str]) -> list[str]:  # noqa: ANN001
+    """The long stages a run left unfinished (an interrupted `mneme run`): where they stopped."""
+    from mneme_plugin.activations.store import MANIFEST
+    from mneme_plugin.crosscoder.training import CHECKPOINT_DIR, FINAL_DIR
+
+    lines = []
+    if "intervention" not in done and _unfinished_intervention_summary(layout.edited_model):
+        lines.append("  stage intervention not finished: " + _unfinished_intervention_summary(layout.edited_model)[1].strip())
+    if "harvest" not in done and (layout.activations / MANIFEST).is_file():
+        import json
+
+        try:
+            manifest = json.loads((layout.activations / MANIFEST).read_text())
+            rows = f"{int(manifest.get('n_tokens') or 0):,} rows so far"
+        except (OSError, ValueError):
+            rows = "its manifest unreadable"
+        lines.append(f"  stage harvest    not finished ({rows}): `mneme run` again resumes it")
+    checkpoints = sorted((layout.crosscoder_run / CHECKPOINT_DIR).glob("step_*"))
+    if "train" not in done and checkpoints and not (layout.crosscoder_run / FINAL_DIR).is_dir():
+        lines.append(f"  stage train      not finished (newest checkpoint {checkpoints[-1].name}): "
+                     "`mneme run` again resumes it")
+    return lines
 
 
 def _training_run_summary(path: Path) -> list[str]:
@@ -155,8 +189,185 @@ def _edited_model_summary(path: Path) -> list[str]:
     return lines
 
 
+def _hf_model_summary(path: Path) -> list[str]:
+    """A Hugging Face model folder not written by `mneme intervene` (a base model, say)."""
+    import json
+
+    try:
+        hf = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{path}/config.json cannot be read ({err}).") from err
+    architecture = ", ".join(hf.get("architectures") or []) or hf.get("model_type", "?")
+    d = hf.get("hidden_size") or hf.get("d_model") or hf.get("n_embd") or "?"
+    layers = hf.get("num_hidden_layers") or hf.get("n_layer") or hf.get("n_layers") or "?"
+    return [f"Hugging Face model {path}",
+            f"  architecture:  {architecture}: d_model {d}, {layers} layers (harvest layers 0..{layers - 1 if isinstance(layers, int) else '?'})"]
+
+
+def _attribution_summary(path: Path) -> list[str]:
+    from mneme_plugin.attribution.table import SUMMARY_FILE, format_counts
+    from mneme_plugin.files import read_json
+
+    summary = read_json(path / SUMMARY_FILE, "attribute again")
+    return [f"Attribution {path} (`mneme attribute`): every latent's class"] + [
+        "  " + line for line in format_counts(summary).splitlines()]
+
+
+def _contexts_summary(path: Path) -> list[str]:
+    from mneme_plugin.files import read_json
+    from mneme_plugin.interpret.contexts import CONTEXTS_FILE
+
+    data = read_json(path / CONTEXTS_FILE, "collect again (`mneme collect`)")
+    meta = data.get("meta") or {}
+    per_latent = data.get("per_latent") or []
+    fired = sum(1 for p in per_latent if p.get("top_rows"))
+    return [f"Collected contexts {path} (`mneme collect`, Delphi cache)",
+            f"  latents:       {len(data.get('latents') or [])} ({fired} fired) of {data.get('width')}",
+            f"  read:          {int(data.get('n_tokens') or 0):,} tokens at {data.get('hookpoint')}, "
+            f"examples of {data.get('ctx_len')} tokens",
+            f"  base model:    {meta.get('base_model')}",
+            f"  edited model:  {meta.get('edited_model')}",
+            f"  corpus:        {meta.get('corpus')}"]
+
+
+def _explanations_summary(path: Path) -> list[str]:
+    from mneme_plugin.interpret.explain import load_explanations
+
+    table = load_explanations(path)
+    lines = [f"Explanations {path} (`mneme explain`): {len(table)} latents"]
+    for row in table.head(5).itertuples():
+        lines.append(f"  {row.latent:>8}  {row.explanation}")
+    if len(table) > 5:
+        lines.append(f"  ... ({len(table) - 5} more)")
+    return lines
+
+
+def _mapping_summary(path: Path) -> list[str]:
+    from mneme_plugin.interpret.mapping import load_mapping
+
+    table = load_mapping(path)
+    lines = [f"Mapping {path} (`mneme map`)"]
+    for taxonomy, rows in table.groupby("taxonomy", sort=False):
+        mapped = rows["category"].dropna()
+        common = ", ".join(f"{name} ({n})" for name, n in mapped.value_counts().head(5).items())
+        lines.append(f"  {taxonomy}: {len(mapped)} of {len(rows)} latents matched a category"
+                     + (f"; most often {common}" if common else ""))
+    return lines
+
+
+def _prediction_folders(path: Path) -> list[tuple[str, Path]]:
+    """(taxonomy label, folder) of each prediction in a prediction/ folder (the run's own, then one per
+    other taxonomy in a subfolder)."""
+    from mneme_plugin.sideeffects.predict import PREDICTIONS_JSON
+
+    found = [("", path)] if (path / PREDICTIONS_JSON).is_file() else []
+    if path.is_dir():
+        found += [(p.name, p) for p in sorted(path.iterdir()) if (p / PREDICTIONS_JSON).is_file()]
+    return found
+
+
+def _prediction_line(folder: Path) -> str:
+    from mneme_plugin.sideeffects.predict import load_prediction
+
+    prediction = load_prediction(folder)
+    verdict = prediction.tests.get("verdict")
+    return (f"rule {prediction.config.rule}" + (f", change: {verdict}" if verdict else "")
+            + f"; predicted: {', '.join(prediction.predicted) or '(none)'}")
+
+
+def _prediction_summary(path: Path) -> list[str]:
+    return [f"Prediction {path} (`mneme predict`)"] + [
+        f"  {'taxonomy ' + label + ': ' if label else ''}{_prediction_line(folder)}"
+        for label, folder in _prediction_folders(path)]
+
+
+def _assembled_run_summary(path: Path) -> list[str]:
+    """A run directory without stage markers: stage folders the stage commands (or `mneme pool`) wrote."""
+    from mneme_plugin.errors import MnemeError
+    from mneme_plugin.layout import STAGE_FOLDERS, RunLayout
+    from mneme_plugin.sideeffects import load_evaluations
+
+    layout = RunLayout(path)
+    present = [name for name in STAGE_FOLDERS if (path / name).exists()]
+    lines = [f"Run directory {path} (no stage markers: written by the stage commands or `mneme pool`)",
+             f"  stage folders: {', '.join(present) or '(none)'}"]
+    for label, folder in _prediction_folders(layout.prediction):
+        lines.append(f"  prediction{' (taxonomy ' + label + ')' if label else ''}: {_prediction_line(folder)}")
+    if layout.evaluation.is_dir():
+        lines += _evaluation_lines(layout.evaluation, load_evaluations, MnemeError)
+    if layout.report.is_file():
+        lines.append(f"  report: {layout.report}")
+    return lines
+
+
+def _stage_output_kinds(path: Path) -> list[str]:
+    """Which stages' outputs the folder ``path`` holds (by their files): one, or several where `mneme
+    explain` and `mneme map` wrote beside the contexts (their default)."""
+    from mneme_plugin.attribution.table import SUMMARY_FILE
+    from mneme_plugin.interpret.contexts import CONTEXTS_FILE
+    from mneme_plugin.interpret.explain import EXPLANATIONS_CSV, EXPLANATIONS_PARQUET
+    from mneme_plugin.interpret.mapping import CATEGORIES_PARQUET
+    from mneme_plugin.sideeffects import load_evaluations
+
+    found = {
+        "attribution": (path / SUMMARY_FILE).is_file(),
+        "contexts": (path / CONTEXTS_FILE).is_file(),
+        "explanations": (path / EXPLANATIONS_PARQUET).is_file() or (path / EXPLANATIONS_CSV).is_file(),
+        "mapping": (path / CATEGORIES_PARQUET).is_file(),
+        "prediction": bool(_prediction_folders(path)),
+        "evaluation": path.is_dir() and bool(load_evaluations(path)),
+    }
+    return [kind for kind, here in found.items() if here]
+
+
+def _is_assembled_run(path: Path) -> bool:
+    from mneme_plugin.layout import CONFIG_FILE as RUN_CONFIG, STAGE_FOLDERS
+
+    return (path / RUN_CONFIG).is_file() or any((path / name).is_dir() for name in STAGE_FOLDERS)
+
+
+def folder_kind(path: str | Path) -> str | None:
+    """What ``path`` is, in a few words with where its parts are (for an error naming a wrong folder):
+    e.g. "a `mneme run` directory (its store: RUN/activations, its crosscoder: RUN/crosscoder_run)".
+    None when it is none of the things mneme writes."""
+    from mneme_plugin.activations.store import MANIFEST
+    from mneme_plugin.crosscoder.model import CONFIG_FILE, WEIGHTS_FILE
+    from mneme_plugin.crosscoder.training import CHECKPOINT_DIR, FINAL_DIR
+    from mneme_plugin.layout import RunLayout
+
+    path = Path(path)
+    if not path.is_dir():
+        return None
+    layout = RunLayout(path)
+    if layout.stages.is_dir() or _is_assembled_run(path):
+        parts = []
+        if (layout.activations / MANIFEST).is_file():
+            parts.append(f"its store: {layout.activations}")
+        if (layout.crosscoder_run / FINAL_DIR).is_dir():
+            parts.append(f"its crosscoder: {layout.crosscoder_run}")
+        elif layout.crosscoder_run.is_dir():
+            parts.append(f"its crosscoder's training, not finished: {layout.crosscoder_run}")
+        return "a run directory" + (f" ({'; '.join(parts)})" if parts else "")
+    if (path / MANIFEST).is_file():
+        return "an activation store (`mneme harvest`; give it as --store)"
+    if (path / "config.json").is_file() and is_hf_model_config(path / "config.json"):
+        return "a Hugging Face model folder (give it as --base / --edited)"
+    if (path / CONFIG_FILE).is_file() and (path / WEIGHTS_FILE).is_file():
+        return "a crosscoder (give it as --crosscoder)"
+    if (path / FINAL_DIR).is_dir():
+        return f"a training run (its crosscoder: {path / FINAL_DIR}; give it as --crosscoder)"
+    checkpoints = sorted((path / CHECKPOINT_DIR).glob("step_*"))
+    if checkpoints:
+        return (f"a training run that has not finished (newest checkpoint: {checkpoints[-1]}): run the same "
+                "`mneme train` again to finish it, or give that checkpoint")
+    stages = _stage_output_kinds(path)
+    if stages:
+        return "the output of " + " and ".join(f"`mneme {_STAGE_COMMANDS[stage]}`" for stage in stages)
+    return None
+
+
 def describe_path(path: str | Path) -> str:
-    """A human-readable summary of a store, a crosscoder, a training run or a ``mneme run`` directory."""
+    """A human-readable summary of what ``path`` holds (see the module docstring)."""
     from mneme_plugin.activations.store import MANIFEST
     from mneme_plugin.crosscoder.model import CONFIG_FILE, WEIGHTS_FILE
     from mneme_plugin.crosscoder.training import CHECKPOINT_DIR, FINAL_DIR
@@ -171,13 +382,54 @@ def describe_path(path: str | Path) -> str:
     if (path / INTERVENTION_CONFIG).is_file():  # an HF folder: its config.json is no crosscoder's
         return "\n".join(_edited_model_summary(path))
     if (path / CONFIG_FILE).is_file() and (path / WEIGHTS_FILE).is_file():
+        if is_hf_model_config(path / CONFIG_FILE):
+            return "\n".join(_hf_model_summary(path))
         return "\n".join(_crosscoder_summary(path))
     intervention = _unfinished_intervention_summary(path)
     if intervention:
         return "\n".join(intervention)
     if (path / FINAL_DIR).is_dir() or (path / CHECKPOINT_DIR).is_dir():
         return "\n".join(_training_run_summary(path))
+    if (path / "config.json").is_file() and is_hf_model_config(path / "config.json"):
+        return "\n".join(_hf_model_summary(path))
+    if path.is_dir() and _is_assembled_run(path):
+        return "\n".join(_assembled_run_summary(path))
+    stages = _stage_output_kinds(path)
+    if stages:
+        return "\n".join(line for stage in stages for line in _STAGE_SUMMARIES[stage](path))
+    steps = sorted(p.name for p in path.glob("step_*") if (p / CONFIG_FILE).is_file())
+    if steps:
+        return "\n".join([f"Training checkpoints {path}: {', '.join(steps)}",
+                          f"  each is a crosscoder (`mneme info {path / steps[-1]}`); the finished one is "
+                          f"{path.parent / FINAL_DIR}"])
     raise CheckpointError(
-        f"{path} holds no activation store ({MANIFEST}), crosscoder ({CONFIG_FILE} + {WEIGHTS_FILE}), "
-        f"training run ({FINAL_DIR}/, {CHECKPOINT_DIR}/) or mneme run directory (.stages/)."
+        f"{path} holds nothing mneme writes: no activation store ({MANIFEST}), crosscoder ({CONFIG_FILE} + "
+        f"{WEIGHTS_FILE}), training run ({FINAL_DIR}/, {CHECKPOINT_DIR}/), model folder (config.json), run "
+        "directory (.stages/ or stage folders) or stage output (attribution, contexts, explanations, mapping, "
+        "prediction, evaluation)."
     )
+
+
+def is_hf_model_config(path: Path) -> bool:
+    """Whether ``path`` is a Hugging Face model's config.json (it names a model_type), not a crosscoder's."""
+    import json
+
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and "model_type" in data and data.get("format") != "mneme-crosscoder"
+
+
+def _evaluation_summary(path: Path) -> list[str]:
+    from mneme_plugin.errors import MnemeError
+    from mneme_plugin.sideeffects import load_evaluations
+
+    return [f"Evaluation {path} (`mneme evaluate`)"] + _evaluation_lines(path, load_evaluations, MnemeError)
+
+
+_STAGE_COMMANDS = {"attribution": "attribute", "contexts": "collect", "explanations": "explain", "mapping": "map",
+                   "prediction": "predict", "evaluation": "evaluate"}
+_STAGE_SUMMARIES = {"attribution": _attribution_summary, "contexts": _contexts_summary,
+                    "explanations": _explanations_summary, "mapping": _mapping_summary,
+                    "prediction": _prediction_summary, "evaluation": _evaluation_summary}

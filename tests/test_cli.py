@@ -62,7 +62,7 @@ def test_clear_errors_instead_of_tracebacks(tmp_path):
     result = CliRunner().invoke(main, ["train", "--store", str(tmp_path), "--config", str(config), "--out", str(tmp_path / "r")])
     assert result.exit_code != 0 and "did you mean 'dict_size'" in result.output
     result = CliRunner().invoke(main, ["info", str(tmp_path)])
-    assert result.exit_code != 0 and "holds no activation store" in result.output
+    assert result.exit_code != 0 and "holds nothing mneme writes: no activation store" in result.output
     result = CliRunner().invoke(main, ["train", "--out", str(tmp_path / "r")])
     assert result.exit_code != 0 and "Nothing to train on" in result.output
     # A missing corpus is named before any model loads (a hub name here would be fetched first).

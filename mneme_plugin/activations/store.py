@@ -54,9 +54,14 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
     """Read and check a store manifest; CheckpointError naming the file if it is not one."""
     path = Path(folder) / MANIFEST
     if not path.is_file():
+        from mneme_plugin.describe import folder_kind
+
+        kind = folder_kind(folder)
         raise CheckpointError(
-            f"{Path(folder)} is not an activation store: {path} does not exist "
-            f"(expected a folder written by mneme_plugin.activations.harvest)."
+            f"{Path(folder)} is not an activation store: "
+            + (f"it is {kind}." if kind else
+               f"{path} does not exist (expected a folder written by `mneme harvest` / "
+               "mneme_plugin.activations.harvest).")
         )
     manifest = read_json(path, "harvest again into a new folder")
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:

@@ -110,7 +110,10 @@ def _detect_kissane(path: Path) -> bool:
 
 def _detect_science_of_finetuning(path: Path) -> bool:
     if path.is_dir():
-        return science_of_finetuning.find_weights(path) is not None
+        from mneme_plugin.describe import is_hf_model_config
+
+        # A Hugging Face model folder has a model.safetensors too: its config.json names a model_type.
+        return science_of_finetuning.find_weights(path) is not None and not is_hf_model_config(path / "config.json")
     return any(k.endswith("encoder.weight") for k in _tensor_keys(path))
 
 
@@ -150,7 +153,7 @@ def load_crosscoder(
 ) -> CrossCoder:
     """Load a crosscoder of any registered format, from a local path or a hub id, as a ``CrossCoder``.
 
-    ``source``: a folder or weights file (a training run directory means its ``crosscoder/``); or a hub id ``org/name`` (``org/name/sub/folder`` or
+    ``source``: a folder or weights file (a training run directory means its ``crosscoder/``, a ``mneme run`` directory its ``crosscoder_run/crosscoder/``); or a hub id ``org/name`` (``org/name/sub/folder`` or
     ``subfolder=`` for repos with one folder per hook), downloaded with huggingface_hub.
     ``format``: force one of ``FORMAT_REGISTRY`` instead of detecting it. ``scale_factors``: the per-model
     input scale factors (base, edited) of a Kissane crosscoder, which that format does not store.
@@ -171,6 +174,8 @@ def load_crosscoder(
             raise CheckpointError(f"{path} does not exist.")
     if (path / "crosscoder" / "config.json").is_file() and not (path / "config.json").is_file():
         path = path / "crosscoder"  # a training run directory: its final crosscoder
+    elif (path / "crosscoder_run" / "crosscoder" / "config.json").is_file() and not (path / "config.json").is_file():
+        path = path / "crosscoder_run" / "crosscoder"  # a `mneme run` directory: its trained crosscoder
     fmt = format or detect_format(path)
     if fmt is None and path.is_dir():
         found = _candidates(path)
@@ -183,6 +188,11 @@ def load_crosscoder(
                 f"{path} holds several crosscoders ({names}); pick one with subfolder= (CLI: --subfolder)."
             )
     if fmt is None:
+        from mneme_plugin.describe import folder_kind
+
+        kind = folder_kind(path)
+        if kind:
+            raise CheckpointError(f"{path} is not a crosscoder: it is {kind}.")
         raise CheckpointError(f"{path} is not a crosscoder this package can read; expected {expected_files()}.")
     chosen = FORMAT_REGISTRY[fmt]
     given = {"scale_factors": scale_factors}

@@ -1,0 +1,110 @@
+"""`mneme info` on every output of the pipeline, and the errors that name what a wrong folder is."""
+
+import json
+import shutil
+
+import pandas as pd
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from mneme_plugin.cli import main
+from tests.helpers import save_finetuned_llama, synthetic_corpus
+
+
+@pytest.fixture(scope="module")
+def finished_run(llama_dir, tmp_path_factory):
+    """A finished `mneme run` on tiny local models: (run directory, base model folder)."""
+    root = tmp_path_factory.mktemp("describe")
+    edited = save_finetuned_llama(llama_dir, root / "edited", synthetic_corpus(40, seed=3))
+    corpus = root / "corpus.jsonl"
+    corpus.write_text("\n".join(json.dumps({"text": t}) for t in synthetic_corpus(200, seed=5)))
+    truth = root / "truth.csv"
+    pd.DataFrame({"category": ["biology", "cooking", "law"], "before": [0.9, 0.8, 0.7],
+                  "after": [0.5, 0.8, 0.7]}).to_csv(truth, index=False)
+    config = {
+        "run_dir": str(root / "run"),
+        "models": {"base": str(llama_dir), "edited": str(edited)},
+        "corpus": {"source": str(corpus)},
+        "harvest": {"layer": 1, "context_length": 32, "dtype": "float32"},
+        "crosscoder": {"expansion_factor": 4, "k": 8},
+        "training": {"steps": 40, "batch_size": 128, "checkpoint_every": 20, "eval_rows": 256},
+        "collect": {"per_class": 4, "n_top": 8, "n_random": 4, "n_non_activating": 4, "example_ctx_len": 16},
+        "explain": {"explainer": "offline", "min_examples": 1},
+        "map": {"taxonomies": ["organism"]},
+        "predict": {"rule": "top_k", "k": 2},
+        "ground_truth": {"scores_csv": str(truth)},
+    }
+    (root / "run.yaml").write_text(yaml.safe_dump(config))
+    result = CliRunner().invoke(main, ["run", str(root / "run.yaml")])
+    assert result.exit_code == 0, result.output
+    return root / "run", llama_dir
+
+
+def _info(path):
+    result = CliRunner().invoke(main, ["info", str(path)])
+    assert result.exit_code == 0 and "Traceback" not in result.output, result.output
+    return result.output
+
+
+def test_info_describes_every_stage_output(finished_run):
+    """`mneme info` knew stores, crosscoders, training runs and run directories only: on the folder of
+    any later stage (or a plain model folder) it answered with an error."""
+    run, base = finished_run
+    assert _info(run / "attribution").startswith(f"Attribution {run / 'attribution'} (`mneme attribute`)")
+    assert "  total " in _info(run / "attribution")
+    contexts = _info(run / "contexts")
+    assert contexts.startswith(f"Collected contexts {run / 'contexts'}") and f"base model:    {base}" in contexts
+    assert _info(run / "explanations").startswith(f"Explanations {run / 'explanations'} (`mneme explain`): ")
+    assert "  organism: " in _info(run / "mapping") and "latents matched a category" in _info(run / "mapping")
+    predicted = json.loads((run / "prediction" / "predictions.json").read_text())["predicted"]
+    assert f"rule top_k; predicted: {', '.join(predicted)}" in _info(run / "prediction")
+    assert "  MNEME   Acc " in _info(run / "evaluation")
+    assert _info(base).startswith(f"Hugging Face model {base}\n  architecture:  LlamaForCausalLM: d_model 32, 2 layers")
+    checkpoints = _info(run / "crosscoder_run" / "checkpoints")
+    assert checkpoints.startswith(f"Training checkpoints {run / 'crosscoder_run' / 'checkpoints'}: step_")
+
+
+def test_info_on_a_run_assembled_by_the_stage_commands_and_on_an_interrupted_run(finished_run, tmp_path):
+    run, _ = finished_run
+    assembled = tmp_path / "assembled"
+    for name in ("attribution", "mapping", "prediction", "evaluation"):
+        shutil.copytree(run / name, assembled / name)
+    summary = _info(assembled)
+    assert summary.startswith(f"Run directory {assembled} (no stage markers")
+    assert "stage folders: attribution, mapping, prediction, evaluation" in summary and "MNEME   Acc" in summary
+
+    # A run stopped during training: its checkpoints, no final crosscoder, no train marker.
+    stopped = tmp_path / "stopped"
+    shutil.copytree(run, stopped)
+    shutil.rmtree(stopped / "crosscoder_run" / "crosscoder")
+    (stopped / ".stages" / "train.json").unlink()
+    summary = _info(stopped)
+    assert "stage train      not finished (newest checkpoint step_00000020): `mneme run` again resumes it" in summary
+
+
+def test_a_wrong_folder_is_named_for_what_it_is(finished_run, tmp_path):
+    """A newcomer's wrong --store / --crosscoder got "is not an activation store: manifest.json does not
+    exist" or the list of every crosscoder format; now the error says what the folder is instead."""
+    run, base = finished_run
+
+    def error(args):
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code != 0 and "Traceback" not in result.output, result.output
+        return result.output
+
+    out = str(tmp_path / "out")
+    assert (f"{run} is not an activation store: it is a run directory (its store: {run / 'activations'}; "
+            f"its crosscoder: {run / 'crosscoder_run'})") in error(["train", "--store", str(run), "--out", out])
+    assert (f"{run / 'crosscoder_run'} is not an activation store: it is a training run (its crosscoder: "
+            f"{run / 'crosscoder_run' / 'crosscoder'}; give it as --crosscoder)") in error(
+        ["train", "--store", str(run / "crosscoder_run"), "--out", out])
+    assert f"{run / 'activations'} is not a crosscoder: it is an activation store" in error(
+        ["attribute", "--crosscoder", str(run / "activations"), "--store", str(run / "activations"), "--out", out])
+    assert f"{base} is not a crosscoder: it is a Hugging Face model folder (give it as --base / --edited)" in error(
+        ["attribute", "--crosscoder", str(base), "--store", str(run / "activations"), "--out", out])
+    assert f"{run / 'attribution'} is not a crosscoder: it is the output of `mneme attribute`" in error(
+        ["export", "saelens", str(run / "attribution"), "--out", out])
+    # A run directory stands for its trained crosscoder, as a training run directory does.
+    result = CliRunner().invoke(main, ["export", "saelens", str(run), "--out", out])
+    assert result.exit_code == 0 and (tmp_path / "out" / "blocks.1.hook_resid_post" / "cfg.json").is_file(), result.output
