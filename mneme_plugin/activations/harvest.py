@@ -34,6 +34,7 @@ from mneme_plugin.activations.models import (
     load_model,
     model_name,
     model_tokenizer,
+    same_model,
     validate_pair,
 )
 from mneme_plugin.activations.normalization import (
@@ -90,6 +91,10 @@ class HarvestContext:
 
     @classmethod
     def build(cls, base: Any, edited: Any, config: HarvestConfig) -> "HarvestContext":
+        if same_model(base, edited):
+            logger.warning("The base and the edited model are the same (%s): a crosscoder finds no difference "
+                           "between a model and itself. Give the edited (fine-tuned / unlearned) model as the edited one.",
+                           base if isinstance(base, str) else model_name(base))
         base = load_model(base, config.device, config.model_dtype, role="base")
         edited = load_model(edited, config.device, config.model_dtype, role="edited")
         hook_name = config.resolved_hook_name

@@ -141,6 +141,19 @@ def load_model(model: Any, device: str = "cpu", dtype: str = "float32", role: st
     return model
 
 
+def same_model(a: Any, b: Any) -> bool:
+    """Whether ``a`` and ``b`` name (or are) the same model: the same object, the same local folder
+    (however the path is spelt) or the same hub name."""
+    if a is b:
+        return True
+    if not isinstance(a, str) or not isinstance(b, str):
+        return False
+    if a == b:
+        return True
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
+
+
 def model_name(model: Any) -> str:
     """The name recorded in the manifest."""
     return str(getattr(model, "_mneme_source_name", None) or getattr(model.cfg, "model_name", None) or type(model).__name__)

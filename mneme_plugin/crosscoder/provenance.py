@@ -55,3 +55,30 @@ def check_same_source(crosscoder: Any, actual: Mapping[str, Any], *, what: str, 
             f"The crosscoder was trained on other activations than {what}: {'; '.join(differences)}. "
             f"Use the activations it was trained on, or pass {override} if this is intended."
         )
+
+
+def check_model_pair(crosscoder: Any, base: Any, edited: Any, *, what: str) -> None:
+    """Refuse a base and an edited model given the other way round from the crosscoder's records (its
+    decoders and per-model normalisation would then read each model as the other); warn when a model
+    is not the one it records (another spelling of the same weights is fine, other weights are not)."""
+    import logging
+
+    from mneme_plugin.activations.models import model_name, same_model
+
+    recorded = recorded_source(crosscoder)
+    rec_base, rec_edited = recorded.get("base_model"), recorded.get("edited_model")
+    if rec_base is None or rec_edited is None:
+        return
+    names = [m if isinstance(m, str) else model_name(m) for m in (base, edited)]
+    if (same_model(names[0], rec_edited) and same_model(names[1], rec_base)
+            and not same_model(rec_base, rec_edited)):
+        raise ConfigError(
+            f"The base and edited models of {what} are swapped: the crosscoder was trained with base {rec_base!r} "
+            f"and edited {rec_edited!r}, given base {names[0]!r} and edited {names[1]!r}. Give them the other way "
+            "round (--base / --edited, models.base / models.edited)."
+        )
+    for role, name, rec in (("base", names[0], rec_base), ("edited", names[1], rec_edited)):
+        if not same_model(name, rec):
+            logging.getLogger("mneme_plugin").warning(
+                "The %s model of %s is %r, the crosscoder was trained with %r: its latents are read on another "
+                "model than the one they were learnt on, unless both name the same weights.", role, what, name, rec)

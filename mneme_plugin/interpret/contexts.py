@@ -451,8 +451,11 @@ def collect(
     from mneme_plugin.activations.corpus import describe_corpus
     from mneme_plugin.activations.harvest import HarvestContext
     from mneme_plugin.activations.models import forward_to_hook, model_name
+    from mneme_plugin.crosscoder.provenance import check_model_pair
+
     cc = _load_crosscoder(crosscoder)
     cc.eval()
+    check_model_pair(cc, base, edited, what="the collect")  # before loading them
     hcfg = reading_config(config, cc)
     ctx = HarvestContext.build(base, edited, hcfg)
     if int(cc.cfg.activation_dim) != ctx.d_model:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mneme_plugin.activations.models import ModelSpec, check_model_spec
+from mneme_plugin.activations.models import ModelSpec, check_model_spec, same_model
 from mneme_plugin.pipeline.config import RunConfig
 from mneme_plugin.pipeline.run import check_only, plan
 from mneme_plugin.pipeline.stages import STAGES, config_problems, missing_inputs
@@ -45,6 +45,7 @@ LM_EVAL_QUESTIONS = {"mmlu": 14_042, "mmlu_pro": 12_032, "wmdp": 3_668, "wmdp_bi
 class ConfigCheck:
     notes: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
     d_model: int | None = None
     n_layers: int | None = None
     estimates: list[str] = field(default_factory=list)
@@ -107,6 +108,9 @@ def check_config(config: RunConfig) -> ConfigCheck:
     check = ConfigCheck()
     for which in ("base", "edited"):
         _describe_model(which, getattr(config.models, which), check, config)
+    if config.intervention is None and same_model(config.models.base, config.models.edited):
+        check.warnings.append(f"models.base and models.edited are the same model ({config.models.base}): a "
+                              "crosscoder finds no difference between a model and itself.")
     check.problems += config_problems(config)
     source = config.corpus.source
     if source.startswith("hf:"):
@@ -236,6 +240,7 @@ def format_plan(config: RunConfig, check: ConfigCheck, only: list[str] | None = 
     check_only(only, STAGES)
     lines = [f"Run directory: {config.run_dir}", "", "Checks:"]
     lines += [f"  ok   {n}" for n in check.notes]
+    lines += [f"  WARN {w}" for w in check.warnings]
     lines += [f"  FAIL {p}" for p in check.problems]
     if check.to_fetch:
         lines += ["", "Data to fetch before running (`mneme run` refuses to start without it):"]

@@ -162,3 +162,33 @@ def test_the_collect_bar_has_a_total_when_the_budget_is_known(ht_pair, threshold
                         harvest=HarvestConfig(layer=1, context_length=32, batch_size=4, max_tokens=300))
     collect(*ht_pair, thresholded_crosscoder, collect_corpus, cfg, out_dir=tmp_path / "out", progress=True)
     assert last_progress(capsys.readouterr().err, "collect") == (3, 3)  # 10 windows of 32 tokens, 4 a batch
+
+
+def test_collect_refuses_the_models_swapped_and_warns_on_others(llama_dir, thresholded_crosscoder, collect_corpus,
+                                                                  tmp_path, caplog):
+    """Base and edited given the other way round were read silently: each model through the other's decoder
+    and normalisation. Now refused before either loads; another spelling of the same folder is fine, another
+    model a warning."""
+    import copy
+
+    from mneme_plugin.errors import ConfigError
+    from mneme_plugin.interpret import CollectConfig, collect
+    from tests.helpers import save_finetuned_llama
+
+    edited = save_finetuned_llama(llama_dir, tmp_path / "edited", collect_corpus[:20])
+    cc = copy.deepcopy(thresholded_crosscoder)
+    cc.cfg.metadata = {"layer": 1, "hook_name": "blocks.1.hook_resid_post", "context_length": 32,
+                       "base_model": str(llama_dir), "edited_model": str(edited)}
+    cfg = CollectConfig(latents=[0, 3], n_top=2, n_random=1, n_non_activating=1, example_ctx_len=16)
+    with pytest.raises(ConfigError, match="The base and edited models of the collect are swapped: the crosscoder "
+                                          f"was trained with base '{llama_dir}'"):
+        collect(str(edited), str(llama_dir), cc, collect_corpus[:10], cfg, progress=False)
+    caplog.set_level("WARNING", logger="mneme_plugin")
+    respelt = str(edited.parent / "." / edited.name)
+    collect(str(llama_dir), respelt, cc, collect_corpus[:10], cfg, progress=False)
+    assert not [r for r in caplog.records if "the crosscoder was trained with" in r.getMessage()]
+    collect(str(llama_dir), str(llama_dir), cc, collect_corpus[:10], cfg, progress=False)
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith(f"The edited model of the collect is '{llama_dir}', the crosscoder was trained with "
+                            f"'{edited}'") for m in messages), messages
+    assert any(m.startswith(f"The base and the edited model are the same ({llama_dir})") for m in messages), messages

@@ -114,3 +114,15 @@ def test_a_mistyped_model_folder_stops_the_run_before_it_discards_anything(tmp_p
     _assert_clear_failure(CliRunner().invoke(main, ["run", "--dry-run", str(config)]), f"FAIL {expected}")
     _assert_clear_failure(CliRunner().invoke(main, ["run", str(config)]), expected)
     assert not (tmp_path / "run").exists()
+
+
+def test_the_dry_run_warns_when_base_and_edited_are_the_same_model(tmp_path, llama_dir):
+    (tmp_path / "corpus.txt").write_text("the cat sees the dog\n")
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({"run_dir": str(tmp_path / "run"), **RUN_BASE,
+                                      "corpus": {"source": str(tmp_path / "corpus.txt")},
+                                      "models": {"base": str(llama_dir), "edited": f"{llama_dir}/."}}))
+    result = CliRunner().invoke(main, ["run", "--dry-run", str(config)])
+    assert result.exit_code == 0, result.output
+    assert f"  WARN models.base and models.edited are the same model ({llama_dir})" in result.output
+    assert "The config looks runnable." in result.output
