@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import sys
 from typing import Any, Callable
 
 import click
@@ -10,8 +11,32 @@ import click
 from mneme_plugin.errors import MnemeError
 
 
+def _train_hint(params: dict[str, Any]) -> str:
+    from pathlib import Path
+
+    newest = sorted(Path(params.get("out") or ".").glob("checkpoints/step_*"))
+    if not newest:
+        return ("no checkpoint was written yet (one every training.checkpoint_every steps), so the same command "
+                "starts over")
+    return f"run the same command again to resume from the newest checkpoint, {newest[-1]}"
+
+
+# What to do after Ctrl-C, per command (its click name): the commands that resume when run again (a
+# function of the command's parameters where the answer depends on what it left).
+RESUME_HINTS: dict[str, Any] = {
+    "harvest": "run the same command again to resume the harvest where it stopped",
+    "train": _train_hint,
+    "run": "run the same command again: finished stages are skipped, and an interrupted intervention, "
+           "harvest or training resumes from where it stopped",
+    "rmu": "run the same command again to resume from the newest checkpoint in --out (--no-resume starts over)",
+    "sft": "run the same command again to resume from the newest checkpoint in --out (--no-resume starts over)",
+}
+INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, as shells report a command stopped by Ctrl-C
+
+
 def clear_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Print the package's errors as one clear line instead of a traceback."""
+    """Print the package's errors as one clear line instead of a traceback, and on Ctrl-C say whether
+    and how the command resumes (click alone prints "Aborted!")."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -19,6 +44,12 @@ def clear_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             return fn(*args, **kwargs)
         except MnemeError as err:
             raise click.ClickException(str(err)) from err
+        except KeyboardInterrupt:
+            context = click.get_current_context(silent=True)
+            hint = RESUME_HINTS.get(context.info_name if context is not None else "")
+            hint = hint(context.params) if callable(hint) else hint
+            click.echo("\nInterrupted" + (f": {hint}." if hint else "."), err=True)
+            sys.exit(INTERRUPTED_EXIT_CODE)
 
     return wrapper
 
