@@ -591,7 +591,14 @@ def map_(explanations, config, taxonomies, method, labeler, top_k, embedding_mod
     out_dir = Path(out) if out else (src if src.is_dir() else src.parent)
     table = map_descriptions(src, cfg, out_dir=out_dir)
     for row in table.head(20).itertuples():
-        click.echo(f"{row.latent:>8}  [{row.taxonomy}] {row.category}  ({row.score:.2f})  {row.label}")
+        # A description that shares no term with any entry has no category (None; NaN once in a table).
+        category = row.category if isinstance(row.category, str) else "(no match)"
+        click.echo(f"{row.latent:>8}  [{row.taxonomy}] {category}  ({row.score:.2f})  {row.label}")
+    if len(table) > 20:
+        click.echo(f"... ({len(table) - 20} more rows)")
+    matched = "; ".join(f"{name}: {rows['category'].notna().sum()} of {len(rows)}"
+                        for name, rows in table.groupby("taxonomy", sort=False))
+    click.echo(f"Latents matched to a category: {matched}")
     click.echo(f"{len(table)} rows -> {out_dir / CATEGORIES_PARQUET} (+ .csv)")
 
 

@@ -25,6 +25,10 @@ def test_collect_explain_map_cli(tmp_path, llama_dir, thresholded_crosscoder):
     assert r.exit_code == 0, r.output
     table = pd.read_csv(out / "categories.csv")
     assert set(table["taxonomy"]) <= {"mmlu", "organism"}
+    # A latent whose description matches no entry reads "(no match)", not "nan"; a count per taxonomy follows.
+    assert table["category"].isna().any() and "nan" not in r.output and "(no match)" in r.output
+    counts = {name: f"{rows['category'].notna().sum()} of {len(rows)}" for name, rows in table.groupby("taxonomy")}
+    assert f"Latents matched to a category: mmlu: {counts['mmlu']}; organism: {counts['organism']}" in r.output
     r = runner.invoke(main, ["explain", str(out), "--explainer", "default"])
     assert r.exit_code != 0 and "need an LLM client" in r.output
     r = runner.invoke(main, ["map", str(out), "--taxonomy", "mmlu", "--method", "llm", "--client", "stub"])
