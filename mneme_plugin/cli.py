@@ -672,8 +672,13 @@ def pool(run_dirs, out, min_votes, taxonomy) -> None:
     from mneme_plugin.sideeffects.steps import pool_runs
 
     result = pool_runs(list(run_dirs), out, taxonomy=taxonomy, min_votes=min_votes)
-    for _, row in result.scores.iterrows():
+    voted = result.scores[result.scores["votes"] > 0]
+    for _, row in voted.iterrows():
         click.echo(f"{'*' if row['predicted'] else ' '} {row['category']:<40} {int(row['votes'])} of {len(run_dirs)}")
+    if len(voted) < len(result.scores):  # a taxonomy of 57 categories would list 50-odd zeros
+        others = len(result.scores) - len(voted)
+        click.echo(f"  ({others} other {'category' if others == 1 else 'categories'}: no run predicted "
+                   f"{'it' if others == 1 else 'them'})")
     click.echo(f"Predicted: {', '.join(result.predicted) or '(none)'}")
 
 

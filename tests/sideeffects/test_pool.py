@@ -90,6 +90,8 @@ def test_mneme_pool_then_evaluate_on_the_command_line(tmp_path):
     result = CliRunner().invoke(main, ["pool", *dirs, "--out", str(tmp_path / "pooled")])
     assert result.exit_code == 0, result.output
     assert "Predicted: law, history" in result.output and "cooking" in result.output
+    # Only the categories some run predicted are listed (biology: none), then how many others there are.
+    assert "biology" not in result.output and "(1 other category: no run predicted it)" in result.output
     truth = tmp_path / "truth.csv"
     truth.write_text("category,before,after\nbiology,0.9,0.9\nlaw,0.9,0.1\nhistory,0.9,0.9\ncooking,0.9,0.75\n")
     result = CliRunner().invoke(main, ["evaluate", "--run-dir", str(tmp_path / "pooled"), "--scores-csv", str(truth)])
