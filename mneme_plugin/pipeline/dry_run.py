@@ -230,8 +230,12 @@ def estimates(config: RunConfig, check: ConfigCheck) -> list[str]:
     train_flops = t.steps * t.batch_size * 6 * 2 * 2 * int(check.d_model or 0) * cc.dict_size
     out.append(f"train: ~{_duration(train_flops / GPU_FLOPS * 3)} ({t.steps:,} steps of {t.batch_size:,} rows, "
                f"{cc.dict_size:,} latents)")
+    llm = [name for name, uses in (("explain", config.explain.explainer != "offline"),
+                                   ("map", config.map.method == "llm" or config.map.labeler == "llm")) if uses]
+    calls = (f"; {' and '.join(llm)} call{'s' if len(llm) == 1 else ''} the LLM client once per collected latent"
+             if llm else "; explain and map run offline (no LLM call)")
     out.append(f"collect / explain / map: collect reads {config.collect.harvest.max_tokens if config.collect.harvest and config.collect.harvest.max_tokens else 'the corpus'} "
-               "tokens; explain and map call the explainer LLM once per collected latent")
+               f"tokens{calls}")
     return out
 
 

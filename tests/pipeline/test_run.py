@@ -622,6 +622,11 @@ def test_dry_run_checks_the_config(pair_and_corpus, tmp_path):
     assert "d_model 32" in result.output and "GiB of activations" in result.output
     assert "harvest    run" in result.output
     assert not (tmp_path / "dry").exists()
+    # The offline explainer and mapper call no LLM (the estimate said they did, whatever the config).
+    assert "explain and map run offline (no LLM call)" in result.output
+    cfg["explain"] = {"explainer": "default", "client": {"kind": "stub"}}
+    llm = CliRunner().invoke(main, ["run", "--dry-run", _write(tmp_path, "llm.yaml", cfg)])
+    assert "; explain calls the LLM client once per collected latent" in llm.output, llm.output
     only = CliRunner().invoke(main, ["run", "--dry-run", "--only", "train", _write(tmp_path, "dry.yaml", cfg)])
     assert "train      run" in only.output and "harvest    not selected (--only)" in only.output
     unknown = CliRunner().invoke(main, ["run", "--dry-run", "--only", "trian", _write(tmp_path, "dry.yaml", cfg)])
