@@ -205,7 +205,8 @@ def render_record(
         return text if isinstance(text, str) else None
     raise ConfigError(
         f"Corpus record has none of the fields {[text_field, *fields]}; its keys are {sorted(record)}. "
-        "Set text_field / messages_field in the HarvestConfig."
+        "Name the field that holds the text: text_field (messages_field for chat records) in the harvest "
+        "section of a --config YAML (collect: collect.harvest), or HarvestConfig(text_field=...) in Python."
     )
 
 

@@ -185,7 +185,8 @@ def load_crosscoder(
         elif len(found) > 1:
             names = ", ".join(p.name for p in found)
             raise CheckpointError(
-                f"{path} holds several crosscoders ({names}); pick one with subfolder= (CLI: --subfolder)."
+                f"{path} holds several crosscoders ({names}); give one of them ({path / found[-1].name}, say), "
+                "or subfolder= (`mneme import` / `export saelens`: --subfolder)."
             )
     if fmt is None:
         from mneme_plugin.describe import folder_kind

@@ -132,3 +132,17 @@ def test_an_unreadable_hub_dataset_is_a_clear_error():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300).stdout
     assert "CONFIG ERROR: Cannot read the Hugging Face dataset hf:nosuch-owner/nosuch-ds:train" in out
     assert "huggingface-cli login" in out
+
+
+def test_a_record_without_the_text_field_says_where_to_name_it(tmp_path, tiny_tokenizer):
+    """The message said "Set text_field / messages_field in the HarvestConfig", a Python class a command-line
+    user never sees; it now names the config key too, which `--config` accepts as said."""
+    from mneme_plugin.activations.config import HarvestConfig
+
+    path = tmp_path / "c.jsonl"
+    path.write_text(json.dumps({"content": "the cat sees the dog"}) + "\n")
+    with pytest.raises(ConfigError, match=r"its keys are \['content'\]\. Name the field that holds the text: "
+                                          r"text_field \(messages_field for chat records\) in the harvest section"):
+        list(iter_documents(path, tiny_tokenizer))
+    assert HarvestConfig.from_dict({"layer": 0, "text_field": "content"}, section="harvest").text_field == "content"
+    assert list(iter_documents(path, tiny_tokenizer, text_field="content")) == ["the cat sees the dog"]

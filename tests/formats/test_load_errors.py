@@ -74,7 +74,9 @@ def test_foreign_or_wrong_shaped_tensors(tmp_path):
 def test_several_crosscoders_need_a_subfolder(tmp_path):
     write_kissane_crosscoder(tmp_path / "repo", kissane_state_dict(), hook_point="blocks.3.hook_resid_pre")
     write_kissane_crosscoder(tmp_path / "repo", kissane_state_dict(), hook_point="blocks.4.hook_resid_pre")
-    with pytest.raises(CheckpointError, match="several crosscoders"):
+    # The message named --subfolder, which `mneme attribute` and `collect` do not have: it names a folder to give.
+    with pytest.raises(CheckpointError, match="several crosscoders .*; give one of them "
+                                              rf"\({tmp_path / 'repo' / 'blocks.4.hook_resid_pre'}, say\)"):
         load_crosscoder(tmp_path / "repo")
     cc = load_crosscoder(tmp_path / "repo", subfolder="blocks.4.hook_resid_pre")
     assert cc.cfg.metadata["hook_name"] == "blocks.4.hook_resid_pre"
