@@ -696,7 +696,7 @@ def pool(run_dirs, out, min_votes, taxonomy) -> None:
               help="Also require the drop to be significant at this level: the table's own p_value, else "
                    "Fisher's exact test on its n (see EvaluateConfig).")
 @click.option("--config", type=click.Path(dir_okay=False),
-              help="YAML with sections evaluate, ground_truth, map; its keys replace those of RUN_DIR/config.yaml (a pooled folder: its first run's), the others stay.")
+              help="YAML with sections evaluate, ground_truth, map; its keys replace those of RUN_DIR/config.yaml (a pooled folder: its first run's), the others stay. Without a ground truth here or in the options, the run's own.")
 @clear_errors
 def evaluate(run_dir, scores_csv, lm_eval_before, lm_eval_after, intervention, drop_threshold, significance,
              config) -> None:
@@ -705,13 +705,25 @@ def evaluate(run_dir, scores_csv, lm_eval_before, lm_eval_after, intervention, d
     from mneme_plugin.interpret import MapConfig
     from mneme_plugin.sideeffects import EvaluateConfig, evaluate_run
 
-    sections = _run_sections(_run_config(run_dir), config, ("evaluate", "ground_truth", "map"),
+    run_config = _run_config(run_dir)
+    sections = _run_sections(run_config, config, ("evaluate", "ground_truth", "map"),
                              from_run=("evaluate", "map", "models"))
     cfg = EvaluateConfig.from_dict(_override(sections["evaluate"], drop_threshold=drop_threshold,
                                              significance=significance), section="evaluate")
     truth = GroundTruthConfig.from_dict(_override(sections["ground_truth"], scores_csv=scores_csv,
                                                   lm_eval_before=lm_eval_before, lm_eval_after=lm_eval_after),
                                         section="ground_truth")
+    if not truth.available and run_config is not None and run_config.ground_truth.available:
+        # None given: the run's own (re-scoring a run with another --drop-threshold needs no other file).
+        own = run_config.ground_truth
+        if own.tables:
+            raise ConfigError(
+                f"No ground truth given, and the run's own is in named tables ({', '.join(own.tables)}), which "
+                f"`mneme run` scores: pass --scores-csv (a measured table is at {RunLayout(Path(run_dir)).ground_truth}"
+                "/NAME.csv), or change the run config's evaluate section and run `mneme run CONFIG --only evaluate`.")
+        truth = GroundTruthConfig.from_dict({k: v for k, v in own.to_dict().items() if k != "tables"},
+                                            section="ground_truth")
+        click.echo(f"Ground truth: the run's own ({', '.join(truth.files())}).")
     if not truth.available:
         raise ConfigError("No ground truth: pass --scores-csv or --lm-eval-before/--lm-eval-after.")
     # The naive baseline reads the edit's description: --intervention, else the run's models.intervention.

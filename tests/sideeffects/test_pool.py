@@ -161,3 +161,38 @@ def test_a_ground_truth_that_misses_the_taxonomy_is_refused(tmp_path):
     truth.write_text("category,before,after,n\nlaw,0.9,0.1,-3\n")
     result = CliRunner().invoke(main, ["evaluate", "--run-dir", str(run), "--scores-csv", str(truth)])
     assert result.exit_code != 0 and "must hold positive whole numbers; categories ['law']" in result.output
+
+
+def test_evaluate_without_a_ground_truth_scores_against_the_runs_own(tmp_path):
+    """`mneme evaluate --run-dir D --drop-threshold 0.2` on a run whose config names its ground truth said
+    "No ground truth" (its --config help said the run's ground_truth section was read): it is now used."""
+    import yaml
+    from click.testing import CliRunner
+
+    from mneme_plugin.cli import main
+    from mneme_plugin.layout import RunLayout
+    from mneme_plugin.sideeffects.predict import save_prediction
+
+    truth = tmp_path / "truth.csv"
+    truth.write_text("category,before,after\nbiology,0.9,0.9\nlaw,0.9,0.1\nhistory,0.9,0.75\ncooking,0.9,0.9\n")
+    run = tmp_path / "run"
+    run.mkdir()
+    base = {"run_dir": str(run), "models": {"base": "b", "edited": "e"}, "corpus": {"source": "corpus.txt"},
+            "harvest": {"layer": 0}, "map": {"taxonomies": ["organism"]}}
+    RunLayout(run).config.write_text(yaml.safe_dump({**base, "ground_truth": {"scores_csv": str(truth)}}))
+    save_prediction(_prediction({"law"}), RunLayout(run).prediction)
+    result = CliRunner().invoke(main, ["evaluate", "--run-dir", str(run), "--drop-threshold", "0.2"])
+    assert result.exit_code == 0, result.output
+    assert f"Ground truth: the run's own ({truth})." in result.output and "Degraded: law\n" in result.output
+    result = CliRunner().invoke(main, ["evaluate", "--run-dir", str(run)])  # the default threshold: history too
+    assert "Degraded: law, history\n" in result.output, result.output
+    # A run whose truth is in named tables is scored by `mneme run`: the message says where they are.
+    RunLayout(run).config.write_text(yaml.safe_dump({**base, "ground_truth": {"tables": {
+        "gt": {"taxonomy": "organism", "scores_csv": str(truth)}}}}))
+    result = CliRunner().invoke(main, ["evaluate", "--run-dir", str(run)])
+    assert result.exit_code != 0 and "the run's own is in named tables (gt)" in result.output, result.output
+    assert f"{run / 'ground_truth'}/NAME.csv" in result.output
+    # Without any ground truth the message is as before.
+    RunLayout(run).config.write_text(yaml.safe_dump(base))
+    result = CliRunner().invoke(main, ["evaluate", "--run-dir", str(run)])
+    assert result.exit_code != 0 and "No ground truth: pass --scores-csv" in result.output
