@@ -63,10 +63,8 @@ def _crosscoder_summary(path: Path) -> list[str]:
 
 
 def _pipeline_summary(path: Path) -> list[str]:
-    from mneme_plugin.errors import MnemeError
     from mneme_plugin.layout import CACHE_DIR, RunLayout
     from mneme_plugin.pipeline import read_stage_markers
-    from mneme_plugin.sideeffects import load_evaluations
 
     layout = RunLayout(path)
     lines = [f"MNEME run {path}"]
@@ -75,7 +73,7 @@ def _pipeline_summary(path: Path) -> list[str]:
         lines.append(f"  stage {marker.stage:<10} done in {marker.seconds:.1f} s (config {marker.fingerprint})")
     lines += _unfinished_stages(layout, {marker.stage for marker in markers})
     if layout.evaluation.is_dir():
-        lines += _evaluation_lines(layout.evaluation, load_evaluations, MnemeError)
+        lines += _evaluation_lines(layout.evaluation)
     if layout.report.is_file():
         lines.append(f"  report: {layout.report}")
     cache = layout.root / CACHE_DIR
@@ -91,10 +89,15 @@ def _pipeline_summary(path: Path) -> list[str]:
 def _mib(size: int) -> str:
     return f"{size / 2**20:.1f} MiB"
 
-def _evaluation_lines(folder: Path, load_evaluations, error_type) -> list[str]:  # noqa: ANN001
+
+def _evaluation_lines(folder: Path) -> list[str]:
+    """The evaluation(s) of an ``evaluation/`` folder: truth, prediction and each method's metrics."""
+    from mneme_plugin.errors import MnemeError
+    from mneme_plugin.sideeffects import load_evaluations
+
     try:
         evaluations = load_evaluations(folder)
-    except error_type as err:
+    except MnemeError as err:
         return [f"  evaluation: unreadable ({err})"]
     lines = []
     for name, evaluation in evaluations.items():
@@ -283,9 +286,7 @@ def _prediction_summary(path: Path) -> list[str]:
 
 def _assembled_run_summary(path: Path) -> list[str]:
     """A run directory without stage markers: stage folders the stage commands (or `mneme pool`) wrote."""
-    from mneme_plugin.errors import MnemeError
     from mneme_plugin.layout import STAGE_FOLDERS, RunLayout
-    from mneme_plugin.sideeffects import load_evaluations
 
     layout = RunLayout(path)
     present = [name for name in STAGE_FOLDERS if (path / name).exists()]
@@ -294,7 +295,7 @@ def _assembled_run_summary(path: Path) -> list[str]:
     for label, folder in _prediction_folders(layout.prediction):
         lines.append(f"  prediction{' (taxonomy ' + label + ')' if label else ''}: {_prediction_line(folder)}")
     if layout.evaluation.is_dir():
-        lines += _evaluation_lines(layout.evaluation, load_evaluations, MnemeError)
+        lines += _evaluation_lines(layout.evaluation)
     if layout.report.is_file():
         lines.append(f"  report: {layout.report}")
     return lines
@@ -422,10 +423,7 @@ def is_hf_model_config(path: Path) -> bool:
 
 
 def _evaluation_summary(path: Path) -> list[str]:
-    from mneme_plugin.errors import MnemeError
-    from mneme_plugin.sideeffects import load_evaluations
-
-    return [f"Evaluation {path} (`mneme evaluate`)"] + _evaluation_lines(path, load_evaluations, MnemeError)
+    return [f"Evaluation {path} (`mneme evaluate`)"] + _evaluation_lines(path)
 
 
 _STAGE_COMMANDS = {"attribution": "attribute", "contexts": "collect", "explanations": "explain", "mapping": "map",
