@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -104,7 +105,7 @@ class RunConfig(ConfigMixin):
         unknown = sorted(set(data) - set(sections) - {"run_dir"}, key=str)
         if unknown:
             hints = [f"{k!r}" + (f" (did you mean {c[0]!r}?)" if (c := difflib.get_close_matches(str(k), sections, n=1))
-                                else "") for k in unknown]
+                                else _owning_sections(cls, str(k))) for k in unknown]
             raise ConfigError(f"Unknown section(s) {', '.join(hints)} in the run config; known: run_dir, "
                               f"{', '.join(sections)}.")
         missing = [name for name in ("models", "corpus", "harvest") if name not in data]
@@ -120,6 +121,20 @@ class RunConfig(ConfigMixin):
 
     def section_names(self) -> list[str]:
         return [f.name for f in dataclasses.fields(self) if f.name != "run_dir"]
+
+
+def _owning_sections(cls: type, key: str) -> str:
+    """`` (a key of harvest: indent it under harvest:)`` for a section's key written at the top level (a
+    YAML indentation slip), else ""."""
+    owners = []
+    for name, hint in typing.get_type_hints(cls).items():
+        section = next((t for t in (typing.get_args(hint) or (hint,)) if dataclasses.is_dataclass(t)), None)
+        if section is not None and key in {f.name for f in dataclasses.fields(section)}:
+            owners.append(name)
+    if not owners:
+        return ""
+    where = f"indent it under {owners[0]}:" if len(owners) == 1 else "indent it under the section it belongs to"
+    return f" (a key of {' / '.join(owners)}: {where})"
 
 
 def save_run_config(config: RunConfig, run_dir: str | os.PathLike[str] | None = None) -> Path:

@@ -30,6 +30,9 @@ RUN_CASES = [
      "must be a multiple of collect.example_ctx_len"),
     ({"predict": {"rule": "most"}}, "rule must be one of"),
     ({"run_dir": None}, "needs run_dir"),
+    # A section's key at the top level (an indentation slip) names the section it belongs to.
+    ({"steps": 100}, "Unknown section(s) 'steps' (a key of training: indent it under training:)"),
+    ({"batch_size": 8}, "'batch_size' (a key of harvest / training / attribution: indent it under the section"),
 ]
 
 
