@@ -348,6 +348,8 @@ def folder_kind(path: str | Path) -> str | None:
             parts.append(f"its crosscoder: {layout.crosscoder_run}")
         elif layout.crosscoder_run.is_dir():
             parts.append(f"its crosscoder's training, not finished: {layout.crosscoder_run}")
+        if layout.attribution.is_dir():
+            parts.append(f"its attribution: {layout.attribution}")
         return "a run directory" + (f" ({'; '.join(parts)})" if parts else "")
     if (path / MANIFEST).is_file():
         return "an activation store (`mneme harvest`; give it as --store)"

@@ -95,7 +95,11 @@ def test_a_wrong_folder_is_named_for_what_it_is(finished_run, tmp_path):
 
     out = str(tmp_path / "out")
     assert (f"{run} is not an activation store: it is a run directory (its store: {run / 'activations'}; "
-            f"its crosscoder: {run / 'crosscoder_run'})") in error(["train", "--store", str(run), "--out", out])
+            f"its crosscoder: {run / 'crosscoder_run'}; its attribution: {run / 'attribution'})") in error(
+        ["train", "--store", str(run), "--out", out])
+    assert f"{run} holds no attribution: it is a run directory (its store: " in error(
+        ["collect", "--crosscoder", str(run), "--attribution", str(run), "--base", str(base), "--edited", str(base),
+         "--corpus", str(run.parent / "corpus.jsonl"), "--out", out])
     assert (f"{run / 'crosscoder_run'} is not an activation store: it is a training run (its crosscoder: "
             f"{run / 'crosscoder_run' / 'crosscoder'}; give it as --crosscoder)") in error(
         ["train", "--store", str(run / "crosscoder_run"), "--out", out])

@@ -88,7 +88,11 @@ def load_attribution(path: str | os.PathLike[str]) -> AttributionResult:
     path = Path(path)
     summary_path = path / SUMMARY_FILE
     if not summary_path.is_file():
-        raise CheckpointError(f"{path} holds no attribution: {summary_path} does not exist.")
+        from mneme_plugin.describe import folder_kind
+
+        kind = folder_kind(path)
+        raise CheckpointError(f"{path} holds no attribution: " + (
+            f"it is {kind}." if kind else f"{summary_path} does not exist (run `mneme attribute` first)."))
     summary = read_json(summary_path, "attribute again")
     parquet, csv = path / TABLE_PARQUET, path / TABLE_CSV
     try:

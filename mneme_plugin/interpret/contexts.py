@@ -457,11 +457,11 @@ def collect(
     cc.eval()
     check_model_pair(cc, base, edited, what="the collect")  # before loading them
     hcfg = reading_config(config, cc)
+    if attribution is not None:  # read once (the selection and the reference sample use it), before the models load
+        attribution = as_attribution(attribution)
     ctx = HarvestContext.build(base, edited, hcfg)
     if int(cc.cfg.activation_dim) != ctx.d_model:
         raise ConfigError(f"The crosscoder expects d={cc.cfg.activation_dim} but the models have d_model={ctx.d_model}.")
-    if attribution is not None:
-        attribution = as_attribution(attribution)  # read once: the selection and the reference sample use it
     reference = reference_sample(attribution, config.reference_latents, config.seed)
     if config.reference_latents and attribution is None:
         logger.warning("collect.reference_latents needs the attribution table: no reference sample drawn.")
