@@ -112,8 +112,10 @@ def _detect_science_of_finetuning(path: Path) -> bool:
     if path.is_dir():
         from mneme_plugin.describe import is_hf_model_config
 
-        # A Hugging Face model folder has a model.safetensors too: its config.json names a model_type.
-        return science_of_finetuning.find_weights(path) is not None and not is_hf_model_config(path / "config.json")
+        # A Hugging Face model folder has a model.safetensors too: its config.json names a model_type, and it
+        # has no trainer_config.json.
+        hf_model = is_hf_model_config(path / "config.json") and not (path / "trainer_config.json").is_file()
+        return science_of_finetuning.find_weights(path) is not None and not hf_model
     return any(k.endswith("encoder.weight") for k in _tensor_keys(path))
 
 
