@@ -471,3 +471,17 @@ def tiny_rmu_config(model_dir: str | Path, rmu_corpora: tuple, **overrides: Any)
                 layer_id=2, layer_ids=[0, 1, 2], alpha=10.0, steering_coeff=5.0, lr=5e-2, device="cpu")
     opts.update(overrides)
     return HFRMUConfig(**opts)
+
+
+def pipeline_inputs(llama_dir: Path, root: Path, n_documents: int = 300) -> tuple[Path, Path, Path, Path]:
+    """What a tiny `mneme run` reads: (base model folder, a fine-tuned copy, a JSONL corpus of
+    ``n_documents``, a ground-truth CSV in which biology degraded)."""
+    import pandas as pd
+
+    edited = save_finetuned_llama(llama_dir, root / "edited", synthetic_corpus(40, seed=3))
+    corpus = root / "corpus.jsonl"
+    corpus.write_text("\n".join(json.dumps({"text": t}) for t in synthetic_corpus(n_documents, seed=5)))
+    truth = root / "truth.csv"
+    pd.DataFrame({"category": ["biology", "cooking", "law"], "before": [0.9, 0.8, 0.7],
+                  "after": [0.5, 0.8, 0.7]}).to_csv(truth, index=False)
+    return llama_dir, edited, corpus, truth

@@ -3,25 +3,19 @@
 import json
 import shutil
 
-import pandas as pd
 import pytest
 import yaml
 from click.testing import CliRunner
 
 from mneme_plugin.cli import main
-from tests.helpers import save_finetuned_llama, synthetic_corpus
+from tests.helpers import pipeline_inputs
 
 
 @pytest.fixture(scope="module")
 def finished_run(llama_dir, tmp_path_factory):
     """A finished `mneme run` on tiny local models: (run directory, base model folder)."""
     root = tmp_path_factory.mktemp("describe")
-    edited = save_finetuned_llama(llama_dir, root / "edited", synthetic_corpus(40, seed=3))
-    corpus = root / "corpus.jsonl"
-    corpus.write_text("\n".join(json.dumps({"text": t}) for t in synthetic_corpus(200, seed=5)))
-    truth = root / "truth.csv"
-    pd.DataFrame({"category": ["biology", "cooking", "law"], "before": [0.9, 0.8, 0.7],
-                  "after": [0.5, 0.8, 0.7]}).to_csv(truth, index=False)
+    _, edited, corpus, truth = pipeline_inputs(llama_dir, root, n_documents=200)
     config = {
         "run_dir": str(root / "run"),
         "models": {"base": str(llama_dir), "edited": str(edited)},

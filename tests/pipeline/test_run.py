@@ -19,21 +19,16 @@ from mneme_plugin.cli import main
 from mneme_plugin.crosscoder import BatchTopKCrossCoder
 from mneme_plugin.errors import ConfigError
 from mneme_plugin.pipeline import RunConfig
-from tests.helpers import FakeLLM, save_finetuned_llama, synthetic_corpus, write_jsonl, write_lm_eval_task
+from tests.helpers import (
+    FakeLLM, pipeline_inputs, save_finetuned_llama, synthetic_corpus, write_jsonl, write_lm_eval_task,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def pair_and_corpus(llama_dir, tmp_path_factory):
-    root = tmp_path_factory.mktemp("pipeline")
-    edited = save_finetuned_llama(llama_dir, root / "edited", synthetic_corpus(40, seed=3))
-    corpus = root / "corpus.jsonl"
-    corpus.write_text("\n".join(json.dumps({"text": t}) for t in synthetic_corpus(300, seed=5)))
-    truth = root / "truth.csv"
-    pd.DataFrame({"category": ["biology", "cooking", "law"], "before": [0.9, 0.8, 0.7],
-                  "after": [0.5, 0.8, 0.7]}).to_csv(truth, index=False)
-    return llama_dir, edited, corpus, truth
+    return pipeline_inputs(llama_dir, tmp_path_factory.mktemp("pipeline"))
 
 
 def _config(run_dir, base, edited, corpus, truth, steps=120) -> dict:
