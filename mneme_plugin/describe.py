@@ -331,6 +331,7 @@ def folder_kind(path: str | Path) -> str | None:
     """What ``path`` is, in a few words with where its parts are (for an error naming a wrong folder):
     e.g. "a `mneme run` directory (its store: RUN/activations, its crosscoder: RUN/crosscoder_run)".
     None when it is none of the things mneme writes."""
+    from mneme_plugin.activations.models import is_hf_model_config
     from mneme_plugin.activations.store import MANIFEST
     from mneme_plugin.crosscoder.model import CONFIG_FILE, WEIGHTS_FILE
     from mneme_plugin.crosscoder.training import CHECKPOINT_DIR, FINAL_DIR
@@ -371,6 +372,7 @@ def folder_kind(path: str | Path) -> str | None:
 
 def describe_path(path: str | Path) -> str:
     """A human-readable summary of what ``path`` holds (see the module docstring)."""
+    from mneme_plugin.activations.models import is_hf_model_config
     from mneme_plugin.activations.store import MANIFEST
     from mneme_plugin.crosscoder.model import CONFIG_FILE, WEIGHTS_FILE
     from mneme_plugin.crosscoder.training import CHECKPOINT_DIR, FINAL_DIR
@@ -411,17 +413,6 @@ def describe_path(path: str | Path) -> str:
         "directory (.stages/ or stage folders) or stage output (attribution, contexts, explanations, mapping, "
         "prediction, evaluation)."
     )
-
-
-def is_hf_model_config(path: Path) -> bool:
-    """Whether ``path`` is a Hugging Face model's config.json (it names a model_type), not a crosscoder's."""
-    import json
-
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(data, dict) and "model_type" in data and data.get("format") != "mneme-crosscoder"
 
 
 def _evaluation_summary(path: Path) -> list[str]:

@@ -77,6 +77,17 @@ def check_model_spec(spec: str, where: str) -> list[str]:
     return []
 
 
+def is_hf_model_config(path: str | Path) -> bool:
+    """Whether ``path`` is a Hugging Face model's config.json (it names a model_type), not a crosscoder's."""
+    import json
+
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and "model_type" in data and data.get("format") != "mneme-crosscoder"
+
+
 def _in_hub_cache(repo_id: str) -> bool:
     """Whether the local huggingface_hub cache holds ``repo_id``'s config.json (no network)."""
     try:

@@ -110,7 +110,7 @@ def _detect_kissane(path: Path) -> bool:
 
 def _detect_science_of_finetuning(path: Path) -> bool:
     if path.is_dir():
-        from mneme_plugin.describe import is_hf_model_config
+        from mneme_plugin.activations.models import is_hf_model_config
 
         # A Hugging Face model folder has a model.safetensors too: its config.json names a model_type, and it
         # has no trainer_config.json.
