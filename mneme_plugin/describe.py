@@ -112,30 +112,31 @@ def _evaluation_lines(folder: Path) -> list[str]:
 
 def _unfinished_stages(layout, done: set[str]) -> list[str]:  # noqa: ANN001
     """The long stages a run left unfinished (an interrupted `mneme run`): where they stopped."""
-    from mneme_plugin.activations.store import MANIFEST
-    from mneme_plugin.crosscoder.training import CHECKPOINT_DIR, FINAL_DIR
+    from mneme_plugin.activations.store import MANIFEST, read_manifest
+    from mneme_plugin.checkpoints import latest_checkpoint
+    from mneme_plugin.crosscoder.training import FINAL_DIR
+    from mneme_plugin.errors import MnemeError
 
     lines = []
-    if "intervention" not in done and _unfinished_intervention_summary(layout.edited_model):
-        lines.append("  stage intervention not finished: " + _unfinished_intervention_summary(layout.edited_model)[1].strip())
+    intervention = _unfinished_intervention_summary(layout.edited_model) if "intervention" not in done else []
+    if intervention:
+        lines.append("  stage intervention not finished: " + intervention[1].strip())
     if "harvest" not in done and (layout.activations / MANIFEST).is_file():
-        import json
-
         try:
-            manifest = json.loads((layout.activations / MANIFEST).read_text())
-            rows = f"{int(manifest.get('n_tokens') or 0):,} rows so far"
-        except (OSError, ValueError):
+            rows = f"{int(read_manifest(layout.activations).get('n_tokens') or 0):,} rows so far"
+        except MnemeError:
             rows = "its manifest unreadable"
         lines.append(f"  stage harvest    not finished ({rows}): `mneme run` again resumes it")
-    checkpoints = sorted((layout.crosscoder_run / CHECKPOINT_DIR).glob("step_*"))
-    if "train" not in done and checkpoints and not (layout.crosscoder_run / FINAL_DIR).is_dir():
-        lines.append(f"  stage train      not finished (newest checkpoint {checkpoints[-1].name}): "
+    newest = latest_checkpoint(layout.crosscoder_run)
+    if "train" not in done and newest is not None and not (layout.crosscoder_run / FINAL_DIR).is_dir():
+        lines.append(f"  stage train      not finished (newest checkpoint {newest.name}): "
                      "`mneme run` again resumes it")
     return lines
 
 
 def _training_run_summary(path: Path) -> list[str]:
-    from mneme_plugin.crosscoder.training import CHECKPOINT_DIR, FINAL_DIR, load_training_metrics
+    from mneme_plugin.checkpoints import checkpoint_dirs
+    from mneme_plugin.crosscoder.training import FINAL_DIR, load_training_metrics
 
     lines = [f"Training run {path}"]
     if (path / FINAL_DIR).is_dir():
@@ -146,7 +147,7 @@ def _training_run_summary(path: Path) -> list[str]:
         ))
     else:
         lines.append("  not finished: no final crosscoder yet")
-    checkpoints = sorted((path / CHECKPOINT_DIR).glob("step_*"))
+    checkpoints = checkpoint_dirs(path)
     if checkpoints:
         lines.append(f"  checkpoints: {', '.join(p.name for p in checkpoints)}")
     return lines
@@ -166,25 +167,21 @@ def _unfinished_intervention_summary(path: Path) -> list[str]:
 
 def _edited_model_summary(path: Path) -> list[str]:
     """A model folder written by `mneme intervene` / the intervention stage (``mneme_intervention.yaml``)."""
-    import json
-
     import yaml
 
     from mneme_plugin.interventions.hf_models import INTERVENTION_CONFIG, TRAINING_LOG
 
     try:
         record = yaml.safe_load((path / INTERVENTION_CONFIG).read_text()) or {}
-        hf = json.loads((path / "config.json").read_text())
+        architecture, d, layers = _model_shape(path)
     except (OSError, ValueError, yaml.YAMLError) as err:
         raise CheckpointError(f"{path} looks like an edited model folder but cannot be read ({err}).") from err
     config = record.get("config") or {}
     log = path / TRAINING_LOG
     steps = sum(1 for line in log.read_text().splitlines() if line.strip()) if log.is_file() else 0
-    architecture = ", ".join(hf.get("architectures") or []) or hf.get("model_type", "?")
     lines = [f"Edited model {path} ({record.get('kind', '?')})",
              f"  from:          {config.get('model', '?')}",
-             f"  architecture:  {architecture}: d_model {hf.get('hidden_size', '?')}, "
-             f"{hf.get('num_hidden_layers', '?')} layers",
+             f"  architecture:  {architecture}: d_model {d}, {layers} layers",
              f"  training log:  {steps} steps ({TRAINING_LOG})"]
     data = config.get("data") or config.get("forget_corpora")
     if data:
@@ -192,17 +189,24 @@ def _edited_model_summary(path: Path) -> list[str]:
     return lines
 
 
-def _hf_model_summary(path: Path) -> list[str]:
-    """A Hugging Face model folder not written by `mneme intervene` (a base model, say)."""
+def _model_shape(path: Path) -> tuple[str, object, object]:
+    """(architecture, d_model, layers) from a Hugging Face model folder's config.json ("?" where it
+    names none); OSError / ValueError when it cannot be read."""
     import json
 
-    try:
-        hf = json.loads((path / "config.json").read_text())
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"{path}/config.json cannot be read ({err}).") from err
+    hf = json.loads((path / "config.json").read_text())
     architecture = ", ".join(hf.get("architectures") or []) or hf.get("model_type", "?")
     d = hf.get("hidden_size") or hf.get("d_model") or hf.get("n_embd") or "?"
     layers = hf.get("num_hidden_layers") or hf.get("n_layer") or hf.get("n_layers") or "?"
+    return architecture, d, layers
+
+
+def _hf_model_summary(path: Path) -> list[str]:
+    """A Hugging Face model folder not written by `mneme intervene` (a base model, say)."""
+    try:
+        architecture, d, layers = _model_shape(path)
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{path}/config.json cannot be read ({err}).") from err
     return [f"Hugging Face model {path}",
             f"  architecture:  {architecture}: d_model {d}, {layers} layers (harvest layers 0..{layers - 1 if isinstance(layers, int) else '?'})"]
 
@@ -333,8 +337,9 @@ def folder_kind(path: str | Path) -> str | None:
     None when it is none of the things mneme writes."""
     from mneme_plugin.activations.models import is_hf_model_config
     from mneme_plugin.activations.store import MANIFEST
+    from mneme_plugin.checkpoints import latest_checkpoint
     from mneme_plugin.crosscoder.model import CONFIG_FILE, WEIGHTS_FILE
-    from mneme_plugin.crosscoder.training import CHECKPOINT_DIR, FINAL_DIR
+    from mneme_plugin.crosscoder.training import FINAL_DIR
     from mneme_plugin.layout import RunLayout
 
     path = Path(path)
@@ -360,9 +365,9 @@ def folder_kind(path: str | Path) -> str | None:
         return "a crosscoder (give it as --crosscoder)"
     if (path / FINAL_DIR).is_dir():
         return f"a training run (its crosscoder: {path / FINAL_DIR}; give it as --crosscoder)"
-    checkpoints = sorted((path / CHECKPOINT_DIR).glob("step_*"))
-    if checkpoints:
-        return (f"a training run that has not finished (newest checkpoint: {checkpoints[-1]}): run the same "
+    newest = latest_checkpoint(path)
+    if newest is not None:
+        return (f"a training run that has not finished (newest checkpoint: {newest}): run the same "
                 "`mneme train` again to finish it, or give that checkpoint")
     stages = _stage_output_kinds(path)
     if stages:

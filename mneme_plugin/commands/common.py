@@ -12,13 +12,13 @@ from mneme_plugin.errors import MnemeError
 
 
 def _train_hint(params: dict[str, Any]) -> str:
-    from pathlib import Path
+    from mneme_plugin.checkpoints import latest_checkpoint
 
-    newest = sorted(Path(params.get("out") or ".").glob("checkpoints/step_*"))
-    if not newest:
+    newest = latest_checkpoint(params.get("out") or ".")
+    if newest is None:
         return ("no checkpoint was written yet (one every training.checkpoint_every steps), so the same command "
                 "starts over")
-    return f"run the same command again to resume from the newest checkpoint, {newest[-1]}"
+    return f"run the same command again to resume from the newest checkpoint, {newest}"
 
 
 # What to do after Ctrl-C, per command (its click name): the commands that resume when run again (a
