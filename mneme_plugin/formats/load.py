@@ -174,10 +174,15 @@ def load_crosscoder(
         path = path / subfolder
         if not path.exists():
             raise CheckpointError(f"{path} does not exist.")
-    if (path / "crosscoder" / "config.json").is_file() and not (path / "config.json").is_file():
-        path = path / "crosscoder"  # a training run directory: its final crosscoder
-    elif (path / "crosscoder_run" / "crosscoder" / "config.json").is_file() and not (path / "config.json").is_file():
-        path = path / "crosscoder_run" / "crosscoder"  # a `mneme run` directory: its trained crosscoder
+    if not (path / CONFIG_FILE).is_file():
+        from mneme_plugin.crosscoder.training import FINAL_DIR
+        from mneme_plugin.layout import RunLayout
+
+        # A training run directory means its final crosscoder; a `mneme run` directory, its run's.
+        for final in (path / FINAL_DIR, RunLayout(path).crosscoder_run / FINAL_DIR):
+            if (final / CONFIG_FILE).is_file():
+                path = final
+                break
     fmt = format or detect_format(path)
     if fmt is None and path.is_dir():
         found = _candidates(path)
