@@ -96,7 +96,7 @@ def run_key(config: LMEvalConfig, model: str) -> dict[str, Any]:
     key = {k: v for k, v in config.to_dict().items() if k not in ("base", "edited", "batch_size", "device")}
     key["dtype"] = _model_args(config, model)["dtype"]
     key["model"] = model
-    key["model_files"] = stat_digest(model) if Path(model).exists() else None
+    key["model_files"] = stat_digest(model)
     # lm-eval imports a task's `!function` code from its folder, which writes __pycache__ there.
     key["include_path_files"] = {f: stat_digest(f, skip_dirs=("__pycache__",)) for f in config.include_path}
     key["lm_eval_version"] = _lm_eval_version()

@@ -342,7 +342,7 @@ def answers_key(config: JudgeConfig, model: str, questions: list[Question]) -> d
 
     gen = config.generator
     key: dict[str, Any] = {
-        "model": model, "model_files": stat_digest(model) if Path(model).exists() else None, "kind": gen.kind,
+        "model": model, "model_files": stat_digest(model), "kind": gen.kind,
         "max_new_tokens": gen.max_new_tokens, "temperature": gen.temperature, "top_p": gen.top_p,
         "system_prompt": config.system_prompt, "question_template": config.question_template,
         "questions": [[q.category, q.text] for q in questions],
