@@ -28,8 +28,8 @@ RESUME_HINTS: dict[str, Any] = {
     "train": _train_hint,
     "run": "run the same command again: finished stages are skipped, and an interrupted intervention, "
            "harvest or training resumes from where it stopped",
-    "rmu": "run the same command again to resume from the newest checkpoint in --out (--no-resume starts over)",
-    "sft": "run the same command again to resume from the newest checkpoint in --out (--no-resume starts over)",
+    **dict.fromkeys(("rmu", "sft"), "run the same command again to resume from the newest checkpoint in --out "
+                                    "(--no-resume starts over)"),
 }
 INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, as shells report a command stopped by Ctrl-C
 
