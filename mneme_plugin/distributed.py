@@ -129,6 +129,29 @@ class DistributedContext:
         dist.all_gather_object(out, obj)
         return out
 
+    @contextlib.contextmanager
+    def together(self, what: str) -> Iterator[None]:
+        """A block every rank runs without collectives inside, ending at a meeting of all ranks. If it
+        raises on any rank, every rank raises at the meeting: that rank its own error, the others a
+        ``RankFailedError`` naming the rank and its error ("Rank 1 failed while harvesting: OSError:
+        ..."), instead of meeting a dead rank at their next collective (gloo: "Connection closed by
+        peer"). One process: the block as it is. ``what`` says what the ranks were doing."""
+        if not self.is_distributed:
+            yield
+            return
+        error: Exception | None = None
+        try:
+            yield
+        except Exception as err:  # noqa: BLE001 - raised at the meeting, after telling the others
+            error = err
+        failed = self.all_max(torch.tensor([int(error is not None)], device=self.comm_device))
+        if not failed.item():
+            return
+        notes = self.all_gather_object(None if error is None else f"{type(error).__name__}: {error}")
+        if error is not None:
+            raise error
+        raise RankFailedError("; ".join(f"Rank {rank} failed {what}: {note}"
+                                        for rank, note in enumerate(notes) if note is not None))
 
     def on_main(self, fn: Callable[[], T]) -> T:
         """``fn()`` run by rank 0 alone, its result on every rank. If it raises, every rank raises:

@@ -485,3 +485,36 @@ def pipeline_inputs(llama_dir: Path, root: Path, n_documents: int = 300) -> tupl
     pd.DataFrame({"category": ["biology", "cooking", "law"], "before": [0.9, 0.8, 0.7],
                   "after": [0.5, 0.8, 0.7]}).to_csv(truth, index=False)
     return llama_dir, edited, corpus, truth
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now (for a process group's rendezvous)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def fork_ranks(fn: Any, world: int, *args: Any) -> None:
+    """``fn(rank, *args)`` in ``world`` forked processes, each with the environment torchrun gives its
+    ranks, so mneme's ``distributed_context`` joins them as one gloo job (fork: torch is imported once,
+    the ranks start in well under a second). Raises if a rank raises."""
+    import torch.multiprocessing as mp
+
+    mp.start_processes(_torchrun_rank, args=(fn, world, free_port(), args), nprocs=world, start_method="fork")
+
+
+def _torchrun_rank(rank: int, fn: Any, world: int, port: int, args: tuple) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    try:
+        fn(rank, *args)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -3,6 +3,7 @@
 import sys
 
 from mneme_plugin.distributed import SINGLE_PROCESS, strip_option, torchrun_command
+from tests.helpers import free_port
 
 
 def test_relaunch_drops_nproc_and_keeps_every_other_argument():
@@ -19,14 +20,6 @@ def test_single_process_collectives_are_the_identity():
     t = torch.arange(3.0)
     assert SINGLE_PROCESS.all_sum(t) is t and torch.equal(SINGLE_PROCESS.all_gather(t), t[None])
     assert SINGLE_PROCESS.broadcast_object({"a": 1}) == {"a": 1} and SINGLE_PROCESS.is_main
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _rank_outcomes(rank: int, world: int, port: int, locked: str, free: str, out: str) -> None:
@@ -77,7 +70,7 @@ def test_rank_zero_decides_for_every_rank_under_two_gloo_ranks(tmp_path, held_lo
     assert LOCK_FILE == ".mneme.lock"
     locked, free = held_lock[0], tmp_path / "free"
     # fork: the ranks start from this process (torch imported once), in well under a second
-    mp.start_processes(_rank_outcomes, args=(2, _free_port(), str(locked), str(free), str(tmp_path)),
+    mp.start_processes(_rank_outcomes, args=(2, free_port(), str(locked), str(free), str(tmp_path)),
                        nprocs=2, start_method="fork")
     rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2))
     assert rank0["locked"][0] == rank1["locked"][0] == "OutputLockedError"

@@ -306,7 +306,8 @@ def harvest(
     dist_ctx = distributed_context(config.device)
     if dist_ctx.is_distributed:  # under torchrun: this rank's share, see activations/sharded.py
         config = config.replace(device=str(dist_ctx.device(config.device)))
-    ctx = HarvestContext.build(base, edited, config)
+    with dist_ctx.together("while loading the models"):  # a rank that cannot load them stops every rank
+        ctx = HarvestContext.build(base, edited, config)
     if dist_ctx.is_distributed:
         if out_dir is None:
             raise ConfigError("A harvest under torchrun needs out_dir: one folder that every rank writes into.")

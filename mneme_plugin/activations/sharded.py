@@ -39,7 +39,7 @@ from mneme_plugin.activations.store import (
     write_shard,
 )
 from mneme_plugin.distributed import DistributedContext
-from mneme_plugin.errors import CheckpointError, EmptyCorpusError, ForeignOutputError, MnemeError
+from mneme_plugin.errors import CheckpointError, EmptyCorpusError, ForeignOutputError
 from mneme_plugin.files import atomic_write_text
 
 COUNT_KEYS = ("outliers_dropped", "special_tokens_dropped", "padding_dropped", "n_corpus_tokens")
@@ -152,16 +152,7 @@ def harvest_sharded(
 
     rank, world = dist_ctx.rank, dist_ctx.world_size
     # Rank 0 prepares; an error there is raised on every rank instead of leaving them waiting.
-    prepared: Any = None
-    if dist_ctx.is_main:
-        try:
-            prepared = _prepare(ctx, corpus, config, path, world, overwrite)
-        except MnemeError as err:
-            prepared = err
-    prepared = dist_ctx.broadcast_object(prepared)
-    if isinstance(prepared, MnemeError):
-        raise prepared
-    manifest: dict[str, Any] = prepared
+    manifest: dict[str, Any] = dist_ctx.on_main(lambda: _prepare(ctx, corpus, config, path, world, overwrite))
     if manifest["complete"]:
         return ActivationStore(path)
     stats = NormalizationStats.from_dict(manifest["normalization"])
@@ -194,41 +185,52 @@ def harvest_sharded(
         if n_rows and on_shard is not None:
             on_shard(len(state["shards"]) - 1)
 
-    if not state["done"]:
-        # Rank 0's place in the corpus: every batch counts once as the loop passes it (other ranks'
-        # batches, and those done before a resume, are skipped at once; the ranks keep about level).
-        bar = tqdm(total=config.token_budget, unit="tok", desc=f"harvest (rank {rank}/{world})",
-                   disable=not (progress and dist_ctx.is_main))
-        pending_rows, next_batch = 0, state["next_batch"]
-        try:
-            for i, windows in enumerate(ctx.windows(corpus)):
-                state["windows_end"] = windows[-1].index + 1  # the corpus's windows, for n_windows
-                if i % world != rank or i < state["next_batch"] or i in done_before:
+    # The ranks meet after every round of W forward batches (one flag all-reduced), so an error on
+    # one rank stops the others within a round, with its message (DistributedContext.together).
+    # A rank done before a resume still walks the rounds, skipping every batch.
+    already_done = state["done"]
+    bar = tqdm(total=config.token_budget, unit="tok", desc=f"harvest (rank {rank}/{world})",
+               disable=not (progress and dist_ctx.is_main and not already_done))
+    batches = enumerate(ctx.windows(corpus))
+    pending_rows, next_batch, finished = 0, state["next_batch"], False
+    try:
+        while not finished:
+            with dist_ctx.together("while harvesting"):
+                for i, windows in batches:  # one round, resuming the iterator where the last one stopped
+                    # Rank 0's place in the corpus: every batch counts once as the loop passes it (other
+                    # ranks' batches, and those done before a resume, are skipped at once).
                     bar.update(len(windows) * config.context_length)
-                    continue
-                own_end, next_batch = windows[-1].index + 1, i + 1
-                rows = ctx.run_batch(windows, i, dropped_ids)
-                rows, n_out = filter_outliers(rows, stats, config.outlier_factor)
-                counts["outliers_dropped"] += n_out
-                counts["special_tokens_dropped"] += rows.special_dropped
-                counts["padding_dropped"] += rows.padding_dropped
-                counts["n_corpus_tokens"] += rows.n_corpus_tokens
-                if pending_first_window is None:
-                    pending_first_window = windows[0].index
-                pending.append(rows)
-                pending_rows += rows.activations.shape[0]
-                bar.update(len(windows) * config.context_length)
-                if pending_rows >= config.rows_per_shard:
-                    commit(next_batch, done=False)
-                    pending_rows = 0
-            commit(next_batch, done=True)
-        finally:
-            bar.close()
+                    if not already_done:
+                        state["windows_end"] = windows[-1].index + 1  # the corpus's windows, for n_windows
+                    if already_done or i % world != rank or i < state["next_batch"] or i in done_before:
+                        if i % world == world - 1:
+                            break
+                        continue
+                    own_end, next_batch = windows[-1].index + 1, i + 1
+                    rows = ctx.run_batch(windows, i, dropped_ids)
+                    rows, n_out = filter_outliers(rows, stats, config.outlier_factor)
+                    counts["outliers_dropped"] += n_out
+                    counts["special_tokens_dropped"] += rows.special_dropped
+                    counts["padding_dropped"] += rows.padding_dropped
+                    counts["n_corpus_tokens"] += rows.n_corpus_tokens
+                    if pending_first_window is None:
+                        pending_first_window = windows[0].index
+                    pending.append(rows)
+                    pending_rows += rows.activations.shape[0]
+                    if pending_rows >= config.rows_per_shard:
+                        commit(next_batch, done=False)
+                        pending_rows = 0
+                    if i % world == world - 1:
+                        break
+                else:  # the corpus is through
+                    if not already_done:
+                        commit(next_batch, done=True)
+                    finished = True
+    finally:
+        bar.close()
 
-    dist_ctx.barrier()
-    if dist_ctx.is_main:
-        _merge(path, manifest, world)
-    dist_ctx.barrier()
+    # Every rank is done (the last round's meeting); rank 0 merges, an error there reaches every rank.
+    dist_ctx.on_main(lambda: _merge(path, manifest, world))
     store = ActivationStore(path)
     if store.num_rows == 0:
         raise EmptyCorpusError(f"The harvest into {path} kept no rows: every position was filtered out.")

@@ -1,5 +1,6 @@
 """Sharded harvest under torchrun (2 gloo ranks on CPU): the rows of one process, resumable per rank."""
 
+import json
 import os
 import subprocess
 import sys
@@ -10,7 +11,7 @@ import torch
 
 from mneme_plugin.activations import ActivationStore, HarvestConfig, harvest, harvest_stream
 from mneme_plugin.activations.sharded import rank_manifest_name
-from tests.helpers import make_hooked_transformer, make_tokenizer, synthetic_corpus
+from tests.helpers import fork_ranks, make_hooked_transformer, make_tokenizer, synthetic_corpus
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("distributed_worker.py")
@@ -190,3 +191,29 @@ def test_rank_0_refuses_a_foreign_folder_with_an_error_every_rank_can_raise(tmp_
     received = pickle.loads(pickle.dumps(refused.value))
     assert type(received) is ForeignOutputError and isinstance(received, CheckpointError)
     assert received.folder == foreign and str(received) == str(refused.value)
+
+
+def _harvest_rank_1_failing(rank: int, out: str) -> None:
+    """One forked rank of a sharded harvest whose rank 1 fails writing its first shard (a full disk);
+    what each rank raised goes to OUT/rankR.json."""
+    base, edited, corpus, config = harvest_inputs()
+
+    def disk_full(index):
+        if rank == 1:
+            raise OSError(28, "No space left on device")
+
+    try:
+        harvest(base, edited, corpus, config, Path(out) / "store", progress=False, on_shard=disk_full)
+        outcome = ["ok", ""]
+    except Exception as err:  # noqa: BLE001 - the test reads which error each rank got
+        outcome = [type(err).__name__, str(err)]
+    (Path(out) / f"rank{rank}.json").write_text(json.dumps(outcome))
+
+
+def test_an_error_on_one_rank_of_a_harvest_reaches_the_other_with_the_rank_and_its_message(tmp_path):
+    """Not a gloo "Connection closed by peer" on rank 0, but rank 1's own error, named."""
+    fork_ranks(_harvest_rank_1_failing, 2, str(tmp_path))
+    rank0, rank1 = (json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2))
+    assert rank1 == ["OSError", "[Errno 28] No space left on device"]
+    assert rank0 == ["RankFailedError", "Rank 1 failed while harvesting: OSError: [Errno 28] No space left on device"]
+    assert not ActivationStore(tmp_path / "store").complete  # run again to resume

@@ -15,7 +15,7 @@ from mneme_plugin.crosscoder.sparse import batch_topk_indices
 from mneme_plugin.crosscoder.training import STATE_FILE, latest_checkpoint, train
 from mneme_plugin.distributed import DistributedContext
 from mneme_plugin.crosscoder.planted import planted_pair_data
-from tests.helpers import write_activation_store
+from tests.helpers import fork_ranks, write_activation_store
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("distributed_worker.py")
@@ -164,34 +164,12 @@ def test_norm_loss_run_moves_from_one_process_to_two_ranks_and_back(store, tmp_p
     assert_same_state(final_state(reference), final_state(run_dir))
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _train_rank(rank: int, world: int, port: int, store: str, run_dir: str, config: dict) -> None:
-    """One gloo rank of a data-parallel `train` (forked; the environment torchrun would give it)."""
-    import torch.distributed as dist
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    try:
-        train(store, run_dir, config["crosscoder"], config["training"], progress=False)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+def _train_rank(rank: int, store: str, run_dir: str, config: dict) -> None:
+    train(store, run_dir, config["crosscoder"], config["training"], progress=False)
 
 
 def train_on_forked_ranks(world: int, store: Path, run_dir: Path, config: dict) -> None:
-    import torch.multiprocessing as mp
-
-    # fork: the ranks start from this process (torch imported once), in well under a second
-    mp.start_processes(_train_rank, args=(world, _free_port(), str(store), str(run_dir), config),
-                       nprocs=world, start_method="fork")
+    fork_ranks(_train_rank, world, str(store), str(run_dir), config)
 
 
 # A short run: the threshold from step 10, dead latents from step 10 (so every reduced quantity takes part).
