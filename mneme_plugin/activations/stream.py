@@ -110,10 +110,11 @@ class HarvestStream:
             if not round_:
                 return
             mine, n_out = torch.empty(0, 2, self.d_model), 0
-            if rank < len(round_):
-                rows = self.ctx.run_batch(round_[rank], first + rank, dropped_ids)
-                rows, n_out = filter_outliers(rows, stats, self.config.outlier_factor)
-                mine = rows.activations.float()
+            with self.dist.together("while harvesting the stream"):  # before the round's all-gather
+                if rank < len(round_):
+                    rows = self.ctx.run_batch(round_[rank], first + rank, dropped_ids)
+                    rows, n_out = filter_outliers(rows, stats, self.config.outlier_factor)
+                    mine = rows.activations.float()
             if world == 1:
                 self.outliers_dropped += n_out
                 yield mine

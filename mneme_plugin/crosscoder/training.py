@@ -250,10 +250,11 @@ def train(
     run_dir = Path(run_dir)
     # Under torchrun: one rank of a data-parallel job (crosscoder/distributed.py); rank 0 writes and locks.
     ctx = distributed_context(tr_cfg.device)
-    if isinstance(data, (str, os.PathLike)):
-        data = ActivationStore(data)
-    if isinstance(data, ActivationStore):  # before the lock: a bad store leaves no run directory behind
-        data.require_complete(allow_partial, use="training")
+    with ctx.together("opening the activation store"):  # a rank that cannot read it stops every rank
+        if isinstance(data, (str, os.PathLike)):
+            data = ActivationStore(data)
+        if isinstance(data, ActivationStore):  # before the lock: a bad store leaves no run directory behind
+            data.require_complete(allow_partial, use="training")
     with main_rank_lock(ctx, run_dir, "run directory (--out)"):  # rank 0 holds it for the job
         return _train(data, run_dir, cc_cfg, tr_cfg, ctx, resume=resume, progress=progress, on_step=on_step)
 
@@ -311,13 +312,16 @@ def _train(data: TrainingData, run_dir: Path, cc_cfg: CrossCoderConfig, tr_cfg: 
     batches = source.batches(start_step)
     x: torch.Tensor | None = None
     for step in range(start_step, tr_cfg.steps):
-        try:
-            x = next(batches)
-        except StopIteration:
-            raise ConfigError(
-                f"The data stream ended after {step} batches, before steps={tr_cfg.steps}; "
-                "lower steps or provide more data."
-            ) from None
+        # The ranks meet before each step (one flag all-reduced): a rank that fails reading its batch
+        # or in on_step stops the others with its error, not in the middle of the step's collectives.
+        with ctx.together("while training"):
+            try:
+                x = next(batches)
+            except StopIteration:
+                raise ConfigError(
+                    f"The data stream ended after {step} batches, before steps={tr_cfg.steps}; "
+                    "lower steps or provide more data."
+                ) from None
         trainer.update(step, x)
         losses = trainer.last_losses
         if losses is not None and not torch.isfinite(torch.tensor(losses.loss)):
@@ -326,7 +330,8 @@ def _train(data: TrainingData, run_dir: Path, cc_cfg: CrossCoderConfig, tr_cfg: 
                 "or lower the learning rate. The last checkpoint is intact."
             )
         if on_step is not None:
-            on_step(step, trainer)
+            with ctx.together("while training"):
+                on_step(step, trainer)
         if losses is not None and (step % 10 == 0 or step == tr_cfg.steps - 1):
             bar.set_postfix(
                 loss=f"{losses.loss:.4g}", l0=f"{losses.l0:.1f}",

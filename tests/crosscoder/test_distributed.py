@@ -224,3 +224,25 @@ def test_under_the_cli_only_rank_0_logs(store, tmp_path):
     again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stderr.count("Training already finished") == 1, again.stderr[-3000:]
+
+
+def _train_rank_1_failing(rank: int, store: str, out: str) -> None:
+    """One forked rank of a data-parallel `train` whose rank 1 fails at step 3 (its callback raises);
+    what each rank raised goes to OUT/rankR.json."""
+    def fail_on_rank_1(step, trainer):
+        if rank == 1 and step == 3:
+            raise ValueError("callback failed on rank 1")
+
+    try:
+        train(store, Path(out) / "run", SHORT["crosscoder"], SHORT["training"], progress=False, on_step=fail_on_rank_1)
+        outcome = ["ok", ""]
+    except Exception as err:  # noqa: BLE001 - the test reads which error each rank got
+        outcome = [type(err).__name__, str(err)]
+    (Path(out) / f"rank{rank}.json").write_text(json.dumps(outcome))
+
+
+def test_an_error_on_one_rank_of_a_training_reaches_the_other_with_the_rank_and_its_message(store, tmp_path):
+    fork_ranks(_train_rank_1_failing, 2, str(store), str(tmp_path))
+    rank0, rank1 = (json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2))
+    assert rank1 == ["ValueError", "callback failed on rank 1"]
+    assert rank0 == ["RankFailedError", "Rank 1 failed while training: ValueError: callback failed on rank 1"]
