@@ -221,8 +221,55 @@ def distributed_context(device: str = "auto") -> DistributedContext:
     backend = "nccl" if resolve_device(device).type == "cuda" else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(local_rank)
-    dist.init_process_group(backend=backend)
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    dist.init_process_group(backend=backend, store=_meet_every_rank(rank, world), rank=rank, world_size=world)
     return DistributedContext(dist.get_rank(), dist.get_world_size(), local_rank)
+
+
+# How long a rank waits for the others to join the job (seconds); the collectives keep torch's timeout.
+INIT_TIMEOUT_ENV = "MNEME_DIST_INIT_TIMEOUT"
+DEFAULT_INIT_TIMEOUT_S = 600.0
+
+
+def init_timeout_s() -> float:
+    raw = os.environ.get(INIT_TIMEOUT_ENV, "")
+    if not raw:
+        return DEFAULT_INIT_TIMEOUT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise ConfigError(f"{INIT_TIMEOUT_ENV}={raw!r}: give the seconds a rank waits for the others, a number > 0.")
+    return value
+
+
+def _meet_every_rank(rank: int, world: int) -> Any:
+    """torch's own env:// store, once every rank has checked in on it, within ``init_timeout_s``
+    (torch would wait 30 minutes in the process group's set-up, then fail without naming the rank)."""
+    from datetime import timedelta
+
+    timeout = init_timeout_s()
+    where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+    # A torchrun restart reuses its agent's store: each attempt checks in under its own keys.
+    arrived = f"mneme/arrived/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    keys = [f"{arrived}/{r}" for r in range(world)]
+    store = None
+    try:
+        store, _, _ = next(dist.rendezvous("env://", rank, world, timeout=timedelta(seconds=timeout)))
+        store.set(keys[rank], "1")
+        store.wait(keys, timedelta(seconds=timeout))
+    except Exception as err:  # noqa: BLE001 - torch's timeout and connection errors, said in words
+        missing = "" if store is None else \
+            "; missing: rank " + ", ".join(str(r) for r in range(world) if not store.check([keys[r]]))
+        raise RankFailedError(
+            f"Rank {rank} waited {timeout:g} s for the other ranks of the job ({world} in all, rendezvous at "
+            f"{where}){missing}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''} "
+            "Check that every node started the same torchrun command (--nnodes, --nproc_per_node, the "
+            "rendezvous endpoint), that each node reaches that address, and the missing ranks' logs for an "
+            f"error before they started; set {INIT_TIMEOUT_ENV} (seconds) to wait longer."
+        ) from err
+    return store
 
 
 @contextlib.contextmanager

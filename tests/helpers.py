@@ -496,13 +496,15 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def fork_ranks(fn: Any, world: int, *args: Any) -> None:
+def fork_ranks(fn: Any, world: int, *args: Any, started: int | None = None) -> None:
     """``fn(rank, *args)`` in ``world`` forked processes, each with the environment torchrun gives its
     ranks, so mneme's ``distributed_context`` joins them as one gloo job (fork: torch is imported once,
-    the ranks start in well under a second). Raises if a rank raises."""
+    the ranks start in well under a second). Raises if a rank raises. ``started``: only ranks
+    0..started-1 start (the others never arrive)."""
     import torch.multiprocessing as mp
 
-    mp.start_processes(_torchrun_rank, args=(fn, world, free_port(), args), nprocs=world, start_method="fork")
+    mp.start_processes(_torchrun_rank, args=(fn, world, free_port(), args), nprocs=started or world,
+                       start_method="fork")
 
 
 def _torchrun_rank(rank: int, fn: Any, world: int, port: int, args: tuple) -> None:

@@ -80,3 +80,46 @@ def test_rank_zero_decides_for_every_rank_under_two_gloo_ranks(tmp_path, held_lo
     assert rank0["fails"][0] == "ZeroDivisionError" and rank1["fails"][0] == "RankFailedError"
     assert "ZeroDivisionError" in rank1["fails"][1]
     assert rank0["value"] == rank1["value"] == ["ok", {"from": 0}]
+
+
+def _join_and_report(rank: int, out: str) -> None:
+    import json
+    import os
+
+    from mneme_plugin.distributed import distributed_context
+    from mneme_plugin.errors import MnemeError
+
+    try:
+        distributed_context("cpu")
+        outcome = ["joined", ""]
+    except MnemeError as err:
+        outcome = [type(err).__name__, str(err)]
+    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+        json.dump(outcome, f)
+
+
+def test_a_rank_that_never_arrives_stops_the_others_after_the_init_timeout(tmp_path, monkeypatch):
+    """Rank 1 of 2 never starts: rank 0 stops with an error saying what to check, after
+    MNEME_DIST_INIT_TIMEOUT seconds (torch alone waits 30 minutes)."""
+    import json
+
+    from tests.helpers import fork_ranks
+
+    monkeypatch.setenv("MNEME_DIST_INIT_TIMEOUT", "2")
+    fork_ranks(_join_and_report, 2, str(tmp_path), started=1)
+    kind, message = json.loads((tmp_path / "rank0.json").read_text())
+    assert kind == "RankFailedError"
+    assert "Rank 0 waited 2 s for the other ranks of the job (2 in all" in message
+    assert "same torchrun command" in message and "MNEME_DIST_INIT_TIMEOUT" in message
+
+
+def test_a_bad_init_timeout_is_refused(monkeypatch):
+    import pytest
+
+    from mneme_plugin.distributed import init_timeout_s
+    from mneme_plugin.errors import ConfigError
+
+    assert init_timeout_s() == 600
+    monkeypatch.setenv("MNEME_DIST_INIT_TIMEOUT", "ten")
+    with pytest.raises(ConfigError, match="MNEME_DIST_INIT_TIMEOUT='ten'"):
+        init_timeout_s()
