@@ -205,6 +205,16 @@ def local_only() -> Iterator[None]:
         _LOCAL_ONLY.pop()
 
 
+def job_world_size() -> int:
+    """The number of ranks ``distributed_context`` will join, read from torchrun's environment
+    before any process group starts (for checks that must not wait for the other ranks)."""
+    if _LOCAL_ONLY:
+        return 1
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return int(os.environ["WORLD_SIZE"]) if launched_by_torchrun() else 1
+
+
 def distributed_context(device: str = "auto") -> DistributedContext:
     """The job this process belongs to; initialises the default process group under torchrun.
 

@@ -92,17 +92,17 @@ class DistributedBatchTopKCrossCoderTrainer(BatchTopKCrossCoderTrainer):
         self.broadcast_parameters()
 
 
-def check_divisible(batch_size: int, ctx: DistributedContext) -> None:
-    if batch_size % ctx.world_size:
+def check_divisible(batch_size: int, world_size: int) -> None:
+    if batch_size % world_size:
         raise ConfigError(
             f"training.batch_size={batch_size} is the global batch; it must be a multiple of the "
-            f"number of ranks ({ctx.world_size}). Use a batch size divisible by {ctx.world_size}."
+            f"number of ranks ({world_size}). Use a batch size divisible by {world_size}."
         )
 
 
 def rank_slices(batches: Iterator[torch.Tensor], ctx: DistributedContext) -> Iterator[torch.Tensor]:
     """This rank's rows of each global batch of an iterable that every rank reads whole."""
     for batch in batches:
-        check_divisible(batch.shape[0], ctx)
+        check_divisible(batch.shape[0], ctx.world_size)
         local = batch.shape[0] // ctx.world_size
         yield batch[ctx.rank * local : (ctx.rank + 1) * local]

@@ -37,7 +37,13 @@ from mneme_plugin.crosscoder.metrics import (
 )
 from mneme_plugin.crosscoder.model import BatchTopKCrossCoder
 from mneme_plugin.crosscoder.trainer import BatchTopKCrossCoderTrainer
-from mneme_plugin.distributed import SINGLE_PROCESS, DistributedContext, distributed_context, main_rank_lock
+from mneme_plugin.distributed import (
+    SINGLE_PROCESS,
+    DistributedContext,
+    distributed_context,
+    job_world_size,
+    main_rank_lock,
+)
 from mneme_plugin import checkpoints
 from mneme_plugin.checkpoints import CHECKPOINT_DIR, STATE_FILE
 from mneme_plugin.errors import CheckpointError, ConfigError, ForeignOutputError, NonFiniteActivationError
@@ -248,6 +254,8 @@ def train(
     cc_cfg = crosscoder if isinstance(crosscoder, CrossCoderConfig) else CrossCoderConfig.from_dict(crosscoder)
     tr_cfg = training if isinstance(training, TrainingConfig) else TrainingConfig.from_dict(training)
     run_dir = Path(run_dir)
+    # Refused before the process group starts: no rank waits for the others to learn it.
+    check_divisible(tr_cfg.batch_size, job_world_size())
     # Under torchrun: one rank of a data-parallel job (crosscoder/distributed.py); rank 0 writes and locks.
     ctx = distributed_context(tr_cfg.device)
     with ctx.together("opening the activation store"):  # a rank that cannot read it stops every rank
@@ -261,7 +269,6 @@ def train(
 
 def _train(data: TrainingData, run_dir: Path, cc_cfg: CrossCoderConfig, tr_cfg: TrainingConfig,
            ctx: DistributedContext, *, resume: bool, progress: bool, on_step: StepCallback | None) -> TrainResult:
-    check_divisible(tr_cfg.batch_size, ctx)
     progress = progress and ctx.is_main
     source = _Data(data, tr_cfg.batch_size, tr_cfg.seed, tr_cfg.eval_rows, ctx)
 

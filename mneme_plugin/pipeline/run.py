@@ -232,7 +232,7 @@ def _run_stages(config: RunConfig, stages: list[Stage], layout: RunLayout, dist:
             from mneme_plugin.crosscoder.distributed import check_divisible
 
             # The ranks split each global batch: refused now, not after hours of intervention and harvest.
-            check_divisible(config.training.batch_size, dist)
+            check_divisible(config.training.batch_size, dist.world_size)
         # Before the new config is written: a run that stops early leaves no output of the old config
         # next to it, marked done, for later commands to read.
         discard_redone(planned, layout, only)

@@ -246,3 +246,23 @@ def test_an_error_on_one_rank_of_a_training_reaches_the_other_with_the_rank_and_
     rank0, rank1 = (json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2))
     assert rank1 == ["ValueError", "callback failed on rank 1"]
     assert rank0 == ["RankFailedError", "Rank 1 failed while training: ValueError: callback failed on rank 1"]
+
+
+def _train_odd_batch(rank: int, store: str, out: str) -> None:
+    config = {**SHORT["training"], "batch_size": SHORT["training"]["batch_size"] + 1}
+    try:
+        train(store, Path(out) / "run", SHORT["crosscoder"], config, progress=False)
+        outcome = ["ok", ""]
+    except Exception as err:  # noqa: BLE001 - the test reads which error the rank got
+        outcome = [type(err).__name__, str(err)]
+    (Path(out) / f"rank{rank}.json").write_text(json.dumps(outcome))
+
+
+def test_a_batch_the_ranks_cannot_share_is_refused_before_waiting_for_the_others(store, tmp_path, monkeypatch):
+    """Rank 0 of 2 alone (rank 1 never arrives): the batch size is refused at once, not after the wait."""
+    assert SHORT["training"]["batch_size"] % 2 == 0
+    monkeypatch.setenv("MNEME_DIST_INIT_TIMEOUT", "1")
+    fork_ranks(_train_odd_batch, 2, str(store), str(tmp_path), started=1)
+    kind, message = json.loads((tmp_path / "rank0.json").read_text())
+    assert kind == "ConfigError" and "must be a multiple of the number of ranks (2)" in message
+    assert not (tmp_path / "run").exists()
