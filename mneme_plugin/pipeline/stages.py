@@ -3,7 +3,6 @@ reading the earlier stages' outputs only through their loaders."""
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -12,8 +11,6 @@ from mneme_plugin.interventions.step import EDITED_BY_RUN
 from mneme_plugin.layout import RunLayout
 from mneme_plugin.pipeline.config import RunConfig
 from mneme_plugin.pipeline.stage import PipelineContext, Stage
-
-logger = logging.getLogger("mneme_plugin")
 
 
 def _intervention(ctx: PipelineContext) -> None:
@@ -197,14 +194,13 @@ def _evaluate(ctx: PipelineContext) -> None:
     from mneme_plugin.sideeffects import evaluate_run, evaluate_tables
 
     if not ctx.config.ground_truth.tables:
-        evaluation = evaluate_run(ctx.layout.root, ctx.config.evaluate, ctx.config.ground_truth, ctx.config.map,
-                                  intervention=ctx.config.models.intervention)
-        logger.info("\n%s", evaluation.markdown())
+        evaluate_run(ctx.layout.root, ctx.config.evaluate, ctx.config.ground_truth, ctx.config.map,
+                     intervention=ctx.config.models.intervention)
         return
-    for name, evaluation in evaluate_tables(ctx.layout.root, ctx.config.evaluate, ctx.config.ground_truth,
-                                            ctx.config.map, ctx.config.taxonomies(),
-                                            intervention=ctx.config.models.intervention).items():
-        logger.info("\n[%s]\n%s", name, evaluation.markdown())
+    # The metrics tables are the caller's to show (`mneme run` prints them once, at the end, also when
+    # this stage was skipped; the demo prints its own).
+    evaluate_tables(ctx.layout.root, ctx.config.evaluate, ctx.config.ground_truth, ctx.config.map,
+                    ctx.config.taxonomies(), intervention=ctx.config.models.intervention)
 
 
 def _report(ctx: PipelineContext) -> None:

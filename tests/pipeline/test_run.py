@@ -65,7 +65,9 @@ def test_run_skips_done_stages_and_resumes_after_a_kill(pair_and_corpus, tmp_pat
                  "contexts/contexts.json", "explanations/explanations.parquet", "mapping/categories.parquet",
                  "prediction/predictions.json", "evaluation/evaluation.json", "report.html"):
         assert (ref / part).exists(), part
-    assert "MNEME" in result.output
+    # The metrics table once, at the end (the evaluate stage logged it too, so `mneme run` showed it twice).
+    assert result.output.count("| method | Acc (Eq. 4) |") == 1, result.output
+    assert result.output.rstrip().endswith("| oracle | 1.000 | 1.000 | 1.000 | 1.000 | 1 | 1 |"), result.output
     summary = CliRunner().invoke(main, ["info", str(ref)]).output
     assert "stage harvest" in summary and "stage report" in summary and "MNEME   Acc" in summary
 
@@ -74,6 +76,7 @@ def test_run_skips_done_stages_and_resumes_after_a_kill(pair_and_corpus, tmp_pat
     result = CliRunner().invoke(main, ["run", _write(tmp_path, "ref.yaml", reference)], catch_exceptions=False)
     assert result.exit_code == 0
     assert {p.name: p.stat().st_mtime_ns for p in (ref / ".stages").iterdir()} == marker_times
+    assert result.output.count("| method | Acc (Eq. 4) |") == 1, result.output  # skipped stages: still shown
 
     # A run killed during training resumes and ends with the same outputs.
     killed = _config(tmp_path / "killed", base, edited, corpus, truth)
