@@ -42,6 +42,7 @@ from mneme_plugin.organism.validity import (  # noqa: E402
     summarize, summarize_remediation, threshold_ceiling,
 )
 from mneme_plugin.sideeffects.config import PredictConfig  # noqa: E402
+from mneme_plugin.sideeffects.metrics import UNDEFINED  # noqa: E402
 
 PREDICTION_RULES = {
     "MNEME outlier_or_broad": PredictConfig(rule="outlier_or_broad", outlier_z=3.0),
@@ -115,7 +116,7 @@ def main() -> None:
     pd.set_option("display.max_colwidth", 60)
     print("\nPer case (MNEME rows):")
     mneme = table[table["method"].str.startswith("MNEME")]
-    print(mneme[["case", "method", "accuracy", "precision", "f1", "predicted", "true"]].to_string(index=False))
+    print(mneme[["case", "method", "accuracy", "precision", "f1", "predicted", "true"]].to_string(index=False, na_rep=UNDEFINED))
     print("\nMean ± sd over the grid:")
     print(summary.to_markdown(index=False))
     if significant_rows:

@@ -25,6 +25,7 @@ from mneme_plugin.interpret.config import CLIENTS, EXPLAINERS, LABELERS, MAPPERS
 from mneme_plugin.layout import RunLayout
 from mneme_plugin.organism.catalog import BEHAVIOUR_INTERVENTIONS, INTERVENTIONS, KNOWLEDGE_INTERVENTIONS
 from mneme_plugin.sideeffects.config import REMEDIATION_TARGETS, RULE_SUMMARIES, RULES
+from mneme_plugin.sideeffects.metrics import UNDEFINED
 
 if TYPE_CHECKING:
     from mneme_plugin.pipeline.config import RunConfig
@@ -317,7 +318,7 @@ def demo(out: str, seed: int, target_domain: str, interventions: tuple[str, ...]
                    f"MNEME predicted: {', '.join(case.predicted) or '(none)'}"
                    + (f" (change: {case.change})" if case.change else ""))
         click.echo(case.metrics[["method", "accuracy", "precision", "recall", "f1"]].to_string(
-            index=False, float_format=lambda v: f"{v:.3f}"))
+            index=False, float_format=lambda v: f"{v:.3f}", na_rep=UNDEFINED))
         if case.remediation is not None:
             _echo_remediation(case.remediation)
         elif case.degraded and case.knowledge is None:  # a knowledge case (behaviour cases have no remediation step)
@@ -328,7 +329,7 @@ def demo(out: str, seed: int, target_domain: str, interventions: tuple[str, ...]
                                                                           key=lambda kv: -kv[1]))
             click.echo(f"knowledge: accuracy drop per domain: {knowledge_drops}")
             click.echo(case.knowledge[["method", "accuracy", "precision", "recall", "f1"]].to_string(
-                index=False, float_format=lambda v: f"{v:.3f}"))
+                index=False, float_format=lambda v: f"{v:.3f}", na_rep=UNDEFINED))
         if case.intersection is not None:
             click.echo(f"intersection: {case.intersection.summary()}")
         click.echo(f"report: {RunLayout(case.run_dir).report}")
@@ -342,7 +343,7 @@ def _echo_remediation(result) -> None:
     table = result.table()
     table = table[table["degraded"]][["category", "base", "edited", "remediated", "control",
                                       "recovered_remediated", "recovered_control"]]
-    click.echo(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    click.echo(table.to_string(index=False, float_format=lambda v: f"{v:.3f}", na_rep=UNDEFINED))
     click.echo(f"mean recovered: remediation {result.mean_recovered('remediated'):.3f}, "
                f"control {result.mean_recovered('control'):.3f}")
 

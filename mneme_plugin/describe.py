@@ -94,6 +94,7 @@ def _evaluation_lines(folder: Path) -> list[str]:
     """The evaluation(s) of an ``evaluation/`` folder: truth, prediction and each method's metrics."""
     from mneme_plugin.errors import MnemeError
     from mneme_plugin.sideeffects import load_evaluations
+    from mneme_plugin.sideeffects.metrics import metric_text
 
     try:
         evaluations = load_evaluations(folder)
@@ -106,7 +107,8 @@ def _evaluation_lines(folder: Path) -> list[str]:
         lines.append(f"  degraded: {', '.join(evaluation.true_set) or '(none)'}; "
                      f"predicted: {', '.join(evaluation.predicted.get('MNEME', [])) or '(none)'}")
         for method, m in evaluation.rows.items():
-            lines.append(f"  {method:<7} Acc {m.accuracy:.3f}  P {m.precision:.3f}  R {m.recall:.3f}  F1 {m.f1:.3f}")
+            lines.append(f"  {method:<7} Acc {metric_text(m.accuracy)}  P {metric_text(m.precision)}  "
+                         f"R {metric_text(m.recall)}  F1 {metric_text(m.f1)}")
     return lines
 
 

@@ -106,3 +106,16 @@ def test_a_wrong_folder_is_named_for_what_it_is(finished_run, tmp_path):
     # A run directory stands for its trained crosscoder, as a training run directory does.
     result = CliRunner().invoke(main, ["export", "saelens", str(run), "--out", out])
     assert result.exit_code == 0 and (tmp_path / "out" / "blocks.1.hook_resid_post" / "cfg.json").is_file(), result.output
+
+
+def test_info_writes_undefined_metrics_as_n_a(tmp_path):
+    """Nothing degraded, nothing predicted: `mneme info` printed `Acc nan  P nan`, the report `n/a`."""
+    import pandas as pd
+
+    from mneme_plugin.sideeffects import EvaluateConfig, evaluate
+    from mneme_plugin.sideeffects.evaluate import save_evaluation
+
+    scores = pd.DataFrame({"category": ["a", "b"], "before": [0.9, 0.8], "after": [0.9, 0.8]})
+    save_evaluation(evaluate([], scores, config=EvaluateConfig(random_seeds=50)), tmp_path / "evaluation")
+    summary = _info(tmp_path / "evaluation")
+    assert "  MNEME   Acc n/a  P n/a  R n/a  F1 n/a" in summary and "nan" not in summary

@@ -73,7 +73,8 @@ def _echo_table(table, out) -> None:
     from pathlib import Path
 
     from mneme_plugin.groundtruth.table import SCORES_CSV
+    from mneme_plugin.sideeffects.metrics import UNDEFINED
 
     shown = table[["category", "before", "after", "drop", "n", "p_value"]]
-    click.echo(shown.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    click.echo(shown.to_string(index=False, float_format=lambda v: f"{v:.3f}", na_rep=UNDEFINED))
     click.echo(f"Ground truth: {Path(out) / SCORES_CSV}")

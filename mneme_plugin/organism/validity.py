@@ -20,6 +20,7 @@ from mneme_plugin.organism.build import build_organism, with_agnostic_docs
 from mneme_plugin.organism.catalog import BEHAVIOUR_INTERVENTIONS
 from mneme_plugin.organism.demo import DESCRIPTIONS, case_taxonomy, control_folder, run_case, run_control
 from mneme_plugin.sideeffects.config import EvaluateConfig, PredictConfig
+from mneme_plugin.sideeffects.metrics import UNDEFINED, metric_text
 
 logger = logging.getLogger("mneme_plugin")
 
@@ -309,7 +310,7 @@ def threshold_ceiling(cases: list[tuple[pd.Series, set[str]]], min_precision: fl
 
 def _mean_sd(values: pd.Series) -> str:
     if values.empty:
-        return "n/a"
+        return UNDEFINED
     sd = float(values.std(ddof=1)) if len(values) > 1 else math.nan
     return f"{values.mean():.2f} ± {sd:.2f} (n={len(values)})" if not math.isnan(sd) else f"{values.mean():.2f} (n=1)"
 
@@ -331,7 +332,7 @@ def behaviour_rows(case: GridCase, case_dir: Path) -> list[dict]:
              "safe-answer drop": ", ".join(f"{r.category} {r.before - r.after:+.2f}" for r in truth.itertuples()),
              "knowledge degraded": ",".join(knowledge.true_set),
              "knowledge MNEME": ",".join(knowledge.predicted.get("MNEME", [])),
-             "knowledge Acc/F1": f"{mneme.accuracy:.2f}/{mneme.f1:.2f}",
+             "knowledge Acc/F1": f"{metric_text(mneme.accuracy, 2)}/{metric_text(mneme.f1, 2)}",
              "amplified": len(intersection.amplified), "amplified ∩ harmful": intersection.n_intersection,
              "harmful share amplified": round(intersection.amplified_share, 3),
              "harmful share reference": round(intersection.reference_share, 3)}]

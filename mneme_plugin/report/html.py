@@ -18,6 +18,7 @@ from mneme_plugin.attribution.classify import BASE_LEANING, EDITED_LEANING, most
 from mneme_plugin.files import atomic_write_text
 from mneme_plugin.report import svg
 from mneme_plugin.sideeffects.evaluate import unmeasured_note
+from mneme_plugin.sideeffects.metrics import UNDEFINED, metric_text
 
 logger = logging.getLogger("mneme_plugin")
 
@@ -82,8 +83,10 @@ def _table(frame: pd.DataFrame, floats: str = "{:.3f}") -> str:
     for _, row in frame.iterrows():
         cells = []
         for value in row:
-            if isinstance(value, float):
-                text = "" if math.isnan(value) else floats.format(value)
+            if value is None or (isinstance(value, float) and math.isnan(value)):
+                text = UNDEFINED
+            elif isinstance(value, float):
+                text = floats.format(value)
             else:
                 text = str(value)
             cells.append(f"<td>{html.escape(text)}</td>")
@@ -92,9 +95,7 @@ def _table(frame: pd.DataFrame, floats: str = "{:.3f}") -> str:
 
 
 def _metric_text(value: Any) -> str:
-    if isinstance(value, float):
-        return "" if math.isnan(value) else f"{value:.3f}"
-    return str(value)
+    return metric_text(value) if value is None or isinstance(value, float) else str(value)
 
 
 def _not_run(stage: str) -> str:
@@ -120,7 +121,7 @@ def _names(categories: list[str]) -> str:
 
 
 def _rate(value: Any) -> str:
-    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{float(value):.2f}"
+    return metric_text(value, digits=2)
 
 
 def _summary_items(scores: pd.DataFrame | None, truth: pd.DataFrame | None, metrics: pd.DataFrame | None,

@@ -20,7 +20,7 @@ import pandas as pd
 from mneme_plugin.files import atomic_write, atomic_write_text, read_json
 from mneme_plugin.groundtruth.table import drop_test
 from mneme_plugin.sideeffects.config import EvaluateConfig
-from mneme_plugin.sideeffects.metrics import SetMetrics, oracle_baseline, random_baseline, set_metrics
+from mneme_plugin.sideeffects.metrics import SetMetrics, metric_text, oracle_baseline, random_baseline, set_metrics
 
 logger = logging.getLogger("mneme_plugin")
 
@@ -83,7 +83,8 @@ class Evaluation:
         lines = ["| method | Acc (Eq. 4) | precision | recall | F1 | predicted | true |", "|---|---|---|---|---|---|---|"]
         for name, m in self.rows.items():
             lines.append(
-                f"| {name} | {m.accuracy:.3f} | {m.precision:.3f} | {m.recall:.3f} | {m.f1:.3f} | {m.n_predicted} | {m.n_true} |"
+                f"| {name} | {metric_text(m.accuracy)} | {metric_text(m.precision)} | {metric_text(m.recall)} "
+                f"| {metric_text(m.f1)} | {m.n_predicted} | {m.n_true} |"
             )
         lines += [unmeasured_note(name, categories) for name, categories in self.unmeasured.items()]
         return "\n".join(lines)
@@ -141,10 +142,21 @@ def save_evaluation(evaluation: Evaluation, out_dir: str | os.PathLike[str]) -> 
     out = Path(out_dir)
     table = evaluation.table()
     atomic_write(out / METRICS_CSV, lambda tmp: table.to_csv(tmp, index=False))
-    atomic_write_text(out / EVALUATION_JSON, json.dumps(evaluation.to_dict(), indent=2, default=float))
+    # NaN (an undefined metric) as null: strict JSON, which other tools read too (json.dumps would write NaN).
+    atomic_write_text(out / EVALUATION_JSON, json.dumps(_nan_as_null(evaluation.to_dict()), indent=2, default=float,
+                                                        allow_nan=False))
     logger.info("Evaluation written to %s.", out / EVALUATION_JSON)
     return out
 
+
+def _nan_as_null(value: Any) -> Any:
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _nan_as_null(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_nan_as_null(item) for item in value]
+    return value
 
 
 def load_evaluation(out_dir: str | os.PathLike[str]) -> Evaluation:
@@ -155,8 +167,13 @@ def load_evaluation(out_dir: str | os.PathLike[str]) -> Evaluation:
     if not path.is_file():
         raise CheckpointError(f"{path} does not exist: run the evaluate stage (`mneme evaluate`) first.")
     data = read_json(path, "evaluate again (`mneme evaluate`)")
-    rows = {name: SetMetrics(**values) for name, values in data["metrics"].items()}
-    return Evaluation(truth=pd.DataFrame(data["truth"]), rows=rows, predicted=data["predicted"],
+    rows = {name: SetMetrics(**{key: math.nan if value is None else value for key, value in values.items()})
+            for name, values in data["metrics"].items()}
+    truth = pd.DataFrame(data["truth"])
+    for column in truth.columns:  # a column of nulls only (no p-value anywhere) is NaN, as it was written
+        if truth[column].isna().all():
+            truth[column] = truth[column].astype(float)
+    return Evaluation(truth=truth, rows=rows, predicted=data["predicted"],
                       taxonomy=data.get("taxonomy"), outside=data.get("outside", []),
                       unmeasured=data.get("unmeasured", {}))
 

@@ -10,6 +10,18 @@ import math
 import random
 from collections.abc import Collection, Iterable
 from dataclasses import asdict, dataclass
+from typing import Any
+
+# How an undefined metric (NaN: Eq. 4 accuracy when nothing degraded, precision when nothing was
+# predicted) is written wherever people read it: the CLI's tables, `mneme info`, the report. Files
+# keep machine-readable values (an empty CSV cell, JSON null).
+UNDEFINED = "n/a"
+
+
+def metric_text(value: Any, digits: int = 3) -> str:
+    """``value`` with ``digits`` decimals for people; ``UNDEFINED`` for NaN or None."""
+    number = math.nan if value is None else float(value)
+    return UNDEFINED if math.isnan(number) else f"{number:.{digits}f}"
 
 
 @dataclass

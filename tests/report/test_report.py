@@ -70,6 +70,20 @@ def test_summary_states_prediction_truth_and_metrics_first():
     assert [f'href="#{s}"' in contents for s in SECTIONS] == [True] * len(SECTIONS)
 
 
+def test_undefined_values_read_n_a_in_every_table():
+    """An undefined metric read `n/a` in the summary but was a blank cell in the metrics table, like a
+    category the ground truth does not measure in the category table."""
+    data, _ = _data()
+    data.metrics_table = pd.DataFrame({"method": ["MNEME"], "accuracy": [math.nan], "precision": [math.nan],
+                                       "n_true": [0]})
+    data.category_scores = pd.DataFrame({"category": ["biology", "law", "sports"], "score": [1.2, 0.9, 0.5]})
+    page = render_report(data)
+    metrics = page[page.index('<section id="metrics">'):]
+    assert "<td>MNEME</td><td>n/a</td><td>n/a</td><td>0</td>" in metrics
+    assert "<td>sports</td><td>0.500</td><td>n/a</td><td>n/a</td><td>n/a</td>" in page  # no ground truth
+    assert "<td></td>" not in page
+
+
 def test_summary_of_a_run_with_several_ground_truths_names_each():
     data, _ = _data()
     scores = pd.DataFrame({"category": ["weapons", "fraud"], "score": [2.0, 0.1], "predicted": [True, False]})

@@ -118,3 +118,30 @@ def test_categories_without_ground_truth_are_reported_not_scored(tmp_path):
     measured_only = evaluate(["a"], scores, categories=["a", "b"])
     assert measured_only.unmeasured == {} and measured_only.table().equals(
         evaluate(["a", "x"], scores, categories=["a", "b", "x"]).table())
+
+
+
+def test_undefined_metrics_read_n_a_and_are_stored_as_null(tmp_path):
+    """Nothing degraded and nothing predicted: Eq. 4 accuracy and precision are undefined (and so is
+    every p-value without n). The table printed `nan` there (the report `n/a` or a blank cell) and
+    evaluation.json held `NaN`, which is not JSON (strict readers refuse it)."""
+    from mneme_plugin.sideeffects.evaluate import EVALUATION_JSON, METRICS_CSV, load_evaluation, save_evaluation
+
+    scores = pd.DataFrame({"category": ["a", "b"], "before": [0.9, 0.8], "after": [0.9, 0.8]})
+    ev = evaluate([], scores, config=EvaluateConfig(random_seeds=50, significance=0.05))
+    assert "| MNEME | n/a | n/a | n/a | n/a | 0 | 0 |" in ev.markdown() and "nan" not in ev.markdown()
+
+    save_evaluation(ev, tmp_path)
+
+    def refuse(constant):
+        raise AssertionError(f"{constant} in {EVALUATION_JSON}")
+
+    stored = json.loads((tmp_path / EVALUATION_JSON).read_text(), parse_constant=refuse)
+    assert stored["metrics"]["MNEME"]["accuracy"] is None and stored["metrics"]["MNEME"]["precision"] is None
+    assert [row["p_value"] for row in stored["truth"]] == [None, None]
+    assert (tmp_path / METRICS_CSV).read_text().splitlines()[1] == "MNEME,,,,,0,0,0"  # CSV: empty cells
+    # What was undefined comes back NaN (a column of None would print "None" in the report).
+    loaded = load_evaluation(tmp_path)
+    pd.testing.assert_frame_equal(loaded.table(), ev.table())
+    pd.testing.assert_frame_equal(loaded.truth, ev.truth)
+    assert loaded.markdown() == ev.markdown()
