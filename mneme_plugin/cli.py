@@ -22,7 +22,7 @@ from mneme_plugin.crosscoder.salience import SALIENCE_MODES
 from mneme_plugin.commands.common import clear_errors
 from mneme_plugin.errors import ConfigError
 from mneme_plugin.interpret.config import CLIENTS, EXPLAINERS, LABELERS, MAPPERS, SCORERS
-from mneme_plugin.layout import RunLayout
+from mneme_plugin.layout import CACHE_DIR, CACHE_STAGES, RunLayout
 from mneme_plugin.organism.catalog import BEHAVIOUR_INTERVENTIONS, INTERVENTIONS, KNOWLEDGE_INTERVENTIONS
 from mneme_plugin.sideeffects.config import REMEDIATION_TARGETS, RULE_SUMMARIES, RULES
 from mneme_plugin.sideeffects.metrics import UNDEFINED
@@ -359,6 +359,37 @@ def info(path: str) -> None:
     from mneme_plugin.describe import describe_path
 
     click.echo(describe_path(path))
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--cache", is_flag=True, help="Delete what the stages keep by content in RUN_DIR/cache/ (LLM answers, "
+              "lm-eval results, judge answers). Their outputs stay; a stage redone later computes them again.")
+@click.option("--stage", "stages", multiple=True, type=click.Choice(CACHE_STAGES),
+              help="Only this stage's cache (repeatable; default: every stage's).")
+@click.option("--dry-run", is_flag=True, help="List what would be deleted, with sizes; delete nothing.")
+@clear_errors
+def clean(run_dir: str, cache: bool, stages: tuple[str, ...], dry_run: bool) -> None:
+    """Free disk space in a run directory (`mneme run`'s): --cache deletes its cache, never a stage's output."""
+    from mneme_plugin.describe import size_text
+    from mneme_plugin.layout import prune_cache
+
+    if not cache:
+        raise click.UsageError("Say what to clean: --cache (what the stages keep in RUN_DIR/cache/).")
+    entries = prune_cache(run_dir, stages or None, dry_run=dry_run)
+    root = Path(run_dir)
+    if not entries:
+        click.echo(f"Nothing cached in {root / CACHE_DIR}" + (f" for {', '.join(stages)}." if stages else "."))
+        return
+    click.echo(("Would delete (dry run):" if dry_run else "Deleted:"))
+    for entry in entries:
+        click.echo(f"  {entry.path.relative_to(root)}  {_files(entry.files)}, {size_text(entry.size)}")
+    click.echo(f"{'Would free' if dry_run else 'Freed'} {size_text(sum(e.size for e in entries))} in "
+               f"{_files(sum(e.files for e in entries))}; the stages' outputs are untouched.")
+
+
+def _files(n: int) -> str:
+    return f"{n} file" + ("" if n == 1 else "s")
 
 
 # --------------------------------------------------------------------------------- attribute

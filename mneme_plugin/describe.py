@@ -76,18 +76,21 @@ def _pipeline_summary(path: Path) -> list[str]:
         lines += _evaluation_lines(layout.evaluation)
     if layout.report.is_file():
         lines.append(f"  report: {layout.report}")
-    cache = layout.root / CACHE_DIR
-    if cache.is_dir():
-        sizes = {stage.name: sum(f.stat().st_size for f in stage.rglob("*") if f.is_file())
-                 for stage in sorted(cache.iterdir()) if stage.is_dir()}
-        if sizes:
-            lines.append(f"  cache: {cache} ({', '.join(f'{name} {_mib(size)}' for name, size in sizes.items())}; "
-                         "kept when stages are redone; deleting it costs only time)")
+    sizes: dict[str, int] = {}
+    for entry in layout.cache_entries():
+        sizes[entry.stage] = sizes.get(entry.stage, 0) + entry.size
+    if sizes:
+        lines.append(f"  cache: {layout.root / CACHE_DIR} ({', '.join(f'{name} {size_text(size)}' for name, size in sizes.items())}; "
+                     f"kept when stages are redone; deleting it costs only time: `mneme clean {path} --cache`)")
     return lines
 
 
-def _mib(size: int) -> str:
-    return f"{size / 2**20:.1f} MiB"
+def size_text(size: int) -> str:
+    """A size in bytes for people: KiB below a MiB, MiB below a GiB, GiB."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20)):
+        if size >= scale:
+            return f"{size / scale:.1f} {unit}"
+    return f"{size / 2**10:.1f} KiB"
 
 
 def _evaluation_lines(folder: Path) -> list[str]:

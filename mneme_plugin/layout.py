@@ -26,18 +26,24 @@ Every path is relative to the run directory, so a run directory can be moved or 
 A stage that is redone (its config or a stage it reads changed) loses its folder; ``cache/`` is no
 stage's output and stays: each entry in it is keyed by everything that decides its content, so a
 redone stage takes from it only what it would compute again. Deleting ``cache/`` costs time, never
-results.
+results (``prune_cache``, ``mneme clean RUN --cache``).
 """
 
 from __future__ import annotations
 
+import os
+import shutil
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
+
+from mneme_plugin.errors import CheckpointError, ConfigError
 
 CONFIG_FILE = "config.yaml"
 STAGES_DIR = ".stages"
 CACHE_DIR = "cache"
 REPORT_FILE = "report.html"
+CACHE_STAGES = ("ground_truth", "explain", "map")  # the stages that keep a cache/<stage>/
 STAGE_FOLDERS = ("edited_model", "ground_truth", "activations", "crosscoder_run", "attribution", "contexts", "explanations", "mapping",
                  "prediction", "evaluation")
 
@@ -123,3 +129,74 @@ class RunLayout:
         """Whether the folder holds anything a run writes (its config, stage markers or a stage folder)."""
         return (self.config.is_file() or self.stages.is_dir()
                 or any((self.root / name).is_dir() for name in STAGE_FOLDERS))
+
+    def check_is_run(self) -> None:
+        """CheckpointError unless the folder is a run directory (``looks_like_run``)."""
+        if not self.root.is_dir() or not self.looks_like_run():
+            raise CheckpointError(
+                f"{self.root} is not a MNEME run directory: it holds no {CONFIG_FILE}, no stage markers and no "
+                "stage folder. Give the run_dir of a `mneme run` config (or a folder the stage commands wrote into)."
+            )
+
+    def cache_entries(self) -> list[CacheEntry]:
+        """What the stages keep in ``cache/``: each ``cache/<stage>/<entry>`` with its size, by stage and name."""
+        entries = []
+        cache = self.root / CACHE_DIR
+        for stage in sorted(cache.iterdir()) if cache.is_dir() else []:
+            if stage.is_dir() and not stage.is_symlink():
+                entries += [CacheEntry(stage.name, path, *_files_and_bytes(path)) for path in sorted(stage.iterdir())]
+        return entries
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    """One entry of a run's cache: ``cache/<stage>/<name>`` (a folder such as ``llm_cache/``, or a file)."""
+
+    stage: str
+    path: Path
+    files: int
+    size: int  # bytes
+
+
+def _files_and_bytes(path: Path) -> tuple[int, int]:
+    """Files under ``path`` and their bytes; a symbolic link counts as itself, never what it points to."""
+    if path.is_symlink() or not path.is_dir():
+        return 1, path.lstat().st_size
+    files = size = 0
+    for folder, _, names in os.walk(path):  # does not follow links to folders
+        for name in names:
+            files += 1
+            size += (Path(folder) / name).lstat().st_size
+    return files, size
+
+
+def prune_cache(run_dir: str | os.PathLike[str], stages: Collection[str] | None = None,
+                dry_run: bool = False) -> list[CacheEntry]:
+    """Delete what ``stages`` (default: every stage) keep in the run's ``cache/`` and return those
+    entries; with ``dry_run`` only return them. Nothing outside ``cache/`` is touched: the stages'
+    outputs stay, and a stage redone later computes (or asks its LLMs for) what it needs again.
+
+    Refuses a folder that is not a run directory (CheckpointError), a stage that keeps no cache
+    (ConfigError), and a run directory another mneme process is writing into (OutputLockedError)."""
+    from mneme_plugin.files import output_lock
+
+    layout = RunLayout(Path(run_dir))
+    layout.check_is_run()
+    unknown = sorted(set(stages or ()) - set(CACHE_STAGES))
+    if unknown:
+        raise ConfigError(f"No stage keeps a cache under the name(s) {unknown}: the stages with one are "
+                          f"{', '.join(CACHE_STAGES)}.")
+    chosen = [entry for entry in layout.cache_entries() if not stages or entry.stage in stages]
+    if dry_run or not chosen:
+        return chosen
+    with output_lock(layout.root, "run directory"):  # not while a `mneme run` reads or writes it
+        for entry in chosen:
+            if entry.path.is_dir() and not entry.path.is_symlink():
+                shutil.rmtree(entry.path)
+            else:
+                entry.path.unlink()
+        emptied = sorted({entry.path.parent for entry in chosen}) + [layout.root / CACHE_DIR]
+        for folder in emptied:  # the stages' folders, then cache/ itself
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+    return chosen

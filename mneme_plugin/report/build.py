@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from mneme_plugin.errors import CheckpointError, MnemeError
+from mneme_plugin.errors import MnemeError
 from mneme_plugin.layout import RunLayout
 from mneme_plugin.report.html import Context, ReportData, TableView, write_report
 
@@ -65,11 +65,7 @@ def gather(run_dir: str | os.PathLike[str]) -> ReportData:
     from mneme_plugin.sideeffects.predict import PREDICTIONS_JSON
 
     layout = RunLayout(Path(run_dir))
-    if not layout.root.is_dir() or not layout.looks_like_run():
-        raise CheckpointError(
-            f"{layout.root} is not a MNEME run directory: it holds no {layout.config.name}, no stage markers and "
-            "no stage folder. Give the run_dir of a `mneme run` config (or a folder the stage commands wrote into)."
-        )
+    layout.check_is_run()
     config = _optional("run config", layout.config, lambda: load_run_config(layout.root))
     title = (config.models.intervention if config is not None and config.models.intervention
              else layout.root.resolve().name)

@@ -278,8 +278,8 @@ def test_redone_explain_and_map_stages_take_the_llm_answers_from_the_run_cache(p
         info = CliRunner().invoke(main, ["info", str(tmp_path / "run")]).output.replace("\n", " ")
         sizes = {stage: sum(f.stat().st_size for f in layout.cache(stage).rglob("*") if f.is_file())
                  for stage in ("explain", "map")}
-        assert (f"cache: {tmp_path / 'run' / 'cache'} (explain {sizes['explain'] / 2**20:.1f} MiB, "
-                f"map {sizes['map'] / 2**20:.1f} MiB;") in info
+        assert (f"cache: {tmp_path / 'run' / 'cache'} (explain {sizes['explain'] / 2**10:.1f} KiB, "
+                f"map {sizes['map'] / 2**10:.1f} KiB;") in info
 
         # Collect's Delphi cache in two files instead of one: collect, explain and map are redone.
         cfg["collect"]["n_splits"] = 2

@@ -1,0 +1,104 @@
+"""The run directory's layout: `mneme clean RUN --cache` deletes the run's cache and nothing else."""
+
+import json
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from mneme_plugin.cli import main
+from mneme_plugin.errors import CheckpointError, ConfigError, OutputLockedError
+from mneme_plugin.interpret.clients import LLM_CACHE_DIR, DiskCache, Response
+from mneme_plugin.layout import RunLayout, prune_cache
+from tests.helpers import pipeline_inputs
+
+
+@pytest.fixture(scope="module")
+def harvested_run(llama_dir, tmp_path_factory):
+    """A `mneme run --only harvest` directory on tiny local models (config, markers, a store)."""
+    root = tmp_path_factory.mktemp("layout")
+    _, edited, corpus, truth = pipeline_inputs(llama_dir, root, n_documents=40)
+    config = {"run_dir": str(root / "run"), "models": {"base": str(llama_dir), "edited": str(edited)},
+              "corpus": {"source": str(corpus)}, "harvest": {"layer": 1, "context_length": 32, "dtype": "float32"},
+              "ground_truth": {"scores_csv": str(truth)}}
+    (root / "run.yaml").write_text(yaml.safe_dump(config))
+    result = CliRunner().invoke(main, ["run", str(root / "run.yaml"), "--only", "harvest"])
+    assert result.exit_code == 0, result.output
+    return root / "run"
+
+
+def _cached_run(run, tmp_path):
+    """A copy of ``run`` with cache entries written the way the stages write them."""
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    layout = RunLayout(copy)
+    for stage, answers in (("explain", 3), ("map", 2)):
+        cache = DiskCache(layout.cache(stage) / LLM_CACHE_DIR)
+        for i in range(answers):
+            cache.put(DiskCache.key("model", [{"role": "user", "content": f"{stage} {i}"}], {}),
+                      Response("answer " * 200, None, None, None))
+    results = layout.cache("ground_truth") / "lm_eval_results"
+    results.mkdir(parents=True)
+    (results / "0123abcd.json").write_text(json.dumps({"results": {}}))
+    return copy
+
+
+def _outside_cache(run):
+    return {p.relative_to(run): p.read_bytes() for p in sorted(run.rglob("*"))
+            if p.is_file() and "cache" not in p.relative_to(run).parts}
+
+
+def test_clean_cache_lists_with_sizes_then_deletes_only_the_cache(harvested_run, tmp_path):
+    """`RUN/cache/` grew without bound (`mneme info` showed its size, nothing pruned it)."""
+    run = _cached_run(harvested_run, tmp_path)
+    outputs = _outside_cache(run)
+    assert b"answer" not in b"".join(outputs.values()) and len(outputs) > 3
+    explain = RunLayout(run).cache("explain") / LLM_CACHE_DIR
+    explain_bytes = sum(p.stat().st_size for p in explain.rglob("*") if p.is_file())
+
+    dry = CliRunner().invoke(main, ["clean", str(run), "--cache", "--dry-run"])
+    assert dry.exit_code == 0, dry.output
+    assert dry.output.splitlines()[0] == "Would delete (dry run):"
+    assert f"  cache/explain/{LLM_CACHE_DIR}  3 files, {explain_bytes / 1024:.1f} KiB" in dry.output
+    assert "  cache/ground_truth/lm_eval_results  1 file, " in dry.output and "  cache/map/llm_cache  2 files" in dry.output
+    assert "in 6 files; the stages' outputs are untouched." in dry.output
+    assert explain.is_dir() and len(RunLayout(run).cache_entries()) == 3  # nothing deleted
+
+    only_map = CliRunner().invoke(main, ["clean", str(run), "--cache", "--stage", "map"])
+    assert only_map.exit_code == 0 and "Deleted:\n  cache/map/llm_cache  2 files" in only_map.output, only_map.output
+    assert not RunLayout(run).cache("map").exists() and explain.is_dir()
+
+    everything = CliRunner().invoke(main, ["clean", str(run), "--cache"])
+    assert everything.exit_code == 0 and "Freed " in everything.output, everything.output
+    assert not (run / "cache").exists() and _outside_cache(run) == outputs
+    again = CliRunner().invoke(main, ["clean", str(run), "--cache"])
+    assert again.exit_code == 0 and again.output == f"Nothing cached in {run / 'cache'}.\n"
+    assert "cache:" not in CliRunner().invoke(main, ["info", str(run)]).output
+
+
+def test_clean_refuses_what_is_not_a_run_or_a_stage_cache_and_a_run_in_use(harvested_run, tmp_path, held_lock):
+    foreign = tmp_path / "photos"
+    (foreign / "cache" / "explain").mkdir(parents=True)
+    (foreign / "cache" / "explain" / "holiday.jpg").write_bytes(b"jpeg")
+    result = CliRunner().invoke(main, ["clean", str(foreign), "--cache"])
+    assert result.exit_code != 0 and f"{foreign} is not a MNEME run directory" in result.output
+    assert (foreign / "cache" / "explain" / "holiday.jpg").is_file()
+    with pytest.raises(CheckpointError, match="not a MNEME run directory"):
+        prune_cache(foreign, dry_run=True)
+
+    run = _cached_run(harvested_run, tmp_path)
+    with pytest.raises(ConfigError, match=r"\['harvest'\].*ground_truth, explain, map"):
+        prune_cache(run, ["harvest"])
+    no_flag = CliRunner().invoke(main, ["clean", str(run)])
+    assert no_flag.exit_code == 2 and "--cache" in no_flag.output and (run / "cache").is_dir()
+
+    # A run directory another process is writing into (as `mneme run` does) is left alone.
+    locked, _ = held_lock
+    (locked / "config.yaml").write_text((run / "config.yaml").read_text())
+    DiskCache(RunLayout(locked).cache("explain") / LLM_CACHE_DIR).put("ab" * 32, Response("x", None, None, None))
+    assert len(prune_cache(locked, dry_run=True)) == 1
+    with pytest.raises(OutputLockedError):
+        prune_cache(locked)
+    assert RunLayout(locked).cache("explain").is_dir()
