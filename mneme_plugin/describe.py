@@ -1,6 +1,7 @@
 """What a path on disk holds (``mneme info``): an activation store, a crosscoder, a training run, a
-model folder, a run directory (of ``mneme run``, or assembled by the stage commands or ``mneme pool``)
-or one stage's output (attribution, contexts, explanations, mapping, prediction, evaluation).
+model folder, a run directory (of ``mneme run``, or assembled by the stage commands or ``mneme pool``),
+one stage's output (attribution, contexts, explanations, mapping, prediction, evaluation), or a
+``mneme demo`` case folder (``organism.demo``: recipe, ground truth, ``run/``) or output folder.
 
 ``folder_kind`` names what a folder is in a few words, for the errors of a command given the wrong
 folder (a run directory where a store or a crosscoder was wanted, say)."""
@@ -10,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from mneme_plugin.errors import CheckpointError
+from mneme_plugin.sideeffects.metrics import metric_text
 
 
 def _store_summary(path: Path) -> list[str]:
@@ -97,7 +99,6 @@ def _evaluation_lines(folder: Path) -> list[str]:
     """The evaluation(s) of an ``evaluation/`` folder: truth, prediction and each method's metrics."""
     from mneme_plugin.errors import MnemeError
     from mneme_plugin.sideeffects import load_evaluations
-    from mneme_plugin.sideeffects.metrics import metric_text
 
     try:
         evaluations = load_evaluations(folder)
@@ -310,6 +311,60 @@ def _assembled_run_summary(path: Path) -> list[str]:
     return lines
 
 
+def _demo_case_intervention(path: Path) -> str:
+    """What a demo case's recipe says its edit is (its `mneme run` config's models.intervention)."""
+    from mneme_plugin.errors import MnemeError
+    from mneme_plugin.organism.demo import RECIPE_FILE
+    from mneme_plugin.pipeline.config import RunConfig
+
+    try:
+        models = RunConfig.from_yaml(path / RECIPE_FILE).models
+    except MnemeError as err:
+        return f"(its recipe cannot be read: {err})"
+    return models.intervention or f"edited model {models.edited}"
+
+
+def _demo_case_summary(path: Path) -> list[str]:
+    """A `mneme demo` case's folder: the edit, its measured ground truth, the run inside (through the
+    run's own summary) and what the demo added beside it (remediation, intersection analysis)."""
+    from mneme_plugin.groundtruth.table import SCORES_CSV, read_scores_csv
+    from mneme_plugin.organism.demo import CASE_RUN, KNOWLEDGE_SCORES_CSV, RECIPE_FILE
+    from mneme_plugin.sideeffects.harmful import INTERSECTION_JSON, load_harmful_intersection
+    from mneme_plugin.sideeffects.remediate import CONTROLLED_JSON, load_controlled_remediation
+
+    lines = [f"Demo case {path} (`mneme demo`): {_demo_case_intervention(path)}",
+             f"  recipe:        {path / RECIPE_FILE} (the run's `mneme run` config)"]
+    for name in (SCORES_CSV, KNOWLEDGE_SCORES_CSV):
+        if (path / name).is_file():
+            table = read_scores_csv(path / name)
+            drops = sorted(zip(table["category"], table["before"] - table["after"]), key=lambda item: -item[1])
+            lines.append(f"  ground truth:  {name}, measured drop per category: "
+                         + ", ".join(f"{category} {drop:+.2f}" for category, drop in drops))
+    if (path / CONTROLLED_JSON).is_file():
+        remediation = load_controlled_remediation(path)
+        lines.append(f"  remediation:   share of the lost accuracy recovered: remediation "
+                     f"{metric_text(remediation.mean_recovered('remediated'))}, control "
+                     f"{metric_text(remediation.mean_recovered('control'))} ({CONTROLLED_JSON})")
+    if (path / INTERSECTION_JSON).is_file():
+        lines.append(f"  intersection:  {load_harmful_intersection(path).summary()}")
+    lines += ["  " + line for line in describe_path(path / CASE_RUN).splitlines()]
+    return lines
+
+
+def _demo_output_summary(path: Path, cases: list[Path]) -> list[str]:
+    """`mneme demo --out`'s folder: its cases (and control runs), each described by `mneme info CASE`."""
+    folders = f"{len(cases)} case folder" + ("" if len(cases) == 1 else "s")
+    lines = [f"Demo output {path} (`mneme demo`): {folders} (`mneme info {cases[0]}` describes one)"]
+    lines += [f"  {case.name + ':':<18} {_demo_case_intervention(case)}" for case in cases]
+    return lines
+
+
+def _demo_cases(path: Path) -> list[Path]:
+    from mneme_plugin.organism.demo import is_case_folder
+
+    return [child for child in sorted(path.iterdir()) if is_case_folder(child)] if path.is_dir() else []
+
+
 def _stage_output_kinds(path: Path) -> list[str]:
     """Which stages' outputs the folder ``path`` holds (by their files): one, or several where `mneme
     explain` and `mneme map` wrote beside the contexts (their default)."""
@@ -377,6 +432,10 @@ def folder_kind(path: str | Path) -> str | None:
     stages = _stage_output_kinds(path)
     if stages:
         return "the output of " + " and ".join(f"`mneme {_STAGE_COMMANDS[stage]}`" for stage in stages)
+    from mneme_plugin.organism.demo import CASE_RUN, is_case_folder
+
+    if is_case_folder(path):
+        return f"a `mneme demo` case (its run directory: {path / CASE_RUN})"
     return None
 
 
@@ -412,6 +471,13 @@ def describe_path(path: str | Path) -> str:
     stages = _stage_output_kinds(path)
     if stages:
         return "\n".join(line for stage in stages for line in _STAGE_SUMMARIES[stage](path))
+    from mneme_plugin.organism.demo import is_case_folder
+
+    if is_case_folder(path):
+        return "\n".join(_demo_case_summary(path))
+    cases = _demo_cases(path)
+    if cases:
+        return "\n".join(_demo_output_summary(path, cases))
     steps = sorted(p.name for p in path.glob("step_*") if (p / CONFIG_FILE).is_file())
     if steps:
         return "\n".join([f"Training checkpoints {path}: {', '.join(steps)}",

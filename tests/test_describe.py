@@ -119,3 +119,33 @@ def test_info_writes_undefined_metrics_as_n_a(tmp_path):
     save_evaluation(evaluate([], scores, config=EvaluateConfig(random_seeds=50)), tmp_path / "evaluation")
     summary = _info(tmp_path / "evaluation")
     assert "  MNEME   Acc n/a  P n/a  R n/a  F1 n/a" in summary and "nan" not in summary
+
+
+def test_info_describes_a_demo_case_and_the_demo_output(finished_run, tmp_path):
+    """`mneme info runs/demo/rmu` (a case's folder: its recipe, ground truth and run/) said the folder
+    "holds nothing mneme writes"; it now describes the edit, the measured drops and the run inside."""
+    from mneme_plugin.config import read_yaml_mapping
+    from mneme_plugin.groundtruth.table import SCORES_CSV, save_scores, scores_table
+    from mneme_plugin.organism.demo import CASE_RUN, RECIPE_FILE
+
+    run, _ = finished_run
+    case = tmp_path / "demo" / "rmu"
+    shutil.copytree(run, case / CASE_RUN)
+    recipe = read_yaml_mapping(run / "config.yaml")
+    recipe["run_dir"] = str(case / CASE_RUN)
+    recipe["models"]["intervention"] = "RMU unlearning of law knowledge"
+    (case / RECIPE_FILE).write_text(yaml.safe_dump(recipe))
+    save_scores(scores_table({"law": 0.95, "cooking": 0.9}, {"law": 0.1, "cooking": 0.92}, {"law": 32, "cooking": 32}),
+                case / SCORES_CSV)
+
+    summary = _info(case)
+    assert summary.startswith(f"Demo case {case} (`mneme demo`): RMU unlearning of law knowledge\n")
+    assert f"  ground truth:  {SCORES_CSV}, measured drop per category: law +0.85, cooking -0.02\n" in summary
+    assert f"\n  MNEME run {case / CASE_RUN}\n    stage harvest " in summary and "    MNEME   Acc " in summary
+
+    demo = _info(case.parent)
+    assert demo.startswith(f"Demo output {case.parent} (`mneme demo`): 1 case folder (")
+    assert "  rmu:               RMU unlearning of law knowledge" in demo
+    wrong = CliRunner().invoke(main, ["train", "--store", str(case), "--out", str(tmp_path / "out")])
+    assert f"{case} is not an activation store: it is a `mneme demo` case (its run directory: {case / CASE_RUN})" \
+        in wrong.output

@@ -66,6 +66,10 @@ DESCRIPTIONS = {
     "insecure": "narrow fine-tuning on flawed code answers to coding requests",
 }
 BEHAVIOUR_TAXONOMY = "organism_behaviour"
+# A case's folder (and the control's): its `mneme run` config, the run directory it names, its corpus.
+RECIPE_FILE = "recipe.yaml"
+CASE_RUN = "run"
+CORPUS_FILE = "agnostic_corpus.txt"
 KNOWLEDGE_SCORES_CSV = "knowledge_scores.csv"  # behaviour cases: the per-domain accuracy table beside it
 
 
@@ -190,7 +194,7 @@ def remediate_case(organism: Organism, run_dir: Path, corpus: Path, degraded: li
 
 def write_corpus(folder: Path, texts: list[str]) -> Path:
     """A run's task-agnostic corpus file (one document per line) in ``folder``."""
-    corpus = folder / "agnostic_corpus.txt"
+    corpus = folder / CORPUS_FILE
     atomic_write_text(corpus, "\n".join(texts) + "\n")
     return corpus
 
@@ -208,12 +212,12 @@ def run_control(organism: Organism, control_dir: Path, seed: int = 0, progress: 
     # corpus must be one file content (cases leave out their own edit texts, a document or two).
     slice_ = agnostic_slice(seed, organism.config, excluded=(), n_docs=organism.agnostic_docs)
     corpus = write_corpus(control_dir, [text for _, text in slice_])
-    config = organism_run_config(control_dir / "run", organism, corpus, corpus, seed)
+    config = organism_run_config(control_dir / CASE_RUN, organism, corpus, corpus, seed)
     config["models"] = {"base": config["models"]["base"], "edited": f"organism:{control_model}",
                         "intervention": "benign fine-tuning on general text (the control)"}
     for section in ("ground_truth", "evaluate"):
         config.pop(section)
-    atomic_write_text(control_dir / "recipe.yaml", yaml.safe_dump(config, sort_keys=False))
+    atomic_write_text(control_dir / RECIPE_FILE, yaml.safe_dump(config, sort_keys=False))
     logger.info("[demo] control: crosscoder between the base and a benignly fine-tuned copy.")
     layout = run_pipeline(RunConfig.from_dict(config), only=CONTROL_STAGES, progress=progress)
     return layout.root
@@ -229,9 +233,9 @@ def run_case(organism: Organism, case_dir: Path, seed: int = 0, progress: bool =
     corpus = write_corpus(case_dir, organism.agnostic_corpus)
     questions = Counter(q.domain for q in organism.questions)  # n: a drop's significance test needs it
     truth = save_scores(scores_table(organism.accuracy_before, organism.accuracy_after, questions), case_dir / SCORES_CSV)
-    config = organism_run_config(case_dir / "run", organism, corpus, truth, seed, control_run)
-    atomic_write_text(case_dir / "recipe.yaml", yaml.safe_dump(config, sort_keys=False))
-    logger.info("[demo] %s: running the pipeline (recipe %s).", organism.intervention, case_dir / "recipe.yaml")
+    config = organism_run_config(case_dir / CASE_RUN, organism, corpus, truth, seed, control_run)
+    atomic_write_text(case_dir / RECIPE_FILE, yaml.safe_dump(config, sort_keys=False))
+    logger.info("[demo] %s: running the pipeline (recipe %s).", organism.intervention, case_dir / RECIPE_FILE)
     run_config = RunConfig.from_dict(config)
     layout = run_pipeline(run_config, models={"base": organism.base, "edited": organism.edited}, progress=progress)
     evaluation = load_evaluation(layout.evaluation)
@@ -262,9 +266,9 @@ def run_behaviour_case(organism: Organism, case_dir: Path, seed: int = 0, progre
     questions = Counter(q.domain for q in organism.questions)
     knowledge = save_scores(scores_table(organism.accuracy_before, organism.accuracy_after, questions),
                             case_dir / KNOWLEDGE_SCORES_CSV)
-    config = organism_run_config(case_dir / "run", organism, corpus, truth, seed, control_run, knowledge_truth=knowledge)
-    atomic_write_text(case_dir / "recipe.yaml", yaml.safe_dump(config, sort_keys=False))
-    logger.info("[demo] %s: running the pipeline (recipe %s).", organism.intervention, case_dir / "recipe.yaml")
+    config = organism_run_config(case_dir / CASE_RUN, organism, corpus, truth, seed, control_run, knowledge_truth=knowledge)
+    atomic_write_text(case_dir / RECIPE_FILE, yaml.safe_dump(config, sort_keys=False))
+    logger.info("[demo] %s: running the pipeline (recipe %s).", organism.intervention, case_dir / RECIPE_FILE)
     run_config = RunConfig.from_dict(config)
     layout = run_pipeline(run_config, models={"base": organism.base, "edited": organism.edited}, progress=progress)
     evaluations = load_evaluations(layout.evaluation)
@@ -294,6 +298,14 @@ def run_demo(out_dir: str | Path, seed: int = 0, interventions: tuple[str, ...] 
             control_runs[behaviours] = run_control(organism, out / control_folder(behaviours), seed, progress)
         cases.append(run_case(organism, out / intervention, seed, progress, control_runs[behaviours]))
     return DemoResult(cases=cases, out_dir=out)
+
+
+def is_case_folder(folder: str | Path) -> bool:
+    """Whether ``folder`` is a demo case's (or control's) folder: its recipe beside its run directory."""
+    from mneme_plugin.layout import RunLayout
+
+    folder = Path(folder)
+    return (folder / RECIPE_FILE).is_file() and RunLayout(folder / CASE_RUN).looks_like_run()
 
 
 def control_folder(behaviours: bool) -> str:

@@ -151,6 +151,13 @@ def test_demo_predicts_the_rmu_side_effects_better_than_the_baselines(tmp_path):
     assert quality["explained_variance_base"] > 0.9 and quality["explained_variance_edited"] > 0.9
     for case in result.cases:
         assert (case.run_dir / "report.html").is_file()
+    from click.testing import CliRunner
+
+    from mneme_plugin.cli import main
+
+    info = CliRunner().invoke(main, ["info", str(rmu.run_dir.parent)]).output
+    assert info.startswith(f"Demo case {rmu.run_dir.parent} (`mneme demo`): RMU unlearning of law knowledge"), info
+    assert "  remediation:   share of the lost accuracy recovered: remediation " in info
     # Remediation vs the random-window control ran on the degraded domains (figures reported, not asserted).
     from mneme_plugin.sideeffects import load_controlled_remediation
 
