@@ -36,7 +36,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from mneme_plugin.files import atomic_write  # noqa: E402
+from mneme_plugin.layout import RunLayout  # noqa: E402
 from mneme_plugin.organism.catalog import INTERVENTIONS, KNOWLEDGE_INTERVENTIONS  # noqa: E402
+from mneme_plugin.organism.demo import CASE_RUN  # noqa: E402
 from mneme_plugin.organism.validity import (  # noqa: E402
     behaviour_rows, case_evidence, grid_cases, remediation_rows, run_extra_crosscoders, run_grid_case, score_case,
     summarize, summarize_remediation, threshold_ceiling,
@@ -93,7 +95,7 @@ def main() -> None:
             if args.crosscoders > 1:
                 run_extra_crosscoders(case, args.out, args.crosscoders)
             print(f"[{i}/{len(cases)}] {case.name}: {time.perf_counter() - start:.0f} s", flush=True)
-        elif not (case_dir / "run" / "evaluation").exists():
+        elif not RunLayout(case_dir / CASE_RUN).evaluation.exists():
             print(f"[{i}/{len(cases)}] {case.name}: not run yet, skipped", flush=True)
             continue
         rows.extend(score_case(case, case_dir, PREDICTION_RULES, n_crosscoders=args.crosscoders))

@@ -133,9 +133,15 @@ class RunLayout:
     def check_is_run(self) -> None:
         """CheckpointError unless the folder is a run directory (``looks_like_run``)."""
         if not self.root.is_dir() or not self.looks_like_run():
+            # A folder one level above its run (a `mneme demo` case: recipe.yaml, run/) is the usual slip.
+            inner = [child for child in sorted(self.root.iterdir()) if child.is_dir() and RunLayout(child).looks_like_run()] \
+                if self.root.is_dir() else []
+            hint = f" It holds {'a run directory' if len(inner) == 1 else 'run directories'}: " + \
+                ", ".join(str(child) for child in inner) + "; give that." if inner else ""
             raise CheckpointError(
                 f"{self.root} is not a MNEME run directory: it holds no {CONFIG_FILE}, no stage markers and no "
                 "stage folder. Give the run_dir of a `mneme run` config (or a folder the stage commands wrote into)."
+                + hint
             )
 
     def cache_entries(self) -> list[CacheEntry]:

@@ -1,6 +1,7 @@
 """The run directory's layout: `mneme clean RUN --cache` deletes the run's cache and nothing else."""
 
 import json
+import re
 
 import pytest
 import yaml
@@ -87,6 +88,15 @@ def test_clean_refuses_what_is_not_a_run_or_a_stage_cache_and_a_run_in_use(harve
     assert (foreign / "cache" / "explain" / "holiday.jpg").is_file()
     with pytest.raises(CheckpointError, match="not a MNEME run directory"):
         prune_cache(foreign, dry_run=True)
+    assert "It holds" not in result.output
+
+    # The folder above a run (a `mneme demo` case: recipe.yaml beside run/) names the run inside.
+    case = tmp_path / "case"
+    case.mkdir()
+    (case / "recipe.yaml").write_text("run_dir: run\n")
+    _cached_run(harvested_run, case)
+    with pytest.raises(CheckpointError, match=re.escape(f"It holds a run directory: {case / 'run'}; give that.")):
+        prune_cache(case, dry_run=True)
 
     run = _cached_run(harvested_run, tmp_path)
     with pytest.raises(ConfigError, match=r"\['harvest'\].*ground_truth, explain, map"):

@@ -18,7 +18,15 @@ import pandas as pd
 from mneme_plugin.errors import ConfigError
 from mneme_plugin.organism.build import build_organism, with_agnostic_docs
 from mneme_plugin.organism.catalog import BEHAVIOUR_INTERVENTIONS
-from mneme_plugin.organism.demo import DESCRIPTIONS, case_taxonomy, control_folder, run_case, run_control
+from mneme_plugin.organism.demo import (
+    CASE_RUN,
+    DESCRIPTIONS,
+    RECIPE_FILE,
+    case_taxonomy,
+    control_folder,
+    run_case,
+    run_control,
+)
 from mneme_plugin.sideeffects.config import EvaluateConfig, PredictConfig
 from mneme_plugin.sideeffects.metrics import UNDEFINED, metric_text
 
@@ -74,7 +82,7 @@ def crosscoder_seeds(case: GridCase, n_crosscoders: int) -> list[int]:
 
 
 def extra_crosscoder_dir(case_dir: Path, training_seed: int) -> Path:
-    return case_dir / f"crosscoder-seed{training_seed}" / "run"
+    return case_dir / f"crosscoder-seed{training_seed}" / CASE_RUN
 
 
 def run_extra_crosscoders(case: GridCase, out_dir: Path, n_crosscoders: int, progress: bool = False) -> list[Path]:
@@ -86,7 +94,7 @@ def run_extra_crosscoders(case: GridCase, out_dir: Path, n_crosscoders: int, pro
     from mneme_plugin.pipeline.config import RunConfig
 
     case_dir = out_dir / case.name
-    recipe = yaml.safe_load((case_dir / "recipe.yaml").read_text())
+    recipe = yaml.safe_load((case_dir / RECIPE_FILE).read_text())
     runs = []
     for training_seed in crosscoder_seeds(case, n_crosscoders):
         config = {key: value for key, value in recipe.items() if key not in ("ground_truth", "evaluate")}
@@ -94,7 +102,7 @@ def run_extra_crosscoders(case: GridCase, out_dir: Path, n_crosscoders: int, pro
         config["training"] = {**recipe["training"], "seed": training_seed}
         config["predict"] = {**recipe.get("predict", {}),
                              "control_run": str(control_dir(out_dir, case.seed, case.intervention in BEHAVIOUR_INTERVENTIONS)
-                                                / "run")}
+                                                / CASE_RUN)}
         runs.append(run_pipeline(RunConfig.from_dict(config), only=PREDICT_STAGES, progress=progress).root)
     return runs
 
@@ -138,13 +146,13 @@ def score_case(case: GridCase, case_dir: Path, rules: dict[str, PredictConfig],
         return predict(attribution, links, taxonomy.ids(), rule, reference=reference, control=control)
 
     control_layout = RunLayout(control_dir(case_dir.parents[1], case.seed, case.intervention in BEHAVIOUR_INTERVENTIONS)
-                               / "run")
+                               / CASE_RUN)
     control = load_attribution(control_layout.attribution).table if control_layout.attribution.is_dir() else None
     truth = read_scores_csv(case_dir / SCORES_CSV)
     description = DESCRIPTIONS[case.intervention].format(target=case.target or "mixed")
     evaluate_config = EvaluateConfig(drop_threshold=DROP_THRESHOLD, significance=significance, seed=case.seed)
     rows = []
-    stored = run_inputs(case_dir / "run")
+    stored = run_inputs(case_dir / CASE_RUN)
     for index, (rule_name, rule) in enumerate(rules.items()):
         prediction = run_prediction(stored, rule)
         naive = naive_prediction(description, MapConfig(taxonomies=[taxonomy.name]), max(1, len(prediction.predicted)))
@@ -158,7 +166,7 @@ def score_case(case: GridCase, case_dir: Path, rules: dict[str, PredictConfig],
                          "predicted": ",".join(evaluation.predicted.get(method, [])),
                          "true": ",".join(evaluation.true_set)})
     if n_crosscoders > 1:
-        runs = [case_dir / "run"] + [extra_crosscoder_dir(case_dir, s) for s in crosscoder_seeds(case, n_crosscoders)]
+        runs = [case_dir / CASE_RUN] + [extra_crosscoder_dir(case_dir, s) for s in crosscoder_seeds(case, n_crosscoders)]
         missing = [str(r) for r in runs if not (r / "mapping").is_dir()]
         if missing:
             raise ConfigError(f"Extra crosscoder runs not finished: {missing[:2]}; run the grid with --crosscoders "
@@ -194,7 +202,7 @@ def remediation_rows(case: GridCase, case_dir: Path, significance: float | None 
         from mneme_plugin.sideeffects import load_prediction
         from mneme_plugin.sideeffects.predict import PREDICTIONS_JSON
 
-        prediction = case_dir / "run" / "prediction"
+        prediction = case_dir / CASE_RUN / "prediction"
         predicted = load_prediction(prediction).predicted if (prediction / PREDICTIONS_JSON).is_file() else []
         if predicted and truly_degraded(case_dir, None):
             logger.warning("%s: the prediction names %s but there is no remediation record (stopped before it "
@@ -262,7 +270,7 @@ def case_evidence(case: GridCase, case_dir: Path, significance: float | None = N
     from mneme_plugin.layout import RunLayout
     from mneme_plugin.sideeffects.predict import load_prediction
 
-    scores = load_prediction(RunLayout(case_dir / "run").prediction).scores.set_index("category")
+    scores = load_prediction(RunLayout(case_dir / CASE_RUN).prediction).scores.set_index("category")
     if "robust_z" not in scores.columns:
         raise ConfigError(f"{case.name}'s stored prediction has no robust z (its rule is not an outlier rule).")
     evidence = scores["robust_z"].where(scores["score"] > 0).astype(float)  # no score: no evidence
@@ -325,7 +333,7 @@ def behaviour_rows(case: GridCase, case_dir: Path) -> list[dict]:
     if case.intervention not in BEHAVIOUR_INTERVENTIONS or not (case_dir / INTERSECTION_JSON).is_file():
         return []
     truth = read_scores_csv(case_dir / SCORES_CSV)
-    knowledge = load_evaluation(case_dir / "run" / "evaluation" / "knowledge")
+    knowledge = load_evaluation(case_dir / CASE_RUN / "evaluation" / "knowledge")
     intersection = load_harmful_intersection(case_dir)
     mneme = knowledge.rows["MNEME"]
     return [{"case": case.name, "intervention": case.intervention,

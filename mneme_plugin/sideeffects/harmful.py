@@ -21,6 +21,7 @@ import pandas as pd
 
 from mneme_plugin.errors import CheckpointError
 from mneme_plugin.files import atomic_write_text, read_json
+from mneme_plugin.sideeffects.metrics import percent_text
 
 INTERSECTION_JSON = "harmful_intersection.json"
 AMPLIFIED_CLASSES = ("amplified", "edited_only")
@@ -51,7 +52,7 @@ class HarmfulIntersection:
     def summary(self) -> str:
         per = ", ".join(f"{c} {len(v)}" for c, v in self.intersection.items() if v) or "none"
         return (f"{len(self.amplified)} amplified latents, {self.n_intersection} of them mapped to a harmful category "
-                f"({self.amplified_share:.0%}; {self.reference_share:.0%} of {self.reference_size} reference latents): "
+                f"({percent_text(self.amplified_share)}; {percent_text(self.reference_share)} of {self.reference_size} reference latents): "
                 f"{per}")
 
     def to_dict(self) -> dict[str, Any]:

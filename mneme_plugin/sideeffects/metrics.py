@@ -24,6 +24,12 @@ def metric_text(value: Any, digits: int = 3) -> str:
     return UNDEFINED if math.isnan(number) else f"{number:.{digits}f}"
 
 
+def percent_text(value: Any) -> str:
+    """A share as a whole percentage for people (``0.25`` -> ``25%``); ``UNDEFINED`` for NaN or None."""
+    number = math.nan if value is None else float(value)
+    return UNDEFINED if math.isnan(number) else f"{number:.0%}"
+
+
 @dataclass
 class SetMetrics:
     accuracy: float

@@ -1,3 +1,4 @@
+import math
 import re
 
 import pandas as pd
@@ -206,6 +207,17 @@ def test_harmful_intersection_counts_amplified_latents_mapped_to_harmful_categor
     assert load_harmful_intersection(tmp_path) == result
     with pytest.raises(CheckpointError):
         load_harmful_intersection(tmp_path / "missing")
+    assert result.summary() == ("4 amplified latents, 2 of them mapped to a harmful category (50%; 100% of 3 "
+                                "reference latents): weapons 1, fraud 1")
+
+
+def test_harmful_intersection_without_amplified_latents_reads_n_a_not_nan():
+    attribution = pd.DataFrame({"latent": [0, 1], "latent_class": ["suppressed", "shared"]})
+    links = pd.DataFrame({"latent": [0, 1], "similarity": [0.5, 0.5], "category": ["weapons", "law"]})
+    result = harmful_intersection(attribution, links, ["weapons"])
+    assert math.isnan(result.amplified_share)
+    assert result.summary() == ("0 amplified latents, 0 of them mapped to a harmful category (n/a; 50% of 2 "
+                                "reference latents): none")
 
 
 @pytest.mark.slow  # seed 1: the seed whose base refused only 0.78 of weapons requests at 900 pretraining steps
