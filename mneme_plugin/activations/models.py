@@ -99,20 +99,23 @@ def _in_hub_cache(repo_id: str) -> bool:
 
 
 def _mistyped_local_folder(spec: str) -> str | None:
-    """What is wrong with a hub-shaped name ``org/name`` whose ``org`` is a folder here while ``org/name``
-    is not (and no downloaded hub model of that name is cached): almost always a mistyped local model
-    folder, which would otherwise be looked up on the hub (retries, then a network error) and, in
-    ``mneme run``, only fail after the stages of the previous config were discarded. None when fine."""
+    """What is wrong with a hub-shaped name ``org/name`` that reads as a typo of a local model folder:
+    ``org`` is a folder here holding a folder close to ``name`` (``models/edtied`` beside ``models/edited``),
+    ``org/name`` is not, and no downloaded hub model of that name is cached. It would otherwise be looked
+    up on the hub and, in ``mneme run``, only fail after the stages of the previous config were discarded.
+    A folder merely named like the organisation (``meta-llama/`` beside ``meta-llama/Llama-3.2-3B``) leaves
+    the name a hub name. None when fine."""
     parent, name = Path(spec).parent, Path(spec).name
     if not parent.is_dir() or _in_hub_cache(spec):
         return None
     held = sorted(p.name for p in parent.iterdir() if p.is_dir() and not p.name.startswith("."))
     close = difflib.get_close_matches(name, held, n=1)
-    hint = f" (did you mean {parent / close[0]}?)" if close else ""
-    listing = ", ".join(held[:12]) + (", ..." if len(held) > 12 else "") if held else "no folder"
-    return (f"there is no model folder {spec}{hint}: {parent}/ holds {listing}. Read as a hub name, {spec} is "
-            f"not in the local hub cache either; to use a hub model whose organisation is also the name of a "
-            f"folder here, download it first (`huggingface-cli download {spec}`).")
+    if not close:
+        return None
+    listing = ", ".join(held[:12]) + (", ..." if len(held) > 12 else "")
+    return (f"there is no model folder {spec} (did you mean {parent / close[0]}?): {parent}/ holds {listing}. "
+            f"Read as a hub name, {spec} is not in the local hub cache either; to use a hub model whose name is "
+            f"this close to a folder here, download it first (`hf download {spec}`).")
 
 
 def load_model(model: Any, device: str = "cpu", dtype: str = "float32", role: str = "model") -> Any:

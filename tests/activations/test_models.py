@@ -161,3 +161,17 @@ def test_a_mistyped_local_model_folder_is_not_taken_for_a_hub_name(tmp_path, mon
     assert check_model_spec("other-org/edtied", "models.edited") == []
     hub_cache_repo(hub_cache, "models/edtied", llama_dir)
     assert check_model_spec("models/edtied", "models.edited") == []
+
+
+def test_a_local_folder_named_like_a_hub_organisation_leaves_its_hub_names_alone(tmp_path, monkeypatch, hub_cache):
+    """A folder `meta-llama/` here (the user's own notes, say) whose folders are nothing like `Llama-3.2-3B`
+    does not make `meta-llama/Llama-3.2-3B` a mistyped local folder: it stays a hub name."""
+    from mneme_plugin.activations.models import ModelSpec, check_model_spec
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "meta-llama" / "eval-notes").mkdir(parents=True)
+    assert ModelSpec.parse("meta-llama/Llama-3.2-3B").kind == "hub"
+    assert check_model_spec("meta-llama/Llama-3.2-3B", "models.base") == []
+    (tmp_path / "meta-llama" / "Llama-3.2-3B-edited").mkdir()  # a close match: read as a typo of it
+    assert check_model_spec("meta-llama/Llama-3.2-3B", "models.base")[0].startswith(
+        "models.base: there is no model folder meta-llama/Llama-3.2-3B (did you mean meta-llama/Llama-3.2-3B-edited?)")
