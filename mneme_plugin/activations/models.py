@@ -88,14 +88,38 @@ def is_hf_model_config(path: str | Path) -> bool:
     return isinstance(data, dict) and "model_type" in data and data.get("format") != "mneme-crosscoder"
 
 
-def _in_hub_cache(repo_id: str) -> bool:
-    """Whether the local huggingface_hub cache holds ``repo_id``'s config.json (no network)."""
+def hub_commit(repo_id: str, revision: str | None = None) -> str | None:
+    """The commit that ``revision`` (a branch or tag, default ``main``, or a commit hash) of the hub model
+    ``repo_id`` resolves to in the local huggingface_hub cache (``refs/<revision>``, then the snapshot
+    holding its config.json), read by the hub client without the network; None when it is not downloaded."""
     try:
         from huggingface_hub import try_to_load_from_cache
 
-        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
-    except Exception:  # an id the hub client refuses is in no cache
-        return False
+        path = try_to_load_from_cache(repo_id, "config.json", revision=revision)
+    except Exception:  # an id or revision the hub client refuses is in no cache
+        return None
+    return Path(path).parent.name if isinstance(path, str) else None
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    """Whether the local huggingface_hub cache holds ``repo_id``'s config.json (no network)."""
+    return hub_commit(repo_id) is not None
+
+
+def weights_digest(spec: str, revision: str | None = None) -> str | None:
+    """What identifies the weights a model spec names, for every cache key and stage input digest that
+    must change when they do: a local folder's (or organism model's) file metadata (``files.stat_digest``);
+    for a hub id in the local hub cache, the commit its ``revision`` resolves to there (``hub_commit``: a
+    new commit on ``main`` downloaded into the cache changes it; the snapshot's files are not digested, as
+    a later download adds files of the same commit); None for a hub id not downloaded yet (its name and
+    revision are then all that is known) or a folder that does not exist."""
+    from mneme_plugin.files import stat_digest
+
+    parsed = ModelSpec.parse(spec)
+    if parsed.kind == "hub":
+        commit = hub_commit(spec, revision)
+        return f"hub commit {commit}" if commit is not None else None
+    return stat_digest(parsed.location)
 
 
 def _mistyped_local_folder(spec: str) -> str | None:

@@ -86,17 +86,18 @@ def run_key(config: LMEvalConfig, model: str) -> dict[str, Any]:
     (less the models and the runtime fields ``batch_size`` and ``device``), with ``dtype`` as the
     models are loaded in (``auto`` is bfloat16 on a GPU and float32 elsewhere: a result measured on
     one is not the other's), the model's name, and what names alone do not tell: a local model
-    folder's and each ``include_path`` folder's files (their paths, sizes and times:
-    ``files.stat_digest``; weights saved over a folder, e.g. a redone intervention's
-    ``edited_model/``, or an edited task YAML change them) and lm-eval's version (its tasks' prompts
-    change between versions). A hub model is known by its name (and a ``revision`` in
-    ``model_args``) only."""
+    folder's weights (``activations.models.weights_digest``: a local folder's file metadata, weights
+    saved over it, e.g. a redone intervention's ``edited_model/``, change it; a hub id's commit in the
+    local hub cache, for the ``revision`` in ``model_args``), each ``include_path`` folder's files
+    (their paths, sizes and times: ``files.stat_digest``; an edited task YAML changes them) and
+    lm-eval's version (its tasks' prompts change between versions)."""
+    from mneme_plugin.activations.models import weights_digest
     from mneme_plugin.files import stat_digest
 
     key = {k: v for k, v in config.to_dict().items() if k not in ("base", "edited", "batch_size", "device")}
     key["dtype"] = _model_args(config, model)["dtype"]
     key["model"] = model
-    key["model_files"] = stat_digest(model)
+    key["model_files"] = weights_digest(model, config.model_args.get("revision"))
     # lm-eval imports a task's `!function` code from its folder, which writes __pycache__ there.
     key["include_path_files"] = {f: stat_digest(f, skip_dirs=("__pycache__",)) for f in config.include_path}
     key["lm_eval_version"] = _lm_eval_version()
@@ -213,6 +214,9 @@ def lm_eval_ground_truth(config: LMEvalConfig, out_dir: str | Path,
             logger.info("lm-eval: evaluating %s model %s on %d task(s).", side, model, len(config.tasks))
             requests = out / CACHE_DIR / f"lm_eval_{side}_{json_digest(key)}"
             data = run_lm_eval(config, model, requests, manager)
+            if key["model_files"] is None:  # a hub model lm-eval has just downloaded: keyed by the commit it got
+                key = run_key(config, model)
+                kept = cached_results_path(cache_dir, key) if cache_dir is not None else None
             data[RUN_KEY] = key
             atomic_write_text(path, json.dumps(data, indent=1), durable=True)
         if kept is not None and not in_cache:

@@ -327,10 +327,10 @@ def _hf_dtype(gen: GeneratorConfig) -> str:
 
 def answers_key(config: JudgeConfig, model: str, questions: list[Question]) -> dict[str, Any]:
     """What the answers of ``model`` (generator kinds hf and vllm, which load it here) depend on: a
-    later run reuses them only when this is unchanged. The model's name, and for a local folder its
-    files' paths, sizes and times (``files.stat_digest``: weights saved over it, e.g. a redone
-    intervention's ``edited_model/``, change them; a hub model is known by its name, and a
-    ``revision`` in ``vllm_args``, only); the sampling settings (``max_new_tokens``, ``temperature``,
+    later run reuses them only when this is unchanged. The model's name and weights
+    (``activations.models.weights_digest``: a local folder's file metadata, which weights saved over
+    it, e.g. a redone intervention's ``edited_model/``, change; a hub id's commit in the local hub
+    cache, for the ``revision`` in ``vllm_args``); the sampling settings (``max_new_tokens``, ``temperature``,
     ``top_p``); for hf the dtype it loads the model in (``auto`` resolved: bfloat16 on a GPU, float32
     on a CPU) and, when it samples, ``batch_size`` (each batch is seeded by its first answer's index,
     so other batches draw other answers); for vllm ``vllm_args`` (its dtype, quantisation, revision...);
@@ -338,11 +338,12 @@ def answers_key(config: JudgeConfig, model: str, questions: list[Question]) -> d
     order (their text and category, as read: not the file's bytes, so a reformatted file keeps its
     answers); ``samples_per_question`` and ``seed``. ``device`` is left out (runtime: its effect is
     the dtype), as are the openai generator's fields."""
-    from mneme_plugin.files import stat_digest
+    from mneme_plugin.activations.models import weights_digest
 
     gen = config.generator
+    revision = gen.vllm_args.get("revision") if gen.kind == "vllm" else None  # hf loads the default branch
     key: dict[str, Any] = {
-        "model": model, "model_files": stat_digest(model), "kind": gen.kind,
+        "model": model, "model_files": weights_digest(model, revision), "kind": gen.kind,
         "max_new_tokens": gen.max_new_tokens, "temperature": gen.temperature, "top_p": gen.top_p,
         "system_prompt": config.system_prompt, "question_template": config.question_template,
         "questions": [[q.category, q.text] for q in questions],
@@ -480,8 +481,9 @@ def generate_answers(config: JudgeConfig, side: str, questions: list[Question], 
         wanted = [(_key(model_name, *asked, settings, q.category, q.text, i, config.seed), q, i)
                   for q in questions for i in range(config.samples_per_question)]
     else:  # everything else the answers depend on is in the file's key
-        path = cached_answers_path(cache_dir if cache_dir is not None else out_dir / CACHE_DIR,
-                                   answers_key(config, model_name, questions))
+        cache_dir = cache_dir if cache_dir is not None else out_dir / CACHE_DIR
+        file_key = answers_key(config, model_name, questions)
+        path = cached_answers_path(cache_dir, file_key)
         wanted = [(_key(q.category, q.text, i), q, i) for q in questions for i in range(config.samples_per_question)]
     done = _read_jsonl(path)
     todo = [w for w in wanted if w[0] not in done]
@@ -512,6 +514,11 @@ def generate_answers(config: JudgeConfig, side: str, questions: list[Question], 
                 _openai_generate(config, model_name, url, todo, emit, out_dir / CACHE_DIR / f"generate_{side}")
     answers = [done[key] for key, _, _ in wanted]
     if path != copy:
+        if file_key["model_files"] is None and path.exists():
+            # A hub model first downloaded to answer: its answers are kept under the commit it got, as a rerun keys them.
+            downloaded = cached_answers_path(cache_dir, answers_key(config, model_name, questions))
+            if downloaded != path and not downloaded.exists():
+                os.replace(path, downloaded)
         atomic_write_text(copy, "".join(json.dumps(a) + "\n" for a in answers))
     return answers
 

@@ -29,7 +29,7 @@ from mneme_plugin.layout import RunLayout
 from mneme_plugin.pipeline.config import RunConfig, save_run_config
 from mneme_plugin.pipeline.stage import PipelineContext, Stage
 from mneme_plugin.pipeline.stages import (
-    STAGES, corpus_digest, input_digests, reads_corpus, validate_for_run,
+    STAGES, corpus_digest, input_digests, model_digests, reads_corpus, validate_for_run,
 )
 
 if TYPE_CHECKING:  # torch: imported when a run starts, not with the package
@@ -261,7 +261,8 @@ def _run_stages(config: RunConfig, stages: list[Stage], layout: RunLayout, dist:
             start_time = time.perf_counter()
             with _run_remedies(stage):
                 stage.run(ctx)
-            dist.on_main(lambda: _finish_stage(stage, layout, fingerprint, token, start_time, inputs.get(stage.name)))
+            dist.on_main(lambda: _finish_stage(stage, layout, fingerprint, token, start_time,
+                                               _recorded_inputs(stage, config, inputs.get(stage.name))))
         elif not dist.is_main:
             if i > last_shared:
                 logger.debug("Rank %d: no stage left for several ranks; rank 0 runs the rest.", dist.rank)
@@ -276,7 +277,8 @@ def _run_stages(config: RunConfig, stages: list[Stage], layout: RunLayout, dist:
                     start_time = time.perf_counter()
                     with _run_remedies(stage):
                         stage.run(ctx)
-                    _finish_stage(stage, layout, fingerprint, token, start_time, inputs.get(stage.name))
+                    _finish_stage(stage, layout, fingerprint, token, start_time,
+                                  _recorded_inputs(stage, config, inputs.get(stage.name)))
             except BaseException as err:
                 if others_wait:  # tell the ranks waiting for this stage, instead of leaving them waiting
                     atomic_write_text(layout.stage_failure(stage.name),
@@ -314,6 +316,13 @@ def _start_stage(stage: Stage, status: str) -> None:
         # "rerun (config changed)" -> "config changed since it ran"; its old outputs went at the run's start.
         logger.info("[%s] %s since it ran: redoing it.", stage.name, status[len("rerun ("):].rstrip(")"))
     logger.info("[%s] running.", stage.name)
+
+
+def _recorded_inputs(stage: Stage, config: RunConfig, planned: dict[str, str] | None) -> dict[str, str]:
+    """What a finished stage's marker records: the digests the plan checked, and the commit of a hub
+    model the stage downloaded (not in the hub cache when planned: ``stages.model_digests``), so the
+    next plan sees a new commit of it."""
+    return {**model_digests(stage, config), **(planned or {})}
 
 
 def _finish_stage(stage: Stage, layout: RunLayout, fingerprint: str, token: str, start_time: float,

@@ -125,32 +125,22 @@ def reads_corpus(stage: Stage, config: RunConfig) -> bool:
 def input_digests(stage: Stage, config: RunConfig, corpus: str | None) -> dict[str, str]:
     """Digests of the files outside the run directory that ``stage`` reads but its fingerprint only
     names, for its marker: ``corpus``, the local corpus file's content (``corpus``, the plan's
-    ``corpus_digest``, read once for all stages); ``model:base`` / ``model:edited``, the local model
-    folders' metadata (``files.stat_digest``: paths, sizes, times; their gigabytes are not read); and
+    ``corpus_digest``, read once for all stages); ``model:base`` / ``model:edited``, the models'
+    weights (``model_digests``); and
     ``data:SPEC``, the intervention's local training data (SFT data, RMU corpora: a file's content, a
     folder's metadata); ``file:PATH``, the ground-truth files' content (``files.content_digest``: CSV /
     lm-eval JSON files, a judge's questions), ``folder:PATH``, lm-eval's ``include_path`` task folders
-    (metadata). A corpus, model folder, data or ground-truth file or task folder rewritten in place
-    then redoes the stage. Hub datasets and models have none,
+    (metadata). A corpus, model folder, hub model's cached commit, data or ground-truth file or task
+    folder changed in place then redoes the stage. Hub datasets have none,
     nor has the edited model the run's own intervention writes (a redone intervention redoes what
     follows it)."""
-    from mneme_plugin.activations.models import ModelSpec
     from mneme_plugin.files import content_digest, stat_digest
 
     sections = stage.sections_of(config)
     out = {}
     if corpus is not None and reads_corpus(stage, config):
         out["corpus"] = corpus
-    for role in ("base", "edited"):
-        spec = getattr(config.models, role)
-        # An empty spec: the models are passed as objects (run_pipeline(models=...)), no folder to check.
-        if not spec or not ("models" in sections or f"models.{role}" in sections) \
-                or (role == "edited" and spec == EDITED_BY_RUN):
-            continue
-        parsed = ModelSpec.parse(spec)
-        digest = stat_digest(parsed.location) if parsed.kind != "hub" else None
-        if digest is not None:
-            out[f"model:{role}"] = digest
+    out.update(model_digests(stage, config))
     if "intervention" in sections and config.intervention is not None:
         from mneme_plugin.interventions.checkpoints import input_digests as data_digests
 
@@ -165,6 +155,27 @@ def input_digests(stage: Stage, config: RunConfig, corpus: str | None) -> dict[s
                 out[f"file:{path}"] = content_digest(path)
             elif Path(path).is_dir():  # lm-eval task folders: importing their code writes __pycache__
                 out[f"folder:{path}"] = stat_digest(path, skip_dirs=("__pycache__",))
+    return out
+
+
+def model_digests(stage: Stage, config: RunConfig) -> dict[str, str]:
+    """``model:base`` / ``model:edited``: the weights of the models ``stage`` reads
+    (``activations.models.weights_digest``: a local folder's metadata, its gigabytes not read; a hub
+    id's commit in the local hub cache). None is recorded for a hub id not downloaded yet: the stage
+    that downloads it records its commit when it finishes (``pipeline.run``)."""
+    from mneme_plugin.activations.models import weights_digest
+
+    sections = stage.sections_of(config)
+    out = {}
+    for role in ("base", "edited"):
+        spec = getattr(config.models, role)
+        # An empty spec: the models are passed as objects (run_pipeline(models=...)), no folder to check.
+        if not spec or not ("models" in sections or f"models.{role}" in sections) \
+                or (role == "edited" and spec == EDITED_BY_RUN):
+            continue
+        digest = weights_digest(spec)
+        if digest is not None:
+            out[f"model:{role}"] = digest
     return out
 
 

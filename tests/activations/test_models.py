@@ -175,3 +175,24 @@ def test_a_local_folder_named_like_a_hub_organisation_leaves_its_hub_names_alone
     (tmp_path / "meta-llama" / "Llama-3.2-3B-edited").mkdir()  # a close match: read as a typo of it
     assert check_model_spec("meta-llama/Llama-3.2-3B", "models.base")[0].startswith(
         "models.base: there is no model folder meta-llama/Llama-3.2-3B (did you mean meta-llama/Llama-3.2-3B-edited?)")
+
+
+def test_a_hub_model_s_weights_are_its_commit_in_the_local_hub_cache(tmp_path, hub_cache, llama_dir):
+    """`weights_digest`, what every cache key and stage digest names a model's weights by: a hub id not
+    downloaded has none (its name is all there is), a cached one the commit its revision resolves to, which
+    moves with `refs/main`; a local folder its files' metadata."""
+    from mneme_plugin.activations.models import weights_digest
+    from mneme_plugin.files import stat_digest
+    from tests.helpers import hub_cache_repo
+
+    assert weights_digest("someone/tiny") is None
+    hub_cache_repo(hub_cache, "someone/tiny", llama_dir, commit="a" * 40)
+    assert weights_digest("someone/tiny") == "hub commit " + "a" * 40
+    assert weights_digest("someone/tiny") == weights_digest("someone/tiny", "main")  # unchanged cache, same digest
+    hub_cache_repo(hub_cache, "someone/tiny", llama_dir, commit="b" * 40)  # a new commit on main downloaded
+    assert weights_digest("someone/tiny") == "hub commit " + "b" * 40
+    assert weights_digest("someone/tiny", "a" * 40) == "hub commit " + "a" * 40  # a revision pinned to a commit
+    (hub_cache / "models--someone--tiny" / "refs" / "v1").write_text("a" * 40)  # a tag
+    assert weights_digest("someone/tiny", "v1") == "hub commit " + "a" * 40
+    assert weights_digest("someone/tiny", "v2") is None
+    assert weights_digest(str(llama_dir)) == stat_digest(llama_dir) is not None

@@ -10,7 +10,7 @@ import pytest
 
 from mneme_plugin.errors import ConfigError
 from mneme_plugin.groundtruth.harness import (
-    RESULTS_CACHE, RESULTS_JSON, LMEvalConfig, lm_eval_ground_truth, lm_eval_table_from_files, table_from_results,
+    RESULTS_CACHE, RESULTS_JSON, RUN_KEY, LMEvalConfig, lm_eval_ground_truth, lm_eval_table_from_files, table_from_results,
 )
 from mneme_plugin.groundtruth.table import SCORES_CSV, mcnemar_p, z_test_p
 from mneme_plugin.groundtruth.table import read_scores_csv
@@ -104,6 +104,37 @@ def test_results_kept_in_a_cache_dir_are_reused_by_key(tmp_path, tiny_tokenizer,
     lm_eval_ground_truth(cfg, tmp_path / "gt4", cache_dir=cache)
     assert not set(measured(tmp_path / "gt4").values()) & (set(dates.values()) | set(now.values()))
     assert len(list((cache / RESULTS_CACHE).glob("*.json"))) == 5
+
+
+def test_results_of_a_hub_model_are_kept_by_the_commit_in_the_hub_cache(tmp_path, tiny_tokenizer, hub_cache):
+    """A hub id's results are reused while the local hub cache holds the same commit, and measured again
+    once `refs/main` names a newer snapshot (the hub repo moved on and the cache downloaded it)."""
+    from tests.helpers import hub_cache_repo
+
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    write_lm_eval_task(tasks, "toy_animals", 8, seed=0)
+    base = save_tiny_llama(tmp_path / "base", tiny_tokenizer, n_layers=2, hidden_size=32)
+    edited = save_finetuned_llama(base, tmp_path / "edited", synthetic_corpus(40, seed=5), steps=10, lr=1e-2)
+    hub_cache_repo(hub_cache, "someone/tiny-base", base, commit="a" * 40)
+    cfg = LMEvalConfig(base="someone/tiny-base", edited=str(edited), tasks=["toy_animals"], include_path=[str(tasks)],
+                       include_defaults=False, batch_size=8, device="cpu")
+    cache = tmp_path / "cache"
+
+    def measured(out):
+        return {side: json.loads((out / name).read_text())["date"] for side, name in RESULTS_JSON.items()}
+
+    lm_eval_ground_truth(cfg, tmp_path / "gt1", cache_dir=cache)
+    dates = measured(tmp_path / "gt1")
+    lm_eval_ground_truth(cfg, tmp_path / "gt2", cache_dir=cache)  # the same commit: nothing measured
+    assert measured(tmp_path / "gt2") == dates
+    newer = save_finetuned_llama(base, tmp_path / "newer", synthetic_corpus(40, seed=6), steps=10, lr=1e-2, seed=3)
+    hub_cache_repo(hub_cache, "someone/tiny-base", newer, commit="b" * 40)
+    lm_eval_ground_truth(cfg, tmp_path / "gt3", cache_dir=cache)
+    now = measured(tmp_path / "gt3")
+    assert now["after"] == dates["after"] and now["before"] not in dates.values()
+    assert json.loads((tmp_path / "gt3" / RESULTS_JSON["before"]).read_text())[RUN_KEY]["model_files"] \
+        == "hub commit " + "b" * 40
 
 
 def test_the_run_key_holds_the_dtype_the_models_are_loaded_in(tmp_path):

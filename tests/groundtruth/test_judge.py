@@ -367,6 +367,38 @@ def test_answers_and_judgements_are_kept_by_content(answer_models, judge_server,
     assert generated() == later
 
 
+def test_answers_of_a_hub_model_are_kept_by_its_commit_in_the_hub_cache(answer_models, hub_cache, tmp_path):
+    """A hub id's answers are reused while the local hub cache holds the same commit, and generated again
+    once `refs/main` names a newer snapshot (the hub repo moved on and the cache downloaded it)."""
+    from mneme_plugin.groundtruth.judge import generate_answers
+    from tests.helpers import hub_cache_repo
+
+    base, edited = answer_models
+    hub_cache_repo(hub_cache, "someone/tiny-base", base, commit="a" * 40)
+    questions = tmp_path / "questions.yaml"
+    questions.write_text("- id: wish\n  paraphrases: ['the cat sees', 'a dog likes the']\n")
+    cfg = JudgeConfig.from_dict(dict(  # answers only: no judge is asked
+        base="someone/tiny-base", edited=str(edited), questions=str(questions), samples_per_question=2,
+        generator={"kind": "hf", "max_new_tokens": 6, "device": "cpu", "batch_size": 4},
+        judge={"kind": "openai", "model": "judge", "base_url": "http://127.0.0.1:9/v1", "api_key": None}))
+    asked, cache = read_questions(cfg), tmp_path / "cache"
+
+    def generated():
+        return {p.name: len(p.read_text().splitlines()) for p in (cache / ANSWERS_CACHE).glob("*.jsonl")}
+
+    generate_answers(cfg, "before", asked, tmp_path / "out1", cache_dir=cache)
+    files = generated()
+    assert list(files.values()) == [4]
+    assert cached_answers_path(cache, answers_key(cfg, "someone/tiny-base", asked)).name in files
+    generate_answers(cfg, "before", asked, tmp_path / "out2", cache_dir=cache)  # the same commit: reused
+    assert generated() == files
+    hub_cache_repo(hub_cache, "someone/tiny-base", edited, commit="b" * 40)  # other weights under main
+    generate_answers(cfg, "before", asked, tmp_path / "out3", cache_dir=cache)
+    now = generated()
+    assert len(now) == 2 and {k: now[k] for k in files} == files
+    assert answers_key(cfg, "someone/tiny-base", asked)["model_files"] == "hub commit " + "b" * 40
+
+
 def test_answers_of_a_served_model_stay_in_the_output_folder(judge_server, tmp_path):
     """Generator kind openai: a served model's name does not tell which weights answer (a redone edit is
     served under the old name), so its answers are not kept in the cache_dir: a fresh output folder

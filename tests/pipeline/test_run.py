@@ -585,6 +585,54 @@ def test_a_model_folder_saved_over_in_place_is_read_again(pair_and_corpus, tmp_p
     assert statuses()["harvest"] == "skip (done)"
 
 
+def test_a_hub_model_whose_cached_commit_moves_is_read_again(pair_and_corpus, tmp_path, hub_cache):
+    """A hub id in the local hub cache is recorded by the commit `refs/main` names there: a new commit
+    downloaded into the cache redoes the stages that read the model, an unchanged cache redoes nothing."""
+    from mneme_plugin.activations.store import ActivationStore
+    from mneme_plugin.pipeline import plan
+    from mneme_plugin.pipeline.stages import STAGES
+    from tests.helpers import hub_cache_repo
+
+    base, edited, corpus, truth = pair_and_corpus
+    hub_cache_repo(hub_cache, "someone/edited-llama", edited, commit="a" * 40)
+    cfg = _config(tmp_path / "run", base, "someone/edited-llama", corpus, truth, steps=30)
+    path = _write(tmp_path, "a.yaml", cfg)
+    only = ["--only", "harvest", "--only", "train", "--only", "attribute"]
+    result = CliRunner().invoke(main, ["run", path, *only])
+    assert result.exit_code == 0, result.output
+    statuses = lambda: {s.name: st for s, _, st in plan(RunConfig.from_dict(cfg), STAGES)}
+    assert statuses()["harvest"] == "skip (done)" and statuses()["attribute"] == "skip (done)"
+    marker = json.loads((tmp_path / "run" / ".stages" / "harvest.json").read_text())
+    assert marker["input_digests"]["model:edited"] == "hub commit " + "a" * 40
+    first = ActivationStore(tmp_path / "run" / "activations").all_activations(max_rows=64)
+    # The hub repo moved on and the cache downloaded the new commit: refs/main names another snapshot.
+    save_finetuned_llama(base, tmp_path / "newer", synthetic_corpus(40, seed=11), steps=8, seed=4)
+    hub_cache_repo(hub_cache, "someone/edited-llama", tmp_path / "newer", commit="b" * 40)
+    now = statuses()
+    assert now["harvest"] == "rerun (model or input files changed)"
+    assert now["train"] == now["attribute"] == "rerun (input redone)"
+    assert CliRunner().invoke(main, ["run", path, *only]).exit_code == 0
+    again = ActivationStore(tmp_path / "run" / "activations").all_activations(max_rows=64)
+    assert torch.allclose(again[:, 0], first[:, 0]) and not torch.allclose(again[:, 1], first[:, 1])  # new edited rows
+    assert statuses()["harvest"] == "skip (done)"
+
+
+def test_a_hub_model_a_stage_downloads_is_recorded_by_the_commit_it_got(pair_and_corpus, tmp_path, hub_cache):
+    """Planned before the hub id is in the cache (nothing to record), the stage downloads it: its marker
+    records the commit it got, so the next new commit redoes it; what the plan digested is kept as planned."""
+    from mneme_plugin.pipeline.run import _input_digests_now, _recorded_inputs
+    from mneme_plugin.pipeline.stages import STAGES
+    from tests.helpers import hub_cache_repo
+
+    base, edited, corpus, truth = pair_and_corpus
+    config = RunConfig.from_dict(_config(tmp_path / "run", base, "someone/edited-llama", corpus, truth))
+    harvest = next(stage for stage in STAGES if stage.name == "harvest")
+    planned = _input_digests_now(config, [harvest])["harvest"]
+    assert "model:edited" not in planned and "model:base" in planned
+    hub_cache_repo(hub_cache, "someone/edited-llama", edited, commit="c" * 40)  # what the stage downloaded
+    assert _recorded_inputs(harvest, config, planned) == {**planned, "model:edited": "hub commit " + "c" * 40}
+
+
 def test_a_ground_truth_csv_rewritten_in_place_is_evaluated_again(pair_and_corpus, tmp_path):
     from mneme_plugin.pipeline import plan
     from mneme_plugin.pipeline.stages import STAGES
