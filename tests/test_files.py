@@ -122,7 +122,7 @@ def test_a_locked_folder_is_refused_at_once_and_freed_when_its_holder_dies(tmp_p
 
 
 @pytest.mark.parametrize("command", ["train", "attribute", "run"])
-def test_cli_on_a_locked_output_fails_with_one_line(tmp_path, held_lock, command):
+def test_cli_on_a_locked_output_fails_with_one_line(tmp_path, held_lock, command, hub_cache, llama_dir):
     """train --out, attribute --out and run's run_dir are locked (a second job on one folder is refused)."""
     import yaml
 
@@ -138,6 +138,10 @@ def test_cli_on_a_locked_output_fails_with_one_line(tmp_path, held_lock, command
         cc = train(store, tmp_path / "cc", *TRAIN_CONFIGS, progress=False).crosscoder_dir
         args = ["attribute", "--crosscoder", str(cc), "--store", str(store), "--out", str(folder)]
     else:
+        from tests.helpers import hub_cache_repo
+
+        for name in ("org/base", "org/edited"):  # hub ids the run can load (it checks that before the lock)
+            hub_cache_repo(hub_cache, name, llama_dir)
         config = {"run_dir": str(folder), "models": {"base": "org/base", "edited": "org/edited"},
                   "corpus": {"source": str(tmp_path / "c.txt")}, "harvest": {"layer": 0}}
         (tmp_path / "c.txt").write_text("some text\n")

@@ -122,6 +122,54 @@ def weights_digest(spec: str, revision: str | None = None) -> str | None:
     return stat_digest(parsed.location)
 
 
+def hub_model_problem(spec: str, revision: str | None = None) -> str | None:
+    """Why the hub id ``spec`` cannot be loaded, found at once rather than after the hub client's retries
+    (about 25 s with the hub unreachable, then an error that names no remedy): it is neither a local
+    folder nor in the local hub cache, and HF_HUB_OFFLINE forbids downloading it, or one request to the
+    hub (no retries) finds no such model or revision, or cannot reach the hub. None when it is cached, the
+    hub has it (the loader downloads it), the hub's answer settles nothing (a gated model, a server error:
+    the loader's own message says more), or ``spec`` is no hub id."""
+    if ModelSpec.parse(spec).kind != "hub" or hub_commit(spec, revision) is not None:
+        return None
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.errors import (
+        GatedRepoError, HfHubHTTPError, HFValidationError, RepositoryNotFoundError, RevisionNotFoundError,
+    )
+
+    named = spec if revision is None else f"{spec} (revision {revision})"
+    what = (f"the hub model {named} is neither a local model folder nor in the local Hugging Face cache "
+            f"({constants.HF_HUB_CACHE})")
+    download = f"download it first (`hf download {spec}`" + (f" --revision {revision}" if revision else "") + ")"
+    if constants.HF_HUB_OFFLINE:
+        return (f"{what}, and HF_HUB_OFFLINE is set, so it is not downloaded: check the spelling, or {download} "
+                "where the hub is reachable, or unset HF_HUB_OFFLINE to let it be downloaded now.")
+    try:
+        HfApi().model_info(spec, revision=revision, timeout=constants.HF_HUB_ETAG_TIMEOUT)
+    except GatedRepoError:
+        return None
+    except RevisionNotFoundError:
+        return f"{what}, and the hub has no revision {revision!r} of {spec}: check the revision."
+    except RepositoryNotFoundError:
+        return (f"{what}, and the hub has no model {spec} (or it is private and you are not logged in): check the "
+                "spelling (or the local folder's path), or log in (`hf auth login`).")
+    except HFValidationError as err:
+        return f"{spec} is neither a local model folder nor a valid hub id: {str(err).splitlines()[0]}"
+    except HfHubHTTPError:
+        return None
+    except Exception as err:  # the hub is unreachable: no network, DNS, proxy, timeout
+        return (f"{what}, and the hub ({constants.ENDPOINT}) cannot be reached ({type(err).__name__}: "
+                f"{str(err).splitlines()[0] if str(err) else 'no answer'}): check the spelling and the network, or "
+                f"{download} where the hub is reachable, or set HF_HUB_OFFLINE=1 to use only the local cache.")
+    return None
+
+
+def require_hub_model(spec: str, who: str, revision: str | None = None) -> None:
+    """Raise a ConfigError naming ``who`` (``base``, ``--edited``...) when ``hub_model_problem`` finds one."""
+    problem = hub_model_problem(spec, revision)
+    if problem:
+        raise ConfigError(f"{who}: {problem}")
+
+
 def _mistyped_local_folder(spec: str) -> str | None:
     """What is wrong with a hub-shaped name ``org/name`` that reads as a typo of a local model folder:
     ``org`` is a folder here holding a folder close to ``name`` (``models/edtied`` beside ``models/edited``),
@@ -156,6 +204,7 @@ def load_model(model: Any, device: str = "cpu", dtype: str = "float32", role: st
             from mneme_plugin.organism.build import load_organism_model
 
             return load_organism_model(spec.location)
+        require_hub_model(model, role)
         from huggingface_hub.errors import HFValidationError
         from transformer_lens.model_bridge import TransformerBridge
 

@@ -149,6 +149,9 @@ def run_lm_eval(config: LMEvalConfig, model: str, cache: Path, manager: Any) -> 
         import lm_eval
     except ImportError as err:
         raise ConfigError("lm-eval ground truth needs lm-evaluation-harness: pip install 'mneme-plugin[eval]'.") from err
+    from mneme_plugin.activations.models import require_hub_model
+
+    require_hub_model(model, "lm-eval", config.model_args.get("revision"))
     cache.parent.mkdir(parents=True, exist_ok=True)
     out = lm_eval.simple_evaluate(
         model="hf", model_args=_model_args(config, model), tasks=list(config.tasks), num_fewshot=config.num_fewshot,

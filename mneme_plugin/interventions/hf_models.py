@@ -57,6 +57,9 @@ def load_causal_lm(name_or_path: str, device: str = "auto", dtype: str = "auto")
     if unfinished(name_or_path):
         raise ConfigError(f"{name_or_path} holds an unfinished intervention (checkpoints only, no model yet): run the "
                           "intervention again to resume and finish it.")
+    from mneme_plugin.activations.models import require_hub_model
+
+    require_hub_model(name_or_path, "model")
     try:
         hf_config = AutoConfig.from_pretrained(name_or_path)
     except (OSError, ValueError) as err:

@@ -295,7 +295,17 @@ def missing_inputs(config: RunConfig) -> list[str]:
 
 
 def validate_for_run(config: RunConfig, stages: list[Stage], models: dict[str, Any] | None = None) -> None:
-    """Refuse to start a run whose config has problems (``config_problems``)."""
+    """Refuse to start a run whose config has problems (``config_problems``), or whose hub models can be
+    neither found in the local hub cache nor downloaded (``hub_model_problem``: one request to the hub,
+    so not in a dry run, which checks offline)."""
+    from mneme_plugin.activations.models import hub_model_problem
+
     problems = config_problems(config, models) + missing_inputs(config)
+    for which in ("base", "edited"):
+        spec = getattr(config.models, which)
+        if spec and (models is None or which not in models) and not (which == "edited" and config.intervention is not None):
+            problem = hub_model_problem(spec)
+            if problem and not any(p.startswith(f"models.{which}:") for p in problems):
+                problems.append(f"models.{which}: {problem}")
     if problems:
         raise ConfigError("The run config has problems; nothing was run:\n  " + "\n  ".join(problems))

@@ -196,3 +196,39 @@ def test_a_hub_model_s_weights_are_its_commit_in_the_local_hub_cache(tmp_path, h
     assert weights_digest("someone/tiny", "v1") == "hub commit " + "a" * 40
     assert weights_digest("someone/tiny", "v2") is None
     assert weights_digest(str(llama_dir)) == stat_digest(llama_dir) is not None
+
+
+def test_a_hub_id_neither_cached_nor_downloadable_fails_at_once_saying_what_to_do(tmp_path, hub_cache, llama_dir):
+    """Offline, a hub id not in the local hub cache is refused before the hub client is asked; with the
+    hub unreachable (an endpoint nothing listens on), after one request, without the client's retries."""
+    import os
+    import socket
+    from pathlib import Path
+    import subprocess
+    import sys
+
+    from mneme_plugin.activations import load_model
+    from mneme_plugin.interventions.hf_models import load_causal_lm
+    from tests.helpers import hub_cache_repo
+
+    expected = (rf"base: the hub model someone/nmae is neither a local model folder nor in the local Hugging Face cache "
+                rf"\({hub_cache}\), and HF_HUB_OFFLINE is set, so it is not downloaded: check the spelling, or download "
+                r"it first \(`hf download someone/nmae`\)")
+    with pytest.raises(ConfigError, match=expected):
+        load_model("someone/nmae", role="base")
+    with pytest.raises(ConfigError, match="model: the hub model someone/nmae is neither"):
+        load_causal_lm("someone/nmae", device="cpu")
+    hub_cache_repo(hub_cache, "someone/name", llama_dir)
+    assert load_model("someone/name").cfg.n_layers == 2  # a cached one loads, offline
+
+    with socket.socket() as sock:  # a local port nothing listens on: the hub is unreachable
+        sock.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    env = {**os.environ, "HF_HUB_OFFLINE": "0", "TRANSFORMERS_OFFLINE": "0", "HF_ENDPOINT": endpoint,
+           "HF_HUB_CACHE": str(hub_cache), "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    code = "from mneme_plugin.activations import load_model\nload_model('someone/nmae', role='edited')"
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0 and "Retrying" not in run.stderr
+    assert (f"ConfigError: edited: the hub model someone/nmae is neither a local model folder nor in the local Hugging "
+            f"Face cache ({hub_cache}), and the hub ({endpoint}) cannot be reached") in run.stderr
+    assert "or set HF_HUB_OFFLINE=1 to use only the local cache" in run.stderr

@@ -831,6 +831,22 @@ def test_a_run_checks_its_whole_config_before_the_first_stage(pair_and_corpus, t
     assert dry.exit_code == 1 and "missing.csv does not exist" in dry.output
 
 
+def test_a_run_refuses_a_hub_id_it_can_neither_find_nor_download_before_the_first_stage(pair_and_corpus, tmp_path,
+                                                                                      hub_cache):
+    """A mistyped hub id, offline and not in the local hub cache: the run stops before any stage, naming
+    the id and what to do, and keeps the finished stages of the previous config."""
+    base, edited, corpus, truth = pair_and_corpus
+    cfg = _config(tmp_path / "run", base, edited, corpus, truth, steps=30)
+    assert CliRunner().invoke(main, ["run", _write(tmp_path, "a.yaml", cfg), "--only", "harvest"]).exit_code == 0
+    cfg["models"]["edited"] = "someone/edtied-llama"
+    result = CliRunner().invoke(main, ["run", _write(tmp_path, "a.yaml", cfg)])
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    assert "models.edited: the hub model someone/edtied-llama is neither a local model folder nor in the local " \
+           "Hugging Face cache" in " ".join(result.output.split())
+    assert "HF_HUB_OFFLINE is set" in result.output and "check the spelling" in result.output
+    assert (tmp_path / "run" / "activations" / "manifest.json").is_file()  # the previous config's harvest is kept
+
+
 def test_report_refuses_a_folder_that_is_no_run(tmp_path):
     (tmp_path / "notes.txt").write_text("hello")
     result = CliRunner().invoke(main, ["report", "--run-dir", str(tmp_path)])
