@@ -61,7 +61,10 @@ START_OVER = "pass --no-resume (resume=False) to start over"
 
 def input_digests(specs: Sequence[str]) -> dict[str, str]:
     """Digests of the local model folders (``files.stat_digest``: paths, sizes, times) and data files
-    (``files.content_digest``) among ``specs``; hub names and ``hf:`` specs have none."""
+    (``files.content_digest``) among ``specs``, and of a hub model in the local hub cache (its commit:
+    ``activations.models.weights_digest``); other hub names and ``hf:`` specs have none."""
+    from mneme_plugin.activations.models import weights_digest
+
     out = {}
     for spec in specs:
         path = Path(spec)
@@ -72,7 +75,7 @@ def input_digests(specs: Sequence[str]) -> dict[str, str]:
         elif path.is_file():
             digest = content_digest(path)
         else:
-            continue
+            digest = weights_digest(spec)
         if digest is not None:
             out[spec] = digest
     return out

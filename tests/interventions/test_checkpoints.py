@@ -209,3 +209,19 @@ def test_a_second_job_on_the_output_folder_fails_at_once(held_lock, tiny_lm_dirs
     with pytest.raises(OutputLockedError, match="in use by another mneme process"):
         supervised_fine_tune(sft_config(tiny_lm_dirs["llama"], chat_data(tmp_path)), progress=False, out_dir=folder)
     assert not (folder / CHECKPOINT_DIR).exists()
+
+
+def test_a_checkpoint_of_a_hub_model_whose_cached_commit_moved_is_refused(tiny_lm_dirs, tmp_path, hub_cache):
+    """A hub model is pinned by the commit the local hub cache resolves it to: a checkpoint made on one
+    commit is not resumed on the weights of the next one downloaded into the cache."""
+    from tests.helpers import hub_cache_repo
+
+    hub_cache_repo(hub_cache, "someone/tiny", tiny_lm_dirs["llama"], commit="a" * 40)
+    cfg = sft_config("someone/tiny", chat_data(tmp_path), epochs=1)
+    out = tmp_path / "sft"
+    with pytest.raises(Killed):
+        supervised_fine_tune(cfg, progress=False, out_dir=out, on_step=crash_at(2))
+    hub_cache_repo(hub_cache, "someone/tiny", tiny_lm_dirs["llama"], commit="b" * 40)
+    with pytest.raises(ConfigError, match=rf"other inputs.*inputs\.someone/tiny: stored 'hub commit a{{40}}' vs now "
+                                          rf"'hub commit b{{40}}'"):
+        supervised_fine_tune(cfg, progress=False, out_dir=out)
