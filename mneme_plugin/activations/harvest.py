@@ -52,7 +52,7 @@ from mneme_plugin.activations.store import (
     write_manifest,
     write_shard,
 )
-from mneme_plugin.activations.sharded import harvest_sharded
+from mneme_plugin.activations.sharded import COUNT_KEYS, harvest_sharded
 from mneme_plugin.distributed import distributed_context, main_rank_lock
 from mneme_plugin.errors import ConfigError, EmptyCorpusError, ForeignOutputError, NonFiniteActivationError
 from mneme_plugin.files import LOCK_FILE, output_lock, remove_stale_temporaries
@@ -204,6 +204,18 @@ def filter_outliers(rows: BatchRows, stats: NormalizationStats, factor: float | 
     rows.positions = rows.positions[keep]
     rows.windows = rows.windows[keep]
     return rows, n_dropped
+
+
+def add_filtered_batch(rows: BatchRows, stats: NormalizationStats, factor: float | None,
+                       counts: dict[str, int]) -> BatchRows:
+    """``filter_outliers`` on one batch's rows, its drops and corpus tokens added to the store's
+    ``counts`` (``sharded.COUNT_KEYS``): what every harvest loop does with a batch before keeping it."""
+    rows, n_out = filter_outliers(rows, stats, factor)
+    counts["outliers_dropped"] += n_out
+    counts["special_tokens_dropped"] += rows.special_dropped
+    counts["padding_dropped"] += rows.padding_dropped
+    counts["n_corpus_tokens"] += rows.n_corpus_tokens
+    return rows
 
 
 def _new_manifest(ctx: HarvestContext, corpus: CorpusSource, stats: NormalizationStats) -> dict[str, Any]:
@@ -360,7 +372,7 @@ def _harvest_locked(ctx: HarvestContext, corpus: CorpusSource, config: HarvestCo
     dropped_ids = ctx.dropped_ids()
     pending: list[BatchRows] = []
     pending_rows = 0
-    counts = {"outliers_dropped": 0, "special_tokens_dropped": 0, "padding_dropped": 0, "n_corpus_tokens": 0}
+    counts = dict.fromkeys(COUNT_KEYS, 0)
     windows_end = int(manifest["n_windows"])
 
     def commit(final: bool) -> None:
@@ -388,12 +400,7 @@ def _harvest_locked(ctx: HarvestContext, corpus: CorpusSource, config: HarvestCo
     )
     try:
         for i, windows in enumerate(ctx.windows(corpus, start_window=windows_end)):
-            rows = ctx.run_batch(windows, i, dropped_ids)
-            rows, n_out = filter_outliers(rows, stats, config.outlier_factor)
-            counts["outliers_dropped"] += n_out
-            counts["special_tokens_dropped"] += rows.special_dropped
-            counts["padding_dropped"] += rows.padding_dropped
-            counts["n_corpus_tokens"] += rows.n_corpus_tokens
+            rows = add_filtered_batch(ctx.run_batch(windows, i, dropped_ids), stats, config.outlier_factor, counts)
             windows_end = rows.windows_end
             pending.append(rows)
             pending_rows += rows.activations.shape[0]

@@ -148,7 +148,7 @@ def harvest_sharded(
     on_shard: Callable[[int], None] | None = None,
 ) -> ActivationStore:
     """This rank's share of a harvest into ``path`` (``ctx`` is the rank's ``HarvestContext``)."""
-    from mneme_plugin.activations.harvest import _STORE_DTYPES, filter_outliers, shard_tensors
+    from mneme_plugin.activations.harvest import _STORE_DTYPES, add_filtered_batch, shard_tensors
 
     rank, world = dist_ctx.rank, dist_ctx.world_size
     # Rank 0 prepares; an error there is raised on every rank instead of leaving them waiting.
@@ -207,12 +207,8 @@ def harvest_sharded(
                             break
                         continue
                     own_end, next_batch = windows[-1].index + 1, i + 1
-                    rows = ctx.run_batch(windows, i, dropped_ids)
-                    rows, n_out = filter_outliers(rows, stats, config.outlier_factor)
-                    counts["outliers_dropped"] += n_out
-                    counts["special_tokens_dropped"] += rows.special_dropped
-                    counts["padding_dropped"] += rows.padding_dropped
-                    counts["n_corpus_tokens"] += rows.n_corpus_tokens
+                    rows = add_filtered_batch(ctx.run_batch(windows, i, dropped_ids), stats, config.outlier_factor,
+                                              counts)
                     if pending_first_window is None:
                         pending_first_window = windows[0].index
                     pending.append(rows)
