@@ -223,8 +223,11 @@ def estimates(config: RunConfig, check: ConfigCheck) -> list[str]:
                        f"{table.judge.generator.max_new_tokens} tokens, plus judge API calls; minutes with vLLM")
     h = config.harvest
     if h.max_tokens:
-        out.append(f"harvest: ~{_duration(2 * h.max_tokens * forward / GPU_FLOPS * 3)} for {h.max_tokens:,} tokens "
-                   "through both models" + (" (repeated per training pass when streaming)" if config.training.stream else ""))
+        harvest_time = _duration(2 * h.max_tokens * forward / GPU_FLOPS * 3)
+        out.append(f"harvest: ~{harvest_time} for {h.max_tokens:,} tokens through both models"
+                   # Streaming keeps no store: attribute harvests the same tokens again.
+                   + (f", twice with training.stream (in train, then ~{harvest_time} again in attribute)"
+                      if config.training.stream else ""))
     cc = config.crosscoder.resolve(int(check.d_model or 0))
     t = config.training
     train_flops = t.steps * t.batch_size * 6 * 2 * 2 * int(check.d_model or 0) * cc.dict_size

@@ -264,6 +264,7 @@ def config_problems(config: RunConfig, models: dict[str, Any] | None = None) -> 
         problem = local_corpus_problem(source)
         if problem:
             problems.append(f"corpus.source: {problem}")
+    problems += _stream_length_problems(config)
     for path in config.ground_truth.files():
         if not Path(path).is_file():
             problems.append(f"ground_truth: {path} does not exist.")
@@ -273,6 +274,21 @@ def config_problems(config: RunConfig, models: dict[str, Any] | None = None) -> 
         except ConfigError as err:
             problems.append(f"map.taxonomies: {err}")
     return problems
+
+
+def _stream_length_problems(config: RunConfig) -> list[str]:
+    """A streamed training reads the corpus once (a store is read in epochs): at most one row per token of
+    ``harvest.token_budget``. Fewer than ``steps x batch_size`` would stop the training hours in."""
+    training, tokens = config.training, config.harvest.token_budget
+    needed = training.steps * training.batch_size
+    if not training.stream or tokens is None or needed <= tokens:
+        return []
+    last_step = tokens // training.batch_size
+    return [f"training: {training.steps:,} steps of batch_size {training.batch_size:,} need {needed:,} activation "
+            f"rows, but with training.stream the corpus is read once, at most one row per token, and "
+            f"harvest.max_tokens is {config.harvest.max_tokens:,}: the training would stop at about step "
+            f"{last_step:,}. Raise harvest.max_tokens to at least {needed:,} or lower training.steps to at most "
+            f"{last_step:,}."]
 
 
 def missing_inputs(config: RunConfig) -> list[str]:

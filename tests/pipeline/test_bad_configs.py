@@ -129,3 +129,26 @@ def test_the_dry_run_warns_when_base_and_edited_are_the_same_model(tmp_path, lla
     assert result.exit_code == 0, result.output
     assert f"  WARN models.base and models.edited are the same model ({llama_dir})" in result.output
     assert "The config looks runnable." in result.output
+
+
+def test_a_stream_shorter_than_the_training_is_refused_before_any_stage(tmp_path, llama_dir):
+    """A streamed training reads the corpus once: 50k steps of 4,096 rows from 50M tokens (the recipes' first
+    configs) passed the dry run and stopped at step ~12k with "The data stream ended", hours in."""
+    (tmp_path / "corpus.txt").write_text("the cat sees the dog\n")
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({
+        "run_dir": str(tmp_path / "run"), **RUN_BASE, "corpus": {"source": str(tmp_path / "corpus.txt")},
+        "models": {"base": str(llama_dir), "edited": str(llama_dir)},
+        "harvest": {"layer": 1, "context_length": 32, "max_tokens": 6000},  # 188 windows: 6,016 tokens
+        "training": {"stream": True, "steps": 60, "batch_size": 128}}))
+    expected = ("FAIL training: 60 steps of batch_size 128 need 7,680 activation rows, but with training.stream the "
+                "corpus is read once")
+    dry = CliRunner().invoke(main, ["run", "--dry-run", str(config)])
+    _assert_clear_failure(dry, expected)
+    assert "Raise harvest.max_tokens to at least 7,680 or lower training.steps to at most 47." in dry.output
+    _assert_clear_failure(CliRunner().invoke(main, ["run", str(config)]), "nothing was run")
+    assert not (tmp_path / "run").exists()
+    # 47 steps of 128 rows fit in the 6,016 tokens read; so does the same run from a store (read in epochs).
+    for training in ({"stream": True, "steps": 47, "batch_size": 128}, {"steps": 60, "batch_size": 128}):
+        config.write_text(yaml.safe_dump({**yaml.safe_load(config.read_text()), "training": training}))
+        assert "FAIL training" not in CliRunner().invoke(main, ["run", "--dry-run", str(config)]).output

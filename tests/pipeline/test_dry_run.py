@@ -32,3 +32,12 @@ def test_the_intervention_estimate_names_the_checkpoint_size_where_it_is_large()
     assert rmu is not None and 0.5 < rmu < 1.5
     # LoRA adapters are small: no checkpoint size is worth a line.
     assert _checkpoint_gib(_intervention_line("emergent_misalignment/qwen2_5_coder_7b.yaml")) is None
+
+
+def test_a_streamed_recipe_counts_the_harvest_of_train_and_the_one_of_attribute():
+    """Streaming keeps no store, so attribute harvests the corpus again: the estimate said one harvest."""
+    result = CliRunner().invoke(main, ["run", "--dry-run", str(RECIPES / "wmdp_rmu/llama_3_8b.yaml")])
+    line = next(line for line in result.output.splitlines() if line.strip().startswith("harvest: ~"))
+    once = re.search(r"harvest: ~([\d.]+ h) for", line)
+    assert once is not None, line
+    assert line.endswith(f", twice with training.stream (in train, then ~{once.group(1)} again in attribute)"), line
