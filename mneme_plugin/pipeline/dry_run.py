@@ -11,7 +11,7 @@ from typing import Any
 from mneme_plugin.activations.models import ModelSpec, check_model_spec, same_model
 from mneme_plugin.pipeline.config import RunConfig
 from mneme_plugin.pipeline.run import check_only, plan
-from mneme_plugin.pipeline.stages import STAGES, config_problems, missing_inputs
+from mneme_plugin.pipeline.stages import STAGES, config_problems, missing_inputs, relative_paths_note
 
 BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "float64": 8}
 
@@ -263,4 +263,6 @@ def format_plan(config: RunConfig, check: ConfigCheck, only: list[str] | None = 
         lines.append(f"  {stage.name:<10} {status:<24} config {fingerprint}")
     lines.append("")
     lines.append("The config has problems (FAIL above)." if check.problems else "The config looks runnable.")
+    if check.problems or check.to_fetch:
+        lines.append(relative_paths_note())
     return "\n".join(lines)

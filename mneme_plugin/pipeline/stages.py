@@ -324,4 +324,11 @@ def validate_for_run(config: RunConfig, stages: list[Stage], models: dict[str, A
             if problem and not any(p.startswith(f"models.{which}:") for p in problems):
                 problems.append(f"models.{which}: {problem}")
     if problems:
-        raise ConfigError("The run config has problems; nothing was run:\n  " + "\n  ".join(problems))
+        raise ConfigError("The run config has problems; nothing was run:\n  " + "\n  ".join(problems)
+                          + f"\n{relative_paths_note()}")
+
+
+def relative_paths_note() -> str:
+    """Where a config's relative paths point: the current directory, not the config file's folder (a
+    recipe's smoke.yaml run from elsewhere than where its make_smoke.py wrote the data)."""
+    return f"Relative paths in the config are read from the current directory, {Path.cwd()}."

@@ -152,3 +152,14 @@ def test_a_stream_shorter_than_the_training_is_refused_before_any_stage(tmp_path
     for training in ({"stream": True, "steps": 47, "batch_size": 128}, {"steps": 60, "batch_size": 128}):
         config.write_text(yaml.safe_dump({**yaml.safe_load(config.read_text()), "training": training}))
         assert "FAIL training" not in CliRunner().invoke(main, ["run", "--dry-run", str(config)]).output
+
+
+def test_missing_relative_paths_name_the_directory_they_are_read_from(tmp_path, monkeypatch):
+    """A recipe's smoke.yaml run from another folder than the one its make_smoke.py wrote into: the
+    errors named smoke/... as missing without saying where the run looked for it."""
+    monkeypatch.chdir(tmp_path)
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({"run_dir": "run", **RUN_BASE, "models": {"base": "smoke/base", "edited": "smoke/e"}}))
+    expected = f"Relative paths in the config are read from the current directory, {tmp_path}."
+    _assert_clear_failure(CliRunner().invoke(main, ["run", "--dry-run", str(config)]), expected)
+    _assert_clear_failure(CliRunner().invoke(main, ["run", str(config)]), expected)
