@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -155,7 +156,13 @@ def gated_inputs(config: RunConfig) -> list[str]:
     if config.intervention is not None:  # the preset's data sets too
         named["intervention"] = config.intervention.resolved(config.models.base).to_dict()
     text = json.dumps(named, default=str)
-    return [f"{name}: {how}" for name, how in GATED.items() if name.lower() in text.lower()]
+    gated = []
+    for name, how in GATED.items():
+        # An organisation's prefix names the models that matched (the explainer's too, not only base / edited).
+        found = sorted(set(re.findall(re.escape(name) + r"[\w.\-]+", text, flags=re.IGNORECASE))) if name.endswith("/") else []
+        if found or name.lower() in text.lower():
+            gated.append(f"{name}{' (' + ', '.join(found) + ')' if found else ''}: {how}")
+    return gated
 
 
 def _params(check: ConfigCheck) -> float | None:

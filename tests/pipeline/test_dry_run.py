@@ -41,3 +41,9 @@ def test_a_streamed_recipe_counts_the_harvest_of_train_and_the_one_of_attribute(
     once = re.search(r"harvest: ~([\d.]+ h) for", line)
     assert once is not None, line
     assert line.endswith(f", twice with training.stream (in train, then ~{once.group(1)} again in attribute)"), line
+
+
+def test_the_gated_organisation_names_the_models_that_need_access():
+    """Zephyr's recipe listed `meta-llama/` as gated without saying which model: only its explainer is one."""
+    result = CliRunner().invoke(main, ["run", "--dry-run", str(RECIPES / "wmdp_rmu/zephyr_7b.yaml")])
+    assert "  meta-llama/ (meta-llama/Llama-3.1-70B-Instruct): request access" in result.output, result.output
