@@ -262,6 +262,11 @@ def train(store, stream, config, shuffle_buffer, out, dict_size, expansion_facto
         from mneme_plugin.distributed import distributed_context
 
         base, edited, corpus, harvest_cfg = _harvest_inputs(sections, **harvest_options)
+        from mneme_plugin.activations.stream import stream_length_problem
+
+        problem = stream_length_problem(harvest_cfg.token_budget, tr_cfg.steps, tr_cfg.batch_size)
+        if problem:  # before the models load and the process group starts, not hours into the training
+            raise ConfigError(problem)
         # Under torchrun each rank harvests a share of the stream and trains on its slice of each global batch.
         data: Any = harvest_stream(base, edited, corpus, harvest_cfg, batch_size=tr_cfg.batch_size,
                                    shuffle_buffer_rows=tr_cfg.shuffle_buffer_rows, seed=tr_cfg.seed,

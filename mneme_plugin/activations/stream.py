@@ -133,6 +133,20 @@ class HarvestStream:
         return [gathered[r, : int(counts[r, 0])] for r in range(self.dist.world_size)], int(counts[:, 1].sum())
 
 
+def stream_length_problem(token_budget: int | None, steps: int, batch_size: int) -> str | None:
+    """Why a streamed training of ``steps`` x ``batch_size`` rows cannot finish on ``token_budget`` tokens:
+    a stream reads the corpus once (a store is read in epochs), at most one row per token, so it would
+    stop hours in, with "The data stream ended". None when it fits or the budget is the whole corpus."""
+    needed = steps * batch_size
+    if token_budget is None or needed <= token_budget:
+        return None
+    last_step = token_budget // batch_size
+    return (f"training: {steps:,} steps of batch_size {batch_size:,} need {needed:,} activation rows, but with "
+            f"training.stream the corpus is read once, at most one row per token, and the harvest reads "
+            f"{token_budget:,} tokens (harvest.max_tokens in whole windows): the training would stop at about step {last_step:,}. Raise harvest.max_tokens "
+            f"(--max-tokens) to at least {needed:,} or lower training.steps to at most {last_step:,}.")
+
+
 def harvest_stream(
     base: Any,
     edited: Any,

@@ -277,18 +277,13 @@ def config_problems(config: RunConfig, models: dict[str, Any] | None = None) -> 
 
 
 def _stream_length_problems(config: RunConfig) -> list[str]:
-    """A streamed training reads the corpus once (a store is read in epochs): at most one row per token of
-    ``harvest.token_budget``. Fewer than ``steps x batch_size`` would stop the training hours in."""
-    training, tokens = config.training, config.harvest.token_budget
-    needed = training.steps * training.batch_size
-    if not training.stream or tokens is None or needed <= tokens:
-        return []
-    last_step = tokens // training.batch_size
-    return [f"training: {training.steps:,} steps of batch_size {training.batch_size:,} need {needed:,} activation "
-            f"rows, but with training.stream the corpus is read once, at most one row per token, and "
-            f"harvest.max_tokens is {config.harvest.max_tokens:,}: the training would stop at about step "
-            f"{last_step:,}. Raise harvest.max_tokens to at least {needed:,} or lower training.steps to at most "
-            f"{last_step:,}."]
+    """A streamed training longer than one pass over the harvest's tokens (``stream_length_problem``)."""
+    from mneme_plugin.activations.stream import stream_length_problem
+
+    training = config.training
+    problem = training.stream and stream_length_problem(config.harvest.token_budget, training.steps,
+                                                        training.batch_size)
+    return [problem] if problem else []
 
 
 def missing_inputs(config: RunConfig) -> list[str]:

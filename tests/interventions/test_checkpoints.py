@@ -222,6 +222,6 @@ def test_a_checkpoint_of_a_hub_model_whose_cached_commit_moved_is_refused(tiny_l
     with pytest.raises(Killed):
         supervised_fine_tune(cfg, progress=False, out_dir=out, on_step=crash_at(2))
     hub_cache_repo(hub_cache, "someone/tiny", tiny_lm_dirs["llama"], commit="b" * 40)
-    with pytest.raises(ConfigError, match=rf"other inputs.*inputs\.someone/tiny: stored 'hub commit a{{40}}' vs now "
-                                          rf"'hub commit b{{40}}'"):
+    with pytest.raises(ConfigError, match=r"other inputs.*inputs\.someone/tiny: stored 'hub commit a{40}' vs now "
+                                          r"'hub commit b{40}'"):
         supervised_fine_tune(cfg, progress=False, out_dir=out)

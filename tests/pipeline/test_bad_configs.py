@@ -145,7 +145,16 @@ def test_a_stream_shorter_than_the_training_is_refused_before_any_stage(tmp_path
                 "corpus is read once")
     dry = CliRunner().invoke(main, ["run", "--dry-run", str(config)])
     _assert_clear_failure(dry, expected)
-    assert "Raise harvest.max_tokens to at least 7,680 or lower training.steps to at most 47." in dry.output
+    assert ("the harvest reads 6,016 tokens (harvest.max_tokens in whole windows): the training would stop at about "
+            "step 47. Raise harvest.max_tokens (--max-tokens) to at least 7,680 or lower training.steps to at most 47."
+            in " ".join(dry.output.split()))
+    # `mneme train --stream` alone: refused before its models load, with the same words.
+    train = CliRunner().invoke(main, ["train", "--stream", "--base", str(llama_dir), "--edited", str(llama_dir),
+                                      "--corpus", str(tmp_path / "corpus.txt"), "--layer", "1", "--context-length",
+                                      "32", "--max-tokens", "6000", "--steps", "60", "--train-batch-size", "128",
+                                      "--out", str(tmp_path / "cc")])
+    assert train.exit_code != 0 and "need 7,680 activation rows" in train.output, train.output
+    assert not (tmp_path / "cc").exists()
     _assert_clear_failure(CliRunner().invoke(main, ["run", str(config)]), "nothing was run")
     assert not (tmp_path / "run").exists()
     # 47 steps of 128 rows fit in the 6,016 tokens read; so does the same run from a store (read in epochs).
