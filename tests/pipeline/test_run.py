@@ -545,6 +545,19 @@ def test_a_corpus_rewritten_in_place_is_read_again(pair_and_corpus, tmp_path):
     assert statuses()["harvest"] == "skip (done)"
 
 
+def _reruns_on_new_edited_rows(statuses, path, only, run_dir, first) -> None:
+    """The edited model's weights changed: the plan redoes the harvest and what follows, and the rerun
+    stores the base model's rows as before and new rows of the edited one."""
+    from mneme_plugin.activations.store import ActivationStore
+
+    now = statuses()
+    assert now["harvest"] == "rerun (model or input files changed)"
+    assert now["train"] == now["attribute"] == "rerun (input redone)"
+    assert CliRunner().invoke(main, ["run", path, *only]).exit_code == 0
+    again = ActivationStore(run_dir / "activations").all_activations(max_rows=64)
+    assert torch.allclose(again[:, 0], first[:, 0]) and not torch.allclose(again[:, 1], first[:, 1])
+
+
 def test_a_model_folder_saved_over_in_place_is_read_again(pair_and_corpus, tmp_path):
     """The fingerprint names a model by its spec; the markers of the stages that read a local model
     folder also record its files' sizes and times, so new weights saved over it redo those stages
@@ -570,12 +583,7 @@ def test_a_model_folder_saved_over_in_place_is_read_again(pair_and_corpus, tmp_p
     first = ActivationStore(tmp_path / "run" / "activations").all_activations(max_rows=64)
     # Other weights under the same folder name.
     save_finetuned_llama(base, own, synthetic_corpus(40, seed=11), steps=8, seed=4)
-    now = statuses()
-    assert now["harvest"] == "rerun (model or input files changed)"
-    assert now["train"] == now["attribute"] == "rerun (input redone)"
-    assert CliRunner().invoke(main, ["run", path, *only]).exit_code == 0
-    again = ActivationStore(tmp_path / "run" / "activations").all_activations(max_rows=64)
-    assert torch.allclose(again[:, 0], first[:, 0]) and not torch.allclose(again[:, 1], first[:, 1])  # new edited rows
+    _reruns_on_new_edited_rows(statuses, path, only, tmp_path / "run", first)
     assert statuses()["harvest"] == "skip (done)" and statuses()["attribute"] == "skip (done)"
     # Markers written before model digests existed are not second-guessed.
     marker = json.loads((tmp_path / "run" / ".stages" / "harvest.json").read_text())
@@ -608,12 +616,7 @@ def test_a_hub_model_whose_cached_commit_moves_is_read_again(pair_and_corpus, tm
     # The hub repo moved on and the cache downloaded the new commit: refs/main names another snapshot.
     save_finetuned_llama(base, tmp_path / "newer", synthetic_corpus(40, seed=11), steps=8, seed=4)
     hub_cache_repo(hub_cache, "someone/edited-llama", tmp_path / "newer", commit="b" * 40)
-    now = statuses()
-    assert now["harvest"] == "rerun (model or input files changed)"
-    assert now["train"] == now["attribute"] == "rerun (input redone)"
-    assert CliRunner().invoke(main, ["run", path, *only]).exit_code == 0
-    again = ActivationStore(tmp_path / "run" / "activations").all_activations(max_rows=64)
-    assert torch.allclose(again[:, 0], first[:, 0]) and not torch.allclose(again[:, 1], first[:, 1])  # new edited rows
+    _reruns_on_new_edited_rows(statuses, path, only, tmp_path / "run", first)
     assert statuses()["harvest"] == "skip (done)"
 
 
