@@ -10,6 +10,9 @@ residual stream. Model diffing (like the published crosscoders) wants the raw HF
 from __future__ import annotations
 
 import difflib
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -122,16 +125,55 @@ def weights_digest(spec: str, revision: str | None = None) -> str | None:
     return stat_digest(parsed.location)
 
 
+# Whether the hub at an endpoint answered this process's one probe: None when it did, else why it could not
+# be reached. Remembered so that neither the probe nor the hub client's retries are repeated per model.
+_HUB_UNREACHABLE: dict[str, str | None] = {}
+
+
+def _probe_hub(spec: str, revision: str | None) -> Exception | None:
+    """One request to the hub about ``spec`` (no retries), its outcome remembered in ``_HUB_UNREACHABLE``
+    unless the id was refused before any request: the error, or None when the hub has the model."""
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError
+
+    try:
+        HfApi().model_info(spec, revision=revision, timeout=constants.HF_HUB_ETAG_TIMEOUT)
+    except HFValidationError as err:
+        return err
+    except HfHubHTTPError as err:  # the hub answered (no such model, gated, a server error)
+        _HUB_UNREACHABLE[constants.ENDPOINT] = None
+        return err
+    except Exception as err:  # the hub is unreachable: no network, DNS, proxy, timeout
+        first = str(err).splitlines()[0] if str(err) else "no answer"
+        _HUB_UNREACHABLE[constants.ENDPOINT] = f"{type(err).__name__}: {first}"
+        return err
+    _HUB_UNREACHABLE[constants.ENDPOINT] = None
+    return None
+
+
+def hub_unreachable(spec: str, revision: str | None = None) -> str | None:
+    """Why the hub cannot be reached (None when it can, or HF_HUB_OFFLINE is set), found by this process's
+    first probe (``_probe_hub``, about ``spec``) and remembered for every later model."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return None
+    if constants.ENDPOINT not in _HUB_UNREACHABLE:
+        _probe_hub(spec, revision)
+    return _HUB_UNREACHABLE.get(constants.ENDPOINT)
+
+
 def hub_model_problem(spec: str, revision: str | None = None) -> str | None:
     """Why the hub id ``spec`` cannot be loaded, found at once rather than after the hub client's retries
     (about 25 s with the hub unreachable, then an error that names no remedy): it is neither a local
     folder nor in the local hub cache, and HF_HUB_OFFLINE forbids downloading it, or one request to the
-    hub (no retries) finds no such model or revision, or cannot reach the hub. None when it is cached, the
-    hub has it (the loader downloads it), the hub's answer settles nothing (a gated model, a server error:
-    the loader's own message says more), or ``spec`` is no hub id."""
+    hub (no retries; or the remembered outcome of an earlier one, ``hub_unreachable``) finds no such model
+    or revision, or cannot reach the hub. None when it is cached, the hub has it (the loader downloads it),
+    the hub's answer settles nothing (a gated model, a server error: the loader's own message says more),
+    or ``spec`` is no hub id."""
     if ModelSpec.parse(spec).kind != "hub" or hub_commit(spec, revision) is not None:
         return None
-    from huggingface_hub import HfApi, constants
+    from huggingface_hub import constants
     from huggingface_hub.errors import (
         GatedRepoError, HfHubHTTPError, HFValidationError, RepositoryNotFoundError, RevisionNotFoundError,
     )
@@ -143,24 +185,23 @@ def hub_model_problem(spec: str, revision: str | None = None) -> str | None:
     if constants.HF_HUB_OFFLINE:
         return (f"{what}, and HF_HUB_OFFLINE is set, so it is not downloaded: check the spelling, or {download} "
                 "where the hub is reachable, or unset HF_HUB_OFFLINE to let it be downloaded now.")
-    try:
-        HfApi().model_info(spec, revision=revision, timeout=constants.HF_HUB_ETAG_TIMEOUT)
-    except GatedRepoError:
+    # The hub's answer about this model, unless an earlier probe found the hub unreachable.
+    err = None if _HUB_UNREACHABLE.get(constants.ENDPOINT) else _probe_hub(spec, revision)
+    unreachable = _HUB_UNREACHABLE.get(constants.ENDPOINT)
+    if unreachable:
+        return (f"{what}, and the hub ({constants.ENDPOINT}) cannot be reached ({unreachable}): check the spelling "
+                f"and the network, or {download} where the hub is reachable, or set HF_HUB_OFFLINE=1 to use only "
+                "the local cache.")
+    if isinstance(err, GatedRepoError):
         return None
-    except RevisionNotFoundError:
+    if isinstance(err, RevisionNotFoundError):
         return f"{what}, and the hub has no revision {revision!r} of {spec}: check the revision."
-    except RepositoryNotFoundError:
+    if isinstance(err, RepositoryNotFoundError):
         return (f"{what}, and the hub has no model {spec} (or it is private and you are not logged in): check the "
                 "spelling (or the local folder's path), or log in (`hf auth login`).")
-    except HFValidationError as err:
+    if isinstance(err, HFValidationError):
         return f"{spec} is neither a local model folder nor a valid hub id: {str(err).splitlines()[0]}"
-    except HfHubHTTPError:
-        return None
-    except Exception as err:  # the hub is unreachable: no network, DNS, proxy, timeout
-        return (f"{what}, and the hub ({constants.ENDPOINT}) cannot be reached ({type(err).__name__}: "
-                f"{str(err).splitlines()[0] if str(err) else 'no answer'}): check the spelling and the network, or "
-                f"{download} where the hub is reachable, or set HF_HUB_OFFLINE=1 to use only the local cache.")
-    return None
+    return None  # the hub has it (or answered with an error the loader's own message explains)
 
 
 def require_hub_model(spec: str, who: str, revision: str | None = None) -> None:
@@ -168,6 +209,31 @@ def require_hub_model(spec: str, who: str, revision: str | None = None) -> None:
     problem = hub_model_problem(spec, revision)
     if problem:
         raise ConfigError(f"{who}: {problem}")
+
+
+@contextmanager
+def hub_cache_when_unreachable(spec: str, revision: str | None = None) -> Iterator[None]:
+    """Load the hub model ``spec`` within this block from the local hub cache alone when it is cached there and
+    the hub cannot be reached (``hub_unreachable``), saying so in one log line: the hub client's offline mode
+    for the block, as HF_HUB_OFFLINE=1 would set, instead of its retries of every file request (minutes per
+    model). Otherwise (a reachable hub, whose newer ``main`` is fetched as before; HF_HUB_OFFLINE set; a
+    local folder; a model not cached) the block runs unchanged."""
+    commit = hub_commit(spec, revision) if ModelSpec.parse(spec).kind == "hub" else None
+    unreachable = hub_unreachable(spec, revision) if commit is not None else None
+    if not unreachable:
+        yield
+        return
+    from huggingface_hub import constants
+
+    logging.getLogger("mneme_plugin").warning(
+        "The hub (%s) cannot be reached (%s): loading %s from the local Hugging Face cache, commit %s "
+        "(set HF_HUB_OFFLINE=1 to use the cache without asking the hub).", constants.ENDPOINT, unreachable, spec, commit)
+    offline = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = offline
 
 
 def _mistyped_local_folder(spec: str) -> str | None:
@@ -212,7 +278,8 @@ def load_model(model: Any, device: str = "cpu", dtype: str = "float32", role: st
 
         device = str(resolve_device(device))
         try:
-            bridge = TransformerBridge.boot_transformers(model, device=device, dtype=_DTYPES[dtype])
+            with hub_cache_when_unreachable(model):
+                bridge = TransformerBridge.boot_transformers(model, device=device, dtype=_DTYPES[dtype])
         except (OSError, HFValidationError) as err:
             where = "model folder" if spec.kind == "local" else "hub model"
             who = "" if role == "model" else f"{role} "

@@ -70,7 +70,10 @@ def load_tokenizer(contexts_dir: str | os.PathLike[str], tokenizer: Any = None) 
         if isinstance(tokenizer, (str, os.PathLike)):
             from transformers import AutoTokenizer
 
-            return AutoTokenizer.from_pretrained(str(tokenizer))
+            from mneme_plugin.activations.models import hub_cache_when_unreachable
+
+            with hub_cache_when_unreachable(str(tokenizer)):
+                return AutoTokenizer.from_pretrained(str(tokenizer))
         return tokenizer
     path = Path(contexts_dir) / TOKENIZER_DIR
     if not path.is_dir():

@@ -57,24 +57,25 @@ def load_causal_lm(name_or_path: str, device: str = "auto", dtype: str = "auto")
     if unfinished(name_or_path):
         raise ConfigError(f"{name_or_path} holds an unfinished intervention (checkpoints only, no model yet): run the "
                           "intervention again to resume and finish it.")
-    from mneme_plugin.activations.models import require_hub_model
+    from mneme_plugin.activations.models import hub_cache_when_unreachable, require_hub_model
 
     require_hub_model(name_or_path, "model")
-    try:
-        hf_config = AutoConfig.from_pretrained(name_or_path)
-    except (OSError, ValueError) as err:
-        raise ConfigError(f"{name_or_path} is not a Hugging Face model folder or hub name: {err}") from err
-    try:
-        AutoModelForCausalLM._model_mapping[type(hf_config)]
-    except KeyError as err:
-        raise ConfigError(
-            f"{name_or_path} is a {type(hf_config).__name__} ({hf_config.model_type}), not a causal language model; "
-            "interventions need a decoder-only LM (Llama, Mistral, Qwen2, ...)."
-        ) from err
-    dev = resolve_device(device)
-    model = AutoModelForCausalLM.from_pretrained(name_or_path, **{_dtype_keyword(): resolve_dtype(dtype, dev)}).to(dev)
-    model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    with hub_cache_when_unreachable(name_or_path):
+        try:
+            hf_config = AutoConfig.from_pretrained(name_or_path)
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"{name_or_path} is not a Hugging Face model folder or hub name: {err}") from err
+        try:
+            AutoModelForCausalLM._model_mapping[type(hf_config)]
+        except KeyError as err:
+            raise ConfigError(
+                f"{name_or_path} is a {type(hf_config).__name__} ({hf_config.model_type}), not a causal language model; "
+                "interventions need a decoder-only LM (Llama, Mistral, Qwen2, ...)."
+            ) from err
+        dev = resolve_device(device)
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, **{_dtype_keyword(): resolve_dtype(dtype, dev)}).to(dev)
+        model.eval()
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer

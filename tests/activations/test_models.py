@@ -232,3 +232,79 @@ def test_a_hub_id_neither_cached_nor_downloadable_fails_at_once_saying_what_to_d
     assert (f"ConfigError: edited: the hub model someone/nmae is neither a local model folder nor in the local Hugging "
             f"Face cache ({hub_cache}), and the hub ({endpoint}) cannot be reached") in run.stderr
     assert "or set HF_HUB_OFFLINE=1 to use only the local cache" in run.stderr
+
+
+def test_a_cached_hub_model_loads_from_the_cache_after_one_probe_when_the_hub_cannot_be_reached(hub_cache, llama_dir, tiny_tokenizer):
+    """HF_HUB_OFFLINE unset and the hub unreachable (an endpoint that drops every connection, then a closed port): the models and
+    the tokenizer of a hub id in the local hub cache load from there after one request in all, with one log
+    line per load naming the cached commit, instead of the hub client's retries of every optional file."""
+    import os
+    import re
+    import socket
+    import subprocess
+    import sys
+    import threading
+    from pathlib import Path
+
+    from tests.helpers import hub_cache_repo
+
+    commit = "c" * 40
+
+    def logged(endpoint):
+        return (re.escape(f"The hub ({endpoint}) cannot be reached (") + r"\w+Error: .+" + re.escape(
+            f"): loading someone/tiny from the local Hugging Face cache, commit {commit} (set HF_HUB_OFFLINE=1 to use "
+            "the cache without asking the hub).\n"))
+
+    hub_cache_repo(hub_cache, "someone/tiny", llama_dir, commit=commit)  # no .no_exist markers: as `hf download` leaves it
+    requests = []
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+
+        def drop_every_connection():
+            while True:
+                try:
+                    conn, _ = server.accept()
+                except OSError:  # the server socket was closed
+                    return
+                requests.append(conn.recv(200).split(b"\r\n")[0].decode())
+                conn.close()
+
+        threading.Thread(target=drop_every_connection, daemon=True).start()
+        endpoint = f"http://127.0.0.1:{server.getsockname()[1]}"
+        env = {**os.environ, "HF_HUB_OFFLINE": "0", "TRANSFORMERS_OFFLINE": "0", "HF_ENDPOINT": endpoint,
+               "HF_HUB_CACHE": str(hub_cache), "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+        code = ("from mneme_plugin.activations import load_model\n"
+                "from mneme_plugin.interventions.hf_models import load_causal_lm\n"
+                "from mneme_plugin.interpret.explain import load_tokenizer\n"
+                "print(load_model('someone/tiny').cfg.n_layers)\n"
+                "print(load_causal_lm('someone/tiny', device='cpu')[0].config.num_hidden_layers)\n"
+                "print(len(load_tokenizer('unused', 'someone/tiny')))\n")
+        run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["2", "2", str(len(tiny_tokenizer))]
+    assert "Retrying" not in run.stderr
+    # One probe for the whole process (the hub client may also ask, once, about agent harnesses).
+    assert [r for r in requests if "someone/tiny" in r] == ["GET /api/models/someone/tiny HTTP/1.1"], requests
+    assert len(re.findall(logged(endpoint), run.stderr)) == 3, run.stderr
+
+    with socket.socket() as sock:  # a local port nothing listens on, as on a node without a route out
+        sock.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    env["HF_ENDPOINT"] = endpoint
+    run = subprocess.run([sys.executable, "-c", code.split("print(load_causal_lm")[0]], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.split() == ["2"], run.stderr
+    assert "Retrying" not in run.stderr
+    assert len(re.findall(logged(endpoint), run.stderr)) == 1, run.stderr
+
+
+def test_with_hf_hub_offline_set_the_cache_is_used_as_before_without_a_probe(hub_cache, llama_dir):
+    from mneme_plugin.activations.models import _HUB_UNREACHABLE, hub_cache_when_unreachable, hub_unreachable
+    from tests.helpers import hub_cache_repo
+
+    hub_cache_repo(hub_cache, "someone/tiny", llama_dir)
+    assert hub_unreachable("someone/tiny") is None
+    with hub_cache_when_unreachable("someone/tiny"):
+        pass
+    assert _HUB_UNREACHABLE == {}  # nothing asked
