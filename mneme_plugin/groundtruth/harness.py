@@ -149,16 +149,19 @@ def run_lm_eval(config: LMEvalConfig, model: str, cache: Path, manager: Any) -> 
         import lm_eval
     except ImportError as err:
         raise ConfigError("lm-eval ground truth needs lm-evaluation-harness: pip install 'mneme-plugin[eval]'.") from err
-    from mneme_plugin.activations.models import require_hub_model
+    from mneme_plugin.activations.models import hub_cache_when_unreachable, require_hub_model
 
-    require_hub_model(model, "lm-eval", config.model_args.get("revision"))
+    revision = config.model_args.get("revision")
+    require_hub_model(model, "lm-eval", revision)
     cache.parent.mkdir(parents=True, exist_ok=True)
-    out = lm_eval.simple_evaluate(
-        model="hf", model_args=_model_args(config, model), tasks=list(config.tasks), num_fewshot=config.num_fewshot,
-        batch_size=config.batch_size, limit=config.limit, use_cache=str(cache), log_samples=True,
-        apply_chat_template=config.apply_chat_template, task_manager=manager, random_seed=config.seed,
-        numpy_random_seed=config.seed, torch_random_seed=config.seed, fewshot_random_seed=config.seed,
-    )
+    with hub_cache_when_unreachable(model, revision):  # lm-eval loads through transformers, in this process
+        out = lm_eval.simple_evaluate(
+            model="hf", model_args=_model_args(config, model), tasks=list(config.tasks),
+            num_fewshot=config.num_fewshot, batch_size=config.batch_size, limit=config.limit, use_cache=str(cache),
+            log_samples=True, apply_chat_template=config.apply_chat_template, task_manager=manager,
+            random_seed=config.seed, numpy_random_seed=config.seed, torch_random_seed=config.seed,
+            fewshot_random_seed=config.seed,
+        )
     if out is None:
         raise ConfigError("lm-eval returned no results (a non-zero rank of a distributed run?).")
     samples = out.pop("samples", {}) or {}

@@ -434,11 +434,12 @@ def _vllm_generate(config: JudgeConfig, model_name: str, prompts: list[tuple[str
         from vllm import LLM, SamplingParams
     except ImportError as err:
         raise ConfigError("generator kind vllm needs vllm (pip install 'mneme-plugin[vllm]', GPU).") from err
-    from mneme_plugin.activations.models import require_hub_model
+    from mneme_plugin.activations.models import hub_cache_when_unreachable, require_hub_model
 
     gen = config.generator
     require_hub_model(model_name, "judge generator", gen.vllm_args.get("revision"))
-    llm = LLM(model=model_name, seed=config.seed, **gen.vllm_args)
+    with hub_cache_when_unreachable(model_name, gen.vllm_args.get("revision")):
+        llm = LLM(model=model_name, seed=config.seed, **gen.vllm_args)
     tokenizer = llm.get_tokenizer()
     params = [SamplingParams(temperature=gen.temperature, top_p=gen.top_p, max_tokens=gen.max_new_tokens,
                              seed=config.seed + sample) for _, _, sample in prompts]

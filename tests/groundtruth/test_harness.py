@@ -177,3 +177,36 @@ def test_lm_eval_bad_input(tmp_path, tiny_tokenizer):
     assert table[["category", "before", "after", "n", "test"]].values.tolist() == [["law", 0.4, 0.2, 100, "z"]]
     with pytest.raises(ConfigError, match="share no task"):
         table_from_results(before, {"results": {"other": {"acc,none": 1.0}}})
+
+
+def test_lm_eval_reads_a_cached_hub_model_from_the_cache_when_the_hub_cannot_be_reached(tmp_path, tiny_tokenizer,
+                                                                                        hub_cache):
+    """HF_HUB_OFFLINE unset, the hub unreachable (a local port nothing listens on): lm-eval loads a hub id
+    the local hub cache holds from there, with the one log line, not after the hub client's retries."""
+    import os
+    import socket
+    import subprocess
+    from pathlib import Path
+
+    from tests.helpers import hub_cache_repo
+
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    write_lm_eval_task(tasks, "toy_animals", 8, seed=0)
+    base = save_tiny_llama(tmp_path / "base", tiny_tokenizer, n_layers=2, hidden_size=32)
+    edited = save_finetuned_llama(base, tmp_path / "edited", synthetic_corpus(40, seed=5), steps=10, lr=1e-2)
+    hub_cache_repo(hub_cache, "someone/tiny-base", base, commit="d" * 40)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    env = {**os.environ, "HF_HUB_OFFLINE": "0", "TRANSFORMERS_OFFLINE": "0", "HF_ENDPOINT": endpoint,
+           "HF_HUB_CACHE": str(hub_cache), "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    code = ("from mneme_plugin.groundtruth.harness import LMEvalConfig, lm_eval_ground_truth\n"
+            f"cfg = LMEvalConfig(base='someone/tiny-base', edited={str(edited)!r}, tasks=['toy_animals'], "
+            f"include_path=[{str(tasks)!r}], include_defaults=False, batch_size=8, device='cpu')\n"
+            f"print(len(lm_eval_ground_truth(cfg, {str(tmp_path / 'gt')!r})))\n")
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "Retrying" not in run.stderr, run.stderr[-3000:]
+    assert (f"The hub ({endpoint}) cannot be reached" in run.stderr
+            and f"loading someone/tiny-base from the local Hugging Face cache, commit {'d' * 40}" in run.stderr)
