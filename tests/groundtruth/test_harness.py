@@ -106,9 +106,9 @@ def test_results_kept_in_a_cache_dir_are_reused_by_key(tmp_path, tiny_tokenizer,
     assert len(list((cache / RESULTS_CACHE).glob("*.json"))) == 5
 
 
-def test_results_of_a_hub_model_are_kept_by_the_commit_in_the_hub_cache(tmp_path, tiny_tokenizer, hub_cache):
-    """A hub id's results are reused while the local hub cache holds the same commit, and measured again
-    once `refs/main` names a newer snapshot (the hub repo moved on and the cache downloaded it)."""
+def _hub_base_local_edited_and_task(tmp_path, tiny_tokenizer, hub_cache, commit):
+    """A tiny base model served as `someone/tiny-base` from the local hub cache (at ``commit``), a local
+    fine-tuned copy of it, and a folder with one local lm-eval task: (base folder, edited folder, tasks)."""
     from tests.helpers import hub_cache_repo
 
     tasks = tmp_path / "tasks"
@@ -116,7 +116,16 @@ def test_results_of_a_hub_model_are_kept_by_the_commit_in_the_hub_cache(tmp_path
     write_lm_eval_task(tasks, "toy_animals", 8, seed=0)
     base = save_tiny_llama(tmp_path / "base", tiny_tokenizer, n_layers=2, hidden_size=32)
     edited = save_finetuned_llama(base, tmp_path / "edited", synthetic_corpus(40, seed=5), steps=10, lr=1e-2)
-    hub_cache_repo(hub_cache, "someone/tiny-base", base, commit="a" * 40)
+    hub_cache_repo(hub_cache, "someone/tiny-base", base, commit=commit)
+    return base, edited, tasks
+
+
+def test_results_of_a_hub_model_are_kept_by_the_commit_in_the_hub_cache(tmp_path, tiny_tokenizer, hub_cache):
+    """A hub id's results are reused while the local hub cache holds the same commit, and measured again
+    once `refs/main` names a newer snapshot (the hub repo moved on and the cache downloaded it)."""
+    from tests.helpers import hub_cache_repo
+
+    base, edited, tasks = _hub_base_local_edited_and_task(tmp_path, tiny_tokenizer, hub_cache, commit="a" * 40)
     cfg = LMEvalConfig(base="someone/tiny-base", edited=str(edited), tasks=["toy_animals"], include_path=[str(tasks)],
                        include_defaults=False, batch_size=8, device="cpu")
     cache = tmp_path / "cache"
@@ -188,14 +197,7 @@ def test_lm_eval_reads_a_cached_hub_model_from_the_cache_when_the_hub_cannot_be_
     import subprocess
     from pathlib import Path
 
-    from tests.helpers import hub_cache_repo
-
-    tasks = tmp_path / "tasks"
-    tasks.mkdir()
-    write_lm_eval_task(tasks, "toy_animals", 8, seed=0)
-    base = save_tiny_llama(tmp_path / "base", tiny_tokenizer, n_layers=2, hidden_size=32)
-    edited = save_finetuned_llama(base, tmp_path / "edited", synthetic_corpus(40, seed=5), steps=10, lr=1e-2)
-    hub_cache_repo(hub_cache, "someone/tiny-base", base, commit="d" * 40)
+    _, edited, tasks = _hub_base_local_edited_and_task(tmp_path, tiny_tokenizer, hub_cache, commit="d" * 40)
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         endpoint = f"http://127.0.0.1:{sock.getsockname()[1]}"
