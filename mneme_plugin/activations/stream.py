@@ -143,8 +143,9 @@ def stream_length_problem(token_budget: int | None, steps: int, batch_size: int)
     last_step = token_budget // batch_size
     return (f"training: {steps:,} steps of batch_size {batch_size:,} need {needed:,} activation rows, but with "
             f"training.stream the corpus is read once, at most one row per token, and the harvest reads "
-            f"{token_budget:,} tokens (harvest.max_tokens in whole windows): the training would stop at about step {last_step:,}. Raise harvest.max_tokens "
-            f"(--max-tokens) to at least {needed:,} or lower training.steps to at most {last_step:,}.")
+            f"{token_budget:,} tokens (harvest.max_tokens in whole windows): the training would stop at about step "
+            f"{last_step:,}. Raise harvest.max_tokens (--max-tokens) to at least {needed:,} or lower training.steps "
+            f"to at most {last_step:,}.")
 
 
 def harvest_stream(
