@@ -205,18 +205,36 @@ def run_pipeline(
     ranks; rank 0 runs every other stage alone (the others wait for the stages before the last
     shared one and leave after it) and writes the run's own files (config, markers).
     """
-    from mneme_plugin.distributed import distributed_context, main_rank_lock
+    from mneme_plugin.distributed import distributed_context, job_world_size, main_rank_lock
 
     stages = STAGES if stages is None else stages
     check_only(only, stages)
     validate_for_run(config, stages, models=models)
     layout = config.layout
+    # On every rank before the process group starts: no rank waits for the others to learn it.
+    check_batch_shared(config, stages, only, job_world_size())
     dist = distributed_context(config.training.device)
     # One `mneme run` per run directory at a time: a second one fails at once (OutputLockedError);
     # under torchrun rank 0 holds the lock for the job.
     with main_rank_lock(dist, layout.root, "run directory (out_dir)"):
         _run_stages(config, stages, layout, dist, models=models, only=only, progress=progress)
     return layout
+
+
+def check_batch_shared(config: RunConfig, stages: list[Stage], only: list[str] | None, world_size: int,
+                       planned: list[tuple[Stage, str, str]] | None = None) -> None:
+    """Refuse a ``training.batch_size`` that ``world_size`` ranks cannot split when the train stage will
+    run: before the intervention and harvest, not hours later. ``planned``: rank 0's plan; without it, the
+    plan from the config and markers alone (no input digests), which every rank makes before the process
+    group starts (a done train stage whose inputs changed is then caught by rank 0's plan)."""
+    if world_size == 1 or config.training.batch_size % world_size == 0:
+        return
+    planned = planned if planned is not None else plan(config, stages, inputs={})
+    if any(stage.name == "train" and status != "disabled" and not status.startswith("skip")
+           and (only is None or stage.name in only) for stage, _, status in planned):
+        from mneme_plugin.crosscoder.distributed import check_divisible
+
+        check_divisible(config.training.batch_size, world_size)
 
 
 def _run_stages(config: RunConfig, stages: list[Stage], layout: RunLayout, dist: DistributedContext, *,
@@ -227,12 +245,7 @@ def _run_stages(config: RunConfig, stages: list[Stage], layout: RunLayout, dist:
     def start() -> tuple[list[tuple[str, str, str]], str, dict[str, dict[str, str]]]:
         inputs = _input_digests_now(config, stages)  # what the plan checked is what the markers record
         planned = plan(config, stages, inputs)
-        if dist.is_distributed and any(stage.name == "train" and status != "disabled" and not status.startswith("skip")
-                                       and (only is None or stage.name in only) for stage, _, status in planned):
-            from mneme_plugin.crosscoder.distributed import check_divisible
-
-            # The ranks split each global batch: refused now, not after hours of intervention and harvest.
-            check_divisible(config.training.batch_size, dist.world_size)
+        check_batch_shared(config, stages, only, dist.world_size, planned)
         # Before the new config is written: a run that stops early leaves no output of the old config
         # next to it, marked done, for later commands to read.
         discard_redone(planned, layout, only)

@@ -1041,3 +1041,32 @@ def test_a_batch_the_ranks_cannot_share_is_refused_before_the_first_stage(pair_a
     assert three.returncode != 0
     assert "training.batch_size=128 is the global batch" in three.stderr and "(3)" in three.stderr, three.stderr[-3000:]
     assert not (tmp_path / "three" / "activations").exists()  # nothing harvested
+
+
+def _run_rank(rank: int, config_path: str, out: str) -> None:
+    from mneme_plugin.errors import MnemeError
+    from mneme_plugin.pipeline import run_pipeline
+
+    try:
+        run_pipeline(RunConfig.from_yaml(config_path), progress=False)
+        outcome = ["ok", ""]
+    except MnemeError as err:
+        outcome = [type(err).__name__, str(err)]
+    (Path(out) / f"rank{rank}.json").write_text(json.dumps(outcome))
+
+
+def test_a_batch_the_ranks_cannot_share_is_refused_before_waiting_for_the_other_ranks(pair_and_corpus, tmp_path,
+                                                                                      monkeypatch):
+    """Rank 0 of 2 alone (rank 1 never arrives): `mneme run` refuses training.batch_size 127 at once, with
+    `mneme train`'s message, not after waiting for the other rank."""
+    from tests.helpers import fork_ranks
+
+    base, edited, corpus, truth = pair_and_corpus
+    cfg = _config(tmp_path / "run", base, edited, corpus, truth)
+    cfg["training"]["batch_size"] = 127
+    monkeypatch.setenv("MNEME_DIST_INIT_TIMEOUT", "1")
+    fork_ranks(_run_rank, 2, _write(tmp_path, "odd.yaml", cfg), str(tmp_path), started=1)
+    kind, message = json.loads((tmp_path / "rank0.json").read_text())
+    assert kind == "ConfigError" and "training.batch_size=127 is the global batch" in message, message
+    assert "must be a multiple of the number of ranks (2)" in message
+    assert not (tmp_path / "run" / "config.yaml").exists()  # refused before the run's first file
