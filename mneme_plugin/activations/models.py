@@ -128,26 +128,35 @@ def weights_digest(spec: str, revision: str | None = None) -> str | None:
 # Whether the hub at an endpoint answered this process's one probe: None when it did, else why it could not
 # be reached. Remembered so that neither the probe nor the hub client's retries are repeated per model.
 _HUB_UNREACHABLE: dict[str, str | None] = {}
+# The hub's answer about a model (endpoint, id, revision): None when it has it, else its error. Remembered so
+# that the check before a run's first stage and every loader's check of a model not downloaded yet ask once.
+_HUB_ANSWERS: dict[tuple[str, str, str | None], Exception | None] = {}
 
 
 def _probe_hub(spec: str, revision: str | None) -> Exception | None:
-    """One request to the hub about ``spec`` (no retries), its outcome remembered in ``_HUB_UNREACHABLE``
-    unless the id was refused before any request: the error, or None when the hub has the model."""
+    """One request to the hub about ``spec`` (no retries; none when this process has the hub's answer about it
+    already), its outcome remembered in ``_HUB_UNREACHABLE`` and the answer in ``_HUB_ANSWERS`` unless the id
+    was refused before any request: the error, or None when the hub has the model."""
     from huggingface_hub import HfApi, constants
     from huggingface_hub.errors import HfHubHTTPError, HFValidationError
 
+    asked = (constants.ENDPOINT, spec, revision)
+    if asked in _HUB_ANSWERS:
+        return _HUB_ANSWERS[asked]
     try:
         HfApi().model_info(spec, revision=revision, timeout=constants.HF_HUB_ETAG_TIMEOUT)
     except HFValidationError as err:
         return err
     except HfHubHTTPError as err:  # the hub answered (no such model, gated, a server error)
         _HUB_UNREACHABLE[constants.ENDPOINT] = None
+        _HUB_ANSWERS[asked] = err
         return err
     except Exception as err:  # the hub is unreachable: no network, DNS, proxy, timeout
         first = str(err).splitlines()[0] if str(err) else "no answer"
         _HUB_UNREACHABLE[constants.ENDPOINT] = f"{type(err).__name__}: {first}"
         return err
     _HUB_UNREACHABLE[constants.ENDPOINT] = None
+    _HUB_ANSWERS[asked] = None
     return None
 
 

@@ -308,3 +308,61 @@ def test_with_hf_hub_offline_set_the_cache_is_used_as_before_without_a_probe(hub
     with hub_cache_when_unreachable("someone/tiny"):
         pass
     assert _HUB_UNREACHABLE == {}  # nothing asked
+
+
+def test_a_hub_id_not_downloaded_yet_is_asked_about_once_per_process(hub_cache):
+    """`mneme run` checks its hub models before the first stage and every loader checks again: the hub's
+    answer about an id (it has it; it has no such model) is remembered, so one request per id suffices,
+    and a mistyped id still fails at once with the hub's answer."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from pathlib import Path
+
+    requests = []
+
+    class Hub(BaseHTTPRequestHandler):  # a local hub that has someone/real and nothing else
+        def do_GET(self):
+            requests.append(self.path)
+            if self.path.startswith("/api/models/someone/real"):
+                body, status, headers = json.dumps({"id": "someone/real", "sha": "e" * 40}).encode(), 200, {}
+            else:
+                body, status, headers = b'{"error": "Repository not found"}', 404, {"X-Error-Code": "RepoNotFound"}
+            self.send_response(status)
+            for key, value in {"Content-Type": "application/json", **headers}.items():
+                self.send_header(key, value)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Hub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        env = {**os.environ, "HF_HUB_OFFLINE": "0", "TRANSFORMERS_OFFLINE": "0",
+               "HF_ENDPOINT": f"http://127.0.0.1:{server.server_address[1]}", "HF_HUB_CACHE": str(hub_cache),
+               "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+        code = ("from mneme_plugin.activations.models import hub_model_problem, require_hub_model\n"
+                "from mneme_plugin.errors import ConfigError\n"
+                "print(hub_model_problem('someone/real'))\n"
+                "require_hub_model('someone/real', 'base')\n"
+                "print(hub_model_problem('someone/nmae'))\n"
+                "try:\n"
+                "    require_hub_model('someone/nmae', 'edited')\n"
+                "except ConfigError as err:\n"
+                "    print(err)\n")
+        run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert run.returncode == 0, run.stderr
+    real, nmae = ([r for r in requests if r.startswith(f"/api/models/someone/{name}")] for name in ("real", "nmae"))
+    assert len(real) == 1 and len(nmae) == 1, requests
+    lines = run.stdout.splitlines()
+    assert lines[0] == "None" and "the hub has no model someone/nmae" in lines[1], run.stdout
+    assert lines[2].startswith("edited: the hub model someone/nmae") and lines[2].endswith(lines[1][-60:]), run.stdout
