@@ -173,7 +173,9 @@ def _params(check: ConfigCheck) -> float | None:
 
 
 def _duration(seconds: float) -> str:
-    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{max(seconds, 1) / 60:.0f} min"
+    if seconds < 60:  # not "0 min"
+        return f"{max(seconds, 1):.0f} s"
+    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.0f} min"
 
 
 def _checkpoint_note(kind: str, settings: Any, params: float, d_model: int | None) -> str:
@@ -191,6 +193,16 @@ def _checkpoint_note(kind: str, settings: Any, params: float, d_model: int | Non
             "(removed when the model is written)")
 
 
+def _sft_examples(settings: Any) -> int | None:
+    """How many examples SFT trains on: a local JSONL file's lines (at most ``max_examples``); else
+    ``max_examples``; None when unknown (a hub dataset, another file type, a file not there yet)."""
+    data = Path(settings.data)
+    lines = sum(1 for line in data.open() if line.strip()) if data.suffix == ".jsonl" and data.is_file() else None
+    if lines is None:
+        return settings.max_examples
+    return lines if settings.max_examples is None else min(lines, settings.max_examples)
+
+
 def estimates(config: RunConfig, check: ConfigCheck) -> list[str]:
     """Rough time and disk per step on one H100-class GPU (from the architecture; none when it is unknown)."""
     params = _params(check)
@@ -205,13 +217,18 @@ def estimates(config: RunConfig, check: ConfigCheck) -> list[str]:
             tokens = settings.max_num_batches * settings.batch_size * 2 * max(settings.per_topic("forget_max_length", 1))
             seconds = tokens * forward * 4 / GPU_FLOPS  # updated + frozen forwards, backward
         else:
-            data = Path(settings.data)
-            examples = settings.max_examples or (sum(1 for _ in data.open()) if data.suffix == ".jsonl" and data.is_file()
-                                                 else None)
+            examples = _sft_examples(settings)
             per = examples or 10_000
             seconds = settings.epochs * per * settings.max_length / 2 * forward * 3 / GPU_FLOPS
-        out.append(f"intervention ({iv.kind}): ~{_duration(seconds)}"
-                   + ("" if iv.kind == "rmu" or examples else f" per 10k examples ({settings.epochs} epoch(s))")
+        if iv.kind == "rmu" or examples:
+            timing = f"~{_duration(seconds)}"
+        elif not settings.data.startswith("hf:") and not Path(settings.data).exists():
+            # No examples to count yet: the rate alone, said as one (a 10-example file takes minutes).
+            timing = (f"time unknown until {settings.data} exists (~{_duration(seconds)} per 10k examples, "
+                      f"{settings.epochs} epoch(s))")
+        else:
+            timing = f"~{_duration(seconds)} per 10k examples ({settings.epochs} epoch(s))"
+        out.append(f"intervention ({iv.kind}): {timing}"
                    + f"; edited model {params * 2 / 2**30:.0f} GiB (bf16)"
                    + _checkpoint_note(iv.kind, settings, params, check.d_model))
     for name, table in config.ground_truth.tables.items():

@@ -47,3 +47,23 @@ def test_the_gated_organisation_names_the_models_that_need_access():
     """Zephyr's recipe listed `meta-llama/` as gated without saying which model: only its explainer is one."""
     result = CliRunner().invoke(main, ["run", "--dry-run", str(RECIPES / "wmdp_rmu/zephyr_7b.yaml")])
     assert "  meta-llama/ (meta-llama/Llama-3.1-70B-Instruct): request access" in result.output, result.output
+
+
+def test_an_sft_estimate_counts_the_data_file_and_says_it_is_unknown_while_the_file_is_missing(tmp_path, monkeypatch):
+    """The AOA recipe trains on 10 examples: before its data file exists the estimate was "~2.1 h per 10k
+    examples", read as the intervention's time; it now says the time is unknown until the file exists,
+    and with the file counts its examples."""
+    monkeypatch.chdir(tmp_path)  # the recipe's relative data path, not there yet
+    line = _intervention_line("benign_finetuning/llama2_7b_aoa.yaml")
+    assert "intervention (sft): time unknown until data/benign_finetuning/aoa_train.jsonl exists (~" in line, line
+    assert " per 10k examples, 10 epoch(s)); edited model" in line, line
+    rate = re.search(r"\(~([\d.]+) h per 10k", line)
+    assert rate is not None, line
+    data = tmp_path / "data" / "benign_finetuning" / "aoa_train.jsonl"
+    data.parent.mkdir(parents=True)
+    data.write_text('{"messages": []}\n' * 10)
+    line = _intervention_line("benign_finetuning/llama2_7b_aoa.yaml")
+    # 10 examples take a thousandth of the 10k examples' time (~8 s, not "0 min").
+    seconds = re.search(r"intervention \(sft\): ~(\d+) s; edited model", line)
+    assert seconds is not None, line
+    assert abs(int(seconds.group(1)) - float(rate.group(1)) * 3600 / 1000) < 1.5  # the rate is rounded to 0.1 h
