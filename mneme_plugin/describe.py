@@ -73,7 +73,10 @@ def _pipeline_summary(path: Path) -> list[str]:
     markers = read_stage_markers(path)
     for marker in markers:
         lines.append(f"  stage {marker.stage:<10} done in {marker.seconds:.1f} s (config {marker.fingerprint})")
+    if not markers:
+        lines.append("  no stage done yet")
     lines += _unfinished_stages(layout, {marker.stage for marker in markers})
+    lines += _stages_not_done(layout, {marker.stage for marker in markers})
     if layout.evaluation.is_dir():
         lines += _evaluation_lines(layout.evaluation)
     if layout.report.is_file():
@@ -138,6 +141,25 @@ def _unfinished_stages(layout, done: set[str]) -> list[str]:  # noqa: ANN001
         lines.append(f"  stage train      not finished (newest checkpoint {newest.name}): "
                      "`mneme run` again resumes it")
     return lines
+
+
+def _stages_not_done(layout, done: set[str]) -> list[str]:  # noqa: ANN001
+    """The stages the run's config runs that have no marker (a run that stopped, or one with ``--only``)."""
+    from mneme_plugin.errors import MnemeError
+    from mneme_plugin.pipeline.config import load_run_config
+    from mneme_plugin.pipeline.stages import STAGES
+
+    if not layout.config.is_file():
+        return []
+    try:
+        config = load_run_config(layout.root)
+    except MnemeError as err:
+        return [f"  config: unreadable, so the stages still to run are unknown ({err})"]
+    missing = [stage.name for stage in STAGES
+               if stage.present(config) and stage.enabled(config) and stage.name not in done]
+    if not missing:
+        return []
+    return [f"  stages not done: {', '.join(missing)}" + (" (the run stopped before them)" if done else "")]
 
 
 def _training_run_summary(path: Path) -> list[str]:
@@ -449,7 +471,8 @@ def describe_path(path: str | Path) -> str:
     from mneme_plugin.layout import RunLayout
 
     path = Path(path)
-    if RunLayout(path).stages.is_dir():
+    # config.yaml: only `mneme run` writes it, before its first stage (a run stopped in it has no marker yet)
+    if RunLayout(path).stages.is_dir() or RunLayout(path).config.is_file():
         return "\n".join(_pipeline_summary(path))
     if (path / MANIFEST).is_file():
         return "\n".join(_store_summary(path))

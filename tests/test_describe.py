@@ -149,3 +149,36 @@ def test_info_describes_a_demo_case_and_the_demo_output(finished_run, tmp_path):
     wrong = CliRunner().invoke(main, ["train", "--store", str(case), "--out", str(tmp_path / "out")])
     assert f"{case} is not an activation store: it is a `mneme demo` case (its run directory: {case / CASE_RUN})" \
         in wrong.output
+
+
+def test_info_on_an_unfinished_demo_case_names_the_stages_done_and_those_missing(finished_run, tmp_path):
+    """A `mneme demo` case whose run stopped after training listed the stages done and nothing else, as if
+    the run were whole; one stopped in its first stage was "nothing mneme writes"."""
+    from mneme_plugin.config import read_yaml_mapping
+    from mneme_plugin.organism.demo import CASE_RUN, RECIPE_FILE
+
+    run, _ = finished_run
+    case = tmp_path / "demo" / "rmu"
+    shutil.copytree(run, case / CASE_RUN)
+    recipe = read_yaml_mapping(run / "config.yaml")
+    recipe["run_dir"] = str(case / CASE_RUN)
+    (case / RECIPE_FILE).write_text(yaml.safe_dump(recipe))
+    later = ["attribute", "collect", "explain", "map", "predict", "evaluate", "report"]
+    for stage in later:
+        (case / CASE_RUN / ".stages" / f"{stage}.json").unlink()
+    for folder in ("attribution", "contexts", "explanations", "mapping", "prediction", "evaluation"):
+        shutil.rmtree(case / CASE_RUN / folder)
+    (case / CASE_RUN / "report.html").unlink()
+
+    summary = _info(case)
+    assert "    stage harvest " in summary and "    stage train " in summary, summary
+    assert f"    stages not done: {', '.join(later)} (the run stopped before them)" in summary, summary
+
+    # Stopped in its first stage: the run's config, no marker yet.
+    shutil.rmtree(case / CASE_RUN / ".stages")
+    for folder in ("crosscoder_run", "activations"):
+        shutil.rmtree(case / CASE_RUN / folder)
+    summary = _info(case)
+    assert summary.startswith(f"Demo case {case} (`mneme demo`)"), summary
+    assert "    no stage done yet" in summary, summary
+    assert f"    stages not done: harvest, train, {', '.join(later)}" in summary, summary
