@@ -390,6 +390,38 @@ def write_lm_eval_task(folder: str | Path, name: str, n: int, seed: int, functio
     return task
 
 
+def write_lm_eval_generative_task(folder: str | Path, name: str, filters: dict[str, Sequence[bool]]) -> Path:
+    """A local lm-eval generative task (``generate_until``, metric ``exact_match``) in ``folder``, with
+    one filter per ``filters`` entry (lm-eval's ``filter_list``, as MMLU-Pro's ``custom-extract`` or
+    GSM8K's ``strict-match`` / ``flexible-extract``): filter ``f`` extracts the right answer for
+    document i iff ``filters[f][i]`` (a ``custom`` filter), so each filter's exact match is known
+    whatever the tiny model generates. Returns the YAML."""
+    folder = Path(folder)
+    counts = {len(marks) for marks in filters.values()}
+    assert len(counts) == 1, "every filter marks every document"
+    rows = [{"q": "the cat sees the", "target": "tree", **{f"right_{i}": bool(marks[d]) for i, marks in
+                                                            enumerate(filters.values())}}
+            for d in range(counts.pop())]
+    data = folder / f"{name}.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    module = f"{name}_filters"
+    (folder / f"{module}.py").write_text("".join(
+        f"def extract_{i}(resps, docs):\n    return [[d['target'] if d['right_{i}'] else 'wrong'] for d in docs]\n\n"
+        for i in range(len(filters))))
+    filter_list = "".join(
+        f"  - name: {filter_name}\n    filter:\n      - function: custom\n"
+        f"        filter_fn: !function {module}.extract_{i}\n      - function: take_first\n"
+        for i, filter_name in enumerate(filters))
+    task = folder / f"{name}.yaml"
+    task.write_text(
+        f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\ntest_split: test\n"
+        "output_type: generate_until\ndoc_to_text: \"{{q}}\"\ndoc_to_target: target\n"
+        "generation_kwargs:\n  until: [\"\\n\"]\n  max_gen_toks: 2\n  do_sample: false\n"
+        f"filter_list:\n{filter_list}"
+        "metric_list:\n  - metric: exact_match\n    aggregation: mean\n    higher_is_better: true\n")
+    return task
+
+
 # ------------------------------------------------------------------------------ a local OpenAI-compatible server
 
 

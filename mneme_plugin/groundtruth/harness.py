@@ -168,9 +168,13 @@ def run_lm_eval(config: LMEvalConfig, model: str, cache: Path, manager: Any) -> 
     per_sample: dict[str, dict[str, float]] = {}
     for task, records in samples.items():
         metric = metric_for(out["results"].get(task, {}), config.metric)
-        name = metric.split(",")[0] if metric else None
-        if name and records and name in records[0]:
-            per_sample[task] = {str(r["doc_id"]): float(r[name]) for r in records}
+        if metric is None:
+            continue
+        # lm-eval logs one record per document and filter (`strict-match`, `flexible-extract`): keep the metric's.
+        name, _, filt = metric.partition(",")
+        chosen = [r for r in records if r.get("filter", "none") == (filt or "none") and name in r]
+        if chosen:
+            per_sample[task] = {str(r["doc_id"]): float(r[name]) for r in chosen}
     safe = json.loads(json.dumps(out, default=str))
     safe[PER_SAMPLE_KEY] = per_sample
     return safe

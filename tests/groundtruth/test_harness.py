@@ -14,7 +14,9 @@ from mneme_plugin.groundtruth.harness import (
 )
 from mneme_plugin.groundtruth.table import SCORES_CSV, mcnemar_p, z_test_p
 from mneme_plugin.groundtruth.table import read_scores_csv
-from tests.helpers import save_finetuned_llama, save_tiny_llama, synthetic_corpus, write_lm_eval_task
+from tests.helpers import (
+    save_finetuned_llama, save_tiny_llama, synthetic_corpus, write_lm_eval_generative_task, write_lm_eval_task,
+)
 
 
 def test_mcnemar_and_z_against_hand_computations():
@@ -58,6 +60,24 @@ def test_lm_eval_on_two_tiny_models_gives_the_table(tmp_path, tiny_tokenizer):
     pd.testing.assert_frame_equal(again, table)
     from_files = lm_eval_table_from_files(out / RESULTS_JSON["before"], out / RESULTS_JSON["after"], tmp_path / "f")
     pd.testing.assert_frame_equal(from_files, table)
+
+
+def test_per_question_scores_are_those_of_the_chosen_filter(tmp_path, tiny_tokenizer):
+    """A generative task with two filters (GSM8K's strict-match and flexible-extract): lm-eval logs each
+    question once per filter; McNemar's test reads the chosen metric's filter, not the last one logged."""
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    strict = [i % 3 == 0 for i in range(12)]
+    write_lm_eval_generative_task(tasks, "toy_gen", {"strict-match": strict, "flexible-extract": [True] * 12})
+    base = save_tiny_llama(tmp_path / "base", tiny_tokenizer, n_layers=2, hidden_size=32)
+    cfg = LMEvalConfig(base=str(base), edited=str(base), tasks=["toy_gen"], include_path=[str(tasks)],
+                       include_defaults=False, batch_size=8, device="cpu")
+    table = lm_eval_ground_truth(cfg, tmp_path / "gt")
+
+    row = table.set_index("task").loc["toy_gen"]
+    assert row["metric"] == "exact_match,strict-match" and row["before"] == pytest.approx(4 / 12)
+    per_sample = json.loads((tmp_path / "gt" / RESULTS_JSON["before"]).read_text())["mneme_per_sample"]["toy_gen"]
+    assert [per_sample[str(i)] for i in range(12)] == [float(s) for s in strict]
 
 
 def test_results_kept_in_a_cache_dir_are_reused_by_key(tmp_path, tiny_tokenizer, monkeypatch):
