@@ -189,6 +189,12 @@ def metric_for(values: dict[str, Any], metric: str | None) -> str | None:
     return next((m for m in PREFERRED_METRICS if m in values), None)
 
 
+def _metric_names(values: dict[str, Any]) -> list[str]:
+    """The metric keys of one task's results (``acc,none``, ``exact_match,custom-extract``), less their
+    standard errors."""
+    return [key for key in values if "," in key and "_stderr," not in key]
+
+
 def _score(values: dict[str, Any], metric: str, task: str, where: str) -> float:
     score = values[metric]
     if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
@@ -241,7 +247,7 @@ def table_from_results(before: dict[str, Any], after: dict[str, Any], metric: st
 
     One row per task scored in both (group aggregates skipped: ``group_names``, and rows without
     sample counts in a file that has them); the metric is ``metric``, or per task the first of
-    PREFERRED_METRICS it has. The drop's p-value is the paired exact McNemar test when both hold
+    PREFERRED_METRICS it has (a task in both without it is a ConfigError naming its metrics). The drop's p-value is the paired exact McNemar test when both hold
     per-sample scores (our lm-eval runs do), else a z test on lm-eval's standard errors, else Fisher's
     exact test on the sample count (``drop_test``).
     """
@@ -249,7 +255,7 @@ def table_from_results(before: dict[str, Any], after: dict[str, Any], metric: st
         _check_results(data, name)
     counts_b = before.get("n-samples") or {}
     groups = group_names(before) | group_names(after)
-    rows = []
+    rows, unscored = [], {}
     for task, values in before["results"].items():
         other = after["results"].get(task)
         if (not isinstance(values, dict) or not isinstance(other, dict) or task in groups
@@ -257,6 +263,7 @@ def table_from_results(before: dict[str, Any], after: dict[str, Any], metric: st
             continue
         chosen = metric_for(values, metric)
         if chosen is None or chosen not in other:
+            unscored[task] = sorted(set(_metric_names(values)) & set(_metric_names(other)))
             continue
         b, a = _score(values, chosen, task, names[0]), _score(other, chosen, task, names[1])
         se_b, se_a = _stderr(values, chosen), _stderr(other, chosen)
@@ -271,9 +278,13 @@ def table_from_results(before: dict[str, Any], after: dict[str, Any], metric: st
         rows.append({"category": category_from_task(task), "before": b, "after": a, "n": n, "stderr_before": se_b,
                      "stderr_after": se_a, "p_value": p, "test": test if p is not None else None, "task": task,
                      "metric": chosen})
+    wanted = f"metric {metric}" if metric else f"any of the metrics {', '.join(PREFERRED_METRICS)}"
+    if unscored:  # a task the user measured would silently be missing from the ground truth
+        listed = "; ".join(f"{task} has {', '.join(found) or 'no metric'}" for task, found in list(unscored.items())[:6])
+        raise ConfigError(f"{names[0]} and {names[1]}: task(s) {list(unscored)[:6]} lack {wanted} ({listed}). Set "
+                          "`metric` (`--metric`) to one every task has, or measure these tasks in a table of their own.")
     if not rows:
-        raise ConfigError(f"{names[0]} and {names[1]} share no task with a usable metric"
-                          + (f" ({metric})." if metric else f" (tried {', '.join(PREFERRED_METRICS)})."))
+        raise ConfigError(f"{names[0]} and {names[1]} share no task with {wanted}.")
     _refuse_shared_categories([row["task"] for row in rows], f"{names[0]} and {names[1]}")
     return make_table(rows)
 

@@ -80,6 +80,26 @@ def test_per_question_scores_are_those_of_the_chosen_filter(tmp_path, tiny_token
     assert [per_sample[str(i)] for i in range(12)] == [float(s) for s in strict]
 
 
+def test_a_task_without_the_metric_is_refused_by_name_not_left_out(tmp_path, tiny_tokenizer):
+    """A multiple-choice task (acc) beside an MMLU-Pro-like generative one (exact_match after its
+    custom-extract filter): each is read with its own metric by default; with `metric: acc,none` (the
+    WMDP / MMLU presets) the generative task is refused, naming the metrics it has, where it used to be
+    left out of the ground truth without a word."""
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    write_lm_eval_task(tasks, "toy_animals", 8, seed=0)
+    write_lm_eval_generative_task(tasks, "toy_pro", {"custom-extract": [i % 2 == 0 for i in range(6)]})
+    base = save_tiny_llama(tmp_path / "base", tiny_tokenizer, n_layers=2, hidden_size=32)
+    cfg = LMEvalConfig(base=str(base), edited=str(base), tasks=["toy_animals", "toy_pro"], include_path=[str(tasks)],
+                       include_defaults=False, batch_size=8, device="cpu")
+    table = lm_eval_ground_truth(cfg, tmp_path / "gt").set_index("task")
+    assert table["metric"].to_dict() == {"toy_animals": "acc,none", "toy_pro": "exact_match,custom-extract"}
+    assert table.loc["toy_pro", "before"] == pytest.approx(0.5)
+    with pytest.raises(ConfigError, match=r"\['toy_pro'\] lack metric acc,none \(toy_pro has "
+                                          r"exact_match,custom-extract\)\. Set `metric`"):
+        lm_eval_ground_truth(cfg.replace(metric="acc,none"), tmp_path / "gt2")
+
+
 def test_results_kept_in_a_cache_dir_are_reused_by_key(tmp_path, tiny_tokenizer, monkeypatch):
     """A measurement into a fresh folder (a redone ground-truth stage) takes each model's results from
     the cache when everything they depend on is unchanged, and measures again the model whose folder
