@@ -390,6 +390,15 @@ def write_lm_eval_task(folder: str | Path, name: str, n: int, seed: int, functio
     return task
 
 
+def write_lm_eval_group(folder: str | Path, name: str, children: Sequence[str], metric: str = "acc") -> Path:
+    """A local lm-eval group YAML in ``folder``, shaped like MMLU's and WMDP's (``group:``, ``task:``
+    list of tasks or groups, an ``aggregate_metric_list`` weighted by size). Returns the YAML."""
+    path = Path(folder) / f"_{name}.yaml"
+    path.write_text(f"group: {name}\ntask:\n" + "".join(f"  - {child}\n" for child in children)
+                    + f"aggregate_metric_list:\n  - metric: {metric}\n    weight_by_size: true\n")
+    return path
+
+
 def write_lm_eval_generative_task(folder: str | Path, name: str, filters: dict[str, Sequence[bool]]) -> Path:
     """A local lm-eval generative task (``generate_until``, metric ``exact_match``) in ``folder``, with
     one filter per ``filters`` entry (lm-eval's ``filter_list``, as MMLU-Pro's ``custom-extract`` or

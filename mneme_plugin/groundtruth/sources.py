@@ -46,7 +46,8 @@ class GroundTruthTable(ConfigMixin):
 
     ``lm_eval`` / ``judge`` take the keys of ``mneme groundtruth lm-eval`` / ``judge`` configs (and
     ``preset: NAME``); their ``base`` / ``edited`` default to the run's models. ``categories``
-    renames table categories to taxonomy ids (e.g. HEx-PHI's ``category_1`` to ``illegal_activity``).
+    renames table categories to taxonomy ids (e.g. HEx-PHI's ``category_1`` to ``illegal_activity``):
+    each key a category of the table, no two onto one (``renamed_categories``).
     """
 
     taxonomy: str | None = None
@@ -150,9 +151,30 @@ def measure_tables(config: RunGroundTruthConfig, base: str, edited: str, out_dir
         else:
             scores = scores_from_lm_eval(str(table.lm_eval_before), str(table.lm_eval_after))
         if table.categories:
-            scores = scores.assign(category=scores["category"].map(lambda c: table.categories.get(c, c)))
+            scores = renamed_categories(scores, table.categories, f"ground_truth.tables.{name}.categories")
         written.append(save_scores(scores, table_path(out, name)))
     return written
+
+
+def renamed_categories(scores: pd.DataFrame, renames: dict[str, str], where: str) -> pd.DataFrame:
+    """``scores`` with its categories renamed by ``renames`` (table category -> taxonomy id). A key
+    that names no row is refused (a typo, or an lm-eval task name such as ``mmlu_anatomy`` for its
+    category ``anatomy``), and so are two rows renamed onto one category: a category is one row (one
+    lm-eval task, one judge category), its questions never pooled with another's."""
+    present = [str(c) for c in scores["category"]]
+    unknown = [key for key in renames if key not in present]
+    if unknown:
+        tasks = dict(zip(scores["task"].astype(str), present)) if "task" in scores.columns else {}
+        hint = "".join(f"; {key} is the lm-eval task of category {tasks[key]!r}" for key in unknown if key in tasks)
+        raise ConfigError(f"{where}: {unknown[:6]} name no category of the table{hint}. Its categories: "
+                          f"{present[:10]}{'...' if len(present) > 10 else ''}.")
+    renamed = [renames.get(c, c) for c in present]
+    merged = {c: [old for old, new in zip(present, renamed) if new == c] for c in renamed if renamed.count(c) > 1}
+    if merged:
+        listed = "; ".join(f"{sources} onto {target!r}" for target, sources in list(merged.items())[:5])
+        raise ConfigError(f"{where} renames several categories onto one ({listed}). Each category is one row, "
+                          "its own questions: rename one of them only, or map the others to other taxonomy ids.")
+    return scores.assign(category=renamed)
 
 
 def load_tables(config: GroundTruthConfig, folder: str | os.PathLike[str],

@@ -1,0 +1,57 @@
+"""Named ground-truth tables measured with the real lm-evaluation-harness (``groundtruth.sources``)."""
+
+from __future__ import annotations
+
+import pytest
+
+from mneme_plugin.errors import ConfigError
+from mneme_plugin.groundtruth.sources import RunGroundTruthConfig, measure_tables
+from mneme_plugin.groundtruth.table import read_scores_csv
+from tests.helpers import save_tiny_llama, write_lm_eval_group, write_lm_eval_task
+
+
+@pytest.fixture(scope="module")
+def mmlu_like(tmp_path_factory, tiny_tokenizer):
+    """A tiny model and an MMLU-shaped suite: group ``mmlu`` -> ``mmlu_stem`` (anatomy 6 questions,
+    astronomy 10) and ``mmlu_other`` (virology 8), as lm-eval's own YAMLs nest them."""
+    root = tmp_path_factory.mktemp("mmlu_like")
+    tasks = root / "tasks"
+    tasks.mkdir()
+    for seed, (subject, n) in enumerate({"anatomy": 6, "astronomy": 10, "virology": 8}.items()):
+        write_lm_eval_task(tasks, f"mmlu_{subject}", n, seed=seed)
+    write_lm_eval_group(tasks, "mmlu", ["mmlu_stem", "mmlu_other"])
+    write_lm_eval_group(tasks, "mmlu_stem", ["mmlu_anatomy", "mmlu_astronomy"])
+    write_lm_eval_group(tasks, "mmlu_other", ["mmlu_virology"])
+    return save_tiny_llama(root / "model", tiny_tokenizer, n_layers=2, hidden_size=32), tasks
+
+
+def _config(tasks, categories):
+    return RunGroundTruthConfig.from_dict({"tables": {"mmlu": {
+        "taxonomy": "mmlu", "categories": categories,
+        "lm_eval": {"tasks": ["mmlu"], "include_path": [str(tasks)], "include_defaults": False, "device": "cpu"}}}})
+
+
+def test_a_group_two_deep_gives_one_row_per_subject_renamed_by_categories(tmp_path, mmlu_like):
+    model, tasks = mmlu_like
+    measure_tables(_config(tasks, {"virology": "medical_genetics"}), str(model), str(model), tmp_path / "gt",
+                   cache_dir=tmp_path / "cache")
+    table = read_scores_csv(tmp_path / "gt" / "mmlu.csv").set_index("task")
+    assert table["category"].to_dict() == {"mmlu_anatomy": "anatomy", "mmlu_astronomy": "astronomy",
+                                           "mmlu_virology": "medical_genetics"}
+    assert table["n"].to_dict() == {"mmlu_anatomy": 6, "mmlu_astronomy": 10, "mmlu_virology": 8}
+
+
+@pytest.mark.parametrize("categories, message", [
+    ({"mmlu_virology": "medical_genetics"},
+     r"categories: \['mmlu_virology'\] name no category of the table; mmlu_virology is the lm-eval task of "
+     r"category 'virology'\. Its categories: \['anatomy', 'astronomy', 'virology'\]"),
+    ({"virology": "anatomy"}, r"renames several categories onto one \(\['anatomy', 'virology'\] onto 'anatomy'\)"),
+])
+def test_categories_that_name_no_row_or_pool_rows_are_refused(tmp_path, mmlu_like, categories, message):
+    """A key that names no category was ignored (the task kept its own name, off the taxonomy); two
+    rows renamed onto one failed later as a duplicated category of a file not yet written."""
+    model, tasks = mmlu_like
+    with pytest.raises(ConfigError, match=message):
+        measure_tables(_config(tasks, categories), str(model), str(model), tmp_path / "gt",
+                       cache_dir=tmp_path / "cache")
+    assert not (tmp_path / "gt" / "mmlu.csv").exists()
