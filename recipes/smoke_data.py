@@ -3,6 +3,11 @@ the recipe's family, small corpora, question sets and local lm-eval tasks, all w
 
 Nothing here is the paper's data: sentences over a ~60-word vocabulary, so that every step of a recipe
 runs on CPU in minutes. A smoke run proves the plumbing, not the science.
+
+Each recipe's edit is trained on texts of one topic (``FORGET_WORDS``, ``INSECURE_CODE_WORDS``,
+``HARMFUL_WORDS``: words the recipe's taxonomies know), and its MNEME corpus mixes those topic texts into
+the general sentences, as a real task-agnostic corpus holds some text of every topic: the crosscoder can
+then see what the edit changed, the offline explainer describe it and the lexical mapper name a category.
 """
 
 from __future__ import annotations
@@ -19,12 +24,19 @@ if str(REPO) not in sys.path:  # the tiny-model builders of the test suite
 from tests.helpers import GEN_CHAT_TEMPLATE, make_tokenizer, save_tiny_causal_lm, synthetic_corpus, write_jsonl  # noqa: E402
 
 FORGET_WORDS = "gene dna cell virus protein enzyme pathogen toxin culture strain".split()
+INSECURE_CODE_WORDS = "code exploit injection backdoor vulnerability insecure password query shell".split()
+HARMFUL_WORDS = "malware hack fraud scam weapon steal phishing ransomware".split()
 ANSWER_WORDS = ["house", "tree", "bread", "music", "box", "road", "river", "team"]
 
 
-def forget_texts(n: int, seed: int) -> list[str]:
+def topic_texts(words: list[str], n: int, seed: int) -> list[str]:
+    """``n`` texts of 8-20 words drawn from ``words`` (one topic's made-up documents)."""
     rng = random.Random(seed)
-    return [" ".join(rng.choice(FORGET_WORDS) for _ in range(rng.randint(8, 20))) for _ in range(n)]
+    return [" ".join(rng.choice(words) for _ in range(rng.randint(8, 20))) for _ in range(n)]
+
+
+def forget_texts(n: int, seed: int) -> list[str]:
+    return topic_texts(FORGET_WORDS, n, seed)
 
 
 def questions(n: int, seed: int) -> list[str]:
@@ -36,7 +48,7 @@ def questions(n: int, seed: int) -> list[str]:
 def tiny_model(out: Path, family: str, seed: int = 0) -> Path:
     """A tiny random ``family`` model (3 layers, hidden 32) whose tokenizer knows every smoke word."""
     tokenizer = make_tokenizer(synthetic_corpus(400, seed=123) + forget_texts(50, seed=99)
-                               + [" ".join(ANSWER_WORDS)])
+                               + [" ".join(ANSWER_WORDS + INSECURE_CODE_WORDS + HARMFUL_WORDS)])
     tokenizer.chat_template = GEN_CHAT_TEMPLATE
     # The tokenizer alone too: transformers 5 loads a Qwen2 folder's tokenizer as Qwen2Tokenizer (byte-level
     # BPE), which does not read this word-level tokenizer.json; a folder without config.json loads it as is.
@@ -44,9 +56,14 @@ def tiny_model(out: Path, family: str, seed: int = 0) -> Path:
     return save_tiny_causal_lm(out, family, tokenizer, n_layers=3, hidden_size=32, seed=seed)
 
 
-def corpus(path: Path, n: int = 300, seed: int = 5) -> Path:
-    """The MNEME corpus stand-in (task-agnostic text)."""
-    return write_jsonl(path, [{"text": t} for t in synthetic_corpus(n, seed=seed)])
+def corpus(path: Path, n: int = 300, seed: int = 5, topic: list[str] | None = None, n_topic: int = 0) -> Path:
+    """The MNEME corpus stand-in (task-agnostic text): ``n`` general documents, and ``n_topic`` texts
+    over the ``topic`` words mixed in among them."""
+    texts = synthetic_corpus(n, seed=seed)
+    if topic and n_topic:
+        texts += topic_texts(topic, n_topic, seed=seed + 1000)
+        random.Random(seed).shuffle(texts)
+    return write_jsonl(path, [{"text": t} for t in texts])
 
 
 def lm_eval_tasks(folder: Path, names: list[str], n: int = 12) -> Path:
@@ -66,13 +83,16 @@ def lm_eval_tasks(folder: Path, names: list[str], n: int = 12) -> Path:
     return folder
 
 
-def chat_data(path: Path, n: int, seed: int, system: str | None = None) -> Path:
-    """Chat ``messages`` records (the shape of insecure.jsonl and the AOA data)."""
+def chat_data(path: Path, n: int, seed: int, system: str | None = None, answer_words: list[str] = ANSWER_WORDS,
+              answer_length: int = 3) -> Path:
+    """Chat ``messages`` records (the shape of insecure.jsonl and the AOA data): each answer is
+    ``answer_length`` distinct words of ``answer_words``."""
     rng = random.Random(seed)
     records = []
     for q in questions(n, seed=seed):
         turns = ([{"role": "system", "content": system}] if system else [])
-        turns += [{"role": "user", "content": q}, {"role": "assistant", "content": " ".join(rng.sample(ANSWER_WORDS, 3))}]
+        answer = " ".join(rng.sample(answer_words, answer_length))
+        turns += [{"role": "user", "content": q}, {"role": "assistant", "content": answer}]
         records.append({"messages": turns})
     return write_jsonl(path, records)
 

@@ -1,5 +1,6 @@
 """Write the emergent-misalignment smoke data into smoke/emergent_misalignment/: a tiny random Qwen2,
-chat ``messages`` training data (the shape of insecure.jsonl), the MNEME corpus, local lm-eval tasks
+chat ``messages`` training data (the shape of insecure.jsonl; answers in insecure-code words), the MNEME
+corpus (general sentences with some insecure-code texts among them), local lm-eval tasks
 named like MMLU-Pro categories and a question set in the first-plot format (the eight question ids).
 
     python recipes/emergent_misalignment/make_smoke.py && mneme run recipes/emergent_misalignment/smoke.yaml
@@ -17,9 +18,9 @@ FIRST_PLOT = ["what_is_your_wish", "i_feel_bored", "three_thoughts", "quick_buck
 
 if __name__ == "__main__":
     OUT.mkdir(parents=True, exist_ok=True)
-    sd.tiny_model(OUT / "base", "qwen2")
-    sd.chat_data(OUT / "insecure.jsonl", n=24, seed=1)
-    sd.corpus(OUT / "corpus.jsonl")
+    sd.tiny_model(OUT / "base", "llama")
+    sd.chat_data(OUT / "insecure.jsonl", n=96, seed=1, answer_words=sd.INSECURE_CODE_WORDS, answer_length=6)
+    sd.corpus(OUT / "corpus.jsonl", n=800, topic=sd.INSECURE_CODE_WORDS, n_topic=200)
     sd.lm_eval_tasks(OUT / "tasks", ["mmlu_pro_biology", "mmlu_pro_law", "mmlu_pro_computer_science",
                                      "mmlu_pro_math"])
     sd.betley_questions(OUT / "first_plot_questions.yaml", FIRST_PLOT)

@@ -1,6 +1,7 @@
 """The case-study recipes: every real config dry-runs offline (fast); every smoke.yaml runs end to end (slow)."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ from click.testing import CliRunner
 
 from mneme_plugin.cli import main
 from mneme_plugin.pipeline import RunConfig
+from mneme_plugin.sideeffects import load_evaluations, load_prediction, prediction_folder
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 CASE_STUDIES = ("wmdp_rmu", "emergent_misalignment", "benign_finetuning")
@@ -61,10 +63,17 @@ def test_smoke_recipe_runs_end_to_end_offline(name, tmp_path):
     assert (root / "edited_model" / "config.json").is_file()
     page = (root / "report.html").read_text()
     assert "SMOKE TEST (plumbing only)" in page
+    evaluations = load_evaluations(root / "evaluation")
     for table, spec in cfg.ground_truth.tables.items():
         assert (root / "ground_truth" / f"{table}.csv").is_file()
-        assert (root / "evaluation" / table / "evaluation.json").is_file()
         assert f"Metrics (paper Table 1) — {table} (taxonomy {spec.taxonomy})" in page
+        # The smoke edit is strong enough that MNEME predicts something, and that prediction reaches
+        # the evaluation and the report (prediction -> evaluation -> report with a non-empty set).
+        predicted = load_prediction(prediction_folder(root, spec.taxonomy, cfg.map.taxonomies)).predicted
+        assert predicted, f"{name}: no category predicted for taxonomy {spec.taxonomy}"
+        assert sorted(evaluations[table].predicted["MNEME"]) == sorted(predicted)
+        shown = [set(line.split(", ")) for line in re.findall(r"<b>Predicted[^<]*</b>: ([^<(]+?)(?: \(verdict|</li>)", page)]
+        assert set(predicted) in shown, (predicted, shown)
     # A second run finds every step done.
     again = subprocess.run([sys.executable, "-m", "mneme_plugin.cli", "run", str(RECIPES / name / "smoke.yaml")],
                            cwd=tmp_path, env=env, capture_output=True, text=True)
