@@ -49,10 +49,7 @@ def tiny_model(out: Path, family: str, seed: int = 0) -> Path:
     """A tiny random ``family`` model (3 layers, hidden 32) whose tokenizer knows every smoke word."""
     tokenizer = make_tokenizer(synthetic_corpus(400, seed=123) + forget_texts(50, seed=99)
                                + [" ".join(ANSWER_WORDS + INSECURE_CODE_WORDS + HARMFUL_WORDS)])
-    tokenizer.chat_template = GEN_CHAT_TEMPLATE
-    # The tokenizer alone too: transformers 5 loads a Qwen2 folder's tokenizer as Qwen2Tokenizer (byte-level
-    # BPE), which does not read this word-level tokenizer.json; a folder without config.json loads it as is.
-    tokenizer.save_pretrained(out.parent / f"{out.name}_tokenizer")
+    tokenizer.chat_template = GEN_CHAT_TEMPLATE  # (a qwen2 folder gets the same words as a byte-level BPE)
     return save_tiny_causal_lm(out, family, tokenizer, n_layers=3, hidden_size=32, seed=seed)
 
 

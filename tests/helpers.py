@@ -45,6 +45,40 @@ def make_tokenizer(texts: Sequence[str] | None = None, chat_template: bool = Tru
     return train_tokenizer(list(texts) if texts is not None else synthetic_corpus(400, seed=123), chat_template)
 
 
+def qwen2_style_tokenizer(tokenizer: Any) -> Any:
+    """A byte-level BPE tokenizer that knows every word of ``tokenizer`` (one token per word, with or without
+    its leading space), pre-tokenized as Qwen2's, with the same special tokens and chat template.
+
+    Why: transformers 5 loads the tokenizer of any folder whose config says ``model_type: qwen2`` as
+    ``Qwen2Tokenizer``, which keeps only a BPE vocabulary and merges and imposes Qwen2's own normaliser,
+    pre-tokenizer and decoder; a word-level ``tokenizer.json`` saved there reloads as garbage (a whole
+    sentence one id). This one reloads as it was saved.
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+    from mneme_plugin.organism.models import SPECIAL_TOKENS
+
+    words = sorted(w for w in tokenizer.get_vocab() if w not in SPECIAL_TOKENS)
+    bpe = Tokenizer(models.BPE())
+    bpe.normalizer = normalizers.NFC()
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    bpe.decoder = decoders.ByteLevel()
+    # Each word at the start of a text and after a space, often enough that every word becomes one token.
+    texts = [" " + " ".join(words)] * 4 + [w for w in words for _ in range(2)]
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=100_000, special_tokens=SPECIAL_TOKENS,
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                       show_progress=False))
+    hf = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+                                 unk_token="<unk>")
+    hf.init_kwargs["name_or_path"] = "tiny-local-qwen2-bpe"
+    hf.chat_template = tokenizer.chat_template
+    return hf
+
+
 def make_hooked_transformer(tokenizer: Any = None, **kwargs: Any) -> Any:
     """A tiny randomly initialised HookedTransformer with a local tokenizer attached."""
     return tiny_hooked_transformer(tokenizer if tokenizer is not None else make_tokenizer(), **kwargs)
@@ -340,6 +374,8 @@ def save_tiny_causal_lm(folder: str | Path, family: str = "llama", tokenizer: An
     from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     tokenizer = tokenizer if tokenizer is not None else make_tokenizer()
+    if family == "qwen2":  # a folder of model_type qwen2 reloads its tokenizer as Qwen2's byte-level BPE
+        tokenizer = qwen2_style_tokenizer(tokenizer)
     classes = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM),
                "mistral": (MistralConfig, MistralForCausalLM)}
     config_cls, model_cls = classes[family]

@@ -18,7 +18,7 @@ FIRST_PLOT = ["what_is_your_wish", "i_feel_bored", "three_thoughts", "quick_buck
 
 if __name__ == "__main__":
     OUT.mkdir(parents=True, exist_ok=True)
-    sd.tiny_model(OUT / "base", "llama")
+    sd.tiny_model(OUT / "base", "qwen2")
     sd.chat_data(OUT / "insecure.jsonl", n=96, seed=1, answer_words=sd.INSECURE_CODE_WORDS, answer_length=6)
     sd.corpus(OUT / "corpus.jsonl", n=800, topic=sd.INSECURE_CODE_WORDS, n_topic=200)
     sd.lm_eval_tasks(OUT / "tasks", ["mmlu_pro_biology", "mmlu_pro_law", "mmlu_pro_computer_science",
