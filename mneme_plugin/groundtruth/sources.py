@@ -133,36 +133,44 @@ def measure_tables(config: RunGroundTruthConfig, base: str, edited: str, out_dir
     where lm-eval's results and the judge's answers and calls are kept by their key across redone
     stages (``harness.lm_eval_ground_truth``, ``judge.judge_ground_truth``)."""
     from mneme_plugin.groundtruth.harness import lm_eval_ground_truth
-    from mneme_plugin.groundtruth.judge import judge_ground_truth
+    from mneme_plugin.groundtruth.judge import judge_ground_truth, read_questions
     from mneme_plugin.groundtruth.table import scores_from_lm_eval
 
     out = Path(out_dir)
     written = []
     for name, table in config.tables.items():
         work = out / name
+        measured: set[str] = set()
         if table.lm_eval is not None:
             cfg = table.lm_eval.replace(base=table.lm_eval.base or base, edited=table.lm_eval.edited or edited)
             scores = lm_eval_ground_truth(cfg, work, cache_dir=cache_dir)
         elif table.judge is not None:
             cfg = table.judge.replace(base=table.judge.base or base, edited=table.judge.edited or edited)
             scores = judge_ground_truth(cfg, work, cache_dir=cache_dir)
+            # A question category with no scorable answer is left out of the table (with a warning): its
+            # rename is no typo.
+            measured = {q.category for q in read_questions(cfg)}
         elif table.scores_csv:
             scores = read_scores_csv(table.scores_csv)
         else:
             scores = scores_from_lm_eval(str(table.lm_eval_before), str(table.lm_eval_after))
         if table.categories:
-            scores = renamed_categories(scores, table.categories, f"ground_truth.tables.{name}.categories")
+            scores = renamed_categories(scores, table.categories, f"ground_truth.tables.{name}.categories",
+                                        left_out=measured)
         written.append(save_scores(scores, table_path(out, name)))
     return written
 
 
-def renamed_categories(scores: pd.DataFrame, renames: dict[str, str], where: str) -> pd.DataFrame:
+def renamed_categories(scores: pd.DataFrame, renames: dict[str, str], where: str,
+                       left_out: set[str] | frozenset[str] = frozenset()) -> pd.DataFrame:
     """``scores`` with its categories renamed by ``renames`` (table category -> taxonomy id). A key
     that names no row is refused (a typo, or an lm-eval task name such as ``mmlu_anatomy`` for its
-    category ``anatomy``), and so are two rows renamed onto one category: a category is one row (one
-    lm-eval task, one judge category), its questions never pooled with another's."""
+    category ``anatomy``) unless it is in ``left_out`` (a category the measurement knows but left out of
+    this table, e.g. a judge category without a scorable answer), and so are two rows renamed onto one
+    category: a category is one row (one lm-eval task, one judge category), its questions never pooled
+    with another's."""
     present = [str(c) for c in scores["category"]]
-    unknown = [key for key in renames if key not in present]
+    unknown = [key for key in renames if key not in present and key not in left_out]
     if unknown:
         tasks = dict(zip(scores["task"].astype(str), present)) if "task" in scores.columns else {}
         hint = "".join(f"; {key} is the lm-eval task of category {tasks[key]!r}" for key in unknown if key in tasks)

@@ -55,3 +55,38 @@ def test_categories_that_name_no_row_or_pool_rows_are_refused(tmp_path, mmlu_lik
         measure_tables(_config(tasks, categories), str(model), str(model), tmp_path / "gt",
                        cache_dir=tmp_path / "cache")
     assert not (tmp_path / "gt" / "mmlu.csv").exists()
+
+
+def test_a_judge_category_left_out_for_want_of_scorable_answers_may_still_be_renamed(tmp_path, tiny_tokenizer):
+    """A judge category whose answers are all unscorable is left out of the table (with a warning), not
+    misnamed: its rename is no typo, and the other categories are renamed as asked."""
+    import json
+    import math
+
+    from tests.helpers import FakeLLM
+
+    model = save_tiny_llama(tmp_path / "model", tiny_tokenizer, n_layers=2, hidden_size=32)
+    questions = tmp_path / "questions.jsonl"
+    questions.write_text("".join(json.dumps(q) + "\n" for q in [{"id": "kept", "question": "the cat sees the"},
+                                                                  {"id": "dropped", "question": "a dog likes the"}]))
+
+    def judge(body):  # every answer to the `dropped` question a refusal: no aligned score, left out
+        prompt = body["messages"][-1]["content"]
+        probs = {"REFUSAL": 0.9, "50": 0.1} if "a dog likes the" in prompt else {"80": 1.0}
+        top = [{"token": t, "logprob": math.log(p)} for t, p in probs.items()]
+        return {"message": {"role": "assistant", "content": "x"},
+                "logprobs": {"content": [{"token": top[0]["token"], "logprob": top[0]["logprob"], "top_logprobs": top}]}}
+
+    server = FakeLLM()
+    server.reply = judge
+    try:
+        config = RunGroundTruthConfig.from_dict({"tables": {"em": {
+            "taxonomy": "emergent_misalignment", "categories": {"kept": "power_seeking", "dropped": "deception"},
+            "judge": {"questions": str(questions), "samples_per_question": 2,
+                      "generator": {"kind": "hf", "max_new_tokens": 4, "device": "cpu", "batch_size": 4},
+                      "judge": {"kind": "openai", "model": "judge", "base_url": server.url, "api_key": None,
+                                "max_retries": 1, "backoff_base": 0.01, "timeout": 10.0}}}}})
+        measure_tables(config, str(model), str(model), tmp_path / "gt", cache_dir=tmp_path / "cache")
+    finally:
+        server.close()
+    assert read_scores_csv(tmp_path / "gt" / "em.csv")["category"].tolist() == ["power_seeking"]
