@@ -27,7 +27,8 @@ import yaml
 from mneme_plugin.config import ConfigMixin, Seed, require
 from mneme_plugin.errors import ConfigError
 from mneme_plugin.groundtruth.table import (  # the results readers live with the table format
-    PER_SAMPLE_KEY, SCORES_CSV, metric_for, read_results_json, save_scores, scores_from_lm_eval, table_from_results,
+    PER_SAMPLE_KEY, RUN_KEY, SCORES_CSV, metric_names, read_results_json, save_scores, scores_from_lm_eval,
+    table_from_results,
 )
 from mneme_plugin.files import atomic_write_text, json_digest
 
@@ -36,7 +37,6 @@ logger = logging.getLogger("mneme_plugin")
 RESULTS_JSON = {"before": "lm_eval_before.json", "after": "lm_eval_after.json"}
 CACHE_DIR = "cache"
 CONFIG_FILE = "lm_eval_config.yaml"
-RUN_KEY = "mneme_run"
 # In a ``cache_dir``: ``lm_eval_results/<digest of the run key>.json``, one model's results.
 RESULTS_CACHE = "lm_eval_results"
 
@@ -83,7 +83,8 @@ class LMEvalConfig(ConfigMixin):
 
 def run_key(config: LMEvalConfig, model: str) -> dict[str, Any]:
     """What a saved result depends on: a rerun reuses it only when this is unchanged. The config
-    (less the models and the runtime fields ``batch_size`` and ``device``), with ``dtype`` as the
+    (less the models, the runtime fields ``batch_size`` and ``device``, and ``metric``, which only
+    chooses what is read from results that keep every metric's per-question scores), with ``dtype`` as the
     models are loaded in (``auto`` is bfloat16 on a GPU and float32 elsewhere: a result measured on
     one is not the other's), the model's name, and what names alone do not tell: a local model
     folder's weights (``activations.models.weights_digest``: a local folder's file metadata, weights
@@ -94,7 +95,8 @@ def run_key(config: LMEvalConfig, model: str) -> dict[str, Any]:
     from mneme_plugin.activations.models import weights_digest
     from mneme_plugin.files import stat_digest
 
-    key = {k: v for k, v in config.to_dict().items() if k not in ("base", "edited", "batch_size", "device")}
+    # `metric` only chooses what is read from the results (they keep every metric's per-sample scores).
+    key = {k: v for k, v in config.to_dict().items() if k not in ("base", "edited", "batch_size", "device", "metric")}
     key["dtype"] = _model_args(config, model)["dtype"]
     key["model"] = model
     key["model_files"] = weights_digest(model, config.model_args.get("revision"))
@@ -165,16 +167,16 @@ def run_lm_eval(config: LMEvalConfig, model: str, cache: Path, manager: Any) -> 
     if out is None:
         raise ConfigError("lm-eval returned no results (a non-zero rank of a distributed run?).")
     samples = out.pop("samples", {}) or {}
-    per_sample: dict[str, dict[str, float]] = {}
+    per_sample: dict[str, dict[str, dict[str, float]]] = {}
     for task, records in samples.items():
-        metric = metric_for(out["results"].get(task, {}), config.metric)
-        if metric is None:
-            continue
-        # lm-eval logs one record per document and filter (`strict-match`, `flexible-extract`): keep the metric's.
-        name, _, filt = metric.partition(",")
-        chosen = [r for r in records if r.get("filter", "none") == (filt or "none") and name in r]
-        if chosen:
-            per_sample[task] = {str(r["doc_id"]): float(r[name]) for r in chosen}
+        # lm-eval logs one record per document and filter (`strict-match`, `flexible-extract`): each metric
+        # keeps its own filter's scores, so any metric can be chosen later without running lm-eval again.
+        for metric in metric_names(out["results"].get(task) or {}):
+            name, _, filt = metric.partition(",")
+            chosen = [r for r in records if r.get("filter", "none") == (filt or "none")
+                      and isinstance(r.get(name), (int, float))]
+            if chosen:
+                per_sample.setdefault(task, {})[metric] = {str(r["doc_id"]): float(r[name]) for r in chosen}
     safe = json.loads(json.dumps(out, default=str))
     safe[PER_SAMPLE_KEY] = per_sample
     return safe
@@ -195,7 +197,9 @@ def _saved_results(path: Path, key: dict[str, Any]) -> dict[str, Any] | None:
     except ConfigError as err:
         logger.warning("lm-eval: %s; measured again.", err)
         return None
-    return data if data.get(RUN_KEY) == key else None
+    saved = dict(data.get(RUN_KEY) or {})
+    saved.pop("metric", None)  # an earlier version's key held it; results of one metric are still results
+    return data if saved == key else None
 
 
 def lm_eval_ground_truth(config: LMEvalConfig, out_dir: str | Path,

@@ -32,7 +32,11 @@ TABLE_COLUMNS = ["category", "before", "after", "drop", "n", "stderr_before", "s
 # First metric present wins (MMLU / WMDP: acc; MMLU-Pro: exact_match with its custom extraction).
 PREFERRED_METRICS = ("acc,none", "exact_match,custom-extract", "exact_match,strict-match",
                      "exact_match,flexible-extract", "exact_match,none")
-PER_SAMPLE_KEY = "mneme_per_sample"  # per-sample scores our lm-eval runs add to the results (McNemar's test)
+# Per-sample scores our lm-eval runs add to the results (McNemar's test): task -> metric -> doc id -> score,
+# every metric and filter lm-eval logged (earlier versions: task -> doc id -> score, of the one metric their
+# run chose), and the key of the run that measured them.
+PER_SAMPLE_KEY = "mneme_per_sample"
+RUN_KEY = "mneme_run"
 
 
 @dataclass
@@ -189,10 +193,23 @@ def metric_for(values: dict[str, Any], metric: str | None) -> str | None:
     return next((m for m in PREFERRED_METRICS if m in values), None)
 
 
-def _metric_names(values: dict[str, Any]) -> list[str]:
+def metric_names(values: dict[str, Any]) -> list[str]:
     """The metric keys of one task's results (``acc,none``, ``exact_match,custom-extract``), less their
     standard errors."""
     return [key for key in values if "," in key and "_stderr," not in key]
+
+
+def _per_sample(data: dict[str, Any], task: str, metric: str) -> dict[str, float] | None:
+    """``task``'s per-sample scores of ``metric`` in our lm-eval results; None when they hold none."""
+    scores = (data.get(PER_SAMPLE_KEY) or {}).get(task)
+    if not isinstance(scores, dict) or not scores:
+        return None
+    if all(isinstance(v, dict) for v in scores.values()):  # per metric and filter
+        return scores.get(metric) or None
+    # An earlier version's results: the scores of the metric its run chose (its key's `metric`, else the
+    # first preferred one), not necessarily the one chosen now.
+    chosen_then = metric_for(data["results"].get(task) or {}, (data.get(RUN_KEY) or {}).get("metric"))
+    return scores if chosen_then == metric else None
 
 
 def _score(values: dict[str, Any], metric: str, task: str, where: str) -> float:
@@ -263,13 +280,12 @@ def table_from_results(before: dict[str, Any], after: dict[str, Any], metric: st
             continue
         chosen = metric_for(values, metric)
         if chosen is None or chosen not in other:
-            unscored[task] = sorted(set(_metric_names(values)) & set(_metric_names(other)))
+            unscored[task] = sorted(set(metric_names(values)) & set(metric_names(other)))
             continue
         b, a = _score(values, chosen, task, names[0]), _score(other, chosen, task, names[1])
         se_b, se_a = _stderr(values, chosen), _stderr(other, chosen)
         n = _sample_count(before, task)
-        paired_b = (before.get(PER_SAMPLE_KEY) or {}).get(task)
-        paired_a = (after.get(PER_SAMPLE_KEY) or {}).get(task)
+        paired_b, paired_a = _per_sample(before, task, chosen), _per_sample(after, task, chosen)
         if paired_b and paired_a and set(paired_b) == set(paired_a):
             ids = sorted(paired_b)
             p, test = mcnemar_p([paired_b[i] for i in ids], [paired_a[i] for i in ids]), "mcnemar"

@@ -43,7 +43,7 @@ def test_lm_eval_on_two_tiny_models_gives_the_table(tmp_path, tiny_tokenizer):
         data = json.loads((out / RESULTS_JSON[side]).read_text())
         for task, n in (("toy_animals", 16), ("toy_roads", 12)):
             row = table.set_index("task").loc[task]
-            per_sample = data["mneme_per_sample"][task]
+            per_sample = data["mneme_per_sample"][task]["acc,none"]
             assert len(per_sample) == n and row["n"] == n
             assert row[column] == pytest.approx(sum(per_sample.values()) / n)  # accuracy = mean per-question score
             assert row[column] == pytest.approx(data["results"][task]["acc,none"])
@@ -77,7 +77,48 @@ def test_per_question_scores_are_those_of_the_chosen_filter(tmp_path, tiny_token
     row = table.set_index("task").loc["toy_gen"]
     assert row["metric"] == "exact_match,strict-match" and row["before"] == pytest.approx(4 / 12)
     per_sample = json.loads((tmp_path / "gt" / RESULTS_JSON["before"]).read_text())["mneme_per_sample"]["toy_gen"]
-    assert [per_sample[str(i)] for i in range(12)] == [float(s) for s in strict]
+    assert [per_sample["exact_match,strict-match"][str(i)] for i in range(12)] == [float(s) for s in strict]
+    assert [per_sample["exact_match,flexible-extract"][str(i)] for i in range(12)] == [1.0] * 12
+
+
+def test_another_metric_is_read_from_the_results_without_running_lm_eval_again(tmp_path, tiny_tokenizer):
+    """`metric` chooses what is read from lm-eval's results, which keep every metric's per-question
+    scores: changing it reuses them (hours on a 7B model), with the table of a fresh measurement. Results
+    of an earlier version (per-question scores of the one metric its run chose, its key holding
+    `metric`) are reused too, McNemar's test only for that metric."""
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    strict = [i % 3 == 0 for i in range(12)]
+    write_lm_eval_generative_task(tasks, "toy_gen", {"strict-match": strict, "flexible-extract": [True] * 12})
+    base = save_tiny_llama(tmp_path / "base", tiny_tokenizer, n_layers=2, hidden_size=32)
+    cfg = LMEvalConfig(base=str(base), edited=str(base), tasks=["toy_gen"], include_path=[str(tasks)],
+                       include_defaults=False, batch_size=8, device="cpu")
+    flexible = cfg.replace(metric="exact_match,flexible-extract")
+
+    def measured(out):
+        return {side: json.loads((out / name).read_text())["date"] for side, name in RESULTS_JSON.items()}
+
+    lm_eval_ground_truth(cfg, tmp_path / "gt", cache_dir=tmp_path / "cache")
+    dates = measured(tmp_path / "gt")
+    reread = lm_eval_ground_truth(flexible, tmp_path / "gt2", cache_dir=tmp_path / "cache")
+    assert measured(tmp_path / "gt2") == dates  # from the cache, lm-eval not run
+    fresh = lm_eval_ground_truth(flexible, tmp_path / "fresh")
+    assert measured(tmp_path / "fresh") != dates
+    pd.testing.assert_frame_equal(reread, fresh)
+    assert reread["metric"].tolist() == ["exact_match,flexible-extract"] and reread["before"].tolist() == [1.0]
+    assert reread["test"].tolist() == ["mcnemar"]
+
+    # An earlier version's results, as it wrote them, in the output folder.
+    for name in RESULTS_JSON.values():
+        data = json.loads((tmp_path / "gt" / name).read_text())
+        data["mneme_per_sample"] = {"toy_gen": data["mneme_per_sample"]["toy_gen"]["exact_match,strict-match"]}
+        data[RUN_KEY] = {**data[RUN_KEY], "metric": None}
+        (tmp_path / "gt" / name).write_text(json.dumps(data))
+    old_strict = lm_eval_ground_truth(cfg, tmp_path / "gt")
+    old_flexible = lm_eval_ground_truth(flexible, tmp_path / "gt")
+    assert measured(tmp_path / "gt") == dates
+    assert old_strict["test"].tolist() == ["mcnemar"] and old_strict["before"].tolist() == [pytest.approx(4 / 12)]
+    assert old_flexible["before"].tolist() == [1.0] and old_flexible["test"].tolist() != ["mcnemar"]
 
 
 def test_a_task_without_the_metric_is_refused_by_name_not_left_out(tmp_path, tiny_tokenizer):
