@@ -116,7 +116,21 @@ def _lm_eval_version() -> str | None:
 
 
 def task_manager(config: LMEvalConfig) -> Any:
-    """lm-eval's TaskManager, after checking that every requested task exists."""
+    """lm-eval's TaskManager, after checking the task list (``task_problems``)."""
+    manager, problems = _manager_and_problems(config)
+    if problems:
+        raise ConfigError(" ".join(problems))
+    return manager
+
+
+def task_problems(config: LMEvalConfig) -> list[str]:
+    """What lm-eval would refuse in ``config.tasks``, found from its task index alone (offline, no model
+    or dataset loaded): a task it does not know, and a task listed twice, on its own and inside a group
+    (or tag) also listed, which lm-eval refuses as a duplicate only once a model is loaded."""
+    return _manager_and_problems(config)[1]
+
+
+def _manager_and_problems(config: LMEvalConfig) -> tuple[Any, list[str]]:
     import difflib
 
     from lm_eval.tasks import TaskManager
@@ -129,10 +143,39 @@ def task_manager(config: LMEvalConfig) -> Any:
     unknown = [t for t in config.tasks if t not in known]
     if unknown:
         hints = {t: difflib.get_close_matches(t, list(known), n=3) for t in unknown}
-        raise ConfigError(f"lm-eval does not know task(s) {unknown}"
-                          + "".join(f"; close to {t}: {h}" for t, h in hints.items() if h)
-                          + ". Check the names (`lm_eval ls tasks`) or add the folder of your task YAML to include_path.")
-    return manager
+        return manager, [f"lm-eval does not know task(s) {unknown}"
+                         + "".join(f"; close to {t}: {h}" for t, h in hints.items() if h)
+                         + ". Check the names (`lm_eval ls tasks`) or add the folder of your task YAML to include_path."]
+    listed: dict[str, str] = {}  # leaf task -> the listed name it comes from
+    problems = []
+    for name in config.tasks:
+        for leaf in sorted(_leaf_tasks(manager, name)):
+            if leaf in listed and listed[leaf] != name:
+                inside = [n for n in (listed[leaf], name) if n != leaf]
+                problems.append(f"lm-eval task {leaf} is listed twice in tasks: {listed[leaf]!r} and {name!r}"
+                                f"{' (a group or tag that contains it: ' + ', '.join(inside) + ')' if inside else ''};"
+                                " lm-eval refuses a task requested twice. List the group or its tasks, not both.")
+                break
+            listed[leaf] = name
+    return manager, problems
+
+
+def _leaf_tasks(manager: Any, name: str, seen: frozenset[str] = frozenset()) -> set[str]:
+    """The tasks ``name`` (a task, group or tag) runs, from lm-eval's task index (a group's `task:`
+    list, a tag's members). An index entry of a shape this does not know counts as one task."""
+    entry = getattr(manager, "task_index", {}).get(name)
+    kind = getattr(getattr(entry, "kind", None), "name", None)
+    if kind == "GROUP":
+        members = [t if isinstance(t, str) else t.get("task") for t in (getattr(entry, "cfg", None) or {}).get("task", [])]
+    elif kind == "TAG":
+        members = list(getattr(entry, "tags", None) or [])
+    else:
+        return {name}
+    leaves: set[str] = set()
+    for member in members:
+        if isinstance(member, str) and member not in seen:
+            leaves |= _leaf_tasks(manager, member, seen | {name})
+    return leaves or {name}
 
 
 def _model_args(config: LMEvalConfig, model: str) -> dict[str, Any]:

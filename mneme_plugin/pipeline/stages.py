@@ -311,7 +311,7 @@ def validate_for_run(config: RunConfig, stages: list[Stage], models: dict[str, A
     so not in a dry run, which checks offline)."""
     from mneme_plugin.activations.models import hub_model_problem
 
-    problems = config_problems(config, models) + missing_inputs(config)
+    problems = config_problems(config, models) + missing_inputs(config) + _lm_eval_task_problems(config)
     for which in ("base", "edited"):
         spec = getattr(config.models, which)
         if spec and (models is None or which not in models) and not (which == "edited" and config.intervention is not None):
@@ -321,6 +321,22 @@ def validate_for_run(config: RunConfig, stages: list[Stage], models: dict[str, A
     if problems:
         raise ConfigError("The run config has problems; nothing was run:\n  " + "\n  ".join(problems)
                           + f"\n{relative_paths_note()}")
+
+
+def _lm_eval_task_problems(config: RunConfig) -> list[str]:
+    """Task lists lm-eval would refuse only once a model is loaded, after the intervention
+    (``groundtruth.harness.task_problems``: its task index, offline; seconds, so not in a dry run)."""
+    problems = []
+    for name, table in config.ground_truth.tables.items():
+        if table.lm_eval is None or not all(Path(p).is_dir() for p in table.lm_eval.include_path):
+            continue  # a missing include_path is missing_inputs' to name
+        try:
+            from mneme_plugin.groundtruth.harness import task_problems
+
+            problems += [f"ground_truth.tables.{name}.lm_eval: {p}" for p in task_problems(table.lm_eval)]
+        except ImportError:  # lm-eval not installed: the stage says how to install it
+            continue
+    return problems
 
 
 def relative_paths_note() -> str:

@@ -90,3 +90,21 @@ def test_a_judge_category_left_out_for_want_of_scorable_answers_may_still_be_ren
     finally:
         server.close()
     assert read_scores_csv(tmp_path / "gt" / "em.csv")["category"].tolist() == ["power_seeking"]
+
+
+@pytest.mark.parametrize("tasks, listed", [(["mmlu", "mmlu_anatomy"], "'mmlu' and 'mmlu_anatomy'"),
+                                           (["mmlu_stem", "mmlu"], "'mmlu_stem' and 'mmlu'")])
+def test_a_task_listed_on_its_own_and_inside_a_listed_group_is_refused_before_lm_eval_runs(tmp_path, mmlu_like,
+                                                                                       tasks, listed):
+    """lm-eval refuses a task requested twice (`Duplicate task ...`) only inside simple_evaluate, once the
+    model is loaded (minutes for a 7B one); the task index already tells."""
+    from mneme_plugin.groundtruth.harness import LMEvalConfig, lm_eval_ground_truth, task_problems
+
+    model, task_folder = mmlu_like
+    cfg = LMEvalConfig(base=str(model), edited=str(model), tasks=tasks, include_path=[str(task_folder)],
+                       include_defaults=False, device="cpu")
+    assert task_problems(cfg.replace(tasks=["mmlu"])) == [] and task_problems(cfg.replace(tasks=["mmlu_stem", "mmlu_virology"])) == []
+    expected = f"lm-eval task mmlu_anatomy is listed twice in tasks: {listed}"
+    with pytest.raises(ConfigError, match=expected.replace("(", r"\(")):
+        lm_eval_ground_truth(cfg, tmp_path / "gt")
+    assert not list((tmp_path / "gt").glob("lm_eval_*.json"))

@@ -172,3 +172,28 @@ def test_missing_relative_paths_name_the_directory_they_are_read_from(tmp_path, 
     expected = f"Relative paths in the config are read from the current directory, {tmp_path}."
     _assert_clear_failure(CliRunner().invoke(main, ["run", "--dry-run", str(config)]), expected)
     _assert_clear_failure(CliRunner().invoke(main, ["run", str(config)]), expected)
+
+
+def test_an_lm_eval_task_list_lm_eval_would_refuse_stops_the_run_before_any_stage(tmp_path, llama_dir):
+    """A group and one of its tasks both listed: lm-eval refuses it only in the ground-truth stage, after
+    the intervention (hours); `mneme run` names it before the first stage."""
+    from tests.helpers import write_lm_eval_group, write_lm_eval_task
+
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    for seed, name in enumerate(("wmdp_bio", "wmdp_cyber")):
+        write_lm_eval_task(tasks, name, 4, seed=seed)
+    write_lm_eval_group(tasks, "wmdp", ["wmdp_bio", "wmdp_cyber"])
+    (tmp_path / "corpus.txt").write_text("the cat sees the dog\n")
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({
+        "run_dir": str(tmp_path / "run"), **RUN_BASE, "corpus": {"source": str(tmp_path / "corpus.txt")},
+        "models": {"base": str(llama_dir), "edited": str(llama_dir)},
+        "ground_truth": {"tables": {"wmdp": {"taxonomy": "mmlu", "lm_eval": {
+            "tasks": ["wmdp", "wmdp_cyber"], "include_path": [str(tasks)], "include_defaults": False,
+            "device": "cpu"}}}}}))
+    result = CliRunner().invoke(main, ["run", str(config)])
+    _assert_clear_failure(result, "nothing was run")
+    assert ("ground_truth.tables.wmdp.lm_eval: lm-eval task wmdp_cyber is listed twice in tasks: 'wmdp' and "
+            "'wmdp_cyber'" in " ".join(result.output.split()))
+    assert not (tmp_path / "run").exists()
