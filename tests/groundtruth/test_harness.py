@@ -62,16 +62,22 @@ def test_lm_eval_on_two_tiny_models_gives_the_table(tmp_path, tiny_tokenizer):
     pd.testing.assert_frame_equal(from_files, table)
 
 
-def test_per_question_scores_are_those_of_the_chosen_filter(tmp_path, tiny_tokenizer):
-    """A generative task with two filters (GSM8K's strict-match and flexible-extract): lm-eval logs each
-    question once per filter; McNemar's test reads the chosen metric's filter, not the last one logged."""
+def _two_filter_task(tmp_path, tiny_tokenizer):
+    """A config measuring a tiny model on one generative task with two filters: 12 questions, 4 right
+    after `strict-match` (every third), all right after `flexible-extract`; (config, strict marks)."""
     tasks = tmp_path / "tasks"
     tasks.mkdir()
     strict = [i % 3 == 0 for i in range(12)]
     write_lm_eval_generative_task(tasks, "toy_gen", {"strict-match": strict, "flexible-extract": [True] * 12})
     base = save_tiny_llama(tmp_path / "base", tiny_tokenizer, n_layers=2, hidden_size=32)
-    cfg = LMEvalConfig(base=str(base), edited=str(base), tasks=["toy_gen"], include_path=[str(tasks)],
-                       include_defaults=False, batch_size=8, device="cpu")
+    return LMEvalConfig(base=str(base), edited=str(base), tasks=["toy_gen"], include_path=[str(tasks)],
+                        include_defaults=False, batch_size=8, device="cpu"), strict
+
+
+def test_per_question_scores_are_those_of_the_chosen_filter(tmp_path, tiny_tokenizer):
+    """A generative task with two filters (GSM8K's strict-match and flexible-extract): lm-eval logs each
+    question once per filter; McNemar's test reads the chosen metric's filter, not the last one logged."""
+    cfg, strict = _two_filter_task(tmp_path, tiny_tokenizer)
     table = lm_eval_ground_truth(cfg, tmp_path / "gt")
 
     row = table.set_index("task").loc["toy_gen"]
@@ -86,13 +92,7 @@ def test_another_metric_is_read_from_the_results_without_running_lm_eval_again(t
     scores: changing it reuses them (hours on a 7B model), with the table of a fresh measurement. Results
     of an earlier version (per-question scores of the one metric its run chose, its key holding
     `metric`) are reused too, McNemar's test only for that metric."""
-    tasks = tmp_path / "tasks"
-    tasks.mkdir()
-    strict = [i % 3 == 0 for i in range(12)]
-    write_lm_eval_generative_task(tasks, "toy_gen", {"strict-match": strict, "flexible-extract": [True] * 12})
-    base = save_tiny_llama(tmp_path / "base", tiny_tokenizer, n_layers=2, hidden_size=32)
-    cfg = LMEvalConfig(base=str(base), edited=str(base), tasks=["toy_gen"], include_path=[str(tasks)],
-                       include_defaults=False, batch_size=8, device="cpu")
+    cfg, strict = _two_filter_task(tmp_path, tiny_tokenizer)
     flexible = cfg.replace(metric="exact_match,flexible-extract")
 
     def measured(out):
