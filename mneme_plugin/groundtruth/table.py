@@ -228,6 +228,14 @@ def _stderr(values: dict[str, Any], metric: str) -> float | None:
     return float(value) if ok else None
 
 
+def _task_names(data: dict[str, Any], groups: set[str]) -> set[str]:
+    """The tasks (not groups) of an lm-eval results file: its ``results`` rows, less the groups and,
+    in a file with sample counts, the rows without one."""
+    counts = data.get("n-samples") or {}
+    return {task for task, values in data["results"].items()
+            if isinstance(values, dict) and task not in groups and (not counts or task in counts)}
+
+
 def _sample_count(data: dict[str, Any], task: str) -> int | None:
     counts = (data.get("n-samples") or {}).get(task)
     return counts.get("effective") if isinstance(counts, dict) else None
@@ -262,9 +270,10 @@ def table_from_results(before: dict[str, Any], after: dict[str, Any], metric: st
     """The ground-truth table from two lm-eval results (in process, or read by ``read_results_json``);
     ``names`` say where each came from in error messages.
 
-    One row per task scored in both (group aggregates skipped: ``group_names``, and rows without
-    sample counts in a file that has them); the metric is ``metric``, or per task the first of
-    PREFERRED_METRICS it has (a task in both without it is a ConfigError naming its metrics). The drop's p-value is the paired exact McNemar test when both hold
+    One row per task (group aggregates skipped: ``group_names``, and rows without sample counts in a
+    file that has them; results of different tasks are a ConfigError); the metric is ``metric``, or
+    per task the first of PREFERRED_METRICS it has (a task without it is a ConfigError naming its
+    metrics). The drop's p-value is the paired exact McNemar test when both hold
     per-sample scores (our lm-eval runs do), else a z test on lm-eval's standard errors, else Fisher's
     exact test on the sample count (``drop_test``).
     """
@@ -272,6 +281,12 @@ def table_from_results(before: dict[str, Any], after: dict[str, Any], metric: st
         _check_results(data, name)
     counts_b = before.get("n-samples") or {}
     groups = group_names(before) | group_names(after)
+    tasks_b, tasks_a = _task_names(before, groups), _task_names(after, groups)
+    if tasks_b != tasks_a:  # results of other task lists: a task in one file only has no drop to measure
+        lone = [f"{name} has {sorted(mine - theirs)[:6]}" for name, mine, theirs
+                in ((names[0], tasks_b, tasks_a), (names[1], tasks_a, tasks_b)) if mine - theirs]
+        raise ConfigError(f"The two lm-eval results are of different tasks: {'; '.join(lone)}, which the other "
+                          "lacks. Evaluate both models on the same task list.")
     rows, unscored = [], {}
     for task, values in before["results"].items():
         other = after["results"].get(task)

@@ -265,8 +265,15 @@ def test_lm_eval_bad_input(tmp_path, tiny_tokenizer):
     after["results"]["mmlu_pro_law"]["exact_match,custom-extract"] = 0.2
     table = table_from_results(before, after)
     assert table[["category", "before", "after", "n", "test"]].values.tolist() == [["law", 0.4, 0.2, 100, "z"]]
-    with pytest.raises(ConfigError, match="share no task"):
+    # A task in one file only (results of another task list) was left out without a word.
+    with pytest.raises(ConfigError, match=r"of different tasks: The before lm-eval results has \['mmlu_pro_law'\]; "
+                                          r"The after lm-eval results has \['other'\], which the other lacks"):
         table_from_results(before, {"results": {"other": {"acc,none": 1.0}}})
+    more = json.loads(json.dumps(after))
+    more["results"]["mmlu_pro_math"] = {"exact_match,custom-extract": 0.3}
+    more["n-samples"]["mmlu_pro_math"] = {"effective": 50}
+    with pytest.raises(ConfigError, match=r"The after lm-eval results has \['mmlu_pro_math'\], which the other lacks"):
+        table_from_results(before, more)
 
 
 def test_lm_eval_reads_a_cached_hub_model_from_the_cache_when_the_hub_cannot_be_reached(tmp_path, tiny_tokenizer,
