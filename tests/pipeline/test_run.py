@@ -1070,3 +1070,21 @@ def test_a_batch_the_ranks_cannot_share_is_refused_before_waiting_for_the_other_
     assert kind == "ConfigError" and "training.batch_size=127 is the global batch" in message, message
     assert "must be a multiple of the number of ranks (2)" in message
     assert not (tmp_path / "run" / "config.yaml").exists()  # refused before the run's first file
+
+
+def test_a_done_train_stage_is_not_refused_for_a_batch_the_ranks_cannot_share(pair_and_corpus, tmp_path):
+    """The batch check before the process group plans from the config and the stage markers alone: a run
+    whose train stage is done (resumed with more ranks for its other stages) is not refused for a batch
+    it will not split, while the same run with a training change (train to run again) is."""
+    from mneme_plugin.pipeline import run_pipeline
+    from mneme_plugin.pipeline.run import check_batch_shared
+    from mneme_plugin.pipeline.stages import STAGES
+
+    base, edited, corpus, truth = pair_and_corpus
+    cfg = _config(tmp_path / "run", base, edited, corpus, truth, steps=20)
+    cfg["training"]["checkpoint_every"] = 10
+    run_pipeline(RunConfig.from_dict(cfg), only=["harvest", "train"], progress=False)
+    check_batch_shared(RunConfig.from_dict(cfg), STAGES, None, 3)  # 128 rows, 3 ranks: train is done
+    cfg["training"]["lr"] = 1e-3
+    with pytest.raises(ConfigError, match=r"training.batch_size=128 is the global batch.*\(3\)"):
+        check_batch_shared(RunConfig.from_dict(cfg), STAGES, None, 3)
