@@ -207,8 +207,12 @@ def _per_sample(data: dict[str, Any], task: str, metric: str) -> dict[str, float
     if all(isinstance(v, dict) for v in scores.values()):  # per metric and filter
         return scores.get(metric) or None
     # An earlier version's results: the scores of the metric its run chose (its key's `metric`, else the
-    # first preferred one), not necessarily the one chosen now.
-    chosen_then = metric_for(data["results"].get(task) or {}, (data.get(RUN_KEY) or {}).get("metric"))
+    # first preferred one), not necessarily the one chosen now; of a task with several filters they may be
+    # another filter's (those versions kept the last one logged), so not used.
+    values = data["results"].get(task) or {}
+    if len({name.partition(",")[2] for name in metric_names(values)}) > 1:
+        return None
+    chosen_then = metric_for(values, (data.get(RUN_KEY) or {}).get("metric"))
     return scores if chosen_then == metric else None
 
 
