@@ -133,12 +133,10 @@ def task_problems(config: LMEvalConfig) -> list[str]:
 def _manager_and_problems(config: LMEvalConfig) -> tuple[Any, list[str]]:
     import difflib
 
-    from lm_eval.tasks import TaskManager
-
     for folder in config.include_path:
         if not Path(folder).is_dir():
             raise ConfigError(f"include_path {folder} is not a folder of lm-eval task YAMLs.")
-    manager = TaskManager(include_path=config.include_path or None, include_defaults=config.include_defaults)
+    manager = _indexed_tasks(config)
     known = set(manager.all_tasks)
     unknown = [t for t in config.tasks if t not in known]
     if unknown:
@@ -158,6 +156,26 @@ def _manager_and_problems(config: LMEvalConfig) -> tuple[Any, list[str]]:
                 break
             listed[leaf] = name
     return manager, problems
+
+
+# lm-eval's task index per (include_path and its files, include_defaults): indexing its ~15k own tasks
+# takes seconds, and a run checks its task lists before the first stage and again in the stage.
+_TASK_INDEXES: dict[tuple[Any, ...], Any] = {}
+
+
+def _indexed_tasks(config: LMEvalConfig) -> Any:
+    """lm-eval's TaskManager for ``config``'s include_path and include_defaults, built once per process
+    while the include_path folders' files are unchanged (``files.stat_digest``)."""
+    from lm_eval.tasks import TaskManager
+
+    from mneme_plugin.files import stat_digest
+
+    key = (tuple(config.include_path), config.include_defaults,
+           tuple(stat_digest(f, skip_dirs=("__pycache__",)) for f in config.include_path))
+    if key not in _TASK_INDEXES:
+        _TASK_INDEXES[key] = TaskManager(include_path=config.include_path or None,
+                                         include_defaults=config.include_defaults)
+    return _TASK_INDEXES[key]
 
 
 def _leaf_tasks(manager: Any, name: str, seen: frozenset[str] = frozenset()) -> set[str]:

@@ -246,8 +246,9 @@ STAGES: list[Stage] = [
 
 def config_problems(config: RunConfig, models: dict[str, Any] | None = None) -> list[str]:
     """What can be checked before the first stage runs, so a run does not fail hours in: the
-    files the config names exist and the taxonomies load. (Types and values were checked when
-    the config was read.) ``models``: model objects given instead of the config's names."""
+    files the config names exist, lm-eval would take the task lists and the taxonomies load. (Types
+    and values were checked when the config was read.) ``models``: model objects given instead of
+    the config's names."""
     from mneme_plugin.activations.models import check_model_spec
     from mneme_plugin.interpret.taxonomy import load_taxonomy
 
@@ -265,6 +266,7 @@ def config_problems(config: RunConfig, models: dict[str, Any] | None = None) -> 
         if problem:
             problems.append(f"corpus.source: {problem}")
     problems += _stream_length_problems(config)
+    problems += _lm_eval_task_problems(config)
     for path in config.ground_truth.files():
         if not Path(path).is_file():
             problems.append(f"ground_truth: {path} does not exist.")
@@ -311,7 +313,7 @@ def validate_for_run(config: RunConfig, stages: list[Stage], models: dict[str, A
     so not in a dry run, which checks offline)."""
     from mneme_plugin.activations.models import hub_model_problem
 
-    problems = config_problems(config, models) + missing_inputs(config) + _lm_eval_task_problems(config)
+    problems = config_problems(config, models) + missing_inputs(config)
     for which in ("base", "edited"):
         spec = getattr(config.models, which)
         if spec and (models is None or which not in models) and not (which == "edited" and config.intervention is not None):
@@ -325,7 +327,7 @@ def validate_for_run(config: RunConfig, stages: list[Stage], models: dict[str, A
 
 def _lm_eval_task_problems(config: RunConfig) -> list[str]:
     """Task lists lm-eval would refuse only once a model is loaded, after the intervention
-    (``groundtruth.harness.task_problems``: its task index, offline; seconds, so not in a dry run)."""
+    (``groundtruth.harness.task_problems``: its task index, offline, seconds the first time)."""
     problems = []
     for name, table in config.ground_truth.tables.items():
         if table.lm_eval is None or not all(Path(p).is_dir() for p in table.lm_eval.include_path):

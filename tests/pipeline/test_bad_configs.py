@@ -176,7 +176,7 @@ def test_missing_relative_paths_name_the_directory_they_are_read_from(tmp_path, 
 
 def test_an_lm_eval_task_list_lm_eval_would_refuse_stops_the_run_before_any_stage(tmp_path, llama_dir):
     """A group and one of its tasks both listed: lm-eval refuses it only in the ground-truth stage, after
-    the intervention (hours); `mneme run` names it before the first stage."""
+    the intervention (hours); the dry run names it, and `mneme run` before the first stage."""
     from tests.helpers import write_lm_eval_group, write_lm_eval_task
 
     tasks = tmp_path / "tasks"
@@ -192,8 +192,12 @@ def test_an_lm_eval_task_list_lm_eval_would_refuse_stops_the_run_before_any_stag
         "ground_truth": {"tables": {"wmdp": {"taxonomy": "mmlu", "lm_eval": {
             "tasks": ["wmdp", "wmdp_cyber"], "include_path": [str(tasks)], "include_defaults": False,
             "device": "cpu"}}}}}))
+    expected = ("ground_truth.tables.wmdp.lm_eval: lm-eval task wmdp_cyber is listed twice in tasks: 'wmdp' and "
+                "'wmdp_cyber'")
+    dry = CliRunner().invoke(main, ["run", "--dry-run", str(config)])
+    _assert_clear_failure(dry, "FAIL ground_truth.tables.wmdp.lm_eval")
+    assert expected in " ".join(dry.output.split())
     result = CliRunner().invoke(main, ["run", str(config)])
     _assert_clear_failure(result, "nothing was run")
-    assert ("ground_truth.tables.wmdp.lm_eval: lm-eval task wmdp_cyber is listed twice in tasks: 'wmdp' and "
-            "'wmdp_cyber'" in " ".join(result.output.split()))
+    assert expected in " ".join(result.output.split())
     assert not (tmp_path / "run").exists()
