@@ -196,6 +196,20 @@ def _leaf_tasks(manager: Any, name: str, seen: frozenset[str] = frozenset()) -> 
     return leaves or {name}
 
 
+def planned_tasks(config: LMEvalConfig) -> list[str] | None:
+    """The tasks lm-eval will run for ``config.tasks`` (groups and tags expanded through its task
+    index, offline, no model loaded), sorted; None when the index cannot tell: a name it does not
+    know, or a member that is not an indexed task (a group's inline task, which lm-eval renames), or
+    an ``include_path`` that is no folder (``task_problems`` names it)."""
+    if not all(Path(folder).is_dir() for folder in config.include_path):
+        return None
+    manager = _indexed_tasks(config)
+    index = getattr(manager, "task_index", {})
+    leaves = set().union(*(_leaf_tasks(manager, name) for name in config.tasks))
+    kinds = {getattr(getattr(index.get(leaf), "kind", None), "name", None) for leaf in leaves}
+    return sorted(leaves) if kinds <= {"TASK", "PY_TASK"} else None
+
+
 def _model_args(config: LMEvalConfig, model: str) -> dict[str, Any]:
     """lm-eval's ``hf`` model arguments: ``dtype`` resolved (``auto``: bfloat16 on CUDA, float32
     elsewhere), ``model_args`` over them."""

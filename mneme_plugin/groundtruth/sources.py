@@ -136,6 +136,9 @@ def measure_tables(config: RunGroundTruthConfig, base: str, edited: str, out_dir
     from mneme_plugin.groundtruth.judge import judge_ground_truth, read_questions
     from mneme_plugin.groundtruth.table import scores_from_lm_eval
 
+    problems = categories_problems(config)
+    if problems:
+        raise ConfigError(" ".join(problems))
     out = Path(out_dir)
     written = []
     for name, table in config.tables.items():
@@ -163,26 +166,60 @@ def measure_tables(config: RunGroundTruthConfig, base: str, edited: str, out_dir
 
 def renamed_categories(scores: pd.DataFrame, renames: dict[str, str], where: str,
                        left_out: set[str] | frozenset[str] = frozenset()) -> pd.DataFrame:
-    """``scores`` with its categories renamed by ``renames`` (table category -> taxonomy id). A key
-    that names no row is refused (a typo, or an lm-eval task name such as ``mmlu_anatomy`` for its
-    category ``anatomy``) unless it is in ``left_out`` (a category the measurement knows but left out of
-    this table, e.g. a judge category without a scorable answer), and so are two rows renamed onto one
-    category: a category is one row (one lm-eval task, one judge category), its questions never pooled
-    with another's."""
+    """``scores`` with its categories renamed by ``renames`` (table category -> taxonomy id); a
+    ConfigError prefixed by ``where`` for what ``rename_problems`` finds."""
     present = [str(c) for c in scores["category"]]
+    tasks = dict(zip(scores["task"].astype(str), present)) if "task" in scores.columns else {}
+    problems = rename_problems(present, renames, left_out, tasks)
+    if problems:
+        raise ConfigError(" ".join(f"{where}: {p}" for p in problems))
+    return scores.assign(category=[renames.get(c, c) for c in present])
+
+
+def rename_problems(present: list[str], renames: dict[str, str], left_out: set[str] | frozenset[str] = frozenset(),
+                    tasks: dict[str, str] | None = None) -> list[str]:
+    """What is wrong with renaming the categories ``present`` by ``renames``: a key that names none
+    (a typo, or an lm-eval task name such as ``mmlu_anatomy`` for its category ``anatomy``: ``tasks``,
+    task -> category, says which) unless it is in ``left_out`` (a category the measurement knows but
+    left out of this table, e.g. a judge category without a scorable answer), and two categories
+    renamed onto one: a category is one row (one lm-eval task, one judge category), its questions
+    never pooled with another's."""
+    tasks = tasks or {}
     unknown = [key for key in renames if key not in present and key not in left_out]
     if unknown:
-        tasks = dict(zip(scores["task"].astype(str), present)) if "task" in scores.columns else {}
         hint = "".join(f"; {key} is the lm-eval task of category {tasks[key]!r}" for key in unknown if key in tasks)
-        raise ConfigError(f"{where}: {unknown[:6]} name no category of the table{hint}. Its categories: "
-                          f"{present[:10]}{'...' if len(present) > 10 else ''}.")
+        return [f"{unknown[:6]} name no category of the table{hint}. Its categories: "
+                f"{present[:10]}{'...' if len(present) > 10 else ''}."]
     renamed = [renames.get(c, c) for c in present]
     merged = {c: [old for old, new in zip(present, renamed) if new == c] for c in renamed if renamed.count(c) > 1}
     if merged:
         listed = "; ".join(f"{sources} onto {target!r}" for target, sources in list(merged.items())[:5])
-        raise ConfigError(f"{where} renames several categories onto one ({listed}). Each category is one row, "
-                          "its own questions: rename one of them only, or map the others to other taxonomy ids.")
-    return scores.assign(category=renamed)
+        return [f"renames several categories onto one ({listed}). Each category is one row, its own questions: "
+                "rename one of them only, or map the others to other taxonomy ids."]
+    return []
+
+
+def categories_problems(config: RunGroundTruthConfig) -> list[str]:
+    """What is wrong with the ``categories`` of the lm-eval tables, found from lm-eval's task index
+    before any model is evaluated (``harness.planned_tasks``; ``rename_problems``), so a typo does not
+    surface only after hours of lm-eval. A table whose tasks the index cannot tell is checked once measured."""
+    from mneme_plugin.groundtruth.harness import planned_tasks
+    from mneme_plugin.groundtruth.table import category_from_task
+
+    problems = []
+    for name, table in config.tables.items():
+        if table.lm_eval is None or not table.categories:
+            continue
+        try:
+            tasks = planned_tasks(table.lm_eval)
+        except ImportError:  # lm-eval not installed: measuring the table says how to install it
+            return problems
+        if tasks is None:
+            continue
+        present = [category_from_task(t) for t in tasks]
+        problems += [f"ground_truth.tables.{name}.categories: {p}"
+                     for p in rename_problems(present, table.categories, tasks=dict(zip(tasks, present)))]
+    return problems
 
 
 def load_tables(config: GroundTruthConfig, folder: str | os.PathLike[str],

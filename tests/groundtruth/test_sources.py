@@ -47,14 +47,16 @@ def test_a_group_two_deep_gives_one_row_per_subject_renamed_by_categories(tmp_pa
      r"category 'virology'\. Its categories: \['anatomy', 'astronomy', 'virology'\]"),
     ({"virology": "anatomy"}, r"renames several categories onto one \(\['anatomy', 'virology'\] onto 'anatomy'\)"),
 ])
-def test_categories_that_name_no_row_or_pool_rows_are_refused(tmp_path, mmlu_like, categories, message):
+def test_categories_that_name_no_row_or_pool_rows_are_refused_before_lm_eval_runs(tmp_path, mmlu_like, categories,
+                                                                                    message):
     """A key that names no category was ignored (the task kept its own name, off the taxonomy); two
-    rows renamed onto one failed later as a duplicated category of a file not yet written."""
+    rows renamed onto one failed later as a duplicated category of a file not yet written. Both are
+    found from lm-eval's task index (the group's subjects), before lm-eval evaluates a model."""
     model, tasks = mmlu_like
     with pytest.raises(ConfigError, match=message):
         measure_tables(_config(tasks, categories), str(model), str(model), tmp_path / "gt",
                        cache_dir=tmp_path / "cache")
-    assert not (tmp_path / "gt" / "mmlu.csv").exists()
+    assert not (tmp_path / "gt").exists() and not (tmp_path / "cache").exists()
 
 
 def test_a_judge_category_left_out_for_want_of_scorable_answers_may_still_be_renamed(tmp_path, tiny_tokenizer):

@@ -174,28 +174,34 @@ def test_missing_relative_paths_name_the_directory_they_are_read_from(tmp_path, 
     _assert_clear_failure(CliRunner().invoke(main, ["run", str(config)]), expected)
 
 
-def test_an_lm_eval_task_list_lm_eval_would_refuse_stops_the_run_before_any_stage(tmp_path, llama_dir):
+@pytest.mark.parametrize("tasks, categories, expected", [
+    (["wmdp", "wmdp_cyber"], {},
+     "ground_truth.tables.wmdp.lm_eval: lm-eval task wmdp_cyber is listed twice in tasks: 'wmdp' and 'wmdp_cyber'"),
+    (["wmdp"], {"wmdp_bio": "virology"},
+     "ground_truth.tables.wmdp.categories: ['wmdp_bio'] name no category of the table; wmdp_bio is the lm-eval "
+     "task of category 'bio'. Its categories: ['bio', 'cyber']."),
+])
+def test_an_lm_eval_task_list_lm_eval_would_refuse_stops_the_run_before_any_stage(tmp_path, llama_dir, tasks,
+                                                                                  categories, expected):
     """A group and one of its tasks both listed: lm-eval refuses it only in the ground-truth stage, after
-    the intervention (hours); the dry run names it, and `mneme run` before the first stage."""
+    the intervention (hours); a `categories` key naming no task of the group was found only once lm-eval
+    had measured both models. The dry run names them, and `mneme run` before the first stage."""
     from tests.helpers import write_lm_eval_group, write_lm_eval_task
 
-    tasks = tmp_path / "tasks"
-    tasks.mkdir()
+    task_folder = tmp_path / "tasks"
+    task_folder.mkdir()
     for seed, name in enumerate(("wmdp_bio", "wmdp_cyber")):
-        write_lm_eval_task(tasks, name, 4, seed=seed)
-    write_lm_eval_group(tasks, "wmdp", ["wmdp_bio", "wmdp_cyber"])
+        write_lm_eval_task(task_folder, name, 4, seed=seed)
+    write_lm_eval_group(task_folder, "wmdp", ["wmdp_bio", "wmdp_cyber"])
     (tmp_path / "corpus.txt").write_text("the cat sees the dog\n")
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump({
         "run_dir": str(tmp_path / "run"), **RUN_BASE, "corpus": {"source": str(tmp_path / "corpus.txt")},
         "models": {"base": str(llama_dir), "edited": str(llama_dir)},
-        "ground_truth": {"tables": {"wmdp": {"taxonomy": "mmlu", "lm_eval": {
-            "tasks": ["wmdp", "wmdp_cyber"], "include_path": [str(tasks)], "include_defaults": False,
-            "device": "cpu"}}}}}))
-    expected = ("ground_truth.tables.wmdp.lm_eval: lm-eval task wmdp_cyber is listed twice in tasks: 'wmdp' and "
-                "'wmdp_cyber'")
+        "ground_truth": {"tables": {"wmdp": {"taxonomy": "mmlu", "categories": categories, "lm_eval": {
+            "tasks": tasks, "include_path": [str(task_folder)], "include_defaults": False, "device": "cpu"}}}}}))
     dry = CliRunner().invoke(main, ["run", "--dry-run", str(config)])
-    _assert_clear_failure(dry, "FAIL ground_truth.tables.wmdp.lm_eval")
+    _assert_clear_failure(dry, f"FAIL {expected.split(':')[0]}")
     assert expected in " ".join(dry.output.split())
     result = CliRunner().invoke(main, ["run", str(config)])
     _assert_clear_failure(result, "nothing was run")
