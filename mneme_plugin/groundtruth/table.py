@@ -240,6 +240,21 @@ def _task_names(data: dict[str, Any], groups: set[str]) -> set[str]:
             if isinstance(values, dict) and task not in groups and (not counts or task in counts)}
 
 
+def _settings_differ(before: dict[str, Any], after: dict[str, Any], tasks: Sequence[str]) -> list[str]:
+    """What differs, per task, between how two lm-eval results were measured: the few-shot examples
+    (``n-shot``), the questions scored (``n-samples``' effective count: lm-eval's ``limit``) and the
+    task's version (its prompt). Where either file does not record one, it is not compared."""
+    found = []
+    for task in tasks:
+        for what, value in (("n-shot", lambda d: (d.get("n-shot") or {}).get(task)),
+                            ("questions", lambda d: _sample_count(d, task)),
+                            ("task version", lambda d: (d.get("versions") or {}).get(task))):
+            b, a = value(before), value(after)
+            if b is not None and a is not None and b != a:
+                found.append(f"{task} has {what} {b} before and {a} after")
+    return found
+
+
 def _sample_count(data: dict[str, Any], task: str) -> int | None:
     counts = (data.get("n-samples") or {}).get(task)
     return counts.get("effective") if isinstance(counts, dict) else None
@@ -275,7 +290,8 @@ def table_from_results(before: dict[str, Any], after: dict[str, Any], metric: st
     ``names`` say where each came from in error messages.
 
     One row per task (group aggregates skipped: ``group_names``, and rows without sample counts in a
-    file that has them; results of different tasks are a ConfigError); the metric is ``metric``, or
+    file that has them; results of different tasks, or measured otherwise, ``_settings_differ``, are a
+    ConfigError); the metric is ``metric``, or
     per task the first of PREFERRED_METRICS it has (a task without it is a ConfigError naming its
     metrics). The drop's p-value is the paired exact McNemar test when both hold
     per-sample scores (our lm-eval runs do), else a z test on lm-eval's standard errors, else Fisher's
@@ -291,6 +307,10 @@ def table_from_results(before: dict[str, Any], after: dict[str, Any], metric: st
                 in ((names[0], tasks_b, tasks_a), (names[1], tasks_a, tasks_b)) if mine - theirs]
         raise ConfigError(f"The two lm-eval results are of different tasks: {'; '.join(lone)}, which the other "
                           "lacks. Evaluate both models on the same task list.")
+    unlike = _settings_differ(before, after, sorted(tasks_b))
+    if unlike:  # a 0-shot score against a 5-shot one, or 100 questions against 1,000, is no drop
+        raise ConfigError(f"{names[0]} and {names[1]} were not measured alike: {'; '.join(unlike[:6])}. Evaluate "
+                          "both models with the same lm-eval settings (num_fewshot, limit) and lm-eval version.")
     rows, unscored = [], {}
     for task, values in before["results"].items():
         other = after["results"].get(task)

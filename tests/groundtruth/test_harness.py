@@ -152,6 +152,29 @@ def test_a_task_without_the_metric_is_refused_by_name_not_left_out(tmp_path, tin
         lm_eval_ground_truth(cfg.replace(metric="acc,none"), tmp_path / "gt2")
 
 
+def test_results_files_measured_with_other_settings_are_refused_by_name(tmp_path, tiny_tokenizer):
+    """Results produced elsewhere (`--before-json` / `--after-json`, a run's lm-eval pair): the base 0-shot
+    on a task's 6 questions and the edited model 2-shot on 4 of them (lm-eval's limit) made a table
+    without a word, its `n` the before file's 6, its drop no drop of the edit's."""
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    write_lm_eval_task(tasks, "mmlu_anatomy", 6, seed=0)
+    base = save_tiny_llama(tmp_path / "base", tiny_tokenizer, n_layers=2, hidden_size=32)
+    cfg = LMEvalConfig(base=str(base), edited=str(base), tasks=["mmlu_anatomy"], include_path=[str(tasks)],
+                       include_defaults=False, batch_size=8, device="cpu")
+    lm_eval_ground_truth(cfg, tmp_path / "zero")
+    lm_eval_ground_truth(cfg.replace(num_fewshot=2, limit=4), tmp_path / "two")
+    before, after = tmp_path / "zero" / RESULTS_JSON["before"], tmp_path / "two" / RESULTS_JSON["after"]
+    with pytest.raises(ConfigError, match=rf"{before} and {after} were not measured alike: mmlu_anatomy has n-shot 0 "
+                                          r"before and 2 after; mmlu_anatomy has questions 6 before and 4 after\. "
+                                          r"Evaluate both models with the same lm-eval settings"):
+        lm_eval_table_from_files(before, after, tmp_path / "table")
+    assert not (tmp_path / "table" / SCORES_CSV).exists()
+    # The same settings on both sides still make the table.
+    same = lm_eval_table_from_files(before, tmp_path / "zero" / RESULTS_JSON["after"], tmp_path / "table")
+    assert same["n"].tolist() == [6]
+
+
 def test_results_kept_in_a_cache_dir_are_reused_by_key(tmp_path, tiny_tokenizer, monkeypatch):
     """A measurement into a fresh folder (a redone ground-truth stage) takes each model's results from
     the cache when everything they depend on is unchanged, and measures again the model whose folder
