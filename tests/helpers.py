@@ -405,10 +405,12 @@ def write_jsonl(path: str | Path, records: Sequence[Any]) -> Path:
 LM_EVAL_WORDS = ["house", "tree", "bread", "music", "box", "road", "river", "team"]
 
 
-def write_lm_eval_task(folder: str | Path, name: str, n: int, seed: int, function: bool = False) -> Path:
+def write_lm_eval_task(folder: str | Path, name: str, n: int, seed: int, function: bool = False,
+                       metrics: Sequence[str] = ("acc",)) -> Path:
     """A local lm-eval multiple-choice task in ``folder`` (an ``include_path``): YAML + JSON-lines data
     (lm-eval's `json` dataset builder); returns the YAML. ``function``: its documents go through a
-    ``process_docs`` function of ``utils.py`` in the folder (a YAML ``!function``, as MMLU-Pro's do)."""
+    ``process_docs`` function of ``utils.py`` in the folder (a YAML ``!function``, as MMLU-Pro's do).
+    ``metrics``: lm-eval's multiple-choice metrics it reports (``acc``, ``acc_norm``, ``brier_score``)."""
     folder = Path(folder)
     rng = random.Random(seed)
     rows = [{"q": f"{rng.choice(['the cat', 'a dog'])} {rng.choice(['sees', 'likes'])} the",
@@ -419,7 +421,9 @@ def write_lm_eval_task(folder: str | Path, name: str, n: int, seed: int, functio
     task.write_text(
         f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\ntest_split: test\n"
         "output_type: multiple_choice\ndoc_to_text: \"{{q}}\"\ndoc_to_choice: \"{{choices}}\"\n"
-        "doc_to_target: answer\nmetric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
+        "doc_to_target: answer\nmetric_list:\n"
+        + "".join(f"  - metric: {metric}\n" + ("    aggregation: mean\n    higher_is_better: true\n"
+                                                 if metric in ("acc", "acc_norm") else "") for metric in metrics)
         + ("process_docs: !function utils.process_docs\n" if function else ""))
     if function:
         (folder / "utils.py").write_text("def process_docs(dataset):\n    return dataset\n")

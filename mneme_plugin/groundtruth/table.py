@@ -221,7 +221,18 @@ def _score(values: dict[str, Any], metric: str, task: str, where: str) -> float:
     if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
         raise ConfigError(f"{where}: task {task!r} has {metric} = {score!r}, not a finite number; re-run lm-eval "
                           "for that task or leave it out of the file.")
+    if not 0.0 <= score <= 1.0:
+        raise ConfigError(f"{where}: task {task!r} has {metric} = {score!r}, not a score in [0, 1] (an accuracy or "
+                          f"rate, whose fall is the drop); choose such a metric (`metric`, `--metric`), e.g. of "
+                          f"{', '.join(m for m in metric_names(values) if m != metric) or 'none other here'}.")
     return float(score)
+
+
+def _lower_is_better(data: dict[str, Any], task: str, metric: str) -> bool:
+    """Whether lm-eval's results mark ``metric`` of ``task`` lower-is-better (``brier_score``, a
+    perplexity): its fall is no drop. False where they do not say."""
+    marks = (data.get("higher_is_better") or {}).get(task)
+    return isinstance(marks, dict) and marks.get(metric.partition(",")[0]) is False
 
 
 def _stderr(values: dict[str, Any], metric: str) -> float | None:
@@ -321,6 +332,11 @@ def table_from_results(before: dict[str, Any], after: dict[str, Any], metric: st
         if chosen is None or chosen not in other:
             unscored[task] = sorted(set(metric_names(values)) & set(metric_names(other)))
             continue
+        if _lower_is_better(before, task, chosen) or _lower_is_better(after, task, chosen):
+            raise ConfigError(f"{names[0]} and {names[1]}: lm-eval marks {chosen} of task {task!r} lower-is-better "
+                              "(its higher_is_better), so a fall would read as a gain; choose a metric whose fall is "
+                              f"the drop (`metric`, `--metric`): of {task}'s, "
+                              f"{[m for m in metric_names(values) if not _lower_is_better(before, task, m)]}.")
         b, a = _score(values, chosen, task, names[0]), _score(other, chosen, task, names[1])
         se_b, se_a = _stderr(values, chosen), _stderr(other, chosen)
         n = _sample_count(before, task)

@@ -175,6 +175,27 @@ def test_results_files_measured_with_other_settings_are_refused_by_name(tmp_path
     assert same["n"].tolist() == [6]
 
 
+def test_a_metric_whose_fall_is_no_drop_is_refused_by_name(tmp_path, tiny_tokenizer):
+    """`metric: brier_score,none` (lm-eval's multiple-choice Brier score, lower-is-better, up to 2) crashed
+    with a raw ValueError from the drop's test; one within [0, 1] would have read a model getting worse
+    as one getting better. A score outside [0, 1] (a BLEU of 45.2) was refused only as a CSV column."""
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    write_lm_eval_task(tasks, "toy", 12, seed=0, metrics=("acc", "acc_norm", "brier_score"))
+    base = save_tiny_llama(tmp_path / "base", tiny_tokenizer, n_layers=2, hidden_size=32)
+    cfg = LMEvalConfig(base=str(base), edited=str(base), tasks=["toy"], include_path=[str(tasks)],
+                       include_defaults=False, batch_size=8, device="cpu", metric="brier_score,none")
+    with pytest.raises(ConfigError, match=r"lm-eval marks brier_score,none of task 'toy' lower-is-better .*: of "
+                                          r"toy's, \['acc,none', 'acc_norm,none'\]\."):
+        lm_eval_ground_truth(cfg, tmp_path / "gt")
+    assert lm_eval_ground_truth(cfg.replace(metric="acc_norm,none"), tmp_path / "gt")["metric"].tolist() \
+        == ["acc_norm,none"]
+    bleu = {"results": {"toy": {"bleu,none": 45.2, "exact_match,none": 0.3}}, "n-samples": {"toy": {"effective": 9}}}
+    with pytest.raises(ConfigError, match=r"task 'toy' has bleu,none = 45\.2, not a score in \[0, 1\].*e\.g\. of "
+                                          r"exact_match,none"):
+        table_from_results(bleu, bleu, "bleu,none")
+
+
 def test_results_kept_in_a_cache_dir_are_reused_by_key(tmp_path, tiny_tokenizer, monkeypatch):
     """A measurement into a fresh folder (a redone ground-truth stage) takes each model's results from
     the cache when everything they depend on is unchanged, and measures again the model whose folder
