@@ -310,7 +310,6 @@ def table_from_results(before: dict[str, Any], after: dict[str, Any], metric: st
     """
     for name, data in zip(names, (before, after)):
         _check_results(data, name)
-    counts_b = before.get("n-samples") or {}
     groups = group_names(before) | group_names(after)
     tasks_b, tasks_a = _task_names(before, groups), _task_names(after, groups)
     if tasks_b != tasks_a:  # results of other task lists: a task in one file only has no drop to measure
@@ -324,10 +323,9 @@ def table_from_results(before: dict[str, Any], after: dict[str, Any], metric: st
                           "both models with the same lm-eval settings (num_fewshot, limit) and lm-eval version.")
     rows, unscored = [], {}
     for task, values in before["results"].items():
-        other = after["results"].get(task)
-        if (not isinstance(values, dict) or not isinstance(other, dict) or task in groups
-                or (counts_b and task not in counts_b)):
+        if task not in tasks_b:  # a group's aggregate, or a row without a sample count
             continue
+        other = after["results"][task]
         chosen = metric_for(values, metric)
         if chosen is None or chosen not in other:
             unscored[task] = sorted(set(metric_names(values)) & set(metric_names(other)))
