@@ -143,23 +143,23 @@ def measure_tables(config: RunGroundTruthConfig, base: str, edited: str, out_dir
     written = []
     for name, table in config.tables.items():
         work = out / name
-        measured: set[str] = set()
+        left_out: set[str] = set()
         if table.lm_eval is not None:
             cfg = table.lm_eval.replace(base=table.lm_eval.base or base, edited=table.lm_eval.edited or edited)
             scores = lm_eval_ground_truth(cfg, work, cache_dir=cache_dir)
         elif table.judge is not None:
             cfg = table.judge.replace(base=table.judge.base or base, edited=table.judge.edited or edited)
             scores = judge_ground_truth(cfg, work, cache_dir=cache_dir)
-            # A question category with no scorable answer is left out of the table (with a warning): its
-            # rename is no typo.
-            measured = {q.category for q in read_questions(cfg)}
+            if table.categories:  # a question category with no scorable answer is left out of the table
+                # (with a warning): its rename is no typo
+                left_out = {q.category for q in read_questions(cfg)}
         elif table.scores_csv:
             scores = read_scores_csv(table.scores_csv)
         else:
             scores = scores_from_lm_eval(str(table.lm_eval_before), str(table.lm_eval_after))
         if table.categories:
             scores = renamed_categories(scores, table.categories, f"ground_truth.tables.{name}.categories",
-                                        left_out=measured)
+                                        left_out=left_out)
         written.append(save_scores(scores, table_path(out, name)))
     return written
 

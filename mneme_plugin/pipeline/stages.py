@@ -329,13 +329,13 @@ def _lm_eval_task_problems(config: RunConfig) -> list[str]:
     """Task lists lm-eval would refuse only once a model is loaded, after the intervention
     (``groundtruth.harness.task_problems``: its task index, offline, seconds the first time), and
     tables' ``categories`` that do not fit the tasks lm-eval will run (``sources.categories_problems``)."""
+    from mneme_plugin.groundtruth.harness import task_problems
+
     problems = []
     for name, table in config.ground_truth.tables.items():
         if table.lm_eval is None or not all(Path(p).is_dir() for p in table.lm_eval.include_path):
             continue  # a missing include_path is missing_inputs' to name
         try:
-            from mneme_plugin.groundtruth.harness import task_problems
-
             problems += [f"ground_truth.tables.{name}.lm_eval: {p}" for p in task_problems(table.lm_eval)]
         except ImportError:  # lm-eval not installed: the stage says how to install it
             return problems
