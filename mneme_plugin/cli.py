@@ -640,10 +640,17 @@ def map_(explanations, config, taxonomies, method, labeler, top_k, embedding_mod
 
 
 @main.command()
-def taxonomies() -> None:
-    """List the built-in taxonomies (for `mneme map --taxonomy` and map.taxonomies)."""
+@click.argument("taxonomy", required=False)
+@clear_errors
+def taxonomies(taxonomy) -> None:
+    """List the built-in taxonomies (for `mneme map --taxonomy` and map.taxonomies); with TAXONOMY (a
+    built-in or a YAML/JSON file), its category ids and names (what a ground-truth table's categories are)."""
     from mneme_plugin.interpret.taxonomy import builtin_taxonomies, load_taxonomy
 
+    if taxonomy:
+        for entry in load_taxonomy(taxonomy).entries:
+            click.echo(f"{entry.id:<40} {entry.name}")
+        return
     for name in builtin_taxonomies():
         click.echo(f"{name:<24} {len(load_taxonomy(name).entries)} categories")
 

@@ -116,3 +116,26 @@ def test_train_on_a_small_store_names_the_option_that_fits_it(tmp_path):
     assert result.exit_code == 0, result.output
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["n_tokens"] == 128 and metrics["eval_data"] == "held_out"
+
+
+def test_taxonomies_lists_the_builtins_and_one_taxonomys_ids(tmp_path):
+    """Without an argument the built-ins with their sizes; with one (built-in or file) the ids a
+    ground-truth table's `categories:` may rename to, in the taxonomy's order."""
+    import yaml
+
+    from mneme_plugin.interpret.taxonomy import builtin_taxonomies
+
+    listed = CliRunner().invoke(main, ["taxonomies"])
+    assert listed.exit_code == 0, listed.output
+    assert [line.split()[0] for line in listed.output.splitlines()] == builtin_taxonomies()
+    assert "organism                 8 categories" in listed.output
+    shown = CliRunner().invoke(main, ["taxonomies", "organism"])
+    assert [line.split()[0] for line in shown.output.splitlines()] == [
+        "biology", "chemistry", "medicine", "law", "history", "security", "cooking", "sports"]
+    own = tmp_path / "mine.yaml"
+    own.write_text(yaml.safe_dump({"entries": [{"id": "a_b", "name": "A and B"}, {"id": "c", "name": "C"}]}))
+    shown = CliRunner().invoke(main, ["taxonomies", str(own)])
+    assert shown.exit_code == 0 and shown.output.splitlines() == [f"{'a_b':<40} A and B", f"{'c':<40} C"]
+    unknown = CliRunner().invoke(main, ["taxonomies", "mmlu-pro"])
+    assert unknown.exit_code != 0 and "Unknown taxonomy 'mmlu-pro': built-ins are" in unknown.output
+    assert "Traceback" not in unknown.output

@@ -199,27 +199,75 @@ def rename_problems(present: list[str], renames: dict[str, str], left_out: set[s
     return []
 
 
-def categories_problems(config: RunGroundTruthConfig) -> list[str]:
-    """What is wrong with the ``categories`` of the lm-eval tables, found from lm-eval's task index
-    before any model is evaluated (``harness.planned_tasks``; ``rename_problems``), so a typo does not
-    surface only after hours of lm-eval. A table whose tasks the index cannot tell is checked once measured."""
+def categories_problems(config: RunGroundTruthConfig, default_taxonomy: str | None = None) -> list[str]:
+    """What is wrong with the tables' categories, found before any model is evaluated, so a typo does
+    not surface only after hours of lm-eval: of an lm-eval table, from lm-eval's task index
+    (``harness.planned_tasks``), two tasks that map to one category (``tasks: [mmlu_pro, mmlu]``: two
+    ``philosophy`` rows), ``categories`` keys that fit no task (``rename_problems``) and, when its
+    taxonomy is known, no category of that taxonomy at all; of every table, a ``categories`` target that is
+    no id of its taxonomy (the row would land outside it, unscored). The taxonomy of a table is its own
+    ``taxonomy`` or ``default_taxonomy`` (the run's first); an lm-eval table whose tasks the index cannot
+    tell is checked once measured."""
     from mneme_plugin.groundtruth.harness import planned_tasks
     from mneme_plugin.groundtruth.table import category_from_task
 
-    problems = []
+    problems: list[str] = []
+    lm_eval_installed = True
     for name, table in config.tables.items():
-        if table.lm_eval is None or not table.categories:
+        where = f"ground_truth.tables.{name}"
+        taxonomy = table.taxonomy or default_taxonomy
+        ids = _taxonomy_ids(taxonomy)
+        if ids is not None:
+            problems += [f"{where}.categories: {p}" for p in _target_problems(table.categories, ids, str(taxonomy))]
+        if table.lm_eval is None or not lm_eval_installed:
             continue
         try:
             tasks = planned_tasks(table.lm_eval)
         except ImportError:  # lm-eval not installed: measuring the table says how to install it
-            return problems
+            lm_eval_installed = False
+            continue
         if tasks is None:
             continue
         present = [category_from_task(t) for t in tasks]
-        problems += [f"ground_truth.tables.{name}.categories: {p}"
-                     for p in rename_problems(present, table.categories, tasks=dict(zip(tasks, present)))]
+        clash = {c: [t for t, p in zip(tasks, present) if p == c] for c in present if present.count(c) > 1}
+        if clash:
+            listed = "; ".join(f"{ts} -> {c!r}" for c, ts in list(clash.items())[:4])
+            problems.append(f"{where}.lm_eval: tasks map to one category ({listed}): one row per category, so "
+                            "measure each benchmark (e.g. MMLU and MMLU-Pro) as its own table of ground_truth.tables.")
+            continue
+        renaming = rename_problems(present, table.categories, tasks=dict(zip(tasks, present)))
+        problems += [f"{where}.categories: {p}" for p in renaming]
+        renamed = {table.categories.get(c, c) for c in present}
+        if not renaming and ids is not None and not renamed & ids:
+            problems.append(f"{where}: none of its categories ({sorted(renamed)[:5]}"
+                            f"{'...' if len(renamed) > 5 else ''}) is an id of taxonomy {taxonomy!r}: rename them "
+                            "with the table's `categories` mapping or set the table's `taxonomy`.")
     return problems
+
+
+def _taxonomy_ids(taxonomy: str | None) -> set[str] | None:
+    """The ids of ``taxonomy``; None when it is not given or does not load (its own check names it)."""
+    from mneme_plugin.interpret.taxonomy import load_taxonomy
+
+    if taxonomy is None:
+        return None
+    try:
+        return set(load_taxonomy(taxonomy).ids())
+    except ConfigError:
+        return None
+
+
+def _target_problems(renames: dict[str, str], ids: set[str], taxonomy: str) -> list[str]:
+    """``categories`` targets that are no id of the taxonomy, with the ids closest to each."""
+    import difflib
+
+    wrong = [target for target in renames.values() if target not in ids]
+    if not wrong:
+        return []
+    hints = {t: difflib.get_close_matches(t, sorted(ids), n=3) for t in wrong}
+    return [f"{wrong[:6]} are no ids of taxonomy {taxonomy!r}"
+            + "".join(f"; close to {t}: {h}" for t, h in hints.items() if h)
+            + f". A renamed category must be one of its ids (`mneme taxonomies {taxonomy}` lists them)."]
 
 
 def load_tables(config: GroundTruthConfig, folder: str | os.PathLike[str],

@@ -266,7 +266,7 @@ def config_problems(config: RunConfig, models: dict[str, Any] | None = None) -> 
         if problem:
             problems.append(f"corpus.source: {problem}")
     problems += _stream_length_problems(config)
-    problems += _lm_eval_task_problems(config)
+    problems += _ground_truth_problems(config)
     for path in config.ground_truth.files():
         if not Path(path).is_file():
             problems.append(f"ground_truth: {path} does not exist.")
@@ -325,11 +325,13 @@ def validate_for_run(config: RunConfig, stages: list[Stage], models: dict[str, A
                           + f"\n{relative_paths_note()}")
 
 
-def _lm_eval_task_problems(config: RunConfig) -> list[str]:
+def _ground_truth_problems(config: RunConfig) -> list[str]:
     """Task lists lm-eval would refuse only once a model is loaded, after the intervention
     (``groundtruth.harness.task_problems``: its task index, offline, seconds the first time), and
-    tables' ``categories`` that do not fit the tasks lm-eval will run (``sources.categories_problems``)."""
+    tables' ``categories`` that fit neither the tasks lm-eval will run nor their taxonomy
+    (``sources.categories_problems``)."""
     from mneme_plugin.groundtruth.harness import task_problems
+    from mneme_plugin.groundtruth.sources import categories_problems
 
     problems = []
     for name, table in config.ground_truth.tables.items():
@@ -338,12 +340,8 @@ def _lm_eval_task_problems(config: RunConfig) -> list[str]:
         try:
             problems += [f"ground_truth.tables.{name}.lm_eval: {p}" for p in task_problems(table.lm_eval)]
         except ImportError:  # lm-eval not installed: the stage says how to install it
-            return problems
-    if not problems:  # the tables' `categories` against the tasks lm-eval will run
-        from mneme_plugin.groundtruth.sources import categories_problems
-
-        problems += categories_problems(config.ground_truth)
-    return problems
+            break
+    return problems + categories_problems(config.ground_truth, config.map.taxonomies[0])
 
 
 def relative_paths_note() -> str:

@@ -59,6 +59,41 @@ def test_categories_that_name_no_row_or_pool_rows_are_refused_before_lm_eval_run
     assert not (tmp_path / "gt").exists() and not (tmp_path / "cache").exists()
 
 
+def test_two_benchmarks_whose_tasks_map_to_one_category_are_refused_before_lm_eval_runs(tmp_path, mmlu_like):
+    """`tasks: [mmlu, mmlu_pro_anatomy]` gives two `anatomy` rows, which the table refused only after
+    lm-eval had measured both models; the task index tells before."""
+    model, tasks = mmlu_like
+    pro = tmp_path / "pro_tasks"
+    pro.mkdir()
+    write_lm_eval_task(pro, "mmlu_pro_anatomy", 4, seed=5)
+    config = RunGroundTruthConfig.from_dict({"tables": {"both": {"taxonomy": "mmlu", "lm_eval": {
+        "tasks": ["mmlu", "mmlu_pro_anatomy"], "include_path": [str(tasks), str(pro)], "include_defaults": False,
+        "device": "cpu"}}}})
+    with pytest.raises(ConfigError, match=r"ground_truth\.tables\.both\.lm_eval: tasks map to one category "
+                                          r"\(\['mmlu_anatomy', 'mmlu_pro_anatomy'\] -> 'anatomy'\)"):
+        measure_tables(config, str(model), str(model), tmp_path / "gt", cache_dir=tmp_path / "cache")
+    assert not (tmp_path / "gt").exists()
+
+
+def test_a_rename_onto_no_id_of_the_taxonomy_is_refused_before_any_table_is_measured(tmp_path, mmlu_like):
+    """A `categories` target that is no id of the table's taxonomy landed the row outside it, unscored,
+    without a word; a judge table's targets are checked as well as an lm-eval table's."""
+    from mneme_plugin.groundtruth.sources import categories_problems
+
+    model, tasks = mmlu_like
+    with pytest.raises(ConfigError, match=r"\['medical_genetic'\] are no ids of taxonomy 'mmlu'; close to "
+                                          r"medical_genetic: \['medical_genetics'"):
+        measure_tables(_config(tasks, {"virology": "medical_genetic"}), str(model), str(model), tmp_path / "gt")
+    assert not (tmp_path / "gt").exists()
+    judge = {"questions": str(tmp_path / "questions.jsonl"), "judge": {"kind": "openai", "model": "judge"}}
+    config = RunGroundTruthConfig.from_dict({"tables": {"em": {"categories": {"q1": "power_seeking", "q2": "lying"},
+                                                                "judge": judge}}})
+    assert categories_problems(config) == []  # no taxonomy known: nothing to check against
+    assert categories_problems(config, "emergent_misalignment") == [
+        "ground_truth.tables.em.categories: ['lying'] are no ids of taxonomy 'emergent_misalignment'. A renamed "
+        "category must be one of its ids (`mneme taxonomies emergent_misalignment` lists them)."]
+
+
 def test_a_judge_category_left_out_for_want_of_scorable_answers_may_still_be_renamed(tmp_path, tiny_tokenizer):
     """A judge category whose answers are all unscorable is left out of the table (with a warning), not
     misnamed: its rename is no typo, and the other categories are renamed as asked."""

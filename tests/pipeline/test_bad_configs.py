@@ -180,12 +180,17 @@ def test_missing_relative_paths_name_the_directory_they_are_read_from(tmp_path, 
     (["wmdp"], {"wmdp_bio": "virology"},
      "ground_truth.tables.wmdp.categories: ['wmdp_bio'] name no category of the table; wmdp_bio is the lm-eval "
      "task of category 'bio'. Its categories: ['bio', 'cyber']."),
+    (["wmdp"], {"bio": "virolgy"},
+     "ground_truth.tables.wmdp.categories: ['virolgy'] are no ids of taxonomy 'mmlu'; close to virolgy: ['virology', 'sociology']"),
+    (["wmdp"], {}, "ground_truth.tables.wmdp: none of its categories (['bio', 'cyber']) is an id of taxonomy 'mmlu'"),
 ])
 def test_an_lm_eval_task_list_lm_eval_would_refuse_stops_the_run_before_any_stage(tmp_path, llama_dir, tasks,
                                                                                   categories, expected):
     """A group and one of its tasks both listed: lm-eval refuses it only in the ground-truth stage, after
     the intervention (hours); a `categories` key naming no task of the group was found only once lm-eval
-    had measured both models. The dry run names them, and `mneme run` before the first stage."""
+    had measured both models; a `categories` target that is no id of the table's taxonomy put the row
+    outside it, unscored, and a table with no category of its taxonomy failed at evaluate. The dry run
+    names them, and `mneme run` before the first stage."""
     from tests.helpers import write_lm_eval_group, write_lm_eval_task
 
     task_folder = tmp_path / "tasks"
