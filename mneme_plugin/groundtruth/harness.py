@@ -51,6 +51,12 @@ class LMEvalConfig(ConfigMixin):
         include_path: folder(s) of extra task YAMLs (lm-eval's ``--include_path``).
         include_defaults: also index lm-eval's own tasks (False is faster when every task is local).
         metric: the lm-eval metric key (e.g. ``acc,none``); None picks per task from PREFERRED_METRICS.
+        apply_chat_template: render prompts with the model's chat template (instruction-tuned models).
+        system_instruction: a system prompt lm-eval puts before every question (lm-eval's ``--system_instruction``).
+        fewshot_as_multiturn: with ``apply_chat_template``, few-shot examples as chat turns (True) or in
+            one user turn (False); None keeps lm-eval's default (True from lm-eval 0.4.10).
+        gen_kwargs: generation settings of the generative tasks over their YAML's ``generation_kwargs``
+            (lm-eval's ``--gen_kwargs``), e.g. ``{max_gen_toks: 1024}`` for MMLU-Pro's chains of thought.
         model_args: extra lm-eval ``hf`` model arguments (e.g. ``{trust_remote_code: true}``).
     """
 
@@ -68,6 +74,11 @@ class LMEvalConfig(ConfigMixin):
     apply_chat_template: bool = False
     model_args: dict[str, Any] = field(default_factory=dict)
     seed: Seed = 0
+    system_instruction: str | None = None
+    fewshot_as_multiturn: bool | None = None
+    gen_kwargs: dict[str, Any] = field(default_factory=dict)
+    # Added later: at their default they leave run keys (and results measured before) unchanged.
+    later_fields = ("system_instruction", "fewshot_as_multiturn", "gen_kwargs")
 
     def __post_init__(self) -> None:
         self.tasks = [self.tasks] if isinstance(self.tasks, str) else [str(t) for t in self.tasks]
@@ -75,6 +86,11 @@ class LMEvalConfig(ConfigMixin):
                              else [str(p) for p in self.include_path])
         require(self.num_fewshot is None or self.num_fewshot >= 0, "num_fewshot must be None or >= 0.")
         require(self.limit is None or self.limit > 0, "limit must be None or > 0.")
+        require(not (self.fewshot_as_multiturn and not self.apply_chat_template),
+                "fewshot_as_multiturn: true needs apply_chat_template: true (it makes the few-shot examples chat "
+                "turns); drop it or set apply_chat_template.")
+        require(self.system_instruction is None or bool(self.system_instruction.strip()),
+                "system_instruction is empty: give the system prompt, or leave it out.")
 
     def check_ready(self) -> None:
         require(bool(self.base) and bool(self.edited), "lm-eval ground truth needs `base` and `edited` models.")
@@ -96,7 +112,7 @@ def run_key(config: LMEvalConfig, model: str) -> dict[str, Any]:
     from mneme_plugin.files import stat_digest
 
     # `metric` only chooses what is read from the results (they keep every metric's per-sample scores).
-    key = {k: v for k, v in config.to_dict().items() if k not in ("base", "edited", "batch_size", "device", "metric")}
+    key = {k: v for k, v in config.result_dict().items() if k not in ("base", "edited", "batch_size", "device", "metric")}
     key["dtype"] = _model_args(config, model)["dtype"]
     key["model"] = model
     key["model_files"] = weights_digest(model, config.model_args.get("revision"))
@@ -231,17 +247,25 @@ def run_lm_eval(config: LMEvalConfig, model: str, cache: Path, manager: Any) -> 
     revision = config.model_args.get("revision")
     require_hub_model(model, "lm-eval", revision)
     cache.parent.mkdir(parents=True, exist_ok=True)
+    from lm_eval.loggers import EvaluationTracker
+
+    # Optional settings go to lm-eval only when set, so its own defaults (which vary by version) apply otherwise.
+    optional = {"system_instruction": config.system_instruction, "gen_kwargs": config.gen_kwargs or None,
+                "fewshot_as_multiturn": config.fewshot_as_multiturn}
+    tracker = EvaluationTracker()  # records what the prompts were built with, as lm-eval's CLI does
     with hub_cache_when_unreachable(model, revision):  # lm-eval loads through transformers, in this process
         out = lm_eval.simple_evaluate(
             model="hf", model_args=_model_args(config, model), tasks=list(config.tasks),
             num_fewshot=config.num_fewshot, batch_size=config.batch_size, limit=config.limit, use_cache=str(cache),
             log_samples=True, apply_chat_template=config.apply_chat_template, task_manager=manager,
             random_seed=config.seed, numpy_random_seed=config.seed, torch_random_seed=config.seed,
-            fewshot_random_seed=config.seed,
+            fewshot_random_seed=config.seed, evaluation_tracker=tracker,
+            **{k: v for k, v in optional.items() if v is not None},
         )
     if out is None:
         raise ConfigError("lm-eval returned no results (a non-zero rank of a distributed run?).")
     samples = out.pop("samples", {}) or {}
+    out.update(_prompt_records(tracker, samples))
     per_sample: dict[str, dict[str, dict[str, float]]] = {}
     for task, records in samples.items():
         # lm-eval logs one record per document and filter (`strict-match`, `flexible-extract`): each metric
@@ -255,6 +279,27 @@ def run_lm_eval(config: LMEvalConfig, model: str, cache: Path, manager: Any) -> 
     safe = json.loads(json.dumps(out, default=str))
     safe[PER_SAMPLE_KEY] = per_sample
     return safe
+
+
+def _prompt_records(tracker: Any, samples: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """What lm-eval's CLI adds to a results file about the prompts: its run settings (system instruction,
+    chat template and their hashes, few-shot as multi-turn) and ``task_hashes``, per task one hash of every
+    question's document, prompt and target hashes, so two files whose models were asked other prompts
+    can be told apart (``table._settings_differ``)."""
+    from dataclasses import asdict
+
+    from lm_eval.utils import hash_string
+
+    settings = ("system_instruction", "system_instruction_sha", "fewshot_as_multiturn", "chat_template",
+                "chat_template_sha")
+    records: dict[str, Any] = {k: v for k, v in asdict(tracker.general_config_tracker).items() if k in settings}
+    hashes = {}
+    for task, records_of_task in samples.items():
+        parts = [(r.get("doc_hash"), r.get("prompt_hash"), r.get("target_hash")) for r in records_of_task]
+        if parts and all(isinstance(p, str) for part in parts for p in part):
+            hashes[task] = hash_string("".join("".join(part) for part in parts))
+    records["task_hashes"] = hashes
+    return records
 
 
 def cached_results_path(cache_dir: str | Path, key: dict[str, Any]) -> Path:

@@ -252,10 +252,22 @@ def _task_names(data: dict[str, Any], groups: set[str]) -> set[str]:
 
 
 def _settings_differ(before: dict[str, Any], after: dict[str, Any], tasks: Sequence[str]) -> list[str]:
-    """What differs, per task, between how two lm-eval results were measured: the few-shot examples
-    (``n-shot``), the questions scored (``n-samples``' effective count: lm-eval's ``limit``) and the
-    task's version (its prompt). Where either file does not record one, it is not compared."""
+    """What differs between how two lm-eval results were measured: the system instruction and whether
+    a chat template was applied (and then few-shot as multi-turn), as lm-eval's CLI records them (our
+    runs too), then per task the few-shot examples (``n-shot``), the questions scored (``n-samples``'
+    effective count: lm-eval's ``limit``), the task's version and the prompts themselves (``task_hashes``:
+    one hash of every question's document, prompt and target; another system instruction, chat template
+    or few-shot draw changes it). Where either file does not record one, it is not compared."""
     found = []
+    both = lambda key: key in before and key in after  # noqa: E731
+    if both("system_instruction_sha") and before["system_instruction_sha"] != after["system_instruction_sha"]:
+        found.append("the system instruction differs")
+    templated = [d.get("chat_template_sha") is not None for d in (before, after)]
+    if both("chat_template_sha") and templated[0] != templated[1]:
+        found.append(f"a chat template was applied {'before' if templated[0] else 'after'} only")
+    elif all(templated) and both("fewshot_as_multiturn") and before["fewshot_as_multiturn"] != after["fewshot_as_multiturn"]:
+        found.append(f"fewshot_as_multiturn is {before['fewshot_as_multiturn']} before and "
+                     f"{after['fewshot_as_multiturn']} after")
     for task in tasks:
         for what, value in (("n-shot", lambda d: (d.get("n-shot") or {}).get(task)),
                             ("questions", lambda d: _sample_count(d, task)),
@@ -263,6 +275,11 @@ def _settings_differ(before: dict[str, Any], after: dict[str, Any], tasks: Seque
             b, a = value(before), value(after)
             if b is not None and a is not None and b != a:
                 found.append(f"{task} has {what} {b} before and {a} after")
+    if not found:  # the prompts: only when nothing above explains why they differ
+        hashes = [d.get("task_hashes") or {} for d in (before, after)]
+        found += [f"{task} was asked other prompts (its task_hashes differ: another chat template, system "
+                  "instruction, few-shot examples or prompt format)"
+                  for task in tasks if task in hashes[0] and task in hashes[1] and hashes[0][task] != hashes[1][task]]
     return found
 
 
@@ -320,7 +337,8 @@ def table_from_results(before: dict[str, Any], after: dict[str, Any], metric: st
     unlike = _settings_differ(before, after, sorted(tasks_b))
     if unlike:  # a 0-shot score against a 5-shot one, or 100 questions against 1,000, is no drop
         raise ConfigError(f"{names[0]} and {names[1]} were not measured alike: {'; '.join(unlike[:6])}. Evaluate "
-                          "both models with the same lm-eval settings (num_fewshot, limit) and lm-eval version.")
+                          "both models with the same lm-eval settings (num_fewshot, limit, apply_chat_template, "
+                          "system_instruction), lm-eval version and, with a chat template, the same template.")
     rows, unscored = [], {}
     for task, values in before["results"].items():
         if task not in tasks_b:  # a group's aggregate, or a row without a sample count

@@ -175,6 +175,73 @@ def test_results_files_measured_with_other_settings_are_refused_by_name(tmp_path
     assert same["n"].tolist() == [6]
 
 
+def test_prompt_settings_reach_lm_eval_and_results_asked_other_prompts_are_refused(tmp_path, tiny_tokenizer):
+    """`system_instruction`, `fewshot_as_multiturn` and `gen_kwargs` are lm-eval's (its CLI's
+    `--system_instruction`, `--fewshot_as_multiturn`, `--gen_kwargs`): each changes the prompts lm-eval
+    builds (its `task_hashes`) or the generation settings it records. Results files whose models were
+    asked other prompts (another system prompt, a chat template on one side only) made a table without
+    a word; they are refused, by the settings lm-eval records or, where a file lacks them, by the hashes."""
+    from lm_eval.utils import hash_string
+
+    from mneme_plugin.groundtruth.harness import run_key
+
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    write_lm_eval_task(tasks, "mmlu_anatomy", 6, seed=0)
+    base = save_tiny_llama(tmp_path / "base", tiny_tokenizer, n_layers=2, hidden_size=32)
+    cfg = LMEvalConfig(base=str(base), edited=str(base), tasks=["mmlu_anatomy"], include_path=[str(tasks)],
+                       include_defaults=False, batch_size=8, device="cpu", num_fewshot=2)
+    said = "Answer as a careful anatomist."
+    runs = {"plain": cfg, "system": cfg.replace(system_instruction=said),
+            "chat": cfg.replace(apply_chat_template=True, fewshot_as_multiturn=True),
+            "chat_one_turn": cfg.replace(apply_chat_template=True, fewshot_as_multiturn=False)}
+    data = {}
+    for name, run in runs.items():
+        lm_eval_ground_truth(run, tmp_path / name)
+        data[name] = json.loads((tmp_path / name / RESULTS_JSON["after"]).read_text())
+    assert data["plain"]["system_instruction_sha"] is None and data["plain"]["chat_template_sha"] is None
+    assert data["system"]["system_instruction"] == said
+    assert data["system"]["system_instruction_sha"] == hash_string(said)
+    assert data["chat"]["chat_template_sha"] == hash_string(tiny_tokenizer.chat_template)
+    assert [data[n]["fewshot_as_multiturn"] for n in ("chat", "chat_one_turn")] == [True, False]
+    hashes = [data[name]["task_hashes"]["mmlu_anatomy"] for name in runs]
+    assert len(set(hashes)) == 4  # every setting changed the prompts lm-eval built
+    # At their defaults the new fields leave the run key as it was (results measured before are reused).
+    assert not {"system_instruction", "fewshot_as_multiturn", "gen_kwargs"} & set(run_key(cfg, str(base)))
+    assert run_key(runs["system"], str(base))["system_instruction"] == said
+
+    def compare(before, after):
+        paths = []
+        for side, name in (("before", before), ("after", after)):
+            paths.append(tmp_path / f"{side}.json")
+            paths[-1].write_text(json.dumps(data[name] if isinstance(name, str) else name))
+        lm_eval_table_from_files(*paths, tmp_path / "table")
+
+    for before, after, reason in (("plain", "system", "the system instruction differs"),
+                                  ("plain", "chat", "a chat template was applied after only"),
+                                  ("chat", "chat_one_turn", "fewshot_as_multiturn is True before and False after")):
+        with pytest.raises(ConfigError, match=rf"not measured alike: {reason}\. Evaluate both models"):
+            compare(before, after)
+    # A file from an lm-eval that records no settings: the prompts' hashes still tell.
+    bare = {k: v for k, v in data["system"].items() if k not in ("system_instruction", "system_instruction_sha")}
+    with pytest.raises(ConfigError, match=r"mmlu_anatomy was asked other prompts \(its task_hashes differ"):
+        compare("plain", bare)
+    compare("plain", "plain")  # the same prompts make the table
+    assert read_scores_csv(tmp_path / "table" / SCORES_CSV)["n"].tolist() == [6]
+
+    # gen_kwargs go over the generative task's YAML settings (max_gen_toks 2 there).
+    write_lm_eval_generative_task(tasks, "toy_gen", {"strict-match": [True, False, True]})
+    gen = cfg.replace(tasks=["toy_gen"], num_fewshot=None, gen_kwargs={"max_gen_toks": 1, "until": ["."]})
+    lm_eval_ground_truth(gen, tmp_path / "gen")
+    recorded = json.loads((tmp_path / "gen" / RESULTS_JSON["before"]).read_text())["configs"]["toy_gen"]
+    assert recorded["generation_kwargs"]["max_gen_toks"] == 1 and recorded["generation_kwargs"]["until"] == ["."]
+
+    with pytest.raises(ConfigError, match="fewshot_as_multiturn: true needs apply_chat_template: true"):
+        LMEvalConfig(tasks=["toy"], fewshot_as_multiturn=True)
+    with pytest.raises(ConfigError, match="system_instruction is empty"):
+        LMEvalConfig(tasks=["toy"], system_instruction=" ")
+
+
 def test_a_metric_whose_fall_is_no_drop_is_refused_by_name(tmp_path, tiny_tokenizer):
     """`metric: brier_score,none` (lm-eval's multiple-choice Brier score, lower-is-better, up to 2) crashed
     with a raw ValueError from the drop's test; one within [0, 1] would have read a model getting worse

@@ -320,7 +320,8 @@ def test_a_changed_intervention_measures_the_edited_model_only(pair_and_corpus, 
            "corpus": {"source": str(corpus)}, "harvest": {"layer": 1},
            "intervention": {"kind": "sft", "settings": {"data": str(chat), "lr": 1e-2, "batch_size": 4,
                                                         "grad_accum": 1, "device": "cpu"}},
-           "ground_truth": {"tables": {"toy": {"lm_eval": {"tasks": ["toy_animals"], "include_path": [str(tasks)],
+           "ground_truth": {"tables": {"toy": {"categories": {"toy_animals": "anatomy"},
+                                               "lm_eval": {"tasks": ["toy_animals"], "include_path": [str(tasks)],
                                                            "include_defaults": False, "device": "cpu"}}}}}
     layout = RunLayout(tmp_path / "run")
     only = ["intervention", "ground_truth"]
