@@ -10,6 +10,7 @@ residual stream. Model diffing (like the published crosscoders) wants the raw HF
 from __future__ import annotations
 
 import difflib
+import time
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -125,51 +126,78 @@ def weights_digest(spec: str, revision: str | None = None) -> str | None:
     return stat_digest(parsed.location)
 
 
-# Whether the hub at an endpoint answered this process's one probe: None when it did, else why it could not
-# be reached. Remembered so that neither the probe nor the hub client's retries are repeated per model.
-_HUB_UNREACHABLE: dict[str, str | None] = {}
-# The hub's answer about a model (endpoint, id, revision): None when it has it, else its error. Remembered so
-# that the check before a run's first stage and every loader's check of a model not downloaded yet ask once.
-_HUB_ANSWERS: dict[tuple[str, str, str | None], Exception | None] = {}
+# Whether the hub at an endpoint answered this process's last probe: (None when it did, else why it could not
+# be reached; when). Remembered so that neither the probe nor the hub client's retries are repeated per model;
+# "unreachable" only for HUB_RECHECK_AFTER_S, since a run lasts hours and the network may come back.
+_HUB_UNREACHABLE: dict[str, tuple[str | None, float]] = {}
+# The hub's answer about a model (endpoint, id, revision): (None when it has it, else its error; when).
+# Remembered so that the check before a run's first stage and every loader's check of a model not downloaded
+# yet ask once; a server error or rate limit (HTTP 429, 5xx) only for HUB_RECHECK_AFTER_S.
+_HUB_ANSWERS: dict[tuple[str, str, str | None], tuple[Exception | None, float]] = {}
+# Seconds after which an outcome that may change (the hub unreachable, a server error) is asked again.
+HUB_RECHECK_AFTER_S = 300.0
+
+
+def _transient(err: Exception | None) -> bool:
+    """Whether the hub's answer may change soon: a rate limit or a server error (not a missing or gated model)."""
+    status = getattr(getattr(err, "response", None), "status_code", None)
+    return isinstance(status, int) and (status == 429 or status >= 500)
+
+
+def _fresh(entry: tuple[Any, float] | None, transient: bool) -> bool:
+    """Whether a remembered outcome still stands: a lasting one always, a transient one for HUB_RECHECK_AFTER_S."""
+    return entry is not None and (not transient or time.monotonic() - entry[1] < HUB_RECHECK_AFTER_S)
+
+
+def _remembered_unreachable(endpoint: str) -> tuple[bool, str | None]:
+    """(whether this process knows if the hub at ``endpoint`` can be reached, why it cannot or None)."""
+    entry = _HUB_UNREACHABLE.get(endpoint)
+    if entry is None or not _fresh(entry, entry[0] is not None):
+        return False, None
+    return True, entry[0]
 
 
 def _probe_hub(spec: str, revision: str | None) -> Exception | None:
     """One request to the hub about ``spec`` (no retries; none when this process has the hub's answer about it
-    already), its outcome remembered in ``_HUB_UNREACHABLE`` and the answer in ``_HUB_ANSWERS`` unless the id
-    was refused before any request: the error, or None when the hub has the model."""
+    already, ``_HUB_ANSWERS``), its outcome remembered in ``_HUB_UNREACHABLE`` and the answer in ``_HUB_ANSWERS``
+    unless the id was refused before any request: the error, or None when the hub has the model."""
     from huggingface_hub import HfApi, constants
     from huggingface_hub.errors import HfHubHTTPError, HFValidationError
 
     asked = (constants.ENDPOINT, spec, revision)
-    if asked in _HUB_ANSWERS:
-        return _HUB_ANSWERS[asked]
+    known = _HUB_ANSWERS.get(asked)
+    if known is not None and _fresh(known, _transient(known[0])):
+        return known[0]
     try:
         HfApi().model_info(spec, revision=revision, timeout=constants.HF_HUB_ETAG_TIMEOUT)
     except HFValidationError as err:
         return err
     except HfHubHTTPError as err:  # the hub answered (no such model, gated, a server error)
-        _HUB_UNREACHABLE[constants.ENDPOINT] = None
-        _HUB_ANSWERS[asked] = err
+        _HUB_UNREACHABLE[constants.ENDPOINT] = (None, time.monotonic())
+        _HUB_ANSWERS[asked] = (err, time.monotonic())
         return err
     except Exception as err:  # the hub is unreachable: no network, DNS, proxy, timeout
         first = str(err).splitlines()[0] if str(err) else "no answer"
-        _HUB_UNREACHABLE[constants.ENDPOINT] = f"{type(err).__name__}: {first}"
+        _HUB_UNREACHABLE[constants.ENDPOINT] = (f"{type(err).__name__}: {first}", time.monotonic())
         return err
-    _HUB_UNREACHABLE[constants.ENDPOINT] = None
-    _HUB_ANSWERS[asked] = None
+    _HUB_UNREACHABLE[constants.ENDPOINT] = (None, time.monotonic())
+    _HUB_ANSWERS[asked] = (None, time.monotonic())
     return None
 
 
 def hub_unreachable(spec: str, revision: str | None = None) -> str | None:
     """Why the hub cannot be reached (None when it can, or HF_HUB_OFFLINE is set), found by this process's
-    first probe (``_probe_hub``, about ``spec``) and remembered for every later model."""
+    last probe (``_probe_hub``, about ``spec``) and remembered for every later model (an unreachable hub for
+    HUB_RECHECK_AFTER_S, then asked again)."""
     from huggingface_hub import constants
 
     if constants.HF_HUB_OFFLINE:
         return None
-    if constants.ENDPOINT not in _HUB_UNREACHABLE:
+    known, why = _remembered_unreachable(constants.ENDPOINT)
+    if not known:
         _probe_hub(spec, revision)
-    return _HUB_UNREACHABLE.get(constants.ENDPOINT)
+        why = _remembered_unreachable(constants.ENDPOINT)[1]
+    return why
 
 
 def hub_model_problem(spec: str, revision: str | None = None) -> str | None:
@@ -195,8 +223,8 @@ def hub_model_problem(spec: str, revision: str | None = None) -> str | None:
         return (f"{what}, and HF_HUB_OFFLINE is set, so it is not downloaded: check the spelling, or {download} "
                 "where the hub is reachable, or unset HF_HUB_OFFLINE to let it be downloaded now.")
     # The hub's answer about this model, unless an earlier probe found the hub unreachable.
-    err = None if _HUB_UNREACHABLE.get(constants.ENDPOINT) else _probe_hub(spec, revision)
-    unreachable = _HUB_UNREACHABLE.get(constants.ENDPOINT)
+    err = None if _remembered_unreachable(constants.ENDPOINT)[1] else _probe_hub(spec, revision)
+    unreachable = _remembered_unreachable(constants.ENDPOINT)[1]
     if unreachable:
         return (f"{what}, and the hub ({constants.ENDPOINT}) cannot be reached ({unreachable}): check the spelling "
                 f"and the network, or {download} where the hub is reachable, or set HF_HUB_OFFLINE=1 to use only "

@@ -366,3 +366,67 @@ def test_a_hub_id_not_downloaded_yet_is_asked_about_once_per_process(hub_cache):
     lines = run.stdout.splitlines()
     assert lines[0] == "None" and "the hub has no model someone/nmae" in lines[1], run.stdout
     assert lines[2].startswith("edited: the hub model someone/nmae") and lines[2].endswith(lines[1][-60:]), run.stdout
+
+
+def test_an_unreachable_hub_or_a_server_error_is_asked_again_after_a_while(monkeypatch):
+    """A run lasts hours: a network blip or a hub server error at its first check was remembered for the
+    whole process, so every later hub model was refused (or loaded offline) after the network came back.
+    Those outcomes now stand for HUB_RECHECK_AFTER_S; a lasting answer (no such model) stays remembered."""
+    import json
+    import socket
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from huggingface_hub import constants
+
+    from mneme_plugin.activations import models
+
+    requests = []
+
+    class Hub(BaseHTTPRequestHandler):  # someone/flaky: a server error at first, then found; nothing else exists
+        def do_GET(self):
+            requests.append(self.path)
+            flaky = [r for r in requests if r.startswith("/api/models/someone/flaky")]
+            if self.path.startswith("/api/models/someone/real") or (self.path.startswith("/api/models/someone/flaky")
+                                                                   and len(flaky) > 1):
+                body, status, headers = json.dumps({"id": "someone/x", "sha": "e" * 40}).encode(), 200, {}
+            elif self.path.startswith("/api/models/someone/flaky"):
+                body, status, headers = b'{"error": "busy"}', 503, {}
+            else:
+                body, status, headers = b'{"error": "Repository not found"}', 404, {"X-Error-Code": "RepoNotFound"}
+            self.send_response(status)
+            for key, value in {"Content-Type": "application/json", **headers}.items():
+                self.send_header(key, value)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    with socket.socket() as sock:  # a port nothing listens on yet: the hub is unreachable
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(models, "_HUB_UNREACHABLE", {})
+    monkeypatch.setattr(models, "_HUB_ANSWERS", {})
+    assert models.hub_unreachable("someone/real") is not None
+    server = ThreadingHTTPServer(("127.0.0.1", port), Hub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        assert models.hub_unreachable("someone/real") is not None and requests == []  # remembered for a while
+        monkeypatch.setattr(models, "HUB_RECHECK_AFTER_S", 0.0)  # ... which has passed: asked again
+        assert models.hub_unreachable("someone/real") is None and len(requests) == 1
+        monkeypatch.setattr(models, "HUB_RECHECK_AFTER_S", 300.0)
+        first = models._probe_hub("someone/flaky", None)
+        assert first.response.status_code == 503 and models._probe_hub("someone/flaky", None) is first
+        assert len(requests) == 2
+        monkeypatch.setattr(models, "HUB_RECHECK_AFTER_S", 0.0)
+        assert models._probe_hub("someone/flaky", None) is None and len(requests) == 3  # the hub has it now
+        assert "the hub has no model someone/nmae" in models.hub_model_problem("someone/nmae")
+        assert "the hub has no model someone/nmae" in models.hub_model_problem("someone/nmae")
+        assert len(requests) == 4  # a missing model is asked about once, whatever the time
+    finally:
+        server.shutdown()
+        server.server_close()
