@@ -212,7 +212,7 @@ def hub_model_problem(spec: str, revision: str | None = None) -> str | None:
         return None
     from huggingface_hub import constants
     from huggingface_hub.errors import (
-        GatedRepoError, HfHubHTTPError, HFValidationError, RepositoryNotFoundError, RevisionNotFoundError,
+        GatedRepoError, HFValidationError, RepositoryNotFoundError, RevisionNotFoundError,
     )
 
     named = spec if revision is None else f"{spec} (revision {revision})"
