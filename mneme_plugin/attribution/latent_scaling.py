@@ -30,7 +30,6 @@ from typing import Any
 import torch
 
 from mneme_plugin.crosscoder.base import require_capability
-from mneme_plugin.errors import ConfigError
 
 TARGETS = ("r_base", "r_edited", "e_base", "e_edited")
 # Slots of the (m, 4, d) accumulator F^T Y.
