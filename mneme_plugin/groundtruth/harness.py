@@ -50,7 +50,9 @@ class LMEvalConfig(ConfigMixin):
         tasks: lm-eval task (or group) names.
         include_path: folder(s) of extra task YAMLs (lm-eval's ``--include_path``).
         include_defaults: also index lm-eval's own tasks (False is faster when every task is local).
-        metric: the lm-eval metric key (e.g. ``acc,none``); None picks per task from PREFERRED_METRICS.
+        metric: the lm-eval metric key (e.g. ``acc,none``), or a mapping of task or group names to keys
+            (``{arc_challenge: acc_norm,none}``: the others as with None); None picks per task from
+            PREFERRED_METRICS.
         apply_chat_template: render prompts with the model's chat template (instruction-tuned models).
         system_instruction: a system prompt lm-eval puts before every question (lm-eval's ``--system_instruction``).
         fewshot_as_multiturn: with ``apply_chat_template``, few-shot examples as chat turns (True) or in
@@ -68,7 +70,7 @@ class LMEvalConfig(ConfigMixin):
     num_fewshot: int | None = None
     batch_size: int | str = 8
     limit: int | float | None = None
-    metric: str | None = None
+    metric: str | dict[str, str] | None = None
     device: str = "auto"
     dtype: str = "auto"
     apply_chat_template: bool = False
@@ -362,7 +364,7 @@ def lm_eval_ground_truth(config: LMEvalConfig, out_dir: str | Path,
 
 
 def lm_eval_table_from_files(before: str | Path, after: str | Path, out_dir: str | Path,
-                             metric: str | None = None) -> pd.DataFrame:
+                             metric: str | dict[str, str] | None = None) -> pd.DataFrame:
     """``ground_truth.csv`` from lm-eval results JSON files produced elsewhere."""
     table = scores_from_lm_eval(before, after, metric)
     save_scores(table, Path(out_dir) / SCORES_CSV)

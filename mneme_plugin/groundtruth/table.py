@@ -186,6 +186,35 @@ def group_names(data: dict[str, Any]) -> set[str]:
     return set(data.get("groups") or {}) | {name for name, subtasks in children.items() if subtasks}
 
 
+def task_metrics(before: dict[str, Any], after: dict[str, Any], tasks: Sequence[str],
+                 metric: str | dict[str, str] | None, where: str) -> dict[str, str | None]:
+    """Per task the metric asked for: ``metric`` itself when a string or None (None: the first of
+    PREFERRED_METRICS the task has); from a mapping of task or group names to metrics (ARC's ``acc_norm``
+    beside MMLU's ``acc`` in one table), the task's own entry, else its nearest group's (lm-eval's
+    ``group_subtasks``), else None. A key that names no task or group of the results is a ConfigError."""
+    if not isinstance(metric, dict):
+        return {task: metric for task in tasks}
+    parents: dict[str, str] = {}
+    for data in (before, after):
+        for group, children in (data.get("group_subtasks") or {}).items():
+            for child in children or []:
+                if child != group:
+                    parents.setdefault(child, group)
+    known = set(tasks) | set(parents.values())
+    unknown = [key for key in metric if key not in known]
+    if unknown:
+        raise ConfigError(f"{where}: metric names {unknown[:6]}, no task or group of the results (tasks: "
+                          f"{sorted(tasks)[:8]}{'...' if len(tasks) > 8 else ''}; groups: {sorted(set(parents.values()))[:8]}).")
+    chosen: dict[str, str | None] = {}
+    for task in tasks:
+        name, seen = task, set()
+        while name not in metric and name in parents and name not in seen:
+            seen.add(name)
+            name = parents[name]
+        chosen[task] = metric.get(name)
+    return chosen
+
+
 def metric_for(values: dict[str, Any], metric: str | None) -> str | None:
     """The metric to read from one task's results: ``metric`` if it has it, else the first of PREFERRED_METRICS."""
     if metric is not None:
@@ -312,14 +341,14 @@ def read_lm_eval_results(path: str | os.PathLike[str], metric: str = "acc,none")
     ])
 
 
-def table_from_results(before: dict[str, Any], after: dict[str, Any], metric: str | None = None,
+def table_from_results(before: dict[str, Any], after: dict[str, Any], metric: str | dict[str, str] | None = None,
                        names: tuple[str, str] = ("The before lm-eval results", "The after lm-eval results")) -> pd.DataFrame:
     """The ground-truth table from two lm-eval results (in process, or read by ``read_results_json``);
     ``names`` say where each came from in error messages.
 
     One row per task (group aggregates skipped: ``group_names``, and rows without sample counts in a
     file that has them; results of different tasks, or measured otherwise, ``_settings_differ``, are a
-    ConfigError); the metric is ``metric``, or
+    ConfigError); the metric is ``metric`` (or, a mapping, per task or group: ``task_metrics``), or
     per task the first of PREFERRED_METRICS it has (a task without it is a ConfigError naming its
     metrics). The drop's p-value is the paired exact McNemar test when both hold
     per-sample scores (our lm-eval runs do), else a z test on lm-eval's standard errors, else Fisher's
@@ -340,11 +369,12 @@ def table_from_results(before: dict[str, Any], after: dict[str, Any], metric: st
                           "both models with the same lm-eval settings (num_fewshot, limit, apply_chat_template, "
                           "system_instruction), lm-eval version and, with a chat template, the same template.")
     rows, unscored = [], {}
+    asked = task_metrics(before, after, sorted(tasks_b), metric, f"{names[0]} and {names[1]}")
     for task, values in before["results"].items():
         if task not in tasks_b:  # a group's aggregate, or a row without a sample count
             continue
         other = after["results"][task]
-        chosen = metric_for(values, metric)
+        chosen = metric_for(values, asked[task])
         if chosen is None or chosen not in other:
             unscored[task] = sorted(set(metric_names(values)) & set(metric_names(other)))
             continue
@@ -365,19 +395,21 @@ def table_from_results(before: dict[str, Any], after: dict[str, Any], metric: st
         rows.append({"category": category_from_task(task), "before": b, "after": a, "n": n, "stderr_before": se_b,
                      "stderr_after": se_a, "p_value": p, "test": test if p is not None else None, "task": task,
                      "metric": chosen})
-    wanted = f"metric {metric}" if metric else f"any of the metrics {', '.join(PREFERRED_METRICS)}"
+    wanted = lambda m: f"metric {m}" if m else f"any of the metrics {', '.join(PREFERRED_METRICS)}"  # noqa: E731
     if unscored:  # a task the user measured would silently be missing from the ground truth
         listed = "; ".join(f"{task} has {', '.join(found) or 'no metric'}" for task, found in list(unscored.items())[:6])
-        raise ConfigError(f"{names[0]} and {names[1]}: task(s) {list(unscored)[:6]} lack {wanted} ({listed}). Set "
-                          "`metric` (`--metric`) to one every task has, or measure these tasks in a table of their own.")
+        lacking = sorted({wanted(asked[task]) for task in unscored})
+        raise ConfigError(f"{names[0]} and {names[1]}: task(s) {list(unscored)[:6]} lack {' / '.join(lacking)} "
+                          f"({listed}). Set `metric` (`--metric`) to one every task has, or per task or group "
+                          "(`metric: {arc_challenge: acc_norm,none}`), or measure these tasks in a table of their own.")
     if not rows:
-        raise ConfigError(f"{names[0]} and {names[1]} share no task with {wanted}.")
+        raise ConfigError(f"{names[0]} and {names[1]} share no task with {wanted(metric)}.")
     _refuse_shared_categories([row["task"] for row in rows], f"{names[0]} and {names[1]}")
     return make_table(rows)
 
 
 def scores_from_lm_eval(before: str | os.PathLike[str], after: str | os.PathLike[str],
-                        metric: str | None = None) -> pd.DataFrame:
+                        metric: str | dict[str, str] | None = None) -> pd.DataFrame:
     """The ground-truth table from two lm-eval results JSON files (``table_from_results``)."""
     return table_from_results(read_results_json(before), read_results_json(after), metric, names=(str(before), str(after)))
 

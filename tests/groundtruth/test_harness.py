@@ -15,7 +15,8 @@ from mneme_plugin.groundtruth.harness import (
 from mneme_plugin.groundtruth.table import SCORES_CSV, mcnemar_p, z_test_p
 from mneme_plugin.groundtruth.table import read_scores_csv
 from tests.helpers import (
-    save_finetuned_llama, save_tiny_llama, synthetic_corpus, write_lm_eval_generative_task, write_lm_eval_task,
+    save_finetuned_llama, save_tiny_llama, synthetic_corpus, write_lm_eval_generative_task, write_lm_eval_group,
+    write_lm_eval_task,
 )
 
 
@@ -240,6 +241,46 @@ def test_prompt_settings_reach_lm_eval_and_results_asked_other_prompts_are_refus
         LMEvalConfig(tasks=["toy"], fewshot_as_multiturn=True)
     with pytest.raises(ConfigError, match="system_instruction is empty"):
         LMEvalConfig(tasks=["toy"], system_instruction=" ")
+
+
+def test_a_metric_per_task_or_group_reads_each_task_by_its_own(tmp_path, tiny_tokenizer):
+    """ARC-like tasks scored by `acc_norm` beside MMLU's `acc` (which has no `acc_norm`) needed two
+    tables; `metric` as a mapping names a task's metric by the task or by its nearest group, the other
+    tasks taking the preferred one. Changing it rereads the results: lm-eval is not run again."""
+    from mneme_plugin.groundtruth.table import task_metrics
+
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    for seed, name in enumerate(("toy_arc", "toy_arc2")):
+        write_lm_eval_task(tasks, name, 8, seed=seed, metrics=("acc", "acc_norm"))
+    write_lm_eval_group(tasks, "suite", ["toy_arc", "toy_arc2"])
+    write_lm_eval_task(tasks, "mmlu_anatomy", 6, seed=3)
+    base = save_tiny_llama(tmp_path / "base", tiny_tokenizer, n_layers=2, hidden_size=32)
+    edited = save_finetuned_llama(base, tmp_path / "edited", synthetic_corpus(40, seed=5), steps=30, lr=1e-2)
+    cfg = LMEvalConfig(base=str(base), edited=str(edited), tasks=["suite", "mmlu_anatomy"], include_path=[str(tasks)],
+                       include_defaults=False, batch_size=8, device="cpu",
+                       metric={"suite": "acc_norm,none", "toy_arc2": "acc,none"})
+    out = tmp_path / "gt"
+    table = lm_eval_ground_truth(cfg, out).set_index("task")
+    assert table["metric"].to_dict() == {"toy_arc": "acc_norm,none", "toy_arc2": "acc,none",
+                                         "mmlu_anatomy": "acc,none"}
+    results = {side: json.loads((out / RESULTS_JSON[side]).read_text())["results"] for side in RESULTS_JSON}
+    for task, metric in table["metric"].items():
+        assert table.loc[task, "before"] == pytest.approx(results["before"][task][metric])
+        assert table.loc[task, "after"] == pytest.approx(results["after"][task][metric])
+    stamp = (out / RESULTS_JSON["before"]).stat().st_mtime_ns
+    with pytest.raises(ConfigError, match=r"metric names \['suit'\], no task or group of the results .*groups: "
+                                          r"\['suite'\]"):
+        lm_eval_ground_truth(cfg.replace(metric={"suit": "acc_norm,none"}), out)
+    with pytest.raises(ConfigError, match=r"task\(s\) \['mmlu_anatomy'\] lack metric acc_norm,none .*or per task or "
+                                          r"group"):
+        lm_eval_ground_truth(cfg.replace(metric="acc_norm,none"), out)
+    assert (out / RESULTS_JSON["before"]).stat().st_mtime_ns == stamp  # read again, not measured again
+    # Nearest group wins over a farther one; a task's own entry over both.
+    nested = {"group_subtasks": {"all": ["mid"], "mid": ["t1", "t2"]}}
+    assert task_metrics(nested, nested, ["t1", "t2"], {"all": "a", "mid": "b", "t2": "c"}, "x") == {"t1": "b", "t2": "c"}
+    assert task_metrics(nested, nested, ["t1", "t2"], {"all": "a"}, "x") == {"t1": "a", "t2": "a"}
+    assert task_metrics(nested, nested, ["t1"], "acc,none", "x") == {"t1": "acc,none"}
 
 
 def test_a_metric_whose_fall_is_no_drop_is_refused_by_name(tmp_path, tiny_tokenizer):
