@@ -19,7 +19,7 @@ from mneme_plugin.activations.config import MODEL_DTYPES, STORAGE_DTYPES
 from mneme_plugin.config import read_yaml_mapping
 from mneme_plugin.crosscoder.losses import RECONSTRUCTION_LOSSES
 from mneme_plugin.crosscoder.salience import SALIENCE_MODES
-from mneme_plugin.commands.common import clear_errors
+from mneme_plugin.commands.common import clear_errors, run_recorded
 from mneme_plugin.errors import ConfigError
 from mneme_plugin.interpret.config import CLIENTS, EXPLAINERS, LABELERS, MAPPERS, SCORERS
 from mneme_plugin.layout import CACHE_DIR, CACHE_STAGES, RunLayout
@@ -884,5 +884,12 @@ from mneme_plugin.commands.intervene import intervene  # noqa: E402
 main.add_command(intervene)
 main.add_command(groundtruth)
 
+
+def entry_point() -> None:
+    """``mneme`` and ``python -m mneme_plugin.cli`` (what torchrun runs): ``main``, with a rank's error
+    recorded for torchrun's failure summary (``commands.common.run_recorded``)."""
+    run_recorded(main)
+
+
 if __name__ == "__main__":  # pragma: no cover
-    main()
+    entry_point()

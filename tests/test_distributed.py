@@ -2,6 +2,8 @@
 
 import sys
 
+import pytest
+
 from mneme_plugin.distributed import SINGLE_PROCESS, strip_option, torchrun_command
 from tests.helpers import free_port
 
@@ -123,3 +125,25 @@ def test_a_bad_init_timeout_is_refused(monkeypatch):
     monkeypatch.setenv("MNEME_DIST_INIT_TIMEOUT", "ten")
     with pytest.raises(ConfigError, match="MNEME_DIST_INIT_TIMEOUT='ten'"):
         init_timeout_s()
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("ours", "ConfigError: shard 7 of the store cannot be read on this node: copy the store again"),
+    ("other", "RuntimeError: CUDA out of memory. Tried to allocate 20.00 GiB (planted)"),
+])
+def test_a_failing_rank_is_torchruns_root_cause_with_its_error(kind, message):
+    """Rank 1 fails while rank 0 waits for it in a collective: torchrun's summary named rank 1 with
+    `error_file: <N/A>` and no error (the one-line error of ours, or an out-of-memory, was only in the
+    interleaved output, beside rank 0's gloo / NCCL error). Under `run_recorded` (the `mneme` entry
+    point) the summary's root cause carries the failing rank's error and traceback."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "-m", "tests.failing_ranks", kind], cwd=root, capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0
+    summary = (run.stdout + run.stderr).split("Root Cause (first observed failure):")[-1]
+    assert "rank      : 1 (local_rank: 1)" in summary and "error_file: <N/A>" not in summary, summary
+    assert message in summary, summary

@@ -43,6 +43,7 @@ def clear_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         except MnemeError as err:
+            record_for_torchrun(err)
             raise click.ClickException(str(err)) from err
         except KeyboardInterrupt:
             context = click.get_current_context(silent=True)
@@ -52,6 +53,34 @@ def clear_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             sys.exit(INTERRUPTED_EXIT_CODE)
 
     return wrapper
+
+
+def record_for_torchrun(err: BaseException) -> None:
+    """Under torchrun, write ``err`` to this rank's error file (torch elastic's ``TORCHELASTIC_ERROR_FILE``),
+    so that torchrun's failure summary names it as the root cause; a clear one-line error of ours is
+    otherwise only the rank's exit code 1 there, beside the other ranks' collective errors."""
+    import os
+
+    if not os.environ.get("TORCHELASTIC_ERROR_FILE"):
+        return
+    from torch.distributed.elastic.multiprocessing.errors import get_error_handler
+
+    get_error_handler().record_exception(err)
+
+
+def run_recorded(command: Callable[..., Any]) -> None:
+    """Run the click ``command`` as a program. Under torchrun (``--nproc``, or torchrun started by hand) it
+    runs inside torch elastic's ``record``: an exception on any rank (a CUDA out-of-memory in a training
+    step, a store shard one rank cannot read) becomes torchrun's "Root Cause (first observed failure)"
+    with the rank and traceback, instead of the NCCL / gloo errors it causes on the other ranks."""
+    import os
+
+    if os.environ.get("TORCHELASTIC_ERROR_FILE"):
+        from torch.distributed.elastic.multiprocessing.errors import record
+
+        record(command)()
+    else:
+        command()
 
 
 def build_config(cls: Any, preset: str | None, config: str | None, **overrides: Any) -> Any:
