@@ -183,6 +183,7 @@ def test_missing_relative_paths_name_the_directory_they_are_read_from(tmp_path, 
     (["wmdp"], {"bio": "virolgy"},
      "ground_truth.tables.wmdp.categories: ['virolgy'] are no ids of taxonomy 'mmlu'; close to virolgy: ['virology', 'sociology']"),
     (["wmdp"], {}, "ground_truth.tables.wmdp: none of its categories (['bio', 'cyber']) is an id of taxonomy 'mmlu'"),
+    (["wmpd"], {}, "ground_truth.tables.wmdp.lm_eval: lm-eval does not know task(s) ['wmpd']; close to wmpd: ['wmdp'"),
 ])
 def test_an_lm_eval_task_list_lm_eval_would_refuse_stops_the_run_before_any_stage(tmp_path, llama_dir, tasks,
                                                                                   categories, expected):
