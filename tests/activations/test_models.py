@@ -314,34 +314,19 @@ def test_a_hub_id_not_downloaded_yet_is_asked_about_once_per_process(hub_cache):
     """`mneme run` checks its hub models before the first stage and every loader checks again: the hub's
     answer about an id (it has it; it has no such model) is remembered, so one request per id suffices,
     and a mistyped id still fails at once with the hub's answer."""
-    import json
     import os
     import subprocess
     import sys
     import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from http.server import ThreadingHTTPServer
     from pathlib import Path
 
     requests = []
 
-    class Hub(BaseHTTPRequestHandler):  # a local hub that has someone/real and nothing else
-        def do_GET(self):
-            requests.append(self.path)
-            if self.path.startswith("/api/models/someone/real"):
-                body, status, headers = json.dumps({"id": "someone/real", "sha": "e" * 40}).encode(), 200, {}
-            else:
-                body, status, headers = b'{"error": "Repository not found"}', 404, {"X-Error-Code": "RepoNotFound"}
-            self.send_response(status)
-            for key, value in {"Content-Type": "application/json", **headers}.items():
-                self.send_header(key, value)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+    def answer(path):  # a local hub that has someone/real and nothing else
+        return FOUND if path.startswith("/api/models/someone/real") else REPO_NOT_FOUND
 
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Hub)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), hub_handler(requests, answer))
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         env = {**os.environ, "HF_HUB_OFFLINE": "0", "TRANSFORMERS_OFFLINE": "0",
@@ -372,10 +357,9 @@ def test_an_unreachable_hub_or_a_server_error_is_asked_again_after_a_while(monke
     """A run lasts hours: a network blip or a hub server error at its first check was remembered for the
     whole process, so every later hub model was refused (or loaded offline) after the network came back.
     Those outcomes now stand for HUB_RECHECK_AFTER_S; a lasting answer (no such model) stays remembered."""
-    import json
     import socket
     import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from http.server import ThreadingHTTPServer
 
     from huggingface_hub import constants
 
@@ -383,26 +367,10 @@ def test_an_unreachable_hub_or_a_server_error_is_asked_again_after_a_while(monke
 
     requests = []
 
-    class Hub(BaseHTTPRequestHandler):  # someone/flaky: a server error at first, then found; nothing else exists
-        def do_GET(self):
-            requests.append(self.path)
-            flaky = [r for r in requests if r.startswith("/api/models/someone/flaky")]
-            if self.path.startswith("/api/models/someone/real") or (self.path.startswith("/api/models/someone/flaky")
-                                                                   and len(flaky) > 1):
-                body, status, headers = json.dumps({"id": "someone/x", "sha": "e" * 40}).encode(), 200, {}
-            elif self.path.startswith("/api/models/someone/flaky"):
-                body, status, headers = b'{"error": "busy"}', 503, {}
-            else:
-                body, status, headers = b'{"error": "Repository not found"}', 404, {"X-Error-Code": "RepoNotFound"}
-            self.send_response(status)
-            for key, value in {"Content-Type": "application/json", **headers}.items():
-                self.send_header(key, value)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
+    def answer(path):  # someone/flaky: a server error at first, then found; someone/real found; nothing else
+        if path.startswith("/api/models/someone/flaky"):
+            return FOUND if sum(r.startswith("/api/models/someone/flaky") for r in requests) > 1 else SERVER_BUSY
+        return FOUND if path.startswith("/api/models/someone/real") else REPO_NOT_FOUND
 
     with socket.socket() as sock:  # a port nothing listens on yet: the hub is unreachable
         sock.bind(("127.0.0.1", 0))
@@ -412,7 +380,7 @@ def test_an_unreachable_hub_or_a_server_error_is_asked_again_after_a_while(monke
     monkeypatch.setattr(models, "_HUB_UNREACHABLE", {})
     monkeypatch.setattr(models, "_HUB_ANSWERS", {})
     assert models.hub_unreachable("someone/real") is not None
-    server = ThreadingHTTPServer(("127.0.0.1", port), Hub)
+    server = ThreadingHTTPServer(("127.0.0.1", port), hub_handler(requests, answer))
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         assert models.hub_unreachable("someone/real") is not None and requests == []  # remembered for a while
@@ -430,3 +398,32 @@ def test_an_unreachable_hub_or_a_server_error_is_asked_again_after_a_while(monke
     finally:
         server.shutdown()
         server.server_close()
+
+
+# A local hub's answers to `GET /api/models/<id>`: (status, JSON body, extra headers).
+FOUND = (200, {"id": "someone/real", "sha": "e" * 40}, {})
+REPO_NOT_FOUND = (404, {"error": "Repository not found"}, {"X-Error-Code": "RepoNotFound"})
+SERVER_BUSY = (503, {"error": "busy"}, {})
+
+
+def hub_handler(requests, answer):
+    """A request handler for a local hub: each path is appended to ``requests``, ``answer(path)`` answers it."""
+    import json
+    from http.server import BaseHTTPRequestHandler
+
+    class Hub(BaseHTTPRequestHandler):
+        def do_GET(self):
+            requests.append(self.path)
+            status, payload, headers = answer(self.path)
+            body = json.dumps(payload).encode()
+            self.send_response(status)
+            for key, value in {"Content-Type": "application/json", **headers}.items():
+                self.send_header(key, value)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    return Hub
