@@ -60,6 +60,8 @@ class LMEvalConfig(ConfigMixin):
         gen_kwargs: generation settings of the generative tasks over their YAML's ``generation_kwargs``
             (lm-eval's ``--gen_kwargs``), e.g. ``{max_gen_toks: 1024}`` for MMLU-Pro's chains of thought.
         model_args: extra lm-eval ``hf`` model arguments (e.g. ``{trust_remote_code: true}``).
+        confirm_run_unsafe_code: let lm-eval run tasks that execute model-written code (HumanEval, MBPP;
+            lm-eval's ``--confirm_run_unsafe_code``). It decides whether they run, not what they measure.
     """
 
     base: str = ""
@@ -79,8 +81,9 @@ class LMEvalConfig(ConfigMixin):
     system_instruction: str | None = None
     fewshot_as_multiturn: bool | None = None
     gen_kwargs: dict[str, Any] = field(default_factory=dict)
+    confirm_run_unsafe_code: bool = False
     # Added later: at their default they leave run keys (and results measured before) unchanged.
-    later_fields = ("system_instruction", "fewshot_as_multiturn", "gen_kwargs")
+    later_fields = ("system_instruction", "fewshot_as_multiturn", "gen_kwargs", "confirm_run_unsafe_code")
 
     def __post_init__(self) -> None:
         self.tasks = [self.tasks] if isinstance(self.tasks, str) else [str(t) for t in self.tasks]
@@ -101,8 +104,8 @@ class LMEvalConfig(ConfigMixin):
 
 def run_key(config: LMEvalConfig, model: str) -> dict[str, Any]:
     """What a saved result depends on: a rerun reuses it only when this is unchanged. The config
-    (less the models, the runtime fields ``batch_size`` and ``device``, and ``metric``, which only
-    chooses what is read from results that keep every metric's per-question scores), with ``dtype`` as the
+    (less the models, the runtime fields ``batch_size`` and ``device``, ``confirm_run_unsafe_code``, and
+    ``metric``, which only chooses what is read from results that keep every metric's per-question scores), with ``dtype`` as the
     models are loaded in (``auto`` is bfloat16 on a GPU and float32 elsewhere: a result measured on
     one is not the other's), the model's name, and what names alone do not tell: a local model
     folder's weights (``activations.models.weights_digest``: a local folder's file metadata, weights
@@ -114,7 +117,8 @@ def run_key(config: LMEvalConfig, model: str) -> dict[str, Any]:
     from mneme_plugin.files import stat_digest
 
     # `metric` only chooses what is read from the results (they keep every metric's per-sample scores).
-    key = {k: v for k, v in config.result_dict().items() if k not in ("base", "edited", "batch_size", "device", "metric")}
+    key = {k: v for k, v in config.result_dict().items()
+           if k not in ("base", "edited", "batch_size", "device", "metric", "confirm_run_unsafe_code")}
     key["dtype"] = _model_args(config, model)["dtype"]
     key["model"] = model
     key["model_files"] = weights_digest(model, config.model_args.get("revision"))
@@ -256,14 +260,21 @@ def run_lm_eval(config: LMEvalConfig, model: str, cache: Path, manager: Any) -> 
                 "fewshot_as_multiturn": config.fewshot_as_multiturn}
     tracker = EvaluationTracker()  # records what the prompts were built with, as lm-eval's CLI does
     with hub_cache_when_unreachable(model, revision):  # lm-eval loads through transformers, in this process
-        out = lm_eval.simple_evaluate(
-            model="hf", model_args=_model_args(config, model), tasks=list(config.tasks),
-            num_fewshot=config.num_fewshot, batch_size=config.batch_size, limit=config.limit, use_cache=str(cache),
-            log_samples=True, apply_chat_template=config.apply_chat_template, task_manager=manager,
-            random_seed=config.seed, numpy_random_seed=config.seed, torch_random_seed=config.seed,
-            fewshot_random_seed=config.seed, evaluation_tracker=tracker,
-            **{k: v for k, v in optional.items() if v is not None},
-        )
+        try:
+            out = lm_eval.simple_evaluate(
+                model="hf", model_args=_model_args(config, model), tasks=list(config.tasks),
+                num_fewshot=config.num_fewshot, batch_size=config.batch_size, limit=config.limit,
+                use_cache=str(cache), log_samples=True, apply_chat_template=config.apply_chat_template,
+                task_manager=manager, random_seed=config.seed, numpy_random_seed=config.seed,
+                torch_random_seed=config.seed, fewshot_random_seed=config.seed, evaluation_tracker=tracker,
+                confirm_run_unsafe_code=config.confirm_run_unsafe_code,
+                **{k: v for k, v in optional.items() if v is not None},
+            )
+        except ValueError as err:
+            if "confirm_run_unsafe_code" not in str(err):
+                raise
+            raise ConfigError(f"{err} In the lm-eval config: `confirm_run_unsafe_code: true` (the task executes "
+                              "code the model writes: run it in a sandbox).") from err
     if out is None:
         raise ConfigError("lm-eval returned no results (a non-zero rank of a distributed run?).")
     samples = out.pop("samples", {}) or {}

@@ -283,6 +283,26 @@ def test_a_metric_per_task_or_group_reads_each_task_by_its_own(tmp_path, tiny_to
     assert task_metrics(nested, nested, ["t1"], "acc,none", "x") == {"t1": "acc,none"}
 
 
+def test_a_task_that_runs_model_written_code_needs_confirm_run_unsafe_code(tmp_path, tiny_tokenizer):
+    """lm-eval refuses a task marked `unsafe_code` (HumanEval, MBPP) unless told so; that could not be
+    told through our config, and lm-eval's ValueError named its own option. The flag is not in the run
+    key: it decides whether the task runs, not what it measures."""
+    from mneme_plugin.groundtruth.harness import run_key
+
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    yaml_file = write_lm_eval_task(tasks, "toy_code", 6, seed=0)
+    yaml_file.write_text(yaml_file.read_text() + "unsafe_code: true\n")
+    base = save_tiny_llama(tmp_path / "base", tiny_tokenizer, n_layers=2, hidden_size=32)
+    cfg = LMEvalConfig(base=str(base), edited=str(base), tasks=["toy_code"], include_path=[str(tasks)],
+                       include_defaults=False, batch_size=8, device="cpu")
+    with pytest.raises(ConfigError, match=r"toy_code which is marked as unsafe.*`confirm_run_unsafe_code: true`"):
+        lm_eval_ground_truth(cfg, tmp_path / "gt")
+    allowed = cfg.replace(confirm_run_unsafe_code=True)
+    assert lm_eval_ground_truth(allowed, tmp_path / "gt")["n"].tolist() == [6]
+    assert run_key(allowed, str(base)) == run_key(cfg, str(base))
+
+
 def test_a_metric_whose_fall_is_no_drop_is_refused_by_name(tmp_path, tiny_tokenizer):
     """`metric: brier_score,none` (lm-eval's multiple-choice Brier score, lower-is-better, up to 2) crashed
     with a raw ValueError from the drop's test; one within [0, 1] would have read a model getting worse
