@@ -203,6 +203,29 @@ def _sft_examples(settings: Any) -> int | None:
     return lines if settings.max_examples is None else min(lines, settings.max_examples)
 
 
+def _lm_eval_questions(config: Any) -> int:
+    """About how many questions lm-eval asks each model for ``config`` (an ``LMEvalConfig``): the known
+    benchmarks' sizes (1,000 for another task), cut by ``limit``, which lm-eval applies per task: a group
+    with ``limit: 50`` asks 50 per task it runs (MMLU-Pro's 14: 700), counted from lm-eval's task index."""
+    from mneme_plugin.groundtruth.harness import LMEvalConfig, planned_tasks
+
+    total = 0
+    for name in config.tasks:
+        full = LM_EVAL_QUESTIONS.get(name, 1000)
+        if config.limit is None:
+            total += full
+        elif config.limit < 1:
+            total += int(full * config.limit)
+        else:
+            try:  # offline, cached per process (the dry run's task checks built it)
+                leaves = planned_tasks(LMEvalConfig(tasks=[name], include_path=config.include_path,
+                                                    include_defaults=config.include_defaults))
+            except ImportError:
+                leaves = None
+            total += min(full, int(config.limit) * len(leaves or [name]))
+    return total
+
+
 def estimates(config: RunConfig, check: ConfigCheck) -> list[str]:
     """Rough time and disk per step on one H100-class GPU (from the architecture; none when it is unknown)."""
     params = _params(check)
@@ -233,10 +256,7 @@ def estimates(config: RunConfig, check: ConfigCheck) -> list[str]:
                    + _checkpoint_note(iv.kind, settings, params, check.d_model))
     for name, table in config.ground_truth.tables.items():
         if table.lm_eval is not None:
-            questions = sum(LM_EVAL_QUESTIONS.get(t, 1000) for t in table.lm_eval.tasks)
-            limit = table.lm_eval.limit
-            if limit is not None:
-                questions = min(questions, int(limit * len(table.lm_eval.tasks) if limit >= 1 else questions * limit))
+            questions = _lm_eval_questions(table.lm_eval)
             generative = any(t.startswith("mmlu_pro") for t in table.lm_eval.tasks)
             tokens = questions * (2_500 if generative else 700)  # 5-shot CoT prompt + generation vs. 0-shot choices
             out.append(f"ground_truth {name} (lm-eval, {questions:,} questions x 2 models): "

@@ -67,3 +67,21 @@ def test_an_sft_estimate_counts_the_data_file_and_says_it_is_unknown_while_the_f
     seconds = re.search(r"intervention \(sft\): ~(\d+) s; edited model", line)
     assert seconds is not None, line
     assert abs(int(seconds.group(1)) - float(rate.group(1)) * 3600 / 1000) < 1.5  # the rate is rounded to 0.1 h
+
+
+def test_the_lm_eval_estimate_applies_limit_per_task_of_a_group(tmp_path):
+    """lm-eval's `limit` caps each task, not each name listed: `mmlu_pro` with `limit: 50` asks 50 of each
+    of its 14 categories (700 questions); the estimate counted 50."""
+    import yaml
+
+    recipe = yaml.safe_load((RECIPES / "emergent_misalignment/qwen2_5_coder_7b.yaml").read_text())
+    recipe["ground_truth"]["tables"]["mmlu_pro"]["lm_eval"]["limit"] = 50
+    recipe["ground_truth"]["tables"]["mmlu_pro"]["lm_eval"]["tasks"] = ["mmlu_pro", "wmdp_bio"]
+    config = tmp_path / "limited.yaml"
+    config.write_text(yaml.safe_dump(recipe))
+    result = CliRunner().invoke(main, ["run", "--dry-run", str(config)])
+    assert "ground_truth mmlu_pro (lm-eval, 750 questions x 2 models)" in result.output, result.output
+    recipe["ground_truth"]["tables"]["mmlu_pro"]["lm_eval"]["limit"] = 0.5  # a fraction of every task
+    config.write_text(yaml.safe_dump(recipe))
+    result = CliRunner().invoke(main, ["run", "--dry-run", str(config)])
+    assert "ground_truth mmlu_pro (lm-eval, 6,652 questions x 2 models)" in result.output, result.output
