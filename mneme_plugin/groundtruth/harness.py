@@ -9,7 +9,9 @@ request alone, not by the model answering it) keeps every answered model call, s
 resumes. With a ``cache_dir`` (``mneme run``: the run's ``cache/ground_truth/``), each
 model's results are also kept there under a digest of their key, and found there by a later
 measurement with the same key into a fresh folder: a run whose ground-truth stage is redone (another
-edited model) does not measure an unchanged base model again. Results JSON files produced elsewhere
+edited model) does not measure an unchanged base model again. Each task's share of them is kept there
+too, under the key of that task alone, so a task list that grows measures only the tasks it adds
+(``_assembled_from_tasks``). Results JSON files produced elsewhere
 (``lm_eval --output_path``) are read by ``table.read_results_json`` / ``table_from_results``.
 """
 
@@ -39,6 +41,12 @@ CACHE_DIR = "cache"
 CONFIG_FILE = "lm_eval_config.yaml"
 # In a ``cache_dir``: ``lm_eval_results/<digest of the run key>.json``, one model's results.
 RESULTS_CACHE = "lm_eval_results"
+# ... and ``lm_eval_results/tasks/<digest of a one-task run key>.json``, one task's share of them, so that
+# another task list measures only the tasks it adds (``_assembled_from_tasks``).
+TASK_RESULTS_CACHE = "tasks"
+# The entries of lm-eval's results that map a task to its own values (plus ours): a task's share of a results file.
+PER_TASK_KEYS = ("results", "configs", "versions", "n-shot", "higher_is_better", "n-samples", "task_hashes",
+                 PER_SAMPLE_KEY)
 
 
 @dataclass
@@ -335,6 +343,59 @@ def _saved_results(path: Path, key: dict[str, Any]) -> dict[str, Any] | None:
     return data if saved == key else None
 
 
+def _task_share_path(cache_dir: str | Path, config: LMEvalConfig, model: str, task: str) -> Path:
+    """Where ``cache_dir`` keeps ``task``'s share of ``model``'s results: by the run key of a list of that task alone."""
+    return Path(cache_dir) / RESULTS_CACHE / TASK_RESULTS_CACHE / f"{json_digest(run_key(config.replace(tasks=[task]), model), length=32)}.json"
+
+
+def _keep_task_shares(data: dict[str, Any], cache_dir: str | Path, config: LMEvalConfig, model: str) -> None:
+    """Each task of ``data`` (one model's results; groups left out) into ``cache_dir`` by its own key."""
+    from mneme_plugin.groundtruth.table import group_names
+
+    groups = group_names(data)
+    shared = {k: v for k, v in data.items() if k not in PER_TASK_KEYS and k not in ("groups", "group_subtasks", RUN_KEY)}
+    for task in data.get("n-samples") or {}:
+        if task in groups or task not in data["results"]:
+            continue
+        share = {**shared, **{k: {task: data[k][task]} for k in PER_TASK_KEYS if task in (data.get(k) or {})}}
+        share[RUN_KEY] = run_key(config.replace(tasks=[task]), model)
+        atomic_write_text(_task_share_path(cache_dir, config, model, task), json.dumps(share, indent=1), durable=True)
+
+
+def _merged(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """One results dict from task shares (and a results dict of further tasks): the per-task entries
+    joined, the rest (lm-eval's run settings, which the key makes equal) from the last part."""
+    merged = {k: v for k, v in parts[-1].items() if k not in PER_TASK_KEYS}
+    for key in PER_TASK_KEYS:
+        joined = {task: value for part in parts for task, value in (part.get(key) or {}).items()}
+        if joined or key in parts[-1]:
+            merged[key] = joined
+    return merged
+
+
+def _assembled_from_tasks(config: LMEvalConfig, model: str, cache_dir: str | Path, requests: Path,
+                          manager: Any) -> dict[str, Any] | None:
+    """``model``'s results for ``config.tasks`` from the task shares an earlier measurement of other task
+    lists left in ``cache_dir``, lm-eval measuring only the tasks none holds; None when none is held (or
+    the task index cannot tell which tasks the list runs), and the whole list is measured as it is."""
+    tasks = planned_tasks(config)
+    if not tasks:
+        return None
+    shares, missing = [], []
+    for task in tasks:
+        share = _saved_results(_task_share_path(cache_dir, config, model, task), run_key(config.replace(tasks=[task]), model))
+        (shares.append(share) if share is not None else missing.append(task))
+    if not shares:
+        return None
+    logger.info("lm-eval: %d of %d task(s) of %s found measured in the cache%s.", len(shares), len(tasks), model,
+                f"; evaluating the other {len(missing)}" if missing else "")
+    if missing:
+        fresh = run_lm_eval(config.replace(tasks=missing), model, requests, manager)
+        _keep_task_shares(fresh, cache_dir, config, model)
+        shares.append(fresh)
+    return _merged(shares)
+
+
 def lm_eval_ground_truth(config: LMEvalConfig, out_dir: str | Path,
                          cache_dir: str | Path | None = None) -> pd.DataFrame:
     """Evaluate base and edited with lm-eval and write ``ground_truth.csv``; returns the table. A
@@ -358,12 +419,19 @@ def lm_eval_ground_truth(config: LMEvalConfig, out_dir: str | Path,
             in_cache = True
         else:
             manager = manager or task_manager(config)
-            logger.info("lm-eval: evaluating %s model %s on %d task(s).", side, model, len(config.tasks))
             requests = out / CACHE_DIR / f"lm_eval_{side}_{json_digest(key)}"
-            data = run_lm_eval(config, model, requests, manager)
+            assembled = (_assembled_from_tasks(config, model, cache_dir, requests, manager)
+                         if cache_dir is not None and key["model_files"] is not None else None)
+            if assembled is not None:
+                data = assembled
+            else:
+                logger.info("lm-eval: evaluating %s model %s on %d task(s).", side, model, len(config.tasks))
+                data = run_lm_eval(config, model, requests, manager)
             if key["model_files"] is None:  # a hub model lm-eval has just downloaded: keyed by the commit it got
                 key = run_key(config, model)
                 kept = cached_results_path(cache_dir, key) if cache_dir is not None else None
+            if cache_dir is not None and assembled is None:
+                _keep_task_shares(data, cache_dir, config, model)
             data[RUN_KEY] = key
             atomic_write_text(path, json.dumps(data, indent=1), durable=True)
         if kept is not None and not in_cache:

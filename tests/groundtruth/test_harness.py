@@ -410,6 +410,47 @@ def test_results_of_a_hub_model_are_kept_by_the_commit_in_the_hub_cache(tmp_path
         == "hub commit " + "b" * 40
 
 
+def test_a_task_list_grown_by_a_task_measures_only_that_task(tmp_path, tiny_tokenizer):
+    """The run key covers the task list, so adding one task to a measured list (a stage redone) ran lm-eval
+    on the whole list again for both models: hours for MMLU-Pro on a 7B model. Each task's share of the
+    results is now kept in the cache by a key of its own; a list measures only the tasks none holds, and
+    its table is the one a measurement from scratch gives."""
+    from mneme_plugin.groundtruth.harness import TASK_RESULTS_CACHE
+
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    for seed, (name, n) in enumerate({"toy_animals": 8, "toy_roads": 6, "toy_plants": 7}.items()):
+        write_lm_eval_task(tasks, name, n, seed=seed)
+    write_lm_eval_group(tasks, "toys", ["toy_animals", "toy_roads"])
+    base = save_tiny_llama(tmp_path / "base", tiny_tokenizer, n_layers=2, hidden_size=32)
+    edited = save_finetuned_llama(base, tmp_path / "edited", synthetic_corpus(40, seed=5), steps=30, lr=1e-2)
+    cfg = LMEvalConfig(base=str(base), edited=str(edited), tasks=["toys"], include_path=[str(tasks)],
+                       include_defaults=False, batch_size=8, device="cpu")
+    cache = tmp_path / "cache"
+    shares = cache / RESULTS_CACHE / TASK_RESULTS_CACHE
+    lm_eval_ground_truth(cfg, tmp_path / "gt1", cache_dir=cache)
+    assert len(list(shares.glob("*.json"))) == 4  # two tasks x two models
+    stamps = {p.name: p.stat().st_mtime_ns for p in shares.glob("*.json")}
+
+    grown = cfg.replace(tasks=["toys", "toy_plants"])
+    table = lm_eval_ground_truth(grown, tmp_path / "gt2", cache_dir=cache).sort_values("task").reset_index(drop=True)
+    assert {p.name: p.stat().st_mtime_ns for p in shares.glob("*.json") if p.name in stamps} == stamps
+    assert len(list(shares.glob("*.json"))) == 6
+    for side in RESULTS_JSON:  # lm-eval ran toy_plants alone for each model (its request cache says which)
+        (requests,) = (tmp_path / "gt2" / "cache").glob(f"lm_eval_{side}_*")
+        assert requests.exists()
+    after = json.loads((tmp_path / "gt2" / RESULTS_JSON["after"]).read_text())
+    assert sorted(after["n-samples"]) == ["toy_animals", "toy_plants", "toy_roads"]
+    scratch = lm_eval_ground_truth(grown, tmp_path / "scratch").sort_values("task").reset_index(drop=True)
+    pd.testing.assert_frame_equal(table, scratch)
+
+    # A list whose every task is held: nothing is evaluated.
+    alone = lm_eval_ground_truth(cfg.replace(tasks=["toy_roads"]), tmp_path / "gt3", cache_dir=cache)
+    assert not (tmp_path / "gt3" / "cache").exists()
+    pd.testing.assert_frame_equal(alone.reset_index(drop=True),
+                                  scratch[scratch["task"] == "toy_roads"].reset_index(drop=True))
+
+
 def test_the_run_key_holds_the_dtype_the_models_are_loaded_in(tmp_path):
     """``dtype: auto`` is float32 on a CPU and bfloat16 on a GPU: the key holds the resolved dtype, so
     a result measured on one device class is not reused on the other (``device`` itself is runtime)."""
