@@ -343,13 +343,16 @@ def _saved_results(path: Path, key: dict[str, Any]) -> dict[str, Any] | None:
     return data if saved == key else None
 
 
-def _task_share_path(cache_dir: str | Path, config: LMEvalConfig, model: str, task: str) -> Path:
-    """Where ``cache_dir`` keeps ``task``'s share of ``model``'s results: by the run key of a list of that task alone."""
-    return Path(cache_dir) / RESULTS_CACHE / TASK_RESULTS_CACHE / f"{json_digest(run_key(config.replace(tasks=[task]), model), length=32)}.json"
+def _task_share(cache_dir: str | Path, config: LMEvalConfig, model: str, task: str) -> tuple[Path, dict[str, Any]]:
+    """Where ``cache_dir`` keeps ``task``'s share of ``model``'s results, and its key: the run key of a
+    list of that task alone."""
+    key = run_key(config.replace(tasks=[task]), model)
+    return Path(cache_dir) / RESULTS_CACHE / TASK_RESULTS_CACHE / f"{json_digest(key, length=32)}.json", key
 
 
 def _keep_task_shares(data: dict[str, Any], cache_dir: str | Path, config: LMEvalConfig, model: str) -> None:
-    """Each task of ``data`` (one model's results; groups left out) into ``cache_dir`` by its own key."""
+    """Each task of ``data`` (one model's results; groups left out) into ``cache_dir`` by its own key,
+    unless kept there already."""
     from mneme_plugin.groundtruth.table import group_names
 
     groups = group_names(data)
@@ -358,8 +361,9 @@ def _keep_task_shares(data: dict[str, Any], cache_dir: str | Path, config: LMEva
         if task in groups or task not in data["results"]:
             continue
         share = {**shared, **{k: {task: data[k][task]} for k in PER_TASK_KEYS if task in (data.get(k) or {})}}
-        share[RUN_KEY] = run_key(config.replace(tasks=[task]), model)
-        atomic_write_text(_task_share_path(cache_dir, config, model, task), json.dumps(share, indent=1), durable=True)
+        target, share[RUN_KEY] = _task_share(cache_dir, config, model, task)
+        if _saved_results(target, share[RUN_KEY]) is None:
+            atomic_write_text(target, json.dumps(share, indent=1), durable=True)
 
 
 def _merged(parts: list[dict[str, Any]]) -> dict[str, Any]:
@@ -383,7 +387,7 @@ def _assembled_from_tasks(config: LMEvalConfig, model: str, cache_dir: str | Pat
         return None
     shares, missing = [], []
     for task in tasks:
-        share = _saved_results(_task_share_path(cache_dir, config, model, task), run_key(config.replace(tasks=[task]), model))
+        share = _saved_results(*_task_share(cache_dir, config, model, task))
         (shares.append(share) if share is not None else missing.append(task))
     if not shares:
         return None
@@ -410,7 +414,7 @@ def lm_eval_ground_truth(config: LMEvalConfig, out_dir: str | Path,
     for side, model in (("before", config.base), ("after", config.edited)):
         path, key = out / RESULTS_JSON[side], run_key(config, model)
         kept = cached_results_path(cache_dir, key) if cache_dir is not None else None
-        data, in_cache = _saved_results(path, key), False
+        data, in_cache, assembled = _saved_results(path, key), False, None
         if data is not None:
             logger.info("lm-eval: %s results found in %s; not re-run.", side, path)
         elif kept is not None and (data := _saved_results(kept, key)) is not None:
@@ -430,10 +434,10 @@ def lm_eval_ground_truth(config: LMEvalConfig, out_dir: str | Path,
             if key["model_files"] is None:  # a hub model lm-eval has just downloaded: keyed by the commit it got
                 key = run_key(config, model)
                 kept = cached_results_path(cache_dir, key) if cache_dir is not None else None
-            if cache_dir is not None and assembled is None:
-                _keep_task_shares(data, cache_dir, config, model)
             data[RUN_KEY] = key
             atomic_write_text(path, json.dumps(data, indent=1), durable=True)
+        if cache_dir is not None and assembled is None and key["model_files"] is not None:
+            _keep_task_shares(data, cache_dir, config, model)  # also of results an earlier version measured
         if kept is not None and not in_cache:
             atomic_write_text(kept, json.dumps(data, indent=1), durable=True)
         results[side] = data

@@ -428,7 +428,10 @@ def test_a_task_list_grown_by_a_task_measures_only_that_task(tmp_path, tiny_toke
                        include_defaults=False, batch_size=8, device="cpu")
     cache = tmp_path / "cache"
     shares = cache / RESULTS_CACHE / TASK_RESULTS_CACHE
-    lm_eval_ground_truth(cfg, tmp_path / "gt1", cache_dir=cache)
+    lm_eval_ground_truth(cfg, tmp_path / "gt1")  # measured without a cache (or by an earlier version) ...
+    dates = [json.loads((tmp_path / "gt1" / name).read_text())["date"] for name in RESULTS_JSON.values()]
+    lm_eval_ground_truth(cfg, tmp_path / "gt1", cache_dir=cache)  # ... found again: its shares are kept
+    assert [json.loads((tmp_path / "gt1" / name).read_text())["date"] for name in RESULTS_JSON.values()] == dates
     assert len(list(shares.glob("*.json"))) == 4  # two tasks x two models
     stamps = {p.name: p.stat().st_mtime_ns for p in shares.glob("*.json")}
 
