@@ -388,7 +388,10 @@ def _assembled_from_tasks(config: LMEvalConfig, model: str, cache_dir: str | Pat
     shares, missing = [], []
     for task in tasks:
         share = _saved_results(*_task_share(cache_dir, config, model, task))
-        (shares.append(share) if share is not None else missing.append(task))
+        if share is None:
+            missing.append(task)
+        else:
+            shares.append(share)
     if not shares:
         return None
     logger.info("lm-eval: %d of %d task(s) of %s found measured in the cache%s.", len(shares), len(tasks), model,
