@@ -343,16 +343,18 @@ def _saved_results(path: Path, key: dict[str, Any]) -> dict[str, Any] | None:
     return data if saved == key else None
 
 
-def _task_share(cache_dir: str | Path, config: LMEvalConfig, model: str, task: str) -> tuple[Path, dict[str, Any]]:
-    """Where ``cache_dir`` keeps ``task``'s share of ``model``'s results, and its key: the run key of a
-    list of that task alone."""
-    key = run_key(config.replace(tasks=[task]), model)
-    return Path(cache_dir) / RESULTS_CACHE / TASK_RESULTS_CACHE / f"{json_digest(key, length=32)}.json", key
+def _task_share(cache_dir: str | Path, key: dict[str, Any], task: str) -> tuple[Path, dict[str, Any]]:
+    """Where ``cache_dir`` keeps ``task``'s share of the results measured with run key ``key``, and the
+    share's own key: ``key`` for that task alone (``run_key`` depends on the task list only through
+    ``tasks``)."""
+    task_key = {**key, "tasks": [task]}
+    return Path(cache_dir) / RESULTS_CACHE / TASK_RESULTS_CACHE / f"{json_digest(task_key, length=32)}.json", task_key
 
 
-def _keep_task_shares(data: dict[str, Any], cache_dir: str | Path, config: LMEvalConfig, model: str) -> None:
-    """Each task of ``data`` (one model's results; groups left out) into ``cache_dir`` by its own key,
-    unless kept there already."""
+def _keep_task_shares(data: dict[str, Any], cache_dir: str | Path, key: dict[str, Any]) -> None:
+    """Each task of ``data`` (one model's results, measured with run key ``key``; groups left out) into
+    ``cache_dir`` by its own key, unless kept there already (a share's file is named by its key's
+    digest and written atomically: one that exists is that key's)."""
     from mneme_plugin.groundtruth.table import group_names
 
     groups = group_names(data)
@@ -360,10 +362,10 @@ def _keep_task_shares(data: dict[str, Any], cache_dir: str | Path, config: LMEva
     for task in data.get("n-samples") or {}:
         if task in groups or task not in data["results"]:
             continue
-        share = {**shared, **{k: {task: data[k][task]} for k in PER_TASK_KEYS if task in (data.get(k) or {})}}
-        target, share[RUN_KEY] = _task_share(cache_dir, config, model, task)
-        if _saved_results(target, share[RUN_KEY]) is None:
-            atomic_write_text(target, json.dumps(share, indent=1), durable=True)
+        target, task_key = _task_share(cache_dir, key, task)
+        if not target.is_file():
+            share = {**shared, **{k: {task: data[k][task]} for k in PER_TASK_KEYS if task in (data.get(k) or {})}}
+            atomic_write_text(target, json.dumps({**share, RUN_KEY: task_key}, indent=1), durable=True)
 
 
 def _merged(parts: list[dict[str, Any]]) -> dict[str, Any]:
@@ -377,17 +379,18 @@ def _merged(parts: list[dict[str, Any]]) -> dict[str, Any]:
     return merged
 
 
-def _assembled_from_tasks(config: LMEvalConfig, model: str, cache_dir: str | Path, requests: Path,
-                          manager: Any) -> dict[str, Any] | None:
-    """``model``'s results for ``config.tasks`` from the task shares an earlier measurement of other task
-    lists left in ``cache_dir``, lm-eval measuring only the tasks none holds; None when none is held (or
-    the task index cannot tell which tasks the list runs), and the whole list is measured as it is."""
+def _assembled_from_tasks(config: LMEvalConfig, model: str, key: dict[str, Any], cache_dir: str | Path,
+                          requests: Path, manager: Any) -> dict[str, Any] | None:
+    """``model``'s results for ``config.tasks`` (run key ``key``) from the task shares an earlier
+    measurement of other task lists left in ``cache_dir``, lm-eval measuring only the tasks none holds;
+    None when none is held (or the task index cannot tell which tasks the list runs), and the whole list
+    is measured as it is."""
     tasks = planned_tasks(config)
     if not tasks:
         return None
     shares, missing = [], []
     for task in tasks:
-        share = _saved_results(*_task_share(cache_dir, config, model, task))
+        share = _saved_results(*_task_share(cache_dir, key, task))
         if share is None:
             missing.append(task)
         else:
@@ -398,7 +401,7 @@ def _assembled_from_tasks(config: LMEvalConfig, model: str, cache_dir: str | Pat
                 f"; evaluating the other {len(missing)}" if missing else "")
     if missing:
         fresh = run_lm_eval(config.replace(tasks=missing), model, requests, manager)
-        _keep_task_shares(fresh, cache_dir, config, model)
+        _keep_task_shares(fresh, cache_dir, key)
         shares.append(fresh)
     return _merged(shares)
 
@@ -427,7 +430,7 @@ def lm_eval_ground_truth(config: LMEvalConfig, out_dir: str | Path,
         else:
             manager = manager or task_manager(config)
             requests = out / CACHE_DIR / f"lm_eval_{side}_{json_digest(key)}"
-            assembled = (_assembled_from_tasks(config, model, cache_dir, requests, manager)
+            assembled = (_assembled_from_tasks(config, model, key, cache_dir, requests, manager)
                          if cache_dir is not None and key["model_files"] is not None else None)
             if assembled is not None:
                 data = assembled
@@ -440,7 +443,7 @@ def lm_eval_ground_truth(config: LMEvalConfig, out_dir: str | Path,
             data[RUN_KEY] = key
             atomic_write_text(path, json.dumps(data, indent=1), durable=True)
         if cache_dir is not None and assembled is None and key["model_files"] is not None:
-            _keep_task_shares(data, cache_dir, config, model)  # also of results an earlier version measured
+            _keep_task_shares(data, cache_dir, key)  # also of results an earlier version measured
         if kept is not None and not in_cache:
             atomic_write_text(kept, json.dumps(data, indent=1), durable=True)
         results[side] = data

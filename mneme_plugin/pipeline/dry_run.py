@@ -7,12 +7,15 @@ import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mneme_plugin.activations.models import ModelSpec, check_model_spec, same_model
 from mneme_plugin.pipeline.config import RunConfig
 from mneme_plugin.pipeline.run import check_only, plan
 from mneme_plugin.pipeline.stages import STAGES, config_problems, missing_inputs, relative_paths_note
+
+if TYPE_CHECKING:
+    from mneme_plugin.groundtruth.harness import LMEvalConfig
 
 BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "float64": 8}
 
@@ -203,11 +206,11 @@ def _sft_examples(settings: Any) -> int | None:
     return lines if settings.max_examples is None else min(lines, settings.max_examples)
 
 
-def _lm_eval_questions(config: Any) -> int:
+def _lm_eval_questions(config: LMEvalConfig) -> int:
     """About how many questions lm-eval asks each model for ``config`` (an ``LMEvalConfig``): the known
     benchmarks' sizes (1,000 for another task), cut by ``limit``, which lm-eval applies per task: a group
     with ``limit: 50`` asks 50 per task it runs (MMLU-Pro's 14: 700), counted from lm-eval's task index."""
-    from mneme_plugin.groundtruth.harness import LMEvalConfig, planned_tasks
+    from mneme_plugin.groundtruth.harness import planned_tasks
 
     total = 0
     for name in config.tasks:
@@ -218,8 +221,7 @@ def _lm_eval_questions(config: Any) -> int:
             total += int(full * config.limit)
         else:
             try:  # offline, cached per process (the dry run's task checks built it)
-                leaves = planned_tasks(LMEvalConfig(tasks=[name], include_path=config.include_path,
-                                                    include_defaults=config.include_defaults))
+                leaves = planned_tasks(config.replace(tasks=[name]))
             except ImportError:
                 leaves = None
             total += min(full, int(config.limit) * len(leaves or [name]))

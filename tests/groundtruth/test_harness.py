@@ -415,7 +415,7 @@ def test_a_task_list_grown_by_a_task_measures_only_that_task(tmp_path, tiny_toke
     on the whole list again for both models: hours for MMLU-Pro on a 7B model. Each task's share of the
     results is now kept in the cache by a key of its own; a list measures only the tasks none holds, and
     its table is the one a measurement from scratch gives."""
-    from mneme_plugin.groundtruth.harness import TASK_RESULTS_CACHE
+    from mneme_plugin.groundtruth.harness import TASK_RESULTS_CACHE, _task_share, run_key
 
     tasks = tmp_path / "tasks"
     tasks.mkdir()
@@ -428,6 +428,8 @@ def test_a_task_list_grown_by_a_task_measures_only_that_task(tmp_path, tiny_toke
                        include_defaults=False, batch_size=8, device="cpu")
     cache = tmp_path / "cache"
     shares = cache / RESULTS_CACHE / TASK_RESULTS_CACHE
+    # A share's key is the list's key for its task alone: what measuring that task by itself would be keyed by.
+    assert _task_share(cache, run_key(cfg, str(base)), "toy_roads")[1] == run_key(cfg.replace(tasks=["toy_roads"]), str(base))
     lm_eval_ground_truth(cfg, tmp_path / "gt1")  # measured without a cache (or by an earlier version) ...
     dates = [json.loads((tmp_path / "gt1" / name).read_text())["date"] for name in RESULTS_JSON.values()]
     lm_eval_ground_truth(cfg, tmp_path / "gt1", cache_dir=cache)  # ... found again: its shares are kept
