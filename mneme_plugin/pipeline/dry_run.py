@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mneme_plugin.activations.models import ModelSpec, check_model_spec, same_model
+from mneme_plugin.describe import size_text
 from mneme_plugin.pipeline.config import RunConfig
 from mneme_plugin.pipeline.run import check_only, plan
 from mneme_plugin.pipeline.stages import STAGES, config_problems, missing_inputs, relative_paths_note
@@ -19,16 +20,77 @@ if TYPE_CHECKING:
 
 BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "float64": 8}
 
-# (layers, d_model) of common architectures, for checking configs offline when the model's
-# config.json is not cached. Matched on a lower-case substring of the model name.
-KNOWN_ARCHITECTURES: dict[str, tuple[int, int]] = {
-    "zephyr-7b": (32, 4096), "zephyr_rmu": (32, 4096), "mistral-7b": (32, 4096),
-    "llama-3-8b": (32, 4096), "llama-3.1-8b": (32, 4096), "llama-3.2-1b": (16, 2048), "llama-3.2-3b": (28, 3072),
-    "gemma-2-2b": (26, 2304), "gemma-2-9b": (42, 3584),
-    "qwen2.5-0.5b": (24, 896), "qwen2.5-1.5b": (28, 1536), "qwen2.5-3b": (36, 2048), "qwen2.5-7b": (28, 3584),
-    "qwen2.5-coder-7b": (28, 3584), "qwen2.5-coder-32b": (64, 5120), "llama-2-7b": (32, 4096),
-    "llama-2-13b": (40, 5120),
+# The config.json fields that size common architectures, for checking configs and sizing downloads offline
+# when the model's config.json is not cached. Matched on a lower-case substring of the model name.
+def _llama_like(layers: int, d: int, intermediate: int, heads: int, kv_heads: int, vocab: int, tied: bool,
+                **extra: Any) -> dict[str, Any]:
+    return {"num_hidden_layers": layers, "hidden_size": d, "intermediate_size": intermediate,
+            "num_attention_heads": heads, "num_key_value_heads": kv_heads, "vocab_size": vocab,
+            "tie_word_embeddings": tied, "torch_dtype": "bfloat16", **extra}
+
+
+KNOWN_ARCHITECTURES: dict[str, dict[str, Any]] = {
+    "zephyr-7b": _llama_like(32, 4096, 14336, 32, 8, 32000, False, model_type="mistral"),
+    "zephyr_rmu": _llama_like(32, 4096, 14336, 32, 8, 32000, False, model_type="mistral"),
+    "mistral-7b": _llama_like(32, 4096, 14336, 32, 8, 32000, False, model_type="mistral"),
+    "llama-3-8b": _llama_like(32, 4096, 14336, 32, 8, 128256, False, model_type="llama"),
+    "llama-3.1-8b": _llama_like(32, 4096, 14336, 32, 8, 128256, False, model_type="llama"),
+    "llama-3.1-70b": _llama_like(80, 8192, 28672, 64, 8, 128256, False, model_type="llama"),
+    "llama-3.2-1b": _llama_like(16, 2048, 8192, 32, 8, 128256, True, model_type="llama"),
+    "llama-3.2-3b": _llama_like(28, 3072, 8192, 24, 8, 128256, True, model_type="llama"),
+    "gemma-2-2b": _llama_like(26, 2304, 9216, 8, 4, 256000, True, model_type="gemma2", head_dim=256),
+    "gemma-2-9b": _llama_like(42, 3584, 14336, 16, 8, 256000, True, model_type="gemma2", head_dim=256),
+    "qwen2.5-0.5b": _llama_like(24, 896, 4864, 14, 2, 151936, True, model_type="qwen2"),
+    "qwen2.5-1.5b": _llama_like(28, 1536, 8960, 12, 2, 151936, True, model_type="qwen2"),
+    "qwen2.5-3b": _llama_like(36, 2048, 11008, 16, 2, 151936, True, model_type="qwen2"),
+    "qwen2.5-7b": _llama_like(28, 3584, 18944, 28, 4, 152064, False, model_type="qwen2"),
+    "qwen2.5-coder-7b": _llama_like(28, 3584, 18944, 28, 4, 152064, False, model_type="qwen2"),
+    "qwen2.5-coder-32b": _llama_like(64, 5120, 27648, 40, 8, 152064, False, model_type="qwen2"),
+    "llama-2-7b": _llama_like(32, 4096, 11008, 32, 32, 32000, False, model_type="llama", torch_dtype="float16"),
+    "llama-2-13b": _llama_like(40, 5120, 13824, 40, 40, 32000, False, model_type="llama", torch_dtype="float16"),
 }
+
+# Families whose MLP is one up and one down projection (no gate), with biases; the rest are counted as
+# Llama's gated MLP without biases (an estimate for families not named here).
+UNGATED_MLP = ("gpt2", "gpt_neox", "gptj", "opt", "bloom", "falcon", "phi")
+
+
+def _known_architecture(spec: str) -> dict[str, Any] | None:
+    """The config fields of the first known name that ``spec`` contains (lower case)."""
+    return next((fields for name, fields in KNOWN_ARCHITECTURES.items() if name in spec.lower()), None)
+
+
+def parameter_count(hf: dict[str, Any]) -> int | None:
+    """The parameters of a decoder-only transformer from its config.json fields (None when its width or depth
+    is missing): exact for Llama, Mistral, Qwen2 and Gemma 2 (attention with grouped key/value heads and an
+    explicit ``head_dim``, the gated MLP, norms, Qwen2's q/k/v biases, tied or untied embeddings), an
+    estimate for other families."""
+    d = hf.get("hidden_size") or hf.get("d_model") or hf.get("n_embd")
+    layers = hf.get("num_hidden_layers") or hf.get("n_layer") or hf.get("n_layers")
+    if not d or not layers:
+        return None
+    family = str(hf.get("model_type", ""))
+    heads = hf.get("num_attention_heads") or hf.get("n_head")
+    head_dim = hf.get("head_dim") or (d // heads if heads else None)
+    q_dim = heads * head_dim if heads and head_dim else d
+    kv_heads = hf.get("num_key_value_heads") or heads
+    kv_dim = kv_heads * head_dim if kv_heads and head_dim else d
+    intermediate = hf.get("intermediate_size") or hf.get("n_inner") or 4 * d
+    ungated = family in UNGATED_MLP
+    attention = 2 * d * q_dim + 2 * d * kv_dim
+    if family == "qwen2" or hf.get("attention_bias"):
+        attention += q_dim + 2 * kv_dim + (d if hf.get("attention_bias") else 0)
+    mlp = (2 if ungated else 3) * d * intermediate + ((intermediate + d) if ungated or hf.get("mlp_bias") else 0)
+    norms = (4 if family.startswith("gemma2") or family.startswith("gemma3") else 2) * d
+    vocab = hf.get("vocab_size") or 32_000
+    tied = hf.get("tie_word_embeddings", family.startswith("gemma"))
+    return layers * (attention + mlp + norms) + d + vocab * d * (1 if tied else 2)
+
+
+def weight_bytes(hf: dict[str, Any]) -> int:
+    """Bytes per parameter of the checkpoint the hub serves (its ``torch_dtype``; bf16 when not said)."""
+    return BYTES.get(str(hf.get("torch_dtype") or hf.get("dtype") or "bfloat16"), 2)
+
 
 # Hub models and data sets that need an access request (or a manual download) before a run can use them.
 GATED: dict[str, str] = {
@@ -52,6 +114,11 @@ class ConfigCheck:
     warnings: list[str] = field(default_factory=list)
     d_model: int | None = None
     n_layers: int | None = None
+    # The models' parameters and config fields (of the first model whose architecture is known).
+    params: int | None = None
+    architecture: dict[str, Any] = field(default_factory=dict)
+    # Hub models this run downloads into the Hugging Face cache: (name, bytes; None when the size is unknown).
+    downloads: list[tuple[str, int | None]] = field(default_factory=list)
     estimates: list[str] = field(default_factory=list)
     to_fetch: list[str] = field(default_factory=list)
     gated: list[str] = field(default_factory=list)
@@ -72,6 +139,22 @@ def _hub_hf_config(spec: str) -> dict[str, Any] | None:
         return None
 
 
+def _hub_weights_cached(spec: str) -> bool:
+    """Whether the local HF cache's snapshot of ``spec`` holds its weights (every shard its index names), not
+    only the config.json that configuration checks download."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+            path = try_to_load_from_cache(spec, index)
+            if isinstance(path, str):
+                shards = set(json.loads(Path(path).read_text()).get("weight_map", {}).values())
+                return bool(shards) and all((Path(path).parent / shard).is_file() for shard in shards)
+        return any(isinstance(try_to_load_from_cache(spec, name), str) for name in ("model.safetensors", "pytorch_model.bin"))
+    except Exception:  # an id the hub client refuses, an unreadable index: not known to be there
+        return False
+
+
 def _describe_model(which: str, spec: str, check: ConfigCheck, config: RunConfig | None = None) -> None:
     if config is not None and which == "edited" and config.intervention is not None:
         iv = config.intervention
@@ -90,20 +173,45 @@ def _describe_model(which: str, spec: str, check: ConfigCheck, config: RunConfig
     if hf is None:
         hf, where = _hub_hf_config(spec), "hub (cached)"
     if hf is None:
-        known = next((v for k, v in KNOWN_ARCHITECTURES.items() if k in spec.lower()), None)
-        if known is None:
+        hf, where = _known_architecture(spec), "hub"
+        if hf is None:
             check.notes.append(f"models.{which}: {spec}: hub name, not in the local cache; its size is unknown until download.")
+            _add_download(check, spec, None)
             return
-        hf, where = {"num_hidden_layers": known[0], "hidden_size": known[1], "model_type": "known architecture"}, "hub"
+    family = hf.get("model_type", "?") if where != "hub" else f"known architecture ({hf['model_type']})"
     d = hf.get("hidden_size") or hf.get("d_model") or hf.get("n_embd")
     layers = hf.get("num_hidden_layers") or hf.get("n_layer") or hf.get("n_layers")
-    check.notes.append(f"models.{which}: {spec} ({where}): {hf.get('model_type', '?')}, d_model {d}, {layers} layers.")
+    params = parameter_count(hf)
+    size = f", {params / 1e9:.2f}B parameters" if params else ""
+    check.notes.append(f"models.{which}: {spec} ({where}): {family}, d_model {d}, {layers} layers{size}.")
+    if where == "hub" or (where == "hub (cached)" and not _hub_weights_cached(spec)):
+        _add_download(check, spec, params * weight_bytes(hf) if params else None)
+    if params and check.params is None:
+        check.params, check.architecture = params, hf
     for name, value in (("d_model", d), ("n_layers", layers)):
         known = getattr(check, name)
         if value is not None and known is not None and value != known:
             check.problems.append(f"models.base and models.edited differ in {name} ({known} vs {value}).")
         elif value is not None:
             setattr(check, name, value)
+
+
+def _add_download(check: ConfigCheck, spec: str, size: int | None) -> None:
+    if all(spec != name for name, _ in check.downloads):
+        check.downloads.append((spec, size))
+
+
+def _describe_client_models(config: RunConfig, check: ConfigCheck) -> None:
+    """The models that in-process vLLM clients (``kind: vllm``) load from the hub: downloads too."""
+    for key, client in (("explain.client", config.explain.client), ("map.client", config.map.client)):
+        spec = client.model
+        if client.kind != "vllm" or not spec or ModelSpec.parse(spec).kind != "hub" or _hub_weights_cached(spec):
+            continue
+        hf = _hub_hf_config(spec) or _known_architecture(spec)
+        params = parameter_count(hf) if hf else None
+        _add_download(check, spec, params * weight_bytes(hf) if hf and params else None)
+        if params is None:
+            check.notes.append(f"{key}: {spec}: hub name, not in the local cache; its size is unknown until download.")
 
 
 def check_config(config: RunConfig) -> ConfigCheck:
@@ -125,24 +233,15 @@ def check_config(config: RunConfig) -> ConfigCheck:
     if check.n_layers is not None and h.layer >= check.n_layers:
         check.problems.append(f"harvest.layer {h.layer} is out of range: the models have {check.n_layers} layers "
                               f"(0..{check.n_layers - 1}).")
+    if config.training.stream:
+        check.notes.append("disk: training.stream is set: activations are harvested on the fly, no store is written.")
+    elif not h.max_tokens:
+        check.notes.append("disk: harvest.max_tokens is not set: the whole corpus is harvested.")
+    _describe_client_models(config, check)
+    _check_disk(_disk_needs(config, check), check)
     if check.d_model is not None:
         d = check.d_model
         cc = config.crosscoder.resolve(d)
-        if config.training.stream:
-            check.notes.append("disk: training.stream is set: activations are harvested on the fly, no store is written.")
-        elif h.max_tokens:
-            disk = h.max_tokens * 2 * d * BYTES[h.dtype]
-            check.notes.append(f"disk: about {disk / 2**30:.2f} GiB of activations for {h.max_tokens:,} tokens ({h.dtype}).")
-            free = shutil.disk_usage(Path(config.run_dir).resolve().anchor).free
-            if disk > 0.5 * free:
-                check.notes.append("disk: the store would take over half of the free disk: consider "
-                                   "training.stream: true (train while harvesting, no store on disk).")
-            if disk > free:
-                check.problems.append(f"disk: the store needs {disk / 2**30:.1f} GiB but only {free / 2**30:.1f} GiB are free; "
-                                      "lower harvest.max_tokens or set training.stream: true (train while harvesting, "
-                                      "no store on disk).")
-        else:
-            check.notes.append("disk: harvest.max_tokens is not set: the whole corpus is harvested.")
         params = 2 * (2 * d * cc.dict_size) + cc.dict_size + 2 * d
         memory = params * BYTES[cc.dtype] * 4 + config.training.batch_size * cc.dict_size * 4 * 3
         check.notes.append(f"training memory: about {memory / 2**30:.2f} GiB (crosscoder {params / 1e6:.1f}M parameters, "
@@ -151,6 +250,74 @@ def check_config(config: RunConfig) -> ConfigCheck:
     check.to_fetch = missing_inputs(config)
     check.estimates = estimates(config, check)
     return check
+
+
+@dataclass(frozen=True)
+class DiskNeed:
+    """What a run writes, how many bytes, and the folder it goes to (its disk is that of the nearest
+    existing folder above it)."""
+
+    what: str
+    size: int
+    folder: Path
+    remedy: str
+
+
+def _existing(folder: Path) -> Path:
+    folder = folder.resolve()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return folder
+
+
+def _disk_needs(config: RunConfig, check: ConfigCheck) -> list[DiskNeed]:
+    """The activation store, the intervention's edited model and checkpoint, and the hub downloads this run
+    writes, where their sizes are known."""
+    from huggingface_hub import constants
+
+    run_dir, needs = Path(config.run_dir), []
+    h = config.harvest
+    if check.d_model is not None and not config.training.stream and h.max_tokens:
+        needs.append(DiskNeed(f"activation store of {h.max_tokens:,} tokens ({h.dtype})",
+                              h.max_tokens * 2 * check.d_model * BYTES[h.dtype], run_dir,
+                              "lower harvest.max_tokens or set training.stream: true (train while harvesting, no store "
+                              "on disk)"))
+    iv = config.intervention
+    if iv is not None and check.params is not None:
+        remedy = "set run_dir to a folder on a larger disk"
+        needs.append(DiskNeed("edited model (bf16)", check.params * 2, run_dir, remedy))
+        checkpoint = _checkpoint_params(iv.kind, iv.resolved(""), check)
+        if checkpoint:
+            # The newest checkpoint stays until the next one is written whole (``interventions.checkpoints.KEEP``).
+            needs.append(DiskNeed("the intervention's last checkpoint and the one being written", 2 * checkpoint * 3 * 2,
+                                  run_dir, remedy))
+    for spec, size in check.downloads:
+        if size is not None:
+            needs.append(DiskNeed(f"download of {spec}", size, Path(constants.HF_HUB_CACHE),
+                                  "set HF_HOME (or HF_HUB_CACHE) to a folder on a larger disk, or download the "
+                                  "models there first"))
+    return needs
+
+
+def _check_disk(needs: list[DiskNeed], check: ConfigCheck) -> None:
+    """One line per disk: what goes there against its free space (a warning when it does not fit)."""
+    disks: dict[int, list[DiskNeed]] = {}
+    for need in needs:
+        disks.setdefault(_existing(need.folder).stat().st_dev, []).append(need)
+    for on_disk in disks.values():
+        total, free = sum(n.size for n in on_disk), shutil.disk_usage(_existing(on_disk[0].folder)).free
+        where = " and ".join(sorted({str(n.folder) for n in on_disk}))
+        items = "; ".join(f"{n.what} ~{size_text(n.size)}" for n in on_disk)
+        if total > free:  # a warning: the run may be meant for another machine, and the sizes are estimates
+            remedies = "; or ".join(dict.fromkeys(n.remedy for n in on_disk))
+            check.warnings.append(f"disk: {where} needs ~{size_text(total)} but its disk has {size_text(free)} "
+                                  f"free on this machine ({items}): {remedies}.")
+            continue
+        check.notes.append(f"disk: {where}: ~{size_text(total)} of {size_text(free)} free ({items}).")
+        store = next((n for n in on_disk if n.what.startswith("activation store")), None)
+        if store is not None and store.size > 0.5 * free:
+            check.notes.append("disk: the store would take over half of the free disk: consider "
+                               "training.stream: true (train while harvesting, no store on disk).")
 
 
 def gated_inputs(config: RunConfig) -> list[str]:
@@ -168,29 +335,31 @@ def gated_inputs(config: RunConfig) -> list[str]:
     return gated
 
 
-def _params(check: ConfigCheck) -> float | None:
-    """Approximate transformer parameters from (layers, d_model): 12 L d^2 plus a 128k x d embedding."""
-    if check.d_model is None or check.n_layers is None:
-        return None
-    return 12 * check.n_layers * check.d_model**2 + 2 * 128_000 * check.d_model
-
-
 def _duration(seconds: float) -> str:
     if seconds < 60:  # not "0 min"
         return f"{max(seconds, 1):.0f} s"
     return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.0f} min"
 
 
-def _checkpoint_note(kind: str, settings: Any, params: float, d_model: int | None) -> str:
+def _checkpoint_params(kind: str, settings: Any, check: ConfigCheck) -> int:
+    """The parameters an intervention checkpoints while it trains (with their two AdamW moments): 0 where
+    the trained part is small (LoRA), unknown, or not checkpointed."""
+    if not getattr(settings, "checkpoint_every", 0) or check.params is None:
+        return 0
+    if kind == "rmu" and settings.param_names is None and check.d_model is not None:
+        # One MLP projection (d x intermediate) per layer.
+        intermediate = check.architecture.get("intermediate_size") or 8 * check.d_model // 3
+        return len(settings.layer_ids) * check.d_model * intermediate
+    if kind == "sft" and settings.lora is None:
+        return check.params
+    return 0
+
+
+def _checkpoint_note(kind: str, settings: Any, check: ConfigCheck) -> str:
     """The size of the intervention's checkpoint while it trains: the trained parameters and their two
     AdamW moments (bf16), or nothing where the trained part is small (LoRA) or unknown."""
-    if not getattr(settings, "checkpoint_every", 0):
-        return ""
-    if kind == "rmu" and settings.param_names is None and d_model is not None:
-        trained = len(settings.layer_ids) * 8 / 3 * d_model**2  # one MLP projection (d x ~8d/3) per layer
-    elif kind == "sft" and settings.lora is None:
-        trained = params
-    else:
+    trained = _checkpoint_params(kind, settings, check)
+    if not trained:
         return ""
     return (f"; while it trains, a checkpoint of ~{max(trained * 3 * 2 / 2**30, 0.1):.1f} GiB in edited_model/ "
             "(removed when the model is written)")
@@ -230,7 +399,7 @@ def _lm_eval_questions(config: LMEvalConfig) -> int:
 
 def estimates(config: RunConfig, check: ConfigCheck) -> list[str]:
     """Rough time and disk per step on one H100-class GPU (from the architecture; none when it is unknown)."""
-    params = _params(check)
+    params = check.params
     if params is None:
         return []
     out = []
@@ -255,7 +424,7 @@ def estimates(config: RunConfig, check: ConfigCheck) -> list[str]:
             timing = f"~{_duration(seconds)} per 10k examples ({settings.epochs} epoch(s))"
         out.append(f"intervention ({iv.kind}): {timing}"
                    + f"; edited model {params * 2 / 2**30:.0f} GiB (bf16)"
-                   + _checkpoint_note(iv.kind, settings, params, check.d_model))
+                   + _checkpoint_note(iv.kind, settings, check))
     for name, table in config.ground_truth.tables.items():
         if table.lm_eval is not None:
             questions = _lm_eval_questions(table.lm_eval)

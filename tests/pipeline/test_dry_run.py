@@ -1,11 +1,15 @@
 """`mneme run --dry-run`'s estimates for the case-study recipes (offline: known architectures)."""
 
+import json
 import re
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from mneme_plugin.cli import main
+from mneme_plugin.pipeline.dry_run import KNOWN_ARCHITECTURES, parameter_count
+from tests.helpers import hub_cache_repo
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 
@@ -23,10 +27,9 @@ def _checkpoint_gib(line: str) -> float | None:
 
 
 def test_the_intervention_estimate_names_the_checkpoint_size_where_it_is_large():
-    # Full fine-tuning of a 7B (d 4096, 32 layers): the weights and two AdamW moments in bf16.
-    params = 12 * 32 * 4096**2 + 2 * 128_000 * 4096
+    # Full fine-tuning of Llama-2-7B (6.74B parameters, its model card): the weights and two AdamW moments in bf16.
     full = _checkpoint_gib(_intervention_line("benign_finetuning/llama2_7b_alpaca.yaml"))
-    assert full is not None and abs(full - params * 6 / 2**30) < 0.1
+    assert full is not None and abs(full / (6.74e9 * 6 / 2**30) - 1) < 0.01
     # RMU trains one MLP projection in each of three layers: about a GiB.
     rmu = _checkpoint_gib(_intervention_line("wmdp_rmu/llama_3_8b.yaml"))
     assert rmu is not None and 0.5 < rmu < 1.5
@@ -85,3 +88,95 @@ def test_the_lm_eval_estimate_applies_limit_per_task_of_a_group(tmp_path):
     config.write_text(yaml.safe_dump(recipe))
     result = CliRunner().invoke(main, ["run", "--dry-run", str(config)])
     assert "ground_truth mmlu_pro (lm-eval, 6,652 questions x 2 models)" in result.output, result.output
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "gemma2"])
+@pytest.mark.parametrize("tied", [False, True])
+def test_the_parameter_count_from_config_fields_is_that_of_the_model_transformers_builds(family, tied):
+    """Sizes (downloads, the edited model, checkpoints, time) come from config.json fields; the count is
+    checked against the model transformers builds from the same config (grouped key/value heads, an explicit
+    head_dim, Qwen2's biases, Gemma 2's four norms per layer, tied embeddings)."""
+    import torch
+    import transformers
+
+    classes = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
+               "qwen2": transformers.Qwen2Config, "gemma2": transformers.Gemma2Config}
+    extra = {"head_dim": 24} if family == "gemma2" else {}
+    config = classes[family](vocab_size=1000, hidden_size=64, intermediate_size=176, num_hidden_layers=3,
+                             num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied, **extra)
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    expected = sum(p.numel() for p in model.parameters())
+    assert parameter_count(json.loads(config.to_json_string())) == expected
+
+
+# Parameter counts of the model cards (Hugging Face pages) of the known architectures.
+PUBLISHED = {"zephyr-7b": 7.24e9, "mistral-7b": 7.24e9, "llama-3-8b": 8.03e9, "llama-3.1-70b": 70.6e9,
+             "llama-3.2-1b": 1.24e9, "llama-3.2-3b": 3.21e9, "gemma-2-2b": 2.61e9, "gemma-2-9b": 9.24e9,
+             "qwen2.5-0.5b": 0.494e9, "qwen2.5-1.5b": 1.54e9, "qwen2.5-3b": 3.09e9, "qwen2.5-7b": 7.61e9,
+             "qwen2.5-coder-32b": 32.8e9, "llama-2-7b": 6.74e9, "llama-2-13b": 13.0e9}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_the_known_architectures_have_their_published_sizes(name):
+    assert abs(parameter_count(KNOWN_ARCHITECTURES[name]) / PUBLISHED[name] - 1) < 0.01
+
+
+def _dry_run(config: Path) -> str:
+    result = CliRunner().invoke(main, ["run", "--dry-run", str(config)])
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def _disk_lines(output: str) -> list[str]:
+    return [line.strip() for line in output.splitlines() if line.strip().startswith(("ok   disk:", "WARN disk:"))]
+
+
+def test_the_dry_run_sizes_the_hub_downloads_and_what_the_run_writes_against_the_free_disk(tmp_path, hub_cache, monkeypatch):
+    """Before: nothing said that a 7B recipe downloads ~14 GiB per model into the hub cache, nor checked the
+    free space where the cache is; and the store was checked against the disk of "/" whatever disk run_dir
+    is on. Now every download (not for a model whose weights are cached), the edited model and the store
+    are summed per disk against its free space."""
+    import yaml
+
+    monkeypatch.chdir(tmp_path)
+    recipe = yaml.safe_load((RECIPES / "wmdp_rmu/zephyr_7b.yaml").read_text())
+    recipe["run_dir"] = str(tmp_path / "run")
+    config = tmp_path / "zephyr.yaml"
+    config.write_text(yaml.safe_dump(recipe))
+    size = parameter_count(KNOWN_ARCHITECTURES["zephyr-7b"]) * 2 / 2**30  # bf16
+    lines = _disk_lines(_dry_run(config))
+    assert len(lines) == 2 and "training.stream is set" in lines[0], lines
+    # Both models are downloaded (run_dir gets no store: training.stream).
+    assert lines[1].startswith(f"ok   disk: {hub_cache}: ~{2 * size:.1f} GiB of "), lines
+    assert (f"(download of HuggingFaceH4/zephyr-7b-beta ~{size:.1f} GiB; download of cais/Zephyr_RMU ~{size:.1f} GiB)"
+            in lines[1]), lines
+
+    # The base model's config.json alone in the cache (as configuration checks leave it): still a download,
+    # sized from its own fields; with its weights there, none.
+    folder = tmp_path / "zephyr-files"
+    folder.mkdir()
+    fields = dict(KNOWN_ARCHITECTURES["zephyr-7b"], model_type="mistral", vocab_size=64000)
+    (folder / "config.json").write_text(json.dumps(fields))
+    snapshot = hub_cache_repo(hub_cache, "HuggingFaceH4/zephyr-7b-beta", folder)
+    larger = parameter_count(fields) * 2 / 2**30
+    lines = _disk_lines(_dry_run(config))
+    assert f"download of HuggingFaceH4/zephyr-7b-beta ~{larger:.1f} GiB;" in lines[1], lines
+    (snapshot / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "model-1.safetensors"}}))
+    assert "download of HuggingFaceH4/zephyr-7b-beta" in _disk_lines(_dry_run(config))[1]  # a shard is missing
+    (snapshot / "model-1.safetensors").write_bytes(b"")
+    lines = _disk_lines(_dry_run(config))
+    assert "HuggingFaceH4/zephyr-7b-beta" not in lines[1] and "download of cais/Zephyr_RMU" in lines[1], lines
+
+    # A store larger than any disk: a warning (the run may be meant for another machine), with what to change.
+    recipe["training"]["stream"] = False
+    recipe["harvest"]["max_tokens"] = 10**12
+    config.write_text(yaml.safe_dump(recipe))
+    output = _dry_run(config)
+    store = [line for line in _disk_lines(output) if line.startswith("WARN")]
+    # The hub cache and run_dir are on one disk here (both under tmp_path): one line, the store and a download.
+    assert len(store) == 1 and store[0].startswith(f"WARN disk: {hub_cache} and {tmp_path / 'run'} needs ~"), output
+    assert "activation store of 1,000,000,000,000 tokens (bfloat16) ~" in store[0], output
+    assert "lower harvest.max_tokens or set training.stream: true" in store[0]
+    assert "set HF_HOME (or HF_HUB_CACHE) to a folder on a larger disk" in store[0]  # the downloads share the disk
+    assert "The config looks runnable." in output
