@@ -376,7 +376,7 @@ def info(path: str) -> None:
 @clear_errors
 def clean(run_dir: str, cache: bool, stages: tuple[str, ...], dry_run: bool) -> None:
     """Free disk space in a run directory (`mneme run`'s): --cache deletes its cache, never a stage's output."""
-    from mneme_plugin.describe import size_text
+    from mneme_plugin.files import size_text
     from mneme_plugin.layout import prune_cache
 
     if not cache:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from mneme_plugin.errors import CheckpointError
+from mneme_plugin.files import size_text
 from mneme_plugin.sideeffects.metrics import metric_text
 
 
@@ -88,14 +89,6 @@ def _pipeline_summary(path: Path) -> list[str]:
         lines.append(f"  cache: {layout.root / CACHE_DIR} ({', '.join(f'{name} {size_text(size)}' for name, size in sizes.items())}; "
                      f"kept when stages are redone; deleting it costs only time: `mneme clean {path} --cache`)")
     return lines
-
-
-def size_text(size: int) -> str:
-    """A size in bytes for people: KiB below a MiB, MiB below a GiB, GiB."""
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20)):
-        if size >= scale:
-            return f"{size / scale:.1f} {unit}"
-    return f"{size / 2**10:.1f} KiB"
 
 
 def _evaluation_lines(folder: Path) -> list[str]:

@@ -63,5 +63,9 @@ class OutputExistsError(MnemeError, FileExistsError):
     """Writing would overwrite existing files and overwriting was not asked for."""
 
 
+class DiskSpaceError(MnemeError, OSError):
+    """What a job is about to write does not fit the free space of the disk it writes to."""
+
+
 class RankFailedError(MnemeError, RuntimeError):
     """Another rank of a torchrun job failed at a step every rank waits on."""

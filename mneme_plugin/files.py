@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
-from mneme_plugin.errors import CheckpointError, OutputExistsError, OutputLockedError
+from mneme_plugin.errors import CheckpointError, DiskSpaceError, OutputExistsError, OutputLockedError
 
 LOCK_FILE = ".mneme.lock"
 # .<stem>.<pid>.<token>.tmp<suffix> (files) and .<name>.<pid>.<token>.tmp (folders)
@@ -99,6 +99,33 @@ def stat_digest(path: str | os.PathLike[str], skip_dirs: tuple[str, ...] = ()) -
         info = f.stat()
         digest.update(f"{f.relative_to(root) if f != root else f.name}\0{info.st_size}\0{info.st_mtime_ns}\n".encode())
     return digest.hexdigest()[:16]
+
+
+def size_text(size: int) -> str:
+    """A size in bytes for people: KiB below a MiB, MiB below a GiB, GiB."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20)):
+        if size >= scale:
+            return f"{size / scale:.1f} {unit}"
+    return f"{size / 2**10:.1f} KiB"
+
+
+def nearest_existing(folder: str | os.PathLike[str]) -> Path:
+    """``folder`` or its nearest existing parent: where a folder not created yet will be, for its disk."""
+    path = Path(folder).resolve()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def require_free_space(folder: str | os.PathLike[str], needed: int, what: str, remedy: str) -> None:
+    """Refuse to start a job that will write ``needed`` more bytes under ``folder`` when its disk has less free
+    (DiskSpaceError), rather than fail hours later with a full disk."""
+    import shutil
+
+    free = shutil.disk_usage(nearest_existing(folder)).free
+    if needed > free:
+        raise DiskSpaceError(f"{what} needs ~{size_text(needed)} more in {folder}, but its disk has {size_text(free)} "
+                             f"free: {remedy}.")
 
 
 def fsync_dir(path: Path) -> None:

@@ -55,7 +55,7 @@ from mneme_plugin.activations.store import (
 from mneme_plugin.activations.sharded import COUNT_KEYS, harvest_sharded
 from mneme_plugin.distributed import distributed_context, main_rank_lock
 from mneme_plugin.errors import ConfigError, EmptyCorpusError, ForeignOutputError, NonFiniteActivationError
-from mneme_plugin.files import LOCK_FILE, output_lock, remove_stale_temporaries
+from mneme_plugin.files import LOCK_FILE, output_lock, remove_stale_temporaries, require_free_space
 
 logger = logging.getLogger("mneme_plugin")
 # Below this many tokens a median norm moves by several percent between corpora: worth a warning.
@@ -284,6 +284,20 @@ def check_same_corpus(manifest: dict[str, Any], corpus: CorpusSource, path: Path
         )
 
 
+def require_room_for_store(path: Path, config: HarvestConfig, d_model: int) -> None:
+    """Refuse to start (or resume) a harvest whose store does not fit the free space of its disk: the token
+    budget's rows (both models, ``config.dtype``) less the shards written already (nothing is checked
+    without a budget: the whole corpus's size is unknown)."""
+    if config.token_budget is None:
+        return
+    row = 2 * d_model * _STORE_DTYPES[config.dtype].itemsize
+    written = sum(f.stat().st_size for f in path.glob("*.safetensors")) if path.is_dir() else 0
+    require_free_space(path, config.token_budget * row - written,
+                       f"The activation store ({config.token_budget:,} tokens x 2 models x d_model {d_model}, {config.dtype})",
+                       "free space there, choose an out_dir on a larger disk, lower max_tokens, or train while "
+                       "harvesting (training.stream: true in `mneme run`, `mneme train --stream`: no store on disk)")
+
+
 def clear_store_folder(path: Path) -> None:
     """Delete what ``path`` holds for ``overwrite``, except the lock this process holds on it."""
     for entry in path.iterdir() if path.is_dir() else ():
@@ -355,6 +369,7 @@ def _harvest_locked(ctx: HarvestContext, corpus: CorpusSource, config: HarvestCo
         if manifest["complete"]:
             logger.info("Activation store %s is already complete (%d rows); nothing to do.", path, manifest["n_tokens"])
             return ActivationStore(path)
+        require_room_for_store(path, config, ctx.d_model)
         stats = NormalizationStats.from_dict(manifest["normalization"])
         logger.info("Resuming harvest into %s after %d windows (%d shards).", path, manifest["n_windows"], len(manifest["shards"]))
     else:
@@ -364,6 +379,7 @@ def _harvest_locked(ctx: HarvestContext, corpus: CorpusSource, config: HarvestCo
                 "Choose an empty or new out_dir, or pass overwrite=True.",
                 path,
             )
+        require_room_for_store(path, config, ctx.d_model)
         stats = ctx.estimate_normalization(corpus)
         manifest = _new_manifest(ctx, corpus, stats)
         write_manifest(path, manifest)

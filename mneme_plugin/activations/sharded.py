@@ -61,6 +61,7 @@ def _prepare(ctx: Any, corpus: CorpusSource, config: HarvestConfig, path: Path, 
         _new_manifest,
         check_same_corpus,
         clear_store_folder,
+        require_room_for_store,
         store_folder_entries,
     )
 
@@ -71,6 +72,8 @@ def _prepare(ctx: Any, corpus: CorpusSource, config: HarvestConfig, path: Path, 
         manifest = read_manifest(path)
         _check_resumable(manifest, ctx, path)
         check_same_corpus(manifest, corpus, path)
+        if not manifest["complete"]:
+            require_room_for_store(path, config, ctx.d_model)
         if not manifest["complete"] and manifest.get("world_size") != world_size:
             _fold(path, manifest, world_size)
         return manifest
@@ -80,6 +83,7 @@ def _prepare(ctx: Any, corpus: CorpusSource, config: HarvestConfig, path: Path, 
             "Choose an empty or new out_dir, or pass overwrite=True.",
             path,
         )
+    require_room_for_store(path, config, ctx.d_model)
     manifest = _new_manifest(ctx, corpus, ctx.estimate_normalization(corpus))
     manifest["world_size"] = world_size
     write_manifest(path, manifest)

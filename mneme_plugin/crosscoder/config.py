@@ -90,6 +90,14 @@ class CrossCoderConfig(ConfigMixin):
     def is_resolved(self) -> bool:
         return self.activation_dim is not None and self.dict_size is not None
 
+    @property
+    def parameter_count(self) -> int:
+        """The crosscoder's parameters (encoder and decoder of both models, their biases); resolved configs only."""
+        if self.activation_dim is None or self.dict_size is None:
+            raise ConfigError("parameter_count needs a resolved config (CrossCoderConfig.resolve(d_model)).")
+        d, m = self.activation_dim, self.dict_size
+        return 2 * (2 * d * m) + m + 2 * d
+
     def resolve(self, activation_dim: int) -> "CrossCoderConfig":
         """A copy with activation_dim and dict_size filled in for activations of width ``activation_dim``."""
         if self.activation_dim is not None and self.activation_dim != activation_dim:

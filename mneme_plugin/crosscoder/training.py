@@ -4,7 +4,7 @@ Run directory layout::
 
     run_dir/
       train_config.json        crosscoder + training configs this run was started with (+ the store's digest)
-      checkpoints/step_XXXXXXXX/   config.json, model.safetensors, trainer_state.pt (atomic, newest kept)
+      checkpoints/step_XXXXXXXX/   config.json, model.safetensors (the weights), trainer_state.pt (Adam, schedule, counters; atomic, newest kept)
       crosscoder/              the final crosscoder (config.json + model.safetensors)
       metrics.json             quality figures of the final crosscoder
 """
@@ -47,7 +47,7 @@ from mneme_plugin.distributed import (
 from mneme_plugin import checkpoints
 from mneme_plugin.checkpoints import CHECKPOINT_DIR, STATE_FILE
 from mneme_plugin.errors import CheckpointError, ConfigError, ForeignOutputError, NonFiniteActivationError
-from mneme_plugin.files import atomic_directory, atomic_write_text, json_digest, read_json
+from mneme_plugin.files import atomic_directory, atomic_write_text, json_digest, read_json, require_free_space
 
 logger = logging.getLogger("mneme_plugin")
 
@@ -176,14 +176,45 @@ def latest_checkpoint(run_dir: str | os.PathLike[str]) -> Path | None:
 def save_checkpoint(trainer: BatchTopKCrossCoderTrainer, run_dir: Path, step: int, keep: int) -> Path:
     def write(tmp: Path) -> None:
         trainer.ae.save_pretrained(tmp)
-        torch.save(trainer.state_dict(), tmp / STATE_FILE)
+        # The weights are the checkpoint's crosscoder files; the trainer state holds the rest (Adam's moments,
+        # schedule, counters), not the weights a second time (a quarter of a checkpoint's size).
+        state = trainer.state_dict()
+        del state["ae"]
+        torch.save(state, tmp / STATE_FILE)
 
     return checkpoints.write_checkpoint(run_dir, step, write, keep)
+
+
+def disk_need(crosscoder: CrossCoderConfig, training: TrainingConfig) -> tuple[int, int, int]:
+    """(bytes of one checkpoint, of the checkpoints at once at most, of the final crosscoder) for a resolved
+    crosscoder config: a checkpoint holds the weights (``model.safetensors``) and Adam's two moments (the
+    trainer state); ``keep_checkpoints`` stay while the next one is written."""
+    width = torch.empty((), dtype=getattr(torch, crosscoder.dtype)).element_size()
+    weights = crosscoder.parameter_count * width
+    checkpoint = 3 * weights
+    written = (training.steps - 1) // training.checkpoint_every if training.checkpoint_every else 0
+    return checkpoint, min(written, training.keep_checkpoints + 1) * checkpoint, weights
+
+
+def _require_room(run_dir: Path, crosscoder: CrossCoderConfig, training: TrainingConfig) -> None:
+    """Refuse to start (or resume) a training whose checkpoints and final crosscoder do not fit its disk (less
+    what its checkpoints hold already)."""
+    checkpoint, checkpoints_at_once, final = disk_need(crosscoder, training)
+    held = sum(f.stat().st_size for f in (run_dir / CHECKPOINT_DIR).rglob("*") if f.is_file()) \
+        if (run_dir / CHECKPOINT_DIR).is_dir() else 0
+    require_free_space(run_dir, checkpoints_at_once + final - held,
+                       f"Training ({crosscoder.parameter_count / 1e6:,.1f}M parameters; up to "
+                       f"{training.keep_checkpoints + 1} checkpoints of {checkpoint / 2**30:.1f} GiB while one is written, "
+                       "then the crosscoder)",
+                       "free space there, choose a run directory on a larger disk (--out), or keep fewer checkpoints "
+                       "(training.keep_checkpoints in the YAML) or none (training.checkpoint_every: 0)")
 
 
 def load_checkpoint(trainer: BatchTopKCrossCoderTrainer, checkpoint: Path) -> None:
     state = checkpoints.load_state(checkpoint / STATE_FILE, "delete this checkpoint to resume from an older one",
                                    map_location=trainer.device)
+    if "ae" not in state:  # the weights from the checkpoint's crosscoder files (earlier versions saved them twice)
+        state["ae"] = BatchTopKCrossCoder.from_pretrained(checkpoint, device=trainer.device).state_dict()
     trainer.load_state_dict(state)
 
 
@@ -295,6 +326,7 @@ def _train(data: TrainingData, run_dir: Path, cc_cfg: CrossCoderConfig, tr_cfg: 
             for stale_file in (metrics_path, run_dir / RUN_CONFIG_FILE):
                 stale_file.unlink(missing_ok=True)
         _check_run_config(run_dir, run_config)
+        _require_room(run_dir, cc_cfg, tr_cfg)
 
     ctx.on_main(prepare)
 

@@ -42,7 +42,7 @@ from mneme_plugin.checkpoints import (
 )
 from mneme_plugin.config import ConfigMixin
 from mneme_plugin.errors import CheckpointError, ConfigError, ForeignOutputError
-from mneme_plugin.files import LOCK_FILE, content_digest, output_lock, read_json, stat_digest
+from mneme_plugin.files import LOCK_FILE, content_digest, output_lock, read_json, require_free_space, stat_digest
 
 if TYPE_CHECKING:
     import torch
@@ -151,17 +151,37 @@ class TrainingCheckpoints:
                 self.folder,
             )
 
+    def require_room(self, parameters: dict[str, torch.Tensor], total_steps: int, model_bytes: int) -> None:
+        """Refuse to start (or resume) a run whose checkpoints (the trained parameters and AdamW's two moments,
+        the newest kept while the next is written) and edited model (``model_bytes``, written while the last
+        checkpoint is still there) do not fit the free space of the folder's disk, less what its checkpoints
+        hold already: before, a full disk stopped the run at its first checkpoint or at the end."""
+        assert self.folder is not None
+        checkpoint = 3 * sum(p.numel() * p.element_size() for p in parameters.values())
+        written = (total_steps - 1) // self.every if self.every else 0
+        need = max(2 * checkpoint, checkpoint + model_bytes) if written else model_bytes
+        folder = self.folder / CHECKPOINT_DIR
+        held = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) if folder.is_dir() else 0
+        require_free_space(self.folder, need - held,
+                           f"The {self.label} run (checkpoints of {checkpoint / 2**30:.1f} GiB, two at once while one is "
+                           f"written, then the edited model of {model_bytes / 2**30:.1f} GiB)",
+                           "free space there or choose an output folder on a larger disk (--out, or run_dir in "
+                           "`mneme run`), or write fewer checkpoints (checkpoint_every: 0 writes none)")
+
     def restore(self, parameters: dict[str, torch.Tensor], optimizer: Any, scheduler: Any = None, *,
-                total_steps: int, device: torch.device) -> tuple[int, list[dict[str, Any]]]:
+                total_steps: int, device: torch.device, model_bytes: int = 0) -> tuple[int, list[dict[str, Any]]]:
         """Load the newest matching checkpoint into ``parameters`` (the trained ones, by name), the
         optimizer, the scheduler and the RNG: (steps done, training log so far); (0, []) without one.
-        Without ``resume``, earlier checkpoints are removed instead."""
+        Without ``resume``, earlier checkpoints are removed instead. First, a run whose checkpoints and edited
+        model (``model_bytes``) do not fit the disk is refused (``require_room``)."""
         import torch
 
         if self.folder is None:
             return 0, []
         if not self.resume:
             shutil.rmtree(self.folder / CHECKPOINT_DIR, ignore_errors=True)
+        self.require_room(parameters, total_steps, model_bytes)
+        if not self.resume:
             return 0, []
         checkpoint = latest_checkpoint(self.folder)
         if checkpoint is None:

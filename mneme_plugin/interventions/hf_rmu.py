@@ -251,7 +251,8 @@ def rmu_unlearn_hf(config: HFRMUConfig, progress: bool = True, *, out_dir: str |
     tokenizer.padding_side = "right"
     checkpoints = TrainingCheckpoints(out_dir, config, [config.model, *config.data_sources()],
                                       config.checkpoint_every, resume=resume, label="RMU")
-    start, log = checkpoints.restore(trained, optimizer, total_steps=n_steps, device=device)
+    start, log = checkpoints.restore(trained, optimizer, total_steps=n_steps, device=device,
+                                     model_bytes=sum(p.numel() * p.element_size() for p in updated.parameters()))
 
     def encode(texts: list[str], max_length: int) -> dict[str, torch.Tensor]:
         enc = tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=max_length)

@@ -338,7 +338,9 @@ def supervised_fine_tune(config: SFTConfig, progress: bool = True, *, out_dir: s
     rng = random.Random(config.seed)
     checkpoints = TrainingCheckpoints(out_dir, config, [config.model, *config.data_sources()], config.checkpoint_every,
                                       resume=resume, label="SFT")
-    start_step, log = checkpoints.restore(trained, optimizer, scheduler, total_steps=total_steps, device=device)
+    # The model written at the end: LoRA's adapters are merged into the weights (their own bytes are few).
+    start_step, log = checkpoints.restore(trained, optimizer, scheduler, total_steps=total_steps, device=device,
+                                          model_bytes=sum(p.numel() * p.element_size() for p in model.parameters()))
     result = InterventionResult(model=model, tokenizer=tokenizer, config=config, log=log,
                                 extra={"n_examples": len(examples), "trainable_parameters": sum(p.numel() for p in params)})
     model.train()

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mneme_plugin.activations.models import ModelSpec, check_model_spec, same_model
-from mneme_plugin.describe import size_text
+from mneme_plugin.files import nearest_existing, size_text
 from mneme_plugin.pipeline.config import RunConfig
 from mneme_plugin.pipeline.run import check_only, plan
 from mneme_plugin.pipeline.stages import STAGES, config_problems, missing_inputs, relative_paths_note
@@ -242,7 +242,7 @@ def check_config(config: RunConfig) -> ConfigCheck:
     if check.d_model is not None:
         d = check.d_model
         cc = config.crosscoder.resolve(d)
-        params = 2 * (2 * d * cc.dict_size) + cc.dict_size + 2 * d
+        params = cc.parameter_count
         memory = params * BYTES[cc.dtype] * 4 + config.training.batch_size * cc.dict_size * 4 * 3
         check.notes.append(f"training memory: about {memory / 2**30:.2f} GiB (crosscoder {params / 1e6:.1f}M parameters, "
                            f"Adam state, batch {config.training.batch_size}).")
@@ -255,65 +255,73 @@ def check_config(config: RunConfig) -> ConfigCheck:
 @dataclass(frozen=True)
 class DiskNeed:
     """What a run writes, how many bytes, and the folder it goes to (its disk is that of the nearest
-    existing folder above it)."""
+    existing folder above it). ``transient``: there only while one stage runs (checkpoints)."""
 
     what: str
     size: int
     folder: Path
     remedy: str
-
-
-def _existing(folder: Path) -> Path:
-    folder = folder.resolve()
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
-    return folder
+    transient: bool = False
 
 
 def _disk_needs(config: RunConfig, check: ConfigCheck) -> list[DiskNeed]:
-    """The activation store, the intervention's edited model and checkpoint, and the hub downloads this run
-    writes, where their sizes are known."""
+    """The hub downloads, the intervention's checkpoints and edited model, the activation store, and the
+    crosscoder's checkpoints and files this run writes, where their sizes are known."""
     from huggingface_hub import constants
 
     run_dir, needs = Path(config.run_dir), []
+    elsewhere = "set run_dir to a folder on a larger disk"
+    for spec, size in check.downloads:
+        if size is not None:
+            needs.append(DiskNeed(f"download of {spec}", size, Path(constants.HF_HUB_CACHE),
+                                  "set HF_HOME (or HF_HUB_CACHE) to a folder on a larger disk, or download the "
+                                  "models there first"))
+    iv = config.intervention
+    if iv is not None and check.params is not None:
+        checkpoint = _checkpoint_params(iv.kind, iv.resolved(""), check)
+        if checkpoint:
+            # The newest checkpoint stays until the next one is written whole (``interventions.checkpoints.KEEP``).
+            needs.append(DiskNeed("the intervention's last checkpoint and the one being written", 2 * checkpoint * 3 * 2,
+                                  run_dir, elsewhere, transient=True))
+        needs.append(DiskNeed("edited model (bf16)", check.params * 2, run_dir, elsewhere))
     h = config.harvest
     if check.d_model is not None and not config.training.stream and h.max_tokens:
         needs.append(DiskNeed(f"activation store of {h.max_tokens:,} tokens ({h.dtype})",
                               h.max_tokens * 2 * check.d_model * BYTES[h.dtype], run_dir,
                               "lower harvest.max_tokens or set training.stream: true (train while harvesting, no store "
                               "on disk)"))
-    iv = config.intervention
-    if iv is not None and check.params is not None:
-        remedy = "set run_dir to a folder on a larger disk"
-        needs.append(DiskNeed("edited model (bf16)", check.params * 2, run_dir, remedy))
-        checkpoint = _checkpoint_params(iv.kind, iv.resolved(""), check)
-        if checkpoint:
-            # The newest checkpoint stays until the next one is written whole (``interventions.checkpoints.KEEP``).
-            needs.append(DiskNeed("the intervention's last checkpoint and the one being written", 2 * checkpoint * 3 * 2,
-                                  run_dir, remedy))
-    for spec, size in check.downloads:
-        if size is not None:
-            needs.append(DiskNeed(f"download of {spec}", size, Path(constants.HF_HUB_CACHE),
-                                  "set HF_HOME (or HF_HUB_CACHE) to a folder on a larger disk, or download the "
-                                  "models there first"))
+    if check.d_model is not None:
+        from mneme_plugin.crosscoder.training import disk_need
+
+        checkpoint, checkpoints_at_once, final = disk_need(config.crosscoder.resolve(check.d_model), config.training)
+        if checkpoints_at_once:
+            needs.append(DiskNeed(f"crosscoder checkpoints (up to {checkpoints_at_once // checkpoint} of "
+                                  f"{size_text(checkpoint)} at once)", checkpoints_at_once, run_dir,
+                                  "keep fewer checkpoints (training.keep_checkpoints) or none "
+                                  "(training.checkpoint_every: 0)", transient=True))
+        needs.append(DiskNeed("crosscoder", final, run_dir, elsewhere))
     return needs
 
 
 def _check_disk(needs: list[DiskNeed], check: ConfigCheck) -> None:
-    """One line per disk: what goes there against its free space (a warning when it does not fit)."""
+    """One line per disk: what goes there against its free space (a warning when it does not fit). The peak
+    is what stays plus the largest of what is there only while one stage runs (the intervention's or the
+    crosscoder's checkpoints: the stages run one after the other)."""
     disks: dict[int, list[DiskNeed]] = {}
     for need in needs:
-        disks.setdefault(_existing(need.folder).stat().st_dev, []).append(need)
+        disks.setdefault(nearest_existing(need.folder).stat().st_dev, []).append(need)
     for on_disk in disks.values():
-        total, free = sum(n.size for n in on_disk), shutil.disk_usage(_existing(on_disk[0].folder)).free
+        total = (sum(n.size for n in on_disk if not n.transient)
+                 + max((n.size for n in on_disk if n.transient), default=0))
+        free = shutil.disk_usage(nearest_existing(on_disk[0].folder)).free
         where = " and ".join(sorted({str(n.folder) for n in on_disk}))
-        items = "; ".join(f"{n.what} ~{size_text(n.size)}" for n in on_disk)
+        items = "; ".join(f"{n.what} ~{size_text(n.size)}{', while it trains' if n.transient else ''}" for n in on_disk)
         if total > free:  # a warning: the run may be meant for another machine, and the sizes are estimates
             remedies = "; or ".join(dict.fromkeys(n.remedy for n in on_disk))
-            check.warnings.append(f"disk: {where} needs ~{size_text(total)} but its disk has {size_text(free)} "
-                                  f"free on this machine ({items}): {remedies}.")
+            check.warnings.append(f"disk: {where} needs ~{size_text(total)} at its peak but its disk has "
+                                  f"{size_text(free)} free on this machine ({items}): {remedies}.")
             continue
-        check.notes.append(f"disk: {where}: ~{size_text(total)} of {size_text(free)} free ({items}).")
+        check.notes.append(f"disk: {where}: ~{size_text(total)} at its peak, of {size_text(free)} free ({items}).")
         store = next((n for n in on_disk if n.what.startswith("activation store")), None)
         if store is not None and store.size > 0.5 * free:
             check.notes.append("disk: the store would take over half of the free disk: consider "

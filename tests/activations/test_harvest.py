@@ -286,3 +286,18 @@ def test_a_resumed_sharded_harvest_bar_ends_at_its_total(ht_pair, corpus, tmp_pa
     store = harvest_sharded(ctx, corpus, config, tmp_path / "s", SINGLE_PROCESS, progress=True)
     assert store.complete
     assert last_progress(capsys.readouterr().err, "harvest (rank 0/1)") == (304, 304)
+
+
+def test_a_store_larger_than_the_free_disk_is_refused_before_the_models_run(ht_pair, corpus, tmp_path):
+    """A budget whose store cannot fit the disk of out_dir stopped with a full disk, hours in; it is refused at
+    once, with what to change (nothing written)."""
+    import shutil
+
+    from mneme_plugin.errors import DiskSpaceError
+
+    config = cfg(max_tokens=10**13)  # 2 x 32 floats a token: 2.5 PiB
+    assert config.token_budget * 2 * 32 * 4 > shutil.disk_usage(tmp_path).free
+    with pytest.raises(DiskSpaceError, match=r"The activation store \(10,000,000,000,000 tokens x 2 models x d_model 32, "
+                                             r"float32\) needs ~.* GiB more in .*train while harvesting"):
+        harvest(*ht_pair, corpus, config, tmp_path / "big", progress=False)
+    assert not (tmp_path / "big" / "manifest.json").exists()

@@ -221,3 +221,57 @@ def test_the_published_decoder_init_norm_leaves_the_stage_fingerprint_of_earlier
     # Runs made before the field existed started at norm 1 and fingerprint their training section without it.
     assert "decoder_init_norm" not in TrainingConfig().result_dict()
     assert TrainingConfig(decoder_init_norm=2.0).result_dict()["decoder_init_norm"] == 2.0
+
+
+def test_the_disk_need_is_what_a_run_writes_and_a_run_that_cannot_fit_is_refused_before_it_starts(tiny_store, tmp_path):
+    """A recipe's crosscoder (d 4096, 131,072 latents) writes checkpoints of ~24 GiB, three at a time while one
+    is written: a disk too small failed at a checkpoint hours in. The estimate is checked against the files a
+    run writes, and a run whose need exceeds the free disk is refused before its first step."""
+    import shutil
+
+    from mneme_plugin.crosscoder.training import disk_need
+    from mneme_plugin.errors import DiskSpaceError
+
+    cc = CrossCoderConfig(expansion_factor=4, k=8)
+    training = _small_training(steps=61, keep_checkpoints=1)  # checkpoints at steps 20, 40 and 60; one kept
+    train(tiny_store, tmp_path / "run", cc, training, progress=False)
+    resolved = cc.resolve(tiny_store.d_model)
+    assert resolved.parameter_count == sum(p.numel() for p in BatchTopKCrossCoder(resolved).parameters())
+    checkpoint, at_once, final = disk_need(resolved, training)
+    assert at_once == 2 * checkpoint  # the one kept and the next one while it is written
+    kept = [f for f in (tmp_path / "run" / "checkpoints").rglob("*") if f.is_file()]
+    written = sum(f.stat().st_size for f in (tmp_path / "run" / "crosscoder").rglob("*") if f.is_file())
+    assert abs(sum(f.stat().st_size for f in kept) / checkpoint - 1) < 0.05  # the checkpoint kept (plus pickle framing)
+    assert abs(written / final - 1) < 0.05
+
+    huge = CrossCoderConfig(dict_size=2**40, k=8)  # petabytes of checkpoints, never allocated
+    with pytest.raises(DiskSpaceError, match=r"Training \(.*M parameters; up to 2 checkpoints of .* GiB.*free space there"):
+        train(tiny_store, tmp_path / "huge", huge, training, progress=False)
+    assert shutil.disk_usage(tmp_path).free < sum(disk_need(huge.resolve(tiny_store.d_model), training)[1:])
+    assert not (tmp_path / "huge" / "checkpoints").exists()
+
+
+def test_a_checkpoint_holds_the_weights_once_and_one_of_an_earlier_version_still_resumes(tiny_store, tmp_path):
+    """The trainer state held the weights a second time beside model.safetensors; it no longer does, and an
+    earlier version's checkpoint (whose trainer state has them) resumes to the same weights."""
+    from safetensors.torch import load_file
+
+    from mneme_plugin.checkpoints import STATE_FILE
+
+    cc = CrossCoderConfig(expansion_factor=4, k=8)
+    reference = train(tiny_store, tmp_path / "a", cc, _small_training(), progress=False).crosscoder
+
+    def crash_at_45(step, trainer):
+        if step == 45:
+            raise RuntimeError("crash")
+
+    with pytest.raises(RuntimeError, match="crash"):
+        train(tiny_store, tmp_path / "b", cc, _small_training(), progress=False, on_step=crash_at_45)
+    checkpoint = latest_checkpoint(tmp_path / "b")
+    state = torch.load(checkpoint / STATE_FILE, weights_only=True)
+    assert "ae" not in state and set(state) >= {"optimizer", "scheduler", "tokens_since_fired", "steps_done"}
+    state["ae"] = load_file(checkpoint / "model.safetensors")  # as an earlier version wrote it
+    torch.save(state, checkpoint / STATE_FILE)
+    resumed = train(tiny_store, tmp_path / "b", cc, _small_training(), progress=False).crosscoder
+    for name, tensor in reference.state_dict().items():
+        assert torch.equal(tensor, resumed.state_dict()[name]), name

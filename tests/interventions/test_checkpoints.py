@@ -225,3 +225,24 @@ def test_a_checkpoint_of_a_hub_model_whose_cached_commit_moved_is_refused(tiny_l
     with pytest.raises(ConfigError, match=r"other inputs.*inputs\.someone/tiny: stored 'hub commit a{40}' vs now "
                                           r"'hub commit b{40}'"):
         supervised_fine_tune(cfg, progress=False, out_dir=out)
+
+
+def test_a_run_whose_checkpoints_and_edited_model_cannot_fit_is_refused_before_it_trains(tiny_lm_dirs, rmu_corpora,
+                                                                                         tmp_path):
+    """Full fine-tuning of a 7B checkpoints ~38 GiB (weights and AdamW's moments), the newest kept while the next
+    is written, then writes the model: a disk too small stopped the run at its first checkpoint. A run whose
+    parameters (meta tensors: 10^13 of them, never allocated) cannot fit is refused before its optimizer is
+    touched; a small one trains (the tests above)."""
+    from mneme_plugin.errors import DiskSpaceError
+    from mneme_plugin.interventions.checkpoints import TrainingCheckpoints
+
+    out = tmp_path / "rmu"
+    checkpoints = TrainingCheckpoints(out, rmu_config(tiny_lm_dirs["llama"], rmu_corpora), [], every=3, label="RMU")
+    huge = {"model.layers.0.mlp.down_proj.weight": torch.empty(10**13, device="meta")}
+    with pytest.raises(DiskSpaceError, match=r"The RMU run \(checkpoints of 111758.7 GiB, two at once while one is "
+                                             r"written, then the edited model of 0.0 GiB\) needs ~.* more in .*rmu"):
+        checkpoints.restore(huge, optimizer=None, total_steps=8, device=torch.device("cpu"))
+    # Without a checkpoint written (too few steps), only the model is counted.
+    checkpoints.restore(huge, optimizer=None, total_steps=3, device=torch.device("cpu"))
+    with pytest.raises(DiskSpaceError, match="then the edited model of 37252.9 GiB"):
+        checkpoints.restore({}, optimizer=None, total_steps=3, device=torch.device("cpu"), model_bytes=4 * 10**13)

@@ -133,11 +133,15 @@ def _disk_lines(output: str) -> list[str]:
 
 
 def test_the_dry_run_sizes_the_hub_downloads_and_what_the_run_writes_against_the_free_disk(tmp_path, hub_cache, monkeypatch):
-    """Before: nothing said that a 7B recipe downloads ~14 GiB per model into the hub cache, nor checked the
-    free space where the cache is; and the store was checked against the disk of "/" whatever disk run_dir
-    is on. Now every download (not for a model whose weights are cached), the edited model and the store
-    are summed per disk against its free space."""
+    """Before: nothing said that a 7B recipe downloads ~14 GiB per model into the hub cache, nor that its
+    crosscoder's checkpoints take ~100 GiB, nor checked the free space where they go; and the store was
+    checked against the disk of "/" whatever disk run_dir is on. Now the downloads (not of a model whose
+    weights are cached), the crosscoder's checkpoints, the edited model and the store are summed per disk
+    against its free space (a line "ok" or "WARN" by this machine's free space: both are read here)."""
     import yaml
+
+    from mneme_plugin.crosscoder import CrossCoderConfig, TrainingConfig
+    from mneme_plugin.crosscoder.training import disk_need
 
     monkeypatch.chdir(tmp_path)
     recipe = yaml.safe_load((RECIPES / "wmdp_rmu/zephyr_7b.yaml").read_text())
@@ -145,11 +149,17 @@ def test_the_dry_run_sizes_the_hub_downloads_and_what_the_run_writes_against_the
     config = tmp_path / "zephyr.yaml"
     config.write_text(yaml.safe_dump(recipe))
     size = parameter_count(KNOWN_ARCHITECTURES["zephyr-7b"]) * 2 / 2**30  # bf16
+    checkpoint, at_once, final = (n / 2**30 for n in disk_need(CrossCoderConfig.from_dict(recipe["crosscoder"]).resolve(4096),
+                                                               TrainingConfig.from_dict(recipe["training"])))
+    assert [round(n, 1) for n in (checkpoint, at_once, final)] == [24.0, 72.0, 8.0]  # 2.15B fp32 weights, Adam's moments; 3 at once
     lines = _disk_lines(_dry_run(config))
     assert len(lines) == 2 and "training.stream is set" in lines[0], lines
-    # Both models are downloaded (run_dir gets no store: training.stream).
-    assert lines[1].startswith(f"ok   disk: {hub_cache}: ~{2 * size:.1f} GiB of "), lines
-    assert (f"(download of HuggingFaceH4/zephyr-7b-beta ~{size:.1f} GiB; download of cais/Zephyr_RMU ~{size:.1f} GiB)"
+    # The hub cache and run_dir are on one disk here (both under tmp_path): one line, both downloads, the
+    # crosscoder's checkpoints and files (run_dir gets no store: training.stream).
+    assert re.match(rf"(ok|WARN) disk: {hub_cache} and {tmp_path / 'run'}(: ~| needs ~){round(2 * size, 1) + round(at_once, 1) + round(final, 1):.1f} GiB "
+                    "at its peak", lines[1]), lines
+    assert (f"(download of HuggingFaceH4/zephyr-7b-beta ~{size:.1f} GiB; download of cais/Zephyr_RMU ~{size:.1f} GiB; "
+            "crosscoder checkpoints (up to 3 of 24.0 GiB at once) ~72.0 GiB, while it trains; crosscoder ~8.0 GiB)"
             in lines[1]), lines
 
     # The base model's config.json alone in the cache (as configuration checks leave it): still a download,
@@ -174,9 +184,30 @@ def test_the_dry_run_sizes_the_hub_downloads_and_what_the_run_writes_against_the
     config.write_text(yaml.safe_dump(recipe))
     output = _dry_run(config)
     store = [line for line in _disk_lines(output) if line.startswith("WARN")]
-    # The hub cache and run_dir are on one disk here (both under tmp_path): one line, the store and a download.
     assert len(store) == 1 and store[0].startswith(f"WARN disk: {hub_cache} and {tmp_path / 'run'} needs ~"), output
     assert "activation store of 1,000,000,000,000 tokens (bfloat16) ~" in store[0], output
     assert "lower harvest.max_tokens or set training.stream: true" in store[0]
     assert "set HF_HOME (or HF_HUB_CACHE) to a folder on a larger disk" in store[0]  # the downloads share the disk
     assert "The config looks runnable." in output
+
+
+def test_checkpoints_of_stages_that_run_one_after_the_other_are_not_added_up(tmp_path, hub_cache, monkeypatch):
+    """Full fine-tuning of Llama-2-7B checkpoints ~75 GiB while it trains and the crosscoder ~72 GiB while it
+    trains; the intervention's are gone before the crosscoder trains, so the peak holds the larger alone."""
+    import yaml
+
+    monkeypatch.chdir(tmp_path)
+    recipe = yaml.safe_load((RECIPES / "benign_finetuning/llama2_7b_alpaca.yaml").read_text())
+    recipe["run_dir"] = str(tmp_path / "run")
+    config = tmp_path / "alpaca.yaml"
+    config.write_text(yaml.safe_dump(recipe))
+    line = _disk_lines(_dry_run(config))[1]
+    sizes = {what: float(gib) for what, gib in re.findall(r"(?:\(|; )([^;(]+?)(?: \([^)]*\))? ~([\d.]+) GiB", line)}
+    model = parameter_count(KNOWN_ARCHITECTURES["llama-2-7b"])
+    assert sizes["the intervention's last checkpoint and the one being written"] == round(2 * 3 * 2 * model / 2**30, 1)
+    assert sizes["crosscoder checkpoints"] == 72.0
+    peak = (sizes["download of meta-llama/Llama-2-7b-chat-hf"] + sizes["edited model"] + sizes["crosscoder"]
+            + sizes["the intervention's last checkpoint and the one being written"])
+    total = re.search(r"(?:: ~| needs ~)([\d.]+) GiB at its peak", line)
+    assert total is not None and abs(float(total.group(1)) - peak) < 0.2, (peak, line)  # the parts are rounded
+    assert peak + sizes["crosscoder checkpoints"] - float(total.group(1)) > 70  # the sum would hold both

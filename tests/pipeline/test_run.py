@@ -669,7 +669,7 @@ def test_dry_run_checks_the_config(pair_and_corpus, tmp_path):
     result = CliRunner().invoke(main, ["run", "--dry-run", _write(tmp_path, "dry.yaml", cfg)])
     assert result.exit_code == 1, result.output  # problems found: a failing exit status for scripts
     assert "harvest.layer 7 is out of range: the models have 2 layers" in result.output
-    assert "d_model 32" in result.output and "(activation store of 100,000 tokens (float32) ~24.4 MiB)" in result.output
+    assert "d_model 32" in result.output and "activation store of 100,000 tokens (float32) ~24.4 MiB;" in result.output
     assert "harvest    run" in result.output
     assert not (tmp_path / "dry").exists()
     # The offline explainer and mapper call no LLM (the estimate said they did, whatever the config).
