@@ -360,10 +360,35 @@ def _demo_case_summary(path: Path) -> list[str]:
         lines.append(f"  remediation:   share of the lost accuracy recovered: remediation "
                      f"{metric_text(remediation.mean_recovered('remediated'))}, control "
                      f"{metric_text(remediation.mean_recovered('control'))} ({CONTROLLED_JSON})")
+    else:
+        lines.append(f"  remediation:   none ({_no_remediation_reason(path)})")
     if (path / INTERSECTION_JSON).is_file():
         lines.append(f"  intersection:  {load_harmful_intersection(path).summary()}")
     lines += ["  " + line for line in describe_path(path / CASE_RUN).splitlines()]
     return lines
+
+
+def _no_remediation_reason(path: Path) -> str:
+    """Why a demo case folder holds no remediation: the behaviour cases have none, nothing degraded, MNEME
+    named nothing to reverse, or the demo stopped before it (the run's evaluation tells)."""
+    from mneme_plugin.errors import MnemeError
+    from mneme_plugin.layout import RunLayout
+    from mneme_plugin.organism.catalog import BEHAVIOUR_INTERVENTIONS
+    from mneme_plugin.organism.demo import CASE_RUN
+    from mneme_plugin.sideeffects.evaluate import load_evaluations
+
+    if path.name in BEHAVIOUR_INTERVENTIONS:  # `mneme demo` names a case's folder by its intervention
+        return "the behaviour cases are not remediated"
+    try:
+        evaluation = next(iter(load_evaluations(RunLayout(path / CASE_RUN).evaluation).values()))
+    except (MnemeError, StopIteration):
+        return "the case's run has no evaluation yet: the demo stopped before it; run `mneme demo` again to finish"
+    if not evaluation.true_set:
+        return "nothing degraded, so there is no lost accuracy to recover"
+    if not evaluation.predicted.get("MNEME"):
+        return f"{', '.join(evaluation.true_set)} degraded, but MNEME named no side effect, so there is nothing to retrain on"
+    return ("the demo stopped before it, or no changed latent had contexts to retrain on (its log says which); "
+            "run `mneme demo` again to finish")
 
 
 def _demo_output_summary(path: Path, cases: list[Path]) -> list[str]:

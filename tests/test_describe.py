@@ -143,6 +143,24 @@ def test_info_describes_a_demo_case_and_the_demo_output(finished_run, tmp_path):
     assert f"  ground truth:  {SCORES_CSV}, measured drop per category: law +0.85, cooking -0.02\n" in summary
     assert f"\n  MNEME run {case / CASE_RUN}\n    stage harvest " in summary and "    MNEME   Acc " in summary
 
+    # No remediation beside the run: the summary says why (from the run's evaluation), not nothing.
+    from mneme_plugin.sideeffects.evaluate import load_evaluation
+
+    evaluation = load_evaluation(case / CASE_RUN / "evaluation")
+    why = ("nothing degraded" if not evaluation.true_set else f"{', '.join(evaluation.true_set)} degraded, but MNEME "
+           "named no side effect" if not evaluation.predicted.get("MNEME") else "the demo stopped before it")
+    assert f"\n  remediation:   none ({why}" in summary, summary
+    # Planted: nothing degraded; then degraded, and MNEME naming nothing.
+    written = json.loads((case / CASE_RUN / "evaluation" / "evaluation.json").read_text())
+    for row in written["truth"]:
+        row["degraded"] = False
+    (case / CASE_RUN / "evaluation" / "evaluation.json").write_text(json.dumps(written))
+    assert "\n  remediation:   none (nothing degraded, so there is no lost accuracy to recover)" in _info(case)
+    written["truth"][0]["degraded"], written["predicted"]["MNEME"] = True, []
+    (case / CASE_RUN / "evaluation" / "evaluation.json").write_text(json.dumps(written))
+    assert (f"\n  remediation:   none ({written['truth'][0]['category']} degraded, but MNEME named no side effect, "
+            "so there is nothing to retrain on)") in _info(case)
+
     demo = _info(case.parent)
     assert demo.startswith(f"Demo output {case.parent} (`mneme demo`): 1 case folder (")
     assert "  rmu:               RMU unlearning of law knowledge" in demo
@@ -172,6 +190,7 @@ def test_info_on_an_unfinished_demo_case_names_the_stages_done_and_those_missing
 
     summary = _info(case)
     assert "    stage harvest " in summary and "    stage train " in summary, summary
+    assert "\n  remediation:   none (the case's run has no evaluation yet: the demo stopped before it;" in summary
     assert f"    stages not done: {', '.join(later)} (the run stopped before them)" in summary, summary
 
     # Stopped in its first stage: the run's config, no marker yet.
