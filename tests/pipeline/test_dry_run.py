@@ -211,3 +211,20 @@ def test_checkpoints_of_stages_that_run_one_after_the_other_are_not_added_up(tmp
     total = re.search(r"(?:: ~| needs ~)([\d.]+) GiB at its peak", line)
     assert total is not None and abs(float(total.group(1)) - peak) < 0.2, (peak, line)  # the parts are rounded
     assert peak + sizes["crosscoder checkpoints"] - float(total.group(1)) > 70  # the sum would hold both
+
+
+def test_an_in_process_vllm_explainer_is_a_download_too(tmp_path, hub_cache, monkeypatch):
+    """`explain.client.kind: vllm` loads its model from the hub in this process: Llama-3.1-70B is ~131 GiB
+    in the hub cache, counted with the run's own models (an OpenAI-compatible server's model is not)."""
+    import yaml
+
+    monkeypatch.chdir(tmp_path)
+    recipe = yaml.safe_load((RECIPES / "wmdp_rmu/zephyr_7b.yaml").read_text())
+    recipe["run_dir"] = str(tmp_path / "run")
+    config = tmp_path / "zephyr.yaml"
+    config.write_text(yaml.safe_dump(recipe))
+    assert "Llama-3.1-70B" not in _disk_lines(_dry_run(config))[1]  # served by `vllm serve`: not ours to download
+    recipe["explain"]["client"] = {"kind": "vllm", "model": "meta-llama/Llama-3.1-70B-Instruct"}
+    config.write_text(yaml.safe_dump(recipe))
+    size = parameter_count(KNOWN_ARCHITECTURES["llama-3.1-70b"]) * 2 / 2**30
+    assert f"download of meta-llama/Llama-3.1-70B-Instruct ~{size:.1f} GiB" in _disk_lines(_dry_run(config))[1]
