@@ -19,6 +19,7 @@ import inspect
 import os
 import re
 import secrets
+import shutil
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -117,11 +118,15 @@ def nearest_existing(folder: str | os.PathLike[str]) -> Path:
     return path
 
 
+def tree_size(folder: str | os.PathLike[str], pattern: str = "*") -> int:
+    """Bytes of the files under ``folder`` whose names match ``pattern`` (0 when it does not exist)."""
+    folder = Path(folder)
+    return sum(f.stat().st_size for f in folder.rglob(pattern) if f.is_file()) if folder.is_dir() else 0
+
+
 def require_free_space(folder: str | os.PathLike[str], needed: int, what: str, remedy: str) -> None:
     """Refuse to start a job that will write ``needed`` more bytes under ``folder`` when its disk has less free
     (DiskSpaceError), rather than fail hours later with a full disk."""
-    import shutil
-
     free = shutil.disk_usage(nearest_existing(folder)).free
     if needed > free:
         raise DiskSpaceError(f"{what} needs ~{size_text(needed)} more in {folder}, but its disk has {size_text(free)} "

@@ -55,7 +55,7 @@ from mneme_plugin.activations.store import (
 from mneme_plugin.activations.sharded import COUNT_KEYS, harvest_sharded
 from mneme_plugin.distributed import distributed_context, main_rank_lock
 from mneme_plugin.errors import ConfigError, EmptyCorpusError, ForeignOutputError, NonFiniteActivationError
-from mneme_plugin.files import LOCK_FILE, output_lock, remove_stale_temporaries, require_free_space
+from mneme_plugin.files import LOCK_FILE, output_lock, remove_stale_temporaries, require_free_space, tree_size
 
 logger = logging.getLogger("mneme_plugin")
 # Below this many tokens a median norm moves by several percent between corpora: worth a warning.
@@ -291,8 +291,7 @@ def require_room_for_store(path: Path, config: HarvestConfig, d_model: int) -> N
     if config.token_budget is None:
         return
     row = 2 * d_model * _STORE_DTYPES[config.dtype].itemsize
-    written = sum(f.stat().st_size for f in path.glob("*.safetensors")) if path.is_dir() else 0
-    require_free_space(path, config.token_budget * row - written,
+    require_free_space(path, config.token_budget * row - tree_size(path, "*.safetensors"),
                        f"The activation store ({config.token_budget:,} tokens x 2 models x d_model {d_model}, {config.dtype})",
                        "free space there, choose an out_dir on a larger disk, lower max_tokens, or train while "
                        "harvesting (training.stream: true in `mneme run`, `mneme train --stream`: no store on disk)")

@@ -47,7 +47,7 @@ from mneme_plugin.distributed import (
 from mneme_plugin import checkpoints
 from mneme_plugin.checkpoints import CHECKPOINT_DIR, STATE_FILE
 from mneme_plugin.errors import CheckpointError, ConfigError, ForeignOutputError, NonFiniteActivationError
-from mneme_plugin.files import atomic_directory, atomic_write_text, json_digest, read_json, require_free_space
+from mneme_plugin.files import atomic_directory, atomic_write_text, json_digest, read_json, require_free_space, tree_size
 
 logger = logging.getLogger("mneme_plugin")
 
@@ -200,9 +200,7 @@ def _require_room(run_dir: Path, crosscoder: CrossCoderConfig, training: Trainin
     """Refuse to start (or resume) a training whose checkpoints and final crosscoder do not fit its disk (less
     what its checkpoints hold already)."""
     checkpoint, checkpoints_at_once, final = disk_need(crosscoder, training)
-    held = sum(f.stat().st_size for f in (run_dir / CHECKPOINT_DIR).rglob("*") if f.is_file()) \
-        if (run_dir / CHECKPOINT_DIR).is_dir() else 0
-    require_free_space(run_dir, checkpoints_at_once + final - held,
+    require_free_space(run_dir, checkpoints_at_once + final - tree_size(run_dir / CHECKPOINT_DIR),
                        f"Training ({crosscoder.parameter_count / 1e6:,.1f}M parameters; up to "
                        f"{training.keep_checkpoints + 1} checkpoints of {checkpoint / 2**30:.1f} GiB while one is written, "
                        "then the crosscoder)",

@@ -42,7 +42,7 @@ from mneme_plugin.checkpoints import (
 )
 from mneme_plugin.config import ConfigMixin
 from mneme_plugin.errors import CheckpointError, ConfigError, ForeignOutputError
-from mneme_plugin.files import LOCK_FILE, content_digest, output_lock, read_json, require_free_space, stat_digest
+from mneme_plugin.files import LOCK_FILE, content_digest, output_lock, read_json, require_free_space, stat_digest, tree_size
 
 if TYPE_CHECKING:
     import torch
@@ -54,6 +54,13 @@ StepCallback = Callable[[int, dict[str, Any]], None]
 
 CHECKPOINT_INFO = "intervention.json"
 KEEP = 1  # checkpoints appear whole (atomic rename): the newest is enough, and each is as large as the model's trained part x 3
+AT_ONCE = KEEP + 1  # checkpoints on disk while the next one is written
+
+
+def checkpoint_bytes(trained_bytes: int) -> int:
+    """A checkpoint's size: the trained parameters and AdamW's two moments (as large as the parameters)."""
+    return 3 * trained_bytes
+
 # Remedy named by every refusal; `mneme run` adds which folder to delete to a ForeignOutputError
 # (pipeline.run._run_remedies).
 START_OVER = "pass --no-resume (resume=False) to start over"
@@ -157,12 +164,10 @@ class TrainingCheckpoints:
         checkpoint is still there) do not fit the free space of the folder's disk, less what its checkpoints
         hold already: before, a full disk stopped the run at its first checkpoint or at the end."""
         assert self.folder is not None
-        checkpoint = 3 * sum(p.numel() * p.element_size() for p in parameters.values())
+        checkpoint = checkpoint_bytes(sum(p.numel() * p.element_size() for p in parameters.values()))
         written = (total_steps - 1) // self.every if self.every else 0
-        need = max(2 * checkpoint, checkpoint + model_bytes) if written else model_bytes
-        folder = self.folder / CHECKPOINT_DIR
-        held = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) if folder.is_dir() else 0
-        require_free_space(self.folder, need - held,
+        need = max(AT_ONCE * checkpoint, KEEP * checkpoint + model_bytes) if written else model_bytes
+        require_free_space(self.folder, need - tree_size(self.folder / CHECKPOINT_DIR),
                            f"The {self.label} run (checkpoints of {checkpoint / 2**30:.1f} GiB, two at once while one is "
                            f"written, then the edited model of {model_bytes / 2**30:.1f} GiB)",
                            "free space there or choose an output folder on a larger disk (--out, or run_dir in "
@@ -260,5 +265,5 @@ def train_and_save(train: Callable[..., Any], config: Any, out_dir: str | os.Pat
         return save_intervention(result, out_dir, overwrite=True)
 
 
-__all__ = ["CHECKPOINT_INFO", "TrainingCheckpoints", "input_digests", "read_checkpoint_info", "train_and_save",
+__all__ = ["AT_ONCE", "CHECKPOINT_INFO", "TrainingCheckpoints", "checkpoint_bytes", "input_digests", "read_checkpoint_info", "train_and_save",
            "unfinished"]

@@ -29,12 +29,13 @@ def _llama_like(layers: int, d: int, intermediate: int, heads: int, kv_heads: in
             "tie_word_embeddings": tied, "torch_dtype": "bfloat16", **extra}
 
 
+_MISTRAL_7B = _llama_like(32, 4096, 14336, 32, 8, 32000, False, model_type="mistral")
+_LLAMA_3_8B = _llama_like(32, 4096, 14336, 32, 8, 128256, False, model_type="llama")
+_QWEN2_5_7B = _llama_like(28, 3584, 18944, 28, 4, 152064, False, model_type="qwen2")
+
 KNOWN_ARCHITECTURES: dict[str, dict[str, Any]] = {
-    "zephyr-7b": _llama_like(32, 4096, 14336, 32, 8, 32000, False, model_type="mistral"),
-    "zephyr_rmu": _llama_like(32, 4096, 14336, 32, 8, 32000, False, model_type="mistral"),
-    "mistral-7b": _llama_like(32, 4096, 14336, 32, 8, 32000, False, model_type="mistral"),
-    "llama-3-8b": _llama_like(32, 4096, 14336, 32, 8, 128256, False, model_type="llama"),
-    "llama-3.1-8b": _llama_like(32, 4096, 14336, 32, 8, 128256, False, model_type="llama"),
+    "zephyr-7b": _MISTRAL_7B, "zephyr_rmu": _MISTRAL_7B, "mistral-7b": _MISTRAL_7B,
+    "llama-3-8b": _LLAMA_3_8B, "llama-3.1-8b": _LLAMA_3_8B,
     "llama-3.1-70b": _llama_like(80, 8192, 28672, 64, 8, 128256, False, model_type="llama"),
     "llama-3.2-1b": _llama_like(16, 2048, 8192, 32, 8, 128256, True, model_type="llama"),
     "llama-3.2-3b": _llama_like(28, 3072, 8192, 24, 8, 128256, True, model_type="llama"),
@@ -43,8 +44,7 @@ KNOWN_ARCHITECTURES: dict[str, dict[str, Any]] = {
     "qwen2.5-0.5b": _llama_like(24, 896, 4864, 14, 2, 151936, True, model_type="qwen2"),
     "qwen2.5-1.5b": _llama_like(28, 1536, 8960, 12, 2, 151936, True, model_type="qwen2"),
     "qwen2.5-3b": _llama_like(36, 2048, 11008, 16, 2, 151936, True, model_type="qwen2"),
-    "qwen2.5-7b": _llama_like(28, 3584, 18944, 28, 4, 152064, False, model_type="qwen2"),
-    "qwen2.5-coder-7b": _llama_like(28, 3584, 18944, 28, 4, 152064, False, model_type="qwen2"),
+    "qwen2.5-7b": _QWEN2_5_7B, "qwen2.5-coder-7b": _QWEN2_5_7B,
     "qwen2.5-coder-32b": _llama_like(64, 5120, 27648, 40, 8, 152064, False, model_type="qwen2"),
     "llama-2-7b": _llama_like(32, 4096, 11008, 32, 32, 32000, False, model_type="llama", torch_dtype="float16"),
     "llama-2-13b": _llama_like(40, 5120, 13824, 40, 40, 32000, False, model_type="llama", torch_dtype="float16"),
@@ -278,11 +278,12 @@ def _disk_needs(config: RunConfig, check: ConfigCheck) -> list[DiskNeed]:
                                   "models there first"))
     iv = config.intervention
     if iv is not None and check.params is not None:
-        checkpoint = _checkpoint_params(iv.kind, iv.resolved(""), check)
-        if checkpoint:
-            # The newest checkpoint stays until the next one is written whole (``interventions.checkpoints.KEEP``).
-            needs.append(DiskNeed("the intervention's last checkpoint and the one being written", 2 * checkpoint * 3 * 2,
-                                  run_dir, elsewhere, transient=True))
+        from mneme_plugin.interventions.checkpoints import AT_ONCE, checkpoint_bytes
+
+        trained = _checkpoint_params(iv.kind, iv.resolved(""), check)
+        if trained:
+            needs.append(DiskNeed("the intervention's last checkpoint and the one being written",
+                                  AT_ONCE * checkpoint_bytes(trained * 2), run_dir, elsewhere, transient=True))
         needs.append(DiskNeed("edited model (bf16)", check.params * 2, run_dir, elsewhere))
     h = config.harvest
     if check.d_model is not None and not config.training.stream and h.max_tokens:
@@ -366,10 +367,12 @@ def _checkpoint_params(kind: str, settings: Any, check: ConfigCheck) -> int:
 def _checkpoint_note(kind: str, settings: Any, check: ConfigCheck) -> str:
     """The size of the intervention's checkpoint while it trains: the trained parameters and their two
     AdamW moments (bf16), or nothing where the trained part is small (LoRA) or unknown."""
+    from mneme_plugin.interventions.checkpoints import checkpoint_bytes
+
     trained = _checkpoint_params(kind, settings, check)
     if not trained:
         return ""
-    return (f"; while it trains, a checkpoint of ~{max(trained * 3 * 2 / 2**30, 0.1):.1f} GiB in edited_model/ "
+    return (f"; while it trains, a checkpoint of ~{max(checkpoint_bytes(trained * 2) / 2**30, 0.1):.1f} GiB in edited_model/ "
             "(removed when the model is written)")
 
 
