@@ -372,17 +372,49 @@ def info(path: str) -> None:
               "lm-eval results, judge answers). Their outputs stay; a stage redone later computes them again.")
 @click.option("--stage", "stages", multiple=True, type=click.Choice(CACHE_STAGES),
               help="Only this stage's cache (repeatable; default: every stage's).")
+@click.option("--checkpoints", is_flag=True, help="Delete a finished training's checkpoints (RUN_DIR/crosscoder_run/"
+              "checkpoints/: only for resuming; runs of earlier versions, or with training.keep_finished_checkpoints, "
+              "keep them). Refused while the training has not finished.")
 @click.option("--dry-run", is_flag=True, help="List what would be deleted, with sizes; delete nothing.")
 @clear_errors
-def clean(run_dir: str, cache: bool, stages: tuple[str, ...], dry_run: bool) -> None:
-    """Free disk space in a run directory (`mneme run`'s): --cache deletes its cache, never a stage's output."""
+def clean(run_dir: str, cache: bool, stages: tuple[str, ...], checkpoints: bool, dry_run: bool) -> None:
+    """Free disk space in a run directory (`mneme run`'s): --cache deletes its cache, --checkpoints a finished
+    training's checkpoints; never a stage's output."""
+    if not cache and not checkpoints:
+        raise click.UsageError("Say what to clean: --cache (what the stages keep in RUN_DIR/cache/) and / or "
+                               "--checkpoints (a finished training's checkpoints).")
+    if checkpoints:
+        _clean_checkpoints(Path(run_dir), dry_run)
+    if cache:
+        _clean_cache(Path(run_dir), stages, dry_run)
+
+
+def _clean_checkpoints(root: Path, dry_run: bool) -> None:
+    from mneme_plugin.checkpoints import CHECKPOINT_DIR
+    from mneme_plugin.crosscoder.training import remove_finished_checkpoints
+    from mneme_plugin.files import output_lock, size_text
+    from mneme_plugin.layout import RunLayout
+
+    layout = RunLayout(root)
+    layout.check_is_run()
+    folder = layout.crosscoder_run / CHECKPOINT_DIR
+    if not folder.is_dir():
+        click.echo(f"No training checkpoints in {layout.crosscoder_run}.")
+        return
+    if dry_run:
+        size = remove_finished_checkpoints(layout.crosscoder_run, dry_run=True)
+        click.echo(f"Would delete (dry run): {folder.relative_to(root)}  {size_text(size)}")
+        return
+    with output_lock(root, "run directory"):  # not while a `mneme run` reads or writes it
+        freed = remove_finished_checkpoints(layout.crosscoder_run)
+    click.echo(f"Deleted {folder.relative_to(root)}: freed {size_text(freed)}; the crosscoder is untouched.")
+
+
+def _clean_cache(root: Path, stages: tuple[str, ...], dry_run: bool) -> None:
     from mneme_plugin.files import size_text
     from mneme_plugin.layout import prune_cache
 
-    if not cache:
-        raise click.UsageError("Say what to clean: --cache (what the stages keep in RUN_DIR/cache/).")
-    entries = prune_cache(run_dir, stages or None, dry_run=dry_run)
-    root = Path(run_dir)
+    entries = prune_cache(root, stages or None, dry_run=dry_run)
     if not entries:
         click.echo(f"Nothing cached in {root / CACHE_DIR}" + (f" for {', '.join(stages)}." if stages else "."))
         return
@@ -850,8 +882,10 @@ def _relaunch_if_asked(nproc: int) -> None:
 @click.option("--only", multiple=True, help="Run only these stages (repeatable).")
 @click.option("--nproc", type=int, default=1, show_default=True,
               help="Ranks on this node for harvest and training: relaunches this command under torchrun.")
+@click.option("--no-disk-check", is_flag=True,
+              help="Start even when the stages' estimated writes exceed the free disk (each stage still checks its own).")
 @clear_errors
-def run(config, dry_run, only, nproc) -> None:
+def run(config, dry_run, only, nproc, no_disk_check) -> None:
     """Run the whole pipeline from one YAML file: [intervention, ground_truth,] harvest, train, attribute,
     collect, explain, map, predict, evaluate, report. Finished stages with the same config are skipped; interrupted ones resume."""
     from mneme_plugin.pipeline import RunConfig, check_config, format_plan, run_pipeline
@@ -865,7 +899,7 @@ def run(config, dry_run, only, nproc) -> None:
             raise SystemExit(1)
         return
     _relaunch_if_asked(nproc)
-    layout = run_pipeline(cfg, only=list(only) or None)
+    layout = run_pipeline(cfg, only=list(only) or None, check_disk=not no_disk_check)
     from mneme_plugin.distributed import distributed_context
 
     if not distributed_context().is_main:  # under torchrun rank 0 ran the last stages and reports

@@ -88,7 +88,21 @@ def _pipeline_summary(path: Path) -> list[str]:
     if sizes:
         lines.append(f"  cache: {layout.root / CACHE_DIR} ({', '.join(f'{name} {size_text(size)}' for name, size in sizes.items())}; "
                      f"kept when stages are redone; deleting it costs only time: `mneme clean {path} --cache`)")
+    lines += _finished_checkpoints(layout)
     return lines
+
+
+def _finished_checkpoints(layout) -> list[str]:  # noqa: ANN001
+    """The checkpoints a finished training left (earlier versions, or ``keep_finished_checkpoints``)."""
+    from mneme_plugin.checkpoints import CHECKPOINT_DIR
+    from mneme_plugin.crosscoder.training import FINAL_DIR, METRICS_FILE
+    from mneme_plugin.files import tree_size
+
+    run = layout.crosscoder_run
+    if not ((run / CHECKPOINT_DIR).is_dir() and (run / FINAL_DIR).is_dir() and (run / METRICS_FILE).is_file()):
+        return []
+    return [f"  training checkpoints: {run / CHECKPOINT_DIR} ({size_text(tree_size(run / CHECKPOINT_DIR))}) of a finished "
+            f"training; only resuming reads them: `mneme clean {layout.root} --checkpoints`"]
 
 
 def _evaluation_lines(folder: Path) -> list[str]:

@@ -12,7 +12,7 @@ stage's folder are named and read only by the module that owns the stage (see AR
 | ``.stages/<stage>.failed`` | ``mneme_plugin.pipeline.run`` (under torchrun: a failed stage other ranks waited for) |
 | ``cache/<stage>/`` | the stage's module: what it keeps by content (explain / map: LLM answers; ground_truth: lm-eval results, judge answers and verdicts) |
 | ``activations/`` | ``mneme_plugin.activations`` (store: manifest + shards) |
-| ``crosscoder_run/`` | ``mneme_plugin.crosscoder.training`` (checkpoints, final crosscoder, metrics) |
+| ``crosscoder_run/`` | ``mneme_plugin.crosscoder.training`` (checkpoints while it trains, final crosscoder, metrics) |
 | ``attribution/`` | ``mneme_plugin.attribution`` |
 | ``contexts/`` | ``mneme_plugin.interpret.contexts`` (Delphi cache) |
 | ``explanations/`` | ``mneme_plugin.interpret.explain`` |

@@ -22,7 +22,8 @@ def finished_run(llama_dir, tmp_path_factory):
         "corpus": {"source": str(corpus)},
         "harvest": {"layer": 1, "context_length": 32, "dtype": "float32"},
         "crosscoder": {"expansion_factor": 4, "k": 8},
-        "training": {"steps": 40, "batch_size": 128, "checkpoint_every": 20, "eval_rows": 256},
+        "training": {"steps": 40, "batch_size": 128, "checkpoint_every": 20, "eval_rows": 256,
+                     "keep_finished_checkpoints": True},  # `mneme info` on them
         "collect": {"per_class": 4, "n_top": 8, "n_random": 4, "n_non_activating": 4, "example_ctx_len": 16},
         "explain": {"explainer": "offline", "min_examples": 1},
         "map": {"taxonomies": ["organism"]},

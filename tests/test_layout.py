@@ -1,9 +1,11 @@
-"""The run directory's layout: `mneme clean RUN --cache` deletes the run's cache and nothing else."""
+"""The run directory's layout: `mneme clean RUN --cache` deletes the run's cache and nothing else;
+`--checkpoints` a finished training's checkpoints."""
 
 import json
 import re
 
 import pytest
+import torch
 import yaml
 from click.testing import CliRunner
 
@@ -112,3 +114,48 @@ def test_clean_refuses_what_is_not_a_run_or_a_stage_cache_and_a_run_in_use(harve
     with pytest.raises(OutputLockedError):
         prune_cache(locked)
     assert RunLayout(locked).cache("explain").is_dir()
+
+
+def test_clean_checkpoints_deletes_a_finished_trainings_checkpoints_and_refuses_an_unfinished_ones(harvested_run, tmp_path):
+    """Runs of earlier versions (or with training.keep_finished_checkpoints) keep their training checkpoints
+    after the crosscoder is written: 48 GiB at a recipe's size that only resuming reads."""
+    import shutil
+
+    from mneme_plugin import ActivationStore, CrossCoderConfig, TrainingConfig, train
+    from mneme_plugin.crosscoder import BatchTopKCrossCoder
+
+    run = tmp_path / "run"
+    shutil.copytree(harvested_run, run)
+    layout = RunLayout(run)
+    training = TrainingConfig(steps=30, batch_size=64, checkpoint_every=10, keep_checkpoints=2, eval_rows=64,
+                              keep_finished_checkpoints=True)
+    train(ActivationStore(layout.activations), layout.crosscoder_run, CrossCoderConfig(expansion_factor=2, k=4),
+          training, progress=False)
+    checkpoints = layout.crosscoder_run / "checkpoints"
+    held = sum(p.stat().st_size for p in checkpoints.rglob("*") if p.is_file())
+    crosscoder = BatchTopKCrossCoder.from_pretrained(layout.crosscoder_run / "crosscoder").state_dict()
+    assert len(list(checkpoints.iterdir())) == 2 and held > 0
+
+    info = CliRunner().invoke(main, ["info", str(run)]).output
+    assert f"  training checkpoints: {checkpoints} ({held / 1024:.1f} KiB) of a finished training" in info, info
+    assert f"`mneme clean {run} --checkpoints`" in info
+
+    dry = CliRunner().invoke(main, ["clean", str(run), "--checkpoints", "--dry-run"])
+    assert dry.exit_code == 0 and dry.output == f"Would delete (dry run): crosscoder_run/checkpoints  {held / 1024:.1f} KiB\n"
+    assert checkpoints.is_dir()
+
+    # Not finished (killed before its metrics were written): the checkpoints are what resumes it.
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(run, unfinished)
+    (unfinished / "crosscoder_run" / "metrics.json").unlink()
+    refused = CliRunner().invoke(main, ["clean", str(unfinished), "--checkpoints"])
+    assert refused.exit_code != 0 and "has not finished" in refused.output and "resumes it" in refused.output
+    assert (unfinished / "crosscoder_run" / "checkpoints").is_dir()
+
+    done = CliRunner().invoke(main, ["clean", str(run), "--checkpoints"])
+    assert done.exit_code == 0 and f"freed {held / 1024:.1f} KiB" in done.output, done.output
+    assert not checkpoints.exists() and "training checkpoints" not in CliRunner().invoke(main, ["info", str(run)]).output
+    after = BatchTopKCrossCoder.from_pretrained(layout.crosscoder_run / "crosscoder").state_dict()
+    assert all(torch.equal(after[name], tensor) for name, tensor in crosscoder.items())
+    again = CliRunner().invoke(main, ["clean", str(run), "--checkpoints"])
+    assert again.exit_code == 0 and again.output == f"No training checkpoints in {layout.crosscoder_run}.\n"

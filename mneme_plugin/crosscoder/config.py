@@ -150,7 +150,7 @@ class TrainingConfig(ConfigMixin):
       never be reached by a run of under 10M tokens, so no latent would ever be revived).
     """
 
-    runtime_fields = ("device", "checkpoint_every", "keep_checkpoints")
+    runtime_fields = ("device", "checkpoint_every", "keep_checkpoints", "keep_finished_checkpoints")
     later_fields = ("decoder_init_norm",)
 
     steps: int = 10_000
@@ -179,6 +179,10 @@ class TrainingConfig(ConfigMixin):
     device: str = "auto"
     checkpoint_every: int = 1000
     keep_checkpoints: int = 2
+    # The checkpoints serve resuming only (weights plus Adam's moments: 3x the crosscoder's bytes each), so
+    # they are removed once the crosscoder and its metrics are written; true keeps them (the crosscoder
+    # mid-run, loadable by `load_crosscoder`).
+    keep_finished_checkpoints: bool = False
     # Rows held out of training to report quality on (metrics.json): with an activation store, the last
     # rows of every shard (whole contexts, never seen by the optimiser); with a stream, the batches
     # that follow the training ones.

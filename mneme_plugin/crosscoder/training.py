@@ -47,7 +47,9 @@ from mneme_plugin.distributed import (
 from mneme_plugin import checkpoints
 from mneme_plugin.checkpoints import CHECKPOINT_DIR, STATE_FILE
 from mneme_plugin.errors import CheckpointError, ConfigError, ForeignOutputError, NonFiniteActivationError
-from mneme_plugin.files import atomic_directory, atomic_write_text, json_digest, read_json, require_free_space, tree_size
+from mneme_plugin.files import (
+    atomic_directory, atomic_write_text, json_digest, read_json, require_free_space, size_text, tree_size,
+)
 
 logger = logging.getLogger("mneme_plugin")
 
@@ -208,6 +210,33 @@ def _require_room(run_dir: Path, crosscoder: CrossCoderConfig, training: Trainin
                        "(training.keep_checkpoints in the YAML) or none (training.checkpoint_every: 0)")
 
 
+def _remove_finished_checkpoints(run_dir: Path, training: TrainingConfig) -> None:
+    """Once the crosscoder and its metrics are written, its resume checkpoints serve nothing (a finished run
+    loads the crosscoder; another config starts over): remove them unless ``keep_finished_checkpoints``."""
+    if not training.keep_finished_checkpoints and (run_dir / CHECKPOINT_DIR).is_dir():
+        size = remove_finished_checkpoints(run_dir)
+        logger.info("Removed the training checkpoints (%s; training.keep_finished_checkpoints keeps them).",
+                    size_text(size))
+
+
+def remove_finished_checkpoints(run_dir: str | os.PathLike[str], dry_run: bool = False) -> int:
+    """Delete the checkpoints of a finished training run (its crosscoder and metrics written) and return the
+    bytes they held (0 when there are none; with ``dry_run`` delete nothing): what runs of earlier versions,
+    or with ``keep_finished_checkpoints``, leave behind (`mneme clean --checkpoints`). An unfinished run's
+    checkpoints are what resumes it: refused (CheckpointError)."""
+    run_dir = Path(run_dir)
+    folder = run_dir / CHECKPOINT_DIR
+    if not folder.is_dir():
+        return 0
+    if not ((run_dir / FINAL_DIR).is_dir() and (run_dir / METRICS_FILE).is_file()):
+        raise CheckpointError(f"The training run in {run_dir} has not finished (no {FINAL_DIR}/ and {METRICS_FILE}): "
+                              "its checkpoints are what resumes it; train again to finish it, or delete the run.")
+    size = tree_size(folder)
+    if not dry_run:
+        shutil.rmtree(folder)
+    return size
+
+
 def load_checkpoint(trainer: BatchTopKCrossCoderTrainer, checkpoint: Path) -> None:
     state = checkpoints.load_state(checkpoint / STATE_FILE, "delete this checkpoint to resume from an older one",
                                    map_location=trainer.device)
@@ -314,6 +343,7 @@ def _train(data: TrainingData, run_dir: Path, cc_cfg: CrossCoderConfig, tr_cfg: 
     if resume and final_dir.is_dir() and metrics_path.is_file():
         _check_run_config(run_dir, run_config)
         logger.info("Training already finished in %s; loading it.", final_dir)
+        ctx.on_main(lambda: _remove_finished_checkpoints(run_dir, tr_cfg))  # a kill may have come before they went
         metrics = CrossCoderMetrics(**read_json(metrics_path, "delete it and train again (--no-resume)"))
         return TrainResult(BatchTopKCrossCoder.from_pretrained(final_dir), metrics, run_dir)
 
@@ -404,6 +434,7 @@ def _train(data: TrainingData, run_dir: Path, cc_cfg: CrossCoderConfig, tr_cfg: 
         atomic_directory(final_dir, crosscoder_model.save_pretrained, overwrite=True)
         atomic_write_text(metrics_path, json.dumps(metrics.to_dict(), indent=2))
         logger.info("Crosscoder written to %s, metrics to %s.", final_dir, metrics_path)
+        _remove_finished_checkpoints(run_dir, tr_cfg)
 
     ctx.on_main(write_final)
     return TrainResult(crosscoder_model, metrics, run_dir)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -214,12 +215,20 @@ def _describe_client_models(config: RunConfig, check: ConfigCheck) -> None:
             check.notes.append(f"{key}: {spec}: hub name, not in the local cache; its size is unknown until download.")
 
 
-def check_config(config: RunConfig) -> ConfigCheck:
-    """Models and corpus named and findable, layer in range where the architecture is known,
-    disk and memory estimates."""
+def _model_facts(config: RunConfig) -> ConfigCheck:
+    """What the config's model names tell offline: widths, depth, parameters, the hub downloads (the run's
+    models and in-process vLLM clients' models)."""
     check = ConfigCheck()
     for which in ("base", "edited"):
         _describe_model(which, getattr(config.models, which), check, config)
+    _describe_client_models(config, check)
+    return check
+
+
+def check_config(config: RunConfig) -> ConfigCheck:
+    """Models and corpus named and findable, layer in range where the architecture is known,
+    disk and memory estimates."""
+    check = _model_facts(config)
     if config.intervention is None and same_model(config.models.base, config.models.edited):
         check.warnings.append(f"models.base and models.edited are the same model ({config.models.base}): a "
                               "crosscoder finds no difference between a model and itself.")
@@ -237,7 +246,6 @@ def check_config(config: RunConfig) -> ConfigCheck:
         check.notes.append("disk: training.stream is set: activations are harvested on the fly, no store is written.")
     elif not h.max_tokens:
         check.notes.append("disk: harvest.max_tokens is not set: the whole corpus is harvested.")
-    _describe_client_models(config, check)
     _check_disk(_disk_needs(config, check), check)
     if check.d_model is not None:
         d = check.d_model
@@ -261,6 +269,8 @@ class DiskNeed:
     size: int
     folder: Path
     remedy: str
+    # The stage that writes it (a download: the first stage that loads the model).
+    stage: str
     transient: bool = False
 
 
@@ -271,11 +281,15 @@ def _disk_needs(config: RunConfig, check: ConfigCheck) -> list[DiskNeed]:
 
     run_dir, needs = Path(config.run_dir), []
     elsewhere = "set run_dir to a folder on a larger disk"
+    clients = {config.explain.client.model: "explain", config.map.client.model: "map"}
     for spec, size in check.downloads:
         if size is not None:
+            loader = "intervention" if config.intervention is not None else "harvest"
+            if spec not in (config.models.base, config.models.edited):
+                loader = clients.get(spec, loader)
             needs.append(DiskNeed(f"download of {spec}", size, Path(constants.HF_HUB_CACHE),
                                   "set HF_HOME (or HF_HUB_CACHE) to a folder on a larger disk, or download the "
-                                  "models there first"))
+                                  "models there first", loader))
     iv = config.intervention
     if iv is not None and check.params is not None:
         from mneme_plugin.interventions.checkpoints import AT_ONCE, checkpoint_bytes
@@ -283,50 +297,102 @@ def _disk_needs(config: RunConfig, check: ConfigCheck) -> list[DiskNeed]:
         trained = _checkpoint_params(iv.kind, iv.resolved(""), check)
         if trained:
             needs.append(DiskNeed("the intervention's last checkpoint and the one being written",
-                                  AT_ONCE * checkpoint_bytes(trained * 2), run_dir, elsewhere, transient=True))
-        needs.append(DiskNeed("edited model (bf16)", check.params * 2, run_dir, elsewhere))
+                                  AT_ONCE * checkpoint_bytes(trained * 2), run_dir, elsewhere, "intervention",
+                                  transient=True))
+        needs.append(DiskNeed("edited model (bf16)", check.params * 2, run_dir, elsewhere, "intervention"))
     h = config.harvest
     if check.d_model is not None and not config.training.stream and h.max_tokens:
         needs.append(DiskNeed(f"activation store of {h.max_tokens:,} tokens ({h.dtype})",
                               h.max_tokens * 2 * check.d_model * BYTES[h.dtype], run_dir,
                               "lower harvest.max_tokens or set training.stream: true (train while harvesting, no store "
-                              "on disk)"))
+                              "on disk)", "harvest"))
     if check.d_model is not None:
         from mneme_plugin.crosscoder.training import disk_need
 
         checkpoint, checkpoints_at_once, final = disk_need(config.crosscoder.resolve(check.d_model), config.training)
         if checkpoints_at_once:
+            kept = config.training.keep_finished_checkpoints  # else removed once the crosscoder is written
             needs.append(DiskNeed(f"crosscoder checkpoints (up to {checkpoints_at_once // checkpoint} of "
-                                  f"{size_text(checkpoint)} at once)", checkpoints_at_once, run_dir,
-                                  "keep fewer checkpoints (training.keep_checkpoints) or none "
-                                  "(training.checkpoint_every: 0)", transient=True))
-        needs.append(DiskNeed("crosscoder", final, run_dir, elsewhere))
+                                  f"{size_text(checkpoint)} at once{', kept after training' if kept else ''})",
+                                  checkpoints_at_once, run_dir,
+                                  "keep fewer checkpoints (training.keep_checkpoints) or none (training.checkpoint_every: "
+                                  "0)" + (", or not after training (training.keep_finished_checkpoints: false)" if kept else ""),
+                                  "train", transient=not kept))
+        needs.append(DiskNeed("crosscoder", final, run_dir, elsewhere, "train"))
     return needs
 
 
-def _check_disk(needs: list[DiskNeed], check: ConfigCheck) -> None:
-    """One line per disk: what goes there against its free space (a warning when it does not fit). The peak
-    is what stays plus the largest of what is there only while one stage runs (the intervention's or the
-    crosscoder's checkpoints: the stages run one after the other)."""
+@dataclass(frozen=True)
+class DiskPeak:
+    """What a run writes to one disk: its items, the bytes at the peak (less what is written already), the
+    free bytes."""
+
+    needs: list[DiskNeed]
+    peak: int
+    free: int
+
+    @property
+    def where(self) -> str:
+        return " and ".join(sorted({str(n.folder) for n in self.needs}))
+
+    def items(self) -> str:
+        return "; ".join(f"{n.what} ~{size_text(n.size)}{', while it trains' if n.transient else ''}" for n in self.needs)
+
+    def remedies(self) -> str:
+        return "; or ".join(dict.fromkeys(n.remedy for n in self.needs))
+
+
+def _disk_peaks(needs: list[DiskNeed], written: dict[str, tuple[Path, int]] | None = None) -> list[DiskPeak]:
+    """The needs summed per disk. The peak is what stays plus the largest of what is there only while one stage
+    runs (the intervention's or the crosscoder's checkpoints: the stages run one after the other), less
+    ``written``: per stage, the bytes its output folder holds already (a resumed stage's shards or checkpoints;
+    a redone stage's old outputs, removed before it runs), counted on that folder's disk."""
     disks: dict[int, list[DiskNeed]] = {}
     for need in needs:
         disks.setdefault(nearest_existing(need.folder).stat().st_dev, []).append(need)
-    for on_disk in disks.values():
+    held: dict[int, int] = {}
+    for stage in {n.stage for n in needs}:
+        folder, size = (written or {}).get(stage, (Path(), 0))
+        if size:
+            device = nearest_existing(folder).stat().st_dev
+            held[device] = held.get(device, 0) + size
+    peaks = []
+    for device, on_disk in disks.items():
         total = (sum(n.size for n in on_disk if not n.transient)
                  + max((n.size for n in on_disk if n.transient), default=0))
-        free = shutil.disk_usage(nearest_existing(on_disk[0].folder)).free
-        where = " and ".join(sorted({str(n.folder) for n in on_disk}))
-        items = "; ".join(f"{n.what} ~{size_text(n.size)}{', while it trains' if n.transient else ''}" for n in on_disk)
-        if total > free:  # a warning: the run may be meant for another machine, and the sizes are estimates
-            remedies = "; or ".join(dict.fromkeys(n.remedy for n in on_disk))
-            check.warnings.append(f"disk: {where} needs ~{size_text(total)} at its peak but its disk has "
-                                  f"{size_text(free)} free on this machine ({items}): {remedies}.")
+        peaks.append(DiskPeak(on_disk, max(total - held.get(device, 0), 0),
+                              shutil.disk_usage(nearest_existing(on_disk[0].folder)).free))
+    return peaks
+
+
+def _check_disk(needs: list[DiskNeed], check: ConfigCheck) -> None:
+    """One line per disk: what goes there against its free space (a warning when it does not fit)."""
+    for disk in _disk_peaks(needs):
+        if disk.peak > disk.free:  # a warning: the run may be meant for another machine, and the sizes are estimates
+            check.warnings.append(f"disk: {disk.where} needs ~{size_text(disk.peak)} at its peak but its disk has "
+                                  f"{size_text(disk.free)} free on this machine ({disk.items()}): {disk.remedies()}.")
             continue
-        check.notes.append(f"disk: {where}: ~{size_text(total)} at its peak, of {size_text(free)} free ({items}).")
-        store = next((n for n in on_disk if n.what.startswith("activation store")), None)
-        if store is not None and store.size > 0.5 * free:
+        check.notes.append(f"disk: {disk.where}: ~{size_text(disk.peak)} at its peak, of {size_text(disk.free)} free "
+                           f"({disk.items()}).")
+        store = next((n for n in disk.needs if n.what.startswith("activation store")), None)
+        if store is not None and store.size > 0.5 * disk.free:
             check.notes.append("disk: the store would take over half of the free disk: consider "
                                "training.stream: true (train while harvesting, no store on disk).")
+
+
+def disk_shortfalls(config: RunConfig, written: dict[str, tuple[Path, int]], *, loaded: Collection[str] = ()) -> list[str]:
+    """`mneme run`'s check before its first stage: per disk, what the stages in ``written`` (those about to run:
+    stage -> (output folder, bytes it holds now)) will write, less what they hold, against the free space; one
+    message per disk that falls short. Each stage checks its own writes again when it starts; this sums them,
+    so a harvest of hours does not fill the disk the crosscoder's checkpoints need. ``loaded``: the models
+    passed as objects (``models=``), not downloaded."""
+    check = _model_facts(config)
+    check.downloads = [(spec, size) for spec, size in check.downloads
+                       if not any(spec == getattr(config.models, which) for which in loaded)]
+    needs = [need for need in _disk_needs(config, check) if need.stage in written]
+    return [f"The run's stages ({', '.join(dict.fromkeys(n.stage for n in disk.needs))}) need ~{size_text(disk.peak)} "
+            f"more on the disk of {disk.where} at their peak, but it has {size_text(disk.free)} free ({disk.items()}): "
+            f"{disk.remedies()}." for disk in _disk_peaks(needs, written) if disk.peak > disk.free]
 
 
 def gated_inputs(config: RunConfig) -> list[str]:

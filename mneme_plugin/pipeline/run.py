@@ -197,9 +197,14 @@ def run_pipeline(
     models: dict[str, Any] | None = None,
     only: list[str] | None = None,
     progress: bool = True,
+    check_disk: bool = True,
 ) -> RunLayout:
     """Run (or resume) every enabled stage of ``config``; ``models`` may pass model objects
     (``{"base": ..., "edited": ...}``) instead of the names in ``config.models``.
+
+    Before the first stage, what the stages that will run write (downloads, the edited model, the store, the
+    crosscoder's checkpoints and files) is summed per disk and a run that does not fit is refused
+    (DiskSpaceError); ``check_disk=False`` starts anyway (each stage still checks its own writes).
 
     Under torchrun, the stages marked ``all_ranks`` (harvest, train) split their work over the
     ranks; rank 0 runs every other stage alone (the others wait for the stages before the last
@@ -217,7 +222,7 @@ def run_pipeline(
     # One `mneme run` per run directory at a time: a second one fails at once (OutputLockedError);
     # under torchrun rank 0 holds the lock for the job.
     with main_rank_lock(dist, layout.root, "run directory (out_dir)"):
-        _run_stages(config, stages, layout, dist, models=models, only=only, progress=progress)
+        _run_stages(config, stages, layout, dist, models=models, only=only, progress=progress, check_disk=check_disk)
     return layout
 
 
@@ -237,8 +242,26 @@ def check_batch_shared(config: RunConfig, stages: list[Stage], only: list[str] |
         check_divisible(config.training.batch_size, world_size)
 
 
+def require_disk(config: RunConfig, planned: list[tuple[Stage, str, str]], only: list[str] | None,
+                 models: dict[str, Any] | None = None) -> None:
+    """Refuse (DiskSpaceError) a run whose stages still to run (``planned``, within ``only``) do not fit their
+    disks together (``dry_run.disk_shortfalls``); a stage's output folder counts for what it holds already."""
+    from mneme_plugin.errors import DiskSpaceError
+    from mneme_plugin.files import tree_size
+    from mneme_plugin.pipeline.dry_run import disk_shortfalls
+
+    running = [stage for stage, _, status in planned
+               if status != "disabled" and not status.startswith("skip") and (only is None or stage.name in only)]
+    written = {stage.name: (stage.outputs(config.layout), tree_size(stage.outputs(config.layout))) for stage in running}
+    shortfalls = disk_shortfalls(config, written, loaded=list(models or ()))
+    if shortfalls:
+        raise DiskSpaceError(" ".join(shortfalls) + " To start anyway (the sizes are estimates; each stage checks "
+                             "its own writes again when it starts): `mneme run --no-disk-check` "
+                             "(run_pipeline(..., check_disk=False)).")
+
+
 def _run_stages(config: RunConfig, stages: list[Stage], layout: RunLayout, dist: DistributedContext, *,
-                models: dict[str, Any] | None, only: list[str] | None, progress: bool) -> None:
+                models: dict[str, Any] | None, only: list[str] | None, progress: bool, check_disk: bool = True) -> None:
     from mneme_plugin.distributed import local_only
 
     # rank 0: the plan every rank follows, the run's token, and the input digests the markers will record
@@ -246,6 +269,8 @@ def _run_stages(config: RunConfig, stages: list[Stage], layout: RunLayout, dist:
         inputs = _input_digests_now(config, stages)  # what the plan checked is what the markers record
         planned = plan(config, stages, inputs)
         check_batch_shared(config, stages, only, dist.world_size, planned)
+        if check_disk:  # before a redone stage's outputs go: a refused run leaves the run directory as it was
+            require_disk(config, planned, only, models)
         # Before the new config is written: a run that stops early leaves no output of the old config
         # next to it, marked done, for later commands to read.
         discard_redone(planned, layout, only)

@@ -28,6 +28,7 @@ CONFIG = {
     "crosscoder": {"expansion_factor": 16, "k": 4, "salience": "paper"},
     "training": {"steps": 60, "batch_size": 64, "lr": 3e-3, "warmup_steps": 5, "threshold_start_step": 10,
                  "dead_after_tokens": 640, "checkpoint_every": 20, "device": "cpu", "threshold_beta": 0.9,
+                 "keep_finished_checkpoints": True,  # the reference's step-40 checkpoint is compared
                  # No held-out rows: they shorten global batches unevenly, and 2 ranks then drop the
                  # remainder rows (see _Data.batches), so they could not match one process exactly.
                  "eval_rows": 0},

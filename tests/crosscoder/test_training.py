@@ -1,6 +1,7 @@
 """The training loop: quality on real tiny-model activations, checkpoints, exact resume."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -65,6 +66,25 @@ def test_interrupted_run_resumes_to_the_same_weights(tiny_store, tmp_path):
     for name, tensor in reference.state_dict().items():
         assert torch.equal(tensor, resumed.state_dict()[name]), name
     assert resumed.threshold > 0
+
+
+def test_a_finished_run_removes_its_checkpoints_even_after_a_kill_before_they_went(tiny_store, tmp_path):
+    """The checkpoints serve resuming only (3x the crosscoder's bytes each, 24 GiB at a recipe's size): they
+    go once the crosscoder is written; a run killed between the two removes them when it is resumed."""
+    cc, training = CrossCoderConfig(expansion_factor=4, k=8), _small_training(steps=41)
+    kept = train(tiny_store, tmp_path / "kept", cc, training.replace(keep_finished_checkpoints=True), progress=False)
+    assert [p.name for p in sorted((tmp_path / "kept" / "checkpoints").iterdir())] == ["step_00000020", "step_00000040"]
+    done = train(tiny_store, tmp_path / "run", cc, training, progress=False)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["crosscoder", "metrics.json", "train_config.json"]
+    for name, tensor in kept.crosscoder.state_dict().items():  # the setting changes nothing else
+        assert torch.equal(tensor, done.crosscoder.state_dict()[name]), name
+
+    # Killed after the crosscoder and metrics were written, before the checkpoints went: put them back.
+    shutil.copytree(tmp_path / "kept" / "checkpoints", tmp_path / "run" / "checkpoints")
+    again = train(tiny_store, tmp_path / "run", cc, training, progress=False)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    assert torch.equal(again.crosscoder.W_dec, done.crosscoder.W_dec)
 
 
 def test_finished_run_is_loaded_and_a_changed_config_refused(tiny_store, tmp_path):
@@ -227,13 +247,12 @@ def test_the_disk_need_is_what_a_run_writes_and_a_run_that_cannot_fit_is_refused
     """A recipe's crosscoder (d 4096, 131,072 latents) writes checkpoints of ~24 GiB, three at a time while one
     is written: a disk too small failed at a checkpoint hours in. The estimate is checked against the files a
     run writes, and a run whose need exceeds the free disk is refused before its first step."""
-    import shutil
-
     from mneme_plugin.crosscoder.training import disk_need
     from mneme_plugin.errors import DiskSpaceError
 
     cc = CrossCoderConfig(expansion_factor=4, k=8)
-    training = _small_training(steps=61, keep_checkpoints=1)  # checkpoints at steps 20, 40 and 60; one kept
+    # checkpoints at steps 20, 40 and 60; one kept, and kept after the run here, to be measured
+    training = _small_training(steps=61, keep_checkpoints=1, keep_finished_checkpoints=True)
     train(tiny_store, tmp_path / "run", cc, training, progress=False)
     resolved = cc.resolve(tiny_store.d_model)
     assert resolved.parameter_count == sum(p.numel() for p in BatchTopKCrossCoder(resolved).parameters())

@@ -212,6 +212,14 @@ def test_checkpoints_of_stages_that_run_one_after_the_other_are_not_added_up(tmp
     assert total is not None and abs(float(total.group(1)) - peak) < 0.2, (peak, line)  # the parts are rounded
     assert peak + sizes["crosscoder checkpoints"] - float(total.group(1)) > 70  # the sum would hold both
 
+    # Kept after training, the crosscoder's checkpoints stay beside everything else.
+    recipe["training"]["keep_finished_checkpoints"] = True
+    config.write_text(yaml.safe_dump(recipe))
+    line = _disk_lines(_dry_run(config))[1]
+    assert "crosscoder checkpoints (up to 3 of 24.0 GiB at once, kept after training) ~72.0 GiB;" in line, line
+    kept = re.search(r"(?:: ~| needs ~)([\d.]+) GiB at its peak", line)
+    assert kept is not None and abs(float(kept.group(1)) - (peak + 72.0)) < 0.2, (peak, line)
+
 
 def test_an_in_process_vllm_explainer_is_a_download_too(tmp_path, hub_cache, monkeypatch):
     """`explain.client.kind: vllm` loads its model from the hub in this process: Llama-3.1-70B is ~131 GiB

@@ -1089,3 +1089,47 @@ def test_a_done_train_stage_is_not_refused_for_a_batch_the_ranks_cannot_share(pa
     cfg["training"]["lr"] = 1e-3
     with pytest.raises(ConfigError, match=r"training.batch_size=128 is the global batch.*\(3\)"):
         check_batch_shared(RunConfig.from_dict(cfg), STAGES, None, 3)
+
+
+def test_a_run_whose_stages_fit_one_by_one_but_not_together_is_refused_before_its_first_stage(pair_and_corpus, tmp_path):
+    """Each stage checked only its own writes when it started: a store that fit, harvested for hours, then a
+    crosscoder that did not fit beside it. `mneme run` sums what the stages still to run will write per
+    disk and refuses before the first one; `--no-disk-check` leaves it to the stages' own checks."""
+    from mneme_plugin.crosscoder import CrossCoderConfig, TrainingConfig
+    from mneme_plugin.crosscoder.training import disk_need
+    from mneme_plugin.errors import DiskSpaceError
+    from mneme_plugin.pipeline import run_pipeline
+    from mneme_plugin.pipeline.dry_run import disk_shortfalls
+
+    base, edited, corpus, truth = pair_and_corpus
+    free = shutil.disk_usage(tmp_path).free
+    cfg = _config(tmp_path / "run", base, edited, corpus, truth)
+    cfg["training"]["checkpoint_every"] = 0  # the crosscoder's files alone
+    d_model = 32
+    per_latent = disk_need(CrossCoderConfig(dict_size=1000, k=8).resolve(d_model), TrainingConfig(checkpoint_every=0))[2] / 1000
+    cfg["crosscoder"] = {"dict_size": int(0.6 * free / per_latent), "k": 8}  # ~0.6 of the free disk
+    cfg["harvest"]["max_tokens"] = int(0.6 * free / (2 * d_model * 4))  # float32 rows of both models: ~0.6 too
+    config = RunConfig.from_dict(cfg)
+    run_dir = config.layout.root
+    for alone in ("harvest", "train"):  # either fits by itself
+        assert disk_shortfalls(config, {alone: (run_dir, 0)}) == []
+    # What a stage holds already (an interrupted harvest's shards) is not needed again.
+    assert len(disk_shortfalls(config, {"harvest": (run_dir, 0), "train": (run_dir, 0)})) == 1
+    assert disk_shortfalls(config, {"harvest": (run_dir, int(0.4 * free)), "train": (run_dir, 0)}) == []
+    with pytest.raises(DiskSpaceError) as refused:
+        run_pipeline(config, progress=False)
+    message = str(refused.value)
+    assert message.startswith("The run's stages (harvest, train) need ~") and "--no-disk-check" in message
+    assert "activation store of" in message and "crosscoder ~" in message and "lower harvest.max_tokens" in message
+    assert not run_dir.exists()  # nothing written, not even the config
+
+    # The same refusal from the CLI; with --no-disk-check the harvest's own check passes (its store fits) and
+    # the store grows; here a store of twice the free disk, which the harvest stage refuses by itself.
+    cfg["harvest"]["max_tokens"] = int(2 * free / (2 * d_model * 4))
+    cfg["crosscoder"] = {"expansion_factor": 4, "k": 8}
+    path = _write(tmp_path, "run.yaml", cfg)
+    result = CliRunner().invoke(main, ["run", path])
+    assert result.exit_code != 0 and "The run's stages (harvest, train) need" in result.output, result.output
+    result = CliRunner().invoke(main, ["run", path, "--no-disk-check"])
+    assert result.exit_code != 0 and "The activation store (" in result.output, result.output
+    assert "The run's stages" not in result.output and not (run_dir / "activations" / "manifest.json").exists()
