@@ -893,7 +893,7 @@ def run(config, dry_run, only, nproc, no_disk_check) -> None:
 
     cfg = RunConfig.from_yaml(config)
     if dry_run:
-        check = check_config(cfg)
+        check = check_config(cfg, list(only) or None)
         click.echo(format_plan(cfg, check, list(only) or None))
         if check.problems:
             raise SystemExit(1)

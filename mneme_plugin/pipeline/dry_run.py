@@ -13,11 +13,12 @@ from typing import TYPE_CHECKING, Any
 from mneme_plugin.activations.models import ModelSpec, check_model_spec, same_model
 from mneme_plugin.files import nearest_existing, size_text
 from mneme_plugin.pipeline.config import RunConfig
-from mneme_plugin.pipeline.run import check_only, plan
+from mneme_plugin.pipeline.run import check_only, pending_outputs, plan
 from mneme_plugin.pipeline.stages import STAGES, config_problems, missing_inputs, relative_paths_note
 
 if TYPE_CHECKING:
     from mneme_plugin.groundtruth.harness import LMEvalConfig
+    from mneme_plugin.pipeline.stage import Stage
 
 BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "float64": 8}
 
@@ -123,6 +124,8 @@ class ConfigCheck:
     estimates: list[str] = field(default_factory=list)
     to_fetch: list[str] = field(default_factory=list)
     gated: list[str] = field(default_factory=list)
+    # The plan the checks were made for: (stage, fingerprint, status), as ``run.plan`` gives it.
+    planned: list[tuple[Stage, str, str]] | None = None
 
 
 def _local_hf_config(spec: str) -> dict[str, Any] | None:
@@ -225,9 +228,10 @@ def _model_facts(config: RunConfig) -> ConfigCheck:
     return check
 
 
-def check_config(config: RunConfig) -> ConfigCheck:
-    """Models and corpus named and findable, layer in range where the architecture is known,
-    disk and memory estimates."""
+def check_config(config: RunConfig, only: list[str] | None = None) -> ConfigCheck:
+    """Models and corpus named and findable, layer in range where the architecture is known, disk and time
+    estimates of the stages the plan runs (within ``only``: `mneme run --only`), memory."""
+    check_only(only, STAGES)
     check = _model_facts(config)
     if config.intervention is None and same_model(config.models.base, config.models.edited):
         check.warnings.append(f"models.base and models.edited are the same model ({config.models.base}): a "
@@ -246,7 +250,13 @@ def check_config(config: RunConfig) -> ConfigCheck:
         check.notes.append("disk: training.stream is set: activations are harvested on the fly, no store is written.")
     elif not h.max_tokens:
         check.notes.append("disk: harvest.max_tokens is not set: the whole corpus is harvested.")
-    _check_disk(_disk_needs(config, check), check)
+    check.planned = plan(config, STAGES)
+    pending = pending_outputs(config, check.planned, only)
+    needs = _disk_needs(config, check)
+    _check_disk([need for need in needs if need.stage in pending], check, pending)
+    if needs and not any(need.stage in pending for need in needs):
+        check.notes.append(f"disk: the stages that write large files ({', '.join(dict.fromkeys(n.stage for n in needs))}) "
+                           "are done or not selected: nothing large left to write.")
     if check.d_model is not None:
         d = check.d_model
         cc = config.crosscoder.resolve(d)
@@ -256,7 +266,7 @@ def check_config(config: RunConfig) -> ConfigCheck:
                            f"Adam state, batch {config.training.batch_size}).")
     check.gated = gated_inputs(config)
     check.to_fetch = missing_inputs(config)
-    check.estimates = estimates(config, check)
+    check.estimates = estimates(config, check, pending)
     return check
 
 
@@ -284,7 +294,9 @@ def _disk_needs(config: RunConfig, check: ConfigCheck) -> list[DiskNeed]:
     clients = {config.explain.client.model: "explain", config.map.client.model: "map"}
     for spec, size in check.downloads:
         if size is not None:
-            loader = "intervention" if config.intervention is not None else "harvest"
+            # The first stage that loads the run's models (with training.stream, training harvests).
+            loader = ("intervention" if config.intervention is not None
+                      else "train" if config.training.stream else "harvest")
             if spec not in (config.models.base, config.models.edited):
                 loader = clients.get(spec, loader)
             needs.append(DiskNeed(f"download of {spec}", size, Path(constants.HF_HUB_CACHE),
@@ -365,9 +377,10 @@ def _disk_peaks(needs: list[DiskNeed], written: dict[str, tuple[Path, int]] | No
     return peaks
 
 
-def _check_disk(needs: list[DiskNeed], check: ConfigCheck) -> None:
-    """One line per disk: what goes there against its free space (a warning when it does not fit)."""
-    for disk in _disk_peaks(needs):
+def _check_disk(needs: list[DiskNeed], check: ConfigCheck, written: dict[str, tuple[Path, int]] | None = None) -> None:
+    """One line per disk: what goes there (less what the stages' folders hold, ``written``) against its free
+    space (a warning when it does not fit)."""
+    for disk in _disk_peaks(needs, written):
         if disk.peak > disk.free:  # a warning: the run may be meant for another machine, and the sizes are estimates
             check.warnings.append(f"disk: {disk.where} needs ~{size_text(disk.peak)} at its peak but its disk has "
                                   f"{size_text(disk.free)} free on this machine ({disk.items()}): {disk.remedies()}.")
@@ -474,15 +487,17 @@ def _lm_eval_questions(config: LMEvalConfig) -> int:
     return total
 
 
-def estimates(config: RunConfig, check: ConfigCheck) -> list[str]:
-    """Rough time and disk per step on one H100-class GPU (from the architecture; none when it is unknown)."""
+def estimates(config: RunConfig, check: ConfigCheck, pending: Collection[str] | None = None) -> list[str]:
+    """Rough time and disk per step on one H100-class GPU (from the architecture; none when it is unknown), for
+    the stages in ``pending`` (default: every stage; the others are done or not selected)."""
     params = check.params
     if params is None:
         return []
     out = []
+    runs = (lambda *names: True) if pending is None else (lambda *names: any(n in pending for n in names))
     forward = 2 * params  # FLOPs per token of one forward pass
     iv = config.intervention
-    if iv is not None:
+    if iv is not None and runs("intervention"):
         settings = iv.resolved("")
         if iv.kind == "rmu":
             tokens = settings.max_num_batches * settings.batch_size * 2 * max(settings.per_topic("forget_max_length", 1))
@@ -502,7 +517,7 @@ def estimates(config: RunConfig, check: ConfigCheck) -> list[str]:
         out.append(f"intervention ({iv.kind}): {timing}"
                    + f"; edited model {params * 2 / 2**30:.0f} GiB (bf16)"
                    + _checkpoint_note(iv.kind, settings, check))
-    for name, table in config.ground_truth.tables.items():
+    for name, table in config.ground_truth.tables.items() if runs("ground_truth") else ():
         if table.lm_eval is not None:
             questions = _lm_eval_questions(table.lm_eval)
             generative = any(t.startswith("mmlu_pro") for t in table.lm_eval.tasks)
@@ -514,7 +529,7 @@ def estimates(config: RunConfig, check: ConfigCheck) -> list[str]:
             out.append(f"ground_truth {name} (judge): {answers} answers per question (both models) of up to "
                        f"{table.judge.generator.max_new_tokens} tokens, plus judge API calls; minutes with vLLM")
     h = config.harvest
-    if h.max_tokens:
+    if h.max_tokens and (runs("train", "attribute") if config.training.stream else runs("harvest")):
         harvest_time = _duration(2 * h.max_tokens * forward / GPU_FLOPS * 3)
         out.append(f"harvest: ~{harvest_time} for {h.max_tokens:,} tokens through both models"
                    # Streaming keeps no store: attribute harvests the same tokens again.
@@ -523,8 +538,11 @@ def estimates(config: RunConfig, check: ConfigCheck) -> list[str]:
     cc = config.crosscoder.resolve(int(check.d_model or 0))
     t = config.training
     train_flops = t.steps * t.batch_size * 6 * 2 * 2 * int(check.d_model or 0) * cc.dict_size
-    out.append(f"train: ~{_duration(train_flops / GPU_FLOPS * 3)} ({t.steps:,} steps of {t.batch_size:,} rows, "
-               f"{cc.dict_size:,} latents)")
+    if runs("train"):
+        out.append(f"train: ~{_duration(train_flops / GPU_FLOPS * 3)} ({t.steps:,} steps of {t.batch_size:,} rows, "
+                   f"{cc.dict_size:,} latents)")
+    if not runs("collect", "explain", "map"):
+        return out
     llm = [name for name, uses in (("explain", config.explain.explainer != "offline"),
                                    ("map", config.map.method == "llm" or config.map.labeler == "llm")) if uses]
     calls = (f"; {' and '.join(llm)} call{'s' if len(llm) == 1 else ''} the LLM client once per collected latent"
@@ -549,7 +567,7 @@ def format_plan(config: RunConfig, check: ConfigCheck, only: list[str] | None = 
     if check.estimates:
         lines += ["", "Estimates (one H100-class GPU, rough):"] + [f"  {e}" for e in check.estimates]
     lines += ["", "Plan:"]
-    for stage, fingerprint, status in plan(config, STAGES):
+    for stage, fingerprint, status in check.planned if check.planned is not None else plan(config, STAGES):
         if only and stage.name not in only and status != "disabled":
             status = "not selected (--only)"
         lines.append(f"  {stage.name:<10} {status:<24} config {fingerprint}")

@@ -242,18 +242,25 @@ def check_batch_shared(config: RunConfig, stages: list[Stage], only: list[str] |
         check_divisible(config.training.batch_size, world_size)
 
 
+def pending_outputs(config: RunConfig, planned: list[tuple[Stage, str, str]],
+                    only: list[str] | None) -> dict[str, tuple[Path, int]]:
+    """The stages ``planned`` will run (within ``only``): stage -> (its output folder, the bytes it holds now:
+    an interrupted stage's partial work, or a redone stage's old outputs, removed before it runs)."""
+    from mneme_plugin.files import tree_size
+
+    return {stage.name: (stage.outputs(config.layout), tree_size(stage.outputs(config.layout)))
+            for stage, _, status in planned
+            if status != "disabled" and not status.startswith("skip") and (only is None or stage.name in only)}
+
+
 def require_disk(config: RunConfig, planned: list[tuple[Stage, str, str]], only: list[str] | None,
                  models: dict[str, Any] | None = None) -> None:
     """Refuse (DiskSpaceError) a run whose stages still to run (``planned``, within ``only``) do not fit their
     disks together (``dry_run.disk_shortfalls``); a stage's output folder counts for what it holds already."""
     from mneme_plugin.errors import DiskSpaceError
-    from mneme_plugin.files import tree_size
     from mneme_plugin.pipeline.dry_run import disk_shortfalls
 
-    running = [stage for stage, _, status in planned
-               if status != "disabled" and not status.startswith("skip") and (only is None or stage.name in only)]
-    written = {stage.name: (stage.outputs(config.layout), tree_size(stage.outputs(config.layout))) for stage in running}
-    shortfalls = disk_shortfalls(config, written, loaded=list(models or ()))
+    shortfalls = disk_shortfalls(config, pending_outputs(config, planned, only), loaded=list(models or ()))
     if shortfalls:
         raise DiskSpaceError(" ".join(shortfalls) + " To start anyway (the sizes are estimates; each stage checks "
                              "its own writes again when it starts): `mneme run --no-disk-check` "

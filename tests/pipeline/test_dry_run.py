@@ -236,3 +236,39 @@ def test_an_in_process_vllm_explainer_is_a_download_too(tmp_path, hub_cache, mon
     config.write_text(yaml.safe_dump(recipe))
     size = parameter_count(KNOWN_ARCHITECTURES["llama-3.1-70b"]) * 2 / 2**30
     assert f"download of meta-llama/Llama-3.1-70B-Instruct ~{size:.1f} GiB" in _disk_lines(_dry_run(config))[1]
+
+
+def test_the_dry_run_sizes_and_times_only_the_stages_the_run_will_do(llama_dir, tmp_path):
+    """The dry run added up every stage's writes and times, done or not: after a harvest of hours its store
+    was counted again (against a disk it already filled), while `mneme run` would go on to training."""
+    import yaml
+
+    from tests.helpers import pipeline_inputs
+
+    _, edited, corpus, truth = pipeline_inputs(llama_dir, tmp_path, n_documents=40)
+    config = {"run_dir": str(tmp_path / "run"), "models": {"base": str(llama_dir), "edited": str(edited)},
+              "corpus": {"source": str(corpus)},
+              "harvest": {"layer": 1, "context_length": 32, "dtype": "float32", "max_tokens": 1000},
+              "crosscoder": {"expansion_factor": 4, "k": 8}, "training": {"steps": 40, "batch_size": 128},
+              "ground_truth": {"scores_csv": str(truth)}}
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+
+    def dry(*args: str) -> str:
+        result = CliRunner().invoke(main, ["run", "--dry-run", str(path), *args])
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    fresh = dry()
+    assert "activation store of 1,000 tokens (float32) ~" in fresh and "  harvest: ~" in fresh and "  train: ~" in fresh
+    assert "crosscoder ~" in fresh
+    assert CliRunner().invoke(main, ["run", str(path), "--only", "harvest"]).exit_code == 0
+    harvested = dry()
+    assert "activation store" not in harvested and "  harvest: ~" not in harvested, harvested
+    assert "crosscoder ~" in harvested and "  train: ~" in harvested
+    assert re.search(r"  harvest +skip \(done\)", harvested), harvested  # the plan printed is the one sized
+    only_attribute = dry("--only", "attribute")  # training not selected: nothing large left to write
+    assert "crosscoder ~" not in only_attribute and "  train: ~" not in only_attribute
+    assert "disk: the stages that write large files (harvest, train) are done or not selected" in only_attribute
+    bad = CliRunner().invoke(main, ["run", "--dry-run", str(path), "--only", "trian"])
+    assert bad.exit_code != 0 and "Unknown stage(s) ['trian']" in bad.output
