@@ -132,15 +132,17 @@ def run_key(config: LMEvalConfig, model: str) -> dict[str, Any]:
     key["model_files"] = weights_digest(model, config.model_args.get("revision"))
     # lm-eval imports a task's `!function` code from its folder, which writes __pycache__ there.
     key["include_path_files"] = {f: stat_digest(f, skip_dirs=("__pycache__",)) for f in config.include_path}
-    key["lm_eval_version"] = _lm_eval_version()
+    key["lm_eval_version"] = library_version("lm_eval")
     return json.loads(json.dumps(key))
 
 
-def _lm_eval_version() -> str | None:
+def library_version(distribution: str) -> str | None:
+    """The installed version of ``distribution`` (None when it is not installed): part of the cache keys of
+    what a library computes (lm-eval's results, the judge's generated answers), so an upgrade recomputes."""
     from importlib.metadata import PackageNotFoundError, version
 
     try:
-        return version("lm_eval")
+        return version(distribution)
     except PackageNotFoundError:
         return None
 

@@ -336,9 +336,11 @@ def answers_key(config: JudgeConfig, model: str, questions: list[Question]) -> d
     so other batches draw other answers); for vllm ``vllm_args`` (its dtype, quantisation, revision...);
     how the models are asked (``system_prompt``, ``question_template``); the questions asked, in
     order (their text and category, as read: not the file's bytes, so a reformatted file keeps its
-    answers); ``samples_per_question`` and ``seed``. ``device`` is left out (runtime: its effect is
-    the dtype), as are the openai generator's fields."""
+    answers); ``samples_per_question`` and ``seed``; the version of the library that generates
+    (transformers for hf, vLLM for vllm: an upgrade may change the answers). ``device`` is left out
+    (runtime: its effect is the dtype), as are the openai generator's fields."""
     from mneme_plugin.activations.models import weights_digest
+    from mneme_plugin.groundtruth.harness import library_version
 
     gen = config.generator
     revision = gen.vllm_args.get("revision") if gen.kind == "vllm" else None  # hf loads the default branch
@@ -353,8 +355,10 @@ def answers_key(config: JudgeConfig, model: str, questions: list[Question]) -> d
         key["dtype"] = _hf_dtype(gen)
         if gen.temperature > 0:
             key["batch_size"] = gen.batch_size
+        key["transformers_version"] = library_version("transformers")
     elif gen.kind == "vllm":
         key["vllm_args"] = gen.vllm_args
+        key["vllm_version"] = library_version("vllm")
     else:
         raise ConfigError("answers_key: the answers of an OpenAI-compatible server have no content key "
                           "(its model names do not tell which weights answer).")

@@ -367,9 +367,10 @@ def test_answers_and_judgements_are_kept_by_content(answer_models, judge_server,
     assert generated() == later
 
 
-def test_answers_of_a_hub_model_are_kept_by_its_commit_in_the_hub_cache(answer_models, hub_cache, tmp_path):
+def test_answers_of_a_hub_model_are_kept_by_its_commit_in_the_hub_cache(answer_models, hub_cache, tmp_path, monkeypatch):
     """A hub id's answers are reused while the local hub cache holds the same commit, and generated again
-    once `refs/main` names a newer snapshot (the hub repo moved on and the cache downloaded it)."""
+    once `refs/main` names a newer snapshot (the hub repo moved on and the cache downloaded it), or once
+    the library that generates them is another version (an upgrade of transformers may change them)."""
     from mneme_plugin.groundtruth.judge import generate_answers
     from tests.helpers import hub_cache_repo
 
@@ -397,6 +398,17 @@ def test_answers_of_a_hub_model_are_kept_by_its_commit_in_the_hub_cache(answer_m
     now = generated()
     assert len(now) == 2 and {k: now[k] for k in files} == files
     assert answers_key(cfg, "someone/tiny-base", asked)["model_files"] == "hub commit " + "b" * 40
+
+    import transformers
+
+    from mneme_plugin.groundtruth import harness
+
+    assert answers_key(cfg, "someone/tiny-base", asked)["transformers_version"] == transformers.__version__
+    installed = harness.library_version
+    monkeypatch.setattr(harness, "library_version", lambda name: "99.0" if name == "transformers" else installed(name))
+    generate_answers(cfg, "before", asked, tmp_path / "out4", cache_dir=cache)
+    upgraded = generated()
+    assert len(upgraded) == 3 and {k: upgraded[k] for k in now} == now
 
 
 def test_answers_of_a_served_model_stay_in_the_output_folder(judge_server, tmp_path):
