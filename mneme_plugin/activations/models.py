@@ -10,6 +10,7 @@ residual stream. Model diffing (like the published crosscoders) wants the raw HF
 from __future__ import annotations
 
 import difflib
+import os
 import time
 import logging
 from collections.abc import Iterator
@@ -265,12 +266,17 @@ def hub_cache_when_unreachable(spec: str, revision: str | None = None) -> Iterat
     logging.getLogger("mneme_plugin").warning(
         "The hub (%s) cannot be reached (%s): loading %s from the local Hugging Face cache, commit %s "
         "(set HF_HUB_OFFLINE=1 to use the cache without asking the hub).", constants.ENDPOINT, unreachable, spec, commit)
-    offline = constants.HF_HUB_OFFLINE
-    constants.HF_HUB_OFFLINE = True
+    offline, offline_env = constants.HF_HUB_OFFLINE, os.environ.get("HF_HUB_OFFLINE")
+    # The environment too: processes started in the block (vLLM's engine) read their hub client's mode from it.
+    constants.HF_HUB_OFFLINE, os.environ["HF_HUB_OFFLINE"] = True, "1"
     try:
         yield
     finally:
         constants.HF_HUB_OFFLINE = offline
+        if offline_env is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = offline_env
 
 
 def _mistyped_local_folder(spec: str) -> str | None:
