@@ -166,7 +166,7 @@ def _stages_not_done(layout, done: set[str]) -> list[str]:  # noqa: ANN001
                if stage.present(config) and stage.enabled(config) and stage.name not in done]
     if not missing:
         return []
-    return [f"  stages not done: {', '.join(missing)}" + (" (the run stopped before them)" if done else "")]
+    return [f"  stages not done: {', '.join(missing)}" + (" (the run stopped before them, or --only left them out)" if done else "")]
 
 
 def _training_run_summary(path: Path) -> list[str]:

@@ -103,8 +103,8 @@ def stat_digest(path: str | os.PathLike[str], skip_dirs: tuple[str, ...] = ()) -
 
 
 def size_text(size: int) -> str:
-    """A size in bytes for people: KiB below a MiB, MiB below a GiB, GiB."""
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20)):
+    """A size in bytes for people: KiB below a MiB, MiB below a GiB, GiB below a TiB, TiB below a PiB, PiB."""
+    for unit, scale in (("PiB", 2**50), ("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20)):
         if size >= scale:
             return f"{size / scale:.1f} {unit}"
     return f"{size / 2**10:.1f} KiB"

@@ -192,7 +192,7 @@ def test_info_on_an_unfinished_demo_case_names_the_stages_done_and_those_missing
     summary = _info(case)
     assert "    stage harvest " in summary and "    stage train " in summary, summary
     assert "\n  remediation:   none (the case's run has no evaluation yet: the demo stopped before it;" in summary
-    assert f"    stages not done: {', '.join(later)} (the run stopped before them)" in summary, summary
+    assert f"    stages not done: {', '.join(later)} (the run stopped before them, or --only left them out)" in summary, summary
 
     # Stopped in its first stage: the run's config, no marker yet.
     shutil.rmtree(case / CASE_RUN / ".stages")

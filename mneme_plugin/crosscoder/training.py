@@ -204,7 +204,7 @@ def _require_room(run_dir: Path, crosscoder: CrossCoderConfig, training: Trainin
     checkpoint, checkpoints_at_once, final = disk_need(crosscoder, training)
     require_free_space(run_dir, checkpoints_at_once + final - tree_size(run_dir / CHECKPOINT_DIR),
                        f"Training ({crosscoder.parameter_count / 1e6:,.1f}M parameters; up to "
-                       f"{training.keep_checkpoints + 1} checkpoints of {checkpoint / 2**30:.1f} GiB while one is written, "
+                       f"{training.keep_checkpoints + 1} checkpoints of {size_text(checkpoint)} while one is written, "
                        "then the crosscoder)",
                        "free space there, choose a run directory on a larger disk (--out), or keep fewer checkpoints "
                        "(training.keep_checkpoints in the YAML) or none (training.checkpoint_every: 0)")

@@ -42,7 +42,9 @@ from mneme_plugin.checkpoints import (
 )
 from mneme_plugin.config import ConfigMixin
 from mneme_plugin.errors import CheckpointError, ConfigError, ForeignOutputError
-from mneme_plugin.files import LOCK_FILE, content_digest, output_lock, read_json, require_free_space, stat_digest, tree_size
+from mneme_plugin.files import (
+    LOCK_FILE, content_digest, output_lock, read_json, require_free_space, size_text, stat_digest, tree_size,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -168,8 +170,8 @@ class TrainingCheckpoints:
         written = (total_steps - 1) // self.every if self.every else 0
         need = max(AT_ONCE * checkpoint, KEEP * checkpoint + model_bytes) if written else model_bytes
         require_free_space(self.folder, need - tree_size(self.folder / CHECKPOINT_DIR),
-                           f"The {self.label} run (checkpoints of {checkpoint / 2**30:.1f} GiB, two at once while one is "
-                           f"written, then the edited model of {model_bytes / 2**30:.1f} GiB)",
+                           f"The {self.label} run (checkpoints of {size_text(checkpoint)}, two at once while one is "
+                           "written" + (f", then the edited model of {size_text(model_bytes)})" if model_bytes else ")"),
                            "free space there or choose an output folder on a larger disk (--out, or run_dir in "
                            "`mneme run`), or write fewer checkpoints (checkpoint_every: 0 writes none)")
 

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from mneme_plugin.activations.models import ModelSpec, check_model_spec, same_model
 from mneme_plugin.files import nearest_existing, size_text
 from mneme_plugin.pipeline.config import RunConfig
-from mneme_plugin.pipeline.run import check_only, pending_outputs, plan
+from mneme_plugin.pipeline.run import check_only, pending_outputs, plan, unselected_inputs
 from mneme_plugin.pipeline.stages import STAGES, config_problems, missing_inputs, relative_paths_note
 
 if TYPE_CHECKING:
@@ -179,7 +179,8 @@ def _describe_model(which: str, spec: str, check: ConfigCheck, config: RunConfig
     if hf is None:
         hf, where = _known_architecture(spec), "hub"
         if hf is None:
-            check.notes.append(f"models.{which}: {spec}: hub name, not in the local cache; its size is unknown until download.")
+            check.notes.append(f"models.{which}: {spec}: hub name, not in the local cache; its size is unknown until "
+                               "download, so the disk its download, store and crosscoder need is not counted here.")
             _add_download(check, spec, None)
             return
     family = hf.get("model_type", "?") if where != "hub" else f"known architecture ({hf['model_type']})"
@@ -228,6 +229,27 @@ def _model_facts(config: RunConfig) -> ConfigCheck:
     return check
 
 
+def _offline_hub_problems(config: RunConfig) -> list[str]:
+    """With HF_HUB_OFFLINE set, the run's hub models that are not in the local hub cache: `mneme run` refuses
+    them (``hub_model_problem``, which asks the hub nothing then); the dry run, which never asks the hub,
+    warns."""
+    from huggingface_hub import constants
+
+    from mneme_plugin.activations.models import hub_model_problem
+
+    if not constants.HF_HUB_OFFLINE:
+        return []
+    problems = []
+    for which in ("base", "edited"):
+        spec = getattr(config.models, which)
+        if which == "edited" and config.intervention is not None or check_model_spec(spec, f"models.{which}"):
+            continue
+        problem = hub_model_problem(spec)
+        if problem:
+            problems.append(f"models.{which}: {problem}")
+    return problems
+
+
 def check_config(config: RunConfig, only: list[str] | None = None) -> ConfigCheck:
     """Models and corpus named and findable, layer in range where the architecture is known, disk and time
     estimates of the stages the plan runs (within ``only``: `mneme run --only`), memory."""
@@ -237,6 +259,8 @@ def check_config(config: RunConfig, only: list[str] | None = None) -> ConfigChec
         check.warnings.append(f"models.base and models.edited are the same model ({config.models.base}): a "
                               "crosscoder finds no difference between a model and itself.")
     check.problems += config_problems(config)
+    # A warning: the config may be meant for another machine, one that has the models or the hub.
+    check.warnings += [f"{problem} (`mneme run` refuses it on this machine)" for problem in _offline_hub_problems(config)]
     source = config.corpus.source
     if source.startswith("hf:"):
         check.notes.append(f"corpus: Hugging Face dataset {source[3:]} (streamed).")
@@ -248,9 +272,11 @@ def check_config(config: RunConfig, only: list[str] | None = None) -> ConfigChec
                               f"(0..{check.n_layers - 1}).")
     if config.training.stream:
         check.notes.append("disk: training.stream is set: activations are harvested on the fly, no store is written.")
-    elif not h.max_tokens:
-        check.notes.append("disk: harvest.max_tokens is not set: the whole corpus is harvested.")
+    elif not h.max_tokens and not source.startswith("hf:"):  # a hub data set without it is a problem (above)
+        check.warnings.append("disk: harvest.max_tokens is not set: the whole corpus is harvested, and the store's "
+                              "size is not counted here nor checked before the run (set harvest.max_tokens to size it).")
     check.planned = plan(config, STAGES)
+    check.problems += unselected_inputs(check.planned, only)
     pending = pending_outputs(config, check.planned, only)
     needs = _disk_needs(config, check)
     _check_disk([need for need in needs if need.stage in pending], check, pending)
@@ -322,15 +348,16 @@ def _disk_needs(config: RunConfig, check: ConfigCheck) -> list[DiskNeed]:
         from mneme_plugin.crosscoder.training import disk_need
 
         checkpoint, checkpoints_at_once, final = disk_need(config.crosscoder.resolve(check.d_model), config.training)
+        smaller = "a smaller crosscoder (crosscoder.expansion_factor or dict_size)"
         if checkpoints_at_once:
             kept = config.training.keep_finished_checkpoints  # else removed once the crosscoder is written
             needs.append(DiskNeed(f"crosscoder checkpoints (up to {checkpoints_at_once // checkpoint} of "
                                   f"{size_text(checkpoint)} at once{', kept after training' if kept else ''})",
                                   checkpoints_at_once, run_dir,
                                   "keep fewer checkpoints (training.keep_checkpoints) or none (training.checkpoint_every: "
-                                  "0)" + (", or not after training (training.keep_finished_checkpoints: false)" if kept else ""),
-                                  "train", transient=not kept))
-        needs.append(DiskNeed("crosscoder", final, run_dir, elsewhere, "train"))
+                                  "0)" + (", or not after training (training.keep_finished_checkpoints: false)" if kept else "")
+                                  + f", or {smaller}", "train", transient=not kept))
+        needs.append(DiskNeed("crosscoder", final, run_dir, f"{smaller}, or {elsewhere}", "train"))
     return needs
 
 
@@ -351,7 +378,8 @@ class DiskPeak:
         return "; ".join(f"{n.what} ~{size_text(n.size)}{', while it trains' if n.transient else ''}" for n in self.needs)
 
     def remedies(self) -> str:
-        return "; or ".join(dict.fromkeys(n.remedy for n in self.needs))
+        """What to change, that of the largest item first."""
+        return "; or ".join(dict.fromkeys(n.remedy for n in sorted(self.needs, key=lambda n: -n.size)))
 
 
 def _disk_peaks(needs: list[DiskNeed], written: dict[str, tuple[Path, int]] | None = None) -> list[DiskPeak]:
@@ -451,7 +479,7 @@ def _checkpoint_note(kind: str, settings: Any, check: ConfigCheck) -> str:
     trained = _checkpoint_params(kind, settings, check)
     if not trained:
         return ""
-    return (f"; while it trains, a checkpoint of ~{max(checkpoint_bytes(trained * 2) / 2**30, 0.1):.1f} GiB in edited_model/ "
+    return (f"; while it trains, a checkpoint of ~{size_text(checkpoint_bytes(trained * 2))} in edited_model/ "
             "(removed when the model is written)")
 
 
@@ -547,7 +575,7 @@ def estimates(config: RunConfig, check: ConfigCheck, pending: Collection[str] | 
                                    ("map", config.map.method == "llm" or config.map.labeler == "llm")) if uses]
     calls = (f"; {' and '.join(llm)} call{'s' if len(llm) == 1 else ''} the LLM client once per collected latent"
              if llm else "; explain and map run offline (no LLM call)")
-    out.append(f"collect / explain / map: collect reads {config.collect.harvest.max_tokens if config.collect.harvest and config.collect.harvest.max_tokens else 'the corpus'} "
+    out.append(f"collect / explain / map: collect reads {f'{config.collect.harvest.max_tokens:,}' if config.collect.harvest and config.collect.harvest.max_tokens else 'the corpus'} "
                f"tokens{calls}")
     return out
 
@@ -567,12 +595,16 @@ def format_plan(config: RunConfig, check: ConfigCheck, only: list[str] | None = 
     if check.estimates:
         lines += ["", "Estimates (one H100-class GPU, rough):"] + [f"  {e}" for e in check.estimates]
     lines += ["", "Plan:"]
-    for stage, fingerprint, status in check.planned if check.planned is not None else plan(config, STAGES):
+    planned = check.planned if check.planned is not None else plan(config, STAGES)
+    width = max([10] + [len(stage.name) for stage, _, _ in planned])
+    for stage, fingerprint, status in planned:
         if only and stage.name not in only and status != "disabled":
             status = "not selected (--only)"
-        lines.append(f"  {stage.name:<10} {status:<24} config {fingerprint}")
+        lines.append(f"  {stage.name:<{width}} {status:<24} config {fingerprint}")
     lines.append("")
-    lines.append("The config has problems (FAIL above)." if check.problems else "The config looks runnable.")
+    lines.append("The config has problems (FAIL above)." if check.problems
+                 else "The config looks runnable, but read the WARN lines above first." if check.warnings
+                 else "The config looks runnable.")
     if check.problems or check.to_fetch:
         lines.append(relative_paths_note())
     return "\n".join(lines)

@@ -242,6 +242,27 @@ def check_batch_shared(config: RunConfig, stages: list[Stage], only: list[str] |
         check_divisible(config.training.batch_size, world_size)
 
 
+def unselected_inputs(planned: list[tuple[Stage, str, str]], only: list[str] | None) -> list[str]:
+    """With ``only`` (`mneme run --only`): the selected stages that read a stage which is neither done nor
+    selected (the edited model of an intervention not run yet; a store harvested with another config), each
+    with what to add. Found before the first stage instead of when the stage reading it fails."""
+    if only is None:
+        return []
+    status = {stage.name: st for stage, _, st in planned if st != "disabled"}
+    problems, previous = [], ()
+    for stage, _, st in planned:
+        if st == "disabled":
+            continue
+        reads = stage.after if stage.after is not None else previous
+        missing = [name for name in reads if name in status and name not in only and not status[name].startswith("skip")]
+        if stage.name in only and missing:
+            problems.append(f"--only {stage.name}: it reads what {' and '.join(missing)} write"
+                            f"{'s' if len(missing) == 1 else ''}, which is not done ({', '.join(status[n] for n in missing)}) "
+                            f"and not selected: add {' '.join('--only ' + n for n in missing)}, or run without --only.")
+        previous = (stage.name,)
+    return problems
+
+
 def pending_outputs(config: RunConfig, planned: list[tuple[Stage, str, str]],
                     only: list[str] | None) -> dict[str, tuple[Path, int]]:
     """The stages ``planned`` will run (within ``only``): stage -> (its output folder, the bytes it holds now:
@@ -276,6 +297,9 @@ def _run_stages(config: RunConfig, stages: list[Stage], layout: RunLayout, dist:
         inputs = _input_digests_now(config, stages)  # what the plan checked is what the markers record
         planned = plan(config, stages, inputs)
         check_batch_shared(config, stages, only, dist.world_size, planned)
+        unmet = unselected_inputs(planned, only)
+        if unmet:
+            raise ConfigError("The stages selected cannot run; nothing was run:\n  " + "\n  ".join(unmet))
         if check_disk:  # before a redone stage's outputs go: a refused run leaves the run directory as it was
             require_disk(config, planned, only, models)
         # Before the new config is written: a run that stops early leaves no output of the old config

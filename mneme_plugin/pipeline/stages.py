@@ -257,6 +257,12 @@ def config_problems(config: RunConfig, models: dict[str, Any] | None = None) -> 
         if (models is None or which not in models) and not (which == "edited" and config.intervention is not None):
             problems += check_model_spec(getattr(config.models, which), f"models.{which}")
     source = config.corpus.source
+    if source.startswith("hf:") and config.harvest.max_tokens is None:
+        problems.append(
+            f"harvest.max_tokens is not set and corpus.source is a Hugging Face data set ({source}): the run would "
+            "harvest all of it (into the activation store, or with training.stream in attribute), which for a "
+            "pretraining corpus fills the disk or never ends; set harvest.max_tokens (at least training.steps x "
+            "batch_size plus eval_rows; the paper's crosscoders read 50M-200M tokens).")
     if not source.startswith("hf:") and not Path(source).is_file():
         problems.append(f"corpus.source: {source} is neither an existing file nor hf:NAME[@CONFIG][:SPLIT].")
     elif not source.startswith("hf:"):

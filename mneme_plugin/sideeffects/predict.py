@@ -229,7 +229,9 @@ def save_prediction(prediction: Prediction, out_dir: str | os.PathLike[str]) -> 
     out = Path(out_dir)
     atomic_write(out / SCORES_CSV, lambda tmp: prediction.scores.to_csv(tmp, index=False))
     atomic_write_text(out / PREDICTIONS_JSON, json.dumps(prediction.to_dict(), indent=2))
-    logger.info("Predictions written to %s (%d categories predicted).", out / PREDICTIONS_JSON, len(prediction.predicted))
+    count = len(prediction.predicted)
+    logger.info("Predictions written to %s (%d categor%s predicted).", out / PREDICTIONS_JSON, count,
+                "y" if count == 1 else "ies")
     return out
 
 

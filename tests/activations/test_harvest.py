@@ -298,6 +298,6 @@ def test_a_store_larger_than_the_free_disk_is_refused_before_the_models_run(ht_p
     config = cfg(max_tokens=10**13)  # 2 x 32 floats a token: 2.5 PiB
     assert config.token_budget * 2 * 32 * 4 > shutil.disk_usage(tmp_path).free
     with pytest.raises(DiskSpaceError, match=r"The activation store \(10,000,000,000,000 tokens x 2 models x d_model 32, "
-                                             r"float32\) needs ~.* GiB more in .*train while harvesting"):
+                                             r"float32\) needs ~.* PiB more in .*train while harvesting"):
         harvest(*ht_pair, corpus, config, tmp_path / "big", progress=False)
     assert not (tmp_path / "big" / "manifest.json").exists()

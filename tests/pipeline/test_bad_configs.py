@@ -128,7 +128,7 @@ def test_the_dry_run_warns_when_base_and_edited_are_the_same_model(tmp_path, lla
     result = CliRunner().invoke(main, ["run", "--dry-run", str(config)])
     assert result.exit_code == 0, result.output
     assert f"  WARN models.base and models.edited are the same model ({llama_dir})" in result.output
-    assert "The config looks runnable." in result.output
+    assert "The config looks runnable, but read the WARN lines above first." in result.output
 
 
 def test_a_stream_shorter_than_the_training_is_refused_before_any_stage(tmp_path, llama_dir):

@@ -22,8 +22,8 @@ def _intervention_line(recipe: str) -> str:
 
 
 def _checkpoint_gib(line: str) -> float | None:
-    found = re.search(r"a checkpoint of ~([\d.]+) GiB", line)
-    return float(found.group(1)) if found else None
+    found = re.search(r"a checkpoint of ~([\d.]+) ([KMGT])iB", line)
+    return float(found.group(1)) * 1024.0 ** ("KMGT".index(found.group(2)) - 2) if found else None
 
 
 def test_the_intervention_estimate_names_the_checkpoint_size_where_it_is_large():
@@ -188,7 +188,7 @@ def test_the_dry_run_sizes_the_hub_downloads_and_what_the_run_writes_against_the
     assert "activation store of 1,000,000,000,000 tokens (bfloat16) ~" in store[0], output
     assert "lower harvest.max_tokens or set training.stream: true" in store[0]
     assert "set HF_HOME (or HF_HUB_CACHE) to a folder on a larger disk" in store[0]  # the downloads share the disk
-    assert "The config looks runnable." in output
+    assert "The config looks runnable, but read the WARN lines above first." in output
 
 
 def test_checkpoints_of_stages_that_run_one_after_the_other_are_not_added_up(tmp_path, hub_cache, monkeypatch):
@@ -267,8 +267,39 @@ def test_the_dry_run_sizes_and_times_only_the_stages_the_run_will_do(llama_dir, 
     assert "activation store" not in harvested and "  harvest: ~" not in harvested, harvested
     assert "crosscoder ~" in harvested and "  train: ~" in harvested
     assert re.search(r"  harvest +skip \(done\)", harvested), harvested  # the plan printed is the one sized
-    only_attribute = dry("--only", "attribute")  # training not selected: nothing large left to write
-    assert "crosscoder ~" not in only_attribute and "  train: ~" not in only_attribute
-    assert "disk: the stages that write large files (harvest, train) are done or not selected" in only_attribute
+    only_harvest = dry("--only", "harvest")  # done, and training not selected: nothing large left to write
+    assert "crosscoder ~" not in only_harvest and "  train: ~" not in only_harvest
+    assert "disk: the stages that write large files (harvest, train) are done or not selected" in only_harvest
+    # A selected stage that reads one neither done nor selected fails here, not when it starts.
+    only_attribute = CliRunner().invoke(main, ["run", "--dry-run", str(path), "--only", "attribute"])
+    assert only_attribute.exit_code == 1 and ("FAIL --only attribute: it reads what train writes, which is not done "
+                                              "(run) and not selected: add --only train") in only_attribute.output
     bad = CliRunner().invoke(main, ["run", "--dry-run", str(path), "--only", "trian"])
     assert bad.exit_code != 0 and "Unknown stage(s) ['trian']" in bad.output
+
+
+def test_a_hub_corpus_without_a_token_budget_is_refused_and_a_local_one_is_not_sized(llama_dir, tmp_path):
+    """No harvest.max_tokens with a streamed hub data set (The Pile) harvested all of it until the disk filled;
+    the dry run called it "ok" and counted no store."""
+    import yaml
+
+    config = {"run_dir": str(tmp_path / "run"), "models": {"base": str(llama_dir), "edited": str(llama_dir)},
+              "corpus": {"source": "hf:monology/pile-uncopyrighted"}, "harvest": {"layer": 1}}
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    dry = CliRunner().invoke(main, ["run", "--dry-run", str(path)])
+    assert dry.exit_code == 1 and "FAIL harvest.max_tokens is not set and corpus.source is a Hugging Face data set" in dry.output
+    refused = CliRunner().invoke(main, ["run", str(path)])
+    assert refused.exit_code != 0 and "set harvest.max_tokens" in refused.output and not (tmp_path / "run").exists()
+    config["harvest"]["max_tokens"] = 1000
+    path.write_text(yaml.safe_dump(config))
+    assert "FAIL harvest.max_tokens" not in CliRunner().invoke(main, ["run", "--dry-run", str(path)]).output
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("some text\n" * 50)
+    config["corpus"]["source"], config["harvest"] = str(corpus), {"layer": 1}
+    path.write_text(yaml.safe_dump(config))
+    dry = CliRunner().invoke(main, ["run", "--dry-run", str(path)])
+    assert "WARN disk: harvest.max_tokens is not set: the whole corpus is harvested, and the store's size is not " \
+           "counted" in dry.output, dry.output
+    assert "activation store" not in dry.output

@@ -357,6 +357,13 @@ def test_an_intervention_stage_left_unfinished_resumes_or_says_what_to_do(pair_a
         if step == 3:
             raise RuntimeError("killed")
 
+    # Harvest and training selected before the intervention that writes the edited model they read: refused
+    # before any stage (the harvest failed on the missing model folder after starting).
+    early = CliRunner().invoke(main, ["run", _write(tmp_path, "a.yaml", cfg), "--only", "harvest", "--only", "train"])
+    assert early.exit_code != 0 and ("--only harvest: it reads what intervention writes, which is not done (run) and "
+                                     "not selected: add --only intervention") in early.output, early.output
+    assert not (tmp_path / "run").exists()
+
     # The stage killed after step 3 (its checkpoint after step 2), then its settings changed: refused.
     with pytest.raises(RuntimeError, match="killed"):
         rmu_unlearn_hf(RunConfig.from_dict(cfg).intervention.resolved(str(base)), progress=False,
@@ -1130,6 +1137,9 @@ def test_a_run_whose_stages_fit_one_by_one_but_not_together_is_refused_before_it
     path = _write(tmp_path, "run.yaml", cfg)
     result = CliRunner().invoke(main, ["run", path])
     assert result.exit_code != 0 and "The run's stages (harvest, train) need" in result.output, result.output
+    # What to change, the largest item's remedy first: the store's here, the crosscoder's after it.
+    remedies = " ".join(result.output.split())
+    assert remedies.index("lower harvest.max_tokens") < remedies.index("a smaller crosscoder (crosscoder.expansion_factor")
     result = CliRunner().invoke(main, ["run", path, "--no-disk-check"])
     assert result.exit_code != 0 and "The activation store (" in result.output, result.output
     assert "The run's stages" not in result.output and not (run_dir / "activations" / "manifest.json").exists()

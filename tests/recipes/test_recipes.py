@@ -29,12 +29,15 @@ def test_every_case_study_has_configs_a_smoke_run_and_a_readme():
 
 
 @pytest.mark.parametrize("config", REAL_CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")
-def test_real_recipe_dry_runs_offline(config, monkeypatch, tmp_path):
+def test_real_recipe_dry_runs_offline(config, monkeypatch, tmp_path, hub_cache):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.chdir(tmp_path)  # nothing downloaded: the recipe's data files are missing here
     result = CliRunner().invoke(main, ["run", "--dry-run", str(config)])
     assert result.exit_code == 0, result.output
     cfg = RunConfig.from_yaml(config)
+    # Offline and not in the (empty) hub cache: `mneme run` would refuse the base model here; the dry run warns.
+    assert f"WARN models.base: the hub model {cfg.models.base} is neither" in result.output, result.output
+    assert "(`mneme run` refuses it on this machine)" in result.output
     assert "Estimates (one H100-class GPU, rough):" in result.output and "train: ~" in result.output
     assert "d_model" in result.output  # the architecture came from the known-architectures table
     if cfg.intervention is not None:
