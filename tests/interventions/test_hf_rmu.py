@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from mneme_plugin.errors import ConfigError, EmptyCorpusError, MnemeError
 from mneme_plugin.interventions.hf_models import (
-    INTERVENTION_CONFIG, TRAINING_LOG, load_causal_lm, load_training_log, save_intervention,
+    INTERVENTION_CONFIG, load_causal_lm, load_training_log, save_intervention,
 )
 from mneme_plugin.interventions.hf_rmu import HFRMUConfig, control_vectors, rmu_activation_distances, rmu_unlearn_hf
 from tests.helpers import tiny_rmu_config

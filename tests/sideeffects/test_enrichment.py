@@ -1,7 +1,6 @@
 """The enrichment rule's statistics against brute-force definitions, and its calibration on planted
 latent populations (nothing predicted under the null; the planted categories, few or many, found)."""
 
-import math
 from fractions import Fraction
 from itertools import combinations
 
