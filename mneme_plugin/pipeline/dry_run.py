@@ -332,12 +332,14 @@ def _disk_needs(config: RunConfig, check: ConfigCheck) -> list[DiskNeed]:
     if iv is not None and check.params is not None:
         from mneme_plugin.interventions.checkpoints import AT_ONCE, checkpoint_bytes
 
-        trained = _checkpoint_params(iv.kind, iv.resolved(""), check)
+        settings = iv.resolved("")
+        dtype = _intervention_dtype(settings)
+        trained = _checkpoint_params(iv.kind, settings, check)
         if trained:
             needs.append(DiskNeed("the intervention's last checkpoint and the one being written",
-                                  AT_ONCE * checkpoint_bytes(trained * 2), run_dir, elsewhere, "intervention",
+                                  AT_ONCE * checkpoint_bytes(trained * BYTES[dtype]), run_dir, elsewhere, "intervention",
                                   transient=True))
-        needs.append(DiskNeed("edited model (bf16)", check.params * 2, run_dir, elsewhere, "intervention"))
+        needs.append(DiskNeed(f"edited model ({dtype})", check.params * BYTES[dtype], run_dir, elsewhere, "intervention"))
     h = config.harvest
     if check.d_model is not None and not config.training.stream and h.max_tokens:
         needs.append(DiskNeed(f"activation store of {h.max_tokens:,} tokens ({h.dtype})",
@@ -457,6 +459,15 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.0f} min"
 
 
+def _intervention_dtype(settings: Any) -> str:
+    """The dtype the intervention trains and saves in (``resolve_dtype``: ``auto`` is bf16 on a GPU, float32 on a
+    CPU; an ``auto`` device counts as a GPU, as the estimates do)."""
+    dtype = getattr(settings, "dtype", "auto")
+    if dtype == "auto":
+        return "float32" if str(getattr(settings, "device", "auto")).startswith("cpu") else "bfloat16"
+    return dtype
+
+
 def _checkpoint_params(kind: str, settings: Any, check: ConfigCheck) -> int:
     """The parameters an intervention checkpoints while it trains (with their two AdamW moments): 0 where
     the trained part is small (LoRA), unknown, or not checkpointed."""
@@ -473,13 +484,14 @@ def _checkpoint_params(kind: str, settings: Any, check: ConfigCheck) -> int:
 
 def _checkpoint_note(kind: str, settings: Any, check: ConfigCheck) -> str:
     """The size of the intervention's checkpoint while it trains: the trained parameters and their two
-    AdamW moments (bf16), or nothing where the trained part is small (LoRA) or unknown."""
+    AdamW moments (in the dtype it trains in), or nothing where the trained part is small (LoRA) or unknown."""
     from mneme_plugin.interventions.checkpoints import checkpoint_bytes
 
     trained = _checkpoint_params(kind, settings, check)
     if not trained:
         return ""
-    return (f"; while it trains, a checkpoint of ~{size_text(checkpoint_bytes(trained * 2))} in edited_model/ "
+    return (f"; while it trains, a checkpoint of ~{size_text(checkpoint_bytes(trained * BYTES[_intervention_dtype(settings)]))} "
+            "in edited_model/ "
             "(removed when the model is written)")
 
 
@@ -543,7 +555,7 @@ def estimates(config: RunConfig, check: ConfigCheck, pending: Collection[str] | 
         else:
             timing = f"~{_duration(seconds)} per 10k examples ({settings.epochs} epoch(s))"
         out.append(f"intervention ({iv.kind}): {timing}"
-                   + f"; edited model {params * 2 / 2**30:.0f} GiB (bf16)"
+                   + f"; edited model {size_text(params * BYTES[_intervention_dtype(settings)])} ({_intervention_dtype(settings)})"
                    + _checkpoint_note(iv.kind, settings, check))
     for name, table in config.ground_truth.tables.items() if runs("ground_truth") else ():
         if table.lm_eval is not None:

@@ -303,3 +303,32 @@ def test_a_hub_corpus_without_a_token_budget_is_refused_and_a_local_one_is_not_s
     assert "WARN disk: harvest.max_tokens is not set: the whole corpus is harvested, and the store's size is not " \
            "counted" in dry.output, dry.output
     assert "activation store" not in dry.output
+
+
+def test_the_edited_model_and_its_checkpoints_are_sized_in_the_dtype_the_intervention_trains_in(tmp_path, hub_cache, monkeypatch):
+    """The dry run called the edited model bf16 whatever the intervention's dtype: on a CPU (`auto` is float32
+    there) or with `dtype: float32` it is twice that, and so are the full fine-tuning's checkpoints."""
+    import yaml
+
+    monkeypatch.chdir(tmp_path)
+    recipe = yaml.safe_load((RECIPES / "benign_finetuning/llama2_7b_alpaca.yaml").read_text())
+    recipe["run_dir"] = str(tmp_path / "run")
+    config = tmp_path / "alpaca.yaml"
+    params = parameter_count(KNOWN_ARCHITECTURES["llama-2-7b"])
+
+    def sizes(**settings):
+        recipe["intervention"]["settings"] = {**recipe["intervention"].get("settings", {}), **settings}
+        config.write_text(yaml.safe_dump(recipe))
+        line = _disk_lines(_dry_run(config))[1]
+        found = dict(re.findall(r"(edited model \(\w+\)|the intervention's last checkpoint[^~]*) ~([\d.]+) GiB", line))
+        return {what.strip(): float(gib) for what, gib in found.items()}
+
+    gpu = sizes()
+    assert gpu["edited model (bfloat16)"] == round(2 * params / 2**30, 1)
+    for settings in ({"device": "cpu"}, {"dtype": "float32"}):
+        wide = sizes(**settings)
+        assert wide["edited model (float32)"] == round(4 * params / 2**30, 1), settings
+        checkpoints = "the intervention's last checkpoint and the one being written"
+        assert abs(wide[checkpoints] / gpu[checkpoints] - 2) < 0.01, settings
+        recipe["intervention"]["settings"] = {k: v for k, v in recipe["intervention"]["settings"].items()
+                                              if k not in settings}
