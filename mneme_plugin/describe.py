@@ -95,13 +95,13 @@ def _pipeline_summary(path: Path) -> list[str]:
 def _finished_checkpoints(layout) -> list[str]:  # noqa: ANN001
     """The checkpoints a finished training left (earlier versions, or ``keep_finished_checkpoints``)."""
     from mneme_plugin.checkpoints import CHECKPOINT_DIR
-    from mneme_plugin.crosscoder.training import FINAL_DIR, METRICS_FILE
-    from mneme_plugin.files import tree_size
+    from mneme_plugin.crosscoder.training import remove_finished_checkpoints, training_finished
 
     run = layout.crosscoder_run
-    if not ((run / CHECKPOINT_DIR).is_dir() and (run / FINAL_DIR).is_dir() and (run / METRICS_FILE).is_file()):
+    size = remove_finished_checkpoints(run, dry_run=True) if training_finished(run) else 0
+    if not size:
         return []
-    return [f"  training checkpoints: {run / CHECKPOINT_DIR} ({size_text(tree_size(run / CHECKPOINT_DIR))}) of a finished "
+    return [f"  training checkpoints: {run / CHECKPOINT_DIR} ({size_text(size)}) of a finished "
             f"training; only resuming reads them: `mneme clean {layout.root} --checkpoints`"]
 
 

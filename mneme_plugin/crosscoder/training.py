@@ -210,11 +210,17 @@ def _require_room(run_dir: Path, crosscoder: CrossCoderConfig, training: Trainin
                        "(training.keep_checkpoints in the YAML) or none (training.checkpoint_every: 0)")
 
 
+def training_finished(run_dir: str | os.PathLike[str]) -> bool:
+    """Whether the training run in ``run_dir`` has finished: its crosscoder and metrics are written (a resumed
+    run then loads them)."""
+    return (Path(run_dir) / FINAL_DIR).is_dir() and (Path(run_dir) / METRICS_FILE).is_file()
+
+
 def _remove_finished_checkpoints(run_dir: Path, training: TrainingConfig) -> None:
     """Once the crosscoder and its metrics are written, its resume checkpoints serve nothing (a finished run
     loads the crosscoder; another config starts over): remove them unless ``keep_finished_checkpoints``."""
-    if not training.keep_finished_checkpoints and (run_dir / CHECKPOINT_DIR).is_dir():
-        size = remove_finished_checkpoints(run_dir)
+    size = 0 if training.keep_finished_checkpoints else remove_finished_checkpoints(run_dir)
+    if size:
         logger.info("Removed the training checkpoints (%s; training.keep_finished_checkpoints keeps them).",
                     size_text(size))
 
@@ -228,7 +234,7 @@ def remove_finished_checkpoints(run_dir: str | os.PathLike[str], dry_run: bool =
     folder = run_dir / CHECKPOINT_DIR
     if not folder.is_dir():
         return 0
-    if not ((run_dir / FINAL_DIR).is_dir() and (run_dir / METRICS_FILE).is_file()):
+    if not training_finished(run_dir):
         raise CheckpointError(f"The training run in {run_dir} has not finished (no {FINAL_DIR}/ and {METRICS_FILE}): "
                               "its checkpoints are what resumes it; train again to finish it, or delete the run.")
     size = tree_size(folder)
@@ -340,7 +346,7 @@ def _train(data: TrainingData, run_dir: Path, cc_cfg: CrossCoderConfig, tr_cfg: 
         run_config["data"] = source.identity()
 
     final_dir, metrics_path = run_dir / FINAL_DIR, run_dir / METRICS_FILE
-    if resume and final_dir.is_dir() and metrics_path.is_file():
+    if resume and training_finished(run_dir):
         _check_run_config(run_dir, run_config)
         logger.info("Training already finished in %s; loading it.", final_dir)
         ctx.on_main(lambda: _remove_finished_checkpoints(run_dir, tr_cfg))  # a kill may have come before they went

@@ -14,7 +14,9 @@ from mneme_plugin.activations.models import ModelSpec, check_model_spec, same_mo
 from mneme_plugin.files import nearest_existing, size_text
 from mneme_plugin.pipeline.config import RunConfig
 from mneme_plugin.pipeline.run import check_only, pending_outputs, plan, unselected_inputs
-from mneme_plugin.pipeline.stages import STAGES, config_problems, missing_inputs, relative_paths_note
+from mneme_plugin.pipeline.stages import (
+    STAGES, config_problems, hub_model_problems, missing_inputs, relative_paths_note,
+)
 
 if TYPE_CHECKING:
     from mneme_plugin.groundtruth.harness import LMEvalConfig
@@ -229,38 +231,21 @@ def _model_facts(config: RunConfig) -> ConfigCheck:
     return check
 
 
-def _offline_hub_problems(config: RunConfig) -> list[str]:
-    """With HF_HUB_OFFLINE set, the run's hub models that are not in the local hub cache: `mneme run` refuses
-    them (``hub_model_problem``, which asks the hub nothing then); the dry run, which never asks the hub,
-    warns."""
-    from huggingface_hub import constants
-
-    from mneme_plugin.activations.models import hub_model_problem
-
-    if not constants.HF_HUB_OFFLINE:
-        return []
-    problems = []
-    for which in ("base", "edited"):
-        spec = getattr(config.models, which)
-        if which == "edited" and config.intervention is not None or check_model_spec(spec, f"models.{which}"):
-            continue
-        problem = hub_model_problem(spec)
-        if problem:
-            problems.append(f"models.{which}: {problem}")
-    return problems
-
-
 def check_config(config: RunConfig, only: list[str] | None = None) -> ConfigCheck:
     """Models and corpus named and findable, layer in range where the architecture is known, disk and time
     estimates of the stages the plan runs (within ``only``: `mneme run --only`), memory."""
+    from huggingface_hub import constants as hub_constants
+
     check_only(only, STAGES)
     check = _model_facts(config)
     if config.intervention is None and same_model(config.models.base, config.models.edited):
         check.warnings.append(f"models.base and models.edited are the same model ({config.models.base}): a "
                               "crosscoder finds no difference between a model and itself.")
     check.problems += config_problems(config)
-    # A warning: the config may be meant for another machine, one that has the models or the hub.
-    check.warnings += [f"{problem} (`mneme run` refuses it on this machine)" for problem in _offline_hub_problems(config)]
+    # With HF_HUB_OFFLINE set, `mneme run`'s check of the hub models asks the hub nothing, so the dry run (which
+    # never asks it) makes it too; a warning: the config may be meant for another machine.
+    if hub_constants.HF_HUB_OFFLINE:
+        check.warnings += [f"{problem} (`mneme run` refuses it on this machine)" for problem in hub_model_problems(config)]
     source = config.corpus.source
     if source.startswith("hf:"):
         check.notes.append(f"corpus: Hugging Face dataset {source[3:]} (streamed).")
@@ -554,8 +539,8 @@ def estimates(config: RunConfig, check: ConfigCheck, pending: Collection[str] | 
                       f"{settings.epochs} epoch(s))")
         else:
             timing = f"~{_duration(seconds)} per 10k examples ({settings.epochs} epoch(s))"
-        out.append(f"intervention ({iv.kind}): {timing}"
-                   + f"; edited model {size_text(params * BYTES[_intervention_dtype(settings)])} ({_intervention_dtype(settings)})"
+        dtype = _intervention_dtype(settings)
+        out.append(f"intervention ({iv.kind}): {timing}; edited model {size_text(params * BYTES[dtype])} ({dtype})"
                    + _checkpoint_note(iv.kind, settings, check))
     for name, table in config.ground_truth.tables.items() if runs("ground_truth") else ():
         if table.lm_eval is not None:

@@ -313,19 +313,29 @@ def missing_inputs(config: RunConfig) -> list[str]:
             if spec and not spec.startswith("hf:") and not Path(spec).exists()]
 
 
+def hub_model_problems(config: RunConfig, models: dict[str, Any] | None = None) -> list[str]:
+    """The run's hub models (those not given as objects in ``models``, nor written by the intervention, nor
+    refused already by ``check_model_spec``) that can be neither found in the local hub cache nor downloaded
+    (``hub_model_problem``: one request to the hub, none with HF_HUB_OFFLINE set)."""
+    from mneme_plugin.activations.models import check_model_spec, hub_model_problem
+
+    problems = []
+    for which in ("base", "edited"):
+        spec = getattr(config.models, which)
+        if (not spec or (models is not None and which in models) or (which == "edited" and config.intervention is not None)
+                or check_model_spec(spec, f"models.{which}")):
+            continue
+        problem = hub_model_problem(spec)
+        if problem:
+            problems.append(f"models.{which}: {problem}")
+    return problems
+
+
 def validate_for_run(config: RunConfig, stages: list[Stage], models: dict[str, Any] | None = None) -> None:
     """Refuse to start a run whose config has problems (``config_problems``), or whose hub models can be
     neither found in the local hub cache nor downloaded (``hub_model_problem``: one request to the hub,
     so not in a dry run, which checks offline)."""
-    from mneme_plugin.activations.models import hub_model_problem
-
-    problems = config_problems(config, models) + missing_inputs(config)
-    for which in ("base", "edited"):
-        spec = getattr(config.models, which)
-        if spec and (models is None or which not in models) and not (which == "edited" and config.intervention is not None):
-            problem = hub_model_problem(spec)
-            if problem and not any(p.startswith(f"models.{which}:") for p in problems):
-                problems.append(f"models.{which}: {problem}")
+    problems = config_problems(config, models) + missing_inputs(config) + hub_model_problems(config, models)
     if problems:
         raise ConfigError("The run config has problems; nothing was run:\n  " + "\n  ".join(problems)
                           + f"\n{relative_paths_note()}")
