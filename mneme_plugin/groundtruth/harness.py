@@ -19,6 +19,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -242,6 +246,58 @@ def planned_tasks(config: LMEvalConfig) -> list[str] | None:
     return sorted(leaves) if kinds <= {"TASK", "PY_TASK"} else None
 
 
+# lm-eval's `dataset_path` values that read local files through `dataset_kwargs.data_files` (datasets' builders).
+LOCAL_DATA_BUILDERS = ("json", "csv", "parquet")
+
+
+def local_task_size(config: LMEvalConfig, task: str) -> int | None:
+    """How many documents lm-eval evaluates for ``task`` (one indexed task, not a group) when its YAML reads
+    local data files (``dataset_path: json``, ``csv`` or ``parquet`` with ``dataset_kwargs.data_files``):
+    the rows of the split it evaluates (``test_split``, else ``validation_split``), before ``limit`` and
+    any ``process_docs``. None when it reads a hub dataset or the files cannot be counted (missing, a
+    glob, another format)."""
+    entry = getattr(_indexed_tasks(config), "task_index", {}).get(task)
+    settings = getattr(entry, "cfg", None) or {}
+    builder = settings.get("dataset_path")
+    if builder not in LOCAL_DATA_BUILDERS:
+        return None
+    files = (settings.get("dataset_kwargs") or {}).get("data_files")
+    split = settings.get("test_split") or settings.get("validation_split")
+    if isinstance(files, dict):
+        files = files.get(split)
+    elif split != "train":  # datasets names the split of files given without one "train"
+        return None
+    files = [files] if isinstance(files, str) else files
+    if not files or not all(isinstance(f, str) for f in files):
+        return None
+    counts = [_data_file_rows(Path(f), builder) for f in files]
+    return None if None in counts else sum(counts)
+
+
+def _data_file_rows(path: Path, builder: str) -> int | None:
+    """Rows datasets' ``builder`` reads from one local file: JSON lines or a JSON array, CSV rows after
+    the header, a Parquet file's row count; None when it is not a readable file."""
+    if not path.is_file():
+        return None
+    try:
+        if builder == "parquet":
+            import pyarrow.parquet as pq
+
+            return pq.ParquetFile(path).metadata.num_rows
+        with path.open(encoding="utf-8") as lines:
+            if builder == "csv":
+                import csv
+
+                return max(sum(1 for _ in csv.reader(lines)) - 1, 0)
+            head = lines.read(1 << 12).lstrip()
+            lines.seek(0)
+            if head.startswith("["):
+                return len(json.load(lines))
+            return sum(1 for line in lines if line.strip())
+    except (ImportError, OSError, UnicodeDecodeError, ValueError):
+        return None
+
+
 def _model_args(config: LMEvalConfig, model: str) -> dict[str, Any]:
     """lm-eval's ``hf`` model arguments: ``dtype`` resolved (``auto``: bfloat16 on CUDA, float32
     elsewhere), ``model_args`` over them."""
@@ -269,7 +325,8 @@ def run_lm_eval(config: LMEvalConfig, model: str, cache: Path, manager: Any) -> 
     optional = {"system_instruction": config.system_instruction, "gen_kwargs": config.gen_kwargs or None,
                 "fewshot_as_multiturn": config.fewshot_as_multiturn}
     tracker = EvaluationTracker()  # records what the prompts were built with, as lm-eval's CLI does
-    with hub_cache_when_unreachable(model, revision):  # lm-eval loads through transformers, in this process
+    # lm-eval loads through transformers, in this process.
+    with hub_cache_when_unreachable(model, revision), _quiet_git_probe():
         try:
             out = lm_eval.simple_evaluate(
                 model="hf", model_args=_model_args(config, model), tasks=list(config.tasks),
@@ -302,6 +359,36 @@ def run_lm_eval(config: LMEvalConfig, model: str, cache: Path, manager: Any) -> 
     safe = json.loads(json.dumps(out, default=str))
     safe[PER_SAMPLE_KEY] = per_sample
     return safe
+
+
+@contextmanager
+def _quiet_git_probe() -> Iterator[None]:
+    """lm-eval records the git commit of the working directory (``git describe``), and git prints ``fatal: not
+    a git repository`` outside one: once per model, alarming and of no use here. Its probe runs with file
+    descriptor 2 sent to the null device; lm-eval's own logging and progress bars are untouched."""
+    import lm_eval.evaluator as evaluator
+
+    probe = getattr(evaluator, "get_git_commit_hash", None)
+    if probe is None:  # another lm-eval version: nothing to quiet
+        yield
+        return
+
+    def quiet() -> Any:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        try:
+            with open(os.devnull, "w") as null:
+                os.dup2(null.fileno(), 2)
+                return probe()
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+    evaluator.get_git_commit_hash = quiet
+    try:
+        yield
+    finally:
+        evaluator.get_git_commit_hash = probe
 
 
 def _prompt_records(tracker: Any, samples: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:

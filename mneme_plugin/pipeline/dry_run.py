@@ -491,23 +491,32 @@ def _sft_examples(settings: Any) -> int | None:
 
 
 def _lm_eval_questions(config: LMEvalConfig) -> int:
-    """About how many questions lm-eval asks each model for ``config`` (an ``LMEvalConfig``): the known
-    benchmarks' sizes (1,000 for another task), cut by ``limit``, which lm-eval applies per task: a group
-    with ``limit: 50`` asks 50 per task it runs (MMLU-Pro's 14: 700), counted from lm-eval's task index."""
-    from mneme_plugin.groundtruth.harness import planned_tasks
+    """About how many questions lm-eval asks each model for ``config`` (an ``LMEvalConfig``): a local task's
+    rows (``harness.local_task_size``: a task named like a benchmark but reading a small local file counts
+    that file), else the known benchmarks' sizes (1,000 for another task), cut by ``limit``, which lm-eval
+    applies per task: a group with ``limit: 50`` asks 50 per task it runs (MMLU-Pro's 14: 700), counted
+    from lm-eval's task index (offline, cached per process: the dry run's task checks built it)."""
+    from mneme_plugin.groundtruth.harness import local_task_size, planned_tasks
+
+    def limited(size: int) -> int:
+        if config.limit is None:
+            return size
+        return int(size * config.limit) if config.limit < 1 else min(size, int(config.limit))
 
     total = 0
     for name in config.tasks:
+        try:
+            leaves = planned_tasks(config.replace(tasks=[name]))
+            local = [local_task_size(config, leaf) for leaf in leaves or ()]
+        except ImportError:
+            leaves, local = None, []
+        if local and None not in local:
+            total += sum(limited(size) for size in local)
+            continue
         full = LM_EVAL_QUESTIONS.get(name, 1000)
-        if config.limit is None:
-            total += full
-        elif config.limit < 1:
-            total += int(full * config.limit)
+        if config.limit is None or config.limit < 1:
+            total += limited(full)
         else:
-            try:  # offline, cached per process (the dry run's task checks built it)
-                leaves = planned_tasks(config.replace(tasks=[name]))
-            except ImportError:
-                leaves = None
             total += min(full, int(config.limit) * len(leaves or [name]))
     return total
 

@@ -27,7 +27,8 @@ def test_mcnemar_and_z_against_hand_computations():
     assert z_test_p(0.8, 0.5, 0.1, 0.1) == pytest.approx(0.5 * __import__("math").erfc(0.3 / 2**0.5 / 2**0.5 / 0.1))
 
 
-def test_lm_eval_on_two_tiny_models_gives_the_table(tmp_path, tiny_tokenizer):
+def test_lm_eval_on_two_tiny_models_gives_the_table(tmp_path, tiny_tokenizer, monkeypatch, capfd):
+    monkeypatch.chdir(tmp_path)  # outside any git checkout, where lm-eval's commit probe makes git complain
     tasks = tmp_path / "tasks"
     tasks.mkdir()
     write_lm_eval_task(tasks, "toy_animals", 16, seed=0)
@@ -38,6 +39,9 @@ def test_lm_eval_on_two_tiny_models_gives_the_table(tmp_path, tiny_tokenizer):
                        include_path=[str(tasks)], include_defaults=False, batch_size=8, device="cpu")
     out = tmp_path / "gt"
     table = lm_eval_ground_truth(cfg, out)
+    # git's "fatal: not a git repository" from that probe stays off the terminal; lm-eval still records no commit.
+    assert "not a git repository" not in capfd.readouterr().err
+    assert json.loads((out / RESULTS_JSON["before"]).read_text()).get("git_hash") is None
 
     assert sorted(table["category"]) == ["toy_animals", "toy_roads"]
     for side, column in (("before", "before"), ("after", "after")):
@@ -529,3 +533,40 @@ def test_lm_eval_reads_a_cached_hub_model_from_the_cache_when_the_hub_cannot_be_
     assert "Retrying" not in run.stderr, run.stderr[-3000:]
     assert (f"The hub ({endpoint}) cannot be reached" in run.stderr
             and f"loading someone/tiny-base from the local Hugging Face cache, commit {'d' * 40}" in run.stderr)
+
+
+def test_local_task_size_counts_the_rows_of_the_split_lm_eval_evaluates(tmp_path):
+    """JSON lines, a JSON array, CSV (less its header) and Parquet files of the evaluated split, checked against
+    the documents lm-eval's own task builds from the same YAML; a hub dataset or a missing file gives None."""
+    import pandas as pd
+    from lm_eval.tasks import TaskManager
+
+    from mneme_plugin.groundtruth.harness import local_task_size
+
+    rows = [{"q": f"the cat sees {i}", "choices": ["a", "b"], "answer": i % 2} for i in range(9)]
+    (tmp_path / "lines.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + "\n")
+    (tmp_path / "array.json").write_text(json.dumps(rows[:5]))
+    pd.DataFrame({"q": [r["q"] for r in rows[:4]], "answer": [0] * 4}).to_csv(tmp_path / "table.csv", index=False)
+    pd.DataFrame({"q": [r["q"] for r in rows[:6]], "answer": [0] * 6}).to_parquet(tmp_path / "table.parquet")
+    body = ("output_type: multiple_choice\ndoc_to_text: \"{{q}}\"\ndoc_to_choice: [\"a\", \"b\"]\n"
+            "doc_to_target: answer\nmetric_list:\n  - metric: acc\n")
+    specs = {"t_lines": ("json", f"{{test: {tmp_path / 'lines.jsonl'}, validation: {tmp_path / 'array.json'}}}", "test"),
+             "t_array": ("json", str(tmp_path / "array.json"), "train"),
+             "t_val": ("json", f"{{validation: [{tmp_path / 'array.json'}, {tmp_path / 'lines.jsonl'}]}}", None),
+             "t_csv": ("csv", f"{{test: {tmp_path / 'table.csv'}}}", "test"),
+             "t_parquet": ("parquet", f"{{test: {tmp_path / 'table.parquet'}}}", "test")}
+    for name, (builder, files, split) in specs.items():
+        (tmp_path / f"{name}.yaml").write_text(
+            f"task: {name}\ndataset_path: {builder}\ndataset_kwargs:\n  data_files: {files}\n"
+            + (f"test_split: {split}\n" if split else "validation_split: validation\n") + body)
+    (tmp_path / "t_missing.yaml").write_text(f"task: t_missing\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+                                             f"    test: {tmp_path / 'gone.jsonl'}\ntest_split: test\n" + body)
+    (tmp_path / "t_hub.yaml").write_text("task: t_hub\ndataset_path: cais/wmdp\ndataset_name: wmdp-bio\ntest_split: test\n" + body)
+    config = LMEvalConfig(base="b", edited="e", tasks=list(specs), include_path=[str(tmp_path)], include_defaults=False)
+    sizes = {name: local_task_size(config, name) for name in [*specs, "t_missing", "t_hub", "not_a_task"]}
+    assert sizes == {"t_lines": 9, "t_array": 5, "t_val": 14, "t_csv": 4, "t_parquet": 6, "t_missing": None,
+                     "t_hub": None, "not_a_task": None}
+    # lm-eval's own tasks agree (the CSV and Parquet tasks read text only; the counts are what matters here).
+    built = TaskManager(include_path=str(tmp_path), include_defaults=False).load_task_or_group(["t_lines", "t_array", "t_val"])
+    documents = {name: len(list(task.eval_docs)) for name, task in built.items()}
+    assert documents == {"t_lines": 9, "t_array": 5, "t_val": 14}, documents

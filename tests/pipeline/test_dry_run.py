@@ -332,3 +332,26 @@ def test_the_edited_model_and_its_checkpoints_are_sized_in_the_dtype_the_interve
         assert abs(wide[checkpoints] / gpu[checkpoints] - 2) < 0.01, settings
         recipe["intervention"]["settings"] = {k: v for k, v in recipe["intervention"]["settings"].items()
                                               if k not in settings}
+
+
+def test_the_lm_eval_estimate_counts_the_rows_of_local_tasks_named_like_benchmarks(tmp_path):
+    """A local task named like a benchmark (the smoke recipes' `wmdp_bio` of 12 rows) counts its file's rows,
+    not the benchmark's 1,273; a group of local tasks counts its members' rows, `limit` cutting each; a
+    task whose data cannot be counted keeps the known size."""
+    from mneme_plugin.groundtruth.harness import LMEvalConfig
+    from mneme_plugin.pipeline.dry_run import LM_EVAL_QUESTIONS, _lm_eval_questions
+    from tests.helpers import write_lm_eval_group, write_lm_eval_task
+
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    sizes = {"wmdp_bio": 12, "wmdp_cyber": 30, "mmlu_anatomy": 7}
+    for seed, (name, n) in enumerate(sizes.items()):
+        write_lm_eval_task(tasks, name, n=n, seed=seed)
+    write_lm_eval_group(tasks, "wmdp", ["wmdp_bio", "wmdp_cyber"])
+    config = LMEvalConfig(base="b", edited="e", tasks=["wmdp", "mmlu_anatomy"], include_path=[str(tasks)],
+                          include_defaults=False)
+    assert _lm_eval_questions(config) == 12 + 30 + 7
+    assert _lm_eval_questions(config.replace(limit=10)) == 10 + 10 + 7
+    assert _lm_eval_questions(config.replace(limit=0.5)) == 6 + 15 + 3
+    (tasks / "wmdp_cyber.jsonl").unlink()  # not countable: the group falls back to the benchmark's size
+    assert _lm_eval_questions(config) == LM_EVAL_QUESTIONS["wmdp"] + 7
