@@ -391,7 +391,7 @@ def clean(run_dir: str, cache: bool, stages: tuple[str, ...], checkpoints: bool,
 
 def _clean_checkpoints(root: Path, dry_run: bool) -> None:
     from mneme_plugin.checkpoints import CHECKPOINT_DIR
-    from mneme_plugin.crosscoder.training import remove_finished_checkpoints
+    from mneme_plugin.crosscoder.files import remove_finished_checkpoints
     from mneme_plugin.files import output_lock, size_text
     from mneme_plugin.layout import RunLayout
 

@@ -95,7 +95,7 @@ def _pipeline_summary(path: Path) -> list[str]:
 def _finished_checkpoints(layout) -> list[str]:  # noqa: ANN001
     """The checkpoints a finished training left (earlier versions, or ``keep_finished_checkpoints``)."""
     from mneme_plugin.checkpoints import CHECKPOINT_DIR
-    from mneme_plugin.crosscoder.training import remove_finished_checkpoints, training_finished
+    from mneme_plugin.crosscoder.files import remove_finished_checkpoints, training_finished
 
     run = layout.crosscoder_run
     size = remove_finished_checkpoints(run, dry_run=True) if training_finished(run) else 0
@@ -130,7 +130,7 @@ def _unfinished_stages(layout, done: set[str]) -> list[str]:  # noqa: ANN001
     """The long stages a run left unfinished (an interrupted `mneme run`): where they stopped."""
     from mneme_plugin.activations.store import MANIFEST, read_manifest
     from mneme_plugin.checkpoints import latest_checkpoint
-    from mneme_plugin.crosscoder.training import FINAL_DIR
+    from mneme_plugin.crosscoder.files import FINAL_DIR
     from mneme_plugin.errors import MnemeError
 
     lines = []
@@ -452,8 +452,7 @@ def folder_kind(path: str | Path) -> str | None:
     from mneme_plugin.activations.models import is_hf_model_config
     from mneme_plugin.activations.store import MANIFEST
     from mneme_plugin.checkpoints import latest_checkpoint
-    from mneme_plugin.crosscoder.model import CONFIG_FILE, WEIGHTS_FILE
-    from mneme_plugin.crosscoder.training import FINAL_DIR
+    from mneme_plugin.crosscoder.files import CONFIG_FILE, FINAL_DIR, WEIGHTS_FILE
     from mneme_plugin.layout import RunLayout
 
     path = Path(path)
@@ -497,8 +496,8 @@ def describe_path(path: str | Path) -> str:
     """A human-readable summary of what ``path`` holds (see the module docstring)."""
     from mneme_plugin.activations.models import is_hf_model_config
     from mneme_plugin.activations.store import MANIFEST
-    from mneme_plugin.crosscoder.model import CONFIG_FILE, WEIGHTS_FILE
-    from mneme_plugin.crosscoder.training import CHECKPOINT_DIR, FINAL_DIR
+    from mneme_plugin.checkpoints import CHECKPOINT_DIR
+    from mneme_plugin.crosscoder.files import CONFIG_FILE, FINAL_DIR, WEIGHTS_FILE
     from mneme_plugin.interventions.hf_models import INTERVENTION_CONFIG
     from mneme_plugin.layout import RunLayout
 

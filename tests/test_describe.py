@@ -42,6 +42,20 @@ def _info(path):
     return result.output
 
 
+def test_info_on_a_run_directory_loads_no_crosscoder_library(finished_run):
+    """`mneme info RUN` reads file names and JSON: it imports neither the crosscoder classes nor
+    dictionary_learning (whose nnsight import took 4 of its 6 seconds on 2 cores)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from mneme_plugin.describe import describe_path; text = describe_path(sys.argv[1]); "
+            "print(sorted(m for m in ('dictionary_learning', 'nnsight', 'mneme_plugin.crosscoder.model') "
+            "if m in sys.modules)); print('stage harvest' in text)")
+    out = subprocess.run([sys.executable, "-c", code, str(finished_run[0])], capture_output=True, text=True,
+                         check=True).stdout.split("\n")
+    assert out[:2] == ["[]", "True"], out
+
+
 def test_info_describes_every_stage_output(finished_run):
     """`mneme info` knew stores, crosscoders, training runs and run directories only: on the folder of
     any later stage (or a plain model folder) it answered with an error."""

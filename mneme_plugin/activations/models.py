@@ -17,13 +17,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from mneme_plugin.errors import ConfigError, LayerOutOfRangeError, ModelMismatchError
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+if TYPE_CHECKING:  # torch is imported where a model is loaded or run: `mneme info` and the dry run need none of it
+    import torch
 
 
 class _StopForward(Exception):
@@ -322,7 +321,7 @@ def load_model(model: Any, device: str = "cpu", dtype: str = "float32", role: st
         device = str(resolve_device(device))
         try:
             with hub_cache_when_unreachable(model):
-                bridge = TransformerBridge.boot_transformers(model, device=device, dtype=_DTYPES[dtype])
+                bridge = TransformerBridge.boot_transformers(model, device=device, dtype=_torch_dtype(dtype))
         except (OSError, HFValidationError) as err:
             where = "model folder" if spec.kind == "local" else "hub model"
             who = "" if role == "model" else f"{role} "
@@ -364,10 +363,21 @@ def model_tokenizer(model: Any) -> Any:
 
 
 def model_device(model: Any) -> torch.device:
+    import torch
+
     try:
         return next(model.parameters()).device
     except StopIteration:
         return torch.device("cpu")
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    import torch
+
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name not in dtypes:
+        raise ConfigError(f"Model dtype {name!r} is not one of {sorted(dtypes)}.")
+    return dtypes[name]
 
 
 def _vocab_size(model: Any) -> int:
@@ -430,7 +440,6 @@ def check_hook(model: Any, hook_name: str) -> None:
         )
 
 
-@torch.no_grad()
 def forward_to_hook(model: Any, tokens: torch.Tensor, hook_name: str) -> torch.Tensor:
     """Activations at ``hook_name`` for ``tokens`` (B, T), without running later layers.
 
@@ -443,8 +452,10 @@ def forward_to_hook(model: Any, tokens: torch.Tensor, hook_name: str) -> torch.T
         captured["x"] = activation.detach()
         raise _StopForward
 
+    import torch
+
     try:
-        with model.hooks(fwd_hooks=[(hook_name, grab)]):
+        with torch.no_grad(), model.hooks(fwd_hooks=[(hook_name, grab)]):
             model(tokens.to(model_device(model)), return_type=None)
     except _StopForward:
         pass

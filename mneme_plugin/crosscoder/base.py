@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from mneme_plugin.crosscoder.config import CrossCoderConfig
+from mneme_plugin.crosscoder.files import CONFIG_FILE, WEIGHTS_FILE
 from mneme_plugin.crosscoder.normalizers import NORMALIZERS
 from mneme_plugin.crosscoder.salience import SALIENCE_MODES
 from mneme_plugin.errors import CheckpointError, ConfigError
@@ -31,8 +32,6 @@ from mneme_plugin.files import atomic_write, atomic_write_text, read_json
 
 FORMAT_NAME = "mneme-crosscoder"
 FORMAT_VERSION = 1
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
 TENSOR_NAMES = ("W_enc", "b_enc", "W_dec", "b_dec", "threshold", "activation_scale")
 # Tensors that may hold +inf: a threshold no code reaches (an SAE-Lens export gives a latent whose
 # decoder is zero the threshold +inf, and its import keeps it).

@@ -27,6 +27,9 @@ from tqdm.auto import tqdm
 
 from mneme_plugin.activations.store import ActivationStore
 from mneme_plugin.crosscoder.config import CrossCoderConfig, TrainingConfig
+from mneme_plugin.crosscoder.files import (  # noqa: F401  (re-exported: where they were defined before)
+    FINAL_DIR, METRICS_FILE, remove_finished_checkpoints, training_finished,
+)
 from mneme_plugin.crosscoder.distributed import DistributedBatchTopKCrossCoderTrainer, check_divisible, rank_slices
 from mneme_plugin.crosscoder.metrics import (
     EVAL_HELD_OUT,
@@ -56,8 +59,6 @@ logger = logging.getLogger("mneme_plugin")
 TrainingData = Union[str, os.PathLike, ActivationStore, Iterable[torch.Tensor]]
 StepCallback = Callable[[int, BatchTopKCrossCoderTrainer], None]
 
-FINAL_DIR = "crosscoder"
-METRICS_FILE = "metrics.json"
 RUN_CONFIG_FILE = "train_config.json"
 
 
@@ -210,12 +211,6 @@ def _require_room(run_dir: Path, crosscoder: CrossCoderConfig, training: Trainin
                        "(training.keep_checkpoints in the YAML) or none (training.checkpoint_every: 0)")
 
 
-def training_finished(run_dir: str | os.PathLike[str]) -> bool:
-    """Whether the training run in ``run_dir`` has finished: its crosscoder and metrics are written (a resumed
-    run then loads them)."""
-    return (Path(run_dir) / FINAL_DIR).is_dir() and (Path(run_dir) / METRICS_FILE).is_file()
-
-
 def _remove_finished_checkpoints(run_dir: Path, training: TrainingConfig) -> None:
     """Once the crosscoder and its metrics are written, its resume checkpoints serve nothing (a finished run
     loads the crosscoder; another config starts over): remove them unless ``keep_finished_checkpoints``."""
@@ -223,24 +218,6 @@ def _remove_finished_checkpoints(run_dir: Path, training: TrainingConfig) -> Non
     if size:
         logger.info("Removed the training checkpoints (%s; training.keep_finished_checkpoints keeps them).",
                     size_text(size))
-
-
-def remove_finished_checkpoints(run_dir: str | os.PathLike[str], dry_run: bool = False) -> int:
-    """Delete the checkpoints of a finished training run (its crosscoder and metrics written) and return the
-    bytes they held (0 when there are none; with ``dry_run`` delete nothing): what runs of earlier versions,
-    or with ``keep_finished_checkpoints``, leave behind (`mneme clean --checkpoints`). An unfinished run's
-    checkpoints are what resumes it: refused (CheckpointError)."""
-    run_dir = Path(run_dir)
-    folder = run_dir / CHECKPOINT_DIR
-    if not folder.is_dir():
-        return 0
-    if not training_finished(run_dir):
-        raise CheckpointError(f"The training run in {run_dir} has not finished (no {FINAL_DIR}/ and {METRICS_FILE}): "
-                              "its checkpoints are what resumes it; train again to finish it, or delete the run.")
-    size = tree_size(folder)
-    if not dry_run:
-        shutil.rmtree(folder)
-    return size
 
 
 def load_checkpoint(trainer: BatchTopKCrossCoderTrainer, checkpoint: Path) -> None:

@@ -175,7 +175,7 @@ def load_crosscoder(
         if not path.exists():
             raise CheckpointError(f"{path} does not exist.")
     if not (path / CONFIG_FILE).is_file():
-        from mneme_plugin.crosscoder.training import FINAL_DIR
+        from mneme_plugin.crosscoder.files import FINAL_DIR
         from mneme_plugin.layout import RunLayout
 
         # A training run directory means its final crosscoder; a `mneme run` directory, its run's.
