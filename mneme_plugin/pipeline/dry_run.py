@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 from collections.abc import Collection
@@ -501,7 +502,7 @@ def _lm_eval_questions(config: LMEvalConfig) -> int:
     def limited(size: int) -> int:
         if config.limit is None:
             return size
-        return int(size * config.limit) if config.limit < 1 else min(size, int(config.limit))
+        return math.ceil(size * config.limit) if config.limit < 1 else min(size, int(config.limit))  # lm-eval's rule
 
     total = 0
     for name in config.tasks:
