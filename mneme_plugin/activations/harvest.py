@@ -35,6 +35,7 @@ from mneme_plugin.activations.models import (
     model_name,
     model_tokenizer,
     same_model,
+    same_source,
     validate_pair,
 )
 from mneme_plugin.activations.normalization import (
@@ -248,9 +249,11 @@ def _new_manifest(ctx: HarvestContext, corpus: CorpusSource, stats: Normalizatio
 def _check_resumable(manifest: dict[str, Any], ctx: HarvestContext, path: Path) -> None:
     old, new = manifest.get("config", {}), ctx.config.content_dict()
     diffs = [f"{k}: stored {old.get(k)!r} vs now {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
-    for key, now in (("base_model", model_name(ctx.base)), ("edited_model", model_name(ctx.edited)), ("d_model", ctx.d_model)):
-        if manifest.get(key) != now:
+    for key, now in (("base_model", model_name(ctx.base)), ("edited_model", model_name(ctx.edited))):
+        if not same_source(manifest.get(key), now):
             diffs.append(f"{key}: stored {manifest.get(key)!r} vs now {now!r}")
+    if manifest.get("d_model") != ctx.d_model:
+        diffs.append(f"d_model: stored {manifest.get('d_model')!r} vs now {ctx.d_model!r}")
     if diffs:
         state = "complete" if manifest.get("complete") else "partial"
         raise ForeignOutputError(

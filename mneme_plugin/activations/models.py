@@ -327,7 +327,9 @@ def load_model(model: Any, device: str = "cpu", dtype: str = "float32", role: st
             who = "" if role == "model" else f"{role} "
             raise ConfigError(f"Cannot load the {who}{where} {model!r}: {str(err).splitlines()[0]}") from err
         bridge.eval()
-        bridge._mneme_source_name = model  # remembered for the manifest
+        # Remembered for the manifest: a local folder by its absolute path, so a store harvested from `base` in
+        # one working directory is not taken for one of another directory's `base` (``same_source``).
+        bridge._mneme_source_name = str(Path(model).expanduser().resolve()) if spec.kind == "local" else model
         return bridge
     if not hasattr(model, "hook_dict") or not hasattr(model, "cfg"):
         raise ConfigError(
@@ -348,6 +350,15 @@ def same_model(a: Any, b: Any) -> bool:
         return True
     pa, pb = Path(a).expanduser(), Path(b).expanduser()
     return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
+
+
+def same_source(recorded: Any, now: str) -> bool:
+    """Whether a model name a file recorded (a manifest's ``base_model``) is the model named ``now``
+    (``model_name``). Local folders are recorded by their absolute path; a relative path recorded by an
+    earlier version is resolved from the working directory, as it was then."""
+    if recorded == now:
+        return True
+    return isinstance(recorded, str) and not Path(recorded).is_absolute() and same_model(recorded, now)
 
 
 def model_name(model: Any) -> str:

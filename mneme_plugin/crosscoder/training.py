@@ -231,12 +231,15 @@ def load_checkpoint(trainer: BatchTopKCrossCoderTrainer, checkpoint: Path) -> No
 def _results_part(run_config: dict[str, Any]) -> dict[str, Any]:
     """What decides a run's results, from its ``train_config.json``: fields added to the configs
     since the file was written take their defaults; training fields that do not change results
-    (device, checkpoint cadence) are left out."""
+    (device, checkpoint cadence) and the store's path (its manifest's digest, ``data``, pins it) are left out."""
     try:
-        return {"crosscoder": CrossCoderConfig.from_dict(run_config.get("crosscoder")).to_dict(),
-                "training": TrainingConfig.from_dict(run_config.get("training")).result_dict()}
+        crosscoder = CrossCoderConfig.from_dict(run_config.get("crosscoder")).to_dict()
+        training = TrainingConfig.from_dict(run_config.get("training")).result_dict()
     except ConfigError:  # written by a version with other fields: compare as written
         return run_config
+    # The store's path as it was spelt (relative, absolute) decides nothing: its manifest's digest pins it.
+    crosscoder["metadata"] = {k: v for k, v in crosscoder.get("metadata", {}).items() if k != "store"}
+    return {"crosscoder": crosscoder, "training": training}
 
 
 def _check_run_config(run_dir: Path, run_config: dict[str, Any]) -> None:

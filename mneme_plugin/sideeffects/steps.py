@@ -7,7 +7,9 @@ ground truth) and write through ``save_prediction`` / ``save_evaluation``.
 
 from __future__ import annotations
 
+import logging
 import os
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -18,6 +20,8 @@ from mneme_plugin.layout import RunLayout
 from mneme_plugin.sideeffects.config import CONTROL_RULES, EvaluateConfig, PredictConfig
 from mneme_plugin.sideeffects.evaluate import Evaluation, evaluate, save_evaluation
 from mneme_plugin.sideeffects.predict import PREDICTIONS_JSON, Prediction, load_prediction, predict, save_prediction
+
+logger = logging.getLogger("mneme_plugin")
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -66,6 +70,12 @@ def pool_runs(run_dirs: list[str | os.PathLike[str]], out_dir: str | os.PathLike
         # One run counted twice would outvote the others with the same crosscoder.
         raise ConfigError(f"Run(s) given more than once: {repeated}. Pool runs of different crosscoders "
                           "(e.g. other training.seed values), each once.")
+    out = RunLayout(Path(out_dir))
+    if out.root.resolve() in resolved or out.config.is_file() or out.stages.is_dir():
+        # The vote would replace that run's own prediction, and every later pool would count the vote as its own.
+        raise ConfigError(f"The pooled prediction's folder {out_dir} is "
+                          + ("one of the pooled runs" if out.root.resolve() in resolved else "a `mneme run` directory")
+                          + ": its own prediction would be replaced. Give a new folder (mneme pool ... --out DIR).")
     predictions, models, crosscoders = [], {}, {}
     for run_dir in run_dirs:
         config = load_run_config(run_dir)
@@ -85,7 +95,13 @@ def pool_runs(run_dirs: list[str | os.PathLike[str]], out_dir: str | os.PathLike
         listing = "; ".join(f"{run}: {base} -> {edited}" for run, (base, edited) in models.items())
         raise ConfigError(f"The runs compare different models ({listing}): pool runs of one edit only.")
     pooled = pool_predictions(predictions, min_votes, names=[str(r) for r in resolved])
-    save_prediction(pooled, RunLayout(Path(out_dir)).prediction)
+    save_prediction(pooled, out.prediction)
+    # An earlier pool's evaluation and report in the folder describe the prediction just replaced.
+    for stale in (out.evaluation, out.report):
+        if stale.exists():
+            shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+            logger.info("Removed %s: it described the previous pooled prediction (mneme evaluate --run-dir %s).",
+                        stale, out_dir)
     return pooled
 
 

@@ -301,3 +301,26 @@ def test_a_store_larger_than_the_free_disk_is_refused_before_the_models_run(ht_p
                                              r"float32\) needs ~.* PiB more in .*train while harvesting"):
         harvest(*ht_pair, corpus, config, tmp_path / "big", progress=False)
     assert not (tmp_path / "big" / "manifest.json").exists()
+
+
+def test_a_store_knows_its_local_models_by_folder_not_by_how_the_path_was_spelt(llama_dir, tiny_tokenizer, corpus,
+                                                                                 tmp_path, monkeypatch):
+    """Harvested from `base` and `edited` (relative) in one directory: another directory's `base` (another model)
+    is refused, not taken for it ("already complete"); the same folders spelt absolute are the same models."""
+    import shutil
+
+    from tests.helpers import save_tiny_llama
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    shutil.copytree(llama_dir, first / "base")
+    save_tiny_llama(first / "edited", tiny_tokenizer, n_layers=2, hidden_size=32, seed=3)
+    shutil.copytree(first / "edited", second / "edited")
+    save_tiny_llama(second / "base", tiny_tokenizer, n_layers=2, hidden_size=32, seed=5)  # another model
+    store = tmp_path / "store"
+    monkeypatch.chdir(first)
+    harvest("base", "edited", corpus, cfg(), store, progress=False)
+    assert ActivationStore(store).manifest["base_model"] == str(first / "base")
+    assert harvest(str(first / "base"), str(first / "edited"), corpus, cfg(), store, progress=False).complete
+    monkeypatch.chdir(second)
+    with pytest.raises(ForeignOutputError, match=r"base_model: stored .*first/base.* vs now .*second/base"):
+        harvest("base", "edited", corpus, cfg(), store, progress=False)

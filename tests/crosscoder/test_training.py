@@ -87,13 +87,18 @@ def test_a_finished_run_removes_its_checkpoints_even_after_a_kill_before_they_we
     assert torch.equal(again.crosscoder.W_dec, done.crosscoder.W_dec)
 
 
-def test_finished_run_is_loaded_and_a_changed_config_refused(tiny_store, tmp_path):
+def test_finished_run_is_loaded_and_a_changed_config_refused(tiny_store, tmp_path, monkeypatch):
     cc = CrossCoderConfig(expansion_factor=2, k=4)
     first = train(tiny_store, tmp_path / "run", cc, _small_training(steps=20), progress=False)
     calls = []
     again = train(tiny_store, tmp_path / "run", cc, _small_training(steps=20), progress=False,
                   on_step=lambda step, trainer: calls.append(step))
     assert calls == [] and torch.equal(again.crosscoder.W_dec, first.crosscoder.W_dec)
+    # The same store spelt another way (a relative path from its parent) is the same store: loaded, not refused.
+    monkeypatch.chdir(tiny_store.path.parent)
+    relative = train(tiny_store.path.name, tmp_path / "run", cc, _small_training(steps=20), progress=False,
+                     on_step=lambda step, trainer: calls.append(step))
+    assert calls == [] and torch.equal(relative.crosscoder.W_dec, first.crosscoder.W_dec)
     refusal = r"another config .*training\.steps: stored 20 vs now 30.*--no-resume"
     with pytest.raises(ConfigError, match=refusal) as refused:
         train(tiny_store, tmp_path / "run", cc, _small_training(steps=30), progress=False)

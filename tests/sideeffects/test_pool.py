@@ -105,8 +105,21 @@ def test_mneme_pool_then_evaluate_on_the_command_line(tmp_path):
     report = CliRunner().invoke(main, ["report", "--run-dir", str(tmp_path / "pooled")])
     assert report.exit_code == 0, report.output
     assert "law" in (tmp_path / "pooled" / "report.html").read_text()
+    # Pooling again into the same folder replaces the prediction and drops the evaluation and report of the old one.
+    result = CliRunner().invoke(main, ["pool", dirs[1], dirs[2], "--out", str(tmp_path / "pooled")])
+    assert result.exit_code == 0, result.output
+    pooled = RunLayout(tmp_path / "pooled")
+    assert load_prediction(pooled.prediction).predicted == ["law"]  # history: 1 of 2 now
+    assert not pooled.evaluation.exists() and not pooled.report.exists()
     result = CliRunner().invoke(main, ["pool", dirs[0], "--out", str(tmp_path / "one")])
     assert result.exit_code != 0 and "at least 2" in result.output
+    # A pooled run as --out would have its own prediction replaced by the vote (and vote with it next time).
+    before = (RunLayout(dirs[2]).prediction / "predictions.json").read_text()
+    result = CliRunner().invoke(main, ["pool", *dirs, "--out", dirs[2]])
+    assert result.exit_code != 0 and "one of the pooled runs" in result.output, result.output
+    result = CliRunner().invoke(main, ["pool", dirs[0], dirs[1], "--out", dirs[2]])
+    assert result.exit_code != 0 and "a `mneme run` directory" in result.output, result.output
+    assert (RunLayout(dirs[2]).prediction / "predictions.json").read_text() == before
 
 
 def test_evaluate_without_config_reads_the_run_directorys_own_sections(tmp_path):
