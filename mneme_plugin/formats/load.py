@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 from mneme_plugin.crosscoder.base import CONFIG_FILE, FORMAT_NAME, WEIGHTS_FILE, CrossCoder
 from mneme_plugin.errors import CheckpointError
 from mneme_plugin.files import refuse_overwrite
-from mneme_plugin.formats import kissane, saelens, science_of_finetuning
+from mneme_plugin.formats import dictionary_learning, kissane, saelens, science_of_finetuning
 from mneme_plugin.formats.common import download_from_hub, load_tensors, looks_like_hub_id
 
 Detector = Callable[[Path], bool]
@@ -126,6 +126,11 @@ register_format(
 register_format(
     "saelens", _detect_saelens, lambda path: saelens.load_saelens_export(_folder_of(path)),
     expected="cfg.json + sae_weights.safetensors (a mneme SAE-Lens export)", title="mneme SAE-Lens export",
+)
+register_format(
+    "dictionary-learning", dictionary_learning.is_trainsae_folder, dictionary_learning.load_trainsae_output,
+    expected="config.json + ae.pt (dictionary_learning's trainSAE with BatchTopKCrossCoderTrainer)",
+    title="trainSAE output",
 )
 register_format(
     "kissane", _detect_kissane, kissane.load_kissane, options=("scale_factors",),
