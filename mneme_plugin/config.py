@@ -204,6 +204,38 @@ class ConfigMixin:
     runtime_fields: ClassVar[tuple[str, ...]] = ()
     later_fields: ClassVar[tuple[str, ...]] = ()
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # A config built in Python (`TrainingConfig(steps=20.5)`) is checked as `from_dict` checks a YAML one:
+        # its field types first, then the class's own `__post_init__` (its ranges and relations).
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("__post_init__")
+        if own is None and hasattr(cls, "__post_init__"):
+            return  # inherited from a config class, which checks already
+
+        def __post_init__(self: Any) -> None:
+            self._check_field_types()
+            if own is not None:
+                own(self)
+
+        cls.__post_init__ = __post_init__  # type: ignore[attr-defined]
+
+    def _check_field_types(self) -> None:
+        """Each field's value as its annotation says (numbers given as strings read as numbers, nested
+        configs given as mappings built), or ConfigError naming the field, the value and the type."""
+        hints = _field_types(type(self))
+        for field in dataclasses.fields(self):  # type: ignore[arg-type]
+            if not field.init:
+                continue
+            value = getattr(self, field.name)
+            tp = hints.get(field.name, Any)
+            try:
+                coerced = _coerce(value, tp, field.name)
+            except _Mismatch:
+                raise ConfigError(f"{type(self).__name__}.{field.name} = {value!r} ({type(value).__name__}): "
+                                  f"expected {_type_name(tp)}.") from None
+            if coerced is not value:
+                object.__setattr__(self, field.name, coerced)
+
     def to_dict(self) -> dict[str, Any]:
         return {field.name: _plain(getattr(self, field.name)) for field in dataclasses.fields(self)}  # type: ignore[arg-type]
 
@@ -259,6 +291,12 @@ class ConfigMixin:
             if section and not str(err).startswith(f"[{section}]"):
                 raise ConfigError(f"[{section}] {err}") from err
             raise
+
+    @classmethod
+    def of(cls: type[T], value: Any) -> T:
+        """``value`` when it is this config, else the config ``from_dict`` builds from it (a mapping; None: the
+        defaults): what the stage functions take, as YAML sections map onto their configs."""
+        return value if isinstance(value, cls) else cls.from_dict(value)
 
     def replace(self: T, **changes: Any) -> T:
         """A copy with some fields changed (validated again)."""

@@ -47,14 +47,22 @@ def _store_summary(path: Path) -> list[str]:
     return lines
 
 
-def _crosscoder_summary(path: Path) -> list[str]:
+def _crosscoder_summary(path: Path, fmt: str | None = None) -> list[str]:
+    """A crosscoder folder: ours, or (``fmt``) one of another registered format, read by ``load_crosscoder``."""
     from mneme_plugin.crosscoder import CrossCoder
 
-    model = CrossCoder.from_pretrained(path)
+    if fmt is None:
+        model = CrossCoder.from_pretrained(path)
+    else:
+        from mneme_plugin.formats import load_crosscoder
+        from mneme_plugin.formats.load import FORMAT_REGISTRY
+
+        model = load_crosscoder(path)
     cfg = model.cfg
     threshold = float(model.threshold)
     lines = [
-        f"Crosscoder {path}",
+        f"Crosscoder {path}" + (f" ({FORMAT_REGISTRY[fmt].title}: load_crosscoder reads it; `mneme import {path} "
+                                f"--out DIR` converts it)" if fmt else ""),
         f"  {type(model).__name__}: d={cfg.activation_dim}, latents={cfg.dict_size}, k={cfg.k}, "
         f"salience={cfg.salience}, dtype={cfg.dtype}",
         f"  inference threshold: {threshold:.4g}" if threshold >= 0 else "  inference threshold: not estimated",
@@ -106,20 +114,36 @@ def _finished_checkpoints(layout) -> list[str]:  # noqa: ANN001
 
 
 def _evaluation_lines(folder: Path) -> list[str]:
-    """The evaluation(s) of an ``evaluation/`` folder: truth, prediction and each method's metrics."""
+    """The evaluation(s) of an ``evaluation/`` folder: truth, prediction and each method's metrics (and whether
+    the prediction beside it, in a run directory, is still the one they scored)."""
     from mneme_plugin.errors import MnemeError
-    from mneme_plugin.sideeffects import load_evaluations
+    from mneme_plugin.layout import RunLayout
+    from mneme_plugin.sideeffects import load_evaluations, load_prediction
+    from mneme_plugin.sideeffects.evaluate import evaluated_other_prediction
+    from mneme_plugin.sideeffects.predict import PREDICTIONS_JSON
 
     try:
         evaluations = load_evaluations(folder)
     except MnemeError as err:
         return [f"  evaluation: unreadable ({err})"]
     lines = []
+    root = folder.parent
     for name, evaluation in evaluations.items():
         if name:
             lines.append(f"  ground truth {name} (taxonomy {evaluation.taxonomy}):")
         lines.append(f"  degraded: {', '.join(evaluation.true_set) or '(none)'}; "
                      f"predicted: {', '.join(evaluation.predicted.get('MNEME', [])) or '(none)'}")
+        beside = RunLayout(root).prediction  # or prediction/<taxonomy>/, where a run predicts in several
+        if name and evaluation.taxonomy and (beside / evaluation.taxonomy / PREDICTIONS_JSON).is_file():
+            beside = beside / evaluation.taxonomy
+        if folder.name == "evaluation" and (beside / PREDICTIONS_JSON).is_file():
+            try:
+                now = load_prediction(beside).predicted
+            except MnemeError:
+                now = None
+            if now is not None and evaluated_other_prediction(evaluation, now):
+                lines.append(f"  (this evaluation scored an earlier prediction; {beside} now predicts "
+                             f"{', '.join(now) or '(none)'}: score it with `mneme evaluate --run-dir {root}`)")
         for method, m in evaluation.rows.items():
             lines.append(f"  {method:<7} Acc {metric_text(m.accuracy)}  P {metric_text(m.precision)}  "
                          f"R {metric_text(m.recall)}  F1 {metric_text(m.f1)}")
@@ -532,6 +556,17 @@ def describe_path(path: str | Path) -> str:
     cases = _demo_cases(path)
     if cases:
         return "\n".join(_demo_output_summary(path, cases))
+    from mneme_plugin.formats import detect_format
+
+    fmt = detect_format(path) if path.is_dir() else None
+    if fmt is not None:  # an SAE-Lens export, a trainSAE output, a published crosscoder's folder
+        return "\n".join(_crosscoder_summary(path, fmt))
+    from mneme_plugin.sideeffects.remediate import REMEDIATED_MODEL
+
+    if (path / REMEDIATED_MODEL / "config.json").is_file():
+        return "\n".join(_remediation_summary(path))
+    if path.is_file() and path.parent != path:
+        return f"{path} is a file; the folder it is in:\n" + describe_path(path.parent)
     steps = sorted(p.name for p in path.glob("step_*") if (p / CONFIG_FILE).is_file())
     if steps:
         return "\n".join([f"Training checkpoints {path}: {', '.join(steps)}",
@@ -543,6 +578,21 @@ def describe_path(path: str | Path) -> str:
         "directory (.stages/ or stage folders) or stage output (attribution, contexts, explanations, mapping, "
         "prediction, evaluation)."
     )
+
+
+def _remediation_summary(path: Path) -> list[str]:
+    import pandas as pd
+
+    from mneme_plugin.sideeffects.remediate import REMEDIATED_MODEL, REMEDIATION_CSV
+
+    lines = [f"Remediation output {path} (`mneme remediate`)", f"  retrained model: {path / REMEDIATED_MODEL} "
+             "(a Hugging Face model folder: measure it as the edited one, e.g. with lm-eval)"]
+    scores = path / REMEDIATION_CSV
+    if scores.is_file():
+        table = pd.read_csv(scores)
+        lines += [f"  {row.category}: {row.before_remediation:.3f} -> {row.after_remediation:.3f}"
+                  for row in table.itertuples(index=False)]
+    return lines
 
 
 def _evaluation_summary(path: Path) -> list[str]:

@@ -167,3 +167,25 @@ def test_a_key_given_twice_in_a_taxonomy_file_is_refused(tmp_path):
     path.write_text("entries:\n- id: a\n  keywords: [x]\n  keywords: [y]\n")
     with pytest.raises(ConfigError, match=r"tax\.yaml.*key 'keywords' appears twice in one mapping \(lines 3 and 4\)"):
         load_taxonomy(path)
+
+
+def test_a_config_built_in_python_is_checked_as_a_yaml_one():
+    """`TrainingConfig(steps=20.5)` trained until `range()` failed deep in the loop, after train_config.json was
+    written; `CrossCoderConfig(k=True)` trained and saved `"k": true`. Now the types are checked on construction,
+    with from_dict's message and coercions; `Config.of` takes a config or its mapping, as the stage functions do."""
+    with pytest.raises(ConfigError, match=r"TrainingConfig\.steps = 20\.5 \(float\): expected an integer"):
+        TrainingConfig(steps=20.5)
+    with pytest.raises(ConfigError, match=r"CrossCoderConfig\.k = True \(bool\)"):
+        CrossCoderConfig(k=True)
+    with pytest.raises(ConfigError, match=r"HarvestConfig\.layer"):
+        HarvestConfig(layer=[1])
+    assert TrainingConfig(lr="1e-4", steps="20").lr == 1e-4 and TrainingConfig(steps="20").steps == 20
+    collect = CollectConfig(harvest={"layer": 2})  # a nested section given as a mapping is built
+    assert isinstance(collect.harvest, HarvestConfig) and collect.harvest.layer == 2
+    assert HarvestConfig.of({"layer": 3}) == HarvestConfig(layer=3) and CrossCoderConfig.of(None) == CrossCoderConfig()
+    same = TrainingConfig(steps=5)
+    assert TrainingConfig.of(same) is same
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        TrainingConfig.of(CrossCoderConfig())
+    with pytest.raises(ConfigError, match=r"TrainingConfig\.steps"):
+        same.replace(steps=1.5)  # replace validates again

@@ -216,3 +216,53 @@ def test_info_on_an_unfinished_demo_case_names_the_stages_done_and_those_missing
     assert summary.startswith(f"Demo case {case} (`mneme demo`)"), summary
     assert "    no stage done yet" in summary, summary
     assert f"    stages not done: harvest, train, {', '.join(later)}" in summary, summary
+
+
+def test_a_stage_command_run_into_a_run_directory_unmarks_what_no_longer_follows_its_config(finished_run, tmp_path):
+    """`mneme predict --run-dir RUN --rule ...` over a `mneme run` directory: the predict, evaluate and report
+    markers go (the prediction is not config.yaml's any more; `mneme run` redoes them, which it skipped
+    before), the stale evaluation is named by `mneme info` and left out of the report."""
+    import yaml
+
+    from mneme_plugin.report.build import gather
+
+    run, _ = finished_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    config = yaml.safe_load((run.parent / "run.yaml").read_text())
+    config["run_dir"] = str(copy)
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
+    assert gather(copy).metrics_table is not None
+    result = CliRunner().invoke(main, ["predict", "--run-dir", str(copy), "--rule", "top_k", "-k", "1"])
+    assert result.exit_code == 0, result.output
+    assert "its stage(s) predict, evaluate, report are no longer marked done" in result.output
+    assert sorted(p.stem for p in (copy / ".stages").glob("*.json")) == ["attribute", "collect", "explain", "harvest",
+                                                                         "map", "train"]
+    # This tiny run predicts nothing with either rule: the evaluation is made to have scored an earlier prediction.
+    evaluation = copy / "evaluation" / "evaluation.json"
+    stale = json.loads(evaluation.read_text())
+    stale["predicted"]["MNEME"] = ["law"]
+    evaluation.write_text(json.dumps(stale))
+    assert "this evaluation scored an earlier prediction; " in _info(copy)
+    assert gather(copy).metrics_table is None  # not the metrics of another prediction
+    # `mneme run` redoes what no longer follows config.yaml, and the evaluation scores the prediction beside it.
+    result = CliRunner().invoke(main, ["run", str(tmp_path / "run.yaml")])
+    assert result.exit_code == 0, result.output
+    assert "[map] done before with the same config: skipped" in result.output, result.output
+    assert all(f"[{stage}] running" in result.output for stage in ("predict", "evaluate", "report")), result.output
+    assert "earlier prediction" not in _info(copy) and gather(copy).metrics_table is not None
+
+
+def test_info_names_an_export_a_remediation_and_a_file_of_a_run(finished_run, tmp_path):
+    """`mneme info` said "holds nothing mneme writes" of an SAE-Lens export (which load_crosscoder reads), of a
+    `mneme remediate` output and of any file in a run directory."""
+    run, base = finished_run
+    exported = CliRunner().invoke(main, ["export", "saelens", str(run / "crosscoder_run"), "--out", str(tmp_path / "sl")])
+    assert exported.exit_code == 0, exported.output
+    folder = next(p for p in (tmp_path / "sl").iterdir() if p.is_dir())
+    summary = _info(folder)
+    assert summary.startswith(f"Crosscoder {folder} (mneme SAE-Lens export: load_crosscoder reads it") and "k=8" in summary
+    shutil.copytree(base, tmp_path / "remediated" / "model")
+    assert _info(tmp_path / "remediated").startswith(f"Remediation output {tmp_path / 'remediated'} (`mneme remediate`)")
+    summary = _info(run / "config.yaml")
+    assert summary.startswith(f"{run / 'config.yaml'} is a file; the folder it is in:\nMNEME run {run}"), summary

@@ -105,6 +105,9 @@ def test_clean_refuses_what_is_not_a_run_or_a_stage_cache_and_a_run_in_use(harve
         prune_cache(run, ["harvest"])
     no_flag = CliRunner().invoke(main, ["clean", str(run)])
     assert no_flag.exit_code == 2 and "--cache" in no_flag.output and (run / "cache").is_dir()
+    stage_only = CliRunner().invoke(main, ["clean", str(run), "--stage", "explain"])
+    assert stage_only.exit_code == 2 and "--stage chooses whose cache --cache deletes: add --cache" in stage_only.output
+    assert (run / "cache").is_dir()
 
     # A run directory another process is writing into (as `mneme run` does) is left alone.
     locked, _ = held_lock

@@ -70,8 +70,15 @@ class TokenWindow:
     mask: torch.Tensor
 
 
+def _spec_read(source: CorpusSource) -> CorpusSource:
+    """A string ``hf:NAME[@CONFIG][:SPLIT]`` read as the dataset it names (``corpus_from_spec``), so the Python
+    API takes the corpus specs the CLI and YAML take; anything else unchanged."""
+    return corpus_from_spec(source) if isinstance(source, str) and source.startswith("hf:") else source
+
+
 def describe_corpus(source: CorpusSource) -> str:
     """A short human-readable name for the manifest."""
+    source = _spec_read(source)
     if isinstance(source, HFDataset):
         return source.describe()
     if isinstance(source, (str, Path)):
@@ -93,6 +100,7 @@ def corpus_fingerprint(source: CorpusSource) -> str | None:
     purpose: a copied or touched corpus is still the same corpus. Hugging Face datasets: their name,
     config and split. Lists and tuples of records: a SHA-256 of their JSON.
     """
+    source = _spec_read(source)
     if isinstance(source, HFDataset):
         return source.describe()
     if isinstance(source, (str, Path)):
@@ -135,7 +143,8 @@ def _not_utf8(path: Path, err: UnicodeDecodeError) -> ConfigError:
 
 
 def iter_records(source: CorpusSource) -> Iterator[Any]:
-    """Raw records (strings or dicts) of a corpus source, in a fixed order."""
+    """Raw records (strings or dicts) of a corpus source (``hf:NAME[@CONFIG][:SPLIT]`` too), in a fixed order."""
+    source = _spec_read(source)
     if isinstance(source, HFDataset):
         yield from source.records()
         return

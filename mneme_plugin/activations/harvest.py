@@ -330,7 +330,9 @@ def harvest(
     one is returned as is. ``on_shard(i)`` is called after shard i is committed. A store belongs to
     one corpus: reusing or resuming it with another is refused (ForeignOutputError, a CheckpointError).
     ``out_dir`` is locked while harvesting: a second harvest into it fails at once (OutputLockedError).
+    ``config``: a HarvestConfig or its mapping (a YAML ``harvest`` section).
     """
+    config = HarvestConfig.of(config)
     dist_ctx = distributed_context(config.device)
     if dist_ctx.is_distributed:  # under torchrun: this rank's share, see activations/sharded.py
         config = config.replace(device=str(dist_ctx.device(config.device)))

@@ -165,7 +165,7 @@ def attribute(
     (the folder is locked meanwhile: a second attribution into it fails, OutputLockedError). A store
     whose harvest did not finish (or with damaged shards) is refused unless ``allow_partial``.
     """
-    cfg = config if isinstance(config, AttributionConfig) else AttributionConfig.from_dict(config)
+    cfg = AttributionConfig.of(config)
     cc = resolve_crosscoder(crosscoder)
     device = resolve_device(cfg.device)
     if cc.W_dec.device != device:

@@ -295,8 +295,7 @@ def train(
     is locked while training: a second ``train`` on it fails at once (OutputLockedError); one holding a
     run of another config, or on other activations, is refused (ForeignOutputError, a ConfigError).
     """
-    cc_cfg = crosscoder if isinstance(crosscoder, CrossCoderConfig) else CrossCoderConfig.from_dict(crosscoder)
-    tr_cfg = training if isinstance(training, TrainingConfig) else TrainingConfig.from_dict(training)
+    cc_cfg, tr_cfg = CrossCoderConfig.of(crosscoder), TrainingConfig.of(training)
     run_dir = Path(run_dir)
     # Refused before the process group starts: no rank waits for the others to learn it.
     check_divisible(tr_cfg.batch_size, job_world_size())

@@ -81,7 +81,16 @@ def save_scores(table: pd.DataFrame, path: str | os.PathLike[str]) -> Path:
     return atomic_write(path, lambda tmp: table.to_csv(tmp, index=False))
 
 
-def _check_table(table: pd.DataFrame, path: Path) -> pd.DataFrame:
+def checked_scores(table: pd.DataFrame, where: str = "the ground-truth table") -> pd.DataFrame:
+    """A copy of ``table`` checked as a ground-truth file is (category, before, after[, n]; numbers, scores in
+    [0, 1], whole question counts, each category once): what ``evaluate`` takes from Python."""
+    if not isinstance(table, pd.DataFrame):
+        raise ConfigError(f"{where} must be a pandas DataFrame (category, before, after[, n]), got "
+                          f"{type(table).__name__}; a CSV file is read by read_scores_csv.")
+    return _check_table(table.copy(), where)
+
+
+def _check_table(table: pd.DataFrame, path: Path | str) -> pd.DataFrame:
     missing = [c for c in REQUIRED_COLUMNS if c not in table.columns]
     if missing:
         raise ConfigError(f"{path} lacks column(s) {missing}; a ground-truth table needs category, before, after[, n].")

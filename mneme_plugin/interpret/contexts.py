@@ -335,6 +335,10 @@ def select_latents(attribution: Any = None, config: Any = None, width: int | Non
     if config is not None and config.latents is not None:
         return sorted({int(v) for v in config.latents})
     if attribution is None:
+        if config is not None and config.classes:
+            raise ConfigError(f"collect.classes {list(config.classes)} choose latents by their attribution class: pass "
+                              "the attribution (collect(..., attribution=DIR), --attribution), or leave classes out "
+                              "to collect every latent.")
         if width is None:
             raise ConfigError("No latents chosen: pass latents, an attribution table, or collect all (width).")
         return list(range(width))
@@ -453,6 +457,7 @@ def collect(
     from mneme_plugin.activations.models import forward_to_hook, model_name
     from mneme_plugin.crosscoder.provenance import check_model_pair
 
+    config = CollectConfig.of(config)
     cc = _load_crosscoder(crosscoder)
     cc.eval()
     check_model_pair(cc, base, edited, what="the collect")  # before loading them

@@ -25,6 +25,7 @@ import torch
 
 from mneme_plugin.errors import CheckpointError, ConfigError
 from mneme_plugin.files import atomic_write
+from mneme_plugin.interpret.config import ExplainConfig
 from mneme_plugin.interpret.contexts import TOKENIZER_DIR, LatentContexts, iter_records_delphi, load_contexts
 
 logger = logging.getLogger("mneme_plugin")
@@ -245,12 +246,17 @@ def explain(
     """
     from mneme_plugin.interpret.clients import LLM_CACHE_DIR, as_delphi_client, make_client
 
+    config = ExplainConfig.of(config)
     contexts_dir = Path(contexts_dir)
     out_dir = Path(out_dir) if out_dir is not None else contexts_dir
     contexts = load_contexts(contexts_dir)
     tok = load_tokenizer(contexts_dir, tokenizer)
     chosen = list(contexts.latents if latents is None else latents)
     info = {p["latent"]: p for p in contexts.per_latent}
+    not_collected = sorted(set(chosen) - set(info))
+    if not_collected:
+        raise ConfigError(f"Latent(s) {not_collected[:10]} were not collected in {contexts_dir} ({len(info)} were): "
+                          "explain collected latents only, or collect those first (collect.latents).")
     rows: list[dict[str, Any]] = []
     if config.explainer == "offline":
         ex = OfflineExplainer(tok, config.n_examples, config.n_terms, config.threshold,
@@ -307,6 +313,8 @@ def explain(
 
 
 def load_explanations(path: str | os.PathLike[str]) -> pd.DataFrame:
+    """The explanations table ``explain`` wrote (``latent``, ``explanation``, and the scorers' columns): from an
+    explanations folder (its parquet, else its CSV) or one such file."""
     path = Path(path)
     for name, reader in ((EXPLANATIONS_PARQUET, pd.read_parquet), (EXPLANATIONS_CSV, pd.read_csv)):
         if (path / name).is_file():

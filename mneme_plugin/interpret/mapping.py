@@ -31,6 +31,7 @@ import numpy as np
 import pandas as pd
 
 from mneme_plugin.errors import CheckpointError, ConfigError
+from mneme_plugin.interpret.config import MapConfig
 from mneme_plugin.interpret.taxonomy import Taxonomy, load_taxonomy
 
 CATEGORIES_STEM = "categories"
@@ -153,6 +154,7 @@ def map_descriptions(
     from mneme_plugin.interpret.clients import LLM_CACHE_DIR, gather_with_progress, make_client
     from mneme_plugin.interpret.explain import load_explanations
 
+    config = MapConfig.of(config)
     table = explanations if isinstance(explanations, pd.DataFrame) else load_explanations(explanations)
     if not {"latent", "explanation"} <= set(table.columns):
         raise ConfigError(f"The explanations need columns latent and explanation; got {list(table.columns)}.")

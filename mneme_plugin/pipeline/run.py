@@ -380,6 +380,30 @@ def discard_redone(planned: list[tuple[Stage, str, str]], layout: RunLayout, onl
         layout.stage_marker(stage.name).unlink(missing_ok=True)
 
 
+def unmark_written_stage(folder: str | os.PathLike[str]) -> list[str]:
+    """A stage command wrote ``folder`` (`mneme attribute --out RUN/attribution`, `mneme predict --run-dir RUN`):
+    when it is a stage's output folder (or inside one) in a `mneme run` directory, what that stage's marker and
+    the markers of the stages after it say (done, with config.yaml's settings) no longer holds. Their markers
+    are removed, so `mneme run` redoes them from config.yaml and `mneme info` lists them as not done; the
+    stages removed, in order (none for a folder of no run directory)."""
+    folder = Path(folder).resolve()
+    for root in (folder.parent, folder.parent.parent):
+        layout = RunLayout(root)
+        if not layout.stages.is_dir():
+            continue
+        names = [stage.name for stage in STAGES]
+        written = [stage.name for stage in STAGES
+                   if stage.outputs(layout).resolve() == folder or stage.outputs(layout).resolve() in folder.parents]
+        if not written:
+            return []
+        later = names[names.index(written[0]):]
+        removed = [name for name in later if layout.stage_marker(name).is_file()]
+        for name in removed:
+            layout.stage_marker(name).unlink()
+        return removed
+    return []
+
+
 def _start_stage(stage: Stage, status: str) -> None:
     if status.startswith("rerun"):
         # "rerun (config changed)" -> "config changed since it ran"; its old outputs went at the run's start.

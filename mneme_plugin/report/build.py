@@ -62,6 +62,7 @@ def gather(run_dir: str | os.PathLike[str]) -> ReportData:
     import pandas as pd
 
     from mneme_plugin.sideeffects import load_evaluations, load_prediction, prediction_folder
+    from mneme_plugin.sideeffects.evaluate import evaluated_other_prediction
     from mneme_plugin.sideeffects.predict import PREDICTIONS_JSON
 
     layout = RunLayout(Path(run_dir))
@@ -101,6 +102,12 @@ def gather(run_dir: str | os.PathLike[str]) -> ReportData:
         data.category_scores = prediction.scores
         data.verdict = prediction.tests.get("verdict")
     evaluations = _optional("evaluation", layout.evaluation, lambda: load_evaluations(layout.evaluation)) or {}
+    if "" in evaluations and prediction is not None and evaluated_other_prediction(evaluations[""], prediction.predicted):
+        logger.warning("The evaluation is left out of the report: it scored an earlier prediction (%s), not the one "
+                       "in %s (%s); score this one with `mneme evaluate --run-dir %s`.",
+                       ", ".join(evaluations[""].predicted.get("MNEME", [])) or "none", layout.prediction,
+                       ", ".join(prediction.predicted) or "none", layout.root)
+        del evaluations[""]
     if set(evaluations) == {""}:
         data.truth = evaluations[""].truth
         data.metrics_table = evaluations[""].table()
@@ -112,6 +119,10 @@ def gather(run_dir: str | os.PathLike[str]) -> ReportData:
         taxonomies = config.taxonomies() if config is not None else [taxonomy]
         folder = prediction_folder(layout.root, taxonomy, taxonomies)
         view_prediction = _optional(f"prediction for {taxonomy}", folder, lambda f=folder: load_prediction(f))
+        if view_prediction is not None and evaluated_other_prediction(evaluation, view_prediction.predicted):
+            logger.warning("The evaluation of %s is left out of the report: it scored an earlier prediction than "
+                           "the one in %s; score this one with `mneme run CONFIG --only evaluate`.", name, folder)
+            continue
         data.tables.append(TableView(name, taxonomy,
                                      view_prediction.scores if view_prediction is not None else None,
                                      evaluation.truth, evaluation.table(),

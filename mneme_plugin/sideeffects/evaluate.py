@@ -17,8 +17,9 @@ from typing import Any
 
 import pandas as pd
 
+from mneme_plugin.errors import ConfigError
 from mneme_plugin.files import atomic_write, atomic_write_text, read_json
-from mneme_plugin.groundtruth.table import drop_test
+from mneme_plugin.groundtruth.table import checked_scores, drop_test
 from mneme_plugin.sideeffects.config import EvaluateConfig
 from mneme_plugin.sideeffects.metrics import SetMetrics, metric_text, oracle_baseline, random_baseline, set_metrics
 
@@ -119,8 +120,11 @@ def evaluate(
     neither right nor wrong when predicted (``Evaluation.unmeasured`` lists it) and is not in the
     random baseline's draw.
     """
-    cfg = config or EvaluateConfig()
-    truth = degraded_categories(scores, cfg)
+    cfg = EvaluateConfig.of(config)
+    if isinstance(predicted, str) or (naive_predicted is not None and isinstance(naive_predicted, str)):
+        raise ConfigError(f"The predicted categories must be a list of names, got a string ({predicted!r}): its letters "
+                          "would be read as categories. Pass a list, e.g. ['law'].")
+    truth = degraded_categories(checked_scores(scores), cfg)
     measured = set(truth["category"])
     cats = [c for c in categories if c in measured] if categories is not None else truth["category"].tolist()
     true = truth.loc[truth["degraded"], "category"].tolist()
@@ -136,6 +140,12 @@ def evaluate(
     rows["oracle"] = oracle_baseline(true)
     return Evaluation(truth=truth, rows=rows, predicted=chosen,
                       unmeasured={name: c for name, c in unmeasured.items() if c})
+
+
+def evaluated_other_prediction(evaluation: Evaluation, predicted: Collection[str]) -> bool:
+    """Whether ``evaluation`` scored another prediction than ``predicted`` (the prediction now beside it was
+    written after it: `mneme predict` or `mneme pool` again), so its metrics no longer describe it."""
+    return sorted(evaluation.predicted.get("MNEME", [])) != sorted(predicted)
 
 
 def save_evaluation(evaluation: Evaluation, out_dir: str | os.PathLike[str]) -> Path:

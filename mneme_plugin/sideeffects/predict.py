@@ -66,7 +66,7 @@ def _check_columns(frame: pd.DataFrame, needed: Iterable[str], what: str) -> Non
 
 
 def predict(
-    attribution: pd.DataFrame,
+    attribution: pd.DataFrame | Any,
     links: pd.DataFrame,
     categories: Iterable[str],
     config: PredictConfig | None = None,
@@ -76,7 +76,8 @@ def predict(
 ) -> Prediction:
     """Score every category of the taxonomy and predict the affected ones.
 
-    ``attribution``: the attribution table (``latent``, ``latent_class``, ``score``).
+    ``attribution``: the attribution table (``latent``, ``latent_class``, ``score``), or the ``AttributionResult``
+    holding it (``load_attribution``).
     ``links``: latent-to-category links in long form (``latent``, ``category``, ``similarity``),
     as the mapping stage writes them, several per latent, any order.
     ``categories``: every category of the taxonomy (categories without evidence score 0).
@@ -85,7 +86,11 @@ def predict(
     ``control``: the attribution table of a control crosscoder (base vs a benignly perturbed copy),
     the ``outlier_or_broad`` rule's scale for a broad change; without it a broad change is not tested.
     """
-    cfg = config or PredictConfig()
+    cfg = PredictConfig.of(config)
+    from mneme_plugin.attribution.table import AttributionResult
+
+    if isinstance(attribution, AttributionResult):
+        attribution = attribution.table
     _check_columns(attribution, ("latent", "latent_class", "score"), "attribution table")
     _check_columns(links, LINK_COLUMNS, "category links table")
     all_categories = list(dict.fromkeys(categories))

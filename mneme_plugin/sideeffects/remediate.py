@@ -35,6 +35,10 @@ from mneme_plugin.sideeffects.config import REMEDIATION_TARGETS
 
 logger = logging.getLogger("mneme_plugin")
 
+# In a remediation's output folder (``save_remediation``): the retrained model, and its scores when measured.
+REMEDIATED_MODEL = "model"
+REMEDIATION_CSV = "remediation.csv"
+
 Evaluator = Callable[[Any], Mapping[str, float]]
 
 
@@ -137,6 +141,36 @@ def select_samples(contexts: Any, attribution: pd.DataFrame, config: RemediateCo
     return contexts.tokens[rows], picked
 
 
+def check_edited_for_run(run_dir: str | os.PathLike[str], edited: str, tokenizer: Any) -> None:
+    """Before retraining ``edited`` (a model spec, with its ``tokenizer``) on a run's top contexts: they are token
+    ids of the run's tokenizer (``collect`` saved it in ``contexts/tokenizer``), so a model whose tokenizer reads
+    those ids as other tokens would train on other text: refused (ConfigError). Another model than the run's
+    edited one (config.yaml's ``models.edited``) is warned about: the side effects were found in that one."""
+    from mneme_plugin.activations.models import same_model
+    from mneme_plugin.interpret.contexts import TOKENIZER_DIR
+    from mneme_plugin.interpret.explain import load_tokenizer
+    from mneme_plugin.interventions.step import EDITED_BY_RUN
+    from mneme_plugin.layout import RunLayout
+    from mneme_plugin.pipeline.config import load_run_config
+
+    layout = RunLayout(Path(run_dir))
+    if (layout.contexts / TOKENIZER_DIR).is_dir():
+        ours = {i: t for t, i in load_tokenizer(layout.contexts).get_vocab().items()}
+        theirs = {i: t for t, i in tokenizer.get_vocab().items()}
+        if ours != theirs:
+            differing = sorted(i for i in ours.keys() | theirs.keys() if ours.get(i) != theirs.get(i))
+            example = f" (token id {differing[0]} is {ours.get(differing[0])!r} for the run, {theirs.get(differing[0])!r} for it)"
+            raise ConfigError(
+                f"{edited} has another tokenizer than the run{example}: the top contexts are the run's token ids, which "
+                f"it would read as other text. Give the edited model the run was made with (--edited).")
+    if layout.config.is_file():
+        config = load_run_config(layout.root)
+        expected = str(layout.edited_model) if config.models.edited == EDITED_BY_RUN else config.models.edited
+        if not same_model(edited, expected):
+            logger.warning("Remediating %s, but the run found its side effects in %s (models.edited): retraining "
+                           "another model than that one.", edited, expected)
+
+
 def remediation_latents(run_dir: str | os.PathLike[str], config: RemediateConfig) -> list[int] | None:
     """The latents ``config.target`` allows in a finished run: those behind its prediction
     (``predicted``; read through the predict stage's loader) or None for every changed one.
@@ -208,17 +242,23 @@ def remediate(edited: Any, samples: torch.Tensor, config: RemediateConfig | None
 
 
 def save_remediation(result: RemediationResult, out_dir: str | os.PathLike[str], save_model: Callable[[Any, Path], None] | None = None) -> Path:
-    """The before / after table (``remediation.csv``) and the model (HF ``save_pretrained`` or ``save_model``)."""
+    """The model (HF ``save_pretrained`` or ``save_model``) and, when an evaluator measured them, the before /
+    after scores (``remediation.csv``; without one, as `mneme remediate` runs, no table: nothing was measured)."""
     out = Path(out_dir)
     table = result.table()
-    atomic_write(out / "remediation.csv", lambda tmp: table.to_csv(tmp, index=False))
-    model_dir = out / "model"
+    if len(table):
+        atomic_write(out / REMEDIATION_CSV, lambda tmp: table.to_csv(tmp, index=False))
+    else:
+        (out / REMEDIATION_CSV).unlink(missing_ok=True)  # an earlier remediation's scores describe another model
+    model_dir = out / REMEDIATED_MODEL
     if save_model is None and not hasattr(result.model, "save_pretrained"):
         raise ConfigError("Pass save_model to save a TransformerLens model.")
     # Whole or not at all: a crash while saving leaves no model folder that looks complete.
     atomic_directory(model_dir, lambda tmp: save_model(result.model, tmp) if save_model is not None
                      else result.model.save_pretrained(tmp), overwrite=True)
-    logger.info("Remediated model written to %s, before/after scores to %s.", model_dir, out / "remediation.csv")
+    logger.info("Remediated model written to %s%s.", model_dir,
+                f", before/after scores to {out / REMEDIATION_CSV}" if len(table) else
+                " (no evaluator: measure it with your benchmark, e.g. lm-eval on the ground truth's tasks)")
     result.out_dir = out
     return out
 

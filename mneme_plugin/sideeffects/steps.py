@@ -94,6 +94,10 @@ def pool_runs(run_dirs: list[str | os.PathLike[str]], out_dir: str | os.PathLike
     if len(set(models.values())) > 1:
         listing = "; ".join(f"{run}: {base} -> {edited}" for run, (base, edited) in models.items())
         raise ConfigError(f"The runs compare different models ({listing}): pool runs of one edit only.")
+    rules = {str(run): prediction.config.rule for run, prediction in zip(run_dirs, predictions)}
+    if len(set(rules.values())) > 1:
+        logger.warning("The pooled predictions were made with different rules (%s): the vote mixes them.",
+                       "; ".join(f"{run}: {rule}" for run, rule in rules.items()))
     pooled = pool_predictions(predictions, min_votes, names=[str(r) for r in resolved])
     save_prediction(pooled, out.prediction)
     # An earlier pool's evaluation and report in the folder describe the prediction just replaced.

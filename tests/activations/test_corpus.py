@@ -146,3 +146,19 @@ def test_a_record_without_the_text_field_says_where_to_name_it(tmp_path, tiny_to
         list(iter_documents(path, tiny_tokenizer))
     assert HarvestConfig.from_dict({"layer": 0, "text_field": "content"}, section="harvest").text_field == "content"
     assert list(iter_documents(path, tiny_tokenizer, text_field="content")) == ["the cat sees the dog"]
+
+
+def test_the_python_api_takes_the_hf_corpus_spec_of_the_cli(tmp_path):
+    """`harvest(base, edited, "hf:NAME", ...)` as the README writes it: the string is read as the dataset it names
+    (it was taken for a file name). A local dataset folder, which `datasets.load_dataset` reads offline, stands
+    for a hub name here."""
+    from mneme_plugin.activations.corpus import HFDataset, corpus_fingerprint, describe_corpus, iter_records
+
+    folder = tmp_path / "my_dataset"
+    folder.mkdir()
+    rows = [{"text": f"document number {i}"} for i in range(5)]
+    (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    spec = f"hf:{folder}"
+    assert [r["text"] for r in iter_records(spec)] == [r["text"] for r in rows]
+    assert describe_corpus(spec) == corpus_fingerprint(spec) == f"hf:{folder}:train"
+    assert [r["text"] for r in iter_records(HFDataset(str(folder)))] == [r["text"] for r in rows]

@@ -12,7 +12,8 @@ import torch
 
 from mneme_plugin.errors import ConfigError
 from mneme_plugin.interpret import (
-    ExplainConfig, MapConfig, OfflineExplainer, TopContextCollector, explain, load_taxonomy, map_descriptions,
+    CollectConfig, ExplainConfig, MapConfig, OfflineExplainer, TopContextCollector, explain, load_taxonomy,
+    map_descriptions,
 )
 from mneme_plugin.organism.corpus import DOMAINS
 from tests.helpers import make_tokenizer
@@ -80,6 +81,22 @@ def test_explain_and_map_pick_the_planted_domain(planted, tmp_path):
     assert (tmp_path / "categories.csv").is_file()
     mmlu = cats[cats["taxonomy"] == "mmlu"].set_index("latent")
     assert mmlu.loc[NAMES.index("security"), "category"] == "computer_security"
+    # The configs as mappings (YAML sections), as train and attribute take them; a latent never collected is named.
+    again = explain(out, {"explainer": "offline"}, out_dir=tmp_path / "again")
+    pd.testing.assert_frame_equal(again, table)
+    pd.testing.assert_frame_equal(map_descriptions(tmp_path / "again", {"taxonomies": ["organism", "mmlu"], "top_k": 3},
+                                                   out_dir=tmp_path / "again"), cats)
+    with pytest.raises(ConfigError, match=r"Latent\(s\) \[99999\] were not collected"):
+        explain(out, ExplainConfig(explainer="offline"), out_dir=tmp_path / "bad", latents=[0, 99999])
+
+
+def test_collecting_by_class_without_the_attribution_is_refused():
+    """`CollectConfig(classes=["suppressed"])` without an attribution collected every latent, silently."""
+    from mneme_plugin.interpret.contexts import select_latents
+
+    assert select_latents(None, CollectConfig(), width=4) == [0, 1, 2, 3]
+    with pytest.raises(ConfigError, match=r"collect\.classes \['suppressed'\] choose latents by their attribution"):
+        select_latents(None, CollectConfig(classes=["suppressed"]), width=4)
 
 
 @pytest.fixture(scope="module")

@@ -712,10 +712,24 @@ def test_remediate_command_retrains_a_hf_model_on_collected_contexts(pair_and_co
                                        "--out", str(tmp_path / "remediated"), "--steps", "3", "--target", "changed",
                                        "--config", remediate_cfg])
     assert result.exit_code == 0, result.output
+    assert not (tmp_path / "remediated" / "remediation.csv").exists()  # no evaluator: no scores, no empty table
     retrained = AutoModelForCausalLM.from_pretrained(tmp_path / "remediated" / "model")
     original = AutoModelForCausalLM.from_pretrained(edited)
     changed = [n for (n, p), (_, q) in zip(retrained.named_parameters(), original.named_parameters()) if not torch.equal(p, q)]
     assert changed
+    # A model whose tokenizer reads the run's token ids as other words would retrain on other text: refused.
+    from tests.helpers import make_tokenizer, save_tiny_llama
+
+    other = save_tiny_llama(tmp_path / "other", make_tokenizer(["zebra quartz violin", "the moon is far"] * 20),
+                            n_layers=2, hidden_size=32)
+    args = ["--out", str(tmp_path / "again"), "--steps", "1", "--target", "changed", "--config", remediate_cfg]
+    refused = CliRunner().invoke(main, ["remediate", "--run-dir", str(tmp_path / "run"), "--edited", str(other), *args])
+    assert refused.exit_code != 0 and "has another tokenizer than the run (token id" in refused.output, refused.output
+    assert not (tmp_path / "again").exists()
+    # The right tokenizer but not the run's edited model: retrained, with a warning naming the run's.
+    warned = CliRunner().invoke(main, ["remediate", "--run-dir", str(tmp_path / "run"), "--edited", str(base), *args])
+    assert warned.exit_code == 0, warned.output
+    assert "found its side effects in" in warned.output and str(edited) in warned.output, warned.output
 
 
 def test_predict_command_with_and_without_a_control_run(pair_and_corpus, tmp_path):

@@ -145,3 +145,21 @@ def test_undefined_metrics_read_n_a_and_are_stored_as_null(tmp_path):
     pd.testing.assert_frame_equal(loaded.table(), ev.table())
     pd.testing.assert_frame_equal(loaded.truth, ev.truth)
     assert loaded.markdown() == ev.markdown()
+
+
+def test_evaluate_from_python_checks_its_inputs_as_the_command_line_does():
+    """From Python, a string prediction was read letter by letter (predicted a, l, w: Acc 0, no error), scores
+    given in percent were scored (the CSV reader refuses them), and a table without `after` was a bare KeyError."""
+    import pandas as pd
+
+    from mneme_plugin.errors import ConfigError
+    from mneme_plugin.sideeffects.evaluate import evaluate
+
+    truth = pd.DataFrame({"category": ["law", "history"], "before": [0.9, 0.8], "after": [0.2, 0.8], "n": [32, 32]})
+    assert evaluate(["law"], truth).rows["MNEME"].accuracy == 1.0
+    with pytest.raises(ConfigError, match="got a string"):
+        evaluate("law", truth)
+    with pytest.raises(ConfigError, match=r"scores in \[0, 1\].*not\s+90"):
+        evaluate(["law"], truth.assign(before=[90, 80], after=[20, 80]))
+    with pytest.raises(ConfigError, match=r"lacks column\(s\) \['after'\]"):
+        evaluate(["law"], truth.drop(columns="after"))

@@ -33,7 +33,7 @@ def test_majority_vote_keeps_what_most_crosscoders_name():
         pool_predictions(runs[:1])
 
 
-def test_pool_runs_refuses_runs_of_different_edits(tmp_path):
+def test_pool_runs_refuses_runs_of_different_edits(tmp_path, caplog):
     import yaml
 
     from mneme_plugin.layout import RunLayout
@@ -51,6 +51,13 @@ def test_pool_runs_refuses_runs_of_different_edits(tmp_path):
         dirs.append(run)
     pooled = pool_runs(dirs[:2], tmp_path / "pooled")
     assert pooled.predicted == ["law"]  # history: 1 of 2, not a majority
+    # Predictions of different rules are pooled, with a warning naming each run's rule.
+    other_rule = _prediction({"law"})
+    other_rule.config = PredictConfig(rule="top_k", k=1)
+    save_prediction(other_rule, RunLayout(dirs[1]).prediction)
+    with caplog.at_level("WARNING", logger="mneme_plugin"):
+        pool_runs(dirs[:2], tmp_path / "mixed")
+    assert "different rules" in caplog.text and f"{dirs[1]}: top_k" in caplog.text
     assert load_prediction(RunLayout(tmp_path / "pooled").prediction).predicted == ["law"]
     with pytest.raises(ConfigError, match="different models"):
         pool_runs(dirs, tmp_path / "bad")
