@@ -146,7 +146,12 @@ FORMATS = tuple(FORMAT_REGISTRY)
 
 
 def _candidates(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_dir() and detect_format(p) is not None)
+    """The crosscoders in ``folder``'s subfolders; an SAE-Lens export's per-model views (``<hook>__base``,
+    ``<hook>__edited``: one model's half each, which no crosscoder loader takes) left out beside their joint folder."""
+    found = sorted(p for p in folder.iterdir() if p.is_dir() and detect_format(p) is not None)
+    views = {p for p in found for suffix in saelens.VIEW_SUFFIX.values()
+             if p.name.endswith(suffix) and folder / p.name[: -len(suffix)] in found}
+    return [p for p in found if p not in views]
 
 
 def load_crosscoder(

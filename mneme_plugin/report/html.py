@@ -99,7 +99,7 @@ def _metric_text(value: Any) -> str:
 
 
 def _not_run(stage: str) -> str:
-    return f'<p class="muted">Not available: the {html.escape(stage)} stage has not run for this report.</p>'
+    return f'<p class="muted">Not available: the {html.escape(stage)} stage has not run (or not finished) for this report.</p>'
 
 
 def _highlight(context: Context) -> str:

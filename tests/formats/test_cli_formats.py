@@ -27,6 +27,11 @@ def test_import_then_export_from_the_command_line(tmp_path):
     cfg = json.loads((tmp_path / "sl" / "blocks.13.hook_resid_post" / "cfg.json").read_text())
     assert cfg["metadata"]["model_name"] == "google/gemma-2-2b"
     assert (tmp_path / "sl" / "blocks.13.hook_resid_post__edited" / "sae_weights.safetensors").is_file()
+    # The export's folder holds the joint crosscoder and its two per-model views: importing the folder takes the
+    # joint one (it said "holds several crosscoders ... give __edited", which it then refused as a view).
+    result = _run("import", tmp_path / "sl", "--out", tmp_path / "back")
+    assert result.exit_code == 0, result.output
+    torch.testing.assert_close(load_crosscoder(tmp_path / "back")(x), load_crosscoder(src)(x), rtol=1e-5, atol=1e-4)
 
 
 def test_cli_errors_are_one_line(tmp_path):
