@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import types
 import typing
 from pathlib import Path
@@ -169,6 +170,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if tp is str:
         if isinstance(value, str):
             return value
+        if isinstance(value, os.PathLike):  # a path given from Python to a field that holds one as text
+            return os.fspath(value)
         raise _Mismatch
     if tp is Path:
         if isinstance(value, (str, Path)):

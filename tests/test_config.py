@@ -180,6 +180,9 @@ def test_a_config_built_in_python_is_checked_as_a_yaml_one():
     with pytest.raises(ConfigError, match=r"HarvestConfig\.layer"):
         HarvestConfig(layer=[1])
     assert TrainingConfig(lr="1e-4", steps="20").lr == 1e-4 and TrainingConfig(steps="20").steps == 20
+    from pathlib import Path
+
+    assert LMEvalConfig(tasks=["t"], include_path=[Path("/tasks")]).include_path == ["/tasks"]  # a path as text
     collect = CollectConfig(harvest={"layer": 2})  # a nested section given as a mapping is built
     assert isinstance(collect.harvest, HarvestConfig) and collect.harvest.layer == 2
     assert HarvestConfig.of({"layer": 3}) == HarvestConfig(layer=3) and CrossCoderConfig.of(None) == CrossCoderConfig()
