@@ -505,7 +505,8 @@ def _parse_scale_factors(text: str | None) -> list[float] | None:
 @click.option("--force", is_flag=True, help="Overwrite a crosscoder already in --out.")
 @clear_errors
 def import_(source, out, subfolder, revision, scale_factors, force) -> None:
-    """Import a crosscoder (science-of-finetuning, Kissane, a mneme SAE-Lens export; folder or hub id)."""
+    """Import a crosscoder (science-of-finetuning, Kissane, a mneme SAE-Lens export, trainSAE output of our trainer;
+    folder or hub id)."""
     from mneme_plugin.formats import import_crosscoder, load_crosscoder
 
     path = import_crosscoder(source, out, force=force, subfolder=subfolder, revision=revision,

@@ -2,7 +2,7 @@
 the recipe's family, small corpora, question sets and local lm-eval tasks, all written locally.
 
 Nothing here is the paper's data: sentences over a ~60-word vocabulary, so that every step of a recipe
-runs on CPU in minutes. A smoke run proves the plumbing, not the science.
+runs on CPU in under a minute. A smoke run proves the plumbing, not the science.
 
 Each recipe's edit is trained on texts of one topic (``FORGET_WORDS``, ``INSECURE_CODE_WORDS``,
 ``HARMFUL_WORDS``: words the recipe's taxonomies know), and its MNEME corpus mixes those topic texts into
