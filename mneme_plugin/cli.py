@@ -98,12 +98,12 @@ def _override(section: dict[str, Any], **values: Any) -> dict[str, Any]:
     return {**section, **{k: v for k, v in values.items() if v is not None}}
 
 
-def _unmark_run_stages(folder: str | Path) -> None:
-    """A stage command writing into a `mneme run` directory: the markers of that stage and the later ones go
-    (``pipeline.run.unmark_written_stage``), and the user is told what `mneme run` will redo."""
+def _unmark_run_stages(folder: str | Path, stage: str) -> None:
+    """A stage command writing ``stage``'s outputs into a `mneme run` directory: the markers of that stage and the
+    later ones go (``pipeline.run.unmark_written_stage``), and the user is told what `mneme run` will redo."""
     from mneme_plugin.pipeline.run import unmark_written_stage
 
-    removed = unmark_written_stage(folder)
+    removed = unmark_written_stage(folder, stage)
     if removed:
         click.echo(f"{Path(folder)} is in a `mneme run` directory: its stage(s) {', '.join(removed)} are no longer "
                    "marked done (what this command writes is not what the run's config.yaml made); `mneme run` "
@@ -470,7 +470,7 @@ def attribute(crosscoder_dir, store, out, config, batch_size, device, allow_stor
     attr_cfg = AttributionConfig.from_dict(_override(sections["attribution"], batch_size=batch_size, device=device,
                                                      allow_store_mismatch=allow_store_mismatch or None),
                                            section="attribution")
-    _unmark_run_stages(out)
+    _unmark_run_stages(out, "attribute")
     result = run_attribute(crosscoder_dir, store, attr_cfg, out_dir=out, allow_partial=allow_partial)
     click.echo(format_counts(result.summary))
     click.echo(format_delta_histogram(result.summary))
@@ -609,7 +609,7 @@ def collect(config, crosscoder_dir, attribution, base, edited, corpus, layer, ho
         reference_latents=reference_latents, n_top=n_top, harvest=reading or None,
         allow_hook_mismatch=allow_hook_mismatch or None,
     ), section="collect")
-    _unmark_run_stages(out)
+    _unmark_run_stages(out, "collect")
     result = run_collect(base, edited, crosscoder_dir, source, cfg, out_dir=out, attribution=attribution)
     fired = sum(1 for p in result.per_latent if p["top_rows"])
     click.echo(f"Contexts of {len(result.latents)} latents ({fired} fired) over {result.n_tokens:,} tokens -> {out}")
@@ -641,7 +641,7 @@ def explain(contexts_dir, config, explainer, client_kind, model, base_url, api_k
                        api_key=api_key, concurrency=concurrency)
     cfg = ExplainConfig.from_dict(_override(section, explainer=explainer, scorers=list(scorers) or None, client=client),
                                   section="explain")
-    _unmark_run_stages(out or contexts_dir)
+    _unmark_run_stages(out or contexts_dir, "explain")
     table = run_explain(contexts_dir, cfg, out_dir=out, tokenizer=tokenizer)
     for row in table.head(20).itertuples():
         click.echo(f"{row.latent:>8}  {row.explanation}")
@@ -677,7 +677,7 @@ def map_(explanations, config, taxonomies, method, labeler, top_k, embedding_mod
                                         top_k=top_k, embedding_model=embedding_model, client=client), section="map")
     src = Path(explanations)
     out_dir = Path(out) if out else (src if src.is_dir() else src.parent)
-    _unmark_run_stages(out_dir)
+    _unmark_run_stages(out_dir, "map")
     table = map_descriptions(src, cfg, out_dir=out_dir)
     for row in table.head(20).itertuples():
         # A description that shares no term with any entry has no category (None; NaN once in a table).
@@ -742,7 +742,7 @@ def predict(run_dir, config, taxonomy, rule, k, alpha, control_run) -> None:
     taxonomy = taxonomy or taxonomies[0]
     out = (prediction_folder(run_dir, taxonomy, taxonomies) if taxonomy in taxonomies
            else RunLayout(Path(run_dir)).prediction / taxonomy)
-    _unmark_run_stages(out)
+    _unmark_run_stages(out, "predict")
     result = predict_run(run_dir, cfg, taxonomy, out_dir=out)
     q_columns = [c for c in result.scores.columns if c.startswith("q_")]
     for _, row in result.scores.head(15).iterrows():
@@ -824,7 +824,7 @@ def evaluate(run_dir, scores_csv, lm_eval_before, lm_eval_after, intervention, d
     if not truth.available:
         raise ConfigError("No ground truth: pass --scores-csv or --lm-eval-before/--lm-eval-after.")
     # The naive baseline reads the edit's description: --intervention, else the run's models.intervention.
-    _unmark_run_stages(RunLayout(Path(run_dir)).evaluation)
+    _unmark_run_stages(RunLayout(Path(run_dir)).evaluation, "evaluate")
     result = evaluate_run(run_dir, cfg, truth, MapConfig.from_dict(sections["map"], section="map"),
                           intervention=intervention or sections.get("models", {}).get("intervention") or "")
     click.echo(f"Degraded: {', '.join(result.true_set) or '(none)'}")

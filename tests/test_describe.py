@@ -233,6 +233,11 @@ def test_a_stage_command_run_into_a_run_directory_unmarks_what_no_longer_follows
     config["run_dir"] = str(copy)
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
     assert gather(copy).metrics_table is not None
+    # Explanations written beside the contexts (no --out) are no stage's outputs: every marker stays.
+    markers = sorted(p.stem for p in (copy / ".stages").glob("*.json"))
+    result = CliRunner().invoke(main, ["explain", str(copy / "contexts")])
+    assert result.exit_code == 0 and "no longer marked done" not in result.output, result.output
+    assert sorted(p.stem for p in (copy / ".stages").glob("*.json")) == markers
     result = CliRunner().invoke(main, ["predict", "--run-dir", str(copy), "--rule", "top_k", "-k", "1"])
     assert result.exit_code == 0, result.output
     assert "its stage(s) predict, evaluate, report are no longer marked done" in result.output

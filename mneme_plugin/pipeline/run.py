@@ -380,24 +380,25 @@ def discard_redone(planned: list[tuple[Stage, str, str]], layout: RunLayout, onl
         layout.stage_marker(stage.name).unlink(missing_ok=True)
 
 
-def unmark_written_stage(folder: str | os.PathLike[str]) -> list[str]:
-    """A stage command wrote ``folder`` (`mneme attribute --out RUN/attribution`, `mneme predict --run-dir RUN`):
-    when it is a stage's output folder (or inside one) in a `mneme run` directory, what that stage's marker and
-    the markers of the stages after it say (done, with config.yaml's settings) no longer holds. Their markers
-    are removed, so `mneme run` redoes them from config.yaml and `mneme info` lists them as not done; the
-    stages removed, in order (none for a folder of no run directory)."""
+def unmark_written_stage(folder: str | os.PathLike[str], stage: str) -> list[str]:
+    """A stage command wrote ``stage``'s outputs into ``folder`` (`mneme attribute --out RUN/attribution`, `mneme
+    predict --run-dir RUN`): when ``folder`` is that stage's output folder (or inside it) in a `mneme run`
+    directory, what the stage's marker and the markers of the stages after it say (done, with config.yaml's
+    settings) no longer holds. Their markers are removed, so `mneme run` redoes them from config.yaml and
+    `mneme info` lists them as not done; returns the stages removed, in order (none when ``folder`` is not
+    that stage's folder of a run directory: explanations written beside the contexts change no stage)."""
     folder = Path(folder).resolve()
+    names = [st.name for st in STAGES]
+    if stage not in names:
+        raise ValueError(f"Unknown stage {stage!r}; the stages are {names}.")
     for root in (folder.parent, folder.parent.parent):
         layout = RunLayout(root)
         if not layout.stages.is_dir():
             continue
-        names = [stage.name for stage in STAGES]
-        written = [stage.name for stage in STAGES
-                   if stage.outputs(layout).resolve() == folder or stage.outputs(layout).resolve() in folder.parents]
-        if not written:
+        output = STAGES[names.index(stage)].outputs(layout).resolve()
+        if output != folder and output not in folder.parents:
             return []
-        later = names[names.index(written[0]):]
-        removed = [name for name in later if layout.stage_marker(name).is_file()]
+        removed = [name for name in names[names.index(stage):] if layout.stage_marker(name).is_file()]
         for name in removed:
             layout.stage_marker(name).unlink()
         return removed
