@@ -293,11 +293,11 @@ def summary(rows: list[dict]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--salience", default="crosscoder",
                         help="ours: comma-separated salience modes, one row each (crosscoder = our default)")
     parser.add_argument("--loss", default=None, help="ours: training loss (norm / squared; default: the trainer's)")
-    parser.add_argument("--sets", default=",".join(SETS))
+    parser.add_argument("--sets", default=",".join(SETS), help=f"comma-separated planted sets ({', '.join(SETS)})")
     parser.add_argument("--k", default=None, help="comma-separated k values (default: 1x, 2x, 4x true L0)")
     parser.add_argument("--seed", type=int, default=0, help="training seed (one run; see --seeds)")
     parser.add_argument("--seeds", type=int, nargs="+", default=None,
@@ -316,6 +316,12 @@ def main() -> None:
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    unknown = sorted(set(args.sets.split(",")) - set(SETS))
+    if unknown:
+        parser.error(f"--sets: unknown planted set(s) {unknown}; the sets are {', '.join(SETS)}.")
+    if args.fork and not Path(args.fork, "dictionary_learning").is_dir():
+        parser.error(f"--fork {args.fork} holds no dictionary_learning package (give the folder of the fork's "
+                     "snapshot, with dictionary_learning/ inside).")
     if args.child:
         train_fork(args.child, int(args.k), args.salience, args.seed, args.fork, args.out, args.data_seed, args.width)
         return

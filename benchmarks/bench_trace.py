@@ -12,7 +12,7 @@ against the domains that did not degrade, each measure's AUROC and where each si
     python benchmarks/bench_trace.py --seeds 0 1 2 3 --targets law biology security --out runs/validity
 
 --out is the validity grid's folder: its organisms (``seedN/organism``) are reloaded, missing ones built
-(one thread: ~3 minutes per seed of pretraining on 2 CPU cores, then ~30 s per RMU edit).
+(one thread: ~80 s per seed of pretraining on 2 CPU cores, then ~30 s per RMU edit).
 """
 
 from __future__ import annotations
@@ -81,6 +81,10 @@ def main() -> None:
     parser.add_argument("--targets", nargs="+", default=["law", "biology", "security"], choices=sorted(DOMAINS))
     parser.add_argument("--docs", type=int, default=150, help="documents of each domain read (default 150)")
     args = parser.parse_args()
+    if any(seed < 0 for seed in args.seeds) or args.docs < 1:
+        parser.error(f"--seeds must be >= 0 and --docs >= 1 (got {args.seeds}, {args.docs}).")
+    if args.out.exists() and not args.out.is_dir():
+        parser.error(f"--out {args.out} is a file: give the validity grid's folder.")
     logging.basicConfig(level=logging.WARNING)
     pd.set_option("display.width", 250)
     rows = []

@@ -33,6 +33,7 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -288,6 +289,11 @@ def main() -> None:
     parser.add_argument("--fork-child", help=argparse.SUPPRESS)
     parser.add_argument("--fork-size", nargs=5, default=["256", "8192", "32", "1024", "cpu"], help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.steps < 1:
+        parser.error(f"--steps must be at least 1, got {args.steps}.")
+    if getattr(args, "fork", None) and not Path(args.fork, "dictionary_learning").is_dir():
+        parser.error(f"--fork {args.fork} holds no dictionary_learning package (give the folder of the fork's "
+                     "snapshot, with dictionary_learning/ inside).")
     if args.fork_child:
         d, m, k, batch = map(int, args.fork_size[:4])
         run_fork_child(args.fork_child, d, m, k, batch, args.steps, args.fork_size[4])

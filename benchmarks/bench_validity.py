@@ -35,9 +35,11 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from mneme_plugin.errors import MnemeError  # noqa: E402
 from mneme_plugin.files import atomic_write  # noqa: E402
 from mneme_plugin.layout import RunLayout  # noqa: E402
 from mneme_plugin.organism.catalog import INTERVENTIONS, KNOWLEDGE_INTERVENTIONS  # noqa: E402
+from mneme_plugin.organism.corpus import DOMAINS  # noqa: E402
 from mneme_plugin.organism.demo import CASE_RUN  # noqa: E402
 from mneme_plugin.organism.validity import (  # noqa: E402
     behaviour_rows, case_evidence, grid_cases, remediation_rows, run_extra_crosscoders, run_grid_case, score_case,
@@ -62,7 +64,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("runs/validity"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
-    parser.add_argument("--targets", nargs="+", default=["law", "biology", "security"])
+    parser.add_argument("--targets", nargs="+", default=["law", "biology", "security"], choices=sorted(DOMAINS))
     parser.add_argument("--interventions", nargs="+", default=list(KNOWLEDGE_INTERVENTIONS), choices=INTERVENTIONS,
                         help="identity / insecure: the behaviour cases (not run by default).")
     parser.add_argument("--score-only", action="store_true", help="Score the cases already run; run nothing.")
@@ -78,6 +80,14 @@ def main() -> None:
                         help="Also score against a ground truth whose drops must be significant at this level "
                              "(Fisher's one-sided exact test on the domain's questions); 0 to skip.")
     args = parser.parse_args()
+    if any(seed < 0 for seed in args.seeds):
+        parser.error(f"--seeds must be whole numbers >= 0, got {args.seeds}.")
+    if args.crosscoders < 1:
+        parser.error(f"--crosscoders must be at least 1 (the case's own crosscoder), got {args.crosscoders}.")
+    if not 0 <= args.significance < 1:
+        parser.error(f"--significance must be in (0, 1), or 0 to skip it; got {args.significance}.")
+    if args.out.exists() and not args.out.is_dir():
+        parser.error(f"--out {args.out} is a file: give a folder (the grid's cases are cached there).")
     if args.agnostic_docs is not None and args.agnostic_docs < 800:
         parser.error(f"--agnostic-docs {args.agnostic_docs} is too few: each crosscoder holds 8,192 token rows out for "
                      "evaluation, which needs at least 800 documents (~17,600 tokens).")
@@ -109,6 +119,8 @@ def main() -> None:
         if args.significance:
             significant_remediation.extend(remediation_rows(case, case_dir, args.significance))
         behaviour.extend(behaviour_rows(case, case_dir))
+    if not rows:
+        parser.exit(2, f"No finished case of this grid under {args.out}: run it without --score-only first.\n")
     table = pd.DataFrame(rows)
     summary = summarize(table)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -121,6 +133,8 @@ def main() -> None:
     print(mneme[["case", "method", "accuracy", "precision", "f1", "predicted", "true"]].to_string(index=False, na_rep=UNDEFINED))
     print("\nMean ± sd over the grid:")
     print(summary.to_markdown(index=False))
+    if not significant_rows:  # an earlier run's table against the significant drops would describe other cases
+        (args.out / "validity_summary_significant.csv").unlink(missing_ok=True)
     if significant_rows:
         significant = summarize(pd.DataFrame(significant_rows))
         atomic_write(args.out / "validity_summary_significant.csv", lambda p: significant.to_csv(p, index=False))
@@ -150,4 +164,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except MnemeError as err:  # a config the package refuses: its message, not a traceback
+        sys.exit(f"error: {err}")
