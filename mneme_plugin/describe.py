@@ -118,7 +118,8 @@ def _evaluation_lines(folder: Path) -> list[str]:
     the prediction beside it, in a run directory, is still the one they scored)."""
     from mneme_plugin.errors import MnemeError
     from mneme_plugin.layout import RunLayout
-    from mneme_plugin.sideeffects import load_evaluations, load_prediction
+    from mneme_plugin.pipeline.config import load_run_config
+    from mneme_plugin.sideeffects import load_evaluations, load_prediction, prediction_folder
     from mneme_plugin.sideeffects.evaluate import evaluated_other_prediction
     from mneme_plugin.sideeffects.predict import PREDICTIONS_JSON
 
@@ -128,14 +129,18 @@ def _evaluation_lines(folder: Path) -> list[str]:
         return [f"  evaluation: unreadable ({err})"]
     lines = []
     root = folder.parent
+    try:
+        taxonomies = load_run_config(root).taxonomies() if RunLayout(root).config.is_file() else None
+    except MnemeError:  # `_stages_not_done` says the config is unreadable
+        taxonomies = None
     for name, evaluation in evaluations.items():
         if name:
             lines.append(f"  ground truth {name} (taxonomy {evaluation.taxonomy}):")
         lines.append(f"  degraded: {', '.join(evaluation.true_set) or '(none)'}; "
                      f"predicted: {', '.join(evaluation.predicted.get('MNEME', [])) or '(none)'}")
-        beside = RunLayout(root).prediction  # or prediction/<taxonomy>/, where a run predicts in several
-        if name and evaluation.taxonomy and (beside / evaluation.taxonomy / PREDICTIONS_JSON).is_file():
-            beside = beside / evaluation.taxonomy
+        beside = RunLayout(root).prediction
+        if name and evaluation.taxonomy:  # a named table's prediction: where the predict stage keeps its taxonomy's
+            beside = prediction_folder(root, evaluation.taxonomy, taxonomies or [evaluation.taxonomy])
         if folder.name == "evaluation" and (beside / PREDICTIONS_JSON).is_file():
             try:
                 now = load_prediction(beside).predicted
@@ -581,15 +586,12 @@ def describe_path(path: str | Path) -> str:
 
 
 def _remediation_summary(path: Path) -> list[str]:
-    import pandas as pd
-
-    from mneme_plugin.sideeffects.remediate import REMEDIATED_MODEL, REMEDIATION_CSV
+    from mneme_plugin.sideeffects.remediate import REMEDIATED_MODEL, load_remediation_scores
 
     lines = [f"Remediation output {path} (`mneme remediate`)", f"  retrained model: {path / REMEDIATED_MODEL} "
              "(a Hugging Face model folder: measure it as the edited one, e.g. with lm-eval)"]
-    scores = path / REMEDIATION_CSV
-    if scores.is_file():
-        table = pd.read_csv(scores)
+    table = load_remediation_scores(path)
+    if table is not None:
         lines += [f"  {row.category}: {row.before_remediation:.3f} -> {row.after_remediation:.3f}"
                   for row in table.itertuples(index=False)]
     return lines

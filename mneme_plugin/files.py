@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import json
 import os
 import re
 import secrets
@@ -344,3 +345,28 @@ def atomic_directory(path: str | os.PathLike[str], writer: Callable[[Path], obje
         raise
     fsync_dir(path.parent)
     return path
+
+
+def data_file_rows(path: Path, builder: str = "json") -> int | None:
+    """Rows a local data file holds, as datasets' ``builder`` reads it (``json``: JSON lines or a JSON array;
+    ``csv``: rows after the header; ``parquet``: its row count); None when it is not a readable file. For
+    size estimates (lm-eval's local tasks, an SFT data file)."""
+    if not path.is_file():
+        return None
+    try:
+        if builder == "parquet":
+            import pyarrow.parquet as pq
+
+            return pq.ParquetFile(path).metadata.num_rows
+        with path.open(encoding="utf-8") as lines:
+            if builder == "csv":
+                import csv
+
+                return max(sum(1 for _ in csv.reader(lines)) - 1, 0)
+            head = lines.read(1 << 12).lstrip()
+            lines.seek(0)
+            if head.startswith("["):
+                return len(json.load(lines))
+            return sum(1 for line in lines if line.strip())
+    except (ImportError, OSError, UnicodeDecodeError, ValueError):
+        return None

@@ -45,17 +45,12 @@ def load_trainsae_output(path: str | Path) -> CrossCoder:
     """The crosscoder a ``trainSAE`` run of ``BatchTopKCrossCoderTrainer`` saved in ``path`` (its ``trainer_<i>``
     folder, or the ``ae.pt`` in it)."""
     from mneme_plugin.crosscoder.config import CrossCoderConfig
-    from mneme_plugin.crosscoder.registry import CROSSCODER_CLASS_REGISTRY, _import_builtins
+    from mneme_plugin.crosscoder.registry import build_crosscoder
 
     path = Path(path)
     folder = path if path.is_dir() else path.parent
     trainer = read_json(folder / CONFIG_FILE, 'a trainSAE config {"trainer": {...}}').get("trainer") or {}
-    _import_builtins()
-    classes = {cls.__name__: cls for cls in CROSSCODER_CLASS_REGISTRY.values()}
     name = trainer.get("dict_class")
-    if name not in classes:
-        raise CheckpointError(f"{folder / CONFIG_FILE}: dict_class {name!r} is none of the crosscoder classes "
-                              f"{sorted(classes)}.")
     try:
         activation_dim, dict_size, k = (int(trainer[key]) for key in ("activation_dim", "dict_size", "k"))
     except (KeyError, TypeError, ValueError) as err:
@@ -65,7 +60,10 @@ def load_trainsae_output(path: str | Path) -> CrossCoder:
     config = CrossCoderConfig(activation_dim=activation_dim, dict_size=dict_size,
                               expansion_factor=max(1, dict_size // activation_dim), k=k,
                               salience=trainer.get("salience", CrossCoderConfig.salience), metadata=metadata)
-    model = classes[name](config)
+    model = build_crosscoder(config)  # the class the trainer builds from this config
+    if type(model).__name__ != name:
+        raise CheckpointError(f"{folder / CONFIG_FILE}: dict_class {name!r} is not the {type(model).__name__} our "
+                              "trainer trains.")
     state = load_tensors(folder / WEIGHTS_FILE, f"the state dict of a {name}")
     try:
         model.load_state_dict(state)

@@ -36,7 +36,7 @@ from mneme_plugin.groundtruth.table import (  # the results readers live with th
     PER_SAMPLE_KEY, RUN_KEY, SCORES_CSV, metric_names, read_results_json, save_scores, scores_from_lm_eval,
     table_from_results,
 )
-from mneme_plugin.files import atomic_write_text, json_digest
+from mneme_plugin.files import atomic_write_text, data_file_rows, json_digest
 
 logger = logging.getLogger("mneme_plugin")
 
@@ -270,32 +270,8 @@ def local_task_size(config: LMEvalConfig, task: str) -> int | None:
     files = [files] if isinstance(files, str) else files
     if not files or not all(isinstance(f, str) for f in files):
         return None
-    counts = [_data_file_rows(Path(f), builder) for f in files]
+    counts = [data_file_rows(Path(f), builder) for f in files]
     return None if None in counts else sum(counts)
-
-
-def _data_file_rows(path: Path, builder: str) -> int | None:
-    """Rows datasets' ``builder`` reads from one local file: JSON lines or a JSON array, CSV rows after
-    the header, a Parquet file's row count; None when it is not a readable file."""
-    if not path.is_file():
-        return None
-    try:
-        if builder == "parquet":
-            import pyarrow.parquet as pq
-
-            return pq.ParquetFile(path).metadata.num_rows
-        with path.open(encoding="utf-8") as lines:
-            if builder == "csv":
-                import csv
-
-                return max(sum(1 for _ in csv.reader(lines)) - 1, 0)
-            head = lines.read(1 << 12).lstrip()
-            lines.seek(0)
-            if head.startswith("["):
-                return len(json.load(lines))
-            return sum(1 for line in lines if line.strip())
-    except (ImportError, OSError, UnicodeDecodeError, ValueError):
-        return None
 
 
 def _model_args(config: LMEvalConfig, model: str) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mneme_plugin.activations.models import ModelSpec, check_model_spec, same_model
-from mneme_plugin.files import nearest_existing, size_text
+from mneme_plugin.files import data_file_rows, nearest_existing, size_text
 from mneme_plugin.pipeline.config import RunConfig
 from mneme_plugin.pipeline.run import check_only, pending_outputs, plan, unselected_inputs
 from mneme_plugin.pipeline.stages import (
@@ -485,7 +485,7 @@ def _sft_examples(settings: Any) -> int | None:
     """How many examples SFT trains on: a local JSONL file's lines (at most ``max_examples``); else
     ``max_examples``; None when unknown (a hub dataset, another file type, a file not there yet)."""
     data = Path(settings.data)
-    lines = sum(1 for line in data.open() if line.strip()) if data.suffix == ".jsonl" and data.is_file() else None
+    lines = data_file_rows(data) if data.suffix == ".jsonl" else None
     if lines is None:
         return settings.max_examples
     return lines if settings.max_examples is None else min(lines, settings.max_examples)

@@ -263,6 +263,13 @@ def save_remediation(result: RemediationResult, out_dir: str | os.PathLike[str],
     return out
 
 
+def load_remediation_scores(out_dir: str | os.PathLike[str]) -> pd.DataFrame | None:
+    """The before / after scores ``save_remediation`` wrote (category, before_remediation, after_remediation);
+    None when it wrote none (no evaluator measured them)."""
+    path = Path(out_dir) / REMEDIATION_CSV
+    return pd.read_csv(path) if path.is_file() else None
+
+
 # ----------------------------------------------------------------------------- remediation vs control
 
 
