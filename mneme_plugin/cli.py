@@ -253,7 +253,6 @@ def train(store, stream, config, shuffle_buffer, out, dict_size, expansion_facto
           train_batch_size, lr, seed, train_device, eval_rows, no_resume, allow_partial, nproc,
           **harvest_options) -> None:
     """Train a BatchTopK crosscoder, from a store or streaming; resumes from the newest checkpoint."""
-    _relaunch_if_asked(nproc)
     from mneme_plugin.crosscoder import CrossCoderConfig, TrainingConfig
     from mneme_plugin.crosscoder.training import train as run_train
 
@@ -267,6 +266,12 @@ def train(store, stream, config, shuffle_buffer, out, dict_size, expansion_facto
                   device=train_device, shuffle_buffer_rows=shuffle_buffer, eval_rows=eval_rows),
         section="training",
     )
+    if nproc != 1:  # after the configs: a batch the ranks cannot split is refused before they start
+        from mneme_plugin.crosscoder.distributed import check_divisible
+
+        if nproc > 1:
+            check_divisible(tr_cfg.batch_size, nproc)
+        _relaunch_if_asked(nproc)
     if store and stream:
         raise ConfigError("Pass either --store or --stream, not both.")
     if stream:
@@ -897,7 +902,7 @@ def _relaunch_if_asked(nproc: int) -> None:
 
     from mneme_plugin.distributed import relaunch_under_torchrun, strip_option
 
-    sys.exit(relaunch_under_torchrun(nproc, "mneme_plugin.cli", strip_option(sys.argv[1:], "--nproc")))
+    relaunch_under_torchrun(nproc, "mneme_plugin.cli", strip_option(sys.argv[1:], "--nproc"))
 
 
 @main.command()

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import os
-import subprocess
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -300,11 +299,17 @@ def torchrun_command(nproc: int, module: str, args: Sequence[str]) -> list[str]:
             "-m", module, *args]
 
 
-def relaunch_under_torchrun(nproc: int, module: str, args: Sequence[str]) -> int:
-    """Run ``python -m module args`` as ``nproc`` ranks on this node; returns torchrun's exit code."""
+def relaunch_under_torchrun(nproc: int, module: str, args: Sequence[str]) -> NoReturn:
+    """Become ``torchrun`` running ``python -m module args`` as ``nproc`` ranks on this node (this process is
+    replaced: same pid, torchrun's exit code). A child torchrun would keep training, and keep the output
+    folder's lock, when a supervisor, ``kill`` or a container stop sends SIGTERM to this process alone;
+    torchrun itself stops its ranks on SIGTERM, SIGINT and SIGHUP."""
     if launched_by_torchrun():
         raise ConfigError("--nproc is for launching: this process already runs under torchrun.")
-    return subprocess.call(torchrun_command(nproc, module, args))
+    command = torchrun_command(nproc, module, args)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(command[0], command)
 
 
 def strip_option(argv: Sequence[str], option: str) -> list[str]:

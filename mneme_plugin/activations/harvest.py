@@ -432,9 +432,14 @@ def _harvest_locked(ctx: HarvestContext, corpus: CorpusSource, config: HarvestCo
         bar.close()
     if manifest["n_tokens"] == 0:
         raise EmptyCorpusError(f"The harvest into {path} kept no rows: every position was filtered out.")
+    log_harvested(manifest, ctx.hook_name, config.layer, path)
+    return ActivationStore(path)
+
+
+def log_harvested(manifest: dict[str, Any], hook_name: str, layer: int, path: Path) -> None:
+    """The one line a finished harvest logs (one process, or rank 0 of a sharded one)."""
     logger.info(
         "Harvested %d paired activations (%s, layer %d) into %s (%d shards; %d outliers, %d special tokens dropped).",
-        manifest["n_tokens"], ctx.hook_name, config.layer, path, len(manifest["shards"]),
+        manifest["n_tokens"], hook_name, layer, path, len(manifest["shards"]),
         manifest["outliers_dropped"], manifest["special_tokens_dropped"],
     )
-    return ActivationStore(path)

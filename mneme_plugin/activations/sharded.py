@@ -233,6 +233,10 @@ def harvest_sharded(
     store = ActivationStore(path)
     if store.num_rows == 0:
         raise EmptyCorpusError(f"The harvest into {path} kept no rows: every position was filtered out.")
+    if dist_ctx.is_main:
+        from mneme_plugin.activations.harvest import log_harvested
+
+        log_harvested(store.manifest, ctx.hook_name, config.layer, path)
     return store
 
 
@@ -241,7 +245,14 @@ def _merge(path: Path, manifest: dict[str, Any], world: int) -> None:
     states = [_rank_progress(path, rank) for rank in range(world)]
     unfinished = [s["rank"] for s in states if not s["done"]]
     if unfinished:
-        raise CheckpointError(f"Ranks {unfinished} of the harvest into {path} did not finish; run it again to resume.")
+        # Every rank has finished its loop by now (the last round's meeting): rank 0 not reading it in the
+        # folder means the ranks write to different folders (nodes without a shared filesystem).
+        missing = [rank for rank in unfinished if not (path / rank_manifest_name(rank)).is_file()]
+        raise CheckpointError(
+            f"Ranks {unfinished} finished their share of the harvest into {path}, but rank 0 does not find it there "
+            f"({'no ' + ', '.join(rank_manifest_name(r) for r in missing) if missing else 'their progress files say otherwise'}): "
+            "every rank must write to one folder that all of them see (on several nodes, a shared filesystem at the "
+            "same path). Harvest into such a folder; the shards each node wrote here are not a store.")
     carried = manifest.pop("carried", None) or {"shards": [], "windows_end": 0, **dict.fromkeys(COUNT_KEYS, 0)}
     shards = sorted(carried["shards"] + [s for state in states for s in state["shards"]],
                     key=lambda s: s["windows_start"])

@@ -310,6 +310,24 @@ def train(
         return _train(data, run_dir, cc_cfg, tr_cfg, ctx, resume=resume, progress=progress, on_step=on_step)
 
 
+def _require_one_folder_view(ctx: DistributedContext, run_dir: Path) -> None:
+    """Every rank decides from the output folder whether the training is finished and from which checkpoint
+    it resumes: ranks that see different folders (nodes without a shared filesystem) would wait for each
+    other's collectives until the process group times out. Refused on every rank instead, with what each saw."""
+    def seen() -> str:
+        if training_finished(run_dir):
+            return "a finished crosscoder"
+        checkpoint = latest_checkpoint(run_dir)
+        return f"checkpoint {checkpoint.name}" if checkpoint is not None else "no checkpoint"
+
+    views = ctx.all_gather_object(seen())
+    if len(set(views)) > 1:
+        raise ConfigError(
+            f"The ranks see different contents in the output folder {run_dir} ("
+            + ", ".join(f"rank {r}: {v}" for r, v in enumerate(views)) + "): on several nodes it must be one "
+            "folder every node sees (a shared filesystem, at the same path), or the ranks cannot resume together.")
+
+
 def _train(data: TrainingData, run_dir: Path, cc_cfg: CrossCoderConfig, tr_cfg: TrainingConfig,
            ctx: DistributedContext, *, resume: bool, progress: bool, on_step: StepCallback | None) -> TrainResult:
     progress = progress and ctx.is_main
@@ -325,6 +343,8 @@ def _train(data: TrainingData, run_dir: Path, cc_cfg: CrossCoderConfig, tr_cfg: 
         run_config["data"] = source.identity()
 
     final_dir, metrics_path = run_dir / FINAL_DIR, run_dir / METRICS_FILE
+    if ctx.is_distributed and resume:
+        _require_one_folder_view(ctx, run_dir)
     if resume and training_finished(run_dir):
         _check_run_config(run_dir, run_config)
         logger.info("Training already finished in %s; loading it.", final_dir)

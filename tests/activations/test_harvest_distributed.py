@@ -217,3 +217,26 @@ def test_an_error_on_one_rank_of_a_harvest_reaches_the_other_with_the_rank_and_i
     assert rank1 == ["OSError", "[Errno 28] No space left on device"]
     assert rank0 == ["RankFailedError", "Rank 1 failed while harvesting: OSError: [Errno 28] No space left on device"]
     assert not ActivationStore(tmp_path / "store").complete  # run again to resume
+
+
+def _harvest_into_own_folder(rank: int, out: str) -> None:
+    """One forked rank harvesting into ``OUT/node<rank>/store``: ranks on nodes without a shared filesystem."""
+    base, edited, corpus, config = harvest_inputs()
+    try:
+        harvest(base, edited, corpus, config, Path(out) / f"node{rank}" / "store", progress=False)
+        outcome = ["ok", ""]
+    except Exception as err:  # noqa: BLE001 - the test reads which error each rank got
+        outcome = [type(err).__name__, str(err)]
+    (Path(out) / f"rank{rank}.json").write_text(json.dumps(outcome))
+
+
+def test_ranks_harvesting_into_folders_rank_0_cannot_see_are_told_to_share_one(tmp_path):
+    """Each node wrote its shards to its own disk and the merge said "did not finish; run it again to resume",
+    which cannot help: the error now says every rank must write to one folder all of them see."""
+    fork_ranks(_harvest_into_own_folder, 2, str(tmp_path))
+    for rank in range(2):
+        kind, message = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert "must write to one folder that all of them see" in message, (rank, kind, message)
+    assert "Ranks [1] finished their share" in json.loads((tmp_path / "rank0.json").read_text())[1]
+    assert not (tmp_path / "node0" / "store" / "manifest.json").exists() or \
+        not ActivationStore(tmp_path / "node0" / "store").complete

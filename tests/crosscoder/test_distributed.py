@@ -235,6 +235,56 @@ def test_under_the_cli_only_rank_0_logs(store, tmp_path):
     assert again.stderr.count("Training already finished") == 1, again.stderr[-3000:]
 
 
+def _processes_naming(text: str) -> list[int]:
+    """Pids of the processes whose command line holds ``text`` (Linux /proc)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and text in (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode():
+                pids.append(int(entry.name))
+        except OSError:
+            continue
+    return pids
+
+
+@pytest.mark.slow  # torchrun: half a minute on 2 cores
+def test_sigterm_to_mneme_nproc_stops_every_rank(store, tmp_path):
+    """`mneme train --nproc 2` ran torchrun as a child: SIGTERM to the mneme process (a supervisor, `kill`, a
+    container stop) ended it alone, and torchrun and its ranks trained on, holding the output lock. The
+    command now becomes torchrun (same pid), which stops its ranks on SIGTERM."""
+    import signal
+    import time
+
+    import yaml
+
+    config = tmp_path / "train.yaml"
+    config.write_text(yaml.safe_dump({**CONFIG, "training": {**CONFIG["training"], "steps": 10**6}}))
+    run_dir = tmp_path / "sigterm_run"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "mneme_plugin.cli", "train", "--store", str(store), "--out",
+                             str(run_dir), "--config", str(config), "--nproc", "2"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 240
+        while not (run_dir / "checkpoints").is_dir() and time.time() < deadline:  # the ranks are training
+            assert proc.poll() is None, "the training stopped by itself"
+            time.sleep(0.5)
+        assert (run_dir / "checkpoints").is_dir()
+        ranks = [pid for pid in _processes_naming(str(run_dir)) if pid != proc.pid]
+        assert len(ranks) >= 2  # the two ranks (and no torchrun child of the mneme process: it is torchrun)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+        deadline = time.time() + 60
+        while _processes_naming(str(run_dir)) and time.time() < deadline:
+            time.sleep(0.5)
+        assert _processes_naming(str(run_dir)) == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for pid in _processes_naming(str(run_dir)):
+            os.kill(pid, 9)
+
+
 def _train_rank_1_failing(rank: int, store: str, out: str) -> None:
     """One forked rank of a data-parallel `train` whose rank 1 fails at step 3 (its callback raises);
     what each rank raised goes to OUT/rankR.json."""
@@ -257,6 +307,29 @@ def test_an_error_on_one_rank_of_a_training_reaches_the_other_with_the_rank_and_
     assert rank0 == ["RankFailedError", "Rank 1 failed while training: ValueError: callback failed on rank 1"]
 
 
+def _resume_in_own_folder(rank: int, store: str, out: str) -> None:
+    """One forked rank resuming a training in ``OUT/node<rank>``: ranks on nodes without a shared filesystem."""
+    try:
+        train(store, Path(out) / f"node{rank}", SHORT["crosscoder"], SHORT["training"], progress=False)
+        outcome = ["ok", ""]
+    except Exception as err:  # noqa: BLE001 - the test reads which error each rank got
+        outcome = [type(err).__name__, str(err)]
+    (Path(out) / f"rank{rank}.json").write_text(json.dumps(outcome))
+
+
+def test_ranks_that_see_different_output_folders_are_refused_not_left_waiting(store, tmp_path):
+    """Two nodes without a shared filesystem: the node that holds the finished run loaded it and left, the
+    other started training and waited in its first collective until the process group timed out (30
+    minutes). Every rank now compares what it sees first and stops with what each saw."""
+    train(store, tmp_path / "node0", SHORT["crosscoder"], SHORT["training"], progress=False)
+    fork_ranks(_resume_in_own_folder, 2, str(store), str(tmp_path))
+    for rank in range(2):
+        kind, message = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert kind == "ConfigError", message
+        assert f"The ranks see different contents in the output folder {tmp_path / f'node{rank}'} (rank 0: a " \
+               "finished crosscoder, rank 1: no checkpoint): on several nodes it must be one folder every node" in message
+
+
 def _train_odd_batch(rank: int, store: str, out: str) -> None:
     config = {**SHORT["training"], "batch_size": SHORT["training"]["batch_size"] + 1}
     try:
@@ -274,4 +347,19 @@ def test_a_batch_the_ranks_cannot_share_is_refused_before_waiting_for_the_others
     fork_ranks(_train_odd_batch, 2, str(store), str(tmp_path), started=1)
     kind, message = json.loads((tmp_path / "rank0.json").read_text())
     assert kind == "ConfigError" and "must be a multiple of the number of ranks (2)" in message
+    assert not (tmp_path / "run").exists()
+
+
+def test_mneme_train_refuses_a_batch_the_ranks_cannot_split_before_they_start(tmp_path):
+    """`mneme train --nproc 3` with batch 64: refused once by the launching process, not by each of three ranks
+    after they started (a line per rank in torchrun's failure summary)."""
+    (tmp_path / "store").mkdir()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-m", "mneme_plugin.cli", "train", "--store", str(tmp_path / "store"),
+                          "--train-batch-size", "64", "--nproc", "3", "--out", str(tmp_path / "run")],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0
+    assert run.stderr.count("training.batch_size=64 is the global batch; it must be a multiple of the number of "
+                            "ranks (3)") == 1, run.stderr[-3000:]
+    assert "torch.distributed" not in run.stderr and "Traceback" not in run.stderr
     assert not (tmp_path / "run").exists()
