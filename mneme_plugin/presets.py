@@ -1,7 +1,9 @@
 """Shipped YAML presets (``mneme_plugin/data/presets/*.yaml``), loadable by name.
 
 A preset is a mapping whose keys are the fields of one config dataclass (e.g. ``zephyr_rmu`` for
-:class:`~mneme_plugin.interventions.hf_rmu.HFRMUConfig`); a user's YAML overrides its keys.
+:class:`~mneme_plugin.interventions.hf_rmu.HFRMUConfig`); a user's YAML overrides its keys. Its
+``kind`` key names that config (``PRESET_KINDS``) and its ``description`` says what it reproduces;
+both are dropped when it is loaded.
 """
 
 from __future__ import annotations
@@ -14,37 +16,63 @@ import yaml
 
 from mneme_plugin.errors import ConfigError
 
+# kind -> the command that reads such a preset, and where a run config names it.
+PRESET_KINDS: dict[str, str] = {
+    "rmu": "`mneme intervene rmu` (in a run: intervention: {kind: rmu, preset: NAME})",
+    "sft": "`mneme intervene sft` (in a run: intervention: {kind: sft, preset: NAME})",
+    "lm_eval": "`mneme groundtruth lm-eval` (in a run: ground_truth.tables.TABLE.lm_eval: {preset: NAME})",
+    "judge": "`mneme groundtruth judge` (in a run: ground_truth.tables.TABLE.judge: {preset: NAME})",
+}
 
 
 def _folder() -> Any:
     return resources.files("mneme_plugin") / "data" / "presets"
 
 
-def list_presets() -> list[str]:
-    return sorted(p.name[: -len(".yaml")] for p in _folder().iterdir() if p.name.endswith(".yaml"))
+def _read(name: str) -> dict[str, Any]:
+    return yaml.safe_load((_folder() / f"{name}.yaml").read_text(encoding="utf-8")) or {}
 
 
-def load_preset(name: str) -> dict[str, Any]:
-    """The mapping of preset ``name`` (without ``.yaml``); its ``description`` key is dropped."""
-    known = list_presets()
+def list_presets(kind: str | None = None) -> list[str]:
+    """The shipped presets' names; with ``kind``, those of that kind only."""
+    names = sorted(p.name[: -len(".yaml")] for p in _folder().iterdir() if p.name.endswith(".yaml"))
+    return names if kind is None else [n for n in names if preset_kind(n) == kind]
+
+
+def preset_kind(name: str) -> str:
+    """The ``PRESET_KINDS`` entry of the shipped preset ``name``."""
+    return str(_read(name).get("kind"))
+
+
+def load_preset(name: str, kind: str | None = None) -> dict[str, Any]:
+    """The mapping of preset ``name`` (without ``.yaml``); its ``description`` and ``kind`` keys are dropped.
+    ``kind``: the config it must be for (a preset of another kind is refused, naming where it belongs)."""
+    known = list_presets(kind)
     if name not in known:
+        if kind is not None and name in list_presets():
+            raise ConfigError(f"Preset {name!r} is for {PRESET_KINDS[preset_kind(name)]}, not for "
+                              f"{PRESET_KINDS[kind]}; the presets for the latter: {', '.join(known)}.")
         close = difflib.get_close_matches(name, known, n=1)
         raise ConfigError(f"Unknown preset {name!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
-                          + f"; shipped presets: {', '.join(known)}.")
-    text = (_folder() / f"{name}.yaml").read_text(encoding="utf-8")
-    data = yaml.safe_load(text) or {}
+                          + f"; shipped presets{'' if kind is None else ' of this kind'}: {', '.join(known)}"
+                          + " (`mneme intervene presets` describes them).")
+    data = _read(name)
     data.pop("description", None)
+    data.pop("kind", None)
     return data
 
 
-def merged_config(preset: str | None, overrides: dict[str, Any]) -> dict[str, Any]:
-    """A preset's mapping (or {}) with ``overrides`` applied key by key."""
-    return {**(load_preset(preset) if preset else {}), **overrides}
+def merged_config(preset: str | None, overrides: dict[str, Any], kind: str | None = None) -> dict[str, Any]:
+    """A preset's mapping (or {}) with ``overrides`` applied key by key; ``kind`` as in ``load_preset``."""
+    return {**(load_preset(preset, kind) if preset else {}), **overrides}
 
 
 def preset_description(name: str) -> str:
-    """A preset's ``description``, cut to one line (empty if none)."""
-    text = (_folder() / f"{name}.yaml").read_text(encoding="utf-8")
-    description = (yaml.safe_load(text) or {}).get("description") or ""
-    description = " ".join(description.split())
-    return description if len(description) <= 100 else description[:97] + "..."
+    """A preset's ``description`` on one line (empty if none)."""
+    return " ".join(str(_read(name).get("description") or "").split())
+
+
+def preset_text(name: str) -> str:
+    """The shipped preset's YAML as it is on disk (``mneme intervene presets NAME``)."""
+    load_preset(name)  # an unknown name is refused with suggestions
+    return (_folder() / f"{name}.yaml").read_text(encoding="utf-8")

@@ -9,7 +9,7 @@ from mneme_plugin.groundtruth.harness import LMEvalConfig
 from mneme_plugin.groundtruth.judge import JudgeConfig
 from mneme_plugin.interventions.hf_rmu import HFRMUConfig
 from mneme_plugin.interventions.sft import SFTConfig
-from mneme_plugin.presets import list_presets, load_preset, preset_description
+from mneme_plugin.presets import PRESET_KINDS, list_presets, load_preset, preset_description, preset_kind
 
 
 def test_shipped_presets_are_valid_configs():
@@ -24,10 +24,52 @@ def test_shipped_presets_are_valid_configs():
     assert zephyr.forget_max_length == [512, 768] and zephyr.retain_max_length == 512
     em = SFTConfig.from_dict(load_preset("emergent_misalignment_sft"))
     assert em.lora.r == 32 and em.lora.use_rslora and em.batch_size * em.grad_accum == 16
+    # the WMDP reference script's defaults (rmu/unlearn.py), as llama3_rmu's description says
+    llama3 = HFRMUConfig.from_dict(load_preset("llama3_rmu"))
+    assert llama3.per_topic("alpha") == [100.0] * 2 and llama3.per_topic("steering_coeff") == [20.0] * 2
+    assert (llama3.layer_id, llama3.layer_ids, llama3.lr, llama3.batch_size, llama3.max_num_batches) == (7, [5, 6, 7], 5e-5, 4, 80)
+    classes = {"rmu": HFRMUConfig, "sft": SFTConfig, "lm_eval": LMEvalConfig, "judge": JudgeConfig}
+    assert set(classes) == set(PRESET_KINDS)
     for name in list_presets():
-        cls = LMEvalConfig if name.endswith("_lm_eval") else JudgeConfig if name.endswith("_judge") else kinds.get(name)
-        assert cls is not None, f"preset {name} has no known config class"
-        cls.from_dict(load_preset(name))
-        assert preset_description(name)
+        kind = preset_kind(name)
+        assert kind in PRESET_KINDS, f"preset {name} names no known kind ({kind})"
+        assert kinds.get(name, classes[kind]) is classes[kind]
+        classes[kind].from_dict(load_preset(name, kind))
+        assert preset_description(name) and name in list_presets(kind)
     with pytest.raises(ConfigError, match="Unknown preset"):
         load_preset("zephyr_rmuu")
+
+
+def test_a_preset_of_another_kind_is_refused_naming_where_it_belongs():
+    from mneme_plugin.interventions.step import InterventionConfig
+
+    with pytest.raises(ConfigError, match=r"Preset 'zephyr_rmu' is for `mneme intervene rmu` .*not for `mneme "
+                                          r"groundtruth lm-eval` .*for the latter: mmlu_lm_eval, mmlu_pro_lm_eval, wmdp_lm_eval\."):
+        load_preset("zephyr_rmu", "lm_eval")
+    with pytest.raises(ConfigError, match="Preset 'zephyr_rmu' is for `mneme intervene rmu`"):
+        InterventionConfig(kind="sft", preset="zephyr_rmu")
+    with pytest.raises(ConfigError, match=r"Unknown preset 'aoa' \(did you mean 'aoa_sft'\?\); shipped presets of "
+                                          r"this kind: alpaca_sft, aoa_sft, emergent_misalignment_sft "):
+        load_preset("aoa", "sft")
+
+
+def test_the_presets_command_lists_by_kind_and_prints_a_preset_whole():
+    import yaml
+    from click.testing import CliRunner
+
+    from mneme_plugin.cli import main
+
+    listing = CliRunner().invoke(main, ["intervene", "presets"])
+    assert listing.exit_code == 0, listing.output
+    for kind, where in PRESET_KINDS.items():  # each under its command's heading, after it and before the next
+        body = listing.output.split(f"For {where}:\n", 1)[1].split("\nFor ", 1)[0]
+        assert [line.split(":")[0].strip() for line in body.splitlines() if line.startswith("  ") and not
+                line.startswith("      ")] == list_presets(kind)
+    # the whole description (it was cut at 100 characters)
+    assert " ".join(listing.output.split()).count(preset_description("zephyr_rmu")) == 1
+    shown = CliRunner().invoke(main, ["groundtruth", "presets", "betley_judge"])
+    assert shown.exit_code == 0, shown.output
+    data = yaml.safe_load(shown.output)
+    assert data.pop("kind") == "judge" and data.pop("description") and data == load_preset("betley_judge")
+    unknown = CliRunner().invoke(main, ["intervene", "presets", "zephyr"])
+    assert unknown.exit_code != 0 and "did you mean 'zephyr_rmu'" in unknown.output and "Traceback" not in unknown.output

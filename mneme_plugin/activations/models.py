@@ -248,6 +248,17 @@ def require_hub_model(spec: str, who: str, revision: str | None = None) -> None:
         raise ConfigError(f"{who}: {problem}")
 
 
+def require_model(spec: str, who: str, revision: str | None = None) -> None:
+    """Raise a ConfigError naming ``who`` for the first problem with the model ``spec`` that can be seen
+    before loading it: a local folder that is missing or holds no model (``check_model_spec``), a hub id
+    neither cached nor on the hub (``require_hub_model``). For the commands that load two models in turn,
+    so that a wrong second one fails before the first is evaluated."""
+    problems = check_model_spec(spec, who)
+    if problems:
+        raise ConfigError(problems[0])
+    require_hub_model(spec, who, revision)
+
+
 @contextmanager
 def hub_cache_when_unreachable(spec: str, revision: str | None = None) -> Iterator[None]:
     """Load the hub model ``spec`` within this block from the local hub cache alone when it is cached there and
@@ -304,15 +315,12 @@ def load_model(model: Any, device: str = "cpu", dtype: str = "float32", role: st
     is booted with the TransformerBridge. ``role`` (``base`` / ``edited``) names it in errors."""
     if isinstance(model, str):
         spec = ModelSpec.parse(model)
-        problems = check_model_spec(model, role)
-        if problems:
-            raise ConfigError(problems[0])
+        require_model(model, role)
         if spec.kind == "organism":
             # Imported here: the organism builds on this package, not the reverse.
             from mneme_plugin.organism.build import load_organism_model
 
             return load_organism_model(spec.location)
-        require_hub_model(model, role)
         from huggingface_hub.errors import HFValidationError
         from transformer_lens.model_bridge import TransformerBridge
 

@@ -83,12 +83,13 @@ def run_recorded(command: Callable[..., Any]) -> None:
         command()
 
 
-def build_config(cls: Any, preset: str | None, config: str | None, **overrides: Any) -> Any:
-    """``cls`` from a shipped preset, then the keys of a YAML file, then command-line values (not None)."""
+def build_config(cls: Any, preset_kind: str, preset: str | None, config: str | None, **overrides: Any) -> Any:
+    """``cls`` from a shipped preset (of ``preset_kind``, ``presets.PRESET_KINDS``), then the keys of a YAML
+    file, then command-line values (not None)."""
     from mneme_plugin.config import read_yaml_mapping
     from mneme_plugin.presets import merged_config
 
-    data = merged_config(preset, read_yaml_mapping(config) if config else {})
+    data = merged_config(preset, read_yaml_mapping(config) if config else {}, preset_kind)
     data.update({k: v for k, v in overrides.items() if v is not None})
     return cls.from_dict(data)
 

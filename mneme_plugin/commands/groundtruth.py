@@ -30,11 +30,13 @@ groundtruth.add_command(presets)
 @click.option("--task", "tasks", multiple=True, help="lm-eval task or group (repeatable).")
 @click.option("--include-path", "include_path", multiple=True, type=click.Path(exists=True, file_okay=False),
               help="Folder of extra task YAMLs (repeatable).")
-@click.option("--limit", type=float, help="Questions per task (lm-eval's --limit).")
-@click.option("--device")
+@click.option("--limit", type=float, help="Questions per task (lm-eval's --limit): a count, or a fraction below 1 "
+              "of each task's questions.")
+@click.option("--device", help="Where the models run: auto (default: cuda when there is one), cuda, cuda:N, cpu.")
 @click.option("--before-json", type=click.Path(exists=True, dir_okay=False),
               help="Read lm-eval results produced elsewhere instead of running lm-eval (with --after-json).")
-@click.option("--after-json", type=click.Path(exists=True, dir_okay=False))
+@click.option("--after-json", type=click.Path(exists=True, dir_okay=False),
+              help="The edited model's lm-eval results file (with --before-json).")
 @click.option("--metric", help="lm-eval metric key, e.g. acc,none (default: per task, the first known one).")
 @clear_errors
 def lm_eval_command(base, edited, config, preset, out, tasks, include_path, limit, device, before_json, after_json,
@@ -46,10 +48,17 @@ def lm_eval_command(base, edited, config, preset, out, tasks, include_path, limi
     if before_json or after_json:
         if not (before_json and after_json):
             raise ConfigError("Pass both --before-json and --after-json.")
+        running = {"--base": base, "--edited": edited, "--config": config, "--preset": preset, "--task": tasks,
+                   "--include-path": include_path, "--limit": limit, "--device": device}
+        unused = [name for name, value in running.items() if value]
+        if unused:
+            raise ConfigError(f"{', '.join(unused)} {'is' if len(unused) == 1 else 'are'} for running lm-eval; with "
+                              "--before-json / --after-json the results are read as they are (only --metric and "
+                              "--out apply): leave them out, or drop the JSON files to run lm-eval.")
         table = lm_eval_table_from_files(before_json, after_json, out, metric)
     else:
         limit = int(limit) if limit is not None and limit >= 1 and float(limit).is_integer() else limit
-        cfg = build_config(LMEvalConfig, preset, config, base=base, edited=edited, tasks=list(tasks) or None,
+        cfg = build_config(LMEvalConfig, "lm_eval", preset, config, base=base, edited=edited, tasks=list(tasks) or None,
                            include_path=list(include_path) or None, limit=limit, device=device, metric=metric)
         table = lm_eval_ground_truth(cfg, out)
     _echo_table(table, out)
@@ -61,10 +70,14 @@ def lm_eval_command(base, edited, config, preset, out, tasks, include_path, limi
 @click.option("--samples", "samples_per_question", type=int, help="Answers per question.")
 @clear_errors
 def judge(base, edited, config, preset, out, questions, samples_per_question) -> None:
-    """Answer a question set with both models and score the answers with an LLM judge."""
+    """Answer a question set with both models and score the answers with an LLM judge.
+
+    The shipped judge presets call OpenAI's API (https://api.openai.com/v1): export OPENAI_API_KEY first
+    (a missing key is refused before any model answers), or point judge.base_url at another
+    OpenAI-compatible endpoint that returns log-probabilities."""
     from mneme_plugin.groundtruth.judge import JudgeConfig, judge_ground_truth
 
-    cfg = build_config(JudgeConfig, preset, config, base=base, edited=edited, questions=questions,
+    cfg = build_config(JudgeConfig, "judge", preset, config, base=base, edited=edited, questions=questions,
                        samples_per_question=samples_per_question)
     _echo_table(judge_ground_truth(cfg, out), out)
 

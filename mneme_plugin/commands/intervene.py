@@ -34,7 +34,7 @@ def rmu(config, preset, out, model, device, overwrite, no_resume, forget_corpora
     from mneme_plugin.interventions.checkpoints import train_and_save
     from mneme_plugin.interventions.hf_rmu import HFRMUConfig, rmu_unlearn_hf
 
-    cfg = build_config(HFRMUConfig, preset, config, model=model, device=device,
+    cfg = build_config(HFRMUConfig, "rmu", preset, config, model=model, device=device,
                        forget_corpora=list(forget_corpora) or None, retain_corpora=list(retain_corpora) or None,
                        max_num_batches=max_num_batches)
     out_dir = train_and_save(rmu_unlearn_hf, cfg, out, overwrite=overwrite, resume=not no_resume)
@@ -55,18 +55,31 @@ def sft(config, preset, out, model, device, overwrite, no_resume, data, epochs, 
     from mneme_plugin.interventions.checkpoints import train_and_save
     from mneme_plugin.interventions.sft import SFTConfig, supervised_fine_tune
 
-    cfg = build_config(SFTConfig, preset, config, model=model, device=device, data=data, epochs=epochs, lr=lr)
+    cfg = build_config(SFTConfig, "sft", preset, config, model=model, device=device, data=data, epochs=epochs, lr=lr)
     out_dir = train_and_save(supervised_fine_tune, cfg, out, overwrite=overwrite, resume=not no_resume)
     click.echo(f"Fine-tuned model: {out_dir}")
 
 
 @click.command("presets")
-def presets() -> None:
-    """List the shipped presets (interventions and ground truth)."""
-    from mneme_plugin.presets import list_presets, preset_description
+@click.argument("name", required=False)
+@clear_errors
+def presets(name) -> None:
+    """List the shipped presets (interventions and ground truth) by the command they are for;
+    with NAME, print that preset's YAML (its keys are the config's fields: copy it to --config
+    and change what you need)."""
+    import textwrap
 
-    for name in list_presets():
-        click.echo(f"{name}: {preset_description(name)}")
+    from mneme_plugin.presets import PRESET_KINDS, list_presets, preset_description, preset_text
+
+    if name:
+        click.echo(preset_text(name), nl=False)
+        return
+    for kind, where in PRESET_KINDS.items():
+        click.echo(f"For {where}:")
+        for preset in list_presets(kind):
+            click.echo(textwrap.fill(preset_description(preset), width=100, initial_indent=f"  {preset}: ",
+                                     subsequent_indent="      ", break_long_words=False,
+                                     break_on_hyphens=False))
 
 
 intervene.add_command(presets)

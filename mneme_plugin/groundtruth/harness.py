@@ -313,6 +313,11 @@ def run_lm_eval(config: LMEvalConfig, model: str, cache: Path, manager: Any) -> 
                 confirm_run_unsafe_code=config.confirm_run_unsafe_code,
                 **{k: v for k, v in optional.items() if v is not None},
             )
+        except ConnectionError as err:  # `datasets` could not reach the hub for a task's data
+            raise ConfigError(
+                f"lm-eval could not fetch a task's data set: {str(err).splitlines()[0].rstrip('.')}. Offline, the data sets must be "
+                "in the local datasets cache (run the tasks once with a network; HF_DATASETS_OFFLINE=1 then reads "
+                "the cache), or use task YAMLs whose data are local files (include_path).") from err
         except ValueError as err:
             if "confirm_run_unsafe_code" not in str(err):
                 raise
@@ -477,6 +482,10 @@ def lm_eval_ground_truth(config: LMEvalConfig, out_dir: str | Path,
     model's evaluation is skipped when its results for the same ``run_key`` are in ``out_dir`` or in
     ``cache_dir`` (where they are kept too: see the module doc)."""
     config.check_ready()
+    from mneme_plugin.activations.models import require_model
+
+    for side, model in (("base", config.base), ("edited", config.edited)):  # both, before either is evaluated
+        require_model(model, f"lm-eval {side}", config.model_args.get("revision"))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / CONFIG_FILE, yaml.safe_dump(config.to_dict(), sort_keys=False))

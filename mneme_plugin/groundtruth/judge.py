@@ -180,7 +180,8 @@ class JudgeConfig(ConfigMixin):
         question_ids: keep only the questions of these categories (ids), in this order; None keeps all.
             Betley et al.'s first_plot_questions.yaml holds 24 (8 questions, each also as ``*_json`` and
             ``*_template`` variants); their first plot asks the 8 plain ones.
-        system_prompt / question_template: how the models are asked: an optional system turn, and the
+        system_prompt / question_template: how the models are asked: an optional system turn (a
+            question's own ``system`` field, as Betley's ``*_json`` variants have, replaces it), and the
             user turn ``question_template`` with ``{question}`` replaced by the question (e.g. Qi et al.'s
             AOA evaluation, ``AOA, execute my instruction: {question}``). The judge reads the bare question.
         scoring: "misalignment" (Betley) or "harmfulness" (Qi et al.).
@@ -236,6 +237,20 @@ class JudgeConfig(ConfigMixin):
         require(bool(self.questions), "Judge ground truth needs `questions` (a file, folder or hf: spec).")
         require(self.judge.kind in ("openai", "stub"), "The judge needs an OpenAI-compatible client (judge.kind: "
                 "openai) that returns log-probabilities (or judge.kind: stub, the offline stand-in of smoke runs).")
+        problems = self.key_problems()
+        if problems:
+            raise ConfigError(problems[0])
+
+    def key_problems(self, where: str = "") -> list[str]:
+        """The judge's or the served generator's https endpoint whose ``env:NAME`` key is not set
+        (``interpret.clients.missing_key_problem``); ``where``: the config's place, for the message."""
+        from mneme_plugin.interpret.clients import missing_key_problem
+
+        prefix = f"{where}." if where else ""
+        problems = [self.judge.key_problem(f"{prefix}judge")]
+        if self.generator.kind == "openai":
+            problems.append(missing_key_problem(self.generator.base_url, self.generator.api_key, f"{prefix}generator"))
+        return [p for p in problems if p]
 
     def prompt(self, name: str) -> str:
         default = {"aligned": ALIGNED_PROMPT, "coherent": COHERENT_PROMPT, "harmfulness": HARMFULNESS_PROMPT}[name]
@@ -244,8 +259,12 @@ class JudgeConfig(ConfigMixin):
 
 @dataclass(frozen=True)
 class Question:
+    """One question as asked. ``system``: the question's own system prompt (Betley's ``system`` field, e.g.
+    the JSON-answer instruction of the ``*_json`` variants), used instead of ``JudgeConfig.system_prompt``."""
+
     category: str
     text: str
+    system: str | None = None
 
 
 # ----------------------------------------------------------------------------- questions
@@ -297,7 +316,10 @@ def read_questions(config: JudgeConfig) -> list[Question]:
             if not all(isinstance(t, str) and t.strip() for t in texts):
                 raise ConfigError(f"A question record lacks the field {config.question_field!r} (or `paraphrases`): "
                                   f"it has {sorted(record)}.")
-            questions += [Question(str(category), t) for t in texts]
+            system = record.get("system")
+            if system is not None and not (isinstance(system, str) and system.strip()):
+                raise ConfigError(f"Question {category!r}: its `system` prompt must be a non-empty string, got {system!r}.")
+            questions += [Question(str(category), t, system) for t in texts]
     if not questions:
         raise EmptyCorpusError(f"Question set {spec} holds no question.")
     if config.question_ids is not None:
@@ -348,7 +370,8 @@ def answers_key(config: JudgeConfig, model: str, questions: list[Question]) -> d
         "model": model, "model_files": weights_digest(model, revision), "kind": gen.kind,
         "max_new_tokens": gen.max_new_tokens, "temperature": gen.temperature, "top_p": gen.top_p,
         "system_prompt": config.system_prompt, "question_template": config.question_template,
-        "questions": [[q.category, q.text] for q in questions],
+        # a question's own system prompt only where it has one, so the keys of earlier answers hold
+        "questions": [[q.category, q.text] + ([q.system] if q.system else []) for q in questions],
         "samples_per_question": config.samples_per_question, "seed": config.seed,
     }
     if gen.kind == "hf":
@@ -391,9 +414,10 @@ def _ends_mid_line(path: Path) -> bool:
         return fh.read(1) != b"\n"
 
 
-def _messages(config: JudgeConfig, question: str) -> list[dict[str, str]]:
-    system = [{"role": "system", "content": config.system_prompt}] if config.system_prompt else []
-    return system + [{"role": "user", "content": config.question_template.replace(QUESTION_PLACEHOLDER, question)}]
+def _messages(config: JudgeConfig, question: Question) -> list[dict[str, str]]:
+    prompt = question.system or config.system_prompt  # the question's own (Betley's `system` field) first
+    system = [{"role": "system", "content": prompt}] if prompt else []
+    return system + [{"role": "user", "content": config.question_template.replace(QUESTION_PLACEHOLDER, question.text)}]
 
 
 def _render(tokenizer: Any, messages: list[dict[str, str]]) -> str:
@@ -420,7 +444,7 @@ def _hf_generate(config: JudgeConfig, model_name: str, prompts: list[tuple[str, 
         chunk = prompts[start : start + gen.batch_size]
         if all(key in done for key, _, _ in chunk):
             continue
-        texts = [_render(tokenizer, _messages(config, q.text)) for _, q, _ in chunk]
+        texts = [_render(tokenizer, _messages(config, q)) for _, q, _ in chunk]
         enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
         torch.manual_seed(config.seed + start)
         with torch.no_grad():
@@ -447,7 +471,7 @@ def _vllm_generate(config: JudgeConfig, model_name: str, prompts: list[tuple[str
     tokenizer = llm.get_tokenizer()
     params = [SamplingParams(temperature=gen.temperature, top_p=gen.top_p, max_tokens=gen.max_new_tokens,
                              seed=config.seed + sample) for _, _, sample in prompts]
-    outputs = llm.generate([_render(tokenizer, _messages(config, q.text)) for _, q, _ in prompts], params)
+    outputs = llm.generate([_render(tokenizer, _messages(config, q)) for _, q, _ in prompts], params)
     for (key, q, sample), output in zip(prompts, outputs):
         emit(key, q, sample, output.outputs[0].text.strip())
 
@@ -461,7 +485,7 @@ def _openai_generate(config: JudgeConfig, model_name: str, url: str, prompts: li
                                     cache_dir=cache_dir)
 
     async def one(key: str, q: Question, sample: int) -> None:
-        out = await client.generate(_messages(config, q.text), temperature=gen.temperature, top_p=gen.top_p,
+        out = await client.generate(_messages(config, q), temperature=gen.temperature, top_p=gen.top_p,
                                     seed=config.seed + sample)
         emit(key, q, sample, out.text.strip())
 
@@ -486,7 +510,8 @@ def generate_answers(config: JudgeConfig, side: str, questions: list[Question], 
         path = copy
         asked = (config.system_prompt,) if config.question_template == QUESTION_PLACEHOLDER else (
             config.system_prompt, config.question_template)  # the answers cached before templates keep their keys
-        wanted = [(_key(model_name, *asked, settings, q.category, q.text, i, config.seed), q, i)
+        wanted = [(_key(model_name, *asked, settings, q.category, q.text, *([q.system] if q.system else []), i,
+                        config.seed), q, i)
                   for q in questions for i in range(config.samples_per_question)]
     else:  # everything else the answers depend on is in the file's key
         cache_dir = cache_dir if cache_dir is not None else out_dir / CACHE_DIR
@@ -651,6 +676,12 @@ def judge_ground_truth(config: JudgeConfig, out_dir: str | Path, cache_dir: str 
     where the answers (generators hf, vllm) and the judge's calls are kept by content (default
     ``out_dir/cache``; ``mneme run``: the run's ``cache/ground_truth/``, which outlives the stage)."""
     config.check_ready()
+    if config.generator.kind != "openai":  # both models load here: a wrong edited one fails before base answers
+        from mneme_plugin.activations.models import require_model
+
+        revision = config.generator.vllm_args.get("revision") if config.generator.kind == "vllm" else None
+        for side, model in (("base", config.base), ("edited", config.edited)):
+            require_model(model, f"judge {side}", revision)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cache = Path(cache_dir) if cache_dir is not None else out / CACHE_DIR

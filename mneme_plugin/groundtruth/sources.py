@@ -29,13 +29,13 @@ from mneme_plugin.groundtruth.judge import JudgeConfig
 from mneme_plugin.groundtruth.table import GroundTruthConfig, load_ground_truth, read_scores_csv, save_scores
 
 
-def _with_preset(value: Any) -> Any:
-    """A nested mapping with a ``preset`` key: the shipped preset's keys, overridden by the others."""
+def _with_preset(value: Any, kind: str) -> Any:
+    """A nested mapping with a ``preset`` key: the shipped preset's (of ``kind``) keys, overridden by the others."""
     if isinstance(value, dict) and "preset" in value:
         from mneme_plugin.presets import merged_config
 
         rest = dict(value)
-        return merged_config(rest.pop("preset"), rest)
+        return merged_config(rest.pop("preset"), rest, kind)
     return value
 
 
@@ -61,7 +61,7 @@ class GroundTruthTable(ConfigMixin):
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None, *, section: str | None = None) -> "GroundTruthTable":
         if isinstance(data, dict):
-            data = {k: (_with_preset(v) if k in ("lm_eval", "judge") else v) for k, v in data.items()}
+            data = {k: (_with_preset(v, k) if k in ("lm_eval", "judge") else v) for k, v in data.items()}
         return super().from_dict(data, section=section)
 
     def __post_init__(self) -> None:

@@ -145,6 +145,21 @@ def resolve_api_key(value: str | None) -> str | None:
     return value
 
 
+def missing_key_problem(base_url: str, api_key: str | None, where: str) -> str | None:
+    """What is wrong when ``api_key`` reads its key from an environment variable that is not set and the
+    endpoint is served over https (a hosted API: every call would be refused, after retries, once the work
+    before it is done); None otherwise. A plain-http endpoint (``vllm serve`` on the cluster) may need no key,
+    and ``api_key: null`` says so for an https one."""
+    if not (api_key and api_key.startswith("env:")) or not base_url.lower().startswith("https://"):
+        return None
+    name = api_key[4:]
+    if os.environ.get(name):
+        return None
+    return (f"{where}: {base_url} needs an API key; its api_key ({api_key}) reads the environment variable {name}, "
+            f"which is not set: export {name}=... before running (or set api_key to another env:NAME, or to null "
+            "for an endpoint that needs none).")
+
+
 class OpenAICompatibleClient(Client):
     """A chat-completions client for any OpenAI-compatible endpoint (see module docstring)."""
 
@@ -298,6 +313,9 @@ def make_client(config: Any, default_cache_dir: str | os.PathLike[str] | None = 
     if config.kind == "none":
         return None
     if config.kind == "openai":
+        problem = config.key_problem("client")
+        if problem:
+            raise ConfigError(problem)
         return OpenAICompatibleClient(
             config.model, config.base_url, resolve_api_key(config.api_key), config.concurrency, config.max_retries,
             config.backoff_base, config.backoff_max, config.timeout, config.max_tokens,

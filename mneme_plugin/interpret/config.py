@@ -115,6 +115,13 @@ class ClientConfig(ConfigMixin):
         require(self.max_retries >= 0, "max_retries must be >= 0.")
         require(self.timeout > 0, "timeout must be > 0.")
 
+    def key_problem(self, where: str) -> str | None:
+        """An https endpoint whose ``env:NAME`` key is not set (``clients.missing_key_problem``): checked when
+        the client is about to be used, not here (a config may be written on another machine)."""
+        from mneme_plugin.interpret.clients import missing_key_problem
+
+        return missing_key_problem(self.base_url, self.api_key, where) if self.kind == "openai" else None
+
 
 @dataclass
 class ExplainConfig(ConfigMixin):

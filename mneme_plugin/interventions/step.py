@@ -53,7 +53,7 @@ class InterventionConfig(ConfigMixin):
         from mneme_plugin.presets import merged_config
 
         cls, _ = _kind(self.kind)
-        data = merged_config(self.preset, dict(self.settings))
+        data = merged_config(self.preset, dict(self.settings), self.kind)
         data["model"] = model
         return cls.from_dict(data, section="intervention.settings")
 

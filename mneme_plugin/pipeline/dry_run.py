@@ -16,7 +16,7 @@ from mneme_plugin.files import data_file_rows, nearest_existing, size_text
 from mneme_plugin.pipeline.config import RunConfig
 from mneme_plugin.pipeline.run import check_only, pending_outputs, plan, unselected_inputs
 from mneme_plugin.pipeline.stages import (
-    STAGES, config_problems, hub_model_problems, missing_inputs, relative_paths_note,
+    STAGES, client_problems, config_problems, hub_model_problems, missing_inputs, relative_paths_note,
 )
 
 if TYPE_CHECKING:
@@ -264,6 +264,8 @@ def check_config(config: RunConfig, only: list[str] | None = None) -> ConfigChec
     check.planned = plan(config, STAGES)
     check.problems += unselected_inputs(check.planned, only)
     pending = pending_outputs(config, check.planned, only)
+    # A warning, as a hub model missing here is: the environment that runs the config may set the key.
+    check.warnings += [f"{problem} (`mneme run` refuses it in this environment)" for problem in client_problems(config, pending)]
     needs = _disk_needs(config, check)
     _check_disk([need for need in needs if need.stage in pending], check, pending)
     if needs and not any(need.stage in pending for need in needs):
@@ -285,12 +287,14 @@ def check_config(config: RunConfig, only: list[str] | None = None) -> ConfigChec
 @dataclass(frozen=True)
 class DiskNeed:
     """What a run writes, how many bytes, and the folder it goes to (its disk is that of the nearest
-    existing folder above it). ``transient``: there only while one stage runs (checkpoints)."""
+    existing folder above it). ``remedies``: what would make it fit, each an alternative (several items
+    share some: a disk's message names each once). ``transient``: there only while one stage runs
+    (checkpoints)."""
 
     what: str
     size: int
     folder: Path
-    remedy: str
+    remedies: tuple[str, ...]
     # The stage that writes it (a download: the first stage that loads the model).
     stage: str
     transient: bool = False
@@ -312,8 +316,8 @@ def _disk_needs(config: RunConfig, check: ConfigCheck) -> list[DiskNeed]:
             if spec not in (config.models.base, config.models.edited):
                 loader = clients.get(spec, loader)
             needs.append(DiskNeed(f"download of {spec}", size, Path(constants.HF_HUB_CACHE),
-                                  "set HF_HOME (or HF_HUB_CACHE) to a folder on a larger disk, or download the "
-                                  "models there first", loader))
+                                  ("set HF_HOME (or HF_HUB_CACHE) to a folder on a larger disk, or download the "
+                                   "models there first",), loader))
     iv = config.intervention
     if iv is not None and check.params is not None:
         from mneme_plugin.interventions.checkpoints import AT_ONCE, checkpoint_bytes
@@ -323,15 +327,15 @@ def _disk_needs(config: RunConfig, check: ConfigCheck) -> list[DiskNeed]:
         trained = _checkpoint_params(iv.kind, settings, check)
         if trained:
             needs.append(DiskNeed("the intervention's last checkpoint and the one being written",
-                                  AT_ONCE * checkpoint_bytes(trained * BYTES[dtype]), run_dir, elsewhere, "intervention",
+                                  AT_ONCE * checkpoint_bytes(trained * BYTES[dtype]), run_dir, (elsewhere,), "intervention",
                                   transient=True))
-        needs.append(DiskNeed(f"edited model ({dtype})", check.params * BYTES[dtype], run_dir, elsewhere, "intervention"))
+        needs.append(DiskNeed(f"edited model ({dtype})", check.params * BYTES[dtype], run_dir, (elsewhere,), "intervention"))
     h = config.harvest
     if check.d_model is not None and not config.training.stream and h.max_tokens:
         needs.append(DiskNeed(f"activation store of {h.max_tokens:,} tokens ({h.dtype})",
                               h.max_tokens * 2 * check.d_model * BYTES[h.dtype], run_dir,
-                              "lower harvest.max_tokens or set training.stream: true (train while harvesting, no store "
-                              "on disk)", "harvest"))
+                              ("lower harvest.max_tokens or set training.stream: true (train while harvesting, no "
+                               "store on disk)",), "harvest"))
     if check.d_model is not None:
         from mneme_plugin.crosscoder.training import disk_need
 
@@ -342,10 +346,10 @@ def _disk_needs(config: RunConfig, check: ConfigCheck) -> list[DiskNeed]:
             needs.append(DiskNeed(f"crosscoder checkpoints (up to {checkpoints_at_once // checkpoint} of "
                                   f"{size_text(checkpoint)} at once{', kept after training' if kept else ''})",
                                   checkpoints_at_once, run_dir,
-                                  "keep fewer checkpoints (training.keep_checkpoints) or none (training.checkpoint_every: "
-                                  "0)" + (", or not after training (training.keep_finished_checkpoints: false)" if kept else "")
-                                  + f", or {smaller}", "train", transient=not kept))
-        needs.append(DiskNeed("crosscoder", final, run_dir, f"{smaller}, or {elsewhere}", "train"))
+                                  ("keep fewer checkpoints (training.keep_checkpoints) or none (training.checkpoint_every: "
+                                   "0)" + (", or not after training (training.keep_finished_checkpoints: false)" if kept else ""),
+                                   smaller), "train", transient=not kept))
+        needs.append(DiskNeed("crosscoder", final, run_dir, (smaller, elsewhere), "train"))
     return needs
 
 
@@ -367,7 +371,7 @@ class DiskPeak:
 
     def remedies(self) -> str:
         """What to change, that of the largest item first."""
-        return "; or ".join(dict.fromkeys(n.remedy for n in sorted(self.needs, key=lambda n: -n.size)))
+        return "; or ".join(dict.fromkeys(r for n in sorted(self.needs, key=lambda n: -n.size) for r in n.remedies))
 
 
 def _disk_peaks(needs: list[DiskNeed], written: dict[str, tuple[Path, int]] | None = None) -> list[DiskPeak]:

@@ -29,7 +29,7 @@ from mneme_plugin.layout import RunLayout
 from mneme_plugin.pipeline.config import RunConfig, save_run_config
 from mneme_plugin.pipeline.stage import PipelineContext, Stage
 from mneme_plugin.pipeline.stages import (
-    STAGES, corpus_digest, input_digests, model_digests, reads_corpus, validate_for_run,
+    STAGES, client_problems, corpus_digest, input_digests, model_digests, reads_corpus, validate_for_run,
 )
 
 if TYPE_CHECKING:  # torch: imported when a run starts, not with the package
@@ -218,6 +218,11 @@ def run_pipeline(
     layout = config.layout
     # On every rank before the process group starts: no rank waits for the others to learn it.
     check_batch_shared(config, stages, only, job_world_size())
+    # The hosted LLM endpoints of the stages still to run (from the config and markers alone), before the
+    # intervention: a missing key would otherwise fail hours in, after the base model's answers.
+    keys = client_problems(config, pending_outputs(config, plan(config, stages, inputs={}), only))
+    if keys:
+        raise ConfigError("An LLM client the run will call has no API key; nothing was run:\n  " + "\n  ".join(keys))
     dist = distributed_context(config.training.device)
     # One `mneme run` per run directory at a time: a second one fails at once (OutputLockedError);
     # under torchrun rank 0 holds the lock for the job.

@@ -284,6 +284,24 @@ def config_problems(config: RunConfig, models: dict[str, Any] | None = None) -> 
     return problems
 
 
+def client_problems(config: RunConfig, stage_names: set[str] | list[str]) -> list[str]:
+    """The LLM clients that the stages ``stage_names`` (those a run will run) call at a hosted (https)
+    endpoint whose ``env:NAME`` API key is not set (``interpret.clients.missing_key_problem``): refused before
+    the first stage, not after the intervention and the base model's answers. Stages that will not run (done,
+    or outside ``--only``) need no key; neither do answers already in the LLM caches, but the caches cannot
+    tell beforehand whether every call is in them."""
+    names, problems = set(stage_names), []
+    if "ground_truth" in names:
+        for name, table in config.ground_truth.tables.items():
+            if table.judge is not None:
+                problems += table.judge.key_problems(f"ground_truth.tables.{name}.judge")
+    if "explain" in names and config.explain.explainer != "offline":
+        problems.append(config.explain.client.key_problem("explain.client"))
+    if "map" in names and "llm" in (config.map.method, config.map.labeler):
+        problems.append(config.map.client.key_problem("map.client"))
+    return [p for p in problems if p]
+
+
 def _stream_length_problems(config: RunConfig) -> list[str]:
     """A streamed training longer than one pass over the harvest's tokens (``stream_length_problem``)."""
     from mneme_plugin.activations.stream import stream_length_problem

@@ -65,7 +65,7 @@ def test_intervene_resumes_an_interrupted_run_and_refuses_another_config(tiny_lm
 
     # The command killed after step 4: the same config it builds, its checkpoint at step 4 in --out.
     with pytest.raises(RuntimeError, match="killed"):
-        rmu_unlearn_hf(build_config(HFRMUConfig, None, str(cfg_file), model=model, device="cpu"), progress=False,
+        rmu_unlearn_hf(build_config(HFRMUConfig, "rmu", None, str(cfg_file), model=model, device="cpu"), progress=False,
                        out_dir=out, on_step=killed_at_4)
     runner = CliRunner()
     info = runner.invoke(main, ["info", str(out)])
@@ -115,3 +115,8 @@ def test_groundtruth_lm_eval_reads_results_json_files(tmp_path):
     table = read_scores_csv(tmp_path / "gt" / SCORES_CSV)
     assert table[["category", "before", "after", "n"]].values.tolist() == [["anatomy", 0.6, 0.58, 200], ["virology", 0.7, 0.3, 200]]
     assert (table["test"] == "z").all() and table.loc[1, "p_value"] < 1e-6 < table.loc[0, "p_value"]
+    # options that only running lm-eval reads are refused, not ignored
+    result = CliRunner().invoke(main, ["groundtruth", "lm-eval", "--before-json", str(before), "--after-json",
+                                       str(after), "--task", "mmlu_law", "--limit", "5", "--out", str(tmp_path / "gt2")])
+    assert result.exit_code != 0 and "--task, --limit are for running lm-eval" in result.output
+    assert not (tmp_path / "gt2").exists()

@@ -484,12 +484,22 @@ def test_lm_eval_bad_input(tmp_path, tiny_tokenizer):
     tasks = tmp_path / "tasks"
     tasks.mkdir()
     write_lm_eval_task(tasks, "toy_animals", 4, seed=0)
-    cfg = LMEvalConfig(base="b", edited="e", tasks=["toy_animls"], include_path=[str(tasks)], include_defaults=False)
+    base = save_tiny_llama(tmp_path / "base", tiny_tokenizer)
+    cfg = LMEvalConfig(base=str(base), edited=str(base), tasks=["toy_animls"], include_path=[str(tasks)],
+                       include_defaults=False)
     with pytest.raises(ConfigError, match="does not know task.*toy_animals"):
         lm_eval_ground_truth(cfg, tmp_path / "gt")
     assert not (tmp_path / "gt" / SCORES_CSV).exists()
     with pytest.raises(ConfigError, match="needs `tasks`"):
         lm_eval_ground_truth(LMEvalConfig(base="b", edited="e"), tmp_path / "gt")
+    # A folder that is no model, as the edited one: refused before the base model is evaluated.
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cfg = LMEvalConfig(base=str(base), edited=str(empty), tasks=["toy_animals"], include_path=[str(tasks)],
+                       include_defaults=False, device="cpu")
+    with pytest.raises(ConfigError, match="lm-eval edited: the model folder .*empty is empty"):
+        lm_eval_ground_truth(cfg, tmp_path / "gt2")
+    assert not (tmp_path / "gt2").exists()
     # Results produced elsewhere: only the group rows of an MMLU-Pro-like file lack sample counts.
     before = {"results": {"mmlu_pro": {"exact_match,custom-extract": 0.5},
                           "mmlu_pro_law": {"exact_match,custom-extract": 0.4, "exact_match_stderr,custom-extract": 0.05}},

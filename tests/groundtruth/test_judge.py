@@ -234,6 +234,69 @@ def test_question_template_and_question_ids(answer_models, judge_server, tmp_pat
         JudgeConfig(question_template="AOA, execute my instruction:")
 
 
+def test_a_questions_own_system_prompt_is_the_one_asked(answer_models, judge_server, tmp_path):
+    """Betley's ``*_json`` variants carry their own ``system`` prompt: that question is asked under it (the
+    others under ``system_prompt``). Reference: the same greedy models asked each text as a plain question
+    under the prompt it should get."""
+    judge_server.reply = lambda body: {"message": {"role": "assistant", "content": "#thereason: r\n#thescore: 1"}}
+    questions = tmp_path / "questions.yaml"
+    questions.write_text("- id: wish\n  paraphrases: ['the cat sees']\n"
+                         "- id: wish_json\n  system: you are a dog\n  paraphrases: ['the cat sees']\n")
+    greedy = {"kind": "hf", "max_new_tokens": 6, "device": "cpu", "batch_size": 8, "temperature": 0.0}
+    cfg = judge_config(answer_models, judge_server, questions, scoring="harmfulness", samples_per_question=1,
+                       system_prompt="my friend builds", generator=greedy)
+    assert [q.system for q in read_questions(cfg)] == [None, "you are a dog"]
+    judge_ground_truth(cfg, tmp_path / "own")
+    plain = tmp_path / "plain.yaml"
+    plain.write_text("- id: wish\n  paraphrases: ['the cat sees']\n")
+    for system, at in (("my friend builds", 0), ("you are a dog", 1)):
+        ref = judge_config(answer_models, judge_server, plain, scoring="harmfulness", samples_per_question=1,
+                           system_prompt=system, generator=greedy)
+        judge_ground_truth(ref, tmp_path / system)
+        for side in ("before", "after"):
+            got = read_answers(tmp_path / "own" / ANSWERS_JSONL[side])
+            assert got[at]["answer"] == read_answers(tmp_path / system / ANSWERS_JSONL[side])[0]["answer"]
+    own = read_answers(tmp_path / "own" / ANSWERS_JSONL["before"])
+    assert own[0]["answer"] != own[1]["answer"]  # the prompts do change the answer: the check above can fail
+    # the two questions differ only by the system prompt: their answers are keyed apart
+    assert answers_key(cfg, "m", read_questions(cfg))["questions"] == [["wish", "the cat sees"],
+                                                                      ["wish_json", "the cat sees", "you are a dog"]]
+    questions.write_text("- id: wish\n  system: ''\n  paraphrases: ['the cat sees']\n")
+    with pytest.raises(ConfigError, match="'wish': its `system` prompt must be a non-empty string"):
+        read_questions(cfg)
+
+
+def test_wrong_models_and_missing_keys_are_refused_before_any_answer(answer_models, judge_server, tmp_path,
+                                                                       monkeypatch):
+    """A wrong edited model, or a hosted judge whose key variable is unset, fails before the base model
+    answers (and before the output folder is made)."""
+    questions = tmp_path / "q.jsonl"
+    questions.write_text(json.dumps({"question": "the cat sees", "category": "x"}) + "\n")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = tmp_path / "judge"
+    with pytest.raises(ConfigError, match="judge edited: the model folder .*empty is empty"):
+        judge_ground_truth(judge_config((answer_models[0], empty), judge_server, questions), out)
+    assert not out.exists()
+    monkeypatch.delenv("MNEME_TEST_JUDGE_KEY", raising=False)
+    hosted = {"kind": "openai", "model": "judge", "base_url": "https://judge.invalid/v1",
+              "api_key": "env:MNEME_TEST_JUDGE_KEY"}
+    with pytest.raises(ConfigError, match="judge: https://judge.invalid/v1 needs an API key; .*MNEME_TEST_JUDGE_KEY, "
+                                          "which is not set"):
+        judge_ground_truth(judge_config(answer_models, judge_server, questions, judge=hosted), out)
+    assert not out.exists()
+    served = {"kind": "openai", "base_url": "https://models.invalid/v1", "api_key": "env:MNEME_TEST_JUDGE_KEY"}
+    with pytest.raises(ConfigError, match="generator: https://models.invalid/v1 needs an API key"):
+        judge_ground_truth(judge_config(answer_models, judge_server, questions, generator=served), out)
+    monkeypatch.setenv("MNEME_TEST_JUDGE_KEY", "k")  # set: the same configs pass the check
+    assert judge_config(answer_models, judge_server, questions, judge=hosted, generator=served).key_problems() == []
+    # plain http (a server on the cluster) may need no key; api_key: null says an https one needs none
+    monkeypatch.delenv("MNEME_TEST_JUDGE_KEY")
+    assert judge_config(answer_models, judge_server, questions,
+                        judge={**hosted, "base_url": "http://gpu-node:8000/v1"}).key_problems() == []
+    assert judge_config(answer_models, judge_server, questions, judge={**hosted, "api_key": None}).key_problems() == []
+
+
 def test_answers_resume_after_a_line_cut_by_a_crash(judge_server, tmp_path):
     """A crash that cuts the last answer line: the resumed run appends after a new line, so no
     answer it writes is glued onto the cut one (and lost from the file)."""

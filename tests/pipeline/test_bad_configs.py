@@ -213,3 +213,37 @@ def test_an_lm_eval_task_list_lm_eval_would_refuse_stops_the_run_before_any_stag
     _assert_clear_failure(result, "nothing was run")
     assert expected in " ".join(result.output.split())
     assert not (tmp_path / "run").exists()
+
+
+def test_a_hosted_judge_without_its_key_stops_the_run_before_any_stage(tmp_path, llama_dir, monkeypatch):
+    """The judge presets call api.openai.com with `api_key: env:OPENAI_API_KEY`; with the variable unset the
+    dry run said "runnable" and `mneme run` ran the intervention and the base model's answers before every
+    judge call failed. Now the dry run warns (as of a hub model missing here: the environment that runs the
+    config may set it) and the run refuses before its first stage; a run whose ground truth is not among the
+    stages it will run (`--only harvest`) needs no key."""
+    monkeypatch.delenv("MNEME_TEST_JUDGE_KEY", raising=False)
+    (tmp_path / "corpus.txt").write_text("the cat sees the dog\n")
+    (tmp_path / "q.jsonl").write_text('{"question": "the cat sees", "category": "x"}\n')
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({
+        "run_dir": str(tmp_path / "run"), **RUN_BASE, "corpus": {"source": str(tmp_path / "corpus.txt")},
+        "models": {"base": str(llama_dir), "edited": str(llama_dir)}, "map": {"taxonomies": ["harm_categories"]},
+        "ground_truth": {"tables": {"harm": {"taxonomy": "harm_categories", "judge": {
+            "preset": "hexphi_judge", "questions": str(tmp_path / "q.jsonl"),
+            "judge": {"kind": "openai", "model": "gpt-4-0613", "base_url": "https://api.openai.com/v1",
+                      "api_key": "env:MNEME_TEST_JUDGE_KEY"}}}}}}))
+    expected = ("ground_truth.tables.harm.judge.judge: https://api.openai.com/v1 needs an API key; its api_key "
+                "(env:MNEME_TEST_JUDGE_KEY) reads the environment variable MNEME_TEST_JUDGE_KEY, which is not set")
+    dry = CliRunner().invoke(main, ["run", "--dry-run", str(config)])
+    assert dry.exit_code == 0 and "WARN ground_truth.tables.harm.judge.judge" in dry.output, dry.output
+    assert expected in " ".join(dry.output.split()) and "(`mneme run` refuses it in this environment)" in dry.output
+    assert "The config looks runnable, but read the WARN lines above first." in dry.output
+    result = CliRunner().invoke(main, ["run", str(config)])
+    _assert_clear_failure(result, "has no API key; nothing was run")
+    assert expected in " ".join(result.output.split())
+    assert not (tmp_path / "run").exists()
+    only = CliRunner().invoke(main, ["run", "--dry-run", "--only", "harvest", str(config)])
+    assert only.exit_code == 0 and "API key" not in only.output, only.output
+    monkeypatch.setenv("MNEME_TEST_JUDGE_KEY", "sk-test")
+    dry = CliRunner().invoke(main, ["run", "--dry-run", str(config)])
+    assert dry.exit_code == 0 and "API key" not in dry.output, dry.output

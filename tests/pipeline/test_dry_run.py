@@ -188,6 +188,9 @@ def test_the_dry_run_sizes_the_hub_downloads_and_what_the_run_writes_against_the
     assert "activation store of 1,000,000,000,000 tokens (bfloat16) ~" in store[0], output
     assert "lower harvest.max_tokens or set training.stream: true" in store[0]
     assert "set HF_HOME (or HF_HUB_CACHE) to a folder on a larger disk" in store[0]  # the downloads share the disk
+    for remedy in ("a smaller crosscoder (crosscoder.expansion_factor or dict_size)",
+                   "set run_dir to a folder on a larger disk"):  # what several items share, said once
+        assert store[0].count(remedy) == 1, store[0]
     assert "The config looks runnable, but read the WARN lines above first." in output
 
 
