@@ -880,7 +880,7 @@ def remediate(run_dir, edited, out, config, target, classes, steps, lr, lora) ->
     model, tokenizer = load_causal_lm(edited, device="cpu", dtype="float32")
     check_edited_for_run(run_dir, edited, tokenizer)
     result = run_remediate(model, samples, cfg, latents=latents)
-    click.echo(f"Retrained model: {save_remediation(result, out) / 'model'}")
+    click.echo(f"Retrained model: {save_remediation(result, out, tokenizer=tokenizer) / 'model'}")
 
 
 @main.command()

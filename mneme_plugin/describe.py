@@ -224,9 +224,14 @@ def _unfinished_intervention_summary(path: Path) -> list[str]:
     info = read_checkpoint_info(path) if unfinished(path) else None
     if info is None:
         return []
+    from mneme_plugin.layout import RunLayout
+
+    layout = RunLayout(path.parent)
+    in_run = layout.edited_model == path and layout.looks_like_run()  # a `mneme run` intervention stage's
+    start_over = (f"delete {path} to start over" if in_run else "pass --no-resume to start over")
     return [f"Unfinished intervention {path} ({info.get('kind')})",
-            f"  checkpoint at step {info.get('step')} of {info.get('total_steps')}; run the intervention again "
-            "(same config) to resume it, or pass --no-resume to start over"]
+            f"  checkpoint at step {info.get('step')} of {info.get('total_steps')}; run "
+            f"{'`mneme run`' if in_run else 'the intervention'} again (same config) to resume it, or {start_over}"]
 
 
 def _edited_model_summary(path: Path) -> list[str]:
@@ -273,6 +278,22 @@ def _hf_model_summary(path: Path) -> list[str]:
         raise CheckpointError(f"{path}/config.json cannot be read ({err}).") from err
     return [f"Hugging Face model {path}",
             f"  architecture:  {architecture}: d_model {d}, {layers} layers (harvest layers 0..{layers - 1 if isinstance(layers, int) else '?'})"]
+
+
+def _ground_truth_summary(path: Path) -> list[str]:
+    """`mneme groundtruth lm-eval|judge`'s output folder: its table, or what a measurement that did not finish left."""
+    from mneme_plugin.groundtruth.harness import CONFIG_FILE as LM_EVAL_CONFIG
+    from mneme_plugin.groundtruth.table import SCORES_CSV, read_scores_csv
+
+    command = "lm-eval" if (path / LM_EVAL_CONFIG).is_file() else "judge"
+    if not (path / SCORES_CSV).is_file():
+        return [f"Unfinished ground truth {path} (`mneme groundtruth {command}`): no {SCORES_CSV} yet; run the same "
+                "command again (what it measured is kept and not measured again)"]
+    table = read_scores_csv(path / SCORES_CSV)
+    drops = (table["before"] - table["after"]).sort_values(ascending=False)
+    largest = ", ".join(f"{table.loc[i, 'category']} {drops[i]:+.3f}" for i in drops.index[:5])
+    return [f"Ground truth {path} (`mneme groundtruth {command}`): {SCORES_CSV}, `mneme evaluate --scores-csv`",
+            f"  categories:    {len(table)}; largest drops (before - after): {largest}"]
 
 
 def _attribution_summary(path: Path) -> list[str]:
@@ -457,7 +478,12 @@ def _stage_output_kinds(path: Path) -> list[str]:
     from mneme_plugin.interpret.mapping import CATEGORIES_PARQUET
     from mneme_plugin.sideeffects import load_evaluations
 
+    from mneme_plugin.groundtruth.harness import CONFIG_FILE as LM_EVAL_CONFIG
+    from mneme_plugin.groundtruth.judge import CONFIG_FILE as JUDGE_CONFIG
+
     found = {
+        # by the command's config (a demo case keeps a ground_truth.csv of its own beside other things)
+        "ground_truth": any((path / name).is_file() for name in (LM_EVAL_CONFIG, JUDGE_CONFIG)),
         "attribution": (path / SUMMARY_FILE).is_file(),
         "contexts": (path / CONTEXTS_FILE).is_file(),
         "explanations": (path / EXPLANATIONS_PARQUET).is_file() or (path / EXPLANATIONS_CSV).is_file(),
@@ -580,8 +606,8 @@ def describe_path(path: str | Path) -> str:
     raise CheckpointError(
         f"{path} holds nothing mneme writes: no activation store ({MANIFEST}), crosscoder ({CONFIG_FILE} + "
         f"{WEIGHTS_FILE}), training run ({FINAL_DIR}/, {CHECKPOINT_DIR}/), model folder (config.json), run "
-        "directory (.stages/ or stage folders) or stage output (attribution, contexts, explanations, mapping, "
-        "prediction, evaluation)."
+        "directory (.stages/ or stage folders) or stage output (ground truth, attribution, contexts, explanations, "
+        "mapping, prediction, evaluation)."
     )
 
 
@@ -601,8 +627,8 @@ def _evaluation_summary(path: Path) -> list[str]:
     return [f"Evaluation {path} (`mneme evaluate`)"] + _evaluation_lines(path)
 
 
-_STAGE_COMMANDS = {"attribution": "attribute", "contexts": "collect", "explanations": "explain", "mapping": "map",
-                   "prediction": "predict", "evaluation": "evaluate"}
-_STAGE_SUMMARIES = {"attribution": _attribution_summary, "contexts": _contexts_summary,
+_STAGE_COMMANDS = {"ground_truth": "groundtruth lm-eval|judge", "attribution": "attribute", "contexts": "collect",
+                   "explanations": "explain", "mapping": "map", "prediction": "predict", "evaluation": "evaluate"}
+_STAGE_SUMMARIES = {"ground_truth": _ground_truth_summary, "attribution": _attribution_summary, "contexts": _contexts_summary,
                     "explanations": _explanations_summary, "mapping": _mapping_summary,
                     "prediction": _prediction_summary, "evaluation": _evaluation_summary}

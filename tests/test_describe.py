@@ -136,6 +136,25 @@ def test_info_writes_undefined_metrics_as_n_a(tmp_path):
     assert "  MNEME   Acc n/a  P n/a  R n/a  F1 n/a" in summary and "nan" not in summary
 
 
+def test_info_describes_a_ground_truth_folder_finished_or_not(tmp_path):
+    """`mneme groundtruth lm-eval|judge` output: "holds nothing mneme writes" before; now its table's largest drops
+    (against the CSV's own values), or what to do with a measurement that did not finish."""
+    import pandas as pd
+
+    from mneme_plugin.groundtruth.harness import CONFIG_FILE
+    from mneme_plugin.groundtruth.table import SCORES_CSV, save_scores
+
+    folder = tmp_path / "gt"
+    folder.mkdir()
+    (folder / CONFIG_FILE).write_text("tasks: [toy]\n")
+    assert "Unfinished ground truth" in _info(folder) and "`mneme groundtruth lm-eval`" in _info(folder)
+    save_scores(pd.DataFrame({"category": ["law", "math", "art"], "before": [0.9, 0.8, 0.5], "after": [0.4, 0.8, 0.6]}),
+                folder / SCORES_CSV)
+    summary = _info(folder)
+    assert "Ground truth" in summary and "categories:    3; largest drops (before - after): law +0.500, math +0.000, " \
+        "art -0.100" in summary
+
+
 def test_info_describes_a_demo_case_and_the_demo_output(finished_run, tmp_path):
     """`mneme info runs/demo/rmu` (a case's folder: its recipe, ground truth and run/) said the folder
     "holds nothing mneme writes"; it now describes the edit, the measured drops and the run inside."""

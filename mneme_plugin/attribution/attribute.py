@@ -19,7 +19,7 @@ from mneme_plugin.attribution.classify import CLASSES, classify
 from mneme_plugin.attribution.config import AttributionConfig
 from mneme_plugin.attribution.decoder_norms import decoder_stats
 from mneme_plugin.attribution.latent_scaling import LatentScalingAccumulator
-from mneme_plugin.attribution.table import COLUMNS, AttributionResult, save_attribution
+from mneme_plugin.attribution.table import COLUMNS, SUMMARY_FILE, TABLE_PARQUET, AttributionResult, save_attribution
 from mneme_plugin.crosscoder.base import CrossCoder
 from mneme_plugin.crosscoder.provenance import check_same_source
 from mneme_plugin.devices import resolve_device
@@ -226,5 +226,5 @@ def attribute(
     if out_dir is not None:
         save_attribution(result, out_dir)
         logger.info("Attribution table written to %s (parquet + CSV), summary to %s.",
-                    Path(out_dir) / "attribution.parquet", Path(out_dir) / "attribution_summary.json")
+                    Path(out_dir) / TABLE_PARQUET, Path(out_dir) / SUMMARY_FILE)
     return result

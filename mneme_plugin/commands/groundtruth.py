@@ -25,7 +25,8 @@ groundtruth.add_command(presets)
 @groundtruth.command("lm-eval")
 @add_options(_pair_options)
 @click.option("--config", type=click.Path(dir_okay=False), help="YAML whose keys are LMEvalConfig's fields.")
-@click.option("--preset", help="A shipped preset (mmlu_lm_eval, mmlu_pro_lm_eval, wmdp_lm_eval).")
+@click.option("--preset", help="A shipped lm-eval preset by name (`mneme groundtruth presets` lists them); --config "
+              "overrides it.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
 @click.option("--task", "tasks", multiple=True, help="lm-eval task or group (repeatable).")
 @click.option("--include-path", "include_path", multiple=True, type=click.Path(exists=True, file_okay=False),

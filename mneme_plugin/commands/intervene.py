@@ -28,7 +28,7 @@ def intervene() -> None:
 @clear_errors
 def rmu(config, preset, out, model, device, overwrite, no_resume, forget_corpora, retain_corpora,
         max_num_batches) -> None:
-    """RMU unlearning (the WMDP algorithm); presets zephyr_rmu, llama3_rmu.
+    """RMU unlearning (the WMDP algorithm); its presets: `mneme intervene presets`.
 
     Checkpoints every checkpoint_every steps in --out; run again to resume an interrupted run."""
     from mneme_plugin.interventions.checkpoints import train_and_save
@@ -50,7 +50,7 @@ def rmu(config, preset, out, model, device, overwrite, no_resume, forget_corpora
 def sft(config, preset, out, model, device, overwrite, no_resume, data, epochs, lr) -> None:
     """Supervised fine-tuning on chat or Alpaca data, loss on responses only (full or LoRA).
 
-    Presets: emergent_misalignment_sft, aoa_sft, alpaca_sft. Checkpoints every checkpoint_every
+    Presets: `mneme intervene presets`. Checkpoints every checkpoint_every
     optimiser steps in --out; run again to resume an interrupted run."""
     from mneme_plugin.interventions.checkpoints import train_and_save
     from mneme_plugin.interventions.sft import SFTConfig, supervised_fine_tune

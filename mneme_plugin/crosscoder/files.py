@@ -1,6 +1,6 @@
 """The crosscoder package's file names, and what can be told from them without loading torch (``mneme info``
 on a run directory, ``mneme clean --checkpoints``): a crosscoder folder holds CONFIG_FILE + WEIGHTS_FILE;
-a training run (``training.py``) holds its final crosscoder in FINAL_DIR, METRICS_FILE and
+a training run (``training.py``) holds its final crosscoder in FINAL_DIR, METRICS_FILE, RUN_CONFIG_FILE and
 ``checkpoints/`` while it can be resumed."""
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 FINAL_DIR = "crosscoder"
 METRICS_FILE = "metrics.json"
+RUN_CONFIG_FILE = "train_config.json"  # the config a training run's checkpoints and crosscoder were trained with
 
 
 def training_finished(run_dir: str | os.PathLike[str]) -> bool:

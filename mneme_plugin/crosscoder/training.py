@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from mneme_plugin.activations.store import ActivationStore
 from mneme_plugin.crosscoder.config import CrossCoderConfig, TrainingConfig
 from mneme_plugin.crosscoder.files import (  # noqa: F401  (re-exported: where they were defined before)
-    FINAL_DIR, METRICS_FILE, remove_finished_checkpoints, training_finished,
+    FINAL_DIR, METRICS_FILE, RUN_CONFIG_FILE, remove_finished_checkpoints, training_finished,
 )
 from mneme_plugin.crosscoder.distributed import DistributedBatchTopKCrossCoderTrainer, check_divisible, rank_slices
 from mneme_plugin.crosscoder.metrics import (
@@ -59,7 +59,6 @@ logger = logging.getLogger("mneme_plugin")
 TrainingData = Union[str, os.PathLike, ActivationStore, Iterable[torch.Tensor]]
 StepCallback = Callable[[int, BatchTopKCrossCoderTrainer], None]
 
-RUN_CONFIG_FILE = "train_config.json"
 
 
 @dataclass
@@ -224,7 +223,11 @@ def load_checkpoint(trainer: BatchTopKCrossCoderTrainer, checkpoint: Path) -> No
     state = checkpoints.load_state(checkpoint / STATE_FILE, "delete this checkpoint to resume from an older one",
                                    map_location=trainer.device)
     if "ae" not in state:  # the weights from the checkpoint's crosscoder files (earlier versions saved them twice)
-        state["ae"] = BatchTopKCrossCoder.from_pretrained(checkpoint, device=trainer.device).state_dict()
+        try:
+            state["ae"] = BatchTopKCrossCoder.from_pretrained(checkpoint, device=trainer.device).state_dict()
+        except CheckpointError as err:
+            raise CheckpointError(f"{err} Delete the checkpoint {checkpoint} to resume from an older one, or start "
+                                  "over with --no-resume (train(..., resume=False)).") from err
     trainer.load_state_dict(state)
 
 
@@ -244,12 +247,18 @@ def _results_part(run_config: dict[str, Any]) -> dict[str, Any]:
 
 def _check_run_config(run_dir: Path, run_config: dict[str, Any]) -> None:
     path = run_dir / RUN_CONFIG_FILE
+    trained = latest_checkpoint(run_dir) is not None or (run_dir / FINAL_DIR).is_dir()
     if path.exists():
         try:
             previous = json.loads(path.read_text())
-        except json.JSONDecodeError:
-            previous = None  # cut by a crash while it was written: it pins nothing
-        trained = latest_checkpoint(run_dir) is not None or (run_dir / FINAL_DIR).is_dir()
+        except (OSError, ValueError):
+            previous = None
+        if trained and not isinstance(previous, dict):
+            raise CheckpointError(
+                f"{path} is unreadable ({'not a JSON object' if previous is not None else 'not JSON'}), so nothing "
+                f"tells which config the checkpoints or crosscoder in {run_dir} were trained with (it is written "
+                "atomically: something else changed it). Restore it, or start over here with --no-resume "
+                "(train(..., resume=False)), or use a new run directory.")
         if previous is not None and trained and _results_part(previous) != _results_part(run_config):
             differences = checkpoints.config_differences(_results_part(previous), _results_part(run_config))
             raise ForeignOutputError(
@@ -270,6 +279,11 @@ def _check_run_config(run_dir: Path, run_config: dict[str, Any]) -> None:
             )
         if trained and previous is not None:
             return
+    elif trained:
+        raise CheckpointError(
+            f"{run_dir} holds checkpoints or a crosscoder but no {RUN_CONFIG_FILE}, so nothing tells which config "
+            "they were trained with. Restore the file, or start over here with --no-resume (train(..., "
+            "resume=False)), or use a new run directory.")
     # A new run, or a start that never saved a step (it may have failed on its device): this config now.
     atomic_write_text(path, json.dumps(run_config, indent=2))
 

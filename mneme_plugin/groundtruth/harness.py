@@ -488,6 +488,8 @@ def lm_eval_ground_truth(config: LMEvalConfig, out_dir: str | Path,
         require_model(model, f"lm-eval {side}", config.model_args.get("revision"))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    # The table is written last: an earlier measurement's must not outlive this one's config when it stops early.
+    (out / SCORES_CSV).unlink(missing_ok=True)
     atomic_write_text(out / CONFIG_FILE, yaml.safe_dump(config.to_dict(), sort_keys=False))
     results: dict[str, dict[str, Any]] = {}
     manager = None

@@ -339,6 +339,21 @@ def _key(*parts: Any) -> str:
     return json_digest(parts, length=32)
 
 
+def _question_keys(questions: list[Question]) -> list[tuple[Any, ...]]:
+    """What names each question in its answers' keys: category, text, its own system prompt where it has one,
+    and, for a question asked again (the same category and text twice in a file), which time: the copies'
+    answers are other samples, kept apart (a resumed run took one copy's answers for both). The first time
+    adds nothing, so the keys of files without repeats are those of earlier versions."""
+    seen: dict[tuple[Any, ...], int] = {}
+    keys = []
+    for q in questions:
+        identity = (q.category, q.text, *([q.system] if q.system else []))
+        again = seen.get(identity, 0)
+        seen[identity] = again + 1
+        keys.append(identity + ((("repeat", again),) if again else ()))
+    return keys
+
+
 def _hf_dtype(gen: GeneratorConfig) -> str:
     """The dtype HF ``generate`` loads the model in (``auto``: bfloat16 on CUDA, float32 elsewhere)."""
     from mneme_plugin.devices import resolve_device
@@ -510,14 +525,14 @@ def generate_answers(config: JudgeConfig, side: str, questions: list[Question], 
         path = copy
         asked = (config.system_prompt,) if config.question_template == QUESTION_PLACEHOLDER else (
             config.system_prompt, config.question_template)  # the answers cached before templates keep their keys
-        wanted = [(_key(model_name, *asked, settings, q.category, q.text, *([q.system] if q.system else []), i,
-                        config.seed), q, i)
-                  for q in questions for i in range(config.samples_per_question)]
+        wanted = [(_key(model_name, *asked, settings, *asked_as, i, config.seed), q, i)
+                  for q, asked_as in zip(questions, _question_keys(questions)) for i in range(config.samples_per_question)]
     else:  # everything else the answers depend on is in the file's key
         cache_dir = cache_dir if cache_dir is not None else out_dir / CACHE_DIR
         file_key = answers_key(config, model_name, questions)
         path = cached_answers_path(cache_dir, file_key)
-        wanted = [(_key(q.category, q.text, i), q, i) for q in questions for i in range(config.samples_per_question)]
+        wanted = [(_key(*asked_as, i), q, i)
+                  for q, asked_as in zip(questions, _question_keys(questions)) for i in range(config.samples_per_question)]
     done = _read_jsonl(path)
     todo = [w for w in wanted if w[0] not in done]
     if not todo and path != copy:
@@ -684,6 +699,8 @@ def judge_ground_truth(config: JudgeConfig, out_dir: str | Path, cache_dir: str 
             require_model(model, f"judge {side}", revision)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    # The table is written last: an earlier measurement's must not outlive this one's config when it stops early.
+    (out / SCORES_CSV).unlink(missing_ok=True)
     cache = Path(cache_dir) if cache_dir is not None else out / CACHE_DIR
     atomic_write_text(out / CONFIG_FILE, yaml.safe_dump(config.to_dict(), sort_keys=False))
     questions = read_questions(config)

@@ -9,8 +9,12 @@ from mneme_plugin.activations.config import HarvestConfig
 from mneme_plugin.config import ConfigMixin, Seed, require
 
 VALUE_MODES = ("code", "weighted")
-EXPLAINERS = ("offline", "default", "contrastive")
+# Explainers without an LLM, and Delphi's by our name -> its class in delphi.explainers (the only two lists).
+OFFLINE_EXPLAINERS = ("offline",)
+DELPHI_EXPLAINERS = {"default": "DefaultExplainer", "contrastive": "ContrastiveExplainer"}
+EXPLAINERS = OFFLINE_EXPLAINERS + tuple(DELPHI_EXPLAINERS)
 CLIENTS = ("none", "openai", "vllm", "stub")
+TRAIN_TYPES = ("top", "random", "quantiles", "mix")
 MAPPERS = ("lexical", "embedding", "llm")
 LABELERS = ("offline", "llm")
 SCORERS = ("detection", "fuzz")
@@ -89,7 +93,8 @@ def check_windows(context_length: int, example_ctx_len: int) -> None:
 @dataclass
 class ClientConfig(ConfigMixin):
     """An LLM client. ``kind``: "openai" (any OpenAI-compatible chat endpoint: `vllm serve`, a hosted
-    API), "vllm" (Delphi's in-process vLLM client, GPU), or "none" (offline methods only).
+    API), "vllm" (Delphi's in-process vLLM client, GPU), "stub" (an offline stand-in for smoke runs: its
+    answers are a hash of the prompt) or "none" (offline methods only).
 
     ``api_key`` may be given as ``env:VARNAME`` to read it from the environment at run time.
     """
@@ -159,16 +164,22 @@ class ExplainConfig(ConfigMixin):
         if isinstance(self.client, dict):
             self.client = ClientConfig.from_dict(self.client)
         require(self.explainer in EXPLAINERS, f"explainer must be one of {EXPLAINERS}, got {self.explainer!r}.")
-        require(self.train_type in ("top", "random", "quantiles", "mix"), f"bad train_type {self.train_type!r}.")
+        require(self.train_type in TRAIN_TYPES, f"train_type must be one of {TRAIN_TYPES}, got {self.train_type!r}.")
         unknown = sorted(set(self.scorers) - set(SCORERS))
         require(not unknown, f"Unknown scorer(s) {unknown}; known: {', '.join(SCORERS)}.")
         require(
-            self.explainer == "offline" and not self.scorers or self.client.kind != "none",
+            not self.calls_llm and not self.scorers or self.client.kind != "none",
             f"explainer {self.explainer!r} / scorers need an LLM client: set client.kind to 'openai' or 'vllm' "
-            "(`--client` on the command line).",
+            "('stub' for smoke runs; `--client` on the command line).",
         )
         require(0 < self.threshold < 1, "threshold must be in (0, 1).")
         require(self.n_context_terms >= 0, f"n_context_terms must be >= 0, got {self.n_context_terms}.")
+
+    @property
+    def calls_llm(self) -> bool:
+        """Whether the explainer asks the LLM client (one home for what the stage, the dry run and the key
+        check decide from it)."""
+        return self.explainer not in OFFLINE_EXPLAINERS
 
 
 @dataclass
@@ -176,7 +187,8 @@ class MapConfig(ConfigMixin):
     """How descriptions are mapped to categories.
 
     Attributes:
-        taxonomies: Built-in names (mmlu, mmlu_pro, emergent_misalignment, organism) or YAML/JSON paths.
+        taxonomies: Built-in names (`mneme taxonomies` lists them) or YAML/JSON paths; their ``name`` keys
+            must differ (the mapping names each taxonomy by it).
         method: "lexical" (TF-IDF + keyword overlap, offline), "embedding" (sentence-transformers
             from ``embedding_model``, a local path) or "llm" (the client picks the entry).
         labeler: "offline" (label from the description's top terms) or "llm".
@@ -202,7 +214,7 @@ class MapConfig(ConfigMixin):
             "method 'embedding' needs embedding_model (a local sentence-transformers folder).",
         )
         require(
-            (self.method != "llm" and self.labeler != "llm") or self.client.kind != "none",
+            not self.calls_llm or self.client.kind != "none",
             "method/labeler 'llm' need an LLM client: set client.kind to 'openai' or 'vllm' "
             "(`--client` on the command line).",
         )
@@ -211,3 +223,8 @@ class MapConfig(ConfigMixin):
             "client kind 'stub' (the offline stand-in of smoke runs) cannot label or rank categories: use "
             "method 'lexical' / labeler 'offline' without an LLM, or client kind 'openai' or 'vllm'.",
         )
+
+    @property
+    def calls_llm(self) -> bool:
+        """Whether the mapping asks the LLM client (method or labeler ``llm``)."""
+        return "llm" in (self.method, self.labeler)

@@ -215,6 +215,7 @@ class LatentContexts:
         # contexts.json, written last, says the folder is whole: an earlier one goes first, so a save
         # stopped part-way leaves no old index over the new cache.
         (out_dir / CONTEXTS_FILE).unlink(missing_ok=True)
+        _remove_derived_tables(out_dir)
         width = int(width if width is not None else max(self.latents) + 1)
         write_delphi_cache(self, out_dir / CACHE_DIR, hookpoint, width, n_splits=n_splits, model_name=model_name)
         if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
@@ -228,6 +229,19 @@ class LatentContexts:
         atomic_write(out_dir / CONTEXTS_FILE, lambda p: p.write_text(json.dumps(summary, indent=1)))
         self.out_dir = out_dir
         return out_dir
+
+
+def _remove_derived_tables(out_dir: Path) -> None:
+    """Explanations and a mapping of earlier contexts in this folder (`mneme explain` writes beside the contexts
+    by default) describe latents these contexts may not hold: they go, so `mneme info`, `map` and `predict`
+    do not read them as these contexts'."""
+    from mneme_plugin.interpret.explain import EXPLANATIONS_STEM, remove_table
+    from mneme_plugin.interpret.mapping import CATEGORIES_STEM
+
+    removed = [stem for stem in (EXPLANATIONS_STEM, CATEGORIES_STEM) if remove_table(out_dir, stem)]
+    if removed:
+        logger.info("Removed the %s of the earlier contexts in %s (they describe those contexts' latents).",
+                    " and ".join(removed), out_dir)
 
 
 def delphi_cache_config(ctx_len: int, n_tokens: int, n_splits: int, model_name: str, **extra: Any) -> dict[str, Any]:

@@ -25,7 +25,7 @@ import torch
 
 from mneme_plugin.errors import CheckpointError, ConfigError
 from mneme_plugin.files import atomic_write
-from mneme_plugin.interpret.config import ExplainConfig
+from mneme_plugin.interpret.config import DELPHI_EXPLAINERS, ExplainConfig
 from mneme_plugin.interpret.contexts import TOKENIZER_DIR, LatentContexts, iter_records_delphi, load_contexts
 
 logger = logging.getLogger("mneme_plugin")
@@ -54,8 +54,9 @@ class _OncePerMessage(logging.Filter):
             if count > 1:
                 self.target.warning("(%d times in all) %s", count, message)
 
-EXPLANATIONS_PARQUET = "explanations.parquet"
-EXPLANATIONS_CSV = "explanations.csv"
+EXPLANATIONS_STEM = "explanations"
+EXPLANATIONS_PARQUET = f"{EXPLANATIONS_STEM}.parquet"
+EXPLANATIONS_CSV = f"{EXPLANATIONS_STEM}.csv"
 
 
 def write_table(table: pd.DataFrame, out_dir: str | os.PathLike[str], stem: str) -> Path:
@@ -63,6 +64,16 @@ def write_table(table: pd.DataFrame, out_dir: str | os.PathLike[str], stem: str)
     out_dir = Path(out_dir)
     atomic_write(out_dir / f"{stem}.csv", lambda p: table.to_csv(p, index=False))
     return atomic_write(out_dir / f"{stem}.parquet", lambda p: table.to_parquet(p, index=False))
+
+
+def remove_table(out_dir: str | os.PathLike[str], stem: str) -> bool:
+    """Remove what ``write_table`` wrote under ``stem`` in ``out_dir``; whether there was any."""
+    found = False
+    for suffix in (".parquet", ".csv"):
+        path = Path(out_dir) / f"{stem}{suffix}"
+        found |= path.exists()
+        path.unlink(missing_ok=True)
+    return found
 
 
 def load_tokenizer(contexts_dir: str | os.PathLike[str], tokenizer: Any = None) -> Any:
@@ -258,7 +269,7 @@ def explain(
         raise ConfigError(f"Latent(s) {not_collected[:10]} were not collected in {contexts_dir} ({len(info)} were): "
                           "explain collected latents only, or collect those first (collect.latents).")
     rows: list[dict[str, Any]] = []
-    if config.explainer == "offline":
+    if not config.calls_llm:
         ex = OfflineExplainer(tok, config.n_examples, config.n_terms, config.threshold,
                               n_context_terms=config.n_context_terms)
         for latent in chosen:
@@ -274,12 +285,12 @@ def explain(
             cache = Path(cache_dir) if cache_dir is not None else out_dir
             client = make_client(config.client, default_cache_dir=cache / LLM_CACHE_DIR)
         if client is None:
-            raise ConfigError(f"explainer {config.explainer!r} needs an LLM client (client.kind openai or vllm).")
+            raise ConfigError(f"explainer {config.explainer!r} needs an LLM client (client.kind openai or vllm; stub for smoke runs).")
         from mneme_plugin.interpret.delphi_compat import import_delphi
 
         explainers = import_delphi("delphi.explainers")
         dclient = as_delphi_client(client)
-        cls = explainers.ContrastiveExplainer if config.explainer == "contrastive" else explainers.DefaultExplainer
+        cls = getattr(explainers, DELPHI_EXPLAINERS[config.explainer])
         explainer = cls(client=dclient, threshold=config.threshold, temperature=config.temperature)
         scorers: dict[str, Any] = {}
         if config.scorers:
@@ -308,7 +319,7 @@ def explain(
     table = pd.DataFrame(rows, columns=None if rows else ["latent", "explanation", "terms", "explainer", "model",
                                                           "n_top", "fire_tokens"])
     table = table.sort_values("latent", kind="stable").reset_index(drop=True)
-    write_table(table, out_dir, "explanations")
+    write_table(table, out_dir, EXPLANATIONS_STEM)
     return table
 
 

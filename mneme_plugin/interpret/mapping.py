@@ -159,7 +159,12 @@ def map_descriptions(
     if not {"latent", "explanation"} <= set(table.columns):
         raise ConfigError(f"The explanations need columns latent and explanation; got {list(table.columns)}.")
     taxonomies = [load_taxonomy(t) for t in config.taxonomies]
-    needs_llm = config.method == "llm" or config.labeler == "llm"
+    names = [tax.name for tax in taxonomies]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:  # the mapping's rows name their taxonomy by it: two would be read as one
+        raise ConfigError(f"map.taxonomies {config.taxonomies} holds taxonomies of the same name {repeated}: the mapping "
+                          "names each taxonomy by its `name` key; give the files different names.")
+    needs_llm = config.calls_llm
     if needs_llm and client is None:
         folder = cache_dir if cache_dir is not None else out_dir
         cache = Path(folder) / LLM_CACHE_DIR if folder is not None else None

@@ -10,9 +10,10 @@ Schema (YAML or JSON)::
         description: one line
         keywords: [cells, genes, dna]
 
-Built-ins (``mneme_plugin/data/taxonomies``): ``mmlu`` (57 subjects), ``mmlu_pro`` (14
-categories), ``emergent_misalignment`` (EM behaviours), ``organism`` (the 8 domains of the CPU
-model organism).
+Built-ins: the files in ``mneme_plugin/data/taxonomies`` (``builtin_taxonomies()``; ``mneme taxonomies``
+lists them with their sizes), e.g. ``mmlu`` (57 subjects) and ``organism`` (the 8 domains of the CPU
+model organism). A taxonomy is named in the mapping by its ``name`` key, so the taxonomies of one
+mapping must have different names.
 """
 
 from __future__ import annotations

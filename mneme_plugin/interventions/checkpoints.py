@@ -254,7 +254,8 @@ def train_and_save(train: Callable[..., Any], config: Any, out_dir: str | os.Pat
                    overwrite: bool = False, resume: bool = True, progress: bool = True) -> Path:
     """Run the intervention ``train(config, ...)`` with its checkpoints in ``out_dir`` (resuming from
     them unless ``resume`` is False), then write the edited model folder over ``out_dir`` in one
-    rename. A finished model folder there is replaced only with ``overwrite`` (refused before training);
+    rename. A finished model folder there is replaced only with ``overwrite`` (refused before training; with it,
+    the old model's files are removed before training, its checkpoints kept for the config check);
     ``out_dir`` is locked while training (OutputLockedError for a second job)."""
     from mneme_plugin.interventions.hf_models import save_intervention
 
@@ -263,6 +264,12 @@ def train_and_save(train: Callable[..., Any], config: Any, out_dir: str | os.Pat
     if out_dir.exists() and not overwrite and not _only_checkpoints(out_dir):
         raise ConfigError(f"{out_dir} already exists; choose another --out or pass --overwrite.")
     with output_lock(out_dir, "output folder (--out)"):
+        if overwrite and not _only_checkpoints(out_dir):
+            # The finished model goes now, not at the final rename: a kill before it would leave the old model
+            # looking finished beside the new training's checkpoints (loaded, described and refused as such).
+            for entry in out_dir.iterdir():
+                if entry.name not in (CHECKPOINT_DIR, LOCK_FILE):
+                    shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
         result = train(config, progress=progress, out_dir=out_dir, resume=resume)
         return save_intervention(result, out_dir, overwrite=True)
 

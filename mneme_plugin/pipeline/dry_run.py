@@ -582,8 +582,7 @@ def estimates(config: RunConfig, check: ConfigCheck, pending: Collection[str] | 
                    f"{cc.dict_size:,} latents)")
     if not runs("collect", "explain", "map"):
         return out
-    llm = [name for name, uses in (("explain", config.explain.explainer != "offline"),
-                                   ("map", config.map.method == "llm" or config.map.labeler == "llm")) if uses]
+    llm = [name for name, uses in (("explain", config.explain.calls_llm), ("map", config.map.calls_llm)) if uses]
     calls = (f"; {' and '.join(llm)} call{'s' if len(llm) == 1 else ''} the LLM client once per collected latent"
              if llm else "; explain and map run offline (no LLM call)")
     out.append(f"collect / explain / map: collect reads {f'{config.collect.harvest.max_tokens:,}' if config.collect.harvest and config.collect.harvest.max_tokens else 'the corpus'} "

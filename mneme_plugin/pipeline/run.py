@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mneme_plugin.errors import ConfigError, ForeignOutputError, RankFailedError
+from mneme_plugin.errors import CheckpointError, ConfigError, ForeignOutputError, RankFailedError
 from mneme_plugin.files import atomic_write_text, json_digest
 from mneme_plugin.layout import RunLayout
 from mneme_plugin.pipeline.config import RunConfig, save_run_config
@@ -363,13 +363,18 @@ def _run_stages(config: RunConfig, stages: list[Stage], layout: RunLayout, dist:
 @contextlib.contextmanager
 def _run_remedies(stage: Stage) -> Iterator[None]:
     """Add what to do in `mneme run` to a stage's ForeignOutputError (e.g. a partial store or training
-    run left by a kill before the config changed), whose message names the function's remedies
-    (``overwrite=True``, ``--no-resume``), which `mneme run` does not take."""
+    run left by a kill before the config changed) and CheckpointError (a damaged file), whose messages
+    name the functions' remedies (``overwrite=True``, ``--no-resume``, "harvest it again"), which `mneme
+    run` does not take."""
     try:
         yield
     except ForeignOutputError as err:
         raise ForeignOutputError(f"{err} In `mneme run`: delete {err.folder} to start the {stage.name} "
                                  "stage over, or give this run another run_dir.", err.folder) from err
+    except CheckpointError as err:  # a damaged file: its remedy names a command `mneme run` does not take
+        raise CheckpointError(f"{err} In `mneme run`: delete the run directory's folder of the stage that wrote "
+                              "the damaged file (e.g. activations/ for a store's shard) and run again: the run redoes "
+                              "that stage and the ones after it.") from err
 
 
 def discard_redone(planned: list[tuple[Stage, str, str]], layout: RunLayout, only: list[str] | None = None) -> None:

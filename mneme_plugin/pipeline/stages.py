@@ -295,9 +295,9 @@ def client_problems(config: RunConfig, stage_names: set[str] | list[str]) -> lis
         for name, table in config.ground_truth.tables.items():
             if table.judge is not None:
                 problems += table.judge.key_problems(f"ground_truth.tables.{name}.judge")
-    if "explain" in names and config.explain.explainer != "offline":
+    if "explain" in names and config.explain.calls_llm:
         problems.append(config.explain.client.key_problem("explain.client"))
-    if "map" in names and "llm" in (config.map.method, config.map.labeler):
+    if "map" in names and config.map.calls_llm:
         problems.append(config.map.client.key_problem("map.client"))
     return [p for p in problems if p]
 

@@ -23,6 +23,8 @@ assert tuple(RULE_SUMMARIES) == RULES
 # The rules that test the edit against a control run (``PredictConfig.control_run``) over the
 # reference latents (``sideeffects.shift``).
 CONTROL_RULES = ("outlier_or_broad", "outlier_plus_broad")
+# The rules that read the uniform reference sample of live latents (`collect.reference_latents`).
+REFERENCE_RULES = ("enrichment", *CONTROL_RULES)
 # Which changed latents remediation retrains on (``sideeffects.remediate.RemediateConfig.target``).
 REMEDIATION_TARGETS = {
     "predicted": "the latents behind the categories the predict stage named (nothing predicted: nothing to do)",

@@ -165,8 +165,10 @@ def predict(
     elif cfg.rule == "top_k":
         ranked = scores[eligible].sort_values("score", ascending=False, kind="stable")
         chosen = scores.index.isin(ranked.index[: cfg.k])
-    else:
+    elif cfg.rule == "min_score":
         chosen = eligible & (scores["score"] >= cfg.min_score)
+    else:  # a rule added to RULES without its branch here would otherwise predict as another rule
+        raise ConfigError(f"Rule {cfg.rule!r} is registered (sideeffects.config.RULES) but predict has no branch for it.")
     scores["predicted"] = chosen
     scores = scores.reset_index().sort_values("score", ascending=False, kind="stable").reset_index(drop=True)
     predicted = scores.loc[scores["predicted"], "category"].tolist()

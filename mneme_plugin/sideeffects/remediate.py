@@ -241,9 +241,11 @@ def remediate(edited: Any, samples: torch.Tensor, config: RemediateConfig | None
     return RemediationResult(model=model, n_samples=len(samples), latents=list(latents or []), before=before, after=after)
 
 
-def save_remediation(result: RemediationResult, out_dir: str | os.PathLike[str], save_model: Callable[[Any, Path], None] | None = None) -> Path:
-    """The model (HF ``save_pretrained`` or ``save_model``) and, when an evaluator measured them, the before /
-    after scores (``remediation.csv``; without one, as `mneme remediate` runs, no table: nothing was measured)."""
+def save_remediation(result: RemediationResult, out_dir: str | os.PathLike[str], save_model: Callable[[Any, Path], None] | None = None,
+                     tokenizer: Any = None) -> Path:
+    """The model (HF ``save_pretrained`` or ``save_model``; with ``tokenizer``, saved beside it, so the folder
+    loads as a model like the edited one) and, when an evaluator measured them, the before / after scores
+    (``remediation.csv``; without one, as `mneme remediate` runs, no table: nothing was measured)."""
     out = Path(out_dir)
     table = result.table()
     if len(table):
@@ -254,8 +256,12 @@ def save_remediation(result: RemediationResult, out_dir: str | os.PathLike[str],
     if save_model is None and not hasattr(result.model, "save_pretrained"):
         raise ConfigError("Pass save_model to save a TransformerLens model.")
     # Whole or not at all: a crash while saving leaves no model folder that looks complete.
-    atomic_directory(model_dir, lambda tmp: save_model(result.model, tmp) if save_model is not None
-                     else result.model.save_pretrained(tmp), overwrite=True)
+    def write(tmp: Path) -> None:
+        save_model(result.model, tmp) if save_model is not None else result.model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+
+    atomic_directory(model_dir, write, overwrite=True)
     logger.info("Remediated model written to %s%s.", model_dir,
                 f", before/after scores to {out / REMEDIATION_CSV}" if len(table) else
                 " (no evaluator: measure it with your benchmark, e.g. lm-eval on the ground truth's tasks)")

@@ -17,7 +17,7 @@ from mneme_plugin.files import json_digest
 from mneme_plugin.groundtruth.table import GroundTruthConfig, load_ground_truth
 from mneme_plugin.interpret.config import MapConfig
 from mneme_plugin.layout import RunLayout
-from mneme_plugin.sideeffects.config import CONTROL_RULES, EvaluateConfig, PredictConfig
+from mneme_plugin.sideeffects.config import CONTROL_RULES, REFERENCE_RULES, EvaluateConfig, PredictConfig
 from mneme_plugin.sideeffects.evaluate import Evaluation, evaluate, save_evaluation
 from mneme_plugin.sideeffects.predict import PREDICTIONS_JSON, Prediction, load_prediction, predict, save_prediction
 
@@ -46,7 +46,7 @@ def predict_run(run_dir: str | os.PathLike[str], config: PredictConfig, taxonomy
         raise ConfigError(f"The run's latents were not mapped to taxonomy {tax.name!r} (mapped: {mapped}); predict "
                           f"over one of those, or map to it first (`mneme map --taxonomy {taxonomy}`, or add it to "
                           "map.taxonomies and run again).")
-    needs_reference = config.rule == "enrichment" or config.rule in CONTROL_RULES
+    needs_reference = config.rule in REFERENCE_RULES
     reference = load_reference_latents(layout.contexts) if needs_reference else None
     control = load_control_attribution(config.control_run) if config.rule in CONTROL_RULES else None
     prediction = predict(load_attribution(layout.attribution).table, category_links(mapping, tax.name), tax.ids(),

@@ -9,7 +9,7 @@ import torch
 from mneme_plugin import ActivationStore, CrossCoderConfig, HarvestConfig, TrainingConfig, harvest, train
 from mneme_plugin.crosscoder import BatchTopKCrossCoder
 from mneme_plugin.crosscoder.training import latest_checkpoint
-from mneme_plugin.errors import ConfigError, ForeignOutputError, NonFiniteActivationError
+from mneme_plugin.errors import CheckpointError, ConfigError, ForeignOutputError, NonFiniteActivationError
 from tests.helpers import synthetic_corpus
 
 
@@ -61,6 +61,14 @@ def test_interrupted_run_resumes_to_the_same_weights(tiny_store, tmp_path):
         train(tiny_store, tmp_path / "b", cc, _small_training(), progress=False, on_step=crash_at_45)
     assert latest_checkpoint(tmp_path / "b").name == "step_00000040"
     assert not (tmp_path / "b" / "crosscoder").exists()
+    # The newest checkpoint's weights damaged (disk): refused with what to do, as a damaged trainer state is.
+    weights = latest_checkpoint(tmp_path / "b") / "model.safetensors"
+    intact = weights.read_bytes()
+    weights.write_bytes(intact[:100])
+    with pytest.raises(CheckpointError, match=r"not a readable safetensors file.*Delete the checkpoint .*step_00000040 "
+                                              r"to resume from an older one, or start over with --no-resume"):
+        train(tiny_store, tmp_path / "b", cc, _small_training(), progress=False)
+    weights.write_bytes(intact)
 
     resumed = train(tiny_store, tmp_path / "b", cc, _small_training(), progress=False).crosscoder
     for name, tensor in reference.state_dict().items():
@@ -110,6 +118,17 @@ def test_finished_run_is_loaded_and_a_changed_config_refused(tiny_store, tmp_pat
     (failed / "train_config.json").write_text((tmp_path / "run" / "train_config.json").read_text())
     assert train(tiny_store, failed, cc, _small_training(steps=30), progress=False).metrics.n_tokens > 0
     assert json.loads((failed / "train_config.json").read_text())["training"]["steps"] == 30
+    # A damaged or missing train_config.json beside a finished run pinned nothing: another config was loaded as
+    # the finished one and the file rewritten. Refused, naming the file (it is written atomically).
+    config_file = tmp_path / "run" / "train_config.json"
+    kept_config = config_file.read_text()
+    for damage, message in ((lambda: config_file.write_text(kept_config[:100]), "is unreadable \\(not JSON\\)"),
+                            (lambda: config_file.write_text("[1, 2]"), "is unreadable \\(not a JSON object\\)"),
+                            (config_file.unlink, "holds checkpoints or a crosscoder but no train_config.json")):
+        damage()
+        with pytest.raises(CheckpointError, match=message + ".*--no-resume"):
+            train(tiny_store, tmp_path / "run", cc, _small_training(steps=30), progress=False)
+    config_file.write_text(kept_config)
     # resume=False starts over in the same directory
     fresh = train(tiny_store, tmp_path / "run", cc, _small_training(steps=30), resume=False, progress=False)
     assert fresh.metrics.n_tokens > 0

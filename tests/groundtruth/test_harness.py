@@ -487,9 +487,11 @@ def test_lm_eval_bad_input(tmp_path, tiny_tokenizer):
     base = save_tiny_llama(tmp_path / "base", tiny_tokenizer)
     cfg = LMEvalConfig(base=str(base), edited=str(base), tasks=["toy_animls"], include_path=[str(tasks)],
                        include_defaults=False)
+    (tmp_path / "gt").mkdir()
+    (tmp_path / "gt" / SCORES_CSV).write_text("category,before,after\nanimals,0.5,0.4\n")  # an earlier measurement's
     with pytest.raises(ConfigError, match="does not know task.*toy_animals"):
         lm_eval_ground_truth(cfg, tmp_path / "gt")
-    assert not (tmp_path / "gt" / SCORES_CSV).exists()
+    assert not (tmp_path / "gt" / SCORES_CSV).exists()  # not left beside this config as if it were its table
     with pytest.raises(ConfigError, match="needs `tasks`"):
         lm_eval_ground_truth(LMEvalConfig(base="b", edited="e"), tmp_path / "gt")
     # A folder that is no model, as the edited one: refused before the base model is evaluated.

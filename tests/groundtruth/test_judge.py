@@ -173,6 +173,8 @@ def test_judge_bad_input(answer_models, judge_server, tmp_path):
     questions.write_text(json.dumps({"question": "the cat sees", "category": "x"}) + "\n")
     judge_server.script = [500] * 100  # a judge that never answers
     out = tmp_path / "judge"
+    out.mkdir()
+    (out / SCORES_CSV).write_text("category,before,after\nx,0.5,0.4\n")  # an earlier measurement's: removed
     with pytest.raises(ClientError, match="failed after 2 attempts"):
         judge_ground_truth(judge_config(answer_models, judge_server, questions, samples_per_question=1), out)
     assert not (out / SCORES_CSV).exists()
@@ -324,13 +326,16 @@ def test_answers_resume_after_a_line_cut_by_a_crash(judge_server, tmp_path):
     assert sorted(r["key"] for r in records) == sorted(a["key"] for a in answers)
 
 
-def test_sampled_answers_resumed_after_a_kill_are_those_of_an_uninterrupted_run(answer_models, tmp_path):
+@pytest.mark.parametrize("paraphrases", [["the cat sees", "a dog likes the"],
+                                         ["the cat sees", "a dog likes the", "the cat sees"]])
+def test_sampled_answers_resumed_after_a_kill_are_those_of_an_uninterrupted_run(answer_models, tmp_path, paraphrases):
     """HF sampling (the presets' temperature 1): a run killed after its first batch of answers resumes
-    with the answers an uninterrupted run gives, not others drawn with another batch's seed."""
+    with the answers an uninterrupted run gives, not others drawn with another batch's seed; a question
+    asked twice (the EM smoke's question file repeats one) too: its copies' answers were keyed alike."""
     from mneme_plugin.groundtruth.judge import generate_answers, read_questions
 
     questions = tmp_path / "questions.yaml"
-    questions.write_text("- id: wish\n  paraphrases: ['the cat sees', 'a dog likes the']\n")
+    questions.write_text(f"- id: wish\n  paraphrases: {json.dumps(paraphrases)}\n")
     base, _ = answer_models
     cfg = JudgeConfig.from_dict({"base": str(base), "edited": str(base), "questions": str(questions),
                                  "samples_per_question": 4,
@@ -348,7 +353,8 @@ def test_sampled_answers_resumed_after_a_kill_are_those_of_an_uninterrupted_run(
     kept["resumed"].write_text("\n".join(lines[:4]) + "\n")  # the first batch
     resumed = generate_answers(cfg, "before", asked, tmp_path / "resumed")
     assert [a["answer"] for a in resumed] == [a["answer"] for a in whole]
-    assert len(kept["resumed"].read_text().splitlines()) == 8
+    assert len(kept["resumed"].read_text().splitlines()) == 4 * len(paraphrases)
+    assert len({a["answer"] for a in whole}) > 4  # samples differ: the comparison above can tell batches apart
 
 
 def test_answers_and_judgements_are_kept_by_content(answer_models, judge_server, hf_tokenizer, tmp_path):

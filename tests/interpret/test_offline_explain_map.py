@@ -12,7 +12,7 @@ import torch
 
 from mneme_plugin.errors import ConfigError
 from mneme_plugin.interpret import (
-    CollectConfig, ExplainConfig, MapConfig, OfflineExplainer, TopContextCollector, explain, load_taxonomy,
+    CollectConfig, ExplainConfig, MapConfig, OfflineExplainer, TopContextCollector, explain, load_contexts, load_taxonomy,
     map_descriptions,
 )
 from mneme_plugin.organism.corpus import DOMAINS
@@ -90,6 +90,22 @@ def test_explain_and_map_pick_the_planted_domain(planted, tmp_path):
         explain(out, ExplainConfig(explainer="offline"), out_dir=tmp_path / "bad", latents=[0, 99999])
 
 
+def test_contexts_collected_again_into_a_folder_remove_its_earlier_explanations_and_mapping(planted, tmp_path):
+    """`mneme explain` writes beside the contexts by default: contexts collected again into that folder (other
+    latents) left the earlier explanations and mapping there, read by `mneme info`, `map` and `predict` as theirs."""
+    out, tok, contexts = planted
+    folder = tmp_path / "contexts"
+    contexts.save(folder, "blocks.0.hook_resid_post", width=len(NAMES), tokenizer=tok)
+    explain(folder, ExplainConfig(explainer="offline"), out_dir=folder)
+    map_descriptions(folder, MapConfig(taxonomies=["organism"]), out_dir=folder)
+    assert {"explanations.parquet", "explanations.csv", "categories.parquet", "categories.csv"} <= {
+        p.name for p in folder.iterdir()}
+    contexts.save(folder, "blocks.0.hook_resid_post", width=len(NAMES), tokenizer=tok)
+    assert not {"explanations.parquet", "explanations.csv", "categories.parquet", "categories.csv"} & {
+        p.name for p in folder.iterdir()}
+    assert load_contexts(folder).latents == contexts.latents  # the contexts themselves are whole
+
+
 def test_collecting_by_class_without_the_attribution_is_refused():
     """`CollectConfig(classes=["suppressed"])` without an attribution collected every latent, silently."""
     from mneme_plugin.interpret.contexts import select_latents
@@ -156,6 +172,12 @@ def test_taxonomies_and_user_file(tmp_path):
     cats = map_descriptions(pd.DataFrame({"latent": [1], "explanation": ['Tokens "dog", "cat"']}),
                             MapConfig(taxonomies=[str(user)], top_k=1))
     assert cats.loc[0, "category"] == "pets"
+    # a user file named like a built-in: its rows and the built-in's would share the taxonomy name
+    clash = tmp_path / "organism.yaml"
+    clash.write_text("name: organism\nentries:\n  - id: zzz\n    keywords: [dog]\n")
+    with pytest.raises(ConfigError, match=r"taxonomies of the same name \['organism'\]"):
+        map_descriptions(pd.DataFrame({"latent": [1], "explanation": ['Tokens "dog"']}),
+                         MapConfig(taxonomies=["organism", str(clash)], top_k=1))
     bad = tmp_path / "bad.yaml"
     bad.write_text("entries: [{name: x}]\n")
     with pytest.raises(ConfigError, match="needs an 'id'"):

@@ -193,6 +193,18 @@ def test_the_finished_model_folder_is_written_over_the_checkpoints(tiny_lm_dirs,
     with pytest.raises(ConfigError, match="already exists"):
         train_and_save(rmu_unlearn_hf, cfg, out)
     assert not (out / CHECKPOINT_INFO).exists()
+    # With overwrite, killed part-way: the old model went when the new training started (it stayed, looking
+    # finished, beside the new checkpoints: loaded as the edited model, and a rerun refused as "already exists").
+    def killed_at_4(config, **kwargs):  # after its checkpoint at step 3
+        return rmu_unlearn_hf(config, on_step=crash_at(4), **kwargs)
+
+    with pytest.raises(Killed):
+        train_and_save(killed_at_4, cfg, out, overwrite=True, progress=False)
+    assert unfinished(out) and not (out / "model.safetensors").exists()
+    assert train_and_save(rmu_unlearn_hf, cfg, out, progress=False) == out  # resumed without --overwrite
+    after = load_file(str(out / "model.safetensors"))
+    for name, tensor in reference.model.state_dict().items():
+        assert torch.equal(after[name], tensor), name
 
 
 def test_checkpoint_every_is_validated():

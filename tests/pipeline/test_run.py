@@ -217,10 +217,11 @@ def test_a_changed_config_over_a_stage_left_unfinished_says_what_to_do_in_a_run(
     assert result.exit_code == 0, result.output
 
 
-def test_the_run_remedy_goes_to_foreign_outputs_only(tmp_path):
-    """`mneme run` adds its remedy to a ForeignOutputError by its type, whatever its text, and to no
-    other error, even one whose text names `--no-resume` (a corrupt metrics.json: the file to delete)."""
-    from mneme_plugin.errors import CheckpointError, ForeignOutputError
+def test_the_run_remedies_go_to_foreign_outputs_and_damaged_files_only(tmp_path):
+    """`mneme run` adds its remedy to a ForeignOutputError by its type, whatever its text; to a damaged file's
+    CheckpointError (a truncated shard said "harvest it again (--overwrite)", which `mneme run` cannot do,
+    and every rerun failed the same way) the stage folder to delete; and to no other error."""
+    from mneme_plugin.errors import CheckpointError, ConfigError, ForeignOutputError
     from mneme_plugin.pipeline import run_pipeline
     from mneme_plugin.pipeline.stage import Stage
 
@@ -246,7 +247,15 @@ def test_the_run_remedy_goes_to_foreign_outputs_only(tmp_path):
     stages = [Stage("train", ("training",), lambda l: l.crosscoder_run, fail(corrupt))]
     with pytest.raises(CheckpointError) as raised:
         run_pipeline(cfg, stages, models=objects, progress=False)
-    assert raised.value is corrupt
+    assert str(raised.value) == (f"{corrupt} In `mneme run`: delete the run directory's folder of the stage that "
+                                 "wrote the damaged file (e.g. activations/ for a store's shard) and run again: the "
+                                 "run redoes that stage and the ones after it.")
+    assert raised.value.__cause__ is corrupt
+    refused_config = ConfigError("steps must be > 0.")
+    stages = [Stage("train", ("training",), lambda l: l.crosscoder_run, fail(refused_config))]
+    with pytest.raises(ConfigError) as raised:
+        run_pipeline(cfg, stages, models=objects, progress=False)
+    assert raised.value is refused_config
 
 
 def test_redone_explain_and_map_stages_take_the_llm_answers_from_the_run_cache(pair_and_corpus, tmp_path):
@@ -372,6 +381,11 @@ def test_an_intervention_stage_left_unfinished_resumes_or_says_what_to_do(pair_a
     result = CliRunner().invoke(main, ["run", _write(tmp_path, "b.yaml", changed), "--only", "intervention"])
     assert result.exit_code != 0 and "another config" in result.output and "lr: stored 5e-05 vs now 0.0001" in result.output
     assert f"In `mneme run`: delete {edited_model}" in result.output.replace("\n", "")
+    # `mneme info` on the stage's folder says what to do in a run (it named `--no-resume`, an option of `mneme intervene`)
+    info = CliRunner().invoke(main, ["info", str(edited_model)])
+    assert info.exit_code == 0 and "Unfinished intervention" in info.output, info.output
+    assert f"run `mneme run` again (same config) to resume it, or delete {edited_model} to start over" in \
+        " ".join(info.output.split()), info.output
     # The same settings again: the stage resumes at step 2 and writes the model over its checkpoints.
     result = CliRunner().invoke(main, ["run", _write(tmp_path, "a.yaml", cfg), "--only", "intervention"])
     assert result.exit_code == 0, result.output
@@ -713,7 +727,10 @@ def test_remediate_command_retrains_a_hf_model_on_collected_contexts(pair_and_co
                                        "--config", remediate_cfg])
     assert result.exit_code == 0, result.output
     assert not (tmp_path / "remediated" / "remediation.csv").exists()  # no evaluator: no scores, no empty table
-    retrained = AutoModelForCausalLM.from_pretrained(tmp_path / "remediated" / "model")
+    from mneme_plugin.interventions.hf_models import load_causal_lm
+
+    retrained, tokenizer = load_causal_lm(str(tmp_path / "remediated" / "model"), device="cpu")  # a model folder whole
+    assert tokenizer.get_vocab() == load_causal_lm(str(edited), device="cpu")[1].get_vocab()
     original = AutoModelForCausalLM.from_pretrained(edited)
     changed = [n for (n, p), (_, q) in zip(retrained.named_parameters(), original.named_parameters()) if not torch.equal(p, q)]
     assert changed

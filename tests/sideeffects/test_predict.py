@@ -48,6 +48,15 @@ def test_rules_and_min_latents():
     assert p.predicted == ["cooking"]
 
 
+def test_a_registered_rule_without_its_branch_is_an_error_not_another_rule(monkeypatch):
+    """A rule added to RULES but not to predict ran as `min_score` without a word."""
+    import mneme_plugin.sideeffects.config as config
+
+    monkeypatch.setattr(config, "RULES", (*config.RULES, "top_n"))
+    with pytest.raises(ConfigError, match="Rule 'top_n' is registered .* but predict has no branch for it"):
+        predict(_attribution(), _links(), CATEGORIES, PredictConfig(rule="top_n"))
+
+
 def test_round_trip_and_bad_links(tmp_path):
     p = predict(_attribution(), _links(), CATEGORIES)
     save_prediction(p, tmp_path)
