@@ -192,3 +192,16 @@ def test_a_config_built_in_python_is_checked_as_a_yaml_one():
         TrainingConfig.of(CrossCoderConfig())
     with pytest.raises(ConfigError, match=r"TrainingConfig\.steps"):
         same.replace(steps=1.5)  # replace validates again
+
+
+def test_explain_config_says_what_needs_an_llm():
+    """Scorers with the offline explainer demanded a client the offline path never used, and were ignored:
+    refused; an LLM explainer without a client is refused; the offline one needs none."""
+    from mneme_plugin.errors import ConfigError
+    from mneme_plugin.interpret.config import ExplainConfig
+
+    with pytest.raises(ConfigError, match=r"scorers \['detection'\] run with Delphi's explainers"):
+        ExplainConfig(explainer="offline", scorers=["detection"], client={"kind": "stub"})
+    with pytest.raises(ConfigError, match="explainer 'default' needs an LLM client"):
+        ExplainConfig(explainer="default")
+    assert not ExplainConfig().calls_llm and ExplainConfig(explainer="contrastive", client={"kind": "stub"}).calls_llm

@@ -167,9 +167,12 @@ class ExplainConfig(ConfigMixin):
         require(self.train_type in TRAIN_TYPES, f"train_type must be one of {TRAIN_TYPES}, got {self.train_type!r}.")
         unknown = sorted(set(self.scorers) - set(SCORERS))
         require(not unknown, f"Unknown scorer(s) {unknown}; known: {', '.join(SCORERS)}.")
+        require(not (self.scorers and not self.calls_llm),
+                f"scorers {self.scorers} run with Delphi's explainers (default, contrastive); the {self.explainer!r} "
+                "explainer's descriptions are not scored: drop scorers, or use an LLM explainer.")
         require(
-            not self.calls_llm and not self.scorers or self.client.kind != "none",
-            f"explainer {self.explainer!r} / scorers need an LLM client: set client.kind to 'openai' or 'vllm' "
+            not self.calls_llm or self.client.kind != "none",
+            f"explainer {self.explainer!r} needs an LLM client: set client.kind to 'openai' or 'vllm' "
             "('stub' for smoke runs; `--client` on the command line).",
         )
         require(0 < self.threshold < 1, "threshold must be in (0, 1).")

@@ -30,7 +30,7 @@ def test_collect_explain_map_cli(tmp_path, llama_dir, thresholded_crosscoder):
     counts = {name: f"{rows['category'].notna().sum()} of {len(rows)}" for name, rows in table.groupby("taxonomy")}
     assert f"Latents matched to a category: mmlu: {counts['mmlu']}; organism: {counts['organism']}" in r.output
     r = runner.invoke(main, ["explain", str(out), "--explainer", "default"])
-    assert r.exit_code != 0 and "need an LLM client" in r.output
+    assert r.exit_code != 0 and "needs an LLM client" in r.output
     r = runner.invoke(main, ["map", str(out), "--taxonomy", "mmlu", "--method", "llm", "--client", "stub"])
     assert r.exit_code != 0 and "cannot label or rank" in r.output
     # Delphi's explainer parses the offline stub's answer (a smoke run of that path; .ci/run installs Delphi).
