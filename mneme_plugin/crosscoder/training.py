@@ -60,7 +60,6 @@ TrainingData = Union[str, os.PathLike, ActivationStore, Iterable[torch.Tensor]]
 StepCallback = Callable[[int, BatchTopKCrossCoderTrainer], None]
 
 
-
 @dataclass
 class TrainResult:
     crosscoder: BatchTopKCrossCoder
