@@ -24,7 +24,7 @@ from mneme_plugin.errors import ConfigError
 from mneme_plugin.interpret.config import CLIENTS, EXPLAINERS, LABELERS, MAPPERS, SCORERS
 from mneme_plugin.layout import CACHE_DIR, CACHE_STAGES, RunLayout
 from mneme_plugin.organism.catalog import BEHAVIOUR_INTERVENTIONS, INTERVENTIONS, KNOWLEDGE_INTERVENTIONS
-from mneme_plugin.sideeffects.config import REMEDIATION_TARGETS, RULE_SUMMARIES, RULES
+from mneme_plugin.sideeffects.config import REMEDIATION_TARGETS, RULE_SUMMARIES, RULES, SIDES
 from mneme_plugin.sideeffects.metrics import UNDEFINED
 
 if TYPE_CHECKING:
@@ -722,6 +722,8 @@ def taxonomies(taxonomy) -> None:
 @click.option("--taxonomy", help="Taxonomy to predict over (default: the first of map.taxonomies).")
 @click.option("--rule", type=click.Choice(RULES),
               help="Prediction rule: " + "; ".join(f"{k}: {v}" for k, v in RULE_SUMMARIES.items()) + ".")
+@click.option("--side", type=click.Choice(SIDES), help="Which changed latents are scored: suppressed (the classes "
+              "predict.suppressed_classes names), amplified (predict.amplified_classes) or both (the default).")
 @click.option("-k", "--k", type=int, help="Categories predicted by the top_k rule.")
 @click.option("--alpha", type=float, help="Level of the enrichment (FDR) and outlier_or_broad / outlier_plus_broad "
               "rules' tests.")
@@ -729,7 +731,7 @@ def taxonomies(taxonomy) -> None:
               help="outlier_or_broad / outlier_plus_broad: a finished run of the base vs a benignly perturbed copy "
               "(the breadth test's scale).")
 @clear_errors
-def predict(run_dir, config, taxonomy, rule, k, alpha, control_run) -> None:
+def predict(run_dir, config, taxonomy, rule, side, k, alpha, control_run) -> None:
     """Score every category from the attributed latents and their categories; predict the affected ones."""
     from mneme_plugin.interpret import MapConfig
     from mneme_plugin.sideeffects import PredictConfig, predict_run
@@ -737,7 +739,8 @@ def predict(run_dir, config, taxonomy, rule, k, alpha, control_run) -> None:
 
     run_config = _run_config(run_dir)
     sections = _run_sections(run_config, config, ("predict", "map"), from_run=("predict", "map"))
-    cfg = PredictConfig.from_dict(_override(sections["predict"], rule=rule, k=k, alpha=alpha, control_run=control_run),
+    cfg = PredictConfig.from_dict(_override(sections["predict"], rule=rule, side=side, k=k, alpha=alpha,
+                                            control_run=control_run),
                                   section="predict")
     # The taxonomies the run predicts for (the map's first and the ground-truth tables'), each where the
     # run's stages keep it (prediction/, or prediction/<taxonomy>/ beside others); another mapped

@@ -22,6 +22,8 @@ RULE_SUMMARIES = {
 assert tuple(RULE_SUMMARIES) == RULES
 # The rules that test the edit against a control run (``PredictConfig.control_run``) over the
 # reference latents (``sideeffects.shift``).
+# Which changed latents a prediction scores: those the edit weakened, those it strengthened, or both.
+SIDES = ("both", "suppressed", "amplified")
 CONTROL_RULES = ("outlier_or_broad", "outlier_plus_broad")
 # The rules that read the uniform reference sample of live latents (`collect.reference_latents`).
 REFERENCE_RULES = ("enrichment", *CONTROL_RULES)
@@ -95,7 +97,7 @@ class PredictConfig(ConfigMixin):
         self.suppressed_classes = tuple(self.suppressed_classes)
         self.amplified_classes = tuple(self.amplified_classes)
         require(self.rule in RULES, f"rule must be one of {RULES}, got {self.rule!r}.")
-        require(self.side in ("suppressed", "amplified", "both"), f"side must be suppressed, amplified or both, got {self.side!r}.")
+        require(self.side in SIDES, f"side must be one of {SIDES}, got {self.side!r}.")
         require(self.categories_per_latent >= 1, "categories_per_latent must be >= 1.")
         require(0.0 < self.relative_threshold <= 1.0, "relative_threshold must be in (0, 1].")
         require(self.k >= 1, "k must be >= 1.")

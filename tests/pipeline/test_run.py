@@ -776,6 +776,23 @@ def test_predict_command_with_and_without_a_control_run(pair_and_corpus, tmp_pat
     from mneme_plugin.sideeffects import load_prediction
     assert set(load_prediction(run / "prediction").scores["category"]) == {
         "biology", "chemistry", "medicine", "law", "history", "security", "cooking", "sports"}
+    # --side: the scores are those of the side's latents alone (the API on the same tables is the reference)
+    from mneme_plugin.attribution import load_attribution
+    from mneme_plugin.interpret import load_taxonomy
+    from mneme_plugin.interpret.mapping import category_links, load_mapping
+    from mneme_plugin.sideeffects import PredictConfig, predict as predict_api
+
+    sided = CliRunner().invoke(main, ["predict", "--run-dir", str(run), "--rule", "top_k", "-k", "2", "--side", "amplified"])
+    assert sided.exit_code == 0, sided.output
+    got = load_prediction(run / "prediction")
+    assert got.config.side == "amplified"
+    links = category_links(load_mapping(run / "mapping"), "organism")
+    want = predict_api(load_attribution(run / "attribution").table, links,
+                       load_taxonomy("organism").ids(), PredictConfig(rule="top_k", k=2, side="amplified"))
+    assert got.predicted == want.predicted
+    assert dict(zip(got.scores["category"], got.scores["score"])) == dict(zip(want.scores["category"], want.scores["score"]))
+    refused = CliRunner().invoke(main, ["predict", "--run-dir", str(run), "--side", "weakened"])
+    assert refused.exit_code != 0 and "'weakened' is not one of 'both', 'suppressed', 'amplified'" in refused.output
     # A run mapped to a second taxonomy it does not predict for: predicting over that one goes to
     # prediction/<taxonomy>/ and leaves the run's own prediction (the one its evaluation reads) alone.
     two = tmp_path / "two"
