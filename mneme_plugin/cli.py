@@ -860,7 +860,7 @@ def remediate(run_dir, edited, out, config, target, classes, steps, lr, lora) ->
     if edited.startswith("organism:"):
         raise ConfigError("mneme remediate retrains Hugging Face models (a hub name or a local folder); the CPU "
                           "organism's cases are remediated by `mneme demo` (`organism.demo`), which trains them itself.")
-    from mneme_plugin.activations.models import check_model_spec
+    from mneme_plugin.activations.models import require_model
     from mneme_plugin.attribution import load_attribution
     from mneme_plugin.interventions.hf_models import load_causal_lm
     from mneme_plugin.interpret.contexts import load_contexts
@@ -877,9 +877,7 @@ def remediate(run_dir, edited, out, config, target, classes, steps, lr, lora) ->
                                       remediation_latents(run_dir, cfg))
     click.echo(f"{len(samples)} samples from the top contexts of {len(latents)} latents ({', '.join(cfg.classes)}; "
                f"target {cfg.target}).")
-    problems = check_model_spec(edited, "--edited")
-    if problems:
-        raise ConfigError(problems[0])
+    require_model(edited, "--edited")
     model, tokenizer = load_causal_lm(edited, device="cpu", dtype="float32")
     check_edited_for_run(run_dir, edited, tokenizer)
     result = run_remediate(model, samples, cfg, latents=latents)

@@ -47,18 +47,18 @@ def preset_kind(name: str) -> str:
 def load_preset(name: str, kind: str | None = None) -> dict[str, Any]:
     """The mapping of preset ``name`` (without ``.yaml``); its ``description`` and ``kind`` keys are dropped.
     ``kind``: the config it must be for (a preset of another kind is refused, naming where it belongs)."""
-    known = list_presets(kind)
-    if name not in known:
-        if kind is not None and name in list_presets():
-            raise ConfigError(f"Preset {name!r} is for {PRESET_KINDS[preset_kind(name)]}, not for "
-                              f"{PRESET_KINDS[kind]}; the presets for the latter: {', '.join(known)}.")
+    if name not in list_presets():  # the folder's names: the presets of a kind are read only for a message
+        known = list_presets(kind)
         close = difflib.get_close_matches(name, known, n=1)
         raise ConfigError(f"Unknown preset {name!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
                           + f"; shipped presets{'' if kind is None else ' of this kind'}: {', '.join(known)}"
                           + " (`mneme intervene presets` describes them).")
     data = _read(name)
     data.pop("description", None)
-    data.pop("kind", None)
+    own = str(data.pop("kind", None))
+    if kind is not None and own != kind:
+        raise ConfigError(f"Preset {name!r} is for {PRESET_KINDS[own]}, not for {PRESET_KINDS[kind]}; the presets "
+                          f"for the latter: {', '.join(list_presets(kind))}.")
     return data
 
 

@@ -28,13 +28,12 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import yaml
 
 from mneme_plugin.config import ConfigMixin, Seed, require
 from mneme_plugin.errors import ConfigError
 from mneme_plugin.groundtruth.table import (  # the results readers live with the table format
     PER_SAMPLE_KEY, RUN_KEY, SCORES_CSV, metric_names, read_results_json, save_scores, scores_from_lm_eval,
-    table_from_results,
+    start_measurement, table_from_results,
 )
 from mneme_plugin.files import atomic_write_text, data_file_rows, json_digest
 
@@ -290,10 +289,9 @@ def run_lm_eval(config: LMEvalConfig, model: str, cache: Path, manager: Any) -> 
         import lm_eval
     except ImportError as err:
         raise ConfigError("lm-eval ground truth needs lm-evaluation-harness: pip install 'mneme-plugin[eval]'.") from err
-    from mneme_plugin.activations.models import hub_cache_when_unreachable, require_hub_model
+    from mneme_plugin.activations.models import hub_cache_when_unreachable
 
-    revision = config.model_args.get("revision")
-    require_hub_model(model, "lm-eval", revision)
+    revision = config.model_args.get("revision")  # the model was checked before either was evaluated
     cache.parent.mkdir(parents=True, exist_ok=True)
     from lm_eval.loggers import EvaluationTracker
 
@@ -486,11 +484,7 @@ def lm_eval_ground_truth(config: LMEvalConfig, out_dir: str | Path,
 
     for side, model in (("base", config.base), ("edited", config.edited)):  # both, before either is evaluated
         require_model(model, f"lm-eval {side}", config.model_args.get("revision"))
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    # The table is written last: an earlier measurement's must not outlive this one's config when it stops early.
-    (out / SCORES_CSV).unlink(missing_ok=True)
-    atomic_write_text(out / CONFIG_FILE, yaml.safe_dump(config.to_dict(), sort_keys=False))
+    out = start_measurement(out_dir, CONFIG_FILE, config)
     results: dict[str, dict[str, Any]] = {}
     manager = None
     for side, model in (("before", config.base), ("after", config.edited)):

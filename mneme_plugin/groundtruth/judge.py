@@ -48,7 +48,7 @@ import yaml
 
 from mneme_plugin.config import ConfigMixin, Seed, require
 from mneme_plugin.errors import ConfigError, EmptyCorpusError
-from mneme_plugin.groundtruth.table import SCORES_CSV, fisher_drop_p, make_table, save_scores
+from mneme_plugin.groundtruth.table import SCORES_CSV, fisher_drop_p, make_table, save_scores, start_measurement
 from mneme_plugin.interpret.clients import ClientError
 from mneme_plugin.interpret.config import ClientConfig
 from mneme_plugin.files import atomic_write, atomic_write_text, json_digest
@@ -697,12 +697,8 @@ def judge_ground_truth(config: JudgeConfig, out_dir: str | Path, cache_dir: str 
         revision = config.generator.vllm_args.get("revision") if config.generator.kind == "vllm" else None
         for side, model in (("base", config.base), ("edited", config.edited)):
             require_model(model, f"judge {side}", revision)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    # The table is written last: an earlier measurement's must not outlive this one's config when it stops early.
-    (out / SCORES_CSV).unlink(missing_ok=True)
+    out = start_measurement(out_dir, CONFIG_FILE, config)
     cache = Path(cache_dir) if cache_dir is not None else out / CACHE_DIR
-    atomic_write_text(out / CONFIG_FILE, yaml.safe_dump(config.to_dict(), sort_keys=False))
     questions = read_questions(config)
     rates = {}
     for side in ("before", "after"):

@@ -81,6 +81,21 @@ def save_scores(table: pd.DataFrame, path: str | os.PathLike[str]) -> Path:
     return atomic_write(path, lambda tmp: table.to_csv(tmp, index=False))
 
 
+def start_measurement(out_dir: str | os.PathLike[str], config_file: str, config: ConfigMixin) -> Path:
+    """The output folder of a measurement (`mneme groundtruth lm-eval|judge`) as it starts: made, an earlier
+    measurement's ``SCORES_CSV`` removed (the table is written last: it must not outlive the config beside it
+    when this one stops early), and ``config`` written to ``config_file``."""
+    import yaml
+
+    from mneme_plugin.files import atomic_write_text
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / SCORES_CSV).unlink(missing_ok=True)
+    atomic_write_text(out / config_file, yaml.safe_dump(config.to_dict(), sort_keys=False))
+    return out
+
+
 def checked_scores(table: pd.DataFrame, where: str = "the ground-truth table") -> pd.DataFrame:
     """A copy of ``table`` checked as a ground-truth file is (category, before, after[, n]; numbers, scores in
     [0, 1], whole question counts, each category once): what ``evaluate`` takes from Python."""

@@ -216,11 +216,13 @@ def run_pipeline(
     check_only(only, stages)
     validate_for_run(config, stages, models=models)
     layout = config.layout
-    # On every rank before the process group starts: no rank waits for the others to learn it.
-    check_batch_shared(config, stages, only, job_world_size())
-    # The hosted LLM endpoints of the stages still to run (from the config and markers alone), before the
-    # intervention: a missing key would otherwise fail hours in, after the base model's answers.
-    keys = client_problems(config, pending_outputs(config, plan(config, stages, inputs={}), only))
+    # On every rank before the process group starts, from the config and markers alone (rank 0 plans again
+    # with the inputs' digests): no rank waits for the others to learn it.
+    early = plan(config, stages, inputs={})
+    check_batch_shared(config, stages, only, job_world_size(), early)
+    # The hosted LLM endpoints of the stages still to run, before the intervention: a missing key would
+    # otherwise fail hours in, after the base model's answers.
+    keys = client_problems(config, pending_outputs(config, early, only))
     if keys:
         raise ConfigError("An LLM client the run will call has no API key; nothing was run:\n  " + "\n  ".join(keys))
     dist = distributed_context(config.training.device)
@@ -234,9 +236,9 @@ def run_pipeline(
 def check_batch_shared(config: RunConfig, stages: list[Stage], only: list[str] | None, world_size: int,
                        planned: list[tuple[Stage, str, str]] | None = None) -> None:
     """Refuse a ``training.batch_size`` that ``world_size`` ranks cannot split when the train stage will
-    run: before the intervention and harvest, not hours later. ``planned``: rank 0's plan; without it, the
-    plan from the config and markers alone (no input digests), which every rank makes before the process
-    group starts (a done train stage whose inputs changed is then caught by rank 0's plan)."""
+    run: before the intervention and harvest, not hours later. ``planned``: rank 0's plan, or the plan from
+    the config and markers alone (no input digests) that every rank makes before the process group starts
+    (made here when not given; a done train stage whose inputs changed is then caught by rank 0's plan)."""
     if world_size == 1 or config.training.batch_size % world_size == 0:
         return
     planned = planned if planned is not None else plan(config, stages, inputs={})
