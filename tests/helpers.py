@@ -601,3 +601,77 @@ def _torchrun_rank(rank: int, fn: Any, world: int, port: int, args: tuple) -> No
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+# ------------------------------------------------------------------------------ stage outputs, built by hand
+
+# A Delta inside each class's band of the default AttributionConfig (attribution.classify's rule).
+_CLASS_DELTA = {"base_only": 0.95, "suppressed": 0.75, "shared": 0.5, "amplified": 0.25, "edited_only": 0.05}
+
+
+def attribution_result(classes: Sequence[str], n_tokens: int = 1000, seed: int = 0) -> Any:
+    """An ``AttributionResult`` whose latent i has class ``classes[i]``, built the way ``attribute``
+    builds one (decoder statistics of a decoder whose row norms give each class's Delta, the real
+    classification, table and summary), so every column a loader checks is there. The latent-scaling
+    ratios are unknown (NaN): Delta alone decides, as ``classify`` documents. ``score`` is the rule's
+    ``2 Delta - 1``; set the column afterwards where a test needs other scores."""
+    import numpy as np
+
+    from mneme_plugin.attribution import AttributionConfig
+    from mneme_plugin.attribution.attribute import build_table, summarize
+    from mneme_plugin.attribution.decoder_norms import decoder_stats
+    from mneme_plugin.attribution.table import AttributionResult
+
+    unknown = sorted(set(classes) - set(_CLASS_DELTA) - {"dead"})
+    if unknown:
+        raise ValueError(f"unknown classes {unknown}")
+    m, d = len(classes), 8
+    directions = torch.nn.functional.normalize(torch.randn(m, d, generator=torch.Generator().manual_seed(seed)), dim=-1)
+    base_norm = torch.tensor([1.0 if c == "dead" else min(1.0, _CLASS_DELTA[c] / (1 - _CLASS_DELTA[c])) for c in classes])
+    edited_norm = torch.tensor([1.0 if c == "dead" else min(1.0, (1 - _CLASS_DELTA[c]) / _CLASS_DELTA[c]) for c in classes])
+    columns = {k: v.numpy() for k, v in decoder_stats(torch.stack([directions * base_norm[:, None],
+                                                                   directions * edited_norm[:, None]])).items()}
+    fired = np.array([0 if c == "dead" else 10 for c in classes])
+    nan = np.full(m, np.nan)
+    columns.update(fire_count=fired, fire_freq=fired / n_tokens, mean_act=np.where(fired > 0, 1.0, 0.0),
+                   **{name: nan for name in ("beta_r_base", "beta_r_edited", "beta_e_base", "beta_e_edited", "nu_r",
+                                             "nu_e", "mbeta_r_base", "mbeta_r_edited", "mbeta_e_base",
+                                             "mbeta_e_edited", "nu_r_mirror", "nu_e_mirror")})
+    config = AttributionConfig()
+    table = build_table(columns, config)
+    if list(table["latent_class"]) != list(classes):  # the bands above drifted from classify's rule
+        raise AssertionError(f"built classes {list(table['latent_class'])}, asked for {list(classes)}")
+    return AttributionResult(table=table, summary=summarize(table, config, n_tokens, {"data": "built by tests.helpers"}))
+
+
+def write_attribution(folder: str | Path, classes: Sequence[str], scores: Sequence[float] | None = None) -> Path:
+    """An attribution folder (``save_attribution``'s files) of ``attribution_result(classes)``, with
+    ``scores`` in the score column where given."""
+    from mneme_plugin.attribution import save_attribution
+
+    result = attribution_result(classes)
+    if scores is not None:
+        result.table["score"] = [float(s) for s in scores]
+    return save_attribution(result, folder)
+
+
+def mapping_table(links: dict[int, Sequence[tuple[str, float]]], taxonomy: str) -> Any:
+    """A mapping table (``interpret.mapping.MAPPING_COLUMNS``) mapping each latent to its ranked
+    ``(category, similarity)`` entries in ``taxonomy`` (the first entry is its category); a latent
+    with no entries is mapped to none."""
+    import pandas as pd
+
+    from mneme_plugin.interpret.mapping import MAPPING_COLUMNS
+
+    rows = [{"latent": int(latent), "description": f"latent {latent}", "label": f"latent {latent}", "taxonomy": taxonomy,
+             "category": entries[0][0] if entries else "", "score": float(entries[0][1]) if entries else 0.0,
+             "top_k": json.dumps([[c, float(s)] for c, s in entries])} for latent, entries in links.items()]
+    return pd.DataFrame(rows, columns=list(MAPPING_COLUMNS))
+
+
+def write_mapping(folder: str | Path, links: dict[int, Sequence[tuple[str, float]]], taxonomy: str) -> Path:
+    """A mapping folder (``save_mapping``'s files) of ``mapping_table(links, taxonomy)``."""
+    from mneme_plugin.interpret.mapping import save_mapping
+
+    save_mapping(mapping_table(links, taxonomy), folder)
+    return Path(folder)

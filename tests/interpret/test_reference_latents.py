@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 
 from mneme_plugin.attribution.table import AttributionResult
 from mneme_plugin.interpret.contexts import load_reference_latents, reference_sample
+from tests.helpers import attribution_result
 
 
 def _attribution(m: int = 48, dead: tuple[int, ...] = (1, 2, 9)) -> AttributionResult:
-    classes = np.array(["shared"] * m, dtype=object)
-    classes[[4, 5]] = "suppressed"
-    classes[list(dead)] = "dead"
-    return AttributionResult(pd.DataFrame({"latent": np.arange(m), "latent_class": classes,
-                                           "score": np.linspace(-1, 1, m)}))
+    classes = ["shared"] * m
+    classes[4] = classes[5] = "suppressed"
+    for latent in dead:
+        classes[latent] = "dead"
+    return attribution_result(classes)
 
 
 def test_reference_sample_is_uniform_over_live_latents_and_seeded():

@@ -93,3 +93,27 @@ def test_a_zero_similarity_link_is_no_evidence_for_its_category():
         scores = p.scores.set_index("category")
         assert scores.loc["biology", "n_suppressed_latents"] == 0
         assert p.predicted == [] and p.evidence["biology"] == []
+
+
+def test_mneme_predict_on_a_run_folder_built_by_hand(tmp_path):
+    """One stage's command on stage outputs built by tests.helpers (no pipeline run): the planted
+    category, the only one whose latents the edit suppressed, is predicted. (Without a config.yaml the
+    run's own taxonomy is map's default, so another one's prediction goes to prediction/<taxonomy>/.)"""
+    from click.testing import CliRunner
+
+    from mneme_plugin.cli import main
+    from mneme_plugin.layout import RunLayout
+
+    from tests.helpers import write_attribution, write_mapping
+
+    run = RunLayout(tmp_path / "run")
+    domains = ["biology", "chemistry", "cooking", "history", "law", "medicine", "security", "sports"]
+    classes = ["suppressed"] * 4 + ["shared"] * 16
+    links = {i: [("law", 0.9)] for i in range(4)} | {4 + i: [(domains[i % 8], 0.8)] for i in range(16)}
+    write_attribution(run.attribution, classes)
+    write_mapping(run.mapping, links, "organism")
+    result = CliRunner().invoke(main, ["predict", "--run-dir", str(run.root), "--taxonomy", "organism",
+                                       "--rule", "top_k", "-k", "1"])
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines()[-1] == "Predicted: law"
+    assert load_prediction(run.prediction / "organism").predicted == ["law"]
