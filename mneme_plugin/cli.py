@@ -638,7 +638,7 @@ def explain(contexts_dir, config, explainer, client_kind, model, base_url, api_k
     """Describe each collected latent (offline log-odds explainer, or Delphi's explainers via an LLM)."""
     from mneme_plugin.interpret import ExplainConfig
     from mneme_plugin.interpret import explain as run_explain
-    from mneme_plugin.interpret.explain import EXPLANATIONS_PARQUET
+    from mneme_plugin.interpret.files import EXPLANATIONS_PARQUET
 
     sections = _sections(_read_yaml(config), ("explain",), config)
     section = dict(sections["explain"])
@@ -672,7 +672,7 @@ def map_(explanations, config, taxonomies, method, labeler, top_k, embedding_mod
          api_key, out) -> None:
     """Label each explanation and map it to the nearest taxonomy entries (categories.parquet + .csv)."""
     from mneme_plugin.interpret import MapConfig, map_descriptions
-    from mneme_plugin.interpret.mapping import CATEGORIES_PARQUET
+    from mneme_plugin.interpret.files import CATEGORIES_PARQUET
 
     sections = _sections(_read_yaml(config), ("map",), config)
     section = dict(sections["map"])

@@ -157,7 +157,7 @@ def _evaluation_lines(folder: Path) -> list[str]:
 
 def _unfinished_stages(layout, done: set[str]) -> list[str]:  # noqa: ANN001
     """The long stages a run left unfinished (an interrupted `mneme run`): where they stopped."""
-    from mneme_plugin.activations.store import MANIFEST, read_manifest
+    from mneme_plugin.activations.manifest import MANIFEST, read_manifest
     from mneme_plugin.checkpoints import latest_checkpoint
     from mneme_plugin.crosscoder.files import FINAL_DIR
     from mneme_plugin.errors import MnemeError
@@ -307,7 +307,7 @@ def _attribution_summary(path: Path) -> list[str]:
 
 def _contexts_summary(path: Path) -> list[str]:
     from mneme_plugin.files import read_json
-    from mneme_plugin.interpret.contexts import CONTEXTS_FILE
+    from mneme_plugin.interpret.files import CONTEXTS_FILE
 
     data = read_json(path / CONTEXTS_FILE, "collect again (`mneme collect`)")
     meta = data.get("meta") or {}
@@ -473,9 +473,7 @@ def _stage_output_kinds(path: Path) -> list[str]:
     """Which stages' outputs the folder ``path`` holds (by their files): one, or several where `mneme
     explain` and `mneme map` wrote beside the contexts (their default)."""
     from mneme_plugin.attribution.table import SUMMARY_FILE
-    from mneme_plugin.interpret.contexts import CONTEXTS_FILE
-    from mneme_plugin.interpret.explain import EXPLANATIONS_CSV, EXPLANATIONS_PARQUET
-    from mneme_plugin.interpret.mapping import CATEGORIES_PARQUET
+    from mneme_plugin.interpret.files import CATEGORIES_PARQUET, CONTEXTS_FILE, EXPLANATIONS_CSV, EXPLANATIONS_PARQUET
     from mneme_plugin.sideeffects import load_evaluations
 
     from mneme_plugin.groundtruth.harness import CONFIG_FILE as LM_EVAL_CONFIG
@@ -505,7 +503,7 @@ def folder_kind(path: str | Path) -> str | None:
     e.g. "a `mneme run` directory (its store: RUN/activations, its crosscoder: RUN/crosscoder_run)".
     None when it is none of the things mneme writes."""
     from mneme_plugin.activations.models import is_hf_model_config
-    from mneme_plugin.activations.store import MANIFEST
+    from mneme_plugin.activations.manifest import MANIFEST
     from mneme_plugin.checkpoints import latest_checkpoint
     from mneme_plugin.crosscoder.files import CONFIG_FILE, FINAL_DIR, WEIGHTS_FILE
     from mneme_plugin.layout import RunLayout
@@ -550,7 +548,7 @@ def folder_kind(path: str | Path) -> str | None:
 def describe_path(path: str | Path) -> str:
     """A human-readable summary of what ``path`` holds (see the module docstring)."""
     from mneme_plugin.activations.models import is_hf_model_config
-    from mneme_plugin.activations.store import MANIFEST
+    from mneme_plugin.activations.manifest import MANIFEST
     from mneme_plugin.checkpoints import CHECKPOINT_DIR
     from mneme_plugin.crosscoder.files import CONFIG_FILE, FINAL_DIR, WEIGHTS_FILE
     from mneme_plugin.interventions.hf_models import INTERVENTION_CONFIG

@@ -6,13 +6,18 @@ before a model is loaded rather than a torch traceback in the middle of a stage.
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from mneme_plugin.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
     """The torch device for ``device`` ("auto", "cpu", "cuda", "cuda:1", "mps"); ConfigError if unusable here."""
+    import torch  # here: configs name devices in modules that must import without torch (`mneme info`)
+
     if isinstance(device, str) and device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:

@@ -151,7 +151,8 @@ def save_finetuned_llama(src: str | Path, dst: str | Path, texts: Sequence[str],
 
 def write_activation_store(folder: str | Path, x: torch.Tensor, rows_per_shard: int, scale_factors: Sequence[float] | None = None) -> Path:
     """Write (n, 2, d) activations as a complete activation store (no models involved)."""
-    from mneme_plugin.activations.store import FORMAT_NAME, FORMAT_VERSION, write_manifest, write_shard
+    from mneme_plugin.activations.manifest import FORMAT_NAME, FORMAT_VERSION, write_manifest
+    from mneme_plugin.activations.store import write_shard
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -72,3 +72,19 @@ def test_importing_the_package_and_the_cli_does_not_import_torch():
     code = "import sys, mneme_plugin, mneme_plugin.cli; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_mneme_info_on_stage_outputs_does_not_import_torch(tmp_path):
+    """`mneme info` on a folder of tables (attribution, mapping) reads their files: torch (seconds to
+    import) is not needed for that, nor for telling the folder's kind by its file names."""
+    from tests.helpers import write_attribution, write_mapping
+
+    write_attribution(tmp_path / "attribution", ["shared", "suppressed", "dead"])
+    write_mapping(tmp_path / "mapping", {0: [("law", 0.9)]}, "organism")
+    for folder in ("attribution", "mapping"):
+        code = ("import sys; from click.testing import CliRunner; from mneme_plugin.cli import main; "
+                f"r = CliRunner().invoke(main, ['info', {str(tmp_path / folder)!r}]); "
+                "assert r.exit_code == 0, r.output; print(r.output.splitlines()[0]); print('torch' in sys.modules)")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.splitlines()
+        assert out[-1] == "False", (folder, out)
+        assert out[0].startswith({"attribution": "Attribution", "mapping": "Mapping"}[folder]), out

@@ -44,15 +44,8 @@ from mneme_plugin.activations.normalization import (
     outlier_keep_mask,
     token_norms,
 )
-from mneme_plugin.activations.store import (
-    FORMAT_NAME,
-    FORMAT_VERSION,
-    MANIFEST,
-    ActivationStore,
-    read_manifest,
-    write_manifest,
-    write_shard,
-)
+from mneme_plugin.activations.manifest import FORMAT_NAME, FORMAT_VERSION, MANIFEST, read_manifest, write_manifest
+from mneme_plugin.activations.store import ActivationStore, write_shard
 from mneme_plugin.activations.sharded import COUNT_KEYS, harvest_sharded
 from mneme_plugin.distributed import distributed_context, main_rank_lock
 from mneme_plugin.errors import ConfigError, EmptyCorpusError, ForeignOutputError, NonFiniteActivationError

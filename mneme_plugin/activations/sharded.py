@@ -29,14 +29,8 @@ from tqdm.auto import tqdm
 from mneme_plugin.activations.config import HarvestConfig
 from mneme_plugin.activations.corpus import CorpusSource
 from mneme_plugin.activations.normalization import NormalizationStats
-from mneme_plugin.activations.store import (
-    MANIFEST,
-    ActivationStore,
-    read_manifest,
-    shard_entries_problem,
-    write_manifest,
-    write_shard,
-)
+from mneme_plugin.activations.manifest import MANIFEST, read_manifest, shard_entries_problem, write_manifest
+from mneme_plugin.activations.store import ActivationStore, write_shard
 from mneme_plugin.distributed import DistributedContext
 from mneme_plugin.errors import CheckpointError, EmptyCorpusError, ForeignOutputError
 from mneme_plugin.files import atomic_write_text

@@ -36,13 +36,18 @@ from mneme_plugin.activations.config import HarvestConfig
 from mneme_plugin.errors import CheckpointError, ConfigError, EmptyCorpusError
 from mneme_plugin.files import atomic_write, holds_output_lock, read_json
 from mneme_plugin.interpret.config import CollectConfig, check_windows
+from mneme_plugin.interpret.files import (
+    BACKGROUND_FILE,
+    CATEGORIES_STEM,
+    CONTEXTS_FILE,
+    EXPLANATIONS_STEM,
+    TOKENIZER_DIR,
+    remove_table,
+)
 
 logger = logging.getLogger("mneme_plugin")
 
-CONTEXTS_FILE = "contexts.json"
-BACKGROUND_FILE = "background_counts.npy"
 CACHE_DIR = "latents"
-TOKENIZER_DIR = "tokenizer"
 
 
 @dataclass
@@ -235,9 +240,6 @@ def _remove_derived_tables(out_dir: Path) -> None:
     """Explanations and a mapping of earlier contexts in this folder (`mneme explain` writes beside the contexts
     by default) describe latents these contexts may not hold: they go, so `mneme info`, `map` and `predict`
     do not read them as these contexts'."""
-    from mneme_plugin.interpret.explain import EXPLANATIONS_STEM, remove_table
-    from mneme_plugin.interpret.mapping import CATEGORIES_STEM
-
     removed = [stem for stem in (EXPLANATIONS_STEM, CATEGORIES_STEM) if remove_table(out_dir, stem)]
     if removed:
         logger.info("Removed the %s of the earlier contexts in %s (they describe those contexts' latents).",

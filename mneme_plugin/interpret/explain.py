@@ -24,9 +24,9 @@ import pandas as pd
 import torch
 
 from mneme_plugin.errors import CheckpointError, ConfigError
-from mneme_plugin.files import atomic_write
 from mneme_plugin.interpret.config import DELPHI_EXPLAINERS, ExplainConfig
-from mneme_plugin.interpret.contexts import TOKENIZER_DIR, LatentContexts, iter_records_delphi, load_contexts
+from mneme_plugin.interpret.contexts import LatentContexts, iter_records_delphi, load_contexts
+from mneme_plugin.interpret.files import EXPLANATIONS_CSV, EXPLANATIONS_PARQUET, EXPLANATIONS_STEM, TOKENIZER_DIR, write_table
 
 logger = logging.getLogger("mneme_plugin")
 
@@ -53,28 +53,6 @@ class _OncePerMessage(logging.Filter):
         for message, count in self.counts.items():
             if count > 1:
                 self.target.warning("(%d times in all) %s", count, message)
-
-EXPLANATIONS_STEM = "explanations"
-EXPLANATIONS_PARQUET = f"{EXPLANATIONS_STEM}.parquet"
-EXPLANATIONS_CSV = f"{EXPLANATIONS_STEM}.csv"
-
-
-def write_table(table: pd.DataFrame, out_dir: str | os.PathLike[str], stem: str) -> Path:
-    """``<stem>.parquet`` and ``<stem>.csv`` in ``out_dir``, each atomically (tmp file + rename)."""
-    out_dir = Path(out_dir)
-    atomic_write(out_dir / f"{stem}.csv", lambda p: table.to_csv(p, index=False))
-    return atomic_write(out_dir / f"{stem}.parquet", lambda p: table.to_parquet(p, index=False))
-
-
-def remove_table(out_dir: str | os.PathLike[str], stem: str) -> bool:
-    """Remove what ``write_table`` wrote under ``stem`` in ``out_dir``; whether there was any."""
-    found = False
-    for suffix in (".parquet", ".csv"):
-        path = Path(out_dir) / f"{stem}{suffix}"
-        found |= path.exists()
-        path.unlink(missing_ok=True)
-    return found
-
 
 def load_tokenizer(contexts_dir: str | os.PathLike[str], tokenizer: Any = None) -> Any:
     """The tokenizer saved by ``collect`` (``<dir>/tokenizer``), unless one is given."""

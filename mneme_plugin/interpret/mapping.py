@@ -32,10 +32,9 @@ import pandas as pd
 
 from mneme_plugin.errors import CheckpointError, ConfigError
 from mneme_plugin.interpret.config import MapConfig
+from mneme_plugin.interpret.files import CATEGORIES_PARQUET, CATEGORIES_STEM, write_table
 from mneme_plugin.interpret.taxonomy import Taxonomy, load_taxonomy
 
-CATEGORIES_STEM = "categories"
-CATEGORIES_PARQUET = f"{CATEGORIES_STEM}.parquet"
 MAPPING_COLUMNS = ("latent", "description", "label", "taxonomy", "category", "score", "top_k")
 LINK_COLUMNS = ("latent", "category", "similarity")
 
@@ -207,8 +206,6 @@ def map_descriptions(
 
 def save_mapping(table: pd.DataFrame, out_dir: str | os.PathLike[str]) -> Path:
     """``categories.parquet`` + ``categories.csv`` in ``out_dir``."""
-    from mneme_plugin.interpret.explain import write_table
-
     return write_table(table, out_dir, CATEGORIES_STEM)
 
 

@@ -1,7 +1,7 @@
 """Hugging Face causal LMs for the interventions: loading, decoder layers, parameters by name, and
 the output folder (weights, config, tokenizer, the exact intervention config and a training log).
 
-Heavy imports (transformers) happen inside the functions: ``import mneme_plugin`` stays fast.
+Heavy imports (torch, transformers) happen inside the functions: ``import mneme_plugin`` stays fast.
 """
 
 from __future__ import annotations
@@ -11,14 +11,16 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 import yaml
 
 from mneme_plugin.devices import resolve_device
 from mneme_plugin.errors import ConfigError
 from mneme_plugin.files import atomic_directory
+
+if TYPE_CHECKING:
+    import torch
 
 INTERVENTION_CONFIG = "mneme_intervention.yaml"
 TRAINING_LOG = "training_log.jsonl"
@@ -27,6 +29,8 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     """``auto``: bf16 on GPU, fp32 on CPU."""
+    import torch
+
     if dtype not in DTYPES:
         raise ConfigError(f"dtype must be one of {DTYPES}, got {dtype!r}.")
     if dtype == "auto":

@@ -53,7 +53,7 @@ def _contexts(layout: RunLayout, latents: list[int], per_latent: int = 4) -> dic
 
 def gather(run_dir: str | os.PathLike[str]) -> ReportData:
     """Everything available in ``run_dir``; stages that did not run are left empty."""
-    from mneme_plugin.activations.store import read_manifest
+    from mneme_plugin.activations.manifest import read_manifest
     from mneme_plugin.attribution import load_attribution
     from mneme_plugin.crosscoder.training import load_training_metrics
     from mneme_plugin.interpret.explain import load_explanations

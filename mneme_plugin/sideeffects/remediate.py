@@ -147,7 +147,7 @@ def check_edited_for_run(run_dir: str | os.PathLike[str], edited: str, tokenizer
     those ids as other tokens would train on other text: refused (ConfigError). Another model than the run's
     edited one (config.yaml's ``models.edited``) is warned about: the side effects were found in that one."""
     from mneme_plugin.activations.models import same_model
-    from mneme_plugin.interpret.contexts import TOKENIZER_DIR
+    from mneme_plugin.interpret.files import TOKENIZER_DIR
     from mneme_plugin.interpret.explain import load_tokenizer
     from mneme_plugin.interventions.step import EDITED_BY_RUN
     from mneme_plugin.layout import RunLayout

@@ -531,7 +531,7 @@ def test_a_corpus_rewritten_in_place_is_read_again(pair_and_corpus, tmp_path):
     record its content, so a file rewritten in place redoes them and every stage after them."""
     import shutil
 
-    from mneme_plugin.activations.store import read_manifest
+    from mneme_plugin.activations.manifest import read_manifest
     from mneme_plugin.pipeline import plan
     from mneme_plugin.pipeline.stages import STAGES
 
