@@ -13,6 +13,7 @@ crosscoder a stage cannot use is refused with an error that names what it lacks.
 from __future__ import annotations
 
 import json
+import math
 import os
 from abc import abstractmethod
 from pathlib import Path
@@ -118,6 +119,18 @@ class CrossCoder(Dictionary, nn.Module):
                 f"activation_scale must be {self.cfg.num_models} positive finite factors, got {scale.tolist()}."
             )
         self.activation_scale.copy_(scale.to(self.activation_scale.device))
+
+    @torch.no_grad()
+    def scale_biases(self, scale: float) -> None:
+        """dictionary_learning's hook for input scaling: a dictionary trained on activations divided by
+        ``scale`` reads undivided ones after ``scale_biases(scale)`` (``trainSAE(normalize_activations=True)``
+        calls it before saving, and with ``1 / scale`` after a checkpoint). Their SAEs scale their biases
+        and threshold, so their codes grow by ``scale``; a crosscoder normalises its input itself, so its
+        normaliser takes the factor instead (``normalizers.ScaleNormalizer.rescale_input``): the same
+        codes, biases and threshold, of undivided activations."""
+        if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+            raise ValueError(f"scale_biases needs a positive finite factor, got {scale!r}.")
+        self.normalizer.rescale_input(self, float(scale))
 
     def tensor_names(self) -> tuple[str, ...]:
         """Names of the tensors saved with this crosscoder (``TENSOR_NAMES`` plus its variant's)."""

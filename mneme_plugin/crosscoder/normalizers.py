@@ -34,6 +34,11 @@ class ScaleNormalizer:
     def denormalize(self, cc: "CrossCoder", y: torch.Tensor) -> torch.Tensor:
         return y / cc.activation_scale.to(y.dtype)[None, :, None]
 
+    def rescale_input(self, cc: "CrossCoder", factor: float) -> None:
+        """Read activations ``factor`` times those the crosscoder was fitted to, to the same normalised ones:
+        x * (s / factor) = (x / factor) * s."""
+        cc.activation_scale.div_(factor)
+
     def affine(self, cc: "CrossCoder") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(mu (n, d), s (n,), s' (n,)) in float64 on the CPU."""
         s = cc.activation_scale.detach().cpu().double()
@@ -55,6 +60,11 @@ class MeanScaleNormalizer(ScaleNormalizer):
     def denormalize(self, cc: "CrossCoder", y: torch.Tensor) -> torch.Tensor:
         scale = cc.activation_scale.to(y.dtype)[None, :, None]
         return y / (scale + MEAN_SCALE_EPS) + cc.activation_mean.to(y.dtype)
+
+    def rescale_input(self, cc: "CrossCoder", factor: float) -> None:
+        """(x - factor mu) * (s / factor) = (x / factor - mu) * s."""
+        cc.activation_scale.div_(factor)
+        cc.activation_mean.mul_(factor)
 
     def affine(self, cc: "CrossCoder") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         s = cc.activation_scale.detach().cpu().double()

@@ -46,3 +46,49 @@ def test_a_trainsae_output_of_our_trainer_loads_as_the_crosscoder_it_trained(tmp
     result = CliRunner().invoke(main, ["import", str(folder), "--out", str(tmp_path / "ours")])
     assert result.exit_code == 0, result.output
     assert torch.equal(load_crosscoder(tmp_path / "ours").W_dec, crosscoder.W_dec)
+
+
+def test_trainsae_with_normalize_activations_saves_a_crosscoder_of_raw_activations(tmp_path):
+    """trainSAE(normalize_activations=True) trains on activations divided by a norm factor and calls the
+    dictionary's scale_biases(norm factor) before saving (it raised AttributeError on our crosscoder): the
+    saved crosscoder reads raw activations and reconstructs them."""
+    from dictionary_learning.training import trainSAE
+
+    raw = (40.0 * x for x in _planted_batches())
+    trainSAE(raw, [dict(trainer=BatchTopKCrossCoderTrainer, steps=150, activation_dim=16, dict_size=64,
+                        k=4, batch_size=256, device="cpu", layer=3, lm_name="tiny", seed=0)],
+             steps=150, save_dir=str(tmp_path / "dl"), device="cpu", normalize_activations=True)
+    crosscoder = load_crosscoder(tmp_path / "dl" / "trainer_0")
+    batches = _planted_batches()  # the planted directions are the seed's: rows after those trained on
+    for _ in range(400):
+        x = 40.0 * next(batches)
+    with torch.no_grad():
+        error = (crosscoder(x) - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
+    assert float(error) < 0.2, float(error)  # (about 0.01)
+    # The norm factor went into the normaliser, not the biases: it reads raw rows at ~1/40 their size.
+    assert torch.all((crosscoder.activation_scale > 1 / 400) & (crosscoder.activation_scale < 1 / 4))
+
+
+def test_scale_biases_lets_a_crosscoder_read_inputs_of_another_scale():
+    """The codes of x under scale_biases(f) are those of x / f before it, and reconstructions scale by f;
+    scale_biases(1 / f) undoes it (trainSAE calls both around a checkpoint)."""
+    import copy
+
+    from mneme_plugin.crosscoder.config import CrossCoderConfig
+    from mneme_plugin.crosscoder.model import BatchTopKCrossCoder
+
+    for normalization in ("scale", "mean_scale"):
+        cc = BatchTopKCrossCoder(CrossCoderConfig(activation_dim=8, dict_size=32, k=3, normalization=normalization))
+        cc.reset_parameters(torch.Generator().manual_seed(0))
+        cc.set_activation_scale([0.5, 2.0])
+        with torch.no_grad():
+            cc.threshold.fill_(0.1)
+            if normalization == "mean_scale":
+                cc.activation_mean.copy_(torch.randn(2, 8))
+        x = torch.randn(50, 2, 8)
+        scaled = copy.deepcopy(cc)
+        scaled.scale_biases(7.0)
+        assert torch.allclose(scaled.encode(7.0 * x), cc.encode(x), atol=1e-5)
+        assert torch.allclose(scaled(7.0 * x), 7.0 * cc(x), rtol=1e-4, atol=1e-4)
+        scaled.scale_biases(1 / 7.0)
+        assert torch.allclose(scaled.encode(x), cc.encode(x), atol=1e-5)
