@@ -145,6 +145,20 @@ def resolve_api_key(value: str | None) -> str | None:
     return value
 
 
+REDACTED_KEY = "<redacted>"
+
+
+def redacted_keys(value: Any) -> Any:
+    """``value`` (a config's dict, nested) with every literal ``api_key`` replaced by REDACTED_KEY, for
+    what is shared (the report): an ``env:NAME`` reference and null stay, as they tell nothing secret."""
+    if isinstance(value, dict):
+        return {k: (REDACTED_KEY if k == "api_key" and isinstance(v, str) and v and not v.startswith("env:")
+                    else redacted_keys(v)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redacted_keys(v) for v in value]
+    return value
+
+
 def missing_key_problem(base_url: str, api_key: str | None, where: str) -> str | None:
     """What is wrong when ``api_key`` reads its key from an environment variable that is not set and the
     endpoint is served over https (a hosted API: every call would be refused, after retries, once the work

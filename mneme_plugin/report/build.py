@@ -130,7 +130,9 @@ def gather(run_dir: str | os.PathLike[str]) -> ReportData:
                                      evaluation.unmeasured,
                                      view_prediction.tests.get("verdict") if view_prediction is not None else None))
     if config is not None:
-        data.config = config.to_dict()
+        from mneme_plugin.interpret.clients import redacted_keys
+
+        data.config = redacted_keys(config.to_dict())  # the report is made to be shared
     return data
 
 

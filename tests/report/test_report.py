@@ -122,3 +122,24 @@ def test_report_opens_in_headless_chromium(tmp_path):
     run = subprocess.run(flags + [f"--screenshot={shot}", "--window-size=1200,5000", path.as_uri()],
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 0 and shot.stat().st_size > 10_000
+
+
+def test_a_literal_api_key_in_the_run_config_stays_out_of_the_report(tmp_path):
+    """The report embeds the run's config and is made to be shared: a literal key is redacted, an
+    env:NAME reference (no secret) is shown as written."""
+    import yaml
+
+    from mneme_plugin.report.build import build_report
+
+    run = tmp_path / "run"
+    run.mkdir()
+    config = {"run_dir": str(run), "models": {"base": "base-model", "edited": "edited-model"},
+              "corpus": {"source": "corpus.txt"}, "harvest": {"layer": 1},
+              "explain": {"explainer": "default", "client": {"kind": "openai", "model": "m",
+                                                            "base_url": "https://api.example.org/v1",
+                                                            "api_key": "sk-proj-LITERALSECRET"}},
+              "map": {"method": "llm", "client": {"kind": "openai", "model": "m", "api_key": "env:MAP_KEY"}}}
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    html = build_report(run).read_text()
+    assert "LITERALSECRET" not in html
+    assert "&lt;redacted&gt;" in html and "env:MAP_KEY" in html
