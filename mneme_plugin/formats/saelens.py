@@ -100,15 +100,21 @@ def folded_weights(cc: CrossCoder) -> dict[str, torch.Tensor]:
     }
 
 
-def _view(full: dict[str, torch.Tensor], layer: int, d: int, decoupled: bool) -> dict[str, torch.Tensor]:
-    """One model's half: encoder rows and decoder columns of that model (other input at its mean)."""
+def _view(full: dict[str, torch.Tensor], mu: torch.Tensor, layer: int, d: int, decoupled: bool) -> dict[str, torch.Tensor]:
+    """One model's half: encoder rows and decoder columns of that model, the other model's input at its
+    mean ``mu`` (its normalised input 0): the folded ``b_enc`` holds every model's mean term, so the other
+    model's is added back (it subtracts mu_other W_enc'^other, which a raw input of 0 would leave there)."""
     cols = slice(layer * d, (layer + 1) * d)
+    b_enc = full["b_enc"].clone()
+    for other in range(mu.shape[0]):
+        if other != layer:
+            b_enc += mu[other] @ full["W_enc"][other * d:(other + 1) * d]
     if decoupled:  # keep the latents gated for this model: (m,) of the 2m
         m = full["b_enc"].numel() // 2
         lat = slice(layer * m, (layer + 1) * m)
-        return {"W_enc": full["W_enc"][cols, lat], "b_enc": full["b_enc"][lat], "W_dec": full["W_dec"][lat, cols],
+        return {"W_enc": full["W_enc"][cols, lat], "b_enc": b_enc[lat], "W_dec": full["W_dec"][lat, cols],
                 "b_dec": full["b_dec"][cols], "threshold": full["threshold"][lat]}
-    return {"W_enc": full["W_enc"][cols], "b_enc": full["b_enc"], "W_dec": full["W_dec"][:, cols],
+    return {"W_enc": full["W_enc"][cols], "b_enc": b_enc, "W_dec": full["W_dec"][:, cols],
             "b_dec": full["b_dec"][cols], "threshold": full["threshold"]}
 
 
@@ -180,7 +186,8 @@ def export_saelens(
             partial = False
         else:
             layer = MODEL_ORDER.index(view)
-            tensors, d_in, name = _view(full, layer, d, decoupled), d, folder + VIEW_SUFFIX[view]
+            mu = crosscoder.normalizer.affine(crosscoder)[0]
+            tensors, d_in, name = _view(full, mu, layer, d, decoupled), d, folder + VIEW_SUFFIX[view]
             layout = f"{view} activations only (raw)"
             partial = True
         model_name = edited_model if view == "edited" else base_model

@@ -8,6 +8,12 @@ prefixes (torch.compile). Classes: ``BatchTopKCrossCoder`` (-> sparsity ``batcht
 pre-activation, with no selection). Code normalisation CROSSCODER / SAE / MIXED / NONE map to the
 salience modes of the same name, DECOUPLED to ``decoupled`` (per-model thresholds). Their activation
 normaliser (``activation_mean`` / ``activation_global_scale``) maps to normalization ``mean_scale``.
+
+A DECOUPLED BatchTopK crosscoder with their normaliser reads its input normalised twice: their
+``BatchTopKCrossCoder.encode`` normalises it, and its DECOUPLED branch (``encode_decoupled``) calls
+``CrossCoder.encode``, which normalises it again; it trained that way, and decodes (denormalises) once.
+n(n(x)) = s n(x) - s mu is affine in n(x), so the second normalisation is folded into the encoder
+(W_enc^l <- s_l W_enc^l, b_enc <- b_enc - sum_l s_l mu_l W_enc^l) and the crosscoder encodes as theirs.
 """
 
 from __future__ import annotations
@@ -211,6 +217,8 @@ def load_science_of_finetuning(path: str | Path, dict_class: str | None = None) 
         "dict_class": cls_name,
         "code_normalization": code_norm,
     }
+    if has_normalizer and batch_topk and salience == "decoupled":
+        metadata["encoder_input"] = "normalised twice, as their DECOUPLED encode does (folded into W_enc, b_enc)"
     for key in ("lm_name", "layer", "base_model", "chat_model", "wandb_name"):
         if key in trainer and isinstance(trainer[key], (str, int, float)):
             metadata[key] = trainer[key]
@@ -230,6 +238,10 @@ def load_science_of_finetuning(path: str | Path, dict_class: str | None = None) 
         if has_normalizer:
             model.activation_mean.copy_(mean)
             model.activation_scale.copy_(scale)
+            if batch_topk and salience == "decoupled":  # their second normalisation (module docstring)
+                s, mu, W = scale.double(), mean.double(), enc.double()
+                model.b_enc.copy_(b_enc.double() - torch.einsum("l,ld,ldm->m", s, mu, W))
+                model.W_enc.copy_(W * s[:, None, None])
         threshold = state.get("threshold")
         if threshold is not None:
             check_weights(weights, {"threshold": threshold})
@@ -243,4 +255,12 @@ def load_science_of_finetuning(path: str | Path, dict_class: str | None = None) 
             if threshold.numel() != 1:
                 raise CheckpointError(f"{weights}: threshold has shape {tuple(threshold.shape)}, expected a scalar.")
             model.threshold.fill_(float(threshold.item()))
+    if batch_topk and (threshold is None or bool((threshold < 0).all())):
+        # Their encode() with a threshold of -1 keeps every positive pre-activation: no sparsity at all,
+        # which no later stage could use. Theirs with use_threshold=False (BatchTopK) is the one kept.
+        logger.warning(
+            "%s: the inference threshold was never estimated (-1: a checkpoint saved before their trainer's "
+            "threshold_start_step). Their encode() would then keep every positive pre-activation; this crosscoder "
+            "encodes as their encode(use_threshold=False) does instead (BatchTopK over each batch, so a code depends "
+            "on the rows encoded with it). A checkpoint saved later has its threshold.", weights)
     return model

@@ -2,7 +2,9 @@
 
 science-of-finetuning: x' = (x - mu_l) * g_l; pre = relu(sum_l x'_l W_enc^l + b_enc); weight w by
 code normalisation; BatchTopK inference f = pre * (pre * w > threshold) (DECOUPLED: per model,
-codes (B, L, F)); x_hat_l = f @ W_dec^l + b_dec^l, then x_hat / (g_l + 1e-8) + mu_l.
+codes (B, L, F), and the input normalised twice: their BatchTopKCrossCoder.encode normalises it and its
+DECOUPLED branch calls CrossCoder.encode, which normalises it again); x_hat_l = f @ W_dec^l + b_dec^l,
+then x_hat / (g_l + 1e-8) + mu_l (once).
 Kissane: relu(einsum(x, W_enc) + b_enc); einsum(f, W_dec (m, 2, d)) + b_dec.
 """
 
@@ -32,14 +34,14 @@ def sof_weight(sd, code_normalization):
     raise ValueError(code_normalization)
 
 
-def sof_pre(sd, x):
-    if sof_has_normalizer(sd):
+def sof_pre(sd, x, normalizations=1):
+    for _ in range(normalizations if sof_has_normalizer(sd) else 0):
         x = (x - sd["activation_mean"]) * sd["activation_global_scale"][None, :, None]
     return torch.relu(torch.einsum("bld,ldf->blf", x, sd["encoder.weight"]).sum(dim=1) + sd["encoder.bias"])
 
 
 def sof_encode(sd, x, code_normalization, batch_topk=True):
-    pre = sof_pre(sd, x)
+    pre = sof_pre(sd, x, 2 if batch_topk and code_normalization == "DECOUPLED" else 1)
     if not batch_topk:
         return pre
     w = sof_weight(sd, code_normalization)

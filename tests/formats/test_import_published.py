@@ -30,7 +30,7 @@ def _cut(values):
 
 def _median_threshold(sd, code_norm, x):
     """A threshold that keeps a fair share of latents (estimated as their code would)."""
-    pre = ref.sof_pre(sd, x)
+    pre = ref.sof_pre(sd, x, 2 if code_norm == "DECOUPLED" else 1)
     w = ref.sof_weight(sd, code_norm)
     if code_norm == "DECOUPLED":
         scaled = pre[:, None, :] * w[None]
@@ -74,10 +74,15 @@ def test_sof_batch_topk_every_code_normalisation(tmp_path, code_norm, normalizer
     assert BatchTopKCrossCoder.from_pretrained(out).cfg == cc.cfg
 
 
-def test_sof_batch_topk_without_threshold_matches_their_batch_topk(tmp_path):
+def test_sof_batch_topk_without_threshold_matches_their_batch_topk(tmp_path, caplog):
+    """Their encode() with threshold -1 keeps every positive pre-activation (no sparsity); the import
+    encodes as their encode(use_threshold=False), BatchTopK, and says so."""
     x = _inputs(32)
     sd = sof_state_dict(D, M, K, "SAE", seed=5)  # threshold -1: never estimated
-    cc = load_crosscoder(write_sof_crosscoder(tmp_path / "hub", sd, "hub", code_normalization="SAE", k=K))
+    with caplog.at_level("WARNING", logger="mneme_plugin"):
+        cc = load_crosscoder(write_sof_crosscoder(tmp_path / "hub", sd, "hub", code_normalization="SAE", k=K))
+    assert "threshold was never estimated" in caplog.text and "use_threshold=False" in caplog.text
+    assert torch.equal(ref.sof_encode(sd, x, "SAE"), ref.sof_pre(sd, x))  # theirs with the threshold: no selection
     pre = ref.sof_pre(sd, x)
     scaled = (pre * ref.sof_weight(sd, "SAE")).flatten()
     top = scaled.topk(K * x.shape[0]).indices
@@ -123,7 +128,8 @@ def test_sof_decoupled_batch_topk_per_model(tmp_path):
     x = _inputs(32)
     sd = sof_state_dict(D, M, K, "DECOUPLED", seed=13)
     cc = load_crosscoder(write_sof_crosscoder(tmp_path / "hub", sd, "hub", code_normalization="DECOUPLED", k=K))
-    pre = ref.sof_pre(sd, x)
+    assert ref.sof_has_normalizer(sd)
+    pre = ref.sof_pre(sd, x, normalizations=2)  # their DECOUPLED encode normalises twice (reference.py)
     scaled = pre[:, None] * ref.sof_weight(sd, "DECOUPLED")[None]
     expected = torch.zeros(x.shape[0], 2, M)
     for layer in range(2):

@@ -95,6 +95,14 @@ def test_export_loads_in_stock_saelens_and_matches(tmp_path):
             else:  # the view keeps the latents gated for its model
                 own = feats[:, layer * M:(layer + 1) * M]
             torch.testing.assert_close(v.decode(own), full.decode(feats)[:, cols], rtol=1e-5, atol=1e-5)
+            # What "partial" means (module docstring): the crosscoder's codes with the other model's input
+            # at its mean (normalised input 0). The folded bias held the other model's mean term as well.
+            other = 1 - layer
+            at_mean = x.clone()
+            at_mean[:, other] = cc.activation_mean[other] if cc.cfg.normalization == "mean_scale" else 0.0
+            expected = (cc.encode_per_model(at_mean)[:, layer] if cc.cfg.salience == "decoupled"
+                        else cc.encode(at_mean))
+            torch.testing.assert_close(v.encode(x[:, layer]), expected, rtol=1e-4, atol=1e-4)
         # Our own reader gets the exported crosscoder back (jumprelu, raw space), same codes.
         if cc.cfg.salience != "decoupled":
             back = load_crosscoder(written["concat"])
