@@ -9,7 +9,8 @@ scorers accept it.
 * :class:`OpenAICompatibleClient`: any ``/v1/chat/completions`` endpoint (``vllm serve``, a hosted
   API). Concurrency limit, retries with exponential backoff (429, 5xx, timeouts, connection
   errors; ``Retry-After`` honoured), a request timeout, and an on-disk cache keyed by a hash of
-  (endpoint, model, messages, generation parameters) so a re-run pays nothing twice.
+  (endpoint, model, messages, generation parameters) so a re-run pays nothing twice; identical requests
+  in flight at once (cached or at temperature 0) are sent once and share its answer.
 * :class:`VLLMOfflineClient`: Delphi's in-process vLLM client (``delphi.clients.Offline``) for a
   local model on a GPU; needs vllm and Delphi.
 """
@@ -195,6 +196,8 @@ class OpenAICompatibleClient(Client):
         self.cache = DiskCache(cache_dir) if cache_dir else None
         self.n_requests = 0
         self._semaphores: dict[int, asyncio.Semaphore] = {}
+        # Per event loop: the answer of each request in flight by its cache key, which identical calls await.
+        self._in_flight: dict[int, dict[str, asyncio.Future[Response]]] = {}
 
     def _semaphore(self) -> asyncio.Semaphore:
         loop = asyncio.get_running_loop()  # one per event loop (Delphi runs its own loops)
@@ -211,15 +214,53 @@ class OpenAICompatibleClient(Client):
                 pass
         return min(self.backoff_max, self.backoff_base * 2**attempt) * (0.5 + random.random() / 2)
 
-    async def generate(self, prompt: Prompt, **kwargs: Any) -> Response:
-        import httpx
+    def _shares(self, params: dict[str, Any]) -> bool:
+        """Whether identical requests in flight are asked once: when their answer is cached (the cache keeps
+        one answer per key anyway) or asked for at temperature 0; sampled answers without a cache are
+        separate draws."""
+        return self.cache is not None or params.get("temperature") == 0
 
+    async def generate(self, prompt: Prompt, **kwargs: Any) -> Response:
         messages = as_messages(prompt)
         params = {"max_tokens": self.max_tokens, **self.extra,
                   **{k: v for k, v in kwargs.items() if k in _PASSED_KWARGS and v is not None}}
-        key = DiskCache.key(self.model, messages, params, endpoint=self.base_url) if self.cache else ""
+        key = DiskCache.key(self.model, messages, params, endpoint=self.base_url)
         if self.cache and (hit := self.cache.get(key)) is not None:
             return hit
+        if not self._shares(params):
+            return await self._request(key, messages, params)
+        # Identical prompts (a stage that asks the same question for many latents) arrive together, each
+        # before any is answered, so the cache above misses for all: the first asks, the others wait for
+        # its answer instead of each paying for the same request.
+        loop = asyncio.get_running_loop()
+        in_flight = self._in_flight.setdefault(id(loop), {})
+        while (shared := in_flight.get(key)) is not None:
+            try:
+                return await asyncio.shield(shared)
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if not shared.cancelled() or (task is not None and task.cancelling()):
+                    raise  # this call was cancelled; else the one that asked was, and this one asks itself
+        future: asyncio.Future[Response] = loop.create_future()
+        in_flight[key] = future
+        try:
+            response = await self._request(key, messages, params)
+        except asyncio.CancelledError:
+            future.cancel()
+            raise
+        except BaseException as err:
+            future.set_exception(err)
+            future.exception()  # read here: no waiter is no "exception never retrieved" warning
+            raise
+        else:
+            future.set_result(response)
+            return response
+        finally:
+            in_flight.pop(key, None)
+
+    async def _request(self, key: str, messages: list[dict[str, str]], params: dict[str, Any]) -> Response:
+        import httpx
+
         body = {"model": self.model, "messages": messages, **params}
         headers = {"Content-Type": "application/json"}
         if self.api_key:

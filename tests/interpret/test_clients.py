@@ -123,3 +123,34 @@ def test_llm_explain_and_map_show_progress(collected, fake_llm, tmp_path, tiny_t
     explain(out, ExplainConfig(explainer="default", client=ccfg, n_examples=4, min_examples=1),
             out_dir=tmp_path, tokenizer=tiny_tokenizer, progress=False)
     assert "explain" not in capsys.readouterr().err
+
+
+def test_identical_prompts_in_flight_share_one_request(fake_llm, tmp_path):
+    """Identical prompts sent together all miss the cache (none is answered yet): the first asks, the
+    others share its answer, so N identical prompts at concurrency 4 cost one request; also without a
+    cache at temperature 0; sampled answers without a cache stay separate draws."""
+    import asyncio
+
+    prompt = [{"role": "user", "content": "[EXPLANATION]: <<x>>"}]
+
+    def ask(c, n, **kw):
+        async def go():
+            return await asyncio.gather(*(c.generate(prompt, **kw) for _ in range(n)))
+        return asyncio.run(go())
+
+    answers = ask(client(fake_llm, tmp_path, concurrency=4), 20, temperature=0.0)
+    assert len(fake_llm.requests) == 1 and {a.text for a in answers} == {"[EXPLANATION]: mentions of gene and dna"}
+    assert len(ask(client(fake_llm, tmp_path, concurrency=4, cache_dir=None), 9, temperature=0)) == 9
+    assert len(fake_llm.requests) == 2
+    ask(client(fake_llm, tmp_path, concurrency=4, cache_dir=None), 3, temperature=1.0)
+    assert len(fake_llm.requests) == 5
+    # a refusal reaches every caller that shared the request, and the next call asks again
+    fake_llm.script = [400]
+    c = client(fake_llm, tmp_path, concurrency=4, cache_dir=None)
+
+    async def refused():
+        return await asyncio.gather(*(c.generate(prompt, temperature=0) for _ in range(5)), return_exceptions=True)
+
+    errors = asyncio.run(refused())
+    assert len(fake_llm.requests) == 6 and all(isinstance(e, ClientError) for e in errors)
+    assert c.generate_sync(prompt, temperature=0).text and len(fake_llm.requests) == 7
