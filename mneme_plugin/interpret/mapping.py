@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import math
 import os
 import re
@@ -34,6 +35,8 @@ from mneme_plugin.errors import CheckpointError, ConfigError
 from mneme_plugin.interpret.config import MapConfig
 from mneme_plugin.interpret.files import CATEGORIES_PARQUET, CATEGORIES_STEM, write_table
 from mneme_plugin.interpret.taxonomy import Taxonomy, load_taxonomy
+
+logger = logging.getLogger("mneme_plugin")
 
 MAPPING_COLUMNS = ("latent", "description", "label", "taxonomy", "category", "score", "top_k")
 LINK_COLUMNS = ("latent", "category", "similarity")
@@ -122,20 +125,114 @@ MAP_PROMPT = (
 )
 
 
+# How the LLM's answers are read. Chat models rarely answer with the bare comma-separated ids asked for:
+# they number or bullet them, change their case, separate them by semicolons or lines, add a note in
+# parentheses or open with a sentence. An id read wrong is not a near miss: it leaves the latent without
+# a category, or (dropping the answer's first id) promotes its second, so every such shape is read here and
+# an answer read as nothing is counted and shown (``map_descriptions``).
+_ITEM_MARK = re.compile(r"^(?:#?\d+[.):]\s*|#\d+\s+|[-*\u2022\u2013]\s*)")
+_NOTE = re.compile(r"\s*(?:\([^()]*\)|\[[^\[\]]*\])")
+_QUOTES = "`'\"\u201c\u201d\u2018\u2019*_"
+_PREAMBLE = re.compile(r"^(?:sure|certainly|of course|okay|ok|here(?: is|'s| are)|the (?:best|most)|"
+                       r"i (?:would|'d) (?:say|suggest|choose))\b", re.IGNORECASE)
+_LABEL_PREFIX = re.compile(r"^(?:the\s+)?(?:short\s+)?label\s*(?:is\s*)?[:\-]\s*", re.IGNORECASE)
+
+
+def _normal(text: str) -> str:
+    """An id or answer item as compared: lower case, spaces, hyphens and underscores one underscore."""
+    return re.sub(r"[\s_\-]+", "_", text.strip().lower()).strip("_")
+
+
+def _clean_item(text: str) -> str:
+    """One item of an answer without its numbering or bullet, quotes and markdown, and trailing dots."""
+    text = text.strip()
+    for _ in range(2):  # "1. **law**", "- 1) law"
+        text = _ITEM_MARK.sub("", text).strip().strip(_QUOTES).strip()
+    return text.rstrip(".!").strip().strip(_QUOTES).strip()
+
+
+def _answer_lines(text: str) -> list[str]:
+    """The lines of an answer that hold it: a line that only introduces it ("Sure! Here is a label:",
+    "Here are the categories:") is left out, and one that introduces it before a colon keeps what follows."""
+    lines = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.endswith(":"):
+            continue
+        if _PREAMBLE.match(line):
+            if ":" not in line:
+                continue
+            line = line.split(":", 1)[1].strip()
+        lines.append(line)
+    return lines
+
+
+def parse_label(text: str) -> str | None:
+    """The label in an LLM's answer: its first line that is not a preamble, without a ``Label:`` prefix,
+    numbering, quotes or markdown (None when no line is left)."""
+    for line in _answer_lines(text):
+        label = _clean_item(_LABEL_PREFIX.sub("", line))
+        if label:
+            return label[:80]
+    return None
+
+
+def parse_ranking(text: str, taxonomy: Taxonomy, k: int) -> list[tuple[str, float]]:
+    """The taxonomy entries an LLM's answer names, in its order, as (id, 1 / position): an item is the id
+    of an entry (or its name) after normalisation (``_normal``), never a near one; an item that names none
+    keeps its position, so the entries after it are not promoted. At most ``k`` entries."""
+    exact: dict[str, str] = {}
+    clashes: set[str] = set()
+    for entry in taxonomy.entries:  # ids first: a name equal to another entry's id does not take it
+        key = _normal(entry.id)
+        if key in exact:
+            clashes.add(key)
+        exact.setdefault(key, entry.id)
+    for entry in taxonomy.entries:
+        exact.setdefault(_normal(entry.name), entry.id)
+    for key in clashes:  # two ids that differ only in case or separators: only the literal id names one
+        exact.pop(key, None)
+
+    def entry_of(item: str) -> str | None:
+        return item if item in taxonomy.by_id else exact.get(_normal(item))
+
+    items: list[str] = []
+    for line in _answer_lines(text):
+        for part in re.split(r"[,;]", _NOTE.sub("", line)):
+            item = _clean_item(part)
+            if item and item not in items:
+                items.append(item)
+    found: list[tuple[str, float]] = []
+    for position, item in enumerate(items):
+        eid = entry_of(item)
+        if eid is None:  # "law: Law" as the prompt lists the entries, "law - courts and judges"
+            head = re.split(r":|\s[-\u2013\u2014]\s", item, maxsplit=1)[0]
+            eid = entry_of(_clean_item(head)) if head != item else None
+        if eid is not None and eid not in (e for e, _ in found):
+            found.append((eid, 1.0 / (position + 1)))
+    return found[:k]
+
+
 async def _llm_label(client: Any, description: str) -> str:
     out = await client.generate(LABEL_PROMPT.format(description=description), temperature=0.0)
-    return out.text.strip().strip('"').splitlines()[0][:80] if out.text.strip() else "unlabelled"
+    return parse_label(out.text) or "unlabelled"
 
 
-async def _llm_rank(client: Any, taxonomy: Taxonomy, description: str, k: int) -> list[tuple[str, float]]:
+async def _llm_rank(client: Any, taxonomy: Taxonomy, description: str, k: int) -> tuple[list[tuple[str, float]], str]:
+    """The ranked entries and the LLM's answer (shown when it names none)."""
     entries = "\n".join(f"- {e.id}: {e.name}" + (f" ({e.description})" if e.description else "") for e in taxonomy.entries)
     out = await client.generate(MAP_PROMPT.format(description=description, entries=entries, k=k), temperature=0.0)
-    found: list[str] = []
-    for token in re.split(r"[,\n]", out.text):
-        token = token.strip().strip("-*. `'\"")
-        if token in taxonomy.by_id and token not in found:
-            found.append(token)
-    return [(eid, 1.0 / (r + 1)) for r, eid in enumerate(found[:k])]
+    return parse_ranking(out.text, taxonomy, k), out.text
+
+
+def _warn_unmatched(taxonomy: str, answers: list[str], ranked: list[list[tuple[str, float]]]) -> int:
+    """Log how many of the LLM's answers named no entry of ``taxonomy``, with one of them; the count."""
+    empty = [text for text, top in zip(answers, ranked) if not top]
+    if empty:
+        logger.warning("map (%s): %d of %d LLM answers named no category of the taxonomy, so those latents have "
+                       "none; e.g. %r. Check the client's model (it must answer with the listed ids).",
+                       taxonomy, len(empty), len(answers), empty[0][:200])
+    return len(empty)
 
 
 def map_descriptions(
@@ -183,10 +280,12 @@ def map_descriptions(
     rows = []
     for tax in taxonomies:
         if config.method == "llm":
-            async def all_ranks(tax: Taxonomy = tax) -> list[list[tuple[str, float]]]:
+            async def all_ranks(tax: Taxonomy = tax) -> list[tuple[list[tuple[str, float]], str]]:
                 return await gather_with_progress([_llm_rank(client, tax, d, config.top_k) for d in descriptions],
                                                   f"map ({tax.name})", progress)
-            ranked = asyncio.run(all_ranks())
+            answered = asyncio.run(all_ranks())
+            ranked = [top for top, _ in answered]
+            _warn_unmatched(tax.name, [text for _, text in answered], ranked)
         else:
             mapper = EmbeddingMapper(tax, config.embedding_model) if config.method == "embedding" else LexicalMapper(tax)
             ranked = []
