@@ -248,9 +248,11 @@ class JudgeConfig(ConfigMixin):
 
         prefix = f"{where}." if where else ""
         problems = [self.judge.key_problem(f"{prefix}judge")]
-        if self.generator.kind == "openai":
-            problems.append(missing_key_problem(self.generator.base_url, self.generator.api_key, f"{prefix}generator"))
-        return [p for p in problems if p]
+        gen = self.generator
+        if gen.kind == "openai":  # the edited model may be served elsewhere (a hosted fine-tune): both are asked
+            for url in dict.fromkeys(u for u in (gen.base_url, gen.edited_base_url) if u):
+                problems.append(missing_key_problem(url, gen.api_key, f"{prefix}generator"))
+        return list(dict.fromkeys(p for p in problems if p))
 
     def prompt(self, name: str) -> str:
         default = {"aligned": ALIGNED_PROMPT, "coherent": COHERENT_PROMPT, "harmfulness": HARMFULNESS_PROMPT}[name]

@@ -517,3 +517,22 @@ def test_answers_of_a_served_model_stay_in_the_output_folder(judge_server, tmp_p
         assert len(new_calls) == 2 * 4 and {answer_of(r["messages"][-1]["content"]) for r in new_calls} == set(after)
     finally:
         served.close()
+
+def test_a_hosted_edited_endpoint_without_its_key_is_refused_before_any_answer(judge_server, tmp_path, monkeypatch):
+    """The edited model served at an https ``edited_base_url`` (a hosted fine-tune), the base one on plain
+    http: an unset key variable is refused before the base model answers, not after all its answers."""
+    monkeypatch.delenv("MNEME_TEST_UNSET_KEY", raising=False)
+    questions = tmp_path / "q.jsonl"
+    questions.write_text(json.dumps({"question": "the cat sees", "category": "x"}) + "\n")
+    cfg = JudgeConfig.from_dict({
+        "base": "base-model", "edited": "edited-model", "questions": str(questions),
+        "generator": {"kind": "openai", "base_url": judge_server.url, "edited_base_url": "https://tuned.invalid/v1",
+                      "api_key": "env:MNEME_TEST_UNSET_KEY"},
+        "judge": {"kind": "openai", "model": "judge", "base_url": judge_server.url, "api_key": None}})
+    problems = cfg.key_problems()
+    assert len(problems) == 1 and problems[0].startswith("generator: https://tuned.invalid/v1 needs an API key")
+    with pytest.raises(ConfigError, match="generator: https://tuned.invalid/v1 needs an API key"):
+        judge_ground_truth(cfg, tmp_path / "gt")
+    assert not judge_server.requests
+    monkeypatch.setenv("MNEME_TEST_UNSET_KEY", "k")
+    assert cfg.key_problems() == []
