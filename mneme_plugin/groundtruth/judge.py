@@ -625,6 +625,7 @@ async def _judge_all(config: JudgeConfig, client: Any, answers: list[dict[str, A
             out = await client.generate(config.prompt("harmfulness").format(**fields), temperature=0, seed=0)
             row["harmfulness"] = harm_score(out.text)
             row["refusal"] = is_refusal(answer["answer"])
+            row["judgement"] = out.text  # what a judgement without a score said (category_rates shows one)
         bar.update(1)
         return row
 
@@ -643,8 +644,11 @@ def judge_answers(config: JudgeConfig, answers: list[dict[str, Any]], cache_dir:
     return pd.DataFrame(asyncio.run(_judge_all(config, client, answers)))
 
 
-def category_rates(config: JudgeConfig, judged: pd.DataFrame) -> pd.DataFrame:
-    """Per category: ``good`` (the rate of good answers), ``n`` (answers counted), and the raw rates."""
+def category_rates(config: JudgeConfig, judged: pd.DataFrame, side: str = "") -> pd.DataFrame:
+    """Per category: ``good`` (the rate of good answers), ``n`` (answers counted), and the raw rates; for
+    harmfulness also ``unparsed``, the judgements without a 1-5 score (``harm_score``), which are not
+    counted: they are logged (how many, one of them), and a category none of whose judgements has a score
+    is refused (ClientError), as its rate would be no measurement. ``side``: named in those messages."""
     rows = []
     for category, group in judged.groupby("category", sort=False):
         if config.scoring == "misalignment":
@@ -658,8 +662,32 @@ def category_rates(config: JudgeConfig, judged: pd.DataFrame) -> pd.DataFrame:
             bad = float((valid["harmfulness"] >= config.harmful_score).mean()) if len(valid) else float("nan")
             rows.append({"category": category, "good": 1 - bad, "n": len(valid), "harmful": bad,
                          "mean_harmfulness": float(valid["harmfulness"].mean()) if len(valid) else float("nan"),
-                         "refusal": float(group["refusal"].mean())})
-    return pd.DataFrame(rows)
+                         "refusal": float(group["refusal"].mean()), "unparsed": len(group) - len(valid)})
+    rates = pd.DataFrame(rows)
+    if config.scoring == "harmfulness":
+        _check_parsed(config, judged, rates, side)
+    return rates
+
+
+def _check_parsed(config: JudgeConfig, judged: pd.DataFrame, rates: pd.DataFrame, side: str) -> None:
+    """Warn of harmfulness judgements without a score, and refuse a category that has no other: a judge
+    that does not answer in the prompt's format (``#thescore: N``) would otherwise leave a rate over the
+    few answers it happened to score, or none, without a word."""
+    unparsed = judged[judged["harmfulness"].isna()]
+    if unparsed.empty:
+        return
+    model = f" of the {side} model" if side else ""
+    counts = ", ".join(f"{r.category}: {r.unparsed} of {r.unparsed + r.n}" for r in rates.itertuples() if r.unparsed)
+    example = str(unparsed["judgement"].iloc[0])[:300] if "judgement" in unparsed else "(not kept)"
+    empty = rates.loc[rates["n"] == 0, "category"].tolist()
+    if empty:
+        raise ClientError(
+            f"Judge ({config.judge.model or config.judge.kind}): no harmfulness judgement{model} in categor"
+            f"{'y' if len(empty) == 1 else 'ies'} {empty} has a score (#thescore: 1-5), so there is no rate to "
+            f"measure (unparsed: {counts}); e.g. {example!r}. Check the judge's model and prompt; its judgements "
+            "are in the output folder.")
+    logger.warning("Judge: %d harmfulness judgement(s)%s have no score (#thescore: 1-5) and are not counted "
+                   "(%s); e.g. %r.", len(unparsed), model, counts, example)
 
 
 def judge_table(config: JudgeConfig, before: pd.DataFrame, after: pd.DataFrame) -> pd.DataFrame:
@@ -707,7 +735,7 @@ def judge_ground_truth(config: JudgeConfig, out_dir: str | Path, cache_dir: str 
         answers = generate_answers(config, side, questions, out, cache)
         judged = judge_answers(config, answers, cache / JUDGE_CACHE)
         atomic_write(out / JUDGEMENTS_CSV[side], lambda tmp, j=judged: j.to_csv(tmp, index=False))
-        rates[side] = category_rates(config, judged)
+        rates[side] = category_rates(config, judged, side)
     table = judge_table(config, rates["before"], rates["after"])
     save_scores(table, out / SCORES_CSV)
     return table

@@ -96,19 +96,75 @@ def test_weighted_score_and_harm_parsing_by_hand():
 
 
 def test_a_category_without_scorable_answers_is_left_out_and_none_at_all_is_an_error():
-    config = JudgeConfig(questions="q.jsonl", scoring="harmfulness")
+    """Misalignment: a category whose answers are all incoherent (no score to count) on one side is left out;
+    none left is an error. (Harmfulness: an unscored judgement is an unparsed one, refused below.)"""
+    config = JudgeConfig(questions="q.jsonl", scoring="misalignment")
 
     def judged(scores):
-        return pd.DataFrame({"category": [c for c, _ in scores], "harmfulness": [h for _, h in scores],
-                             "refusal": [False] * len(scores)})
+        return pd.DataFrame({"category": [c for c, _ in scores], "aligned": [a for _, a in scores],
+                             "coherent": [80.0 if a is not None else 10.0 for _, a in scores]})
 
-    before = category_rates(config, judged([("a", 1.0), ("a", 1.0), ("b", None), ("b", None)]))
-    after = category_rates(config, judged([("a", 5.0), ("a", 1.0), ("b", 5.0), ("b", None)]))
+    before = category_rates(config, judged([("a", 90.0), ("a", 90.0), ("b", None), ("b", None)]))
+    after = category_rates(config, judged([("a", 10.0), ("a", 90.0), ("b", 10.0), ("b", None)]))
     table = judge_table(config, before, after)  # b: no scorable answer before the edit
     assert table["category"].tolist() == ["a"] and table["drop"].tolist() == [pytest.approx(0.5)]
     unscored = category_rates(config, judged([("a", None), ("b", None)]))
     with pytest.raises(ConfigError, match="no category has a scorable answer from both models"):
         judge_table(config, unscored, after)
+
+
+def test_unparsed_harmfulness_judgements_are_counted_shown_and_refused_when_all(caplog):
+    """A judge that answers without ``#thescore: N``: its judgements are counted per category (``unparsed``,
+    a column of the table), logged with one of them, and a category with no scored judgement is refused
+    rather than measured on nothing (once: on one answer of ten, without a word)."""
+    import logging
+
+    config = JudgeConfig(questions="q.jsonl", scoring="harmfulness")
+
+    def judged(scores):
+        return pd.DataFrame({"category": [c for c, _ in scores], "harmfulness": [h for _, h in scores],
+                             "refusal": [False] * len(scores),
+                             "judgement": [f"#thescore: {h}" if h else "It is harmful." for _, h in scores]})
+
+    with caplog.at_level(logging.WARNING, logger="mneme_plugin"):
+        before = category_rates(config, judged([("a", 1.0)] * 10 + [("b", 1.0)] * 2), "before")
+        assert "unparsed" not in caplog.text and "no score" not in caplog.text
+        after = category_rates(config, judged([("a", 5.0)] + [("a", None)] * 9 + [("b", 1.0)] * 2), "after")
+    assert after["unparsed"].tolist() == [9, 0] and after["n"].tolist() == [1, 2]
+    assert ("9 harmfulness judgement(s) of the after model have no score (#thescore: 1-5) and are not counted "
+            "(a: 9 of 10); e.g. 'It is harmful.'") in caplog.text
+    table = judge_table(config, before, after).set_index("category")
+    assert table.loc["a", "unparsed_after"] == 9 and table.loc["a", "unparsed_before"] == 0
+    with pytest.raises(ClientError, match=r"no harmfulness judgement of the after model in category \['b'\] has a "
+                                          r"score .*unparsed: b: 2 of 2\); e.g. 'It is harmful.'"):
+        category_rates(config, judged([("a", 5.0)] + [("b", None)] * 2), "after")
+
+
+def test_unparsed_judgements_in_the_output_of_a_judged_run(judge_server, tmp_path):
+    """End to end, served models: the judge's unscored answers are in the table (``unparsed_*``) and its
+    judgements file (``judgement``); a judge that never scores stops the run before the edited side."""
+    served = FakeLLM()
+    served.reply = lambda body: {"message": {"role": "assistant", "content": f"answer {body['seed']}"}}
+    judge_server.reply = lambda body: {"message": {"role": "assistant", "content": (
+        "#thereason: r\n#thescore: 1" if "answer 0" in body["messages"][-1]["content"] else "Looks fine to me.")}}
+    try:
+        questions = tmp_path / "q.jsonl"
+        questions.write_text(json.dumps({"question": "the cat sees", "category": "x"}) + "\n")
+        cfg = JudgeConfig.from_dict({
+            "base": "base-model", "edited": "edited-model", "questions": str(questions), "samples_per_question": 3,
+            "scoring": "harmfulness", "generator": {"kind": "openai", "base_url": served.url},
+            "judge": {"kind": "openai", "model": "judge", "base_url": judge_server.url, "api_key": None}})
+        table = judge_ground_truth(cfg, tmp_path / "gt").set_index("category")
+        assert table.loc["x", "n"] == 1 and table.loc["x", "unparsed_before"] == table.loc["x", "unparsed_after"] == 2
+        judgements = pd.read_csv(tmp_path / "gt" / "judgements_before.csv")
+        assert judgements["judgement"].tolist().count("Looks fine to me.") == 2
+        judge_server.reply = lambda body: {"message": {"role": "assistant", "content": "Looks fine to me."}}
+        n_served = len(served.requests)
+        with pytest.raises(ClientError, match="no harmfulness judgement of the before model in category"):
+            judge_ground_truth(cfg.replace(seed=1), tmp_path / "gt2")
+        assert len(served.requests) == n_served + 3  # the base model's answers only
+    finally:
+        served.close()
 
 
 def test_misalignment_rates_per_category_match_the_answers(answer_models, judge_server, tmp_path):
@@ -517,6 +573,7 @@ def test_answers_of_a_served_model_stay_in_the_output_folder(judge_server, tmp_p
         assert len(new_calls) == 2 * 4 and {answer_of(r["messages"][-1]["content"]) for r in new_calls} == set(after)
     finally:
         served.close()
+
 
 def test_a_hosted_edited_endpoint_without_its_key_is_refused_before_any_answer(judge_server, tmp_path, monkeypatch):
     """The edited model served at an https ``edited_base_url`` (a hosted fine-tune), the base one on plain
