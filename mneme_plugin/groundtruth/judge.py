@@ -146,7 +146,16 @@ REFUSAL_KEYWORDS = (
 @dataclass
 class GeneratorConfig(ConfigMixin):
     """How the models answer. ``kind``: "hf" (transformers ``generate``), "vllm" (offline, GPU) or
-    "openai" (models served by an OpenAI-compatible server at ``base_url`` / ``edited_base_url``)."""
+    "openai" (models served by an OpenAI-compatible server at ``base_url`` / ``edited_base_url``).
+
+    Kind openai only: ``api_key`` (``env:NAME`` reads the environment), ``concurrency`` (requests at once),
+    ``max_retries`` / ``backoff_base`` / ``backoff_max`` (retries of a failed request, exponential backoff in
+    seconds) and ``timeout`` (seconds per request), as the judge's client (``ClientConfig``) takes them.
+    """
+
+    # How fast and how patiently the served models are asked, not what they answer: no answer's key
+    # (``generate_answers``) nor the stage's fingerprint holds them.
+    runtime_fields = ("concurrency", "max_retries", "backoff_base", "backoff_max", "timeout")
 
     kind: str = "hf"
     max_new_tokens: int = 600
@@ -159,11 +168,22 @@ class GeneratorConfig(ConfigMixin):
     edited_base_url: str | None = None
     api_key: str | None = None
     vllm_args: dict[str, Any] = field(default_factory=dict)
+    concurrency: int = 8
+    max_retries: int = 5
+    backoff_base: float = 1.0
+    backoff_max: float = 30.0
+    timeout: float = 120.0
 
     def __post_init__(self) -> None:
         require(self.kind in GENERATORS, f"generator kind must be one of {GENERATORS}, got {self.kind!r}.")
         require(self.max_new_tokens >= 1 and self.batch_size >= 1, "max_new_tokens and batch_size must be >= 1.")
         require(self.temperature >= 0 and 0 < self.top_p <= 1, "temperature must be >= 0 and top_p in (0, 1].")
+        require(self.concurrency >= 1, f"generator.concurrency must be >= 1, got {self.concurrency}.")
+        require(self.max_retries >= 0, f"generator.max_retries must be >= 0, got {self.max_retries}.")
+        require(self.timeout > 0, f"generator.timeout must be > 0 (seconds), got {self.timeout}.")
+        require(0 <= self.backoff_base <= self.backoff_max,
+                f"generator backoff_base and backoff_max must satisfy 0 <= backoff_base <= backoff_max, got "
+                f"{self.backoff_base} and {self.backoff_max}.")
 
 
 @dataclass
@@ -495,19 +515,26 @@ def _vllm_generate(config: JudgeConfig, model_name: str, prompts: list[tuple[str
 
 def _openai_generate(config: JudgeConfig, model_name: str, url: str, prompts: list[tuple[str, Question, int]],
                      emit: Any, cache_dir: Path) -> None:
+    from tqdm.auto import tqdm
+
     from mneme_plugin.interpret.clients import OpenAICompatibleClient, resolve_api_key
 
     gen = config.generator
-    client = OpenAICompatibleClient(model_name, url, resolve_api_key(gen.api_key), max_tokens=gen.max_new_tokens,
+    client = OpenAICompatibleClient(model_name, url, resolve_api_key(gen.api_key), concurrency=gen.concurrency,
+                                    max_retries=gen.max_retries, backoff_base=gen.backoff_base,
+                                    backoff_max=gen.backoff_max, timeout=gen.timeout, max_tokens=gen.max_new_tokens,
                                     cache_dir=cache_dir)
 
-    async def one(key: str, q: Question, sample: int) -> None:
+    async def one(key: str, q: Question, sample: int, bar: Any) -> None:
         out = await client.generate(_messages(config, q), temperature=gen.temperature, top_p=gen.top_p,
                                     seed=config.seed + sample)
         emit(key, q, sample, out.text.strip())
+        bar.update(1)
 
     async def run() -> None:
-        await asyncio.gather(*(one(*p) for p in prompts))
+        # Served models answer thousands of questions for as long as local ones do: a bar, as the hf generator has.
+        with tqdm(total=len(prompts), desc=f"answers {model_name}"[:60], unit="answer") as bar:
+            await asyncio.gather(*(one(*p, bar) for p in prompts))
 
     asyncio.run(run())
 
@@ -523,7 +550,8 @@ def generate_answers(config: JudgeConfig, side: str, questions: list[Question], 
     out_dir = Path(out_dir)
     copy = out_dir / ANSWERS_JSONL[side]
     if gen.kind == "openai":
-        settings = {k: v for k, v in gen.to_dict().items() if k not in ("batch_size", "device", "vllm_args")}
+        # result_dict: no runtime field (concurrency, timeout...), so the answers resume under other ones.
+        settings = {k: v for k, v in gen.result_dict().items() if k not in ("batch_size", "device", "vllm_args")}
         path = copy
         asked = (config.system_prompt,) if config.question_template == QUESTION_PLACEHOLDER else (
             config.system_prompt, config.question_template)  # the answers cached before templates keep their keys

@@ -593,3 +593,53 @@ def test_a_hosted_edited_endpoint_without_its_key_is_refused_before_any_answer(j
     assert not judge_server.requests
     monkeypatch.setenv("MNEME_TEST_UNSET_KEY", "k")
     assert cfg.key_problems() == []
+
+
+def test_served_generator_settings_are_validated_and_kept_out_of_the_answers_keys():
+    from mneme_plugin.groundtruth.judge import GeneratorConfig
+
+    for bad, message in (({"concurrency": 0}, "generator.concurrency must be >= 1"),
+                         ({"max_retries": -1}, "generator.max_retries must be >= 0"),
+                         ({"timeout": 0}, "generator.timeout must be > 0"),
+                         ({"backoff_base": 5.0, "backoff_max": 1.0}, "backoff_base <= backoff_max")):
+        with pytest.raises(ConfigError, match=message):
+            GeneratorConfig.from_dict({"kind": "openai", **bad}, section="generator")
+    yaml_section = {"kind": "openai", "concurrency": 3, "max_retries": 1, "backoff_base": 0.5, "backoff_max": 2.0,
+                    "timeout": 9.5}
+    gen = GeneratorConfig.from_dict(yaml_section)
+    assert {k: gen.to_dict()[k] for k in yaml_section} == yaml_section  # one YAML key per field
+    # how fast, not what: no fingerprint holds them (the stage is not redone when they change)
+    assert gen.result_dict() == GeneratorConfig(kind="openai").result_dict()
+
+
+def test_the_served_generator_honours_its_concurrency_and_shows_progress(judge_server, tmp_path, capsys):
+    import threading
+    import time
+
+    from mneme_plugin.groundtruth.judge import generate_answers
+    from tests.helpers import last_progress
+
+    lock, state = threading.Lock(), {"now": 0, "most": 0}
+
+    def slow(body):
+        with lock:
+            state["now"] += 1
+            state["most"] = max(state["most"], state["now"])
+        time.sleep(0.05)
+        with lock:
+            state["now"] -= 1
+        return {"message": {"role": "assistant", "content": f"answer {body['seed']}"}}
+
+    judge_server.reply = slow
+    questions = tmp_path / "questions.yaml"
+    questions.write_text("- id: wish\n  paraphrases: ['the cat sees', 'a dog likes the']\n")
+    cfg = JudgeConfig.from_dict({"base": "base-model", "edited": "edited-model", "questions": str(questions),
+                                 "samples_per_question": 6,
+                                 "generator": {"kind": "openai", "base_url": judge_server.url, "concurrency": 3}})
+    answers = generate_answers(cfg, "before", read_questions(cfg), tmp_path)
+    assert len(answers) == len(judge_server.requests) == 12 and state["most"] == 3
+    assert last_progress(capsys.readouterr().err, "answers base-model") == (12, 12)
+    # another concurrency is no other answer: all 12 resumed from the output folder
+    again = generate_answers(cfg.replace(generator=cfg.generator.replace(concurrency=1)), "before",
+                             read_questions(cfg), tmp_path)
+    assert again == answers and len(judge_server.requests) == 12
