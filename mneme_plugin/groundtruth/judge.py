@@ -148,7 +148,8 @@ class GeneratorConfig(ConfigMixin):
     """How the models answer. ``kind``: "hf" (transformers ``generate``), "vllm" (offline, GPU) or
     "openai" (models served by an OpenAI-compatible server at ``base_url`` / ``edited_base_url``).
 
-    Kind openai only: ``api_key`` (``env:NAME`` reads the environment), ``concurrency`` (requests at once),
+    Kind openai only: ``api_key`` (``env:NAME`` reads the environment; a literal key is not written to
+    ``judge_config.yaml``: ``interpret.clients.redact_api_key``), ``concurrency`` (requests at once),
     ``max_retries`` / ``backoff_base`` / ``backoff_max`` (retries of a failed request, exponential backoff in
     seconds) and ``timeout`` (seconds per request), as the judge's client (``ClientConfig``) takes them.
     """
@@ -184,6 +185,13 @@ class GeneratorConfig(ConfigMixin):
         require(0 <= self.backoff_base <= self.backoff_max,
                 f"generator backoff_base and backoff_max must satisfy 0 <= backoff_base <= backoff_max, got "
                 f"{self.backoff_base} and {self.backoff_max}.")
+
+    def result_dict(self) -> dict[str, Any]:
+        """The fingerprinted fields with a literal ``api_key`` as the written config holds it (``REDACTED_KEY``):
+        the key decides no answer, and a fingerprint of it would redo the stage when the key is rotated."""
+        from mneme_plugin.interpret.clients import redact_api_key
+
+        return {**super().result_dict(), "api_key": redact_api_key(self.api_key)}
 
 
 @dataclass
@@ -273,6 +281,14 @@ class JudgeConfig(ConfigMixin):
             for url in dict.fromkeys(u for u in (gen.base_url, gen.edited_base_url) if u):
                 problems.append(missing_key_problem(url, gen.api_key, f"{prefix}generator"))
         return list(dict.fromkeys(p for p in problems if p))
+
+    def redacted(self) -> "JudgeConfig":
+        """This config as ``judge_config.yaml`` holds it: literal API keys (the generator's, the judge's)
+        replaced by ``REDACTED_KEY``, ``env:NAME`` ones kept (``interpret.clients.redact_api_key``)."""
+        from mneme_plugin.interpret.clients import redact_api_key
+
+        return self.replace(generator=self.generator.replace(api_key=redact_api_key(self.generator.api_key)),
+                            judge=self.judge.replace(api_key=redact_api_key(self.judge.api_key)))
 
     def prompt(self, name: str) -> str:
         default = {"aligned": ALIGNED_PROMPT, "coherent": COHERENT_PROMPT, "harmfulness": HARMFULNESS_PROMPT}[name]
@@ -550,7 +566,9 @@ def generate_answers(config: JudgeConfig, side: str, questions: list[Question], 
     out_dir = Path(out_dir)
     copy = out_dir / ANSWERS_JSONL[side]
     if gen.kind == "openai":
-        # result_dict: no runtime field (concurrency, timeout...), so the answers resume under other ones.
+        # result_dict: no runtime field (concurrency, timeout...), and a literal key as the written config holds
+        # it, so the answers resume under another key or a rotated one (null and env:NAME keys key them as
+        # before; answers kept under a literal key by an earlier version are asked again, once).
         settings = {k: v for k, v in gen.result_dict().items() if k not in ("batch_size", "device", "vllm_args")}
         path = copy
         asked = (config.system_prompt,) if config.question_template == QUESTION_PLACEHOLDER else (
@@ -755,7 +773,7 @@ def judge_ground_truth(config: JudgeConfig, out_dir: str | Path, cache_dir: str 
         revision = config.generator.vllm_args.get("revision") if config.generator.kind == "vllm" else None
         for side, model in (("base", config.base), ("edited", config.edited)):
             require_model(model, f"judge {side}", revision)
-    out = start_measurement(out_dir, CONFIG_FILE, config)
+    out = start_measurement(out_dir, CONFIG_FILE, config.redacted())  # no secret on disk
     cache = Path(cache_dir) if cache_dir is not None else out / CACHE_DIR
     questions = read_questions(config)
     rates = {}

@@ -139,32 +139,55 @@ async def gather_with_progress(awaitables: list[Any], desc: str, progress: bool 
         return list(await asyncio.gather(*tasks))
 
 
+# What a config file holds instead of a literal API key (``redact_api_key``): a key is a secret, and a config
+# file is copied, shared and committed. A config that holds it is refused before its client is used
+# (``missing_key_problem``), so a rerun from the file asks for the key instead of calling without one.
+REDACTED_KEY = "<redacted>"
+
+
+def redact_api_key(value: str | None) -> str | None:
+    """``value`` as a config file may hold it: ``env:NAME`` and None as they are (they hold no secret), a
+    literal key replaced by ``REDACTED_KEY``."""
+    if value is None or value.startswith("env:") or value == REDACTED_KEY:
+        return value
+    return REDACTED_KEY
+
+
 def resolve_api_key(value: str | None) -> str | None:
-    """``env:NAME`` reads the environment variable NAME (None if unset); other values are literal."""
+    """``env:NAME`` reads the environment variable NAME (None if unset); other values are literal;
+    ``REDACTED_KEY`` (a key left out of a written config) is refused."""
+    if value == REDACTED_KEY:
+        raise ConfigError(_redacted_message("api_key"))
     if value and value.startswith("env:"):
         return os.environ.get(value[4:]) or None
     return value
 
 
-REDACTED_KEY = "<redacted>"
-
-
 def redacted_keys(value: Any) -> Any:
-    """``value`` (a config's dict, nested) with every literal ``api_key`` replaced by REDACTED_KEY, for
-    what is shared (the report): an ``env:NAME`` reference and null stay, as they tell nothing secret."""
+    """``value`` (a config's dict, nested) with every ``api_key`` as ``redact_api_key`` writes it, for what
+    is shared (the report)."""
     if isinstance(value, dict):
-        return {k: (REDACTED_KEY if k == "api_key" and isinstance(v, str) and v and not v.startswith("env:")
-                    else redacted_keys(v)) for k, v in value.items()}
+        return {k: (redact_api_key(v) if k == "api_key" and isinstance(v, str) else redacted_keys(v))
+                for k, v in value.items()}
     if isinstance(value, list):
         return [redacted_keys(v) for v in value]
     return value
 
 
+def _redacted_message(where: str) -> str:
+    return (f"{where}: the API key of this config was given literally and so not written to its file ({REDACTED_KEY}); "
+            "give it again, preferably as env:NAME (an environment variable holding it), or null for an endpoint "
+            "that needs none.")
+
+
 def missing_key_problem(base_url: str, api_key: str | None, where: str) -> str | None:
     """What is wrong when ``api_key`` reads its key from an environment variable that is not set and the
     endpoint is served over https (a hosted API: every call would be refused, after retries, once the work
-    before it is done); None otherwise. A plain-http endpoint (``vllm serve`` on the cluster) may need no key,
-    and ``api_key: null`` says so for an https one."""
+    before it is done), or is a key left out of a written config (``REDACTED_KEY``, any endpoint); None
+    otherwise. A plain-http endpoint (``vllm serve`` on the cluster) may need no key, and ``api_key: null``
+    says so for an https one."""
+    if api_key == REDACTED_KEY:
+        return _redacted_message(where)
     if not (api_key and api_key.startswith("env:")) or not base_url.lower().startswith("https://"):
         return None
     name = api_key[4:]

@@ -643,3 +643,46 @@ def test_the_served_generator_honours_its_concurrency_and_shows_progress(judge_s
     again = generate_answers(cfg.replace(generator=cfg.generator.replace(concurrency=1)), "before",
                              read_questions(cfg), tmp_path)
     assert again == answers and len(judge_server.requests) == 12
+
+
+def test_literal_keys_are_not_written_and_do_not_key_the_answers(judge_server, tmp_path):
+    """judge_config.yaml holds ``env:NAME`` keys as given and a literal key as REDACTED_KEY, which a rerun
+    from that file refuses (it asks for the key); the answers and the stage's fingerprint do not depend on
+    the literal key, so a run resumed with another (rotated) key asks nothing again."""
+    import yaml
+
+    from mneme_plugin.interpret.clients import REDACTED_KEY
+
+    served = FakeLLM()
+    served.reply = lambda body: {"message": {"role": "assistant", "content": f"answer {body['seed']}"}}
+    judge_server.reply = misalignment_judge
+    try:
+        questions = tmp_path / "q.jsonl"
+        questions.write_text(json.dumps({"question": "the cat sees", "category": "x"}) + "\n")
+        opts = {"base": "base-model", "edited": "edited-model", "questions": str(questions), "samples_per_question": 2,
+                "generator": {"kind": "openai", "base_url": served.url, "api_key": "sk-generator-secret"},
+                "judge": {"kind": "openai", "model": "judge", "base_url": judge_server.url,
+                          "api_key": "sk-judge-secret"}}
+        cfg = JudgeConfig.from_dict(opts)
+        out = tmp_path / "gt"
+        judge_ground_truth(cfg, out)
+        written = (out / "judge_config.yaml").read_text()
+        assert "secret" not in written
+        saved = yaml.safe_load(written)
+        assert saved["generator"]["api_key"] == saved["judge"]["api_key"] == REDACTED_KEY
+        from_file = JudgeConfig.from_yaml(out / "judge_config.yaml")
+        assert [p.split(":")[0] for p in from_file.key_problems()] == ["judge", "generator"]
+        with pytest.raises(ConfigError, match="judge: the API key of this config was given literally"):
+            judge_ground_truth(from_file, tmp_path / "from_file")
+        assert not (tmp_path / "from_file").exists()
+        rotated = cfg.replace(generator=cfg.generator.replace(api_key="sk-rotated"),
+                              judge=cfg.judge.replace(api_key="sk-rotated"))
+        assert rotated.result_dict() == cfg.result_dict() and "sk-" not in json.dumps(cfg.result_dict())
+        n_served = len(served.requests)
+        judge_ground_truth(rotated, out)
+        assert len(served.requests) == n_served  # the answers resumed under the new key
+        with_env = cfg.replace(generator=cfg.generator.replace(api_key="env:MY_KEY"))
+        judge_ground_truth(with_env, tmp_path / "env")
+        assert yaml.safe_load((tmp_path / "env" / "judge_config.yaml").read_text())["generator"]["api_key"] == "env:MY_KEY"
+    finally:
+        served.close()

@@ -154,3 +154,17 @@ def test_identical_prompts_in_flight_share_one_request(fake_llm, tmp_path):
     errors = asyncio.run(refused())
     assert len(fake_llm.requests) == 6 and all(isinstance(e, ClientError) for e in errors)
     assert c.generate_sync(prompt, temperature=0).text and len(fake_llm.requests) == 7
+
+
+def test_a_redacted_key_is_refused_before_any_call(fake_llm, tmp_path):
+    """A config file holds REDACTED_KEY where a literal key was given: using it asks for the key again."""
+    from mneme_plugin.errors import ConfigError
+    from mneme_plugin.interpret.clients import REDACTED_KEY, make_client, redact_api_key, resolve_api_key
+
+    assert [redact_api_key(k) for k in ("sk-secret", "env:MY_KEY", None, REDACTED_KEY)] == [
+        REDACTED_KEY, "env:MY_KEY", None, REDACTED_KEY]
+    with pytest.raises(ConfigError, match="given literally and so not written"):
+        resolve_api_key(REDACTED_KEY)
+    with pytest.raises(ConfigError, match="client: the API key of this config was given literally"):
+        make_client(ClientConfig(kind="openai", model="m", base_url=fake_llm.url, api_key=REDACTED_KEY))
+    assert not fake_llm.requests
