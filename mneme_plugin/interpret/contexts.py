@@ -528,8 +528,10 @@ def collect(
 
 def iter_records_delphi(contexts_dir: str | os.PathLike[str], tokenizer: Any, constructor: dict[str, Any] | None = None,
                         sampler: dict[str, Any] | None = None, latents: Iterable[int] | None = None) -> Any:
-    """Delphi ``LatentDataset`` over a ``collect`` directory (Delphi must be installed)."""
-    from mneme_plugin.interpret.delphi_compat import import_delphi
+    """Delphi ``LatentDataset`` over a ``collect`` directory (Delphi must be installed). Delphi decodes
+    the examples' tokens through :class:`~mneme_plugin.interpret.delphi_compat.PerTokenTokenizer`
+    (one string per token under transformers 4 and 5 alike)."""
+    from mneme_plugin.interpret.delphi_compat import PerTokenTokenizer, import_delphi
 
     import_delphi("delphi.clients")
     from delphi.config import ConstructorConfig, SamplerConfig
@@ -544,4 +546,5 @@ def iter_records_delphi(contexts_dir: str | os.PathLike[str], tokenizer: Any, co
     scfg = SamplerConfig(**{"n_examples_train": 20, "n_examples_test": 20, "n_quantiles": 5,
                             "train_type": "top", **(sampler or {})})
     chosen = None if latents is None else {hook: torch.tensor(sorted(int(v) for v in latents), dtype=torch.long)}
-    return LatentDataset(str(contexts_dir / CACHE_DIR), scfg, ccfg, tokenizer=tokenizer, modules=[hook], latents=chosen)
+    return LatentDataset(str(contexts_dir / CACHE_DIR), scfg, ccfg, tokenizer=PerTokenTokenizer(tokenizer),
+                         modules=[hook], latents=chosen)

@@ -92,3 +92,59 @@ def import_delphi(module: str = "delphi.clients") -> types.ModuleType:
                 for name in added:
                     sys.modules.pop(name, None)
         return importlib.import_module(module)
+
+
+def token_strings(tokenizer: Any, token_ids: Any, **decode_kwargs: Any) -> list[str]:
+    """One string per token of ``token_ids`` whose concatenation is the decoded sequence: each token's
+    string is what it adds to the decoded text of the tokens before it.
+
+    Decoding tokens one by one (what transformers 4's ``batch_decode`` of one sequence does) loses the
+    spaces that word-level and SentencePiece tokenizers put between tokens when decoding ("the", "cat" for
+    "the cat"), and Delphi's scorers show ``"".join`` of these strings. A token that ends inside a
+    multi-byte character (byte-level BPE) decodes to U+FFFD: it gets "" and the token that completes the
+    character gets all of it. Where a tokenizer rewrites earlier text (clean-up of spaces) the token's own
+    decoding stands in."""
+    ids = [int(t) for t in token_ids]
+    prefixes = tokenizer.batch_decode([ids[: i + 1] for i in range(len(ids))], **decode_kwargs)
+    pieces: list[str] = []
+    previous = ""
+    for i, text in enumerate(prefixes):
+        if text.endswith("\ufffd") and i < len(ids) - 1:
+            pieces.append("")
+            continue
+        own = text[len(previous):] if text.startswith(previous) else tokenizer.decode([ids[i]], **decode_kwargs)
+        pieces.append(own)
+        previous = text
+    return pieces
+
+
+def _one_sequence(sequences: Any) -> bool:
+    if hasattr(sequences, "ndim"):  # a torch tensor or numpy array
+        return sequences.ndim == 1
+    return isinstance(sequences, (list, tuple)) and (not sequences or isinstance(sequences[0], int))
+
+
+class PerTokenTokenizer:
+    """The tokenizer Delphi is given: ``batch_decode`` of one sequence gives one string per token.
+
+    Delphi 0.1.3 sets each example's ``str_tokens`` (what its explainers highlight with ``<<...>>`` and
+    its scorers show) to ``tokenizer.batch_decode(tokens)`` of the example's 1-D tokens. Transformers 4
+    decodes that id by id; transformers 5 decodes it as one sequence, one string for the whole window, so
+    every prompt wrapped whole windows in ``<<...>>`` or highlighted nothing. This gives Delphi one string
+    per token under both (:func:`token_strings`); everything else is the wrapped tokenizer's."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "tokenizer":  # not set yet (copy, unpickling): no recursion through __getattr__
+            raise AttributeError(name)
+        return getattr(self.tokenizer, name)
+
+    def __len__(self) -> int:
+        return len(self.tokenizer)
+
+    def batch_decode(self, sequences: Any, *args: Any, **kwargs: Any) -> list[str]:
+        if _one_sequence(sequences):
+            return token_strings(self.tokenizer, sequences, **kwargs)
+        return self.tokenizer.batch_decode(sequences, *args, **kwargs)
