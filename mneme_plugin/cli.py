@@ -638,6 +638,7 @@ def explain(contexts_dir, config, explainer, client_kind, model, base_url, api_k
     """Describe each collected latent (offline log-odds explainer, or Delphi's explainers via an LLM)."""
     from mneme_plugin.interpret import ExplainConfig
     from mneme_plugin.interpret import explain as run_explain
+    from mneme_plugin.interpret.explain import has_explanation
     from mneme_plugin.interpret.files import EXPLANATIONS_PARQUET
 
     sections = _sections(_read_yaml(config), ("explain",), config)
@@ -648,8 +649,8 @@ def explain(contexts_dir, config, explainer, client_kind, model, base_url, api_k
                                   section="explain")
     _unmark_run_stages(out or contexts_dir, "explain")
     table = run_explain(contexts_dir, cfg, out_dir=out, tokenizer=tokenizer)
-    for row in table.head(20).itertuples():
-        click.echo(f"{row.latent:>8}  {row.explanation}")
+    for row, has in zip(table.head(20).itertuples(), has_explanation(table).head(20)):
+        click.echo(f"{row.latent:>8}  {row.explanation if has else '(unparsed answer: no explanation)'}")
     click.echo(f"{len(table)} explanations -> {Path(out or contexts_dir) / EXPLANATIONS_PARQUET} (+ .csv)")
 
 

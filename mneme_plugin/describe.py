@@ -323,12 +323,21 @@ def _contexts_summary(path: Path) -> list[str]:
 
 
 def _explanations_summary(path: Path) -> list[str]:
-    from mneme_plugin.interpret.explain import load_explanations
+    from mneme_plugin.interpret.config import SCORERS
+    from mneme_plugin.interpret.explain import has_explanation, load_explanations
 
     table = load_explanations(path)
+    explained = has_explanation(table)
     lines = [f"Explanations {path} (`mneme explain`): {len(table)} latents"]
-    for row in table.head(5).itertuples():
-        lines.append(f"  {row.latent:>8}  {row.explanation}")
+    if not explained.all():
+        lines.append(f"  unparsed:      {int((~explained).sum())} latents (no explanation; not mapped)")
+    for name in SCORERS:
+        failed = table.get(f"{name}_failed")
+        if failed is not None and failed.sum() > 0:
+            lines.append(f"  {name + ':':<14} {int(failed.sum())} failed scorer calls "
+                         f"({int((failed > 0).sum())} latents scored on fewer samples)")
+    for row, has in zip(table.head(5).itertuples(), explained.head(5)):
+        lines.append(f"  {row.latent:>8}  {row.explanation if has else '(unparsed answer: no explanation)'}")
     if len(table) > 5:
         lines.append(f"  ... ({len(table) - 5} more)")
     return lines

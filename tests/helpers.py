@@ -478,7 +478,8 @@ def write_lm_eval_generative_task(folder: str | Path, name: str, filters: dict[s
 class FakeLLM:
     """A /v1/chat/completions server; ``script`` is a list of actions consumed per request:
     an int status (429/500), "stall" (sleeps past the client timeout) or "ok". ``reply``, if set, maps a
-    request body to the answer's ``choices[0]`` (message, logprobs); else canned Delphi answers."""
+    request body to the answer's ``choices[0]`` (message, logprobs), or to an int status (the request
+    fails with it); else canned Delphi answers."""
 
     def __init__(self) -> None:
         self.script: list = []
@@ -503,6 +504,11 @@ class FakeLLM:
                     return
                 if owner.reply is not None:
                     choice = owner.reply(body)
+                    if isinstance(choice, int):
+                        self.send_response(choice)
+                        self.end_headers()
+                        self.wfile.write(b'{"error": "failed"}')
+                        return
                 else:
                     everything = " ".join(m["content"] for m in body["messages"])
                     if "[EXPLANATION]" in everything:

@@ -105,6 +105,13 @@ class DiskCache:
         self.hits += 1
         return Response(data["text"], data.get("logprobs"), data.get("prompt_logprobs"), data.get("top_logprobs"))
 
+    def discard(self, key: str) -> bool:
+        """Remove the answer under ``key``; whether there was one."""
+        path = self._path(key)
+        found = path.is_file()
+        path.unlink(missing_ok=True)
+        return found
+
     def put(self, key: str, response: Response) -> None:
         atomic_write_text(self._path(key), json.dumps({"text": response.text, "logprobs": response.logprobs,
                                                        "prompt_logprobs": response.prompt_logprobs,
@@ -243,11 +250,21 @@ class OpenAICompatibleClient(Client):
         separate draws."""
         return self.cache is not None or params.get("temperature") == 0
 
-    async def generate(self, prompt: Prompt, **kwargs: Any) -> Response:
+    def _prepare(self, prompt: Prompt, kwargs: dict[str, Any]) -> tuple[list[dict[str, str]], dict[str, Any], str]:
+        """The messages, generation parameters and key (the cache's, and the in-flight requests') of a request."""
         messages = as_messages(prompt)
         params = {"max_tokens": self.max_tokens, **self.extra,
                   **{k: v for k, v in kwargs.items() if k in _PASSED_KWARGS and v is not None}}
-        key = DiskCache.key(self.model, messages, params, endpoint=self.base_url)
+        return messages, params, DiskCache.key(self.model, messages, params, endpoint=self.base_url)
+
+    def forget(self, prompt: Prompt, **kwargs: Any) -> bool:
+        """Drop the cached answer to ``generate(prompt, **kwargs)``, so that the next call asks the endpoint
+        again (an answer the caller could not use); whether one was cached."""
+        key = self._prepare(prompt, kwargs)[2]
+        return bool(self.cache and self.cache.discard(key))
+
+    async def generate(self, prompt: Prompt, **kwargs: Any) -> Response:
+        messages, params, key = self._prepare(prompt, kwargs)
         if self.cache and (hit := self.cache.get(key)) is not None:
             return hit
         if not self._shares(params):

@@ -144,7 +144,11 @@ class ExplainConfig(ConfigMixin):
         threshold: Fraction of a context's max activation above which a token counts as activating.
         n_context_terms: The offline explainer also lists up to this many words characteristic of
             the top contexts around the activations (0: only the activating tokens and phrases).
+        seed: Seed of the scorers' shuffles, one random generator per scorer and latent (so a rerun sends
+            the same scorer prompts, whatever order the latents finish in).
     """
+
+    later_fields = ("seed",)
 
     explainer: str = "offline"
     client: ClientConfig = field(default_factory=ClientConfig)
@@ -159,6 +163,7 @@ class ExplainConfig(ConfigMixin):
     threshold: float = 0.3
     temperature: float = 0.0
     n_context_terms: int = 0
+    seed: Seed = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.client, dict):

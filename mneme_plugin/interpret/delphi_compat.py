@@ -148,3 +148,15 @@ class PerTokenTokenizer:
         if _one_sequence(sequences):
             return token_strings(self.tokenizer, sequences, **kwargs)
         return self.tokenizer.batch_decode(sequences, *args, **kwargs)
+
+
+def with_non_activating_levels(record: Any) -> Any:
+    """``record`` with zero ``normalized_activations`` on its non-activating examples.
+
+    Delphi 0.1.3's ``ContrastiveExplainer`` reads ``normalized_activations`` of the non-activating examples
+    to fill in zeros where it is None, but ``NonActivatingExample`` has no such field: every call raised
+    AttributeError before asking anything. Zeros are what it means to give them (nothing is highlighted)."""
+    for example in record.not_active:
+        if getattr(example, "normalized_activations", None) is None:
+            example.normalized_activations = example.activations.new_zeros(example.activations.shape)
+    return record

@@ -1,10 +1,15 @@
 """Explaining latents: an offline explainer (no LLM) and Delphi's explainers through our clients.
 
 Output, in the run directory: ``explanations.parquet`` + ``explanations.csv`` (one row per latent:
-``latent``, ``explanation``, ``explainer``, ``model``, ``terms``, ``n_top``, ``fire_tokens``, and a
-column per Delphi scorer run: ``detection`` / ``fuzz`` accuracy), each written atomically. An LLM
-client's answers are cached in ``<cache_dir>/llm_cache/`` (``mneme run``: the run's ``cache/explain/``,
-kept when the stage is redone; ``mneme explain``: the output folder).
+``latent``, ``explanation``, ``parsed``, ``explainer``, ``model``, ``terms``, ``n_top``, ``fire_tokens``,
+and per Delphi scorer run: ``detection`` / ``fuzz`` accuracy, ``<scorer>_scored`` (samples classified)
+and ``<scorer>_failed`` (calls that failed)), each written atomically. An LLM client's answers are
+cached in ``<cache_dir>/llm_cache/`` (``mneme run``: the run's ``cache/explain/``, kept when the stage is
+redone; ``mneme explain``: the output folder).
+
+An explainer answer without Delphi's ``[EXPLANATION]:`` gives the latent no explanation (``parsed``
+False, ``explanation`` ""), and its cached answer is dropped so that a rerun asks again; a scorer none of
+whose calls gave a reading fails the stage (Delphi's scorers swallow failed calls).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import json
 import logging
 import math
 import os
+import random
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +30,7 @@ import pandas as pd
 import torch
 
 from mneme_plugin.errors import CheckpointError, ConfigError
+from mneme_plugin.interpret.clients import ClientError
 from mneme_plugin.interpret.config import DELPHI_EXPLAINERS, ExplainConfig
 from mneme_plugin.interpret.contexts import LatentContexts, iter_records_delphi, load_contexts
 from mneme_plugin.interpret.files import EXPLANATIONS_CSV, EXPLANATIONS_PARQUET, EXPLANATIONS_STEM, TOKENIZER_DIR, write_table
@@ -188,16 +195,111 @@ class OfflineExplainer:
 # --------------------------------------------------------------------------------- Delphi
 
 
-def _accuracy(score: Any) -> float:
+# Delphi 0.1.3's explainers return this (or nothing after the marker) for an answer without "[EXPLANATION]:".
+UNPARSED = "Explanation could not be parsed."
+# Whether a latent's explainer answer held an explanation (False: explanation "", not mapped, no evidence).
+PARSED_COLUMN = "parsed"
+
+
+class _Calls:
+    """A Delphi client for one latent's explainer or one of its scorers: forwards to the shared client and
+    keeps what Delphi does not report: each request, each answer's text and each failed call's error
+    (Delphi's scorers catch those and log one line)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner, self.model = inner, getattr(inner, "model", "")
+        self.requests: list[tuple[Any, dict[str, Any]]] = []
+        self.answers: list[str] = []
+        self.errors: list[Exception] = []
+
+    async def generate(self, prompt: Any, **kwargs: Any) -> Any:
+        self.requests.append((prompt, kwargs))
+        try:
+            out = await self.inner.generate(prompt, **kwargs)
+        except Exception as err:
+            self.errors.append(err)
+            raise
+        self.answers.append(getattr(out, "text", out))
+        return out
+
+
+@dataclass
+class _Tally:
+    """What the Delphi run reports at its end, over all latents."""
+
+    unparsed: dict[int, str] = field(default_factory=dict)  # latent -> the explainer's answer
+    forgotten: int = 0  # unparsed answers dropped from the client's cache
+    calls: Counter[str] = field(default_factory=Counter)  # per scorer
+    failed: Counter[str] = field(default_factory=Counter)
+    scored: Counter[str] = field(default_factory=Counter)  # samples classified
+    first_error: dict[str, str] = field(default_factory=dict)
+    an_answer: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class _Delphi:
+    """Delphi's explainer and scorers, made afresh for each latent: each gets its own recording client, and
+    each scorer its own RNG seeded by the seed, the scorer and the latent. (Delphi's scorers shuffle a
+    latent's samples with one RNG shared by all latents, drawn from in the order the latents finish: at
+    concurrency > 1 a rerun sent other prompts, missed the cache and scored differently.)"""
+
+    client: Any
+    explainer: Any  # client -> Delphi explainer
+    scorers: dict[str, Any]  # name -> (client -> Delphi scorer)
+    seed: int
+    forget: Any = None  # the client's forget(prompt, **kwargs), when it caches answers
+    tally: _Tally = field(default_factory=_Tally)
+
+
+def _outputs(score: Any) -> list[Any]:
     try:
-        outputs = list(score)
-        flags = [bool(o.correct) for o in outputs if getattr(o, "prediction", None) is not None]
-        return float(np.mean(flags)) if flags else float("nan")
+        return list(score)
     except TypeError:
-        return float("nan")
+        return []
 
 
-async def _run_delphi(records: list[Any], explainer: Any, scorers: dict[str, Any], concurrency: int,
+async def _score(record: Any, name: str, make: Any, delphi: _Delphi) -> dict[str, Any]:
+    calls = _Calls(delphi.client)
+    scorer = make(calls)
+    scorer.rng = random.Random(f"{delphi.seed}/{name}/{int(record.latent.latent_index)}")  # see _Delphi
+    outputs = _outputs((await scorer(record)).score)
+    flags = [bool(o.correct) for o in outputs if getattr(o, "prediction", None) is not None]
+    tally = delphi.tally
+    tally.calls[name] += len(calls.requests)
+    tally.failed[name] += len(calls.errors)
+    tally.scored[name] += len(flags)
+    if calls.errors:
+        tally.first_error.setdefault(name, f"{type(calls.errors[0]).__name__}: {calls.errors[0]}")
+    if calls.answers:
+        tally.an_answer.setdefault(name, calls.answers[0])
+    return {name: float(np.mean(flags)) if flags else float("nan"), f"{name}_scored": len(flags),
+            f"{name}_failed": len(calls.errors)}
+
+
+async def _explain_latent(record: Any, delphi: _Delphi) -> dict[str, Any]:
+    from mneme_plugin.interpret.delphi_compat import with_non_activating_levels
+
+    latent = int(record.latent.latent_index)
+    calls = _Calls(delphi.client)
+    result = await delphi.explainer(calls)(with_non_activating_levels(record))
+    explanation = result.explanation.strip()
+    if not explanation or explanation == UNPARSED:
+        delphi.tally.unparsed[latent] = calls.answers[-1] if calls.answers else ""
+        if delphi.forget is not None and calls.requests:  # a rerun asks again rather than reading it back
+            prompt, kwargs = calls.requests[-1]
+            delphi.tally.forgotten += bool(delphi.forget(prompt, **kwargs))
+        row: dict[str, Any] = {"latent": latent, "explanation": "", PARSED_COLUMN: False}
+        for name in delphi.scorers:  # nothing to score
+            row.update({name: float("nan"), f"{name}_scored": 0, f"{name}_failed": 0})
+        return row
+    record.explanation = result.explanation
+    row = {"latent": latent, "explanation": result.explanation, PARSED_COLUMN: True}
+    for name, make in delphi.scorers.items():
+        row.update(await _score(record, name, make, delphi))
+    return row
+
+
+async def _run_delphi(records: list[Any], delphi: _Delphi, concurrency: int,
                      progress: bool = True) -> list[dict[str, Any]]:
     from mneme_plugin.interpret.clients import gather_with_progress
 
@@ -205,15 +307,71 @@ async def _run_delphi(records: list[Any], explainer: Any, scorers: dict[str, Any
 
     async def one(record: Any) -> dict[str, Any]:
         async with sem:
-            result = await explainer(record)
-            record.explanation = result.explanation
-            row = {"latent": int(record.latent.latent_index), "explanation": result.explanation}
-            for name, scorer in scorers.items():
-                scored = await scorer(record)
-                row[name] = _accuracy(scored.score)
-            return row
+            return await _explain_latent(record, delphi)
 
     return await gather_with_progress([one(r) for r in records], "explain", progress)
+
+
+def _short(text: str, n: int = 200) -> str:
+    return repr(text if len(text) <= n else text[:n] + "...")
+
+
+def _report_unparsed(tally: _Tally, n_latents: int) -> None:
+    if not tally.unparsed:
+        return
+    latent, answer = next(iter(sorted(tally.unparsed.items())))
+    dropped = f" ({tally.forgotten} dropped from the LLM cache)" if tally.forgotten else ""
+    logger.warning("%d of %d latents got an explainer answer without '[EXPLANATION]:' (latent %d: %s): they have no "
+                   "explanation (column %s False), are not mapped and are no evidence; running explain again asks "
+                   "for those answers again%s.", len(tally.unparsed), n_latents, latent, _short(answer), PARSED_COLUMN,
+                   dropped)
+
+
+def _check_scorers(tally: _Tally) -> None:
+    """Refuse a scorer none of whose calls gave a reading (Delphi's scorers swallow failed calls, leaving
+    NaN); warn about the calls that failed when others did not."""
+    for name, calls in tally.calls.items():
+        failed, error = tally.failed[name], tally.first_error.get(name, "")
+        if calls and not tally.scored[name]:
+            why = (f"{failed} of {calls} calls failed (first error: {error})" if failed
+                   else f"no answer could be read (e.g. {_short(tally.an_answer.get(name, ''))})")
+            raise ClientError(f"The {name} scorer scored no sample: {why}. The explanations are in the LLM cache: "
+                              f"fix the endpoint and run explain again, or drop the {name} scorer.")
+        if failed:
+            logger.warning("%d of %d %s scorer calls failed (first error: %s): those latents' %s is over fewer samples "
+                           "(columns %s_scored, %s_failed).", failed, calls, name, error, name, name, name)
+
+
+def _explain_delphi(contexts_dir: Path, tok: Any, chosen: list[int], config: ExplainConfig, client: Any,
+                    progress: bool) -> list[dict[str, Any]]:
+    """Rows of Delphi's explainer (and scorers) through ``client``; see :class:`_Delphi`."""
+    from mneme_plugin.interpret.clients import as_delphi_client
+    from mneme_plugin.interpret.delphi_compat import import_delphi
+
+    explainers = import_delphi("delphi.explainers")
+    cls = getattr(explainers, DELPHI_EXPLAINERS[config.explainer])
+    makers: dict[str, Any] = {}
+    if config.scorers:
+        scorer_mod = import_delphi("delphi.scorers")
+        classes = {"detection": scorer_mod.DetectionScorer, "fuzz": scorer_mod.FuzzingScorer}
+        makers = {name: (lambda c, k=classes[name]: k(c, n_examples_shown=5, log_prob=False))
+                  for name in config.scorers}
+    delphi = _Delphi(client=as_delphi_client(client),
+                     explainer=lambda c: cls(client=c, threshold=config.threshold, temperature=config.temperature),
+                     scorers=makers, seed=config.seed, forget=getattr(client, "forget", None))
+    dataset = iter_records_delphi(
+        contexts_dir, tok, latents=chosen,
+        constructor={"min_examples": config.min_examples, "n_non_activating": config.n_non_activating},
+        sampler={"n_examples_train": config.n_examples, "n_examples_test": config.n_examples_test,
+                 "n_quantiles": config.n_quantiles, "train_type": config.train_type},
+    )
+    concurrency = getattr(client, "concurrency", 8)
+    with _OncePerMessage(logging.getLogger("delphi")):  # Delphi warns once per latent
+        records = sorted(dataset, key=lambda r: r.latent.latent_index)
+        rows = asyncio.run(_run_delphi(records, delphi, concurrency, progress))
+    _report_unparsed(delphi.tally, len(rows))
+    _check_scorers(delphi.tally)
+    return rows
 
 
 def explain(
@@ -233,7 +391,7 @@ def explain(
     ``progress``: a bar over their latents. ``cache_dir``: where the client made from ``config.client``
     caches its answers (in ``llm_cache/``; default ``out_dir``; ``client.cache_dir`` wins).
     """
-    from mneme_plugin.interpret.clients import LLM_CACHE_DIR, as_delphi_client, make_client
+    from mneme_plugin.interpret.clients import LLM_CACHE_DIR, make_client
 
     config = ExplainConfig.of(config)
     contexts_dir = Path(contexts_dir)
@@ -264,38 +422,17 @@ def explain(
             client = make_client(config.client, default_cache_dir=cache / LLM_CACHE_DIR)
         if client is None:
             raise ConfigError(f"explainer {config.explainer!r} needs an LLM client (client.kind openai or vllm; stub for smoke runs).")
-        from mneme_plugin.interpret.delphi_compat import import_delphi
-
-        explainers = import_delphi("delphi.explainers")
-        dclient = as_delphi_client(client)
-        cls = getattr(explainers, DELPHI_EXPLAINERS[config.explainer])
-        explainer = cls(client=dclient, threshold=config.threshold, temperature=config.temperature)
-        scorers: dict[str, Any] = {}
-        if config.scorers:
-            scorer_mod = import_delphi("delphi.scorers")
-            if "detection" in config.scorers:
-                scorers["detection"] = scorer_mod.DetectionScorer(dclient, n_examples_shown=5, log_prob=False)
-            if "fuzz" in config.scorers:
-                scorers["fuzz"] = scorer_mod.FuzzingScorer(dclient, n_examples_shown=5, log_prob=False)
-        dataset = iter_records_delphi(
-            contexts_dir, tok, latents=chosen,
-            constructor={"min_examples": config.min_examples, "n_non_activating": config.n_non_activating},
-            sampler={"n_examples_train": config.n_examples, "n_examples_test": config.n_examples_test,
-                     "n_quantiles": config.n_quantiles, "train_type": config.train_type},
-        )
-        concurrency = getattr(client, "concurrency", 8)
-        with _OncePerMessage(logging.getLogger("delphi")):  # Delphi warns once per latent
-            records = sorted(dataset, key=lambda r: r.latent.latent_index)
-            rows = asyncio.run(_run_delphi(records, explainer, scorers, concurrency, progress))
+        rows = _explain_delphi(contexts_dir, tok, chosen, config, client, progress)
         model = getattr(client, "model", "")
     for row in rows:
+        row.setdefault(PARSED_COLUMN, True)
         row.setdefault("terms", "[]")
         row["explainer"] = config.explainer
         row["model"] = model
         row["n_top"] = len(info[row["latent"]]["top_rows"])
         row["fire_tokens"] = info[row["latent"]]["fire_tokens"]
-    table = pd.DataFrame(rows, columns=None if rows else ["latent", "explanation", "terms", "explainer", "model",
-                                                          "n_top", "fire_tokens"])
+    table = pd.DataFrame(rows, columns=None if rows else ["latent", "explanation", PARSED_COLUMN, "terms", "explainer",
+                                                          "model", "n_top", "fire_tokens"])
     table = table.sort_values("latent", kind="stable").reset_index(drop=True)
     write_table(table, out_dir, EXPLANATIONS_STEM)
     return table
@@ -311,3 +448,14 @@ def load_explanations(path: str | os.PathLike[str]) -> pd.DataFrame:
     if path.is_file():
         return pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
     raise CheckpointError(f"{path} holds no explanations ({EXPLANATIONS_PARQUET}); run `mneme explain` first.")
+
+
+def has_explanation(table: pd.DataFrame) -> pd.Series:
+    """Which rows of an explanations table hold an explanation: not an unparsed answer (``parsed`` False, or
+    Delphi's placeholder in tables written before that column) and not empty (the CSV reads "" as NaN)."""
+    text = table["explanation"]
+    # UNPARSED: what tables written before the column hold for such an answer
+    present = text.notna() & ~text.astype(str).str.strip().isin(["", UNPARSED])
+    if PARSED_COLUMN in table:
+        present &= table[PARSED_COLUMN].fillna(False).astype(bool)
+    return present

@@ -13,7 +13,8 @@ terms first, else the most frequent content words) or ``llm`` (a 1-4 word label,
 
 Output: ``categories.parquet`` + ``categories.csv``: one row per (latent, taxonomy) with
 ``latent, description, label, taxonomy, category, score, top_k`` (JSON list of [id, score]),
-written atomically.
+written atomically. A latent without an explanation (its explainer answer could not be parsed) has no
+row: it has no category and is no evidence for any.
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ logger = logging.getLogger("mneme_plugin")
 
 MAPPING_COLUMNS = ("latent", "description", "label", "taxonomy", "category", "score", "top_k")
 LINK_COLUMNS = ("latent", "category", "similarity")
+
+logger = logging.getLogger("mneme_plugin")
 
 _WORD = re.compile(r"[a-z0-9]+")
 STOPWORDS = frozenset(
@@ -248,12 +251,17 @@ def map_descriptions(
     made from ``config.client`` caches its answers (in ``llm_cache/``; default ``out_dir``, none without
     one; ``client.cache_dir`` wins; ``mneme run``: the run's ``cache/map/``, kept when the stage is redone)."""
     from mneme_plugin.interpret.clients import LLM_CACHE_DIR, gather_with_progress, make_client
-    from mneme_plugin.interpret.explain import load_explanations
+    from mneme_plugin.interpret.explain import has_explanation, load_explanations
 
     config = MapConfig.of(config)
     table = explanations if isinstance(explanations, pd.DataFrame) else load_explanations(explanations)
     if not {"latent", "explanation"} <= set(table.columns):
         raise ConfigError(f"The explanations need columns latent and explanation; got {list(table.columns)}.")
+    explained = has_explanation(table)
+    if not explained.all():  # an unparsed answer describes nothing: no category, so it is no evidence
+        logger.warning("%d latent(s) without an explanation (unparsed explainer answers) are not mapped.",
+                    int((~explained).sum()))
+        table = table[explained]
     taxonomies = [load_taxonomy(t) for t in config.taxonomies]
     names = [tax.name for tax in taxonomies]
     repeated = sorted({name for name in names if names.count(name) > 1})

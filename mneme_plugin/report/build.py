@@ -56,7 +56,7 @@ def gather(run_dir: str | os.PathLike[str]) -> ReportData:
     from mneme_plugin.activations.manifest import read_manifest
     from mneme_plugin.attribution import load_attribution
     from mneme_plugin.crosscoder.training import load_training_metrics
-    from mneme_plugin.interpret.explain import load_explanations
+    from mneme_plugin.interpret.explain import has_explanation, load_explanations
     from mneme_plugin.interpret.mapping import latent_descriptions, load_mapping
     from mneme_plugin.pipeline.config import load_run_config
     import pandas as pd
@@ -89,6 +89,7 @@ def gather(run_dir: str | os.PathLike[str]) -> ReportData:
     else:
         table = _optional("explanations", layout.explanations, lambda: load_explanations(layout.explanations))
         if table is not None:
+            table = table[has_explanation(table)]  # an unparsed answer reads "(no explanation yet)"
             data.explanations = {int(r.latent): str(r.explanation) for r in table.itertuples(index=False)}
     if data.attribution is not None and layout.contexts.exists():
         shown = _shown_latents(data.attribution, data.latents_per_class)

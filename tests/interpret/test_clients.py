@@ -83,10 +83,11 @@ def test_delphi_default_explainer_through_our_client(collected, fake_llm, tmp_pa
     assert table["explainer"].eq("default").all()
     assert table["detection"].between(0, 1).all()  # scored by Delphi's DetectionScorer through our client
     n = len(fake_llm.requests)
-    # Re-run without scorers (Delphi shuffles the detection prompts): explainer prompts all hit the cache.
-    again = explain(out, ecfg.replace(scorers=[]), out_dir=tmp_path, tokenizer=tiny_tokenizer)
+    # A rerun sends the same prompts, the scorers' too (their shuffles are seeded per latent): all hit the cache.
+    again = explain(out, ecfg, out_dir=tmp_path, tokenizer=tiny_tokenizer)
     assert len(fake_llm.requests) == n
     assert list(again["explanation"]) == list(table["explanation"])
+    assert list(again["detection"]) == list(table["detection"])
 
 
 def test_delphi_imports_without_vllm_and_leaves_no_stub():
