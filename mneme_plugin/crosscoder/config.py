@@ -86,6 +86,20 @@ class CrossCoderConfig(ConfigMixin):
         """True for the crosscoders this package trains (no imported-format extension in use)."""
         return self.sparsity == "batchtopk" and self.normalization == "scale" and self.salience != DECOUPLED
 
+    def training_problem(self, section: str = "crosscoder") -> str | None:
+        """Why a crosscoder of this config cannot be trained here (None if it can): ``dtype``, ``sparsity``,
+        ``normalization`` and the ``decoupled`` salience describe imported crosscoders; the trainer trains
+        float32 BatchTopK crosscoders on scaled inputs, and would ignore the others without a word."""
+        asked = {name: getattr(self, name) for name, default in (("dtype", "float32"), ("sparsity", "batchtopk"),
+                                                                 ("normalization", "scale")) if getattr(self, name) != default}
+        if self.salience == DECOUPLED:
+            asked["salience"] = DECOUPLED
+        if not asked:
+            return None
+        return (f"{', '.join(f'{section}.{k}: {v}' for k, v in asked.items())}: these describe imported crosscoders; "
+                "the trainer trains float32 BatchTopK crosscoders on scaled activations (salience "
+                f"{sorted(SALIENCE_MODES)}). Leave them out; to compute in bfloat16, set training.autocast.")
+
     @property
     def is_resolved(self) -> bool:
         return self.activation_dim is not None and self.dict_size is not None

@@ -24,6 +24,7 @@ from mneme_plugin.crosscoder.model import BatchTopKCrossCoder
 from mneme_plugin.crosscoder.sparse import ActiveLatents, gather_active, global_batch_topk_indices, sparse_decode
 from mneme_plugin.devices import resolve_device
 from mneme_plugin.distributed import SINGLE_PROCESS, DistributedContext
+from mneme_plugin.errors import ConfigError
 
 
 @dataclass
@@ -173,6 +174,9 @@ class BatchTopKCrossCoderTrainer(SAETrainer):
         activation_scale: list[float] | None = None,
         device: str | None = None,
     ) -> "BatchTopKCrossCoderTrainer":
+        problem = crosscoder.training_problem()
+        if problem:
+            raise ConfigError(problem)
         t = training
         return cls(
             steps=t.steps,

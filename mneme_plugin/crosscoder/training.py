@@ -309,6 +309,9 @@ def train(
     run of another config, or on other activations, is refused (ForeignOutputError, a ConfigError).
     """
     cc_cfg, tr_cfg = CrossCoderConfig.of(crosscoder), TrainingConfig.of(training)
+    problem = cc_cfg.training_problem()
+    if problem:
+        raise ConfigError(problem)
     run_dir = Path(run_dir)
     # Refused before the process group starts: no rank waits for the others to learn it.
     check_divisible(tr_cfg.batch_size, job_world_size())

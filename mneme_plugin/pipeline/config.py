@@ -79,6 +79,7 @@ class RunConfig(ConfigMixin):
                 f"The run has an intervention section: set models.edited to {EDITED_BY_RUN!r} (its edited model).")
         require(self.intervention is not None or self.models.edited != EDITED_BY_RUN,
                 f"models.edited is {EDITED_BY_RUN!r} but the run has no intervention section.")
+        require(self.crosscoder.training_problem() is None, str(self.crosscoder.training_problem()))
         missing = [t for t in self.taxonomies() if t not in self.map.taxonomies]
         require(not missing, f"ground_truth.tables use taxonomies {missing} that map.taxonomies lacks: add them there "
                 "so latents are mapped to their categories.")

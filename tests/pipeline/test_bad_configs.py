@@ -19,6 +19,11 @@ TRAIN_CASES = [
     ({"training": {"stesp": 3}}, "did you mean 'steps'"),
     ({"crosscoder": {"salience": "squared"}}, "salience"),
     ({"trianing": {}}, "Unknown section(s) ['trianing']"),
+    # Fields of imported crosscoders, which training ignored (a bfloat16 config trained and saved float32).
+    ({"crosscoder": {"dtype": "bfloat16"}}, "crosscoder.dtype: bfloat16: these describe imported crosscoders"),
+    ({"crosscoder": {"sparsity": "jumprelu", "normalization": "mean_scale"}},
+     "crosscoder.sparsity: jumprelu, crosscoder.normalization: mean_scale: these describe imported"),
+    ({"crosscoder": {"salience": "decoupled"}}, "crosscoder.salience: decoupled: these describe imported"),
 ]
 
 RUN_CASES = [
@@ -29,6 +34,7 @@ RUN_CASES = [
     ({"collect": {"harvest": {"layer": 1, "context_length": 100}, "example_ctx_len": 32}},
      "must be a multiple of collect.example_ctx_len"),
     ({"predict": {"rule": "most"}}, "rule must be one of"),
+    ({"crosscoder": {"dtype": "float16"}}, "crosscoder.dtype: float16: these describe imported crosscoders"),
     ({"run_dir": None}, "needs run_dir"),
     # A section's key at the top level (an indentation slip) names the section it belongs to.
     ({"steps": 100}, "Unknown section(s) 'steps' (a key of training: indent it under training:)"),
