@@ -14,6 +14,21 @@ if TYPE_CHECKING:
     import torch
 
 
+# torch's device types a config may name (with ``:N`` for an index), besides "auto".
+DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu", "xla", "hpu", "npu", "mtia", "meta")
+
+
+def device_name_problem(device: object, key: str = "device") -> str | None:
+    """What is wrong with ``device`` as a device name in a config (None if nothing), told without torch, so
+    that a config check (the dry run) refuses a misspelt device before any stage runs; whether this
+    machine has it is ``resolve_device``'s to say, when a stage starts."""
+    if isinstance(device, str):
+        kind, _, index = device.partition(":")
+        if device == "auto" or (kind in DEVICE_TYPES and (not _ or index.isdigit())):
+            return None
+    return f"{key} must be auto, cpu, cuda, cuda:N or mps (or another torch device type: {', '.join(DEVICE_TYPES[3:])}), got {device!r}."
+
+
 def resolve_device(device: str | torch.device) -> torch.device:
     """The torch device for ``device`` ("auto", "cpu", "cuda", "cuda:1", "mps"); ConfigError if unusable here."""
     import torch  # here: configs name devices in modules that must import without torch (`mneme info`)

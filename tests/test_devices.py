@@ -28,3 +28,20 @@ def test_a_cuda_index_beyond_the_devices_is_a_config_error():
 def test_an_unknown_device_name_is_a_config_error():
     with pytest.raises(ConfigError, match=r"Unknown device 'gpu0': use auto, cpu, cuda, cuda:N or mps"):
         resolve_device("gpu0")
+
+
+def test_device_names_are_checked_without_torch():
+    """Configs check the spelling of a device (the dry run refuses `tpu` before any stage); whether this
+    machine has it stays resolve_device's to say."""
+    import subprocess
+    import sys
+
+    from mneme_plugin.devices import device_name_problem
+
+    for good in ("auto", "cpu", "cuda", "cuda:3", "mps", "xpu:0"):
+        assert device_name_problem(good) is None, good
+    for bad in ("tpu", "cuda:", "cuda:x", "CPU", "", None, 0):
+        assert "must be auto, cpu, cuda, cuda:N or mps" in str(device_name_problem(bad, "training.device")), bad
+    code = ("import sys; from mneme_plugin.attribution.config import AttributionConfig; AttributionConfig(device='cuda:1'); "
+            "print('torch' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"

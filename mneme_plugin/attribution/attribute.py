@@ -15,7 +15,8 @@ import torch
 from tqdm.auto import tqdm
 
 from mneme_plugin.activations.store import ActivationStore
-from mneme_plugin.attribution.classify import CLASSES, classify
+from mneme_plugin.attribution.classify import classify
+from mneme_plugin.attribution.config import CLASSES
 from mneme_plugin.attribution.config import AttributionConfig
 from mneme_plugin.attribution.decoder_norms import decoder_stats
 from mneme_plugin.attribution.latent_scaling import LatentScalingAccumulator

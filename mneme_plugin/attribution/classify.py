@@ -28,11 +28,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from mneme_plugin.attribution.config import AttributionConfig
-
-CLASSES = ("base_only", "suppressed", "shared", "amplified", "edited_only", "dead")
-BASE_LEANING = ("base_only", "suppressed")
-EDITED_LEANING = ("amplified", "edited_only")
+from mneme_plugin.attribution.config import BASE_LEANING, EDITED_LEANING, AttributionConfig
 
 
 def most_specific_first(table: pd.DataFrame, latent_class: str) -> pd.DataFrame:

@@ -4,9 +4,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from mneme_plugin.devices import device_name_problem
 from mneme_plugin.config import ConfigMixin, require
 
 BASE_SPECIFIC_VECTORS = ("base", "edited")
+# The classes ``classify`` gives latents (the registry configs naming classes are checked against).
+CLASSES = ("base_only", "suppressed", "shared", "amplified", "edited_only", "dead")
+BASE_LEANING = ("base_only", "suppressed")
+EDITED_LEANING = ("amplified", "edited_only")
+
+
+def classes_problem(classes: object, key: str) -> str | None:
+    """What is wrong with ``classes`` as a list of attribution classes for config key ``key`` (None if nothing)."""
+    unknown = sorted(str(c) for c in classes if c not in CLASSES) if isinstance(classes, (list, tuple)) else None
+    if unknown is None:
+        return f"{key} must be a list of attribution classes among {list(CLASSES)}, got {classes!r}."
+    return f"{key} names unknown attribution class(es) {unknown}: use some of {list(CLASSES)}." if unknown else None
 
 
 @dataclass
@@ -48,6 +61,7 @@ class AttributionConfig(ConfigMixin):
     allow_store_mismatch: bool = False
 
     def __post_init__(self) -> None:
+        require(device_name_problem(self.device) is None, str(device_name_problem(self.device)))
         require(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}.")
         require(0.0 < self.shared_band < 0.5, f"shared_band must be in (0, 0.5), got {self.shared_band}.")
         require(

@@ -29,6 +29,7 @@ from typing import Any
 
 import pandas as pd
 
+from mneme_plugin.devices import device_name_problem
 from mneme_plugin.config import ConfigMixin, Seed, require
 from mneme_plugin.errors import ConfigError
 from mneme_plugin.groundtruth.table import (  # the results readers live with the table format
@@ -97,6 +98,7 @@ class LMEvalConfig(ConfigMixin):
     later_fields = ("system_instruction", "fewshot_as_multiturn", "gen_kwargs", "confirm_run_unsafe_code")
 
     def __post_init__(self) -> None:
+        require(device_name_problem(self.device) is None, str(device_name_problem(self.device)))
         self.tasks = [self.tasks] if isinstance(self.tasks, str) else [str(t) for t in self.tasks]
         self.include_path = ([self.include_path] if isinstance(self.include_path, str)
                              else [str(p) for p in self.include_path])

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mneme_plugin.activations.config import HarvestConfig
+from mneme_plugin.attribution.config import classes_problem
 from mneme_plugin.config import ConfigMixin, Seed, require
 
 VALUE_MODES = ("code", "weighted")
@@ -79,6 +80,9 @@ class CollectConfig(ConfigMixin):
         require(self.n_splits >= 1, f"n_splits must be >= 1, got {self.n_splits}.")
         require(self.per_class is None or self.per_class >= 1, "per_class must be None or >= 1.")
         require(self.reference_latents >= 0, f"reference_latents must be >= 0, got {self.reference_latents}.")
+        if self.classes is not None:  # a typo selected no latent, found only when contexts were collected
+            problem = classes_problem(self.classes, "classes")
+            require(problem is None, str(problem))
 
 
 def check_windows(context_length: int, example_ctx_len: int) -> None:

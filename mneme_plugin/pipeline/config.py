@@ -19,7 +19,7 @@ from mneme_plugin.crosscoder.config import CrossCoderConfig, TrainingConfig
 from mneme_plugin.errors import ConfigError
 from mneme_plugin.files import atomic_write_text
 from mneme_plugin.groundtruth.sources import RunGroundTruthConfig
-from mneme_plugin.interpret.config import CollectConfig, ExplainConfig, MapConfig
+from mneme_plugin.interpret.config import CollectConfig, ExplainConfig, MapConfig, check_windows
 from mneme_plugin.interventions.step import EDITED_BY_RUN, InterventionConfig
 from mneme_plugin.layout import RunLayout
 from mneme_plugin.sideeffects.config import EvaluateConfig, PredictConfig
@@ -80,6 +80,8 @@ class RunConfig(ConfigMixin):
         require(self.intervention is not None or self.models.edited != EDITED_BY_RUN,
                 f"models.edited is {EDITED_BY_RUN!r} but the run has no intervention section.")
         require(self.crosscoder.training_problem() is None, str(self.crosscoder.training_problem()))
+        if self.collect.harvest is None:  # collect reads the run's windows (checked here, not at the collect stage)
+            check_windows(self.harvest.context_length, self.collect.example_ctx_len)
         missing = [t for t in self.taxonomies() if t not in self.map.taxonomies]
         require(not missing, f"ground_truth.tables use taxonomies {missing} that map.taxonomies lacks: add them there "
                 "so latents are mapped to their categories.")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from mneme_plugin.attribution.config import classes_problem
 from mneme_plugin.config import ConfigMixin, Seed, require
 
 RULES = ("outlier_or_broad", "outlier_plus_broad", "outlier", "enrichment", "relative", "top_k", "min_score")
@@ -96,6 +97,9 @@ class PredictConfig(ConfigMixin):
     def __post_init__(self) -> None:
         self.suppressed_classes = tuple(self.suppressed_classes)
         self.amplified_classes = tuple(self.amplified_classes)
+        for key in ("suppressed_classes", "amplified_classes"):  # a typo scored no latent on that side
+            problem = classes_problem(getattr(self, key), key)
+            require(problem is None, str(problem))
         require(self.rule in RULES, f"rule must be one of {RULES}, got {self.rule!r}.")
         require(self.side in SIDES, f"side must be one of {SIDES}, got {self.side!r}.")
         require(self.categories_per_latent >= 1, "categories_per_latent must be >= 1.")

@@ -27,7 +27,7 @@ from typing import Any
 import pandas as pd
 import torch
 
-from mneme_plugin.attribution.classify import BASE_LEANING, CLASSES, EDITED_LEANING
+from mneme_plugin.attribution.config import BASE_LEANING, CLASSES, EDITED_LEANING
 from mneme_plugin.config import ConfigMixin, Seed, require
 from mneme_plugin.errors import ConfigError
 from mneme_plugin.files import atomic_directory, atomic_write, atomic_write_text, read_json

@@ -35,6 +35,13 @@ RUN_CASES = [
      "must be a multiple of collect.example_ctx_len"),
     ({"predict": {"rule": "most"}}, "rule must be one of"),
     ({"crosscoder": {"dtype": "float16"}}, "crosscoder.dtype: float16: these describe imported crosscoders"),
+    # Found before: only at the collect / predict stage, hours into the run (the dry run said runnable).
+    ({"harvest": {"layer": 1, "context_length": 32}, "collect": {"example_ctx_len": 24}},
+     "context_length (32) must be a multiple of collect.example_ctx_len (24)"),
+    ({"collect": {"classes": ["base_onyl"]}}, "classes names unknown attribution class(es) ['base_onyl']"),
+    ({"predict": {"amplified_classes": ["amplifed"]}}, "amplified_classes names unknown attribution class(es)"),
+    ({"training": {"device": "tpu"}}, "device must be auto, cpu, cuda, cuda:N or mps"),
+    ({"attribution": {"device": "cuda:first"}}, "got 'cuda:first'"),
     ({"run_dir": None}, "needs run_dir"),
     # A section's key at the top level (an indentation slip) names the section it belongs to.
     ({"steps": 100}, "Unknown section(s) 'steps' (a key of training: indent it under training:)"),
