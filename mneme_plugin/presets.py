@@ -1,7 +1,8 @@
 """Shipped YAML presets (``mneme_plugin/data/presets/*.yaml``), loadable by name.
 
 A preset is a mapping whose keys are the fields of one config dataclass (e.g. ``zephyr_rmu`` for
-:class:`~mneme_plugin.interventions.hf_rmu.HFRMUConfig`); a user's YAML overrides its keys. Its
+:class:`~mneme_plugin.interventions.hf_rmu.HFRMUConfig`); a user's YAML overrides its keys, those of its
+nested mappings one by one (``merged_config``). Its
 ``kind`` key names that config (``PRESET_KINDS``) and its ``description`` says what it reproduces;
 both are dropped when it is loaded.
 """
@@ -63,8 +64,23 @@ def load_preset(name: str, kind: str | None = None) -> dict[str, Any]:
 
 
 def merged_config(preset: str | None, overrides: dict[str, Any], kind: str | None = None) -> dict[str, Any]:
-    """A preset's mapping (or {}) with ``overrides`` applied key by key; ``kind`` as in ``load_preset``."""
-    return {**(load_preset(preset, kind) if preset else {}), **overrides}
+    """A preset's mapping (or {}) with ``overrides`` applied key by key, into nested mappings too
+    (``merged``); ``kind`` as in ``load_preset``."""
+    return merged(load_preset(preset, kind) if preset else {}, overrides)
+
+
+def merged(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``overrides`` applied: where both hold a mapping under one key, the two merge key by key
+    (recursively); any other value (a list, a scalar, null) replaces ``base``'s. An override names what it
+    changes: ``judge: {base_url: URL}`` over a judge preset keeps the preset's client kind, model and key, and
+    ``generator: {max_new_tokens: 256}`` its vllm generator and sampling (replacing the whole mapping gave the
+    client's and generator's defaults: no judge, the hf generator). Keys unknown to a section are refused
+    where the merged mapping is read (``ConfigMixin.from_dict``, naming section.key)."""
+    out = dict(base)
+    for key, value in overrides.items():
+        old = out.get(key)
+        out[key] = merged(old, value) if isinstance(old, dict) and isinstance(value, dict) else value
+    return out
 
 
 def preset_description(name: str) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from mneme_plugin.errors import ConfigError
@@ -73,3 +75,67 @@ def test_the_presets_command_lists_by_kind_and_prints_a_preset_whole():
     assert data.pop("kind") == "judge" and data.pop("description") and data == load_preset("betley_judge")
     unknown = CliRunner().invoke(main, ["intervene", "presets", "zephyr"])
     assert unknown.exit_code != 0 and "did you mean 'zephyr_rmu'" in unknown.output and "Traceback" not in unknown.output
+
+
+def _judge_table(judge: dict) -> Any:
+    from mneme_plugin.groundtruth.sources import RunGroundTruthConfig
+
+    data = {"tables": {"em": {"judge": {"preset": "betley_judge", "base": "b", "edited": "e", "questions": "q.yaml",
+                                        **judge}}}}
+    return RunGroundTruthConfig.from_dict(data, section="ground_truth").tables["em"].judge
+
+
+def test_an_override_of_a_nested_mapping_changes_only_the_keys_it_names(tmp_path):
+    """Overriding `judge.base_url` (as betley_judge's description and `mneme groundtruth judge --help` say to)
+    replaced the whole `judge` mapping: a client of kind none and no model, refused when the stage
+    started; overriding `generator.max_new_tokens` switched the vllm generator to hf."""
+    from mneme_plugin.commands.common import build_config
+    from mneme_plugin.interventions.step import InterventionConfig
+
+    preset = load_preset("betley_judge")
+    judge = _judge_table({"judge": {"base_url": "http://127.0.0.1:9000/v1"}})
+    assert judge.judge.to_dict() == JudgeConfig.from_dict(
+        {**preset, "judge": {**preset["judge"], "base_url": "http://127.0.0.1:9000/v1"}}).judge.to_dict()
+    assert (judge.judge.kind, judge.judge.model) == ("openai", "gpt-4o-2024-08-06")
+    judge.check_ready()  # an http endpoint: no key asked for
+    gen = _judge_table({"generator": {"max_new_tokens": 256}}).generator
+    assert (gen.kind, gen.max_new_tokens, gen.temperature, gen.top_p) == ("vllm", 256, 1.0, 1.0)
+    # The command line's --config merges the same way.
+    config = tmp_path / "judge.yaml"
+    config.write_text("judge: {base_url: 'http://127.0.0.1:9000/v1'}\ngenerator: {max_new_tokens: 256}\n")
+    built = build_config(JudgeConfig, "judge", "betley_judge", str(config))
+    assert (built.judge.kind, built.judge.model, built.judge.base_url) == ("openai", "gpt-4o-2024-08-06",
+                                                                          "http://127.0.0.1:9000/v1")
+    assert (built.generator.kind, built.generator.max_new_tokens) == ("vllm", 256)
+    # An intervention's settings too: LoRA's rank alone, the preset's alpha, rsLoRA and modules kept.
+    lora = InterventionConfig(kind="sft", preset="emergent_misalignment_sft",
+                              settings={"lora": {"r": 16}}).resolved("m").lora
+    assert (lora.r, lora.alpha, lora.use_rslora, len(lora.target_modules)) == (16, 64.0, True, 7)
+    # Lists and other values replace the preset's: a shorter question list, no LoRA at all.
+    assert _judge_table({"question_ids": ["quick_buck"]}).question_ids == ["quick_buck"]
+    assert InterventionConfig(kind="sft", preset="emergent_misalignment_sft",
+                              settings={"lora": None}).resolved("m").lora is None
+
+
+def test_a_nested_override_key_unknown_to_its_section_is_refused_naming_it():
+    from mneme_plugin.interventions.step import InterventionConfig
+
+    with pytest.raises(ConfigError, match=r"Unknown key\(s\) in ground_truth\.tables\.em\.judge\.judge: 'base_urll' "
+                                          r"\(did you mean 'base_url'\?\)"):
+        _judge_table({"judge": {"base_urll": "http://127.0.0.1:9000/v1"}})
+    with pytest.raises(ConfigError, match=r"Unknown key\(s\) in ground_truth\.tables\.em\.judge\.generator: "
+                                          r"'max_new_token' \(did you mean 'max_new_tokens'\?\)"):
+        _judge_table({"generator": {"max_new_token": 256}})
+    with pytest.raises(ConfigError, match=r"Unknown key\(s\) in intervention\.settings\.lora: 'rank'"):
+        InterventionConfig(kind="sft", preset="emergent_misalignment_sft", settings={"lora": {"rank": 16}})
+
+
+def test_overrides_without_nested_mappings_merge_as_before():
+    """What fingerprints: a config that overrides no nested mapping of its preset reads as it did."""
+    from mneme_plugin.presets import merged_config
+
+    flat = {"base": "b", "seed": 3, "question_ids": None, "tasks": ["x"], "lora": None, "model_args": {"a": 1}}
+    for name in list_presets():
+        preset = load_preset(name)
+        overrides = {k: v for k, v in flat.items() if not isinstance(preset.get(k), dict)}
+        assert merged_config(name, overrides) == {**preset, **overrides}, name
