@@ -21,7 +21,7 @@ from mneme_plugin.crosscoder.losses import RECONSTRUCTION_LOSSES
 from mneme_plugin.crosscoder.salience import SALIENCE_MODES
 from mneme_plugin.commands.common import clear_errors, run_recorded
 from mneme_plugin.errors import ConfigError
-from mneme_plugin.interpret.config import CLIENTS, EXPLAINERS, LABELERS, MAPPERS, SCORERS
+from mneme_plugin.interpret.config import CLIENTS, EXPLAINERS, LABELERS, MAP_CLIENTS, MAPPERS, SCORERS
 from mneme_plugin.layout import CACHE_DIR, CACHE_STAGES, RunLayout
 from mneme_plugin.organism.catalog import BEHAVIOUR_INTERVENTIONS, INTERVENTIONS, KNOWLEDGE_INTERVENTIONS
 from mneme_plugin.sideeffects.config import REMEDIATION_TARGETS, RULE_SUMMARIES, RULES, SIDES
@@ -663,7 +663,7 @@ def explain(contexts_dir, config, explainer, client_kind, model, base_url, api_k
 @click.option("--labeler", type=click.Choice(LABELERS))
 @click.option("--top-k", type=int)
 @click.option("--embedding-model", help="Local sentence-transformers folder (method embedding).")
-@click.option("--client", "client_kind", type=click.Choice(CLIENTS))
+@click.option("--client", "client_kind", type=click.Choice(MAP_CLIENTS))
 @click.option("--model", help="LLM name (client model).")
 @click.option("--base-url", help="OpenAI-compatible base URL.")
 @click.option("--api-key", help="API key, or env:VARNAME.")

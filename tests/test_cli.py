@@ -139,3 +139,32 @@ def test_taxonomies_lists_the_builtins_and_one_taxonomys_ids(tmp_path):
     unknown = CliRunner().invoke(main, ["taxonomies", "mmlu-pro"])
     assert unknown.exit_code != 0 and "Unknown taxonomy 'mmlu-pro': built-ins are" in unknown.output
     assert "Traceback" not in unknown.output
+
+
+@pytest.mark.parametrize("command", ["map", "explain"])
+def test_a_stage_commands_client_choices_are_the_kinds_its_config_takes(command):
+    """`mneme map --client` offered every client kind, `stub` included, which MapConfig always refuses."""
+    import re
+
+    from mneme_plugin.errors import ConfigError
+    from mneme_plugin.interpret.config import CLIENTS, ExplainConfig, MapConfig
+
+    def takes(kind: str) -> bool:  # with some method: an offline one for `none`, an LLM one for the others
+        offline, llm = ({"method": "lexical"}, {"method": "llm"}) if command == "map" else (
+            {"explainer": "offline"}, {"explainer": "default"})
+        for settings in (offline, llm):
+            try:
+                (MapConfig if command == "map" else ExplainConfig).from_dict({**settings, "client": {"kind": kind}})
+                return True
+            except ConfigError:
+                continue
+        return False
+
+    result = CliRunner().invoke(main, [command, "--help"], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    offered = re.search(r"--client \[([a-z|]+)\]", result.output).group(1).split("|")
+    assert offered == [kind for kind in CLIENTS if takes(kind)]
+    if command == "map":
+        assert "stub" not in offered
+        refused = CliRunner().invoke(main, ["map", ".", "--method", "llm", "--client", "stub"])
+        assert refused.exit_code != 0 and "'stub' is not one of 'none', 'openai', 'vllm'" in refused.output

@@ -194,6 +194,11 @@ class ExplainConfig(ConfigMixin):
         return self.explainer not in OFFLINE_EXPLAINERS
 
 
+# The client kinds the map stage takes (``map.client.kind``; `mneme map --client` offers these): not the stub,
+# whose answers (a hash of the prompt) name no category and no label.
+MAP_CLIENTS = tuple(kind for kind in CLIENTS if kind != "stub")
+
+
 @dataclass
 class MapConfig(ConfigMixin):
     """How descriptions are mapped to categories.
@@ -231,9 +236,10 @@ class MapConfig(ConfigMixin):
             "(`--client` on the command line).",
         )
         require(
-            self.client.kind != "stub",
-            "client kind 'stub' (the offline stand-in of smoke runs) cannot label or rank categories: use "
-            "method 'lexical' / labeler 'offline' without an LLM, or client kind 'openai' or 'vllm'.",
+            self.client.kind in MAP_CLIENTS,
+            f"client.kind {self.client.kind!r} cannot label or rank categories (map takes {', '.join(MAP_CLIENTS)}; "
+            "'stub', the offline stand-in of smoke runs, answers a hash of the prompt): use method 'lexical' / "
+            "labeler 'offline' without an LLM, or client kind 'openai' or 'vllm'.",
         )
 
     @property

@@ -31,8 +31,13 @@ def test_collect_explain_map_cli(tmp_path, llama_dir, thresholded_crosscoder):
     assert f"Latents matched to a category: mmlu: {counts['mmlu']}; organism: {counts['organism']}" in r.output
     r = runner.invoke(main, ["explain", str(out), "--explainer", "default"])
     assert r.exit_code != 0 and "needs an LLM client" in r.output
+    # The stub cannot map: --client does not offer it, and a config that names it is refused.
     r = runner.invoke(main, ["map", str(out), "--taxonomy", "mmlu", "--method", "llm", "--client", "stub"])
-    assert r.exit_code != 0 and "cannot label or rank" in r.output
+    assert r.exit_code != 0 and "'stub' is not one of" in r.output
+    stub = tmp_path / "stub_map.yaml"
+    stub.write_text("map: {method: llm, client: {kind: stub}}\n")
+    r = runner.invoke(main, ["map", str(out), "--taxonomy", "mmlu", "--config", str(stub)])
+    assert r.exit_code != 0 and "client.kind 'stub' cannot label or rank categories" in r.output
     # Delphi's explainer parses the offline stub's answer (a smoke run of that path; .ci/run installs Delphi).
     r = runner.invoke(main, ["explain", str(out), "--explainer", "default", "--client", "stub",
                              "--out", str(tmp_path / "stub")])
