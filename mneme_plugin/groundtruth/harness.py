@@ -96,6 +96,12 @@ class LMEvalConfig(ConfigMixin):
     confirm_run_unsafe_code: bool = False
     # Added later: at their default they leave run keys (and results measured before) unchanged.
     later_fields = ("system_instruction", "fewshot_as_multiturn", "gen_kwargs", "confirm_run_unsafe_code")
+    # No runtime_fields: `batch_size` and `device` stay in `mneme run`'s fingerprint (a change redoes the
+    # ground_truth stage and those after it). `device` decides the dtype `auto` loads the models in, and a
+    # forward batch's padding can change a generative task's greedy text, not only a log-likelihood's
+    # last bits; and leaving them out now would change the fingerprint of every run measured so far
+    # (runtime fields leave result_dict whatever their value). The redone stage costs little: `run_key`
+    # leaves `batch_size` out, so lm-eval's results come back from the run's cache unless the dtype changed.
 
     def __post_init__(self) -> None:
         require(device_name_problem(self.device) is None, str(device_name_problem(self.device)))
@@ -117,15 +123,18 @@ class LMEvalConfig(ConfigMixin):
 
 def run_key(config: LMEvalConfig, model: str) -> dict[str, Any]:
     """What a saved result depends on: a rerun reuses it only when this is unchanged. The config
-    (less the models, the runtime fields ``batch_size`` and ``device``, ``confirm_run_unsafe_code``, and
-    ``metric``, which only chooses what is read from results that keep every metric's per-question scores), with ``dtype`` as the
-    models are loaded in (``auto`` is bfloat16 on a GPU and float32 elsewhere: a result measured on
-    one is not the other's), the model's name, and what names alone do not tell: a local model
-    folder's weights (``activations.models.weights_digest``: a local folder's file metadata, weights
-    saved over it, e.g. a redone intervention's ``edited_model/``, change it; a hub id's commit in the
-    local hub cache, for the ``revision`` in ``model_args``), each ``include_path`` folder's files
-    (their paths, sizes and times: ``files.stat_digest``; an edited task YAML changes them) and
-    lm-eval's version (its tasks' prompts change between versions)."""
+    (less the models; ``batch_size``, so that results measured at one batch size serve another, e.g. a
+    run resumed with a smaller batch after running out of memory, knowingly: it changes log-likelihoods
+    in their last bits, a generative task's greedy text rarely; ``device``, whose effect, the dtype, is in
+    the key; ``confirm_run_unsafe_code``; and ``metric``, which only chooses what is read from results
+    that keep every metric's per-question scores. The stage's fingerprint does hold ``batch_size`` and
+    ``device``: see ``LMEvalConfig``), with ``dtype`` as the models are loaded in (``auto`` is bfloat16
+    on a GPU and float32 elsewhere: a result measured on one is not the other's), the model's name, and
+    what names alone do not tell: a local model folder's weights (``activations.models.weights_digest``:
+    a local folder's file metadata, weights saved over it, e.g. a redone intervention's ``edited_model/``,
+    change it; a hub id's commit in the local hub cache, for the ``revision`` in ``model_args``), each
+    ``include_path`` folder's files (their paths, sizes and times: ``files.stat_digest``; an edited task
+    YAML changes them) and lm-eval's version (its tasks' prompts change between versions)."""
     from mneme_plugin.activations.models import weights_digest
     from mneme_plugin.files import stat_digest
 

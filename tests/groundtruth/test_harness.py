@@ -462,7 +462,7 @@ def test_a_task_list_grown_by_a_task_measures_only_that_task(tmp_path, tiny_toke
 
 def test_the_run_key_holds_the_dtype_the_models_are_loaded_in(tmp_path):
     """``dtype: auto`` is float32 on a CPU and bfloat16 on a GPU: the key holds the resolved dtype, so
-    a result measured on one device class is not reused on the other (``device`` itself is runtime)."""
+    a result measured on one device class is not reused on the other (``device`` itself is not in the key)."""
     import torch
 
     from mneme_plugin.groundtruth.harness import run_key

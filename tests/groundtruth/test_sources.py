@@ -145,3 +145,25 @@ def test_a_task_listed_on_its_own_and_inside_a_listed_group_is_refused_before_lm
     with pytest.raises(ConfigError, match=expected.replace("(", r"\(")):
         lm_eval_ground_truth(cfg, tmp_path / "gt")
     assert not list((tmp_path / "gt").glob("lm_eval_*.json"))
+
+
+def test_a_tables_lm_eval_batch_size_and_device_are_fingerprinted_and_its_results_reused():
+    """`lm_eval.batch_size` and `device` are no runtime fields (README, `LMEvalConfig`): changing one redoes the
+    ground_truth stage and those after it, not the crosscoder's; a batch size alone leaves lm-eval's run key,
+    so the redone stage takes the results from the run's cache."""
+    from mneme_plugin.groundtruth.harness import run_key
+    from mneme_plugin.pipeline import RunConfig, plan
+    from mneme_plugin.pipeline.stages import STAGES
+
+    def fingerprints(**lm_eval):
+        cfg = {"run_dir": "runs/x", "models": {"base": "b", "edited": "e"}, "corpus": {"source": "c.txt"},
+               "harvest": {"layer": 1}, "ground_truth": {"tables": {"mmlu": {"taxonomy": "mmlu", "lm_eval": {
+                   "preset": "mmlu_lm_eval", "device": "cpu", "batch_size": 8, **lm_eval}}}}}
+        config = RunConfig.from_dict(cfg)
+        return {s.name: fp for s, fp, _ in plan(config, STAGES)}, config.ground_truth.tables["mmlu"].lm_eval
+
+    before, cfg = fingerprints()
+    for change in ({"batch_size": 4}, {"device": "cuda"}):
+        after, _ = fingerprints(**change)
+        assert {s for s in before if after[s] != before[s]} == {"ground_truth", "evaluate", "report"}, change
+    assert run_key(cfg.replace(batch_size=4), "b") == run_key(cfg, "b")
