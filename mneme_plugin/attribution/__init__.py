@@ -4,8 +4,8 @@ from mneme_plugin._lazy import lazy_exports
 
 __getattr__, __dir__, __all__ = lazy_exports(__name__, {
     "mneme_plugin.attribution.attribute": ("attribute", "delta_histogram", "resolve_crosscoder"),
-    "mneme_plugin.attribution.classify": ("CLASSES", "classify"),
-    "mneme_plugin.attribution.config": ("AttributionConfig",),
+    "mneme_plugin.attribution.classify": ("classify",),
+    "mneme_plugin.attribution.config": ("CLASSES", "AttributionConfig"),
     "mneme_plugin.attribution.decoder_norms": ("decoder_stats", "relative_norm"),
     "mneme_plugin.attribution.latent_scaling": ("LatentScalingAccumulator", "closed_form_betas"),
     "mneme_plugin.attribution.table": (

@@ -138,7 +138,8 @@ def gather(run_dir: str | os.PathLike[str]) -> ReportData:
 
 
 def _shown_latents(attribution: Any, per_class: int) -> list[int]:
-    from mneme_plugin.attribution.classify import BASE_LEANING, EDITED_LEANING, most_specific_first
+    from mneme_plugin.attribution.classify import most_specific_first
+    from mneme_plugin.attribution.config import BASE_LEANING, EDITED_LEANING
 
     shown: list[int] = []
     for cls in BASE_LEANING + EDITED_LEANING:

@@ -14,7 +14,8 @@ from typing import Any
 
 import pandas as pd
 
-from mneme_plugin.attribution.classify import BASE_LEANING, EDITED_LEANING, most_specific_first
+from mneme_plugin.attribution.classify import most_specific_first
+from mneme_plugin.attribution.config import BASE_LEANING, EDITED_LEANING
 from mneme_plugin.files import atomic_write_text
 from mneme_plugin.report import svg
 from mneme_plugin.sideeffects.evaluate import unmeasured_note
