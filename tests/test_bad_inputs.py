@@ -150,7 +150,7 @@ def _pickled_organism(tmp, fx):
     (tmp / "evil.pt").write_bytes(pickle.dumps({"x": Payload()}))
     config = {"run_dir": str(tmp / "run"), "corpus": {"source": str(_corpus(tmp))},
               "models": {"base": f"organism:{tmp / 'evil.pt'}", "edited": f"organism:{tmp / 'evil.pt'}"},
-              "harvest": {"layer": 0, "context_length": 16}}
+              "harvest": {"layer": 0, "context_length": 16}, "collect": {"example_ctx_len": 16}}
     (tmp / "run.yaml").write_text(yaml.safe_dump(config))
     return ["run", str(tmp / "run.yaml")]
 
@@ -182,7 +182,7 @@ CASES = [
     Case("train-device-cuda-without-cuda", lambda t, fx: _train(_store(t), t / "run", "--train-device", "cuda"),
          r"Device 'cuda' asked for, but CUDA is not available", needs_no_cuda=True),
     Case("train-device-unknown", lambda t, fx: _train(_store(t), t / "run", "--train-device", "gpu0"),
-         r"Unknown device 'gpu0'"),
+         r"training\] device must be auto, cpu, cuda, cuda:N or mps .*got 'gpu0'"),
     Case("train-negative-seed", lambda t, fx: _train(_store(t), t / "run", "--seed", "-3"),
          r"training\.seed = -3 \(int\): expected an integer >= 0"),
     Case("demo-negative-seed", lambda t, fx: ["demo", "--out", str(t / "demo"), "--seed", "-1"],

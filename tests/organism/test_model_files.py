@@ -105,7 +105,7 @@ def test_mneme_run_with_a_pickled_organism_model_refuses_it_and_runs_nothing(tmp
         "run_dir": str(tmp_path / "run"),
         "models": {"base": f"organism:{tmp_path / 'evil.pt'}", "edited": f"organism:{tmp_path / 'evil.pt'}"},
         "corpus": {"source": str(corpus)},
-        "harvest": {"layer": 0, "context_length": 8, "batch_size": 2},
+        "harvest": {"layer": 0, "context_length": 8, "batch_size": 2}, "collect": {"example_ctx_len": 8},
     }))
     result = CliRunner().invoke(main, ["run", str(config)])
     assert result.exit_code != 0
@@ -133,6 +133,7 @@ def test_dry_run_checks_that_an_organism_model_is_in_the_current_format(tmp_path
         config.write_text(yaml.safe_dump({
             "run_dir": str(tmp_path / "run"), "models": {"base": f"organism:{base}", "edited": f"organism:{edited}"},
             "corpus": {"source": str(corpus)}, "harvest": {"layer": 0, "context_length": 8},
+            "collect": {"example_ctx_len": 8},
         }))
         return CliRunner().invoke(main, ["run", "--dry-run", str(config)])
 
