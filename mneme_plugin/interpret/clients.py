@@ -225,6 +225,7 @@ class OpenAICompatibleClient(Client):
         self.extra = dict(extra or {})
         self.cache = DiskCache(cache_dir) if cache_dir else None
         self.n_requests = 0
+        self.n_truncated = 0  # answers the endpoint stopped at max_tokens (finish_reason "length")
         self._semaphores: dict[int, asyncio.Semaphore] = {}
         # Per event loop: the answer of each request in flight by its cache key, which identical calls await.
         self._in_flight: dict[int, dict[str, asyncio.Future[Response]]] = {}
@@ -314,11 +315,15 @@ class OpenAICompatibleClient(Client):
                     try:
                         self.n_requests += 1
                         resp = await http.post(url, json=body, headers=headers)
-                    except (httpx.TimeoutException, httpx.TransportError) as err:
+                    except httpx.TimeoutException as err:
+                        last = (f"{type(err).__name__} {err}".strip() + f" (no answer within client.timeout = "
+                                f"{self.timeout:g} s; raise it for a slow endpoint or long answers)")
+                    except httpx.TransportError as err:
                         last = f"{type(err).__name__}: {err}"
                     else:
                         if resp.status_code == 200:
                             response = self._parse(resp)
+                            self._note_truncated(resp)
                             if self.cache:
                                 self.cache.put(key, response)
                             return response
@@ -331,6 +336,17 @@ class OpenAICompatibleClient(Client):
                         logger.debug("LLM request failed (%s); retry %d in %.2fs", last, attempt + 1, delay)
                         await asyncio.sleep(delay)
         raise ClientError(f"{url} failed after {self.max_retries + 1} attempts; last error: {last}")
+
+    def _note_truncated(self, resp: Any) -> None:
+        """Count an answer cut at max_tokens; the first one is logged (an explanation or a ranking cut short
+        may parse as a shorter one, or not at all)."""
+        if resp.json()["choices"][0].get("finish_reason") != "length":
+            return
+        self.n_truncated += 1
+        if self.n_truncated == 1:
+            logger.warning("%s stopped an answer of %s at max_tokens (%d; finish_reason length): answers cut short "
+                           "may parse as shorter ones or not at all; raise client.max_tokens if this recurs.",
+                           self.base_url, self.model, self.max_tokens)
 
     @staticmethod
     def _parse(resp: Any) -> Response:

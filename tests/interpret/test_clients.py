@@ -169,3 +169,19 @@ def test_a_redacted_key_is_refused_before_any_call(fake_llm, tmp_path):
     with pytest.raises(ConfigError, match="client: the API key of this config was given literally"):
         make_client(ClientConfig(kind="openai", model="m", base_url=fake_llm.url, api_key=REDACTED_KEY))
     assert not fake_llm.requests
+
+
+def test_a_timeout_names_the_setting_and_a_cut_answer_is_counted(fake_llm, tmp_path, caplog):
+    """A timed-out endpoint's error names client.timeout (it read `ReadTimeout: ` alone); an answer the
+    endpoint stopped at max_tokens (finish_reason length) is counted and logged once."""
+    fake_llm.script = ["stall", "stall"]
+    with pytest.raises(ClientError, match=r"no answer within client.timeout = 0.3 s"):
+        client(fake_llm, tmp_path, max_retries=1, cache_dir=None).generate_sync("hi")
+    fake_llm.reply = lambda body: {"message": {"role": "assistant", "content": "[EXPLANATION]: the"},
+                                   "finish_reason": "length"}
+    c = client(fake_llm, tmp_path, cache_dir=None, max_tokens=4)
+    with caplog.at_level("WARNING", logger="mneme_plugin"):
+        c.generate_sync("one")
+        c.generate_sync("two")
+    assert c.n_truncated == 2
+    assert caplog.text.count("at max_tokens (4; finish_reason length)") == 1
