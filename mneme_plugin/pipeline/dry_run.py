@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from mneme_plugin.activations.models import ModelSpec, check_model_spec, same_model
 from mneme_plugin.files import data_file_rows, nearest_existing, size_text
+from mneme_plugin.layout import RunLayout
 from mneme_plugin.pipeline.config import RunConfig
 from mneme_plugin.pipeline.run import check_only, pending_outputs, plan, unselected_inputs
 from mneme_plugin.pipeline.stages import (
@@ -266,6 +267,12 @@ def check_config(config: RunConfig, only: list[str] | None = None) -> ConfigChec
     pending = pending_outputs(config, check.planned, only)
     # A warning, as a hub model missing here is: the environment that runs the config may set the key.
     check.warnings += [f"{problem} (`mneme run` refuses it in this environment)" for problem in client_problems(config, pending)]
+    control = config.predict.control_run
+    if control and "predict" in pending and not RunLayout(Path(control)).attribution.is_dir():
+        # A warning: the control run may be under way beside this one; predict reads it only at its turn.
+        check.warnings.append(f"predict.control_run {control} has no attribution yet: the predict stage fails unless "
+                              "the control run has attributed its latents by then (run it first, `mneme run` with "
+                              "models.edited a benignly perturbed copy of the base), or leave control_run out.")
     needs = _disk_needs(config, check)
     _check_disk([need for need in needs if need.stage in pending], check, pending)
     if needs and not any(need.stage in pending for need in needs):

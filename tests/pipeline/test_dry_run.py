@@ -358,3 +358,21 @@ def test_the_lm_eval_estimate_counts_the_rows_of_local_tasks_named_like_benchmar
     assert _lm_eval_questions(config.replace(limit=0.5)) == 6 + 15 + 4  # lm-eval rounds a share up
     (tasks / "wmdp_cyber.jsonl").unlink()  # not countable: the group falls back to the benchmark's size
     assert _lm_eval_questions(config) == LM_EVAL_QUESTIONS["wmdp"] + 7
+
+
+def test_a_control_run_without_attribution_is_a_warning(tmp_path):
+    """predict.control_run naming a run that has not attributed its latents failed only at the predict
+    stage, after every other; the dry run warns (the control may be produced beside this run)."""
+    import yaml
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("some text\n" * 50)
+    config = {"run_dir": str(tmp_path / "run"), "models": {"base": str(tmp_path), "edited": str(tmp_path)},
+              "corpus": {"source": str(corpus)}, "harvest": {"layer": 1, "max_tokens": 1000},
+              "predict": {"control_run": str(tmp_path / "control")}}
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    warning = f"WARN predict.control_run {tmp_path / 'control'} has no attribution yet"
+    assert warning in CliRunner().invoke(main, ["run", "--dry-run", str(path)]).output
+    (tmp_path / "control" / "attribution").mkdir(parents=True)
+    assert warning not in CliRunner().invoke(main, ["run", "--dry-run", str(path)]).output
