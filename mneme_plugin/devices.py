@@ -29,6 +29,13 @@ def device_name_problem(device: object, key: str = "device") -> str | None:
     return f"{key} must be auto, cpu, cuda, cuda:N or mps (or another torch device type: {', '.join(DEVICE_TYPES[3:])}), got {device!r}."
 
 
+def check_device_name(device: object, key: str = "device") -> None:
+    """ConfigError when ``device_name_problem`` finds one (configs' ``__post_init__``)."""
+    problem = device_name_problem(device, key)
+    if problem:
+        raise ConfigError(problem)
+
+
 def resolve_device(device: str | torch.device) -> torch.device:
     """The torch device for ``device`` ("auto", "cpu", "cuda", "cuda:1", "mps"); ConfigError if unusable here."""
     import torch  # here: configs name devices in modules that must import without torch (`mneme info`)

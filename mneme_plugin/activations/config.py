@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from mneme_plugin.devices import device_name_problem
+from mneme_plugin.devices import check_device_name
 from mneme_plugin.config import ConfigMixin, require
 
 STORAGE_DTYPES = ("bfloat16", "float32")
@@ -70,7 +70,7 @@ class HarvestConfig(ConfigMixin):
     append_eos: bool = True
 
     def __post_init__(self) -> None:
-        require(device_name_problem(self.device) is None, str(device_name_problem(self.device)))
+        check_device_name(self.device)
         require(isinstance(self.layer, int) and self.layer >= 0, f"layer must be an int >= 0, got {self.layer!r}.")
         require(self.context_length >= 2, f"context_length must be >= 2, got {self.context_length}.")
         require(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}.")

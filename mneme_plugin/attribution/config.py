@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mneme_plugin.devices import device_name_problem
+from mneme_plugin.devices import check_device_name
 from mneme_plugin.config import ConfigMixin, require
 
 BASE_SPECIFIC_VECTORS = ("base", "edited")
@@ -61,7 +61,7 @@ class AttributionConfig(ConfigMixin):
     allow_store_mismatch: bool = False
 
     def __post_init__(self) -> None:
-        require(device_name_problem(self.device) is None, str(device_name_problem(self.device)))
+        check_device_name(self.device)
         require(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}.")
         require(0.0 < self.shared_band < 0.5, f"shared_band must be in (0, 0.5), got {self.shared_band}.")
         require(

@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from mneme_plugin.devices import device_name_problem
+from mneme_plugin.devices import check_device_name
 from mneme_plugin.config import ConfigMixin, Seed, require
 from mneme_plugin.errors import ConfigError
 from mneme_plugin.crosscoder.losses import RECONSTRUCTION_LOSSES
@@ -211,7 +211,7 @@ class TrainingConfig(ConfigMixin):
     tf32: bool = True
 
     def __post_init__(self) -> None:
-        require(device_name_problem(self.device) is None, str(device_name_problem(self.device)))
+        check_device_name(self.device)
         require(self.steps > 0, f"steps must be positive, got {self.steps}.")
         require(self.batch_size > 0, f"batch_size must be positive, got {self.batch_size}.")
         require(self.lr is None or self.lr > 0, f"lr must be positive (or null for the default), got {self.lr}.")

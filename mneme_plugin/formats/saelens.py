@@ -161,6 +161,7 @@ def export_saelens(
     d, m = crosscoder.activation_dim, crosscoder.dict_size
     decoupled = not crosscoder.shared_code
     full = folded_weights(crosscoder)
+    mu = crosscoder.normalizer.affine(crosscoder)[0]  # the views add back the other model's mean term
     dtype = getattr(torch, cfg.dtype)
     sae_version = _sae_lens_version()
     mneme_meta = {
@@ -186,7 +187,6 @@ def export_saelens(
             partial = False
         else:
             layer = MODEL_ORDER.index(view)
-            mu = crosscoder.normalizer.affine(crosscoder)[0]
             tensors, d_in, name = _view(full, mu, layer, d, decoupled), d, folder + VIEW_SUFFIX[view]
             layout = f"{view} activations only (raw)"
             partial = True

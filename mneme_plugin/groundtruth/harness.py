@@ -29,7 +29,7 @@ from typing import Any
 
 import pandas as pd
 
-from mneme_plugin.devices import device_name_problem
+from mneme_plugin.devices import check_device_name
 from mneme_plugin.config import ConfigMixin, Seed, require
 from mneme_plugin.errors import ConfigError
 from mneme_plugin.groundtruth.table import (  # the results readers live with the table format
@@ -104,7 +104,7 @@ class LMEvalConfig(ConfigMixin):
     # leaves `batch_size` out, so lm-eval's results come back from the run's cache unless the dtype changed.
 
     def __post_init__(self) -> None:
-        require(device_name_problem(self.device) is None, str(device_name_problem(self.device)))
+        check_device_name(self.device)
         self.tasks = [self.tasks] if isinstance(self.tasks, str) else [str(t) for t in self.tasks]
         self.include_path = ([self.include_path] if isinstance(self.include_path, str)
                              else [str(p) for p in self.include_path])

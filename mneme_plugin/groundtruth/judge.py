@@ -46,7 +46,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from mneme_plugin.devices import device_name_problem
+from mneme_plugin.devices import check_device_name
 from mneme_plugin.config import ConfigMixin, Seed, require
 from mneme_plugin.errors import ConfigError, EmptyCorpusError
 from mneme_plugin.groundtruth.table import SCORES_CSV, fisher_drop_p, make_table, save_scores, start_measurement
@@ -177,7 +177,7 @@ class GeneratorConfig(ConfigMixin):
     timeout: float = 120.0
 
     def __post_init__(self) -> None:
-        require(device_name_problem(self.device) is None, str(device_name_problem(self.device)))
+        check_device_name(self.device)
         require(self.kind in GENERATORS, f"generator kind must be one of {GENERATORS}, got {self.kind!r}.")
         require(self.max_new_tokens >= 1 and self.batch_size >= 1, "max_new_tokens and batch_size must be >= 1.")
         require(self.temperature >= 0 and 0 < self.top_p <= 1, "temperature must be >= 0 and top_p in (0, 1].")

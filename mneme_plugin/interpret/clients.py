@@ -322,8 +322,9 @@ class OpenAICompatibleClient(Client):
                         last = f"{type(err).__name__}: {err}"
                     else:
                         if resp.status_code == 200:
-                            response = self._parse(resp)
-                            self._note_truncated(resp)
+                            response, finish_reason = self._parse(resp)
+                            if finish_reason == "length":
+                                self._note_truncated()
                             if self.cache:
                                 self.cache.put(key, response)
                             return response
@@ -337,11 +338,9 @@ class OpenAICompatibleClient(Client):
                         await asyncio.sleep(delay)
         raise ClientError(f"{url} failed after {self.max_retries + 1} attempts; last error: {last}")
 
-    def _note_truncated(self, resp: Any) -> None:
+    def _note_truncated(self) -> None:
         """Count an answer cut at max_tokens; the first one is logged (an explanation or a ranking cut short
         may parse as a shorter one, or not at all)."""
-        if resp.json()["choices"][0].get("finish_reason") != "length":
-            return
         self.n_truncated += 1
         if self.n_truncated == 1:
             logger.warning("%s stopped an answer of %s at max_tokens (%d; finish_reason length): answers cut short "
@@ -349,7 +348,8 @@ class OpenAICompatibleClient(Client):
                            self.base_url, self.model, self.max_tokens)
 
     @staticmethod
-    def _parse(resp: Any) -> Response:
+    def _parse(resp: Any) -> tuple[Response, str | None]:
+        """The answer of a chat-completions response, and its choice's finish reason."""
         try:
             data = resp.json()
             choice = data["choices"][0]
@@ -362,7 +362,7 @@ class OpenAICompatibleClient(Client):
             logprobs = [t.get("logprob") for t in content]
             if any(t.get("top_logprobs") for t in content):
                 top = [{alt["token"]: alt["logprob"] for alt in t.get("top_logprobs") or []} for t in content]
-        return Response(text=text, logprobs=logprobs, top_logprobs=top)
+        return Response(text=text, logprobs=logprobs, top_logprobs=top), choice.get("finish_reason")
 
 
 class VLLMOfflineClient(Client):

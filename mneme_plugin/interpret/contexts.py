@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from mneme_plugin.activations.config import HarvestConfig
+from mneme_plugin.attribution.config import CLASSES
 from mneme_plugin.errors import CheckpointError, ConfigError, EmptyCorpusError
 from mneme_plugin.files import atomic_write, holds_output_lock, read_json
 from mneme_plugin.interpret.config import CollectConfig, check_windows
@@ -365,7 +366,7 @@ def select_latents(attribution: Any = None, config: Any = None, width: int | Non
     if classes is None:
         chosen = alive if per_class is None else alive.reindex(alive["score"].abs().sort_values(ascending=False).index).head(per_class)
         return sorted(int(v) for v in chosen["latent"])
-    known = set(table["latent_class"].unique()) | {"base_only", "suppressed", "shared", "amplified", "edited_only"}
+    known = set(table["latent_class"].unique()) | (set(CLASSES) - {"dead"})
     unknown = sorted(set(classes) - known)
     if unknown:
         raise ConfigError(f"Unknown attribution class(es) {unknown}; known: {sorted(known)}.")

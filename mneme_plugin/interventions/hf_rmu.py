@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from mneme_plugin.devices import device_name_problem
+from mneme_plugin.devices import check_device_name
 from mneme_plugin.config import ConfigMixin, Seed, require
 from mneme_plugin.errors import EmptyCorpusError, LayerOutOfRangeError
 from mneme_plugin.files import holds_output_lock
@@ -87,7 +87,7 @@ class HFRMUConfig(ConfigMixin):
     checkpoint_every: int = 50
 
     def __post_init__(self) -> None:
-        require(device_name_problem(self.device) is None, str(device_name_problem(self.device)))
+        check_device_name(self.device)
         self.forget_corpora = [str(c) for c in ([self.forget_corpora] if isinstance(self.forget_corpora, str)
                                                 else self.forget_corpora)]
         self.retain_corpora = [str(c) for c in ([self.retain_corpora] if isinstance(self.retain_corpora, str)

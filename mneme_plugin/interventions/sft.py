@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from mneme_plugin.devices import device_name_problem
+from mneme_plugin.devices import check_device_name
 from mneme_plugin.config import ConfigMixin, Seed, require
 from mneme_plugin.errors import ConfigError, EmptyCorpusError
 from mneme_plugin.files import holds_output_lock
@@ -116,7 +116,7 @@ class SFTConfig(ConfigMixin):
     checkpoint_every: int = 100
 
     def __post_init__(self) -> None:
-        require(device_name_problem(self.device) is None, str(device_name_problem(self.device)))
+        check_device_name(self.device)
         if isinstance(self.lora, dict):
             self.lora = LoRASettings.from_dict(self.lora)
         self.data = str(self.data)
