@@ -42,8 +42,6 @@ logger = logging.getLogger("mneme_plugin")
 MAPPING_COLUMNS = ("latent", "description", "label", "taxonomy", "category", "score", "top_k")
 LINK_COLUMNS = ("latent", "category", "similarity")
 
-logger = logging.getLogger("mneme_plugin")
-
 _WORD = re.compile(r"[a-z0-9]+")
 STOPWORDS = frozenset(
     "a an the of and or to in on at for with by from as is are was were be been it its this that these those "
