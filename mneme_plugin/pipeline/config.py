@@ -141,9 +141,13 @@ def _owning_sections(cls: type, key: str) -> str:
 
 
 def save_run_config(config: RunConfig, run_dir: str | os.PathLike[str] | None = None) -> Path:
-    """Write ``config.yaml`` into the run directory (atomically)."""
+    """Write ``config.yaml`` into the run directory (atomically), a literal API key as ``REDACTED_KEY``
+    (``interpret.clients.redacted_keys``): the run directory is shared, and nothing reads a key from it
+    (`mneme run` reads the user's config each time; a fingerprint holds a key only redacted)."""
+    from mneme_plugin.interpret.clients import redacted_keys
+
     layout = RunLayout(Path(run_dir)) if run_dir is not None else config.layout
-    return atomic_write_text(layout.config, yaml.safe_dump(config.to_dict(), sort_keys=False))
+    return atomic_write_text(layout.config, yaml.safe_dump(redacted_keys(config.to_dict()), sort_keys=False))
 
 
 def load_run_config(run_dir: str | os.PathLike[str]) -> RunConfig:
