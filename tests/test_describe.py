@@ -44,12 +44,13 @@ def _info(path):
 
 def test_info_on_a_run_directory_loads_no_crosscoder_library(finished_run):
     """`mneme info RUN` reads file names and JSON: it imports neither the crosscoder classes nor
-    dictionary_learning (whose nnsight import took 4 of its 6 seconds on 2 cores)."""
+    dictionary_learning (whose nnsight import took 4 of its 6 seconds on 2 cores), nor torch (the run's
+    config reached it through the crosscoder config's normaliser names)."""
     import subprocess
     import sys
 
     code = ("import sys; from mneme_plugin.describe import describe_path; text = describe_path(sys.argv[1]); "
-            "print(sorted(m for m in ('dictionary_learning', 'nnsight', 'mneme_plugin.crosscoder.model') "
+            "print(sorted(m for m in ('dictionary_learning', 'nnsight', 'mneme_plugin.crosscoder.model', 'torch') "
             "if m in sys.modules)); print('stage harvest' in text)")
     out = subprocess.run([sys.executable, "-c", code, str(finished_run[0])], capture_output=True, text=True,
                          check=True).stdout.split("\n")

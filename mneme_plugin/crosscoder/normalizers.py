@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, ClassVar
 
-import torch
-
 if TYPE_CHECKING:
+    import torch
+
     from mneme_plugin.crosscoder.base import CrossCoder
 
 # science-of-finetuning's denormaliser divides by (scale + 1e-8).
@@ -41,6 +41,8 @@ class ScaleNormalizer:
 
     def affine(self, cc: "CrossCoder") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(mu (n, d), s (n,), s' (n,)) in float64 on the CPU."""
+        import torch  # here, not at the top: the configs read NORMALIZERS' names without torch (`mneme info`)
+
         s = cc.activation_scale.detach().cpu().double()
         return torch.zeros(s.numel(), cc.activation_dim, dtype=torch.float64), s, s
 
@@ -51,6 +53,8 @@ class MeanScaleNormalizer(ScaleNormalizer):
     buffers: ClassVar[tuple[str, ...]] = ("activation_mean",)
 
     def make_buffers(self, num_models: int, activation_dim: int) -> dict[str, torch.Tensor]:
+        import torch
+
         return {"activation_mean": torch.zeros(num_models, activation_dim, dtype=torch.float32)}
 
     def normalize(self, cc: "CrossCoder", x: torch.Tensor) -> torch.Tensor:
