@@ -134,7 +134,8 @@ def save_intervention(result: InterventionResult, out_dir: str | Path, overwrite
         (tmp / TRAINING_LOG).write_text("".join(json.dumps(r) + "\n" for r in result.log))
 
     try:
-        return atomic_directory(out_dir, write, overwrite=overwrite)
+        # Durable: renaming it into place removes the checkpoints that could redo it.
+        return atomic_directory(out_dir, write, overwrite=overwrite, durable=True)
     except FileExistsError as err:
         raise ConfigError(f"{err} (--overwrite replaces it).") from err
 

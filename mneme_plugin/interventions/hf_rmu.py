@@ -25,7 +25,7 @@ import torch
 
 from mneme_plugin.devices import check_device_name
 from mneme_plugin.config import ConfigMixin, Seed, require
-from mneme_plugin.errors import EmptyCorpusError, LayerOutOfRangeError
+from mneme_plugin.errors import ConfigError, EmptyCorpusError, LayerOutOfRangeError
 from mneme_plugin.files import holds_output_lock
 from mneme_plugin.interventions.checkpoints import StepCallback, TrainingCheckpoints
 from mneme_plugin.interventions.hf_models import (
@@ -49,9 +49,11 @@ class HFRMUConfig(ConfigMixin):
         forget_corpora / retain_corpora: corpus specs as ``harvest`` accepts them (a local
             .txt/.jsonl/.parquet file or ``hf:NAME[@CONFIG][:SPLIT]``).
         layer_id: decoder layer whose output is steered.
-        layer_ids: layers whose ``mlp.down_proj.weight`` trains (when ``param_names`` is None).
+        layer_ids: layers whose ``mlp.down_proj.weight`` trains (when ``param_names`` is None), at or
+            before ``layer_id`` (the forward pass stops there: later ones get no gradient).
         param_names: parameters to train, by (suffix of their) name, e.g.
-            ``layers.7.mlp.down_proj.weight``; None means the default above.
+            ``layers.7.mlp.down_proj.weight``; None means the default above. One the loss does not
+            reach (past ``layer_id``) is refused at the first step.
         max_num_batches: optimiser steps (all topics together).
         min_chars / max_chars: texts of ``min_chars`` characters or fewer are skipped; with
             ``max_chars``, longer ones are cut there before tokenising. The reference (wmdp
@@ -103,6 +105,9 @@ class HFRMUConfig(ConfigMixin):
         require(len(self.retain_corpora) in (0, 1, n) or n == 0,
                 f"RMU needs one retain corpus or one per forget corpus; got {len(self.retain_corpora)} for {n}.")
         require(self.layer_id >= 0 and all(l >= 0 for l in self.layer_ids), "RMU layer ids must be >= 0.")
+        require(self.param_names is not None or all(l <= self.layer_id for l in self.layer_ids),
+                f"RMU layer_ids {self.layer_ids} must be at or before layer_id {self.layer_id}: RMU steers that "
+                "layer's output, so the layers after it get no gradient and would not change.")
         require(all(a >= 0 for a in self.per_topic("alpha", max(n, 1))), "RMU alpha must be >= 0.")
         require(all(c > 0 for c in self.per_topic("steering_coeff", max(n, 1))), "RMU steering_coeff must be > 0.")
         require(self.lr > 0, f"RMU lr must be > 0, got {self.lr}.")
@@ -280,7 +285,11 @@ def rmu_unlearn_hf(config: HFRMUConfig, progress: bool = True, *, out_dir: str |
                                  retain["attention_mask"])
         loss = forget_loss + alphas[topic] * retain_loss
         optimizer.zero_grad()
+        if not loss.requires_grad:
+            _refuse_untrained(config, list(trained))
         loss.backward()
+        if step == start:
+            _refuse_untrained(config, [name for name, p in trained.items() if p.grad is None])
         optimizer.step()
         record = {"step": step, "topic": topic, "loss": loss.item(), "forget_loss": forget_loss.item(),
                   "retain_loss": retain_loss.item()}
@@ -294,6 +303,16 @@ def rmu_unlearn_hf(config: HFRMUConfig, progress: bool = True, *, out_dir: str |
     updated.requires_grad_(False)
     del frozen
     return result
+
+
+def _refuse_untrained(config: HFRMUConfig, names: list[str]) -> None:
+    """Trained parameters the loss does not reach (past the steered layer: the forward pass stops there)
+    would get no gradient and stay as they are while the saved config lists them: refused."""
+    if names:
+        raise ConfigError(
+            f"RMU steers the output of layer {config.layer_id}, so these trained parameters get no gradient and "
+            f"would not change: {', '.join(names)}. Train parameters of layers 0..{config.layer_id} "
+            "(layer_ids / param_names), or steer a later layer (layer_id).")
 
 
 def rmu_activation_distances(model: Any, tokenizer: Any, frozen: Any, texts_forget: list[str],

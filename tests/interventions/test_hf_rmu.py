@@ -68,7 +68,8 @@ def test_rmu_topics_alternate_and_custom_parameter_names(tiny_lm_dirs, rmu_corpo
 
 def test_rmu_bad_input_is_a_clear_error_and_writes_nothing(tiny_lm_dirs, rmu_corpora, tmp_path):
     with pytest.raises(ConfigError, match="No parameter named 'layers.9.mlp.down_proj.weight'"):
-        rmu_unlearn_hf(rmu_config(tiny_lm_dirs["llama"], rmu_corpora, layer_ids=[9], layer_id=1), progress=False)
+        rmu_unlearn_hf(rmu_config(tiny_lm_dirs["llama"], rmu_corpora, param_names=["layers.9.mlp.down_proj.weight"],
+                                  layer_id=1), progress=False)
     empty = tmp_path / "empty.jsonl"
     empty.write_text(json.dumps({"text": ""}) + "\n")
     with pytest.raises(EmptyCorpusError, match="Forget corpus"):
@@ -87,3 +88,40 @@ def test_rmu_bad_input_is_a_clear_error_and_writes_nothing(tiny_lm_dirs, rmu_cor
         rmu_unlearn_hf(HFRMUConfig(model=str(tiny_lm_dirs["llama"])), progress=False)
     assert HFRMUConfig.from_dict({}).model == ""  # usable as an empty run-config section
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.jsonl", "t5"]
+
+
+def test_rmu_refuses_trained_parameters_past_the_steered_layer(tiny_lm_dirs, rmu_corpora, tmp_path):
+    """The forward pass stops at the steered layer: a parameter after it gets no gradient. All of them past
+    it raised torch's "element 0 of tensors does not require grad"; some of them trained the others and
+    saved a config listing the untouched ones. Both are refused, layer_ids when the config is read."""
+    with pytest.raises(ConfigError, match=r"layer_ids \[0, 2\] must be at or before layer_id 1"):
+        rmu_config(tiny_lm_dirs["llama"], rmu_corpora, layer_ids=[0, 2], layer_id=1)
+    with pytest.raises(ConfigError, match=r"steers the output of layer 1, so these trained parameters get no "
+                                          r"gradient and would not change: lm_head.weight\. Train parameters"):
+        rmu_unlearn_hf(rmu_config(tiny_lm_dirs["llama"], rmu_corpora, layer_id=1, param_names=["lm_head.weight"]),
+                       progress=False)
+    mixed = ["model.layers.0.mlp.down_proj.weight", "model.layers.2.mlp.down_proj.weight"]
+    with pytest.raises(ConfigError, match=r"would not change: model\.layers\.2\.mlp\.down_proj\.weight\. "):
+        rmu_unlearn_hf(rmu_config(tiny_lm_dirs["llama"], rmu_corpora, layer_id=1, param_names=mixed,
+                                  max_num_batches=2, checkpoint_every=0), progress=False, out_dir=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_edited_model_is_fsynced_before_it_replaces_its_checkpoints(tiny_lm_dirs, rmu_corpora, tmp_path,
+                                                                       monkeypatch):
+    """Renaming the finished folder into place removes the (fsynced) checkpoints that could redo it: its
+    own files are fsynced first, so a power cut cannot leave a complete-looking folder of truncated weights."""
+    import os
+
+    result = rmu_unlearn_hf(rmu_config(tiny_lm_dirs["llama"], rmu_corpora, max_num_batches=2), progress=False)
+    synced, fsync = [], os.fsync
+
+    def recording_fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    out = save_intervention(result, tmp_path / "unlearned")
+    names = {os.path.basename(path) for path in synced}
+    assert {"model.safetensors", "config.json", INTERVENTION_CONFIG}.issubset(names), sorted(names)
+    assert weights(out)  # the folder is the model, complete
