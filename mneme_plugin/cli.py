@@ -924,11 +924,16 @@ def run(config, dry_run, only, nproc, no_disk_check) -> None:
 
     cfg = RunConfig.from_yaml(config)
     if dry_run:
-        check = check_config(cfg, list(only) or None)
+        check = check_config(cfg, list(only) or None, world_size=nproc)
         click.echo(format_plan(cfg, check, list(only) or None))
         if check.problems:
             raise SystemExit(1)
         return
+    if nproc > 1:  # a batch the ranks cannot split: one error here, not one per rank under torchrun
+        from mneme_plugin.pipeline.run import check_batch_shared
+        from mneme_plugin.pipeline.stages import STAGES
+
+        check_batch_shared(cfg, STAGES, list(only) or None, nproc)
     _relaunch_if_asked(nproc)
     layout = run_pipeline(cfg, only=list(only) or None, check_disk=not no_disk_check)
     from mneme_plugin.distributed import distributed_context

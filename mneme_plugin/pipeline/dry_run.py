@@ -12,10 +12,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mneme_plugin.activations.models import ModelSpec, check_model_spec, same_model
+from mneme_plugin.errors import ConfigError
 from mneme_plugin.files import data_file_rows, nearest_existing, size_text
 from mneme_plugin.layout import RunLayout
 from mneme_plugin.pipeline.config import RunConfig
-from mneme_plugin.pipeline.run import check_only, pending_outputs, plan, unselected_inputs
+from mneme_plugin.pipeline.run import check_batch_shared, check_only, pending_outputs, plan, unselected_inputs
 from mneme_plugin.pipeline.stages import (
     STAGES, client_problems, config_problems, hub_model_problems, missing_inputs, relative_paths_note,
 )
@@ -233,9 +234,10 @@ def _model_facts(config: RunConfig) -> ConfigCheck:
     return check
 
 
-def check_config(config: RunConfig, only: list[str] | None = None) -> ConfigCheck:
+def check_config(config: RunConfig, only: list[str] | None = None, world_size: int = 1) -> ConfigCheck:
     """Models and corpus named and findable, layer in range where the architecture is known, disk and time
-    estimates of the stages the plan runs (within ``only``: `mneme run --only`), memory."""
+    estimates of the stages the plan runs (within ``only``: `mneme run --only`), memory; with ``world_size``
+    ranks (`--nproc`), a training batch they can split."""
     from huggingface_hub import constants as hub_constants
 
     check_only(only, STAGES)
@@ -264,6 +266,10 @@ def check_config(config: RunConfig, only: list[str] | None = None) -> ConfigChec
                               "size is not counted here nor checked before the run (set harvest.max_tokens to size it).")
     check.planned = plan(config, STAGES)
     check.problems += unselected_inputs(check.planned, only)
+    try:
+        check_batch_shared(config, STAGES, only, world_size, check.planned)
+    except ConfigError as err:
+        check.problems.append(f"--nproc {world_size}: {err}")
     pending = pending_outputs(config, check.planned, only)
     # A warning, as a hub model missing here is: the environment that runs the config may set the key.
     check.warnings += [f"{problem} (`mneme run` refuses it in this environment)" for problem in client_problems(config, pending)]

@@ -1086,18 +1086,26 @@ def test_a_rank_on_another_node_stops_when_rank_0_dies_in_a_stage_it_runs_alone(
     assert "RankFailedError" in output and "stage alone" in output, output[-3000:]
 
 
-@pytest.mark.slow  # torchrun with 3 ranks: half a minute on 2 cores
 def test_a_batch_the_ranks_cannot_share_is_refused_before_the_first_stage(pair_and_corpus, tmp_path):
     """`mneme run --nproc 3` with training.batch_size 128: refused before harvest (and any intervention)
-    runs, not at the train stage hours later."""
+    runs, not at the train stage hours later; and before torchrun starts the ranks (each printed the error,
+    with torchrun's traceback of 94 lines after it). `--dry-run --nproc 3` says so too (it said runnable)."""
     base, edited, corpus, truth = pair_and_corpus
     cfg = _config(tmp_path / "three", base, edited, corpus, truth, steps=40)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    three = subprocess.run([sys.executable, "-m", "mneme_plugin.cli", "run", _write(tmp_path, "three.yaml", cfg),
-                            "--nproc", "3"], env=env, capture_output=True, text=True, timeout=600)
+    path = _write(tmp_path, "three.yaml", cfg)
+    three = subprocess.run([sys.executable, "-m", "mneme_plugin.cli", "run", path, "--nproc", "3"], env=env,
+                           capture_output=True, text=True, timeout=600)
     assert three.returncode != 0
-    assert "training.batch_size=128 is the global batch" in three.stderr and "(3)" in three.stderr, three.stderr[-3000:]
+    assert three.stderr.count("training.batch_size=128 is the global batch") == 1, three.stderr[-3000:]
+    assert "(3)" in three.stderr and "Traceback" not in three.stderr, three.stderr[-3000:]
     assert not (tmp_path / "three" / "activations").exists()  # nothing harvested
+    dry = CliRunner().invoke(main, ["run", "--dry-run", "--nproc", "3", path])
+    assert dry.exit_code == 1 and "--nproc 3: training.batch_size=128 is the global batch" in dry.output, dry.output
+    assert "looks runnable" not in dry.output
+    assert CliRunner().invoke(main, ["run", "--dry-run", "--nproc", "2", path]).exit_code == 0
+    only = CliRunner().invoke(main, ["run", "--dry-run", "--nproc", "3", "--only", "harvest", path])
+    assert only.exit_code == 0, only.output  # the train stage does not run
 
 
 def _run_rank(rank: int, config_path: str, out: str) -> None:
