@@ -15,11 +15,16 @@ under torchrun, or a partial sharded store resumed by one process), rank 0 first
 harvested into the manifest's ``carried`` part (its shards kept, their forward batches marked
 done) and the new ranks share the batches still to do, writing shards of a new generation
 (``g01_rank000_shard_00000.safetensors``).
+
+Each progress file records the generation it belongs to; a progress file of another generation
+(left behind when rank 0 was killed between writing a fold's manifest and removing the old ranks'
+progress files) is ignored, so a fold cut short at any point resumes to the rows of one process.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -45,6 +50,23 @@ def rank_manifest_name(rank: int) -> str:
 def rank_shard_name(rank: int, index: int, generation: int = 0) -> str:
     prefix = f"g{generation:02d}_" if generation else ""  # a resume with another number of ranks
     return f"{prefix}rank{rank:03d}_shard_{index:05d}.safetensors"
+
+
+_SHARD_GENERATION = re.compile(r"(?:g(\d+)_)?rank\d+_shard_\d+\.safetensors")
+
+
+def _progress_generation(state: dict[str, Any]) -> int | None:
+    """The generation a progress file belongs to: its ``generation`` field, or for a file written before
+    the field existed, the one its shards' names say (None: it lists no shard, or shards of several)."""
+    if "generation" in state:
+        return int(state["generation"])
+    found = set()
+    for shard in state["shards"]:
+        match = _SHARD_GENERATION.fullmatch(shard["file"])
+        if match is None:
+            return None
+        found.add(int(match.group(1) or 0))
+    return found.pop() if len(found) == 1 else None
 
 
 def _prepare(ctx: Any, corpus: CorpusSource, config: HarvestConfig, path: Path, world_size: int,
@@ -106,30 +128,65 @@ def _fold(path: Path, manifest: dict[str, Any], world_size: int) -> None:
     else:
         old_world = int(manifest["world_size"])
         for rank in range(old_world):
-            state = _rank_progress(path, rank)
+            state = _rank_progress(path, rank, int(manifest.get("generation", 0)))  # this generation's only
             carried["shards"] += state["shards"]
             done |= set(range(rank, int(state["next_batch"]), old_world))
             carried["windows_end"] = max(carried["windows_end"], int(state.get("windows_end", 0)))
             for key in COUNT_KEYS:
                 carried[key] += int(state[key])
     carried["done_batches"] = sorted(done)
+    _check_distinct(carried["shards"], path)
     manifest.update(carried=carried, world_size=world_size, generation=int(manifest.get("generation", 0)) + 1)
-    write_manifest(path, manifest)  # before the old progress files go: a crash here loses nothing
+    # Killed before this write, the resume folds again from the same files; killed after it (or while the
+    # old progress files go), they are of the previous generation and _rank_progress ignores them.
+    write_manifest(path, manifest)
+    _remove_progress_files(path)
+
+
+def _remove_progress_files(path: Path) -> None:
     for stale in path.glob("manifest.rank*.json"):
-        stale.unlink()
+        stale.unlink(missing_ok=True)
 
 
-def _rank_progress(path: Path, rank: int) -> dict[str, Any]:
+def _check_distinct(shards: list[dict[str, Any]], path: Path) -> None:
+    """Refuse a shard list naming a file twice (its rows would be read twice): the store's progress is inconsistent."""
+    seen: set[str] = set()
+    twice: set[str] = set()
+    for shard in shards:
+        (twice if shard["file"] in seen else seen).add(shard["file"])
+    if twice:
+        raise CheckpointError(
+            f"The harvest into {path} lists the shards {sorted(twice)} twice: its progress files and manifest disagree. "
+            "Delete the store to start over (or pass overwrite=True).")
+
+
+def _rank_progress(path: Path, rank: int, generation: int = 0) -> dict[str, Any]:
+    """Rank ``rank``'s progress in the store's ``generation`` (a fresh state if it has none yet).
+
+    A progress file of another generation is stale (left by a fold killed before it removed it) and is
+    ignored. One written before progress files recorded their generation is dated by its shards' names;
+    one they cannot date (no shard, or shards of several generations) counts only in an unfolded store
+    (generation 0): elsewhere it is ignored and the rank harvests its batches of this generation again."""
+    fresh = {"rank": rank, "generation": generation, "shards": [], "next_batch": 0, "done": False,
+             **dict.fromkeys(COUNT_KEYS, 0)}
     file = path / rank_manifest_name(rank)
     if not file.is_file():
-        return {"rank": rank, "shards": [], "next_batch": 0, "done": False, **dict.fromkeys(COUNT_KEYS, 0)}
+        return fresh
     try:
         state = json.loads(file.read_text())
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{file} is corrupt ({err}); delete the store to start over.") from err
     problem = shard_entries_problem(state.get("shards")) if isinstance(state, dict) else "not a JSON object"
+    if not problem and not isinstance(state.get("generation", 0), int):
+        problem = f"generation is {state['generation']!r}, expected a whole number"
     if problem:
         raise CheckpointError(f"{file} is corrupt: {problem}. Delete the store to start over, or restore the file.")
+    found = _progress_generation(state)
+    if found is None and generation == 0:  # an unfolded store has had no other generation
+        found = 0
+    if found != generation:
+        return fresh
+    state["generation"] = generation
     return state
 
 
@@ -156,7 +213,7 @@ def harvest_sharded(
     done_before = set(manifest.get("carried", {}).get("done_batches", []))  # by an earlier number of ranks
     generation = int(manifest.get("generation", 0))
 
-    state = _rank_progress(path, rank)
+    state = _rank_progress(path, rank, generation)
     store_dtype = _STORE_DTYPES[config.dtype]
     dropped_ids = ctx.dropped_ids()
     pending: list[Any] = []
@@ -236,7 +293,7 @@ def harvest_sharded(
 
 def _merge(path: Path, manifest: dict[str, Any], world: int) -> None:
     """Rank 0, once every rank is done: one manifest listing every rank's shards (atomic)."""
-    states = [_rank_progress(path, rank) for rank in range(world)]
+    states = [_rank_progress(path, rank, int(manifest.get("generation", 0))) for rank in range(world)]
     unfinished = [s["rank"] for s in states if not s["done"]]
     if unfinished:
         # Every rank has finished its loop by now (the last round's meeting): rank 0 not reading it in the
@@ -250,6 +307,7 @@ def _merge(path: Path, manifest: dict[str, Any], world: int) -> None:
     carried = manifest.pop("carried", None) or {"shards": [], "windows_end": 0, **dict.fromkeys(COUNT_KEYS, 0)}
     shards = sorted(carried["shards"] + [s for state in states for s in state["shards"]],
                     key=lambda s: s["windows_start"])
+    _check_distinct(shards, path)
     manifest["shards"] = [{"file": s["file"], "n_rows": s["n_rows"], "windows_end": s["windows_end"]} for s in shards]
     manifest["n_tokens"] = sum(s["n_rows"] for s in shards)
     manifest["n_windows"] = max([carried["windows_end"]] + [state.get("windows_end", 0) for state in states])
@@ -259,5 +317,4 @@ def _merge(path: Path, manifest: dict[str, Any], world: int) -> None:
     manifest.pop("world_size", None)
     manifest.pop("generation", None)
     write_manifest(path, manifest)
-    for rank in range(world):
-        (path / rank_manifest_name(rank)).unlink(missing_ok=True)
+    _remove_progress_files(path)  # this generation's, and any an interrupted fold left

@@ -240,3 +240,168 @@ def test_ranks_harvesting_into_folders_rank_0_cannot_see_are_told_to_share_one(t
     assert "Ranks [1] finished their share" in json.loads((tmp_path / "rank0.json").read_text())[1]
     assert not (tmp_path / "node0" / "store" / "manifest.json").exists() or \
         not ActivationStore(tmp_path / "node0" / "store").complete
+
+
+# ------------------------------------------------------------------ a fold (another number of ranks) cut short
+
+
+def fold_inputs():
+    """``harvest_inputs`` with small batches and shards: many batches per rank, several shards each."""
+    base, edited, _, config = harvest_inputs()
+    return base, edited, synthetic_corpus(60, seed=0), config.replace(batch_size=3, rows_per_shard=40)
+
+
+class _Stopped(RuntimeError):
+    pass
+
+
+def _fold_rank(rank: int, out: str, stop_rank_1_after: int | None, crash: str | None) -> None:
+    """One forked rank of a harvest of ``fold_inputs`` into ``out``. ``stop_rank_1_after``: rank 1 raises
+    after committing that many shards. ``crash``: rank 0 dies (``os._exit``, a killed process) in the fold
+    of the store to this number of ranks: "before_manifest" (the new manifest unwritten), "after_manifest"
+    (written, no old progress file removed) or "during_removal" (one of them removed)."""
+    from mneme_plugin.activations import sharded
+
+    base, edited, corpus, config = fold_inputs()
+    if rank == 0 and crash in ("before_manifest", "after_manifest"):
+        write = sharded.write_manifest
+
+        def dying_write(path, manifest):
+            if crash == "after_manifest":
+                write(path, manifest)
+            os._exit(9)
+
+        sharded.write_manifest = dying_write  # the fold's is the first manifest a resume writes
+    if rank == 0 and crash == "during_removal":
+        unlink, removed = Path.unlink, []
+
+        def dying_unlink(self, *args, **kwargs):
+            if self.name.startswith("manifest.rank"):
+                if removed:
+                    os._exit(9)
+                removed.append(self.name)
+            return unlink(self, *args, **kwargs)
+
+        Path.unlink = dying_unlink
+
+    def on_shard(index):
+        if rank == 1 and index + 1 == stop_rank_1_after:
+            raise _Stopped
+
+    try:
+        harvest(base, edited, corpus, config, out, progress=False, on_shard=on_shard)
+    except (_Stopped, RuntimeError):  # the stopped rank, and the other told of it
+        pass
+
+
+@pytest.fixture(scope="module")
+def fold_stores(tmp_path_factory):
+    """(one process's store of ``fold_inputs``, a partial store of two ranks: rank 1 stopped after two shards)."""
+    root = tmp_path_factory.mktemp("fold")
+    base, edited, corpus, config = fold_inputs()
+    one = harvest(base, edited, corpus, config, root / "one", progress=False)
+    fork_ranks(_fold_rank, 2, str(root / "partial"), 2, None)
+    partial = ActivationStore(root / "partial")
+    assert not partial.complete and len(list((root / "partial").glob("manifest.rank*.json"))) == 2
+    return one, root / "partial"
+
+
+@pytest.mark.parametrize("crash", ["before_manifest", "after_manifest", "during_removal"])
+def test_a_fold_cut_short_resumes_to_the_rows_of_one_process(fold_stores, tmp_path, crash):
+    """Rank 0 killed while folding a 2-rank partial store for 3 ranks; 3 ranks, 2 ranks or one process
+    resume it. It used to write the new manifest, then remove the old ranks' progress files: killed in
+    between, the resume read them as its own (old shards listed twice, batches of the new split taken for
+    done, their rows never harvested) and ended complete with duplicated and missing rows."""
+    import shutil
+
+    import torch.multiprocessing as mp
+
+    one, partial = fold_stores
+    crashed = tmp_path / "crashed"
+    shutil.copytree(partial, crashed)
+    with pytest.raises(mp.ProcessExitedException):
+        fork_ranks(_fold_rank, 3, str(crashed), None, crash)
+    manifest = json.loads((crashed / "manifest.json").read_text())
+    assert not manifest["complete"]
+    assert manifest["world_size"] == (2 if crash == "before_manifest" else 3)
+    assert len(list(crashed.glob("manifest.rank*.json"))) == (1 if crash == "during_removal" else 2)
+
+    for resume_world in (3, 2, 1):
+        out = tmp_path / f"resumed_{resume_world}"
+        shutil.copytree(crashed, out)
+        if resume_world == 1:
+            base, edited, corpus, config = fold_inputs()
+            done = harvest(base, edited, corpus, config, out, progress=False)
+        else:
+            fork_ranks(_fold_rank, resume_world, str(out), None, None)
+            done = ActivationStore(out)
+        files = [entry["file"] for entry in done.manifest["shards"]]
+        assert len(files) == len(set(files)), (resume_world, files)
+        assert done.num_rows == one.num_rows, resume_world
+        assert_same_rows(done, one)
+        assert not list(out.glob("manifest.rank*.json"))
+
+
+def _without_generation(folder: Path) -> None:
+    """Rewrite ``folder``'s progress files as mneme wrote them before they recorded their generation."""
+    for file in folder.glob("manifest.rank*.json"):
+        state = json.loads(file.read_text())
+        state.pop("generation", None)
+        file.write_text(json.dumps(state))
+
+
+def test_progress_files_that_do_not_record_their_generation_still_resume(fold_stores, tmp_path):
+    """A partial store of an earlier mneme (progress files without a generation) resumes from its progress;
+    one it left in a fold cut short (the old progress files still there) resumes without them."""
+    import shutil
+
+    from mneme_plugin.activations import sharded
+    from mneme_plugin.activations.manifest import read_manifest
+
+    one, partial = fold_stores
+    base, edited, corpus, config = fold_inputs()
+    old = tmp_path / "old"
+    shutil.copytree(partial, old)
+    _without_generation(old)
+    done = harvest(base, edited, corpus, config, old, progress=False)  # one process: folds the two ranks' progress
+    assert_same_rows(done, one)
+    files = {entry["file"] for entry in done.manifest["shards"]}
+    assert {"rank000_shard_00000.safetensors", "rank001_shard_00001.safetensors"} <= files  # their progress kept
+
+    cut = tmp_path / "cut"
+    shutil.copytree(partial, cut)
+    with pytest.MonkeyPatch.context() as patch:  # a fold killed before it removed the old progress files
+        patch.setattr(sharded, "_remove_progress_files", lambda path: None)
+        sharded._fold(cut, read_manifest(cut), 3)
+    _without_generation(cut)
+    # and one listing no shard, whose generation its shards cannot tell: taken as its own, rank 2 would skip
+    # every batch of the new split
+    (cut / rank_manifest_name(2)).write_text(json.dumps({
+        "rank": 2, "shards": [], "next_batch": 10_000, "done": True, "windows_end": 0,
+        **dict.fromkeys(sharded.COUNT_KEYS, 0)}))
+    fork_ranks(_fold_rank, 3, str(cut), None, None)
+    done = ActivationStore(cut)
+    assert_same_rows(done, one)
+    assert not list(cut.glob("manifest.rank*.json"))
+
+
+def test_a_merge_that_would_list_a_shard_twice_is_refused(fold_stores, tmp_path):
+    import shutil
+
+    from mneme_plugin.activations import sharded
+    from mneme_plugin.activations.manifest import read_manifest
+    from mneme_plugin.errors import CheckpointError
+
+    _, partial = fold_stores
+    out = tmp_path / "store"
+    shutil.copytree(partial, out)
+    sharded._fold(out, read_manifest(out), 2)
+    manifest = read_manifest(out)
+    carried = manifest["carried"]["shards"][0]
+    for rank in range(2):  # rank 0's progress lists a shard the manifest already carries
+        (out / rank_manifest_name(rank)).write_text(json.dumps({
+            "rank": rank, "generation": manifest["generation"], "shards": [carried] if rank == 0 else [],
+            "next_batch": 10_000, "done": True, "windows_end": 0, **dict.fromkeys(sharded.COUNT_KEYS, 0)}))
+    with pytest.raises(CheckpointError, match=f"lists the shards \\['{carried['file']}'\\] twice"):
+        sharded._merge(out, manifest, 2)
+    assert not read_manifest(out)["complete"]
