@@ -296,7 +296,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--salience", default="crosscoder",
                         help="ours: comma-separated salience modes, one row each (crosscoder = our default)")
-    parser.add_argument("--loss", default=None, help="ours: training loss (norm / squared; default: the trainer's)")
+    parser.add_argument("--loss", default=None, help="ours: training loss (losses.RECONSTRUCTION_LOSSES: norm_1.25, norm, squared; default: the trainer's)")
     parser.add_argument("--sets", default=",".join(SETS), help=f"comma-separated planted sets ({', '.join(SETS)})")
     parser.add_argument("--k", default=None, help="comma-separated k values (default: 1x, 2x, 4x true L0)")
     parser.add_argument("--seed", type=int, default=0, help="training seed (one run; see --seeds)")

@@ -234,8 +234,8 @@ def harvest(config, out, overwrite, nproc, **options) -> None:
               help="Decoder-norm weight of the BatchTopK selection (crosscoder: the published trainer's, the default; "
                    "paper: the MNEME paper's squared norms).")
 @click.option("--loss", type=click.Choice(sorted(RECONSTRUCTION_LOSSES)),
-              help="Reconstruction loss (default: TrainingConfig.loss): norm is the published trainer's, "
-                   "squared the paper's Eq. 1.")
+              help="Reconstruction loss (default: TrainingConfig.loss, norm_1.25): norm is the published "
+                   "trainer's, squared the paper's Eq. 1.")
 @click.option("--steps", type=int, help="Optimisation steps.")
 @click.option("--train-batch-size", type=int, help="Tokens per optimisation step.")
 @click.option("--lr", type=float, help="Learning rate (default: scaled with the dictionary size and run length).")

@@ -24,7 +24,18 @@ def norm_error(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
     return (x - x_hat).norm(dim=-1).mean()
 
 
+# The default's power of the error norm: between the fork's norm (1: least leak between the models'
+# decoders) and the squared error (2: most variance explained, most leak); README "Crosscoder quality".
+NORM_POWER = 1.25
+
+
+def norm_power_error(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+    """Mean over (row, model) of ||x - x_hat||^NORM_POWER (the default, ``norm_1.25``)."""
+    return (x - x_hat).norm(dim=-1).pow(NORM_POWER).mean()
+
+
 RECONSTRUCTION_LOSSES: dict[str, LossFn] = {
     "squared": squared_error,
     "norm": norm_error,
+    f"norm_{NORM_POWER}": norm_power_error,
 }

@@ -98,6 +98,7 @@ class BatchTopKCrossCoderTrainer(SAETrainer):
         k_anneal_factor: float = TrainingConfig.k_anneal_factor,
         decoder_init_norm: float = TrainingConfig.decoder_init_norm,
         grad_clip: float = 1.0,
+        adam_beta2: float = TrainingConfig.adam_beta2,
         salience: str = CrossCoderConfig.salience,
         batch_size: int = TrainingConfig.batch_size,
         expansion_factor: int | None = None,
@@ -136,6 +137,7 @@ class BatchTopKCrossCoderTrainer(SAETrainer):
             k_anneal_factor=k_anneal_factor,
             decoder_init_norm=decoder_init_norm,
             grad_clip=grad_clip,
+            adam_beta2=adam_beta2,
             seed=0 if seed is None else seed,
             autocast=autocast,
             tf32=tf32,
@@ -155,7 +157,7 @@ class BatchTopKCrossCoderTrainer(SAETrainer):
             self.ae.set_activation_scale(activation_scale)
         self.ae.to(self.device)
         cfg = self.training_config
-        self.optimizer = torch.optim.Adam(self.ae.parameters(), lr=cfg.lr, betas=(0.9, 0.999), fused=True)
+        self.optimizer = torch.optim.Adam(self.ae.parameters(), lr=cfg.lr, betas=(0.9, cfg.adam_beta2), fused=True)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_multiplier(s, cfg.steps, cfg.warmup_steps, cfg.decay_fraction)
         )
@@ -196,6 +198,7 @@ class BatchTopKCrossCoderTrainer(SAETrainer):
             k_anneal_factor=t.k_anneal_factor,
             decoder_init_norm=t.decoder_init_norm,
             grad_clip=t.grad_clip,
+            adam_beta2=t.adam_beta2,
             salience=crosscoder.salience,
             activation_scale=activation_scale,
             seed=t.seed,

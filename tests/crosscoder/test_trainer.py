@@ -91,7 +91,8 @@ def test_dead_latents_are_counted_and_get_the_aux_loss():
 def test_training_losses_are_the_squared_error_or_the_mean_error_norm_per_row_and_model():
     torch.manual_seed(0)
     x = torch.randn(16, 2, 8)
-    for kind in ("squared", "norm"):
+    assert TrainingConfig().loss == "norm_1.25"
+    for kind in ("squared", "norm", "norm_1.25"):
         trainer = BatchTopKCrossCoderTrainer(steps=10, activation_dim=8, dict_size=32, k=2, loss=kind, aux_alpha=0.0,
                                              device="cpu")
         with torch.no_grad():
@@ -100,8 +101,31 @@ def test_training_losses_are_the_squared_error_or_the_mean_error_norm_per_row_an
         if kind == "squared":
             expected = sum(sum(r) for r in per_row_model) / 16
         else:
-            expected = sum(v**0.5 for r in per_row_model for v in r) / 32
-        assert float(trainer.loss(x)) == pytest.approx(expected, rel=1e-5)
+            power = 1.0 if kind == "norm" else 1.25
+            expected = sum(v ** (power / 2) for r in per_row_model for v in r) / 32
+        assert float(trainer.loss(x).detach()) == pytest.approx(expected, rel=1e-5)
+
+
+def test_adams_second_moment_decay_is_the_configured_one():
+    """Adam's beta2 is ``training.adam_beta2`` (0.95 by default; 0.999 the published trainers'): after one
+    step Adam holds m = (1 - beta1) g and v = (1 - beta2) g^2, so v / m^2 = (1 - beta2) / (1 - beta1)^2
+    whatever the gradient."""
+    torch.manual_seed(0)
+    x = torch.randn(64, 2, 8)
+    assert TrainingConfig().adam_beta2 == 0.95
+    for beta2 in (0.95, 0.999):
+        trainer = BatchTopKCrossCoderTrainer(steps=10, activation_dim=8, dict_size=32, k=4, device="cpu",
+                                             adam_beta2=beta2)
+        trainer.update(0, x)
+        for p in trainer.ae.parameters():
+            state = trainer.optimizer.state[p]
+            m, v = state["exp_avg"], state["exp_avg_sq"]
+            moved = m.abs() > 1e-6
+            assert moved.any()
+            ratio = v[moved] / m[moved].pow(2)
+            assert torch.allclose(ratio, torch.full_like(ratio, (1 - beta2) / 0.1**2), rtol=1e-3), beta2
+    with pytest.raises(ConfigError, match="adam_beta2 must be in"):
+        TrainingConfig(adam_beta2=1.0)
 
 
 def test_unknown_training_loss_is_refused():
