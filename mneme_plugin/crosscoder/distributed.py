@@ -15,8 +15,10 @@ order):
 * BatchTopK is global-exact: each rank takes its local top k*B (never fewer than it contributes to
   the global top k*B), all ranks all-gather those candidate saliences (W*k*B floats), every rank
   finds the same global cut-off (the k*B-th largest) and keeps its own entries above it; ties at
-  the cut-off go to ranks in rank order. The local candidates are a superset of what is needed, so
-  the selection is exactly one process's selection.
+  the cut-off (frequent under bf16 autocast) go to ranks in rank order and within a rank in index
+  order: the lowest global flat indices, the entries one process keeps (``batch_topk_indices``
+  breaks ties the same way, never as topk happens to). The local candidates are a superset of what
+  is needed, so the selection is exactly one process's selection.
 * Losses are means over the local rows; gradients are averaged over ranks by PyTorch's
   ``DistributedDataParallel`` (bucketed all-reduces overlapped with backward), which is the
   gradient of the global mean (shares of unequal size: each rank's loss times local*W/N first). DDP was measured against one coalesced all-reduce after backward

@@ -207,8 +207,37 @@ class _SparseDecoder(torch.autograd.Function):
         return grad_W, grad_values, None, None, None, None
 
 
+def _top_from_candidates(flat: torch.Tensor, candidates: torch.Tensor | None, keep: int) -> torch.Tensor:
+    """The ``keep`` largest entries of ``flat`` among ``candidates`` (ascending flat indices; None: all),
+    ties at the cut-off broken by the lowest index, as ascending flat indices.
+
+    topk finds the cut-off value (the keep-th largest); every entry above it is kept and the rest
+    of the budget is filled with the entries equal to it, lowest index first. topk alone would break
+    the tie arbitrarily (by its algorithm, the batch's layout and the thread count), so one process
+    and the ranks of a data-parallel job would keep different latents of equal salience.
+    """
+    values = flat if candidates is None else flat.index_select(0, candidates)
+    top = values.topk(keep, sorted=False)
+    cutoff = top.values.min()
+    if bool(cutoff.isnan()):  # NaN saliences (a diverged run): topk's own choice, which keeps them
+        chosen = top.indices.sort().values
+        return chosen if candidates is None else candidates.index_select(0, chosen)
+    chosen = (values >= cutoff).nonzero().squeeze(1)  # everything above the cut-off and every tie
+    if candidates is not None:
+        chosen = candidates.index_select(0, chosen)
+    chosen_values = flat.index_select(0, chosen)
+    ties = chosen_values == cutoff
+    missing = keep - (chosen_values > cutoff).sum()
+    # The first ``missing`` ties in index order (a running count of ties); every entry above.
+    return chosen[~ties | (ties.cumsum(0) <= missing)]
+
+
 def batch_topk_indices(salience: torch.Tensor, keep: int) -> torch.Tensor:
-    """Flat indices of the ``keep`` largest entries of ``salience`` (any shape), unordered.
+    """Flat indices of the ``keep`` largest entries of ``salience`` (any shape), in ascending order.
+
+    Ties at the cut-off go to the lowest flat indices (row-major: the earliest rows first), so the
+    selection is a function of the values alone, and a data-parallel job, whose ranks hold
+    consecutive rows, selects exactly what one process selects (``global_batch_topk_indices``).
 
     Exact, but faster than one topk over all B*m entries: a random sample gives a cut-off that
     about 2*keep entries exceed; topk then runs over those candidates only. Falls back to the full
@@ -217,8 +246,10 @@ def batch_topk_indices(salience: torch.Tensor, keep: int) -> torch.Tensor:
     flat = salience.reshape(-1)
     total = flat.numel()
     keep = min(keep, total)
+    if keep <= 0:
+        return torch.zeros(0, dtype=torch.long, device=flat.device)
     if total < 64 * keep or total < 1 << 16:
-        return flat.topk(keep, sorted=False).indices
+        return _top_from_candidates(flat, None, keep)
     n_sample = 1 << 16
     generator = torch.Generator(device=flat.device).manual_seed(0)
     sample = flat[torch.randint(0, total, (n_sample,), generator=generator, device=flat.device)]
@@ -226,24 +257,28 @@ def batch_topk_indices(salience: torch.Tensor, keep: int) -> torch.Tensor:
     cutoff = sample.topk(rank, sorted=True).values[-1]
     candidates = (flat >= cutoff).nonzero().squeeze(1)
     if candidates.numel() < keep:
-        return flat.topk(keep, sorted=False).indices
-    top = flat.index_select(0, candidates).topk(keep, sorted=False).indices
-    return candidates.index_select(0, top)
+        return _top_from_candidates(flat, None, keep)
+    # Every entry above the sample's cut-off is a candidate, so the ties at the true cut-off
+    # (>= the sample's) are all among them.
+    return _top_from_candidates(flat, candidates, keep)
 
 
 def global_batch_topk_indices(salience: torch.Tensor, keep: int, ctx: "DistributedContext") -> torch.Tensor:
     """Flat indices into this rank's ``salience`` of its share of the global top ``keep`` entries.
 
-    ``keep`` counts over all ranks' salience matrices together (k times the global batch). Each
-    rank offers its local top ``keep`` (a superset of its share), all ranks all-gather those
-    candidates and find the same cut-off; ties at the cut-off go to ranks in rank order. So the
-    selection is exactly the one a single process makes over the whole batch.
+    ``keep`` counts over all ranks' salience matrices together (k times the global batch); the ranks
+    hold consecutive slices of the global batch in rank order. Each rank offers its local top
+    ``keep`` (a superset of its share, ties broken by lowest index as ``batch_topk_indices``
+    breaks them), all ranks all-gather those candidates and find the same cut-off; ties at the
+    cut-off go to ranks in rank order, and within a rank in index order: the lowest global flat
+    indices, as in one process. So the selection is exactly the one a single process makes over
+    the whole batch.
     """
     if not ctx.is_distributed:
         return batch_topk_indices(salience, keep)
     flat = salience.reshape(-1)
     local_keep = min(keep, flat.numel())
-    local_index = batch_topk_indices(salience, local_keep)
+    local_index = batch_topk_indices(salience, local_keep)  # ascending
     local_values = flat.index_select(0, local_index)
     padded = torch.full((keep,), float("-inf"), dtype=flat.dtype, device=flat.device)
     padded[:local_keep] = local_values
@@ -251,13 +286,14 @@ def global_batch_topk_indices(salience: torch.Tensor, keep: int, ctx: "Distribut
     cutoff = candidates.reshape(-1).topk(keep, sorted=False).values.min()
     above = (candidates > cutoff).sum(dim=1)
     ties = (candidates == cutoff).sum(dim=1)
-    # Ties at the cut-off: as many as are still missing, taken in rank order.
+    # Ties at the cut-off: as many as are still missing, taken in rank order, then index order (a rank
+    # whose candidates miss some of its ties offered keep entries at least the cut-off: enough).
     missing = keep - int(above.sum())
     before = int(ties[: ctx.rank].sum())
     my_ties = max(0, min(int(ties[ctx.rank]), missing - before))
     keep_mask = local_values > cutoff
     if my_ties:
-        tie_positions = (local_values == cutoff).nonzero().squeeze(1)[:my_ties]
+        tie_positions = (local_values == cutoff).nonzero().squeeze(1)[:my_ties]  # lowest indices first
         keep_mask[tie_positions] = True
     return local_index[keep_mask]
 

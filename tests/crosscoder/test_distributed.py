@@ -93,6 +93,52 @@ def test_global_topk_of_rank_slices_is_the_topk_of_the_whole_batch():
     assert sorted(flat[list(picked)].tolist()) == sorted(flat[list(whole)].tolist())
 
 
+def test_ties_at_the_global_cut_off_go_to_the_lowest_global_indices_as_in_one_process():
+    """bf16 saliences tie at the cut-off: the ranks (consecutive rows, uneven shares) keep exactly the
+    entries one process keeps, the tied ones of the lowest global flat index."""
+    gen = torch.Generator().manual_seed(5)
+    m = 40
+    salience = torch.relu(torch.randn(12, m, generator=gen)).to(torch.bfloat16)
+    salience[salience == salience.max()] = 0  # planted: eight entries tie above everything, two per rank
+    tied = [(1, 3), (2, 30), (4, 0), (6, 9), (7, 39), (9, 1), (10, 2), (11, 11)]
+    for row, col in tied:
+        salience[row, col] = 9.0
+    shares = [(0, 3), (3, 8), (8, 12)]  # rows of each rank: 3, 5, 4
+    for keep in (3, 5, 7):  # the cut-off inside the tied entries: the first `keep` of them in row-major order
+        expected = sorted(row * m + col for row, col in tied[:keep])
+        assert sorted(batch_topk_indices(salience, keep).tolist()) == expected
+        assert sorted(_ranks_select(salience, keep, shares)) == expected
+    # The random bf16 values' own ties: the same selection in one process and over ranks, for every budget.
+    salience[salience == 9.0] = 0
+    for keep in range(1, 120, 7):
+        whole = sorted(batch_topk_indices(salience, keep).tolist())
+        assert len(whole) == keep and sorted(_ranks_select(salience, keep, shares)) == whole, keep
+
+
+def _ranks_select(salience: torch.Tensor, keep: int, shares: list[tuple[int, int]]) -> list[int]:
+    """global_batch_topk_indices on simulated ranks holding ``shares`` (row ranges) of ``salience``: the
+    global flat indices they keep together."""
+    m, world = salience.shape[1], len(shares)
+    candidates = []
+    for start, stop in shares:
+        part = salience[start:stop]
+        local = batch_topk_indices(part, min(keep, part.numel()))
+        values = torch.full((keep,), float("-inf"), dtype=salience.dtype)
+        values[: local.numel()] = part.reshape(-1)[local]
+        candidates.append(values)
+
+    class FakeGroup(DistributedContext):
+        def all_gather(self, tensor):
+            return torch.stack(candidates)
+
+    picked = []
+    for rank, (start, stop) in enumerate(shares):
+        local = global_batch_topk_indices(salience[start:stop], keep, FakeGroup(rank=rank, world_size=world))
+        picked += [int(i) + start * m for i in local]
+    assert len(picked) == len(set(picked)) == keep
+    return picked
+
+
 @pytest.fixture(scope="module")
 def reference(store, tmp_path_factory) -> Path:
     """The run of one process (no torchrun)."""
@@ -214,6 +260,19 @@ def test_ranks_train_on_held_out_stores_as_one_process_does(store, tmp_path):
     train(store, tmp_path / "one", config["crosscoder"], config["training"], progress=False)
     train_on_forked_ranks(3, store, tmp_path / "three", config)
     assert_same_run(tmp_path / "one", tmp_path / "three")
+
+
+def test_ranks_under_bf16_autocast_train_the_crosscoder_of_one_process(store, tmp_path):
+    """bf16 saliences tie at BatchTopK's cut-off (several entries equal to the k*B-th); the ties go to the
+    lowest global indices in one process and on the ranks alike, so the weights agree to float summation
+    order (topk's arbitrary tie-breaking left differences of 1e-2 after 24 steps)."""
+    config = {**SHORT, "training": {**SHORT["training"], "autocast": "bfloat16"}}
+    train(store, tmp_path / "one", config["crosscoder"], config["training"], progress=False)
+    train_on_forked_ranks(2, store, tmp_path / "two", config)
+    one, two = final_state(tmp_path / "one"), final_state(tmp_path / "two")
+    for name, tensor in one.items():
+        torch.testing.assert_close(two[name], tensor, rtol=0, atol=2e-6, msg=name)
+    assert_same_run(tmp_path / "one", tmp_path / "two")
 
 
 @pytest.mark.slow  # torchrun twice: a minute on 2 cores

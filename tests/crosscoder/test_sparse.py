@@ -91,3 +91,28 @@ def test_sparse_step_leaves_the_thread_count_as_it_found_it():
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def _lowest_index_reference(salience: torch.Tensor, keep: int) -> list[int]:
+    """The ``keep`` largest entries, ties at the cut-off to the lowest flat indices: a stable sort."""
+    order = torch.sort(-salience.reshape(-1).double(), stable=True).indices
+    return sorted(order[:keep].tolist())
+
+
+@pytest.mark.parametrize("shape, keep", [((64, 300), 7 * 64), ((512, 4096), 16 * 512)])  # full topk; sampled
+def test_batch_topk_breaks_ties_at_the_cut_off_by_the_lowest_flat_index(shape, keep):
+    """bf16 saliences tie often at the cut-off; which tied entries are kept must not be topk's arbitrary choice
+    (one process and the ranks of a data-parallel job would differ)."""
+    gen = torch.Generator().manual_seed(2)
+    salience = torch.relu(torch.randn(*shape, generator=gen)).to(torch.bfloat16)  # 8-bit mantissa: many ties
+    flat = salience.reshape(-1)
+    ordered = flat.float().sort(descending=True).values
+    while ordered[keep - 1] != ordered[keep]:  # the budget moved to the first tie at its cut-off
+        keep += 1
+    assert int((flat >= ordered[keep - 1]).sum()) > keep, "no tie to break at the cut-off"
+    kept = batch_topk_indices(salience, keep).tolist()
+    assert sorted(kept) == _lowest_index_reference(salience, keep)
+    assert kept == sorted(kept)  # ascending, as documented
+    # Planted: every entry equal, the budget a part of them: the first `keep` in row-major order.
+    equal = torch.full(shape, 0.5)
+    assert sorted(batch_topk_indices(equal, keep).tolist()) == list(range(keep))
