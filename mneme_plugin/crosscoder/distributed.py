@@ -30,6 +30,9 @@ order):
 * Dead-latent counters: a latent fired in the step if it fired on any rank (all-reduce MAX of the
   fired mask); every rank adds the global batch size. The threshold EMA uses the smallest kept
   salience over all ranks (all-reduce MIN). Both stay identical on every rank.
+* The final evaluation (``metrics.json``): held-out batches are dealt out whole to ranks; the last
+  training batch or a stream's following batches are evaluated as each rank's slice, encoded (before
+  an inference threshold exists) by BatchTopK over the global batch, as in training.
 * Parameters and optimizer state are replicated (identical updates from identical gradients), so a
   checkpoint holds no rank-specific state and resumes with any number of ranks.
 """

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 
 import torch
 
 from mneme_plugin.crosscoder.model import BatchTopKCrossCoder
+from mneme_plugin.crosscoder.sparse import global_batch_topk_indices
 from mneme_plugin.distributed import SINGLE_PROCESS, DistributedContext
 
 
@@ -50,13 +51,22 @@ def evaluate_crosscoder(
     training_dead_mask: torch.Tensor | None = None,
     eval_data: str = EVAL_GIVEN,
     dist: DistributedContext = SINGLE_PROCESS,
+    rank_slices: bool = False,
 ) -> CrossCoderMetrics:
     """Evaluate with the inference encoding (threshold once estimated, else BatchTopK).
 
     Under data parallelism each rank passes its share of the tokens; the sums are all-reduced, so
-    every rank returns the figures of all the tokens together (one process's figures).
+    every rank returns the figures of all the tokens together (one process's figures). With
+    ``rank_slices`` each rank's batch i is its slice of one global batch i (consecutive rows in rank
+    order, every rank the same number of batches): BatchTopK, before an inference threshold exists,
+    then selects over the global batch (one all-reduce and one all-gather per batch), as one process
+    does on the whole batch; without it each batch is whole, and is encoded alone.
     """
     device = crosscoder.W_enc.device
+    encode = crosscoder.encode
+    batch_dependent = isinstance(crosscoder, BatchTopKCrossCoder) and float(crosscoder.threshold) < 0
+    if rank_slices and dist.is_distributed and batch_dependent:
+        encode = _global_batch_topk_encoder(crosscoder, dist)
     n_models, d = crosscoder.cfg.num_models, crosscoder.activation_dim
     sum_x = torch.zeros(n_models, d, dtype=torch.float64, device=device)
     sum_x2 = torch.zeros(n_models, dtype=torch.float64, device=device)
@@ -65,7 +75,7 @@ def evaluate_crosscoder(
     n_tokens, n_active = 0, 0
     for x in batches:
         x = x.to(device)
-        f = crosscoder.encode(x)
+        f = encode(x)
         x_norm = crosscoder.normalize(x).double()
         x_hat_norm = crosscoder.normalize(crosscoder.decode(f)).double()
         sum_x += x_norm.sum(0)
@@ -96,3 +106,21 @@ def evaluate_crosscoder(
         dead_fraction_training=training_dead,
         eval_data=eval_data,
     )
+
+
+def _global_batch_topk_encoder(crosscoder: BatchTopKCrossCoder,
+                               dist: DistributedContext) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``encode`` of a rank's slice of a global batch, with BatchTopK over the global batch (k times
+    its rows): this rank's rows of the codes one process gets for the whole batch."""
+    if not crosscoder.shared_code:
+        raise ValueError(f"BatchTopK over ranks' slices needs a shared code; {crosscoder.architecture!r} has one "
+                         "code per model: evaluate whole batches on each rank.")
+
+    def select(salience: torch.Tensor, _local_keep: int) -> torch.Tensor:
+        rows = dist.all_sum(torch.tensor([salience.shape[0]], dtype=torch.long, device=salience.device))
+        return global_batch_topk_indices(salience, crosscoder.k * int(rows.item()), dist)
+
+    def encode(x: torch.Tensor) -> torch.Tensor:
+        return crosscoder.sparsify(crosscoder.pre_activations(crosscoder.normalize(x)), False, select)
+
+    return encode

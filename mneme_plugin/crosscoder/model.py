@@ -69,12 +69,15 @@ class BatchTopKCrossCoder(CrossCoder):
 
     # ----------------------------------------------------------------------------- math
 
-    def sparsify(self, pre: torch.Tensor, use_threshold: bool | None = None) -> torch.Tensor:
+    def sparsify(self, pre: torch.Tensor, use_threshold: bool | None = None,
+                 select: Callable[[torch.Tensor, int], torch.Tensor] = batch_topk_indices) -> torch.Tensor:
         """BatchTopK codes (B, m) of pre-activations.
 
         ``use_threshold``: True keeps latents whose salience exceeds the estimated threshold (one
         token encodes alone); False applies BatchTopK over the batch; None (default) uses the
-        threshold once it has been estimated and BatchTopK before that.
+        threshold once it has been estimated and BatchTopK before that. ``select(salience, k * B)``
+        picks BatchTopK's flat indices (the evaluation of a data-parallel run passes a selection over
+        the global batch, as ``batch_topk_active`` does).
         """
         salience = pre * self.salience_weights()
         if use_threshold is None:
@@ -86,7 +89,7 @@ class BatchTopKCrossCoder(CrossCoder):
                     "after threshold_start_step); encode with use_threshold=False for BatchTopK."
                 )
             return pre * (salience > self.threshold.to(salience.dtype))
-        top = batch_topk_indices(salience, self.k * pre.shape[0])
+        top = select(salience, self.k * pre.shape[0])
         mask = torch.zeros_like(salience).reshape(-1)
         mask[top] = 1
         return pre * mask.reshape(salience.shape) * (salience > 0)

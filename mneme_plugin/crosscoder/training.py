@@ -434,22 +434,25 @@ def _train(data: TrainingData, run_dir: Path, cc_cfg: CrossCoderConfig, tr_cfg: 
 
     crosscoder_model = trainer.ae.eval()
     eval_data = EVAL_HELD_OUT
-    eval_batches: Iterable[torch.Tensor] = source.held_out_batches()
+    eval_batches: Iterable[torch.Tensor] = source.held_out_batches()  # whole batches, dealt out to ranks
+    rank_slices = False  # True: each rank holds its slice of every evaluated batch (the training batches' split)
     if source.store is None:
         # A stream: evaluate on the batches that follow the training ones (never seen by the
         # optimiser); if it is exhausted, on the last training batch.
         eval_data = EVAL_STREAM
         eval_batches = list(itertools.islice(batches, max(1, tr_cfg.eval_rows // tr_cfg.batch_size)))
+        rank_slices = True
         if not eval_batches and x is not None:
             logger.warning("The data stream has no rows left for evaluation; reporting on the last training batch.")
             eval_data, eval_batches = EVAL_TRAINING_BATCH, [x]
     elif tr_cfg.eval_rows == 0:
         logger.warning("eval_rows is 0: metrics.json reports on the last training batch, not on unseen rows.")
         eval_data, eval_batches = EVAL_TRAINING_BATCH, [x] if x is not None else []
-    # Each rank evaluates its share; the figures are reduced over ranks (one process's figures).
-    metrics = evaluate_crosscoder(
-        crosscoder_model, eval_batches, training_dead_mask=trainer.dead_mask, eval_data=eval_data, dist=ctx
-    )
+        rank_slices = True
+    # Each rank evaluates its share; the figures are reduced over ranks (one process's figures). Slices of
+    # global batches are encoded, before a threshold exists, by BatchTopK over the global batch.
+    metrics = evaluate_crosscoder(crosscoder_model, eval_batches, training_dead_mask=trainer.dead_mask,
+                                  eval_data=eval_data, dist=ctx, rank_slices=rank_slices)
 
     def write_final() -> None:  # rank 0 writes the crosscoder and its metrics
         atomic_directory(final_dir, crosscoder_model.save_pretrained, overwrite=True)

@@ -29,8 +29,9 @@ CONFIG = {
     "training": {"steps": 60, "batch_size": 64, "lr": 3e-3, "warmup_steps": 5, "threshold_start_step": 10,
                  "dead_after_tokens": 640, "checkpoint_every": 20, "device": "cpu", "threshold_beta": 0.9,
                  "keep_finished_checkpoints": True,  # the reference's step-40 checkpoint is compared
-                 # No held-out rows: they shorten global batches unevenly, and 2 ranks then drop the
-                 # remainder rows (see _Data.batches), so they could not match one process exactly.
+                 # No held-out rows: full global batches, and metrics.json reports on the last training
+                 # batch, each rank evaluating its slice. (Held-out rows leave global batches a few rows
+                 # short, split unevenly over the ranks: test_ranks_train_on_held_out_stores_as_one_process_does.)
                  "eval_rows": 0},
 }
 
@@ -272,6 +273,30 @@ def test_ranks_under_bf16_autocast_train_the_crosscoder_of_one_process(store, tm
     one, two = final_state(tmp_path / "one"), final_state(tmp_path / "two")
     for name, tensor in one.items():
         torch.testing.assert_close(two[name], tensor, rtol=0, atol=2e-6, msg=name)
+    assert_same_run(tmp_path / "one", tmp_path / "two")
+
+
+def _planted_stream(batches: int, batch_size: int = 64) -> list[torch.Tensor]:
+    return list(planted_pair_data(n=batches * batch_size, d=16, seed=4).x.split(batch_size))
+
+
+@pytest.mark.parametrize("source", ["store, last training batch", "stream, batches after training"])
+def test_ranks_report_the_metrics_of_one_process_before_a_threshold_exists(store, source, tmp_path):
+    """No inference threshold yet (threshold_start_step past the last step): the evaluation encodes each
+    global batch by BatchTopK over the whole batch on the ranks too, not over each rank's slice."""
+    crosscoder, training = SHORT["crosscoder"], {**SHORT["training"], "threshold_start_step": 100}
+    if source.startswith("stream"):
+        data, training = _planted_stream(24 + 2), {**training, "eval_rows": 128}  # 2 batches after training
+        crosscoder = {**crosscoder, "activation_dim": 16}
+    else:
+        data = store
+    train(data, tmp_path / "one", crosscoder, training, progress=False)
+    fork_ranks(_train_rank, 2, data if isinstance(data, list) else str(data), str(tmp_path / "two"),
+               {"crosscoder": crosscoder, "training": training})
+    assert float(final_state(tmp_path / "one")["threshold"]) < 0  # BatchTopK in the evaluation
+    expected = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    assert expected["eval_data"] == ("stream_after_training" if source.startswith("stream") else "training_batch")
+    assert expected["n_tokens"] == (128 if source.startswith("stream") else 64)
     assert_same_run(tmp_path / "one", tmp_path / "two")
 
 
