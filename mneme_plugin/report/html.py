@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import html
 import json
 import logging
@@ -113,8 +114,17 @@ def _highlight(context: Context) -> str:
     return '<div class="ctx">' + " ".join(spans) + "</div>"
 
 
+def _slug(name: str) -> str:
+    """``name`` as an HTML id part: ASCII letters, digits, ``_`` and ``-`` only. A name that had to change
+    gets a short hash of itself appended, so distinct names (``a b``, ``a.b``) keep distinct ids."""
+    slug = re.sub(r"[^A-Za-z0-9_-]", "_", name)
+    if slug != name:
+        slug += "-" + hashlib.sha1(name.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+    return slug
+
+
 def _section(anchor: str, title: str, body: str) -> str:
-    return f'<section id="{anchor}"><h2>{html.escape(title)}</h2>\n{body}\n</section>'
+    return f'<section id="{html.escape(anchor, quote=True)}"><h2>{html.escape(title)}</h2>\n{body}\n</section>'
 
 
 def _names(categories: list[str]) -> str:
@@ -162,7 +172,7 @@ def _summary_section(data: ReportData) -> str:
 
 def _contents(sections: list[str]) -> str:
     """Links to the sections of the page (their ids and titles as rendered)."""
-    found = [re.search(r'<section id="([^"]+)"><h2>(.*?)</h2>', part) for part in sections]
+    found = [re.search(r'<section id="([^"]+)"><h2>(.*?)</h2>', part, re.DOTALL) for part in sections]
     links = " · ".join(f'<a href="#{m.group(1)}">{m.group(2)}</a>' for m in found if m)
     return f'<p class="muted">Contents: {links}</p>'
 
@@ -256,7 +266,7 @@ def render_report(data: ReportData) -> str:
         for view in data.tables:
             suffix = f" — {view.name} (taxonomy {view.taxonomy})"
             parts += _evaluation_sections(view.category_scores, view.truth, view.metrics_table, suffix,
-                                          f"-{view.name}", view.outside, view.unmeasured)
+                                          f"-{_slug(view.name)}", view.outside, view.unmeasured)
     else:
         parts += _evaluation_sections(data.category_scores, data.truth, data.metrics_table, "", "", None,
                                       data.unmeasured)

@@ -143,3 +143,51 @@ def test_a_literal_api_key_in_the_run_config_stays_out_of_the_report(tmp_path):
     html = build_report(run).read_text()
     assert "LITERALSECRET" not in html
     assert "&lt;redacted&gt;" in html and "env:MAP_KEY" in html
+
+
+def test_hostile_ground_truth_names_make_safe_distinct_ids_that_the_contents_links_reach():
+    """A ground-truth table's name went raw into the sections' ids: a name holding `">` closed the attribute
+    and injected markup, and the contents link pointed at an id the page did not have."""
+    from html.parser import HTMLParser
+
+    class Page(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.tags, self.ids, self.links, self.headings, self._in_h2 = [], [], [], [], False
+
+        def handle_starttag(self, tag, attrs):
+            attrs = dict(attrs)
+            self.tags.append(tag)
+            if "id" in attrs:
+                self.ids.append(attrs["id"])
+            if tag == "a" and attrs.get("href", "").startswith("#"):
+                self.links.append(attrs["href"][1:])
+            self._in_h2 = tag == "h2"
+
+        def handle_data(self, data):
+            if self._in_h2:
+                self.headings.append(data)
+                self._in_h2 = False
+
+    data, _ = _data()
+    scores = pd.DataFrame({"category": ["weapons"], "score": [1.0], "predicted": [True]})
+    metrics = pd.DataFrame({"method": ["MNEME"], "accuracy": [1.0]})
+    hostile = 'mm"><img src=x onerror=alert(1)>'
+    names = [hostile, "a b", "a_b", "a.b", "judge"]
+    data.tables = [TableView(name, "harm", scores, None, metrics) for name in names]
+    page = render_report(data)
+    assert "<img" not in page
+    parsed = Page()
+    parsed.feed(page)
+    assert "img" not in parsed.tags
+    # every id is unique and a plain slug; every contents link reaches a section of the page
+    assert len(parsed.ids) == len(set(parsed.ids))
+    assert all(c.isascii() and (c.isalnum() or c in "_-") for i in parsed.ids for c in i)
+    assert parsed.links and set(parsed.links) <= set(parsed.ids)
+    assert len(parsed.links) == len(SECTIONS) - 2 + 2 * len(names)  # categories / metrics once per table
+    # five distinct names, five distinct pairs of sections; a plain name keeps its readable id
+    assert sum(i.startswith("categories-") for i in parsed.ids) == len(names)
+    assert sum(i.startswith("metrics-") for i in parsed.ids) == len(names)
+    assert "categories-judge" in parsed.ids and "categories-a_b" in parsed.ids
+    # the name itself still reads as written in the headings
+    assert f"Predicted and observed side effects — {hostile} (taxonomy harm)" in parsed.headings
