@@ -65,10 +65,11 @@ class RemediateConfig(ConfigMixin):
     redirected, and the suppressed ones alone cover only part of the damaged material (on the
     organism's narrow fine-tuning the suppressed latents' contexts hold 5 of the 23 sports facts a
     random sample of the same size holds; README, "Remediation").
-    ``max_latents`` (strongest |score| first) give at least ``samples_per_latent`` top contexts each;
+    ``max_latents``: how many latents (strongest |score| first) give top contexts;
     ``max_samples``: the sample budget, spread over the chosen latents (each gives up to
-    ceil(max_samples / latents) of its top contexts, in rank order, as many as were collected) and
-    never exceeded; None takes exactly ``samples_per_latent`` per latent.
+    ceil(max_samples / latents) of its top contexts, in rank order, as many as were collected: at least
+    ``samples_per_latent`` when the budget reaches latents x ``samples_per_latent``) and never exceeded;
+    None takes exactly ``samples_per_latent`` per latent. Only the latents that gave a sample count as its source.
     """
 
     target: str = "predicted"
@@ -117,7 +118,8 @@ def select_samples(contexts: Any, attribution: pd.DataFrame, config: RemediateCo
                    latents: Collection[int] | None = None) -> tuple[torch.Tensor, list[int]]:
     """Token rows (n, ctx) of the top contexts of the collected latents of ``config.classes`` that
     changed most (largest |score|: base-leaning latents score > 0, edited-leaning ones < 0), among
-    ``latents`` when given (``remediation_latents``); each row once, at most ``config.max_samples``."""
+    ``latents`` when given (``remediation_latents``); each row once, at most ``config.max_samples``.
+    Returns the rows and the latents that gave at least one of them, strongest first."""
     chosen = attribution[attribution["latent_class"].isin(config.classes)]
     chosen = chosen[chosen["latent"].isin(contexts.latents)]
     if latents is not None:
@@ -130,15 +132,25 @@ def select_samples(contexts: Any, attribution: pd.DataFrame, config: RemediateCo
             f"No collected latent of class {list(config.classes)}{among}: collect contexts for latents of those "
             f"classes first (mneme collect --classes {','.join(config.classes)})."
         )
-    per_latent = config.samples_per_latent
-    if config.max_samples is not None:
-        per_latent = max(per_latent, math.ceil(config.max_samples / len(picked)))
+    budget = config.max_samples
+    per_latent = config.samples_per_latent if budget is None else math.ceil(budget / len(picked))
     rows: list[int] = []
+    taken: set[int] = set()
+    contributed: list[int] = []
     for latent in picked:
-        rows += [r for r in contexts.per_latent[contexts.index_of(latent)]["top_rows"][:per_latent] if r not in rows]
-    if config.max_samples is not None:
-        rows = rows[: config.max_samples]
-    return contexts.tokens[rows], picked
+        if budget is not None and len(rows) >= budget:
+            break
+        new = []
+        for r in contexts.per_latent[contexts.index_of(latent)]["top_rows"][:per_latent]:
+            if int(r) not in taken:
+                taken.add(int(r))
+                new.append(int(r))
+        if budget is not None:
+            new = new[: budget - len(rows)]
+        if new:
+            rows += new
+            contributed.append(latent)
+    return contexts.tokens[rows], contributed
 
 
 def check_edited_for_run(run_dir: str | os.PathLike[str], edited: str, tokenizer: Any) -> None:

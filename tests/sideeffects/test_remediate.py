@@ -212,3 +212,29 @@ def test_remediation_and_control_train_alike_and_report_measured_accuracies(unle
     with pytest.raises(ConfigError, match="rows of 16 tokens"):
         remediate_with_control(edited, samples, pool.view(-1, 8), evaluator, base_scores, degraded, cfg,
                                progress=False)
+
+
+def test_a_budget_below_latents_times_samples_per_latent_is_spread_and_only_contributing_latents_are_named():
+    """max_samples=16 with samples_per_latent=8 over 5 latents took 8 rows from each of the first 2 latents
+    and still named all 5 as the samples' source."""
+    tokens = torch.arange(400).view(40, 10)
+    n = 5
+    contexts = LatentContexts(
+        latents=list(range(n)), tokens=tokens, locations=torch.zeros(0, 3, dtype=torch.long), values=torch.zeros(0),
+        per_latent=[{"latent": k, "top_rows": list(range(8 * k, 8 * k + 8))} for k in range(n)],
+        n_tokens=int(tokens.numel()), n_contexts=len(tokens), background=np.zeros(0, dtype=np.int64),
+    )
+    # strongest |score| first: 4, 3, 2, 1, 0
+    attribution = pd.DataFrame({"latent": list(range(n)), "latent_class": ["suppressed"] * n,
+                                "score": [0.1, 0.2, 0.3, 0.4, 0.5]})
+    rows, latents = select_samples(contexts, attribution, RemediateConfig(samples_per_latent=8, max_samples=16))
+    # ceil(16 / 5) = 4 rows per latent, in rank order, cut at 16: the four strongest latents give 4 each
+    expected = [r for k in (4, 3, 2, 1) for r in range(8 * k, 8 * k + 4)]
+    assert torch.equal(rows, tokens[expected])
+    assert latents == [4, 3, 2, 1]  # latent 0 gave no row
+
+    # A latent whose top contexts were all taken by a stronger one gives no row, so it is not named either.
+    contexts.per_latent[3]["top_rows"] = list(range(32, 40))  # latent 3's contexts are latent 4's
+    rows, latents = select_samples(contexts, attribution, RemediateConfig(samples_per_latent=2, max_samples=None))
+    assert torch.equal(rows, tokens[[32, 33, 16, 17, 8, 9, 0, 1]])
+    assert latents == [4, 2, 1, 0]
