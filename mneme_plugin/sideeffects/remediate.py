@@ -384,6 +384,11 @@ def remediate_with_control(edited: Any, samples: torch.Tensor, pool: torch.Tenso
     before = dict(evaluator(edited))
     if set(before) - set(base_scores):
         raise ConfigError(f"Categories {sorted(set(before) - set(base_scores))} of the evaluator have no base score.")
+    unscored = sorted(set(degraded) - set(before))
+    if unscored:
+        raise ConfigError(f"Degraded categories {unscored} are not scored by the evaluator (it scores "
+                          f"{sorted(before)}): no recovery can be measured there; give an evaluator that scores "
+                          "them or leave them out of degraded.")
     arms = {}
     for arm, data in (("remediated", samples), ("control", pool[rows])):
         result = remediate(copy.deepcopy(edited), data, cfg, evaluator=evaluator, latents=latents, progress=progress)

@@ -238,3 +238,37 @@ def test_a_budget_below_latents_times_samples_per_latent_is_spread_and_only_cont
     rows, latents = select_samples(contexts, attribution, RemediateConfig(samples_per_latent=2, max_samples=None))
     assert torch.equal(rows, tokens[[32, 33, 16, 17, 8, 9, 0, 1]])
     assert latents == [4, 2, 1, 0]
+
+
+def _tiny_controlled_setup():
+    """A tiny LM, 8 sample rows, a 16-row control pool and an evaluator (negative loss on two row sets) that
+    records every model it is called on."""
+    tok = make_tokenizer()
+    model = make_hooked_transformer(tok, n_layers=1, d_model=32, seed=0)
+    ids = [tok.bos_token_id]
+    for t in synthetic_corpus(60, seed=4):
+        ids += tok(t, add_special_tokens=False)["input_ids"]
+    rows = torch.tensor(ids[: 32 * 16]).view(32, 16)
+    samples, pool, probe = rows[:8], rows[8:24], rows[24:]
+    calls = []
+
+    def evaluator(m):
+        calls.append(m)
+        with torch.no_grad():
+            return {"a": -m(probe[:4], return_type="loss").item(), "b": -m(probe[4:], return_type="loss").item()}
+
+    return model, samples, pool, evaluator, calls
+
+
+def test_a_degraded_category_the_evaluator_does_not_score_is_refused_before_training():
+    """It passed the base-score check, both arms trained, and only writing the record raised KeyError."""
+    from mneme_plugin.sideeffects import remediate_with_control
+
+    edited, samples, pool, evaluator, calls = _tiny_controlled_setup()
+    weights = {n: p.clone() for n, p in edited.named_parameters()}
+    cfg = RemediateConfig(steps=3, lr=1e-3, batch_size=4, seed=0)
+    base_scores = {"a": 0.0, "b": 0.0, "c": 0.0}
+    with pytest.raises(ConfigError, match=r"Degraded categories \['c'\] are not scored by the evaluator"):
+        remediate_with_control(edited, samples, pool, evaluator, base_scores, ["a", "c"], cfg, progress=False)
+    assert len(calls) == 1  # only the edited model was measured: nothing trained
+    assert all(torch.equal(weights[n], p) for n, p in edited.named_parameters())
