@@ -369,7 +369,8 @@ def remediate_with_control(edited: Any, samples: torch.Tensor, pool: torch.Tenso
                            progress: bool = True) -> ControlledRemediation:
     """Retrain two copies of ``edited`` with the same ``config``: one on ``samples`` (the top contexts of the
     chosen latents, ``select_samples``), one on as many rows drawn uniformly (seeded, without replacement) from ``pool`` (the
-    task-agnostic corpus windows, ``corpus_windows``); evaluate both. ``edited`` itself is left untouched."""
+    task-agnostic corpus windows, ``corpus_windows``); evaluate both. ``edited`` itself is left untouched. ``evaluator`` runs three times: on ``edited`` (the
+    scores before, shared by both arms, whose copies start from it unchanged) and on each retrained copy."""
     cfg = config or RemediateConfig()
     if pool.ndim != 2 or pool.shape[1] != samples.shape[1]:
         raise ConfigError(f"The control pool must hold rows of {samples.shape[1]} tokens like the samples, "
@@ -391,7 +392,9 @@ def remediate_with_control(edited: Any, samples: torch.Tensor, pool: torch.Tenso
                           "them or leave them out of degraded.")
     arms = {}
     for arm, data in (("remediated", samples), ("control", pool[rows])):
-        result = remediate(copy.deepcopy(edited), data, cfg, evaluator=evaluator, latents=latents, progress=progress)
+        # No evaluator inside: each arm's copy is the unmodified edited model, already measured (``before``).
+        result = remediate(copy.deepcopy(edited), data, cfg, latents=latents, progress=progress)
+        result.before, result.after = dict(before), dict(evaluator(result.model))
         for p in result.model.parameters():
             p.requires_grad_(False)
         arms[arm] = result

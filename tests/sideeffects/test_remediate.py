@@ -260,6 +260,30 @@ def _tiny_controlled_setup():
     return model, samples, pool, evaluator, calls
 
 
+def test_controlled_remediation_measures_the_edited_model_once():
+    """Each arm measured its own unmodified copy again before training: two extra benchmark runs, same scores."""
+    from mneme_plugin.sideeffects import remediate_with_control
+
+    edited, samples, pool, evaluator, calls = _tiny_controlled_setup()
+    cfg = RemediateConfig(steps=3, lr=1e-3, batch_size=4, seed=0)
+    base_scores = {"a": 0.0, "b": 0.0}
+    result = remediate_with_control(edited, samples, pool, evaluator, base_scores, ["a"], cfg, progress=False)
+    # the edited model once, then each retrained arm once
+    assert len(calls) == 3
+    assert calls[0] is edited and calls[1] is result.remediated_model and calls[2] is result.control_model
+
+    # The same figures as measuring each arm on its own (the remediation with an evaluator, before and after).
+    expected = {}
+    for arm, rows in (("remediated", samples), ("control", pool[result.control_rows])):
+        alone = remediate(copy.deepcopy(edited), rows, cfg, evaluator=evaluator, progress=False)
+        assert alone.before == result.edited
+        assert all(torch.equal(a, b) for a, b in zip(alone.model.parameters(),
+                                                      getattr(result, f"{arm}_model").parameters())), arm
+        expected[arm] = alone.after
+    assert result.remediated == expected["remediated"] and result.control == expected["control"]
+    assert result.edited == evaluator(edited)
+
+
 def test_a_degraded_category_the_evaluator_does_not_score_is_refused_before_training():
     """It passed the base-score check, both arms trained, and only writing the record raised KeyError."""
     from mneme_plugin.sideeffects import remediate_with_control
