@@ -368,9 +368,13 @@ def _prediction_folders(path: Path) -> list[tuple[str, Path]]:
 
 
 def _prediction_line(folder: Path) -> str:
+    from mneme_plugin.errors import MnemeError
     from mneme_plugin.sideeffects.predict import load_prediction
 
-    prediction = load_prediction(folder)
+    try:
+        prediction = load_prediction(folder)
+    except MnemeError as err:  # the rest of the summary still says what the folder holds
+        return f"unreadable ({err})"
     verdict = prediction.tests.get("verdict")
     return (f"rule {prediction.config.rule}" + (f", change: {verdict}" if verdict else "")
             + f"; predicted: {', '.join(prediction.predicted) or '(none)'}")

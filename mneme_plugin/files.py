@@ -46,6 +46,24 @@ def read_json(path: str | os.PathLike[str], remedy: str) -> Any:
         raise CheckpointError(f"{path} is corrupt: not valid JSON ({err}); {remedy}.") from err
 
 
+def require_json_shape(path: str | os.PathLike[str], data: Any, needed: dict[str, type | tuple[type, ...]],
+                       remedy: str) -> dict[str, Any]:
+    """``data`` (read from ``path`` by ``read_json``) as a JSON object holding each key of ``needed``
+    with a value of its type; otherwise a CheckpointError naming the file, what is missing or of the
+    wrong type, and ``remedy`` (valid JSON of another shape, e.g. ``{}`` written by hand, would
+    otherwise surface as a KeyError far from the file)."""
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} is not a stage's file: a JSON {type(data).__name__}, not an object with keys "
+                              f"{', '.join(needed)}; {remedy}.")
+    missing = [key for key in needed if key not in data]
+    wrong = [f"{key!r} is a {type(data[key]).__name__}" for key, kind in needed.items()
+             if key in data and not isinstance(data[key], kind)]
+    if missing or wrong:
+        problems = ([f"it lacks the key(s) {', '.join(map(repr, missing))}"] if missing else []) + wrong
+        raise CheckpointError(f"{path} is not a stage's file: {'; '.join(problems)}; {remedy}.")
+    return data
+
+
 def json_digest(obj: Any, length: int = 16) -> str:
     """SHA-256 (hex, first ``length`` characters) of ``obj`` as sorted-key JSON (``str`` for the rest):
     the key of everything cached or compared by content (run stages, taxonomies, organisms, judge answers)."""

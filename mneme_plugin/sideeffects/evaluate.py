@@ -6,6 +6,7 @@ with Eq. 4 accuracy, precision, recall and F1.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -18,9 +19,10 @@ from typing import Any
 import pandas as pd
 
 from mneme_plugin.errors import ConfigError
-from mneme_plugin.files import atomic_write, atomic_write_text, read_json
+from mneme_plugin.files import atomic_write, atomic_write_text, read_json, require_json_shape
 from mneme_plugin.groundtruth.table import checked_scores, drop_test
 from mneme_plugin.sideeffects.config import EvaluateConfig
+from mneme_plugin.sideeffects.predict import records_problem
 from mneme_plugin.sideeffects.metrics import SetMetrics, metric_text, oracle_baseline, random_baseline, set_metrics
 
 logger = logging.getLogger("mneme_plugin")
@@ -176,7 +178,18 @@ def load_evaluation(out_dir: str | os.PathLike[str]) -> Evaluation:
     path = Path(out_dir) / EVALUATION_JSON
     if not path.is_file():
         raise CheckpointError(f"{path} does not exist: run the evaluate stage (`mneme evaluate`) first.")
-    data = read_json(path, "evaluate again (`mneme evaluate`)")
+    remedy = "evaluate again (`mneme evaluate`)"
+    data = require_json_shape(path, read_json(path, remedy), {"metrics": dict, "truth": list, "predicted": dict},
+                              remedy)
+    fields = [f.name for f in dataclasses.fields(SetMetrics)]
+    for name, values in data["metrics"].items():
+        if not isinstance(values, dict) or sorted(values) != sorted(fields):
+            raise CheckpointError(f"{path} is not a stage's file: metrics {name!r} is not an object of exactly "
+                                  f"{', '.join(fields)}; {remedy}.")
+    # The truth has a row per category the ground truth measured (an evaluation without any is refused).
+    problem = records_problem(data["truth"], ("category", "degraded")) if data["truth"] else "has no row"
+    if problem:
+        raise CheckpointError(f"{path} is not a stage's file: its truth {problem}; {remedy}.")
     rows = {name: SetMetrics(**{key: math.nan if value is None else value for key, value in values.items()})
             for name, values in data["metrics"].items()}
     truth = pd.DataFrame(data["truth"])

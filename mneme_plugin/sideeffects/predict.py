@@ -13,7 +13,7 @@ from typing import Any
 import pandas as pd
 
 from mneme_plugin.errors import ConfigError
-from mneme_plugin.files import atomic_write, atomic_write_text, read_json
+from mneme_plugin.files import atomic_write, atomic_write_text, read_json, require_json_shape
 from mneme_plugin.interpret.mapping import LINK_COLUMNS
 from mneme_plugin.sideeffects.config import CONTROL_RULES, PredictConfig
 from mneme_plugin.sideeffects.enrichment import benjamini_hochberg, enrichment_table
@@ -249,8 +249,30 @@ def load_prediction(out_dir: str | os.PathLike[str]) -> Prediction:
     path = Path(out_dir) / PREDICTIONS_JSON
     if not path.is_file():
         raise CheckpointError(f"{path} does not exist: run the predict stage (`mneme predict`) first.")
-    data = read_json(path, "predict again")
+    remedy = "predict again (`mneme predict`)"
+    data = require_json_shape(path, read_json(path, remedy),
+                              {"predicted": list, "scores": list, "evidence": dict, "config": dict}, remedy)
+    problem = records_problem(data["scores"], ("category", "score", "predicted"))
+    if problem:
+        raise CheckpointError(f"{path} is not a stage's file: its scores {problem}; {remedy}.")
+    try:
+        config = PredictConfig.from_dict(data["config"], section=f"{path}'s config")
+    except ConfigError as err:
+        raise CheckpointError(f"{path} is not a stage's file: {err} ({remedy}).") from err
+    tests = data.get("tests", {})
     return Prediction(
         scores=pd.DataFrame(data["scores"]), predicted=list(data["predicted"]),
-        evidence=data["evidence"], config=PredictConfig.from_dict(data["config"]), tests=data.get("tests", {}),
+        evidence=data["evidence"], config=config, tests=tests if isinstance(tests, dict) else {},
     )
+
+
+def records_problem(records: list[Any], columns: Iterable[str]) -> str | None:
+    """What keeps ``records`` (a table saved as a JSON list of row objects) from being read: a row that is
+    not an object, or a column a reader needs that a row lacks; None when readable."""
+    for i, row in enumerate(records):
+        if not isinstance(row, dict):
+            return f"row {i} is a {type(row).__name__}, not an object"
+        missing = [c for c in columns if c not in row]
+        if missing:
+            return f"row {i} lacks {', '.join(map(repr, missing))}"
+    return None
