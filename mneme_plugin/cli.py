@@ -751,8 +751,9 @@ def predict(run_dir, config, taxonomy, rule, side, k, alpha, control_run) -> Non
     taxonomy = taxonomy or taxonomies[0]
     out = (prediction_folder(run_dir, taxonomy, taxonomies) if taxonomy in taxonomies
            else RunLayout(Path(run_dir)).prediction / taxonomy)
-    _unmark_run_stages(out, "predict")
-    result = predict_run(run_dir, cfg, taxonomy, out_dir=out)
+    # The run's markers go once the prediction is made, before it replaces the old one (a refused
+    # prediction writes nothing and leaves them).
+    result = predict_run(run_dir, cfg, taxonomy, out_dir=out, before_write=lambda: _unmark_run_stages(out, "predict"))
     q_columns = [c for c in result.scores.columns if c.startswith("q_")]
     for _, row in result.scores.head(15).iterrows():
         q = f"  q {min(row[c] for c in q_columns):.3g}" if q_columns else ""
@@ -833,9 +834,10 @@ def evaluate(run_dir, scores_csv, lm_eval_before, lm_eval_after, intervention, d
     if not truth.available:
         raise ConfigError("No ground truth: pass --scores-csv or --lm-eval-before/--lm-eval-after.")
     # The naive baseline reads the edit's description: --intervention, else the run's models.intervention.
-    _unmark_run_stages(RunLayout(Path(run_dir)).evaluation, "evaluate")
+    # The run's markers go once the evaluation is made, before it replaces the old one (as predict's).
     result = evaluate_run(run_dir, cfg, truth, MapConfig.from_dict(sections["map"], section="map"),
-                          intervention=intervention or sections.get("models", {}).get("intervention") or "")
+                          intervention=intervention or sections.get("models", {}).get("intervention") or "",
+                          before_write=lambda: _unmark_run_stages(RunLayout(Path(run_dir)).evaluation, "evaluate"))
     click.echo(f"Degraded: {', '.join(result.true_set) or '(none)'}")
     click.echo(result.markdown())
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -28,9 +29,12 @@ if TYPE_CHECKING:
 
 
 def predict_run(run_dir: str | os.PathLike[str], config: PredictConfig, taxonomy: str,
-                out_dir: str | os.PathLike[str] | None = None) -> Prediction:
+                out_dir: str | os.PathLike[str] | None = None,
+                before_write: Callable[[], None] | None = None) -> Prediction:
     """Predict the affected categories of ``taxonomy`` from the run's attribution and mapping; save
-    them to ``out_dir`` (default the run's ``prediction/``)."""
+    them to ``out_dir`` (default the run's ``prediction/``). ``before_write`` runs once the prediction is
+    made, just before its files replace the old ones (a refused or failed prediction writes nothing and
+    does not run it: the stage commands unmark the run's stages there)."""
     from mneme_plugin.attribution import load_attribution
     from mneme_plugin.interpret.contexts import load_reference_latents
     from mneme_plugin.interpret.mapping import category_links, latent_descriptions, load_mapping
@@ -51,6 +55,8 @@ def predict_run(run_dir: str | os.PathLike[str], config: PredictConfig, taxonomy
     control = load_control_attribution(config.control_run) if config.rule in CONTROL_RULES else None
     prediction = predict(load_attribution(layout.attribution).table, category_links(mapping, tax.name), tax.ids(),
                          config, latent_descriptions(mapping), reference=reference, control=control)
+    if before_write is not None:
+        before_write()
     save_prediction(prediction, out_dir if out_dir is not None else layout.prediction)
     return prediction
 
@@ -158,10 +164,13 @@ def naive_prediction(intervention: str, map_config: MapConfig, n: int, taxonomy:
 
 
 def evaluate_run(run_dir: str | os.PathLike[str], config: EvaluateConfig, ground_truth: GroundTruthConfig,
-                 map_config: MapConfig, intervention: str = "") -> Evaluation:
+                 map_config: MapConfig, intervention: str = "",
+                 before_write: Callable[[], None] | None = None) -> Evaluation:
     """Score the run's prediction against the ground truth, with the baselines; save the evaluation.
 
     ``intervention``: a plain-text description of the edit for the naive baseline (none without it).
+    ``before_write``: run once the evaluation is made, just before its files replace the old ones (as
+    ``predict_run``'s).
     """
     layout = RunLayout(Path(run_dir))
     truth = load_ground_truth(ground_truth)
@@ -170,6 +179,8 @@ def evaluate_run(run_dir: str | os.PathLike[str], config: EvaluateConfig, ground
     naive = naive_prediction(intervention, map_config, max(1, len(prediction.predicted))) if intervention else None
     evaluation = evaluate(prediction.predicted, truth, prediction.scores["category"].tolist(),
                           naive_predicted=naive, config=config)
+    if before_write is not None:
+        before_write()
     save_evaluation(evaluation, layout.evaluation)
     return evaluation
 

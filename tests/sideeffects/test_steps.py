@@ -61,3 +61,51 @@ def test_a_stage_json_of_another_shape_is_left_out_of_report_and_info_with_its_p
     info = _invoke("info", run.root)
     assert info.exit_code == 0, info.output  # the rest of the run is still summarised
     assert str(path) in info.output and missing in info.output, info.output
+
+
+def _marked_run(root):
+    """A `mneme run` directory (config.yaml mapping to organism, every stage marked done) over the hand-built
+    stage outputs."""
+    import yaml
+
+    from mneme_plugin.pipeline.stages import STAGES
+
+    run = _hand_built_run(root)
+    run.config.write_text(yaml.safe_dump({"run_dir": str(run.root), "models": {"base": "b", "edited": "e"},
+                                          "corpus": {"source": "corpus.txt"}, "harvest": {"layer": 0},
+                                          "map": {"taxonomies": ["organism"]}}))
+    run.stages.mkdir()
+    for stage in STAGES:
+        run.stage_marker(stage.name).write_text("{}")
+    return run, [stage.name for stage in STAGES]
+
+
+def test_a_refused_predict_or_evaluate_leaves_the_runs_stage_markers(tmp_path):
+    """`mneme predict` / `mneme evaluate` refused before writing anything removed the predict, evaluate and report
+    markers all the same: `mneme run` then redid those stages and the command said they were no longer done."""
+    run, stages = _marked_run(tmp_path / "run")
+
+    def marked():
+        return sorted(p.stem for p in run.stages.glob("*.json"))
+
+    refused = _invoke("predict", "--run-dir", run.root, "--taxonomy", "mmlu")  # not mapped to mmlu
+    assert refused.exit_code != 0 and "not mapped to taxonomy 'mmlu'" in refused.output, refused.output
+    assert "no longer marked done" not in refused.output and marked() == sorted(stages)
+    assert not run.prediction.exists()
+    truth = tmp_path / "truth.csv"
+    truth.write_text("category,before,after\nLaw,0.9,0.1\n")  # shares no category with the taxonomy
+    from mneme_plugin.sideeffects import PredictConfig, predict_run
+
+    predict_run(run.root, PredictConfig(rule="top_k", k=1), "organism")
+    refused = _invoke("evaluate", "--run-dir", run.root, "--scores-csv", truth)
+    assert refused.exit_code != 0 and "share none with the prediction's taxonomy" in refused.output, refused.output
+    assert "no longer marked done" not in refused.output and marked() == sorted(stages)
+    assert not run.evaluation.exists()
+    # Done: the markers of the stage and of the later ones go, as before.
+    truth.write_text("category,before,after\nlaw,0.9,0.1\nbiology,0.9,0.9\n")
+    result = _invoke("evaluate", "--run-dir", run.root, "--scores-csv", truth)
+    assert result.exit_code == 0 and "its stage(s) evaluate, report are no longer marked done" in result.output
+    assert marked() == sorted(set(stages) - {"evaluate", "report"})
+    result = _invoke("predict", "--run-dir", run.root, "--rule", "top_k", "-k", "1")
+    assert result.exit_code == 0 and "its stage(s) predict are no longer marked done" in result.output, result.output
+    assert marked() == sorted(set(stages) - {"predict", "evaluate", "report"})
