@@ -720,7 +720,8 @@ def taxonomies(taxonomy) -> None:
               help="Run directory holding attribution/ and mapping/.")
 @click.option("--config", type=click.Path(dir_okay=False),
               help="YAML with sections predict and map; its keys replace those of RUN_DIR/config.yaml (a pooled folder: its first run's), the others stay.")
-@click.option("--taxonomy", help="Taxonomy to predict over (default: the first of map.taxonomies).")
+@click.option("--taxonomy", help="Taxonomy to predict over (default: the first of map.taxonomies; in a folder "
+              "without config.yaml, the first its mapping holds).")
 @click.option("--rule", type=click.Choice(RULES),
               help="Prediction rule: " + "; ".join(f"{k}: {v}" for k, v in RULE_SUMMARIES.items()) + ".")
 @click.option("--side", type=click.Choice(SIDES), help="Which changed latents are scored: suppressed (the classes "
@@ -736,7 +737,7 @@ def predict(run_dir, config, taxonomy, rule, side, k, alpha, control_run) -> Non
     """Score every category from the attributed latents and their categories; predict the affected ones."""
     from mneme_plugin.interpret import MapConfig
     from mneme_plugin.sideeffects import PredictConfig, predict_run
-    from mneme_plugin.sideeffects.steps import prediction_folder
+    from mneme_plugin.sideeffects.steps import mapped_taxonomies, prediction_folder
 
     run_config = _run_config(run_dir)
     sections = _run_sections(run_config, config, ("predict", "map"), from_run=("predict", "map"))
@@ -745,12 +746,23 @@ def predict(run_dir, config, taxonomy, rule, side, k, alpha, control_run) -> Non
                                   section="predict")
     # The taxonomies the run predicts for (the map's first and the ground-truth tables'), each where the
     # run's stages keep it (prediction/, or prediction/<taxonomy>/ beside others); another mapped
-    # taxonomy goes to prediction/<taxonomy>/, never over the run's own prediction.
-    taxonomies = (run_config.taxonomies() if run_config is not None
-                  else MapConfig.from_dict(sections["map"], section="map").taxonomies[:1])
+    # taxonomy goes to prediction/<taxonomy>/, never over the run's own prediction. A folder without
+    # config.yaml (stage commands' outputs): the map.taxonomies of --config, else the first taxonomy
+    # its mapping holds, whose prediction goes to prediction/, where evaluate and the report read it.
+    if run_config is not None:
+        taxonomies = run_config.taxonomies()
+    elif "taxonomies" in sections["map"]:
+        taxonomies = MapConfig.from_dict(sections["map"], section="map").taxonomies[:1]
+    else:
+        taxonomies = mapped_taxonomies(run_dir)[:1] or MapConfig().taxonomies[:1]
     taxonomy = taxonomy or taxonomies[0]
-    out = (prediction_folder(run_dir, taxonomy, taxonomies) if taxonomy in taxonomies
-           else RunLayout(Path(run_dir)).prediction / taxonomy)
+    own = taxonomy in taxonomies
+    if not own and run_config is None:
+        from mneme_plugin.interpret.taxonomy import load_taxonomy
+
+        # --taxonomy FILE.yaml of the taxonomy the mapping names: the folder's own all the same.
+        own = load_taxonomy(taxonomy).name == taxonomies[0]
+    out = prediction_folder(run_dir, taxonomy, taxonomies) if own else RunLayout(Path(run_dir)).prediction / taxonomy
     # The run's markers go once the prediction is made, before it replaces the old one (a refused
     # prediction writes nothing and leaves them).
     result = predict_run(run_dir, cfg, taxonomy, out_dir=out, before_write=lambda: _unmark_run_stages(out, "predict"))

@@ -61,6 +61,18 @@ def predict_run(run_dir: str | os.PathLike[str], config: PredictConfig, taxonomy
     return prediction
 
 
+def mapped_taxonomies(run_dir: str | os.PathLike[str]) -> list[str]:
+    """The taxonomies the run's mapping holds, in the mapping's order (that of map.taxonomies when it ran);
+    empty without a mapping."""
+    from mneme_plugin.interpret.mapping import load_mapping
+
+    layout = RunLayout(Path(run_dir))
+    if not layout.mapping.is_dir():
+        return []
+    mapping = load_mapping(layout.mapping)
+    return list(dict.fromkeys(mapping["taxonomy"].astype(str))) if "taxonomy" in mapping else []
+
+
 def pool_runs(run_dirs: list[str | os.PathLike[str]], out_dir: str | os.PathLike[str], taxonomy: str | None = None,
               min_votes: int | None = None) -> Prediction:
     """Pool the predictions of finished runs on the same model pair (crosscoders of different seeds)

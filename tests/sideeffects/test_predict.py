@@ -98,7 +98,8 @@ def test_a_zero_similarity_link_is_no_evidence_for_its_category():
 def test_mneme_predict_on_a_run_folder_built_by_hand(tmp_path):
     """One stage's command on stage outputs built by tests.helpers (no pipeline run): the planted
     category, the only one whose latents the edit suppressed, is predicted. (Without a config.yaml the
-    run's own taxonomy is map's default, so another one's prediction goes to prediction/<taxonomy>/.)"""
+    run's own taxonomy is the one its mapping holds: its prediction goes to prediction/, where
+    `mneme evaluate` and the report read it.)"""
     from click.testing import CliRunner
 
     from mneme_plugin.cli import main
@@ -116,4 +117,4 @@ def test_mneme_predict_on_a_run_folder_built_by_hand(tmp_path):
                                        "--rule", "top_k", "-k", "1"])
     assert result.exit_code == 0, result.output
     assert result.output.splitlines()[-1] == "Predicted: law"
-    assert load_prediction(run.prediction / "organism").predicted == ["law"]
+    assert load_prediction(run.prediction).predicted == ["law"]

@@ -109,3 +109,44 @@ def test_a_refused_predict_or_evaluate_leaves_the_runs_stage_markers(tmp_path):
     result = _invoke("predict", "--run-dir", run.root, "--rule", "top_k", "-k", "1")
     assert result.exit_code == 0 and "its stage(s) predict are no longer marked done" in result.output, result.output
     assert marked() == sorted(set(stages) - {"predict", "evaluate", "report"})
+
+
+def test_predict_in_a_folder_without_config_writes_the_mapped_taxonomys_prediction_where_evaluate_reads_it(tmp_path):
+    """Without config.yaml the run's own taxonomy was map's default (mmlu): `mneme predict` refused the
+    mapped one, and `--taxonomy organism` wrote prediction/organism/, which `mneme evaluate`, the report and
+    gather never read ("prediction/predictions.json does not exist")."""
+    import pandas as pd
+
+    from mneme_plugin.interpret.mapping import save_mapping
+    from mneme_plugin.report.build import gather
+    from tests.helpers import mapping_table
+
+    run = _hand_built_run(tmp_path / "run")
+    result = _invoke("predict", "--run-dir", run.root, "--rule", "top_k", "-k", "2")
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines()[-1] == "Predicted: biology, law"
+    assert sorted(load_prediction(run.prediction).predicted) == ["biology", "law"]
+    assert not (run.prediction / "organism").exists()
+    # Naming the taxonomy (by name or by its file) writes the same place.
+    from importlib import resources
+
+    taxonomy_file = resources.files("mneme_plugin") / "data" / "taxonomies" / "organism.yaml"
+    for name in ("organism", str(taxonomy_file)):
+        result = _invoke("predict", "--run-dir", run.root, "--taxonomy", name, "--rule", "top_k", "-k", "1")
+        assert result.exit_code == 0, result.output
+        assert load_prediction(run.prediction).predicted == ["biology"] and not (run.prediction / "organism").exists()
+    truth = tmp_path / "truth.csv"
+    truth.write_text("category,before,after\nlaw,0.9,0.2\nbiology,0.8,0.3\nsports,0.7,0.7\n")
+    result = _invoke("evaluate", "--run-dir", run.root, "--scores-csv", truth)
+    assert result.exit_code == 0, result.output
+    assert "Degraded: law, biology" in result.output
+    data = gather(run.root)
+    assert data.metrics_table is not None and list(data.category_scores["category"])[:1] == ["biology"]
+    # A mapping of two taxonomies: the first is the folder's own (prediction/), the other goes beside it.
+    links = {0: [("law", 0.9)], 1: [("law", 0.9)], 2: [("biology", 0.9)], 3: [("biology", 0.9)]}
+    behaviour = mapping_table({0: [("fraud", 0.9)]}, "organism_behaviour")
+    save_mapping(pd.concat([mapping_table(links, "organism"), behaviour], ignore_index=True), run.mapping)
+    result = _invoke("predict", "--run-dir", run.root, "--taxonomy", "organism_behaviour", "--rule", "top_k", "-k", "1")
+    assert result.exit_code == 0, result.output
+    assert load_prediction(run.prediction / "organism_behaviour").predicted == ["fraud"]
+    assert load_prediction(run.prediction).predicted == ["biology"]  # the folder's own prediction stays
