@@ -51,5 +51,7 @@ def pool_predictions(predictions: Sequence[Prediction], min_votes: int | None = 
     tests = {"verdict": f"pooled: {needed} of {len(predictions)} runs", "min_votes": needed,
              "runs": list(names) if names is not None else [str(i) for i in range(len(predictions))],
              "run_verdicts": [p.tests.get("verdict", "") for p in predictions]}
+    recorded = {p.taxonomy for p in predictions}  # the same categories; one name unless some file lacks it
     return Prediction(scores=scores, predicted=scores.loc[scores["predicted"], "category"].tolist(),
-                      config=predictions[0].config, tests=tests)
+                      config=predictions[0].config, tests=tests,
+                      taxonomy=next(iter(recorded)) if len(recorded) == 1 else None)

@@ -40,6 +40,8 @@ class Prediction:
     config: PredictConfig = field(default_factory=PredictConfig)
     # The rule's whole-taxonomy tests and verdict (``outlier_or_broad``: concentration and breadth p-values)
     tests: dict[str, Any] = field(default_factory=dict)
+    # The name of the taxonomy the categories belong to (None: not recorded, as in files written before it was)
+    taxonomy: str | None = None
 
     def latents_behind(self, categories: Collection[str] | None = None) -> list[int]:
         """The latents whose evidence supports ``categories`` (default: the predicted ones), strongest
@@ -51,6 +53,7 @@ class Prediction:
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            **({"taxonomy": self.taxonomy} if self.taxonomy else {}),
             "predicted": self.predicted,
             "config": self.config.to_dict(),
             "tests": self.tests,
@@ -259,10 +262,11 @@ def load_prediction(out_dir: str | os.PathLike[str]) -> Prediction:
         config = PredictConfig.from_dict(data["config"], section=f"{path}'s config")
     except ConfigError as err:
         raise CheckpointError(f"{path} is not a stage's file: {err} ({remedy}).") from err
-    tests = data.get("tests", {})
+    tests, taxonomy = data.get("tests", {}), data.get("taxonomy")
     return Prediction(
         scores=pd.DataFrame(data["scores"]), predicted=list(data["predicted"]),
         evidence=data["evidence"], config=config, tests=tests if isinstance(tests, dict) else {},
+        taxonomy=taxonomy if isinstance(taxonomy, str) and taxonomy else None,
     )
 
 

@@ -57,6 +57,7 @@ def predict_run(run_dir: str | os.PathLike[str], config: PredictConfig, taxonomy
                          config, latent_descriptions(mapping), reference=reference, control=control)
     if before_write is not None:
         before_write()
+    prediction.taxonomy = tax.name  # what evaluate's naive baseline maps the edit's description onto
     save_prediction(prediction, out_dir if out_dir is not None else layout.prediction)
     return prediction
 
@@ -183,37 +184,78 @@ def evaluate_run(run_dir: str | os.PathLike[str], config: EvaluateConfig, ground
     ``intervention``: a plain-text description of the edit for the naive baseline (none without it).
     ``before_write``: run once the evaluation is made, just before its files replace the old ones (as
     ``predict_run``'s).
+
+    Ground-truth rows outside the prediction's categories (e.g. WMDP beside the MMLU subjects, or a
+    misspelt ``Law ``) are not scored: a warning names them, and the evaluation keeps them as ``outside``
+    (as ``evaluate_tables`` does). The naive baseline maps ``intervention`` onto the prediction's taxonomy.
     """
     layout = RunLayout(Path(run_dir))
     truth = load_ground_truth(ground_truth)
     prediction = load_prediction(layout.prediction)
-    _check_shared_categories(truth, prediction.scores["category"].tolist())
-    naive = naive_prediction(intervention, map_config, max(1, len(prediction.predicted))) if intervention else None
-    evaluation = evaluate(prediction.predicted, truth, prediction.scores["category"].tolist(),
+    categories = prediction.scores["category"].astype(str).tolist()
+    inside = _split_truth(truth, categories, prediction.taxonomy)
+    taxonomy = _prediction_taxonomy(prediction, map_config) if intervention else None
+    naive = (naive_prediction(intervention, map_config, max(1, len(prediction.predicted)), taxonomy)
+             if taxonomy is not None else None)
+    evaluation = evaluate(prediction.predicted, truth[inside].reset_index(drop=True), categories,
                           naive_predicted=naive, config=config)
+    evaluation.taxonomy = prediction.taxonomy
+    evaluation.outside = truth[~inside].to_dict(orient="records")
     if before_write is not None:
         before_write()
     save_evaluation(evaluation, layout.evaluation)
     return evaluation
 
 
-def _check_shared_categories(truth: "pd.DataFrame", categories: list[str]) -> None:
-    """A ground truth that names none of the prediction's categories scores nothing: refuse it, with
-    the near misses (case, spaces, underscores) it probably meant."""
+def _folded(name: str) -> str:
+    """A category name as a near miss reads it: case, surrounding spaces, spaces and hyphens for underscores."""
+    return name.strip().lower().replace(" ", "_").replace("-", "_")
+
+
+def _split_truth(truth: "pd.DataFrame", categories: list[str], taxonomy: str | None) -> "pd.Series":
+    """Which ground-truth rows name one of the prediction's categories (a boolean mask). None of them: a
+    ConfigError (the ground truth scores nothing); some not: a warning naming them, with the near misses
+    (case, spaces, underscores) they probably meant."""
     from mneme_plugin.errors import ConfigError
 
     measured = [str(c) for c in truth["category"]]
-    if set(measured) & set(categories):
-        return
-    def folded(name: str) -> str:
-        return name.lower().replace(" ", "_").replace("-", "_")
-
-    key = {folded(c): c for c in categories}
-    near = {m: key[folded(m)] for m in measured if folded(m) in key}
+    inside = truth["category"].astype(str).isin(set(categories))
+    key = {_folded(c): c for c in categories}
+    outside = [m for m, kept in zip(measured, inside) if not kept]
+    near = {m: key[_folded(m)] for m in outside if _folded(m) in key}
     hint = f" Did you mean {', '.join(f'{v!r} for {k!r}' for k, v in list(near.items())[:5])}?" if near else ""
-    raise ConfigError(f"The ground truth's categories ({measured[:5]}{'...' if len(measured) > 5 else ''}) share none "
-                      f"with the prediction's taxonomy ({categories[:5]}...).{hint} Rename them, or predict over "
-                      "the taxonomy they belong to.")
+    if not inside.any():
+        raise ConfigError(f"The ground truth's categories ({measured[:5]}{'...' if len(measured) > 5 else ''}) share "
+                          f"none with the prediction's taxonomy ({categories[:5]}...).{hint} Rename them, or predict "
+                          "over the taxonomy they belong to.")
+    if outside:
+        where = f"taxonomy {taxonomy!r}" if taxonomy else "the prediction's taxonomy"
+        logger.warning("Ground-truth categories outside %s, not scored (kept in the evaluation as outside): %s.%s",
+                       where, ", ".join(map(repr, outside[:10])) + (" ..." if len(outside) > 10 else ""), hint)
+    return inside
+
+
+def _prediction_taxonomy(prediction: Prediction, map_config: MapConfig) -> str | None:
+    """The taxonomy (as ``load_taxonomy`` reads it) the prediction was made over: the one it records (a
+    file of map.taxonomies by that name, else the built-in); for a file written before predictions
+    recorded it, the first of map.taxonomies, then of the built-ins, that has all its categories. None,
+    with a warning, when none is found (the naive baseline is then left out)."""
+    from mneme_plugin.errors import ConfigError
+    from mneme_plugin.interpret.taxonomy import builtin_taxonomies, load_taxonomy
+
+    categories = set(prediction.scores["category"].astype(str))
+    candidates = list(dict.fromkeys([*map_config.taxonomies, *builtin_taxonomies()]))
+    for spec in candidates:
+        try:
+            taxonomy = load_taxonomy(spec)
+        except ConfigError:
+            continue
+        if taxonomy.name == prediction.taxonomy if prediction.taxonomy else categories <= set(taxonomy.ids()):
+            return spec
+    logger.warning("The prediction's taxonomy (%s) is not among map.taxonomies or the built-ins: the naive baseline "
+                   "is left out (add its file to map.taxonomies to have it).",
+                   repr(prediction.taxonomy) if prediction.taxonomy else "not recorded, and none has all its categories")
+    return None
 
 
 def prediction_folder(run_dir: str | os.PathLike[str], taxonomy: str, taxonomies: list[str]) -> Path:

@@ -150,3 +150,63 @@ def test_predict_in_a_folder_without_config_writes_the_mapped_taxonomys_predicti
     assert result.exit_code == 0, result.output
     assert load_prediction(run.prediction / "organism_behaviour").predicted == ["fraud"]
     assert load_prediction(run.prediction).predicted == ["biology"]  # the folder's own prediction stays
+
+
+def _truth_with_rows_outside(tmp_path):
+    truth = tmp_path / "truth.csv"
+    truth.write_text("category,before,after\nlaw,0.9,0.2\nbiology,0.9,0.9\nsports,0.7,0.1\ncooking,0.6,0.6\n"
+                     "wmdp_bio,0.7,0.3\nLaw ,0.9,0.1\n")
+    return truth
+
+
+def test_evaluate_scores_only_the_ground_truth_rows_of_the_predictions_taxonomy(tmp_path):
+    """`mneme evaluate --run-dir` counted rows outside the taxonomy (wmdp_bio, a misspelt 'Law ') as degraded
+    categories: "Degraded: law, sports, wmdp_bio, Law", MNEME Acc 0.25 and an oracle of 4. They are kept as
+    `outside` and named in a warning (with the near miss), as evaluate_tables does for named tables."""
+    from mneme_plugin.sideeffects import load_evaluation
+
+    run = _hand_built_run(tmp_path / "run")
+    assert _invoke("predict", "--run-dir", run.root, "--taxonomy", "organism", "--rule", "top_k", "-k", "2").exit_code == 0
+    assert sorted(load_prediction(run.prediction).predicted) == ["biology", "law"]
+    result = _invoke("evaluate", "--run-dir", run.root, "--scores-csv", _truth_with_rows_outside(tmp_path))
+    assert result.exit_code == 0, result.output
+    assert "Degraded: law, sports\n" in result.output
+    assert ("Ground-truth categories outside taxonomy 'organism', not scored (kept in the evaluation as outside): "
+            "'wmdp_bio', 'Law'. Did you mean 'law' for 'Law'?") in result.output
+    evaluation = load_evaluation(run.evaluation)
+    # law and sports degraded; MNEME named law and biology: Eq. 4 accuracy 1/2, precision 1/2.
+    assert evaluation.rows["MNEME"].accuracy == pytest.approx(0.5) and evaluation.rows["MNEME"].precision == 0.5
+    assert evaluation.rows["oracle"].n_true == 2 and evaluation.rows["MNEME"].n_true == 2
+    assert sorted(evaluation.truth["category"]) == ["biology", "cooking", "law", "sports"]
+    assert [row["category"] for row in evaluation.outside] == ["wmdp_bio", "Law"]
+
+
+def test_the_naive_baseline_maps_the_edit_onto_the_predictions_own_taxonomy(tmp_path):
+    """The naive baseline used map.taxonomies[0], mmlu in a folder without config.yaml, whatever the prediction's
+    taxonomy: it named MMLU subjects and scored 0 against an organism ground truth. predictions.json now records
+    its taxonomy; a file written before it did is matched to the taxonomy with exactly its categories."""
+    from mneme_plugin.sideeffects import load_evaluation
+    from mneme_plugin.sideeffects.pool import pool_predictions
+
+    run = _hand_built_run(tmp_path / "run")
+    assert _invoke("predict", "--run-dir", run.root, "--taxonomy", "organism", "--rule", "top_k", "-k", "2").exit_code == 0
+    written = json.loads((run.prediction / "predictions.json").read_text())
+    truth = tmp_path / "truth.csv"
+    truth.write_text("category,before,after\nlaw,0.9,0.2\nbiology,0.9,0.9\nsports,0.7,0.1\ncooking,0.6,0.6\n")
+    args = ("evaluate", "--run-dir", run.root, "--scores-csv", truth, "--intervention",
+            "unlearning of law and legal knowledge")
+    for recorded in (True, False):
+        if not recorded:  # a predictions.json of an earlier version
+            assert written.pop("taxonomy") == "organism" and load_prediction(run.prediction).taxonomy == "organism"
+            (run.prediction / "predictions.json").write_text(json.dumps(written))
+            assert load_prediction(run.prediction).taxonomy is None
+        result = _invoke(*args)
+        assert result.exit_code == 0, result.output
+        evaluation = load_evaluation(run.evaluation)
+        # The description names law only; law and sports degraded: naive's Eq. 4 accuracy 1/2, precision 1.
+        assert evaluation.predicted["naive"] == ["law"] and "naive" not in evaluation.unmeasured
+        assert evaluation.rows["naive"].accuracy == pytest.approx(0.5) and evaluation.rows["naive"].precision == 1.0
+    # A pooled prediction keeps its runs' taxonomy.
+    organism = load_prediction(run.prediction)
+    organism.taxonomy = "organism"
+    assert pool_predictions([organism, organism]).taxonomy == "organism"
