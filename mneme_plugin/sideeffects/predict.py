@@ -45,9 +45,12 @@ class Prediction:
 
     def latents_behind(self, categories: Collection[str] | None = None) -> list[int]:
         """The latents whose evidence supports ``categories`` (default: the predicted ones), strongest
-        contribution first, each once: what remediation retrains on (``RemediateConfig.target``)."""
+        contribution first, each once: what remediation retrains on (``RemediateConfig.target``). Only
+        the evidence of the side the prediction scored (``config.side``; both sides' for ``both``): a
+        latent of the other side is linked to the category but adds nothing to its score."""
         wanted = self.predicted if categories is None else list(categories)
-        items = [e for c in wanted for e in self.evidence.get(c, [])]
+        items = [e for c in wanted for e in self.evidence.get(c, [])
+                 if self.config.side == "both" or e.get("side") == self.config.side]
         items.sort(key=evidence_contribution, reverse=True)
         return list(dict.fromkeys(int(e["latent"]) for e in items))
 

@@ -118,3 +118,20 @@ def test_mneme_predict_on_a_run_folder_built_by_hand(tmp_path):
     assert result.exit_code == 0, result.output
     assert result.output.splitlines()[-1] == "Predicted: law"
     assert load_prediction(run.prediction).predicted == ["law"]
+
+
+def test_the_latents_behind_a_prediction_are_those_of_the_side_it_scored():
+    """With side="suppressed" latents_behind also returned the amplified latents linked to the predicted
+    category, which add nothing to its score; remediation then retrained on their contexts too."""
+    attribution = pd.DataFrame({"latent": [0, 1, 2], "latent_class": ["suppressed", "edited_only", "shared"],
+                                "score": [0.9, -0.8, 0.0]})
+    links = pd.DataFrame({"latent": [0, 1, 2], "category": ["biology", "biology", "law"], "similarity": [0.9] * 3})
+    behind = {}
+    for side in ("suppressed", "amplified", "both"):
+        p = predict(attribution, links, CATEGORIES, PredictConfig(rule="top_k", k=1, side=side))
+        assert p.predicted == ["biology"]
+        behind[side] = p.latents_behind()
+        # What each latent behind adds to the predicted category's score sums to that score.
+        score = p.scores.set_index("category").loc["biology", "score"]
+        assert score == pytest.approx(sum({0: 0.9 * 0.9, 1: 0.8 * 0.9}[latent] for latent in behind[side]))
+    assert behind == {"suppressed": [0], "amplified": [1], "both": [0, 1]}
