@@ -26,7 +26,8 @@ assert tuple(RULE_SUMMARIES) == RULES
 # Which changed latents a prediction scores: those the edit weakened, those it strengthened, or both.
 SIDES = ("both", "suppressed", "amplified")
 CONTROL_RULES = ("outlier_or_broad", "outlier_plus_broad")
-# The rules that read the uniform reference sample of live latents (`collect.reference_latents`).
+# The rules that read the uniform reference sample of live latents (`collect.reference_latents`); the
+# control rules only with a control run (``PredictConfig.reads_reference``).
 REFERENCE_RULES = ("enrichment", *CONTROL_RULES)
 # Which changed latents remediation retrains on (``sideeffects.remediate.RemediateConfig.target``).
 REMEDIATION_TARGETS = {
@@ -110,6 +111,12 @@ class PredictConfig(ConfigMixin):
         require(self.permutations >= 100, f"permutations must be >= 100 (a p-value's resolution is 1 / permutations), "
                 f"got {self.permutations}.")
         require(self.max_latents is None or self.max_latents >= 1, "max_latents must be None or >= 1.")
+
+    def reads_reference(self) -> bool:
+        """Whether the rule reads collect's uniform reference sample of live latents (``contexts.json``):
+        ``enrichment`` (its null) and the control rules' concentration test, which runs only with a
+        ``control_run`` (without one they are the outlier rule, which reads no contexts)."""
+        return self.rule in REFERENCE_RULES and (self.rule not in CONTROL_RULES or self.control_run is not None)
 
     def side_classes(self) -> dict[str, tuple[str, ...]]:
         """The latent classes of each side, ``suppressed`` and ``amplified``."""

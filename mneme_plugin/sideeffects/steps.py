@@ -18,7 +18,7 @@ from mneme_plugin.files import json_digest
 from mneme_plugin.groundtruth.table import GroundTruthConfig, load_ground_truth
 from mneme_plugin.interpret.config import MapConfig
 from mneme_plugin.layout import RunLayout
-from mneme_plugin.sideeffects.config import CONTROL_RULES, REFERENCE_RULES, EvaluateConfig, PredictConfig
+from mneme_plugin.sideeffects.config import CONTROL_RULES, EvaluateConfig, PredictConfig
 from mneme_plugin.sideeffects.evaluate import Evaluation, evaluate, save_evaluation
 from mneme_plugin.sideeffects.predict import PREDICTIONS_JSON, Prediction, load_prediction, predict, save_prediction
 
@@ -50,8 +50,17 @@ def predict_run(run_dir: str | os.PathLike[str], config: PredictConfig, taxonomy
         raise ConfigError(f"The run's latents were not mapped to taxonomy {tax.name!r} (mapped: {mapped}); predict "
                           f"over one of those, or map to it first (`mneme map --taxonomy {taxonomy}`, or add it to "
                           "map.taxonomies and run again).")
-    needs_reference = config.rule in REFERENCE_RULES
-    reference = load_reference_latents(layout.contexts) if needs_reference else None
+    reference = None
+    if config.reads_reference():
+        from mneme_plugin.errors import CheckpointError
+
+        try:
+            reference = load_reference_latents(layout.contexts)
+        except CheckpointError as err:
+            raise CheckpointError(
+                f"{err} The {config.rule} rule{' with a control run' if config.rule in CONTROL_RULES else ''} reads "
+                "from it the uniform sample of live latents collect draws (collect.reference_latents)"
+                + (" for its concentration test." if config.rule in CONTROL_RULES else ", its null.")) from err
     control = load_control_attribution(config.control_run) if config.rule in CONTROL_RULES else None
     prediction = predict(load_attribution(layout.attribution).table, category_links(mapping, tax.name), tax.ids(),
                          config, latent_descriptions(mapping), reference=reference, control=control)

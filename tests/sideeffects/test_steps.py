@@ -210,3 +210,26 @@ def test_the_naive_baseline_maps_the_edit_onto_the_predictions_own_taxonomy(tmp_
     organism = load_prediction(run.prediction)
     organism.taxonomy = "organism"
     assert pool_predictions([organism, organism]).taxonomy == "organism"
+
+
+def test_outlier_or_broad_without_a_control_run_needs_no_contexts(tmp_path):
+    """The default rule without predict.control_run is the outlier rule, yet predict_run read contexts.json
+    (the reference latents only its control test uses): "contexts/contexts.json does not exist"."""
+    run = _hand_built_run(tmp_path / "run")
+    assert not run.contexts.exists()
+    outlier = _invoke("predict", "--run-dir", run.root, "--rule", "outlier")
+    assert outlier.exit_code == 0, outlier.output
+    result = _invoke("predict", "--run-dir", run.root)  # the default rule, outlier_or_broad
+    assert result.exit_code == 0, result.output
+    prediction = load_prediction(run.prediction)
+    assert prediction.config.rule == "outlier_or_broad" and prediction.tests["verdict"] == "no control: the outlier rule"
+    assert "Change: no control: the outlier rule" in result.output
+    assert result.output.splitlines()[-1] == outlier.output.splitlines()[-1]  # the same categories
+    # The rules that do read the reference sample say why they need the contexts.
+    refused = _invoke("predict", "--run-dir", run.root, "--rule", "enrichment")
+    assert refused.exit_code != 0 and "contexts.json does not exist" in refused.output
+    assert "The enrichment rule reads from it the uniform sample of live latents" in refused.output, refused.output
+    control = _hand_built_run(tmp_path / "control")
+    refused = _invoke("predict", "--run-dir", run.root, "--control-run", control.root)
+    assert refused.exit_code != 0 and "contexts.json does not exist" in refused.output
+    assert "The outlier_or_broad rule with a control run reads from it" in refused.output, refused.output
