@@ -81,7 +81,9 @@ class SFTConfig(ConfigMixin):
             are dropped).
         batch_size / grad_accum: examples per micro-batch and micro-batches per optimiser step.
         lr_scheduler: "constant", "linear" (decay to 0), "cosine", or "step" (x ``step_decay``
-            each epoch); all after ``warmup_steps`` linear warm-up steps.
+            each epoch); all after ``warmup_steps`` linear warm-up steps, (s + 1) / (warmup_steps + 1)
+            of ``lr`` at step s (HF's ``get_linear_schedule_with_warmup`` takes s / warmup_steps and so
+            spends its first step at lr 0; the decay after the warm-up is the same).
         gradient_checkpointing: recompute activations in the backward pass (less memory, ~30% slower).
         lora: None for full fine-tuning, else the LoRA settings.
         checkpoint_every: optimiser steps between checkpoints in the output folder (0: none); a run
