@@ -64,6 +64,18 @@ def require_json_shape(path: str | os.PathLike[str], data: Any, needed: dict[str
     return data
 
 
+def records_problem(records: list[Any], columns: Iterable[str]) -> str | None:
+    """What keeps ``records`` (a table saved as a JSON list of row objects) from being read: a row that is
+    not an object, or a column a reader needs that a row lacks; None when readable."""
+    for i, row in enumerate(records):
+        if not isinstance(row, dict):
+            return f"row {i} is a {type(row).__name__}, not an object"
+        missing = [c for c in columns if c not in row]
+        if missing:
+            return f"row {i} lacks {', '.join(map(repr, missing))}"
+    return None
+
+
 def json_digest(obj: Any, length: int = 16) -> str:
     """SHA-256 (hex, first ``length`` characters) of ``obj`` as sorted-key JSON (``str`` for the rest):
     the key of everything cached or compared by content (run stages, taxonomies, organisms, judge answers)."""

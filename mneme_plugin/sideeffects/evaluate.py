@@ -19,10 +19,9 @@ from typing import Any
 import pandas as pd
 
 from mneme_plugin.errors import ConfigError
-from mneme_plugin.files import atomic_write, atomic_write_text, read_json, require_json_shape
+from mneme_plugin.files import atomic_write, atomic_write_text, read_json, records_problem, require_json_shape
 from mneme_plugin.groundtruth.table import checked_scores, drop_test
 from mneme_plugin.sideeffects.config import EvaluateConfig
-from mneme_plugin.sideeffects.predict import records_problem
 from mneme_plugin.sideeffects.metrics import SetMetrics, metric_text, oracle_baseline, random_baseline, set_metrics
 
 logger = logging.getLogger("mneme_plugin")

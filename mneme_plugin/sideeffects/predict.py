@@ -13,7 +13,7 @@ from typing import Any
 import pandas as pd
 
 from mneme_plugin.errors import ConfigError
-from mneme_plugin.files import atomic_write, atomic_write_text, read_json, require_json_shape
+from mneme_plugin.files import atomic_write, atomic_write_text, read_json, records_problem, require_json_shape
 from mneme_plugin.interpret.mapping import LINK_COLUMNS
 from mneme_plugin.sideeffects.config import CONTROL_RULES, PredictConfig
 from mneme_plugin.sideeffects.enrichment import benjamini_hochberg, enrichment_table
@@ -271,15 +271,3 @@ def load_prediction(out_dir: str | os.PathLike[str]) -> Prediction:
         evidence=data["evidence"], config=config, tests=tests if isinstance(tests, dict) else {},
         taxonomy=taxonomy if isinstance(taxonomy, str) and taxonomy else None,
     )
-
-
-def records_problem(records: list[Any], columns: Iterable[str]) -> str | None:
-    """What keeps ``records`` (a table saved as a JSON list of row objects) from being read: a row that is
-    not an object, or a column a reader needs that a row lacks; None when readable."""
-    for i, row in enumerate(records):
-        if not isinstance(row, dict):
-            return f"row {i} is a {type(row).__name__}, not an object"
-        missing = [c for c in columns if c not in row]
-        if missing:
-            return f"row {i} lacks {', '.join(map(repr, missing))}"
-    return None
