@@ -113,6 +113,7 @@ def gather(run_dir: str | os.PathLike[str]) -> ReportData:
         data.truth = evaluations[""].truth
         data.metrics_table = evaluations[""].table()
         data.unmeasured = evaluations[""].unmeasured
+        data.outside = pd.DataFrame(evaluations[""].outside) if evaluations[""].outside else None
     for name, evaluation in evaluations.items():
         if not name:
             continue

@@ -59,6 +59,7 @@ class ReportData:
     truth: pd.DataFrame | None = None  # category, before, after, drop, degraded
     metrics_table: pd.DataFrame | None = None  # method, accuracy, precision, recall, f1, ...
     unmeasured: dict[str, list[str]] = field(default_factory=dict)  # predicted where no ground truth is
+    outside: pd.DataFrame | None = None  # ground-truth rows outside the prediction's taxonomy, not scored
     config: dict[str, Any] | None = None
     latents_per_class: int = 5
     tables: list["TableView"] = field(default_factory=list)  # runs with several ground truths: one view each
@@ -268,7 +269,7 @@ def render_report(data: ReportData) -> str:
             parts += _evaluation_sections(view.category_scores, view.truth, view.metrics_table, suffix,
                                           f"-{_slug(view.name)}", view.outside, view.unmeasured)
     else:
-        parts += _evaluation_sections(data.category_scores, data.truth, data.metrics_table, "", "", None,
+        parts += _evaluation_sections(data.category_scores, data.truth, data.metrics_table, "", "", data.outside,
                                       data.unmeasured)
 
     config_text = json.dumps(data.config, indent=2, default=str) if data.config else ""

@@ -179,6 +179,12 @@ def test_evaluate_scores_only_the_ground_truth_rows_of_the_predictions_taxonomy(
     assert evaluation.rows["oracle"].n_true == 2 and evaluation.rows["MNEME"].n_true == 2
     assert sorted(evaluation.truth["category"]) == ["biology", "cooking", "law", "sports"]
     assert [row["category"] for row in evaluation.outside] == ["wmdp_bio", "Law"]
+    # The report shows them, not scored, as it does for named tables.
+    from mneme_plugin.report.build import gather
+    from mneme_plugin.report.html import render_report
+
+    page = render_report(gather(run.root))
+    assert "Not scored (outside the taxonomy):" in page and "<td>wmdp_bio</td>" in page and "<td>Law</td>" in page
 
 
 def test_the_naive_baseline_maps_the_edit_onto_the_predictions_own_taxonomy(tmp_path):
