@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU figure of the README in one command, for a GPU machine whose Python has torch but
-# not this package's dependencies (such as a lent, offline one). Takes about 7 minutes on an H100.
+# not this package's dependencies (such as a lent, offline one). Takes about 7 minutes on an H200
+# (bench_train about 3, bench_quality about 4).
 #
 # Prepare on a machine with the internet, in the repository root (both folders are for git-excluded use):
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -24,4 +25,4 @@ fork=()
 # Paper sizes: tokens/s, share of the bf16 matmul peak, dense reference, peak memory; the fork beside ours.
 timeout 420 python3 benchmarks/bench_train.py --gpu --steps 10 "${fork[@]}" 2>&1 | tee "$out/bench_train_gpu.txt"
 # Planted-feature recovery trained on the GPU (bf16 autocast), two seeds.
-timeout 180 python3 benchmarks/bench_quality.py --device cuda --seeds 0 1 2>&1 | tee "$out/bench_quality_cuda.txt"
+timeout 330 python3 benchmarks/bench_quality.py --device cuda --seeds 0 1 2>&1 | tee "$out/bench_quality_cuda.txt"
