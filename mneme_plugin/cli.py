@@ -737,32 +737,17 @@ def predict(run_dir, config, taxonomy, rule, side, k, alpha, control_run) -> Non
     """Score every category from the attributed latents and their categories; predict the affected ones."""
     from mneme_plugin.interpret import MapConfig
     from mneme_plugin.sideeffects import PredictConfig, predict_run
-    from mneme_plugin.sideeffects.steps import mapped_taxonomies, prediction_folder
+    from mneme_plugin.sideeffects.steps import prediction_target
 
     run_config = _run_config(run_dir)
     sections = _run_sections(run_config, config, ("predict", "map"), from_run=("predict", "map"))
     cfg = PredictConfig.from_dict(_override(sections["predict"], rule=rule, side=side, k=k, alpha=alpha,
                                             control_run=control_run),
                                   section="predict")
-    # The taxonomies the run predicts for (the map's first and the ground-truth tables'), each where the
-    # run's stages keep it (prediction/, or prediction/<taxonomy>/ beside others); another mapped
-    # taxonomy goes to prediction/<taxonomy>/, never over the run's own prediction. A folder without
-    # config.yaml (stage commands' outputs): the map.taxonomies of --config, else the first taxonomy
-    # its mapping holds, whose prediction goes to prediction/, where evaluate and the report read it.
-    if run_config is not None:
-        taxonomies = run_config.taxonomies()
-    elif "taxonomies" in sections["map"]:
-        taxonomies = MapConfig.from_dict(sections["map"], section="map").taxonomies[:1]
-    else:
-        taxonomies = mapped_taxonomies(run_dir)[:1] or MapConfig().taxonomies[:1]
-    taxonomy = taxonomy or taxonomies[0]
-    own = taxonomy in taxonomies
-    if not own and run_config is None:
-        from mneme_plugin.interpret.taxonomy import load_taxonomy
-
-        # --taxonomy FILE.yaml of the taxonomy the mapping names: the folder's own all the same.
-        own = load_taxonomy(taxonomy).name == taxonomies[0]
-    out = prediction_folder(run_dir, taxonomy, taxonomies) if own else RunLayout(Path(run_dir)).prediction / taxonomy
+    map_taxonomies = (MapConfig.from_dict(sections["map"], section="map").taxonomies
+                      if "taxonomies" in sections["map"] else None)
+    taxonomy, out = prediction_target(run_dir, taxonomy, run_config.taxonomies() if run_config is not None else None,
+                                      map_taxonomies)
     # The run's markers go once the prediction is made, before it replaces the old one (a refused
     # prediction writes nothing and leaves them).
     result = predict_run(run_dir, cfg, taxonomy, out_dir=out, before_write=lambda: _unmark_run_stages(out, "predict"))

@@ -83,6 +83,33 @@ def mapped_taxonomies(run_dir: str | os.PathLike[str]) -> list[str]:
     return list(dict.fromkeys(mapping["taxonomy"].astype(str))) if "taxonomy" in mapping else []
 
 
+def prediction_target(run_dir: str | os.PathLike[str], taxonomy: str | None, run_taxonomies: list[str] | None,
+                      map_taxonomies: list[str] | None = None) -> tuple[str, Path]:
+    """The taxonomy ``mneme predict`` predicts over and the folder its prediction goes to.
+
+    ``run_taxonomies``: those the run predicts for (its config's, ``RunConfig.taxonomies``; None for a
+    folder without config.yaml, the stage commands' outputs). Each of them goes where the run's stages
+    keep it (``prediction_folder``); another mapped taxonomy goes to ``prediction/<taxonomy>/``, never
+    over the run's own prediction. A folder without config.yaml predicts over the first of
+    ``map_taxonomies`` (the map section given), else the first its mapping holds; that one goes to
+    ``prediction/``, where evaluate and the report read it. ``taxonomy``: the one asked for, if any."""
+    if run_taxonomies is not None:
+        taxonomies = run_taxonomies
+    elif map_taxonomies:
+        taxonomies = map_taxonomies[:1]
+    else:
+        taxonomies = mapped_taxonomies(run_dir)[:1] or MapConfig().taxonomies[:1]
+    taxonomy = taxonomy or taxonomies[0]
+    own = taxonomy in taxonomies
+    if not own and run_taxonomies is None:
+        from mneme_plugin.interpret.taxonomy import load_taxonomy
+
+        # --taxonomy FILE.yaml of the taxonomy the mapping names: the folder's own all the same.
+        own = load_taxonomy(taxonomy).name == taxonomies[0]
+    out = prediction_folder(run_dir, taxonomy, taxonomies) if own else RunLayout(Path(run_dir)).prediction / taxonomy
+    return taxonomy, out
+
+
 def pool_runs(run_dirs: list[str | os.PathLike[str]], out_dir: str | os.PathLike[str], taxonomy: str | None = None,
               min_votes: int | None = None) -> Prediction:
     """Pool the predictions of finished runs on the same model pair (crosscoders of different seeds)
@@ -221,10 +248,12 @@ def _folded(name: str) -> str:
     return name.strip().lower().replace(" ", "_").replace("-", "_")
 
 
-def _split_truth(truth: "pd.DataFrame", categories: list[str], taxonomy: str | None) -> "pd.Series":
+def _split_truth(truth: "pd.DataFrame", categories: list[str], taxonomy: str | None,
+                 table: str | None = None) -> "pd.Series":
     """Which ground-truth rows name one of the prediction's categories (a boolean mask). None of them: a
     ConfigError (the ground truth scores nothing); some not: a warning naming them, with the near misses
-    (case, spaces, underscores) they probably meant."""
+    (case, spaces, underscores) they probably meant. ``table``: the named ground-truth table they come
+    from (``ground_truth.tables``), whose own ``categories`` mapping renames them."""
     from mneme_plugin.errors import ConfigError
 
     measured = [str(c) for c in truth["category"]]
@@ -233,14 +262,17 @@ def _split_truth(truth: "pd.DataFrame", categories: list[str], taxonomy: str | N
     outside = [m for m, kept in zip(measured, inside) if not kept]
     near = {m: key[_folded(m)] for m in outside if _folded(m) in key}
     hint = f" Did you mean {', '.join(f'{v!r} for {k!r}' for k, v in list(near.items())[:5])}?" if near else ""
+    source = f"ground-truth table {table!r}" if table else "the ground truth"
+    where = f"taxonomy {taxonomy!r}" if taxonomy else "the prediction's taxonomy"
     if not inside.any():
-        raise ConfigError(f"The ground truth's categories ({measured[:5]}{'...' if len(measured) > 5 else ''}) share "
-                          f"none with the prediction's taxonomy ({categories[:5]}...).{hint} Rename them, or predict "
-                          "over the taxonomy they belong to.")
+        fix = ("Rename them with the table's `categories` mapping, or give the table the taxonomy they belong to "
+               "(its `taxonomy`)." if table else "Rename them, or predict over the taxonomy they belong to.")
+        raise ConfigError(f"The categories of {source} ({measured[:5]}{'...' if len(measured) > 5 else ''}) share "
+                          f"none with the prediction's taxonomy ({where}: {categories[:5]}...).{hint} {fix}")
     if outside:
-        where = f"taxonomy {taxonomy!r}" if taxonomy else "the prediction's taxonomy"
-        logger.warning("Ground-truth categories outside %s, not scored (kept in the evaluation as outside): %s.%s",
-                       where, ", ".join(map(repr, outside[:10])) + (" ..." if len(outside) > 10 else ""), hint)
+        logger.warning("%s has categories outside %s, not scored (kept in the evaluation as outside): %s.%s",
+                       source[0].upper() + source[1:], where, ", ".join(map(repr, outside[:10])) + (" ..." if len(outside) > 10 else ""),
+                       hint)
     return inside
 
 
@@ -278,25 +310,20 @@ def evaluate_tables(run_dir: str | os.PathLike[str], config: EvaluateConfig, gro
                     map_config: MapConfig, taxonomies: list[str], intervention: str = "") -> dict[str, Evaluation]:
     """One evaluation per ground-truth table of the run (``ground_truth.tables``), each against the
     prediction for the table's taxonomy; saved to ``evaluation/<table>/``. Table rows outside the
-    taxonomy (e.g. WMDP beside the MMLU subjects) are kept in the evaluation as ``outside``, not scored."""
-    from mneme_plugin.errors import ConfigError
+    taxonomy (e.g. WMDP beside the MMLU subjects) are kept in the evaluation as ``outside``, not scored,
+    with a warning (as ``evaluate_run``'s); a table with none inside is refused."""
     from mneme_plugin.groundtruth.sources import load_tables
-    from mneme_plugin.interpret.taxonomy import load_taxonomy
 
     layout = RunLayout(Path(run_dir))
     out = {}
     for name, (taxonomy, truth) in load_tables(ground_truth, layout.ground_truth, taxonomies[0]).items():
         prediction = load_prediction(prediction_folder(run_dir, taxonomy, taxonomies))
-        ids = set(load_taxonomy(taxonomy).ids())
-        inside = truth["category"].isin(ids)
-        if not inside.any():
-            raise ConfigError(f"Ground-truth table {name!r} shares no category with taxonomy {taxonomy!r} "
-                              f"(it has {truth['category'].head(5).tolist()}...); rename them with the table's "
-                              "`categories` mapping or pick its taxonomy.")
+        categories = prediction.scores["category"].astype(str).tolist()
+        inside = _split_truth(truth, categories, taxonomy, table=name)
         naive = (naive_prediction(intervention, map_config, max(1, len(prediction.predicted)), taxonomy)
                  if intervention else None)
-        evaluation = evaluate(prediction.predicted, truth[inside].reset_index(drop=True),
-                              prediction.scores["category"].tolist(), naive_predicted=naive, config=config)
+        evaluation = evaluate(prediction.predicted, truth[inside].reset_index(drop=True), categories,
+                              naive_predicted=naive, config=config)
         evaluation.taxonomy = taxonomy
         evaluation.outside = truth[~inside].to_dict(orient="records")
         save_evaluation(evaluation, layout.evaluation / name)

@@ -171,7 +171,7 @@ def test_evaluate_scores_only_the_ground_truth_rows_of_the_predictions_taxonomy(
     result = _invoke("evaluate", "--run-dir", run.root, "--scores-csv", _truth_with_rows_outside(tmp_path))
     assert result.exit_code == 0, result.output
     assert "Degraded: law, sports\n" in result.output
-    assert ("Ground-truth categories outside taxonomy 'organism', not scored (kept in the evaluation as outside): "
+    assert ("The ground truth has categories outside taxonomy 'organism', not scored (kept in the evaluation as outside): "
             "'wmdp_bio', 'Law'. Did you mean 'law' for 'Law'?") in result.output
     evaluation = load_evaluation(run.evaluation)
     # law and sports degraded; MNEME named law and biology: Eq. 4 accuracy 1/2, precision 1/2.
@@ -185,6 +185,40 @@ def test_evaluate_scores_only_the_ground_truth_rows_of_the_predictions_taxonomy(
 
     page = render_report(gather(run.root))
     assert "Not scored (outside the taxonomy):" in page and "<td>wmdp_bio</td>" in page and "<td>Law</td>" in page
+
+
+def test_a_named_tables_rows_outside_its_taxonomy_are_named_in_a_warning_and_a_table_with_none_refused(tmp_path,
+                                                                                                     caplog):
+    """Named tables (`ground_truth.tables`) and the single ground truth split their rows by one rule: rows
+    outside the prediction's taxonomy are kept as `outside` and named in a warning with the near miss (a
+    table's were dropped silently), and a table with no row inside is refused, naming the table and its
+    `categories` mapping."""
+    from mneme_plugin.errors import ConfigError
+    from mneme_plugin.groundtruth.sources import RunGroundTruthConfig, table_path
+    from mneme_plugin.interpret import MapConfig
+    from mneme_plugin.sideeffects import EvaluateConfig, PredictConfig, predict_run
+    from mneme_plugin.sideeffects.steps import evaluate_tables
+
+    run = _hand_built_run(tmp_path / "run")
+    predict_run(run.root, PredictConfig(rule="top_k", k=2), "organism")
+    run.ground_truth.mkdir(parents=True)
+    table_path(run.ground_truth, "knowledge").write_text(_truth_with_rows_outside(tmp_path).read_text())
+    truth = RunGroundTruthConfig(tables={"knowledge": {"taxonomy": "organism", "scores_csv": "unused.csv"}})
+    with caplog.at_level("WARNING", logger="mneme_plugin"):
+        evaluation = evaluate_tables(run.root, EvaluateConfig(), truth, MapConfig(), ["organism"])["knowledge"]
+    assert ("Ground-truth table 'knowledge' has categories outside taxonomy 'organism', not scored (kept in the "
+            "evaluation as outside): 'wmdp_bio', 'Law'. Did you mean 'law' for 'Law'?") in caplog.text
+    assert [row["category"] for row in evaluation.outside] == ["wmdp_bio", "Law"]
+    assert sorted(evaluation.truth["category"]) == ["biology", "cooking", "law", "sports"]
+    assert evaluation.rows["MNEME"].accuracy == pytest.approx(0.5)
+
+    table_path(run.ground_truth, "knowledge").write_text("category,before,after\nLaw,0.9,0.1\nwmdp_bio,0.7,0.3\n")
+    with pytest.raises(ConfigError) as refused:
+        evaluate_tables(run.root, EvaluateConfig(), truth, MapConfig(), ["organism"])
+    message = str(refused.value)
+    assert message.startswith("The categories of ground-truth table 'knowledge' (['Law', 'wmdp_bio']) share none with the "
+                              "prediction's taxonomy (taxonomy 'organism': ")
+    assert "Did you mean 'law' for 'Law'?" in message and "the table's `categories` mapping" in message
 
 
 def test_the_naive_baseline_maps_the_edit_onto_the_predictions_own_taxonomy(tmp_path):
