@@ -477,7 +477,8 @@ def write_lm_eval_generative_task(folder: str | Path, name: str, filters: dict[s
 
 class FakeLLM:
     """A /v1/chat/completions server; ``script`` is a list of actions consumed per request:
-    an int status (429/500), "stall" (sleeps past the client timeout) or "ok". ``reply``, if set, maps a
+    an int status (429/500), "stall" (sleeps past the client timeout), "malformed" (a 200 whose body is
+    an HTML error page, as a proxy sends) or "ok". ``reply``, if set, maps a
     request body to the answer's ``choices[0]`` (message, logprobs), or to an int status (the request
     fails with it); else canned Delphi answers."""
 
@@ -501,6 +502,12 @@ class FakeLLM:
                     self.send_response(action)
                     self.end_headers()
                     self.wfile.write(b'{"error": "try again"}')
+                    return
+                if action == "malformed":
+                    self.send_response(200)
+                    self.send_header("Content-Type", "text/html")
+                    self.end_headers()
+                    self.wfile.write(b"<html><body>502 Bad Gateway</body></html>")
                     return
                 if owner.reply is not None:
                     choice = owner.reply(body)

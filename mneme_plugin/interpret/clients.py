@@ -322,16 +322,24 @@ class OpenAICompatibleClient(Client):
                         last = f"{type(err).__name__}: {err}"
                     else:
                         if resp.status_code == 200:
-                            response, finish_reason = self._parse(resp)
-                            if finish_reason == "length":
-                                self._note_truncated()
-                            if self.cache:
-                                self.cache.put(key, response)
-                            return response
-                        last = f"HTTP {resp.status_code}: {resp.text[:200]}"
-                        if resp.status_code not in self.RETRY_STATUS:
-                            raise ClientError(f"{url} refused the request ({last}); not retried.")
-                        retry_after = resp.headers.get("retry-after")
+                            try:
+                                response, finish_reason = self._parse(resp)
+                            except ClientError as err:
+                                # A 200 whose body is no chat completion (a proxy's error page, a body cut
+                                # short) is most often transient: retried like a 5xx, named if it persists.
+                                last = (f"HTTP 200 with {err} Check that base_url ({self.base_url}) is an "
+                                        "OpenAI-compatible /v1 endpoint.")
+                            else:
+                                if finish_reason == "length":
+                                    self._note_truncated()
+                                if self.cache:
+                                    self.cache.put(key, response)
+                                return response
+                        else:
+                            last = f"HTTP {resp.status_code}: {resp.text[:200]}"
+                            if resp.status_code not in self.RETRY_STATUS:
+                                raise ClientError(f"{url} refused the request ({last}); not retried.")
+                            retry_after = resp.headers.get("retry-after")
                     if attempt < self.max_retries:
                         delay = self._delay(attempt, retry_after)
                         logger.debug("LLM request failed (%s); retry %d in %.2fs", last, attempt + 1, delay)
@@ -355,7 +363,7 @@ class OpenAICompatibleClient(Client):
             choice = data["choices"][0]
             text = choice["message"]["content"] or ""
         except (ValueError, KeyError, IndexError, TypeError) as err:
-            raise ClientError(f"Unexpected chat-completions answer: {resp.text[:200]!r} ({err!r}).") from err
+            raise ClientError(f"an answer that is no chat completion: {resp.text[:200]!r} ({err!r}).") from err
         logprobs = top = None
         if isinstance(choice.get("logprobs"), dict) and choice["logprobs"].get("content"):
             content = choice["logprobs"]["content"]

@@ -70,6 +70,22 @@ def test_gives_up_after_retries_and_does_not_retry_400(fake_llm, tmp_path):
     assert len(fake_llm.requests) == n + 1
 
 
+def test_a_200_whose_body_is_no_chat_completion_is_retried_then_named(fake_llm, tmp_path):
+    """A proxy's error page sent with status 200 failed the request at once ("Unexpected chat-completions
+    answer"), ending a stage of thousands of calls on one transient glitch. It is retried like a 5xx;
+    if every attempt gets one, the error names it and the endpoint to check."""
+    fake_llm.script = ["malformed", "malformed"]
+    out = client(fake_llm, tmp_path, cache_dir=None).generate_sync("[EXPLANATION]: <<x>>")
+    assert out.text.startswith("[EXPLANATION]:") and len(fake_llm.requests) == 3
+    fake_llm.script = ["malformed"] * 3
+    with pytest.raises(ClientError) as failed:
+        client(fake_llm, tmp_path, max_retries=2, cache_dir=None).generate_sync("hi")
+    message = str(failed.value)
+    assert "after 3 attempts" in message and "HTTP 200 with an answer that is no chat completion" in message
+    assert "502 Bad Gateway" in message and "OpenAI-compatible /v1 endpoint" in message
+    assert len(fake_llm.requests) == 6
+
+
 def test_delphi_default_explainer_through_our_client(collected, fake_llm, tmp_path, tiny_tokenizer):
     out, cfg, result = collected
     fake_llm.script = [429]
