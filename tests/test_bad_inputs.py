@@ -207,7 +207,7 @@ CASES = [
     Case("remediate-missing-model", lambda t, fx: _remediate(t, fx, t, str(t / "no_such_model")),
          r"(--edited: the model folder .*no_such_model does not exist|holds no)"),
     Case("remediate-unknown-class", lambda t, fx: _remediate(t, fx, t, str(fx.llama_dir)) + ["--classes", "lost"],
-         r"remediate.*classes must be attribution classes among .*'suppressed'.*got \['lost'\]"),
+         r"remediate.*classes names unknown attribution class\(es\) \['lost'\]: use some of .*'suppressed'"),
     Case("report-not-a-run", lambda t, fx: ["report", "--run-dir", str(t)], r"is not a run directory|holds no"),
     Case("import-overwrite", _import_over_an_existing_crosscoder,
          r"ours/config\.json.* already exist.*refusing to overwrite.*--force"),

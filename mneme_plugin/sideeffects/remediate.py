@@ -27,7 +27,7 @@ from typing import Any
 import pandas as pd
 import torch
 
-from mneme_plugin.attribution.config import BASE_LEANING, CLASSES, EDITED_LEANING
+from mneme_plugin.attribution.config import BASE_LEANING, CLASSES, EDITED_LEANING, classes_problem
 from mneme_plugin.config import ConfigMixin, Seed, require
 from mneme_plugin.errors import ConfigError
 from mneme_plugin.files import atomic_directory, atomic_write, atomic_write_text, read_json
@@ -85,11 +85,10 @@ class RemediateConfig(ConfigMixin):
     seed: Seed = 0
 
     def __post_init__(self) -> None:
+        problem = classes_problem(self.classes, "classes")  # the one message predict and collect give
+        require(problem is None, str(problem))
         self.classes = tuple(self.classes)
-        unknown = sorted(set(self.classes) - set(CLASSES))
         require(bool(self.classes), f"classes is empty: name attribution classes among {list(CLASSES)}.")
-        require(not unknown, f"classes must be attribution classes among {list(CLASSES)}, "
-                             f"got {list(self.classes)} (unknown: {unknown}).")
         require(self.target in REMEDIATION_TARGETS,
                 f"target must be one of {list(REMEDIATION_TARGETS)}, got {self.target!r}.")
         require(self.max_latents >= 1 and self.samples_per_latent >= 1, "max_latents and samples_per_latent must be >= 1.")

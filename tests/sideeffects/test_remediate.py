@@ -36,7 +36,7 @@ def test_samples_come_from_the_most_changed_collected_latents():
     assert latents == [9] and torch.equal(rows, tokens[[2, 3]])
     with pytest.raises(ConfigError, match="No collected latent"):
         select_samples(contexts, attribution, RemediateConfig(classes=("edited_only",)))
-    with pytest.raises(ConfigError, match=r"classes must be attribution classes .*unknown: \['lost'\]"):
+    with pytest.raises(ConfigError, match=r"classes names unknown attribution class\(es\) \['lost'\]"):
         RemediateConfig(classes=("suppressed", "lost"))
 
 
