@@ -455,8 +455,9 @@ def _train(data: TrainingData, run_dir: Path, cc_cfg: CrossCoderConfig, tr_cfg: 
                                   eval_data=eval_data, dist=ctx, rank_slices=rank_slices)
 
     def write_final() -> None:  # rank 0 writes the crosscoder and its metrics
-        atomic_directory(final_dir, crosscoder_model.save_pretrained, overwrite=True)
-        atomic_write_text(metrics_path, json.dumps(metrics.to_dict(), indent=2))
+        # Durable: the (fsynced) checkpoints that could redo them go next.
+        atomic_directory(final_dir, crosscoder_model.save_pretrained, overwrite=True, durable=True)
+        atomic_write_text(metrics_path, json.dumps(metrics.to_dict(), indent=2), durable=True)
         logger.info("Crosscoder written to %s, metrics to %s.", final_dir, metrics_path)
         _remove_finished_checkpoints(run_dir, tr_cfg)
 

@@ -95,6 +95,27 @@ def test_a_finished_run_removes_its_checkpoints_even_after_a_kill_before_they_we
     assert torch.equal(again.crosscoder.W_dec, done.crosscoder.W_dec)
 
 
+def test_the_finished_crosscoder_and_metrics_are_fsynced_before_the_checkpoints_go(tiny_store, tmp_path,
+                                                                                   monkeypatch):
+    """The finished crosscoder and metrics.json were written without fsync just before the (fsynced)
+    checkpoints that could redo them were deleted: a power cut could leave neither. Both are fsynced now."""
+    import os
+
+    synced, fsync = [], os.fsync
+
+    def recording_fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    train(tiny_store, tmp_path / "run", CrossCoderConfig(expansion_factor=2, k=4), _small_training(steps=21),
+          progress=False)
+    final = {os.path.basename(path) for path in synced if "/checkpoints/" not in path and "step_" not in path}
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    written = {p.name for p in (tmp_path / "run" / "crosscoder").iterdir()}
+    assert written <= final and any(name.startswith(".metrics.") for name in final), sorted(final)
+
+
 def test_finished_run_is_loaded_and_a_changed_config_refused(tiny_store, tmp_path, monkeypatch):
     cc = CrossCoderConfig(expansion_factor=2, k=4)
     first = train(tiny_store, tmp_path / "run", cc, _small_training(steps=20), progress=False)
