@@ -15,7 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mneme_plugin.activations.store import ActivationStore
-from mneme_plugin.attribution.classify import classify
+from mneme_plugin.attribution.classify import classify, delta_bands
 from mneme_plugin.attribution.config import CLASSES
 from mneme_plugin.attribution.config import AttributionConfig
 from mneme_plugin.attribution.decoder_norms import decoder_stats
@@ -126,9 +126,9 @@ def summarize(table: pd.DataFrame, config: AttributionConfig, n_tokens: int, ext
     delta = table["delta"].to_numpy(dtype=float)
     fired = table["fire_count"].to_numpy() > 0
     confirm = table["betas_confirm"]
-    with np.errstate(invalid="ignore"):
-        demoted_base = int(((delta > config.delta_base_only) & fired & (table["latent_class"] == "suppressed")).sum())
-        demoted_edited = int(((delta < config.delta_edited_only) & fired & (table["latent_class"] == "amplified")).sum())
+    base_band, edited_band, _ = delta_bands(delta, config)  # the bands classify placed the latents by
+    demoted_base = int((base_band & fired & (table["latent_class"] == "suppressed")).sum())
+    demoted_edited = int((edited_band & fired & (table["latent_class"] == "amplified")).sum())
     return {
         "n_latents": int(len(table)),
         "n_tokens": int(n_tokens),

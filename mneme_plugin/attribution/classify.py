@@ -52,6 +52,23 @@ def _inverse(values: np.ndarray) -> np.ndarray:
         return 1.0 / values
 
 
+# Delta computed from decoder norms lands a rounding error off the band edges (norms (1, 0.8) give
+# 0.6 as abs(0.6 - 0.5) = 0.0999..., (0.2, 1) give 0.09999...98): comparisons allow this much so the
+# documented inclusive edges (0.6 suppressed, 0.4 amplified, 0.1 amplified, 0.9 suppressed) hold.
+EDGE_TOLERANCE = 1e-9
+
+
+def delta_bands(delta: np.ndarray, config: AttributionConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(base extreme, edited extreme, shared) masks of Delta by the thresholds alone (NaN in none),
+    the band edges inclusive as documented: Delta > delta_base_only, Delta < delta_edited_only,
+    |Delta - 0.5| < shared_band, each EDGE_TOLERANCE inside its edge."""
+    delta = np.asarray(delta, dtype=float)
+    with np.errstate(invalid="ignore"):
+        return (delta > config.delta_base_only + EDGE_TOLERANCE,
+                delta < config.delta_edited_only - EDGE_TOLERANCE,
+                np.abs(delta - 0.5) < config.shared_band - EDGE_TOLERANCE)
+
+
 def base_side_ratios(columns: dict[str, np.ndarray], config: AttributionConfig) -> tuple[np.ndarray, np.ndarray]:
     """(nu^e, nu^r) used to confirm base-specific latents, per ``config.base_specific_vector``."""
     if config.base_specific_vector == "base":
@@ -73,10 +90,11 @@ def classify(columns: dict[str, np.ndarray], config: AttributionConfig | None = 
     base_e, base_r = base_side_ratios(columns, cfg)
     alive = fired & np.isfinite(delta)
 
+    base_band, edited_band, shared_band = delta_bands(delta, cfg)
+    is_base_extreme = alive & base_band
+    is_edited_extreme = alive & edited_band
+    is_shared = alive & shared_band
     with np.errstate(invalid="ignore"):
-        is_base_extreme = alive & (delta > cfg.delta_base_only)
-        is_edited_extreme = alive & (delta < cfg.delta_edited_only)
-        is_shared = alive & (np.abs(delta - 0.5) < cfg.shared_band)
         leans_base = alive & (delta >= 0.5)
 
     base_known = ~np.isnan(base_e) & ~np.isnan(base_r)

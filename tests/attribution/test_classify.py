@@ -93,6 +93,33 @@ def test_decoder_stats_and_relative_norm():
     assert relative_norm(torch.tensor([3.0]), torch.tensor([0.0])).item() == 1.0
 
 
+def test_latents_on_the_band_edges_take_the_documented_class():
+    """Decoder norms (1, 0.8) give Delta 0.6 up to rounding (abs(0.6 - 0.5) is 0.0999... in floating point),
+    which was classed shared; the docstring puts 0.6 in suppressed, 0.4 in amplified, 0.9 in suppressed and
+    0.1 in amplified (edges inclusive). The summary's demotion counts read the same bands."""
+    import pandas as pd
+
+    from mneme_plugin.attribution.attribute import summarize
+
+    norms = [(1.0, 0.8), (0.8, 1.0), (1.0, 0.2), (0.2, 1.0), (1.0, 0.79), (0.79, 1.0), (1.0, 0.19), (0.19, 1.0)]
+    W = torch.zeros(2, len(norms), 3, dtype=torch.float64)
+    for j, (n_b, n_f) in enumerate(norms):
+        W[0, j, 0], W[1, j, 1] = n_b, n_f
+    delta = decoder_stats(W)["delta"].numpy()
+    np.testing.assert_allclose(delta[:4], [0.6, 0.4, 0.9, 0.1], atol=1e-15)
+    expected = ["suppressed", "amplified", "suppressed", "amplified", "suppressed", "amplified", "base_only", "edited_only"]
+    config = AttributionConfig(use_betas=False)
+    assert list(classify(_columns(delta), config)["latent_class"]) == expected
+    # Betas that would demote the extremes: on the edges there is no extreme to demote (nor to count).
+    columns = _columns(delta, nu_e=5.0, nu_r=5.0, nu_e_mirror=5.0, nu_r_mirror=5.0)
+    out = classify(columns, AttributionConfig())
+    assert list(out["latent_class"]) == expected[:6] + ["suppressed", "amplified"]
+    table = pd.DataFrame({**columns, **out})
+    table["betas_confirm"] = pd.array(list(table["betas_confirm"]), dtype="boolean")
+    summary = summarize(table, AttributionConfig(), 100, {})
+    assert summary["demoted_by_betas"] == {"base_only": 1, "edited_only": 1}
+
+
 @pytest.mark.parametrize(
     "changes",
     [{"delta_base_only": 0.55}, {"delta_edited_only": 0.45}, {"shared_band": 0.0}, {"nu_error_max": 0},
