@@ -191,6 +191,8 @@ def attribute(
     acc = LatentScalingAccumulator.from_crosscoder(cc, device=device)
     try:
         for x in batches:
+            if x.shape[0] == 0:  # a zero-row shard or stream batch adds nothing (and BatchTopK cannot encode it)
+                continue
             x = x.to(device=device, dtype=cc.W_enc.dtype)
             if not torch.isfinite(x).all():
                 raise NonFiniteActivationError(

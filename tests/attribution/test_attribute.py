@@ -112,3 +112,38 @@ def test_untrained_crosscoder_falls_back_to_batch_topk_and_counts_dead(caplog):
     never = int((result.table["fire_count"] == 0).sum())
     assert never > 0 and result.summary["n_never_fired"] == never == result.counts["dead"]
     assert result.summary["encoding"].startswith("batch_topk")
+
+
+@pytest.mark.parametrize("encoding", ["threshold", "batch_topk"])
+def test_zero_row_batches_and_shards_are_skipped(random_crosscoder, encoding, tmp_path):
+    """A zero-row batch in a stream (or a zero-row shard of a store) failed with a raw RuntimeError from a
+    reshape; it adds nothing, so the table equals the one without it."""
+    import copy
+
+    import pandas.testing as pd_testing
+
+    from mneme_plugin.activations.manifest import read_manifest, write_manifest
+    from mneme_plugin.activations.store import write_shard
+    from tests.helpers import random_activation_pairs
+
+    cc = copy.deepcopy(random_crosscoder)
+    if encoding == "batch_topk":
+        cc.threshold.fill_(-1.0)
+    x = random_activation_pairs(300, 16, seed=4)
+    empty = torch.zeros(0, 2, 16)
+    parts = list(x.split(100))  # the batches of the store below too: BatchTopK codes depend on them
+    reference = attribute(cc, parts, {"device": "cpu"}, progress=False)
+    streamed = attribute(cc, [empty, parts[0], empty, *parts[1:]], {"device": "cpu"}, progress=False)
+    assert streamed.summary["n_tokens"] == 300
+    pd_testing.assert_frame_equal(streamed.table, reference.table)
+
+    store = write_activation_store(tmp_path / "store", x, rows_per_shard=100, scale_factors=[0.5, 2.0])
+    manifest = read_manifest(store)  # a zero-row shard in the middle of the store
+    name = write_shard(store, 3, {"activations": empty, "tokens": torch.zeros(0, dtype=torch.int64),
+                                  "positions": torch.zeros(0, dtype=torch.int64),
+                                  "windows": torch.zeros(0, dtype=torch.int64)})
+    manifest["shards"].insert(1, {"file": name, "n_rows": 0, "windows_end": 1})
+    write_manifest(store, manifest)
+    from_store = attribute(cc, store, {"device": "cpu", "batch_size": 100}, progress=False)
+    assert from_store.summary["n_tokens"] == 300
+    pd_testing.assert_frame_equal(from_store.table, reference.table)
