@@ -261,10 +261,13 @@ def pad_token_id(tokenizer: Any) -> int:
 
 def pack_tokens(tokenizer: Any, texts: Sequence[str], context_length: int) -> torch.Tensor:
     """Documents as BOS-prefixed token streams, packed into (n, context_length) rows (the training
-    data of the organism and of the interventions that fine-tune it)."""
+    data of the organism and of the interventions that fine-tune it). A tokenizer without BOS (the
+    Qwen family's) prefixes nothing, as in ``iter_windows``."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    prefix = [bos] if bos is not None else []
     ids: list[int] = []
     for text in texts:
-        ids.extend([tokenizer.bos_token_id] + tokenizer(text, add_special_tokens=False)["input_ids"])
+        ids.extend(prefix + tokenizer(text, add_special_tokens=False)["input_ids"])
     n = len(ids) // context_length
     if n == 0:
         raise ValueError(f"{len(ids)} tokens do not fill one window of {context_length}.")

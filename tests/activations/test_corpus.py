@@ -162,3 +162,23 @@ def test_the_python_api_takes_the_hf_corpus_spec_of_the_cli(tmp_path):
     assert [r["text"] for r in iter_records(spec)] == [r["text"] for r in rows]
     assert describe_corpus(spec) == corpus_fingerprint(spec) == f"hf:{folder}:train"
     assert [r["text"] for r in iter_records(HFDataset(str(folder)))] == [r["text"] for r in rows]
+
+
+def test_pack_tokens_prefixes_bos_only_when_the_tokenizer_has_one(tiny_tokenizer):
+    """pack_tokens (the organism's and SFT / RMU's training data) prepended bos_token_id even when it is None
+    (Qwen-family tokenizers), a RuntimeError from torch.tensor; without BOS it now prefixes nothing."""
+    from mneme_plugin.activations.corpus import pack_tokens
+    from tests.helpers import make_tokenizer
+
+    docs = ["the cat sees a tree", "a dog finds the road today", "my friend counts the number"]
+    encoded = [tiny_tokenizer(d, add_special_tokens=False)["input_ids"] for d in docs]
+    with_bos = [i for ids in encoded for i in [tiny_tokenizer.bos_token_id, *ids]]
+    packed = pack_tokens(tiny_tokenizer, docs, 5)
+    assert packed.tolist() == [with_bos[i:i + 5] for i in range(0, len(with_bos) // 5 * 5, 5)]
+
+    no_bos = make_tokenizer()  # its own copy: the session tokenizer stays as it is
+    no_bos.bos_token = None
+    assert no_bos.bos_token_id is None
+    flat = [i for ids in encoded for i in ids]
+    packed = pack_tokens(no_bos, docs, 5)
+    assert packed.tolist() == [flat[i:i + 5] for i in range(0, len(flat) // 5 * 5, 5)]
