@@ -198,9 +198,10 @@ def iter_records(source: CorpusSource) -> Iterator[Any]:
 
 
 def render_record(
-    record: Any, tokenizer: Any, text_field: str = "text", messages_field: str | None = None
+    record: Any, tokenizer: Any, text_field: str = "text", messages_field: str | None = None,
+    number: int | None = None,
 ) -> str | None:
-    """Turn one record into text (None to skip it)."""
+    """Turn one record into text (None to skip it); ``number`` (counted from 1) names it in errors."""
     if isinstance(record, str):
         return record
     if not isinstance(record, dict):
@@ -208,6 +209,18 @@ def render_record(
     fields = [messages_field] if messages_field else ["messages", "conversation"]
     for field in fields:
         if field in record and record[field] is not None:
+            problem = conversation_problem(record[field])
+            if problem:
+                where = f"Corpus record {number}" if number is not None else "A corpus record"
+                sharegpt = isinstance(record[field], (list, tuple)) and any(
+                    isinstance(turn, dict) and {"from", "value"} <= set(turn) for turn in record[field])
+                raise ConfigError(
+                    f"{where}: its chat field {field!r} (messages_field) {problem}; expected a list of "
+                    '{"role": ..., "content": ...} dicts, one a turn. Convert the records to that shape'
+                    + (' (these are ShareGPT turns: role = "from", content = "value")' if sharegpt else "")
+                    + ", or set messages_field to the field that holds such a list (harvest.messages_field, "
+                    "HarvestConfig(messages_field=...))."
+                )
             return render_conversation(record[field], tokenizer)
     if text_field in record:
         text = record[text_field]
@@ -217,6 +230,19 @@ def render_record(
         "Name the field that holds the text: text_field (messages_field for chat records) in the harvest "
         "section of a --config YAML (collect: collect.harvest), or HarvestConfig(text_field=...) in Python."
     )
+
+
+def conversation_problem(messages: Any) -> str | None:
+    """What keeps ``messages`` from being a chat (a list of ``{role, content}`` turns), in a few words; None if nothing."""
+    if not isinstance(messages, (list, tuple)):
+        return f"holds a {type(messages).__name__}, not a list"
+    for i, turn in enumerate(messages):
+        if not isinstance(turn, dict):
+            return f"holds a {type(turn).__name__} as turn {i}"
+        missing = [key for key in ("role", "content") if key not in turn]
+        if missing:
+            return f"has a turn {i} without {' and '.join(repr(k) for k in missing)} (its keys: {sorted(turn)})"
+    return None
 
 
 def render_conversation(messages: list[dict[str, str]], tokenizer: Any) -> str:
@@ -233,8 +259,8 @@ def render_conversation(messages: list[dict[str, str]], tokenizer: Any) -> str:
 def iter_documents(
     source: CorpusSource, tokenizer: Any, text_field: str = "text", messages_field: str | None = None
 ) -> Iterator[str]:
-    for record in iter_records(source):
-        text = render_record(record, tokenizer, text_field, messages_field)
+    for number, record in enumerate(iter_records(source), 1):
+        text = render_record(record, tokenizer, text_field, messages_field, number)
         if text:
             yield text
 

@@ -182,3 +182,27 @@ def test_pack_tokens_prefixes_bos_only_when_the_tokenizer_has_one(tiny_tokenizer
     flat = [i for ids in encoded for i in ids]
     packed = pack_tokens(no_bos, docs, 5)
     assert packed.tolist() == [flat[i:i + 5] for i in range(0, len(flat) // 5 * 5, 5)]
+
+
+@pytest.mark.parametrize("record, field, problem", [
+    ({"conversation": [{"from": "human", "value": "the cat sees a tree"}]}, "conversation",
+     r"has a turn 0 without 'role' and 'content' \(its keys: \['from', 'value'\]\)"),
+    ({"conversation": "the cat sees a tree"}, "conversation", "holds a str, not a list"),
+    ({"messages": {"role": "user", "content": "the cat"}}, "messages", "holds a dict, not a list"),
+    ({"messages": ["the cat", "a dog"]}, "messages", "holds a str as turn 0"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant"}]}, "messages",
+     r"has a turn 1 without 'content'"),
+])
+def test_chat_records_of_another_shape_name_the_record_and_the_expected_shape(tmp_path, tiny_tokenizer, record, field,
+                                                                                problem):
+    """ShareGPT turns, a conversation given as a string or as one dict gave a raw KeyError / TypeError from the
+    chat rendering; the ConfigError names the record (counted from 1), its field and the shape expected."""
+    path = tmp_path / "chats.jsonl"
+    good = {"messages": [{"role": "user", "content": "hello"}]}
+    path.write_text(json.dumps(good) + "\n\n" + json.dumps({"text": "a dog"}) + "\n" + json.dumps(record) + "\n")
+    with pytest.raises(ConfigError, match=rf"^Corpus record 3: its chat field '{field}' \(messages_field\) {problem}.*"
+                                          r'expected a list of \{"role": \.\.\., "content": \.\.\.\} dicts') as refused:
+        list(iter_documents(path, tiny_tokenizer))
+    # ShareGPT turns get the mapping to the expected keys; the other shapes no word about ShareGPT.
+    assert ('role = "from", content = "value"' in str(refused.value)) == ("from" in json.dumps(record))
+    assert len(list(iter_documents([good, good], tiny_tokenizer))) == 2  # the expected shape still renders
