@@ -336,12 +336,16 @@ def iter_windows(
             buffer.extend(ids)
             if eos is not None:
                 buffer.append(eos)
-            while len(buffer) >= body:
+            # Windows are read at an offset and the buffer cut once a document: cutting it per window
+            # (buffer = buffer[body:]) copied the rest of a long document each time, quadratic in its length.
+            start = 0
+            while len(buffer) - start >= body:
                 if max_windows is not None and n_windows >= max_windows:
                     return
-                yield make(buffer[:body])
+                yield make(buffer[start:start + body])
                 n_windows += 1
-                buffer = buffer[body:]
+                start += body
+            del buffer[:start]
     if buffer and (max_windows is None or n_windows < max_windows):
         yield make(buffer)
         n_windows += 1

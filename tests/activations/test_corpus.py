@@ -206,3 +206,56 @@ def test_chat_records_of_another_shape_name_the_record_and_the_expected_shape(tm
     # ShareGPT turns get the mapping to the expected keys; the other shapes no word about ShareGPT.
     assert ('role = "from", content = "value"' in str(refused.value)) == ("from" in json.dumps(record))
     assert len(list(iter_documents([good, good], tiny_tokenizer))) == 2  # the expected shape still renders
+
+
+class _IdsTokenizer:
+    """A stand-in tokenizer whose documents are strings of space-separated token ids (no vocabulary to
+    learn, nothing slow in tokenizing): what iter_windows needs of a tokenizer, and no more."""
+
+    bos_token_id, eos_token_id, pad_token_id = 1, 2, 0
+
+    def __call__(self, texts, add_special_tokens=False):
+        assert not add_special_tokens
+        return {"input_ids": [[int(t) for t in text.split()] for text in texts]}
+
+
+def _reference_windows(docs, tokenizer, context_length, max_tokens=None):
+    """The packing by its definition: every document's ids and EOS in one stream, cut into bodies of
+    context_length - 1 after a BOS, the last one padded; at most ceil(max_tokens / context_length) windows."""
+    stream = [i for d in docs for i in [*tokenizer([d])["input_ids"][0], tokenizer.eos_token_id] if d]
+    body = context_length - 1
+    out = []
+    for start in range(0, len(stream), body):
+        real = [tokenizer.bos_token_id, *stream[start:start + body]]
+        out.append((real + [tokenizer.pad_token_id] * (context_length - len(real)),
+                    [True] * len(real) + [False] * (context_length - len(real))))
+    return out if max_tokens is None else out[: -(-max_tokens // context_length)]
+
+
+def test_a_long_document_packs_as_defined_and_in_linear_time():
+    """iter_windows cut its buffer per window (buffer = buffer[body:]), copying the rest of a long document
+    each time: quadratic in its length (400k tokens: seconds). The windows are those of the definition, and
+    one long document packs about as fast as as many windows of short documents."""
+    import random
+    import time
+
+    tok = _IdsTokenizer()
+    rng = random.Random(0)
+    long_doc = " ".join(str(rng.randrange(3, 1000)) for _ in range(50_003))
+    docs = ["5 6 7", long_doc, "8 9", " ".join(str(rng.randrange(3, 1000)) for _ in range(4_000)), "10"]
+    for context_length, max_tokens in ((16, None), (128, None), (17, 20_000)):
+        got = [(w.tokens.tolist(), w.mask.tolist()) for w in iter_windows(docs, tok, context_length, max_tokens)]
+        assert got == _reference_windows(docs, tok, context_length, max_tokens), (context_length, max_tokens)
+
+    n_windows = 12_000  # of 15 tokens after the BOS: one document each, or all in one document
+    short = [" ".join(["7"] * 14)] * n_windows
+    one = [" ".join(["7"] * (15 * n_windows - 1))]
+
+    def seconds(corpus):
+        start = time.perf_counter()
+        assert sum(1 for _ in iter_windows(corpus, tok, 16)) == n_windows
+        return time.perf_counter() - start
+
+    baseline, long_time = min(seconds(short) for _ in range(2)), min(seconds(one) for _ in range(2))
+    # Quadratic, the long document took over ten times the short ones here; linear, about as long.
+    assert long_time < 3 * baseline + 0.2, (long_time, baseline)
