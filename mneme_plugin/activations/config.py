@@ -35,7 +35,8 @@ class HarvestConfig(ConfigMixin):
         dtype: Storage dtype of the activations ("bfloat16" or "float32").
         model_dtype: Dtype models are loaded in when given by name.
         device: Device the models run on (models passed as objects are not moved).
-        drop_bos / drop_padding / drop_special_tokens: Which positions never become rows.
+        drop_bos / drop_padding / drop_special_tokens: Which positions never become rows (drop_bos
+            decides for BOS, though it is a special token too: drop_bos false keeps it).
         normalization_tokens: Kept tokens used to estimate median / mean norms (first ones of the
             corpus, before any row is written).
         outlier_factor: Drop positions whose norm in either model exceeds this many times that

@@ -110,8 +110,14 @@ class HarvestContext:
         ids: set[int] = set()
         if cfg.drop_special_tokens:
             ids |= {int(i) for i in getattr(tok, "all_special_ids", []) if i is not None}
-        if cfg.drop_bos and getattr(tok, "bos_token_id", None) is not None:
-            ids.add(int(tok.bos_token_id))
+        bos = getattr(tok, "bos_token_id", None)
+        if bos is not None:
+            # BOS is one of the special tokens too: drop_bos decides for it either way (a tokenizer whose
+            # BOS is also its EOS keeps both, which the ids cannot tell apart).
+            if cfg.drop_bos:
+                ids.add(int(bos))
+            else:
+                ids.discard(int(bos))
         return torch.tensor(sorted(ids), dtype=torch.long)
 
     def run_batch(self, windows: list, batch_index: int, dropped_ids: torch.Tensor) -> BatchRows:

@@ -61,6 +61,24 @@ def test_rows_equal_run_with_cache(pair, request, corpus, tmp_path):
     assert store.num_rows == tokens.numel() - n_special
 
 
+def test_drop_bos_false_keeps_the_bos_rows(ht_pair, corpus, tmp_path):
+    """drop_bos: false had no effect with the default drop_special_tokens (BOS is one of the special tokens):
+    it now keeps the BOS row of every window (position 0), and only those, next to the default harvest's rows."""
+    tok = ht_pair[0].tokenizer
+    config = cfg(outlier_factor=None)  # the BOS rows' large norms must not be filtered either
+    default = harvest(*ht_pair, corpus, config, tmp_path / "default", progress=False)
+    kept = harvest(*ht_pair, corpus, config.replace(drop_bos=False), tmp_path / "bos", progress=False)
+    rows = {k: torch.cat([s[k] for s in store_content(kept)]) for k in ("tokens", "positions", "windows", "activations")}
+    n_windows = kept.manifest["n_windows"]
+    at_bos = rows["tokens"] == tok.bos_token_id
+    assert int(at_bos.sum()) == n_windows and (rows["positions"][at_bos] == 0).all()
+    assert sorted(rows["windows"][at_bos].tolist()) == list(range(n_windows))  # one BOS row a window
+    assert not torch.isin(rows["tokens"], torch.tensor([tok.eos_token_id, tok.pad_token_id])).any()
+    assert kept.num_rows == default.num_rows + n_windows
+    assert kept.manifest["special_tokens_dropped"] == default.manifest["special_tokens_dropped"] - n_windows
+    assert torch.equal(rows["activations"][~at_bos], default.all_activations())  # the other rows as before
+
+
 def test_normalization_factors(ht_pair, corpus, tmp_path):
     store = harvest(*ht_pair, corpus, cfg(normalization_tokens=250), tmp_path / "s", progress=False)
     first = store.all_activations(max_rows=250)
