@@ -2,7 +2,11 @@
 
 A corpus is any of:
 
-* an iterable of strings (each one document) or of dict records (see below);
+* a list (or tuple, or other collection that can be iterated more than once) of strings (each one
+  document) or of dict records (see below). A one-shot iterator (a generator, ``iter(...)``, an
+  open file) is refused (``require_reiterable``): a new harvest reads the corpus twice, a
+  normalisation estimate over its start and then the harvest from its beginning, and a stream
+  reads it once more per epoch (only resuming a store reads it once);
 * a path to a local file: ``.txt`` (one document per line; empty lines skipped), ``.jsonl``
   (one JSON record per line), ``.parquet`` (one record per row);
 * an :class:`HFDataset` (loaded with ``datasets.load_dataset(..., streaming=True)``).
@@ -123,6 +127,23 @@ def corpus_fingerprint(source: CorpusSource) -> str | None:
         text = json.dumps(list(source), sort_keys=True, default=str)
         return f"records:{len(source)}:{hashlib.sha256(text.encode()).hexdigest()[:32]}"
     return None
+
+
+def is_one_shot(source: CorpusSource) -> bool:
+    """Whether ``source`` is an iterator (``iter(source) is source``: a generator, ``iter(...)``, ``map``, an open
+    file), which a second pass would find spent or half-read."""
+    return isinstance(source, Iterator)
+
+
+def require_reiterable(source: CorpusSource, why: str) -> None:
+    """Refuse a one-shot iterator as corpus where it is read more than once (``why`` says where), with a
+    ConfigError naming what to give instead: its second pass would silently miss the documents the first took."""
+    if is_one_shot(source):
+        raise ConfigError(
+            f"The corpus is a one-shot iterator ({type(source).__name__}), but {why}: the second pass would miss "
+            "the documents the first one consumed. Pass a list of strings or records (e.g. list(...) of it), a "
+            ".txt / .jsonl / .parquet file, or HFDataset(name, config, split) (\"hf:NAME[@CONFIG][:SPLIT]\")."
+        )
 
 
 def _first_bad_utf8_line(path: Path) -> int:

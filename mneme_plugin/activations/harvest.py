@@ -27,7 +27,9 @@ from mneme_plugin.activations.corpus import (
     batch_windows,
     corpus_fingerprint,
     describe_corpus,
+    is_one_shot,
     iter_windows,
+    require_reiterable,
 )
 from mneme_plugin.activations.models import (
     forward_to_hook,
@@ -54,6 +56,9 @@ from mneme_plugin.files import LOCK_FILE, output_lock, remove_stale_temporaries,
 logger = logging.getLogger("mneme_plugin")
 # Below this many tokens a median norm moves by several percent between corpora: worth a warning.
 FEW_NORMALIZATION_TOKENS = 1_000
+
+TWO_PASSES = ("a harvest reads it twice (the normalisation estimate over its start, then the harvest from its "
+              "beginning)")
 
 _STORE_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -154,7 +159,9 @@ class HarvestContext:
         )
 
     def estimate_normalization(self, corpus: CorpusSource) -> NormalizationStats:
-        """Median / mean norms over the first ``normalization_tokens`` kept tokens."""
+        """Median / mean norms over the first ``normalization_tokens`` kept tokens (a pass over the start of
+        ``corpus``, which is then read again: a one-shot iterator is refused)."""
+        require_reiterable(corpus, TWO_PASSES)
         wanted = self.config.normalization_tokens
         dropped = self.dropped_ids()
         norms, total = [], 0
@@ -332,6 +339,9 @@ def harvest(
     ``config``: a HarvestConfig or its mapping (a YAML ``harvest`` section).
     """
     config = HarvestConfig.of(config)
+    # Before the models load: a new store reads the corpus twice (a resume or a complete store, once or never).
+    if is_one_shot(corpus) and (overwrite or out_dir is None or not (Path(out_dir) / MANIFEST).is_file()):
+        require_reiterable(corpus, TWO_PASSES)
     dist_ctx = distributed_context(config.device)
     if dist_ctx.is_distributed:  # under torchrun: this rank's share, see activations/sharded.py
         config = config.replace(device=str(dist_ctx.device(config.device)))

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from mneme_plugin.activations.config import HarvestConfig
-from mneme_plugin.activations.corpus import CorpusSource
+from mneme_plugin.activations.corpus import CorpusSource, require_reiterable
 from mneme_plugin.activations.harvest import HarvestContext, filter_outliers
 from mneme_plugin.activations.normalization import NormalizationStats
 from mneme_plugin.distributed import SINGLE_PROCESS, DistributedContext
@@ -54,6 +54,8 @@ class HarvestStream:
             raise ConfigError(
                 f"shuffle_buffer_rows ({shuffle_buffer_rows}) must be at least 2 x batch_size ({batch_size})."
             )
+        # Read once for the normalisation estimate and once per pass of __iter__: never a one-shot iterator.
+        require_reiterable(corpus, "a harvest stream reads it for the normalisation estimate and again on every pass")
         self.ctx = HarvestContext.build(base, edited, config)
         self.corpus = corpus
         self.config = config

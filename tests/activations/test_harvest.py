@@ -153,6 +153,41 @@ def test_interrupted_harvest_resumes_identically(ht_pair, corpus, tmp_path):
     assert not list((tmp_path / "cut").glob(".*tmp"))
 
 
+def test_a_one_shot_iterator_is_refused_where_the_corpus_is_read_twice(ht_pair, corpus, tmp_path):
+    """A generator as corpus: the normalisation estimate consumed its first documents, the harvest stored the
+    rest and marked the store complete. A new harvest (one process or sharded) and a stream refuse it before
+    reading a document; resuming a partial store, which reads the corpus once, still takes one."""
+    from mneme_plugin.activations import harvest_stream
+    from mneme_plugin.activations.harvest import HarvestContext
+    from mneme_plugin.activations.sharded import harvest_sharded
+    from mneme_plugin.distributed import SINGLE_PROCESS
+    from mneme_plugin.errors import ConfigError
+
+    refusal = r"one-shot iterator \(\w+\), but .*reads it .*Pass a list of strings or records.*\.jsonl.*HFDataset"
+    for one_shot in (iter(corpus), (doc for doc in corpus), map(str, corpus)):
+        with pytest.raises(ConfigError, match=refusal):
+            harvest(*ht_pair, one_shot, cfg(), tmp_path / "s", progress=False)
+        assert next(one_shot) == corpus[0]  # refused before reading it
+    assert not (tmp_path / "s" / "manifest.json").exists()
+    with pytest.raises(ConfigError, match=refusal):
+        harvest_sharded(HarvestContext.build(*ht_pair, cfg()), iter(corpus), cfg(), tmp_path / "sharded",
+                        SINGLE_PROCESS, progress=False)
+    with pytest.raises(ConfigError, match=refusal):
+        harvest_stream(*ht_pair, iter(corpus), cfg(), batch_size=32, shuffle_buffer_rows=256)
+
+    def stop(i: int) -> None:
+        raise Boom("killed")
+
+    full = harvest(*ht_pair, tuple(corpus), cfg(), tmp_path / "full", progress=False)  # any re-iterable collection
+    with pytest.raises(Boom):
+        harvest(*ht_pair, corpus, cfg(), tmp_path / "cut", progress=False, on_shard=stop)
+    with pytest.raises(ConfigError, match=refusal):  # overwrite starts a new store: two passes again
+        harvest(*ht_pair, iter(corpus), cfg(), tmp_path / "cut", progress=False, overwrite=True)
+    resumed = harvest(*ht_pair, iter(corpus), cfg(), tmp_path / "cut", progress=False)
+    assert resumed.complete and resumed.manifest["shards"] == full.manifest["shards"]
+    assert torch.equal(resumed.all_activations(), full.all_activations())
+
+
 def test_existing_store_same_and_different_config(ht_pair, corpus, tmp_path, caplog):
     path = tmp_path / "s"
     with caplog.at_level(logging.INFO, logger="mneme_plugin"):
