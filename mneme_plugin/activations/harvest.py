@@ -10,8 +10,9 @@ forward over ``normalization_tokens`` tokens, negligible next to a real harvest.
 from __future__ import annotations
 
 import itertools
+import json
 import logging
-import shutil
+import re
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -306,16 +307,70 @@ def require_room_for_store(path: Path, config: HarvestConfig, d_model: int) -> N
                        "harvesting (training.stream: true in `mneme run`, `mneme train --stream`: no store on disk)")
 
 
-def clear_store_folder(path: Path) -> None:
-    """Delete what ``path`` holds for ``overwrite``, except the lock this process holds on it."""
-    for entry in path.iterdir() if path.is_dir() else ():
-        if entry.name != LOCK_FILE:
-            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+# The files a store writes: its manifest, one process's shards, the ranks' shards and progress files
+# (activations/sharded.py), and the temporaries of their atomic writes (files.temporary_sibling).
+_STORE_FILE = re.compile(r"manifest\.json|manifest\.rank\d+\.json|shard_\d+\.safetensors"
+                         r"|(?:g\d+_)?rank\d+_shard_\d+\.safetensors")
+_TEMPORARY = re.compile(r"\.(?P<stem>.+)\.\d+\.[0-9a-f]{8}\.tmp(?P<suffix>\.[^.]*)?")
+
+
+def is_store_file(entry: Path) -> bool:
+    """Whether ``entry`` is a file a store writes (or the temporary of one); a folder never is."""
+    if entry.is_dir() and not entry.is_symlink():
+        return False
+    temporary = _TEMPORARY.fullmatch(entry.name)
+    name = temporary["stem"] + (temporary["suffix"] or "") if temporary else entry.name
+    return _STORE_FILE.fullmatch(name) is not None
+
+
+def _foreign_manifest(path: Path) -> bool:
+    """Whether ``path`` holds a manifest.json of something else (JSON, but no activation store's). One that is
+    no JSON at all is taken for a store's, damaged: only a store writes that name next to its shards."""
+    try:
+        data = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return not (isinstance(data, dict) and data.get("format") == FORMAT_NAME)
+
+
+def foreign_folder_error(path: Path, overwrite: bool = False) -> ForeignOutputError:
+    """The refusal of a folder that holds things but no activation store's manifest. overwrite=True is named as
+    the remedy only where the folder holds a store's files (a damaged store): it deletes those and no others."""
+    entries = store_folder_entries(path)
+    foreign_manifest = _foreign_manifest(path)
+    if not foreign_manifest and any(is_store_file(p) for p in entries):
+        return ForeignOutputError(
+            f"{path} holds activation store files but no readable {MANIFEST}: a damaged store. Choose an empty or "
+            "new out_dir, or pass overwrite=True (--overwrite) to delete the store's files and harvest again.",
+            path,
+        )
+    held = ", ".join(sorted(p.name for p in entries)[:5]) + (", ..." if len(entries) > 5 else "")
+    why = f"its {MANIFEST} is not an activation store's" if foreign_manifest else f"no {MANIFEST}, no shards"
+    return ForeignOutputError(
+        f"{path} is not empty ({held}) and is no activation store ({why}): refusing to harvest into a foreign folder"
+        + (", even with overwrite, which deletes only a store's files" if overwrite else "")
+        + ". Choose an empty or new out_dir.",
+        path,
+    )
 
 
 def store_folder_entries(path: Path) -> list[Path]:
     """What ``path`` holds besides the lock file (a folder with nothing else counts as empty)."""
     return [p for p in path.iterdir() if p.name != LOCK_FILE]
+
+
+def clear_store_folder(path: Path) -> None:
+    """For ``overwrite``: delete the store ``path`` holds (its manifest, shards, progress files and
+    temporaries), and nothing else: other files stay. A folder holding other things but no store (or a
+    manifest.json of something else) is refused before anything is deleted (ForeignOutputError)."""
+    if not path.is_dir():
+        return
+    entries = store_folder_entries(path)
+    store_files = [p for p in entries if is_store_file(p)]
+    if entries and (not store_files or _foreign_manifest(path)):
+        raise foreign_folder_error(path, overwrite=True)
+    for entry in store_files:
+        entry.unlink(missing_ok=True)
 
 
 def harvest(
@@ -386,12 +441,8 @@ def _harvest_locked(ctx: HarvestContext, corpus: CorpusSource, config: HarvestCo
         stats = NormalizationStats.from_dict(manifest["normalization"])
         logger.info("Resuming harvest into %s after %d windows (%d shards).", path, manifest["n_windows"], len(manifest["shards"]))
     else:
-        if store_folder_entries(path):
-            raise ForeignOutputError(
-                f"{path} is not empty and has no {MANIFEST}: refusing to harvest into a foreign folder. "
-                "Choose an empty or new out_dir, or pass overwrite=True.",
-                path,
-            )
+        if not overwrite and store_folder_entries(path):  # with overwrite: a store's folder, its other files kept
+            raise foreign_folder_error(path)
         require_room_for_store(path, config, ctx.d_model)
         stats = ctx.estimate_normalization(corpus)
         manifest = _new_manifest(ctx, corpus, stats)

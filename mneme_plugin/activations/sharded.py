@@ -37,7 +37,7 @@ from mneme_plugin.activations.normalization import NormalizationStats
 from mneme_plugin.activations.manifest import MANIFEST, read_manifest, shard_entries_problem, write_manifest
 from mneme_plugin.activations.store import ActivationStore, write_shard
 from mneme_plugin.distributed import DistributedContext
-from mneme_plugin.errors import CheckpointError, EmptyCorpusError, ForeignOutputError
+from mneme_plugin.errors import CheckpointError, EmptyCorpusError
 from mneme_plugin.files import atomic_write_text
 
 COUNT_KEYS = ("outliers_dropped", "special_tokens_dropped", "padding_dropped", "n_corpus_tokens")
@@ -77,6 +77,7 @@ def _prepare(ctx: Any, corpus: CorpusSource, config: HarvestConfig, path: Path, 
         _new_manifest,
         check_same_corpus,
         clear_store_folder,
+        foreign_folder_error,
         require_room_for_store,
         store_folder_entries,
     )
@@ -93,12 +94,8 @@ def _prepare(ctx: Any, corpus: CorpusSource, config: HarvestConfig, path: Path, 
         if not manifest["complete"] and manifest.get("world_size") != world_size:
             _fold(path, manifest, world_size)
         return manifest
-    if store_folder_entries(path):
-        raise ForeignOutputError(
-            f"{path} is not empty and has no {MANIFEST}: refusing to harvest into a foreign folder. "
-            "Choose an empty or new out_dir, or pass overwrite=True.",
-            path,
-        )
+    if not overwrite and store_folder_entries(path):  # with overwrite: a store's folder, its other files kept
+        raise foreign_folder_error(path)
     require_room_for_store(path, config, ctx.d_model)
     manifest = _new_manifest(ctx, corpus, ctx.estimate_normalization(corpus))
     manifest["world_size"] = world_size

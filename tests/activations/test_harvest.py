@@ -272,6 +272,58 @@ def test_foreign_and_corrupt_folders(ht_pair, corpus, tmp_path):
         ActivationStore(store.path)
 
 
+def test_overwrite_deletes_a_stores_files_only_and_never_a_foreign_folder(ht_pair, corpus, tmp_path):
+    """overwrite=True deleted everything in out_dir, a folder that was no store too. It now deletes a store's
+    files only (manifest, shards, progress files, temporaries), refuses a folder that holds no store, overwrite
+    or not, without suggesting overwrite there, and suggests it for a damaged store (shards, no manifest)."""
+    foreign = tmp_path / "thesis"
+    (foreign / "experiments").mkdir(parents=True)
+    (foreign / "thesis.tex").write_text("years of work")
+    (foreign / "experiments" / "results.csv").write_text("1,2,3")
+    (foreign / "manifest.json").write_text(json.dumps({"name": "a web app", "icons": []}))  # not a store's
+    for overwrite in (False, True):
+        with pytest.raises(CheckpointError) as refused:
+            harvest(*ht_pair, corpus, cfg(), foreign, progress=False, overwrite=overwrite)
+        assert "overwrite=True" not in str(refused.value)
+    (foreign / "manifest.json").unlink()
+    for overwrite in (False, True):
+        with pytest.raises(ForeignOutputError, match=r"is not empty \(experiments, thesis\.tex\) and is no activation "
+                                                     r"store \(no manifest\.json, no shards\): refusing to harvest "
+                                                     r"into a foreign folder.*Choose an empty or new out_dir\.$") as refused:
+            harvest(*ht_pair, corpus, cfg(), foreign, progress=False, overwrite=overwrite)
+        assert ("even with overwrite" in str(refused.value)) == overwrite and "overwrite=True" not in str(refused.value)
+    assert sorted(p.relative_to(foreign).as_posix() for p in foreign.rglob("*") if p.name != ".mneme.lock") == [
+        "experiments", "experiments/results.csv", "thesis.tex"]
+    assert (foreign / "thesis.tex").read_text() == "years of work"
+
+    # A store holding a note of its owner's, a sharded harvest's leftovers and a killed writer's temporary:
+    # overwrite replaces the store, every file of the old one goes (it had more shards), the note stays.
+    path = tmp_path / "store"
+    old = harvest(*ht_pair, corpus, cfg(rows_per_shard=40), path, progress=False)
+    leftovers = ["manifest.rank001.json", "g01_rank000_shard_00000.safetensors", "rank002_shard_00003.safetensors",
+                 ".shard_00009.4194303.0a1b2c3d.tmp.safetensors", ".manifest.4194303.0a1b2c3d.tmp.json"]
+    for name in leftovers:
+        (path / name).write_text("old")
+    (path / "notes.txt").write_text("mine")
+    (path / "plots").mkdir()
+    from mneme_plugin.activations.harvest import is_store_file
+
+    assert all(is_store_file(path / name) for name in leftovers) and not is_store_file(path / "notes.txt")
+    new = harvest(*ht_pair, corpus, cfg(), path, progress=False, overwrite=True)
+    assert new.complete and new.num_shards < old.num_shards
+    assert sorted(p.name for p in path.iterdir() if p.name != ".mneme.lock") == sorted(
+        ["manifest.json", "notes.txt", "plots", *(s["file"] for s in new.manifest["shards"])])
+    assert (path / "notes.txt").read_text() == "mine"
+
+    # A damaged store (its manifest lost): overwrite=True is the remedy named, and it harvests again.
+    (path / "manifest.json").unlink()
+    with pytest.raises(ForeignOutputError, match=r"holds activation store files but no readable manifest\.json: a "
+                                                 r"damaged store.*pass overwrite=True"):
+        harvest(*ht_pair, corpus, cfg(), path, progress=False)
+    assert harvest(*ht_pair, corpus, cfg(), path, progress=False, overwrite=True).complete
+    assert (path / "notes.txt").read_text() == "mine"
+
+
 def test_a_store_belongs_to_its_corpus(ht_pair, corpus, tmp_path):
     """Issue 11 item 2: another corpus is refused on reuse and on resume, naming both."""
     first, second = tmp_path / "first.txt", tmp_path / "second.txt"

@@ -191,6 +191,10 @@ def test_rank_0_refuses_a_foreign_folder_with_an_error_every_rank_can_raise(tmp_
     received = pickle.loads(pickle.dumps(refused.value))
     assert type(received) is ForeignOutputError and isinstance(received, CheckpointError)
     assert received.folder == foreign and str(received) == str(refused.value)
+    # overwrite deletes a store's files only: a folder without a store is refused all the same, nothing deleted.
+    with pytest.raises(ForeignOutputError, match="foreign folder, even with overwrite"):
+        _prepare(None, [], HarvestConfig(layer=1), foreign, world_size=2, overwrite=True)
+    assert (foreign / "notes.txt").read_text() == "hi"
 
 
 def _harvest_rank_1_failing(rank: int, out: str) -> None:
