@@ -40,6 +40,7 @@ from mneme_plugin.activations.models import (
     same_model,
     same_source,
     validate_pair,
+    weights_digest,
 )
 from mneme_plugin.activations.normalization import (
     NormalizationStats,
@@ -78,6 +79,15 @@ class BatchRows:
     n_corpus_tokens: int
 
 
+def weights_fingerprint(spec: Any, model: Any) -> str | None:
+    """What identifies the weights of a model given as ``spec`` (loaded as ``model``), for a store's manifest:
+    ``models.weights_digest`` of a name or folder (a local folder's file names, sizes and times, its gigabytes
+    never read; a hub model's commit in the local cache), also of a model object loaded from one. None for a
+    model object built in memory, or a hub model not in the cache."""
+    name = spec if isinstance(spec, str) else getattr(model, "_mneme_source_name", None)
+    return weights_digest(name) if isinstance(name, str) else None
+
+
 @dataclass
 class HarvestContext:
     """A validated model pair with everything the batch loop needs."""
@@ -88,6 +98,8 @@ class HarvestContext:
     hook_name: str
     tokenizer: Any
     d_model: int
+    # (base, edited) fingerprints of the weights of models given by name or folder (None: not known).
+    weights: tuple[str | None, str | None] = (None, None)
 
     @classmethod
     def build(cls, base: Any, edited: Any, config: HarvestConfig) -> "HarvestContext":
@@ -95,11 +107,14 @@ class HarvestContext:
             logger.warning("The base and the edited model are the same (%s): a crosscoder finds no difference "
                            "between a model and itself. Give the edited (fine-tuned / unlearned) model as the edited one.",
                            base if isinstance(base, str) else model_name(base))
+        specs = (base, edited)
         base = load_model(base, config.device, config.model_dtype, role="base")
         edited = load_model(edited, config.device, config.model_dtype, role="edited")
         hook_name = config.resolved_hook_name
         validate_pair(base, edited, config.layer, hook_name, config.context_length)
-        return cls(base, edited, config, hook_name, model_tokenizer(base), int(base.cfg.d_model))
+        # After loading: a hub model downloaded just now has its commit in the cache.
+        weights = (weights_fingerprint(specs[0], base), weights_fingerprint(specs[1], edited))
+        return cls(base, edited, config, hook_name, model_tokenizer(base), int(base.cfg.d_model), weights)
 
     def windows(self, corpus: CorpusSource, start_window: int = 0) -> Iterator[list]:
         cfg = self.config
@@ -233,6 +248,7 @@ def _new_manifest(ctx: HarvestContext, corpus: CorpusSource, stats: Normalizatio
         "version": FORMAT_VERSION,
         "base_model": model_name(ctx.base),
         "edited_model": model_name(ctx.edited),
+        "model_weights": {"base": ctx.weights[0], "edited": ctx.weights[1]},
         "layer": cfg.layer,
         "hook_name": ctx.hook_name,
         "d_model": ctx.d_model,
@@ -261,12 +277,28 @@ def _check_resumable(manifest: dict[str, Any], ctx: HarvestContext, path: Path) 
             diffs.append(f"{key}: stored {manifest.get(key)!r} vs now {now!r}")
     if manifest.get("d_model") != ctx.d_model:
         diffs.append(f"d_model: stored {manifest.get('d_model')!r} vs now {ctx.d_model!r}")
+    state = "complete" if manifest.get("complete") else "partial"
     if diffs:
-        state = "complete" if manifest.get("complete") else "partial"
         raise ForeignOutputError(
             f"{path} already holds a {state} activation store harvested with a different setup ("
             + "; ".join(diffs)
             + "). Use another out_dir, pass overwrite=True, or restore the original config to resume.",
+            path,
+        )
+    # The same folders may hold other weights now (a fine-tune saved again): rows of two models in one store.
+    # A store written before the fingerprints were recorded has none, and is not checked.
+    stored = manifest.get("model_weights")
+    stored = stored if isinstance(stored, dict) else {}
+    changed = [f"{role} model {manifest.get(f'{role}_model')} (weights fingerprint {stored[role]} then, {now} now)"
+               for role, now in zip(("base", "edited"), ctx.weights)
+               if stored.get(role) is not None and now is not None and stored[role] != now]
+    if changed:
+        raise ForeignOutputError(
+            f"{path} holds a {state} activation store harvested from other weights of the same models: the files of "
+            + " and of the ".join(changed)
+            + " changed since. A store holds one pair of models' activations: pass overwrite=True (--overwrite) to "
+            "start over with the models as they are now, use another out_dir, or give the models the store was "
+            + ("harvested from to resume it." if state == "partial" else "harvested from."),
             path,
         )
 

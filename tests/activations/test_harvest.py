@@ -429,3 +429,51 @@ def test_a_store_knows_its_local_models_by_folder_not_by_how_the_path_was_spelt(
     monkeypatch.chdir(second)
     with pytest.raises(ForeignOutputError, match=r"base_model: stored .*first/base.* vs now .*second/base"):
         harvest("base", "edited", corpus, cfg(), store, progress=False)
+
+
+def test_a_resume_with_other_weights_in_the_same_folder_is_refused(llama_dir, tiny_tokenizer, corpus, tmp_path):
+    """The store recorded the models by folder only: an interrupted harvest resumed after the edited model was
+    saved again (another fine-tune, same folder) mixed two models' rows in one store. Each model's weights
+    fingerprint (its folder's file metadata, no weight read) is recorded and a change refused; a store written
+    before the fingerprints existed resumes unchecked, and the same weights resume as before."""
+    import shutil
+
+    from tests.helpers import save_tiny_llama
+
+    base, edited = tmp_path / "base", tmp_path / "edited"
+    shutil.copytree(llama_dir, base)
+    save_tiny_llama(edited, tiny_tokenizer, n_layers=2, hidden_size=32, seed=3)
+    config = cfg(max_tokens=800, rows_per_shard=200)
+
+    def stop(i: int) -> None:
+        raise Boom("killed")
+
+    full = harvest(str(base), str(edited), corpus, config, tmp_path / "full", progress=False)
+    with pytest.raises(Boom):
+        harvest(str(base), str(edited), corpus, config, tmp_path / "cut", progress=False, on_shard=stop)
+    # The same weights (loading them again writes nothing in their folders): resumed to the same rows.
+    resumed = harvest(str(base), str(edited), corpus, config, tmp_path / "cut", progress=False)
+    assert resumed.complete and torch.equal(resumed.all_activations(), full.all_activations())
+
+    with pytest.raises(Boom):
+        harvest(str(base), str(edited), corpus, config, tmp_path / "cut2", progress=False, on_shard=stop)
+    save_tiny_llama(edited, tiny_tokenizer, n_layers=2, hidden_size=32, seed=5)  # other weights, same folder
+    with pytest.raises(ForeignOutputError, match=rf"partial activation store harvested from other weights of the same "
+                                                 rf"models: the files of edited model {edited} \(weights fingerprint "
+                                                 r"\w+ then, \w+ now\) changed since.*pass overwrite=True"):
+        harvest(str(base), str(edited), corpus, config, tmp_path / "cut2", progress=False)
+    assert ActivationStore(tmp_path / "cut2").num_shards == 1  # nothing of the new weights mixed in
+    with pytest.raises(ForeignOutputError, match=r"complete activation store harvested from other weights"):
+        harvest(str(base), str(edited), corpus, config, tmp_path / "full", progress=False)
+
+    # A partial store of a version that recorded no fingerprint: resumed, unchecked.
+    manifest = json.loads((tmp_path / "cut2" / "manifest.json").read_text())
+    del manifest["model_weights"]
+    (tmp_path / "cut2" / "manifest.json").write_text(json.dumps(manifest))
+    assert harvest(str(base), str(edited), corpus, config, tmp_path / "cut2", progress=False).complete
+
+    recorded = full.manifest["model_weights"]
+    assert set(recorded) == {"base", "edited"} and all(isinstance(v, str) for v in recorded.values())
+    again = harvest(str(base), str(edited), corpus, config, tmp_path / "cut3", progress=False)
+    assert again.manifest["model_weights"]["base"] == recorded["base"]  # the folder left as it was
+    assert again.manifest["model_weights"]["edited"] != recorded["edited"]
