@@ -77,6 +77,22 @@ def _train(store: Path, out: Path, *extra: str) -> list[str]:
             "--train-batch-size", "32", "--config", str(config), *extra]
 
 
+def _sharegpt_corpus(tmp: Path) -> Path:
+    """Chat records in ShareGPT's shape ({"from", "value"} turns), not the {"role", "content"} turns expected."""
+    path = tmp / "chats.jsonl"
+    path.write_text(json.dumps({"text": "the cat sees a tree"}) + "\n"
+                    + json.dumps({"conversation": [{"from": "human", "value": "the cat sees a tree"}]}) + "\n")
+    return path
+
+
+def _overwrite_a_foreign_folder(tmp: Path, fx: Fixtures) -> list[str]:
+    """`harvest --overwrite` into a folder of the user's that is no store (it deleted everything in it)."""
+    out = tmp / "thesis"
+    out.mkdir()
+    (out / "thesis.tex").write_text("years of work")
+    return _harvest(fx, _corpus(tmp), out, "--overwrite")
+
+
 def _non_utf8_corpus(tmp, fx):
     path = tmp / "latin1.txt"
     path.write_bytes("the cat sees a tree\n".encode() + "caf\xe9 cr\xe8me br\xfbl\xe9e\n".encode("latin-1"))
@@ -193,6 +209,12 @@ CASES = [
          r"predictions?\.json does not exist: run the predict stage"),
     Case("crosscoder-config-wrong-type", _wrongly_typed_crosscoder_config,
          r"config\.json holds an invalid crosscoder config: config\.k = 'two' \(str\): expected an integer"),
+    Case("harvest-sharegpt-records", lambda t, fx: _harvest(fx, _sharegpt_corpus(t), t / "s"),
+         r"Corpus record 2: its chat field 'conversation' \(messages_field\) has a turn 0 without 'role' and "
+         r"'content'.*expected a list of \{\"role\": \.\.\., \"content\": \.\.\.\} dicts"),
+    Case("harvest-overwrite-foreign-folder", _overwrite_a_foreign_folder,
+         r"is no activation store \(no manifest\.json, no shards\): refusing to harvest into a foreign folder, "
+         r"even with overwrite"),
     Case("store-other-corpus", _other_corpus_on_a_finished_store,
          r"complete activation store harvested from corpus .*first\.txt .*now .*second\.txt"),
     Case("store-truncated-shard-train", lambda t, fx: (lambda s: (
