@@ -207,6 +207,29 @@ class _SparseDecoder(torch.autograd.Function):
         return grad_W, grad_values, None, None, None, None
 
 
+def _flat_nonzero(mask: torch.Tensor) -> torch.Tensor:
+    """Ascending indices of the true entries of a 1-D bool ``mask``, as ``mask.nonzero().squeeze(1)``.
+
+    On CPU a large, sparse mask (BatchTopK's candidates: about 2*k*B of B*m entries) is scanned as
+    8-byte words first: nonzero over B*m/8 words, then over the 8 bytes of the words that hold a true
+    entry. CPU nonzero costs about as much per entry whatever its value, so this is several times
+    faster (14 vs 45 ms at B*m = 8.4M on one thread); the result is identical.
+    """
+    n = mask.numel()
+    if mask.device.type != "cpu" or n < 1 << 16:
+        return mask.nonzero().squeeze(1)
+    if not mask.is_contiguous() or mask.storage_offset() % 8:  # the int64 view needs whole words
+        mask = mask.clone(memory_format=torch.contiguous_format)
+    whole = n - n % 8
+    by_word = mask[:whole].view(-1, 8)
+    words = by_word.view(torch.int64).squeeze(1).nonzero().squeeze(1)  # words holding a true byte
+    within = by_word.index_select(0, words).nonzero()  # (word position, byte) of each true entry
+    indices = words.index_select(0, within[:, 0]) * 8 + within[:, 1]
+    if whole < n:
+        indices = torch.cat([indices, whole + mask[whole:].nonzero().squeeze(1)])
+    return indices
+
+
 def _top_from_candidates(flat: torch.Tensor, candidates: torch.Tensor | None, keep: int) -> torch.Tensor:
     """The ``keep`` largest entries of ``flat`` among ``candidates`` (ascending flat indices; None: all),
     ties at the cut-off broken by the lowest index, as ascending flat indices.
@@ -255,7 +278,7 @@ def batch_topk_indices(salience: torch.Tensor, keep: int) -> torch.Tensor:
     sample = flat[torch.randint(0, total, (n_sample,), generator=generator, device=flat.device)]
     rank = min(n_sample, int(2 * keep * n_sample / total) + 32)
     cutoff = sample.topk(rank, sorted=True).values[-1]
-    candidates = (flat >= cutoff).nonzero().squeeze(1)
+    candidates = _flat_nonzero(flat >= cutoff)
     if candidates.numel() < keep:
         return _top_from_candidates(flat, None, keep)
     # Every entry above the sample's cut-off is a candidate, so the ties at the true cut-off

@@ -70,6 +70,18 @@ def test_batch_topk_indices_equals_full_topk():
         assert fast == reference
 
 
+@pytest.mark.parametrize("n", [1 << 16, (1 << 16) + 5, 1_000_003])
+@pytest.mark.parametrize("share", [0.0, 0.0005, 0.02, 0.5, 1.0])
+def test_the_word_wise_nonzero_equals_torch_nonzero(n, share):
+    """BatchTopK's candidate scan reads the mask 8 bytes at a time on CPU; every index, in order, as
+    torch's nonzero gives it, for lengths that are no multiple of 8 and views that start mid-word."""
+    from mneme_plugin.crosscoder.sparse import _flat_nonzero
+
+    mask = torch.rand(n + 3, generator=torch.Generator().manual_seed(n)) < share
+    for view in (mask[:n], mask[3:], mask[1::2]):
+        assert torch.equal(_flat_nonzero(view), view.nonzero().squeeze(1))
+
+
 def test_batch_topk_indices_when_few_entries_are_positive():
     salience = torch.zeros(1024, 256)
     salience[3, 5] = 2.0
