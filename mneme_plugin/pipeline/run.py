@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mneme_plugin.errors import CheckpointError, ConfigError, ForeignOutputError, RankFailedError
-from mneme_plugin.files import atomic_write_text, json_digest
+from mneme_plugin.files import atomic_write_text, fsync_dir, json_digest
 from mneme_plugin.layout import RunLayout
 from mneme_plugin.pipeline.config import RunConfig, save_run_config
 from mneme_plugin.pipeline.stage import PipelineContext, Stage
@@ -384,12 +384,21 @@ def discard_redone(planned: list[tuple[Stage, str, str]], layout: RunLayout, onl
     for stage, _, status in planned:
         if not status.startswith("rerun") or (only is not None and stage.name not in only):
             continue
-        target = stage.outputs(layout)
-        if target.is_dir():
-            shutil.rmtree(target)
-        elif target.exists():
-            target.unlink()
-        layout.stage_marker(stage.name).unlink(missing_ok=True)
+        discard_stage(stage, layout)
+
+
+def discard_stage(stage: Stage, layout: RunLayout) -> None:
+    """Remove a stage's marker, then its outputs. The marker goes first, and durably: a run killed while a
+    large folder is deleted leaves a stage that is not done (it runs again), never half a folder marked done."""
+    marker = layout.stage_marker(stage.name)
+    if marker.is_file():
+        marker.unlink()
+        fsync_dir(layout.stages)
+    target = stage.outputs(layout)
+    if target.is_dir():
+        shutil.rmtree(target)
+    elif target.exists():
+        target.unlink()
 
 
 def unmark_written_stage(folder: str | os.PathLike[str], stage: str) -> list[str]:

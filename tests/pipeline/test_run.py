@@ -165,6 +165,38 @@ def test_an_interrupted_stage_starts_over_when_what_it_read_is_redone(tmp_path):
     assert statuses["attribute"][1] == "run"  # nothing of it on disk: nothing to throw away
 
 
+def test_a_run_killed_while_it_deletes_a_redone_stage_leaves_that_stage_not_done(tmp_path, monkeypatch):
+    """The harvest's config changed and the run is killed while it deletes the old store: the store is half
+    gone, so its marker must be gone first (with the old config back, the plan skipped the damaged store)."""
+    from mneme_plugin.pipeline import plan
+    from mneme_plugin.pipeline import run as pipeline_run
+    from mneme_plugin.pipeline.stages import STAGES
+
+    cfg = {"run_dir": str(tmp_path / "run"), "models": {"base": "b", "edited": "e"},
+           "corpus": {"source": "hf:c"}, "harvest": {"layer": 1}}
+    done = {s.name: fp for s, fp, _ in plan(RunConfig.from_dict(cfg), STAGES)}
+    run = tmp_path / "run"
+    (run / ".stages").mkdir(parents=True)
+    (run / "activations").mkdir()
+    for i in range(4):
+        (run / "activations" / f"shard_{i:05d}.safetensors").write_text("x")
+    (run / ".stages" / "harvest.json").write_text(json.dumps(
+        {"stage": "harvest", "fingerprint": done["harvest"], "seconds": 1.0, "version": 2}))
+    assert {s.name: st for s, _, st in plan(RunConfig.from_dict(cfg), STAGES)}["harvest"] == "skip (done)"
+
+    def killed_midway(path, *args, **kwargs):
+        next(Path(path).iterdir()).unlink()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline_run.shutil, "rmtree", killed_midway)
+    changed = {**cfg, "harvest": {"layer": 1, "max_tokens": 4000}}
+    with pytest.raises(KeyboardInterrupt):
+        pipeline_run.discard_redone(plan(RunConfig.from_dict(changed), STAGES), RunConfig.from_dict(changed).layout)
+    assert len(list((run / "activations").iterdir())) == 3  # half deleted
+    assert not (run / ".stages" / "harvest.json").exists()
+    assert {s.name: st for s, _, st in plan(RunConfig.from_dict(cfg), STAGES)}["harvest"] == "run"
+
+
 def test_a_run_that_stops_early_leaves_no_outputs_of_the_old_config(tmp_path):
     """A changed config redoes explain and the stages after it; the run stops (killed, or failed) in
     explain. The old prediction must not stay next to the new config.yaml, marked done: `mneme info`,
