@@ -16,7 +16,9 @@ from mneme_plugin.errors import ConfigError
 from mneme_plugin.files import data_file_rows, nearest_existing, size_text
 from mneme_plugin.layout import RunLayout
 from mneme_plugin.pipeline.config import RunConfig
-from mneme_plugin.pipeline.run import check_batch_shared, check_only, pending_outputs, plan, unselected_inputs
+from mneme_plugin.pipeline.run import (
+    check_batch_shared, check_only, pending_outputs, plan, stale_outside_only, unselected_inputs,
+)
 from mneme_plugin.pipeline.stages import (
     STAGES, client_problems, config_problems, hub_model_problems, missing_inputs, relative_paths_note,
 )
@@ -620,8 +622,11 @@ def format_plan(config: RunConfig, check: ConfigCheck, only: list[str] | None = 
     lines += ["", "Plan:"]
     planned = check.planned if check.planned is not None else plan(config, STAGES)
     width = max([10] + [len(stage.name) for stage, _, _ in planned])
+    stale = stale_outside_only(planned, only)
     for stage, fingerprint, status in planned:
-        if only and stage.name not in only and status != "disabled":
+        if stage.name in stale:  # `mneme run --only` removes them: made from what the run redoes
+            status = f"not selected (--only); its outputs go: {status}"
+        elif only and stage.name not in only and status != "disabled":
             status = "not selected (--only)"
         lines.append(f"  {stage.name:<{width}} {status:<24} config {fingerprint}")
     lines.append("")

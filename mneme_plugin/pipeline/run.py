@@ -311,6 +311,11 @@ def _run_stages(config: RunConfig, stages: list[Stage], layout: RunLayout, dist:
             require_disk(config, planned, only, models)
         # Before the new config is written: a run that stops early leaves no output of the old config
         # next to it, marked done, for later commands to read.
+        stale = stale_outside_only(planned, only)
+        if stale:
+            logger.info("Not selected (--only), but their config changed or they read what this run redoes: %s; "
+                        "their outputs go (`mneme run` without --only redoes them).",
+                        ", ".join(stage.name for stage, _, _ in planned if stage.name in stale))
         discard_redone(planned, layout, only)
         save_run_config(config)
         steps = [(stage.name, fp, status) for stage, fp, status in planned]
@@ -380,11 +385,25 @@ def _run_remedies(stage: Stage) -> Iterator[None]:
 
 
 def discard_redone(planned: list[tuple[Stage, str, str]], layout: RunLayout, only: list[str] | None = None) -> None:
-    """Remove the outputs and markers of the stages ``plan`` redoes (``rerun ...``; those in ``only``)."""
+    """Remove the outputs and markers of the stages ``plan`` redoes (``rerun ...``): those in ``only``, and
+    those outside it that ``stale_outside_only`` names."""
+    stale = stale_outside_only(planned, only)
     for stage, _, status in planned:
-        if not status.startswith("rerun") or (only is not None and stage.name not in only):
-            continue
-        discard_stage(stage, layout)
+        if status.startswith("rerun") and (only is None or stage.name in only or stage.name in stale):
+            discard_stage(stage, layout)
+
+
+def stale_outside_only(planned: list[tuple[Stage, str, str]], only: list[str] | None) -> set[str]:
+    """With ``only`` (`mneme run --only`): the stages outside it that ``plan`` would redo (``rerun ...``: their
+    config changed, or a stage they read is redone), when a selected stage runs. The run then writes its new
+    config.yaml and redoes what they read, so their markers would say done over outputs of the old config
+    (for `mneme info` and the report), and a later run, finding outputs but no marker, would resume over them
+    (a complete store of the old edited model). They go, marker and outputs, as in a run without ``--only``
+    (``unselected_inputs`` has made sure that no selected stage reads them)."""
+    if only is None or not any(stage.name in only and status != "disabled" and not status.startswith("skip")
+                               for stage, _, status in planned):
+        return set()
+    return {stage.name for stage, _, status in planned if stage.name not in only and status.startswith("rerun")}
 
 
 def discard_stage(stage: Stage, layout: RunLayout) -> None:

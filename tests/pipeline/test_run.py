@@ -135,6 +135,38 @@ def test_a_changed_section_reruns_that_stage_and_those_after(pair_and_corpus, tm
     assert statuses["train"] == "run" and "train.json is unreadable" in caplog.text
 
 
+def test_only_a_redone_stage_removes_the_stages_made_from_its_old_outputs(pair_and_corpus, tmp_path):
+    """`mneme run --only train` after a training change: config.yaml takes the new config and the crosscoder is
+    redone, so the attribution .. report made from the old one must not stay marked done (`mneme info` listed
+    them done and showed the old evaluation as this run's); the stages before it, and a no-op --only, keep theirs."""
+    from mneme_plugin.pipeline import plan
+    from mneme_plugin.pipeline.stages import STAGES
+
+    base, edited, corpus, truth = pair_and_corpus
+    cfg = _config(tmp_path / "run", base, edited, corpus, truth, steps=30)
+    run = tmp_path / "run"
+    assert CliRunner().invoke(main, ["run", _write(tmp_path, "a.yaml", cfg)]).exit_code == 0
+    cfg["training"]["steps"] = 40
+    path = _write(tmp_path, "b.yaml", cfg)
+    # Only harvest, which is done: nothing runs, nothing goes.
+    assert CliRunner().invoke(main, ["run", path, "--only", "harvest"]).exit_code == 0
+    assert (run / ".stages" / "evaluate.json").is_file() and (run / "evaluation").is_dir()
+    dry = CliRunner().invoke(main, ["run", "--dry-run", path, "--only", "train"])
+    assert "attribute  not selected (--only); its outputs go: rerun (config changed)" in dry.output, dry.output
+    assert "harvest    not selected (--only)    config" in dry.output
+
+    result = CliRunner().invoke(main, ["run", path, "--only", "train"])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.stem for p in (run / ".stages").glob("*.json")) == ["harvest", "train"]
+    for gone in ("attribution", "contexts", "explanations", "mapping", "prediction", "evaluation", "report.html"):
+        assert not (run / gone).exists(), gone
+    info = CliRunner().invoke(main, ["info", str(run)]).output
+    assert "stage attribute" not in info and "MNEME   Acc" not in info
+    assert "stages not done: attribute, collect" in info
+    statuses = {s.name: st for s, _, st in plan(RunConfig.from_dict(cfg), STAGES)}
+    assert statuses["train"] == "skip (done)" and statuses["attribute"] == statuses["report"] == "run"
+
+
 def test_an_interrupted_stage_starts_over_when_what_it_read_is_redone(tmp_path):
     """Training killed after a checkpoint, then the harvest's config changed: the harvest is redone,
     and training must not resume from checkpoints made on the old activations."""
