@@ -17,7 +17,7 @@ from mneme_plugin.files import data_file_rows, nearest_existing, size_text
 from mneme_plugin.layout import RunLayout
 from mneme_plugin.pipeline.config import RunConfig
 from mneme_plugin.pipeline.run import (
-    check_batch_shared, check_only, pending_outputs, plan, stale_outside_only, unselected_inputs,
+    check_batch_shared, check_only, pending_outputs, plan, stale_outside_only, switched_off, unselected_inputs,
 )
 from mneme_plugin.pipeline.stages import (
     STAGES, client_problems, config_problems, hub_model_problems, missing_inputs, relative_paths_note,
@@ -242,7 +242,7 @@ def check_config(config: RunConfig, only: list[str] | None = None, world_size: i
     ranks (`--nproc`), a training batch they can split."""
     from huggingface_hub import constants as hub_constants
 
-    check_only(only, STAGES)
+    check_only(only, STAGES, config)
     check = _model_facts(config)
     if config.intervention is None and same_model(config.models.base, config.models.edited):
         check.warnings.append(f"models.base and models.edited are the same model ({config.models.base}): a "
@@ -607,7 +607,7 @@ def estimates(config: RunConfig, check: ConfigCheck, pending: Collection[str] | 
 
 def format_plan(config: RunConfig, check: ConfigCheck, only: list[str] | None = None) -> str:
     """The checks and the plan; with ``only`` (``mneme run --only``), the other stages read "not selected"."""
-    check_only(only, STAGES)
+    check_only(only, STAGES, config)
     lines = [f"Run directory: {config.run_dir}", "", "Checks:"]
     lines += [f"  ok   {n}" for n in check.notes]
     lines += [f"  WARN {w}" for w in check.warnings]
@@ -623,12 +623,16 @@ def format_plan(config: RunConfig, check: ConfigCheck, only: list[str] | None = 
     planned = check.planned if check.planned is not None else plan(config, STAGES)
     width = max([10] + [len(stage.name) for stage, _, _ in planned])
     stale = stale_outside_only(planned, only)
+    off = switched_off(config, STAGES)  # done under an earlier config: `mneme run` removes what they wrote
     for stage, fingerprint, status in planned:
         if stage.name in stale:  # `mneme run --only` removes them: made from what the run redoes
             status = f"not selected (--only); its outputs go: {status}"
         elif only and stage.name not in only and status != "disabled":
             status = "not selected (--only)"
+        elif status == "disabled" and stage in off:
+            status = "disabled; its outputs go"
         lines.append(f"  {stage.name:<{width}} {status:<24} config {fingerprint}")
+    lines += [f"  {stage.name:<{width}} not in this config; its outputs go" for stage in off if not stage.present(config)]
     lines.append("")
     lines.append("The config has problems (FAIL above)." if check.problems
                  else "The config looks runnable, but read the WARN lines above first." if check.warnings

@@ -183,11 +183,29 @@ def plan(config: RunConfig, stages: list[Stage],
     return out
 
 
-def check_only(only: list[str] | None, stages: list[Stage]) -> None:
-    """``--only``'s stage names must be stages."""
+def check_only(only: list[str] | None, stages: list[Stage], config: RunConfig | None = None) -> None:
+    """``--only``'s stage names must be stages; with ``config``, stages that this config runs (a stage absent
+    or disabled here would run nothing, and the run would end as if it had done what was asked)."""
     unknown = sorted(set(only or ()) - {s.name for s in stages})
     if unknown:
         raise ConfigError(f"Unknown stage(s) {unknown}; the stages are {', '.join(s.name for s in stages)}.")
+    if config is None:
+        return
+    off = [f"--only {stage.name}: the stage is {'not in this run' if not stage.present(config) else 'disabled'}"
+           + (f" ({stage.off_reason})" if stage.off_reason else "") + "."
+           for stage in stages if stage.name in (only or ()) and not (stage.present(config) and stage.enabled(config))]
+    if off:
+        raise ConfigError("The stages selected do not run with this config; nothing was run:\n  " + "\n  ".join(off)
+                          + "\nDrop them from --only, or give the config what they need.")
+
+
+def switched_off(config: RunConfig, stages: list[Stage]) -> list[Stage]:
+    """The stages done under an earlier config (a marker) that this one leaves out (``present`` false) or
+    disables (ground truth dropped: no evaluate; ``training.stream``: no harvest). What they wrote is no
+    result of this config: a run removes it (``discard_stage``), as the report, `mneme info` and `mneme run`'s
+    table would show it."""
+    return [stage for stage in stages if not (stage.present(config) and stage.enabled(config))
+            and config.layout.stage_marker(stage.name).is_file()]
 
 
 def run_pipeline(
@@ -213,7 +231,7 @@ def run_pipeline(
     from mneme_plugin.distributed import distributed_context, job_world_size, main_rank_lock
 
     stages = STAGES if stages is None else stages
-    check_only(only, stages)
+    check_only(only, stages, config)
     validate_for_run(config, stages, models=models)
     layout = config.layout
     # On every rank before the process group starts, from the config and markers alone (rank 0 plans again
@@ -317,6 +335,11 @@ def _run_stages(config: RunConfig, stages: list[Stage], layout: RunLayout, dist:
                         "their outputs go (`mneme run` without --only redoes them).",
                         ", ".join(stage.name for stage, _, _ in planned if stage.name in stale))
         discard_redone(planned, layout, only)
+        for stage in switched_off(config, stages):
+            logger.info("[%s] done under an earlier config, and %s now%s: its outputs go.", stage.name,
+                        "left out" if not stage.present(config) else "disabled",
+                        f" ({stage.off_reason})" if stage.off_reason else "")
+            discard_stage(stage, layout)
         save_run_config(config)
         steps = [(stage.name, fp, status) for stage, fp, status in planned]
         return steps, secrets.token_hex(8), inputs

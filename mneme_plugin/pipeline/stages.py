@@ -226,11 +226,13 @@ def _report(ctx: PipelineContext) -> None:
 # changed ground truth does not redo the crosscoder and a changed crosscoder does not redo lm-eval.
 STAGES: list[Stage] = [
     Stage("intervention", ("models.base", "intervention"), lambda l: l.edited_model, _intervention,
-          present=lambda c: c.intervention is not None, after=()),
+          present=lambda c: c.intervention is not None, after=(), off_reason="the config has no intervention section"),
     Stage("ground_truth", ("models.base", "models.edited", "ground_truth"), lambda l: l.ground_truth, _ground_truth,
-          present=lambda c: c.ground_truth.measured or bool(c.ground_truth.tables), after=("intervention",)),
+          present=lambda c: c.ground_truth.measured or bool(c.ground_truth.tables), after=("intervention",),
+          off_reason="the config's ground_truth section has no tables (ground_truth.tables)"),
     Stage("harvest", ("models", "corpus", "harvest"), lambda l: l.activations, _harvest,
-          enabled=lambda c: not c.training.stream, after=("intervention",), all_ranks=True),
+          enabled=lambda c: not c.training.stream, after=("intervention",), all_ranks=True,
+          off_reason="training.stream is set: training and attribution harvest on the fly, into no store"),
     Stage("train", _train_sections, lambda l: l.crosscoder_run, _train, after=("harvest", "intervention"),
           all_ranks=True),
     Stage("attribute", ("attribution",), lambda l: l.attribution, _attribute),
@@ -239,7 +241,9 @@ STAGES: list[Stage] = [
     Stage("map", ("map",), lambda l: l.mapping, _map, inputs=_taxonomy_digests),
     Stage("predict", ("predict", "map"), lambda l: l.prediction, _predict, inputs=_control_digest),
     Stage("evaluate", ("evaluate", "ground_truth", "models"), lambda l: l.evaluation, _evaluate,
-          enabled=lambda c: c.ground_truth.available, after=("predict", "ground_truth")),
+          enabled=lambda c: c.ground_truth.available, after=("predict", "ground_truth"),
+          off_reason="the config has no ground truth to evaluate against (ground_truth: scores_csv, "
+                     "lm_eval_before / lm_eval_after, or tables)"),
     Stage("report", (), lambda l: l.report, _report),
 ]
 

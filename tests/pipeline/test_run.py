@@ -167,6 +167,36 @@ def test_only_a_redone_stage_removes_the_stages_made_from_its_old_outputs(pair_a
     assert statuses["train"] == "skip (done)" and statuses["attribute"] == statuses["report"] == "run"
 
 
+def test_a_stage_the_config_no_longer_runs_loses_what_it_did_and_cannot_be_selected(pair_and_corpus, tmp_path):
+    """The ground truth dropped from the config disables evaluate: its old evaluation went on showing in the
+    report, `mneme info` and the run's table as this config's result. And `--only evaluate` (disabled) or
+    `--only intervention` (no such section) ran nothing and exited 0 as if done."""
+    base, edited, corpus, truth = pair_and_corpus
+    cfg = _config(tmp_path / "run", base, edited, corpus, truth, steps=30)
+    run = tmp_path / "run"
+    assert CliRunner().invoke(main, ["run", _write(tmp_path, "a.yaml", cfg)]).exit_code == 0
+    assert (run / "evaluation").is_dir()
+    del cfg["ground_truth"]
+    path = _write(tmp_path, "b.yaml", cfg)
+    for only, why in (("evaluate", "disabled (the config has no ground truth to evaluate against"),
+                      ("intervention", "not in this run (the config has no intervention section)")):
+        refused = CliRunner().invoke(main, ["run", path, "--only", only])
+        assert refused.exit_code != 0 and "Traceback" not in refused.output
+        assert f"--only {only}: the stage is {why}" in " ".join(refused.output.split()), refused.output
+        dry = CliRunner().invoke(main, ["run", "--dry-run", path, "--only", only])
+        assert dry.exit_code != 0 and f"--only {only}: the stage is" in dry.output
+    assert (run / "evaluation").is_dir()  # refused: nothing changed
+    dry = CliRunner().invoke(main, ["run", "--dry-run", path])
+    assert "evaluate   disabled; its outputs go" in dry.output, dry.output
+
+    result = CliRunner().invoke(main, ["run", path])
+    assert result.exit_code == 0, result.output
+    assert not (run / "evaluation").exists() and not (run / ".stages" / "evaluate.json").exists()
+    assert "| method | Acc (Eq. 4) |" not in result.output
+    assert "MNEME   Acc" not in CliRunner().invoke(main, ["info", str(run)]).output
+    assert "oracle" not in (run / "report.html").read_text()
+
+
 def test_an_interrupted_stage_starts_over_when_what_it_read_is_redone(tmp_path):
     """Training killed after a checkpoint, then the harvest's config changed: the harvest is redone,
     and training must not resume from checkpoints made on the old activations."""
