@@ -178,6 +178,17 @@ def _models_and_corpus(sections: dict[str, dict[str, Any]], base, edited, corpus
     return models["base"], models["edited"], source
 
 
+def _complete_store(folder: str | Path) -> bool:
+    """Whether ``folder`` holds an activation store whose harvest finished."""
+    from mneme_plugin.activations.manifest import read_manifest
+    from mneme_plugin.errors import MnemeError
+
+    try:
+        return bool(read_manifest(folder).get("complete"))
+    except (MnemeError, OSError):
+        return False
+
+
 def _harvest_inputs(sections: dict[str, dict[str, Any]], base, edited, corpus, layer, hook_name, max_tokens,
                     context_length, harvest_batch_size, dtype, model_dtype, device):
     """(base, edited, corpus, HarvestConfig) from the YAML sections models / corpus / harvest and options."""
@@ -211,6 +222,10 @@ def harvest(config, out, overwrite, nproc, **options) -> None:
 
     sections = _sections(_read_yaml(config), ("models", "corpus", "harvest"), config)
     base, edited, corpus, harvest_cfg = _harvest_inputs(sections, **options)
+    # A new or replaced store in a run directory: what its stages made from the old one is no longer done.
+    # (A complete store at --out without --overwrite is kept, or refused: nothing is written.)
+    if (overwrite or not _complete_store(out)) and distributed_context(harvest_cfg.device).is_main:
+        _unmark_run_stages(out, "harvest")
     store = run_harvest(base, edited, corpus, harvest_cfg, out, overwrite=overwrite)
     if distributed_context().is_main:  # under torchrun rank 0 reports
         click.echo(f"{store.num_rows} paired rows of width {store.d_model} in {store.path}")
@@ -292,9 +307,14 @@ def train(store, stream, config, shuffle_buffer, out, dict_size, expansion_facto
         data = store
     else:
         raise ConfigError("Nothing to train on: pass --store DIR, or --stream with --base/--edited/--corpus/--layer.")
-    result = run_train(data, out, cc_cfg, tr_cfg, resume=not no_resume, allow_partial=allow_partial)
+    from mneme_plugin.crosscoder.files import training_finished
     from mneme_plugin.distributed import distributed_context
 
+    # A new crosscoder in a run directory: what its stages made from the old one is no longer done. (A
+    # finished training resumed is loaded, or refused for another config: nothing is written.)
+    if (no_resume or not training_finished(out)) and distributed_context(tr_cfg.device).is_main:
+        _unmark_run_stages(out, "train")
+    result = run_train(data, out, cc_cfg, tr_cfg, resume=not no_resume, allow_partial=allow_partial)
     if not distributed_context().is_main:  # under torchrun rank 0 reports
         return
     click.echo(f"Crosscoder: {result.crosscoder_dir}")

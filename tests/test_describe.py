@@ -278,6 +278,39 @@ def test_a_stage_command_run_into_a_run_directory_unmarks_what_no_longer_follows
     assert "earlier prediction" not in _info(copy) and gather(copy).metrics_table is not None
 
 
+def test_train_and_harvest_commands_run_into_a_run_directory_unmark_what_they_replace(finished_run, tmp_path):
+    """`mneme train --out RUN/crosscoder_run --no-resume` and `mneme harvest --out RUN/activations --overwrite`
+    replace the run's crosscoder or store, but (unlike the other stage commands) left every stage marked done:
+    `mneme run` skipped them all over a crosscoder or store config.yaml did not make."""
+    run, _ = finished_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    config = yaml.safe_load((run.parent / "run.yaml").read_text())
+    stages = sorted(p.stem for p in (copy / ".stages").glob("*.json"))
+
+    def marked():
+        return sorted(p.stem for p in (copy / ".stages").glob("*.json"))
+
+    train = ["train", "--store", str(copy / "activations"), "--out", str(copy / "crosscoder_run"), "--steps", "25",
+             "--expansion-factor", "2", "-k", "4", "--eval-rows", "256"]
+    refused = CliRunner().invoke(main, train)  # resumes a finished training of another config: refused, unchanged
+    assert refused.exit_code != 0 and "another config" in refused.output and marked() == stages
+    result = CliRunner().invoke(main, [*train, "--no-resume"])
+    assert result.exit_code == 0, result.output
+    assert "its stage(s) train, attribute, collect, explain, map, predict, evaluate, report are no longer marked " \
+           "done" in " ".join(result.output.split()), result.output
+    assert marked() == ["harvest"]
+
+    harvest = ["harvest", "--base", config["models"]["base"], "--edited", config["models"]["edited"], "--corpus",
+               config["corpus"]["source"], "--context-length", "32", "--dtype", "float32", "--out", str(copy / "activations")]
+    result = CliRunner().invoke(main, [*harvest, "--layer", "1"])  # the store is complete: kept as it is
+    assert result.exit_code == 0 and "no longer marked done" not in result.output, result.output
+    assert marked() == ["harvest"]
+    result = CliRunner().invoke(main, [*harvest, "--layer", "0", "--overwrite"])
+    assert result.exit_code == 0 and "its stage(s) harvest are no longer marked done" in result.output, result.output
+    assert marked() == []
+
+
 def test_info_names_an_export_a_remediation_and_a_file_of_a_run(finished_run, tmp_path):
     """`mneme info` said "holds nothing mneme writes" of an SAE-Lens export (which load_crosscoder reads), of a
     `mneme remediate` output and of any file in a run directory."""
