@@ -109,6 +109,8 @@ def _section_value(config: RunConfig, name: str, legacy: bool) -> Any:
 
 def _fingerprint(config: RunConfig, stage: Stage, upstream: str, *, legacy: bool = False) -> str:
     payload = {name: _section_value(config, name, legacy) for name in stage.sections_of(config)}
+    if stage.derived is not None:
+        payload.update(stage.derived(config))
     blob: dict[str, Any] = {"stage": stage.name, "config": payload, "upstream": upstream}
     if stage.inputs is not None and not legacy:
         blob["inputs"] = stage.inputs(config)

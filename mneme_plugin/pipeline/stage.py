@@ -30,6 +30,9 @@ class Stage:
     # Digests of what the stage reads outside the run directory that its config only names (a
     # taxonomy's entries, a control run's attribution): part of its fingerprint, so a change reruns it.
     inputs: Callable[[RunConfig], dict[str, str]] | None = None
+    # Values drawn from several sections that decide the stage's results (predict's taxonomies), in every
+    # fingerprint; {} where the value is what fingerprints without it implied, so those do not change.
+    derived: Callable[[RunConfig], dict[str, Any]] | None = None
     # Why the stage is absent (``present`` false) or disabled (``enabled`` false) when it is: for `--only`'s
     # refusal of it, and the log line of a run that removes what it did under an earlier config.
     off_reason: str = ""

@@ -190,6 +190,13 @@ def _control_digest(config: RunConfig) -> dict[str, str]:
     return {"control_attribution": file_digest(table) if table.is_file() else "missing"}
 
 
+def _predicted_taxonomies(config: RunConfig) -> dict[str, Any]:
+    """The taxonomies predict predicts for (and so its folders) when the ground-truth tables add some to the
+    map section's first: only then, so fingerprints made before it counted them stay as they were."""
+    taxonomies = config.taxonomies()
+    return {} if taxonomies == config.map.taxonomies[:1] else {"taxonomies": taxonomies}
+
+
 def _predict(ctx: PipelineContext) -> None:
     from mneme_plugin.sideeffects import predict_run
 
@@ -239,7 +246,8 @@ STAGES: list[Stage] = [
     Stage("collect", ("collect", "harvest", "corpus"), lambda l: l.contexts, _collect),
     Stage("explain", ("explain",), lambda l: l.explanations, _explain),
     Stage("map", ("map",), lambda l: l.mapping, _map, inputs=_taxonomy_digests),
-    Stage("predict", ("predict", "map"), lambda l: l.prediction, _predict, inputs=_control_digest),
+    Stage("predict", ("predict", "map"), lambda l: l.prediction, _predict, inputs=_control_digest,
+          derived=_predicted_taxonomies),
     Stage("evaluate", ("evaluate", "ground_truth", "models"), lambda l: l.evaluation, _evaluate,
           enabled=lambda c: c.ground_truth.available, after=("predict", "ground_truth"),
           off_reason="the config has no ground truth to evaluate against (ground_truth: scores_csv, "

@@ -972,6 +972,55 @@ def test_markers_written_before_runtime_fields_still_count(pair_and_corpus, tmp_
     assert {s.name: st for s, _, st in plan(run_config, STAGES)}["harvest"].startswith("rerun")
 
 
+def _fingerprint_config(run_dir, stream=False) -> dict:
+    """A config whose stages are fingerprinted from strings alone (no model folder or corpus file to digest)."""
+    cfg = {"run_dir": str(run_dir), "models": {"base": "b", "edited": "e", "intervention": "unlearning of biology"},
+           "corpus": {"source": "hf:c"}, "harvest": {"layer": 1, "max_tokens": 100000},
+           "map": {"taxonomies": ["organism"]}, "predict": {"rule": "top_k", "k": 2},
+           "ground_truth": {"scores_csv": "truth.csv"}}
+    if stream:
+        cfg["training"] = {"stream": True}
+    return cfg
+
+
+def _mark_done(cfg: dict, fingerprints: dict[str, str] | None = None, version: int | None = None) -> None:
+    """Markers (and output folders) of a finished run of ``cfg``: its plan's fingerprints, or ``fingerprints``."""
+    from mneme_plugin.pipeline import plan
+    from mneme_plugin.pipeline.run import MARKER_VERSION
+    from mneme_plugin.pipeline.stages import STAGES
+
+    config = RunConfig.from_dict(cfg)
+    config.layout.stages.mkdir(parents=True, exist_ok=True)
+    for stage, fingerprint, status in plan(config, STAGES, inputs={}):
+        if status == "disabled":
+            continue
+        out = stage.outputs(config.layout)
+        out.mkdir(parents=True, exist_ok=True) if stage.name != "report" else out.write_text("report")
+        config.layout.stage_marker(stage.name).write_text(json.dumps(
+            {"stage": stage.name, "fingerprint": (fingerprints or {}).get(stage.name, fingerprint), "seconds": 1.0,
+             "version": version or MARKER_VERSION}))
+
+
+def _statuses(cfg: dict) -> dict[str, str]:
+    from mneme_plugin.pipeline import plan
+    from mneme_plugin.pipeline.stages import STAGES
+
+    return {s.name: st for s, _, st in plan(RunConfig.from_dict(cfg), STAGES, inputs={}) if st != "disabled"}
+
+
+def test_a_ground_truth_table_of_another_taxonomy_redoes_the_prediction(tmp_path):
+    """Predict predicts for `RunConfig.taxonomies()`, the map section's first and the ground-truth tables' own,
+    each into its folder: a table adding a taxonomy left predict done, and evaluate failed reading a missing
+    prediction folder. A run predicting for the map section's first alone keeps its fingerprint."""
+    cfg = _fingerprint_config(tmp_path / "run")
+    cfg["map"]["taxonomies"] = ["organism", "organism_behaviour"]
+    cfg["ground_truth"] = {"tables": {"organism": {"scores_csv": "truth.csv"}}}
+    _mark_done(cfg)
+    cfg["ground_truth"]["tables"]["behaviour"] = {"scores_csv": "behaviour.csv", "taxonomy": "organism_behaviour"}
+    statuses = _statuses(cfg)
+    assert statuses["map"] == "skip (done)" and statuses["predict"] == "rerun (config changed)", statuses
+
+
 def test_a_run_checks_its_whole_config_before_the_first_stage(pair_and_corpus, tmp_path):
     base, edited, corpus, truth = pair_and_corpus
     cfg = _config(tmp_path / "run", base, edited, corpus, truth, steps=30)
