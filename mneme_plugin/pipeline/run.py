@@ -38,9 +38,12 @@ if TYPE_CHECKING:  # torch: imported when a run starts, not with the package
 logger = logging.getLogger("mneme_plugin")
 
 
-# Markers written before fingerprints left out the runtime fields carry no version; they are
+# Markers written before fingerprints left out the runtime fields carry no version (1); they are
 # compared with the old fingerprint (every field), so such runs resume instead of starting over.
-MARKER_VERSION = 2
+# Version 2 markers are compared with the sections fingerprinted before version 3 (``Stage.sections_before``:
+# harvest and a streamed training read the whole models section).
+MARKER_VERSION = 3
+FINGERPRINT_VERSIONS = (3, 2, 1)
 
 # Under torchrun, rank 0 rewrites a stage's heartbeat file every HEARTBEAT_SECONDS while it runs a
 # stage the other ranks wait for; a waiting rank that sees no new beat for HEARTBEAT_TIMEOUT seconds
@@ -107,8 +110,11 @@ def _section_value(config: RunConfig, name: str, legacy: bool) -> Any:
     return value
 
 
-def _fingerprint(config: RunConfig, stage: Stage, upstream: str, *, legacy: bool = False) -> str:
-    payload = {name: _section_value(config, name, legacy) for name in stage.sections_of(config)}
+def _fingerprint(config: RunConfig, stage: Stage, upstream: str, *, version: int = MARKER_VERSION) -> str:
+    """The stage's fingerprint as markers of ``version`` compute it (``upstream``: the same version's
+    fingerprints of the stages it reads)."""
+    legacy = version < 2
+    payload = {name: _section_value(config, name, legacy) for name in stage.sections_of(config, version)}
     if stage.derived is not None:
         payload.update(stage.derived(config))
     blob: dict[str, Any] = {"stage": stage.name, "config": payload, "upstream": upstream}
@@ -122,14 +128,15 @@ INPUTS_CHANGED = "rerun (model or input files changed)"
 UPSTREAM_REDONE = "rerun (input redone)"
 
 
-def _status(layout: RunLayout, stage: Stage, fingerprint: str, legacy_fingerprint: str,
+def _status(layout: RunLayout, stage: Stage, fingerprints: dict[int, str],
             inputs: dict[str, str] | None = None) -> str:
-    """``inputs``: the digests of what the stage reads outside the run directory now (``stages.input_digests``)."""
+    """``fingerprints``: the stage's fingerprint per marker version (``FINGERPRINT_VERSIONS``); ``inputs``: the
+    digests of what the stage reads outside the run directory now (``stages.input_digests``)."""
     path = layout.stage_marker(stage.name)
     marker = _read_marker(path) if path.is_file() else None
     if marker is None:
         return "run"
-    expected = fingerprint if marker.version >= MARKER_VERSION else legacy_fingerprint
+    expected = fingerprints[min(max(marker.version, 1), MARKER_VERSION)]
     if marker.fingerprint != expected:
         return "rerun (config changed)"
     # An input the marker did not record (older markers), or that is gone now, is not second-guessed.
@@ -152,8 +159,9 @@ def plan(config: RunConfig, stages: list[Stage],
     """(stage, fingerprint, status) for every stage: status is run, skip (done), rerun or disabled.
     ``inputs``: each stage's input digests when the caller has taken them already (``_input_digests_now``)."""
     layout = config.layout
-    out, upstream, legacy_upstream = [], "", ""
-    done: dict[str, tuple[str, str]] = {}  # enabled stage -> (fingerprint, legacy fingerprint)
+    out: list[tuple[Stage, str, str]] = []
+    upstream = {version: "" for version in FINGERPRINT_VERSIONS}
+    done: dict[str, dict[int, str]] = {}  # enabled stage -> its fingerprint per marker version
     redone: set[str] = set()  # stages rerun because their inputs, or a stage they read, changed
     previous: tuple[str, ...] = ()
     inputs = inputs if inputs is not None else _input_digests_now(config, stages)
@@ -161,15 +169,16 @@ def plan(config: RunConfig, stages: list[Stage],
         if not stage.present(config):
             continue
         if stage.after is not None:  # the fingerprints of the stages it reads (enabled ones), not the one before
-            upstream = "+".join(done[name][0] for name in stage.after if name in done)
-            legacy_upstream = "+".join(done[name][1] for name in stage.after if name in done)
+            upstream = {version: "+".join(done[name][version] for name in stage.after if name in done)
+                        for version in FINGERPRINT_VERSIONS}
             previous = stage.after
-        fingerprint = _fingerprint(config, stage, upstream)
-        legacy = _fingerprint(config, stage, legacy_upstream, legacy=True)
+        fingerprints = {version: _fingerprint(config, stage, upstream[version], version=version)
+                        for version in FINGERPRINT_VERSIONS}
+        fingerprint = fingerprints[MARKER_VERSION]
         if not stage.enabled(config):
             out.append((stage, fingerprint, "disabled"))
             continue
-        status = _status(layout, stage, fingerprint, legacy, inputs.get(stage.name))
+        status = _status(layout, stage, fingerprints, inputs.get(stage.name))
         # Same config, but what it read is redone: its fingerprint cannot tell, so it is redone too; so is
         # an interrupted one, whose partial outputs (training checkpoints) were made from the old inputs.
         if redone & set(previous) and (status == "skip (done)"
@@ -180,8 +189,8 @@ def plan(config: RunConfig, stages: list[Stage],
         if status == "run" or status.startswith("rerun"):
             redone.add(stage.name)
         out.append((stage, fingerprint, status))
-        upstream, legacy_upstream, previous = fingerprint, legacy, (stage.name,)
-        done[stage.name] = (fingerprint, legacy)
+        upstream, previous = fingerprints, (stage.name,)
+        done[stage.name] = fingerprints
     return out
 
 

@@ -30,6 +30,10 @@ class Stage:
     # Digests of what the stage reads outside the run directory that its config only names (a
     # taxonomy's entries, a control run's attribution): part of its fingerprint, so a change reruns it.
     inputs: Callable[[RunConfig], dict[str, str]] | None = None
+    # The sections that fingerprints of markers written before version 3 (``run.MARKER_VERSION``) read, where
+    # they differ (harvest then read the whole ``models`` section, its naive baseline's description included):
+    # such markers still count. None: ``sections``.
+    sections_before: tuple[str, ...] | Callable[[RunConfig], tuple[str, ...]] | None = None
     # Values drawn from several sections that decide the stage's results (predict's taxonomies), in every
     # fingerprint; {} where the value is what fingerprints without it implied, so those do not change.
     derived: Callable[[RunConfig], dict[str, Any]] | None = None
@@ -37,8 +41,11 @@ class Stage:
     # refusal of it, and the log line of a run that removes what it did under an earlier config.
     off_reason: str = ""
 
-    def sections_of(self, config: RunConfig) -> tuple[str, ...]:
-        return self.sections(config) if callable(self.sections) else self.sections
+    def sections_of(self, config: RunConfig, version: int | None = None) -> tuple[str, ...]:
+        """The sections the stage reads; with ``version``, those that a marker of that version fingerprinted."""
+        sections = self.sections if version is None or version >= 3 or self.sections_before is None \
+            else self.sections_before
+        return sections(config) if callable(sections) else sections
 
 
 @dataclass

@@ -63,8 +63,18 @@ def _attribute(ctx: PipelineContext) -> None:
     attribute(ctx.layout.crosscoder_run, data, ctx.config.attribution, ctx.layout.attribution, progress=ctx.progress)
 
 
+# What the harvest reads of the models section: the models, not the edit's description (evaluate's naive baseline).
+_MODELS = ("models.base", "models.edited")
+
+
 def _train_sections(config: RunConfig) -> tuple[str, ...]:
     # Streaming, the harvest stage does not run: training reads what it would have read.
+    return (*_MODELS, "corpus", "harvest", "crosscoder", "training") if config.training.stream \
+        else ("crosscoder", "training")
+
+
+def _train_sections_before(config: RunConfig) -> tuple[str, ...]:
+    """``_train_sections`` as markers before version 3 read them."""
     return ("models", "corpus", "harvest", "crosscoder", "training") if config.training.stream \
         else ("crosscoder", "training")
 
@@ -237,11 +247,12 @@ STAGES: list[Stage] = [
     Stage("ground_truth", ("models.base", "models.edited", "ground_truth"), lambda l: l.ground_truth, _ground_truth,
           present=lambda c: c.ground_truth.measured or bool(c.ground_truth.tables), after=("intervention",),
           off_reason="the config's ground_truth section has no tables (ground_truth.tables)"),
-    Stage("harvest", ("models", "corpus", "harvest"), lambda l: l.activations, _harvest,
+    Stage("harvest", (*_MODELS, "corpus", "harvest"), lambda l: l.activations, _harvest,
+          sections_before=("models", "corpus", "harvest"),
           enabled=lambda c: not c.training.stream, after=("intervention",), all_ranks=True,
           off_reason="training.stream is set: training and attribution harvest on the fly, into no store"),
-    Stage("train", _train_sections, lambda l: l.crosscoder_run, _train, after=("harvest", "intervention"),
-          all_ranks=True),
+    Stage("train", _train_sections, lambda l: l.crosscoder_run, _train, sections_before=_train_sections_before,
+          after=("harvest", "intervention"), all_ranks=True),
     Stage("attribute", ("attribution",), lambda l: l.attribution, _attribute),
     Stage("collect", ("collect", "harvest", "corpus"), lambda l: l.contexts, _collect),
     Stage("explain", ("explain",), lambda l: l.explanations, _explain),

@@ -8,6 +8,7 @@ import pytest
 
 from mneme_plugin.errors import ConfigError
 from mneme_plugin.pipeline import RunConfig, plan
+from mneme_plugin.pipeline.run import _fingerprint
 from mneme_plugin.pipeline.stages import STAGES
 
 BASE = {"run_dir": "runs/x", "models": {"base": "b", "edited": "e"}, "corpus": {"source": "c.txt"},
@@ -26,10 +27,16 @@ def test_a_config_without_the_new_sections_plans_as_before():
     cfg = RunConfig.from_dict(BASE)
     stages = _statuses(BASE)
     assert list(stages)[:2] == ["harvest", "train"]  # no intervention / ground_truth stage at all
-    # The harvest fingerprint, written out independently: sha256 of its sections, no upstream.
-    payload = {name: getattr(cfg, name).result_dict() for name in ("models", "corpus", "harvest")}
+    # The harvest fingerprint, written out independently: sha256 of its sections (the models by name), no upstream.
+    payload = {"models.base": "b", "models.edited": "e",
+               **{name: getattr(cfg, name).result_dict() for name in ("corpus", "harvest")}}
     text = json.dumps({"stage": "harvest", "config": payload, "upstream": ""}, sort_keys=True, default=str)
     assert stages["harvest"][0] == hashlib.sha256(text.encode()).hexdigest()[:16]
+    # What version 2 markers hold (the whole models section) is what they are still compared with.
+    payload = {name: getattr(cfg, name).result_dict() for name in ("models", "corpus", "harvest")}
+    text = json.dumps({"stage": "harvest", "config": payload, "upstream": ""}, sort_keys=True, default=str)
+    harvest = next(s for s in STAGES if s.name == "harvest")
+    assert _fingerprint(cfg, harvest, "", version=2) == hashlib.sha256(text.encode()).hexdigest()[:16]
     assert "tables" not in cfg.ground_truth.result_dict()
 
 

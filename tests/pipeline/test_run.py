@@ -201,7 +201,7 @@ def test_an_interrupted_stage_starts_over_when_what_it_read_is_redone(tmp_path):
     """Training killed after a checkpoint, then the harvest's config changed: the harvest is redone,
     and training must not resume from checkpoints made on the old activations."""
     from mneme_plugin.pipeline import plan
-    from mneme_plugin.pipeline.run import UPSTREAM_REDONE, discard_redone
+    from mneme_plugin.pipeline.run import MARKER_VERSION, UPSTREAM_REDONE, discard_redone
     from mneme_plugin.pipeline.stages import STAGES
 
     cfg = {"run_dir": str(tmp_path / "run"), "models": {"base": "b", "edited": "e"},
@@ -211,7 +211,7 @@ def test_an_interrupted_stage_starts_over_when_what_it_read_is_redone(tmp_path):
     (run / "activations").mkdir(parents=True)
     (run / ".stages").mkdir()
     (run / ".stages" / "harvest.json").write_text(json.dumps(
-        {"stage": "harvest", "fingerprint": done["harvest"], "seconds": 1.0, "version": 2}))
+        {"stage": "harvest", "fingerprint": done["harvest"], "seconds": 1.0, "version": MARKER_VERSION}))
     checkpoint = run / "crosscoder_run" / "checkpoints" / "step_00000020"
     checkpoint.mkdir(parents=True)  # training killed: a checkpoint, no marker
     assert {s.name: st for s, _, st in plan(RunConfig.from_dict(cfg), STAGES)}["train"] == "run"  # resumes
@@ -243,7 +243,7 @@ def test_a_run_killed_while_it_deletes_a_redone_stage_leaves_that_stage_not_done
     for i in range(4):
         (run / "activations" / f"shard_{i:05d}.safetensors").write_text("x")
     (run / ".stages" / "harvest.json").write_text(json.dumps(
-        {"stage": "harvest", "fingerprint": done["harvest"], "seconds": 1.0, "version": 2}))
+        {"stage": "harvest", "fingerprint": done["harvest"], "seconds": 1.0, "version": pipeline_run.MARKER_VERSION}))
     assert {s.name: st for s, _, st in plan(RunConfig.from_dict(cfg), STAGES)}["harvest"] == "skip (done)"
 
     def killed_midway(path, *args, **kwargs):
@@ -1006,6 +1006,46 @@ def _statuses(cfg: dict) -> dict[str, str]:
     from mneme_plugin.pipeline.stages import STAGES
 
     return {s.name: st for s, _, st in plan(RunConfig.from_dict(cfg), STAGES, inputs={}) if st != "disabled"}
+
+
+# What `mneme run` wrote into the (version 2) markers of `_fingerprint_config` before marker version 3, stored and
+# streamed, with every taxonomy digested as "taxonomy": computed by that code. Such finished runs stay done.
+VERSION_2_FINGERPRINTS = {
+    False: {"harvest": "a7da58fcf266bd7b", "train": "1c7c1115e09b8248", "attribute": "bee4e141a1f76aba",
+            "collect": "ffca8f96d9e9d016", "explain": "5cc79d882c38356a", "map": "81d37733da823e41",
+            "predict": "6995033ab45e7045", "evaluate": "be74dc87f868fc15", "report": "1e1ec2d001c5023e"},
+    True: {"train": "15c1d3721d8c28d8", "attribute": "bc25667de3d40fb7", "collect": "349c4e4d0321ce66",
+           "explain": "af9acde6a0e56ce9", "map": "06d29e30efe1e289", "predict": "48497278641eedf6",
+           "evaluate": "7c80d773f2cdf43d", "report": "07afbc3fc448f5bf"},
+}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_run_finished_with_version_2_markers_stays_done(tmp_path, monkeypatch, stream):
+    """Marker version 3 fingerprints the models by name (not the naive baseline's description): runs finished
+    before are not all redone for it."""
+    import mneme_plugin.interpret.taxonomy as taxonomy
+
+    monkeypatch.setattr(taxonomy, "taxonomy_digest", lambda t: "taxonomy")
+    cfg = _fingerprint_config(tmp_path / "run", stream)
+    _mark_done(cfg, VERSION_2_FINGERPRINTS[stream], version=2)
+    assert set(_statuses(cfg).values()) == {"skip (done)"}, _statuses(cfg)
+    cfg["harvest"]["layer"] = 0  # and they are still compared: a real change redoes them
+    assert set(_statuses(cfg).values()) == {"rerun (config changed)"}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_the_naive_baselines_description_redoes_only_the_evaluation(tmp_path, stream):
+    """`models.intervention` is read by evaluate's naive baseline alone; the harvest fingerprinted the whole
+    models section, so editing the description redid the harvest, the training and every stage after them."""
+    cfg = _fingerprint_config(tmp_path / "run", stream)
+    _mark_done(cfg)
+    cfg["models"]["intervention"] = "RMU unlearning of biology"
+    statuses = _statuses(cfg)
+    assert statuses.pop("evaluate").startswith("rerun") and statuses.pop("report").startswith("rerun")
+    assert set(statuses.values()) == {"skip (done)"}, statuses
+    cfg["models"]["edited"] = "e2"  # the models themselves still count
+    assert _statuses(cfg)["train"] == "rerun (config changed)"
 
 
 def test_a_ground_truth_table_of_another_taxonomy_redoes_the_prediction(tmp_path):
