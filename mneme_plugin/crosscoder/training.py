@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from mneme_plugin.activations.config import HarvestConfig
 from mneme_plugin.activations.store import ActivationStore
 from mneme_plugin.crosscoder.config import CrossCoderConfig, TrainingConfig
 from mneme_plugin.crosscoder.files import (  # noqa: F401  (re-exported: where they were defined before)
@@ -118,8 +119,15 @@ class _Data:
 
     def identity(self) -> dict[str, Any]:
         """What pins the rows a store gives (its manifest, digested): the same path harvested again
-        (``--overwrite``, another dtype or corpus) holds other activations. Nothing for a stream."""
-        return {} if self.store is None else {"store_manifest": json_digest(self.store.manifest)}
+        (``--overwrite``, another dtype or corpus) holds other activations. For a harvest stream, its
+        harvest settings with the forward batch size (a runtime field for a store, but the stream's shuffle
+        buffer fills a forward batch at a time, so its batches change with it). Nothing for a plain stream."""
+        if self.store is not None:
+            return {"store_manifest": json_digest(self.store.manifest)}
+        harvest = getattr(self.source, "config", None)
+        if isinstance(harvest, HarvestConfig):
+            return {"stream_harvest": json_digest({**harvest.result_dict(), "batch_size": harvest.batch_size})}
+        return {}
 
     def batches(self, start_step: int) -> Iterator[torch.Tensor]:
         if self.store is not None:
@@ -270,9 +278,13 @@ def _check_run_config(run_dir: Path, run_config: dict[str, Any]) -> None:
         stored_data = previous.get("data") if isinstance(previous, dict) else None
         if trained and stored_data is not None and stored_data != run_config.get("data"):
             store = run_config["crosscoder"].get("metadata", {}).get("store", "the store")
+            streamed = isinstance(stored_data, dict) and "stream_harvest" in stored_data
+            why = ("the stream is harvested with other settings, the forward batch size (harvest.batch_size) "
+                   "included: it decides the stream's batches" if streamed
+                   else f"{store} was harvested again, or is another store")
             raise ForeignOutputError(
                 f"{run_dir} holds a training run on other activations ({path}: data {stored_data} vs now "
-                f"{run_config.get('data')}: {store} was harvested again, or is another store); use a new run "
+                f"{run_config.get('data')}: {why}); use a new run "
                 "directory, or start over here with --no-resume (train(..., resume=False)).",
                 run_dir,
             )

@@ -41,7 +41,7 @@ logger = logging.getLogger("mneme_plugin")
 # Markers written before fingerprints left out the runtime fields carry no version (1); they are
 # compared with the old fingerprint (every field), so such runs resume instead of starting over.
 # Version 2 markers are compared with the sections fingerprinted before version 3 (``Stage.sections_before``:
-# harvest and a streamed training read the whole models section).
+# harvest read the whole models section; a streamed training and attribution not their batch sizes).
 MARKER_VERSION = 3
 FINGERPRINT_VERSIONS = (3, 2, 1)
 

@@ -31,8 +31,8 @@ class Stage:
     # taxonomy's entries, a control run's attribution): part of its fingerprint, so a change reruns it.
     inputs: Callable[[RunConfig], dict[str, str]] | None = None
     # The sections that fingerprints of markers written before version 3 (``run.MARKER_VERSION``) read, where
-    # they differ (harvest then read the whole ``models`` section, its naive baseline's description included):
-    # such markers still count. None: ``sections``.
+    # they differ (harvest then read the whole ``models`` section, its naive baseline's description included;
+    # a streamed training neither forward-batch size): such markers still count. None: ``sections``.
     sections_before: tuple[str, ...] | Callable[[RunConfig], tuple[str, ...]] | None = None
     # Values drawn from several sections that decide the stage's results (predict's taxonomies), in every
     # fingerprint; {} where the value is what fingerprints without it implied, so those do not change.

@@ -68,8 +68,9 @@ _MODELS = ("models.base", "models.edited")
 
 
 def _train_sections(config: RunConfig) -> tuple[str, ...]:
-    # Streaming, the harvest stage does not run: training reads what it would have read.
-    return (*_MODELS, "corpus", "harvest", "crosscoder", "training") if config.training.stream \
+    # Streaming, the harvest stage does not run: training reads what it would have read, and its batches
+    # depend on the forward batch size (the shuffle buffer fills a forward batch at a time).
+    return (*_MODELS, "corpus", "harvest", "harvest.batch_size", "crosscoder", "training") if config.training.stream \
         else ("crosscoder", "training")
 
 
@@ -77,6 +78,12 @@ def _train_sections_before(config: RunConfig) -> tuple[str, ...]:
     """``_train_sections`` as markers before version 3 read them."""
     return ("models", "corpus", "harvest", "crosscoder", "training") if config.training.stream \
         else ("crosscoder", "training")
+
+
+def _attribute_sections(config: RunConfig) -> tuple[str, ...]:
+    # Streaming, the batch size decides which rows are attributed: the stream drops its last partial batch
+    # and its shuffle buffer is two batches.
+    return ("attribution", "attribution.batch_size") if config.training.stream else ("attribution",)
 
 
 def _collect(ctx: PipelineContext) -> None:
@@ -253,7 +260,7 @@ STAGES: list[Stage] = [
           off_reason="training.stream is set: training and attribution harvest on the fly, into no store"),
     Stage("train", _train_sections, lambda l: l.crosscoder_run, _train, sections_before=_train_sections_before,
           after=("harvest", "intervention"), all_ranks=True),
-    Stage("attribute", ("attribution",), lambda l: l.attribution, _attribute),
+    Stage("attribute", _attribute_sections, lambda l: l.attribution, _attribute, sections_before=("attribution",)),
     Stage("collect", ("collect", "harvest", "corpus"), lambda l: l.contexts, _collect),
     Stage("explain", ("explain",), lambda l: l.explanations, _explain),
     Stage("map", ("map",), lambda l: l.mapping, _map, inputs=_taxonomy_digests),

@@ -205,6 +205,45 @@ def test_training_from_a_harvest_stream(ht_pair, tmp_path):
     assert 0 < result.metrics.n_tokens <= 256 and result.metrics.explained_variance_base > 0.3
 
 
+def test_a_streamed_training_resumes_only_on_the_stream_it_was_trained_on(ht_pair, tmp_path):
+    """A harvest stream's batches depend on its forward batch size (harvest.batch_size: the shuffle buffer fills a
+    forward batch at a time), a runtime field for a store: a streamed training killed and resumed with another one
+    was accepted, and ended other than the uninterrupted run. Runs recorded before streams were named resume."""
+    from mneme_plugin import harvest_stream
+
+    base, edited = ht_pair
+    corpus = synthetic_corpus(400, seed=1)
+
+    def stream(forward_batch):
+        return harvest_stream(base, edited, corpus, HarvestConfig(layer=1, context_length=32, batch_size=forward_batch),
+                              batch_size=64, shuffle_buffer_rows=512, seed=0)
+
+    cc, training = CrossCoderConfig(expansion_factor=2, k=4), _small_training(steps=30, batch_size=64, eval_rows=0,
+                                                                             checkpoint_every=10)
+
+    def crash_at_15(step, trainer):
+        if step == 15:
+            raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError, match="killed"):
+        train(stream(8), tmp_path / "run", cc, training, progress=False, on_step=crash_at_15)
+    with pytest.raises(ForeignOutputError, match=r"other activations .*harvest.batch_size.*--no-resume"):
+        train(stream(4), tmp_path / "run", cc, training, progress=False)
+    record = tmp_path / "run" / "train_config.json"
+    recorded = json.loads(record.read_text())
+    # Another device is no other stream; the same forward batch size resumes.
+    device_only = harvest_stream(base, edited, corpus, HarvestConfig(layer=1, context_length=32, batch_size=8,
+                                                                     device="cpu:0"), batch_size=64,
+                                 shuffle_buffer_rows=512, seed=0)
+    assert train(device_only, tmp_path / "run", cc, training, progress=False).metrics is not None
+    # A run recorded before streams were named (no "data") is not second-guessed.
+    with pytest.raises(RuntimeError, match="killed"):
+        train(stream(8), tmp_path / "old", cc, training, progress=False, on_step=crash_at_15)
+    del recorded["data"]
+    (tmp_path / "old" / "train_config.json").write_text(json.dumps(recorded))
+    assert train(stream(4), tmp_path / "old", cc, training, progress=False).metrics is not None
+
+
 def test_metrics_are_measured_on_rows_held_out_of_training(tiny_store, tmp_path):
     """Issue 11 item 4: the evaluated rows never reach the optimiser, and metrics.json says so."""
     from mneme_plugin.crosscoder.training import _Data

@@ -1022,8 +1022,8 @@ VERSION_2_FINGERPRINTS = {
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_a_run_finished_with_version_2_markers_stays_done(tmp_path, monkeypatch, stream):
-    """Marker version 3 fingerprints the models by name (not the naive baseline's description): runs finished
-    before are not all redone for it."""
+    """Marker version 3 fingerprints the models by name (not the naive baseline's description) and, streaming,
+    the batch sizes that decide the stream's rows: runs finished before are not all redone for it."""
     import mneme_plugin.interpret.taxonomy as taxonomy
 
     monkeypatch.setattr(taxonomy, "taxonomy_digest", lambda t: "taxonomy")
@@ -1046,6 +1046,21 @@ def test_the_naive_baselines_description_redoes_only_the_evaluation(tmp_path, st
     assert set(statuses.values()) == {"skip (done)"}, statuses
     cfg["models"]["edited"] = "e2"  # the models themselves still count
     assert _statuses(cfg)["train"] == "rerun (config changed)"
+
+
+def test_streaming_the_batch_sizes_that_decide_the_stream_are_fingerprinted(tmp_path):
+    """A stream's batches depend on harvest.batch_size (its shuffle buffer fills a forward batch at a time)
+    and attribution's rows on attribution.batch_size (its last partial batch is dropped, its buffer is two
+    batches): runtime fields for a store, results when streaming."""
+    for stream, section, first in ((True, "harvest", "train"), (True, "attribution", "attribute"),
+                                   (False, "harvest", None), (False, "attribution", None)):
+        cfg = _fingerprint_config(tmp_path / f"{section}-{stream}", stream)
+        _mark_done(cfg)
+        cfg.setdefault(section, {})["batch_size"] = 3
+        statuses = _statuses(cfg)
+        names = list(statuses)
+        redone = set(names[names.index(first):]) if first else set()
+        assert {name for name, st in statuses.items() if st != "skip (done)"} == redone, (section, stream, statuses)
 
 
 def test_a_ground_truth_table_of_another_taxonomy_redoes_the_prediction(tmp_path):
