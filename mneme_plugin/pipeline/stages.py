@@ -144,6 +144,7 @@ def input_digests(stage: Stage, config: RunConfig, corpus: str | None) -> dict[s
     names, for its marker: ``corpus``, the local corpus file's content (``corpus``, the plan's
     ``corpus_digest``, read once for all stages); ``model:base`` / ``model:edited``, the models'
     weights (``model_digests``); and
+    ``model:embedding``, the map stage's ``embedding_model`` folder (method embedding; metadata);
     ``data:SPEC``, the intervention's local training data (SFT data, RMU corpora: a file's content, a
     folder's metadata); ``file:PATH``, the ground-truth files' content (``files.content_digest``: CSV /
     lm-eval JSON files, a judge's questions), ``folder:PATH``, lm-eval's ``include_path`` task folders
@@ -163,6 +164,11 @@ def input_digests(stage: Stage, config: RunConfig, corpus: str | None) -> dict[s
 
         for spec, digest in data_digests(config.intervention.resolved("").data_sources()).items():
             out[f"data:{spec}"] = digest
+    if "map" in sections and config.map.method == "embedding" and config.map.embedding_model:
+        # The local sentence-transformers folder (metadata, as for the models): one saved over in place remaps.
+        digest = stat_digest(config.map.embedding_model)
+        if digest is not None:
+            out["model:embedding"] = digest
     if "ground_truth" in sections:
         for path in config.ground_truth.files():
             if Path(path).is_file():

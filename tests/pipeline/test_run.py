@@ -1076,6 +1076,32 @@ def test_a_ground_truth_table_of_another_taxonomy_redoes_the_prediction(tmp_path
     assert statuses["map"] == "skip (done)" and statuses["predict"] == "rerun (config changed)", statuses
 
 
+def test_an_embedding_model_saved_over_in_place_remaps(tmp_path):
+    """The map stage's `embedding_model` folder was named by its path alone: a model saved over it in place left
+    the old mapping done. Its marker now records the folder's metadata, as for the models; a lexical map records none."""
+    from mneme_plugin.pipeline import plan
+    from mneme_plugin.pipeline.stages import STAGES, input_digests
+
+    model = tmp_path / "minilm"
+    model.mkdir()
+    (model / "model.safetensors").write_bytes(b"weights")
+    cfg = _fingerprint_config(tmp_path / "run")
+    mapping = next(s for s in STAGES if s.name == "map")
+    assert input_digests(mapping, RunConfig.from_dict(cfg), None) == {}
+    cfg["map"] = {"taxonomies": ["organism"], "method": "embedding", "embedding_model": str(model)}
+    recorded = input_digests(mapping, RunConfig.from_dict(cfg), None)
+    assert set(recorded) == {"model:embedding"}
+    _mark_done(cfg)
+    marker = tmp_path / "run" / ".stages" / "map.json"
+    marker.write_text(json.dumps({**json.loads(marker.read_text()), "input_digests": recorded}))
+    statuses = lambda: {s.name: st for s, _, st in plan(RunConfig.from_dict(cfg), STAGES) if st != "disabled"}
+    assert set(statuses().values()) == {"skip (done)"}
+    (model / "model.safetensors").write_bytes(b"other weights")
+    now = statuses()
+    assert now["explain"] == "skip (done)" and now["map"] == "rerun (model or input files changed)"
+    assert now["predict"] == "rerun (input redone)"
+
+
 def test_a_run_checks_its_whole_config_before_the_first_stage(pair_and_corpus, tmp_path):
     base, edited, corpus, truth = pair_and_corpus
     cfg = _config(tmp_path / "run", base, edited, corpus, truth, steps=30)
