@@ -317,6 +317,12 @@ def config_problems(config: RunConfig, models: dict[str, Any] | None = None) -> 
             load_taxonomy(name)
         except ConfigError as err:
             problems.append(f"map.taxonomies: {err}")
+    if config.map.method == "embedding" and config.map.embedding_model:
+        from mneme_plugin.interpret.config import embedding_model_problem
+
+        problem = embedding_model_problem(config.map.embedding_model)
+        if problem:
+            problems.append(f"map.embedding_model: {problem}")
     return problems
 
 

@@ -376,3 +376,33 @@ def test_a_control_run_without_attribution_is_a_warning(tmp_path):
     assert warning in CliRunner().invoke(main, ["run", "--dry-run", str(path)]).output
     (tmp_path / "control" / "attribution").mkdir(parents=True)
     assert warning not in CliRunner().invoke(main, ["run", "--dry-run", str(path)]).output
+
+
+def test_an_embedding_model_that_is_no_local_model_folder_is_refused_before_the_first_stage(llama_dir, tmp_path):
+    """map.embedding_model misspelt (or a hub id: the mapper loads local folders only) failed at the map stage,
+    after the harvest and the training, while the dry run called the config runnable."""
+    import yaml
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("some text\n" * 50)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    model = tmp_path / "minilm"
+    model.mkdir()
+    (model / "modules.json").write_text("[]")
+    config = {"run_dir": str(tmp_path / "run"), "models": {"base": str(llama_dir), "edited": str(llama_dir)},
+              "corpus": {"source": str(corpus)}, "harvest": {"layer": 1}}
+    path = tmp_path / "run.yaml"
+    for given, expected in ((tmp_path / "minlm", "is not a local folder (it does not exist)"),
+                            ("sentence-transformers/all-MiniLM-L6-v2", "download it first"),
+                            (empty, f"the folder {empty} is empty: expected a sentence-transformers model folder")):
+        config["map"] = {"taxonomies": ["organism"], "method": "embedding", "embedding_model": str(given)}
+        path.write_text(yaml.safe_dump(config))
+        dry = CliRunner().invoke(main, ["run", "--dry-run", str(path)])
+        assert dry.exit_code == 1 and "FAIL map.embedding_model: " in dry.output, dry.output
+        assert expected in " ".join(dry.output.split()), dry.output
+        refused = CliRunner().invoke(main, ["run", str(path)])
+        assert refused.exit_code != 0 and "map.embedding_model" in refused.output and not (tmp_path / "run").exists()
+    config["map"]["embedding_model"] = str(model)
+    path.write_text(yaml.safe_dump(config))
+    assert "FAIL map.embedding_model" not in CliRunner().invoke(main, ["run", "--dry-run", str(path)]).output
