@@ -197,11 +197,11 @@ def test_a_stage_the_config_no_longer_runs_loses_what_it_did_and_cannot_be_selec
     assert "oracle" not in (run / "report.html").read_text()
 
 
-def test_an_interrupted_stage_starts_over_when_what_it_read_is_redone(tmp_path):
-    """Training killed after a checkpoint, then the harvest's config changed: the harvest is redone,
-    and training must not resume from checkpoints made on the old activations."""
+def _run_with_harvest_done(tmp_path):
+    """A run config (fake models and corpus; only the plan reads it) and its run directory, whose harvest
+    is marked done under that config: (config dict, run directory)."""
     from mneme_plugin.pipeline import plan
-    from mneme_plugin.pipeline.run import MARKER_VERSION, UPSTREAM_REDONE, discard_redone
+    from mneme_plugin.pipeline.run import MARKER_VERSION
     from mneme_plugin.pipeline.stages import STAGES
 
     cfg = {"run_dir": str(tmp_path / "run"), "models": {"base": "b", "edited": "e"},
@@ -212,6 +212,17 @@ def test_an_interrupted_stage_starts_over_when_what_it_read_is_redone(tmp_path):
     (run / ".stages").mkdir()
     (run / ".stages" / "harvest.json").write_text(json.dumps(
         {"stage": "harvest", "fingerprint": done["harvest"], "seconds": 1.0, "version": MARKER_VERSION}))
+    return cfg, run
+
+
+def test_an_interrupted_stage_starts_over_when_what_it_read_is_redone(tmp_path):
+    """Training killed after a checkpoint, then the harvest's config changed: the harvest is redone,
+    and training must not resume from checkpoints made on the old activations."""
+    from mneme_plugin.pipeline import plan
+    from mneme_plugin.pipeline.run import UPSTREAM_REDONE, discard_redone
+    from mneme_plugin.pipeline.stages import STAGES
+
+    cfg, run = _run_with_harvest_done(tmp_path)
     checkpoint = run / "crosscoder_run" / "checkpoints" / "step_00000020"
     checkpoint.mkdir(parents=True)  # training killed: a checkpoint, no marker
     assert {s.name: st for s, _, st in plan(RunConfig.from_dict(cfg), STAGES)}["train"] == "run"  # resumes
@@ -234,16 +245,9 @@ def test_a_run_killed_while_it_deletes_a_redone_stage_leaves_that_stage_not_done
     from mneme_plugin.pipeline import run as pipeline_run
     from mneme_plugin.pipeline.stages import STAGES
 
-    cfg = {"run_dir": str(tmp_path / "run"), "models": {"base": "b", "edited": "e"},
-           "corpus": {"source": "hf:c"}, "harvest": {"layer": 1}}
-    done = {s.name: fp for s, fp, _ in plan(RunConfig.from_dict(cfg), STAGES)}
-    run = tmp_path / "run"
-    (run / ".stages").mkdir(parents=True)
-    (run / "activations").mkdir()
+    cfg, run = _run_with_harvest_done(tmp_path)
     for i in range(4):
         (run / "activations" / f"shard_{i:05d}.safetensors").write_text("x")
-    (run / ".stages" / "harvest.json").write_text(json.dumps(
-        {"stage": "harvest", "fingerprint": done["harvest"], "seconds": 1.0, "version": pipeline_run.MARKER_VERSION}))
     assert {s.name: st for s, _, st in plan(RunConfig.from_dict(cfg), STAGES)}["harvest"] == "skip (done)"
 
     def killed_midway(path, *args, **kwargs):
