@@ -29,7 +29,7 @@ from mneme_plugin.errors import CheckpointError, DiskSpaceError, OutputExistsErr
 
 LOCK_FILE = ".mneme.lock"
 # .<stem>.<pid>.<token>.tmp<suffix> (files) and .<name>.<pid>.<token>.tmp (folders)
-_TMP_PATTERN = re.compile(r"^\..+\.(\d+)\.[0-9a-f]{8}\.tmp(\.[^.]*)?$")
+_TMP_PATTERN = re.compile(r"^\.(?P<stem>.+)\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp(?P<suffix>\.[^.]*)?$")
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -185,6 +185,13 @@ def temporary_sibling(path: Path, suffix: str | None = None) -> Path:
     return path.with_name(f".{stem}.{os.getpid()}.{secrets.token_hex(4)}.tmp{suffix}")
 
 
+def temporary_target(name: str) -> str | None:
+    """The name of the file a ``temporary_sibling`` named ``name`` is written for; None if ``name`` is no
+    temporary."""
+    m = _TMP_PATTERN.match(name)
+    return m["stem"] + (m["suffix"] or "") if m else None
+
+
 def _pid_alive(pid: int) -> bool:
     if pid == os.getpid():
         return True
@@ -205,7 +212,7 @@ def remove_stale_temporaries(folder: str | os.PathLike[str]) -> int:
     folder = Path(folder)
     for p in folder.iterdir() if folder.is_dir() else ():
         m = _TMP_PATTERN.match(p.name)
-        if m and not _pid_alive(int(m.group(1))):
+        if m and not _pid_alive(int(m["pid"])):
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
             removed += 1
     return removed

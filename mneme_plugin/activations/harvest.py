@@ -53,7 +53,9 @@ from mneme_plugin.activations.store import ActivationStore, write_shard
 from mneme_plugin.activations.sharded import COUNT_KEYS, harvest_sharded
 from mneme_plugin.distributed import distributed_context, main_rank_lock
 from mneme_plugin.errors import ConfigError, EmptyCorpusError, ForeignOutputError, NonFiniteActivationError
-from mneme_plugin.files import LOCK_FILE, output_lock, remove_stale_temporaries, require_free_space, tree_size
+from mneme_plugin.files import (
+    LOCK_FILE, output_lock, remove_stale_temporaries, require_free_space, temporary_target, tree_size,
+)
 
 logger = logging.getLogger("mneme_plugin")
 # Below this many tokens a median norm moves by several percent between corpora: worth a warning.
@@ -343,16 +345,13 @@ def require_room_for_store(path: Path, config: HarvestConfig, d_model: int) -> N
 # (activations/sharded.py), and the temporaries of their atomic writes (files.temporary_sibling).
 _STORE_FILE = re.compile(r"manifest\.json|manifest\.rank\d+\.json|shard_\d+\.safetensors"
                          r"|(?:g\d+_)?rank\d+_shard_\d+\.safetensors")
-_TEMPORARY = re.compile(r"\.(?P<stem>.+)\.\d+\.[0-9a-f]{8}\.tmp(?P<suffix>\.[^.]*)?")
 
 
 def is_store_file(entry: Path) -> bool:
     """Whether ``entry`` is a file a store writes (or the temporary of one); a folder never is."""
     if entry.is_dir() and not entry.is_symlink():
         return False
-    temporary = _TEMPORARY.fullmatch(entry.name)
-    name = temporary["stem"] + (temporary["suffix"] or "") if temporary else entry.name
-    return _STORE_FILE.fullmatch(name) is not None
+    return _STORE_FILE.fullmatch(temporary_target(entry.name) or entry.name) is not None
 
 
 def _foreign_manifest(path: Path) -> bool:
