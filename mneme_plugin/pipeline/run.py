@@ -202,9 +202,8 @@ def check_only(only: list[str] | None, stages: list[Stage], config: RunConfig | 
         raise ConfigError(f"Unknown stage(s) {unknown}; the stages are {', '.join(s.name for s in stages)}.")
     if config is None:
         return
-    off = [f"--only {stage.name}: the stage is {'not in this run' if not stage.present(config) else 'disabled'}"
-           + (f" ({stage.off_reason})" if stage.off_reason else "") + "."
-           for stage in stages if stage.name in (only or ()) and not (stage.present(config) and stage.enabled(config))]
+    off = [f"--only {stage.name}: the stage is {stage.off(config)}."
+           for stage in stages if stage.name in (only or ()) and stage.off(config)]
     if off:
         raise ConfigError("The stages selected do not run with this config; nothing was run:\n  " + "\n  ".join(off)
                           + "\nDrop them from --only, or give the config what they need.")
@@ -215,8 +214,7 @@ def switched_off(config: RunConfig, stages: list[Stage]) -> list[Stage]:
     disables (ground truth dropped: no evaluate; ``training.stream``: no harvest). What they wrote is no
     result of this config: a run removes it (``discard_stage``), as the report, `mneme info` and `mneme run`'s
     table would show it."""
-    return [stage for stage in stages if not (stage.present(config) and stage.enabled(config))
-            and config.layout.stage_marker(stage.name).is_file()]
+    return [stage for stage in stages if stage.off(config) and config.layout.stage_marker(stage.name).is_file()]
 
 
 def run_pipeline(
@@ -347,9 +345,7 @@ def _run_stages(config: RunConfig, stages: list[Stage], layout: RunLayout, dist:
                         ", ".join(stage.name for stage, _, _ in planned if stage.name in stale))
         discard_redone(planned, layout, only)
         for stage in switched_off(config, stages):
-            logger.info("[%s] done under an earlier config, and %s now%s: its outputs go.", stage.name,
-                        "left out" if not stage.present(config) else "disabled",
-                        f" ({stage.off_reason})" if stage.off_reason else "")
+            logger.info("[%s] done under an earlier config; now %s: its outputs go.", stage.name, stage.off(config))
             discard_stage(stage, layout)
         save_run_config(config)
         steps = [(stage.name, fp, status) for stage, fp, status in planned]

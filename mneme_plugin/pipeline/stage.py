@@ -41,6 +41,14 @@ class Stage:
     # refusal of it, and the log line of a run that removes what it did under an earlier config.
     off_reason: str = ""
 
+    def off(self, config: RunConfig) -> str | None:
+        """Why the stage does not run under ``config`` ("not in this run" or "disabled", with ``off_reason``);
+        None when it runs."""
+        if self.present(config) and self.enabled(config):
+            return None
+        return ("not in this run" if not self.present(config) else "disabled") + (
+            f" ({self.off_reason})" if self.off_reason else "")
+
     def sections_of(self, config: RunConfig, version: int | None = None) -> tuple[str, ...]:
         """The sections the stage reads; with ``version``, those that a marker of that version fingerprinted."""
         sections = self.sections if version is None or version >= 3 or self.sections_before is None \
