@@ -77,7 +77,10 @@ class CrossCoder(Dictionary, nn.Module):
         self.k = config.k
         n, d, m = config.num_models, config.activation_dim, config.dict_size
         dtype = getattr(torch, config.dtype)
-        self.W_enc = nn.Parameter(torch.empty(n, d, m, dtype=dtype))
+        # The encoder is stored latent-major, row j = latent j's encoder (m, n, d); ``W_enc`` is its (n, d, m)
+        # view, the layout of the files and of the state dict. The sparse backward sums x's rows per latent,
+        # so its gradient comes out in this layout: no transposed copy of an (n d, m) matrix each step.
+        self.W_enc_by_latent = nn.Parameter(torch.empty(m, n, d, dtype=dtype))
         self.b_enc = nn.Parameter(torch.zeros(m, dtype=dtype))
         self.W_dec = nn.Parameter(torch.empty(n, m, d, dtype=dtype))
         self.b_dec = nn.Parameter(torch.zeros(n, d, dtype=dtype))
@@ -101,6 +104,38 @@ class CrossCoder(Dictionary, nn.Module):
         if config.salience == "decoupled" and cls.shared_code:
             return "salience 'decoupled' needs per-model codes (DecoupledBatchTopKCrossCoder)"
         return None
+
+    @property
+    def W_enc(self) -> torch.Tensor:
+        """The encoder (n, d, m): a view of ``W_enc_by_latent``; write into it with ``copy_``."""
+        return self.W_enc_by_latent.permute(1, 2, 0)
+
+    def encoder_matrix(self) -> torch.Tensor:
+        """The encoder as one (n d, m) matrix, ``x.reshape(B, -1) @ encoder_matrix()``: a transposed view."""
+        return self.W_enc_by_latent.reshape(self.dict_size, -1).t()
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):  # type: ignore[no-untyped-def]
+        # The state dict keeps the public name and layout (dictionary_learning's ``ae.pt``, checkpoints).
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        stored = destination.pop(prefix + "W_enc_by_latent")
+        destination[prefix + "W_enc"] = stored.permute(1, 2, 0) if keep_vars else stored.permute(1, 2, 0).contiguous()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,  # type: ignore[no-untyped-def]
+                              unexpected_keys, error_msgs):
+        key = prefix + "W_enc"
+        if key in state_dict:
+            encoder = state_dict.pop(key)
+            if isinstance(encoder, torch.Tensor) and tuple(encoder.shape) == tuple(self.W_enc.shape):
+                state_dict[prefix + "W_enc_by_latent"] = encoder.permute(2, 0, 1)
+            else:
+                shape = tuple(encoder.shape) if isinstance(encoder, torch.Tensor) else type(encoder).__name__
+                error_msgs.append(f"size mismatch for {key}: copying a param with shape {shape} from checkpoint, "
+                                  f"the shape in current model is {tuple(self.W_enc.shape)}.")
+                state_dict[prefix + "W_enc_by_latent"] = self.W_enc_by_latent.detach()  # reported above, not again
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if prefix + "W_enc_by_latent" in missing_keys:
+            missing_keys[missing_keys.index(prefix + "W_enc_by_latent")] = key
 
     def make_variant_tensors(self, config: CrossCoderConfig) -> dict[str, torch.Tensor]:
         """Buffers of this architecture (named in ``variant_tensors``)."""
@@ -152,7 +187,7 @@ class CrossCoder(Dictionary, nn.Module):
     def pre_activations(self, x_norm: torch.Tensor) -> torch.Tensor:
         """relu(sum_l x_l W_enc^l + b_enc) on normalised inputs: (B, m)."""
         x_flat = x_norm.reshape(x_norm.shape[0], -1)
-        return torch.relu(x_flat @ self.W_enc.reshape(-1, self.dict_size) + self.b_enc)
+        return torch.relu(x_flat @ self.encoder_matrix() + self.b_enc)
 
     @abstractmethod
     def sparsify(self, pre: torch.Tensor, use_threshold: bool | None = None) -> torch.Tensor:

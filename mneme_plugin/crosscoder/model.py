@@ -111,8 +111,8 @@ class BatchTopKCrossCoder(CrossCoder):
         written into ``out`` when given."""
         weights = self.salience_weights() if weights is None else weights
         x_flat = x_norm.reshape(x_norm.shape[0], -1)
-        W_scaled = self.W_enc.reshape(-1, self.dict_size) * weights
-        return torch.relu_(torch.addmm(self.b_enc * weights, x_flat, W_scaled, out=out))
+        W_scaled = self.W_enc_by_latent.reshape(self.dict_size, -1) * weights[:, None]  # (m, n d): w_j scales row j
+        return torch.relu_(torch.addmm(self.b_enc * weights, x_flat, W_scaled.t(), out=out))
 
     def _salience_buffer(self, x_norm: torch.Tensor) -> torch.Tensor | None:
         """The training step's (B, m) salience buffer, reused from step to step on CPU: a fresh tensor
@@ -147,8 +147,7 @@ class BatchTopKCrossCoder(CrossCoder):
             salience = self.salience_matrix(x_norm, weights, out=self._salience_buffer(x_norm))
             flat_index = select(salience, self.k * x_norm.shape[0])
         x_flat = x_norm.reshape(x_norm.shape[0], -1)
-        W_enc_flat = self.W_enc.reshape(-1, self.dict_size)
-        active = gather_active(W_enc_flat, self.b_enc, x_flat, salience, weights, flat_index)
+        active = gather_active(self.encoder_matrix(), self.b_enc, x_flat, salience, weights, flat_index)
         return active, salience, weights
 
     def decode_active(self, active: ActiveLatents, bias: bool = True) -> torch.Tensor:

@@ -113,6 +113,7 @@ class _GatheredEncoder(torch.autograd.Function):
     def forward(ctx, W_enc_flat, b_enc, x_flat, latents, values, by_latent):  # type: ignore[override]
         ctx.save_for_backward(x_flat, latents)
         ctx.dict_size, ctx.by_latent = W_enc_flat.shape[1], by_latent
+        ctx.latent_major = W_enc_flat.t().is_contiguous()
         return values.clone()
 
     @staticmethod
@@ -122,10 +123,13 @@ class _GatheredEncoder(torch.autograd.Function):
         grad_W = grad_b = None
         if ctx.needs_input_grad[0]:
             # dL/dW[:, j] = sum over active rows i of g_ij x_i: an embedding_bag of x's rows,
-            # one bag per latent, with no (nnz, in_dim) intermediate.
-            # Transposed here, as a 2-D copy: left as a (in_dim, m) view, autograd would copy it into
-            # W_enc's (2, d, m) layout through a 3-D strided copy, several times slower on CPU.
-            grad_W = _sum_rows_by_latent(ctx.by_latent.get(), x_flat, grad_values).t().contiguous()
+            # one bag per latent, with no (nnz, in_dim) intermediate: (m, in_dim), so a latent-major
+            # encoder (``CrossCoder.encoder_matrix``) takes its transpose as a view. A row-major
+            # (in_dim, m) weight gets a 2-D copy: left as a view, autograd would copy it into W_enc's
+            # (2, d, m) layout through a 3-D strided copy, several times slower on CPU.
+            grad_W = _sum_rows_by_latent(ctx.by_latent.get(), x_flat, grad_values).t()
+            if not ctx.latent_major:
+                grad_W = grad_W.contiguous()
         if ctx.needs_input_grad[1]:
             grad_b = torch.zeros(dict_size, dtype=grad_values.dtype, device=grad_values.device)
             grad_b.index_add_(0, latents, grad_values)
@@ -332,7 +336,8 @@ def gather_active(
     """Active pairs from flat indices into the (B, m) salience matrix.
 
     ``salience`` = pre * weights was computed without autograd; the kept pairs' pre-activations
-    (salience / weight) get a sparse gradient path to ``W_enc_flat`` (in_dim, m) and ``b_enc``.
+    (salience / weight) get a sparse gradient path to ``W_enc_flat`` (in_dim, m; fastest as the
+    transposed view of an (m, in_dim) tensor, ``CrossCoder.encoder_matrix``) and ``b_enc``.
     Pairs whose salience is not positive are dropped (ReLU has no gradient there and they
     contribute nothing).
     """

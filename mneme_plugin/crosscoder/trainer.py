@@ -26,6 +26,10 @@ from mneme_plugin.devices import resolve_device
 from mneme_plugin.distributed import SINGLE_PROCESS, DistributedContext
 from mneme_plugin.errors import ConfigError
 
+# The layout of the encoder's Adam moments in ``state_dict``: that of ``CrossCoder.W_enc_by_latent`` (m, n, d).
+# Checkpoints without it hold them as W_enc (n, d, m) and are converted on load.
+ENCODER_LAYOUT = "latent_major"
+
 
 @dataclass
 class _StepOutput:
@@ -252,14 +256,32 @@ class BatchTopKCrossCoderTrainer(SAETrainer):
             "scheduler": self.scheduler.state_dict(),
             "tokens_since_fired": self.tokens_since_fired.cpu(),
             "steps_done": self.steps_done,
+            "encoder_layout": ENCODER_LAYOUT,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.ae.load_state_dict(state["ae"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        optimizer = state["optimizer"]
+        if state.get("encoder_layout") != ENCODER_LAYOUT:
+            optimizer = self._encoder_moments_latent_major(optimizer)
+        self.optimizer.load_state_dict(optimizer)
         self.scheduler.load_state_dict(state["scheduler"])
         self.tokens_since_fired.copy_(state["tokens_since_fired"].to(self.device))
         self.steps_done = int(state["steps_done"])
+
+    def _encoder_moments_latent_major(self, optimizer: dict[str, Any]) -> dict[str, Any]:
+        """A checkpoint of an earlier version holds the encoder's Adam moments in W_enc's (n, d, m) layout;
+        the parameter is now ``W_enc_by_latent`` (m, n, d)."""
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        index = next(i for i, p in enumerate(params) if p is self.ae.W_enc_by_latent)
+        moments = optimizer["state"].get(index)
+        if not moments:
+            return optimizer
+        old_shape = tuple(self.ae.W_enc.shape)
+        converted = {name: value.permute(2, 0, 1).contiguous()
+                     if isinstance(value, torch.Tensor) and tuple(value.shape) == old_shape else value
+                     for name, value in moments.items()}
+        return {**optimizer, "state": {**optimizer["state"], index: converted}}
 
     # ------------------------------------------------------------------------- loss
 
@@ -284,9 +306,8 @@ class BatchTopKCrossCoderTrainer(SAETrainer):
             global_batch = batch * self.dist.world_size if rows is None else rows
             mean = self.dist.all_sum(residual.sum(dim=0)) / global_batch
             denom = self.dist.all_sum((residual - mean).pow(2).sum()) / global_batch
-        W_enc_flat = self.ae.W_enc.reshape(-1, self.ae.dict_size)
         x_flat = x_norm.reshape(x_norm.shape[0], -1)
-        active = gather_active(W_enc_flat, self.ae.b_enc, x_flat, salience, weights, flat_index)
+        active = gather_active(self.ae.encoder_matrix(), self.ae.b_enc, x_flat, salience, weights, flat_index)
         if active.values.numel() == 0:
             return x_norm.new_zeros(())
         aux_hat = sparse_decode(active, self.ae.W_dec)

@@ -78,6 +78,23 @@ def test_save_load_is_bit_identical(tmp_path):
     assert not list((tmp_path / "cc").glob("*.tmp"))
 
 
+def test_the_state_dict_keeps_w_enc_in_its_public_layout():
+    """The encoder is stored latent-major (W_enc_by_latent, m x n x d); the state dict, which dictionary_learning
+    and checkpoints read, has W_enc (n, d, m), contiguous, and loads back from it."""
+    model = _model()
+    state = model.state_dict()
+    assert "W_enc_by_latent" not in state and state["W_enc"].shape == (2, 16, 64) and state["W_enc"].is_contiguous()
+    assert torch.equal(state["W_enc"], torch.einsum("mnd->ndm", model.W_enc_by_latent.detach()))
+    other = _model(seed=1)
+    other.load_state_dict(state)
+    x = torch.randn(20, 2, 16)
+    assert torch.equal(other.encode(x), model.encode(x)) and torch.equal(other(x), model(x))
+    with pytest.raises(RuntimeError, match=r"size mismatch for W_enc: .*\(2, 64, 16\).*\(2, 16, 64\)"):
+        other.load_state_dict({**state, "W_enc": state["W_enc"].transpose(1, 2)})
+    with pytest.raises(RuntimeError, match=r"Missing key\(s\).*\"W_enc\""):
+        other.load_state_dict({k: v for k, v in state.items() if k != "W_enc"})
+
+
 def test_load_refuses_missing_corrupt_and_foreign_files(tmp_path):
     model = _model()
     path = model.save_pretrained(tmp_path / "cc")

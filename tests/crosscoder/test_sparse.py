@@ -128,3 +128,23 @@ def test_batch_topk_breaks_ties_at_the_cut_off_by_the_lowest_flat_index(shape, k
     # Planted: every entry equal, the budget a part of them: the first `keep` in row-major order.
     equal = torch.full(shape, 0.5)
     assert sorted(batch_topk_indices(equal, keep).tolist()) == list(range(keep))
+
+
+def test_the_encoder_gradient_of_a_row_major_matrix_equals_dense_autograd():
+    """gather_active also takes an (in_dim, m) row-major encoder (the crosscoder passes a latent-major view)."""
+    torch.manual_seed(0)
+    x = torch.randn(30, 10, dtype=torch.float64)
+    W = torch.randn(10, 24, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(24, dtype=torch.float64, requires_grad=True)
+    weights = torch.rand(24, dtype=torch.float64) + 0.5
+    with torch.no_grad():
+        salience = torch.relu(x @ W + b) * weights
+    active = sparse.gather_active(W, b, x, salience, weights, batch_topk_indices(salience, 60))
+    (active.values * torch.arange(active.values.numel(), dtype=torch.float64)).sum().backward()
+    sparse_grads = W.grad.clone(), b.grad.clone()
+    W.grad, b.grad = None, None
+    pre = torch.relu(x @ W + b)
+    (pre.reshape(-1)[active.rows * 24 + active.latents] * torch.arange(active.values.numel(), dtype=torch.float64)).sum().backward()
+    torch.testing.assert_close(sparse_grads[0], W.grad, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(sparse_grads[1], b.grad, rtol=1e-12, atol=1e-12)
+    assert sparse_grads[0].is_contiguous()
