@@ -578,7 +578,11 @@ def describe_path(path: str | Path) -> str:
     if (path / CONFIG_FILE).is_file() and (path / WEIGHTS_FILE).is_file():
         if is_hf_model_config(path / CONFIG_FILE):
             return "\n".join(_hf_model_summary(path))
-        return "\n".join(_crosscoder_summary(path))
+        from mneme_plugin.formats import detect_format
+
+        # A science-of-finetuning hub folder has these two file names too (its config.json: their init kwargs).
+        fmt = detect_format(path)
+        return "\n".join(_crosscoder_summary(path, fmt if fmt not in (None, "mneme") else None))
     intervention = _unfinished_intervention_summary(path)
     if intervention:
         return "\n".join(intervention)

@@ -324,3 +324,27 @@ def test_info_names_an_export_a_remediation_and_a_file_of_a_run(finished_run, tm
     assert _info(tmp_path / "remediated").startswith(f"Remediation output {tmp_path / 'remediated'} (`mneme remediate`)")
     summary = _info(run / "config.yaml")
     assert summary.startswith(f"{run / 'config.yaml'} is a file; the folder it is in:\nMNEME run {run}"), summary
+
+
+def test_info_on_a_published_crosscoder_folder_of_each_layout(tmp_path):
+    """A science-of-finetuning hub folder holds config.json + model.safetensors, the names of our own crosscoder
+    files: `mneme info` read it as ours and failed ("not a mneme crosscoder config"); it is described as theirs,
+    with the figures load_crosscoder reads, like their training output and Kissane's folders."""
+    from mneme_plugin.formats import load_crosscoder
+    from tests.helpers import kissane_state_dict, sof_state_dict, write_kissane_crosscoder, write_sof_crosscoder
+
+    sd = sof_state_dict(16, 48, 4, "SAE", threshold=0.25)
+    folders = {"hub": write_sof_crosscoder(tmp_path / "hub", sd, "hub", code_normalization="SAE"),
+               "local": write_sof_crosscoder(tmp_path / "local", sd, "local", code_normalization="SAE"),
+               "kissane": write_kissane_crosscoder(tmp_path / "k", kissane_state_dict())}
+    for layout, folder in folders.items():
+        result = CliRunner().invoke(main, ["info", str(folder)])
+        assert result.exit_code == 0, (layout, result.output)
+        title = "Kissane" if layout == "kissane" else "science-of-finetuning"
+        assert f"Crosscoder {folder} ({title}: load_crosscoder reads it" in result.output, result.output
+        cc = load_crosscoder(folder)
+        scales = ", ".join(f"{s:.4g}" for s in cc.activation_scale.tolist())
+        assert (f"{type(cc).__name__}: d=16, latents=48, k={cc.cfg.k}, salience={cc.cfg.salience}" in result.output
+                and f"activation scale: {scales} (base, edited)" in result.output), result.output
+        if layout != "kissane":
+            assert "salience=sae" in result.output and "inference threshold: 0.25" in result.output
