@@ -93,10 +93,23 @@ def _detect_saelens(path: Path) -> bool:
     return saelens.is_saelens_folder(path) if path.is_dir() else path.is_file() and path.name == saelens.WEIGHTS_FILE
 
 
+TENSOR_SUFFIXES = (".pt", ".pth", ".safetensors")
+
+
 def _tensor_keys(path: Path) -> set[str]:
-    if not (path.is_file() and path.suffix in (".pt", ".pth", ".safetensors")):
+    """The tensor names of a weights file; none for a file that is not a readable mapping of names to tensors
+    (a detector must not raise on foreign files: a format registered later may read them)."""
+    if not (path.is_file() and path.suffix in TENSOR_SUFFIXES):
         return set()
-    return set(load_tensors(path, "crosscoder weights").keys())
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:  # the header only
+                return set(f.keys())
+        return set(load_tensors(path, "crosscoder weights").keys())
+    except Exception:  # noqa: BLE001  (corrupt or foreign: torch / safetensors raise many error types)
+        return set()
 
 
 def _detect_kissane(path: Path) -> bool:
@@ -205,6 +218,8 @@ def load_crosscoder(
                 f"{path} holds several crosscoders ({names}); give one of them ({path / found[-1].name}, say), "
                 "or subfolder= (`mneme import` / `export saelens`: --subfolder)."
             )
+    if fmt is None and path.is_file() and path.suffix in TENSOR_SUFFIXES:
+        load_tensors(path, "crosscoder weights")  # an unreadable file or foreign content: the error names why
     if fmt is None:
         from mneme_plugin.describe import folder_kind
 

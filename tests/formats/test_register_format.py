@@ -78,3 +78,41 @@ def test_registered_formats_appear_in_errors_and_refuse_foreign_options(tmp_path
         load_crosscoder(tmp_path / "empty", format="nope")
     with pytest.raises(ValueError, match="already registered"):
         register_format("toy", lambda p: False, load_toy)
+
+
+def test_a_registered_format_reads_weights_files_the_built_in_detectors_do_not(tmp_path):
+    """A torch file holding more than a flat state dict ({"state_dict": ..., "cfg": ...}, a common layout) made the
+    Kissane detector raise "does not hold a mapping of names to tensors", so a format registered for such files
+    was never asked: detectors must not raise on foreign files."""
+    from tests.helpers import kissane_state_dict
+
+    sd = kissane_state_dict(D, M)
+    torch.save({"state_dict": sd, "cfg": {"d_in": D}}, tmp_path / "nested.pt")
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(b"\x00not safetensors")
+
+    def load_nested(path):
+        data = torch.load(path, weights_only=True)
+        cc = ReLUCrossCoder(CrossCoderConfig(activation_dim=D, dict_size=M, k=min(100, M), sparsity="relu"))
+        with torch.no_grad():
+            cc.W_enc.copy_(data["state_dict"]["W_enc"])
+            cc.b_enc.copy_(data["state_dict"]["b_enc"])
+            cc.W_dec.copy_(data["state_dict"]["W_dec"].permute(1, 0, 2))
+            cc.b_dec.copy_(data["state_dict"]["b_dec"])
+        return cc
+
+    register_format("nested-pt", lambda p: p.is_file() and p.name == "nested.pt", load_nested)
+    try:
+        assert detect_format(tmp_path / "nested.pt") == "nested-pt"
+        assert detect_format(corrupt) is None
+        cc = load_crosscoder(tmp_path / "nested.pt")
+        x = torch.randn(50, 2, D, generator=torch.Generator().manual_seed(2))
+        pre = torch.relu(torch.einsum("bld,ldm->bm", x, sd["W_enc"]) + sd["b_enc"])
+        torch.testing.assert_close(cc.encode(x), pre, rtol=1e-5, atol=1e-5)
+    finally:
+        del FORMAT_REGISTRY["nested-pt"]
+    # Unregistered, the same files are still refused with what is wrong with them.
+    with pytest.raises(CheckpointError, match="nested.pt does not hold a mapping of names to tensors"):
+        load_crosscoder(tmp_path / "nested.pt")
+    with pytest.raises(CheckpointError, match="corrupt.safetensors is not a readable tensor file"):
+        load_crosscoder(corrupt)
