@@ -157,7 +157,12 @@ def export_saelens(
     if "/" in folder or folder in ("", ".", ".."):
         raise ConfigError(f"The export folder name must be one path component, got {folder!r}.")
     names = [folder] + ([folder + VIEW_SUFFIX[v] for v in MODEL_ORDER] if views else [])
-    refuse_overwrite([Path(out_dir) / n / f for n in names for f in (CFG_FILE, WEIGHTS_FILE)], force)
+    # Per-model views an earlier export left beside this folder describe that crosscoder, not this one: they go
+    # with the concat SAE they were cut from (refused without force like it, removed with it).
+    stale = [] if views else [Path(out_dir) / (folder + VIEW_SUFFIX[v]) for v in MODEL_ORDER
+                              if _is_exported_view(Path(out_dir) / (folder + VIEW_SUFFIX[v]))]
+    refuse_overwrite([Path(out_dir) / n / f for n in names for f in (CFG_FILE, WEIGHTS_FILE)]
+                     + [view / f for view in stale for f in (CFG_FILE, WEIGHTS_FILE)], force)
     d, m = crosscoder.activation_dim, crosscoder.dict_size
     decoupled = not crosscoder.shared_code
     full = folded_weights(crosscoder)
@@ -225,7 +230,23 @@ def export_saelens(
         }
         _write(out_dir / name, tensors, sae_cfg, dtype)
         written[view] = out_dir / name
+    for view_folder in stale:
+        for f in (CFG_FILE, WEIGHTS_FILE):
+            (view_folder / f).unlink(missing_ok=True)
+        if not any(view_folder.iterdir()):
+            view_folder.rmdir()
+        logger.info("Removed %s: a per-model view of the crosscoder exported there before (views=True adds this "
+                    "one's).", view_folder)
     return written
+
+
+def _is_exported_view(folder: Path) -> bool:
+    """Whether ``folder`` holds a per-model view written by ``export_saelens`` (never raises)."""
+    try:
+        meta = json.loads((folder / CFG_FILE).read_text()).get("metadata") or {}
+        return bool(meta.get("partial")) and (meta.get("mneme") or {}).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def is_saelens_folder(path: Path) -> bool:

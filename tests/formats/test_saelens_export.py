@@ -12,6 +12,7 @@ import torch
 from mneme_plugin.crosscoder import BatchTopKCrossCoder, CrossCoderConfig
 from mneme_plugin.errors import CheckpointError, ConfigError
 from mneme_plugin.formats import export_saelens, load_crosscoder
+from mneme_plugin.formats.saelens import MODEL_ORDER
 from tests.formats.test_import_published import _median_threshold
 from tests.helpers import (
     hub_cache_repo,
@@ -169,3 +170,36 @@ def test_export_refusals(tmp_path):
     (written["concat"] / "cfg.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="not a crosscoder exported by mneme"):
         load_crosscoder(written["concat"])
+
+
+def test_a_forced_export_without_views_leaves_no_views_of_the_earlier_crosscoder(tmp_path):
+    """Exporting another crosscoder over an export with views (force, no views) rewrote the concat SAE but left the
+    old per-model views beside it: SAE-Lens then loaded `<hook>__base` with the earlier crosscoder's weights."""
+    from mneme_plugin.files import OutputExistsError
+
+    first, second = _ours(), _ours("crosscoder")
+    with torch.no_grad():
+        second.W_dec.mul_(1.5)
+    out = tmp_path / "repo"
+    written = export_saelens(first, out, views=True)
+    hook = written["concat"].name
+    (out / "README.md").write_text("a repo file of the user's")
+    with pytest.raises(OutputExistsError):
+        export_saelens(second, out)
+    written = export_saelens(second, out, force=True)
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", hook]
+    x = _x()
+    _check_concat(sae_lens.SAE.load_from_disk(str(written["concat"])), second, x)
+    # With views, each one is the new crosscoder's half.
+    written = export_saelens(second, out, views=True, force=True)
+    full = sae_lens.SAE.load_from_disk(str(written["concat"]))
+    for layer, view in enumerate(MODEL_ORDER):
+        v = sae_lens.SAE.load_from_disk(str(written[view]))
+        torch.testing.assert_close(v.W_dec, full.W_dec[:, layer * D:(layer + 1) * D])
+    # A folder that only looks like a view (not a mneme export) is left alone.
+    export_saelens(first, out, force=True)
+    foreign = out / f"{hook}__edited"
+    foreign.mkdir()
+    (foreign / "cfg.json").write_text(json.dumps({"architecture": "standard", "metadata": {"partial": True}}))
+    export_saelens(second, out, force=True)
+    assert (foreign / "cfg.json").is_file()
