@@ -13,8 +13,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from mneme_plugin.crosscoder.base import CrossCoder
-from mneme_plugin.errors import CheckpointError
+from mneme_plugin.crosscoder.base import CrossCoder, check_weights
+from mneme_plugin.errors import CheckpointError, ConfigError
 from mneme_plugin.formats.common import load_tensors, read_json
 
 WEIGHTS_FILE = "ae.pt"
@@ -57,14 +57,18 @@ def load_trainsae_output(path: str | Path) -> CrossCoder:
         raise CheckpointError(f"{folder / CONFIG_FILE}: the trainer config lacks a whole activation_dim, dict_size "
                               f"or k ({err}).") from err
     metadata = {key: trainer[key] for key in ("layer", "lm_name", "submodule_name") if trainer.get(key) is not None}
-    config = CrossCoderConfig(activation_dim=activation_dim, dict_size=dict_size,
-                              expansion_factor=max(1, dict_size // activation_dim), k=k,
-                              salience=trainer.get("salience", CrossCoderConfig.salience), metadata=metadata)
-    model = build_crosscoder(config)  # the class the trainer builds from this config
+    try:
+        config = CrossCoderConfig(activation_dim=activation_dim, dict_size=dict_size,
+                                  expansion_factor=max(1, dict_size // activation_dim), k=k,
+                                  salience=trainer.get("salience", CrossCoderConfig.salience), metadata=metadata)
+        model = build_crosscoder(config)  # the class the trainer builds from this config
+    except ConfigError as err:
+        raise CheckpointError(f"{folder / CONFIG_FILE} describes no crosscoder our trainer trains: {err}") from err
     if type(model).__name__ != name:
         raise CheckpointError(f"{folder / CONFIG_FILE}: dict_class {name!r} is not the {type(model).__name__} our "
                               "trainer trains.")
     state = load_tensors(folder / WEIGHTS_FILE, f"the state dict of a {name}")
+    check_weights(folder / WEIGHTS_FILE, state)  # NaN / inf weights (a diverged run), as every other reader refuses
     try:
         model.load_state_dict(state)
     except RuntimeError as err:

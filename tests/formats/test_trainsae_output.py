@@ -92,3 +92,31 @@ def test_scale_biases_lets_a_crosscoder_read_inputs_of_another_scale():
         assert torch.allclose(scaled(7.0 * x), 7.0 * cc(x), rtol=1e-4, atol=1e-4)
         scaled.scale_biases(1 / 7.0)
         assert torch.allclose(scaled.encode(x), cc.encode(x), atol=1e-5)
+
+
+def test_damaged_trainsae_output_is_refused_naming_the_file(tmp_path):
+    """ae.pt with NaN weights (a diverged run, a damaged copy) loaded without a word, where every other reader
+    refuses non-finite weights; a config our trainer does not write raised a ConfigError naming no file."""
+    import json
+
+    import pytest
+    from dictionary_learning.training import trainSAE
+
+    from mneme_plugin.errors import CheckpointError
+
+    trainSAE(_planted_batches(), [dict(trainer=BatchTopKCrossCoderTrainer, steps=20, activation_dim=16, dict_size=64,
+                                       k=4, batch_size=256, device="cpu", layer=3, lm_name="tiny", seed=0)],
+             steps=20, save_dir=str(tmp_path / "dl"), device="cpu")
+    folder = tmp_path / "dl" / "trainer_0"
+    good = torch.load(folder / "ae.pt", weights_only=True)
+    damaged = {**good, "W_dec": good["W_dec"].clone()}
+    damaged["W_dec"][1, 5, :3] = float("nan")
+    torch.save(damaged, folder / "ae.pt")
+    with pytest.raises(CheckpointError, match=r"ae.pt: tensor 'W_dec' holds 3 non-finite values"):
+        load_crosscoder(folder)
+    torch.save(good, folder / "ae.pt")
+    config = json.loads((folder / "config.json").read_text())
+    config["trainer"]["k"] = 1000
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"trainer_0/config.json describes no crosscoder .*k must be at most"):
+        load_crosscoder(folder)
