@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -97,6 +98,16 @@ def scalar_tensor(tensors: dict[str, torch.Tensor], name: str, path: Path, what:
     if t.numel() != 1:
         raise CheckpointError(f"{path}: tensor {name!r} has shape {tuple(t.shape)}, expected a scalar ({what}).")
     return t
+
+
+def scalar_int(tensors: dict[str, torch.Tensor], name: str, path: Path, what: str) -> int:
+    """A one-element tensor holding a whole number (an int tensor, or a float one of a whole value), as an int;
+    CheckpointError naming ``path`` otherwise (NaN, a fraction, several values)."""
+    value = scalar_tensor(tensors, name, path, what).item()
+    if isinstance(value, bool) or not (isinstance(value, int) or (math.isfinite(value) and value == int(value))):
+        raise CheckpointError(f"{path}: tensor {name!r} holds {value!r}, not a whole number ({what}). The file was "
+                              "edited or damaged; restore it from where it came from.")
+    return int(value)
 
 
 def dtype_name(t: torch.Tensor, path: Path) -> str:

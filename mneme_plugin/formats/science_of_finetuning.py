@@ -30,7 +30,7 @@ from mneme_plugin.crosscoder.base import CrossCoder, check_weights
 from mneme_plugin.crosscoder.registry import build_crosscoder
 from mneme_plugin.errors import CheckpointError, ConfigError
 from mneme_plugin.formats.common import (
-    config_int, config_number, dtype_name, load_tensors, read_json, require_tensor, scalar_tensor,
+    config_int, config_number, dtype_name, load_tensors, read_json, require_tensor, scalar_int,
 )
 
 logger = logging.getLogger("mneme_plugin")
@@ -101,7 +101,7 @@ def _configured_k(init: dict[str, Any], trainer: dict[str, Any], folder: Path, w
 def _code_normalization(state: dict[str, torch.Tensor], init: dict[str, Any], trainer: dict[str, Any],
                         path: Path) -> str:
     if "code_normalization_id" in state:
-        value = int(scalar_tensor(state, "code_normalization_id", path, "the code normalisation id").item())
+        value = scalar_int(state, "code_normalization_id", path, "the code normalisation id")
         if value not in CODE_NORMALIZATIONS:
             raise CheckpointError(
                 f"{path}: code_normalization_id {value} is unknown; expected one of {CODE_NORMALIZATIONS}."
@@ -179,7 +179,7 @@ def load_science_of_finetuning(path: str | Path, dict_class: str | None = None) 
         )
     salience = SALIENCE_OF[code_norm]
     if batch_topk:
-        k = (int(scalar_tensor(state, "k", weights, "the BatchTopK k").item()) if "k" in state
+        k = (scalar_int(state, "k", weights, "the BatchTopK k") if "k" in state
              else _configured_k(init, trainer, folder, "the BatchTopK k"))
         if k is None:
             raise CheckpointError(f"{weights} is a BatchTopKCrossCoder without k (no 'k' tensor, no k in the configs).")
@@ -207,7 +207,11 @@ def load_science_of_finetuning(path: str | Path, dict_class: str | None = None) 
         if "activation_global_scale" in state:
             scale = require_tensor(state, "activation_global_scale", (n,), weights, "per-model normaliser scales")
         else:
-            target = state.get("target_rms", torch.tensor(float(init.get("target_rms") or 1.0)))
+            target = state.get("target_rms")
+            if target is None:  # older checkpoints: the init kwarg (their default 1)
+                rms = (config_number(init, "target_rms", folder / "config.json", "their normaliser's target_rms", 1.0)
+                       if init.get("target_rms") is not None else 1.0)
+                target = torch.tensor(rms or 1.0)
             check_weights(weights, {"target_rms": target})
             scale = target / torch.sqrt((std.double() ** 2).sum(-1) + 1e-8)
 

@@ -356,3 +356,37 @@ def test_a_science_of_finetuning_crosscoder_without_a_normaliser_still_loads(tmp
     if edit == "both missing":  # checkpoints older than the normaliser
         del sd["activation_mean"], sd["activation_std"], sd["activation_global_scale"]
     assert load_crosscoder(write_sof_crosscoder(tmp_path / "s", sd, "hub")).cfg.normalization == "scale"
+
+
+def test_malformed_science_of_finetuning_scalars_are_clear_errors(tmp_path):
+    """A non-number target_rms in config.json (read when the file has no target_rms / global scale tensor) raised
+    a raw TypeError / ValueError, and so did a NaN k or code_normalization_id tensor."""
+    import json
+
+    for value in ("abc", [1], {"a": 1}):
+        sd = sof_state_dict()
+        del sd["activation_global_scale"], sd["target_rms"]
+        folder = write_sof_crosscoder(tmp_path / f"rms-{type(value).__name__}", sd, "hub")
+        init = json.loads((folder / "config.json").read_text())
+        init["target_rms"] = value
+        (folder / "config.json").write_text(json.dumps(init))
+        with pytest.raises(CheckpointError, match=r"config.json: target_rms = .* is not a number"):
+            load_crosscoder(folder)
+    for name, value in (("k", float("nan")), ("k", 2.5), ("code_normalization_id", float("nan"))):
+        sd = sof_state_dict()
+        sd[name] = torch.tensor(value)
+        folder = write_sof_crosscoder(tmp_path / f"{name}-{value}", sd, "hub")
+        with pytest.raises(CheckpointError, match=rf"model.safetensors: tensor '{name}' holds .*, not a whole number"):
+            load_crosscoder(folder)
+    # A whole k stored as a float, and an older checkpoint's numeric target_rms, still load as before.
+    sd = sof_state_dict()
+    sd["k"] = torch.tensor(4.0)
+    del sd["activation_global_scale"], sd["target_rms"]
+    folder = write_sof_crosscoder(tmp_path / "ok", sd, "hub")
+    init = json.loads((folder / "config.json").read_text())
+    init["target_rms"] = 2.0
+    (folder / "config.json").write_text(json.dumps(init))
+    cc = load_crosscoder(folder)
+    assert cc.cfg.k == 4
+    expected = 2.0 / torch.sqrt((sd["activation_std"].double() ** 2).sum(-1) + 1e-8)
+    torch.testing.assert_close(cc.activation_scale, expected.float())
