@@ -47,7 +47,7 @@ def load_kissane(path: str | Path, scale_factors: Sequence[float] | None = None)
     for key in ("model_name", "hook_point", "l1_coeff", "dec_init_norm", "enc_dtype"):
         if key in cfg and isinstance(cfg[key], (str, int, float)):
             metadata[key] = cfg[key]
-    if "hook_point" in cfg:
+    if isinstance(cfg.get("hook_point"), str):  # a hook name is text (the SAE-Lens export names its folder by it)
         metadata["hook_name"] = cfg["hook_point"]
     if scale_factors is None:
         metadata["scale_factors"] = "not given: the crosscoder expects activations already scaled by sqrt(d)/E||x||"

@@ -153,6 +153,9 @@ def export_saelens(
                     meta["layer"], hook_name)
     base_model = base_model or meta.get("base_model") or meta.get("lm_name") or meta.get("model_name")
     edited_model = edited_model or meta.get("edited_model") or meta.get("chat_model")
+    if hook_name is not None and not isinstance(hook_name, str):
+        raise ConfigError(f"The crosscoder records hook_name {hook_name!r}, not a hook point name; pass hook_name= "
+                          "(CLI --hook) to name it.")
     folder = folder or hook_name or "crosscoder"
     if "/" in folder or folder in ("", ".", ".."):
         raise ConfigError(f"The export folder name must be one path component, got {folder!r}.")

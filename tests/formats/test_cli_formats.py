@@ -65,3 +65,29 @@ def test_import_and_export_refuse_to_overwrite_without_force(tmp_path):
     assert (tmp_path / "sl" / "f" / "cfg.json").read_bytes() == cfg_before
     assert _run("export", "saelens", first, "--out", tmp_path / "sl", "--folder", "f", "--force").exit_code == 0
     assert (tmp_path / "sl" / "f" / "cfg.json").read_bytes() != cfg_before
+
+
+def test_a_kissane_cfg_with_a_non_text_hook_point_exports_without_a_traceback(tmp_path):
+    """cfg.json's hook_point became the crosscoder's hook_name whatever its type: a number made `mneme export
+    saelens` fail with a raw TypeError (the folder is named by the hook)."""
+    import pytest
+    import sae_lens
+
+    from mneme_plugin.errors import ConfigError
+    from mneme_plugin.formats import export_saelens
+
+    folder = write_kissane_crosscoder(tmp_path / "k", kissane_state_dict())
+    cfg = json.loads((folder / "cfg.json").read_text())
+    cfg["hook_point"] = 14
+    (folder / "cfg.json").write_text(json.dumps(cfg))
+    result = CliRunner().invoke(main, ["export", "saelens", str(folder), "--out", str(tmp_path / "out"), "--hook",
+                                       "blocks.14.hook_resid_pre"])
+    assert result.exit_code == 0, (result.output, result.exception)
+    sae = sae_lens.SAE.load_from_disk(str(tmp_path / "out" / "blocks.14.hook_resid_pre"))
+    assert sae.cfg.metadata.hook_name == "blocks.14.hook_resid_pre"
+    result = CliRunner().invoke(main, ["export", "saelens", str(folder), "--out", str(tmp_path / "out2")])
+    assert result.exit_code == 0 and (tmp_path / "out2" / "crosscoder" / "cfg.json").is_file(), result.output
+    cc = load_crosscoder(folder)
+    cc.cfg.metadata["hook_name"] = 14  # recorded by another source
+    with pytest.raises(ConfigError, match="records hook_name 14, not a hook point name"):
+        export_saelens(cc, tmp_path / "out3")
