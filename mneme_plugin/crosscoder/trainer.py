@@ -246,6 +246,8 @@ class BatchTopKCrossCoderTrainer(SAETrainer):
             "lm_name": self.lm_name,
             "wandb_name": self.wandb_name,
             "submodule_name": self.submodule_name,
+            # The crosscoder's metadata (models, hook, context length): a trainSAE output loads back with it.
+            "metadata": dict(self.crosscoder_config.metadata),
         }
 
     def state_dict(self) -> dict[str, Any]:

@@ -56,7 +56,9 @@ def load_trainsae_output(path: str | Path) -> CrossCoder:
     except (KeyError, TypeError, ValueError) as err:
         raise CheckpointError(f"{folder / CONFIG_FILE}: the trainer config lacks a whole activation_dim, dict_size "
                               f"or k ({err}).") from err
-    metadata = {key: trainer[key] for key in ("layer", "lm_name", "submodule_name") if trainer.get(key) is not None}
+    recorded = trainer.get("metadata")  # the crosscoder's own (models, hook name); trainers of earlier versions: none
+    metadata = {**(recorded if isinstance(recorded, dict) else {}),
+                **{key: trainer[key] for key in ("layer", "lm_name", "submodule_name") if trainer.get(key) is not None}}
     try:
         config = CrossCoderConfig(activation_dim=activation_dim, dict_size=dict_size,
                                   expansion_factor=max(1, dict_size // activation_dim), k=k,

@@ -23,8 +23,10 @@ def _planted_batches(d: int = 16, n_features: int = 24, batch: int = 256, seed: 
 def test_a_trainsae_output_of_our_trainer_loads_as_the_crosscoder_it_trained(tmp_path):
     from dictionary_learning.training import trainSAE
 
+    models = {"base_model": "org/base", "edited_model": "org/edited", "hook_name": "blocks.3.hook_resid_post"}
     trainSAE(_planted_batches(), [dict(trainer=BatchTopKCrossCoderTrainer, steps=150, activation_dim=16, dict_size=64,
-                                       k=4, batch_size=256, device="cpu", layer=3, lm_name="tiny", seed=0)],
+                                       k=4, batch_size=256, device="cpu", layer=3, lm_name="tiny", seed=0,
+                                       metadata=models)],
              steps=150, save_dir=str(tmp_path / "dl"), device="cpu")
     folder = tmp_path / "dl" / "trainer_0"
     assert detect_format(folder) == "dictionary-learning" and detect_format(folder / "ae.pt") == "dictionary-learning"
@@ -33,6 +35,7 @@ def test_a_trainsae_output_of_our_trainer_loads_as_the_crosscoder_it_trained(tmp
     assert set(saved) == set(crosscoder.state_dict())
     assert all(torch.equal(crosscoder.state_dict()[name], tensor) for name, tensor in saved.items())
     assert (crosscoder.cfg.dict_size, crosscoder.cfg.k, crosscoder.cfg.metadata["layer"]) == (64, 4, 3)
+    assert {key: crosscoder.cfg.metadata.get(key) for key in models} == models  # what names the export and report
     # It is the crosscoder the trainer trained, threshold included: the same trainer run step by step by hand on
     # the same batches ends with the same codes and reconstructions.
     trainer = BatchTopKCrossCoderTrainer(steps=150, activation_dim=16, dict_size=64, k=4, batch_size=256,
