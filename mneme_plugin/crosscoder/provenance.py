@@ -9,6 +9,7 @@ overrides that explicitly.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -29,13 +30,23 @@ def recorded_reading(crosscoder: Any) -> dict[str, Any]:
     hook and window length (tokens) where it records them (``HarvestConfig`` fields). ConfigError when
     it records no layer (an imported crosscoder, say)."""
     meta = getattr(getattr(crosscoder, "cfg", None), "metadata", None) or {}
-    if meta.get("layer") is None:
+    layer = meta.get("layer")
+    if layer is None:
+        layer = layer_of_hook(meta.get("hook_name"))  # a Kissane crosscoder records its hook point only
+    if layer is None:
         raise ConfigError("The crosscoder does not record the layer it was trained at (an imported crosscoder?): "
                           "give the layer to read (collect.harvest.layer, CLI --layer).")
-    reading: dict[str, Any] = {"layer": int(meta["layer"]), "hook_name": meta.get("hook_name")}
+    reading: dict[str, Any] = {"layer": int(layer), "hook_name": meta.get("hook_name")}
     if meta.get("context_length"):
         reading["context_length"] = int(meta["context_length"])
     return reading
+
+
+def layer_of_hook(hook_name: Any) -> int | None:
+    """The block index of a TransformerLens hook name inside a block (``blocks.14.hook_resid_pre`` -> 14);
+    None for any other name."""
+    match = re.fullmatch(r"blocks\.(\d+)\.[\w.]+", hook_name) if isinstance(hook_name, str) else None
+    return int(match.group(1)) if match else None
 
 
 def source_mismatches(recorded: Mapping[str, Any], actual: Mapping[str, Any],

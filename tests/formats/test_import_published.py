@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from mneme_plugin.crosscoder import BatchTopKCrossCoder
+from mneme_plugin.crosscoder.provenance import layer_of_hook, recorded_reading
 from mneme_plugin.formats import detect_format, import_crosscoder, load_crosscoder
 from tests.formats import reference as ref
 from tests.helpers import (
@@ -149,6 +150,8 @@ def test_kissane_with_and_without_scale_factors(tmp_path):
     # The repo root holds one folder per hook: found without naming it.
     cc = load_crosscoder(tmp_path / "repo", scale_factors=scale.tolist())
     assert cc.cfg.metadata["hook_name"] == "blocks.14.hook_resid_pre" and cc.cfg.sparsity == "relu"
+    # Their files name the hook point, not the layer: collect reads at the hook, in block 14.
+    assert recorded_reading(cc) == {"layer": 14, "hook_name": "blocks.14.hook_resid_pre"}
     expected = ref.kissane_encode(sd, x * scale[None, :, None])
     torch.testing.assert_close(cc.encode(x), expected, rtol=1e-5, atol=1e-5)
     # Their decode is in scaled space; ours returns raw activations.
@@ -158,3 +161,9 @@ def test_kissane_with_and_without_scale_factors(tmp_path):
     torch.testing.assert_close(plain.encode(x), ref.kissane_encode(sd, x), rtol=1e-5, atol=1e-5)
     out = import_crosscoder(folder, tmp_path / "ours", scale_factors=scale.tolist())
     assert torch.equal(load_crosscoder(out)(x), cc(x))
+
+
+@pytest.mark.parametrize("hook, layer", [("blocks.14.hook_resid_pre", 14), ("blocks.0.attn.hook_z", 0),
+                                         ("hook_embed", None), ("blocks.x.hook_resid_post", None), (14, None)])
+def test_the_layer_of_a_hook_name(hook, layer):
+    assert layer_of_hook(hook) == layer
