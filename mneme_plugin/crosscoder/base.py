@@ -38,6 +38,12 @@ TENSOR_NAMES = ("W_enc", "b_enc", "W_dec", "b_dec", "threshold", "activation_sca
 # decoder is zero the threshold +inf, and its import keeps it).
 MAY_BE_INFINITE = ("threshold", "latent_threshold", "model_thresholds")
 
+# The weights stored latent-major: public name -> (parameter, permutation to the public layout, and back).
+PUBLIC_LAYOUTS = {
+    "W_enc": ("W_enc_by_latent", (1, 2, 0), (2, 0, 1)),  # (m, n, d) <-> (n, d, m)
+    "W_dec": ("W_dec_by_latent", (1, 0, 2), (1, 0, 2)),  # (m, n, d) <-> (n, m, d)
+}
+
 # What each capability a stage may require means (for the error that names a missing one).
 CAPABILITIES = {
     "shared_code": "one code per latent shared by both models",
@@ -77,12 +83,13 @@ class CrossCoder(Dictionary, nn.Module):
         self.k = config.k
         n, d, m = config.num_models, config.activation_dim, config.dict_size
         dtype = getattr(torch, config.dtype)
-        # The encoder is stored latent-major, row j = latent j's encoder (m, n, d); ``W_enc`` is its (n, d, m)
-        # view, the layout of the files and of the state dict. The sparse backward sums x's rows per latent,
-        # so its gradient comes out in this layout: no transposed copy of an (n d, m) matrix each step.
+        # Encoder and decoder are stored latent-major, row j = latent j's vectors for both models (m, n, d);
+        # ``W_enc`` (n, d, m) and ``W_dec`` (n, m, d) are views of them, the layouts of the files and of the
+        # state dict (``PUBLIC_LAYOUTS``). The sparse step sums per latent and per row over one (m, n d) table,
+        # so its gradients come out in this layout: no transposed or stacked copy of a weight each step.
         self.W_enc_by_latent = nn.Parameter(torch.empty(m, n, d, dtype=dtype))
         self.b_enc = nn.Parameter(torch.zeros(m, dtype=dtype))
-        self.W_dec = nn.Parameter(torch.empty(n, m, d, dtype=dtype))
+        self.W_dec_by_latent = nn.Parameter(torch.empty(m, n, d, dtype=dtype))
         self.b_dec = nn.Parameter(torch.zeros(n, d, dtype=dtype))
         # Smallest kept salience of BatchTopK (-1 = not estimated yet); 0 for rules without batch dependence.
         self.register_buffer("threshold", torch.tensor(-1.0, dtype=torch.float32))
@@ -110,32 +117,45 @@ class CrossCoder(Dictionary, nn.Module):
         """The encoder (n, d, m): a view of ``W_enc_by_latent``; write into it with ``copy_``."""
         return self.W_enc_by_latent.permute(1, 2, 0)
 
+    @property
+    def W_dec(self) -> torch.Tensor:
+        """The decoders (n, m, d): a view of ``W_dec_by_latent``; write into it with ``copy_``."""
+        return self.W_dec_by_latent.permute(1, 0, 2)
+
     def encoder_matrix(self) -> torch.Tensor:
         """The encoder as one (n d, m) matrix, ``x.reshape(B, -1) @ encoder_matrix()``: a transposed view."""
         return self.W_enc_by_latent.reshape(self.dict_size, -1).t()
 
+    def decoder_matrix(self) -> torch.Tensor:
+        """The decoders as one (m, n d) matrix, ``(f @ decoder_matrix()).reshape(B, n, d)``: a view."""
+        return self.W_dec_by_latent.reshape(self.dict_size, -1)
+
     def _save_to_state_dict(self, destination, prefix, keep_vars):  # type: ignore[no-untyped-def]
-        # The state dict keeps the public name and layout (dictionary_learning's ``ae.pt``, checkpoints).
+        # The state dict keeps the public names and layouts (dictionary_learning's ``ae.pt``, checkpoints).
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        stored = destination.pop(prefix + "W_enc_by_latent")
-        destination[prefix + "W_enc"] = stored.permute(1, 2, 0) if keep_vars else stored.permute(1, 2, 0).contiguous()
+        for public, (stored, to_public, _) in PUBLIC_LAYOUTS.items():
+            tensor = destination.pop(prefix + stored).permute(to_public)
+            destination[prefix + public] = tensor if keep_vars else tensor.contiguous()
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,  # type: ignore[no-untyped-def]
                               unexpected_keys, error_msgs):
-        key = prefix + "W_enc"
-        if key in state_dict:
-            encoder = state_dict.pop(key)
-            if isinstance(encoder, torch.Tensor) and tuple(encoder.shape) == tuple(self.W_enc.shape):
-                state_dict[prefix + "W_enc_by_latent"] = encoder.permute(2, 0, 1)
+        for public, (stored, _, to_stored) in PUBLIC_LAYOUTS.items():
+            key, shape = prefix + public, tuple(getattr(self, public).shape)
+            if key not in state_dict:
+                continue
+            tensor = state_dict.pop(key)
+            if isinstance(tensor, torch.Tensor) and tuple(tensor.shape) == shape:
+                state_dict[prefix + stored] = tensor.permute(to_stored)
             else:
-                shape = tuple(encoder.shape) if isinstance(encoder, torch.Tensor) else type(encoder).__name__
-                error_msgs.append(f"size mismatch for {key}: copying a param with shape {shape} from checkpoint, "
-                                  f"the shape in current model is {tuple(self.W_enc.shape)}.")
-                state_dict[prefix + "W_enc_by_latent"] = self.W_enc_by_latent.detach()  # reported above, not again
+                found = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+                error_msgs.append(f"size mismatch for {key}: copying a param with shape {found} from checkpoint, "
+                                  f"the shape in current model is {shape}.")
+                state_dict[prefix + stored] = getattr(self, stored).detach()  # reported above, not again
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
-        if prefix + "W_enc_by_latent" in missing_keys:
-            missing_keys[missing_keys.index(prefix + "W_enc_by_latent")] = key
+        for public, (stored, _, _) in PUBLIC_LAYOUTS.items():
+            if prefix + stored in missing_keys:
+                missing_keys[missing_keys.index(prefix + stored)] = prefix + public
 
     def make_variant_tensors(self, config: CrossCoderConfig) -> dict[str, torch.Tensor]:
         """Buffers of this architecture (named in ``variant_tensors``)."""
@@ -204,7 +224,8 @@ class CrossCoder(Dictionary, nn.Module):
 
     def decode(self, f: torch.Tensor) -> torch.Tensor:
         """Reconstruction (B, 2, d) in raw activation scale from codes f (B, m)."""
-        x_hat = torch.einsum("bm,lmd->bld", f.to(self.W_dec.dtype), self.W_dec) + self.b_dec
+        f = f.to(self.W_dec_by_latent.dtype)
+        x_hat = (f @ self.decoder_matrix()).reshape(f.shape[0], *self.b_dec.shape) + self.b_dec
         return self.denormalize(x_hat)
 
     def forward(self, x: torch.Tensor, output_features: bool = False):  # type: ignore[override]

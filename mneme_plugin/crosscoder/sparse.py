@@ -179,36 +179,29 @@ def _sum_latents_by_row(latents: torch.Tensor, row_offsets: torch.Tensor, table:
 
 
 class _SparseDecoder(torch.autograd.Function):
-    """sum_j f_ij W_dec[l, j] per model l, (B, num_models, d); backward without embedding_bag's own
+    """sum_j f_ij D[j] over the (m, n d) decoder table D, (B, n d); backward without embedding_bag's own
     (which sorts the indices with the multi-threaded radix sort)."""
 
     @staticmethod
-    def forward(ctx, W_dec, values, rows, latents, row_offsets, by_latent):  # type: ignore[override]
-        ctx.save_for_backward(W_dec, values, rows, latents, row_offsets)
+    def forward(ctx, table, values, rows, latents, row_offsets, by_latent):  # type: ignore[override]
+        ctx.save_for_backward(table, values, rows, latents, row_offsets)
         ctx.by_latent = by_latent
-        outs = [_sum_latents_by_row(latents, row_offsets, W_dec[model], values)
-                for model in range(W_dec.shape[0])]
-        return torch.stack(outs, dim=1)
+        return _sum_latents_by_row(latents, row_offsets, table, values)
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
-        W_dec, values, rows, latents, row_offsets = ctx.saved_tensors
-        grad_W = grad_values = None
-        grad_out = grad_out.to(W_dec.dtype)
+        table, values, rows, latents, row_offsets = ctx.saved_tensors
+        grad_table = grad_values = None
+        grad_out = grad_out.to(table.dtype).contiguous()
         if ctx.needs_input_grad[0]:
-            order = ctx.by_latent.get()
-            grad_W = torch.stack([_sum_rows_by_latent(order, grad_out[:, model].contiguous(), values)
-                                  for model in range(W_dec.shape[0])])
+            grad_table = _sum_rows_by_latent(ctx.by_latent.get(), grad_out, values)
         if ctx.needs_input_grad[1]:
-            # d/df_ij = sum_l <g_il, W_dec[l, j]>: the kernel embedding_bag's own backward uses for
-            # per-sample weights (rows are each pair's bag, mode 0 = sum, no padding index).
-            grad_values = sum(
-                torch.ops.aten._embedding_bag_per_sample_weights_backward(
-                    grad_out[:, model].contiguous(), W_dec[model], latents, row_offsets, rows, 0, -1
-                )
-                for model in range(W_dec.shape[0])
+            # d/df_ij = <g_i, D[j]>: the kernel embedding_bag's own backward uses for per-sample weights
+            # (rows are each pair's bag, mode 0 = sum, no padding index).
+            grad_values = torch.ops.aten._embedding_bag_per_sample_weights_backward(
+                grad_out, table, latents, row_offsets, rows, 0, -1
             ).to(values.dtype)
-        return grad_W, grad_values, None, None, None, None
+        return grad_table, grad_values, None, None, None, None
 
 
 def _flat_nonzero(mask: torch.Tensor) -> torch.Tensor:
@@ -356,6 +349,10 @@ def gather_active(
 
 
 def sparse_decode(active: ActiveLatents, W_dec: torch.Tensor) -> torch.Tensor:
-    """sum_j f_ij W_dec[l, j] for each model l, without bias: (B, num_models, d)."""
+    """sum_j f_ij W_dec[l, j] for each model l, without bias: (B, num_models, d). ``W_dec`` (n, m, d) is
+    read as one (m, n d) table: a view for a latent-major decoder (``CrossCoder.W_dec``), a copy otherwise."""
     by_latent = active.by_latent or _LatentOrderCache(active.rows, active.latents, active.dict_size)
-    return _SparseDecoder.apply(W_dec, active.values, active.rows, active.latents, active.offsets(), by_latent)
+    n, m, d = W_dec.shape
+    table = W_dec.permute(1, 0, 2).reshape(m, n * d)
+    out = _SparseDecoder.apply(table, active.values, active.rows, active.latents, active.offsets(), by_latent)
+    return out.reshape(-1, n, d)

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from dictionary_learning.trainers.trainer import SAETrainer
 
+from mneme_plugin.crosscoder.base import PUBLIC_LAYOUTS
 from mneme_plugin.crosscoder.config import CrossCoderConfig, TrainingConfig
 from mneme_plugin.crosscoder.losses import RECONSTRUCTION_LOSSES, squared_error
 from mneme_plugin.crosscoder.model import BatchTopKCrossCoder
@@ -26,9 +27,10 @@ from mneme_plugin.devices import resolve_device
 from mneme_plugin.distributed import SINGLE_PROCESS, DistributedContext
 from mneme_plugin.errors import ConfigError
 
-# The layout of the encoder's Adam moments in ``state_dict``: that of ``CrossCoder.W_enc_by_latent`` (m, n, d).
-# Checkpoints without it hold them as W_enc (n, d, m) and are converted on load.
-ENCODER_LAYOUT = "latent_major"
+# The layout of the weights' Adam moments in ``state_dict``: that of ``CrossCoder.W_enc_by_latent`` and
+# ``W_dec_by_latent`` (m, n, d). Checkpoints without it hold them as W_enc (n, d, m) and W_dec (n, m, d) and are
+# converted on load.
+WEIGHT_LAYOUT = "latent_major"
 
 
 @dataclass
@@ -258,32 +260,32 @@ class BatchTopKCrossCoderTrainer(SAETrainer):
             "scheduler": self.scheduler.state_dict(),
             "tokens_since_fired": self.tokens_since_fired.cpu(),
             "steps_done": self.steps_done,
-            "encoder_layout": ENCODER_LAYOUT,
+            "weight_layout": WEIGHT_LAYOUT,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.ae.load_state_dict(state["ae"])
         optimizer = state["optimizer"]
-        if state.get("encoder_layout") != ENCODER_LAYOUT:
-            optimizer = self._encoder_moments_latent_major(optimizer)
+        if state.get("weight_layout") != WEIGHT_LAYOUT:
+            optimizer = self._moments_latent_major(optimizer)
         self.optimizer.load_state_dict(optimizer)
         self.scheduler.load_state_dict(state["scheduler"])
         self.tokens_since_fired.copy_(state["tokens_since_fired"].to(self.device))
         self.steps_done = int(state["steps_done"])
 
-    def _encoder_moments_latent_major(self, optimizer: dict[str, Any]) -> dict[str, Any]:
-        """A checkpoint of an earlier version holds the encoder's Adam moments in W_enc's (n, d, m) layout;
-        the parameter is now ``W_enc_by_latent`` (m, n, d)."""
+    def _moments_latent_major(self, optimizer: dict[str, Any]) -> dict[str, Any]:
+        """A checkpoint of an earlier version holds the weights' Adam moments in the public layouts, W_enc (n, d, m)
+        and W_dec (n, m, d); the parameters are now stored latent-major (``PUBLIC_LAYOUTS``)."""
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        index = next(i for i, p in enumerate(params) if p is self.ae.W_enc_by_latent)
-        moments = optimizer["state"].get(index)
-        if not moments:
-            return optimizer
-        old_shape = tuple(self.ae.W_enc.shape)
-        converted = {name: value.permute(2, 0, 1).contiguous()
-                     if isinstance(value, torch.Tensor) and tuple(value.shape) == old_shape else value
-                     for name, value in moments.items()}
-        return {**optimizer, "state": {**optimizer["state"], index: converted}}
+        state = dict(optimizer["state"])
+        for public, (stored, _, to_stored) in PUBLIC_LAYOUTS.items():
+            index = next(i for i, p in enumerate(params) if p is getattr(self.ae, stored))
+            public_shape = tuple(getattr(self.ae, public).shape)
+            if state.get(index):
+                state[index] = {name: value.permute(to_stored).contiguous()
+                                if isinstance(value, torch.Tensor) and tuple(value.shape) == public_shape else value
+                                for name, value in state[index].items()}
+        return {**optimizer, "state": state}
 
     # ------------------------------------------------------------------------- loss
 

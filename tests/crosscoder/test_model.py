@@ -78,21 +78,34 @@ def test_save_load_is_bit_identical(tmp_path):
     assert not list((tmp_path / "cc").glob("*.tmp"))
 
 
-def test_the_state_dict_keeps_w_enc_in_its_public_layout():
-    """The encoder is stored latent-major (W_enc_by_latent, m x n x d); the state dict, which dictionary_learning
-    and checkpoints read, has W_enc (n, d, m), contiguous, and loads back from it."""
+def test_the_state_dict_keeps_the_weights_in_their_public_layouts():
+    """Encoder and decoder are stored latent-major (W_enc_by_latent, W_dec_by_latent: m x n x d); the state dict,
+    which dictionary_learning and checkpoints read, has W_enc (n, d, m) and W_dec (n, m, d), contiguous, and
+    loads back from them."""
     model = _model()
     state = model.state_dict()
-    assert "W_enc_by_latent" not in state and state["W_enc"].shape == (2, 16, 64) and state["W_enc"].is_contiguous()
+    assert not any(name.endswith("_by_latent") for name in state)
+    assert state["W_enc"].shape == (2, 16, 64) and state["W_dec"].shape == (2, 64, 16)
+    assert state["W_enc"].is_contiguous() and state["W_dec"].is_contiguous()
     assert torch.equal(state["W_enc"], torch.einsum("mnd->ndm", model.W_enc_by_latent.detach()))
+    assert torch.equal(state["W_dec"], torch.einsum("mnd->nmd", model.W_dec_by_latent.detach()))
     other = _model(seed=1)
     other.load_state_dict(state)
     x = torch.randn(20, 2, 16)
     assert torch.equal(other.encode(x), model.encode(x)) and torch.equal(other(x), model(x))
     with pytest.raises(RuntimeError, match=r"size mismatch for W_enc: .*\(2, 64, 16\).*\(2, 16, 64\)"):
         other.load_state_dict({**state, "W_enc": state["W_enc"].transpose(1, 2)})
-    with pytest.raises(RuntimeError, match=r"Missing key\(s\).*\"W_enc\""):
-        other.load_state_dict({k: v for k, v in state.items() if k != "W_enc"})
+    with pytest.raises(RuntimeError, match=r"size mismatch for W_dec: .*\(64, 2, 16\).*\(2, 64, 16\)"):
+        other.load_state_dict({**state, "W_dec": state["W_dec"].transpose(0, 1)})
+    with pytest.raises(RuntimeError, match=r"Missing key\(s\).*\"W_dec\""):
+        other.load_state_dict({k: v for k, v in state.items() if k != "W_dec"})
+
+
+def test_decode_is_the_decoder_sum_per_model():
+    model = _model()
+    f = torch.relu(torch.randn(7, 64))
+    expected = torch.stack([f @ model.W_dec[layer] for layer in range(2)], dim=1) + model.b_dec
+    torch.testing.assert_close(model.decode(f), model.denormalize(expected))
 
 
 def test_load_refuses_missing_corrupt_and_foreign_files(tmp_path):

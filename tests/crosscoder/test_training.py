@@ -380,9 +380,9 @@ def test_a_checkpoint_holds_the_weights_once_and_one_of_an_earlier_version_still
         assert torch.equal(tensor, resumed.state_dict()[name]), name
 
 
-def test_a_checkpoint_with_the_encoder_moments_in_the_earlier_layout_resumes_to_the_same_weights(tiny_store, tmp_path):
-    """Earlier versions stored the encoder as W_enc (n, d, m), so their checkpoints hold its Adam moments in that
-    layout; they are converted on load (the encoder is now stored latent-major)."""
+def test_a_checkpoint_with_the_weight_moments_in_the_earlier_layout_resumes_to_the_same_weights(tiny_store, tmp_path):
+    """Earlier versions stored the weights as W_enc (n, d, m) and W_dec (n, m, d), so their checkpoints hold the
+    Adam moments in those layouts; they are converted on load (the weights are now stored latent-major)."""
     from mneme_plugin.checkpoints import STATE_FILE
 
     cc = CrossCoderConfig(expansion_factor=4, k=8)
@@ -396,12 +396,15 @@ def test_a_checkpoint_with_the_encoder_moments_in_the_earlier_layout_resumes_to_
         train(tiny_store, tmp_path / "b", cc, _small_training(), progress=False, on_step=crash_at_45)
     checkpoint = latest_checkpoint(tmp_path / "b")
     state = torch.load(checkpoint / STATE_FILE, weights_only=True)
-    assert state.pop("encoder_layout") == "latent_major"
-    moments = state["optimizer"]["state"][0]  # the first parameter, the encoder
-    m, n, d = moments["exp_avg"].shape
-    assert (n, d, m) == (2, tiny_store.d_model, 4 * tiny_store.d_model)
-    for name in ("exp_avg", "exp_avg_sq"):
-        moments[name] = moments[name].permute(1, 2, 0).contiguous()  # as an earlier version wrote them
+    assert state.pop("weight_layout") == "latent_major"
+    d = tiny_store.d_model
+    # Parameters in registration order: W_enc_by_latent, b_enc, W_dec_by_latent, b_dec; as an earlier version wrote
+    # their moments: W_enc (2, d, m), W_dec (2, m, d).
+    for index, to_public in ((0, (1, 2, 0)), (2, (1, 0, 2))):
+        moments = state["optimizer"]["state"][index]
+        assert moments["exp_avg"].shape == (4 * d, 2, d)
+        for name in ("exp_avg", "exp_avg_sq"):
+            moments[name] = moments[name].permute(to_public).contiguous()
     torch.save(state, checkpoint / STATE_FILE)
     resumed = train(tiny_store, tmp_path / "b", cc, _small_training(), progress=False).crosscoder
     for name, tensor in reference.state_dict().items():
