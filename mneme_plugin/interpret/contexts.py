@@ -263,6 +263,15 @@ def delphi_cache_config(ctx_len: int, n_tokens: int, n_splits: int, model_name: 
     }
 
 
+def check_splits(n_splits: int, width: int) -> None:
+    """Each split of the Delphi cache must hold at least one latent: with more splits than latents, Delphi's
+    split bounds (``linspace(0, width, n_splits + 1)``) repeat and give files of empty ranges (``0_-1``),
+    which Delphi's ``LatentDataset`` reads as bounds of other files, asking for files that do not exist."""
+    if n_splits > width:
+        raise ConfigError(f"collect.n_splits ({n_splits}) is more than the crosscoder's {width} latents: each split "
+                          f"of the Delphi cache holds a range of latents; give n_splits <= {width}.")
+
+
 def write_delphi_cache(contexts: LatentContexts, cache_dir: str | os.PathLike[str], hookpoint: str, width: int,
                        n_splits: int = 1, model_name: str = "") -> Path:
     """Delphi's cache layout: ``<cache_dir>/<hookpoint>/<start>_<end>.safetensors`` (inclusive
@@ -272,6 +281,7 @@ def write_delphi_cache(contexts: LatentContexts, cache_dir: str | os.PathLike[st
     (pass the tokenizer; ``example_ctx_len`` = our ``ctx_len``)."""
     from safetensors.numpy import save_file
 
+    check_splits(n_splits, width)
     module_dir = Path(cache_dir) / hookpoint
     module_dir.mkdir(parents=True, exist_ok=True)
     for old in module_dir.glob("*.safetensors"):
@@ -478,6 +488,7 @@ def collect(
     cc = _load_crosscoder(crosscoder)
     cc.eval()
     check_model_pair(cc, base, edited, what="the collect")  # before loading them
+    check_splits(config.n_splits, int(cc.dict_size))
     hcfg = reading_config(config, cc)
     if attribution is not None:  # read once (the selection and the reference sample use it), before the models load
         attribution = as_attribution(attribution)

@@ -192,3 +192,39 @@ def test_collect_refuses_the_models_swapped_and_warns_on_others(llama_dir, thres
     assert any(m.startswith(f"The edited model of the collect is '{llama_dir}', the crosscoder was trained with "
                             f"'{edited}'") for m in messages), messages
     assert any(m.startswith(f"The base and the edited model are the same ({llama_dir})") for m in messages), messages
+
+
+def test_more_cache_splits_than_latents_are_refused_before_the_corpus_is_read(ht_pair, thresholded_crosscoder,
+                                                                            collect_corpus, tmp_path):
+    """n_splits above the crosscoder's width wrote files of empty latent ranges (0_-1.safetensors, ...), whose
+    bounds Delphi's LatentDataset took for others' and asked for files that did not exist: explain failed with a
+    FileNotFoundError from inside Delphi. Refused before any forward pass, and by the cache writer itself."""
+    from mneme_plugin.activations import HarvestConfig
+    from mneme_plugin.errors import ConfigError
+    from mneme_plugin.interpret import CollectConfig, collect, write_delphi_cache
+
+    width = int(thresholded_crosscoder.dict_size)
+    cfg = CollectConfig(latents=[0, 3], n_top=2, n_random=1, n_non_activating=1, example_ctx_len=16, n_splits=width + 1,
+                        harvest=HarvestConfig(layer=1, context_length=32, batch_size=4, max_tokens=300))
+    with pytest.raises(ConfigError, match="n_splits"):
+        collect(*ht_pair, thresholded_crosscoder, collect_corpus, cfg, out_dir=tmp_path / "out", progress=False)
+    assert not (tmp_path / "out" / "latents").exists()
+    col = TopContextCollector([1, 3], 4, 1, 0, 0, vocab_size=8)
+    col.update(torch.tensor([[1, 2, 3, 4]]), torch.ones(1, 4, 2), torch.ones(1, 4, dtype=torch.bool))
+    with pytest.raises(ConfigError, match="n_splits"):
+        write_delphi_cache(col.result(), tmp_path / "cache", "hook", width=4, n_splits=5)
+
+
+def test_one_cache_split_per_latent_is_read_by_delphi(tmp_path, tiny_tokenizer):
+    """n_splits equal to the width (one latent per file) is the most Delphi reads; selected latents included."""
+    from mneme_plugin.interpret import iter_records_delphi
+
+    col = TopContextCollector([1, 3], 4, 2, 0, 0, vocab_size=len(tiny_tokenizer))
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        col.update(torch.randint(5, len(tiny_tokenizer), (4, 4), generator=gen), torch.rand(4, 4, 2, generator=gen),
+                   torch.ones(4, 4, dtype=torch.bool))
+    col.result().save(tmp_path, "hook", width=4, n_splits=4, tokenizer=tiny_tokenizer)
+    records = iter_records_delphi(tmp_path, tiny_tokenizer, constructor={"min_examples": 1, "n_non_activating": 0},
+                                  latents=[3])
+    assert [r.latent.latent_index for r in records] == [3]
