@@ -62,22 +62,39 @@ class _OncePerMessage(logging.Filter):
                 self.target.warning("(%d times in all) %s", count, message)
 
 def load_tokenizer(contexts_dir: str | os.PathLike[str], tokenizer: Any = None) -> Any:
-    """The tokenizer saved by ``collect`` (``<dir>/tokenizer``), unless one is given."""
+    """The tokenizer saved by ``collect`` (``<dir>/tokenizer``), unless one is given (an object, a folder or a
+    hub name). A tokenizer that cannot be loaded is a ConfigError naming it (a CheckpointError for the saved one)."""
     if tokenizer is not None:
         if isinstance(tokenizer, (str, os.PathLike)):
-            from transformers import AutoTokenizer
+            from mneme_plugin.activations.models import ModelSpec, hub_cache_when_unreachable, hub_model_problem
 
-            from mneme_plugin.activations.models import hub_cache_when_unreachable
-
-            with hub_cache_when_unreachable(str(tokenizer)):
-                return AutoTokenizer.from_pretrained(str(tokenizer))
+            name = str(tokenizer)
+            spec = ModelSpec.parse(name)
+            if spec.kind == "local" and not Path(spec.location).exists():
+                raise ConfigError(f"The tokenizer folder {name} does not exist (and it is no hub name of the form "
+                                  "org/name): give the base model's folder or its tokenizer's.")
+            problem = hub_model_problem(name) if spec.kind == "hub" else None
+            if problem:
+                raise ConfigError(f"The tokenizer {name}: {problem}")
+            with hub_cache_when_unreachable(name):
+                return _auto_tokenizer(name, ConfigError, "give a tokenizer folder (the base model's, or one written "
+                                       "by save_pretrained) or a hub model name")
         return tokenizer
     path = Path(contexts_dir) / TOKENIZER_DIR
     if not path.is_dir():
         raise CheckpointError(f"{path} does not exist: pass the tokenizer (the base model's) explicitly.")
+    return _auto_tokenizer(str(path), CheckpointError, "collect again (`mneme collect`), or pass the tokenizer "
+                           "(the base model's) explicitly")
+
+
+def _auto_tokenizer(name: str, error: type[Exception], remedy: str) -> Any:
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(path))
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError, KeyError, TypeError) as err:  # transformers' errors name its files, not the remedy
+        first = str(err).splitlines()[0] if str(err) else ""
+        raise error(f"{name} could not be loaded as a tokenizer ({type(err).__name__}: {first}): {remedy}.") from err
 
 
 # --------------------------------------------------------------------------------- offline

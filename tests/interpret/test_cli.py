@@ -44,3 +44,28 @@ def test_collect_explain_map_cli(tmp_path, llama_dir, thresholded_crosscoder):
     assert r.exit_code == 0, r.output
     explained = pd.read_csv(tmp_path / "stub" / "explanations.csv")
     assert len(explained) > 0 and explained["explanation"].str.startswith("stub explanation ").all()
+
+
+def test_explain_names_a_tokenizer_it_cannot_load(tmp_path, collected):
+    """`mneme explain --tokenizer` with a folder that does not exist or holds no tokenizer, or a contexts folder
+    whose saved tokenizer is broken, ended in transformers' traceback (a repo-id validation error for a path)."""
+    import shutil
+
+    out, _, _ = collected
+    contexts = tmp_path / "ctx"
+    shutil.copytree(out, contexts)
+    (tmp_path / "empty").mkdir()
+    runner = CliRunner()
+    for tokenizer, says in ((tmp_path / "missing", "does not exist"), (tmp_path / "empty", "could not be loaded as a "
+                                                                        "tokenizer")):
+        r = runner.invoke(main, ["explain", str(contexts), "--tokenizer", str(tokenizer)])
+        assert r.exit_code == 1 and r.exception is not None and isinstance(r.exception, SystemExit), r.output
+        assert f"Error: {tokenizer}" in r.output or f"Error: The tokenizer folder {tokenizer}" in r.output
+        assert says in r.output
+    saved = contexts / "tokenizer"
+    for child in saved.iterdir():
+        child.unlink()
+    r = runner.invoke(main, ["explain", str(contexts)])
+    assert r.exit_code == 1 and isinstance(r.exception, SystemExit), r.output
+    assert "could not be loaded as a tokenizer" in r.output and "collect again" in r.output
+    assert runner.invoke(main, ["explain", str(contexts), "--tokenizer", str(out / "tokenizer")]).exit_code == 0
