@@ -33,7 +33,15 @@ from mneme_plugin.errors import CheckpointError, ConfigError
 from mneme_plugin.interpret.clients import ClientError
 from mneme_plugin.interpret.config import DELPHI_EXPLAINERS, ExplainConfig
 from mneme_plugin.interpret.contexts import LatentContexts, iter_records_delphi, load_contexts
-from mneme_plugin.interpret.files import EXPLANATIONS_CSV, EXPLANATIONS_PARQUET, EXPLANATIONS_STEM, TOKENIZER_DIR, write_table
+from mneme_plugin.interpret.files import (
+    CATEGORIES_STEM,
+    EXPLANATIONS_CSV,
+    EXPLANATIONS_PARQUET,
+    EXPLANATIONS_STEM,
+    TOKENIZER_DIR,
+    remove_table,
+    write_table,
+)
 
 logger = logging.getLogger("mneme_plugin")
 
@@ -451,6 +459,10 @@ def explain(
     table = pd.DataFrame(rows, columns=None if rows else ["latent", "explanation", PARSED_COLUMN, "terms", "explainer",
                                                           "model", "n_top", "fire_tokens"])
     table = table.sort_values("latent", kind="stable").reset_index(drop=True)
+    # A mapping beside the explanations (`mneme map` writes next to them by default) maps the earlier ones: it goes,
+    # so `mneme info` and `map`'s readers do not take it for these explanations' (as collect clears both).
+    if remove_table(out_dir, CATEGORIES_STEM):
+        logger.info("Removed the mapping of the earlier explanations in %s (it maps those explanations).", out_dir)
     write_table(table, out_dir, EXPLANATIONS_STEM)
     return table
 

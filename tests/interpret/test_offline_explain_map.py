@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from mneme_plugin.errors import ConfigError
+from mneme_plugin.errors import CheckpointError, ConfigError
 from mneme_plugin.interpret import (
     CollectConfig, ExplainConfig, MapConfig, OfflineExplainer, TopContextCollector, explain, load_contexts, load_taxonomy,
     map_descriptions,
@@ -104,6 +104,26 @@ def test_contexts_collected_again_into_a_folder_remove_its_earlier_explanations_
     assert not {"explanations.parquet", "explanations.csv", "categories.parquet", "categories.csv"} & {
         p.name for p in folder.iterdir()}
     assert load_contexts(folder).latents == contexts.latents  # the contexts themselves are whole
+
+
+def test_explanations_written_again_into_a_folder_remove_the_mapping_of_the_earlier_ones(planted, tmp_path):
+    """`mneme map` writes beside the explanations by default: explaining again into that folder (other settings)
+    left the earlier explanations' mapping there, its descriptions not these explanations, read as theirs."""
+    from mneme_plugin.interpret.mapping import load_mapping
+
+    out, tok, contexts = planted
+    folder = tmp_path / "contexts"
+    contexts.save(folder, "blocks.0.hook_resid_post", width=len(NAMES), tokenizer=tok)
+    first = explain(folder, ExplainConfig(explainer="offline", n_terms=5), out_dir=folder)
+    map_descriptions(folder, MapConfig(taxonomies=["organism"]), out_dir=folder)
+    assert set(load_mapping(folder)["description"]) == set(first["explanation"])
+    second = explain(folder, ExplainConfig(explainer="offline", n_terms=1), out_dir=folder)
+    assert set(second["explanation"]) != set(first["explanation"])
+    assert not {"categories.parquet", "categories.csv"} & {p.name for p in folder.iterdir()}
+    with pytest.raises(CheckpointError, match="run the map stage"):
+        load_mapping(folder)
+    map_descriptions(folder, MapConfig(taxonomies=["organism"]), out_dir=folder)
+    assert set(load_mapping(folder)["description"]) == set(second["explanation"])
 
 
 def test_collecting_by_class_without_the_attribution_is_refused():
