@@ -354,6 +354,27 @@ def test_the_disk_need_is_what_a_run_writes_and_a_run_that_cannot_fit_is_refused
     assert not (tmp_path / "huge" / "checkpoints").exists()
 
 
+_RESUMED_CROSSCODER = CrossCoderConfig(expansion_factor=4, k=8)
+
+
+def _checkpoint_of_a_crashed_run(store, run_dir):
+    """The newest checkpoint of a training that crashed at step 45 (of 60; checkpoints every 20 steps)."""
+    def crash_at_45(step, trainer):
+        if step == 45:
+            raise RuntimeError("crash")
+
+    with pytest.raises(RuntimeError, match="crash"):
+        train(store, run_dir, _RESUMED_CROSSCODER, _small_training(), progress=False, on_step=crash_at_45)
+    return latest_checkpoint(run_dir)
+
+
+def _assert_resumes_to_an_uninterrupted_run(store, run_dir, reference_dir):
+    resumed = train(store, run_dir, _RESUMED_CROSSCODER, _small_training(), progress=False).crosscoder
+    reference = train(store, reference_dir, _RESUMED_CROSSCODER, _small_training(), progress=False).crosscoder
+    for name, tensor in reference.state_dict().items():
+        assert torch.equal(tensor, resumed.state_dict()[name]), name
+
+
 def test_a_checkpoint_holds_the_weights_once_and_one_of_an_earlier_version_still_resumes(tiny_store, tmp_path):
     """The trainer state held the weights a second time beside model.safetensors; it no longer does, and an
     earlier version's checkpoint (whose trainer state has them) resumes to the same weights."""
@@ -361,23 +382,12 @@ def test_a_checkpoint_holds_the_weights_once_and_one_of_an_earlier_version_still
 
     from mneme_plugin.checkpoints import STATE_FILE
 
-    cc = CrossCoderConfig(expansion_factor=4, k=8)
-    reference = train(tiny_store, tmp_path / "a", cc, _small_training(), progress=False).crosscoder
-
-    def crash_at_45(step, trainer):
-        if step == 45:
-            raise RuntimeError("crash")
-
-    with pytest.raises(RuntimeError, match="crash"):
-        train(tiny_store, tmp_path / "b", cc, _small_training(), progress=False, on_step=crash_at_45)
-    checkpoint = latest_checkpoint(tmp_path / "b")
+    checkpoint = _checkpoint_of_a_crashed_run(tiny_store, tmp_path / "b")
     state = torch.load(checkpoint / STATE_FILE, weights_only=True)
     assert "ae" not in state and set(state) >= {"optimizer", "scheduler", "tokens_since_fired", "steps_done"}
     state["ae"] = load_file(checkpoint / "model.safetensors")  # as an earlier version wrote it
     torch.save(state, checkpoint / STATE_FILE)
-    resumed = train(tiny_store, tmp_path / "b", cc, _small_training(), progress=False).crosscoder
-    for name, tensor in reference.state_dict().items():
-        assert torch.equal(tensor, resumed.state_dict()[name]), name
+    _assert_resumes_to_an_uninterrupted_run(tiny_store, tmp_path / "b", tmp_path / "a")
 
 
 def test_a_checkpoint_with_the_weight_moments_in_the_earlier_layout_resumes_to_the_same_weights(tiny_store, tmp_path):
@@ -385,16 +395,7 @@ def test_a_checkpoint_with_the_weight_moments_in_the_earlier_layout_resumes_to_t
     Adam moments in those layouts; they are converted on load (the weights are now stored latent-major)."""
     from mneme_plugin.checkpoints import STATE_FILE
 
-    cc = CrossCoderConfig(expansion_factor=4, k=8)
-    reference = train(tiny_store, tmp_path / "a", cc, _small_training(), progress=False).crosscoder
-
-    def crash_at_45(step, trainer):
-        if step == 45:
-            raise RuntimeError("crash")
-
-    with pytest.raises(RuntimeError, match="crash"):
-        train(tiny_store, tmp_path / "b", cc, _small_training(), progress=False, on_step=crash_at_45)
-    checkpoint = latest_checkpoint(tmp_path / "b")
+    checkpoint = _checkpoint_of_a_crashed_run(tiny_store, tmp_path / "b")
     state = torch.load(checkpoint / STATE_FILE, weights_only=True)
     assert state.pop("weight_layout") == "latent_major"
     d = tiny_store.d_model
@@ -406,6 +407,4 @@ def test_a_checkpoint_with_the_weight_moments_in_the_earlier_layout_resumes_to_t
         for name in ("exp_avg", "exp_avg_sq"):
             moments[name] = moments[name].permute(to_public).contiguous()
     torch.save(state, checkpoint / STATE_FILE)
-    resumed = train(tiny_store, tmp_path / "b", cc, _small_training(), progress=False).crosscoder
-    for name, tensor in reference.state_dict().items():
-        assert torch.equal(tensor, resumed.state_dict()[name]), name
+    _assert_resumes_to_an_uninterrupted_run(tiny_store, tmp_path / "b", tmp_path / "a")
