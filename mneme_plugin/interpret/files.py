@@ -22,8 +22,10 @@ CATEGORIES_PARQUET = f"{CATEGORIES_STEM}.parquet"
 
 def write_table(table: Any, out_dir: str | os.PathLike[str], stem: str) -> Path:
     """``<stem>.parquet`` and ``<stem>.csv`` of a DataFrame in ``out_dir``, each atomically (tmp file +
-    rename); returns the parquet file."""
+    rename); returns the parquet file. An earlier parquet goes first: the readers prefer it, so a write
+    stopped after the CSV leaves the new CSV alone, not beside the old parquet."""
     out_dir = Path(out_dir)
+    (out_dir / f"{stem}.parquet").unlink(missing_ok=True)
     atomic_write(out_dir / f"{stem}.csv", lambda p: table.to_csv(p, index=False))
     return atomic_write(out_dir / f"{stem}.parquet", lambda p: table.to_parquet(p, index=False))
 

@@ -225,3 +225,18 @@ def test_repeated_delphi_warnings_collapse_into_one_line(caplog):
                         "(3 times in all) No available randomly sampled non-activating sequences"]
     delphi_logger.warning("after")  # the filter is gone once the block ends
     assert caplog.records[-1].getMessage() == "after"
+
+
+def test_a_table_write_stopped_after_the_csv_leaves_no_earlier_parquet_to_be_read(tmp_path):
+    """Readers prefer the parquet: a rewrite whose parquet fails (here a column pyarrow cannot convert, which the
+    CSV writes) must not leave the earlier parquet beside the new CSV."""
+    import pandas as pd
+
+    from mneme_plugin.interpret.explain import load_explanations
+    from mneme_plugin.interpret.files import EXPLANATIONS_STEM, write_table
+
+    write_table(pd.DataFrame({"latent": [0, 1], "explanation": ["old a", "old b"]}), tmp_path, EXPLANATIONS_STEM)
+    new = pd.DataFrame({"latent": [0, 1], "explanation": ["new a", "new b"], "mixed": [1, "x"]})
+    with pytest.raises(Exception):
+        write_table(new, tmp_path, EXPLANATIONS_STEM)
+    assert load_explanations(tmp_path)["explanation"].tolist() == ["new a", "new b"]
