@@ -107,7 +107,14 @@ def _tensor_keys(path: Path) -> set[str]:
 
             with safe_open(str(path), framework="pt") as f:  # the header only
                 return set(f.keys())
-        return set(load_tensors(path, "crosscoder weights").keys())
+        import torch
+
+        try:  # mapped, not read: detection needs the names only, and a checkpoint may be gigabytes
+            data = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # a file of torch.save's legacy (non-zip) format cannot be mapped
+            data = load_tensors(path, "crosscoder weights")
+        tensors = isinstance(data, dict) and all(isinstance(v, torch.Tensor) for v in data.values())
+        return set(data) if tensors else set()
     except Exception:  # noqa: BLE001  (corrupt or foreign: torch / safetensors raise many error types)
         return set()
 

@@ -167,3 +167,14 @@ def test_kissane_with_and_without_scale_factors(tmp_path):
                                          ("hook_embed", None), ("blocks.x.hook_resid_post", None), (14, None)])
 def test_the_layer_of_a_hook_name(hook, layer):
     assert layer_of_hook(hook) == layer
+
+
+@pytest.mark.parametrize("zip_format", [True, False])
+def test_a_bare_kissane_weights_file_is_detected_by_its_tensor_names(tmp_path, zip_format):
+    """Detection reads a torch.save file's names through a memory map (nothing loaded); a file of torch's legacy
+    format, which cannot be mapped, is read in full instead."""
+    sd = kissane_state_dict(D, M, seed=3)
+    path = tmp_path / "my_crosscoder.pt"
+    torch.save(sd, path, _use_new_zipfile_serialization=zip_format)
+    assert detect_format(path) == "kissane"
+    torch.testing.assert_close(load_crosscoder(path).W_dec, sd["W_dec"].permute(1, 0, 2))
