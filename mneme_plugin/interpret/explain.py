@@ -74,16 +74,15 @@ def load_tokenizer(contexts_dir: str | os.PathLike[str], tokenizer: Any = None) 
     hub name). A tokenizer that cannot be loaded is a ConfigError naming it (a CheckpointError for the saved one)."""
     if tokenizer is not None:
         if isinstance(tokenizer, (str, os.PathLike)):
-            from mneme_plugin.activations.models import ModelSpec, hub_cache_when_unreachable, hub_model_problem
+            from mneme_plugin.activations.models import ModelSpec, hub_cache_when_unreachable, require_hub_model
 
             name = str(tokenizer)
             spec = ModelSpec.parse(name)
             if spec.kind == "local" and not Path(spec.location).exists():
                 raise ConfigError(f"The tokenizer folder {name} does not exist (and it is no hub name of the form "
                                   "org/name): give the base model's folder or its tokenizer's.")
-            problem = hub_model_problem(name) if spec.kind == "hub" else None
-            if problem:
-                raise ConfigError(f"The tokenizer {name}: {problem}")
+            if spec.kind == "hub":
+                require_hub_model(name, f"The tokenizer {name}")
             with hub_cache_when_unreachable(name):
                 return _auto_tokenizer(name, ConfigError, "give a tokenizer folder (the base model's, or one written "
                                        "by save_pretrained) or a hub model name")
