@@ -31,8 +31,10 @@ def read_json(path: Path, what: str) -> dict[str, Any]:
     return data
 
 
-def load_tensors(path: Path, what: str) -> dict[str, torch.Tensor]:
-    """Tensors of a ``.safetensors`` file or a ``torch.save``'d state dict (loaded with weights_only)."""
+def load_tensors(path: Path, what: str, mapped: bool = False) -> dict[str, torch.Tensor]:
+    """Tensors of a ``.safetensors`` file or a ``torch.save``'d state dict (loaded with weights_only).
+    ``mapped``: a ``torch.save`` file is memory-mapped, not read (for its names; a checkpoint may be gigabytes),
+    unless it is of torch's legacy (non-zip) format, which cannot be mapped."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path} is missing: expected {what}.")
@@ -42,7 +44,12 @@ def load_tensors(path: Path, what: str) -> dict[str, torch.Tensor]:
 
             data: Any = load_file(str(path))
         else:
-            data = torch.load(str(path), map_location="cpu", weights_only=True)
+            try:
+                data = torch.load(str(path), map_location="cpu", weights_only=True, mmap=mapped)
+            except RuntimeError:
+                if not mapped:
+                    raise
+                data = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as err:  # torch / safetensors raise many error types on corrupt files
         raise CheckpointError(f"{path} is not a readable tensor file ({type(err).__name__}: {err}); expected {what}.") from err
     if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):

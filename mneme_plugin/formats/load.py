@@ -107,14 +107,7 @@ def _tensor_keys(path: Path) -> set[str]:
 
             with safe_open(str(path), framework="pt") as f:  # the header only
                 return set(f.keys())
-        import torch
-
-        try:  # mapped, not read: detection needs the names only, and a checkpoint may be gigabytes
-            data = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError:  # a file of torch.save's legacy (non-zip) format cannot be mapped
-            data = load_tensors(path, "crosscoder weights")
-        tensors = isinstance(data, dict) and all(isinstance(v, torch.Tensor) for v in data.values())
-        return set(data) if tensors else set()
+        return set(load_tensors(path, "crosscoder weights", mapped=True))
     except Exception:  # noqa: BLE001  (corrupt or foreign: torch / safetensors raise many error types)
         return set()
 
